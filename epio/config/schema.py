@@ -1,0 +1,149 @@
+"""The configuration schema: every section, key, type, default and meaning.
+
+This is the one source of truth: ``docs/configuration.md`` is generated from it
+(``python -m epio.config.docs > docs/configuration.md``) and a test checks that
+the committed page is current.  Add keys to your own section; never rename.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from attrs import frozen
+
+
+@frozen
+class Key:
+    """One configuration key: ``kind`` is str, int, float, bool, list or dict."""
+
+    kind: type
+    default: Any
+    doc: str
+    # extra validation: returns a message or None
+    validator: Callable[[Any], str | None] | None = None
+    item_kind: type | None = None  # for lists: the type of each item
+
+    def default_value(self) -> Any:
+        if isinstance(self.default, list | dict):
+            return type(self.default)(self.default)
+        return self.default
+
+    def check(self, value: Any) -> str | None:
+        kind = self.kind
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            pass
+        elif kind is int and isinstance(value, bool):
+            return f"must be an integer, not {value!r}"
+        elif not isinstance(value, kind):
+            return f"must be of type {kind.__name__}, not {type(value).__name__} ({value!r})"
+        if self.item_kind is not None and isinstance(value, list):
+            for i, item in enumerate(value):
+                if not isinstance(item, self.item_kind):
+                    return f"item {i} must be of type {self.item_kind.__name__}, not {item!r}"
+        if self.validator is not None:
+            return self.validator(value)
+        return None
+
+
+def positive(value: Any) -> str | None:
+    return None if value > 0 else f"must be > 0, not {value!r}"
+
+
+def non_negative(value: Any) -> str | None:
+    return None if value >= 0 else f"must be >= 0, not {value!r}"
+
+
+def one_of(*choices: str) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        return None if value in choices else f"must be one of {', '.join(choices)}, not {value!r}"
+
+    return check
+
+
+def store_url(value: Any) -> str | None:
+    if value == "" or value.startswith(("sqlite:///", "postgresql://", "postgres://")):
+        return None
+    return f"must start with sqlite:/// or postgresql://, not {value!r}"
+
+
+# Section -> key -> Key.  Each role's package owns its section.
+SCHEMA: dict[str, dict[str, Key]] = {
+    "node": {
+        "id": Key(str, "", "This node's id in the cluster; empty means the host name."),
+        "data_dir": Key(
+            str, "", "Where the node keeps its state; `--data-dir` overrides; empty means ./epio-data."
+        ),
+        "domain": Key(
+            str, "localhost", "The platform domain: app NAME answers at NAME.DOMAIN through the router."
+        ),
+        "log_format": Key(
+            str, "text", "Node log output: text (human) or json (one JSON object a line).",
+            one_of("text", "json"),
+        ),
+    },
+    "store": {
+        "url": Key(
+            str, "",
+            "The state store: sqlite:///PATH (embedded, single box) or postgresql://... "
+            "(production, multi-node). Empty means sqlite in the data dir.",
+            store_url,
+        ),
+    },
+    "cluster": {
+        "secret_file": Key(
+            str, "",
+            "File holding the cluster secret that signs every bus message (hex, mode 0600). "
+            "Empty means DATA_DIR/cluster-secret, created on first start; every node of a "
+            "cluster must share it.",
+        ),
+        "nexus": Key(
+            list, [{"heartbeat": "tcp://127.0.0.1:7711", "router": "tcp://127.0.0.1:7712",
+                    "publish": "tcp://127.0.0.1:7713"}],
+            "Every nexus of the cluster: a list of tables with its heartbeat (SUB), router "
+            "(snapshots and queries) and publish (route deltas) ZeroMQ endpoints.",
+            item_kind=dict,
+        ),
+        "loggers": Key(
+            list, ["tcp://127.0.0.1:7721"],
+            "Every logger's PULL endpoint; log lines and stats are pushed to each.",
+            item_kind=str,
+        ),
+    },
+    "bus": {
+        "request_timeout": Key(
+            float, 30.0, "Seconds a bus request waits for its reply before failing.", positive
+        ),
+        "max_skew": Key(
+            float, 30.0, "Seconds of clock skew after which a bus message is stale and dropped.",
+            positive,
+        ),
+        "high_water_mark": Key(
+            int, 10000, "Messages a bus socket queues per peer before new ones are dropped "
+            "(and counted).", positive,
+        ),
+    },
+    "api": {
+        "listen": Key(str, "tcp:8000:interface=127.0.0.1", "Endpoint the API and dashboard listen on."),
+    },
+    "lb": {
+        "listen": Key(str, "tcp:8080", "Endpoint the HTTP router listens on."),
+        "routes_file": Key(
+            str, "",
+            "Standalone routes file (TOML, reloaded on SIGHUP) instead of the nexus; "
+            "`--routes` sets it.",
+        ),
+    },
+    "nexus": {
+        "heartbeat_bind": Key(str, "tcp://127.0.0.1:7711", "Where this nexus receives heartbeats (SUB)."),
+        "router_bind": Key(str, "tcp://127.0.0.1:7712", "Where this nexus serves snapshots and queries (ROUTER)."),
+        "publish_bind": Key(str, "tcp://127.0.0.1:7713", "Where this nexus publishes route deltas (PUB)."),
+    },
+    "runner": {
+        "control_bind": Key(str, "tcp://127.0.0.1:7731", "Where this runner takes control requests (ROUTER)."),
+    },
+    "logger": {
+        "pull_bind": Key(str, "tcp://127.0.0.1:7721", "Where this logger receives log lines and stats (PULL)."),
+    },
+    "backup": {},
+}

@@ -1,0 +1,105 @@
+"""The node: what every role of one ``twistd epio`` process shares.
+
+A :class:`Node` is built once by :func:`epio.tap.makeService` (which is allowed to
+do I/O before the reactor runs): the data directory exists, the cluster secret is
+read or created, the configuration is validated.  Roles receive the node and build
+their services from it; they reach the store through ``node.store_service`` and
+the bus through ``node.bus``.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from attrs import define, field
+
+from epio.config import Config
+
+if TYPE_CHECKING:
+    from epio.bus import Bus
+    from epio.store import StoreService
+
+SECRET_BYTES = 32
+
+
+class NodeSetupError(Exception):
+    """The node cannot start: a message for the operator, no traceback."""
+
+
+def read_or_create_secret(path: Path) -> bytes:
+    """Return the cluster secret at ``path``, creating it (0600) when missing."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass
+    else:
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(SECRET_BYTES) + "\n")
+    try:
+        st = path.stat()
+        text = path.read_text("ascii").strip()
+    except OSError as e:
+        raise NodeSetupError(f"cannot read cluster secret {path}: {e.strerror}") from None
+    if st.st_mode & 0o077:
+        raise NodeSetupError(
+            f"cluster secret {path} is readable by others (mode {st.st_mode & 0o777:o}); "
+            f"run: chmod 600 {path}"
+        )
+    try:
+        secret = bytes.fromhex(text)
+    except ValueError:
+        raise NodeSetupError(f"cluster secret {path} is not hex") from None
+    if len(secret) < 16:
+        raise NodeSetupError(f"cluster secret {path} is shorter than 16 bytes")
+    return secret
+
+
+@define
+class Node:
+    """Shared facts and services of one node process."""
+
+    reactor: Any
+    config: Config
+    data_dir: Path
+    roles: frozenset[str]
+    node_id: str
+    secret: bytes
+    boot_id: str = field(factory=lambda: uuid.uuid4().hex)
+    store_service: StoreService | None = None
+    _bus: Bus | None = None
+
+    @classmethod
+    def prepare(cls, reactor: Any, config: Config, roles: frozenset[str]) -> Node:
+        """Create the data dir and cluster secret if needed; return the node."""
+        data_dir = Path(config["node"]["data_dir"] or "epio-data").absolute()
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True)
+            os.chmod(data_dir, 0o711)
+        except OSError as e:
+            raise NodeSetupError(f"cannot create data dir {data_dir}: {e.strerror}") from None
+        secret_path = Path(config["cluster"]["secret_file"] or data_dir / "cluster-secret")
+        secret = read_or_create_secret(secret_path)
+        node_id = config["node"]["id"] or socket.gethostname()
+        return cls(reactor, config, data_dir, roles, node_id, secret)
+
+    @property
+    def bus(self) -> Bus:
+        """The bus factory (signing with the cluster secret), made on first use.
+
+        Imported here, not at module level: importing txzmq installs a reactor.
+        """
+        if self._bus is None:
+            from epio.bus import Bus
+
+            self._bus = Bus(
+                reactor=self.reactor,
+                secret=self.secret,
+                sender=self.node_id,
+                config=self.config,
+            )
+        return self._bus

@@ -1,0 +1,166 @@
+"""``twistd epio``: options and the one service tree of a node (STYLE 2).
+
+This is the one module that knows every role.  Each role package exposes
+``make_service(node) -> IService`` in ``epio/<package>/service.py``; a role
+whose package is not built yet starts a :class:`NotAvailableService` that says so
+in the log instead of pretending to work.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Any
+
+from twisted.application.service import IService, MultiService, Service
+from twisted.logger import Logger
+from twisted.python import usage
+
+from epio import __version__
+from epio.config import ConfigError, load_config
+
+# role -> module providing make_service(node); the order is the start order.
+ROLES: dict[str, str] = {
+    "nexus": "epio.nexus.service",
+    "logger": "epio.logs.service",
+    "runner": "epio.runner.service",
+    "lb": "epio.lb.service",
+    "api": "epio.api.service",
+    "backup": "epio.backup.service",
+}
+ALL = "all"
+VALID_ROLES = (*ROLES, ALL)
+
+
+def parse_roles(text: str) -> frozenset[str]:
+    """Parse ``--role``: a comma list from the closed set (``all`` = every role)."""
+    names = [r.strip() for r in text.split(",") if r.strip()]
+    if not names:
+        raise usage.UsageError(f"--role needs at least one of: {', '.join(VALID_ROLES)}")
+    bad = [r for r in names if r not in VALID_ROLES]
+    if bad:
+        raise usage.UsageError(
+            f"unknown role{'s' if len(bad) > 1 else ''} {', '.join(map(repr, bad))}; "
+            f"valid roles are: {', '.join(VALID_ROLES)}"
+        )
+    if ALL in names:
+        return frozenset(ROLES)
+    return frozenset(names)
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = "Run an epio node: any of the roles " + ", ".join(VALID_ROLES) + "."
+    optParameters = [
+        ["role", "r", ALL, "Comma-separated roles: " + ", ".join(VALID_ROLES)],
+        ["config", "c", None, "Configuration file (TOML); see docs/configuration.md"],
+        ["data-dir", "d", None, "Data directory (overrides node.data_dir)"],
+        ["domain", None, None, "Platform domain (overrides node.domain)"],
+        ["api-listen", None, None, "API endpoint, e.g. tcp:8000 (overrides api.listen)"],
+        ["lb-listen", None, None, "Router endpoint, e.g. tcp:8080 (overrides lb.listen)"],
+        ["store", None, None, "Store URL (overrides store.url)"],
+        ["routes", None, None, "Standalone routes file for the router (overrides lb.routes_file)"],
+    ]
+
+    def opt_version(self) -> None:
+        """Print the version and exit."""
+        print(f"epio {__version__}")
+        sys.exit(0)
+
+    def postOptions(self) -> None:
+        self["roles"] = parse_roles(self["role"])
+        overrides: dict[str, dict[str, Any]] = {}
+        for opt, section, key in [
+            ("data-dir", "node", "data_dir"),
+            ("domain", "node", "domain"),
+            ("api-listen", "api", "listen"),
+            ("lb-listen", "lb", "listen"),
+            ("store", "store", "url"),
+            ("routes", "lb", "routes_file"),
+        ]:
+            if self[opt] is not None:
+                overrides.setdefault(section, {})[key] = self[opt]
+        try:
+            self["config_obj"] = load_config(self["config"], overrides)
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+
+
+class NotAvailableService(Service):
+    """Stands in for a role whose implementation has not landed: it only says so."""
+
+    log = Logger()
+
+    def __init__(self, role: str) -> None:
+        self.role = role
+        self.name = role
+
+    def startService(self) -> None:
+        super().startService()
+        self.log.warn("role {role} is not available yet in this version of epio", role=self.role)
+
+
+class NodeService(MultiService):
+    """The root of a node's tree; logs each role as it starts and stops."""
+
+    log = Logger()
+
+    def __init__(self, node: Any) -> None:
+        super().__init__()
+        self.node = node
+
+    def startService(self) -> None:
+        self.log.info(
+            "epio {version} node {node_id} starting roles {roles} in {data_dir}",
+            version=__version__,
+            node_id=self.node.node_id,
+            roles=",".join(r for r in ROLES if r in self.node.roles),
+            data_dir=str(self.node.data_dir),
+        )
+        super().startService()
+        for svc in self:
+            self.log.info("service {name} started", name=svc.name)
+
+    def stopService(self) -> Any:
+        self.log.info("node {node_id} stopping", node_id=self.node.node_id)
+        return super().stopService()
+
+
+def role_service(role: str, node: Any) -> IService:
+    """Build one role's service, or a NotAvailableService if it is not built yet."""
+    module_name = ROLES[role]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name is not None and module_name.startswith(e.name):
+            return NotAvailableService(role)
+        raise
+    svc: IService = module.make_service(node)
+    svc.setName(role)
+    return svc
+
+
+def makeService(options: Options, reactor: Any = None) -> MultiService:
+    """Build the node's one MultiService from the configured roles."""
+    from epio.node import Node, NodeSetupError
+    from epio.store import StoreService
+
+    if reactor is None:
+        from twisted.internet import reactor as _reactor
+
+        reactor = _reactor
+    config = options["config_obj"]
+    try:
+        node = Node.prepare(reactor, config, options["roles"])
+    except NodeSetupError as e:
+        raise SystemExit(f"epio: {e}") from None
+    root = NodeService(node)
+    store = StoreService(config["store"]["url"] or f"sqlite:///{node.data_dir / 'store.sqlite3'}",
+                         reactor=reactor)
+    store.setName("store")
+    store.setServiceParent(root)
+    node.store_service = store
+    for role in ROLES:
+        if role in node.roles:
+            role_service(role, node).setServiceParent(root)
+    return root
