@@ -1,0 +1,136 @@
+"""Shared helpers for tests that run real epio node processes.
+
+Subprocesses import epio from this checkout (``PYTHONPATH``), so the code under
+test is the code in the tree, and twistd finds ``twisted/plugins/epio_plugin.py``
+through the same path.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+CHECKOUT = Path(__file__).resolve().parent.parent
+
+# What starts twistd with this interpreter (no reliance on a console script).
+TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
+def epio_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for a subprocess that must import epio from this checkout."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(CHECKOUT), *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])]
+    )
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env.update(extra or {})
+    return env
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (prefer port 0 where a server allows it)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(host: str, port: int, timeout: float = 20.0) -> None:
+    """Block until something accepts TCP connections on host:port, or raise."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=1):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s") from None
+            time.sleep(0.05)
+
+
+class NodeProcess:
+    """A real ``twistd -n epio ...`` process with its own data dir and log file.
+
+    ``stop()`` sends SIGTERM and waits (then SIGKILL after ``timeout``); the
+    combined output is in ``self.output()``.
+    """
+
+    def __init__(
+        self,
+        args: Iterable[str],
+        data_dir: Path | None = None,
+        env: dict[str, str] | None = None,
+        config: str | None = None,
+    ) -> None:
+        self._tmp = None
+        if data_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="epio-node-")
+            data_dir = Path(self._tmp.name) / "data"
+        self.data_dir = data_dir
+        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.data_dir.parent / f"node-{os.getpid()}-{id(self)}.log"
+        argv = [*TWISTD, "-n", "--pidfile=", "--logfile=-", "epio", "--data-dir", str(data_dir)]
+        if config is not None:
+            cfg = self.data_dir.parent / f"epio-{id(self)}.toml"
+            cfg.write_text(config)
+            argv += ["--config", str(cfg)]
+        argv += list(args)
+        self.argv = argv
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            argv,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=epio_env(env),
+            cwd=str(self.data_dir.parent),
+            start_new_session=True,
+        )
+
+    def output(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text("utf-8", "replace")
+
+    def wait_for_log(self, text: str, timeout: float = 30.0) -> str:
+        """Block until ``text`` appears in the node's output; raise with the output if not."""
+        deadline = time.monotonic() + timeout
+        while True:
+            out = self.output()
+            if text in out:
+                return out
+            if self.proc.poll() is not None:
+                raise AssertionError(f"node exited ({self.proc.returncode}) before {text!r}:\n{out}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} not logged after {timeout}s:\n{out}")
+            time.sleep(0.05)
+
+    def stop(self, timeout: float = 20.0) -> int:
+        """SIGTERM, wait up to ``timeout``, then SIGKILL the process group."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL the node's whole process group (a crashed node)."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def cleanup(self) -> None:
+        self.kill()
+        if not self._log.closed:
+            self._log.close()
+        if self._tmp is not None:
+            self._tmp.cleanup()
