@@ -134,3 +134,74 @@ class NodeProcess:
             self._log.close()
         if self._tmp is not None:
             self._tmp.cleanup()
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def to_toml(doc: dict[str, dict[str, object]]) -> str:
+    """Write a two-level config document as TOML (the subset epio's config uses)."""
+    out = []
+    for section, table in doc.items():
+        out.append(f"[{section}]")
+        out.extend(f"{k} = {_toml_value(v)}" for k, v in table.items())
+        out.append("")
+    return "\n".join(out)
+
+
+def isolated_config(
+    overrides: dict[str, dict[str, object]] | None = None,
+) -> tuple[dict[str, dict[str, object]], dict[int, int]]:
+    """A config document in which every default port is replaced by a free one.
+
+    The same old port always maps to the same new port, so the defaults that wire
+    roles to each other (``cluster.nexus`` pointing at ``nexus.*_bind``, say) stay
+    wired.  Returns the document (for :func:`to_toml`) and the port map.
+    """
+    import re
+
+    from epio.config.schema import SCHEMA
+
+    ports: dict[int, int] = {}
+
+    def remap(text: str) -> str:
+        def sub(m: re.Match[str]) -> str:
+            old = int(m.group(2))
+            if old not in ports:
+                ports[old] = free_port()
+            return f"{m.group(1)}{ports[old]}"
+
+        new = re.sub(r"((?:tcp://[^\s\"]*?:)|(?:^tcp6?:))(\d+)", sub, text)
+        if new != text and new.startswith("tcp:") and "interface=" not in new:
+            new += ":interface=127.0.0.1"  # test servers never listen beyond loopback
+        return new
+
+    def walk(value: object) -> object:
+        if isinstance(value, str):
+            return remap(value)
+        if isinstance(value, list):
+            return [walk(v) for v in value]
+        if isinstance(value, dict):
+            return {k: walk(v) for k, v in value.items()}
+        return value
+
+    doc: dict[str, dict[str, object]] = {}
+    for section, keys in SCHEMA.items():
+        for name, key in keys.items():
+            new = walk(key.default)
+            if new != key.default:
+                doc.setdefault(section, {})[name] = new
+    for section, table in (overrides or {}).items():
+        doc.setdefault(section, {}).update(table)
+    return doc, ports

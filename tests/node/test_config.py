@@ -1,0 +1,94 @@
+"""Configuration: validation at start-up, every error at once, docs in sync."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from epio.config import ConfigError, load_config
+from epio.config.docs import render
+from epio.config.schema import SCHEMA
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
+
+
+class LoadConfigTests(SynchronousTestCase):
+    def write(self, text: str) -> str:
+        path = Path(self.mktemp())
+        path.write_text(text)
+        return str(path)
+
+    def test_defaults(self) -> None:
+        """With no file every key has its documented default."""
+        config = load_config(None)
+        for section, keys in SCHEMA.items():
+            for name, key in keys.items():
+                self.assertEqual(config[section][name], key.default)
+
+    def test_values_read(self) -> None:
+        """Values from the file replace the defaults; ints are accepted for floats."""
+        config = load_config(self.write('[node]\ndomain = "apps.example.com"\n[bus]\nrequest_timeout = 5\n'))
+        self.assertEqual(config["node"]["domain"], "apps.example.com")
+        self.assertEqual(config["bus"]["request_timeout"], 5)
+
+    def test_all_errors_reported_together(self) -> None:
+        """A file with several errors reports every one of them in one exception."""
+        path = self.write(
+            "[lb]\nlisten = 5\nbogus = 1\n[nope]\nx = 1\n[bus]\nrequest_timeout = -1\n"
+            '[store]\nurl = "mysql://x"\n'
+        )
+        with self.assertRaises(ConfigError) as cm:
+            load_config(path)
+        errors = cm.exception.errors
+        self.assertEqual(len(errors), 5, errors)
+        text = str(cm.exception)
+        for fragment in [
+            "lb.bogus: unknown key",
+            "[nope]: unknown section",
+            "bus.request_timeout: must be > 0",
+            "lb.listen: must be of type str",
+            "store.url: must start with sqlite:/// or postgresql://",
+        ]:
+            self.assertIn(fragment, text)
+        self.assertIn(path, text)
+
+    def test_bad_toml(self) -> None:
+        """A file that is not TOML says so, with the file name."""
+        path = self.write("[lb\n")
+        with self.assertRaises(ConfigError) as cm:
+            load_config(path)
+        self.assertIn("not valid TOML", str(cm.exception))
+
+    def test_missing_file(self) -> None:
+        """A missing file is a clear error, not a traceback."""
+        with self.assertRaises(ConfigError) as cm:
+            load_config("/nonexistent/epio.toml")
+        self.assertIn("cannot read", str(cm.exception))
+
+    def test_overrides_win(self) -> None:
+        """Command-line overrides replace file values and are validated too."""
+        path = self.write('[lb]\nlisten = "tcp:1"\n')
+        config = load_config(path, {"lb": {"listen": "tcp:2"}})
+        self.assertEqual(config["lb"]["listen"], "tcp:2")
+        with self.assertRaises(ConfigError):
+            load_config(path, {"store": {"url": "nope"}})
+
+    def test_booleans_are_not_integers(self) -> None:
+        """true is not accepted where an integer is expected."""
+        int_keys = [(s, n) for s, ks in SCHEMA.items() for n, k in ks.items() if k.kind is int]
+        if not int_keys:
+            self.skipTest("no integer keys")
+        section, name = int_keys[0]
+        with self.assertRaises(ConfigError):
+            load_config(self.write(f"[{section}]\n{name} = true\n"))
+
+
+class DocsTests(SynchronousTestCase):
+    def test_configuration_reference_current(self) -> None:
+        """docs/configuration.md is exactly what the schema generates (every key documented)."""
+        self.assertEqual(
+            DOCS.read_text(),
+            render(),
+            "docs/configuration.md is stale: run python -m epio.config.docs > docs/configuration.md",
+        )

@@ -1,0 +1,99 @@
+"""twistd options: roles from a closed set, overrides, the service tree."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+from twisted.python.usage import UsageError
+from twisted.trial.unittest import SynchronousTestCase
+
+from epio.node import Node, NodeSetupError, read_or_create_secret
+from epio.tap import ROLES, NotAvailableService, Options, parse_roles, role_service
+
+
+class RoleTests(SynchronousTestCase):
+    def test_all(self) -> None:
+        """--role=all means every role."""
+        self.assertEqual(parse_roles("all"), frozenset(ROLES))
+
+    def test_list(self) -> None:
+        """A comma list picks those roles, ignoring blanks and spaces."""
+        self.assertEqual(parse_roles("lb, nexus,"), frozenset({"lb", "nexus"}))
+
+    def test_bogus_names_valid_roles(self) -> None:
+        """An unknown role is a usage error naming every valid role."""
+        with self.assertRaises(UsageError) as cm:
+            parse_roles("lb,bogus")
+        message = str(cm.exception)
+        self.assertIn("'bogus'", message)
+        for role in [*ROLES, "all"]:
+            self.assertIn(role, message)
+
+    def test_empty(self) -> None:
+        """An empty --role is an error too."""
+        self.assertRaises(UsageError, parse_roles, " , ")
+
+
+class OptionsTests(SynchronousTestCase):
+    def test_overrides(self) -> None:
+        """Command-line options override config keys."""
+        options = Options()
+        options.parseOptions(
+            ["--role", "lb", "--data-dir", "/tmp/x", "--domain", "example.test",
+             "--lb-listen", "tcp:9", "--api-listen", "tcp:10"]
+        )
+        config = options["config_obj"]
+        self.assertEqual(options["roles"], frozenset({"lb"}))
+        self.assertEqual(config["node"]["data_dir"], "/tmp/x")
+        self.assertEqual(config["node"]["domain"], "example.test")
+        self.assertEqual(config["lb"]["listen"], "tcp:9")
+        self.assertEqual(config["api"]["listen"], "tcp:10")
+
+    def test_bad_config_is_usage_error(self) -> None:
+        """A broken config file becomes a usage error listing all its problems."""
+        path = Path(self.mktemp())
+        path.write_text("[lb]\nx = 1\ny = 2\n")
+        with self.assertRaises(UsageError) as cm:
+            Options().parseOptions(["--config", str(path)])
+        self.assertIn("lb.x", str(cm.exception))
+        self.assertIn("lb.y", str(cm.exception))
+
+
+class NodeTests(SynchronousTestCase):
+    def test_prepare_creates_dir_and_secret(self) -> None:
+        """First start creates the data dir and a 0600 cluster secret; later starts reuse it."""
+        options = Options()
+        data = Path(self.mktemp()) / "nested" / "data"
+        options.parseOptions(["--data-dir", str(data)])
+        node = Node.prepare(None, options["config_obj"], options["roles"])
+        secret_path = data / "cluster-secret"
+        self.assertTrue(data.is_dir())
+        self.assertEqual(stat.S_IMODE(secret_path.stat().st_mode), 0o600)
+        self.assertEqual(len(node.secret), 32)
+        again = Node.prepare(None, options["config_obj"], options["roles"])
+        self.assertEqual(again.secret, node.secret)
+
+    def test_secret_readable_by_others_refused(self) -> None:
+        """A secret file that others can read stops the node with a clear message."""
+        path = Path(self.mktemp())
+        path.write_text("00" * 32)
+        path.chmod(0o644)
+        with self.assertRaises(NodeSetupError) as cm:
+            read_or_create_secret(path)
+        self.assertIn("chmod 600", str(cm.exception))
+
+    def test_unbuilt_role_says_so(self) -> None:
+        """A role whose package does not exist runs a service that only logs so."""
+        import epio.tap
+
+        self.patch(epio.tap, "ROLES", {**ROLES, "lb": "epio.no_such_package.service"})
+        svc = role_service("lb", None)
+        self.assertIsInstance(svc, NotAvailableService)
+        logged: list[dict] = []
+        from twisted.logger import globalLogPublisher
+
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        svc.startService()
+        self.assertTrue(any("not available yet" in str(e.get("log_format")) for e in logged))
