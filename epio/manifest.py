@@ -1,0 +1,724 @@
+"""The app contract: ``epio.ini`` and ``Procfile`` parsed into a frozen :class:`Manifest`.
+
+Shared floor: the CLI checks a manifest before uploading, the build reads it before
+doing any work, the api and the runner read the ``Manifest`` stored with a release.
+
+``epio.ini`` follows ep.io's manifest (an app written for ep.io parses unchanged)::
+
+    [wsgi]
+    entrypoint = mysite.wsgi:application
+    requirements = requirements.txt
+
+    [static]
+    /static = static
+
+    [services]
+    postgres = true
+
+    [process]
+    worker = python worker.py
+
+A ``Procfile`` is read with Heroku's rules (``name: command``; names
+``[A-Za-z0-9_-]+``; a later duplicate is an error).  Process precedence, lowest
+first: the ``web`` process generated from ``[wsgi]``, then the ``Procfile``, then
+``epio.ini [process]``: a name defined in a higher source replaces the lower one
+(and a warning says so).
+
+Every problem in both files is collected and raised together as one
+:class:`ManifestError` whose ``errors`` are ``file:line: message`` strings.
+The format is documented for users in docs/apps.md.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path, PurePosixPath
+from types import MappingProxyType
+from typing import Any
+
+from attrs import field, frozen
+
+__all__ = [
+    "DATA_DIRECTORY",
+    "Cron",
+    "Django",
+    "Http",
+    "Manifest",
+    "ManifestError",
+    "load_manifest",
+    "parse_manifest",
+    "parse_procfile",
+]
+
+#: What ``%(data_directory)s`` expands to: the app's writable storage, mounted by the
+#: runner at this path inside the sandbox (ep.io kept it at ``~/data``).
+DATA_DIRECTORY = "/data"
+
+#: The web entrypoint of a ``[django]`` app that names none (gunicorn's factory syntax).
+DJANGO_WSGI = "django.core.wsgi:get_wsgi_application()"
+
+INI_NAME = "epio.ini"
+PROCFILE_NAME = "Procfile"
+PROCESS_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+_ENTRYPOINT = re.compile(
+    r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*(:[A-Za-z_][A-Za-z0-9_.()]*)?$"
+)
+_MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_CRON_MACROS = {"@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly"}
+_CRON_FIELD = re.compile(r"^[0-9*/,\-A-Za-z]+$")
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+_SIZE = re.compile(r"^\s*(\d+)\s*([kKmMgG]?)[bB]?\s*$")
+
+# Known sections and, for the fixed-key ones, their keys (lower case).
+_SECTIONS: dict[str, set[str] | None] = {
+    "wsgi": {"entrypoint", "requirements", "workers"},
+    "static": None,  # URL path = directory
+    "services": {"postgres", "redis"},
+    "env": None,
+    "django": {"base", "settings_module", "append_settings"},
+    "process": None,
+    "http": {"health_check", "timeout", "idle_timeout", "boot_timeout", "max_body_size", "gzip"},
+    "cron": None,
+    "release": {"command"},
+    "redis": {"memory"},
+    "symlinks": None,
+    "basic_auth": None,
+    "checkout": {"directory_name"},
+}
+# Sections whose keys keep their case (env var names, process names, paths, users).
+_CASE_SENSITIVE = {"env", "process", "static", "symlinks", "basic_auth", "cron"}
+
+
+class ManifestError(Exception):
+    """The manifest is invalid: ``errors`` lists every problem as ``file:line: message``."""
+
+    def __init__(self, errors: list[str]) -> None:
+        self.errors = list(errors)
+        super().__init__("invalid app manifest:\n" + "\n".join("  " + e for e in self.errors))
+
+
+def _ro(value: Mapping[str, Any] | None = None) -> Mapping[str, Any]:
+    return MappingProxyType(dict(value or {}))
+
+
+@frozen
+class Django:
+    """``[django]``: where the project is and how platform settings are added."""
+
+    base: str = ""  # project directory relative to the app root ("" = the root)
+    settings_module: str = ""  # "" = detect (manage.py, then <base>/settings)
+    append_settings: bool = True  # False: DJANGO_SETTINGS_MODULE is the app's own
+
+
+@frozen
+class Http:
+    """``[http]``: what the router and the runner need to know about the web process."""
+
+    health_check: str | None = None  # path; None = the port accepting connections
+    timeout: float | None = None  # seconds to the first response byte
+    idle_timeout: float | None = None
+    boot_timeout: float | None = None  # seconds for a new instance to become healthy
+    max_body_size: int | None = None  # bytes
+    gzip: bool = False
+    expires: Mapping[str, int] = field(factory=dict, converter=_ro)  # path prefix -> seconds
+
+
+@frozen
+class Cron:
+    """One ``[cron]`` job: ``name = SCHEDULE COMMAND`` (5 cron fields or an @macro)."""
+
+    name: str
+    schedule: str
+    command: str
+
+
+def _cron_tuple(value: Iterable[Cron | Mapping[str, str]]) -> tuple[Cron, ...]:
+    return tuple(c if isinstance(c, Cron) else Cron(**c) for c in value)
+
+
+def _str_tuple(value: Iterable[str]) -> tuple[str, ...]:
+    return tuple(value)
+
+
+def _django(value: Django | Mapping[str, Any] | None) -> Django | None:
+    if value is None or isinstance(value, Django):
+        return value
+    return Django(**value)
+
+
+def _http(value: Http | Mapping[str, Any]) -> Http:
+    return value if isinstance(value, Http) else Http(**value)
+
+
+@frozen(hash=False)
+class Manifest:
+    """An app's parsed manifest.  Immutable; ``to_json``/``from_json`` round-trip."""
+
+    processes: Mapping[str, str] = field(factory=dict, converter=_ro)  # name -> shell command
+    wsgi_entrypoint: str | None = None
+    wsgi_workers: int | None = None
+    requirements: str | None = None  # requirements file relative to the app root
+    pyproject: bool = False  # no requirements file: install the app's pyproject.toml
+    static: Mapping[str, str] = field(factory=dict, converter=_ro)  # URL path -> directory
+    services: Mapping[str, str] = field(
+        factory=dict, converter=_ro
+    )  # postgres/redis -> shared|dedicated
+    redis_memory_mb: int | None = None
+    env: Mapping[str, str] = field(factory=dict, converter=_ro)
+    django: Django | None = field(default=None, converter=_django)
+    http: Http = field(factory=Http, converter=_http)
+    cron: tuple[Cron, ...] = field(default=(), converter=_cron_tuple)
+    release_command: str | None = None
+    symlinks: Mapping[str, str] = field(factory=dict, converter=_ro)  # link -> target
+    basic_auth: Mapping[str, str] = field(factory=dict, converter=_ro)  # user -> password
+    basic_auth_realm: str | None = None
+    checkout_directory: str | None = None
+    sources: tuple[str, ...] = field(default=(), converter=_str_tuple)  # files it was read from
+    warnings: tuple[str, ...] = field(default=(), converter=_str_tuple)
+
+    @property
+    def needs_gunicorn(self) -> bool:
+        """True when the platform runs the app's ``web`` process with gunicorn."""
+        return self.wsgi_entrypoint is not None and self.processes.get("web") == web_command(
+            self.wsgi_entrypoint, self.wsgi_workers
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready data (mappings as dicts, tuples as lists)."""
+        return _plain(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Manifest:
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Manifest:
+        return cls.from_dict(json.loads(text))
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(type(value), "__attrs_attrs__"):
+        return {a.name: _plain(getattr(value, a.name)) for a in type(value).__attrs_attrs__}
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def web_command(entrypoint: str, workers: int | None = None) -> str:
+    """The ``web`` command of a ``[wsgi]`` app: gunicorn on ``$PORT``, logging to stdout."""
+    w = f" --workers {workers}" if workers else ""
+    return f"gunicorn --bind 0.0.0.0:$PORT{w} --access-logfile - --error-logfile - {entrypoint}"
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+@frozen
+class _Item:
+    section: str
+    key: str
+    value: str
+    line: int
+
+
+class _Errors:
+    """Collects ``file:line: message`` strings, reported sorted by file and line."""
+
+    def __init__(self) -> None:
+        self._items: list[tuple[str, int, str]] = []
+
+    def add(self, file: str, line: int, message: str) -> None:
+        self._items.append((file, line, message))
+
+    @property
+    def items(self) -> list[str]:
+        return [f"{f}:{n}: {m}" for f, n, m in sorted(self._items, key=lambda t: (t[0], t[1]))]
+
+
+def _interpolate(value: str, file: str, line: int, errors: _Errors) -> str:
+    """ep.io's ``%(data_directory)s`` interpolation (``%%`` is a literal ``%``)."""
+    out: list[str] = []
+    i = 0
+    while i < len(value):
+        c = value[i]
+        if c != "%":
+            out.append(c)
+            i += 1
+            continue
+        if value.startswith("%%", i):
+            out.append("%")
+            i += 2
+            continue
+        m = re.match(r"%\(([A-Za-z_]+)\)s", value[i:])
+        if m and m.group(1).lower() == "data_directory":
+            out.append(DATA_DIRECTORY)
+            i += m.end()
+            continue
+        name = m.group(1) if m else value[i : i + 20]
+        errors.add(
+            file,
+            line,
+            f"bad interpolation {name!r}: only %(data_directory)s is known (write %% for a literal %)",
+        )
+        return value
+    return "".join(out)
+
+
+def _scan_ini(text: str, file: str, errors: _Errors) -> list[_Item]:
+    """A configparser-compatible scanner that keeps line numbers and collects errors."""
+    items: list[_Item] = []
+    section: str | None = None
+    bad_section = False
+    seen_sections: dict[str, int] = {}
+    seen_keys: dict[tuple[str, str], int] = {}
+    last: _Item | None = None
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        stripped = raw.strip()
+        if not stripped or stripped.startswith(("#", ";")):
+            last = None if not stripped else last
+            continue
+        if raw[0] in " \t" and last is not None:  # continuation line
+            items[-1] = _Item(last.section, last.key, last.value + "\n" + stripped, last.line)
+            last = items[-1]
+            continue
+        if stripped.startswith("["):
+            last = None
+            if not stripped.endswith("]"):
+                errors.add(file, lineno, f"malformed section header {stripped!r}")
+                section, bad_section = None, True
+                continue
+            name = stripped[1:-1].strip().lower()
+            if name not in _SECTIONS:
+                errors.add(
+                    file,
+                    lineno,
+                    f"unknown section [{name}] (known: {', '.join(sorted(_SECTIONS))})",
+                )
+                section, bad_section = None, True
+                continue
+            if name in seen_sections:
+                errors.add(
+                    file, lineno, f"section [{name}] already defined on line {seen_sections[name]}"
+                )
+            seen_sections.setdefault(name, lineno)
+            section, bad_section = name, False
+            continue
+        m = re.match(r"^([^=:]*[^=:\s])\s*[=:]\s?(.*)$", stripped)
+        if m is None:
+            errors.add(file, lineno, f"expected 'key = value', got {stripped!r}")
+            last = None
+            continue
+        if section is None:
+            if not bad_section:
+                errors.add(file, lineno, "key outside of any section")
+            last = None
+            continue
+        key = m.group(1).strip()
+        if section not in _CASE_SENSITIVE:
+            key = key.lower()
+        value = m.group(2).strip()
+        if (section, key) in seen_keys:
+            errors.add(
+                file, lineno, f"[{section}] {key}: already set on line {seen_keys[(section, key)]}"
+            )
+            last = None
+            continue
+        seen_keys[(section, key)] = lineno
+        last = _Item(section, key, value, lineno)
+        items.append(last)
+    return items
+
+
+def _bool(item: _Item, file: str, errors: _Errors) -> bool | None:
+    v = item.value.lower()
+    if v in _TRUE:
+        return True
+    if v in _FALSE:
+        return False
+    errors.add(
+        file, item.line, f"[{item.section}] {item.key}: must be true or false, not {item.value!r}"
+    )
+    return None
+
+
+def _number(item: _Item, file: str, errors: _Errors, kind: type = float) -> Any:
+    try:
+        n = kind(item.value)
+    except ValueError:
+        n = None
+    if n is None or n <= 0:
+        what = "a positive integer" if kind is int else "a positive number"
+        errors.add(
+            file, item.line, f"[{item.section}] {item.key}: must be {what}, not {item.value!r}"
+        )
+        return None
+    return n
+
+
+def _size(item: _Item, file: str, errors: _Errors) -> int | None:
+    m = _SIZE.match(item.value)
+    if m is None or int(m.group(1)) <= 0:
+        errors.add(
+            file,
+            item.line,
+            f"[{item.section}] {item.key}: must be a size like 10M, 512K or 1048576, not {item.value!r}",
+        )
+        return None
+    mult = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[m.group(2).lower()]
+    return int(m.group(1)) * mult
+
+
+def _rel_path(
+    value: str, item: _Item, file: str, errors: _Errors, *, allow_data: bool
+) -> str | None:
+    """A path inside the app (relative, no ``..``) or, if allowed, under DATA_DIRECTORY."""
+    p = PurePosixPath(value)
+    if allow_data and (value == DATA_DIRECTORY or value.startswith(DATA_DIRECTORY + "/")):
+        if ".." in p.parts:
+            errors.add(
+                file, item.line, f"[{item.section}] {item.key}: {value!r} must not contain '..'"
+            )
+            return None
+        return str(p)
+    if p.is_absolute() or ".." in p.parts or not value:
+        where = "inside the app or under %(data_directory)s" if allow_data else "inside the app"
+        errors.add(
+            file,
+            item.line,
+            f"[{item.section}] {item.key}: {value!r} must be a relative path {where} (no '..')",
+        )
+        return None
+    return str(p)
+
+
+def parse_procfile(
+    text: str, file: str = PROCFILE_NAME, errors: _Errors | None = None
+) -> dict[str, tuple[str, int]]:
+    """Heroku's Procfile rules: ``name: command``; returns name -> (command, line)."""
+    own = errors is None
+    errs = errors if errors is not None else _Errors()
+    out: dict[str, tuple[str, int]] = {}
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        m = re.match(r"^([^:\s]+)\s*:\s*(.*)$", line)
+        if m is None:
+            errs.add(file, lineno, f"expected 'name: command', got {line!r}")
+            continue
+        name, command = m.group(1), m.group(2).strip()
+        if not PROCESS_NAME.match(name):
+            errs.add(
+                file, lineno, f"process name {name!r} may only contain letters, digits, '_' and '-'"
+            )
+            continue
+        if not command:
+            errs.add(file, lineno, f"process {name!r} has no command")
+            continue
+        if name in out:
+            errs.add(file, lineno, f"process {name!r} already defined on line {out[name][1]}")
+            continue
+        out[name] = (command, lineno)
+    if own and errs.items:
+        raise ManifestError(errs.items)
+    return out
+
+
+def parse_manifest(
+    ini_text: str | None,
+    procfile_text: str | None,
+    files: Iterable[str] = (),
+    *,
+    ini_name: str = INI_NAME,
+    procfile_name: str = PROCFILE_NAME,
+) -> Manifest:
+    """Parse the two manifest files' texts (either may be None = absent).
+
+    ``files`` lists the app's top-level file names (to find ``requirements.txt``
+    or ``pyproject.toml`` and check referenced files exist); pass the app's paths
+    relative to its root for the checks to cover subdirectories.
+    Raises :class:`ManifestError` with every problem found.
+    """
+    errors = _Errors()
+    present = set(files)
+    if ini_text is None and procfile_text is None:
+        raise ManifestError(
+            [f"{ini_name}:0: the app has neither an {ini_name} nor a {procfile_name}"]
+        )
+    items = _scan_ini(ini_text, ini_name, errors) if ini_text is not None else []
+    procfile = (
+        parse_procfile(procfile_text, procfile_name, errors) if procfile_text is not None else {}
+    )
+
+    kw: dict[str, Any] = {}
+    static: dict[str, str] = {}
+    services: dict[str, str] = {}
+    env: dict[str, str] = {}
+    ini_processes: dict[str, tuple[str, int]] = {}
+    cron: list[Cron] = []
+    symlinks: dict[str, str] = {}
+    basic_auth: dict[str, str] = {}
+    http: dict[str, Any] = {}
+    expires: dict[str, int] = {}
+    django: dict[str, Any] | None = None
+    requirements_line = 0
+    f = ini_name
+
+    for it in items:
+        value = _interpolate(it.value, f, it.line, errors)
+        it = _Item(it.section, it.key, value, it.line)
+        s, k = it.section, it.key
+        known = _SECTIONS[s]
+        if known is not None and k not in known and not (s == "http" and k.startswith("expires-")):
+            errors.add(f, it.line, f"[{s}] unknown key {k!r} (known: {', '.join(sorted(known))})")
+            continue
+        if s == "wsgi":
+            if k == "entrypoint":
+                if not _ENTRYPOINT.match(value):
+                    errors.add(
+                        f,
+                        it.line,
+                        f"[wsgi] entrypoint: {value!r} must look like package.module:application",
+                    )
+                else:
+                    kw["wsgi_entrypoint"] = value if ":" in value else value + ":application"
+            elif k == "requirements":
+                p = _rel_path(value, it, f, errors, allow_data=False)
+                if p is not None:
+                    kw["requirements"] = p
+                    requirements_line = it.line
+            elif k == "workers":
+                kw["wsgi_workers"] = _number(it, f, errors, int)
+        elif s == "static":
+            if not value:
+                errors.add(f, it.line, f"[static] {k}: needs a directory")
+                continue
+            if not k.startswith("/"):
+                errors.add(f, it.line, f"[static] {k!r}: the URL path must start with '/'")
+                continue
+            d = _rel_path(value.rstrip("/") or value, it, f, errors, allow_data=True)
+            if d is not None:
+                static["/" + k.strip("/") if k != "/" else "/"] = d
+        elif s == "services":
+            v = value.lower()
+            if v in _TRUE:
+                services[k] = "shared" if k == "postgres" else "dedicated"
+            elif v == "dedicated":
+                services[k] = "dedicated"
+            elif v not in _FALSE:
+                errors.add(
+                    f, it.line, f"[services] {k}: must be true, false or dedicated, not {value!r}"
+                )
+        elif s == "env":
+            if not _ENV_NAME.match(k):
+                errors.add(f, it.line, f"[env] {k!r}: not a valid environment variable name")
+            else:
+                env[k] = value
+        elif s == "django":
+            django = django or {}
+            if k == "base":
+                p = _rel_path(value or ".", it, f, errors, allow_data=False)
+                if p is not None:
+                    django["base"] = "" if p == "." else p
+            elif k == "settings_module":
+                if not _MODULE.match(value):
+                    errors.add(
+                        f,
+                        it.line,
+                        f"[django] settings_module: {value!r} is not a Python module name",
+                    )
+                else:
+                    django["settings_module"] = value
+            elif k == "append_settings":
+                b = _bool(it, f, errors)
+                if b is not None:
+                    django["append_settings"] = b
+        elif s == "process":
+            if not PROCESS_NAME.match(k):
+                errors.add(
+                    f,
+                    it.line,
+                    f"[process] {k!r}: process names may only contain letters, digits, '_' and '-'",
+                )
+            elif not value:
+                errors.add(f, it.line, f"[process] {k}: has no command")
+            else:
+                ini_processes[k] = (value, it.line)
+        elif s == "http":
+            if k.startswith("expires-"):
+                pass
+            elif k == "health_check":
+                if not value.startswith("/") or any(c.isspace() for c in value):
+                    errors.add(
+                        f,
+                        it.line,
+                        f"[http] health_check: {value!r} must be a URL path starting with '/'",
+                    )
+                else:
+                    http["health_check"] = value
+            elif k in ("timeout", "idle_timeout", "boot_timeout"):
+                http[k] = _number(it, f, errors)
+            elif k == "max_body_size":
+                http[k] = _size(it, f, errors)
+            elif k == "gzip":
+                http[k] = _bool(it, f, errors) or False
+        elif s == "cron":
+            parts = value.split()
+            if parts and parts[0] in _CRON_MACROS:
+                sched, cmd = parts[0], " ".join(parts[1:])
+            else:
+                sched, cmd = " ".join(parts[:5]), " ".join(parts[5:])
+                if len(parts) < 5 or not all(_CRON_FIELD.match(p) for p in parts[:5]):
+                    cmd = ""
+            if not cmd or not PROCESS_NAME.match(k):
+                errors.add(
+                    f,
+                    it.line,
+                    f"[cron] {k}: must be 'name = MIN HOUR DAY MONTH WEEKDAY command' or 'name = @daily command'",
+                )
+            else:
+                cron.append(Cron(k, sched, cmd))
+        elif s == "release":
+            if not value:
+                errors.add(f, it.line, "[release] command: is empty")
+            else:
+                kw["release_command"] = value
+        elif s == "redis":
+            kw["redis_memory_mb"] = _number(it, f, errors, int)
+        elif s == "symlinks":
+            link = _rel_path(k, it, f, errors, allow_data=False)
+            target = value
+            if not target:
+                errors.add(f, it.line, f"[symlinks] {k}: needs a target")
+            elif link is not None:
+                symlinks[link] = target
+        elif s == "basic_auth":
+            if k == "_realm":
+                kw["basic_auth_realm"] = value
+            elif not k or ":" in k:
+                errors.add(f, it.line, f"[basic_auth] {k!r}: not a valid user name")
+            else:
+                basic_auth[k] = value
+        elif s == "checkout":
+            if not value or "/" in value or value in (".", ".."):
+                errors.add(
+                    f,
+                    it.line,
+                    f"[checkout] directory_name: {value!r} must be a plain directory name",
+                )
+            else:
+                kw["checkout_directory"] = value
+
+    # expires-/path = SECONDS (a key family of [http])
+    for it in items:
+        if it.section == "http" and it.key.startswith("expires-"):
+            path = it.key[len("expires-") :]
+            secs = _number(it, f, errors, int)
+            if not path.startswith("/"):
+                errors.add(f, it.line, f"[http] {it.key}: must be expires-/URL/PATH = SECONDS")
+            elif secs is not None:
+                expires[path] = secs
+    if expires:
+        http["expires"] = expires
+    kw["http"] = Http(**{k: v for k, v in http.items() if v is not None})
+
+    # ep.io ran a [django] app without an entrypoint through Django's own WSGI handler.
+    has_web = "web" in procfile or "web" in ini_processes
+    if django is not None and "wsgi_entrypoint" not in kw and not has_web:
+        kw["wsgi_entrypoint"] = DJANGO_WSGI
+
+    # processes: [wsgi] web < Procfile < [process]
+    warnings: list[str] = []
+    processes: dict[str, str] = {}
+    if "wsgi_entrypoint" in kw:
+        processes["web"] = web_command(kw["wsgi_entrypoint"], kw.get("wsgi_workers"))
+    for name, (cmd, line) in procfile.items():
+        if name in processes:
+            warnings.append(
+                f"{procfile_name}:{line}: process {name!r} replaces the one from [wsgi]"
+            )
+        processes[name] = cmd
+    for name, (cmd, line) in ini_processes.items():
+        if name in procfile:
+            warnings.append(
+                f"{ini_name}:{line}: [process] {name!r} replaces the one in {procfile_name}"
+            )
+        elif name in processes:
+            warnings.append(f"{ini_name}:{line}: [process] {name!r} replaces the one from [wsgi]")
+        processes[name] = cmd
+    if not processes and not errors.items:
+        where = ini_name if ini_text is not None else procfile_name
+        errors.add(
+            where,
+            1,
+            "no process to run: add [wsgi] entrypoint, a [process] entry or a Procfile line",
+        )
+
+    # requirements
+    if "requirements" in kw:
+        if present and kw["requirements"] not in present:
+            errors.add(
+                f,
+                requirements_line,
+                f"[wsgi] requirements: file {kw['requirements']!r} is not in the app",
+            )
+    elif "requirements.txt" in present or not present:
+        kw["requirements"] = "requirements.txt" if "requirements.txt" in present else None
+    if kw.get("requirements") is None and "pyproject.toml" in present:
+        kw["pyproject"] = True
+    if django is not None:
+        kw["django"] = Django(**django)
+    if errors.items:
+        raise ManifestError(errors.items)
+    sources = [
+        n for n, t in ((ini_name, ini_text), (procfile_name, procfile_text)) if t is not None
+    ]
+    return Manifest(
+        processes=processes,
+        static=static,
+        services=services,
+        env=env,
+        cron=cron,
+        symlinks=symlinks,
+        basic_auth=basic_auth,
+        sources=sources,
+        warnings=warnings,
+        **kw,
+    )
+
+
+def _app_files(app_dir: Path) -> list[str]:
+    out = []
+    for p in app_dir.rglob("*"):
+        if p.is_file() and ".git" not in p.parts[len(app_dir.parts) :]:
+            out.append(p.relative_to(app_dir).as_posix())
+    return out
+
+
+def load_manifest(app_dir: str | Path) -> Manifest:
+    """Read and parse the manifest of the app directory ``app_dir``."""
+    root = Path(app_dir)
+    texts: dict[str, str | None] = {}
+    errors: list[str] = []
+    for name in (INI_NAME, PROCFILE_NAME):
+        p = root / name
+        try:
+            texts[name] = p.read_text("utf-8") if p.is_file() else None
+        except UnicodeDecodeError:
+            errors.append(f"{name}:0: not UTF-8 text")
+            texts[name] = None
+        except OSError as e:
+            errors.append(f"{name}:0: cannot read: {e.strerror}")
+            texts[name] = None
+    if errors:
+        raise ManifestError(errors)
+    return parse_manifest(texts[INI_NAME], texts[PROCFILE_NAME], _app_files(root))
