@@ -1,0 +1,70 @@
+"""The state store: one schema, versioned migrations, SQLite or PostgreSQL.
+
+Use it through :class:`Store` (async domain methods, no SQL outside this
+package).  A node's :class:`StoreService` opens it; ``await
+service.whenReady()`` gives the :class:`Store`.  See docs/store.md.
+"""
+
+from epio.store.errors import (
+    Conflict,
+    InvalidName,
+    InvalidValue,
+    MigrationError,
+    NotFound,
+    StoreError,
+    StoreUnavailable,
+)
+from epio.store.locks import FileLock, LeaderService, Lock, PgLock
+from epio.store.records import (
+    App,
+    Deploy,
+    Domain,
+    Formation,
+    Instance,
+    NewToken,
+    NodeInfo,
+    Release,
+    TokenInfo,
+    User,
+)
+from epio.store.service import StoreService, open_store
+from epio.store.store import (
+    DEPLOY_STATES,
+    INSTANCE_STATES,
+    Store,
+    hash_token,
+    normalise_hostname,
+    validate_app_name,
+)
+
+__all__ = [
+    "DEPLOY_STATES",
+    "INSTANCE_STATES",
+    "App",
+    "Conflict",
+    "Deploy",
+    "Domain",
+    "FileLock",
+    "Formation",
+    "Instance",
+    "InvalidName",
+    "InvalidValue",
+    "LeaderService",
+    "Lock",
+    "MigrationError",
+    "NewToken",
+    "NodeInfo",
+    "NotFound",
+    "PgLock",
+    "Release",
+    "Store",
+    "StoreError",
+    "StoreService",
+    "StoreUnavailable",
+    "TokenInfo",
+    "User",
+    "hash_token",
+    "normalise_hostname",
+    "open_store",
+    "validate_app_name",
+]

@@ -1,0 +1,370 @@
+"""The small internal query interface the domain methods are written over.
+
+Two backends provide it:
+
+* :class:`SqliteBackend` -- stdlib :mod:`sqlite3` on ONE dedicated worker
+  thread (a :class:`~twisted.python.threadpool.ThreadPool` of size 1), WAL
+  journal, foreign keys on, ``BEGIN IMMEDIATE`` write transactions.
+* :class:`PostgresBackend` -- txpostgres (non-blocking psycopg2) with a small
+  pool of connections; a connection that fails is thrown away and replaced.
+
+SQL is written once with ``?`` placeholders (never a literal ``?`` or ``%`` in
+the text); the PostgreSQL backend translates them for psycopg2.  Only code in
+``epio/store`` uses this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from attrs import frozen
+from twisted.internet.defer import DeferredLock, DeferredSemaphore
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from epio.store.errors import IntegrityError, StoreError, StoreUnavailable
+
+T = TypeVar("T")
+
+SQLITE = "sqlite"
+POSTGRESQL = "postgresql"
+
+
+def lock_key(name: str) -> int:
+    """A stable signed 64-bit key for ``name`` (PostgreSQL advisory locks)."""
+    digest = hashlib.sha256(b"epio-lock:" + name.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+@frozen
+class Result:
+    """Rows and row count of one statement."""
+
+    columns: tuple[str, ...]
+    rows: list[tuple[Any, ...]]
+    rowcount: int
+
+    def dicts(self) -> list[dict[str, Any]]:
+        """Rows as dicts keyed by column name."""
+        return [dict(zip(self.columns, row, strict=True)) for row in self.rows]
+
+    def one(self) -> dict[str, Any] | None:
+        """The first row as a dict, or None."""
+        if not self.rows:
+            return None
+        return dict(zip(self.columns, self.rows[0], strict=True))
+
+    def scalar(self) -> Any:
+        """The first column of the first row, or None."""
+        return self.rows[0][0] if self.rows else None
+
+
+class Transaction(Protocol):
+    """One open transaction: statements run in order, all or nothing."""
+
+    dialect: str
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> Result:
+        """Run one statement (``?`` placeholders)."""
+
+    async def exclusive(self, name: str) -> None:
+        """Serialise the rest of this transaction with every other holder of ``name``."""
+
+
+class Backend(Protocol):
+    """A database the store can run transactions on."""
+
+    dialect: str
+
+    async def open(self) -> None:
+        """Connect (no schema work)."""
+
+    async def close(self) -> None:
+        """Disconnect; pending work fails with StoreUnavailable."""
+
+    async def transaction(
+        self, fn: Callable[[Transaction], Awaitable[T]], readonly: bool = False
+    ) -> T:
+        """Run ``fn(tx)`` in a transaction: commit if it returns, roll back if it raises."""
+
+    def lock(self, name: str) -> Any:
+        """A :class:`epio.store.locks.Lock` named ``name``."""
+
+
+# --------------------------------------------------------------------- SQLite
+
+
+class _SqliteTx:
+    dialect = SQLITE
+
+    def __init__(self, backend: SqliteBackend) -> None:
+        self._backend = backend
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> Result:
+        return await self._backend._call(self._backend._execute, sql, tuple(params))
+
+    async def exclusive(self, name: str) -> None:
+        # BEGIN IMMEDIATE already holds the database's single write lock.
+        return None
+
+
+class SqliteBackend:
+    """SQLite on one dedicated thread; transactions are serialised in-process."""
+
+    log = Logger()
+    dialect = SQLITE
+
+    def __init__(self, path: str, reactor: Any, lock_dir: Path | None = None,
+                 busy_timeout: float = 10.0) -> None:
+        self.path = path
+        self._reactor = reactor
+        self._busy_timeout = busy_timeout
+        self.lock_dir = lock_dir if lock_dir is not None else (
+            Path(path).absolute().parent / (Path(path).name + ".locks")
+        )
+        self._pool: ThreadPool | None = None
+        self._conn: sqlite3.Connection | None = None
+        self._txlock = DeferredLock()
+        self._closed = False
+
+    def _call(self, f: Callable[..., T], *args: Any) -> Awaitable[T]:
+        if self._pool is None or self._closed:
+            raise StoreUnavailable("the store is closed")
+        return deferToThreadPool(self._reactor, self._pool, f, *args)
+
+    async def open(self) -> None:
+        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="epio-store-sqlite")
+        self._pool.start()
+        try:
+            await self._call(self._connect)
+        except BaseException:
+            self._pool.stop()
+            self._pool = None
+            raise
+
+    def _connect(self) -> None:
+        Path(self.path).absolute().parent.mkdir(parents=True, exist_ok=True)
+        try:
+            conn = sqlite3.connect(self.path, timeout=self._busy_timeout,
+                                   isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as e:
+            raise StoreUnavailable(f"cannot open {self.path}: {e}") from None
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        self._conn = conn
+
+    def _execute(self, sql: str, params: tuple[Any, ...]) -> Result:
+        assert self._conn is not None
+        try:
+            cur = self._conn.execute(sql, params)
+            rows = cur.fetchall()
+        except sqlite3.IntegrityError as e:
+            raise IntegrityError(str(e)) from None
+        except sqlite3.OperationalError as e:
+            if "locked" in str(e) or "busy" in str(e):
+                raise StoreUnavailable(f"database is busy: {e}") from None
+            raise
+        cols = tuple(d[0] for d in cur.description) if cur.description else ()
+        return Result(cols, rows, cur.rowcount)
+
+    def _statement(self, sql: str) -> None:
+        assert self._conn is not None
+        self._conn.execute(sql)
+
+    def _rollback(self) -> None:
+        assert self._conn is not None
+        if self._conn.in_transaction:
+            self._conn.execute("ROLLBACK")
+
+    async def transaction(
+        self, fn: Callable[[Transaction], Awaitable[T]], readonly: bool = False
+    ) -> T:
+        await self._txlock.acquire()
+        try:
+            await self._call(self._statement, "BEGIN" if readonly else "BEGIN IMMEDIATE")
+            try:
+                result = await fn(_SqliteTx(self))
+            except BaseException:
+                if not self._closed:
+                    await self._call(self._rollback)
+                raise
+            await self._call(self._statement, "COMMIT")
+            return result
+        finally:
+            self._txlock.release()
+
+    async def close(self) -> None:
+        if self._closed or self._pool is None:
+            self._closed = True
+            return
+        await self._txlock.acquire()
+        try:
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                await deferToThreadPool(self._reactor, self._pool, conn.close)
+        finally:
+            self._closed = True
+            self._txlock.release()
+            pool, self._pool = self._pool, None
+            pool.stop()
+
+    def lock(self, name: str) -> Any:
+        from epio.store.locks import FileLock
+
+        return FileLock(name, self.lock_dir, self._reactor)
+
+
+# ----------------------------------------------------------------- PostgreSQL
+
+
+def _pg_errors() -> tuple[Any, Any, Any]:
+    import psycopg2
+
+    return psycopg2.IntegrityError, psycopg2.OperationalError, psycopg2.InterfaceError
+
+
+_translated: dict[str, str] = {}
+
+
+def to_pyformat(sql: str) -> str:
+    """Translate ``?`` placeholders to psycopg2's ``%s`` (escaping ``%``)."""
+    out = _translated.get(sql)
+    if out is None:
+        out = sql.replace("%", "%%").replace("?", "%s")
+        _translated[sql] = out
+    return out
+
+
+# TCP keepalives so that a dead peer is noticed in ~15 s on idle connections.
+PG_CONNECT_KW = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2,
+                 "keepalives_count": 3, "application_name": "epio"}
+
+
+class _PgTx:
+    dialect = POSTGRESQL
+
+    def __init__(self, cursor: Any) -> None:
+        self._cursor = cursor
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> Result:
+        integrity, _, _ = _pg_errors()
+        try:
+            await self._cursor.execute(to_pyformat(sql), tuple(params))
+        except integrity as e:
+            raise IntegrityError(str(e).strip()) from None
+        cur = self._cursor
+        if cur.description is None:
+            return Result((), [], cur.rowcount)
+        cols = tuple(d[0] for d in cur.description)
+        return Result(cols, [tuple(r) for r in cur.fetchall()], cur.rowcount)
+
+    async def exclusive(self, name: str) -> None:
+        await self.execute("SELECT pg_advisory_xact_lock(?)", (lock_key(name),))
+
+
+class PostgresBackend:
+    """PostgreSQL through txpostgres with a bounded pool of connections."""
+
+    log = Logger()
+    dialect = POSTGRESQL
+
+    def __init__(self, dsn: str, reactor: Any, pool_size: int = 4) -> None:
+        self.dsn = dsn
+        self._reactor = reactor
+        self._pool_size = pool_size
+        self._sem = DeferredSemaphore(pool_size)
+        self._idle: list[Any] = []
+        self._closed = False
+
+    async def _connect(self) -> Any:
+        from txpostgres.txpostgres import Connection
+
+        conn = Connection(reactor=self._reactor)
+        _, operational, interface = _pg_errors()
+        try:
+            await conn.connect(self.dsn, **PG_CONNECT_KW)
+        except (operational, interface) as e:
+            raise StoreUnavailable(f"cannot connect to PostgreSQL: {str(e).strip()}") from None
+        return conn
+
+    async def open(self) -> None:
+        conn = await self._connect()
+        self._idle.append(conn)
+
+    async def _checkout(self) -> Any:
+        if self._closed:
+            raise StoreUnavailable("the store is closed")
+        await self._sem.acquire()
+        if self._idle:
+            return self._idle.pop()
+        try:
+            return await self._connect()
+        except BaseException:
+            self._sem.release()
+            raise
+
+    def _checkin(self, conn: Any, broken: bool) -> None:
+        if broken or self._closed or conn.closed:
+            try:
+                conn.close()
+            except Exception:
+                pass
+        else:
+            self._idle.append(conn)
+        self._sem.release()
+
+    async def transaction(
+        self, fn: Callable[[Transaction], Awaitable[T]], readonly: bool = False
+    ) -> T:
+        _, operational, interface = _pg_errors()
+        for attempt in (1, 2):
+            conn = await self._checkout()
+            broken = False
+            try:
+                cursor = conn.cursor()
+                try:
+                    await cursor.execute("BEGIN READ ONLY" if readonly else "BEGIN")
+                except (operational, interface):
+                    # a pooled connection that died while idle: retry once on a new one
+                    broken = True
+                    if attempt == 1:
+                        continue
+                    raise
+                try:
+                    result = await fn(_PgTx(cursor))
+                except BaseException:
+                    try:
+                        await cursor.execute("ROLLBACK")
+                    except Exception:
+                        broken = True
+                    raise
+                await cursor.execute("COMMIT")
+                return result
+            except (operational, interface) as e:
+                broken = True
+                raise StoreUnavailable(f"PostgreSQL: {str(e).strip()}") from None
+            except StoreError:
+                raise
+            finally:
+                self._checkin(conn, broken)
+        raise AssertionError("unreachable")
+
+    async def close(self) -> None:
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            try:
+                conn.close()
+            except Exception:
+                pass
+
+    def lock(self, name: str) -> Any:
+        from epio.store.locks import PgLock
+
+        return PgLock(name, self.dsn, self._reactor)

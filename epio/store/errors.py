@@ -1,0 +1,51 @@
+"""Typed store errors.  The api maps each to one stable error code (STYLE 13)."""
+
+from __future__ import annotations
+
+
+class StoreError(Exception):
+    """Base class of every error the store raises on purpose."""
+
+    code = "store_error"
+
+
+class NotFound(StoreError):
+    """The named thing (app, user, release, ...) does not exist."""
+
+    code = "not_found"
+
+
+class Conflict(StoreError):
+    """The change would break a uniqueness or reference rule (duplicate name, ...)."""
+
+    code = "conflict"
+
+
+class InvalidName(StoreError, ValueError):
+    """A name, hostname, key or other identifier is not well formed."""
+
+    code = "invalid_name"
+
+
+class InvalidValue(StoreError, ValueError):
+    """A value passed to a store method is out of range or of the wrong shape."""
+
+    code = "invalid_value"
+
+
+class StoreUnavailable(StoreError):
+    """The database cannot be reached (connection refused, lost, closed store)."""
+
+    code = "store_unavailable"
+
+
+class MigrationError(StoreError):
+    """The schema could not be brought up to date (or is newer than this code)."""
+
+    code = "migration_error"
+
+
+class IntegrityError(StoreError):
+    """Internal: a constraint of the database was violated (backend-neutral)."""
+
+    code = "conflict"

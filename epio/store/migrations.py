@@ -1,0 +1,221 @@
+"""Versioned schema migrations, shared by SQLite and PostgreSQL.
+
+Rules (see docs/store.md):
+
+* Migrations are applied in version order at start, each in its own
+  transaction, and recorded in ``schema_version``.  Running them again changes
+  nothing.
+* NEVER edit or reorder a migration that has landed: add a new one at the end.
+* A statement list is either shared (``statements``) or per dialect
+  (``sqlite`` / ``postgresql``).  Shared SQL uses only types both understand:
+  TEXT, INTEGER, BIGINT, DOUBLE PRECISION (epoch seconds), BOOLEAN, and JSON
+  kept in TEXT columns.
+* Several nodes starting at once on PostgreSQL serialise on an advisory
+  transaction lock; on SQLite ``BEGIN IMMEDIATE`` does the same.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from attrs import frozen
+from twisted.logger import Logger
+
+from epio.store.backend import Backend, Transaction
+from epio.store.errors import MigrationError
+
+log = Logger()
+
+
+@frozen
+class Migration:
+    """One schema step: ``version`` (1, 2, ...), a name, and its statements."""
+
+    version: int
+    name: str
+    statements: tuple[str, ...] = ()
+    sqlite: tuple[str, ...] | None = None
+    postgresql: tuple[str, ...] | None = None
+
+    def for_dialect(self, dialect: str) -> tuple[str, ...]:
+        specific = getattr(self, dialect, None)
+        return self.statements + (specific or ())
+
+
+FIRST_APP_UID = 20000
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "initial schema", statements=(
+        """CREATE TABLE counters (
+            name TEXT PRIMARY KEY,
+            value BIGINT NOT NULL
+        )""",
+        f"INSERT INTO counters (name, value) VALUES ('app_uid', {FIRST_APP_UID - 1})",
+        """CREATE TABLE users (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE,
+            email TEXT,
+            is_admin BOOLEAN NOT NULL DEFAULT FALSE,
+            created DOUBLE PRECISION NOT NULL
+        )""",
+        """CREATE TABLE api_tokens (
+            id TEXT PRIMARY KEY,
+            user_id TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            token_hash TEXT NOT NULL UNIQUE,
+            prefix TEXT NOT NULL,
+            description TEXT NOT NULL DEFAULT '',
+            created DOUBLE PRECISION NOT NULL,
+            last_used DOUBLE PRECISION
+        )""",
+        "CREATE INDEX api_tokens_user ON api_tokens (user_id)",
+        """CREATE TABLE apps (
+            name TEXT PRIMARY KEY,
+            owner_id TEXT NOT NULL REFERENCES users(id),
+            uid INTEGER NOT NULL UNIQUE,
+            maintenance BOOLEAN NOT NULL DEFAULT FALSE,
+            release_seq INTEGER NOT NULL DEFAULT 0,
+            created DOUBLE PRECISION NOT NULL
+        )""",
+        "CREATE INDEX apps_owner ON apps (owner_id)",
+        """CREATE TABLE app_collaborators (
+            app TEXT NOT NULL REFERENCES apps(name) ON DELETE CASCADE,
+            user_id TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            created DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (app, user_id)
+        )""",
+        "CREATE INDEX app_collaborators_user ON app_collaborators (user_id)",
+        """CREATE TABLE releases (
+            app TEXT NOT NULL REFERENCES apps(name) ON DELETE CASCADE,
+            version INTEGER NOT NULL,
+            image TEXT,
+            config TEXT NOT NULL,
+            processes TEXT NOT NULL,
+            description TEXT NOT NULL DEFAULT '',
+            created DOUBLE PRECISION NOT NULL,
+            created_by TEXT,
+            meta TEXT NOT NULL DEFAULT '{}',
+            PRIMARY KEY (app, version)
+        )""",
+        """CREATE TABLE config_vars (
+            app TEXT NOT NULL REFERENCES apps(name) ON DELETE CASCADE,
+            key TEXT NOT NULL,
+            value TEXT NOT NULL,
+            PRIMARY KEY (app, key)
+        )""",
+        """CREATE TABLE formation (
+            app TEXT NOT NULL REFERENCES apps(name) ON DELETE CASCADE,
+            process_type TEXT NOT NULL,
+            quantity INTEGER NOT NULL,
+            size TEXT NOT NULL DEFAULT 'standard',
+            limits TEXT NOT NULL DEFAULT '{}',
+            PRIMARY KEY (app, process_type)
+        )""",
+        """CREATE TABLE nodes (
+            id TEXT PRIMARY KEY,
+            roles TEXT NOT NULL,
+            control_endpoint TEXT,
+            boot_id TEXT,
+            last_seen DOUBLE PRECISION NOT NULL,
+            status TEXT NOT NULL DEFAULT '{}'
+        )""",
+        """CREATE TABLE instances (
+            id TEXT PRIMARY KEY,
+            app TEXT NOT NULL REFERENCES apps(name) ON DELETE CASCADE,
+            release INTEGER NOT NULL,
+            process_type TEXT NOT NULL,
+            number INTEGER NOT NULL,
+            node TEXT,
+            host TEXT,
+            port INTEGER,
+            state TEXT NOT NULL,
+            since DOUBLE PRECISION NOT NULL,
+            restarts INTEGER NOT NULL DEFAULT 0
+        )""",
+        "CREATE INDEX instances_app ON instances (app)",
+        "CREATE INDEX instances_node ON instances (node)",
+        """CREATE TABLE domains (
+            hostname TEXT PRIMARY KEY,
+            app TEXT NOT NULL REFERENCES apps(name) ON DELETE CASCADE,
+            wildcard BOOLEAN NOT NULL DEFAULT FALSE,
+            created DOUBLE PRECISION NOT NULL
+        )""",
+        "CREATE INDEX domains_app ON domains (app)",
+        """CREATE TABLE deploys (
+            id TEXT PRIMARY KEY,
+            app TEXT NOT NULL REFERENCES apps(name) ON DELETE CASCADE,
+            status TEXT NOT NULL,
+            image TEXT,
+            release INTEGER,
+            log TEXT NOT NULL DEFAULT '',
+            reason TEXT,
+            created DOUBLE PRECISION NOT NULL,
+            finished DOUBLE PRECISION,
+            created_by TEXT,
+            meta TEXT NOT NULL DEFAULT '{}'
+        )""",
+        "CREATE INDEX deploys_app ON deploys (app, created)",
+    )),
+)
+
+SCHEMA_VERSION_DDL = """CREATE TABLE IF NOT EXISTS schema_version (
+    version INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    applied DOUBLE PRECISION NOT NULL
+)"""
+
+MIGRATION_LOCK = "epio.store.migrations"
+
+
+def check_migrations(migrations: tuple[Migration, ...]) -> None:
+    """Versions must be 1, 2, 3, ... in order (a programming error otherwise)."""
+    for i, m in enumerate(migrations, start=1):
+        if m.version != i:
+            raise MigrationError(f"migration {m.name!r} has version {m.version}, expected {i}")
+
+
+async def migrate(backend: Backend, now: Any,
+                  migrations: tuple[Migration, ...] = MIGRATIONS) -> list[int]:
+    """Apply every pending migration; return the versions applied (empty if none).
+
+    ``now`` is a zero-argument callable giving the time (``reactor.seconds``).
+    """
+    check_migrations(migrations)
+    known = {m.version for m in migrations}
+    applied: list[int] = []
+    while True:
+
+        async def step(tx: Transaction) -> int | None:
+            await tx.exclusive(MIGRATION_LOCK)
+            await tx.execute(SCHEMA_VERSION_DDL)
+            done = {row[0] for row in (await tx.execute("SELECT version FROM schema_version")).rows}
+            newer = done - known
+            if newer:
+                raise MigrationError(
+                    f"the database has schema version {max(newer)}, newer than this epio "
+                    f"knows ({max(known) if known else 0}); upgrade epio"
+                )
+            pending = [m for m in migrations if m.version not in done]
+            if not pending:
+                return None
+            m = pending[0]
+            for statement in m.for_dialect(tx.dialect):
+                await tx.execute(statement)
+            await tx.execute("INSERT INTO schema_version (version, name, applied) VALUES (?, ?, ?)",
+                             (m.version, m.name, now()))
+            return m.version
+
+        version = await backend.transaction(step)
+        if version is None:
+            return applied
+        log.info("store schema migrated to version {version}", version=version)
+        applied.append(version)
+
+
+async def current_version(backend: Backend) -> int:
+    """The highest applied schema version (0 for an empty database)."""
+
+    async def read(tx: Transaction) -> int:
+        await tx.execute(SCHEMA_VERSION_DDL)
+        return int((await tx.execute("SELECT max(version) FROM schema_version")).scalar() or 0)
+
+    return await backend.transaction(read)

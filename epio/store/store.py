@@ -1,0 +1,843 @@
+"""The domain API of the state store: every method is async and SQL-free for callers.
+
+Methods return frozen records (:mod:`epio.store.records`) and raise typed
+errors (:mod:`epio.store.errors`): :class:`NotFound`, :class:`Conflict`,
+:class:`InvalidName`, :class:`InvalidValue`, :class:`StoreUnavailable`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+import secrets
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any, TypeVar
+
+from twisted.logger import Logger
+
+from epio.store.backend import Backend, Transaction
+from epio.store.errors import Conflict, IntegrityError, InvalidName, InvalidValue, NotFound
+from epio.store.records import (
+    App,
+    Deploy,
+    Domain,
+    Formation,
+    Instance,
+    NewToken,
+    NodeInfo,
+    Release,
+    TokenInfo,
+    User,
+)
+
+T = TypeVar("T")
+
+APP_NAME = re.compile(r"^[a-z](?:[a-z0-9-]{0,28}[a-z0-9])?$")
+USER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@+-]{0,63}$")
+CONFIG_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
+PROCESS_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,29}$")
+LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+IMAGE_DIGEST = re.compile(r"^(?:sha256:)?[0-9a-f]{64}$")
+
+TOKEN_PREFIX = "epio_"
+TOKEN_DISPLAY_CHARS = 12
+MAX_CONFIG_VALUE = 32 * 1024
+
+INSTANCE_STATES = ("pending", "starting", "healthy", "draining", "crashed", "stopped", "failed")
+DEPLOY_STATES = ("pending", "building", "built", "deploying", "succeeded", "failed", "cancelled")
+DEPLOY_FINAL = ("succeeded", "failed", "cancelled")
+
+
+def hash_token(token: str) -> str:
+    """The stored form of an API token: hex sha256 (tokens are 256-bit random)."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def validate_app_name(name: Any) -> str:
+    """Return ``name`` if it is a valid app name (DNS label, 1-30 chars), else raise."""
+    if not isinstance(name, str) or not APP_NAME.match(name):
+        raise InvalidName(
+            f"invalid app name {name!r}: use 1-30 lowercase letters, digits and '-', "
+            "starting with a letter and not ending with '-'"
+        )
+    return name
+
+
+def normalise_hostname(hostname: Any) -> tuple[str, bool]:
+    """Lower-case, strip a trailing dot and validate; return (hostname, wildcard).
+
+    A wildcard is ``*.suffix`` with at least two labels in the suffix.
+    """
+    if not isinstance(hostname, str):
+        raise InvalidName(f"invalid hostname {hostname!r}")
+    host = hostname.strip().lower().rstrip(".")
+    wildcard = host.startswith("*.")
+    labels = host[2:].split(".") if wildcard else host.split(".")
+    if (len(host) > 253 or not all(LABEL.match(label) for label in labels)
+            or (wildcard and len(labels) < 2)):
+        raise InvalidName(f"invalid hostname {hostname!r}")
+    return host, wildcard
+
+
+def _check(pattern: re.Pattern[str], what: str, value: Any) -> str:
+    if not isinstance(value, str) or not pattern.match(value):
+        raise InvalidName(f"invalid {what} {value!r}")
+    return value
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def _user(row: Mapping[str, Any]) -> User:
+    return User(row["id"], row["name"], row["email"], bool(row["is_admin"]), row["created"])
+
+
+def _token_info(row: Mapping[str, Any]) -> TokenInfo:
+    return TokenInfo(row["id"], row["user_id"], row["prefix"], row["description"],
+                     row["created"], row["last_used"])
+
+
+def _app(row: Mapping[str, Any]) -> App:
+    return App(row["name"], row["owner_id"], int(row["uid"]), bool(row["maintenance"]),
+               row["created"])
+
+
+def _release(row: Mapping[str, Any]) -> Release:
+    return Release(row["app"], int(row["version"]), row["image"], json.loads(row["config"]),
+                   json.loads(row["processes"]), row["description"], row["created"],
+                   row["created_by"], json.loads(row["meta"]))
+
+
+def _formation(row: Mapping[str, Any]) -> Formation:
+    return Formation(row["app"], row["process_type"], int(row["quantity"]), row["size"],
+                     json.loads(row["limits"]))
+
+
+def _instance(row: Mapping[str, Any]) -> Instance:
+    return Instance(row["id"], row["app"], int(row["release"]), row["process_type"],
+                    int(row["number"]), row["node"], row["host"], row["port"], row["state"],
+                    row["since"], int(row["restarts"]))
+
+
+def _domain(row: Mapping[str, Any]) -> Domain:
+    return Domain(row["hostname"], row["app"], bool(row["wildcard"]), row["created"])
+
+
+def _node(row: Mapping[str, Any]) -> NodeInfo:
+    return NodeInfo(row["id"], tuple(json.loads(row["roles"])), row["control_endpoint"],
+                    row["boot_id"], row["last_seen"], json.loads(row["status"]))
+
+
+def _deploy(row: Mapping[str, Any]) -> Deploy:
+    return Deploy(row["id"], row["app"], row["status"], row["image"], row["release"],
+                  row["log"], row["reason"], row["created"], row["finished"],
+                  row["created_by"], json.loads(row["meta"]))
+
+
+class Store:
+    """The state store's domain API over one :class:`Backend`.
+
+    Get one from :class:`epio.store.StoreService` (``await
+    service.whenReady()``) or :func:`epio.store.open_store`.
+    """
+
+    log = Logger()
+
+    def __init__(self, backend: Backend, reactor: Any) -> None:
+        self.backend = backend
+        self.reactor = reactor
+
+    @property
+    def dialect(self) -> str:
+        """``"sqlite"`` or ``"postgresql"``."""
+        return self.backend.dialect
+
+    def _now(self) -> float:
+        return float(self.reactor.seconds())
+
+    async def _tx(self, fn: Callable[[Transaction], Awaitable[T]], readonly: bool = False,
+                  conflict: str | None = None) -> T:
+        try:
+            return await self.backend.transaction(fn, readonly=readonly)
+        except IntegrityError as e:
+            raise Conflict(conflict or f"conflicting change: {e}") from None
+
+    async def _one(self, sql: str, params: Iterable[Any] = ()) -> dict[str, Any] | None:
+        async def q(tx: Transaction) -> dict[str, Any] | None:
+            return (await tx.execute(sql, tuple(params))).one()
+
+        return await self._tx(q, readonly=True)
+
+    async def _all(self, sql: str, params: Iterable[Any] = ()) -> list[dict[str, Any]]:
+        async def q(tx: Transaction) -> list[dict[str, Any]]:
+            return (await tx.execute(sql, tuple(params))).dicts()
+
+        return await self._tx(q, readonly=True)
+
+    @staticmethod
+    async def _app_exists(tx: Transaction, app: str) -> None:
+        if (await tx.execute("SELECT 1 FROM apps WHERE name = ?", (app,))).scalar() is None:
+            raise NotFound(f"no app named {app!r}")
+
+    async def close(self) -> None:
+        """Close the backend (pending and later calls fail with StoreUnavailable)."""
+        await self.backend.close()
+
+    def lock(self, name: str) -> Any:
+        """A named :class:`epio.store.locks.Lock` (advisory lock / local file lock)."""
+        return self.backend.lock(name)
+
+    # ------------------------------------------------------------- users
+
+    async def create_user(self, name: str, email: str | None = None,
+                          is_admin: bool = False) -> User:
+        """Create a user; ``Conflict`` if the name is taken, ``InvalidName`` if malformed."""
+        _check(USER_NAME, "user name", name)
+        if email is not None and (not isinstance(email, str) or "@" not in email
+                                  or len(email) > 254):
+            raise InvalidValue(f"invalid email {email!r}")
+        user = User(uuid.uuid4().hex, name, email, bool(is_admin), self._now())
+
+        async def q(tx: Transaction) -> User:
+            await tx.execute(
+                "INSERT INTO users (id, name, email, is_admin, created) VALUES (?, ?, ?, ?, ?)",
+                (user.id, user.name, user.email, user.is_admin, user.created))
+            return user
+
+        return await self._tx(q, conflict=f"a user named {name!r} already exists")
+
+    async def get_user(self, user_id: str) -> User:
+        """The user with id ``user_id``; ``NotFound`` otherwise."""
+        row = await self._one("SELECT * FROM users WHERE id = ?", (user_id,))
+        if row is None:
+            raise NotFound(f"no user with id {user_id!r}")
+        return _user(row)
+
+    async def get_user_by_name(self, name: str) -> User:
+        """The user named ``name``; ``NotFound`` otherwise."""
+        row = await self._one("SELECT * FROM users WHERE name = ?", (name,))
+        if row is None:
+            raise NotFound(f"no user named {name!r}")
+        return _user(row)
+
+    async def list_users(self) -> list[User]:
+        """Every user, by name."""
+        return [_user(r) for r in await self._all("SELECT * FROM users ORDER BY name")]
+
+    async def delete_user(self, user_id: str) -> None:
+        """Delete a user and their tokens/collaborations; ``Conflict`` if they own apps."""
+
+        async def q(tx: Transaction) -> None:
+            owned = (await tx.execute("SELECT count(*) FROM apps WHERE owner_id = ?",
+                                      (user_id,))).scalar()
+            if owned:
+                raise Conflict(f"the user owns {owned} app(s); delete or transfer them first")
+            if not (await tx.execute("DELETE FROM users WHERE id = ?", (user_id,))).rowcount:
+                raise NotFound(f"no user with id {user_id!r}")
+
+        await self._tx(q)
+
+    async def create_token(self, user_id: str, description: str = "") -> NewToken:
+        """Issue an API token for a user.
+
+        The plaintext (``result.token``) exists only in the return value: the
+        store keeps its sha256 and a short display prefix.
+        """
+        if not isinstance(description, str) or len(description) > 200:
+            raise InvalidValue("token description must be a string of at most 200 characters")
+        token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        info = TokenInfo(uuid.uuid4().hex, user_id, token[:TOKEN_DISPLAY_CHARS], description,
+                         self._now(), None)
+
+        async def q(tx: Transaction) -> None:
+            if (await tx.execute("SELECT 1 FROM users WHERE id = ?", (user_id,))).scalar() is None:
+                raise NotFound(f"no user with id {user_id!r}")
+            await tx.execute(
+                "INSERT INTO api_tokens (id, user_id, token_hash, prefix, description, created)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (info.id, user_id, hash_token(token), info.prefix, description, info.created))
+
+        await self._tx(q)
+        return NewToken(token, info)
+
+    async def user_for_token(self, token: str) -> User | None:
+        """The user a presented API token belongs to, or None (unknown/revoked/malformed).
+
+        The token is looked up by its sha256; the stored hash is compared again
+        in constant time.  ``last_used`` is refreshed at most once a minute.
+        """
+        if not isinstance(token, str) or not token or len(token) > 512:
+            return None
+        digest = hash_token(token)
+        now = self._now()
+
+        async def q(tx: Transaction) -> User | None:
+            row = (await tx.execute(
+                "SELECT t.id AS token_id, t.token_hash, t.last_used, u.* FROM api_tokens t "
+                "JOIN users u ON u.id = t.user_id WHERE t.token_hash = ?", (digest,))).one()
+            if row is None or not hmac.compare_digest(row["token_hash"], digest):
+                return None
+            if row["last_used"] is None or now - row["last_used"] > 60:
+                await tx.execute("UPDATE api_tokens SET last_used = ? WHERE id = ?",
+                                 (now, row["token_id"]))
+            return _user(row)
+
+        return await self._tx(q)
+
+    async def list_tokens(self, user_id: str) -> list[TokenInfo]:
+        """A user's tokens (never the token itself), oldest first."""
+        rows = await self._all(
+            "SELECT * FROM api_tokens WHERE user_id = ? ORDER BY created, id", (user_id,))
+        return [_token_info(r) for r in rows]
+
+    async def revoke_token(self, token_id: str, user_id: str | None = None) -> None:
+        """Delete a token by its id (restricted to ``user_id``'s tokens if given)."""
+
+        async def q(tx: Transaction) -> None:
+            if user_id is None:
+                res = await tx.execute("DELETE FROM api_tokens WHERE id = ?", (token_id,))
+            else:
+                res = await tx.execute("DELETE FROM api_tokens WHERE id = ? AND user_id = ?",
+                                       (token_id, user_id))
+            if not res.rowcount:
+                raise NotFound(f"no token with id {token_id!r}")
+
+        await self._tx(q)
+
+    # -------------------------------------------------------------- apps
+
+    async def create_app(self, name: str, owner_id: str) -> App:
+        """Create an app owned by ``owner_id``, allocating its UID (from 20000, never reused).
+
+        ``InvalidName`` for a bad name, ``Conflict`` if taken, ``NotFound`` for
+        an unknown owner.
+        """
+        validate_app_name(name)
+        now = self._now()
+
+        async def q(tx: Transaction) -> App:
+            if (await tx.execute("SELECT 1 FROM users WHERE id = ?", (owner_id,))).scalar() is None:
+                raise NotFound(f"no user with id {owner_id!r}")
+            if (await tx.execute("SELECT 1 FROM apps WHERE name = ?", (name,))).scalar():
+                raise Conflict(f"an app named {name!r} already exists")
+            uid = (await tx.execute(
+                "UPDATE counters SET value = value + 1 WHERE name = 'app_uid' RETURNING value"
+            )).scalar()
+            await tx.execute(
+                "INSERT INTO apps (name, owner_id, uid, maintenance, release_seq, created)"
+                " VALUES (?, ?, ?, ?, 0, ?)", (name, owner_id, int(uid), False, now))
+            return App(name, owner_id, int(uid), False, now)
+
+        return await self._tx(q, conflict=f"an app named {name!r} already exists")
+
+    async def get_app(self, name: str) -> App:
+        """The app named ``name``; ``NotFound`` otherwise."""
+        row = await self._one("SELECT * FROM apps WHERE name = ?", (name,))
+        if row is None:
+            raise NotFound(f"no app named {name!r}")
+        return _app(row)
+
+    async def list_apps(self, for_user: str | None = None) -> list[App]:
+        """Every app (``for_user=None``), or those the user owns or collaborates on, by name."""
+        if for_user is None:
+            rows = await self._all("SELECT * FROM apps ORDER BY name")
+        else:
+            rows = await self._all(
+                "SELECT * FROM apps WHERE owner_id = ? OR name IN "
+                "(SELECT app FROM app_collaborators WHERE user_id = ?) ORDER BY name",
+                (for_user, for_user))
+        return [_app(r) for r in rows]
+
+    async def delete_app(self, name: str) -> None:
+        """Delete an app and everything of it (releases, config, formation,
+        instances, domains, collaborators, deploys)."""
+
+        async def q(tx: Transaction) -> None:
+            if not (await tx.execute("DELETE FROM apps WHERE name = ?", (name,))).rowcount:
+                raise NotFound(f"no app named {name!r}")
+
+        await self._tx(q)
+
+    async def set_maintenance(self, name: str, on: bool) -> App:
+        """Switch an app's maintenance mode; return the updated app."""
+
+        async def q(tx: Transaction) -> App:
+            row = (await tx.execute("UPDATE apps SET maintenance = ? WHERE name = ? RETURNING *",
+                                    (bool(on), name))).one()
+            if row is None:
+                raise NotFound(f"no app named {name!r}")
+            return _app(row)
+
+        return await self._tx(q)
+
+    async def add_collaborator(self, app: str, user_id: str) -> None:
+        """Let ``user_id`` manage ``app`` (idempotent; NotFound for unknown app/user)."""
+
+        async def q(tx: Transaction) -> None:
+            await self._app_exists(tx, app)
+            if (await tx.execute("SELECT 1 FROM users WHERE id = ?", (user_id,))).scalar() is None:
+                raise NotFound(f"no user with id {user_id!r}")
+            await tx.execute(
+                "INSERT INTO app_collaborators (app, user_id, created) VALUES (?, ?, ?) "
+                "ON CONFLICT (app, user_id) DO NOTHING", (app, user_id, self._now()))
+
+        await self._tx(q)
+
+    async def remove_collaborator(self, app: str, user_id: str) -> None:
+        """Remove a collaborator; ``NotFound`` if they were not one."""
+
+        async def q(tx: Transaction) -> None:
+            res = await tx.execute("DELETE FROM app_collaborators WHERE app = ? AND user_id = ?",
+                                   (app, user_id))
+            if not res.rowcount:
+                raise NotFound(f"user {user_id!r} is not a collaborator of {app!r}")
+
+        await self._tx(q)
+
+    async def list_collaborators(self, app: str) -> list[User]:
+        """The collaborators of an app (not including the owner), by name."""
+
+        async def q(tx: Transaction) -> list[User]:
+            await self._app_exists(tx, app)
+            rows = (await tx.execute(
+                "SELECT u.* FROM users u JOIN app_collaborators c ON c.user_id = u.id "
+                "WHERE c.app = ? ORDER BY u.name", (app,))).dicts()
+            return [_user(r) for r in rows]
+
+        return await self._tx(q, readonly=True)
+
+    async def can_access(self, app: str, user_id: str) -> bool:
+        """True if the user is an admin, the app's owner or a collaborator.
+
+        False for an unknown app or user (never raises NotFound).
+        """
+        row = await self._one(
+            "SELECT (SELECT is_admin FROM users WHERE id = ?) AS admin, "
+            "(SELECT count(*) FROM apps WHERE name = ? AND owner_id = ?) AS owner, "
+            "(SELECT count(*) FROM app_collaborators WHERE app = ? AND user_id = ?) AS collab",
+            (user_id, app, user_id, app, user_id))
+        assert row is not None
+        if row["admin"] and (await self._one("SELECT 1 AS x FROM apps WHERE name = ?", (app,))):
+            return True
+        return bool(row["owner"] or row["collab"])
+
+    # ---------------------------------------------------------- releases
+
+    async def create_release(self, app: str, image: str | None = None, *,
+                             config: Mapping[str, str] | None = None,
+                             processes: Mapping[str, str] | None = None,
+                             description: str = "", created_by: str | None = None,
+                             meta: Mapping[str, Any] | None = None,
+                             inherit_image: bool = True) -> Release:
+        """Create the app's next release (version = previous + 1, atomically).
+
+        Anything not given is taken in the same transaction: ``config`` from
+        the app's current config vars, ``processes`` from the latest release,
+        ``image`` from the latest release (unless ``inherit_image=False``).
+        So a config change is ``set_config`` + ``create_release(app,
+        description=...)``, and a rollback is ``create_release(app,
+        old.image, processes=old.processes, config=old.config)``.
+        """
+        if image is not None and (not isinstance(image, str) or not IMAGE_DIGEST.match(image)):
+            raise InvalidValue(f"invalid image digest {image!r}")
+        if processes is not None:
+            for ptype, cmd in processes.items():
+                _check(PROCESS_TYPE, "process type", ptype)
+                if not isinstance(cmd, str):
+                    raise InvalidValue(f"command of process {ptype!r} must be a string")
+        if config is not None:
+            _validate_config(config)
+        now = self._now()
+
+        async def q(tx: Transaction) -> Release:
+            version = (await tx.execute(
+                "UPDATE apps SET release_seq = release_seq + 1 WHERE name = ? RETURNING release_seq",
+                (app,))).scalar()
+            if version is None:
+                raise NotFound(f"no app named {app!r}")
+            prev = (await tx.execute(
+                "SELECT * FROM releases WHERE app = ? ORDER BY version DESC LIMIT 1", (app,))).one()
+            img = image
+            if img is None and inherit_image and prev is not None:
+                img = prev["image"]
+            procs = dict(processes) if processes is not None else (
+                json.loads(prev["processes"]) if prev is not None else {})
+            if config is None:
+                rows = (await tx.execute("SELECT key, value FROM config_vars WHERE app = ?",
+                                         (app,))).rows
+                cfg = {k: v for k, v in rows}
+            else:
+                cfg = dict(config)
+            rel = Release(app, int(version), img, cfg, procs, description, now, created_by,
+                          dict(meta or {}))
+            await tx.execute(
+                "INSERT INTO releases (app, version, image, config, processes, description,"
+                " created, created_by, meta) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (app, rel.version, img, _dumps(cfg), _dumps(procs), description, now,
+                 created_by, _dumps(rel.meta)))
+            return rel
+
+        return await self._tx(q)
+
+    async def get_release(self, app: str, version: int) -> Release:
+        """Release ``version`` of ``app``; ``NotFound`` otherwise."""
+        row = await self._one("SELECT * FROM releases WHERE app = ? AND version = ?",
+                              (app, int(version)))
+        if row is None:
+            raise NotFound(f"app {app!r} has no release v{version}")
+        return _release(row)
+
+    async def list_releases(self, app: str, limit: int | None = None) -> list[Release]:
+        """An app's releases, newest first (at most ``limit``); NotFound for unknown app."""
+
+        async def q(tx: Transaction) -> list[Release]:
+            await self._app_exists(tx, app)
+            sql = "SELECT * FROM releases WHERE app = ? ORDER BY version DESC"
+            params: tuple[Any, ...] = (app,)
+            if limit is not None:
+                sql += " LIMIT ?"
+                params += (int(limit),)
+            return [_release(r) for r in (await tx.execute(sql, params)).dicts()]
+
+        return await self._tx(q, readonly=True)
+
+    async def latest_release(self, app: str) -> Release | None:
+        """The app's newest release, or None if it has none (NotFound for unknown app)."""
+        releases = await self.list_releases(app, limit=1)
+        return releases[0] if releases else None
+
+    # ------------------------------------------------------------ config
+
+    async def get_config(self, app: str) -> dict[str, str]:
+        """The app's current config vars (NotFound for an unknown app)."""
+
+        async def q(tx: Transaction) -> dict[str, str]:
+            await self._app_exists(tx, app)
+            rows = (await tx.execute("SELECT key, value FROM config_vars WHERE app = ? "
+                                     "ORDER BY key", (app,))).rows
+            return {k: v for k, v in rows}
+
+        return await self._tx(q, readonly=True)
+
+    async def set_config(self, app: str, values: Mapping[str, str | None]) -> dict[str, str]:
+        """Set config vars (a None value unsets that key); return the full new config.
+
+        Keys must be environment-variable names; values strings up to 32 KiB.
+        """
+        _validate_config(values, allow_none=True)
+
+        async def q(tx: Transaction) -> dict[str, str]:
+            await self._app_exists(tx, app)
+            for key, value in values.items():
+                if value is None:
+                    await tx.execute("DELETE FROM config_vars WHERE app = ? AND key = ?",
+                                     (app, key))
+                else:
+                    await tx.execute(
+                        "INSERT INTO config_vars (app, key, value) VALUES (?, ?, ?) "
+                        "ON CONFLICT (app, key) DO UPDATE SET value = excluded.value",
+                        (app, key, value))
+            rows = (await tx.execute("SELECT key, value FROM config_vars WHERE app = ? "
+                                     "ORDER BY key", (app,))).rows
+            return {k: v for k, v in rows}
+
+        return await self._tx(q)
+
+    async def unset_config(self, app: str, keys: Iterable[str]) -> dict[str, str]:
+        """Remove config vars (missing keys are ignored); return the full new config."""
+        return await self.set_config(app, {k: None for k in keys})
+
+    # --------------------------------------------------------- formation
+
+    async def set_formation(self, app: str, process_type: str, quantity: int,
+                            size: str | None = None,
+                            limits: Mapping[str, Any] | None = None) -> Formation:
+        """Set how many instances of a process type the app should run (0..1000).
+
+        ``size``/``limits`` left as None keep their current values.
+        """
+        _check(PROCESS_TYPE, "process type", process_type)
+        if not isinstance(quantity, int) or isinstance(quantity, bool) or not 0 <= quantity <= 1000:
+            raise InvalidValue(f"quantity must be an integer 0..1000, not {quantity!r}")
+
+        async def q(tx: Transaction) -> Formation:
+            await self._app_exists(tx, app)
+            cur = (await tx.execute("SELECT * FROM formation WHERE app = ? AND process_type = ?",
+                                    (app, process_type))).one()
+            new_size = size if size is not None else (cur["size"] if cur else "standard")
+            new_limits = dict(limits) if limits is not None else (
+                json.loads(cur["limits"]) if cur else {})
+            await tx.execute(
+                "INSERT INTO formation (app, process_type, quantity, size, limits) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (app, process_type) DO UPDATE SET "
+                "quantity = excluded.quantity, size = excluded.size, limits = excluded.limits",
+                (app, process_type, quantity, new_size, _dumps(new_limits)))
+            return Formation(app, process_type, quantity, new_size, new_limits)
+
+        return await self._tx(q)
+
+    async def get_formation(self, app: str) -> dict[str, Formation]:
+        """The app's formation: process type -> Formation (NotFound for unknown app)."""
+
+        async def q(tx: Transaction) -> dict[str, Formation]:
+            await self._app_exists(tx, app)
+            rows = (await tx.execute("SELECT * FROM formation WHERE app = ? ORDER BY process_type",
+                                     (app,))).dicts()
+            return {r["process_type"]: _formation(r) for r in rows}
+
+        return await self._tx(q, readonly=True)
+
+    async def delete_formation(self, app: str, process_type: str) -> None:
+        """Forget a process type's formation entry (no-op if absent)."""
+
+        async def q(tx: Transaction) -> None:
+            await tx.execute("DELETE FROM formation WHERE app = ? AND process_type = ?",
+                             (app, process_type))
+
+        await self._tx(q)
+
+    # --------------------------------------------------------- instances
+
+    async def upsert_instance(self, instance: Instance) -> Instance:
+        """Insert or replace an instance record (keyed by ``instance.id``)."""
+        if instance.state not in INSTANCE_STATES:
+            raise InvalidValue(f"instance state must be one of {', '.join(INSTANCE_STATES)}")
+        _check(PROCESS_TYPE, "process type", instance.process_type)
+        i = instance
+
+        async def q(tx: Transaction) -> Instance:
+            await self._app_exists(tx, i.app)
+            await tx.execute(
+                "INSERT INTO instances (id, app, release, process_type, number, node, host, port,"
+                " state, since, restarts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (id) DO UPDATE SET app = excluded.app, release = excluded.release,"
+                " process_type = excluded.process_type, number = excluded.number,"
+                " node = excluded.node, host = excluded.host, port = excluded.port,"
+                " state = excluded.state, since = excluded.since, restarts = excluded.restarts",
+                (i.id, i.app, i.release, i.process_type, i.number, i.node, i.host, i.port,
+                 i.state, i.since, i.restarts))
+            return i
+
+        return await self._tx(q)
+
+    async def get_instance(self, instance_id: str) -> Instance:
+        """One instance by id; ``NotFound`` otherwise."""
+        row = await self._one("SELECT * FROM instances WHERE id = ?", (instance_id,))
+        if row is None:
+            raise NotFound(f"no instance {instance_id!r}")
+        return _instance(row)
+
+    async def list_instances(self, app: str | None = None,
+                             node: str | None = None) -> list[Instance]:
+        """Instances, optionally only of one app and/or on one node."""
+        sql = "SELECT * FROM instances WHERE 1 = 1"
+        params: list[Any] = []
+        if app is not None:
+            sql += " AND app = ?"
+            params.append(app)
+        if node is not None:
+            sql += " AND node = ?"
+            params.append(node)
+        sql += " ORDER BY app, process_type, number, id"
+        return [_instance(r) for r in await self._all(sql, params)]
+
+    async def delete_instance(self, instance_id: str) -> bool:
+        """Forget an instance; True if it existed."""
+
+        async def q(tx: Transaction) -> bool:
+            res = await tx.execute("DELETE FROM instances WHERE id = ?", (instance_id,))
+            return bool(res.rowcount)
+
+        return await self._tx(q)
+
+    # ----------------------------------------------------------- domains
+
+    async def add_domain(self, app: str, hostname: str) -> Domain:
+        """Route ``hostname`` (or ``*.suffix``) to ``app``; ``Conflict`` if already routed."""
+        host, wildcard = normalise_hostname(hostname)
+        now = self._now()
+
+        async def q(tx: Transaction) -> Domain:
+            await self._app_exists(tx, app)
+            owner = (await tx.execute("SELECT app FROM domains WHERE hostname = ?",
+                                      (host,))).scalar()
+            if owner is not None:
+                raise Conflict(f"hostname {host!r} is already in use")
+            await tx.execute(
+                "INSERT INTO domains (hostname, app, wildcard, created) VALUES (?, ?, ?, ?)",
+                (host, app, wildcard, now))
+            return Domain(host, app, wildcard, now)
+
+        return await self._tx(q, conflict=f"hostname {host!r} is already in use")
+
+    async def remove_domain(self, app: str, hostname: str) -> None:
+        """Stop routing ``hostname`` to ``app``; ``NotFound`` if it was not the app's."""
+        host, _ = normalise_hostname(hostname)
+
+        async def q(tx: Transaction) -> None:
+            res = await tx.execute("DELETE FROM domains WHERE hostname = ? AND app = ?",
+                                   (host, app))
+            if not res.rowcount:
+                raise NotFound(f"app {app!r} has no domain {host!r}")
+
+        await self._tx(q)
+
+    async def list_domains(self, app: str | None = None) -> list[Domain]:
+        """Custom domains of one app (or of all apps), by hostname."""
+        if app is None:
+            rows = await self._all("SELECT * FROM domains ORDER BY hostname")
+        else:
+            rows = await self._all("SELECT * FROM domains WHERE app = ? ORDER BY hostname",
+                                   (app,))
+        return [_domain(r) for r in rows]
+
+    async def all_hostnames(self) -> dict[str, str]:
+        """Every custom hostname -> app (wildcards as ``*.suffix``), for routing tables.
+
+        App names under the platform domain are not included: the nexus adds
+        ``<app>.<domain>`` itself from :meth:`list_apps`.
+        """
+        rows = await self._all("SELECT hostname, app FROM domains")
+        return {r["hostname"]: r["app"] for r in rows}
+
+    # ------------------------------------------------------------- nodes
+
+    async def upsert_node(self, node_id: str, roles: Iterable[str],
+                          control_endpoint: str | None = None, boot_id: str | None = None,
+                          status: Mapping[str, Any] | None = None,
+                          last_seen: float | None = None) -> NodeInfo:
+        """Record a node's heartbeat facts (insert or replace); ``last_seen`` defaults to now."""
+        if not isinstance(node_id, str) or not node_id or len(node_id) > 255:
+            raise InvalidName(f"invalid node id {node_id!r}")
+        info = NodeInfo(node_id, tuple(sorted(roles)), control_endpoint, boot_id,
+                        self._now() if last_seen is None else float(last_seen),
+                        dict(status or {}))
+
+        async def q(tx: Transaction) -> NodeInfo:
+            await tx.execute(
+                "INSERT INTO nodes (id, roles, control_endpoint, boot_id, last_seen, status) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET roles = excluded.roles,"
+                " control_endpoint = excluded.control_endpoint, boot_id = excluded.boot_id,"
+                " last_seen = excluded.last_seen, status = excluded.status",
+                (info.id, _dumps(list(info.roles)), info.control_endpoint, info.boot_id,
+                 info.last_seen, _dumps(info.status)))
+            return info
+
+        return await self._tx(q)
+
+    async def get_node(self, node_id: str) -> NodeInfo:
+        """One node; ``NotFound`` otherwise."""
+        row = await self._one("SELECT * FROM nodes WHERE id = ?", (node_id,))
+        if row is None:
+            raise NotFound(f"no node {node_id!r}")
+        return _node(row)
+
+    async def list_nodes(self, role: str | None = None) -> list[NodeInfo]:
+        """Every known node (optionally only those with ``role``), by id."""
+        nodes = [_node(r) for r in await self._all("SELECT * FROM nodes ORDER BY id")]
+        if role is not None:
+            nodes = [n for n in nodes if role in n.roles]
+        return nodes
+
+    async def delete_node(self, node_id: str) -> bool:
+        """Forget a node; True if it existed."""
+
+        async def q(tx: Transaction) -> bool:
+            return bool((await tx.execute("DELETE FROM nodes WHERE id = ?", (node_id,))).rowcount)
+
+        return await self._tx(q)
+
+    # ----------------------------------------------------------- deploys
+
+    async def create_deploy(self, app: str, status: str = "pending",
+                            created_by: str | None = None,
+                            meta: Mapping[str, Any] | None = None) -> Deploy:
+        """Start recording a build/deploy of ``app``; returns it with a new id."""
+        _check_deploy_status(status)
+        d = Deploy(uuid.uuid4().hex, app, status, None, None, "", None, self._now(),
+                   None, created_by, dict(meta or {}))
+
+        async def q(tx: Transaction) -> Deploy:
+            await self._app_exists(tx, app)
+            await tx.execute(
+                "INSERT INTO deploys (id, app, status, log, created, created_by, meta) "
+                "VALUES (?, ?, ?, '', ?, ?, ?)",
+                (d.id, app, status, d.created, created_by, _dumps(d.meta)))
+            return d
+
+        return await self._tx(q)
+
+    async def update_deploy(self, deploy_id: str, *, status: str | None = None,
+                            image: str | None = None, release: int | None = None,
+                            append_log: str | None = None, reason: str | None = None,
+                            meta: Mapping[str, Any] | None = None) -> Deploy:
+        """Change a deploy's fields; a final status (succeeded/failed/cancelled) sets
+        ``finished``.  ``append_log`` is appended to the log; ``meta`` is merged."""
+        if status is not None:
+            _check_deploy_status(status)
+        now = self._now()
+
+        async def q(tx: Transaction) -> Deploy:
+            row = (await tx.execute("SELECT * FROM deploys WHERE id = ?", (deploy_id,))).one()
+            if row is None:
+                raise NotFound(f"no deploy {deploy_id!r}")
+            cur = _deploy(row)
+            new = {
+                "status": status if status is not None else cur.status,
+                "image": image if image is not None else cur.image,
+                "release": release if release is not None else cur.release,
+                "log": cur.log + (append_log or ""),
+                "reason": reason if reason is not None else cur.reason,
+                "meta": {**cur.meta, **(meta or {})},
+                "finished": cur.finished,
+            }
+            if status in DEPLOY_FINAL and cur.finished is None:
+                new["finished"] = now
+            await tx.execute(
+                "UPDATE deploys SET status = ?, image = ?, release = ?, log = ?, reason = ?,"
+                " meta = ?, finished = ? WHERE id = ?",
+                (new["status"], new["image"], new["release"], new["log"], new["reason"],
+                 _dumps(new["meta"]), new["finished"], deploy_id))
+            return Deploy(cur.id, cur.app, new["status"], new["image"], new["release"],
+                          new["log"], new["reason"], cur.created, new["finished"],
+                          cur.created_by, new["meta"])
+
+        return await self._tx(q)
+
+    async def get_deploy(self, deploy_id: str) -> Deploy:
+        """One deploy by id; ``NotFound`` otherwise."""
+        row = await self._one("SELECT * FROM deploys WHERE id = ?", (deploy_id,))
+        if row is None:
+            raise NotFound(f"no deploy {deploy_id!r}")
+        return _deploy(row)
+
+    async def list_deploys(self, app: str, limit: int | None = 50) -> list[Deploy]:
+        """An app's deploys, newest first (at most ``limit``)."""
+        sql = "SELECT * FROM deploys WHERE app = ? ORDER BY created DESC, id"
+        params: tuple[Any, ...] = (app,)
+        if limit is not None:
+            sql += " LIMIT ?"
+            params += (int(limit),)
+        return [_deploy(r) for r in await self._all(sql, params)]
+
+
+def _validate_config(values: Mapping[str, Any], allow_none: bool = False) -> None:
+    if not isinstance(values, Mapping):
+        raise InvalidValue("config must be a mapping of names to strings")
+    for key, value in values.items():
+        _check(CONFIG_KEY, "config var name", key)
+        if value is None and allow_none:
+            continue
+        if not isinstance(value, str):
+            raise InvalidValue(f"config var {key} must be a string, not {type(value).__name__}")
+        if len(value) > MAX_CONFIG_VALUE or "\x00" in value:
+            raise InvalidValue(f"config var {key} is longer than 32 KiB or contains NUL")
+
+
+def _check_deploy_status(status: str) -> None:
+    if status not in DEPLOY_STATES:
+        raise InvalidValue(f"deploy status must be one of {', '.join(DEPLOY_STATES)}")

@@ -1,0 +1,445 @@
+"""The store suite: the same tests against SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.trial.unittest import TestCase
+
+from epio.store import (
+    Conflict,
+    Instance,
+    InvalidName,
+    InvalidValue,
+    NotFound,
+    Store,
+    hash_token,
+    open_store,
+)
+from epio.store.migrations import MIGRATIONS, current_version, migrate
+from tests.store import pg
+
+DIGEST = "a" * 64
+DIGEST2 = "b" * 64
+
+
+class StoreTestsMixin:
+    """Behaviour both backends must share.  Subclasses provide ``url()``."""
+
+    store: Store
+
+    def url(self) -> str:
+        raise NotImplementedError
+
+    async def raw(self, sql: str) -> list[tuple[Any, ...]]:
+        """Rows of ``sql`` read straight from the database (bypassing the domain API)."""
+
+        async def q(tx: Any) -> list[tuple[Any, ...]]:
+            return (await tx.execute(sql)).rows
+
+        return await self.store.backend.transaction(q)
+
+    async def open(self) -> Store:
+        store = await open_store(self.store_url, reactor)
+        self.addCleanup(store.close)  # type: ignore[attr-defined]
+        return store
+
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.store_url = self.url()
+        self.store = await self.open()
+        self.alice = await self.store.create_user("alice", "alice@example.com")
+        self.bob = await self.store.create_user("bob")
+
+    # ------------------------------------------------------------ migrations
+
+    async def test_migrations_idempotent(self) -> None:
+        """Migrating an up-to-date store applies nothing and keeps the data."""
+        self.assertEqual(await current_version(self.store.backend), len(MIGRATIONS))
+        await self.store.create_app("keep", self.alice.id)
+        self.assertEqual(await migrate(self.store.backend, reactor.seconds), [])
+        again = await self.open()
+        self.assertEqual((await again.get_app("keep")).name, "keep")
+        rows = await self.raw("SELECT version FROM schema_version ORDER BY version")
+        self.assertEqual([r[0] for r in rows], [m.version for m in MIGRATIONS])
+
+    async def test_newer_schema_refused(self) -> None:
+        """A database migrated by a newer epio is refused with a clear error."""
+        from epio.store import MigrationError
+
+        async def q(tx: Any) -> None:
+            await tx.execute("INSERT INTO schema_version (version, name, applied) "
+                             "VALUES (999, 'future', 0)")
+
+        await self.store.backend.transaction(q)
+        with self.assertRaises(MigrationError) as cm:  # type: ignore[attr-defined]
+            await migrate(self.store.backend, reactor.seconds)
+        self.assertIn("999", str(cm.exception))
+
+    # ----------------------------------------------------------------- users
+
+    async def test_users(self) -> None:
+        """Users are created, found by id and name, listed, and names are unique."""
+        self.assertEqual(await self.store.get_user(self.alice.id), self.alice)
+        self.assertEqual(await self.store.get_user_by_name("bob"), self.bob)
+        self.assertEqual([u.name for u in await self.store.list_users()], ["alice", "bob"])
+        self.assertFalse(self.alice.is_admin)
+        admin = await self.store.create_user("root", is_admin=True)
+        self.assertTrue((await self.store.get_user(admin.id)).is_admin)
+        with self.assertRaises(Conflict):
+            await self.store.create_user("alice")
+        with self.assertRaises(InvalidName):
+            await self.store.create_user("bad name")
+        with self.assertRaises(NotFound):
+            await self.store.get_user("nope")
+        await self.store.delete_user(self.bob.id)
+        with self.assertRaises(NotFound):
+            await self.store.get_user_by_name("bob")
+
+    async def test_delete_user_owning_apps_conflicts(self) -> None:
+        """A user who owns apps cannot be deleted (their apps would be orphaned)."""
+        await self.store.create_app("mine", self.alice.id)
+        with self.assertRaises(Conflict):
+            await self.store.delete_user(self.alice.id)
+
+    async def test_tokens_hashed(self) -> None:
+        """A token authenticates its user; only its sha256 and a prefix are stored."""
+        new = await self.store.create_token(self.alice.id, "laptop")
+        self.assertTrue(new.token.startswith("epio_"))
+        self.assertGreaterEqual(len(new.token), 40)
+        self.assertEqual(await self.store.user_for_token(new.token), self.alice)
+        rows = await self.raw("SELECT * FROM api_tokens")
+        self.assertEqual(len(rows), 1)
+        flat = " ".join(str(v) for v in rows[0])
+        self.assertNotIn(new.token, flat)
+        self.assertNotIn(new.token[len(new.info.prefix):], flat)
+        self.assertIn(hash_token(new.token), flat)
+        self.assertEqual(new.info.prefix, new.token[:12])
+        self.assertNotIn(new.token, repr(new))
+        infos = await self.store.list_tokens(self.alice.id)
+        self.assertEqual([i.id for i in infos], [new.info.id])
+        self.assertIsNotNone(infos[0].last_used)
+
+    async def test_token_rejects(self) -> None:
+        """Wrong, malformed and revoked tokens authenticate nobody."""
+        new = await self.store.create_token(self.alice.id)
+        for bad in ["", "epio_x", new.token + "x", new.token[:-1], "x" * 10000]:
+            self.assertIsNone(await self.store.user_for_token(bad))
+        with self.assertRaises(NotFound):
+            await self.store.revoke_token(new.info.id, user_id=self.bob.id)
+        await self.store.revoke_token(new.info.id, user_id=self.alice.id)
+        self.assertIsNone(await self.store.user_for_token(new.token))
+        with self.assertRaises(NotFound):
+            await self.store.revoke_token(new.info.id)
+        with self.assertRaises(NotFound):
+            await self.store.create_token("no-such-user")
+
+    # ------------------------------------------------------------------ apps
+
+    async def test_apps(self) -> None:
+        """Apps get unique, increasing UIDs from 20000; names are unique and validated."""
+        a = await self.store.create_app("hello", self.alice.id)
+        b = await self.store.create_app("world-2", self.bob.id)
+        self.assertEqual(a.uid, 20000)
+        self.assertEqual(b.uid, 20001)
+        self.assertFalse(a.maintenance)
+        self.assertEqual(await self.store.get_app("hello"), a)
+        with self.assertRaises(Conflict):
+            await self.store.create_app("hello", self.bob.id)
+        for bad in ["Hello", "-x", "x-", "a_b", "", "a" * 31, "1abc", "a.b"]:
+            with self.assertRaises(InvalidName):
+                await self.store.create_app(bad, self.alice.id)
+        with self.assertRaises(NotFound):
+            await self.store.create_app("orphan", "no-such-user")
+        self.assertEqual([x.name for x in await self.store.list_apps()], ["hello", "world-2"])
+        self.assertEqual([x.name for x in await self.store.list_apps(self.alice.id)], ["hello"])
+        m = await self.store.set_maintenance("hello", True)
+        self.assertTrue(m.maintenance)
+        self.assertTrue((await self.store.get_app("hello")).maintenance)
+
+    async def test_uid_never_reused(self) -> None:
+        """Deleting an app does not free its UID for a later app."""
+        a = await self.store.create_app("one", self.alice.id)
+        await self.store.delete_app("one")
+        b = await self.store.create_app("one", self.alice.id)
+        self.assertGreater(b.uid, a.uid)
+
+    async def test_collaborators_and_access(self) -> None:
+        """Owner, collaborators and admins can access an app; others cannot."""
+        await self.store.create_app("shared", self.alice.id)
+        carol = await self.store.create_user("carol")
+        admin = await self.store.create_user("root", is_admin=True)
+        self.assertTrue(await self.store.can_access("shared", self.alice.id))
+        self.assertFalse(await self.store.can_access("shared", self.bob.id))
+        self.assertTrue(await self.store.can_access("shared", admin.id))
+        self.assertFalse(await self.store.can_access("nope", admin.id))
+        await self.store.add_collaborator("shared", self.bob.id)
+        await self.store.add_collaborator("shared", self.bob.id)  # idempotent
+        self.assertTrue(await self.store.can_access("shared", self.bob.id))
+        self.assertFalse(await self.store.can_access("shared", carol.id))
+        self.assertEqual([u.name for u in await self.store.list_collaborators("shared")], ["bob"])
+        self.assertEqual([a.name for a in await self.store.list_apps(self.bob.id)], ["shared"])
+        await self.store.remove_collaborator("shared", self.bob.id)
+        self.assertFalse(await self.store.can_access("shared", self.bob.id))
+        with self.assertRaises(NotFound):
+            await self.store.remove_collaborator("shared", self.bob.id)
+        with self.assertRaises(NotFound):
+            await self.store.add_collaborator("nope", self.bob.id)
+
+    async def test_delete_app_cascades(self) -> None:
+        """Deleting an app removes its releases, config, formation, instances,
+        domains, collaborators and deploys -- and nothing of other apps."""
+        for name in ("gone", "stays"):
+            await self.store.create_app(name, self.alice.id)
+            await self.store.set_config(name, {"A": "1"})
+            await self.store.create_release(name, DIGEST, processes={"web": "gunicorn"})
+            await self.store.set_formation(name, "web", 2)
+            await self.store.upsert_instance(Instance(f"{name}-i1", name, 1, "web", 1, "n1",
+                                                      "127.0.0.1", 5000, "healthy", 1.0))
+            await self.store.add_domain(name, f"{name}.example.com")
+            await self.store.add_collaborator(name, self.bob.id)
+            await self.store.create_deploy(name)
+        await self.store.delete_app("gone")
+        with self.assertRaises(NotFound):
+            await self.store.get_app("gone")
+        for table in ("releases", "config_vars", "formation", "instances", "domains",
+                      "app_collaborators", "deploys"):
+            rows = await self.raw(f"SELECT app FROM {table}")
+            self.assertEqual({r[0] for r in rows}, {"stays"}, table)
+        with self.assertRaises(NotFound):
+            await self.store.delete_app("gone")
+
+    # -------------------------------------------------------------- releases
+
+    async def test_releases(self) -> None:
+        """Versions count from 1 per app; unset fields inherit; newest first."""
+        await self.store.create_app("rel", self.alice.id)
+        await self.store.create_app("other", self.alice.id)
+        self.assertIsNone(await self.store.latest_release("rel"))
+        await self.store.set_config("rel", {"A": "1"})
+        r1 = await self.store.create_release("rel", DIGEST, processes={"web": "gunicorn app"},
+                                             description="deploy", created_by=self.alice.id)
+        self.assertEqual((r1.version, r1.image, r1.config), (1, DIGEST, {"A": "1"}))
+        await self.store.set_config("rel", {"B": "2"})
+        r2 = await self.store.create_release("rel", description="config")
+        self.assertEqual(r2.version, 2)
+        self.assertEqual(r2.image, DIGEST)
+        self.assertEqual(r2.processes, {"web": "gunicorn app"})
+        self.assertEqual(r2.config, {"A": "1", "B": "2"})
+        o1 = await self.store.create_release("other", DIGEST2)
+        self.assertEqual(o1.version, 1)
+        self.assertEqual(o1.processes, {})
+        rb = await self.store.create_release("rel", r1.image, config=r1.config,
+                                             processes=r1.processes, description="rollback to v1",
+                                             meta={"rollback_of": 1})
+        self.assertEqual(rb.version, 3)
+        self.assertEqual(rb.config, {"A": "1"})
+        self.assertEqual(await self.store.get_release("rel", 1), r1)
+        self.assertEqual([r.version for r in await self.store.list_releases("rel")], [3, 2, 1])
+        self.assertEqual([r.version for r in await self.store.list_releases("rel", 2)], [3, 2])
+        self.assertEqual(await self.store.latest_release("rel"), rb)
+        with self.assertRaises(NotFound):
+            await self.store.get_release("rel", 9)
+        with self.assertRaises(NotFound):
+            await self.store.create_release("nope", DIGEST)
+        with self.assertRaises(InvalidValue):
+            await self.store.create_release("rel", "not-a-digest")
+
+    async def test_concurrent_releases_get_distinct_versions(self) -> None:
+        """Releases created at the same time get distinct, consecutive versions."""
+        from twisted.internet.defer import gatherResults
+
+        await self.store.create_app("race", self.alice.id)
+        other = await self.open()
+        ds = [Store.create_release(s, "race", DIGEST) for s in [self.store, other] * 5]
+        from twisted.internet.defer import Deferred
+
+        rels = await gatherResults([Deferred.fromCoroutine(d) for d in ds])
+        self.assertEqual(sorted(r.version for r in rels), list(range(1, 11)))
+
+    # ---------------------------------------------------------------- config
+
+    async def test_config(self) -> None:
+        """Config vars are set, replaced, unset; names and values are validated."""
+        await self.store.create_app("cfg", self.alice.id)
+        self.assertEqual(await self.store.get_config("cfg"), {})
+        self.assertEqual(await self.store.set_config("cfg", {"A": "1", "B": "x=y"}),
+                         {"A": "1", "B": "x=y"})
+        self.assertEqual(await self.store.set_config("cfg", {"A": "2", "B": None}), {"A": "2"})
+        self.assertEqual(await self.store.unset_config("cfg", ["A", "MISSING"]), {})
+        with self.assertRaises(InvalidName):
+            await self.store.set_config("cfg", {"1BAD": "x"})
+        with self.assertRaises(InvalidValue):
+            await self.store.set_config("cfg", {"A": 1})  # type: ignore[dict-item]
+        with self.assertRaises(NotFound):
+            await self.store.get_config("nope")
+
+    # ------------------------------------------------------------- formation
+
+    async def test_formation(self) -> None:
+        """Formation per process type is set, updated (keeping size/limits) and listed."""
+        await self.store.create_app("form", self.alice.id)
+        f = await self.store.set_formation("form", "web", 2, size="large", limits={"memory": 512})
+        self.assertEqual((f.quantity, f.size, f.limits), (2, "large", {"memory": 512}))
+        f2 = await self.store.set_formation("form", "web", 3)
+        self.assertEqual((f2.quantity, f2.size, f2.limits), (3, "large", {"memory": 512}))
+        await self.store.set_formation("form", "worker", 1)
+        got = await self.store.get_formation("form")
+        self.assertEqual(sorted(got), ["web", "worker"])
+        self.assertEqual(got["web"], f2)
+        self.assertEqual(got["worker"].size, "standard")
+        await self.store.delete_formation("form", "worker")
+        self.assertEqual(sorted(await self.store.get_formation("form")), ["web"])
+        for bad in [-1, 1001, "2", True]:
+            with self.assertRaises(InvalidValue):
+                await self.store.set_formation("form", "web", bad)  # type: ignore[arg-type]
+        with self.assertRaises(NotFound):
+            await self.store.set_formation("nope", "web", 1)
+
+    # ------------------------------------------------------------- instances
+
+    async def test_instances(self) -> None:
+        """Instances are upserted by id, listed by app/node, and deleted."""
+        await self.store.create_app("inst", self.alice.id)
+        i1 = Instance("i1", "inst", 1, "web", 1, "n1", "127.0.0.1", 5001, "starting", 10.0)
+        i2 = Instance("i2", "inst", 1, "web", 2, "n2", "::1", 5002, "healthy", 11.0)
+        await self.store.upsert_instance(i1)
+        await self.store.upsert_instance(i2)
+        i1b = Instance("i1", "inst", 1, "web", 1, "n1", "127.0.0.1", 5001, "healthy", 12.0, 1)
+        await self.store.upsert_instance(i1b)
+        self.assertEqual(await self.store.get_instance("i1"), i1b)
+        self.assertEqual(await self.store.list_instances("inst"), [i1b, i2])
+        self.assertEqual(await self.store.list_instances(node="n2"), [i2])
+        self.assertTrue(await self.store.delete_instance("i2"))
+        self.assertFalse(await self.store.delete_instance("i2"))
+        with self.assertRaises(InvalidValue):
+            await self.store.upsert_instance(Instance("i3", "inst", 1, "web", 1, None, None,
+                                                      None, "bogus", 0.0))
+        with self.assertRaises(NotFound):
+            await self.store.upsert_instance(Instance("i3", "nope", 1, "web", 1, None, None,
+                                                      None, "pending", 0.0))
+
+    # --------------------------------------------------------------- domains
+
+    async def test_domains(self) -> None:
+        """Hostnames are normalised, unique across apps (Conflict) and removable."""
+        await self.store.create_app("dom", self.alice.id)
+        await self.store.create_app("dom2", self.bob.id)
+        d = await self.store.add_domain("dom", "WWW.Example.COM.")
+        self.assertEqual((d.hostname, d.wildcard), ("www.example.com", False))
+        w = await self.store.add_domain("dom", "*.apps.example.com")
+        self.assertTrue(w.wildcard)
+        with self.assertRaises(Conflict):
+            await self.store.add_domain("dom2", "www.example.com")
+        with self.assertRaises(Conflict):
+            await self.store.add_domain("dom", "www.example.com")
+        for bad in ["", "-a.com", "a..com", "*.com", "a.*.com", "x" * 64 + ".com", "a b.com"]:
+            with self.assertRaises(InvalidName):
+                await self.store.add_domain("dom", bad)
+        self.assertEqual([x.hostname for x in await self.store.list_domains("dom")],
+                         ["*.apps.example.com", "www.example.com"])
+        self.assertEqual(await self.store.all_hostnames(),
+                         {"*.apps.example.com": "dom", "www.example.com": "dom"})
+        with self.assertRaises(NotFound):
+            await self.store.remove_domain("dom2", "www.example.com")
+        await self.store.remove_domain("dom", "www.example.com")
+        await self.store.add_domain("dom2", "www.example.com")
+        self.assertEqual(len(await self.store.list_domains()), 2)
+        with self.assertRaises(NotFound):
+            await self.store.add_domain("nope", "x.example.com")
+
+    # ----------------------------------------------------------------- nodes
+
+    async def test_nodes(self) -> None:
+        """Node heartbeat facts are upserted and listed (optionally by role)."""
+        n = await self.store.upsert_node("n1", ["runner", "lb"], "tcp://127.0.0.1:7731",
+                                         "boot1", {"load": 0.5}, last_seen=100.0)
+        self.assertEqual(n.roles, ("lb", "runner"))
+        await self.store.upsert_node("n2", ["api"], boot_id="b2")
+        n1b = await self.store.upsert_node("n1", ["runner"], "tcp://[::1]:7731", "boot2",
+                                           {"load": 1.5}, last_seen=200.0)
+        self.assertEqual(await self.store.get_node("n1"), n1b)
+        self.assertEqual([x.id for x in await self.store.list_nodes()], ["n1", "n2"])
+        self.assertEqual([x.id for x in await self.store.list_nodes(role="api")], ["n2"])
+        self.assertTrue(await self.store.delete_node("n2"))
+        with self.assertRaises(NotFound):
+            await self.store.get_node("n2")
+
+    # --------------------------------------------------------------- deploys
+
+    async def test_deploys(self) -> None:
+        """Deploys are created, updated (log appended, finished on final status), listed."""
+        await self.store.create_app("dep", self.alice.id)
+        d = await self.store.create_deploy("dep", created_by=self.alice.id, meta={"size": 10})
+        self.assertEqual((d.status, d.finished, d.log), ("pending", None, ""))
+        d = await self.store.update_deploy(d.id, status="building", append_log="line 1\n")
+        d = await self.store.update_deploy(d.id, append_log="line 2\n", meta={"x": 1})
+        self.assertEqual(d.log, "line 1\nline 2\n")
+        self.assertEqual(d.meta, {"size": 10, "x": 1})
+        self.assertIsNone(d.finished)
+        d = await self.store.update_deploy(d.id, status="succeeded", image=DIGEST, release=1)
+        self.assertIsNotNone(d.finished)
+        self.assertEqual(await self.store.get_deploy(d.id), d)
+        d2 = await self.store.create_deploy("dep")
+        self.assertEqual({x.id for x in await self.store.list_deploys("dep")}, {d.id, d2.id})
+        self.assertEqual(len(await self.store.list_deploys("dep", limit=1)), 1)
+        with self.assertRaises(InvalidValue):
+            await self.store.update_deploy(d.id, status="bogus")
+        with self.assertRaises(NotFound):
+            await self.store.update_deploy("nope", status="failed")
+        with self.assertRaises(NotFound):
+            await self.store.create_deploy("nope")
+
+    # ----------------------------------------------------------------- locks
+
+    async def test_lock_contention(self) -> None:
+        """Only one holder of a named lock at a time; release lets the other take it."""
+        a = self.store.lock("scheduler-" + self.id())
+        b = (await self.open()).lock("scheduler-" + self.id())
+        self.addCleanup(a.release)  # type: ignore[attr-defined]
+        self.addCleanup(b.release)  # type: ignore[attr-defined]
+        self.assertTrue(await a.acquire())
+        self.assertTrue(a.held)
+        self.assertTrue(await a.acquire())  # already held
+        self.assertFalse(await b.acquire())
+        self.assertFalse(b.held)
+        self.assertFalse(await b.acquire(block=True, timeout=0.3))
+        self.assertTrue(await a.check())
+        other = self.store.lock("cron-" + self.id())
+        self.assertTrue(await other.acquire())  # a different name is independent
+        await other.release()
+        waiting = Deferred_from(b.acquire(block=True, timeout=10))
+        await a.release()
+        self.assertFalse(a.held)
+        self.assertTrue(await waiting)
+        self.assertTrue(b.held)
+        self.assertFalse(await a.acquire())
+
+
+def Deferred_from(coro: Any) -> Any:
+    from twisted.internet.defer import Deferred
+
+    return Deferred.fromCoroutine(coro)
+
+
+class SqliteStoreTests(StoreTestsMixin, TestCase):
+    """The store suite on SQLite (a fresh file in a temp dir)."""
+
+    def url(self) -> str:
+        return f"sqlite:///{self.mktemp()}/store.sqlite3"
+
+    async def test_sqlite_pragmas(self) -> None:
+        """The SQLite store runs in WAL mode with foreign keys enforced."""
+        path = self.store_url[len("sqlite:///"):]
+        conn = sqlite3.connect(path)
+        self.addCleanup(conn.close)
+        self.assertEqual(conn.execute("PRAGMA journal_mode").fetchone()[0], "wal")
+        self.assertEqual((await self.raw("PRAGMA foreign_keys"))[0][0], 1)
+
+
+class PostgresStoreTests(StoreTestsMixin, TestCase):
+    """The store suite on PostgreSQL (a fresh schema in this run's fresh database)."""
+
+    def url(self) -> str:
+        return pg.pg_url_for_test(self)
