@@ -122,6 +122,18 @@ SCHEMA: dict[str, dict[str, Key]] = {
             int, 10000, "Messages a bus socket queues per peer before new ones are dropped "
             "(and counted).", positive,
         ),
+        "max_message_size": Key(
+            int, 64 * 1024 * 1024, "Largest bus message (bytes) a socket accepts; a peer "
+            "sending a bigger one is disconnected.", positive,
+        ),
+        "encrypt": Key(
+            bool, True, "Encrypt bus traffic with CurveZMQ, keys derived from the cluster "
+            "secret (every node of a cluster must agree).",
+        ),
+        "log_line_max_bytes": Key(
+            int, 10000, "Log lines longer than this (UTF-8 bytes) are sent to the loggers "
+            "in parts.", positive,
+        ),
     },
     "api": {
         "listen": Key(str, "tcp:8000:interface=127.0.0.1", "Endpoint the API and dashboard listen on."),

@@ -1,0 +1,751 @@
+"""The bus services: thin Twisted services over txZMQ sockets.
+
+Imported lazily by :class:`epio.bus.Bus` (importing txzmq installs the default
+reactor, which must not happen during twistd's plugin discovery).
+
+Every service creates its socket in ``startService`` and closes it in
+``stopService``; ZeroMQ itself reconnects connected sockets (with backoff), so a
+peer that restarts is found again without any code here.  A bind that fails
+(address in use) is logged and retried with backoff; ``whenReady()`` fires once
+every socket is bound.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import zmq
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from txzmq import ZmqEndpoint, ZmqEndpointType, ZmqFactory
+from txzmq.connection import ZmqConnection
+
+from epio.bus import counters as C
+from epio.bus.counters import BusCounters
+from epio.bus.envelope import Envelope, ReplayGuard
+from epio.bus.errors import NotRunning, Reason, Rejected, RemoteError, RequestTimeout
+
+if TYPE_CHECKING:
+    from epio.bus import Bus
+
+RouterHandler = Callable[[Envelope], Awaitable[tuple[str, dict]] | tuple[str, dict]]
+PullHandler = Callable[[Envelope], Any]
+SubHandler = Callable[[bytes, Envelope], Any]
+
+_TCP = re.compile(r"^tcp://(?P<host>\*|\[[0-9a-fA-F:.%\w]+\]|[\w.-]+):(?P<port>\*|\d{1,5})$")
+
+# Reasons that are only found after the MAC verified: the peer is one of ours
+# and a router answers it with bus.error rather than letting it time out.
+_ANSWERABLE = frozenset(
+    {Reason.UNKNOWN_TYPE, Reason.UNSUPPORTED_VERSION, Reason.WRONG_PATTERN, Reason.INVALID_BODY}
+)
+
+
+def check_endpoint(endpoint: str, bind: bool) -> str:
+    """Validate a ZeroMQ endpoint URL; return it as it goes to libzmq.
+
+    ``tcp://HOST:PORT`` (HOST an IPv4 address, ``[IPv6]``, a name or, to bind,
+    ``*``), ``ipc://PATH`` or ``inproc://NAME``.  Binding to port 0 means any
+    free port (read it back from the service's ``endpoint``).
+    """
+    if not isinstance(endpoint, str):
+        raise ValueError(f"bus endpoint must be a string, not {endpoint!r}")
+    if endpoint.startswith(("ipc://", "inproc://")) and len(endpoint.split("://", 1)[1]) > 0:
+        return endpoint
+    m = _TCP.match(endpoint)
+    if m is None:
+        raise ValueError(
+            f"bad bus endpoint {endpoint!r}: expected tcp://HOST:PORT, tcp://[IPv6]:PORT, "
+            "ipc://PATH or inproc://NAME"
+        )
+    port = m["port"]
+    if port == "*" or int(port) == 0:
+        if not bind:
+            raise ValueError(f"bad bus endpoint {endpoint!r}: cannot connect to port {port}")
+        return f"tcp://{m['host']}:*"
+    if int(port) > 65535:
+        raise ValueError(f"bad bus endpoint {endpoint!r}: port out of range")
+    if m["host"] == "*" and not bind:
+        raise ValueError(f"bad bus endpoint {endpoint!r}: cannot connect to *")
+    return endpoint
+
+
+def _public_endpoint(requested: str, last: str) -> str:
+    """The endpoint peers should connect to, from the bind request and LAST_ENDPOINT.
+
+    With IPv6 enabled libzmq reports an IPv4 bind as ``[::ffff:a.b.c.d]``;
+    give back the address as it was asked for, with the real port.
+    """
+    m = _TCP.match(requested)
+    lm = re.match(r"^tcp://.*:(\d+)$", last)
+    if m is None or lm is None or m["host"] == "*":
+        return last
+    return f"tcp://{m['host']}:{lm.group(1)}"
+
+
+class _Connection(ZmqConnection):
+    """One ZeroMQ socket in the reactor; hands complete multipart messages on."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        factory: ZmqFactory,
+        socket_type: int,
+        options: Sequence[tuple[int, Any]],
+        endpoints: Sequence[ZmqEndpoint],
+        on_message: Callable[[list[bytes]], None],
+    ) -> None:
+        self.socketType = socket_type
+        self._on_message = on_message
+        super().__init__(factory)
+        try:
+            for opt, value in options:
+                self.socket.setsockopt(opt, value)
+            self.addEndpoints(list(endpoints))
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def messageReceived(self, message: list[bytes]) -> None:
+        # An exception escaping here would make the reactor drop the socket.
+        try:
+            self._on_message(message)
+        except Exception:
+            self.log.failure("bus: unhandled error processing a message")
+
+    def send(self, message: list[bytes]) -> None:  # type: ignore[override]
+        """Send a multipart message without blocking; raises zmq.Again when full.
+
+        Same as txzmq's, but schedules the follow-up read on the injected
+        reactor (ZeroMQ's fd is edge-triggered: a send may hide a pending read).
+        """
+        sock = self.socket
+        for part in message[:-1]:
+            sock.send(part, zmq.NOBLOCK | zmq.SNDMORE)
+        sock.send(message[-1], zmq.NOBLOCK)
+        if self.read_scheduled is None:  # type: ignore[has-type]
+            self.read_scheduled = self.factory.reactor.callLater(0, self.doRead)
+
+
+class BusService(Service):
+    """What every bus socket service shares: lifecycle, counters, rejections."""
+
+    log = Logger()
+    socket_type: int = -1
+    kind = "socket"
+    # The pattern of the messages this socket receives (None: receives none).
+    receives: str | None = None
+    replay_protection = True
+
+    def __init__(self, bus: Bus, binds: Sequence[str] = (), connects: Sequence[str] = ()) -> None:
+        self.bus = bus
+        self.binds = [check_endpoint(e, bind=True) for e in binds]
+        self.connects = [check_endpoint(e, bind=False) for e in connects]
+        if not self.binds and not self.connects:
+            raise ValueError(f"bus {self.kind}: no endpoint to bind or connect")
+        self.counters = BusCounters(bus.counters)
+        #: The bound endpoint (the real port when bound to port 0), once bound.
+        self.endpoint: str | None = None
+        self._conn: _Connection | None = None
+        self._ready: list[defer.Deferred[None]] = []
+        self._retry: Any = None
+        self._retry_delay = 0.5
+        self._replay = ReplayGuard(bus.max_skew) if self.replay_protection else None
+        self.setName(f"bus-{self.kind}")
+
+    def __repr__(self) -> str:
+        where = self.endpoint or ",".join(self.binds + self.connects)
+        return f"<{type(self).__name__} {where}>"
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def whenReady(self) -> defer.Deferred[None]:
+        """Fires once the socket exists and is bound (at once for connect-only)."""
+        if self._conn is not None:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._ready.append(d)
+        return d
+
+    def startService(self) -> None:
+        super().startService()
+        self._open()
+
+    def stopService(self) -> defer.Deferred[None] | None:
+        super().stopService()
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
+        self._close()
+        return None
+
+    def _open(self) -> None:
+        self._retry = None
+        if not self.running:
+            return
+        try:
+            self._conn = self.bus._connection(
+                self.socket_type, self.binds, self.connects, self._frames, self._options()
+            )
+        except zmq.ZMQError as e:
+            self.log.error(
+                "bus {kind}: cannot bind {binds}: {error}; retrying in {delay:g}s",
+                kind=self.kind, binds=" ".join(self.binds), error=e.strerror,
+                delay=self._retry_delay,
+            )
+            self._retry = self.bus.reactor.callLater(self._retry_delay, self._open)
+            self._retry_delay = min(self._retry_delay * 2, 30.0)
+            return
+        if self.binds:
+            last = self._conn.socket.getsockopt(zmq.LAST_ENDPOINT).decode()
+            self.endpoint = _public_endpoint(self.binds[-1], last)
+        self._opened(self._conn)
+        ready, self._ready = self._ready, []
+        for d in ready:
+            d.callback(None)
+
+    def _opened(self, conn: _Connection) -> None:
+        """Hook: the socket exists."""
+
+    def _close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            self.bus._release(conn)
+
+    def _options(self) -> list[tuple[int, Any]]:
+        return []
+
+    # -- receiving ------------------------------------------------------------
+
+    def _frames(self, frames: list[bytes]) -> None:
+        raise NotImplementedError
+
+    def _open_frame(self, frame: bytes, topic: bytes = b"") -> Envelope | None:
+        """Verify a frame; count and log a rejection and return None."""
+        try:
+            env = self.bus.open(frame, topic=topic, pattern=self.receives, replay=self._replay)
+        except Rejected as r:
+            self._rejected(r)
+            return None
+        self.counters.incr(C.RECEIVED)
+        return env
+
+    def _rejected(self, r: Rejected) -> None:
+        self.counters.rejected(r.reason)
+        self.bus._ratelog.warn(
+            f"{self.kind}:{r.reason.value}",
+            "bus {kind} {where} dropped a message: {reason} ({detail})",
+            kind=self.kind, where=self.endpoint or ",".join(self.connects),
+            reason=r.reason.value, detail=r.detail,
+        )
+
+    def _malformed(self, detail: str) -> None:
+        self._rejected(Rejected(Reason.MALFORMED, detail))
+
+    def _send(self, conn: _Connection | None, frames: list[bytes], what: str) -> bool:
+        """Send without blocking; a full queue is counted and logged, not raised."""
+        if conn is None:
+            self.counters.incr(C.DROPPED_NOT_RUNNING)
+            self.bus._ratelog.warn(
+                f"{self.kind}:notrunning", "bus {kind}: {what} dropped: service not running",
+                kind=self.kind, what=what,
+            )
+            return False
+        try:
+            conn.send(frames)
+        except zmq.Again:
+            self.counters.incr(C.DROPPED_HWM)
+            self.bus._ratelog.warn(
+                f"{self.kind}:hwm",
+                "bus {kind} {where}: {what} dropped: queue full (high-water mark {hwm})",
+                kind=self.kind, where=self.endpoint or ",".join(self.connects), what=what,
+                hwm=self.bus.high_water_mark,
+            )
+            return False
+        except zmq.ZMQError as e:
+            self.counters.incr("dropped.error")
+            self.bus._ratelog.warn(
+                f"{self.kind}:senderror", "bus {kind}: {what} dropped: {error}",
+                kind=self.kind, what=what, error=e.strerror,
+            )
+            return False
+        self.counters.incr(C.SENT)
+        return True
+
+    def _call_handler(self, what: str, handler: Callable[..., Any], *args: Any) -> None:
+        """Run a PULL/SUB handler; errors (sync or async) are logged as bugs."""
+        try:
+            result = handler(*args)
+        except Exception:
+            self.counters.incr(C.HANDLER_ERRORS)
+            self.log.failure("bus {kind}: handler for {what} failed", kind=self.kind, what=what)
+            return
+        if inspect.isawaitable(result):
+            d: defer.Deferred[Any] = defer.ensureDeferred(result)  # type: ignore[arg-type]
+
+            def failed(f: Failure) -> None:
+                self.counters.incr(C.HANDLER_ERRORS)
+                self.log.failure(
+                    "bus {kind}: handler for {what} failed", f, kind=self.kind, what=what
+                )
+
+            d.addErrback(failed)
+
+
+# ---------------------------------------------------------------------------
+# request / reply
+
+
+class Router(BusService):
+    """ROUTER: answers requests with ``handler(env) -> (reply_type, body)``.
+
+    The handler may be a coroutine function or return a Deferred.  Raising
+    :class:`RemoteError` answers ``bus.error`` with its code and message; any
+    other exception answers ``bus.error`` code ``internal`` (no traceback) and
+    is logged as a failure.  ``bus.ping`` is answered here without the handler.
+    """
+
+    socket_type = zmq.ROUTER
+    kind = "router"
+    receives = "request"
+
+    def __init__(self, bus: Bus, bind: str, handler: RouterHandler) -> None:
+        super().__init__(bus, binds=[bind])
+        self.handler = handler
+        self._inflight: set[defer.Deferred[Any]] = set()
+
+    def _options(self) -> list[tuple[int, Any]]:
+        # Report unroutable replies (peer gone) as errors instead of dropping silently.
+        return [(zmq.ROUTER_MANDATORY, 1)]
+
+    def stopService(self) -> defer.Deferred[None] | None:
+        for d in list(self._inflight):
+            d.cancel()
+        return super().stopService()
+
+    def _frames(self, frames: list[bytes]) -> None:
+        if len(frames) != 2:
+            self._malformed(f"expected [identity, envelope], got {len(frames)} frames")
+            return
+        identity, frame = frames
+        try:
+            env = self.bus.open(frame, pattern="request", replay=self._replay)
+        except Rejected as r:
+            self._rejected(r)
+            if r.reason in _ANSWERABLE and r.envelope is not None:
+                self._reply(identity, r.envelope, "bus.error",
+                            {"code": r.reason.value, "message": str(r)})
+            return
+        self.counters.incr(C.RECEIVED)
+        if env.type == "bus.ping":
+            body = {"node": self.bus.sender}
+            if "payload" in env.body:
+                body["payload"] = env.body["payload"]
+            self._reply(identity, env, "bus.pong", body)
+            return
+        d = defer.maybeDeferred(self.handler, env)
+        d.addCallback(self._coerce)
+        self._inflight.add(d)
+
+        def done(result: tuple[str, dict]) -> None:
+            self._inflight.discard(d)
+            self._reply(identity, env, *result)
+
+        def failed(f: Failure) -> None:
+            self._inflight.discard(d)
+            if f.check(defer.CancelledError):
+                return
+            if f.check(RemoteError):
+                err: RemoteError = f.value  # type: ignore[assignment]
+                self._reply(identity, env, "bus.error", {"code": err.code, "message": err.message})
+                return
+            self.counters.incr(C.HANDLER_ERRORS)
+            self.log.failure(
+                "bus router {where}: handler for {type} from {sender} failed", f,
+                where=self.endpoint, type=env.type, sender=env.sender,
+            )
+            self._reply(
+                identity, env, "bus.error",
+                {"code": "internal", "message": f"internal error handling {env.type}"},
+            )
+
+        d.addCallbacks(done, failed)
+
+    @staticmethod
+    def _coerce(result: Any) -> Any:
+        if inspect.isawaitable(result):
+            return defer.ensureDeferred(result)  # type: ignore[arg-type]
+        return result
+
+    def _reply(self, identity: bytes, req: Envelope, type: str, body: dict) -> None:
+        try:
+            frame = self.bus.seal_new(type, body, pattern="reply", reply_to=req.id)
+        except (ValueError, TypeError) as e:
+            self.counters.incr(C.HANDLER_ERRORS)
+            self.log.error(
+                "bus router {where}: handler for {req} gave a bad reply: {error}",
+                where=self.endpoint, req=req.type, error=str(e),
+            )
+            frame = self.bus.seal_new(
+                "bus.error", {"code": "internal", "message": f"internal error handling {req.type}"},
+                pattern="reply", reply_to=req.id,
+            )
+            type = "bus.error"
+        if type == "bus.error":
+            self.counters.incr(C.ERROR_REPLIES)
+        self._send(self._conn, [identity, frame], f"reply {type} to {req.sender}")
+
+
+class _Pending:
+    __slots__ = ("deferred", "timer", "type", "endpoint", "timeout")
+
+    def __init__(self, deferred: defer.Deferred[Envelope], type: str, endpoint: str,
+                 timeout: float) -> None:
+        self.deferred = deferred
+        self.timer: Any = None
+        self.type = type
+        self.endpoint = endpoint
+        self.timeout = timeout
+
+
+class Dealer(BusService):
+    """DEALER side of request/reply: ``await dealer.request(type, body)``.
+
+    One ZeroMQ DEALER socket per endpoint (with ZMQ_IMMEDIATE, so a request is
+    only queued to a peer that is connected).  ``request`` goes to the next
+    connected endpoint in turn (waiting, within the timeout, for one to
+    connect); ``request_to`` addresses one endpoint.  Replies are matched to
+    requests by id; a reply that comes after its request timed out is dropped
+    and counted (``late_replies``).
+    """
+
+    socket_type = zmq.DEALER
+    kind = "dealer"
+    receives = "reply"
+    _POLL = 0.05  # seconds between attempts while no peer is connected
+
+    def __init__(self, bus: Bus, endpoints: Sequence[str]) -> None:
+        if isinstance(endpoints, str):
+            endpoints = [endpoints]
+        super().__init__(bus, connects=list(endpoints))
+        self._conns: dict[str, _Connection] = {}
+        self._pending: dict[str, _Pending] = {}
+        # ids of requests that timed out recently, to tell late replies from strays
+        self._expired: dict[str, None] = {}
+        self._next = 0
+
+    @property
+    def endpoints(self) -> list[str]:
+        return list(self.connects)
+
+    def _open(self) -> None:
+        self._retry = None
+        if not self.running:
+            return
+        for ep in self.connects:
+            self._connect(ep)
+        self._conn = next(iter(self._conns.values()), None)
+        ready, self._ready = self._ready, []
+        for d in ready:
+            d.callback(None)
+
+    def whenReady(self) -> defer.Deferred[None]:
+        if self.running:
+            return defer.succeed(None)
+        return super().whenReady()
+
+    def _connect(self, ep: str) -> None:
+        def frames(parts: list[bytes]) -> None:
+            self._reply_frames(ep, parts)
+
+        self._conns[ep] = self.bus._connection(
+            self.socket_type, [], [ep], frames, [(zmq.IMMEDIATE, 1)]
+        )
+
+    def add_endpoint(self, endpoint: str) -> None:
+        """Connect to one more peer (e.g. a runner that joined)."""
+        ep = check_endpoint(endpoint, bind=False)
+        if ep in self.connects:
+            return
+        self.connects.append(ep)
+        if self.running:
+            self._connect(ep)
+
+    def remove_endpoint(self, endpoint: str) -> None:
+        """Disconnect from a peer; its pending requests fail when they time out."""
+        if endpoint not in self.connects:
+            return
+        self.connects.remove(endpoint)
+        conn = self._conns.pop(endpoint, None)
+        if conn is not None:
+            self.bus._release(conn)
+
+    def _close(self) -> None:
+        self._conn = None
+        conns, self._conns = self._conns, {}
+        for conn in conns.values():
+            self.bus._release(conn)
+        pending, self._pending = self._pending, {}
+        for p in pending.values():
+            if p.timer is not None and p.timer.active():
+                p.timer.cancel()
+            p.deferred.errback(NotRunning(f"bus dealer stopped before {p.type} got a reply"))
+
+    async def request(self, type: str, body: dict, timeout: float | None = None) -> Envelope:
+        """Send a request to the next connected peer; return the reply envelope.
+
+        Raises RequestTimeout (no reply in ``timeout``, default
+        ``bus.request_timeout``), RemoteError (the peer answered bus.error) or
+        NotRunning.
+        """
+        return await self._request(None, type, body, timeout)
+
+    async def request_to(
+        self, endpoint: str, type: str, body: dict, timeout: float | None = None
+    ) -> Envelope:
+        """Like :meth:`request`, to one given endpoint (added if not yet known)."""
+        ep = check_endpoint(endpoint, bind=False)
+        if ep not in self.connects:
+            self.add_endpoint(ep)
+        return await self._request(ep, type, body, timeout)
+
+    def _request(
+        self, endpoint: str | None, type: str, body: dict, timeout: float | None
+    ) -> defer.Deferred[Envelope]:
+        if not self.running:
+            return defer.fail(NotRunning(f"bus dealer not running: cannot send {type}"))
+        timeout = self.bus.request_timeout if timeout is None else timeout
+        env = self.bus.envelope(type, body, pattern="request")
+        frame = self.bus.seal(env)
+        where = endpoint or ",".join(self.connects)
+        clock = self.bus.reactor
+        deadline = clock.seconds() + timeout
+
+        def cancel(d: defer.Deferred[Envelope]) -> None:
+            p = self._pending.pop(env.id, None)
+            if p is not None and p.timer is not None and p.timer.active():
+                p.timer.cancel()
+
+        d: defer.Deferred[Envelope] = defer.Deferred(cancel)
+        pending = _Pending(d, type, where, timeout)
+        self._pending[env.id] = pending
+
+        def expire() -> None:
+            p = self._pending.pop(env.id, None)
+            if p is None:
+                return
+            self.counters.incr(C.TIMEOUTS)
+            self._expired[env.id] = None
+            if len(self._expired) > 10_000:
+                self._expired.pop(next(iter(self._expired)))
+            d.errback(RequestTimeout(type, p.endpoint, timeout))
+
+        def attempt() -> None:
+            pending.timer = None
+            if env.id not in self._pending:
+                return
+            targets = [endpoint] if endpoint is not None else self._rotation()
+            for ep in targets:
+                conn = self._conns.get(ep)
+                if conn is None:
+                    continue
+                try:
+                    conn.send([frame])
+                except zmq.Again:
+                    continue  # not connected (ZMQ_IMMEDIATE) or full: next peer
+                except zmq.ZMQError as e:
+                    self.log.warn("bus dealer: sending {type} to {ep} failed: {error}",
+                                  type=type, ep=ep, error=e.strerror)
+                    continue
+                self.counters.incr(C.SENT)
+                pending.endpoint = ep
+                pending.timer = clock.callLater(max(0.0, deadline - clock.seconds()), expire)
+                return
+            left = deadline - clock.seconds()
+            if left <= 0:
+                p = self._pending.pop(env.id, None)
+                if p is not None:
+                    self.counters.incr(C.TIMEOUTS)
+                    d.errback(RequestTimeout(
+                        type, where, timeout, "no connection to any peer" if endpoint is None
+                        else "not connected"))
+                return
+            pending.timer = clock.callLater(min(self._POLL, left), attempt)
+
+        attempt()
+        return d
+
+    def _rotation(self) -> list[str]:
+        eps = self.connects
+        if not eps:
+            return []
+        start = self._next % len(eps)
+        self._next += 1
+        return eps[start:] + eps[:start]
+
+    def _reply_frames(self, ep: str, frames: list[bytes]) -> None:
+        if len(frames) != 1:
+            self._malformed(f"expected one envelope frame from {ep}, got {len(frames)}")
+            return
+        env = self._open_frame(frames[0])
+        if env is None:
+            return
+        p = self._pending.pop(env.reply_to or "", None)
+        if p is None:
+            self.counters.incr(C.LATE_REPLIES)
+            late = env.reply_to in self._expired
+            self.bus._ratelog.warn(
+                "dealer:late", "bus dealer: dropped {kind} reply {type} from {sender}",
+                kind="late" if late else "unmatched", type=env.type, sender=env.sender,
+            )
+            return
+        if p.timer is not None and p.timer.active():
+            p.timer.cancel()
+        if env.type == "bus.error":
+            p.deferred.errback(RemoteError(env.body["code"], env.body["message"]))
+        else:
+            p.deferred.callback(env)
+
+
+# ---------------------------------------------------------------------------
+# publish / subscribe
+
+
+class Publisher(BusService):
+    """PUB: ``publish(type, body, topic=b"...")`` to every subscriber.
+
+    libzmq drops messages for a subscriber whose queue is full without telling
+    the sender (other subscribers are unaffected); receivers detect such gaps
+    with sequence numbers in the body.  A zmq.Again is counted, never raised.
+    """
+
+    socket_type = zmq.PUB
+    kind = "publisher"
+
+    def __init__(self, bus: Bus, bind: str | None = None,
+                 connect: Sequence[str] | str | None = None) -> None:
+        if isinstance(connect, str):
+            connect = [connect]
+        super().__init__(bus, binds=[bind] if bind else [], connects=list(connect or ()))
+
+    def _frames(self, frames: list[bytes]) -> None:
+        pass  # a PUB socket receives nothing
+
+    def publish(self, type: str, body: dict, topic: bytes = b"") -> bool:
+        """Publish; True if queued, False if dropped (counted and logged)."""
+        if not isinstance(topic, bytes):
+            raise TypeError(f"topic must be bytes, not {topic.__class__.__name__}")
+        frame = self.bus.seal_new(type, body, pattern="publish", topic=topic)
+        return self._send(self._conn, [topic, frame], type)
+
+
+class Subscriber(BusService):
+    """SUB: ``handler(topic, env)`` for each verified message on ``topics``.
+
+    Connects to ``endpoints`` (a list) or binds ``bind``.  A topic is a prefix;
+    ``b""`` subscribes to everything.
+    """
+
+    socket_type = zmq.SUB
+    kind = "subscriber"
+    receives = "publish"
+
+    def __init__(self, bus: Bus, endpoints: Sequence[str], topics: Sequence[bytes],
+                 handler: SubHandler, bind: str | None = None) -> None:
+        if isinstance(endpoints, str):
+            endpoints = [endpoints]
+        super().__init__(bus, binds=[bind] if bind else [], connects=list(endpoints or ()))
+        for t in topics:
+            if not isinstance(t, bytes):
+                raise TypeError(f"topics must be bytes, not {t!r}")
+        self.topics = list(topics)
+        self.handler = handler
+
+    def _options(self) -> list[tuple[int, Any]]:
+        return [(zmq.SUBSCRIBE, t) for t in self.topics]
+
+    def _frames(self, frames: list[bytes]) -> None:
+        if len(frames) != 2:
+            self._malformed(f"expected [topic, envelope], got {len(frames)} frames")
+            return
+        topic, frame = frames
+        env = self._open_frame(frame, topic)
+        if env is not None:
+            self._call_handler(env.type, self.handler, topic, env)
+
+
+# ---------------------------------------------------------------------------
+# push / pull
+
+
+class Push(BusService):
+    """PUSH: ``send(type, body)``, load-balanced round-robin over ``endpoints``.
+
+    To deliver to *every* endpoint (as the log pipeline does) make one Push per
+    endpoint.  Messages for a peer that is not (yet) connected are queued up
+    to the high-water mark; past it they are dropped and counted.
+    """
+
+    socket_type = zmq.PUSH
+    kind = "push"
+
+    def __init__(self, bus: Bus, endpoints: Sequence[str]) -> None:
+        if isinstance(endpoints, str):
+            endpoints = [endpoints]
+        super().__init__(bus, connects=list(endpoints))
+
+    def _frames(self, frames: list[bytes]) -> None:
+        pass
+
+    def send(self, type: str, body: dict) -> bool:
+        """Queue a message without blocking; False if it was dropped (counted)."""
+        frame = self.bus.seal_new(type, body, pattern="push")
+        return self._send(self._conn, [frame], type)
+
+
+class Pull(BusService):
+    """PULL: ``handler(env)`` for each verified pushed message."""
+
+    socket_type = zmq.PULL
+    kind = "pull"
+    receives = "push"
+
+    def __init__(self, bus: Bus, bind: str, handler: PullHandler) -> None:
+        super().__init__(bus, binds=[bind])
+        self.handler = handler
+
+    def _frames(self, frames: list[bytes]) -> None:
+        if len(frames) != 1:
+            self._malformed(f"expected one envelope frame, got {len(frames)}")
+            return
+        env = self._open_frame(frames[0])
+        if env is not None:
+            self._call_handler(env.type, self.handler, env)
+
+
+def make_factory(reactor: Any, linger_ms: int) -> ZmqFactory:
+    """One ZeroMQ context for a Bus, driven by the given reactor."""
+    factory = ZmqFactory()
+    factory.reactor = reactor
+    factory.lingerPeriod = linger_ms
+    return factory
+
+
+def make_connection(
+    factory: ZmqFactory,
+    socket_type: int,
+    binds: Sequence[str],
+    connects: Sequence[str],
+    on_message: Callable[[list[bytes]], None],
+    options: Sequence[tuple[int, Any]],
+) -> _Connection:
+    endpoints = [ZmqEndpoint(ZmqEndpointType.bind, e) for e in binds] + [
+        ZmqEndpoint(ZmqEndpointType.connect, e) for e in connects
+    ]
+    return _Connection(factory, socket_type, options, endpoints, on_message)

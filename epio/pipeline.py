@@ -1,0 +1,197 @@
+"""The log and stats pipeline interface: how runners, routers and the api emit.
+
+Producers take an :class:`ILogSink` (and/or :class:`IStatsSink`) in their
+constructor and call ``emit``/``emit_stats``; they never know where it goes:
+
+- :class:`LocalLogSink` writes to the node's own log (usable before the logger
+  role exists, and the default on a single box without one);
+- :class:`BusLogSink` pushes ``log.line`` / ``stats.sample`` bus messages to
+  every configured logger (``cluster.loggers``);
+- :class:`MemoryLogSink` keeps everything in lists: a test double for other
+  components' unit tests.
+
+``emit`` never blocks and never raises for a full queue: what cannot be sent
+is counted (see each sink's ``counters``) and logged, rate-limited.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from attrs import frozen
+from twisted.application.service import MultiService
+from twisted.logger import Logger
+from zope.interface import Interface, implementer
+
+from epio.bus.counters import BusCounters
+
+if TYPE_CHECKING:
+    from epio.bus import Bus
+    from epio.bus.sockets import Push
+
+#: Lines longer than this many bytes (UTF-8) are sent in parts.
+MAX_LINE_BYTES = 10_000
+
+
+class ILogSink(Interface):
+    """Where app log lines go."""
+
+    def emit(app: str, source: str, text: str, timestamp: float | None = None) -> None:
+        """Record one line of ``app``'s log from ``source`` (``web.1``, ``router``,
+        ``build``, ``api``...).  ``timestamp`` defaults to now.  Never blocks,
+        never raises for a full queue."""
+
+
+class IStatsSink(Interface):
+    """Where app stats samples go."""
+
+    def emit_stats(app: str, kind: str, values: dict) -> None:
+        """Record one sample of ``kind`` (``http``, ``process``...) for ``app``;
+        ``values`` is a flat dict of numbers (and short strings)."""
+
+
+def split_text(text: str, limit: int = MAX_LINE_BYTES) -> list[str]:
+    """Split ``text`` into parts of at most ``limit`` UTF-8 bytes, on character
+    boundaries (a multi-byte character is never cut)."""
+    data = text.encode("utf-8", "surrogatepass")
+    if len(data) <= limit:
+        return [text]
+    parts: list[str] = []
+    start = 0
+    while start < len(data):
+        end = min(start + limit, len(data))
+        # step back off UTF-8 continuation bytes (10xxxxxx)
+        while end < len(data) and end > start and (data[end] & 0xC0) == 0x80:
+            end -= 1
+        if end == start:  # limit smaller than one character: take the character
+            end = start + 1
+            while end < len(data) and (data[end] & 0xC0) == 0x80:
+                end += 1
+        parts.append(data[start:end].decode("utf-8", "surrogatepass"))
+        start = end
+    return parts
+
+
+@implementer(ILogSink, IStatsSink)
+class LocalLogSink:
+    """Writes lines and samples to the node's own Twisted log."""
+
+    log = Logger(namespace="epio.app")
+
+    def __init__(self, clock: Any = None) -> None:
+        self._clock = clock
+
+    def emit(self, app: str, source: str, text: str, timestamp: float | None = None) -> None:
+        self.log.info("[{app}] {source}: {text}", app=app, source=source, text=text,
+                      app_timestamp=timestamp)
+
+    def emit_stats(self, app: str, kind: str, values: dict) -> None:
+        self.log.debug("[{app}] stats {kind}: {values}", app=app, kind=kind, values=values)
+
+
+@frozen
+class LogRecord:
+    """What :class:`MemoryLogSink` keeps of one emitted line."""
+
+    app: str
+    source: str
+    text: str
+    timestamp: float | None
+
+
+@frozen
+class StatsRecord:
+    app: str
+    kind: str
+    values: dict
+
+
+@implementer(ILogSink, IStatsSink)
+class MemoryLogSink:
+    """Test double: keeps every line and sample (``lines``, ``stats``)."""
+
+    def __init__(self) -> None:
+        self.lines: list[LogRecord] = []
+        self.stats: list[StatsRecord] = []
+
+    def emit(self, app: str, source: str, text: str, timestamp: float | None = None) -> None:
+        self.lines.append(LogRecord(app, source, text, timestamp))
+
+    def emit_stats(self, app: str, kind: str, values: dict) -> None:
+        self.stats.append(StatsRecord(app, kind, dict(values)))
+
+    def texts(self, app: str | None = None, source: str | None = None) -> list[str]:
+        """The texts emitted, optionally only for one app / source."""
+        return [r.text for r in self.lines
+                if (app is None or r.app == app) and (source is None or r.source == source)]
+
+
+@implementer(ILogSink, IStatsSink)
+class BusLogSink(MultiService):
+    """Pushes ``log.line`` and ``stats.sample`` to EVERY logger endpoint.
+
+    One PUSH socket per endpoint (PUSH alone would round-robin), each a child
+    service: add this sink to the service tree.  Each message carries a
+    sequence number per (app, source) -- per (app, ``stats:KIND``) for stats --
+    so a logger can tell a gap from silence.  Lines over 10,000 bytes are sent
+    in parts (``part``/``parts``), each with its own sequence number.
+    ``counters`` has ``lines``, ``samples`` and ``dropped`` (a message that at
+    least one logger did not get).
+    """
+
+    log = Logger()
+
+    def __init__(self, bus: Bus, endpoints: Sequence[str], clock: Any = None,
+                 max_line_bytes: int | None = None) -> None:
+        super().__init__()
+        if isinstance(endpoints, str):
+            endpoints = [endpoints]
+        self.bus = bus
+        self.clock = clock if clock is not None else bus.reactor
+        self.max_line_bytes = bus.log_line_max_bytes if max_line_bytes is None else max_line_bytes
+        self.counters = BusCounters()
+        self._seq: dict[tuple[str, str], int] = {}
+        self.pushes: list[Push] = []
+        for ep in dict.fromkeys(endpoints):
+            push = bus.push([ep])
+            push.setName(f"log-push {ep}")
+            push.setServiceParent(self)
+            self.pushes.append(push)
+        self.setName("bus-log-sink")
+
+    def _next_seq(self, app: str, stream: str) -> int:
+        key = (app, stream)
+        seq = self._seq.get(key, 0) + 1
+        self._seq[key] = seq
+        return seq
+
+    def _send(self, type: str, body: dict) -> None:
+        ok = True
+        for push in self.pushes:
+            ok = push.send(type, body) and ok
+        if not ok:
+            self.counters.incr("dropped")
+
+    def emit(self, app: str, source: str, text: str, timestamp: float | None = None) -> None:
+        ts = self.clock.seconds() if timestamp is None else float(timestamp)
+        parts = split_text(text, self.max_line_bytes)
+        for i, part in enumerate(parts):
+            body: dict[str, Any] = {
+                "app": app, "source": source, "text": part, "timestamp": ts,
+                "seq": self._next_seq(app, source), "node": self.bus.sender,
+            }
+            if len(parts) > 1:
+                body["part"] = i
+                body["parts"] = len(parts)
+            self._send("log.line", body)
+            self.counters.incr("lines")
+
+    def emit_stats(self, app: str, kind: str, values: dict) -> None:
+        body = {
+            "app": app, "kind": kind, "values": dict(values),
+            "timestamp": self.clock.seconds(), "seq": self._next_seq(app, "stats:" + kind),
+            "node": self.bus.sender,
+        }
+        self._send("stats.sample", body)
+        self.counters.incr("samples")

@@ -1,0 +1,117 @@
+"""The log/stats pipeline: interfaces, splitting, sequence numbers, fan-out to loggers."""
+
+from __future__ import annotations
+
+from twisted.internet import reactor, task
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface.verify import verifyObject
+
+from epio.bus import Bus
+from epio.pipeline import (
+    BusLogSink,
+    ILogSink,
+    IStatsSink,
+    LocalLogSink,
+    MemoryLogSink,
+    split_text,
+)
+
+SECRET = b"k" * 32
+
+
+class SplitTests(SynchronousTestCase):
+    def test_short_line_untouched(self) -> None:
+        """A line within the limit is one part, unchanged."""
+        self.assertEqual(split_text("hello", 10), ["hello"])
+
+    def test_split_on_character_boundaries(self) -> None:
+        """Parts are within the byte limit, never cut a character, and join back."""
+        text = "aé€😀" * 1001
+        parts = split_text(text, 10_000)
+        self.assertGreater(len(parts), 1)
+        self.assertEqual("".join(parts), text)
+        for p in parts:
+            self.assertLessEqual(len(p.encode()), 10_000)
+
+    def test_tiny_limit_still_progresses(self) -> None:
+        """A limit smaller than a character still terminates, one character a part."""
+        self.assertEqual(split_text("😀😀", 2), ["😀", "😀"])
+
+
+class SinkInterfaceTests(SynchronousTestCase):
+    def test_memory_sink(self) -> None:
+        """MemoryLogSink implements both interfaces and records what was emitted."""
+        sink = MemoryLogSink()
+        verifyObject(ILogSink, sink)
+        verifyObject(IStatsSink, sink)
+        sink.emit("app", "web.1", "hi", 5.0)
+        sink.emit("other", "web.1", "no")
+        sink.emit_stats("app", "http", {"requests": 3})
+        self.assertEqual(sink.texts("app"), ["hi"])
+        self.assertEqual(sink.lines[0].timestamp, 5.0)
+        self.assertEqual(sink.stats[0].values, {"requests": 3})
+
+    def test_local_sink_logs(self) -> None:
+        """LocalLogSink writes each line to the node's log with app and source."""
+        sink = LocalLogSink()
+        verifyObject(ILogSink, sink)
+        verifyObject(IStatsSink, sink)
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        sink.emit("app", "web.1", "hello there")
+        mine = [e for e in events if e.get("app") == "app"]
+        self.assertEqual(mine[0]["text"], "hello there")
+        self.assertEqual(mine[0]["source"], "web.1")
+
+
+class BusLogSinkTests(TestCase):
+    """Against real PULL sockets in-process (inproc://, no ports)."""
+
+    timeout = 10
+
+    async def test_fan_out_sequence_and_split(self) -> None:
+        """Every logger gets every line; seq counts per (app, source); long lines come
+        in parts with consecutive seq; stats carry their own sequence."""
+        bus = Bus(reactor, SECRET, "node-x", {"bus": {"log_line_max_bytes": 100}})
+        got: dict[str, list] = {"a": [], "b": []}
+        pulls = [bus.pull(f"inproc://logger-{k}", got[k].append) for k in "ab"]
+        for p in pulls:
+            p.startService()
+            self.addCleanup(p.stopService)
+        sink = BusLogSink(bus, ["inproc://logger-a", "inproc://logger-b"])
+        verifyObject(ILogSink, sink)
+        verifyObject(IStatsSink, sink)
+        sink.startService()
+        self.addCleanup(sink.stopService)
+        sink.emit("app1", "web.1", "one")
+        sink.emit("app1", "web.1", "x" * 250)
+        sink.emit("app1", "web.2", "other stream")
+        sink.emit_stats("app1", "http", {"requests": 7})
+        for _ in range(100):
+            if len(got["a"]) == 6 and len(got["b"]) == 6:
+                break
+            await task.deferLater(reactor, 0.01)
+        for k in "ab":
+            envs = got[k]
+            self.assertEqual([e.type for e in envs], ["log.line"] * 5 + ["stats.sample"])
+            web1 = [e.body for e in envs if e.body.get("source") == "web.1"]
+            self.assertEqual([b["seq"] for b in web1], [1, 2, 3, 4])
+            self.assertEqual("".join(b["text"] for b in web1[1:]), "x" * 250)
+            self.assertEqual([b.get("part") for b in web1], [None, 0, 1, 2])
+            self.assertEqual(web1[1]["parts"], 3)
+            web2 = [e.body for e in envs if e.body.get("source") == "web.2"]
+            self.assertEqual(web2[0]["seq"], 1)
+            self.assertEqual(envs[-1].body["values"], {"requests": 7})
+            self.assertEqual(envs[-1].sender, "node-x")
+        self.assertEqual(sink.counters["lines"], 5)
+        self.assertEqual(sink.counters["dropped"], 0)
+
+    def test_emit_when_stopped_never_raises(self) -> None:
+        """Emitting on a sink that is not started drops and counts, without raising."""
+        bus = Bus(reactor, SECRET, "node-x", {"bus": {}})
+        sink = BusLogSink(bus, ["tcp://127.0.0.1:9"])
+        sink.emit("app", "web.1", "lost")
+        self.assertEqual(sink.counters["dropped"], 1)
+        self.assertEqual(bus.counters["dropped.not_running"], 1)
