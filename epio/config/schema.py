@@ -150,6 +150,42 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "heartbeat_bind": Key(str, "tcp://127.0.0.1:7711", "Where this nexus receives heartbeats (SUB)."),
         "router_bind": Key(str, "tcp://127.0.0.1:7712", "Where this nexus serves snapshots and queries (ROUTER)."),
         "publish_bind": Key(str, "tcp://127.0.0.1:7713", "Where this nexus publishes route deltas (PUB)."),
+        "node_timeout": Key(
+            float, 3.0, "Seconds without a heartbeat after which a node is gone and its backends "
+            "leave the route table (at least 3 of the node's own heartbeat intervals).", positive,
+        ),
+        "store_refresh": Key(
+            float, 2.0, "Seconds between two reads of apps, domains and live releases from the store.",
+            positive,
+        ),
+        "store_refresh_min": Key(
+            float, 0.25, "Least seconds between two store reads triggered early (a heartbeat "
+            "names an app or release the nexus has not read yet).", positive,
+        ),
+        "warmup": Key(
+            float, 1.5, "Seconds a started nexus collects heartbeats before it serves snapshots and "
+            "publishes, so a restarted nexus never announces a half-empty table.", non_negative,
+        ),
+        "keepalive_interval": Key(
+            float, 0.5, "Seconds between two nexus.keepalive messages to the routers.", positive,
+        ),
+        "web_process_types": Key(
+            list, ["web"], "Process types whose healthy instances take HTTP requests.",
+            item_kind=str,
+        ),
+        "feed_timeout": Key(
+            float, 2.0, "Router side: seconds of silence (no delta, no keepalive) after which a "
+            "nexus leaves the route merge; with every nexus silent the router keeps its last "
+            "table and reports it stale.", positive,
+        ),
+        "snapshot_timeout": Key(
+            float, 2.0, "Router side: seconds a snapshot request to a nexus waits for its reply.",
+            positive,
+        ),
+        "snapshot_retry": Key(
+            float, 0.5, "Router side: seconds before a failed snapshot request is tried again.",
+            positive,
+        ),
     },
     "runner": {
         "control_bind": Key(str, "tcp://127.0.0.1:7731", "Where this runner takes control requests (ROUTER)."),
