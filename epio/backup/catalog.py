@@ -1,0 +1,106 @@
+"""The backup store: one directory per backup with its data and a ``meta.json``.
+
+Layout: ``ROOT/<app>/<kind>/<id>/`` holding ``data`` (a pg_dump custom-format
+archive or a Redis RDB file) and ``meta.json``.  ``ROOT`` is created 0700 and owned
+by the backup node's user, so app processes (their own UIDs) cannot read it; the
+database servers never hold credentials to it (backups are pulled).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from attrs import asdict, define, field
+
+STATUSES = ("running", "verified", "failed")
+
+
+class BackupNotFound(Exception):
+    code = "backup_not_found"
+
+
+@define
+class BackupRecord:
+    id: str
+    app: str
+    kind: str  # "postgres" or "redis"
+    created: float
+    status: str = "running"
+    source: str = ""  # database name or redis address (never credentials)
+    size: int = 0
+    sha256: str = ""
+    counts: dict[str, int] = field(factory=dict)  # table -> rows, or {"keys": n}
+    error: str = ""
+    finished: float | None = None
+
+    @property
+    def good(self) -> bool:
+        return self.status == "verified"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class Catalog:
+    """Backups on disk.  All methods are quick file operations."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def ensure(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.root, 0o700)
+
+    def dir_for(self, record: BackupRecord) -> Path:
+        return self.root / record.app / record.kind / record.id
+
+    def data_path(self, record: BackupRecord) -> Path:
+        return self.dir_for(record) / "data"
+
+    def create(self, record: BackupRecord) -> Path:
+        self.ensure()
+        d = self.dir_for(record)
+        d.mkdir(parents=True, mode=0o700)
+        self.save(record)
+        return d / "data"
+
+    def save(self, record: BackupRecord) -> None:
+        d = self.dir_for(record)
+        tmp = d / "meta.json.tmp"
+        tmp.write_text(json.dumps(record.to_json(), sort_keys=True))
+        os.replace(tmp, d / "meta.json")
+
+    def list(self, app: str | None = None, kind: str | None = None) -> list[BackupRecord]:
+        out = []
+        if not self.root.exists():
+            return out
+        for meta in self.root.glob("*/*/*/meta.json"):
+            try:
+                record = BackupRecord(**json.loads(meta.read_text()))
+            except (OSError, ValueError, TypeError):
+                continue
+            if (app is None or record.app == app) and (kind is None or record.kind == kind):
+                out.append(record)
+        return sorted(out, key=lambda r: r.created, reverse=True)
+
+    def get(self, backup_id: str, app: str | None = None) -> BackupRecord:
+        for record in self.list(app):
+            if record.id == backup_id:
+                return record
+        raise BackupNotFound(f"no backup {backup_id}")
+
+    def delete(self, record: BackupRecord) -> None:
+        shutil.rmtree(self.dir_for(record), ignore_errors=True)

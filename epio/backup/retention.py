@@ -1,0 +1,64 @@
+"""Which backups to keep: a grandfather-father-son history policy.
+
+For each period (hour, day, ISO week, month) the newest good backup of each of
+the last N periods is kept; everything else may be pruned.  Failed or unverified
+backups never count towards the history (a run of failures cannot push the last
+good backups out) and are pruned once they are older than ``failed_ttl``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import UTC, datetime
+
+from attrs import frozen
+
+
+@frozen
+class RetentionPolicy:
+    hourly: int = 24
+    daily: int = 7
+    weekly: int = 4
+    monthly: int = 6
+    failed_ttl: float = 7 * 86400.0
+
+
+@frozen
+class Candidate:
+    id: str
+    created: float  # seconds since the epoch
+    good: bool
+
+
+def _periods(ts: float) -> dict[str, tuple[int, ...]]:
+    t = datetime.fromtimestamp(ts, UTC)
+    iso = t.isocalendar()
+    return {
+        "hourly": (t.year, t.month, t.day, t.hour),
+        "daily": (t.year, t.month, t.day),
+        "weekly": (iso.year, iso.week),
+        "monthly": (t.year, t.month),
+    }
+
+
+def to_keep(backups: Iterable[Candidate], now: float, policy: RetentionPolicy) -> set[str]:
+    """The ids to keep under ``policy`` at time ``now``."""
+    items = sorted(backups, key=lambda b: b.created, reverse=True)
+    keep: set[str] = set()
+    for kind in ("hourly", "daily", "weekly", "monthly"):
+        limit = getattr(policy, kind)
+        seen: list[tuple[int, ...]] = []
+        for b in items:
+            if not b.good:
+                continue
+            period = _periods(b.created)[kind]
+            if period in seen:
+                continue
+            if len(seen) >= limit:
+                break
+            seen.append(period)
+            keep.add(b.id)
+    for b in items:
+        if not b.good and now - b.created < policy.failed_ttl:
+            keep.add(b.id)
+    return keep

@@ -1,0 +1,250 @@
+"""Shared PostgreSQL add-ons and pull-only backups on the machine's real servers."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import psycopg2
+from twisted.internet import reactor
+from twisted.trial.unittest import TestCase
+
+from epio.addons.postgres import SharedPostgres
+from epio.backup.catalog import BackupRecord, Catalog, sha256_file
+from epio.backup.postgres import BackupFailed, PostgresBackups
+from epio.backup.redis import RedisBackups
+from tests.util import free_port
+
+ADMIN_URL = os.environ.get("EPIO_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def app_name() -> str:
+    return "t" + secrets.token_hex(5)
+
+
+def table_dump(url_kwargs: dict) -> str:
+    """The data of every table, as pg_dump prints it (ordered, comparable)."""
+    env = dict(os.environ, PGPASSWORD=url_kwargs["password"])
+    out = subprocess.run(
+        ["pg_dump", "--data-only", "--inserts", "--rows-per-insert=1", "-h", url_kwargs["host"],
+         "-p", str(url_kwargs["port"]), "-U", url_kwargs["user"], url_kwargs["dbname"]],
+        env=env, capture_output=True, text=True, check=True, timeout=60,
+    ).stdout
+    return "\n".join(sorted(ln for ln in out.splitlines() if ln.startswith("INSERT")))
+
+
+class SharedPostgresTests(TestCase):
+    timeout = 120
+
+    async def provision(self, shared: SharedPostgres) -> tuple[str, dict]:
+        app = app_name()
+        creds = await shared.provision(app)
+        self.addCleanup(lambda: shared.deprovision(app))
+        return app, {"host": creds.host, "port": creds.port, "user": creds.user,
+                     "password": creds.password, "dbname": creds.database}
+
+    async def test_apps_cannot_reach_each_other(self) -> None:
+        """Two apps get their own database; each connects to its own and is refused
+        by the other's; the password is in the URL but not in the repr."""
+        shared = SharedPostgres(reactor, ADMIN_URL)
+        a, ka = await self.provision(shared)
+        b, kb = await self.provision(shared)
+        with psycopg2.connect(**ka) as conn:
+            conn.cursor().execute("CREATE TABLE t (x int)")
+        with self.assertRaises(psycopg2.OperationalError) as cm:
+            psycopg2.connect(**{**ka, "dbname": kb["dbname"]})
+        self.assertIn("permission denied", str(cm.exception))
+        old_hash = self.password_hash(ka["user"])
+        creds = await shared.provision(a)  # rotation: new password, data kept
+        self.assertNotIn(creds.password, repr(creds))
+        self.assertTrue(creds.url.startswith(f"postgresql://{creds.user}:"))
+        self.assertNotEqual(self.password_hash(ka["user"]), old_hash)
+        with psycopg2.connect(**{**ka, "password": creds.password}) as conn:
+            cur = conn.cursor()
+            cur.execute("SELECT count(*) FROM t")
+            self.assertEqual(cur.fetchone(), (0,))
+
+    def password_hash(self, role: str) -> str:
+        """The server's stored hash (this machine trusts local connections, so a
+        wrong password would still connect: compare what the server stores)."""
+        with psycopg2.connect(ADMIN_URL) as conn:
+            cur = conn.cursor()
+            cur.execute("SELECT rolpassword FROM pg_authid WHERE rolname = %s", (role,))
+            return cur.fetchone()[0]
+
+    async def test_deprovision_drops(self) -> None:
+        """Removing the add-on drops the database and the role."""
+        shared = SharedPostgres(reactor, ADMIN_URL)
+        app, _ = await self.provision(shared)
+        self.assertTrue(await shared.exists(app))
+        await shared.deprovision(app)
+        self.assertFalse(await shared.exists(app))
+
+
+class PostgresBackupTests(TestCase):
+    timeout = 180
+
+    async def test_backup_drop_restore_identical(self) -> None:
+        """backup -> drop a table -> restore -> the data is identical to before, and the
+        previous live database is kept under another name."""
+        shared = SharedPostgres(reactor, ADMIN_URL)
+        app = app_name()
+        creds = await shared.provision(app)
+        self.addCleanup(lambda: shared.deprovision(app))
+        kw = {"host": creds.host, "port": creds.port, "user": creds.user,
+              "password": creds.password, "dbname": creds.database}
+        with psycopg2.connect(**kw) as conn:
+            cur = conn.cursor()
+            cur.execute("CREATE TABLE items (id serial primary key, name text, data bytea)")
+            cur.execute("CREATE TABLE notes (body text)")
+            cur.executemany("INSERT INTO items (name, data) VALUES (%s, %s)",
+                            [(f"item {i}", bytes([i % 256]) * i) for i in range(500)])
+            cur.execute("INSERT INTO notes VALUES ('hello'), ('world')")
+        before = table_dump(kw)
+
+        catalog = Catalog(Path(self.mktemp()) / "backups")
+        backups = PostgresBackups(reactor, ADMIN_URL)
+        record = BackupRecord(id="b1", app=app, kind="postgres", created=time.time(),
+                              source=creds.database)
+        path = catalog.create(record)
+        counts = await backups.dump(creds.database, path)
+        self.assertEqual(counts, {"public.items": 500, "public.notes": 2})
+        await backups.verify(path, counts)
+        self.assertEqual(oct(catalog.root.stat().st_mode & 0o777), "0o700")
+
+        with psycopg2.connect(**kw) as conn:
+            conn.cursor().execute("DROP TABLE items")
+        self.assertNotEqual(table_dump(kw), before)
+
+        kept = await backups.restore(path, creds.database, creds.user, stamp="s1")
+        self.addCleanup(lambda: backups.drop_database(kept))
+        self.assertEqual(table_dump(kw), before)
+        with psycopg2.connect(**{**kw, "user": "postgres", "dbname": kept}) as conn:
+            cur = conn.cursor()
+            cur.execute("SELECT count(*) FROM notes")
+            self.assertEqual(cur.fetchone(), (2,))  # the pre-restore data is still there
+
+    async def test_corrupted_backup_fails_verification(self) -> None:
+        """A damaged archive is caught by verification, not reported good."""
+        shared = SharedPostgres(reactor, ADMIN_URL)
+        app = app_name()
+        creds = await shared.provision(app)
+        self.addCleanup(lambda: shared.deprovision(app))
+        with psycopg2.connect(host=creds.host, port=creds.port, user=creds.user,
+                              password=creds.password, dbname=creds.database) as conn:
+            cur = conn.cursor()
+            cur.execute("CREATE TABLE t AS SELECT g AS n, md5(g::text) AS h FROM generate_series(1, 5000) g")
+        backups = PostgresBackups(reactor, ADMIN_URL)
+        path = Path(self.mktemp())
+        counts = await backups.dump(creds.database, path)
+        digest = sha256_file(path)
+        data = bytearray(path.read_bytes())
+        mid = len(data) // 2
+        data[mid:mid + 64] = bytes(64)
+        path.write_bytes(bytes(data))
+        self.assertNotEqual(sha256_file(path), digest)
+        with self.assertRaises(BackupFailed) as cm:
+            await backups.verify(path, counts)
+        self.assertIn("failed", str(cm.exception))
+
+
+class RedisBackupTests(TestCase):
+    timeout = 120
+
+    def start_redis(self) -> tuple[int, str]:
+        """A dedicated redis-server with a password, as the platform runs per app."""
+        port = free_port()
+        password = secrets.token_urlsafe(16)
+        work = Path(self.mktemp())
+        work.mkdir()
+        proc = subprocess.Popen(
+            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--requirepass", password,
+             "--dir", str(work), "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        self.addCleanup(lambda: (proc.kill(), proc.wait()))
+        for _ in range(100):
+            r = subprocess.run(["redis-cli", "-p", str(port), "--no-auth-warning", "-a", password, "PING"],
+                               capture_output=True, text=True)
+            if r.stdout.strip() == "PONG":
+                return port, password
+            time.sleep(0.05)
+        raise AssertionError("redis-server did not start")
+
+    def cli(self, port: int, password: str, *args: str) -> str:
+        return subprocess.run(
+            ["redis-cli", "-p", str(port), "--no-auth-warning", "-a", password, *args],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()
+
+    async def test_round_trip(self) -> None:
+        """Snapshot pulled over the network -> verified by loading -> keys changed ->
+        restore gives back exactly the snapshot's keys, values and TTLs."""
+        port, password = self.start_redis()
+        for i in range(300):
+            self.cli(port, password, "SET", f"k{i}", f"value-{i}")
+        self.cli(port, password, "HSET", "h", "a", "1", "b", "2")
+        self.cli(port, password, "SET", "ttl", "x", "EX", "1000")
+        backups = RedisBackups(reactor)
+        path = Path(self.mktemp())
+        counts = await backups.dump("127.0.0.1", port, password, path)
+        self.assertEqual(counts, {"keys_min": 302, "keys_max": 302})
+        self.assertEqual(await backups.verify(path, counts), 302)
+
+        self.cli(port, password, "DEL", "k1", "h")
+        self.cli(port, password, "SET", "k2", "changed")
+        self.cli(port, password, "SET", "new", "extra")
+        restored = await backups.restore(path, "127.0.0.1", port, password)
+        self.assertEqual(restored, 302)
+        self.assertEqual(self.cli(port, password, "DBSIZE"), "302")
+        self.assertEqual(self.cli(port, password, "GET", "k1"), "value-1")
+        self.assertEqual(self.cli(port, password, "GET", "k2"), "value-2")
+        self.assertEqual(self.cli(port, password, "EXISTS", "new"), "0")
+        self.assertEqual(self.cli(port, password, "HGET", "h", "b"), "2")
+        self.assertGreater(int(self.cli(port, password, "TTL", "ttl")), 900)
+
+    async def test_corrupted_rdb_detected(self) -> None:
+        """A damaged RDB fails verification and is never restored."""
+        port, password = self.start_redis()
+        for i in range(50):
+            self.cli(port, password, "SET", f"k{i}", "v" * 100)
+        backups = RedisBackups(reactor)
+        path = Path(self.mktemp())
+        counts = await backups.dump("127.0.0.1", port, password, path)
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+        with self.assertRaises(BackupFailed):
+            await backups.verify(path, counts)
+        self.cli(port, password, "SET", "k0", "live")
+        with self.assertRaises(BackupFailed):
+            await backups.restore(path, "127.0.0.1", port, password)
+        self.assertEqual(self.cli(port, password, "GET", "k0"), "live")
+
+
+class BackupStoreIsolationTests(TestCase):
+    def test_app_user_cannot_read_backups(self) -> None:
+        """A process running as an app's UID cannot list or read the backup store."""
+        if os.geteuid() != 0 or shutil.which("setpriv") is None:
+            raise self.skipTest("needs root and setpriv to run as another UID")
+        root = Path(self.mktemp()).absolute()
+        catalog = Catalog(root / "backups")
+        record = BackupRecord(id="b1", app="a", kind="postgres", created=0.0)
+        catalog.create(record).write_text("secret dump")
+        os.chmod(root, 0o755)
+        target = catalog.data_path(record)
+        probe = subprocess.run(
+            ["setpriv", "--reuid=20999", "--regid=20999", "--clear-groups", "cat", str(target)],
+            capture_output=True, text=True, timeout=30,
+        )
+        self.assertNotEqual(probe.returncode, 0)
+        self.assertIn("Permission denied", probe.stderr)
+        listing = subprocess.run(
+            ["setpriv", "--reuid=20999", "--regid=20999", "--clear-groups", "ls", str(catalog.root)],
+            capture_output=True, text=True, timeout=30,
+        )
+        self.assertNotEqual(listing.returncode, 0)
