@@ -145,6 +145,48 @@ SCHEMA: dict[str, dict[str, Key]] = {
             "Standalone routes file (TOML, reloaded on SIGHUP) instead of the nexus; "
             "`--routes` sets it.",
         ),
+        "workers": Key(int, 1, "Router processes sharing the listening port (SO_REUSEPORT); "
+                       "1 = this process only.", positive),
+        "tls_listen": Key(str, "", "Endpoint of the optional TLS listener (e.g. tcp:8443); "
+                          "empty = no TLS."),
+        "tls_cert_dir": Key(str, "", "Directory of HOSTNAME.pem files (key + certificate chain; "
+                            "_wildcard.example.com.pem for *.example.com) chosen by SNI; "
+                            "re-read when it changes."),
+        "header_timeout": Key(float, 10.0, "Seconds a client has to send a request head (408).",
+                              positive),
+        "keepalive_timeout": Key(float, 75.0, "Seconds an idle kept-alive client connection "
+                                 "stays open.", positive),
+        "connect_timeout": Key(float, 5.0, "Seconds to connect to a backend before trying the "
+                               "next one.", positive),
+        "first_byte_timeout": Key(float, 30.0, "Seconds from a sent request to the first "
+                                  "response byte (504).", positive),
+        "idle_timeout": Key(float, 55.0, "Rolling seconds without a byte either way once a "
+                            "response has started.", positive),
+        "websocket_idle_timeout": Key(float, 3600.0, "Rolling idle seconds of an upgraded "
+                                      "(WebSocket) tunnel.", positive),
+        "queue_timeout": Key(float, 10.0, "Seconds a request waits in a full backend's queue "
+                             "before 503.", positive),
+        "pool_idle_timeout": Key(float, 15.0, "Seconds an idle pooled backend connection is "
+                                 "kept; keep it below the app server's keep-alive.", positive),
+        "pool_max_idle": Key(int, 64, "Idle pooled connections kept per backend.", non_negative),
+        "backend_max_conns": Key(int, 256, "Concurrent requests per backend before queueing.",
+                                 positive),
+        "backend_queue_size": Key(int, 256, "Requests queued per backend before 503.",
+                                  non_negative),
+        "connect_attempts": Key(int, 3, "Backends tried for one request when connecting fails.",
+                                positive),
+        "eject_after": Key(int, 5, "Consecutive failures that eject a backend.", positive),
+        "eject_seconds": Key(float, 10.0, "Seconds an ejected backend gets no requests.",
+                             positive),
+        "max_body_size": Key(int, 104857600, "Largest request body in bytes (413); routes may "
+                             "override.", non_negative),
+        "trusted_proxies": Key(list, [], "Peer addresses whose X-Forwarded-* headers are "
+                               "trusted and extended.", item_kind=str),
+        "access_log": Key(str, "", "Access log: empty = the log pipeline (node log until a "
+                          "logger runs), 'off', or a file path."),
+        "stats_interval": Key(float, 10.0, "Seconds between per-app stats reports.", positive),
+        "shutdown_timeout": Key(float, 30.0, "Seconds in-flight requests get to finish on stop.",
+                                positive),
     },
     "nexus": {
         "heartbeat_bind": Key(str, "tcp://127.0.0.1:7711", "Where this nexus receives heartbeats (SUB)."),
@@ -194,4 +236,56 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "pull_bind": Key(str, "tcp://127.0.0.1:7721", "Where this logger receives log lines and stats (PULL)."),
     },
     "backup": {},
+    "build": {
+        "python": Key(
+            str, "",
+            "Interpreter for app virtualenvs; empty means the node's own base Python, or a "
+            "system python3.X of the same version when the build user cannot run that one.",
+        ),
+        "image_format": Key(
+            str, "auto",
+            "squashfs (loop-mounted read-only), dir (read-only directory, reduced isolation) "
+            "or auto (squashfs when root with mksquashfs, else dir).",
+            one_of("auto", "squashfs", "dir"),
+        ),
+        "squashfs_compression": Key(
+            str, "lz4", "mksquashfs compressor: lz4 (fastest), gzip, zstd, xz, lzo.",
+            one_of("lz4", "gzip", "zstd", "xz", "lzo"),
+        ),
+        "user": Key(
+            str, "epio-build",
+            "Unprivileged system user builds run as (created when missing and the node is root).",
+        ),
+        "timeout": Key(float, 900.0, "Seconds a whole build may take before it is killed.", positive),
+        "memory_mb": Key(
+            int, 2048,
+            "Memory limit of a build's processes (cgroup v1 memory, else RLIMIT_AS).", positive,
+        ),
+        "max_upload_mb": Key(int, 200, "Largest accepted upload (compressed tarball), in MB.", positive),
+        "max_unpacked_mb": Key(int, 1000, "Largest unpacked upload, in MB.", positive),
+        "max_disk_mb": Key(
+            int, 4096,
+            "Disk a build may use (its tree, checked after each step; also the largest file "
+            "it may write), in MB.", positive,
+        ),
+        "max_concurrent": Key(int, 2, "Builds run at the same time on this node.", positive),
+        "index_url": Key(
+            str, "",
+            "Package index for cold builds (pip --index-url); empty means pip's own "
+            "configuration (PyPI or the machine's pip.conf).",
+        ),
+        "gunicorn": Key(
+            str, "gunicorn==23.0.0",
+            "Requirement added to a [wsgi] app that does not list gunicorn itself.",
+        ),
+        "keep_releases": Key(
+            int, 5, "Images of each app's newest N releases are kept; older ones are "
+            "garbage-collected.", positive,
+        ),
+        "gc_grace": Key(
+            float, 3600.0,
+            "Seconds a new image is safe from garbage collection before a release refers to it.",
+            non_negative,
+        ),
+    },
 }
