@@ -94,7 +94,8 @@ class NodeProcess:
         )
 
     def output(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text("utf-8", "replace")
 
     def wait_for_log(self, text: str, timeout: float = 30.0) -> str:
@@ -183,7 +184,8 @@ def isolated_config(
             return f"{m.group(1)}{ports[old]}"
 
         new = re.sub(r"((?:tcp://[^\s\"]*?:)|(?:^tcp6?:))(\d+)", sub, text)
-        if new != text and new.startswith("tcp:") and "interface=" not in new:
+        if new != text and new.startswith("tcp:") and not new.startswith("tcp://") \
+                and "interface=" not in new:
             new += ":interface=127.0.0.1"  # test servers never listen beyond loopback
         return new
 

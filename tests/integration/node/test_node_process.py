@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -30,7 +31,9 @@ class NodeProcessTests(SynchronousTestCase):
         self.assertTrue((node.data_dir / "store.sqlite3").exists())
         code = node.stop(timeout=40)
         out = node.output()
-        self.assertEqual(code, 0, out)
+        # twistd shuts down cleanly, then re-raises SIGTERM so the exit status says
+        # what stopped it (systemd counts that as a clean stop).
+        self.assertIn(code, (0, -signal.SIGTERM), out)
         self.assertIn("Server Shut Down", out)
         self.assertNotIn("Traceback", out)
 
