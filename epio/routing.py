@@ -1,0 +1,334 @@
+"""The routing table: hostname -> app -> backends (shared floor).
+
+The nexus builds it from heartbeats and the store; every router reads it on each
+request.  Lookups are dictionary probes (exact host, then one probe per label for
+the longest ``*.suffix`` wildcard, then ``<app>.<platform domain>``), so they stay
+O(labels) with 100k hostnames.
+
+Updates never stall the reactor for long: :meth:`RouteTable.replace` builds a new
+index off to the side and swaps it in with one assignment; :meth:`RouteTable.apply`
+changes only the hostnames of the routes in a delta (in place: the reactor is
+single-threaded, so a request sees the table before or after a delta, never half).
+
+Route sources (the routes file, later the nexus feed) implement
+:class:`IRouteSource` and push into a table.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from attrs import field, frozen
+from twisted.logger import Logger
+from zope.interface import Attribute, Interface, implementer
+
+HEALTHY = "healthy"
+BACKEND_STATES = ("starting", "healthy", "draining", "crashed")
+
+
+@frozen
+class Backend:
+    """One instance of an app that can take requests at ``host:port``."""
+
+    host: str
+    port: int
+    instance_id: str = ""
+    app: str = ""
+    release: str = ""
+    state: str = HEALTHY
+    # (host, port): the key the router keeps per-backend state under
+    address: tuple[str, int] = field(init=False, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        object.__setattr__(self, "address", (self.host, self.port))
+
+    def __str__(self) -> str:
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+@frozen
+class Route:
+    """An app's hostnames and backends, with its own limits where set.
+
+    ``None`` in an override means "use the router's configured value".  ``live``
+    is derived: the backends in state ``healthy`` (draining ones keep their
+    in-flight requests but get no new ones).
+    """
+
+    app: str
+    hostnames: tuple[str, ...] = field(converter=lambda hs: tuple(normalise_host(h) for h in hs))
+    backends: tuple[Backend, ...] = field(converter=tuple)
+    maintenance: bool = False
+    max_body_size: int | None = None
+    connect_timeout: float | None = None
+    first_byte_timeout: float | None = None
+    idle_timeout: float | None = None
+    websocket_idle_timeout: float | None = None
+    live: tuple[Backend, ...] = field(init=False, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        object.__setattr__(self, "live", tuple(b for b in self.backends if b.state == HEALTHY))
+
+
+@frozen
+class RouteDelta:
+    """A change to a table: routes to add or replace (by app) and apps to remove."""
+
+    upsert: tuple[Route, ...] = ()
+    remove: tuple[str, ...] = ()
+
+
+def normalise_host(host: str) -> str:
+    """Lower-case, drop the port and a trailing dot: ``Foo.COM.:80`` -> ``foo.com``.
+
+    IPv6 literals keep their brackets: ``[::1]:8080`` -> ``[::1]``.
+    """
+    h = host.strip().lower()
+    if h.startswith("["):
+        end = h.find("]")
+        return h[: end + 1] if end > 0 else h
+    colon = h.find(":")
+    if colon >= 0:
+        h = h[:colon]
+    return h.rstrip(".")
+
+
+class _Index:
+    """The three dictionaries one lookup probes."""
+
+    __slots__ = ("apps", "exact", "wild")
+
+    def __init__(self) -> None:
+        self.apps: dict[str, Route] = {}
+        self.exact: dict[str, Route] = {}
+        self.wild: dict[str, Route] = {}  # ".example.com" for "*.example.com"
+
+    def add(self, route: Route) -> None:
+        self.apps[route.app] = route
+        for h in route.hostnames:
+            if h.startswith("*."):
+                self.wild[h[1:]] = route
+            else:
+                self.exact[h] = route
+
+    def discard(self, route: Route) -> None:
+        """Remove ``route``'s hostnames, leaving those another app has taken since."""
+        if self.apps.get(route.app) is route:
+            del self.apps[route.app]
+        for h in route.hostnames:
+            if h.startswith("*."):
+                d, k = self.wild, h[1:]
+            else:
+                d, k = self.exact, h
+            cur = d.get(k)
+            if cur is not None and cur.app == route.app:
+                del d[k]
+
+
+class RouteTable:
+    """Hostname -> :class:`Route`, read on every request, fed by a route source."""
+
+    def __init__(self, domain: str = "localhost", routes: Iterable[Route] = ()) -> None:
+        self.domain = normalise_host(domain)
+        self._suffix = "." + self.domain
+        self.version = 0
+        self._index = _Index()
+        self.replace(routes)
+
+    def __len__(self) -> int:
+        return len(self._index.apps)
+
+    def routes(self) -> list[Route]:
+        return list(self._index.apps.values())
+
+    def get(self, app: str) -> Route | None:
+        return self._index.apps.get(app)
+
+    def lookup(self, host: str) -> Route | None:
+        """The route for a Host header value, or ``None``."""
+        idx = self._index
+        r = idx.exact.get(host)
+        if r is not None:
+            return r
+        h = normalise_host(host)
+        r = idx.exact.get(h)
+        if r is not None:
+            return r
+        if idx.wild:
+            wild = idx.wild
+            dot = h.find(".")
+            while dot >= 0:
+                r = wild.get(h[dot:])
+                if r is not None:
+                    return r
+                dot = h.find(".", dot + 1)
+        if h.endswith(self._suffix):
+            name = h[: -len(self._suffix)]
+            if name and "." not in name:
+                return idx.apps.get(name)
+        return None
+
+    def replace(self, routes: Iterable[Route]) -> None:
+        """Swap in a whole new table, built before the swap."""
+        new = _Index()
+        for r in routes:
+            old = new.apps.get(r.app)
+            if old is not None:
+                new.discard(old)
+            new.add(r)
+        self._index = new
+        self.version += 1
+
+    def apply(self, delta: RouteDelta) -> None:
+        """Add, replace and remove routes by app; touches only their hostnames."""
+        idx = self._index
+        for app in delta.remove:
+            old = idx.apps.get(app)
+            if old is not None:
+                idx.discard(old)
+        for r in delta.upsert:
+            old = idx.apps.get(r.app)
+            if old is not None:
+                idx.discard(old)
+            idx.add(r)
+        self.version += 1
+
+
+class IRouteSource(Interface):
+    """Something that keeps a :class:`RouteTable` current (a file, the nexus feed)."""
+
+    description = Attribute("Human-readable name for logs, e.g. 'file routes.toml'.")
+
+    def start(table: RouteTable) -> None:
+        """Fill ``table`` now (or as soon as possible) and keep it current."""
+
+    def stop() -> None:
+        """Stop updating the table; it keeps its last contents."""
+
+    def reload() -> None:
+        """Re-read the source now (SIGHUP); a bad source leaves the table as it was."""
+
+
+class RoutesFileError(Exception):
+    """The routes file cannot be used; the message says why and where."""
+
+
+_ROUTE_KEYS = {
+    "hostnames", "backends", "maintenance", "max_body_size", "connect_timeout",
+    "first_byte_timeout", "idle_timeout", "websocket_idle_timeout",
+}
+_FLOAT_KEYS = ("connect_timeout", "first_byte_timeout", "idle_timeout", "websocket_idle_timeout")
+
+
+def parse_backend(text: str, app: str) -> Backend:
+    """``host:port`` or ``[v6]:port`` -> :class:`Backend`."""
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+    else:
+        host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise RoutesFileError(f"app {app!r}: backend {text!r} is not HOST:PORT or [V6]:PORT")
+    return Backend(host=host, port=int(port), instance_id=text, app=app)
+
+
+def parse_routes(data: dict[str, Any]) -> list[Route]:
+    """Routes from the parsed TOML document (see docs/router.md)."""
+    apps = data.get("apps", {})
+    unknown = set(data) - {"apps"}
+    if unknown:
+        raise RoutesFileError(f"unknown top-level keys: {', '.join(sorted(unknown))}")
+    if not isinstance(apps, dict):
+        raise RoutesFileError("[apps] must be a table of apps")
+    routes = []
+    errors = []
+    for name, spec in apps.items():
+        if not isinstance(spec, dict):
+            errors.append(f"app {name!r}: must be a table")
+            continue
+        bad = set(spec) - _ROUTE_KEYS
+        if bad:
+            errors.append(f"app {name!r}: unknown keys {', '.join(sorted(bad))}")
+            continue
+        try:
+            hostnames = spec.get("hostnames", [])
+            backends = spec.get("backends", [])
+            if not all(isinstance(h, str) and h for h in hostnames):
+                raise RoutesFileError(f"app {name!r}: hostnames must be non-empty strings")
+            if not all(isinstance(b, str) for b in backends):
+                raise RoutesFileError(f"app {name!r}: backends must be 'HOST:PORT' strings")
+            kw: dict[str, Any] = {}
+            for k in _FLOAT_KEYS:
+                if k in spec:
+                    v = spec[k]
+                    if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
+                        raise RoutesFileError(f"app {name!r}: {k} must be a number > 0")
+                    kw[k] = float(v)
+            if "max_body_size" in spec:
+                v = spec["max_body_size"]
+                if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                    raise RoutesFileError(f"app {name!r}: max_body_size must be an integer >= 0")
+                kw["max_body_size"] = v
+            maint = spec.get("maintenance", False)
+            if not isinstance(maint, bool):
+                raise RoutesFileError(f"app {name!r}: maintenance must be true or false")
+            routes.append(Route(
+                app=name,
+                hostnames=hostnames,
+                backends=[parse_backend(b, name) for b in backends],
+                maintenance=maint,
+                **kw,
+            ))
+        except RoutesFileError as e:
+            errors.append(str(e))
+    if errors:
+        raise RoutesFileError("; ".join(errors))
+    return routes
+
+
+def load_routes_file(path: Path) -> list[Route]:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise RoutesFileError(f"cannot read {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise RoutesFileError(f"{path} is not valid TOML: {e}") from None
+    try:
+        return parse_routes(data)
+    except RoutesFileError as e:
+        raise RoutesFileError(f"{path}: {e}") from None
+
+
+@implementer(IRouteSource)
+class FileRouteSource:
+    """Routes from a TOML file, loaded at start and on :meth:`reload` (SIGHUP)."""
+
+    log = Logger()
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.description = f"file {self.path}"
+        self.table: RouteTable | None = None
+
+    def start(self, table: RouteTable) -> None:
+        self.table = table
+        self.reload()
+
+    def stop(self) -> None:
+        self.table = None
+
+    def reload(self) -> None:
+        if self.table is None:
+            return
+        try:
+            routes = load_routes_file(self.path)
+        except RoutesFileError as e:
+            self.log.error("routes not reloaded, keeping the current table: {error}", error=str(e))
+            return
+        self.table.replace(routes)
+        self.log.info("loaded {count} routes from {path}", count=len(routes), path=str(self.path))
