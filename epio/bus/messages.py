@@ -181,8 +181,117 @@ _(MessageType(
 _(MessageType("test.job", 1, "push", "Test only: a pushed job.", fields={"n": int}))
 
 # --- nexus (owner: nexus) -------------------------------------------------------
+_(MessageType(
+    "nexus.snapshot_request", 1, "request",
+    "A router asks a nexus for its whole route table (on connect, on a gap, on a restart).",
+))
+_(MessageType(
+    "nexus.snapshot", 1, "reply",
+    "A nexus's whole route table at one version; routes are PROTOCOL.md route maps.",
+    fields={"nexus_id": str, "version": int, "routes": list},
+))
+_(MessageType(
+    "nexus.delta", 1, "publish",
+    "Route changes of one reactor turn (topic routes): version follows prev_version; "
+    "changes are {op: set, app, route} or {op: remove, app}.",
+    fields={"nexus_id": str, "version": int, "prev_version": int, "changes": list},
+))
+_(MessageType(
+    "nexus.keepalive", 1, "publish",
+    "A nexus is alive (topic routes, every nexus.keepalive_interval) at this table version.",
+    fields={"nexus_id": str, "version": int}, optional={"routes": int, "nodes": int},
+))
+_(MessageType(
+    "nexus.where", 1, "request",
+    "Where does app X run / what does node N run (give app or node).",
+    optional={"app": str, "node": str},
+))
+_(MessageType(
+    "nexus.location", 1, "reply",
+    "Answer to nexus.where: instances (and the app's route, or the node's facts) and age, "
+    "the seconds since the answer's heartbeats were received.",
+    fields={"nexus_id": str, "age": Number},
+    optional={"app": str, "node": str, "instances": list, "route": (dict, type(None)),
+              "known": bool, "ready": bool, "store_age": (int, float, type(None)),
+              "boot_id": str, "seq": int, "interval": Number, "load": dict,
+              "control": (str, type(None)), "advertise_host": (str, type(None))},
+))
+_(MessageType(
+    "nexus.status", 1, "request", "Ask a nexus for its numbers (table, nodes, counters).",
+))
+_(MessageType(
+    "nexus.status_reply", 1, "reply",
+    "A nexus's status: nexus_id, ready, version, routes, backends, nodes, counters.",
+    fields={"nexus_id": str, "ready": bool, "version": int},
+    optional={"routes": int, "backends": int, "nodes": int, "store_age": (int, float, type(None)),
+              "heartbeats": dict, "table": dict},
+))
 
 # --- runner (owner: runner) -----------------------------------------------------
+_(MessageType(
+    "runner.build", 1, "request",
+    "Build an uploaded app tarball into an image on this runner (build log goes to the "
+    "app's log stream, source build).",
+    fields={"build_id": str, "app": str, "tarball": bytes},
+    optional={"env": dict},
+))
+_(MessageType(
+    "runner.built", 1, "reply",
+    "Answer to runner.build: the image digest, the parsed manifest and build facts.",
+    fields={"build_id": str, "digest": str, "manifest": dict},
+    optional={"duration": Number, "log_tail": list, "size": int},
+))
+_(MessageType(
+    "runner.start", 1, "request",
+    "Start one app instance on this runner (replies at once; state follows in heartbeats).",
+    fields={"instance_id": str, "app": str, "uid": int, "command": (str, list),
+            "image_digest": str},
+    optional={"release": int, "process_type": str, "index": int, "env": dict,
+              "limits": dict, "health_check": (str, type(None)),
+              "boot_timeout": Number, "grace": Number},
+))
+_(MessageType(
+    "runner.started", 1, "reply",
+    "Answer to runner.start: where the instance will listen (port is nil for non-web).",
+    fields={"instance_id": str, "host": str, "port": (int, type(None))},
+    optional={"state": str},
+))
+_(MessageType(
+    "runner.stop", 1, "request",
+    "Stop an instance: SIGTERM to its process group, grace seconds, then SIGKILL; the "
+    "reply comes once it has stopped.",
+    fields={"instance_id": str}, optional={"grace": Number},
+))
+_(MessageType(
+    "runner.stopped", 1, "reply", "Answer to runner.stop: the instance is stopped.",
+    fields={"instance_id": str}, optional={"state": str},
+))
+_(MessageType(
+    "runner.drain", 1, "request",
+    "Drain an instance: it leaves the route table now (state draining) and is stopped "
+    "after runner.drain_delay plus its grace period.",
+    fields={"instance_id": str},
+))
+_(MessageType(
+    "runner.draining", 1, "reply", "Answer to runner.drain.",
+    fields={"instance_id": str}, optional={"state": str},
+))
+_(MessageType(
+    "runner.status", 1, "request", "Ask a runner for its instances and isolation facts.",
+))
+_(MessageType(
+    "runner.status_reply", 1, "reply",
+    "A runner's node_id, boot_id and instances (heartbeat entries), plus isolation.",
+    fields={"node_id": str, "boot_id": str, "instances": list},
+    optional={"isolation": dict, "control": str, "advertise_host": str, "load": dict},
+))
+_(MessageType(
+    "runner.heartbeat", 1, "publish",
+    "A runner is alive (topic hb, every runner.heartbeat_interval): its instances and load.",
+    fields={"node_id": str, "boot_id": str, "seq": int, "interval": Number,
+            "instances": list},
+    optional={"load": dict, "control": str, "advertise_host": str, "isolation": dict},
+))
 
 # --- api (owner: api) -----------------------------------------------------------
 

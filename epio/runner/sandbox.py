@@ -1,0 +1,287 @@
+"""The sandbox an app process runs in, and what the host lets us enforce.
+
+Launch chain of one instance (each step ``exec``s the next, so the pid the
+reactor spawned stays the same process until bubblewrap forks)::
+
+    /bin/sh -c SHIM            root: ulimit -n, enter the instance's cgroups
+      bwrap ...                new pid/ipc/uts/mount namespaces, --die-with-parent
+        [ns init, pid 1]       bubblewrap's reaper, session + group leader
+          setpriv --reuid U --regid U --clear-groups --no-new-privs
+            /bin/sh -c COMMAND the Procfile command, as the app's UID
+
+Without bubblewrap (or not root) the chain degrades step by step and
+:class:`Isolation` says exactly which protections are off.  The network
+namespace is deliberately shared: the app binds ``$PORT`` on the host network so
+routers reach it; the control plane's TCP ports are protected by the bus HMAC
+signatures and api authentication, not by network isolation (docs/runner.md).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from attrs import frozen
+
+from epio.runner.cgroups import CgroupSupport
+from epio.runner.users import AppUser
+
+# paths inside the sandbox
+APP_ROOT = "/app"  # the image: app/, venv/, epio/
+HOME = "/home/app"
+DATA = "/home/app/data"  # ep.io's ~/data: writable, persistent, per app
+
+# /etc entries an app needs (name resolution, TLS roots, time zone, linker)
+ETC_ESSENTIALS = (
+    "resolv.conf", "hosts", "host.conf", "nsswitch.conf", "gai.conf", "ssl",
+    "ca-certificates", "ca-certificates.conf", "localtime", "timezone", "mime.types",
+    "protocols", "services", "ld.so.cache", "ld.so.conf", "ld.so.conf.d", "alternatives",
+    "os-release", "debian_version",
+)
+TOP_DIRS = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
+
+
+@frozen
+class Isolation:
+    """The protections this runner enforces; reported at start and in heartbeats."""
+
+    sandbox: str  # "bwrap" or "none"
+    uid_switch: bool  # processes run as the app's own UID
+    namespaces: tuple[str, ...]  # pid, ipc, uts, mount
+    cgroups: tuple[str, ...]  # memory, cpu, pids
+    nofile: bool
+    off: dict[str, str]  # protection -> why it is off
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "sandbox": self.sandbox,
+            "uid_switch": self.uid_switch,
+            "namespaces": list(self.namespaces),
+            "cgroups": list(self.cgroups),
+            "nofile": self.nofile,
+            "network": "shared",
+            "off": dict(self.off),
+        }
+
+
+def detect_isolation(
+    mode: str,
+    euid: int,
+    bwrap: str | None,
+    setpriv: str | None,
+    cgroups: CgroupSupport,
+    bwrap_works: bool | None = None,
+) -> Isolation:
+    """Decide what we can enforce.  ``mode`` is ``runner.sandbox``: auto, bwrap or none.
+
+    ``bwrap_works`` is the result of a trial run (None: not tried).
+    """
+    off: dict[str, str] = {}
+    root = euid == 0
+    use_bwrap = False
+    if mode == "none":
+        off["sandbox"] = "disabled by runner.sandbox = none"
+    elif not root:
+        off["sandbox"] = "the runner is not root: no namespaces or bind mounts"
+    elif bwrap is None:
+        off["sandbox"] = "bubblewrap (bwrap) is not installed"
+    elif bwrap_works is False:
+        off["sandbox"] = "bubblewrap is installed but failed its trial run"
+    else:
+        use_bwrap = True
+    uid_switch = root and setpriv is not None
+    if not uid_switch:
+        off["uid"] = (
+            "the runner is not root: apps run as the runner's own user"
+            if not root else "setpriv (util-linux) is not installed: cannot drop to the app UID"
+        )
+    if use_bwrap and not uid_switch:
+        use_bwrap = False
+        off["sandbox"] = "no way to drop to the app UID inside bubblewrap"
+    namespaces = ("pid", "ipc", "uts", "mount") if use_bwrap else ()
+    if not use_bwrap:
+        off["filesystem"] = (
+            "no mount namespace: apps see the host filesystem (file modes still "
+            "keep other apps' data dirs private when UIDs differ)"
+        )
+        off["processes"] = "no pid namespace: apps see every process of the host"
+    for ctrl, why in cgroups.problems.items():
+        off[ctrl] = why
+    if not root:
+        # without root we cannot write cgroup limits for other users' processes
+        pass
+    return Isolation(
+        sandbox="bwrap" if use_bwrap else "none",
+        uid_switch=uid_switch,
+        namespaces=namespaces,
+        cgroups=tuple(c for c in ("memory", "cpu", "pids") if cgroups.has(c)),
+        nofile=True,
+        off=off,
+    )
+
+
+@frozen
+class Layout:
+    """Where an instance's paths are, as the app sees them."""
+
+    app_root: str
+    home: str
+    data: str
+    tmp: str
+
+
+@frozen
+class LaunchSpec:
+    """Everything needed to launch one instance."""
+
+    instance_id: str
+    user: AppUser
+    image_root: Path  # host path of the image (app/, venv/, epio/)
+    data_dir: Path  # host path of the app's persistent data dir
+    scratch: Path  # host path of the instance's own dir (home/, tmp/, etc/)
+    command: str | tuple[str, ...]
+    nofile: int
+    cgroup_procs: tuple[str, ...]
+    python_prefix: str | None  # the Python install the venv points to (bound read-only)
+
+
+def layout_for(spec: LaunchSpec, isolation: Isolation) -> Layout:
+    if isolation.sandbox == "bwrap":
+        return Layout(app_root=APP_ROOT, home=HOME, data=DATA, tmp="/tmp")
+    return Layout(
+        app_root=str(spec.image_root),
+        home=str(spec.scratch / "home"),
+        data=str(spec.data_dir),
+        tmp=str(spec.scratch / "tmp"),
+    )
+
+
+def app_environment(
+    layout: Layout, platform: Mapping[str, str], user_env: Mapping[str, str]
+) -> dict[str, str]:
+    """The app's environment: user config vars, then platform values that win."""
+    env = {str(k): str(v) for k, v in user_env.items()}
+    venv = layout.app_root + "/venv"
+    env.update(
+        {
+            "HOME": layout.home,
+            "TMPDIR": layout.tmp,
+            "EPIO_DATA_DIR": layout.data,
+            "VIRTUAL_ENV": venv,
+            "PATH": f"{venv}/bin:/usr/local/bin:/usr/bin:/bin",
+            "PYTHONUNBUFFERED": "1",
+            "LANG": env.get("LANG", "C.UTF-8"),
+        }
+    )
+    env.update(platform)
+    return env
+
+
+def python_prefix_of(image_root: Path) -> str | None:
+    """The Python install a venv's ``pyvenv.cfg`` ``home`` points to (its prefix)."""
+    try:
+        text = (image_root / "venv" / "pyvenv.cfg").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.strip() == "home":
+            home = Path(value.strip())
+            return str(home.parent if home.name == "bin" else home)
+    return None
+
+
+def _shim(nofile: int, cgroup_procs: Sequence[str]) -> str:
+    # umask 022: bubblewrap creates mount points with the caller's umask, and
+    # they must be traversable by the app's UID
+    parts = ["umask 022", f"ulimit -n {int(nofile)} || exit 126"]
+    for path in cgroup_procs:
+        parts.append(f"echo $$ > '{path}' || exit 126")
+    parts.append('exec "$@"')
+    return "; ".join(parts)
+
+
+def _etc_binds() -> list[str]:
+    out: list[str] = []
+    for name in ETC_ESSENTIALS:
+        out += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
+    return out
+
+
+def _top_binds() -> list[str]:
+    out = ["--ro-bind", "/usr", "/usr"]
+    for name in TOP_DIRS:
+        p = Path("/") / name
+        if p.is_symlink():
+            out += ["--symlink", os.readlink(p), f"/{name}"]
+        elif p.is_dir():
+            out += ["--ro-bind", str(p), f"/{name}"]
+    return out
+
+
+def build_argv(
+    spec: LaunchSpec,
+    isolation: Isolation,
+    *,
+    bwrap: str | None,
+    setpriv: str | None,
+    sh: str = "/bin/sh",
+    info_fd: int | None = 3,
+) -> list[str]:
+    """The argv to spawn (argv[0] is the executable) for ``spec`` under ``isolation``."""
+    command = (
+        [sh, "-c", spec.command] if isinstance(spec.command, str) else list(spec.command)
+    )
+    argv = [sh, "-c", _shim(spec.nofile, spec.cgroup_procs), "epio-launch"]
+    drop = [
+        setpriv or "setpriv", "--reuid", str(spec.user.uid), "--regid", str(spec.user.gid),
+        "--clear-groups", "--no-new-privs",
+    ]
+    if isolation.sandbox == "bwrap":
+        assert bwrap is not None
+        argv += [
+            bwrap, "--unshare-pid", "--unshare-ipc", "--unshare-uts",
+            "--hostname", spec.user.app, "--die-with-parent", "--new-session",
+        ]
+        if info_fd is not None:
+            argv += ["--info-fd", str(info_fd)]
+        argv += _top_binds()
+        # bubblewrap makes the parents of file mounts 0700: create them 0755 first
+        parents = ["/etc", "/home"]
+        if spec.python_prefix and not spec.python_prefix.startswith("/usr/"):
+            parents += [str(p) for p in reversed(Path(spec.python_prefix).parents)][1:]
+        for d in parents:
+            argv += ["--perms", "0755", "--dir", d]
+        argv += _etc_binds()
+        argv += [
+            "--ro-bind", str(spec.scratch / "etc" / "passwd"), "/etc/passwd",
+            "--ro-bind", str(spec.scratch / "etc" / "group"), "/etc/group",
+        ]
+        if spec.python_prefix and not spec.python_prefix.startswith("/usr/"):
+            argv += ["--ro-bind", spec.python_prefix, spec.python_prefix]
+        argv += [
+            "--ro-bind", str(spec.image_root), APP_ROOT,
+            "--bind", str(spec.scratch / "home"), HOME,
+            "--bind", str(spec.data_dir), DATA,
+            "--perms", "1777", "--tmpfs", "/tmp",
+            "--proc", "/proc", "--dev", "/dev",
+            "--chdir", APP_ROOT + "/app",
+            "--", *drop, "--", *command,
+        ]
+        return argv
+    # no sandbox: a new session (so the whole group can be signalled), then the UID
+    argv += [shutil.which("setsid") or "/usr/bin/setsid"]
+    if isolation.uid_switch:
+        argv += [*drop, "--pdeathsig", "KILL", "--"]
+    argv += command
+    return argv
+
+
+def launch_cwd(spec: LaunchSpec, isolation: Isolation) -> str:
+    """The directory to spawn in (bwrap changes into /app/app itself)."""
+    if isolation.sandbox == "bwrap":
+        return "/"
+    return str(spec.image_root / "app")

@@ -1,0 +1,806 @@
+"""Supervision of app instances: one explicit state machine per instance.
+
+::
+
+                 +-----------------------------------------------+
+                 |                                               v
+    start --> STARTING --healthy--> HEALTHY --drain/stop--> DRAINING --exit--> STOPPED
+               |  |  ^                |                        ^
+               |  |  |                | exit / unhealthy       |
+               |  |  +--backoff--- CRASHED <-------------------+ (stop while waiting)
+               |  +----exit------------^
+               +--boot timeout (never healthy yet) / image error--> FAILED --stop--> STOPPED
+
+* A process that exits unasked is CRASHED and restarted after a backoff of
+  ``1 s * 2**n`` capped at 5 min; ``n`` resets when the process had been healthy
+  for 10 min.  There is no tight loop: every restart waits.
+* A web instance must answer its health check within ``boot_timeout``; if it
+  never has been healthy since ``runner.start`` it is FAILED (killed, not
+  restarted: the scheduler decides), otherwise a boot timeout counts as a crash.
+* While it runs, ``health_failures`` failed checks in a row make it CRASHED
+  (it leaves the route table at once) and it is killed and restarted.
+* Stop = SIGTERM to the whole process group, ``grace`` seconds, then SIGKILL
+  of the group and of everything left in its cgroups.
+
+The launch mechanics (sandbox, cgroups, images) are behind :class:`ILauncher`
+and health probes behind :class:`~epio.runner.health.IHealthProbe`, so this
+module is unit-tested with ``task.Clock`` and a fake ``IReactorProcess``.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import re
+import signal
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from attrs import define, field, frozen
+from twisted.internet import defer
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import Attribute, Interface
+
+from epio.runner.cgroups import Limits
+from epio.runner.ports import PortAllocator
+from epio.runner.users import UserError, app_user
+
+INSTANCE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+PROCESS_TYPE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+DIGEST = re.compile(r"^(sha256:)?[0-9a-f]{64}$")
+
+
+class State(str, enum.Enum):
+    STARTING = "starting"
+    HEALTHY = "healthy"
+    DRAINING = "draining"
+    CRASHED = "crashed"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+TRANSITIONS: dict[State, frozenset[State]] = {
+    State.STARTING: frozenset({State.HEALTHY, State.CRASHED, State.FAILED, State.DRAINING,
+                               State.STOPPED}),
+    State.HEALTHY: frozenset({State.CRASHED, State.DRAINING}),
+    State.DRAINING: frozenset({State.STOPPED}),
+    State.CRASHED: frozenset({State.STARTING, State.STOPPED}),
+    State.FAILED: frozenset({State.STOPPED}),
+    State.STOPPED: frozenset(),
+}
+# states a router may send requests to
+ROUTABLE = frozenset({State.HEALTHY})
+
+
+class InvalidTransition(Exception):
+    """A bug: the supervisor tried a transition the state machine does not have."""
+
+
+class SpecError(ValueError):
+    """A ``runner.start`` body the runner refuses (message says why)."""
+
+
+class UnknownInstance(KeyError):
+    """No instance with that id on this runner."""
+
+
+@frozen
+class Settings:
+    """Supervisor knobs (from the ``runner`` config section)."""
+
+    advertise_host: str = "127.0.0.1"
+    uid_min: int = 10000
+    uid_max: int = 59999
+    grace: float = 30.0
+    boot_timeout: float = 60.0
+    backoff_initial: float = 1.0
+    backoff_max: float = 300.0
+    backoff_reset: float = 600.0
+    health_interval: float = 5.0
+    health_boot_interval: float = 0.5
+    health_timeout: float = 2.0
+    health_failures: int = 3
+    drain_delay: float = 3.0
+    worker_settle: float = 1.0
+    stopped_retention: float = 60.0
+    max_line: int = 16384
+    limits: Limits = Limits(memory_mb=512, cpu_shares=1024, pids=512, nofile=4096)
+
+    @classmethod
+    def from_config(cls, c: Mapping[str, Any]) -> Settings:
+        return cls(
+            advertise_host=c["advertise_host"], uid_min=c["uid_min"], uid_max=c["uid_max"],
+            grace=c["grace"], boot_timeout=c["boot_timeout"],
+            backoff_initial=c["backoff_initial"], backoff_max=c["backoff_max"],
+            backoff_reset=c["backoff_reset"], health_interval=c["health_interval"],
+            health_boot_interval=c["health_boot_interval"],
+            health_timeout=c["health_timeout"], health_failures=c["health_failures"],
+            drain_delay=c["drain_delay"], worker_settle=c["worker_settle"],
+            stopped_retention=c["stopped_retention"], max_line=c["max_log_line"],
+            limits=Limits(memory_mb=c["memory_mb"], cpu_shares=c["cpu_shares"],
+                          pids=c["pids_max"], nofile=c["nofile"]),
+        )
+
+
+def backoff_delay(attempt: int, initial: float = 1.0, cap: float = 300.0) -> float:
+    """Seconds to wait before restart number ``attempt + 1`` (0-based)."""
+    if attempt >= 64:
+        return cap
+    return float(min(initial * (2**attempt), cap))
+
+
+def _num(body: Mapping[str, Any], key: str, default: float, lo: float, hi: float) -> float:
+    v = body.get(key)
+    if v is None:
+        return default
+    if not isinstance(v, int | float) or isinstance(v, bool) or not lo <= v <= hi:
+        raise SpecError(f"{key} must be a number in {lo:g}..{hi:g}, not {v!r}")
+    return float(v)
+
+
+def _int(limits: Mapping[str, Any], key: str, default: int, lo: int, hi: int) -> int:
+    v = limits.get(key)
+    if v is None:
+        return default
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise SpecError(f"limits.{key} must be an integer in {lo}..{hi}, not {v!r}")
+    return v
+
+
+@frozen
+class InstanceSpec:
+    """The desired instance, as ``runner.start`` described it (validated)."""
+
+    instance_id: str
+    app: str
+    uid: int
+    release: int
+    process_type: str
+    index: int
+    command: str | tuple[str, ...]
+    image_digest: str
+    env: dict[str, str]
+    limits: Limits
+    health_check: str | None
+    boot_timeout: float
+    grace: float
+
+    @property
+    def source(self) -> str:
+        """The log source of this instance's output: ``web.1``."""
+        return f"{self.process_type}.{self.index}"
+
+    @property
+    def is_web(self) -> bool:
+        return self.process_type == "web"
+
+    @classmethod
+    def from_message(cls, body: Mapping[str, Any], settings: Settings, index: int) -> InstanceSpec:
+        iid = body.get("instance_id")
+        if not isinstance(iid, str) or not INSTANCE_ID.match(iid):
+            raise SpecError(f"invalid instance_id {iid!r}")
+        try:
+            user = app_user(body.get("app"), body.get("uid"), settings.uid_min,  # type: ignore[arg-type]
+                            settings.uid_max)
+        except UserError as e:
+            raise SpecError(str(e)) from None
+        ptype = body.get("process_type", "web")
+        if not isinstance(ptype, str) or not PROCESS_TYPE.match(ptype):
+            raise SpecError(f"invalid process_type {ptype!r}")
+        command = body.get("command")
+        if isinstance(command, list) and command and all(isinstance(a, str) for a in command):
+            command = tuple(command)
+        elif not isinstance(command, str) or not command.strip():
+            raise SpecError("command must be a non-empty string or list of strings")
+        digest = body.get("image_digest")
+        if not isinstance(digest, str) or not DIGEST.match(digest):
+            raise SpecError(f"image_digest must be a sha256 hex digest, not {digest!r}")
+        env = body.get("env") or {}
+        if not isinstance(env, dict) or not all(
+            isinstance(k, str) and isinstance(v, str | int | float) and not isinstance(v, bool)
+            and k and "=" not in k and "\0" not in k and "\0" not in str(v)
+            for k, v in env.items()
+        ):
+            raise SpecError("env must map names to string values")
+        release = body.get("release", 0)
+        if not isinstance(release, int) or isinstance(release, bool) or release < 0:
+            raise SpecError(f"release must be a non-negative integer, not {release!r}")
+        lim = body.get("limits") or {}
+        if not isinstance(lim, dict):
+            raise SpecError("limits must be a map")
+        d = settings.limits
+        limits = Limits(
+            memory_mb=_int(lim, "memory_mb", d.memory_mb, 16, 1 << 20),
+            cpu_shares=_int(lim, "cpu_shares", d.cpu_shares, 2, 262144),
+            pids=_int(lim, "pids", d.pids, 8, 1 << 22),
+            nofile=_int(lim, "nofile", d.nofile, 64, 1 << 20),
+        )
+        hc = body.get("health_check")
+        if hc is not None and (not isinstance(hc, str) or not hc.startswith("/")
+                               or any(c in hc for c in " \r\n\t")):
+            raise SpecError(f"health_check must be a URL path starting with /, not {hc!r}")
+        idx = body.get("index", index)
+        if not isinstance(idx, int) or isinstance(idx, bool) or idx < 1:
+            raise SpecError(f"index must be a positive integer, not {idx!r}")
+        return cls(
+            instance_id=iid, app=user.app, uid=user.uid, release=release, process_type=ptype,
+            index=idx, command=command, image_digest=digest.removeprefix("sha256:"),
+            env={k: str(v) for k, v in env.items()}, limits=limits, health_check=hc or None,
+            boot_timeout=_num(body, "boot_timeout", settings.boot_timeout, 1, 3600),
+            grace=_num(body, "grace", settings.grace, 0, 3600),
+        )
+
+    def to_message(self) -> dict[str, Any]:
+        """The ``runner.start`` body that recreates this spec (for the state file)."""
+        return {
+            "instance_id": self.instance_id, "app": self.app, "uid": self.uid,
+            "release": self.release, "process_type": self.process_type, "index": self.index,
+            "command": list(self.command) if isinstance(self.command, tuple) else self.command,
+            "image_digest": self.image_digest, "env": dict(self.env),
+            "limits": {"memory_mb": self.limits.memory_mb, "cpu_shares": self.limits.cpu_shares,
+                       "pids": self.limits.pids, "nofile": self.limits.nofile},
+            "health_check": self.health_check, "boot_timeout": self.boot_timeout,
+            "grace": self.grace,
+        }
+
+
+@define
+class Launch:
+    """One prepared launch: what to spawn, and the resources to clean up after."""
+
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str
+    child_fds: dict[int, Any]
+    info_fd: int | None = None  # bubblewrap writes its child's pid here
+    cgroup: Any = None
+    scratch: Any = None
+    image: str | None = None
+    pid: int | None = None  # the spawned process
+    group: int | None = None  # the process group to signal
+    start_time: int | None = None
+
+
+class ILauncher(Interface):
+    isolation = Attribute("The Isolation this launcher enforces")
+
+    def prepare(spec: InstanceSpec, port: int | None) -> defer.Deferred[Launch]:
+        """Make the image, dirs and cgroups ready; fire the Launch to spawn."""
+
+    def spawned(launch: Launch, pid: int) -> None:
+        """The launch's process was spawned with ``pid``."""
+
+    def signal(launch: Launch, sig: int) -> None:
+        """Send ``sig`` to the launch's whole process group."""
+
+    def kill_all(launch: Launch) -> None:
+        """SIGKILL everything left of the launch (group and cgroups)."""
+
+    def oom_kills(launch: Launch) -> int:
+        """How many out-of-memory kills the kernel counted for the launch."""
+
+    def cleanup(launch: Launch) -> defer.Deferred[None]:
+        """Remove what prepare made (after the process is gone)."""
+
+
+class ILogSink(Interface):
+    def emit(app: str, source: str, text: str, timestamp: float | None = None) -> None:
+        """One log line of an app."""
+
+
+@define(eq=False)
+class Instance:
+    """One instance's live record."""
+
+    spec: InstanceSpec
+    state: State
+    since: float
+    port: int | None = None
+    restarts: int = 0
+    attempt: int = 0  # backoff exponent
+    generation: int = 0
+    launch: Launch | None = None
+    transport: Any = None
+    ever_healthy: bool = False
+    healthy_since: float | None = None
+    stopping: bool = False
+    boot_failed: bool = False
+    reason: str | None = None
+    health_failures: int = 0
+    oom_before: int = 0
+    starts: int = 0
+    calls: dict[str, IDelayedCall] = field(factory=dict)
+    waiters: list[defer.Deferred[None]] = field(factory=list)
+
+    @property
+    def running(self) -> bool:
+        return self.transport is not None
+
+    def heartbeat(self, host: str) -> dict[str, Any]:
+        s = self.spec
+        out: dict[str, Any] = {
+            "instance_id": s.instance_id, "app": s.app, "release": s.release,
+            "process_type": s.process_type, "index": s.index, "host": host, "port": self.port,
+            "state": self.state.value, "since": self.since, "restarts": self.restarts,
+        }
+        if self.reason:
+            out["reason"] = self.reason
+        return out
+
+
+class InstanceProtocol(ProcessProtocol):
+    """Lines of stdout/stderr to the log sink; bubblewrap's info on fd 3."""
+
+    def __init__(self, sup: Supervisor, inst: Instance, gen: int, launch: Launch) -> None:
+        self.sup = sup
+        self.inst = inst
+        self.gen = gen
+        self.launch = launch
+        self.buffers: dict[int, bytes] = {1: b"", 2: b""}
+        self.info = b""
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.closeStdin()
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        if childFD == self.launch.info_fd:
+            self.info += data
+            self._parse_info()
+            return
+        buf = self.buffers.get(childFD, b"") + data
+        max_line = self.sup.settings.max_line
+        while True:
+            nl = buf.find(b"\n")
+            if nl < 0:
+                if len(buf) < max_line:
+                    break
+                line, buf = buf[:max_line], buf[max_line:]
+            else:
+                line, buf = buf[:nl], buf[nl + 1 :]
+            self._line(line)
+        self.buffers[childFD] = buf
+
+    def _parse_info(self) -> None:
+        if self.launch.group is not None:
+            return
+        try:
+            info = json.loads(self.info)
+        except ValueError:
+            return
+        pid = info.get("child-pid") if isinstance(info, dict) else None
+        if isinstance(pid, int) and pid > 1:
+            self.launch.group = pid
+            self.sup.changed()
+
+    def childConnectionLost(self, childFD: int) -> None:
+        if childFD == self.launch.info_fd:
+            self._parse_info()
+
+    def _line(self, raw: bytes) -> None:
+        text = raw.rstrip(b"\r").decode("utf-8", "replace")
+        self.sup.sink.emit(self.inst.spec.app, self.inst.spec.source, text,
+                           self.sup.reactor.seconds())
+
+    def processEnded(self, reason: Failure) -> None:
+        for fd, buf in self.buffers.items():
+            if buf:
+                self._line(buf)
+                self.buffers[fd] = b""
+        code: int | None = None
+        sig: int | None = None
+        if isinstance(reason.value, ProcessDone):
+            code = 0
+        elif isinstance(reason.value, ProcessTerminated):
+            code = reason.value.exitCode
+            sig = reason.value.signal
+        self.sup._process_ended(self.inst, self.gen, code, sig)
+
+
+def describe_exit(code: int | None, sig: int | None, oom: bool) -> str:
+    if oom:
+        return "killed: out of memory"
+    if sig is not None:
+        return f"killed by signal {_signame(sig)}"
+    if code is not None and code > 128 and code - 128 < 65:
+        # bubblewrap reports a child killed by signal N as exit status 128 + N
+        return f"exited with code {code} (killed by signal {_signame(code - 128)})"
+    return f"exited with code {code}"
+
+
+def _signame(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return str(sig)
+
+
+class Supervisor:
+    """Runs, restarts, health-checks, drains and stops the instances of one runner."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        launcher: Any,
+        probe: Any,
+        sink: Any,
+        ports: PortAllocator,
+        settings: Settings,
+        on_change: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.reactor = reactor
+        self.launcher = launcher
+        self.probe = probe
+        self.sink = sink
+        self.ports = ports
+        self.settings = settings
+        self.on_change = on_change
+        self.instances: dict[str, Instance] = {}
+        self.shutting_down = False
+
+    # -- queries -----------------------------------------------------------
+
+    def get(self, instance_id: str) -> Instance:
+        try:
+            return self.instances[instance_id]
+        except KeyError:
+            raise UnknownInstance(instance_id) from None
+
+    def heartbeat_instances(self) -> list[dict[str, Any]]:
+        host = self.settings.advertise_host
+        return [i.heartbeat(host) for i in self.instances.values()]
+
+    def changed(self) -> None:
+        try:
+            self.on_change()
+        except Exception:
+            self.log.failure("state change callback failed")
+
+    # -- the state machine -------------------------------------------------
+
+    def _to(self, inst: Instance, new: State, reason: str | None = None) -> None:
+        if new is inst.state:
+            return
+        if new not in TRANSITIONS[inst.state]:
+            raise InvalidTransition(f"{inst.spec.instance_id}: {inst.state.value} -> {new.value}")
+        self.log.info(
+            "instance {instance_id} ({app} {source}) {old} -> {new}{why}",
+            instance_id=inst.spec.instance_id, app=inst.spec.app, source=inst.spec.source,
+            old=inst.state.value, new=new.value, why=f" ({reason})" if reason else "",
+        )
+        inst.state = new
+        inst.since = self.reactor.seconds()
+        if reason is not None:
+            inst.reason = reason
+        if new is State.STOPPED:
+            self._cancel_all(inst)
+            self.ports.release(inst.port)
+            waiters, inst.waiters = inst.waiters, []
+            for w in waiters:
+                w.callback(None)
+            inst.calls["forget"] = self.reactor.callLater(
+                self.settings.stopped_retention, self._forget, inst
+            )
+        elif new is State.FAILED:
+            self.ports.release(inst.port)
+        self.changed()
+
+    def _say(self, inst: Instance, text: str) -> None:
+        """A platform line in the app's log (Heroku-style source ``epio[web.1]``)."""
+        self.sink.emit(inst.spec.app, f"epio[{inst.spec.source}]", text, self.reactor.seconds())
+
+    def _call(self, inst: Instance, name: str, delay: float, f: Callable[..., Any],
+              *args: Any) -> None:
+        self._cancel(inst, name)
+        inst.calls[name] = self.reactor.callLater(delay, f, *args)
+
+    def _cancel(self, inst: Instance, name: str) -> None:
+        call = inst.calls.pop(name, None)
+        if call is not None and call.active():
+            call.cancel()
+
+    def _cancel_all(self, inst: Instance) -> None:
+        for name in list(inst.calls):
+            self._cancel(inst, name)
+
+    def _forget(self, inst: Instance) -> None:
+        if self.instances.get(inst.spec.instance_id) is inst and inst.state is State.STOPPED:
+            del self.instances[inst.spec.instance_id]
+            self.changed()
+
+    # -- commands ------------------------------------------------------------
+
+    def next_index(self, app: str, process_type: str) -> int:
+        taken = {
+            i.spec.index for i in self.instances.values()
+            if i.spec.app == app and i.spec.process_type == process_type
+            and i.state is not State.STOPPED
+        }
+        n = 1
+        while n in taken:
+            n += 1
+        return n
+
+    def start(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        """Handle ``runner.start``: validate, allocate a port, launch; reply at once."""
+        app = body.get("app")
+        ptype = body.get("process_type", "web")
+        index = self.next_index(app, ptype) if isinstance(app, str) and isinstance(ptype, str) else 1
+        spec = InstanceSpec.from_message(body, self.settings, index)
+        old = self.instances.get(spec.instance_id)
+        if old is not None:
+            if old.state not in (State.STOPPED, State.FAILED):
+                if old.spec != spec:
+                    raise SpecError(f"instance {spec.instance_id} already runs another spec")
+                return self._started_reply(old)
+            self._cancel_all(old)
+            self.ports.release(old.port)
+        port = self.ports.allocate() if spec.is_web else None
+        inst = Instance(spec=spec, state=State.STARTING, since=self.reactor.seconds(), port=port)
+        self.instances[spec.instance_id] = inst
+        self.log.info(
+            "instance {instance_id} ({app} {source} release {release}) starting on port {port}",
+            instance_id=spec.instance_id, app=spec.app, source=spec.source,
+            release=spec.release, port=port,
+        )
+        self.changed()
+        self._launch(inst)
+        return self._started_reply(inst)
+
+    def _started_reply(self, inst: Instance) -> dict[str, Any]:
+        return {"instance_id": inst.spec.instance_id, "host": self.settings.advertise_host,
+                "port": inst.port, "state": inst.state.value}
+
+    def drain(self, instance_id: str) -> dict[str, Any]:
+        """Handle ``runner.drain``: leave the routes now, stop after ``drain_delay`` + grace."""
+        inst = self.get(instance_id)
+        if inst.state in (State.STARTING, State.HEALTHY):
+            inst.stopping = True
+            self._cancel(inst, "health")
+            self._cancel(inst, "boot")
+            if inst.running or inst.launch is not None:
+                self._to(inst, State.DRAINING, "draining")
+                self._call(inst, "drain", self.settings.drain_delay, self._terminate, inst,
+                           inst.spec.grace)
+            else:
+                self._to(inst, State.STOPPED, "drained before it ran")
+        elif inst.state in (State.CRASHED, State.FAILED):
+            inst.stopping = True
+            self._to(inst, State.STOPPED, "drained")
+        return {"instance_id": instance_id, "state": inst.state.value}
+
+    def stop(self, instance_id: str, grace: float | None = None) -> defer.Deferred[None]:
+        """Handle ``runner.stop``: SIGTERM, grace, SIGKILL; fires once STOPPED."""
+        inst = self.get(instance_id)
+        grace = inst.spec.grace if grace is None else grace
+        inst.stopping = True
+        if inst.state is State.STOPPED:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        inst.waiters.append(d)
+        self._cancel(inst, "drain")
+        self._cancel(inst, "health")
+        self._cancel(inst, "boot")
+        if inst.running:
+            if inst.state is not State.CRASHED:
+                self._to(inst, State.DRAINING, "stopping")
+            self._terminate(inst, grace)
+        elif inst.state in (State.STARTING, State.CRASHED, State.FAILED):
+            self._to(inst, State.STOPPED, "stopped")
+        return d
+
+    def _terminate(self, inst: Instance, grace: float) -> None:
+        if not inst.running or inst.launch is None:
+            return
+        self._say(inst, f"stopping: SIGTERM, SIGKILL in {grace:g}s")
+        self.launcher.signal(inst.launch, signal.SIGTERM)
+        self._call(inst, "kill", grace, self._kill, inst, inst.generation)
+
+    def _kill(self, inst: Instance, gen: int) -> None:
+        if inst.generation != gen or inst.launch is None or not inst.running:
+            return
+        self._say(inst, "did not exit in time: SIGKILL")
+        self.launcher.signal(inst.launch, signal.SIGKILL)
+        self.launcher.kill_all(inst.launch)
+
+    # -- launching -----------------------------------------------------------
+
+    def _launch(self, inst: Instance) -> None:
+        d = defer.Deferred.fromCoroutine(self._launch_async(inst))
+        d.addErrback(lambda f: self.log.failure("launch of {i} failed", f,
+                                                i=inst.spec.instance_id))
+
+    async def _launch_async(self, inst: Instance) -> None:
+        inst.generation += 1
+        gen = inst.generation
+        inst.healthy_since = None
+        inst.health_failures = 0
+        inst.boot_failed = False
+        self._to(inst, State.STARTING)
+        try:
+            launch = await self.launcher.prepare(inst.spec, inst.port)
+        except Exception as e:
+            why = f"cannot prepare: {e}"
+            self.log.error("instance {i}: {why}", i=inst.spec.instance_id, why=why)
+            self._say(inst, why)
+            if inst.stopping:
+                self._to(inst, State.STOPPED, why)
+            else:
+                self._to(inst, State.FAILED, why)
+            return
+        if inst.generation != gen or inst.stopping or self.shutting_down:
+            await self.launcher.cleanup(launch)
+            if inst.state is State.DRAINING:
+                self._to(inst, State.STOPPED, "stopped before it ran")
+            return
+        inst.launch = launch
+        inst.oom_before = self.launcher.oom_kills(launch)
+        proto = InstanceProtocol(self, inst, gen, launch)
+        try:
+            inst.transport = self.reactor.spawnProcess(
+                proto, launch.argv[0], launch.argv, env=launch.env, path=launch.cwd,
+                childFDs=launch.child_fds,
+            )
+        except Exception as e:
+            inst.launch = None
+            await self.launcher.cleanup(launch)
+            self._to(inst, State.FAILED, f"cannot spawn: {e}")
+            return
+        inst.starts += 1
+        self.launcher.spawned(launch, inst.transport.pid)
+        self._say(inst, f"starting release {inst.spec.release}: {self._command(inst)}"
+                        + (f" (PORT={inst.port})" if inst.port else ""))
+        if inst.spec.is_web:
+            self._call(inst, "boot", inst.spec.boot_timeout, self._boot_timeout, inst, gen)
+            self._call(inst, "health", self.settings.health_boot_interval, self._probe, inst, gen)
+        else:
+            self._call(inst, "health", self.settings.worker_settle, self._settled, inst, gen)
+        self.changed()
+
+    def _command(self, inst: Instance) -> str:
+        c = inst.spec.command
+        return c if isinstance(c, str) else " ".join(c)
+
+    # -- health --------------------------------------------------------------
+
+    def _settled(self, inst: Instance, gen: int) -> None:
+        if inst.generation == gen and inst.state is State.STARTING and inst.running:
+            self._healthy(inst)
+
+    def _healthy(self, inst: Instance) -> None:
+        self._cancel(inst, "boot")
+        inst.ever_healthy = True
+        inst.healthy_since = self.reactor.seconds()
+        inst.reason = None
+        self._to(inst, State.HEALTHY)
+        self._say(inst, "healthy")
+
+    def _probe(self, inst: Instance, gen: int) -> None:
+        inst.calls.pop("health", None)
+        if inst.generation != gen or inst.state not in (State.STARTING, State.HEALTHY):
+            return
+        assert inst.port is not None
+        d = self.probe.check(self.settings.advertise_host, inst.port, inst.spec.health_check,
+                             self.settings.health_timeout)
+        d.addCallback(lambda ok: self._probed(inst, gen, bool(ok)))
+        d.addErrback(lambda f: self.log.failure("health probe of {i} failed", f,
+                                                i=inst.spec.instance_id))
+
+    def _probed(self, inst: Instance, gen: int, ok: bool) -> None:
+        if inst.generation != gen or not inst.running:
+            return
+        s = self.settings
+        if inst.state is State.STARTING:
+            if ok:
+                self._healthy(inst)
+                self._call(inst, "health", s.health_interval, self._probe, inst, gen)
+            else:
+                self._call(inst, "health", s.health_boot_interval, self._probe, inst, gen)
+        elif inst.state is State.HEALTHY:
+            if ok:
+                inst.health_failures = 0
+            else:
+                inst.health_failures += 1
+                self.log.warn("instance {i}: health check failed ({n}/{max})",
+                              i=inst.spec.instance_id, n=inst.health_failures,
+                              max=s.health_failures)
+                if inst.health_failures >= s.health_failures:
+                    why = f"unhealthy: {inst.health_failures} failed health checks"
+                    self._say(inst, why + ", restarting")
+                    self._to(inst, State.CRASHED, why)
+                    self._terminate(inst, min(inst.spec.grace, 5.0))
+                    return
+            self._call(inst, "health", s.health_interval, self._probe, inst, gen)
+
+    def _boot_timeout(self, inst: Instance, gen: int) -> None:
+        inst.calls.pop("boot", None)
+        if inst.generation != gen or inst.state is not State.STARTING or not inst.running:
+            return
+        why = f"not healthy within the boot timeout of {inst.spec.boot_timeout:g}s"
+        inst.boot_failed = True
+        inst.reason = why
+        self._say(inst, why + ": killed")
+        assert inst.launch is not None
+        self.launcher.signal(inst.launch, signal.SIGKILL)
+        self.launcher.kill_all(inst.launch)
+
+    # -- exits ---------------------------------------------------------------
+
+    def _process_ended(self, inst: Instance, gen: int, code: int | None, sig: int | None) -> None:
+        if inst.generation != gen:
+            return
+        launch = inst.launch
+        inst.transport = None
+        inst.launch = None
+        for name in ("boot", "health", "kill", "drain"):
+            self._cancel(inst, name)
+        oom = launch is not None and self.launcher.oom_kills(launch) > inst.oom_before
+        how = describe_exit(code, sig, oom)
+        if launch is not None:
+            self.launcher.kill_all(launch)  # leftovers of the group: no orphans
+            d = self.launcher.cleanup(launch)
+            d.addErrback(lambda f: self.log.failure("cleanup of {i} failed", f,
+                                                    i=inst.spec.instance_id))
+        if self.shutting_down:
+            self._say(inst, f"process {how} (runner shutting down)")
+            waiters, inst.waiters = inst.waiters, []
+            for w in waiters:
+                w.callback(None)
+            return
+        if inst.stopping:
+            self._say(inst, f"process {how}")
+            if inst.state is State.CRASHED:
+                self._to(inst, State.STOPPED, f"stopped ({how})")
+            else:
+                if inst.state is State.STARTING:
+                    self._to(inst, State.DRAINING)
+                self._to(inst, State.STOPPED, f"stopped ({how})")
+            return
+        if inst.boot_failed and not inst.ever_healthy:
+            self._say(inst, f"process {how}; failed: {inst.reason}")
+            self._to(inst, State.FAILED, inst.reason)
+            return
+        if oom:
+            self.log.warn("instance {i} ({app} {source}) killed: out of memory",
+                          i=inst.spec.instance_id, app=inst.spec.app, source=inst.spec.source)
+        now = self.reactor.seconds()
+        if inst.healthy_since is not None and now - inst.healthy_since >= self.settings.backoff_reset:
+            inst.attempt = 0
+        delay = backoff_delay(inst.attempt, self.settings.backoff_initial,
+                              self.settings.backoff_max)
+        inst.attempt += 1
+        why = inst.reason if inst.boot_failed else how
+        if inst.state is State.CRASHED and inst.reason and inst.reason.startswith("unhealthy"):
+            why = f"{inst.reason}; {how}"
+        self._say(inst, f"process {how}; restarting in {delay:g}s")
+        self._to(inst, State.CRASHED, why)
+        self._call(inst, "restart", delay, self._restart, inst)
+
+    def _restart(self, inst: Instance) -> None:
+        inst.calls.pop("restart", None)
+        if inst.state is not State.CRASHED or inst.stopping or self.shutting_down:
+            return
+        inst.restarts += 1
+        self._launch(inst)
+
+    # -- shutdown ------------------------------------------------------------
+
+    def shutdown(self, grace: float) -> defer.Deferred[None]:
+        """Stop every process (SIGTERM, ``grace``, SIGKILL) without changing desired state."""
+        self.shutting_down = True
+        waits = []
+        for inst in self.instances.values():
+            self._cancel_all(inst)
+            if inst.running and inst.launch is not None:
+                d: defer.Deferred[None] = defer.Deferred()
+                inst.waiters.append(d)
+                waits.append(d)
+                self.launcher.signal(inst.launch, signal.SIGTERM)
+                self._call(inst, "kill", grace, self._kill, inst, inst.generation)
+        return defer.DeferredList(waits).addCallback(lambda _: None)
