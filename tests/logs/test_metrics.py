@@ -1,0 +1,66 @@
+"""epio.metrics: the Prometheus text format, checked with prometheus_client's parser
+(a test-only dependency)."""
+
+from __future__ import annotations
+
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.test.requesthelper import DummyRequest
+
+from epio.metrics import MetricsRegistry, MetricsResource
+
+
+class ExpositionTests(SynchronousTestCase):
+    def make(self) -> MetricsRegistry:
+        reg = MetricsRegistry()
+        c = reg.counter("epio_test_lines_total", "Lines.\nSecond \\ line.", ["app", "source"])
+        c.labels("hello", "web.1").inc(3)
+        c.labels('we"ird\\app\n', "router").inc()
+        g = reg.gauge("epio_test_queue", "Queue length.")
+        g.set(4.5)
+        h = reg.histogram("epio_test_latency_seconds", "Latency.", ["app"], buckets=[0.01, 0.1, 1])
+        for v in (0.005, 0.05, 0.5, 5):
+            h.labels("hello").observe(v)
+        return reg
+
+    def test_parses_with_prometheus_parser(self) -> None:
+        """Counters, gauges and histograms render to text the reference parser reads back exactly."""
+        fams = {f.name: f for f in text_string_to_metric_families(self.make().render().decode())}
+        lines = fams["epio_test_lines"]
+        self.assertEqual(lines.type, "counter")
+        vals = {(s.labels["app"], s.labels["source"]): s.value for s in lines.samples
+                if s.name == "epio_test_lines_total"}
+        self.assertEqual(vals[("hello", "web.1")], 3)
+        self.assertEqual(vals[('we"ird\\app\n', "router")], 1)
+        self.assertEqual(fams["epio_test_queue"].samples[0].value, 4.5)
+        hist = fams["epio_test_latency_seconds"]
+        self.assertEqual(hist.type, "histogram")
+        buckets = {s.labels["le"]: s.value for s in hist.samples if s.name.endswith("_bucket")}
+        self.assertEqual(buckets, {"0.01": 1, "0.1": 2, "1.0": 3, "+Inf": 4})
+        count = [s.value for s in hist.samples if s.name.endswith("_count")]
+        self.assertEqual(count, [4])
+
+    def test_resource(self) -> None:
+        """GET /metrics answers with the 0.0.4 content type and the exposition."""
+        reg = self.make()
+        req = DummyRequest([b""])
+        body = MetricsResource(reg).render_GET(req)
+        self.assertEqual(req.responseHeaders.getRawHeaders(b"content-type"),
+                         [b"text/plain; version=0.0.4; charset=utf-8"])
+        self.assertIn(b"epio_test_queue 4.5", body)
+
+    def test_collectors_and_reuse(self) -> None:
+        """Registering a name twice returns the same metric; a different shape is refused;
+        a failing collector does not break the scrape."""
+        reg = self.make()
+        self.assertIs(reg.counter("epio_test_lines_total", "x", ["app", "source"]),
+                      reg.counter("epio_test_lines_total", "y", ["app", "source"]))
+        self.assertRaises(ValueError, reg.gauge, "epio_test_lines_total", "x", ["app", "source"])
+        self.assertRaises(ValueError, reg.counter, "no_suffix", "x")
+
+        def broken():
+            raise RuntimeError("boom")
+
+        reg.add_collector(broken)
+        self.assertIn(b"epio_test_queue", reg.render())
+        self.flushLoggedErrors(RuntimeError)
