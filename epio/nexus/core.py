@@ -1,0 +1,264 @@
+"""The nexus's logic on a clock, with no sockets: heartbeats in, deltas out.
+
+:class:`Nexus` ties the :class:`~epio.nexus.heartbeats.NodeTracker` (live
+instances), the :class:`~epio.nexus.table.StoreView` (apps, hostnames, live
+releases) and the :class:`~epio.nexus.table.RouteBook` (the published table)
+together:
+
+- every change marks the apps it touches *dirty*; one flush per reactor turn
+  (``callLater(0)``) recomputes only those routes and publishes a single
+  ``nexus.delta`` with every change of that turn — milliseconds, not a timer;
+- ``nexus.keepalive`` is published every ``keepalive_interval`` so routers can
+  tell a live nexus from a dead one and detect a lost last delta;
+- a freshly started nexus is *warming up* until it has read the store once and
+  ``warmup`` seconds have passed (one heartbeat period and a half by
+  default): until then it publishes nothing and refuses snapshots, so a
+  restarted nexus never tells the routers that the cluster is empty.
+
+Publishing is a callable ``publish(type, body)`` injected by the service.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from twisted.logger import Logger
+
+from epio.nexus.heartbeats import InstanceInfo, NodeTracker
+from epio.nexus.table import AppFacts, RouteBook, StoreView, build_route, is_backend
+
+Publish = Callable[[str, dict[str, Any]], None]
+
+
+class NotReady(Exception):
+    """The nexus is warming up and cannot answer with a full table yet."""
+
+
+class NotFound(Exception):
+    """A query named an app or node the nexus knows nothing about."""
+
+
+class Nexus:
+    """Heartbeats + store view -> versioned route table and deltas."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        clock: Any,
+        nexus_id: str,
+        publish: Publish,
+        *,
+        node_timeout: float = 3.0,
+        warmup: float = 1.5,
+        web_types: Iterable[str] = ("web",),
+        on_store_hint: Callable[[], None] | None = None,
+    ) -> None:
+        self._clock = clock
+        self.nexus_id = nexus_id
+        self._publish = publish
+        self.warmup = warmup
+        self.web_types = frozenset(web_types)
+        self._on_store_hint = on_store_hint
+        self.tracker = NodeTracker(clock, node_timeout, self._apps_changed)
+        self.book = RouteBook()
+        self.view: StoreView | None = None
+        self.ready = False
+        self.started_at = clock.seconds()
+        self.ready_at: float | None = None
+        self.counters: Counter[str] = Counter()
+        self._warm = warmup <= 0
+        self._warm_call: Any = None
+        self._dirty: set[str] = set()
+        self._flush_call: Any = None
+        self._last_change: float | None = None
+
+    # -- life -----------------------------------------------------------------
+
+    def start(self) -> None:
+        self.started_at = self._clock.seconds()
+        if not self._warm:
+            self._warm_call = self._clock.callLater(self.warmup, self._warmed)
+
+    def stop(self) -> None:
+        for call in (self._warm_call, self._flush_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._warm_call = self._flush_call = None
+        self.tracker.stop()
+
+    def _warmed(self) -> None:
+        self._warm_call = None
+        self._warm = True
+        self._maybe_ready()
+
+    def _maybe_ready(self) -> None:
+        if self.ready or not self._warm or self.view is None:
+            return
+        self._flush()  # bring the book up to date before anyone sees it
+        self.ready = True
+        self.ready_at = self._clock.seconds()
+        self.log.info(
+            "nexus {nexus_id} ready: {routes} routes, {nodes} nodes, version {version}",
+            nexus_id=self.nexus_id, routes=len(self.book.routes), nodes=len(self.tracker.nodes),
+            version=self.book.version,
+        )
+        self.keepalive()
+
+    # -- inputs ---------------------------------------------------------------
+
+    def heartbeat(self, body: Mapping[str, Any]) -> str:
+        """Take one ``runner.heartbeat`` body; return the tracker's outcome."""
+        return self.tracker.receive(body)
+
+    def set_view(self, view: StoreView) -> None:
+        """Install a fresh store view; the apps whose facts changed get recomputed."""
+        old = self.view.apps if self.view is not None else {}
+        changed = {name for name, facts in view.apps.items() if old.get(name) != facts}
+        changed |= {name for name in old if name not in view.apps}
+        self.view = view
+        if changed:
+            self._apps_changed(changed)
+        self._maybe_ready()
+
+    def _apps_changed(self, apps: set[str]) -> None:
+        self._dirty |= apps
+        if self._flush_call is None:
+            self._flush_call = self._clock.callLater(0, self._flush)
+
+    # -- output ---------------------------------------------------------------
+
+    def route_for(self, app: str) -> dict[str, Any] | None:
+        """The route ``app`` should have now (None: the store does not know it)."""
+        if self.view is None:
+            return None
+        facts = self.view.apps.get(app)
+        if facts is None:
+            return None
+        return build_route(facts, self.tracker.instances_of(app), self.web_types)
+
+    def _flush(self) -> None:
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
+        if self.view is None or not self._dirty:
+            return
+        dirty, self._dirty = self._dirty, set()
+        changes = []
+        hint = False
+        for app in sorted(dirty):
+            route = self.route_for(app)
+            if route is None and self.tracker.by_app.get(app):
+                self.counters["unknown_app"] += 1
+                hint = True
+            elif route is not None:
+                hint = hint or self._unknown_release(self.view.apps[app], app)
+            change = self.book.update(app, route)
+            if change is not None:
+                changes.append(change)
+        if hint and self._on_store_hint is not None:
+            self._on_store_hint()
+        if not changes:
+            return
+        prev, version = self.book.commit()
+        self._last_change = self._clock.seconds()
+        self.counters["deltas"] += 1
+        self.counters["changes"] += len(changes)
+        if self.ready:
+            self._publish(
+                "nexus.delta",
+                {"nexus_id": self.nexus_id, "version": version, "prev_version": prev,
+                 "changes": changes},
+            )
+
+    def _unknown_release(self, facts: AppFacts, app: str) -> bool:
+        """A healthy web instance of a release the store view does not list (yet)."""
+        if facts.live_releases is None:
+            return False
+        return any(
+            i.state == "healthy" and i.process_type in self.web_types
+            and i.release not in facts.live_releases and i.release > max(facts.live_releases, default=0)
+            for i in self.tracker.instances_of(app)
+        )
+
+    def keepalive(self) -> None:
+        """Publish ``nexus.keepalive`` (only once ready)."""
+        if not self.ready:
+            return
+        self._publish("nexus.keepalive", self.keepalive_body())
+
+    def keepalive_body(self) -> dict[str, Any]:
+        return {
+            "nexus_id": self.nexus_id,
+            "version": self.book.version,
+            "routes": len(self.book.routes),
+            "nodes": len(self.tracker.nodes),
+        }
+
+    def snapshot(self) -> dict[str, Any]:
+        """The ``nexus.snapshot`` body: the whole table at the current version."""
+        if not self.ready:
+            raise NotReady(f"nexus {self.nexus_id} is warming up")
+        if self._dirty:
+            self._flush()  # a snapshot never lags behind a pending delta
+        return {"nexus_id": self.nexus_id, "version": self.book.version,
+                "routes": self.book.snapshot()}
+
+    # -- queries --------------------------------------------------------------
+
+    def where_app(self, app: str) -> dict[str, Any]:
+        """Where ``app`` runs: its instances, its route, and how fresh that is."""
+        now = self._clock.seconds()
+        instances: list[InstanceInfo] = sorted(
+            self.tracker.instances_of(app), key=lambda i: (i.node, i.instance_id)
+        )
+        facts = self.view.apps.get(app) if self.view is not None else None
+        if facts is None and not instances:
+            raise NotFound(f"no app {app!r} is known to this nexus")
+        ages = [now - self.tracker.nodes[n].last_seen for n in {i.node for i in instances}
+                if n in self.tracker.nodes]
+        out = []
+        for info in instances:
+            entry = info.as_dict()
+            entry["routable"] = facts is not None and is_backend(info, facts, self.web_types)
+            out.append(entry)
+        return {
+            "nexus_id": self.nexus_id,
+            "app": app,
+            "known": facts is not None,
+            "instances": out,
+            "route": self.book.routes.get(app),
+            "age": max(ages, default=0.0),
+            "store_age": self.store_age(now),
+            "ready": self.ready,
+        }
+
+    def where_node(self, node: str) -> dict[str, Any]:
+        """What ``node`` runs and when it was last heard of."""
+        state = self.tracker.nodes.get(node)
+        if state is None:
+            raise NotFound(f"no live node {node!r} is known to this nexus")
+        now = self._clock.seconds()
+        body = state.as_dict(now)
+        body.update(nexus_id=self.nexus_id, ready=self.ready, store_age=self.store_age(now))
+        return body
+
+    def store_age(self, now: float) -> float | None:
+        return None if self.view is None else max(0.0, now - self.view.loaded_at)
+
+    def status(self) -> dict[str, Any]:
+        """Numbers for logs and a status page."""
+        now = self._clock.seconds()
+        return {
+            "nexus_id": self.nexus_id,
+            "ready": self.ready,
+            "version": self.book.version,
+            "routes": len(self.book.routes),
+            "backends": sum(len(r["backends"]) for r in self.book.routes.values()),
+            "nodes": len(self.tracker.nodes),
+            "store_age": self.store_age(now),
+            "heartbeats": dict(self.tracker.counters),
+            "table": dict(self.counters),
+        }

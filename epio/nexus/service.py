@@ -1,0 +1,200 @@
+"""The ``nexus`` role: heartbeats in (SUB), snapshots and queries (ROUTER), deltas out (PUB).
+
+Sockets (endpoints from the ``nexus`` config section):
+
+- ``heartbeat_bind``: SUB, bound; runners connect their PUB to every nexus and
+  publish ``runner.heartbeat`` on topic ``hb``;
+- ``router_bind``: ROUTER answering ``nexus.snapshot_request``,
+  ``nexus.where`` and ``nexus.status``;
+- ``publish_bind``: PUB sending ``nexus.delta`` and ``nexus.keepalive`` on
+  topic ``routes``.
+
+The logic lives in :class:`epio.nexus.core.Nexus`; this module wires it to the
+bus, the store (re-read every ``store_refresh`` seconds, and early when a
+heartbeat names something the nexus has not read yet) and the clock.  See
+docs/nexus.md.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.internet import TimerService
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.logger import Logger
+
+from epio.bus.errors import RemoteError
+from epio.nexus.core import Nexus, NotFound, NotReady
+from epio.nexus.storeview import RoutingStore, load_view
+
+HEARTBEAT_TOPIC = b"hb"
+ROUTES_TOPIC = b"routes"
+
+
+class NexusService(MultiService):
+    """One nexus: the :class:`Nexus` logic plus its three sockets and two timers.
+
+    ``get_store`` returns a Deferred firing with the store (the node's
+    ``store_service.whenReady``).  ``startService`` never fails asynchronously:
+    a store that cannot be read is logged and tried again at the next refresh;
+    until it has been read once the nexus stays warming up.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        bus: Any,
+        config: Any,
+        get_store: Callable[[], Deferred],
+        domain: str,
+        nexus_id: str | None = None,
+    ) -> None:
+        super().__init__()
+        cfg = config["nexus"]
+        self.reactor = reactor
+        self.bus = bus
+        self.domain = domain
+        self._get_store = get_store
+        self.store_refresh = float(cfg["store_refresh"])
+        self.store_refresh_min = float(cfg["store_refresh_min"])
+        self.nexus_id = nexus_id or uuid.uuid4().hex
+        self.nexus = Nexus(
+            reactor, self.nexus_id, self._publish,
+            node_timeout=float(cfg["node_timeout"]),
+            warmup=float(cfg["warmup"]),
+            web_types=cfg["web_process_types"],
+            on_store_hint=self.refresh_soon,
+        )
+        self.publisher = bus.publisher(bind=cfg["publish_bind"])
+        self.publisher.setServiceParent(self)
+        self.heartbeats = bus.subscriber([], [HEARTBEAT_TOPIC], self._heartbeat,
+                                         bind=cfg["heartbeat_bind"])
+        self.heartbeats.setServiceParent(self)
+        self.router = bus.router(cfg["router_bind"], self._request)
+        self.router.setServiceParent(self)
+        for interval, call in ((float(cfg["keepalive_interval"]), self.nexus.keepalive),
+                               (self.store_refresh, self._timed_refresh)):
+            timer = TimerService(interval, call)
+            timer.clock = reactor
+            timer.setServiceParent(self)
+        self._refreshing = False
+        self._refresh_again = False
+        self._last_refresh: float | None = None
+        self._soon: Any = None
+
+    # -- life -----------------------------------------------------------------
+
+    def startService(self) -> None:
+        self.log.info(
+            "nexus {nexus_id}: heartbeats at {hb}, snapshots and queries at {router}, "
+            "deltas at {pub}", nexus_id=self.nexus_id, hb=self.heartbeats.binds[0],
+            router=self.router.binds[0], pub=self.publisher.binds[0],
+        )
+        self.nexus.start()
+        super().startService()
+
+    def stopService(self) -> Any:
+        self.nexus.stop()
+        if self._soon is not None and self._soon.active():
+            self._soon.cancel()
+        self._soon = None
+        return super().stopService()
+
+    # -- bus ------------------------------------------------------------------
+
+    def _publish(self, type: str, body: dict[str, Any]) -> None:
+        self.publisher.publish(type, body, topic=ROUTES_TOPIC)
+
+    def _heartbeat(self, topic: bytes, env: Any) -> None:
+        if env.type != "runner.heartbeat":
+            self.nexus.counters["unexpected_" + env.type] += 1
+            return
+        self.nexus.heartbeat(env.body)
+
+    def _request(self, env: Any) -> tuple[str, dict[str, Any]]:
+        if env.type == "nexus.snapshot_request":
+            try:
+                return "nexus.snapshot", self.nexus.snapshot()
+            except NotReady as e:
+                raise RemoteError("warming_up", str(e)) from None
+        if env.type == "nexus.where":
+            app, node = env.body.get("app"), env.body.get("node")
+            if (app is None) == (node is None):
+                raise RemoteError("invalid", "nexus.where needs exactly one of app or node")
+            try:
+                if app is not None:
+                    return "nexus.location", self.nexus.where_app(app)
+                return "nexus.location", self.nexus.where_node(node)
+            except NotFound as e:
+                raise RemoteError("not_found", str(e)) from None
+        if env.type == "nexus.status":
+            return "nexus.status_reply", self.nexus.status()
+        raise RemoteError("unsupported", f"a nexus does not answer {env.type}")
+
+    # -- store ----------------------------------------------------------------
+
+    def _timed_refresh(self) -> Deferred:
+        return self.refresh()
+
+    def refresh_soon(self) -> None:
+        """Read the store early (a heartbeat named an app or release not read yet)."""
+        if self._soon is not None or not self.running:
+            return
+        now = self.reactor.seconds()
+        last = self._last_refresh if self._last_refresh is not None else now - self.store_refresh
+        delay = max(0.0, last + self.store_refresh_min - now)
+        self._soon = self.reactor.callLater(delay, self._refresh_now)
+
+    def _refresh_now(self) -> None:
+        self._soon = None
+        self.refresh()
+
+    def refresh(self) -> Deferred:
+        """Read the store once (coalesced: one read at a time, then one more if asked)."""
+        if self._refreshing:
+            self._refresh_again = True
+            return Deferred.fromCoroutine(_noop())
+        return ensureDeferred(self._refresh())
+
+    async def _refresh(self) -> None:
+        self._refreshing = True
+        try:
+            while True:
+                self._refresh_again = False
+                self._last_refresh = self.reactor.seconds()
+                try:
+                    store: RoutingStore = await self._get_store()
+                    view = await load_view(store, self.domain, self.reactor.seconds())
+                except Exception as e:
+                    self.nexus.counters["store_errors"] += 1
+                    self.log.error("nexus: cannot read the store ({error}); keeping what was "
+                                   "read before", error=str(e) or type(e).__name__)
+                    return
+                if not self.running:
+                    return
+                self.nexus.set_view(view)
+                if not self._refresh_again:
+                    return
+        finally:
+            self._refreshing = False
+
+
+async def _noop() -> None:
+    return None
+
+
+def make_service(node: Any) -> NexusService:
+    """The nexus role of ``node``."""
+
+    def get_store() -> Deferred:
+        if node.store_service is None:
+            raise RuntimeError("this node has no store service")
+        return node.store_service.whenReady()
+
+    return NexusService(node.reactor, node.bus, node.config, get_store,
+                        domain=node.config["node"]["domain"])

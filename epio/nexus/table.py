@@ -1,0 +1,132 @@
+"""The nexus's routing table: hostname -> app -> backends, built from two inputs.
+
+- the **store view** (:class:`StoreView`, refreshed periodically): which apps
+  exist, their hostnames (``<app>.<platform domain>``, custom domains,
+  wildcards), maintenance mode, route options and the releases that may serve;
+- the **live instances** (from heartbeats, :mod:`epio.nexus.heartbeats`).
+
+A route (the wire shape of PROTOCOL.md, epio/routing.py turns it into its
+value types)::
+
+    {"app": str, "hostnames": [str, ...],
+     "backends": [{"instance_id": str, "host": str, "port": int, "state": "healthy"}, ...],
+     "maintenance": bool, "options": {...}}
+
+A backend is an instance that is ``healthy``, of a web process type, with a
+host and a port, of one of the app's live releases.  ``draining`` instances
+are left out: the router sends them no new requests (its in-flight requests
+hold their own connection and finish).  Every app known to the store has a
+route, with no backends when none is healthy (the router answers 503, not
+404).  Apps that run but are unknown to the store get no route.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from attrs import field, frozen
+
+from epio.nexus.heartbeats import InstanceInfo
+
+HEALTHY = "healthy"
+
+
+@frozen
+class AppFacts:
+    """What the store says about one app, as far as routing cares.
+
+    ``live_releases`` is the set of release versions whose instances may take
+    traffic; ``None`` means any release (the store could not say).
+    """
+
+    name: str
+    hostnames: tuple[str, ...]
+    maintenance: bool = False
+    live_releases: frozenset[int] | None = None
+    options: Mapping[str, Any] = field(factory=dict, hash=False)
+
+
+@frozen
+class StoreView:
+    """One consistent read of the store: apps by name, and when it was read."""
+
+    apps: Mapping[str, AppFacts] = field(factory=dict, hash=False)
+    loaded_at: float = 0.0
+
+
+def backend_of(info: InstanceInfo) -> dict[str, Any]:
+    return {"instance_id": info.instance_id, "host": info.host, "port": info.port,
+            "state": HEALTHY}
+
+
+def is_backend(info: InstanceInfo, facts: AppFacts, web_types: frozenset[str]) -> bool:
+    """Whether ``info`` may receive new requests for its app."""
+    return (
+        info.state == HEALTHY
+        and info.process_type in web_types
+        and info.port is not None
+        and bool(info.host)
+        and (facts.live_releases is None or info.release in facts.live_releases)
+    )
+
+
+def build_route(
+    facts: AppFacts, instances: Iterable[InstanceInfo], web_types: frozenset[str]
+) -> dict[str, Any]:
+    """The route of one app: its hostnames and its healthy web backends (sorted)."""
+    backends = sorted(
+        (backend_of(i) for i in instances if is_backend(i, facts, web_types)),
+        key=lambda b: (b["instance_id"], b["host"], b["port"]),
+    )
+    return {
+        "app": facts.name,
+        "hostnames": list(facts.hostnames),
+        "backends": backends,
+        "maintenance": facts.maintenance,
+        "options": dict(facts.options),
+    }
+
+
+def set_change(route: dict[str, Any]) -> dict[str, Any]:
+    """A delta change that (re)places one app's route."""
+    return {"op": "set", "app": route["app"], "route": route}
+
+
+def remove_change(app: str) -> dict[str, Any]:
+    """A delta change that removes an app's route."""
+    return {"op": "remove", "app": app}
+
+
+class RouteBook:
+    """The versioned table of routes by app, as last published.
+
+    :meth:`update` returns the change (or None when the route is the same);
+    the caller bundles the changes of one reactor turn into one delta with
+    :meth:`commit`, which bumps the version.
+    """
+
+    def __init__(self) -> None:
+        self.routes: dict[str, dict[str, Any]] = {}
+        self.version = 0
+
+    def update(self, app: str, route: dict[str, Any] | None) -> dict[str, Any] | None:
+        old = self.routes.get(app)
+        if route is None:
+            if old is None:
+                return None
+            del self.routes[app]
+            return remove_change(app)
+        if route == old:
+            return None
+        self.routes[app] = route
+        return set_change(route)
+
+    def commit(self) -> tuple[int, int]:
+        """Bump the version; return ``(prev_version, version)``."""
+        prev = self.version
+        self.version += 1
+        return prev, self.version
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        return [self.routes[app] for app in sorted(self.routes)]

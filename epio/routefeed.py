@@ -1,0 +1,541 @@
+"""The router side of the nexus: keeps a :class:`~epio.routing.RouteTable` current.
+
+A router subscribes to **every** configured nexus (``cluster.nexus[*].publish``)
+and asks each one for a full snapshot (``cluster.nexus[*].router``):
+
+- at start, whenever a version gap shows (a delta whose ``prev_version`` is not
+  the version held, or a keepalive announcing a newer version than held), and
+  when a nexus restarted (a new ``nexus_id``);
+- deltas that arrive while a snapshot is on its way are buffered and applied
+  after it when they follow on from its version.
+
+The tables of the live nexuses are **merged** app by app (union of hostnames
+and backends, maintenance if any says so), so losing any one nexus changes
+nothing.  A nexus silent for ``nexus.feed_timeout`` leaves the merge.  When
+*every* nexus is silent the feed keeps the last merged table, logs that it is
+stale and says so in :meth:`RouteFeed.status` (``stale: true``, ``since``);
+the first nexus that answers again replaces it with a fresh table.
+
+:class:`RouteFeed` is the logic on a clock (no sockets; the snapshot request
+is injected).  :class:`NexusRouteSource` wires it to the bus and implements
+:class:`epio.routing.IRouteSource` for the ``lb`` role.  This module is on the
+shared floor because the router uses it and roles must not import roles.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from attrs import define, field
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from epio.routing import Backend, IRouteSource, Route, RouteDelta, RouteTable
+
+# Route options a nexus may send and their types (see epio.routing.Route).
+OPTION_KEYS: dict[str, tuple[type, ...]] = {
+    "max_body_size": (int,),
+    "connect_timeout": (int, float),
+    "first_byte_timeout": (int, float),
+    "idle_timeout": (int, float),
+    "websocket_idle_timeout": (int, float),
+}
+
+SnapshotRequest = Callable[["NexusLink"], Deferred]
+
+
+class BadRoute(ValueError):
+    """A route from a nexus that cannot be used."""
+
+
+def route_from_wire(data: Mapping[str, Any]) -> Route:
+    """A wire route (PROTOCOL.md) as a :class:`epio.routing.Route`, or raise BadRoute."""
+    app = data.get("app")
+    if not (isinstance(app, str) and app):
+        raise BadRoute("route without an app name")
+    hostnames = data.get("hostnames", [])
+    if not isinstance(hostnames, list) or not all(isinstance(h, str) and h for h in hostnames):
+        raise BadRoute(f"route {app}: hostnames must be a list of names")
+    raw_backends = data.get("backends", [])
+    if not isinstance(raw_backends, list):
+        raise BadRoute(f"route {app}: backends must be a list")
+    backends = []
+    for b in raw_backends:
+        if not isinstance(b, Mapping):
+            raise BadRoute(f"route {app}: a backend is not a map")
+        host, port = b.get("host"), b.get("port")
+        if not (isinstance(host, str) and host) or not isinstance(port, int) \
+                or isinstance(port, bool) or not 0 < port < 65536:
+            raise BadRoute(f"route {app}: backend needs host and port 1..65535")
+        release = b.get("release")
+        backends.append(Backend(
+            host=host, port=port, instance_id=str(b.get("instance_id") or f"{host}:{port}"),
+            app=app, release="" if release is None else str(release),
+            state=str(b.get("state") or "healthy"),
+        ))
+    options = data.get("options") or {}
+    kw: dict[str, Any] = {}
+    if isinstance(options, Mapping):
+        for key, kinds in OPTION_KEYS.items():
+            value = options.get(key)
+            if isinstance(value, kinds) and not isinstance(value, bool) and value > 0:
+                kw[key] = value
+    return Route(app=app, hostnames=hostnames, backends=backends,
+                 maintenance=bool(data.get("maintenance", False)), **kw)
+
+
+def merge_routes(routes: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One app's route from several nexuses: union of hostnames and backends.
+
+    Maintenance holds if any nexus says so (a nexus whose store view is a
+    refresh behind must not take an app out of maintenance early); options come
+    from the first nexus that has any.
+    """
+    if len(routes) == 1:
+        return dict(routes[0])
+    hostnames: dict[str, None] = {}
+    backends: dict[tuple[Any, Any, Any], Mapping[str, Any]] = {}
+    options: Mapping[str, Any] = {}
+    maintenance = False
+    for r in routes:
+        for h in r.get("hostnames", ()):
+            hostnames[h] = None
+        for b in r.get("backends", ()):
+            backends.setdefault((b.get("instance_id"), b.get("host"), b.get("port")), b)
+        maintenance = maintenance or bool(r.get("maintenance"))
+        if not options and r.get("options"):
+            options = r["options"]
+    return {
+        "app": routes[0]["app"],
+        "hostnames": sorted(hostnames),
+        "backends": [backends[k] for k in sorted(backends, key=lambda k: tuple(map(str, k)))],
+        "maintenance": maintenance,
+        "options": dict(options),
+    }
+
+
+@define(eq=False)
+class NexusLink:
+    """What the feed knows about one nexus (one entry of ``cluster.nexus``)."""
+
+    name: str
+    router: str
+    publish: str
+    nexus_id: str | None = None
+    version: int | None = None  # None: no usable table (need a snapshot)
+    routes: dict[str, dict[str, Any]] = field(factory=dict)
+    alive: bool = False  # has a table and was heard within the timeout
+    last_heard: float | None = None
+    pending: bool = False  # a snapshot request is on its way
+    want_snapshot: bool = False  # ask again when the pending one ends
+    buffered: list[dict[str, Any]] = field(factory=list)
+    silence: Any = None  # DelayedCall
+    retry: Any = None  # DelayedCall
+    counters: Counter[str] = field(factory=Counter)
+
+    def status(self, now: float) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "router": self.router,
+            "publish": self.publish,
+            "nexus_id": self.nexus_id,
+            "version": self.version,
+            "alive": self.alive,
+            "age": None if self.last_heard is None else max(0.0, now - self.last_heard),
+            "routes": len(self.routes),
+            "counters": dict(self.counters),
+        }
+
+
+class RouteFeed:
+    """Merges the route tables of several nexuses into one :class:`RouteTable`."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        clock: Any,
+        links: Iterable[NexusLink],
+        request_snapshot: SnapshotRequest,
+        *,
+        feed_timeout: float = 2.0,
+        snapshot_retry: float = 0.5,
+    ) -> None:
+        self._clock = clock
+        self.links = list(links)
+        self._request = request_snapshot
+        self.feed_timeout = feed_timeout
+        self.snapshot_retry = snapshot_retry
+        self.table: RouteTable | None = None
+        self.merged: dict[str, dict[str, Any]] = {}
+        self.stale = False
+        self.stale_since: float | None = None
+        self.started_at: float | None = None
+        self.ever_live = False
+        self.counters: Counter[str] = Counter()
+        self._running = False
+
+    # -- life -----------------------------------------------------------------
+
+    def start(self, table: RouteTable) -> None:
+        self.table = table
+        self._running = True
+        self.started_at = self._clock.seconds()
+        if self.merged:
+            table.replace(self._to_routes(self.merged.values()))
+        for link in self.links:
+            self._arm_silence(link)
+            self.request_snapshot(link)
+
+    def stop(self) -> None:
+        self._running = False
+        for link in self.links:
+            for call in (link.silence, link.retry):
+                if call is not None and call.active():
+                    call.cancel()
+            link.silence = link.retry = None
+
+    def refresh(self) -> None:
+        """Ask every nexus for a fresh snapshot (SIGHUP)."""
+        for link in self.links:
+            self.request_snapshot(link)
+
+    # -- messages from a nexus ---------------------------------------------------
+
+    def on_message(self, link: NexusLink, type: str, body: Mapping[str, Any]) -> None:
+        """A ``nexus.delta`` or ``nexus.keepalive`` from ``link``'s publisher."""
+        if not self._running:
+            return
+        nexus_id = body.get("nexus_id")
+        version = body.get("version")
+        if not isinstance(nexus_id, str) or not isinstance(version, int):
+            self.counters["malformed"] += 1
+            return
+        link.last_heard = self._clock.seconds()
+        self._arm_silence(link)
+        if nexus_id != link.nexus_id:
+            if type == "nexus.delta":
+                link.buffered.append(dict(body))
+            if not link.pending:
+                if link.nexus_id is not None:
+                    self.log.info(
+                        "{name}: nexus restarted ({old} -> {new}); taking a snapshot",
+                        name=link.name, old=link.nexus_id, new=nexus_id,
+                    )
+                    link.counters["restarts"] += 1
+                self.request_snapshot(link)
+            return
+        if type == "nexus.keepalive":
+            if link.pending:
+                return
+            if link.version is not None and version > link.version:
+                self._gap(link, f"keepalive at version {version}, holding {link.version}")
+                self.request_snapshot(link)
+            elif link.version is None or not link.alive:
+                self.request_snapshot(link)
+            return
+        if type != "nexus.delta":
+            return
+        if link.pending or link.version is None:
+            link.buffered.append(dict(body))
+            if not link.pending:
+                self.request_snapshot(link)
+            return
+        prev = body.get("prev_version")
+        if version <= link.version:
+            link.counters["duplicates"] += 1
+            return
+        if prev != link.version:
+            self._gap(link, f"delta {prev}->{version}, holding {link.version}")
+            link.buffered.append(dict(body))
+            self.request_snapshot(link)
+            return
+        changed = self._apply_delta(link, body)
+        self._remerge(changed)
+
+    def _gap(self, link: NexusLink, what: str) -> None:
+        link.counters["gaps"] += 1
+        self.counters["gaps"] += 1
+        self.log.warn("{name}: version gap ({what}); taking a snapshot", name=link.name, what=what)
+
+    def _apply_delta(self, link: NexusLink, body: Mapping[str, Any]) -> set[str]:
+        changed: set[str] = set()
+        changes = body.get("changes")
+        for change in changes if isinstance(changes, list) else ():
+            if not isinstance(change, Mapping) or not isinstance(change.get("app"), str):
+                link.counters["bad_changes"] += 1
+                continue
+            app = change["app"]
+            if change.get("op") == "set" and isinstance(change.get("route"), Mapping):
+                link.routes[app] = dict(change["route"])
+            elif change.get("op") == "remove":
+                link.routes.pop(app, None)
+            else:
+                link.counters["bad_changes"] += 1
+                continue
+            changed.add(app)
+        link.version = body["version"]
+        link.counters["deltas"] += 1
+        return changed
+
+    # -- snapshots ------------------------------------------------------------------
+
+    def request_snapshot(self, link: NexusLink) -> None:
+        """Ask ``link`` for its whole table (once at a time)."""
+        if not self._running:
+            return
+        if link.pending:
+            link.want_snapshot = True
+            return
+        if link.retry is not None and link.retry.active():
+            link.retry.cancel()
+        link.retry = None
+        link.pending = True
+        link.want_snapshot = False
+        link.counters["snapshot_requests"] += 1
+        try:
+            d = self._request(link)
+        except Exception:
+            d = Deferred()
+            d.errback(Failure())
+        d.addCallbacks(
+            lambda body: self._snapshot(link, body),
+            lambda f: self._snapshot_failed(link, f),
+        )
+        d.addErrback(lambda f: self.log.failure("{name}: snapshot handling failed", f,
+                                                name=link.name))
+
+    def _snapshot_failed(self, link: NexusLink, f: Failure) -> None:
+        link.pending = False
+        link.buffered = []  # bounded: only deltas of one snapshot wait are kept
+        if not self._running:
+            return
+        link.counters["snapshot_failures"] += 1
+        self.log.info("{name}: no snapshot from {router}: {error}; retrying in {delay:g}s",
+                      name=link.name, router=link.router, error=f.getErrorMessage(),
+                      delay=self.snapshot_retry)
+        link.retry = self._clock.callLater(self.snapshot_retry, self._retry, link)
+
+    def _retry(self, link: NexusLink) -> None:
+        link.retry = None
+        self.request_snapshot(link)
+
+    def _snapshot(self, link: NexusLink, body: Mapping[str, Any]) -> None:
+        link.pending = False
+        if not self._running:
+            return
+        nexus_id, version, routes = body.get("nexus_id"), body.get("version"), body.get("routes")
+        if not isinstance(nexus_id, str) or not isinstance(version, int) \
+                or not isinstance(routes, list):
+            self._snapshot_failed(link, Failure(ValueError("malformed nexus.snapshot")))
+            return
+        link.counters["snapshots"] += 1
+        link.nexus_id = nexus_id
+        link.version = version
+        link.routes = {r["app"]: dict(r) for r in routes
+                       if isinstance(r, Mapping) and isinstance(r.get("app"), str)}
+        link.last_heard = self._clock.seconds()
+        self._arm_silence(link)
+        buffered, link.buffered = link.buffered, []
+        for delta in sorted(buffered, key=lambda b: b.get("version", 0)):
+            if delta.get("nexus_id") != nexus_id or delta["version"] <= link.version:
+                continue
+            if delta.get("prev_version") != link.version:
+                self._gap(link, f"buffered delta {delta.get('prev_version')}->"
+                                f"{delta['version']}, holding {link.version}")
+                link.want_snapshot = True
+                break
+            self._apply_delta(link, delta)
+        was_alive = link.alive
+        link.alive = True
+        self.ever_live = True
+        if self.stale:
+            self.log.info(
+                "{name} answers again: the route table is fresh ({routes} routes; it was "
+                "stale for {secs:.1f}s)", name=link.name, routes=len(link.routes),
+                secs=self._clock.seconds() - (self.stale_since or self._clock.seconds()),
+            )
+            self.stale = False
+            self.stale_since = None
+        elif not was_alive:
+            self.log.info("{name}: following nexus {nexus_id} at version {version} "
+                          "({routes} routes)", name=link.name, nexus_id=nexus_id,
+                          version=version, routes=len(link.routes))
+        self._remerge(None)
+        if link.want_snapshot:
+            self.request_snapshot(link)
+
+    # -- liveness ---------------------------------------------------------------------
+
+    def _arm_silence(self, link: NexusLink) -> None:
+        if link.silence is not None and link.silence.active():
+            link.silence.reset(self.feed_timeout)
+        else:
+            link.silence = self._clock.callLater(self.feed_timeout, self._silent, link)
+
+    def _silent(self, link: NexusLink) -> None:
+        link.silence = None
+        if not self._running:
+            return
+        was_alive = link.alive
+        link.alive = False
+        link.version = None  # whatever it says next, take a snapshot first
+        link.buffered = []
+        if was_alive:
+            link.counters["silences"] += 1
+            self.log.warn("{name} ({publish}) silent for {secs:g}s: left the route merge",
+                          name=link.name, publish=link.publish, secs=self.feed_timeout)
+        if any(other.alive for other in self.links):
+            link.routes = {}
+            self._remerge(None)
+        elif not self.stale and self.ever_live:
+            self.stale = True
+            heard = [x.last_heard for x in self.links if x.last_heard is not None]
+            self.stale_since = max(heard) if heard else self.started_at
+            self.counters["stale"] += 1
+            self.log.warn(
+                "every nexus is silent: serving the last route table ({routes} routes) "
+                "as it was; stale since {since:.3f}",
+                routes=len(self.merged), since=self.stale_since or 0.0,
+            )
+        self._arm_silence(link)  # keep asking: a nexus that comes back is noticed
+        if not link.pending:
+            self.request_snapshot(link)
+
+    # -- merging ---------------------------------------------------------------------
+
+    def _remerge(self, apps: set[str] | None) -> None:
+        """Recompute the merged routes of ``apps`` (None: all) and push changes."""
+        alive = [link for link in self.links if link.alive]
+        if not alive:
+            return  # keep the last table
+        if apps is None:
+            apps = set(self.merged)
+            for link in alive:
+                apps.update(link.routes)
+        upsert: list[dict[str, Any]] = []
+        remove: list[str] = []
+        for app in sorted(apps):
+            parts = [link.routes[app] for link in alive if app in link.routes]
+            new = merge_routes(parts) if parts else None
+            old = self.merged.get(app)
+            if new == old:
+                continue
+            if new is None:
+                del self.merged[app]
+                remove.append(app)
+            else:
+                self.merged[app] = new
+                upsert.append(new)
+        if not upsert and not remove:
+            return
+        self.counters["updates"] += 1
+        if self.table is not None:
+            self.table.apply(RouteDelta(upsert=tuple(self._to_routes(upsert)),
+                                        remove=tuple(remove)))
+
+    def _to_routes(self, routes: Iterable[Mapping[str, Any]]) -> list[Route]:
+        out = []
+        for r in routes:
+            try:
+                out.append(route_from_wire(r))
+            except BadRoute as e:
+                self.counters["bad_routes"] += 1
+                self.log.warn("route from a nexus ignored: {error}", error=str(e))
+        return out
+
+    # -- status -----------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """For the router's status and logs: ``stale``, ``since``, one entry per nexus."""
+        now = self._clock.seconds()
+        alive = sum(1 for link in self.links if link.alive)
+        return {
+            "state": "live" if alive else ("stale" if self.stale else "starting"),
+            "stale": self.stale,
+            "since": self.stale_since,
+            "routes": len(self.merged),
+            "alive": alive,
+            "nexuses": [link.status(now) for link in self.links],
+            "counters": dict(self.counters),
+        }
+
+
+def links_from_config(nexuses: Sequence[Mapping[str, Any]]) -> list[NexusLink]:
+    """One :class:`NexusLink` per ``cluster.nexus`` entry (router and publish needed)."""
+    links = []
+    for i, entry in enumerate(nexuses):
+        router, publish = entry.get("router"), entry.get("publish")
+        if not (isinstance(router, str) and router and isinstance(publish, str) and publish):
+            raise ValueError(f"cluster.nexus[{i}] needs 'router' and 'publish' endpoints")
+        links.append(NexusLink(name=f"nexus[{i}]", router=router, publish=publish))
+    return links
+
+
+@implementer(IRouteSource)
+class NexusRouteSource:
+    """:class:`IRouteSource` fed by every nexus of ``cluster.nexus`` over the bus.
+
+    ``start(table)`` opens one SUB per nexus publisher and one DEALER to the
+    nexus routers; ``stop()`` closes them (the table keeps its contents).
+    """
+
+    log = Logger()
+
+    def __init__(self, bus: Any, nexuses: Sequence[Mapping[str, Any]], *,
+                 feed_timeout: float = 2.0, snapshot_timeout: float = 2.0,
+                 snapshot_retry: float = 0.5) -> None:
+        self.bus = bus
+        links = links_from_config(nexuses)
+        self.description = f"nexus feed ({len(links)} nexus{'es' if len(links) != 1 else ''})"
+        self.snapshot_timeout = snapshot_timeout
+        self.feed = RouteFeed(bus.reactor, links, self._request_snapshot,
+                              feed_timeout=feed_timeout, snapshot_retry=snapshot_retry)
+        self._services: MultiService | None = None
+        self._dealer: Any = None
+
+    def start(self, table: RouteTable) -> None:
+        services = MultiService()
+        self._dealer = self.bus.dealer([link.router for link in self.feed.links])
+        self._dealer.setServiceParent(services)
+        for link in self.feed.links:
+            def handler(topic: bytes, env: Any, link: NexusLink = link) -> None:
+                self.feed.on_message(link, env.type, env.body)
+
+            self.bus.subscriber([link.publish], [b"routes"], handler).setServiceParent(services)
+        self._services = services
+        services.startService()
+        self.feed.start(table)
+
+    def stop(self) -> None:
+        self.feed.stop()
+        services, self._services = self._services, None
+        if services is not None:
+            services.stopService()
+
+    def reload(self) -> None:
+        self.feed.refresh()
+
+    def status(self) -> dict[str, Any]:
+        return self.feed.status()
+
+    def _request_snapshot(self, link: NexusLink) -> Deferred:
+        d = ensureDeferred(self._dealer.request_to(
+            link.router, "nexus.snapshot_request", {}, timeout=self.snapshot_timeout))
+        d.addCallback(lambda env: env.body)
+        return d
+
+
+def make_route_source(node: Any) -> NexusRouteSource:
+    """The nexus feed of a router node, from ``cluster.nexus`` and the ``nexus`` keys."""
+    cfg = node.config["nexus"]
+    return NexusRouteSource(
+        node.bus, node.config["cluster"]["nexus"],
+        feed_timeout=cfg["feed_timeout"], snapshot_timeout=cfg["snapshot_timeout"],
+        snapshot_retry=cfg["snapshot_retry"],
+    )
