@@ -25,7 +25,9 @@ from attrs import frozen
 from twisted.internet.defer import DeferredLock, DeferredSemaphore
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
+from txpostgres.txpostgres import Connection as _TxConnection
 
 from epio.store.errors import IntegrityError, StoreError, StoreUnavailable
 
@@ -246,6 +248,33 @@ PG_CONNECT_KW = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2
                  "keepalives_count": 3, "application_name": "epio"}
 
 
+class PgConnection(_TxConnection):  # type: ignore[misc]
+    """A txpostgres connection that closes itself when the server goes away.
+
+    Plain txpostgres raises the server's "connection closed" error out of
+    ``doRead`` into the reactor (an unhandled error in the log); this one
+    closes the connection instead and calls ``on_lost(self)`` once.
+    """
+
+    def __init__(self, reactor: Any, on_lost: Callable[[Any], None] | None = None) -> None:
+        super().__init__(reactor=reactor)
+        self.on_lost = on_lost
+        self._lost_reported = False
+
+    def doRead(self) -> None:
+        try:
+            super().doRead()
+        except Exception:
+            self.close()
+
+    def connectionLost(self, reason: Failure) -> None:
+        super().connectionLost(reason)
+        if not self._lost_reported:
+            self._lost_reported = True
+            if self.on_lost is not None:
+                self.on_lost(self)
+
+
 class _PgTx:
     dialect = POSTGRESQL
 
@@ -283,9 +312,7 @@ class PostgresBackend:
         self._closed = False
 
     async def _connect(self) -> Any:
-        from txpostgres.txpostgres import Connection
-
-        conn = Connection(reactor=self._reactor)
+        conn = PgConnection(self._reactor)
         _, operational, interface = _pg_errors()
         try:
             await conn.connect(self.dsn, **PG_CONNECT_KW)
@@ -301,8 +328,10 @@ class PostgresBackend:
         if self._closed:
             raise StoreUnavailable("the store is closed")
         await self._sem.acquire()
-        if self._idle:
-            return self._idle.pop()
+        while self._idle:
+            conn = self._idle.pop()
+            if not conn.closed:
+                return conn
         try:
             return await self._connect()
         except BaseException:

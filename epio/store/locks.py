@@ -28,9 +28,8 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
-from epio.store.backend import PG_CONNECT_KW, lock_key
+from epio.store.backend import PG_CONNECT_KW, PgConnection, lock_key
 from epio.store.errors import StoreUnavailable
 
 
@@ -111,16 +110,7 @@ class PgLock(_LostNotifier):
     async def _connection(self) -> Any:
         if self._conn is not None and not self._conn.closed:
             return self._conn
-        from txpostgres.txpostgres import Connection
-
-        owner = self
-
-        class _Watched(Connection):  # type: ignore[misc]
-            def connectionLost(self, reason: Failure) -> None:
-                super().connectionLost(reason)
-                owner._on_connection_lost(self)
-
-        conn = _Watched(reactor=self._reactor)
+        conn = PgConnection(self._reactor, on_lost=self._on_connection_lost)
         try:
             await conn.connect(self._dsn, **PG_CONNECT_KW)
         except Exception as e:

@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
+import attrs
 from twisted.logger import Logger
 
 from epio.store.backend import Backend, Transaction
@@ -786,25 +787,25 @@ class Store:
             if row is None:
                 raise NotFound(f"no deploy {deploy_id!r}")
             cur = _deploy(row)
-            new = {
-                "status": status if status is not None else cur.status,
-                "image": image if image is not None else cur.image,
-                "release": release if release is not None else cur.release,
-                "log": cur.log + (append_log or ""),
-                "reason": reason if reason is not None else cur.reason,
-                "meta": {**cur.meta, **(meta or {})},
-                "finished": cur.finished,
-            }
-            if status in DEPLOY_FINAL and cur.finished is None:
-                new["finished"] = now
+            finished = cur.finished
+            if status in DEPLOY_FINAL and finished is None:
+                finished = now
+            new = attrs.evolve(
+                cur,
+                status=status if status is not None else cur.status,
+                image=image if image is not None else cur.image,
+                release=release if release is not None else cur.release,
+                log=cur.log + (append_log or ""),
+                reason=reason if reason is not None else cur.reason,
+                meta={**cur.meta, **(meta or {})},
+                finished=finished,
+            )
             await tx.execute(
                 "UPDATE deploys SET status = ?, image = ?, release = ?, log = ?, reason = ?,"
                 " meta = ?, finished = ? WHERE id = ?",
-                (new["status"], new["image"], new["release"], new["log"], new["reason"],
-                 _dumps(new["meta"]), new["finished"], deploy_id))
-            return Deploy(cur.id, cur.app, new["status"], new["image"], new["release"],
-                          new["log"], new["reason"], cur.created, new["finished"],
-                          cur.created_by, new["meta"])
+                (new.status, new.image, new.release, new.log, new.reason, _dumps(new.meta),
+                 new.finished, deploy_id))
+            return new
 
         return await self._tx(q)
 

@@ -1,0 +1,68 @@
+"""StoreService: readiness, failure reporting and shutdown."""
+
+from __future__ import annotations
+
+from twisted.internet import reactor
+from twisted.trial.unittest import TestCase
+
+from epio.store import Store, StoreService, StoreUnavailable
+from epio.store.service import make_backend, redact_url
+from tests.store import pg
+from tests.util import free_port
+
+
+class StoreServiceTests(TestCase):
+    """The node's StoreService."""
+
+    async def test_ready_and_stop_sqlite(self) -> None:
+        """whenReady() fires with a migrated Store; stopService closes it."""
+        svc = StoreService(f"sqlite:///{self.mktemp()}/s.sqlite3", reactor=reactor)
+        early = svc.whenReady()
+        svc.startService()
+        store = await early
+        self.assertIsInstance(store, Store)
+        self.assertIs(await svc.whenReady(), store)
+        user = await store.create_user("x")
+        self.assertEqual((await store.get_user(user.id)).name, "x")
+        await svc.stopService()
+        with self.assertRaises(StoreUnavailable):
+            await store.get_user(user.id)
+
+    async def test_ready_postgres(self) -> None:
+        """The same service opens a PostgreSQL store from a postgresql:// URL."""
+        svc = StoreService(pg.pg_url_for_test(self), reactor=reactor)
+        svc.startService()
+        store = await svc.whenReady()
+        self.assertEqual(store.dialect, "postgresql")
+        await svc.stopService()
+
+    async def test_unreachable_postgres_errbacks_when_ready(self) -> None:
+        """An unreachable database: startService does not raise, whenReady errbacks
+        with StoreUnavailable, and stopService still fires."""
+        url = f"postgresql://postgres:sekrit@127.0.0.1:{free_port()}/nope"
+        svc = StoreService(url, reactor=reactor)
+        svc.startService()
+        with self.assertRaises(StoreUnavailable):
+            await svc.whenReady()
+        with self.assertRaises(StoreUnavailable):
+            await svc.whenReady()
+        await svc.stopService()
+        self.assertNotIn("sekrit", redact_url(url))
+
+    async def test_bad_url(self) -> None:
+        """A URL of an unknown kind fails whenReady with a clear ValueError."""
+        svc = StoreService("mysql://x", reactor=reactor)
+        svc.startService()
+        with self.assertRaises(ValueError) as cm:
+            await svc.whenReady()
+        self.assertIn("sqlite:///", str(cm.exception))
+        await svc.stopService()
+
+    def test_make_backend_does_no_io(self) -> None:
+        """Building a backend from a URL touches nothing (init does no I/O)."""
+        path = self.mktemp()
+        backend = make_backend(f"sqlite:///{path}/x.sqlite3", reactor)
+        self.assertEqual(backend.dialect, "sqlite")
+        import os
+
+        self.assertFalse(os.path.exists(path))
