@@ -231,6 +231,61 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
     "runner": {
         "control_bind": Key(str, "tcp://127.0.0.1:7731", "Where this runner takes control requests (ROUTER)."),
+        "control_advertise": Key(
+            str, "", "The control endpoint other nodes use; empty means control_bind with a "
+            "wildcard address replaced by advertise_host."),
+        "advertise_host": Key(
+            str, "127.0.0.1", "Address routers use to reach this runner's app ports (also "
+            "where health checks connect); apps bind $PORT on the host network."),
+        "heartbeat_interval": Key(float, 1.0, "Seconds between heartbeats to every nexus.",
+                                  positive),
+        "register_interval": Key(
+            float, 10.0, "Seconds between refreshes of this node's row in the store.", positive),
+        "port_min": Key(int, 20000, "Lowest port given to web instances ($PORT).", positive),
+        "port_max": Key(int, 29999, "Highest port given to web instances ($PORT).", positive),
+        "uid_min": Key(int, 20000, "Lowest app UID this runner accepts (never 0).", positive),
+        "uid_max": Key(int, 59999, "Highest app UID this runner accepts.", positive),
+        "sandbox": Key(
+            str, "auto", "auto: bubblewrap when root and bwrap works; bwrap: require it "
+            "(refuse to start otherwise); none: no sandbox (protections off, reported).",
+            one_of("auto", "bwrap", "none")),
+        "cgroup_parent": Key(
+            str, "epio", "Name of the cgroup (under the runner's own cgroup of each v1 "
+            "controller) that holds one cgroup per instance."),
+        "grace": Key(float, 30.0, "Default seconds between SIGTERM and SIGKILL when stopping "
+                     "an instance (runner.start/stop may give their own).", non_negative),
+        "boot_timeout": Key(float, 60.0, "Default seconds a web instance has to pass its "
+                            "first health check.", positive),
+        "backoff_initial": Key(float, 1.0, "Seconds before the first restart of a crashed "
+                               "process; doubles on each crash.", positive),
+        "backoff_max": Key(float, 300.0, "Cap of the restart backoff, seconds.", positive),
+        "backoff_reset": Key(float, 600.0, "Seconds of healthy running after which the "
+                             "backoff starts again at backoff_initial.", positive),
+        "health_interval": Key(float, 5.0, "Seconds between health checks of a healthy web "
+                               "instance.", positive),
+        "health_boot_interval": Key(float, 0.5, "Seconds between health checks while a web "
+                                    "instance boots.", positive),
+        "health_timeout": Key(float, 2.0, "Seconds one health check may take.", positive),
+        "health_failures": Key(int, 3, "Failed health checks in a row after which a healthy "
+                               "instance leaves the routes and is restarted.", positive),
+        "drain_delay": Key(float, 3.0, "Seconds a draining instance keeps running (routers "
+                           "switch away, in-flight requests finish) before SIGTERM.",
+                           non_negative),
+        "worker_settle": Key(float, 1.0, "Seconds a non-web process must stay up to count "
+                             "as healthy.", non_negative),
+        "stopped_retention": Key(float, 60.0, "Seconds a stopped instance stays in "
+                                 "heartbeats before it is forgotten.", non_negative),
+        "shutdown_grace": Key(float, 10.0, "Seconds the runner gives its processes to exit "
+                              "when the node stops (then SIGKILL).", non_negative),
+        "max_log_line": Key(int, 16384, "Bytes after which a line of app output without a "
+                            "newline is cut into parts.", positive),
+        "memory_mb": Key(int, 512, "Default memory limit of an instance, MiB (cgroup).",
+                         positive),
+        "cpu_shares": Key(int, 1024, "Default cpu.shares of an instance (cgroup).", positive),
+        "pids_max": Key(int, 512, "Default limit on processes/threads of an instance "
+                        "(cgroup pids.max).", positive),
+        "nofile": Key(int, 4096, "Default RLIMIT_NOFILE (open files) of an instance.",
+                      positive),
     },
     "logger": {
         "pull_bind": Key(str, "tcp://127.0.0.1:7721", "Where this logger receives log lines and stats (PULL)."),
