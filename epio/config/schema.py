@@ -137,6 +137,43 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
     "api": {
         "listen": Key(str, "tcp:8000:interface=127.0.0.1", "Endpoint the API and dashboard listen on."),
+        "app_url": Key(
+            str, "",
+            "URL template of an app printed by the CLI and API ({app}, {domain}); empty means "
+            "http://{app}.{domain}[:PORT]/ with the port of lb.listen.",
+        ),
+        "max_body_kb": Key(int, 1024, "Largest JSON request body the API accepts (KiB).", positive),
+        "max_upload_mb": Key(int, 200, "Largest deploy tarball the API accepts (MiB).", positive),
+        "reconcile_interval": Key(
+            float, 2.0, "Seconds between two scheduler passes (the leader asks every runner "
+            "for runner.status and converges instances on the formation).", positive,
+        ),
+        "runner_dead_after": Key(
+            float, 15.0, "Seconds without an answer after which a runner is dead and its "
+            "instances are placed on other runners.", positive,
+        ),
+        "status_timeout": Key(
+            float, 5.0, "Seconds the scheduler waits for a runner's reply to a control "
+            "request (runner.status, runner.start, runner.drain).", positive,
+        ),
+        "start_grace": Key(
+            float, 10.0, "Seconds a just-placed instance may be missing from its runner's "
+            "report before it is forgotten and placed again.", positive,
+        ),
+        "drain_seconds": Key(
+            float, 3.0, "Seconds between draining an old instance (routes drop it) and "
+            "stopping it.", non_negative,
+        ),
+        "stop_grace": Key(
+            float, 10.0, "Seconds between SIGTERM and SIGKILL when an instance is stopped.",
+            non_negative,
+        ),
+        "build_timeout": Key(float, 900.0, "Seconds a build may take before the deploy fails.",
+                             positive),
+        "rollout_timeout": Key(
+            float, 180.0, "Seconds the new release's instances have to become healthy before "
+            "the deploy fails (the previous release keeps serving).", positive,
+        ),
     },
     "lb": {
         "listen": Key(str, "tcp:8080", "Endpoint the HTTP router listens on."),

@@ -1,0 +1,181 @@
+"""Deploys: tarball -> build on a runner -> release -> rollout, recorded in the store.
+
+A deploy is a small state machine kept in the store's ``deploys`` row::
+
+    pending -> building -> built -> deploying -> succeeded
+        \\________\\__________\\___________\\-> failed (reason)
+
+* **build**: ``runner.build`` to the least loaded reachable runner (the build
+  output goes to the app's log stream, source ``build``; the runner answers
+  ``runner.built`` {digest, manifest} or an error ``build_failed``);
+* **release**: a new release on the built image with the manifest's process
+  types and the app's config vars; a first deploy of an app with a ``web``
+  process gets ``web=1``;
+* **rollout**: the scheduler (leader) starts instances of the new release; the
+  deploy waits until every wanted instance is ``healthy`` (as folded into the
+  store from ``runner.status``), then waits ``api.drain_seconds`` so routers
+  switched, and succeeds.  An instance of the new release that ``failed`` or
+  crashed again and again, or no health within ``api.rollout_timeout``, fails
+  the deploy: its release becomes "failed", the current release stays the
+  previous one and the scheduler stops the new instances.
+
+Progress lines are appended to the deploy's log (``GET .../deploys/{id}``,
+polled with ``log_offset`` by ``epio deploy``) and sent to the app's log.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+
+from epio.api.settings import ApiSettings
+from epio.api.state import DEFAULT_SIZE, SIZES, processes_of, release_facts
+from epio.store import App, Deploy, Store, User
+
+MAX_CRASH_RESTARTS = 3
+
+
+class DeployFailed(Exception):
+    """The deploy cannot go on; the message is the reason shown to the user."""
+
+
+class Deployer:
+    """Runs deploys in this api process (each is a coroutine kept until it ends)."""
+
+    log = Logger()
+
+    def __init__(self, store: Store, control: Any, clock: Any, settings: ApiSettings,
+                 scheduler: Any = None, log_sink: Any = None) -> None:
+        self.store = store
+        self.control = control
+        self.clock = clock
+        self.settings = settings
+        self.scheduler = scheduler
+        self.log_sink = log_sink
+        self.running: dict[str, Deferred[None]] = {}
+
+    async def start(self, app: App, user: User, tarball: bytes) -> Deploy:
+        deploy = await self.store.create_deploy(app.name, "pending", created_by=user.name,
+                                                meta={"upload_bytes": len(tarball)})
+        d = ensureDeferred(self._run(app, deploy, tarball))
+        self.running[deploy.id] = d
+        d.addBoth(lambda _: self.running.pop(deploy.id, None))
+        return deploy
+
+    async def _say(self, deploy: Deploy, text: str, **changes: Any) -> Deploy:
+        if self.log_sink is not None:
+            try:
+                self.log_sink.emit(deploy.app, "platform", text)
+            except Exception:
+                self.log.failure("log sink failed")
+        return await self.store.update_deploy(deploy.id, append_log=text + "\n", **changes)
+
+    async def _run(self, app: App, deploy: Deploy, tarball: bytes) -> None:
+        try:
+            await self._deploy(app, deploy, tarball)
+        except DeployFailed as e:
+            await self._fail(deploy, str(e))
+        except Exception:
+            self.log.failure("deploy {id} of {app} failed", id=deploy.id, app=app.name)
+            await self._fail(deploy, "internal error (logged on the api node)")
+
+    async def _fail(self, deploy: Deploy, reason: str) -> None:
+        try:
+            await self._say(deploy, f"Deploy failed: {reason}", status="failed", reason=reason)
+        except Exception:
+            self.log.failure("recording the failure of deploy {id} failed", id=deploy.id)
+        if self.scheduler is not None:
+            self.scheduler.wake()
+
+    async def _deploy(self, app: App, deploy: Deploy, tarball: bytes) -> None:
+        deploy = await self._say(deploy, f"Received {len(tarball) / 1e6:.1f} MB for {app.name}")
+        runner = await self._pick_runner()
+        deploy = await self._say(deploy, f"Building on {runner.id}...", status="building")
+        config = await self.store.get_config(app.name)
+        try:
+            built = await self.control.request(
+                runner.control_endpoint, "runner.build",
+                {"build_id": deploy.id, "app": app.name, "tarball": tarball, "env": config},
+                timeout=self.settings.build_timeout)
+        except Exception as e:
+            message = getattr(e, "message", None) or str(e) or type(e).__name__
+            raise DeployFailed(f"build failed: {message}") from None
+        digest = str(built.get("digest") or "")
+        manifest = built.get("manifest") or {}
+        if not digest:
+            raise DeployFailed("the runner's build reply had no image digest")
+        for line in built.get("log_tail") or []:
+            deploy = await self._say(deploy, f"  {line}")
+        duration = built.get("duration")
+        deploy = await self._say(
+            deploy, f"Built image {digest[:19]}"
+            + (f" in {float(duration):.1f}s" if isinstance(duration, int | float) else ""),
+            status="built", image=digest)
+        processes = processes_of(manifest)
+        if not processes:
+            raise DeployFailed("the app defines no process: add [wsgi] entrypoint to epio.ini "
+                               "or a Procfile")
+        release = await self.store.create_release(
+            app.name, digest, processes=processes, description=f"Deploy {digest[:12]}",
+            created_by=deploy.created_by, meta={"deploy": deploy.id, **release_facts(manifest)},
+            inherit_image=False)
+        formation = await self.store.get_formation(app.name)
+        if "web" in processes and "web" not in formation:
+            await self.store.set_formation(app.name, "web", 1, DEFAULT_SIZE, SIZES[DEFAULT_SIZE])
+            formation = await self.store.get_formation(app.name)
+        deploy = await self._say(
+            deploy, f"Release v{release.version} ({', '.join(sorted(processes))}); rolling out",
+            status="deploying", release=release.version)
+        if self.scheduler is not None:
+            self.scheduler.wake()
+        want = {t: f.quantity for t, f in formation.items()
+                if t in processes and f.quantity > 0}
+        await self._wait_healthy(app, release.version, want, deploy)
+        await deferLater(self.clock, self.settings.drain_seconds, lambda: None)
+        await self._say(deploy, f"Deployed v{release.version}: {self.settings.url_of(app.name)}",
+                        status="succeeded")
+
+    async def _pick_runner(self) -> Any:
+        now = self.clock.seconds()
+        nodes = [n for n in await self.store.list_nodes(role="runner") if n.control_endpoint]
+        fresh = [n for n in nodes if now - n.last_seen < self.settings.runner_dead_after]
+        if not (fresh or nodes):
+            raise DeployFailed("no runner is registered; start a node with the runner role")
+        instances = await self.store.list_instances()
+
+        def load(n: Any) -> tuple[int, str]:
+            return (sum(1 for i in instances if i.node == n.id), n.id)
+
+        return min(fresh or nodes, key=load)
+
+    async def _wait_healthy(self, app: App, version: int, want: dict[str, int],
+                            deploy: Deploy) -> None:
+        deadline = self.clock.seconds() + self.settings.rollout_timeout
+        reported: dict[str, str] = {}
+        while True:
+            instances = [i for i in await self.store.list_instances(app.name)
+                         if i.release == version]
+            for i in instances:
+                name = f"{i.process_type}.{i.number}"
+                if reported.get(i.id) != i.state:
+                    reported[i.id] = i.state
+                    deploy = await self._say(deploy, f"  {name}: {i.state}"
+                                             + (f" on {i.node}" if i.node else ""))
+                if i.state == "failed" or (i.state == "crashed"
+                                           and i.restarts >= MAX_CRASH_RESTARTS):
+                    raise DeployFailed(
+                        f"{name} of v{version} {i.state} before becoming healthy "
+                        f"(see `epio logs`); v{version} gets no traffic")
+            healthy = {t: sum(1 for i in instances if i.process_type == t
+                              and i.state == "healthy") for t in want}
+            if all(healthy[t] >= n for t, n in want.items()):
+                return
+            if self.clock.seconds() >= deadline:
+                summary = ", ".join(f"{t} {healthy[t]}/{n}" for t, n in sorted(want.items()))
+                raise DeployFailed(
+                    f"v{version} was not healthy within {self.settings.rollout_timeout:g}s "
+                    f"({summary} healthy); it gets no traffic")
+            await deferLater(self.clock, min(1.0, self.settings.reconcile_interval), lambda: None)

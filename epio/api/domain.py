@@ -1,0 +1,349 @@
+"""The platform's use cases, over the store, the deployer and the scheduler.
+
+HTTP handlers (:mod:`epio.api.web`) call these methods; these call the store
+(no SQL here) and raise typed errors (:mod:`epio.api.errors`, or the store's,
+mapped by the error layer).  Access rule: an app is visible only to its owner,
+its collaborators and admins; to anyone else it does not exist (404).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from twisted.logger import Logger
+
+from epio.api import errors
+from epio.api.settings import ApiSettings
+from epio.api.state import DEFAULT_SIZE, SIZES, current_release, failed_releases
+from epio.store import App, Conflict, Deploy, Domain, Release, Store, User
+from epio.store import NotFound as StoreNotFound
+
+ADMIN_NAME = "admin"
+ADMIN_TOKEN_FILE = "admin-token"
+
+
+class Platform:
+    """Use cases of the API; ``deployer`` and ``scheduler`` may be None in tests."""
+
+    log = Logger()
+
+    def __init__(self, store: Store, settings: ApiSettings, clock: Any,
+                 deployer: Any = None, scheduler: Any = None) -> None:
+        self.store = store
+        self.settings = settings
+        self.clock = clock
+        self.deployer = deployer
+        self.scheduler = scheduler
+
+    # --- auth -----------------------------------------------------------------
+
+    async def authenticate(self, token: str) -> User:
+        user = await self.store.user_for_token(token)
+        if user is None:
+            raise errors.Unauthorized("the API token is not valid (revoked or mistyped?)")
+        return user
+
+    def _require_admin(self, user: User) -> None:
+        if not user.is_admin:
+            raise errors.Forbidden("only an admin may do this")
+
+    async def _require_owner(self, user: User, app: App) -> None:
+        if not (user.is_admin or app.owner_id == user.id):
+            raise errors.Forbidden(f"only the owner of {app.name} may do this")
+
+    # --- users and tokens -------------------------------------------------------
+
+    async def list_users(self, user: User) -> list[User]:
+        self._require_admin(user)
+        return await self.store.list_users()
+
+    async def create_user(self, user: User, name: str, email: str | None,
+                          is_admin: bool) -> tuple[User, str]:
+        self._require_admin(user)
+        new = await self.store.create_user(name, email, is_admin)
+        token = await self.store.create_token(new.id, f"first token, created by {user.name}")
+        return new, token.token
+
+    async def list_tokens(self, user: User) -> list[Any]:
+        return await self.store.list_tokens(user.id)
+
+    async def create_token(self, user: User, description: str) -> Any:
+        return await self.store.create_token(user.id, description)
+
+    async def delete_token(self, user: User, token_id: str) -> None:
+        await self.store.revoke_token(token_id, user.id)
+
+    # --- apps -------------------------------------------------------------------
+
+    async def get_app(self, user: User, name: str) -> App:
+        """The app if ``user`` may see it; NotFound otherwise (missing or not theirs)."""
+        if not await self.store.can_access(name, user.id):
+            raise errors.NotFound(f"no app named {name!r}")
+        try:
+            return await self.store.get_app(name)
+        except StoreNotFound:
+            raise errors.NotFound(f"no app named {name!r}") from None
+
+    async def list_apps(self, user: User) -> list[App]:
+        return await self.store.list_apps(None if user.is_admin else user.id)
+
+    async def create_app(self, user: User, name: str) -> App:
+        if name in ("api", "www", "dashboard", "admin"):
+            raise errors.Conflict(f"the app name {name!r} is reserved")
+        app = await self.store.create_app(name, user.id)
+        self.log.info("app {app} created by {user}", app=name, user=user.name)
+        return app
+
+    async def describe_app(self, app: App) -> dict[str, Any]:
+        try:
+            owner = (await self.store.get_user(app.owner_id)).name
+        except StoreNotFound:
+            owner = app.owner_id
+        release = await current_release(self.store, app.name)
+        collaborators = [u.name for u in await self.store.list_collaborators(app.name)]
+        counts: dict[str, int] = {}
+        for inst in await self.store.list_instances(app.name):
+            if inst.state == "healthy":
+                counts[inst.process_type] = counts.get(inst.process_type, 0) + 1
+        return {
+            "name": app.name, "owner": owner, "url": self.settings.url_of(app.name),
+            "created": app.created, "maintenance": app.maintenance,
+            "release": release.version if release else None,
+            "collaborators": collaborators, "processes": counts,
+        }
+
+    async def delete_app(self, user: User, app: App) -> None:
+        """Stop the app's instances, then delete everything the store holds of it."""
+        await self._require_owner(user, app)
+        if self.scheduler is not None:
+            await self.scheduler.stop_app(app.name)
+        await self.store.delete_app(app.name)
+        self.log.info("app {app} deleted by {user}", app=app.name, user=user.name)
+
+    async def list_collaborators(self, app: App) -> list[str]:
+        return [u.name for u in await self.store.list_collaborators(app.name)]
+
+    async def add_collaborator(self, user: User, app: App, name: str) -> None:
+        await self._require_owner(user, app)
+        other = await self.store.get_user_by_name(name)
+        await self.store.add_collaborator(app.name, other.id)
+
+    async def remove_collaborator(self, user: User, app: App, name: str) -> None:
+        await self._require_owner(user, app)
+        try:
+            other = await self.store.get_user_by_name(name)
+        except StoreNotFound:
+            raise errors.NotFound(f"{name} is not a collaborator of {app.name}") from None
+        await self.store.remove_collaborator(app.name, other.id)
+
+    # --- releases -----------------------------------------------------------------
+
+    async def describe_releases(self, app: App) -> list[dict[str, Any]]:
+        failed = await failed_releases(self.store, app.name)
+        current = await current_release(self.store, app.name)
+        return [_release(r, current, failed) for r in await self.store.list_releases(app.name)]
+
+    async def describe_release(self, app: App, version: int) -> dict[str, Any]:
+        release = await self.store.get_release(app.name, version)
+        failed = await failed_releases(self.store, app.name)
+        current = await current_release(self.store, app.name)
+        return _release(release, current, failed)
+
+    async def rollback(self, user: User, app: App, version: int | None) -> Release:
+        """A new release with an earlier release's image, processes and config vars."""
+        current = await current_release(self.store, app.name)
+        failed = await failed_releases(self.store, app.name)
+        if version is None:
+            if current is None:
+                raise errors.Conflict(f"{app.name} has no release to roll back from")
+            candidates = [r for r in await self.store.list_releases(app.name)
+                          if r.version < current.version and r.version not in failed
+                          and r.image is not None]
+            if not candidates:
+                raise errors.Conflict(f"{app.name} has no earlier release to roll back to")
+            target = candidates[0]
+        else:
+            target = await self.store.get_release(app.name, version)
+            if target.version in failed:
+                raise errors.Conflict(f"v{version} failed to deploy; it cannot be rolled back to")
+        if target.image is None:
+            raise errors.Conflict(f"v{target.version} has no image (it was never deployed)")
+        old = await self.store.get_config(app.name)
+        changes: dict[str, str | None] = {k: None for k in old if k not in target.config}
+        changes.update(target.config)
+        if changes:
+            await self.store.set_config(app.name, changes)
+        release = await self.store.create_release(
+            app.name, target.image, processes=target.processes, config=target.config,
+            description=f"Rollback to v{target.version}", created_by=user.name,
+            meta={**target.meta, "rollback_of": target.version})
+        self._wake()
+        return release
+
+    # --- config -----------------------------------------------------------------
+
+    async def get_config(self, app: App) -> dict[str, str]:
+        return await self.store.get_config(app.name)
+
+    async def update_config(self, user: User, app: App,
+                            changes: dict[str, str | None]) -> dict[str, str]:
+        config = await self.store.set_config(app.name, changes)
+        set_keys = sorted(k for k, v in changes.items() if v is not None)
+        unset_keys = sorted(k for k, v in changes.items() if v is None)
+        words = []
+        if set_keys:
+            words.append("Set " + ", ".join(set_keys))
+        if unset_keys:
+            words.append("Unset " + ", ".join(unset_keys))
+        await self._new_release(app, user, "; ".join(words))
+        return config
+
+    async def _new_release(self, app: App, user: User, description: str) -> Release:
+        """A new release of the current image/processes with the current config."""
+        current = await current_release(self.store, app.name)
+        release = await self.store.create_release(
+            app.name, current.image if current else None,
+            processes=current.processes if current else {},
+            description=description, created_by=user.name,
+            meta=dict(current.meta) if current else {}, inherit_image=False)
+        self._wake()
+        return release
+
+    # --- formation ----------------------------------------------------------------
+
+    async def describe_formation(self, app: App) -> dict[str, Any]:
+        formation = await self.store.get_formation(app.name)
+        current = await current_release(self.store, app.name)
+        commands = dict(current.processes) if current else {}
+        out = []
+        for ptype in sorted(set(formation) | set(commands)):
+            f = formation.get(ptype)
+            size = f.size if f else DEFAULT_SIZE
+            out.append({"type": ptype, "quantity": f.quantity if f else 0, "size": size,
+                        "command": commands.get(ptype),
+                        "limits": dict(f.limits) if f and f.limits else SIZES.get(size, {})})
+        return {"processes": out, "sizes": SIZES}
+
+    async def scale(self, user: User, app: App, changes: dict[str, dict[str, Any]]) -> None:
+        current = await current_release(self.store, app.name)
+        formation = await self.store.get_formation(app.name)
+        for ptype, change in changes.items():
+            if current is not None and current.processes and ptype not in current.processes:
+                known = ", ".join(sorted(current.processes)) or "none"
+                raise errors.ValidationFailed(
+                    f"{app.name} has no process type {ptype!r} (it has: {known})")
+            size = change.get("size")
+            if size is not None and size not in SIZES:
+                raise errors.ValidationFailed(
+                    f"unknown size {size!r}; sizes are: {', '.join(SIZES)}")
+        for ptype, change in changes.items():
+            cur = formation.get(ptype)
+            quantity = change.get("quantity", cur.quantity if cur else 0)
+            size = change.get("size") or (cur.size if cur else DEFAULT_SIZE)
+            await self.store.set_formation(app.name, ptype, quantity, size, SIZES[size])
+        self.log.info("{app} scaled by {user}: {changes}", app=app.name, user=user.name,
+                      changes=", ".join(f"{t}={c.get('quantity', '-')}" for t, c in
+                                        sorted(changes.items())))
+        self._wake()
+
+    async def list_instances(self, app: App) -> list[Any]:
+        return [i for i in await self.store.list_instances(app.name) if i.state != "stopped"]
+
+    # --- domains ------------------------------------------------------------------
+
+    def builtin_hostname(self, app: App) -> str:
+        return f"{app.name}.{self.settings.domain}"
+
+    async def describe_domains(self, app: App) -> list[dict[str, Any]]:
+        from epio.api import serialize
+
+        builtin = Domain(self.builtin_hostname(app), app.name, False, app.created)
+        return [serialize.domain(builtin, builtin=True)] + [
+            serialize.domain(d) for d in await self.store.list_domains(app.name)]
+
+    async def add_domain(self, user: User, app: App, hostname: str) -> Domain:
+        host = hostname.lower().rstrip(".")
+        bare = host[2:] if host.startswith("*.") else host
+        platform = self.settings.domain.lower()
+        if bare == platform or bare.endswith("." + platform):
+            raise errors.Conflict(
+                f"hostnames under the platform domain {platform} are reserved for apps")
+        return await self.store.add_domain(app.name, host)
+
+    async def remove_domain(self, user: User, app: App, hostname: str) -> None:
+        if hostname.lower() == self.builtin_hostname(app):
+            raise errors.Conflict("the app's built-in hostname cannot be removed")
+        await self.store.remove_domain(app.name, hostname)
+
+    # --- deploys ------------------------------------------------------------------
+
+    async def start_deploy(self, user: User, app: App, tarball: bytes) -> Deploy:
+        if self.deployer is None:
+            raise errors.Unavailable("this api process cannot deploy (no deployer)")
+        return await self.deployer.start(app, user, tarball)
+
+    async def list_deploys(self, app: App, limit: int) -> list[Deploy]:
+        return await self.store.list_deploys(app.name, limit)
+
+    async def get_deploy(self, app: App, deploy_id: str) -> Deploy:
+        try:
+            deploy = await self.store.get_deploy(deploy_id)
+        except StoreNotFound:
+            deploy = None
+        if deploy is None or deploy.app != app.name:
+            raise errors.NotFound(f"{app.name} has no deploy {deploy_id!r}")
+        return deploy
+
+    def describe_deploy(self, app: App, d: Deploy, log_offset: int | None) -> dict[str, Any]:
+        log = "" if log_offset is None else d.log[log_offset:]
+        return {"id": d.id, "app": d.app, "status": d.status, "image": d.image,
+                "release": d.release, "reason": d.reason, "created": d.created,
+                "finished": d.finished, "log": log, "log_offset": len(d.log),
+                "url": self.settings.url_of(app.name)}
+
+    # --- nodes --------------------------------------------------------------------
+
+    async def describe_nodes(self) -> list[dict[str, Any]]:
+        now = self.clock.seconds()
+        return [{"id": n.id, "roles": list(n.roles), "control": n.control_endpoint,
+                 "boot_id": n.boot_id, "last_seen": n.last_seen,
+                 "alive": now - n.last_seen < self.settings.runner_dead_after,
+                 "status": dict(n.status)} for n in await self.store.list_nodes()]
+
+    def _wake(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.wake()
+
+
+def _release(r: Release, current: Release | None, failed: set[int]) -> dict[str, Any]:
+    is_current = current is not None and r.version == current.version
+    status = "current" if is_current else "failed" if r.version in failed else (
+        "pending" if current is not None and r.version > current.version else "superseded")
+    return {"version": r.version, "image": r.image, "processes": dict(r.processes),
+            "config_keys": sorted(r.config), "description": r.description,
+            "created": r.created, "created_by": r.created_by, "current": is_current,
+            "status": status}
+
+
+async def ensure_admin(store: Store, data_dir: Path) -> Path | None:
+    """On a store without users: create the admin and write its token (0600).
+
+    Returns the token file's path when it was written now, None otherwise.
+    """
+    if await store.list_users():
+        return None
+    try:
+        admin = await store.create_user(ADMIN_NAME, None, is_admin=True)
+    except Conflict:
+        return None  # another api process got there first
+    token = await store.create_token(admin.id, "admin token created on first start")
+    path = data_dir / ADMIN_TOKEN_FILE
+    tmp = data_dir / f".{ADMIN_TOKEN_FILE}.{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token.token + "\n")
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,420 @@
+"""The scheduler: places process instances on runners and keeps them there.
+
+Desired state lives in the store: the app's *current release* (see
+:mod:`epio.api.state`) and its *formation* (quantity and size per process
+type).  ONE api process is the leader (``LeaderService`` on the store lock
+``epio.scheduler``: a PostgreSQL advisory lock, a file lock on SQLite); only
+the leader reconciles.
+
+Runner state: every reconcile pass asks each registered runner for
+``runner.status`` over the bus (DEALER ``request_to`` its control endpoint,
+from the store's ``nodes`` table).  Polling was chosen over subscribing to
+heartbeats because runners CONNECT their PUB sockets to the nexus only; a poll
+also tells at once whether a runner is reachable.  A runner that has not
+answered for ``api.runner_dead_after`` seconds is dead: its instances are
+forgotten and placed on other runners.
+
+One pass (:meth:`Scheduler.reconcile`), for every app:
+
+1. fold the runners' reports into the store's ``instances`` (state, host,
+   port, since, restarts); an instance a runner runs that the store does not
+   know (a deleted app, a forgotten placement) is stopped; one the store
+   knows but its (reachable) runner does not is forgotten after
+   ``api.start_grace``;
+2. start missing instances of the current release (spread: the runner with
+   the fewest instances of that app and type, then the fewest instances);
+   stop extras (draining first);
+3. zero-downtime rollover: an instance of an older release is drained only
+   once the current release has as many healthy instances of its type as
+   wanted (or when it is not healthy itself); a draining instance is stopped
+   ``api.drain_seconds`` later, after routers dropped it.
+
+Every pass catches and logs its own errors (STYLE 15).
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from attrs import define, evolve, field
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from epio.api.settings import ApiSettings
+from epio.api.state import DEFAULT_SIZE, LIVE_STATES, SIZES, current_release
+from epio.store import Instance, LeaderService, Store
+
+LOCK_NAME = "epio.scheduler"
+DEFAULT_BOOT_TIMEOUT = 60.0
+RUNNER_STATES = ("starting", "healthy", "draining", "crashed", "failed", "stopped")
+
+
+@define
+class RunnerView:
+    """What the leader knows of one runner."""
+
+    node_id: str
+    endpoint: str | None
+    first_seen: float
+    last_ok: float | None = None
+    boot_id: str | None = None
+    reachable: bool = False
+    instances: dict[str, dict[str, Any]] = field(factory=dict)
+
+    def alive(self, now: float, dead_after: float) -> bool:
+        """Answered within ``dead_after`` (a runner never heard from gets that long
+        from when this leader first saw it in the store)."""
+        reference = self.last_ok if self.last_ok is not None else self.first_seen
+        return now - reference < dead_after
+
+
+class Scheduler:
+    """Reconciles the store's desired state with what runners run."""
+
+    log = Logger()
+
+    def __init__(self, store: Store, control: Any, clock: Any, settings: ApiSettings,
+                 log_sink: Any = None) -> None:
+        self.store = store
+        self.control = control
+        self.clock = clock
+        self.settings = settings
+        self.log_sink = log_sink
+        self.views: dict[str, RunnerView] = {}
+        self.leader = False
+        self.passes = 0
+        self._loop: LoopingCall | None = None
+        self._busy = False
+        self._again = False
+
+    # --- lifecycle (driven by leadership) -----------------------------------------
+
+    def become_leader(self) -> None:
+        self.leader = True
+        self.views = {}
+        self._loop = LoopingCall(self._tick)
+        self._loop.clock = self.clock
+        self._loop.start(self.settings.reconcile_interval, now=True).addErrback(
+            lambda f: self.log.failure("scheduler loop died", f))
+
+    def lose_leadership(self) -> None:
+        self.leader = False
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+
+    def wake(self) -> None:
+        """Reconcile soon (after a scale, release, ...) instead of at the next tick."""
+        if self.leader:
+            self.clock.callLater(0, self._tick)
+
+    def _tick(self) -> Deferred[None] | None:
+        if not self.leader:
+            return None
+        if self._busy:
+            self._again = True
+            return None
+        self._busy = True
+        d = ensureDeferred(self.reconcile())
+        d.addErrback(lambda f: self.log.failure("scheduler pass failed", f))
+
+        def done(_: Any) -> None:
+            self._busy = False
+            if self._again and self.leader:
+                self._again = False
+                self.clock.callLater(0, self._tick)
+
+        d.addBoth(done)
+        return None
+
+    # --- one pass -----------------------------------------------------------------
+
+    async def reconcile(self) -> None:
+        """One full pass over every runner and app."""
+        now = self.clock.seconds()
+        nodes = await self.store.list_nodes(role="runner")
+        for n in nodes:
+            view = self.views.get(n.id)
+            if view is None:
+                view = self.views[n.id] = RunnerView(n.id, n.control_endpoint, now)
+            view.endpoint = n.control_endpoint
+        for gone in set(self.views) - {n.id for n in nodes}:
+            del self.views[gone]
+        await DeferredList([ensureDeferred(self._poll(self.views[n.id])) for n in nodes],
+                           consumeErrors=True)
+        alive = {v.node_id for v in self.views.values()
+                 if v.alive(now, self.settings.runner_dead_after)}
+        instances = await self._fold_reports(now, alive)
+        for app in await self.store.list_apps():
+            try:
+                await self._reconcile_app(app, [i for i in instances if i.app == app.name],
+                                          instances, now)
+            except Exception:
+                self.log.failure("reconciling app {app} failed", app=app.name)
+        self.passes += 1
+
+    async def _poll(self, view: RunnerView) -> None:
+        if not view.endpoint:
+            view.reachable = False
+            return
+        try:
+            reply = await self.control.request(view.endpoint, "runner.status", {},
+                                               timeout=self.settings.status_timeout)
+        except Exception as e:
+            if view.reachable or view.last_ok is None:
+                self.log.warn("runner {node} at {endpoint} does not answer runner.status: "
+                              "{error}", node=view.node_id, endpoint=view.endpoint,
+                              error=str(e) or type(e).__name__)
+            view.reachable = False
+            return
+        view.reachable = True
+        view.last_ok = self.clock.seconds()
+        view.boot_id = reply.get("boot_id")
+        view.instances = {str(i["instance_id"]): i for i in reply.get("instances", [])
+                          if isinstance(i, dict) and "instance_id" in i}
+
+    async def _fold_reports(self, now: float, alive: set[str]) -> list[Instance]:
+        """Bring the store's instances in line with the runners' reports."""
+        known = {i.id: i for i in await self.store.list_instances()}
+        reported: dict[str, tuple[RunnerView, dict[str, Any]]] = {}
+        for view in self.views.values():
+            if view.reachable:
+                for iid, info in view.instances.items():
+                    reported[iid] = (view, info)
+        for iid, (view, info) in reported.items():
+            inst = known.get(iid)
+            state = info.get("state")
+            if inst is None:
+                if state != "stopped":
+                    self.log.info("stopping orphan instance {id} on {node}", id=iid,
+                                  node=view.node_id)
+                    await self._send_stop(view, iid)
+                continue
+            if state == "stopped" or state not in RUNNER_STATES:
+                await self.store.delete_instance(iid)
+                del known[iid]
+                continue
+            if inst.state == "draining":
+                state = "draining"
+            new = evolve(inst, node=view.node_id, host=info.get("host") or inst.host,
+                         port=info.get("port") or inst.port, state=state,
+                         since=float(info.get("since") or inst.since),
+                         restarts=int(info.get("restarts") or 0))
+            if inst.state == "draining":
+                new = evolve(new, since=inst.since)
+            if new != inst:
+                await self.store.upsert_instance(new)
+                known[iid] = new
+                if new.state != inst.state:
+                    self._app_log(new.app, f"{new.process_type}.{new.number} "
+                                           f"(v{new.release}) is {new.state} on {new.node}")
+        for iid, inst in list(known.items()):
+            if iid in reported:
+                continue
+            view = self.views.get(inst.node or "")
+            if view is None or inst.node not in alive:
+                self.log.warn("instance {id} of {app} was on {node}, which is gone: "
+                              "placing it elsewhere", id=iid, app=inst.app, node=inst.node)
+                self._app_log(inst.app, f"{inst.process_type}.{inst.number}: runner "
+                                        f"{inst.node} is gone; replacing it")
+            elif not view.reachable:
+                continue  # not dead yet: wait
+            elif inst.state == "pending" and now - inst.since < self.settings.start_grace:
+                continue  # its start request may still be on the way
+            await self.store.delete_instance(iid)
+            del known[iid]
+        return list(known.values())
+
+    async def _reconcile_app(self, app: Any, mine: list[Instance], everyone: list[Instance],
+                             now: float) -> None:
+        release = await current_release(self.store, app.name)
+        formation = await self.store.get_formation(app.name)
+        want: dict[str, int] = {}
+        if release is not None and release.image:
+            for ptype, f in formation.items():
+                if ptype in release.processes and f.quantity > 0:
+                    want[ptype] = f.quantity
+        for inst in [i for i in mine if i.state == "draining"]:
+            if now - inst.since >= self.settings.drain_seconds:
+                await self._stop(inst)
+                everyone.remove(inst)
+        types = set(want) | {i.process_type for i in mine}
+        for ptype in sorted(types):
+            quantity = want.get(ptype, 0)
+            of_type = [i for i in mine if i.process_type == ptype and i.state != "draining"
+                       and i in everyone]
+            current = [i for i in of_type if release is not None and i.release == release.version]
+            old = [i for i in of_type if i not in current]
+            for inst in [i for i in current if i.state == "failed"]:
+                await self._stop(inst)
+                everyone.remove(inst)
+                current.remove(inst)
+            missing = quantity - len(current)
+            if missing > 0:
+                assert release is not None
+                used = {i.number for i in current}
+                for _ in range(missing):
+                    number = next(n for n in range(1, quantity + len(used) + 2) if n not in used)
+                    used.add(number)
+                    placed = await self._start(app, release, ptype, number,
+                                               formation.get(ptype), everyone, now)
+                    if placed is None:
+                        break
+                    everyone.append(placed)
+                    current.append(placed)
+            elif missing < 0:
+                extras = sorted(current, key=lambda i: (i.state == "healthy", -i.number))
+                for inst in extras[:-missing]:
+                    await self._retire(inst, everyone, now)
+            healthy = sum(1 for i in current if i.state == "healthy")
+            for inst in old:
+                if healthy >= quantity or inst.state not in ("healthy",):
+                    await self._retire(inst, everyone, now)
+
+    # --- actions ------------------------------------------------------------------
+
+    def _place(self, app: str, ptype: str, everyone: list[Instance],
+               avoid: set[str]) -> RunnerView | None:
+        now = self.clock.seconds()
+        candidates = [v for v in self.views.values()
+                      if v.reachable and v.endpoint and v.node_id not in avoid
+                      and v.alive(now, self.settings.runner_dead_after)]
+        if not candidates:
+            return None
+
+        def score(v: RunnerView) -> tuple[int, int, str]:
+            on = [i for i in everyone if i.node == v.node_id and i.state in LIVE_STATES]
+            same = sum(1 for i in on if i.app == app and i.process_type == ptype)
+            return (same, len(on), v.node_id)
+
+        return min(candidates, key=score)
+
+    async def _start(self, app: Any, release: Any, ptype: str, number: int, formation: Any,
+                     everyone: list[Instance], now: float) -> Instance | None:
+        avoid: set[str] = set()
+        size = formation.size if formation is not None else DEFAULT_SIZE
+        limits = dict(formation.limits) if formation is not None and formation.limits else {}
+        limits = {**SIZES.get(size, SIZES[DEFAULT_SIZE]), **limits}
+        meta = dict(release.meta or {})
+        env = {**(meta.get("env") or {}), **release.config}
+        while True:
+            view = self._place(app.name, ptype, everyone, avoid)
+            if view is None:
+                self.log.warn("no runner can take {app} {ptype}.{number}", app=app.name,
+                              ptype=ptype, number=number)
+                return None
+            iid = f"{app.name}-{ptype}-{number}-{uuid.uuid4().hex[:8]}"
+            inst = Instance(iid, app.name, release.version, ptype, number, view.node_id,
+                            None, None, "pending", now, 0)
+            await self.store.upsert_instance(inst)
+            body = {
+                "instance_id": iid, "app": app.name, "uid": app.uid,
+                "release": release.version, "process_type": ptype,
+                "command": release.processes[ptype], "image_digest": release.image,
+                "env": env, "limits": limits,
+                "health_check": meta.get("health_check") if ptype == "web" else None,
+                "boot_timeout": float(meta.get("boot_timeout") or DEFAULT_BOOT_TIMEOUT),
+                "grace": self.settings.stop_grace,
+            }
+            assert view.endpoint is not None
+            try:
+                reply = await self.control.request(view.endpoint, "runner.start", body,
+                                                   timeout=self.settings.status_timeout * 2)
+            except Exception as e:
+                self.log.warn("runner {node} refused to start {id}: {error}", node=view.node_id,
+                              id=iid, error=str(e) or type(e).__name__)
+                await self.store.delete_instance(iid)
+                avoid.add(view.node_id)
+                continue
+            inst = evolve(inst, host=reply.get("host"), port=reply.get("port"),
+                          state="starting")
+            await self.store.upsert_instance(inst)
+            self.log.info("started {app} {ptype}.{number} v{release} on {node} ({id})",
+                          app=app.name, ptype=ptype, number=number, release=release.version,
+                          node=view.node_id, id=iid)
+            self._app_log(app.name, f"starting {ptype}.{number} (v{release.version}) "
+                                    f"on {view.node_id}")
+            return inst
+
+    async def _retire(self, inst: Instance, everyone: list[Instance], now: float) -> None:
+        """Drain a healthy instance (stopped later); stop any other at once."""
+        view = self.views.get(inst.node or "")
+        if inst.state == "healthy" and view is not None and view.reachable and view.endpoint:
+            try:
+                await self.control.request(view.endpoint, "runner.drain",
+                                           {"instance_id": inst.id},
+                                           timeout=self.settings.status_timeout)
+            except Exception as e:
+                self.log.warn("draining {id} failed: {error}; stopping it", id=inst.id,
+                              error=str(e) or type(e).__name__)
+            else:
+                drained = evolve(inst, state="draining", since=now)
+                await self.store.upsert_instance(drained)
+                everyone[everyone.index(inst)] = drained
+                self._app_log(inst.app, f"draining {inst.process_type}.{inst.number} "
+                                        f"(v{inst.release})")
+                return
+        await self._stop(inst)
+        everyone.remove(inst)
+
+    async def _stop(self, inst: Instance) -> None:
+        view = self.views.get(inst.node or "")
+        if view is not None:
+            await self._send_stop(view, inst.id)
+        await self.store.delete_instance(inst.id)
+        self._app_log(inst.app, f"stopped {inst.process_type}.{inst.number} (v{inst.release})")
+
+    async def _send_stop(self, view: RunnerView, iid: str) -> bool:
+        if not view.endpoint:
+            return False
+        try:
+            await self.control.request(view.endpoint, "runner.stop",
+                                       {"instance_id": iid, "grace": self.settings.stop_grace},
+                                       timeout=self.settings.status_timeout
+                                       + self.settings.stop_grace)
+        except Exception as e:
+            self.log.warn("stopping {id} on {node} failed: {error}", id=iid, node=view.node_id,
+                          error=str(e) or type(e).__name__)
+            return False
+        return True
+
+    async def stop_app(self, app: str) -> None:
+        """Stop every instance of ``app`` now (used when an app is deleted).
+
+        Any api process may call this, leader or not: it sends ``runner.stop``
+        straight to the runners recorded in the store.  The leader stops any
+        instance it later finds without an app (orphans) anyway.
+        """
+        nodes = {n.id: n for n in await self.store.list_nodes()}
+        ds = []
+        for inst in await self.store.list_instances(app):
+            node = nodes.get(inst.node or "")
+            if node is None or not node.control_endpoint:
+                continue
+            view = RunnerView(node.id, node.control_endpoint, self.clock.seconds())
+            ds.append(ensureDeferred(self._send_stop(view, inst.id)))
+        if ds:
+            await DeferredList(ds, consumeErrors=True)
+
+    def _app_log(self, app: str, text: str) -> None:
+        if self.log_sink is not None:
+            try:
+                self.log_sink.emit(app, "platform", text)
+            except Exception:
+                self.log.failure("log sink failed")
+
+
+class SchedulerService(MultiService):
+    """Runs the scheduler while this process holds the scheduler lock."""
+
+    def __init__(self, scheduler: Scheduler, store: Store, clock: Any,
+                 retry_interval: float) -> None:
+        super().__init__()
+        self.scheduler = scheduler
+        self.leader = LeaderService(store, LOCK_NAME, scheduler.become_leader,
+                                    scheduler.lose_leadership, clock=clock,
+                                    retry_interval=retry_interval)
+        self.leader.setServiceParent(self)

@@ -1,0 +1,131 @@
+"""The api role's service tree: HTTP listener, deployer, scheduler (leader only).
+
+``make_service(node)`` returns a :class:`ApiService`.  It listens at once on
+``api.listen`` (answering 503 ``starting`` until the store is ready), then:
+creates the admin user and ``DATA_DIR/admin-token`` (0600) on a store without
+users (logging WHERE, never the token), starts one bus DEALER for runner
+control, the scheduler's leader election and the log sink.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IService, MultiService
+from twisted.internet.defer import ensureDeferred
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+from twisted.web.server import Request, Site
+
+from epio.api.control import BusRunnerControl
+from epio.api.deploys import Deployer
+from epio.api.domain import Platform, ensure_admin
+from epio.api.scheduler import Scheduler, SchedulerService
+from epio.api.settings import ApiSettings
+from epio.api.web import Api
+
+
+def limited_request(max_body: int) -> type[Request]:
+    """A Request class that stops storing a body past ``max_body`` bytes.
+
+    twisted.web spools bodies to a temporary file as they arrive (streaming
+    friendly); past the limit the rest is discarded and the handler answers
+    413 ``payload_too_large``.
+    """
+
+    class LimitedRequest(Request):
+        epio_oversize = False
+        _epio_received = 0
+
+        def gotLength(self, length: int | None) -> None:
+            if length is not None and length > max_body:
+                self.epio_oversize = True
+                length = 0
+            super().gotLength(length)
+
+        def handleContentChunk(self, data: bytes) -> None:
+            if self.epio_oversize:
+                return
+            self._epio_received += len(data)
+            if self._epio_received > max_body:
+                self.epio_oversize = True
+                self.content.seek(0)
+                self.content.truncate()
+                return
+            super().handleContentChunk(data)
+
+    return LimitedRequest
+
+
+def make_site(api: Api, max_body: int) -> Site:
+    site = Site(api.resource())
+    site.displayTracebacks = False
+    site.requestFactory = limited_request(max_body)
+    return site
+
+
+class ApiService(MultiService):
+    """The api role of one node."""
+
+    log = Logger()
+
+    def __init__(self, node: Any) -> None:
+        super().__init__()
+        self.node = node
+        self.settings = ApiSettings.from_config(node.config)
+        self.api = Api(None, max_json_bytes=self.settings.max_json_bytes,
+                       max_upload_bytes=self.settings.max_upload_bytes)
+        self.platform: Platform | None = None
+        self.scheduler: Scheduler | None = None
+        self.deployer: Deployer | None = None
+        listen = node.config["api"]["listen"]
+        endpoint = serverFromString(node.reactor, listen)
+        http = StreamServerEndpointService(
+            endpoint, make_site(self.api, self.settings.max_upload_bytes + (1 << 20)))
+        http.setName("api-http")
+        http.setServiceParent(self)
+        self._listen = listen
+        self._starting: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        self.log.info("api listening on {endpoint}", endpoint=self._listen)
+        self._starting = ensureDeferred(self._start())
+        self._starting.addErrback(lambda f: self.log.failure("the api role could not start", f))
+
+    async def _start(self) -> None:
+        node = self.node
+        store = await node.store_service.whenReady()
+        path = await ensure_admin(store, node.data_dir)
+        if path is not None:
+            self.log.info("created the admin user; its API token is in {path} (mode 0600): "
+                          "epio login --api URL < {path}", path=str(path))
+        if not self.running:
+            return
+        dealer = node.bus.dealer([])
+        dealer.setName("api-runner-control")
+        dealer.setServiceParent(self)
+        sink = None
+        loggers = node.config["cluster"]["loggers"]
+        if loggers:
+            from epio.pipeline import BusLogSink
+
+            sink = BusLogSink(node.bus, loggers, clock=node.reactor)
+            sink.setServiceParent(self)
+        control = BusRunnerControl(dealer)
+        self.scheduler = Scheduler(store, control, node.reactor, self.settings, log_sink=sink)
+        sched = SchedulerService(self.scheduler, store, node.reactor,
+                                 self.settings.leader_retry)
+        sched.setName("scheduler")
+        sched.setServiceParent(self)
+        self.deployer = Deployer(store, control, node.reactor, self.settings,
+                                 scheduler=self.scheduler, log_sink=sink)
+        self.platform = Platform(store, self.settings, node.reactor, deployer=self.deployer,
+                                 scheduler=self.scheduler)
+        self.api.platform = self.platform
+        self.log.info("api ready")
+
+
+def make_service(node: Any) -> IService:
+    return ApiService(node)

@@ -1,0 +1,62 @@
+"""The api role's settings, read once from the ``api`` config section."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from attrs import frozen
+
+
+@frozen
+class ApiSettings:
+    """Limits and timings of the api, its deployer and scheduler (seconds, bytes)."""
+
+    domain: str = "localhost"
+    app_url: str = "http://{app}.{domain}:8080/"
+    max_json_bytes: int = 1 << 20
+    max_upload_bytes: int = 200 << 20
+    reconcile_interval: float = 2.0
+    runner_dead_after: float = 15.0
+    status_timeout: float = 5.0
+    start_grace: float = 10.0
+    drain_seconds: float = 3.0
+    stop_grace: float = 10.0
+    build_timeout: float = 900.0
+    rollout_timeout: float = 180.0
+    leader_retry: float = 2.0
+
+    @classmethod
+    def from_config(cls, config: Any) -> ApiSettings:
+        api = config["api"]
+        domain = config["node"]["domain"]
+        app_url = api.get("app_url") or default_app_url(config["lb"]["listen"])
+        return cls(
+            domain=domain,
+            app_url=app_url,
+            max_json_bytes=int(api.get("max_body_kb", 1024)) * 1024,
+            max_upload_bytes=int(api.get("max_upload_mb", 200)) * 1024 * 1024,
+            reconcile_interval=float(api.get("reconcile_interval", 2.0)),
+            runner_dead_after=float(api.get("runner_dead_after", 15.0)),
+            status_timeout=float(api.get("status_timeout", 5.0)),
+            start_grace=float(api.get("start_grace", 10.0)),
+            drain_seconds=float(api.get("drain_seconds", 3.0)),
+            stop_grace=float(api.get("stop_grace", 10.0)),
+            build_timeout=float(api.get("build_timeout", 900.0)),
+            rollout_timeout=float(api.get("rollout_timeout", 180.0)),
+        )
+
+    def url_of(self, app: str) -> str:
+        return self.app_url.format(app=app, domain=self.domain)
+
+
+def default_app_url(lb_listen: str) -> str:
+    """``http://{app}.{domain}[:PORT]/`` from the router's listen endpoint."""
+    parts = lb_listen.split(":")
+    port = None
+    if parts and parts[0] in ("tcp", "tcp6") and len(parts) > 1 and parts[1].isdigit():
+        port = int(parts[1])
+    elif parts and parts[0].isdigit():
+        port = int(parts[0])
+    if port in (None, 80):
+        return "http://{app}.{domain}/"
+    return "http://{app}.{domain}:" + str(port) + "/"

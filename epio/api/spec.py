@@ -1,0 +1,223 @@
+"""The API's description: component schemas, the operation registry, OpenAPI 3.1.
+
+Every endpoint of :mod:`epio.api.web` is declared with :func:`operation`, which
+records it here; :func:`openapi_document` builds ``/api/v1/openapi.json`` from
+the records, so the document describes exactly the served endpoints.  Request
+bodies are validated against these schemas (:mod:`epio.api.jsonschema`) and the
+tests validate every response against them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from attrs import field, frozen
+
+from epio import __version__
+
+PREFIX = "/api/v1"
+
+APP_NAME = r"^[a-z][a-z0-9-]{0,29}$"
+CONFIG_KEY = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
+PROCESS_TYPE = r"^[a-z][a-z0-9_-]{0,29}$"
+HOSTNAME = r"^(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+
+NUM = {"type": "number"}
+STR = {"type": "string"}
+INT = {"type": "integer"}
+BOOL = {"type": "boolean"}
+NULLABLE_STR = {"type": ["string", "null"]}
+NULLABLE_NUM = {"type": ["number", "null"]}
+NULLABLE_INT = {"type": ["integer", "null"]}
+
+
+def obj(props: dict[str, Any], required: list[str] | None = None, extra: Any = False,
+        **more: Any) -> dict[str, Any]:
+    """An object schema; every property required unless ``required`` says otherwise."""
+    out: dict[str, Any] = {"type": "object", "properties": props,
+                           "required": list(props) if required is None else required,
+                           "additionalProperties": extra}
+    out.update(more)
+    return out
+
+
+def ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def array(item: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "array", "items": item}
+
+
+SCHEMAS: dict[str, dict[str, Any]] = {
+    "Error": obj({"error": obj({"code": STR, "message": STR})}),
+    "User": obj({"id": STR, "name": STR, "email": NULLABLE_STR, "is_admin": BOOL,
+                 "created": NUM}),
+    "NewUser": obj({
+        "name": {"type": "string", "pattern": r"^[a-z][a-z0-9_.-]{0,62}$"},
+        "email": NULLABLE_STR,
+        "is_admin": BOOL,
+    }, required=["name"]),
+    "UserWithToken": obj({"user": ref("User"), "token": STR}),
+    "Token": obj({"id": STR, "prefix": STR, "description": STR, "created": NUM,
+                  "last_used": NULLABLE_NUM}),
+    "NewToken": obj({"description": {"type": "string", "maxLength": 200}}, required=[]),
+    "CreatedToken": obj({"token": STR, "info": ref("Token")}),
+    "App": obj({
+        "name": STR, "owner": STR, "url": STR, "created": NUM, "maintenance": BOOL,
+        "release": NULLABLE_INT, "collaborators": array(STR),
+        "processes": {"type": "object", "additionalProperties": INT,
+                      "description": "running instances per process type"},
+    }),
+    "NewApp": obj({"name": {"type": "string", "pattern": APP_NAME}}),
+    "Collaborator": obj({"user": {"type": "string", "minLength": 1}}),
+    "Release": obj({
+        "version": INT, "image": NULLABLE_STR, "processes": {"type": "object",
+                                                           "additionalProperties": STR},
+        "config_keys": array(STR), "description": STR, "created": NUM,
+        "created_by": NULLABLE_STR, "current": BOOL, "status": STR,
+    }),
+    "Rollback": obj({"version": {"type": "integer", "minimum": 1}}, required=[]),
+    "Deploy": obj({
+        "id": STR, "app": STR,
+        "status": {"type": "string", "enum": ["pending", "building", "built", "deploying",
+                                              "succeeded", "failed", "cancelled"]},
+        "image": NULLABLE_STR, "release": NULLABLE_INT, "reason": NULLABLE_STR,
+        "created": NUM, "finished": NULLABLE_NUM, "log": STR, "log_offset": INT,
+        "url": STR,
+    }),
+    "ConfigVars": obj({"vars": {"type": "object", "additionalProperties": STR}}),
+    "ConfigChange": {
+        "type": "object",
+        "description": "KEY: value sets a variable, KEY: null unsets it",
+        "minProperties": 1,
+        "patternProperties": {CONFIG_KEY: {"type": ["string", "null"], "maxLength": 32768}},
+        "additionalProperties": False,
+    },
+    "ProcessFormation": obj({"type": STR, "quantity": INT, "size": STR, "command": NULLABLE_STR,
+                             "limits": {"type": "object"}}),
+    "Formation": obj({"processes": array(ref("ProcessFormation")),
+                      "sizes": {"type": "object", "additionalProperties": {"type": "object"}}}),
+    "FormationChange": obj({
+        "processes": {
+            "type": "object",
+            "patternProperties": {PROCESS_TYPE: obj({
+                "quantity": {"type": "integer", "minimum": 0, "maximum": 100},
+                "size": STR,
+            }, required=[])},
+            "additionalProperties": False,
+        },
+    }),
+    "Instance": obj({
+        "id": STR, "name": STR, "type": STR, "number": INT, "release": INT,
+        "node": NULLABLE_STR, "host": NULLABLE_STR, "port": NULLABLE_INT, "state": STR,
+        "since": NUM, "restarts": INT,
+    }),
+    "Domain": obj({"hostname": STR, "wildcard": BOOL, "created": NUM, "builtin": BOOL}),
+    "NewDomain": obj({"hostname": {"type": "string", "maxLength": 253, "pattern": HOSTNAME}}),
+    "Node": obj({"id": STR, "roles": array(STR), "control": NULLABLE_STR, "boot_id": NULLABLE_STR,
+                 "last_seen": NUM, "alive": BOOL, "status": {"type": "object"}}),
+    "Status": obj({"status": STR, "version": STR}),
+    "Deleted": obj({"deleted": STR}),
+}
+
+
+@frozen
+class Operation:
+    """One endpoint: method, path (OpenAPI form, under PREFIX) and its bodies."""
+
+    method: str
+    path: str
+    operation_id: str
+    summary: str
+    response: dict[str, Any] | None
+    status: int = 200
+    request: dict[str, Any] | None = None
+    request_type: str = "application/json"
+    auth: bool = True
+    query: dict[str, dict[str, Any]] = field(factory=dict)
+    tag: str = "platform"
+
+    @property
+    def app_scoped(self) -> bool:
+        return "{app}" in self.path
+
+    @property
+    def path_params(self) -> list[str]:
+        import re
+
+        return re.findall(r"\{(\w+)\}", self.path)
+
+
+OPERATIONS: list[Operation] = []
+
+ERROR_RESPONSES = {
+    "400": "bad request (invalid_json, validation_failed, bad_request)",
+    "401": "no valid token (unauthorized)",
+    "403": "not allowed for this user (forbidden)",
+    "404": "not found, or not yours (not_found)",
+    "405": "method not allowed (method_not_allowed)",
+    "409": "conflict with existing state (conflict)",
+    "413": "body too large (payload_too_large)",
+    "415": "wrong content type (unsupported_media_type)",
+    "500": "internal error (internal_error); logged, no details",
+    "503": "a dependency is unavailable (unavailable, store_unavailable)",
+}
+
+
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI 3.1 document of every registered operation."""
+    paths: dict[str, dict[str, Any]] = {}
+    for op in OPERATIONS:
+        params: list[dict[str, Any]] = [
+            {"name": p, "in": "path", "required": True, "schema": STR} for p in op.path_params
+        ]
+        params += [
+            {"name": name, "in": "query", "required": False, "schema": schema}
+            for name, schema in op.query.items()
+        ]
+        responses: dict[str, Any] = {
+            str(op.status): {
+                "description": op.summary,
+                **({"content": {"application/json": {"schema": op.response}}}
+                   if op.response is not None else {}),
+            }
+        }
+        for status, text in ERROR_RESPONSES.items():
+            if status == "401" and not op.auth:
+                continue
+            responses[status] = {"description": text,
+                                 "content": {"application/json": {"schema": ref("Error")}}}
+        entry: dict[str, Any] = {
+            "operationId": op.operation_id,
+            "summary": op.summary,
+            "tags": [op.tag],
+            "parameters": params,
+            "responses": responses,
+        }
+        if not op.auth:
+            entry["security"] = []
+        if op.request is not None:
+            content_schema = op.request if op.request_type == "application/json" else {
+                "type": "string", "contentMediaType": op.request_type}
+            entry["requestBody"] = {"required": True,
+                                    "content": {op.request_type: {"schema": content_schema}}}
+        paths.setdefault(PREFIX + op.path, {})[op.method.lower()] = entry
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "epio API",
+            "version": __version__,
+            "description": "Manage apps, deploys, releases, config, formation, domains and "
+                           "nodes of an epio platform. Authenticate with "
+                           "`Authorization: Bearer TOKEN`. Every app-scoped path answers 404 "
+                           "to users who are neither the owner nor a collaborator.",
+        },
+        "servers": [{"url": "/"}],
+        "components": {
+            "schemas": SCHEMAS,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+        "security": [{"bearer": []}],
+        "paths": paths,
+    }

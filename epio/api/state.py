@@ -1,0 +1,62 @@
+"""Facts derived from the store that the domain, deployer and scheduler share.
+
+* The **current release** of an app is its newest release that no failed
+  deploy produced: a deploy whose rollout failed leaves the previous release
+  serving, and the scheduler converges on whatever is current.
+* **Sizes** name the resource limits of a process type (``epio scale
+  web=2:large``); the runner enforces them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from epio.store import Release, Store
+
+SIZES: dict[str, dict[str, int]] = {
+    "small": {"memory_mb": 256, "cpu_shares": 512, "pids": 128, "nofile": 1024},
+    "standard": {"memory_mb": 512, "cpu_shares": 1024, "pids": 256, "nofile": 4096},
+    "large": {"memory_mb": 1024, "cpu_shares": 2048, "pids": 512, "nofile": 8192},
+}
+DEFAULT_SIZE = "standard"
+
+# instance states (epio.store.INSTANCE_STATES) that count as "running or about to"
+LIVE_STATES = ("pending", "starting", "healthy", "crashed")
+
+
+async def failed_releases(store: Store, app: str) -> set[int]:
+    """Versions made by deploys that failed (they must never serve)."""
+    return {d.release for d in await store.list_deploys(app, limit=200)
+            if d.status == "failed" and d.release is not None}
+
+
+async def current_release(store: Store, app: str) -> Release | None:
+    """The release the app should run: the newest one not made by a failed deploy."""
+    failed = await failed_releases(store, app)
+    for release in await store.list_releases(app, limit=len(failed) + 1):
+        if release.version not in failed:
+            return release
+    return None
+
+
+def release_facts(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """What the scheduler needs from a build's manifest, kept in the release's meta."""
+    http = manifest.get("http") or {}
+    facts: dict[str, Any] = {}
+    if isinstance(http, Mapping):
+        if http.get("health_check"):
+            facts["health_check"] = str(http["health_check"])
+        if isinstance(http.get("boot_timeout"), int | float):
+            facts["boot_timeout"] = float(http["boot_timeout"])
+    env = manifest.get("env")
+    if isinstance(env, Mapping):
+        facts["env"] = {str(k): str(v) for k, v in env.items()}
+    return facts
+
+
+def processes_of(manifest: Mapping[str, Any]) -> dict[str, str]:
+    procs = manifest.get("processes") or {}
+    if not isinstance(procs, Mapping):
+        return {}
+    return {str(k): str(v) for k, v in procs.items()}

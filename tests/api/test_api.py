@@ -1,0 +1,261 @@
+"""The API over a real SQLite store: resources, auth, access rules, errors, OpenAPI.
+
+Every response of every call here is validated against the OpenAPI document
+(``Harness.call`` does it), so the document and the server cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import ensureDeferred
+from twisted.trial.unittest import TestCase
+
+from epio.api.spec import OPERATIONS, PREFIX
+from tests.api.support import DIGEST, Harness, settle
+
+
+class ApiTestCase(TestCase):
+    timeout = 30
+
+    def setUp(self) -> Any:
+        self.h = Harness()
+        self.addCleanup(lambda: ensureDeferred(self.h.stop()))
+        return ensureDeferred(self.h.start())
+
+    def call(self, *args: Any, **kw: Any) -> Any:
+        return ensureDeferred(self.h.call(*args, **kw))
+
+
+class AuthTests(ApiTestCase):
+    async def test_no_token(self) -> None:
+        """A request without a token is refused with 401 unauthorized and a Bearer challenge."""
+        status, body, headers = await self.call("GET", "apps")
+        self.assertEqual(status, 401)
+        self.assertEqual(body["error"]["code"], "unauthorized")
+        self.assertIn("Bearer", headers["www-authenticate"][0])
+
+    async def test_bad_token(self) -> None:
+        """A wrong token and a non-bearer scheme are both 401, never 500."""
+        status, body, _ = await self.call("GET", "apps", token="epio_nope")
+        self.assertEqual((status, body["error"]["code"]), (401, "unauthorized"))
+        status, body, _ = await self.call("GET", "apps", raw=None,
+                                          token=None, content_type=None)
+        self.assertEqual(status, 401)
+
+    async def test_whoami(self) -> None:
+        """GET /user answers the token's owner, without any secret."""
+        status, body, _ = await self.call("GET", "user", token=self.h.alice_token)
+        self.assertEqual(status, 200)
+        self.assertEqual(body["name"], "alice")
+        self.assertNotIn(self.h.alice_token, str(body))
+
+    async def test_tokens(self) -> None:
+        """A user can create a token, use it, list it (prefix only) and revoke it."""
+        status, body, _ = await self.call("POST", "tokens", token=self.h.alice_token,
+                                          body={"description": "laptop"})
+        self.assertEqual(status, 201)
+        new = body["token"]
+        status, me, _ = await self.call("GET", "user", token=new)
+        self.assertEqual(me["name"], "alice")
+        status, tokens, _ = await self.call("GET", "tokens", token=self.h.alice_token)
+        self.assertEqual(len(tokens), 2)
+        self.assertNotIn(new, str(tokens))
+        status, _, _ = await self.call("DELETE", f"tokens/{body['info']['id']}",
+                                       token=self.h.alice_token)
+        self.assertEqual(status, 200)
+        status, _, _ = await self.call("GET", "user", token=new)
+        self.assertEqual(status, 401)
+
+    async def test_users_admin_only(self) -> None:
+        """Only admins list and create users; a created user gets a working token."""
+        status, body, _ = await self.call("GET", "users", token=self.h.alice_token)
+        self.assertEqual((status, body["error"]["code"]), (403, "forbidden"))
+        status, body, _ = await self.call("POST", "users", token=self.h.admin_token,
+                                          body={"name": "carol"})
+        self.assertEqual(status, 201)
+        status, me, _ = await self.call("GET", "user", token=body["token"])
+        self.assertEqual(me["name"], "carol")
+
+
+class AppTests(ApiTestCase):
+    async def test_create_list_show_delete(self) -> None:
+        """An app is created, listed for its owner only, shown with its URL, deleted."""
+        status, app, _ = await self.call("POST", "apps", token=self.h.alice_token,
+                                         body={"name": "hello"})
+        self.assertEqual(status, 201)
+        self.assertEqual(app["owner"], "alice")
+        self.assertEqual(app["url"], "http://hello.localhost:8080/")
+        _, apps, _ = await self.call("GET", "apps", token=self.h.alice_token)
+        self.assertEqual([a["name"] for a in apps], ["hello"])
+        _, apps, _ = await self.call("GET", "apps", token=self.h.bob_token)
+        self.assertEqual(apps, [])
+        status, body, _ = await self.call("POST", "apps", token=self.h.bob_token,
+                                          body={"name": "hello"})
+        self.assertEqual((status, body["error"]["code"]), (409, "conflict"))
+        status, _, _ = await self.call("DELETE", "apps/hello", token=self.h.alice_token)
+        self.assertEqual(status, 200)
+        status, _, _ = await self.call("GET", "apps/hello", token=self.h.alice_token)
+        self.assertEqual(status, 404)
+
+    async def test_bad_name(self) -> None:
+        """A malformed app name is a 400 validation_failed naming the field."""
+        status, body, _ = await self.call("POST", "apps", token=self.h.alice_token,
+                                          body={"name": "Not_OK"})
+        self.assertEqual((status, body["error"]["code"]), (400, "validation_failed"))
+        self.assertIn("body.name", body["error"]["message"])
+
+    async def test_collaborator(self) -> None:
+        """A collaborator sees the app; they cannot delete it (403); removed, it is 404."""
+        await self.call("POST", "apps", token=self.h.alice_token, body={"name": "team"})
+        status, _, _ = await self.call("POST", "apps/team/collaborators",
+                                       token=self.h.alice_token, body={"user": "bob"})
+        self.assertEqual(status, 201)
+        status, _, _ = await self.call("GET", "apps/team", token=self.h.bob_token)
+        self.assertEqual(status, 200)
+        status, body, _ = await self.call("DELETE", "apps/team", token=self.h.bob_token)
+        self.assertEqual((status, body["error"]["code"]), (403, "forbidden"))
+        await self.call("DELETE", "apps/team/collaborators/bob", token=self.h.alice_token)
+        status, _, _ = await self.call("GET", "apps/team", token=self.h.bob_token)
+        self.assertEqual(status, 404)
+
+    async def test_config_makes_releases(self) -> None:
+        """Setting and unsetting config vars each make a new release."""
+        await self.call("POST", "apps", token=self.h.alice_token, body={"name": "cfg"})
+        status, body, _ = await self.call("PATCH", "apps/cfg/config", token=self.h.alice_token,
+                                          body={"GREETING": "hi", "DEBUG": "1"})
+        self.assertEqual(status, 200)
+        self.assertEqual(body["vars"], {"DEBUG": "1", "GREETING": "hi"})
+        status, body, _ = await self.call("PATCH", "apps/cfg/config", token=self.h.alice_token,
+                                          body={"DEBUG": None})
+        self.assertEqual(body["vars"], {"GREETING": "hi"})
+        _, releases, _ = await self.call("GET", "apps/cfg/releases", token=self.h.alice_token)
+        self.assertEqual([r["version"] for r in releases], [2, 1])
+        self.assertEqual(releases[0]["description"], "Unset DEBUG")
+        self.assertTrue(releases[0]["current"])
+        status, body, _ = await self.call("PATCH", "apps/cfg/config", token=self.h.alice_token,
+                                          body={"1BAD": "x"})
+        self.assertEqual(status, 400)
+
+    async def test_domains(self) -> None:
+        """Custom and wildcard domains are added; a hostname of another app is 409."""
+        await self.call("POST", "apps", token=self.h.alice_token, body={"name": "one"})
+        await self.call("POST", "apps", token=self.h.bob_token, body={"name": "two"})
+        status, d, _ = await self.call("POST", "apps/one/domains", token=self.h.alice_token,
+                                       body={"hostname": "www.example.com"})
+        self.assertEqual(status, 201)
+        status, d, _ = await self.call("POST", "apps/one/domains", token=self.h.alice_token,
+                                       body={"hostname": "*.example.org"})
+        self.assertEqual((status, d["wildcard"]), (201, True))
+        status, body, _ = await self.call("POST", "apps/two/domains", token=self.h.bob_token,
+                                          body={"hostname": "www.example.com"})
+        self.assertEqual((status, body["error"]["code"]), (409, "conflict"))
+        status, body, _ = await self.call("POST", "apps/two/domains", token=self.h.bob_token,
+                                          body={"hostname": "one.localhost"})
+        self.assertEqual(status, 409)
+        _, domains, _ = await self.call("GET", "apps/one/domains", token=self.h.alice_token)
+        self.assertEqual([x["hostname"] for x in domains],
+                         ["one.localhost", "*.example.org", "www.example.com"])
+        status, _, _ = await self.call("DELETE", "apps/one/domains/www.example.com",
+                                       token=self.h.alice_token)
+        self.assertEqual(status, 200)
+
+    async def test_nodes(self) -> None:
+        """GET /nodes lists registered nodes and whether they are alive."""
+        await self.h.add_runner("r1")
+        status, nodes, _ = await self.call("GET", "nodes", token=self.h.alice_token)
+        self.assertEqual(status, 200)
+        self.assertEqual([(n["id"], n["alive"]) for n in nodes], [("r1", True)])
+
+
+class ErrorLayerTests(ApiTestCase):
+    async def test_bad_json(self) -> None:
+        """A body that is not JSON is 400 invalid_json."""
+        status, body, _ = await self.call("POST", "apps", token=self.h.alice_token,
+                                          raw=b"{nope", content_type="application/json")
+        self.assertEqual((status, body["error"]["code"]), (400, "invalid_json"))
+
+    async def test_wrong_content_type(self) -> None:
+        """A JSON endpoint refuses another content type with 415."""
+        status, body, _ = await self.call("POST", "apps", token=self.h.alice_token,
+                                          raw=b"name=x", content_type="text/plain")
+        self.assertEqual((status, body["error"]["code"]), (415, "unsupported_media_type"))
+
+    async def test_oversize_json(self) -> None:
+        """A JSON body over api.max_body_kb is 413."""
+        status, body, _ = await self.call("PATCH", "apps/x/config", token=self.h.alice_token,
+                                          body={"K": "v" * 5000})
+        # the app does not exist: 404 comes first (no existence leak through size errors)
+        self.assertEqual(status, 404)
+        await self.call("POST", "apps", token=self.h.alice_token, body={"name": "x"})
+        status, body, _ = await self.call("PATCH", "apps/x/config", token=self.h.alice_token,
+                                          body={"K": "v" * 5000})
+        self.assertEqual((status, body["error"]["code"]), (413, "payload_too_large"))
+
+    async def test_oversize_upload(self) -> None:
+        """A tarball over api.max_upload_mb is 413 and no deploy starts."""
+        await self.call("POST", "apps", token=self.h.alice_token, body={"name": "big"})
+        status, body, _ = await self.call("POST", "apps/big/deploys", token=self.h.alice_token,
+                                          raw=b"x" * (65 * 1024),
+                                          content_type="application/gzip")
+        self.assertEqual((status, body["error"]["code"]), (413, "payload_too_large"))
+        _, deploys, _ = await self.call("GET", "apps/big/deploys", token=self.h.alice_token)
+        self.assertEqual(deploys, [])
+
+    async def test_unknown_endpoint_and_method(self) -> None:
+        """Unknown paths are JSON 404s; a wrong method is a JSON 405."""
+        status, body, _ = await self.call("GET", "nothing/here", token=self.h.alice_token)
+        self.assertEqual((status, body["error"]["code"]), (404, "not_found"))
+        status, body, _ = await self.call("PUT", "apps", token=self.h.alice_token)
+        self.assertEqual((status, body["error"]["code"]), (405, "method_not_allowed"))
+
+    async def test_unknown_exception(self) -> None:
+        """A bug becomes a generic 500 internal_error, logged, with no traceback."""
+
+        async def broken(user: Any) -> Any:
+            raise ZeroDivisionError("secret detail")
+
+        self.h.platform.list_apps = broken  # type: ignore[method-assign]
+        status, body, _ = await self.call("GET", "apps", token=self.h.alice_token)
+        self.assertEqual((status, body["error"]["code"]), (500, "internal_error"))
+        self.assertNotIn("secret detail", str(body))
+        self.assertNotIn("Traceback", str(body))
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
+
+class OpenApiTests(ApiTestCase):
+    async def test_document(self) -> None:
+        """The document is served without auth and lists every operation."""
+        status, doc, _ = await self.call("GET", "openapi.json")
+        self.assertEqual(status, 200)
+        self.assertEqual(doc["openapi"], "3.1.0")
+        count = sum(len(v) for v in doc["paths"].values())
+        self.assertEqual(count, len(OPERATIONS))
+        self.assertIn(PREFIX + "/apps/{app}/deploys/{deploy_id}", doc["paths"])
+
+    async def test_every_app_path_is_404_for_others(self) -> None:
+        """Walking every path of the document with a second user's token: every
+        app-scoped endpoint answers 404 not_found, exactly as for a missing app."""
+        await self.call("POST", "apps", token=self.h.alice_token, body={"name": "private"})
+        await self.call("PATCH", "apps/private/config", token=self.h.alice_token,
+                        body={"SECRET": "s3cret"})
+        _, doc, _ = await self.call("GET", "openapi.json")
+        checked = 0
+        for path, methods in doc["paths"].items():
+            if "{app}" not in path:
+                continue
+            for method, entry in methods.items():
+                for app, token in [("private", self.h.bob_token), ("missing", self.h.alice_token)]:
+                    url = path.replace("{app}", app).replace("{deploy_id}", "x").replace(
+                        "{version}", "1").replace("{hostname}", "h.example.com").replace(
+                        "{name}", "bob")
+                    kw: dict[str, Any] = {}
+                    if "requestBody" in entry:
+                        ctype = next(iter(entry["requestBody"]["content"]))
+                        kw = {"raw": b"{}", "content_type": ctype}
+                    status, body, _ = await self.call(method.upper(), url, token=token, **kw)
+                    self.assertEqual((status, body["error"]["code"]), (404, "not_found"),
+                                     f"{method} {url}")
+                    self.assertNotIn("s3cret", str(body))
+                checked += 1
+        self.assertGreaterEqual(checked, 18)
