@@ -1,0 +1,811 @@
+"""The build pipeline: an uploaded tarball in, a content-addressed image out.
+
+Steps (each streamed line by line to the app's log, source ``build``):
+
+1. size check of the upload (``build.max_upload_mb``), safe unpack
+   (``build.max_unpacked_mb``; see :mod:`.unpack`);
+2. manifest parsed — every error reported at once — before any other work;
+3. virtualenv with the node's Python (``--without-pip``: pip runs from the node);
+4. requirements: when this exact requirements set was resolved before, installed
+   offline (``pip install --no-index --find-links DATA_DIR/cache/wheels``) —
+   nothing downloaded or compiled; otherwise ``pip wheel`` fills the node-wide
+   wheel cache first (from the index), then the same offline install runs;
+5. app files moved into ``app/``, ``[symlinks]`` made, app put on ``sys.path``;
+6. Django: platform settings module + ep.io's ``bundle_config``; collectstatic;
+7. bytecode compiled for the image's run-time path, shebangs made relocatable,
+   permissions normalised, ``epio/manifest.json`` written;
+8. ``mksquashfs`` (deterministic: no times, no xattrs, all files root's) into
+   ``DATA_DIR/images/<sha256>.squashfs``, or a read-only directory image.
+
+Untrusted steps (pip, the app's Django code) run as the build user in their
+own process group and memory cgroup, under the build's deadline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pwd
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from collections import deque
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from attrs import define, frozen
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+
+from epio.manifest import DATA_DIRECTORY, Manifest, ManifestError, load_manifest
+from epio.runner.build import platform as plat
+from epio.runner.build.images import ImageStore
+from epio.runner.build.proc import MemoryCgroup, StepResult, run_step
+from epio.runner.build.unpack import UnpackError, safe_unpack
+
+#: Where runners mount images inside the sandbox: bytecode file names point here.
+RUNTIME_ROOT = "/app"
+LOG_TAIL = 100
+MB = 1024 * 1024
+_REQ_NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
+
+
+class _SoftFail(Exception):
+    """A step failed in a way the caller may recover from (nothing emitted yet)."""
+
+
+class BuildFailed(Exception):
+    """A build failed: ``reason`` is one sentence for the user, ``log_tail`` its last lines."""
+
+    def __init__(self, reason: str, log_tail: list[str] | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.log_tail = list(log_tail or [])
+
+
+@frozen
+class BuildResult:
+    digest: str
+    manifest: Manifest
+    log_tail: list[str]
+    duration: float
+    facts: Mapping[str, Any]
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _base_python() -> Path:
+    exe = getattr(sys, "_base_executable", None) or sys.executable
+    return Path(os.path.realpath(exe))
+
+
+def _world_executable(path: Path) -> bool:
+    """Whether any user may execute ``path`` (every parent dir searchable by others)."""
+    try:
+        if not os.stat(path).st_mode & 0o001:
+            return False
+        for parent in path.parents:
+            if not os.stat(parent).st_mode & 0o001:
+                return False
+    except OSError:
+        return False
+    return True
+
+
+def choose_python(configured: str, need_world: bool) -> tuple[Path, str | None]:
+    """The interpreter for app venvs, and a note when it is not the node's own."""
+    if configured:
+        p = Path(configured)
+        if not p.exists():
+            raise BuildFailed(f"build.python {configured} does not exist")
+        return p, None
+    node = _base_python()
+    if not need_world or _world_executable(node):
+        return node, None
+    ver = f"{sys.version_info.major}.{sys.version_info.minor}"
+    for cand in (f"/usr/bin/python{ver}", f"/usr/local/bin/python{ver}"):
+        c = Path(os.path.realpath(cand))
+        if c.exists() and _world_executable(c):
+            return c, (
+                f"the node's Python {node} is not usable by the build user; "
+                f"using {c} (same version {ver})"
+            )
+    raise BuildFailed(
+        f"the node's Python {node} cannot be run by the build user and no system "
+        f"python{ver} was found: set build.python"
+    )
+
+
+@define
+class _Ctx:
+    app: str
+    work: Path
+    root: Path
+    env: dict[str, str]
+    tail: deque[str]
+    deadline: float
+    cgroup: MemoryCgroup | None
+    uid: int | None
+    gid: int | None
+    facts: dict[str, Any]
+
+
+class Builder:
+    """Builds images on this node.  ``await builder.build(app, tarball, env)``."""
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, data_dir: str | Path, config: Any, log_sink: Any) -> None:
+        self.reactor = reactor
+        self.data_dir = Path(data_dir)
+        self.cfg: Mapping[str, Any] = config["build"]
+        self.log_sink = log_sink
+        self.images = ImageStore(self.data_dir, reactor)
+        self.wheels = self.data_dir / "cache" / "wheels"
+        self.pip_cache = self.data_dir / "cache" / "pip"
+        self.resolved = self.data_dir / "cache" / "resolved"
+        self.builds_dir = self.data_dir / "builds"
+        self._sem = defer.DeferredSemaphore(int(self.cfg["max_concurrent"]))
+        self._prepared: dict[str, Any] | None = None
+        self._counter = 0
+
+    # ------------------------------------------------------------------ setup
+
+    def image_format(self) -> str:
+        fmt = self.cfg["image_format"]
+        if fmt != "auto":
+            return str(fmt)
+        ok = (
+            os.geteuid() == 0 and shutil.which("mksquashfs") and os.path.exists("/dev/loop-control")
+        )
+        return "squashfs" if ok else "dir"
+
+    def _prepare(self) -> dict[str, Any]:
+        """Once per Builder (in a thread): build user, interpreter, cache dirs, pip copy."""
+        if self._prepared is not None:
+            return self._prepared
+        notes: list[str] = []
+        uid = gid = None
+        if os.geteuid() == 0:
+            name = self.cfg["user"]
+            try:
+                pw = pwd.getpwnam(name)
+            except KeyError:
+                subprocess.run(
+                    [
+                        "useradd",
+                        "--system",
+                        "--no-create-home",
+                        "--home-dir",
+                        "/nonexistent",
+                        "--shell",
+                        "/usr/sbin/nologin",
+                        "--user-group",
+                        name,
+                    ],
+                    check=True,
+                    capture_output=True,
+                )
+                pw = pwd.getpwnam(name)
+                notes.append(f"created system user {name}")
+            uid, gid = pw.pw_uid, pw.pw_gid
+        else:
+            notes.append(
+                f"not root: builds run as the node's own user (uid {os.geteuid()}), not as {self.cfg['user']}"
+            )
+        python, note = choose_python(self.cfg["python"], need_world=uid is not None)
+        if note:
+            notes.append(note)
+        for d in (self.wheels, self.resolved, self.builds_dir):
+            d.mkdir(parents=True, exist_ok=True)
+            os.chmod(d, 0o755)
+        self.pip_cache.mkdir(parents=True, exist_ok=True)
+        if uid is not None:
+            os.chown(self.pip_cache, uid, gid)  # type: ignore[arg-type]
+            os.chmod(self.builds_dir, 0o711)
+        import pip
+
+        pip_src = Path(pip.__file__).parent
+        piptool = self.data_dir / "cache" / "piptool" / pip.__version__
+        if not (piptool / "pip").is_dir():
+            tmp = piptool.with_name(piptool.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(pip_src, tmp / "pip", ignore=shutil.ignore_patterns("__pycache__"))
+            shutil.rmtree(piptool, ignore_errors=True)
+            os.replace(tmp, piptool)
+        version = subprocess.run(
+            [str(python), "-c", "import sys; print('%d.%d.%d' % sys.version_info[:3])"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        fmt = self.image_format()
+        if fmt == "dir":
+            notes.append(
+                "images are read-only directories (no SquashFS/loop mounts): isolation is reduced"
+            )
+        self._prepared = {
+            "uid": uid,
+            "gid": gid,
+            "python": python,
+            "python_version": version,
+            "piptool": piptool,
+            "notes": notes,
+            "format": fmt,
+        }
+        for n in notes:
+            self.log.warn("build: {note}", note=n)
+        return self._prepared
+
+    # ------------------------------------------------------------------ api
+
+    async def build(
+        self, app: str, tarball: str | Path, env: Mapping[str, str] | None = None
+    ) -> BuildResult:
+        """Build ``tarball`` for ``app``; ``env`` is the app's config (visible to its build)."""
+        return await self._sem.run(
+            lambda: defer.Deferred.fromCoroutine(self._build(app, Path(tarball), dict(env or {})))
+        )
+
+    def _emit(self, ctx: _Ctx, text: str) -> None:
+        ctx.tail.append(text)
+        try:
+            self.log_sink.emit(ctx.app, "build", text, self.reactor.seconds())
+        except Exception:
+            self.log.failure("log sink failed")
+
+    def _fail(self, ctx: _Ctx, reason: str) -> BuildFailed:
+        self._emit(ctx, f"!!!!!> build failed: {reason}")
+        return BuildFailed(reason, list(ctx.tail))
+
+    async def _build(self, app: str, tarball: Path, env: dict[str, str]) -> BuildResult:
+        start = self.reactor.seconds()
+        self._counter += 1
+        work = (
+            self.builds_dir
+            / f"{re.sub(r'[^A-Za-z0-9_-]', '_', app)[:40]}-{os.getpid()}-{self._counter}-{os.urandom(4).hex()}"
+        )
+        ctx = _Ctx(
+            app,
+            work,
+            work / "root",
+            env,
+            deque(maxlen=LOG_TAIL),
+            start + float(self.cfg["timeout"]),
+            None,
+            None,
+            None,
+            {},
+        )
+        try:
+            return await self._steps(ctx, tarball, start)
+        finally:
+            if ctx.cgroup is not None:
+                await ctx.cgroup.remove(self.reactor)
+            await threads.deferToThreadPool(
+                self.reactor, self.reactor.getThreadPool(), _rmtree, work
+            )
+
+    def _remaining(self, ctx: _Ctx) -> float:
+        return ctx.deadline - self.reactor.seconds()
+
+    async def _run(
+        self,
+        ctx: _Ctx,
+        what: str,
+        argv: list[str],
+        *,
+        cwd: Path,
+        env: Mapping[str, str],
+        untrusted: bool = True,
+        on_line: Any = None,
+        soft: bool = False,
+    ) -> StepResult:
+        remaining = self._remaining(ctx)
+        if remaining <= 0:
+            raise self._fail(ctx, f"build exceeded its time limit of {self.cfg['timeout']:g} s")
+
+        def line(text: str) -> None:
+            if on_line is not None and on_line(text):
+                return
+            self._emit(ctx, "       " + text)
+
+        res = await run_step(
+            self.reactor,
+            argv,
+            env=env,
+            cwd=cwd,
+            on_line=line,
+            timeout=remaining,
+            uid=ctx.uid if untrusted else None,
+            gid=ctx.gid if untrusted else None,
+            cgroup=ctx.cgroup if untrusted else None,
+            rlimit_as=(
+                int(self.cfg["memory_mb"]) * MB if untrusted and ctx.cgroup is None else None
+            ),
+            rlimit_fsize=int(self.cfg["max_disk_mb"]) * MB if untrusted else None,
+        )
+        if res.timed_out:
+            raise self._fail(
+                ctx, f"build exceeded its time limit of {self.cfg['timeout']:g} s ({what})"
+            )
+        if not res.ok:
+            if untrusted and ctx.cgroup is not None and ctx.cgroup.hit_limit():
+                raise self._fail(
+                    ctx, f"build exceeded its memory limit of {self.cfg['memory_mb']} MB ({what})"
+                )
+            if (
+                untrusted
+                and ctx.cgroup is None
+                and res.signal is None
+                and any("MemoryError" in t for t in list(ctx.tail)[-20:])
+            ):
+                raise self._fail(
+                    ctx, f"build exceeded its memory limit of {self.cfg['memory_mb']} MB ({what})"
+                )
+            how = f"exit status {res.exit_code}" if res.signal is None else f"signal {res.signal}"
+            if soft:
+                raise _SoftFail(f"{what} failed ({how})")
+            raise self._fail(ctx, f"{what} failed ({how})")
+        await self._check_disk(ctx)
+        return res
+
+    async def _check_disk(self, ctx: _Ctx) -> None:
+        used = await self._thread(_tree_size, ctx.work)
+        if used > int(self.cfg["max_disk_mb"]) * MB:
+            raise self._fail(
+                ctx,
+                f"build used {used // MB} MB of disk, over its limit of {self.cfg['max_disk_mb']} MB",
+            )
+
+    async def _thread(self, fn: Any, *args: Any) -> Any:
+        return await threads.deferToThreadPool(
+            self.reactor, self.reactor.getThreadPool(), fn, *args
+        )
+
+    def _step_env(self, ctx: _Ctx, venv: Path, prep: dict[str, Any]) -> dict[str, str]:
+        env = {
+            "PATH": f"{venv / 'bin'}:/usr/local/bin:/usr/bin:/bin",
+            "HOME": str(ctx.work / "home"),
+            "LANG": "C.UTF-8",
+            "LC_ALL": "C.UTF-8",
+            "TMPDIR": str(ctx.work / "tmp"),
+            "SOURCE_DATE_EPOCH": "315532800",
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+            "PIP_NO_INPUT": "1",
+            "PIP_PROGRESS_BAR": "off",
+            "PIP_ROOT_USER_ACTION": "ignore",
+        }
+        for k, v in os.environ.items():  # the operator's proxy and pip settings
+            if k.lower() in ("http_proxy", "https_proxy", "no_proxy", "all_proxy") or (
+                k.startswith("PIP_")
+                and k not in env
+                and k
+                not in ("PIP_FIND_LINKS", "PIP_NO_INDEX", "PIP_TARGET", "PIP_PREFIX", "PIP_USER")
+            ):
+                env[k] = v
+        return env
+
+    async def _steps(self, ctx: _Ctx, tarball: Path, start: float) -> BuildResult:
+        self._emit(ctx, f"-----> Building {ctx.app}")
+        prep = await self._thread(self._prepare)
+        ctx.uid, ctx.gid = prep["uid"], prep["gid"]
+        # 1. upload size and unpack
+        try:
+            size = tarball.stat().st_size
+        except OSError as e:
+            raise self._fail(ctx, f"cannot read the upload: {e.strerror}") from None
+        limit = int(self.cfg["max_upload_mb"]) * MB
+        if size > limit:
+            raise self._fail(
+                ctx,
+                f"the upload is {size / MB:.1f} MB, over the limit of {self.cfg['max_upload_mb']} MB (build.max_upload_mb)",
+            )
+        self._emit(ctx, f"-----> Unpacking upload ({size / MB:.1f} MB)")
+        src = ctx.work / "src"
+        ctx.work.mkdir(parents=True)
+        os.chmod(ctx.work, 0o700)
+        try:
+            await self._thread(safe_unpack, tarball, src, int(self.cfg["max_unpacked_mb"]) * MB)
+        except UnpackError as e:
+            raise self._fail(ctx, f"upload rejected: {e}") from None
+        # 2. manifest, before any build work
+        try:
+            manifest: Manifest = await self._thread(load_manifest, src)
+        except ManifestError as e:
+            for err in e.errors:
+                self._emit(ctx, "       " + err)
+            n = len(e.errors)
+            raise self._fail(
+                ctx,
+                f"the app manifest has {n} error{'s' if n != 1 else ''}: " + "; ".join(e.errors),
+            ) from None
+        for w in manifest.warnings:
+            self._emit(ctx, "       warning: " + w)
+        self._emit(ctx, f"-----> Manifest: processes {', '.join(sorted(manifest.processes))}")
+        # working tree owned by the build user
+        root, venv = ctx.root, ctx.root / "venv"
+        for d in (ctx.root, ctx.work / "home", ctx.work / "tmp", ctx.work / "wheels-new"):
+            d.mkdir(parents=True, exist_ok=True)
+        app_dir = root / "app"
+        workdir = app_dir / manifest.checkout_directory if manifest.checkout_directory else app_dir
+        workdir.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(src, workdir)
+        if ctx.uid is not None:
+            await self._thread(_chown_tree, ctx.work, ctx.uid, ctx.gid)
+        if ctx.uid is not None:
+            ctx.cgroup = MemoryCgroup.create(
+                f"{os.getpid()}-{self._counter}-{os.urandom(3).hex()}",
+                int(self.cfg["memory_mb"]) * MB,
+            )
+        if ctx.cgroup is None:
+            self._emit(
+                ctx,
+                f"       (memory limit {self.cfg['memory_mb']} MB through RLIMIT_AS: no memory cgroup)",
+            )
+        env = self._step_env(ctx, venv, prep)
+        # 3. virtualenv
+        python: Path = prep["python"]
+        self._emit(ctx, f"-----> Creating virtualenv (Python {prep['python_version']})")
+        await self._run(
+            ctx,
+            "creating the virtualenv",
+            [str(python), "-m", "venv", "--without-pip", str(venv)],
+            cwd=ctx.work,
+            env=env,
+        )
+        # 4. requirements
+        reqs = await self._thread(self._requirements, ctx, manifest, workdir)
+        if reqs is not None:
+            await self._install(ctx, reqs, venv, env, prep)
+        else:
+            self._emit(ctx, "-----> No requirements to install")
+        # 5. app on sys.path, symlinks
+        sp = plat.site_packages(venv)
+        rel_work = workdir.relative_to(root).as_posix()
+        pythonpath = [rel_work]
+        if manifest.checkout_directory:
+            pythonpath.append("app")
+        django_cfg = manifest.django
+        if django_cfg is not None and django_cfg.base:
+            pythonpath.append(f"{rel_work}/{django_cfg.base}")
+        (sp / "epio-app.pth").write_text(plat.pth_lines(pythonpath))
+        for link, target in manifest.symlinks.items():
+            lp = workdir / link
+            if lp.exists() or lp.is_symlink():
+                raise self._fail(
+                    ctx, f"[symlinks] {link}: a file of that name is already in the app"
+                )
+            lp.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(target, lp)
+        # 6. Django
+        runtime_env: dict[str, str] = {}
+        static: dict[str, str] = {}
+        for url, sdir in manifest.static.items():
+            static[url] = sdir if sdir.startswith(DATA_DIRECTORY) else f"{rel_work}/{sdir}"
+        has_django = any(sp.glob("django/__init__.py"))
+        (sp / "bundle_config.py").write_text(plat.bundle_config_source(DATA_DIRECTORY))
+        if has_django and (django_cfg is not None or (workdir / "manage.py").exists()):
+            base = django_cfg.base if django_cfg else ""
+            user_module = (
+                django_cfg.settings_module if django_cfg else ""
+            ) or plat.detect_settings_module(workdir, base)
+            if not user_module:
+                raise self._fail(
+                    ctx,
+                    "Django app: cannot find its settings module; set [django] settings_module in epio.ini",
+                )
+            append = django_cfg.append_settings if django_cfg else True
+            module = plat.SETTINGS_MODULE if append else user_module
+            if append:
+                (sp / f"{plat.SETTINGS_MODULE}.py").write_text(
+                    plat.settings_module_source(user_module, None)
+                )
+            runtime_env["DJANGO_SETTINGS_MODULE"] = module
+            self._emit(
+                ctx,
+                f"-----> Django: settings {user_module}"
+                + (f" + platform settings ({module})" if append else ""),
+            )
+            script = ctx.work / "epio_django_build.py"
+            script.write_text(plat.DJANGO_BUILD_SCRIPT)
+            os.chmod(script, 0o644)
+            info: dict[str, Any] = {}
+
+            def grab(text: str) -> bool:
+                if text.startswith("EPIO-DJANGO "):
+                    info.update(json.loads(text[len("EPIO-DJANGO ") :]))
+                    return True
+                return False
+
+            denv = dict(
+                env, **manifest.env, **ctx.env, DJANGO_SETTINGS_MODULE=module, EPIO_BUILD="1"
+            )
+            denv.setdefault("SECRET_KEY", os.urandom(24).hex())
+            if ctx.uid is not None:
+                await self._thread(_chown_tree, root, ctx.uid, ctx.gid)
+            self._emit(ctx, "-----> Running collectstatic")
+            await self._run(
+                ctx,
+                "collectstatic",
+                [str(venv / "bin" / "python"), str(script)],
+                cwd=workdir,
+                env=denv,
+                on_line=grab,
+            )
+            url = str(info.get("STATIC_URL") or "")
+            if url.startswith("/") and append:
+                static["/" + url.strip("/")] = plat.COLLECTED_STATIC
+        # 7. finish the tree
+        self._emit(ctx, "-----> Finishing image")
+        await self._run(
+            ctx,
+            "compiling bytecode",
+            [
+                str(venv / "bin" / "python"),
+                "-m",
+                "compileall",
+                "-q",
+                "-j",
+                "0",
+                "--invalidation-mode",
+                "checked-hash",
+                "-s",
+                str(root),
+                "-p",
+                RUNTIME_ROOT,
+                str(root / "app"),
+                str(sp),
+            ],
+            cwd=ctx.work,
+            env=dict(env, PYTHONDONTWRITEBYTECODE=""),
+            untrusted=True,
+        )
+        ctx.facts = {
+            "python": str(python),
+            "python_version": prep["python_version"],
+            "workdir": rel_work,
+            "pythonpath": pythonpath,
+            "env": runtime_env,
+            "static": static,
+            "django": "DJANGO_SETTINGS_MODULE" in runtime_env,
+            "runtime_root": RUNTIME_ROOT,
+            "requirements_sha256": reqs[1] if reqs else None,
+        }
+        manifest_doc = {"manifest": manifest.to_dict(), "build": ctx.facts}
+        await self._thread(self._finish_tree, root, venv, manifest_doc)
+        # 8. image
+        fmt = prep["format"]
+        if fmt == "squashfs":
+            self._emit(ctx, "-----> Writing SquashFS image")
+            tmp_img = ctx.work / "image.squashfs"
+            await self._run(
+                ctx,
+                "mksquashfs",
+                [
+                    "mksquashfs",
+                    str(root),
+                    str(tmp_img),
+                    "-noappend",
+                    "-no-xattrs",
+                    "-all-root",
+                    "-mkfs-time",
+                    "0",
+                    "-all-time",
+                    "0",
+                    "-comp",
+                    self.cfg["squashfs_compression"],
+                    "-quiet",
+                    "-no-progress",
+                ],
+                cwd=ctx.work,
+                env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+                untrusted=False,
+            )
+            digest = await self._thread(self.images.add_squashfs, tmp_img)
+        else:
+            self._emit(ctx, "-----> Writing read-only directory image (reduced isolation)")
+            digest = await self._thread(self.images.add_tree, root)
+        duration = self.reactor.seconds() - start
+        self._emit(ctx, f"-----> Image {digest} built in {duration:.1f} s")
+        return BuildResult(digest, manifest, list(ctx.tail), duration, ctx.facts)
+
+    # ------------------------------------------------------------------ requirements
+
+    def _requirements(
+        self, ctx: _Ctx, manifest: Manifest, workdir: Path
+    ) -> tuple[Path, str, bool] | None:
+        """Write the effective requirements file; return (path, hash, cacheable) or None."""
+        lines: list[str] = []
+        cacheable = True
+        if manifest.requirements:
+            text = (workdir / manifest.requirements).read_text("utf-8", "replace")
+            for raw in text.splitlines():
+                s = raw.split(" #", 1)[0].strip()
+                if not s or s.startswith("#"):
+                    continue
+                if s.startswith(("-r", "--requirement", "-c", "--constraint")):
+                    ref = s.split(None, 1)[1] if " " in s else s[2:]
+                    inc = workdir / Path(manifest.requirements).parent / ref.strip()
+                    try:
+                        inc.resolve().relative_to(workdir.resolve())
+                        lines.append(f"{s.split()[0]} {inc}")
+                        lines.append("# " + hashlib.sha256(inc.read_bytes()).hexdigest())
+                    except (ValueError, OSError):
+                        raise self._fail(
+                            ctx, f"{manifest.requirements}: {ref} is not a file in the app"
+                        ) from None
+                    continue
+                if s.startswith(("-e", "--editable", ".", "/", "file:")) or "://" in s:
+                    cacheable = False
+                lines.append(s)
+        elif manifest.pyproject:
+            try:
+                data = tomllib.loads((workdir / "pyproject.toml").read_text("utf-8"))
+            except (OSError, tomllib.TOMLDecodeError) as e:
+                raise self._fail(ctx, f"pyproject.toml: {e}") from None
+            lines += [str(d) for d in data.get("project", {}).get("dependencies", [])]
+        names = {
+            _canonical(m.group(1))
+            for ln in lines
+            if (m := _REQ_NAME.match(ln)) and not ln.startswith("-")
+        }
+        wants_gunicorn = manifest.needs_gunicorn or any(
+            c.split()[0] == "gunicorn" for c in manifest.processes.values() if c.split()
+        )
+        if wants_gunicorn and "gunicorn" not in names:
+            lines.append(self.cfg["gunicorn"])
+            self._emit(ctx, f"       (adding {self.cfg['gunicorn']} for the web process)")
+        if not lines:
+            return None
+        content = "\n".join(lines) + "\n"
+        key = hashlib.sha256(
+            (
+                content
+                + "\n"
+                + (self._prepared or {})["python_version"]
+                + "\n"
+                + self.cfg["index_url"]
+            ).encode()  # type: ignore[index]
+        ).hexdigest()
+        path = ctx.work / "requirements.epio.txt"
+        path.write_text(content)
+        os.chmod(path, 0o644)
+        return path, key, cacheable
+
+    async def _install(
+        self,
+        ctx: _Ctx,
+        reqs: tuple[Path, str, bool],
+        venv: Path,
+        env: dict[str, str],
+        prep: dict[str, Any],
+    ) -> None:
+        path, key, cacheable = reqs
+        marker = self.resolved / key
+        pip = [str(venv / "bin" / "python"), "-m", "pip"]
+        penv = dict(env, PYTHONPATH=str(prep["piptool"]), PIP_CACHE_DIR=str(self.pip_cache))
+        offline = [
+            *pip,
+            "install",
+            "--no-index",
+            "--find-links",
+            str(self.wheels),
+            "--no-compile",
+            "--only-binary",
+            ":all:",
+            "-r",
+            str(path),
+        ]
+        if cacheable and marker.exists():
+            self._emit(ctx, "-----> Installing requirements from the wheel cache (offline)")
+            ctx.facts["wheels"] = "cache"
+            try:
+                await self._run(
+                    ctx, "pip install (offline)", offline, cwd=ctx.work, env=penv, soft=True
+                )
+                return
+            except _SoftFail:
+                self._emit(
+                    ctx, "       the wheel cache is missing something; resolving from the index"
+                )
+        self._emit(ctx, "-----> Resolving requirements and filling the wheel cache")
+        new = ctx.work / "wheels-new"
+        index = ["--index-url", self.cfg["index_url"]] if self.cfg["index_url"] else []
+        await self._run(
+            ctx,
+            "pip wheel",
+            [
+                *pip,
+                "wheel",
+                "--wheel-dir",
+                str(new),
+                "--find-links",
+                str(self.wheels),
+                *index,
+                "-r",
+                str(path),
+            ],
+            cwd=ctx.work,
+            env=penv,
+        )
+        added = await self._thread(_admit_wheels, new, self.wheels)
+        self._emit(ctx, f"       {added} new wheel(s) added to the node's cache")
+        self._emit(ctx, "-----> Installing requirements from the wheel cache")
+        await self._run(ctx, "pip install", offline, cwd=ctx.work, env=penv)
+        ctx.facts["wheels"] = "index"
+        if cacheable:
+            marker.write_text(path.read_text())
+
+    # ------------------------------------------------------------------ tree
+
+    def _finish_tree(self, root: Path, venv: Path, doc: dict[str, Any]) -> None:
+        plat.relocate_scripts(venv / "bin", str(venv))
+        plat.fix_records(venv)
+        plat.clean_pyvenv_cfg(venv)
+        (root / "epio").mkdir(exist_ok=True)
+        (root / "epio" / "manifest.json").write_text(
+            json.dumps(doc, sort_keys=True, indent=1) + "\n"
+        )
+        for dirpath, dirnames, filenames in os.walk(root):
+            for n in dirnames:
+                p = os.path.join(dirpath, n)
+                if not os.path.islink(p):
+                    os.chmod(p, 0o755)
+            for n in filenames:
+                p = os.path.join(dirpath, n)
+                st = os.lstat(p)
+                if not os.path.islink(p):
+                    os.chmod(p, 0o755 if st.st_mode & 0o100 else 0o644)
+        os.chmod(root, 0o755)
+
+
+def _admit_wheels(new: Path, cache: Path) -> int:
+    """Move freshly built/downloaded wheels into the node cache (never overwriting)."""
+    n = 0
+    for w in sorted(new.glob("*.whl")):
+        dest = cache / w.name
+        if dest.exists():
+            continue
+        tmp = cache / f".{w.name}.{os.getpid()}.tmp"
+        shutil.copyfile(w, tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, dest)
+        n += 1
+    return n
+
+
+def _chown_tree(root: Path, uid: int, gid: int) -> None:
+    os.lchown(root, uid, gid)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for n in dirnames + filenames:
+            os.lchown(os.path.join(dirpath, n), uid, gid)
+
+
+def _tree_size(root: Path) -> int:
+    total = 0
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for n in filenames:
+            try:
+                total += os.lstat(os.path.join(dirpath, n)).st_blocks * 512
+            except OSError:
+                pass
+    return total
+
+
+def _rmtree(path: Path) -> None:
+    if path.exists():
+        for dirpath, dirnames, _ in os.walk(path):
+            for d in dirnames:
+                try:
+                    os.chmod(os.path.join(dirpath, d), 0o700)
+                except OSError:
+                    pass
+        shutil.rmtree(path, ignore_errors=True)
