@@ -61,9 +61,23 @@ class Deployer:
         deploy = await self.store.create_deploy(app.name, "pending", created_by=user.name,
                                                 meta={"upload_bytes": len(tarball)})
         d = ensureDeferred(self._run(app, deploy, tarball))
-        self.running[deploy.id] = d
-        d.addBoth(lambda _: self.running.pop(deploy.id, None))
+        if not d.called:
+            self.running[deploy.id] = d
+
+            def done(result: Any) -> Any:
+                self.running.pop(deploy.id, None)
+                return result
+
+            d.addBoth(done)
         return deploy
+
+    async def wait(self, deploy_id: str) -> None:
+        """Until the deploy run by this process (if any) ended."""
+        d = self.running.get(deploy_id)
+        if d is not None:
+            waiter: Deferred[None] = Deferred()
+            d.addBoth(lambda r: (waiter.callback(None), r)[1])
+            await waiter
 
     async def _say(self, deploy: Deploy, text: str, **changes: Any) -> Deploy:
         if self.log_sink is not None:

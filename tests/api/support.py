@@ -167,6 +167,8 @@ class Harness:
         self.scheduler.lose_leadership()
         for d in list(self.deployer.running.values()):
             d.cancel()
+        while self.scheduler._busy:
+            await deferLater(reactor, 0.01, lambda: None)
         await self.store.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
 

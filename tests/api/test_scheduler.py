@@ -1,0 +1,206 @@
+"""Scheduler and deployer over a real SQLite store and fake runners (IRunnerControl).
+
+The fake runners answer like PROTOCOL.md's runner control: started instances
+report ``healthy`` on the next ``runner.status`` (or ``failed`` for releases
+listed in ``fail_health``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import ensureDeferred
+from twisted.trial.unittest import TestCase
+from zope.interface.verify import verifyObject
+
+from epio.api.control import IRunnerControl
+from tests.api.support import DIGEST, DIGEST2, Harness, settle
+
+
+class SchedulerTests(TestCase):
+    timeout = 30
+
+    def setUp(self) -> Any:
+        self.h = Harness()
+        self.addCleanup(lambda: ensureDeferred(self.h.stop()))
+        return ensureDeferred(self.h.start())
+
+    async def app_with_release(self, name: str = "web1", quantity: int = 1) -> None:
+        alice = await self.h.store.get_user_by_name("alice")
+        await self.h.store.create_app(name, alice.id)
+        await self.h.store.create_release(name, DIGEST, processes={"web": "run web",
+                                                                  "worker": "run worker"})
+        await self.h.store.set_formation(name, "web", quantity)
+
+    async def passes(self, n: int = 3) -> None:
+        for _ in range(n):
+            await self.h.scheduler.reconcile()
+
+    def test_fake_implements_interface(self) -> None:
+        """The fake runners provide the interface the real bus control provides."""
+        self.assertTrue(verifyObject(IRunnerControl, self.h.runners))
+
+    async def test_places_and_spreads(self) -> None:
+        """Scaling web to 4 over two runners puts two on each, all healthy in the store."""
+        await self.h.add_runner("r1")
+        await self.h.add_runner("r2")
+        await self.app_with_release(quantity=4)
+        await self.passes()
+        nodes = sorted(i.node for i in await self.h.store.list_instances("web1"))
+        self.assertEqual(nodes, ["r1", "r1", "r2", "r2"])
+        states = {i.state for i in await self.h.store.list_instances("web1")}
+        self.assertEqual(states, {"healthy"})
+        self.assertEqual(len(self.h.runners.running("web1")), 4)
+
+    async def test_scale_down_and_up(self) -> None:
+        """Scaling down drains and stops extras; scaling up starts new ones."""
+        await self.h.add_runner("r1")
+        await self.app_with_release(quantity=3)
+        await self.passes()
+        await self.h.store.set_formation("web1", "web", 1)
+        await self.passes()
+        self.assertEqual(len(self.h.runners.running("web1")), 1)
+        insts = await self.h.store.list_instances("web1")
+        self.assertEqual([(i.number, i.state) for i in insts], [(1, "healthy")])
+
+    async def test_dead_runner_replaced(self) -> None:
+        """Instances of a runner that stops answering are placed on another runner."""
+        self.h.settings = self.h.scheduler.settings = self.h.settings.__class__(
+            runner_dead_after=0.01, drain_seconds=0.0)
+        await self.h.add_runner("r1")
+        await self.app_with_release(quantity=1)
+        await self.passes(2)
+        await self.h.add_runner("r2")
+        self.h.runners.down.add("tcp://r1:7731")
+        await settle(ensureDeferred(self.passes(1)))
+        from twisted.internet import reactor
+        from twisted.internet.task import deferLater
+
+        await deferLater(reactor, 0.05, lambda: None)
+        await self.passes(2)
+        insts = await self.h.store.list_instances("web1")
+        self.assertEqual([(i.node, i.state) for i in insts], [("r2", "healthy")])
+
+    async def test_orphans_stopped(self) -> None:
+        """An instance a runner runs that the store does not know is stopped."""
+        await self.h.add_runner("r1")
+        self.h.runners.instances["tcp://r1:7731"]["ghost"] = {
+            "instance_id": "ghost", "app": "gone", "release": 1, "process_type": "web",
+            "state": "healthy", "host": "h", "port": 1, "since": 0, "restarts": 0}
+        await self.passes(1)
+        self.assertEqual(self.h.runners.running(), [])
+
+    async def test_new_release_rolls_over(self) -> None:
+        """A new release starts new instances, and old ones are stopped only after."""
+        await self.h.add_runner("r1")
+        await self.app_with_release(quantity=2)
+        await self.passes()
+        await self.h.store.create_release("web1", DIGEST2)
+        await self.h.scheduler.reconcile()
+        releases = sorted(i["release"] for i in self.h.runners.running("web1"))
+        # new ones were started while the old ones still run
+        self.assertEqual(releases, [1, 1, 2, 2])
+        await self.passes()
+        releases = sorted(i["release"] for i in self.h.runners.running("web1"))
+        self.assertEqual(releases, [2, 2])
+        stops = [b for _, t, b in self.h.runners.requests if t == "runner.drain"]
+        self.assertEqual(len(stops), 2)
+
+    async def test_env_carries_config(self) -> None:
+        """runner.start gets the release's config vars as environment."""
+        await self.h.add_runner("r1")
+        await self.app_with_release()
+        await self.h.store.set_config("web1", {"GREETING": "hey"})
+        await self.h.store.create_release("web1")
+        await self.passes()
+        (inst,) = self.h.runners.running("web1")
+        self.assertEqual(inst["env"]["GREETING"], "hey")
+
+
+class DeployTests(TestCase):
+    timeout = 30
+
+    def setUp(self) -> Any:
+        self.h = Harness()
+        self.addCleanup(lambda: ensureDeferred(self.h.stop()))
+        return ensureDeferred(self.h.start())
+
+    async def deploy(self, app: str = "hello") -> dict[str, Any]:
+        status, body, _ = await self.h.call("POST", f"apps/{app}/deploys",
+                                            token=self.h.alice_token, raw=b"tarball-bytes",
+                                            content_type="application/gzip")
+        self.assertEqual(status, 202, body)
+        self.h.scheduler.become_leader()
+        await settle(ensureDeferred(self.h.deployer.wait(body["id"])), timeout=20)
+        self.h.scheduler.lose_leadership()
+        _, body, _ = await self.h.call("GET", f"apps/{app}/deploys/{body['id']}",
+                                       token=self.h.alice_token)
+        return body
+
+    async def test_deploy_succeeds(self) -> None:
+        """Upload -> build -> release v1 with web=1 -> healthy -> succeeded, log kept."""
+        await self.h.add_runner("r1")
+        await self.h.call("POST", "apps", token=self.h.alice_token, body={"name": "hello"})
+        d = await self.deploy()
+        self.assertEqual(d["status"], "succeeded", d["log"])
+        self.assertEqual(d["release"], 1)
+        self.assertIn("Deployed v1: http://hello.localhost:8080/", d["log"])
+        _, ps, _ = await self.h.call("GET", "apps/hello/ps", token=self.h.alice_token)
+        self.assertEqual([(p["name"], p["state"]) for p in ps], [("web.1", "healthy")])
+
+    async def test_failed_health_keeps_previous(self) -> None:
+        """A release whose instances fail leaves the previous release serving."""
+        await self.h.add_runner("r1")
+        await self.h.call("POST", "apps", token=self.h.alice_token, body={"name": "hello"})
+        self.assertEqual((await self.deploy())["status"], "succeeded")
+        self.h.runners.fail_health.add(2)
+        d = await self.deploy()
+        self.assertEqual(d["status"], "failed")
+        self.assertIn("v2", d["reason"])
+        self.h.scheduler.become_leader()
+        for _ in range(3):
+            await self.h.scheduler.reconcile()
+        self.h.scheduler.lose_leadership()
+        self.assertEqual([i["release"] for i in self.h.runners.running("hello")], [1])
+        _, app, _ = await self.h.call("GET", "apps/hello", token=self.h.alice_token)
+        self.assertEqual(app["release"], 1)
+        _, rels, _ = await self.h.call("GET", "apps/hello/releases", token=self.h.alice_token)
+        self.assertEqual([(r["version"], r["status"]) for r in rels],
+                         [(2, "failed"), (1, "current")])
+
+    async def test_build_failure(self) -> None:
+        """A build error fails the deploy with the runner's reason; no release is made."""
+        await self.h.add_runner("r1")
+        self.h.runners.build_error = "pip install failed: no such package"
+        await self.h.call("POST", "apps", token=self.h.alice_token, body={"name": "hello"})
+        d = await self.deploy()
+        self.assertEqual(d["status"], "failed")
+        self.assertIn("no such package", d["reason"])
+        _, rels, _ = await self.h.call("GET", "apps/hello/releases", token=self.h.alice_token)
+        self.assertEqual(rels, [])
+
+    async def test_no_runner(self) -> None:
+        """Without any runner the deploy fails saying so."""
+        await self.h.call("POST", "apps", token=self.h.alice_token, body={"name": "hello"})
+        d = await self.deploy()
+        self.assertEqual(d["status"], "failed")
+        self.assertIn("no runner", d["reason"])
+
+    async def test_rollback_and_delete(self) -> None:
+        """Rollback makes a new release on the old image; delete stops everything."""
+        await self.h.add_runner("r1")
+        await self.h.call("POST", "apps", token=self.h.alice_token, body={"name": "hello"})
+        await self.deploy()
+        await self.deploy()
+        status, rel, _ = await self.h.call("POST", "apps/hello/rollback",
+                                           token=self.h.alice_token, body={})
+        self.assertEqual(status, 201)
+        self.assertEqual((rel["version"], rel["image"]), (3, DIGEST))
+        self.h.scheduler.become_leader()
+        for _ in range(3):
+            await self.h.scheduler.reconcile()
+        self.h.scheduler.lose_leadership()
+        self.assertEqual([i["release"] for i in self.h.runners.running("hello")], [3])
+        status, _, _ = await self.h.call("DELETE", "apps/hello", token=self.h.alice_token)
+        self.assertEqual(status, 200)
+        self.assertEqual(self.h.runners.running("hello"), [])
