@@ -46,8 +46,13 @@ class PortAllocator:
                 return port
         raise NoFreePort(f"no free port in {self.low}-{self.high}")
 
-    def claim(self, port: int) -> None:
-        self.used.add(port)
+    def claim_if_free(self, port: int) -> bool:
+        """Take ``port`` if it is in the range, unallocated and bindable."""
+        if isinstance(port, int) and self.low <= port <= self.high and port not in self.used \
+                and self.is_free(port):
+            self.used.add(port)
+            return True
+        return False
 
     def release(self, port: int | None) -> None:
         if port is not None:

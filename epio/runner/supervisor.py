@@ -54,7 +54,7 @@ PROCESS_TYPE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 DIGEST = re.compile(r"^(sha256:)?[0-9a-f]{64}$")
 
 
-class State(str, enum.Enum):
+class State(enum.StrEnum):
     STARTING = "starting"
     HEALTHY = "healthy"
     DRAINING = "draining"
@@ -527,8 +527,11 @@ class Supervisor:
             n += 1
         return n
 
-    def start(self, body: Mapping[str, Any]) -> dict[str, Any]:
-        """Handle ``runner.start``: validate, allocate a port, launch; reply at once."""
+    def start(self, body: Mapping[str, Any], port: int | None = None) -> dict[str, Any]:
+        """Handle ``runner.start``: validate, allocate a port, launch; reply at once.
+
+        ``port`` is a wish (the port an instance had before a runner restart).
+        """
         app = body.get("app")
         ptype = body.get("process_type", "web")
         index = self.next_index(app, ptype) if isinstance(app, str) and isinstance(ptype, str) else 1
@@ -541,7 +544,10 @@ class Supervisor:
                 return self._started_reply(old)
             self._cancel_all(old)
             self.ports.release(old.port)
-        port = self.ports.allocate() if spec.is_web else None
+        if not spec.is_web:
+            port = None
+        elif port is None or not self.ports.claim_if_free(port):
+            port = self.ports.allocate()
         inst = Instance(spec=spec, state=State.STARTING, since=self.reactor.seconds(), port=port)
         self.instances[spec.instance_id] = inst
         self.log.info(

@@ -1,0 +1,220 @@
+"""The real :class:`~epio.runner.supervisor.ILauncher`: images, dirs, cgroups, sandbox.
+
+Host layout of one node (``DATA_DIR``, mode 0711)::
+
+    appdata/<app>/                 the app's persistent data dir (0700, app UID),
+                                   /home/app/data in the sandbox ($EPIO_DATA_DIR)
+    runner/instances/<instance>/   per-instance scratch, removed after the process
+        home/                      HOME (app UID); /home/app in the sandbox
+        tmp/                       TMPDIR without a sandbox (the sandbox has a tmpfs)
+        etc/passwd, etc/group      the sandbox's user database
+    mounts/<digest>/               SquashFS images, mounted once per node (build's ImageStore)
+    images/<digest>[.squashfs]     the images themselves
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer, task
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from epio.runner.cgroups import CgroupSupport, InstanceCgroup
+from epio.runner.sandbox import (
+    Isolation,
+    LaunchSpec,
+    app_environment,
+    build_argv,
+    launch_cwd,
+    layout_for,
+    python_prefix_of,
+)
+from epio.runner.supervisor import ILauncher, InstanceSpec, Launch
+from epio.runner.users import AppUser
+
+
+def proc_start_time(pid: int, proc: Path = Path("/proc")) -> int | None:
+    """Field 22 of /proc/PID/stat (start time in clock ticks), or None if gone."""
+    try:
+        text = (proc / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    try:
+        return int(text.rsplit(")", 1)[1].split()[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def signal_group(pgid: int | None, sig: int) -> bool:
+    if pgid is None or pgid <= 1:
+        return False
+    try:
+        os.killpg(pgid, sig)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+@implementer(ILauncher)
+class SandboxLauncher:
+    """Prepares and tears down everything an instance runs in."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        data_dir: Path,
+        isolation: Isolation,
+        cgroups: CgroupSupport,
+        images: Any,
+        *,
+        bwrap: str | None,
+        setpriv: str | None,
+        node_id: str = "",
+    ) -> None:
+        self.reactor = reactor
+        self.data_dir = Path(data_dir)
+        self.isolation = isolation
+        self.cgroups = cgroups
+        self.images = images
+        self.bwrap = bwrap
+        self.setpriv = setpriv
+        self.node_id = node_id
+        self.instances_dir = self.data_dir / "runner" / "instances"
+        self.appdata_dir = self.data_dir / "appdata"
+
+    # -- prepare ---------------------------------------------------------------
+
+    def _own(self, path: Path, uid: int, gid: int, mode: int) -> None:
+        if self.isolation.uid_switch:
+            os.chown(path, uid, gid)
+        os.chmod(path, mode)
+
+    def prepare(self, spec: InstanceSpec, port: int | None) -> defer.Deferred[Launch]:
+        return defer.Deferred.fromCoroutine(self._prepare(spec, port))
+
+    async def _prepare(self, spec: InstanceSpec, port: int | None) -> Launch:
+        image_root = Path(await self.images.mount(spec.image_digest))
+        try:
+            return self._prepare_local(spec, port, image_root)
+        except BaseException:
+            await self.images.unmount(spec.image_digest)
+            raise
+
+    def _prepare_local(self, spec: InstanceSpec, port: int | None, image_root: Path) -> Launch:
+        user = AppUser(app=spec.app, uid=spec.uid, gid=spec.uid)
+        for d in (self.data_dir / "runner", self.instances_dir, self.appdata_dir):
+            d.mkdir(mode=0o711, exist_ok=True)
+        data = self.appdata_dir / spec.app
+        if not data.exists():
+            data.mkdir(mode=0o700)
+        self._own(data, user.uid, user.gid, 0o700)
+        scratch = self.instances_dir / spec.instance_id
+        if scratch.exists():
+            shutil.rmtree(scratch)
+        scratch.mkdir(mode=0o711)
+        for name in ("home", "tmp"):
+            (scratch / name).mkdir()
+            self._own(scratch / name, user.uid, user.gid, 0o700)
+        (scratch / "home" / "data").mkdir()  # mount point of the data dir
+        etc = scratch / "etc"
+        etc.mkdir(mode=0o755)
+        (etc / "passwd").write_text(user.passwd())
+        (etc / "group").write_text(user.group())
+        os.chmod(etc / "passwd", 0o644)
+        os.chmod(etc / "group", 0o644)
+        cgroup = None
+        if self.cgroups.bases:
+            cgroup = InstanceCgroup(self.cgroups, spec.instance_id)
+            for problem in cgroup.create(spec.limits):
+                self.log.warn("instance {i}: cgroup limit not set: {problem}",
+                              i=spec.instance_id, problem=problem)
+        launch_spec = LaunchSpec(
+            instance_id=spec.instance_id, user=user, image_root=image_root, data_dir=data,
+            scratch=scratch, command=spec.command, nofile=spec.limits.nofile,
+            cgroup_procs=tuple(cgroup.procs_files()) if cgroup else (),
+            python_prefix=python_prefix_of(image_root),
+        )
+        sandboxed = self.isolation.sandbox == "bwrap"
+        info_fd = 3 if sandboxed else None
+        argv = build_argv(launch_spec, self.isolation, bwrap=self.bwrap, setpriv=self.setpriv,
+                          info_fd=info_fd)
+        platform = {
+            "EPIO_APP": spec.app,
+            "EPIO_RELEASE": str(spec.release),
+            "EPIO_PROCESS": spec.source,
+            "EPIO_INSTANCE": spec.instance_id,
+            "EPIO_NODE": self.node_id,
+        }
+        if port is not None:
+            platform["PORT"] = str(port)
+        env = app_environment(layout_for(launch_spec, self.isolation), platform, spec.env)
+        child_fds: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
+        if info_fd is not None:
+            child_fds[info_fd] = "r"
+        return Launch(
+            argv=argv, env=env, cwd=launch_cwd(launch_spec, self.isolation),
+            child_fds=child_fds, info_fd=info_fd, cgroup=cgroup, scratch=str(scratch),
+            image=spec.image_digest,
+        )
+
+    # -- running -----------------------------------------------------------------
+
+    def spawned(self, launch: Launch, pid: int) -> None:
+        launch.pid = pid
+        launch.start_time = proc_start_time(pid)
+        if self.isolation.sandbox != "bwrap":
+            launch.group = pid  # setsid made it the leader of its own group
+
+    def signal(self, launch: Launch, sig: int) -> None:
+        """Signal the app's process group; before bubblewrap has told us its child's
+        pid, signal bubblewrap itself (its death kills the sandbox: --die-with-parent)."""
+        if launch.group is not None and signal_group(launch.group, sig):
+            return
+        if launch.pid is not None:
+            try:
+                os.kill(launch.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def kill_all(self, launch: Launch) -> None:
+        self.signal(launch, signal.SIGKILL)
+        if launch.pid is not None and self.isolation.sandbox == "bwrap":
+            try:
+                os.kill(launch.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if launch.cgroup is not None:
+            launch.cgroup.signal_all(signal.SIGKILL)
+
+    def oom_kills(self, launch: Launch) -> int:
+        return launch.cgroup.oom_kills() if launch.cgroup is not None else 0
+
+    def cleanup(self, launch: Launch) -> defer.Deferred[None]:
+        return defer.Deferred.fromCoroutine(self._cleanup(launch))
+
+    async def _cleanup(self, launch: Launch) -> None:
+        if launch.cgroup is not None:
+            # the kernel frees a cgroup a moment after its last process exits
+            for _ in range(20):
+                launch.cgroup.signal_all(signal.SIGKILL)
+                if launch.cgroup.remove():
+                    break
+                await task.deferLater(self.reactor, 0.1, lambda: None)
+            else:
+                self.log.warn("cgroup {name} still busy; removed at the next start",
+                              name=launch.cgroup.name)
+        if launch.scratch:
+            shutil.rmtree(launch.scratch, ignore_errors=True)
+        if launch.image:
+            try:
+                await self.images.unmount(launch.image)
+            except Exception as e:
+                self.log.warn("unmounting image {digest} failed: {error}",
+                              digest=launch.image, error=str(e))

@@ -1,0 +1,399 @@
+"""The ``runner`` role: control ROUTER, heartbeats, state file, supervisor.
+
+``make_service(node)`` detects what the host allows (root, bubblewrap,
+setpriv, cgroups v1), logs exactly which protections are off, and builds a
+:class:`RunnerService` holding:
+
+* a bus ROUTER at ``runner.control_bind`` answering ``runner.start``,
+  ``runner.stop``, ``runner.drain``, ``runner.status`` and ``runner.build``;
+* a PUB connected to every ``cluster.nexus[*].heartbeat`` publishing
+  ``runner.heartbeat`` (topic ``hb``) every ``runner.heartbeat_interval``;
+* the node's row in the store (``upsert_node``) refreshed every
+  ``runner.register_interval``;
+* the :class:`~epio.runner.supervisor.Supervisor` and its state file.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from twisted.application.service import MultiService
+from twisted.internet import defer, task
+from twisted.logger import Logger
+
+from epio.runner import state as statefile
+from epio.runner.cgroups import CgroupSupport, detect, stale_cgroups
+from epio.runner.health import NetworkProbe
+from epio.runner.ports import NoFreePort, PortAllocator, bindable
+from epio.runner.sandbox import Isolation, detect_isolation
+from epio.runner.supervisor import (
+    SpecError,
+    State,
+    Supervisor,
+    UnknownInstance,
+)
+
+HEARTBEAT_TOPIC = b"hb"
+
+
+def control_advertise(bind: str, advertise_host: str, explicit: str = "") -> str:
+    """The control endpoint to publish: ``explicit``, or ``bind`` with a wildcard
+    host replaced by ``advertise_host``."""
+    if explicit:
+        return explicit
+    parts = urlsplit(bind)
+    host = parts.hostname or ""
+    if parts.scheme == "tcp" and host in ("", "*", "0.0.0.0", "::"):
+        h = f"[{advertise_host}]" if ":" in advertise_host else advertise_host
+        return f"tcp://{h}:{parts.port}"
+    return bind
+
+
+def host_load(ncpu: int | None = None) -> dict[str, float]:
+    """cpu: 1-minute load per core; mem: fraction of memory in use."""
+    out: dict[str, float] = {}
+    try:
+        out["cpu"] = round(os.getloadavg()[0] / (ncpu or os.cpu_count() or 1), 3)
+    except OSError:
+        pass
+    try:
+        info = {}
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            k, _, v = line.partition(":")
+            info[k] = int(v.split()[0])
+        out["mem"] = round(1 - info["MemAvailable"] / info["MemTotal"], 3)
+    except (OSError, KeyError, ValueError, ZeroDivisionError):
+        pass
+    return out
+
+
+def bwrap_trial(bwrap: str) -> bool:
+    """Can bubblewrap make the namespaces we use here?  (Run once, before the reactor.)"""
+    argv = [bwrap, "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--die-with-parent",
+            "--new-session", "--ro-bind", "/usr", "/usr", "--proc", "/proc", "--dev", "/dev"]
+    for name in ("bin", "lib", "lib64"):
+        p = Path("/") / name
+        if p.is_symlink():
+            argv += ["--symlink", os.readlink(p), f"/{name}"]
+    try:
+        r = subprocess.run([*argv, "--", "/usr/bin/true"], capture_output=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return r.returncode == 0
+
+
+class RunnerService(MultiService):
+    """Control, heartbeats, registration and recovery around one Supervisor."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        *,
+        reactor: Any,
+        supervisor: Supervisor,
+        isolation: Isolation,
+        cgroups: CgroupSupport,
+        images: Any,
+        data_dir: Path,
+        node_id: str,
+        boot_id: str,
+        roles: frozenset[str] | tuple[str, ...] = ("runner",),
+        control: str = "",
+        heartbeat_interval: float = 1.0,
+        register_interval: float = 10.0,
+        shutdown_grace: float = 10.0,
+        publisher: Any = None,
+        store_service: Any = None,
+        builder: Any = None,
+    ) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.supervisor = supervisor
+        self.isolation = isolation
+        self.cgroups = cgroups
+        self.images = images
+        self.data_dir = Path(data_dir)
+        self.node_id = node_id
+        self.boot_id = boot_id
+        self.roles = tuple(sorted(roles))
+        self.control = control
+        self.heartbeat_interval = heartbeat_interval
+        self.register_interval = register_interval
+        self.shutdown_grace = shutdown_grace
+        self.publisher = publisher
+        self.store_service = store_service
+        self.builder = builder
+        self.state_path = self.data_dir / "runner" / "state.json"
+        self.seq = 0
+        self.heartbeats_sent = 0
+        self.heartbeats_dropped = 0
+        self._save_call: Any = None
+        self._beat: task.LoopingCall | None = None
+        self._last_register = -1e18
+        self._ready: defer.Deferred[None] = defer.Deferred()
+        supervisor.on_change = self._changed
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def whenReady(self) -> defer.Deferred[None]:
+        """Fires once the previous run's state has been cleaned and re-applied."""
+        d: defer.Deferred[None] = defer.Deferred()
+        self._ready.addBoth(lambda r: (d.callback(None), r)[1])
+        return d
+
+    def startService(self) -> None:
+        self.log.info(
+            "runner {node}: sandbox={sandbox} uid_switch={uid} namespaces={ns} cgroups={cg}",
+            node=self.node_id, sandbox=self.isolation.sandbox, uid=self.isolation.uid_switch,
+            ns=",".join(self.isolation.namespaces) or "none",
+            cg=",".join(self.isolation.cgroups) or "none",
+        )
+        for what, why in sorted(self.isolation.off.items()):
+            self.log.warn("runner isolation OFF: {what}: {why}", what=what, why=why)
+        self.log.info("runner network isolation: none (apps share the host network; the "
+                      "control plane relies on bus HMAC signatures and api authentication)")
+        super().startService()
+        d = defer.Deferred.fromCoroutine(self._recover())
+        d.addErrback(lambda f: self.log.failure("runner recovery failed", f))
+        d.addBoth(lambda _: self._ready.callback(None))
+        self._beat = task.LoopingCall(self._heartbeat)
+        self._beat.clock = self.reactor
+        self._beat.start(self.heartbeat_interval, now=True).addErrback(
+            lambda f: self.log.failure("heartbeat loop died", f))
+
+    def stopService(self) -> defer.Deferred[None]:
+        if self._beat is not None and self._beat.running:
+            self._beat.stop()
+        d = self.supervisor.shutdown(self.shutdown_grace)
+        d.addBoth(lambda _: self._save_now())
+        d.addBoth(lambda _: MultiService.stopService(self))
+        return d
+
+    # -- recovery ----------------------------------------------------------------
+
+    async def _recover(self) -> None:
+        old = statefile.load(self.state_path)
+        records = [r for r in (old or {}).get("instances", []) if isinstance(r, dict)]
+        killed = statefile.kill_leftovers(records)
+        if killed:
+            self.log.warn("killed {n} leftover processes of the previous runner", n=killed)
+        for cg in stale_cgroups(self.cgroups, keep=()):
+            cg.signal_all()
+            for _ in range(20):
+                if cg.remove():
+                    break
+                await task.deferLater(self.reactor, 0.1, lambda: None)
+            else:
+                self.log.warn("stale cgroup {name} could not be removed", name=cg.name)
+        shutil.rmtree(self.data_dir / "runner" / "instances", ignore_errors=True)
+        wanted = [r for r in records
+                  if r.get("state") not in (State.STOPPED.value, State.FAILED.value)
+                  and isinstance(r.get("spec"), dict)]
+        wanted_digests = {str(r["spec"].get("image_digest", "")).removeprefix("sha256:")
+                          for r in wanted}
+        mounts_dir = self.data_dir / "mounts"
+        for mp in statefile.mounted_under(mounts_dir):
+            if mp.name not in wanted_digests:
+                try:
+                    await self.images.unmount(mp.name, force=True)
+                    self.log.info("unmounted stale image mount {path}", path=str(mp))
+                except Exception as e:
+                    self.log.warn("cannot unmount stale {path}: {error}", path=str(mp),
+                                  error=str(e))
+        for r in wanted:
+            try:
+                self.supervisor.start(r["spec"], port=r.get("port"))
+                self.log.info("restarted instance {i} from the previous run's state",
+                              i=r["spec"].get("instance_id"))
+            except Exception as e:
+                self.log.error("cannot restart instance {i}: {error}",
+                               i=r["spec"].get("instance_id"), error=str(e))
+        self._save_now()
+
+    # -- state file --------------------------------------------------------------
+
+    def _changed(self) -> None:
+        if self._save_call is None or not self._save_call.active():
+            self._save_call = self.reactor.callLater(0, self._save_now)
+
+    def _save_now(self) -> None:
+        records = []
+        for inst in self.supervisor.instances.values():
+            launch = inst.launch
+            records.append({
+                "spec": inst.spec.to_message(), "state": inst.state.value, "port": inst.port,
+                "uid": inst.spec.uid, "restarts": inst.restarts,
+                "pid": launch.pid if launch else None,
+                "start_time": launch.start_time if launch else None,
+                "group": launch.group if launch else None,
+                "cgroups": ({c: str(p) for c, p in launch.cgroup.paths.items()}
+                            if launch and launch.cgroup else {}),
+                "scratch": launch.scratch if launch else None,
+                "image": launch.image if launch else None,
+            })
+        try:
+            statefile.save(self.state_path, {"boot_id": self.boot_id, "node_id": self.node_id,
+                                             "instances": records})
+        except OSError as e:
+            self.log.error("cannot write runner state {path}: {error}",
+                           path=str(self.state_path), error=str(e))
+
+    # -- heartbeats and registration ----------------------------------------------
+
+    def status_body(self) -> dict[str, Any]:
+        return {
+            "node_id": self.node_id, "boot_id": self.boot_id,
+            "instances": self.supervisor.heartbeat_instances(),
+            "isolation": self.isolation.as_dict(), "control": self.control,
+            "advertise_host": self.supervisor.settings.advertise_host,
+            "load": self._load(),
+        }
+
+    def _load(self) -> dict[str, Any]:
+        load: dict[str, Any] = host_load()
+        load["instances"] = sum(1 for i in self.supervisor.instances.values() if i.running)
+        return load
+
+    def heartbeat_body(self) -> dict[str, Any]:
+        self.seq += 1
+        body = self.status_body()
+        body.update(seq=self.seq, interval=self.heartbeat_interval)
+        return body
+
+    def _heartbeat(self) -> None:
+        try:
+            if self.publisher is not None:
+                if self.publisher.publish("runner.heartbeat", self.heartbeat_body(),
+                                          topic=HEARTBEAT_TOPIC):
+                    self.heartbeats_sent += 1
+                else:
+                    self.heartbeats_dropped += 1
+            now = self.reactor.seconds()
+            if self.store_service is not None and now - self._last_register >= self.register_interval:
+                self._last_register = now
+                d = defer.Deferred.fromCoroutine(self._register())
+                d.addErrback(lambda f: self.log.warn("registering the node in the store "
+                                                     "failed: {error}", error=f.getErrorMessage()))
+        except Exception:
+            self.log.failure("heartbeat failed")
+
+    async def _register(self) -> None:
+        store = await self.store_service.whenReady()
+        await store.upsert_node(
+            self.node_id, self.roles, control_endpoint=self.control, boot_id=self.boot_id,
+            status={"isolation": self.isolation.as_dict(),
+                    "advertise_host": self.supervisor.settings.advertise_host,
+                    "instances": len(self.supervisor.instances)},
+        )
+
+    # -- control -------------------------------------------------------------------
+
+    async def handle(self, env: Any) -> tuple[str, dict[str, Any]]:
+        """The control ROUTER's handler."""
+        from epio.bus import RemoteError
+
+        body = env.body
+        t = env.type
+        try:
+            if t == "runner.start":
+                return "runner.started", self.supervisor.start(body)
+            if t == "runner.stop":
+                iid = body.get("instance_id")
+                grace = body.get("grace")
+                try:
+                    await self.supervisor.stop(iid, None if grace is None else float(grace))
+                except UnknownInstance:
+                    pass  # already gone: stopping is idempotent
+                return "runner.stopped", {"instance_id": iid, "state": "stopped"}
+            if t == "runner.drain":
+                return "runner.draining", self.supervisor.drain(body.get("instance_id"))
+            if t == "runner.status":
+                return "runner.status_reply", self.status_body()
+            if t == "runner.build":
+                return "runner.built", await self._build(body)
+        except SpecError as e:
+            raise RemoteError("bad_request", str(e)) from None
+        except NoFreePort as e:
+            raise RemoteError("no_port", str(e)) from None
+        except UnknownInstance as e:
+            raise RemoteError("unknown_instance", f"no instance {e.args[0]!r} here") from None
+        raise RemoteError("bad_request", f"the runner does not handle {t}")
+
+    async def _build(self, body: dict[str, Any]) -> dict[str, Any]:
+        from epio.bus import RemoteError
+
+        if self.builder is None:
+            raise RemoteError("unavailable", "this runner has no builder")
+        try:
+            result = await self.builder.build(
+                build_id=body["build_id"], app=body["app"], tarball=body["tarball"],
+                env=body.get("env") or {},
+            )
+        except RemoteError:
+            raise
+        except Exception as e:
+            raise RemoteError("build_failed", str(e) or type(e).__name__) from None
+        return {"build_id": body["build_id"], **dict(result)}
+
+
+def _make_builder(node: Any, sink: Any, images: Any) -> Any:
+    """The build engineer's Builder, when that code is present (epio.runner.build)."""
+    try:
+        from epio.runner.build import make_builder  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return make_builder(node=node, sink=sink, images=images)
+
+
+def make_service(node: Any) -> RunnerService:
+    """Build the runner role of ``node`` (detection I/O happens here, before the reactor)."""
+    from epio.pipeline import BusLogSink
+    from epio.runner.build.images import ImageStore
+    from epio.runner.launcher import SandboxLauncher
+    from epio.runner.supervisor import Settings
+
+    cfg = node.config["runner"]
+    settings = Settings.from_config(cfg)
+    reactor = node.reactor
+    root = os.geteuid() == 0
+    cgroups = (detect(parent=cfg["cgroup_parent"]) if root
+               else CgroupSupport({}, {c: "the runner is not root" for c in ("memory", "cpu",
+                                                                              "pids")}))
+    bwrap = shutil.which("bwrap")
+    setpriv = shutil.which("setpriv")
+    works = bwrap_trial(bwrap) if (bwrap and root and cfg["sandbox"] != "none") else None
+    isolation = detect_isolation(cfg["sandbox"], os.geteuid(), bwrap, setpriv, cgroups, works)
+    if cfg["sandbox"] == "bwrap" and isolation.sandbox != "bwrap":
+        raise SystemExit(f"epio: runner.sandbox = bwrap but {isolation.off.get('sandbox')}")
+    sink = BusLogSink(node.bus, node.config["cluster"]["loggers"], clock=reactor)
+    images = ImageStore(node.data_dir, reactor=reactor)
+    launcher = SandboxLauncher(reactor, node.data_dir, isolation, cgroups, images, bwrap=bwrap,
+                               setpriv=setpriv, node_id=node.node_id)
+    ports = PortAllocator(cfg["port_min"], cfg["port_max"], bindable(settings.advertise_host))
+    supervisor = Supervisor(reactor, launcher, NetworkProbe(reactor), sink, ports, settings)
+    control = control_advertise(cfg["control_bind"], settings.advertise_host,
+                                cfg["control_advertise"])
+    nexus = [n["heartbeat"] for n in node.config["cluster"]["nexus"] if n.get("heartbeat")]
+    publisher = node.bus.publisher(connect=nexus) if nexus else None
+    svc = RunnerService(
+        reactor=reactor, supervisor=supervisor, isolation=isolation, cgroups=cgroups,
+        images=images, data_dir=node.data_dir, node_id=node.node_id, boot_id=node.boot_id,
+        roles=node.roles, control=control, heartbeat_interval=cfg["heartbeat_interval"],
+        register_interval=cfg["register_interval"], shutdown_grace=cfg["shutdown_grace"],
+        publisher=publisher, store_service=node.store_service,
+        builder=_make_builder(node, sink, images),
+    )
+    sink.setServiceParent(svc)
+    if publisher is not None:
+        publisher.setName("runner-heartbeat")
+        publisher.setServiceParent(svc)
+    router = node.bus.router(cfg["control_bind"], svc.handle)
+    router.setName("runner-control")
+    router.setServiceParent(svc)
+    return svc
