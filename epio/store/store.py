@@ -443,46 +443,48 @@ class Store:
         description=...)``, and a rollback is ``create_release(app,
         old.image, processes=old.processes, config=old.config)``.
         """
-        if image is not None and (not isinstance(image, str) or not IMAGE_DIGEST.match(image)):
-            raise InvalidValue(f"invalid image digest {image!r}")
-        if processes is not None:
-            for ptype, cmd in processes.items():
-                _check(PROCESS_TYPE, "process type", ptype)
-                if not isinstance(cmd, str):
-                    raise InvalidValue(f"command of process {ptype!r} must be a string")
+        _validate_release(image, processes)
         if config is not None:
             _validate_config(config)
         now = self._now()
 
         async def q(tx: Transaction) -> Release:
-            version = (await tx.execute(
-                "UPDATE apps SET release_seq = release_seq + 1 WHERE name = ? RETURNING release_seq",
-                (app,))).scalar()
-            if version is None:
-                raise NotFound(f"no app named {app!r}")
-            prev = (await tx.execute(
-                "SELECT * FROM releases WHERE app = ? ORDER BY version DESC LIMIT 1", (app,))).one()
-            img = image
-            if img is None and inherit_image and prev is not None:
-                img = prev["image"]
-            procs = dict(processes) if processes is not None else (
-                json.loads(prev["processes"]) if prev is not None else {})
-            if config is None:
-                rows = (await tx.execute("SELECT key, value FROM config_vars WHERE app = ?",
-                                         (app,))).rows
-                cfg = {k: v for k, v in rows}
-            else:
-                cfg = dict(config)
-            rel = Release(app, int(version), img, cfg, procs, description, now, created_by,
-                          dict(meta or {}))
-            await tx.execute(
-                "INSERT INTO releases (app, version, image, config, processes, description,"
-                " created, created_by, meta) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (app, rel.version, img, _dumps(cfg), _dumps(procs), description, now,
-                 created_by, _dumps(rel.meta)))
-            return rel
+            return await self._insert_release(tx, app, image, config, processes, description,
+                                              created_by, meta, inherit_image, now)
 
         return await self._tx(q)
+
+    async def _insert_release(self, tx: Transaction, app: str, image: str | None,
+                              config: Mapping[str, str] | None,
+                              processes: Mapping[str, str] | None, description: str,
+                              created_by: str | None, meta: Mapping[str, Any] | None,
+                              inherit_image: bool, now: float) -> Release:
+        version = (await tx.execute(
+            "UPDATE apps SET release_seq = release_seq + 1 WHERE name = ? RETURNING release_seq",
+            (app,))).scalar()
+        if version is None:
+            raise NotFound(f"no app named {app!r}")
+        prev = (await tx.execute(
+            "SELECT * FROM releases WHERE app = ? ORDER BY version DESC LIMIT 1", (app,))).one()
+        img = image
+        if img is None and inherit_image and prev is not None:
+            img = prev["image"]
+        procs = dict(processes) if processes is not None else (
+            json.loads(prev["processes"]) if prev is not None else {})
+        if config is None:
+            rows = (await tx.execute("SELECT key, value FROM config_vars WHERE app = ?",
+                                     (app,))).rows
+            cfg = {k: v for k, v in rows}
+        else:
+            cfg = dict(config)
+        rel = Release(app, int(version), img, cfg, procs, description, now, created_by,
+                      dict(meta or {}))
+        await tx.execute(
+            "INSERT INTO releases (app, version, image, config, processes, description,"
+            " created, created_by, meta) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (app, rel.version, img, _dumps(cfg), _dumps(procs), description, now,
+             created_by, _dumps(rel.meta)))
+        return rel
 
     async def get_release(self, app: str, version: int) -> Release:
         """Release ``version`` of ``app``; ``NotFound`` otherwise."""
@@ -533,18 +535,49 @@ class Store:
 
         async def q(tx: Transaction) -> dict[str, str]:
             await self._app_exists(tx, app)
-            for key, value in values.items():
-                if value is None:
-                    await tx.execute("DELETE FROM config_vars WHERE app = ? AND key = ?",
-                                     (app, key))
-                else:
-                    await tx.execute(
-                        "INSERT INTO config_vars (app, key, value) VALUES (?, ?, ?) "
-                        "ON CONFLICT (app, key) DO UPDATE SET value = excluded.value",
-                        (app, key, value))
-            rows = (await tx.execute("SELECT key, value FROM config_vars WHERE app = ? "
-                                     "ORDER BY key", (app,))).rows
-            return {k: v for k, v in rows}
+            return await self._apply_config(tx, app, values)
+
+        return await self._tx(q)
+
+    @staticmethod
+    async def _apply_config(tx: Transaction, app: str,
+                            values: Mapping[str, str | None]) -> dict[str, str]:
+        for key, value in values.items():
+            if value is None:
+                await tx.execute("DELETE FROM config_vars WHERE app = ? AND key = ?", (app, key))
+            else:
+                await tx.execute(
+                    "INSERT INTO config_vars (app, key, value) VALUES (?, ?, ?) "
+                    "ON CONFLICT (app, key) DO UPDATE SET value = excluded.value",
+                    (app, key, value))
+        rows = (await tx.execute("SELECT key, value FROM config_vars WHERE app = ? ORDER BY key",
+                                 (app,))).rows
+        return {k: v for k, v in rows}
+
+    async def set_config_and_release(
+        self, app: str, values: Mapping[str, str | None], *, description: str,
+        created_by: str | None = None, image: str | None = None,
+        processes: Mapping[str, str] | None = None, meta: Mapping[str, Any] | None = None,
+        inherit_image: bool = True,
+    ) -> tuple[dict[str, str], Release]:
+        """Change config vars AND create the release carrying them, in ONE transaction.
+
+        ``values`` as for :meth:`set_config`; the release gets the resulting
+        config, and ``image``/``processes``/``meta`` as for
+        :meth:`create_release`.  Either both happen or neither (no config
+        change without its release).  Returns (new config, new release).
+        """
+        _validate_config(values, allow_none=True)
+        _validate_release(image, processes)
+        now = self._now()
+
+        async def q(tx: Transaction) -> tuple[dict[str, str], Release]:
+            await self._app_exists(tx, app)
+            config = await self._apply_config(tx, app, values)
+            release = await self._insert_release(tx, app, image, config, processes,
+                                                 description, created_by, meta,
+                                                 inherit_image, now)
+            return config, release
 
         return await self._tx(q)
 
@@ -605,25 +638,33 @@ class Store:
 
     async def upsert_instance(self, instance: Instance) -> Instance:
         """Insert or replace an instance record (keyed by ``instance.id``)."""
-        if instance.state not in INSTANCE_STATES:
-            raise InvalidValue(f"instance state must be one of {', '.join(INSTANCE_STATES)}")
-        _check(PROCESS_TYPE, "process type", instance.process_type)
-        i = instance
+        await self.upsert_instances([instance])
+        return instance
 
-        async def q(tx: Transaction) -> Instance:
-            await self._app_exists(tx, i.app)
-            await tx.execute(
-                "INSERT INTO instances (id, app, release, process_type, number, node, host, port,"
-                " state, since, restarts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (id) DO UPDATE SET app = excluded.app, release = excluded.release,"
-                " process_type = excluded.process_type, number = excluded.number,"
-                " node = excluded.node, host = excluded.host, port = excluded.port,"
-                " state = excluded.state, since = excluded.since, restarts = excluded.restarts",
-                (i.id, i.app, i.release, i.process_type, i.number, i.node, i.host, i.port,
-                 i.state, i.since, i.restarts))
-            return i
+    async def upsert_instances(self, instances: Iterable[Instance]) -> None:
+        """Insert or replace several instance records in one transaction."""
+        batch = list(instances)
+        for i in batch:
+            if i.state not in INSTANCE_STATES:
+                raise InvalidValue(f"instance state must be one of {', '.join(INSTANCE_STATES)}")
+            _check(PROCESS_TYPE, "process type", i.process_type)
 
-        return await self._tx(q)
+        async def q(tx: Transaction) -> None:
+            for app in sorted({i.app for i in batch}):
+                await self._app_exists(tx, app)
+            for i in batch:
+                await tx.execute(
+                    "INSERT INTO instances (id, app, release, process_type, number, node, host,"
+                    " port, state, since, restarts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (id) DO UPDATE SET app = excluded.app,"
+                    " release = excluded.release, process_type = excluded.process_type,"
+                    " number = excluded.number, node = excluded.node, host = excluded.host,"
+                    " port = excluded.port, state = excluded.state, since = excluded.since,"
+                    " restarts = excluded.restarts",
+                    (i.id, i.app, i.release, i.process_type, i.number, i.node, i.host, i.port,
+                     i.state, i.since, i.restarts))
+
+        await self._tx(q)
 
     async def get_instance(self, instance_id: str) -> Instance:
         """One instance by id; ``NotFound`` otherwise."""
@@ -837,6 +878,18 @@ def _validate_config(values: Mapping[str, Any], allow_none: bool = False) -> Non
             raise InvalidValue(f"config var {key} must be a string, not {type(value).__name__}")
         if len(value) > MAX_CONFIG_VALUE or "\x00" in value:
             raise InvalidValue(f"config var {key} is longer than 32 KiB or contains NUL")
+
+
+def _validate_release(image: Any, processes: Mapping[str, Any] | None) -> None:
+    if image is not None and (not isinstance(image, str) or not IMAGE_DIGEST.match(image)):
+        raise InvalidValue(f"invalid image digest {image!r}")
+    if processes is not None:
+        if not isinstance(processes, Mapping):
+            raise InvalidValue("processes must map process types to commands")
+        for ptype, cmd in processes.items():
+            _check(PROCESS_TYPE, "process type", ptype)
+            if not isinstance(cmd, str):
+                raise InvalidValue(f"command of process {ptype!r} must be a string")
 
 
 def _check_deploy_status(status: str) -> None:

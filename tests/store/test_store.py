@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 from typing import Any
 
+from attrs import evolve
 from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
@@ -40,6 +41,14 @@ class StoreTestsMixin:
             return (await tx.execute(sql)).rows
 
         return await self.store.backend.transaction(q)
+
+    async def raw_write(self, sql: str) -> None:
+        """Run one statement straight on the database."""
+
+        async def q(tx: Any) -> None:
+            await tx.execute(sql)
+
+        await self.store.backend.transaction(q)
 
     async def open(self) -> Store:
         store = await open_store(self.store_url, reactor)
@@ -275,6 +284,25 @@ class StoreTestsMixin:
         with self.assertRaises(NotFound):
             await self.store.get_config("nope")
 
+    async def test_set_config_and_release_atomic(self) -> None:
+        """Config change and its release happen together -- or not at all."""
+        await self.store.create_app("atom", self.alice.id)
+        await self.store.create_release("atom", DIGEST, processes={"web": "w"})
+        cfg, rel = await self.store.set_config_and_release(
+            "atom", {"A": "1"}, description="Set A", created_by="alice")
+        self.assertEqual(cfg, {"A": "1"})
+        self.assertEqual((rel.version, rel.config, rel.image, rel.processes),
+                         (2, {"A": "1"}, DIGEST, {"web": "w"}))
+        # make the release insert fail inside the transaction: v3 already exists
+        await self.raw_write("INSERT INTO releases (app, version, image, config, processes,"
+                             " description, created) VALUES ('atom', 3, NULL, '{}', '{}', 'x', 0)")
+        with self.assertRaises(Conflict):
+            await self.store.set_config_and_release("atom", {"A": "2", "B": "3"},
+                                                    description="Set A, B")
+        self.assertEqual(await self.store.get_config("atom"), {"A": "1"})
+        with self.assertRaises(NotFound):
+            await self.store.set_config_and_release("nope", {"A": "1"}, description="x")
+
     # ------------------------------------------------------------- formation
 
     async def test_formation(self) -> None:
@@ -311,6 +339,11 @@ class StoreTestsMixin:
         self.assertEqual(await self.store.get_instance("i1"), i1b)
         self.assertEqual(await self.store.list_instances("inst"), [i1b, i2])
         self.assertEqual(await self.store.list_instances(node="n2"), [i2])
+        i3 = Instance("i3", "inst", 2, "worker", 1, "n2", None, None, "pending", 13.0)
+        await self.store.upsert_instances([i3, evolve(i2, state="draining")])
+        self.assertEqual(await self.store.list_instances(node="n2"),
+                         [evolve(i2, state="draining"), i3])
+        self.assertTrue(await self.store.delete_instance("i3"))
         self.assertTrue(await self.store.delete_instance("i2"))
         self.assertFalse(await self.store.delete_instance("i2"))
         with self.assertRaises(InvalidValue):
@@ -443,3 +476,41 @@ class PostgresStoreTests(StoreTestsMixin, TestCase):
 
     def url(self) -> str:
         return pg.pg_url_for_test(self)
+
+    async def test_concurrent_first_start(self) -> None:
+        """Several nodes migrating one empty database at once: each migration is
+        applied exactly once and every node ends up with a working store."""
+        from twisted.internet.defer import Deferred, gatherResults
+
+        url = pg.pg_url_for_test(self)
+        stores = await gatherResults(
+            [Deferred.fromCoroutine(open_store(url, reactor)) for _ in range(4)])
+        for s in stores:
+            self.addCleanup(s.close)
+        rows = await stores[0].backend.transaction(
+            lambda tx: tx.execute("SELECT version FROM schema_version ORDER BY version"))
+        self.assertEqual([r[0] for r in rows.rows], [m.version for m in MIGRATIONS])
+        u = await stores[1].create_user("x")
+        self.assertEqual((await stores[3].get_user(u.id)).name, "x")
+
+    async def test_pool_recovers_after_connections_killed(self) -> None:
+        """When the server drops every pooled connection (a PostgreSQL restart), the
+        next calls work on fresh connections without an error."""
+        import psycopg2
+
+        for _ in range(3):
+            await self.store.list_users()
+        conn = psycopg2.connect(pg.run_database())
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE application_name = 'epio' AND datname = current_database() "
+                        "AND pid <> pg_backend_pid()")
+            killed = len(cur.fetchall())
+        conn.close()
+        self.assertGreaterEqual(killed, 1)
+        from twisted.internet.task import deferLater
+
+        await deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual([u.name for u in await self.store.list_users()], ["alice", "bob"])
+        await self.store.create_app("after", self.alice.id)
