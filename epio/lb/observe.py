@@ -1,0 +1,139 @@
+"""Access log and per-app stats for the router, batched off the hot path.
+
+A request's end appends one tuple (no formatting, no logger call); a periodic
+flush formats the lines and hands them to the log sink, and every
+``lb.stats_interval`` seconds per-app counters and a latency histogram go to the
+stats sink.  Sinks follow ``epio.pipeline``'s ``ILogSink``/``IStatsSink``
+(``emit(app, source, text, timestamp)`` / ``emit_stats(app, kind, values)``).
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from typing import Any
+
+from twisted.logger import Logger
+
+# latency histogram bucket upper bounds, milliseconds
+BUCKETS_MS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000)
+_BOUNDS_S = tuple(b / 1000.0 for b in BUCKETS_MS)
+
+
+class AppStats:
+    __slots__ = ("requests", "errors", "status", "bytes_out", "hist", "service_total")
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.errors: dict[str, int] = {}
+        self.status = [0, 0, 0, 0, 0, 0]  # index = status // 100 (0 = client closed)
+        self.bytes_out = 0
+        self.hist = [0] * (len(BUCKETS_MS) + 1)
+        self.service_total = 0.0
+
+    def values(self) -> dict[str, Any]:
+        """A flat dict of numbers (the pipeline's stats shape)."""
+        out: dict[str, Any] = {
+            "requests": self.requests,
+            "status_1xx": self.status[1], "status_2xx": self.status[2],
+            "status_3xx": self.status[3], "status_4xx": self.status[4],
+            "status_5xx": self.status[5], "client_closed": self.status[0],
+            "bytes_out": self.bytes_out,
+            "latency_ms_mean": (self.service_total * 1000 / self.requests) if self.requests else 0.0,
+        }
+        for bound, count in zip(BUCKETS_MS, self.hist, strict=False):
+            out[f"latency_le_{bound}ms"] = count
+        out["latency_gt_60000ms"] = self.hist[-1]
+        for code, n in self.errors.items():
+            out[f"error_{code}"] = n
+        return out
+
+
+class FileLogSink:
+    """Access lines appended to a file (benchmarks, or a host's own log shipper)."""
+
+    def __init__(self, path: str) -> None:
+        self.f = open(path, "a", buffering=1 << 16)  # noqa: SIM115
+
+    def emit(self, app: str, source: str, text: str, timestamp: float | None = None) -> None:
+        self.f.write(text)
+        self.f.write("\n")
+
+    def flush(self) -> None:
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+class Observer:
+    """Collects one record per request; formats and ships them in batches."""
+
+    log = Logger()
+
+    def __init__(self, log_sink: Any | None, stats_sink: Any | None, enabled: bool = True) -> None:
+        self.log_sink = log_sink
+        self.stats_sink = stats_sink
+        self.enabled = enabled
+        self.pending: list[tuple[Any, ...]] = []
+        self.apps: dict[str, AppStats] = {}
+        self.totals: dict[str, int] = {}
+
+    def record(
+        self, t0: float, app: str, method: bytes, target: bytes, host: str, status: int,
+        nbytes: int, connect_s: float, service_s: float, backend: str, request_id: bytes,
+        code: str,
+    ) -> None:
+        st = self.apps.get(app)
+        if st is None:
+            st = self.apps[app] = AppStats()
+        st.requests += 1
+        st.status[status // 100 if status < 600 else 5] += 1
+        st.bytes_out += nbytes
+        st.service_total += service_s
+        st.hist[bisect_left(_BOUNDS_S, service_s)] += 1
+        if code:
+            st.errors[code] = st.errors.get(code, 0) + 1
+            self.totals[code] = self.totals.get(code, 0) + 1
+        if self.enabled:
+            self.pending.append((t0, app, method, target, host, status, nbytes, connect_s,
+                                 service_s, backend, request_id, code))
+
+    def flush(self) -> None:
+        """Format and emit pending access lines (called every ~0.5 s)."""
+        pending = self.pending
+        if not pending:
+            return
+        self.pending = []
+        sink = self.log_sink
+        if sink is None:
+            return
+        for (t0, app, method, target, host, status, nbytes, connect_s, service_s, backend,
+             rid, code) in pending:
+            text = (
+                f'{method.decode("latin-1")} {target.decode("latin-1")} host={host} '
+                f"status={status} bytes={nbytes} connect_ms={connect_s * 1000:.1f} "
+                f"service_ms={service_s * 1000:.1f} backend={backend or '-'} "
+                f"request_id={rid.decode('latin-1')} error={code or '-'}"
+            )
+            try:
+                sink.emit(app or "-", "router", text, t0)
+            except Exception:
+                self.log.failure("access log sink failed")
+                return
+        fl = getattr(sink, "flush", None)
+        if fl is not None:
+            fl()
+
+    def flush_stats(self) -> None:
+        apps = self.apps
+        if not apps:
+            return
+        self.apps = {}
+        if self.stats_sink is None:
+            return
+        for app, st in apps.items():
+            try:
+                self.stats_sink.emit_stats(app or "-", "router", st.values())
+            except Exception:
+                self.log.failure("stats sink failed")
+                return

@@ -1,0 +1,1255 @@
+"""The router's proxy core: client connections, backend pools, balancing.
+
+Protocol-level on the reactor, no twisted.web and no Deferreds on the request
+path.  One :class:`ClientConn` per client connection runs one exchange at a time
+(pipelined requests wait in its buffer, so answers leave in order); it parses
+the request head (:mod:`epio.lb.http`), finds the route, picks a backend (least
+outstanding requests among healthy, non-ejected backends), takes an idle pooled
+:class:`BackendConn` or connects a new one, writes a re-serialised head and
+streams the body up, then parses the response and streams it down.  Each
+transport is registered as the other's streaming producer for the exchange, so
+a slow reader pauses the fast writer and memory stays flat.
+
+Timeouts are deadlines checked by one periodic sweep (``SWEEP_INTERVAL``), not a
+timer per request.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from typing import Any
+
+from attrs import define
+from twisted.internet import error as ierror
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from epio.lb import pages
+from epio.lb.fastio import fast_write, is_fast
+from epio.lb.http import (
+    IDEMPOTENT,
+    MAX_HEADER_BYTES,
+    MAX_REQUEST_LINE,
+    MAX_RESPONSE_HEAD,
+    BadMessage,
+    BadResponse,
+    ChunkedDecoder,
+    HTTPError,
+    Request,
+    Response,
+    check_request_line_length,
+    parse_request,
+    parse_response,
+    valid_request_id,
+)
+from epio.lb.observe import Observer
+from epio.routing import Route, RouteTable
+
+SWEEP_INTERVAL = 0.5
+PIPELINE_BUFFER = 65536  # bytes of a client's next requests held before reading pauses
+
+# client connection states
+C_HEAD, C_WAIT, C_PROXY, C_TUNNEL, C_CLOSED = range(5)
+# response reading modes
+R_HEAD, R_CL, R_CHUNKED, R_CLOSE, R_TUNNEL, R_DONE = range(6)
+# client read-pause reasons
+P_UP = 1     # the backend's send buffer is full
+P_BUF = 2    # pipelined bytes waiting
+P_WAIT = 4   # body bytes waiting for a backend connection
+
+
+@define
+class Settings:
+    """Resolved ``[lb]`` settings the proxy reads (see epio/config/schema.py)."""
+
+    header_timeout: float = 10.0
+    connect_timeout: float = 5.0
+    first_byte_timeout: float = 30.0
+    idle_timeout: float = 55.0
+    keepalive_timeout: float = 75.0
+    websocket_idle_timeout: float = 3600.0
+    queue_timeout: float = 10.0
+    pool_idle_timeout: float = 15.0
+    pool_max_idle: int = 64
+    backend_max_conns: int = 256
+    backend_queue_size: int = 256
+    connect_attempts: int = 3
+    eject_after: int = 5
+    eject_seconds: float = 10.0
+    max_body_size: int = 104857600
+    trusted_proxies: tuple[str, ...] = ()
+    shutdown_timeout: float = 30.0
+    via: bytes = b"1.1 epio"
+
+    @classmethod
+    def from_config(cls, section: dict[str, Any]) -> Settings:
+        kw = {}
+        for name in cls.__attrs_attrs__:  # type: ignore[attr-defined]
+            if name.name in section:
+                v = section[name.name]
+                kw[name.name] = tuple(v) if isinstance(v, list) else v
+        return cls(**kw)
+
+
+class BackendState:
+    """Per-backend (host, port) balancing state, idle pool and waiting queue."""
+
+    __slots__ = ("key", "label", "outstanding", "fails", "ejected_until", "idle", "queue")
+
+    def __init__(self, key: tuple[str, int]) -> None:
+        self.key = key
+        host, port = key
+        self.label = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.outstanding = 0
+        self.fails = 0
+        self.ejected_until = 0.0
+        self.idle: list[BackendConn] = []
+        self.queue: deque[ClientConn] = deque()
+
+
+class LB:
+    """Shared state of one router process: table, balancer, pools, observer."""
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, table: RouteTable, settings: Settings,
+                 observer: Observer | None = None, scheme: bytes = b"http") -> None:
+        self.reactor = reactor
+        self.table = table
+        self.s = settings
+        self.observer = observer if observer is not None else Observer(None, None, False)
+        self.states: dict[tuple[str, int], BackendState] = {}
+        self.conns: set[Any] = set()  # every client and backend connection (for sweeps)
+        self.clients = 0
+        self.stopping = False
+        self.trusted = frozenset(settings.trusted_proxies)
+        self._rr = 0
+        self._rid_prefix = os.urandom(6).hex()
+        self._rid_n = 0
+        self._drained: list[Any] = []
+
+    # -- request ids ----------------------------------------------------------------
+    def new_request_id(self) -> bytes:
+        self._rid_n += 1
+        return b"%s%012x" % (self._rid_prefix.encode(), self._rid_n)
+
+    # -- balancing ------------------------------------------------------------------
+    def state_for(self, key: tuple[str, int]) -> BackendState:
+        st = self.states.get(key)
+        if st is None:
+            st = self.states[key] = BackendState(key)
+        return st
+
+    def pick(self, route: Route, now: float, exclude: set[tuple[str, int]] | None = None
+             ) -> BackendState | None:
+        """Least outstanding (running + queued) among live, non-ejected backends."""
+        live = route.live
+        n = len(live)
+        if n == 1:
+            st = self.states.get(live[0].address) or self.state_for(live[0].address)
+            if st.ejected_until > now or (exclude and st.key in exclude):
+                return None
+            return st
+        best = None
+        best_load = 1 << 62
+        self._rr = start = (self._rr + 1) % n if n else 0
+        states = self.states
+        for j in range(n):
+            b = live[(start + j) % n]
+            st = states.get(b.address) or self.state_for(b.address)
+            if st.ejected_until > now or (exclude and st.key in exclude):
+                continue
+            load = st.outstanding + len(st.queue)
+            if load < best_load:
+                best, best_load = st, load
+        return best
+
+    def note_failure(self, st: BackendState, now: float) -> None:
+        st.fails += 1
+        if st.fails >= self.s.eject_after:
+            st.ejected_until = now + self.s.eject_seconds
+            st.fails = 0
+            self.log.warn("backend {backend} ejected for {seconds}s after repeated failures",
+                          backend=st.label, seconds=self.s.eject_seconds)
+
+    def release(self, st: BackendState) -> None:
+        """One exchange on ``st`` ended: hand its slot to the next queued request."""
+        st.outstanding -= 1
+        q = st.queue
+        while q and st.outstanding < self.s.backend_max_conns:
+            c = q.popleft()
+            if c.state == C_WAIT and c.queued:
+                c.queued = False
+                c.dispatch(st)
+
+    def park(self, bc: BackendConn) -> None:
+        """Keep an idle backend connection for reuse (or close it)."""
+        st = bc.bstate
+        if self.stopping or len(st.idle) >= self.s.pool_max_idle:
+            bc.transport.loseConnection()
+            return
+        bc.client = None
+        bc.deadline = self.reactor.seconds() + self.s.pool_idle_timeout
+        st.idle.append(bc)
+
+    def connect(self, st: BackendState, client: ClientConn, timeout: float) -> None:
+        f = BackendConnector(self, st, client)
+        client.connector = f
+        self.reactor.connectTCP(st.key[0], st.key[1], f, timeout=timeout)
+
+    # -- sweeping and stopping ---------------------------------------------------------
+    def sweep(self) -> None:
+        now = self.reactor.seconds()
+        for c in list(self.conns):
+            if c.deadline and c.deadline <= now or c.active:
+                c.tick(now)
+        if self.stopping:
+            self._check_drained()
+
+    def begin_stop(self) -> None:
+        """Stop taking new requests on kept-alive connections; in-flight ones finish."""
+        self.stopping = True
+        for c in list(self.conns):
+            if isinstance(c, ClientConn):
+                if c.state == C_HEAD and not c.buf:
+                    c.close()
+                else:
+                    c.closing = True
+            elif c.client is None:
+                c.transport.loseConnection()
+
+    def abort_all(self) -> None:
+        for c in list(self.conns):
+            if c.transport is not None:
+                c.transport.abortConnection()
+
+    def when_drained(self, d: Any) -> None:
+        self._drained.append(d)
+        self._check_drained()
+
+    def _check_drained(self) -> None:
+        if self.clients == 0 and self._drained:
+            ds, self._drained = self._drained, []
+            for d in ds:
+                d.callback(None)
+
+
+@implementer(IPushProducer)
+class BackendConn(Protocol):
+    """A kept-alive HTTP/1.1 connection to one backend."""
+
+    def __init__(self, lb: LB, st: BackendState) -> None:
+        self.lb = lb
+        self.bstate = st
+        self.client: ClientConn | None = None
+        self.deadline = 0.0
+        self.active = False
+        self.used = 0
+        self.fast = False
+        self.paused = False
+
+    def connectionMade(self) -> None:
+        t = self.transport
+        self.fast = is_fast(t)
+        try:
+            t.setTcpNoDelay(True)
+        except Exception:
+            pass
+        self.lb.conns.add(self)
+        c = self.client
+        if c is not None and c.state == C_WAIT and c.connector is not None and \
+                c.connector.conn_for is self:
+            c.attach(self)
+        else:
+            self.client = None
+            self.lb.park(self)
+
+    def write(self, data: bytes) -> None:
+        if self.fast:
+            fast_write(self.transport, data)
+        else:
+            self.transport.write(data)
+
+    def dataReceived(self, data: bytes) -> None:
+        c = self.client
+        if c is None:
+            # an idle connection must stay silent
+            self.transport.abortConnection()
+            return
+        c.down(data)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.lb.conns.discard(self)
+        c = self.client
+        if c is not None:
+            self.client = None
+            c.backend_lost(self)
+        else:
+            try:
+                self.bstate.idle.remove(self)
+            except ValueError:
+                pass
+
+    def tick(self, now: float) -> None:
+        self.active = False
+        if self.client is None and self.deadline and self.deadline <= now:
+            self.deadline = 0.0
+            self.transport.loseConnection()
+
+    # IPushProducer: the client's send buffer is full / drained
+    def pauseProducing(self) -> None:
+        self.paused = True
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class BackendConnector(ClientFactory):
+    """One connection attempt on behalf of a waiting client."""
+
+    protocol = BackendConn
+    noisy = False
+
+    def __init__(self, lb: LB, st: BackendState, client: ClientConn) -> None:
+        self.lb = lb
+        self.st = st
+        self.client: ClientConn | None = client
+        self.conn_for: BackendConn | None = None
+
+    def buildProtocol(self, addr: Any) -> BackendConn:
+        p = BackendConn(self.lb, self.st)
+        p.client = self.client
+        self.conn_for = p
+        return p
+
+    def clientConnectionFailed(self, connector: Any, reason: Any) -> None:
+        c = self.client
+        self.client = None
+        timed_out = reason.check(ierror.TimeoutError) is not None
+        if c is not None and c.connector is self:
+            c.connect_failed(self.st, timed_out)
+        else:
+            self.lb.note_failure(self.st, self.lb.reactor.seconds())
+
+    def clientConnectionLost(self, connector: Any, reason: Any) -> None:
+        pass
+
+
+@implementer(IPushProducer)
+class ClientConn(Protocol):
+    """One client connection; runs its requests one at a time, in order."""
+
+    log = Logger()
+
+    def __init__(self, lb: LB, scheme: bytes = b"http") -> None:
+        self.lb = lb
+        self.scheme = scheme
+        self.state = C_HEAD
+        self.buf = b""
+        self.deadline = 0.0
+        self.active = False
+        self.closing = False
+        self.paused = 0
+        self.processing = False
+        self.head_started = 0.0
+        self.fast = False
+        self.peer = ""
+        self.trusted = False
+        self.fwd = b""
+        self.port_b = b""
+        self._reset_exchange()
+
+    def _reset_exchange(self) -> None:
+        self.req: Request | None = None
+        self.route: Route | None = None
+        self.bs: BackendState | None = None
+        self.bconn: BackendConn | None = None
+        self.connector: BackendConnector | None = None
+        self.queued = False
+        self.tried: set[tuple[str, int]] | None = None
+        self.attempts = 0
+        self.retried = False
+        self.t0 = 0.0
+        self.t_conn = 0.0
+        self.rid = b""
+        self.body_left = 0
+        self.decoder: ChunkedDecoder | None = None
+        self.body_done = True
+        self.body_total = 0
+        self.max_body = 0
+        self.rmode = R_HEAD
+        self.rbuf = b""
+        self.r_left = 0
+        self.r_decoder: ChunkedDecoder | None = None
+        self.r_chunk_out = False
+        self.r_status = 0
+        self.r_bytes = 0
+        self.r_started = False
+        self.r_reusable = True
+        self.r_close_client = False
+        self.got_byte = False
+
+    # -- connection ---------------------------------------------------------------------
+    def connectionMade(self) -> None:
+        t = self.transport
+        lb = self.lb
+        self.fast = is_fast(t)
+        try:
+            t.setTcpNoDelay(True)
+        except Exception:
+            pass
+        peer = t.getPeer()
+        host = t.getHost()
+        self.peer = getattr(peer, "host", "") or ""
+        self.port_b = str(getattr(host, "port", "")).encode()
+        self.trusted = self.peer in lb.trusted
+        self.fwd = (
+            b"X-Forwarded-For: " + self.peer.encode() + b"\r\nX-Forwarded-Proto: " + self.scheme
+            + b"\r\nX-Forwarded-Port: " + self.port_b + b"\r\nVia: " + lb.s.via + b"\r\n"
+        )
+        lb.conns.add(self)
+        lb.clients += 1
+        self.deadline = lb.reactor.seconds() + lb.s.header_timeout
+        self.head_started = -1.0  # a fresh connection owes a head within header_timeout
+
+    def connectionLost(self, reason: Any = None) -> None:
+        lb = self.lb
+        state = self.state
+        self.state = C_CLOSED
+        lb.conns.discard(self)
+        lb.clients -= 1
+        if state == C_WAIT:
+            if self.queued and self.bs is not None:
+                try:
+                    self.bs.queue.remove(self)
+                except ValueError:
+                    pass
+                self.queued = False
+                self._log(499, "client_closed")
+            elif self.bs is not None:
+                if self.connector is not None:
+                    self.connector.client = None
+                self._log(499, "client_closed")
+                self._release()
+        elif state in (C_PROXY, C_TUNNEL):
+            bc = self.bconn
+            self.bconn = None
+            if bc is not None:
+                bc.client = None
+                if bc.transport is not None:
+                    bc.transport.abortConnection()
+            if state == C_PROXY:
+                self._log(499 if not self.r_started else self.r_status, "client_closed")
+            else:
+                self._log(101, "")
+            self._release()
+        if lb.stopping:
+            lb._check_drained()
+
+    def close(self) -> None:
+        if self.state != C_CLOSED and self.transport is not None:
+            self.transport.loseConnection()
+
+    def write(self, data: bytes) -> None:
+        if self.fast:
+            fast_write(self.transport, data)
+        else:
+            self.transport.write(data)
+
+    # -- read pausing -----------------------------------------------------------------
+    def _pause(self, why: int) -> None:
+        if not self.paused:
+            self.transport.pauseProducing()
+        self.paused |= why
+
+    def _resume(self, why: int) -> None:
+        if self.paused & why:
+            self.paused &= ~why
+            if not self.paused and self.state != C_CLOSED:
+                self.transport.resumeProducing()
+
+    # IPushProducer for the backend transport (upload direction)
+    def pauseProducing(self) -> None:
+        self._pause(P_UP)
+
+    def resumeProducing(self) -> None:
+        self._resume(P_UP)
+
+    def stopProducing(self) -> None:
+        pass
+
+    # -- timeouts -----------------------------------------------------------------------
+    def tick(self, now: float) -> None:
+        state = self.state
+        if self.active:
+            self.active = False
+            if state == C_PROXY and self.r_started:
+                self.deadline = now + self._timeout("idle_timeout")
+                return
+            if state == C_TUNNEL:
+                self.deadline = now + self._timeout("websocket_idle_timeout")
+                return
+        if not self.deadline or self.deadline > now:
+            return
+        self.deadline = 0.0
+        if state == C_HEAD:
+            if self.buf:
+                self.local_error(408, "client_timeout", "The request was not received in time.",
+                                 close=True)
+            else:
+                self.close()
+        elif state == C_WAIT:
+            if self.queued and self.bs is not None:
+                try:
+                    self.bs.queue.remove(self)
+                except ValueError:
+                    pass
+                self.queued = False
+                self.bs = None
+                self.local_error(503, "queue_full", "The app is busy; try again shortly.",
+                                 close=not self.body_done or bool(self.buf))
+        elif state == C_PROXY:
+            if not self.r_started:
+                st = self.bs
+                if st is not None and self.body_done:
+                    self.lb.note_failure(st, now)
+                self._abort_backend()
+                self.local_error(504, "timeout", "The app did not answer in time.", close=True)
+            else:
+                self._log(self.r_status, "timeout")
+                self._abort_backend()
+                self._release()
+                self.state = C_CLOSED
+                self.transport.abortConnection()
+        elif state == C_TUNNEL:
+            self._abort_backend()
+            self.close()
+
+    def _timeout(self, name: str) -> float:
+        r = self.route
+        if r is not None:
+            v = getattr(r, name)
+            if v is not None:
+                return v
+        return getattr(self.lb.s, name)
+
+    # -- request side -------------------------------------------------------------------
+    def dataReceived(self, data: bytes) -> None:
+        state = self.state
+        if state == C_PROXY and not self.body_done:
+            self.active = True
+            self.up(data)
+            return
+        if state == C_TUNNEL:
+            self.active = True
+            bc = self.bconn
+            if bc is not None:
+                bc.write(data)
+            return
+        if state == C_HEAD and not self.buf:
+            self.process(data)
+            return
+        if state == C_CLOSED:
+            return
+        self.buf = self.buf + data if self.buf else data
+        if state == C_HEAD:
+            self.process(self.buf)
+        elif len(self.buf) > PIPELINE_BUFFER:
+            self._pause(P_BUF if state == C_PROXY else P_WAIT)
+
+    def process(self, buf: bytes) -> None:
+        """Parse and start every complete request head in ``buf``, one at a time."""
+        if self.processing:
+            self.buf = buf
+            return
+        self.processing = True
+        try:
+            while self.state == C_HEAD and buf:
+                if buf[0] in (13, 10):
+                    # RFC 9112 2.2: ignore empty lines before a request line
+                    stripped = buf.lstrip(b"\r\n")
+                    if len(buf) - len(stripped) > 8:
+                        self.buf = b""
+                        self.local_error(400, "bad_request", "Malformed request.", close=True)
+                        return
+                    buf = stripped
+                    if not buf:
+                        break
+                end = buf.find(b"\r\n\r\n")
+                if end < 0:
+                    try:
+                        check_request_line_length(buf)
+                        if len(buf) > MAX_REQUEST_LINE + MAX_HEADER_BYTES + 4:
+                            raise BadMessage(431, "headers_too_large",
+                                             "request headers larger than 16 KiB")
+                    except HTTPError as e:
+                        self.buf = b""
+                        self.local_error(e.status, e.code, e.message, close=True)
+                        return
+                    if self.head_started == 0.0:
+                        # a head has begun: it must complete within header_timeout
+                        self.head_started = now = self.lb.reactor.seconds()
+                        self.deadline = now + self.lb.s.header_timeout
+                    self.buf = buf
+                    self.processing = False
+                    return
+                head = buf[:end]
+                buf = buf[end + 4:]
+                self.buf = b""
+                try:
+                    req = parse_request(head)
+                except HTTPError as e:
+                    # a head we cannot parse leaves the framing unknown: always close
+                    self.local_error(e.status, e.code, e.message, close=True)
+                    return
+                self.start(req, buf)
+                buf = self.buf
+            if self.state == C_HEAD and not buf:
+                self.buf = b""
+        finally:
+            self.processing = False
+
+    def start(self, req: Request, rest: bytes) -> None:
+        """Route one parsed request and send it on its way (or answer it)."""
+        lb = self.lb
+        self._reset_exchange()
+        self.req = req
+        now = self.t0 = lb.reactor.seconds()
+        rid = req.request_id
+        self.rid = rid if rid is not None and valid_request_id(rid) else lb.new_request_id()
+        if lb.stopping:
+            self.closing = True
+        if not req.keep_alive:
+            self.closing = True
+        route = lb.table.lookup(req.host)
+        has_body = req.has_body
+        if route is None:
+            self.buf = rest
+            self.local_error(404, "no_route", "No app answers at this address.", close=has_body)
+            return
+        self.route = route
+        if route.maintenance:
+            self.buf = rest
+            self.local_error(503, "maintenance", "This app is down for maintenance.",
+                             close=has_body)
+            return
+        mb = route.max_body_size
+        self.max_body = mb = lb.s.max_body_size if mb is None else mb
+        if req.content_length > mb:
+            self.buf = rest
+            self.local_error(413, "too_large", "The request body is too large.", close=True)
+            return
+        if not route.live:
+            self.buf = rest
+            self.local_error(503, "no_backend", "The app has no running instance.",
+                             close=has_body)
+            return
+        st = lb.pick(route, now)
+        if st is None:
+            self.buf = rest
+            self.local_error(503, "no_backend", "The app has no healthy instance.",
+                             close=has_body)
+            return
+        if req.chunked:
+            self.decoder = ChunkedDecoder(self._chunk_up)
+            self.body_done = False
+        elif req.content_length > 0:
+            self.body_left = req.content_length
+            self.body_done = False
+        self.buf = rest
+        self.state = C_WAIT
+        self.deadline = 0.0
+        if st.outstanding >= lb.s.backend_max_conns:
+            if len(st.queue) >= lb.s.backend_queue_size:
+                self.local_error(503, "queue_full", "The app is busy; try again shortly.",
+                                 close=has_body or bool(rest))
+                return
+            self.bs = st
+            self.queued = True
+            st.queue.append(self)
+            self.deadline = now + lb.s.queue_timeout
+            if len(rest) > PIPELINE_BUFFER:
+                self._pause(P_WAIT)
+            return
+        self.dispatch(st)
+
+    def dispatch(self, st: BackendState) -> None:
+        """Take a slot on ``st``: an idle pooled connection, or connect."""
+        self.bs = st
+        st.outstanding += 1
+        self.deadline = 0.0
+        idle = st.idle
+        while idle:
+            bc = idle.pop()
+            if bc.transport is not None and bc.transport.connected and \
+                    not bc.transport.disconnecting:
+                self.attach(bc)
+                return
+        self.attempts += 1
+        self.lb.connect(st, self, self._timeout("connect_timeout"))
+        if len(self.buf) > PIPELINE_BUFFER:
+            self._pause(P_WAIT)
+
+    def connect_failed(self, st: BackendState, timed_out: bool) -> None:
+        lb = self.lb
+        now = lb.reactor.seconds()
+        lb.note_failure(st, now)
+        self.connector = None
+        self._release()
+        if self.state != C_WAIT:
+            return
+        if self.attempts < lb.s.connect_attempts and self.route is not None:
+            if self.tried is None:
+                self.tried = set()
+            self.tried.add(st.key)
+            nxt = lb.pick(self.route, now, self.tried) or lb.pick(self.route, now)
+            if nxt is not None:
+                self.dispatch(nxt)
+                return
+        if timed_out:
+            self.local_error(504, "timeout", "The app did not accept a connection in time.",
+                             close=not self.body_done or bool(self.buf))
+        else:
+            self.local_error(502, "backend_refused", "The app refused the connection.",
+                             close=not self.body_done or bool(self.buf))
+
+    def attach(self, bc: BackendConn) -> None:
+        """Send the request head (and any body bytes already here) on ``bc``."""
+        lb = self.lb
+        req = self.req
+        assert req is not None
+        self.connector = None
+        self.bconn = bc
+        bc.client = self
+        bc.used += 1
+        self.state = C_PROXY
+        self.t_conn = lb.reactor.seconds()
+        lines = req.lines
+        parts = [req.method, b" ", req.target, b" HTTP/1.1\r\n"]
+        if req.host_line:
+            parts.append(req.host_line)
+            parts.append(b"\r\n")
+        if lines:
+            parts.append(b"\r\n".join(lines))
+            parts.append(b"\r\n")
+        if req.chunked:
+            parts.append(b"Transfer-Encoding: chunked\r\n")
+        elif req.content_length >= 0:
+            parts.append(b"Content-Length: %d\r\n" % req.content_length)
+        if req.upgrade is not None:
+            parts.append(b"Connection: upgrade\r\nUpgrade: " + req.upgrade + b"\r\n")
+        if self.trusted:
+            parts.append(self._trusted_forwarded(req))
+        else:
+            parts.append(self.fwd)
+        parts.append(b"X-Request-Id: %s\r\nX-Request-Start: t=%d\r\n\r\n"
+                     % (self.rid, int(self.t0 * 1000)))
+        head = b"".join(parts)
+        t = bc.transport
+        if self.body_done:
+            bc.write(head)
+            self.deadline = self.t_conn + self._timeout("first_byte_timeout")
+        else:
+            t.registerProducer(self, True)
+            bc.write(head)
+            if req.expect_continue:
+                self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self.transport.registerProducer(bc, True)
+        if self.paused & P_WAIT:
+            self._resume(P_WAIT)
+        if not self.body_done and self.buf:
+            pending = self.buf
+            self.buf = b""
+            self.up(pending)
+
+    def _trusted_forwarded(self, req: Request) -> bytes:
+        xff = req.xff + b", " + self.peer.encode() if req.xff else self.peer.encode()
+        proto = req.xfproto or self.scheme
+        port = req.xfport or self.port_b
+        out = b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\nX-Forwarded-Port: %s\r\nVia: %s\r\n" % (
+            xff, proto, port, self.lb.s.via)
+        if req.forwarded:
+            out = b"\r\n".join(req.forwarded) + b"\r\n" + out
+        return out
+
+    def up(self, data: bytes) -> None:
+        """Request body bytes from the client (state C_PROXY, body not done)."""
+        dec = self.decoder
+        bc = self.bconn
+        if dec is None:
+            n = self.body_left
+            if len(data) <= n:
+                self.body_left = n - len(data)
+                bc.write(data)  # type: ignore[union-attr]
+                if self.body_left == 0:
+                    self._body_finished(b"")
+            else:
+                bc.write(data[:n])  # type: ignore[union-attr]
+                self.body_left = 0
+                self._body_finished(data[n:])
+            return
+        try:
+            rest = dec.feed(data)
+        except HTTPError as e:
+            self._up_error(e.status, e.code, e.message)
+            return
+        if self.state != C_PROXY:
+            return
+        if rest is not None:
+            bc.write(b"0\r\n\r\n")  # type: ignore[union-attr]
+            self._body_finished(rest)
+
+    def _chunk_up(self, data: bytes) -> None:
+        self.body_total += len(data)
+        if self.body_total > self.max_body:
+            raise BadMessage(413, "too_large", "The request body is too large.")
+        bc = self.bconn
+        if bc is not None:
+            n = len(data)
+            if n < 4096:
+                bc.write(b"%x\r\n%b\r\n" % (n, data))
+            else:
+                bc.transport.writeSequence([b"%x\r\n" % n, data, b"\r\n"])
+
+    def _up_error(self, status: int, code: str, message: str) -> None:
+        """Bad request body framing: the backend connection is unusable."""
+        self._abort_backend()
+        if self.r_started:
+            self._log(self.r_status, code)
+            self._release()
+            self.state = C_CLOSED
+            self.transport.abortConnection()
+        else:
+            self.local_error(status, code, message, close=True)
+
+    def _body_finished(self, rest: bytes) -> None:
+        self.body_done = True
+        bc = self.bconn
+        if bc is not None and bc.transport is not None:
+            bc.transport.unregisterProducer()
+        if self.paused & P_UP:
+            self._resume(P_UP)
+        if rest:
+            self.buf = rest
+            if len(rest) > PIPELINE_BUFFER:
+                self._pause(P_BUF)
+        if self.rmode == R_DONE:
+            self._exchange_done()
+        elif not self.r_started:
+            self.deadline = self.lb.reactor.seconds() + self._timeout("first_byte_timeout")
+
+    # -- response side ----------------------------------------------------------------
+    def down(self, data: bytes) -> None:
+        """Bytes from the backend for the current exchange."""
+        mode = self.rmode
+        self.active = True
+        if mode == R_CL:
+            n = self.r_left
+            ln = len(data)
+            if ln < n:
+                self.r_left = n - ln
+                self.r_bytes += ln
+                self.write(data)
+                return
+            if ln > n:
+                data = data[:n]
+                self.r_reusable = False
+            self.r_left = 0
+            self.r_bytes += n
+            self.write(data)
+            self._response_done()
+        elif mode == R_HEAD:
+            self._down_head(data)
+        elif mode == R_CHUNKED:
+            try:
+                rest = self.r_decoder.feed(data)  # type: ignore[union-attr]
+            except HTTPError:
+                self._bad_response_midway()
+                return
+            if rest is not None:
+                if rest:
+                    self.r_reusable = False
+                if self.r_chunk_out:
+                    self.write(b"0\r\n\r\n")
+                self._response_done()
+        elif mode == R_CLOSE:
+            self._down_piece(data)
+        elif mode == R_TUNNEL:
+            self.write(data)
+        else:
+            # bytes after a complete response: the connection cannot be reused
+            self.r_reusable = False
+
+    def _down_piece(self, data: bytes) -> None:
+        self.r_bytes += len(data)
+        if self.r_chunk_out:
+            n = len(data)
+            if n < 4096:
+                self.write(b"%x\r\n%b\r\n" % (n, data))
+            else:
+                self.transport.writeSequence([b"%x\r\n" % n, data, b"\r\n"])
+        else:
+            self.write(data)
+
+    def _down_head(self, data: bytes) -> None:
+        buf = self.rbuf + data if self.rbuf else data
+        req = self.req
+        assert req is not None
+        while True:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buf) > MAX_RESPONSE_HEAD:
+                    self.rbuf = b""
+                    self._bad_response("response head too large")
+                    return
+                self.rbuf = buf
+                if buf:
+                    self.got_byte = True
+                return
+            self.got_byte = True
+            self.rbuf = b""
+            try:
+                resp = parse_response(buf[:end])
+            except BadResponse as e:
+                self._bad_response(str(e))
+                return
+            buf = buf[end + 4:]
+            status = resp.status
+            if status >= 200:
+                break
+            if status == 101:
+                if req.upgrade is None:
+                    self._bad_response("101 without an upgrade request")
+                    return
+                self._tunnel(resp, buf)
+                return
+            if status != 100 and req.version == 1:
+                # interim responses (103 Early Hints) pass on to HTTP/1.1 clients
+                self.write(resp.status_line + b"\r\n" + b"".join(
+                    ln + b"\r\n" for ln in resp.lines) + b"\r\n")
+        self._start_response(resp, buf)
+
+    def _start_response(self, resp: Response, rest: bytes) -> None:
+        req = self.req
+        assert req is not None
+        st = self.bs
+        if st is not None:
+            st.fails = 0
+        self.r_started = True
+        status = self.r_status = resp.status
+        self.deadline = self.lb.reactor.seconds() + self._timeout("idle_timeout")
+        if not resp.keep_alive:
+            self.r_reusable = False
+        parts = [resp.status_line, b"\r\n"]
+        if resp.lines:
+            parts.append(b"\r\n".join(resp.lines))
+            parts.append(b"\r\n")
+        no_body = req.method == b"HEAD" or status == 204 or status == 304
+        client11 = req.version == 1
+        if no_body:
+            if resp.content_length >= 0 and status != 204:
+                parts.append(b"Content-Length: %d\r\n" % resp.content_length)
+            mode = R_DONE
+        elif resp.content_length >= 0:
+            parts.append(b"Content-Length: %d\r\n" % resp.content_length)
+            mode = R_CL
+            self.r_left = resp.content_length
+            if resp.content_length == 0:
+                mode = R_DONE
+        elif resp.chunked:
+            mode = R_CHUNKED
+            self.r_decoder = ChunkedDecoder(self._down_piece)
+            if client11:
+                self.r_chunk_out = True
+                parts.append(b"Transfer-Encoding: chunked\r\n")
+            else:
+                self.r_close_client = True
+        else:
+            mode = R_CLOSE
+            self.r_reusable = False
+            if client11:
+                self.r_chunk_out = True
+                parts.append(b"Transfer-Encoding: chunked\r\n")
+            else:
+                self.r_close_client = True
+        if self.closing or self.r_close_client or not req.keep_alive or \
+                (not self.body_done and mode == R_DONE):
+            self.r_close_client = True
+            parts.append(b"Connection: close\r\n")
+        elif not client11:
+            parts.append(b"Connection: keep-alive\r\n")
+        parts.append(b"Via: " + self.lb.s.via + b"\r\n\r\n")
+        head = b"".join(parts)
+        self.rmode = mode
+        if mode == R_CL:
+            n = self.r_left
+            ln = len(rest)
+            if ln >= n:
+                if ln > n:
+                    rest = rest[:n]
+                    self.r_reusable = False
+                self.r_left = 0
+                self.r_bytes = n
+                self.write(head + rest)
+                self._response_done()
+                return
+            self.write(head + rest if ln < 16384 else head)
+            if ln >= 16384:
+                self.write(rest)
+            self.r_left = n - ln
+            self.r_bytes = ln
+            return
+        self.write(head)
+        if mode == R_DONE:
+            if rest:
+                self.r_reusable = False
+            self._response_done()
+        elif rest:
+            self.down(rest)
+
+    def _tunnel(self, resp: Response, rest: bytes) -> None:
+        """101 Switching Protocols: from now on bytes pass through both ways."""
+        bc = self.bconn
+        st = self.bs
+        if st is not None:
+            st.fails = 0
+        parts = [resp.status_line, b"\r\n"]
+        if resp.lines:
+            parts.append(b"\r\n".join(resp.lines))
+            parts.append(b"\r\n")
+        parts.append(b"Connection: upgrade\r\n")
+        if resp.upgrade is not None:
+            parts.append(b"Upgrade: " + resp.upgrade + b"\r\n")
+        parts.append(b"\r\n")
+        self.r_started = True
+        self.r_status = 101
+        self.rmode = R_TUNNEL
+        self.state = C_TUNNEL
+        self.r_reusable = False
+        self.write(b"".join(parts))
+        if rest:
+            self.write(rest)
+        self.deadline = self.lb.reactor.seconds() + self._timeout("websocket_idle_timeout")
+        if bc is not None and bc.transport is not None and self.body_done:
+            # the backend's transport got no producer for an upgrade (no body)
+            bc.transport.registerProducer(self, True)
+        if self.buf and bc is not None:
+            pending = self.buf
+            self.buf = b""
+            bc.write(pending)
+        if self.paused & (P_BUF | P_WAIT):
+            self._resume(P_BUF | P_WAIT)
+
+    def _response_done(self) -> None:
+        self.rmode = R_DONE
+        if self.body_done:
+            self._exchange_done()
+        else:
+            # the backend answered before reading the whole body: finish the
+            # response, then close (the rest of the body cannot be framed)
+            self.r_reusable = False
+            self.r_close_client = True
+            self._exchange_done()
+
+    def _exchange_done(self) -> None:
+        lb = self.lb
+        bc = self.bconn
+        self.bconn = None
+        self.transport.unregisterProducer()
+        if bc is not None:
+            bc.client = None
+            t = bc.transport
+            if not self.body_done:
+                t.unregisterProducer()
+            if self.r_reusable:
+                if bc.paused:
+                    bc.resumeProducing()
+                lb.park(bc)
+            else:
+                t.loseConnection()
+        if self.paused & P_UP:
+            self._resume(P_UP)
+        self._log(self.r_status, "")
+        self._release()
+        self._next()
+
+    def _next(self) -> None:
+        """The exchange is over: close, or read the next request."""
+        if self.r_close_client or self.closing:
+            self._reset_exchange()
+            self.state = C_HEAD
+            self.buf = b""
+            self.close()
+            return
+        self._reset_exchange()
+        self.state = C_HEAD
+        now = self.lb.reactor.seconds()
+        self.deadline = now + self.lb.s.keepalive_timeout
+        self.head_started = 0.0
+        if self.paused & (P_BUF | P_WAIT):
+            self._resume(P_BUF | P_WAIT)
+        if self.buf:
+            self.process(self.buf)
+
+    def _release(self) -> None:
+        st = self.bs
+        if st is not None:
+            self.bs = None
+            if not self.queued:
+                self.lb.release(st)
+
+    def _abort_backend(self) -> None:
+        bc = self.bconn
+        self.bconn = None
+        if bc is not None:
+            bc.client = None
+            if bc.transport is not None:
+                bc.transport.abortConnection()
+        if self.connector is not None:
+            self.connector.client = None
+            self.connector = None
+
+    def backend_lost(self, bc: BackendConn) -> None:
+        """The backend connection closed during this exchange."""
+        if bc is not self.bconn:
+            return
+        self.bconn = None
+        lb = self.lb
+        mode = self.rmode
+        try:
+            self.transport.unregisterProducer()
+        except Exception:
+            pass
+        if mode == R_CLOSE:
+            if self.r_chunk_out:
+                self.write(b"0\r\n\r\n")
+            self.rmode = R_DONE
+            self._log(self.r_status, "")
+            self._release()
+            if not self.body_done:
+                self.r_close_client = True
+            self._next()
+            return
+        if mode == R_TUNNEL:
+            self._log(101, "")
+            self._release()
+            self.state = C_HEAD
+            self.close()
+            return
+        now = lb.reactor.seconds()
+        if mode == R_HEAD and not self.got_byte:
+            req = self.req
+            assert req is not None
+            if bc.used > 1 and not self.retried and req.method in IDEMPOTENT and \
+                    not req.has_body and self.bs is not None:
+                # a reused pooled connection the backend had closed: try once more
+                self.retried = True
+                st = self.bs
+                self.state = C_WAIT
+                self.rbuf = b""
+                self.attempts += 1
+                lb.connect(st, self, self._timeout("connect_timeout"))
+                return
+            if self.bs is not None:
+                lb.note_failure(self.bs, now)
+            self.local_error(502, "backend_closed",
+                             "The app closed the connection without answering.",
+                             close=not self.body_done or bool(self.buf))
+            return
+        if not self.r_started:
+            self.local_error(502, "bad_response", "The app sent an incomplete response.",
+                             close=True)
+            return
+        # the response was cut short: the client must see the connection end
+        self._log(self.r_status, "backend_closed")
+        self._release()
+        self.state = C_CLOSED
+        self.transport.abortConnection()
+
+    def _bad_response(self, why: str) -> None:
+        self.log.warn("bad response from {backend}: {why}",
+                      backend=self.bs.label if self.bs else "-", why=why)
+        self._abort_backend()
+        self.local_error(502, "bad_response", "The app sent an invalid response.", close=True)
+
+    def _bad_response_midway(self) -> None:
+        self._abort_backend()
+        self._log(self.r_status, "bad_response")
+        self._release()
+        self.state = C_CLOSED
+        self.transport.abortConnection()
+
+    # -- local answers ------------------------------------------------------------------
+    def local_error(self, status: int, code: str, message: str, close: bool) -> None:
+        """Answer the current request ourselves; then close or go on."""
+        req = self.req
+        if self.bconn is not None or self.connector is not None:
+            self._abort_backend()
+        try:
+            self.transport.unregisterProducer()
+        except Exception:
+            pass
+        as_json = req is not None and req.accept_json
+        ctype, body = pages.render(status, code, message, as_json)
+        if close or self.closing or (req is not None and not req.keep_alive) or req is None:
+            close = True
+        head = b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n" \
+               b"Cache-Control: no-store\r\nX-Request-Id: %s\r\n%s\r\n" % (
+                   status, pages.REASONS.get(status, b"Error"), ctype, len(body),
+                   self.rid or self.lb.new_request_id(),
+                   b"Connection: close\r\n" if close else b"")
+        if req is not None and req.method == b"HEAD":
+            self.write(head)
+        else:
+            self.write(head + body)
+        self.r_status = status
+        self.r_bytes = len(body)
+        self._log(status, code)
+        self._release()
+        if close:
+            self.r_close_client = True
+            self.state = C_HEAD
+            self.buf = b""
+            self._reset_exchange()
+            self.close()
+            self.state = C_CLOSED
+        else:
+            self._next()
+
+    def _log(self, status: int, code: str) -> None:
+        req = self.req
+        if req is None:
+            self.lb.observer.record(self.lb.reactor.seconds(), "", b"-", b"-", "", status,
+                                    self.r_bytes, 0.0, 0.0, "", self.rid or b"-", code)
+            return
+        now = self.lb.reactor.seconds()
+        t0 = self.t0
+        route = self.route
+        self.lb.observer.record(
+            t0, route.app if route is not None else "", req.method, req.target, req.host,
+            status, self.r_bytes, (self.t_conn - t0) if self.t_conn else 0.0, now - t0,
+            self.bs.label if self.bs is not None else "", self.rid, code,
+        )
+
+
+class LBFactory(Factory):
+    """Builds a :class:`ClientConn` for every accepted connection."""
+
+    noisy = False
+
+    def __init__(self, lb: LB, scheme: bytes = b"http") -> None:
+        self.lb = lb
+        self.scheme = scheme
+
+    def buildProtocol(self, addr: Any) -> ClientConn:
+        p = ClientConn(self.lb, self.scheme)
+        p.factory = self
+        return p

@@ -1,0 +1,348 @@
+"""The ``lb`` role: the router's service (listeners, route source, workers).
+
+``make_service(node)`` builds an :class:`LBService` from ``node.config["lb"]``.
+Routes come from ``lb.routes_file`` (reloaded on SIGHUP) or, without one, from
+the nexus feed (:mod:`epio.routefeed`).  With ``lb.workers = N > 1`` the
+listening socket is opened with SO_REUSEPORT and N-1 worker processes
+(``python -m epio.lb.worker``) open the same port with the same settings and
+route source; the kernel spreads connections over them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.internet import defer
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from epio.lb.observe import FileLogSink, Observer
+from epio.lb.proxy import LB, SWEEP_INTERVAL, LBFactory, Settings
+from epio.routing import FileRouteSource, IRouteSource, RouteTable
+
+FLUSH_INTERVAL = 0.5
+TLS_RESCAN_INTERVAL = 5.0
+
+
+def parse_tcp_endpoint(desc: str) -> tuple[str, int, int]:
+    """``tcp:8080[:interface=X]`` / ``tcp6:...`` -> (interface, port, family)."""
+    parts: list[str] = []
+    cur = ""
+    i = 0
+    while i < len(desc):
+        ch = desc[i]
+        if ch == "\\" and i + 1 < len(desc):
+            cur += desc[i + 1]
+            i += 2
+            continue
+        if ch == ":":
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+        i += 1
+    parts.append(cur)
+    kind = parts[0]
+    if kind not in ("tcp", "tcp6"):
+        raise ValueError(f"lb.workers > 1 needs a tcp: or tcp6: endpoint, not {desc!r}")
+    port = None
+    iface = "" if kind == "tcp" else "::"
+    for p in parts[1:]:
+        if "=" in p:
+            k, _, v = p.partition("=")
+            if k == "port":
+                port = int(v)
+            elif k == "interface":
+                iface = v
+        elif port is None:
+            port = int(p)
+    if port is None:
+        raise ValueError(f"no port in endpoint {desc!r}")
+    family = socket.AF_INET6 if kind == "tcp6" or ":" in iface else socket.AF_INET
+    return iface, port, family
+
+
+def reuseport_socket(iface: str, port: int, family: int, backlog: int = 1024) -> socket.socket:
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    s.bind((iface or ("::" if family == socket.AF_INET6 else ""), port))
+    s.listen(backlog)
+    s.setblocking(False)
+    return s
+
+
+class _WorkerProtocol(ProcessProtocol):
+    log = Logger()
+
+    def __init__(self, svc: LBService, n: int) -> None:
+        self.svc = svc
+        self.n = n
+        self.buf = b""
+        self.ended: defer.Deferred[None] = defer.Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.buf += data
+        *lines, self.buf = self.buf.split(b"\n")
+        for ln in lines:
+            if ln:
+                self.log.info("worker {n}: {line}", n=self.n, line=ln.decode("utf-8", "replace"))
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Any) -> None:
+        self.svc._worker_ended(self)
+        self.ended.callback(None)
+
+
+class LBService(MultiService):
+    """One router process (and, with workers, the parent of the others)."""
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, section: dict[str, Any], domain: str,
+                 route_source: IRouteSource | None, log_sink: Any = None,
+                 stats_sink: Any = None, worker_spec: dict[str, Any] | None = None,
+                 reuseport: tuple[str, int, int] | None = None) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.section = section
+        self.settings = Settings.from_config(section)
+        self.table = RouteTable(domain)
+        self.route_source = route_source
+        access = section.get("access_log", "")
+        self._file_sink = None
+        if access == "off":
+            observer = Observer(None, stats_sink, enabled=False)
+        elif access:
+            self._file_sink = FileLogSink(access)
+            observer = Observer(self._file_sink, stats_sink)
+        else:
+            observer = Observer(log_sink, stats_sink)
+        self.lb = LB(reactor, self.table, self.settings, observer)
+        self.worker_spec = worker_spec
+        self.reuseport = reuseport
+        self.ports: list[Any] = []
+        self.sni: Any = None
+        self._loops: list[LoopingCall] = []
+        self._workers: list[_WorkerProtocol] = []
+        self._stopping = False
+        self._ready: defer.Deferred[None] = defer.Deferred()
+        self._old_sighup: Any = None
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def whenReady(self) -> defer.Deferred[Any]:
+        """Fires with the list of listening ports once every listener is up."""
+        d: defer.Deferred[Any] = defer.Deferred()
+        if self._ready.called:
+            d.callback(self.ports)
+        else:
+            self._ready.addBoth(lambda r: (d.callback(self.ports) if not isinstance(r, Exception)
+                                           else d.errback(r), r)[1])
+        return d
+
+    def startService(self) -> None:
+        super().startService()
+        self._stopping = False
+        lb = self.lb
+        if self.route_source is not None:
+            try:
+                self.route_source.start(self.table)
+            except Exception:
+                self.log.failure("route source {source} failed to start",
+                                 source=getattr(self.route_source, "description", "?"))
+        else:
+            self.log.warn("router has no route source: every host answers 404")
+        for interval, fn in ((SWEEP_INTERVAL, lb.sweep), (FLUSH_INTERVAL, lb.observer.flush),
+                             (float(self.section.get("stats_interval", 10.0)),
+                              lb.observer.flush_stats)):
+            loop = LoopingCall(self._guard, fn)
+            loop.clock = self.reactor
+            loop.start(interval, now=False)
+            self._loops.append(loop)
+        self._install_sighup()
+        d = defer.ensureDeferred(self._listen())
+        d.addCallbacks(self._listening, self._listen_failed)
+
+    async def _listen(self) -> list[Any]:
+        s = self.settings
+        factory = LBFactory(self.lb, b"http")
+        listen = self.section.get("listen", "tcp:8080")
+        workers = int(self.section.get("workers", 1))
+        if self.reuseport is not None:
+            iface, port, family = self.reuseport
+            sock = reuseport_socket(iface, port, family)
+            self.ports.append(self.reactor.adoptStreamPort(sock.fileno(), family, factory))
+            sock.close()
+        elif workers > 1:
+            iface, port, family = parse_tcp_endpoint(listen)
+            sock = reuseport_socket(iface, port, family)
+            port = sock.getsockname()[1]
+            self.ports.append(self.reactor.adoptStreamPort(sock.fileno(), family, factory))
+            sock.close()
+            self._spawn_workers(workers - 1, (iface, port, family))
+        else:
+            ep = serverFromString(self.reactor, listen)
+            self.ports.append(await ep.listen(factory))
+        tls_listen = self.section.get("tls_listen", "")
+        if tls_listen and (self.reuseport is None or self.section.get("tls_cert_dir")):
+            from twisted.protocols.tls import TLSMemoryBIOFactory
+
+            from epio.lb.tls import SNIContexts
+
+            self.sni = SNIContexts(Path(self.section.get("tls_cert_dir") or "."))
+            self.sni.refresh(force=True)
+            loop = LoopingCall(self._guard, self.sni.refresh)
+            loop.clock = self.reactor
+            loop.start(TLS_RESCAN_INTERVAL, now=False)
+            self._loops.append(loop)
+            tls_factory = TLSMemoryBIOFactory(self.sni, False, LBFactory(self.lb, b"https"))
+            if self.reuseport is None:
+                ep = serverFromString(self.reactor, tls_listen)
+                self.ports.append(await ep.listen(tls_factory))
+        del s
+        return self.ports
+
+    def _listening(self, ports: list[Any]) -> None:
+        for p in ports:
+            self.log.info("router listening on {addr}", addr=str(p.getHost()))
+        self._ready.callback(None)
+
+    def _listen_failed(self, f: Any) -> None:
+        self.log.failure("router cannot listen", f)
+        if not self._ready.called:
+            self._ready.errback(f)
+
+    def _guard(self, fn: Any) -> None:
+        try:
+            fn()
+        except Exception:
+            self.log.failure("router periodic task failed")
+
+    def _install_sighup(self) -> None:
+        if self.reactor is None or not hasattr(signal, "SIGHUP"):
+            return
+        try:
+            self._old_sighup = signal.signal(signal.SIGHUP, self._on_sighup)
+        except ValueError:  # not the main thread (tests)
+            self._old_sighup = None
+
+    def _on_sighup(self, signum: int, frame: Any) -> None:
+        self.reactor.callFromThread(self.reload)
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the routes (and certificates); pass it on to workers."""
+        if self.route_source is not None:
+            self.route_source.reload()
+        if self.sni is not None:
+            self.sni.refresh()
+        for w in self._workers:
+            try:
+                w.transport.signalProcess("HUP")
+            except Exception:
+                pass
+
+    def stopService(self) -> defer.Deferred[None]:
+        self._stopping = True
+        return defer.ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        lb = self.lb
+        for p in self.ports:
+            await defer.maybeDeferred(p.stopListening)
+        self.ports = []
+        for w in list(self._workers):
+            try:
+                w.transport.signalProcess("TERM")
+            except Exception:
+                pass
+        lb.begin_stop()
+        drained: defer.Deferred[None] = defer.Deferred()
+        lb.when_drained(drained)
+        timer = self.reactor.callLater(self.settings.shutdown_timeout, lambda: (
+            None if drained.called else drained.callback(None)))
+        await drained
+        if timer.active():
+            timer.cancel()
+        lb.abort_all()
+        for w in list(self._workers):
+            await w.ended
+        for loop in self._loops:
+            if loop.running:
+                loop.stop()
+        self._loops = []
+        lb.observer.flush()
+        lb.observer.flush_stats()
+        if self._file_sink is not None:
+            self._file_sink.close()
+        if self.route_source is not None:
+            self.route_source.stop()
+        if self._old_sighup is not None:
+            try:
+                signal.signal(signal.SIGHUP, self._old_sighup)
+            except ValueError:
+                pass
+        await defer.maybeDeferred(super().stopService)
+
+    # -- workers ------------------------------------------------------------------------
+    def _spawn_workers(self, n: int, addr: tuple[str, int, int]) -> None:
+        spec = dict(self.worker_spec or {})
+        spec["reuseport"] = list(addr)
+        payload = json.dumps(spec)
+        for i in range(n):
+            proto = _WorkerProtocol(self, i + 1)
+            env = dict(os.environ)
+            env["EPIO_LB_WORKER_SPEC"] = payload
+            env["PYTHONPATH"] = os.pathsep.join(
+                [str(Path(__file__).resolve().parents[2])] + ([env["PYTHONPATH"]]
+                                                              if env.get("PYTHONPATH") else []))
+            self.reactor.spawnProcess(proto, sys.executable,
+                                      [sys.executable, "-m", "epio.lb.worker"], env=env)
+            self._workers.append(proto)
+
+    def _worker_ended(self, proto: _WorkerProtocol) -> None:
+        if proto in self._workers:
+            self._workers.remove(proto)
+        if not self._stopping:
+            self.log.error("router worker {n} exited; restarting it", n=proto.n)
+            if self.ports:
+                host = self.ports[0].getHost()
+                fam = socket.AF_INET6 if ":" in host.host else socket.AF_INET
+                self.reactor.callLater(1.0, self._respawn, (host.host, host.port, fam))
+
+    def _respawn(self, addr: tuple[str, int, int]) -> None:
+        if not self._stopping:
+            self._spawn_workers(1, addr)
+
+
+def make_service(node: Any) -> LBService:
+    """The ``lb`` role of ``node``."""
+    cfg = node.config
+    section = dict(cfg["lb"])
+    routes_file = section.get("routes_file", "")
+    source: IRouteSource | None
+    if routes_file:
+        source = FileRouteSource(Path(routes_file))
+    else:
+        from epio.routefeed import make_route_source
+
+        source = make_route_source(node)
+    log_sink = stats_sink = None
+    try:
+        from epio.pipeline import LocalLogSink
+
+        log_sink = stats_sink = LocalLogSink()
+    except ImportError:  # pragma: no cover
+        pass
+    spec = {"config": cfg.as_dict(), "data_dir": str(node.data_dir)}
+    return LBService(node.reactor, section, cfg["node"]["domain"], source, log_sink, stats_sink,
+                     worker_spec=spec)

@@ -1,0 +1,115 @@
+"""TLS for the router: one certificate per hostname, chosen by SNI.
+
+The certificate directory holds ``HOSTNAME.pem`` files, each with the private
+key and the certificate chain (leaf first).  ``_wildcard.example.com.pem``
+serves ``*.example.com``; ``default.pem`` (or else the first file by name)
+answers clients that send no SNI or an unknown name.  :meth:`SNIContexts.refresh`
+re-reads the directory when a file was added, removed or changed; the service
+calls it periodically and on SIGHUP, so certificates change without a restart
+and without dropping connections (a handshake uses the contexts of its moment).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from OpenSSL import SSL
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from twisted.logger import Logger
+from zope.interface import implementer
+
+WILDCARD_PREFIX = "_wildcard."
+
+
+def _context(path: Path) -> SSL.Context:
+    ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+    ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+    ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE)
+    ctx.use_certificate_chain_file(str(path))
+    ctx.use_privatekey_file(str(path))
+    ctx.check_privatekey()
+    return ctx
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class SNIContexts:
+    """Server TLS connections whose certificate follows the client's SNI name."""
+
+    log = Logger()
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self.exact: dict[str, SSL.Context] = {}
+        self.wild: dict[str, SSL.Context] = {}
+        self._signature: tuple[Any, ...] | None = None
+        self._base = SSL.Context(SSL.TLS_SERVER_METHOD)
+        self._base.set_min_proto_version(SSL.TLS1_2_VERSION)
+        self._base.set_tlsext_servername_callback(self._on_servername)
+
+    def _scan(self) -> tuple[Any, ...]:
+        try:
+            files = sorted(self.directory.glob("*.pem"))
+            return tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in files)
+        except OSError:
+            return ()
+
+    def refresh(self, force: bool = False) -> bool:
+        """Reload the directory if it changed; a bad file is skipped and logged."""
+        sig = self._scan()
+        if sig == self._signature and not force:
+            return False
+        self._signature = sig
+        exact: dict[str, SSL.Context] = {}
+        wild: dict[str, SSL.Context] = {}
+        default_path = None
+        for name, _, _ in sig:
+            path = self.directory / name
+            try:
+                ctx = _context(path)
+            except (SSL.Error, OSError) as e:
+                self.log.error("TLS certificate {path} not loaded: {error}", path=str(path),
+                               error=str(e))
+                continue
+            host = name[:-4].lower()
+            if host == "default":
+                default_path = path
+                continue
+            if default_path is None and not (self.directory / "default.pem").exists():
+                default_path = path
+            if host.startswith(WILDCARD_PREFIX):
+                wild["." + host[len(WILDCARD_PREFIX):]] = ctx
+            else:
+                exact[host] = ctx
+        # the base context answers handshakes without SNI (or an unknown name)
+        base = _context(default_path) if default_path is not None else \
+            SSL.Context(SSL.TLS_SERVER_METHOD)
+        base.set_min_proto_version(SSL.TLS1_2_VERSION)
+        base.set_tlsext_servername_callback(self._on_servername)
+        self.exact, self.wild, self._base = exact, wild, base
+        self.log.info("loaded {count} TLS certificates from {dir}",
+                      count=len(exact) + len(wild), dir=str(self.directory))
+        return True
+
+    def context_for(self, name: str) -> SSL.Context | None:
+        ctx = self.exact.get(name)
+        if ctx is not None:
+            return ctx
+        dot = name.find(".")
+        while dot >= 0:
+            ctx = self.wild.get(name[dot:])
+            if ctx is not None:
+                return ctx
+            dot = name.find(".", dot + 1)
+        return None
+
+    def _on_servername(self, conn: SSL.Connection) -> None:
+        raw = conn.get_servername()
+        if not raw:
+            return
+        ctx = self.context_for(raw.decode("ascii", "replace").lower().rstrip("."))
+        if ctx is not None:
+            conn.set_context(ctx)
+
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        return SSL.Connection(self._base, None)

@@ -1,0 +1,50 @@
+"""A router worker process (``lb.workers > 1``): the same router on the same port.
+
+Started by :class:`epio.lb.service.LBService` with its settings in the
+environment variable ``EPIO_LB_WORKER_SPEC`` (JSON: the validated config, the
+data dir and the address to open with SO_REUSEPORT).  It logs to stdout (the
+parent relays the lines), reloads routes on SIGHUP and stops on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def main() -> None:
+    from twisted.internet import reactor
+    from twisted.logger import globalLogBeginner, textFileLogObserver
+
+    from epio.config import validate
+    from epio.lb.service import LBService
+    from epio.routing import FileRouteSource
+
+    spec = json.loads(os.environ["EPIO_LB_WORKER_SPEC"])
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])
+    config = validate(spec["config"])
+    section = dict(config["lb"])
+    section["workers"] = 1
+    if section.get("routes_file"):
+        source = FileRouteSource(Path(section["routes_file"]))
+    else:
+        from epio.node import Node
+        from epio.routefeed import make_route_source
+
+        node = Node.prepare(reactor, config, frozenset({"lb"}))
+        source = make_route_source(node)
+    from epio.pipeline import LocalLogSink
+
+    sink = LocalLogSink()
+    iface, port, family = spec["reuseport"]
+    svc = LBService(reactor, section, config["node"]["domain"], source, sink, sink,
+                    reuseport=(iface, int(port), int(family)))
+    svc.startService()
+    reactor.addSystemEventTrigger("before", "shutdown", svc.stopService)
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main()
