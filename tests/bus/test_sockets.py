@@ -1,0 +1,197 @@
+"""What only the real ZeroMQ bus has: endpoints, high-water marks, binding,
+encryption, teardown (real sockets on loopback, in this process)."""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+import zmq
+from twisted.internet import defer, reactor, task
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from epio.bus import Bus
+from epio.bus.counters import RateLimitedLog
+from epio.bus.envelope import Envelope, seal
+from epio.bus.sockets import check_endpoint
+
+SECRET = b"socket-tests-secret-0123456789"
+
+
+class EndpointTests(SynchronousTestCase):
+    def test_valid_endpoints(self) -> None:
+        """IPv4, IPv6, names, ipc and inproc are accepted; port 0 binds any port."""
+        for ep in ("tcp://127.0.0.1:7711", "tcp://[::1]:7711", "tcp://node-1.example:1",
+                   "ipc:///run/epio/x.sock", "inproc://x"):
+            self.assertEqual(check_endpoint(ep, bind=False), ep)
+        self.assertEqual(check_endpoint("tcp://127.0.0.1:0", bind=True), "tcp://127.0.0.1:*")
+        self.assertEqual(check_endpoint("tcp://*:7711", bind=True), "tcp://*:7711")
+
+    def test_invalid_endpoints(self) -> None:
+        """Malformed endpoints fail at once with a message naming the endpoint."""
+        for ep, bind in (("127.0.0.1:7711", False), ("tcp://::1:7711", False),
+                         ("tcp://127.0.0.1:0", False), ("tcp://*:1", False),
+                         ("tcp://h:70000", True), ("http://x:1", False), ("ipc://", True)):
+            e = self.assertRaises(ValueError, check_endpoint, ep, bind)
+            self.assertIn(repr(ep), str(e))
+
+    def test_service_needs_an_endpoint(self) -> None:
+        """A service with nothing to bind or connect is refused when made."""
+        bus = Bus(reactor, SECRET, "n", {"bus": {}})
+        self.assertRaises(ValueError, bus.push, [])
+        self.assertRaises(ValueError, bus.publisher)
+
+
+class RateLimitTests(SynchronousTestCase):
+    def test_one_line_per_interval(self) -> None:
+        """Repeated warnings of one key log once per interval and report the hidden count."""
+        clock = task.Clock()
+        rl = RateLimitedLog(clock, interval=10)
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        for _ in range(5):
+            rl.warn("k", "dropped {what}", what="x")
+        rl.warn("other", "dropped {what}", what="y")
+        clock.advance(10)
+        rl.warn("k", "dropped {what}", what="x")
+        mine = [e for e in events if e.get("what") in ("x", "y")]
+        self.assertEqual([(e["what"], e["hidden"]) for e in mine], [("x", 0), ("y", 0), ("x", 4)])
+
+
+class RealSocketTests(TestCase):
+    timeout = 20
+
+    def start(self, svc: Any) -> Any:
+        svc.startService()
+        self.addCleanup(lambda: svc.stopService() if svc.running else None)
+        return svc
+
+    async def wait(self, cond: Any, limit: float = 5.0) -> None:
+        deadline = time.monotonic() + limit
+        while not cond() and time.monotonic() < deadline:
+            await task.deferLater(reactor, 0.005)
+
+    def test_bound_endpoint_reported(self) -> None:
+        """Binding port 0 reports the real port, as the address that was asked for."""
+        bus = Bus(reactor, SECRET, "n", {"bus": {}})
+        for host in ("127.0.0.1", "[::1]"):
+            pull = self.start(bus.pull(f"tcp://{host}:0", lambda env: None))
+            self.assertRegex(pull.endpoint, rf"^tcp://{re.escape(host)}:\d+$")
+            self.assertNotEqual(pull.endpoint.rsplit(":", 1)[1], "0")
+
+    async def test_hwm_overflow_counted_not_raised(self) -> None:
+        """Sends past the high-water mark to a peer that never comes are dropped,
+        counted and logged; send returns False and never raises."""
+        bus = Bus(reactor, SECRET, "n", {"bus": {"high_water_mark": 5}})
+        push = self.start(bus.push(["tcp://127.0.0.1:9"]))
+        results = [push.send("test.job", {"n": n}) for n in range(50)]
+        self.assertIn(False, results)
+        self.assertEqual(push.counters["dropped.hwm"] + push.counters["sent"], 50)
+        self.assertGreater(push.counters["dropped.hwm"], 0)
+        self.assertEqual(bus.counters["dropped.hwm"], push.counters["dropped.hwm"])
+
+    async def test_stop_is_quick_and_terminates_context(self) -> None:
+        """Stopping services with undeliverable messages queued does not hang, and the
+        ZeroMQ context is terminated once the last socket is closed."""
+        bus = Bus(reactor, SECRET, "n", {"bus": {}})
+        push = self.start(bus.push(["tcp://127.0.0.1:9"]))
+        pull = self.start(bus.pull("tcp://127.0.0.1:0", lambda env: None))
+        for n in range(100):
+            push.send("test.job", {"n": n})
+        t0 = time.monotonic()
+        push.stopService()
+        self.assertIsNotNone(bus._factory)
+        pull.stopService()
+        self.assertLess(time.monotonic() - t0, 1.0)
+        self.assertIsNone(bus._factory)
+        self.assertEqual(bus._connections, set())
+        # and the bus can make services again after that
+        again = self.start(bus.pull("tcp://127.0.0.1:0", lambda env: None))
+        self.assertIsNotNone(again.endpoint)
+
+    async def test_bind_conflict_retried(self) -> None:
+        """A bind that fails (address in use) is logged and retried; whenReady fires
+        once the address is free and the service is then usable."""
+        bus = Bus(reactor, SECRET, "n", {"bus": {}})
+        first = self.start(bus.pull("tcp://127.0.0.1:0", lambda env: None))
+        got: list[int] = []
+        second = bus.pull(first.endpoint, lambda env: got.append(env.body["n"]))
+        ready = second.whenReady()
+        self.start(second)
+        self.assertFalse(ready.called)
+        self.assertIsNone(second.endpoint)
+        first.stopService()
+        await ready
+        self.assertEqual(second.endpoint, first.endpoint)
+        push = self.start(bus.push([second.endpoint]))
+        push.send("test.job", {"n": 7})
+        await self.wait(lambda: got)
+        self.assertEqual(got, [7])
+
+    async def test_curve_keeps_outsiders_out(self) -> None:
+        """With encryption on (the default) a plain ZeroMQ peer cannot deliver anything,
+        even a correctly signed envelope: the CURVE handshake fails first."""
+        bus = Bus(reactor, SECRET, "n", {"bus": {}})
+        got: list[Envelope] = []
+        pull = self.start(bus.pull("tcp://127.0.0.1:0", got.append))
+        ctx = zmq.Context.instance()
+        plain = ctx.socket(zmq.PUSH)
+        self.addCleanup(plain.close, 0)
+        plain.connect(pull.endpoint)
+        plain.send(seal(Envelope("test.job", 1, "x", time.time(), {"n": 1}), SECRET))
+        # an insider (the cluster's keys) gets through at the same time
+        insider = ctx.socket(zmq.PUSH)
+        self.addCleanup(insider.close, 0)
+        for opt, value in bus.socket_options(bind=False):
+            insider.setsockopt(opt, value)
+        insider.connect(pull.endpoint)
+        insider.send(seal(Envelope("test.job", 1, "x", time.time(), {"n": 2}), SECRET))
+        await self.wait(lambda: got)
+        await task.deferLater(reactor, 0.2)
+        self.assertEqual([e.body["n"] for e in got], [2])
+
+    async def test_unencrypted_bus(self) -> None:
+        """With bus.encrypt = false every peer must be plain; the HMAC still applies."""
+        bus = Bus(reactor, SECRET, "n", {"bus": {"encrypt": False}})
+        got: list[int] = []
+        pull = self.start(bus.pull("tcp://127.0.0.1:0", lambda env: got.append(env.body["n"])))
+        push = self.start(bus.push([pull.endpoint]))
+        push.send("test.job", {"n": 1})
+        await self.wait(lambda: got)
+        self.assertEqual(got, [1])
+        self.assertEqual(bus.socket_options(bind=True)[-1][0], zmq.LINGER)
+
+    async def test_different_secrets_cannot_talk(self) -> None:
+        """Nodes with different cluster secrets exchange nothing."""
+        a = Bus(reactor, SECRET, "a", {"bus": {}})
+        b = Bus(reactor, b"another-secret-0123456789", "b", {"bus": {}})
+        got: list[Envelope] = []
+        pull = self.start(a.pull("tcp://127.0.0.1:0", got.append))
+        push = self.start(b.push([pull.endpoint]))
+        push.send("test.job", {"n": 1})
+        await task.deferLater(reactor, 0.3)
+        self.assertEqual(got, [])
+
+    async def test_router_survives_vanished_peer(self) -> None:
+        """A reply to a dealer that went away is dropped and counted; the router keeps
+        serving others."""
+        bus = Bus(reactor, SECRET, "n", {"bus": {}})
+
+        async def slow(env: Any) -> tuple[str, dict]:
+            await task.deferLater(reactor, env.body.get("sleep", 0))
+            return "test.echoed", {"n": env.body["n"]}
+
+        router = self.start(bus.router("tcp://127.0.0.1:0", slow))
+        gone = self.start(bus.dealer([router.endpoint]))
+        d = defer.ensureDeferred(gone.request("test.echo", {"n": 1, "sleep": 0.2}))
+        d.addErrback(lambda f: None)
+        await task.deferLater(reactor, 0.05)
+        gone.stopService()
+        await task.deferLater(reactor, 0.3)
+        self.assertEqual(router.counters["dropped.error"], 1)
+        other = self.start(bus.dealer([router.endpoint]))
+        reply = await other.request("test.echo", {"n": 2})
+        self.assertEqual(reply.body, {"n": 2})
