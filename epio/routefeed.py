@@ -502,12 +502,15 @@ class NexusRouteSource:
     def start(self, table: RouteTable) -> None:
         services = MultiService()
         self._dealer = self.bus.dealer([link.router for link in self.feed.links])
+        self._dealer.setName("nexus-snapshots")
         self._dealer.setServiceParent(services)
         for link in self.feed.links:
             def handler(topic: bytes, env: Any, link: NexusLink = link) -> None:
                 self.feed.on_message(link, env.type, env.body)
 
-            self.bus.subscriber([link.publish], [b"routes"], handler).setServiceParent(services)
+            sub = self.bus.subscriber([link.publish], [b"routes"], handler)
+            sub.setName(f"nexus-feed-{link.name}")
+            sub.setServiceParent(services)
         self._services = services
         services.startService()
         self.feed.start(table)

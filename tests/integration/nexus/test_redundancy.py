@@ -1,0 +1,205 @@
+"""Two nexuses, two routers and a runner stand-in as separate processes.
+
+- every process is a real ``twistd -n epio`` (``--role=nexus`` / ``--role=lb``)
+  or a script (the runner stand-in: signed heartbeats announcing a real HTTP
+  backend), talking over real ZeroMQ and HTTP sockets on 127.0.0.1;
+- kill one nexus: every request through either router is still answered;
+- kill both: the routers keep serving their last table and say it is stale;
+- restart a nexus: the routers have the fresh table (a backend announced while
+  every nexus was down) within 3 heartbeat periods of the nexus starting.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.util import NodeProcess, epio_env, free_port, wait_for_port
+
+HERE = Path(__file__).resolve().parent
+INTERVAL = 1.0  # heartbeat period of the stand-in (the runner default)
+
+
+def get(port: int, host: str = "hello.localhost", timeout: float = 2.0) -> tuple[int, str]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", "/", headers={"Host": host})
+        resp = conn.getresponse()
+        return resp.status, resp.read().decode("utf-8", "replace")
+    finally:
+        conn.close()
+
+
+def toml_value(v: Any) -> str:
+    return json.dumps(v)
+
+
+class RedundancyTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.tmp = Path(tempfile.mkdtemp(prefix="epio-nexus-it-"))
+        self.procs: list[NodeProcess] = []
+        self.scripts: list[subprocess.Popen[bytes]] = []
+        self.addCleanup(self.cleanup)
+        secret = self.tmp / "secret"
+        fd = os.open(secret, os.O_WRONLY | os.O_CREAT, 0o600)
+        os.write(fd, secrets.token_hex(32).encode())
+        os.close(fd)
+        self.secret = secret
+        self.store_url = f"sqlite:///{self.tmp / 'store.sqlite3'}"
+        subprocess.run([sys.executable, str(HERE / "tool.py"), "create-app", self.store_url,
+                        "hello"], env=epio_env(), check=True, timeout=30)
+        self.nexus_ports = [
+            {"heartbeat": free_port(), "router": free_port(), "publish": free_port()}
+            for _ in range(2)
+        ]
+        self.cluster = [{k: f"tcp://127.0.0.1:{p}" for k, p in ports.items()}
+                        for ports in self.nexus_ports]
+
+    def cleanup(self) -> None:
+        for p in self.scripts:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for node in self.procs:
+            node.cleanup()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def config(self, extra: str) -> str:
+        nexus = ", ".join(
+            "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in n.items()) + "}"
+            for n in self.cluster
+        )
+        return (
+            f"[cluster]\nsecret_file = {toml_value(str(self.secret))}\nnexus = [{nexus}]\n"
+            f"[store]\nurl = {toml_value(self.store_url)}\n{extra}"
+        )
+
+    def start_nexus(self, i: int) -> NodeProcess:
+        c = self.cluster[i]
+        extra = (f"[nexus]\nheartbeat_bind = {toml_value(c['heartbeat'])}\n"
+                 f"router_bind = {toml_value(c['router'])}\n"
+                 f"publish_bind = {toml_value(c['publish'])}\n")
+        node = NodeProcess(["--role=nexus"], data_dir=self.tmp / f"nexus{i}-{time.monotonic()}",
+                           config=self.config(extra))
+        self.procs.append(node)
+        return node
+
+    def start_router(self, port: int, i: int) -> NodeProcess:
+        extra = f"[lb]\nlisten = \"tcp:{port}:interface=127.0.0.1\"\n"
+        node = NodeProcess(["--role=lb"], data_dir=self.tmp / f"router{i}",
+                           config=self.config(extra))
+        self.procs.append(node)
+        return node
+
+    def start_standin(self) -> Path:
+        state = self.tmp / "standin.json"
+        args = [sys.executable, str(HERE / "standin.py"), "--secret-file", str(self.secret),
+                "--state-file", str(state), "--interval", str(INTERVAL), "--node", "runner-1"]
+        for c in self.cluster:
+            args += ["--nexus", c["heartbeat"]]
+        log = open(self.tmp / "standin.log", "wb")
+        self.addCleanup(log.close)
+        self.scripts.append(subprocess.Popen(args, env=epio_env(), stdout=log,
+                                             stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + 20
+        while not state.exists():
+            self.assertLess(time.monotonic(), deadline, "stand-in did not start")
+            time.sleep(0.05)
+        return state
+
+    def wait_body(self, ports: list[int], body: str, timeout: float) -> float:
+        """Poll every router until each answers ``body``; return when the last did."""
+        deadline = time.monotonic() + timeout
+        pending = set(ports)
+        last: dict[int, Any] = {}
+        while pending:
+            for port in sorted(pending):
+                try:
+                    last[port] = get(port, timeout=1.0)
+                except OSError as e:
+                    last[port] = repr(e)
+                if last[port] == (200, body):
+                    pending.discard(port)
+            if pending and time.monotonic() > deadline:
+                self.fail(f"routers {sorted(pending)} did not answer {body!r} in {timeout}s: "
+                          f"{last}\n" + "\n".join(p.output()[-3000:] for p in self.procs))
+            if pending:
+                time.sleep(0.02)
+        return time.monotonic()
+
+    def hammer(self, ports: list[int], seconds: float, body: str) -> int:
+        """Send requests round-robin for ``seconds``; every one must be answered ``body``."""
+        deadline = time.monotonic() + seconds
+        n = 0
+        failures = []
+        while time.monotonic() < deadline:
+            port = ports[n % len(ports)]
+            try:
+                result: Any = get(port)
+            except OSError as e:
+                result = repr(e)
+            if result != (200, body):
+                failures.append((port, result))
+            n += 1
+            time.sleep(0.005)
+        self.assertEqual(failures, [], f"{len(failures)} of {n} requests failed")
+        return n
+
+    def test_redundancy(self) -> None:
+        """Losing one nexus loses no request; losing both keeps the table; a restart refreshes it."""
+        started = time.monotonic()
+        state_file = self.start_standin()
+        nexus = [self.start_nexus(0), self.start_nexus(1)]
+        lb_ports = [free_port(), free_port()]
+        routers = [self.start_router(p, i) for i, p in enumerate(lb_ports)]
+        for n in nexus:
+            n.wait_for_log(" ready: ", timeout=30)
+        for port in lb_ports:
+            wait_for_port("127.0.0.1", port, timeout=30)
+        self.wait_body(lb_ports, "backend-1", timeout=15)
+
+        # 1. kill one nexus: not one request fails, before, during and after it leaves
+        nexus[0].kill()
+        n1 = self.hammer(lb_ports, 3.0, "backend-1")  # > nexus.feed_timeout (2 s)
+        for r in routers:
+            r.wait_for_log("nexus[0]", timeout=5)
+            self.assertNotIn("every nexus is silent", r.output())
+
+        # 2. kill both: the routers keep their last table and say it is stale
+        nexus[1].kill()
+        for r in routers:
+            r.wait_for_log("every nexus is silent: serving the last route table", timeout=10)
+        n2 = self.hammer(lb_ports, 1.0, "backend-1")
+
+        # 3. while every nexus is down the runner moves to another backend; a restarted
+        #    nexus gives the routers the fresh table within 3 heartbeat periods
+        standin = self.scripts[0]
+        standin.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + 10
+        while json.loads(state_file.read_text())["announced"] != "2":
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.02)
+        self.hammer(lb_ports, 0.3, "backend-1")  # still the stale table
+        again = self.start_nexus(0)
+        again.wait_for_log("heartbeats at", timeout=30)  # the nexus service started
+        t0 = time.monotonic()
+        t1 = self.wait_body(lb_ports, "backend-2", timeout=15)
+        refresh = t1 - t0
+        for r in routers:
+            r.wait_for_log("answers again: the route table is fresh", timeout=5)
+        print(f"\nnexus redundancy: {n1} + {n2} requests answered with nexuses dying; "
+              f"fresh table {refresh:.2f}s after the restarted nexus started "
+              f"(heartbeat period {INTERVAL}s); test took {time.monotonic() - started:.1f}s")
+        self.assertLessEqual(refresh, 3 * INTERVAL)
