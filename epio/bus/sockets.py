@@ -142,12 +142,14 @@ class BusService(Service):
     # The pattern of the messages this socket receives (None: receives none).
     receives: str | None = None
     replay_protection = True
+    # a dealer may start with no peer and learn them (add_endpoint / request_to)
+    may_start_empty = False
 
     def __init__(self, bus: Bus, binds: Sequence[str] = (), connects: Sequence[str] = ()) -> None:
         self.bus = bus
         self.binds = [check_endpoint(e, bind=True) for e in binds]
         self.connects = [check_endpoint(e, bind=False) for e in connects]
-        if not self.binds and not self.connects:
+        if not self.binds and not self.connects and not self.may_start_empty:
             raise ValueError(f"bus {self.kind}: no endpoint to bind or connect")
         self.counters = BusCounters(bus.counters)
         #: The bound endpoint (the real port when bound to port 0), once bound.
@@ -239,7 +241,7 @@ class BusService(Service):
     def _rejected(self, r: Rejected) -> None:
         self.counters.rejected(r.reason)
         self.bus._ratelog.warn(
-            f"{self.kind}:{r.reason.value}",
+            f"{self.kind}:{id(self)}:{r.reason.value}",
             "bus {kind} {where} dropped a message: {reason} ({detail})",
             kind=self.kind, where=self.endpoint or ",".join(self.connects),
             reason=r.reason.value, detail=r.detail,
@@ -428,6 +430,7 @@ class Dealer(BusService):
     socket_type = zmq.DEALER
     kind = "dealer"
     receives = "reply"
+    may_start_empty = True
     _POLL = 0.05  # seconds between attempts while no peer is connected
 
     def __init__(self, bus: Bus, endpoints: Sequence[str]) -> None:
@@ -523,7 +526,7 @@ class Dealer(BusService):
         timeout = self.bus.request_timeout if timeout is None else timeout
         env = self.bus.envelope(type, body, pattern="request")
         frame = self.bus.seal(env)
-        where = endpoint or ",".join(self.connects)
+        where = endpoint or ",".join(self.connects) or "(no endpoints)"
         clock = self.bus.reactor
         deadline = clock.seconds() + timeout
 

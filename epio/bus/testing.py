@@ -129,7 +129,7 @@ class _MemoryService(Service):
         self.bus = bus
         self.binds = list(binds)
         self.connects = list(connects)
-        if not self.binds and not self.connects:
+        if not self.binds and not self.connects and self.kind != "dealer":
             raise ValueError(f"bus {self.kind}: no endpoint to bind or connect")
         self.handler = handler
         self.counters = BusCounters(bus.counters)
@@ -300,7 +300,7 @@ class MemoryDealer(_MemoryService):
         frame = self.bus.seal(env)
         clock = self.bus.reactor
         deadline = clock.seconds() + timeout
-        where = endpoint or ",".join(self.connects)
+        where = endpoint or ",".join(self.connects) or "(no endpoints)"
 
         def cancel(d: defer.Deferred[Envelope]) -> None:
             p = self._pending.pop(env.id, None)

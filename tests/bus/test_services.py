@@ -146,6 +146,23 @@ class ContractMixin:
             senders.add((await d).sender)
         self.assertEqual(senders, {"a", "b"})
 
+    async def test_empty_dealer(self) -> None:
+        """A dealer may start with no peers: request_to adds one; request with none
+        fails after its timeout saying there is no endpoint."""
+        server, client = self.make_bus("server"), self.make_bus("client")
+        router = self.echo_router(server)
+        dealer = self.start(client.dealer([]))
+        d = self.deferred(dealer.request("bus.ping", {}, timeout=0.1))
+        await self.elapse(0.2)
+        await self.settle(lambda: d.called)
+        e = await self.assertFailure(d, RequestTimeout)
+        self.assertIn("(no endpoints)", str(e))
+        d = self.deferred(dealer.request_to(router.endpoint, "bus.ping", {}))
+        await self.settle(lambda: d.called)
+        self.assertEqual((await d).sender, "server")
+        dealer.remove_endpoint(router.endpoint)
+        self.assertEqual(dealer.endpoints, [])
+
     async def test_bad_outgoing_refused(self) -> None:
         """Sending an undeclared type or a body missing a field is a caller bug
         (ValueError), caught before anything goes on the wire."""
