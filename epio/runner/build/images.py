@@ -3,8 +3,8 @@
 ``DATA_DIR/images/<sha256>.squashfs`` is a SquashFS file whose sha256 is its
 name.  Where SquashFS or loop mounts are unavailable, ``DATA_DIR/images/<sha256>/``
 is a read-only directory image whose name is :func:`tree_digest` of its content
-(a canonical listing: every path, type, permission bits, and the sha256 of each
-file or the target of each symlink).  Both hold ``app/``, ``venv/`` and
+(a canonical listing: every path, its type, whether a file is executable, and the
+sha256 of each file or the target of each symlink).  Both hold ``app/``, ``venv/`` and
 ``epio/manifest.json``.
 
 SquashFS images are loop-mounted read-only (``nodev,nosuid``) at
@@ -64,15 +64,15 @@ def tree_listing(root: Path) -> Iterable[bytes]:
             p = d / name
             rel = prefix + name
             st = p.lstat()
-            perm = stat.S_IMODE(st.st_mode) & 0o755
             if stat.S_ISDIR(st.st_mode):
-                yield f"d {perm:o} {rel}\n".encode("utf-8", "surrogateescape")
+                yield f"d {rel}\n".encode("utf-8", "surrogateescape")
                 yield from walk(p, rel + "/")
             elif stat.S_ISLNK(st.st_mode):
                 target = os.readlink(p)
                 yield f"l {rel}\0{target}\n".encode("utf-8", "surrogateescape")
             elif stat.S_ISREG(st.st_mode):
-                yield f"f {perm:o} {file_digest(p)} {rel}\n".encode("utf-8", "surrogateescape")
+                x = "x" if st.st_mode & 0o100 else "-"
+                yield f"f {x} {file_digest(p)} {rel}\n".encode("utf-8", "surrogateescape")
             else:
                 raise ImageError(f"special file in image tree: {rel}")
 
