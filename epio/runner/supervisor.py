@@ -534,7 +534,13 @@ class Supervisor:
         """
         app = body.get("app")
         ptype = body.get("process_type", "web")
-        index = self.next_index(app, ptype) if isinstance(app, str) and isinstance(ptype, str) else 1
+        known = self.instances.get(body.get("instance_id"))  # type: ignore[arg-type]
+        if known is not None and known.state not in (State.STOPPED, State.FAILED):
+            index = known.spec.index
+        elif isinstance(app, str) and isinstance(ptype, str):
+            index = self.next_index(app, ptype)
+        else:
+            index = 1
         spec = InstanceSpec.from_message(body, self.settings, index)
         old = self.instances.get(spec.instance_id)
         if old is not None:

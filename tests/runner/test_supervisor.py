@@ -1,0 +1,397 @@
+"""The supervisor's state machine, backoff, health and stop logic, on fakes and a Clock."""
+
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+from twisted.internet.interfaces import IProcessTransport, IReactorProcess
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+from epio.pipeline import ILogSink, MemoryLogSink
+from epio.runner.health import IHealthProbe
+from epio.runner.ports import PortAllocator
+from epio.runner.supervisor import (
+    TRANSITIONS,
+    ILauncher,
+    InvalidTransition,
+    Settings,
+    SpecError,
+    State,
+    Supervisor,
+    backoff_delay,
+)
+
+from .fakes import FakeLauncher, FakeProbe, FakeProcessReactor
+
+DIGEST = "ab" * 32
+
+
+def body(**kw: Any) -> dict[str, Any]:
+    b = {"instance_id": "i1", "app": "hello", "uid": 20001, "release": 3,
+         "process_type": "web", "command": "python app.py", "image_digest": DIGEST,
+         "env": {"FOO": "bar"}, "limits": {"memory_mb": 128}, "health_check": None,
+         "boot_timeout": 60, "grace": 30}
+    b.update(kw)
+    return b
+
+
+class Harness:
+    def __init__(self, **settings: Any) -> None:
+        self.reactor = FakeProcessReactor()
+        self.launcher = FakeLauncher()
+        self.probe = FakeProbe()
+        self.sink = MemoryLogSink()
+        self.ports = PortAllocator(20000, 20009, lambda p: True)
+        self.changes = 0
+        self.sup = Supervisor(self.reactor, self.launcher, self.probe, self.sink, self.ports,
+                              Settings(**settings), on_change=self._changed)
+
+    def _changed(self) -> None:
+        self.changes += 1
+
+    def state(self, iid: str = "i1") -> str:
+        return self.sup.get(iid).state.value
+
+    def proc(self, n: int = -1) -> Any:
+        return self.reactor.spawned[n]
+
+
+class FakesTests(SynchronousTestCase):
+    def test_fakes_implement_the_interfaces(self) -> None:
+        """The fakes provide the interfaces the real components provide."""
+        h = Harness()
+        verifyObject(IReactorProcess, h.reactor)
+        verifyObject(ILauncher, h.launcher)
+        verifyObject(IHealthProbe, h.probe)
+        verifyObject(ILogSink, h.sink)
+        h.sup.start(body())
+        verifyObject(IProcessTransport, h.proc())
+
+
+class BackoffTests(SynchronousTestCase):
+    def test_schedule_doubles_from_one_second_capped_at_five_minutes(self) -> None:
+        """Restart delays are 1, 2, 4, ... 256 s, then 300 s forever."""
+        self.assertEqual([backoff_delay(n) for n in range(11)],
+                         [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300])
+        self.assertEqual(backoff_delay(10_000), 300)
+
+    def test_crash_loop_over_a_minute(self) -> None:
+        """A process that exits at once is started at t=0,1,3,7,15,31 (6 starts in the
+        first minute, the 7th at 63 s) and is reported crashed while waiting."""
+        h = Harness()
+        h.sup.start(body(process_type="worker", instance_id="w1"))
+        starts = []
+        seen = 0
+        for _ in range(600):  # 1 s steps over 10 minutes
+            while len(h.reactor.spawned) > seen:
+                starts.append(round(h.reactor.spawned[seen].spawned_at, 6))
+                h.reactor.spawned[seen].exit(1)
+                seen += 1
+                self.assertEqual(h.state("w1"), "crashed")
+            h.reactor.advance(1)
+        self.assertEqual(starts[:8], [0, 1, 3, 7, 15, 31, 63, 127])
+        self.assertEqual(len([s for s in starts if s < 60]), 6)
+        gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+        self.assertTrue(all(g >= 1 for g in gaps), "never a tight loop")
+        self.assertLessEqual(max(gaps), 300)
+        self.assertEqual(h.sup.get("w1").restarts, len(starts) - 1)
+
+    def test_backoff_resets_after_ten_minutes_healthy(self) -> None:
+        """After 10 min of healthy running a crash restarts after 1 s again; a crash after
+        a shorter healthy run keeps doubling."""
+        h = Harness(worker_settle=1.0)
+        h.sup.start(body(process_type="worker", instance_id="w1"))
+        for _ in range(4):  # crashes right away: next delays 1, 2, 4, 8
+            h.proc().exit(1)
+            h.reactor.advance(h.sup.get("w1").calls["restart"].getTime() - h.reactor.seconds())
+        h.reactor.advance(1.0)
+        self.assertEqual(h.state("w1"), "healthy")
+        h.reactor.advance(300)  # healthy 5 min: not enough
+        h.proc().exit(1)
+        call = h.sup.get("w1").calls["restart"]
+        self.assertEqual(call.getTime() - h.reactor.seconds(), 16)
+        h.reactor.advance(16)
+        h.reactor.advance(1.0)
+        h.reactor.advance(600)  # healthy 10 min
+        h.proc().exit(1)
+        call = h.sup.get("w1").calls["restart"]
+        self.assertEqual(call.getTime() - h.reactor.seconds(), 1)
+
+
+class StartTests(SynchronousTestCase):
+    def test_start_allocates_port_and_replies_at_once(self) -> None:
+        """runner.start replies with host and port before the process is healthy; the
+        process gets PORT and the launcher prepared that port."""
+        h = Harness()
+        reply = h.sup.start(body())
+        self.assertEqual(reply, {"instance_id": "i1", "host": "127.0.0.1", "port": 20000,
+                                 "state": "starting"})
+        self.assertEqual(h.launcher.prepared, [("i1", 20000)])
+        self.assertEqual(h.proc().env["PORT"], "20000")
+        self.assertTrue(h.proc().stdin_closed)
+
+    def test_worker_has_no_port_and_is_healthy_after_settling(self) -> None:
+        """A non-web process gets no port and counts as healthy once it stayed up."""
+        h = Harness(worker_settle=1.0)
+        reply = h.sup.start(body(process_type="worker"))
+        self.assertIsNone(reply["port"])
+        h.reactor.advance(0.5)
+        self.assertEqual(h.state(), "starting")
+        h.reactor.advance(0.6)
+        self.assertEqual(h.state(), "healthy")
+        self.assertEqual(h.probe.checks, [])
+
+    def test_start_is_idempotent_and_refuses_a_different_spec(self) -> None:
+        """The same start twice answers the same port; another spec under that id is refused."""
+        h = Harness()
+        a = h.sup.start(body())
+        b = h.sup.start(body())
+        self.assertEqual(a["port"], b["port"])
+        self.assertEqual(len(h.reactor.spawned), 1)
+        self.assertRaises(SpecError, h.sup.start, body(command="other"))
+
+    def test_invalid_specs_are_refused(self) -> None:
+        """Root, out-of-range UIDs, bad names, digests, env and paths are refused clearly."""
+        h = Harness()
+        for bad in [dict(uid=0), dict(uid=5), dict(uid=True), dict(app="../x"),
+                    dict(app="Hello"), dict(image_digest="abc"), dict(instance_id="a/b"),
+                    dict(env={"A": None}), dict(env={"A=B": "1"}), dict(health_check="x"),
+                    dict(limits={"memory_mb": -1}), dict(command=""), dict(grace=-1),
+                    dict(process_type="Web!")]:
+            with self.assertRaises(SpecError, msg=repr(bad)):
+                h.sup.start(body(**bad))
+        self.assertEqual(h.reactor.spawned, [])
+
+    def test_prepare_failure_is_failed_and_reported(self) -> None:
+        """An image that cannot be prepared makes the instance failed with the reason."""
+        h = Harness()
+        h.launcher.fail_prepare = RuntimeError("image abc is not on this node")
+        h.sup.start(body())
+        inst = h.sup.get("i1")
+        self.assertEqual(inst.state, State.FAILED)
+        self.assertIn("image abc is not on this node", inst.reason or "")
+        self.assertEqual(h.ports.used, set())
+
+    def test_index_is_lowest_free_per_app_and_type(self) -> None:
+        """Log sources are web.1, web.2, ...: the lowest index not in use."""
+        h = Harness()
+        h.sup.start(body(instance_id="a"))
+        h.sup.start(body(instance_id="b"))
+        self.assertEqual([h.sup.get(i).spec.source for i in "ab"], ["web.1", "web.2"])
+
+
+class HealthTests(SynchronousTestCase):
+    def test_web_becomes_healthy_when_probe_passes(self) -> None:
+        """A web instance stays starting until its health check passes, then healthy."""
+        h = Harness()
+        h.sup.start(body(health_check="/health"))
+        h.reactor.advance(2)
+        self.assertEqual(h.state(), "starting")
+        self.assertEqual(h.probe.checks[-1], ("127.0.0.1", 20000, "/health"))
+        h.probe.healthy.add(20000)
+        h.reactor.advance(0.5)
+        self.assertEqual(h.state(), "healthy")
+        self.assertEqual(h.sup.heartbeat_instances()[0]["state"], "healthy")
+
+    def test_boot_timeout_fails_and_kills(self) -> None:
+        """Never healthy within boot_timeout: killed (SIGKILL), failed, not restarted."""
+        h = Harness()
+        h.sup.start(body(boot_timeout=10))
+        h.reactor.advance(10)
+        self.assertIn((h.proc().pid, signal.SIGKILL), h.launcher.signals)
+        h.proc().exit(137)
+        inst = h.sup.get("i1")
+        self.assertEqual(inst.state, State.FAILED)
+        self.assertIn("boot timeout", inst.reason or "")
+        h.reactor.advance(1000)
+        self.assertEqual(len(h.reactor.spawned), 1)
+        self.assertEqual(h.ports.used, set())
+
+    def test_unhealthy_running_instance_leaves_routes_and_restarts(self) -> None:
+        """health_failures failed checks in a row: crashed at once (not routable), SIGTERM,
+        then restarted after the backoff."""
+        h = Harness(health_interval=5, health_failures=3)
+        h.sup.start(body())
+        h.probe.healthy.add(20000)
+        h.reactor.advance(0.5)
+        self.assertEqual(h.state(), "healthy")
+        h.probe.healthy.clear()
+        h.reactor.advance(5)
+        h.reactor.advance(5)
+        self.assertEqual(h.state(), "healthy")
+        h.reactor.advance(5)
+        self.assertEqual(h.state(), "crashed")
+        self.assertIn((h.proc().pid, signal.SIGTERM), h.launcher.signals)
+        h.proc().exit(0, signal.SIGTERM)
+        self.assertEqual(h.state(), "crashed")
+        h.probe.healthy.add(20000)
+        h.reactor.advance(1)
+        self.assertEqual(len(h.reactor.spawned), 2)
+        h.reactor.advance(0.5)
+        self.assertEqual(h.state(), "healthy")
+
+    def test_a_single_failed_check_is_tolerated(self) -> None:
+        """One failed check between good ones does not take the instance out."""
+        h = Harness(health_interval=5, health_failures=3)
+        h.sup.start(body())
+        h.probe.healthy.add(20000)
+        h.reactor.advance(0.5)
+        h.probe.healthy.clear()
+        h.reactor.advance(5)
+        h.probe.healthy.add(20000)
+        for _ in range(5):
+            h.reactor.advance(5)
+        self.assertEqual(h.state(), "healthy")
+
+
+class StopTests(SynchronousTestCase):
+    def _healthy(self) -> Harness:
+        h = Harness()
+        h.sup.start(body(grace=30))
+        h.probe.healthy.add(20000)
+        h.reactor.advance(0.5)
+        return h
+
+    def test_stop_sigterm_then_sigkill_after_grace(self) -> None:
+        """Stop sends SIGTERM to the group, SIGKILL after the grace period, and fires
+        once the process is gone; the instance is then stopped and its port freed."""
+        h = self._healthy()
+        d = h.sup.stop("i1")
+        pid = h.proc().pid
+        self.assertEqual(h.state(), "draining")
+        self.assertEqual(h.launcher.signals, [(pid, signal.SIGTERM)])
+        h.reactor.advance(29.9)
+        self.assertEqual(h.launcher.signals, [(pid, signal.SIGTERM)])
+        self.assertNoResult(d)
+        h.reactor.advance(0.1)
+        self.assertEqual(h.launcher.signals[-1], (pid, signal.SIGKILL))
+        h.proc().exit(137)
+        self.successResultOf(d)
+        self.assertEqual(h.state(), "stopped")
+        self.assertEqual(h.ports.used, set())
+        h.reactor.advance(1000)
+        self.assertEqual(len(h.reactor.spawned), 1, "a stopped instance is not restarted")
+
+    def test_stop_without_sigkill_when_process_exits_in_time(self) -> None:
+        """A process that exits on SIGTERM is not SIGKILLed."""
+        h = self._healthy()
+        h.sup.stop("i1", grace=5)
+        h.proc().exit(0)
+        h.reactor.advance(10)
+        self.assertNotIn(signal.SIGKILL, [s for _, s in h.launcher.signals])
+        self.assertEqual(h.state(), "stopped")
+
+    def test_stop_while_crashed_cancels_restart(self) -> None:
+        """Stopping an instance waiting for its restart stops it at once."""
+        h = Harness()
+        h.sup.start(body(process_type="worker"))
+        h.proc().exit(1)
+        d = h.sup.stop("i1")
+        self.successResultOf(d)
+        h.reactor.advance(100)
+        self.assertEqual(len(h.reactor.spawned), 1)
+
+    def test_drain_leaves_routes_then_stops(self) -> None:
+        """Drain: draining at once (routers stop sending), SIGTERM after drain_delay, then
+        stopped when the process exits."""
+        h = Harness(drain_delay=3)
+        h.sup.start(body())
+        h.probe.healthy.add(20000)
+        h.reactor.advance(0.5)
+        h.sup.drain("i1")
+        self.assertEqual(h.state(), "draining")
+        self.assertEqual(h.launcher.signals, [])
+        h.reactor.advance(3)
+        self.assertEqual(h.launcher.signals, [(h.proc().pid, signal.SIGTERM)])
+        h.proc().exit(0)
+        self.assertEqual(h.state(), "stopped")
+
+    def test_stopped_instance_is_forgotten_after_retention(self) -> None:
+        """A stopped instance stays in heartbeats for stopped_retention, then disappears."""
+        h = Harness(stopped_retention=60)
+        h.sup.start(body(process_type="worker"))
+        h.sup.stop("i1")
+        h.proc().exit(0)
+        self.assertEqual(h.sup.heartbeat_instances()[0]["state"], "stopped")
+        h.reactor.advance(60)
+        self.assertEqual(h.sup.heartbeat_instances(), [])
+
+    def test_stop_during_prepare(self) -> None:
+        """Stopping while the image is still being prepared never spawns the process."""
+        h = Harness()
+        h.launcher.hold = True
+        h.sup.start(body())
+        d = h.sup.stop("i1")
+        self.successResultOf(d)
+        assert h.launcher.pending is not None
+        h.launcher.pending.callback(None)
+        self.assertEqual(h.reactor.spawned, [])
+        self.assertEqual(h.launcher.cleaned, 1)
+
+    def test_shutdown_stops_processes_without_forgetting_them(self) -> None:
+        """Node shutdown terminates every process but keeps instances (for the state file)."""
+        h = self._healthy()
+        d = h.sup.shutdown(grace=10)
+        self.assertEqual(h.launcher.signals, [(h.proc().pid, signal.SIGTERM)])
+        h.proc().exit(0)
+        self.successResultOf(d)
+        self.assertEqual(h.state(), "healthy")
+        h.reactor.advance(1000)
+        self.assertEqual(len(h.reactor.spawned), 1)
+
+
+class ExitTests(SynchronousTestCase):
+    def test_oom_kill_is_reported(self) -> None:
+        """A process the kernel killed for memory is logged as 'killed: out of memory'."""
+        h = Harness()
+        h.sup.start(body(process_type="worker"))
+        h.launcher.ooms = 1
+        h.proc().exit(137)
+        inst = h.sup.get("i1")
+        self.assertEqual(inst.state, State.CRASHED)
+        self.assertEqual(inst.reason, "killed: out of memory")
+        self.assertTrue(any("killed: out of memory" in t
+                            for t in h.sink.texts("hello", "epio[worker.1]")))
+
+    def test_exit_descriptions(self) -> None:
+        """Exit codes and signals (and bubblewrap's 128+N) are described for humans."""
+        from epio.runner.supervisor import describe_exit
+
+        self.assertEqual(describe_exit(3, None, False), "exited with code 3")
+        self.assertEqual(describe_exit(None, 9, False), "killed by signal SIGKILL")
+        self.assertEqual(describe_exit(143, None, False),
+                         "exited with code 143 (killed by signal SIGTERM)")
+
+    def test_output_lines_go_to_the_sink_with_their_source(self) -> None:
+        """stdout and stderr reach the log sink line by line as web.N; partial lines are
+        joined, a last line without newline is flushed at exit, long lines are cut."""
+        h = Harness(max_line=10)
+        h.sup.start(body())
+        p = h.proc()
+        p.output(b"hel")
+        p.output(b"lo\nwor")
+        p.output(b"ld\r\n")
+        p.output(b"err\n", fd=2)
+        p.output(b"0123456789abc")
+        p.output(b"tail", fd=2)
+        p.exit(1)
+        self.assertEqual(h.sink.texts("hello", "web.1"),
+                         ["hello", "world", "err", "0123456789", "abc", "tail"])
+
+
+class TransitionTests(SynchronousTestCase):
+    def test_table_is_closed(self) -> None:
+        """Every state has an entry; stopped is terminal; healthy cannot go back to starting."""
+        self.assertEqual(set(TRANSITIONS), set(State))
+        self.assertEqual(TRANSITIONS[State.STOPPED], frozenset())
+        self.assertNotIn(State.STARTING, TRANSITIONS[State.HEALTHY])
+
+    def test_invalid_transition_raises(self) -> None:
+        """The supervisor refuses a transition the machine does not have."""
+        h = Harness()
+        h.sup.start(body())
+        h.sup._to(h.sup.get("i1"), State.DRAINING)
+        for bad in (State.HEALTHY, State.STARTING, State.CRASHED, State.FAILED):
+            self.assertRaises(InvalidTransition, h.sup._to, h.sup.get("i1"), bad)
