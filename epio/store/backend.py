@@ -29,7 +29,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from txpostgres.txpostgres import Connection as _TxConnection
 
-from epio.store.errors import IntegrityError, StoreError, StoreUnavailable
+from epio.store.errors import IntegrityError, InvalidValue, StoreError, StoreUnavailable
 
 T = TypeVar("T")
 
@@ -168,6 +168,8 @@ class SqliteBackend:
             rows = cur.fetchall()
         except sqlite3.IntegrityError as e:
             raise IntegrityError(str(e)) from None
+        except OverflowError as e:
+            raise InvalidValue(f"value out of range: {e}") from None
         except sqlite3.OperationalError as e:
             if "locked" in str(e) or "busy" in str(e):
                 raise StoreUnavailable(f"database is busy: {e}") from None
@@ -231,6 +233,12 @@ def _pg_errors() -> tuple[Any, Any, Any]:
     return psycopg2.IntegrityError, psycopg2.OperationalError, psycopg2.InterfaceError
 
 
+def _pg_data_error() -> Any:
+    import psycopg2
+
+    return psycopg2.DataError
+
+
 _translated: dict[str, str] = {}
 
 
@@ -287,6 +295,8 @@ class _PgTx:
             await self._cursor.execute(to_pyformat(sql), tuple(params))
         except integrity as e:
             raise IntegrityError(str(e).strip()) from None
+        except _pg_data_error() as e:
+            raise InvalidValue(str(e).strip().splitlines()[0]) from None
         cur = self._cursor
         if cur.description is None:
             return Result((), [], cur.rowcount)

@@ -274,20 +274,20 @@ class Store:
         if not isinstance(token, str) or not token or len(token) > 512:
             return None
         digest = hash_token(token)
+        row = await self._one(
+            "SELECT t.id AS token_id, t.token_hash, t.last_used, u.* FROM api_tokens t "
+            "JOIN users u ON u.id = t.user_id WHERE t.token_hash = ?", (digest,))
+        if row is None or not hmac.compare_digest(row["token_hash"], digest):
+            return None
         now = self._now()
+        if row["last_used"] is None or now - row["last_used"] > 60:
 
-        async def q(tx: Transaction) -> User | None:
-            row = (await tx.execute(
-                "SELECT t.id AS token_id, t.token_hash, t.last_used, u.* FROM api_tokens t "
-                "JOIN users u ON u.id = t.user_id WHERE t.token_hash = ?", (digest,))).one()
-            if row is None or not hmac.compare_digest(row["token_hash"], digest):
-                return None
-            if row["last_used"] is None or now - row["last_used"] > 60:
+            async def touch(tx: Transaction) -> None:
                 await tx.execute("UPDATE api_tokens SET last_used = ? WHERE id = ?",
                                  (now, row["token_id"]))
-            return _user(row)
 
-        return await self._tx(q)
+            await self._tx(touch)
+        return _user(row)
 
     async def list_tokens(self, user_id: str) -> list[TokenInfo]:
         """A user's tokens (never the token itself), oldest first."""
@@ -488,8 +488,12 @@ class Store:
 
     async def get_release(self, app: str, version: int) -> Release:
         """Release ``version`` of ``app``; ``NotFound`` otherwise."""
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise InvalidValue(f"release version must be an integer, not {version!r}")
+        if not 1 <= version < 2**31:
+            raise NotFound(f"app {app!r} has no release v{version}")
         row = await self._one("SELECT * FROM releases WHERE app = ? AND version = ?",
-                              (app, int(version)))
+                              (app, version))
         if row is None:
             raise NotFound(f"app {app!r} has no release v{version}")
         return _release(row)

@@ -251,6 +251,11 @@ class StoreTestsMixin:
         with self.assertRaises(NotFound):
             await self.store.get_release("rel", 9)
         with self.assertRaises(NotFound):
+            await self.store.get_release("rel", 2**70)
+        for bad in ["1", True, 1.0]:
+            with self.assertRaises(InvalidValue):
+                await self.store.get_release("rel", bad)  # type: ignore[arg-type]
+        with self.assertRaises(NotFound):
             await self.store.create_release("nope", DIGEST)
         with self.assertRaises(InvalidValue):
             await self.store.create_release("rel", "not-a-digest")
