@@ -296,4 +296,64 @@ _(MessageType(
 # --- api (owner: api) -----------------------------------------------------------
 
 # --- logger (owner: logs) -------------------------------------------------------
+_(MessageType(
+    "logs.query", 1, "request",
+    "Ask a logger for stored lines of an app: the last n matching (or the first n after "
+    "line number `after`); filters: time range, sources, regex.",
+    fields={"app": str, "n": int},
+    optional={"since": Number, "until": Number, "sources": list, "grep": str, "after": int},
+))
+_(MessageType(
+    "logs.result", 1, "reply",
+    "Answer to logs.query: lines as [id, timestamp, source, text, lost], oldest first; `next` "
+    "is the id the app's next line will get on this logger.",
+    fields={"app": str, "lines": list, "next": int}, optional={"logger": str},
+))
+_(MessageType(
+    "log.live", 1, "publish",
+    "Lines a logger just stored, for live tails (topic b'log\\0APP\\0'): consecutive ids "
+    "from `first`, so a subscriber sees a gap.",
+    fields={"app": str, "first": int, "lines": list}, optional={"logger": str},
+))
+_(MessageType(
+    "stats.query", 1, "request",
+    "Ask a logger for an app's stats time series (metric name or prefix, time range, "
+    "resolution 10 or 60 s).",
+    fields={"app": str},
+    optional={"metric": str, "since": Number, "until": Number, "resolution": int},
+))
+_(MessageType(
+    "stats.result", 1, "reply",
+    "Answer to stats.query: {metric: [[bucket_start, value], ...]} at `resolution` seconds.",
+    fields={"app": str, "resolution": int, "series": dict},
+))
+
+# --- backup (owner: backup) -----------------------------------------------------
+_(MessageType(
+    "backup.list", 1, "request", "List an app's backups (newest first).",
+    fields={"app": str}, optional={"kind": str},
+))
+_(MessageType(
+    "backup.listing", 1, "reply", "Answer to backup.list: backup records (never credentials).",
+    fields={"backups": list},
+))
+_(MessageType(
+    "backup.create", 1, "request",
+    "Back up an app's databases now; replies when verified (or failed).",
+    fields={"app": str}, optional={"kind": str},
+))
+_(MessageType(
+    "backup.created", 1, "reply", "Answer to backup.create: the new backup records.",
+    fields={"backups": list},
+))
+_(MessageType(
+    "backup.restore", 1, "request",
+    "Restore a backup into the app's (or to_app's) database: a new database first, then a "
+    "switch; the previous database is kept.",
+    fields={"app": str, "id": str}, optional={"to_app": str},
+))
+_(MessageType(
+    "backup.restored", 1, "reply", "Answer to backup.restore: what the live data was renamed to.",
+    fields={"app": str, "id": str}, optional={"kept_as": str, "keys": int},
+))
 

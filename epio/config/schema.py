@@ -327,7 +327,35 @@ SCHEMA: dict[str, dict[str, Key]] = {
     "logger": {
         "pull_bind": Key(str, "tcp://127.0.0.1:7721", "Where this logger receives log lines and stats (PULL)."),
     },
-    "backup": {},
+    "backup": {
+        "dir": Key(str, "", "Where backups are kept (mode 0700); empty means DATA_DIR/backups."),
+        "interval": Key(float, 3600.0, "Seconds between scheduled backups of every app database.",
+                        positive),
+        "control_bind": Key(str, "tcp://127.0.0.1:7741",
+                            "Where this backup node takes list/create/restore requests (ROUTER)."),
+        "hourly": Key(int, 24, "Hourly backups kept.", non_negative),
+        "daily": Key(int, 7, "Daily backups kept (the newest of each day).", non_negative),
+        "weekly": Key(int, 4, "Weekly backups kept (the newest of each ISO week).", non_negative),
+        "monthly": Key(int, 6, "Monthly backups kept (the newest of each month).", non_negative),
+        "failed_ttl": Key(float, 7 * 86400.0,
+                          "Seconds a failed backup's record is kept for inspection.", positive),
+        "step_timeout": Key(float, 3600.0,
+                            "Seconds one dump, verification or restore may take before it fails.",
+                            positive),
+    },
+    "addons": {
+        "postgres_admin_url": Key(
+            str, "",
+            "Superuser URL of the shared PostgreSQL server for app databases "
+            "(postgresql://USER[:PASS]@HOST:PORT/postgres); empty disables the postgres add-on.",
+            lambda v: None if v == "" or v.startswith(("postgresql://", "postgres://"))
+            else "must be empty or start with postgresql://",
+        ),
+        "postgres_host": Key(str, "", "Host apps use to reach the shared PostgreSQL server; "
+                             "empty means the admin URL's host."),
+        "postgres_port": Key(int, 0, "Port apps use to reach it; 0 means the admin URL's port.",
+                             non_negative),
+    },
     "build": {
         "python": Key(
             str, "",
