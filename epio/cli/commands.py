@@ -1,0 +1,466 @@
+"""The platform commands of ``epio``: login, apps, deploy, ps, scale, config,
+releases, rollback, domains, open.
+
+Each ``cmd_*`` takes the parsed arguments and returns an exit status; output
+is a human table, or the API's JSON with ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import sys
+import time
+import webbrowser
+from pathlib import Path
+from typing import Any
+
+from epio.cli.client import (
+    APP_FILE,
+    Client,
+    CliError,
+    ProgressReader,
+    config_path,
+    load_config,
+    progress_bar,
+    resolve_app,
+    save_config,
+)
+
+FINAL = ("succeeded", "failed", "cancelled")
+
+
+def out(args: argparse.Namespace, data: Any, human: Any) -> int:
+    """Print ``data`` as JSON with --json, else call/print ``human``."""
+    if getattr(args, "json", False):
+        print(json.dumps(data, indent=2, sort_keys=True))
+    elif callable(human):
+        human()
+    elif human is not None:
+        print(human)
+    return 0
+
+
+def table(rows: list[list[Any]], headers: list[str]) -> None:
+    cells = [[str(c) for c in headers]] + [["-" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    for r in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+def ago(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    delta = max(0, int(time.time() - ts))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if delta >= size:
+            return f"{delta // size}{unit} ago"
+    return f"{delta}s ago"
+
+
+def app_of(args: argparse.Namespace, *dirs: Path) -> str:
+    return resolve_app(getattr(args, "app", None), *dirs)
+
+
+# --- login ---------------------------------------------------------------------------
+
+
+def cmd_login(args: argparse.Namespace) -> int:
+    token = args.token
+    if token is None:
+        if sys.stdin.isatty():
+            token = getpass.getpass("API token: ")
+        else:
+            token = sys.stdin.readline()
+    token = (token or "").strip()
+    if not token:
+        raise CliError("no token given: pass --token TOKEN or type it (stdin)")
+    api = args.api.rstrip("/")
+    if "://" not in api:
+        raise CliError(f"--api must be a URL such as http://127.0.0.1:8000, not {api!r}")
+    user = Client(api, token).get("user")
+    cfg = load_config()
+    cfg.update({"api": api, "token": token})
+    path = save_config(cfg)
+    return out(args, {"api": api, "user": user["name"], "config": str(path)},
+               f"Logged in to {api} as {user['name']} (token saved in {path})")
+
+
+def cmd_logout(args: argparse.Namespace) -> int:
+    cfg = load_config()
+    cfg.pop("token", None)
+    save_config(cfg)
+    return out(args, {"logged_out": True}, f"Logged out (removed the token from {config_path()})")
+
+
+def cmd_whoami(args: argparse.Namespace) -> int:
+    user = Client.from_config().get("user")
+    return out(args, user, user["name"] + (" (admin)" if user["is_admin"] else ""))
+
+
+# --- apps ----------------------------------------------------------------------------
+
+
+def cmd_apps_list(args: argparse.Namespace) -> int:
+    apps = Client.from_config().get("apps")
+
+    def human() -> None:
+        if not apps:
+            print("No apps yet: epio apps create NAME")
+            return
+        table([[a["name"], a["owner"], f"v{a['release']}" if a["release"] else "-",
+                " ".join(f"{t}={n}" for t, n in sorted(a["processes"].items())) or "-",
+                a["url"]] for a in apps], ["NAME", "OWNER", "RELEASE", "RUNNING", "URL"])
+
+    return out(args, apps, human)
+
+
+def cmd_apps_create(args: argparse.Namespace) -> int:
+    app = Client.from_config().post("apps", {"name": args.name})
+    remembered = None
+    if not args.no_remember:
+        here = Path.cwd() / APP_FILE
+        if not here.exists():
+            here.write_text(app["name"] + "\n")
+            remembered = here
+
+    def human() -> None:
+        print(f"Created {app['name']}: {app['url']}")
+        if remembered is not None:
+            print(f"Remembered it in {remembered} (commands run here use it)")
+        print("Deploy it with: epio deploy DIR --app " + app["name"])
+
+    return out(args, app, human)
+
+
+def cmd_apps_info(args: argparse.Namespace) -> int:
+    name = args.name or app_of(args)
+    client = Client.from_config()
+    app = client.get(f"apps/{name}")
+
+    def human() -> None:
+        print(f"=== {app['name']}")
+        print(f"Owner:    {app['owner']}")
+        print(f"URL:      {app['url']}")
+        print(f"Release:  {('v' + str(app['release'])) if app['release'] else 'none yet'}")
+        running = " ".join(f"{t}={n}" for t, n in sorted(app["processes"].items()))
+        print(f"Running:  {running or 'nothing'}")
+        if app["collaborators"]:
+            print(f"Shared with: {', '.join(app['collaborators'])}")
+
+    return out(args, app, human)
+
+
+def cmd_apps_destroy(args: argparse.Namespace) -> int:
+    name = args.name
+    confirm = args.confirm
+    if confirm is None and sys.stdin.isatty():
+        confirm = input(f"This deletes {name} and everything it has. Type its name to "
+                        "confirm: ").strip()
+    if confirm != name:
+        raise CliError(f"not deleted: confirm with --confirm {name}")
+    Client.from_config().delete(f"apps/{name}")
+    return out(args, {"deleted": name}, f"Deleted {name}")
+
+
+# --- deploy --------------------------------------------------------------------------
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    directory = Path(args.dir or ".")
+    if not directory.is_dir():
+        raise CliError(f"{directory} is not a directory")
+    name = app_of(args, directory)
+    client = Client.from_config()
+    from epio.appdir import make_tarball
+
+    try:
+        tarball = make_tarball(directory)
+    except (OSError, ValueError) as e:
+        raise CliError(f"cannot pack {directory}: {e}") from None
+    quiet = args.json
+    try:
+        size = tarball.stat().st_size
+        show = progress_bar() if sys.stderr.isatty() and not quiet else (lambda d, t: None)
+        with open(tarball, "rb") as f:
+            deploy = client.request("POST", f"apps/{name}/deploys",
+                                    data=ProgressReader(f, size, show),  # type: ignore[arg-type]
+                                    content_type="application/gzip", length=size)
+    finally:
+        try:
+            os.unlink(tarball)
+        except OSError:
+            pass
+    if not quiet:
+        print(f"Uploaded {size / 1e6:.2f} MB; deploy {deploy['id'][:12]}")
+    offset = 0
+    deadline = time.monotonic() + args.timeout
+    while True:
+        d = client.get(f"apps/{name}/deploys/{deploy['id']}", log_offset=offset)
+        if d["log"] and not quiet:
+            sys.stdout.write(d["log"])
+            sys.stdout.flush()
+        offset = d["log_offset"]
+        if d["status"] in FINAL:
+            break
+        if time.monotonic() > deadline:
+            raise CliError(f"gave up following deploy {d['id'][:12]} after {args.timeout:g}s "
+                           f"(it is {d['status']}); see `epio releases`")
+        time.sleep(args.poll)
+    if d["status"] != "succeeded":
+        if quiet:
+            print(json.dumps(d, indent=2, sort_keys=True))
+        raise CliError(f"deploy failed: {d['reason'] or d['status']}")
+    if quiet:
+        print(json.dumps(d, indent=2, sort_keys=True))
+    else:
+        print(f"{name} is live at {d['url']}")
+    return 0
+
+
+# --- processes -----------------------------------------------------------------------
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    name = app_of(args)
+    ps = Client.from_config().get(f"apps/{name}/ps")
+
+    def human() -> None:
+        if not ps:
+            print(f"{name} runs no processes (epio scale web=1)")
+            return
+        table([[p["name"], f"v{p['release']}", p["state"], p["node"],
+                f"{p['host']}:{p['port']}" if p["port"] else None, ago(p["since"]),
+                p["restarts"]] for p in ps],
+              ["PROCESS", "RELEASE", "STATE", "NODE", "ADDRESS", "SINCE", "RESTARTS"])
+
+    return out(args, ps, human)
+
+
+def cmd_scale(args: argparse.Namespace) -> int:
+    name = app_of(args)
+    changes: dict[str, dict[str, Any]] = {}
+    for item in args.changes:
+        ptype, sep, value = item.partition("=")
+        if not sep or not ptype:
+            raise CliError(f"scale takes TYPE=N[:SIZE] (like web=2), not {item!r}")
+        qty, _, size = value.partition(":")
+        change: dict[str, Any] = {}
+        if qty:
+            if not qty.isdigit():
+                raise CliError(f"{ptype}: the quantity must be a number, not {qty!r}")
+            change["quantity"] = int(qty)
+        if size:
+            change["size"] = size
+        changes[ptype] = change
+    client = Client.from_config()
+    if changes:
+        formation = client.patch(f"apps/{name}/formation", {"processes": changes})
+    else:
+        formation = client.get(f"apps/{name}/formation")
+
+    def human() -> None:
+        table([[p["type"], p["quantity"], p["size"], p["command"]]
+               for p in formation["processes"]], ["TYPE", "QUANTITY", "SIZE", "COMMAND"])
+
+    return out(args, formation, human)
+
+
+# --- config --------------------------------------------------------------------------
+
+
+def cmd_config_list(args: argparse.Namespace) -> int:
+    name = app_of(args)
+    data = Client.from_config().get(f"apps/{name}/config")
+
+    def human() -> None:
+        if not data["vars"]:
+            print(f"{name} has no config vars")
+        for k, v in sorted(data["vars"].items()):
+            print(f"{k}={v}")
+
+    return out(args, data, human)
+
+
+def cmd_config_get(args: argparse.Namespace) -> int:
+    name = app_of(args)
+    data = Client.from_config().get(f"apps/{name}/config")
+    if args.key not in data["vars"]:
+        raise CliError(f"{name} has no config var {args.key}")
+    return out(args, {args.key: data["vars"][args.key]}, data["vars"][args.key])
+
+
+def cmd_config_set(args: argparse.Namespace) -> int:
+    name = app_of(args)
+    changes: dict[str, str | None] = {}
+    for item in args.pairs:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CliError(f"config set takes KEY=VALUE, not {item!r}")
+        changes[key] = value
+    data = Client.from_config().patch(f"apps/{name}/config", changes)
+    return out(args, data, f"Set {', '.join(changes)} on {name} (new release)")
+
+
+def cmd_config_unset(args: argparse.Namespace) -> int:
+    name = app_of(args)
+    data = Client.from_config().patch(f"apps/{name}/config", {k: None for k in args.keys})
+    return out(args, data, f"Unset {', '.join(args.keys)} on {name} (new release)")
+
+
+# --- releases ------------------------------------------------------------------------
+
+
+def cmd_releases(args: argparse.Namespace) -> int:
+    name = app_of(args)
+    rels = Client.from_config().get(f"apps/{name}/releases")
+
+    def human() -> None:
+        if not rels:
+            print(f"{name} has no releases yet: epio deploy")
+            return
+        table([[f"v{r['version']}" + (" *" if r["current"] else ""), r["status"],
+                (r["image"] or "")[:12] or None, r["description"], r["created_by"],
+                ago(r["created"])] for r in rels],
+              ["VERSION", "STATUS", "IMAGE", "DESCRIPTION", "BY", "CREATED"])
+
+    return out(args, rels, human)
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    name = app_of(args)
+    body: dict[str, Any] = {}
+    if args.version:
+        text = args.version.lstrip("vV")
+        if not text.isdigit():
+            raise CliError(f"rollback takes a release like v3, not {args.version!r}")
+        body["version"] = int(text)
+    rel = Client.from_config().post(f"apps/{name}/rollback", body)
+    return out(args, rel, f"Rolled back {name}: {rel['description']} is v{rel['version']}")
+
+
+# --- domains -------------------------------------------------------------------------
+
+
+def cmd_domains_list(args: argparse.Namespace) -> int:
+    name = app_of(args)
+    domains = Client.from_config().get(f"apps/{name}/domains")
+
+    def human() -> None:
+        for d in domains:
+            print(d["hostname"] + ("  (built in)" if d["builtin"] else ""))
+
+    return out(args, domains, human)
+
+
+def cmd_domains_add(args: argparse.Namespace) -> int:
+    name = app_of(args)
+    d = Client.from_config().post(f"apps/{name}/domains", {"hostname": args.hostname})
+    return out(args, d, f"Added {d['hostname']} to {name}; point its DNS at the routers")
+
+
+def cmd_domains_remove(args: argparse.Namespace) -> int:
+    name = app_of(args)
+    Client.from_config().delete(f"apps/{name}/domains/{args.hostname}")
+    return out(args, {"deleted": args.hostname}, f"Removed {args.hostname} from {name}")
+
+
+def cmd_open(args: argparse.Namespace) -> int:
+    name = app_of(args)
+    app = Client.from_config().get(f"apps/{name}")
+    opened = webbrowser.open(app["url"]) if not args.json else False
+    return out(args, {"url": app["url"], "opened": opened},
+               app["url"] if opened else f"Open {app['url']} in your browser")
+
+
+# --- parser --------------------------------------------------------------------------
+
+
+def register(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Add the platform commands to the ``epio`` parser."""
+    p = sub.add_parser("login", parents=[common], help="log in to an epio API",
+                       description="Store the API URL and token (read from stdin when "
+                                   "--token is not given) in the config dir, mode 0600.")
+    p.add_argument("--api", required=True, help="the API URL, e.g. http://127.0.0.1:8000")
+    p.add_argument("--token", help="API token (default: read from stdin)")
+    p.set_defaults(func=cmd_login)
+    p = sub.add_parser("logout", parents=[common], help="forget the stored token")
+    p.set_defaults(func=cmd_logout)
+    p = sub.add_parser("whoami", parents=[common], help="show the logged-in user")
+    p.set_defaults(func=cmd_whoami)
+
+    apps = sub.add_parser("apps", parents=[common], help="create, list, show, destroy apps",
+                          description="Manage apps. Without a subcommand: list them.")
+    apps.set_defaults(func=cmd_apps_list)
+    asub = apps.add_subparsers(dest="apps_command", metavar="SUBCOMMAND")
+    p = asub.add_parser("list", parents=[common], help="list your apps")
+    p.set_defaults(func=cmd_apps_list)
+    p = asub.add_parser("create", parents=[common], help="create an app",
+                        description=f"Create an app and remember it in ./{APP_FILE}.")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--no-remember", action="store_true", help=f"do not write ./{APP_FILE}")
+    p.set_defaults(func=cmd_apps_create)
+    p = asub.add_parser("info", parents=[common], help="show an app")
+    p.add_argument("name", metavar="NAME", nargs="?")
+    p.set_defaults(func=cmd_apps_info)
+    p = asub.add_parser("destroy", parents=[common], help="delete an app and everything it has")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--confirm", metavar="NAME", help="the app's name again (no prompt)")
+    p.set_defaults(func=cmd_apps_destroy)
+
+    p = sub.add_parser("deploy", parents=[common], help="deploy an app directory",
+                       description="Pack DIR (honouring .epioignore), upload it, follow the "
+                                   "build and rollout, and print the app's URL.")
+    p.add_argument("dir", metavar="DIR", nargs="?", default=".")
+    p.add_argument("--timeout", type=float, default=1200.0, help="seconds to follow (1200)")
+    p.add_argument("--poll", type=float, default=1.0, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_deploy)
+
+    p = sub.add_parser("ps", parents=[common], help="list the app's processes")
+    p.set_defaults(func=cmd_ps)
+    p = sub.add_parser("scale", parents=[common], help="scale process types (web=2 worker=1)",
+                       description="Set quantities and sizes: epio scale web=2 worker=1:large. "
+                                   "Without arguments, show the formation.")
+    p.add_argument("changes", metavar="TYPE=N[:SIZE]", nargs="*")
+    p.set_defaults(func=cmd_scale)
+
+    cfg = sub.add_parser("config", parents=[common], help="list, get, set, unset config vars",
+                         description="Config vars; each change makes a new release.")
+    cfg.set_defaults(func=cmd_config_list)
+    csub = cfg.add_subparsers(dest="config_command", metavar="SUBCOMMAND")
+    p = csub.add_parser("list", parents=[common], help="list config vars")
+    p.set_defaults(func=cmd_config_list)
+    p = csub.add_parser("get", parents=[common], help="print one config var")
+    p.add_argument("key", metavar="KEY")
+    p.set_defaults(func=cmd_config_get)
+    p = csub.add_parser("set", parents=[common], help="set KEY=VALUE ...")
+    p.add_argument("pairs", metavar="KEY=VALUE", nargs="+")
+    p.set_defaults(func=cmd_config_set)
+    p = csub.add_parser("unset", parents=[common], help="unset KEY ...")
+    p.add_argument("keys", metavar="KEY", nargs="+")
+    p.set_defaults(func=cmd_config_unset)
+
+    p = sub.add_parser("releases", parents=[common], help="list releases")
+    p.set_defaults(func=cmd_releases)
+    p = sub.add_parser("rollback", parents=[common], help="roll back to an earlier release",
+                       description="Make a new release with an earlier release's image and "
+                                   "config (default: the one before the current).")
+    p.add_argument("version", metavar="vN", nargs="?")
+    p.set_defaults(func=cmd_rollback)
+
+    dom = sub.add_parser("domains", parents=[common], help="list, add, remove hostnames")
+    dom.set_defaults(func=cmd_domains_list)
+    dsub = dom.add_subparsers(dest="domains_command", metavar="SUBCOMMAND")
+    p = dsub.add_parser("list", parents=[common], help="list the app's hostnames")
+    p.set_defaults(func=cmd_domains_list)
+    p = dsub.add_parser("add", parents=[common], help="route a hostname (or *.suffix) here")
+    p.add_argument("hostname", metavar="HOSTNAME")
+    p.set_defaults(func=cmd_domains_add)
+    p = dsub.add_parser("remove", parents=[common], help="stop routing a hostname here")
+    p.add_argument("hostname", metavar="HOSTNAME")
+    p.set_defaults(func=cmd_domains_remove)
+
+    p = sub.add_parser("open", parents=[common], help="open the app in a browser")
+    p.set_defaults(func=cmd_open)

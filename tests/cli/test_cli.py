@@ -1,0 +1,183 @@
+"""The ``epio`` CLI as a user runs it: a real subprocess against a real api
+(Klein over TCP on 127.0.0.1:0, SQLite store, fake runners).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import ensureDeferred
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial.unittest import TestCase
+
+from epio.api.service import make_site
+from tests.api.support import Harness
+from tests.util import epio_env
+
+
+class CliTests(TestCase):
+    timeout = 60
+
+    async def _setup(self) -> None:
+        self.h = Harness()
+        await self.h.start()
+        self.port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            make_site(self.h.api, 1 << 20))
+        self.url = f"http://127.0.0.1:{self.port.getHost().port}"
+        self.home = Path(tempfile.mkdtemp(prefix="epio-cli-test-"))
+        self.cwd = self.home / "work"
+        self.cwd.mkdir()
+
+    async def _teardown(self) -> None:
+        await self.port.stopListening()
+        await self.h.stop()
+        shutil.rmtree(self.home, ignore_errors=True)
+
+    def setUp(self) -> Any:
+        self.addCleanup(lambda: ensureDeferred(self._teardown()))
+        return ensureDeferred(self._setup())
+
+    async def epio(self, *args: str, stdin: str | None = None,
+                   cwd: Path | None = None) -> tuple[int, str, str]:
+        env = epio_env({"EPIO_CONFIG_DIR": str(self.home / "config"), "HOME": str(self.home)})
+        env.pop("EPIO_API", None)
+        env.pop("EPIO_TOKEN", None)
+        argv = ["-c", "import sys; from epio.cli.main import main; sys.exit(main())", *args]
+        if stdin is not None:
+            argv = ["-c", "import sys, io; sys.stdin = io.StringIO(" + repr(stdin) + "); "
+                    "from epio.cli.main import main; sys.exit(main())", *args]
+        out, err, code = await getProcessOutputAndValue(
+            sys.executable, argv, env=env, path=str(cwd or self.cwd))
+        return code, out.decode(), err.decode()
+
+    async def login(self, token: str | None = None) -> None:
+        code, out, err = await self.epio("login", "--api", self.url,
+                                         stdin=(token or self.h.alice_token) + "\n")
+        self.assertEqual(code, 0, err)
+
+    async def test_login_from_stdin(self) -> None:
+        """login reads the token from stdin, checks it, stores it 0600; a bad one fails."""
+        code, out, err = await self.epio("login", "--api", self.url, stdin="epio_wrong\n")
+        self.assertEqual(code, 1)
+        self.assertIn("not valid", err)
+        self.assertNotIn("Traceback", err)
+        await self.login()
+        path = self.home / "config" / "config.json"
+        self.assertEqual(stat.S_IMODE(path.stat().st_mode), 0o600)
+        self.assertEqual(json.loads(path.read_text())["token"], self.h.alice_token)
+        code, out, _ = await self.epio("whoami")
+        self.assertEqual(out.strip(), "alice")
+
+    async def test_not_logged_in(self) -> None:
+        """Without a login every command says what to do, in one sentence."""
+        code, out, err = await self.epio("apps", "list")
+        self.assertEqual(code, 1)
+        self.assertEqual(err.strip(), "epio: not logged in: run `epio login --api URL` first")
+
+    async def test_unreachable_api(self) -> None:
+        """An API that does not answer is one clear sentence, no traceback."""
+        code, out, err = await self.epio("login", "--api", "http://127.0.0.1:1",
+                                         "--token", "x")
+        self.assertEqual(code, 1)
+        self.assertIn("cannot reach the epio API", err)
+        self.assertEqual(len(err.strip().splitlines()), 1)
+
+    async def test_apps_and_app_file(self) -> None:
+        """apps create writes .epio-app; later commands in that dir use it."""
+        await self.login()
+        code, out, err = await self.epio("apps", "create", "hello")
+        self.assertEqual(code, 0, err)
+        self.assertIn("http://hello.localhost:8080/", out)
+        self.assertEqual((self.cwd / ".epio-app").read_text().strip(), "hello")
+        sub = self.cwd / "deeper"
+        sub.mkdir()
+        code, out, err = await self.epio("apps", "info", cwd=sub)
+        self.assertEqual(code, 0, err)
+        self.assertIn("=== hello", out)
+        code, out, err = await self.epio("apps", "list", "--json")
+        self.assertEqual([a["name"] for a in json.loads(out)], ["hello"])
+        code, out, err = await self.epio("apps", "info", "--app", "nope")
+        self.assertEqual((code, err.strip()), (1, "epio: no app named 'nope'"))
+        code, out, err = await self.epio("apps", "destroy", "hello")
+        self.assertEqual(code, 1)
+        self.assertIn("--confirm hello", err)
+        code, out, err = await self.epio("apps", "destroy", "hello", "--confirm", "hello")
+        self.assertEqual(code, 0, err)
+
+    async def test_config_scale_domains_releases(self) -> None:
+        """config set/unset/list, scale, domains and releases round-trip through the API."""
+        await self.login()
+        await self.epio("apps", "create", "cfg")
+        code, out, err = await self.epio("config", "set", "A=1", "B=two words")
+        self.assertEqual(code, 0, err)
+        code, out, err = await self.epio("config", "unset", "A")
+        self.assertEqual(code, 0, err)
+        code, out, err = await self.epio("config")
+        self.assertEqual(out.strip(), "B=two words")
+        code, out, err = await self.epio("config", "get", "B", "--json")
+        self.assertEqual(json.loads(out), {"B": "two words"})
+        code, out, err = await self.epio("releases")
+        self.assertIn("Unset A", out)
+        self.assertIn("v2 *", out)
+        code, out, err = await self.epio("scale", "web=2:large")
+        self.assertEqual(code, 0, err)
+        self.assertIn("large", out)
+        code, out, err = await self.epio("scale", "web=two")
+        self.assertEqual(code, 1)
+        code, out, err = await self.epio("domains", "add", "www.example.com")
+        self.assertEqual(code, 0, err)
+        code, out, err = await self.epio("domains")
+        self.assertEqual(out.split(), ["cfg.localhost", "(built", "in)", "www.example.com"])
+        code, out, err = await self.epio("domains", "remove", "www.example.com")
+        self.assertEqual(code, 0, err)
+
+    async def test_deploy_follows_and_prints_url(self) -> None:
+        """deploy packs the dir (honouring .epioignore), uploads, follows the log to the URL."""
+        await self.h.add_runner("r1")
+        self.h.scheduler.become_leader()
+        self.addCleanup(self.h.scheduler.lose_leadership)
+        await self.login()
+        await self.epio("apps", "create", "hello", "--no-remember")
+        app = self.cwd / "app"
+        app.mkdir()
+        (app / "app.py").write_text("def app(e, s): pass\n")
+        (app / "Procfile").write_text("web: gunicorn app:app\n")
+        (app / "secret.txt").write_text("nope\n")
+        (app / ".epioignore").write_text("secret.txt\n")
+        code, out, err = await self.epio("deploy", "app", "--app", "hello", "--poll", "0.1")
+        self.assertEqual(code, 0, out + err)
+        self.assertIn("Release v1", out)
+        self.assertTrue(out.strip().endswith("hello is live at http://hello.localhost:8080/"))
+        code, out, err = await self.epio("ps", "--app", "hello", "--json")
+        self.assertEqual([(p["name"], p["state"]) for p in json.loads(out)],
+                         [("web.1", "healthy")])
+
+    async def test_deploy_failure_exit_status(self) -> None:
+        """A failed build makes deploy exit 1 with the reason."""
+        await self.h.add_runner("r1")
+        self.h.runners.build_error = "requirements.txt: no such package"
+        await self.login()
+        await self.epio("apps", "create", "bad", "--no-remember")
+        (self.cwd / "Procfile").write_text("web: x\n")
+        code, out, err = await self.epio("deploy", "--app", "bad", "--poll", "0.1")
+        self.assertEqual(code, 1)
+        self.assertIn("deploy failed: build failed: requirements.txt: no such package", err)
+
+    async def test_help(self) -> None:
+        """epio --help lists the commands; each command has its own --help."""
+        code, out, err = await self.epio("--help")
+        for name in ("login", "apps", "deploy", "ps", "scale", "config", "releases",
+                     "rollback", "domains", "open"):
+            self.assertIn(name, out)
+        code, out, err = await self.epio("deploy", "--help")
+        self.assertEqual(code, 0)
+        self.assertIn(".epioignore", out)
