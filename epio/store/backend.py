@@ -16,6 +16,7 @@ the text); the PostgreSQL backend translates them for psycopg2.  Only code in
 from __future__ import annotations
 
 import hashlib
+import os
 import sqlite3
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -150,7 +151,16 @@ class SqliteBackend:
             raise
 
     def _connect(self) -> None:
-        Path(self.path).absolute().parent.mkdir(parents=True, exist_ok=True)
+        # The store holds config vars (app secrets) and token hashes: owner-only.
+        # SQLite creates the -wal and -shm files with the database file's mode.
+        path = Path(self.path).absolute()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+            if path.stat().st_mode & 0o077:
+                os.chmod(path, 0o600)
+        except OSError as e:
+            raise StoreUnavailable(f"cannot open {self.path}: {e.strerror}") from None
         try:
             conn = sqlite3.connect(self.path, timeout=self._busy_timeout,
                                    isolation_level=None, check_same_thread=False)

@@ -475,6 +475,19 @@ class SqliteStoreTests(StoreTestsMixin, TestCase):
         self.assertEqual(conn.execute("PRAGMA journal_mode").fetchone()[0], "wal")
         self.assertEqual((await self.raw("PRAGMA foreign_keys"))[0][0], 1)
 
+    async def test_sqlite_files_private(self) -> None:
+        """The database (config vars are secrets) and its WAL are readable by the owner only."""
+        import os
+        import stat
+
+        await self.store.set_config_and_release(
+            (await self.store.create_app("p", self.alice.id)).name, {"SECRET": "x"},
+            description="x")
+        path = self.store_url[len("sqlite:///"):]
+        for suffix in ("", "-wal", "-shm"):
+            mode = stat.S_IMODE(os.stat(path + suffix).st_mode)
+            self.assertEqual(mode & 0o077, 0, f"{suffix or 'db'} mode {mode:o}")
+
 
 class PostgresStoreTests(StoreTestsMixin, TestCase):
     """The store suite on PostgreSQL (a fresh schema in this run's fresh database)."""
