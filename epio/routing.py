@@ -332,3 +332,28 @@ class FileRouteSource:
             return
         self.table.replace(routes)
         self.log.info("loaded {count} routes from {path}", count=len(routes), path=str(self.path))
+
+
+@implementer(IRouteSource)
+class StaticRouteSource:
+    """A fixed list of routes (tests, embedding); :meth:`set` swaps in new ones."""
+
+    def __init__(self, routes: Iterable[Route] = ()) -> None:
+        self.routes = list(routes)
+        self.description = "static routes"
+        self.table: RouteTable | None = None
+
+    def start(self, table: RouteTable) -> None:
+        self.table = table
+        table.replace(self.routes)
+
+    def stop(self) -> None:
+        self.table = None
+
+    def reload(self) -> None:
+        if self.table is not None:
+            self.table.replace(self.routes)
+
+    def set(self, routes: Iterable[Route]) -> None:
+        self.routes = list(routes)
+        self.reload()
