@@ -105,7 +105,7 @@ class Deployer:
             self.scheduler.wake()
 
     async def _deploy(self, app: App, deploy: Deploy, tarball: bytes) -> None:
-        deploy = await self._say(deploy, f"Received {len(tarball) / 1e6:.1f} MB for {app.name}")
+        deploy = await self._say(deploy, f"Received {len(tarball) / 1e3:.1f} kB for {app.name}")
         runner = await self._pick_runner()
         deploy = await self._say(deploy, f"Building on {runner.id}...", status="building")
         config = await self.store.get_config(app.name)

@@ -312,7 +312,7 @@ class Scheduler:
             await self.store.upsert_instance(inst)
             body = {
                 "instance_id": iid, "app": app.name, "uid": app.uid,
-                "release": release.version, "process_type": ptype,
+                "release": release.version, "process_type": ptype, "index": number,
                 "command": release.processes[ptype], "image_digest": release.image,
                 "env": env, "limits": limits,
                 "health_check": meta.get("health_check") if ptype == "web" else None,

@@ -60,6 +60,14 @@ def ago(ts: float | None) -> str:
     return f"{delta}s ago"
 
 
+def human_size(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
 def app_of(args: argparse.Namespace, *dirs: Path) -> str:
     return resolve_app(getattr(args, "app", None), *dirs)
 
@@ -194,7 +202,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         except OSError:
             pass
     if not quiet:
-        print(f"Uploaded {size / 1e6:.2f} MB; deploy {deploy['id'][:12]}")
+        print(f"Uploaded {human_size(size)}; deploy {deploy['id'][:12]}")
     offset = 0
     deadline = time.monotonic() + args.timeout
     while True:

@@ -1,0 +1,201 @@
+"""End to end: the README's quick start on a real single-box node.
+
+A real ``twistd -n epio --role=all`` in a temp dir (free ports, SQLite store);
+the real ``epio`` CLI in subprocesses; HTTP through the real router.  Steps:
+log in with the admin token, create an app, deploy examples/flask, get its page
+through the router, scale to 2 and see both instances serve, set a config var
+and see it in the app, roll back, delete the app and see its processes, mounts,
+image references and routes gone.
+
+Each step is named; a failure says which step failed, with the end of the
+node's log.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.util import CHECKOUT, NodeProcess, epio_env, isolated_config, to_toml
+
+STEP_TIMEOUT = 240.0
+
+
+def http_get(port: int, host: str, path: str = "/", target: str = "127.0.0.1",
+             timeout: float = 5.0) -> tuple[int, str]:
+    conn = http.client.HTTPConnection(target, port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers={"Host": host})
+        resp = conn.getresponse()
+        return resp.status, resp.read().decode("utf-8", "replace")
+    finally:
+        conn.close()
+
+
+def wait_until(what: str, check: Callable[[], Any], timeout: float = 60.0,
+               interval: float = 0.5) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        try:
+            result = check()
+        except Exception as e:  # a connection refused while things start, ...
+            result, last = None, e
+        else:
+            last = result
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not true after {timeout:g}s (last: {last!r})")
+        time.sleep(interval)
+
+
+class QuickStartTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.tmp = Path(tempfile.mkdtemp(prefix="epio-e2e-"))
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        doc, _ = isolated_config({
+            "api": {"reconcile_interval": 0.5, "drain_seconds": 1.0, "stop_grace": 3.0,
+                    "runner_dead_after": 10.0},
+        })
+        self.doc = doc
+        self.api_port = int(doc["api"]["listen"].split(":")[1])
+        self.lb_port = int(doc["lb"]["listen"].split(":")[1])
+        self.node = NodeProcess(["--role=all"], data_dir=self.tmp / "data",
+                                config=to_toml(doc))
+        self.addCleanup(self.node.cleanup)
+        self.work = self.tmp / "work"
+        self.work.mkdir()
+        self.step_name = "start"
+
+    def epio(self, *args: str, stdin: str | None = None, check: bool = True,
+             timeout: float = STEP_TIMEOUT) -> tuple[int, str, str]:
+        env = epio_env({"EPIO_CONFIG_DIR": str(self.tmp / "cli"), "HOME": str(self.tmp)})
+        proc = subprocess.run(
+            [sys.executable, "-c", "import sys; from epio.cli.main import main; sys.exit(main())",
+             *args], input=stdin, capture_output=True, text=True, env=env, cwd=self.work,
+            timeout=timeout)
+        if check and proc.returncode != 0:
+            self.fail_step(f"epio {' '.join(args)} exited {proc.returncode}:\n"
+                           f"{proc.stdout}\n{proc.stderr}")
+        return proc.returncode, proc.stdout, proc.stderr
+
+    def fail_step(self, message: str) -> None:
+        raise AssertionError(f"e2e step '{self.step_name}' failed: {message}\n"
+                             f"--- node log (end) ---\n{self.node.output()[-6000:]}")
+
+    def step(self, name: str) -> None:
+        self.step_name = name
+        sys.stderr.write(f"[e2e] {name}\n")
+
+    def router(self, path: str = "/") -> tuple[int, str]:
+        return http_get(self.lb_port, "hello.localhost", path)
+
+    def ps(self) -> list[dict[str, Any]]:
+        return json.loads(self.epio("ps", "--app", "hello", "--json")[1])
+
+    def test_quick_start(self) -> None:
+        """The quick start works end to end and deleting the app leaves nothing behind."""
+        try:
+            self._walk()
+        except AssertionError as e:
+            if "e2e step" in str(e):
+                raise
+            self.fail_step(str(e))
+
+    def _walk(self) -> None:
+        self.step("node starts and writes the admin token")
+        self.node.wait_for_log("api ready", timeout=60)
+        token_file = self.tmp / "data" / "admin-token"
+        self.assertEqual(token_file.stat().st_mode & 0o777, 0o600)
+        self.assertNotIn(token_file.read_text().strip(), self.node.output())
+
+        self.step("epio login with the admin token")
+        api = f"http://127.0.0.1:{self.api_port}"
+        self.epio("login", "--api", api, stdin=token_file.read_text())
+
+        self.step("epio apps create hello")
+        _, out, _ = self.epio("apps", "create", "hello")
+        self.assertIn(f"http://hello.localhost:{self.lb_port}/", out)
+
+        self.step("epio deploy examples/flask")
+        _, out, _ = self.epio("deploy", str(CHECKOUT / "examples" / "flask"), "--poll", "0.5")
+        self.assertIn(f"hello is live at http://hello.localhost:{self.lb_port}/", out)
+
+        self.step("the page answers through the router")
+        wait_until("router serves the app", lambda: self.router() == (
+            200, "Hello from Flask on epio!\n"), timeout=30)
+
+        self.step("scale web=2: both instances serve")
+        self.epio("scale", "web=2")
+        ps = wait_until("two healthy web instances", lambda: (lambda p: p if len(
+            [i for i in p if i["state"] == "healthy"]) == 2 else None)(self.ps()), timeout=60)
+        for inst in ps:
+            self.assertEqual(http_get(inst["port"], "hello.localhost", target=inst["host"])[0],
+                             200, inst)
+        for _ in range(10):
+            self.assertEqual(self.router()[0], 200)
+
+        self.step("config set GREETING=Howdy shows in the app")
+        self.epio("config", "set", "GREETING=Howdy")
+        wait_until("new config served", lambda: self.router() == (
+            200, "Howdy from Flask on epio!\n"), timeout=60)
+
+        self.step("rollback serves the previous config again")
+        _, out, _ = self.epio("rollback")
+        wait_until("rolled back", lambda: self.router() == (
+            200, "Hello from Flask on epio!\n"), timeout=60)
+        releases = json.loads(self.epio("releases", "--app", "hello", "--json")[1])
+        self.assertTrue(releases[0]["description"].startswith("Rollback to v"))
+        image = releases[0]["image"]
+        app_ports = [i["port"] for i in self.ps()]
+
+        self.step("apps destroy removes processes, mounts, image refs and routes")
+        self.epio("apps", "destroy", "hello", "--confirm", "hello")
+        wait_until("route gone", lambda: self.router()[0] in (404, 502, 503), timeout=30)
+        for port in app_ports:
+            wait_until(f"nothing listens on {port}", lambda p=port: not _listening(p),
+                       timeout=30)
+        digest = image.split(":")[-1]
+        wait_until("image unmounted", lambda: digest not in Path("/proc/mounts").read_text(),
+                   timeout=30)
+        code, _, err = self.epio("releases", "--app", "hello", check=False)
+        self.assertEqual(code, 1)
+        self.assertIn("no app named 'hello'", err)
+        self.assertFalse(_app_processes(self.tmp), "app processes are still running")
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def _app_processes(tmp: Path) -> list[str]:
+    """Command lines of processes whose cwd or args point into the test's data dir."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "gunicorn" in cmd and str(tmp) in cmd:
+            found.append(cmd)
+    return found
