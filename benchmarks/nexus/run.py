@@ -1,0 +1,325 @@
+"""Nexus benchmark: heartbeat -> route visible in a router, and proxying under route churn.
+
+Runs by hand from the checkout (see docs/nexus.md)::
+
+    /work/venv/bin/python benchmarks/nexus/run.py [--apps 1000] [--instances 10000]
+        [--nodes 100] [--nexuses 2] [--samples 200] [--changes 2] [--wrk-seconds 5]
+
+What it starts (all real processes on 127.0.0.1): a store with the apps, HTTP
+backends, ``--nexuses`` nexus nodes and one router (``twistd epio
+--role=nexus`` / ``--role=lb``), and a churn process simulating ``--nodes``
+runners that announce ``--instances`` instances over ``--apps`` apps every
+second.  The benchmark itself is a runner too (node ``probe``): it moves the
+app ``probe`` from one real backend to another with one heartbeat and polls
+the router (Host ``probe.localhost``) until the answer comes from the new
+backend.  That time is heartbeat -> route-visible-in-router, end to end.
+
+Two phases: *steady* (heartbeats flowing, no route changing) and *churn*
+(every runner flips ``--changes`` instances per heartbeat between healthy and
+starting: ``nodes * changes`` route changes a second).  In each phase it
+measures the propagation latency (p50/p99) and the router's request latency
+with wrk on an unrelated app (``stable.localhost``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import random
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+CHECKOUT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(CHECKOUT))
+
+from tests.util import NodeProcess, epio_env, free_port, wait_for_port  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+
+class Clockish:
+    """What Bus needs of a reactor outside one: the time."""
+
+    @staticmethod
+    def seconds() -> float:
+        return time.time()
+
+
+class Probe:
+    """A synchronous runner stand-in: PUB heartbeats and DEALER queries with pyzmq."""
+
+    def __init__(self, secret: bytes, hb_endpoints: list[str]) -> None:
+        import zmq
+
+        from epio.bus import Bus
+
+        self.zmq = zmq
+        self.bus = Bus(Clockish(), secret, "probe", {"bus": {}})
+        self.ctx = zmq.Context()
+        self.pub = self.ctx.socket(zmq.PUB)
+        for opt, value in self.bus.socket_options(bind=False):
+            self.pub.setsockopt(opt, value)
+        for ep in hb_endpoints:
+            self.pub.connect(ep)
+        self.boot = uuid.uuid4().hex
+        self.seq = 0
+        self.last_beat = 0.0
+
+    def beat(self, probe_port: int, stable_port: int) -> float:
+        self.seq += 1
+        insts = [
+            {"instance_id": "probe-web", "app": "probe", "release": 1, "process_type": "web",
+             "host": "127.0.0.1", "port": probe_port, "state": "healthy", "since": 0.0,
+             "restarts": 0},
+            {"instance_id": "stable-web", "app": "stable", "release": 1, "process_type": "web",
+             "host": "127.0.0.1", "port": stable_port, "state": "healthy", "since": 0.0,
+             "restarts": 0},
+        ]
+        frame = self.bus.seal_new("runner.heartbeat", {
+            "node_id": "probe", "boot_id": self.boot, "seq": self.seq, "interval": 1.0,
+            "load": {}, "control": "tcp://127.0.0.1:1", "advertise_host": "127.0.0.1",
+            "instances": insts,
+        }, pattern="publish", topic=b"hb")
+        t0 = time.perf_counter()
+        self.pub.send_multipart([b"hb", frame])
+        self.last_beat = time.monotonic()
+        return t0
+
+    def ask(self, endpoint: str, type: str, body: dict[str, Any]) -> dict[str, Any]:
+        zmq = self.zmq
+        sock = self.ctx.socket(zmq.DEALER)
+        try:
+            for opt, value in self.bus.socket_options(bind=False):
+                sock.setsockopt(opt, value)
+            sock.connect(endpoint)
+            sock.send(self.bus.seal_new(type, body, pattern="request"))
+            if not sock.poll(5000):
+                raise TimeoutError(f"no reply from {endpoint}")
+            env = self.bus.open(sock.recv(), pattern="reply")
+            return env.body
+        finally:
+            sock.close(linger=0)
+
+    def close(self) -> None:
+        self.pub.close(linger=0)
+        self.ctx.term()
+
+
+def percentile(values: list[float], p: float) -> float:
+    s = sorted(values)
+    if not s:
+        return float("nan")
+    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.tmp = Path(tempfile.mkdtemp(prefix="epio-nexus-bench-"))
+        self.procs: list[NodeProcess] = []
+        self.scripts: list[subprocess.Popen[bytes]] = []
+
+    def spawn(self, *argv: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        log = open(self.tmp / f"proc-{len(self.scripts)}.log", "wb")
+        p = subprocess.Popen([sys.executable, str(HERE / "procs.py"), *argv],
+                             env=epio_env(env), stdout=log, stderr=subprocess.STDOUT)
+        self.scripts.append(p)
+        return p
+
+    def cleanup(self) -> None:
+        for p in self.scripts:
+            if p.poll() is None:
+                p.send_signal(signal.SIGCONT)
+                p.kill()
+                p.wait()
+        for n in self.procs:
+            n.cleanup()
+        if not self.args.keep:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def run(self) -> dict[str, Any]:
+        a = self.args
+        secret_path = self.tmp / "secret"
+        fd = os.open(secret_path, os.O_WRONLY | os.O_CREAT, 0o600)
+        secret = secrets.token_bytes(32)
+        os.write(fd, secret.hex().encode())
+        os.close(fd)
+        store_url = f"sqlite:///{self.tmp / 'store.sqlite3'}"
+        t = time.monotonic()
+        subprocess.run([sys.executable, str(HERE / "procs.py"), "store", store_url, str(a.apps)],
+                       env=epio_env(), check=True)
+        print(f"store: {a.apps + 2} apps created in {time.monotonic() - t:.1f}s", flush=True)
+
+        backends_file = self.tmp / "backends.json"
+        self.spawn("backend", str(backends_file), "A", "B", "stable")
+        while not backends_file.exists():
+            time.sleep(0.05)
+        ports = json.loads(backends_file.read_text())
+
+        cluster = [{"heartbeat": f"tcp://127.0.0.1:{free_port()}",
+                    "router": f"tcp://127.0.0.1:{free_port()}",
+                    "publish": f"tcp://127.0.0.1:{free_port()}"} for _ in range(a.nexuses)]
+        nexus_toml = ", ".join(
+            "{" + ", ".join(f"{k} = {json.dumps(v)}" for k, v in c.items()) + "}" for c in cluster)
+        common = (f"[cluster]\nsecret_file = {json.dumps(str(secret_path))}\n"
+                  f"nexus = [{nexus_toml}]\n[store]\nurl = {json.dumps(store_url)}\n")
+        for i, c in enumerate(cluster):
+            self.procs.append(NodeProcess(
+                ["--role=nexus"], data_dir=self.tmp / f"nexus{i}",
+                config=common + f"[nexus]\nheartbeat_bind = {json.dumps(c['heartbeat'])}\n"
+                f"router_bind = {json.dumps(c['router'])}\n"
+                f"publish_bind = {json.dumps(c['publish'])}\n"))
+        lb_port = free_port()
+        router = NodeProcess(["--role=lb"], data_dir=self.tmp / "router",
+                             config=common + f"[lb]\nlisten = \"tcp:{lb_port}:interface=127.0.0.1\"\n"
+                             "access_log = \"off\"\n")
+        self.procs.append(router)
+        hb = [c["heartbeat"] for c in cluster]
+        per_node = a.instances // a.nodes
+        self.spawn("churn", str(secret_path), str(a.nodes), str(per_node), str(a.apps),
+                   str(a.changes), "1.0", *hb, env={"CHURN_START_OFF": "1"})
+        churn = self.scripts[-1]
+        for n in self.procs[:-1]:
+            n.wait_for_log(" ready: ", timeout=60)
+        wait_for_port("127.0.0.1", lb_port, timeout=60)
+
+        probe = Probe(secret, hb)
+        self.probe = probe
+        self.ports = ports
+        self.current = "A"
+        conn = http.client.HTTPConnection("127.0.0.1", lb_port, timeout=5)
+        self.conn = conn
+        deadline = time.monotonic() + 30
+        while self.get() != "A":
+            if time.monotonic() > deadline:
+                raise SystemExit("the router never routed probe.localhost:\n" + router.output()[-3000:])
+            probe.beat(ports["A"], ports["stable"])
+            time.sleep(0.1)
+        # wait until every simulated instance is in the table
+        deadline = time.monotonic() + 30
+        while True:
+            st = probe.ask(cluster[0]["router"], "nexus.status", {})
+            if st.get("nodes", 0) >= a.nodes + 1 or time.monotonic() > deadline:
+                break
+            self.keepalive()
+            time.sleep(0.2)
+        print(f"table: {st['routes']} routes, {st['backends']} backends, {st['nodes']} nodes "
+              f"on nexus[0]", flush=True)
+
+        results: dict[str, Any] = {"apps": a.apps, "instances": per_node * a.nodes,
+                                   "nodes": a.nodes, "nexuses": a.nexuses}
+        for phase in ("steady", "churn"):
+            if phase == "churn":
+                churn.send_signal(signal.SIGUSR1)
+                time.sleep(1.5)
+            before = probe.ask(cluster[0]["router"], "nexus.status", {})
+            t = time.monotonic()
+            lat = self.propagation(a.samples)
+            wrk = self.wrk(lb_port, a.wrk_seconds)
+            after = probe.ask(cluster[0]["router"], "nexus.status", {})
+            secs = time.monotonic() - t
+            changes = after["table"].get("changes", 0) - before["table"].get("changes", 0)
+            results[phase] = {
+                "propagation_ms": {"p50": percentile(lat, 50) * 1000,
+                                   "p99": percentile(lat, 99) * 1000,
+                                   "max": max(lat) * 1000 if lat else float("nan"),
+                                   "samples": len(lat), "lost": a.samples - len(lat)},
+                "route_changes_per_s": changes / secs,
+                "router": wrk,
+            }
+            print(f"{phase}: {json.dumps(results[phase])}", flush=True)
+        conn.close()
+        probe.close()
+        return results
+
+    def get(self) -> str | None:
+        try:
+            self.conn.request("GET", "/", headers={"Host": "probe.localhost"})
+            resp = self.conn.getresponse()
+            body = resp.read().decode()
+            return body if resp.status == 200 else None
+        except (OSError, http.client.HTTPException):
+            self.conn.close()
+            return None
+
+    def keepalive(self) -> None:
+        if time.monotonic() - self.probe.last_beat > 0.4:
+            self.probe.beat(self.ports[self.current], self.ports["stable"])
+
+    def propagation(self, samples: int) -> list[float]:
+        out = []
+        rng = random.Random(7)
+        for _ in range(samples):
+            target = "B" if self.current == "A" else "A"
+            self.current = target
+            t0 = self.probe.beat(self.ports[target], self.ports["stable"])
+            deadline = t0 + 5.0
+            while True:
+                if self.get() == target:
+                    out.append(time.perf_counter() - t0)
+                    break
+                if time.perf_counter() > deadline:
+                    break
+            pause = time.monotonic() + rng.uniform(0.02, 0.1)
+            while time.monotonic() < pause:
+                self.keepalive()
+                time.sleep(0.01)
+        return out
+
+    def wrk(self, port: int, seconds: int) -> dict[str, Any]:
+        if shutil.which("wrk") is None:
+            return {"error": "wrk not installed"}
+        p = subprocess.Popen(
+            ["wrk", "-t1", "-c8", f"-d{seconds}s", "--latency", "-H", "Host: stable.localhost",
+             f"http://127.0.0.1:{port}/"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        while p.poll() is None:
+            self.keepalive()
+            time.sleep(0.05)
+        out = p.stdout.read().decode() if p.stdout else ""
+
+        def ms(label: str) -> float | None:
+            m = re.search(rf"^\s*{label}\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+            if m is None:
+                return None
+            return float(m[1]) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m[2]]
+
+        rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+        errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+        return {"p50_ms": ms("50%"), "p99_ms": ms("99%"),
+                "rps": float(rps[1]) if rps else None,
+                "non_2xx": int(errors[1]) if errors else 0}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--apps", type=int, default=1000)
+    p.add_argument("--instances", type=int, default=10000)
+    p.add_argument("--nodes", type=int, default=100)
+    p.add_argument("--nexuses", type=int, default=2)
+    p.add_argument("--samples", type=int, default=200)
+    p.add_argument("--changes", type=int, default=2,
+                   help="instances flipped per runner heartbeat while churning")
+    p.add_argument("--wrk-seconds", type=int, default=5)
+    p.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    args = p.parse_args()
+    bench = Bench(args)
+    try:
+        results = bench.run()
+    finally:
+        bench.cleanup()
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
