@@ -83,9 +83,10 @@ def route_from_wire(data: Mapping[str, Any]) -> Route:
     if isinstance(options, Mapping):
         for key, kinds in OPTION_KEYS.items():
             value = options.get(key)
-            if isinstance(value, kinds) and not isinstance(value, bool) and value > 0:
+            if isinstance(value, int | float) and not isinstance(value, bool) and value > 0 \
+                    and isinstance(value, kinds):
                 kw[key] = value
-    return Route(app=app, hostnames=hostnames, backends=backends,
+    return Route(app=app, hostnames=hostnames, backends=backends,  # type: ignore[arg-type]
                  maintenance=bool(data.get("maintenance", False)), **kw)
 
 

@@ -25,7 +25,6 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from attrs import define, field, frozen
-from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
 # Instance states a runner reports (PROTOCOL.md).
@@ -95,7 +94,7 @@ class NodeState:
     advertise_host: str | None
     raw_instances: list[Any]
     instances: dict[str, InstanceInfo]
-    timer: IDelayedCall | None = None
+    timer: Any = None  # IDelayedCall of the expiry
     retired_boots: list[str] = field(factory=list)
 
     def as_dict(self, now: float) -> dict[str, Any]:
@@ -213,8 +212,8 @@ class NodeTracker:
             raise InvalidHeartbeat(f"node {node_id}: seq must be an integer")
         if not isinstance(raw_instances, list):
             raise InvalidHeartbeat(f"node {node_id}: instances must be a list")
-        interval = body.get("interval")
-        interval = float(interval) if _number(interval) and interval > 0 else 1.0
+        raw_interval: Any = body.get("interval")
+        interval = float(raw_interval) if _number(raw_interval) and raw_interval > 0 else 1.0
         now = self._clock.seconds()
         state = self.nodes.get(node_id)
         if state is not None and state.boot_id == boot_id:
