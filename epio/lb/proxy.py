@@ -586,6 +586,8 @@ class ClientConn(Protocol):
                 end = buf.find(b"\r\n\r\n")
                 if end < 0:
                     try:
+                        if buf.count(b"\n") != buf.count(b"\r\n"):
+                            raise BadMessage(400, "bad_request", "bare LF in request head")
                         check_request_line_length(buf)
                         if len(buf) > MAX_REQUEST_LINE + MAX_HEADER_BYTES + 4:
                             raise BadMessage(431, "headers_too_large",

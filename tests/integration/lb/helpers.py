@@ -263,6 +263,12 @@ class Backend:
             t.write(b"HTTP/1.1 304 Not Modified\r\nContent-Length: 50\r\n\r\n")
             p.done()
             return
+        if path == b"/extra":
+            # a response followed by bytes nobody asked for (response splitting)
+            t.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n"
+                    b"Content-Length: 8\r\n\r\nPOISONED")
+            p.done()
+            return
         if path == b"/hop":
             t.write(b"HTTP/1.1 200 OK\r\nConnection: X-Secret\r\nX-Secret: 1\r\n"
                     b"Keep-Alive: timeout=1\r\nContent-Length: 2\r\n\r\nok")
