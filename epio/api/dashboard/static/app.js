@@ -1,0 +1,188 @@
+// The epio dashboard: a small script over the JSON API (/api/v1), no build step.
+// The token lives in localStorage and goes in an Authorization header (no cookie,
+// so no CSRF). Every value from the API is inserted with textContent, never HTML.
+"use strict";
+
+const API = "/api/v1";
+const TOKEN_KEY = "epio.token";
+const $ = (sel) => document.querySelector(sel);
+
+function token() { return localStorage.getItem(TOKEN_KEY); }
+
+class ApiError extends Error {
+  constructor(status, code, message) { super(message); this.status = status; this.code = code; }
+}
+
+async function api(path) {
+  const resp = await fetch(API + path, {
+    headers: { "Authorization": "Bearer " + token(), "Accept": "application/json" },
+  });
+  let body = null;
+  try { body = await resp.json(); } catch (e) { body = null; }
+  if (!resp.ok) {
+    const err = (body && body.error) || { code: "http_error", message: resp.statusText };
+    throw new ApiError(resp.status, err.code, err.message);
+  }
+  return body;
+}
+
+function show(id) {
+  for (const v of ["#signin-view", "#apps-view", "#app-view"]) $(v).hidden = v !== id;
+}
+
+function cell(row, text, cls) {
+  const td = document.createElement("td");
+  td.textContent = text === null || text === undefined ? "-" : String(text);
+  if (cls) td.className = cls;
+  row.appendChild(td);
+  return td;
+}
+
+function ago(ts) {
+  if (!ts) return "-";
+  const s = Math.max(0, Math.floor(Date.now() / 1000 - ts));
+  if (s >= 86400) return Math.floor(s / 86400) + "d ago";
+  if (s >= 3600) return Math.floor(s / 3600) + "h ago";
+  if (s >= 60) return Math.floor(s / 60) + "m ago";
+  return s + "s ago";
+}
+
+function fill(tableSel, rows, render) {
+  const tbody = $(tableSel + " tbody");
+  tbody.replaceChildren();
+  for (const r of rows) {
+    const tr = document.createElement("tr");
+    render(tr, r);
+    tbody.appendChild(tr);
+  }
+}
+
+async function signIn(ev) {
+  ev.preventDefault();
+  const value = $("#token").value.trim();
+  localStorage.setItem(TOKEN_KEY, value);
+  try {
+    await api("/user");
+  } catch (e) {
+    localStorage.removeItem(TOKEN_KEY);
+    $("#signin-error").textContent = e.message;
+    return;
+  }
+  $("#token").value = "";
+  history.pushState(null, "", "/dashboard/");
+  route();
+}
+
+function signOut() {
+  localStorage.removeItem(TOKEN_KEY);
+  history.pushState(null, "", "/dashboard/");
+  route();
+}
+
+async function showApps() {
+  const apps = await api("/apps");
+  fill("#apps", apps, (tr, a) => {
+    tr.dataset.app = a.name;
+    const link = document.createElement("a");
+    link.href = "/dashboard/apps/" + encodeURIComponent(a.name);
+    link.textContent = a.name;
+    link.addEventListener("click", (ev) => { ev.preventDefault(); go(link.href); });
+    cell(tr, "").appendChild(link);
+    cell(tr, a.owner);
+    cell(tr, a.release ? "v" + a.release : "-");
+    cell(tr, Object.entries(a.processes).map(([t, n]) => t + "=" + n).join(" ") || "-");
+    cell(tr, a.url);
+  });
+  $("#apps-empty").hidden = apps.length > 0;
+  show("#apps-view");
+}
+
+async function showApp(name) {
+  const enc = encodeURIComponent(name);
+  const [app, ps, releases, domains, config] = await Promise.all([
+    api("/apps/" + enc), api("/apps/" + enc + "/ps"), api("/apps/" + enc + "/releases"),
+    api("/apps/" + enc + "/domains"), api("/apps/" + enc + "/config"),
+  ]);
+  $("#app-name").textContent = app.name;
+  $("#app-url").textContent = app.url;
+  $("#app-url").href = app.url;
+  $("#app-release").textContent = app.release ? "release v" + app.release : "not deployed yet";
+  fill("#processes", ps, (tr, p) => {
+    tr.dataset.process = p.name;
+    cell(tr, p.name); cell(tr, "v" + p.release); cell(tr, p.state, "state-" + p.state);
+    cell(tr, p.node); cell(tr, ago(p.since)); cell(tr, p.restarts);
+  });
+  fill("#releases", releases, (tr, r) => {
+    cell(tr, "v" + r.version + (r.current ? " (current)" : "")); cell(tr, r.status);
+    cell(tr, r.image ? r.image.slice(0, 12) : "-"); cell(tr, r.description);
+    cell(tr, r.created_by); cell(tr, ago(r.created));
+  });
+  const ul = $("#domains");
+  ul.replaceChildren();
+  for (const d of domains) {
+    const li = document.createElement("li");
+    li.textContent = d.hostname + (d.builtin ? " (built in)" : "");
+    ul.appendChild(li);
+  }
+  fill("#config", Object.entries(config.vars), (tr, [k, v]) => {
+    tr.dataset.key = k;
+    cell(tr, k);
+    const value = cell(tr, "••••••••", "masked");
+    const btn = document.createElement("button");
+    btn.textContent = "Reveal";
+    btn.addEventListener("click", () => {
+      const masked = value.className === "masked";
+      value.textContent = masked ? v : "••••••••";
+      value.className = masked ? "revealed" : "masked";
+      btn.textContent = masked ? "Hide" : "Reveal";
+    });
+    cell(tr, "").appendChild(btn);
+  });
+  show("#app-view");
+  loadLog(enc);
+}
+
+async function loadLog(enc) {
+  try {
+    const body = await api("/apps/" + enc + "/logs?n=200");
+    const lines = Array.isArray(body) ? body : (body.lines || []);
+    $("#log").textContent = lines.map((l) => Array.isArray(l) ? l.slice(1).join(" ")
+      : [l.timestamp, l.source, l.text].join(" ")).join("\n") || "(no log lines yet)";
+  } catch (e) {
+    if (e.status !== 404) $("#log").textContent = "log unavailable: " + e.message;
+  }
+}
+
+function go(href) {
+  history.pushState(null, "", href);
+  route();
+}
+
+async function route() {
+  $("#error").textContent = "";
+  if (!token()) {
+    $("#whoami").textContent = "";
+    $("#signout").hidden = true;
+    show("#signin-view");
+    return;
+  }
+  try {
+    const me = await api("/user");
+    $("#whoami").textContent = me.name;
+    $("#signout").hidden = false;
+    const m = location.pathname.match(/^\/dashboard\/apps\/([^/]+)\/?$/);
+    if (m) await showApp(decodeURIComponent(m[1]));
+    else await showApps();
+  } catch (e) {
+    if (e.status === 401) { localStorage.removeItem(TOKEN_KEY); show("#signin-view");
+      $("#signin-error").textContent = e.message; return; }
+    $("#error").textContent = e.message;
+  }
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("#signin-form").addEventListener("submit", signIn);
+  $("#signout").addEventListener("click", signOut);
+  window.addEventListener("popstate", route);
+  route();
+});
