@@ -89,6 +89,18 @@ SCHEMA: dict[str, dict[str, Key]] = {
             "(production, multi-node). Empty means sqlite in the data dir.",
             store_url,
         ),
+        "pool_size": Key(
+            int, 4, "PostgreSQL: connections the store opens at most per node process "
+            "(each held lock uses one more of its own).", positive,
+        ),
+        "connect_timeout": Key(
+            float, 10.0, "PostgreSQL: seconds to wait for a new connection before the call "
+            "fails with store_unavailable.", positive,
+        ),
+        "busy_timeout": Key(
+            float, 10.0, "SQLite: seconds a write waits for another process's write lock "
+            "before failing.", positive,
+        ),
     },
     "cluster": {
         "secret_file": Key(

@@ -293,6 +293,43 @@ class PgConnection(_TxConnection):  # type: ignore[misc]
                 self.on_lost(self)
 
 
+async def connect_pg(reactor: Any, dsn: str, timeout: float,
+                     on_lost: Callable[[Any], None] | None = None) -> PgConnection:
+    """Open a :class:`PgConnection`, failing with StoreUnavailable after ``timeout`` s.
+
+    libpq does not enforce ``connect_timeout`` on non-blocking connects, so a
+    server that accepts but never answers (or a black-holed address) would
+    hang forever: the connection is closed when the timer fires.
+    """
+    conn = PgConnection(reactor, on_lost)
+    timed_out = False
+
+    def expire() -> None:
+        nonlocal timed_out
+        timed_out = True
+        try:
+            conn.close()
+        except Exception:
+            pass
+
+    timer = reactor.callLater(timeout, expire)
+    try:
+        await conn.connect(dsn, **PG_CONNECT_KW)
+    except Exception as e:
+        try:
+            conn.close()
+        except Exception:
+            pass
+        if timed_out:
+            raise StoreUnavailable(
+                f"cannot connect to PostgreSQL: no answer within {timeout:g} s") from None
+        raise StoreUnavailable(f"cannot connect to PostgreSQL: {str(e).strip()}") from None
+    finally:
+        if timer.active():
+            timer.cancel()
+    return conn
+
+
 class _PgTx:
     dialect = POSTGRESQL
 
@@ -323,22 +360,18 @@ class PostgresBackend:
     log = Logger()
     dialect = POSTGRESQL
 
-    def __init__(self, dsn: str, reactor: Any, pool_size: int = 4) -> None:
+    def __init__(self, dsn: str, reactor: Any, pool_size: int = 4,
+                 connect_timeout: float = 10.0) -> None:
         self.dsn = dsn
         self._reactor = reactor
         self._pool_size = pool_size
+        self.connect_timeout = connect_timeout
         self._sem = DeferredSemaphore(pool_size)
         self._idle: list[Any] = []
         self._closed = False
 
     async def _connect(self) -> Any:
-        conn = PgConnection(self._reactor)
-        _, operational, interface = _pg_errors()
-        try:
-            await conn.connect(self.dsn, **PG_CONNECT_KW)
-        except (operational, interface) as e:
-            raise StoreUnavailable(f"cannot connect to PostgreSQL: {str(e).strip()}") from None
-        return conn
+        return await connect_pg(self._reactor, self.dsn, self.connect_timeout)
 
     async def open(self) -> None:
         conn = await self._connect()
@@ -348,6 +381,9 @@ class PostgresBackend:
         if self._closed:
             raise StoreUnavailable("the store is closed")
         await self._sem.acquire()
+        if self._closed:
+            self._sem.release()
+            raise StoreUnavailable("the store is closed")
         while self._idle:
             conn = self._idle.pop()
             if not conn.closed:
@@ -416,4 +452,4 @@ class PostgresBackend:
     def lock(self, name: str) -> Any:
         from epio.store.locks import PgLock
 
-        return PgLock(name, self.dsn, self._reactor)
+        return PgLock(name, self.dsn, self._reactor, connect_timeout=self.connect_timeout)

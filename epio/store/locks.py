@@ -29,7 +29,7 @@ from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
-from epio.store.backend import PG_CONNECT_KW, PgConnection, lock_key
+from epio.store.backend import connect_pg, lock_key
 from epio.store.errors import StoreUnavailable
 
 
@@ -83,8 +83,10 @@ class PgLock(_LostNotifier):
 
     log = Logger()
 
-    def __init__(self, name: str, dsn: str, reactor: Any, poll_interval: float = 0.25) -> None:
+    def __init__(self, name: str, dsn: str, reactor: Any, poll_interval: float = 0.25,
+                 connect_timeout: float = 10.0) -> None:
         super().__init__()
+        self._connect_timeout = connect_timeout
         self.name = name
         self.key = lock_key(name)
         self._dsn = dsn
@@ -110,11 +112,11 @@ class PgLock(_LostNotifier):
     async def _connection(self) -> Any:
         if self._conn is not None and not self._conn.closed:
             return self._conn
-        conn = PgConnection(self._reactor, on_lost=self._on_connection_lost)
         try:
-            await conn.connect(self._dsn, **PG_CONNECT_KW)
-        except Exception as e:
-            raise StoreUnavailable(f"lock {self.name}: cannot connect: {str(e).strip()}") from None
+            conn = await connect_pg(self._reactor, self._dsn, self._connect_timeout,
+                                    on_lost=self._on_connection_lost)
+        except StoreUnavailable as e:
+            raise StoreUnavailable(f"lock {self.name}: {e}") from None
         self._conn = conn
         return conn
 

@@ -18,7 +18,8 @@ from epio.store.store import Store
 log = Logger()
 
 
-def make_backend(url: str, reactor: Any, pool_size: int = 4) -> Backend:
+def make_backend(url: str, reactor: Any, pool_size: int = 4, connect_timeout: float = 10.0,
+                 busy_timeout: float = 10.0) -> Backend:
     """The backend for a store URL: ``sqlite:///PATH`` or ``postgresql://...``.
 
     ``sqlite:///relative.db`` and ``sqlite:////absolute/path.db`` (SQLAlchemy's
@@ -28,15 +29,20 @@ def make_backend(url: str, reactor: Any, pool_size: int = 4) -> Backend:
         path = url[len("sqlite:///"):]
         if not path:
             raise ValueError("sqlite store URL needs a path: sqlite:///PATH")
-        return SqliteBackend(path, reactor)
+        return SqliteBackend(path, reactor, busy_timeout=busy_timeout)
     if url.startswith(("postgresql://", "postgres://")):
-        return PostgresBackend(url, reactor, pool_size=pool_size)
+        return PostgresBackend(url, reactor, pool_size=pool_size, connect_timeout=connect_timeout)
     raise ValueError(f"store URL must start with sqlite:/// or postgresql://, not {url!r}")
 
 
-async def open_store(url: str, reactor: Any, migrate_schema: bool = True) -> Store:
-    """Connect to the store at ``url``, apply pending migrations, return the Store."""
-    backend = make_backend(url, reactor)
+async def open_store(url: str, reactor: Any, migrate_schema: bool = True,
+                     **options: Any) -> Store:
+    """Connect to the store at ``url``, apply pending migrations, return the Store.
+
+    ``options``: ``pool_size``, ``connect_timeout``, ``busy_timeout`` (see
+    :func:`make_backend` and the ``[store]`` config keys).
+    """
+    backend = make_backend(url, reactor, **options)
     await backend.open()
     try:
         if migrate_schema:
@@ -67,9 +73,12 @@ class StoreService(Service):
 
     log = Logger()
 
-    def __init__(self, url: str, reactor: Any = None) -> None:
+    def __init__(self, url: str, reactor: Any = None, *, pool_size: int = 4,
+                 connect_timeout: float = 10.0, busy_timeout: float = 10.0) -> None:
         self.url = url
         self._reactor = reactor
+        self._options: dict[str, Any] = {"pool_size": pool_size, "connect_timeout": connect_timeout,
+                         "busy_timeout": busy_timeout}
         self._store: Store | None = None
         self._failure: Failure | None = None
         self._waiters: list[Deferred[Store]] = []
@@ -91,7 +100,7 @@ class StoreService(Service):
 
     async def _start(self) -> None:
         try:
-            store = await open_store(self.url, self.reactor)
+            store = await open_store(self.url, self.reactor, **self._options)
         except BaseException:
             f = Failure()
             if isinstance(f.value, StoreUnavailable | ValueError):
@@ -112,6 +121,14 @@ class StoreService(Service):
         waiters, self._waiters = self._waiters, []
         for d in waiters:
             d.callback(store)
+
+    @classmethod
+    def from_config(cls, config: Any, data_dir: Path, reactor: Any = None) -> StoreService:
+        """The service for a node's validated config (the ``[store]`` section)."""
+        section = config["store"]
+        return cls(section["url"] or default_sqlite_url(data_dir), reactor=reactor,
+                   pool_size=section["pool_size"], connect_timeout=section["connect_timeout"],
+                   busy_timeout=section["busy_timeout"])
 
     def whenReady(self) -> Deferred[Store]:
         """Fires with the :class:`Store` once open and migrated (or with the error)."""

@@ -58,6 +58,46 @@ class StoreServiceTests(TestCase):
         self.assertIn("sqlite:///", str(cm.exception))
         await svc.stopService()
 
+    async def test_silent_server_times_out(self) -> None:
+        """A server that accepts TCP but never answers fails the start (and a lock
+        attempt) with StoreUnavailable after connect_timeout, not never."""
+        import socket
+
+        silent = socket.socket()
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        self.addCleanup(silent.close)
+        url = f"postgresql://postgres@127.0.0.1:{silent.getsockname()[1]}/x"
+        svc = StoreService(url, reactor=reactor, connect_timeout=0.3)
+        started = reactor.seconds()
+        svc.startService()
+        with self.assertRaises(StoreUnavailable) as cm:
+            await svc.whenReady()
+        self.assertIn("0.3", str(cm.exception))
+        self.assertLess(reactor.seconds() - started, 5)
+        await svc.stopService()
+        lock = make_backend(url, reactor, connect_timeout=0.3).lock("x")
+        with self.assertRaises(StoreUnavailable):
+            await lock.acquire()
+        self.assertFalse(lock.held)
+
+    async def test_from_config(self) -> None:
+        """from_config uses [store] url and options, defaulting to SQLite in the data dir."""
+        from pathlib import Path
+
+        from epio.config import load_config
+
+        data = Path(self.mktemp())
+        svc = StoreService.from_config(
+            load_config(None, {"store": {"busy_timeout": 2.5}}), data, reactor)
+        self.assertEqual(svc.url, f"sqlite:///{data / 'store.sqlite3'}")
+        svc.startService()
+        store = await svc.whenReady()
+        self.assertEqual(store.backend.dialect, "sqlite")
+        self.assertEqual(store.backend._busy_timeout, 2.5)  # type: ignore[attr-defined]
+        self.assertTrue((data / "store.sqlite3").exists())
+        await svc.stopService()
+
     def test_make_backend_does_no_io(self) -> None:
         """Building a backend from a URL touches nothing (init does no I/O)."""
         path = self.mktemp()
