@@ -229,11 +229,15 @@ def build_argv(
     bwrap: str | None,
     setpriv: str | None,
     sh: str = "/bin/sh",
+    app_shell: str | None = None,
     info_fd: int | None = 3,
 ) -> list[str]:
     """The argv to spawn (argv[0] is the executable) for ``spec`` under ``isolation``."""
+    # bash runs the last command of ``-c`` in place (exec): the app itself gets
+    # SIGTERM, not a shell that would die first and take the sandbox with it
+    shell = app_shell or ("/bin/bash" if os.path.exists("/bin/bash") else sh)
     command = (
-        [sh, "-c", spec.command] if isinstance(spec.command, str) else list(spec.command)
+        [shell, "-c", spec.command] if isinstance(spec.command, str) else list(spec.command)
     )
     argv = [sh, "-c", _shim(spec.nofile, spec.cgroup_procs), "epio-launch"]
     drop = [

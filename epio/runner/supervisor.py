@@ -803,6 +803,11 @@ class Supervisor:
 
     # -- shutdown ------------------------------------------------------------
 
+    def cancel_timers(self) -> None:
+        """Cancel every pending timer (restarts, health checks, forgetting)."""
+        for inst in self.instances.values():
+            self._cancel_all(inst)
+
     def shutdown(self, grace: float) -> defer.Deferred[None]:
         """Stop every process (SIGTERM, ``grace``, SIGKILL) without changing desired state."""
         self.shutting_down = True
