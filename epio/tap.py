@@ -13,6 +13,7 @@ import sys
 from typing import Any
 
 from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -122,8 +123,30 @@ class NodeService(MultiService):
             self.log.info("service {name} started", name=svc.name)
 
     def stopService(self) -> Any:
+        """Stop every role first, then the store they use.
+
+        MultiService would stop all children at once, closing the store under a
+        role's last in-flight work; roles finish (or give up) first here.
+        """
         self.log.info("node {node_id} stopping", node_id=self.node.node_id)
-        return super().stopService()
+        Service.stopService(self)
+        roles = [svc for svc in reversed(list(self)) if svc.name != "store"]
+        stores = [svc for svc in self if svc.name == "store"]
+
+        async def stop() -> None:
+            results = await DeferredList(
+                [maybeDeferred(svc.stopService) for svc in roles], consumeErrors=True
+            )
+            for (ok, failure), svc in zip(results, roles, strict=True):
+                if not ok:
+                    self.log.failure("stopping {name} failed", failure, name=svc.name)
+            for svc in stores:
+                try:
+                    await maybeDeferred(svc.stopService)
+                except Exception:
+                    self.log.failure("stopping the store failed")
+
+        return Deferred.fromCoroutine(stop())
 
 
 def role_service(role: str, node: Any) -> IService:
