@@ -6,7 +6,7 @@ Other areas import these helpers too::
     url = pg_url_for_test(self)      # in a trial TestCase: fresh schema, dropped at cleanup
 
 * :func:`create_database` / :func:`drop_database` make and drop a whole
-  database ``epio_test_<random>`` through the ``postgres`` database.
+  database ``epio_test_<unixtime>_<random>`` through the ``postgres`` database.
 * :func:`run_database` is one such database per test run (created on first use,
   dropped at interpreter exit, also when tests failed).
 * :func:`pg_url_for_test` gives a test its own empty schema inside the run
@@ -25,6 +25,7 @@ from __future__ import annotations
 import atexit
 import os
 import secrets
+import time
 import urllib.parse
 from typing import Any
 
@@ -57,16 +58,34 @@ def with_search_path(url: str, schema: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
 
 
+STALE_AFTER = 3600.0  # a test database this old was leaked by a killed test run
+
+
 def create_database(prefix: str = PREFIX) -> str:
-    """Create a new empty database ``<prefix><random>``; return its URL."""
-    name = prefix + secrets.token_hex(6)
+    """Create a new empty database ``<prefix><unixtime>_<random>``; return its URL.
+
+    Test databases left over (older than an hour) by killed runs are dropped first.
+    """
+    name = f"{prefix}{int(time.time())}_{secrets.token_hex(4)}"
     conn = _connect(ADMIN_URL)
     try:
         with conn.cursor() as cur:
+            _sweep(cur)
             cur.execute(f'CREATE DATABASE "{name}"')
     finally:
         conn.close()
     return with_database(ADMIN_URL, name)
+
+
+def _sweep(cur: Any) -> None:
+    cur.execute("SELECT datname FROM pg_database WHERE datname LIKE %s", (PREFIX + "%",))
+    for (name,) in cur.fetchall():
+        stamp = name[len(PREFIX):].split("_", 1)[0]
+        if stamp.isdigit() and time.time() - int(stamp) > STALE_AFTER:
+            try:
+                cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            except Exception:
+                pass
 
 
 def drop_database(url: str) -> None:

@@ -89,7 +89,8 @@ class StoreTestsMixin:
     # ----------------------------------------------------------------- users
 
     async def test_users(self) -> None:
-        """Users are created, found by id and name, listed, and names are unique."""
+        """Users are created, found by id and name, listed; names are unique; deleting a
+        user removes their tokens and collaborations."""
         self.assertEqual(await self.store.get_user(self.alice.id), self.alice)
         self.assertEqual(await self.store.get_user_by_name("bob"), self.bob)
         self.assertEqual([u.name for u in await self.store.list_users()], ["alice", "bob"])
@@ -102,9 +103,17 @@ class StoreTestsMixin:
             await self.store.create_user("bad name")
         with self.assertRaises(NotFound):
             await self.store.get_user("nope")
+        await self.store.create_app("a", self.alice.id)
+        await self.store.add_collaborator("a", self.bob.id)
+        tok = await self.store.create_token(self.bob.id)
         await self.store.delete_user(self.bob.id)
         with self.assertRaises(NotFound):
             await self.store.get_user_by_name("bob")
+        self.assertIsNone(await self.store.user_for_token(tok.token))
+        self.assertEqual(await self.store.list_collaborators("a"), [])
+        self.assertEqual(await self.raw("SELECT * FROM api_tokens"), [])
+        with self.assertRaises(NotFound):
+            await self.store.delete_user(self.bob.id)
 
     async def test_delete_user_owning_apps_conflicts(self) -> None:
         """A user who owns apps cannot be deleted (their apps would be orphaned)."""
