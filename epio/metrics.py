@@ -336,22 +336,38 @@ def metrics_service(reactor: Any, listen: str, registry: MetricsRegistry) -> ISe
     return svc
 
 
-_registries: weakref.WeakKeyDictionary[Any, MetricsRegistry] = weakref.WeakKeyDictionary()
-_services: weakref.WeakKeyDictionary[Any, IService] = weakref.WeakKeyDictionary()
+# per node (keyed by identity: a Node is an unhashable attrs class)
+_registries: dict[int, tuple[Any, MetricsRegistry]] = {}
+_services: dict[int, tuple[Any, IService]] = {}
+
+
+def _lookup(table: dict[int, tuple[Any, Any]], node: Any) -> Any:
+    entry = table.get(id(node))
+    if entry is not None and entry[0]() is node:
+        return entry[1]
+    return None
+
+
+def _ref(node: Any) -> Any:
+    try:
+        return weakref.ref(node)
+    except TypeError:  # not weak-referenceable: keep it alive instead
+        return lambda: node
 
 
 def registry_for(node: Any) -> MetricsRegistry:
     """The one registry of ``node`` (created on first use)."""
-    reg = _registries.get(node)
+    reg = _lookup(_registries, node)
     if reg is None:
-        reg = _registries[node] = MetricsRegistry()
+        reg = MetricsRegistry()
+        _registries[id(node)] = (_ref(node), reg)
     return reg
 
 
 def ensure_metrics_service(node: Any, parent: Any) -> IService | None:
     """Start the node's ``/metrics`` listener under ``parent`` unless some role
     already did, or ``metrics.listen`` is empty.  Returns the service."""
-    svc = _services.get(node)
+    svc = _lookup(_services, node)
     if svc is not None:
         return svc
     try:
@@ -360,6 +376,7 @@ def ensure_metrics_service(node: Any, parent: Any) -> IService | None:
         listen = ""
     if not listen:
         return None
-    svc = _services[node] = metrics_service(node.reactor, listen, registry_for(node))
+    svc = metrics_service(node.reactor, listen, registry_for(node))
+    _services[id(node)] = (_ref(node), svc)
     svc.setServiceParent(parent)
     return svc

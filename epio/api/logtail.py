@@ -45,10 +45,10 @@ from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from zope.interface import implementer
-from twisted.internet.interfaces import IPushProducer
 
 from epio.logclient import BadFilter, Line, LineFilter, LogClient, LogsUnavailable
 

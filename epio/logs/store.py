@@ -206,7 +206,8 @@ class Query:
             return False
         if not self.source_ok(r.source):
             return False
-        return self.grep is None or self.grep.search(r.text) is not None
+        # a lost marker passes the text filter: a reader must see lines are missing
+        return r.lost > 0 or self.grep is None or self.grep.search(r.text) is not None
 
 
 @frozen

@@ -1,0 +1,239 @@
+"""The ``logger`` role: PULL lines and stats, store, answer queries, publish live lines.
+
+Sockets (all on the bus, signed): PULL at ``logger.pull_bind`` (``log.line``,
+``stats.sample`` from every node's BusLogSink), ROUTER at ``logger.router_bind``
+(``logs.query``, ``stats.query``), PUB at ``logger.publish_bind`` (``log.live``).
+See docs/logs.md.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.internet import TimerService
+from twisted.application.service import IService, MultiService
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+
+from epio.bus.errors import RemoteError
+from epio.logclient import live_topic
+from epio.logs.drains import DrainConfig, DrainManager
+from epio.logs.receiver import LogCounters, LogReceiver
+from epio.logs.records import APP_RE, LogRecord
+from epio.logs.stats import PostgresStats, SQLiteStats, StatsDB, StatsService
+from epio.logs.store import LogStore, Query, StoreConfig
+from epio.metrics import ensure_metrics_service, registry_for
+
+LIVE_BATCH = 1000
+STATS_EXPIRE_EVERY = 300.0  # seconds between stats retention passes
+
+
+class LiveFeed:
+    """Publishes stored lines as ``log.live`` batches, once per reactor turn."""
+
+    def __init__(self, clock: Any, publish: Callable[[str, dict, bytes], Any], logger_id: str) -> None:
+        self.clock = clock
+        self.publish = publish
+        self.logger_id = logger_id
+        self.pending: dict[str, list[LogRecord]] = {}
+        self._call: Any = None
+
+    def add(self, app: str, rec: LogRecord) -> None:
+        batch = self.pending.get(app)
+        if batch is None:
+            batch = self.pending[app] = []
+        batch.append(rec)
+        if self._call is None:
+            self._call = self.clock.callLater(0, self.flush)
+
+    def flush(self) -> None:
+        self._call = None
+        pending, self.pending = self.pending, {}
+        for app, recs in pending.items():
+            topic = live_topic(app)
+            for i in range(0, len(recs), LIVE_BATCH):
+                part = recs[i : i + LIVE_BATCH]
+                self.publish("log.live", {
+                    "app": app, "first": part[0].lineno, "lines": [r.to_wire() for r in part],
+                    "logger": self.logger_id,
+                }, topic)
+
+    def stop(self) -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+
+class LoggerService(MultiService):
+    log = Logger()
+
+    def __init__(self, node: Any) -> None:
+        super().__init__()
+        self.node = node
+        self.reactor = reactor = node.reactor
+        cfg = node.config["logger"]
+        self.cfg = cfg
+        self.registry = registry_for(node)
+        self.counters = LogCounters(self.registry)
+        self.store = LogStore(node.data_dir / "logs", reactor, StoreConfig.from_section(cfg),
+                              run_blocking=self._in_thread)
+        self.drains = DrainManager(reactor, DrainConfig(
+            buffer_lines=cfg["drain_buffer_lines"], max_attempts=cfg["drain_max_attempts"],
+            backoff_max=cfg["drain_backoff_max"], hostname=node.node_id), registry=self.registry)
+        self.drains.setServiceParent(self)
+        for d in cfg["drains"]:
+            try:
+                self.drains.add(str(d["id"]), str(d["app"]), str(d["url"]))
+            except (KeyError, ValueError) as e:
+                raise ValueError(f"logger.drains: {e}") from None
+        bus = node.bus
+        self.publisher = bus.publisher(bind=cfg["publish_bind"])
+        self.publisher.setServiceParent(self)
+        self.live = LiveFeed(reactor, lambda t, b, topic: self.publisher.publish(t, b, topic=topic),
+                             node.node_id)
+        self.receiver = LogReceiver(self.store, reactor, self.counters, cfg["max_line_bytes"],
+                                    on_record=self._on_record)
+        self.stats = StatsService(self._stats_db(), reactor, flush_delay=cfg["stats_flush_delay"],
+                                  retention={10: cfg["stats_retention_10s"],
+                                             60: cfg["stats_retention_1m"]},
+                                  counters=self.counters)
+        self.router = bus.router(cfg["router_bind"], self._request)
+        self.router.setServiceParent(self)
+        self.pull = bus.pull(cfg["pull_bind"], self._pulled)
+        self.pull.setServiceParent(self)
+        self._flusher = TimerService(cfg["flush_interval"], self._flush)
+        self._flusher.clock = reactor
+        self._flusher.setServiceParent(self)
+        self._maint = TimerService(cfg["maintenance_interval"], self._maintain)
+        self._maint.clock = reactor
+        self._maint.setServiceParent(self)
+        self._last_expire = 0.0
+        g = self.registry.gauge("epio_log_store_bytes", "Disk bytes of stored log, per app.", ["app"])
+        self._bytes_gauge = g
+        self.setName("logger")
+
+    def _stats_db(self) -> StatsDB:
+        url = self.node.config["store"]["url"]
+        if url.startswith(("postgresql://", "postgres://")):
+            return PostgresStats(url, self.reactor)
+        return SQLiteStats(str(self.node.data_dir / "stats.sqlite3"), self._in_thread)
+
+    def _in_thread(self, f: Callable[[], Any]) -> Deferred[Any]:
+        return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f)
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    def startService(self) -> None:
+        self.store.open()  # recovery: reads the indexes and the open chunks
+        for app in self.store.iter_apps():
+            self._bytes_gauge.labels(app).set_function(
+                lambda a=app: float(self.store.apps[a].disk_bytes) if a in self.store.apps else 0.0)
+        ensure_metrics_service(self.node, self)
+        super().startService()
+        d = Deferred.fromCoroutine(self.stats.open())
+        d.addErrback(lambda f: self.log.failure("stats database could not be opened; samples "
+                                                "are kept in memory and retried", f))
+
+    def stopService(self) -> Deferred[None]:
+        self.live.stop()
+        d = super().stopService() or Deferred()
+
+        async def finish(_: Any) -> None:
+            self.store.flush()
+            self.store.close()
+            try:
+                await self.stats.tick(everything=True)
+                await self.stats.db.close()
+            except Exception:
+                self.log.failure("closing stats failed")
+
+        if not isinstance(d, Deferred):
+            d = DeferredList([])
+        d.addCallback(lambda r: Deferred.fromCoroutine(finish(r)))
+        return d
+
+    # -- receiving ------------------------------------------------------------------
+
+    def _on_record(self, app: str, rec: LogRecord) -> None:
+        self.live.add(app, rec)
+        self.drains.on_record(app, rec)
+
+    def _pulled(self, env: Any) -> None:
+        if env.type == "log.line":
+            self.receiver.line(env.sender, env.body)
+        elif env.type == "stats.sample":
+            body = env.body
+            if not APP_RE.match(body["app"]):
+                self.counters.stats_dropped.labels("invalid_app").inc()
+                return
+            self.stats.sample(body["app"], body["kind"], body["values"], body["timestamp"])
+        else:
+            self.log.warn("logger got an unexpected {type} on its PULL socket", type=env.type)
+
+    def _flush(self) -> None:
+        try:
+            self.store.flush()
+        except OSError as e:
+            self.log.error("flushing logs failed: {err}", err=str(e))
+
+    async def _maintain_async(self) -> None:
+        self.store.maintain()
+        for app in self.store.iter_apps():
+            if (app,) not in self._bytes_gauge._children:
+                self._bytes_gauge.labels(app).set_function(
+                    lambda a=app: float(self.store.apps[a].disk_bytes) if a in self.store.apps else 0.0)
+        await self.stats.tick()
+        now = self.reactor.seconds()
+        if self.stats.opened and now - self._last_expire >= STATS_EXPIRE_EVERY:
+            self._last_expire = now
+            await self.stats.expire()
+
+    def _maintain(self) -> Deferred[None]:
+        d = Deferred.fromCoroutine(self._maintain_async())
+        d.addErrback(lambda f: self.log.failure("logger maintenance failed", f))
+        return d
+
+    # -- queries ----------------------------------------------------------------------
+
+    async def _request(self, env: Any) -> tuple[str, dict]:
+        body = env.body
+        app = body["app"]
+        if not APP_RE.match(app):
+            raise RemoteError("invalid_parameter", "invalid app name")
+        if env.type == "logs.query":
+            return "logs.result", await self._logs_query(app, body)
+        if env.type == "stats.query":
+            res, series = await self.stats.query(app, body.get("metric"), body.get("since"),
+                                                 body.get("until"), body.get("resolution"))
+            return "stats.result", {"app": app, "resolution": res, "series": series}
+        raise RemoteError("unsupported", f"a logger does not answer {env.type}")
+
+    async def _logs_query(self, app: str, body: dict[str, Any]) -> dict[str, Any]:
+        n = body["n"]
+        if not 0 <= n <= self.cfg["query_max_lines"]:
+            raise RemoteError("invalid_parameter",
+                              f"n must be between 0 and {self.cfg['query_max_lines']}")
+        grep = body.get("grep")
+        rx = None
+        if grep is not None:
+            if not isinstance(grep, str) or len(grep) > 200:
+                raise RemoteError("invalid_parameter", "grep must be a regex of at most 200 characters")
+            try:
+                rx = re.compile(grep)
+            except re.error as e:
+                raise RemoteError("invalid_parameter", f"invalid grep regex: {e}") from None
+        sources = body.get("sources") or []
+        if not all(isinstance(s, str) for s in sources):
+            raise RemoteError("invalid_parameter", "sources must be strings")
+        q = Query(n=n, since=body.get("since"), until=body.get("until"),
+                  sources=frozenset(sources), grep=rx, after=body.get("after"))
+        result = await self.store.query(app, q)
+        return {"app": app, "lines": [r.to_wire() for r in result.lines],
+                "next": result.next_lineno, "logger": self.node.node_id}
+
+
+def make_service(node: Any) -> IService:
+    return LoggerService(node)

@@ -1,0 +1,77 @@
+"""A log producer in its own OS process: numbered lines through the real BusLogSink.
+
+Usage: ``python pusher.py JSON`` with keys ``secret`` (hex), ``endpoints`` (logger
+PULL endpoints), ``app``, ``sources`` (list), ``count`` (lines per source),
+``rate`` (lines per second over all sources; 0 = one burst), ``node``.
+
+Line i of source S has the text ``S line i`` (i from 1).  It writes JSON lines to
+stdout: ``{"event": "ready"}`` once its sockets exist, ``{"event": "sent", "sent": N,
+"dropped": D}`` when every line was handed to the sink, and exits when stdin closes
+(lingering so ZeroMQ can deliver what is queued).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from twisted.internet import reactor, stdio
+from twisted.internet.protocol import Protocol
+
+from epio.bus import Bus
+from epio.pipeline import BusLogSink
+
+
+def out(**kw: object) -> None:
+    sys.stdout.write(json.dumps(kw) + "\n")
+    sys.stdout.flush()
+
+
+class Stdin(Protocol):
+    def connectionLost(self, reason: object = None) -> None:
+        reactor.callLater(0.5, reactor.stop)
+
+
+def main() -> None:
+    args = json.loads(sys.argv[1])
+    bus = Bus(reactor, bytes.fromhex(args["secret"]), args.get("node", "pusher"),
+              {"bus": {"high_water_mark": args.get("hwm", 10000)}})
+    sink = BusLogSink(bus, args["endpoints"])
+    sink.startService()
+    app, sources, count = args["app"], args["sources"], args["count"]
+    rate = args.get("rate", 0)
+    order = [(s, i) for i in range(1, count + 1) for s in sources]
+    state = {"pos": 0}
+
+    def finish() -> None:
+        out(event="sent", sent=len(order), dropped=sink.counters["dropped"])
+
+    def burst() -> None:
+        for s, i in order:
+            sink.emit(app, s, f"{s} line {i}", reactor.seconds())
+        finish()
+
+    def paced() -> None:
+        # send in small slices every 10 ms to keep ``rate`` lines per second
+        per_tick = max(1, int(rate / 100))
+        pos = state["pos"]
+        for s, i in order[pos : pos + per_tick]:
+            sink.emit(app, s, f"{s} line {i}", reactor.seconds())
+        state["pos"] = pos + per_tick
+        if state["pos"] >= len(order):
+            finish()
+        else:
+            reactor.callLater(0.01, paced)
+
+    def start() -> None:
+        out(event="ready")
+        reactor.callLater(args.get("delay", 0.3), burst if not rate else paced)
+
+    stdio.StandardIO(Stdin())
+    reactor.callWhenRunning(start)
+    reactor.run()
+    sink.stopService()
+
+
+if __name__ == "__main__":
+    main()
