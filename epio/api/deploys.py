@@ -76,7 +76,12 @@ class Deployer:
         d = self.running.get(deploy_id)
         if d is not None:
             waiter: Deferred[None] = Deferred()
-            d.addBoth(lambda r: (waiter.callback(None), r)[1])
+
+            def fire(result: Any) -> Any:
+                waiter.callback(None)
+                return result
+
+            d.addBoth(fire)
             await waiter
 
     async def _say(self, deploy: Deploy, text: str, **changes: Any) -> Deploy:

@@ -214,13 +214,13 @@ class Scheduler:
         for iid, inst in list(known.items()):
             if iid in reported:
                 continue
-            view = self.views.get(inst.node or "")
-            if view is None or inst.node not in alive:
+            where = self.views.get(inst.node or "")
+            if where is None or inst.node not in alive:
                 self.log.warn("instance {id} of {app} was on {node}, which is gone: "
                               "placing it elsewhere", id=iid, app=inst.app, node=inst.node)
                 self._app_log(inst.app, f"{inst.process_type}.{inst.number}: runner "
                                         f"{inst.node} is gone; replacing it")
-            elif not view.reachable:
+            elif not where.reachable:
                 continue  # not dead yet: wait
             elif inst.state == "pending" and now - inst.since < self.settings.start_grace:
                 continue  # its start request may still be on the way

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import IService, MultiService
+from twisted.application.service import MultiService
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
@@ -50,8 +50,9 @@ def limited_request(max_body: int) -> type[Request]:
             self._epio_received += len(data)
             if self._epio_received > max_body:
                 self.epio_oversize = True
-                self.content.seek(0)
-                self.content.truncate()
+                if self.content is not None:
+                    self.content.seek(0)
+                    self.content.truncate()
                 return
             super().handleContentChunk(data)
 
@@ -123,9 +124,24 @@ class ApiService(MultiService):
                                  scheduler=self.scheduler, log_sink=sink)
         self.platform = Platform(store, self.settings, node.reactor, deployer=self.deployer,
                                  scheduler=self.scheduler)
+        self.api.log_tail = self._log_tail()
         self.api.platform = self.platform
         self.log.info("api ready")
 
+    def _log_tail(self) -> Any:
+        """The logs endpoint (epio.api.logtail) when a logger is configured."""
+        try:
+            from epio.api.logtail import LogTail
+            from epio.logclient import make_log_client
 
-def make_service(node: Any) -> IService:
+            client = make_log_client(self.node)
+        except (ImportError, KeyError, ValueError) as e:
+            self.log.info("logs endpoint disabled: {why}", why=str(e))
+            return None
+        client.setName("log-client")
+        client.setServiceParent(self)
+        return LogTail.from_node(self.node, client, self.api.authorize_app)
+
+
+def make_service(node: Any) -> ApiService:
     return ApiService(node)

@@ -119,6 +119,11 @@ SCHEMAS: dict[str, dict[str, Any]] = {
                  "last_seen": NUM, "alive": BOOL, "status": {"type": "object"}}),
     "Status": obj({"status": STR, "version": STR}),
     "Deleted": obj({"deleted": STR}),
+    "LogLines": obj({
+        "app": STR, "next": INT,
+        "lines": array(obj({"id": INT, "timestamp": NUM, "source": STR, "text": STR,
+                            "lost": INT}, required=["id", "timestamp", "source", "text"])),
+    }),
 }
 
 
@@ -137,6 +142,7 @@ class Operation:
     auth: bool = True
     query: dict[str, dict[str, Any]] = field(factory=dict)
     tag: str = "platform"
+    raw: bool = False  # the handler writes its own response (websocket upgrade, ...)
 
     @property
     def app_scoped(self) -> bool:

@@ -18,7 +18,6 @@ from typing import Any
 from klein import Klein
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 from werkzeug.exceptions import MethodNotAllowed as WzMethodNotAllowed
 from werkzeug.exceptions import NotFound as WzNotFound
@@ -43,15 +42,15 @@ def operation(method: str, path: str, operation_id: str, summary: str, *,
               response: dict[str, Any] | None, status: int = 200,
               request: dict[str, Any] | None = None, request_type: str = JSON,
               auth: bool = True, query: dict[str, dict[str, Any]] | None = None,
-              tag: str = "platform") -> Callable[[Handler], Any]:
+              tag: str = "platform", raw: bool = False) -> Callable[[Handler], Any]:
     """Declare one endpoint: record it for OpenAPI and route it through _dispatch."""
     op = Operation(method, path, operation_id, summary, response, status, request,
-                   request_type, auth, query or {}, tag)
+                   request_type, auth, query or {}, tag, raw)
     OPERATIONS.append(op)
     klein_path = PREFIX + re.sub(r"\{(\w+)\}", r"<\1>", path)
 
     def deco(f: Handler) -> Any:
-        async def route(self: Api, request: IRequest, **kw: str) -> Any:
+        async def route(self: Api, request: Any, **kw: str) -> Any:
             return await self._dispatch(op, f, request, kw)
 
         route.__name__ = f.__name__
@@ -62,12 +61,12 @@ def operation(method: str, path: str, operation_id: str, summary: str, *,
     return deco
 
 
-def _query(request: IRequest, name: str) -> str | None:
+def _query(request: Any, name: str) -> str | None:
     values = request.args.get(name.encode())
     return values[0].decode("utf-8", "replace") if values else None
 
 
-def query_int(request: IRequest, name: str, default: int, minimum: int = 0,
+def query_int(request: Any, name: str, default: int, minimum: int = 0,
               maximum: int = 1 << 31) -> int:
     text = _query(request, name)
     if text is None or text == "":
@@ -92,8 +91,9 @@ class Api:
     log = Logger()
 
     def __init__(self, platform: Any, *, max_json_bytes: int = 1 << 20,
-                 max_upload_bytes: int = 200 << 20) -> None:
+                 max_upload_bytes: int = 200 << 20, log_tail: Any = None) -> None:
         self.platform = platform
+        self.log_tail = log_tail
         self.max_json_bytes = max_json_bytes
         self.max_upload_bytes = max_upload_bytes
 
@@ -102,7 +102,7 @@ class Api:
 
     # --- plumbing -------------------------------------------------------------
 
-    async def _dispatch(self, op: Operation, f: Handler, request: IRequest,
+    async def _dispatch(self, op: Operation, f: Handler, request: Any,
                         kw: dict[str, str]) -> Any:
         request.setHeader(b"Content-Type", b"application/json")
         request.setHeader(b"Cache-Control", b"no-store")
@@ -122,16 +122,18 @@ class Api:
             else:
                 args["body"] = self._upload_body(request)
         result = await f(self, request, user, **args)
+        if op.raw:
+            return result
         request.setResponseCode(op.status)
         if result is None:
             return b""
         return _encode(result)
 
-    def _content_type(self, request: IRequest) -> str:
+    def _content_type(self, request: Any) -> str:
         raw = request.getHeader(b"content-type") or b""
         return raw.decode("latin-1").split(";")[0].strip().lower()
 
-    def _read_limited(self, request: IRequest, limit: int) -> bytes:
+    def _read_limited(self, request: Any, limit: int) -> bytes:
         content = request.content
         if getattr(request, "epio_oversize", False):
             raise errors.PayloadTooLarge(f"request body is larger than {limit} bytes")
@@ -144,7 +146,7 @@ class Api:
         data: bytes = content.read()
         return data
 
-    def _json_body(self, request: IRequest, op: Operation) -> Any:
+    def _json_body(self, request: Any, op: Operation) -> Any:
         if self._content_type(request) != JSON:
             raise errors.UnsupportedMediaType("the request body must be application/json")
         raw = self._read_limited(request, self.max_json_bytes)
@@ -159,7 +161,7 @@ class Api:
             raise errors.ValidationFailed(f"{e.path} {e.message}") from None
         return body
 
-    def _upload_body(self, request: IRequest) -> bytes:
+    def _upload_body(self, request: Any) -> bytes:
         if self._content_type(request) not in TARBALL_TYPES:
             raise errors.UnsupportedMediaType(
                 "the upload must be a gzipped tarball (Content-Type: application/gzip)")
@@ -169,7 +171,7 @@ class Api:
         return data
 
     @_klein.handle_errors(Exception)
-    def _error(self, request: IRequest, failure: Failure) -> bytes:
+    def _error(self, request: Any, failure: Failure) -> bytes:
         exc = failure.value
         api_error: errors.ApiError | None
         if isinstance(exc, WzNotFound):
@@ -180,7 +182,7 @@ class Api:
             api_error = errors.ApiError(exc.description or exc.name, code="http_error",
                                         status=exc.code or 400)
         else:
-            api_error = errors.to_api_error(exc)
+            api_error = errors.to_api_error(exc) if exc is not None else None
         if api_error is None:
             self.log.failure("unhandled error answering {method} {path}", failure,
                              method=request.method.decode("latin-1"),
@@ -197,12 +199,12 @@ class Api:
 
     @operation("GET", "/openapi.json", "getOpenApi", "This OpenAPI document",
                response={"type": "object"}, auth=False, tag="meta")
-    async def openapi(self, request: IRequest, user: Any) -> Any:
+    async def openapi(self, request: Any, user: Any) -> Any:
         return openapi_document()
 
     @operation("GET", "/status", "getStatus", "Liveness of this api process",
                response=ref("Status"), auth=False, tag="meta")
-    async def status(self, request: IRequest, user: Any) -> Any:
+    async def status(self, request: Any, user: Any) -> Any:
         from epio import __version__
 
         return {"status": "ok", "version": __version__}
@@ -211,35 +213,35 @@ class Api:
 
     @operation("GET", "/user", "getCurrentUser", "The user owning the token",
                response=ref("User"), tag="users")
-    async def whoami(self, request: IRequest, user: Any) -> Any:
+    async def whoami(self, request: Any, user: Any) -> Any:
         return serialize.user(user)
 
     @operation("GET", "/users", "listUsers", "Every user (admins only)",
                response=array(ref("User")), tag="users")
-    async def list_users(self, request: IRequest, user: Any) -> Any:
+    async def list_users(self, request: Any, user: Any) -> Any:
         return [serialize.user(u) for u in await self.platform.list_users(user)]
 
     @operation("POST", "/users", "createUser", "Create a user and a first token (admins only)",
                request=ref("NewUser"), response=ref("UserWithToken"), status=201, tag="users")
-    async def create_user(self, request: IRequest, user: Any, body: dict[str, Any]) -> Any:
+    async def create_user(self, request: Any, user: Any, body: dict[str, Any]) -> Any:
         new, token = await self.platform.create_user(
             user, body["name"], body.get("email"), bool(body.get("is_admin", False)))
         return {"user": serialize.user(new), "token": token}
 
     @operation("GET", "/tokens", "listTokens", "The caller's API tokens (never the secrets)",
                response=array(ref("Token")), tag="users")
-    async def list_tokens(self, request: IRequest, user: Any) -> Any:
+    async def list_tokens(self, request: Any, user: Any) -> Any:
         return [serialize.token(t) for t in await self.platform.list_tokens(user)]
 
     @operation("POST", "/tokens", "createToken", "Create an API token for the caller",
                request=ref("NewToken"), response=ref("CreatedToken"), status=201, tag="users")
-    async def create_token(self, request: IRequest, user: Any, body: dict[str, Any]) -> Any:
+    async def create_token(self, request: Any, user: Any, body: dict[str, Any]) -> Any:
         new = await self.platform.create_token(user, body.get("description", ""))
         return {"token": new.token, "info": serialize.token(new.info)}
 
     @operation("DELETE", "/tokens/{token_id}", "deleteToken", "Revoke one of the caller's tokens",
                response=ref("Deleted"), tag="users")
-    async def delete_token(self, request: IRequest, user: Any, token_id: str) -> Any:
+    async def delete_token(self, request: Any, user: Any, token_id: str) -> Any:
         await self.platform.delete_token(user, token_id)
         return {"deleted": token_id}
 
@@ -247,43 +249,43 @@ class Api:
 
     @operation("GET", "/apps", "listApps", "Apps the caller owns or collaborates on",
                response=array(ref("App")), tag="apps")
-    async def list_apps(self, request: IRequest, user: Any) -> Any:
+    async def list_apps(self, request: Any, user: Any) -> Any:
         return [await self.platform.describe_app(a) for a in await self.platform.list_apps(user)]
 
     @operation("POST", "/apps", "createApp", "Create an app owned by the caller",
                request=ref("NewApp"), response=ref("App"), status=201, tag="apps")
-    async def create_app(self, request: IRequest, user: Any, body: dict[str, Any]) -> Any:
+    async def create_app(self, request: Any, user: Any, body: dict[str, Any]) -> Any:
         app = await self.platform.create_app(user, body["name"])
         return await self.platform.describe_app(app)
 
     @operation("GET", "/apps/{app}", "getApp", "One app", response=ref("App"), tag="apps")
-    async def get_app(self, request: IRequest, user: Any, app: Any) -> Any:
+    async def get_app(self, request: Any, user: Any, app: Any) -> Any:
         return await self.platform.describe_app(app)
 
     @operation("DELETE", "/apps/{app}", "deleteApp",
                "Delete an app and everything it had: instances, routes, domains, releases",
                response=ref("Deleted"), tag="apps")
-    async def delete_app(self, request: IRequest, user: Any, app: Any) -> Any:
+    async def delete_app(self, request: Any, user: Any, app: Any) -> Any:
         await self.platform.delete_app(user, app)
         return {"deleted": app.name}
 
     @operation("GET", "/apps/{app}/collaborators", "listCollaborators",
                "Users who may manage the app besides its owner", response=array(STR_SCHEMA),
                tag="apps")
-    async def list_collaborators(self, request: IRequest, user: Any, app: Any) -> Any:
+    async def list_collaborators(self, request: Any, user: Any, app: Any) -> Any:
         return await self.platform.list_collaborators(app)
 
     @operation("POST", "/apps/{app}/collaborators", "addCollaborator",
                "Let another user manage the app (owner only)", request=ref("Collaborator"),
                response=array(STR_SCHEMA), status=201, tag="apps")
-    async def add_collaborator(self, request: IRequest, user: Any, app: Any,
+    async def add_collaborator(self, request: Any, user: Any, app: Any,
                                body: dict[str, Any]) -> Any:
         await self.platform.add_collaborator(user, app, body["user"])
         return await self.platform.list_collaborators(app)
 
     @operation("DELETE", "/apps/{app}/collaborators/{name}", "removeCollaborator",
                "Remove a collaborator (owner only)", response=array(STR_SCHEMA), tag="apps")
-    async def remove_collaborator(self, request: IRequest, user: Any, app: Any, name: str) -> Any:
+    async def remove_collaborator(self, request: Any, user: Any, app: Any, name: str) -> Any:
         await self.platform.remove_collaborator(user, app, name)
         return await self.platform.list_collaborators(app)
 
@@ -293,14 +295,14 @@ class Api:
                "Upload a gzipped tarball of the app directory: build, release and roll out",
                request={"type": "string"}, request_type="application/gzip",
                response=ref("Deploy"), status=202, tag="deploys")
-    async def create_deploy(self, request: IRequest, user: Any, app: Any, body: bytes) -> Any:
+    async def create_deploy(self, request: Any, user: Any, app: Any, body: bytes) -> Any:
         deploy = await self.platform.start_deploy(user, app, body)
         return self.platform.describe_deploy(app, deploy, 0)
 
     @operation("GET", "/apps/{app}/deploys", "listDeploys", "Recent deploys, newest first",
                response=array(ref("Deploy")), tag="deploys",
                query={"limit": {"type": "integer", "minimum": 1, "maximum": 200}})
-    async def list_deploys(self, request: IRequest, user: Any, app: Any) -> Any:
+    async def list_deploys(self, request: Any, user: Any, app: Any) -> Any:
         limit = query_int(request, "limit", 20, 1, 200)
         return [self.platform.describe_deploy(app, d, None)
                 for d in await self.platform.list_deploys(app, limit)]
@@ -309,7 +311,7 @@ class Api:
                "A deploy's status and its log from byte `log_offset` (poll to follow)",
                response=ref("Deploy"), tag="deploys",
                query={"log_offset": {"type": "integer", "minimum": 0}})
-    async def get_deploy(self, request: IRequest, user: Any, app: Any, deploy_id: str) -> Any:
+    async def get_deploy(self, request: Any, user: Any, app: Any, deploy_id: str) -> Any:
         offset = query_int(request, "log_offset", 0)
         deploy = await self.platform.get_deploy(app, deploy_id)
         return self.platform.describe_deploy(app, deploy, offset)
@@ -318,19 +320,19 @@ class Api:
 
     @operation("GET", "/apps/{app}/releases", "listReleases", "Releases, newest first",
                response=array(ref("Release")), tag="releases")
-    async def list_releases(self, request: IRequest, user: Any, app: Any) -> Any:
+    async def list_releases(self, request: Any, user: Any, app: Any) -> Any:
         return await self.platform.describe_releases(app)
 
     @operation("GET", "/apps/{app}/releases/{version}", "getRelease", "One release",
                response=ref("Release"), tag="releases")
-    async def get_release(self, request: IRequest, user: Any, app: Any, version: str) -> Any:
+    async def get_release(self, request: Any, user: Any, app: Any, version: str) -> Any:
         return await self.platform.describe_release(app, _version(version))
 
     @operation("POST", "/apps/{app}/rollback", "rollback",
                "New release on an earlier release's image and config (default: the one "
                "before the current)", request=ref("Rollback"), response=ref("Release"),
                status=201, tag="releases")
-    async def rollback(self, request: IRequest, user: Any, app: Any, body: dict[str, Any]) -> Any:
+    async def rollback(self, request: Any, user: Any, app: Any, body: dict[str, Any]) -> Any:
         release = await self.platform.rollback(user, app, body.get("version"))
         return await self.platform.describe_release(app, release.version)
 
@@ -338,13 +340,13 @@ class Api:
 
     @operation("GET", "/apps/{app}/config", "getConfig", "The app's config vars",
                response=ref("ConfigVars"), tag="config")
-    async def get_config(self, request: IRequest, user: Any, app: Any) -> Any:
+    async def get_config(self, request: Any, user: Any, app: Any) -> Any:
         return {"vars": await self.platform.get_config(app)}
 
     @operation("PATCH", "/apps/{app}/config", "updateConfig",
                "Set (KEY: value) and unset (KEY: null) config vars; makes a new release",
                request=ref("ConfigChange"), response=ref("ConfigVars"), tag="config")
-    async def update_config(self, request: IRequest, user: Any, app: Any,
+    async def update_config(self, request: Any, user: Any, app: Any,
                             body: dict[str, Any]) -> Any:
         return {"vars": await self.platform.update_config(user, app, body)}
 
@@ -353,20 +355,20 @@ class Api:
     @operation("GET", "/apps/{app}/formation", "getFormation",
                "Desired quantity and size per process type", response=ref("Formation"),
                tag="processes")
-    async def get_formation(self, request: IRequest, user: Any, app: Any) -> Any:
+    async def get_formation(self, request: Any, user: Any, app: Any) -> Any:
         return await self.platform.describe_formation(app)
 
     @operation("PATCH", "/apps/{app}/formation", "scale",
                "Scale process types and set their size", request=ref("FormationChange"),
                response=ref("Formation"), tag="processes")
-    async def scale(self, request: IRequest, user: Any, app: Any, body: dict[str, Any]) -> Any:
+    async def scale(self, request: Any, user: Any, app: Any, body: dict[str, Any]) -> Any:
         await self.platform.scale(user, app, body["processes"])
         return await self.platform.describe_formation(app)
 
     @operation("GET", "/apps/{app}/ps", "listProcesses",
                "Instances with their node, state, since and restarts",
                response=array(ref("Instance")), tag="processes")
-    async def ps(self, request: IRequest, user: Any, app: Any) -> Any:
+    async def ps(self, request: Any, user: Any, app: Any) -> Any:
         return [serialize.instance(i) for i in await self.platform.list_instances(app)]
 
     # --- domains ------------------------------------------------------------------
@@ -374,40 +376,61 @@ class Api:
     @operation("GET", "/apps/{app}/domains", "listDomains",
                "Hostnames routed to the app (the built-in APP.DOMAIN first)",
                response=array(ref("Domain")), tag="domains")
-    async def list_domains(self, request: IRequest, user: Any, app: Any) -> Any:
+    async def list_domains(self, request: Any, user: Any, app: Any) -> Any:
         return await self.platform.describe_domains(app)
 
     @operation("POST", "/apps/{app}/domains", "addDomain",
                "Route a custom hostname or a wildcard (*.example.com) to the app; "
                "a hostname belongs to one app (409 otherwise)", request=ref("NewDomain"),
                response=ref("Domain"), status=201, tag="domains")
-    async def add_domain(self, request: IRequest, user: Any, app: Any,
+    async def add_domain(self, request: Any, user: Any, app: Any,
                          body: dict[str, Any]) -> Any:
         domain = await self.platform.add_domain(user, app, body["hostname"])
         return serialize.domain(domain)
 
     @operation("DELETE", "/apps/{app}/domains/{hostname}", "removeDomain",
                "Stop routing a hostname to the app", response=ref("Deleted"), tag="domains")
-    async def remove_domain(self, request: IRequest, user: Any, app: Any, hostname: str) -> Any:
+    async def remove_domain(self, request: Any, user: Any, app: Any, hostname: str) -> Any:
         await self.platform.remove_domain(user, app, hostname)
         return {"deleted": hostname}
+
+    # --- logs (epio.api.logtail, owned by the logs part) ---------------------------
+
+    @operation("GET", "/apps/{app}/logs", "getLogs",
+               "Recent log lines (filters: n, source, grep, since, until); with "
+               "`Upgrade: websocket`, a live tail", response=ref("LogLines"), tag="logs",
+               query={"n": {"type": "integer", "minimum": 1}, "source": STR_SCHEMA,
+                      "grep": STR_SCHEMA, "since": STR_SCHEMA, "until": STR_SCHEMA}, raw=True)
+    async def logs(self, request: Any, user: Any, app: Any) -> Any:
+        if self.log_tail is None:
+            raise errors.Unavailable("no logger is configured for this api",
+                                     code="logs_unavailable")
+        return await self.log_tail.handle(request, app.name)
+
+    async def authorize_app(self, request: Any, name: str) -> Any:
+        """Auth + access check for code mounted beside the API (404 if not theirs)."""
+        if self.platform is None:
+            raise errors.Unavailable("the api is starting; try again in a moment",
+                                     code="starting")
+        user = await self.platform.authenticate(_bearer(request))
+        return await self.platform.get_app(user, name)
 
     # --- nodes --------------------------------------------------------------------
 
     @operation("GET", "/nodes", "listNodes", "Every node of the cluster and its roles",
                response=array(ref("Node")), tag="nodes")
-    async def list_nodes(self, request: IRequest, user: Any) -> Any:
+    async def list_nodes(self, request: Any, user: Any) -> Any:
         return await self.platform.describe_nodes()
 
     # --- dashboard ----------------------------------------------------------------
 
     @_klein.route("/", methods=["GET"])
-    def root(self, request: IRequest) -> Any:
+    def root(self, request: Any) -> Any:
         request.redirect(b"/dashboard/")
         return b""
 
     @_klein.route("/dashboard/", methods=["GET"], branch=True)
-    def dashboard(self, request: IRequest) -> Any:
+    def dashboard(self, request: Any) -> Any:
         request.setHeader(b"X-Frame-Options", b"DENY")
         request.setHeader(b"X-Content-Type-Options", b"nosniff")
         request.setHeader(
@@ -427,7 +450,7 @@ STATIC_TYPES = {".js": b"text/javascript; charset=utf-8", ".css": b"text/css; ch
                 ".svg": b"image/svg+xml", ".png": b"image/png", ".ico": b"image/x-icon"}
 
 
-def _static(request: IRequest, name: str) -> bytes:
+def _static(request: Any, name: str) -> bytes:
     """A file of the dashboard's static directory (flat; no traversal possible)."""
     path = DASHBOARD_DIR / "static" / name
     ctype = STATIC_TYPES.get(path.suffix)
@@ -451,7 +474,7 @@ def _version(text: str) -> int:
     return value
 
 
-def _bearer(request: IRequest) -> str:
+def _bearer(request: Any) -> str:
     raw = request.getHeader(b"authorization")
     if not raw:
         raise errors.Unauthorized()

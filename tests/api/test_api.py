@@ -12,7 +12,7 @@ from twisted.internet.defer import ensureDeferred
 from twisted.trial.unittest import TestCase
 
 from epio.api.spec import OPERATIONS, PREFIX
-from tests.api.support import DIGEST, Harness, settle
+from tests.api.support import Harness
 
 
 class ApiTestCase(TestCase):
