@@ -1,0 +1,200 @@
+"""Sandbox argv, isolation detection, cgroups (on a fake cgroupfs), users and ports."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from epio.runner.cgroups import CgroupSupport, InstanceCgroup, Limits, detect, own_cgroups
+from epio.runner.ports import NoFreePort, PortAllocator
+from epio.runner.sandbox import (
+    Isolation,
+    LaunchSpec,
+    app_environment,
+    build_argv,
+    detect_isolation,
+    layout_for,
+    python_prefix_of,
+)
+from epio.runner.users import UserError, app_user
+
+FULL = CgroupSupport({"memory": Path("/m"), "cpu": Path("/c"), "pids": Path("/p")}, {})
+NONE = CgroupSupport({}, {"memory": "no memory controller"})
+
+
+def spec(tmp: Path, **kw: object) -> LaunchSpec:
+    base = dict(instance_id="i1", user=app_user("hello", 20001, 20000, 30000),
+                image_root=tmp / "img", data_dir=tmp / "appdata" / "hello",
+                scratch=tmp / "scratch", command="python app.py", nofile=1024,
+                cgroup_procs=("/m/i1/cgroup.procs",), python_prefix="/opt/py")
+    base.update(kw)
+    return LaunchSpec(**base)  # type: ignore[arg-type]
+
+
+class IsolationDetectionTests(SynchronousTestCase):
+    def test_root_with_bwrap_and_cgroups_has_everything_but_network(self) -> None:
+        """As root with bubblewrap, setpriv and cgroups only the network is shared."""
+        iso = detect_isolation("auto", 0, "/usr/bin/bwrap", "/usr/bin/setpriv", FULL, True)
+        self.assertEqual(iso.sandbox, "bwrap")
+        self.assertTrue(iso.uid_switch)
+        self.assertEqual(iso.namespaces, ("pid", "ipc", "uts", "mount"))
+        self.assertEqual(iso.cgroups, ("memory", "cpu", "pids"))
+        self.assertEqual(iso.off, {})
+        self.assertEqual(iso.as_dict()["network"], "shared")
+
+    def test_not_root_says_what_is_off(self) -> None:
+        """Without root: no sandbox, no UID switch, no cgroups -- each named with a reason."""
+        iso = detect_isolation("auto", 1000, "/usr/bin/bwrap", "/usr/bin/setpriv", NONE)
+        self.assertEqual(iso.sandbox, "none")
+        self.assertFalse(iso.uid_switch)
+        for what in ("sandbox", "uid", "filesystem", "processes", "memory"):
+            self.assertIn(what, iso.off)
+        self.assertIn("not root", iso.off["sandbox"])
+
+    def test_no_bwrap_or_failed_trial(self) -> None:
+        """Missing bubblewrap, or a failed trial run, turns the sandbox off (UIDs still drop)."""
+        a = detect_isolation("auto", 0, None, "/usr/bin/setpriv", FULL)
+        self.assertEqual((a.sandbox, a.uid_switch), ("none", True))
+        self.assertIn("not installed", a.off["sandbox"])
+        b = detect_isolation("auto", 0, "/usr/bin/bwrap", "/usr/bin/setpriv", FULL, False)
+        self.assertIn("trial run", b.off["sandbox"])
+        c = detect_isolation("none", 0, "/usr/bin/bwrap", "/usr/bin/setpriv", FULL, True)
+        self.assertEqual(c.sandbox, "none")
+
+
+class ArgvTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.tmp = Path(self.mktemp())
+
+    def test_bwrap_argv(self) -> None:
+        """The sandbox unshares pid/ipc/uts (not net), dies with its parent, binds the image
+        read-only at /app and the data dir at /home/app/data, never the data dir root, and
+        drops to the app UID with setpriv; the shim enters the cgroups and sets nofile."""
+        iso = detect_isolation("auto", 0, "/usr/bin/bwrap", "/usr/bin/setpriv", FULL, True)
+        argv = build_argv(spec(self.tmp), iso, bwrap="/usr/bin/bwrap", setpriv="/usr/bin/setpriv",
+                          app_shell="/bin/bash")
+        self.assertEqual(argv[:2], ["/bin/sh", "-c"])
+        self.assertIn("ulimit -n 1024", argv[2])
+        self.assertIn("echo $$ > '/m/i1/cgroup.procs'", argv[2])
+        for flag in ("--unshare-pid", "--unshare-ipc", "--unshare-uts", "--die-with-parent",
+                     "--new-session"):
+            self.assertIn(flag, argv)
+        self.assertNotIn("--unshare-net", argv)
+        self.assertNotIn("--unshare-all", argv)
+        joined = " ".join(argv)
+        self.assertIn(f"--ro-bind {self.tmp / 'img'} /app", joined)
+        self.assertIn(f"--bind {self.tmp / 'appdata' / 'hello'} /home/app/data", joined)
+        self.assertIn("--ro-bind /opt/py /opt/py", joined)
+        self.assertIn("--tmpfs /tmp", joined)
+        self.assertNotIn(f"--bind {self.tmp} ", joined)
+        tail = argv[argv.index("--", argv.index("--chdir")) + 1:]
+        self.assertEqual(tail, ["/usr/bin/setpriv", "--reuid", "20001", "--regid", "20001",
+                                "--clear-groups", "--no-new-privs", "--", "/bin/bash", "-c",
+                                "python app.py"])
+
+    def test_no_sandbox_argv_still_new_session_and_uid(self) -> None:
+        """Without bubblewrap: a new session (for group signals), setpriv with a parent-death
+        signal, then the command."""
+        iso = detect_isolation("auto", 0, None, "/usr/bin/setpriv", FULL)
+        argv = build_argv(spec(self.tmp), iso, bwrap=None, setpriv="/usr/bin/setpriv",
+                          app_shell="/bin/bash")
+        self.assertNotIn("--unshare-pid", argv)
+        self.assertTrue(argv[4].endswith("setsid"))
+        self.assertIn("--pdeathsig", argv)
+        self.assertEqual(argv[-3:], ["/bin/bash", "-c", "python app.py"])
+
+    def test_not_root_argv_has_no_uid_switch(self) -> None:
+        """Not root: no setpriv at all (the app runs as the runner's user)."""
+        iso = Isolation("none", False, (), (), True, {})
+        argv = build_argv(spec(self.tmp, cgroup_procs=()), iso, bwrap=None, setpriv=None,
+                          app_shell="/bin/sh")
+        self.assertFalse(any("setpriv" in a for a in argv))
+
+    def test_environment(self) -> None:
+        """User config vars are passed; platform values (PORT, HOME, PATH...) win over them."""
+        iso = detect_isolation("auto", 0, "/usr/bin/bwrap", "/usr/bin/setpriv", FULL, True)
+        env = app_environment(layout_for(spec(self.tmp), iso), {"PORT": "20001"},
+                              {"PORT": "1", "DATABASE_URL": "postgres://x", "HOME": "/evil"})
+        self.assertEqual(env["PORT"], "20001")
+        self.assertEqual(env["HOME"], "/home/app")
+        self.assertEqual(env["EPIO_DATA_DIR"], "/home/app/data")
+        self.assertEqual(env["DATABASE_URL"], "postgres://x")
+        self.assertTrue(env["PATH"].startswith("/app/venv/bin:"))
+
+    def test_python_prefix_from_pyvenv_cfg(self) -> None:
+        """The Python install the image's venv points to is found from pyvenv.cfg."""
+        venv = self.tmp / "img" / "venv"
+        venv.mkdir(parents=True)
+        (venv / "pyvenv.cfg").write_text("home = /opt/python3.11/bin\nversion = 3.11\n")
+        self.assertEqual(python_prefix_of(self.tmp / "img"), "/opt/python3.11")
+        self.assertIsNone(python_prefix_of(self.tmp / "nothing"))
+
+
+class CgroupTests(SynchronousTestCase):
+    def test_own_cgroups_parse(self) -> None:
+        """/proc/self/cgroup lines map each v1 controller to our path."""
+        f = Path(self.mktemp())
+        f.write_text("4:memory:/a/b\n1:cpu,cpuacct:/\n0::/\n")
+        self.assertEqual(own_cgroups(f), {"memory": "/a/b", "cpu": "/", "cpuacct": "/"})
+
+    def test_detect_and_limits_on_a_fake_tree(self) -> None:
+        """Controllers present get a parent cgroup under our own; limits are written;
+        missing controllers are reported with a reason; OOM kills are read."""
+        root = Path(self.mktemp())
+        for ctrl, probe in (("memory", "memory.limit_in_bytes"), ("pids", "pids.max")):
+            (root / ctrl / "x").mkdir(parents=True)
+            (root / ctrl / "cgroup.procs").write_text("")
+        me = Path(self.mktemp())
+        me.write_text("4:memory:/x\n8:pids:/\n")
+        # a fake cgroupfs has no kernel to create the control files: pre-create them
+        for ctrl, probe in (("memory", "memory.limit_in_bytes"), ("pids", "pids.max")):
+            base = root / ctrl / ("x" if ctrl == "memory" else "") / "epio"
+            base.mkdir(parents=True)
+            (base / probe).write_text("max")
+            (base / "cgroup.procs").write_text("")
+        support = detect(root, me, "epio")
+        self.assertEqual(set(support.bases), {"memory", "pids"})
+        self.assertEqual(support.bases["memory"], root / "memory" / "x" / "epio")
+        self.assertIn("cpu", support.problems)
+        cg = InstanceCgroup(support, "i1")
+        self.assertEqual(cg.create(Limits(64, 512, 100, 1024)), [])
+        self.assertEqual((support.bases["memory"] / "i1" / "memory.limit_in_bytes").read_text(),
+                         str(64 * 1024 * 1024))
+        self.assertEqual((support.bases["pids"] / "i1" / "pids.max").read_text(), "100")
+        (support.bases["memory"] / "i1" / "memory.oom_control").write_text(
+            "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n")
+        self.assertEqual(cg.oom_kills(), 2)
+        (support.bases["pids"] / "i1" / "cgroup.procs").write_text(f"{os.getpid()}\n")
+        self.assertEqual(cg.pids(), {os.getpid()})
+
+
+class UserTests(SynchronousTestCase):
+    def test_uid_rules(self) -> None:
+        """Never root, never outside the range, never a non-integer; names are path-safe."""
+        self.assertEqual(app_user("hello", 20001, 20000, 30000).uid, 20001)
+        for app, uid in (("hello", 0), ("hello", 19999), ("hello", 30001), ("hello", "20001"),
+                         ("../etc", 20001), ("", 20001)):
+            self.assertRaises(UserError, app_user, app, uid, 20000, 30000)
+
+    def test_sandbox_passwd_names_only_the_app(self) -> None:
+        """The sandbox's passwd has root, the app user and nobody -- no host accounts."""
+        u = app_user("hello", 20001, 20000, 30000)
+        names = [line.split(":")[0] for line in u.passwd().splitlines()]
+        self.assertEqual(names, ["root", "app-hello", "nobody"])
+        self.assertIn("app-hello:x:20001:", u.group())
+
+
+class PortTests(SynchronousTestCase):
+    def test_allocation_skips_busy_and_used_and_wraps(self) -> None:
+        """Ports come from the range, skip busy ones, are not reused at once, and run out."""
+        busy = {10}
+        ports = PortAllocator(10, 13, lambda p: p not in busy)
+        self.assertEqual([ports.allocate(), ports.allocate()], [11, 12])
+        ports.release(11)
+        self.assertEqual(ports.allocate(), 13)
+        self.assertEqual(ports.allocate(), 11)
+        self.assertRaises(NoFreePort, ports.allocate)
+        self.assertFalse(ports.claim_if_free(12))
+        self.assertFalse(ports.claim_if_free(99))

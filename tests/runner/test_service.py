@@ -1,0 +1,188 @@
+"""The runner service: control messages, heartbeats, registration, state file, recovery."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from attrs import frozen
+from twisted.internet import defer
+from twisted.trial.unittest import SynchronousTestCase
+
+from epio.bus import RemoteError
+from epio.bus.messages import REGISTRY
+from epio.pipeline import MemoryLogSink
+from epio.runner.cgroups import CgroupSupport
+from epio.runner.ports import PortAllocator
+from epio.runner.sandbox import Isolation
+from epio.runner.service import RunnerService, control_advertise
+from epio.runner.supervisor import Settings, Supervisor
+
+from .fakes import FakeLauncher, FakeProbe, FakeProcessReactor
+from .test_supervisor import body
+
+
+@frozen
+class Env:
+    type: str
+    body: dict[str, Any]
+
+
+class FakePublisher:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, dict[str, Any], bytes]] = []
+
+    def publish(self, type: str, body: dict[str, Any], topic: bytes = b"") -> bool:
+        REGISTRY.check_outgoing(type, body, "publish")
+        self.sent.append((type, body, topic))
+        return True
+
+
+class FakeStore:
+    def __init__(self) -> None:
+        self.nodes: list[tuple[Any, ...]] = []
+
+    async def upsert_node(self, node_id: str, roles: Any, control_endpoint: Any = None,
+                          boot_id: Any = None, status: Any = None) -> None:
+        self.nodes.append((node_id, tuple(roles), control_endpoint, boot_id, status))
+
+
+class FakeStoreService:
+    def __init__(self) -> None:
+        self.store = FakeStore()
+
+    def whenReady(self) -> defer.Deferred[FakeStore]:
+        return defer.succeed(self.store)
+
+
+class FakeImages:
+    async def unmount(self, digest: str, force: bool = False) -> None:
+        pass
+
+
+def make(data_dir: Path, reactor: FakeProcessReactor | None = None) -> Any:
+    reactor = reactor or FakeProcessReactor()
+    launcher = FakeLauncher()
+    probe = FakeProbe()
+    sup = Supervisor(reactor, launcher, probe, MemoryLogSink(),
+                     PortAllocator(20000, 20009, lambda p: True), Settings())
+    pub = FakePublisher()
+    stores = FakeStoreService()
+    iso = Isolation("bwrap", True, ("pid",), ("memory",), True, {"cpu": "no cpu controller"})
+    svc = RunnerService(reactor=reactor, supervisor=sup, isolation=iso,
+                        cgroups=CgroupSupport({}, {}), images=FakeImages(), data_dir=data_dir,
+                        node_id="n1", boot_id="b1", control="tcp://127.0.0.1:7731",
+                        heartbeat_interval=1.0, register_interval=10.0, publisher=pub,
+                        store_service=stores)
+    return svc, reactor, pub, stores, probe
+
+
+class ControlTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.svc, self.reactor, self.pub, self.stores, self.probe = make(Path(self.mktemp()))
+        self.svc.startService()
+        self.addCleanup(self.svc.supervisor.cancel_timers)
+        self.addCleanup(lambda: self.svc._beat.stop() if self.svc._beat.running else None)
+
+    def call(self, type: str, b: dict[str, Any]) -> Any:
+        return self.successResultOf(defer.Deferred.fromCoroutine(self.svc.handle(Env(type, b))))
+
+    def error(self, type: str, b: dict[str, Any]) -> RemoteError:
+        f = self.failureResultOf(defer.Deferred.fromCoroutine(self.svc.handle(Env(type, b))),
+                                 RemoteError)
+        return f.value
+
+    def test_start_status_drain_stop(self) -> None:
+        """start answers host/port at once; status lists it; drain makes it draining; stop
+        answers once it is stopped; replies are valid registered reply bodies."""
+        t, reply = self.call("runner.start", body())
+        self.assertEqual(t, "runner.started")
+        REGISTRY.check_outgoing(t, reply, "reply")
+        self.assertEqual((reply["host"], reply["port"]), ("127.0.0.1", 20000))
+        t, status = self.call("runner.status", {})
+        REGISTRY.check_outgoing(t, status, "reply")
+        self.assertEqual(status["instances"][0]["state"], "starting")
+        self.assertEqual(status["isolation"]["off"], {"cpu": "no cpu controller"})
+        self.probe.healthy.add(20000)
+        self.reactor.advance(0.5)
+        t, drained = self.call("runner.drain", {"instance_id": "i1"})
+        REGISTRY.check_outgoing(t, drained, "reply")
+        self.assertEqual(drained["state"], "draining")
+        d = defer.Deferred.fromCoroutine(self.svc.handle(Env("runner.stop",
+                                                             {"instance_id": "i1"})))
+        self.assertNoResult(d)
+        self.reactor.spawned[-1].exit(0)
+        t, stopped = self.successResultOf(d)
+        self.assertEqual((t, stopped), ("runner.stopped", {"instance_id": "i1",
+                                                           "state": "stopped"}))
+
+    def test_errors_have_stable_codes(self) -> None:
+        """A bad start is bad_request, draining an unknown instance unknown_instance,
+        build without a builder unavailable; stopping an unknown instance succeeds."""
+        self.assertEqual(self.error("runner.start", body(uid=0)).code, "bad_request")
+        self.assertEqual(self.error("runner.drain", {"instance_id": "nope"}).code,
+                         "unknown_instance")
+        self.assertEqual(self.error("runner.build", {"build_id": "b", "app": "a",
+                                                     "tarball": b""}).code, "unavailable")
+        t, _ = self.call("runner.stop", {"instance_id": "nope"})
+        self.assertEqual(t, "runner.stopped")
+
+    def test_heartbeats_and_registration(self) -> None:
+        """A heartbeat per interval on topic hb with increasing seq, the control endpoint and
+        isolation; the node row is refreshed every register_interval."""
+        self.call("runner.start", body())
+        self.reactor.advance(1.0)
+        self.reactor.advance(1.0)
+        seqs = [b["seq"] for _, b, _ in self.pub.sent]
+        self.assertEqual(seqs, [1, 2, 3])
+        t, hb, topic = self.pub.sent[-1]
+        self.assertEqual((t, topic), ("runner.heartbeat", b"hb"))
+        self.assertEqual(hb["control"], "tcp://127.0.0.1:7731")
+        self.assertEqual(hb["instances"][0]["instance_id"], "i1")
+        self.assertIn("instances", hb["load"])
+        self.assertEqual(len(self.stores.store.nodes), 1)
+        self.assertEqual(self.stores.store.nodes[0][:4],
+                         ("n1", ("runner",), "tcp://127.0.0.1:7731", "b1"))
+        self.reactor.advance(10)
+        self.assertEqual(len(self.stores.store.nodes), 2)
+
+
+class RecoveryTests(SynchronousTestCase):
+    def test_state_file_and_restart_from_it(self) -> None:
+        """The state file records instances (0600); a new runner on the same data dir
+        starts the wanted ones again on the same port and forgets stopped ones."""
+        data = Path(self.mktemp())
+        svc, reactor, *_ = make(data)
+        svc.startService()
+        svc.supervisor.start(body(instance_id="keep"))
+        svc.supervisor.start(body(instance_id="gone", process_type="worker"))
+        svc.supervisor.stop("gone")
+        reactor.spawned[-1].exit(0)
+        reactor.advance(0)
+        path = data / "runner" / "state.json"
+        self.assertEqual(path.stat().st_mode & 0o777, 0o600)
+        saved = json.loads(path.read_text())
+        self.assertEqual({r["spec"]["instance_id"]: r["state"] for r in saved["instances"]},
+                         {"keep": "starting", "gone": "stopped"})
+        svc.supervisor.cancel_timers()
+        svc._beat.stop()
+
+        svc2, reactor2, *_ = make(data)
+        svc2.startService()
+        self.addCleanup(svc2.supervisor.cancel_timers)
+        self.addCleanup(svc2._beat.stop)
+        self.successResultOf(svc2.whenReady())
+        self.assertEqual(list(svc2.supervisor.instances), ["keep"])
+        self.assertEqual(svc2.supervisor.get("keep").port, 20000)
+        self.assertEqual(len(reactor2.spawned), 1)
+
+
+class AdvertiseTests(SynchronousTestCase):
+    def test_control_advertise(self) -> None:
+        """A wildcard bind is advertised with advertise_host (IPv6 in brackets)."""
+        self.assertEqual(control_advertise("tcp://0.0.0.0:7731", "10.0.0.5"),
+                         "tcp://10.0.0.5:7731")
+        self.assertEqual(control_advertise("tcp://*:7731", "::1"), "tcp://[::1]:7731")
+        self.assertEqual(control_advertise("tcp://127.0.0.1:7731", "x"), "tcp://127.0.0.1:7731")
+        self.assertEqual(control_advertise("tcp://0.0.0.0:1", "x", "tcp://y:2"), "tcp://y:2")
