@@ -106,9 +106,21 @@ class Bus:
         self._factory: Any = None
         self._connections: set[_Connection] = set()
         self._curve: tuple[bytes, bytes, bytes, bytes] | None = None
+        self._services: set[Any] = set()  # running services, for status()
 
     def __repr__(self) -> str:  # never show the secret
         return f"<Bus sender={self.sender!r} sockets={len(self._connections)}>"
+
+    def status(self) -> dict[str, Any]:
+        """Node-wide counters and every running socket (for status pages, metrics)."""
+        return {
+            "sender": self.sender,
+            "encrypt": self.encrypt,
+            "counters": self.counters.snapshot(),
+            "sockets": sorted((svc.status() for svc in self._services),
+                              key=lambda st: (st["kind"], st["endpoint"] or "",
+                                              ",".join(st["connects"]))),
+        }
 
     # -- envelopes --------------------------------------------------------------
 
@@ -216,7 +228,8 @@ class Bus:
         return opts
 
     def _connection(self, socket_type: int, binds: Sequence[str], connects: Sequence[str],
-                    on_message: Any, extra: Sequence[tuple[int, Any]]) -> _Connection:
+                    on_message: Any, extra: Sequence[tuple[int, Any]],
+                    on_event: Any = None) -> _Connection:
         from epio.bus import sockets
 
         if self._factory is None:
@@ -224,7 +237,7 @@ class Bus:
         options = self.socket_options(bind=bool(binds)) + list(extra)
         try:
             conn = sockets.make_connection(
-                self._factory, socket_type, binds, connects, on_message, options
+                self._factory, socket_type, binds, connects, on_message, options, on_event
             )
         except BaseException:
             self._maybe_terminate()

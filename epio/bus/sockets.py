@@ -20,10 +20,13 @@ from typing import TYPE_CHECKING, Any
 import zmq
 from twisted.application.service import Service
 from twisted.internet import defer
+from twisted.internet.interfaces import IReadDescriptor
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from txzmq import ZmqEndpoint, ZmqEndpointType, ZmqFactory
 from txzmq.connection import ZmqConnection
+from zmq.utils.monitor import parse_monitor_message
+from zope.interface import implementer
 
 from epio.bus import counters as C
 from epio.bus.counters import BusCounters
@@ -100,17 +103,27 @@ class _Connection(ZmqConnection):
         options: Sequence[tuple[int, Any]],
         endpoints: Sequence[ZmqEndpoint],
         on_message: Callable[[list[bytes]], None],
+        on_event: Callable[[int, str], None] | None = None,
     ) -> None:
         self.socketType = socket_type
         self._on_message = on_message
+        self.monitor: _Monitor | None = None
         super().__init__(factory)
         try:
             for opt, value in options:
                 self.socket.setsockopt(opt, value)
+            if on_event is not None:
+                self.monitor = _Monitor(factory.reactor, self.socket, on_event)
             self.addEndpoints(list(endpoints))
         except BaseException:
             self.shutdown()
             raise
+
+    def shutdown(self) -> None:
+        if self.monitor is not None:
+            self.monitor.close(self.socket)
+            self.monitor = None
+        super().shutdown()
 
     def messageReceived(self, message: list[bytes]) -> None:
         # An exception escaping here would make the reactor drop the socket.
@@ -131,6 +144,77 @@ class _Connection(ZmqConnection):
         sock.send(message[-1], zmq.NOBLOCK)
         if self.read_scheduled is None:  # type: ignore[has-type]
             self.read_scheduled = self.factory.reactor.callLater(0, self.doRead)
+
+
+_MONITORED = (
+    zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_DISCONNECTED
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
+_HANDSHAKE_FAILED = (
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
+
+
+def _peer_endpoint(raw: bytes) -> str:
+    """An event's endpoint as peers write it (IPv4-mapped addresses unmapped)."""
+    ep = raw.decode("utf-8", "replace")
+    m = re.match(r"^tcp://\[::ffff:(\d+\.\d+\.\d+\.\d+)\]:(\d+)$", ep)
+    return f"tcp://{m.group(1)}:{m.group(2)}" if m else ep
+
+
+@implementer(IReadDescriptor)
+class _Monitor:
+    """Reads a socket's ZeroMQ monitor events (connects, disconnects, failed
+    handshakes) in the reactor and hands ``(event, endpoint)`` on."""
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, sock: zmq.Socket, on_event: Callable[[int, str], None]
+                 ) -> None:
+        self._reactor = reactor
+        self._on_event = on_event
+        self.sock: zmq.Socket | None = sock.get_monitor_socket(_MONITORED)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self._fd: int = self.sock.getsockopt(zmq.FD)  # type: ignore[assignment]
+        reactor.addReader(self)
+        self.doRead()  # the fd is edge-triggered: arm it by reading what is there
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def logPrefix(self) -> str:
+        return "ZMQ-monitor"
+
+    def doRead(self) -> None:
+        while self.sock is not None and int(self.sock.get(zmq.EVENTS)) & zmq.POLLIN:  # type: ignore[arg-type]
+            try:
+                msg = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                event = parse_monitor_message(msg)
+                self._on_event(int(event["event"]), _peer_endpoint(event["endpoint"]))
+            except Exception:
+                self.log.failure("bus: error handling a socket monitor event")
+
+    def connectionLost(self, reason: Any) -> None:
+        self._reactor.removeReader(self)
+
+    def close(self, main: zmq.Socket | None) -> None:
+        self._reactor.removeReader(self)
+        if main is not None:
+            try:
+                main.disable_monitor()
+            except zmq.ZMQError:
+                pass
+        if self.sock is not None:
+            self.sock.close(0)
+            self.sock = None
 
 
 class BusService(Service):
@@ -159,6 +243,9 @@ class BusService(Service):
         self._retry: Any = None
         self._retry_delay = 0.5
         self._replay = ReplayGuard(bus.max_skew) if self.replay_protection else None
+        #: Peers this socket has connected to and completed the handshake with.
+        self.connected: set[str] = set()
+        self._when_connected: list[defer.Deferred[None]] = []
         self.setName(f"bus-{self.kind}")
 
     def __repr__(self) -> str:
@@ -175,12 +262,60 @@ class BusService(Service):
         self._ready.append(d)
         return d
 
+    def whenConnected(self) -> defer.Deferred[None]:
+        """Fires once a connecting socket has completed a handshake with a peer
+        (now, if it already has)."""
+        if self.connected:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._when_connected.append(d)
+        return d
+
+    def status(self) -> dict[str, Any]:
+        """What a status page shows of this socket."""
+        return {
+            "kind": self.kind, "running": bool(self.running), "endpoint": self.endpoint,
+            "binds": list(self.binds), "connects": list(self.connects),
+            "connected": sorted(self.connected), "counters": self.counters.snapshot(),
+        }
+
+    def _event(self, event: int, endpoint: str) -> None:
+        """A monitor event of one of this service's sockets."""
+        connecting = not self.binds
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self.counters.incr("connects")
+            if connecting:
+                if endpoint not in self.connected:
+                    self.log.info("bus {kind}: connected to {endpoint}", kind=self.kind,
+                                  endpoint=endpoint)
+                self.connected.add(endpoint)
+                waiting, self._when_connected = self._when_connected, []
+                for d in waiting:
+                    d.callback(None)
+        elif event == zmq.EVENT_DISCONNECTED:
+            if endpoint in self.connected:
+                self.connected.discard(endpoint)
+                self.counters.incr("disconnects")
+                self.log.info("bus {kind}: lost {endpoint}; ZeroMQ keeps reconnecting",
+                              kind=self.kind, endpoint=endpoint)
+        elif event & _HANDSHAKE_FAILED:
+            self.counters.incr("handshake_failures")
+            self.bus._ratelog.warn(
+                f"{self.kind}:{id(self)}:handshake",
+                "bus {kind} {where}: handshake with {endpoint} failed; does the peer use the "
+                "same cluster secret and bus.encrypt setting?",
+                kind=self.kind, where=self.endpoint or ",".join(self.connects),
+                endpoint=endpoint,
+            )
+
     def startService(self) -> None:
         super().startService()
+        self.bus._services.add(self)
         self._open()
 
     def stopService(self) -> defer.Deferred[None] | None:
         super().stopService()
+        self.bus._services.discard(self)
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
         self._retry = None
@@ -193,7 +328,8 @@ class BusService(Service):
             return
         try:
             self._conn = self.bus._connection(
-                self.socket_type, self.binds, self.connects, self._frames, self._options()
+                self.socket_type, self.binds, self.connects, self._frames, self._options(),
+                self._event,
             )
         except zmq.ZMQError as e:
             self.log.error(
@@ -217,6 +353,7 @@ class BusService(Service):
 
     def _close(self) -> None:
         conn, self._conn = self._conn, None
+        self.connected.clear()
         if conn is not None:
             self.bus._release(conn)
 
@@ -467,8 +604,12 @@ class Dealer(BusService):
         def frames(parts: list[bytes]) -> None:
             self._reply_frames(ep, parts)
 
+        def event(event: int, endpoint: str) -> None:
+            # one socket per peer: name the peer as configured, whatever libzmq says
+            self._event(event, ep)
+
         self._conns[ep] = self.bus._connection(
-            self.socket_type, [], [ep], frames, [(zmq.IMMEDIATE, 1)]
+            self.socket_type, [], [ep], frames, [(zmq.IMMEDIATE, 1)], event
         )
 
     def add_endpoint(self, endpoint: str) -> None:
@@ -486,11 +627,13 @@ class Dealer(BusService):
             return
         self.connects.remove(endpoint)
         conn = self._conns.pop(endpoint, None)
+        self.connected.discard(endpoint)
         if conn is not None:
             self.bus._release(conn)
 
     def _close(self) -> None:
         self._conn = None
+        self.connected.clear()
         conns, self._conns = self._conns, {}
         for conn in conns.values():
             self.bus._release(conn)
@@ -747,8 +890,9 @@ def make_connection(
     connects: Sequence[str],
     on_message: Callable[[list[bytes]], None],
     options: Sequence[tuple[int, Any]],
+    on_event: Callable[[int, str], None] | None = None,
 ) -> _Connection:
     endpoints = [ZmqEndpoint(ZmqEndpointType.bind, e) for e in binds] + [
         ZmqEndpoint(ZmqEndpointType.connect, e) for e in connects
     ]
-    return _Connection(factory, socket_type, options, endpoints, on_message)
+    return _Connection(factory, socket_type, options, endpoints, on_message, on_event)

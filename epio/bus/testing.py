@@ -143,12 +143,41 @@ class _MemoryService(Service):
 
     def startService(self) -> None:
         super().startService()
+        self.bus._services.add(self)
         for ep in self.binds:
             self.endpoint = self.bus.network.bind(ep, self)
 
     def stopService(self) -> None:  # type: ignore[override]
         super().stopService()
+        self.bus._services.discard(self)
         self.bus.network.unbind(self)
+
+    @property
+    def connected(self) -> set[str]:
+        """Connect endpoints bound by a running service of the network."""
+        if not self.running:
+            return set()
+        return {ep for ep in self.connects
+                if (svc := self.bus.network.bound.get(ep)) is not None and svc.running}
+
+    def whenConnected(self) -> defer.Deferred[None]:
+        d: defer.Deferred[None] = defer.Deferred()
+
+        def check() -> None:
+            if self.connected:
+                d.callback(None)
+            else:
+                self.bus.reactor.callLater(0.05, check)
+
+        check()
+        return d
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind, "running": bool(self.running), "endpoint": self.endpoint,
+            "binds": list(self.binds), "connects": list(self.connects),
+            "connected": sorted(self.connected), "counters": self.counters.snapshot(),
+        }
 
     def whenReady(self) -> defer.Deferred[None]:
         return defer.succeed(None)

@@ -195,3 +195,57 @@ class RealSocketTests(TestCase):
         other = self.start(bus.dealer([router.endpoint]))
         reply = await other.request("test.echo", {"n": 2})
         self.assertEqual(reply.body, {"n": 2})
+
+
+class ConnectionStateTests(TestCase):
+    timeout = 20
+
+    def start(self, svc: Any) -> Any:
+        svc.startService()
+        self.addCleanup(lambda: svc.stopService() if svc.running else None)
+        return svc
+
+    async def wait(self, cond: Any, limit: float = 5.0) -> None:
+        deadline = time.monotonic() + limit
+        while not cond() and time.monotonic() < deadline:
+            await task.deferLater(reactor, 0.005)
+
+    async def test_connected_and_lost(self) -> None:
+        """A connecting socket knows its peers: whenConnected fires after the handshake,
+        the peer shows in connected and status(), and leaves it when the peer stops."""
+        server = Bus(reactor, SECRET, "server", {"bus": {}})
+        client = Bus(reactor, SECRET, "client", {"bus": {}})
+        pull = self.start(server.pull("tcp://127.0.0.1:0", lambda env: None))
+        push = self.start(client.push([pull.endpoint]))
+        await push.whenConnected()
+        self.assertEqual(push.connected, {pull.endpoint})
+        st = client.status()
+        self.assertEqual([s["connected"] for s in st["sockets"]], [[pull.endpoint]])
+        self.assertEqual(st["sockets"][0]["kind"], "push")
+        pull.stopService()
+        await self.wait(lambda: not push.connected)
+        self.assertEqual(push.connected, set())
+        self.assertEqual(push.counters["disconnects"], 1)
+
+    async def test_dealer_per_peer_state(self) -> None:
+        """A dealer reports each of its peers by the endpoint it was given."""
+        server = Bus(reactor, SECRET, "server", {"bus": {}})
+        client = Bus(reactor, SECRET, "client", {"bus": {}})
+        router = self.start(server.router("tcp://127.0.0.1:0", lambda env: ("test.echoed",
+                                                                             {"n": 1})))
+        dealer = self.start(client.dealer([router.endpoint, "tcp://127.0.0.1:9"]))
+        await dealer.whenConnected()
+        self.assertEqual(dealer.connected, {router.endpoint})
+
+    async def test_wrong_secret_handshake_counted(self) -> None:
+        """A peer with another cluster secret fails the CURVE handshake: nothing is
+        delivered, and both sides count (and log) handshake failures."""
+        a = Bus(reactor, SECRET, "a", {"bus": {}})
+        b = Bus(reactor, b"another-secret-0123456789", "b", {"bus": {}})
+        pull = self.start(a.pull("tcp://127.0.0.1:0", lambda env: None))
+        push = self.start(b.push([pull.endpoint]))
+        await self.wait(lambda: pull.counters["handshake_failures"] > 0
+                        and push.counters["handshake_failures"] > 0)
+        self.assertGreater(pull.counters["handshake_failures"], 0)
+        self.assertGreater(push.counters["handshake_failures"], 0)
+        self.assertEqual(push.connected, set())
