@@ -20,14 +20,14 @@ from zope.interface import Interface, implementer
 
 
 class IHealthProbe(Interface):
-    def check(host: str, port: int, path: str | None, timeout: float) -> defer.Deferred[bool]:
+    def check(host: str, port: int, path: str | None, timeout: float) -> defer.Deferred[bool]:  # type: ignore[empty-body]
         """Fire True if the instance at host:port is healthy, False otherwise (never errback)."""
 
 
 class _Close(Protocol):
     def connectionMade(self) -> None:
-        assert self.transport is not None
-        self.transport.loseConnection()
+        transport: Any = self.transport
+        transport.loseConnection()
 
 
 def url_host(host: str) -> str:
@@ -54,7 +54,8 @@ class NetworkProbe:
     async def _check(self, host: str, port: int, path: str | None) -> bool:
         if not path:
             ep = HostnameEndpoint(self.reactor, host, port, timeout=5)
-            await ep.connect(Factory.forProtocol(_Close))
+            factory: Any = Factory.forProtocol(_Close)
+            await ep.connect(factory)
             return True
         if not path.startswith("/"):
             path = "/" + path

@@ -144,7 +144,12 @@ class RunnerService(MultiService):
     def whenReady(self) -> defer.Deferred[None]:
         """Fires once the previous run's state has been cleaned and re-applied."""
         d: defer.Deferred[None] = defer.Deferred()
-        self._ready.addBoth(lambda r: (d.callback(None), r)[1])
+
+        def fire(result: Any) -> Any:
+            d.callback(None)
+            return result
+
+        self._ready.addBoth(fire)
         return d
 
     def startService(self) -> None:

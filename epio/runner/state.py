@@ -104,7 +104,7 @@ def kill_leftovers(records: list[dict[str, Any]], proc: Path = Path("/proc")) ->
 
 def mounted_under(directory: Path, mountinfo: Path = Path("/proc/self/mountinfo")) -> list[Path]:
     """Mount points directly below ``directory``."""
-    out = []
+    out: list[Path] = []
     try:
         text = mountinfo.read_text()
     except OSError:

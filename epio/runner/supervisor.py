@@ -39,7 +39,6 @@ from typing import Any
 from attrs import define, field, frozen
 from twisted.internet import defer
 from twisted.internet.error import ProcessDone, ProcessTerminated
-from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -268,7 +267,7 @@ class Launch:
 class ILauncher(Interface):
     isolation = Attribute("The Isolation this launcher enforces")
 
-    def prepare(spec: InstanceSpec, port: int | None) -> defer.Deferred[Launch]:
+    def prepare(spec: InstanceSpec, port: int | None) -> defer.Deferred[Launch]:  # type: ignore[empty-body]
         """Make the image, dirs and cgroups ready; fire the Launch to spawn."""
 
     def spawned(launch: Launch, pid: int) -> None:
@@ -280,16 +279,11 @@ class ILauncher(Interface):
     def kill_all(launch: Launch) -> None:
         """SIGKILL everything left of the launch (group and cgroups)."""
 
-    def oom_kills(launch: Launch) -> int:
+    def oom_kills(launch: Launch) -> int:  # type: ignore[empty-body]
         """How many out-of-memory kills the kernel counted for the launch."""
 
-    def cleanup(launch: Launch) -> defer.Deferred[None]:
+    def cleanup(launch: Launch) -> defer.Deferred[None]:  # type: ignore[empty-body]
         """Remove what prepare made (after the process is gone)."""
-
-
-class ILogSink(Interface):
-    def emit(app: str, source: str, text: str, timestamp: float | None = None) -> None:
-        """One log line of an app."""
 
 
 @define(eq=False)
@@ -313,7 +307,7 @@ class Instance:
     health_failures: int = 0
     oom_before: int = 0
     starts: int = 0
-    calls: dict[str, IDelayedCall] = field(factory=dict)
+    calls: dict[str, Any] = field(factory=dict)  # name -> IDelayedCall
     waiters: list[defer.Deferred[None]] = field(factory=list)
 
     @property
@@ -344,8 +338,8 @@ class InstanceProtocol(ProcessProtocol):
         self.info = b""
 
     def connectionMade(self) -> None:
-        assert self.transport is not None
-        self.transport.closeStdin()
+        transport: Any = self.transport
+        transport.closeStdin()
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         if childFD == self.launch.info_fd:
@@ -501,7 +495,7 @@ class Supervisor:
         inst.calls[name] = self.reactor.callLater(delay, f, *args)
 
     def _cancel(self, inst: Instance, name: str) -> None:
-        call = inst.calls.pop(name, None)
+        call: Any = inst.calls.pop(name, None)
         if call is not None and call.active():
             call.cancel()
 

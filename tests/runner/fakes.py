@@ -110,7 +110,7 @@ class FakeLauncher:
         self.cleaned = 0
         self.ooms = 0
         self.fail_prepare: Exception | None = None
-        self.pending: defer.Deferred[Launch] | None = None
+        self.pending: defer.Deferred[Any] | None = None
         self.hold = False
 
     def prepare(self, spec: InstanceSpec, port: int | None) -> defer.Deferred[Launch]:

@@ -155,11 +155,12 @@ class StartTests(SynchronousTestCase):
     def test_invalid_specs_are_refused(self) -> None:
         """Root, out-of-range UIDs, bad names, digests, env and paths are refused clearly."""
         h = Harness()
-        for bad in [dict(uid=0), dict(uid=5), dict(uid=True), dict(app="../x"),
+        bads: list[dict[str, Any]] = [dict(uid=0), dict(uid=5), dict(uid=True), dict(app="../x"),
                     dict(app="Hello"), dict(image_digest="abc"), dict(instance_id="a/b"),
                     dict(env={"A": None}), dict(env={"A=B": "1"}), dict(health_check="x"),
                     dict(limits={"memory_mb": -1}), dict(command=""), dict(grace=-1),
-                    dict(process_type="Web!")]:
+                    dict(process_type="Web!")]
+        for bad in bads:
             with self.assertRaises(SpecError, msg=repr(bad)):
                 h.sup.start(body(**bad))
         self.assertEqual(h.reactor.spawned, [])

@@ -99,7 +99,7 @@ class RealRunner:
                                         self.images, bwrap=BWRAP, setpriv=SETPRIV,
                                         node_id="test")
         self.sink = MemoryLogSink()
-        defaults = dict(health_boot_interval=0.1, health_interval=0.5, drain_delay=0.5,
+        defaults: dict[str, Any] = dict(health_boot_interval=0.1, health_interval=0.5, drain_delay=0.5,
                         worker_settle=0.3)
         defaults.update(settings)
         low = 21000 + (os.getpid() % 50) * 100  # ports < 32768, spread per test process
