@@ -29,8 +29,10 @@ from epio.store.records import (
 )
 from epio.store.service import StoreService, open_store
 from epio.store.store import (
+    CHANGE_KINDS,
     DEPLOY_STATES,
     INSTANCE_STATES,
+    Change,
     Store,
     hash_token,
     normalise_hostname,
@@ -38,9 +40,11 @@ from epio.store.store import (
 )
 
 __all__ = [
+    "CHANGE_KINDS",
     "DEPLOY_STATES",
     "INSTANCE_STATES",
     "App",
+    "Change",
     "Conflict",
     "Deploy",
     "Domain",

@@ -16,6 +16,7 @@ the text); the PostgreSQL backend translates them for psycopg2.  Only code in
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sqlite3
 from collections.abc import Awaitable, Callable, Sequence
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from attrs import frozen
-from twisted.internet.defer import DeferredLock, DeferredSemaphore
+from twisted.internet.defer import Deferred, DeferredLock, DeferredSemaphore
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -78,6 +79,9 @@ class Transaction(Protocol):
     async def exclusive(self, name: str) -> None:
         """Serialise the rest of this transaction with every other holder of ``name``."""
 
+    async def notify(self, payload: dict[str, Any]) -> None:
+        """Announce a change to every listener once (and only if) this transaction commits."""
+
 
 class Backend(Protocol):
     """A database the store can run transactions on."""
@@ -98,6 +102,41 @@ class Backend(Protocol):
     def lock(self, name: str) -> Any:
         """A :class:`epio.store.locks.Lock` named ``name``."""
 
+    async def listen(self, callback: Callable[[dict[str, Any]], None]) -> Callable[[], None]:
+        """Call ``callback(payload)`` for every committed ``notify``; returns an unsubscriber.
+
+        Fires once listening is established.  ``{"kind": "resync"}`` means
+        notifications may have been missed (listener reconnected): reload.
+        """
+
+
+CHANNEL = "epio_changes"
+
+
+class _Listeners:
+    """Local callbacks; a failing callback is logged and never stops the others."""
+
+    log = Logger()
+
+    def __init__(self) -> None:
+        self.callbacks: list[Callable[[dict[str, Any]], None]] = []
+
+    def add(self, callback: Callable[[dict[str, Any]], None]) -> Callable[[], None]:
+        self.callbacks.append(callback)
+
+        def remove() -> None:
+            if callback in self.callbacks:
+                self.callbacks.remove(callback)
+
+        return remove
+
+    def deliver(self, payload: dict[str, Any]) -> None:
+        for cb in list(self.callbacks):
+            try:
+                cb(payload)
+            except Exception:
+                self.log.failure("store change listener failed")
+
 
 # --------------------------------------------------------------------- SQLite
 
@@ -107,6 +146,7 @@ class _SqliteTx:
 
     def __init__(self, backend: SqliteBackend) -> None:
         self._backend = backend
+        self.pending: list[dict[str, Any]] = []
 
     async def execute(self, sql: str, params: Sequence[Any] = ()) -> Result:
         return await self._backend._call(self._backend._execute, sql, tuple(params))
@@ -114,6 +154,11 @@ class _SqliteTx:
     async def exclusive(self, name: str) -> None:
         # BEGIN IMMEDIATE already holds the database's single write lock.
         return None
+
+    async def notify(self, payload: dict[str, Any]) -> None:
+        # delivered in this process after COMMIT (SQLite has no LISTEN/NOTIFY)
+        if payload not in self.pending:
+            self.pending.append(payload)
 
 
 class SqliteBackend:
@@ -134,6 +179,7 @@ class SqliteBackend:
         self._conn: sqlite3.Connection | None = None
         self._txlock = DeferredLock()
         self._closed = False
+        self._listeners = _Listeners()
 
     def _call(self, f: Callable[..., T], *args: Any) -> Awaitable[T]:
         if self._pool is None or self._closed:
@@ -202,16 +248,23 @@ class SqliteBackend:
         await self._txlock.acquire()
         try:
             await self._call(self._statement, "BEGIN" if readonly else "BEGIN IMMEDIATE")
+            tx = _SqliteTx(self)
             try:
-                result = await fn(_SqliteTx(self))
+                result = await fn(tx)
             except BaseException:
                 if not self._closed:
                     await self._call(self._rollback)
                 raise
             await self._call(self._statement, "COMMIT")
-            return result
         finally:
             self._txlock.release()
+        for payload in tx.pending:
+            self._listeners.deliver(payload)
+        return result
+
+    async def listen(self, callback: Callable[[dict[str, Any]], None]) -> Callable[[], None]:
+        # Same-process changes only: other processes sharing the file are not seen.
+        return self._listeners.add(callback)
 
     async def close(self) -> None:
         if self._closed or self._pool is None:
@@ -353,6 +406,11 @@ class _PgTx:
     async def exclusive(self, name: str) -> None:
         await self.execute("SELECT pg_advisory_xact_lock(?)", (lock_key(name),))
 
+    async def notify(self, payload: dict[str, Any]) -> None:
+        # NOTIFY is transactional: delivered on COMMIT, identical ones folded
+        await self.execute("SELECT pg_notify(?, ?)",
+                           (CHANNEL, json.dumps(payload, sort_keys=True)))
+
 
 class PostgresBackend:
     """PostgreSQL through txpostgres with a bounded pool of connections."""
@@ -369,6 +427,12 @@ class PostgresBackend:
         self._sem = DeferredSemaphore(pool_size)
         self._idle: list[Any] = []
         self._closed = False
+        self._listeners = _Listeners()
+        self._listen_conn: Any = None
+        self._listen_started = False
+        self._listen_up = False
+        self._listen_waiters: list[Deferred[None]] = []
+        self._retry: Any = None
 
     async def _connect(self) -> Any:
         return await connect_pg(self._reactor, self.dsn, self.connect_timeout)
@@ -440,8 +504,90 @@ class PostgresBackend:
                 self._checkin(conn, broken)
         raise AssertionError("unreachable")
 
+    async def listen(self, callback: Callable[[dict[str, Any]], None]) -> Callable[[], None]:
+        if self._closed:
+            raise StoreUnavailable("the store is closed")
+        remove = self._listeners.add(callback)
+        if not self._listen_started:
+            self._listen_started = True
+            self._start_listening(0.0)
+        if not self._listen_up:
+            d: Deferred[None] = Deferred()
+            self._listen_waiters.append(d)
+            try:
+                await d
+            except BaseException:
+                remove()
+                raise
+        return remove
+
+    def _start_listening(self, delay: float) -> None:
+        def attempt() -> None:
+            self._retry = None
+            Deferred.fromCoroutine(self._listen_once(delay)).addErrback(
+                lambda f: self.log.failure("store listener failed", f))
+
+        if delay:
+            self._retry = self._reactor.callLater(delay, attempt)
+        else:
+            attempt()
+
+    async def _listen_once(self, delay: float) -> None:
+        if self._closed:
+            return
+        try:
+            conn = await connect_pg(self._reactor, self.dsn, self.connect_timeout,
+                                    on_lost=self._listener_lost)
+            conn.addNotifyObserver(self._notified)
+            await conn.runOperation(f"LISTEN {CHANNEL}")
+        except Exception as e:
+            next_delay = min(max(delay * 2, 1.0), 30.0)
+            self.log.warn("store listener: {error}; retrying in {delay} s",
+                          error=str(e).strip(), delay=next_delay)
+            self._start_listening(next_delay)
+            return
+        if self._closed:
+            conn.close()
+            return
+        self._listen_conn = conn
+        if not self._listen_up:
+            self._listen_up = True
+            waiters, self._listen_waiters = self._listen_waiters, []
+            for d in waiters:
+                d.callback(None)
+        else:
+            self.log.info("store listener reconnected; subscribers resync")
+            self._listeners.deliver({"kind": "resync"})
+
+    def _listener_lost(self, conn: Any) -> None:
+        if conn is not self._listen_conn:
+            return
+        self._listen_conn = None
+        if not self._closed:
+            self.log.warn("store listener: connection lost; reconnecting")
+            self._start_listening(1.0)
+
+    def _notified(self, notify: Any) -> None:
+        try:
+            payload = json.loads(notify.payload)
+        except ValueError:
+            return
+        if isinstance(payload, dict):
+            self._listeners.deliver(payload)
+
     async def close(self) -> None:
         self._closed = True
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        waiters, self._listen_waiters = self._listen_waiters, []
+        for d in waiters:
+            d.errback(StoreUnavailable("the store is closed"))
+        conn, self._listen_conn = self._listen_conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:
+                pass
         idle, self._idle = self._idle, []
         for conn in idle:
             try:

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 import attrs
+from attrs import frozen
 from twisted.logger import Logger
 
 from epio.store.backend import Backend, Transaction
@@ -50,6 +51,27 @@ MAX_CONFIG_VALUE = 32 * 1024
 INSTANCE_STATES = ("pending", "starting", "healthy", "draining", "crashed", "stopped", "failed")
 DEPLOY_STATES = ("pending", "building", "built", "deploying", "succeeded", "failed", "cancelled")
 DEPLOY_FINAL = ("succeeded", "failed", "cancelled")
+
+
+CHANGE_KINDS = ("user", "app", "collaborator", "release", "config", "formation", "instance",
+                "domain", "node", "deploy", "resync")
+
+
+@frozen
+class Change:
+    """A committed change announced by :meth:`Store.subscribe`."""
+
+    kind: str
+    app: str | None = None
+    id: str | None = None
+
+    def payload(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind}
+        if self.app is not None:
+            out["app"] = self.app
+        if self.id is not None:
+            out["id"] = self.id
+        return out
 
 
 def hash_token(token: str) -> str:
@@ -161,9 +183,19 @@ class Store:
         return float(self.reactor.seconds())
 
     async def _tx(self, fn: Callable[[Transaction], Awaitable[T]], readonly: bool = False,
-                  conflict: str | None = None) -> T:
+                  conflict: str | None = None, change: Iterable[Change] = ()) -> T:
+        changes = list(change)
+        body = fn
+        if changes:
+
+            async def body(tx: Transaction) -> T:
+                result = await fn(tx)
+                for c in changes:
+                    await tx.notify(c.payload())
+                return result
+
         try:
-            return await self.backend.transaction(fn, readonly=readonly)
+            return await self.backend.transaction(body, readonly=readonly)
         except IntegrityError as e:
             raise Conflict(conflict or f"conflicting change: {e}") from None
 
@@ -192,6 +224,25 @@ class Store:
         """A named :class:`epio.store.locks.Lock` (advisory lock / local file lock)."""
         return self.backend.lock(name)
 
+    async def subscribe(self, callback: Callable[[Change], None]) -> Callable[[], None]:
+        """Call ``callback(change)`` after every committed change; returns an unsubscriber.
+
+        Returns once listening (changes committed afterwards are seen).  A
+        :class:`Change` names a ``kind`` (:data:`CHANGE_KINDS`), the ``app``
+        and/or ``id`` concerned.  ``Change("resync")`` means changes may have
+        been missed (the listener reconnected): reload what you cache.
+        PostgreSQL: every node's changes (LISTEN/NOTIFY).  SQLite: changes
+        made by this process only -- keep a slow periodic reload as well.
+        Notifications are hints, not a log: read the store for the facts.
+        """
+
+        def deliver(payload: dict[str, Any]) -> None:
+            kind = payload.get("kind")
+            if isinstance(kind, str):
+                callback(Change(kind, payload.get("app"), payload.get("id")))
+
+        return await self.backend.listen(deliver)
+
     # ------------------------------------------------------------- users
 
     async def create_user(self, name: str, email: str | None = None,
@@ -209,7 +260,8 @@ class Store:
                 (user.id, user.name, user.email, user.is_admin, user.created))
             return user
 
-        return await self._tx(q, conflict=f"a user named {name!r} already exists")
+        return await self._tx(q, conflict=f"a user named {name!r} already exists",
+                              change=[Change("user")])
 
     async def get_user(self, user_id: str) -> User:
         """The user with id ``user_id``; ``NotFound`` otherwise."""
@@ -240,7 +292,7 @@ class Store:
             if not (await tx.execute("DELETE FROM users WHERE id = ?", (user_id,))).rowcount:
                 raise NotFound(f"no user with id {user_id!r}")
 
-        await self._tx(q)
+        await self._tx(q, change=[Change("user")])
 
     async def create_token(self, user_id: str, description: str = "") -> NewToken:
         """Issue an API token for a user.
@@ -333,7 +385,8 @@ class Store:
                 " VALUES (?, ?, ?, ?, 0, ?)", (name, owner_id, int(uid), False, now))
             return App(name, owner_id, int(uid), False, now)
 
-        return await self._tx(q, conflict=f"an app named {name!r} already exists")
+        return await self._tx(q, conflict=f"an app named {name!r} already exists",
+                              change=[Change("app", name)])
 
     async def get_app(self, name: str) -> App:
         """The app named ``name``; ``NotFound`` otherwise."""
@@ -361,7 +414,7 @@ class Store:
             if not (await tx.execute("DELETE FROM apps WHERE name = ?", (name,))).rowcount:
                 raise NotFound(f"no app named {name!r}")
 
-        await self._tx(q)
+        await self._tx(q, change=[Change("app", name)])
 
     async def set_maintenance(self, name: str, on: bool) -> App:
         """Switch an app's maintenance mode; return the updated app."""
@@ -373,7 +426,7 @@ class Store:
                 raise NotFound(f"no app named {name!r}")
             return _app(row)
 
-        return await self._tx(q)
+        return await self._tx(q, change=[Change("app", name)])
 
     async def add_collaborator(self, app: str, user_id: str) -> None:
         """Let ``user_id`` manage ``app`` (idempotent; NotFound for unknown app/user)."""
@@ -386,7 +439,7 @@ class Store:
                 "INSERT INTO app_collaborators (app, user_id, created) VALUES (?, ?, ?) "
                 "ON CONFLICT (app, user_id) DO NOTHING", (app, user_id, self._now()))
 
-        await self._tx(q)
+        await self._tx(q, change=[Change("collaborator", app)])
 
     async def remove_collaborator(self, app: str, user_id: str) -> None:
         """Remove a collaborator; ``NotFound`` if they were not one."""
@@ -397,7 +450,7 @@ class Store:
             if not res.rowcount:
                 raise NotFound(f"user {user_id!r} is not a collaborator of {app!r}")
 
-        await self._tx(q)
+        await self._tx(q, change=[Change("collaborator", app)])
 
     async def list_collaborators(self, app: str) -> list[User]:
         """The collaborators of an app (not including the owner), by name."""
@@ -452,7 +505,7 @@ class Store:
             return await self._insert_release(tx, app, image, config, processes, description,
                                               created_by, meta, inherit_image, now)
 
-        return await self._tx(q)
+        return await self._tx(q, change=[Change("release", app)])
 
     async def _insert_release(self, tx: Transaction, app: str, image: str | None,
                               config: Mapping[str, str] | None,
@@ -541,7 +594,7 @@ class Store:
             await self._app_exists(tx, app)
             return await self._apply_config(tx, app, values)
 
-        return await self._tx(q)
+        return await self._tx(q, change=[Change("config", app)])
 
     @staticmethod
     async def _apply_config(tx: Transaction, app: str,
@@ -583,7 +636,7 @@ class Store:
                                                  inherit_image, now)
             return config, release
 
-        return await self._tx(q)
+        return await self._tx(q, change=[Change("config", app), Change("release", app)])
 
     async def unset_config(self, app: str, keys: Iterable[str]) -> dict[str, str]:
         """Remove config vars (missing keys are ignored); return the full new config."""
@@ -616,7 +669,7 @@ class Store:
                 (app, process_type, quantity, new_size, _dumps(new_limits)))
             return Formation(app, process_type, quantity, new_size, new_limits)
 
-        return await self._tx(q)
+        return await self._tx(q, change=[Change("formation", app)])
 
     async def get_formation(self, app: str) -> dict[str, Formation]:
         """The app's formation: process type -> Formation (NotFound for unknown app)."""
@@ -636,7 +689,7 @@ class Store:
             await tx.execute("DELETE FROM formation WHERE app = ? AND process_type = ?",
                              (app, process_type))
 
-        await self._tx(q)
+        await self._tx(q, change=[Change("formation", app)])
 
     # --------------------------------------------------------- instances
 
@@ -668,7 +721,7 @@ class Store:
                     (i.id, i.app, i.release, i.process_type, i.number, i.node, i.host, i.port,
                      i.state, i.since, i.restarts))
 
-        await self._tx(q)
+        await self._tx(q, change=[Change("instance", a) for a in sorted({i.app for i in batch})])
 
     async def get_instance(self, instance_id: str) -> Instance:
         """One instance by id; ``NotFound`` otherwise."""
@@ -695,8 +748,11 @@ class Store:
         """Forget an instance; True if it existed."""
 
         async def q(tx: Transaction) -> bool:
-            res = await tx.execute("DELETE FROM instances WHERE id = ?", (instance_id,))
-            return bool(res.rowcount)
+            app = (await tx.execute("DELETE FROM instances WHERE id = ? RETURNING app",
+                                    (instance_id,))).scalar()
+            if app is not None:
+                await tx.notify(Change("instance", app, instance_id).payload())
+            return app is not None
 
         return await self._tx(q)
 
@@ -718,7 +774,8 @@ class Store:
                 (host, app, wildcard, now))
             return Domain(host, app, wildcard, now)
 
-        return await self._tx(q, conflict=f"hostname {host!r} is already in use")
+        return await self._tx(q, conflict=f"hostname {host!r} is already in use",
+                              change=[Change("domain", app)])
 
     async def remove_domain(self, app: str, hostname: str) -> None:
         """Stop routing ``hostname`` to ``app``; ``NotFound`` if it was not the app's."""
@@ -730,7 +787,7 @@ class Store:
             if not res.rowcount:
                 raise NotFound(f"app {app!r} has no domain {host!r}")
 
-        await self._tx(q)
+        await self._tx(q, change=[Change("domain", app)])
 
     async def list_domains(self, app: str | None = None) -> list[Domain]:
         """Custom domains of one app (or of all apps), by hostname."""
@@ -773,7 +830,7 @@ class Store:
                  info.last_seen, _dumps(info.status)))
             return info
 
-        return await self._tx(q)
+        return await self._tx(q, change=[Change("node", None, node_id)])
 
     async def get_node(self, node_id: str) -> NodeInfo:
         """One node; ``NotFound`` otherwise."""
@@ -795,7 +852,7 @@ class Store:
         async def q(tx: Transaction) -> bool:
             return bool((await tx.execute("DELETE FROM nodes WHERE id = ?", (node_id,))).rowcount)
 
-        return await self._tx(q)
+        return await self._tx(q, change=[Change("node", None, node_id)])
 
     # ----------------------------------------------------------- deploys
 
@@ -815,7 +872,7 @@ class Store:
                 (d.id, app, status, d.created, created_by, _dumps(d.meta)))
             return d
 
-        return await self._tx(q)
+        return await self._tx(q, change=[Change("deploy", app, d.id)])
 
     async def update_deploy(self, deploy_id: str, *, status: str | None = None,
                             image: str | None = None, release: int | None = None,
@@ -850,6 +907,7 @@ class Store:
                 " meta = ?, finished = ? WHERE id = ?",
                 (new.status, new.image, new.release, new.log, new.reason, _dumps(new.meta),
                  new.finished, deploy_id))
+            await tx.notify(Change("deploy", cur.app, cur.id).payload())
             return new
 
         return await self._tx(q)
