@@ -32,7 +32,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from epio.api.settings import ApiSettings
-from epio.api.state import DEFAULT_SIZE, SIZES, processes_of, release_facts
+from epio.api.state import DEFAULT_SIZE, SIZES, current_release, processes_of, release_facts
 from epio.store import App, Deploy, Store, User
 
 MAX_CRASH_RESTARTS = 3
@@ -40,6 +40,14 @@ MAX_CRASH_RESTARTS = 3
 
 class DeployFailed(Exception):
     """The deploy cannot go on; the message is the reason shown to the user."""
+
+    status = "failed"
+
+
+class DeploySuperseded(DeployFailed):
+    """A newer release became current while this deploy rolled out."""
+
+    status = "cancelled"
 
 
 class Deployer:
@@ -96,14 +104,15 @@ class Deployer:
         try:
             await self._deploy(app, deploy, tarball)
         except DeployFailed as e:
-            await self._fail(deploy, str(e))
+            await self._fail(deploy, str(e), e.status)
         except Exception:
             self.log.failure("deploy {id} of {app} failed", id=deploy.id, app=app.name)
             await self._fail(deploy, "internal error (logged on the api node)")
 
-    async def _fail(self, deploy: Deploy, reason: str) -> None:
+    async def _fail(self, deploy: Deploy, reason: str, status: str = "failed") -> None:
         try:
-            await self._say(deploy, f"Deploy failed: {reason}", status="failed", reason=reason)
+            what = "cancelled" if status == "cancelled" else "failed"
+            await self._say(deploy, f"Deploy {what}: {reason}", status=status, reason=reason)
         except Exception:
             self.log.failure("recording the failure of deploy {id} failed", id=deploy.id)
         if self.scheduler is not None:
@@ -175,6 +184,10 @@ class Deployer:
         deadline = self.clock.seconds() + self.settings.rollout_timeout
         reported: dict[str, str] = {}
         while True:
+            current = await current_release(self.store, app.name)
+            if current is not None and current.version > version:
+                raise DeploySuperseded(f"v{current.version} replaced v{version} during its "
+                                       "rollout")
             instances = [i for i in await self.store.list_instances(app.name)
                          if i.release == version]
             for i in instances:

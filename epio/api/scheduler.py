@@ -46,6 +46,7 @@ from twisted.logger import Logger
 from epio.api.settings import ApiSettings
 from epio.api.state import DEFAULT_SIZE, LIVE_STATES, SIZES, current_release
 from epio.store import Instance, LeaderService, Store
+from epio.store.store import DEPLOY_FINAL
 
 LOCK_NAME = "epio.scheduler"
 DEFAULT_BOOT_TIMEOUT = 60.0
@@ -230,6 +231,7 @@ class Scheduler:
 
     async def _reconcile_app(self, app: Any, mine: list[Instance], everyone: list[Instance],
                              now: float) -> None:
+        await self._expire_deploys(app.name, now)
         release = await current_release(self.store, app.name)
         formation = await self.store.get_formation(app.name)
         want: dict[str, int] = {}
@@ -273,6 +275,18 @@ class Scheduler:
             for inst in old:
                 if healthy >= quantity or inst.state not in ("healthy",):
                     await self._retire(inst, everyone, now)
+
+    async def _expire_deploys(self, app: str, now: float) -> None:
+        """Fail deploys left unfinished by an api process that stopped mid-way."""
+        limit = self.settings.build_timeout + self.settings.rollout_timeout + 60.0
+        for d in await self.store.list_deploys(app, limit=20):
+            if d.status not in DEPLOY_FINAL and now - d.created > limit:
+                self.log.warn("deploy {id} of {app} was left {status}: marking it failed",
+                              id=d.id, app=app, status=d.status)
+                await self.store.update_deploy(
+                    d.id, status="failed", append_log="Deploy failed: interrupted\n",
+                    reason=f"interrupted while {d.status} (the api process running it "
+                           "stopped); deploy again")
 
     # --- actions ------------------------------------------------------------------
 

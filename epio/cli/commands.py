@@ -205,12 +205,15 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         print(f"Uploaded {human_size(size)}; deploy {deploy['id'][:12]}")
     offset = 0
     deadline = time.monotonic() + args.timeout
+    build_log = BuildLog(client, name, deploy["created"])
     while True:
         d = client.get(f"apps/{name}/deploys/{deploy['id']}", log_offset=offset)
         if d["log"] and not quiet:
             sys.stdout.write(d["log"])
             sys.stdout.flush()
         offset = d["log_offset"]
+        if not quiet and d["status"] in ("pending", "building", "built"):
+            build_log.follow()
         if d["status"] in FINAL:
             break
         if time.monotonic() > deadline:
@@ -226,6 +229,35 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     else:
         print(f"{name} is live at {d['url']}")
     return 0
+
+
+class BuildLog:
+    """Prints the app's ``build`` log lines (from the logs endpoint) while it builds.
+
+    The logs endpoint belongs to the logger role; without it this prints nothing.
+    """
+
+    def __init__(self, client: Client, app: str, since: float) -> None:
+        self.client = client
+        self.app = app
+        self.since = since
+        self.last_id = -1
+        self.available = True
+
+    def follow(self) -> None:
+        if not self.available:
+            return
+        try:
+            body = self.client.get(f"apps/{self.app}/logs", source="build", n=1000,
+                                   since=f"{self.since:.3f}")
+        except CliError:
+            self.available = False
+            return
+        for line in (body or {}).get("lines", []):
+            if isinstance(line, dict) and int(line.get("id", -1)) > self.last_id:
+                self.last_id = int(line["id"])
+                print(f"  | {line.get('text', '')}")
+        sys.stdout.flush()
 
 
 # --- processes -----------------------------------------------------------------------

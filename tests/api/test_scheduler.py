@@ -204,3 +204,35 @@ class DeployTests(TestCase):
         status, _, _ = await self.h.call("DELETE", "apps/hello", token=self.h.alice_token)
         self.assertEqual(status, 200)
         self.assertEqual(self.h.runners.running("hello"), [])
+
+
+class DeployLifecycleTests(TestCase):
+    timeout = 30
+
+    def setUp(self) -> Any:
+        self.h = Harness()
+        self.addCleanup(lambda: ensureDeferred(self.h.stop()))
+        return ensureDeferred(self.h.start())
+
+    async def test_interrupted_deploy_expires(self) -> None:
+        """A deploy left 'building' by a dead api process is marked failed by the leader."""
+        alice = await self.h.store.get_user_by_name("alice")
+        await self.h.store.create_app("old", alice.id)
+        d = await self.h.store.create_deploy("old", "building")
+        await self.h.scheduler.reconcile()
+        self.assertEqual((await self.h.store.get_deploy(d.id)).status, "building")
+        self.h.scheduler.clock = FakeNow(d.created + 10_000)
+        await self.h.scheduler.reconcile()
+        d = await self.h.store.get_deploy(d.id)
+        self.assertEqual(d.status, "failed")
+        self.assertIn("interrupted", d.reason)
+
+
+class FakeNow:
+    """A clock that only tells a fixed time (the pass awaits the real reactor)."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def seconds(self) -> float:
+        return self.now
