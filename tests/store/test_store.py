@@ -73,6 +73,37 @@ class StoreTestsMixin:
         rows = await self.raw("SELECT version FROM schema_version ORDER BY version")
         self.assertEqual([r[0] for r in rows], [m.version for m in MIGRATIONS])
 
+    async def test_upgrade_from_older_schema(self) -> None:
+        """A store at an older schema version is brought up to date on open, keeping
+        its data (only the missing migrations run)."""
+        from epio.store.service import make_backend
+
+        url = self.url()
+        backend = make_backend(url, reactor)
+        await backend.open()
+        self.assertEqual(await migrate(backend, reactor.seconds, MIGRATIONS[:1]), [1])
+
+        async def q(tx: Any) -> None:
+            await tx.execute("INSERT INTO users (id, name, is_admin, created) "
+                             "VALUES ('old', 'olduser', ?, 0)", (False,))
+
+        await backend.transaction(q)
+        await backend.close()
+        store = await open_store(url, reactor)
+        self.addCleanup(store.close)
+        self.assertEqual(await current_version(store.backend), len(MIGRATIONS))
+        self.assertEqual((await store.get_user("old")).name, "olduser")
+
+    async def test_releases_immutable(self) -> None:
+        """The database itself refuses to change a release (migration 2)."""
+        await self.store.create_app("imm", self.alice.id)
+        await self.store.create_release("imm", DIGEST)
+        with self.assertRaises(Exception) as cm:
+            await self.raw_write("UPDATE releases SET image = NULL WHERE app = 'imm'")
+        self.assertIn("immutable", str(cm.exception))
+        self.assertEqual((await self.store.get_release("imm", 1)).image, DIGEST)
+        await self.store.delete_app("imm")  # deleting with the app still works
+
     async def test_newer_schema_refused(self) -> None:
         """A database migrated by a newer epio is refused with a clear error."""
         from epio.store import MigrationError

@@ -11,12 +11,14 @@ and reads JSON commands from stdin:
 - ``{"cmd": "publish", "topic": "a.x", "n": 1}``: publish ``test.event``;
 - ``{"cmd": "state"}``: answers ``{"event": "state", "pulled": [...],
   "handled": [...], "counters": {...}}``;
+- ``{"cmd": "count"}``: answers ``{"event": "count", "pulled": N}``;
 - ``{"cmd": "exit"}`` (or stdin closing): stop every service and exit 0.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from twisted.internet import defer, reactor, stdio, task
@@ -32,7 +34,8 @@ def out(**kw: object) -> None:
 
 class Peer:
     def __init__(self, secret: bytes, node: str, host: str, ports: list[int]) -> None:
-        self.bus = Bus(reactor, secret, node, {"bus": {"max_skew": 30.0}})
+        encrypt = os.environ.get("EPIO_BUS_ENCRYPT", "1") != "0"
+        self.bus = Bus(reactor, secret, node, {"bus": {"max_skew": 30.0, "encrypt": encrypt}})
         h = f"[{host}]" if ":" in host else host
         self.pulled: list[int] = []
         self.handled: list[int] = []
@@ -76,6 +79,8 @@ class Peer:
                     "pull": self.pull.counters.snapshot(),
                     "bus": self.bus.counters.snapshot(),
                 })
+        elif cmd["cmd"] == "count":
+            out(event="count", pulled=len(self.pulled))
         elif cmd["cmd"] == "exit":
             self.stop()
             reactor.stop()

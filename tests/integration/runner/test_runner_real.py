@@ -55,11 +55,7 @@ class IsolationTests(TestCase):
         self.runner = RealRunner(reactor)
         self.addCleanup(lambda: defer.Deferred.fromCoroutine(self.runner.close()))
 
-    @defer.inlineCallbacks  # trial entry point only; the body is a coroutine
-    def test_probe_cannot_see_other_apps_or_the_node(self) -> Any:
-        yield defer.Deferred.fromCoroutine(self._probe())
-
-    async def _probe(self) -> None:
+    async def test_probe_cannot_see_other_apps_or_the_node(self) -> None:
         """A probe app runs as its own UID with no groups; it cannot read the node's
         secret, the data dir, another app's data dir or image, cannot signal another
         app's processes, sees only its own processes in /proc, can write its data dir
@@ -122,11 +118,7 @@ class WebTests(TestCase):
         self.runner = RealRunner(reactor)
         self.addCleanup(lambda: defer.Deferred.fromCoroutine(self.runner.close()))
 
-    @defer.inlineCallbacks
-    def test_web_app_healthy_answers_and_stops_with_sigkill_after_grace(self) -> Any:
-        yield defer.Deferred.fromCoroutine(self._web())
-
-    async def _web(self) -> None:
+    async def test_web_app_healthy_answers_and_stops_with_sigkill_after_grace(self) -> None:
         """A web app becomes healthy through its HTTP health check and answers on its
         port; stopping an app that ignores SIGTERM sends SIGTERM, then SIGKILL after
         the grace period, and leaves no process behind."""
@@ -154,11 +146,7 @@ class WebTests(TestCase):
         self.assertIn("did not exit in time: SIGKILL", logs)
         self.assertEqual(alive(pids), [])
 
-    @defer.inlineCallbacks
-    def test_drain_rollover_without_errors(self) -> Any:
-        yield defer.Deferred.fromCoroutine(self._rollover())
-
-    async def _rollover(self) -> None:
+    async def test_drain_rollover_without_errors(self) -> None:
         """Runner-level rollover: a client that sends each request to a healthy instance
         (as routers do from heartbeats) sees no error while v2 starts, v1 drains and
         stops; a broken v3 never becomes routable and v2 keeps serving."""
@@ -214,11 +202,7 @@ class LimitTests(TestCase):
         self.runner = RealRunner(reactor)
         self.addCleanup(lambda: defer.Deferred.fromCoroutine(self.runner.close()))
 
-    @defer.inlineCallbacks
-    def test_memory_limit_kills_and_reports_only_the_hog(self) -> Any:
-        yield defer.Deferred.fromCoroutine(self._memory())
-
-    async def _memory(self) -> None:
+    async def test_memory_limit_kills_and_reports_only_the_hog(self) -> None:
         """A process allocating past its memory limit is killed and reported as out of
         memory; another app's instance keeps running untouched."""
         r = self.runner
@@ -248,11 +232,7 @@ class CrashLoopTests(TestCase):
         self.runner = RealRunner(reactor, backoff_initial=1.0, backoff_max=300.0)
         self.addCleanup(lambda: defer.Deferred.fromCoroutine(self.runner.close()))
 
-    @defer.inlineCallbacks
-    def test_crash_loop_at_most_seven_starts_in_a_real_minute(self) -> Any:
-        yield defer.Deferred.fromCoroutine(self._loop())
-
-    async def _loop(self) -> None:
+    async def test_crash_loop_at_most_seven_starts_in_a_real_minute(self) -> None:
         """An app that exits at once is restarted with backoff: at most 7 starts over a
         real minute (the schedule gives 6: at 0, 1, 3, 7, 15, 31 s), crashed while waiting."""
         r = self.runner
