@@ -137,7 +137,8 @@ class BusLogSink(MultiService):
     so a logger can tell a gap from silence.  Lines over 10,000 bytes are sent
     in parts (``part``/``parts``), each with its own sequence number.
     ``counters`` has ``lines``, ``samples`` and ``dropped`` (a message that at
-    least one logger did not get).
+    least one logger did not get).  With no endpoint at all (``cluster.loggers =
+    []``) lines go to the node's log, like :class:`LocalLogSink`.
     """
 
     log = Logger()
@@ -153,6 +154,8 @@ class BusLogSink(MultiService):
         self.counters = BusCounters()
         self._seq: dict[tuple[str, str], int] = {}
         self.pushes: list[Push] = []
+        # With no logger configured, app logs still go somewhere: the node's log.
+        self._local = LocalLogSink() if not endpoints else None
         for ep in dict.fromkeys(endpoints):
             push = bus.push([ep])
             push.setName(f"log-push {ep}")
@@ -173,7 +176,16 @@ class BusLogSink(MultiService):
         if not ok:
             self.counters.incr("dropped")
 
+    def startService(self) -> None:
+        super().startService()
+        if self._local is not None:
+            self.log.warn("no logger in cluster.loggers: app logs go to this node's log only")
+
     def emit(self, app: str, source: str, text: str, timestamp: float | None = None) -> None:
+        if self._local is not None:
+            self._local.emit(app, source, text, timestamp)
+            self.counters.incr("lines")
+            return
         ts = self.clock.seconds() if timestamp is None else float(timestamp)
         parts = split_text(text, self.max_line_bytes)
         for i, part in enumerate(parts):
@@ -188,6 +200,10 @@ class BusLogSink(MultiService):
             self.counters.incr("lines")
 
     def emit_stats(self, app: str, kind: str, values: dict) -> None:
+        if self._local is not None:
+            self._local.emit_stats(app, kind, values)
+            self.counters.incr("samples")
+            return
         body = {
             "app": app, "kind": kind, "values": dict(values),
             "timestamp": self.clock.seconds(), "seq": self._next_seq(app, "stats:" + kind),

@@ -115,3 +115,16 @@ class BusLogSinkTests(TestCase):
         sink.emit("app", "web.1", "lost")
         self.assertEqual(sink.counters["dropped"], 1)
         self.assertEqual(bus.counters["dropped.not_running"], 1)
+
+    def test_no_logger_falls_back_to_node_log(self) -> None:
+        """With no logger endpoint configured, lines go to the node's log (not nowhere)."""
+        bus = Bus(reactor, SECRET, "node-x", {"bus": {}})
+        sink = BusLogSink(bus, [])
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        sink.startService()
+        self.addCleanup(sink.stopService)
+        sink.emit("app9", "web.1", "kept")
+        self.assertIn("kept", [e.get("text") for e in events if e.get("app") == "app9"])
+        self.assertEqual(sink.counters["dropped"], 0)

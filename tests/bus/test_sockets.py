@@ -131,6 +131,31 @@ class RealSocketTests(TestCase):
         await self.wait(lambda: got)
         self.assertEqual(got, [7])
 
+    async def test_rejections_logged_without_secret(self) -> None:
+        """A rejected message is logged with its reason (rate-limited: one line for a
+        burst) and no log line ever contains the secret."""
+        from twisted.logger import formatEvent
+
+        bus = Bus(reactor, SECRET, "n", {"bus": {}})
+        pull = self.start(bus.pull("tcp://127.0.0.1:0", lambda env: None))
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        raw = zmq.Context.instance().socket(zmq.PUSH)
+        self.addCleanup(raw.close, 0)
+        for opt, value in bus.socket_options(bind=False):
+            raw.setsockopt(opt, value)
+        raw.connect(pull.endpoint)
+        for _ in range(5):
+            raw.send(seal(Envelope("test.job", 1, "x", time.time(), {"n": 1}), b"z" * 32))
+        await self.wait(lambda: pull.counters["rejected.bad_signature"] == 5)
+        lines = [formatEvent(e) for e in events if e.get("reason") == "bad_signature"]
+        self.assertEqual(len(lines), 1)
+        self.assertIn("bad_signature", lines[0])
+        everything = " ".join(formatEvent(e) for e in events)
+        self.assertNotIn(SECRET.decode(), everything)
+        self.assertNotIn(SECRET.hex(), everything)
+
     async def test_curve_keeps_outsiders_out(self) -> None:
         """With encryption on (the default) a plain ZeroMQ peer cannot deliver anything,
         even a correctly signed envelope: the CURVE handshake fails first."""
