@@ -15,6 +15,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.server import Request, Site
 
@@ -88,6 +89,7 @@ class ApiService(MultiService):
         http.setServiceParent(self)
         self._listen = listen
         self._starting: Any = None
+        self._register: LoopingCall | None = None
 
     def startService(self) -> None:
         super().startService()
@@ -124,9 +126,29 @@ class ApiService(MultiService):
                                  scheduler=self.scheduler, log_sink=sink)
         self.platform = Platform(store, self.settings, node.reactor, deployer=self.deployer,
                                  scheduler=self.scheduler)
+        if "runner" not in node.roles:
+            # the runner role registers the node itself (with its control endpoint);
+            # a node without one is registered here so GET /nodes lists it too
+            self._register = LoopingCall(self._register_node, store)
+            self._register.clock = node.reactor
+            self._register.start(self.settings.runner_dead_after / 3, now=True).addErrback(
+                lambda f: self.log.failure("node registration loop died", f))
         self.api.log_tail = self._log_tail()
         self.api.platform = self.platform
         self.log.info("api ready")
+
+    async def _register_node(self, store: Any) -> None:
+        try:
+            await store.upsert_node(self.node.node_id, self.node.roles, None, self.node.boot_id,
+                                    status={"api": self._listen})
+        except Exception as e:
+            self.log.warn("registering node {node} failed: {error}", node=self.node.node_id,
+                          error=str(e) or type(e).__name__)
+
+    def stopService(self) -> Any:
+        if self._register is not None and self._register.running:
+            self._register.stop()
+        return super().stopService()
 
     def _log_tail(self) -> Any:
         """The logs endpoint (epio.api.logtail) when a logger is configured."""

@@ -166,3 +166,7 @@ class LeaderFailoverTests(TestCase):
             await deferLater(reactor, 0.1, lambda: None)
         self.assertEqual([i.state for i in instances], ["healthy"] * 3)
         self.assertFalse(re.search(r"Traceback", self.nodes[other].output()))
+        req = urllib.request.Request(f"http://127.0.0.1:{self.ports[other]}/api/v1/nodes",
+                                     headers={"Authorization": f"Bearer {token}"})
+        nodes = json.loads(await deferToThread(lambda: urllib.request.urlopen(req).read()))
+        self.assertEqual(sorted(n["id"] for n in nodes), ["api-a", "api-b", "standin"])
