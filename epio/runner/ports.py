@@ -16,6 +16,8 @@ def bindable(host: str) -> Callable[[int], bool]:
     def check(port: int) -> bool:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         with socket.socket(family, socket.SOCK_STREAM) as s:
+            # as servers bind: a port whose old connections linger in TIME_WAIT is free
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind((host, port))
             except OSError:
