@@ -667,13 +667,7 @@ class Builder:
             return None
         content = "\n".join(lines) + "\n"
         key = hashlib.sha256(
-            (
-                content
-                + "\n"
-                + (self._prepared or {})["python_version"]
-                + "\n"
-                + self.cfg["index_url"]
-            ).encode()  # type: ignore[index]
+            (content + "\n" + (self._prepared or {})["python_version"]).encode()  # type: ignore[index]
         ).hexdigest()
         path = ctx.work / "requirements.epio.txt"
         path.write_text(content)

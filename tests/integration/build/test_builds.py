@@ -1,0 +1,327 @@
+"""Real builds of the example apps and of broken or hostile uploads.
+
+These run pip, mksquashfs and mount for real.  The wheel cache is shared by
+the whole session: only the first build of a requirement set downloads.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import tarfile
+import tempfile
+from pathlib import Path
+
+from twisted.internet import defer, protocol, reactor
+from twisted.trial.unittest import SkipTest, TestCase
+
+from epio.appdir import make_tarball
+from epio.manifest import Manifest
+from epio.runner.build import Builder, BuildFailed, ImageStore
+
+from .helpers import EXAMPLES, Sink, build_cgroups, config, data_dir, write_app
+
+ROOT = os.geteuid() == 0
+
+
+def _tarball(test: TestCase, app_dir: Path) -> Path:
+    fd, name = tempfile.mkstemp(suffix=".tar.gz")
+    os.close(fd)
+    test.addCleanup(os.unlink, name)
+    return make_tarball(app_dir, name)
+
+
+class _Base(TestCase):
+    timeout = 240
+
+    def builder(self, **cfg: object) -> tuple[Builder, Sink]:
+        self.data = data_dir(self)
+        sink = Sink()
+        return Builder(reactor, self.data, config(**cfg), sink), sink
+
+    def assert_nothing_left(self, images_before: set[str]) -> None:
+        builds = self.data / "builds"
+        self.assertEqual(list(builds.iterdir()) if builds.exists() else [], [])
+        self.assertEqual(ImageStore(self.data).digests(), images_before)
+        self.assertEqual(build_cgroups(), [])
+
+    async def fails(self, builder: Builder, tarball: Path, needle: str) -> BuildFailed:
+        try:
+            await builder.build("bad", tarball, {})
+        except BuildFailed as e:
+            self.assertIn(needle, e.reason)
+            self.assertTrue(e.log_tail)
+            self.assert_nothing_left(set())
+            return e
+        self.fail("the build did not fail")
+
+
+class ExampleBuildTests(_Base):
+    @defer.inlineCallbacks
+    def _build_example(self, name: str, **cfg: object):  # type: ignore[no-untyped-def]
+        b, sink = self.builder(**cfg)
+        result = yield defer.Deferred.fromCoroutine(
+            b.build(name, _tarball(self, EXAMPLES / name), {})
+        )
+        self.assertTrue(ImageStore(self.data).has(result.digest))
+        self.assertTrue(all(src == "build" and app == name for app, src, _ in sink.lines))
+        self.assertIn(result.digest, sink.text())
+        return result, b, sink
+
+    @defer.inlineCallbacks
+    def test_wsgi_example(self):  # type: ignore[no-untyped-def]
+        """The minimal WSGI app builds; gunicorn was added; the image holds the layout."""
+        result, b, _ = yield self._build_example("wsgi")
+        self.assertIn("gunicorn", result.manifest.processes["web"])
+        self.assertEqual(result.facts["workdir"], "app")
+        if b.image_format() == "squashfs":
+            listing = subprocess.run(
+                ["unsquashfs", "-l", str(b.images.path(result.digest))],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+            for p in ("app/app.py", "venv/bin/gunicorn", "epio/manifest.json"):
+                self.assertIn(p, listing)
+
+    @defer.inlineCallbacks
+    def test_flask_example_warm_rebuild_is_offline(self):  # type: ignore[no-untyped-def]
+        """A rebuild with unchanged requirements installs from the wheel cache with
+        --no-index and gives the same digest, even with the package index unreachable."""
+        first, _, _ = yield self._build_example("flask")
+        # the index is now a closed port: any download would fail the build
+        second, _, sink = yield self._build_example("flask", index_url="http://127.0.0.1:9/simple")
+        self.assertEqual(second.digest, first.digest)
+        self.assertIn("from the wheel cache (offline)", sink.text())
+        self.assertNotIn("Resolving requirements", sink.text())
+        self.assertNotIn("Downloading", sink.text())
+        self.assertEqual(second.facts["static"], {"/static": "app/static"})
+        self.assertLess(second.duration, 10)
+
+    @defer.inlineCallbacks
+    def test_django_example(self):  # type: ignore[no-untyped-def]
+        """The Django example builds: platform settings, collectstatic into the image."""
+        result, b, sink = yield self._build_example("django")
+        self.assertEqual(result.facts["env"], {"DJANGO_SETTINGS_MODULE": "epio_settings"})
+        self.assertEqual(result.facts["static"]["/static"], "epio/static")
+        self.assertIn("static file", sink.text())
+        self.assertEqual(result.manifest.release_command, "python manage.py migrate --noinput")
+        if b.image_format() == "squashfs":
+            listing = subprocess.run(
+                ["unsquashfs", "-l", str(b.images.path(result.digest))],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+            self.assertIn("epio/static/notes/style.css", listing)
+            self.assertIn("site-packages/epio_settings.py", listing)
+
+    @defer.inlineCallbacks
+    def test_worker_example(self):  # type: ignore[no-untyped-def]
+        """The Procfile app builds with both its processes."""
+        result, _, _ = yield self._build_example("worker")
+        self.assertEqual(set(result.manifest.processes), {"web", "worker"})
+
+    @defer.inlineCallbacks
+    def test_squashfs_mounts_read_only_and_imports_app(self):  # type: ignore[no-untyped-def]
+        """The image mounts read-only (once, refcounted) and its venv imports the app
+        as an unprivileged user, from any directory."""
+        if not ROOT:
+            raise SkipTest("loop mounts need root")
+        result, b, _ = yield self._build_example("wsgi")
+        store = ImageStore(self.data, reactor)
+        mp = yield defer.Deferred.fromCoroutine(store.mount(result.digest))
+        self.addCleanup(
+            lambda: defer.Deferred.fromCoroutine(store.unmount(result.digest, force=True))
+        )
+        again = yield defer.Deferred.fromCoroutine(store.mount(result.digest))
+        self.assertEqual(mp, again)
+        out = subprocess.run(
+            [
+                "runuser",
+                "-u",
+                "nobody",
+                "--",
+                str(mp / "venv/bin/python"),
+                "-c",
+                "import app, sys; print(app.__file__); print(sys.prefix)",
+            ],
+            capture_output=True,
+            text=True,
+            cwd="/",
+            timeout=30,
+        )
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertEqual(out.stdout.split(), [str(mp / "app/app.py"), str(mp / "venv")])
+        with self.assertRaises(OSError):
+            (mp / "app" / "new").write_text("x")
+        doc = json.loads((mp / "epio/manifest.json").read_text())
+        self.assertEqual(Manifest.from_dict(doc["manifest"]), result.manifest)
+        self.assertTrue(store.verify(result.digest))
+        yield defer.Deferred.fromCoroutine(store.unmount(result.digest))
+        self.assertTrue(store.is_mounted(result.digest))
+        yield defer.Deferred.fromCoroutine(store.unmount(result.digest))
+        self.assertFalse(store.is_mounted(result.digest))
+
+    @defer.inlineCallbacks
+    def test_dir_image(self):  # type: ignore[no-untyped-def]
+        """With image_format = dir the image is a read-only tree that verifies,
+        and the reduced isolation is said in the build log."""
+        result, b, _ = yield self._build_example("wsgi", image_format="dir")
+        p = b.images.path(result.digest)
+        self.assertTrue(p.is_dir())
+        self.assertTrue(b.images.verify(result.digest))
+        self.assertEqual((p / "app").stat().st_mode & 0o222, 0)
+        out = subprocess.run(
+            [str(p / "venv/bin/python"), "-c", "import app"], cwd="/", capture_output=True
+        )
+        self.assertEqual(out.returncode, 0, out.stderr)
+
+
+class HostileUploadTests(_Base):
+    def _tar(self, members: list[tuple[str, bytes | None, bytes]]) -> Path:
+        fd, name = tempfile.mkstemp(suffix=".tar.gz")
+        os.close(fd)
+        self.addCleanup(os.unlink, name)
+        with tarfile.open(name, "w:gz") as t:
+            for n, data, kind in [
+                ("epio.ini", b"[process]\nw = python w.py\n", tarfile.REGTYPE),
+                *members,
+            ]:
+                info = tarfile.TarInfo(n)
+                info.type = kind
+                if kind == tarfile.SYMTYPE:
+                    info.linkname = (data or b"").decode()
+                    t.addfile(info)
+                else:
+                    info.size = len(data or b"")
+                    t.addfile(info, io.BytesIO(data or b""))
+        return Path(name)
+
+    async def _path_traversal(self) -> None:
+        b, _ = self.builder()
+        await self.fails(
+            b, self._tar([("../../../tmp/epio-pwned", b"x", tarfile.REGTYPE)]), "path traversal"
+        )
+        self.assertFalse(Path("/tmp/epio-pwned").exists())
+
+    def test_path_traversal(self) -> defer.Deferred[None]:
+        """A tarball escaping with '..' fails clearly; nothing is written or left."""
+        return defer.Deferred.fromCoroutine(self._path_traversal())
+
+    def test_symlink_escape(self) -> defer.Deferred[BuildFailed]:
+        """A symlink pointing out of the app fails the build."""
+        b, _ = self.builder()
+        return defer.Deferred.fromCoroutine(
+            self.fails(
+                b,
+                self._tar([("etc", b"../../../../etc", tarfile.SYMTYPE)]),
+                "points outside the app",
+            )
+        )
+
+    def test_device_file(self) -> defer.Deferred[BuildFailed]:
+        """A device node in the upload fails the build."""
+        b, _ = self.builder()
+        return defer.Deferred.fromCoroutine(
+            self.fails(b, self._tar([("null", None, tarfile.CHRTYPE)]), "device file")
+        )
+
+    def test_oversize_upload(self) -> defer.Deferred[BuildFailed]:
+        """An upload over build.max_upload_mb is refused before unpacking."""
+        b, _ = self.builder(max_upload_mb=1)
+        big = self._tar([("blob", os.urandom(1536 * 1024), tarfile.REGTYPE)])
+        return defer.Deferred.fromCoroutine(self.fails(b, big, "over the limit of 1 MB"))
+
+    def test_oversize_unpacked(self) -> defer.Deferred[BuildFailed]:
+        """A small upload that unpacks beyond build.max_unpacked_mb is refused."""
+        b, _ = self.builder(max_unpacked_mb=1)
+        bomb = self._tar([("zeros", b"\0" * (3 * 1024 * 1024), tarfile.REGTYPE)])
+        return defer.Deferred.fromCoroutine(self.fails(b, bomb, "unpacks to more than 1 MB"))
+
+    async def _bad_manifest(self) -> None:
+        b, sink = self.builder()
+        app = write_app(
+            Path(tempfile.mkdtemp()),
+            {
+                "epio.ini": "[wsgi]\nentrypoint = app:application\n[http]\ntimeout = never\n[services]\nmysql = true\n",
+                "Procfile": "web: a\nweb: b\n",
+            },
+        )
+        self.addCleanup(__import__("shutil").rmtree, app)
+        e = await self.fails(b, _tarball(self, app), "the app manifest has 3 errors")
+        for where in ("epio.ini:4:", "epio.ini:6:", "Procfile:2:"):
+            self.assertIn(where, e.reason)
+            self.assertIn(where, sink.text())
+        self.assertNotIn("virtualenv", sink.text())  # no build work started
+
+    def test_bad_manifest(self) -> defer.Deferred[None]:
+        """A manifest with several errors reports all of them, with lines, before any work."""
+        return defer.Deferred.fromCoroutine(self._bad_manifest())
+
+
+class FailingBuildTests(_Base):
+    def app(self, files: dict[str, str]) -> Path:
+        d = write_app(Path(tempfile.mkdtemp()), files)
+        self.addCleanup(__import__("shutil").rmtree, d)
+        return _tarball(self, d)
+
+    async def _missing_requirement(self) -> None:
+        b, sink = self.builder()
+        tb = self.app(
+            {
+                "epio.ini": "[wsgi]\nentrypoint = app:application\n",
+                "app.py": "application = None\n",
+                "requirements.txt": "epio-no-such-package-q7x3==1.0\n",
+            }
+        )
+        await self.fails(b, tb, "pip wheel failed")
+        self.assertIn("epio-no-such-package-q7x3", sink.text())
+
+    def test_missing_requirement(self) -> defer.Deferred[None]:
+        """A requirement that does not exist fails the build with pip's message in the log."""
+        return defer.Deferred.fromCoroutine(self._missing_requirement())
+
+    async def _timeout(self) -> None:
+        # an index that accepts connections and never answers
+        factory = protocol.Factory.forProtocol(protocol.Protocol)
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        url = f"http://127.0.0.1:{port.getHost().port}/simple"
+        b, _ = self.builder(timeout=4.0, index_url=url)
+        tb = self.app(
+            {"Procfile": "w: python w.py\n", "requirements.txt": "epio-hangs-forever==1.0\n"}
+        )
+        start = reactor.seconds()
+        await self.fails(b, tb, "time limit of 4 s")
+        self.assertLess(reactor.seconds() - start, 15)
+
+    def test_timeout(self) -> defer.Deferred[None]:
+        """A build over build.timeout is killed (its whole process group) and fails clearly."""
+        return defer.Deferred.fromCoroutine(self._timeout())
+
+    async def _memory(self) -> None:
+        if (
+            not build_cgroups() == []
+            or not Path("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists()
+        ):
+            raise SkipTest("needs the cgroup v1 memory controller")
+        b, _ = self.builder(memory_mb=200)
+        # the app's Django settings run during collectstatic and grab 1 GB
+        tb = self.app(
+            {
+                "epio.ini": "[wsgi]\nentrypoint = hog.wsgi:application\n[django]\nsettings_module = hog.settings\n",
+                "requirements.txt": (EXAMPLES / "django" / "requirements.txt").read_text(),
+                "hog/__init__.py": "",
+                "hog/settings.py": "SECRET_KEY = 'x'\nINSTALLED_APPS = []\nHOG = b'x' * (1024 * 1024 * 1024)\n",
+            }
+        )
+        await self.fails(b, tb, "memory limit of 200 MB")
+
+    def test_memory(self) -> defer.Deferred[None]:
+        """A build exceeding build.memory_mb is killed and reported as over its memory limit."""
+        if not ROOT:
+            raise SkipTest("memory cgroups need root")
+        return defer.Deferred.fromCoroutine(self._memory())
