@@ -138,6 +138,7 @@ class NexusLink:
     silence: Any = None  # DelayedCall
     retry: Any = None  # DelayedCall
     counters: Counter[str] = field(factory=Counter)
+    failures_in_row: int = 0
 
     def status(self, now: float) -> dict[str, Any]:
         return {
@@ -317,9 +318,13 @@ class RouteFeed:
         if not self._running:
             return
         link.counters["snapshot_failures"] += 1
-        self.log.info("{name}: no snapshot from {router}: {error}; retrying in {delay:g}s",
-                      name=link.name, router=link.router, error=f.getErrorMessage(),
-                      delay=self.snapshot_retry)
+        link.failures_in_row += 1
+        if link.failures_in_row in (1, 10) or link.failures_in_row % 100 == 0:
+            self.log.info(
+                "{name}: no snapshot from {router}: {error}; retrying every {delay:g}s "
+                "({count} failed in a row)", name=link.name, router=link.router,
+                error=f.getErrorMessage(), delay=self.snapshot_retry, count=link.failures_in_row,
+            )
         link.retry = self._clock.callLater(self.snapshot_retry, self._retry, link)
 
     def _retry(self, link: NexusLink) -> None:
@@ -336,6 +341,7 @@ class RouteFeed:
             self._snapshot_failed(link, Failure(ValueError("malformed nexus.snapshot")))
             return
         link.counters["snapshots"] += 1
+        link.failures_in_row = 0
         link.nexus_id = nexus_id
         link.version = version
         link.routes = {r["app"]: dict(r) for r in routes

@@ -3,7 +3,8 @@
 Runs by hand from the checkout (see docs/nexus.md)::
 
     /work/venv/bin/python benchmarks/nexus/run.py [--apps 1000] [--instances 10000]
-        [--nodes 100] [--nexuses 2] [--samples 200] [--changes 2] [--wrk-seconds 5]
+        [--nodes 100] [--nexuses 2] [--samples 200] [--changes 2] [--rate 500]
+        [--load-seconds 8] [--rounds 4] [--wrk]
 
 What it starts (all real processes on 127.0.0.1): a store with the apps, HTTP
 backends, ``--nexuses`` nexus nodes and one router (``twistd epio
@@ -14,11 +15,13 @@ app ``probe`` from one real backend to another with one heartbeat and polls
 the router (Host ``probe.localhost``) until the answer comes from the new
 backend.  That time is heartbeat -> route-visible-in-router, end to end.
 
-Two phases: *steady* (heartbeats flowing, no route changing) and *churn*
+Two phases, alternating in ``--rounds`` short rounds so that other load on the
+machine falls on both alike: *steady* (heartbeats flowing, no route changing) and *churn*
 (every runner flips ``--changes`` instances per heartbeat between healthy and
 starting: ``nodes * changes`` route changes a second).  In each phase it
-measures the propagation latency (p50/p99) and the router's request latency
-with wrk on an unrelated app (``stable.localhost``).
+measures the propagation latency (p50/p99), the CPU the nexuses and the router
+use, and the router's request latency on an unrelated app (``stable.localhost``):
+at a fixed rate (``--rate``, one keep-alive connection) and saturated by wrk.
 """
 
 from __future__ import annotations
@@ -114,6 +117,12 @@ class Probe:
     def close(self) -> None:
         self.pub.close(linger=0)
         self.ctx.term()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -217,27 +226,61 @@ class Bench:
         print(f"table: {st['routes']} routes, {st['backends']} backends, {st['nodes']} nodes "
               f"on nexus[0]", flush=True)
 
+        named = {f"nexus{i}": n for i, n in enumerate(self.procs[:-1])}
+        named["router"] = router
         results: dict[str, Any] = {"apps": a.apps, "instances": per_node * a.nodes,
                                    "nodes": a.nodes, "nexuses": a.nexuses}
-        for phase in ("steady", "churn"):
-            if phase == "churn":
-                churn.send_signal(signal.SIGUSR1)
-                time.sleep(1.5)
-            before = probe.ask(cluster[0]["router"], "nexus.status", {})
-            t = time.monotonic()
-            lat = self.propagation(a.samples)
-            wrk = self.wrk(lb_port, a.wrk_seconds)
-            after = probe.ask(cluster[0]["router"], "nexus.status", {})
-            secs = time.monotonic() - t
-            changes = after["table"].get("changes", 0) - before["table"].get("changes", 0)
+        # Phases alternate in short rounds so that load from elsewhere on the machine
+        # falls on both alike.
+        acc: dict[str, dict[str, Any]] = {
+            ph: {"lat": [], "fixed": [], "errors": 0, "changes": 0, "secs": 0.0,
+                 "cpu": {n: 0.0 for n in named}, "cpu_secs": 0.0, "wrk": []}
+            for ph in ("steady", "churn")}
+        churning = False
+        for rnd in range(a.rounds):
+            for phase in ("steady", "churn"):
+                if (phase == "churn") != churning:
+                    churn.send_signal(signal.SIGUSR1)
+                    churning = not churning
+                    self.settle(1.2)
+                acc_p = acc[phase]
+                before = probe.ask(cluster[0]["router"], "nexus.status", {})
+                t = time.monotonic()
+                cpu0 = {n: cpu_seconds(p.proc.pid) for n, p in named.items()}
+                acc_p["lat"] += self.propagation(a.samples // a.rounds)
+                probing = time.monotonic() - t
+                for n, p in named.items():
+                    acc_p["cpu"][n] += cpu_seconds(p.proc.pid) - cpu0[n]
+                acc_p["cpu_secs"] += probing
+                lat, errors = self.fixed_rate(lb_port, a.rate, a.load_seconds / a.rounds)
+                acc_p["fixed"] += lat
+                acc_p["errors"] += errors
+                if a.wrk and rnd == a.rounds - 1:
+                    acc_p["wrk"] = self.wrk(lb_port, a.load_seconds)
+                after = probe.ask(cluster[0]["router"], "nexus.status", {})
+                acc_p["changes"] += (after["table"].get("changes", 0)
+                                     - before["table"].get("changes", 0))
+                acc_p["secs"] += time.monotonic() - t
+            print(f"round {rnd + 1}/{a.rounds} done", flush=True)
+        for phase, acc_p in acc.items():
+            lat, fixed = acc_p["lat"], acc_p["fixed"]
             results[phase] = {
-                "propagation_ms": {"p50": percentile(lat, 50) * 1000,
-                                   "p99": percentile(lat, 99) * 1000,
-                                   "max": max(lat) * 1000 if lat else float("nan"),
-                                   "samples": len(lat), "lost": a.samples - len(lat)},
-                "route_changes_per_s": changes / secs,
-                "router": wrk,
+                "propagation_ms": {"p50": round(percentile(lat, 50) * 1000, 2),
+                                   "p99": round(percentile(lat, 99) * 1000, 2),
+                                   "max": round(max(lat) * 1000, 2) if lat else None,
+                                   "samples": len(lat),
+                                   "lost": a.samples // a.rounds * a.rounds - len(lat)},
+                "route_changes_per_s": round(acc_p["changes"] / acc_p["secs"], 1),
+                "cpu_percent": {n: round(100 * v / acc_p["cpu_secs"], 1)
+                                for n, v in acc_p["cpu"].items()},
+                "router_fixed_rate": {"rate": a.rate, "requests": len(fixed),
+                                      "errors": acc_p["errors"],
+                                      "p50_ms": round(percentile(fixed, 50) * 1000, 3),
+                                      "p99_ms": round(percentile(fixed, 99) * 1000, 3),
+                                      "p999_ms": round(percentile(fixed, 99.9) * 1000, 3)},
             }
+            if a.wrk:
+                results[phase]["router_wrk_saturated"] = acc_p["wrk"]
             print(f"{phase}: {json.dumps(results[phase])}", flush=True)
         conn.close()
         probe.close()
@@ -277,6 +320,44 @@ class Bench:
                 time.sleep(0.01)
         return out
 
+    def settle(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            self.keepalive()
+            time.sleep(0.05)
+
+    def fixed_rate(self, port: int, rate: int, seconds: float) -> tuple[list[float], int]:
+        """Requests at a fixed rate on one keep-alive connection; latency of each."""
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        lat: list[float] = []
+        errors = 0
+        gap = 1.0 / rate
+        start = time.perf_counter()
+        n = 0
+        while True:
+            due = start + n * gap
+            now = time.perf_counter()
+            if now - start > seconds:
+                break
+            if due > now:
+                time.sleep(due - now)
+            t0 = time.perf_counter()
+            try:
+                conn.request("GET", "/", headers={"Host": "stable.localhost"})
+                resp = conn.getresponse()
+                resp.read()
+                if resp.status != 200:
+                    errors += 1
+            except (OSError, http.client.HTTPException):
+                errors += 1
+                conn.close()
+            lat.append(time.perf_counter() - t0)
+            n += 1
+            if n % 100 == 0:
+                self.keepalive()
+        conn.close()
+        return lat, errors
+
     def wrk(self, port: int, seconds: int) -> dict[str, Any]:
         if shutil.which("wrk") is None:
             return {"error": "wrk not installed"}
@@ -310,7 +391,14 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=200)
     p.add_argument("--changes", type=int, default=2,
                    help="instances flipped per runner heartbeat while churning")
-    p.add_argument("--wrk-seconds", type=int, default=5)
+    p.add_argument("--load-seconds", type=int, default=8,
+                   help="seconds of fixed-rate router load per phase (split over the rounds)")
+    p.add_argument("--rounds", type=int, default=4,
+                   help="steady/churn phases alternate this many times")
+    p.add_argument("--wrk", action="store_true",
+                   help="also saturate the router with wrk in the last round")
+    p.add_argument("--rate", type=int, default=500,
+                   help="requests/s of the fixed-rate router latency run")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = p.parse_args()
     bench = Bench(args)

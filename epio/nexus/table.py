@@ -9,7 +9,8 @@ A route (the wire shape of PROTOCOL.md, epio/routing.py turns it into its
 value types)::
 
     {"app": str, "hostnames": [str, ...],
-     "backends": [{"instance_id": str, "host": str, "port": int, "state": "healthy"}, ...],
+     "backends": [{"instance_id": str, "host": str, "port": int, "state": "healthy",
+                   "release": int}, ...],
      "maintenance": bool, "options": {...}}
 
 A backend is an instance that is ``healthy``, of a web process type, with a
@@ -57,7 +58,7 @@ class StoreView:
 
 def backend_of(info: InstanceInfo) -> dict[str, Any]:
     return {"instance_id": info.instance_id, "host": info.host, "port": info.port,
-            "state": HEALTHY}
+            "state": HEALTHY, "release": info.release}
 
 
 def is_backend(info: InstanceInfo, facts: AppFacts, web_types: frozenset[str]) -> bool:
