@@ -9,6 +9,7 @@ control, the scheduler's leader election and the log sink.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
@@ -41,7 +42,19 @@ def limited_request(max_body: int) -> type[Request]:
 
         def gotLength(self, length: int | None) -> None:
             if length is not None and length > max_body:
+                # answer now and hang up: no point receiving what will be refused
                 self.epio_oversize = True
+                body = json.dumps({"error": {
+                    "code": "payload_too_large",
+                    "message": f"request body is {length} bytes; the limit is {max_body} bytes",
+                }}).encode() + b"\n"
+                transport = self.channel.transport if self.channel is not None else None
+                if transport is not None:
+                    transport.write(
+                        b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/json\r\n"
+                        b"Connection: close\r\nContent-Length: " + str(len(body)).encode()
+                        + b"\r\n\r\n" + body)
+                    transport.loseConnection()
                 length = 0
             super().gotLength(length)
 
