@@ -155,6 +155,25 @@ MIGRATIONS: tuple[Migration, ...] = (
         )""",
         "CREATE INDEX deploys_app ON deploys (app, created)",
     )),
+    Migration(
+        2, "releases are immutable (refuse UPDATE)",
+        sqlite=(
+            """CREATE TRIGGER releases_immutable BEFORE UPDATE ON releases
+            BEGIN
+                SELECT RAISE(ABORT, 'releases are immutable');
+            END""",
+        ),
+        postgresql=(
+            """CREATE FUNCTION epio_releases_immutable() RETURNS trigger
+            LANGUAGE plpgsql AS $$
+            BEGIN
+                RAISE EXCEPTION 'releases are immutable';
+            END
+            $$""",
+            """CREATE TRIGGER releases_immutable BEFORE UPDATE ON releases
+            FOR EACH ROW EXECUTE FUNCTION epio_releases_immutable()""",
+        ),
+    ),
 )
 
 SCHEMA_VERSION_DDL = """CREATE TABLE IF NOT EXISTS schema_version (
