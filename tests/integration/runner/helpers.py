@@ -44,8 +44,11 @@ def skip_reason() -> str | None:
     return None
 
 
-def make_image(data_dir: Path, files: dict[str, str]) -> str:
-    """A directory image holding ``files`` under app/; return its (fake) digest."""
+def make_image(data_dir: Path, files: dict[str, str], python: Path | None = None) -> str:
+    """A directory image holding ``files`` under app/; return its (fake) digest.
+
+    The venv points at ``python`` (default: this interpreter's base install, which the
+    sandbox binds read-only wherever it lives)."""
     digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()
                             + uuid.uuid4().bytes).hexdigest()
     root = data_dir / "images" / digest
@@ -53,7 +56,7 @@ def make_image(data_dir: Path, files: dict[str, str]) -> str:
     (root / "epio").mkdir()
     for name, text in files.items():
         (root / "app" / name).write_text(text)
-    subprocess.run([str(BASE_PYTHON), "-m", "venv", "--without-pip", str(root / "venv")],
+    subprocess.run([str(python or BASE_PYTHON), "-m", "venv", "--without-pip", str(root / "venv")],
                    check=True)
     (root / "epio" / "manifest.json").write_text("{}")
     for dirpath, dirnames, filenames in os.walk(root):
@@ -108,8 +111,8 @@ class RealRunner:
         self.sup = Supervisor(reactor, self.launcher, NetworkProbe(reactor), self.sink,
                               self.ports, Settings(**defaults))
 
-    def image(self, files: dict[str, str]) -> str:
-        return make_image(self.data_dir, files)
+    def image(self, files: dict[str, str], python: Path | None = None) -> str:
+        return make_image(self.data_dir, files, python)
 
     def start(self, iid: str, app: str, uid: int, digest: str, command: str,
               **kw: Any) -> dict[str, Any]:

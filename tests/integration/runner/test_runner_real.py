@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer, reactor
@@ -250,3 +251,51 @@ class CrashLoopTests(TestCase):
         self.assertGreater(crashed_seen, 400, "reported crashed while waiting")
         self.assertEqual(r.texts("crashy", "worker.1").count("starting and dying"), starts)
 
+
+
+class DegradedTests(TestCase):
+    skip = SKIP
+    timeout = 60
+
+    def setUp(self) -> None:
+        self.runner = RealRunner(reactor, sandbox="none")
+        # without a sandbox the app needs a Python its UID can reach on the host (this
+        # test machine's own Python lives under /root, mode 0700)
+        self.python = Path("/usr/bin/python3")
+        if not self.python.exists():
+            self.skipTest("needs /usr/bin/python3")
+        self.addCleanup(lambda: defer.Deferred.fromCoroutine(self.runner.close()))
+
+    async def test_without_sandbox_uids_and_modes_still_protect(self) -> None:
+        """runner.sandbox = none: the runner says which protections are off (filesystem,
+        processes), yet the app still runs as its own UID, cannot read the node's secret
+        or another app's data dir, and cannot signal another app's processes."""
+        r = self.runner
+        self.assertEqual(r.isolation.sandbox, "none")
+        self.assertIn("filesystem", r.isolation.off)
+        self.assertIn("processes", r.isolation.off)
+        alpha_img = r.image({"sleeper.py": apps.SLEEPER}, self.python)
+        r.start("alpha-1", "alpha", 20111, alpha_img, "python sleeper.py",
+                process_type="worker")
+        self.assertTrue(await wait_for(reactor, lambda: r.state("alpha-1") == "healthy", 15))
+        (r.data_dir / "appdata" / "alpha" / "secret.txt").write_text("alpha's")
+        alpha = r.sup.get("alpha-1")
+        assert alpha.launch is not None and alpha.launch.cgroup is not None
+        alpha_pids = sorted(alpha.launch.cgroup.pids())
+        host = r.data_dir
+        reads = [str(host / "cluster-secret"), str(host / "appdata" / "alpha"),
+                 str(host / "appdata" / "alpha" / "secret.txt")]
+        probe_img = r.image({"probe.py": apps.PROBE}, self.python)
+        r.start("probe-1", "probe", 20112, probe_img, "python probe.py",
+                process_type="worker",
+                env={"PROBE": json.dumps({"read": reads, "kill": alpha_pids})})
+        self.assertTrue(await wait_for(reactor, lambda: result_of(r, "probe") is not None, 15),
+                        r.texts("probe"))
+        res = result_of(r, "probe")
+        assert res is not None
+        self.assertEqual((res["uid"], res["euid"]), (20112, 20112))
+        for p in reads:
+            self.assertEqual(res["read"][p], "PermissionError", p)
+        self.assertTrue(all(v == "PermissionError" for v in res["kill"].values()), res["kill"])
+        self.assertIs(res["write_data"], True)
+        self.assertEqual(r.state("alpha-1"), "healthy")
