@@ -78,4 +78,7 @@ class RateLimitedLog:
             return
         self._next[key] = now + self._interval
         hidden = self._hidden.pop(key, 0)
-        self.log.warn(fmt + " ({hidden} similar not logged)", hidden=hidden, **kw)
+        if hidden:
+            self.log.warn(fmt + " ({hidden} similar not logged)", hidden=hidden, **kw)
+        else:
+            self.log.warn(fmt, hidden=0, **kw)

@@ -300,13 +300,20 @@ class BusService(Service):
                               kind=self.kind, endpoint=endpoint)
         elif event & _HANDSHAKE_FAILED:
             self.counters.incr("handshake_failures")
-            self.bus._ratelog.warn(
-                f"{self.kind}:{id(self)}:handshake",
-                "bus {kind} {where}: handshake with {endpoint} failed; does the peer use the "
-                "same cluster secret and bus.encrypt setting?",
-                kind=self.kind, where=self.endpoint or ",".join(self.connects),
-                endpoint=endpoint,
-            )
+            if connecting:
+                self.bus._ratelog.warn(
+                    f"{self.kind}:{id(self)}:handshake",
+                    "bus {kind}: handshake with {endpoint} failed; does the peer use the "
+                    "same cluster secret and bus.encrypt setting?",
+                    kind=self.kind, endpoint=endpoint,
+                )
+            else:  # libzmq names only our own endpoint, not the peer's
+                self.bus._ratelog.warn(
+                    f"{self.kind}:{id(self)}:handshake",
+                    "bus {kind} {where}: a connecting peer failed the handshake; does it use "
+                    "the same cluster secret and bus.encrypt setting?",
+                    kind=self.kind, where=self.endpoint,
+                )
 
     def startService(self) -> None:
         super().startService()
