@@ -56,3 +56,19 @@ class RegistryTests(SynchronousTestCase):
         self.assertEqual(REGISTRY["log.line"].pattern, "push")
         self.assertEqual(REGISTRY["stats.sample"].pattern, "push")
         self.assertEqual(REGISTRY["bus.ping"].pattern, "request")
+
+
+class ImportTests(SynchronousTestCase):
+    def test_importing_the_bus_installs_no_reactor(self) -> None:
+        """Importing epio.bus, its registry, its test double and epio.pipeline neither
+        imports txzmq nor installs a reactor (twistd's plugin discovery must stay clean)."""
+        import subprocess
+        import sys
+
+        from tests.util import epio_env
+
+        code = ("import sys, epio.bus, epio.bus.messages, epio.bus.testing, epio.pipeline; "
+                "print('txzmq' in sys.modules, 'twisted.internet.reactor' in sys.modules)")
+        out = subprocess.run([sys.executable, "-c", code], env=epio_env(), capture_output=True,
+                             text=True, timeout=60, check=True)
+        self.assertEqual(out.stdout.split(), ["False", "False"])
