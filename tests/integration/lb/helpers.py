@@ -23,6 +23,7 @@ from epio.routing import Backend as RBackend
 from epio.routing import Route, StaticRouteSource
 
 BODY100 = b"x" * 100
+RAW_CAP = 4 << 20
 
 
 def sleep(seconds: float) -> defer.Deferred[None]:
@@ -103,7 +104,6 @@ class BackendProtocol(Protocol):
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
         self.buf = b""
-        self.raw = b""
         self.cur: tuple[bytes, int, bool] | None = None
         self.body = b""
         self.body_n = 0
@@ -118,8 +118,9 @@ class BackendProtocol(Protocol):
         self.backend.open -= 1
 
     def dataReceived(self, data: bytes) -> None:
-        self.raw += data
-        self.backend.raw.append(data)
+        if self.backend.raw_bytes < RAW_CAP:  # record what arrived (big bodies: the start)
+            self.backend.raw.append(data)
+            self.backend.raw_bytes += len(data)
         if self.tunnel:
             self.transport.write(b"echo:" + data)
             return
@@ -197,6 +198,7 @@ class Backend:
         self.raw: list[bytes] = []
         self.connections: list[BackendProtocol] = []
         self.open = 0
+        self.raw_bytes = 0
         self.port: Any = None
         self.saw_expect = False
         self.hold: list[tuple[BackendProtocol, Received]] = []
