@@ -53,8 +53,14 @@ class BadRoute(ValueError):
     """A route from a nexus that cannot be used."""
 
 
-def route_from_wire(data: Mapping[str, Any]) -> Route:
-    """A wire route (PROTOCOL.md) as a :class:`epio.routing.Route`, or raise BadRoute."""
+def route_from_wire(
+    data: Mapping[str, Any], known: Mapping[tuple[Any, ...], Backend] | None = None
+) -> Route:
+    """A wire route (PROTOCOL.md) as a :class:`epio.routing.Route`, or raise BadRoute.
+
+    ``known`` maps :func:`backend_key` to Backends made before: those are
+    reused, so a route where one backend of many changed costs one new object.
+    """
     app = data.get("app")
     if not (isinstance(app, str) and app):
         raise BadRoute("route without an app name")
@@ -66,8 +72,13 @@ def route_from_wire(data: Mapping[str, Any]) -> Route:
         raise BadRoute(f"route {app}: backends must be a list")
     backends = []
     for b in raw_backends:
-        if not isinstance(b, Mapping):
+        if not isinstance(b, dict):
             raise BadRoute(f"route {app}: a backend is not a map")
+        key = backend_key(b)
+        made = known.get(key) if known is not None else None
+        if made is not None:
+            backends.append(made)
+            continue
         host, port = b.get("host"), b.get("port")
         if not (isinstance(host, str) and host) or not isinstance(port, int) \
                 or isinstance(port, bool) or not 0 < port < 65536:
@@ -81,13 +92,19 @@ def route_from_wire(data: Mapping[str, Any]) -> Route:
     options = data.get("options") or {}
     kw: dict[str, Any] = {}
     if isinstance(options, Mapping):
-        for key, kinds in OPTION_KEYS.items():
-            value = options.get(key)
+        for key_name, kinds in OPTION_KEYS.items():
+            value = options.get(key_name)
             if isinstance(value, int | float) and not isinstance(value, bool) and value > 0 \
                     and isinstance(value, kinds):
-                kw[key] = value
+                kw[key_name] = value
     return Route(app=app, hostnames=hostnames, backends=backends,  # type: ignore[arg-type]
                  maintenance=bool(data.get("maintenance", False)), **kw)
+
+
+def backend_key(b: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What identifies a wire backend for reuse of its :class:`Backend`."""
+    return (b.get("instance_id"), b.get("host"), b.get("port"), b.get("release"),
+            b.get("state"))
 
 
 def merge_routes(routes: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -97,8 +114,9 @@ def merge_routes(routes: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     refresh behind must not take an app out of maintenance early); options come
     from the first nexus that has any.
     """
-    if len(routes) == 1:
-        return dict(routes[0])
+    first = routes[0]
+    if all(r == first for r in routes[1:]):  # the usual case: the nexuses agree
+        return dict(first)
     hostnames: dict[str, None] = {}
     backends: dict[tuple[Any, Any, Any], Mapping[str, Any]] = {}
     options: Mapping[str, Any] = {}
@@ -449,8 +467,15 @@ class RouteFeed:
     def _to_routes(self, routes: Iterable[Mapping[str, Any]]) -> list[Route]:
         out = []
         for r in routes:
+            app = r.get("app")
+            old = self.table.get(app) if self.table is not None and isinstance(app, str) \
+                else None
+            known = None
+            if old is not None:
+                known = {(b.instance_id, b.host, b.port, _release(b.release), b.state): b
+                         for b in old.backends}
             try:
-                out.append(route_from_wire(r))
+                out.append(route_from_wire(r, known))
             except BadRoute as e:
                 self.counters["bad_routes"] += 1
                 self.log.warn("route from a nexus ignored: {error}", error=str(e))
@@ -471,6 +496,13 @@ class RouteFeed:
             "nexuses": [link.status(now) for link in self.links],
             "counters": dict(self.counters),
         }
+
+
+def _release(text: str) -> Any:
+    """A Backend's release string back as the wire value (an int when it was one)."""
+    if text.isdigit():
+        return int(text)
+    return text or None
 
 
 def links_from_config(nexuses: Sequence[Mapping[str, Any]]) -> list[NexusLink]:

@@ -5,7 +5,8 @@
 - custom hostnames and wildcards (:meth:`Store.all_hostnames`);
 - live releases (:meth:`Store.list_instances`): the releases of the app's
   instances the store holds in an active state (``pending``, ``starting``,
-  ``healthy``) are the releases that may serve.  During a rollover both the old
+  ``healthy``, ``crashed`` -- still wanted, coming back) are the releases that
+  may serve.  During a rollover both the old
   and the new release are there; once the old instances are marked draining or
   stopped only the new one is.  An app with no active instance record has
   ``live_releases = None``: any release reported healthy by its runners serves.
@@ -17,7 +18,7 @@ from typing import Any, Protocol
 
 from epio.nexus.table import AppFacts, StoreView
 
-ACTIVE_STATES = frozenset({"pending", "starting", "healthy"})
+ACTIVE_STATES = frozenset({"pending", "starting", "healthy", "crashed"})
 
 
 class RoutingStore(Protocol):
