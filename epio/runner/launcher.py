@@ -3,9 +3,10 @@
 Host layout of one node (``DATA_DIR``, mode 0711)::
 
     appdata/<app>/                 the app's persistent data dir (0700, app UID),
-                                   /home/app/data in the sandbox ($EPIO_DATA_DIR)
+                                   /data in the sandbox ($EPIO_DATA_DIR)
     runner/instances/<instance>/   per-instance scratch, removed after the process
-        home/                      HOME (app UID); /home/app in the sandbox
+        home/                      HOME (app UID); /home/app in the sandbox; home/data is
+                                   a symlink to the data dir (ep.io's ~/data)
         tmp/                       TMPDIR without a sandbox (the sandbox has a tmpfs)
         etc/passwd, etc/group      the sandbox's user database
     mounts/<digest>/               SquashFS images, mounted once per node (build's ImageStore)
@@ -26,6 +27,7 @@ from zope.interface import implementer
 
 from epio.runner.cgroups import CgroupSupport, InstanceCgroup
 from epio.runner.sandbox import (
+    DATA,
     Isolation,
     LaunchSpec,
     app_environment,
@@ -122,7 +124,9 @@ class SandboxLauncher:
         for name in ("home", "tmp"):
             (scratch / name).mkdir()
             self._own(scratch / name, user.uid, user.gid, 0o700)
-        (scratch / "home" / "data").mkdir()  # mount point of the data dir
+        # ep.io's ~/data: a symlink to the data dir (as the app sees it)
+        sandboxed = self.isolation.sandbox == "bwrap"
+        os.symlink(DATA if sandboxed else str(data), scratch / "home" / "data")
         etc = scratch / "etc"
         etc.mkdir(mode=0o755)
         (etc / "passwd").write_text(user.passwd())
@@ -141,7 +145,6 @@ class SandboxLauncher:
             cgroup_procs=tuple(cgroup.procs_files()) if cgroup else (),
             python_prefix=python_prefix_of(image_root),
         )
-        sandboxed = self.isolation.sandbox == "bwrap"
         info_fd = 3 if sandboxed else None
         argv = build_argv(launch_spec, self.isolation, bwrap=self.bwrap, setpriv=self.setpriv,
                           info_fd=info_fd)

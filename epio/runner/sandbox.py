@@ -26,13 +26,16 @@ from typing import Any
 
 from attrs import frozen
 
+from epio.manifest import DATA_DIRECTORY
 from epio.runner.cgroups import CgroupSupport
 from epio.runner.users import AppUser
 
 # paths inside the sandbox
 APP_ROOT = "/app"  # the image: app/, venv/, epio/
 HOME = "/home/app"
-DATA = "/home/app/data"  # ep.io's ~/data: writable, persistent, per app
+# the app's writable, persistent data dir; builds expand %(data_directory)s to it,
+# and ``~/data`` (ep.io's path) is a symlink to it
+DATA = DATA_DIRECTORY
 
 # /etc entries an app needs (name resolution, TLS roots, time zone, linker)
 ETC_ESSENTIALS = (

@@ -70,7 +70,7 @@ class ArgvTests(SynchronousTestCase):
 
     def test_bwrap_argv(self) -> None:
         """The sandbox unshares pid/ipc/uts (not net), dies with its parent, binds the image
-        read-only at /app and the data dir at /home/app/data, never the data dir root, and
+        read-only at /app and the data dir at /data, never the data dir root, and
         drops to the app UID with setpriv; the shim enters the cgroups and sets nofile."""
         iso = detect_isolation("auto", 0, "/usr/bin/bwrap", "/usr/bin/setpriv", FULL, True)
         argv = build_argv(spec(self.tmp), iso, bwrap="/usr/bin/bwrap", setpriv="/usr/bin/setpriv",
@@ -85,7 +85,7 @@ class ArgvTests(SynchronousTestCase):
         self.assertNotIn("--unshare-all", argv)
         joined = " ".join(argv)
         self.assertIn(f"--ro-bind {self.tmp / 'img'} /app", joined)
-        self.assertIn(f"--bind {self.tmp / 'appdata' / 'hello'} /home/app/data", joined)
+        self.assertIn(f"--bind {self.tmp / 'appdata' / 'hello'} /data", joined)
         self.assertIn("--ro-bind /opt/py /opt/py", joined)
         self.assertIn("--tmpfs /tmp", joined)
         self.assertNotIn(f"--bind {self.tmp} ", joined)
@@ -119,7 +119,7 @@ class ArgvTests(SynchronousTestCase):
                               {"PORT": "1", "DATABASE_URL": "postgres://x", "HOME": "/evil"})
         self.assertEqual(env["PORT"], "20001")
         self.assertEqual(env["HOME"], "/home/app")
-        self.assertEqual(env["EPIO_DATA_DIR"], "/home/app/data")
+        self.assertEqual(env["EPIO_DATA_DIR"], "/data")
         self.assertEqual(env["DATABASE_URL"], "postgres://x")
         self.assertTrue(env["PATH"].startswith("/app/venv/bin:"))
 
