@@ -145,9 +145,9 @@ class NodeRestartTests(TestCase):
             if beats[-1]["boot_id"] != old_boot and (instance("web-a") or {}).get("state") == "healthy":
                 break
             await pause(0.1)
-        info = instance("web-a")
-        self.assertEqual((info or {}).get("state"), "healthy", node2.output()[-3000:])
-        self.assertEqual(info["port"], port)  # type: ignore[index]
+        again = instance("web-a") or {}
+        self.assertEqual(again.get("state"), "healthy", node2.output()[-3000:])
+        self.assertEqual(again.get("port"), port)
         code, _ = await self._get(port)
         self.assertEqual(code, 200)
 
