@@ -297,6 +297,12 @@ _(MessageType(
 
 # --- logger (owner: logs) -------------------------------------------------------
 _(MessageType(
+    "log.batch", 1, "push",
+    "Several log lines in one message (a sender batches what it emitted in one reactor "
+    "turn): `lines` items are [app, source, text, timestamp, seq], each as in log.line.",
+    fields={"lines": list}, optional={"node": str, "boot": str},
+))
+_(MessageType(
     "logs.query", 1, "request",
     "Ask a logger for stored lines of an app: the last n matching (or the first n after "
     "line number `after`); filters: time range, sources, regex.",

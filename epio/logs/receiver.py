@@ -38,6 +38,7 @@ INVALID_SOURCE = "invalid_source"
 INVALID_TIMESTAMP = "invalid_timestamp"
 DUPLICATE = "duplicate"
 WRITE_ERROR = "write_error"
+INVALID_BODY = "invalid_body"
 
 
 class LogCounters:
@@ -91,8 +92,31 @@ class LogReceiver:
 
     def line(self, sender: str, body: dict[str, Any]) -> int:
         """Handle one ``log.line`` body from ``sender``; return lines stored."""
-        app = body["app"]
-        source = body["source"]
+        node = body.get("node") or sender
+        boot = body.get("boot")
+        stream = f"{node}/{boot}" if isinstance(boot, str) and boot else str(node)
+        return self._line(stream, body["app"], body["source"], body["text"], body["timestamp"],
+                          body["seq"])
+
+    def batch(self, sender: str, body: dict[str, Any]) -> int:
+        """Handle one ``log.batch`` body: items [app, source, text, timestamp, seq]."""
+        node = body.get("node") or sender
+        boot = body.get("boot")
+        stream = f"{node}/{boot}" if isinstance(boot, str) and boot else str(node)
+        stored = 0
+        for item in body["lines"]:
+            try:
+                app, source, text, ts, seq = item
+                if not (isinstance(app, str) and isinstance(source, str) and isinstance(text, str)
+                        and isinstance(ts, int | float) and isinstance(seq, int)):
+                    raise ValueError
+            except (TypeError, ValueError):
+                self._drop("-", "-", INVALID_BODY)
+                continue
+            stored += self._line(stream, app, source, text, float(ts), seq)
+        return stored
+
+    def _line(self, stream: str, app: str, source: str, text: str, ts: float, seq: int) -> int:
         if not APP_RE.match(app):
             self._drop("-", "-", INVALID_APP)
             return 0
@@ -107,14 +131,9 @@ class LogReceiver:
             )
         received, written = children
         received.inc()
-        ts = body["timestamp"]
         if not math.isfinite(ts):
             self._drop(app, source, INVALID_TIMESTAMP)
             return 0
-        node = body.get("node") or sender
-        boot = body.get("boot")
-        stream = f"{node}/{boot}" if isinstance(boot, str) and boot else str(node)
-        seq = body["seq"]
         store = self.store
         last = store.stream_position(app, stream, source)
         stored = 0
@@ -129,11 +148,10 @@ class LogReceiver:
                           stream=stream, app=app, source=source)
         elif seq > last + 1:
             stored += self._lost(app, source, stream, seq, ts, seq - last - 1)
-        text = body["text"]
-        if len(text) * 4 > self.max_line_bytes or len(text.encode("utf-8", "surrogatepass")) > self.max_line_bytes:
+        if len(text) * 4 > self.max_line_bytes and \
+                len(text.encode("utf-8", "surrogatepass")) > self.max_line_bytes:
             parts = split_text(text, self.max_line_bytes)
-            if len(parts) > 1:
-                self.counters.split.labels(app, source).inc()
+            self.counters.split.labels(app, source).inc()
         else:
             parts = [text]
         on_record = self.on_record

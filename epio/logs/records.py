@@ -15,9 +15,7 @@ CR and LF in the text are escaped (``\\\\``, ``\\t``, ``\\r``, ``\\n``).
 from __future__ import annotations
 
 import re
-from typing import Any
-
-from attrs import frozen
+from typing import Any, NamedTuple
 
 LINE = "-"
 LOST = "lost"
@@ -44,11 +42,11 @@ def unescape(text: str) -> str:
     return text
 
 
-@frozen
-class LogRecord:
+class LogRecord(NamedTuple):
     """A stored line.  ``lineno`` is the app-local position assigned by the
     logger that stored it (consecutive within one logger's copy of the app's
-    log); ``lost`` is the count of a ``lost`` marker, 0 for ordinary lines."""
+    log); ``lost`` is the count of a ``lost`` marker, 0 for ordinary lines.
+    (A NamedTuple: one is made per line received, so it must be cheap.)"""
 
     lineno: int
     timestamp: float

@@ -164,6 +164,8 @@ class LoggerService(MultiService):
     def _pulled(self, env: Any) -> None:
         if env.type == "log.line":
             self.receiver.line(env.sender, env.body)
+        elif env.type == "log.batch":
+            self.receiver.batch(env.sender, env.body)
         elif env.type == "stats.sample":
             body = env.body
             if not APP_RE.match(body["app"]):

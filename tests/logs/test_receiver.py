@@ -125,3 +125,17 @@ class ReceiverTests(SynchronousTestCase):
         self.send(15)
         self.assertEqual(self.counters.lost.value("app", "web.1"), 3)
         self.assertEqual(len(self.stored()), 13)
+
+    def test_batch(self) -> None:
+        """A log.batch body stores each item as log.line would, gap detection
+        included; a malformed item is dropped and counted, the rest kept."""
+        body = {"node": "n1", "lines": [
+            ["app", "web.1", "a", self.clock.seconds(), 1],
+            ["app", "web.1", "b", self.clock.seconds(), 2],
+            ["app", "web.1"],
+            ["app", "web.1", "d", self.clock.seconds(), 5],
+        ]}
+        self.assertEqual(self.rx.batch("n1", body), 4)  # 3 lines + 1 lost marker
+        self.assertEqual([(r.text, r.lost) for r in self.stored()],
+                         [("a", 0), ("b", 0), (self.stored()[2].text, 2), ("d", 0)])
+        self.assertEqual(self.counters.dropped.value("-", "-", "invalid_body"), 1)

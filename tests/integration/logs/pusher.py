@@ -2,7 +2,9 @@
 
 Usage: ``python pusher.py JSON`` with keys ``secret`` (hex), ``endpoints`` (logger
 PULL endpoints), ``app``, ``sources`` (list), ``count`` (lines per source),
-``rate`` (lines per second over all sources; 0 = one burst), ``node``.
+``rate`` (lines per second over all sources; 0 = one burst), ``node``,
+``stats`` (router stats samples to send after the lines, dated ``stats_age`` s ago),
+``batch`` (true: send ``log.batch`` messages through batchsink.BatchingBusLogSink).
 
 Line i of source S has the text ``S line i`` (i from 1).  It writes JSON lines to
 stdout: ``{"event": "ready"}`` once its sockets exist, ``{"event": "sent", "sent": N,
@@ -36,7 +38,12 @@ def main() -> None:
     args = json.loads(sys.argv[1])
     bus = Bus(reactor, bytes.fromhex(args["secret"]), args.get("node", "pusher"),
               {"bus": {"high_water_mark": args.get("hwm", 10000)}})
-    sink = BusLogSink(bus, args["endpoints"])
+    if args.get("batch"):
+        from batchsink import BatchingBusLogSink
+
+        sink: BusLogSink = BatchingBusLogSink(bus, args["endpoints"])
+    else:
+        sink = BusLogSink(bus, args["endpoints"])
     sink.startService()
     app, sources, count = args["app"], args["sources"], args["count"]
     rate = args.get("rate", 0)
@@ -44,6 +51,17 @@ def main() -> None:
     state = {"pos": 0}
 
     def finish() -> None:
+        # stats samples dated ``stats_age`` seconds back, so their 10 s bucket is complete
+        if args.get("stats"):
+            class Past:
+                def seconds(self) -> float:
+                    return reactor.seconds() - args.get("stats_age", 20)
+
+            stats = BusLogSink(bus, args["endpoints"], clock=Past())
+            stats.startService()
+            for _ in range(args["stats"]):
+                stats.emit_stats(app, "router", {"requests": 10, "status_2xx": 9,
+                                                 "status_5xx": 1, "latency_le_5ms": 10})
         out(event="sent", sent=len(order), dropped=sink.counters["dropped"])
 
     def burst() -> None:

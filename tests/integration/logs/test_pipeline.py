@@ -77,7 +77,7 @@ class PipelineTests(TestCase):
         tail = connect_tail(http_port, "burst", "n=0")
         await tail.ready.addTimeout(20, reactor)
 
-        p = self.pusher(node, sources=["web.1", "worker.1"], count=5000)
+        p = self.pusher(node, sources=["web.1", "worker.1"], count=5000, stats=3)
         sent = await p.events["sent"].addTimeout(30, reactor)
         self.assertEqual((sent["sent"], sent["dropped"]), (10_000, 0))
 
@@ -115,7 +115,36 @@ class PipelineTests(TestCase):
                    if s.name == "epio_log_lines_written_total" and s.labels["app"] == "burst"}
         self.assertEqual(written, {"web.1": 5000, "worker.1": 5000})
 
+        # stats samples from the same process were aggregated and can be queried
+        got: dict = {}
+
+        async def stats_written() -> bool:
+            got.update(await client.stats("burst", "requests", since=0, resolution=10))
+            return bool(got["series"])
+
+        await until(stats_written, 10, interval=0.3)
+        self.assertEqual(sum(v for _, v in got["series"]["requests"]), 30)
+
         tail.protocol_instance.sendClose()
+        await p.close()
+
+    async def test_batched_burst(self) -> None:
+        """The same burst sent as log.batch messages (batchsink.py) is stored whole and in order."""
+        node = self.start_logger()
+        client = self.client(node)
+        p = self.pusher(node, sources=["web.1", "web.2"], count=5000, batch=True)
+        sent = await p.events["sent"].addTimeout(30, reactor)
+        self.assertEqual(sent["dropped"], 0)
+        stored: list = []
+
+        async def all_stored() -> bool:
+            stored[:] = await all_lines(client, "burst")
+            return len(stored) >= 10_000
+
+        await until(all_stored, 20)
+        self.assertEqual(by_source(stored), {"web.1": list(range(1, 5001)),
+                                             "web.2": list(range(1, 5001))})
+        self.assertEqual([ln for ln in stored if ln.lost], [])
         await p.close()
 
     async def test_kill_and_restart_during_burst(self) -> None:
