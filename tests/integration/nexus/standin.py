@@ -5,7 +5,7 @@ Usage::
     python standin.py --secret-file F --nexus tcp://127.0.0.1:P [--nexus ...]
         --app hello --node n1 --interval 1.0 --state-file S
 
-It starts backend ``1`` (an HTTP server on 127.0.0.1, a free port) that
+It starts backend ``1`` (an HTTP server on --host, a free port) that
 answers ``backend-1`` to every request, and heartbeats announcing it as a
 healthy web instance of the app.  On SIGUSR1 it starts backend ``2`` and
 announces only that one from then on (both keep serving).  It writes
@@ -46,6 +46,7 @@ def main() -> None:
     p.add_argument("--node", default="standin")
     p.add_argument("--interval", type=float, default=1.0)
     p.add_argument("--state-file", required=True)
+    p.add_argument("--host", default="127.0.0.1", help="backend address (127.0.0.1 or ::1)")
     args = p.parse_args()
 
     from epio.bus import Bus
@@ -59,7 +60,7 @@ def main() -> None:
     state = {"announced": "1", "seq": 0}
 
     def listen(name: str) -> None:
-        port = reactor.listenTCP(0, server.Site(Answer(f"backend-{name}")), interface="127.0.0.1")
+        port = reactor.listenTCP(0, server.Site(Answer(f"backend-{name}")), interface=args.host)
         ports[name] = port.getHost().port
 
     def save() -> None:
@@ -75,10 +76,10 @@ def main() -> None:
             "node_id": args.node, "boot_id": boot, "seq": state["seq"],
             "interval": args.interval,
             "load": {"cpu": 0.0, "mem": 0.0, "instances": 1},
-            "control": "tcp://127.0.0.1:1", "advertise_host": "127.0.0.1",
+            "control": "tcp://127.0.0.1:1", "advertise_host": args.host,
             "instances": [{
                 "instance_id": f"{args.app}-web-{name}", "app": args.app, "release": 1,
-                "process_type": "web", "host": "127.0.0.1", "port": ports[name],
+                "process_type": "web", "host": args.host, "port": ports[name],
                 "state": "healthy", "since": 0.0, "restarts": 0,
             }],
         }, topic=b"hb")

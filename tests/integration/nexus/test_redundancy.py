@@ -32,8 +32,9 @@ HERE = Path(__file__).resolve().parent
 INTERVAL = 1.0  # heartbeat period of the stand-in (the runner default)
 
 
-def get(port: int, host: str = "hello.localhost", timeout: float = 2.0) -> tuple[int, str]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+def get(port: int, host: str = "hello.localhost", timeout: float = 2.0,
+        addr: str = "127.0.0.1") -> tuple[int, str]:
+    conn = http.client.HTTPConnection(addr, port, timeout=timeout)
     try:
         conn.request("GET", "/", headers={"Host": host})
         resp = conn.getresponse()
@@ -47,6 +48,11 @@ def toml_value(v: Any) -> str:
 
 
 class RedundancyTests(SynchronousTestCase):
+    ADDR = "127.0.0.1"  # every socket of the test: bus, router listener, backends
+
+    def ep(self, port: int) -> str:
+        return f"tcp://[{self.ADDR}]:{port}" if ":" in self.ADDR else f"tcp://{self.ADDR}:{port}"
+
     def setUp(self) -> None:
         self.tmp = Path(tempfile.mkdtemp(prefix="epio-nexus-it-"))
         self.procs: list[NodeProcess] = []
@@ -61,10 +67,11 @@ class RedundancyTests(SynchronousTestCase):
         subprocess.run([sys.executable, str(HERE / "tool.py"), "create-app", self.store_url,
                         "hello"], env=epio_env(), check=True, timeout=30)
         self.nexus_ports = [
-            {"heartbeat": free_port(), "router": free_port(), "publish": free_port()}
+            {"heartbeat": free_port(self.ADDR), "router": free_port(self.ADDR),
+             "publish": free_port(self.ADDR)}
             for _ in range(2)
         ]
-        self.cluster = [{k: f"tcp://127.0.0.1:{p}" for k, p in ports.items()}
+        self.cluster = [{k: self.ep(p) for k, p in ports.items()}
                         for ports in self.nexus_ports]
 
     def cleanup(self) -> None:
@@ -97,7 +104,9 @@ class RedundancyTests(SynchronousTestCase):
         return node
 
     def start_router(self, port: int, i: int) -> NodeProcess:
-        extra = f"[lb]\nlisten = \"tcp:{port}:interface=127.0.0.1\"\n"
+        listen = (f"tcp6:{port}:interface=\\:\\:1" if ":" in self.ADDR
+                  else f"tcp:{port}:interface={self.ADDR}")
+        extra = f"[lb]\nlisten = {toml_value(listen)}\n"
         node = NodeProcess(["--role=lb"], data_dir=self.tmp / f"router{i}",
                            config=self.config(extra))
         self.procs.append(node)
@@ -106,7 +115,8 @@ class RedundancyTests(SynchronousTestCase):
     def start_standin(self) -> Path:
         state = self.tmp / "standin.json"
         args = [sys.executable, str(HERE / "standin.py"), "--secret-file", str(self.secret),
-                "--state-file", str(state), "--interval", str(INTERVAL), "--node", "runner-1"]
+                "--state-file", str(state), "--interval", str(INTERVAL), "--node", "runner-1",
+                "--host", self.ADDR]
         for c in self.cluster:
             args += ["--nexus", c["heartbeat"]]
         log = open(self.tmp / "standin.log", "wb")
@@ -127,7 +137,7 @@ class RedundancyTests(SynchronousTestCase):
         while pending:
             for port in sorted(pending):
                 try:
-                    last[port] = get(port, timeout=1.0)
+                    last[port] = get(port, timeout=1.0, addr=self.ADDR)
                 except OSError as e:
                     last[port] = repr(e)
                 if last[port] == (200, body):
@@ -147,7 +157,7 @@ class RedundancyTests(SynchronousTestCase):
         while time.monotonic() < deadline:
             port = ports[n % len(ports)]
             try:
-                result: Any = get(port)
+                result: Any = get(port, addr=self.ADDR)
             except OSError as e:
                 result = repr(e)
             if result != (200, body):
@@ -162,12 +172,12 @@ class RedundancyTests(SynchronousTestCase):
         started = time.monotonic()
         state_file = self.start_standin()
         nexus = [self.start_nexus(0), self.start_nexus(1)]
-        lb_ports = [free_port(), free_port()]
+        lb_ports = [free_port(self.ADDR), free_port(self.ADDR)]
         routers = [self.start_router(p, i) for i, p in enumerate(lb_ports)]
         for n in nexus:
             n.wait_for_log(" ready: ", timeout=30)
         for port in lb_ports:
-            wait_for_port("127.0.0.1", port, timeout=30)
+            wait_for_port(self.ADDR, port, timeout=30)
         self.wait_body(lb_ports, "backend-1", timeout=15)
 
         # 1. kill one nexus: not one request fails, before, during and after it leaves
@@ -203,3 +213,23 @@ class RedundancyTests(SynchronousTestCase):
               f"fresh table {refresh:.2f}s after the restarted nexus started "
               f"(heartbeat period {INTERVAL}s); test took {time.monotonic() - started:.1f}s")
         self.assertLessEqual(refresh, 3 * INTERVAL)
+
+
+class IPv6Tests(RedundancyTests):
+    """The same path over IPv6 only: bus endpoints, router listener and backend on ::1."""
+
+    ADDR = "::1"
+
+    def test_redundancy(self) -> None:
+        """Over ::1 a heartbeat routes a request, and losing one nexus loses no request."""
+        self.start_standin()
+        nexus = [self.start_nexus(0), self.start_nexus(1)]
+        port = free_port(self.ADDR)
+        router = self.start_router(port, 0)
+        for n in nexus:
+            n.wait_for_log(" ready: ", timeout=30)
+        wait_for_port(self.ADDR, port, timeout=30)
+        self.wait_body([port], "backend-1", timeout=15)
+        self.assertIn("following nexus", router.output())
+        nexus[1].kill()
+        self.hammer([port], 2.5, "backend-1")
