@@ -23,7 +23,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from twisted.application.service import MultiService
-from twisted.internet import defer, task
+from twisted.internet import defer, task, threads
 from twisted.logger import Logger
 
 from epio.runner import state as statefile
@@ -335,25 +335,49 @@ class RunnerService(MultiService):
 
         if self.builder is None:
             raise RemoteError("unavailable", "this runner has no builder")
+        from epio.runner.build import BuildFailed
+        from epio.runner.users import UserError, check_app_name
+
+        build_id, app, tarball = body["build_id"], body["app"], body["tarball"]
+        env = body.get("env") or {}
         try:
-            result = await self.builder.build(
-                build_id=body["build_id"], app=body["app"], tarball=body["tarball"],
-                env=body.get("env") or {},
-            )
-        except RemoteError:
-            raise
-        except Exception as e:
-            raise RemoteError("build_failed", str(e) or type(e).__name__) from None
-        return {"build_id": body["build_id"], **dict(result)}
+            check_app_name(app)
+        except UserError as e:
+            raise RemoteError("bad_request", str(e)) from None
+        if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                for k, v in env.items()):
+            raise RemoteError("bad_request", "env must map names to strings")
+        uploads = self.data_dir / "builds" / "uploads"
+        path = uploads / f"{app}-{os.urandom(8).hex()}.tar"
+
+        def write() -> None:
+            uploads.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(tarball)
+
+        try:
+            await threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), write)
+            result = await self.builder.build(app, path, env)
+        except BuildFailed as e:
+            raise RemoteError("build_failed", e.reason) from None
+        except OSError as e:
+            raise RemoteError("build_failed", f"cannot store the upload: {e.strerror}") from None
+        finally:
+            path.unlink(missing_ok=True)
+        manifest = result.manifest
+        return {
+            "build_id": build_id, "digest": result.digest,
+            "manifest": manifest.to_dict() if hasattr(manifest, "to_dict") else dict(manifest),
+            "duration": float(result.duration), "log_tail": list(result.log_tail),
+        }
 
 
-def _make_builder(node: Any, sink: Any, images: Any) -> Any:
-    """The build engineer's Builder, when that code is present (epio.runner.build)."""
-    try:
-        from epio.runner.build import make_builder  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    return make_builder(node=node, sink=sink, images=images)
+def _make_builder(node: Any, sink: Any) -> Any:
+    """The node's image Builder (epio.runner.build; build log lines go to ``sink``)."""
+    from epio.runner.build import Builder
+
+    return Builder(node.reactor, node.data_dir, node.config, sink)
 
 
 def make_service(node: Any) -> RunnerService:
@@ -392,7 +416,7 @@ def make_service(node: Any) -> RunnerService:
         roles=node.roles, control=control, heartbeat_interval=cfg["heartbeat_interval"],
         register_interval=cfg["register_interval"], shutdown_grace=cfg["shutdown_grace"],
         publisher=publisher, store_service=node.store_service,
-        builder=_make_builder(node, sink, images),
+        builder=_make_builder(node, sink),
     )
     sink.setServiceParent(svc)
     if publisher is not None:

@@ -1,0 +1,96 @@
+"""Real apps from examples/: built through ``runner.build``, run under the sandbox.
+
+The build uses the build engineer's Builder (a real virtualenv, gunicorn from the
+package index or the warm wheel cache); the runner then runs the image's ``web``
+and ``worker`` processes as the app's UID and the web one answers HTTP.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from attrs import frozen
+from twisted.internet import reactor
+from twisted.trial.unittest import TestCase
+from twisted.web.client import Agent, readBody
+
+from epio.appdir import make_tarball
+from epio.config import validate
+from epio.runner.build import Builder
+from epio.runner.cgroups import CgroupSupport
+from epio.runner.service import RunnerService
+from epio.runner.state import mounted_under
+
+from .helpers import RealRunner, skip_reason, wait_for
+
+EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
+SKIP = skip_reason() or (None if (EXAMPLES / "wsgi").is_dir() else "examples/ not present")
+
+
+@frozen
+class Env:
+    type: str
+    body: dict[str, Any]
+
+
+class ExampleTests(TestCase):
+    skip = SKIP
+    timeout = 240
+
+    def setUp(self) -> None:
+        self.runner = RealRunner(reactor)
+        self.addCleanup(self._close)
+        r = self.runner
+        cache = Path("/tmp/epio-runner-it-wheels")  # warm wheel cache across runs
+        cache.mkdir(mode=0o755, exist_ok=True)
+        (r.data_dir / "cache").symlink_to(cache)
+        builder = Builder(reactor, r.data_dir, validate({}), r.sink)
+        self.svc = RunnerService(
+            reactor=reactor, supervisor=r.sup, isolation=r.isolation,
+            cgroups=CgroupSupport({}, {}), images=r.images, data_dir=r.data_dir,
+            node_id="test", boot_id="b", builder=builder,
+        )
+
+    async def _close(self) -> None:
+        await self.runner.close()
+
+    async def build(self, app: str) -> dict[str, Any]:
+        tarball = make_tarball(EXAMPLES / app, Path(self.mktemp() + ".tar.gz"))
+        t, built = await self.svc.handle(Env("runner.build", {
+            "build_id": "b-" + app, "app": app, "tarball": tarball.read_bytes(), "env": {}}))
+        self.assertEqual(t, "runner.built")
+        return built
+
+    async def test_wsgi_and_worker_examples_build_and_run(self) -> None:
+        """examples/wsgi builds via runner.build and its gunicorn web process becomes healthy
+        under the sandbox and answers HTTP; examples/worker's worker process runs and logs."""
+        r = self.runner
+        built = await self.build("wsgi")
+        web = built["manifest"]["processes"]["web"]
+        self.assertIn("gunicorn", web)
+        reply = r.start("wsgi-web-1", "wsgi", 20301, built["digest"], web, boot_timeout=60)
+        self.assertTrue(await wait_for(reactor, lambda: r.state("wsgi-web-1") == "healthy", 60),
+                        r.texts("wsgi")[-20:])
+        agent = Agent(reactor, connectTimeout=2)
+        response = await agent.request(b"GET", f"http://127.0.0.1:{reply['port']}/".encode())
+        self.assertEqual(response.code, 200)
+        self.assertTrue(await readBody(response))
+
+        built = await self.build("worker")
+        cmd = built["manifest"]["processes"]["worker"]
+        r.start("worker-w-1", "worker", 20302, built["digest"], cmd, process_type="worker",
+                env={"TICK_SECONDS": "1"})
+        self.assertTrue(await wait_for(reactor, lambda: r.state("worker-w-1") == "healthy", 30),
+                        r.texts("worker")[-20:])
+        self.assertTrue(await wait_for(reactor, lambda: bool(r.texts("worker", "worker.1")), 15),
+                        r.texts("worker")[-20:])
+        ticks = r.data_dir / "appdata" / "worker" / "ticks"
+        self.assertTrue(await wait_for(reactor, ticks.exists, 5), r.texts("worker")[-5:])
+        self.assertEqual(ticks.stat().st_uid, 20302)
+        # stopping releases the image mounts (SquashFS where the host allows it)
+        await r.sup.stop("wsgi-web-1", grace=2)
+        await r.sup.stop("worker-w-1", grace=2)
+        mounts = r.data_dir / "mounts"
+        self.assertTrue(await wait_for(reactor, lambda: not mounted_under(mounts), 10),
+                        mounted_under(mounts))
