@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import zmq
+from attrs import evolve
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.interfaces import IReadDescriptor
@@ -585,6 +586,8 @@ class Dealer(BusService):
         self._pending: dict[str, _Pending] = {}
         # ids of requests that timed out recently, to tell late replies from strays
         self._expired: dict[str, None] = {}
+        # requests waiting for a peer to connect: id -> retry
+        self._waiting: dict[str, Callable[[], None]] = {}
         self._next = 0
 
     @property
@@ -640,6 +643,7 @@ class Dealer(BusService):
 
     def _close(self) -> None:
         self._conn = None
+        self._waiting.clear()
         self.connected.clear()
         conns, self._conns = self._conns, {}
         for conn in conns.values():
@@ -675,12 +679,12 @@ class Dealer(BusService):
             return defer.fail(NotRunning(f"bus dealer not running: cannot send {type}"))
         timeout = self.bus.request_timeout if timeout is None else timeout
         env = self.bus.envelope(type, body, pattern="request")
-        frame = self.bus.seal(env)
         where = endpoint or ",".join(self.connects) or "(no endpoints)"
         clock = self.bus.reactor
         deadline = clock.seconds() + timeout
 
         def cancel(d: defer.Deferred[Envelope]) -> None:
+            self._waiting.pop(env.id, None)
             p = self._pending.pop(env.id, None)
             if p is not None and p.timer is not None and p.timer.active():
                 p.timer.cancel()
@@ -700,9 +704,14 @@ class Dealer(BusService):
             d.errback(RequestTimeout(type, p.endpoint, timeout))
 
         def attempt() -> None:
+            if pending.timer is not None and pending.timer.active():
+                pending.timer.cancel()
             pending.timer = None
+            self._waiting.pop(env.id, None)
             if env.id not in self._pending:
                 return
+            # sealed when actually sent: a request that waited for a peer is not stale
+            frame = self.bus.seal(evolve(env, timestamp=clock.seconds()))
             targets = [endpoint] if endpoint is not None else self._rotation()
             for ep in targets:
                 conn = self._conns.get(ep)
@@ -722,6 +731,7 @@ class Dealer(BusService):
                 return
             left = deadline - clock.seconds()
             if left <= 0:
+                self._waiting.pop(env.id, None)
                 p = self._pending.pop(env.id, None)
                 if p is not None:
                     self.counters.incr(C.TIMEOUTS)
@@ -730,9 +740,17 @@ class Dealer(BusService):
                         else "not connected"))
                 return
             pending.timer = clock.callLater(min(self._POLL, left), attempt)
+            self._waiting[env.id] = attempt  # or sooner, when a peer connects
 
         attempt()
         return d
+
+    def _event(self, event: int, endpoint: str) -> None:
+        super()._event(event, endpoint)
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED and self._waiting:
+            waiting, self._waiting = self._waiting, {}
+            for attempt in waiting.values():
+                self.bus.reactor.callLater(0, attempt)
 
     def _rotation(self) -> list[str]:
         eps = self.connects

@@ -30,6 +30,7 @@ import itertools
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
+from attrs import evolve
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -326,7 +327,6 @@ class MemoryDealer(_MemoryService):
             return defer.fail(NotRunning(f"bus dealer not running: cannot send {type}"))
         timeout = self.bus.request_timeout if timeout is None else timeout
         env = self.bus.envelope(type, body, pattern="request")
-        frame = self.bus.seal(env)
         clock = self.bus.reactor
         deadline = clock.seconds() + timeout
         where = endpoint or ",".join(self.connects) or "(no endpoints)"
@@ -357,6 +357,7 @@ class MemoryDealer(_MemoryService):
                 router = self.bus.network.running(ep, MemoryRouter)
                 if router is None:
                     continue
+                frame = self.bus.seal(evolve(env, timestamp=clock.seconds()))
                 self.counters.incr(C.SENT)
                 timer = clock.callLater(max(0.0, deadline - clock.seconds()), expire, ep)
                 self._pending[env.id] = (d, timer)

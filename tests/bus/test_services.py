@@ -116,6 +116,23 @@ class ContractMixin:
         e = await self.assertFailure(d, RequestTimeout)
         self.assertIn("no connection", str(e))
 
+    async def test_waits_for_a_late_peer(self) -> None:
+        """A request made before its peer is up is delivered when the peer comes, even
+        after longer than the skew window (it is stamped when sent, not when made)."""
+        from tests.util import free_port
+
+        server = self.make_bus("server", max_skew=1.0)
+        client = self.make_bus("client", max_skew=1.0)
+        endpoint = f"tcp://127.0.0.1:{free_port()}"
+        dealer = self.start(client.dealer([endpoint]))
+        d = self.deferred(dealer.request("test.echo", {"n": 4}, timeout=10))
+        await self.elapse(1.5)
+        self.assertFalse(d.called)
+        self.start(server.router(endpoint, lambda env: ("test.echoed", {"n": env.body["n"]})))
+        await self.elapse(0.1)
+        await self.settle(lambda: d.called)
+        self.assertEqual((await d).body, {"n": 4})
+
     async def test_not_running(self) -> None:
         """A request on a stopped dealer fails with NotRunning; stopping fails the
         requests still waiting (stopService never leaves a caller hanging)."""
