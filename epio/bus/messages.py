@@ -160,13 +160,13 @@ _(MessageType(
     "log.line", 1, "push",
     "One log line (or a part of a line over 10,000 bytes) of an app's log stream.",
     fields={"app": str, "source": str, "text": str, "timestamp": Number, "seq": int},
-    optional={"part": int, "parts": int, "node": str},
+    optional={"part": int, "parts": int, "node": str, "boot": str},
 ))
 _(MessageType(
     "stats.sample", 1, "push",
     "One stats sample of an app: a kind (e.g. http, process) and its values.",
     fields={"app": str, "kind": str, "values": dict, "timestamp": Number, "seq": int},
-    optional={"node": str},
+    optional={"node": str, "boot": str},
 ))
 
 # --- test types (used by the bus's own tests; harmless in production) -----------
