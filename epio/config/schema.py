@@ -146,6 +146,11 @@ SCHEMA: dict[str, dict[str, Key]] = {
             int, 10000, "Log lines longer than this (UTF-8 bytes) are sent to the loggers "
             "in parts.", positive,
         ),
+        "peer_heartbeat": Key(
+            float, 2.0, "Seconds between ZeroMQ heartbeats on every bus connection; a peer "
+            "silent for 3 of them (frozen host, dead link) is disconnected and skipped.",
+            positive,
+        ),
     },
     "api": {
         "listen": Key(str, "tcp:8000:interface=127.0.0.1", "Endpoint the API and dashboard listen on."),
