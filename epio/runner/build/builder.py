@@ -137,7 +137,10 @@ class _Ctx:
 
 
 class Builder:
-    """Builds images on this node.  ``await builder.build(app, tarball, env)``."""
+    """Builds images on this node.  ``await builder.build(app, tarball, env)``.
+
+    ``log_sink`` provides :class:`epio.pipeline.ILogSink`; build lines use source ``build``.
+    """
 
     log = Logger()
 
@@ -285,6 +288,13 @@ class Builder:
         )
         try:
             return await self._steps(ctx, tarball, start)
+        except BuildFailed:
+            raise
+        except Exception:
+            self.log.failure("build of {app} failed unexpectedly", app=app)
+            raise self._fail(
+                ctx, "internal error in the build system (details are in the node's log)"
+            ) from None
         finally:
             if ctx.cgroup is not None:
                 await ctx.cgroup.remove(self.reactor)
@@ -489,7 +499,10 @@ class Builder:
         runtime_env: dict[str, str] = {}
         static: dict[str, str] = {}
         for url, sdir in manifest.static.items():
-            static[url] = sdir if sdir.startswith(DATA_DIRECTORY) else f"{rel_work}/{sdir}"
+            if sdir.startswith(DATA_DIRECTORY):
+                static[url] = sdir
+            else:
+                static[url] = f"{rel_work}/{sdir}"
         has_django = any(sp.glob("django/__init__.py"))
         (sp / "bundle_config.py").write_text(plat.bundle_config_source(DATA_DIRECTORY))
         if has_django and (django_cfg is not None or (workdir / "manage.py").exists()):
@@ -541,8 +554,11 @@ class Builder:
                 on_line=grab,
             )
             url = str(info.get("STATIC_URL") or "")
-            if url.startswith("/") and append:
+            if url.startswith("/") and append and info.get("collect"):
                 static["/" + url.strip("/")] = plat.COLLECTED_STATIC
+        for url, sdir in static.items():
+            if not sdir.startswith(DATA_DIRECTORY) and not (root / sdir).is_dir():
+                self._emit(ctx, f"       warning: [static] {url}: no directory {sdir} in the image")
         # 7. finish the tree
         self._emit(ctx, "-----> Finishing image")
         await self._run(

@@ -197,6 +197,12 @@ class ImageStore:
         self.mounts_dir = self.data_dir / "mounts"
         self.reactor = reactor
         self._refs: dict[str, int] = {}
+        self._locks: dict[str, Any] = {}
+
+    def _lock(self, digest: str) -> Any:
+        from twisted.internet.defer import DeferredLock
+
+        return self._locks.setdefault(digest, DeferredLock())
 
     # ------------------------------------------------------------------ lookup
 
@@ -305,20 +311,37 @@ class ImageStore:
     def is_mounted(self, digest: str) -> bool:
         return str(self.mount_point(digest)) in _mounted_at()
 
+    def mounted_digests(self) -> set[str]:
+        """Images mounted under DATA_DIR/mounts now (e.g. left by a previous run)."""
+        prefix = str(self.mounts_dir) + "/"
+        return {
+            m[len(prefix) :]
+            for m in _mounted_at()
+            if m.startswith(prefix) and _DIGEST.match(m[len(prefix) :])
+        }
+
     async def mount(self, digest: str) -> Path:
-        """Mount the image read-only (once per node; counted); return where its root is."""
+        """Mount the image read-only (once per node; counted); return where its root is.
+
+        Idempotent: a mount left by a previous run of the node is adopted.
+        """
         p = self.path(digest)
         if p.is_dir():
             self._refs[digest] = self._refs.get(digest, 0) + 1
             return p
         mp = self.mount_point(digest)
-        if not self.is_mounted(digest):
-            mp.mkdir(parents=True, exist_ok=True)
-            await self._run(
-                ["mount", "-t", "squashfs", "-o", "loop,ro,nodev,nosuid", str(p), str(mp)]
-            )
-            self.log.info("mounted image {digest} at {path}", digest=digest, path=str(mp))
-        self._refs[digest] = self._refs.get(digest, 0) + 1
+        lock = self._lock(digest)
+        await lock.acquire()
+        try:
+            if not self.is_mounted(digest):
+                mp.mkdir(parents=True, exist_ok=True)
+                await self._run(
+                    ["mount", "-t", "squashfs", "-o", "loop,ro,nodev,nosuid", str(p), str(mp)]
+                )
+                self.log.info("mounted image {digest} at {path}", digest=digest, path=str(mp))
+            self._refs[digest] = self._refs.get(digest, 0) + 1
+        finally:
+            lock.release()
         return mp
 
     async def unmount(self, digest: str, force: bool = False) -> None:
@@ -331,13 +354,18 @@ class ImageStore:
         if self.path(digest).is_dir():
             return
         mp = self.mount_point(digest)
-        if self.is_mounted(digest):
-            await self._run(["umount", str(mp)])
-            self.log.info("unmounted image {digest}", digest=digest)
+        lock = self._lock(digest)
+        await lock.acquire()
         try:
-            mp.rmdir()
-        except OSError:
-            pass
+            if self.is_mounted(digest) and not self._refs.get(digest):
+                await self._run(["umount", str(mp)])
+                self.log.info("unmounted image {digest}", digest=digest)
+                try:
+                    mp.rmdir()
+                except OSError:
+                    pass
+        finally:
+            lock.release()
 
     async def _run(self, argv: list[str]) -> None:
         from epio.runner.build.proc import run_step

@@ -132,8 +132,9 @@ import json, sys
 import django
 from django.conf import settings
 django.setup()
-print("EPIO-DJANGO " + json.dumps({"STATIC_URL": str(settings.STATIC_URL or "")}), flush=True)
-if "django.contrib.staticfiles" in settings.INSTALLED_APPS:
+collect = "django.contrib.staticfiles" in settings.INSTALLED_APPS
+print("EPIO-DJANGO " + json.dumps({"STATIC_URL": str(settings.STATIC_URL or ""), "collect": collect}), flush=True)
+if collect:
     from django.core.management import call_command
     call_command("collectstatic", interactive=False, verbosity=1)
 """

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from epio.config import validate
+from epio.pipeline import MemoryLogSink
 
 EXAMPLES = Path(__file__).resolve().parent.parent.parent.parent / "examples"
 _shared: Path | None = None
@@ -48,17 +49,11 @@ def config(**build: Any) -> Any:
     return validate({"build": build})
 
 
-class Sink:
-    """Records emitted log lines (implements ILogSink.emit)."""
-
-    def __init__(self) -> None:
-        self.lines: list[tuple[str, str, str]] = []
-
-    def emit(self, app: str, source: str, text: str, timestamp: float | None = None) -> None:
-        self.lines.append((app, source, text))
+class Sink(MemoryLogSink):
+    """The pipeline's in-memory ILogSink, plus the text of every line."""
 
     def text(self) -> str:
-        return "\n".join(t for _, _, t in self.lines)
+        return "\n".join(r.text for r in self.lines)
 
 
 def write_app(root: Path, files: dict[str, str]) -> Path:
@@ -78,3 +73,33 @@ def build_cgroups() -> list[Path]:
             own = parts[2]
     base = Path("/sys/fs/cgroup/memory") / own.lstrip("/") / "epio-build"
     return [p for p in base.iterdir() if p.is_dir()] if base.is_dir() else []
+
+
+class PostgresDatabase:
+    """A throw-away database on the machine's PostgreSQL (127.0.0.1:5432, user postgres)."""
+
+    def __init__(self) -> None:
+        import uuid
+
+        self.name = f"epio_build_{uuid.uuid4().hex[:10]}"
+        self.url = f"postgres://postgres@127.0.0.1:5432/{self.name}"
+
+    def _admin(self, sql: str) -> None:
+        import psycopg2
+
+        conn = psycopg2.connect(
+            host="127.0.0.1", port=5432, user="postgres", dbname="postgres", connect_timeout=5
+        )
+        conn.autocommit = True
+        try:
+            with conn.cursor() as cur:
+                cur.execute(sql)
+        finally:
+            conn.close()
+
+    def create(self) -> PostgresDatabase:
+        self._admin(f'CREATE DATABASE "{self.name}"')
+        return self
+
+    def drop(self) -> None:
+        self._admin(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')

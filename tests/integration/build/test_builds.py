@@ -20,8 +20,9 @@ from twisted.trial.unittest import SkipTest, TestCase
 from epio.appdir import make_tarball
 from epio.manifest import Manifest
 from epio.runner.build import Builder, BuildFailed, ImageStore
+from tests.util import free_port, wait_for_port
 
-from .helpers import EXAMPLES, Sink, build_cgroups, config, data_dir, write_app
+from .helpers import EXAMPLES, PostgresDatabase, Sink, build_cgroups, config, data_dir, write_app
 
 ROOT = os.geteuid() == 0
 
@@ -66,7 +67,8 @@ class ExampleBuildTests(_Base):
             b.build(name, _tarball(self, EXAMPLES / name), {})
         )
         self.assertTrue(ImageStore(self.data).has(result.digest))
-        self.assertTrue(all(src == "build" and app == name for app, src, _ in sink.lines))
+        self.assertTrue(all(r.source == "build" and r.app == name for r in sink.lines))
+        self.assertTrue(all(r.timestamp is not None for r in sink.lines))
         self.assertIn(result.digest, sink.text())
         return result, b, sink
 
@@ -308,7 +310,7 @@ class FailingBuildTests(_Base):
             or not Path("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists()
         ):
             raise SkipTest("needs the cgroup v1 memory controller")
-        b, _ = self.builder(memory_mb=200)
+        b, _ = self.builder(memory_mb=400)
         # the app's Django settings run during collectstatic and grab 1 GB
         tb = self.app(
             {
@@ -318,10 +320,85 @@ class FailingBuildTests(_Base):
                 "hog/settings.py": "SECRET_KEY = 'x'\nINSTALLED_APPS = []\nHOG = b'x' * (1024 * 1024 * 1024)\n",
             }
         )
-        await self.fails(b, tb, "memory limit of 200 MB")
+        await self.fails(b, tb, "memory limit of 400 MB")
 
     def test_memory(self) -> defer.Deferred[None]:
         """A build exceeding build.memory_mb is killed and reported as over its memory limit."""
         if not ROOT:
             raise SkipTest("memory cgroups need root")
         return defer.Deferred.fromCoroutine(self._memory())
+
+
+class DjangoImageRunsTests(_Base):
+    """The Django example's image works at run time with the platform settings."""
+
+    @defer.inlineCallbacks
+    def test_django_image_migrates_and_serves_from_postgres(self):  # type: ignore[no-untyped-def]
+        """From the mounted image, as an unprivileged user: `manage.py migrate` against
+        DATABASE_URL, then gunicorn serves a page read from PostgreSQL to a hostname in
+        EPIO_HOSTNAMES and refuses a host that is not the app's."""
+        if not ROOT:
+            raise SkipTest("loop mounts need root")
+        try:
+            db = PostgresDatabase().create()
+        except Exception as e:  # noqa: BLE001
+            raise SkipTest(f"no PostgreSQL at 127.0.0.1:5432: {e}") from None
+        self.addCleanup(db.drop)
+        b, _ = self.builder()
+        result = yield defer.Deferred.fromCoroutine(
+            b.build("notes", _tarball(self, EXAMPLES / "django"), {})
+        )
+        store = ImageStore(self.data, reactor)
+        mp = yield defer.Deferred.fromCoroutine(store.mount(result.digest))
+        self.addCleanup(
+            lambda: defer.Deferred.fromCoroutine(store.unmount(result.digest, force=True))
+        )
+        env = {
+            "PATH": f"{mp}/venv/bin:/usr/bin:/bin",
+            "HOME": "/tmp",
+            "DATABASE_URL": db.url,
+            "EPIO_HOSTNAMES": "notes.example.test",
+            "SECRET_KEY": "test-secret",
+            **result.facts["env"],
+        }
+        workdir = mp / result.facts["workdir"]
+        user = ["/usr/sbin/runuser", "-u", "nobody", "--"]
+        migrate = subprocess.run(
+            [*user, str(mp / "venv/bin/python"), "manage.py", "migrate", "--noinput"],
+            cwd=workdir,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        self.assertEqual(migrate.returncode, 0, migrate.stdout + migrate.stderr)
+        self.assertIn("notes.0001_initial", migrate.stdout)
+        port = free_port()
+        command = (
+            result.manifest.processes["web"]
+            .replace("$PORT", str(port))
+            .replace("0.0.0.0", "127.0.0.1")
+        )
+        web = subprocess.Popen(
+            [*user, "/bin/sh", "-c", "exec " + command],
+            cwd=workdir,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        self.addCleanup(lambda: (os.killpg(web.pid, 9), web.wait()))
+        wait_for_port("127.0.0.1", port, timeout=30)
+        import http.client
+
+        def get(host: str) -> tuple[int, str]:
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            c.request("GET", "/", headers={"Host": host})
+            r = c.getresponse()
+            return r.status, r.read().decode()
+
+        status, body = get("notes.example.test")
+        self.assertEqual(status, 200, body)
+        self.assertIn("Hello from Django on epio", body)
+        self.assertIn("/static/notes/style.css", body)
+        self.assertEqual(get("evil.example.test")[0], 400)

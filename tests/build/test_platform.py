@@ -1,0 +1,171 @@
+"""Files the build generates: Django platform settings, bundle_config, relocatable scripts."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from epio.runner.build import platform as plat
+
+PROBE = (
+    "import json, epio_settings as s; print(json.dumps({k: getattr(s, k) for k in "
+    "('DATABASES', 'CACHES', 'ALLOWED_HOSTS', 'SECRET_KEY', 'STATIC_ROOT', 'STATIC_URL', 'DEBUG', 'FROM_LOCAL')"
+    " if hasattr(s, k)}, default=str))"
+)
+
+
+class SettingsModuleTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.root = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, self.root)
+        self.sp = self.root / "venv/lib/python3.11/site-packages"
+        self.sp.mkdir(parents=True)
+        self.app = self.root / "app"
+        pkg = self.app / "mysite" / "settings"
+        pkg.mkdir(parents=True)
+        (self.app / "mysite" / "__init__.py").write_text("")
+        (pkg / "__init__.py").write_text(
+            "from .base import *\ntry:\n    from .local_settings import *\nexcept ImportError:\n    pass\n"
+        )
+        (pkg / "base.py").write_text(
+            "DEBUG = True\nSECRET_KEY = 'dev'\nALLOWED_HOSTS = ['mine.example']\n"
+            "DATABASES = {'default': {'ENGINE': 'django.db.backends.sqlite3', 'NAME': 'db.sqlite3'},"
+            " 'other': {'ENGINE': 'x'}}\nSTATIC_URL = '/assets/'\n"
+        )
+        (pkg / "local_settings.py").write_text("DEBUG = False\nFROM_LOCAL = 1\n")
+        (self.sp / "epio_settings.py").write_text(
+            plat.settings_module_source("mysite.settings", None)
+        )
+
+    def probe(self, **env: str) -> dict:
+        out = subprocess.run(
+            [sys.executable, "-c", PROBE],
+            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{self.sp}:{self.app}", **env},
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd="/",
+        )
+        return json.loads(out.stdout)
+
+    def test_settings_package_with_local_settings_and_no_platform_env(self) -> None:
+        """Without platform variables the app's own settings (package + local_settings) stand."""
+        s = self.probe()
+        self.assertEqual(s["DEBUG"], False)
+        self.assertEqual(s["FROM_LOCAL"], 1)
+        self.assertEqual(s["DATABASES"]["default"]["NAME"], "db.sqlite3")
+        self.assertEqual(s["SECRET_KEY"], "dev")
+        self.assertEqual(s["ALLOWED_HOSTS"], ["mine.example"])
+        self.assertEqual(s["STATIC_URL"], "/assets/")
+        self.assertEqual(s["STATIC_ROOT"], str(self.root / "epio" / "static"))
+
+    def test_platform_values(self) -> None:
+        """DATABASE_URL, REDIS_URL, EPIO_HOSTNAMES and SECRET_KEY are applied on top."""
+        s = self.probe(
+            DATABASE_URL="postgres://app1:p%40ss@db.internal:5433/app1db?sslmode=require",
+            REDIS_URL="redis://:pw@10.0.0.5:6380/0",
+            EPIO_HOSTNAMES="app1.example.com, www.app1.test",
+            SECRET_KEY="from-config",
+        )
+        self.assertEqual(
+            s["DATABASES"]["default"],
+            {
+                "ENGINE": "django.db.backends.postgresql",
+                "NAME": "app1db",
+                "USER": "app1",
+                "PASSWORD": "p@ss",
+                "HOST": "db.internal",
+                "PORT": "5433",
+                "CONN_MAX_AGE": 60,
+                "OPTIONS": {"sslmode": "require"},
+            },
+        )
+        self.assertEqual(s["DATABASES"]["other"], {"ENGINE": "x"})
+        self.assertEqual(s["CACHES"]["default"]["LOCATION"], "redis://:pw@10.0.0.5:6380/0")
+        self.assertEqual(
+            s["ALLOWED_HOSTS"][:3], ["mine.example", "app1.example.com", "www.app1.test"]
+        )
+        self.assertEqual(s["SECRET_KEY"], "from-config")
+
+    def test_bundle_config(self) -> None:
+        """ep.io's bundle_config exposes data_directory and the database/redis credentials."""
+        (self.sp / "bundle_config.py").write_text(plat.bundle_config_source("/data"))
+        out = subprocess.run(
+            [sys.executable, "-c", "import json, bundle_config as b; print(json.dumps(b.config))"],
+            env={
+                "PYTHONPATH": str(self.sp),
+                "DATABASE_URL": "postgres://u:pw@h:5432/d",
+                "REDIS_URL": "redis://:rp@rh:6379",
+            },
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        cfg = json.loads(out.stdout)
+        self.assertEqual(cfg["core"]["data_directory"], "/data")
+        self.assertEqual(
+            cfg["postgres"],
+            {"host": "h", "port": 5432, "username": "u", "password": "pw", "database": "d"},
+        )
+        self.assertEqual(cfg["redis"], {"host": "rh", "port": 6379, "password": "rp"})
+
+
+class DetectTests(SynchronousTestCase):
+    def test_detect_settings_module(self) -> None:
+        """manage.py's DJANGO_SETTINGS_MODULE wins; else settings.py / <pkg>/settings."""
+        d = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, d)
+        (d / "proj" / "settings").mkdir(parents=True)
+        (d / "proj" / "settings" / "__init__.py").write_text("")
+        self.assertEqual(plat.detect_settings_module(d, ""), "proj.settings")
+        (d / "manage.py").write_text(
+            'os.environ.setdefault("DJANGO_SETTINGS_MODULE", "proj.settings.prod")\n'
+        )
+        self.assertEqual(plat.detect_settings_module(d, ""), "proj.settings.prod")
+        (d / "old").mkdir()
+        (d / "old" / "settings.py").write_text("")
+        self.assertEqual(plat.detect_settings_module(d, "old"), "proj.settings.prod")
+        (d / "manage.py").unlink()
+        self.assertEqual(plat.detect_settings_module(d, "old"), "settings")
+
+
+class RelocateTests(SynchronousTestCase):
+    def test_scripts_and_records(self) -> None:
+        """Console scripts get the /bin/sh polyglot header, run from anywhere, and RECORD
+        hashes follow; activate scripts are dropped."""
+        d = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, d)
+        venv = d / "venv"
+        (venv / "bin").mkdir(parents=True)
+        sp = venv / "lib/python3.11/site-packages"
+        (sp / "tool-1.0.dist-info").mkdir(parents=True)
+        os.symlink(sys.executable, venv / "bin" / "python")
+        (venv / "bin" / "tool").write_text(
+            f"#!{venv}/bin/python\nimport sys\nprint('tool ran', sys.argv[1:])\n"
+        )
+        (venv / "bin" / "activate").write_text(f"VIRTUAL_ENV={venv}\n")
+        (sp / "tool-1.0.dist-info" / "RECORD").write_text(
+            "../../../bin/tool,sha256=old,10\ntool/__init__.py,,\n"
+        )
+        self.assertEqual(plat.relocate_scripts(venv / "bin", str(venv)), 1)
+        plat.fix_records(venv)
+        self.assertFalse((venv / "bin" / "activate").exists())
+        moved = d / "elsewhere"
+        os.rename(venv, moved)
+        out = subprocess.run(
+            [str(moved / "bin" / "tool"), "a b"], capture_output=True, text=True, check=True
+        )
+        self.assertEqual(out.stdout, "tool ran ['a b']\n")
+        data = (moved / "bin" / "tool").read_bytes()
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        record = (moved / "lib/python3.11/site-packages/tool-1.0.dist-info/RECORD").read_text()
+        self.assertIn(f"../../../bin/tool,sha256={digest},{len(data)}", record)
