@@ -340,6 +340,12 @@ SCHEMA: dict[str, dict[str, Key]] = {
                         "(cgroup pids.max).", positive),
         "nofile": Key(int, 4096, "Default RLIMIT_NOFILE (open files) of an instance.",
                       positive),
+        "fetch_chunk_kb": Key(int, 4096, "Size of the chunks in which a runner sends an "
+                              "image to a peer that lacks it (KiB).", positive),
+        "fetch_timeout": Key(float, 30.0, "Seconds one image chunk request to a peer may "
+                             "take before the next peer is tried.", positive),
+        "stats_interval": Key(float, 10.0, "Seconds between process stats samples (memory, "
+                              "restarts) of each instance; 0 disables them.", non_negative),
     },
     "logger": {
         "pull_bind": Key(str, "tcp://127.0.0.1:7721", "Where this logger receives log lines and stats (PULL)."),
