@@ -215,6 +215,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         if not quiet and d["status"] in ("pending", "building", "built"):
             build_log.follow()
         if d["status"] in FINAL:
+            if not quiet and d["status"] == "failed" and d["image"] is None:
+                build_log.follow()  # the build's last lines say why it failed
             break
         if time.monotonic() > deadline:
             raise CliError(f"gave up following deploy {d['id'][:12]} after {args.timeout:g}s "
