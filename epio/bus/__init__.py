@@ -100,6 +100,7 @@ class Bus:
         self.max_message_size: int = int(settings.get("max_message_size", 64 * 1024 * 1024))
         self.encrypt: bool = bool(settings.get("encrypt", True))
         self.log_line_max_bytes: int = int(settings.get("log_line_max_bytes", 10_000))
+        self.peer_heartbeat: float = float(settings.get("peer_heartbeat", 2.0))
         #: Node-wide counters of every service made by this bus.
         self.counters = BusCounters()
         self._ratelog = RateLimitedLog(reactor)
@@ -222,6 +223,12 @@ class Bus:
             (zmq.RCVHWM, self.high_water_mark),
             (zmq.MAXMSGSIZE, self.max_message_size),
             (zmq.LINGER, LINGER_MS),
+            # ZMTP heartbeats: a peer that stops answering (frozen, or its host gone
+            # without closing TCP) is disconnected after 3 intervals, so a dealer stops
+            # sending it requests and a connected socket starts reconnecting.
+            (zmq.HEARTBEAT_IVL, int(self.peer_heartbeat * 1000)),
+            (zmq.HEARTBEAT_TIMEOUT, int(self.peer_heartbeat * 3000)),
+            (zmq.HEARTBEAT_TTL, int(self.peer_heartbeat * 3000)),
         ]
         if self.encrypt:
             opts += self.curve_options(bind)

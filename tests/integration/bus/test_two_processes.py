@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
 import sys
 import time
 from pathlib import Path
@@ -321,6 +322,32 @@ class IPv4Tests(TwoProcessMixin, TestCase):
         push.send("test.job", {"n": 1})
         st = await self.wait_state(proto2, lambda s: s["pulled"])
         self.assertEqual(st["pulled"], [1])
+
+
+    async def test_frozen_peer_is_skipped(self) -> None:
+        """A peer that freezes (SIGSTOP: its TCP connection stays up, nothing answers)
+        is disconnected after 3 missed heartbeats; requests then go to the live peer
+        instead of timing out half the time."""
+        bus = Bus(reactor, self.secret, "tester", {"bus": {"peer_heartbeat": 0.2}})
+        pa, ra = await self.start_peer()
+        pb, rb = await self.start_peer()
+        dealer = self.service(bus.dealer([ra["router"], rb["router"]]))
+        await self.until(lambda: len(dealer.connected) == 2)
+        self.assertEqual(dealer.connected, {ra["router"], rb["router"]})
+        os.kill(pa.transport.pid, signal.SIGSTOP)
+        self.addCleanup(os.kill, pa.transport.pid, signal.SIGCONT)
+        await self.until(lambda: dealer.connected == {rb["router"]})
+        self.assertEqual(dealer.connected, {rb["router"]})
+        for n in range(10):
+            reply = await dealer.request("test.echo", {"n": n}, timeout=2)
+            self.assertEqual(reply.body, {"n": n + 1})
+        st = await self.state(pb)
+        self.assertEqual(st["handled"][-10:], list(range(10)))
+
+    async def until(self, cond: Any, limit: float = 5.0) -> None:
+        deadline = time.monotonic() + limit
+        while not cond() and time.monotonic() < deadline:
+            await task.deferLater(reactor, 0.02)
 
 
 class IPv6Tests(TwoProcessMixin, TestCase):
