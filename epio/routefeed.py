@@ -46,6 +46,9 @@ OPTION_KEYS: dict[str, tuple[type, ...]] = {
     "websocket_idle_timeout": (int, float),
 }
 
+# While stale, the log says so again every this many seconds.
+STALE_REMINDER = 30.0
+
 SnapshotRequest = Callable[["NexusLink"], Deferred]
 
 
@@ -197,6 +200,7 @@ class RouteFeed:
         self.stale_since: float | None = None
         self.started_at: float | None = None
         self.ever_live = False
+        self._stale_logged = 0.0
         self.counters: Counter[str] = Counter()
         self._running = False
 
@@ -418,8 +422,18 @@ class RouteFeed:
         if any(other.alive for other in self.links):
             link.routes = {}
             self._remerge(None)
-        elif not self.stale and self.ever_live:
+        elif self.stale:
+            now = self._clock.seconds()
+            if now - self._stale_logged >= STALE_REMINDER:
+                self._stale_logged = now
+                self.log.warn(
+                    "every nexus is still silent: serving the route table of {since:.3f} "
+                    "({secs:.0f}s old, {routes} routes)", since=self.stale_since or 0.0,
+                    secs=now - (self.stale_since or now), routes=len(self.merged),
+                )
+        elif self.ever_live:
             self.stale = True
+            self._stale_logged = self._clock.seconds()
             heard = [x.last_heard for x in self.links if x.last_heard is not None]
             self.stale_since = max(heard) if heard else self.started_at
             self.counters["stale"] += 1

@@ -11,6 +11,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
@@ -231,8 +232,23 @@ class FeedTests(SynchronousTestCase):
         self.assertEqual(status["state"], "stale")
         self.assertEqual(status["since"], last_heard)
         self.assertEqual(self.ports(), [1])
-        stale_logs = [e for e in self.flushLoggedErrors()]  # nothing logged as an error
-        self.assertEqual(stale_logs, [])
+        self.assertEqual(self.flushLoggedErrors(), [])  # nothing logged as an error
+
+    def test_stale_is_logged_and_repeated(self) -> None:
+        """Going stale is logged at once and recalled while it lasts."""
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.start()
+        for n in self.nx:
+            n.down = True
+        self.tick(3.0, keepalive=False)
+        texts = [formatEvent(e) for e in events]
+        self.assertEqual(sum("every nexus is silent" in t for t in texts), 1)
+        self.tick(40.0, keepalive=False)
+        texts = [formatEvent(e) for e in events]
+        self.assertGreaterEqual(sum("every nexus is still silent" in t for t in texts), 1)
+        self.assertLessEqual(sum("every nexus is still silent" in t for t in texts), 2)
 
     def test_restart_after_all_gone_gives_fresh_table(self) -> None:
         """The first nexus back after an outage replaces the stale table with its fresh one."""
