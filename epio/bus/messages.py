@@ -242,6 +242,18 @@ _(MessageType(
     optional={"duration": Number, "log_tail": list, "size": int},
 ))
 _(MessageType(
+    "runner.fetch_image", 1, "request",
+    "A runner that lacks an image asks a peer for one chunk of it, from offset.",
+    fields={"digest": str, "offset": int},
+))
+_(MessageType(
+    "runner.image_chunk", 1, "reply",
+    "One chunk of an image (format squashfs or dir: a tar); eof on the last one. The "
+    "receiver installs the image only if its bytes hash to the digest.",
+    fields={"digest": str, "format": str, "offset": int, "size": int, "data": bytes,
+            "eof": bool},
+))
+_(MessageType(
     "runner.start", 1, "request",
     "Start one app instance on this runner (replies at once; state follows in heartbeats).",
     fields={"instance_id": str, "app": str, "uid": int, "command": (str, list),

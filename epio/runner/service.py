@@ -29,6 +29,7 @@ from twisted.logger import Logger
 from epio.runner import state as statefile
 from epio.runner.cgroups import CgroupSupport, detect, stale_cgroups
 from epio.runner.health import NetworkProbe
+from epio.runner.images import FetchingImages, ImageServer
 from epio.runner.ports import NoFreePort, PortAllocator, bindable
 from epio.runner.sandbox import Isolation, detect_isolation
 from epio.runner.supervisor import (
@@ -111,6 +112,9 @@ class RunnerService(MultiService):
         publisher: Any = None,
         store_service: Any = None,
         builder: Any = None,
+        image_server: Any = None,
+        stats: Any = None,
+        stats_interval: float = 0.0,
     ) -> None:
         super().__init__()
         self.reactor = reactor
@@ -129,6 +133,10 @@ class RunnerService(MultiService):
         self.publisher = publisher
         self.store_service = store_service
         self.builder = builder
+        self.image_server = image_server
+        self.stats = stats
+        self.stats_interval = stats_interval
+        self._last_stats = -1e18
         self.state_path = self.data_dir / "runner" / "state.json"
         self.seq = 0
         self.heartbeats_sent = 0
@@ -175,6 +183,8 @@ class RunnerService(MultiService):
     def stopService(self) -> defer.Deferred[None]:
         if self._beat is not None and self._beat.running:
             self._beat.stop()
+        if self.image_server is not None:
+            self.image_server.close()
         d = self.supervisor.shutdown(self.shutdown_grace)
         d.addBoth(lambda _: self._save_now())
         d.addBoth(lambda _: MultiService.stopService(self))
@@ -280,6 +290,10 @@ class RunnerService(MultiService):
                 else:
                     self.heartbeats_dropped += 1
             now = self.reactor.seconds()
+            if self.stats is not None and self.stats_interval > 0 \
+                    and now - self._last_stats >= self.stats_interval:
+                self._last_stats = now
+                self._emit_stats()
             if self.store_service is not None and now - self._last_register >= self.register_interval:
                 self._last_register = now
                 d = defer.Deferred.fromCoroutine(self._register())
@@ -287,6 +301,23 @@ class RunnerService(MultiService):
                                                      "failed: {error}", error=f.getErrorMessage()))
         except Exception:
             self.log.failure("heartbeat failed")
+
+    def _emit_stats(self) -> None:
+        """One ``process`` stats sample per running instance (memory from its cgroup)."""
+        for inst in self.supervisor.instances.values():
+            launch = inst.launch
+            if launch is None or not inst.running:
+                continue
+            values: dict[str, Any] = {"instance_id": inst.spec.instance_id,
+                                      "process": inst.spec.source, "node": self.node_id,
+                                      "restarts": inst.restarts, "state": inst.state.value}
+            if launch.cgroup is not None:
+                mem = launch.cgroup.memory_usage()
+                if mem is not None:
+                    values["memory_bytes"] = mem
+                    values["memory_limit_bytes"] = inst.spec.limits.memory_mb * 1024 * 1024
+                values["processes"] = len(launch.cgroup.pids())
+            self.stats.emit_stats(inst.spec.app, "process", values)
 
     async def _register(self) -> None:
         store = await self.store_service.whenReady()
@@ -322,6 +353,8 @@ class RunnerService(MultiService):
                 return "runner.status_reply", self.status_body()
             if t == "runner.build":
                 return "runner.built", await self._build(body)
+            if t == "runner.fetch_image":
+                return "runner.image_chunk", await self._chunk(body)
         except SpecError as e:
             raise RemoteError("bad_request", str(e)) from None
         except NoFreePort as e:
@@ -329,6 +362,20 @@ class RunnerService(MultiService):
         except UnknownInstance as e:
             raise RemoteError("unknown_instance", f"no instance {e.args[0]!r} here") from None
         raise RemoteError("bad_request", f"the runner does not handle {t}")
+
+    async def _chunk(self, body: dict[str, Any]) -> dict[str, Any]:
+        from epio.bus import RemoteError
+        from epio.runner.build.images import ImageError
+
+        if self.image_server is None:
+            raise RemoteError("no_image", "this runner serves no images")
+        offset = body["offset"]
+        if offset < 0:
+            raise RemoteError("bad_request", "offset must be >= 0")
+        try:
+            return dict(await self.image_server.chunk(body["digest"], offset))
+        except ImageError as e:
+            raise RemoteError("no_image", str(e)) from None
 
     async def _build(self, body: dict[str, Any]) -> dict[str, Any]:
         from epio.bus import RemoteError
@@ -373,6 +420,38 @@ class RunnerService(MultiService):
         }
 
 
+class PeerRunners:
+    """The other runners of the cluster (from the store) and bus requests to them."""
+
+    def __init__(self, node: Any, own_control: str) -> None:
+        self.node = node
+        self.own_control = own_control
+        self.parent: MultiService | None = None
+        self._dealers: dict[str, Any] = {}
+
+    async def endpoints(self) -> list[str]:
+        if self.node.store_service is None:
+            return []
+        store = await self.node.store_service.whenReady()
+        nodes = await store.list_nodes("runner")
+        return [n.control_endpoint for n in nodes
+                if n.control_endpoint and n.id != self.node.node_id
+                and n.control_endpoint != self.own_control]
+
+    async def request(self, endpoint: str, type: str, body: dict[str, Any],
+                      timeout: float) -> dict[str, Any]:
+        dealer = self._dealers.get(endpoint)
+        if dealer is None:
+            dealer = self._dealers[endpoint] = self.node.bus.dealer([endpoint])
+            dealer.setName(f"runner-peer {endpoint}")
+            if self.parent is not None:
+                dealer.setServiceParent(self.parent)
+            else:
+                dealer.startService()
+        env = await dealer.request(type, body, timeout=timeout)
+        return dict(env.body)
+
+
 def _make_builder(node: Any, sink: Any) -> Any:
     """The node's image Builder (epio.runner.build; build log lines go to ``sink``)."""
     from epio.runner.build import Builder
@@ -401,7 +480,11 @@ def make_service(node: Any) -> RunnerService:
     if cfg["sandbox"] == "bwrap" and isolation.sandbox != "bwrap":
         raise SystemExit(f"epio: runner.sandbox = bwrap but {isolation.off.get('sandbox')}")
     sink = BusLogSink(node.bus, node.config["cluster"]["loggers"], clock=reactor)
-    images = ImageStore(node.data_dir, reactor=reactor)
+    store_images = ImageStore(node.data_dir, reactor=reactor)
+    peers = PeerRunners(node, control_advertise(cfg["control_bind"], cfg["advertise_host"],
+                                                cfg["control_advertise"]))
+    images = FetchingImages(reactor, store_images, peers.endpoints, peers.request,
+                            timeout=cfg["fetch_timeout"])
     launcher = SandboxLauncher(reactor, node.data_dir, isolation, cgroups, images, bwrap=bwrap,
                                setpriv=setpriv, node_id=node.node_id)
     ports = PortAllocator(cfg["port_min"], cfg["port_max"], bindable(settings.advertise_host))
@@ -417,7 +500,11 @@ def make_service(node: Any) -> RunnerService:
         register_interval=cfg["register_interval"], shutdown_grace=cfg["shutdown_grace"],
         publisher=publisher, store_service=node.store_service,
         builder=_make_builder(node, sink),
+        image_server=ImageServer(reactor, store_images, cfg["fetch_chunk_kb"] * 1024,
+                                 keep_open=cfg["fetch_timeout"] * 2),
+        stats=sink, stats_interval=cfg["stats_interval"],
     )
+    peers.parent = svc
     sink.setServiceParent(svc)
     if publisher is not None:
         publisher.setName("runner-heartbeat")
