@@ -74,7 +74,7 @@ def make(data_dir: Path, reactor: FakeProcessReactor | None = None) -> Any:
                         cgroups=CgroupSupport({}, {}), images=FakeImages(), data_dir=data_dir,
                         node_id="n1", boot_id="b1", control="tcp://127.0.0.1:7731",
                         heartbeat_interval=1.0, register_interval=10.0, publisher=pub,
-                        store_service=stores)
+                        store_service=stores, stats=sup.sink, stats_interval=5.0)
     return svc, reactor, pub, stores, probe
 
 
@@ -146,6 +146,18 @@ class ControlTests(SynchronousTestCase):
                          ("n1", ("runner",), "tcp://127.0.0.1:7731", "b1"))
         self.reactor.advance(10)
         self.assertEqual(len(self.stores.store.nodes), 2)
+
+    def test_process_stats_samples(self) -> None:
+        """Each running instance gets a 'process' stats sample every stats_interval."""
+        self.call("runner.start", body())
+        self.reactor.advance(0.1)
+        sink = self.svc.supervisor.sink
+        self.assertEqual(len(sink.stats), 1)
+        sample = sink.stats[0]
+        self.assertEqual((sample.app, sample.kind), ("hello", "process"))
+        self.assertEqual(sample.values["process"], "web.1")
+        self.reactor.advance(5)
+        self.assertEqual(len(sink.stats), 2)
 
 
 class RecoveryTests(SynchronousTestCase):
