@@ -35,6 +35,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from epio.bus.errors import RemoteError
 from epio.routing import Backend, IRouteSource, Route, RouteDelta, RouteTable
 
 # Route options a nexus may send and their types (see epio.routing.Route).
@@ -341,7 +342,10 @@ class RouteFeed:
             return
         link.counters["snapshot_failures"] += 1
         link.failures_in_row += 1
-        if link.failures_in_row in (1, 10) or link.failures_in_row % 100 == 0:
+        warming = f.check(RemoteError) is not None and getattr(f.value, "code", "") == "warming_up"
+        if warming and link.failures_in_row < 10:
+            pass  # a nexus that just started: normal, it answers in a moment
+        elif link.failures_in_row in (1, 10) or link.failures_in_row % 100 == 0:
             self.log.info(
                 "{name}: no snapshot from {router}: {error}; retrying every {delay:g}s "
                 "({count} failed in a row)", name=link.name, router=link.router,
