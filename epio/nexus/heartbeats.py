@@ -5,8 +5,9 @@ seconds to every nexus.  :class:`NodeTracker` keeps, per node, the last
 accepted heartbeat and applies three rules:
 
 - **sequence:** within one boot id, a heartbeat whose ``seq`` is not greater
-  than the last accepted one is a duplicate or arrived out of order: ignored
-  and counted;
+  than the last accepted one is a duplicate or arrived out of order: ignored,
+  counted and logged (rate-limited); a jump in ``seq`` counts the heartbeats
+  that never arrived (``missed``);
 - **boot id:** a heartbeat with a new boot id *replaces* everything known about
   the node (its old instances are gone, never merged); a heartbeat of a boot
   id the node has already left behind is ignored and counted (``stale_boot``);
@@ -27,6 +28,8 @@ from typing import Any
 from attrs import define, field, frozen
 from twisted.logger import Logger
 
+from epio.bus.counters import RateLimitedLog
+
 # Instance states a runner reports (PROTOCOL.md).
 STATES = frozenset({"starting", "healthy", "draining", "crashed", "failed", "stopped"})
 # Addresses that mean "every interface": the node's advertise_host is used instead.
@@ -43,6 +46,7 @@ OUT_OF_ORDER = "out_of_order"
 STALE_BOOT = "stale_boot"
 INVALID = "invalid"
 EXPIRED = "expired"  # a node was declared gone
+MISSED = "missed"  # heartbeats never received (a jump in seq within one boot)
 BAD_INSTANCES = "bad_instances"  # instance entries skipped as malformed
 
 
@@ -185,6 +189,7 @@ class NodeTracker:
         self.nodes: dict[str, NodeState] = {}
         self.by_app: dict[str, dict[tuple[str, str], InstanceInfo]] = {}
         self.counters: Counter[str] = Counter()
+        self._ratelog = RateLimitedLog(clock)
 
     # -- intake ---------------------------------------------------------------
 
@@ -217,10 +222,18 @@ class NodeTracker:
         now = self._clock.seconds()
         state = self.nodes.get(node_id)
         if state is not None and state.boot_id == boot_id:
-            if seq == state.seq:
-                return DUPLICATE
-            if seq < state.seq:
-                return OUT_OF_ORDER
+            if seq <= state.seq:
+                self._ratelog.warn(
+                    f"old:{node_id}", "node {node}: heartbeat seq {seq} ignored (have {last})",
+                    node=node_id, seq=seq, last=state.seq,
+                )
+                return DUPLICATE if seq == state.seq else OUT_OF_ORDER
+            if seq > state.seq + 1:
+                self.counters[MISSED] += seq - state.seq - 1
+                self._ratelog.warn(
+                    f"missed:{node_id}", "node {node}: {count} heartbeats missed (seq {last} -> "
+                    "{seq})", node=node_id, count=seq - state.seq - 1, last=state.seq, seq=seq,
+                )
             outcome = ACCEPTED
         elif state is not None and boot_id in state.retired_boots:
             return STALE_BOOT

@@ -38,6 +38,13 @@ class TrackerTests(SynchronousTestCase):
         self.assertEqual(self.tracker.counters[H.OUT_OF_ORDER], 1)
         self.assertEqual(len(self.changes), 1)
 
+    def test_missed_heartbeats_counted(self) -> None:
+        """A jump in seq counts the heartbeats that never arrived."""
+        self.tracker.receive(heartbeat(seq=1, instances=[instance("i1")]))
+        self.tracker.receive(heartbeat(seq=5, instances=[instance("i1")]))
+        self.assertEqual(self.tracker.counters[H.MISSED], 3)
+        self.assertEqual(self.tracker.nodes["n1"].seq, 5)
+
     def test_unchanged_heartbeat_reports_no_change(self) -> None:
         """A heartbeat identical in instances refreshes liveness without a change."""
         self.tracker.receive(heartbeat(seq=1, instances=[instance("i1")]))
