@@ -135,8 +135,6 @@ class Deployer:
         manifest = built.get("manifest") or {}
         if not digest:
             raise DeployFailed("the runner's build reply had no image digest")
-        for line in built.get("log_tail") or []:
-            deploy = await self._say(deploy, f"  {line}")
         duration = built.get("duration")
         deploy = await self._say(
             deploy, f"Built image {digest[:19]}"

@@ -64,6 +64,8 @@ def wait_until(what: str, check: Callable[[], Any], timeout: float = 60.0,
 class QuickStartTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.tmp = Path(tempfile.mkdtemp(prefix="epio-e2e-"))
+        # like any data dir's parent: app and build users must be able to traverse it
+        os.chmod(self.tmp, 0o711)
         self.addCleanup(shutil.rmtree, self.tmp, True)
         doc, _ = isolated_config({
             "api": {"reconcile_interval": 0.5, "drain_seconds": 1.0, "stop_grace": 3.0,
@@ -160,6 +162,8 @@ class QuickStartTests(SynchronousTestCase):
         self.assertTrue(releases[0]["description"].startswith("Rollback to v"))
         image = releases[0]["image"]
         app_ports = [i["port"] for i in self.ps()]
+        app_uids = {uid for uid, cmd in _processes() if "gunicorn" in cmd and uid >= 1000}
+        self.assertTrue(app_uids, "no app process found before the delete")
 
         self.step("apps destroy removes processes, mounts, image refs and routes")
         self.epio("apps", "destroy", "hello", "--confirm", "hello")
@@ -173,7 +177,8 @@ class QuickStartTests(SynchronousTestCase):
         code, _, err = self.epio("releases", "--app", "hello", check=False)
         self.assertEqual(code, 1)
         self.assertIn("no app named 'hello'", err)
-        self.assertFalse(_app_processes(self.tmp), "app processes are still running")
+        wait_until("no process of the app's user", lambda: not [
+            cmd for uid, cmd in _processes() if uid in app_uids], timeout=30)
 
 
 def _listening(port: int) -> bool:
@@ -186,16 +191,18 @@ def _listening(port: int) -> bool:
         return False
 
 
-def _app_processes(tmp: Path) -> list[str]:
-    """Command lines of processes whose cwd or args point into the test's data dir."""
+def _processes() -> list[tuple[int, str]]:
+    """(real uid, command line) of every process."""
     found = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            status = Path(f"/proc/{pid}/status").read_text()
         except OSError:
             continue
-        if "gunicorn" in cmd and str(tmp) in cmd:
-            found.append(cmd)
+        uid = next(int(line.split()[1]) for line in status.splitlines()
+                   if line.startswith("Uid:"))
+        found.append((uid, cmd))
     return found
