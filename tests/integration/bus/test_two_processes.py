@@ -308,11 +308,15 @@ class IPv4Tests(TwoProcessMixin, TestCase):
 
     async def test_reconnects_after_peer_restart(self) -> None:
         """When the peer process dies and comes back on the same ports, the same
-        dealer and push reach it again with no action from the caller."""
+        dealer, push and subscriber reach it again with no action from the caller."""
         proto, ready = await self.start_peer()
         dealer = self.service(self.bus.dealer([ready["router"]]))
         push = self.service(self.bus.push([ready["pull"]]))
+        events: list[int] = []
+        sub = self.service(self.bus.subscriber([ready["pub"]], [b"t"],
+                                               lambda t, env: events.append(env.body["n"])))
         self.assertEqual((await dealer.request("test.echo", {"n": 1})).body, {"n": 2})
+        await sub.whenConnected()
         ports = [int(ready[k].rsplit(":", 1)[1]) for k in ("router", "pull", "pub")]
         await self.stop_peer(proto)
         proto2, ready2 = await self.start_peer(ports)
@@ -322,6 +326,12 @@ class IPv4Tests(TwoProcessMixin, TestCase):
         push.send("test.job", {"n": 1})
         st = await self.wait_state(proto2, lambda s: s["pulled"])
         self.assertEqual(st["pulled"], [1])
+        for _ in range(250):  # the subscription is renewed on the new connection
+            proto2.command(cmd="publish", topic="t", n=2)
+            await task.deferLater(reactor, 0.02)
+            if events:
+                break
+        self.assertEqual(events[:1], [2])
 
 
     async def test_frozen_peer_is_skipped(self) -> None:
