@@ -11,7 +11,7 @@ Public API (the runner and the api use these names)::
 See docs/builds.md.
 """
 
-from epio.runner.build.builder import Builder, BuildFailed, BuildResult
+from epio.runner.build.builder import Builder, BuildFailed, BuildResult, record_build
 from epio.runner.build.images import ImageError, ImageStore, ImageWriter, keep_digests, tree_digest
 from epio.runner.build.unpack import UnpackError, safe_unpack
 
@@ -24,6 +24,7 @@ __all__ = [
     "ImageWriter",
     "UnpackError",
     "keep_digests",
+    "record_build",
     "safe_unpack",
     "tree_digest",
 ]

@@ -202,6 +202,14 @@ class Builder:
             notes.append(
                 f"not root: builds run as the node's own user (uid {os.geteuid()}), not as {self.cfg['user']}"
             )
+        if uid is not None:
+            for d in (self.data_dir, *self.data_dir.parents):
+                if not os.stat(d).st_mode & 0o001:
+                    raise BuildFailed(
+                        f"the build user {self.cfg['user']} cannot reach {self.data_dir}: "
+                        f"{d} is not searchable by others (chmod o+x {d})"
+                    )
+        self._remove_stale_work()
         python, note = choose_python(self.cfg["python"], need_world=uid is not None)
         if note:
             notes.append(note)
@@ -245,6 +253,29 @@ class Builder:
         for n in notes:
             self.log.warn("build: {note}", note=n)
         return self._prepared
+
+    def _remove_stale_work(self) -> None:
+        """Remove work dirs left by a node process that died mid-build."""
+        if not self.builds_dir.is_dir():
+            return
+        for d in self.builds_dir.iterdir():
+            parts = d.name.rsplit("-", 3)
+            try:
+                pid = int(parts[1]) if len(parts) == 4 else -1
+            except ValueError:
+                pid = -1
+            if pid == os.getpid():
+                continue
+            if pid > 0:
+                try:
+                    os.kill(pid, 0)
+                    continue  # another live node process owns it
+                except ProcessLookupError:
+                    pass
+                except PermissionError:
+                    continue
+            self.log.info("removing stale build directory {path}", path=str(d))
+            _rmtree(d)
 
     # ------------------------------------------------------------------ api
 
@@ -819,3 +850,21 @@ def _rmtree(path: Path) -> None:
                 except OSError:
                     pass
         shutil.rmtree(path, ignore_errors=True)
+
+
+async def record_build(store: Any, deploy_id: str, outcome: BuildResult | BuildFailed) -> Any:
+    """Record a build's outcome on its deploy in the store: ``built`` with the image
+    digest and ``meta.manifest``/``meta.build`` (the facts), or ``failed`` with the
+    reason; the log tail is appended to the deploy's log either way."""
+    log = "".join(line + "\n" for line in outcome.log_tail)
+    if isinstance(outcome, BuildResult):
+        return await store.update_deploy(
+            deploy_id,
+            status="built",
+            image=outcome.digest,
+            append_log=log,
+            meta={"manifest": outcome.manifest.to_dict(), "build": dict(outcome.facts)},
+        )
+    return await store.update_deploy(
+        deploy_id, status="failed", reason=outcome.reason, append_log=log
+    )
