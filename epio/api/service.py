@@ -48,7 +48,7 @@ def limited_request(max_body: int) -> type[Request]:
                     "code": "payload_too_large",
                     "message": f"request body is {length} bytes; the limit is {max_body} bytes",
                 }}).encode() + b"\n"
-                transport = self.channel.transport if self.channel is not None else None
+                transport: Any = self.channel.transport if self.channel is not None else None
                 if transport is not None:
                     transport.write(
                         b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/json\r\n"
