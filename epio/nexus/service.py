@@ -28,7 +28,7 @@ from twisted.logger import Logger
 
 from epio.bus.errors import RemoteError
 from epio.nexus.core import Nexus, NotFound, NotReady
-from epio.nexus.storeview import RoutingStore, load_view
+from epio.nexus.storeview import ReleaseOptions, RoutingStore, load_view
 
 HEARTBEAT_TOPIC = b"hb"
 ROUTES_TOPIC = b"routes"
@@ -63,6 +63,7 @@ class NexusService(MultiService):
         self.store_refresh = float(cfg["store_refresh"])
         self.store_refresh_min = float(cfg["store_refresh_min"])
         self.nexus_id = nexus_id or uuid.uuid4().hex
+        self.release_options = ReleaseOptions(reactor, self.store_refresh / 4)
         self.nexus = Nexus(
             reactor, self.nexus_id, self._publish,
             node_timeout=float(cfg["node_timeout"]),
@@ -169,7 +170,8 @@ class NexusService(MultiService):
                 self._last_refresh = self.reactor.seconds()
                 try:
                     store: RoutingStore = await self._get_store()
-                    view = await load_view(store, self.domain, self.reactor.seconds())
+                    view = await load_view(store, self.domain, self.reactor.seconds(),
+                                           self.release_options)
                 except Exception as e:
                     self.nexus.counters["store_errors"] += 1
                     self.log.error("nexus: cannot read the store ({error}); keeping what was "

@@ -10,6 +10,14 @@
   and the new release are there; once the old instances are marked draining or
   stopped only the new one is.  An app with no active instance record has
   ``live_releases = None``: any release reported healthy by its runners serves.
+
+Route options (the router's per-app overrides) come from the ``meta`` of the
+app's newest live release (:meth:`Store.get_release`): ``timeout`` (first
+response byte), ``idle_timeout``, ``connect_timeout``, ``websocket_idle_timeout``
+and ``max_body_size``, as the manifest's ``[http]`` gives them.  Releases are
+immutable, so each is read once and kept in a cache; one refresh spends at most
+a quarter of ``store_refresh`` reading releases it has not seen, the rest wait
+for the next refresh (the routes carry no options meanwhile).
 """
 
 from __future__ import annotations
@@ -31,8 +39,66 @@ class RoutingStore(Protocol):
     async def list_instances(self, app: str | None = None,
                              node: str | None = None) -> list[Any]: ...
 
+    async def get_release(self, app: str, version: int) -> Any: ...
 
-async def load_view(store: RoutingStore, domain: str, now: float) -> StoreView:
+
+# release meta key -> route option (see epio.routing.Route)
+OPTION_META: dict[str, tuple[str, type | tuple[type, ...]]] = {
+    "timeout": ("first_byte_timeout", (int, float)),
+    "first_byte_timeout": ("first_byte_timeout", (int, float)),
+    "idle_timeout": ("idle_timeout", (int, float)),
+    "connect_timeout": ("connect_timeout", (int, float)),
+    "websocket_idle_timeout": ("websocket_idle_timeout", (int, float)),
+    "max_body_size": ("max_body_size", int),
+}
+
+
+def options_of(meta: Any) -> dict[str, Any]:
+    """Route options from a release's meta (unknown or bad values are left out)."""
+    out: dict[str, Any] = {}
+    if not isinstance(meta, dict):
+        return out
+    http = meta.get("http")
+    sources: list[dict[str, Any]] = [meta, http if isinstance(http, dict) else {}]
+    for src in sources:
+        for key, (option, kinds) in OPTION_META.items():
+            value: Any = src.get(key)
+            if isinstance(value, int | float) and not isinstance(value, bool) and value > 0 \
+                    and isinstance(value, kinds):
+                out[option] = value
+    return out
+
+
+class ReleaseOptions:
+    """Route options per (app, release version), read once each (releases are immutable)."""
+
+    def __init__(self, clock: Any, budget: float) -> None:
+        self._clock = clock
+        self.budget = budget
+        self.cache: dict[tuple[str, int], dict[str, Any]] = {}
+
+    async def fill(self, store: RoutingStore, wanted: set[tuple[str, int]]) -> None:
+        """Read the releases in ``wanted`` not cached yet, within the time budget."""
+        deadline = self._clock.seconds() + self.budget
+        for key in sorted(wanted - set(self.cache)):
+            if self._clock.seconds() > deadline:
+                return
+            try:
+                release = await store.get_release(*key)
+            except Exception as e:  # NotFound: the release is gone; others: try next time
+                if type(e).__name__ == "NotFound":
+                    self.cache[key] = {}
+                continue
+            self.cache[key] = options_of(getattr(release, "meta", None))
+        if len(self.cache) > 4 * max(1, len(wanted)):  # forget releases no longer live
+            self.cache = {k: v for k, v in self.cache.items() if k in wanted}
+
+    def get(self, app: str, version: int) -> dict[str, Any]:
+        return self.cache.get((app, version), {})
+
+
+async def load_view(store: RoutingStore, domain: str, now: float,
+                    options: ReleaseOptions | None = None) -> StoreView:
     """One :class:`StoreView` from the store."""
     apps = await store.list_apps()
     hostnames = await store.all_hostnames()
@@ -44,6 +110,9 @@ async def load_view(store: RoutingStore, domain: str, now: float) -> StoreView:
     for inst in instances:
         if inst.state in ACTIVE_STATES:
             live.setdefault(inst.app, set()).add(int(inst.release))
+    newest = {app: max(rels) for app, rels in live.items()}
+    if options is not None:
+        await options.fill(store, set(newest.items()))
     domain = domain.strip().lower().rstrip(".")
     facts = {}
     for app in apps:
@@ -55,5 +124,7 @@ async def load_view(store: RoutingStore, domain: str, now: float) -> StoreView:
             hostnames=tuple(names),
             maintenance=bool(app.maintenance),
             live_releases=frozenset(releases) if releases else None,
+            options=(options.get(app.name, newest[app.name])
+                     if options is not None and app.name in newest else {}),
         )
     return StoreView(apps=facts, loaded_at=now)

@@ -20,7 +20,8 @@ from epio.config import validate
 from epio.nexus.service import NexusService
 from epio.routefeed import NexusRouteSource
 from epio.routing import RouteTable
-from epio.store.records import App, Instance
+from epio.store.errors import NotFound
+from epio.store.records import App, Instance, Release
 
 from .helpers import heartbeat, instance
 
@@ -34,6 +35,8 @@ class FakeStore:
         self.instances: list[Instance] = []
         self.fail = False
         self.reads = 0
+        self.release_meta: dict[tuple[str, int], dict[str, Any]] = {}
+        self.release_reads = 0
 
     async def list_apps(self, for_user: str | None = None) -> list[App]:
         self.reads += 1
@@ -47,6 +50,13 @@ class FakeStore:
     async def list_instances(self, app: str | None = None,
                              node: str | None = None) -> list[Instance]:
         return list(self.instances)
+
+    async def get_release(self, app: str, version: int) -> Release:
+        self.release_reads += 1
+        meta = self.release_meta.get((app, version))
+        if meta is None:
+            raise NotFound(f"app {app!r} has no release v{version}")
+        return Release(app, version, None, {}, {"web": "run"}, "", 0.0, None, meta)
 
 
 def config(i: int) -> Any:
@@ -185,6 +195,22 @@ class ServiceTests(SynchronousTestCase):
                                            8001, "draining", 0.0)
         self.run_for(2.5, old, new)
         self.assertEqual(self.ports(), [8002])
+
+    def test_route_options_from_release_meta(self) -> None:
+        """The newest live release's [http] limits reach the router as route overrides."""
+        self.source.start(self.table)
+        self.store.instances = [
+            Instance("i1", "hello", 3, "web", 1, "runner-1", "127.0.0.1", 8001, "healthy", 0.0)]
+        self.store.release_meta[("hello", 3)] = {"timeout": 12, "idle_timeout": 40.5,
+                                                 "max_body_size": 1024, "env": {}}
+        self.run_for(2.5, instance("i1", port=8001, release=3))
+        route = self.table.lookup("hello.localhost")
+        assert route is not None
+        self.assertEqual((route.first_byte_timeout, route.idle_timeout, route.max_body_size),
+                         (12, 40.5, 1024))
+        reads = self.store.release_reads
+        self.run_for(4.5, instance("i1", port=8001, release=3))
+        self.assertEqual(self.store.release_reads, reads)  # immutable: read once per nexus
 
     def test_store_failure_keeps_last_view(self) -> None:
         """A store that stops answering leaves the table as it was (logged, counted)."""
