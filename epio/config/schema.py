@@ -471,6 +471,11 @@ SCHEMA: dict[str, dict[str, Key]] = {
             "it may write), in MB.", positive,
         ),
         "max_concurrent": Key(int, 2, "Builds run at the same time on this node.", positive),
+        "max_processes": Key(
+            int, 512,
+            "Processes the build user may have at once (RLIMIT_NPROC; stops fork bombs).",
+            positive,
+        ),
         "index_url": Key(
             str, "",
             "Package index for cold builds (pip --index-url); empty means pip's own "

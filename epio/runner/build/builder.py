@@ -371,6 +371,9 @@ class Builder:
                 int(self.cfg["memory_mb"]) * MB if untrusted and ctx.cgroup is None else None
             ),
             rlimit_fsize=int(self.cfg["max_disk_mb"]) * MB if untrusted else None,
+            rlimit_nproc=int(self.cfg["max_processes"])
+            if untrusted and ctx.uid is not None
+            else None,
         )
         if res.timed_out:
             raise self._fail(

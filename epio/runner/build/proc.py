@@ -29,6 +29,7 @@ from twisted.python.failure import Failure
 
 _SHIM = 'if [ -n "$0" ]; then echo $$ > "$0/cgroup.procs" || exit 125; fi; exec "$@"'
 MAX_LINE = 8192
+_log = Logger()
 
 
 @frozen
@@ -177,6 +178,7 @@ async def run_step(
     cgroup: MemoryCgroup | None = None,
     rlimit_as: int | None = None,
     rlimit_fsize: int | None = None,
+    rlimit_nproc: int | None = None,
 ) -> StepResult:
     """Run ``argv`` under the limits; kill its whole process group after ``timeout``."""
     inner: list[str] = []
@@ -187,6 +189,8 @@ async def run_step(
         limits.append(f"--as={rlimit_as}")
     if rlimit_fsize is not None:
         limits.append(f"--fsize={rlimit_fsize}")
+    if rlimit_nproc is not None:
+        limits.append(f"--nproc={rlimit_nproc}")
     if limits:
         inner += ["prlimit", *limits, "--"]
     inner += list(argv)
@@ -206,7 +210,7 @@ async def run_step(
     def expire() -> None:
         nonlocal timed_out
         timed_out = True
-        Logger().info("build step {argv} timed out; killing its process group", argv=argv[0])
+        _log.info("build step {argv} timed out; killing its process group", argv=argv[0])
         try:
             os.killpg(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
