@@ -184,7 +184,7 @@ class RedundancyTests(SynchronousTestCase):
         nexus[0].kill()
         n1 = self.hammer(lb_ports, 3.0, "backend-1")  # > nexus.feed_timeout (2 s)
         for r in routers:
-            r.wait_for_log("nexus[0]", timeout=5)
+            r.wait_for_log(f"nexus[0] ({self.cluster[0]['publish']}) silent", timeout=5)
             self.assertNotIn("every nexus is silent", r.output())
 
         # 2. kill both: the routers keep their last table and say it is stale
