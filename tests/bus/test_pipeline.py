@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from twisted.internet import reactor, task
+from typing import Any
+
+from twisted.internet import task
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
 from epio.bus import Bus
+from epio.bus.testing import MemoryBus
 from epio.pipeline import (
     BusLogSink,
     ILogSink,
@@ -16,6 +19,7 @@ from epio.pipeline import (
     MemoryLogSink,
     split_text,
 )
+from tests.bus.contract import BusLogSinkContract
 
 SECRET = b"k" * 32
 
@@ -66,105 +70,27 @@ class SinkInterfaceTests(SynchronousTestCase):
         self.assertEqual(mine[0]["source"], "web.1")
 
 
-class BusLogSinkTests(TestCase):
-    """Against real PULL sockets in-process (inproc://, no ports)."""
+class MemoryBusLogSinkTests(BusLogSinkContract, TestCase):
+    """The sink contract on the in-memory bus with a fake clock."""
 
-    timeout = 10
+    def setUp(self) -> None:
+        self.clock = task.Clock()
+        self.clock.advance(1_800_000_000)
 
-    def setup_loggers(self, **settings: object) -> tuple[Bus, dict[str, list]]:
-        bus = Bus(reactor, SECRET, "node-x", {"bus": settings})
-        got: dict[str, list] = {"a": [], "b": []}
-        for k in "ab":
-            p = bus.pull(f"inproc://logger-{k}", got[k].append)
-            p.startService()
-            self.addCleanup(p.stopService)
-        return bus, got
+    def make_bus(self, **settings: Any) -> Bus:
+        return MemoryBus(self.clock, "node-x", {"bus": settings}, secret=SECRET)
 
-    def lines_of(self, envs: list) -> list[dict]:
-        """Every line, from log.line and log.batch messages, as log.line bodies."""
-        out = []
-        for e in envs:
-            if e.type == "log.line":
-                out.append(e.body)
-            elif e.type == "log.batch":
-                for app, source, text, ts, seq in e.body["lines"]:
-                    out.append({"app": app, "source": source, "text": text, "timestamp": ts,
-                                "seq": seq, "boot": e.body["boot"]})
-        return out
-
-    async def wait_for(self, cond) -> None:
-        for _ in range(300):
+    async def wait_for(self, cond: Any) -> None:
+        for _ in range(100):
+            self.clock.advance(0)
             if cond():
                 return
-            await task.deferLater(reactor, 0.01)
 
-    async def test_fan_out_sequence_and_split(self) -> None:
-        """Every logger gets every line; seq counts per (app, source); long lines come
-        in parts with consecutive seq; stats carry their own sequence; one boot id."""
-        bus, got = self.setup_loggers(log_line_max_bytes=100)
-        sink = BusLogSink(bus, ["inproc://logger-a", "inproc://logger-b"])
-        verifyObject(ILogSink, sink)
-        verifyObject(IStatsSink, sink)
-        sink.startService()
-        self.addCleanup(sink.stopService)
-        sink.emit("app1", "web.1", "one")
-        sink.emit("app1", "web.1", "x" * 250)
-        sink.emit("app1", "web.2", "other stream")
-        sink.emit_stats("app1", "http", {"requests": 7})
-        await self.wait_for(lambda: all(len(self.lines_of(got[k])) == 5 for k in "ab"))
-        for k in "ab":
-            lines = self.lines_of(got[k])
-            web1 = [b for b in lines if b["source"] == "web.1"]
-            self.assertEqual([b["seq"] for b in web1], [1, 2, 3, 4])
-            self.assertEqual(web1[0]["text"], "one")
-            self.assertEqual("".join(b["text"] for b in web1[1:]), "x" * 250)
-            self.assertEqual([b.get("part") for b in web1], [None, 0, 1, 2])
-            self.assertEqual(web1[1]["parts"], 3)
-            web2 = [b for b in lines if b["source"] == "web.2"]
-            self.assertEqual(web2[0]["seq"], 1)
-            stats = [e for e in got[k] if e.type == "stats.sample"]
-            self.assertEqual(stats[0].body["values"], {"requests": 7})
-            self.assertEqual(stats[0].sender, "node-x")
-            self.assertEqual({b["boot"] for b in lines} | {stats[0].body["boot"]}, {sink.boot})
-        self.assertEqual(sink.counters["lines"], 5)
-        self.assertEqual(sink.counters["dropped"], 0)
 
-    async def test_one_turn_is_one_batch(self) -> None:
-        """Lines emitted in one reactor turn travel as one log.batch, in order; a new
-        sink numbers from 1 again under a new boot id."""
-        bus, got = self.setup_loggers()
-        sink = BusLogSink(bus, ["inproc://logger-a"])
-        sink.startService()
-        self.addCleanup(sink.stopService)
-        for n in range(50):
-            sink.emit("app1", "worker.1", f"line {n}", timestamp=100.0 + n)
-        await self.wait_for(lambda: got["a"])
-        self.assertEqual([e.type for e in got["a"]], ["log.batch"])
-        lines = self.lines_of(got["a"])
-        self.assertEqual([b["text"] for b in lines], [f"line {n}" for n in range(50)])
-        self.assertEqual([b["seq"] for b in lines], list(range(1, 51)))
-        self.assertEqual(lines[3]["timestamp"], 103.0)
-        other = BusLogSink(bus, ["inproc://logger-a"])
-        self.assertNotEqual(other.boot, sink.boot)
-
-    async def test_batches_are_bounded_and_stop_flushes(self) -> None:
-        """A burst is cut into batches of at most max_batch_lines; what is still
-        batched when the sink stops is sent, not lost."""
-        bus, got = self.setup_loggers()
-        sink = BusLogSink(bus, ["inproc://logger-a"])
-        sink.max_batch_lines = 10
-        sink.startService()
-        for n in range(25):
-            sink.emit("app1", "web.1", f"l{n}")
-        sink.stopService()
-        await self.wait_for(lambda: len(self.lines_of(got["a"])) == 25)
-        self.assertEqual([len(e.body["lines"]) for e in got["a"] if e.type == "log.batch"],
-                         [10, 10, 5])
-        self.assertEqual(sink.counters["dropped"], 0)
-
+class BusLogSinkTests(TestCase):
     def test_emit_when_stopped_never_raises(self) -> None:
         """Emitting on a sink that is not started drops and counts, without raising."""
-        bus = Bus(reactor, SECRET, "node-x", {"bus": {}})
+        bus = MemoryBus(task.Clock(), "node-x", secret=SECRET)
         sink = BusLogSink(bus, ["tcp://127.0.0.1:9"])
         sink.emit("app", "web.1", "lost")
         self.assertEqual(sink.counters["dropped"], 1)
@@ -172,7 +98,7 @@ class BusLogSinkTests(TestCase):
 
     def test_no_logger_falls_back_to_node_log(self) -> None:
         """With no logger endpoint configured, lines go to the node's log (not nowhere)."""
-        bus = Bus(reactor, SECRET, "node-x", {"bus": {}})
+        bus = MemoryBus(task.Clock(), "node-x", secret=SECRET)
         sink = BusLogSink(bus, [])
         events: list[dict] = []
         globalLogPublisher.addObserver(events.append)
