@@ -1,0 +1,68 @@
+"""The small JSON Schema validator the API validates bodies (and tests responses) with."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from epio.api.jsonschema import SchemaError, validate
+from epio.api.spec import SCHEMAS, openapi_document
+
+ROOT = {"components": {"schemas": SCHEMAS}}
+
+
+class ValidateTests(SynchronousTestCase):
+    def bad(self, value: object, schema: dict, where: str) -> None:
+        with self.assertRaises(SchemaError) as e:
+            validate(value, schema, ROOT)
+        self.assertEqual(e.exception.path, where)
+
+    def test_types_and_nullable(self) -> None:
+        """Types are exact (a bool is not an integer); a type list allows null."""
+        validate(3, {"type": "integer"})
+        self.bad(True, {"type": "integer"}, "body")
+        self.bad(1.5, {"type": "integer"}, "body")
+        validate(None, {"type": ["string", "null"]})
+        self.bad(3, {"type": ["string", "null"]}, "body")
+
+    def test_objects(self) -> None:
+        """Required fields, no extra fields, pattern properties, nested paths."""
+        schema = {"$ref": "#/components/schemas/NewApp"}
+        validate({"name": "ok-app"}, schema, ROOT)
+        self.bad({}, schema, "body.name")
+        self.bad({"name": "ok", "x": 1}, schema, "body.x")
+        self.bad({"name": "BAD"}, schema, "body.name")
+        change = {"$ref": "#/components/schemas/ConfigChange"}
+        validate({"A_B": "x", "C": None}, change, ROOT)
+        self.bad({"1A": "x"}, change, "body.1A")
+        self.bad({}, change, "body")
+        formation = {"$ref": "#/components/schemas/FormationChange"}
+        self.bad({"processes": {"web": {"quantity": -1}}}, formation,
+                 "body.processes.web.quantity")
+
+    def test_arrays_enum_anyof(self) -> None:
+        """Items are checked with their index; enum and anyOf work."""
+        self.bad([1, "x"], {"type": "array", "items": {"type": "integer"}}, "body[1]")
+        self.bad("z", {"enum": ["a", "b"]}, "body")
+        validate(2, {"anyOf": [{"type": "string"}, {"type": "integer"}]})
+        self.bad(2.5, {"anyOf": [{"type": "string"}, {"type": "integer"}]}, "body")
+
+
+class DocumentTests(SynchronousTestCase):
+    def test_operations_are_well_formed(self) -> None:
+        """Operation ids are unique, every path parameter is declared, every
+        operation documents its errors, and every $ref resolves."""
+        doc = openapi_document()
+        ids = [e["operationId"] for p in doc["paths"].values() for e in p.values()]
+        self.assertEqual(len(ids), len(set(ids)))
+        for path, methods in doc["paths"].items():
+            for entry in methods.values():
+                declared = {p["name"] for p in entry["parameters"] if p["in"] == "path"}
+                self.assertEqual(declared, set(re.findall(r"\{(\w+)\}", path)))
+                self.assertIn("500", entry["responses"])
+        refs = re.findall(r'"\$ref": "#/components/schemas/(\w+)"',
+                                        json.dumps(doc))
+        for name in refs:
+            self.assertIn(name, doc["components"]["schemas"])
