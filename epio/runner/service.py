@@ -394,7 +394,7 @@ class RunnerService(MultiService):
         if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                 for k, v in env.items()):
             raise RemoteError("bad_request", "env must map names to strings")
-        uploads = self.data_dir / "builds" / "uploads"
+        uploads = self.data_dir / "runner" / "uploads"
         path = uploads / f"{app}-{os.urandom(8).hex()}.tar"
 
         def write() -> None:
