@@ -45,3 +45,35 @@ class RecordBuildTests(TestCase):
         self.assertEqual(d.reason, "pip wheel failed (exit status 1)")
         self.assertIn("ERROR: nope", d.log)
         self.assertIsNotNone(d.finished)
+
+
+class StoreGcTests(TestCase):
+    async def test_gc_against_store_releases(self) -> None:
+        """Images of each app's newest N releases survive; older and orphaned ones go."""
+        import os
+        import tempfile
+        from pathlib import Path
+
+        from epio.runner.build import ImageStore, collect_garbage
+
+        svc = StoreService(f"sqlite:///{self.mktemp()}.sqlite3", reactor=reactor)
+        svc.startService()
+        self.addCleanup(svc.stopService)
+        store = await svc.whenReady()
+        user = await store.create_user("bob")
+        await store.create_app("app1", user.id)
+        images = ImageStore(Path(tempfile.mkdtemp()), reactor)
+        self.addCleanup(__import__("shutil").rmtree, images.data_dir)
+
+        def image(content: bytes) -> str:
+            f = images.data_dir / "tmp.img"
+            f.write_bytes(content)
+            return images.add_squashfs(f)
+
+        v1, v2, v3, orphan = (image(b) for b in (b"one", b"two", b"three", b"orphan"))
+        for d in (v1, v2, v3):
+            await store.create_release("app1", d)
+        later = os.stat(images.path(v1)).st_mtime + 10_000
+        removed = await collect_garbage(store, images, 2, grace=3600, now=later)
+        self.assertEqual(sorted(removed), sorted([v1, orphan]))
+        self.assertEqual(images.digests(), {v2, v3})

@@ -12,7 +12,14 @@ See docs/builds.md.
 """
 
 from epio.runner.build.builder import Builder, BuildFailed, BuildResult, record_build
-from epio.runner.build.images import ImageError, ImageStore, ImageWriter, keep_digests, tree_digest
+from epio.runner.build.images import (
+    ImageError,
+    ImageStore,
+    ImageWriter,
+    collect_garbage,
+    keep_digests,
+    tree_digest,
+)
 from epio.runner.build.unpack import UnpackError, safe_unpack
 
 __all__ = [
@@ -23,6 +30,7 @@ __all__ = [
     "ImageStore",
     "ImageWriter",
     "UnpackError",
+    "collect_garbage",
     "keep_digests",
     "record_build",
     "safe_unpack",

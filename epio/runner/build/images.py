@@ -430,3 +430,30 @@ def _force_rmtree(path: Path) -> None:
     except OSError:
         pass
     shutil.rmtree(path, onerror=onerror)
+
+
+async def collect_garbage(
+    store: Any, images: ImageStore, keep_releases: int, *, grace: float, now: float
+) -> list[str]:
+    """GC this node's images against the store: keep each app's newest ``keep_releases``
+    releases' images and those of deploys still in flight; remove the rest (unless
+    mounted or younger than ``grace`` seconds).  Returns the removed digests."""
+    releases: dict[str, list[str]] = {}
+    keep: set[str] = set()
+    for app in await store.list_apps():
+        rel = await store.list_releases(app.name, limit=keep_releases)
+        releases[app.name] = [r.image for r in rel if r.image]
+        for d in await store.list_deploys(app.name, limit=20):
+            if d.image and d.status in ("building", "built", "deploying"):
+                keep.add(d.image)
+    keep |= keep_digests(releases, keep_releases)
+    if images.reactor is not None:
+        from twisted.internet import threads
+
+        removed: list[str] = await threads.deferToThreadPool(
+            images.reactor,
+            images.reactor.getThreadPool(),
+            lambda: images.gc(keep, grace=grace, now=now),
+        )
+        return removed
+    return images.gc(keep, grace=grace, now=now)
