@@ -97,6 +97,26 @@ async function showApps() {
   show("#apps-view");
 }
 
+function fillProcesses(ps) {
+  fill("#processes", ps, (tr, p) => {
+    tr.dataset.process = p.name;
+    cell(tr, p.name); cell(tr, "v" + p.release); cell(tr, p.state, "state-" + p.state);
+    cell(tr, p.node); cell(tr, ago(p.since)); cell(tr, p.restarts);
+  });
+}
+
+async function refreshApp(name) {
+  // processes and the log change on their own; the rest (and revealed values) stays
+  const enc = encodeURIComponent(name);
+  try {
+    fillProcesses(await api("/apps/" + enc + "/ps"));
+    await loadLog(enc);
+  } catch (e) {
+    $("#error").textContent = e.message;
+  }
+  refresh = setTimeout(() => refreshApp(name), 5000);
+}
+
 async function showApp(name) {
   const enc = encodeURIComponent(name);
   const [app, ps, releases, domains, config] = await Promise.all([
@@ -107,11 +127,7 @@ async function showApp(name) {
   $("#app-url").textContent = app.url;
   $("#app-url").href = app.url;
   $("#app-release").textContent = app.release ? "release v" + app.release : "not deployed yet";
-  fill("#processes", ps, (tr, p) => {
-    tr.dataset.process = p.name;
-    cell(tr, p.name); cell(tr, "v" + p.release); cell(tr, p.state, "state-" + p.state);
-    cell(tr, p.node); cell(tr, ago(p.since)); cell(tr, p.restarts);
-  });
+  fillProcesses(ps);
   fill("#releases", releases, (tr, r) => {
     cell(tr, "v" + r.version + (r.current ? " (current)" : "")); cell(tr, r.status);
     cell(tr, r.image ? r.image.slice(0, 12) : "-"); cell(tr, r.description);
@@ -146,8 +162,10 @@ async function loadLog(enc) {
   try {
     const body = await api("/apps/" + enc + "/logs?n=200");
     const lines = Array.isArray(body) ? body : (body.lines || []);
-    $("#log").textContent = lines.map((l) => Array.isArray(l) ? l.slice(1).join(" ")
-      : [l.timestamp, l.source, l.text].join(" ")).join("\n") || "(no log lines yet)";
+    const when = (ts) => new Date(ts * 1000).toISOString().replace("T", " ").slice(0, 19);
+    $("#log").textContent = lines.map((l) => Array.isArray(l)
+      ? [when(l[1]), l[2], l[3]].join(" ")
+      : [when(l.timestamp), l.source, l.text].join(" ")).join("\n") || "(no log lines yet)";
   } catch (e) {
     if (e.status !== 404) $("#log").textContent = "log unavailable: " + e.message;
   }
@@ -158,8 +176,11 @@ function go(href) {
   route();
 }
 
+let refresh = null;
+
 async function route() {
   $("#error").textContent = "";
+  if (refresh !== null) { clearTimeout(refresh); refresh = null; }
   if (!token()) {
     $("#whoami").textContent = "";
     $("#signout").hidden = true;
@@ -171,8 +192,13 @@ async function route() {
     $("#whoami").textContent = me.name;
     $("#signout").hidden = false;
     const m = location.pathname.match(/^\/dashboard\/apps\/([^/]+)\/?$/);
-    if (m) await showApp(decodeURIComponent(m[1]));
-    else await showApps();
+    if (m) {
+      await showApp(decodeURIComponent(m[1]));
+      refresh = setTimeout(() => refreshApp(decodeURIComponent(m[1])), 5000);
+    } else {
+      await showApps();
+      refresh = setTimeout(route, 5000);
+    }
   } catch (e) {
     if (e.status === 401) { localStorage.removeItem(TOKEN_KEY); show("#signin-view");
       $("#signin-error").textContent = e.message; return; }
