@@ -142,6 +142,15 @@ class BusCodecTests(SynchronousTestCase):
         self.assertRaises(ValueError, bus.seal_new, "test.job", {"n": 1}, pattern="publish")
         self.assertRaises(ValueError, bus.seal_new, "test.job", {}, pattern="push")
 
+    def test_unserialisable_body_is_a_caller_error(self) -> None:
+        """A body value msgpack cannot carry raises TypeError at the call; extra
+        (undeclared) fields pass through."""
+        bus = Bus(Clock(), SECRET, "node-a", {"bus": {}})
+        self.assertRaises(TypeError, bus.seal_new, "test.job", {"n": 1, "s": {1, 2}},
+                          pattern="push")
+        env = bus.open(bus.seal_new("test.job", {"n": 1, "extra": (1, "x")}, pattern="push"))
+        self.assertEqual(env.body["extra"], [1, "x"])
+
     def test_short_secret_refused(self) -> None:
         """A bus cannot be made with a trivially short secret."""
         self.assertRaises(ValueError, Bus, Clock(), b"short", "n", {"bus": {}})
