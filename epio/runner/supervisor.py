@@ -576,6 +576,10 @@ class Supervisor:
                            inst.spec.grace)
             else:
                 self._to(inst, State.STOPPED, "drained before it ran")
+        elif inst.state is State.CRASHED and inst.running:
+            # an unhealthy process is being killed: finish that as a stop
+            self.stop(instance_id).addErrback(
+                lambda f: self.log.failure("stopping {i} failed", f, i=instance_id))
         elif inst.state in (State.CRASHED, State.FAILED):
             inst.stopping = True
             self._to(inst, State.STOPPED, "drained")

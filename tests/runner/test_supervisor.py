@@ -309,6 +309,24 @@ class StopTests(SynchronousTestCase):
         h.proc().exit(0)
         self.assertEqual(h.state(), "stopped")
 
+    def test_drain_while_unhealthy_kill_keeps_port_until_exit(self) -> None:
+        """Draining an instance whose unhealthy process is still being killed stops it
+        once the process is gone; its port stays allocated until then."""
+        h = Harness(health_interval=5, health_failures=1)
+        h.sup.start(body())
+        h.probe.healthy.add(20000)
+        h.reactor.advance(0.5)
+        h.probe.healthy.clear()
+        h.reactor.advance(5)
+        self.assertEqual(h.state(), "crashed")
+        h.sup.drain("i1")
+        self.assertIn(20000, h.ports.used)
+        h.proc().exit(0)
+        self.assertEqual(h.state(), "stopped")
+        self.assertNotIn(20000, h.ports.used)
+        h.reactor.advance(100)
+        self.assertEqual(len(h.reactor.spawned), 1)
+
     def test_stopped_instance_is_forgotten_after_retention(self) -> None:
         """A stopped instance stays in heartbeats for stopped_retention, then disappears."""
         h = Harness(stopped_retention=60)
