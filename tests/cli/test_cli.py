@@ -171,6 +171,20 @@ class CliTests(TestCase):
         self.assertEqual(code, 1)
         self.assertIn("deploy failed: build failed: requirements.txt: no such package", err)
 
+    async def test_ipv6_api(self) -> None:
+        """The CLI talks to an api listening on IPv6 loopback ([::1])."""
+        from twisted.internet.endpoints import TCP6ServerEndpoint
+
+        port = await TCP6ServerEndpoint(reactor, 0, interface="::1").listen(
+            make_site(self.h.api, 1 << 20))
+        self.addCleanup(port.stopListening)
+        url = f"http://[::1]:{port.getHost().port}"
+        code, out, err = await self.epio("login", "--api", url, "--token", self.h.bob_token)
+        self.assertEqual(code, 0, err)
+        self.assertIn("as bob", out)
+        code, out, err = await self.epio("apps", "create", "six", "--no-remember")
+        self.assertEqual(code, 0, err)
+
     async def test_help(self) -> None:
         """epio --help lists the commands; each command has its own --help."""
         code, out, err = await self.epio("--help")
