@@ -308,7 +308,7 @@ class Api:
                 for d in await self.platform.list_deploys(app, limit)]
 
     @operation("GET", "/apps/{app}/deploys/{deploy_id}", "getDeploy",
-               "A deploy's status and its log from byte `log_offset` (poll to follow)",
+               "A deploy's status and its log from character `log_offset` (poll to follow)",
                response=ref("Deploy"), tag="deploys",
                query={"log_offset": {"type": "integer", "minimum": 0}})
     async def get_deploy(self, request: Any, user: Any, app: Any, deploy_id: str) -> Any:
