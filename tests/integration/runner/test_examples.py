@@ -21,6 +21,7 @@ from epio.runner.build import Builder
 from epio.runner.cgroups import CgroupSupport
 from epio.runner.service import RunnerService
 from epio.runner.state import mounted_under
+from tests.integration.build.helpers import shared_cache
 
 from .helpers import RealRunner, skip_reason, wait_for
 
@@ -42,9 +43,8 @@ class ExampleTests(TestCase):
         self.runner = RealRunner(reactor)
         self.addCleanup(self._close)
         r = self.runner
-        cache = Path("/tmp/epio-runner-it-wheels")  # warm wheel cache across runs
-        cache.mkdir(mode=0o755, exist_ok=True)
-        (r.data_dir / "cache").symlink_to(cache)
+        # the build tests' session-wide wheel cache (removed at exit)
+        (r.data_dir / "cache").symlink_to(shared_cache())
         builder = Builder(reactor, r.data_dir, validate({}), r.sink)
         self.svc = RunnerService(
             reactor=reactor, supervisor=r.sup, isolation=r.isolation,
