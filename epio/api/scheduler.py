@@ -210,8 +210,12 @@ class Scheduler:
                 await self.store.upsert_instance(new)
                 known[iid] = new
                 if new.state != inst.state:
-                    self._app_log(new.app, f"{new.process_type}.{new.number} "
-                                           f"(v{new.release}) is {new.state} on {new.node}")
+                    reason = info.get("reason")
+                    text = (f"{new.process_type}.{new.number} (v{new.release}) is {new.state} "
+                            f"on {new.node}" + (f": {reason}" if reason else ""))
+                    self._app_log(new.app, text)
+                    if reason and new.state in ("crashed", "failed"):
+                        await self._note_deploy(new.app, new.release, text)
         for iid, inst in list(known.items()):
             if iid in reported:
                 continue
@@ -275,6 +279,12 @@ class Scheduler:
             for inst in old:
                 if healthy >= quantity or inst.state not in ("healthy",):
                     await self._retire(inst, everyone, now)
+
+    async def _note_deploy(self, app: str, release: int, text: str) -> None:
+        """Add a runner's reason to the log of the deploy rolling ``release`` out."""
+        for d in await self.store.list_deploys(app, limit=5):
+            if d.release == release and d.status == "deploying":
+                await self.store.update_deploy(d.id, append_log=f"  {text}\n")
 
     async def _expire_deploys(self, app: str, now: float) -> None:
         """Fail deploys left unfinished by an api process that stopped mid-way."""

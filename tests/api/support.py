@@ -89,6 +89,8 @@ class FakeRunners:
             for inst in mine.values():
                 if inst["state"] == "starting":
                     inst["state"] = "failed" if inst["release"] in self.fail_health else "healthy"
+                    if inst["state"] == "failed":
+                        inst["reason"] = "health check /health failed 3 times"
             return {"node_id": endpoint, "boot_id": "b", "instances": [dict(i) for i in
                                                                      mine.values()]}
         if type == "runner.start":

@@ -157,6 +157,10 @@ class DeployTests(TestCase):
         d = await self.deploy()
         self.assertEqual(d["status"], "failed")
         self.assertIn("v2", d["reason"])
+        _, full, _ = await self.h.call("GET", f"apps/hello/deploys/{d['id']}?log_offset=0",
+                                       token=self.h.alice_token)
+        self.assertIn("web.1 (v2) is failed on r1: health check /health failed 3 times",
+                      full["log"])
         self.h.scheduler.become_leader()
         for _ in range(3):
             await self.h.scheduler.reconcile()
