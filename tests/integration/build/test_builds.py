@@ -19,7 +19,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 
 from epio.appdir import make_tarball
 from epio.manifest import Manifest
-from epio.runner.build import Builder, BuildFailed, ImageStore
+from epio.runner.build import Builder, BuildFailed, BuildResult, ImageStore
 from tests.util import free_port, wait_for_port
 
 from .helpers import EXAMPLES, PostgresDatabase, Sink, build_cgroups, config, data_dir, write_app
@@ -60,22 +60,18 @@ class _Base(TestCase):
 
 
 class ExampleBuildTests(_Base):
-    @defer.inlineCallbacks
-    def _build_example(self, name: str, **cfg: object):  # type: ignore[no-untyped-def]
+    async def _build_example(self, name: str, **cfg: object) -> tuple[BuildResult, Builder, Sink]:
         b, sink = self.builder(**cfg)
-        result = yield defer.Deferred.fromCoroutine(
-            b.build(name, _tarball(self, EXAMPLES / name), {})
-        )
+        result = await b.build(name, _tarball(self, EXAMPLES / name), {})
         self.assertTrue(ImageStore(self.data).has(result.digest))
         self.assertTrue(all(r.source == "build" and r.app == name for r in sink.lines))
         self.assertTrue(all(r.timestamp is not None for r in sink.lines))
         self.assertIn(result.digest, sink.text())
         return result, b, sink
 
-    @defer.inlineCallbacks
-    def test_wsgi_example(self):  # type: ignore[no-untyped-def]
+    async def test_wsgi_example(self) -> None:
         """The minimal WSGI app builds; gunicorn was added; the image holds the layout."""
-        result, b, _ = yield self._build_example("wsgi")
+        result, b, _ = await self._build_example("wsgi")
         self.assertIn("gunicorn", result.manifest.processes["web"])
         self.assertEqual(result.facts["workdir"], "app")
         if b.image_format() == "squashfs":
@@ -88,13 +84,12 @@ class ExampleBuildTests(_Base):
             for p in ("app/app.py", "venv/bin/gunicorn", "epio/manifest.json"):
                 self.assertIn(p, listing)
 
-    @defer.inlineCallbacks
-    def test_flask_example_warm_rebuild_is_offline(self):  # type: ignore[no-untyped-def]
+    async def test_flask_example_warm_rebuild_is_offline(self) -> None:
         """A rebuild with unchanged requirements installs from the wheel cache with
         --no-index and gives the same digest, even with the package index unreachable."""
-        first, _, _ = yield self._build_example("flask")
+        first, _, _ = await self._build_example("flask")
         # the index is now a closed port: any download would fail the build
-        second, _, sink = yield self._build_example("flask", index_url="http://127.0.0.1:9/simple")
+        second, _, sink = await self._build_example("flask", index_url="http://127.0.0.1:9/simple")
         self.assertEqual(second.digest, first.digest)
         self.assertIn("from the wheel cache (offline)", sink.text())
         self.assertNotIn("Resolving requirements", sink.text())
@@ -102,10 +97,9 @@ class ExampleBuildTests(_Base):
         self.assertEqual(second.facts["static"], {"/static": "app/static"})
         self.assertLess(second.duration, 10)
 
-    @defer.inlineCallbacks
-    def test_django_example(self):  # type: ignore[no-untyped-def]
+    async def test_django_example(self) -> None:
         """The Django example builds: platform settings, collectstatic into the image."""
-        result, b, sink = yield self._build_example("django")
+        result, b, sink = await self._build_example("django")
         self.assertEqual(result.facts["env"], {"DJANGO_SETTINGS_MODULE": "epio_settings"})
         self.assertEqual(result.facts["static"]["/static"], "epio/static")
         self.assertIn("static file", sink.text())
@@ -120,25 +114,23 @@ class ExampleBuildTests(_Base):
             self.assertIn("epio/static/notes/style.css", listing)
             self.assertIn("site-packages/epio_settings.py", listing)
 
-    @defer.inlineCallbacks
-    def test_worker_example(self):  # type: ignore[no-untyped-def]
+    async def test_worker_example(self) -> None:
         """The Procfile app builds with both its processes."""
-        result, _, _ = yield self._build_example("worker")
+        result, _, _ = await self._build_example("worker")
         self.assertEqual(set(result.manifest.processes), {"web", "worker"})
 
-    @defer.inlineCallbacks
-    def test_squashfs_mounts_read_only_and_imports_app(self):  # type: ignore[no-untyped-def]
+    async def test_squashfs_mounts_read_only_and_imports_app(self) -> None:
         """The image mounts read-only (once, refcounted) and its venv imports the app
         as an unprivileged user, from any directory."""
         if not ROOT:
             raise SkipTest("loop mounts need root")
-        result, b, _ = yield self._build_example("wsgi")
+        result, b, _ = await self._build_example("wsgi")
         store = ImageStore(self.data, reactor)
-        mp = yield defer.Deferred.fromCoroutine(store.mount(result.digest))
+        mp = await store.mount(result.digest)
         self.addCleanup(
             lambda: defer.Deferred.fromCoroutine(store.unmount(result.digest, force=True))
         )
-        again = yield defer.Deferred.fromCoroutine(store.mount(result.digest))
+        again = await store.mount(result.digest)
         self.assertEqual(mp, again)
         out = subprocess.run(
             [
@@ -162,16 +154,15 @@ class ExampleBuildTests(_Base):
         doc = json.loads((mp / "epio/manifest.json").read_text())
         self.assertEqual(Manifest.from_dict(doc["manifest"]), result.manifest)
         self.assertTrue(store.verify(result.digest))
-        yield defer.Deferred.fromCoroutine(store.unmount(result.digest))
+        await store.unmount(result.digest)
         self.assertTrue(store.is_mounted(result.digest))
-        yield defer.Deferred.fromCoroutine(store.unmount(result.digest))
+        await store.unmount(result.digest)
         self.assertFalse(store.is_mounted(result.digest))
 
-    @defer.inlineCallbacks
-    def test_dir_image(self):  # type: ignore[no-untyped-def]
+    async def test_dir_image(self) -> None:
         """With image_format = dir the image is a read-only tree that verifies,
         and the reduced isolation is said in the build log."""
-        result, b, _ = yield self._build_example("wsgi", image_format="dir")
+        result, b, _ = await self._build_example("wsgi", image_format="dir")
         p = b.images.path(result.digest)
         self.assertTrue(p.is_dir())
         self.assertTrue(b.images.verify(result.digest))
@@ -332,8 +323,7 @@ class FailingBuildTests(_Base):
 class DjangoImageRunsTests(_Base):
     """The Django example's image works at run time with the platform settings."""
 
-    @defer.inlineCallbacks
-    def test_django_image_migrates_and_serves_from_postgres(self):  # type: ignore[no-untyped-def]
+    async def test_django_image_migrates_and_serves_from_postgres(self) -> None:
         """From the mounted image, as an unprivileged user: `manage.py migrate` against
         DATABASE_URL, then gunicorn serves a page read from PostgreSQL to a hostname in
         EPIO_HOSTNAMES and refuses a host that is not the app's."""
@@ -345,11 +335,9 @@ class DjangoImageRunsTests(_Base):
             raise SkipTest(f"no PostgreSQL at 127.0.0.1:5432: {e}") from None
         self.addCleanup(db.drop)
         b, _ = self.builder()
-        result = yield defer.Deferred.fromCoroutine(
-            b.build("notes", _tarball(self, EXAMPLES / "django"), {})
-        )
+        result = await b.build("notes", _tarball(self, EXAMPLES / "django"), {})
         store = ImageStore(self.data, reactor)
-        mp = yield defer.Deferred.fromCoroutine(store.mount(result.digest))
+        mp = await store.mount(result.digest)
         self.addCleanup(
             lambda: defer.Deferred.fromCoroutine(store.unmount(result.digest, force=True))
         )
