@@ -15,6 +15,7 @@ setpriv, cgroups v1), logs exactly which protections are off, and builds a
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -53,6 +54,13 @@ def control_advertise(bind: str, advertise_host: str, explicit: str = "") -> str
         h = f"[{advertise_host}]" if ":" in advertise_host else advertise_host
         return f"tcp://{h}:{parts.port}"
     return bind
+
+
+def cgroup_parent(name: str, data_dir: Path) -> str:
+    """``NAME/<runner key>``: each runner (one per data dir) owns its own sub-cgroup, so a
+    restarting runner cleans only its own leftovers, never another runner's on the host."""
+    key = hashlib.sha256(str(Path(data_dir).absolute()).encode()).hexdigest()[:12]
+    return f"{name}/runner-{key}"
 
 
 def host_load(ncpu: int | None = None) -> dict[str, float]:
@@ -470,7 +478,7 @@ def make_service(node: Any) -> RunnerService:
     settings = Settings.from_config(cfg)
     reactor = node.reactor
     root = os.geteuid() == 0
-    cgroups = (detect(parent=cfg["cgroup_parent"]) if root
+    cgroups = (detect(parent=cgroup_parent(cfg["cgroup_parent"], node.data_dir)) if root
                else CgroupSupport({}, {c: "the runner is not root" for c in ("memory", "cpu",
                                                                               "pids")}))
     bwrap = shutil.which("bwrap")

@@ -9,7 +9,8 @@ its previous run and:
    ``--die-with-parent`` (and ``setpriv --pdeathsig`` without a sandbox)
    already SIGKILLed them when the old runner died; this catches grandchildren
    that escaped, by process group and by cgroup membership;
-2. removes every instance cgroup under ``runner.cgroup_parent`` and every
+2. removes every instance cgroup under its own ``<runner.cgroup_parent>/runner-<key>``
+   (the key is a hash of the data dir: other runners on the host are left alone) and every
    scratch dir, and unmounts image mounts no instance needs;
 3. starts again, from scratch, every instance that was not stopped or failed.
 

@@ -18,6 +18,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, readBody
 
 from epio.bus import Bus
+from epio.runner.service import cgroup_parent
 from tests.util import NodeProcess, isolated_config, to_toml
 
 from . import apps
@@ -124,7 +125,8 @@ class NodeRestartTests(TestCase):
         code, text = await self._get(port)
         self.assertEqual(code, 200)
 
-        cg = Path("/sys/fs/cgroup/pids") / parent / "web-a" / "cgroup.procs"
+        cg = (Path("/sys/fs/cgroup/pids") / cgroup_parent(parent, data) / "web-a"
+              / "cgroup.procs")
         pids = [int(x) for x in cg.read_text().split()] if cg.exists() else []
         self.assertTrue(pids, "the instance's processes are in its cgroup")
 
@@ -167,12 +169,12 @@ class NodeRestartTests(TestCase):
     def _remove_cgroups(self, parent: str) -> None:
         for root in Path("/sys/fs/cgroup").iterdir():
             for base in root.glob(f"**/{parent}"):
-                for child in base.iterdir():
-                    if child.is_dir():
-                        try:
-                            child.rmdir()
-                        except OSError:
-                            pass
+                for d in sorted((p for p in base.glob("**/*") if p.is_dir()),
+                                key=lambda p: -len(p.parts)):
+                    try:
+                        d.rmdir()
+                    except OSError:
+                        pass
                 try:
                     base.rmdir()
                 except OSError:
