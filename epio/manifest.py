@@ -214,9 +214,10 @@ def _plain(value: Any) -> Any:
 
 
 def web_command(entrypoint: str, workers: int | None = None) -> str:
-    """The ``web`` command of a ``[wsgi]`` app: gunicorn on ``$PORT``, logging to stdout."""
+    """The ``web`` command of a ``[wsgi]`` app: gunicorn on ``$PORT`` (errors to stderr;
+    the router writes the access log)."""
     w = f" --workers {workers}" if workers else ""
-    return f"gunicorn --bind 0.0.0.0:$PORT{w} --access-logfile - --error-logfile - {entrypoint}"
+    return f"gunicorn --bind 0.0.0.0:$PORT{w} {entrypoint}"
 
 
 # --------------------------------------------------------------------------- parsing
