@@ -76,22 +76,32 @@ class MessageType:
 
 
 class Registry:
-    """Message types by name."""
+    """Message types by name; a registry with a ``parent`` also knows the parent's."""
 
-    def __init__(self) -> None:
+    def __init__(self, parent: Registry | None = None) -> None:
         self._types: dict[str, MessageType] = {}
+        self._parent = parent
 
     def add(self, mtype: MessageType) -> MessageType:
-        if mtype.name in self._types:
+        if mtype.name in self:
             raise ValueError(f"message type {mtype.name} is declared twice")
         self._types[mtype.name] = mtype
         return mtype
 
+    def get(self, name: str) -> MessageType | None:
+        mtype = self._types.get(name)
+        if mtype is None and self._parent is not None:
+            return self._parent.get(name)
+        return mtype
+
     def __getitem__(self, name: str) -> MessageType:
-        return self._types[name]
+        mtype = self.get(name)
+        if mtype is None:
+            raise KeyError(name)
+        return mtype
 
     def __contains__(self, name: object) -> bool:
-        return name in self._types
+        return isinstance(name, str) and self.get(name) is not None
 
     def __iter__(self) -> Iterator[MessageType]:
         return iter(sorted(self._types.values(), key=lambda t: t.name))
@@ -101,7 +111,7 @@ class Registry:
 
     def check_outgoing(self, type: str, body: Mapping[str, Any], pattern: str) -> MessageType:
         """Refuse to send what no receiver would accept (a bug in the caller)."""
-        mtype = self._types.get(type)
+        mtype = self.get(type)
         if mtype is None:
             raise ValueError(f"unknown bus message type {type!r}: declare it in epio/bus/messages.py")
         if mtype.pattern != pattern:
@@ -113,7 +123,7 @@ class Registry:
 
     def validate(self, env: Envelope, pattern: str | None) -> MessageType:
         """Check a received envelope against its declaration or raise Rejected."""
-        mtype = self._types.get(env.type)
+        mtype = self.get(env.type)
         if mtype is None:
             raise Rejected(Reason.UNKNOWN_TYPE, f"{env.type!r} from {env.sender}")
         if not mtype.min_version <= env.version <= mtype.version:
@@ -168,17 +178,6 @@ _(MessageType(
     fields={"app": str, "kind": str, "values": dict, "timestamp": Number, "seq": int},
     optional={"node": str, "boot": str},
 ))
-
-# --- test types (used by the bus's own tests; harmless in production) -----------
-_(MessageType(
-    "test.echo", 1, "request", "Test only: asks a test ROUTER to echo the body.",
-    fields={"n": int}, optional={"sleep": Number, "fail": str},
-))
-_(MessageType("test.echoed", 1, "reply", "Test only: reply to test.echo.", fields={"n": int}))
-_(MessageType(
-    "test.event", 1, "publish", "Test only: a published event.", fields={"n": int}
-))
-_(MessageType("test.job", 1, "push", "Test only: a pushed job.", fields={"n": int}))
 
 # --- nexus (owner: nexus) -------------------------------------------------------
 _(MessageType(

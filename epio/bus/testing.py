@@ -41,7 +41,21 @@ from epio.bus import counters as C
 from epio.bus.counters import BusCounters
 from epio.bus.envelope import Envelope, ReplayGuard
 from epio.bus.errors import NotRunning, Reason, Rejected, RemoteError, RequestTimeout
-from epio.bus.messages import REGISTRY, Registry
+from epio.bus.messages import REGISTRY, MessageType, Registry
+
+#: Every production type plus the ``test.*`` types of the bus's own tests (kept
+#: out of the production registry, so no production socket accepts them).
+TEST_REGISTRY = Registry(parent=REGISTRY)
+TEST_REGISTRY.add(MessageType(
+    "test.echo", 1, "request", "Test only: asks a test ROUTER to echo the body.",
+    fields={"n": int}, optional={"sleep": (int, float), "fail": str},
+))
+TEST_REGISTRY.add(MessageType("test.echoed", 1, "reply", "Test only: reply to test.echo.",
+                              fields={"n": int}))
+TEST_REGISTRY.add(MessageType("test.event", 1, "publish", "Test only: a published event.",
+                              fields={"n": int}))
+TEST_REGISTRY.add(MessageType("test.job", 1, "push", "Test only: a pushed job.",
+                              fields={"n": int}))
 
 _ANSWERABLE = frozenset(
     {Reason.UNKNOWN_TYPE, Reason.UNSUPPORTED_VERSION, Reason.WRONG_PATTERN, Reason.INVALID_BODY}

@@ -9,6 +9,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from epio.bus import Bus
 from epio.bus.counters import RateLimitedLog
 from epio.bus.sockets import check_endpoint
+from epio.bus.testing import TEST_REGISTRY
 
 SECRET = b"socket-tests-secret-0123456789"
 
@@ -32,7 +33,7 @@ class EndpointTests(SynchronousTestCase):
 
     def test_service_needs_an_endpoint(self) -> None:
         """A service with nothing to bind or connect is refused when made."""
-        bus = Bus(reactor, SECRET, "n", {"bus": {}})
+        bus = Bus(reactor, SECRET, "n", {"bus": {}}, registry=TEST_REGISTRY)
         self.assertRaises(ValueError, bus.push, [])
         self.assertRaises(ValueError, bus.publisher)
 

@@ -51,6 +51,17 @@ class RegistryTests(SynchronousTestCase):
         self.assertIsNotNone(t.check_body({"n": 1, "f": 1, "s": 3}))
         self.assertIsNotNone(t.check_body({"n": 1, "f": None}))
 
+    def test_test_types_stay_out_of_production(self) -> None:
+        """The test.* types are only in the test registry, which also knows every
+        production type."""
+        from epio.bus.testing import TEST_REGISTRY
+
+        self.assertNotIn("test.echo", REGISTRY)
+        self.assertEqual(TEST_REGISTRY["test.echo"].pattern, "request")
+        self.assertIs(TEST_REGISTRY["log.line"], REGISTRY["log.line"])
+        self.assertRaises(KeyError, TEST_REGISTRY.__getitem__, "no.such")
+        self.assertRaises(ValueError, TEST_REGISTRY.add, MessageType("log.line", 1, "push", "x"))
+
     def test_log_types_declared(self) -> None:
         """The log pipeline's types exist as push messages."""
         self.assertEqual(REGISTRY["log.line"].pattern, "push")

@@ -10,7 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
 from epio.bus import Bus
-from epio.bus.testing import MemoryBus
+from epio.bus.testing import TEST_REGISTRY, MemoryBus
 from epio.pipeline import (
     BusLogSink,
     ILogSink,
@@ -78,7 +78,7 @@ class MemoryBusLogSinkTests(BusLogSinkContract, TestCase):
         self.clock.advance(1_800_000_000)
 
     def make_bus(self, **settings: Any) -> Bus:
-        return MemoryBus(self.clock, "node-x", {"bus": settings}, secret=SECRET)
+        return MemoryBus(self.clock, "node-x", {"bus": settings}, secret=SECRET, registry=TEST_REGISTRY)
 
     async def wait_for(self, cond: Any) -> None:
         for _ in range(100):
@@ -90,7 +90,7 @@ class MemoryBusLogSinkTests(BusLogSinkContract, TestCase):
 class BusLogSinkTests(TestCase):
     def test_emit_when_stopped_never_raises(self) -> None:
         """Emitting on a sink that is not started drops and counts, without raising."""
-        bus = MemoryBus(task.Clock(), "node-x", secret=SECRET)
+        bus = MemoryBus(task.Clock(), "node-x", secret=SECRET, registry=TEST_REGISTRY)
         sink = BusLogSink(bus, ["tcp://127.0.0.1:9"])
         sink.emit("app", "web.1", "lost")
         self.assertEqual(sink.counters["dropped"], 1)
@@ -98,7 +98,7 @@ class BusLogSinkTests(TestCase):
 
     def test_no_logger_falls_back_to_node_log(self) -> None:
         """With no logger endpoint configured, lines go to the node's log (not nowhere)."""
-        bus = MemoryBus(task.Clock(), "node-x", secret=SECRET)
+        bus = MemoryBus(task.Clock(), "node-x", secret=SECRET, registry=TEST_REGISTRY)
         sink = BusLogSink(bus, [])
         events: list[dict] = []
         globalLogPublisher.addObserver(events.append)

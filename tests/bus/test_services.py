@@ -9,7 +9,7 @@ from twisted.internet import task
 from twisted.trial.unittest import TestCase
 
 from epio.bus import Bus
-from epio.bus.testing import MemoryBus, MemoryNetwork
+from epio.bus.testing import TEST_REGISTRY, MemoryBus, MemoryNetwork
 from tests.bus.contract import SECRET, ContractMixin
 
 
@@ -21,7 +21,7 @@ class MemoryBusTests(ContractMixin, TestCase):
 
     def make_bus(self, sender: str, **settings: Any) -> Bus:
         return MemoryBus(self.clock, sender, {"bus": settings}, network=self.network,
-                         secret=SECRET)
+                         secret=SECRET, registry=TEST_REGISTRY)
 
     async def settle(self, cond: Any = lambda: False, limit: float = 5.0) -> None:
         for _ in range(100):
