@@ -390,3 +390,47 @@ class DjangoImageRunsTests(_Base):
         self.assertIn("Hello from Django on epio", body)
         self.assertIn("/static/notes/style.css", body)
         self.assertEqual(get("evil.example.test")[0], 400)
+
+
+class CompatBuildTests(_Base):
+    async def test_epio_style_app_with_pyproject(self) -> None:
+        """An ep.io-style app builds: [checkout] puts it in app/NAME (importable by that
+        name), [symlinks] are made, data-directory static paths pass through, ep.io's
+        bundle_config is importable, and pyproject.toml dependencies are installed."""
+        d = write_app(
+            Path(tempfile.mkdtemp()),
+            {
+                "epio.ini": (
+                    "[wsgi]\nentrypoint = mysite.web:application\n"
+                    "[checkout]\ndirectory_name = mysite\n"
+                    "[symlinks]\nmedia = %(data_directory)s/media\n"
+                    "[static]\n/static = %(data_directory)s/static/\n/css = css\n"
+                ),
+                "pyproject.toml": '[project]\nname = "mysite"\nversion = "1"\ndependencies = ["gunicorn==23.0.0"]\n',
+                "web.py": "def application(environ, start_response):\n    return []\n",
+                "css/site.css": "body {}\n",
+            },
+        )
+        self.addCleanup(__import__("shutil").rmtree, d)
+        b, sink = self.builder(image_format="dir")
+        result = await b.build("compat", _tarball(self, d), {})
+        self.assertTrue(result.manifest.pyproject)
+        self.assertEqual(result.facts["workdir"], "app/mysite")
+        self.assertEqual(
+            result.facts["static"], {"/static": "/data/static", "/css": "app/mysite/css"}
+        )
+        root = b.images.path(result.digest)
+        self.assertEqual(os.readlink(root / "app/mysite/media"), "/data/media")
+        out = subprocess.run(
+            [
+                str(root / "venv/bin/python"),
+                "-c",
+                "import mysite.web, web, gunicorn, bundle_config; print(bundle_config.config['core']['data_directory'])",
+            ],
+            cwd="/",
+            capture_output=True,
+            text=True,
+        )
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertEqual(out.stdout.strip(), "/data")
+        self.assertNotIn("adding gunicorn", sink.text())
