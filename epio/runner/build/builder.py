@@ -31,6 +31,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import tomllib
 from collections import deque
 from collections.abc import Mapping
@@ -156,6 +157,7 @@ class Builder:
         self.builds_dir = self.data_dir / "builds"
         self._sem = defer.DeferredSemaphore(int(self.cfg["max_concurrent"]))
         self._prepared: dict[str, Any] | None = None
+        self._prepare_lock = threading.Lock()
         self._counter = 0
 
     # ------------------------------------------------------------------ setup
@@ -171,8 +173,12 @@ class Builder:
 
     def _prepare(self) -> dict[str, Any]:
         """Once per Builder (in a thread): build user, interpreter, cache dirs, pip copy."""
-        if self._prepared is not None:
+        with self._prepare_lock:
+            if self._prepared is None:
+                self._prepared = self._do_prepare()
             return self._prepared
+
+    def _do_prepare(self) -> dict[str, Any]:
         notes: list[str] = []
         uid = gid = None
         if os.geteuid() == 0:
@@ -241,7 +247,7 @@ class Builder:
             notes.append(
                 "images are read-only directories (no SquashFS/loop mounts): isolation is reduced"
             )
-        self._prepared = {
+        prepared = {
             "uid": uid,
             "gid": gid,
             "python": python,
@@ -252,7 +258,7 @@ class Builder:
         }
         for n in notes:
             self.log.warn("build: {note}", note=n)
-        return self._prepared
+        return prepared
 
     def _remove_stale_work(self) -> None:
         """Remove work dirs left by a node process that died mid-build."""
@@ -818,7 +824,7 @@ def _admit_wheels(new: Path, cache: Path) -> int:
         dest = cache / w.name
         if dest.exists():
             continue
-        tmp = cache / f".{w.name}.{os.getpid()}.tmp"
+        tmp = cache / f".{w.name}.{os.urandom(6).hex()}.tmp"
         shutil.copyfile(w, tmp)
         os.chmod(tmp, 0o644)
         os.replace(tmp, dest)

@@ -434,3 +434,17 @@ class CompatBuildTests(_Base):
         self.assertEqual(out.returncode, 0, out.stderr)
         self.assertEqual(out.stdout.strip(), "/data")
         self.assertNotIn("adding gunicorn", sink.text())
+
+
+class ConcurrentBuildTests(_Base):
+    async def test_two_builds_at_once(self) -> None:
+        """Two builds on one node at the same time (first use of the node included) both
+        succeed and give the same digests as when built alone."""
+        b, _ = self.builder(max_concurrent=2)
+        d1 = defer.Deferred.fromCoroutine(b.build("one", _tarball(self, EXAMPLES / "wsgi"), {}))
+        d2 = defer.Deferred.fromCoroutine(b.build("two", _tarball(self, EXAMPLES / "worker"), {}))
+        r1, r2 = await defer.gatherResults([d1, d2], consumeErrors=True)
+        again = await b.build("one", _tarball(self, EXAMPLES / "wsgi"), {})
+        self.assertEqual(again.digest, r1.digest)
+        self.assertNotEqual(r1.digest, r2.digest)
+        self.assert_nothing_left({r1.digest, r2.digest})
