@@ -32,6 +32,7 @@ from epio.runner.sandbox import (
     LaunchSpec,
     app_environment,
     build_argv,
+    image_facts,
     launch_cwd,
     layout_for,
     python_prefix_of,
@@ -139,11 +140,12 @@ class SandboxLauncher:
             for problem in cgroup.create(spec.limits):
                 self.log.warn("instance {i}: cgroup limit not set: {problem}",
                               i=spec.instance_id, problem=problem)
+        facts = image_facts(image_root)
         launch_spec = LaunchSpec(
             instance_id=spec.instance_id, user=user, image_root=image_root, data_dir=data,
             scratch=scratch, command=spec.command, nofile=spec.limits.nofile,
             cgroup_procs=tuple(cgroup.procs_files()) if cgroup else (),
-            python_prefix=python_prefix_of(image_root),
+            python_prefix=python_prefix_of(image_root), workdir=facts.workdir,
         )
         info_fd = 3 if sandboxed else None
         argv = build_argv(launch_spec, self.isolation, bwrap=self.bwrap, setpriv=self.setpriv,
@@ -157,7 +159,8 @@ class SandboxLauncher:
         }
         if port is not None:
             platform["PORT"] = str(port)
-        env = app_environment(layout_for(launch_spec, self.isolation), platform, spec.env)
+        env = app_environment(layout_for(launch_spec, self.isolation), platform, spec.env,
+                              facts.env)
         child_fds: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
         if info_fd is not None:
             child_fds[info_fd] = "r"

@@ -18,13 +18,14 @@ signatures and api authentication, not by network isolation (docs/runner.md).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Mapping, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
-from attrs import frozen
+from attrs import field, frozen
 
 from epio.manifest import DATA_DIRECTORY
 from epio.runner.cgroups import CgroupSupport
@@ -149,6 +150,7 @@ class LaunchSpec:
     nofile: int
     cgroup_procs: tuple[str, ...]
     python_prefix: str | None  # the Python install the venv points to (bound read-only)
+    workdir: str = "app"  # image-relative working directory (the build's facts)
 
 
 def layout_for(spec: LaunchSpec, isolation: Isolation) -> Layout:
@@ -163,10 +165,13 @@ def layout_for(spec: LaunchSpec, isolation: Isolation) -> Layout:
 
 
 def app_environment(
-    layout: Layout, platform: Mapping[str, str], user_env: Mapping[str, str]
+    layout: Layout, platform: Mapping[str, str], user_env: Mapping[str, str],
+    image_env: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
-    """The app's environment: user config vars, then platform values that win."""
-    env = {str(k): str(v) for k, v in user_env.items()}
+    """The app's environment: the image's build env (e.g. DJANGO_SETTINGS_MODULE), then
+    user config vars over it, then platform values that win over both."""
+    env = {str(k): str(v) for k, v in (image_env or {}).items()}
+    env.update({str(k): str(v) for k, v in user_env.items()})
     venv = layout.app_root + "/venv"
     env.update(
         {
@@ -181,6 +186,36 @@ def app_environment(
     )
     env.update(platform)
     return env
+
+
+@frozen
+class ImageFacts:
+    """How to run an image, from its ``epio/manifest.json`` ``build`` facts."""
+
+    workdir: str = "app"
+    env: dict[str, str] = field(factory=dict)
+
+
+def image_facts(image_root: Path) -> ImageFacts:
+    """Read and check the build facts; anything odd falls back to the defaults."""
+    try:
+        doc = json.loads((image_root / "epio" / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return ImageFacts()
+    build = doc.get("build") if isinstance(doc, dict) else None
+    if not isinstance(build, dict):
+        return ImageFacts()
+    raw = build.get("workdir")
+    workdir = raw if isinstance(raw, str) else "app"
+    parts = PurePosixPath(workdir).parts
+    if not parts or parts[0] != "app" or ".." in parts or workdir.startswith("/") \
+            or not (image_root / workdir).is_dir():
+        workdir = "app"
+    raw_env = build.get("env")
+    env = {k: v for k, v in (raw_env.items() if isinstance(raw_env, dict) else ())
+           if isinstance(k, str) and isinstance(v, str) and k and "=" not in k
+           and "\0" not in k + v}
+    return ImageFacts(workdir=workdir, env=env)
 
 
 def python_prefix_of(image_root: Path) -> str | None:
@@ -275,7 +310,7 @@ def build_argv(
             "--bind", str(spec.data_dir), DATA,
             "--perms", "1777", "--tmpfs", "/tmp",
             "--proc", "/proc", "--dev", "/dev",
-            "--chdir", APP_ROOT + "/app",
+            "--chdir", f"{APP_ROOT}/{spec.workdir}",
             "--", *drop, "--", *command,
         ]
         return argv
@@ -291,4 +326,4 @@ def launch_cwd(spec: LaunchSpec, isolation: Isolation) -> str:
     """The directory to spawn in (bwrap changes into /app/app itself)."""
     if isolation.sandbox == "bwrap":
         return "/"
-    return str(spec.image_root / "app")
+    return str(spec.image_root / spec.workdir)

@@ -198,3 +198,34 @@ class PortTests(SynchronousTestCase):
         self.assertRaises(NoFreePort, ports.allocate)
         self.assertFalse(ports.claim_if_free(12))
         self.assertFalse(ports.claim_if_free(99))
+
+
+class ImageFactsTests(SynchronousTestCase):
+    def test_facts_from_the_image_manifest(self) -> None:
+        """workdir and env come from epio/manifest.json's build facts; a workdir outside
+        app/ or missing, and non-string env entries, fall back or are dropped."""
+        import json
+
+        from epio.runner.sandbox import ImageFacts, image_facts
+
+        root = Path(self.mktemp())
+        (root / "epio").mkdir(parents=True)
+        (root / "app" / "site").mkdir(parents=True)
+
+        def facts(build: object) -> ImageFacts:
+            (root / "epio" / "manifest.json").write_text(json.dumps({"build": build}))
+            return image_facts(root)
+
+        f = facts({"workdir": "app/site", "env": {"DJANGO_SETTINGS_MODULE": "s", "X": 1}})
+        self.assertEqual((f.workdir, f.env), ("app/site", {"DJANGO_SETTINGS_MODULE": "s"}))
+        for bad in ("../etc", "/etc", "app/../..", "app/missing", "venv", 3):
+            self.assertEqual(facts({"workdir": bad}).workdir, "app", bad)
+        self.assertEqual(image_facts(Path(self.mktemp())).workdir, "app")
+
+    def test_image_env_is_below_user_and_platform_env(self) -> None:
+        """Build env < user config vars < platform values."""
+        iso = Isolation("bwrap", True, (), (), True, {})
+        layout = layout_for(spec(Path(self.mktemp())), iso)
+        env = app_environment(layout, {"PORT": "1"}, {"A": "user"},
+                              {"A": "image", "B": "image", "PORT": "9"})
+        self.assertEqual((env["A"], env["B"], env["PORT"]), ("user", "image", "1"))

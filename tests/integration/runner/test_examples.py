@@ -7,13 +7,15 @@ and ``worker`` processes as the app's UID and the web one answers HTTP.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 from attrs import frozen
 from twisted.internet import reactor
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.client import Agent, readBody
+from twisted.web.http_headers import Headers
 
 from epio.appdir import make_tarball
 from epio.config import validate
@@ -94,3 +96,26 @@ class ExampleTests(TestCase):
         mounts = r.data_dir / "mounts"
         self.assertTrue(await wait_for(reactor, lambda: not mounted_under(mounts), 10),
                         mounted_under(mounts))
+
+    async def test_django_example_runs_from_its_build_facts(self) -> None:
+        """examples/django (settings module and working directory from the image's build
+        facts, not from the start message) serves its health check under the sandbox.
+
+        Opt-in (EPIO_SLOW_TESTS=1): a cold build downloads Django (~20 s), which would
+        push this area past its time budget; the build tests cover the build itself."""
+        if not os.environ.get("EPIO_SLOW_TESTS"):
+            raise SkipTest("slow (cold Django build): set EPIO_SLOW_TESTS=1")
+        r = self.runner
+        built = await self.build("django")
+        web = built["manifest"]["processes"]["web"]
+        reply = r.start("dj-web-1", "django", 20303, built["digest"], web,
+                        health_check="/health/", boot_timeout=60,
+                        env={"DATABASE_URL": "postgres://postgres@127.0.0.1:5432/test",
+                             "EPIO_HOSTNAMES": "django.localhost"})
+        self.assertTrue(await wait_for(reactor, lambda: r.state("dj-web-1") == "healthy", 60),
+                        r.texts("django")[-30:])
+        agent = Agent(reactor, connectTimeout=2)
+        response = await agent.request(
+            b"GET", f"http://127.0.0.1:{reply['port']}/health/".encode(),
+            Headers({b"host": [b"django.localhost"]}))
+        self.assertEqual((response.code, await readBody(response)), (200, b"ok\n"))
