@@ -206,6 +206,8 @@ class RunnerService(MultiService):
         killed = statefile.kill_leftovers(records)
         if killed:
             self.log.warn("killed {n} leftover processes of the previous runner", n=killed)
+        # before the first await: a runner.start may arrive while we wait below
+        shutil.rmtree(self.data_dir / "runner" / "instances", ignore_errors=True)
         for cg in stale_cgroups(self.cgroups, keep=()):
             cg.signal_all()
             for _ in range(20):
@@ -214,7 +216,6 @@ class RunnerService(MultiService):
                 await task.deferLater(self.reactor, 0.1, lambda: None)
             else:
                 self.log.warn("stale cgroup {name} could not be removed", name=cg.name)
-        shutil.rmtree(self.data_dir / "runner" / "instances", ignore_errors=True)
         wanted = [r for r in records
                   if r.get("state") not in (State.STOPPED.value, State.FAILED.value)
                   and isinstance(r.get("spec"), dict)]
