@@ -345,6 +345,9 @@ class RunnerService(MultiService):
 
         body = env.body
         t = env.type
+        if t in ("runner.start", "runner.stop", "runner.drain") and not self._ready.called:
+            # the previous run's leftovers are being cleaned: changes wait for that
+            await self.whenReady()
         try:
             if t == "runner.start":
                 return "runner.started", self.supervisor.start(body)
