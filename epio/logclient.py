@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from attrs import frozen
 from twisted.application.service import MultiService
@@ -48,10 +48,10 @@ class BadFilter(ValueError):
     """A filter parameter is invalid (message says which and why)."""
 
 
-@frozen
-class Line:
+class Line(NamedTuple):
     """A stored log line as readers see it; ``id`` is its number in the app's log
-    on the logger that served it; ``lost`` > 0 marks a "N lines lost" marker."""
+    on the logger that served it; ``lost`` > 0 marks a "N lines lost" marker.
+    (A NamedTuple: tails make one per line.)"""
 
     id: int
     timestamp: float
@@ -61,6 +61,8 @@ class Line:
 
     @classmethod
     def from_wire(cls, item: Sequence[Any]) -> Line:
+        if len(item) == 5 and type(item[0]) is int and type(item[4]) is int:
+            return cls._make(item)
         return cls(int(item[0]), float(item[1]), str(item[2]), str(item[3]), int(item[4]))
 
     def to_json(self) -> dict[str, Any]:

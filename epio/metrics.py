@@ -21,12 +21,12 @@ import math
 import re
 import weakref
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from attrs import define, field
 from twisted.application.service import IService
 from twisted.logger import Logger
-from twisted.web.resource import Resource
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
@@ -320,7 +320,7 @@ class MetricsResource(Resource):
 
 def metrics_site(registry: MetricsRegistry) -> Site:
     root = Resource()
-    root.putChild(b"metrics", MetricsResource(registry))
+    root.putChild(b"metrics", cast(IResource, MetricsResource(registry)))
     site = Site(root)
     site.displayTracebacks = False
     return site
@@ -333,7 +333,7 @@ def metrics_service(reactor: Any, listen: str, registry: MetricsRegistry) -> ISe
 
     svc = StreamServerEndpointService(serverFromString(reactor, listen), metrics_site(registry))
     svc.setName("metrics")
-    return svc
+    return cast(IService, svc)
 
 
 # per node (keyed by identity: a Node is an unhashable attrs class)
@@ -367,9 +367,9 @@ def registry_for(node: Any) -> MetricsRegistry:
 def ensure_metrics_service(node: Any, parent: Any) -> IService | None:
     """Start the node's ``/metrics`` listener under ``parent`` unless some role
     already did, or ``metrics.listen`` is empty.  Returns the service."""
-    svc = _lookup(_services, node)
+    svc: Any = _lookup(_services, node)
     if svc is not None:
-        return svc
+        return cast(IService, svc)
     try:
         listen = node.config["metrics"]["listen"]
     except (KeyError, TypeError):
@@ -379,4 +379,4 @@ def ensure_metrics_service(node: Any, parent: Any) -> IService | None:
     svc = metrics_service(node.reactor, listen, registry_for(node))
     _services[id(node)] = (_ref(node), svc)
     svc.setServiceParent(parent)
-    return svc
+    return cast(IService, svc)

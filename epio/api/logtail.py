@@ -193,7 +193,7 @@ class TailProtocol(WebSocketServerProtocol):
     def onOpen(self) -> None:
         f = self.factory
         self.buffer = TailBuffer(f.buffer_lines, self._send_json, f.on_missed)
-        t = self.transport
+        t: Any = self.transport
         # the HTTP channel was the transport's producer until the upgrade
         if getattr(t, "producer", None) is not None:
             t.unregisterProducer()
@@ -245,7 +245,7 @@ class TailProtocol(WebSocketServerProtocol):
 
 
 class TailFactory(WebSocketServerFactory):
-    protocol = TailProtocol
+    protocol = TailProtocol  # type: ignore[assignment]
 
     def __init__(self, client: LogClient, app: str, n: int, filt: LineFilter,
                  buffer_lines: int, on_missed: Callable[[int], None] | None) -> None:
@@ -260,7 +260,7 @@ class TailFactory(WebSocketServerFactory):
         self.setProtocolOptions(autoPingInterval=30, autoPingTimeout=30)
 
 
-def _error(request: IRequest, status: int, code: str, message: str) -> bytes:
+def _error(request: Any, status: int, code: str, message: str) -> bytes:
     request.setResponseCode(status)
     request.setHeader(b"content-type", b"application/json")
     return json.dumps({"error": {"code": code, "message": message}}).encode()
@@ -300,7 +300,7 @@ class LogTail:
         if self._missed is not None:
             self._missed.inc(n)
 
-    async def handle(self, request: IRequest, app: str) -> Any:
+    async def handle(self, request: Any, app: str) -> Any:
         """Answer ``GET /api/v1/apps/{app}/logs`` (JSON, or the websocket upgrade)."""
         await self.authorize(request, app)
         try:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import datetime
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 from attrs import frozen
@@ -118,6 +118,7 @@ class Drain:
 @implementer(IPushProducer)
 class _SyslogProtocol(Protocol):
     drain: SyslogDrain
+    transport: Any
 
     def connectionMade(self) -> None:
         self.paused = False
@@ -170,7 +171,7 @@ class SyslogDrain(Drain):
                 return p
 
         self._service = ClientService(
-            endpoint, _Factory(),
+            endpoint, cast(Any, _Factory()),
             retryPolicy=backoffPolicy(initialDelay=self.config.backoff_initial,
                                       maxDelay=self.config.backoff_max),
             clock=reactor,
@@ -285,10 +286,11 @@ def _treq_post(reactor: Any) -> Callable[[str, bytes, dict[bytes, list[bytes]]],
     pool = HTTPConnectionPool(reactor, persistent=True)
 
     def post(url: str, body: bytes, headers: dict[bytes, list[bytes]]) -> Deferred[int]:
-        d = treq.post(url, data=body, headers=headers, pool=pool, reactor=reactor, timeout=30)
+        d: Deferred[Any] = treq.post(url, data=body, headers=cast(Any, headers), pool=pool,
+                                     reactor=reactor, timeout=30)
 
-        def done(resp: Any) -> Deferred[int]:
-            d2 = treq.content(resp)  # read (and discard) the body so the connection is reused
+        def done(resp: Any) -> Any:
+            d2: Deferred[Any] = treq.content(resp)  # read the body so the connection is reused
             d2.addCallback(lambda _: resp.code)
             return d2
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from twisted.application.internet import TimerService
 from twisted.application.service import IService, MultiService
@@ -137,7 +137,7 @@ class LoggerService(MultiService):
         d.addErrback(lambda f: self.log.failure("stats database could not be opened; samples "
                                                 "are kept in memory and retried", f))
 
-    def stopService(self) -> Deferred[None]:
+    def stopService(self) -> Any:
         self.live.stop()
         d = super().stopService() or Deferred()
 
@@ -238,4 +238,4 @@ class LoggerService(MultiService):
 
 
 def make_service(node: Any) -> IService:
-    return LoggerService(node)
+    return cast(IService, LoggerService(node))

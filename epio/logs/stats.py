@@ -158,9 +158,9 @@ class Aggregator:
         if b.hist:
             for q, label in ((0.5, "latency_p50_ms"), (0.95, "latency_p95_ms"),
                              (0.99, "latency_p99_ms")):
-                v = quantile(b.hist, q)
-                if v is not None:
-                    yield Point(app, label, "", res, start, v)
+                qv = quantile(b.hist, q)
+                if qv is not None:
+                    yield Point(app, label, "", res, start, qv)
         requests = b.sums.get("requests", 0.0)
         if requests and b.mean_weighted:
             yield Point(app, "latency_mean_ms", "", res, start, b.mean_weighted / requests)

@@ -73,9 +73,9 @@ class Sink:
 
 
 class FollowerTests(SynchronousTestCase):
-    def make(self, n: int = 3, filt: LineFilter = LineFilter(), fill_limit: int = 100) -> tuple:
+    def make(self, n: int = 3, filt: LineFilter | None = None, fill_limit: int = 100) -> tuple:
         logger, sink = FakeLogger(), Sink()
-        f = Follower(logger, "app", sink, n, filt, max_pending=1000, fill_limit=fill_limit)  # type: ignore[arg-type]
+        f = Follower(logger, "app", sink, n, filt or LineFilter(), max_pending=1000, fill_limit=fill_limit)  # type: ignore[arg-type]
         return logger, sink, f
 
     def test_history_then_live_without_overlap(self) -> None:

@@ -87,7 +87,7 @@ class RollingTests(StoreTestBase):
         self.assertEqual(len(plain), 1)  # only the open chunk is plain
         # every closed file is valid (multi-member) gzip holding its lines
         text = gzip.decompress((self.root / "app" / gz[0]).read_bytes()).decode()
-        self.assertTrue(text.startswith("%.6f\tweb.1\tnode1\t1\t-\tline 0\n" % self.clock.seconds()))
+        self.assertTrue(text.startswith(f"{self.clock.seconds():.6f}\tweb.1\tnode1\t1\t-\tline 0\n"))
         lines = self.query("app", n=1000)
         self.assertEqual([r.text for r in lines], [f"line {i}" for i in range(500)])
         self.assertEqual([r.lineno for r in lines], list(range(1, 501)))

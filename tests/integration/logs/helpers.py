@@ -7,6 +7,7 @@ import os
 import secrets
 import sys
 import time
+from array import array
 from pathlib import Path
 from typing import Any
 
@@ -164,8 +165,11 @@ class TailClient(WebSocketClientFactory):
 
     protocol = TailClientProtocol
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, keep: bool = True) -> None:
         super().__init__(url)
+        self.keep = keep  # False: only count lines and record latencies (benchmarks)
+        self.count = 0
+        self.latencies = array("d")  # arrival - line timestamp, seconds (when not keeping)
         self.lines: list[dict] = []
         self.arrivals: list[float] = []
         self.messages: list[dict] = []
@@ -175,13 +179,18 @@ class TailClient(WebSocketClientFactory):
         self._waiters: list[tuple[int, defer.Deferred[None]]] = []
 
     def received(self, msg: dict) -> None:
-        self.messages.append(msg)
+        if self.keep or msg["type"] != "lines":
+            self.messages.append(msg)
         if msg["type"] == "lines":
             now = time.time()
-            self.lines.extend(msg["lines"])
-            self.arrivals.extend([now] * len(msg["lines"]))
+            self.count += len(msg["lines"])
+            if self.keep:
+                self.lines.extend(msg["lines"])
+                self.arrivals.extend([now] * len(msg["lines"]))
+            else:
+                self.latencies.extend(now - ln["timestamp"] for ln in msg["lines"])
             for n, d in list(self._waiters):
-                if len(self.lines) >= n:
+                if self.count >= n:
                     self._waiters.remove((n, d))
                     d.callback(None)
         elif msg["type"] == "ready" and not self.ready.called:
@@ -189,7 +198,7 @@ class TailClient(WebSocketClientFactory):
 
     def wait_lines(self, n: int, timeout: float) -> defer.Deferred[None]:
         d: defer.Deferred[None] = defer.Deferred()
-        if len(self.lines) >= n:
+        if self.count >= n:
             d.callback(None)
             return d
         self._waiters.append((n, d))
@@ -197,18 +206,18 @@ class TailClient(WebSocketClientFactory):
         return d
 
 
-def connect_tail(port: int, app: str, query: str = "n=0") -> TailClient:
-    f = TailClient(f"ws://127.0.0.1:{port}/api/v1/apps/{app}/logs?{query}")
+def connect_tail(port: int, app: str, query: str = "n=0", keep: bool = True) -> TailClient:
+    f = TailClient(f"ws://127.0.0.1:{port}/api/v1/apps/{app}/logs?{query}", keep)
     connectWS(f)
     return f
 
 
-async def all_lines(client: LogClient, app: str, filt: LineFilter = LineFilter()) -> list[Line]:
+async def all_lines(client: LogClient, app: str, filt: LineFilter | None = None) -> list[Line]:
     """Every stored line of ``app``, paging with after=."""
     out: list[Line] = []
     after = 0
     while True:
-        lines, _ = await client.query(app, filt, 10_000, after=after)
+        lines, _ = await client.query(app, filt or LineFilter(), 10_000, after=after)
         if not lines:
             return out
         out.extend(lines)

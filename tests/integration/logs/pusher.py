@@ -3,8 +3,9 @@
 Usage: ``python pusher.py JSON`` with keys ``secret`` (hex), ``endpoints`` (logger
 PULL endpoints), ``app``, ``sources`` (list), ``count`` (lines per source),
 ``rate`` (lines per second over all sources; 0 = one burst), ``node``,
-``stats`` (router stats samples to send after the lines, dated ``stats_age`` s ago),
-``batch`` (true: send ``log.batch`` messages through batchsink.BatchingBusLogSink).
+``stats`` (router stats samples to send after the lines, dated ``stats_age`` s ago).
+BusLogSink sends the lines of one reactor turn as one ``log.batch``, so a burst
+travels in batches of up to 500 lines and a paced run in small ones.
 
 Line i of source S has the text ``S line i`` (i from 1).  It writes JSON lines to
 stdout: ``{"event": "ready"}`` once its sockets exist, ``{"event": "sent", "sent": N,
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 from twisted.internet import reactor, stdio
 from twisted.internet.protocol import Protocol
@@ -38,17 +40,12 @@ def main() -> None:
     args = json.loads(sys.argv[1])
     bus = Bus(reactor, bytes.fromhex(args["secret"]), args.get("node", "pusher"),
               {"bus": {"high_water_mark": args.get("hwm", 10000)}})
-    if args.get("batch"):
-        from batchsink import BatchingBusLogSink
-
-        sink: BusLogSink = BatchingBusLogSink(bus, args["endpoints"])
-    else:
-        sink = BusLogSink(bus, args["endpoints"])
+    sink = BusLogSink(bus, args["endpoints"])
     sink.startService()
     app, sources, count = args["app"], args["sources"], args["count"]
     rate = args.get("rate", 0)
     order = [(s, i) for i in range(1, count + 1) for s in sources]
-    state = {"pos": 0}
+    state: dict = {"pos": 0}
 
     def finish() -> None:
         # stats samples dated ``stats_age`` seconds back, so their 10 s bucket is complete
@@ -62,24 +59,28 @@ def main() -> None:
             for _ in range(args["stats"]):
                 stats.emit_stats(app, "router", {"requests": 10, "status_2xx": 9,
                                                  "status_5xx": 1, "latency_le_5ms": 10})
-        out(event="sent", sent=len(order), dropped=sink.counters["dropped"])
+        out(event="sent", sent=len(order), dropped=sink.counters["dropped"],
+            start=state.get("start"), end=time.time())
 
     def burst() -> None:
+        state["start"] = time.time()
         for s, i in order:
             sink.emit(app, s, f"{s} line {i}", reactor.seconds())
         finish()
 
     def paced() -> None:
-        # send in small slices every 10 ms to keep ``rate`` lines per second
-        per_tick = max(1, int(rate / 100))
+        # every ~5 ms, send what the rate allows for the time elapsed since the start
+        now = time.time()
+        t0 = state.setdefault("start", now)
         pos = state["pos"]
-        for s, i in order[pos : pos + per_tick]:
+        due = min(len(order), int((now - t0) * rate) + 1)
+        for s, i in order[pos:due]:
             sink.emit(app, s, f"{s} line {i}", reactor.seconds())
-        state["pos"] = pos + per_tick
-        if state["pos"] >= len(order):
+        state["pos"] = due
+        if due >= len(order):
             finish()
         else:
-            reactor.callLater(0.01, paced)
+            reactor.callLater(0.005, paced)
 
     def start() -> None:
         out(event="ready")

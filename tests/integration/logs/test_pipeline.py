@@ -14,16 +14,16 @@ from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 
-from epio.logclient import LineFilter, LogClient
+from epio.logclient import LogClient
 
 from .helpers import (
     LoggerNode,
     Pusher,
     all_lines,
     connect_tail,
+    make_bus,
     peer,
     serve_tail,
-    make_bus,
     until,
     write_secret,
 )
@@ -126,25 +126,6 @@ class PipelineTests(TestCase):
         self.assertEqual(sum(v for _, v in got["series"]["requests"]), 30)
 
         tail.protocol_instance.sendClose()
-        await p.close()
-
-    async def test_batched_burst(self) -> None:
-        """The same burst sent as log.batch messages (batchsink.py) is stored whole and in order."""
-        node = self.start_logger()
-        client = self.client(node)
-        p = self.pusher(node, sources=["web.1", "web.2"], count=5000, batch=True)
-        sent = await p.events["sent"].addTimeout(30, reactor)
-        self.assertEqual(sent["dropped"], 0)
-        stored: list = []
-
-        async def all_stored() -> bool:
-            stored[:] = await all_lines(client, "burst")
-            return len(stored) >= 10_000
-
-        await until(all_stored, 20)
-        self.assertEqual(by_source(stored), {"web.1": list(range(1, 5001)),
-                                             "web.2": list(range(1, 5001))})
-        self.assertEqual([ln for ln in stored if ln.lost], [])
         await p.close()
 
     async def test_kill_and_restart_during_burst(self) -> None:
