@@ -1,0 +1,355 @@
+#!/usr/bin/env python3
+"""Router benchmark: epio's router vs HAProxy vs nginx in front of one fast backend.
+
+Run by hand from the checkout (root not needed; haproxy, nginx, wrk, taskset from
+Debian):
+
+    /work/venv/bin/python benchmarks/lb/run.py [--duration 5] [--rounds 2]
+
+What it does (see docs/router.md):
+
+- backend: nginx (one worker) answering every request with a 100-byte body; if
+  nginx is missing, a tiny asyncio server (slower; the ratio is still fair);
+- proxies, each with equivalent settings (HTTP/1.1 keep-alive to the backend,
+  one process, access log to a file for epio, none for the others):
+  ``epio`` (``twistd -n epio --role=lb --routes ...``), ``haproxy`` and ``nginx``;
+  plus ``direct`` (wrk straight at the backend) for reference;
+- pinning: backend and proxy on CPU 0, the load generator on CPU 1;
+- throughput: ``wrk -t1 -c50 -d<duration>s --latency`` per config, printing req/s,
+  p50, p99, and the epio/HAProxy ratio of the same round;
+- added latency: an open-loop client (below; wrk2 and h2load are not installed)
+  sends exactly 1,000 req/s over 32 keep-alive connections for <duration>
+  seconds and measures each response from its *scheduled* send time (no
+  coordinated omission); added latency = proxied p50/p99 minus direct p50/p99.
+
+The machine is shared: run two rounds and read the spread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CHECKOUT = Path(__file__).resolve().parents[2]
+BODY = b"0123456789" * 10
+HOST = "bench.example.com"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 20.0, what: str = "", log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                tail = log.read_text()[-2000:] if log is not None and log.exists() else ""
+                raise SystemExit(f"{what}: nothing listening on {port}\n{tail}") from None
+            time.sleep(0.05)
+
+
+def pin(cpu: int) -> list[str]:
+    return ["taskset", "-c", str(cpu)] if shutil.which("taskset") else []
+
+
+class Procs:
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, argv: list[str], **kw: object) -> subprocess.Popen[bytes]:
+        p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True, **kw)  # type: ignore[call-overload]
+        self.procs.append(p)
+        return p
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        for p in self.procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+
+
+ASYNC_BACKEND = r'''
+import asyncio, sys
+BODY = b"0123456789" * 10
+RESP = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nContent-Type: text/plain\r\n\r\n" + BODY
+class P(asyncio.Protocol):
+    def connection_made(self, t): self.t = t; self.buf = b""
+    def data_received(self, d):
+        self.buf += d
+        n = self.buf.count(b"\r\n\r\n")
+        if n:
+            self.buf = self.buf[self.buf.rfind(b"\r\n\r\n") + 4:]
+            self.t.write(RESP * n)
+async def main():
+    srv = await asyncio.get_running_loop().create_server(P, "127.0.0.1", int(sys.argv[1]))
+    await srv.serve_forever()
+asyncio.run(main())
+'''
+
+
+def start_backend(procs: Procs, tmp: Path) -> tuple[int, str]:
+    port = free_port()
+    if shutil.which("nginx"):
+        conf = tmp / "nginx-backend.conf"
+        conf.write_text(f"""
+worker_processes 1;
+daemon off;
+pid {tmp}/nginx-backend.pid;
+error_log {tmp}/nginx-backend.err;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  keepalive_requests 100000000;
+  keepalive_timeout 300s;
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{ default_type text/plain; return 200 "{BODY.decode()}"; }}
+  }}
+}}
+""")
+        procs.start([*pin(0), "nginx", "-c", str(conf)])
+        kind = "nginx (1 worker, 100-byte body)"
+    else:
+        script = tmp / "backend.py"
+        script.write_text(ASYNC_BACKEND)
+        procs.start([*pin(0), sys.executable, str(script), str(port)])
+        kind = "asyncio (100-byte body)"
+    wait_port(port)
+    return port, kind
+
+
+def start_epio(procs: Procs, tmp: Path, backend: int) -> int:
+    port = free_port()
+    (tmp / "routes.toml").write_text(
+        f'[apps.bench]\nhostnames = ["{HOST}"]\nbackends = ["127.0.0.1:{backend}"]\n')
+    (tmp / "epio.toml").write_text(f'[lb]\naccess_log = "{tmp}/epio-access.log"\n')
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(CHECKOUT)
+    procs.start([*pin(0), sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+                 "-n", "--pidfile=", "--logfile", str(tmp / "epio.log"), "epio", "--role=lb",
+                 "--config", str(tmp / "epio.toml"), "--routes", str(tmp / "routes.toml"),
+                 "--lb-listen", f"tcp:{port}:interface=127.0.0.1",
+                 "--data-dir", str(tmp / "epio-data")], env=env, cwd=str(tmp))
+    wait_port(port, what="epio", log=tmp / "epio.log")
+    return port
+
+
+def start_haproxy(procs: Procs, tmp: Path, backend: int) -> int | None:
+    if not shutil.which("haproxy"):
+        return None
+    port = free_port()
+    conf = tmp / "haproxy.cfg"
+    conf.write_text(f"""
+global
+  maxconn 4096
+  nbthread 1
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 75s
+  timeout server 55s
+  timeout http-request 10s
+  option http-keep-alive
+frontend fe
+  bind 127.0.0.1:{port}
+  acl host_bench hdr(host) -i {HOST}
+  use_backend be if host_bench
+backend be
+  http-reuse always
+  option forwardfor
+  server s1 127.0.0.1:{backend}
+""")
+    procs.start([*pin(0), "haproxy", "-f", str(conf), "-db"])
+    wait_port(port, what="haproxy")
+    return port
+
+
+def start_nginx_proxy(procs: Procs, tmp: Path, backend: int) -> int | None:
+    if not shutil.which("nginx"):
+        return None
+    port = free_port()
+    conf = tmp / "nginx-proxy.conf"
+    conf.write_text(f"""
+worker_processes 1;
+daemon off;
+pid {tmp}/nginx-proxy.pid;
+error_log {tmp}/nginx-proxy.err;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  keepalive_requests 100000000;
+  upstream be {{ server 127.0.0.1:{backend}; keepalive 64; }}
+  server {{
+    listen 127.0.0.1:{port};
+    server_name {HOST};
+    location / {{
+      proxy_pass http://be;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host $host;
+      proxy_set_header X-Forwarded-For $remote_addr;
+    }}
+  }}
+}}
+""")
+    procs.start([*pin(0), "nginx", "-c", str(conf)])
+    wait_port(port, what="nginx proxy", log=tmp / "nginx-proxy.err")
+    return port
+
+
+def to_ms(text: str) -> float:
+    m = re.match(r"([\d.]+)(us|ms|s)", text)
+    if not m:
+        return float("nan")
+    v, unit = float(m.group(1)), m.group(2)
+    return v / 1000 if unit == "us" else v * 1000 if unit == "s" else v
+
+
+def run_wrk(port: int, duration: float) -> tuple[float, float, float]:
+    out = subprocess.run(
+        [*pin(1), "wrk", "-t1", "-c50", f"-d{duration:g}s", "--latency", "-H", f"Host: {HOST}",
+         f"http://127.0.0.1:{port}/"], capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p50 = to_ms(re.search(r"50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    p99 = to_ms(re.search(r"99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    if "Non-2xx" in out or "Socket errors" in out:
+        print("   wrk reported errors:", " | ".join(
+            ln.strip() for ln in out.splitlines() if "Non-2xx" in ln or "Socket errors" in ln))
+    return rps, p50, p99
+
+
+# -- the open-loop fixed-rate client (runs as a separate pinned process) -------------------
+async def _open_loop(port: int, rate: float, duration: float, conns: int) -> list[float]:
+    req = f"GET / HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode()
+    queue: asyncio.Queue[float] = asyncio.Queue()
+    lat: list[float] = []
+    loop = asyncio.get_running_loop()
+
+    async def worker() -> None:
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        while True:
+            t_sched = await queue.get()
+            if t_sched < 0:
+                w.close()
+                return
+            w.write(req)
+            head = await r.readuntil(b"\r\n\r\n")
+            m = re.search(rb"(?i)content-length:\s*(\d+)", head)
+            await r.readexactly(int(m.group(1)) if m else 0)
+            lat.append(loop.time() - t_sched)
+
+    tasks = [asyncio.create_task(worker()) for _ in range(conns)]
+    await asyncio.sleep(0.2)
+    start = loop.time() + 0.05
+    n = int(rate * duration)
+    for i in range(n):
+        t = start + i / rate
+        delay = t - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        queue.put_nowait(t)
+    for _ in tasks:
+        queue.put_nowait(-1.0)
+    await asyncio.wait_for(asyncio.gather(*tasks), 30)
+    return lat
+
+
+def open_loop_main(port: int, rate: float, duration: float) -> None:
+    lat = sorted(asyncio.run(_open_loop(port, rate, duration, 32)))
+    skip = lat[int(len(lat) * 0.0):]
+    p50 = skip[len(skip) // 2] * 1000
+    p99 = skip[int(len(skip) * 0.99)] * 1000
+    print(f"{len(lat)} {p50:.3f} {p99:.3f}")
+
+
+def run_fixed_rate(port: int, duration: float, rate: float = 1000.0) -> tuple[float, float]:
+    out = subprocess.run([*pin(1), sys.executable, __file__, "--open-loop", str(port),
+                          "--rate", str(rate), "--duration", str(duration)],
+                         capture_output=True, text=True, check=True).stdout.split()
+    return float(out[1]), float(out[2])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
+    ap.add_argument("--rounds", type=int, default=2, help="rounds of the whole set")
+    ap.add_argument("--rate", type=float, default=1000.0, help="fixed rate for added latency")
+    ap.add_argument("--open-loop", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.open_loop:
+        open_loop_main(args.open_loop, args.rate, args.duration)
+        return
+    if not shutil.which("wrk"):
+        raise SystemExit("wrk is not installed (apt-get install wrk)")
+    procs = Procs()
+    tmp = Path(tempfile.mkdtemp(prefix="epio-lb-bench-"))
+    try:
+        backend, kind = start_backend(procs, tmp)
+        ports: dict[str, int | None] = {
+            "direct": backend,
+            "epio": start_epio(procs, tmp, backend),
+            "haproxy": start_haproxy(procs, tmp, backend),
+            "nginx": start_nginx_proxy(procs, tmp, backend),
+        }
+        print(f"backend: {kind}; proxy+backend on CPU 0, load on CPU 1; "
+              f"wrk -t1 -c50 -d{args.duration:g}s keep-alive")
+        for name, port in ports.items():  # warm-up (and check each config answers)
+            if port is not None:
+                run_wrk(port, 1)
+        for rnd in range(1, args.rounds + 1):
+            print(f"\nround {rnd}: throughput")
+            res: dict[str, tuple[float, float, float]] = {}
+            for name, port in ports.items():
+                if port is None:
+                    print(f"  {name:8s} not installed")
+                    continue
+                res[name] = run_wrk(port, args.duration)
+                rps, p50, p99 = res[name]
+                print(f"  {name:8s} {rps:9.0f} req/s   p50 {p50:6.2f} ms   p99 {p99:6.2f} ms")
+            if "haproxy" in res:
+                print(f"  epio/haproxy ratio: {res['epio'][0] / res['haproxy'][0]:.2f}")
+            if "nginx" in res:
+                print(f"  epio/nginx ratio:   {res['epio'][0] / res['nginx'][0]:.2f}")
+            print(f"round {rnd}: latency at a fixed {args.rate:g} req/s (open loop)")
+            lat: dict[str, tuple[float, float]] = {}
+            for name, port in ports.items():
+                if port is None:
+                    continue
+                lat[name] = run_fixed_rate(port, args.duration, args.rate)
+                p50, p99 = lat[name]
+                added = ""
+                if name != "direct":
+                    added = (f"   added p50 {p50 - lat['direct'][0]:+.2f} ms"
+                             f"   added p99 {p99 - lat['direct'][1]:+.2f} ms")
+                print(f"  {name:8s} p50 {p50:6.2f} ms   p99 {p99:6.2f} ms{added}")
+    finally:
+        procs.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
