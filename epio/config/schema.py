@@ -236,8 +236,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
                              "override.", non_negative),
         "trusted_proxies": Key(list, [], "Peer addresses whose X-Forwarded-* headers are "
                                "trusted and extended.", item_kind=str),
-        "access_log": Key(str, "", "Access log: empty = the log pipeline (node log until a "
-                          "logger runs), 'off', or a file path."),
+        "access_log": Key(str, "", "Access log: empty = the log pipeline (pushed to "
+                          "cluster.loggers; the node log for a standalone --routes router), "
+                          "'local' (node log), 'off', or a file path."),
         "stats_interval": Key(float, 10.0, "Seconds between per-app stats reports.", positive),
         "shutdown_timeout": Key(float, 30.0, "Seconds in-flight requests get to finish on stop.",
                                 positive),

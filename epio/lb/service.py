@@ -123,7 +123,7 @@ class LBService(MultiService):
         self._file_sink = None
         if access == "off":
             observer = Observer(None, stats_sink, enabled=False)
-        elif access:
+        elif access and access != "local":
             self._file_sink = FileLogSink(access)
             observer = Observer(self._file_sink, stats_sink)
         else:
@@ -324,6 +324,25 @@ class LBService(MultiService):
             self._spawn_workers(1, addr)
 
 
+def pipeline_sinks(node: Any, standalone: bool) -> tuple[Any, Any, Any]:
+    """(log sink, stats sink, service to run) for the router's access log and stats.
+
+    A router fed by the nexus pushes to every configured logger (``BusLogSink``);
+    a standalone router (``--routes``) or one without loggers writes to the node log.
+    """
+    from epio.pipeline import LocalLogSink
+
+    loggers = node.config["cluster"]["loggers"]
+    access = node.config["lb"].get("access_log", "")
+    if loggers and not standalone and access == "":
+        from epio.pipeline import BusLogSink
+
+        sink = BusLogSink(node.bus, loggers, clock=node.reactor)
+        return sink, sink, sink
+    local = LocalLogSink()
+    return local, local, None
+
+
 def make_service(node: Any) -> LBService:
     """The ``lb`` role of ``node``."""
     cfg = node.config
@@ -336,13 +355,10 @@ def make_service(node: Any) -> LBService:
         from epio.routefeed import make_route_source
 
         source = make_route_source(node)
-    log_sink = stats_sink = None
-    try:
-        from epio.pipeline import LocalLogSink
-
-        log_sink = stats_sink = LocalLogSink()
-    except ImportError:  # pragma: no cover
-        pass
+    log_sink, stats_sink, sink_service = pipeline_sinks(node, bool(routes_file))
     spec = {"config": cfg.as_dict(), "data_dir": str(node.data_dir)}
-    return LBService(node.reactor, section, cfg["node"]["domain"], source, log_sink, stats_sink,
-                     worker_spec=spec)
+    svc = LBService(node.reactor, section, cfg["node"]["domain"], source, log_sink, stats_sink,
+                    worker_spec=spec)
+    if sink_service is not None:
+        sink_service.setServiceParent(svc)
+    return svc

@@ -27,20 +27,22 @@ def main() -> None:
     config = validate(spec["config"])
     section = dict(config["lb"])
     section["workers"] = 1
+    from epio.lb.service import pipeline_sinks
+    from epio.node import Node
+
+    node = Node.prepare(reactor, config, frozenset({"lb"}))
     if section.get("routes_file"):
         source = FileRouteSource(Path(section["routes_file"]))
     else:
-        from epio.node import Node
         from epio.routefeed import make_route_source
 
-        node = Node.prepare(reactor, config, frozenset({"lb"}))
         source = make_route_source(node)
-    from epio.pipeline import LocalLogSink
-
-    sink = LocalLogSink()
+    log_sink, stats_sink, sink_service = pipeline_sinks(node, bool(section.get("routes_file")))
     iface, port, family = spec["reuseport"]
-    svc = LBService(reactor, section, config["node"]["domain"], source, sink, sink,
+    svc = LBService(reactor, section, config["node"]["domain"], source, log_sink, stats_sink,
                     reuseport=(iface, int(port), int(family)))
+    if sink_service is not None:
+        sink_service.setServiceParent(svc)
     svc.startService()
     reactor.addSystemEventTrigger("before", "shutdown", svc.stopService)
     reactor.run()
