@@ -51,6 +51,14 @@ class Backend:
         return f"{self.host}:{self.port}"
 
 
+def _hostnames(hs: Iterable[str]) -> tuple[str, ...]:
+    return tuple(normalise_host(h) for h in hs)
+
+
+def _backends(bs: Iterable[Backend]) -> tuple[Backend, ...]:
+    return tuple(bs)
+
+
 @frozen
 class Route:
     """An app's hostnames and backends, with its own limits where set.
@@ -61,8 +69,8 @@ class Route:
     """
 
     app: str
-    hostnames: tuple[str, ...] = field(converter=lambda hs: tuple(normalise_host(h) for h in hs))
-    backends: tuple[Backend, ...] = field(converter=tuple)
+    hostnames: tuple[str, ...] = field(converter=_hostnames)
+    backends: tuple[Backend, ...] = field(converter=_backends)
     maintenance: bool = False
     max_body_size: int | None = None
     connect_timeout: float | None = None
@@ -204,13 +212,13 @@ class IRouteSource(Interface):
 
     description = Attribute("Human-readable name for logs, e.g. 'file routes.toml'.")
 
-    def start(table: RouteTable) -> None:
+    def start(table: RouteTable) -> None:  # type: ignore[misc]
         """Fill ``table`` now (or as soon as possible) and keep it current."""
 
-    def stop() -> None:
+    def stop() -> None:  # type: ignore[misc]
         """Stop updating the table; it keeps its last contents."""
 
-    def reload() -> None:
+    def reload() -> None:  # type: ignore[misc]
         """Re-read the source now (SIGHUP); a bad source leaves the table as it was."""
 
 

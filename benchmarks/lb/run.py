@@ -317,7 +317,7 @@ def main() -> None:
         }
         print(f"backend: {kind}; proxy+backend on CPU 0, load on CPU 1; "
               f"wrk -t1 -c50 -d{args.duration:g}s keep-alive")
-        for name, port in ports.items():  # warm-up (and check each config answers)
+        for _name, port in ports.items():  # warm-up (and check each config answers)
             if port is not None:
                 run_wrk(port, 1)
         for rnd in range(1, args.rounds + 1):

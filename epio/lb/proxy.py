@@ -86,7 +86,7 @@ class Settings:
 
     @classmethod
     def from_config(cls, section: dict[str, Any]) -> Settings:
-        kw = {}
+        kw: dict[str, Any] = {}
         for name in cls.__attrs_attrs__:  # type: ignore[attr-defined]
             if name.name in section:
                 v = section[name.name]
@@ -241,6 +241,8 @@ class LB:
 class BackendConn(Protocol):
     """A kept-alive HTTP/1.1 connection to one backend."""
 
+    transport: Any
+
     def __init__(self, lb: LB, st: BackendState) -> None:
         self.lb = lb
         self.bstate = st
@@ -348,6 +350,7 @@ class ClientConn(Protocol):
     """One client connection; runs its requests one at a time, in order."""
 
     log = Logger()
+    transport: Any
 
     def __init__(self, lb: LB, scheme: bytes = b"http") -> None:
         self.lb = lb

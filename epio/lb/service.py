@@ -27,7 +27,7 @@ from twisted.logger import Logger
 
 from epio.lb.observe import FileLogSink, Observer
 from epio.lb.proxy import LB, SWEEP_INTERVAL, LBFactory, Settings
-from epio.routing import FileRouteSource, IRouteSource, RouteTable
+from epio.routing import FileRouteSource, RouteTable
 
 FLUSH_INTERVAL = 0.5
 TLS_RESCAN_INTERVAL = 5.0
@@ -83,6 +83,7 @@ def reuseport_socket(iface: str, port: int, family: int, backlog: int = 1024) ->
 
 class _WorkerProtocol(ProcessProtocol):
     log = Logger()
+    transport: Any
 
     def __init__(self, svc: LBService, n: int) -> None:
         self.svc = svc
@@ -110,7 +111,7 @@ class LBService(MultiService):
     log = Logger()
 
     def __init__(self, reactor: Any, section: dict[str, Any], domain: str,
-                 route_source: IRouteSource | None, log_sink: Any = None,
+                 route_source: Any, log_sink: Any = None,
                  stats_sink: Any = None, worker_spec: dict[str, Any] | None = None,
                  reuseport: tuple[str, int, int] | None = None) -> None:
         super().__init__()
@@ -118,7 +119,7 @@ class LBService(MultiService):
         self.section = section
         self.settings = Settings.from_config(section)
         self.table = RouteTable(domain)
-        self.route_source = route_source
+        self.route_source = route_source  # an IRouteSource, or None
         access = section.get("access_log", "")
         self._file_sink = None
         if access == "off":
@@ -137,18 +138,26 @@ class LBService(MultiService):
         self._workers: list[_WorkerProtocol] = []
         self._stopping = False
         self._ready: defer.Deferred[None] = defer.Deferred()
+        self._ready_result: Any = None
+        self._waiters: list[defer.Deferred[Any]] = []
         self._old_sighup: Any = None
 
     # -- lifecycle ----------------------------------------------------------------------
     def whenReady(self) -> defer.Deferred[Any]:
         """Fires with the list of listening ports once every listener is up."""
         d: defer.Deferred[Any] = defer.Deferred()
+        self._waiters.append(d)
         if self._ready.called:
-            d.callback(self.ports)
-        else:
-            self._ready.addBoth(lambda r: (d.callback(self.ports) if not isinstance(r, Exception)
-                                           else d.errback(r), r)[1])
+            self._fire_waiters(self._ready_result)
         return d
+
+    def _fire_waiters(self, failure: Any) -> None:
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            if failure is None:
+                d.callback(self.ports)
+            else:
+                d.errback(failure)
 
     def startService(self) -> None:
         super().startService()
@@ -205,7 +214,8 @@ class LBService(MultiService):
             loop.clock = self.reactor
             loop.start(TLS_RESCAN_INTERVAL, now=False)
             self._loops.append(loop)
-            tls_factory = TLSMemoryBIOFactory(self.sni, False, LBFactory(self.lb, b"https"))
+            inner: Any = LBFactory(self.lb, b"https")
+            tls_factory = TLSMemoryBIOFactory(self.sni, False, inner)
             if self.reuseport is None:
                 ep = serverFromString(self.reactor, tls_listen)
                 self.ports.append(await ep.listen(tls_factory))
@@ -216,11 +226,14 @@ class LBService(MultiService):
         for p in ports:
             self.log.info("router listening on {addr}", addr=str(p.getHost()))
         self._ready.callback(None)
+        self._fire_waiters(None)
 
     def _listen_failed(self, f: Any) -> None:
         self.log.failure("router cannot listen", f)
         if not self._ready.called:
-            self._ready.errback(f)
+            self._ready_result = f
+            self._ready.callback(None)
+            self._fire_waiters(f)
 
     def _guard(self, fn: Any) -> None:
         try:
@@ -348,7 +361,7 @@ def make_service(node: Any) -> LBService:
     cfg = node.config
     section = dict(cfg["lb"])
     routes_file = section.get("routes_file", "")
-    source: IRouteSource | None
+    source: Any  # IRouteSource
     if routes_file:
         source = FileRouteSource(Path(routes_file))
     else:

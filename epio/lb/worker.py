@@ -12,18 +12,21 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def main() -> None:
-    from twisted.internet import reactor
+    from twisted.internet import reactor as _reactor
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
     from epio.config import validate
     from epio.lb.service import LBService
     from epio.routing import FileRouteSource
 
+    reactor: Any = _reactor
     spec = json.loads(os.environ["EPIO_LB_WORKER_SPEC"])
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])
+    observer: Any = textFileLogObserver(sys.stdout)
+    globalLogBeginner.beginLoggingTo([observer])
     config = validate(spec["config"])
     section = dict(config["lb"])
     section["workers"] = 1
@@ -31,6 +34,7 @@ def main() -> None:
     from epio.node import Node
 
     node = Node.prepare(reactor, config, frozenset({"lb"}))
+    source: Any
     if section.get("routes_file"):
         source = FileRouteSource(Path(section["routes_file"]))
     else:

@@ -12,7 +12,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from epio.lb.observe import Observer
-from epio.lb.proxy import LB, C_HEAD, LBFactory, Settings
+from epio.lb.proxy import C_HEAD, LB, LBFactory, Settings
 from epio.routing import Backend, Route, RouteTable
 
 GET = b"GET / HTTP/1.1\r\nHost: a.example.com\r\n\r\n"

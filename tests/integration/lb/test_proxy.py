@@ -7,12 +7,22 @@ import json
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.error import ConnectionRefusedError
 from twisted.trial.unittest import TestCase
 
 from epio.routing import Backend as RBackend
 from epio.routing import Route
 
-from .helpers import Backend, get, raw_client, request, simple_route, sleep, start_router, wait_until
+from .helpers import (
+    Backend,
+    get,
+    raw_client,
+    request,
+    simple_route,
+    sleep,
+    start_router,
+    wait_until,
+)
 
 
 class RouterTestCase(TestCase):
@@ -437,7 +447,7 @@ class GracefulStopTests(RouterTestCase):
         self.assertEqual((status, headers.get(b"connection")), (200, b"close"))
         await d
         await busy.lost
-        with self.assertRaises(Exception):
+        with self.assertRaises(ConnectionRefusedError):
             await raw_client(port)
 
 
