@@ -118,7 +118,7 @@ class LBService(MultiService):
         self.reactor = reactor
         self.section = section
         self.settings = Settings.from_config(section)
-        self.table = RouteTable(domain)
+        self.table = RouteTable(domain, clock=reactor)
         self.route_source = route_source  # an IRouteSource, or None
         access = section.get("access_log", "")
         self._file_sink = None

@@ -132,3 +132,35 @@ class RoutesFileTests(SynchronousTestCase):
         src.reload()
         self.assertIsNone(t.lookup("a.d"))
         self.assertIsNotNone(t.lookup("b.d"))
+
+
+class SlicedApplyTests(SynchronousTestCase):
+    def test_big_delta_applies_in_slices_in_order(self) -> None:
+        """With a clock a 10k-route delta applies slice by slice (each short), routes
+        change atomically, later deltas wait their turn and replace() drops pending ones."""
+        from twisted.internet.task import Clock
+
+        clock = Clock()
+        t = RouteTable("d", [route(f"app{i}", f"app{i}.example.com") for i in range(10000)],
+                       clock=clock, slice_size=500)
+        t.apply(RouteDelta(upsert=tuple(route(f"app{i}", f"new{i}.example.com") for i in range(10000))))
+        t.apply(RouteDelta(remove=("app0",)))
+        self.assertEqual(t.pending, 10002 - 500)
+        self.assertIsNotNone(t.lookup("new0.example.com"))
+        self.assertIsNone(t.lookup("new9999.example.com"))
+        self.assertIsNotNone(t.lookup("app9999.example.com"))
+        v0 = t.version
+        slices = []
+        while t.pending:
+            t0 = time.perf_counter()
+            clock.advance(0)
+            slices.append(time.perf_counter() - t0)
+        self.assertIsNone(t.lookup("app9999.example.com"))
+        self.assertIsNotNone(t.lookup("new9999.example.com"))
+        self.assertIsNone(t.lookup("new0.example.com"), "the later delta applied after")
+        self.assertEqual(t.version, v0 + 2)
+        self.assertLess(max(slices), 0.02, f"slowest slice {max(slices) * 1000:.1f} ms")
+        t.apply(RouteDelta(upsert=tuple(route(f"x{i}") for i in range(2000))))
+        t.replace([route("only", "only.example.com")])
+        clock.advance(0)
+        self.assertEqual((len(t), t.pending), (1, 0))
