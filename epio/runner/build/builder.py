@@ -154,6 +154,7 @@ class Builder:
         self.wheels = self.data_dir / "cache" / "wheels"
         self.pip_cache = self.data_dir / "cache" / "pip"
         self.resolved = self.data_dir / "cache" / "resolved"
+        self.app_wheels = self.data_dir / "cache" / "wheels-app"
         self.builds_dir = self.data_dir / "builds"
         self._sem = defer.DeferredSemaphore(int(self.cfg["max_concurrent"]))
         self._prepared: dict[str, Any] | None = None
@@ -219,7 +220,7 @@ class Builder:
         python, note = choose_python(self.cfg["python"], need_world=uid is not None)
         if note:
             notes.append(note)
-        for d in (self.wheels, self.resolved, self.builds_dir):
+        for d in (self.wheels, self.app_wheels, self.resolved, self.builds_dir):
             d.mkdir(parents=True, exist_ok=True)
             os.chmod(d, 0o755)
         self.pip_cache.mkdir(parents=True, exist_ok=True)
@@ -633,7 +634,7 @@ class Builder:
             "static": static,
             "django": "DJANGO_SETTINGS_MODULE" in runtime_env,
             "runtime_root": RUNTIME_ROOT,
-            "requirements_sha256": reqs[1] if reqs else None,
+            "requirements_sha256": reqs[3] if reqs else None,
         }
         manifest_doc = {"manifest": manifest.to_dict(), "build": ctx.facts}
         await self._thread(self._finish_tree, root, venv, manifest_doc)
@@ -677,22 +678,33 @@ class Builder:
 
     def _requirements(
         self, ctx: _Ctx, manifest: Manifest, workdir: Path
-    ) -> tuple[Path, str, bool] | None:
-        """Write the effective requirements file; return (path, hash, cacheable) or None."""
-        lines: list[str] = []
-        cacheable = True
+    ) -> tuple[Path, str, str, str] | None:
+        """Write the effective requirements file; return (path, cache key, kind, digest of
+        the requirement set) or None.
+
+        ``kind``: ``plain`` (only requirement specifiers), ``options`` (pip options such
+        as another index or find-links: wheels cached for this app only) or ``local``
+        (paths, URLs, editables: nothing cached).
+        """
+        lines: list[str] = []  # what the key covers
+        effective: list[str] = []  # what pip reads
+        kind = "plain"
         if manifest.requirements:
-            text = (workdir / manifest.requirements).read_text("utf-8", "replace")
+            orig = workdir / manifest.requirements
+            text = orig.read_text("utf-8", "replace")
+            # pip reads the app's own file, so relative paths in it resolve as on a laptop
+            effective.append(f"-r {orig.relative_to(ctx.work)}")
+            lines.append(f"# {manifest.requirements}")
             for raw in text.splitlines():
                 s = raw.split(" #", 1)[0].strip()
                 if not s or s.startswith("#"):
                     continue
                 if s.startswith(("-r", "--requirement", "-c", "--constraint")):
                     ref = s.split(None, 1)[1] if " " in s else s[2:]
-                    inc = workdir / Path(manifest.requirements).parent / ref.strip()
+                    inc = orig.parent / ref.strip()
                     try:
                         inc.resolve().relative_to(workdir.resolve())
-                        lines.append(f"{s.split()[0]} {inc}")
+                        lines.append(s)
                         lines.append("# " + hashlib.sha256(inc.read_bytes()).hexdigest())
                     except (ValueError, OSError):
                         raise self._fail(
@@ -700,63 +712,70 @@ class Builder:
                         ) from None
                     continue
                 if s.startswith(("-e", "--editable", ".", "/", "file:")) or "://" in s:
-                    cacheable = False
+                    kind = "local"
+                elif s.startswith("-") and kind == "plain":
+                    kind = "options"
                 lines.append(s)
         elif manifest.pyproject:
             try:
                 data = tomllib.loads((workdir / "pyproject.toml").read_text("utf-8"))
             except (OSError, tomllib.TOMLDecodeError) as e:
                 raise self._fail(ctx, f"pyproject.toml: {e}") from None
-            lines += [str(d) for d in data.get("project", {}).get("dependencies", [])]
+            deps = [str(d) for d in data.get("project", {}).get("dependencies", [])]
+            lines += deps
+            effective += deps
         names = {
             _canonical(m.group(1))
             for ln in lines
-            if (m := _REQ_NAME.match(ln)) and not ln.startswith("-")
+            if (m := _REQ_NAME.match(ln)) and not ln.startswith(("-", "#"))
         }
         wants_gunicorn = manifest.needs_gunicorn or any(
             c.split()[0] == "gunicorn" for c in manifest.processes.values() if c.split()
         )
         if wants_gunicorn and "gunicorn" not in names:
             lines.append(self.cfg["gunicorn"])
+            effective.append(self.cfg["gunicorn"])
             self._emit(ctx, f"       (adding {self.cfg['gunicorn']} for the web process)")
-        if not lines:
+        if not effective:
             return None
         content = "\n".join(lines) + "\n"
+        scope = "" if kind == "plain" else "\napp " + ctx.app
         key = hashlib.sha256(
-            (content + "\n" + (self._prepared or {})["python_version"]).encode()  # type: ignore[index]
+            (content + "\n" + (self._prepared or {})["python_version"] + scope).encode()
         ).hexdigest()
         path = ctx.work / "requirements.epio.txt"
-        path.write_text(content)
+        path.write_text("\n".join(effective) + "\n")
         os.chmod(path, 0o644)
-        return path, key, cacheable
+        return path, key, kind, hashlib.sha256(content.encode()).hexdigest()
 
     async def _install(
         self,
         ctx: _Ctx,
-        reqs: tuple[Path, str, bool],
+        reqs: tuple[Path, str, str, str],
         venv: Path,
         env: dict[str, str],
         prep: dict[str, Any],
     ) -> None:
-        path, key, cacheable = reqs
+        """Install requirements; offline from the caches when this set was resolved before.
+
+        Only wheels pip itself *downloaded* for a plain requirement set enter the
+        node-wide cache; wheels built from source, or fetched through the app's own pip
+        options, go to the app's own cache (``cache/wheels-app/<app>``), so one app's
+        build cannot plant a wheel another app will install.
+        """
+        path, key, kind, _ = reqs
         marker = self.resolved / key
+        app_cache = self.app_wheels / _safe_name(ctx.app)
+        new = ctx.work / "wheels-new"
+        links = [str(self.wheels), str(app_cache)] + ([str(new)] if kind == "local" else [])
         pip = [str(venv / "bin" / "python"), "-m", "pip"]
         penv = dict(env, PYTHONPATH=str(prep["piptool"]), PIP_CACHE_DIR=str(self.pip_cache))
-        offline = [
-            *pip,
-            "install",
-            "--no-index",
-            "--find-links",
-            str(self.wheels),
-            "--no-compile",
-            "--only-binary",
-            ":all:",
-            "-r",
-            str(path),
-        ]
-        if cacheable and marker.exists():
+        offline = [*pip, "install", "--no-index"]
+        for link in links:
+            offline += ["--find-links", link]
+        offline += ["--no-compile", "--only-binary", ":all:", "-r", str(path)]
+        if kind != "local" and marker.exists():
             self._emit(ctx, "-----> Installing requirements from the wheel cache (offline)")
-            ctx.facts["wheels"] = "cache"
             try:
                 await self._run(
                     ctx, "pip install (offline)", offline, cwd=ctx.work, env=penv, soft=True
@@ -767,32 +786,39 @@ class Builder:
                     ctx, "       the wheel cache is missing something; resolving from the index"
                 )
         self._emit(ctx, "-----> Resolving requirements and filling the wheel cache")
-        new = ctx.work / "wheels-new"
         index = ["--index-url", self.cfg["index_url"]] if self.cfg["index_url"] else []
+        fetched: set[str] = set()
+
+        def watch(text: str) -> bool:
+            m = _FETCHED.search(text)
+            if m:
+                where = m.group(2)
+                if m.group(1) != "Processing" or not where.startswith(str(ctx.work)):
+                    fetched.add(where.rsplit("/", 1)[-1])
+            return False
+
+        wheel_cmd = [*pip, "wheel", "--wheel-dir", str(new)]
+        for link in links[:2]:
+            wheel_cmd += ["--find-links", link]
         await self._run(
             ctx,
             "pip wheel",
-            [
-                *pip,
-                "wheel",
-                "--wheel-dir",
-                str(new),
-                "--find-links",
-                str(self.wheels),
-                *index,
-                "-r",
-                str(path),
-            ],
+            [*wheel_cmd, *index, "-r", str(path)],
             cwd=ctx.work,
             env=penv,
+            on_line=watch,
         )
-        added = await self._thread(_admit_wheels, new, self.wheels)
-        self._emit(ctx, f"       {added} new wheel(s) added to the node's cache")
+        if kind == "plain":
+            shared, own = await self._thread(_admit_wheels, new, self.wheels, app_cache, fetched)
+        elif kind == "options":
+            shared, own = await self._thread(_admit_wheels, new, self.wheels, app_cache, set())
+        else:
+            shared = own = 0
+        self._emit(ctx, f"       {shared} new wheel(s) in the node's cache, {own} in the app's own")
         self._emit(ctx, "-----> Installing requirements from the wheel cache")
         await self._run(ctx, "pip install", offline, cwd=ctx.work, env=penv)
-        ctx.facts["wheels"] = "index"
-        if cacheable:
-            marker.write_text(path.read_text())
+        if kind != "local":
+            marker.write_text(path.read_text())  # (for operators: what was resolved)
 
     # ------------------------------------------------------------------ tree
 
@@ -817,19 +843,29 @@ class Builder:
         os.chmod(root, 0o755)
 
 
-def _admit_wheels(new: Path, cache: Path) -> int:
-    """Move freshly built/downloaded wheels into the node cache (never overwriting)."""
-    n = 0
+_FETCHED = re.compile(r"(Downloading|Using cached|Processing)\s+(\S+\.whl)\b")
+
+
+def _safe_name(app: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", app)[:60] or "_"
+
+
+def _admit_wheels(new: Path, shared: Path, own: Path, trusted: set[str]) -> tuple[int, int]:
+    """Move a build's wheels into the caches (never overwriting): those in ``trusted``
+    (downloaded by pip as wheels) to the node-wide ``shared`` cache, others to ``own``."""
+    counts = [0, 0]
     for w in sorted(new.glob("*.whl")):
-        dest = cache / w.name
-        if dest.exists():
+        is_shared = w.name in trusted
+        cache = shared if is_shared else own
+        if (shared / w.name).exists() or (cache / w.name).exists():
             continue
+        cache.mkdir(parents=True, exist_ok=True)
         tmp = cache / f".{w.name}.{os.urandom(6).hex()}.tmp"
         shutil.copyfile(w, tmp)
         os.chmod(tmp, 0o644)
-        os.replace(tmp, dest)
-        n += 1
-    return n
+        os.replace(tmp, cache / w.name)
+        counts[0 if is_shared else 1] += 1
+    return counts[0], counts[1]
 
 
 def _chown_tree(root: Path, uid: int, gid: int) -> None:

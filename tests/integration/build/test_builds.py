@@ -448,3 +448,71 @@ class ConcurrentBuildTests(_Base):
         self.assertEqual(again.digest, r1.digest)
         self.assertNotEqual(r1.digest, r2.digest)
         self.assert_nothing_left({r1.digest, r2.digest})
+
+
+def _fake_wheel(directory: Path, name: str, version: str) -> Path:
+    """A minimal valid wheel whose module says which app shipped it."""
+    import base64
+    import hashlib
+    import zipfile
+
+    directory.mkdir(parents=True, exist_ok=True)
+    dist = f"{name}-{version}.dist-info"
+    files = {
+        f"{name}/__init__.py": b"SHIPPED_BY = 'app A'\n",
+        f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
+        f"{dist}/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = []
+    for path, data in files.items():
+        h = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        record.append(f"{path},sha256={h},{len(data)}")
+    record.append(f"{dist}/RECORD,,")
+    files[f"{dist}/RECORD"] = ("\n".join(record) + "\n").encode()
+    whl = directory / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(whl, "w") as z:
+        for path, data in files.items():
+            z.writestr(path, data)
+    return whl
+
+
+class WheelCacheTrustTests(_Base):
+    async def test_app_supplied_wheels_stay_with_the_app(self) -> None:
+        """A wheel an app brings through its own pip options (--find-links) is cached for
+        that app only: another app asking for the same name and version does not get it."""
+        b, sink = self.builder()
+        a = Path(tempfile.mkdtemp())
+        self.addCleanup(__import__("shutil").rmtree, a)
+        _fake_wheel(a / "wheels", "epio_trust_probe", "1.0")
+        write_app(
+            a,
+            {
+                "Procfile": "w: python -c 'import epio_trust_probe'\n",
+                "requirements.txt": "--find-links ./wheels\nepio-trust-probe==1.0\n",
+            },
+        )
+        built = await b.build("appa", _tarball(self, a), {})
+        self.assertFalse(list((self.data / "cache" / "wheels").glob("epio_trust_probe*")))
+        self.assertTrue(
+            list((self.data / "cache" / "wheels-app" / "appa").glob("epio_trust_probe*"))
+        )
+        self.assertTrue(ImageStore(self.data).has(built.digest))
+        # app A rebuilds offline from its own cache
+        again = await b.build("appa", _tarball(self, a), {})
+        self.assertEqual(again.digest, built.digest)
+        self.assertIn("from the wheel cache (offline)", sink.text())
+        # app B names the same package without bringing it: it must come from the index
+        bdir = write_app(
+            Path(tempfile.mkdtemp()),
+            {
+                "Procfile": "w: python w.py\n",
+                "requirements.txt": "epio-trust-probe==1.0\n",
+            },
+        )
+        self.addCleanup(__import__("shutil").rmtree, bdir)
+        try:
+            await b.build("appb", _tarball(self, bdir), {})
+        except BuildFailed as e:
+            self.assertIn("pip wheel failed", e.reason)
+        else:
+            self.fail("app B was given app A's wheel")
