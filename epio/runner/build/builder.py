@@ -788,8 +788,12 @@ class Builder:
         self._emit(ctx, "-----> Resolving requirements and filling the wheel cache")
         index = ["--index-url", self.cfg["index_url"]] if self.cfg["index_url"] else []
         fetched: set[str] = set()
+        ran_code = False
 
         def watch(text: str) -> bool:
+            nonlocal ran_code
+            if _RUNS_CODE.search(text):
+                ran_code = True
             m = _FETCHED.search(text)
             if m:
                 where = m.group(2)
@@ -808,9 +812,11 @@ class Builder:
             env=penv,
             on_line=watch,
         )
-        if kind == "plain":
+        if kind == "plain" and not ran_code:
             shared, own = await self._thread(_admit_wheels, new, self.wheels, app_cache, fetched)
-        elif kind == "options":
+        elif kind in ("plain", "options"):
+            # package code ran during this resolution (an sdist was prepared or built):
+            # it could have altered any wheel of the run, so none is shared
             shared, own = await self._thread(_admit_wheels, new, self.wheels, app_cache, set())
         else:
             shared = own = 0
@@ -843,6 +849,10 @@ class Builder:
         os.chmod(root, 0o755)
 
 
+_RUNS_CODE = re.compile(
+    r"Preparing metadata|Building wheels? for|Installing build dependencies|"
+    r"Getting requirements to build"
+)
 _FETCHED = re.compile(r"(Downloading|Using cached|Processing)\s+(\S+\.whl)\b")
 
 
