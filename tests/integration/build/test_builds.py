@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import tarfile
 import tempfile
@@ -243,7 +244,7 @@ class HostileUploadTests(_Base):
                 "Procfile": "web: a\nweb: b\n",
             },
         )
-        self.addCleanup(__import__("shutil").rmtree, app)
+        self.addCleanup(shutil.rmtree, app)
         e = await self.fails(b, _tarball(self, app), "the app manifest has 3 errors")
         for where in ("epio.ini:4:", "epio.ini:6:", "Procfile:2:"):
             self.assertIn(where, e.reason)
@@ -258,7 +259,7 @@ class HostileUploadTests(_Base):
 class FailingBuildTests(_Base):
     def app(self, files: dict[str, str]) -> Path:
         d = write_app(Path(tempfile.mkdtemp()), files)
-        self.addCleanup(__import__("shutil").rmtree, d)
+        self.addCleanup(shutil.rmtree, d)
         return _tarball(self, d)
 
     async def _missing_requirement(self) -> None:
@@ -411,7 +412,7 @@ class CompatBuildTests(_Base):
                 "css/site.css": "body {}\n",
             },
         )
-        self.addCleanup(__import__("shutil").rmtree, d)
+        self.addCleanup(shutil.rmtree, d)
         b, sink = self.builder(image_format="dir")
         result = await b.build("compat", _tarball(self, d), {})
         self.assertTrue(result.manifest.pyproject)
@@ -482,7 +483,7 @@ class WheelCacheTrustTests(_Base):
         that app only: another app asking for the same name and version does not get it."""
         b, sink = self.builder()
         a = Path(tempfile.mkdtemp())
-        self.addCleanup(__import__("shutil").rmtree, a)
+        self.addCleanup(shutil.rmtree, a)
         _fake_wheel(a / "wheels", "epio_trust_probe", "1.0")
         write_app(
             a,
@@ -509,7 +510,7 @@ class WheelCacheTrustTests(_Base):
                 "requirements.txt": "epio-trust-probe==1.0\n",
             },
         )
-        self.addCleanup(__import__("shutil").rmtree, bdir)
+        self.addCleanup(shutil.rmtree, bdir)
         try:
             await b.build("appb", _tarball(self, bdir), {})
         except BuildFailed as e:
