@@ -517,3 +517,10 @@ class WheelCacheTrustTests(_Base):
             self.assertIn("pip wheel failed", e.reason)
         else:
             self.fail("app B was given app A's wheel")
+
+
+class DiskLimitTests(_Base):
+    async def test_disk_limit(self) -> None:
+        """A build whose tree outgrows build.max_disk_mb fails clearly and leaves nothing."""
+        b, _ = self.builder(max_disk_mb=1)
+        await self.fails(b, _tarball(self, EXAMPLES / "wsgi"), "over its limit of 1 MB")
