@@ -29,6 +29,7 @@ import os
 import pwd
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -364,6 +365,7 @@ class Builder:
                 return
             self._emit(ctx, "       " + text)
 
+        oom_before = ctx.cgroup.oom_kills() if ctx.cgroup is not None else 0
         res = await run_step(
             self.reactor,
             argv,
@@ -387,15 +389,15 @@ class Builder:
                 ctx, f"build exceeded its time limit of {self.cfg['timeout']:g} s ({what})"
             )
         if not res.ok:
-            if untrusted and ctx.cgroup is not None and ctx.cgroup.hit_limit():
-                raise self._fail(
-                    ctx, f"build exceeded its memory limit of {self.cfg['memory_mb']} MB ({what})"
-                )
+            cg = ctx.cgroup if untrusted else None
+            memory_error = any("MemoryError" in t for t in list(ctx.tail)[-20:])
             if (
-                untrusted
-                and ctx.cgroup is None
-                and res.signal is None
-                and any("MemoryError" in t for t in list(ctx.tail)[-20:])
+                cg is not None
+                and (
+                    cg.oom_kills() > oom_before
+                    or (cg.hit_limit() and (res.signal == signal.SIGKILL or memory_error))
+                )
+                or (untrusted and cg is None and res.signal is None and memory_error)
             ):
                 raise self._fail(
                     ctx, f"build exceeded its memory limit of {self.cfg['memory_mb']} MB ({what})"

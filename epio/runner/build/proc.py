@@ -94,18 +94,20 @@ class MemoryCgroup:
         except (OSError, ValueError, IndexError):
             return 0
 
-    def hit_limit(self) -> bool:
-        """Whether the group ever reached its limit (failcnt) or had an OOM kill."""
-        if self._read_int("memory.failcnt") > 0:
-            return True
+    def oom_kills(self) -> int:
+        """How many processes the kernel OOM-killed in this group so far."""
         try:
             for line in (self.path / "memory.oom_control").read_text().splitlines():
                 key, _, value = line.partition(" ")
-                if key == "oom_kill" and int(value) > 0:
-                    return True
+                if key == "oom_kill":
+                    return int(value)
         except (OSError, ValueError):
             pass
-        return False
+        return 0
+
+    def hit_limit(self) -> bool:
+        """Whether the group's usage ever reached its limit (reclaim may have coped)."""
+        return self._read_int("memory.failcnt") > 0
 
     def kill_all(self) -> None:
         try:
