@@ -31,7 +31,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from txpostgres.txpostgres import Connection as _TxConnection
 
-from epio.store.errors import IntegrityError, InvalidValue, StoreError, StoreUnavailable
+from epio.store.errors import IntegrityError, InvalidValue, StoreUnavailable
 
 T = TypeVar("T")
 
@@ -412,6 +412,18 @@ class _PgTx:
                            (CHANNEL, json.dumps(payload, sort_keys=True)))
 
 
+MAX_CONFLICT_RETRIES = 3
+
+
+async def _rollback(cursor: Any) -> bool:
+    """Roll back; False if the connection is unusable."""
+    try:
+        await cursor.execute("ROLLBACK")
+    except Exception:
+        return False
+    return True
+
+
 class PostgresBackend:
     """PostgreSQL through txpostgres with a bounded pool of connections."""
 
@@ -471,38 +483,48 @@ class PostgresBackend:
     async def transaction(
         self, fn: Callable[[Transaction], Awaitable[T]], readonly: bool = False
     ) -> T:
+        from psycopg2.extensions import TransactionRollbackError
+
         _, operational, interface = _pg_errors()
-        for attempt in (1, 2):
+        stale_retry = True
+        conflicts = 0
+        while True:
             conn = await self._checkout()
             broken = False
             try:
                 cursor = conn.cursor()
                 try:
                     await cursor.execute("BEGIN READ ONLY" if readonly else "BEGIN")
-                except (operational, interface):
+                except (operational, interface) as e:
                     # a pooled connection that died while idle: retry once on a new one
                     broken = True
-                    if attempt == 1:
+                    if stale_retry:
+                        stale_retry = False
                         continue
-                    raise
+                    raise StoreUnavailable(f"PostgreSQL: {str(e).strip()}") from None
                 try:
                     result = await fn(_PgTx(cursor))
+                    await cursor.execute("COMMIT")
+                    return result
+                except TransactionRollbackError as e:
+                    # deadlock or serialization failure: nothing was committed and the
+                    # transaction (pure database work) can be run again
+                    broken = not await _rollback(cursor)
+                    conflicts += 1
+                    if conflicts < MAX_CONFLICT_RETRIES:
+                        self.log.info("transaction conflict, retrying: {error}",
+                                      error=str(e).strip())
+                        continue
+                    raise StoreUnavailable(
+                        f"PostgreSQL: transaction kept conflicting: {str(e).strip()}") from None
+                except (operational, interface) as e:
+                    broken = True
+                    raise StoreUnavailable(f"PostgreSQL: {str(e).strip()}") from None
                 except BaseException:
-                    try:
-                        await cursor.execute("ROLLBACK")
-                    except Exception:
-                        broken = True
+                    broken = not await _rollback(cursor)
                     raise
-                await cursor.execute("COMMIT")
-                return result
-            except (operational, interface) as e:
-                broken = True
-                raise StoreUnavailable(f"PostgreSQL: {str(e).strip()}") from None
-            except StoreError:
-                raise
             finally:
                 self._checkin(conn, broken)
-        raise AssertionError("unreachable")
 
     async def listen(self, callback: Callable[[dict[str, Any]], None]) -> Callable[[], None]:
         if self._closed:

@@ -700,7 +700,7 @@ class Store:
 
     async def upsert_instances(self, instances: Iterable[Instance]) -> None:
         """Insert or replace several instance records in one transaction."""
-        batch = list(instances)
+        batch = sorted(instances, key=lambda i: i.id)  # one lock order: no deadlocks
         for i in batch:
             if i.state not in INSTANCE_STATES:
                 raise InvalidValue(f"instance state must be one of {', '.join(INSTANCE_STATES)}")

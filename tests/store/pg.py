@@ -154,15 +154,36 @@ def pg_url_for_test(testcase: Any) -> str:
         conn.close()
 
     def drop() -> None:
-        conn = _connect(db)
-        try:
-            with conn.cursor() as cur:
-                cur.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        finally:
-            conn.close()
+        drop_schema(db, schema)
 
     testcase.addCleanup(drop)
     return with_search_path(db, schema)
+
+
+def drop_schema(db: str, schema: str) -> None:
+    """Drop ``schema`` in ``db``.  Sessions still holding locks in it (a failed test
+    can leave a transaction open while this runs, blocking the reactor) are
+    terminated, so cleanup never hangs."""
+    import psycopg2
+
+    conn = _connect(db)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SET lock_timeout = '2s'")
+            try:
+                cur.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+                return
+            except psycopg2.errors.LockNotAvailable:
+                pass
+            cur.execute(
+                "SELECT pg_terminate_backend(l.pid) FROM pg_locks l "
+                "JOIN pg_class c ON c.oid = l.relation "
+                "JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE n.nspname = %s AND l.pid <> pg_backend_pid()", (schema,))
+            cur.execute("SET lock_timeout = '10s'")
+            cur.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        conn.close()
 
 
 def fresh_database_for_test(testcase: Any) -> str:

@@ -551,6 +551,38 @@ class PostgresStoreTests(StoreTestsMixin, TestCase):
         u = await stores[1].create_user("x")
         self.assertEqual((await stores[3].get_user(u.id)).name, "x")
 
+    async def test_deadlock_retried(self) -> None:
+        """Two transactions that deadlock: PostgreSQL aborts one, the backend runs it
+        again, and both complete."""
+        from twisted.internet.defer import Deferred, gatherResults
+
+        other = await self.open()
+        await self.store.create_app("d1", self.alice.id)
+        await self.store.create_app("d2", self.alice.id)
+        first_locked: list[Deferred[None]] = [Deferred(), Deferred()]
+        runs = [0, 0]
+
+        def body(me: int, order: tuple[str, str]) -> Any:
+            async def fn(tx: Any) -> None:
+                runs[me] += 1
+                await tx.execute("UPDATE apps SET release_seq = release_seq + 1 WHERE name = ?",
+                                 (order[0],))
+                if runs[me] == 1:
+                    first_locked[me].callback(None)
+                    await first_locked[1 - me]
+                await tx.execute("UPDATE apps SET release_seq = release_seq + 1 WHERE name = ?",
+                                 (order[1],))
+
+            return fn
+
+        await gatherResults([
+            Deferred.fromCoroutine(self.store.backend.transaction(body(0, ("d1", "d2")))),
+            Deferred.fromCoroutine(other.backend.transaction(body(1, ("d2", "d1")))),
+        ])
+        self.assertEqual(sorted(runs), [1, 2])
+        rows = await self.raw("SELECT release_seq FROM apps WHERE name IN ('d1', 'd2')")
+        self.assertEqual([r[0] for r in rows], [2, 2])
+
     async def test_pool_recovers_after_connections_killed(self) -> None:
         """When the server drops every pooled connection (a PostgreSQL restart), the
         next calls work on fresh connections without an error."""
