@@ -194,10 +194,11 @@ class Deployer:
                     reported[i.id] = i.state
                     deploy = await self._say(deploy, f"  {name}: {i.state}"
                                              + (f" on {i.node}" if i.node else ""))
-                if i.state == "failed" or (i.state == "crashed"
+                if i.state == "failed" or (i.state != "healthy"
                                            and i.restarts >= MAX_CRASH_RESTARTS):
+                    what = "failed" if i.state == "failed" else f"crashed {i.restarts} times"
                     raise DeployFailed(
-                        f"{name} of v{version} {i.state} before becoming healthy "
+                        f"{name} of v{version} {what} before becoming healthy "
                         f"(see `epio logs`); v{version} gets no traffic")
             healthy = {t: sum(1 for i in instances if i.process_type == t
                               and i.state == "healthy") for t in want}

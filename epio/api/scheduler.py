@@ -254,7 +254,10 @@ class Scheduler:
                        and i in everyone]
             current = [i for i in of_type if release is not None and i.release == release.version]
             old = [i for i in of_type if i not in current]
-            for inst in [i for i in current if i.state == "failed"]:
+            # a failed instance stays visible (ps, a deploy watching it) for start_grace,
+            # then it is replaced
+            for inst in [i for i in current if i.state == "failed"
+                         and now - i.since >= self.settings.start_grace]:
                 await self._stop(inst)
                 everyone.remove(inst)
                 current.remove(inst)

@@ -67,9 +67,11 @@ class QuickStartTests(SynchronousTestCase):
         # like any data dir's parent: app and build users must be able to traverse it
         os.chmod(self.tmp, 0o711)
         self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.addCleanup(_unmount_under, self.tmp)  # after the node is killed (LIFO)
         doc, _ = isolated_config({
             "api": {"reconcile_interval": 0.5, "drain_seconds": 1.0, "stop_grace": 3.0,
-                    "runner_dead_after": 10.0},
+                    "runner_dead_after": 10.0, "rollout_timeout": 60.0},
+            "runner": {"backoff_initial": 0.2},
         })
         self.doc = doc
         self.api_port = int(doc["api"]["listen"].split(":")[1])
@@ -94,8 +96,10 @@ class QuickStartTests(SynchronousTestCase):
         return proc.returncode, proc.stdout, proc.stderr
 
     def fail_step(self, message: str) -> None:
+        mounts = _mounts_under(self.tmp)
         raise AssertionError(f"e2e step '{self.step_name}' failed: {message}\n"
-                             f"--- node log (end) ---\n{self.node.output()[-6000:]}")
+                             f"--- mounts under the test dir ---\n" + "\n".join(mounts) +
+                             f"\n--- node log (end) ---\n{self.node.output()[-6000:]}")
 
     def step(self, name: str) -> None:
         self.step_name = name
@@ -154,6 +158,23 @@ class QuickStartTests(SynchronousTestCase):
         wait_until("new config served", lambda: self.router() == (
             200, "Howdy from Flask on epio!\n"), timeout=60)
 
+        self.step("a broken deploy fails and the previous release keeps serving")
+        broken = self.tmp / "broken"
+        shutil.copytree(CHECKOUT / "examples" / "flask", broken)
+        (broken / "app.py").write_text('raise SystemExit("broken on purpose")\n')
+        ini = (broken / "epio.ini").read_text()
+        (broken / "epio.ini").write_text(ini.replace("[http]\n", "[http]\nboot_timeout = 5\n"))
+        code, out, err = self.epio("deploy", str(broken), "--app", "hello", "--poll", "0.5",
+                                   check=False)
+        self.assertEqual(code, 1, out + err)
+        self.assertIn("deploy failed", err)
+        self.assertIn("before becoming healthy", err)
+        self.assertEqual(self.router(), (200, "Howdy from Flask on epio!\n"))
+        releases = json.loads(self.epio("releases", "--app", "hello", "--json")[1])
+        self.assertEqual(releases[0]["status"], "failed")
+        wait_until("the broken release's instance is stopped", lambda: {
+            i["release"] for i in self.ps()} == {releases[1]["version"]}, timeout=30)
+
         self.step("rollback serves the previous config again")
         _, out, _ = self.epio("rollback")
         wait_until("rolled back", lambda: self.router() == (
@@ -172,8 +193,8 @@ class QuickStartTests(SynchronousTestCase):
             wait_until(f"nothing listens on {port}", lambda p=port: not _listening(p),
                        timeout=30)
         digest = image.split(":")[-1]
-        wait_until("image unmounted", lambda: digest not in Path("/proc/mounts").read_text(),
-                   timeout=30)
+        wait_until("image unmounted", lambda: not [
+            m for m in _mounts_under(self.tmp) if digest in m], timeout=30)
         code, _, err = self.epio("releases", "--app", "hello", check=False)
         self.assertEqual(code, 1)
         self.assertIn("no app named 'hello'", err)
@@ -189,6 +210,18 @@ def _listening(port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+def _mounts_under(root: Path) -> list[str]:
+    """Mount points under ``root`` (images of this test's node only)."""
+    return [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()
+            if line.split()[1].startswith(str(root) + "/")]
+
+
+def _unmount_under(root: Path) -> None:
+    """Lazily unmount what a killed node left mounted under ``root``."""
+    for mount in sorted(_mounts_under(root), reverse=True):
+        subprocess.run(["umount", "-l", mount], capture_output=True, check=False)
 
 
 def _processes() -> list[tuple[int, str]]:
