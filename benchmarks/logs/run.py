@@ -31,6 +31,7 @@ import urllib.request
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+EXTRA: dict = {}
 sys.path.insert(0, str(HERE.parent.parent))
 
 from twisted.internet import defer, reactor, task  # noqa: E402
@@ -139,7 +140,7 @@ async def capacity(client: LogClient, node: LoggerNode, secret: bytes, app: str,
 async def main(quick: bool, only: str) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="epio-logbench-"))
     secret_file, secret = write_secret(tmp)
-    node = LoggerNode(tmp, secret_file, {"logger": {"flush_interval": 0.2,
+    node = LoggerNode(tmp, secret_file, {"logger": {"flush_interval": 0.2, **EXTRA,
                                                     "query_max_lines": 100_000}})
     node.start()
     results: dict = {"latency": [], "capacity": []}
@@ -172,7 +173,11 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", choices=["latency", "capacity"], default="")
+    ap.add_argument("--chunk-max-bytes", type=int, default=0,
+                    help="logger.chunk_max_bytes for the run (default: the config default)")
     opts = ap.parse_args()
+    if opts.chunk_max_bytes:
+        EXTRA["chunk_max_bytes"] = opts.chunk_max_bytes
 
     def run() -> defer.Deferred:
         d = defer.Deferred.fromCoroutine(main(opts.quick, opts.only))

@@ -125,9 +125,9 @@ class TailApp:
 
     app = Klein()
 
-    def __init__(self, client: LogClient, allowed: set[str]) -> None:
+    def __init__(self, client: LogClient, allowed: set[str], buffer_lines: int = 50_000) -> None:
         self.allowed = allowed
-        self.tail = LogTail(client, self.authorize, reactor, buffer_lines=50_000)
+        self.tail = LogTail(client, self.authorize, reactor, buffer_lines=buffer_lines)
 
     async def authorize(self, request: Any, app: str) -> None:
         if app not in self.allowed:
@@ -143,8 +143,8 @@ class TailApp:
         return await self.tail.handle(request, app_name)
 
 
-def serve_tail(client: LogClient, allowed: set[str]) -> tuple[Any, int]:
-    port = reactor.listenTCP(0, Site(TailApp(client, allowed).app.resource()),
+def serve_tail(client: LogClient, allowed: set[str], buffer_lines: int = 50_000) -> tuple[Any, int]:
+    port = reactor.listenTCP(0, Site(TailApp(client, allowed, buffer_lines).app.resource()),
                              interface="127.0.0.1")
     return port, port.getHost().port
 

@@ -3,7 +3,8 @@
 Usage: ``python pusher.py JSON`` with keys ``secret`` (hex), ``endpoints`` (logger
 PULL endpoints), ``app``, ``sources`` (list), ``count`` (lines per source),
 ``rate`` (lines per second over all sources; 0 = one burst), ``node``,
-``stats`` (router stats samples to send after the lines, dated ``stats_age`` s ago).
+``stats`` (router stats samples to send after the lines, dated ``stats_age`` s ago),
+``pad`` (that many extra characters after the number).
 BusLogSink sends the lines of one reactor turn as one ``log.batch``, so a burst
 travels in batches of up to 500 lines and a paced run in small ones.
 
@@ -46,6 +47,7 @@ def main() -> None:
     rate = args.get("rate", 0)
     order = [(s, i) for i in range(1, count + 1) for s in sources]
     state: dict = {"pos": 0}
+    pad = " " + "x" * args["pad"] if args.get("pad") else ""
 
     def finish() -> None:
         # stats samples dated ``stats_age`` seconds back, so their 10 s bucket is complete
@@ -65,7 +67,7 @@ def main() -> None:
     def burst() -> None:
         state["start"] = time.time()
         for s, i in order:
-            sink.emit(app, s, f"{s} line {i}", reactor.seconds())
+            sink.emit(app, s, f"{s} line {i}{pad}", reactor.seconds())
         finish()
 
     def paced() -> None:
@@ -75,7 +77,7 @@ def main() -> None:
         pos = state["pos"]
         due = min(len(order), int((now - t0) * rate) + 1)
         for s, i in order[pos:due]:
-            sink.emit(app, s, f"{s} line {i}", reactor.seconds())
+            sink.emit(app, s, f"{s} line {i}{pad}", reactor.seconds())
         state["pos"] = due
         if due >= len(order):
             finish()

@@ -33,7 +33,7 @@ def by_source(lines: list) -> dict[str, list[int]]:
     out: dict[str, list[int]] = {}
     for ln in lines:
         text = ln.text if hasattr(ln, "text") else ln["text"]
-        m = re.match(r"^(\S+) line (\d+)$", text)
+        m = re.match(r"^(\S+) line (\d+)(?: x+)?$", text)
         if m:
             out.setdefault(m.group(1), []).append(int(m.group(2)))
     return out
@@ -126,6 +126,44 @@ class PipelineTests(TestCase):
         self.assertEqual(sum(v for _, v in got["series"]["requests"]), 30)
 
         tail.protocol_instance.sendClose()
+        await p.close()
+
+    async def test_slow_tail_client_does_not_slow_others(self) -> None:
+        """A websocket client that stops reading gets a bounded buffer; the others
+        get every line meanwhile; when it reads again it gets what was buffered and
+        one 'missed' whose count makes up exactly what it did not get."""
+        node = self.start_logger()
+        client = self.client(node)
+        port, http_port = serve_tail(client, {"burst"}, buffer_lines=2000)
+        self.addCleanup(port.stopListening)
+        slow = connect_tail(http_port, "burst", "n=0")
+        fast = connect_tail(http_port, "burst", "n=0")
+        await slow.ready.addTimeout(20, reactor)
+        await fast.ready.addTimeout(20, reactor)
+        slow.protocol_instance.transport.pauseProducing()  # stop reading the socket
+        total = 10_000
+        # ~10 MB over 4 s: a reading client keeps up, one that does not read overflows
+        p = self.pusher(node, sources=["web.1"], count=total, pad=1000, rate=2500)
+        await p.events["sent"].addTimeout(30, reactor)
+        await fast.wait_lines(total, 30)
+        self.assertEqual(by_source(fast.lines), {"web.1": list(range(1, total + 1))})
+        self.assertEqual(len(slow.lines), 0)
+        slow.protocol_instance.transport.resumeProducing()
+
+        async def slow_caught_up() -> bool:
+            return any(m["type"] == "missed" for m in slow.messages)
+
+        await until(slow_caught_up, 20)
+        await task.deferLater(reactor, 0.5, lambda: None)
+        missed = sum(m["count"] for m in slow.messages if m["type"] == "missed")
+        got = by_source(slow.lines)["web.1"]
+        self.assertGreater(missed, 0)
+        self.assertEqual(got, sorted(got))
+        self.assertEqual(len(got) + missed, total)
+        # what it got is a prefix: the buffer kept the oldest lines, then the gap
+        self.assertEqual(got, list(range(1, len(got) + 1)))
+        fast.protocol_instance.sendClose()
+        slow.protocol_instance.sendClose()
         await p.close()
 
     async def test_kill_and_restart_during_burst(self) -> None:
