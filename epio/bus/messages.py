@@ -374,3 +374,93 @@ _(MessageType(
     fields={"app": str, "id": str}, optional={"kept_as": str, "keys": int},
 ))
 
+
+# --- run sessions: `epio run` (owner: run; api DEALER -> runner control ROUTER) ---
+_(MessageType(
+    "run.start", 1, "request",
+    "Start a session: command (argv; one item = a shell string) as the app's user in its "
+    "sandbox from image_digest, in a PTY (tty) or with pipes; detach sends output to the "
+    "app's log (source run.N) instead of the client.",
+    fields={"session_id": str, "app": str, "uid": int, "number": int, "command": list,
+            "image_digest": str, "tty": bool, "detach": bool},
+    optional={"release": int, "env": dict, "limits": dict, "rows": int, "cols": int,
+              "term": str, "user": str, "kind": str, "client": str, "source": str},
+))
+_(MessageType(
+    "run.started", 1, "reply",
+    "Answer to run.start: the session runs (or is starting) on this runner.",
+    fields={"session_id": str, "state": str}, optional={"node": str},
+))
+_(MessageType(
+    "run.poll", 1, "request",
+    "The attached client's output poll: acknowledges output up to byte offset ack (the "
+    "runner frees it and may resume reading) and asks for up to max bytes after it, "
+    "waiting up to wait seconds when there is none. Renews the attach lease.",
+    fields={"session_id": str, "client": str, "ack": int},
+    optional={"max": int, "wait": Number},
+))
+_(MessageType(
+    "run.output", 1, "reply",
+    "Answer to run.poll: chunks [[fd, bytes], ...] starting at byte offset `offset` (fd 1 "
+    "is the PTY or stdout, 2 stderr); exited once every byte was sent and the command ended.",
+    fields={"session_id": str, "offset": int, "chunks": list, "exited": bool},
+    optional={"status": (int, type(None)), "signal": (str, type(None)), "reason": str},
+))
+_(MessageType(
+    "run.input", 1, "request",
+    "One event of the attached client, applied in seq order (a duplicate is acknowledged "
+    "again, a gap refused): data for stdin/the PTY, eof (close stdin), a window size, or a "
+    "signal name (sessions without a PTY).",
+    fields={"session_id": str, "client": str, "seq": int},
+    optional={"data": bytes, "eof": bool, "rows": int, "cols": int, "signal": str},
+))
+_(MessageType(
+    "run.attach", 1, "request",
+    "Attach a client to a running interactive session (a previous client is taken over); "
+    "the reply says from which output offset and input seq to go on.",
+    fields={"session_id": str, "client": str}, optional={"rows": int, "cols": int},
+))
+_(MessageType(
+    "run.attached", 1, "reply",
+    "Answer to run.attach: the session's state, output offset and next input seq.",
+    fields={"session_id": str, "offset": int, "seq": int, "tty": bool, "state": str},
+    optional={"number": int, "command": str},
+))
+_(MessageType(
+    "run.detach", 1, "request",
+    "The client left: an interactive session keeps running (run.detached_idle_timeout); a "
+    "session without a PTY is stopped.",
+    fields={"session_id": str, "client": str},
+))
+_(MessageType(
+    "run.kill", 1, "request",
+    "Stop a session: SIGTERM (or the named signal), SIGKILL after run.kill_grace.",
+    fields={"session_id": str}, optional={"signal": str, "reason": str},
+))
+_(MessageType(
+    "run.ack", 1, "reply", "Answer to run.input, run.detach and run.kill.",
+    fields={"session_id": str}, optional={"seq": int, "state": str},
+))
+_(MessageType(
+    "run.wait", 1, "request",
+    "Wait (up to timeout seconds) for a session to end; used for the release-phase command.",
+    fields={"session_id": str}, optional={"timeout": Number},
+))
+_(MessageType(
+    "run.exited", 1, "reply",
+    "Answer to run.wait: state, and once ended the exit status (or signal), the reason and "
+    "the last lines of output of a detached session.",
+    fields={"session_id": str, "state": str},
+    optional={"status": (int, type(None)), "signal": (str, type(None)), "reason": str,
+              "tail": list},
+))
+_(MessageType(
+    "run.list", 1, "request", "The sessions a runner runs (of one app, or all).",
+    optional={"app": str},
+))
+_(MessageType(
+    "run.sessions", 1, "reply",
+    "Answer to run.list: {session_id, app, number, command, tty, detach, state, attached, "
+    "started, ...} per session.",
+    fields={"sessions": list},
+))

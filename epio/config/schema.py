@@ -496,4 +496,50 @@ SCHEMA: dict[str, dict[str, Key]] = {
             non_negative,
         ),
     },
+    "run": {
+        "max_sessions_per_app": Key(
+            int, 5, "Sessions (`epio run`, interactive or detached) an app may have running at "
+            "once.", positive,
+        ),
+        "max_lifetime": Key(
+            float, 86400.0, "Seconds a session may run at all; then SIGTERM, SIGKILL after "
+            "run.kill_grace.", positive,
+        ),
+        "detached_idle_timeout": Key(
+            float, 3600.0, "Seconds an interactive session keeps running with no client attached "
+            "(`epio run --attach ID` within this time); then it is stopped and audited.",
+            positive,
+        ),
+        "lease": Key(
+            float, 30.0, "Seconds a runner keeps a session attached without hearing from the "
+            "api (the api renews every third of it); then the session counts as detached.",
+            positive,
+        ),
+        "poll_wait": Key(
+            float, 15.0, "Seconds a runner holds an output poll open when there is nothing to "
+            "send.", positive,
+        ),
+        "window_kb": Key(
+            int, 1024, "Flow-control window: output (KiB) a runner buffers for a session that "
+            "the api has not acknowledged; a full window pauses reading the command's output.",
+            positive,
+        ),
+        "chunk_kb": Key(int, 256, "Most output (KiB) one poll reply carries.", positive),
+        "input_buffer_kb": Key(
+            int, 256, "Client input (KiB) the api queues for a session before it stops reading "
+            "the websocket.", positive,
+        ),
+        "kill_grace": Key(
+            float, 10.0, "Seconds between SIGTERM and SIGKILL when a session is stopped.",
+            non_negative,
+        ),
+        "release_timeout": Key(
+            float, 600.0, "Seconds the release-phase command (`[release] command`) may run "
+            "before the deploy fails.", positive,
+        ),
+        "runner_timeout": Key(
+            float, 10.0, "Seconds the api waits for a runner to answer a session request "
+            "(start, input, attach) before it gives up on that runner.", positive,
+        ),
+    },
 }

@@ -348,6 +348,8 @@ class RunnerService(MultiService):
         if t in ("runner.start", "runner.stop", "runner.drain") and not self._ready.called:
             # the previous run's leftovers are being cleaned: changes wait for that
             await self.whenReady()
+        if t.startswith("run.") and getattr(self, "sessions", None) is not None:
+            return await self.sessions.handle(env)  # epio run (epio.runner.sessions)
         try:
             if t == "runner.start":
                 return "runner.started", self.supervisor.start(body)
@@ -524,4 +526,7 @@ def make_service(node: Any) -> RunnerService:
     router = node.bus.router(cfg["control_bind"], svc.handle)
     router.setName("runner-control")
     router.setServiceParent(svc)
+    from epio.runner.sessions import attach_sessions
+
+    attach_sessions(svc, node, launcher, sink)  # epio run
     return svc
