@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import sqlite3
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -113,6 +114,15 @@ class Backend(Protocol):
 CHANNEL = "epio_changes"
 
 
+async def _release_locks(locks: weakref.WeakSet[Any]) -> None:
+    """Closing a store gives up every lock made from it (held or not)."""
+    for lock in list(locks):
+        try:
+            await lock.shutdown()
+        except Exception:
+            pass
+
+
 class _Listeners:
     """Local callbacks; a failing callback is logged and never stops the others."""
 
@@ -180,6 +190,7 @@ class SqliteBackend:
         self._txlock = DeferredLock()
         self._closed = False
         self._listeners = _Listeners()
+        self._locks: weakref.WeakSet[Any] = weakref.WeakSet()
 
     def _call(self, f: Callable[..., T], *args: Any) -> Awaitable[T]:
         if self._pool is None or self._closed:
@@ -267,6 +278,7 @@ class SqliteBackend:
         return self._listeners.add(callback)
 
     async def close(self) -> None:
+        await _release_locks(self._locks)
         if self._closed or self._pool is None:
             self._closed = True
             return
@@ -284,7 +296,9 @@ class SqliteBackend:
     def lock(self, name: str) -> Any:
         from epio.store.locks import FileLock
 
-        return FileLock(name, self.lock_dir, self._reactor)
+        lock = FileLock(name, self.lock_dir, self._reactor)
+        self._locks.add(lock)
+        return lock
 
 
 # ----------------------------------------------------------------- PostgreSQL
@@ -440,6 +454,7 @@ class PostgresBackend:
         self._idle: list[Any] = []
         self._closed = False
         self._listeners = _Listeners()
+        self._locks: weakref.WeakSet[Any] = weakref.WeakSet()
         self._listen_conn: Any = None
         self._listen_started = False
         self._listen_up = False
@@ -599,6 +614,7 @@ class PostgresBackend:
 
     async def close(self) -> None:
         self._closed = True
+        await _release_locks(self._locks)
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
         waiters, self._listen_waiters = self._listen_waiters, []
@@ -620,4 +636,6 @@ class PostgresBackend:
     def lock(self, name: str) -> Any:
         from epio.store.locks import PgLock
 
-        return PgLock(name, self.dsn, self._reactor, connect_timeout=self.connect_timeout)
+        lock = PgLock(name, self.dsn, self._reactor, connect_timeout=self.connect_timeout)
+        self._locks.add(lock)
+        return lock

@@ -63,6 +63,19 @@ class Lock(Protocol):
 class _LostNotifier:
     def __init__(self) -> None:
         self._lost_waiters: list[Deferred[None]] = []
+        self._shut = False
+
+    async def release(self) -> None:
+        raise NotImplementedError
+
+    async def shutdown(self) -> None:
+        """Release for good: the store this lock came from is closing."""
+        self._shut = True
+        await self.release()
+
+    def _check_open(self) -> None:
+        if self._shut:
+            raise StoreUnavailable(f"lock {getattr(self, 'name', '?')}: the store is closed")
 
     def when_lost(self) -> Deferred[None]:
         d: Deferred[None] = Deferred()
@@ -141,6 +154,7 @@ class PgLock(_LostNotifier):
             self._fire_lost()
 
     async def acquire(self, block: bool = False, timeout: float | None = None) -> bool:
+        self._check_open()
         if self._held:
             return True
         deadline = None if timeout is None else self._reactor.seconds() + timeout
@@ -152,6 +166,7 @@ class PgLock(_LostNotifier):
             if not block or (deadline is not None and self._reactor.seconds() >= deadline):
                 return False
             await deferLater(self._reactor, self._poll_interval, lambda: None)
+            self._check_open()
 
     async def release(self) -> None:
         if not self._held:
@@ -218,6 +233,7 @@ class FileLock(_LostNotifier):
         return True
 
     async def acquire(self, block: bool = False, timeout: float | None = None) -> bool:
+        self._check_open()
         if self._fd is not None:
             return True
         deadline = None if timeout is None else self._reactor.seconds() + timeout
@@ -227,6 +243,7 @@ class FileLock(_LostNotifier):
             if not block or (deadline is not None and self._reactor.seconds() >= deadline):
                 return False
             await deferLater(self._reactor, self._poll_interval, lambda: None)
+            self._check_open()
 
     async def release(self) -> None:
         fd, self._fd = self._fd, None

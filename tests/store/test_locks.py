@@ -73,6 +73,23 @@ class LeaderMixin:
         self.assertEqual(eb.events, ["elected"])
 
 
+    async def test_closing_store_releases_its_locks(self) -> None:
+        """Closing a store gives up the locks made from it: another store can take
+        them, and the closed store's lock refuses to be acquired again."""
+        from epio.store import StoreUnavailable
+
+        a = self.stores[0].lock(self.name)
+        b = self.stores[1].lock(self.name)
+        self.addCleanup(b.release)  # type: ignore[attr-defined]
+        self.assertTrue(await a.acquire())
+        self.assertFalse(await b.acquire())
+        await self.stores[0].close()
+        self.assertFalse(a.held)  # type: ignore[attr-defined]
+        self.assertTrue(await b.acquire(block=True, timeout=5))
+        with self.assertRaises(StoreUnavailable):  # type: ignore[attr-defined]
+            await a.acquire()
+
+
 class SqliteLeaderTests(LeaderMixin, TestCase):
     """Leader election on the SQLite store's local lock."""
 
