@@ -4,11 +4,15 @@ Self-contained: the api's Klein app mounts it with its own app-scoped auth
 check (``authorize(request, app)`` raises the api's usual not-found error for
 an app the caller may not see; this module lets that exception propagate)::
 
-    tail = LogTail(log_client, authorize, reactor)
+    tail = LogTail.from_node(node, log_client, authorize)
 
     @app.route("/api/v1/apps/<app_name>/logs", methods=["GET"])
     async def logs(self, request, app_name):
         return await self.tail.handle(request, app_name)
+
+    @app.route("/api/v1/apps/<app_name>/stats", methods=["GET"])
+    async def stats(self, request, app_name):
+        return await self.tail.handle_stats(request, app_name)
 
 Query parameters (both forms): ``n`` (lines of history, default
 ``logger.tail_default_lines``, at most ``logger.query_max_lines``), ``source``
@@ -320,3 +324,34 @@ class LogTail:
         request.setHeader(b"content-type", b"application/json")
         return json.dumps({"app": app, "lines": [ln.to_json() for ln in lines], "next": nxt},
                           separators=(",", ":")).encode()
+
+    async def handle_stats(self, request: Any, app: str) -> bytes:
+        """Answer ``GET /api/v1/apps/{app}/stats?metric=&since=&until=&resolution=``:
+        ``{"app", "resolution", "series": {metric: [[t, value], ...]}}`` (see docs/logs.md)."""
+        await self.authorize(request, app)
+        args = request.args or {}
+        now = self.clock.seconds()
+        try:
+            metrics = _arg(args, "metric")
+            metric = metrics[-1] if metrics and metrics[-1] else None
+            if metric is not None and not re.match(r"^[A-Za-z0-9_.:-]{1,100}$", metric):
+                raise BadFilter("invalid metric name")
+            since = parse_time(_arg(args, "since")[-1], now, "since") if _arg(args, "since") else None
+            until = parse_time(_arg(args, "until")[-1], now, "until") if _arg(args, "until") else None
+            resolution = None
+            if _arg(args, "resolution"):
+                try:
+                    resolution = int(_arg(args, "resolution")[-1])
+                except ValueError:
+                    raise BadFilter("resolution must be 10 or 60") from None
+                if resolution not in (10, 60):
+                    raise BadFilter("resolution must be 10 or 60")
+        except BadFilter as e:
+            return _error(request, 400, "invalid_parameter", str(e))
+        try:
+            result = await self.client.stats(app, metric, since, until, resolution)
+        except LogsUnavailable as e:
+            self.log.warn("stats of {app} unavailable: {err}", app=app, err=str(e))
+            return _error(request, 503, "stats_unavailable", "no log server answered; try again")
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps({"app": app, **result}, separators=(",", ":")).encode()

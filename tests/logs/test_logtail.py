@@ -248,3 +248,45 @@ class ProtocolTests(SynchronousTestCase):
         self.assertEqual(sent[-1], {"type": "missed", "count": 4})
         proto.onClose(True, 1000, None)
         self.assertTrue(follower.stopped)
+
+
+class StatsClient:
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def stats(self, app, metric, since, until, resolution) -> Deferred:
+        self.calls.append((app, metric, since, until, resolution))
+        return succeed({"resolution": 10, "series": {"requests": [[100, 5.0]]}})
+
+
+class StatsHandleTests(SynchronousTestCase):
+    def make(self, allowed: bool = True) -> tuple[LogTail, StatsClient]:
+        client = StatsClient()
+
+        async def authorize(request: Any, app: str) -> None:
+            if not allowed:
+                raise Refused(app)
+
+        clock = Clock()
+        clock.advance(10_000)
+        return LogTail(client, authorize, clock), client  # type: ignore[arg-type]
+
+    def test_stats_json(self) -> None:
+        """GET stats passes metric, times and resolution through and answers the series."""
+        tail, client = self.make()
+        req = DummyRequest([b""])
+        req.args = {b"metric": [b"requests"], b"since": [b"1h"], b"resolution": [b"10"]}
+        doc = json.loads(fire(tail.handle_stats(req, "app")))
+        self.assertEqual(doc, {"app": "app", "resolution": 10, "series": {"requests": [[100, 5.0]]}})
+        self.assertEqual(client.calls, [("app", "requests", 10_000 - 3600, None, 10)])
+
+    def test_stats_refused_and_bad(self) -> None:
+        """Another user's app is refused before the logger is asked; a bad resolution is a 400."""
+        tail, client = self.make(allowed=False)
+        self.assertTrue(fire(tail.handle_stats(DummyRequest([b""]), "x")).check(Refused))
+        self.assertEqual(client.calls, [])
+        tail, client = self.make()
+        req = DummyRequest([b""])
+        req.args = {b"resolution": [b"7"]}
+        fire(tail.handle_stats(req, "app"))
+        self.assertEqual(req.responseCode, 400)
