@@ -364,6 +364,16 @@ def registry_for(node: Any) -> MetricsRegistry:
     return reg
 
 
+def bus_families(snapshot: dict[str, int]) -> list[Family]:
+    """The bus's counters (``bus.counters.snapshot()``) as one counter family:
+    ``epio_bus_events_total{event="sent"|"received"|"dropped.hwm"|"rejected.stale"|...}``."""
+    fam = Family("epio_bus_events_total", "counter",
+                 "Bus messages sent, received, dropped and rejected on this node, by event.")
+    for name, value in sorted(snapshot.items()):
+        fam.samples.append(("", {"event": name}, float(value)))
+    return [fam]
+
+
 def ensure_metrics_service(node: Any, parent: Any) -> IService | None:
     """Start the node's ``/metrics`` listener under ``parent`` unless some role
     already did, or ``metrics.listen`` is empty.  Returns the service."""
@@ -376,7 +386,10 @@ def ensure_metrics_service(node: Any, parent: Any) -> IService | None:
         listen = ""
     if not listen:
         return None
-    svc = metrics_service(node.reactor, listen, registry_for(node))
+    reg = registry_for(node)
+    if getattr(node, "bus", None) is not None:
+        reg.add_collector(lambda: bus_families(node.bus.counters.snapshot()))
+    svc = metrics_service(node.reactor, listen, reg)
     _services[id(node)] = (_ref(node), svc)
     svc.setServiceParent(parent)
     return cast(IService, svc)

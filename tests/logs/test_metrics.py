@@ -64,3 +64,13 @@ class ExpositionTests(SynchronousTestCase):
         reg.add_collector(broken)
         self.assertIn(b"epio_test_queue", reg.render())
         self.flushLoggedErrors(RuntimeError)
+
+    def test_bus_counters_family(self) -> None:
+        """The bus's counters export as one counter family labelled by event."""
+        from epio.metrics import bus_families
+
+        reg = MetricsRegistry()
+        reg.add_collector(lambda: bus_families({"sent": 3, "rejected.stale": 1}))
+        fams = {f.name: f for f in text_string_to_metric_families(reg.render().decode())}
+        vals = {s.labels["event"]: s.value for s in fams["epio_bus_events"].samples}
+        self.assertEqual(vals, {"sent": 3, "rejected.stale": 1})
