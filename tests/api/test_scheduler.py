@@ -172,6 +172,30 @@ class DeployTests(TestCase):
         self.assertEqual([(r["version"], r["status"]) for r in rels],
                          [(2, "failed"), (1, "current")])
 
+    async def test_newer_deploy_supersedes(self) -> None:
+        """A deploy whose release is replaced during its rollout is cancelled; the newer
+        one succeeds."""
+        await self.h.add_runner("r1")
+        await self.h.call("POST", "apps", token=self.h.alice_token, body={"name": "hello"})
+        ids = []
+        for _ in range(2):
+            status, body, _ = await self.h.call("POST", "apps/hello/deploys",
+                                                token=self.h.alice_token, raw=b"tar",
+                                                content_type="application/gzip")
+            ids.append(body["id"])
+            for _ in range(50):  # until its release exists (no leader yet: no rollout)
+                d = await self.h.store.get_deploy(body["id"])
+                if d.release is not None or d.finished is not None:
+                    break
+                await settle(ensureDeferred(self.h.store.list_apps()))
+        self.h.scheduler.become_leader()
+        for deploy_id in ids:
+            await settle(ensureDeferred(self.h.deployer.wait(deploy_id)), timeout=20)
+        self.h.scheduler.lose_leadership()
+        first, second = [await self.h.store.get_deploy(i) for i in ids]
+        self.assertEqual((first.status, second.status), ("cancelled", "succeeded"))
+        self.assertIn("v2 replaced v1", first.reason)
+
     async def test_build_failure(self) -> None:
         """A build error fails the deploy with the runner's reason; no release is made."""
         await self.h.add_runner("r1")
