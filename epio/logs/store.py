@@ -42,6 +42,7 @@ from epio.logs.records import APP_RE, CorruptRecord, LogRecord, decode
 
 INDEX = "index.json"
 INDEX_VERSION = 1
+IDLE_CLOSE = 300.0  # seconds without a line after which an app's open chunk file is closed
 _CHUNK_RE = re.compile(r"^(\d{8})\.log(\.gz)?$")
 
 RunBlocking = Callable[[Callable[[], Any]], "Deferred[Any]"]
@@ -217,6 +218,8 @@ class QueryResult:
     # the app's next line number at the time of the query: a live follower
     # continues with lines numbered >= this
     next_lineno: int
+    # a file vanished under the query (compressed or deleted meanwhile)
+    incomplete: bool = False
 
 
 def read_block(path: Path, compressed: bool, block: Block) -> list[LogRecord]:
@@ -240,6 +243,7 @@ def read_block(path: Path, compressed: bool, block: Block) -> list[LogRecord]:
 def run_query(views: list[ChunkView], q: Query, next_lineno: int) -> QueryResult:
     """Execute ``q`` over chunk snapshots (blocking I/O: run it in a thread)."""
     scanned = 0
+    missing = False
     blocks = [(v, b) for v in views for b in v.blocks if q.block_ok(b)]
     result: list[LogRecord] = []
     if q.after is not None:
@@ -247,23 +251,25 @@ def run_query(views: list[ChunkView], q: Query, next_lineno: int) -> QueryResult
             scanned += 1
             try:
                 recs = read_block(v.path, v.compressed, b)
-            except FileNotFoundError:  # deleted by retention meanwhile
+            except FileNotFoundError:  # compressed or deleted by retention meanwhile
+                missing = True
                 continue
             result.extend(r for r in recs if q.line_ok(r))
             if len(result) >= q.n:
-                return QueryResult(result[: q.n], scanned, next_lineno)
-        return QueryResult(result, scanned, next_lineno)
+                return QueryResult(result[: q.n], scanned, next_lineno, missing)
+        return QueryResult(result, scanned, next_lineno, missing)
     for v, b in reversed(blocks):
         scanned += 1
         try:
             recs = read_block(v.path, v.compressed, b)
         except FileNotFoundError:
+            missing = True
             continue
         matched = [r for r in recs if q.line_ok(r)]
         result[:0] = matched
         if len(result) >= q.n:
             break
-    return QueryResult(result[-q.n :] if q.n else [], scanned, next_lineno)
+    return QueryResult(result[-q.n :] if q.n else [], scanned, next_lineno, missing)
 
 
 def _compress_chunk(src: Path, dst: Path, blocks: list[Block], level: int) -> tuple[list[Block], int]:
@@ -342,6 +348,8 @@ class AppLog:
             meta = indexed.get(number)
             plain = self.dir / f"{number:08d}.log"
             gz = self.dir / f"{number:08d}.log.gz"
+            if meta is not None and meta.compressed and True not in kinds:
+                meta = None  # the compressed file is gone: trust the plain one
             if meta is not None and meta.compressed and True in kinds:
                 if False in kinds:
                     plain.unlink()  # compression finished and was recorded
@@ -445,6 +453,8 @@ class AppLog:
             chunk = None
         if chunk is None:
             chunk = self._new_chunk()
+        elif self._file is None:
+            self._open_file(chunk)  # closed while idle
         rec = LogRecord(self.next_lineno, timestamp, source, text, lost, sender, seq)
         data = rec.encode().encode("utf-8", "surrogateescape")
         assert self._file is not None
@@ -546,6 +556,10 @@ class AppLog:
         chunk = self.open_chunk
         if chunk is not None and chunk.count and now - chunk.opened_at >= cfg.chunk_max_age:
             self.close_chunk()
+        elif chunk is not None and self._file is not None and now - chunk.last_write >= IDLE_CLOSE:
+            self.flush()
+            self._file.close()  # an idle app holds no file descriptor
+            self._file = None
         deleted = 0
         while True:
             closed = [c for c in self.chunks if c.closed_at is not None]
@@ -648,9 +662,18 @@ class LogStore:
         if app not in self.apps and not (self.root / app).is_dir():
             return succeed(QueryResult([], 0, 1))
         a = self.app(app)
-        views = a.views()
-        next_lineno = a.next_lineno
-        return self.run_blocking(lambda: run_query(views, q, next_lineno))
+
+        def run() -> Deferred[QueryResult]:
+            views = a.views()
+            next_lineno = a.next_lineno
+            return self.run_blocking(lambda: run_query(views, q, next_lineno))
+
+        def retry(result: QueryResult) -> Any:
+            # a chunk was compressed (or deleted) under the query: once more on a
+            # fresh snapshot of the index
+            return run() if result.incomplete else result
+
+        return run().addCallback(retry)
 
     def close(self) -> None:
         for a in self.apps.values():
