@@ -57,21 +57,9 @@ class RedisSpec:
 
     def config_text(self) -> str:
         return "\n".join([
-            f"bind {self.bind}",
+            *redis_config_lines(self.password, self.memory_mb, self.policy, self.bind),
             f"port {self.port}",
-            "protected-mode yes",
-            f"requirepass {self.password}",
-            f"maxmemory {self.memory_mb}mb",
-            f"maxmemory-policy {self.policy}",
             f'dir "{self.data_dir}"',
-            "dbfilename dump.rdb",
-            'save ""',
-            "appendonly no",
-            "daemonize no",
-            "stop-writes-on-bgsave-error yes",
-            'rename-command CONFIG ""',
-            'rename-command DEBUG ""',
-            'rename-command SHUTDOWN ""',
             "",
         ])
 
@@ -89,6 +77,26 @@ class RedisSpec:
 
     def __repr__(self) -> str:
         return f"RedisSpec(app={self.app!r}, port={self.port}, memory_mb={self.memory_mb})"
+
+
+def redis_config_lines(password: str, memory_mb: int, policy: str, bind: str) -> list[str]:
+    """Every line of an app Redis' config except ``port`` and ``dir``."""
+    return [
+        f"bind {bind}",
+        "protected-mode yes",
+        f"requirepass {password}",
+        f"maxmemory {memory_mb}mb",
+        f"maxmemory-policy {policy}",
+        "dbfilename dump.rdb",
+        'save ""',
+        "appendonly no",
+        "daemonize no",
+        'logfile ""',
+        "stop-writes-on-bgsave-error yes",
+        'rename-command CONFIG ""',
+        'rename-command DEBUG ""',
+        'rename-command SHUTDOWN ""',
+    ]
 
 
 def redis_spec(app: str, port: int, data_dir: Path, memory_mb: int | None = None,

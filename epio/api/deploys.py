@@ -54,6 +54,7 @@ class Deployer:
     """Runs deploys in this api process (each is a coroutine kept until it ends)."""
 
     log = Logger()
+    addons: Any = None  # epio.api.addons.Addons, set by the api service
 
     def __init__(self, store: Store, control: Any, clock: Any, settings: ApiSettings,
                  scheduler: Any = None, log_sink: Any = None) -> None:
@@ -144,6 +145,14 @@ class Deployer:
         if not processes:
             raise DeployFailed("the app defines no process: add [wsgi] entrypoint to epio.ini "
                                "or a Procfile")
+        if self.addons is not None:  # [services]: DATABASE_URL/REDIS_URL before the release
+            try:
+                await self.addons.on_deploy(app, manifest, digest,
+                                            lambda text: self._say(deploy, text))
+            except Exception as e:
+                if not hasattr(e, "code"):  # AddonError/ApiError: a reason; else a bug
+                    raise
+                raise DeployFailed(getattr(e, "message", None) or str(e)) from None
         release = await self.store.create_release(
             app.name, digest, processes=processes, description=f"Deploy {digest[:12]}",
             created_by=deploy.created_by, meta={"deploy": deploy.id, **release_facts(manifest)},

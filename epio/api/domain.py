@@ -28,6 +28,7 @@ class Platform:
     """Use cases of the API; ``deployer`` and ``scheduler`` may be None in tests."""
 
     log = Logger()
+    addons: Any = None  # epio.api.addons.Addons, set by the api service
 
     def __init__(self, store: Store, settings: ApiSettings, clock: Any,
                  deployer: Any = None, scheduler: Any = None) -> None:
@@ -119,6 +120,8 @@ class Platform:
         await self._require_owner(user, app)
         if self.scheduler is not None:
             await self.scheduler.stop_app(app.name)
+        if self.addons is not None:  # final backups, then drop its databases
+            await self.addons.app_deleted(app)
         await self.store.delete_app(app.name)
         self.log.info("app {app} deleted by {user}", app=app.name, user=user.name)
 

@@ -43,6 +43,7 @@ from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from epio.addons.services import SERVICE_PROCESS_TYPES
 from epio.api.settings import ApiSettings
 from epio.api.state import DEFAULT_SIZE, LIVE_STATES, SIZES, current_release
 from epio.store import Instance, LeaderService, Store
@@ -236,6 +237,8 @@ class Scheduler:
     async def _reconcile_app(self, app: Any, mine: list[Instance], everyone: list[Instance],
                              now: float) -> None:
         await self._expire_deploys(app.name, now)
+        # dedicated database servers are run by the add-ons code (epio.api.addons)
+        mine = [i for i in mine if i.process_type not in SERVICE_PROCESS_TYPES]
         release = await current_release(self.store, app.name)
         formation = await self.store.get_formation(app.name)
         want: dict[str, int] = {}

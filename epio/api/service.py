@@ -139,6 +139,10 @@ class ApiService(MultiService):
                                  scheduler=self.scheduler, log_sink=sink)
         self.platform = Platform(store, self.settings, node.reactor, deployer=self.deployer,
                                  scheduler=self.scheduler)
+        from epio.api.addons import make_addons
+
+        self.api.addons = self.platform.addons = self.deployer.addons = make_addons(
+            node, store, control, self.scheduler, sink)
         if "runner" not in node.roles:
             # the runner role registers the node itself (with its control endpoint);
             # a node without one is registered here so GET /nodes lists it too

@@ -89,6 +89,7 @@ class Api:
 
     app = _klein
     log = Logger()
+    addons: Any = None  # epio.api.addons.Addons (add-on and backup routes)
 
     def __init__(self, platform: Any, *, max_json_bytes: int = 1 << 20,
                  max_upload_bytes: int = 200 << 20, log_tail: Any = None) -> None:
@@ -491,3 +492,6 @@ def _short(e: Exception) -> str:
 
 def _encode(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":"), sort_keys=False).encode("utf-8") + b"\n"
+
+
+from epio.api import addons as _addons  # noqa: E402,F401  (add-on and backup routes)

@@ -20,7 +20,9 @@ from twisted.logger import Logger
 from epio.addons.postgres import SharedPostgres
 from epio.backup.catalog import BackupNotFound, BackupRecord, Catalog
 from epio.backup.postgres import BackupFailed, PostgresBackups
+from epio.backup.redis import RedisBackups
 from epio.backup.retention import Candidate, RetentionPolicy, to_keep
+from epio.backup.targets import Target, dedicated_postgres_url, targets_for
 
 
 class BackupManager:
@@ -30,12 +32,13 @@ class BackupManager:
 
     def __init__(self, reactor: Any, catalog: Catalog, policy: RetentionPolicy,
                  shared: SharedPostgres | None, postgres: PostgresBackups | None,
-                 step_timeout: float = 3600.0) -> None:
+                 step_timeout: float = 3600.0, redis: RedisBackups | None = None) -> None:
         self.reactor = reactor
         self.catalog = catalog
         self.policy = policy
         self.shared = shared
         self.postgres = postgres
+        self.redis = redis if redis is not None else RedisBackups(reactor)
         self.step_timeout = step_timeout
         self.counters = {"ok": 0, "failed": 0, "pruned": 0}
 
@@ -75,6 +78,56 @@ class BackupManager:
             self.counters["failed"] += 1
             self.log.error("backup {id} of {app} FAILED: {error}", id=record.id, app=app,
                            error=record.error)
+        record.finished = self.reactor.seconds()
+        self.catalog.save(record)
+        return record
+
+    def _postgres_for(self, target: Target) -> PostgresBackups:
+        if target.plan == "dedicated":
+            return PostgresBackups(self.reactor, dedicated_postgres_url(target))
+        if self.postgres is None:
+            raise BackupFailed("the postgres add-on is not configured on this node")
+        return self.postgres
+
+    async def backup(self, target: Target) -> BackupRecord:
+        """Back up one add-on (shared/dedicated PostgreSQL or Redis); never raises.
+
+        The record is ``verified`` only after the copy was restored/loaded and
+        checked; anything else leaves it ``failed`` with the reason.
+        """
+        if target.kind == "postgres" and target.plan == "shared":
+            return await self.backup_postgres(target.app)
+        from epio.backup.catalog import sha256_file
+
+        record = BackupRecord(id=self._new_id(), app=target.app, kind=target.kind,
+                              created=self.reactor.seconds(), source=target.describe())
+        path = self.catalog.create(record)
+        try:
+            if target.kind == "postgres":
+                tool = self._postgres_for(target)
+                record.counts = await self._timed(tool.dump(str(target.database), path))
+                record.size = path.stat().st_size
+                record.sha256 = sha256_file(path)
+                await self._timed(tool.verify(path, record.counts))
+            else:
+                assert target.host is not None and target.port is not None
+                record.counts = await self._timed(
+                    self.redis.dump(target.host, target.port, target.password, path))
+                record.size = path.stat().st_size
+                record.sha256 = sha256_file(path)
+                await self._timed(self.redis.verify(path, record.counts))
+            if sha256_file(path) != record.sha256:
+                raise BackupFailed("the file changed during verification")
+            record.status = "verified"
+            self.counters["ok"] += 1
+            self.log.info("backup {id} of {app} ({kind}) verified ({size} bytes)", id=record.id,
+                          app=target.app, kind=target.kind, size=record.size)
+        except Exception as e:
+            record.status = "failed"
+            record.error = str(e) if isinstance(e, BackupFailed) else f"{type(e).__name__}"
+            self.counters["failed"] += 1
+            self.log.error("backup {id} of {app} ({kind}) FAILED: {error}", id=record.id,
+                           app=target.app, kind=target.kind, error=record.error)
         record.finished = self.reactor.seconds()
         self.catalog.save(record)
         return record
@@ -124,7 +177,14 @@ class BackupManager:
         self.counters["pruned"] += gone
         return gone
 
-    async def restore(self, app: str, backup_id: str, to_app: str | None = None) -> str:
+    async def restore(self, app: str, backup_id: str, to_app: str | None = None,
+                      target: Target | None = None) -> str:
+        """Restore a verified backup into the app's (or ``to_app``'s) live add-on.
+
+        ``target`` is where to restore (from the store's add-ons); None means the
+        shared PostgreSQL database of ``to_app or app``.  PostgreSQL: returns the
+        name the previous live database was kept under.  Redis: the key count.
+        """
         from epio.addons import db_identifier
         from epio.backup.catalog import sha256_file
 
@@ -134,11 +194,43 @@ class BackupManager:
         path = self.catalog.data_path(record)
         if sha256_file(path) != record.sha256:
             raise BackupFailed("checksum mismatch: the backup file was altered; refusing")
+        if target is not None and target.kind != record.kind:
+            raise BackupFailed(f"backup {backup_id} is a {record.kind} backup; the target "
+                               f"is {target.kind}")
+        stamp = f"{int(self.reactor.seconds())}"
+        if record.kind == "redis":
+            if target is None or target.host is None or target.port is None:
+                raise BackupFailed(f"{to_app or app} has no redis add-on to restore into")
+            keys = await self._timed(self.redis.restore(path, target.host, target.port,
+                                                        target.password))
+            self.log.info("restored redis backup {id} into {app} ({keys} keys)", id=backup_id,
+                          app=target.app, keys=keys)
+            return f"{keys} keys"
+        if target is not None and target.plan == "dedicated":
+            tool = self._postgres_for(target)
+            assert target.database is not None and target.user is not None
+            return await self._timed(tool.restore(path, target.database, target.user, stamp))
         if self.postgres is None:
             raise BackupFailed("the postgres add-on is not configured on this node")
-        target = db_identifier(to_app or app)
-        stamp = f"{int(self.reactor.seconds())}"
-        return await self._timed(self.postgres.restore(path, target, target, stamp))
+        name = db_identifier(to_app or app)
+        return await self._timed(self.postgres.restore(path, name, name, stamp))
+
+    def read_chunk(self, app: str, backup_id: str, offset: int, size: int) -> dict[str, Any]:
+        """One chunk of a backup's file (for downloads), with its recorded checksum."""
+        record = self.catalog.get(backup_id, app)
+        if record.status == "running":
+            raise BackupFailed(f"backup {backup_id} is still running")
+        path = self.catalog.data_path(record)
+        try:
+            total = path.stat().st_size
+            with open(path, "rb") as f:
+                f.seek(max(0, offset))
+                data = f.read(size)
+        except OSError:
+            raise BackupNotFound(f"backup {backup_id} has no data file") from None
+        return {"id": backup_id, "offset": offset, "size": total, "data": data,
+                "eof": offset + len(data) >= total, "sha256": record.sha256,
+                "status": record.status}
 
 
 class BackupService(MultiService):
@@ -163,6 +255,7 @@ class BackupService(MultiService):
         self.manager = BackupManager(node.reactor, Catalog(root), policy, shared, postgres,
                                      cfg["step_timeout"])
         self.interval = cfg["interval"]
+        self.chunk = int(cfg["chunk_kb"]) * 1024
         self._timer: TimerService | None = None
         self._running_round = False
         router = node.bus.router(cfg["control_bind"], self.handle)
@@ -175,7 +268,8 @@ class BackupService(MultiService):
             self.log.warn("backup: {n} backups were interrupted by the last stop; marked failed",
                           n=interrupted)
         if self.manager.shared is None:
-            self.log.warn("backup: addons.postgres_admin_url is empty; no database to back up")
+            self.log.warn("backup: addons.postgres_admin_url is empty; only dedicated "
+                          "databases and Redis are backed up")
         super().startService()
         ensureDeferred(self._start_leader()).addErrback(
             lambda f: self.log.failure("backup scheduler did not start", f))
@@ -204,17 +298,23 @@ class BackupService(MultiService):
             lambda f: self.log.failure("backup round failed", f))
 
     async def run_round(self) -> list[BackupRecord]:
-        """Back up every app that has a shared database, then prune."""
-        if self._running_round or self.manager.shared is None:
+        """Back up every add-on database of every app, then prune."""
+        if self._running_round:
             return []
         self._running_round = True
         done = []
         try:
             store = await self.node.store_service.whenReady()
             for app in await store.list_apps():
-                if await self.manager.shared.exists(app.name):
-                    done.append(await self.manager.backup_postgres(app.name))
-                    self.manager.prune(app.name, "postgres")
+                try:
+                    targets = await targets_for(store, app.name, shared=self.manager.shared)
+                except Exception as e:
+                    self.log.error("backup: cannot list the databases of {app}: {error}",
+                                   app=app.name, error=str(e) or type(e).__name__)
+                    continue
+                for target in targets:
+                    done.append(await self.manager.backup(target))
+                    self.manager.prune(app.name, target.kind)
         finally:
             self._running_round = False
         return done
@@ -234,14 +334,27 @@ class BackupService(MultiService):
             records = self.manager.catalog.list(app, body.get("kind"))
             return "backup.listing", {"backups": [r.to_json() for r in records]}
         if env.type == "backup.create":
-            if self.manager.shared is None or not await self.manager.shared.exists(app):
+            store = await self.node.store_service.whenReady()
+            targets = await targets_for(store, app, body.get("kind"), shared=self.manager.shared)
+            if not targets:
                 raise BackupNotFound(f"app {app} has no database to back up")
-            record = await self.manager.backup_postgres(app)
-            self.manager.prune(app, "postgres")
-            return "backup.created", {"backups": [record.to_json()]}
+            made = []
+            for target in targets:
+                made.append(await self.manager.backup(target))
+                self.manager.prune(app, target.kind)
+            return "backup.created", {"backups": [r.to_json() for r in made]}
         if env.type == "backup.restore":
-            kept = await self.manager.restore(app, body["id"], body.get("to_app"))
+            record = self.manager.catalog.get(body["id"], app)
+            store = await self.node.store_service.whenReady()
+            into = body.get("to_app") or app
+            found = await targets_for(store, into, record.kind, shared=self.manager.shared)
+            if not found:
+                raise BackupFailed(f"{into} has no {record.kind} database to restore into")
+            kept = await self.manager.restore(app, body["id"], body.get("to_app"), found[0])
             return "backup.restored", {"app": app, "id": body["id"], "kept_as": kept}
+        if env.type == "backup.fetch":
+            return "backup.chunk", self.manager.read_chunk(app, body["id"],
+                                                           int(body["offset"]), self.chunk)
         raise ValueError(f"unexpected message {env.type}")
 
 

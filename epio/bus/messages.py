@@ -373,7 +373,18 @@ _(MessageType(
     "backup.restored", 1, "reply", "Answer to backup.restore: what the live data was renamed to.",
     fields={"app": str, "id": str}, optional={"kept_as": str, "keys": int},
 ))
-
+_(MessageType(
+    "backup.fetch", 1, "request",
+    "Read one chunk of a backup's file from offset (the api streams downloads this way).",
+    fields={"app": str, "id": str, "offset": int},
+))
+_(MessageType(
+    "backup.chunk", 1, "reply",
+    "One chunk of a backup file: size is the whole file's, sha256 its recorded checksum; eof "
+    "on the last chunk.",
+    fields={"id": str, "offset": int, "size": int, "data": bytes, "eof": bool,
+            "sha256": str, "status": str},
+))
 
 # --- run sessions: `epio run` (owner: run; api DEALER -> runner control ROUTER) ---
 _(MessageType(

@@ -425,6 +425,19 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "step_timeout": Key(float, 3600.0,
                             "Seconds one dump, verification or restore may take before it fails.",
                             positive),
+        "endpoints": Key(
+            list, ["tcp://127.0.0.1:7741"],
+            "Every backup node's control endpoint (its control_bind as the api reaches it); "
+            "the api forwards backup list/create/restore/download there.", item_kind=str,
+        ),
+        "api_timeout": Key(float, 1800.0,
+                           "Seconds the api waits for a backup node to create (and verify) or "
+                           "restore a backup.", positive),
+        "reach_timeout": Key(float, 5.0,
+                             "Seconds the api waits for a backup node to answer at all (a "
+                             "listing) before it counts as unreachable.", positive),
+        "chunk_kb": Key(int, 1024, "Size of one chunk of a backup download over the bus (KiB).",
+                        positive),
     },
     "addons": {
         "postgres_admin_url": Key(
@@ -438,6 +451,12 @@ SCHEMA: dict[str, dict[str, Key]] = {
                              "empty means the admin URL's host."),
         "postgres_port": Key(int, 0, "Port apps use to reach it; 0 means the admin URL's port.",
                              non_negative),
+        "postgres_bin": Key(str, "", "Directory of initdb/postgres for dedicated PostgreSQL "
+                            "servers; empty means the newest /usr/lib/postgresql/*/bin."),
+        "service_boot_timeout": Key(float, 60.0, "Seconds a dedicated Redis or PostgreSQL server "
+                                    "may take to accept connections after it starts.", positive),
+        "redis_snapshot_interval": Key(float, 900.0, "Seconds between persistence-guarded "
+                                       "snapshots of each dedicated Redis.", positive),
     },
     "build": {
         "python": Key(

@@ -44,6 +44,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface
 
+from epio.addons.services import SERVICE_PROCESS_TYPES
 from epio.runner.cgroups import Limits
 from epio.runner.ports import PortAllocator
 from epio.runner.users import UserError, app_user
@@ -175,7 +176,9 @@ class InstanceSpec:
 
     @property
     def is_web(self) -> bool:
-        return self.process_type == "web"
+        """Gets a port and a health check: web, and the platform's dedicated database
+        servers (epio.addons.services), which are never routed to."""
+        return self.process_type == "web" or self.process_type in SERVICE_PROCESS_TYPES
 
     @classmethod
     def from_message(cls, body: Mapping[str, Any], settings: Settings, index: int) -> InstanceSpec:

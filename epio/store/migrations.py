@@ -174,6 +174,25 @@ MIGRATIONS: tuple[Migration, ...] = (
             FOR EACH ROW EXECUTE FUNCTION epio_releases_immutable()""",
         ),
     ),
+    Migration(3, "add-on databases of apps (epio.store.addons)", statements=(
+        """CREATE TABLE addons (
+            app TEXT NOT NULL REFERENCES apps(name) ON DELETE CASCADE,
+            kind TEXT NOT NULL,
+            plan TEXT NOT NULL,
+            state TEXT NOT NULL,
+            host TEXT,
+            port INTEGER,
+            database TEXT,
+            username TEXT,
+            password TEXT,
+            node TEXT,
+            instance TEXT,
+            options TEXT NOT NULL DEFAULT '{}',
+            created DOUBLE PRECISION NOT NULL,
+            updated DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (app, kind)
+        )""",
+    )),
 )
 
 SCHEMA_VERSION_DDL = """CREATE TABLE IF NOT EXISTS schema_version (

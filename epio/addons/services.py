@@ -1,0 +1,142 @@
+"""Dedicated database servers as supervised runner processes (issue 10).
+
+A dedicated Redis or PostgreSQL of an app is one more instance on a runner,
+started with an ordinary ``runner.start``: it runs under the app's UID, in its
+sandbox, with the app's data directory (``$EPIO_DATA_DIR``), cgroup limits, its
+output in the app's log (source ``epio-redis.1`` / ``epio-postgres.1``), and the
+supervisor's crash restarts with backoff.  Its process type is one of
+:data:`SERVICE_PROCESS_TYPES`: the runner gives such a process a port (``$PORT``)
+and a TCP health check like a web process, the router never routes to it, and
+the scheduler leaves it to the add-on code (it is not part of the formation).
+
+The server binaries come from the host (``/usr`` is visible in the sandbox);
+the image of the app's release only provides the sandbox's mount.  Secrets go
+in the environment of the wrapper (readable only by the app's UID), never in
+argv; the wrapper writes them into 0600 files and drops them before ``exec``.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Any
+
+from epio.addons.redis import SPACE_FACTOR, SPACE_MARGIN, redis_config_lines
+
+REDIS_TYPE = "epio-redis"
+POSTGRES_TYPE = "epio-postgres"
+SERVICE_PROCESS_TYPES = (REDIS_TYPE, POSTGRES_TYPE)
+KIND_OF_TYPE = {REDIS_TYPE: "redis", POSTGRES_TYPE: "postgres"}
+TYPE_OF_KIND = {v: k for k, v in KIND_OF_TYPE.items()}
+
+REDIS_DIR = ".epio-redis"
+POSTGRES_DIR = ".epio-postgres"
+# memory for the server process beyond Redis' maxmemory (fragmentation, fork for BGSAVE)
+REDIS_OVERHEAD_MB = 64
+POSTGRES_MEMORY_MB = 512
+
+
+def postgres_bin(configured: str = "") -> str:
+    """``addons.postgres_bin``, or the newest ``/usr/lib/postgresql/*/bin``."""
+    if configured:
+        return configured
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"),
+                      key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit()
+                      else 0)
+    return str(versions[-1].parent) if versions else "/usr/lib/postgresql/15/bin"
+
+
+# The Redis wrapper: config file (0600) from the environment, the persistence guard
+# (a snapshot only when the data dir has room: used memory x SPACE_FACTOR + SPACE_MARGIN,
+# the rule of epio.addons.redis.PersistenceGuard), then wait for the server.
+REDIS_SCRIPT = r"""
+d="$EPIO_DATA_DIR/{dir}"
+umask 077
+mkdir -p "$d" || exit 1
+printf '%s\n' "$EPIO_SERVICE_CONFIG" "port $PORT" "dir \"$d\"" > "$d/redis.conf" || exit 1
+unset EPIO_SERVICE_CONFIG
+redis-server "$d/redis.conf" &
+server=$!
+trap 'kill -TERM $server 2>/dev/null' TERM INT
+(
+  while sleep "$EPIO_SNAPSHOT_INTERVAL"; do
+    used=$(redis-cli -h "$EPIO_SERVICE_HOST" -p "$PORT" INFO memory 2>/dev/null \
+           | sed -n 's/^used_memory:\([0-9]*\).*/\1/p')
+    [ -n "$used" ] || continue
+    need=$(( used * {num} / {den} + {margin} ))
+    have=$(df --output=avail -B1 "$d" | tail -n 1 | tr -d ' ')
+    if [ "$have" -lt "$need" ]; then
+      echo "redis snapshot refused: $((have / 1024)) KiB free in its data directory," \
+           "$((need / 1024)) KiB needed; the data is only in memory until space is freed"
+    else
+      redis-cli -h "$EPIO_SERVICE_HOST" -p "$PORT" BGSAVE >/dev/null 2>&1 \
+        || echo "redis snapshot FAILED to start (BGSAVE)"
+    fi
+  done
+) &
+guard=$!
+wait $server
+code=$?
+kill $guard 2>/dev/null
+exit $code
+"""
+
+POSTGRES_SCRIPT = r"""
+d="$EPIO_DATA_DIR/{dir}"
+bin={bin}
+umask 077
+if [ ! -s "$d/PG_VERSION" ]; then
+  rm -rf "$d" && mkdir -p "$d" || exit 1
+  printf '%s\n' "$EPIO_SERVICE_PASSWORD" > "$TMPDIR/.pw" || exit 1
+  "$bin/initdb" -D "$d" -U "$EPIO_SERVICE_USER" --pwfile="$TMPDIR/.pw" -E UTF8 --no-locale \
+    --auth-local=scram-sha-256 --auth-host=scram-sha-256 >/dev/null || {{ rm -f "$TMPDIR/.pw"; exit 1; }}
+  rm -f "$TMPDIR/.pw"
+  printf '%s\n' "local all $EPIO_SERVICE_USER scram-sha-256" \
+    "host all $EPIO_SERVICE_USER 0.0.0.0/0 scram-sha-256" \
+    "host all $EPIO_SERVICE_USER ::/0 scram-sha-256" > "$d/pg_hba.conf" || exit 1
+fi
+unset EPIO_SERVICE_PASSWORD
+exec "$bin/postgres" -D "$d" -p "$PORT" -k "$TMPDIR" -c listen_addresses="$EPIO_SERVICE_HOST" \
+  -c dynamic_shared_memory_type=mmap -c logging_collector=off -c max_connections=50 \
+  -c shared_buffers=32MB -c password_encryption=scram-sha-256
+"""
+
+
+def _fraction(x: float) -> tuple[int, int]:
+    return int(round(x * 100)), 100
+
+
+def redis_start_body(*, app: str, uid: int, instance_id: str, image_digest: str,
+                     password: str, memory_mb: int, policy: str, host: str,
+                     snapshot_interval: float, boot_timeout: float,
+                     grace: float = 10.0) -> dict[str, Any]:
+    """The ``runner.start`` body of an app's dedicated Redis."""
+    num, den = _fraction(SPACE_FACTOR)
+    script = REDIS_SCRIPT.format(dir=REDIS_DIR, num=num, den=den, margin=SPACE_MARGIN)
+    config = "\n".join(redis_config_lines(password, memory_mb, policy, host))
+    return {
+        "instance_id": instance_id, "app": app, "uid": uid, "release": 0,
+        "process_type": REDIS_TYPE, "index": 1, "command": ["/bin/sh", "-c", script],
+        "image_digest": image_digest,
+        "env": {"EPIO_SERVICE_CONFIG": config, "EPIO_SERVICE_HOST": host,
+                "REDISCLI_AUTH": password,
+                "EPIO_SNAPSHOT_INTERVAL": str(max(1, int(snapshot_interval)))},
+        "limits": {"memory_mb": memory_mb + REDIS_OVERHEAD_MB, "pids": 64},
+        "health_check": None, "boot_timeout": boot_timeout, "grace": grace,
+    }
+
+
+def postgres_start_body(*, app: str, uid: int, instance_id: str, image_digest: str,
+                        user: str, password: str, host: str, pg_bin: str,
+                        boot_timeout: float, grace: float = 30.0) -> dict[str, Any]:
+    """The ``runner.start`` body of an app's dedicated PostgreSQL server."""
+    script = POSTGRES_SCRIPT.format(dir=POSTGRES_DIR, bin=shlex.quote(pg_bin))
+    return {
+        "instance_id": instance_id, "app": app, "uid": uid, "release": 0,
+        "process_type": POSTGRES_TYPE, "index": 1, "command": ["/bin/sh", "-c", script],
+        "image_digest": image_digest,
+        "env": {"EPIO_SERVICE_USER": user, "EPIO_SERVICE_PASSWORD": password,
+                "EPIO_SERVICE_HOST": host},
+        "limits": {"memory_mb": POSTGRES_MEMORY_MB, "pids": 128},
+        "health_check": None, "boot_timeout": boot_timeout, "grace": grace,
+    }

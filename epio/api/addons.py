@@ -1,0 +1,766 @@
+"""Add-ons and backups in the API: provisioning, env injection, forwarding to backup nodes.
+
+Endpoints (declared here with :func:`epio.api.web.operation`, so they are in
+the one OpenAPI document and behind the same auth, app-scoped 404 rule and
+error layer):
+
+* ``GET/POST /apps/{app}/addons``, ``GET/DELETE /apps/{app}/addons/{kind}``;
+* ``GET/POST /apps/{app}/backups``, ``POST /apps/{app}/backups/{backup_id}/restore``,
+  ``GET /apps/{app}/backups/{backup_id}/download`` (streamed from the backup node
+  in ``backup.fetch`` chunks).
+
+:class:`Addons` is the domain: it provisions shared PostgreSQL databases
+(:class:`epio.addons.postgres.SharedPostgres`), starts dedicated Redis and
+PostgreSQL servers on runners (:mod:`epio.addons.services`), records every
+add-on in the store (:mod:`epio.store.addons`) and sets the app's
+``DATABASE_URL``/``REDIS_URL`` config vars, which every release carries into the
+app's environment.  Backup requests go over the bus to the backup nodes of
+``backup.endpoints``.  Credentials are never logged and never answered except as
+the app's own config var values (``GET /apps/{app}/config``, app members only).
+"""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+from attrs import frozen
+from twisted.internet.defer import DeferredList, ensureDeferred
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+
+from epio.addons import AddonError, db_identifier
+from epio.addons.redis import DEFAULT_MEMORY_MB, DEFAULT_POLICY, RedisSpecError
+from epio.addons.services import (
+    POSTGRES_TYPE,
+    REDIS_TYPE,
+    postgres_bin,
+    postgres_start_body,
+    redis_start_body,
+)
+from epio.api import errors
+from epio.api.spec import (
+    BOOL,
+    INT,
+    NULLABLE_INT,
+    NULLABLE_NUM,
+    NULLABLE_STR,
+    NUM,
+    SCHEMAS,
+    STR,
+    array,
+    obj,
+    ref,
+)
+from epio.api.web import Api, operation
+from epio.store.addons import Addon, delete_addon, find_addon, list_addons, put_addon
+
+CONFIG_VAR = {"postgres": "DATABASE_URL", "redis": "REDIS_URL"}
+KINDS = ("postgres", "redis")
+BACKUP_STATUSES = ("running", "verified", "failed")
+
+SCHEMAS.update({
+    "Addon": obj({
+        "kind": {"type": "string", "enum": list(KINDS)},
+        "plan": {"type": "string", "enum": ["shared", "dedicated"]},
+        "state": STR, "config_var": STR, "host": NULLABLE_STR, "port": NULLABLE_INT,
+        "database": NULLABLE_STR, "node": NULLABLE_STR, "memory_mb": NULLABLE_INT,
+        "created": NUM,
+    }),
+    "NewAddon": obj({
+        "kind": {"type": "string", "enum": list(KINDS)},
+        "plan": {"type": "string", "enum": ["shared", "dedicated"]},
+        "memory_mb": {"type": "integer", "minimum": 1, "maximum": 65536},
+    }, required=["kind"]),
+    "AddonDeleted": obj({"deleted": STR, "final_backup": {"oneOf": [ref("Backup"),
+                                                                    {"type": "null"}]}}),
+    "Backup": obj({
+        "id": STR, "app": STR, "kind": STR,
+        "status": {"type": "string", "enum": list(BACKUP_STATUSES),
+                   "description": "only `verified` backups were restored and checked; "
+                                  "`failed` ones say why in `error`"},
+        "created": NUM, "finished": NULLABLE_NUM, "size": INT, "sha256": STR,
+        "source": STR, "counts": {"type": "object", "additionalProperties": INT},
+        "error": STR, "verified": BOOL,
+    }),
+    "NewBackup": obj({"kind": {"type": "string", "enum": list(KINDS)}}, required=[]),
+    "Restore": obj({"to_app": {"type": "string", "minLength": 1}}, required=[]),
+    "Restored": obj({"app": STR, "id": STR, "into": STR, "kept_as": NULLABLE_STR}),
+})
+
+
+@frozen
+class AddonSettings:
+    """The ``addons`` and ``backup`` config the api uses (seconds, bytes)."""
+
+    postgres_admin_url: str = ""
+    postgres_host: str = ""
+    postgres_port: int = 0
+    postgres_bin: str = ""
+    service_boot_timeout: float = 60.0
+    redis_snapshot_interval: float = 900.0
+    backup_endpoints: tuple[str, ...] = ()
+    backup_timeout: float = 1800.0
+    reach_timeout: float = 5.0
+
+    @classmethod
+    def from_config(cls, config: Any) -> AddonSettings:
+        a, b = config["addons"], config["backup"]
+        return cls(a["postgres_admin_url"], a["postgres_host"], a["postgres_port"],
+                   a["postgres_bin"], float(a["service_boot_timeout"]),
+                   float(a["redis_snapshot_interval"]), tuple(b["endpoints"]),
+                   float(b["api_timeout"]), float(b["reach_timeout"]))
+
+
+def describe_addon(a: Addon) -> dict[str, Any]:
+    """What the API shows of an add-on: never the password."""
+    memory = a.options.get("memory_mb")
+    return {"kind": a.kind, "plan": a.plan, "state": a.state, "config_var": CONFIG_VAR[a.kind],
+            "host": a.host, "port": a.port, "database": a.database, "node": a.node,
+            "memory_mb": int(memory) if isinstance(memory, int) else None,
+            "created": a.created}
+
+
+def describe_backup(r: Mapping[str, Any]) -> dict[str, Any]:
+    status = str(r.get("status") or "failed")
+    if status not in BACKUP_STATUSES:
+        status = "failed"
+    return {
+        "id": str(r.get("id")), "app": str(r.get("app")), "kind": str(r.get("kind")),
+        "status": status, "created": float(r.get("created") or 0),
+        "finished": r.get("finished"), "size": int(r.get("size") or 0),
+        "sha256": str(r.get("sha256") or ""), "source": str(r.get("source") or ""),
+        "counts": {str(k): int(v) for k, v in (r.get("counts") or {}).items()},
+        "error": str(r.get("error") or ""), "verified": status == "verified",
+    }
+
+
+class Addons:
+    """Add-on and backup use cases of the api (see the module docstring).
+
+    ``control`` is an :class:`epio.api.control.IRunnerControl` (any bus
+    request to an endpoint); ``shared`` a :class:`SharedPostgres` or None.
+    """
+
+    log = Logger()
+
+    def __init__(self, store: Any, control: Any, clock: Any, settings: AddonSettings,
+                 shared: Any = None, scheduler: Any = None, log_sink: Any = None,
+                 runner_dead_after: float = 15.0) -> None:
+        self.store = store
+        self.control = control
+        self.clock = clock
+        self.settings = settings
+        self.shared = shared
+        self.scheduler = scheduler
+        self.log_sink = log_sink
+        self.runner_dead_after = runner_dead_after
+
+    # --- add-ons ------------------------------------------------------------------
+
+    async def list(self, app: Any) -> list[Addon]:
+        return await list_addons(self.store, app.name)
+
+    async def get(self, app: Any, kind: str) -> Addon:
+        if kind not in KINDS:
+            raise errors.NotFound(f"no add-on kind {kind!r}; kinds are: {', '.join(KINDS)}")
+        found = await find_addon(self.store, app.name, kind)
+        if found is None:
+            raise errors.NotFound(f"{app.name} has no {kind} add-on")
+        return found
+
+    async def create(self, user: Any, app: Any, kind: str, plan: str | None,
+                     memory_mb: int | None) -> Addon:
+        """Provision an add-on now; its config var comes with a new release."""
+        if await find_addon(self.store, app.name, kind) is not None:
+            raise errors.Conflict(f"{app.name} already has a {kind} add-on")
+        plan = plan or ("shared" if kind == "postgres" else "dedicated")
+        if kind == "redis" and plan != "dedicated":
+            raise errors.ValidationFailed("redis add-ons are dedicated (one server per app)")
+        if memory_mb is not None and kind != "redis":
+            raise errors.ValidationFailed("memory_mb applies to redis add-ons only")
+        image = None
+        if plan == "dedicated":
+            image = await self._current_image(app)
+        addon = await self._provision(app, kind, plan, memory_mb, image)
+        await self._set_var(app, kind, addon, f"Add {kind} add-on", user.name)
+        return addon
+
+    async def destroy(self, user: Any, app: Any, kind: str,
+                      force: bool = False) -> dict[str, Any] | None:
+        """Final backup (when a backup node is reachable), then drop, then unset the var.
+
+        A final backup that was made but FAILED stops the removal (nothing is
+        dropped) unless ``force``.  Returns the final backup record (or None).
+        """
+        addon = await self.get(app, kind)
+        final = await self._final_backup(app.name, kind, force)
+        await self._drop(addon)
+        await delete_addon(self.store, app.name, kind)
+        current = await self.store.get_config(app.name)
+        var = CONFIG_VAR[kind]
+        if var in current:
+            await self.store.set_config_and_release(
+                app.name, {var: None}, description=f"Remove {kind} add-on",
+                created_by=user.name, **await self._release_kwargs(app))
+            self._wake()
+        self.log.info("{kind} add-on of {app} removed by {user}", kind=kind, app=app.name,
+                      user=user.name)
+        return final
+
+    async def app_deleted(self, app: Any) -> None:
+        """Before an app is deleted: a final backup of each add-on, then drop them."""
+        for addon in await list_addons(self.store, app.name):
+            await self._final_backup(app.name, addon.kind, force=False)
+        for addon in await list_addons(self.store, app.name):
+            await self._drop(addon)
+            await delete_addon(self.store, app.name, addon.kind)
+
+    async def on_deploy(self, app: Any, manifest: Mapping[str, Any], image: str,
+                        say: Any) -> None:
+        """Provision what ``[services]`` asks for (before the release is made, so the
+        release carries DATABASE_URL/REDIS_URL); restart dedicated servers that are gone."""
+        services = manifest.get("services") or {}
+        memory = manifest.get("redis_memory_mb")
+        for kind in KINDS:
+            plan = services.get(kind) if isinstance(services, Mapping) else None
+            existing = await find_addon(self.store, app.name, kind)
+            if existing is not None:
+                if existing.plan == "dedicated":
+                    await self._ensure_running(app, existing, image, say)
+                if plan and plan != existing.plan:
+                    await say(f"  {kind}: the app has a {existing.plan} add-on; "
+                              f"[services] asks for {plan} (unchanged: move the data with "
+                              f"epio backups)")
+                continue
+            if not plan:
+                continue
+            if kind == "redis":
+                plan = "dedicated"
+            await say(f"Provisioning {plan} {kind} for {app.name}...")
+            try:
+                addon = await self._provision(app, kind, plan,
+                                              memory if kind == "redis" else None, image)
+            except errors.ApiError as e:
+                raise AddonError(f"{kind} add-on: {e.message}") from None
+            await self._set_var(app, kind, addon, None, None)
+            await say(f"  {kind} ready: {CONFIG_VAR[kind]} is set")
+
+    # --- provisioning -------------------------------------------------------------
+
+    async def _provision(self, app: Any, kind: str, plan: str, memory_mb: int | None,
+                         image: str | None) -> Addon:
+        now = self.clock.seconds()
+        if kind == "postgres" and plan == "shared":
+            if self.shared is None:
+                raise errors.Unavailable(
+                    "no shared PostgreSQL is configured (addons.postgres_admin_url)",
+                    code="addons_unavailable")
+            try:
+                creds = await self.shared.provision(app.name)
+            except AddonError as e:
+                raise errors.Unavailable(str(e), code="addons_unavailable") from None
+            addon = Addon(app.name, "postgres", "shared", "ready", now, now, creds.host,
+                          creds.port, creds.database, creds.user, creds.password)
+            return await put_addon(self.store, addon)
+        assert image is not None
+        if kind == "redis":
+            memory = DEFAULT_MEMORY_MB if memory_mb is None else memory_mb
+            if not 1 <= memory <= 65536:
+                raise errors.ValidationFailed("[redis] memory must be 1..65536 MB")
+            addon = Addon(app.name, "redis", "dedicated", "provisioning", now, now,
+                          password=secrets.token_urlsafe(24),
+                          options={"memory_mb": memory, "policy": DEFAULT_POLICY})
+        else:
+            addon = Addon(app.name, "postgres", "dedicated", "provisioning", now, now,
+                          database=db_identifier(app.name), username=db_identifier(app.name),
+                          password=secrets.token_urlsafe(24))
+        addon = await put_addon(self.store, addon)
+        return await self._start_server(app, addon, image)
+
+    async def _start_server(self, app: Any, addon: Addon, image: str,
+                            node_id: str | None = None) -> Addon:
+        """Start the dedicated server on a runner (its recorded node if alive) and wait
+        until it accepts connections."""
+        from attrs import evolve
+
+        from epio.store import Instance
+
+        runner = await self._pick_runner(node_id or addon.node)
+        host = _host_of(runner.control_endpoint)
+        ptype = REDIS_TYPE if addon.kind == "redis" else POSTGRES_TYPE
+        iid = f"{app.name}-{ptype}-{uuid.uuid4().hex[:8]}"
+        s = self.settings
+        if addon.kind == "redis":
+            body = redis_start_body(
+                app=app.name, uid=app.uid, instance_id=iid, image_digest=image,
+                password=str(addon.password), memory_mb=int(addon.options["memory_mb"]),
+                policy=str(addon.options.get("policy") or DEFAULT_POLICY), host=host,
+                snapshot_interval=s.redis_snapshot_interval, boot_timeout=s.service_boot_timeout)
+        else:
+            body = postgres_start_body(
+                app=app.name, uid=app.uid, instance_id=iid, image_digest=image,
+                user=str(addon.username), password=str(addon.password), host=host,
+                pg_bin=postgres_bin(s.postgres_bin), boot_timeout=s.service_boot_timeout)
+        now = self.clock.seconds()
+        # recorded first, so the scheduler never takes it for an orphan
+        inst = Instance(iid, app.name, 0, ptype, 1, runner.id, None, None, "pending", now, 0)
+        await self.store.upsert_instance(inst)
+        try:
+            reply = await self.control.request(runner.control_endpoint, "runner.start", body,
+                                               timeout=30.0)
+        except Exception as e:
+            await self.store.delete_instance(iid)
+            await put_addon(self.store, evolve(addon, state="failed"))
+            raise errors.Unavailable(
+                f"runner {runner.id} could not start the {addon.kind} server: "
+                f"{getattr(e, 'message', None) or type(e).__name__}",
+                code="addons_unavailable") from None
+        port = reply.get("port")
+        rhost = str(reply.get("host") or host)
+        await self.store.upsert_instance(evolve(inst, host=rhost, port=port, state="starting"))
+        addon = evolve(addon, host=rhost, port=int(port) if port else None, node=runner.id,
+                       instance=iid)
+        await put_addon(self.store, addon)
+        try:
+            await self._wait_accepting(addon)
+        except Exception as e:
+            await put_addon(self.store, evolve(addon, state="failed"))
+            raise errors.Unavailable(f"the dedicated {addon.kind} server did not come up: {e}",
+                                     code="addons_unavailable") from None
+        addon = await put_addon(self.store, evolve(addon, state="ready"))
+        self.log.info("dedicated {kind} of {app} runs on {node} port {port}", kind=addon.kind,
+                      app=app.name, node=runner.id, port=addon.port)
+        return addon
+
+    async def _wait_accepting(self, addon: Addon) -> None:
+        """Until the server answers with the app's credentials (the dedicated database
+        is created on first start), or ``addons.service_boot_timeout``."""
+        deadline = self.clock.seconds() + self.settings.service_boot_timeout
+        last = "no answer"
+        while self.clock.seconds() < deadline:
+            try:
+                if addon.kind == "redis":
+                    await _redis_ping(addon)
+                else:
+                    await _postgres_ensure_db(self.clock, addon)
+                return
+            except Exception as e:
+                last = type(e).__name__
+            await deferLater(self.clock, 0.3, lambda: None)
+        raise TimeoutError(f"not accepting connections after "
+                           f"{self.settings.service_boot_timeout:g}s ({last})")
+
+    async def _ensure_running(self, app: Any, addon: Addon, image: str, say: Any) -> None:
+        """A dedicated server whose instance is gone (its runner died) is started again
+        on the same node when it is back (its data is there), else reported."""
+        if addon.instance:
+            for i in await self.store.list_instances(app.name):
+                if i.id == addon.instance:
+                    return
+        await say(f"  dedicated {addon.kind} is not running; starting it again"
+                  + (f" on {addon.node}" if addon.node else ""))
+        try:
+            new = await self._start_server(app, addon, image, addon.node)
+        except errors.ApiError as e:
+            raise AddonError(f"{addon.kind} add-on: {e.message}") from None
+        if (new.host, new.port) != (addon.host, addon.port):
+            await self._set_var(app, addon.kind, new, None, None)
+
+    async def _pick_runner(self, prefer: str | None) -> Any:
+        now = self.clock.seconds()
+        nodes = [n for n in await self.store.list_nodes(role="runner") if n.control_endpoint]
+        fresh = [n for n in nodes if now - n.last_seen < self.runner_dead_after]
+        if prefer:
+            for n in fresh:
+                if n.id == prefer:
+                    return n
+            raise errors.Unavailable(
+                f"the dedicated server's runner {prefer} is not alive (its data is there)",
+                code="addons_unavailable")
+        if not fresh:
+            raise errors.Unavailable("no runner is alive to run a dedicated server",
+                                     code="addons_unavailable")
+        instances = await self.store.list_instances()
+        return min(fresh, key=lambda n: (sum(1 for i in instances if i.node == n.id), n.id))
+
+    async def _current_image(self, app: Any) -> str:
+        from epio.api.state import current_release
+
+        release = await current_release(self.store, app.name)
+        if release is None or not release.image:
+            raise errors.Conflict(
+                f"a dedicated server runs in the app's sandbox: deploy {app.name} first, or "
+                "set [services] in epio.ini and deploy")
+        return str(release.image)
+
+    async def _set_var(self, app: Any, kind: str, addon: Addon, description: str | None,
+                       who: str | None) -> None:
+        """Set the app's config var (with a new release when ``description``)."""
+        url = addon_url(addon)
+        var = CONFIG_VAR[kind]
+        if description is None:
+            await self.store.set_config(app.name, {var: url})
+            return
+        await self.store.set_config_and_release(
+            app.name, {var: url}, description=description, created_by=who,
+            **await self._release_kwargs(app))
+        self._wake()
+
+    async def _release_kwargs(self, app: Any) -> dict[str, Any]:
+        from epio.api.state import current_release
+
+        current = await current_release(self.store, app.name)
+        if current is None:
+            return {"inherit_image": False}
+        return {"image": current.image, "processes": dict(current.processes),
+                "meta": dict(current.meta), "inherit_image": False}
+
+    async def _drop(self, addon: Addon) -> None:
+        if addon.plan == "shared":
+            if self.shared is None:
+                raise errors.Unavailable("no shared PostgreSQL is configured; cannot drop "
+                                         "the database", code="addons_unavailable")
+            try:
+                await self.shared.deprovision(addon.app)
+            except AddonError as e:
+                raise errors.Unavailable(str(e), code="addons_unavailable") from None
+            return
+        if addon.instance:
+            for i in await self.store.list_instances(addon.app):
+                if i.id != addon.instance:
+                    continue
+                node = None
+                try:
+                    node = await self.store.get_node(i.node or "")
+                except Exception:
+                    pass
+                if node is not None and node.control_endpoint:
+                    try:
+                        await self.control.request(node.control_endpoint, "runner.stop",
+                                                   {"instance_id": i.id, "grace": 10.0},
+                                                   timeout=30.0)
+                    except Exception as e:
+                        self.log.warn("stopping {id} failed: {error}", id=i.id,
+                                      error=getattr(e, "message", None) or type(e).__name__)
+                await self.store.delete_instance(i.id)
+        # the data directory stays on the runner (under the app's data dir) until the
+        # app is deleted; the final backup is in the backup store
+
+    def _wake(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.wake()
+
+    # --- backups ------------------------------------------------------------------
+
+    async def _ask(self, endpoint: str, type: str, body: dict[str, Any],
+                   timeout: float) -> dict[str, Any]:
+        reply: dict[str, Any] = await self.control.request(endpoint, type, body, timeout=timeout)
+        return reply
+
+    async def _listings(self, app: str, kind: str | None = None
+                        ) -> list[tuple[str, list[dict[str, Any]]]]:
+        """(endpoint, backups) of every backup node that answers within reach_timeout."""
+        body: dict[str, Any] = {"app": app}
+        if kind:
+            body["kind"] = kind
+        eps = list(self.settings.backup_endpoints)
+        results = await DeferredList(
+            [ensureDeferred(self._ask(ep, "backup.list", body, self.settings.reach_timeout))
+             for ep in eps], consumeErrors=True)
+        out = []
+        for ep, (ok, value) in zip(eps, results, strict=True):
+            if ok:
+                out.append((ep, list(value.get("backups") or [])))
+        return out
+
+    async def list_backups(self, app: Any, kind: str | None) -> list[dict[str, Any]]:
+        listings = await self._listings(app.name, kind)
+        if not listings:
+            raise self._no_backup_node()
+        seen: dict[str, dict[str, Any]] = {}
+        for _, backups in listings:
+            for r in backups:
+                seen.setdefault(str(r.get("id")), describe_backup(r))
+        return sorted(seen.values(), key=lambda r: r["created"], reverse=True)
+
+    def _no_backup_node(self) -> errors.ApiError:
+        where = ", ".join(self.settings.backup_endpoints) or "none configured"
+        return errors.Unavailable(f"no backup node answers (backup.endpoints: {where})",
+                                  code="backups_unavailable")
+
+    async def create_backup(self, app: Any, kind: str | None) -> list[dict[str, Any]]:
+        listings = await self._listings(app.name)
+        if not listings:
+            raise self._no_backup_node()
+        body: dict[str, Any] = {"app": app.name}
+        if kind:
+            body["kind"] = kind
+        reply = await self._remote(self._ask(listings[0][0], "backup.create", body,
+                                             self.settings.backup_timeout))
+        return [describe_backup(r) for r in reply.get("backups") or []]
+
+    async def _locate(self, app: str, backup_id: str) -> tuple[str, dict[str, Any]]:
+        listings = await self._listings(app)
+        if not listings:
+            raise self._no_backup_node()
+        for ep, backups in listings:
+            for r in backups:
+                if str(r.get("id")) == backup_id:
+                    return ep, r
+        raise errors.NotFound(f"{app} has no backup {backup_id!r}", code="backup_not_found")
+
+    async def restore_backup(self, user: Any, app: Any, backup_id: str,
+                             to_app: str | None, platform: Any) -> dict[str, Any]:
+        into = app
+        if to_app and to_app != app.name:
+            into = await platform.get_app(user, to_app)  # 404 unless the user may see it
+        ep, record = await self._locate(app.name, backup_id)
+        if record.get("status") != "verified":
+            raise errors.Conflict(f"backup {backup_id} is {record.get('status')}, not "
+                                  "verified; it cannot be restored", code="backup_failed")
+        if await find_addon(self.store, into.name, str(record.get("kind"))) is None and not (
+                record.get("kind") == "postgres" and self.shared is not None
+                and await self.shared.exists(into.name)):
+            raise errors.Conflict(f"{into.name} has no {record.get('kind')} add-on to restore "
+                                  "into", code="no_addon")
+        body: dict[str, Any] = {"app": app.name, "id": backup_id}
+        if into.name != app.name:
+            body["to_app"] = into.name
+        reply = await self._remote(self._ask(ep, "backup.restore", body,
+                                             self.settings.backup_timeout))
+        self.log.info("backup {id} of {app} restored into {into} by {user}", id=backup_id,
+                      app=app.name, into=into.name, user=user.name)
+        return {"app": app.name, "id": backup_id, "into": into.name,
+                "kept_as": reply.get("kept_as")}
+
+    async def download(self, app: Any, backup_id: str, write: Any) -> None:
+        """Stream the backup's file: ``write(bytes)`` per chunk, after ``start(size, sha)``."""
+        ep, record = await self._locate(app.name, backup_id)
+        offset = 0
+        while True:
+            reply = await self._remote(self._ask(ep, "backup.fetch", {
+                "app": app.name, "id": backup_id, "offset": offset}, self.settings.backup_timeout))
+            data = reply.get("data") or b""
+            await write({**reply, "kind": record.get("kind")}, data)
+            offset += len(data)
+            if reply.get("eof") or not data:
+                return
+
+    async def _remote(self, d: Any) -> dict[str, Any]:
+        from epio.bus import BusError, RemoteError
+
+        try:
+            result: dict[str, Any] = await d
+            return result
+        except RemoteError as e:
+            if e.code == "backup_not_found":
+                raise errors.NotFound(e.message, code="backup_not_found") from None
+            raise errors.Conflict(e.message, code=e.code or "backup_failed") from None
+        except BusError as e:
+            raise errors.Unavailable(f"the backup node did not answer: {type(e).__name__}",
+                                     code="backups_unavailable") from None
+
+    async def _final_backup(self, app: str, kind: str, force: bool) -> dict[str, Any] | None:
+        """Back the add-on up before it is dropped, if a backup node is reachable."""
+        listings = await self._listings(app)
+        if not listings:
+            self.log.warn("no backup node reachable: {kind} of {app} is dropped without a "
+                          "final backup", kind=kind, app=app)
+            return None
+        try:
+            reply = await self._remote(self._ask(listings[0][0], "backup.create",
+                                                 {"app": app, "kind": kind},
+                                                 self.settings.backup_timeout))
+        except errors.NotFound:
+            return None  # nothing to back up (the database is already gone)
+        except errors.ApiError as e:
+            if force:
+                self.log.warn("final backup of {app} failed ({error}); dropping anyway (force)",
+                              app=app, error=e.message)
+                return None
+            raise errors.Conflict(f"the final backup of {app}'s {kind} failed: {e.message}; "
+                                  "nothing was dropped", code="final_backup_failed") from None
+        records = [describe_backup(r) for r in reply.get("backups") or []]
+        bad = [r for r in records if r["status"] != "verified"]
+        if bad and not force:
+            raise errors.Conflict(
+                f"the final backup of {app}'s {kind} failed: {bad[0]['error'] or 'unverified'}; "
+                "nothing was dropped", code="final_backup_failed")
+        return records[0] if records else None
+
+
+def addon_url(a: Addon) -> str:
+    """DATABASE_URL / REDIS_URL of an add-on (holds the password: never log it)."""
+    from urllib.parse import quote
+
+    host = f"[{a.host}]" if a.host and ":" in a.host else str(a.host)
+    if a.kind == "redis":
+        return f"redis://:{quote(str(a.password), safe='')}@{host}:{a.port}/0"
+    return (f"postgresql://{quote(str(a.username), safe='')}:{quote(str(a.password), safe='')}"
+            f"@{host}:{a.port}/{quote(str(a.database), safe='')}")
+
+
+def _host_of(endpoint: str | None) -> str:
+    host = urlsplit(endpoint or "").hostname or ""
+    return "127.0.0.1" if host in ("", "*", "0.0.0.0", "::", "localhost") else host
+
+
+async def _redis_ping(addon: Addon) -> None:
+    import txredisapi
+
+    conn = await txredisapi.Connection(str(addon.host), int(addon.port or 0),
+                                       password=addon.password, reconnect=False)
+    try:
+        await conn.ping()
+    finally:
+        await conn.disconnect()
+
+
+async def _postgres_ensure_db(clock: Any, addon: Addon) -> None:
+    """Connect as the app's role; create its database on the first start."""
+    from txpostgres import txpostgres
+
+    def dsn(db: str) -> str:
+        return (f"host='{addon.host}' port='{addon.port}' user='{addon.username}' "
+                f"password='{addon.password}' dbname='{db}' connect_timeout=3")
+
+    conn = txpostgres.Connection(reactor=clock)
+    await conn.connect(dsn("postgres"))
+    try:
+        rows = await conn.runQuery("SELECT 1 FROM pg_database WHERE datname = %s",
+                                   (addon.database,))
+        if not rows:
+            await conn.runOperation(f'CREATE DATABASE "{addon.database}"')
+    finally:
+        conn.close()
+
+
+def make_addons(node: Any, store: Any, control: Any, scheduler: Any = None,
+                log_sink: Any = None) -> Addons:
+    """The api's :class:`Addons` from the node's config."""
+    from epio.addons.postgres import SharedPostgres
+
+    settings = AddonSettings.from_config(node.config)
+    shared = None
+    if settings.postgres_admin_url:
+        shared = SharedPostgres(node.reactor, settings.postgres_admin_url,
+                                settings.postgres_host or None, settings.postgres_port or None)
+    dead_after = float(node.config["api"].get("runner_dead_after", 15.0))
+    return Addons(store, control, node.reactor, settings, shared, scheduler, log_sink,
+                  runner_dead_after=dead_after)
+
+
+# --- HTTP routes (bound to epio.api.web.Api; ``api.addons`` is the domain) -------------
+
+
+def _domain(api: Api) -> Addons:
+    domain = getattr(api, "addons", None)
+    if domain is None:
+        raise errors.Unavailable("add-ons are not available on this api process",
+                                 code="addons_unavailable")
+    return domain
+
+
+def _kind(request: Any) -> str | None:
+    values = request.args.get(b"kind")
+    if not values:
+        return None
+    kind = values[0].decode("utf-8", "replace")
+    if kind not in KINDS:
+        raise errors.BadRequest(f"kind must be one of {', '.join(KINDS)}")
+    return kind
+
+
+@operation("GET", "/apps/{app}/addons", "listAddons", "The app's add-on databases",
+           response=array(ref("Addon")), tag="addons")
+async def list_addons_route(self: Api, request: Any, user: Any, app: Any) -> Any:
+    return [describe_addon(a) for a in await _domain(self).list(app)]
+
+
+@operation("POST", "/apps/{app}/addons", "createAddon",
+           "Provision a database (postgres: shared or dedicated; redis: dedicated) and set "
+           "DATABASE_URL / REDIS_URL in a new release", request=ref("NewAddon"),
+           response=ref("Addon"), status=201, tag="addons")
+async def create_addon_route(self: Api, request: Any, user: Any, app: Any,
+                             body: dict[str, Any]) -> Any:
+    try:
+        addon = await _domain(self).create(user, app, body["kind"], body.get("plan"),
+                                           body.get("memory_mb"))
+    except RedisSpecError as e:
+        raise errors.ValidationFailed(str(e)) from None
+    return describe_addon(addon)
+
+
+@operation("GET", "/apps/{app}/addons/{kind}", "getAddon",
+           "One add-on (its address; the credentials are only in the app's config var)",
+           response=ref("Addon"), tag="addons")
+async def get_addon_route(self: Api, request: Any, user: Any, app: Any, kind: str) -> Any:
+    return describe_addon(await _domain(self).get(app, kind))
+
+
+@operation("DELETE", "/apps/{app}/addons/{kind}", "deleteAddon",
+           "Take a final backup (when a backup node answers), then drop the database and "
+           "unset its config var; a failed final backup drops nothing unless force=true",
+           response=ref("AddonDeleted"), tag="addons", query={"force": {"type": "boolean"}})
+async def delete_addon_route(self: Api, request: Any, user: Any, app: Any, kind: str) -> Any:
+    force = (request.args.get(b"force") or [b""])[0].lower() in (b"1", b"true", b"yes")
+    final = await _domain(self).destroy(user, app, kind, force=force)
+    return {"deleted": kind, "final_backup": final}
+
+
+@operation("GET", "/apps/{app}/backups", "listBackups",
+           "The app's backups on every backup node, newest first (failed ones included, "
+           "marked failed)", response=array(ref("Backup")), tag="backups",
+           query={"kind": {"type": "string", "enum": list(KINDS)}})
+async def list_backups_route(self: Api, request: Any, user: Any, app: Any) -> Any:
+    return await _domain(self).list_backups(app, _kind(request))
+
+
+@operation("POST", "/apps/{app}/backups", "createBackup",
+           "Back the app's databases up now; answers when each backup is verified or failed",
+           request=ref("NewBackup"), response=array(ref("Backup")), status=201, tag="backups")
+async def create_backup_route(self: Api, request: Any, user: Any, app: Any,
+                              body: dict[str, Any]) -> Any:
+    return await _domain(self).create_backup(app, body.get("kind"))
+
+
+@operation("POST", "/apps/{app}/backups/{backup_id}/restore", "restoreBackup",
+           "Restore a verified backup into the app's (or to_app's) database: a new database "
+           "first, then a switch; the previous data is kept", request=ref("Restore"),
+           response=ref("Restored"), tag="backups")
+async def restore_backup_route(self: Api, request: Any, user: Any, app: Any, backup_id: str,
+                               body: dict[str, Any]) -> Any:
+    return await _domain(self).restore_backup(user, app, backup_id, body.get("to_app"),
+                                              self.platform)
+
+
+@operation("GET", "/apps/{app}/backups/{backup_id}/download", "downloadBackup",
+           "The backup file (pg_dump custom format or Redis RDB), streamed; X-Backup-Sha256 "
+           "and X-Backup-Status headers", response={"type": "string",
+                                                   "contentMediaType": "application/octet-stream"},
+           tag="backups", raw=True)
+async def download_backup_route(self: Api, request: Any, user: Any, app: Any,
+                                backup_id: str) -> Any:
+    started = False
+
+    async def write(reply: dict[str, Any], data: bytes) -> None:
+        nonlocal started
+        if not started:
+            started = True
+            request.setResponseCode(200)
+            request.setHeader(b"Content-Type", b"application/octet-stream")
+            request.setHeader(b"Content-Length", str(int(reply.get("size") or 0)).encode())
+            request.setHeader(b"X-Backup-Sha256", str(reply.get("sha256") or "").encode())
+            request.setHeader(b"X-Backup-Status", str(reply.get("status") or "").encode())
+            ext = "rdb" if reply.get("kind") == "redis" else "dump"
+            request.setHeader(b"Content-Disposition",
+                              f'attachment; filename="{app.name}-{backup_id}.{ext}"'.encode())
+        if data:
+            request.write(data)
+
+    await _domain(self).download(app, backup_id, write)
+    return b""

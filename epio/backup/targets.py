@@ -1,0 +1,62 @@
+"""What the backup role backs up: every app's add-on databases, read from the store.
+
+A :class:`Target` is one add-on with the address and credentials the backup
+node pulls with (the servers hold nothing of the backup store).  Apps whose
+shared PostgreSQL database exists but that have no add-on record (created by an
+older epio, or by hand) are still backed up as shared PostgreSQL.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import quote
+
+from attrs import field, frozen
+
+
+@frozen
+class Target:
+    app: str
+    kind: str  # postgres | redis
+    plan: str  # shared | dedicated
+    host: str | None = None
+    port: int | None = None
+    database: str | None = None
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+    def describe(self) -> str:
+        """Where the data comes from, without credentials."""
+        if self.kind == "postgres" and self.plan == "shared":
+            return str(self.database)
+        where = f"{self.host}:{self.port}"
+        return f"{self.database}@{where}" if self.database else where
+
+
+def dedicated_postgres_url(t: Target) -> str:
+    """The superuser URL of an app's dedicated server (the app's own role owns it)."""
+    auth = quote(str(t.user), safe="")
+    if t.password:
+        auth += ":" + quote(t.password, safe="")
+    return f"postgresql://{auth}@{t.host}:{t.port}/{quote(str(t.database), safe='')}"
+
+
+def target_of(addon: Any) -> Target:
+    """A :class:`Target` from a store :class:`~epio.store.addons.Addon`."""
+    return Target(addon.app, addon.kind, addon.plan, addon.host, addon.port, addon.database,
+                  addon.username, addon.password)
+
+
+async def targets_for(store: Any, app: str, kind: str | None = None,
+                      shared: Any = None) -> list[Target]:
+    """The app's backup targets (of ``kind``): its ready add-ons, plus a shared
+    PostgreSQL database that exists without a record."""
+    from epio.addons import db_identifier
+    from epio.store.addons import list_addons
+
+    found = [target_of(a) for a in await list_addons(store, app)
+             if a.state == "ready" and (kind is None or a.kind == kind)]
+    if (kind in (None, "postgres") and not any(t.kind == "postgres" for t in found)
+            and shared is not None and await shared.exists(app)):
+        found.append(Target(app, "postgres", "shared", database=db_identifier(app)))
+    return found
