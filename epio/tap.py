@@ -178,8 +178,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     except NodeSetupError as e:
         raise SystemExit(f"epio: {e}") from None
     root = NodeService(node)
-    store = StoreService(config["store"]["url"] or f"sqlite:///{node.data_dir / 'store.sqlite3'}",
-                         reactor=reactor)
+    store = StoreService.from_config(config, node.data_dir, reactor=reactor)
     store.setName("store")
     store.setServiceParent(root)
     node.store_service = store
