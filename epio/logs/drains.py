@@ -279,11 +279,8 @@ class HTTPDrain(Drain):
         super().discard()
 
 
-def _treq_post(reactor: Any) -> Callable[[str, bytes, dict[bytes, list[bytes]]], Deferred[int]]:
+def _treq_post(reactor: Any, pool: Any) -> Callable[[str, bytes, dict[bytes, list[bytes]]], Deferred[int]]:
     import treq
-    from twisted.web.client import HTTPConnectionPool
-
-    pool = HTTPConnectionPool(reactor, persistent=True)
 
     def post(url: str, body: bytes, headers: dict[bytes, list[bytes]]) -> Deferred[int]:
         d: Deferred[Any] = treq.post(url, data=body, headers=cast(Any, headers), pool=pool,
@@ -310,6 +307,7 @@ class DrainManager(MultiService):
         self.reactor = reactor
         self.config = config
         self._http_post = http_post
+        self._pool: Any = None
         self.drains: dict[str, Drain] = {}
         self.by_app: dict[str, list[Drain]] = {}
         self._delivered_c = self._undelivered_c = None
@@ -324,8 +322,21 @@ class DrainManager(MultiService):
 
     def http_post(self, url: str, body: bytes, headers: dict[bytes, list[bytes]]) -> Deferred[int]:
         if self._http_post is None:
-            self._http_post = _treq_post(self.reactor)
+            from twisted.web.client import HTTPConnectionPool
+
+            self._pool = HTTPConnectionPool(self.reactor, persistent=True)
+            self._http_post = _treq_post(self.reactor, self._pool)
         return self._http_post(url, body, headers)
+
+    def stopService(self) -> Any:
+        d = super().stopService()
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return d
+        self._http_post = None
+        from twisted.internet.defer import gatherResults
+
+        return gatherResults([x for x in (d, pool.closeCachedConnections()) if x is not None])
 
     def add(self, drain_id: str, app: str, url: str) -> Drain:
         """Start forwarding ``app``'s lines to ``url``; ValueError if the URL is bad."""
