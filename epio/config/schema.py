@@ -404,6 +404,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "drain_max_attempts": Key(int, 5, "Attempts to POST one batch to an HTTPS drain.", positive),
         "drain_backoff_max": Key(float, 60.0, "Longest wait between drain reconnects/retries (s).",
                                  positive),
+        "drain_tls_ca": Key(str, "",
+                            "PEM file of the CA that signs syslog+tls drain servers' certificates; "
+                            "empty means the system's trusted CAs."),
     },
     "metrics": {
         "listen": Key(str, "",
