@@ -103,37 +103,34 @@ RESPONSE_SPECIAL: dict[bytes, int] = {
     b"trailer": H_DROP,
 }
 
+_SIMPLE_CONN = frozenset({b"keep-alive", b"close", b"upgrade"})
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 
 
 class Request:
-    """One parsed request head (what the proxy needs; ``lines`` are kept verbatim)."""
+    """One parsed request head (what the proxy needs; ``lines`` are kept verbatim).
 
-    __slots__ = (
-        "method", "target", "version", "host", "host_line", "lines", "content_length",
-        "chunked", "keep_alive", "expect_continue", "upgrade", "xff", "xfproto", "xfport",
-        "request_id", "accept_json", "forwarded", "head_size",
-    )
+    Defaults are class attributes: a request only stores what differs (cheap to make).
+    """
 
-    def __init__(self) -> None:
-        self.method = b""
-        self.target = b""
-        self.version = 1  # minor version: 1 = HTTP/1.1, 0 = HTTP/1.0
-        self.host = ""
-        self.host_line = b""
-        self.lines: list[bytes] = []
-        self.content_length = -1
-        self.chunked = False
-        self.keep_alive = True
-        self.expect_continue = False
-        self.upgrade: bytes | None = None
-        self.xff: bytes | None = None
-        self.xfproto: bytes | None = None
-        self.xfport: bytes | None = None
-        self.request_id: bytes | None = None
-        self.accept_json = False
-        self.forwarded: list[bytes] | None = None
-        self.head_size = 0
+    method = b""
+    target = b""
+    version = 1  # minor version: 1 = HTTP/1.1, 0 = HTTP/1.0
+    host = ""
+    host_line = b""
+    lines: list[bytes] = []
+    content_length = -1
+    chunked = False
+    keep_alive = True
+    expect_continue = False
+    upgrade: bytes | None = None
+    xff: bytes | None = None
+    xfproto: bytes | None = None
+    xfport: bytes | None = None
+    request_id: bytes | None = None
+    accept_json = False
+    forwarded: list[bytes] | None = None
+    head_size = 0
 
     @property
     def has_body(self) -> bool:
@@ -246,7 +243,8 @@ def parse_request(head: bytes) -> Request:
         elif kind == H_TE:
             te = (te or []) + _tokens(value)
         elif kind == H_CONN:
-            conn = (conn or []) + _tokens(value)
+            lv = value.lower()
+            conn = (conn or []) + ([lv] if lv in _SIMPLE_CONN else _tokens(value))
         elif kind == H_UPGRADE:
             upgrade = value
         elif kind == H_ACCEPT:
@@ -300,9 +298,10 @@ def parse_request(head: bytes) -> Request:
             req.keep_alive = b"keep-alive" in conn
         if upgrade is not None and b"upgrade" in conn:
             req.upgrade = upgrade
-        others = [c for c in conn if c not in (b"close", b"keep-alive", b"upgrade")]
-        if others:
-            kept = _filter_connection_named(kept, others)
+        if len(conn) > 1 or conn[0] not in _SIMPLE_CONN:
+            others = [c for c in conn if c not in _SIMPLE_CONN]
+            if others:
+                kept = _filter_connection_named(kept, others)
     elif minor == 0:
         req.keep_alive = False
     if req.upgrade is not None and req.has_body:
@@ -316,20 +315,16 @@ def valid_request_id(value: bytes) -> bool:
 
 
 class Response:
-    """One parsed response head from a backend."""
+    """One parsed response head from a backend (defaults are class attributes)."""
 
-    __slots__ = ("status", "version", "status_line", "lines", "content_length", "chunked",
-                 "keep_alive", "upgrade")
-
-    def __init__(self) -> None:
-        self.status = 0
-        self.version = 1
-        self.status_line = b""
-        self.lines: list[bytes] = []
-        self.content_length = -1
-        self.chunked = False
-        self.keep_alive = True
-        self.upgrade: bytes | None = None
+    status = 0
+    version = 1
+    status_line = b""
+    lines: list[bytes] = []
+    content_length = -1
+    chunked = False
+    keep_alive = True
+    upgrade: bytes | None = None
 
 
 def parse_response(head: bytes) -> Response:
@@ -378,7 +373,8 @@ def parse_response(head: bytes) -> Response:
         elif kind == H_TE:
             te = (te or []) + _tokens(value)
         elif kind == H_CONN:
-            conn = (conn or []) + _tokens(value)
+            lv = value.lower()
+            conn = (conn or []) + ([lv] if lv in _SIMPLE_CONN else _tokens(value))
         elif kind == H_UPGRADE:
             resp.upgrade = value
     if te is not None:
@@ -397,9 +393,10 @@ def parse_response(head: bytes) -> Response:
             resp.keep_alive = False
         elif resp.version == 0 and b"keep-alive" not in conn:
             resp.keep_alive = False
-        others = [c for c in conn if c not in (b"close", b"keep-alive", b"upgrade")]
-        if others:
-            kept = _filter_connection_named(kept, others)
+        if len(conn) > 1 or conn[0] not in _SIMPLE_CONN:
+            others = [c for c in conn if c not in _SIMPLE_CONN]
+            if others:
+                kept = _filter_connection_named(kept, others)
     elif resp.version == 0:
         resp.keep_alive = False
     resp.lines = kept

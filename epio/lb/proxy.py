@@ -127,14 +127,14 @@ class LB:
         self.stopping = False
         self.trusted = frozenset(settings.trusted_proxies)
         self._rr = 0
-        self._rid_prefix = os.urandom(6).hex()
+        self._rid_prefix = os.urandom(6).hex().encode()
         self._rid_n = 0
         self._drained: list[Any] = []
 
     # -- request ids ----------------------------------------------------------------
     def new_request_id(self) -> bytes:
         self._rid_n += 1
-        return b"%s%012x" % (self._rid_prefix.encode(), self._rid_n)
+        return b"%s%012x" % (self._rid_prefix, self._rid_n)
 
     # -- balancing ------------------------------------------------------------------
     def state_for(self, key: tuple[str, int]) -> BackendState:
@@ -363,6 +363,7 @@ class ClientConn(Protocol):
         self.paused = 0
         self.processing = False
         self.head_started = 0.0
+        self._now = 0.0
         self.fast = False
         self.peer = ""
         self.trusted = False
@@ -505,6 +506,9 @@ class ClientConn(Protocol):
         self.deadline = 0.0
         if state == C_HEAD:
             if self.buf:
+                self.req = None
+                self.rid = b""
+                self.route = None
                 self.local_error(408, "client_timeout", "The request was not received in time.",
                                  close=True)
             else:
@@ -612,6 +616,9 @@ class ClientConn(Protocol):
                 try:
                     req = parse_request(head)
                 except HTTPError as e:
+                    self.req = None
+                    self.rid = b""
+                    self.route = None
                     # a head we cannot parse leaves the framing unknown: always close
                     self.local_error(e.status, e.code, e.message, close=True)
                     return
@@ -696,7 +703,7 @@ class ClientConn(Protocol):
             bc = idle.pop()
             if bc.transport is not None and bc.transport.connected and \
                     not bc.transport.disconnecting:
-                self.attach(bc)
+                self.attach(bc, self.t0)
                 return
         self.attempts += 1
         self.lb.connect(st, self, self._timeout("connect_timeout"))
@@ -726,7 +733,7 @@ class ClientConn(Protocol):
             self.local_error(502, "backend_refused", "The app refused the connection.",
                              close=not self.body_done or bool(self.buf))
 
-    def attach(self, bc: BackendConn) -> None:
+    def attach(self, bc: BackendConn, now: float = 0.0) -> None:
         """Send the request head (and any body bytes already here) on ``bc``."""
         lb = self.lb
         req = self.req
@@ -736,7 +743,7 @@ class ClientConn(Protocol):
         bc.client = self
         bc.used += 1
         self.state = C_PROXY
-        self.t_conn = lb.reactor.seconds()
+        self.t_conn = now or lb.reactor.seconds()
         lines = req.lines
         parts = [req.method, b" ", req.target, b" HTTP/1.1\r\n"]
         if req.host_line:
@@ -761,7 +768,9 @@ class ClientConn(Protocol):
         t = bc.transport
         if self.body_done:
             bc.write(head)
-            self.deadline = self.t_conn + self._timeout("first_byte_timeout")
+            r = self.route
+            fbt = r.first_byte_timeout if r is not None else None
+            self.deadline = self.t_conn + (lb.s.first_byte_timeout if fbt is None else fbt)
         else:
             t.registerProducer(self, True)
             bc.write(head)
@@ -950,7 +959,9 @@ class ClientConn(Protocol):
             st.fails = 0
         self.r_started = True
         status = self.r_status = resp.status
-        self.deadline = self.lb.reactor.seconds() + self._timeout("idle_timeout")
+        # the sweep turns activity into a rolling idle_timeout deadline
+        self.deadline = 0.0
+        self.active = True
         if not resp.keep_alive:
             self.r_reusable = False
         parts = [resp.status_line, b"\r\n"]
@@ -1094,10 +1105,10 @@ class ClientConn(Protocol):
             self.buf = b""
             self.close()
             return
-        self._reset_exchange()
+        # the exchange fields are reset by the next start(); only the state changes here
+        self.req = None
         self.state = C_HEAD
-        now = self.lb.reactor.seconds()
-        self.deadline = now + self.lb.s.keepalive_timeout
+        self.deadline = self._now + self.lb.s.keepalive_timeout
         self.head_started = 0.0
         if self.paused & (P_BUF | P_WAIT):
             self._resume(P_BUF | P_WAIT)
@@ -1232,10 +1243,11 @@ class ClientConn(Protocol):
     def _log(self, status: int, code: str) -> None:
         req = self.req
         if req is None:
-            self.lb.observer.record(self.lb.reactor.seconds(), "", b"-", b"-", "", status,
+            self._now = self.lb.reactor.seconds()
+            self.lb.observer.record(self._now, "", b"-", b"-", "", status,
                                     self.r_bytes, 0.0, 0.0, "", self.rid or b"-", code)
             return
-        now = self.lb.reactor.seconds()
+        now = self._now = self.lb.reactor.seconds()
         t0 = self.t0
         route = self.route
         self.lb.observer.record(
