@@ -52,7 +52,10 @@ SWEEP_INTERVAL = 0.5
 PIPELINE_BUFFER = 65536  # bytes of a client's next requests held before reading pauses
 
 # client connection states
-C_HEAD, C_WAIT, C_PROXY, C_TUNNEL, C_CLOSED = range(5)
+C_HEAD, C_WAIT, C_PROXY, C_TUNNEL, C_CLOSED, C_LINGER = range(6)
+# after answering and half-closing, unread client bytes are read and dropped for at
+# most this long, so that closing does not RST away the answer (lingering close)
+LINGER_SECONDS = 2.0
 # response reading modes
 R_HEAD, R_CL, R_CHUNKED, R_CLOSE, R_TUNNEL, R_DONE = range(6)
 # client read-pause reasons
@@ -462,6 +465,21 @@ class ClientConn(Protocol):
         if self.state != C_CLOSED and self.transport is not None:
             self.transport.loseConnection()
 
+    def linger_close(self) -> None:
+        """Send what is buffered, half-close, then drop whatever the client still sends."""
+        t = self.transport
+        self.buf = b""
+        self.state = C_LINGER
+        lwc = getattr(t, "loseWriteConnection", None)
+        if lwc is None or not self.fast:
+            t.loseConnection()
+            return
+        if self.paused:
+            self.paused = 0
+            t.resumeProducing()
+        lwc()
+        self.deadline = self.lb.reactor.seconds() + LINGER_SECONDS
+
     def write(self, data: bytes) -> None:
         if self.fast:
             fast_write(self.transport, data)
@@ -539,6 +557,8 @@ class ClientConn(Protocol):
         elif state == C_TUNNEL:
             self._abort_backend()
             self.close()
+        elif state == C_LINGER:
+            self.transport.abortConnection()
 
     def _timeout(self, name: str) -> float:
         r = self.route
@@ -564,7 +584,7 @@ class ClientConn(Protocol):
         if state == C_HEAD and not self.buf:
             self.process(data)
             return
-        if state == C_CLOSED:
+        if state == C_CLOSED or state == C_LINGER:
             return
         self.buf = self.buf + data if self.buf else data
         if state == C_HEAD:
@@ -1101,9 +1121,7 @@ class ClientConn(Protocol):
         """The exchange is over: close, or read the next request."""
         if self.r_close_client or self.closing:
             self._reset_exchange()
-            self.state = C_HEAD
-            self.buf = b""
-            self.close()
+            self.linger_close()
             return
         # the exchange fields are reset by the next start(); only the state changes here
         self.req = None
@@ -1231,12 +1249,8 @@ class ClientConn(Protocol):
         self._log(status, code)
         self._release()
         if close:
-            self.r_close_client = True
-            self.state = C_HEAD
-            self.buf = b""
             self._reset_exchange()
-            self.close()
-            self.state = C_CLOSED
+            self.linger_close()
         else:
             self._next()
 

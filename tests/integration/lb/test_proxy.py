@@ -302,6 +302,19 @@ class HTTPSemanticsTests(RouterTestCase):
         self.assertEqual(status, 413)
         await c2.lost
 
+    async def test_413_reaches_a_client_still_sending(self) -> None:
+        """A client pushing a body over the limit still reads the whole 413 (lingering close)."""
+        b = await self.backend()
+        port = await self.router([simple_route("a", b, max_body_size=1000)])
+        c = await raw_client(port)
+        c.send(b"POST /x HTTP/1.1\r\nHost: a.example.com\r\nContent-Length: 4000000\r\n\r\n"
+               + b"y" * 4000000)
+        status, headers, body = await c.response()
+        self.assertEqual((status, headers.get(b"connection")), (413, b"close"))
+        self.assertIn(b"too large", body)
+        await c.lost
+        self.assertEqual(b.requests, [])
+
     async def test_body_over_limit_chunked_is_413(self) -> None:
         """A chunked body that grows past the app's limit is refused with 413."""
         b = await self.backend()
