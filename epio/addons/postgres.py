@@ -129,12 +129,26 @@ class SharedPostgres:
         name = db_identifier(app)
         conn = await self._connect()
         try:
-            await conn.runOperation(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
-                (name,),
-            )
-            await conn.runOperation(f'DROP DATABASE IF EXISTS "{name}"')
+            # the live database and those kept by restores (<db>_pre_<stamp>): every
+            # database the app's role owns
+            owned = await conn.runQuery(
+                "SELECT datname FROM pg_database WHERE datname = %s OR datdba = "
+                "(SELECT oid FROM pg_roles WHERE rolname = %s)", (name, name))
+            for (db,) in owned:
+                await conn.runOperation(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                    (db,),
+                )
+                quoted = db.replace('"', '""')
+                await conn.runOperation(f'DROP DATABASE IF EXISTS "{quoted}"')
             await conn.runOperation(f'DROP ROLE IF EXISTS "{name}"')
+        except Exception as e:
+            if isinstance(e, AddonError):
+                raise
+            self.log.error("dropping the database of {app} failed: {error}", app=app,
+                           error=str(e).strip())
+            raise AddonError(f"dropping the database of {app} failed: "
+                             f"{str(e).strip().splitlines()[0]}") from None
         finally:
             conn.close()
         self.log.info("dropped PostgreSQL database {database} of app {app}", database=name, app=app)

@@ -1,0 +1,120 @@
+"""``epio addons list|create|info|destroy``: the app's databases.
+
+``epio addons create postgres`` provisions a shared PostgreSQL database
+(``--dedicated`` for a server of its own), ``epio addons create redis
+[--memory MB]`` a dedicated Redis; the app's ``DATABASE_URL``/``REDIS_URL`` are
+set in a new release.  ``destroy`` takes a final backup first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from epio.cli.client import Client, CliError
+from epio.cli.commands import ago, app_of, out, table
+
+KINDS = ("postgres", "redis")
+
+
+def _where(a: dict[str, Any]) -> str:
+    if not a.get("host"):
+        return "-"
+    where = f"{a['host']}:{a['port']}"
+    return f"{a['database']} on {where}" if a.get("database") else where
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    name = app_of(args)
+    addons = Client.from_config().get(f"apps/{name}/addons")
+
+    def human() -> None:
+        if not addons:
+            print(f"{name} has no add-ons: epio addons create postgres|redis")
+            return
+        table([[a["kind"], a["plan"], a["state"], a["config_var"], _where(a),
+                ago(a["created"])] for a in addons],
+              ["KIND", "PLAN", "STATE", "CONFIG VAR", "WHERE", "CREATED"])
+
+    return out(args, addons, human)
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    name = app_of(args)
+    body: dict[str, Any] = {"kind": args.kind}
+    if args.dedicated:
+        body["plan"] = "dedicated"
+    if args.memory is not None:
+        body["memory_mb"] = args.memory
+    a = Client.from_config().post(f"apps/{name}/addons", body)
+    return out(args, a, f"Created {a['plan']} {a['kind']} for {name} ({_where(a)}); "
+                        f"{a['config_var']} is set in a new release")
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    name = app_of(args)
+    a = Client.from_config().get(f"apps/{name}/addons/{args.kind}")
+
+    def human() -> None:
+        print(f"=== {name} {a['kind']}")
+        print(f"Plan:       {a['plan']}")
+        print(f"State:      {a['state']}")
+        print(f"Where:      {_where(a)}" + (f" (runner {a['node']})" if a.get("node") else ""))
+        if a.get("memory_mb"):
+            print(f"Memory:     {a['memory_mb']} MB")
+        print(f"Config var: {a['config_var']} (epio config get {a['config_var']})")
+        print(f"Created:    {ago(a['created'])}")
+
+    return out(args, a, human)
+
+
+def cmd_destroy(args: argparse.Namespace) -> int:
+    name = app_of(args)
+    confirm = args.confirm
+    if confirm is None and sys.stdin.isatty():
+        confirm = input(f"This drops {name}'s {args.kind} database (after a final backup). "
+                        "Type the app's name to confirm: ").strip()
+    if confirm != name:
+        raise CliError(f"not destroyed: confirm with --confirm {name}")
+    client = Client.from_config()
+    path = f"apps/{name}/addons/{args.kind}" + ("?force=true" if args.force else "")
+    client.timeout = max(client.timeout, 1800.0)
+    result = client.request("DELETE", path)
+
+    def human() -> None:
+        final = result.get("final_backup")
+        if final is None:
+            print("No final backup was taken (no backup node answered, or nothing to back up)")
+        elif final["status"] == "verified":
+            print(f"Final backup {final['id']} verified ({final['size']} bytes)")
+        else:
+            print(f"Final backup {final['id']} FAILED: {final['error']} (dropped anyway: --force)")
+        print(f"Destroyed {name}'s {args.kind} add-on")
+
+    return out(args, result, human)
+
+
+def register(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("addons", parents=[common], help="list, create, show, destroy databases",
+                       description=__doc__)
+    asub = p.add_subparsers(dest="addons_command", metavar="SUBCOMMAND")
+    p.set_defaults(func=cmd_list)
+    q = asub.add_parser("list", parents=[common], help="list the app's add-ons")
+    q.set_defaults(func=cmd_list)
+    q = asub.add_parser("create", parents=[common], help="provision postgres or redis")
+    q.add_argument("kind", choices=KINDS)
+    q.add_argument("--dedicated", action="store_true",
+                   help="postgres: a server of its own on a runner (redis always is)")
+    q.add_argument("--memory", type=int, metavar="MB", help="redis: maxmemory in MB (16)")
+    q.set_defaults(func=cmd_create)
+    q = asub.add_parser("info", parents=[common], help="show one add-on")
+    q.add_argument("kind", choices=KINDS)
+    q.set_defaults(func=cmd_info)
+    q = asub.add_parser("destroy", parents=[common],
+                        help="final backup, then drop the database")
+    q.add_argument("kind", choices=KINDS)
+    q.add_argument("--confirm", metavar="APP", help="the app's name, to confirm")
+    q.add_argument("--force", action="store_true",
+                   help="drop even if the final backup fails")
+    q.set_defaults(func=cmd_destroy)
