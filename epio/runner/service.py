@@ -142,6 +142,7 @@ class RunnerService(MultiService):
         self.store_service = store_service
         self.builder = builder
         self.image_server = image_server
+        self.sessions: Any = None  # epio run sessions (epio.runner.sessions.attach_sessions)
         self.stats = stats
         self.stats_interval = stats_interval
         self._last_stats = -1e18
@@ -298,6 +299,7 @@ class RunnerService(MultiService):
                     self.heartbeats_sent += 1
                 else:
                     self.heartbeats_dropped += 1
+            self.supervisor.poll_oom()
             now = self.reactor.seconds()
             if self.stats is not None and self.stats_interval > 0 \
                     and now - self._last_stats >= self.stats_interval:

@@ -309,6 +309,7 @@ class Instance:
     reason: str | None = None
     health_failures: int = 0
     oom_before: int = 0
+    oom_seen: int = 0
     starts: int = 0
     calls: dict[str, Any] = field(factory=dict)  # name -> IDelayedCall
     waiters: list[defer.Deferred[None]] = field(factory=list)
@@ -653,7 +654,7 @@ class Supervisor:
                 self._to(inst, State.STOPPED, "stopped before it ran")
             return
         inst.launch = launch
-        inst.oom_before = self.launcher.oom_kills(launch)
+        inst.oom_before = inst.oom_seen = self.launcher.oom_kills(launch)
         proto = InstanceProtocol(self, inst, gen, launch)
         try:
             inst.transport = self.reactor.spawnProcess(
@@ -801,6 +802,20 @@ class Supervisor:
             return
         inst.restarts += 1
         self._launch(inst)
+
+    def poll_oom(self) -> None:
+        """Report OOM kills of processes other than the main one (it keeps running)."""
+        for inst in self.instances.values():
+            launch = inst.launch
+            if launch is None or not inst.running:
+                continue
+            n = self.launcher.oom_kills(launch)
+            if n > inst.oom_seen:
+                inst.oom_seen = n
+                self.log.warn("instance {i} ({app} {source}): a process was killed: out of "
+                              "memory", i=inst.spec.instance_id, app=inst.spec.app,
+                              source=inst.spec.source)
+                self._say(inst, "a process was killed: out of memory")
 
     # -- shutdown ------------------------------------------------------------
 

@@ -374,6 +374,18 @@ class ExitTests(SynchronousTestCase):
         self.assertTrue(any("killed: out of memory" in t
                             for t in h.sink.texts("hello", "epio[worker.1]")))
 
+    def test_oom_kill_of_a_child_process_is_reported_once(self) -> None:
+        """An OOM kill inside a running instance (not its main process) is logged once."""
+        h = Harness()
+        h.sup.start(body(process_type="worker"))
+        h.sup.poll_oom()
+        h.launcher.ooms = 1
+        h.sup.poll_oom()
+        h.sup.poll_oom()
+        texts = h.sink.texts("hello", "epio[worker.1]")
+        self.assertEqual(texts.count("a process was killed: out of memory"), 1)
+        self.assertEqual(h.state(), "starting")
+
     def test_exit_descriptions(self) -> None:
         """Exit codes and signals (and bubblewrap's 128+N) are described for humans."""
         from epio.runner.supervisor import describe_exit
