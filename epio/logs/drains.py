@@ -5,7 +5,8 @@ URLs:
 - ``syslog://HOST:PORT`` -- RFC 5424 messages over TCP, octet-counting framing
   (RFC 6587 3.4.1: ``LEN SP MSG``);
 - ``syslog+tls://HOST:PORT`` -- the same over TLS (RFC 5425; the server
-  certificate is verified against the system's CAs and HOST);
+  certificate is verified for HOST against the system's CAs, or the CA in
+  ``logger.drain_tls_ca``);
 - ``https://...`` (and ``http://`` for tests and local relays) -- batches
   POSTed as ``application/logplex-1``: the same octet-counted RFC 5424 frames,
   as Heroku's HTTPS drains do.
@@ -70,6 +71,7 @@ class DrainConfig:
     backoff_max: float = 60.0
     batch_lines: int = 500
     hostname: str = "epio"
+    tls_ca: str = ""  # PEM CA file for syslog+tls servers; empty: the system's CAs
 
 
 class Drain:
@@ -109,6 +111,9 @@ class Drain:
     def service(self) -> Any:
         return None
 
+    def release(self) -> None:
+        """Before the connection is closed (a TLS close waits for producers)."""
+
     def discard(self) -> None:
         if self.queue:
             self._undelivered(len(self.queue), "removed")
@@ -119,6 +124,8 @@ class Drain:
 class _SyslogProtocol(Protocol):
     drain: SyslogDrain
     transport: Any
+
+    released = False
 
     def connectionMade(self) -> None:
         self.paused = False
@@ -159,9 +166,13 @@ class SyslogDrain(Drain):
 
         endpoint: Any = HostnameEndpoint(reactor, self.host, self.port, timeout=10)
         if self.tls:
-            from twisted.internet.ssl import optionsForClientTLS
+            from twisted.internet.ssl import Certificate, optionsForClientTLS
 
-            endpoint = wrapClientTLS(optionsForClientTLS(self.host), endpoint)
+            trust = None
+            if self.config.tls_ca:
+                with open(self.config.tls_ca, "rb") as f:
+                    trust = Certificate.loadPEM(f.read())
+            endpoint = wrapClientTLS(optionsForClientTLS(self.host, trustRoot=trust), endpoint)
         drain = self
 
         class _Factory(Factory):
@@ -186,6 +197,12 @@ class SyslogDrain(Drain):
         self.log.info("drain {id} connected to {host}:{port}", id=self.id, host=self.host,
                       port=self.port)
         self.kick()
+
+    def release(self) -> None:
+        p = self.proto
+        if p is not None and p.transport is not None and not p.released:
+            p.released = True
+            p.transport.unregisterProducer()
 
     def disconnected(self, proto: _SyslogProtocol) -> None:
         if self.proto is proto:
@@ -329,6 +346,8 @@ class DrainManager(MultiService):
         return self._http_post(url, body, headers)
 
     def stopService(self) -> Any:
+        for drain in self.drains.values():
+            drain.release()
         d = super().stopService()
         pool, self._pool = self._pool, None
         if pool is None:
@@ -365,6 +384,7 @@ class DrainManager(MultiService):
         if not self.by_app[drain.app]:
             del self.by_app[drain.app]
         drain.discard()
+        drain.release()
         svc = drain.service()
         if svc is not None:
             svc.disownServiceParent()

@@ -82,7 +82,8 @@ class LoggerService(MultiService):
                               run_blocking=self._in_thread)
         self.drains = DrainManager(reactor, DrainConfig(
             buffer_lines=cfg["drain_buffer_lines"], max_attempts=cfg["drain_max_attempts"],
-            backoff_max=cfg["drain_backoff_max"], hostname=node.node_id), registry=self.registry)
+            backoff_max=cfg["drain_backoff_max"], hostname=node.node_id,
+            tls_ca=cfg["drain_tls_ca"]), registry=self.registry)
         self.drains.setServiceParent(self)
         for d in cfg["drains"]:
             try:

@@ -132,3 +132,43 @@ class HTTPDrainTests(TestCase):
         c = registry.counter("epio_log_drain_delivered_total", "", ["drain", "app"])
         self.assertEqual(c.value("h1", "hello"), 3)
         mgr.remove("h1")
+
+
+class SyslogTLSDrainTests(TestCase):
+    timeout = 60
+
+    async def test_tls_receiver_with_private_ca(self) -> None:
+        """syslog+tls:// delivers over TLS to a server whose certificate is checked
+        against the configured CA (a self-signed one made for the test)."""
+        import subprocess
+        import tempfile
+        from pathlib import Path
+
+        from twisted.internet.ssl import PrivateCertificate
+
+        tmp = Path(tempfile.mkdtemp(prefix="epio-tls-"))
+        self.addCleanup(lambda: [p.unlink() for p in tmp.iterdir()] and tmp.rmdir())
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+             "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
+             "-keyout", str(tmp / "key.pem"), "-out", str(tmp / "cert.pem")],
+            check=True, capture_output=True)
+        pem = (tmp / "key.pem").read_bytes() + (tmp / "cert.pem").read_bytes()
+        recv = ReceiverFactory()
+        port = reactor.listenSSL(0, recv, PrivateCertificate.loadPEM(pem).options(),
+                                 interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        mgr = DrainManager(reactor, DrainConfig(backoff_initial=0.1, hostname="node-x",
+                                                tls_ca=str(tmp / "cert.pem")))
+        mgr.startService()
+        self.addCleanup(mgr.stopService)
+        mgr.add("t1", "hello", f"syslog+tls://localhost:{port.getHost().port}")
+        for i in range(1, 11):
+            mgr.on_record("hello", LogRecord(i, 1.7e9, "web.1", f"line {i}"))
+
+        async def got() -> bool:
+            return len(recv.messages) >= 10
+
+        await until(got, 10)
+        self.assertEqual([int(MSG.match(m).group(1)) for m in recv.messages], list(range(1, 11)))
+        self.assertEqual(mgr.drains["t1"].delivered, 10)
