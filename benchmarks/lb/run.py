@@ -34,6 +34,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -320,6 +321,9 @@ def main() -> None:
         for _name, port in ports.items():  # warm-up (and check each config answers)
             if port is not None:
                 run_wrk(port, 1)
+        all_rps: dict[str, list[float]] = {}
+        all_ratio: list[float] = []
+        all_added: dict[str, list[float]] = {}
         for rnd in range(1, args.rounds + 1):
             print(f"\nround {rnd}: throughput")
             res: dict[str, tuple[float, float, float]] = {}
@@ -330,7 +334,10 @@ def main() -> None:
                 res[name] = run_wrk(port, args.duration)
                 rps, p50, p99 = res[name]
                 print(f"  {name:8s} {rps:9.0f} req/s   p50 {p50:6.2f} ms   p99 {p99:6.2f} ms")
+            for name, r in res.items():
+                all_rps.setdefault(name, []).append(r[0])
             if "haproxy" in res:
+                all_ratio.append(res["epio"][0] / res["haproxy"][0])
                 print(f"  epio/haproxy ratio: {res['epio'][0] / res['haproxy'][0]:.2f}")
             if "nginx" in res:
                 print(f"  epio/nginx ratio:   {res['epio'][0] / res['nginx'][0]:.2f}")
@@ -346,6 +353,17 @@ def main() -> None:
                     added = (f"   added p50 {p50 - lat['direct'][0]:+.2f} ms"
                              f"   added p99 {p99 - lat['direct'][1]:+.2f} ms")
                 print(f"  {name:8s} p50 {p50:6.2f} ms   p99 {p99:6.2f} ms{added}")
+                if name != "direct":
+                    all_added.setdefault(name, []).append(p99 - lat["direct"][1])
+        print(f"\nmedians over {args.rounds} rounds:")
+        for name, v in all_rps.items():
+            print(f"  {name:8s} {statistics.median(v):9.0f} req/s   (min {min(v):.0f}, max {max(v):.0f})")
+        if all_ratio:
+            print(f"  epio/haproxy ratio: median {statistics.median(all_ratio):.2f} "
+                  f"(rounds: {', '.join(f'{r:.2f}' for r in all_ratio)})")
+        for name, v in all_added.items():
+            print(f"  {name:8s} added p99 at {args.rate:g} req/s: median {statistics.median(v):+.2f} ms "
+                  f"(rounds: {', '.join(f'{x:+.2f}' for x in v)})")
     finally:
         procs.stop()
         shutil.rmtree(tmp, ignore_errors=True)
