@@ -153,6 +153,9 @@ class Deployer:
                 if not hasattr(e, "code"):  # AddonError/ApiError: a reason; else a bug
                     raise
                 raise DeployFailed(getattr(e, "message", None) or str(e)) from None
+        from epio.api.run import release_phase  # [release] command, before any traffic
+
+        deploy = await release_phase(self, app, deploy, runner, digest, manifest)
         release = await self.store.create_release(
             app.name, digest, processes=processes, description=f"Deploy {digest[:12]}",
             created_by=deploy.created_by, meta={"deploy": deploy.id, **release_facts(manifest)},

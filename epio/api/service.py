@@ -152,6 +152,9 @@ class ApiService(MultiService):
                 lambda f: self.log.failure("node registration loop died", f))
         self.api.log_tail = self._log_tail()
         self.api.platform = self.platform
+        from epio.api.run import install as install_run
+
+        install_run(self.api, node, store, control, sink, self.deployer)  # epio run
         self.log.info("api ready")
 
     async def _register_node(self, store: Any) -> None:
