@@ -347,6 +347,26 @@ SCHEMA: dict[str, dict[str, Key]] = {
                              "take before the next peer is tried.", positive),
         "stats_interval": Key(float, 10.0, "Seconds between process stats samples (memory, "
                               "restarts) of each instance; 0 disables them.", non_negative),
+        "fence": Key(
+            str, "auto", "Network fence (nftables) that resets app UIDs' connections to the "
+            "control plane's ports and other apps' instances: auto (when root with nft), on "
+            "(refuse to start without it), off (docs/security.md).", one_of("auto", "on", "off")),
+        "fence_table": Key(str, "epio_fence", "Name of the fence's nftables table (inet "
+                           "family); runners sharing a host need distinct names."),
+        "fence_extra_ports": Key(
+            list, [], "More TCP ports app processes may not connect to on this host's "
+            "addresses and on fence_hosts.", item_kind=int,
+            validator=lambda v: None if all(0 < p < 65536 for p in v)
+            else "ports must be 1-65535"),
+        "fence_hosts": Key(
+            list, [], "Addresses or networks of the other cluster nodes (IPv4/IPv6) whose "
+            "control-plane ports app processes may not connect to (endpoint addresses in "
+            "this config are added on their own).", item_kind=str),
+        "fence_keep_on_stop": Key(bool, False, "Keep the fence table when the runner stops "
+                                  "cleanly (a crashed runner always leaves it in place)."),
+        "fence_check_interval": Key(float, 30.0, "Seconds between checks that the fence "
+                                    "table is still installed (put back if flushed); 0 "
+                                    "disables them.", non_negative),
     },
     "logger": {
         "pull_bind": Key(str, "tcp://127.0.0.1:7721", "Where this logger receives log lines and stats (PULL)."),

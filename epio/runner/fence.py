@@ -1,0 +1,713 @@
+"""The network fence: app processes cannot open connections to the control plane.
+
+App processes share the host's network namespace (they bind ``$PORT`` where the
+routers reach them), so without a fence an app could connect to the bus, the api,
+the metrics listener and the store on ``127.0.0.1``, and straight to other apps'
+instances.  The fence is one nftables table (``inet``, default ``epio_fence``)
+with an ``output`` hook: a TCP connection attempt (a SYN without ACK) from a
+socket owned by an app UID (``runner.uid_min``-``uid_max``, plus the build user)
+is answered with a TCP reset, so the app's ``connect()`` fails at once with
+``ECONNREFUSED``, when it goes to
+
+* a control-plane port (:func:`plan_from_config`) on any local address of the
+  host (``fib daddr type local``: 127.0.0.0/8, ::1 and every address of the
+  host), or on one of the cluster hosts named in the config or in
+  ``runner.fence_hosts``;
+* a port of an instance of this runner that belongs to another UID (a set kept
+  in step with the supervisor): apps reach each other only through the router,
+  but an app still reaches its own instances and its own dedicated database
+  servers.
+
+The router's ports (``lb.listen``, ``lb.tls_listen``) and the shared PostgreSQL
+of the add-ons stay open.  The whole table is replaced in one ``nft -f``
+transaction whenever what it should hold changes, so there is never a moment
+without rules.  docs/security.md says what this does and does not protect.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import pwd
+import shutil
+import subprocess
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+from attrs import field, frozen
+from twisted.application.service import Service
+from twisted.internet import defer, task, threads
+from twisted.logger import Logger
+from zope.interface import Interface, implementer
+
+from epio.runner.sandbox import Isolation
+
+NFT_TIMEOUT = 10.0  # seconds one nft invocation may take
+ZMQ_SECTIONS: dict[str, tuple[str, ...]] = {
+    "nexus": ("heartbeat_bind", "router_bind", "publish_bind"),
+    "runner": ("control_bind",),
+    "logger": ("pull_bind", "router_bind", "publish_bind"),
+    "backup": ("control_bind",),
+}
+TWISTED_ENDPOINTS: dict[str, tuple[str, ...]] = {"api": ("listen",)}
+ROUTER_ENDPOINTS = ("listen", "tls_listen")  # lb: stays open
+POSTGRES_PORT = 5432
+
+
+class FenceError(Exception):
+    """nft refused the ruleset, or cannot be run."""
+
+
+# -- endpoints in the config ---------------------------------------------------
+
+
+@frozen
+class Target:
+    """A TCP host and port taken from one config value (``host`` may be "")."""
+
+    host: str
+    port: int
+
+
+def _split_escaped(text: str) -> list[str]:
+    out, cur, i = [], [], 0
+    while i < len(text):
+        c = text[i]
+        if c == "\\" and i + 1 < len(text):
+            cur.append(text[i + 1])
+            i += 2
+            continue
+        if c == ":":
+            out.append("".join(cur))
+            cur = []
+        else:
+            cur.append(c)
+        i += 1
+    out.append("".join(cur))
+    return out
+
+
+def twisted_endpoint(desc: str) -> Target | None:
+    """``tcp:8000:interface=127.0.0.1`` (also tcp6, ssl, ``port=``); None for unix etc."""
+    if not desc:
+        return None
+    parts = _split_escaped(desc)
+    if len(parts) == 1 and parts[0].isdigit():
+        return Target("", int(parts[0]))
+    kind, args = parts[0].lower(), parts[1:]
+    if kind not in ("tcp", "tcp6", "ssl"):
+        return None
+    port: str | None = None
+    host = ""
+    for a in args:
+        key, eq, value = a.partition("=")
+        if not eq:
+            if port is None:
+                port = a
+        elif key == "port":
+            port = value
+        elif key == "interface":
+            host = value
+    if port is None or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    return Target(host, int(port))
+
+
+def zmq_endpoint(url: str) -> Target | None:
+    """``tcp://host:port`` (``*``, ``[::1]``); None for ipc://, inproc:// or ``*`` ports."""
+    if not url.startswith("tcp://"):
+        return None
+    rest = url[len("tcp://"):]
+    if ";" in rest:  # tcp://source;dest
+        rest = rest.split(";", 1)[1]
+    host, _, port = rest.rpartition(":")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    return Target(host.strip("[]"), int(port))
+
+
+def postgres_endpoint(url: str) -> Target | None:
+    """The TCP host and port of a postgresql:// URL (None for a unix socket)."""
+    if not url.startswith(("postgresql://", "postgres://")):
+        return None
+    try:
+        parts = urlsplit(url)
+        port = parts.port or POSTGRES_PORT
+    except ValueError:
+        return None
+    host = parts.hostname or ""
+    if not host or host.startswith("/") or "%2f" in host.lower():
+        return None
+    return Target(host, port)
+
+
+def _literal_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+# -- the plan --------------------------------------------------------------------
+
+
+@frozen
+class FencePlan:
+    """What the fence holds apart from the live instance ports."""
+
+    table: str
+    uid_min: int
+    uid_max: int
+    control_ports: tuple[int, ...]  # refused on local addresses and on the hosts below
+    hosts4: tuple[str, ...]  # other cluster hosts (addresses or networks)
+    hosts6: tuple[str, ...]
+    open_ports: tuple[int, ...]  # the router's ports, never fenced
+    notes: tuple[str, ...] = ()  # what the operator should know (logged as warnings)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "table": f"inet {self.table}",
+            "uids": f"{self.uid_min}-{self.uid_max}",
+            "control_ports": list(self.control_ports),
+            "hosts": [*self.hosts4, *self.hosts6],
+            "open_ports": list(self.open_ports),
+        }
+
+
+def plan_from_config(config: Mapping[str, Any], roles: Iterable[str]) -> FencePlan:
+    """Derive the fence from the node's config and the roles it runs.
+
+    Control-plane ports: the listeners of the roles this node runs (api.listen,
+    the nexus, runner, logger and backup ZeroMQ binds), metrics.listen, every
+    endpoint the node connects to (cluster.nexus, cluster.loggers, logger.peers,
+    backup.endpoints), the store's PostgreSQL and runner.fence_extra_ports.  The
+    router's ports and the add-ons' shared PostgreSQL port are never fenced.
+    Raises ValueError for a bad runner.fence_hosts entry.
+    """
+    roles = set(roles)
+    if "all" in roles:
+        roles = {"api", "nexus", "lb", "runner", "logger", "backup"}
+    rc = config["runner"]
+    notes: list[str] = []
+    ports: dict[int, str] = {}  # port -> where it comes from (first reason wins)
+    remote: list[Target] = []
+
+    def add(target: Target | None, why: str, connect: bool = False) -> None:
+        if target is None:
+            return
+        ports.setdefault(target.port, why)
+        if connect:
+            remote.append(target)
+
+    for section, keys in TWISTED_ENDPOINTS.items():
+        if section in roles:
+            for key in keys:
+                value = config[section][key]
+                t = twisted_endpoint(value)
+                if t is None and value:
+                    notes.append(f"{section}.{key} = {value!r} is not a TCP port: not fenced "
+                                 "(a unix socket is protected by its file mode and the sandbox)")
+                add(t, f"{section}.{key}")
+    for section, keys in ZMQ_SECTIONS.items():
+        if section in roles:
+            for key in keys:
+                value = config[section][key]
+                t = zmq_endpoint(value)
+                if t is None and value:
+                    notes.append(f"{section}.{key} = {value!r} is not a TCP port: not fenced")
+                add(t, f"{section}.{key}")
+    metrics = config["metrics"]["listen"]
+    add(twisted_endpoint(metrics), "metrics.listen")
+    cluster = config["cluster"]
+    for i, nexus in enumerate(cluster["nexus"]):
+        for key, value in sorted(nexus.items()):
+            if isinstance(value, str):
+                add(zmq_endpoint(value), f"cluster.nexus[{i}].{key}", connect=True)
+    for value in cluster["loggers"]:
+        add(zmq_endpoint(value), "cluster.loggers", connect=True)
+    for i, peer in enumerate(config["logger"]["peers"]):
+        for key, value in sorted(peer.items()):
+            if isinstance(value, str):
+                add(zmq_endpoint(value), f"logger.peers[{i}].{key}", connect=True)
+    for value in config["backup"]["endpoints"]:
+        add(zmq_endpoint(value), "backup.endpoints", connect=True)
+    for port in rc["fence_extra_ports"]:
+        add(Target("", port), "runner.fence_extra_ports")
+
+    addons = config["addons"]
+    addon_port = None
+    admin = postgres_endpoint(addons["postgres_admin_url"])
+    if admin is not None:
+        addon_port = addons["postgres_port"] or admin.port
+    store_url = config["store"]["url"]
+    store = postgres_endpoint(store_url)
+    if store is not None:
+        if store.port == addon_port:
+            notes.append(
+                f"the store's PostgreSQL port {store.port} is also the add-ons' PostgreSQL "
+                "port that apps must reach: it stays open; keep the store in a database and "
+                "role apps cannot log into (docs/security.md)")
+        else:
+            add(store, "store.url", connect=True)
+    elif store_url.startswith(("postgresql://", "postgres://")):
+        notes.append("store.url uses a unix socket: not fenced (its file mode and "
+                     "pg_hba.conf protect it)")
+    if addon_port is not None and addon_port in ports:
+        notes.append(f"port {addon_port} ({ports[addon_port]}) is the add-ons' PostgreSQL "
+                     "port that apps must reach: it stays open")
+        del ports[addon_port]
+
+    open_ports = sorted({t.port for t in (twisted_endpoint(config["lb"][k])
+                                          for k in ROUTER_ENDPOINTS) if t is not None})
+    for port in open_ports:
+        if port in ports:
+            notes.append(f"port {port} ({ports[port]}) is also a router port: it stays open")
+            del ports[port]
+
+    hosts4: set[str] = set()
+    hosts6: set[str] = set()
+    for t in remote:
+        ip = _literal_ip(t.host)
+        if ip is None:
+            if t.host not in ("", "*", "localhost"):
+                notes.append(f"cluster host {t.host!r} is a name, not an address: its ports "
+                             "are fenced only on this host's own addresses (list its "
+                             "addresses in runner.fence_hosts)")
+            continue
+        if ip.is_loopback or ip.is_unspecified:
+            continue  # local: covered by fib daddr type local
+        (hosts4 if ip.version == 4 else hosts6).add(str(ip))
+    for entry in rc["fence_hosts"]:
+        try:
+            net = ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            raise ValueError(f"runner.fence_hosts: {entry!r} is not an IP address or "
+                             "network") from None
+        text = str(net.network_address) if net.num_addresses == 1 else str(net)
+        (hosts4 if net.version == 4 else hosts6).add(text)
+    return FencePlan(
+        table=rc["fence_table"], uid_min=rc["uid_min"], uid_max=rc["uid_max"],
+        control_ports=tuple(sorted(ports)),
+        hosts4=tuple(sorted(hosts4, key=_net_key)),
+        hosts6=tuple(sorted(hosts6, key=_net_key)),
+        open_ports=tuple(open_ports), notes=tuple(notes),
+    )
+
+
+def _net_key(text: str) -> tuple[int, int]:
+    net = ipaddress.ip_network(text, strict=False)
+    return int(net.network_address), net.prefixlen
+
+
+# -- the ruleset -----------------------------------------------------------------
+
+
+def _ranges(values: Iterable[int]) -> str:
+    """``{ 1, 3-5 }`` style element list of sorted, merged ints."""
+    out: list[str] = []
+    items = sorted(set(values))
+    i = 0
+    while i < len(items):
+        j = i
+        while j + 1 < len(items) and items[j + 1] == items[j] + 1:
+            j += 1
+        out.append(str(items[i]) if i == j else f"{items[i]}-{items[j]}")
+        i = j + 1
+    return ", ".join(out)
+
+
+def _set(name: str, kind: str, elements: Sequence[str], interval: bool = False) -> list[str]:
+    lines = [f"\tset {name} {{", f"\t\ttype {kind}"]
+    if interval:
+        lines.append("\t\tflags interval")
+    if elements:
+        lines.append(f"\t\telements = {{ {', '.join(elements)} }}")
+    lines.append("\t}")
+    return lines
+
+
+def render(plan: FencePlan, owned: Iterable[tuple[int, int]] = (),
+           extra_uids: Iterable[int] = ()) -> str:
+    """The ``nft -f`` text that atomically replaces the fence table.
+
+    ``owned`` are (uid, port) of this runner's live instances; ``extra_uids`` are
+    more UIDs to fence (the build user).
+    """
+    owned = sorted(set(owned))
+    uids = [f"{plan.uid_min}-{plan.uid_max}"]
+    uids += [str(u) for u in sorted(set(extra_uids)) if not plan.uid_min <= u <= plan.uid_max]
+    uids.sort(key=lambda s: int(s.split("-")[0]))
+    t = plan.table
+    lines = [
+        "# epio network fence (generated by epio.runner.fence; see docs/security.md)",
+        f"table inet {t}",
+        f"delete table inet {t}",
+        f"table inet {t} {{",
+    ]
+    ports = _ranges(plan.control_ports)
+    lines += _set("control_ports", "inet_service", [ports] if ports else [], interval=True)
+    lines += _set("instance_ports", "inet_service", [str(p) for p in sorted({p for _, p in owned})])
+    lines += _set("owned", "uid . inet_service", [f"{u} . {p}" for u, p in owned])
+    lines += _set("hosts4", "ipv4_addr", list(plan.hosts4), interval=True)
+    lines += _set("hosts6", "ipv6_addr", list(plan.hosts6), interval=True)
+    lines += [
+        "\tchain output {",
+        "\t\ttype filter hook output priority filter; policy accept;",
+        f"\t\tmeta skuid {{ {', '.join(uids)} }} tcp flags & (syn | ack) == syn jump app",
+        "\t}",
+        "\tchain app {",
+        "\t\tfib daddr type local tcp dport @control_ports reject with tcp reset",
+        "\t\tip daddr @hosts4 tcp dport @control_ports reject with tcp reset",
+        "\t\tip6 daddr @hosts6 tcp dport @control_ports reject with tcp reset",
+        "\t\ttcp dport @instance_ports meta skuid . tcp dport != @owned "
+        "fib daddr type local reject with tcp reset",
+        "\t}",
+        "}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# -- nft ----------------------------------------------------------------------------
+
+
+class INft(Interface):
+    """What the fence needs of nftables (blocking calls; the fence runs them in threads)."""
+
+    def check(text: str) -> None:
+        """Validate ``text`` with the kernel without applying it; raise FenceError."""
+
+    def apply(text: str) -> None:
+        """Apply ``text`` in one transaction; raise FenceError."""
+
+    def exists(table: str) -> bool:  # type: ignore[empty-body]
+        """Is ``inet table`` installed?"""
+
+    def delete(table: str) -> None:
+        """Remove ``inet table`` if it is there; raise FenceError on other failures."""
+
+
+@implementer(INft)
+class Nft:
+    """The ``nft`` command."""
+
+    def __init__(self, binary: str = "nft", timeout: float = NFT_TIMEOUT) -> None:
+        self.binary = binary
+        self.timeout = timeout
+
+    def _run(self, args: list[str], text: str | None = None) -> subprocess.CompletedProcess[str]:
+        try:
+            return subprocess.run([self.binary, *args], input=text, capture_output=True,
+                                  text=True, timeout=self.timeout)
+        except (OSError, subprocess.SubprocessError) as e:
+            raise FenceError(f"cannot run {self.binary}: {e}") from None
+
+    def _must(self, args: list[str], text: str | None = None) -> None:
+        r = self._run(args, text)
+        if r.returncode != 0:
+            raise FenceError(" ".join((r.stderr or r.stdout).split())[:500]
+                             or f"nft exited with {r.returncode}")
+
+    def check(self, text: str) -> None:
+        self._must(["-c", "-f", "-"], text)
+
+    def apply(self, text: str) -> None:
+        self._must(["-f", "-"], text)
+
+    def exists(self, table: str) -> bool:
+        return self._run(["list", "table", "inet", table]).returncode == 0
+
+    def delete(self, table: str) -> None:
+        if self.exists(table):
+            self._must(["delete", "table", "inet", table])
+
+
+# -- the service -------------------------------------------------------------------
+
+
+def build_uid(user: str) -> int | None:
+    """The UID of the build user (``build.user``), if it exists on this host."""
+    try:
+        return pwd.getpwnam(user).pw_uid if user else None
+    except KeyError:
+        return None
+
+
+class NetworkFence(Service):
+    """Keeps the fence table in step with the plan and this runner's instance ports.
+
+    ``owned()`` gives the (uid, port) of live instances; call :meth:`changed` when
+    they may have changed.  The table is installed synchronously in
+    ``startService`` (before any app starts), then replaced in a thread whenever
+    the rendered text changes, and checked every ``check_interval`` seconds (an
+    operator's ``nft flush ruleset`` or a firewall reload removes it: it is put
+    back and a warning logged).  On a clean stop it is removed unless
+    ``keep_on_stop``.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        plan: FencePlan,
+        nft: Any,  # provides INft
+        owned: Callable[[], Iterable[tuple[int, int]]] = lambda: (),
+        extra_uids: Callable[[], Iterable[int]] = lambda: (),
+        *,
+        enabled: bool = True,
+        why_off: str = "",
+        keep_on_stop: bool = False,
+        check_interval: float = 30.0,
+        in_thread: Callable[..., defer.Deferred[Any]] | None = None,
+    ) -> None:
+        self.reactor = reactor
+        self.plan = plan
+        self.nft = nft
+        self.owned = owned
+        self.extra_uids = extra_uids
+        self.enabled = enabled
+        self.why_off = why_off
+        self.keep_on_stop = keep_on_stop
+        self.check_interval = check_interval
+        self._in_thread = in_thread
+        self.state = "on" if enabled else "off"
+        self.error = ""
+        self.applied: str | None = None  # the text nft last accepted
+        self.applies = 0
+        self.reinstalls = 0
+        self._busy: defer.Deferred[None] | None = None
+        self._dirty = False
+        self._check: task.LoopingCall | None = None
+
+    def _thread(self, f: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
+        if self._in_thread is not None:
+            return self._in_thread(f, *args)
+        return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *args)
+
+    def desired(self) -> str:
+        return render(self.plan, self.owned(), self.extra_uids())
+
+    def report(self) -> dict[str, Any]:
+        """The fence's part of the runner's ``isolation`` facts."""
+        if not self.enabled:
+            return {"state": "off", "why": self.why_off}
+        out: dict[str, Any] = {"state": self.state, **self.plan.describe()}
+        if self.error:
+            out["error"] = self.error
+        return out
+
+    # -- lifecycle --------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        if not self.enabled:
+            self.log.warn("runner isolation OFF: network fence: {why}; app processes can "
+                          "connect to the control plane's ports and to other apps' "
+                          "instances on this host", why=self.why_off)
+            return
+        p = self.plan
+        self.log.info(
+            "network fence ON (nft table inet {table}): TCP connections from app UIDs "
+            "{uid_min}-{uid_max}{build} are reset on ports {ports} of every local address"
+            "{hosts}, and on this runner's instance ports unless the instance is their "
+            "own; router ports {open} stay open",
+            table=p.table, uid_min=p.uid_min, uid_max=p.uid_max,
+            build="".join(f" and {u} (build user)" for u in self.extra_uids()),
+            ports=_ranges(p.control_ports) or "(none)",
+            hosts=(f" and of {', '.join(p.hosts4 + p.hosts6)}" if p.hosts4 or p.hosts6
+                   else ""),
+            open=_ranges(p.open_ports) or "(none)",
+        )
+        for note in p.notes:
+            self.log.warn("network fence: {note}", note=note)
+        text = self.desired()
+        try:
+            self.nft.apply(text)  # synchronously: before any app process starts
+        except FenceError as e:
+            self._failed(str(e))
+        else:
+            self.applied = text
+            self.applies += 1
+        if self.check_interval > 0:
+            self._check = task.LoopingCall(self._verify)
+            self._check.clock = self.reactor
+            self._check.start(self.check_interval, now=False).addErrback(
+                lambda f: self.log.failure("network fence check loop died", f))
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        if self._check is not None and self._check.running:
+            self._check.stop()
+        self._dirty = False
+        done: defer.Deferred[None] = defer.succeed(None)
+        if self._busy is not None:
+            done = defer.Deferred()
+            self._busy.addBoth(lambda _: done.callback(None))
+        if self.enabled and not self.keep_on_stop:
+            done.addCallback(lambda _: self._remove())
+        return done
+
+    def _remove(self) -> None:
+        try:
+            self.nft.delete(self.plan.table)
+            self.log.info("network fence removed (nft table inet {table})",
+                          table=self.plan.table)
+        except FenceError as e:
+            self.log.error("cannot remove the network fence table inet {table}: {error}",
+                           table=self.plan.table, error=str(e))
+
+    def _failed(self, why: str) -> None:
+        self.state = "failed"
+        self.error = why
+        self.log.error("network fence not applied (nft table inet {table}): {error}",
+                       table=self.plan.table, error=why)
+
+    # -- keeping it in step ---------------------------------------------------------
+
+    def changed(self) -> None:
+        """The instances changed: re-render and, if different, apply (coalesced)."""
+        if not self.enabled or not self.running:
+            return
+        self._dirty = True
+        if self._busy is None:
+            self._sync()
+
+    def _sync(self) -> None:
+        self._dirty = False
+        try:
+            text = self.desired()
+        except Exception:
+            self.log.failure("rendering the network fence failed")
+            return
+        if text == self.applied:
+            return
+        d = self._thread(self.nft.apply, text)
+        self._busy = d
+
+        def ok(_: Any) -> None:
+            self.applied = text
+            self.applies += 1
+            if self.state == "failed":
+                self.log.info("network fence applied again")
+            self.state, self.error = "on", ""
+
+        def failed(f: Any) -> None:
+            if f.check(FenceError):
+                self._failed(f.getErrorMessage())
+            else:
+                self.log.failure("applying the network fence failed", f)
+
+        def done(_: Any) -> None:
+            self._busy = None
+            if self._dirty and self.running:
+                self._sync()
+
+        d.addCallbacks(ok, failed)
+        d.addBoth(done)
+
+    def _verify(self) -> defer.Deferred[None] | None:
+        if self._busy is not None or not self.running:
+            return None
+        d = self._thread(self.nft.exists, self.plan.table)
+
+        def seen(present: bool) -> None:
+            if not present and self.running:
+                self.reinstalls += 1
+                self.log.warn("network fence table inet {table} is gone (nft flush ruleset? "
+                              "a firewall reload?): installing it again", table=self.plan.table)
+                self.applied = None
+            self.changed()  # also picks up a build user created since
+
+        d.addCallback(seen)
+        d.addErrback(lambda f: self.log.failure("checking the network fence failed", f))
+        return d
+
+
+# -- wiring into the runner ----------------------------------------------------------
+
+
+@frozen
+class FencedIsolation(Isolation):
+    """The runner's isolation facts with the network fence's live report."""
+
+    fence: Any = field(default=None, eq=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        out = super().as_dict()
+        if self.fence is not None:
+            report = self.fence.report()
+            out["fence"] = report
+            if report["state"] != "on":
+                out["off"] = {**out["off"], "network": "network fence " + report["state"]
+                              + (": " + report.get("why", report.get("error", "")))}
+        return out
+
+
+def detect(mode: str, euid: int, nft_binary: str | None, trial: Callable[[], None]) \
+        -> tuple[bool, str]:
+    """(enabled, why not).  ``mode`` is ``runner.fence``: auto, on or off."""
+    if mode == "off":
+        return False, "disabled by runner.fence = off"
+    if euid != 0:
+        return False, "the runner is not root: it cannot install nftables rules"
+    if nft_binary is None:
+        return False, "nft (nftables) is not installed"
+    try:
+        trial()
+    except FenceError as e:
+        return False, f"nft refused the fence: {e}"
+    return True, ""
+
+
+def attach_fence(runner: Any, node: Any, *, nft_binary: str | None | bool = True,
+                 euid: int | None = None) -> NetworkFence:
+    """Give the runner service ``runner`` its network fence (detection I/O: before the
+    reactor).  The fence becomes the runner's FIRST child: it is installed before
+    anything else starts and removed after everything else stopped."""
+    from epio.runner.supervisor import State
+
+    cfg = node.config["runner"]
+    try:
+        plan = plan_from_config(node.config, node.roles)
+    except ValueError as e:
+        raise SystemExit(f"epio: {e}") from None
+    binary = shutil.which("nft") if nft_binary is True else (nft_binary or None)
+    nft = Nft(binary or "nft")
+    supervisor = runner.supervisor
+    user = node.config["build"]["user"]
+
+    def owned() -> list[tuple[int, int]]:
+        return [(i.spec.uid, i.port) for i in supervisor.instances.values()
+                if i.port is not None and i.state not in (State.STOPPED, State.FAILED)]
+
+    def extra() -> list[int]:
+        uid = build_uid(user)
+        return [] if uid is None or uid == 0 else [uid]
+
+    enabled, why = detect(cfg["fence"], os.geteuid() if euid is None else euid, binary,
+                          lambda: nft.check(render(plan, (), extra())))
+    if cfg["fence"] == "on" and not enabled:
+        raise SystemExit(f"epio: runner.fence = on but {why}")
+    fence = NetworkFence(node.reactor, plan, nft, owned, extra, enabled=enabled, why_off=why,
+                         keep_on_stop=cfg["fence_keep_on_stop"],
+                         check_interval=cfg["fence_check_interval"])
+    fence.setName("network-fence")
+    fence.setServiceParent(runner)
+    runner.services.remove(fence)  # first child: started first, stopped last
+    runner.services.insert(0, fence)
+    iso = runner.isolation
+    runner.isolation = FencedIsolation(
+        sandbox=iso.sandbox, uid_switch=iso.uid_switch, namespaces=iso.namespaces,
+        cgroups=iso.cgroups, nofile=iso.nofile, off=iso.off, fence=fence)
+    previous = supervisor.on_change
+
+    def on_change() -> None:
+        try:
+            previous()
+        finally:
+            fence.changed()
+
+    supervisor.on_change = on_change
+    runner.fence = fence
+    return fence
