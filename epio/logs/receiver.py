@@ -82,8 +82,8 @@ class LogReceiver:
         self.max_line_bytes = max_line_bytes
         self.on_record = on_record
         self._ratelog = RateLimitedLog(clock)
-        # per (app, source): (received, written) counter children, cached
-        self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
+        # per (app, source): (received, written) counter children and the AppLog
+        self._children: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
 
     def _drop(self, app: str, source: str, reason: str, n: int = 1) -> None:
         self.counters.dropped.labels(app, source, reason).inc(n)
@@ -107,8 +107,8 @@ class LogReceiver:
         for item in body["lines"]:
             try:
                 app, source, text, ts, seq = item
-                if not (isinstance(app, str) and isinstance(source, str) and isinstance(text, str)
-                        and isinstance(ts, int | float) and isinstance(seq, int)):
+                if not (type(app) is str and type(source) is str and type(text) is str
+                        and type(seq) is int and (type(ts) is float or type(ts) is int)):
                     raise ValueError
             except (TypeError, ValueError):
                 self._drop("-", "-", INVALID_BODY)
@@ -117,52 +117,61 @@ class LogReceiver:
         return stored
 
     def _line(self, stream: str, app: str, source: str, text: str, ts: float, seq: int) -> int:
-        if not APP_RE.match(app):
-            self._drop("-", "-", INVALID_APP)
-            return 0
-        if not SOURCE_RE.match(source):
-            self._drop(app, "-", INVALID_SOURCE)
-            return 0
-        children = self._children.get((app, source))
-        if children is None:
-            children = self._children[(app, source)] = (
+        # per (app, source): validated once, then (received, written, AppLog) cached
+        ctx = self._children.get((app, source))
+        if ctx is None or ctx[2].store is not self.store:
+            if not APP_RE.match(app):
+                self._drop("-", "-", INVALID_APP)
+                return 0
+            if not SOURCE_RE.match(source):
+                self._drop(app, "-", INVALID_SOURCE)
+                return 0
+            try:
+                applog = self.store.app(app)
+            except OSError as e:
+                self._drop(app, source, WRITE_ERROR)
+                self.log.error("cannot open the log of {app}: {err}", app=app, err=str(e))
+                return 0
+            ctx = self._children[(app, source)] = (
                 self.counters.received.labels(app, source),
                 self.counters.written.labels(app, source),
+                applog,
             )
-        received, written = children
-        received.inc()
+        received, written, applog = ctx
+        received.value += 1
         if not math.isfinite(ts):
             self._drop(app, source, INVALID_TIMESTAMP)
             return 0
-        store = self.store
-        last = store.stream_position(app, stream, source)
+        st = applog.streams.get((stream, source))
         stored = 0
-        if last is None:
+        if st is None:
             if seq > 1:
                 stored += self._lost(app, source, stream, seq, ts, seq - 1)
-        elif seq <= last:
-            if seq != 1:
-                self._drop(app, source, DUPLICATE)
-                return 0
-            self.log.info("stream {stream} {app}/{source} restarted at seq 1",
-                          stream=stream, app=app, source=source)
-        elif seq > last + 1:
-            stored += self._lost(app, source, stream, seq, ts, seq - last - 1)
+        else:
+            last = st[0]
+            if seq <= last:
+                if seq != 1:
+                    self._drop(app, source, DUPLICATE)
+                    return 0
+                self.log.info("stream {stream} {app}/{source} restarted at seq 1",
+                              stream=stream, app=app, source=source)
+            elif seq > last + 1:
+                stored += self._lost(app, source, stream, seq, ts, seq - last - 1)
         if len(text) * 4 > self.max_line_bytes and \
                 len(text.encode("utf-8", "surrogatepass")) > self.max_line_bytes:
             parts = split_text(text, self.max_line_bytes)
             self.counters.split.labels(app, source).inc()
         else:
-            parts = [text]
+            parts = (text,)
         on_record = self.on_record
         for part in parts:
             try:
-                rec = store.append(app, ts, source, part, stream, seq)
+                rec = applog.append(ts, source, part, stream, seq)
             except OSError as e:
                 self._drop(app, source, WRITE_ERROR)
                 self.log.error("cannot write log of {app}: {err}", app=app, err=str(e))
                 return stored
-            written.inc()
+            written.value += 1
             stored += 1
             if on_record is not None:
                 on_record(app, rec)

@@ -462,9 +462,16 @@ class AppLog:
         nbytes = len(data)
         block = chunk.blocks[-1] if chunk.blocks else None
         if block is None or block.count >= cfg.block_lines or block.length >= cfg.block_bytes:
-            block = Block(chunk.raw_bytes, 0, 0, rec.lineno, 0.0, 0.0)
+            block = Block(chunk.raw_bytes, 0, 0, rec.lineno, timestamp, timestamp)
             chunk.blocks.append(block)
-        block.add(rec, nbytes)
+        # Block.add, inlined (once per line)
+        if timestamp < block.min_ts:
+            block.min_ts = timestamp
+        elif timestamp > block.max_ts:
+            block.max_ts = timestamp
+        block.count += 1
+        block.length += nbytes
+        block.sources.add(source)
         chunk.count += 1
         chunk.raw_bytes += nbytes
         chunk.disk_bytes += nbytes
