@@ -148,7 +148,7 @@ class LogReceiver:
             if seq > 1:
                 stored += self._lost(app, source, stream, seq, ts, seq - 1)
         else:
-            last = st[0]
+            last = int(st[0])
             if seq <= last:
                 if seq != 1:
                     self._drop(app, source, DUPLICATE)
@@ -162,7 +162,7 @@ class LogReceiver:
             parts = split_text(text, self.max_line_bytes)
             self.counters.split.labels(app, source).inc()
         else:
-            parts = (text,)
+            parts = [text]
         on_record = self.on_record
         for part in parts:
             try:
