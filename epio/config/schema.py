@@ -351,8 +351,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
             str, "auto", "Network fence (nftables) that resets app UIDs' connections to the "
             "control plane's ports and other apps' instances: auto (when root with nft), on "
             "(refuse to start without it), off (docs/security.md).", one_of("auto", "on", "off")),
-        "fence_table": Key(str, "epio_fence", "Name of the fence's nftables table (inet "
-                           "family); runners sharing a host need distinct names."),
+        "fence_table": Key(str, "", "Name of the fence's nftables table (inet family); "
+                           "empty means epio_fence_<hash of the data dir>, so runners "
+                           "sharing a host never touch each other's table."),
         "fence_extra_ports": Key(
             list, [], "More TCP ports app processes may not connect to on this host's "
             "addresses and on fence_hosts.", item_kind=int,

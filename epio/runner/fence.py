@@ -3,8 +3,9 @@
 App processes share the host's network namespace (they bind ``$PORT`` where the
 routers reach them), so without a fence an app could connect to the bus, the api,
 the metrics listener and the store on ``127.0.0.1``, and straight to other apps'
-instances.  The fence is one nftables table (``inet``, default ``epio_fence``)
-with an ``output`` hook: a TCP connection attempt (a SYN without ACK) from a
+instances.  The fence is one nftables table per runner (``inet``,
+``epio_fence_<hash of the data dir>`` unless ``runner.fence_table``) with an
+``output`` hook: a TCP connection attempt (a SYN without ACK) from a
 socket owned by an app UID (``runner.uid_min``-``uid_max``, plus the build user)
 is answered with a TCP reset, so the app's ``connect()`` fails at once with
 ``ECONNREFUSED``, when it goes to
@@ -26,12 +27,15 @@ without rules.  docs/security.md says what this does and does not protect.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
 import pwd
+import re
 import shutil
 import subprocess
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -53,6 +57,7 @@ ZMQ_SECTIONS: dict[str, tuple[str, ...]] = {
 TWISTED_ENDPOINTS: dict[str, tuple[str, ...]] = {"api": ("listen",)}
 ROUTER_ENDPOINTS = ("listen", "tls_listen")  # lb: stays open
 POSTGRES_PORT = 5432
+TABLE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
 
 
 class FenceError(Exception):
@@ -175,7 +180,15 @@ class FencePlan:
         }
 
 
-def plan_from_config(config: Mapping[str, Any], roles: Iterable[str]) -> FencePlan:
+def table_for(data_dir: Any) -> str:
+    """The default table name of the runner using ``data_dir``: ``epio_fence_<hash>``,
+    so runners sharing a host (multi-node tests) never replace or remove each other's."""
+    key = hashlib.sha256(str(Path(data_dir).absolute()).encode()).hexdigest()[:8]
+    return f"epio_fence_{key}"
+
+
+def plan_from_config(config: Any, roles: Iterable[str],
+                     table: str | None = None) -> FencePlan:
     """Derive the fence from the node's config and the roles it runs.
 
     Control-plane ports: the listeners of the roles this node runs (api.listen,
@@ -183,12 +196,17 @@ def plan_from_config(config: Mapping[str, Any], roles: Iterable[str]) -> FencePl
     endpoint the node connects to (cluster.nexus, cluster.loggers, logger.peers,
     backup.endpoints), the store's PostgreSQL and runner.fence_extra_ports.  The
     router's ports and the add-ons' shared PostgreSQL port are never fenced.
-    Raises ValueError for a bad runner.fence_hosts entry.
+    ``table`` defaults to ``runner.fence_table`` (or ``epio_fence``).  Raises
+    ValueError for a bad table name or runner.fence_hosts entry.
     """
+    rc = config["runner"]
+    table = table or rc["fence_table"] or "epio_fence"
+    if not TABLE_NAME.match(table):
+        raise ValueError(f"runner.fence_table: {table!r} is not a valid nftables table name "
+                         "(letters, digits and _, starting with a letter)")
     roles = set(roles)
     if "all" in roles:
         roles = {"api", "nexus", "lb", "runner", "logger", "backup"}
-    rc = config["runner"]
     notes: list[str] = []
     ports: dict[int, str] = {}  # port -> where it comes from (first reason wins)
     remote: list[Target] = []
@@ -287,7 +305,7 @@ def plan_from_config(config: Mapping[str, Any], roles: Iterable[str]) -> FencePl
         text = str(net.network_address) if net.num_addresses == 1 else str(net)
         (hosts4 if net.version == 4 else hosts6).add(text)
     return FencePlan(
-        table=rc["fence_table"], uid_min=rc["uid_min"], uid_max=rc["uid_max"],
+        table=table, uid_min=rc["uid_min"], uid_max=rc["uid_max"],
         control_ports=tuple(sorted(ports)),
         hosts4=tuple(sorted(hosts4, key=_net_key)),
         hosts6=tuple(sorted(hosts6, key=_net_key)),
@@ -661,19 +679,24 @@ def detect(mode: str, euid: int, nft_binary: str | None, trial: Callable[[], Non
 
 
 def attach_fence(runner: Any, node: Any, *, nft_binary: str | None | bool = True,
-                 euid: int | None = None) -> NetworkFence:
+                 euid: int | None = None, nft: Any = None,
+                 in_thread: Callable[..., defer.Deferred[Any]] | None = None) -> NetworkFence:
     """Give the runner service ``runner`` its network fence (detection I/O: before the
     reactor).  The fence becomes the runner's FIRST child: it is installed before
-    anything else starts and removed after everything else stopped."""
+    anything else starts and removed after everything else stopped.  ``nft_binary``
+    (True: look ``nft`` up on PATH), ``euid``, ``nft`` (an INft) and ``in_thread`` are
+    for tests."""
     from epio.runner.supervisor import State
 
     cfg = node.config["runner"]
     try:
-        plan = plan_from_config(node.config, node.roles)
+        plan = plan_from_config(node.config, node.roles,
+                                cfg["fence_table"] or table_for(node.data_dir))
     except ValueError as e:
         raise SystemExit(f"epio: {e}") from None
     binary = shutil.which("nft") if nft_binary is True else (nft_binary or None)
-    nft = Nft(binary or "nft")
+    if nft is None:
+        nft = Nft(binary or "nft")
     supervisor = runner.supervisor
     user = node.config["build"]["user"]
 
@@ -691,7 +714,7 @@ def attach_fence(runner: Any, node: Any, *, nft_binary: str | None | bool = True
         raise SystemExit(f"epio: runner.fence = on but {why}")
     fence = NetworkFence(node.reactor, plan, nft, owned, extra, enabled=enabled, why_off=why,
                          keep_on_stop=cfg["fence_keep_on_stop"],
-                         check_interval=cfg["fence_check_interval"])
+                         check_interval=cfg["fence_check_interval"], in_thread=in_thread)
     fence.setName("network-fence")
     fence.setServiceParent(runner)
     runner.services.remove(fence)  # first child: started first, stopped last

@@ -1,0 +1,491 @@
+"""The network fence: what it derives from the config, the exact nftables text, and
+how the service keeps the table in step (a fake nft on a task.Clock)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from attrs import define, field
+from twisted.application.service import MultiService, Service
+from twisted.internet import defer, task
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from epio.config import validate
+from epio.runner.cgroups import CgroupSupport
+from epio.runner.fence import (
+    FenceError,
+    FencePlan,
+    INft,
+    NetworkFence,
+    Nft,
+    Target,
+    attach_fence,
+    detect,
+    plan_from_config,
+    postgres_endpoint,
+    render,
+    table_for,
+    twisted_endpoint,
+    zmq_endpoint,
+)
+from epio.runner.sandbox import detect_isolation
+from epio.runner.supervisor import State
+
+
+@implementer(INft)
+class FakeNft:
+    """Records what would have been given to nft; ``fail`` makes the next calls fail."""
+
+    def __init__(self) -> None:
+        self.applied: list[str] = []
+        self.checked: list[str] = []
+        self.deleted: list[str] = []
+        self.tables: set[str] = set()
+        self.fail: str | None = None
+
+    def check(self, text: str) -> None:
+        if self.fail:
+            raise FenceError(self.fail)
+        self.checked.append(text)
+
+    def apply(self, text: str) -> None:
+        if self.fail:
+            raise FenceError(self.fail)
+        self.applied.append(text)
+        self.tables.add(text.splitlines()[1].split()[-1])
+
+    def exists(self, table: str) -> bool:
+        return table in self.tables
+
+    def delete(self, table: str) -> None:
+        self.deleted.append(table)
+        self.tables.discard(table)
+
+
+def now(f: Any, *args: Any) -> defer.Deferred[Any]:
+    return defer.maybeDeferred(f, *args)
+
+
+PLAN = FencePlan(table="t", uid_min=20000, uid_max=59999, control_ports=(7711, 7712, 8000),
+                 hosts4=("10.0.0.5",), hosts6=("fd00::/64",), open_ports=(8080,))
+
+
+class EndpointTests(SynchronousTestCase):
+    def test_twisted_endpoints(self) -> None:
+        """Twisted server endpoint strings give their TCP port and interface; unix
+        sockets and junk give None."""
+        self.assertEqual(twisted_endpoint("tcp:8000:interface=127.0.0.1"),
+                         Target("127.0.0.1", 8000))
+        self.assertEqual(twisted_endpoint(r"tcp6:port=8001:interface=\:\:1"), Target("::1", 8001))
+        self.assertEqual(twisted_endpoint("ssl:8443:privateKey=k.pem"), Target("", 8443))
+        self.assertEqual(twisted_endpoint("9100"), Target("", 9100))
+        self.assertIsNone(twisted_endpoint("unix:/run/epio/api.sock"))
+        self.assertIsNone(twisted_endpoint("tcp:0"))
+        self.assertIsNone(twisted_endpoint(""))
+
+    def test_zmq_and_postgres_endpoints(self) -> None:
+        """ZeroMQ tcp:// URLs (wildcards, bracketed IPv6) and PostgreSQL URLs give host
+        and port; ipc://, a wildcard port and a unix-socket PostgreSQL give None."""
+        self.assertEqual(zmq_endpoint("tcp://*:7711"), Target("*", 7711))
+        self.assertEqual(zmq_endpoint("tcp://[::1]:7712"), Target("::1", 7712))
+        self.assertEqual(zmq_endpoint("tcp://10.0.0.1;10.0.0.2:7713"), Target("10.0.0.2", 7713))
+        self.assertIsNone(zmq_endpoint("ipc:///run/epio/bus"))
+        self.assertIsNone(zmq_endpoint("tcp://*:*"))
+        self.assertEqual(postgres_endpoint("postgresql://u:p@db.example:6543/epio"),
+                         Target("db.example", 6543))
+        self.assertEqual(postgres_endpoint("postgres://127.0.0.1/epio"), Target("127.0.0.1", 5432))
+        self.assertIsNone(postgres_endpoint("postgresql:///epio?host=/run/postgresql"))
+        self.assertIsNone(postgres_endpoint("sqlite:///x.db"))
+
+
+class PlanTests(SynchronousTestCase):
+    def test_single_box_defaults(self) -> None:
+        """With the defaults and --role=all: every bus bind, the api and the backup
+        control port are fenced for UIDs 20000-59999; the router port stays open;
+        no remote hosts, no notes (the store is SQLite)."""
+        plan = plan_from_config(validate({}), ["all"])
+        self.assertEqual(plan, FencePlan(
+            table="epio_fence", uid_min=20000, uid_max=59999,
+            control_ports=(7711, 7712, 7713, 7721, 7722, 7723, 7731, 7741, 8000),
+            hosts4=(), hosts6=(), open_ports=(8080,), notes=()))
+
+    def test_only_the_roles_run_here_plus_what_the_node_connects_to(self) -> None:
+        """A runner-only node fences its control port, the endpoints it connects to
+        (nexus heartbeat, loggers, logger peers, backup endpoints), metrics, the
+        store and the extra ports, but not the api's or a nexus's own binds that it
+        does not run; cluster hosts given as addresses and fence_hosts are fenced
+        remotely, loopback is not listed (it is local)."""
+        cfg = validate({
+            "cluster": {"nexus": [{"heartbeat": "tcp://10.0.0.2:9711",
+                                   "router": "tcp://[fd00::2]:9712",
+                                   "publish": "tcp://127.0.0.1:9713"}],
+                        "loggers": ["tcp://10.0.0.3:9721"]},
+            "logger": {"peers": []},
+            "backup": {"endpoints": ["tcp://backup.example:9741"]},
+            "runner": {"control_bind": "tcp://*:9731", "fence_extra_ports": [6000],
+                       "fence_hosts": ["10.0.1.0/24", "10.0.0.2", "fd00::9"]},
+            "metrics": {"listen": "tcp:9100:interface=127.0.0.1"},
+            "store": {"url": "postgresql://epio:pw@10.0.0.4:5433/epio"},
+            "api": {"listen": "tcp:9000"},
+        })
+        plan = plan_from_config(cfg, ["runner"])
+        self.assertEqual(plan.control_ports, (5433, 6000, 9100, 9711, 9712, 9713, 9721, 9731, 9741))
+        self.assertEqual(plan.hosts4, ("10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.1.0/24"))
+        self.assertEqual(plan.hosts6, ("fd00::2", "fd00::9"))
+        self.assertEqual(plan.notes, (
+            "cluster host 'backup.example' is a name, not an address: its ports are fenced "
+            "only on this host's own addresses (list its addresses in runner.fence_hosts)",))
+
+    def test_store_sharing_the_addon_postgres_port_stays_open(self) -> None:
+        """When the store's PostgreSQL is the add-ons' server (same port), the port
+        stays open (apps need their databases) and a note says the operator must keep
+        the store in a database and role apps cannot log into; a store on another
+        port is fenced."""
+        same = validate({"store": {"url": "postgresql://epio@127.0.0.1:5432/epio"},
+                         "addons": {"postgres_admin_url": "postgresql://postgres@127.0.0.1/postgres"}})
+        plan = plan_from_config(same, ["all"])
+        self.assertNotIn(5432, plan.control_ports)
+        self.assertEqual(len(plan.notes), 1)
+        self.assertIn("also the add-ons' PostgreSQL port", plan.notes[0])
+        self.assertIn("database and role apps cannot log into", plan.notes[0])
+        other = validate({"store": {"url": "postgresql://epio@127.0.0.1:5433/epio"},
+                          "addons": {"postgres_admin_url": "postgresql://postgres@127.0.0.1/postgres"}})
+        plan = plan_from_config(other, ["all"])
+        self.assertIn(5433, plan.control_ports)
+        self.assertNotIn(5432, plan.control_ports)
+        self.assertEqual(plan.notes, ())
+
+    def test_router_ports_and_unix_listeners(self) -> None:
+        """A control port equal to a router port (lb.listen, lb.tls_listen) stays open
+        with a note; a unix-socket api is not a port and is noted."""
+        cfg = validate({"lb": {"listen": "tcp:7731", "tls_listen": "tcp:8443"},
+                        "api": {"listen": "unix:/run/epio/api.sock"},
+                        "runner": {"fence_extra_ports": [8443]}})
+        plan = plan_from_config(cfg, ["all"])
+        self.assertEqual(plan.open_ports, (7731, 8443))
+        self.assertNotIn(7731, plan.control_ports)
+        self.assertNotIn(8443, plan.control_ports)
+        self.assertNotIn(8000, plan.control_ports)
+        self.assertEqual(len(plan.notes), 3, plan.notes)
+        self.assertIn("api.listen = 'unix:/run/epio/api.sock' is not a TCP port", plan.notes[0])
+
+    def test_bad_fence_host_is_refused(self) -> None:
+        """A fence_hosts entry that is not an address or network is a clear error."""
+        cfg = validate({"runner": {"fence_hosts": ["db.example"]}})
+        with self.assertRaises(ValueError) as e:
+            plan_from_config(cfg, ["runner"])
+        self.assertIn("'db.example' is not an IP address or network", str(e.exception))
+
+    def test_table_names(self) -> None:
+        """Each data dir gets its own table name (runners sharing a host never touch
+        each other's); runner.fence_table overrides it; a name nft cannot take is a
+        clear error."""
+        a, b = table_for("/var/lib/epio"), table_for("/srv/epio2")
+        self.assertRegex(a, r"^epio_fence_[0-9a-f]{8}$")
+        self.assertNotEqual(a, b)
+        self.assertEqual(plan_from_config(validate({}), ["runner"], a).table, a)
+        cfg = validate({"runner": {"fence_table": "my_fence"}})
+        self.assertEqual(plan_from_config(cfg, ["runner"]).table, "my_fence")
+        with self.assertRaises(ValueError) as e:
+            plan_from_config(validate({"runner": {"fence_table": "x; flush ruleset"}}),
+                             ["runner"])
+        self.assertIn("not a valid nftables table name", str(e.exception))
+
+    def test_bad_extra_port_is_a_config_error(self) -> None:
+        """fence_extra_ports outside 1-65535 fails config validation."""
+        from epio.config import ConfigError
+
+        with self.assertRaises(ConfigError):
+            validate({"runner": {"fence_extra_ports": [0]}})
+
+
+class RenderTests(SynchronousTestCase):
+    def test_exact_ruleset(self) -> None:
+        """The generated nft text replaces the table in one transaction and holds
+        exactly: the control ports (merged into ranges), this runner's instance ports
+        and their owners, the remote hosts, one output hook matching connection
+        attempts of the app UIDs (and the build user), and the reset rules."""
+        text = render(PLAN, [(20002, 21001), (20001, 21000), (20001, 21002)], [999, 20005])
+        self.assertEqual(text, """\
+# epio network fence (generated by epio.runner.fence; see docs/security.md)
+table inet t
+delete table inet t
+table inet t {
+\tset control_ports {
+\t\ttype inet_service
+\t\tflags interval
+\t\telements = { 7711-7712, 8000 }
+\t}
+\tset instance_ports {
+\t\ttype inet_service
+\t\telements = { 21000, 21001, 21002 }
+\t}
+\tset owned {
+\t\ttype uid . inet_service
+\t\telements = { 20001 . 21000, 20001 . 21002, 20002 . 21001 }
+\t}
+\tset hosts4 {
+\t\ttype ipv4_addr
+\t\tflags interval
+\t\telements = { 10.0.0.5 }
+\t}
+\tset hosts6 {
+\t\ttype ipv6_addr
+\t\tflags interval
+\t\telements = { fd00::/64 }
+\t}
+\tchain output {
+\t\ttype filter hook output priority filter; policy accept;
+\t\tmeta skuid { 999, 20000-59999 } tcp flags & (syn | ack) == syn jump app
+\t}
+\tchain app {
+\t\tfib daddr type local tcp dport @control_ports reject with tcp reset
+\t\tip daddr @hosts4 tcp dport @control_ports reject with tcp reset
+\t\tip6 daddr @hosts6 tcp dport @control_ports reject with tcp reset
+\t\ttcp dport @instance_ports meta skuid . tcp dport != @owned fib daddr type local reject with tcp reset
+\t}
+}
+""")
+
+    def test_empty_sets_have_no_elements_line(self) -> None:
+        """With no instances, no hosts and no control ports the sets are declared
+        empty (nft refuses ``elements = { }``)."""
+        plan = FencePlan(table="t", uid_min=1000, uid_max=2000, control_ports=(), hosts4=(),
+                         hosts6=(), open_ports=())
+        text = render(plan)
+        self.assertNotIn("elements", text)
+        self.assertIn("meta skuid { 1000-2000 } tcp flags", text)
+
+
+class ServiceTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = task.Clock()
+        self.nft = FakeNft()
+        self.owned: list[tuple[int, int]] = []
+
+    def fence(self, **kw: Any) -> NetworkFence:
+        kw.setdefault("in_thread", now)
+        return NetworkFence(self.clock, PLAN, self.nft, lambda: list(self.owned), lambda: (),
+                            **kw)
+
+    def test_fakes_provide_the_interface(self) -> None:
+        """The fake and the real nft both provide INft."""
+        verifyObject(INft, self.nft)
+        verifyObject(INft, Nft())
+
+    def test_installed_at_start_and_follows_the_instances(self) -> None:
+        """startService installs the table at once (synchronously); an instance
+        change re-renders and applies only when the text differs."""
+        f = self.fence()
+        f.startService()
+        self.assertEqual(self.nft.applied, [render(PLAN)])
+        f.changed()
+        self.assertEqual(len(self.nft.applied), 1)  # nothing changed: nft not run
+        self.owned.append((20001, 21000))
+        f.changed()
+        self.assertEqual(self.nft.applied[-1], render(PLAN, [(20001, 21000)]))
+        self.assertEqual(f.report()["state"], "on")
+        self.assertEqual(f.report()["control_ports"], [7711, 7712, 8000])
+
+    def test_changes_while_applying_are_coalesced(self) -> None:
+        """While one nft run is in flight, further changes wait and are applied once,
+        with the newest state."""
+        pending: list[defer.Deferred[Any]] = []
+
+        def slow(fn: Any, *args: Any) -> defer.Deferred[Any]:
+            d: defer.Deferred[Any] = defer.Deferred()
+            d.addCallback(lambda _: fn(*args))
+            pending.append(d)
+            return d
+
+        f = self.fence(in_thread=slow)
+        f.startService()
+        self.owned.append((20001, 21000))
+        f.changed()
+        self.owned.append((20002, 21001))
+        f.changed()
+        f.changed()
+        self.assertEqual(len(pending), 1)
+        pending.pop().callback(None)
+        self.assertEqual(len(pending), 1)
+        pending.pop().callback(None)
+        self.assertEqual(pending, [])
+        self.assertEqual(self.nft.applied[1:], [
+            render(PLAN, [(20001, 21000)]), render(PLAN, [(20001, 21000), (20002, 21001)])])
+
+    def test_flushed_table_is_put_back(self) -> None:
+        """Every check_interval the fence checks the table is there; when something
+        flushed it, it is installed again and counted."""
+        f = self.fence(check_interval=30)
+        f.startService()
+        self.nft.tables.clear()  # nft flush ruleset
+        self.clock.advance(30)
+        self.assertEqual(f.reinstalls, 1)
+        self.assertEqual(len(self.nft.applied), 2)
+        self.assertIn("t", self.nft.tables)
+        self.clock.advance(30)
+        self.assertEqual(len(self.nft.applied), 2)
+
+    def test_nft_failure_is_reported_and_recovers(self) -> None:
+        """A ruleset nft refuses leaves the fence 'failed' with the error in the
+        report (and the runner's isolation facts); the next good apply clears it."""
+        self.nft.fail = "Error: Could not process rule"
+        f = self.fence()
+        f.startService()
+        self.assertEqual(f.report()["state"], "failed")
+        self.assertEqual(f.report()["error"], "Error: Could not process rule")
+        self.nft.fail = None
+        self.owned.append((20001, 21000))
+        f.changed()
+        self.assertEqual(f.report()["state"], "on")
+        self.assertNotIn("error", f.report())
+
+    def test_removed_on_clean_stop_unless_kept(self) -> None:
+        """A clean stop removes the table; with keep_on_stop it stays."""
+        f = self.fence()
+        f.startService()
+        self.successResultOf(f.stopService())
+        self.assertEqual(self.nft.deleted, ["t"])
+        self.nft.deleted.clear()
+        g = self.fence(keep_on_stop=True)
+        g.startService()
+        self.successResultOf(g.stopService())
+        self.assertEqual(self.nft.deleted, [])
+
+    def test_stop_waits_for_an_apply_in_flight(self) -> None:
+        """The table is removed only after an apply in flight finished (so the apply
+        cannot put it back after the removal)."""
+        pending: list[defer.Deferred[Any]] = []
+
+        def slow(fn: Any, *args: Any) -> defer.Deferred[Any]:
+            d: defer.Deferred[Any] = defer.Deferred()
+            d.addCallback(lambda _: fn(*args))
+            pending.append(d)
+            return d
+
+        f = self.fence(in_thread=slow)
+        f.startService()
+        self.owned.append((20001, 21000))
+        f.changed()
+        stopped = f.stopService()
+        self.assertNoResult(stopped)
+        self.assertEqual(self.nft.deleted, [])
+        pending.pop().callback(None)
+        self.successResultOf(stopped)
+        self.assertEqual(self.nft.deleted, ["t"])
+        self.assertNotIn("t", self.nft.tables)
+
+    def test_disabled_fence_touches_nothing(self) -> None:
+        """A fence that is off runs no nft at all and reports why."""
+        f = self.fence(enabled=False, why_off="nft (nftables) is not installed")
+        f.startService()
+        f.changed()
+        self.successResultOf(f.stopService())
+        self.assertEqual((self.nft.applied, self.nft.deleted), ([], []))
+        self.assertEqual(f.report(), {"state": "off", "why": "nft (nftables) is not installed"})
+
+
+class DetectTests(SynchronousTestCase):
+    def test_detect(self) -> None:
+        """The fence is on only as root, with nft, when nft accepts the ruleset."""
+        ok = lambda: None  # noqa: E731
+
+        def refuse() -> None:
+            raise FenceError("Error: No such file or directory (fib)")
+
+        self.assertEqual(detect("auto", 0, "/usr/sbin/nft", ok), (True, ""))
+        self.assertEqual(detect("off", 0, "/usr/sbin/nft", ok),
+                         (False, "disabled by runner.fence = off"))
+        self.assertEqual(detect("auto", 1000, "/usr/sbin/nft", ok),
+                         (False, "the runner is not root: it cannot install nftables rules"))
+        self.assertEqual(detect("auto", 0, None, ok), (False, "nft (nftables) is not installed"))
+        self.assertEqual(detect("on", 0, "/usr/sbin/nft", refuse),
+                         (False, "nft refused the fence: Error: No such file or directory (fib)"))
+
+
+# -- wiring into a runner ---------------------------------------------------------
+
+
+@define
+class FakeSpec:
+    uid: int
+
+
+@define
+class FakeInstance:
+    spec: FakeSpec
+    port: int | None
+    state: State
+
+
+@define
+class FakeSupervisor:
+    instances: dict[str, FakeInstance] = field(factory=dict)
+    calls: list[str] = field(factory=list)
+    on_change: Any = None
+
+
+@define
+class FakeNode:
+    config: Any
+    roles: tuple[str, ...]
+    reactor: Any
+    data_dir: Path = Path("/var/lib/epio")
+
+
+class WiringTests(SynchronousTestCase):
+    def runner(self) -> Any:
+        svc: Any = MultiService()
+        svc.supervisor = FakeSupervisor()
+        svc.supervisor.on_change = lambda: svc.supervisor.calls.append("runner")
+        svc.isolation = detect_isolation("auto", 0, "/usr/bin/bwrap", "/usr/bin/setpriv",
+                                         CgroupSupport({}, {}), True)
+        Service().setServiceParent(svc)  # the runner's other children
+        return svc
+
+    def test_attach_with_nft(self) -> None:
+        """attach_fence makes the fence the runner's first child, chains the
+        supervisor's change callback (the runner's own runs first), syncs live
+        instances' (uid, port) and adds the fence to the isolation facts."""
+        clock = task.Clock()
+        svc = self.runner()
+        nft = FakeNft()
+        node = FakeNode(validate({"build": {"user": "no-such-epio-user"}}), ("all",), clock)
+        fence = attach_fence(svc, node, nft_binary="/usr/sbin/nft", euid=0, nft=nft,
+                             in_thread=now)
+        self.assertIs(list(svc)[0], fence)
+        self.assertEqual(len(nft.checked), 1)  # the trial run
+        svc.startService()
+        self.assertEqual(nft.applied, [render(fence.plan)])
+        sup = svc.supervisor
+        sup.instances["a"] = FakeInstance(FakeSpec(20001), 21000, State.HEALTHY)
+        sup.instances["b"] = FakeInstance(FakeSpec(20002), 21001, State.STOPPED)
+        sup.instances["c"] = FakeInstance(FakeSpec(20003), None, State.HEALTHY)
+        sup.on_change()
+        self.assertEqual(sup.calls, ["runner"])
+        self.assertEqual(nft.applied[-1], render(fence.plan, [(20001, 21000)]))
+        iso = svc.isolation.as_dict()
+        self.assertEqual(iso["fence"]["state"], "on")
+        self.assertEqual(iso["fence"]["table"], "inet " + table_for("/var/lib/epio"))
+        self.assertNotIn("network", iso["off"])
+        self.assertEqual(iso["sandbox"], "bwrap")
+        svc.stopService()
+        self.assertEqual(nft.deleted, [table_for("/var/lib/epio")])
+
+    def test_attach_without_nft_reports_off(self) -> None:
+        """Without nft the fence is off, says so in isolation['off']['network'], and
+        runner.fence = on refuses to start."""
+        svc = self.runner()
+        node = FakeNode(validate({}), ("runner",), task.Clock())
+        attach_fence(svc, node, nft_binary=None, euid=0, nft=FakeNft())
+        iso = svc.isolation.as_dict()
+        self.assertEqual(iso["fence"], {"state": "off", "why": "nft (nftables) is not installed"})
+        self.assertEqual(iso["off"]["network"],
+                         "network fence off: nft (nftables) is not installed")
+        strict = FakeNode(validate({"runner": {"fence": "on"}}), ("runner",), task.Clock())
+        with self.assertRaises(SystemExit) as e:
+            attach_fence(self.runner(), strict, nft_binary=None, euid=0, nft=FakeNft())
+        self.assertIn("runner.fence = on but nft (nftables) is not installed", str(e.exception))
