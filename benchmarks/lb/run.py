@@ -299,6 +299,9 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
     ap.add_argument("--rounds", type=int, default=2, help="rounds of the whole set")
     ap.add_argument("--rate", type=float, default=1000.0, help="fixed rate for added latency")
+    ap.add_argument("--configs", default="direct,epio,haproxy,nginx",
+                    help="comma list of configs to run (direct is always measured for latency)")
+    ap.add_argument("--no-latency", action="store_true", help="skip the fixed-rate latency runs")
     ap.add_argument("--open-loop", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.open_loop:
@@ -310,12 +313,12 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="epio-lb-bench-"))
     try:
         backend, kind = start_backend(procs, tmp)
-        ports: dict[str, int | None] = {
-            "direct": backend,
-            "epio": start_epio(procs, tmp, backend),
-            "haproxy": start_haproxy(procs, tmp, backend),
-            "nginx": start_nginx_proxy(procs, tmp, backend),
-        }
+        wanted = set(args.configs.split(",")) | {"direct"}
+        starters = {"epio": start_epio, "haproxy": start_haproxy, "nginx": start_nginx_proxy}
+        ports: dict[str, int | None] = {"direct": backend}
+        for name, fn in starters.items():
+            if name in wanted:
+                ports[name] = fn(procs, tmp, backend)
         print(f"backend: {kind}; proxy+backend on CPU 0, load on CPU 1; "
               f"wrk -t1 -c50 -d{args.duration:g}s keep-alive")
         for _name, port in ports.items():  # warm-up (and check each config answers)
@@ -331,16 +334,20 @@ def main() -> None:
                 if port is None:
                     print(f"  {name:8s} not installed")
                     continue
+                if name == "direct" and "direct" not in args.configs.split(","):
+                    continue
                 res[name] = run_wrk(port, args.duration)
                 rps, p50, p99 = res[name]
                 print(f"  {name:8s} {rps:9.0f} req/s   p50 {p50:6.2f} ms   p99 {p99:6.2f} ms")
             for name, r in res.items():
                 all_rps.setdefault(name, []).append(r[0])
-            if "haproxy" in res:
+            if "haproxy" in res and "epio" in res:
                 all_ratio.append(res["epio"][0] / res["haproxy"][0])
                 print(f"  epio/haproxy ratio: {res['epio'][0] / res['haproxy'][0]:.2f}")
-            if "nginx" in res:
+            if "nginx" in res and "epio" in res:
                 print(f"  epio/nginx ratio:   {res['epio'][0] / res['nginx'][0]:.2f}")
+            if args.no_latency:
+                continue
             print(f"round {rnd}: latency at a fixed {args.rate:g} req/s (open loop)")
             lat: dict[str, tuple[float, float]] = {}
             for name, port in ports.items():
