@@ -196,6 +196,7 @@ class RunnerService(MultiService):
             self.image_server.close()
         d = self.supervisor.shutdown(self.shutdown_grace)
         d.addBoth(lambda _: self._save_now())
+        d.addBoth(lambda _: self._remove_empty_cgroups())
         d.addBoth(lambda _: MultiService.stopService(self))
         return d
 
@@ -240,6 +241,23 @@ class RunnerService(MultiService):
                 self.log.error("cannot restart instance {i}: {error}",
                                i=r["spec"].get("instance_id"), error=str(e))
         self._save_now()
+
+    def _remove_empty_cgroups(self) -> None:
+        """Leave no empty cgroup of ours behind (busy ones are cleaned at the next start)."""
+        for base in self.cgroups.bases.values():
+            try:
+                children = [p for p in base.iterdir() if p.is_dir()]
+            except OSError:
+                continue
+            for child in children:
+                try:
+                    child.rmdir()
+                except OSError:
+                    pass
+            try:
+                base.rmdir()
+            except OSError:
+                pass
 
     # -- state file --------------------------------------------------------------
 
