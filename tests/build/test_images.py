@@ -22,7 +22,8 @@ class ImageStoreTests(SynchronousTestCase):
     def _cleanup(self) -> None:
         for dirpath, dirnames, _ in os.walk(self.tmp):
             for d in dirnames:
-                os.chmod(os.path.join(dirpath, d), 0o755)
+                if not os.path.islink(os.path.join(dirpath, d)):
+                    os.chmod(os.path.join(dirpath, d), 0o755)
         shutil.rmtree(self.tmp)
 
     def _tree(self, content: str) -> Path:

@@ -30,6 +30,7 @@ import pwd
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -45,7 +46,7 @@ from twisted.logger import Logger
 
 from epio.manifest import DATA_DIRECTORY, Manifest, ManifestError, load_manifest
 from epio.runner.build import platform as plat
-from epio.runner.build.images import ImageStore
+from epio.runner.build.images import ImageStore, unlock_tree
 from epio.runner.build.proc import MemoryCgroup, StepResult, run_step
 from epio.runner.build.unpack import UnpackError, safe_unpack
 
@@ -127,7 +128,8 @@ def choose_python(configured: str, need_world: bool) -> tuple[Path, str | None]:
 @define
 class _Ctx:
     app: str
-    work: Path
+    work: Path  # the build user's tree (root/ = the image tree)
+    priv: Path  # root-owned files the build user may read but never replace
     root: Path
     env: dict[str, str]
     tail: deque[str]
@@ -316,6 +318,7 @@ class Builder:
         ctx = _Ctx(
             app,
             work,
+            work.with_name(work.name + ".priv"),
             work / "root",
             env,
             deque(maxlen=LOG_TAIL),
@@ -339,6 +342,9 @@ class Builder:
                 await ctx.cgroup.remove(self.reactor)
             await threads.deferToThreadPool(
                 self.reactor, self.reactor.getThreadPool(), _rmtree, work
+            )
+            await threads.deferToThreadPool(
+                self.reactor, self.reactor.getThreadPool(), _rmtree, ctx.priv
             )
 
     def _remaining(self, ctx: _Ctx) -> float:
@@ -465,6 +471,8 @@ class Builder:
         src = ctx.work / "src"
         ctx.work.mkdir(parents=True)
         os.chmod(ctx.work, 0o700)
+        ctx.priv.mkdir()
+        os.chmod(ctx.priv, 0o711)
         try:
             await self._thread(safe_unpack, tarball, src, int(self.cfg["max_unpacked_mb"]) * MB)
         except UnpackError as e:
@@ -529,14 +537,17 @@ class Builder:
         django_cfg = manifest.django
         if django_cfg is not None and django_cfg.base:
             pythonpath.append(f"{rel_work}/{django_cfg.base}")
-        (sp / "epio-app.pth").write_text(plat.pth_lines(pythonpath))
+        # From here on the node writes into a tree build-user code has run in (and every
+        # such process is dead): nothing may be followed through a symlink planted there.
+        self._real_dir(ctx, sp)
+        _write_nofollow(sp / "epio-app.pth", plat.pth_lines(pythonpath))
         for link, target in manifest.symlinks.items():
             lp = workdir / link
+            self._real_dir(ctx, lp.parent, create=True)
             if lp.exists() or lp.is_symlink():
                 raise self._fail(
                     ctx, f"[symlinks] {link}: a file of that name is already in the app"
                 )
-            lp.parent.mkdir(parents=True, exist_ok=True)
             os.symlink(target, lp)
         # 6. Django
         runtime_env: dict[str, str] = {}
@@ -547,7 +558,7 @@ class Builder:
             else:
                 static[url] = f"{rel_work}/{sdir}"
         has_django = any(sp.glob("django/__init__.py"))
-        (sp / "bundle_config.py").write_text(plat.bundle_config_source(DATA_DIRECTORY))
+        _write_nofollow(sp / "bundle_config.py", plat.bundle_config_source(DATA_DIRECTORY))
         if has_django and (django_cfg is not None or (workdir / "manage.py").exists()):
             base = django_cfg.base if django_cfg else ""
             user_module = (
@@ -561,8 +572,9 @@ class Builder:
             append = django_cfg.append_settings if django_cfg else True
             module = plat.SETTINGS_MODULE if append else user_module
             if append:
-                (sp / f"{plat.SETTINGS_MODULE}.py").write_text(
-                    plat.settings_module_source(user_module, None)
+                _write_nofollow(
+                    sp / f"{plat.SETTINGS_MODULE}.py",
+                    plat.settings_module_source(user_module, None),
                 )
             runtime_env["DJANGO_SETTINGS_MODULE"] = module
             self._emit(
@@ -570,9 +582,8 @@ class Builder:
                 f"-----> Django: settings {user_module}"
                 + (f" + platform settings ({module})" if append else ""),
             )
-            script = ctx.work / "epio_django_build.py"
-            script.write_text(plat.DJANGO_BUILD_SCRIPT)
-            os.chmod(script, 0o644)
+            script = ctx.priv / "epio_django_build.py"
+            _write_nofollow(script, plat.DJANGO_BUILD_SCRIPT)
             info: dict[str, Any] = {}
 
             def grab(text: str) -> bool:
@@ -639,12 +650,13 @@ class Builder:
             "requirements_sha256": reqs[3] if reqs else None,
         }
         manifest_doc = {"manifest": manifest.to_dict(), "build": ctx.facts}
+        await self._thread(self._reclaim, ctx)
         await self._thread(self._finish_tree, root, venv, manifest_doc)
         # 8. image
         fmt = prep["format"]
         if fmt == "squashfs":
             self._emit(ctx, "-----> Writing SquashFS image")
-            tmp_img = ctx.work / "image.squashfs"
+            tmp_img = ctx.priv / "image.squashfs"
             await self._run(
                 ctx,
                 "mksquashfs",
@@ -664,7 +676,7 @@ class Builder:
                     "-quiet",
                     "-no-progress",
                 ],
-                cwd=ctx.work,
+                cwd=ctx.priv,
                 env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
                 untrusted=False,
             )
@@ -675,6 +687,38 @@ class Builder:
         duration = self.reactor.seconds() - start
         self._emit(ctx, f"-----> Image {digest} built in {duration:.1f} s")
         return BuildResult(digest, manifest, list(ctx.tail), duration, ctx.facts)
+
+    def _real_dir(self, ctx: _Ctx, path: Path, create: bool = False) -> None:
+        """Check that every component of ``path`` below the work dir is a real directory
+        (not a symlink a build step planted); with ``create``, make missing ones."""
+        rel = path.relative_to(ctx.work)
+        cur = ctx.work
+        for part in rel.parts:
+            cur = cur / part
+            try:
+                st = os.lstat(cur)
+            except FileNotFoundError:
+                if not create:
+                    raise self._fail(ctx, f"the build tree lacks {rel}") from None
+                os.mkdir(cur, 0o755)
+                continue
+            if not stat.S_ISDIR(st.st_mode):
+                raise self._fail(
+                    ctx,
+                    f"the build tree was tampered with: {cur.relative_to(ctx.work)} is not a directory",
+                )
+
+    def _reclaim(self, ctx: _Ctx) -> None:
+        """After the last step that ran build-user code: check the image tree's frame is
+        made of real directories and give the whole tree to root (when we are root)."""
+        sp = plat.site_packages(ctx.root / "venv")
+        for d in (ctx.root / "app", ctx.root / "venv" / "bin", sp):
+            self._real_dir(ctx, d)
+        if not stat.S_ISREG(os.lstat(ctx.root / "venv" / "pyvenv.cfg").st_mode):
+            raise self._fail(ctx, "the build tree was tampered with: venv/pyvenv.cfg")
+        self._real_dir(ctx, ctx.root / "epio", create=True)
+        if os.geteuid() == 0:
+            _chown_tree(ctx.root, 0, 0)
 
     # ------------------------------------------------------------------ requirements
 
@@ -695,7 +739,7 @@ class Builder:
             orig = workdir / manifest.requirements
             text = orig.read_text("utf-8", "replace")
             # pip reads the app's own file, so relative paths in it resolve as on a laptop
-            effective.append(f"-r {orig.relative_to(ctx.work)}")
+            effective.append(f"-r {orig}")
             lines.append(f"# {manifest.requirements}")
             for raw in text.splitlines():
                 s = raw.split(" #", 1)[0].strip()
@@ -745,9 +789,8 @@ class Builder:
         key = hashlib.sha256(
             (content + "\n" + (self._prepared or {})["python_version"] + scope).encode()
         ).hexdigest()
-        path = ctx.work / "requirements.epio.txt"
-        path.write_text("\n".join(effective) + "\n")
-        os.chmod(path, 0o644)
+        path = ctx.priv / "requirements.epio.txt"
+        _write_nofollow(path, "\n".join(effective) + "\n")
         return path, key, kind, hashlib.sha256(content.encode()).hexdigest()
 
     async def _install(
@@ -834,9 +877,8 @@ class Builder:
         plat.relocate_scripts(venv / "bin", str(venv))
         plat.fix_records(venv)
         plat.clean_pyvenv_cfg(venv)
-        (root / "epio").mkdir(exist_ok=True)
-        (root / "epio" / "manifest.json").write_text(
-            json.dumps(doc, sort_keys=True, indent=1) + "\n"
+        _write_nofollow(
+            root / "epio" / "manifest.json", json.dumps(doc, sort_keys=True, indent=1) + "\n"
         )
         for dirpath, dirnames, filenames in os.walk(root):
             for n in dirnames:
@@ -880,6 +922,14 @@ def _admit_wheels(new: Path, shared: Path, own: Path, trusted: set[str]) -> tupl
     return counts[0], counts[1]
 
 
+def _write_nofollow(path: Path, text: str, mode: int = 0o644) -> None:
+    """Write a file without following a symlink at ``path`` (one planted there fails)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
+    os.fchmod(fd, mode)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
 def _chown_tree(root: Path, uid: int, gid: int) -> None:
     os.lchown(root, uid, gid)
     for dirpath, dirnames, filenames in os.walk(root):
@@ -899,13 +949,8 @@ def _tree_size(root: Path) -> int:
 
 
 def _rmtree(path: Path) -> None:
-    if path.exists():
-        for dirpath, dirnames, _ in os.walk(path):
-            for d in dirnames:
-                try:
-                    os.chmod(os.path.join(dirpath, d), 0o700)
-                except OSError:
-                    pass
+    if path.exists() or path.is_symlink():
+        unlock_tree(path)
         shutil.rmtree(path, ignore_errors=True)
 
 

@@ -411,25 +411,26 @@ class ImageStore:
         return removed
 
 
-def _force_rmtree(path: Path) -> None:
-    def onerror(func: Any, p: str, exc: Any) -> None:
+def unlock_tree(path: Path, mode: int = 0o700) -> None:
+    """Make every real directory under ``path`` writable again (never through a symlink)."""
+    for dirpath, dirnames, _ in os.walk(path):
+        for d in dirnames:
+            p = os.path.join(dirpath, d)
+            if not os.path.islink(p):
+                try:
+                    os.chmod(p, mode)
+                except OSError:
+                    pass
+    if not path.is_symlink():
         try:
-            os.chmod(os.path.dirname(p), 0o700)
-            func(p)
+            os.chmod(path, mode)
         except OSError:
             pass
 
-    for dirpath, dirnames, _ in os.walk(path):
-        for d in dirnames:
-            try:
-                os.chmod(os.path.join(dirpath, d), 0o700)
-            except OSError:
-                pass
-    try:
-        os.chmod(path, 0o700)
-    except OSError:
-        pass
-    shutil.rmtree(path, onerror=onerror)
+
+def _force_rmtree(path: Path) -> None:
+    unlock_tree(path)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 async def collect_garbage(

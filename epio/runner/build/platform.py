@@ -198,6 +198,8 @@ def fix_records(venv: Path) -> None:
 
     bin_dir = venv / "bin"
     for record in site_packages(venv).glob("*.dist-info/RECORD"):
+        if record.parent.is_symlink() or record.is_symlink() or not record.is_file():
+            continue
         lines = record.read_text("utf-8").splitlines()
         changed = False
         for i, line in enumerate(lines):
@@ -220,6 +222,8 @@ def fix_records(venv: Path) -> None:
 def clean_pyvenv_cfg(venv: Path) -> None:
     """Drop the ``command`` line (it names the build directory)."""
     cfg = venv / "pyvenv.cfg"
+    if cfg.is_symlink():
+        raise OSError(f"{cfg} is a symlink")
     lines = [ln for ln in cfg.read_text().splitlines() if not ln.startswith("command")]
     cfg.write_text("\n".join(lines) + "\n")
 

@@ -20,7 +20,8 @@ def _rmtree(path: Path) -> None:
     for dirpath, dirnames, _ in os.walk(path):
         for d in dirnames:
             try:
-                os.chmod(os.path.join(dirpath, d), 0o755)
+                if not os.path.islink(os.path.join(dirpath, d)):
+                    os.chmod(os.path.join(dirpath, d), 0o755)
             except OSError:
                 pass
     shutil.rmtree(path, ignore_errors=True)

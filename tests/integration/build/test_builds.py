@@ -98,23 +98,6 @@ class ExampleBuildTests(_Base):
         self.assertEqual(second.facts["static"], {"/static": "app/static"})
         self.assertLess(second.duration, 10)
 
-    async def test_django_example(self) -> None:
-        """The Django example builds: platform settings, collectstatic into the image."""
-        result, b, sink = await self._build_example("django")
-        self.assertEqual(result.facts["env"], {"DJANGO_SETTINGS_MODULE": "epio_settings"})
-        self.assertEqual(result.facts["static"]["/static"], "epio/static")
-        self.assertIn("static file", sink.text())
-        self.assertEqual(result.manifest.release_command, "python manage.py migrate --noinput")
-        if b.image_format() == "squashfs":
-            listing = subprocess.run(
-                ["unsquashfs", "-l", str(b.images.path(result.digest))],
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout
-            self.assertIn("epio/static/notes/style.css", listing)
-            self.assertIn("site-packages/epio_settings.py", listing)
-
     async def test_worker_example(self) -> None:
         """The Procfile app builds with both its processes."""
         result, _, _ = await self._build_example("worker")
@@ -297,22 +280,22 @@ class FailingBuildTests(_Base):
         return defer.Deferred.fromCoroutine(self._timeout())
 
     async def _memory(self) -> None:
-        if (
-            not build_cgroups() == []
-            or not Path("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists()
-        ):
+        if not Path("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists():
             raise SkipTest("needs the cgroup v1 memory controller")
-        b, _ = self.builder(memory_mb=400)
-        # the app's Django settings run during collectstatic and grab 1 GB
-        tb = self.app(
+        b, _ = self.builder(memory_mb=200)
+        # a package whose .pth grabs 1 GB at every interpreter start of the build
+        d = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, d)
+        hog = b"import sys; _ = b'x' * (1 << 30)\n"
+        _fake_wheel(d / "wheels", "epio_hog", "1.0", {"epio_hog.pth": hog})
+        write_app(
+            d,
             {
-                "epio.ini": "[wsgi]\nentrypoint = hog.wsgi:application\n[django]\nsettings_module = hog.settings\n",
-                "requirements.txt": (EXAMPLES / "django" / "requirements.txt").read_text(),
-                "hog/__init__.py": "",
-                "hog/settings.py": "SECRET_KEY = 'x'\nINSTALLED_APPS = []\nHOG = b'x' * (1024 * 1024 * 1024)\n",
-            }
+                "Procfile": "w: python w.py\n",
+                "requirements.txt": "--find-links ./wheels\nepio-hog==1.0\n",
+            },
         )
-        await self.fails(b, tb, "memory limit of 400 MB")
+        await self.fails(b, _tarball(self, d), "memory limit of 200 MB")
 
     def test_memory(self) -> defer.Deferred[None]:
         """A build exceeding build.memory_mb is killed and reported as over its memory limit."""
@@ -324,19 +307,32 @@ class FailingBuildTests(_Base):
 class DjangoImageRunsTests(_Base):
     """The Django example's image works at run time with the platform settings."""
 
-    async def test_django_image_migrates_and_serves_from_postgres(self) -> None:
-        """From the mounted image, as an unprivileged user: `manage.py migrate` against
-        DATABASE_URL, then gunicorn serves a page read from PostgreSQL to a hostname in
-        EPIO_HOSTNAMES and refuses a host that is not the app's."""
+    async def test_django_example_builds_migrates_and_serves(self) -> None:
+        """The Django example builds (platform settings, collectstatic into the image);
+        then from the mounted image, as an unprivileged user, `manage.py migrate` runs
+        against DATABASE_URL and gunicorn serves a page read from PostgreSQL to a hostname
+        in EPIO_HOSTNAMES, refusing a host that is not the app's."""
+        b, sink = self.builder()
+        result = await b.build("notes", _tarball(self, EXAMPLES / "django"), {})
+        self.assertEqual(result.facts["env"], {"DJANGO_SETTINGS_MODULE": "epio_settings"})
+        self.assertEqual(result.facts["static"]["/static"], "epio/static")
+        self.assertIn("static file", sink.text())
+        self.assertEqual(result.manifest.release_command, "python manage.py migrate --noinput")
         if not ROOT:
-            raise SkipTest("loop mounts need root")
+            raise SkipTest("built; running it from a loop mount needs root")
+        listing = subprocess.run(
+            ["unsquashfs", "-l", str(b.images.path(result.digest))],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        self.assertIn("epio/static/notes/style.css", listing)
+        self.assertIn("site-packages/epio_settings.py", listing)
         try:
             db = PostgresDatabase().create()
         except Exception as e:  # noqa: BLE001
-            raise SkipTest(f"no PostgreSQL at 127.0.0.1:5432: {e}") from None
+            raise SkipTest(f"built; no PostgreSQL at 127.0.0.1:5432 to run it: {e}") from None
         self.addCleanup(db.drop)
-        b, _ = self.builder()
-        result = await b.build("notes", _tarball(self, EXAMPLES / "django"), {})
         store = ImageStore(self.data, reactor)
         mp = await store.mount(result.digest)
         self.addCleanup(
@@ -451,8 +447,11 @@ class ConcurrentBuildTests(_Base):
         self.assert_nothing_left({r1.digest, r2.digest})
 
 
-def _fake_wheel(directory: Path, name: str, version: str) -> Path:
-    """A minimal valid wheel whose module says which app shipped it."""
+def _fake_wheel(
+    directory: Path, name: str, version: str, extra: dict[str, bytes] | None = None
+) -> Path:
+    """A minimal valid wheel whose module says which app shipped it (plus ``extra``
+    files, e.g. a ``.pth`` that runs code at every interpreter start)."""
     import base64
     import hashlib
     import zipfile
@@ -463,6 +462,7 @@ def _fake_wheel(directory: Path, name: str, version: str) -> Path:
         f"{name}/__init__.py": b"SHIPPED_BY = 'app A'\n",
         f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
         f"{dist}/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        **(extra or {}),
     }
     record = []
     for path, data in files.items():
@@ -524,3 +524,32 @@ class DiskLimitTests(_Base):
         """A build whose tree outgrows build.max_disk_mb fails clearly and leaves nothing."""
         b, _ = self.builder(max_disk_mb=1)
         await self.fails(b, _tarball(self, EXAMPLES / "wsgi"), "over its limit of 1 MB")
+
+
+class TamperTests(_Base):
+    async def test_planted_symlinks_are_not_followed(self) -> None:
+        """Package code that runs during the build (a .pth file, at the next interpreter
+        start) and replaces parts of the build tree with symlinks to the host cannot
+        make the node write outside the tree: the build fails, the host dir is untouched."""
+        if not ROOT:
+            raise SkipTest("needs root (the build user)")
+        victim = Path(tempfile.mkdtemp(prefix="epio-victim-"))
+        self.addCleanup(shutil.rmtree, victim)
+        os.chmod(victim, 0o777)
+        plant = (
+            "import os, sys; root = os.path.dirname(sys.prefix); "
+            f"os.path.lexists(os.path.join(root, 'epio')) or os.symlink({str(victim)!r}, os.path.join(root, 'epio'))\n"
+        ).encode()
+        d = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, d)
+        _fake_wheel(d / "wheels", "epio_plant", "1.0", {"epio_plant.pth": plant})
+        write_app(
+            d,
+            {
+                "Procfile": "w: python w.py\n",
+                "requirements.txt": "--find-links ./wheels\nepio-plant==1.0\n",
+            },
+        )
+        b, _ = self.builder()
+        await self.fails(b, _tarball(self, d), "tampered with: root/epio is not a directory")
+        self.assertEqual(list(victim.iterdir()), [])
