@@ -235,8 +235,8 @@ def run_wrk(port: int, duration: float) -> tuple[float, float, float]:
         [*pin(1), "wrk", "-t1", "-c50", f"-d{duration:g}s", "--latency", "-H", f"Host: {HOST}",
          f"http://127.0.0.1:{port}/"], capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    p50 = to_ms(re.search(r"50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
-    p99 = to_ms(re.search(r"99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    p50 = to_ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
+    p99 = to_ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
     if "Non-2xx" in out or "Socket errors" in out:
         print("   wrk reported errors:", " | ".join(
             ln.strip() for ln in out.splitlines() if "Non-2xx" in ln or "Socket errors" in ln))
