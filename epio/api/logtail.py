@@ -54,6 +54,7 @@ from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from zope.interface import implementer
 
+from epio.bus.errors import RemoteError
 from epio.logclient import BadFilter, Line, LineFilter, LogClient, LogsUnavailable
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d|w)$")
@@ -321,6 +322,11 @@ class LogTail:
         except LogsUnavailable as e:
             self.log.warn("logs of {app} unavailable: {err}", app=app, err=str(e))
             return _error(request, 503, "logs_unavailable", "no log server answered; try again")
+        except RemoteError as e:
+            if e.code == "invalid_parameter":
+                return _error(request, 400, "invalid_parameter", e.message)
+            self.log.warn("logs of {app}: logger answered {code}", app=app, code=e.code)
+            return _error(request, 502, "logs_error", "the log server could not answer")
         request.setHeader(b"content-type", b"application/json")
         return json.dumps({"app": app, "lines": [ln.to_json() for ln in lines], "next": nxt},
                           separators=(",", ":")).encode()
@@ -353,5 +359,10 @@ class LogTail:
         except LogsUnavailable as e:
             self.log.warn("stats of {app} unavailable: {err}", app=app, err=str(e))
             return _error(request, 503, "stats_unavailable", "no log server answered; try again")
+        except RemoteError as e:
+            if e.code == "invalid_parameter":
+                return _error(request, 400, "invalid_parameter", e.message)
+            self.log.warn("stats of {app}: logger answered {code}", app=app, code=e.code)
+            return _error(request, 502, "stats_error", "the log server could not answer")
         request.setHeader(b"content-type", b"application/json")
         return json.dumps({"app": app, **result}, separators=(",", ":")).encode()

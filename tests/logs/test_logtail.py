@@ -290,3 +290,21 @@ class StatsHandleTests(SynchronousTestCase):
         req.args = {b"resolution": [b"7"]}
         fire(tail.handle_stats(req, "app"))
         self.assertEqual(req.responseCode, 400)
+
+
+class RemoteErrorTests(SynchronousTestCase):
+    def test_logger_refusal_is_400_other_errors_502(self) -> None:
+        """A logger's invalid_parameter becomes a 400 with its message; any other
+        logger error a 502 without details."""
+        from epio.bus.errors import RemoteError
+
+        async def authorize(request: Any, app: str) -> None:
+            return None
+
+        for err, status in [(RemoteError("invalid_parameter", "n must be between 0 and 10"), 400),
+                            (RemoteError("internal", "boom at /srv/x.py"), 502)]:
+            tail = LogTail(FakeClient(error=err), authorize, Clock())  # type: ignore[arg-type]
+            req = DummyRequest([b""])
+            body = fire(tail.handle(req, "app"))
+            self.assertEqual(req.responseCode, status)
+            self.assertNotIn(b"/srv/x.py", body)
