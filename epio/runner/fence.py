@@ -346,11 +346,12 @@ def _set(name: str, kind: str, elements: Sequence[str], interval: bool = False) 
 
 
 def render(plan: FencePlan, owned: Iterable[tuple[int, int]] = (),
-           extra_uids: Iterable[int] = ()) -> str:
+           extra_uids: Iterable[int] = (), owner: str = "") -> str:
     """The ``nft -f`` text that atomically replaces the fence table.
 
     ``owned`` are (uid, port) of this runner's live instances; ``extra_uids`` are
-    more UIDs to fence (the build user).
+    more UIDs to fence (the build user); ``owner`` (:func:`owner_comment`) becomes
+    the table's comment.
     """
     owned = sorted(set(owned))
     uids = [f"{plan.uid_min}-{plan.uid_max}"]
@@ -363,6 +364,8 @@ def render(plan: FencePlan, owned: Iterable[tuple[int, int]] = (),
         f"delete table inet {t}",
         f"table inet {t} {{",
     ]
+    if owner:
+        lines.append(f'\tcomment "{owner}"')
     ports = _ranges(plan.control_ports)
     lines += _set("control_ports", "inet_service", [ports] if ports else [], interval=True)
     lines += _set("instance_ports", "inet_service", [str(p) for p in sorted({p for _, p in owned})])
@@ -386,6 +389,42 @@ def render(plan: FencePlan, owned: Iterable[tuple[int, int]] = (),
     return "\n".join(lines) + "\n"
 
 
+# -- owners: a dead runner's table is removed by the next runner that starts ------------
+
+COMMENT_MAX = 127  # nftables keeps at most 128 bytes of a table comment
+OWNER = re.compile(r"^epio runner pid=(\d+) start=(\d+) data=(/.*)$")
+AUTO_TABLE = re.compile(r"^epio_fence_[0-9a-f]{8}$")
+
+
+def proc_start(pid: int, proc: Path = Path("/proc")) -> int | None:
+    """The start time (clock ticks after boot) of ``pid``, None if it does not exist."""
+    try:
+        return int((proc / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def owner_comment(pid: int, start: int | None, data_dir: Any) -> str:
+    """``epio runner pid=P start=S data=DIR``, or "" when it cannot be written whole
+    (a table without a readable owner is never removed by another runner)."""
+    text = f"epio runner pid={pid} start={start} data={Path(data_dir).absolute()}"
+    if start is None or len(text.encode()) > COMMENT_MAX or not text.isprintable() \
+            or '"' in text or "\\" in text:
+        return ""
+    return text
+
+
+def owner_gone(comment: str, proc: Path = Path("/proc")) -> bool:
+    """Is the runner named in a table's comment gone for good: its process is not
+    running (pid gone or reused) AND its data dir no longer exists (a crashed runner
+    whose data dir is still there replaces its own table when it starts again)?"""
+    m = OWNER.match(comment)
+    if m is None:
+        return False
+    pid, start, data = int(m.group(1)), int(m.group(2)), m.group(3)
+    return proc_start(pid, proc) != start and not os.path.exists(data)
+
+
 # -- nft ----------------------------------------------------------------------------
 
 
@@ -403,6 +442,9 @@ class INft(Interface):
 
     def delete(table: str) -> None:
         """Remove ``inet table`` if it is there; raise FenceError on other failures."""
+
+    def tables() -> dict[str, str]:  # type: ignore[empty-body,misc]
+        """The ``inet`` tables named ``epio_fence_<hex>`` and their comments."""
 
 
 @implementer(INft)
@@ -438,6 +480,18 @@ class Nft:
     def delete(self, table: str) -> None:
         if self.exists(table):
             self._must(["delete", "table", "inet", table])
+
+    def tables(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        listing = self._run(["list", "tables", "inet"])
+        for line in listing.stdout.splitlines() if listing.returncode == 0 else ():
+            name = line.split()[-1] if line.startswith("table inet ") else ""
+            if not AUTO_TABLE.match(name):
+                continue
+            text = self._run(["list", "table", "inet", name]).stdout
+            m = re.search(r'^\s*comment "(.*)"\s*$', text, re.MULTILINE)
+            out[name] = m.group(1) if m else ""
+        return out
 
 
 # -- the service -------------------------------------------------------------------
@@ -477,6 +531,8 @@ class NetworkFence(Service):
         why_off: str = "",
         keep_on_stop: bool = False,
         check_interval: float = 30.0,
+        owner: str = "",
+        proc: Path = Path("/proc"),
         in_thread: Callable[..., defer.Deferred[Any]] | None = None,
     ) -> None:
         self.reactor = reactor
@@ -489,6 +545,8 @@ class NetworkFence(Service):
         self.keep_on_stop = keep_on_stop
         self.check_interval = check_interval
         self._in_thread = in_thread
+        self.owner = owner
+        self.proc = proc
         self.state = "on" if enabled else "off"
         self.error = ""
         self.applied: str | None = None  # the text nft last accepted
@@ -504,7 +562,7 @@ class NetworkFence(Service):
         return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *args)
 
     def desired(self) -> str:
-        return render(self.plan, self.owned(), self.extra_uids())
+        return render(self.plan, self.owned(), self.extra_uids(), self.owner)
 
     def report(self) -> dict[str, Any]:
         """The fence's part of the runner's ``isolation`` facts."""
@@ -539,6 +597,7 @@ class NetworkFence(Service):
         )
         for note in p.notes:
             self.log.warn("network fence: {note}", note=note)
+        self._collect()
         text = self.desired()
         try:
             self.nft.apply(text)  # synchronously: before any app process starts
@@ -565,6 +624,19 @@ class NetworkFence(Service):
         if self.enabled and not self.keep_on_stop:
             done.addCallback(lambda _: self._remove())
         return done
+
+    def _collect(self) -> None:
+        """Remove the tables of runners that are gone for good (:func:`owner_gone`):
+        killed runners whose data dir was deleted, e.g. by a test."""
+        try:
+            tables = self.nft.tables()
+            for name, comment in sorted(tables.items()):
+                if name != self.plan.table and owner_gone(comment, self.proc):
+                    self.nft.delete(name)
+                    self.log.info("removed the network fence table inet {table} of a runner "
+                                  "that is gone ({owner})", table=name, owner=comment)
+        except FenceError as e:
+            self.log.warn("cannot clean up other runners' fence tables: {error}", error=str(e))
 
     def _remove(self) -> None:
         try:
@@ -714,7 +786,9 @@ def attach_fence(runner: Any, node: Any, *, nft_binary: str | None | bool = True
         raise SystemExit(f"epio: runner.fence = on but {why}")
     fence = NetworkFence(node.reactor, plan, nft, owned, extra, enabled=enabled, why_off=why,
                          keep_on_stop=cfg["fence_keep_on_stop"],
-                         check_interval=cfg["fence_check_interval"], in_thread=in_thread)
+                         check_interval=cfg["fence_check_interval"], in_thread=in_thread,
+                         owner=owner_comment(os.getpid(), proc_start(os.getpid()),
+                                             node.data_dir))
     fence.setName("network-fence")
     fence.setServiceParent(runner)
     runner.services.remove(fence)  # first child: started first, stopped last

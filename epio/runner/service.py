@@ -549,4 +549,7 @@ def make_service(node: Any) -> RunnerService:
     from epio.runner.sessions import attach_sessions
 
     attach_sessions(svc, node, launcher, sink)  # epio run
+    from epio.runner.fence import attach_fence
+
+    attach_fence(svc, node)  # nftables fence for app UIDs (docs/security.md)
     return svc

@@ -3,6 +3,7 @@ how the service keeps the table in step (a fake nft on a task.Clock)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,11 @@ from epio.runner.fence import (
     Target,
     attach_fence,
     detect,
+    owner_comment,
+    owner_gone,
     plan_from_config,
     postgres_endpoint,
+    proc_start,
     render,
     table_for,
     twisted_endpoint,
@@ -43,7 +47,8 @@ class FakeNft:
         self.applied: list[str] = []
         self.checked: list[str] = []
         self.deleted: list[str] = []
-        self.tables: set[str] = set()
+        self.installed: set[str] = set()
+        self.comments: dict[str, str] = {}
         self.fail: str | None = None
 
     def check(self, text: str) -> None:
@@ -55,14 +60,18 @@ class FakeNft:
         if self.fail:
             raise FenceError(self.fail)
         self.applied.append(text)
-        self.tables.add(text.splitlines()[1].split()[-1])
+        self.installed.add(text.splitlines()[1].split()[-1])
 
     def exists(self, table: str) -> bool:
-        return table in self.tables
+        return table in self.installed
 
     def delete(self, table: str) -> None:
         self.deleted.append(table)
-        self.tables.discard(table)
+        self.installed.discard(table)
+        self.comments.pop(table, None)
+
+    def tables(self) -> dict[str, str]:
+        return {t: self.comments.get(t, "") for t in self.installed}
 
 
 def now(f: Any, *args: Any) -> defer.Deferred[Any]:
@@ -321,11 +330,11 @@ class ServiceTests(SynchronousTestCase):
         flushed it, it is installed again and counted."""
         f = self.fence(check_interval=30)
         f.startService()
-        self.nft.tables.clear()  # nft flush ruleset
+        self.nft.installed.clear()  # nft flush ruleset
         self.clock.advance(30)
         self.assertEqual(f.reinstalls, 1)
         self.assertEqual(len(self.nft.applied), 2)
-        self.assertIn("t", self.nft.tables)
+        self.assertIn("t", self.nft.installed)
         self.clock.advance(30)
         self.assertEqual(len(self.nft.applied), 2)
 
@@ -376,7 +385,7 @@ class ServiceTests(SynchronousTestCase):
         pending.pop().callback(None)
         self.successResultOf(stopped)
         self.assertEqual(self.nft.deleted, ["t"])
-        self.assertNotIn("t", self.nft.tables)
+        self.assertNotIn("t", self.nft.installed)
 
     def test_disabled_fence_touches_nothing(self) -> None:
         """A fence that is off runs no nft at all and reports why."""
@@ -386,6 +395,60 @@ class ServiceTests(SynchronousTestCase):
         self.successResultOf(f.stopService())
         self.assertEqual((self.nft.applied, self.nft.deleted), ([], []))
         self.assertEqual(f.report(), {"state": "off", "why": "nft (nftables) is not installed"})
+
+
+class OwnerTests(SynchronousTestCase):
+    def fake_proc(self, pids: dict[int, int]) -> Path:
+        root = Path(self.mktemp())
+        for pid, start in pids.items():
+            (root / str(pid)).mkdir(parents=True)
+            fields = ["S"] + ["0"] * 18 + [str(start)] + ["0"] * 10
+            (root / str(pid) / "stat").write_text(f"{pid} (twistd x) " + " ".join(fields))
+        root.mkdir(exist_ok=True)
+        return root
+
+    def test_owner_comment(self) -> None:
+        """The owner comment names pid, start time and data dir, or is empty when it
+        cannot be written whole (too long, a quote, no start time)."""
+        self.assertEqual(owner_comment(12, 345, "/var/lib/epio"),
+                         "epio runner pid=12 start=345 data=/var/lib/epio")
+        self.assertEqual(owner_comment(12, 345, "/x" * 80), "")
+        self.assertEqual(owner_comment(12, 345, '/tmp/a"b'), "")
+        self.assertEqual(owner_comment(12, None, "/var/lib/epio"), "")
+        self.assertIn('\tcomment "epio runner pid=12 start=345 data=/d"\n',
+                      render(PLAN, owner="epio runner pid=12 start=345 data=/d"))
+
+    def test_owner_gone_needs_dead_process_and_missing_data_dir(self) -> None:
+        """A table's owner is gone only when its process is not running (or the pid
+        was reused: another start time) and its data dir no longer exists."""
+        proc = self.fake_proc({100: 5000})
+        existing = self.mktemp()
+        os.mkdir(existing)
+        self.assertFalse(owner_gone("epio runner pid=100 start=5000 data=/nonexistent/x", proc))
+        self.assertTrue(owner_gone("epio runner pid=100 start=4999 data=/nonexistent/x", proc))
+        self.assertTrue(owner_gone("epio runner pid=101 start=5000 data=/nonexistent/x", proc))
+        self.assertFalse(owner_gone(f"epio runner pid=101 start=5000 data={os.path.abspath(existing)}",
+                                    proc))
+        self.assertFalse(owner_gone("", proc))
+        self.assertFalse(owner_gone("hand-made table", proc))
+
+    def test_start_collects_tables_of_runners_gone_for_good(self) -> None:
+        """At start the fence removes other runners' tables whose owner is gone, and
+        keeps live runners' tables, tables without an owner and its own."""
+        proc = self.fake_proc({100: 5000})
+        nft = FakeNft()
+        nft.installed = {"epio_fence_00000001", "epio_fence_00000002", "epio_fence_00000003", "t"}
+        nft.comments = {
+            "epio_fence_00000001": "epio runner pid=100 start=5000 data=/nonexistent/a",
+            "epio_fence_00000002": "epio runner pid=200 start=5000 data=/nonexistent/b",
+            "t": "epio runner pid=300 start=5000 data=/nonexistent/c",
+        }
+        f = NetworkFence(task.Clock(), PLAN, nft, proc=proc, in_thread=now,
+                         owner="epio runner pid=1 start=2 data=/d")
+        f.startService()
+        self.assertEqual(nft.deleted, ["epio_fence_00000002"])
+        self.assertEqual(nft.installed, {"epio_fence_00000001", "epio_fence_00000003", "t"})
+        self.assertIn('comment "epio runner pid=1 start=2 data=/d"', nft.applied[0])
 
 
 class DetectTests(SynchronousTestCase):
@@ -458,15 +521,17 @@ class WiringTests(SynchronousTestCase):
                              in_thread=now)
         self.assertIs(list(svc)[0], fence)
         self.assertEqual(len(nft.checked), 1)  # the trial run
+        self.assertEqual(fence.owner, f"epio runner pid={os.getpid()} "
+                         f"start={proc_start(os.getpid())} data=/var/lib/epio")
         svc.startService()
-        self.assertEqual(nft.applied, [render(fence.plan)])
+        self.assertEqual(nft.applied, [render(fence.plan, owner=fence.owner)])
         sup = svc.supervisor
         sup.instances["a"] = FakeInstance(FakeSpec(20001), 21000, State.HEALTHY)
         sup.instances["b"] = FakeInstance(FakeSpec(20002), 21001, State.STOPPED)
         sup.instances["c"] = FakeInstance(FakeSpec(20003), None, State.HEALTHY)
         sup.on_change()
         self.assertEqual(sup.calls, ["runner"])
-        self.assertEqual(nft.applied[-1], render(fence.plan, [(20001, 21000)]))
+        self.assertEqual(nft.applied[-1], render(fence.plan, [(20001, 21000)], owner=fence.owner))
         iso = svc.isolation.as_dict()
         self.assertEqual(iso["fence"]["state"], "on")
         self.assertEqual(iso["fence"]["table"], "inet " + table_for("/var/lib/epio"))
