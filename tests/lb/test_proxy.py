@@ -257,3 +257,22 @@ class BalancerTests(SynchronousTestCase):
             c.dataReceived(GET)
         hosts = sorted(x[0] for x in h.clock.tcpClients)
         self.assertEqual(hosts, ["10.0.0.1", "10.0.0.1", "10.0.0.2", "10.0.0.2"])
+
+
+class SettingsTests(SynchronousTestCase):
+    def test_every_lb_key_is_used(self) -> None:
+        """Every [lb] config key is a proxy setting or one the service reads itself,
+        and the schema defaults equal the proxy's own defaults."""
+        from epio.config.schema import SCHEMA
+
+        service_keys = {"listen", "routes_file", "workers", "tls_listen", "tls_cert_dir",
+                        "access_log", "stats_interval"}
+        fields = {a.name for a in Settings.__attrs_attrs__}  # type: ignore[attr-defined]
+        for key, spec in SCHEMA["lb"].items():
+            self.assertTrue(key in fields or key in service_keys, key)
+            if key in fields:
+                default = spec.default_value()
+                got = getattr(Settings(), key)
+                self.assertEqual(tuple(default) if isinstance(default, list) else default, got, key)
+        s = Settings.from_config({"connect_timeout": 1.5, "trusted_proxies": ["10.0.0.1"]})
+        self.assertEqual((s.connect_timeout, s.trusted_proxies), (1.5, ("10.0.0.1",)))
