@@ -14,7 +14,7 @@ from typing import Any, cast
 
 from twisted.application.internet import TimerService
 from twisted.application.service import IService, MultiService
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
@@ -140,19 +140,19 @@ class LoggerService(MultiService):
 
     def stopService(self) -> Any:
         self.live.stop()
-        d = super().stopService() or Deferred()
 
         async def finish(_: Any) -> None:
+            # the sockets are closed: nothing more arrives; make everything durable
             self.store.flush()
             self.store.close()
             try:
-                await self.stats.tick(everything=True)
+                if self.stats.opened:
+                    await self.stats.tick(everything=True)
                 await self.stats.db.close()
             except Exception:
                 self.log.failure("closing stats failed")
 
-        if not isinstance(d, Deferred):
-            d = DeferredList([])
+        d = maybeDeferred(super().stopService)
         d.addCallback(lambda r: Deferred.fromCoroutine(finish(r)))
         return d
 

@@ -166,6 +166,30 @@ class PipelineTests(TestCase):
         slow.protocol_instance.sendClose()
         await p.close()
 
+    async def test_sigterm_stops_cleanly_and_keeps_everything(self) -> None:
+        """SIGTERM: the logger flushes and exits cleanly (no traceback); after a
+        restart every line is there and the next lines continue the numbering."""
+        node = self.start_logger()
+        client = self.client(node)
+        p = self.pusher(node, sources=["web.1"], count=2000, stats=2)
+        await p.events["sent"].addTimeout(30, reactor)
+
+        async def stored(n: int) -> bool:
+            return len(await all_lines(client, "burst")) >= n
+
+        await until(lambda: stored(2000), 20)
+        await p.close()
+        assert node.proc is not None
+        code = await _in_thread(node.proc.stop)
+        out = node.proc.output()
+        self.assertIn("Server Shut Down", out)
+        self.assertNotIn("Traceback", out)
+        self.assertIn(code, (0, -15))
+        await _in_thread(node.start)
+        lines = await all_lines(client, "burst")
+        self.assertEqual([ln.id for ln in lines], list(range(1, 2001)))
+        self.assertEqual(by_source(lines), {"web.1": list(range(1, 2001))})
+
     async def test_kill_and_restart_during_burst(self) -> None:
         """Killing the logger (SIGKILL) mid-stream and restarting it on the same data:
         for every source each line is either stored (once, in order) or inside a
@@ -210,10 +234,10 @@ class PipelineTests(TestCase):
         await p.close()
 
 
-async def _in_thread(f) -> None:
+async def _in_thread(f):
     from twisted.internet.threads import deferToThread
 
-    await deferToThread(f)
+    return await deferToThread(f)
 
 
 def _get(url: str) -> Deferred:
