@@ -93,9 +93,11 @@ class WebSocket:
             raise CliError("the API did not answer HTTP to the websocket handshake") from None
         if status != 101:
             body = rest
+            chunked = "chunked" in fields.get("transfer-encoding", "").lower()
             length = int(fields.get("content-length", "0") or 0)
             try:
-                while len(body) < length:
+                while (b"\r\n0\r\n" not in body and len(body) < 65536) if chunked \
+                        else len(body) < length:
                     chunk = sock.recv(65536)
                     if not chunk:
                         break
@@ -103,7 +105,7 @@ class WebSocket:
             except OSError:
                 pass
             sock.close()
-            raise CliError(_error_text(status, body))
+            raise CliError(_error_text(status, _dechunk(body) if chunked else body))
         accept = base64.b64encode(hashlib.sha1(key.encode() + GUID).digest()).decode()
         if fields.get("sec-websocket-accept") != accept:
             sock.close()
@@ -262,6 +264,21 @@ def _mask(data: bytes, mask: bytes) -> bytes:
     n = len(data)
     key = int.from_bytes((mask * (n // 4 + 1))[:n], "big")
     return (int.from_bytes(data, "big") ^ key).to_bytes(n, "big")
+
+
+def _dechunk(data: bytes) -> bytes:
+    out = b""
+    while data:
+        size_line, _, data = data.partition(b"\r\n")
+        try:
+            size = int(size_line.split(b";")[0], 16)
+        except ValueError:
+            break
+        if size == 0:
+            break
+        out += data[:size]
+        data = data[size + 2:]
+    return out
 
 
 def _error_text(status: int, body: bytes) -> str:
