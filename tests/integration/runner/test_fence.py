@@ -1,0 +1,279 @@
+"""The network fence with real nftables: processes running as app UIDs are refused on
+the control plane's ports and on other apps' instances, while root, the router and
+the add-on PostgreSQL stay reachable (root + nft; each test uses its own table name
+and removes it even when it fails)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import uuid
+from pathlib import Path
+from typing import Any
+
+from attrs import define
+from twisted.application.service import MultiService
+from twisted.internet import defer, reactor, task
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from epio.config import validate
+from epio.runner.fence import NetworkFence, Nft, attach_fence, plan_from_config
+
+from .helpers import RealRunner, wait_for
+from .helpers import skip_reason as runner_skip_reason
+
+NFT = shutil.which("nft")
+SETPRIV = shutil.which("setpriv")
+CLIENT_PYTHON = "/usr/bin/python3"  # readable by any UID (the venv's may not be)
+UID_A, UID_B = 20301, 20302  # two apps
+NOBODY = 65534  # outside the app UID range
+
+
+def skip_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (nftables rules, processes as app UIDs)"
+    if NFT is None:
+        return "needs nft (nftables)"
+    if SETPRIV is None or not os.path.exists(CLIENT_PYTHON):
+        return "needs setpriv and /usr/bin/python3"
+    try:
+        subprocess.run([NFT, "list", "tables"], check=True, capture_output=True, timeout=10)
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"nft does not work here: {e}"
+    return None
+
+
+SKIP = skip_reason()
+
+CONNECT = r'''
+import errno, json, socket, sys, time
+out = []
+for host, port in json.loads(sys.argv[1]):
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.settimeout(3)
+    t = time.monotonic()
+    try:
+        s.connect((host, port))
+        r = "ok"
+    except socket.timeout:
+        r = "timeout"
+    except OSError as e:
+        r = errno.errorcode.get(e.errno, str(e.errno))
+    finally:
+        s.close()
+    out.append([r, round(time.monotonic() - t, 3)])
+print(json.dumps(out))
+'''
+
+PROBE = r'''
+import errno, json, os, socket, time
+out = {}
+for name, (host, port) in json.loads(os.environ["TARGETS"]).items():
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(3)
+    try:
+        s.connect((host, port))
+        out[name] = "ok"
+    except socket.timeout:
+        out[name] = "timeout"
+    except OSError as e:
+        out[name] = errno.errorcode.get(e.errno, str(e.errno))
+    finally:
+        s.close()
+print("RESULT " + json.dumps(out), flush=True)
+time.sleep(600)
+'''
+
+
+def listen(host: str, port: int = 0) -> socket.socket | None:
+    """A listening TCP socket (the kernel completes handshakes without accept())."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        s.bind((host, port))
+    except OSError:
+        s.close()
+        return None
+    s.listen(64)
+    return s
+
+
+def connect_as(uid: int | None, targets: list[tuple[str, int]]) -> list[tuple[str, float]]:
+    """Try each (host, port) as ``uid`` (None: as root, this process's user)."""
+    argv = [CLIENT_PYTHON, "-c", CONNECT, json.dumps(targets)]
+    if uid is not None:
+        assert SETPRIV is not None
+        argv = [SETPRIV, "--reuid", str(uid), "--regid", str(uid), "--clear-groups",
+                "--no-new-privs", "--", *argv]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=30, cwd="/")
+    if r.returncode != 0:
+        raise AssertionError(f"client failed: {r.stderr}")
+    return [(res, took) for res, took in json.loads(r.stdout)]
+
+
+def unique_table() -> str:
+    return f"epio_test_{uuid.uuid4().hex[:12]}"
+
+
+class FenceRulesTests(SynchronousTestCase):
+    """The fence's rules against real sockets, with processes switched by setpriv."""
+
+    skip = SKIP
+
+    def setUp(self) -> None:
+        self.sockets: list[socket.socket] = []
+        self.table = unique_table()
+        # removed even when the test fails (and before the sockets close)
+        self.addCleanup(Nft().delete, self.table)
+
+    def open(self, host: str, port: int = 0) -> int:
+        s = listen(host, port)
+        if s is None:
+            self.skipTest(f"cannot listen on {host} port {port}")
+        self.sockets.append(s)
+        self.addCleanup(s.close)
+        return int(s.getsockname()[1])
+
+    def both(self) -> int:
+        """A port listened on at 127.0.0.1 and ::1."""
+        for _ in range(20):
+            port = self.open("127.0.0.1")
+            s6 = listen("::1", port)
+            if s6 is not None:
+                self.sockets.append(s6)
+                self.addCleanup(s6.close)
+                return port
+        self.skipTest("no port free on both 127.0.0.1 and ::1")
+
+    def postgres_reachable(self) -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", 5432), timeout=2).close()
+            return True
+        except OSError:
+            return False
+
+    def test_app_uids_are_refused_on_the_control_plane_and_other_apps(self) -> None:
+        """As an app UID: a bus port and the api port (IPv4 and IPv6) and another
+        app's instance port are refused at once with ECONNREFUSED; the app's own
+        instance port, the router port and the add-on PostgreSQL (which is also the
+        store's server here, so it stays open) are reachable.  Root and a UID outside
+        the app range reach everything.  After a clean stop the table is gone and
+        the app UID connects again."""
+        if not self.postgres_reachable():
+            self.skipTest("needs PostgreSQL on 127.0.0.1:5432")
+        bus, api, router = self.both(), self.both(), self.both()
+        own, other = self.open("127.0.0.1"), self.open("127.0.0.1")
+        cfg = validate({
+            "nexus": {"router_bind": f"tcp://127.0.0.1:{bus}"},
+            "api": {"listen": f"tcp:{api}:interface=127.0.0.1"},
+            "lb": {"listen": f"tcp:{router}"},
+            "store": {"url": "postgresql://postgres@127.0.0.1:5432/test"},
+            "addons": {"postgres_admin_url": "postgresql://postgres@127.0.0.1:5432/postgres"},
+        })
+        plan = plan_from_config(cfg, ["all"], self.table)
+        self.assertIn(bus, plan.control_ports)
+        self.assertIn(api, plan.control_ports)
+        self.assertNotIn(5432, plan.control_ports)
+        fence = NetworkFence(task.Clock(), plan, Nft(), lambda: [(UID_A, own), (UID_B, other)],
+                             check_interval=0, in_thread=defer.maybeDeferred)
+        fence.startService()
+        self.assertEqual(fence.report()["state"], "on", fence.report())
+
+        targets = [("127.0.0.1", bus), ("::1", bus), ("127.0.0.1", api), ("::1", api),
+                   ("127.0.0.1", other), ("127.0.0.1", own), ("127.0.0.1", router),
+                   ("::1", router), ("127.0.0.1", 5432)]
+        as_app = connect_as(UID_A, targets)
+        self.assertEqual([r for r, _ in as_app], [
+            "ECONNREFUSED", "ECONNREFUSED", "ECONNREFUSED", "ECONNREFUSED",
+            "ECONNREFUSED", "ok", "ok", "ok", "ok"], as_app)
+        self.assertLess(max(took for _, took in as_app[:5]), 1.0, as_app)  # fail fast
+        # connecting to 0.0.0.0 means this host: refused as well
+        self.assertEqual(connect_as(UID_A, [("0.0.0.0", bus)])[0][0], "ECONNREFUSED")
+        self.assertEqual([r for r, _ in connect_as(UID_B, [("127.0.0.1", other),
+                                                          ("127.0.0.1", own)])],
+                         ["ok", "ECONNREFUSED"])
+        self.assertEqual({r for r, _ in connect_as(None, targets)}, {"ok"})
+        self.assertEqual({r for r, _ in connect_as(NOBODY, targets)}, {"ok"})
+
+        self.successResultOf(fence.stopService())
+        self.assertFalse(Nft().exists(self.table))
+        self.assertEqual(connect_as(UID_A, [("127.0.0.1", bus)])[0][0], "ok")
+
+
+@define
+class FakeNode:
+    config: Any
+    roles: tuple[str, ...]
+    reactor: Any
+    data_dir: Path
+
+
+class SandboxedFenceTests(TestCase):
+    """The fence wired to a real supervisor (attach_fence) with apps in the real
+    sandbox as their own UIDs."""
+
+    skip = SKIP or runner_skip_reason()
+    timeout = 60
+
+    def setUp(self) -> None:
+        self.runner = RealRunner(reactor)
+        self.table = unique_table()
+        self.addCleanup(Nft().delete, self.table)
+        self.addCleanup(lambda: defer.Deferred.fromCoroutine(self.runner.close()))
+
+    async def test_sandboxed_app_reaches_its_own_instance_not_another_apps(self) -> None:
+        """With attach_fence on a real supervisor: the fence follows the instances it
+        starts, so a sandboxed worker of app A reaches A's own web instance and the
+        router but gets ECONNREFUSED from app B's web instance and from a bus port;
+        the runner's isolation facts report the fence on."""
+        r = self.runner
+        sockets = [listen("127.0.0.1"), listen("127.0.0.1")]
+        for s in sockets:
+            assert s is not None
+            self.addCleanup(s.close)
+        bus, router = (int(s.getsockname()[1]) for s in sockets if s is not None)
+        # a runner-only node: the bus port is fenced as the nexus it connects to
+        cfg = validate({"cluster": {"nexus": [{"heartbeat": "tcp://127.0.0.1:7711",
+                                               "router": f"tcp://127.0.0.1:{bus}",
+                                               "publish": "tcp://127.0.0.1:7713"}]},
+                        "lb": {"listen": f"tcp:{router}"},
+                        "runner": {"fence_table": self.table, "fence_check_interval": 0}})
+        svc: Any = MultiService()
+        svc.supervisor = r.sup
+        svc.isolation = r.isolation
+        fence = attach_fence(svc, FakeNode(cfg, ("runner",), reactor, r.data_dir))
+        svc.startService()
+        self.addCleanup(svc.stopService)
+        self.assertEqual(svc.isolation.as_dict()["fence"]["state"], "on",
+                         svc.isolation.as_dict())
+
+        from . import apps
+
+        web = r.image({"web.py": apps.WEB, "probe.py": PROBE})
+        a = r.start("fa-web", "fence-a", UID_A, web, "python /app/app/web.py")
+        b = r.start("fb-web", "fence-b", UID_B, web, "python /app/app/web.py")
+        self.assertTrue(await wait_for(reactor, lambda: r.state("fa-web") == "healthy"
+                                       and r.state("fb-web") == "healthy", 20),
+                        r.texts("fence-a") + r.texts("fence-b"))
+        self.assertTrue(await wait_for(reactor, lambda: fence._busy is None, 5))
+        targets = {"own": ["127.0.0.1", a["port"]], "other": ["127.0.0.1", b["port"]],
+                   "bus": ["127.0.0.1", bus], "router": ["127.0.0.1", router]}
+        r.start("fa-probe", "fence-a", UID_A, web, "python /app/app/probe.py",
+                process_type="worker", env={"TARGETS": json.dumps(targets)})
+
+        def result() -> dict[str, str] | None:
+            for line in r.texts("fence-a"):
+                if line.startswith("RESULT "):
+                    return dict(json.loads(line[len("RESULT "):]))
+            return None
+
+        self.assertTrue(await wait_for(reactor, lambda: result() is not None, 20),
+                        r.texts("fence-a"))
+        self.assertEqual(result(), {"own": "ok", "other": "ECONNREFUSED",
+                                    "bus": "ECONNREFUSED", "router": "ok"})
+        # root (the runner, health checks, routers) still reaches B
+        self.assertEqual(connect_as(None, [("127.0.0.1", b["port"])])[0][0], "ok")
