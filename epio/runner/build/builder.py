@@ -456,6 +456,9 @@ class Builder:
         self._emit(ctx, f"-----> Building {ctx.app}")
         prep = await self._thread(self._prepare)
         ctx.uid, ctx.gid = prep["uid"], prep["gid"]
+        for note in prep["notes"]:
+            if not note.startswith("created"):
+                self._emit(ctx, f"       note: {note}")
         # 1. upload size and unpack
         try:
             size = tarball.stat().st_size
@@ -811,6 +814,7 @@ class Builder:
         path, key, kind, _ = reqs
         marker = self.resolved / key
         app_cache = self.app_wheels / _safe_name(ctx.app)
+        app_cache.mkdir(mode=0o755, exist_ok=True)
         new = ctx.work / "wheels-new"
         links = [str(self.wheels), str(app_cache)] + ([str(new)] if kind == "local" else [])
         pip = [str(venv / "bin" / "python"), "-m", "pip"]

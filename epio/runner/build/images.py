@@ -158,7 +158,7 @@ class ImageWriter:
                 make_read_only(tmpdir / "t")
                 if final.exists():
                     return final
-                os.replace(tmpdir / "t", final)
+                _move_read_only_dir(tmpdir / "t", final)
                 return final
             finally:
                 shutil.rmtree(tmpdir, ignore_errors=True)
@@ -265,7 +265,7 @@ class ImageStore:
         if final.exists():
             _force_rmtree(tree)
         else:
-            os.replace(tree, final)
+            _move_read_only_dir(tree, final)
         return digest
 
     def begin_import(self, digest: str, fmt: str = "squashfs") -> ImageWriter:
@@ -409,6 +409,15 @@ class ImageStore:
             removed.append(digest)
             self.log.info("image {digest} removed: no release references it", digest=digest)
         return removed
+
+
+def _move_read_only_dir(src: Path, dest: Path) -> None:
+    """Rename a read-only directory (moving a directory needs write access to it)."""
+    os.chmod(src, 0o755)
+    try:
+        os.replace(src, dest)
+    finally:
+        os.chmod(dest if dest.exists() else src, 0o555)
 
 
 def unlock_tree(path: Path, mode: int = 0o700) -> None:
