@@ -45,13 +45,15 @@ class RunNode:
         self.env = epio_env({"EPIO_CONFIG_DIR": str(self.tmp / "cli"), "HOME": str(self.tmp),
                              "TERM": "xterm"})
 
-    def start(self, files: dict[str, str] | None = None) -> None:
+    def start(self, files: dict[str, str] | None = None, seed: bool = True) -> None:
         self.node.wait_for_log("api ready", timeout=60)
         self.node.wait_for_log("sandbox=", timeout=30)
         token = (self.tmp / "data" / "admin-token").read_text()
         self.token = token.strip()
         self.epio("login", "--api", f"http://127.0.0.1:{self.api_port}", stdin=token)
         self.epio("apps", "create", self.app)
+        if not seed:
+            return
         digest = make_image(self.tmp / "data", files or {"ask.py": ASK})
         self.seed(digest)
 

@@ -1,0 +1,110 @@
+"""The release phase (``[release] command`` in epio.ini) on a real node with real builds.
+
+The command runs once per deploy, in the new image, before any instance of the new
+release starts; when it fails, the deploy fails, no release is made and the previous
+release keeps serving.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.integration.run.helpers import RunNode, skip_reason, wait_until
+
+SERVER = """\
+import http.server, os
+
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        path = os.path.join(os.environ["EPIO_DATA_DIR"], "migrations")
+        runs = open(path).read().count("ran") if os.path.exists(path) else 0
+        body = f"release {os.environ['EPIO_RELEASE']} migrations {runs}\\n".encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+http.server.HTTPServer(("", int(os.environ["PORT"])), H).serve_forever()
+"""
+
+MIGRATE = """\
+import os, sys
+path = os.path.join(os.environ["EPIO_DATA_DIR"], "migrations")
+with open(path, "a") as f:
+    f.write("ran\\n")
+print("migration", open(path).read().count("ran"))
+sys.exit(3 if os.path.exists("fail") else 0)
+"""
+
+
+class ReleasePhaseTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        if skip_reason():
+            self.skipTest(skip_reason() or "")
+        self.node = RunNode()
+        self.addCleanup(self.node.close)
+        self.node.start(seed=False)
+        self.app_dir = self.node.tmp / "app"
+        self.app_dir.mkdir()
+        for name, text in {"server.py": SERVER, "migrate.py": MIGRATE,
+                           "Procfile": "web: python server.py\n", "requirements.txt": "",
+                           "epio.ini": "[release]\ncommand = python migrate.py\n"}.items():
+            (self.app_dir / name).write_text(text)
+
+    def deploy(self, path: Path) -> tuple[int, str, str]:
+        return self.node.epio("deploy", str(path), "--app", "hello", "--poll", "0.5",
+                              check=False, timeout=180)
+
+    def serving(self) -> str:
+        ps = json.loads(self.node.epio("ps", "--app", "hello", "--json")[1])
+        healthy = [i for i in ps if i["state"] == "healthy"]
+        if len(healthy) != 1:
+            return ""
+        conn = http.client.HTTPConnection(healthy[0]["host"], healthy[0]["port"], timeout=5)
+        try:
+            conn.request("GET", "/")
+            return conn.getresponse().read().decode()
+        finally:
+            conn.close()
+
+    def releases(self) -> list[dict[str, Any]]:
+        return json.loads(self.node.epio("releases", "--app", "hello", "--json")[1])
+
+    def test_release_command_once_per_deploy_and_failure_keeps_old_release(self) -> None:
+        """Two good deploys run the migration once each (before their release serves);
+        a failing migration fails the deploy and the previous release keeps serving."""
+        code, out, err = self.deploy(self.app_dir)
+        self.assertEqual(code, 0, out + err)
+        self.assertIn("migration 1", out)
+        self.assertLess(out.index("Release phase succeeded"), out.index("rolling out"))
+        first = self.releases()[0]["version"]
+        wait_until("v1 serves", lambda: self.serving() == f"release {first} migrations 1\n",
+                   timeout=30)
+
+        code, out, err = self.deploy(self.app_dir)
+        self.assertEqual(code, 0, out + err)
+        second = self.releases()[0]["version"]
+        self.assertEqual(second, first + 1)
+        wait_until("v2 serves", lambda: self.serving() == f"release {second} migrations 2\n",
+                   timeout=30)
+
+        broken = self.node.tmp / "broken"
+        shutil.copytree(self.app_dir, broken)
+        (broken / "fail").write_text("yes\n")
+        code, out, err = self.deploy(broken)
+        self.assertEqual(code, 1, out + err)
+        self.assertIn("the release command (python migrate.py) exited with status 3", err)
+        self.assertIn("migration 3", out)
+        self.assertEqual(self.releases()[0]["version"], second)  # no release was made
+        self.assertEqual(self.serving(), f"release {second} migrations 3\n")
+        audit = [r for r in self.node.runs(history=True) if r["kind"] == "release"]
+        self.assertEqual([r["exit_status"] for r in audit], [3, 0, 0])
