@@ -27,7 +27,7 @@ from epio.logs.stats import PostgresStats, SQLiteStats, StatsDB, StatsService
 from epio.logs.store import LogStore, Query, StoreConfig
 from epio.metrics import ensure_metrics_service, registry_for
 
-LIVE_BATCH = 1000
+LIVE_BATCH = 500  # lines per log.live message (published at once when full)
 STATS_EXPIRE_EVERY = 300.0  # seconds between stats retention passes
 
 
@@ -46,20 +46,28 @@ class LiveFeed:
         if batch is None:
             batch = self.pending[app] = []
         batch.append(rec)
-        if self._call is None:
+        if len(batch) >= LIVE_BATCH:
+            # a backlog being worked off in one reactor turn must not hold live
+            # lines back until its end: publish full batches at once
+            del self.pending[app]
+            self._publish(app, batch)
+        elif self._call is None:
             self._call = self.clock.callLater(0, self.flush)
 
     def flush(self) -> None:
         self._call = None
         pending, self.pending = self.pending, {}
         for app, recs in pending.items():
-            topic = live_topic(app)
-            for i in range(0, len(recs), LIVE_BATCH):
-                part = recs[i : i + LIVE_BATCH]
-                self.publish("log.live", {
-                    "app": app, "first": part[0].lineno, "lines": [r.to_wire() for r in part],
-                    "logger": self.logger_id,
-                }, topic)
+            self._publish(app, recs)
+
+    def _publish(self, app: str, recs: list[LogRecord]) -> None:
+        topic = live_topic(app)
+        for i in range(0, len(recs), LIVE_BATCH):
+            part = recs[i : i + LIVE_BATCH]
+            self.publish("log.live", {
+                "app": app, "first": part[0].lineno, "lines": [r.to_wire() for r in part],
+                "logger": self.logger_id,
+            }, topic)
 
     def stop(self) -> None:
         if self._call is not None and self._call.active():
