@@ -10,7 +10,7 @@ from pathlib import Path
 from twisted.internet import defer, task
 
 
-async def main(reactor, app_dir, data_dir):  # type: ignore[no-untyped-def]
+async def main(reactor, app_dir, data_dir, cfg):  # type: ignore[no-untyped-def]
     from epio.appdir import make_tarball
     from epio.config import validate
     from epio.pipeline import MemoryLogSink
@@ -18,7 +18,7 @@ async def main(reactor, app_dir, data_dir):  # type: ignore[no-untyped-def]
 
     Path(data_dir).mkdir(mode=0o711, exist_ok=True)
     sink = MemoryLogSink()
-    b = Builder(reactor, Path(data_dir), validate({"build": {}}), sink)
+    b = Builder(reactor, Path(data_dir), validate({"build": cfg}), sink)
     tb = make_tarball(app_dir, Path(data_dir) / "upload.tar.gz")
     try:
         r = await b.build("nonroot", tb, {})
@@ -34,4 +34,8 @@ async def main(reactor, app_dir, data_dir):  # type: ignore[no-untyped-def]
 
 
 if __name__ == "__main__":
-    task.react(lambda r: defer.Deferred.fromCoroutine(main(r, sys.argv[1], sys.argv[2])))
+    task.react(
+        lambda r: defer.Deferred.fromCoroutine(
+            main(r, sys.argv[1], sys.argv[2], json.loads(sys.argv[3]) if len(sys.argv) > 3 else {})
+        )
+    )

@@ -24,45 +24,20 @@ class NonRootBuildTests(TestCase):
     def test_nonroot_builds_dir_image(self) -> None:
         """Run as an unprivileged user (nobody), the builder falls back to a read-only
         directory image, says isolation is reduced and that it builds as the node's own
-        user, and the image's venv imports the app."""
+        user, and the image's venv imports the app; its memory limit (RLIMIT_AS, no
+        cgroup) stops a build that grabs too much, with a clear message."""
         if os.geteuid() != 0 or shutil.which("runuser") is None:
             raise SkipTest("needs root to switch to another user")
         py = Path(f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}")
         site = [p for p in sys.path if p.endswith("site-packages")]
         if not py.exists() or not site:
             raise SkipTest("no system interpreter of this version to run the node as nobody")
-        data = Path(tempfile.mkdtemp(prefix="epio-nonroot-"))
-        self.addCleanup(shutil.rmtree, data, True)
-        os.chmod(data, 0o777)
-        shutil.chown(data, "nobody")
-        app = data / "app"
-        shutil.copytree(EXAMPLES / "wsgi", app)
-        subprocess.run(["chown", "-R", "nobody", str(app)], check=True)
-        env = {"PATH": "/usr/bin:/bin", "HOME": str(data), "PYTHONPATH": f"{CHECKOUT}:{site[0]}"}
-        for k, v in os.environ.items():
-            if k.startswith("PIP_") or k.lower().endswith("_proxy"):
-                env[k] = v
-        out = subprocess.run(
-            [
-                shutil.which("runuser") or "runuser",
-                "-u",
-                "nobody",
-                "--",
-                str(py),
-                str(DRIVER),
-                str(app),
-                str(data / "node"),
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=150,
-            cwd="/",
-        )
-        if out.returncode != 0 and "No module named" in out.stderr:
-            raise SkipTest(f"the node's packages do not import as nobody: {out.stderr[-200:]}")
-        self.assertEqual(out.returncode, 0, out.stderr[-2000:])
-        result = json.loads(out.stdout.strip().splitlines()[-1])
+        self.data = Path(tempfile.mkdtemp(prefix="epio-nonroot-"))
+        self.addCleanup(shutil.rmtree, self.data, True)
+        os.chmod(self.data, 0o777)
+        shutil.chown(self.data, "nobody")
+        self.py, self.site = py, site[0]
+        result = self.run_as_nobody(EXAMPLES / "wsgi", {})
         self.assertNotIn("failed", result, result.get("log"))
         self.assertEqual(result["format"], "dir")
         log = "\n".join(result["log"])
@@ -78,3 +53,55 @@ class NonRootBuildTests(TestCase):
             cwd="/",
         )
         self.assertEqual(check.returncode, 0, check.stderr)
+
+        # without a memory cgroup the limit is RLIMIT_AS: a package that grabs 1 GB at
+        # interpreter start fails the build with the memory message
+        from .test_builds import _fake_wheel
+
+        hog = self.data / "hogapp"
+        # site.py swallows exceptions of .pth code, so the hog reports and exits itself
+        grab = (
+            b"import sys; exec('try:\\n _ = bytes(1 << 30)\\nexcept MemoryError:\\n"
+            b' print("MemoryError", file=sys.stderr); sys.exit(1)\')\n'
+        )
+        _fake_wheel(hog / "wheels", "epio_hog", "1.0", {"epio_hog.pth": grab})
+        (hog / "Procfile").write_text("w: python w.py\n")
+        (hog / "requirements.txt").write_text("--find-links ./wheels\nepio-hog==1.0\n")
+        subprocess.run(["chown", "-R", "nobody", str(hog)], check=True)
+        failed = self.run_as_nobody(hog, {"memory_mb": 300})
+        self.assertIn("memory limit of 300 MB", failed.get("failed", ""), failed.get("log"))
+
+    def run_as_nobody(self, app_src: Path, cfg: dict) -> dict:
+        app = self.data / ("app-" + os.urandom(3).hex())
+        shutil.copytree(app_src, app)
+        subprocess.run(["chown", "-R", "nobody", str(app)], check=True)
+        env = {
+            "PATH": "/usr/bin:/bin",
+            "HOME": str(self.data),
+            "PYTHONPATH": f"{CHECKOUT}:{self.site}",
+        }
+        for k, v in os.environ.items():
+            if k.startswith("PIP_") or k.lower().endswith("_proxy"):
+                env[k] = v
+        out = subprocess.run(
+            [
+                shutil.which("runuser") or "runuser",
+                "-u",
+                "nobody",
+                "--",
+                str(self.py),
+                str(DRIVER),
+                str(app),
+                str(self.data / "node"),
+                json.dumps(cfg),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=150,
+            cwd="/",
+        )
+        if out.returncode != 0 and "No module named" in out.stderr:
+            raise SkipTest(f"the node's packages do not import as nobody: {out.stderr[-200:]}")
+        self.assertEqual(out.returncode, 0, out.stderr[-2000:])
+        return json.loads(out.stdout.strip().splitlines()[-1])
