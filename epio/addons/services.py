@@ -88,7 +88,7 @@ umask 077
 if [ ! -s "$d/PG_VERSION" ]; then
   rm -rf "$d" && mkdir -p "$d" || exit 1
   printf '%s\n' "$EPIO_SERVICE_PASSWORD" > "$TMPDIR/.pw" || exit 1
-  "$bin/initdb" -D "$d" -U "$EPIO_SERVICE_USER" --pwfile="$TMPDIR/.pw" -E UTF8 --no-locale \
+  "$bin/initdb" --no-sync -D "$d" -U "$EPIO_SERVICE_USER" --pwfile="$TMPDIR/.pw" -E UTF8 --no-locale \
     --auth-local=scram-sha-256 --auth-host=scram-sha-256 >/dev/null || {{ rm -f "$TMPDIR/.pw"; exit 1; }}
   rm -f "$TMPDIR/.pw"
   printf '%s\n' "local all $EPIO_SERVICE_USER scram-sha-256" \

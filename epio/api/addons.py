@@ -621,22 +621,28 @@ async def _redis_ping(addon: Addon) -> None:
 
 
 async def _postgres_ensure_db(clock: Any, addon: Addon) -> None:
-    """Connect as the app's role; create its database on the first start."""
-    from txpostgres import txpostgres
+    """Connect as the app's role; create its database on the first start.
 
-    def dsn(db: str) -> str:
-        return (f"host='{addon.host}' port='{addon.port}' user='{addon.username}' "
-                f"password='{addon.password}' dbname='{db}' connect_timeout=3")
+    psycopg2 in a thread: a refused connection while the server boots is a plain
+    exception here (txpostgres leaves a dead reader behind on refused connects).
+    """
+    from twisted.internet.threads import deferToThreadPool
 
-    conn = txpostgres.Connection(reactor=clock)
-    await conn.connect(dsn("postgres"))
-    try:
-        rows = await conn.runQuery("SELECT 1 FROM pg_database WHERE datname = %s",
-                                   (addon.database,))
-        if not rows:
-            await conn.runOperation(f'CREATE DATABASE "{addon.database}"')
-    finally:
-        conn.close()
+    def work() -> None:
+        import psycopg2
+
+        conn = psycopg2.connect(host=addon.host, port=addon.port, user=addon.username,
+                                password=addon.password, dbname="postgres", connect_timeout=3)
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (addon.database,))
+                if cur.fetchone() is None:
+                    cur.execute(f'CREATE DATABASE "{addon.database}"')
+        finally:
+            conn.close()
+
+    await deferToThreadPool(clock, clock.getThreadPool(), work)
 
 
 def make_addons(node: Any, store: Any, control: Any, scheduler: Any = None,

@@ -118,10 +118,10 @@ class Platform:
     async def delete_app(self, user: User, app: App) -> None:
         """Stop the app's instances, then delete everything the store holds of it."""
         await self._require_owner(user, app)
+        if self.addons is not None:  # final backups (servers still up), then drop them
+            await self.addons.app_deleted(app)
         if self.scheduler is not None:
             await self.scheduler.stop_app(app.name)
-        if self.addons is not None:  # final backups, then drop its databases
-            await self.addons.app_deleted(app)
         await self.store.delete_app(app.name)
         self.log.info("app {app} deleted by {user}", app=app.name, user=user.name)
 

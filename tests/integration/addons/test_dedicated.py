@@ -1,0 +1,117 @@
+"""Dedicated Redis and PostgreSQL servers started by a runner for a deployed app
+(``[services] redis = true``, ``postgres = dedicated``): they run under the app's UID as
+supervised instances, answer with the injected URLs' passwords and limits, refuse
+wrong passwords, are backed up (verified), and go away with the app."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import psycopg2
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.integration.addons.helpers import AddonNode
+from tests.integration.e2e.test_quickstart import http_get, wait_until
+from tests.util import CHECKOUT
+
+APP_PY = '''
+import json, os
+
+def application(environ, start_response):
+    body = json.dumps({k: os.environ.get(k) for k in ("DATABASE_URL", "REDIS_URL")}).encode()
+    start_response("200 OK", [("Content-Type", "application/json")])
+    return [body]
+'''
+
+
+def redis_cli(url: str, *args: str) -> str:
+    u = urlsplit(url)
+    return subprocess.run(
+        ["redis-cli", "-h", str(u.hostname), "-p", str(u.port), *args], capture_output=True,
+        text=True, timeout=10, env={**os.environ, "REDISCLI_AUTH": u.password or ""},
+    ).stdout.strip()
+
+
+def owner_uid(port: int) -> int | None:
+    """The UID of the process listening on 127.0.0.1:``port`` (from /proc/net/tcp)."""
+    needle = f":{port:04X}"
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        f = line.split()
+        if f[1].endswith(needle) and f[3] == "0A":
+            return int(f[7])
+    return None
+
+
+class DedicatedServicesTests(SynchronousTestCase):
+    def test_dedicated_redis_and_postgres(self) -> None:
+        """A deploy with [services] redis/postgres = dedicated gets both servers on the
+        runner, REDIS_URL/DATABASE_URL in its environment, backups verified."""
+        n = AddonNode(self)
+        n.start()
+        app = "dd" + secrets.token_hex(3)
+        n.create_app(app)
+        src = n.tmp / "src"
+        shutil.copytree(CHECKOUT / "examples" / "wsgi", src)
+        (src / "app.py").write_text(APP_PY)
+        (src / "epio.ini").write_text(
+            "[wsgi]\nentrypoint = app:application\n\n[services]\nredis = true\n"
+            "postgres = dedicated\n\n[redis]\nmemory = 8\n")
+        code, out, err = n.epio("deploy", str(src), "--app", app, "--poll", "0.5", check=False)
+        if code != 0:
+            logs = n.epio("logs", "--app", app, "-n", "300", check=False)[1]
+            self.fail(f"deploy failed:\n{out}\n{err}\n--- app log ---\n{logs}")
+        self.assertIn("is live", out)
+
+        config = n.config(app)
+        redis_url, db_url = config["REDIS_URL"], config["DATABASE_URL"]
+        status, body = wait_until("the app serves", lambda: (lambda r: r if r[0] == 200 else None)(
+            http_get(n.lb_port, f"{app}.localhost")), timeout=30)
+        self.assertEqual(json.loads(body), {"DATABASE_URL": db_url, "REDIS_URL": redis_url})
+        self.assertNotIn(urlsplit(redis_url).password, n.node.output())
+        self.assertNotIn(urlsplit(db_url).password, n.node.output())
+
+        # supervised by the runner, as the app's UID
+        ps = {i["type"]: i for i in n.json("ps", "--app", app)}
+        self.assertEqual(ps["epio-redis"]["state"], "healthy")
+        self.assertEqual(ps["epio-postgres"]["state"], "healthy")
+        uid = owner_uid(urlsplit(redis_url).port or 0)
+        self.assertIsNotNone(uid)
+        self.assertGreaterEqual(uid, 20000)
+        self.assertEqual(owner_uid(urlsplit(db_url).port or 0), uid)
+
+        # redis: the password and maxmemory from [redis] memory
+        self.assertEqual(redis_cli(redis_url, "PING"), "PONG")
+        self.assertIn(str(8 * 1024 * 1024),
+                      redis_cli(redis_url, "INFO", "memory").split("maxmemory:")[1].split()[0])
+        wrong = redis_url.replace(urlsplit(redis_url).password or "", "nope")
+        self.assertNotEqual(redis_cli(wrong, "PING"), "PONG")
+        for i in range(50):
+            redis_cli(redis_url, "SET", f"k{i}", "v")
+
+        # postgres: the app's role and database, scram password auth
+        u = urlsplit(db_url)
+        kw = dict(host=u.hostname, port=u.port, user=u.username, dbname=u.path.lstrip("/"))
+        with psycopg2.connect(password=u.password, **kw) as conn, conn.cursor() as cur:
+            cur.execute("CREATE TABLE t AS SELECT generate_series(1, 30) AS n")
+        with self.assertRaises(psycopg2.OperationalError) as cm:
+            psycopg2.connect(password="wrong", **kw)
+        self.assertIn("password authentication failed", str(cm.exception))
+
+        # both are backed up and verified
+        made = n.json("backups", "create", "--app", app)
+        got = {b["kind"]: b for b in made}
+        self.assertEqual(got["redis"]["status"], "verified", made)
+        self.assertEqual(got["redis"]["counts"]["keys_min"], 50)
+        self.assertEqual(got["postgres"]["status"], "verified", made)
+        self.assertEqual(got["postgres"]["counts"], {"public.t": 30})
+
+        # deleting the app stops both servers
+        n.epio("apps", "destroy", app, "--confirm", app)
+        wait_until("the servers are gone", lambda: owner_uid(u.port or 0) is None
+                   and owner_uid(urlsplit(redis_url).port or 0) is None, timeout=30)
