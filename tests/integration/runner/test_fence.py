@@ -157,7 +157,8 @@ class FenceRulesTests(SynchronousTestCase):
             return False
 
     def test_app_uids_are_refused_on_the_control_plane_and_other_apps(self) -> None:
-        """As an app UID: a bus port and the api port (IPv4 and IPv6) and another
+        """As an app UID: a bus port and the api port (IPv4, IPv6, and 0.0.0.0/::
+        meaning this host) and another
         app's instance port are refused at once with ECONNREFUSED; the app's own
         instance port, the router port and the add-on PostgreSQL (which is also the
         store's server here, so it stays open) are reachable.  Root and a UID outside
@@ -191,8 +192,9 @@ class FenceRulesTests(SynchronousTestCase):
             "ECONNREFUSED", "ECONNREFUSED", "ECONNREFUSED", "ECONNREFUSED",
             "ECONNREFUSED", "ok", "ok", "ok", "ok"], as_app)
         self.assertLess(max(took for _, took in as_app[:5]), 1.0, as_app)  # fail fast
-        # connecting to 0.0.0.0 means this host: refused as well
-        self.assertEqual(connect_as(UID_A, [("0.0.0.0", bus)])[0][0], "ECONNREFUSED")
+        # connecting to 0.0.0.0 or :: means this host: refused as well
+        self.assertEqual([r for r, _ in connect_as(UID_A, [("0.0.0.0", bus), ("::", bus)])],
+                         ["ECONNREFUSED", "ECONNREFUSED"])
         self.assertEqual([r for r, _ in connect_as(UID_B, [("127.0.0.1", other),
                                                           ("127.0.0.1", own)])],
                          ["ok", "ECONNREFUSED"])
