@@ -158,8 +158,8 @@ class FenceRulesTests(SynchronousTestCase):
 
     def test_app_uids_are_refused_on_the_control_plane_and_other_apps(self) -> None:
         """As an app UID: a bus port and the api port (IPv4, IPv6, and 0.0.0.0/::
-        meaning this host) and another
-        app's instance port are refused at once with ECONNREFUSED; the app's own
+        meaning this host) and another app's instance port are refused at once with
+        ECONNREFUSED; the app's own
         instance port, the router port and the add-on PostgreSQL (which is also the
         store's server here, so it stays open) are reachable.  Root and a UID outside
         the app range reach everything.  After a clean stop the table is gone and
