@@ -16,6 +16,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -68,10 +69,13 @@ class QuickStartTests(SynchronousTestCase):
         os.chmod(self.tmp, 0o711)
         self.addCleanup(shutil.rmtree, self.tmp, True)
         self.addCleanup(_unmount_under, self.tmp)  # after the node is killed (LIFO)
+        base = random.randrange(21000, 32000, 100)
         doc, _ = isolated_config({
             "api": {"reconcile_interval": 0.5, "drain_seconds": 1.0, "stop_grace": 3.0,
                     "runner_dead_after": 10.0, "rollout_timeout": 60.0},
-            "runner": {"backoff_initial": 0.2},
+            # app ports of their own: other nodes on this machine (other tests) use the
+            # default range too
+            "runner": {"backoff_initial": 0.2, "port_min": base, "port_max": base + 99},
         })
         self.doc = doc
         self.api_port = int(doc["api"]["listen"].split(":")[1])
@@ -82,6 +86,7 @@ class QuickStartTests(SynchronousTestCase):
         self.work = self.tmp / "work"
         self.work.mkdir()
         self.step_name = "start"
+        self.seen_instances: set[str] = set()
 
     def epio(self, *args: str, stdin: str | None = None, check: bool = True,
              timeout: float = STEP_TIMEOUT) -> tuple[int, str, str]:
@@ -96,6 +101,8 @@ class QuickStartTests(SynchronousTestCase):
         return proc.returncode, proc.stdout, proc.stderr
 
     def fail_step(self, message: str) -> None:
+        if os.environ.get("EPIO_E2E_KEEP_LOG"):
+            Path(os.environ["EPIO_E2E_KEEP_LOG"]).write_text(self.node.output())
         mounts = _mounts_under(self.tmp)
         raise AssertionError(f"e2e step '{self.step_name}' failed: {message}\n"
                              f"--- mounts under the test dir ---\n" + "\n".join(mounts) +
@@ -103,13 +110,28 @@ class QuickStartTests(SynchronousTestCase):
 
     def step(self, name: str) -> None:
         self.step_name = name
-        sys.stderr.write(f"[e2e] {name}\n")
+        sys.stderr.write(f"[e2e] {time.strftime('%H:%M:%S')} {name}\n")
+
+    def api_get(self, path: str) -> Any:
+        token = (self.tmp / "data" / "admin-token").read_text().strip()
+        conn = http.client.HTTPConnection("127.0.0.1", self.api_port, timeout=10)
+        try:
+            conn.request("GET", "/api/v1/" + path, headers={"Authorization": f"Bearer {token}"})
+            resp = conn.getresponse()
+            body = resp.read()
+            if resp.status != 200:
+                raise AssertionError(f"GET {path}: {resp.status} {body[:200]!r}")
+            return json.loads(body)
+        finally:
+            conn.close()
 
     def router(self, path: str = "/") -> tuple[int, str]:
         return http_get(self.lb_port, "hello.localhost", path)
 
     def ps(self) -> list[dict[str, Any]]:
-        return json.loads(self.epio("ps", "--app", "hello", "--json")[1])
+        ps = json.loads(self.epio("ps", "--app", "hello", "--json")[1])
+        self.seen_instances.update(i["id"] for i in ps)
+        return ps
 
     def test_quick_start(self) -> None:
         """The quick start works end to end and deleting the app leaves nothing behind."""
@@ -152,11 +174,31 @@ class QuickStartTests(SynchronousTestCase):
                              200, inst)
         for _ in range(10):
             self.assertEqual(self.router()[0], 200)
+        # the router's access log (through the logger and the logs endpoint) names the
+        # backend of each request: both instances got traffic through the router
+        ports = {f":{i['port']}" for i in ps}
+
+        def backends() -> set[str]:
+            for _ in range(4):  # the route table learns the second instance from heartbeats
+                self.assertEqual(self.router()[0], 200)
+            lines = self.api_get("apps/hello/logs?source=router&n=200")["lines"]
+            seen = {w.split("=", 1)[1] for ln in lines for w in ln["text"].split()
+                    if w.startswith("backend=")}
+            return {p for p in ports if any(b.endswith(p) for b in seen)}
+
+        try:
+            wait_until("the router used both instances", lambda: backends() == ports,
+                       timeout=30)
+        except AssertionError:
+            lines = self.api_get("apps/hello/logs?n=40")["lines"]
+            raise AssertionError("the router did not use both instances " + repr(ports)
+                                 + "; recent log:\n" + "\n".join(
+                                     f"{ln['source']} {ln['text']}" for ln in lines)) from None
 
         self.step("config set GREETING=Howdy shows in the app")
         self.epio("config", "set", "GREETING=Howdy")
-        wait_until("new config served", lambda: self.router() == (
-            200, "Howdy from Flask on epio!\n"), timeout=60)
+        wait_until("only the new config served", lambda: all(self.router() == (
+            200, "Howdy from Flask on epio!\n") for _ in range(6)), timeout=60)
 
         self.step("a broken deploy fails and the previous release keeps serving")
         broken = self.tmp / "broken"
@@ -177,14 +219,14 @@ class QuickStartTests(SynchronousTestCase):
 
         self.step("rollback serves the previous config again")
         _, out, _ = self.epio("rollback")
-        wait_until("rolled back", lambda: self.router() == (
-            200, "Hello from Flask on epio!\n"), timeout=60)
+        wait_until("only the rolled back release served", lambda: all(self.router() == (
+            200, "Hello from Flask on epio!\n") for _ in range(6)), timeout=60)
         releases = json.loads(self.epio("releases", "--app", "hello", "--json")[1])
         self.assertTrue(releases[0]["description"].startswith("Rollback to v"))
         image = releases[0]["image"]
         app_ports = [i["port"] for i in self.ps()]
-        app_uids = {uid for uid, cmd in _processes() if "gunicorn" in cmd and uid >= 1000}
-        self.assertTrue(app_uids, "no app process found before the delete")
+        self.assertTrue(_instance_processes(self.seen_instances),
+                        "no app process found before the delete")
 
         self.step("apps destroy removes processes, mounts, image refs and routes")
         self.epio("apps", "destroy", "hello", "--confirm", "hello")
@@ -198,8 +240,8 @@ class QuickStartTests(SynchronousTestCase):
         code, _, err = self.epio("releases", "--app", "hello", check=False)
         self.assertEqual(code, 1)
         self.assertIn("no app named 'hello'", err)
-        wait_until("no process of the app's user", lambda: not [
-            cmd for uid, cmd in _processes() if uid in app_uids], timeout=30)
+        wait_until("no process of the app's instances", lambda: not _instance_processes(
+            self.seen_instances), timeout=30)
 
 
 def _listening(port: int) -> bool:
@@ -224,18 +266,18 @@ def _unmount_under(root: Path) -> None:
         subprocess.run(["umount", "-l", mount], capture_output=True, check=False)
 
 
-def _processes() -> list[tuple[int, str]]:
-    """(real uid, command line) of every process."""
+def _instance_processes(instances: set[str]) -> list[str]:
+    """Command lines of processes of these instances (the runner sets EPIO_INSTANCE)."""
     found = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
         try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            status = Path(f"/proc/{pid}/status").read_text()
         except OSError:
             continue
-        uid = next(int(line.split()[1]) for line in status.splitlines()
-                   if line.startswith("Uid:"))
-        found.append((uid, cmd))
+        for item in env:
+            if item.startswith(b"EPIO_INSTANCE=") and item[14:].decode() in instances:
+                found.append(cmd)
     return found
