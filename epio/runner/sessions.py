@@ -504,7 +504,7 @@ class SessionManager(Service):
                                f"(run.max_sessions_per_app = "
                                f"{self.settings.max_sessions_per_app})")
         tty = bool(body["tty"]) and not body["detach"]
-        rows, cols = int(body.get("rows") or 24), int(body.get("cols") or 80)
+        rows, cols = int(body.get("rows", 24)), int(body.get("cols", 80))
         if not (0 < rows < 10000 and 0 < cols < 10000):
             raise SessionError("bad_request", "rows and cols must be between 1 and 9999")
         number = int(body["number"])
