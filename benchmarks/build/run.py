@@ -57,8 +57,10 @@ async def main(reactor: object, app_dir: Path, runs: int, fmt: str) -> None:
         fmt_used = builder.image_format()
         print(f"app {app_dir.name}  image format {fmt_used}  digest {digest[:12]}")
         print(f"cold (empty wheel cache): {cold:.2f} s")
-        print(f"warm (unchanged requirements, offline), {runs} runs: "
-              f"median {statistics.median(warm):.2f} s, min {min(warm):.2f} s, max {max(warm):.2f} s")
+        print(
+            f"warm (unchanged requirements, offline), {runs} runs: "
+            f"median {statistics.median(warm):.2f} s, min {min(warm):.2f} s, max {max(warm):.2f} s"
+        )
         print("goal warm <= 3 s:", "met" if statistics.median(warm) <= 3 else "NOT met")
     finally:
         for p in data.rglob("*"):
@@ -68,7 +70,9 @@ async def main(reactor: object, app_dir: Path, runs: int, fmt: str) -> None:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--app", default=str(ROOT / "examples" / "flask"))
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--format", default="auto", choices=["auto", "squashfs", "dir"])
