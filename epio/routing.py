@@ -143,13 +143,13 @@ class RouteTable:
 
     With a ``clock`` (the router passes its reactor) :meth:`apply` works through a
     big delta ``slice_size`` routes per reactor turn, so 10k changed routes never
-    stall request handling for more than a slice (about a millisecond); each route
+    stall request handling for more than a slice (about half a millisecond); each route
     still changes atomically and deltas apply in order.  Without a clock (tests,
     the nexus) :meth:`apply` is synchronous.
     """
 
     def __init__(self, domain: str = "localhost", routes: Iterable[Route] = (),
-                 clock: Any = None, slice_size: int = 500) -> None:
+                 clock: Any = None, slice_size: int = 250) -> None:
         self.domain = normalise_host(domain)
         self._suffix = "." + self.domain
         self.version = 0

@@ -294,6 +294,44 @@ def run_fixed_rate(port: int, duration: float, rate: float = 1000.0) -> tuple[fl
     return float(out[1]), float(out[2])
 
 
+def start_churn_router(procs: Procs, backend: int, churn: int) -> int:
+    p = subprocess.Popen(
+        [*pin(0), sys.executable, str(Path(__file__).with_name("churn_router.py")),
+         "--backend", str(backend), "--routes", "10000", "--churn", str(churn)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+    procs.procs.append(p)  # type: ignore[arg-type]
+    line = p.stdout.readline().decode()  # type: ignore[union-attr]
+    if not line.startswith("READY"):
+        raise SystemExit("churn router did not start")
+    return int(line.split()[1])
+
+
+def churn_main(args: argparse.Namespace) -> None:
+    procs = Procs()
+    tmp = Path(tempfile.mkdtemp(prefix="epio-lb-churn-"))
+    try:
+        backend, kind = start_backend(procs, tmp)
+        print(f"backend: {kind}; router in-process with 10,000 routes; open loop at "
+              f"{args.rate:g} req/s for {args.duration:g}s per run, pinned as above")
+        results: dict[str, list[tuple[float, float]]] = {"still": [], "churn": []}
+        ports = {"still": start_churn_router(procs, backend, 0),
+                 "churn": start_churn_router(procs, backend, args.churn)}
+        time.sleep(2.5)  # let the churn start
+        for rnd in range(1, args.rounds + 1):
+            for name, port in ports.items():
+                p50, p99 = run_fixed_rate(port, args.duration, args.rate)
+                results[name].append((p50, p99))
+                label = "no churn" if name == "still" else f"{args.churn} routes/s churn"
+                print(f"  round {rnd} {label:22s} p50 {p50:6.2f} ms   p99 {p99:6.2f} ms")
+        for name, v in results.items():
+            label = "no churn" if name == "still" else f"{args.churn} routes/s churn"
+            print(f"median {label:22s} p50 {statistics.median(x[0] for x in v):6.2f} ms   "
+                  f"p99 {statistics.median(x[1] for x in v):6.2f} ms")
+    finally:
+        procs.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
@@ -302,10 +340,16 @@ def main() -> None:
     ap.add_argument("--configs", default="direct,epio,haproxy,nginx",
                     help="comma list of configs to run (direct is always measured for latency)")
     ap.add_argument("--no-latency", action="store_true", help="skip the fixed-rate latency runs")
+    ap.add_argument("--churn", type=int, default=0, metavar="N",
+                    help="instead: latency at --rate with N of 10k routes changing every second "
+                         "vs no churn (in-process router, benchmarks/lb/churn_router.py)")
     ap.add_argument("--open-loop", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.open_loop:
         open_loop_main(args.open_loop, args.rate, args.duration)
+        return
+    if args.churn:
+        churn_main(args)
         return
     if not shutil.which("wrk"):
         raise SystemExit("wrk is not installed (apt-get install wrk)")

@@ -72,7 +72,10 @@ class LookupTests(SynchronousTestCase):
         self.assertEqual(t.lookup("x.com").app, "b")  # type: ignore[union-attr]
 
     def test_scale(self) -> None:
-        """100k hostnames look up in microseconds; a 10k-route delta applies in well under 100 ms."""
+        """100k hostnames look up in about a microsecond; a 10k-route delta applies in tens of ms.
+
+        (Measured ~0.35 us and ~23 ms; the bounds are 100x/20x looser so that a
+        loaded CI machine does not fail them, yet an O(n) lookup or apply would.)"""
         routes = [route(f"app{i}", f"app{i}.example.com", f"www{i}.example.org") for i in range(50000)]
         t0 = time.perf_counter()
         t = RouteTable("d", routes)
@@ -86,8 +89,8 @@ class LookupTests(SynchronousTestCase):
         t0 = time.perf_counter()
         t.apply(delta)
         apply_s = time.perf_counter() - t0
-        self.assertLess(per_lookup, 20e-6)
-        self.assertLess(apply_s, 0.1, f"apply took {apply_s:.3f}s (build {build:.3f}s)")
+        self.assertLess(per_lookup, 50e-6)
+        self.assertLess(apply_s, 0.5, f"apply took {apply_s:.3f}s (build {build:.3f}s)")
         self.assertEqual(t.lookup("new9999.example.org").app, "app9999")  # type: ignore[union-attr]
 
 
@@ -159,7 +162,8 @@ class SlicedApplyTests(SynchronousTestCase):
         self.assertIsNotNone(t.lookup("new9999.example.com"))
         self.assertIsNone(t.lookup("new0.example.com"), "the later delta applied after")
         self.assertEqual(t.version, v0 + 2)
-        self.assertLess(max(slices), 0.02, f"slowest slice {max(slices) * 1000:.1f} ms")
+        # a slice takes ~1 ms; 50 ms still proves the work was split
+        self.assertLess(max(slices), 0.05, f"slowest slice {max(slices) * 1000:.1f} ms")
         t.apply(RouteDelta(upsert=tuple(route(f"x{i}") for i in range(2000))))
         t.replace([route("only", "only.example.com")])
         clock.advance(0)
