@@ -392,7 +392,7 @@ def render(plan: FencePlan, owned: Iterable[tuple[int, int]] = (),
 # -- owners: a dead runner's table is removed by the next runner that starts ------------
 
 COMMENT_MAX = 127  # nftables keeps at most 128 bytes of a table comment
-OWNER = re.compile(r"^epio runner pid=(\d+) start=(\d+) data=(/.*)$")
+OWNER = re.compile(r"^epio runner pid=(\d+) start=(\d+) ns=(\d+) data=(/.*)$")
 AUTO_TABLE = re.compile(r"^epio_fence_[0-9a-f]{8}$")
 
 
@@ -404,25 +404,34 @@ def proc_start(pid: int, proc: Path = Path("/proc")) -> int | None:
         return None
 
 
-def owner_comment(pid: int, start: int | None, data_dir: Any) -> str:
-    """``epio runner pid=P start=S data=DIR``, or "" when it cannot be written whole
-    (a table without a readable owner is never removed by another runner)."""
-    text = f"epio runner pid={pid} start={start} data={Path(data_dir).absolute()}"
-    if start is None or len(text.encode()) > COMMENT_MAX or not text.isprintable() \
-            or '"' in text or "\\" in text:
+def pid_namespace(proc: Path = Path("/proc")) -> int | None:
+    """The inode of this process's pid namespace."""
+    try:
+        m = re.match(r"^pid:\[(\d+)\]$", os.readlink(proc / "self" / "ns" / "pid"))
+    except OSError:
+        return None
+    return int(m.group(1)) if m else None
+
+
+def owner_comment(pid: int, start: int | None, ns: int | None, data_dir: Any) -> str:
+    """``epio runner pid=P start=S ns=PIDNS data=DIR``, or "" when it cannot be written
+    whole (a table without a readable owner is never removed by another runner)."""
+    text = f"epio runner pid={pid} start={start} ns={ns} data={Path(data_dir).absolute()}"
+    if start is None or ns is None or len(text.encode()) > COMMENT_MAX \
+            or not text.isprintable() or '"' in text or "\\" in text:
         return ""
     return text
 
 
-def owner_gone(comment: str, proc: Path = Path("/proc")) -> bool:
-    """Is the runner named in a table's comment gone for good: its process is not
-    running (pid gone or reused) AND its data dir no longer exists (a crashed runner
-    whose data dir is still there replaces its own table when it starts again)?"""
+def owner_gone(comment: str, my_ns: int | None, proc: Path = Path("/proc")) -> bool:
+    """Is the runner named in a table's comment dead: in our own pid namespace (another
+    one we cannot see into: never), its pid is gone or reused (another start time)?
+    Its apps died with it (bubblewrap --die-with-parent, setpriv --pdeathsig), so its
+    table protects nothing any more; if it comes back it installs its table again."""
     m = OWNER.match(comment)
-    if m is None:
+    if m is None or my_ns is None or int(m.group(3)) != my_ns:
         return False
-    pid, start, data = int(m.group(1)), int(m.group(2)), m.group(3)
-    return proc_start(pid, proc) != start and not os.path.exists(data)
+    return proc_start(int(m.group(1)), proc) != int(m.group(2))
 
 
 # -- nft ----------------------------------------------------------------------------
@@ -440,11 +449,13 @@ class INft(Interface):
     def exists(table: str) -> bool:  # type: ignore[empty-body]
         """Is ``inet table`` installed?"""
 
-    def delete(table: str) -> None:
-        """Remove ``inet table`` if it is there; raise FenceError on other failures."""
+    def delete(table: str, handle: int | None = None) -> None:
+        """Remove ``inet table`` if it is there (only the incarnation ``handle`` if given:
+        a table replaced meanwhile has another handle); raise FenceError on other
+        failures."""
 
-    def tables() -> dict[str, str]:  # type: ignore[empty-body,misc]
-        """The ``inet`` tables named ``epio_fence_<hex>`` and their comments."""
+    def tables() -> dict[str, tuple[int, str]]:  # type: ignore[empty-body,misc]
+        """The ``inet`` tables named ``epio_fence_<hex>``: name -> (handle, comment)."""
 
 
 @implementer(INft)
@@ -477,20 +488,34 @@ class Nft:
     def exists(self, table: str) -> bool:
         return self._run(["list", "table", "inet", table]).returncode == 0
 
-    def delete(self, table: str) -> None:
+    def delete(self, table: str, handle: int | None = None) -> None:
+        if handle is not None:
+            r = self._run(["delete", "table", "inet", "handle", str(handle)])
+            if r.returncode != 0 and self.exists(table):
+                # gone already, or replaced (another handle): leave the new one alone
+                if self._handle(table) == handle:
+                    raise FenceError(" ".join(r.stderr.split())[:500])
+            return
         if self.exists(table):
             self._must(["delete", "table", "inet", table])
 
-    def tables(self) -> dict[str, str]:
-        out: dict[str, str] = {}
+    def _handle(self, table: str) -> int | None:
+        r = self._run(["-a", "list", "table", "inet", table])
+        m = re.match(r"^table inet \S+ \{ # handle (\d+)", r.stdout)
+        return int(m.group(1)) if r.returncode == 0 and m else None
+
+    def tables(self) -> dict[str, tuple[int, str]]:
+        out: dict[str, tuple[int, str]] = {}
         listing = self._run(["list", "tables", "inet"])
         for line in listing.stdout.splitlines() if listing.returncode == 0 else ():
             name = line.split()[-1] if line.startswith("table inet ") else ""
             if not AUTO_TABLE.match(name):
                 continue
-            text = self._run(["list", "table", "inet", name]).stdout
-            m = re.search(r'^\s*comment "(.*)"\s*$', text, re.MULTILINE)
-            out[name] = m.group(1) if m else ""
+            text = self._run(["-a", "list", "table", "inet", name]).stdout
+            h = re.match(r"^table inet \S+ \{ # handle (\d+)", text)
+            c = re.search(r'^\s*comment "(.*)"\s*$', text, re.MULTILINE)
+            if h:
+                out[name] = (int(h.group(1)), c.group(1) if c else "")
         return out
 
 
@@ -626,13 +651,14 @@ class NetworkFence(Service):
         return done
 
     def _collect(self) -> None:
-        """Remove the tables of runners that are gone for good (:func:`owner_gone`):
-        killed runners whose data dir was deleted, e.g. by a test."""
+        """Remove the tables of dead runners of this host (:func:`owner_gone`), e.g.
+        of test nodes that were killed."""
         try:
             tables = self.nft.tables()
-            for name, comment in sorted(tables.items()):
-                if name != self.plan.table and owner_gone(comment, self.proc):
-                    self.nft.delete(name)
+            my_ns = pid_namespace(self.proc)
+            for name, (handle, comment) in sorted(tables.items()):
+                if name != self.plan.table and owner_gone(comment, my_ns, self.proc):
+                    self.nft.delete(name, handle)
                     self.log.info("removed the network fence table inet {table} of a runner "
                                   "that is gone ({owner})", table=name, owner=comment)
         except FenceError as e:
@@ -788,7 +814,7 @@ def attach_fence(runner: Any, node: Any, *, nft_binary: str | None | bool = True
                          keep_on_stop=cfg["fence_keep_on_stop"],
                          check_interval=cfg["fence_check_interval"], in_thread=in_thread,
                          owner=owner_comment(os.getpid(), proc_start(os.getpid()),
-                                             node.data_dir))
+                                             pid_namespace(), node.data_dir))
     fence.setName("network-fence")
     fence.setServiceParent(runner)
     runner.services.remove(fence)  # first child: started first, stopped last

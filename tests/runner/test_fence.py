@@ -27,6 +27,7 @@ from epio.runner.fence import (
     detect,
     owner_comment,
     owner_gone,
+    pid_namespace,
     plan_from_config,
     postgres_endpoint,
     proc_start,
@@ -49,6 +50,7 @@ class FakeNft:
         self.deleted: list[str] = []
         self.installed: set[str] = set()
         self.comments: dict[str, str] = {}
+        self.handles: dict[str, int] = {}
         self.fail: str | None = None
 
     def check(self, text: str) -> None:
@@ -65,13 +67,15 @@ class FakeNft:
     def exists(self, table: str) -> bool:
         return table in self.installed
 
-    def delete(self, table: str) -> None:
+    def delete(self, table: str, handle: int | None = None) -> None:
+        if handle is not None and handle != self.handles.get(table):
+            return  # replaced meanwhile: not this incarnation
         self.deleted.append(table)
         self.installed.discard(table)
         self.comments.pop(table, None)
 
-    def tables(self) -> dict[str, str]:
-        return {t: self.comments.get(t, "") for t in self.installed}
+    def tables(self) -> dict[str, tuple[int, str]]:
+        return {t: (self.handles.get(t, 0), self.comments.get(t, "")) for t in self.installed}
 
 
 def now(f: Any, *args: Any) -> defer.Deferred[Any]:
@@ -398,57 +402,63 @@ class ServiceTests(SynchronousTestCase):
 
 
 class OwnerTests(SynchronousTestCase):
-    def fake_proc(self, pids: dict[int, int]) -> Path:
+    def fake_proc(self, pids: dict[int, int], ns: int = 77) -> Path:
         root = Path(self.mktemp())
+        (root / "self" / "ns").mkdir(parents=True)
+        (root / "self" / "ns" / "pid").symlink_to(f"pid:[{ns}]")
         for pid, start in pids.items():
             (root / str(pid)).mkdir(parents=True)
             fields = ["S"] + ["0"] * 18 + [str(start)] + ["0"] * 10
             (root / str(pid) / "stat").write_text(f"{pid} (twistd x) " + " ".join(fields))
-        root.mkdir(exist_ok=True)
         return root
 
     def test_owner_comment(self) -> None:
-        """The owner comment names pid, start time and data dir, or is empty when it
-        cannot be written whole (too long, a quote, no start time)."""
-        self.assertEqual(owner_comment(12, 345, "/var/lib/epio"),
-                         "epio runner pid=12 start=345 data=/var/lib/epio")
-        self.assertEqual(owner_comment(12, 345, "/x" * 80), "")
-        self.assertEqual(owner_comment(12, 345, '/tmp/a"b'), "")
-        self.assertEqual(owner_comment(12, None, "/var/lib/epio"), "")
-        self.assertIn('\tcomment "epio runner pid=12 start=345 data=/d"\n',
-                      render(PLAN, owner="epio runner pid=12 start=345 data=/d"))
+        """The owner comment names pid, start time, pid namespace and data dir, or is
+        empty when it cannot be written whole (too long, a quote, unknown start or
+        namespace)."""
+        self.assertEqual(owner_comment(12, 345, 77, "/var/lib/epio"),
+                         "epio runner pid=12 start=345 ns=77 data=/var/lib/epio")
+        self.assertEqual(owner_comment(12, 345, 77, "/x" * 80), "")
+        self.assertEqual(owner_comment(12, 345, 77, '/tmp/a"b'), "")
+        self.assertEqual(owner_comment(12, None, 77, "/var/lib/epio"), "")
+        self.assertEqual(owner_comment(12, 345, None, "/var/lib/epio"), "")
+        self.assertIn('\tcomment "epio runner pid=12 start=345 ns=77 data=/d"\n',
+                      render(PLAN, owner="epio runner pid=12 start=345 ns=77 data=/d"))
+        self.assertEqual(pid_namespace(self.fake_proc({}, ns=4026531836)), 4026531836)
 
-    def test_owner_gone_needs_dead_process_and_missing_data_dir(self) -> None:
-        """A table's owner is gone only when its process is not running (or the pid
-        was reused: another start time) and its data dir no longer exists."""
+    def test_owner_gone_only_when_its_process_is_in_our_namespace_and_dead(self) -> None:
+        """A table's owner is gone when, in our own pid namespace, its pid no longer
+        exists or was reused (another start time).  Owners in another pid namespace
+        (a runner in another container on the same network) and tables without an
+        owner comment are never judged gone."""
         proc = self.fake_proc({100: 5000})
-        existing = self.mktemp()
-        os.mkdir(existing)
-        self.assertFalse(owner_gone("epio runner pid=100 start=5000 data=/nonexistent/x", proc))
-        self.assertTrue(owner_gone("epio runner pid=100 start=4999 data=/nonexistent/x", proc))
-        self.assertTrue(owner_gone("epio runner pid=101 start=5000 data=/nonexistent/x", proc))
-        self.assertFalse(owner_gone(f"epio runner pid=101 start=5000 data={os.path.abspath(existing)}",
-                                    proc))
-        self.assertFalse(owner_gone("", proc))
-        self.assertFalse(owner_gone("hand-made table", proc))
+        self.assertFalse(owner_gone("epio runner pid=100 start=5000 ns=77 data=/x", 77, proc))
+        self.assertTrue(owner_gone("epio runner pid=100 start=4999 ns=77 data=/x", 77, proc))
+        self.assertTrue(owner_gone("epio runner pid=101 start=5000 ns=77 data=/x", 77, proc))
+        self.assertFalse(owner_gone("epio runner pid=101 start=5000 ns=78 data=/x", 77, proc))
+        self.assertFalse(owner_gone("epio runner pid=101 start=5000 ns=77 data=/x", None, proc))
+        self.assertFalse(owner_gone("", 77, proc))
+        self.assertFalse(owner_gone("hand-made table", 77, proc))
 
-    def test_start_collects_tables_of_runners_gone_for_good(self) -> None:
-        """At start the fence removes other runners' tables whose owner is gone, and
-        keeps live runners' tables, tables without an owner and its own."""
+    def test_start_collects_tables_of_dead_runners(self) -> None:
+        """At start the fence removes (by handle) other runners' tables whose owner is
+        dead, and keeps live runners' tables, tables without an owner and its own."""
         proc = self.fake_proc({100: 5000})
         nft = FakeNft()
         nft.installed = {"epio_fence_00000001", "epio_fence_00000002", "epio_fence_00000003", "t"}
+        nft.handles = {"epio_fence_00000001": 11, "epio_fence_00000002": 12,
+                       "epio_fence_00000003": 13, "t": 14}
         nft.comments = {
-            "epio_fence_00000001": "epio runner pid=100 start=5000 data=/nonexistent/a",
-            "epio_fence_00000002": "epio runner pid=200 start=5000 data=/nonexistent/b",
-            "t": "epio runner pid=300 start=5000 data=/nonexistent/c",
+            "epio_fence_00000001": "epio runner pid=100 start=5000 ns=77 data=/a",
+            "epio_fence_00000002": "epio runner pid=200 start=5000 ns=77 data=/b",
+            "t": "epio runner pid=300 start=5000 ns=77 data=/c",
         }
         f = NetworkFence(task.Clock(), PLAN, nft, proc=proc, in_thread=now,
-                         owner="epio runner pid=1 start=2 data=/d")
+                         owner="epio runner pid=1 start=2 ns=77 data=/d")
         f.startService()
         self.assertEqual(nft.deleted, ["epio_fence_00000002"])
         self.assertEqual(nft.installed, {"epio_fence_00000001", "epio_fence_00000003", "t"})
-        self.assertIn('comment "epio runner pid=1 start=2 data=/d"', nft.applied[0])
+        self.assertIn('comment "epio runner pid=1 start=2 ns=77 data=/d"', nft.applied[0])
 
 
 class DetectTests(SynchronousTestCase):
@@ -522,7 +532,8 @@ class WiringTests(SynchronousTestCase):
         self.assertIs(list(svc)[0], fence)
         self.assertEqual(len(nft.checked), 1)  # the trial run
         self.assertEqual(fence.owner, f"epio runner pid={os.getpid()} "
-                         f"start={proc_start(os.getpid())} data=/var/lib/epio")
+                         f"start={proc_start(os.getpid())} ns={pid_namespace()} "
+                         "data=/var/lib/epio")
         svc.startService()
         self.assertEqual(nft.applied, [render(fence.plan, owner=fence.owner)])
         sup = svc.supervisor

@@ -20,7 +20,15 @@ from twisted.internet import defer, reactor, task
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from epio.config import validate
-from epio.runner.fence import NetworkFence, Nft, attach_fence, plan_from_config
+from epio.runner.fence import (
+    NetworkFence,
+    Nft,
+    attach_fence,
+    pid_namespace,
+    plan_from_config,
+    proc_start,
+    render,
+)
 
 from .helpers import RealRunner, wait_for
 from .helpers import skip_reason as runner_skip_reason
@@ -204,6 +212,43 @@ class FenceRulesTests(SynchronousTestCase):
         self.successResultOf(fence.stopService())
         self.assertFalse(Nft().exists(self.table))
         self.assertEqual(connect_as(UID_A, [("127.0.0.1", bus)])[0][0], "ok")
+
+
+class OwnerTests(SynchronousTestCase):
+    """Tables of dead runners are collected through the real nft, by handle."""
+
+    skip = SKIP
+
+    def install(self, name: str, owner: str) -> int:
+        self.addCleanup(Nft().delete, name)
+        plan = plan_from_config(validate({}), ["runner"], name)
+        Nft().apply(render(plan, owner=owner))
+        tables = Nft().tables()
+        self.assertEqual(tables[name][1], owner)
+        return tables[name][0]
+
+    def test_dead_runners_tables_are_removed_live_ones_kept(self) -> None:
+        """A starting fence removes the table of a runner whose process is gone, keeps
+        the one of a live runner, and a removal by an old handle leaves a table that
+        was replaced meanwhile in place."""
+        ns, me = pid_namespace(), os.getpid()
+        dead = f"epio_fence_{uuid.uuid4().hex[:8]}"
+        live = f"epio_fence_{uuid.uuid4().hex[:8]}"
+        self.install(dead, f"epio runner pid={me} start=1 ns={ns} data=/nonexistent")
+        self.install(live, f"epio runner pid={me} start={proc_start(me)} ns={ns} data=/x")
+        own = unique_table()
+        self.addCleanup(Nft().delete, own)
+        plan = plan_from_config(validate({}), ["runner"], own)
+        fence = NetworkFence(task.Clock(), plan, Nft(), check_interval=0,
+                             in_thread=defer.maybeDeferred)
+        fence.startService()
+        self.addCleanup(fence.stopService)
+        self.assertFalse(Nft().exists(dead))
+        self.assertTrue(Nft().exists(live))
+        old = Nft().tables()[live][0]
+        self.install(live, "replaced")
+        Nft().delete(live, old)
+        self.assertTrue(Nft().exists(live))
 
 
 @define
