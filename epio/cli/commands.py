@@ -16,6 +16,7 @@ import time
 import webbrowser
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from epio.cli.client import (
     APP_FILE,
@@ -405,7 +406,7 @@ def cmd_domains_add(args: argparse.Namespace) -> int:
 
 def cmd_domains_remove(args: argparse.Namespace) -> int:
     name = app_of(args)
-    Client.from_config().delete(f"apps/{name}/domains/{args.hostname}")
+    Client.from_config().delete(f"apps/{name}/domains/{quote(args.hostname, safe='*')}")
     return out(args, {"deleted": args.hostname}, f"Removed {args.hostname} from {name}")
 
 
