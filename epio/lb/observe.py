@@ -36,7 +36,7 @@ class AppStats:
             "requests": self.requests,
             "status_1xx": self.status[1], "status_2xx": self.status[2],
             "status_3xx": self.status[3], "status_4xx": self.status[4],
-            "status_5xx": self.status[5], "client_closed": self.status[0],
+            "status_5xx": self.status[5],
             "bytes_out": self.bytes_out,
             "latency_ms_mean": (self.service_total * 1000 / self.requests) if self.requests else 0.0,
         }

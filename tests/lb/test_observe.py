@@ -1,0 +1,47 @@
+"""Access-log lines and per-app stats reach the pipeline sinks in the agreed shape."""
+
+from __future__ import annotations
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from epio.lb.observe import Observer
+from epio.pipeline import MemoryLogSink
+
+
+class ObserverTests(SynchronousTestCase):
+    def test_access_lines_and_stats(self) -> None:
+        """One line per request with every field; stats are flat numbers per app."""
+        sink = MemoryLogSink()
+        o = Observer(sink, sink)
+        o.record(100.0, "hello", b"GET", b"/x?y=1", "hello.example.com", 200, 1234, 0.002,
+                 0.0123, "127.0.0.1:9000", b"rid-0123456789abcdefgh", "")
+        o.record(101.0, "hello", b"POST", b"/up", "hello.example.com", 504, 80, 0.0,
+                 30.0, "127.0.0.1:9000", b"rid2", "timeout")
+        self.assertEqual(sink.lines, [])
+        o.flush()
+        (l1, l2) = sink.lines
+        self.assertEqual((l1.app, l1.source, l1.timestamp), ("hello", "router", 100.0))
+        self.assertEqual(l1.text, "GET /x?y=1 host=hello.example.com status=200 bytes=1234 "
+                                  "connect_ms=2.0 service_ms=12.3 backend=127.0.0.1:9000 "
+                                  "request_id=rid-0123456789abcdefgh error=-")
+        self.assertTrue(l2.text.endswith("error=timeout"))
+        o.flush_stats()
+        (st,) = sink.stats
+        v = st.values
+        self.assertEqual((st.app, st.kind), ("hello", "router"))
+        self.assertEqual((v["requests"], v["status_2xx"], v["status_5xx"], v["error_timeout"]),
+                         (2, 1, 1, 1))
+        self.assertEqual((v["latency_le_25ms"], v["latency_le_30000ms"]), (1, 1))
+        self.assertTrue(all(isinstance(x, int | float) for x in v.values()))
+        o.flush_stats()
+        self.assertEqual(len(sink.stats), 1, "no empty reports")
+
+    def test_disabled_access_log_still_counts(self) -> None:
+        """With the access log off no line is kept, but stats still count."""
+        sink = MemoryLogSink()
+        o = Observer(None, sink, enabled=False)
+        o.record(1.0, "a", b"GET", b"/", "a", 404, 10, 0.0, 0.001, "", b"r", "no_route")
+        o.flush()
+        o.flush_stats()
+        self.assertEqual(sink.stats[0].values["error_no_route"], 1)
+        self.assertEqual(o.pending, [])
