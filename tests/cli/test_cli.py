@@ -138,6 +138,12 @@ class CliTests(TestCase):
         self.assertEqual(out.split(), ["cfg.localhost", "(built", "in)", "www.example.com"])
         code, out, err = await self.epio("domains", "remove", "www.example.com")
         self.assertEqual(code, 0, err)
+        code, out, err = await self.epio("domains", "add", "*.example.org")
+        self.assertEqual(code, 0, err)
+        code, out, err = await self.epio("domains", "remove", "*.example.org")
+        self.assertEqual(code, 0, err)
+        code, out, err = await self.epio("domains", "--json")
+        self.assertEqual([d["hostname"] for d in json.loads(out)], ["cfg.localhost"])
 
     async def test_deploy_follows_and_prints_url(self) -> None:
         """deploy packs the dir (honouring .epioignore), uploads, follows the log to the URL."""
