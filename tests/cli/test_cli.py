@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import stat
 import sys
@@ -165,6 +166,34 @@ class CliTests(TestCase):
         code, out, err = await self.epio("ps", "--app", "hello", "--json")
         self.assertEqual([(p["name"], p["state"]) for p in json.loads(out)],
                          [("web.1", "healthy")])
+
+    async def test_deploy_progress_bar_on_a_tty(self) -> None:
+        """On a terminal, deploy shows an upload progress bar, then follows to the URL."""
+        import pexpect
+        from twisted.internet.threads import deferToThread
+
+        await self.h.add_runner("r1")
+        self.h.scheduler.become_leader()
+        self.addCleanup(self.h.scheduler.lose_leadership)
+        await self.login()
+        await self.epio("apps", "create", "tty", "--no-remember")
+        (self.cwd / "Procfile").write_text("web: gunicorn app:app\n")
+        (self.cwd / "big.bin").write_bytes(os.urandom(50_000))
+        env = epio_env({"EPIO_CONFIG_DIR": str(self.home / "config"), "HOME": str(self.home)})
+
+        def run() -> tuple[int, str]:
+            child = pexpect.spawn(
+                sys.executable, ["-c", "import sys; from epio.cli.main import main; "
+                                 "sys.exit(main())", "deploy", "--app", "tty", "--poll", "0.1"],
+                cwd=str(self.cwd), env=env, timeout=30, encoding="utf-8")
+            child.expect(pexpect.EOF)
+            child.close()
+            return child.exitstatus, child.before
+
+        code, out = await deferToThread(run)
+        self.assertEqual(code, 0, out)
+        self.assertIn("Uploading [##############################]", out)
+        self.assertIn("tty is live at http://tty.localhost:8080/", out)
 
     async def test_deploy_failure_exit_status(self) -> None:
         """A failed build makes deploy exit 1 with the reason."""
