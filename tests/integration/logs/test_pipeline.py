@@ -190,6 +190,57 @@ class PipelineTests(TestCase):
         self.assertEqual([ln.id for ln in lines], list(range(1, 2001)))
         self.assertEqual(by_source(lines), {"web.1": list(range(1, 2001))})
 
+    async def test_two_loggers_each_hold_everything_and_tails_fail_over(self) -> None:
+        """With two loggers, a sender's lines reach both (each holds the whole
+        stream); when the logger a tail reads from dies, the client moves to the
+        other, the tail is told, and new lines keep coming."""
+        (self.tmp / "a").mkdir()
+        (self.tmp / "b").mkdir()
+        a = LoggerNode(self.tmp / "a", self.secret_file)
+        b = LoggerNode(self.tmp / "b", self.secret_file)
+        for node in (a, b):
+            self.addCleanup(node.stop)
+            node.start()
+        client = LogClient(make_bus(self.secret), [peer(a), peer(b)], reactor, timeout=1.0,
+                           ping_interval=0.5)
+        client.startService()
+        self.addCleanup(client.stopService)
+        only_b = LogClient(make_bus(self.secret, "b-reader"), [peer(b)], reactor, timeout=5.0)
+        only_b.startService()
+        self.addCleanup(only_b.stopService)
+        port, http_port = serve_tail(client, {"burst"})
+        self.addCleanup(port.stopListening)
+        tail = connect_tail(http_port, "burst", "n=0")
+        await tail.ready.addTimeout(20, reactor)
+
+        p = Pusher.spawn(secret=self.secret.hex(), endpoints=[a.pull, b.pull], app="burst",
+                         sources=["web.1"], count=3000)
+        self.addCleanup(p.close)
+        await p.events["sent"].addTimeout(30, reactor)
+        await tail.wait_lines(3000, 20)
+        for reader in (client, only_b):
+            async def has_all(r=reader) -> bool:
+                return len(await all_lines(r, "burst")) >= 3000
+
+            await until(has_all, 20)
+        self.assertEqual(by_source(await all_lines(only_b, "burst")),
+                         {"web.1": list(range(1, 3001))})
+
+        a.kill()
+
+        async def told() -> bool:
+            return any(m["type"] == "notice" for m in tail.messages)
+
+        await until(told, 20)
+        p2 = Pusher.spawn(secret=self.secret.hex(), endpoints=[a.pull, b.pull], app="burst",
+                          sources=["web.2"], count=500)
+        self.addCleanup(p2.close)
+        await p2.events["sent"].addTimeout(30, reactor)
+        await tail.wait_lines(3500, 20)
+        self.assertEqual(by_source(tail.lines)["web.2"], list(range(1, 501)))
+        self.assertEqual(client.peer, peer(b))
+        tail.protocol_instance.sendClose()
+
     async def test_kill_and_restart_during_burst(self) -> None:
         """Killing the logger (SIGKILL) mid-stream and restarting it on the same data:
         for every source each line is either stored (once, in order) or inside a
