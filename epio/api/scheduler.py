@@ -65,6 +65,7 @@ class RunnerView:
     boot_id: str | None = None
     reachable: bool = False
     instances: dict[str, dict[str, Any]] = field(factory=dict)
+    load: dict[str, Any] = field(factory=dict)
 
     def alive(self, now: float, dead_after: float) -> bool:
         """Answered within ``dead_after`` (a runner never heard from gets that long
@@ -175,6 +176,8 @@ class Scheduler:
         view.reachable = True
         view.last_ok = self.clock.seconds()
         view.boot_id = reply.get("boot_id")
+        load = reply.get("load")
+        view.load = dict(load) if isinstance(load, dict) else {}
         view.instances = {str(i["instance_id"]): i for i in reply.get("instances", [])
                           if isinstance(i, dict) and "instance_id" in i}
 
@@ -315,10 +318,15 @@ class Scheduler:
         if not candidates:
             return None
 
-        def score(v: RunnerView) -> tuple[int, int, str]:
+        def score(v: RunnerView) -> tuple[int, int, float, float, str]:
+            # spread an app's type first, then fewest instances, then the runner's own
+            # memory and CPU load (runner.status "load"), then a stable order
             on = [i for i in everyone if i.node == v.node_id and i.state in LIVE_STATES]
             same = sum(1 for i in on if i.app == app and i.process_type == ptype)
-            return (same, len(on), v.node_id)
+            mem = v.load.get("mem")
+            cpu = v.load.get("cpu")
+            return (same, len(on), float(mem) if isinstance(mem, int | float) else 0.0,
+                    float(cpu) if isinstance(cpu, int | float) else 0.0, v.node_id)
 
         return min(candidates, key=score)
 

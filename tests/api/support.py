@@ -75,6 +75,7 @@ class FakeRunners:
         self.manifest: dict[str, Any] = {"processes": {"web": "gunicorn app:app"}}
         self.digests = [DIGEST, DIGEST2]
         self.ports = 20000
+        self.load: dict[str, dict[str, float]] = {}
 
     def add(self, endpoint: str) -> None:
         self.instances.setdefault(endpoint, {})
@@ -91,8 +92,8 @@ class FakeRunners:
                     inst["state"] = "failed" if inst["release"] in self.fail_health else "healthy"
                     if inst["state"] == "failed":
                         inst["reason"] = "health check /health failed 3 times"
-            return {"node_id": endpoint, "boot_id": "b", "instances": [dict(i) for i in
-                                                                     mine.values()]}
+            return {"node_id": endpoint, "boot_id": "b", "load": self.load.get(endpoint, {}),
+                    "instances": [dict(i) for i in mine.values()]}
         if type == "runner.start":
             self.ports += 1
             mine[body["instance_id"]] = {

@@ -52,6 +52,16 @@ class SchedulerTests(TestCase):
         self.assertEqual(states, {"healthy"})
         self.assertEqual(len(self.h.runners.running("web1")), 4)
 
+    async def test_prefers_less_loaded_runner(self) -> None:
+        """With equal instance counts, the runner reporting less memory load gets it."""
+        await self.h.add_runner("r1")
+        await self.h.add_runner("r2")
+        self.h.runners.load["tcp://r1:7731"] = {"mem": 0.9, "cpu": 0.5}
+        self.h.runners.load["tcp://r2:7731"] = {"mem": 0.2, "cpu": 0.5}
+        await self.app_with_release(quantity=1)
+        await self.passes()
+        self.assertEqual([i.node for i in await self.h.store.list_instances("web1")], ["r2"])
+
     async def test_scale_down_and_up(self) -> None:
         """Scaling down drains and stops extras; scaling up starts new ones."""
         await self.h.add_runner("r1")
