@@ -185,4 +185,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     for role in ROLES:
         if role in node.roles:
             role_service(role, node).setServiceParent(root)
+    from epio.metrics import ensure_metrics_service
+
+    ensure_metrics_service(node, root)  # every node serves /metrics on metrics.listen
     return root
