@@ -13,7 +13,8 @@ Without bubblewrap (or not root) the chain degrades step by step and
 :class:`Isolation` says exactly which protections are off.  The network
 namespace is deliberately shared: the app binds ``$PORT`` on the host network so
 routers reach it; the control plane's TCP ports are protected by the bus HMAC
-signatures and api authentication, not by network isolation (docs/runner.md).
+signatures and encryption, api authentication and the runner's nftables network
+fence by app UID (epio/runner/fence.py, docs/security.md).
 """
 
 from __future__ import annotations

@@ -178,8 +178,8 @@ class RunnerService(MultiService):
         )
         for what, why in sorted(self.isolation.off.items()):
             self.log.warn("runner isolation OFF: {what}: {why}", what=what, why=why)
-        self.log.info("runner network isolation: none (apps share the host network; the "
-                      "control plane relies on bus HMAC signatures and api authentication)")
+        self.log.info("runner network: apps share the host network; the network fence "
+                      "(its own log line) refuses their connections to the control plane")
         super().startService()
         d = defer.Deferred.fromCoroutine(self._recover())
         d.addErrback(lambda f: self.log.failure("runner recovery failed", f))
