@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, ensureDeferred
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
@@ -80,6 +80,14 @@ class Deployer:
             d.addBoth(done)
         return deploy
 
+    async def stop(self) -> None:
+        """Stop every running deploy (the api is stopping): each is marked failed."""
+        running = list(self.running.values())
+        for d in running:
+            d.cancel()
+        if running:
+            await DeferredList(running, consumeErrors=True)
+
     async def wait(self, deploy_id: str) -> None:
         """Until the deploy run by this process (if any) ended."""
         d = self.running.get(deploy_id)
@@ -106,6 +114,8 @@ class Deployer:
             await self._deploy(app, deploy, tarball)
         except DeployFailed as e:
             await self._fail(deploy, str(e), e.status)
+        except CancelledError:
+            await self._fail(deploy, "the api process running it stopped; deploy again")
         except Exception:
             self.log.failure("deploy {id} of {app} failed", id=deploy.id, app=app.name)
             await self._fail(deploy, "internal error (logged on the api node)")

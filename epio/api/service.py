@@ -168,7 +168,17 @@ class ApiService(MultiService):
     def stopService(self) -> Any:
         if self._register is not None and self._register.running:
             self._register.stop()
-        return super().stopService()
+        deployer = self.deployer
+
+        async def stop() -> None:
+            if deployer is not None:
+                try:
+                    await deployer.stop()  # running deploys are marked failed
+                except Exception:
+                    self.log.failure("stopping the running deploys failed")
+            await super(ApiService, self).stopService()
+
+        return ensureDeferred(stop())
 
     def _log_tail(self) -> Any:
         """The logs endpoint (epio.api.logtail) when a logger is configured."""

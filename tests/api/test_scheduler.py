@@ -206,6 +206,21 @@ class DeployTests(TestCase):
         self.assertEqual((first.status, second.status), ("cancelled", "succeeded"))
         self.assertIn("v2 replaced v1", first.reason)
 
+    async def test_stopping_marks_running_deploys_failed(self) -> None:
+        """When the api stops, a deploy it was running is marked failed, saying why."""
+        await self.h.add_runner("r1")
+        await self.h.call("POST", "apps", token=self.h.alice_token, body={"name": "hello"})
+        _, body, _ = await self.h.call("POST", "apps/hello/deploys", token=self.h.alice_token,
+                                       raw=b"tar", content_type="application/gzip")
+        for _ in range(100):  # until it waits for a rollout that never comes (no leader)
+            if (await self.h.store.get_deploy(body["id"])).status == "deploying":
+                break
+            await settle(ensureDeferred(self.h.store.list_apps()))
+        await settle(ensureDeferred(self.h.deployer.stop()))
+        d = await self.h.store.get_deploy(body["id"])
+        self.assertEqual(d.status, "failed")
+        self.assertIn("the api process running it stopped", d.reason)
+
     async def test_build_failure(self) -> None:
         """A build error fails the deploy with the runner's reason; no release is made."""
         await self.h.add_runner("r1")
