@@ -15,6 +15,7 @@ from typing import Any
 
 import psycopg2
 
+from tests.integration.build.helpers import shared_cache
 from tests.integration.e2e.test_quickstart import _unmount_under
 from tests.util import NodeProcess, epio_env, isolated_config, to_toml
 
@@ -41,7 +42,10 @@ class AddonNode:
         })
         self.api_port = int(str(doc["api"]["listen"]).split(":")[1])
         self.lb_port = int(str(doc["lb"]["listen"]).split(":")[1])
-        self.node = NodeProcess(["--role=all"], data_dir=self.tmp / "data", config=to_toml(doc))
+        data = self.tmp / "data"
+        data.mkdir(mode=0o711)
+        (data / "cache").symlink_to(shared_cache())  # the build tests' session wheel cache
+        self.node = NodeProcess(["--role=all"], data_dir=data, config=to_toml(doc))
         test.addCleanup(self.node.cleanup)
         self.work = self.tmp / "work"
         self.work.mkdir()
