@@ -76,7 +76,10 @@ FORGET_AFTER = 60.0  # an ended session's record is kept this long for a late cl
 # is already a session leader without a terminal (bubblewrap --new-session, or
 # setsid without a sandbox); make the PTY on fd 0 its controlling terminal.
 CTTY_HELPER = (
-    "import os,sys,fcntl,termios\n"
+    "import os,sys,fcntl,termios,signal\n"
+    # Python ignores SIGPIPE and SIGXFSZ; an ignored signal stays ignored across exec
+    "for n in ('SIGPIPE','SIGXFSZ','SIGINT','SIGQUIT','SIGTSTP','SIGTTIN','SIGTTOU'):\n"
+    " signal.signal(getattr(signal,n),signal.SIG_DFL)\n"
     "try:\n os.setsid()\nexcept OSError:\n pass\n"
     "try:\n fcntl.ioctl(0, termios.TIOCSCTTY, 0)\nexcept OSError:\n pass\n"
     "os.execvp(sys.argv[1], sys.argv[1:])\n"

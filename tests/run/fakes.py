@@ -13,7 +13,6 @@ import shutil
 import signal
 import sys
 import tempfile
-from typing import Any
 
 from twisted.internet import defer
 from zope.interface import implementer
