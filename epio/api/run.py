@@ -524,7 +524,7 @@ def _ws_classes() -> tuple[Any, Any]:
         def onOpen(self) -> None:
             self.bridge: Bridge | None = None
             self.begun = False
-            t = self.transport
+            t: Any = self.transport
             if getattr(t, "producer", None) is not None:
                 t.unregisterProducer()
             t.registerProducer(self, True)
@@ -580,14 +580,14 @@ def _ws_classes() -> tuple[Any, Any]:
             f = self.factory
             client = uuid.uuid4().hex
             sessions: RunSessions = f.sessions
-            rows = msg.get("rows") if isinstance(msg.get("rows"), int) else 24
-            cols = msg.get("cols") if isinstance(msg.get("cols"), int) else 80
+            rows = int(msg["rows"]) if isinstance(msg.get("rows"), int) else 24
+            cols = int(msg["cols"]) if isinstance(msg.get("cols"), int) else 80
             if f.number is None:
                 if msg.get("type") != "start":
                     raise errors.BadRequest("the first message must be {\"type\": \"start\"}")
                 command = check_command(msg.get("command"))
                 tty = bool(msg.get("tty", True))
-                term = msg.get("term") if isinstance(msg.get("term"), str) else "xterm"
+                term = str(msg["term"]) if isinstance(msg.get("term"), str) else "xterm"
                 rec, endpoint = await sessions.start(f.app, f.user, command, tty=tty,
                                                      detach=False, rows=rows, cols=cols,
                                                      term=term, client=client)
@@ -658,19 +658,23 @@ def _ws_classes() -> tuple[Any, Any]:
                 self.sendClose(1000, code[:100])
 
         def pause_input(self) -> None:
-            self.transport.pauseProducing()
+            t: Any = self.transport
+            t.pauseProducing()
 
         def resume_input(self) -> None:
-            self.transport.resumeProducing()
+            t: Any = self.transport
+            t.resumeProducing()
 
         # IPushProducer: the transport's send buffer is full / drained
         def pauseProducing(self) -> None:
-            if getattr(self, "bridge", None) is not None:
-                self.bridge.pause()
+            b = getattr(self, "bridge", None)
+            if b is not None:
+                b.pause()
 
         def resumeProducing(self) -> None:
-            if getattr(self, "bridge", None) is not None:
-                self.bridge.resume()
+            b = getattr(self, "bridge", None)
+            if b is not None:
+                b.resume()
 
         def stopProducing(self) -> None:
             pass

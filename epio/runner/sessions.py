@@ -367,7 +367,8 @@ class SessionProtocol(ProcessProtocol):
     def connectionMade(self) -> None:
         s = self.session
         if s.detach:
-            self.transport.closeStdin()  # type: ignore[union-attr]
+            transport: Any = self.transport
+            transport.closeStdin()
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         s = self.session
@@ -585,7 +586,7 @@ class SessionManager(Service):
             os.close(slave)
             s.pty = PtyMaster(master, self.reactor, lambda data: self._output(s, 1, data),
                               lambda: self._output_ended(s))
-            s.pty.registerProducer(s.gate, True)
+            s.pty.registerProducer(s.gate, True)  # type: ignore[arg-type]
             s.pty.startReading()
         else:
             if not s.detach:
@@ -910,7 +911,11 @@ class SessionManager(Service):
         if s.live and timeout > 0:
             d: defer.Deferred[None] = defer.Deferred()
             s.waiters.append(d)
-            timer = self.reactor.callLater(timeout, lambda: d.called or d.callback(None))
+            def expire() -> None:
+                if not d.called:
+                    d.callback(None)
+
+            timer = self.reactor.callLater(timeout, expire)
             await d
             if timer.active():
                 timer.cancel()
