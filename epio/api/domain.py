@@ -98,22 +98,30 @@ class Platform:
         return app
 
     async def describe_app(self, app: App) -> dict[str, Any]:
-        try:
-            owner = (await self.store.get_user(app.owner_id)).name
-        except StoreNotFound:
-            owner = app.owner_id
-        release = await current_release(self.store, app.name)
-        collaborators = [u.name for u in await self.store.list_collaborators(app.name)]
-        counts: dict[str, int] = {}
-        for inst in await self.store.list_instances(app.name):
-            if inst.state == "healthy":
-                counts[inst.process_type] = counts.get(inst.process_type, 0) + 1
-        return {
-            "name": app.name, "owner": owner, "url": self.settings.url_of(app.name),
-            "created": app.created, "maintenance": app.maintenance,
-            "release": release.version if release else None,
-            "collaborators": collaborators, "processes": counts,
-        }
+        return (await self.describe_apps([app]))[0]
+
+    async def describe_apps(self, apps: list[App]) -> list[dict[str, Any]]:
+        """The App shape of each app (users and instances read once for the list)."""
+        if not apps:
+            return []
+        users = {u.id: u.name for u in await self.store.list_users()}
+        instances = await self.store.list_instances(apps[0].name if len(apps) == 1 else None)
+        out = []
+        for app in apps:
+            release = await current_release(self.store, app.name)
+            collaborators = [u.name for u in await self.store.list_collaborators(app.name)]
+            counts: dict[str, int] = {}
+            for inst in instances:
+                if inst.app == app.name and inst.state == "healthy":
+                    counts[inst.process_type] = counts.get(inst.process_type, 0) + 1
+            out.append({
+                "name": app.name, "owner": users.get(app.owner_id, app.owner_id),
+                "url": self.settings.url_of(app.name), "created": app.created,
+                "maintenance": app.maintenance,
+                "release": release.version if release else None,
+                "collaborators": collaborators, "processes": counts,
+            })
+        return out
 
     async def delete_app(self, user: User, app: App) -> None:
         """Stop the app's instances, then delete everything the store holds of it."""

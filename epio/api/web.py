@@ -251,7 +251,7 @@ class Api:
     @operation("GET", "/apps", "listApps", "Apps the caller owns or collaborates on",
                response=array(ref("App")), tag="apps")
     async def list_apps(self, request: Any, user: Any) -> Any:
-        return [await self.platform.describe_app(a) for a in await self.platform.list_apps(user)]
+        return await self.platform.describe_apps(await self.platform.list_apps(user))
 
     @operation("POST", "/apps", "createApp", "Create an app owned by the caller",
                request=ref("NewApp"), response=ref("App"), status=201, tag="apps")
