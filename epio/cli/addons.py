@@ -1,9 +1,11 @@
-"""``epio addons list|create|info|destroy``: the app's databases.
+"""``epio addons list|create|info|destroy``, ``epio psql``, ``epio redis-cli``.
 
 ``epio addons create postgres`` provisions a shared PostgreSQL database
 (``--dedicated`` for a server of its own), ``epio addons create redis
 [--memory MB]`` a dedicated Redis; the app's ``DATABASE_URL``/``REDIS_URL`` are
-set in a new release.  ``destroy`` takes a final backup first.
+set in a new release.  ``destroy`` takes a final backup first.  ``epio psql`` and
+``epio redis-cli`` are ``epio run`` sessions running the client (the host's binaries,
+visible in the sandbox) with the app's own ``DATABASE_URL``/``REDIS_URL``.
 """
 
 from __future__ import annotations
@@ -95,7 +97,51 @@ def cmd_destroy(args: argparse.Namespace) -> int:
     return out(args, result, human)
 
 
+PSQL = (
+    '[ -n "$DATABASE_URL" ] || { echo "this app has no DATABASE_URL: epio addons create '
+    'postgres" >&2; exit 1; }; '
+    'p=$(ls -d /usr/lib/postgresql/*/bin/psql 2>/dev/null | sort -V | tail -n 1); '
+    '[ -x "$p" ] || p=psql; exec "$p" "$DATABASE_URL" "$@"'
+)
+REDIS_CLI = (
+    '[ -n "$REDIS_URL" ] || { echo "this app has no REDIS_URL: epio addons create redis" >&2; '
+    'exit 1; }; u=${REDIS_URL#redis://}; a=${u%%@*}; hp=${u#*@}; hp=${hp%%/*}; '
+    'h=${hp%:*}; h=${h#[}; h=${h%]}; REDISCLI_AUTH=${a#*:} exec redis-cli -h "$h" '
+    '-p "${hp##*:}" "$@"'
+)
+
+
+def _shell(args: argparse.Namespace, script: str, name: str) -> int:
+    """``epio run -- sh -c SCRIPT NAME ARGS...`` through the ``epio run`` machinery."""
+    from epio.cli.run import cmd_run
+
+    extra = list(args.args or [])
+    if extra and extra[0] == "--":
+        extra = extra[1:]
+    run_args = argparse.Namespace(
+        app=args.app, json=False, command=["sh", "-c", script, name, *extra], list=False,
+        history=False, kill=None, attach=None, detach=False, no_tty=args.no_tty,
+        quiet=args.quiet)
+    return cmd_run(run_args)
+
+
+def cmd_psql(args: argparse.Namespace) -> int:
+    return _shell(args, PSQL, "psql")
+
+
+def cmd_redis_cli(args: argparse.Namespace) -> int:
+    return _shell(args, REDIS_CLI, "redis-cli")
+
+
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
+    for name, func, what in (("psql", cmd_psql, "psql connected to the app's DATABASE_URL"),
+                             ("redis-cli", cmd_redis_cli,
+                              "redis-cli connected to the app's REDIS_URL")):
+        q = sub.add_parser(name, parents=[common], help=f"{what} (an epio run session)")
+        q.add_argument("--no-tty", "-T", action="store_true", help="no terminal (pipes)")
+        q.add_argument("--quiet", "-q", action="store_true", help="no session notices")
+        q.add_argument("args", nargs=argparse.REMAINDER, help=f"-- extra {name} arguments")
+        q.set_defaults(func=func)
     p = sub.add_parser("addons", parents=[common], help="list, create, show, destroy databases",
                        description=__doc__)
     asub = p.add_subparsers(dest="addons_command", metavar="SUBCOMMAND")

@@ -93,6 +93,9 @@ class DedicatedServicesTests(SynchronousTestCase):
         self.assertNotEqual(redis_cli(wrong, "PING"), "PONG")
         for i in range(50):
             redis_cli(redis_url, "SET", f"k{i}", "v")
+        # epio redis-cli: an epio run session with redis-cli on the app's REDIS_URL
+        _, out, _ = n.epio("redis-cli", "--app", app, "-T", "-q", "--", "GET", "k7")
+        self.assertEqual(out.strip(), "v")
 
         # postgres: the app's role and database, scram password auth
         u = urlsplit(db_url)

@@ -59,3 +59,8 @@ class DjangoExampleTests(SynchronousTestCase):
         with psycopg2.connect(**dsn) as conn, conn.cursor() as cur:
             cur.execute("SELECT count(*) FROM notes_note")
             self.assertEqual(cur.fetchone(), (1,))  # served from this database, not sqlite
+
+        # epio psql: an epio run session with psql on the app's own DATABASE_URL
+        _, out, _ = n.epio("psql", "--app", app, "-T", "-q", "--", "-At", "-c",
+                           "SELECT text FROM notes_note")
+        self.assertEqual(out.strip(), "written by the test")
