@@ -161,7 +161,7 @@ class Addons:
 
     # --- add-ons ------------------------------------------------------------------
 
-    async def list(self, app: Any) -> list[Addon]:
+    async def addons_of(self, app: Any) -> list[Addon]:
         return await list_addons(self.store, app.name)
 
     async def get(self, app: Any, kind: str) -> Addon:
@@ -684,7 +684,7 @@ def _kind(request: Any) -> str | None:
 @operation("GET", "/apps/{app}/addons", "listAddons", "The app's add-on databases",
            response=array(ref("Addon")), tag="addons")
 async def list_addons_route(self: Api, request: Any, user: Any, app: Any) -> Any:
-    return [describe_addon(a) for a in await _domain(self).list(app)]
+    return [describe_addon(a) for a in await _domain(self).addons_of(app)]
 
 
 @operation("POST", "/apps/{app}/addons", "createAddon",

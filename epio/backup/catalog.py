@@ -84,7 +84,7 @@ class Catalog:
         os.replace(tmp, d / "meta.json")
 
     def list(self, app: str | None = None, kind: str | None = None) -> list[BackupRecord]:
-        out = []
+        out: list[BackupRecord] = []
         if not self.root.exists():
             return out
         for meta in self.root.glob("*/*/*/meta.json"):

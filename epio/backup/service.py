@@ -293,7 +293,7 @@ class BackupService(MultiService):
             return timer.stopService()
         return None
 
-    def _round_now(self) -> Deferred[None]:
+    def _round_now(self) -> Deferred[Any]:
         return ensureDeferred(self.run_round()).addErrback(
             lambda f: self.log.failure("backup round failed", f))
 

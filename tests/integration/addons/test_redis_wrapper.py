@@ -1,0 +1,85 @@
+"""The wrapper a runner runs for a dedicated Redis (epio.addons.services): its config
+(0600, password never in argv), and its persistence guard -- snapshots only when the data
+directory has room, a refusal reported on its output (the app's log)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from epio.addons.services import REDIS_DIR, redis_start_body
+from tests.util import free_port
+
+
+class RedisWrapperTests(SynchronousTestCase):
+    def start(self, data: Path, memory_mb: int = 64) -> tuple[subprocess.Popen, int, str, Path]:
+        port, password = free_port(), secrets.token_urlsafe(16)
+        body = redis_start_body(app="w", uid=20001, instance_id="w-1", image_digest="a" * 64,
+                                password=password, memory_mb=memory_mb, policy="allkeys-lru",
+                                host="127.0.0.1", snapshot_interval=1, boot_timeout=30)
+        out = data.parent / f"out-{port}.txt"
+        env = {**body["env"], "EPIO_DATA_DIR": str(data), "PORT": str(port),
+               "PATH": "/usr/bin:/bin"}
+        proc = subprocess.Popen(body["command"], env=env, stdout=open(out, "wb"),
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+        def stop() -> None:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(10)
+
+        self.addCleanup(stop)
+        self.assertNotIn(password, " ".join(body["command"]))
+        for _ in range(100):
+            if self.cli(port, password, "PING") == "PONG":
+                return proc, port, password, out
+            time.sleep(0.05)
+        raise AssertionError("redis did not start: " + out.read_text())
+
+    def cli(self, port: int, password: str, *args: str) -> str:
+        return subprocess.run(["redis-cli", "-p", str(port), *args], capture_output=True,
+                              text=True, env={**os.environ, "REDISCLI_AUTH": password},
+                              timeout=10).stdout.strip()
+
+    def small_fs(self, size: str) -> Path:
+        path = Path(self.mktemp()).absolute()
+        path.mkdir(parents=True)
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise self.skipTest(f"cannot mount a small tmpfs here: {r.stderr.strip()}")
+        self.addCleanup(lambda: subprocess.run(["umount", "-l", str(path)]))
+        return path
+
+    def test_config_and_snapshots(self) -> None:
+        """The config file is 0600 in the data dir; with room, the guard snapshots."""
+        data = Path(self.mktemp()).absolute()
+        data.mkdir(parents=True)
+        _, port, password, out = self.start(data)
+        conf = data / REDIS_DIR / "redis.conf"
+        self.assertEqual(conf.stat().st_mode & 0o777, 0o600)
+        self.assertIn(f"port {port}", conf.read_text())
+        self.cli(port, password, "SET", "k", "v")
+        dump = data / REDIS_DIR / "dump.rdb"
+        deadline = time.monotonic() + 10
+        while not dump.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        self.assertTrue(dump.exists(), out.read_text())
+
+    def test_snapshot_refused_when_disk_too_small(self) -> None:
+        """More data than the data dir can hold: no snapshot, and the refusal is reported."""
+        small = self.small_fs("2m")
+        _, port, password, out = self.start(small)
+        for i in range(40):
+            self.cli(port, password, "SET", f"k{i}", secrets.token_hex(50_000))
+        deadline = time.monotonic() + 10
+        while "snapshot refused" not in out.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        self.assertIn("redis snapshot refused", out.read_text())
+        self.assertFalse((small / REDIS_DIR / "dump.rdb").exists())
