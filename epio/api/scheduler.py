@@ -239,10 +239,11 @@ class Scheduler:
 
     async def _reconcile_app(self, app: Any, mine: list[Instance], everyone: list[Instance],
                              now: float) -> None:
-        await self._expire_deploys(app.name, now)
+        deploys = await self.store.list_deploys(app.name, limit=200)
+        await self._expire_deploys(app.name, now, deploys)
         # dedicated database servers are run by the add-ons code (epio.api.addons)
         mine = [i for i in mine if i.process_type not in SERVICE_PROCESS_TYPES]
-        release = await current_release(self.store, app.name)
+        release = await current_release(self.store, app.name, deploys)
         formation = await self.store.get_formation(app.name)
         want: dict[str, int] = {}
         if release is not None and release.image:
@@ -295,10 +296,10 @@ class Scheduler:
             if d.release == release and d.status == "deploying":
                 await self.store.update_deploy(d.id, append_log=f"  {text}\n")
 
-    async def _expire_deploys(self, app: str, now: float) -> None:
-        """Fail deploys left unfinished by an api process that stopped mid-way."""
+    async def _expire_deploys(self, app: str, now: float, deploys: list[Any]) -> None:
+        """Fail deploys left unfinished by an api process that was killed mid-way."""
         limit = self.settings.build_timeout + self.settings.rollout_timeout + 60.0
-        for d in await self.store.list_deploys(app, limit=20):
+        for d in deploys:
             if d.status not in DEPLOY_FINAL and now - d.created > limit:
                 self.log.warn("deploy {id} of {app} was left {status}: marking it failed",
                               id=d.id, app=app, status=d.status)

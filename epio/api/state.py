@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from epio.store import Release, Store
+from epio.store import Deploy, Release, Store
 
 SIZES: dict[str, dict[str, int]] = {
     "small": {"memory_mb": 256, "cpu_shares": 512, "pids": 128, "nofile": 1024},
@@ -25,15 +25,21 @@ DEFAULT_SIZE = "standard"
 LIVE_STATES = ("pending", "starting", "healthy", "crashed")
 
 
-async def failed_releases(store: Store, app: str) -> set[int]:
+async def failed_releases(store: Store, app: str, deploys: list[Deploy] | None = None
+                          ) -> set[int]:
     """Versions made by deploys that failed (they must never serve)."""
-    return {d.release for d in await store.list_deploys(app, limit=200)
-            if d.status == "failed" and d.release is not None}
+    if deploys is None:
+        deploys = await store.list_deploys(app, limit=200)
+    return {d.release for d in deploys if d.status == "failed" and d.release is not None}
 
 
-async def current_release(store: Store, app: str) -> Release | None:
-    """The release the app should run: the newest one not made by a failed deploy."""
-    failed = await failed_releases(store, app)
+async def current_release(store: Store, app: str, deploys: list[Deploy] | None = None
+                          ) -> Release | None:
+    """The release the app should run: the newest one not made by a failed deploy.
+
+    ``deploys``: the app's recent deploys when the caller has them already.
+    """
+    failed = await failed_releases(store, app, deploys)
     for release in await store.list_releases(app, limit=len(failed) + 1):
         if release.version not in failed:
             return release
