@@ -72,11 +72,13 @@ def pin(cpu: int) -> list[str]:
 class Procs:
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.last = 0
 
     def start(self, argv: list[str], **kw: object) -> subprocess.Popen[bytes]:
         p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True, **kw)  # type: ignore[call-overload]
         self.procs.append(p)
+        self.last = p.pid  # its process group (a new session)
         return p
 
     def stop(self) -> None:
@@ -222,6 +224,23 @@ http {{
     return port
 
 
+def group_cpu(pgid: int) -> float:
+    """CPU seconds (user + system) used so far by the processes of group ``pgid``."""
+    tck = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # pgrp
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / tck
+
+
 def to_ms(text: str) -> float:
     m = re.match(r"([\d.]+)(us|ms|s)", text)
     if not m:
@@ -230,17 +249,22 @@ def to_ms(text: str) -> float:
     return v / 1000 if unit == "us" else v * 1000 if unit == "s" else v
 
 
-def run_wrk(port: int, duration: float) -> tuple[float, float, float]:
+def run_wrk(port: int, duration: float, groups: tuple[int, ...] = ()
+            ) -> tuple[float, float, float, list[float]]:
+    """(req/s, p50 ms, p99 ms, CPU µs per request of each process group in ``groups``)."""
+    before = [group_cpu(g) for g in groups]
     out = subprocess.run(
         [*pin(1), "wrk", "-t1", "-c50", f"-d{duration:g}s", "--latency", "-H", f"Host: {HOST}",
          f"http://127.0.0.1:{port}/"], capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     p50 = to_ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
     p99 = to_ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
+    n = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    cpu = [(group_cpu(g) - b) / max(n, 1) * 1e6 for g, b in zip(groups, before, strict=True)]
     if "Non-2xx" in out or "Socket errors" in out:
         print("   wrk reported errors:", " | ".join(
             ln.strip() for ln in out.splitlines() if "Non-2xx" in ln or "Socket errors" in ln))
-    return rps, p50, p99
+    return rps, p50, p99, cpu
 
 
 # -- the open-loop fixed-rate client (runs as a separate pinned process) -------------------
@@ -358,11 +382,14 @@ def main() -> None:
     try:
         backend, kind = start_backend(procs, tmp)
         wanted = set(args.configs.split(",")) | {"direct"}
+        backend_group = procs.last
         starters = {"epio": start_epio, "haproxy": start_haproxy, "nginx": start_nginx_proxy}
         ports: dict[str, int | None] = {"direct": backend}
+        groups: dict[str, int] = {"direct": 0}
         for name, fn in starters.items():
             if name in wanted:
                 ports[name] = fn(procs, tmp, backend)
+                groups[name] = procs.last
         print(f"backend: {kind}; proxy+backend on CPU 0, load on CPU 1; "
               f"wrk -t1 -c50 -d{args.duration:g}s keep-alive")
         for _name, port in ports.items():  # warm-up (and check each config answers)
@@ -370,24 +397,34 @@ def main() -> None:
                 run_wrk(port, 1)
         all_rps: dict[str, list[float]] = {}
         all_ratio: list[float] = []
+        all_cpu_ratio: list[float] = []
         all_added: dict[str, list[float]] = {}
         for rnd in range(1, args.rounds + 1):
             print(f"\nround {rnd}: throughput")
-            res: dict[str, tuple[float, float, float]] = {}
+            res: dict[str, tuple[float, float, float, list[float]]] = {}
             for name, port in ports.items():
                 if port is None:
                     print(f"  {name:8s} not installed")
                     continue
                 if name == "direct" and "direct" not in args.configs.split(","):
                     continue
-                res[name] = run_wrk(port, args.duration)
-                rps, p50, p99 = res[name]
-                print(f"  {name:8s} {rps:9.0f} req/s   p50 {p50:6.2f} ms   p99 {p99:6.2f} ms")
+                gs = (groups[name], backend_group) if groups[name] else (backend_group,)
+                res[name] = run_wrk(port, args.duration, gs)
+                rps, p50, p99, cpu = res[name]
+                cpu_text = (f"   CPU/req: proxy {cpu[0]:5.1f} us, backend {cpu[1]:5.1f} us"
+                            if len(cpu) == 2 else f"   CPU/req: backend {cpu[0]:5.1f} us")
+                print(f"  {name:8s} {rps:9.0f} req/s   p50 {p50:6.2f} ms   p99 {p99:6.2f} ms"
+                      f"{cpu_text}")
             for name, r in res.items():
                 all_rps.setdefault(name, []).append(r[0])
             if "haproxy" in res and "epio" in res:
                 all_ratio.append(res["epio"][0] / res["haproxy"][0])
                 print(f"  epio/haproxy ratio: {res['epio'][0] / res['haproxy'][0]:.2f}")
+                (ce, be), (ch, bh) = res["epio"][3], res["haproxy"][3]
+                cpu_ratio = (ch + bh) / (ce + be)
+                all_cpu_ratio.append(cpu_ratio)
+                print(f"  epio/haproxy by CPU per request (proxy + backend on one core): "
+                      f"{cpu_ratio:.2f}")
             if "nginx" in res and "epio" in res:
                 print(f"  epio/nginx ratio:   {res['epio'][0] / res['nginx'][0]:.2f}")
             if args.no_latency:
@@ -412,6 +449,9 @@ def main() -> None:
         if all_ratio:
             print(f"  epio/haproxy ratio: median {statistics.median(all_ratio):.2f} "
                   f"(rounds: {', '.join(f'{r:.2f}' for r in all_ratio)})")
+        if all_cpu_ratio:
+            print(f"  epio/haproxy by CPU per request: median {statistics.median(all_cpu_ratio):.2f} "
+                  f"(rounds: {', '.join(f'{r:.2f}' for r in all_cpu_ratio)})")
         for name, v in all_added.items():
             print(f"  {name:8s} added p99 at {args.rate:g} req/s: median {statistics.median(v):+.2f} ms "
                   f"(rounds: {', '.join(f'{x:+.2f}' for x in v)})")

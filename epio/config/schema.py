@@ -222,7 +222,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
                              "before 503.", positive),
         "pool_idle_timeout": Key(float, 15.0, "Seconds an idle pooled backend connection is "
                                  "kept; keep it below the app server's keep-alive.", positive),
-        "pool_max_idle": Key(int, 64, "Idle pooled connections kept per backend.", non_negative),
+        "pool_max_idle": Key(int, 256, "Idle pooled connections kept per backend (more busy "
+                             "clients than this make the router reconnect).", non_negative),
         "backend_max_conns": Key(int, 256, "Concurrent requests per backend before queueing.",
                                  positive),
         "backend_queue_size": Key(int, 256, "Requests queued per backend before 503.",

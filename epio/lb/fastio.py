@@ -41,3 +41,98 @@ def fast_write(t: Any, data: bytes) -> None:
         return
     if n < len(data):
         t.write(data[n:])
+
+
+class ReadMux:
+    """The read side of the router's plain-TCP connections, on an epoll of its own.
+
+    Twisted wraps every readable socket's ``doRead`` in ``log.callWithLogger``
+    and context tracking (~2.5 µs per event, two events per proxied request).
+    The router instead takes its connections out of the reactor's read set and
+    puts them in this epoll, whose own descriptor is one reader of the reactor:
+    one wrapped call per reactor wake-up, then a plain loop calling each ready
+    transport's own ``doRead`` (Twisted's recv and error handling, unchanged).
+    Writing, closing and connection loss stay Twisted's.  Paused connections are
+    taken out of the epoll altogether (no level-triggered HUP spinning).
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        import select
+
+        self.reactor = reactor
+        self.ep = select.epoll()
+        self.conns: dict[int, Any] = {}
+        self.paused: set[int] = set()
+        self._in = select.EPOLLIN
+        self.started = False
+
+    # IReadDescriptor
+    def fileno(self) -> int:
+        return self.ep.fileno()
+
+    def logPrefix(self) -> str:
+        return "lb-read-mux"
+
+    def connectionLost(self, reason: Any) -> None:
+        pass
+
+    def start(self) -> None:
+        if not self.started:
+            self.started = True
+            self.reactor.addReader(self)
+
+    def stop(self) -> None:
+        if self.started:
+            self.started = False
+            self.reactor.removeReader(self)
+
+    def adopt(self, t: Any) -> int:
+        """Move ``t``'s reading here; returns its fd (the key for the calls below)."""
+        fd = t.fileno()
+        t.stopReading()
+        self.conns[fd] = t
+        self.ep.register(fd, self._in)
+        return fd
+
+    def pause(self, fd: int) -> None:
+        if fd in self.conns and fd not in self.paused:
+            self.paused.add(fd)
+            try:
+                self.ep.unregister(fd)
+            except OSError:
+                pass
+
+    def resume(self, fd: int) -> None:
+        if fd in self.paused:
+            self.paused.discard(fd)
+            try:
+                self.ep.register(fd, self._in)
+            except OSError:
+                pass
+
+    def drop(self, fd: int) -> None:
+        if self.conns.pop(fd, None) is not None and fd not in self.paused:
+            try:
+                self.ep.unregister(fd)
+            except (OSError, ValueError):
+                pass
+        self.paused.discard(fd)
+
+    def doRead(self) -> None:
+        conns = self.conns
+        paused = self.paused
+        for fd, _ in self.ep.poll(0, 512):
+            t = conns.get(fd)
+            if t is None or fd in paused:
+                continue
+            try:
+                why = t.doRead()
+            except BaseException as e:
+                from twisted.logger import Logger
+
+                Logger().failure("router connection read failed")
+                why = e
+            if why is not None:
+                self.drop(fd)
+                self.reactor._disconnectSelectable(t, why, True)
+        return None

@@ -76,7 +76,7 @@ class Settings:
     websocket_idle_timeout: float = 3600.0
     queue_timeout: float = 10.0
     pool_idle_timeout: float = 15.0
-    pool_max_idle: int = 64
+    pool_max_idle: int = 256
     backend_max_conns: int = 256
     backend_queue_size: int = 256
     connect_attempts: int = 3
@@ -133,6 +133,7 @@ class LB:
         self._rid_prefix = os.urandom(6).hex().encode()
         self._rid_n = 0
         self._drained: list[Any] = []
+        self.mux: Any = None  # epio.lb.fastio.ReadMux, set by the service
 
     # -- request ids ----------------------------------------------------------------
     def new_request_id(self) -> bytes:
@@ -255,6 +256,7 @@ class BackendConn(Protocol):
         self.used = 0
         self.fast = False
         self.paused = False
+        self.mfd = -1
 
     def connectionMade(self) -> None:
         t = self.transport
@@ -263,6 +265,8 @@ class BackendConn(Protocol):
             t.setTcpNoDelay(True)
         except Exception:
             pass
+        if self.fast and self.lb.mux is not None:
+            self.mfd = self.lb.mux.adopt(t)
         self.lb.conns.add(self)
         c = self.client
         if c is not None and c.state == C_WAIT and c.connector is not None and \
@@ -288,6 +292,9 @@ class BackendConn(Protocol):
 
     def connectionLost(self, reason: Any = None) -> None:
         self.lb.conns.discard(self)
+        if self.mfd >= 0:
+            self.lb.mux.drop(self.mfd)
+            self.mfd = -1
         c = self.client
         if c is not None:
             self.client = None
@@ -307,11 +314,17 @@ class BackendConn(Protocol):
     # IPushProducer: the client's send buffer is full / drained
     def pauseProducing(self) -> None:
         self.paused = True
-        self.transport.pauseProducing()
+        if self.mfd >= 0:
+            self.lb.mux.pause(self.mfd)
+        else:
+            self.transport.pauseProducing()
 
     def resumeProducing(self) -> None:
         self.paused = False
-        self.transport.resumeProducing()
+        if self.mfd >= 0:
+            self.lb.mux.resume(self.mfd)
+        else:
+            self.transport.resumeProducing()
 
     def stopProducing(self) -> None:
         pass
@@ -367,6 +380,7 @@ class ClientConn(Protocol):
         self.processing = False
         self.head_started = 0.0
         self._now = 0.0
+        self.mfd = -1
         self.fast = False
         self.peer = ""
         self.trusted = False
@@ -422,6 +436,8 @@ class ClientConn(Protocol):
             b"X-Forwarded-For: " + self.peer.encode() + b"\r\nX-Forwarded-Proto: " + self.scheme
             + b"\r\nX-Forwarded-Port: " + self.port_b + b"\r\nVia: " + lb.s.via + b"\r\n"
         )
+        if self.fast and lb.mux is not None:
+            self.mfd = lb.mux.adopt(t)
         lb.conns.add(self)
         lb.clients += 1
         self.deadline = lb.reactor.seconds() + lb.s.header_timeout
@@ -433,6 +449,9 @@ class ClientConn(Protocol):
         self.state = C_CLOSED
         lb.conns.discard(self)
         lb.clients -= 1
+        if self.mfd >= 0:
+            lb.mux.drop(self.mfd)
+            self.mfd = -1
         if state == C_WAIT:
             if self.queued and self.bs is not None:
                 try:
@@ -463,6 +482,8 @@ class ClientConn(Protocol):
 
     def close(self) -> None:
         if self.state != C_CLOSED and self.transport is not None:
+            if self.mfd >= 0:
+                self.lb.mux.pause(self.mfd)  # no more requests from a closing connection
             self.transport.loseConnection()
 
     def linger_close(self) -> None:
@@ -476,7 +497,10 @@ class ClientConn(Protocol):
             return
         if self.paused:
             self.paused = 0
-            t.resumeProducing()
+            if self.mfd >= 0:
+                self.lb.mux.resume(self.mfd)
+            else:
+                t.resumeProducing()
         lwc()
         self.deadline = self.lb.reactor.seconds() + LINGER_SECONDS
 
@@ -489,14 +513,20 @@ class ClientConn(Protocol):
     # -- read pausing -----------------------------------------------------------------
     def _pause(self, why: int) -> None:
         if not self.paused:
-            self.transport.pauseProducing()
+            if self.mfd >= 0:
+                self.lb.mux.pause(self.mfd)
+            else:
+                self.transport.pauseProducing()
         self.paused |= why
 
     def _resume(self, why: int) -> None:
         if self.paused & why:
             self.paused &= ~why
             if not self.paused and self.state != C_CLOSED:
-                self.transport.resumeProducing()
+                if self.mfd >= 0:
+                    self.lb.mux.resume(self.mfd)
+                else:
+                    self.transport.resumeProducing()
 
     # IPushProducer for the backend transport (upload direction)
     def pauseProducing(self) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import select
 import signal
 import socket
 import sys
@@ -26,6 +27,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from epio.lb.fastio import ReadMux
 from epio.lb.observe import FileLogSink, Observer
 from epio.lb.proxy import LB, SWEEP_INTERVAL, LBFactory, Settings
 from epio.routing import FileRouteSource, RouteTable
@@ -132,6 +134,8 @@ class LBService(MultiService):
         else:
             observer = Observer(log_sink, stats_sink)
         self.lb = LB(reactor, self.table, self.settings, observer)
+        if hasattr(reactor, "_disconnectSelectable") and hasattr(select, "epoll"):
+            self.lb.mux = ReadMux(reactor)
         self.worker_spec = worker_spec
         self.reuseport = reuseport
         self.ports: list[Any] = []
@@ -181,6 +185,8 @@ class LBService(MultiService):
             loop.start(interval, now=False)
             self._loops.append(loop)
         self._install_sighup()
+        if self.lb.mux is not None:
+            self.lb.mux.start()
         d = defer.ensureDeferred(self._listen())
         d.addCallbacks(self._listening, self._listen_failed)
 
@@ -295,6 +301,8 @@ class LBService(MultiService):
         if timer.active():
             timer.cancel()
         lb.abort_all()
+        if lb.mux is not None:
+            lb.mux.stop()
         for w in list(self._workers):
             await w.ended
         for loop in self._loops:
