@@ -149,7 +149,7 @@ class Addons:
 
     def __init__(self, store: Any, control: Any, clock: Any, settings: AddonSettings,
                  shared: Any = None, scheduler: Any = None, log_sink: Any = None,
-                 runner_dead_after: float = 15.0) -> None:
+                 runner_dead_after: float = 15.0, probe: Any = None) -> None:
         self.store = store
         self.control = control
         self.clock = clock
@@ -158,6 +158,8 @@ class Addons:
         self.scheduler = scheduler
         self.log_sink = log_sink
         self.runner_dead_after = runner_dead_after
+        # async (addon) -> None: raises until the server accepts the app's credentials
+        self.probe = probe or self._probe
 
     # --- add-ons ------------------------------------------------------------------
 
@@ -343,16 +345,19 @@ class Addons:
         last = "no answer"
         while self.clock.seconds() < deadline:
             try:
-                if addon.kind == "redis":
-                    await _redis_ping(addon)
-                else:
-                    await _postgres_ensure_db(self.clock, addon)
+                await self.probe(addon)
                 return
             except Exception as e:
                 last = type(e).__name__
             await deferLater(self.clock, 0.3, lambda: None)
         raise TimeoutError(f"not accepting connections after "
                            f"{self.settings.service_boot_timeout:g}s ({last})")
+
+    async def _probe(self, addon: Addon) -> None:
+        if addon.kind == "redis":
+            await _redis_ping(addon)
+        else:
+            await _postgres_ensure_db(self.clock, addon)
 
     async def _ensure_running(self, app: Any, addon: Addon, image: str, say: Any) -> None:
         """A dedicated server whose instance is gone (its runner died) is started again

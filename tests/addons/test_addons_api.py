@@ -1,0 +1,267 @@
+"""Add-on and backup endpoints over a real SQLite store, with fake runners, a fake shared
+PostgreSQL and fake backup nodes (every response validated against the OpenAPI document by
+the api tests' Harness)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import ensureDeferred
+from twisted.trial.unittest import TestCase
+
+from epio.addons import db_identifier
+from epio.addons.postgres import PostgresCredentials
+from epio.addons.services import REDIS_TYPE
+from epio.api.addons import Addons, AddonSettings
+from epio.bus import RemoteError, RequestTimeout
+from tests.api.support import Harness, settle
+
+BACKUP_A, BACKUP_B = "tcp://backup-a:7741", "tcp://backup-b:7741"
+
+
+class FakeShared:
+    """The shared PostgreSQL server, in memory."""
+
+    def __init__(self) -> None:
+        self.databases: dict[str, str] = {}
+
+    async def provision(self, app: str) -> PostgresCredentials:
+        password = f"pw-{app}-{len(self.databases)}"
+        self.databases[app] = password
+        name = db_identifier(app)
+        return PostgresCredentials(app, "127.0.0.1", 5432, name, name, password)
+
+    async def deprovision(self, app: str) -> None:
+        self.databases.pop(app, None)
+
+    async def exists(self, app: str) -> bool:
+        return app in self.databases
+
+
+class FakeBackupNodes:
+    """Backup nodes answering backup.* (keyed by endpoint); the rest goes to the runners."""
+
+    def __init__(self, runners: Any) -> None:
+        self.runners = runners
+        self.catalogs: dict[str, list[dict[str, Any]]] = {BACKUP_A: [], BACKUP_B: []}
+        self.down: set[str] = set()
+        self.fail_next = ""
+        self.requests: list[tuple[str, str, dict[str, Any]]] = []
+        self.n = 0
+
+    async def request(self, endpoint: str, type: str, body: dict[str, Any],
+                      timeout: float | None = None) -> dict[str, Any]:
+        if not type.startswith("backup."):
+            return await self.runners.request(endpoint, type, body, timeout)
+        self.requests.append((endpoint, type, body))
+        if endpoint in self.down:
+            raise RequestTimeout(type, endpoint, timeout or 1.0)
+        mine = self.catalogs[endpoint]
+        if type == "backup.list":
+            return {"backups": [r for r in mine if r["app"] == body["app"]]}
+        if type == "backup.create":
+            self.n += 1
+            record = {"id": f"b{self.n}", "app": body["app"], "kind": body.get("kind", "postgres"),
+                      "created": float(self.n), "status": "verified", "size": 10,
+                      "sha256": "ab" * 32, "source": "db", "counts": {"public.t": 3},
+                      "error": "", "finished": float(self.n)}
+            if self.fail_next:
+                record.update(status="failed", error=self.fail_next)
+                self.fail_next = ""
+            mine.append(record)
+            return {"backups": [record]}
+        if type == "backup.restore":
+            return {"app": body["app"], "id": body["id"], "kept_as": "app_x_pre_1"}
+        if type == "backup.fetch":
+            return {"id": body["id"], "offset": body["offset"], "size": 4, "data": b"PGDM",
+                    "eof": True, "sha256": "x", "status": "verified"}
+        raise RemoteError("unknown_type", type)
+
+
+class AddonApiTests(TestCase):
+    timeout = 30
+
+    def setUp(self) -> Any:
+        self.h = Harness()
+        self.addCleanup(lambda: ensureDeferred(self.h.stop()))
+        return ensureDeferred(self.start())
+
+    async def start(self) -> None:
+        await self.h.start()
+        self.shared = FakeShared()
+        self.backups = FakeBackupNodes(self.h.runners)
+        self.probed: list[str] = []
+
+        async def probe(addon: Any) -> None:
+            self.probed.append(addon.kind)
+
+        from twisted.internet import reactor
+
+        self.addons = Addons(self.h.store, self.backups, reactor,
+                             AddonSettings(backup_endpoints=(BACKUP_A, BACKUP_B),
+                                           reach_timeout=1.0),
+                             shared=self.shared, scheduler=self.h.scheduler, probe=probe)
+        self.h.api.addons = self.h.platform.addons = self.h.deployer.addons = self.addons
+        self.h.deployer.control = self.backups
+        await self.call("POST", "apps", body={"name": "shop"})
+
+    def call(self, method: str, path: str, body: Any = None, token: str | None = None) -> Any:
+        return self.h.call(method, path, token=token or self.h.alice_token, body=body)
+
+    async def test_create_sets_database_url_in_a_release(self) -> None:
+        """POST addons provisions, sets DATABASE_URL in a new release, never answers the
+        password; a second one is 409; GET lists and shows it."""
+        status, addon, _ = await self.call("POST", "apps/shop/addons", {"kind": "postgres"})
+        self.assertEqual(status, 201, addon)
+        self.assertEqual((addon["plan"], addon["state"], addon["config_var"]),
+                         ("shared", "ready", "DATABASE_URL"))
+        password = self.shared.databases["shop"]
+        self.assertNotIn(password, str(addon))
+        _, config, _ = await self.call("GET", "apps/shop/config")
+        self.assertIn(password, config["vars"]["DATABASE_URL"])
+        _, releases, _ = await self.call("GET", "apps/shop/releases")
+        self.assertEqual(releases[0]["config_keys"], ["DATABASE_URL"])
+        status, body, _ = await self.call("POST", "apps/shop/addons", {"kind": "postgres"})
+        self.assertEqual((status, body["error"]["code"]), (409, "conflict"))
+        _, listed, _ = await self.call("GET", "apps/shop/addons")
+        self.assertEqual([a["kind"] for a in listed], ["postgres"])
+        _, one, _ = await self.call("GET", "apps/shop/addons/postgres")
+        self.assertNotIn(password, str(one))
+        status, body, _ = await self.call("GET", "apps/shop/addons/redis")
+        self.assertEqual(status, 404)
+
+    async def test_bad_requests(self) -> None:
+        """Unknown kinds and plans are refused by the schema; redis cannot be shared; a
+        dedicated server needs a deployed app."""
+        status, body, _ = await self.call("POST", "apps/shop/addons", {"kind": "mysql"})
+        self.assertEqual((status, body["error"]["code"]), (400, "validation_failed"))
+        status, body, _ = await self.call("POST", "apps/shop/addons",
+                                          {"kind": "redis", "plan": "shared"})
+        self.assertEqual((status, body["error"]["code"]), (400, "validation_failed"))
+        status, body, _ = await self.call("POST", "apps/shop/addons", {"kind": "redis"})
+        self.assertEqual(status, 409)
+        self.assertIn("deploy shop first", body["error"]["message"])
+
+    async def test_destroy_takes_a_final_backup(self) -> None:
+        """DELETE: a failed final backup drops nothing (409) unless force; a verified one
+        is answered, the database dropped and DATABASE_URL unset in a new release."""
+        await self.call("POST", "apps/shop/addons", {"kind": "postgres"})
+        self.backups.fail_next = "verification failed: row counts differ in public.t"
+        status, body, _ = await self.call("DELETE", "apps/shop/addons/postgres")
+        self.assertEqual((status, body["error"]["code"]), (409, "final_backup_failed"))
+        self.assertIn("row counts differ", body["error"]["message"])
+        self.assertIn("shop", self.shared.databases)
+        status, body, _ = await self.call("DELETE", "apps/shop/addons/postgres")
+        self.assertEqual(status, 200, body)
+        self.assertEqual(body["final_backup"]["status"], "verified")
+        self.assertNotIn("shop", self.shared.databases)
+        _, config, _ = await self.call("GET", "apps/shop/config")
+        self.assertNotIn("DATABASE_URL", config["vars"])
+        self.backups.fail_next = "boom"
+        await self.call("POST", "apps/shop/addons", {"kind": "postgres"})
+        status, body, _ = await self.call("DELETE", "apps/shop/addons/postgres?force=true")
+        self.assertEqual(status, 200, body)
+        self.assertEqual(body["final_backup"]["status"], "failed")  # reported, not hidden
+        self.assertEqual(self.shared.databases, {})
+
+    async def test_destroy_without_backup_node_drops(self) -> None:
+        """With no backup node reachable the add-on is dropped without a final backup."""
+        await self.call("POST", "apps/shop/addons", {"kind": "postgres"})
+        self.backups.down = {BACKUP_A, BACKUP_B}
+        status, body, _ = await self.call("DELETE", "apps/shop/addons/postgres")
+        self.assertEqual((status, body["final_backup"]), (200, None))
+
+    async def test_backups_across_nodes(self) -> None:
+        """list merges every answering node (failed ones shown failed); create answers the
+        records; restore of a failed backup is 409; no node answering is 503."""
+        await self.call("POST", "apps/shop/addons", {"kind": "postgres"})
+        self.backups.catalogs[BACKUP_B].append(
+            {"id": "old", "app": "shop", "kind": "postgres", "created": 0.5, "status": "failed",
+             "error": "interrupted", "size": 0, "sha256": "", "source": "db", "counts": {}})
+        status, made, _ = await self.call("POST", "apps/shop/backups", {})
+        self.assertEqual((status, [b["status"] for b in made]), (201, ["verified"]))
+        _, listed, _ = await self.call("GET", "apps/shop/backups")
+        self.assertEqual([(b["id"], b["status"], b["verified"]) for b in listed],
+                         [("b1", "verified", True), ("old", "failed", False)])
+        status, body, _ = await self.call("POST", "apps/shop/backups/old/restore", {})
+        self.assertEqual((status, body["error"]["code"]), (409, "backup_failed"))
+        status, body, _ = await self.call("POST", "apps/shop/backups/nope/restore", {})
+        self.assertEqual((status, body["error"]["code"]), (404, "backup_not_found"))
+        status, body, _ = await self.call("POST", "apps/shop/backups/b1/restore", {})
+        self.assertEqual((status, body["into"], body["kept_as"]), (200, "shop", "app_x_pre_1"))
+        self.backups.down = {BACKUP_A}
+        _, listed, _ = await self.call("GET", "apps/shop/backups")
+        self.assertEqual([b["id"] for b in listed], ["old"])
+        self.backups.down = {BACKUP_A, BACKUP_B}
+        status, body, _ = await self.call("GET", "apps/shop/backups")
+        self.assertEqual((status, body["error"]["code"]), (503, "backups_unavailable"))
+
+    async def test_restore_to_app_needs_access(self) -> None:
+        """to_app must be an app the caller may see (404 otherwise, as for a missing one)."""
+        await self.call("POST", "apps/shop/addons", {"kind": "postgres"})
+        await self.call("POST", "apps", body={"name": "other"}, token=self.h.bob_token)
+        await self.call("POST", "apps/shop/backups", {})
+        status, body, _ = await self.call("POST", "apps/shop/backups/b1/restore",
+                                          {"to_app": "other"})
+        self.assertEqual((status, body["error"]["code"]), (404, "not_found"))
+        await self.call("POST", "apps", body={"name": "mine"})
+        status, body, _ = await self.call("POST", "apps/shop/backups/b1/restore",
+                                          {"to_app": "mine"})
+        self.assertEqual((status, body["error"]["code"]), (409, "no_addon"))
+
+    async def run_deploy(self) -> dict[str, Any]:
+        status, body, _ = await self.h.call("POST", "apps/shop/deploys", token=self.h.alice_token,
+                                            raw=b"tarball-bytes", content_type="application/gzip")
+        self.assertEqual(status, 202, body)
+        self.h.scheduler.become_leader()
+        await settle(ensureDeferred(self.h.deployer.wait(body["id"])), timeout=20)
+        _, body, _ = await self.call("GET", f"apps/shop/deploys/{body['id']}")
+        return dict(body)
+
+    async def test_deploy_provisions_services_before_the_release(self) -> None:
+        """[services] postgres/redis: provisioned during the deploy, the release and its
+        instances get DATABASE_URL and REDIS_URL; the dedicated Redis is a runner instance
+        the scheduler leaves alone; deleting the app drops and stops them."""
+        await self.h.add_runner("r1")
+        self.h.runners.manifest = {"processes": {"web": "gunicorn app:app"},
+                                   "services": {"postgres": "shared", "redis": "dedicated"},
+                                   "redis_memory_mb": 8}
+        d = await self.run_deploy()
+        self.h.scheduler.lose_leadership()
+        self.assertEqual(d["status"], "succeeded", d["log"])
+        self.assertIn("Provisioning shared postgres", d["log"])
+        self.assertIn("Provisioning dedicated redis", d["log"])
+        _, release, _ = await self.call("GET", "apps/shop/releases/1")
+        self.assertEqual(release["config_keys"], ["DATABASE_URL", "REDIS_URL"])
+        redis = [i for i in self.h.runners.running("shop") if i["process_type"] == REDIS_TYPE]
+        self.assertEqual(len(redis), 1)
+        self.assertEqual(redis[0]["release"], 0)
+        start = next(b for _, t, b in self.h.runners.requests
+                     if t == "runner.start" and b["process_type"] == REDIS_TYPE)
+        password = (await self.addons.get(
+            await self.h.store.get_app("shop"), "redis")).password
+        self.assertNotIn(password, " ".join(start["command"]))
+        self.assertIn("maxmemory 8mb", start["env"]["EPIO_SERVICE_CONFIG"])
+        web = [i for i in self.h.runners.running("shop") if i["process_type"] == "web"]
+        self.assertIn(password, web[0]["env"]["REDIS_URL"])
+        # the scheduler does not take the Redis for an orphan or an extra
+        self.h.scheduler.become_leader()
+        for _ in range(3):
+            await settle(ensureDeferred(self.h.scheduler.reconcile()))
+        self.h.scheduler.lose_leadership()
+        self.assertEqual(len([i for i in self.h.runners.running("shop")
+                              if i["process_type"] == REDIS_TYPE]), 1)
+        _, ps, _ = await self.call("GET", "apps/shop/ps")
+        self.assertIn(("epio-redis", "healthy"), [(p["type"], p["state"]) for p in ps])
+        # a second deploy keeps the same servers
+        d = await self.run_deploy()
+        self.h.scheduler.lose_leadership()
+        self.assertEqual(d["status"], "succeeded", d["log"])
+        self.assertEqual(len([i for i in self.h.runners.running("shop")
+                              if i["process_type"] == REDIS_TYPE]), 1)
+        status, _, _ = await self.call("DELETE", "apps/shop")
+        self.assertEqual(status, 200)
+        self.assertEqual(self.h.runners.running("shop"), [])
+        self.assertEqual(self.shared.databases, {})
+        finals = [b["kind"] for e, t, b in self.backups.requests if t == "backup.create"]
+        self.assertEqual(sorted(finals), ["postgres", "redis"])
