@@ -51,6 +51,8 @@ from epio.store.store import DEPLOY_FINAL
 
 LOCK_NAME = "epio.scheduler"
 DEFAULT_BOOT_TIMEOUT = 60.0
+# store changes that alter desired state (instance changes are the leader's own writes)
+WAKE_ON = ("release", "formation", "app", "node", "resync")
 RUNNER_STATES = ("starting", "healthy", "draining", "crashed", "failed", "stopped")
 
 
@@ -92,6 +94,7 @@ class Scheduler:
         self._loop: LoopingCall | None = None
         self._busy = False
         self._again = False
+        self._unsubscribe: Any = None
 
     # --- lifecycle (driven by leadership) -----------------------------------------
 
@@ -102,12 +105,33 @@ class Scheduler:
         self._loop.clock = self.clock
         self._loop.start(self.settings.reconcile_interval, now=True).addErrback(
             lambda f: self.log.failure("scheduler loop died", f))
+        ensureDeferred(self._listen()).addErrback(
+            lambda f: self.log.failure("listening to store changes failed", f))
+
+    async def _listen(self) -> None:
+        """Reconcile at once when desired state changes in any api process (the store's
+        change notifications; PostgreSQL: every node's, SQLite: this process's)."""
+        subscribe = getattr(self.store, "subscribe", None)
+        if subscribe is None:
+            return
+        unsubscribe = await subscribe(self._changed)
+        if self.leader:
+            self._unsubscribe = unsubscribe
+        else:
+            unsubscribe()
+
+    def _changed(self, change: Any) -> None:
+        if change.kind in WAKE_ON:
+            self.wake()
 
     def lose_leadership(self) -> None:
         self.leader = False
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
+        unsubscribe, self._unsubscribe = self._unsubscribe, None
+        if unsubscribe is not None:
+            unsubscribe()
 
     def wake(self) -> None:
         """Reconcile soon (after a scale, release, ...) instead of at the next tick."""

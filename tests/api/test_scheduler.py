@@ -91,6 +91,26 @@ class SchedulerTests(TestCase):
         insts = await self.h.store.list_instances("web1")
         self.assertEqual([(i.node, i.state) for i in insts], [("r2", "healthy")])
 
+    async def test_store_change_wakes_the_leader(self) -> None:
+        """A formation change reconciles at once, not at the next (here: hourly) tick."""
+        from epio.api.settings import ApiSettings
+
+        self.h.scheduler.settings = ApiSettings(reconcile_interval=3600.0, drain_seconds=0.0)
+        await self.h.add_runner("r1")
+        await self.app_with_release(quantity=0)
+        self.h.scheduler.become_leader()
+        self.addCleanup(self.h.scheduler.lose_leadership)
+        for _ in range(100):  # the first pass and the subscription
+            if self.h.scheduler.passes and self.h.scheduler._unsubscribe is not None:
+                break
+            await settle(ensureDeferred(self.h.store.list_apps()))
+        await self.h.store.set_formation("web1", "web", 1)
+        for _ in range(200):
+            if self.h.runners.running("web1"):
+                break
+            await settle(ensureDeferred(self.h.store.list_apps()))
+        self.assertEqual(len(self.h.runners.running("web1")), 1)
+
     async def test_orphans_stopped(self) -> None:
         """An instance a runner runs that the store does not know is stopped."""
         await self.h.add_runner("r1")
