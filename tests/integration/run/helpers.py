@@ -31,12 +31,14 @@ __all__ = ["RunNode", "skip_reason", "wait_until"]
 class RunNode:
     """One node with one app (``hello``) whose release runs on a prepared image."""
 
-    def __init__(self, run: dict[str, object] | None = None, app: str = "hello") -> None:
+    def __init__(self, run: dict[str, object] | None = None, app: str = "hello",
+                 **sections: dict[str, object]) -> None:
         self.tmp = Path(tempfile.mkdtemp(prefix="epio-run-it-"))
         os.chmod(self.tmp, 0o711)
         doc, _ = isolated_config({
             "api": {"reconcile_interval": 0.5, "runner_dead_after": 10.0},
             "run": {"lease": 3.0, "poll_wait": 2.0, **(run or {})},
+            **sections,
         })
         self.doc = doc
         self.api_port = int(str(doc["api"]["listen"]).split(":")[1])

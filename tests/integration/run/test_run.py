@@ -220,7 +220,7 @@ class RunCliTests(SynchronousTestCase):
         assert proc.stdout is not None
         total, samples = 0, []
         started = time.monotonic()
-        while time.monotonic() - started < 4:
+        while time.monotonic() - started < 3:
             total += len(proc.stdout.read(16384))
             time.sleep(0.02)
             samples.append(rss_kb(pid))
