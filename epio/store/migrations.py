@@ -193,6 +193,27 @@ MIGRATIONS: tuple[Migration, ...] = (
             PRIMARY KEY (app, kind)
         )""",
     )),
+    Migration(4, "audit of `epio run` sessions (epio.store.runs)", statements=(
+        """CREATE TABLE run_sessions (
+            id TEXT PRIMARY KEY,
+            app TEXT NOT NULL REFERENCES apps(name) ON DELETE CASCADE,
+            number INTEGER NOT NULL,
+            user_name TEXT,
+            command TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            tty BOOLEAN NOT NULL,
+            node TEXT,
+            release INTEGER,
+            state TEXT NOT NULL,
+            started DOUBLE PRECISION NOT NULL,
+            ended DOUBLE PRECISION,
+            exit_status INTEGER,
+            exit_signal TEXT,
+            reason TEXT,
+            UNIQUE (app, number)
+        )""",
+        "CREATE INDEX run_sessions_app ON run_sessions (app, started)",
+    )),
 )
 
 SCHEMA_VERSION_DDL = """CREATE TABLE IF NOT EXISTS schema_version (
