@@ -55,3 +55,7 @@ class DjangoRunTests(SynchronousTestCase):
             "from django.contrib.auth.models import User; "
             "print(list(User.objects.filter(is_superuser=True).values_list('username')))")
         self.assertEqual(out.strip().splitlines()[-1], "[('boss',)]")
+        # `epio psql` (epio.cli.addons) is an epio run session too
+        _, out, _ = self.node.epio("psql", "--app", "hello", "-T", "-q", "--", "-At", "-c",
+                                   "select username from auth_user")
+        self.assertEqual(out.strip(), "boss")

@@ -83,6 +83,10 @@ class ReleasePhaseTests(SynchronousTestCase):
         """A deploy runs the migration once, before its release serves; a deploy whose
         migration fails (run once too) makes no release and the previous one keeps
         serving."""
+        code, _, err = self.node.epio("run", "--app", "hello", "--", "true", check=False)
+        self.assertEqual(code, 1)  # nothing to run in yet: a clear error, no traceback
+        self.assertIn("has no release to run commands in yet: deploy it first", err)
+        self.assertNotIn("Traceback", err)
         code, out, err = self.deploy(self.app_dir)
         self.assertEqual(code, 0, out + err)
         self.assertIn("migration 1", out)
