@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
@@ -42,6 +42,13 @@ class DeployFailed(Exception):
     """The deploy cannot go on; the message is the reason shown to the user."""
 
     status = "failed"
+
+
+class DeployInterrupted(Exception):
+    """The api process is stopping: the deploy ends where it is (see Deployer.stop)."""
+
+
+STOPPED = "the api process running it stopped; deploy again"
 
 
 class DeploySuperseded(DeployFailed):
@@ -65,6 +72,7 @@ class Deployer:
         self.scheduler = scheduler
         self.log_sink = log_sink
         self.running: dict[str, Deferred[None]] = {}
+        self.stopping = False
 
     async def start(self, app: App, user: User, tarball: bytes) -> Deploy:
         deploy = await self.store.create_deploy(app.name, "pending", created_by=user.name,
@@ -81,12 +89,21 @@ class Deployer:
         return deploy
 
     async def stop(self) -> None:
-        """Stop every running deploy (the api is stopping): each is marked failed."""
-        running = list(self.running.values())
-        for d in running:
-            d.cancel()
-        if running:
-            await DeferredList(running, consumeErrors=True)
+        """The api is stopping: mark this process's running deploys failed.
+
+        Nothing is cancelled (a store transaction or a build request must not be cut
+        in the middle); each running deploy stops at its next step instead.
+        """
+        self.stopping = True
+        for deploy_id in list(self.running):
+            try:
+                d = await self.store.get_deploy(deploy_id)
+                if d.finished is None:
+                    await self.store.update_deploy(
+                        deploy_id, status="failed", reason=STOPPED,
+                        append_log=f"Deploy failed: {STOPPED}\n")
+            except Exception:
+                self.log.failure("marking deploy {id} failed failed", id=deploy_id)
 
     async def wait(self, deploy_id: str) -> None:
         """Until the deploy run by this process (if any) ended."""
@@ -102,6 +119,8 @@ class Deployer:
             await waiter
 
     async def _say(self, deploy: Deploy, text: str, **changes: Any) -> Deploy:
+        if self.stopping:
+            raise DeployInterrupted()
         if self.log_sink is not None:
             try:
                 self.log_sink.emit(deploy.app, "platform", text)
@@ -114,13 +133,15 @@ class Deployer:
             await self._deploy(app, deploy, tarball)
         except DeployFailed as e:
             await self._fail(deploy, str(e), e.status)
-        except CancelledError:
-            await self._fail(deploy, "the api process running it stopped; deploy again")
+        except DeployInterrupted:
+            pass  # stop() recorded it
         except Exception:
             self.log.failure("deploy {id} of {app} failed", id=deploy.id, app=app.name)
             await self._fail(deploy, "internal error (logged on the api node)")
 
     async def _fail(self, deploy: Deploy, reason: str, status: str = "failed") -> None:
+        if self.stopping:
+            return  # stop() recorded it
         try:
             what = "cancelled" if status == "cancelled" else "failed"
             await self._say(deploy, f"Deploy {what}: {reason}", status=status, reason=reason)
@@ -204,6 +225,8 @@ class Deployer:
         deadline = self.clock.seconds() + self.settings.rollout_timeout
         reported: dict[str, str] = {}
         while True:
+            if self.stopping:
+                raise DeployInterrupted()
             current = await current_release(self.store, app.name)
             if current is not None and current.version > version:
                 raise DeploySuperseded(f"v{current.version} replaced v{version} during its "

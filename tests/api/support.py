@@ -168,8 +168,11 @@ class Harness:
 
     async def stop(self) -> None:
         self.scheduler.lose_leadership()
-        for d in list(self.deployer.running.values()):
-            d.cancel()
+        await self.deployer.stop()
+        for _ in range(500):  # each running deploy ends at its next step
+            if not self.deployer.running:
+                break
+            await deferLater(reactor, 0.01, lambda: None)
         while self.scheduler._busy:
             await deferLater(reactor, 0.01, lambda: None)
         await self.store.close()
