@@ -23,9 +23,10 @@ frames ``<fd byte><data>`` (fd 1 = PTY/stdout, 2 = stderr), then ``{"type":
 "message"}``; then the server closes.
 
 The api carries a session between the websocket and the runner over the bus
-(:class:`Bridge`): one output poll at a time (acknowledging what it delivered),
-none while the websocket's transport is paused (a slow client), so the api holds
-at most one reply of ``run.chunk_kb`` per session; input events go one request
+(:class:`Bridge`): output polls acknowledge what was received; the next poll is
+sent while a reply is being written, and none is sent while the websocket's
+transport is paused (a slow client), so the api holds at most two replies of
+``run.chunk_kb`` per session; input events go one request
 at a time, in order, and past ``run.input_buffer_kb`` queued the websocket stops
 being read.  Keep-alive polls renew the runner's lease while output is paused.
 """
@@ -375,19 +376,26 @@ class Bridge:
     async def _request(self, type: str, body: dict[str, Any], timeout: float) -> Any:
         return await self.control.request(self.endpoint, type, body, timeout=timeout)
 
+    def _poll(self) -> Deferred[Any]:
+        body = {"session_id": self.session_id, "client": self.client, "ack": self.ack,
+                "max": self.settings.chunk, "wait": self.settings.poll_wait}
+        return ensureDeferred(self._request(
+            "run.poll", body, self.settings.poll_wait + self.settings.runner_timeout))
+
     async def _poll_loop(self) -> None:
         last_ok = self.clock.seconds()
+        pending: Deferred[Any] | None = None
         while not self.done:
-            if self.paused:
-                self._resumed = Deferred()
-                await self._resumed
-                continue
-            body = {"session_id": self.session_id, "client": self.client, "ack": self.ack,
-                    "max": self.settings.chunk, "wait": self.settings.poll_wait}
+            if pending is None:
+                if self.paused:
+                    self._resumed = Deferred()
+                    await self._resumed
+                    continue
+                pending = self._poll()
             try:
-                reply = await self._request("run.poll", body,
-                                            self.settings.poll_wait + self.settings.runner_timeout)
+                reply = await pending
             except Exception as e:
+                pending = None
                 if self.done:
                     return
                 code = getattr(e, "code", None)
@@ -400,20 +408,28 @@ class Bridge:
                     return
                 await deferLater(self.clock, 0.5, lambda: None)
                 continue
+            pending = None
             last_ok = self.clock.seconds()
             self.polls += 1
             if self.done:
                 return
+            parts: list[tuple[int, bytes]] = []
             offset = int(reply.get("offset", 0))
             for fd, data in reply.get("chunks", []):
                 end = offset + len(data)
                 if end > self.ack:
-                    part = data[max(0, self.ack - offset):]
+                    parts.append((int(fd), data[max(0, self.ack - offset):]))
                     self.ack = end
-                    self.delivered += len(part)
-                    self.sink.on_output(int(fd), part)
                 offset = end
-            if reply.get("exited"):
+            exited = bool(reply.get("exited"))
+            if not exited and not self.paused:
+                # the next reply travels while this one is written: at most two chunks
+                # of this session are ever held here
+                pending = self._poll()
+            for fd, part in parts:
+                self.delivered += len(part)
+                self.sink.on_output(fd, part)
+            if exited:
                 self.exited = True
                 self.done = True
                 self._stop_keepalive()
