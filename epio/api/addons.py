@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-from attrs import frozen
+from attrs import evolve, frozen
 from twisted.internet.defer import DeferredList, ensureDeferred
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -105,6 +105,7 @@ class AddonSettings:
     backup_endpoints: tuple[str, ...] = ()
     backup_timeout: float = 1800.0
     reach_timeout: float = 5.0
+    keeper_interval: float = 10.0
 
     @classmethod
     def from_config(cls, config: Any) -> AddonSettings:
@@ -112,7 +113,8 @@ class AddonSettings:
         return cls(a["postgres_admin_url"], a["postgres_host"], a["postgres_port"],
                    a["postgres_bin"], float(a["service_boot_timeout"]),
                    float(a["redis_snapshot_interval"]), tuple(b["endpoints"]),
-                   float(b["api_timeout"]), float(b["reach_timeout"]))
+                   float(b["api_timeout"]), float(b["reach_timeout"]),
+                   float(a["keeper_interval"]))
 
 
 def describe_addon(a: Addon) -> dict[str, Any]:
@@ -160,6 +162,7 @@ class Addons:
         self.runner_dead_after = runner_dead_after
         # async (addon) -> None: raises until the server accepts the app's credentials
         self.probe = probe or self._probe
+        self._kept: dict[tuple[str, str], str] = {}
 
     # --- add-ons ------------------------------------------------------------------
 
@@ -287,8 +290,6 @@ class Addons:
                             node_id: str | None = None) -> Addon:
         """Start the dedicated server on a runner (its recorded node if alive) and wait
         until it accepts connections."""
-        from attrs import evolve
-
         from epio.store import Instance
 
         runner = await self._pick_runner(node_id or addon.node)
@@ -325,7 +326,7 @@ class Addons:
         rhost = str(reply.get("host") or host)
         await self.store.upsert_instance(evolve(inst, host=rhost, port=port, state="starting"))
         addon = evolve(addon, host=rhost, port=int(port) if port else None, node=runner.id,
-                       instance=iid)
+                       instance=iid, options={**addon.options, "image": image})
         await put_addon(self.store, addon)
         try:
             await self._wait_accepting(addon)
@@ -365,6 +366,9 @@ class Addons:
         if addon.instance:
             for i in await self.store.list_instances(app.name):
                 if i.id == addon.instance:
+                    if addon.state != "ready":  # started, but slow to answer last time
+                        await self._wait_accepting(addon)
+                        await put_addon(self.store, evolve(addon, state="ready"))
                     return
         await say(f"  dedicated {addon.kind} is not running; starting it again"
                   + (f" on {addon.node}" if addon.node else ""))
@@ -374,6 +378,59 @@ class Addons:
             raise AddonError(f"{addon.kind} add-on: {e.message}") from None
         if (new.host, new.port) != (addon.host, addon.port):
             await self._set_var(app, addon.kind, new, None, None)
+
+    async def keep_running(self) -> int:
+        """Start again the dedicated servers whose instance is gone (the scheduler forgot
+        it: its runner was dead, or came back and had it stopped as an orphan), on their
+        own node once it is alive.  Only the scheduler's leader does it.  Returns how many
+        were started."""
+        if self.scheduler is not None and not self.scheduler.leader:
+            return 0
+        present = {i.id for i in await self.store.list_instances()}
+        started = 0
+        for addon in await list_addons(self.store):
+            image = addon.options.get("image")
+            if addon.plan != "dedicated" or addon.state not in ("ready", "failed") \
+                    or not image or addon.instance in present:
+                continue
+            try:
+                app = await self.store.get_app(addon.app)
+                new = await self._start_server(app, addon, str(image), addon.node)
+            except errors.ApiError as e:
+                key = (addon.app, addon.kind)
+                if self._kept.get(key) != e.message:
+                    self._kept[key] = e.message
+                    self.log.warn("dedicated {kind} of {app} is down: {error}", kind=addon.kind,
+                                  app=addon.app, error=e.message)
+                continue
+            self._kept.pop((addon.app, addon.kind), None)
+            started += 1
+            self._app_log(addon.app, f"dedicated {addon.kind} started again on {new.node}")
+            if (new.host, new.port) != (addon.host, addon.port):
+                await self._set_var(app, addon.kind, new,
+                                    f"Dedicated {addon.kind} moved to {new.host}:{new.port}",
+                                    "epio")
+        return started
+
+    def _app_log(self, app: str, text: str) -> None:
+        if self.log_sink is not None:
+            try:
+                self.log_sink.emit(app, "platform", text)
+            except Exception:
+                self.log.failure("log sink failed")
+
+    def keeper(self, interval: float) -> Any:
+        """A service running :meth:`keep_running` every ``interval`` seconds."""
+        from twisted.application.internet import TimerService
+
+        def tick() -> Any:
+            return ensureDeferred(self.keep_running()).addErrback(
+                lambda f: self.log.failure("keeping dedicated servers running failed", f))
+
+        timer = TimerService(interval, tick)
+        timer.clock = self.clock
+        timer.setName("addons-keeper")
+        return timer
 
     async def _pick_runner(self, prefer: str | None) -> Any:
         now = self.clock.seconds()
@@ -651,8 +708,8 @@ async def _postgres_ensure_db(clock: Any, addon: Addon) -> None:
 
 
 def make_addons(node: Any, store: Any, control: Any, scheduler: Any = None,
-                log_sink: Any = None) -> Addons:
-    """The api's :class:`Addons` from the node's config."""
+                log_sink: Any = None, parent: Any = None) -> Addons:
+    """The api's :class:`Addons` from the node's config (its keeper under ``parent``)."""
     from epio.addons.postgres import SharedPostgres
 
     settings = AddonSettings.from_config(node.config)
@@ -661,8 +718,11 @@ def make_addons(node: Any, store: Any, control: Any, scheduler: Any = None,
         shared = SharedPostgres(node.reactor, settings.postgres_admin_url,
                                 settings.postgres_host or None, settings.postgres_port or None)
     dead_after = float(node.config["api"].get("runner_dead_after", 15.0))
-    return Addons(store, control, node.reactor, settings, shared, scheduler, log_sink,
-                  runner_dead_after=dead_after)
+    addons = Addons(store, control, node.reactor, settings, shared, scheduler, log_sink,
+                    runner_dead_after=dead_after)
+    if parent is not None:
+        addons.keeper(settings.keeper_interval).setServiceParent(parent)
+    return addons
 
 
 # --- HTTP routes (bound to epio.api.web.Api; ``api.addons`` is the domain) -------------

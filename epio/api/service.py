@@ -142,7 +142,7 @@ class ApiService(MultiService):
         from epio.api.addons import make_addons
 
         self.api.addons = self.platform.addons = self.deployer.addons = make_addons(
-            node, store, control, self.scheduler, sink)
+            node, store, control, self.scheduler, sink, parent=self)
         if "runner" not in node.roles:
             # the runner role registers the node itself (with its control endpoint);
             # a node without one is registered here so GET /nodes lists it too

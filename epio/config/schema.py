@@ -482,6 +482,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
                                     "may take to accept connections after it starts.", positive),
         "redis_snapshot_interval": Key(float, 900.0, "Seconds between persistence-guarded "
                                        "snapshots of each dedicated Redis.", positive),
+        "keeper_interval": Key(float, 10.0, "Seconds between checks (by the scheduler's "
+                               "leader) that every dedicated server runs; a lost one is "
+                               "started again on its own runner.", positive),
     },
     "build": {
         "python": Key(

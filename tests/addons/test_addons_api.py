@@ -265,3 +265,43 @@ class AddonApiTests(TestCase):
         self.assertEqual(self.shared.databases, {})
         finals = [b["kind"] for e, t, b in self.backups.requests if t == "backup.create"]
         self.assertEqual(sorted(finals), ["postgres", "redis"])
+
+    async def test_keeper_restarts_a_lost_server(self) -> None:
+        """A dedicated server whose instance the scheduler forgot (runner dead) is started
+        again on its own node by the leader, and REDIS_URL follows its new port in a new
+        release; a non-leader does nothing; a dead node is reported, not replaced."""
+        await self.h.add_runner("r1")
+        self.h.runners.manifest = {"processes": {"web": "gunicorn app:app"},
+                                   "services": {"redis": "dedicated"}}
+        d = await self.run_deploy()
+        self.h.scheduler.lose_leadership()
+        self.assertEqual(d["status"], "succeeded", d["log"])
+        app = await self.h.store.get_app("shop")
+        before = await self.addons.get(app, "redis")
+        await self.h.store.delete_instance(str(before.instance))
+        for endpoint in self.h.runners.instances:
+            self.h.runners.instances[endpoint].pop(str(before.instance), None)
+        self.assertEqual(await self.addons.keep_running(), 0)  # not the leader
+        self.h.scheduler.leader = True
+        self.assertEqual(await self.addons.keep_running(), 1)
+        self.h.scheduler.leader = False
+        after = await self.addons.get(app, "redis")
+        self.assertNotEqual(after.instance, before.instance)
+        self.assertEqual((after.node, after.password), ("r1", before.password))
+        _, config, _ = await self.call("GET", "apps/shop/config")
+        self.assertIn(f":{after.port}/0", config["vars"]["REDIS_URL"])
+        _, releases, _ = await self.call("GET", "apps/shop/releases")
+        self.assertEqual(releases[0]["description"], f"Dedicated redis moved to "
+                                                     f"127.0.0.1:{after.port}")
+        await self.h.store.delete_instance(str(after.instance))
+        self.h.runners.down.add("tcp://r1:7731")
+        await self.h.store.upsert_node("r1", ["runner"], "tcp://r1:7731", "boot")
+        self.h.scheduler.leader = True
+        self.assertEqual(await self.addons.keep_running(), 0)
+        self.h.scheduler.leader = False
+        self.assertEqual((await self.addons.get(app, "redis")).state, "failed")
+        self.h.runners.down.clear()  # the runner is back: the next check starts it
+        self.h.scheduler.leader = True
+        self.assertEqual(await self.addons.keep_running(), 1)
+        self.h.scheduler.leader = False
+        self.assertEqual((await self.addons.get(app, "redis")).state, "ready")

@@ -47,6 +47,9 @@ class AddonNode:
         (data / "cache").symlink_to(shared_cache())  # the build tests' session wheel cache
         self.node = NodeProcess(["--role=all"], data_dir=data, config=to_toml(doc))
         test.addCleanup(self.node.cleanup)
+        keep = os.environ.get("EPIO_TEST_KEEP_LOG")  # a directory to copy the node log to
+        if keep:
+            test.addCleanup(lambda: shutil.copy(self.node.log_path, Path(keep)))
         self.work = self.tmp / "work"
         self.work.mkdir()
         self.apps: list[str] = []
