@@ -34,11 +34,13 @@ class Target:
 
 
 def dedicated_postgres_url(t: Target) -> str:
-    """The superuser URL of an app's dedicated server (the app's own role owns it)."""
+    """The superuser URL of an app's dedicated server (the app's own role owns it), on the
+    ``postgres`` maintenance database: a restore ends the sessions of the app's database."""
     auth = quote(str(t.user), safe="")
     if t.password:
         auth += ":" + quote(t.password, safe="")
-    return f"postgresql://{auth}@{t.host}:{t.port}/{quote(str(t.database), safe='')}"
+    host = f"[{t.host}]" if t.host and ":" in t.host else t.host
+    return f"postgresql://{auth}@{host}:{t.port}/postgres"
 
 
 def target_of(addon: Any) -> Target:

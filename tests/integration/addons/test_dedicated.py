@@ -114,6 +114,19 @@ class DedicatedServicesTests(SynchronousTestCase):
         self.assertEqual(got["postgres"]["status"], "verified", made)
         self.assertEqual(got["postgres"]["counts"], {"public.t": 30})
 
+        # restores: Redis keys and the dedicated database come back from their backups
+        redis_cli(redis_url, "SET", "k1", "changed")
+        redis_cli(redis_url, "DEL", "k2")
+        n.epio("backups", "restore", got["redis"]["id"], "--app", app, "--confirm", app)
+        self.assertEqual((redis_cli(redis_url, "GET", "k1"), redis_cli(redis_url, "GET", "k2")),
+                         ("v", "v"))
+        with psycopg2.connect(password=u.password, **kw) as conn, conn.cursor() as cur:
+            cur.execute("DROP TABLE t")
+        n.epio("backups", "restore", got["postgres"]["id"], "--app", app, "--confirm", app)
+        with psycopg2.connect(password=u.password, **kw) as conn, conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM t")
+            self.assertEqual(cur.fetchone(), (30,))
+
         # deleting the app stops both servers
         n.epio("apps", "destroy", app, "--confirm", app)
         wait_until("the servers are gone", lambda: owner_uid(u.port or 0) is None
