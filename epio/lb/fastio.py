@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import tcp
+from twisted.logger import Logger
 
 FAST_TYPES = (tcp.Server, tcp.Client)
 
@@ -55,6 +56,8 @@ class ReadMux:
     Writing, closing and connection loss stay Twisted's.  Paused connections are
     taken out of the epoll altogether (no level-triggered HUP spinning).
     """
+
+    log = Logger()
 
     def __init__(self, reactor: Any) -> None:
         import select
@@ -128,9 +131,7 @@ class ReadMux:
             try:
                 why = t.doRead()
             except BaseException as e:
-                from twisted.logger import Logger
-
-                Logger().failure("router connection read failed")
+                self.log.failure("router connection read failed")
                 why = e
             if why is not None:
                 self.drop(fd)
