@@ -265,6 +265,9 @@ class LBService(MultiService):
 
     def _on_sighup(self, signum: int, frame: Any) -> None:
         self.reactor.callFromThread(self.reload)
+        prev = self._old_sighup
+        if callable(prev):  # another role's handler: it gets the signal too
+            prev(signum, frame)
 
     def reload(self) -> None:
         """SIGHUP: re-read the routes (and certificates); pass it on to workers."""
