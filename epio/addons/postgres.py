@@ -34,9 +34,10 @@ class PostgresCredentials:
 
     @property
     def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host  # IPv6 literal
         return (
             f"postgresql://{quote(self.user)}:{quote(self.password, safe='')}@"
-            f"{self.host}:{self.port}/{quote(self.database)}"
+            f"{host}:{self.port}/{quote(self.database)}"
         )
 
     def __repr__(self) -> str:  # never print the password

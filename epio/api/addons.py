@@ -245,6 +245,14 @@ class Addons:
                 continue
             if kind == "redis":
                 plan = "dedicated"
+            if kind == "postgres" and plan == "shared" and self.shared is None:
+                # a platform without a shared server (the single-box default): say so in
+                # the deploy log and go on -- the app runs without DATABASE_URL
+                await say("  [services] postgres: this platform has no shared PostgreSQL "
+                          "(addons.postgres_admin_url is empty); DATABASE_URL is NOT set")
+                self.log.warn("{app} asks for postgres but addons.postgres_admin_url is "
+                              "empty", app=app.name)
+                continue
             await say(f"Provisioning {plan} {kind} for {app.name}...")
             try:
                 addon = await self._provision(app, kind, plan,

@@ -305,3 +305,17 @@ class AddonApiTests(TestCase):
         self.assertEqual(await self.addons.keep_running(), 1)
         self.h.scheduler.leader = False
         self.assertEqual((await self.addons.get(app, "redis")).state, "ready")
+
+    async def test_deploy_without_shared_server_warns(self) -> None:
+        """postgres = true on a platform without a shared server: the deploy goes on and
+        its log says DATABASE_URL is NOT set; creating the add-on by hand is a 503."""
+        self.addons.shared = None
+        await self.h.add_runner("r1")
+        self.h.runners.manifest = {"processes": {"web": "gunicorn app:app"},
+                                   "services": {"postgres": "shared"}}
+        d = await self.run_deploy()
+        self.h.scheduler.lose_leadership()
+        self.assertEqual(d["status"], "succeeded", d["log"])
+        self.assertIn("DATABASE_URL is NOT set", d["log"])
+        status, body, _ = await self.call("POST", "apps/shop/addons", {"kind": "postgres"})
+        self.assertEqual((status, body["error"]["code"]), (503, "addons_unavailable"))
