@@ -25,10 +25,19 @@ class FakeShared:
 class TargetTests(TestCase):
     timeout = 20
 
+    url = ""
+
     async def store(self):  # type: ignore[no-untyped-def]
-        tmp = Path(tempfile.mkdtemp(prefix="epio-targets-"))
-        self.addCleanup(shutil.rmtree, tmp, True)
-        store = await open_store(f"sqlite:///{tmp / 's.sqlite3'}", reactor)
+        url = self.url
+        if not url:
+            tmp = Path(tempfile.mkdtemp(prefix="epio-targets-"))
+            self.addCleanup(shutil.rmtree, tmp, True)
+            url = f"sqlite:///{tmp / 's.sqlite3'}"
+        elif url == "postgresql":
+            from tests.store.pg import fresh_database_for_test
+
+            url = fresh_database_for_test(self)
+        store = await open_store(url, reactor)
         self.addCleanup(store.close)
         user = await store.create_user("u")
         for app in ("a", "b", "c"):
@@ -78,3 +87,9 @@ class TargetTests(TestCase):
         t = Target("a", "postgres", "dedicated", "::1", 7001, "app_a", "app_a", "p/w")
         self.assertEqual(dedicated_postgres_url(t), "postgresql://app_a:p%2Fw@[::1]:7001/postgres")
         self.assertNotIn("p/w", repr(t))
+
+
+class PostgresTargetTests(TargetTests):
+    """The same on a PostgreSQL store."""
+
+    url = "postgresql"
