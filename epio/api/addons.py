@@ -607,11 +607,13 @@ class Addons:
         return {"app": app.name, "id": backup_id, "into": into.name,
                 "kept_as": reply.get("kept_as")}
 
-    async def download(self, app: Any, backup_id: str, write: Any) -> None:
-        """Stream the backup's file: ``write(bytes)`` per chunk, after ``start(size, sha)``."""
+    async def download(self, app: Any, backup_id: str, write: Any,
+                       gone: Any = lambda: False) -> None:
+        """Stream the backup's file: ``await write(reply, data)`` per chunk (the first
+        reply has the size and checksum); stops early when ``gone()`` (client left)."""
         ep, record = await self._locate(app.name, backup_id)
         offset = 0
-        while True:
+        while not gone():
             reply = await self._remote(self._ask(ep, "backup.fetch", {
                 "app": app.name, "id": backup_id, "offset": offset}, self.settings.backup_timeout))
             data = reply.get("data") or b""
@@ -841,5 +843,7 @@ async def download_backup_route(self: Api, request: Any, user: Any, app: Any,
         if data:
             request.write(data)
 
-    await _domain(self).download(app, backup_id, write)
+    finished: list[bool] = []
+    request.notifyFinish().addBoth(lambda _: finished.append(True))
+    await _domain(self).download(app, backup_id, write, gone=lambda: bool(finished))
     return b""

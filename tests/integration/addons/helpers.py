@@ -37,7 +37,7 @@ class AddonNode:
                     "runner_dead_after": 10.0, "rollout_timeout": 60.0},
             "runner": {"backoff_initial": 0.2},
             "addons": {"postgres_admin_url": ADMIN_URL},
-            "backup": {"interval": 3600.0},
+            "backup": {"interval": 3600.0, "chunk_kb": 1},  # downloads in many chunks
             **(overrides or {}),
         })
         self.api_port = int(str(doc["api"]["listen"]).split(":")[1])

@@ -92,7 +92,8 @@ class SharedPostgresFlowTests(SynchronousTestCase):
         n.epio("backups", "restore", made["id"], "--app", a, "--to-app", b, "--confirm", b)
         self.assertEqual(len(rows(url_b, "SELECT id FROM notes")), 200)
 
-        # download: the file's sha256 is the recorded one
+        # download (in 1 KiB bus chunks): the file's sha256 is the recorded one
+        self.assertGreater(made["size"], 2048, "the download should span several chunks")
         target = n.tmp / "a.dump"
         _, out, _ = n.epio("backups", "download", made["id"], "--app", a, "-o", str(target))
         self.assertEqual(hashlib.sha256(target.read_bytes()).hexdigest(), made["sha256"])
