@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 import psycopg2
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.integration.addons.helpers import AddonNode, db_exists
+from tests.integration.addons.helpers import ADMIN_URL, AddonNode, db_exists
 
 
 def connect(url: str, dbname: str | None = None) -> psycopg2.extensions.connection:
@@ -126,3 +126,37 @@ class SharedPostgresFlowTests(SynchronousTestCase):
         n.epio("apps", "destroy", b, "--confirm", b)
         self.assertFalse(db_exists("app_" + b))
         self.assertIn(f"of {b} verified", n.node.output())
+
+    def test_failed_backups_are_never_success(self) -> None:
+        """A database gone behind epio's back: `epio backups create` exits 1 and lists the
+        backup as FAILED; deleting the app is refused (its final backup failed, nothing
+        dropped) until the add-on is destroyed with --force."""
+        n = AddonNode(self)
+        n.start()
+        app = "pf" + secrets.token_hex(3)
+        n.create_app(app)
+        n.epio("addons", "create", "postgres", "--app", app)
+        ident = "app_" + app
+        conn = psycopg2.connect(ADMIN_URL)
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(f'DROP DATABASE "{ident}"')
+        conn.close()
+        code, out, err = n.epio("backups", "create", "--app", app, check=False)
+        self.assertEqual(code, 1, out + err)
+        self.assertIn("FAILED", out)
+        self.assertIn("FAILED verification", err)
+        _, out, _ = n.epio("backups", "list", "--app", app)
+        self.assertIn("FAILED", out)
+        self.assertNotIn("verified", out)
+        [listed] = n.json("backups", "list", "--app", app)
+        self.assertEqual((listed["status"], listed["verified"]), ("failed", False))
+        self.assertIn(f"of {app} FAILED", n.node.output())  # and in the log
+        code, _, err = n.epio("apps", "destroy", app, "--confirm", app, check=False)
+        self.assertEqual(code, 1)
+        self.assertIn("final backup", err)
+        self.assertIn("nothing was dropped", err)
+        _, out, _ = n.epio("addons", "destroy", "postgres", "--app", app, "--confirm", app,
+                           "--force")
+        self.assertIn("FAILED", out)
+        n.epio("apps", "destroy", app, "--confirm", app)
