@@ -35,6 +35,7 @@ Every pass catches and logs its own errors (STYLE 15).
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from attrs import define, evolve, field
@@ -82,8 +83,11 @@ class Scheduler:
     log = Logger()
 
     def __init__(self, store: Store, control: Any, clock: Any, settings: ApiSettings,
-                 log_sink: Any = None) -> None:
+                 log_sink: Any = None, app_secret: Callable[[str], str] | None = None) -> None:
         self.store = store
+        # a stable per-app secret for frameworks that need one (Django's SECRET_KEY)
+        # when the app sets none itself; derived, so nothing more is stored
+        self.app_secret = app_secret
         self.control = control
         self.clock = clock
         self.settings = settings
@@ -355,6 +359,16 @@ class Scheduler:
 
         return min(candidates, key=score)
 
+    async def _platform_env(self, app: str) -> dict[str, str]:
+        """What the platform tells every process of an app: its hostnames (Django's
+        ALLOWED_HOSTS) and, unless the app's config sets SECRET_KEY, a derived key."""
+        hosts = [f"{app}.{self.settings.domain}"]
+        hosts += [d.hostname for d in await self.store.list_domains(app)]
+        env = {"EPIO_HOSTNAMES": ",".join(hosts)}
+        if self.app_secret is not None:
+            env["EPIO_SECRET_KEY"] = self.app_secret(app)
+        return env
+
     async def _start(self, app: Any, release: Any, ptype: str, number: int, formation: Any,
                      everyone: list[Instance], now: float) -> Instance | None:
         avoid: set[str] = set()
@@ -362,7 +376,8 @@ class Scheduler:
         limits = dict(formation.limits) if formation is not None and formation.limits else {}
         limits = {**SIZES.get(size, SIZES[DEFAULT_SIZE]), **limits}
         meta = dict(release.meta or {})
-        env = {**(meta.get("env") or {}), **release.config}
+        env = {**(meta.get("env") or {}), **await self._platform_env(app.name),
+               **release.config}
         while True:
             view = self._place(app.name, ptype, everyone, avoid)
             if view is None:

@@ -10,6 +10,7 @@ control, the scheduler's leader election and the log sink.
 from __future__ import annotations
 
 import json
+from functools import partial
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
@@ -24,7 +25,7 @@ from epio.api.control import BusRunnerControl
 from epio.api.deploys import Deployer
 from epio.api.domain import Platform, ensure_admin
 from epio.api.scheduler import Scheduler, SchedulerService
-from epio.api.settings import ApiSettings
+from epio.api.settings import ApiSettings, derive_app_secret
 from epio.api.web import Api
 
 
@@ -130,7 +131,8 @@ class ApiService(MultiService):
             sink = BusLogSink(node.bus, loggers, clock=node.reactor)
             sink.setServiceParent(self)
         control = BusRunnerControl(dealer)
-        self.scheduler = Scheduler(store, control, node.reactor, self.settings, log_sink=sink)
+        self.scheduler = Scheduler(store, control, node.reactor, self.settings, log_sink=sink,
+                                   app_secret=partial(derive_app_secret, node.secret))
         sched = SchedulerService(self.scheduler, store, node.reactor,
                                  self.settings.leader_retry)
         sched.setName("scheduler")

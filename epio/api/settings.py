@@ -60,3 +60,15 @@ def default_app_url(lb_listen: str) -> str:
     if port in (None, 80):
         return "http://{app}.{domain}/"
     return "http://{app}.{domain}:" + str(port) + "/"
+
+
+def derive_app_secret(cluster_secret: bytes, app: str) -> str:
+    """A stable secret for one app (HMAC of its name under the cluster secret).
+
+    Given to the app as EPIO_SECRET_KEY (Django's SECRET_KEY unless the app sets
+    its own); it reveals nothing of the cluster secret and needs no storage.
+    """
+    import hashlib
+    import hmac
+
+    return hmac.new(cluster_secret, b"epio-app-secret:" + app.encode(), hashlib.sha256).hexdigest()

@@ -9,6 +9,7 @@ import json
 import re
 import shutil
 import tempfile
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from epio.api.deploys import Deployer
 from epio.api.domain import Platform
 from epio.api.jsonschema import validate
 from epio.api.scheduler import Scheduler
-from epio.api.settings import ApiSettings
+from epio.api.settings import ApiSettings, derive_app_secret
 from epio.api.spec import OPERATIONS, PREFIX, openapi_document
 from epio.api.web import Api
 from epio.bus import RemoteError, RequestTimeout
@@ -151,7 +152,8 @@ class Harness:
 
     async def start(self) -> None:
         self.store = await open_store(f"sqlite:///{self.tmp / 'store.sqlite3'}", reactor)
-        self.scheduler = Scheduler(self.store, self.runners, reactor, self.settings)
+        self.scheduler = Scheduler(self.store, self.runners, reactor, self.settings,
+                                   app_secret=partial(derive_app_secret, b"s" * 32))
         self.deployer = Deployer(self.store, self.runners, reactor, self.settings,
                                  scheduler=self.scheduler)
         self.platform = Platform(self.store, self.settings, reactor, deployer=self.deployer,

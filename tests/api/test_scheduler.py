@@ -146,6 +146,23 @@ class SchedulerTests(TestCase):
         (inst,) = self.h.runners.running("web1")
         self.assertEqual(inst["env"]["GREETING"], "hey")
 
+    async def test_env_carries_hostnames_and_app_secret(self) -> None:
+        """Every process learns its app's hostnames (Django's ALLOWED_HOSTS) and a stable
+        per-app secret key that differs between apps; an app's own SECRET_KEY is kept."""
+        await self.h.add_runner("r1")
+        await self.app_with_release("web1")
+        await self.app_with_release("web2")
+        await self.h.store.add_domain("web1", "www.example.org")
+        await self.h.store.set_config("web2", {"SECRET_KEY": "mine"})
+        await self.h.store.create_release("web2")
+        await self.passes()
+        (one,) = self.h.runners.running("web1")
+        (two,) = self.h.runners.running("web2")
+        self.assertEqual(one["env"]["EPIO_HOSTNAMES"], "web1.localhost,www.example.org")
+        self.assertEqual(len(one["env"]["EPIO_SECRET_KEY"]), 64)
+        self.assertNotEqual(one["env"]["EPIO_SECRET_KEY"], two["env"]["EPIO_SECRET_KEY"])
+        self.assertEqual(two["env"]["SECRET_KEY"], "mine")
+
 
 class DeployTests(TestCase):
     timeout = 30
