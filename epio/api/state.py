@@ -55,6 +55,11 @@ def release_facts(manifest: Mapping[str, Any]) -> dict[str, Any]:
             facts["health_check"] = str(http["health_check"])
         if isinstance(http.get("boot_timeout"), int | float):
             facts["boot_timeout"] = float(http["boot_timeout"])
+        # the router's per-app overrides (the nexus turns these into route options)
+        route = {k: http[k] for k in ("timeout", "idle_timeout", "max_body_size")
+                 if isinstance(http.get(k), int | float) and not isinstance(http.get(k), bool)}
+        if route:
+            facts["http"] = route
     env = manifest.get("env")
     if isinstance(env, Mapping):
         facts["env"] = {str(k): str(v) for k, v in env.items()}

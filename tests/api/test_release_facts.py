@@ -1,0 +1,33 @@
+"""What a build's manifest puts in a release reaches the router as route options."""
+
+from __future__ import annotations
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from epio.api.state import release_facts
+from epio.manifest import parse_manifest
+from epio.nexus.storeview import options_of
+
+
+class ReleaseFactsTests(SynchronousTestCase):
+    def test_http_limits_become_route_options(self) -> None:
+        """[http] timeout, idle_timeout and max_body_size in epio.ini end up as the
+        router's per-app first-byte timeout, idle timeout and body limit."""
+        manifest = parse_manifest(
+            "[wsgi]\nentrypoint = app:application\n"
+            "[http]\nhealth_check = /health\ntimeout = 12\nidle_timeout = 40\n"
+            "max_body_size = 2048\n",
+            None, {"requirements.txt"},
+        )
+        facts = release_facts(manifest.to_dict())
+        self.assertEqual(facts["health_check"], "/health")
+        self.assertEqual(
+            options_of(facts),
+            {"first_byte_timeout": 12, "idle_timeout": 40, "max_body_size": 2048},
+        )
+
+    def test_no_http_section(self) -> None:
+        """Without [http] the release carries no route overrides."""
+        manifest = parse_manifest("[wsgi]\nentrypoint = app:application\n", None,
+                                  {"requirements.txt"})
+        self.assertEqual(options_of(release_facts(manifest.to_dict())), {})
