@@ -70,7 +70,8 @@ MAX_COMMAND = 16 * 1024
 TAIL_LINES = 20
 PTY_READ = 65536
 EXIT_EOF_WAIT = 2.0  # seconds to wait for the PTY's last bytes after the process ended
-FORGET_AFTER = 60.0  # an ended session's record is kept this long for a late client
+FORGET_AFTER = 60.0
+TIOCGSID = getattr(termios, "TIOCGSID", 0x5429)  # the session id of a terminal (Linux)  # an ended session's record is kept this long for a late client
 
 # Run inside the sandbox, as the app's user, just before the command: the process
 # is already a session leader without a terminal (bubblewrap --new-session, or
@@ -746,18 +747,46 @@ class SessionManager(Service):
             return
         self._say(s, f"{s.source}: {reason}: SIGTERM, SIGKILL in {grace:g}s")
         self.launcher.signal(s.launch, signals.SIGTERM)
-        if s.pty is not None:
-            # a hang-up as a terminal would give; unblocks a command reading the PTY
-            self._signal(s, signals.SIGHUP)
+        # in a PTY the command leads its own session (its controlling terminal is
+        # ours), not bubblewrap's process group: signal it there, plus a hang-up as a
+        # closing terminal would give (it unblocks a command reading the PTY)
+        for sig in (signals.SIGTERM, signals.SIGHUP, signals.SIGCONT):
+            self._signal_terminal(s, sig)
         self._call(s, "kill", grace, self._kill, s)
+
+    def _terminal_groups(self, s: Session) -> set[int]:
+        """The PTY's session group and foreground group (host pids), if any."""
+        groups: set[int] = set()
+        if s.pty is None or s.pty.fd < 0:
+            return groups
+        try:
+            groups.add(os.tcgetpgrp(s.pty.fd))
+        except OSError:
+            pass
+        try:
+            raw = fcntl.ioctl(s.pty.fd, TIOCGSID, struct.pack("i", 0))
+            groups.add(struct.unpack("i", raw)[0])
+        except OSError:
+            pass
+        return {g for g in groups if g > 1}
+
+    def _signal_terminal(self, s: Session, sig: int) -> None:
+        for group in self._terminal_groups(s):
+            try:
+                os.killpg(group, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
 
     def _kill(self, s: Session) -> None:
         if s.launch is not None:
+            self._signal_terminal(s, signals.SIGKILL)
             self.launcher.signal(s.launch, signals.SIGKILL)
             self.launcher.kill_all(s.launch)
 
     def _signal(self, s: Session, sig: int) -> None:
-        if s.launch is not None:
+        if s.pty is not None:
+            self._signal_terminal(s, sig)  # the command's own session (see stop)
+        elif s.launch is not None:
             self.launcher.signal(s.launch, sig)
 
     # -- attachment ------------------------------------------------------------------
