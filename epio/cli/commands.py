@@ -184,7 +184,13 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     name = app_of(args, directory)
     client = Client.from_config()
     from epio.appdir import make_tarball
+    from epio.manifest import ManifestError, load_manifest
 
+    try:  # every manifest error at once, before anything is uploaded
+        load_manifest(directory)
+    except ManifestError as e:
+        raise CliError(f"{directory} cannot be deployed, its manifest has errors:\n  "
+                       + "\n  ".join(e.errors)) from None
     try:
         tarball = make_tarball(directory)
     except (OSError, ValueError) as e:

@@ -206,6 +206,22 @@ class CliTests(TestCase):
         self.assertEqual(code, 1)
         self.assertIn("deploy failed: build failed: requirements.txt: no such package", err)
 
+    async def test_deploy_bad_manifest_uploads_nothing(self) -> None:
+        """A manifest with several errors is reported whole, with file and line, and
+        nothing is uploaded (no deploy exists afterwards)."""
+        await self.h.add_runner("r1")
+        await self.login()
+        await self.epio("apps", "create", "broken", "--no-remember")
+        (self.cwd / "epio.ini").write_text("[wsgi]\n[http]\nhealth_check = nope\n[bogus]\nx = 1\n")
+        (self.cwd / "Procfile").write_text("web: run\nweb: again\n")
+        code, out, err = await self.epio("deploy", "--app", "broken")
+        self.assertEqual(code, 1, err)
+        self.assertIn("its manifest has errors", err)
+        self.assertIn("epio.ini:3:", err)
+        self.assertIn("Procfile:2:", err)
+        self.assertNotIn("Traceback", err)
+        self.assertEqual(await self.h.store.list_deploys("broken"), [])
+
     async def test_ipv6_api(self) -> None:
         """The CLI talks to an api listening on IPv6 loopback ([::1])."""
         from twisted.internet.endpoints import TCP6ServerEndpoint
