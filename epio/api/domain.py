@@ -184,10 +184,9 @@ class Platform:
         old = await self.store.get_config(app.name)
         changes: dict[str, str | None] = {k: None for k in old if k not in target.config}
         changes.update(target.config)
-        if changes:
-            await self.store.set_config(app.name, changes)
-        release = await self.store.create_release(
-            app.name, target.image, processes=target.processes, config=target.config,
+        # config and release change together or not at all
+        _, release = await self.store.set_config_and_release(
+            app.name, changes, image=target.image, processes=target.processes,
             description=f"Rollback to v{target.version}", created_by=user.name,
             meta={**target.meta, "rollback_of": target.version})
         self._wake()
@@ -200,7 +199,6 @@ class Platform:
 
     async def update_config(self, user: User, app: App,
                             changes: dict[str, str | None]) -> dict[str, str]:
-        config = await self.store.set_config(app.name, changes)
         set_keys = sorted(k for k, v in changes.items() if v is not None)
         unset_keys = sorted(k for k, v in changes.items() if v is None)
         words = []
@@ -208,19 +206,15 @@ class Platform:
             words.append("Set " + ", ".join(set_keys))
         if unset_keys:
             words.append("Unset " + ", ".join(unset_keys))
-        await self._new_release(app, user, "; ".join(words))
-        return config
-
-    async def _new_release(self, app: App, user: User, description: str) -> Release:
-        """A new release of the current image/processes with the current config."""
         current = await current_release(self.store, app.name)
-        release = await self.store.create_release(
-            app.name, current.image if current else None,
+        # config and its release in one transaction: no config change without a release
+        config, _ = await self.store.set_config_and_release(
+            app.name, changes, description="; ".join(words), created_by=user.name,
+            image=current.image if current else None,
             processes=current.processes if current else {},
-            description=description, created_by=user.name,
             meta=dict(current.meta) if current else {}, inherit_image=False)
         self._wake()
-        return release
+        return config
 
     # --- formation ----------------------------------------------------------------
 
