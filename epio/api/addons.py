@@ -216,6 +216,12 @@ class Addons:
                       user=user.name)
         return final
 
+    async def config_vars(self, app: Any) -> dict[str, str]:
+        """The config vars the app's add-ons set now (a rollback keeps them: it rolls the
+        code and config back, not the databases)."""
+        return {CONFIG_VAR[a.kind]: addon_url(a) for a in await list_addons(self.store, app.name)
+                if a.host and a.port}
+
     async def app_deleted(self, app: Any) -> None:
         """Before an app is deleted: a final backup of each add-on, then drop them."""
         for addon in await list_addons(self.store, app.name):

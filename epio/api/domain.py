@@ -184,6 +184,8 @@ class Platform:
         old = await self.store.get_config(app.name)
         changes: dict[str, str | None] = {k: None for k in old if k not in target.config}
         changes.update(target.config)
+        if self.addons is not None:  # add-on URLs follow the databases, not the release
+            changes.update(await self.addons.config_vars(app))
         # config and release change together or not at all
         _, release = await self.store.set_config_and_release(
             app.name, changes, image=target.image, processes=target.processes,

@@ -319,3 +319,19 @@ class AddonApiTests(TestCase):
         self.assertIn("DATABASE_URL is NOT set", d["log"])
         status, body, _ = await self.call("POST", "apps/shop/addons", {"kind": "postgres"})
         self.assertEqual((status, body["error"]["code"]), (503, "addons_unavailable"))
+
+    async def test_rollback_keeps_addon_urls(self) -> None:
+        """Rolling back to a release made before the add-on keeps DATABASE_URL (the code
+        and config roll back, the database does not)."""
+        await self.h.add_runner("r1")
+        d = await self.run_deploy()
+        self.assertEqual(d["status"], "succeeded", d["log"])
+        await self.call("PATCH", "apps/shop/config", {"GREETING": "hi"})
+        await self.call("POST", "apps/shop/addons", {"kind": "postgres"})
+        _, before, _ = await self.call("GET", "apps/shop/config")
+        status, rel, _ = await self.call("POST", "apps/shop/rollback", {"version": 1})
+        self.h.scheduler.lose_leadership()
+        self.assertEqual(status, 201, rel)
+        _, after, _ = await self.call("GET", "apps/shop/config")
+        self.assertEqual(after["vars"], {"DATABASE_URL": before["vars"]["DATABASE_URL"]})
+        self.assertEqual(rel["config_keys"], ["DATABASE_URL"])
