@@ -95,6 +95,7 @@ class RunNode:
     def close(self) -> None:
         self.node.stop(timeout=20)
         self.node.cleanup()
+        unmount_under(self.tmp)
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def fail(self, message: str) -> AssertionError:
@@ -106,6 +107,16 @@ ASK = """\
 name = input("name? ")
 print("hello, " + name.upper() + "!")
 """
+
+
+def unmount_under(root: Path) -> None:
+    """Unmount image mounts a stopped node left under ``root`` (its unmounts are
+    asynchronous and may not finish before it exits), so the dir can be removed."""
+    prefix = str(root) + "/"
+    for line in Path("/proc/mounts").read_text().splitlines():
+        target = line.split()[1]
+        if target.startswith(prefix):
+            subprocess.run(["umount", "-l", target], capture_output=True, timeout=30)
 
 
 def rss_kb(pid: int) -> int:

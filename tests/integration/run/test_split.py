@@ -20,7 +20,14 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.integration.run.helpers import ASK, CLI, rss_kb, skip_reason, wait_until
+from tests.integration.run.helpers import (
+    ASK,
+    CLI,
+    rss_kb,
+    skip_reason,
+    unmount_under,
+    wait_until,
+)
 from tests.integration.runner.helpers import make_image
 from tests.store.pg import fresh_database_for_test
 from tests.util import NodeProcess, epio_env, free_port, to_toml
@@ -35,6 +42,7 @@ class SplitRolesTests(SynchronousTestCase):
         self.tmp = Path(tempfile.mkdtemp(prefix="epio-run-split-"))
         os.chmod(self.tmp, 0o711)
         self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.addCleanup(unmount_under, self.tmp)
         self.url = fresh_database_for_test(self)
         secret_file = self.tmp / "secret"
         fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT, 0o600)
