@@ -59,7 +59,9 @@ redis-server "$d/redis.conf" &
 server=$!
 trap 'kill -TERM $server 2>/dev/null' TERM INT
 (
-  while sleep "$EPIO_SNAPSHOT_INTERVAL"; do
+  # sleep must not hold the output pipe: the runner sees the end of the process only
+  # when every holder of it is gone
+  while sleep "$EPIO_SNAPSHOT_INTERVAL" </dev/null >/dev/null 2>&1; do
     used=$(redis-cli -h "$EPIO_SERVICE_HOST" -p "$PORT" INFO memory 2>/dev/null \
            | sed -n 's/^used_memory:\([0-9]*\).*/\1/p')
     [ -n "$used" ] || continue

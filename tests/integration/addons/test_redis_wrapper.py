@@ -83,3 +83,39 @@ class RedisWrapperTests(SynchronousTestCase):
             time.sleep(0.1)
         self.assertIn("redis snapshot refused", out.read_text())
         self.assertFalse((small / REDIS_DIR / "dump.rdb").exists())
+
+    def test_crash_ends_the_wrapper_at_once(self) -> None:
+        """When redis-server dies the wrapper exits and its output pipe closes at once (no
+        sleeping guard keeps it open), so the runner sees the end and restarts it."""
+        import threading
+
+        data = Path(self.mktemp()).absolute()
+        data.mkdir(parents=True)
+        port, password = free_port(), secrets.token_urlsafe(16)
+        body = redis_start_body(app="w", uid=20001, instance_id="w-1", image_digest="a" * 64,
+                                password=password, memory_mb=16, policy="allkeys-lru",
+                                host="127.0.0.1", snapshot_interval=600, boot_timeout=30)
+        env = {**body["env"], "EPIO_DATA_DIR": str(data), "PORT": str(port),
+               "PATH": "/usr/bin:/bin"}
+        proc = subprocess.Popen(body["command"], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        self.addCleanup(lambda: (os.killpg(proc.pid, signal.SIGKILL)
+                                 if proc.poll() is None else None))
+        eof = threading.Event()
+        threading.Thread(target=lambda: (proc.stdout.read(), eof.set()), daemon=True).start()
+        for _ in range(100):
+            if self.cli(port, password, "PING") == "PONG":
+                break
+            time.sleep(0.05)
+        self.cli(port, password, "DEBUG", "SEGFAULT")  # renamed away: no effect
+        self.assertEqual(self.cli(port, password, "PING"), "PONG")
+        [pid] = subprocess.run(["pgrep", "-f", f"redis-server.*:{port}"], capture_output=True,
+                               text=True).stdout.split()
+        os.kill(int(pid), signal.SIGKILL)
+        self.assertTrue(eof.wait(5), "the wrapper's output stayed open after redis died")
+        proc.wait(5)
+        self.assertNotEqual(proc.returncode, 0)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the guard's sleep, if any, is harmless
+        except ProcessLookupError:
+            pass
