@@ -1,0 +1,134 @@
+"""``epio logs [-f] [-n N] [--source S] [--grep RE] [--since T]`` and ``epio stats``.
+
+Without ``-f`` one GET returns the last N matching lines.  With ``-f`` the CLI
+opens the same URL as a websocket: the API sends the last N lines, then follows;
+``{"type": "missed", "count": N}`` says a slow terminal lost lines (the API keeps
+a bounded buffer per client), and the CLI prints that instead of hiding it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+from epio.cli.client import USER_AGENT, Client, CliError
+from epio.cli.commands import app_of, out, table
+from epio.cli.wsclient import TEXT, WebSocket, WebSocketClosed
+
+
+def _query(args: argparse.Namespace) -> dict[str, Any]:
+    q: dict[str, Any] = {"n": args.num}
+    if args.source:
+        q["source"] = ",".join(args.source)
+    if args.grep:
+        q["grep"] = args.grep
+    if args.since:
+        q["since"] = args.since
+    return q
+
+
+def format_line(line: dict[str, Any]) -> str:
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(float(line["timestamp"])))
+    frac = f"{float(line['timestamp']) % 1:.3f}"[1:]
+    text = f"{stamp}{frac}Z {line['source']}: {line['text']}"
+    if line.get("lost"):
+        text = f"{stamp}{frac}Z {line['source']}: [{line['lost']} lines lost] {line['text']}"
+    return text
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    name = app_of(args)
+    client = Client.from_config()
+    if not args.follow:
+        result = client.get(f"apps/{name}/logs", **_query(args))
+        if args.json:
+            print(json.dumps(result, indent=2, sort_keys=True))
+        else:
+            for line in result.get("lines", []):
+                print(format_line(line))
+        return 0
+    url = client.url(f"apps/{name}/logs", _query(args))
+    url = "ws" + url[len("http"):] if url.startswith("http") else url
+    ws = WebSocket.connect(url, {"Authorization": f"Bearer {client.token}",
+                                 "User-Agent": USER_AGENT}, timeout=client.timeout)
+    try:
+        while True:
+            try:
+                messages = ws.receive()
+            except WebSocketClosed as e:
+                if e.code in (None, 1000, 1001):
+                    return 0
+                raise CliError(f"the log stream ended: {e.reason or e.code}") from None
+            for opcode, payload in messages:
+                if opcode != TEXT:
+                    continue
+                msg = json.loads(payload)
+                kind = msg.get("type")
+                if kind == "lines":
+                    for line in msg["lines"]:
+                        print(json.dumps(line) if args.json else format_line(line), flush=True)
+                elif kind == "missed":
+                    print(f"epio: {msg['count']} lines were not shown (this terminal was too "
+                          "slow)", file=sys.stderr, flush=True)
+                elif kind == "notice":
+                    print(f"epio: {msg['message']}", file=sys.stderr, flush=True)
+                elif kind == "error":
+                    raise CliError(msg.get("message") or "the log stream failed")
+    finally:
+        try:
+            ws.close()
+        except Exception:
+            pass
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    name = app_of(args)
+    query: dict[str, Any] = {}
+    if args.metric:
+        query["metric"] = args.metric
+    if args.since:
+        query["since"] = args.since
+    if args.resolution:
+        query["resolution"] = args.resolution
+    result = Client.from_config().get(f"apps/{name}/stats", **query)
+
+    def human() -> None:
+        series = result.get("series") or {}
+        if not series:
+            print(f"no stats for {name} in that time range yet")
+            return
+        rows = []
+        for metric in sorted(series):
+            points = series[metric]
+            last_t, last_v = points[-1]
+            rows.append([metric, str(len(points)),
+                         time.strftime("%H:%M:%S", time.gmtime(float(last_t))),
+                         f"{last_v:g}" if isinstance(last_v, int | float) else str(last_v)])
+        table(rows, ["METRIC", "POINTS", "LAST AT (UTC)", "LAST VALUE"])
+
+    return out(args, result, human)
+
+
+def register(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("logs", parents=[common], help="show (and follow) an app's log",
+                       description="Show the app's recent log lines; -f follows new ones.")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    p.add_argument("-n", "--num", type=int, default=100, metavar="N",
+                   help="how many recent lines (default 100)")
+    p.add_argument("--source", action="append", metavar="SOURCE",
+                   help="only this source (web.1, worker, build, router, platform, run); "
+                        "repeatable")
+    p.add_argument("--grep", metavar="REGEX", help="only lines matching this regular expression")
+    p.add_argument("--since", metavar="WHEN",
+                   help="only lines since then: 90s, 15m, 1h, 2d, epoch seconds or ISO 8601")
+    p.set_defaults(func=cmd_logs)
+    q = sub.add_parser("stats", parents=[common], help="show an app's request and process stats",
+                       description="Time series of the app's stats (requests by status class, "
+                                   "latency, memory, restarts).")
+    q.add_argument("--metric", metavar="NAME", help="a metric name or prefix")
+    q.add_argument("--since", metavar="WHEN", help="90s, 15m, 1h, 2d, epoch seconds or ISO 8601")
+    q.add_argument("--resolution", type=int, choices=(10, 60), help="bucket seconds")
+    q.set_defaults(func=cmd_stats)

@@ -1,0 +1,87 @@
+"""`epio logs` and `epio logs -f` against a real node (api + logger roles)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import TestCase
+
+from epio.bus import Bus
+from epio.pipeline import BusLogSink
+from tests.util import NodeProcess, epio_env, isolated_config, to_toml
+
+
+class LogsCliTests(TestCase):
+    timeout = 120
+
+    def epio(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-c", "import sys; from epio.cli.main import main; sys.exit(main())",
+             *args], input=stdin, capture_output=True, text=True, env=self.env, timeout=60,
+            cwd=self.home)
+
+    async def test_logs_filters_and_follow(self) -> None:
+        """Lines pushed by a node's pipeline show up in `epio logs`, filtered by source
+        and regex, and `epio logs -f` prints the last N then follows new lines."""
+        doc, _ = isolated_config()
+        node = NodeProcess(["--role=api,logger"], config=to_toml(doc))
+        self.addCleanup(node.cleanup)
+        node.wait_for_log("api ready", timeout=60)
+        self.home = Path(self.mktemp()).absolute()
+        self.home.mkdir(parents=True)
+        self.env = epio_env({"EPIO_CONFIG_DIR": str(self.home / "cli"), "HOME": str(self.home)})
+        api = "http://127.0.0.1:" + doc["api"]["listen"].split(":")[1]
+        token = (node.data_dir / "admin-token").read_text()
+        self.assertEqual(self.epio("login", "--api", api, stdin=token).returncode, 0)
+        made = self.epio("apps", "create", "logsapp", "--no-remember")
+        self.assertEqual(made.returncode, 0, made.stderr)
+
+        secret = bytes.fromhex((node.data_dir / "cluster-secret").read_text())
+        bus = Bus(reactor, secret, "test-sender", {"bus": {}})
+        sink = BusLogSink(bus, doc["cluster"]["loggers"], clock=reactor)
+        sink.startService()
+        self.addCleanup(sink.stopService)
+        await deferLater(reactor, 0.5, lambda: None)  # PUSH connects
+        for i in range(30):
+            sink.emit("logsapp", "web.1", f"line {i}")
+        for i in range(5):
+            sink.emit("logsapp", "worker.1", f"job {i} done")
+
+        deadline = time.monotonic() + 30
+        while True:
+            shown = self.epio("logs", "--app", "logsapp", "-n", "100")
+            if shown.stdout.count("\n") >= 35 or time.monotonic() > deadline:
+                break
+            await deferLater(reactor, 0.3, lambda: None)
+        lines = shown.stdout.splitlines()
+        self.assertEqual(len(lines), 35, shown.stdout + shown.stderr)
+        self.assertTrue(lines[0].endswith("web.1: line 0"), lines[0])
+        self.assertRegex(lines[0], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z ")
+        workers = self.epio("logs", "--app", "logsapp", "--source", "worker.1").stdout
+        self.assertEqual(len(workers.splitlines()), 5)
+        greps = self.epio("logs", "--app", "logsapp", "--grep", r"line 1\d$").stdout
+        self.assertEqual(len(greps.splitlines()), 10)
+        bad = self.epio("logs", "--app", "logsapp", "--source", "bad source!")
+        self.assertEqual(bad.returncode, 1)
+        self.assertIn("invalid source", bad.stderr)
+        self.assertNotIn("Traceback", bad.stderr)
+
+        follow = subprocess.Popen(
+            [sys.executable, "-c", "import sys; from epio.cli.main import main; sys.exit(main())",
+             "logs", "--app", "logsapp", "-f", "-n", "2"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=self.env)
+        self.addCleanup(lambda: follow.poll() is None and follow.kill())
+        await deferLater(reactor, 2.0, lambda: None)
+        for i in range(3):
+            sink.emit("logsapp", "web.1", f"later {i}")
+        await deferLater(reactor, 2.0, lambda: None)
+        follow.terminate()
+        out, err = follow.communicate(timeout=10)
+        followed = [ln.split(": ", 1)[1] for ln in out.splitlines()]
+        self.assertEqual(followed, ["job 3 done", "job 4 done", "later 0", "later 1", "later 2"],
+                         err)
