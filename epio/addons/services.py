@@ -130,7 +130,8 @@ def redis_start_body(*, app: str, uid: int, instance_id: str, image_digest: str,
 
 def postgres_start_body(*, app: str, uid: int, instance_id: str, image_digest: str,
                         user: str, password: str, host: str, pg_bin: str,
-                        boot_timeout: float, grace: float = 30.0) -> dict[str, Any]:
+                        boot_timeout: float, grace: float = 30.0,
+                        memory_mb: int = POSTGRES_MEMORY_MB) -> dict[str, Any]:
     """The ``runner.start`` body of an app's dedicated PostgreSQL server."""
     script = POSTGRES_SCRIPT.format(dir=POSTGRES_DIR, bin=shlex.quote(pg_bin))
     return {
@@ -139,6 +140,6 @@ def postgres_start_body(*, app: str, uid: int, instance_id: str, image_digest: s
         "image_digest": image_digest,
         "env": {"EPIO_SERVICE_USER": user, "EPIO_SERVICE_PASSWORD": password,
                 "EPIO_SERVICE_HOST": host},
-        "limits": {"memory_mb": POSTGRES_MEMORY_MB, "pids": 128},
+        "limits": {"memory_mb": memory_mb, "pids": 128},
         "health_check": None, "boot_timeout": boot_timeout, "grace": grace,
     }

@@ -106,6 +106,7 @@ class AddonSettings:
     backup_timeout: float = 1800.0
     reach_timeout: float = 5.0
     keeper_interval: float = 10.0
+    postgres_memory_mb: int = 512
 
     @classmethod
     def from_config(cls, config: Any) -> AddonSettings:
@@ -114,7 +115,7 @@ class AddonSettings:
                    a["postgres_bin"], float(a["service_boot_timeout"]),
                    float(a["redis_snapshot_interval"]), tuple(b["endpoints"]),
                    float(b["api_timeout"]), float(b["reach_timeout"]),
-                   float(a["keeper_interval"]))
+                   float(a["keeper_interval"]), int(a["postgres_memory_mb"]))
 
 
 def describe_addon(a: Addon) -> dict[str, Any]:
@@ -321,7 +322,8 @@ class Addons:
             body = postgres_start_body(
                 app=app.name, uid=app.uid, instance_id=iid, image_digest=image,
                 user=str(addon.username), password=str(addon.password), host=host,
-                pg_bin=postgres_bin(s.postgres_bin), boot_timeout=s.service_boot_timeout)
+                pg_bin=postgres_bin(s.postgres_bin), boot_timeout=s.service_boot_timeout,
+                memory_mb=s.postgres_memory_mb)
         now = self.clock.seconds()
         # recorded first, so the scheduler never takes it for an orphan
         inst = Instance(iid, app.name, 0, ptype, 1, runner.id, None, None, "pending", now, 0)

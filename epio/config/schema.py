@@ -485,6 +485,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "keeper_interval": Key(float, 10.0, "Seconds between checks (by the scheduler's "
                                "leader) that every dedicated server runs; a lost one is "
                                "started again on its own runner.", positive),
+        "postgres_memory_mb": Key(int, 512, "Memory limit (cgroup) of a dedicated PostgreSQL "
+                                  "server, MB.", positive),
     },
     "build": {
         "python": Key(
