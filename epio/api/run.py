@@ -37,6 +37,7 @@ import json
 import re
 import uuid
 from collections import deque
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from attrs import frozen
@@ -133,12 +134,18 @@ class RunSessions:
     log = Logger()
 
     def __init__(self, store: Any, control: Any, clock: Any, settings: RunApiSettings,
-                 log_sink: Any = None) -> None:
+                 log_sink: Any = None,
+                 platform_env: Callable[[str], Awaitable[dict[str, str]]] | None = None) -> None:
         self.store = store
+        # what every process of an app gets from the platform (hostnames, secret key)
+        self.platform_env = platform_env
         self.control = control
         self.clock = clock
         self.settings = settings
         self.log_sink = log_sink
+
+    async def _platform_env(self, app: str) -> dict[str, str]:
+        return await self.platform_env(app) if self.platform_env is not None else {}
 
     # -- runners -----------------------------------------------------------------
 
@@ -209,7 +216,9 @@ class RunSessions:
         body = {
             "session_id": sid, "app": app.name, "uid": app.uid, "number": rec.number,
             "command": command, "image_digest": release.image, "tty": tty, "detach": detach,
-            "release": release.version, "env": {**(meta.get("env") or {}), **release.config},
+            "release": release.version,
+            "env": {**(meta.get("env") or {}), **await self._platform_env(app.name),
+                    **release.config},
             "limits": await self._limits(app.name), "rows": rows, "cols": cols,
             "term": term, "user": user.name,
         }
@@ -814,8 +823,10 @@ async def stop_run(self: Api, request: Any, user: Any, app: Any, number: str) ->
 def install(api: Any, node: Any, store: Any, control: Any, log_sink: Any = None,
             deployer: Any = None) -> RunSessions:
     """Give the api (and its deployer, for the release phase) the run sessions."""
+    scheduler = getattr(deployer, "scheduler", None)
     sessions = RunSessions(store, control, node.reactor, RunApiSettings.from_config(node.config),
-                           log_sink=log_sink)
+                           log_sink=log_sink,
+                           platform_env=scheduler.platform_env if scheduler else None)
     api.run = sessions
     if deployer is not None:
         deployer.run_sessions = sessions
@@ -851,7 +862,9 @@ async def release_phase(deployer: Any, app: Any, deploy: Any, runner: Any, diges
     f = formation.get("web")
     limits = {**SIZES.get(f.size if f else DEFAULT_SIZE, SIZES[DEFAULT_SIZE]),
               **(dict(f.limits) if f and f.limits else {})}
+    scheduler = getattr(deployer, "scheduler", None)
     env = {**{str(k): str(v) for k, v in (manifest.get("env") or {}).items()},
+           **(await scheduler.platform_env(app.name) if scheduler is not None else {}),
            **await store.get_config(app.name)}
     body = {"session_id": sid, "app": app.name, "uid": app.uid, "number": rec.number,
             "command": [str(command)], "image_digest": digest, "tty": False, "detach": True,

@@ -359,7 +359,7 @@ class Scheduler:
 
         return min(candidates, key=score)
 
-    async def _platform_env(self, app: str) -> dict[str, str]:
+    async def platform_env(self, app: str) -> dict[str, str]:
         """What the platform tells every process of an app: its hostnames (Django's
         ALLOWED_HOSTS) and, unless the app's config sets SECRET_KEY, a derived key."""
         hosts = [f"{app}.{self.settings.domain}"]
@@ -376,7 +376,7 @@ class Scheduler:
         limits = dict(formation.limits) if formation is not None and formation.limits else {}
         limits = {**SIZES.get(size, SIZES[DEFAULT_SIZE]), **limits}
         meta = dict(release.meta or {})
-        env = {**(meta.get("env") or {}), **await self._platform_env(app.name),
+        env = {**(meta.get("env") or {}), **await self.platform_env(app.name),
                **release.config}
         while True:
             view = self._place(app.name, ptype, everyone, avoid)

@@ -11,6 +11,7 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from epio.api.run import RunApiSettings, RunSessions
+from epio.api.settings import derive_app_secret
 from epio.pipeline import MemoryLogSink
 from epio.runner.sessions import RunSettings, SessionManager
 from epio.runner.supervisor import Settings
@@ -59,7 +60,8 @@ class RunApiTests(TestCase):
         # session gets before a runner that does not list it makes it "lost"
         self.h.api.run = RunSessions(self.h.store, self.control, reactor,
                                      RunApiSettings(max_sessions_per_app=2, runner_timeout=0.01,
-                                                    runner_dead_after=1e12))
+                                                    runner_dead_after=1e12),
+                                     platform_env=self.h.scheduler.platform_env)
         await self.h.call("POST", "apps", token=self.h.alice_token, body={"name": "hello"})
 
     async def release(self) -> None:
@@ -88,7 +90,10 @@ class RunApiTests(TestCase):
         app = await self.h.store.get_app("hello")
         self.assertEqual((start["uid"], start["image_digest"], start["detach"]),
                          (app.uid, DIGEST, True))
-        self.assertEqual(start["env"], {"GREETING": "hi", "FROM_INI": "1"})
+        # the same platform facts as the app's processes (hostnames, derived secret)
+        self.assertEqual(start["env"], {"GREETING": "hi", "FROM_INI": "1",
+                                        "EPIO_HOSTNAMES": "hello.localhost",
+                                        "EPIO_SECRET_KEY": derive_app_secret(b"s" * 32, "hello")})
         self.assertEqual(start["limits"]["memory_mb"], 512)  # the default size
         status, listed, _ = await self.h.call("GET", "apps/hello/runs",
                                               token=self.h.alice_token)
