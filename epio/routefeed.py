@@ -101,6 +101,17 @@ def route_from_wire(
             if isinstance(value, int | float) and not isinstance(value, bool) and value > 0 \
                     and isinstance(value, kinds):
                 kw[key_name] = value
+    prefixes = data.get("static_prefixes") or []
+    static = data.get("static_backends") or []
+    if prefixes and static and isinstance(prefixes, list) and isinstance(static, list):
+        kw["static_prefixes"] = tuple(
+            p for p in prefixes if isinstance(p, str) and p.startswith("/"))
+        kw["static_backends"] = tuple(
+            Backend(host=b["host"], port=b["port"], instance_id=f"static {b['host']}:{b['port']}",
+                    app=app)
+            for b in static if isinstance(b, dict) and isinstance(b.get("host"), str)
+            and b["host"] and isinstance(b.get("port"), int) and not isinstance(b["port"], bool)
+            and 0 < b["port"] < 65536)
     return Route(app=app, hostnames=hostnames, backends=backends,  # type: ignore[arg-type]
                  maintenance=bool(data.get("maintenance", False)), **kw)
 
@@ -125,6 +136,8 @@ def merge_routes(routes: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     backends: dict[tuple[Any, Any, Any], Mapping[str, Any]] = {}
     options: Mapping[str, Any] = {}
     maintenance = False
+    prefixes: dict[str, None] = {}
+    static: dict[tuple[Any, Any], Mapping[str, Any]] = {}
     for r in routes:
         for h in r.get("hostnames", ()):
             hostnames[h] = None
@@ -133,13 +146,22 @@ def merge_routes(routes: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         maintenance = maintenance or bool(r.get("maintenance"))
         if not options and r.get("options"):
             options = r["options"]
-    return {
+        for p in r.get("static_prefixes") or ():
+            prefixes[p] = None
+        for b in r.get("static_backends") or ():
+            if isinstance(b, Mapping):
+                static.setdefault((b.get("host"), b.get("port")), b)
+    merged = {
         "app": routes[0]["app"],
         "hostnames": sorted(hostnames),
         "backends": [backends[k] for k in sorted(backends, key=lambda k: tuple(map(str, k)))],
         "maintenance": maintenance,
         "options": dict(options),
     }
+    if prefixes and static:
+        merged["static_prefixes"] = sorted(prefixes)
+        merged["static_backends"] = [static[k] for k in sorted(static, key=lambda k: str(k))]
+    return merged
 
 
 @define(eq=False)

@@ -16,6 +16,8 @@ Route sources (the routes file, later the nexus feed) implement
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import tomllib
 from collections.abc import Iterable
 from pathlib import Path
@@ -77,10 +79,48 @@ class Route:
     first_byte_timeout: float | None = None
     idle_timeout: float | None = None
     websocket_idle_timeout: float | None = None
+    # URL path prefixes served by the runners' static file servers (docs/static.md)
+    # and those servers' endpoints; without both, every path goes to the app
+    static_prefixes: tuple[str, ...] = field(default=(), converter=tuple)
+    static_backends: tuple[Backend, ...] = field(default=(), converter=_backends)
     live: tuple[Backend, ...] = field(init=False, eq=False, repr=False)
+    # the route a static request takes (its backends are the static servers), or None
+    static: Route | None = field(init=False, eq=False, repr=False)
+    _static_b: tuple[bytes, ...] = field(init=False, eq=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         object.__setattr__(self, "live", tuple(b for b in self.backends if b.state == HEALTHY))
+        static = None
+        if self.static_prefixes and self.static_backends:
+            static = Route(
+                app=self.app, hostnames=(), backends=self.static_backends,
+                maintenance=self.maintenance, max_body_size=self.max_body_size,
+                connect_timeout=self.connect_timeout,
+                first_byte_timeout=self.first_byte_timeout, idle_timeout=self.idle_timeout,
+                websocket_idle_timeout=self.websocket_idle_timeout)
+        object.__setattr__(self, "static", static)
+        object.__setattr__(self, "_static_b", tuple(
+            p.encode("utf-8") for p in self.static_prefixes))
+
+    def is_static(self, target: bytes) -> bool:
+        """Whether a request target's path is under one of the static prefixes
+        (at a segment boundary: ``/static`` takes ``/static/x``, not ``/staticx``)."""
+        q = target.find(b"?")
+        path = target if q < 0 else target[:q]
+        for p in self._static_b:
+            if p == b"/":
+                return True
+            if path.startswith(p) and (len(path) == len(p) or path[len(p)] == 47):
+                return True
+        return False
+
+
+def static_token(secret: bytes, app: str) -> str:
+    """The token a router sends with a static request for ``app`` (``X-Epio-Static:
+    <app> <token>``): an HMAC of the app name under a key derived from the cluster
+    secret, so only nodes holding the secret can make one (docs/static.md)."""
+    key = hmac.new(secret, b"epio static files v1", hashlib.sha256).digest()
+    return hmac.new(key, app.encode("utf-8"), hashlib.sha256).hexdigest()[:32]
 
 
 @frozen
@@ -284,6 +324,7 @@ class RoutesFileError(Exception):
 _ROUTE_KEYS = {
     "hostnames", "backends", "maintenance", "max_body_size", "connect_timeout",
     "first_byte_timeout", "idle_timeout", "websocket_idle_timeout",
+    "static_prefixes", "static_backends",
 }
 _FLOAT_KEYS = ("connect_timeout", "first_byte_timeout", "idle_timeout", "websocket_idle_timeout")
 
@@ -339,6 +380,15 @@ def parse_routes(data: dict[str, Any]) -> list[Route]:
             maint = spec.get("maintenance", False)
             if not isinstance(maint, bool):
                 raise RoutesFileError(f"app {name!r}: maintenance must be true or false")
+            prefixes = spec.get("static_prefixes", [])
+            static = spec.get("static_backends", [])
+            if not all(isinstance(p, str) and p.startswith("/") for p in prefixes):
+                raise RoutesFileError(f"app {name!r}: static_prefixes must be URL paths")
+            if not all(isinstance(b, str) for b in static):
+                raise RoutesFileError(f"app {name!r}: static_backends must be 'HOST:PORT'")
+            if prefixes or static:
+                kw["static_prefixes"] = prefixes
+                kw["static_backends"] = [parse_backend(b, name) for b in static]
             routes.append(Route(
                 app=name,
                 hostnames=hostnames,

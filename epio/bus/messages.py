@@ -301,7 +301,8 @@ _(MessageType(
     "A runner is alive (topic hb, every runner.heartbeat_interval): its instances and load.",
     fields={"node_id": str, "boot_id": str, "seq": int, "interval": Number,
             "instances": list},
-    optional={"load": dict, "control": str, "advertise_host": str, "isolation": dict},
+    optional={"load": dict, "control": str, "advertise_host": str, "isolation": dict,
+              "static": str, "static_prefixes": dict},
 ))
 
 # --- api (owner: api) -----------------------------------------------------------

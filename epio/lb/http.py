@@ -90,6 +90,7 @@ REQUEST_SPECIAL: dict[bytes, int] = {
     b"trailer": H_DROP,
     b"x-request-start": H_DROP,
     b"via": H_DROP,
+    b"x-epio-static": H_DROP,  # only the router says a request is static (docs/static.md)
 }
 
 RESPONSE_SPECIAL: dict[bytes, int] = {

@@ -46,7 +46,7 @@ from epio.lb.http import (
     valid_request_id,
 )
 from epio.lb.observe import Observer
-from epio.routing import Route, RouteTable
+from epio.routing import Route, RouteTable, static_token
 
 SWEEP_INTERVAL = 0.5
 PIPELINE_BUFFER = 65536  # bytes of a client's next requests held before reading pauses
@@ -134,6 +134,21 @@ class LB:
         self._rid_n = 0
         self._drained: list[Any] = []
         self.mux: Any = None  # epio.lb.fastio.ReadMux, set by the service
+        # the cluster secret: static requests go to the runners' static servers with an
+        # X-Epio-Static token made from it (docs/static.md); empty: no static routing
+        self.static_secret = b""
+        self._static_headers: dict[str, bytes] = {}
+
+    def static_header(self, app: str) -> bytes:
+        """The ``X-Epio-Static`` header line (with CRLF) for ``app``'s static requests."""
+        h = self._static_headers.get(app)
+        if h is None:
+            if len(self._static_headers) > 100000:
+                self._static_headers.clear()
+            token = static_token(self.static_secret, app)
+            h = self._static_headers[app] = b"X-Epio-Static: %s %s\r\n" % (
+                app.encode("utf-8"), token.encode())
+        return h
 
     # -- request ids ----------------------------------------------------------------
     def new_request_id(self) -> bytes:
@@ -417,6 +432,7 @@ class ClientConn(Protocol):
         self.r_reusable = True
         self.r_close_client = False
         self.got_byte = False
+        self.static_hdr = b""
 
     # -- connection ---------------------------------------------------------------------
     def connectionMade(self) -> None:
@@ -703,6 +719,10 @@ class ClientConn(Protocol):
             self.local_error(503, "maintenance", "This app is down for maintenance.",
                              close=has_body)
             return
+        sr = route.static
+        if sr is not None and sr.live and lb.static_secret and route.is_static(req.target):
+            route = self.route = sr  # served by a runner's static file server
+            self.static_hdr = lb.static_header(route.app)
         mb = route.max_body_size
         self.max_body = mb = lb.s.max_body_size if mb is None else mb
         if req.content_length > mb:
@@ -812,6 +832,8 @@ class ClientConn(Protocol):
             parts.append(self._trusted_forwarded(req))
         else:
             parts.append(self.fwd)
+        if self.static_hdr:
+            parts.append(self.static_hdr)
         parts.append(b"X-Request-Id: %s\r\nX-Request-Start: t=%d\r\n\r\n"
                      % (self.rid, int(self.t0 * 1000)))
         head = b"".join(parts)

@@ -117,7 +117,8 @@ class LBService(MultiService):
     def __init__(self, reactor: Any, section: dict[str, Any], domain: str,
                  route_source: Any, log_sink: Any = None,
                  stats_sink: Any = None, worker_spec: dict[str, Any] | None = None,
-                 reuseport: tuple[str, int, int] | None = None) -> None:
+                 reuseport: tuple[str, int, int] | None = None,
+                 static_secret: bytes = b"") -> None:
         super().__init__()
         self.reactor = reactor
         self.section = section
@@ -134,6 +135,7 @@ class LBService(MultiService):
         else:
             observer = Observer(log_sink, stats_sink)
         self.lb = LB(reactor, self.table, self.settings, observer)
+        self.lb.static_secret = static_secret  # docs/static.md
         if hasattr(reactor, "_disconnectSelectable") and hasattr(select, "epoll"):
             self.lb.mux = ReadMux(reactor)
         self.worker_spec = worker_spec
@@ -390,7 +392,7 @@ def make_service(node: Any) -> LBService:
     log_sink, stats_sink, sink_service = pipeline_sinks(node, bool(routes_file))
     spec = {"config": cfg.as_dict(), "data_dir": str(node.data_dir)}
     svc = LBService(node.reactor, section, cfg["node"]["domain"], source, log_sink, stats_sink,
-                    worker_spec=spec)
+                    worker_spec=spec, static_secret=node.secret)
     if sink_service is not None:
         sink_service.setServiceParent(svc)
     return svc

@@ -137,7 +137,8 @@ class Nexus:
         facts = self.view.apps.get(app)
         if facts is None:
             return None
-        return build_route(facts, self.tracker.instances_of(app), self.web_types)
+        return build_route(facts, self.tracker.instances_of(app), self.web_types,
+                           self.tracker.static_of)
 
     def _flush(self) -> None:
         if self._flush_call is not None and self._flush_call.active():

@@ -100,6 +100,9 @@ class NodeState:
     instances: dict[str, InstanceInfo]
     timer: Any = None  # IDelayedCall of the expiry
     retired_boots: list[str] = field(factory=list)
+    # the node's static file server (docs/static.md): (host, port) and prefixes by app
+    static: tuple[str, int] | None = None
+    static_prefixes: dict[str, tuple[str, ...]] = field(factory=dict)
 
     def as_dict(self, now: float) -> dict[str, Any]:
         return {
@@ -166,6 +169,34 @@ def parse_instance(node: str, advertise_host: str | None, raw: Any) -> InstanceI
         since=float(since) if _number(since) else 0.0,
         restarts=restarts if isinstance(restarts, int) and not isinstance(restarts, bool) else 0,
     )
+
+
+def parse_static(body: Mapping[str, Any], advertise_host: str | None
+                 ) -> tuple[tuple[str, int] | None, dict[str, tuple[str, ...]]]:
+    """A heartbeat's ``static`` ("host:port") and ``static_prefixes`` ({app: [path]});
+    anything malformed counts as no static server."""
+    raw = body.get("static")
+    if not isinstance(raw, str) or not raw:
+        return None, {}
+    if raw.startswith("["):
+        host, sep, port = raw[1:].partition("]:")
+    else:
+        host, sep, port = raw.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        return None, {}
+    if host in UNSPECIFIED_HOSTS:
+        host = advertise_host or ""
+    if not host:
+        return None, {}
+    prefixes: dict[str, tuple[str, ...]] = {}
+    raw_p = body.get("static_prefixes")
+    if isinstance(raw_p, Mapping):
+        for app, paths in raw_p.items():
+            if isinstance(app, str) and isinstance(paths, list):
+                ok = tuple(p for p in paths if isinstance(p, str) and p.startswith("/"))
+                if ok:
+                    prefixes[app] = ok
+    return (host, int(port)), prefixes
 
 
 class NodeTracker:
@@ -277,6 +308,11 @@ class NodeTracker:
             if advertise != state.advertise_host:
                 state.advertise_host = advertise
                 state.raw_instances = []  # hosts may resolve differently: re-parse
+        static, static_prefixes = parse_static(body, state.advertise_host)
+        if static != state.static or static_prefixes != state.static_prefixes:
+            changed |= set(state.static_prefixes) | set(static_prefixes)
+            changed |= {i.app for i in state.instances.values()}
+            state.static, state.static_prefixes = static, static_prefixes
         if raw_instances != state.raw_instances:
             changed |= self._replace_instances(state, raw_instances)
         self._arm(state)
@@ -367,6 +403,14 @@ class NodeTracker:
 
     def instances_of(self, app: str) -> Iterable[InstanceInfo]:
         return self.by_app.get(app, {}).values()
+
+    def static_of(self, node: str, app: str) -> tuple[tuple[str, int], tuple[str, ...]] | None:
+        """The static server of ``node`` and the prefixes it serves for ``app``."""
+        state = self.nodes.get(node)
+        if state is None or state.static is None:
+            return None
+        prefixes = state.static_prefixes.get(app)
+        return (state.static, prefixes) if prefixes else None
 
     def apps(self) -> set[str]:
         return set(self.by_app)

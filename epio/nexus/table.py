@@ -23,7 +23,7 @@ route, with no backends when none is healthy (the router answers 503, not
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from attrs import field, frozen
@@ -73,20 +73,40 @@ def is_backend(info: InstanceInfo, facts: AppFacts, web_types: frozenset[str]) -
 
 
 def build_route(
-    facts: AppFacts, instances: Iterable[InstanceInfo], web_types: frozenset[str]
+    facts: AppFacts, instances: Iterable[InstanceInfo], web_types: frozenset[str],
+    static_of: Callable[[str, str], Any] | None = None,
 ) -> dict[str, Any]:
-    """The route of one app: its hostnames and its healthy web backends (sorted)."""
+    """The route of one app: its hostnames and its healthy web backends (sorted).
+
+    With ``static_of(node, app)`` (-> ((host, port), prefixes) or None), the route also
+    gets ``static_prefixes`` and ``static_backends``: the static file servers of the
+    nodes that run a routable instance of the app (docs/static.md); both keys are
+    left out when there are none.
+    """
+    routable = [i for i in instances if is_backend(i, facts, web_types)]
     backends = sorted(
-        (backend_of(i) for i in instances if is_backend(i, facts, web_types)),
+        (backend_of(i) for i in routable),
         key=lambda b: (b["instance_id"], b["host"], b["port"]),
     )
-    return {
+    route = {
         "app": facts.name,
         "hostnames": list(facts.hostnames),
         "backends": backends,
         "maintenance": facts.maintenance,
         "options": dict(facts.options),
     }
+    if static_of is not None and routable:
+        servers: set[tuple[str, int]] = set()
+        prefixes: set[str] = set()
+        for node in {i.node for i in routable}:
+            found = static_of(node, facts.name)
+            if found is not None:
+                servers.add(found[0])
+                prefixes.update(found[1])
+        if servers:
+            route["static_prefixes"] = sorted(prefixes)
+            route["static_backends"] = [{"host": h, "port": p} for h, p in sorted(servers)]
+    return route
 
 
 def set_change(route: dict[str, Any]) -> dict[str, Any]:

@@ -143,6 +143,7 @@ class RunnerService(MultiService):
         self.builder = builder
         self.image_server = image_server
         self.sessions: Any = None  # epio run sessions (epio.runner.sessions.attach_sessions)
+        self.static_server: Any = None  # epio.runner.static.attach_static (docs/static.md)
         self.stats = stats
         self.stats_interval = stats_interval
         self._last_stats = -1e18
@@ -307,6 +308,8 @@ class RunnerService(MultiService):
         self.seq += 1
         body = self.status_body()
         body.update(seq=self.seq, interval=self.heartbeat_interval)
+        if self.static_server is not None:
+            body.update(self.static_server.announcement())
         return body
 
     def _heartbeat(self) -> None:
@@ -552,4 +555,7 @@ def make_service(node: Any) -> RunnerService:
     from epio.runner.fence import attach_fence
 
     attach_fence(svc, node)  # nftables fence for app UIDs (docs/security.md)
+    from epio.runner.static import attach_static
+
+    attach_static(svc, node)  # [static] served by the platform (docs/static.md)
     return svc
