@@ -313,10 +313,44 @@ class Scheduler:
                 extras = sorted(current, key=lambda i: (i.state == "healthy", -i.number))
                 for inst in extras[:-missing]:
                     await self._retire(inst, everyone, now)
-            healthy = sum(1 for i in current if i.state == "healthy")
+            healthy = [i for i in current if i.state == "healthy"]
+            switched: bool | None = None  # asked once per pass, only when it matters
             for inst in old:
-                if healthy >= quantity or inst.state not in ("healthy",):
+                if inst.state != "healthy":
                     await self._retire(inst, everyone, now)
+                elif len(healthy) >= quantity:
+                    if switched is None:
+                        switched = await self._routed(app.name, healthy)
+                    if switched:
+                        await self._retire(inst, everyone, now)
+
+    async def _routed(self, app: str, healthy: list[Instance]) -> bool:
+        """Do routers send traffic to these new instances yet?  (Zero-downtime
+        rollover drains the old ones only then.)
+
+        The runner tells the scheduler an instance is healthy at once, but routers
+        learn it from the next heartbeat through the nexus; draining in between
+        would leave routers with no backend.  Every nexus that answers must list
+        them in the app's route; when none answers, they must have been healthy
+        for ``api.route_settle`` seconds.
+        """
+        wanted = {i.id for i in healthy}
+        answered = False
+        for endpoint in self.settings.nexus_endpoints:
+            try:
+                reply = await self.control.request(endpoint, "nexus.where", {"app": app},
+                                                   timeout=self.settings.status_timeout)
+            except Exception:
+                continue
+            answered = True
+            route = reply.get("route") or {}
+            routed = {b.get("instance_id") for b in route.get("backends") or []}
+            if not wanted <= routed:
+                return False
+        if answered:
+            return True
+        now = self.clock.seconds()  # after this pass's status polls, not before
+        return all(now - i.since >= self.settings.route_settle for i in healthy)
 
     async def _note_deploy(self, app: str, release: int, text: str) -> None:
         """Add a runner's reason to the log of the deploy rolling ``release`` out."""

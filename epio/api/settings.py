@@ -24,6 +24,9 @@ class ApiSettings:
     build_timeout: float = 900.0
     rollout_timeout: float = 180.0
     leader_retry: float = 2.0
+    # where the scheduler asks whether routers see a new release before draining the old
+    nexus_endpoints: tuple[str, ...] = ()
+    route_settle: float = 2.0
 
     @classmethod
     def from_config(cls, config: Any) -> ApiSettings:
@@ -43,6 +46,9 @@ class ApiSettings:
             stop_grace=float(api.get("stop_grace", 10.0)),
             build_timeout=float(api.get("build_timeout", 900.0)),
             rollout_timeout=float(api.get("rollout_timeout", 180.0)),
+            nexus_endpoints=tuple(n["router"] for n in config["cluster"]["nexus"]
+                                  if isinstance(n, dict) and n.get("router")),
+            route_settle=float(api.get("route_settle", 2.0)),
         )
 
     def url_of(self, app: str) -> str:

@@ -191,6 +191,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
             float, 180.0, "Seconds the new release's instances have to become healthy before "
             "the deploy fails (the previous release keeps serving).", positive,
         ),
+        "route_settle": Key(
+            float, 2.0,
+            "Seconds a new instance must have been healthy before old ones are drained, "
+            "when no nexus answers whether routers already send it traffic.", positive),
     },
     "lb": {
         "listen": Key(str, "tcp:8080", "Endpoint the HTTP router listens on."),
@@ -369,6 +373,21 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "fence_check_interval": Key(float, 30.0, "Seconds between checks that the fence "
                                     "table is still installed (put back if flushed); 0 "
                                     "disables them.", non_negative),
+        "static_listen": Key(
+            str, "", "Endpoint of this runner's static file server (docs/static.md), e.g. "
+            "tcp:7735; empty means an ephemeral port on advertise_host; off disables it (the "
+            "apps then serve their own static files)."),
+        "static_max_age": Key(int, 3600, "Cache-Control max-age (seconds) of static files "
+                              "whose app sets no [http] expires-/path.", non_negative),
+        "static_gzip": Key(bool, True, "Gzip text-like static files for clients that accept "
+                           "it."),
+        "static_gzip_max_kb": Key(int, 2048, "Largest static file (KiB) gzipped on the fly "
+                                  "and given a content-hash ETag.", positive),
+        "static_cache_mb": Key(int, 64, "Memory (MiB) kept for gzipped static files.",
+                               positive),
+        "static_idle_timeout": Key(float, 120.0, "Seconds an idle connection to the static "
+                                   "file server is kept (above lb.pool_idle_timeout).",
+                                   positive),
     },
     "logger": {
         "pull_bind": Key(str, "tcp://127.0.0.1:7721", "Where this logger receives log lines and stats (PULL)."),

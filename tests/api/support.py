@@ -77,6 +77,9 @@ class FakeRunners:
         self.digests = [DIGEST, DIGEST2]
         self.ports = 20000
         self.load: dict[str, dict[str, float]] = {}
+        # a nexus at endpoint "nexus": which instance ids each app's route lists
+        self.routed: dict[str, set[str]] = {}
+        self.clock: Any = reactor  # the harness's scheduler runs on the real reactor
 
     def add(self, endpoint: str) -> None:
         self.instances.setdefault(endpoint, {})
@@ -84,6 +87,10 @@ class FakeRunners:
     async def request(self, endpoint: str, type: str, body: dict[str, Any],
                       timeout: float | None = None) -> dict[str, Any]:
         self.requests.append((endpoint, type, body))
+        if type == "nexus.where" and endpoint == "nexus" and endpoint not in self.down:
+            return {"nexus_id": "n1", "age": 0.1, "app": body["app"], "route": {
+                "backends": [{"instance_id": i} for i in sorted(self.routed.get(body["app"],
+                                                                                  ()))]}}
         if endpoint in self.down or endpoint not in self.instances:
             raise RequestTimeout(type, endpoint, timeout or 1.0)
         mine = self.instances[endpoint]
@@ -91,6 +98,7 @@ class FakeRunners:
             for inst in mine.values():
                 if inst["state"] == "starting":
                     inst["state"] = "failed" if inst["release"] in self.fail_health else "healthy"
+                    inst["since"] = self.clock.seconds()  # as a runner reports state changes
                     if inst["state"] == "failed":
                         inst["reason"] = "health check /health failed 3 times"
             return {"node_id": endpoint, "boot_id": "b", "load": self.load.get(endpoint, {}),
@@ -145,9 +153,10 @@ class Harness:
 
     def __init__(self, settings: ApiSettings | None = None) -> None:
         self.tmp = Path(tempfile.mkdtemp(prefix="epio-api-test-"))
+        # no nexus here and no settle time: routing waits are tested on their own
         self.settings = settings or ApiSettings(drain_seconds=0.0, reconcile_interval=0.05,
                                                 rollout_timeout=5.0, max_json_bytes=4096,
-                                                max_upload_bytes=64 * 1024)
+                                                max_upload_bytes=64 * 1024, route_settle=0.0)
         self.runners = FakeRunners()
 
     async def start(self) -> None:

@@ -95,7 +95,8 @@ class SchedulerTests(TestCase):
         """A formation change reconciles at once, not at the next (here: hourly) tick."""
         from epio.api.settings import ApiSettings
 
-        self.h.scheduler.settings = ApiSettings(reconcile_interval=3600.0, drain_seconds=0.0)
+        self.h.scheduler.settings = ApiSettings(reconcile_interval=3600.0, drain_seconds=0.0,
+                                                route_settle=0.0)
         await self.h.add_runner("r1")
         await self.app_with_release(quantity=0)
         self.h.scheduler.become_leader()
@@ -135,6 +136,37 @@ class SchedulerTests(TestCase):
         self.assertEqual(releases, [2, 2])
         stops = [b for _, t, b in self.h.runners.requests if t == "runner.drain"]
         self.assertEqual(len(stops), 2)
+
+    async def test_old_release_drained_only_once_routers_see_the_new(self) -> None:
+        """Healthy new instances do not retire the old ones until the nexus lists them
+        in the app's route (routers learn from heartbeats, later than the scheduler);
+        with no nexus answering, they must have been healthy for route_settle."""
+        from attrs import evolve
+
+        self.h.scheduler.settings = evolve(self.h.scheduler.settings,
+                                           nexus_endpoints=("nexus",))
+        await self.h.add_runner("r1")
+        await self.app_with_release(quantity=1)
+        await self.passes()
+        await self.h.store.create_release("web1", DIGEST2)
+        await self.passes()
+        releases = sorted(i["release"] for i in self.h.runners.running("web1"))
+        self.assertEqual(releases, [1, 2])  # new healthy, old still serving
+        self.assertEqual([t for _, t, _ in self.h.runners.requests if t == "runner.drain"], [])
+        self.h.runners.routed["web1"] = {
+            i["instance_id"] for i in self.h.runners.running("web1") if i["release"] == 2}
+        await self.passes()
+        self.assertEqual([i["release"] for i in self.h.runners.running("web1")], [2])
+
+        # no nexus answers: the time since the new instance became healthy decides
+        self.h.runners.down.add("nexus")
+        self.h.scheduler.settings = evolve(self.h.scheduler.settings, route_settle=1e9)
+        await self.h.store.create_release("web1", DIGEST)
+        await self.passes()
+        self.assertEqual(sorted(i["release"] for i in self.h.runners.running("web1")), [2, 3])
+        self.h.scheduler.settings = evolve(self.h.scheduler.settings, route_settle=0.0)
+        await self.passes()
+        self.assertEqual([i["release"] for i in self.h.runners.running("web1")], [3])
 
     async def test_env_carries_config(self) -> None:
         """runner.start gets the release's config vars as environment."""

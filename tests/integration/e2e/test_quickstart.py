@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +43,56 @@ def http_get(port: int, host: str, path: str = "/", target: str = "127.0.0.1",
         return resp.status, resp.read().decode("utf-8", "replace")
     finally:
         conn.close()
+
+
+class RouterLoad:
+    """Requests sent back to back through the router from a thread, on keep-alive
+    connections (as browsers do); every failure is recorded."""
+
+    def __init__(self, port: int, host: str) -> None:
+        self.port, self.host = port, host
+        self.ok = 0
+        self.failures: list[str] = []
+        self.bodies: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(30)
+
+    def report(self) -> str:
+        return f"{self.ok} ok, failures: {self.failures[:10]}, bodies: {sorted(self.bodies)}"
+
+    def _run(self) -> None:
+        conn = None
+        while not self._stop.is_set():
+            try:
+                if conn is None:
+                    conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+                conn.request("GET", "/", headers={"Host": self.host})
+                resp = conn.getresponse()
+                body = resp.read().decode("utf-8", "replace")
+                if resp.status == 200:
+                    self.ok += 1
+                    self.bodies.add(body)
+                else:
+                    self.failures.append(f"{resp.status} {body[:100]!r}")
+                if resp.getheader("Connection", "").lower() == "close":
+                    conn.close()
+                    conn = None
+            except (OSError, http.client.HTTPException) as e:
+                self.failures.append(f"{type(e).__name__}: {e}")
+                if conn is not None:
+                    conn.close()
+                conn = None
+            time.sleep(0.02)
+        if conn is not None:
+            conn.close()
 
 
 def wait_until(what: str, check: Callable[[], Any], timeout: float = 60.0,
@@ -195,7 +246,10 @@ class QuickStartTests(SynchronousTestCase):
                                  + "; recent log:\n" + "\n".join(
                                      f"{ln['source']} {ln['text']}" for ln in lines)) from None
 
-        self.step("config set GREETING=Howdy shows in the app")
+        self.step("config set GREETING=Howdy shows in the app, with zero failed requests")
+        load = RouterLoad(self.lb_port, "hello.localhost")
+        load.start()
+        self.addCleanup(load.stop)
         self.epio("config", "set", "GREETING=Howdy")
         wait_until("only the new config served", lambda: all(self.router() == (
             200, "Howdy from Flask on epio!\n") for _ in range(6)), timeout=60)
@@ -216,6 +270,13 @@ class QuickStartTests(SynchronousTestCase):
         self.assertEqual(releases[0]["status"], "failed")
         wait_until("the broken release's instance is stopped", lambda: {
             i["release"] for i in self.ps()} == {releases[1]["version"]}, timeout=30)
+        load.stop()
+        # continuous requests through the router across the release replacement (and
+        # the broken deploy) all succeeded, from the old or the new release only
+        self.assertGreater(load.ok, 20, load.report())
+        self.assertEqual(load.failures, [], load.report())
+        self.assertEqual(load.bodies, {"Hello from Flask on epio!\n",
+                                       "Howdy from Flask on epio!\n"}, load.report())
 
         self.step("rollback serves the previous config again")
         _, out, _ = self.epio("rollback")
