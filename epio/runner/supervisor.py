@@ -490,8 +490,9 @@ class Supervisor:
         self.changed()
 
     def _say(self, inst: Instance, text: str) -> None:
-        """A platform line in the app's log (Heroku-style source ``epio[web.1]``)."""
-        self.sink.emit(inst.spec.app, f"epio[{inst.spec.source}]", text, self.reactor.seconds())
+        """A ``platform`` line in the app's log, naming the instance (``web.1: ...``)."""
+        self.sink.emit(inst.spec.app, "platform", f"{inst.spec.source}: {text}",
+                       self.reactor.seconds())
 
     def _call(self, inst: Instance, name: str, delay: float, f: Callable[..., Any],
               *args: Any) -> None:

@@ -371,8 +371,8 @@ class ExitTests(SynchronousTestCase):
         inst = h.sup.get("i1")
         self.assertEqual(inst.state, State.CRASHED)
         self.assertEqual(inst.reason, "killed: out of memory")
-        self.assertTrue(any("killed: out of memory" in t
-                            for t in h.sink.texts("hello", "epio[worker.1]")))
+        self.assertTrue(any(t.startswith("worker.1: ") and "killed: out of memory" in t
+                            for t in h.sink.texts("hello", "platform")))
 
     def test_oom_kill_of_a_child_process_is_reported_once(self) -> None:
         """An OOM kill inside a running instance (not its main process) is logged once."""
@@ -382,8 +382,8 @@ class ExitTests(SynchronousTestCase):
         h.launcher.ooms = 1
         h.sup.poll_oom()
         h.sup.poll_oom()
-        texts = h.sink.texts("hello", "epio[worker.1]")
-        self.assertEqual(texts.count("a process was killed: out of memory"), 1)
+        texts = h.sink.texts("hello", "platform")
+        self.assertEqual(texts.count("worker.1: a process was killed: out of memory"), 1)
         self.assertEqual(h.state(), "starting")
 
     def test_exit_descriptions(self) -> None:
