@@ -24,8 +24,7 @@ class DjangoExampleTests(SynchronousTestCase):
         app = "dj" + secrets.token_hex(3)
         n.create_app(app)
         # ALLOWED_HOSTS of the generated Django settings come from EPIO_HOSTNAMES, which
-        # the platform does not inject yet (see docs/databases.md): set it as a config var
-        n.epio("config", "set", f"EPIO_HOSTNAMES={app}.localhost", "--app", app)
+        # the platform injects into every process of the app
         code, out, err = n.epio("deploy", str(CHECKOUT / "examples" / "django"), "--app", app,
                                 "--poll", "0.5", check=False, timeout=400)
         if code != 0:
