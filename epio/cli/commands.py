@@ -162,6 +162,9 @@ def cmd_apps_info(args: argparse.Namespace) -> int:
     return out(args, app, human)
 
 
+DESTROY_TIMEOUT = 3600.0  # seconds `epio apps destroy` waits (final database backups)
+
+
 def cmd_apps_destroy(args: argparse.Namespace) -> int:
     name = args.name
     confirm = args.confirm
@@ -170,7 +173,10 @@ def cmd_apps_destroy(args: argparse.Namespace) -> int:
                         "confirm: ").strip()
     if confirm != name:
         raise CliError(f"not deleted: confirm with --confirm {name}")
-    Client.from_config().delete(f"apps/{name}")
+    client = Client.from_config()
+    # deleting takes a final backup of the app's databases first: that may take long
+    client.timeout = DESTROY_TIMEOUT
+    client.delete(f"apps/{name}")
     return out(args, {"deleted": name}, f"Deleted {name}")
 
 
