@@ -60,11 +60,12 @@ from attrs import define, frozen
 from twisted.application.service import Service
 from twisted.internet import defer, threads
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
-from twisted.web.static import NoRangeStaticProducer, SingleRangeStaticProducer
+from zope.interface import implementer
 
 from epio.routing import static_token
 
@@ -157,9 +158,9 @@ def read_static_facts(image_root: Path) -> tuple[list[StaticDir], list[tuple[str
         return [], []
     if not isinstance(doc, dict):
         return [], []
-    build = doc.get("build") if isinstance(doc.get("build"), dict) else {}
-    manifest = doc.get("manifest") if isinstance(doc.get("manifest"), dict) else {}
-    raw = build.get("static") if isinstance(build.get("static"), dict) else {}
+    build: Any = doc.get("build") if isinstance(doc.get("build"), dict) else {}
+    manifest: Any = doc.get("manifest") if isinstance(doc.get("manifest"), dict) else {}
+    raw: Any = build.get("static") if isinstance(build.get("static"), dict) else {}
     dirs = []
     for prefix, where in raw.items():
         if not (isinstance(prefix, str) and prefix.startswith("/") and isinstance(where, str)):
@@ -178,8 +179,9 @@ def read_static_facts(image_root: Path) -> tuple[list[StaticDir], list[tuple[str
                 continue
             dirs.append(StaticDir(prefix, "/".join(rel)))
     dirs.sort(key=lambda d: -len(d.prefix))
-    http_facts = manifest.get("http") if isinstance(manifest.get("http"), dict) else {}
-    raw_exp = http_facts.get("expires") if isinstance(http_facts.get("expires"), dict) else {}
+    http_facts: Any = manifest.get("http") if isinstance(manifest.get("http"), dict) else {}
+    raw_exp: Any = http_facts.get("expires")
+    raw_exp = raw_exp if isinstance(raw_exp, dict) else {}
     expires = [(p if p == "/" else "/" + p.strip("/"), int(s)) for p, s in raw_exp.items()
                if isinstance(p, str) and p.startswith("/") and isinstance(s, int)
                and not isinstance(s, bool) and s >= 0]
@@ -338,10 +340,10 @@ def _parse_range(header: bytes, size: int) -> tuple[int, int] | None | bool:
         end = int(b) if b else size - 1
     except ValueError:
         return None
-    if start < 0 or end < start:
-        return None
     if start >= size:
         return False
+    if start < 0 or end < start:
+        return None
     return start, min(end, size - 1)
 
 
@@ -356,10 +358,10 @@ class StaticResource(Resource):
 
     def __init__(self, server: StaticServer) -> None:
         super().__init__()
-        self.server = server
+        self.static = server
 
     def render(self, request: Any) -> Any:
-        s = self.server
+        s = self.static
         request.setHeader(b"server", b"epio-static")
         if request.method not in (b"GET", b"HEAD"):
             request.setHeader(b"allow", b"GET, HEAD")
@@ -401,7 +403,7 @@ class StaticResource(Resource):
 
     def _serve(self, request: Any, served: Served, path: str, fd: int,
                st: os.stat_result, name: str) -> Any:
-        s = self.server
+        s = self.static
         f = os.fdopen(fd, "rb")
         ctype = content_type(name)
         gz_ok = (s.gzip and compressible(ctype) and GZIP_MIN_BYTES <= st.st_size
@@ -437,7 +439,7 @@ class StaticResource(Resource):
         if request.finished or request._disconnected:
             f.close()
             return
-        s = self.server
+        s = self.static
         accept = (request.getHeader(b"accept-encoding") or b"").lower()
         rng = request.getHeader(b"range")
         use_gz = facts.gz is not None and b"gzip" in accept and rng is None
@@ -498,14 +500,70 @@ class StaticResource(Resource):
                         f.close()
                         request.finish()
                         return
-                    SingleRangeStaticProducer(request, f, start, end - start + 1).start()
+                    FileProducer(request, f, start, end - start + 1).start()
                     return
         request.setHeader(b"content-length", b"%d" % size)
         if request.method == b"HEAD" or size == 0:
             f.close()
             request.finish()
             return
-        NoRangeStaticProducer(request, f).start()
+        FileProducer(request, f, 0, size).start()
+
+
+@implementer(IPushProducer)
+class FileProducer:
+    """Streams ``length`` bytes of an open file from ``offset`` to a request, pausing
+    when the connection's buffer is full (a push producer: no cooperator involved)."""
+
+    CHUNK = 65536
+
+    def __init__(self, request: Any, f: Any, offset: int, length: int) -> None:
+        self.request: Any = request
+        self.f = f
+        self.offset = offset
+        self.left = length
+        self.paused = False
+        self._busy = False
+
+    def start(self) -> None:
+        self.f.seek(self.offset)
+        self.request.registerProducer(self, True)
+        self.request.notifyFinish().addErrback(lambda _: self.stopProducing())
+        self._pump()
+
+    def _pump(self) -> None:
+        if self._busy:
+            return
+        self._busy = True
+        try:
+            while self.request is not None and not self.paused and self.left > 0:
+                data = self.f.read(min(self.CHUNK, self.left))
+                if not data:  # the file shrank under us: end the response early
+                    request, self.request = self.request, None
+                    self.f.close()
+                    request.unregisterProducer()
+                    request.loseConnection()
+                    return
+                self.left -= len(data)
+                self.request.write(data)
+            if self.request is not None and self.left <= 0:
+                request, self.request = self.request, None
+                self.f.close()
+                request.unregisterProducer()
+                request.finish()
+        finally:
+            self._busy = False
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self._pump()
+
+    def stopProducing(self) -> None:
+        self.request = None
+        self.f.close()
 
 
 def _valid_http_date(value: bytes) -> bool:
@@ -594,10 +652,14 @@ class StaticServer(Service):
     # -- life ----------------------------------------------------------------------
     def startService(self) -> None:
         super().startService()
-        site = StaticSite(StaticResource(self), timeout=self.idle_timeout)
-        d = defer.maybeDeferred(serverFromString(self.reactor, self.listen).listen, site)
+        d = defer.maybeDeferred(serverFromString(self.reactor, self.listen).listen,
+                                self.site())
         d.addCallbacks(self._listening, self._listen_failed)
         self.refresh()
+
+    def site(self) -> StaticSite:
+        """The twisted.web site answering this server's requests."""
+        return StaticSite(StaticResource(self), timeout=self.idle_timeout, reactor=self.reactor)
 
     def _listening(self, port: Any) -> None:
         self.port = port
@@ -696,14 +758,17 @@ class StaticServer(Service):
             if key not in self.prepared and key not in self._preparing and self.running:
                 self._preparing.add(key)
                 d = defer.Deferred.fromCoroutine(self._prepare(key, w))
-                d.addErrback(lambda f, k=key: self.log.failure(
-                    "preparing static files of {app} v{release} failed", f, app=k[0],
-                    release=k[1]))
+                d.addErrback(self._prepare_failed, key)
         for key in [k for k in self.prepared if k not in want]:
             served = self.prepared.pop(key)
             d = defer.Deferred.fromCoroutine(self._unmount(served.digest))
             d.addErrback(lambda f: self.log.failure("releasing a static image failed", f))
         self._publish()
+
+    def _prepare_failed(self, f: Any, key: tuple[str, int]) -> None:
+        self._preparing.discard(key)
+        self.log.failure("preparing static files of {app} v{release} failed", f, app=key[0],
+                         release=key[1])
 
     def _publish(self) -> None:
         releases: dict[str, list[Served]] = {}
