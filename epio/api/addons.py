@@ -383,7 +383,14 @@ class Addons:
             for i in await self.store.list_instances(app.name):
                 if i.id == addon.instance:
                     if addon.state != "ready":  # started, but slow to answer last time
-                        await self._wait_accepting(addon)
+                        try:
+                            await self._wait_accepting(addon)
+                        except TimeoutError as e:
+                            # a reason for the deploy log, not an internal error
+                            raise AddonError(
+                                f"{addon.kind} add-on: the dedicated {addon.kind} server"
+                                + (f" on {addon.node}" if addon.node else "")
+                                + f" is {e}; see its output in epio logs") from None
                         await put_addon(self.store, evolve(addon, state="ready"))
                     return
         await say(f"  dedicated {addon.kind} is not running; starting it again"

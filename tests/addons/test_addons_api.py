@@ -335,3 +335,34 @@ class AddonApiTests(TestCase):
         _, after, _ = await self.call("GET", "apps/shop/config")
         self.assertEqual(after["vars"], {"DATABASE_URL": before["vars"]["DATABASE_URL"]})
         self.assertEqual(rel["config_keys"], ["DATABASE_URL"])
+
+    async def test_deploy_reports_a_dedicated_server_that_does_not_answer(self) -> None:
+        """A deploy that finds its dedicated server running but not answering within
+        service_boot_timeout fails with that reason in its log (an AddonError), not as an
+        internal error with a traceback."""
+        from attrs import evolve
+
+        from epio.store.addons import put_addon
+
+        await self.h.add_runner("r1")
+        self.h.runners.manifest = {"processes": {"web": "gunicorn app:app"},
+                                   "services": {"redis": "dedicated"}}
+        d = await self.run_deploy()
+        self.h.scheduler.lose_leadership()
+        self.assertEqual(d["status"], "succeeded", d["log"])
+        app = await self.h.store.get_app("shop")
+        addon = await self.addons.get(app, "redis")
+        await put_addon(self.h.store, evolve(addon, state="failed"))  # slow last time
+
+        async def refused(addon: Any) -> None:
+            raise ConnectionRefusedError()
+
+        self.addons.probe = refused
+        self.addons.settings = evolve(self.addons.settings, service_boot_timeout=0.5)
+        d = await self.run_deploy()
+        self.h.scheduler.lose_leadership()
+        self.assertEqual(d["status"], "failed", d["log"])
+        self.assertIn("redis add-on: the dedicated redis server on r1 is not accepting "
+                      "connections after 0.5s (ConnectionRefusedError)", d["log"])
+        self.assertNotIn("internal error", d["log"].lower())
+        self.assertNotIn("Traceback", d["log"])
