@@ -124,6 +124,11 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "lines": array(obj({"id": INT, "timestamp": NUM, "source": STR, "text": STR,
                             "lost": INT}, required=["id", "timestamp", "source", "text"])),
     }),
+    "Stats": obj({
+        "app": STR, "resolution": INT,
+        # metric -> [[bucket start, value], ...]
+        "series": {"type": "object", "additionalProperties": array(array(NUM))},
+    }),
 }
 
 

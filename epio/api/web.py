@@ -400,13 +400,24 @@ class Api:
     @operation("GET", "/apps/{app}/logs", "getLogs",
                "Recent log lines (filters: n, source, grep, since, until); with "
                "`Upgrade: websocket`, a live tail", response=ref("LogLines"), tag="logs",
-               query={"n": {"type": "integer", "minimum": 1}, "source": STR_SCHEMA,
+               query={"n": {"type": "integer", "minimum": 0}, "source": STR_SCHEMA,
                       "grep": STR_SCHEMA, "since": STR_SCHEMA, "until": STR_SCHEMA}, raw=True)
     async def logs(self, request: Any, user: Any, app: Any) -> Any:
         if self.log_tail is None:
             raise errors.Unavailable("no logger is configured for this api",
                                      code="logs_unavailable")
         return await self.log_tail.handle(request, app.name)
+
+    @operation("GET", "/apps/{app}/stats", "getStats",
+               "The app's stats series (requests by status class, latency, memory, "
+               "restarts) at 10 s or 1 min resolution", response=ref("Stats"), tag="logs",
+               query={"metric": STR_SCHEMA, "since": STR_SCHEMA, "until": STR_SCHEMA,
+                      "resolution": {"type": "integer", "enum": [10, 60]}}, raw=True)
+    async def stats(self, request: Any, user: Any, app: Any) -> Any:
+        if self.log_tail is None:
+            raise errors.Unavailable("no logger is configured for this api",
+                                     code="logs_unavailable")
+        return await self.log_tail.handle_stats(request, app.name)
 
     async def authorize_app(self, request: Any, name: str) -> Any:
         """Auth + access check for code mounted beside the API (404 if not theirs)."""

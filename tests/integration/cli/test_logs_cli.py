@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -28,7 +29,7 @@ class LogsCliTests(TestCase):
     async def test_logs_filters_and_follow(self) -> None:
         """Lines pushed by a node's pipeline show up in `epio logs`, filtered by source
         and regex, and `epio logs -f` prints the last N then follows new lines."""
-        doc, _ = isolated_config()
+        doc, _ = isolated_config({"logger": {"stats_flush_delay": 0.5}})
         node = NodeProcess(["--role=api,logger"], config=to_toml(doc))
         self.addCleanup(node.cleanup)
         node.wait_for_log("api ready", timeout=60)
@@ -85,3 +86,37 @@ class LogsCliTests(TestCase):
         followed = [ln.split(": ", 1)[1] for ln in out.splitlines()]
         self.assertEqual(followed, ["job 3 done", "job 4 done", "later 0", "later 1", "later 2"],
                          err)
+
+        # stats: router samples of a bucket that has ended are written and served
+        past = PastClock(reactor, 25.0)
+        stats_sink = BusLogSink(bus, doc["cluster"]["loggers"], clock=past)
+        stats_sink.startService()
+        self.addCleanup(stats_sink.stopService)
+        await deferLater(reactor, 0.5, lambda: None)
+        stats_sink.emit_stats("logsapp", "router", {"requests": 7, "status_2xx": 6,
+                                                    "status_5xx": 1})
+        deadline = time.monotonic() + 30
+        while True:
+            shown = self.epio("stats", "--app", "logsapp", "--json", "--resolution", "10")
+            if '"requests"' in shown.stdout or time.monotonic() > deadline:
+                break
+            await deferLater(reactor, 0.5, lambda: None)
+        self.assertEqual(shown.returncode, 0, shown.stderr)
+        series = json.loads(shown.stdout)["series"]
+        self.assertEqual(sum(v for _, v in series["requests"]), 7, series)
+        human = self.epio("stats", "--app", "logsapp")
+        self.assertIn("requests", human.stdout)
+
+
+class PastClock:
+    """The reactor, with seconds() some time in the past (samples of an ended bucket)."""
+
+    def __init__(self, reactor: object, behind: float) -> None:
+        self._reactor = reactor
+        self._behind = behind
+
+    def seconds(self) -> float:
+        return self._reactor.seconds() - self._behind  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._reactor, name)
