@@ -197,10 +197,10 @@ class Addons:
 
     async def destroy(self, user: Any, app: Any, kind: str,
                       force: bool = False) -> dict[str, Any] | None:
-        """Final backup (when a backup node is reachable), then drop, then unset the var.
+        """Final backup (when backup nodes are configured), then drop, then unset the var.
 
-        A final backup that was made but FAILED stops the removal (nothing is
-        dropped) unless ``force``.  Returns the final backup record (or None).
+        A final backup that FAILED, or that no configured backup node answered for,
+        stops the removal (nothing is dropped) unless ``force``.  Returns the final backup record (or None).
         """
         addon = await self.get(app, kind)
         final = await self._final_backup(app.name, kind, force)
@@ -652,12 +652,27 @@ class Addons:
                                      code="backups_unavailable") from None
 
     async def _final_backup(self, app: str, kind: str, force: bool) -> dict[str, Any] | None:
-        """Back the add-on up before it is dropped, if a backup node is reachable."""
+        """Back the add-on up before it is dropped.
+
+        No backup node configured: nothing to do (None).  Configured but none answers,
+        or the backup failed: 409 ``final_backup_failed`` unless ``force``.
+        """
+        if not self.settings.backup_endpoints:
+            self.log.warn("no backup node configured (backup.endpoints): {kind} of {app} is "
+                          "dropped without a final backup", kind=kind, app=app)
+            return None
         listings = await self._listings(app)
         if not listings:
-            self.log.warn("no backup node reachable: {kind} of {app} is dropped without a "
-                          "final backup", kind=kind, app=app)
-            return None
+            # backup nodes are configured but down: dropping now would lose the data for
+            # good, so this is a failed final backup (force drops anyway)
+            where = ", ".join(self.settings.backup_endpoints)
+            if force:
+                self.log.warn("no backup node answers ({where}): {kind} of {app} is dropped "
+                              "without a final backup (force)", where=where, kind=kind, app=app)
+                return None
+            raise errors.Conflict(
+                f"no final backup of {app}'s {kind}: no backup node answers ({where}); "
+                "nothing was dropped (force drops without one)", code="final_backup_failed")
         try:
             reply = await self._remote(self._ask(listings[0][0], "backup.create",
                                                  {"app": app, "kind": kind},
@@ -799,8 +814,9 @@ async def get_addon_route(self: Api, request: Any, user: Any, app: Any, kind: st
 
 
 @operation("DELETE", "/apps/{app}/addons/{kind}", "deleteAddon",
-           "Take a final backup (when a backup node answers), then drop the database and "
-           "unset its config var; a failed final backup drops nothing unless force=true",
+           "Take a final backup (when backup nodes are configured), then drop the database "
+           "and unset its config var; a failed final backup, or no backup node answering, "
+           "drops nothing (409 final_backup_failed) unless force=true",
            response=ref("AddonDeleted"), tag="addons", query={"force": {"type": "boolean"}})
 async def delete_addon_route(self: Api, request: Any, user: Any, app: Any, kind: str) -> Any:
     force = (request.args.get(b"force") or [b""])[0].lower() in (b"1", b"true", b"yes")

@@ -164,12 +164,31 @@ class AddonApiTests(TestCase):
         self.assertEqual(body["final_backup"]["status"], "failed")  # reported, not hidden
         self.assertEqual(self.shared.databases, {})
 
-    async def test_destroy_without_backup_node_drops(self) -> None:
-        """With no backup node reachable the add-on is dropped without a final backup."""
+    async def test_destroy_without_backup_node_refuses(self) -> None:
+        """Backup nodes configured but none answering: DELETE of the add-on and of the app
+        are 409 final_backup_failed and drop nothing; force drops without a final backup;
+        with no backup node configured at all the add-on is dropped without one."""
+        from attrs import evolve
+
         await self.call("POST", "apps/shop/addons", {"kind": "postgres"})
         self.backups.down = {BACKUP_A, BACKUP_B}
         status, body, _ = await self.call("DELETE", "apps/shop/addons/postgres")
+        self.assertEqual((status, body["error"]["code"]), (409, "final_backup_failed"))
+        self.assertIn("no backup node answers", body["error"]["message"])
+        self.assertIn("shop", self.shared.databases)
+        status, body, _ = await self.call("DELETE", "apps/shop")
+        self.assertEqual((status, body["error"]["code"]), (409, "final_backup_failed"))
+        self.assertIn("shop", self.shared.databases)
+        status, _, _ = await self.call("GET", "apps/shop/addons/postgres")
+        self.assertEqual(status, 200)
+        status, body, _ = await self.call("DELETE", "apps/shop/addons/postgres?force=true")
         self.assertEqual((status, body["final_backup"]), (200, None))
+        self.assertEqual(self.shared.databases, {})
+        self.addons.settings = evolve(self.addons.settings, backup_endpoints=())
+        await self.call("POST", "apps/shop/addons", {"kind": "postgres"})
+        status, body, _ = await self.call("DELETE", "apps/shop/addons/postgres")
+        self.assertEqual((status, body["final_backup"]), (200, None))
+        self.assertEqual(self.shared.databases, {})
 
     async def test_backups_across_nodes(self) -> None:
         """list merges every answering node (failed ones shown failed); create answers the
