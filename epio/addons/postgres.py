@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import secrets
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from attrs import frozen
 from twisted.logger import Logger
@@ -44,20 +44,34 @@ class PostgresCredentials:
         return f"PostgresCredentials(app={self.app!r}, database={self.database!r}, host={self.host!r})"
 
 
-def dsn_from_url(url: str) -> str:
-    """Turn ``postgresql://user@host:port/db`` into a libpq DSN string."""
+def url_fields(url: str) -> dict[str, str]:
+    """libpq fields (host, port, user, dbname, password?) of a ``postgresql://`` URL.
+
+    User, password and database are percent-decoded (``PostgresCredentials.url`` and
+    :func:`epio.api.addons.addon_url` encode them).
+    """
     parts = urlsplit(url)
     if parts.scheme not in ("postgresql", "postgres"):
         raise AddonError(f"not a PostgreSQL URL: {parts.scheme}://…")
     fields = {
         "host": parts.hostname or "127.0.0.1",
         "port": str(parts.port or 5432),
-        "user": parts.username or "postgres",
-        "dbname": (parts.path or "/postgres").lstrip("/") or "postgres",
+        "user": unquote(parts.username or "") or "postgres",
+        "dbname": unquote((parts.path or "/postgres").lstrip("/")) or "postgres",
     }
     if parts.password:
-        fields["password"] = parts.password
-    return " ".join(f"{k}='{v}'" for k, v in fields.items())
+        fields["password"] = unquote(parts.password)
+    return fields
+
+
+def dsn_value(value: str) -> str:
+    """One libpq conninfo value: single-quoted, ``\\`` and ``'`` escaped with ``\\``."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def dsn_from_url(url: str) -> str:
+    """Turn ``postgresql://user:pass@host:port/db`` into a libpq DSN string."""
+    return " ".join(f"{k}={dsn_value(v)}" for k, v in url_fields(url).items())
 
 
 class SharedPostgres:

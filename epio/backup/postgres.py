@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import Logger
 
-from epio.addons.postgres import dsn_from_url
+from epio.addons.postgres import dsn_from_url, url_fields
 
 COUNT_TABLES = """
 SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -41,18 +41,22 @@ def _url_for(admin_url: str, database: str) -> str:
 
 
 def _pg_env(url: str) -> dict[str, str]:
-    """libpq environment for the command-line tools: the password never goes in argv."""
-    parts = urlsplit(url)
+    """libpq environment for the command-line tools: the password never goes in argv.
+
+    The URL's user, password and database are percent-decoded (environment values
+    need no further quoting).
+    """
+    fields = url_fields(url)
     env = {
-        "PGHOST": parts.hostname or "127.0.0.1",
-        "PGPORT": str(parts.port or 5432),
-        "PGUSER": parts.username or "postgres",
-        "PGDATABASE": (parts.path or "/postgres").lstrip("/"),
+        "PGHOST": fields["host"],
+        "PGPORT": fields["port"],
+        "PGUSER": fields["user"],
+        "PGDATABASE": fields["dbname"],
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "LC_ALL": "C",
     }
-    if parts.password:
-        env["PGPASSWORD"] = parts.password
+    if "password" in fields:
+        env["PGPASSWORD"] = fields["password"]
     return env
 
 
