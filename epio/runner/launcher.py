@@ -99,6 +99,30 @@ class SandboxLauncher:
             os.chown(path, uid, gid)
         os.chmod(path, mode)
 
+    def _retire_foreign_data(self, data: Path, uid: int) -> None:
+        """Move aside a data dir owned by another UID: a deleted app of the same name.
+
+        UIDs are never reused while an app exists, so a different owner means the
+        files belong to an earlier app; they must never be handed to the new one.
+        They go to ``appdata/.retired/`` (0700, root only) for the operator.
+        """
+        if not self.isolation.uid_switch:
+            return  # without UID switching every dir has the runner's owner
+        try:
+            owner = data.lstat().st_uid
+        except FileNotFoundError:
+            return
+        if owner == uid:
+            return
+        retired = self.appdata_dir / ".retired"
+        retired.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(retired, 0o700)
+        target = retired / f"{data.name}.uid{owner}.{int(self.reactor.seconds())}"
+        os.rename(data, target)
+        self.log.warn("data dir of an earlier app named {app} (uid {old}) moved to {path}; "
+                      "the new app (uid {uid}) starts empty", app=data.name, old=owner,
+                      path=str(target), uid=uid)
+
     def prepare(self, spec: InstanceSpec, port: int | None) -> defer.Deferred[Launch]:
         return defer.Deferred.fromCoroutine(self._prepare(spec, port))
 
@@ -115,6 +139,7 @@ class SandboxLauncher:
         for d in (self.data_dir / "runner", self.instances_dir, self.appdata_dir):
             d.mkdir(mode=0o711, exist_ok=True)
         data = self.appdata_dir / spec.app
+        self._retire_foreign_data(data, user.uid)
         if not data.exists():
             data.mkdir(mode=0o700)
         self._own(data, user.uid, user.gid, 0o700)

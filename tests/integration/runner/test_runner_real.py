@@ -112,6 +112,34 @@ class IsolationTests(TestCase):
             os.kill(pid, 0)  # still alive
 
 
+    async def test_reused_app_name_starts_with_empty_data(self) -> None:
+        """An app deleted and created again under the same name (a new UID) never gets
+        the earlier app's files: they are moved aside, root-only."""
+        r = self.runner
+        img = r.image({"sleeper.py": apps.SLEEPER})
+        r.start("gamma-1", "gamma", 20111, img, "python /app/app/sleeper.py",
+                process_type="worker")
+        self.assertTrue(await wait_for(reactor, lambda: r.state("gamma-1") == "healthy", 15))
+        old = r.data_dir / "appdata" / "gamma"
+        (old / "private.txt").write_text("the first gamma's")
+        os.chown(old / "private.txt", 20111, 20111)
+        await r.sup.stop("gamma-1", grace=1)
+        probe_img = r.image({"probe.py": apps.PROBE})
+        r.start("gamma-2", "gamma", 20112, probe_img, "python /app/app/probe.py",
+                process_type="worker",
+                env={"PROBE": json.dumps({"read": ["/data/private.txt"], "kill": []})})
+        self.assertTrue(await wait_for(reactor, lambda: result_of(r, "gamma") is not None, 15),
+                        r.texts("gamma"))
+        res = result_of(r, "gamma")
+        assert res is not None
+        self.assertEqual(res["uid"], 20112)
+        self.assertNotEqual(res["read"]["/data/private.txt"], True)
+        self.assertEqual(old.stat().st_uid, 20112)
+        [retired] = (r.data_dir / "appdata" / ".retired").iterdir()
+        self.assertEqual((retired / "private.txt").read_text(), "the first gamma's")
+        self.assertEqual((r.data_dir / "appdata" / ".retired").stat().st_mode & 0o777, 0o700)
+
+
 class WebTests(TestCase):
     skip = SKIP
     timeout = 60
