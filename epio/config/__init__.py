@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from epio.config.schema import SCHEMA, Key
+from epio.config.schema import CHECKS, SCHEMA, Key
 
 __all__ = ["Config", "ConfigError", "load_config", "SCHEMA", "Key"]
 
@@ -81,6 +81,9 @@ def validate(raw: Mapping[str, Any], path: Path | None = None) -> Config:
             else:
                 out[name] = key.default_value()
         values[section] = out
+    if not errors:
+        for check in CHECKS:
+            errors.extend(check(values))
     if errors:
         raise ConfigError(errors)
     return Config(values, path)

@@ -135,8 +135,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
             "(and counted).", positive,
         ),
         "max_message_size": Key(
-            int, 64 * 1024 * 1024, "Largest bus message (bytes) a socket accepts; a peer "
-            "sending a bigger one is disconnected.", positive,
+            int, 256 * 1024 * 1024, "Largest bus message (bytes) a socket accepts; a peer "
+            "sending a bigger one is disconnected. Must exceed api.max_upload_mb (a deploy's "
+            "tarball travels to the runner in one message).", positive,
         ),
         "encrypt": Key(
             bool, True, "Encrypt bus traffic with CurveZMQ, keys derived from the cluster "
@@ -611,3 +612,16 @@ SCHEMA: dict[str, dict[str, Key]] = {
         ),
     },
 }
+
+
+def _upload_fits_bus(values: dict[str, dict[str, Any]]) -> list[str]:
+    upload = values["api"]["max_upload_mb"] * 1024 * 1024
+    if upload + (1 << 20) > values["bus"]["max_message_size"]:
+        return [f"api.max_upload_mb ({values['api']['max_upload_mb']} MiB) must be at least "
+                f"1 MiB under bus.max_message_size ({values['bus']['max_message_size']} bytes): "
+                "a deploy's upload travels to the runner in one bus message"]
+    return []
+
+
+# Checks across keys, run when every key is valid on its own.
+CHECKS: list[Callable[[dict[str, dict[str, Any]]], list[str]]] = [_upload_fits_bus]

@@ -53,6 +53,15 @@ class LoadConfigTests(SynchronousTestCase):
             self.assertIn(fragment, text)
         self.assertIn(path, text)
 
+    def test_checks_across_keys(self) -> None:
+        """A deploy upload limit that cannot fit in one bus message is refused at start."""
+        with self.assertRaises(ConfigError) as cm:
+            load_config(self.write("[api]\nmax_upload_mb = 300\n"))
+        self.assertIn("api.max_upload_mb (300 MiB) must be at least 1 MiB under "
+                      "bus.max_message_size", str(cm.exception))
+        load_config(self.write("[api]\nmax_upload_mb = 300\n[bus]\n"
+                               "max_message_size = 400000000\n"))
+
     def test_bad_toml(self) -> None:
         """A file that is not TOML says so, with the file name."""
         path = self.write("[lb\n")
