@@ -97,11 +97,23 @@ def cmd_destroy(args: argparse.Namespace) -> int:
     return out(args, result, human)
 
 
+# The password goes to psql through PGPASSWORD (percent-decoded), never argv: psql's
+# command line (/proc/PID/cmdline) is readable by every user of the host.  The URL it
+# gets has the user, host, database and options, without the password.
 PSQL = (
     '[ -n "$DATABASE_URL" ] || { echo "this app has no DATABASE_URL: epio addons create '
     'postgres" >&2; exit 1; }; '
+    'u=${DATABASE_URL#*://}; auth=${u%%/*}; tail=${u#"$auth"}; '
+    'case $auth in *@*) ui=${auth%@*}; hp=${auth##*@};; *) ui=; hp=$auth;; esac; '
+    'case $ui in *:*) pw=${ui#*:}; ui=${ui%%:*}; d=; '
+    'while [ -n "$pw" ]; do case $pw in '
+    '%[0-9A-Fa-f][0-9A-Fa-f]*) h=${pw#%}; h=${h%"${h#??}"}; '
+    'd=$d$(printf "\\\\$(printf %o $((0x$h)))"); pw=${pw#%??};; '
+    '*) c=${pw%"${pw#?}"}; d=$d$c; pw=${pw#?};; esac; done; '
+    'PGPASSWORD=$d; export PGPASSWORD;; esac; '
+    'url=${DATABASE_URL%%://*}://${ui:+$ui@}$hp$tail; unset DATABASE_URL; '
     'p=$(ls -d /usr/lib/postgresql/*/bin/psql 2>/dev/null | sort -V | tail -n 1); '
-    '[ -x "$p" ] || p=psql; exec "$p" "$DATABASE_URL" "$@"'
+    '[ -x "$p" ] || p=psql; exec "$p" "$url" "$@"'
 )
 REDIS_CLI = (
     '[ -n "$REDIS_URL" ] || { echo "this app has no REDIS_URL: epio addons create redis" >&2; '
