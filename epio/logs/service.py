@@ -8,7 +8,6 @@ See docs/logs.md.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -19,7 +18,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from epio.bus.errors import RemoteError
-from epio.logclient import live_topic
+from epio.logclient import BadFilter, compile_grep, live_topic
 from epio.logs.drains import DrainConfig, DrainManager
 from epio.logs.receiver import LogCounters, LogReceiver
 from epio.logs.records import APP_RE, LogRecord
@@ -233,9 +232,9 @@ class LoggerService(MultiService):
             if not isinstance(grep, str) or len(grep) > 200:
                 raise RemoteError("invalid_parameter", "grep must be a regex of at most 200 characters")
             try:
-                rx = re.compile(grep)
-            except re.error as e:
-                raise RemoteError("invalid_parameter", f"invalid grep regex: {e}") from None
+                rx = compile_grep(grep)
+            except BadFilter as e:
+                raise RemoteError("invalid_parameter", str(e)) from None
         sources = body.get("sources") or []
         if not all(isinstance(s, str) for s in sources):
             raise RemoteError("invalid_parameter", "sources must be strings")

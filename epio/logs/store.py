@@ -177,7 +177,7 @@ class Query:
     since: float | None = None
     until: float | None = None
     sources: frozenset[str] = frozenset()
-    grep: re.Pattern[str] | None = None
+    grep: Any = None  # a compiled pattern (RE2 from epio.logclient.compile_grep)
     after: int | None = None
 
     def source_ok(self, source: str) -> bool:
