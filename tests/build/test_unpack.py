@@ -83,6 +83,66 @@ class UnpackTests(SynchronousTestCase):
         )
         self.refuse([_special("esc", tarfile.SYMTYPE, "/etc/passwd")], "absolute target")
 
+    def test_symlink_chain_escape(self) -> None:
+        """A chain of symlinks that each look inside on their text but together lead out
+        of the tree (the reviewer's reproduction: ``m`` really points two levels above
+        the upload, where a node keeps its DATA_DIR) is refused, the whole upload with it."""
+        secret_dir = self.tmp / "data"
+        secret_dir.mkdir()
+        (secret_dir / "cluster-secret").write_text("s3cr3t-cluster-key\n")
+        dest = secret_dir / "builds" / "out"
+        dest.parent.mkdir()
+        tb = _tar(
+            self.tmp / "t.tgz",
+            [
+                _file("epio.ini", b"[process]\nw = python w.py\n"),
+                _special("d1/d2/d3/up", tarfile.SYMTYPE, "../../.."),
+                _special("m", tarfile.SYMTYPE, "d1/d2/d3/up/../../.."),
+                _special("Procfile", tarfile.SYMTYPE, "m/cluster-secret"),
+            ],
+        )
+        with self.assertRaises(UnpackError) as cm:
+            safe_unpack(tb, dest, 10**6)
+        self.assertIn("points outside the app", str(cm.exception))
+        self.assertIn("through other symlinks", str(cm.exception))
+        self.assertNotIn("s3cr3t", str(cm.exception))
+        self.assertFalse(dest.exists(), "a refused upload leaves nothing behind")
+        self.assertEqual((secret_dir / "cluster-secret").read_text(), "s3cr3t-cluster-key\n")
+
+    def test_symlink_chain_escape_in_any_order(self) -> None:
+        """The chain is refused whichever link comes first in the archive, and when the
+        escaping link is dangling at the time it is unpacked."""
+        self.refuse(
+            [
+                _special("m", tarfile.SYMTYPE, "d1/d2/d3/up/../../.."),
+                _special("d1/d2/d3/up", tarfile.SYMTYPE, "../../.."),
+            ],
+            "points outside the app",
+        )
+        self.refuse(
+            [
+                _special("a/b/top", tarfile.SYMTYPE, "../.."),
+                _special("x", tarfile.SYMTYPE, "a/b/top/.."),
+            ],
+            "points outside the app",
+        )
+
+    def test_symlink_chain_inside(self) -> None:
+        """Chains of symlinks that stay inside the tree (even through the top) unpack."""
+        tb = _tar(
+            self.tmp / "t.tgz",
+            [
+                _file("conf/real.txt", b"ok"),
+                _special("d1/d2/d3/up", tarfile.SYMTYPE, "../../.."),
+                _special("m", tarfile.SYMTYPE, "d1/d2/d3/up/conf"),
+                _special("cfg", tarfile.SYMTYPE, "m/real.txt"),
+                _special("loop1", tarfile.SYMTYPE, "loop2"),
+                _special("loop2", tarfile.SYMTYPE, "loop1"),
+            ],
+        )
+        safe_unpack(tb, self.dest, 10**6)
+        self.assertEqual((self.dest / "cfg").read_text(), "ok")
+
     def test_write_through_symlink(self) -> None:
         """A member written through an earlier symlink is refused."""
         self.refuse([_special("d", tarfile.SYMTYPE, "."), _file("d/x")], "through the symlink")

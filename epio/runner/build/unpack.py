@@ -5,7 +5,14 @@ device files, FIFOs and other special files, hard links to anything but an
 earlier regular member, symlinks whose target leaves the tree, members written
 through a symlink, more than ``max_members`` entries, and more than
 ``max_bytes`` of content (the sum of member sizes, checked before each member is
-written).  On any error the destination is removed: nothing is left behind.
+written).
+
+A symlink's target is checked twice: on its text when the member is read, and,
+once every member is unpacked, by resolving the link for real
+(:func:`os.path.realpath`, through every other link of the archive) — a *chain*
+of links that each look inside (``d1/d2/d3/up -> ../../..`` then
+``m -> d1/d2/d3/up/../../..``) can still lead out, and only the resolution of the
+finished tree sees that.  On any error the destination is removed: nothing is left behind.
 Modes are reduced to the permission bits (no setuid/setgid/sticky); owners are
 not restored.  This runs in a worker thread (it blocks on disk I/O).
 """
@@ -134,6 +141,24 @@ def _unpack(tarball: Path, dest: Path, max_bytes: int, max_members: int) -> int:
                     raise UnpackError(f"refusing {member.name!r}: {kind}s are not allowed")
         except (tarfile.TarError, EOFError, OSError, UnicodeError) as e:
             raise UnpackError(f"the upload is a damaged tar archive ({e})") from None
+    _check_links(dest, sorted(symlinks))
     for path, mode in reversed(dirs):
         os.chmod(path, mode)
     return total
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root + os.sep)
+
+
+def _check_links(dest: Path, names: list[str]) -> None:
+    """Resolve every symlink of the unpacked tree through the real file system (so
+    through the archive's other links) and refuse any that ends outside ``dest``."""
+    root = os.path.realpath(dest)
+    for name in names:
+        resolved = os.path.realpath(os.path.join(root, name))
+        if not _inside(resolved, root):
+            raise UnpackError(
+                f"refusing symlink {name!r} -> {os.readlink(os.path.join(root, name))!r}: "
+                "it points outside the app (through other symlinks of the upload)"
+            )
