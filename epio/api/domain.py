@@ -277,6 +277,10 @@ class Platform:
         if bare == platform or bare.endswith("." + platform):
             raise errors.Conflict(
                 f"hostnames under the platform domain {platform} are reserved for apps")
+        if host.startswith("*.") and platform.endswith("." + bare):
+            # *.example.com above apps.example.com would catch every unclaimed app name
+            raise errors.Conflict(
+                f"{host} would cover the platform domain {platform}, which is reserved for apps")
         return await self.store.add_domain(app.name, host)
 
     async def remove_domain(self, user: User, app: App, hostname: str) -> None:
@@ -312,7 +316,9 @@ class Platform:
 
     # --- nodes --------------------------------------------------------------------
 
-    async def describe_nodes(self) -> list[dict[str, Any]]:
+    async def describe_nodes(self, user: User) -> list[dict[str, Any]]:
+        """Every node: control endpoints and isolation facts, for admins only."""
+        self._require_admin(user)
         now = self.clock.seconds()
         return [{"id": n.id, "roles": list(n.roles), "control": n.control_endpoint,
                  "boot_id": n.boot_id, "last_seen": n.last_seen,

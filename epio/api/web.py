@@ -429,10 +429,11 @@ class Api:
 
     # --- nodes --------------------------------------------------------------------
 
-    @operation("GET", "/nodes", "listNodes", "Every node of the cluster and its roles",
+    @operation("GET", "/nodes", "listNodes",
+               "Every node of the cluster, its roles and isolation facts (admins only)",
                response=array(ref("Node")), tag="nodes")
     async def list_nodes(self, request: Any, user: Any) -> Any:
-        return await self.platform.describe_nodes()
+        return await self.platform.describe_nodes(user)
 
     # --- dashboard ----------------------------------------------------------------
 

@@ -162,11 +162,37 @@ class AppTests(ApiTestCase):
         self.assertEqual(status, 200)
 
     async def test_nodes(self) -> None:
-        """GET /nodes lists registered nodes and whether they are alive."""
+        """GET /nodes lists registered nodes and whether they are alive, to admins only:
+        control endpoints and which protections are off are not every user's business."""
         await self.h.add_runner("r1")
-        status, nodes, _ = await self.call("GET", "nodes", token=self.h.alice_token)
+        status, nodes, _ = await self.call("GET", "nodes", token=self.h.admin_token)
         self.assertEqual(status, 200)
         self.assertEqual([(n["id"], n["alive"]) for n in nodes], [("r1", True)])
+        status, body, _ = await self.call("GET", "nodes", token=self.h.alice_token)
+        self.assertEqual((status, body["error"]["code"]), (403, "forbidden"))
+
+
+class PlatformDomainTests(TestCase):
+    timeout = 30
+
+    def setUp(self) -> Any:
+        from epio.api.settings import ApiSettings
+
+        self.h = Harness(ApiSettings(domain="apps.example.com", route_settle=0.0))
+        self.addCleanup(lambda: ensureDeferred(self.h.stop()))
+        return ensureDeferred(self.h.start())
+
+    async def test_wildcard_cannot_cover_the_platform_domain(self) -> None:
+        """*.example.com above apps.example.com would catch every unclaimed app name: 409;
+        names under the platform domain are refused too; elsewhere wildcards work."""
+        await self.h.call("POST", "apps", token=self.h.alice_token, body={"name": "one"})
+        for host in ["*.example.com", "*.com", "x.apps.example.com", "*.apps.example.com"]:
+            status, body, _ = await self.h.call("POST", "apps/one/domains",
+                                                token=self.h.alice_token, body={"hostname": host})
+            self.assertEqual((status, body["error"]["code"]), (409, "conflict"), host)
+        status, _, _ = await self.h.call("POST", "apps/one/domains", token=self.h.alice_token,
+                                         body={"hostname": "*.example.org"})
+        self.assertEqual(status, 201)
 
 
 class ErrorLayerTests(ApiTestCase):
