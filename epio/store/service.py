@@ -54,13 +54,20 @@ async def open_store(url: str, reactor: Any, migrate_schema: bool = True,
 
 
 def redact_url(url: str) -> str:
-    """The URL without a password, for log lines."""
-    if "://" in url and "@" in url.split("://", 1)[1]:
+    """The URL without a password (in the userinfo or a ``password=`` query), for logs."""
+    import re
+
+    if "://" in url and "@" in url.split("://", 1)[1].split("?", 1)[0]:
         scheme, rest = url.split("://", 1)
+        path_and_query = ""
+        if "?" in rest:
+            rest, query = rest.split("?", 1)
+            path_and_query = "?" + query
         creds, host = rest.rsplit("@", 1)
         user = creds.split(":", 1)[0]
-        return f"{scheme}://{user}:***@{host}" if ":" in creds else f"{scheme}://{user}@{host}"
-    return url
+        url = (f"{scheme}://{user}:***@{host}" if ":" in creds else f"{scheme}://{user}@{host}") \
+            + path_and_query
+    return re.sub(r"(?i)([?&](?:password|sslpassword)=)[^&]*", r"\1***", url)
 
 
 class StoreService(Service):

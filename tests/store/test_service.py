@@ -49,6 +49,20 @@ class StoreServiceTests(TestCase):
         await svc.stopService()
         self.assertNotIn("sekrit", redact_url(url))
 
+    def test_redact_url(self) -> None:
+        """Passwords leave store URLs before they are logged, in userinfo or query."""
+        from epio.store.service import redact_url
+
+        for url, shown in [
+            ("postgresql://u:sekrit@h:5/db", "postgresql://u:***@h:5/db"),
+            ("postgresql://u@h/db?password=sekrit&sslmode=require",
+             "postgresql://u@h/db?password=***&sslmode=require"),
+            ("postgresql://h/db?sslmode=require&password=sekrit",
+             "postgresql://h/db?sslmode=require&password=***"),
+            ("sqlite:////var/lib/epio/store.sqlite3", "sqlite:////var/lib/epio/store.sqlite3"),
+        ]:
+            self.assertEqual(redact_url(url), shown)
+
     async def test_bad_url(self) -> None:
         """A URL of an unknown kind fails whenReady with a clear ValueError."""
         svc = StoreService("mysql://x", reactor=reactor)
