@@ -86,7 +86,8 @@ class Scheduler:
                  log_sink: Any = None, app_secret: Callable[[str], str] | None = None) -> None:
         self.store = store
         # a stable per-app secret for frameworks that need one (Django's SECRET_KEY)
-        # when the app sets none itself; derived, so nothing more is stored
+        # when the app sets none itself; derived from "<name>:<uid>", so nothing more
+        # is stored
         self.app_secret = app_secret
         self.control = control
         self.clock = clock
@@ -400,7 +401,9 @@ class Scheduler:
         hosts += [d.hostname for d in await self.store.list_domains(app)]
         env = {"EPIO_HOSTNAMES": ",".join(hosts)}
         if self.app_secret is not None:
-            env["EPIO_SECRET_KEY"] = self.app_secret(app)
+            # keyed by name and UID: a new app reusing a deleted app's name gets a new key
+            uid = (await self.store.get_app(app)).uid
+            env["EPIO_SECRET_KEY"] = self.app_secret(f"{app}:{uid}")
         return env
 
     async def _start(self, app: Any, release: Any, ptype: str, number: int, formation: Any,

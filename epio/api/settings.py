@@ -69,7 +69,7 @@ def default_app_url(lb_listen: str) -> str:
 
 
 def derive_app_secret(cluster_secret: bytes, app: str) -> str:
-    """A stable secret for one app (HMAC of its name under the cluster secret).
+    """A stable secret for one app (HMAC of ``"<name>:<uid>"`` under the cluster secret).
 
     Given to the app as EPIO_SECRET_KEY (Django's SECRET_KEY unless the app sets
     its own); it reveals nothing of the cluster secret and needs no storage.

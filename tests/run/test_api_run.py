@@ -93,7 +93,8 @@ class RunApiTests(TestCase):
         # the same platform facts as the app's processes (hostnames, derived secret)
         self.assertEqual(start["env"], {"GREETING": "hi", "FROM_INI": "1",
                                         "EPIO_HOSTNAMES": "hello.localhost",
-                                        "EPIO_SECRET_KEY": derive_app_secret(b"s" * 32, "hello")})
+                                        "EPIO_SECRET_KEY": derive_app_secret(
+                                            b"s" * 32, f"hello:{app.uid}")})
         self.assertEqual(start["limits"]["memory_mb"], 512)  # the default size
         status, listed, _ = await self.h.call("GET", "apps/hello/runs",
                                               token=self.h.alice_token)
