@@ -12,7 +12,7 @@ import importlib
 import sys
 from typing import Any
 
-from twisted.application.service import IService, MultiService, Service
+from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.logger import Logger
 from twisted.python import usage
@@ -149,7 +149,7 @@ class NodeService(MultiService):
         return Deferred.fromCoroutine(stop())
 
 
-def role_service(role: str, node: Any) -> IService:
+def role_service(role: str, node: Any) -> Service:
     """Build one role's service, or a NotAvailableService if it is not built yet."""
     module_name = ROLES[role]
     try:
@@ -158,7 +158,7 @@ def role_service(role: str, node: Any) -> IService:
         if e.name is not None and module_name.startswith(e.name):
             return NotAvailableService(role)
         raise
-    svc: IService = module.make_service(node)
+    svc: Service = module.make_service(node)
     svc.setName(role)
     return svc
 
