@@ -3,7 +3,8 @@
 trial's ``TestCase.mktemp()`` makes directories relative to the working
 directory; under pytest that would litter the checkout.  The session runs in a
 fresh temporary directory instead (removed at the end), with the checkout kept
-importable by its absolute path.
+importable by its absolute path.  The directory changes when the session
+starts, after pytest has found the test paths from where it was invoked.
 """
 
 from __future__ import annotations
@@ -12,16 +13,22 @@ import os
 import shutil
 import sys
 import tempfile
+from typing import Any
 
 CHECKOUT = os.path.dirname(os.path.abspath(__file__))
 if CHECKOUT not in sys.path:
     sys.path.insert(0, CHECKOUT)
 
-_WORKDIR = tempfile.mkdtemp(prefix="epio-tests-")
-_ORIGINAL_CWD = os.getcwd()
-os.chdir(_WORKDIR)
+_state: dict[str, str] = {}
 
 
-def pytest_unconfigure(config: object) -> None:
-    os.chdir(_ORIGINAL_CWD)
-    shutil.rmtree(_WORKDIR, ignore_errors=True)
+def pytest_sessionstart(session: Any) -> None:
+    _state["cwd"] = os.getcwd()
+    _state["workdir"] = tempfile.mkdtemp(prefix="epio-tests-")
+    os.chdir(_state["workdir"])
+
+
+def pytest_sessionfinish(session: Any, exitstatus: int) -> None:
+    if "cwd" in _state:
+        os.chdir(_state["cwd"])
+        shutil.rmtree(_state["workdir"], ignore_errors=True)
