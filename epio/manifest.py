@@ -26,13 +26,23 @@ first: the ``web`` process generated from ``[wsgi]``, then the ``Procfile``, the
 
 Every problem in both files is collected and raised together as one
 :class:`ManifestError` whose ``errors`` are ``file:line: message`` strings.
-The format is documented for users in docs/apps.md.
+The format is documented for users in docs/apps.md.  A message quotes at most
+:data:`QUOTE_MAX` characters of any value or line it complains about.
+
+:func:`load_manifest` reads an app tree nobody vouches for (the build runs it as
+root on an upload): ``epio.ini``, ``Procfile``, the requirements file and
+``pyproject.toml`` must be regular files inside the app, never symlinks — such a
+file is refused by name and its content is never read (:func:`read_app_file`).
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import posixpath
 import re
+import stat
 from collections.abc import Iterable, Mapping
 from pathlib import Path, PurePosixPath
 from types import MappingProxyType
@@ -46,10 +56,12 @@ __all__ = [
     "Django",
     "Http",
     "Manifest",
+    "AppFileError",
     "ManifestError",
     "load_manifest",
     "parse_manifest",
     "parse_procfile",
+    "read_app_file",
 ]
 
 #: What ``%(data_directory)s`` expands to: the app's writable storage, mounted by the
@@ -72,6 +84,9 @@ _CRON_FIELD = re.compile(r"^[0-9*/,\-A-Za-z]+$")
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
 _SIZE = re.compile(r"^\s*(\d+)\s*([kKmMgG]?)[bB]?\s*$")
+#: An error message quotes at most this many characters of a value or line.
+QUOTE_MAX = 80
+_MESSAGE_MAX = 400
 
 # Known sections and, for the fixed-key ones, their keys (lower case).
 _SECTIONS: dict[str, set[str] | None] = {
@@ -231,6 +246,20 @@ class _Item:
     line: int
 
 
+def _cut(text: str, limit: int = QUOTE_MAX) -> str:
+    """``text`` cut to ``limit`` characters (said when it was)."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _q(text: str) -> str:
+    """The quoted form of user content in an error message, at most QUOTE_MAX characters."""
+    if len(text) <= QUOTE_MAX:
+        return repr(text)
+    return f"{text[:QUOTE_MAX]!r}... ({len(text)} characters)"
+
+
 class _Errors:
     """Collects ``file:line: message`` strings, reported sorted by file and line."""
 
@@ -238,7 +267,8 @@ class _Errors:
         self._items: list[tuple[str, int, str]] = []
 
     def add(self, file: str, line: int, message: str) -> None:
-        self._items.append((file, line, message))
+        # a backstop: messages quote through _q/_cut, this bounds any that does not
+        self._items.append((file, line, _cut(message, _MESSAGE_MAX)))
 
     @property
     def items(self) -> list[str]:
@@ -268,7 +298,7 @@ def _interpolate(value: str, file: str, line: int, errors: _Errors) -> str:
         errors.add(
             file,
             line,
-            f"bad interpolation {name!r}: only %(data_directory)s is known (write %% for a literal %)",
+            f"bad interpolation {_q(name)}: only %(data_directory)s is known (write %% for a literal %)",
         )
         return value
     return "".join(out)
@@ -294,7 +324,7 @@ def _scan_ini(text: str, file: str, errors: _Errors) -> list[_Item]:
         if stripped.startswith("["):
             last = None
             if not stripped.endswith("]"):
-                errors.add(file, lineno, f"malformed section header {stripped!r}")
+                errors.add(file, lineno, f"malformed section header {_q(stripped)}")
                 section, bad_section = None, True
                 continue
             name = stripped[1:-1].strip().lower()
@@ -302,7 +332,7 @@ def _scan_ini(text: str, file: str, errors: _Errors) -> list[_Item]:
                 errors.add(
                     file,
                     lineno,
-                    f"unknown section [{name}] (known: {', '.join(sorted(_SECTIONS))})",
+                    f"unknown section [{_cut(name)}] (known: {', '.join(sorted(_SECTIONS))})",
                 )
                 section, bad_section = None, True
                 continue
@@ -315,7 +345,7 @@ def _scan_ini(text: str, file: str, errors: _Errors) -> list[_Item]:
             continue
         m = re.match(r"^([^=:]*[^=:\s])\s*[=:]\s?(.*)$", stripped)
         if m is None:
-            errors.add(file, lineno, f"expected 'key = value', got {stripped!r}")
+            errors.add(file, lineno, f"expected 'key = value', got {_q(stripped)}")
             last = None
             continue
         if section is None:
@@ -329,7 +359,9 @@ def _scan_ini(text: str, file: str, errors: _Errors) -> list[_Item]:
         value = m.group(2).strip()
         if (section, key) in seen_keys:
             errors.add(
-                file, lineno, f"[{section}] {key}: already set on line {seen_keys[(section, key)]}"
+                file,
+                lineno,
+                f"[{section}] {_cut(key)}: already set on line {seen_keys[(section, key)]}",
             )
             last = None
             continue
@@ -346,7 +378,9 @@ def _bool(item: _Item, file: str, errors: _Errors) -> bool | None:
     if v in _FALSE:
         return False
     errors.add(
-        file, item.line, f"[{item.section}] {item.key}: must be true or false, not {item.value!r}"
+        file,
+        item.line,
+        f"[{item.section}] {_cut(item.key)}: must be true or false, not {_q(item.value)}",
     )
     return None
 
@@ -359,7 +393,9 @@ def _number(item: _Item, file: str, errors: _Errors, kind: type = float) -> Any:
     if n is None or n <= 0:
         what = "a positive integer" if kind is int else "a positive number"
         errors.add(
-            file, item.line, f"[{item.section}] {item.key}: must be {what}, not {item.value!r}"
+            file,
+            item.line,
+            f"[{item.section}] {_cut(item.key)}: must be {what}, not {_q(item.value)}",
         )
         return None
     return n
@@ -371,7 +407,7 @@ def _size(item: _Item, file: str, errors: _Errors) -> int | None:
         errors.add(
             file,
             item.line,
-            f"[{item.section}] {item.key}: must be a size like 10M, 512K or 1048576, not {item.value!r}",
+            f"[{item.section}] {_cut(item.key)}: must be a size like 10M, 512K or 1048576, not {_q(item.value)}",
         )
         return None
     mult = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[m.group(2).lower()]
@@ -386,7 +422,9 @@ def _rel_path(
     if allow_data and (value == DATA_DIRECTORY or value.startswith(DATA_DIRECTORY + "/")):
         if ".." in p.parts:
             errors.add(
-                file, item.line, f"[{item.section}] {item.key}: {value!r} must not contain '..'"
+                file,
+                item.line,
+                f"[{item.section}] {_cut(item.key)}: {_q(value)} must not contain '..'",
             )
             return None
         return str(p)
@@ -395,7 +433,7 @@ def _rel_path(
         errors.add(
             file,
             item.line,
-            f"[{item.section}] {item.key}: {value!r} must be a relative path {where} (no '..')",
+            f"[{item.section}] {_cut(item.key)}: {_q(value)} must be a relative path {where} (no '..')",
         )
         return None
     return str(p)
@@ -414,19 +452,21 @@ def parse_procfile(
             continue
         m = re.match(r"^([^:\s]+)\s*:\s*(.*)$", line)
         if m is None:
-            errs.add(file, lineno, f"expected 'name: command', got {line!r}")
+            errs.add(file, lineno, f"expected 'name: command', got {_q(line)}")
             continue
         name, command = m.group(1), m.group(2).strip()
         if not PROCESS_NAME.match(name):
             errs.add(
-                file, lineno, f"process name {name!r} may only contain letters, digits, '_' and '-'"
+                file,
+                lineno,
+                f"process name {_q(name)} may only contain letters, digits, '_' and '-'",
             )
             continue
         if not command:
-            errs.add(file, lineno, f"process {name!r} has no command")
+            errs.add(file, lineno, f"process {_q(name)} has no command")
             continue
         if name in out:
-            errs.add(file, lineno, f"process {name!r} already defined on line {out[name][1]}")
+            errs.add(file, lineno, f"process {_q(name)} already defined on line {out[name][1]}")
             continue
         out[name] = (command, lineno)
     if own and errs.items:
@@ -480,7 +520,7 @@ def parse_manifest(
         s, k = it.section, it.key
         known = _SECTIONS[s]
         if known is not None and k not in known and not (s == "http" and k.startswith("expires-")):
-            errors.add(f, it.line, f"[{s}] unknown key {k!r} (known: {', '.join(sorted(known))})")
+            errors.add(f, it.line, f"[{s}] unknown key {_q(k)} (known: {', '.join(sorted(known))})")
             continue
         if s == "wsgi":
             if k == "entrypoint":
@@ -488,7 +528,7 @@ def parse_manifest(
                     errors.add(
                         f,
                         it.line,
-                        f"[wsgi] entrypoint: {value!r} must look like package.module:application",
+                        f"[wsgi] entrypoint: {_q(value)} must look like package.module:application",
                     )
                 else:
                     kw["wsgi_entrypoint"] = value if ":" in value else value + ":application"
@@ -501,10 +541,10 @@ def parse_manifest(
                 kw["wsgi_workers"] = _number(it, f, errors, int)
         elif s == "static":
             if not value:
-                errors.add(f, it.line, f"[static] {k}: needs a directory")
+                errors.add(f, it.line, f"[static] {_cut(k)}: needs a directory")
                 continue
             if not k.startswith("/"):
-                errors.add(f, it.line, f"[static] {k!r}: the URL path must start with '/'")
+                errors.add(f, it.line, f"[static] {_q(k)}: the URL path must start with '/'")
                 continue
             d = _rel_path(value.rstrip("/") or value, it, f, errors, allow_data=True)
             if d is not None:
@@ -517,11 +557,13 @@ def parse_manifest(
                 services[k] = "dedicated"
             elif v not in _FALSE:
                 errors.add(
-                    f, it.line, f"[services] {k}: must be true, false or dedicated, not {value!r}"
+                    f,
+                    it.line,
+                    f"[services] {_cut(k)}: must be true, false or dedicated, not {_q(value)}",
                 )
         elif s == "env":
             if not _ENV_NAME.match(k):
-                errors.add(f, it.line, f"[env] {k!r}: not a valid environment variable name")
+                errors.add(f, it.line, f"[env] {_q(k)}: not a valid environment variable name")
             else:
                 env[k] = value
         elif s == "django":
@@ -535,7 +577,7 @@ def parse_manifest(
                     errors.add(
                         f,
                         it.line,
-                        f"[django] settings_module: {value!r} is not a Python module name",
+                        f"[django] settings_module: {_q(value)} is not a Python module name",
                     )
                 else:
                     django["settings_module"] = value
@@ -548,10 +590,10 @@ def parse_manifest(
                 errors.add(
                     f,
                     it.line,
-                    f"[process] {k!r}: process names may only contain letters, digits, '_' and '-'",
+                    f"[process] {_q(k)}: process names may only contain letters, digits, '_' and '-'",
                 )
             elif not value:
-                errors.add(f, it.line, f"[process] {k}: has no command")
+                errors.add(f, it.line, f"[process] {_cut(k)}: has no command")
             else:
                 ini_processes[k] = (value, it.line)
         elif s == "http":
@@ -562,7 +604,7 @@ def parse_manifest(
                     errors.add(
                         f,
                         it.line,
-                        f"[http] health_check: {value!r} must be a URL path starting with '/'",
+                        f"[http] health_check: {_q(value)} must be a URL path starting with '/'",
                     )
                 else:
                     http["health_check"] = value
@@ -584,7 +626,7 @@ def parse_manifest(
                 errors.add(
                     f,
                     it.line,
-                    f"[cron] {k}: must be 'name = MIN HOUR DAY MONTH WEEKDAY command' or 'name = @daily command'",
+                    f"[cron] {_cut(k)}: must be 'name = MIN HOUR DAY MONTH WEEKDAY command' or 'name = @daily command'",
                 )
             else:
                 cron.append(Cron(k, sched, cmd))
@@ -599,14 +641,21 @@ def parse_manifest(
             link = _rel_path(k, it, f, errors, allow_data=False)
             target = value
             if not target:
-                errors.add(f, it.line, f"[symlinks] {k}: needs a target")
-            elif link is not None:
+                errors.add(f, it.line, f"[symlinks] {_cut(k)}: needs a target")
+            elif link is not None and _symlink_target_ok(link, target):
                 symlinks[link] = target
+            elif link is not None:
+                errors.add(
+                    f,
+                    it.line,
+                    f"[symlinks] {_cut(k)}: target {_q(target)} must be under "
+                    "%(data_directory)s or a relative path that stays inside the app",
+                )
         elif s == "basic_auth":
             if k == "_realm":
                 kw["basic_auth_realm"] = value
             elif not k or ":" in k:
-                errors.add(f, it.line, f"[basic_auth] {k!r}: not a valid user name")
+                errors.add(f, it.line, f"[basic_auth] {_q(k)}: not a valid user name")
             else:
                 basic_auth[k] = value
         elif s == "checkout":
@@ -614,7 +663,7 @@ def parse_manifest(
                 errors.add(
                     f,
                     it.line,
-                    f"[checkout] directory_name: {value!r} must be a plain directory name",
+                    f"[checkout] directory_name: {_q(value)} must be a plain directory name",
                 )
             else:
                 kw["checkout_directory"] = value
@@ -625,7 +674,9 @@ def parse_manifest(
             path = it.key[len("expires-") :]
             secs = _number(it, f, errors, int)
             if not path.startswith("/"):
-                errors.add(f, it.line, f"[http] {it.key}: must be expires-/URL/PATH = SECONDS")
+                errors.add(
+                    f, it.line, f"[http] {_cut(it.key)}: must be expires-/URL/PATH = SECONDS"
+                )
             elif secs is not None:
                 expires[path] = secs
     if expires:
@@ -645,16 +696,16 @@ def parse_manifest(
     for name, (cmd, line) in procfile.items():
         if name in processes:
             warnings.append(
-                f"{procfile_name}:{line}: process {name!r} replaces the one from [wsgi]"
+                f"{procfile_name}:{line}: process {_q(name)} replaces the one from [wsgi]"
             )
         processes[name] = cmd
     for name, (cmd, line) in ini_processes.items():
         if name in procfile:
             warnings.append(
-                f"{ini_name}:{line}: [process] {name!r} replaces the one in {procfile_name}"
+                f"{ini_name}:{line}: [process] {_q(name)} replaces the one in {procfile_name}"
             )
         elif name in processes:
-            warnings.append(f"{ini_name}:{line}: [process] {name!r} replaces the one from [wsgi]")
+            warnings.append(f"{ini_name}:{line}: [process] {_q(name)} replaces the one from [wsgi]")
         processes[name] = cmd
     if not processes and not errors.items:
         where = ini_name if ini_text is not None else procfile_name
@@ -670,7 +721,7 @@ def parse_manifest(
             errors.add(
                 f,
                 requirements_line,
-                f"[wsgi] requirements: file {kw['requirements']!r} is not in the app",
+                f"[wsgi] requirements: file {_q(kw['requirements'])} is not in the app",
             )
     elif "requirements.txt" in present or not present:
         kw["requirements"] = "requirements.txt" if "requirements.txt" in present else None
@@ -697,6 +748,63 @@ def parse_manifest(
     )
 
 
+def _symlink_target_ok(link: str, target: str) -> bool:
+    """A ``[symlinks]`` target: under DATA_DIRECTORY, or relative and inside the app
+    (resolved from the link's own directory, on its text)."""
+    if "\x00" in target:
+        return False
+    if target.startswith("/"):
+        p = posixpath.normpath(target)
+        return p == DATA_DIRECTORY or p.startswith(DATA_DIRECTORY + "/")
+    resolved = posixpath.normpath(posixpath.join(posixpath.dirname(link), target))
+    return resolved != ".." and not resolved.startswith("../")
+
+
+class AppFileError(Exception):
+    """An app file the platform must read is not a regular file inside the app:
+    ``name`` is the file, ``reason`` why (the message is ``name: reason``)."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"{name}: {reason}")
+        self.name = name
+        self.reason = reason
+
+
+_SYMLINK = "is a symlink; it must be a regular file of the app"
+_OUTSIDE = "is not inside the app (a directory on its path is a symlink out of it)"
+_NOT_REGULAR = "is not a regular file"
+
+
+def read_app_file(root: str | Path, rel: str) -> bytes:
+    """The content of the app file ``rel`` (relative to the app directory ``root``).
+
+    Refused with :class:`AppFileError` (content never read): a symlink (opened with
+    ``O_NOFOLLOW``), a file whose directory resolves outside ``root`` (through
+    symlinks of the app), anything but a regular file.  ``FileNotFoundError`` when
+    it does not exist; other ``OSError`` as they come.
+    """
+    base = os.path.realpath(root)
+    parent = os.path.realpath(os.path.join(base, os.path.dirname(rel)))
+    if parent != base and not parent.startswith(base + os.sep):
+        raise AppFileError(rel, _OUTSIDE)
+    full = os.path.join(parent, os.path.basename(rel))
+    st = os.lstat(full)
+    if stat.S_ISLNK(st.st_mode):
+        raise AppFileError(rel, _SYMLINK)
+    if not stat.S_ISREG(st.st_mode):
+        raise AppFileError(rel, _NOT_REGULAR)
+    try:
+        fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # replaced by a symlink since the lstat
+            raise AppFileError(rel, _SYMLINK) from None
+        raise
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise AppFileError(rel, _NOT_REGULAR)
+        return f.read()
+
+
 def _app_files(app_dir: Path) -> list[str]:
     out = []
     for p in app_dir.rglob("*"):
@@ -705,21 +813,49 @@ def _app_files(app_dir: Path) -> list[str]:
     return out
 
 
+def _lstat_problem(root: Path, rel: str) -> str | None:
+    """Why the platform will refuse to read the app file ``rel`` (None: it will not)."""
+    base = os.path.realpath(root)
+    parent = os.path.realpath(os.path.join(base, os.path.dirname(rel)))
+    if parent != base and not parent.startswith(base + os.sep):
+        return _OUTSIDE
+    try:
+        st = os.lstat(os.path.join(parent, os.path.basename(rel)))
+    except OSError:
+        return None  # absent: reported as such elsewhere
+    if stat.S_ISLNK(st.st_mode):
+        return _SYMLINK
+    return None
+
+
 def load_manifest(app_dir: str | Path) -> Manifest:
-    """Read and parse the manifest of the app directory ``app_dir``."""
+    """Read and parse the manifest of the app directory ``app_dir``.
+
+    The manifest files, the requirements file and ``pyproject.toml`` must not be
+    symlinks (refused by name, content never read).
+    """
     root = Path(app_dir)
     texts: dict[str, str | None] = {}
     errors: list[str] = []
     for name in (INI_NAME, PROCFILE_NAME):
-        p = root / name
+        texts[name] = None
         try:
-            texts[name] = p.read_text("utf-8") if p.is_file() else None
+            texts[name] = read_app_file(root, name).decode("utf-8")
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+        except AppFileError as e:
+            if e.reason != _NOT_REGULAR:  # (a directory of that name: absent, as before)
+                errors.append(f"{name}:0: {e.reason}")
         except UnicodeDecodeError:
             errors.append(f"{name}:0: not UTF-8 text")
-            texts[name] = None
         except OSError as e:
             errors.append(f"{name}:0: cannot read: {e.strerror}")
-            texts[name] = None
     if errors:
         raise ManifestError(errors)
-    return parse_manifest(texts[INI_NAME], texts[PROCFILE_NAME], _app_files(root))
+    manifest = parse_manifest(texts[INI_NAME], texts[PROCFILE_NAME], _app_files(root))
+    dep = manifest.requirements or ("pyproject.toml" if manifest.pyproject else None)
+    if dep is not None:
+        problem = _lstat_problem(root, dep)
+        if problem is not None:
+            raise ManifestError([f"{dep}:0: {problem}"])
+    return manifest

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import tarfile
 import tempfile
 from pathlib import Path
@@ -12,11 +13,14 @@ from epio.appdir import IgnoreRules, make_tarball
 from epio.manifest import (
     DATA_DIRECTORY,
     DJANGO_WSGI,
+    QUOTE_MAX,
+    AppFileError,
     Manifest,
     ManifestError,
     load_manifest,
     parse_manifest,
     parse_procfile,
+    read_app_file,
 )
 
 EXAMPLES = Path(__file__).resolve().parent.parent.parent / "examples"
@@ -240,3 +244,114 @@ class IgnoreTests(SynchronousTestCase):
             names = sorted(m.name for m in t.getmembers() if m.isfile())
             self.assertEqual({m.uid for m in t.getmembers()}, {0})
         self.assertEqual(names, [".epioignore", "epio.ini", "important.tmp", "pkg/m.py", "w.py"])
+
+
+SECRET = "s3cr3t-cluster-key-0123456789"
+
+
+class HostileTreeTests(SynchronousTestCase):
+    """load_manifest runs as root on an upload: it never reads through a symlink and
+    never quotes much of what it read."""
+
+    def setUp(self) -> None:
+        self.tmp = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, self.tmp)
+        self.app = self.tmp / "app"
+        self.app.mkdir()
+        # what a link could reach: a secret outside the app, and a file inside it
+        (self.tmp / "cluster-secret").write_text(SECRET + "\n")
+        (self.app / "notes.txt").write_text(SECRET + "\n")
+
+    def refused(self, needle: str) -> ManifestError:
+        with self.assertRaises(ManifestError) as cm:
+            load_manifest(self.app)
+        text = str(cm.exception)
+        self.assertIn(needle, text)
+        self.assertNotIn(SECRET, text)
+        return cm.exception
+
+    def test_symlinked_procfile(self) -> None:
+        """A Procfile that is a symlink (inside or outside the app) is refused by name
+        and its content is not read."""
+        for target in ("notes.txt", str(self.tmp / "cluster-secret")):
+            (self.app / "Procfile").unlink(missing_ok=True)
+            (self.app / "Procfile").symlink_to(target)
+            e = self.refused("Procfile:0: is a symlink")
+            self.assertEqual(
+                e.errors, ["Procfile:0: is a symlink; it must be a regular file of the app"]
+            )
+
+    def test_symlinked_epio_ini(self) -> None:
+        """An epio.ini that is a symlink is refused by name, even next to a good Procfile."""
+        (self.app / "Procfile").write_text("web: python app.py\n")
+        (self.app / "epio.ini").symlink_to("notes.txt")
+        self.refused("epio.ini:0: is a symlink")
+
+    def test_symlinked_requirements(self) -> None:
+        """requirements.txt (found or named in [wsgi]) and pyproject.toml may not be
+        symlinks; nor may a directory on the requirements file's path lead out of the app."""
+        (self.app / "Procfile").write_text("web: python app.py\n")
+        (self.app / "requirements.txt").symlink_to("notes.txt")
+        self.refused("requirements.txt:0: is a symlink")
+        (self.app / "requirements.txt").unlink()
+        (self.app / "other").symlink_to("notes.txt")
+        (self.app / "pyproject.toml").symlink_to(self.tmp / "cluster-secret")
+        self.refused("pyproject.toml:0: is a symlink")
+        (self.app / "pyproject.toml").unlink()
+        (self.tmp / "reqs").mkdir()
+        (self.tmp / "reqs" / "prod.txt").write_text(SECRET + "\n")
+        (self.app / "reqs").symlink_to(self.tmp / "reqs")
+        (self.app / "epio.ini").write_text("[wsgi]\nrequirements = reqs/prod.txt\n")
+        self.refused("file 'reqs/prod.txt' is not in the app")
+        with self.assertRaises(AppFileError) as cm:
+            read_app_file(self.app, "reqs/prod.txt")
+        self.assertEqual(
+            str(cm.exception),
+            "reqs/prod.txt: is not inside the app (a directory on its path is a symlink out of it)",
+        )
+        with self.assertRaises(AppFileError) as cm:
+            read_app_file(self.app, "other")
+        self.assertIn("other: is a symlink", str(cm.exception))
+        self.assertEqual(read_app_file(self.app, "notes.txt"), (SECRET + "\n").encode())
+
+    def test_regular_files_still_load(self) -> None:
+        """Regular manifest and requirements files load as before; symlinks elsewhere in
+        the app (not read by the platform) are no problem."""
+        (self.app / "Procfile").write_text("web: python app.py\n")
+        (self.app / "requirements.txt").write_text("flask\n")
+        (self.app / "other").symlink_to("notes.txt")
+        m = load_manifest(self.app)
+        self.assertEqual(m.requirements, "requirements.txt")
+        self.assertEqual(dict(m.processes), {"web": "python app.py"})
+
+    def test_long_lines_are_not_echoed(self) -> None:
+        """An error quotes at most QUOTE_MAX characters of the bad line or value."""
+        long = "x" * 5000
+        (self.app / "Procfile").write_text(long + "\n")
+        (self.app / "epio.ini").write_text(
+            f"[http]\ntimeout = {long}\n[{long}]\n{long}\n[process]\n{long}! = run\n"
+        )
+        with self.assertRaises(ManifestError) as cm:
+            load_manifest(self.app)
+        self.assertEqual(len(cm.exception.errors), 5)
+        for err in cm.exception.errors:
+            self.assertLess(len(err), 400, err)
+            self.assertNotIn("x" * (QUOTE_MAX + 1), err)
+            self.assertRegex(err, r"\.\.\. \(500[01] characters\)")
+
+    def test_symlinks_section_targets(self) -> None:
+        """[symlinks] targets must be under %(data_directory)s or relative and inside the
+        app: an absolute host path or a relative path leading out is an error."""
+        ok = parse_manifest(
+            "[process]\nw = run\n[symlinks]\nmedia = %(data_directory)s/media\n"
+            "a/b/conf = ../shared/conf\nlatest = releases/3\n",
+            None,
+        )
+        self.assertEqual(
+            dict(ok.symlinks),
+            {"media": "/data/media", "a/b/conf": "../shared/conf", "latest": "releases/3"},
+        )
+        for target in ("/etc/shadow", "/data/../etc", "../outside", "a/../../x", "/", "/dataX"):
+            with self.assertRaises(ManifestError) as cm:
+                parse_manifest(f"[process]\nw = run\n[symlinks]\nlink = {target}\n", None)
+            self.assertIn("[symlinks] link: target", str(cm.exception))
