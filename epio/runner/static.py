@@ -391,7 +391,8 @@ class StaticResource(Resource):
                     fd, st, name = s.open(served, d, rest)
                 except NotServed:
                     continue
-                return self._serve(request, served, path, fd, st, name)
+                image = served.digest if d.image_rel is not None else ""
+                return self._serve(request, served, path, fd, st, name, image)
         return self._error(request, 404, b"not found\n")
 
     def _error(self, request: Any, code: int, body: bytes) -> bytes:
@@ -402,13 +403,15 @@ class StaticResource(Resource):
         return b"" if request.method == b"HEAD" else body
 
     def _serve(self, request: Any, served: Served, path: str, fd: int,
-               st: os.stat_result, name: str) -> Any:
+               st: os.stat_result, name: str, image: str) -> Any:
         s = self.static
         f = os.fdopen(fd, "rb")
         ctype = content_type(name)
         gz_ok = (s.gzip and compressible(ctype) and GZIP_MIN_BYTES <= st.st_size
                  <= s.gzip_max_bytes)
-        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        # a file version: in an image the digest is part of it (a later image mounted on
+        # the same loop device has the same inode numbers and all-zero times)
+        key = (image, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         facts = s.facts.get(key)
         if facts is None and st.st_size <= s.gzip_max_bytes:
             d = threads.deferToThreadPool(s.reactor, s.reactor.getThreadPool(), analyse,
