@@ -395,4 +395,23 @@ def make_service(node: Any) -> LBService:
                     worker_spec=spec, static_secret=node.secret)
     if sink_service is not None:
         sink_service.setServiceParent(svc)
+    if hasattr(source, "status"):
+        from epio.metrics import registry_for
+
+        registry_for(node).add_collector(lambda: route_feed_families(source.status()))
     return svc
+
+
+def route_feed_families(status: dict[str, Any]) -> list[Any]:
+    """The router's view of the nexuses, for /metrics: is it serving a stale table?"""
+    from epio.metrics import Family
+
+    return [
+        Family("epio_lb_routes_stale", "gauge",
+               "1 while every nexus is silent and the router serves its last route table",
+               [("", {}, 1.0 if status.get("stale") else 0.0)]),
+        Family("epio_lb_nexus_alive", "gauge", "Nexuses this router currently hears from",
+               [("", {}, float(status.get("alive", 0)))]),
+        Family("epio_lb_route_apps", "gauge", "Apps in this router's route table",
+               [("", {}, float(status.get("routes", 0)))]),
+    ]

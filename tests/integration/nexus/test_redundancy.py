@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -106,9 +107,12 @@ class RedundancyTests(SynchronousTestCase):
     def start_router(self, port: int, i: int) -> NodeProcess:
         listen = (f"tcp6:{port}:interface=\\:\\:1" if ":" in self.ADDR
                   else f"tcp:{port}:interface={self.ADDR}")
-        extra = f"[lb]\nlisten = {toml_value(listen)}\n"
+        metrics = free_port()
+        extra = (f"[lb]\nlisten = {toml_value(listen)}\n"
+                 f"[metrics]\nlisten = \"tcp:{metrics}:interface=127.0.0.1\"\n")
         node = NodeProcess(["--role=lb"], data_dir=self.tmp / f"router{i}",
                            config=self.config(extra))
+        node.metrics_port = metrics  # type: ignore[attr-defined]
         self.procs.append(node)
         return node
 
@@ -191,6 +195,11 @@ class RedundancyTests(SynchronousTestCase):
         nexus[1].kill()
         for r in routers:
             r.wait_for_log("every nexus is silent: serving the last route table", timeout=10)
+            # ... and say so in their status (/metrics) too
+            text = urllib.request.urlopen(
+                f"http://127.0.0.1:{r.metrics_port}/metrics", timeout=5).read().decode()
+            self.assertIn("epio_lb_routes_stale 1", text)
+            self.assertIn("epio_lb_nexus_alive 0", text)
         n2 = self.hammer(lb_ports, 1.0, "backend-1")
 
         # 3. while every nexus is down the runner moves to another backend; a restarted
