@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import Logger
 
 from epio.addons.postgres import dsn_from_url, url_fields
+from epio.backup import proc
 
 COUNT_TABLES = """
 SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -97,9 +97,7 @@ class PostgresBackups:
         return counts
 
     async def _run(self, argv: list[str], url: str) -> tuple[bytes, bytes, int]:
-        out, err, code = await getProcessOutputAndValue(
-            argv[0], argv[1:], env=_pg_env(url), reactor=self.reactor
-        )
+        out, err, code = await proc.run(self.reactor, argv, _pg_env(url))
         return out, err, code
 
     async def dump(self, database: str, dest: Path) -> dict[str, int]:
@@ -137,7 +135,11 @@ class PostgresBackups:
         if owner:
             argv += ["--no-owner", f"--role={owner}"]
         argv.append(str(archive))
-        _, err, code = await self._run(argv, _url_for(self.admin_url, database))
+        try:
+            _, err, code = await self._run(argv, _url_for(self.admin_url, database))
+        except BaseException:  # cancelled (step timeout): no half-restored database left
+            await self.drop_database(database)
+            raise
         if code != 0:
             await self.drop_database(database)
             raise BackupFailed(f"restore failed: {_last_line(err)}")

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet.task import deferLater
-from twisted.internet.utils import getProcessOutputAndValue
 
+from epio.backup import proc
 from epio.backup.postgres import BackupFailed, _last_line
 
 KEYS = re.compile(rb"^db\d+:keys=(\d+)", re.M)
@@ -42,9 +42,8 @@ class RedisBackups:
         self.check_rdb = check_rdb
 
     async def _cli(self, args: list[str], password: str | None) -> tuple[bytes, bytes, int]:
-        out, err, code = await getProcessOutputAndValue(
-            self._which(self.redis_cli), args, env=_env(password), reactor=self.reactor
-        )
+        out, err, code = await proc.run(self.reactor, [self._which(self.redis_cli), *args],
+                                        _env(password))
         return out, err, code
 
     @staticmethod
@@ -74,9 +73,8 @@ class RedisBackups:
 
     async def loaded_key_count(self, rdb: Path) -> int:
         """Load ``rdb`` into a scratch redis-server (unix socket only) and count keys."""
-        _, err, code = await getProcessOutputAndValue(
-            self._which(self.check_rdb), [str(rdb)], env=_env(None), reactor=self.reactor
-        )
+        _, err, code = await proc.run(self.reactor, [self._which(self.check_rdb), str(rdb)],
+                                      _env(None))
         if code != 0:
             raise BackupFailed("verification failed: the RDB file is damaged")
         with tempfile.TemporaryDirectory(prefix="epio-verify-") as tmp:
@@ -98,20 +96,14 @@ class RedisBackups:
             try:
                 for _ in range(200):
                     if sock.exists():
-                        out, _, code = await getProcessOutputAndValue(
-                            self._which(self.redis_cli), ["-s", str(sock), "PING"],
-                            env=_env(None), reactor=self.reactor,
-                        )
+                        out, _, code = await self._cli(["-s", str(sock), "PING"], None)
                         if out.strip() == b"PONG":
                             break
                     await deferLater(self.reactor, 0.05, lambda: None)
                 else:
                     log = (work / "log").read_bytes() if (work / "log").exists() else b""
                     raise BackupFailed(f"verification failed: scratch redis did not load it: {_last_line(log)}")
-                out, _, code = await getProcessOutputAndValue(
-                    self._which(self.redis_cli), ["-s", str(sock), "DBSIZE"], env=_env(None),
-                    reactor=self.reactor,
-                )
+                out, _, code = await self._cli(["-s", str(sock), "DBSIZE"], None)
                 return int(out.strip() or b"-1")
             finally:
                 try:

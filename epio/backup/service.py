@@ -15,6 +15,7 @@ from typing import Any
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.logger import Logger
 
 from epio.addons.postgres import SharedPostgres
@@ -47,9 +48,15 @@ class BackupManager:
         return f"{int(t):010d}-{secrets.token_hex(3)}"
 
     async def _timed(self, coro: Any) -> Any:
+        """One step under ``backup.step_timeout``: on expiry the step is cancelled (its
+        child processes' groups are killed, see :mod:`epio.backup.proc`) and fails."""
         d = Deferred.fromCoroutine(coro)
         d.addTimeout(self.step_timeout, self.reactor)
-        return await d
+        try:
+            return await d
+        except (TimeoutError, DeferredTimeout):
+            raise BackupFailed(f"timed out after {self.step_timeout:g}s "
+                               "(backup.step_timeout)") from None
 
     async def backup_postgres(self, app: str) -> BackupRecord:
         """Dump, checksum, verify and record one app database; never raises."""
