@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ from typing import Any
 from attrs import asdict, define, field
 
 STATUSES = ("running", "verified", "failed")
+# app names, kinds and backup ids: no glob metacharacters, no path separators, no ".."
+_SAFE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")
 
 
 class BackupNotFound(Exception):
@@ -83,20 +86,37 @@ class Catalog:
         tmp.write_text(json.dumps(record.to_json(), sort_keys=True))
         os.replace(tmp, d / "meta.json")
 
+    def _read(self, meta: Path) -> BackupRecord | None:
+        try:
+            return BackupRecord(**json.loads(meta.read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+
     def list(self, app: str | None = None, kind: str | None = None) -> list[BackupRecord]:
+        """Records, newest first; with ``app`` only that app's directory is read."""
         out: list[BackupRecord] = []
         if not self.root.exists():
             return out
-        for meta in self.root.glob("*/*/*/meta.json"):
-            try:
-                record = BackupRecord(**json.loads(meta.read_text()))
-            except (OSError, ValueError, TypeError):
+        if app is not None and not _SAFE.match(app):
+            return out  # not an app name (and not a glob pattern of our making)
+        pattern = f"{app or '*'}/{kind if kind and _SAFE.match(kind) else '*'}/*/meta.json"
+        for meta in self.root.glob(pattern):
+            record = self._read(meta)
+            if record is None:
                 continue
             if (app is None or record.app == app) and (kind is None or record.kind == kind):
                 out.append(record)
         return sorted(out, key=lambda r: r.created, reverse=True)
 
     def get(self, backup_id: str, app: str | None = None) -> BackupRecord:
+        """One record: with ``app``, read straight from its directory (downloads ask for
+        every chunk, so no scan of the catalog)."""
+        if app is not None and _SAFE.match(app) and _SAFE.match(backup_id):
+            for meta in self.root.glob(f"{app}/*/{backup_id}/meta.json"):
+                record = self._read(meta)
+                if record is not None and record.id == backup_id and record.app == app:
+                    return record
+            raise BackupNotFound(f"no backup {backup_id}")
         for record in self.list(app):
             if record.id == backup_id:
                 return record

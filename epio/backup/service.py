@@ -16,10 +16,11 @@ from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.defer import TimeoutError as DeferredTimeout
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from epio.addons.postgres import SharedPostgres
-from epio.backup.catalog import BackupNotFound, BackupRecord, Catalog
+from epio.backup.catalog import BackupNotFound, BackupRecord, Catalog, sha256_file
 from epio.backup.postgres import BackupFailed, PostgresBackups
 from epio.backup.redis import RedisBackups
 from epio.backup.retention import Candidate, RetentionPolicy, to_keep
@@ -58,10 +59,15 @@ class BackupManager:
             raise BackupFailed(f"timed out after {self.step_timeout:g}s "
                                "(backup.step_timeout)") from None
 
+    async def _sha256(self, path: Path) -> str:
+        """The file's sha256, computed in a thread (dumps are large: never on the reactor)."""
+        digest: str = await deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
+                                              sha256_file, path)
+        return digest
+
     async def backup_postgres(self, app: str) -> BackupRecord:
         """Dump, checksum, verify and record one app database; never raises."""
         from epio.addons import db_identifier
-        from epio.backup.catalog import sha256_file
 
         record = BackupRecord(id=self._new_id(), app=app, kind="postgres",
                               created=self.reactor.seconds(), source=db_identifier(app))
@@ -71,9 +77,9 @@ class BackupManager:
                 raise BackupFailed("the postgres add-on is not configured on this node")
             record.counts = await self._timed(self.postgres.dump(record.source, path))
             record.size = path.stat().st_size
-            record.sha256 = sha256_file(path)
+            record.sha256 = await self._sha256(path)
             await self._timed(self.postgres.verify(path, record.counts))
-            if sha256_file(path) != record.sha256:
+            if await self._sha256(path) != record.sha256:
                 raise BackupFailed("the archive changed during verification")
             record.status = "verified"
             self.counters["ok"] += 1
@@ -104,8 +110,6 @@ class BackupManager:
         """
         if target.kind == "postgres" and target.plan == "shared":
             return await self.backup_postgres(target.app)
-        from epio.backup.catalog import sha256_file
-
         record = BackupRecord(id=self._new_id(), app=target.app, kind=target.kind,
                               created=self.reactor.seconds(), source=target.describe())
         path = self.catalog.create(record)
@@ -114,16 +118,16 @@ class BackupManager:
                 tool = self._postgres_for(target)
                 record.counts = await self._timed(tool.dump(str(target.database), path))
                 record.size = path.stat().st_size
-                record.sha256 = sha256_file(path)
+                record.sha256 = await self._sha256(path)
                 await self._timed(tool.verify(path, record.counts))
             else:
                 assert target.host is not None and target.port is not None
                 record.counts = await self._timed(
                     self.redis.dump(target.host, target.port, target.password, path))
                 record.size = path.stat().st_size
-                record.sha256 = sha256_file(path)
+                record.sha256 = await self._sha256(path)
                 await self._timed(self.redis.verify(path, record.counts))
-            if sha256_file(path) != record.sha256:
+            if await self._sha256(path) != record.sha256:
                 raise BackupFailed("the file changed during verification")
             record.status = "verified"
             self.counters["ok"] += 1
@@ -141,11 +145,9 @@ class BackupManager:
 
     async def verify_again(self, record: BackupRecord) -> BackupRecord:
         """Re-check an existing backup's checksum and restorability."""
-        from epio.backup.catalog import sha256_file
-
         path = self.catalog.data_path(record)
         try:
-            if sha256_file(path) != record.sha256:
+            if await self._sha256(path) != record.sha256:
                 raise BackupFailed("checksum mismatch: the backup file was altered")
             assert self.postgres is not None
             await self._timed(self.postgres.verify(path, record.counts))
@@ -193,13 +195,12 @@ class BackupManager:
         name the previous live database was kept under.  Redis: the key count.
         """
         from epio.addons import db_identifier
-        from epio.backup.catalog import sha256_file
 
         record = self.catalog.get(backup_id, app)
         if not record.good:
             raise BackupFailed(f"backup {backup_id} is not verified ({record.status}); refusing")
         path = self.catalog.data_path(record)
-        if sha256_file(path) != record.sha256:
+        if await self._sha256(path) != record.sha256:
             raise BackupFailed("checksum mismatch: the backup file was altered; refusing")
         if target is not None and target.kind != record.kind:
             raise BackupFailed(f"backup {backup_id} is a {record.kind} backup; the target "
