@@ -195,6 +195,11 @@ class TailProtocol(WebSocketServerProtocol):
     log = Logger()
     factory: TailFactory
 
+    def onConnect(self, request: Any) -> str | None:
+        # the dashboard authenticates with subprotocols (see epio.api.web._bearer);
+        # select only the plain one so the token is never echoed in the response
+        return "epio.v1" if "epio.v1" in (request.protocols or []) else None
+
     def onOpen(self) -> None:
         f = self.factory
         self.buffer = TailBuffer(f.buffer_lines, self._send_json, f.on_missed)

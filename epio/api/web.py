@@ -487,9 +487,20 @@ def _version(text: str) -> int:
     return value
 
 
+WS_PROTOCOL = "epio.v1"
+WS_BEARER = "epio.bearer."
+
+
 def _bearer(request: Any) -> str:
     raw = request.getHeader(b"authorization")
     if not raw:
+        # Browsers cannot set headers on a websocket: the dashboard offers the
+        # subprotocols "epio.v1, epio.bearer.<token>" and the server selects epio.v1
+        # (so the token is never echoed back).
+        offered = (request.getHeader(b"sec-websocket-protocol") or b"").decode("latin-1")
+        for proto in (p.strip() for p in offered.split(",")):
+            if proto.startswith(WS_BEARER) and len(proto) > len(WS_BEARER):
+                return proto[len(WS_BEARER):]
         raise errors.Unauthorized()
     scheme, _, token = raw.decode("latin-1").strip().partition(" ")
     if scheme.lower() != "bearer" or not token.strip():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -87,6 +88,19 @@ class LogsCliTests(TestCase):
         self.assertEqual(followed, ["job 3 done", "job 4 done", "later 0", "later 1", "later 2"],
                          err)
 
+        # the dashboard's websocket: no Authorization header (browsers cannot send one);
+        # the token rides in a subprotocol and the server selects only "epio.v1"
+        port = int(doc["api"]["listen"].split(":")[1])
+        head, body = ws_handshake(port, "/api/v1/apps/logsapp/logs?n=3",
+                                  f"epio.v1, epio.bearer.{token.strip()}")
+        self.assertTrue(head.startswith("HTTP/1.1 101"), head)
+        self.assertIn("sec-websocket-protocol: epio.v1\r\n", head.lower())
+        self.assertNotIn(token.strip(), head)
+        self.assertIn(b"later 2", body)
+        head, _ = ws_handshake(port, "/api/v1/apps/logsapp/logs?n=3",
+                               "epio.v1, epio.bearer.epio_not-a-token")
+        self.assertTrue(head.startswith("HTTP/1.1 401"), head)
+
         # stats: router samples of a bucket that has ended are written and served
         past = PastClock(reactor, 25.0)
         stats_sink = BusLogSink(bus, doc["cluster"]["loggers"], clock=past)
@@ -106,6 +120,38 @@ class LogsCliTests(TestCase):
         self.assertEqual(sum(v for _, v in series["requests"]), 7, series)
         human = self.epio("stats", "--app", "logsapp")
         self.assertIn("requests", human.stdout)
+
+
+def ws_handshake(port: int, path: str, protocols: str) -> tuple[str, bytes]:
+    """A raw websocket upgrade (as a browser sends it); the response head and what
+    arrived in the next half second."""
+    import base64
+    import socket
+
+    key = base64.b64encode(os.urandom(16)).decode()
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall((f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                      "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                      f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+                      f"Sec-WebSocket-Protocol: {protocols}\r\n\r\n").encode())
+        data = b""
+        deadline = time.monotonic() + 5
+        while b"\r\n\r\n" not in data and time.monotonic() < deadline:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        head, _, rest = data.partition(b"\r\n\r\n")
+        sock.settimeout(0.5)
+        try:
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                rest += chunk
+        except TimeoutError:
+            pass
+    return head.decode("latin-1") + "\r\n", rest
 
 
 class PastClock:

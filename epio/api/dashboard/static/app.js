@@ -110,7 +110,7 @@ async function refreshApp(name) {
   const enc = encodeURIComponent(name);
   try {
     fillProcesses(await api("/apps/" + enc + "/ps"));
-    await loadLog(enc);
+    if (tail === null) await loadLog(enc);  // the live tail is down: poll instead
   } catch (e) {
     $("#error").textContent = e.message;
   }
@@ -155,7 +155,53 @@ async function showApp(name) {
     cell(tr, "").appendChild(btn);
   });
   show("#app-view");
-  loadLog(enc);
+  followLog(enc);
+}
+
+// The live log: a websocket on the logs endpoint. Browsers cannot put the token in
+// an Authorization header on a websocket, so it travels as a subprotocol
+// ("epio.bearer.<token>"); the server selects "epio.v1" and never echoes it.
+let tail = null;
+const MAX_LOG_LINES = 1000;
+
+function stopLog() {
+  if (tail !== null) { const ws = tail; tail = null; ws.onclose = null; ws.close(); }
+}
+
+function followLog(enc) {
+  stopLog();
+  const scheme = location.protocol === "https:" ? "wss://" : "ws://";
+  const when = (ts) => new Date(ts * 1000).toISOString().replace("T", " ").slice(0, 19);
+  const shown = [];
+  let ws;
+  try {
+    ws = new WebSocket(scheme + location.host + API + "/apps/" + enc + "/logs?n=200",
+                       ["epio.v1", "epio.bearer." + token()]);
+  } catch (e) {
+    loadLog(enc);
+    return;
+  }
+  tail = ws;
+  const render = () => {
+    $("#log").textContent = shown.join("\n") || "(no log lines yet)";
+    $("#log").scrollTop = $("#log").scrollHeight;
+  };
+  ws.onmessage = (ev) => {
+    const msg = JSON.parse(ev.data);
+    if (msg.type === "lines") {
+      for (const l of msg.lines) shown.push([when(l.timestamp), l.source, l.text].join(" "));
+    } else if (msg.type === "missed") {
+      shown.push("... " + msg.count + " lines not shown (this page fell behind)");
+    } else if (msg.type === "ready") {
+      $("#log").dataset.live = "true";
+    } else if (msg.type === "error" || msg.type === "notice") {
+      shown.push("[" + msg.message + "]");
+    }
+    while (shown.length > MAX_LOG_LINES) shown.shift();
+    render();
+  };
+  ws.onclose = () => { if (tail === ws) { tail = null; delete $("#log").dataset.live; } };
+  render();
 }
 
 async function loadLog(enc) {
@@ -180,6 +226,7 @@ let refresh = null;
 
 async function route() {
   $("#error").textContent = "";
+  stopLog();
   if (refresh !== null) { clearTimeout(refresh); refresh = null; }
   if (!token()) {
     $("#whoami").textContent = "";
