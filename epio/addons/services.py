@@ -17,6 +17,7 @@ argv; the wrapper writes them into 0600 files and drops them before ``exec``.
 
 from __future__ import annotations
 
+import re
 import shlex
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ TYPE_OF_KIND = {v: k for k, v in KIND_OF_TYPE.items()}
 
 REDIS_DIR = ".epio-redis"
 POSTGRES_DIR = ".epio-postgres"
+DATA_KEY = re.compile(r"^[0-9a-f]{1,32}$")
 # memory for the server process beyond Redis' maxmemory (fragmentation, fork for BGSAVE)
 REDIS_OVERHEAD_MB = 64
 POSTGRES_MEMORY_MB = 512
@@ -104,6 +106,21 @@ exec "$bin/postgres" -D "$d" -p "$PORT" -k "$TMPDIR" -c listen_addresses="$EPIO_
 """
 
 
+def data_dir_name(base: str, data_key: str) -> str:
+    """The add-on's data directory under the app's data dir: ``base-<key>``.
+
+    Each add-on has its own key (``options["data_key"]``, made when it is provisioned),
+    so a server created after a destroyed one never starts on the old one's data (for
+    PostgreSQL: an old cluster whose role has the old password).  Add-ons made before
+    keys existed have none and keep the plain ``base`` directory they already use.
+    """
+    if not data_key:
+        return base
+    if not DATA_KEY.match(data_key):
+        raise ValueError(f"bad add-on data key {data_key!r}")
+    return f"{base}-{data_key}"
+
+
 def _fraction(x: float) -> tuple[int, int]:
     return int(round(x * 100)), 100
 
@@ -111,10 +128,11 @@ def _fraction(x: float) -> tuple[int, int]:
 def redis_start_body(*, app: str, uid: int, instance_id: str, image_digest: str,
                      password: str, memory_mb: int, policy: str, host: str,
                      snapshot_interval: float, boot_timeout: float,
-                     grace: float = 10.0) -> dict[str, Any]:
+                     grace: float = 10.0, data_key: str = "") -> dict[str, Any]:
     """The ``runner.start`` body of an app's dedicated Redis."""
     num, den = _fraction(SPACE_FACTOR)
-    script = REDIS_SCRIPT.format(dir=REDIS_DIR, num=num, den=den, margin=SPACE_MARGIN)
+    script = REDIS_SCRIPT.format(dir=data_dir_name(REDIS_DIR, data_key), num=num, den=den,
+                                 margin=SPACE_MARGIN)
     config = "\n".join(redis_config_lines(password, memory_mb, policy, host))
     return {
         "instance_id": instance_id, "app": app, "uid": uid, "release": 0,
@@ -131,9 +149,11 @@ def redis_start_body(*, app: str, uid: int, instance_id: str, image_digest: str,
 def postgres_start_body(*, app: str, uid: int, instance_id: str, image_digest: str,
                         user: str, password: str, host: str, pg_bin: str,
                         boot_timeout: float, grace: float = 30.0,
-                        memory_mb: int = POSTGRES_MEMORY_MB) -> dict[str, Any]:
+                        memory_mb: int = POSTGRES_MEMORY_MB,
+                        data_key: str = "") -> dict[str, Any]:
     """The ``runner.start`` body of an app's dedicated PostgreSQL server."""
-    script = POSTGRES_SCRIPT.format(dir=POSTGRES_DIR, bin=shlex.quote(pg_bin))
+    script = POSTGRES_SCRIPT.format(dir=data_dir_name(POSTGRES_DIR, data_key),
+                                    bin=shlex.quote(pg_bin))
     return {
         "instance_id": instance_id, "app": app, "uid": uid, "release": 0,
         "process_type": POSTGRES_TYPE, "index": 1, "command": ["/bin/sh", "-c", script],

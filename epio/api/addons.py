@@ -291,13 +291,16 @@ class Addons:
             memory = DEFAULT_MEMORY_MB if memory_mb is None else memory_mb
             if not 1 <= memory <= 65536:
                 raise errors.ValidationFailed("[redis] memory must be 1..65536 MB")
+            # data_key: the server's own data directory (never a destroyed one's)
             addon = Addon(app.name, "redis", "dedicated", "provisioning", now, now,
                           password=secrets.token_urlsafe(24),
-                          options={"memory_mb": memory, "policy": DEFAULT_POLICY})
+                          options={"memory_mb": memory, "policy": DEFAULT_POLICY,
+                                   "data_key": secrets.token_hex(8)})
         else:
             addon = Addon(app.name, "postgres", "dedicated", "provisioning", now, now,
                           database=db_identifier(app.name), username=db_identifier(app.name),
-                          password=secrets.token_urlsafe(24))
+                          password=secrets.token_urlsafe(24),
+                          options={"data_key": secrets.token_hex(8)})
         addon = await put_addon(self.store, addon)
         return await self._start_server(app, addon, image)
 
@@ -317,13 +320,14 @@ class Addons:
                 app=app.name, uid=app.uid, instance_id=iid, image_digest=image,
                 password=str(addon.password), memory_mb=int(addon.options["memory_mb"]),
                 policy=str(addon.options.get("policy") or DEFAULT_POLICY), host=host,
-                snapshot_interval=s.redis_snapshot_interval, boot_timeout=s.service_boot_timeout)
+                snapshot_interval=s.redis_snapshot_interval, boot_timeout=s.service_boot_timeout,
+                data_key=str(addon.options.get("data_key") or ""))
         else:
             body = postgres_start_body(
                 app=app.name, uid=app.uid, instance_id=iid, image_digest=image,
                 user=str(addon.username), password=str(addon.password), host=host,
                 pg_bin=postgres_bin(s.postgres_bin), boot_timeout=s.service_boot_timeout,
-                memory_mb=s.postgres_memory_mb)
+                memory_mb=s.postgres_memory_mb, data_key=str(addon.options.get("data_key") or ""))
         now = self.clock.seconds()
         # recorded first, so the scheduler never takes it for an orphan
         inst = Instance(iid, app.name, 0, ptype, 1, runner.id, None, None, "pending", now, 0)
@@ -532,8 +536,9 @@ class Addons:
                         self.log.warn("stopping {id} failed: {error}", id=i.id,
                                       error=getattr(e, "message", None) or type(e).__name__)
                 await self.store.delete_instance(i.id)
-        # the data directory stays on the runner (under the app's data dir) until the
-        # app is deleted; the final backup is in the backup store
+        # the data directory (.epio-<kind>-<data_key>) stays on the runner, under the
+        # app's data dir, until the app is deleted; the final backup is in the backup
+        # store.  A new add-on of the same kind gets a new key, so a directory of its own.
 
     def _wake(self) -> None:
         if self.scheduler is not None:

@@ -385,3 +385,45 @@ class AddonApiTests(TestCase):
                       "connections after 0.5s (ConnectionRefusedError)", d["log"])
         self.assertNotIn("internal error", d["log"].lower())
         self.assertNotIn("Traceback", d["log"])
+
+    async def test_recreated_dedicated_postgres_gets_a_new_data_dir(self) -> None:
+        """Destroying a dedicated PostgreSQL and creating another starts the new server in
+        a data directory of its own (not the old cluster, whose role has the old
+        password); the keeper restarting the same add-on keeps its directory."""
+        import re
+
+        from epio.addons.services import POSTGRES_TYPE
+
+        await self.h.add_runner("r1")
+        self.h.runners.manifest = {"processes": {"web": "gunicorn app:app"},
+                                   "services": {"postgres": "dedicated"}}
+        d = await self.run_deploy()
+        self.h.scheduler.lose_leadership()
+        self.assertEqual(d["status"], "succeeded", d["log"])
+
+        def data_dirs() -> list[str]:
+            return [re.search(r'd="\$EPIO_DATA_DIR/([^"]+)"', b["command"][2]).group(1)
+                    for _, t, b in self.h.runners.requests
+                    if t == "runner.start" and b["process_type"] == POSTGRES_TYPE]
+
+        first = data_dirs()
+        self.assertEqual(len(first), 1)
+        self.assertRegex(first[0], r"^\.epio-postgres-[0-9a-f]{16}$")
+        app = await self.h.store.get_app("shop")
+        old = await self.addons.get(app, "postgres")
+        await self.h.store.delete_instance(str(old.instance))  # runner lost: keeper restarts
+        for endpoint in self.h.runners.instances:
+            self.h.runners.instances[endpoint].pop(str(old.instance), None)
+        self.h.scheduler.leader = True
+        self.assertEqual(await self.addons.keep_running(), 1)
+        self.h.scheduler.leader = False
+        self.assertEqual(data_dirs(), first * 2)
+        status, body, _ = await self.call("DELETE", "apps/shop/addons/postgres")
+        self.assertEqual(status, 200, body)
+        status, body, _ = await self.call("POST", "apps/shop/addons",
+                                          {"kind": "postgres", "plan": "dedicated"})
+        self.assertEqual(status, 201, body)
+        dirs = data_dirs()
+        self.assertEqual(len(dirs), 3)
+        self.assertNotEqual(dirs[2], first[0])
+        self.assertRegex(dirs[2], r"^\.epio-postgres-[0-9a-f]{16}$")
