@@ -87,7 +87,8 @@ def cmd_destroy(args: argparse.Namespace) -> int:
     def human() -> None:
         final = result.get("final_backup")
         if final is None:
-            print("No final backup was taken (no backup node answered, or nothing to back up)")
+            print("No final backup was taken (no backup node configured, --force with none "
+                  "answering, or nothing to back up)")
         elif final["status"] == "verified":
             print(f"Final backup {final['id']} verified ({final['size']} bytes)")
         else:
