@@ -328,3 +328,13 @@ def launch_cwd(spec: LaunchSpec, isolation: Isolation) -> str:
     if isolation.sandbox == "bwrap":
         return "/"
     return str(spec.image_root / spec.workdir)
+
+
+def sandboxed_pid(info: bytes | str) -> int | None:
+    """The sandboxed command's pid from bubblewrap's ``--info-fd`` JSON, if complete."""
+    try:
+        parsed = json.loads(info)
+    except ValueError:
+        return None
+    pid = parsed.get("child-pid") if isinstance(parsed, dict) else None
+    return pid if isinstance(pid, int) and pid > 1 else None

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import json
 import os
 import re
 import shlex
@@ -63,6 +62,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from epio.runner.sandbox import sandboxed_pid
 from epio.runner.supervisor import InstanceSpec, SpecError
 
 SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
@@ -384,12 +384,8 @@ class SessionProtocol(ProcessProtocol):
         launch = self.session.launch
         if launch is None or launch.group is not None:
             return
-        try:
-            info = json.loads(self.info)
-        except ValueError:
-            return
-        pid = info.get("child-pid") if isinstance(info, dict) else None
-        if isinstance(pid, int) and pid > 1:
+        pid = sandboxed_pid(self.info)
+        if pid is not None:
             launch.group = pid
 
     def childConnectionLost(self, childFD: int) -> None:

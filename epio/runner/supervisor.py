@@ -30,7 +30,6 @@ module is unit-tested with ``task.Clock`` and a fake ``IReactorProcess``.
 from __future__ import annotations
 
 import enum
-import json
 import re
 import signal
 from collections.abc import Callable, Mapping
@@ -47,6 +46,7 @@ from zope.interface import Attribute, Interface
 from epio.addons.services import SERVICE_PROCESS_TYPES
 from epio.runner.cgroups import Limits
 from epio.runner.ports import PortAllocator
+from epio.runner.sandbox import sandboxed_pid
 from epio.runner.users import UserError, app_user
 
 INSTANCE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -366,12 +366,8 @@ class InstanceProtocol(ProcessProtocol):
     def _parse_info(self) -> None:
         if self.launch.group is not None:
             return
-        try:
-            info = json.loads(self.info)
-        except ValueError:
-            return
-        pid = info.get("child-pid") if isinstance(info, dict) else None
-        if isinstance(pid, int) and pid > 1:
+        pid = sandboxed_pid(self.info)
+        if pid is not None:
             self.launch.group = pid
             self.sup.changed()
 
