@@ -44,7 +44,14 @@ from attrs import define, frozen
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 
-from epio.manifest import DATA_DIRECTORY, Manifest, ManifestError, load_manifest
+from epio.manifest import (
+    DATA_DIRECTORY,
+    AppFileError,
+    Manifest,
+    ManifestError,
+    load_manifest,
+    read_app_file,
+)
 from epio.runner.build import platform as plat
 from epio.runner.build.images import ImageStore, unlock_tree
 from epio.runner.build.proc import MemoryCgroup, StepResult, run_step
@@ -77,6 +84,11 @@ class BuildResult:
     log_tail: list[str]
     duration: float
     facts: Mapping[str, Any]
+
+
+def _cut(text: str, limit: int = 80) -> str:
+    """User content quoted in a build message: at most ``limit`` characters."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _canonical(name: str) -> str:
@@ -552,6 +564,16 @@ class Builder:
                     ctx, f"[symlinks] {link}: a file of that name is already in the app"
                 )
             os.symlink(target, lp)
+        # every link of the app (uploaded, [symlinks], or planted by build code) must
+        # resolve inside the app or under the data directory: a new link can change
+        # where an older dangling one leads
+        bad = await self._thread(_links_leaving, workdir)
+        if bad is not None:
+            raise self._fail(
+                ctx,
+                f"the symlink {_cut(bad[0])!r} -> {_cut(bad[1])!r} leads outside the app "
+                "(through other symlinks)",
+            )
         # 6. Django
         runtime_env: dict[str, str] = {}
         static: dict[str, str] = {}
@@ -725,6 +747,16 @@ class Builder:
 
     # ------------------------------------------------------------------ requirements
 
+    def _app_file(self, ctx: _Ctx, workdir: Path, rel: str) -> bytes:
+        """An app file the node reads as root (requirements, pyproject.toml): a regular
+        file inside the app, never read through a symlink (:func:`read_app_file`)."""
+        try:
+            return read_app_file(workdir, rel)
+        except AppFileError as e:
+            raise self._fail(ctx, str(e)) from None
+        except OSError as e:
+            raise self._fail(ctx, f"{rel}: cannot read: {e.strerror}") from None
+
     def _requirements(
         self, ctx: _Ctx, manifest: Manifest, workdir: Path
     ) -> tuple[Path, str, str, str] | None:
@@ -740,7 +772,8 @@ class Builder:
         kind = "plain"
         if manifest.requirements:
             orig = workdir / manifest.requirements
-            text = orig.read_text("utf-8", "replace")
+            # read as root: never through a symlink, never from outside the app
+            text = self._app_file(ctx, workdir, manifest.requirements).decode("utf-8", "replace")
             # pip reads the app's own file, so relative paths in it resolve as on a laptop
             effective.append(f"-r {orig}")
             lines.append(f"# {manifest.requirements}")
@@ -749,16 +782,17 @@ class Builder:
                 if not s or s.startswith("#"):
                     continue
                 if s.startswith(("-r", "--requirement", "-c", "--constraint")):
-                    ref = s.split(None, 1)[1] if " " in s else s[2:]
-                    inc = orig.parent / ref.strip()
+                    ref = (s.split(None, 1)[1] if " " in s else s[2:]).strip()
+                    inc = os.path.relpath(os.path.normpath(orig.parent / ref), workdir)
                     try:
-                        inc.resolve().relative_to(workdir.resolve())
-                        lines.append(s)
-                        lines.append("# " + hashlib.sha256(inc.read_bytes()).hexdigest())
-                    except (ValueError, OSError):
+                        included = read_app_file(workdir, inc)
+                    except (AppFileError, OSError, ValueError):
                         raise self._fail(
-                            ctx, f"{manifest.requirements}: {ref} is not a file in the app"
+                            ctx,
+                            f"{manifest.requirements}: {_cut(ref)} is not a regular file in the app",
                         ) from None
+                    lines.append(s)
+                    lines.append("# " + hashlib.sha256(included).hexdigest())
                     continue
                 if s.startswith(("-e", "--editable", ".", "/", "file:")) or "://" in s:
                     kind = "local"
@@ -766,10 +800,11 @@ class Builder:
                     kind = "options"
                 lines.append(s)
         elif manifest.pyproject:
+            raw_toml = self._app_file(ctx, workdir, "pyproject.toml")
             try:
-                data = tomllib.loads((workdir / "pyproject.toml").read_text("utf-8"))
-            except (OSError, tomllib.TOMLDecodeError) as e:
-                raise self._fail(ctx, f"pyproject.toml: {e}") from None
+                data = tomllib.loads(raw_toml.decode("utf-8"))
+            except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+                raise self._fail(ctx, f"pyproject.toml: {_cut(str(e))}") from None
             deps = [str(d) for d in data.get("project", {}).get("dependencies", [])]
             lines += deps
             effective += deps
@@ -861,12 +896,18 @@ class Builder:
             env=penv,
             on_line=watch,
         )
+        # pip ran as the build user: its wheel dir must still be a real directory
+        self._real_dir(ctx, new)
         if kind == "plain" and not ran_code:
-            shared, own = await self._thread(_admit_wheels, new, self.wheels, app_cache, fetched)
+            shared, own = await self._thread(
+                _admit_wheels, new, self.wheels, app_cache, fetched, ctx.uid
+            )
         elif kind in ("plain", "options"):
             # package code ran during this resolution (an sdist was prepared or built):
             # it could have altered any wheel of the run, so none is shared
-            shared, own = await self._thread(_admit_wheels, new, self.wheels, app_cache, set())
+            shared, own = await self._thread(
+                _admit_wheels, new, self.wheels, app_cache, set(), ctx.uid
+            )
         else:
             shared = own = 0
         self._emit(ctx, f"       {shared} new wheel(s) in the node's cache, {own} in the app's own")
@@ -908,22 +949,68 @@ def _safe_name(app: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", app)[:60] or "_"
 
 
-def _admit_wheels(new: Path, shared: Path, own: Path, trusted: set[str]) -> tuple[int, int]:
+def _admit_wheels(
+    new: Path, shared: Path, own: Path, trusted: set[str], owner: int | None = None
+) -> tuple[int, int]:
     """Move a build's wheels into the caches (never overwriting): those in ``trusted``
-    (downloaded by pip as wheels) to the node-wide ``shared`` cache, others to ``own``."""
+    (downloaded by pip as wheels) to the node-wide ``shared`` cache, others to ``own``.
+
+    ``new`` was written by build-user code: only regular files are admitted, opened
+    with ``O_NOFOLLOW`` (a planted ``x.whl -> /node/secret`` is skipped, never copied
+    into a world-readable cache), and, when ``owner`` is given, only files that uid
+    owns (a hard link to someone else's file is skipped)."""
     counts = [0, 0]
+    st = os.lstat(new)
+    if not stat.S_ISDIR(st.st_mode) or (owner is not None and st.st_uid != owner):
+        raise OSError(f"{new} is not the build's own directory")
     for w in sorted(new.glob("*.whl")):
         is_shared = w.name in trusted
         cache = shared if is_shared else own
         if (shared / w.name).exists() or (cache / w.name).exists():
             continue
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = cache / f".{w.name}.{os.urandom(6).hex()}.tmp"
-        shutil.copyfile(w, tmp)
+        try:
+            fd = os.open(w, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            continue  # a symlink (ELOOP) or gone
+        with os.fdopen(fd, "rb") as src:
+            fst = os.fstat(fd)
+            if not stat.S_ISREG(fst.st_mode) or (owner is not None and fst.st_uid != owner):
+                continue
+            cache.mkdir(parents=True, exist_ok=True)
+            tmp = cache / f".{w.name}.{os.urandom(6).hex()}.tmp"
+            with open(tmp, "xb") as dst:
+                shutil.copyfileobj(src, dst, 1024 * 1024)
         os.chmod(tmp, 0o644)
         os.replace(tmp, cache / w.name)
         counts[0 if is_shared else 1] += 1
     return counts[0], counts[1]
+
+
+def _links_leaving(root: Path) -> tuple[str, str] | None:
+    """The first symlink under ``root`` (name, target) that, resolved through the
+    real file system, ends neither inside ``root`` nor under DATA_DIRECTORY (which
+    only exists in the app's sandbox); None when there is none."""
+    base = os.path.realpath(root)
+    for dirpath, dirnames, filenames in os.walk(base):
+        dirnames.sort()
+        for n in sorted(dirnames + filenames):
+            p = os.path.join(dirpath, n)
+            if not os.path.islink(p):
+                continue
+            target = os.readlink(p)
+            if target.startswith("/") and _under_data(os.path.normpath(target)):
+                continue  # [symlinks] media = %(data_directory)s/media: the sandbox's /data
+            real = os.path.realpath(p)
+            if real == base or real.startswith(base + os.sep):
+                continue
+            if _under_data(real):
+                continue
+            return os.path.relpath(p, base), target
+    return None
+
+
+def _under_data(path: str) -> bool:
+    return path == DATA_DIRECTORY or path.startswith(DATA_DIRECTORY + "/")
 
 
 def _write_nofollow(path: Path, text: str, mode: int = 0o644) -> None:

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from pathlib import Path
+
+from epio.manifest import AppFileError, read_app_file
 
 #: The settings module a Django app runs with when ``append_settings`` is on.
 SETTINGS_MODULE = "epio_settings"
@@ -166,6 +169,27 @@ _SHEBANG = re.compile(rb"^#!(\S*python[0-9.]*)(\s.*)?\n")
 _POLYGLOT = b"#!/bin/sh\n'''exec' \"$(dirname -- \"$0\")/python\" \"$0\" \"$@\"\n' '''\n"
 
 
+def _read_nofollow(path: Path, limit: int = -1) -> bytes:
+    """A regular file's bytes (the first ``limit``), never through a symlink (ELOOP)
+    nor from a FIFO."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path} is not a regular file")
+        return f.read(limit)
+
+
+def _write_nofollow(path: Path, data: bytes, mode: int | None = None) -> None:
+    """Replace a regular file's content, never through a symlink."""
+    fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "wb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path} is not a regular file")
+        if mode is not None:
+            os.fchmod(fd, mode)
+        f.write(data)
+
+
 def relocate_scripts(bin_dir: Path, old_prefix: str) -> int:
     """Rewrite console-script shebangs pointing into ``old_prefix`` to the
     ``#!/bin/sh`` + ``exec "$(dirname "$0")/python"`` polyglot; drop activate scripts
@@ -177,15 +201,12 @@ def relocate_scripts(bin_dir: Path, old_prefix: str) -> int:
         if p.name.startswith("activate") or p.name in ("Activate.ps1",):
             p.unlink()
             continue
-        with open(p, "rb") as f:
-            head = f.read(512)
-        m = _SHEBANG.match(head)
+        m = _SHEBANG.match(_read_nofollow(p, 512))
         if m is None or not m.group(1).decode(errors="replace").startswith(old_prefix):
             continue
-        data = p.read_bytes()
+        data = _read_nofollow(p)
         end = data.index(b"\n") + 1
-        p.write_bytes(_POLYGLOT + data[end:])
-        os.chmod(p, 0o755)
+        _write_nofollow(p, _POLYGLOT + data[end:], 0o755)
         n += 1
     return n
 
@@ -200,7 +221,7 @@ def fix_records(venv: Path) -> None:
     for record in site_packages(venv).glob("*.dist-info/RECORD"):
         if record.parent.is_symlink() or record.is_symlink() or not record.is_file():
             continue
-        lines = record.read_text("utf-8").splitlines()
+        lines = _read_nofollow(record).decode("utf-8").splitlines()
         changed = False
         for i, line in enumerate(lines):
             path, _, rest = line.partition(",")
@@ -209,14 +230,14 @@ def fix_records(venv: Path) -> None:
             script = bin_dir / path[len("../../../bin/") :]
             if not script.is_file() or script.is_symlink():
                 continue
-            data = script.read_bytes()
+            data = _read_nofollow(script)
             digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
             new = f"{path},sha256={digest},{len(data)}"
             if new != line:
                 lines[i] = new
                 changed = True
         if changed:
-            record.write_text("\n".join(lines) + "\n", "utf-8")
+            _write_nofollow(record, ("\n".join(lines) + "\n").encode("utf-8"))
 
 
 def clean_pyvenv_cfg(venv: Path) -> None:
@@ -224,8 +245,9 @@ def clean_pyvenv_cfg(venv: Path) -> None:
     cfg = venv / "pyvenv.cfg"
     if cfg.is_symlink():
         raise OSError(f"{cfg} is a symlink")
-    lines = [ln for ln in cfg.read_text().splitlines() if not ln.startswith("command")]
-    cfg.write_text("\n".join(lines) + "\n")
+    text = _read_nofollow(cfg).decode("utf-8")
+    lines = [ln for ln in text.splitlines() if not ln.startswith("command")]
+    _write_nofollow(cfg, ("\n".join(lines) + "\n").encode("utf-8"))
 
 
 _MANAGE = re.compile(r"""DJANGO_SETTINGS_MODULE["']\s*,\s*["']([A-Za-z_][\w.]*)["']""")
@@ -234,10 +256,10 @@ _MANAGE = re.compile(r"""DJANGO_SETTINGS_MODULE["']\s*,\s*["']([A-Za-z_][\w.]*)[
 def detect_settings_module(app_root: Path, base: str) -> str | None:
     """The app's Django settings module: from manage.py, else ``settings``/``<pkg>.settings``."""
     project = app_root / base if base else app_root
-    for manage in (project / "manage.py", app_root / "manage.py"):
-        try:
-            m = _MANAGE.search(manage.read_text("utf-8", "replace"))
-        except OSError:
+    for manage in (f"{base}/manage.py" if base else "manage.py", "manage.py"):
+        try:  # read as root: never through a symlink, never from outside the app
+            m = _MANAGE.search(read_app_file(app_root, manage).decode("utf-8", "replace"))
+        except (OSError, AppFileError):
             continue
         if m:
             return m.group(1)

@@ -158,15 +158,17 @@ class ExampleBuildTests(_Base):
 
 
 class HostileUploadTests(_Base):
-    def _tar(self, members: list[tuple[str, bytes | None, bytes]]) -> Path:
+    def _tar(
+        self,
+        members: list[tuple[str, bytes | None, bytes]],
+        ini: bytes | None = b"[process]\nw = python w.py\n",
+    ) -> Path:
         fd, name = tempfile.mkstemp(suffix=".tar.gz")
         os.close(fd)
         self.addCleanup(os.unlink, name)
+        head = [("epio.ini", ini, tarfile.REGTYPE)] if ini is not None else []
         with tarfile.open(name, "w:gz") as t:
-            for n, data, kind in [
-                ("epio.ini", b"[process]\nw = python w.py\n", tarfile.REGTYPE),
-                *members,
-            ]:
+            for n, data, kind in [*head, *members]:
                 info = tarfile.TarInfo(n)
                 info.type = kind
                 if kind == tarfile.SYMTYPE:
@@ -198,6 +200,75 @@ class HostileUploadTests(_Base):
                 "points outside the app",
             )
         )
+
+    async def test_symlink_chain_to_the_data_dir(self) -> None:
+        """The reviewer's reproduction: links that each look inside but chain up to the
+        node's DATA_DIR, and a Procfile through them to the cluster secret.  The upload
+        is refused at unpack; the secret appears nowhere (reason, log)."""
+        b, sink = self.builder()
+        secret = "s3cr3t-cluster-key-" + os.urandom(8).hex()
+        (self.data / "cluster-secret").write_text(secret + "\n")
+        tb = self._tar(
+            [
+                ("d1/d2/d3/up", b"../../..", tarfile.SYMTYPE),
+                ("m", b"d1/d2/d3/up/../../..", tarfile.SYMTYPE),
+                ("Procfile", b"m/cluster-secret", tarfile.SYMTYPE),
+            ],
+            ini=None,
+        )
+        e = await self.fails(b, tb, "points outside the app")
+        self.assertNotIn(secret, e.reason)
+        self.assertNotIn(secret, sink.text())
+
+    async def test_symlinked_manifest_files(self) -> None:
+        """A Procfile, an epio.ini or a requirements.txt that is a symlink (even to a file
+        inside the app) fails the build naming the file; what it points to is never read."""
+        b, sink = self.builder()
+        secret = b"not-for-the-log-" + os.urandom(8).hex().encode()
+        cases = [
+            ([("Procfile", b"notes.txt", tarfile.SYMTYPE)], None, "Procfile:0: is a symlink"),
+            ([("epio.ini", b"notes.txt", tarfile.SYMTYPE)], None, "epio.ini:0: is a symlink"),
+            (
+                [("requirements.txt", b"notes.txt", tarfile.SYMTYPE)],
+                b"[process]\nw = python w.py\n",
+                "requirements.txt:0: is a symlink",
+            ),
+        ]
+        for members, ini, needle in cases:
+            tb = self._tar([("notes.txt", secret, tarfile.REGTYPE), *members], ini=ini)
+            e = await self.fails(b, tb, needle)
+            self.assertNotIn(secret.decode(), e.reason)
+        self.assertNotIn(secret.decode(), sink.text())
+        self.assertNotIn("virtualenv", sink.text())  # refused before any build work
+
+    async def test_symlinked_requirements_include(self) -> None:
+        """A ``-r`` include of the requirements file that is a symlink is refused (the
+        node reads includes as root to key the wheel cache)."""
+        b, _ = self.builder()
+        tb = self._tar(
+            [
+                ("requirements.txt", b"-r more.txt\n", tarfile.REGTYPE),
+                ("real.txt", b"flask\n", tarfile.REGTYPE),
+                ("more.txt", b"real.txt", tarfile.SYMTYPE),
+            ]
+        )
+        await self.fails(b, tb, "requirements.txt: more.txt is not a regular file in the app")
+
+    async def test_symlinks_section_redirecting_an_upload_link(self) -> None:
+        """``a -> d/../x`` stays inside while ``d`` does not exist; ``[symlinks] d = .``
+        (inside on its own) makes ``a`` lead out of the app: the build fails."""
+        b, _ = self.builder()
+        tb = self._tar(
+            [("a", b"d/../x", tarfile.SYMTYPE)],
+            ini=b"[process]\nw = python w.py\n[symlinks]\nd = .\n",
+        )
+        await self.fails(b, tb, "the symlink 'a' -> 'd/../x' leads outside the app")
+
+    async def test_symlinks_section_target_outside(self) -> None:
+        """A [symlinks] target on the host (not under %(data_directory)s) is a manifest error."""
+        b, _ = self.builder()
+        tb = self._tar([], ini=b"[process]\nw = python w.py\n[symlinks]\netc = /etc\n")
+        await self.fails(b, tb, "[symlinks] etc: target '/etc' must be under")
 
     def test_device_file(self) -> defer.Deferred[BuildFailed]:
         """A device node in the upload fails the build."""
