@@ -870,7 +870,11 @@ class Builder:
                     ctx, "       the wheel cache is missing something; resolving from the index"
                 )
         self._emit(ctx, "-----> Resolving requirements and filling the wheel cache")
-        index = ["--index-url", self.cfg["index_url"]] if self.cfg["index_url"] else []
+        # build.index_url may carry credentials: pass it in pip's environment (readable
+        # only by the build user and root), never in argv (visible to every user in ps)
+        wheel_env = (
+            dict(penv, PIP_INDEX_URL=self.cfg["index_url"]) if self.cfg["index_url"] else penv
+        )
         fetched: set[str] = set()
         ran_code = False
 
@@ -891,9 +895,9 @@ class Builder:
         await self._run(
             ctx,
             "pip wheel",
-            [*wheel_cmd, *index, "-r", str(path)],
+            [*wheel_cmd, "-r", str(path)],
             cwd=ctx.work,
-            env=penv,
+            env=wheel_env,
             on_line=watch,
         )
         # pip ran as the build user: its wheel dir must still be a real directory

@@ -6,6 +6,7 @@ the whole session: only the first build of a requirement set downloads.
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from twisted.internet import defer, protocol, reactor
 from twisted.trial.unittest import SkipTest, TestCase
+from twisted.web import resource, server
 
 from epio.appdir import make_tarball
 from epio.manifest import Manifest
@@ -345,6 +347,43 @@ class FailingBuildTests(_Base):
         start = reactor.seconds()
         await self.fails(b, tb, "time limit of 4 s")
         self.assertLess(reactor.seconds() - start, 15)
+
+    async def test_index_credentials_stay_out_of_argv(self) -> None:
+        """build.index_url (with credentials) reaches pip through its environment: pip
+        authenticates to the index with them, yet no process's command line carries
+        them (ps shows every argv to every user) and the build log does not either."""
+        token = "tok3n" + os.urandom(6).hex()
+        auth: list[str] = []
+        leaks: list[bytes] = []
+
+        class Index(resource.Resource):
+            isLeaf = True
+
+            def render_GET(self, request: server.Request) -> bytes:
+                auth.append(request.getHeader("authorization") or "")
+                for cmd in Path("/proc").glob("[0-9]*/cmdline"):
+                    try:
+                        data = cmd.read_bytes()
+                    except OSError:
+                        continue
+                    if token.encode() in data:
+                        leaks.append(data)
+                request.setResponseCode(404)
+                return b"no such project"
+
+        port = reactor.listenTCP(0, server.Site(Index()), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        b, sink = self.builder(
+            index_url=f"http://epio:{token}@127.0.0.1:{port.getHost().port}/simple"
+        )
+        tb = self.app(
+            {"Procfile": "w: python w.py\n", "requirements.txt": "epio-private-pkg-q7x3==1.0\n"}
+        )
+        await self.fails(b, tb, "pip wheel failed")
+        expected = "Basic " + base64.b64encode(f"epio:{token}".encode()).decode()
+        self.assertIn(expected, auth)
+        self.assertEqual(leaks, [])
+        self.assertNotIn(token, sink.text())
 
     def test_timeout(self) -> defer.Deferred[None]:
         """A build over build.timeout is killed (its whole process group) and fails clearly."""
