@@ -173,7 +173,7 @@ class WebTests(TestCase):
         self.assertLess(took, 5)
         logs = r.texts("webby")
         self.assertIn("got SIGTERM", logs)
-        self.assertIn("did not exit in time: SIGKILL", logs)
+        self.assertIn("web.1: did not exit in time: SIGKILL", logs)
         self.assertTrue(await wait_for(reactor, lambda: not alive(pids), 3), alive(pids))
 
     async def test_drain_rollover_without_errors(self) -> None:
