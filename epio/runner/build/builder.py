@@ -676,6 +676,23 @@ class Builder:
         }
         manifest_doc = {"manifest": manifest.to_dict(), "build": ctx.facts}
         await self._thread(self._reclaim, ctx)
+        # build-user code (collectstatic, .pth files) could have replaced a static
+        # directory or an app file with a symlink to the host: the runner's static
+        # server (root) starts from these directories, so they must stay in the image
+        for url, sdir in static.items():
+            if not sdir.startswith(DATA_DIRECTORY) and not _inside(root / sdir, root):
+                raise self._fail(
+                    ctx,
+                    f"the build tree was tampered with: static directory {sdir} ({url}) "
+                    "leads outside the image",
+                )
+        bad = await self._thread(_links_leaving, app_dir)
+        if bad is not None:
+            raise self._fail(
+                ctx,
+                f"the build tree was tampered with: the symlink {_cut(bad[0])!r} -> "
+                f"{_cut(bad[1])!r} leads outside the app",
+            )
         await self._thread(self._finish_tree, root, venv, manifest_doc)
         # 8. image
         fmt = prep["format"]
@@ -1011,6 +1028,12 @@ def _links_leaving(root: Path) -> tuple[str, str] | None:
                 continue
             return os.path.relpath(p, base), target
     return None
+
+
+def _inside(path: Path, root: Path) -> bool:
+    """Whether ``path``, resolved through every symlink, is ``root`` or below it."""
+    real, base = os.path.realpath(path), os.path.realpath(root)
+    return real == base or real.startswith(base + os.sep)
 
 
 def _under_data(path: str) -> bool:

@@ -663,3 +663,61 @@ class TamperTests(_Base):
         b, _ = self.builder()
         await self.fails(b, _tarball(self, d), "tampered with: root/epio is not a directory")
         self.assertEqual(list(victim.iterdir()), [])
+
+    async def test_planted_static_dir_symlink_fails_the_build(self) -> None:
+        """Package code that replaces the app's static directory with a symlink to a
+        host directory (which the runner's static server would then serve) fails the
+        build at the check after the last build-user step."""
+        if not ROOT:
+            raise SkipTest("needs root (the build user)")
+        victim = Path(tempfile.mkdtemp(prefix="epio-victim-"))
+        self.addCleanup(shutil.rmtree, victim)
+        (victim / "secret.txt").write_text("host file\n")
+        plant = (
+            "import os, shutil, sys; p = os.path.join(os.path.dirname(sys.prefix), 'app', 'static'); "
+            f"os.path.islink(p) or (shutil.rmtree(p, True), os.symlink({str(victim)!r}, p))\n"
+        ).encode()
+        d = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, d)
+        _fake_wheel(d / "wheels", "epio_static_plant", "1.0", {"epio_static_plant.pth": plant})
+        write_app(
+            d,
+            {
+                "epio.ini": "[process]\nw = python w.py\n[static]\n/static = static\n",
+                "static/site.css": "body {}\n",
+                "requirements.txt": "--find-links ./wheels\nepio-static-plant==1.0\n",
+            },
+        )
+        b, _ = self.builder()
+        await self.fails(
+            b,
+            _tarball(self, d),
+            "tampered with: static directory app/static (/static) leads outside",
+        )
+        self.assertEqual(sorted(p.name for p in victim.iterdir()), ["secret.txt"])
+
+    async def test_planted_app_symlink_fails_the_build(self) -> None:
+        """Package code that plants a symlink to the host anywhere in the app tree fails
+        the build: every symlink of an image's app/ resolves inside it or under /data."""
+        if not ROOT:
+            raise SkipTest("needs root (the build user)")
+        plant = (
+            b"import os, sys; p = os.path.join(os.path.dirname(sys.prefix), 'app', 'hostdata'); "
+            b"os.path.lexists(p) or os.symlink('../../..', p)\n"
+        )
+        d = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, d)
+        _fake_wheel(d / "wheels", "epio_link_plant", "1.0", {"epio_link_plant.pth": plant})
+        write_app(
+            d,
+            {
+                "Procfile": "w: python w.py\n",
+                "requirements.txt": "--find-links ./wheels\nepio-link-plant==1.0\n",
+            },
+        )
+        b, _ = self.builder()
+        await self.fails(
+            b,
+            _tarball(self, d),
+            "tampered with: the symlink 'hostdata' -> '../../..' leads outside",
+        )
