@@ -206,13 +206,20 @@ _O_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _O_DIR = os.O_RDONLY | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC
 
 
-def open_in_image(static_root: str, parts: Iterable[str]) -> tuple[int, os.stat_result]:
+def open_in_image(static_root: str, parts: Iterable[str],
+                  image_root: str | None = None) -> tuple[int, os.stat_result]:
     """Open ``static_root/parts`` of a read-only image, following a symlink only when
-    it stays inside ``static_root``.  Returns (fd, stat); raises NotServed."""
+    it stays inside ``static_root``, which itself must resolve inside ``image_root``
+    (an image built before builds checked this may hold a planted link).  Returns
+    (fd, stat); raises NotServed."""
     try:
         real_root = os.path.realpath(static_root, strict=True)
     except OSError:
         raise NotServed("no such static directory") from None
+    if image_root is not None:
+        real_image = os.path.realpath(image_root)
+        if not real_root.startswith(real_image + os.sep):
+            raise NotServed("the static directory leaves the image")
     cand = os.path.realpath(os.path.join(real_root, *parts))
     if cand != real_root and not cand.startswith(real_root + os.sep):
         raise NotServed("outside the static directory")
@@ -720,7 +727,8 @@ class StaticServer(Service):
         want_index = rest == "" or rest.endswith("/")
         for attempt in (parts, [*parts, "index.html"]):
             if d.image_rel is not None:
-                fd, st = open_in_image(os.path.join(served.image_root, d.image_rel), attempt)
+                fd, st = open_in_image(os.path.join(served.image_root, d.image_rel), attempt,
+                                       served.image_root)
             else:
                 owner = served.uid if self.uid_check else None
                 fd, st = open_in_data(str(self.appdata / served.app), [*d.data_rel, *attempt],

@@ -187,6 +187,24 @@ class DataDirTests(Base):
         os.symlink(str(self.tmp), self.data / "media")
         self.assertEqual(self.http.request("GET", "/media/outside.txt").status, 404)
 
+    def test_image_static_dir_planted_as_link_out_refused(self) -> None:
+        """A static directory that is itself a link leaving the image (planted by build
+        code in an image made before builds checked it) serves nothing."""
+        from epio.runner.static import NotServed, open_in_image
+
+        image = self.tmp / "img"
+        (image / "app").mkdir(parents=True)
+        outside = self.tmp / "host"
+        outside.mkdir()
+        (outside / "cluster-secret").write_text("s3cret")
+        os.symlink(str(outside), image / "app" / "static")
+        with self.assertRaises(NotServed):
+            open_in_image(str(image / "app" / "static"), ["cluster-secret"], str(image))
+        (image / "app" / "real").mkdir()
+        (image / "app" / "real" / "a.css").write_text("body{}")
+        fd, _ = open_in_image(str(image / "app" / "real"), ["a.css"], str(image))
+        os.close(fd)
+
     def test_fifo_is_404_without_hanging(self) -> None:
         """A FIFO in the data dir is not a file: 404 at once (the open does not block)."""
         os.mkfifo(self.data / "media" / "pipe.txt")
