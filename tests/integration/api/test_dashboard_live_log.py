@@ -18,6 +18,7 @@ from twisted.trial.unittest import TestCase
 from epio.bus import Bus
 from epio.pipeline import BusLogSink
 from tests.integration.api.test_dashboard_browser import _driver
+from tests.integration.cli.test_logs_cli import PastClock
 from tests.util import NodeProcess, epio_env, isolated_config, to_toml
 
 
@@ -28,7 +29,7 @@ class DashboardLiveLogTests(TestCase):
         """Lines logged before the page opened are shown; a line logged after it
         appears without reloading, over the websocket (data-live is set only by the
         tail's "ready" message; polling never sets it)."""
-        doc, _ = isolated_config()
+        doc, _ = isolated_config({"logger": {"stats_flush_delay": 0.5}})
         node = NodeProcess(["--role=api,logger"], config=to_toml(doc))
         self.addCleanup(node.cleanup)
         node.wait_for_log("api ready", timeout=60)
@@ -50,6 +51,20 @@ class DashboardLiveLogTests(TestCase):
         self.addCleanup(sink.stopService)
         await deferLater(reactor, 0.5, lambda: None)
         sink.emit("live", "web.1", "before the page opened")
+        # router samples of an ended 10 s bucket: the page's request chart shows them
+        past = PastClock(reactor, 25.0)
+        stats = BusLogSink(bus, doc["cluster"]["loggers"], clock=past)
+        stats.startService()
+        self.addCleanup(stats.stopService)
+        await deferLater(reactor, 0.5, lambda: None)
+        stats.emit_stats("live", "router", {"requests": 42, "status_2xx": 42})
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            got = subprocess.run([*cli, "stats", "--app", "live", "--json", "--resolution", "10"],
+                                 text=True, env=env, capture_output=True, timeout=60)
+            if '"requests"' in got.stdout:
+                break
+            await deferLater(reactor, 0.5, lambda: None)
 
         seen: dict[str, Any] = {}
         opened = deferToThread(self.browse, port, token, seen)
@@ -60,6 +75,8 @@ class DashboardLiveLogTests(TestCase):
         await opened
         self.assertIn("web.1 before the page opened", seen["first"])
         self.assertIn("worker.1 after the page opened", seen["later"])
+        self.assertGreaterEqual(int(seen["chart_points"]), 1)
+        self.assertIn("42 requests in the last hour", seen["chart_note"])
 
     def browse(self, port: int, token: str, seen: dict[str, Any]) -> None:
         from selenium.webdriver.common.by import By
@@ -82,5 +99,10 @@ class DashboardLiveLogTests(TestCase):
             seen["live"] = True
             wait.until(lambda d: "after the page opened" in d.find_element(By.ID, "log").text)
             seen["later"] = driver.find_element(By.ID, "log").text
+            wait.until(lambda d: d.find_element(By.ID, "stats-chart").get_attribute(
+                "data-points") not in (None, "", "0"))
+            seen["chart_points"] = driver.find_element(By.ID, "stats-chart").get_attribute(
+                "data-points")
+            seen["chart_note"] = driver.find_element(By.ID, "stats-note").text
         finally:
             driver.quit()

@@ -111,6 +111,7 @@ async function refreshApp(name) {
   try {
     fillProcesses(await api("/apps/" + enc + "/ps"));
     if (tail === null) await loadLog(enc);  // the live tail is down: poll instead
+    await loadStats(enc);
   } catch (e) {
     $("#error").textContent = e.message;
   }
@@ -156,6 +157,43 @@ async function showApp(name) {
   });
   show("#app-view");
   followLog(enc);
+  loadStats(enc);
+}
+
+// Requests per 10 s over the last hour, from the stats API, as an SVG line (built
+// with DOM calls: nothing here needs inline script or style).
+async function loadStats(enc) {
+  try {
+    const body = await api("/apps/" + enc + "/stats?metric=requests&since=1h&resolution=10");
+    drawChart($("#stats-chart"), (body.series || {}).requests || []);
+  } catch (e) {
+    $("#stats-note").textContent = e.status === 503 ? "stats unavailable" : e.message;
+  }
+}
+
+function drawChart(svg, points) {
+  const NS = "http://www.w3.org/2000/svg";
+  while (svg.firstChild) svg.removeChild(svg.firstChild);
+  svg.dataset.points = String(points.length);
+  if (!points.length) {
+    $("#stats-note").textContent = "no requests in the last hour";
+    return;
+  }
+  const W = 600, H = 80;
+  const t0 = points[0][0], t1 = points[points.length - 1][0];
+  const max = Math.max(1, ...points.map((p) => p[1]));
+  const x = (t) => (t1 === t0 ? W : ((t - t0) / (t1 - t0)) * W);
+  const y = (v) => H - 2 - (v / max) * (H - 4);
+  const line = document.createElementNS(NS, "polyline");
+  line.setAttribute("points", points.map(([t, v]) => x(t).toFixed(1) + "," + y(v).toFixed(1))
+    .join(" "));
+  line.setAttribute("fill", "none");
+  line.setAttribute("stroke", "currentColor");
+  line.setAttribute("stroke-width", "2");
+  svg.appendChild(line);
+  const total = points.reduce((n, p) => n + p[1], 0);
+  $("#stats-note").textContent = total + " requests in the last hour (peak " + max +
+    " per 10 s)";
 }
 
 // The live log: a websocket on the logs endpoint. Browsers cannot put the token in
