@@ -77,6 +77,9 @@ class Observer:
         self.pending: list[tuple[Any, ...]] = []
         self.apps: dict[str, AppStats] = {}
         self.totals: dict[str, int] = {}
+        # since start, per app: what /metrics shows (merged at each stats flush, so the
+        # hot path counts once)
+        self.cumulative: dict[str, AppStats] = {}
 
     def record(
         self, t0: float, app: str, method: bytes, target: bytes, host: str, status: int,
@@ -129,6 +132,17 @@ class Observer:
         if not apps:
             return
         self.apps = {}
+        for app, st in apps.items():
+            total = self.cumulative.get(app)
+            if total is None:
+                total = self.cumulative[app] = AppStats()
+            total.requests += st.requests
+            total.bytes_out += st.bytes_out
+            total.service_total += st.service_total
+            total.status = [a + b for a, b in zip(total.status, st.status, strict=True)]
+            total.hist = [a + b for a, b in zip(total.hist, st.hist, strict=True)]
+            for code, n in st.errors.items():
+                total.errors[code] = total.errors.get(code, 0) + n
         if self.stats_sink is None:
             return
         for app, st in apps.items():
@@ -137,3 +151,32 @@ class Observer:
             except Exception:
                 self.log.failure("stats sink failed")
                 return
+
+
+def metric_families(cumulative: dict[str, AppStats]) -> list[Any]:
+    """Per-app request counters and latency histograms for /metrics (Prometheus)."""
+    from epio.metrics import Family
+
+    requests = Family("epio_lb_requests_total", "counter",
+                      "Requests the router answered, by app and status class "
+                      "(0xx: the client closed first)")
+    errors = Family("epio_lb_errors_total", "counter",
+                    "Requests the router answered itself, by app and error code")
+    latency = Family("epio_lb_request_duration_seconds", "histogram",
+                     "Time from the request to the last response byte, by app")
+    sent = Family("epio_lb_response_bytes_total", "counter", "Response bytes sent, by app")
+    for app, st in sorted(cumulative.items()):
+        for cls, n in enumerate(st.status):
+            if n:
+                requests.samples.append(("", {"app": app, "class": f"{cls}xx"}, float(n)))
+        for code, n in sorted(st.errors.items()):
+            errors.samples.append(("", {"app": app, "code": code}, float(n)))
+        running = 0
+        for bound, n in zip(_BOUNDS_S, st.hist, strict=False):
+            running += n
+            latency.samples.append(("_bucket", {"app": app, "le": repr(bound)}, float(running)))
+        latency.samples.append(("_bucket", {"app": app, "le": "+Inf"}, float(st.requests)))
+        latency.samples.append(("_sum", {"app": app}, st.service_total))
+        latency.samples.append(("_count", {"app": app}, float(st.requests)))
+        sent.samples.append(("", {"app": app}, float(st.bytes_out)))
+    return [requests, errors, latency, sent]

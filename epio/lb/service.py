@@ -395,10 +395,13 @@ def make_service(node: Any) -> LBService:
                     worker_spec=spec, static_secret=node.secret)
     if sink_service is not None:
         sink_service.setServiceParent(svc)
-    if hasattr(source, "status"):
-        from epio.metrics import registry_for
+    from epio.lb.observe import metric_families
+    from epio.metrics import registry_for
 
-        registry_for(node).add_collector(lambda: route_feed_families(source.status()))
+    registry = registry_for(node)
+    registry.add_collector(lambda: metric_families(svc.lb.observer.cumulative))
+    if hasattr(source, "status"):
+        registry.add_collector(lambda: route_feed_families(source.status()))
     return svc
 
 

@@ -558,4 +558,24 @@ def make_service(node: Any) -> RunnerService:
     from epio.runner.static import attach_static
 
     attach_static(svc, node)  # [static] served by the platform (docs/static.md)
+    from epio.metrics import registry_for
+
+    registry_for(node).add_collector(lambda: runner_families(supervisor))
     return svc
+
+
+def runner_families(supervisor: Supervisor) -> list[Any]:
+    """Instances by state and restarts per instance, for /metrics."""
+    from epio.metrics import Family
+
+    states = Family("epio_runner_instances", "gauge", "Instances on this runner, by state")
+    restarts = Family("epio_runner_restarts_total", "counter",
+                      "Restarts of each instance on this runner (crashes, failed health)")
+    counts: dict[str, int] = {}
+    for inst in supervisor.instances.values():
+        counts[inst.state.value] = counts.get(inst.state.value, 0) + 1
+        restarts.samples.append(("", {"app": inst.spec.app, "instance": inst.spec.source,
+                                      "id": inst.spec.instance_id}, float(inst.restarts)))
+    for state, n in sorted(counts.items()):
+        states.samples.append(("", {"state": state}, float(n)))
+    return [states, restarts]

@@ -45,3 +45,34 @@ class ObserverTests(SynchronousTestCase):
         o.flush_stats()
         self.assertEqual(sink.stats[0].values["error_no_route"], 1)
         self.assertEqual(o.pending, [])
+
+
+class MetricsTests(SynchronousTestCase):
+    def test_router_metrics_parse_and_add_up(self) -> None:
+        """/metrics carries per-app request counters by status class, error codes and a
+        latency histogram; the Prometheus text parser reads them, and counts accumulate
+        across stats flushes."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        from epio.lb.observe import Observer, metric_families
+        from epio.metrics import MetricsRegistry
+
+        obs = Observer(None, None, enabled=False)
+        reg = MetricsRegistry()
+        reg.add_collector(lambda: metric_families(obs.cumulative))
+        for status, service, code in [(200, 0.004, ""), (200, 0.3, ""), (503, 0.0, "no_backend")]:
+            obs.record(0.0, "shop", b"GET", b"/", "shop.localhost", status, 10, 0.0, service,
+                       "", b"rid", code)
+        obs.flush_stats()
+        obs.record(0.0, "shop", b"GET", b"/", "shop.localhost", 200, 5, 0.0, 0.001, "", b"r", "")
+        obs.flush_stats()
+        fams = {f.name: f for f in text_string_to_metric_families(reg.render().decode())}
+        req = {s.labels["class"]: s.value for s in fams["epio_lb_requests"].samples}
+        self.assertEqual(req, {"2xx": 3.0, "5xx": 1.0})
+        errors = [(s.labels["code"], s.value) for s in fams["epio_lb_errors"].samples]
+        self.assertEqual(errors, [("no_backend", 1.0)])
+        hist = {(s.name, s.labels.get("le")): s.value
+                for s in fams["epio_lb_request_duration_seconds"].samples}
+        self.assertEqual(hist[("epio_lb_request_duration_seconds_count", None)], 4.0)
+        self.assertEqual(hist[("epio_lb_request_duration_seconds_bucket", "0.005")], 3.0)
+        self.assertEqual(hist[("epio_lb_request_duration_seconds_bucket", "+Inf")], 4.0)

@@ -29,7 +29,7 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.util import CHECKOUT, NodeProcess, epio_env, isolated_config, to_toml
+from tests.util import CHECKOUT, NodeProcess, epio_env, free_port, isolated_config, to_toml
 
 STEP_TIMEOUT = 240.0
 
@@ -127,6 +127,8 @@ class QuickStartTests(SynchronousTestCase):
             # app ports of their own: other nodes on this machine (other tests) use the
             # default range too
             "runner": {"backoff_initial": 0.2, "port_min": base, "port_max": base + 99},
+            "lb": {"stats_interval": 0.5},
+            "metrics": {"listen": f"tcp:{free_port()}:interface=127.0.0.1"},
         })
         self.doc = doc
         self.api_port = int(doc["api"]["listen"].split(":")[1])
@@ -245,6 +247,27 @@ class QuickStartTests(SynchronousTestCase):
             raise AssertionError("the router did not use both instances " + repr(ports)
                                  + "; recent log:\n" + "\n".join(
                                      f"{ln['source']} {ln['text']}" for ln in lines)) from None
+
+        self.step("/metrics: the router's requests by class, the runner's instances")
+
+        def metrics() -> dict[str, float]:
+            from prometheus_client.parser import text_string_to_metric_families
+
+            port = int(self.doc["metrics"]["listen"].split(":")[1])
+            text = http_get(port, "localhost", "/metrics")[1]
+            out: dict[str, float] = {}
+            for fam in text_string_to_metric_families(text):
+                for smp in fam.samples:
+                    if smp.name == "epio_lb_requests_total" and smp.labels.get("app") == "hello":
+                        out[f"lb_{smp.labels['class']}"] = smp.value
+                    if smp.name == "epio_runner_instances":
+                        out[f"runner_{smp.labels['state']}"] = smp.value
+            return out
+
+        seen = wait_until("router and runner metrics", lambda: (lambda m: m if m.get(
+            "lb_2xx", 0) >= 10 and m.get("runner_healthy") == 2 else None)(metrics()),
+            timeout=30)
+        self.assertNotIn("lb_5xx", seen)
 
         self.step("config set GREETING=Howdy shows in the app, with zero failed requests")
         load = RouterLoad(self.lb_port, "hello.localhost")
