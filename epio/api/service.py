@@ -74,8 +74,30 @@ def limited_request(max_body: int) -> type[Request]:
     return LimitedRequest
 
 
-def make_site(api: Api, max_body: int) -> Site:
-    site = Site(api.resource())
+class CountingSite(Site):
+    """The api's Site, counting answered requests by status class for /metrics."""
+
+    def __init__(self, resource: Any) -> None:
+        super().__init__(resource)
+        self.status_counts: dict[str, int] = {}
+
+    def log(self, request: Any) -> None:
+        cls = f"{int(getattr(request, 'code', 0) or 0) // 100}xx"
+        self.status_counts[cls] = self.status_counts.get(cls, 0) + 1
+        super().log(request)
+
+    def metric_families(self) -> list[Any]:
+        from epio.metrics import Family
+
+        fam = Family("epio_api_requests_total", "counter",
+                     "HTTP requests the api answered, by status class")
+        fam.samples.extend(("", {"class": c}, float(n))
+                           for c, n in sorted(self.status_counts.items()))
+        return [fam]
+
+
+def make_site(api: Api, max_body: int) -> CountingSite:
+    site = CountingSite(api.resource())
     site.displayTracebacks = False
     site.requestFactory = limited_request(max_body)
     return site
@@ -97,8 +119,11 @@ class ApiService(MultiService):
         self.deployer: Deployer | None = None
         listen = node.config["api"]["listen"]
         endpoint = serverFromString(node.reactor, listen)
-        http = StreamServerEndpointService(
-            endpoint, make_site(self.api, self.settings.max_upload_bytes + (1 << 20)))
+        site = make_site(self.api, self.settings.max_upload_bytes + (1 << 20))
+        from epio.metrics import registry_for
+
+        registry_for(node).add_collector(site.metric_families)
+        http = StreamServerEndpointService(endpoint, site)
         http.setName("api-http")
         http.setServiceParent(self)
         self._listen = listen

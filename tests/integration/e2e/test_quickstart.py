@@ -262,12 +262,15 @@ class QuickStartTests(SynchronousTestCase):
                         out[f"lb_{smp.labels['class']}"] = smp.value
                     if smp.name == "epio_runner_instances":
                         out[f"runner_{smp.labels['state']}"] = smp.value
+                    if smp.name == "epio_api_requests_total":
+                        out[f"api_{smp.labels['class']}"] = smp.value
             return out
 
         seen = wait_until("router and runner metrics", lambda: (lambda m: m if m.get(
             "lb_2xx", 0) >= 10 and m.get("runner_healthy") == 2 else None)(metrics()),
             timeout=30)
         self.assertNotIn("lb_5xx", seen)
+        self.assertGreater(seen.get("api_2xx", 0), 5)  # the CLI's calls so far
 
         self.step("config set GREETING=Howdy shows in the app, with zero failed requests")
         load = RouterLoad(self.lb_port, "hello.localhost")
