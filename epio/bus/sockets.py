@@ -133,6 +133,31 @@ class _Connection(ZmqConnection):
         except Exception:
             self.log.failure("bus: unhandled error processing a message")
 
+    def doRead(self) -> None:
+        """Handle at most ``READ_BATCH`` messages, then yield to the reactor.
+
+        txzmq's loop handles every queued message before anything else runs: a
+        burst (a backlog of route deltas, a logger catching up) stalled the
+        router's requests and the api's websocket writes for its whole length.
+        ZeroMQ's fd is edge-triggered, so the rest is read on a scheduled call.
+        """
+        if self.read_scheduled is not None:  # type: ignore[has-type]
+            if not self.read_scheduled.called:  # type: ignore[has-type]
+                self.read_scheduled.cancel()  # type: ignore[has-type]
+            self.read_scheduled = None
+        for _ in range(READ_BATCH):
+            if self.factory is None:  # disconnected
+                return
+            if not int(self.socket.get(zmq.EVENTS)) & zmq.POLLIN:
+                return
+            try:
+                message = self._readMultipart()
+            except zmq.Again:
+                continue
+            self.messageReceived(message)
+        if self.factory is not None and int(self.socket.get(zmq.EVENTS)) & zmq.POLLIN:
+            self.read_scheduled = self.factory.reactor.callLater(0, self.doRead)
+
     def send(self, message: list[bytes]) -> None:  # type: ignore[override]
         """Send a multipart message without blocking; raises zmq.Again when full.
 
@@ -146,6 +171,9 @@ class _Connection(ZmqConnection):
         if self.read_scheduled is None:  # type: ignore[has-type]
             self.read_scheduled = self.factory.reactor.callLater(0, self.doRead)
 
+
+# messages one socket handles per reactor turn before letting others run
+READ_BATCH = 64
 
 _MONITORED = (
     zmq.EVENT_HANDSHAKE_SUCCEEDED
