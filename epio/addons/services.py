@@ -90,7 +90,8 @@ d="$EPIO_DATA_DIR/{dir}"
 bin={bin}
 umask 077
 if [ ! -s "$d/PG_VERSION" ]; then
-  rm -rf "$d" && mkdir -p "$d" || exit 1
+  # empty it in place: it may be a btrfs subvolume the runner made (docs/databases.md)
+  mkdir -p "$d" && (cd "$d" && find . -mindepth 1 -delete) || exit 1
   printf '%s\n' "$EPIO_SERVICE_PASSWORD" > "$TMPDIR/.pw" || exit 1
   "$bin/initdb" --no-sync -D "$d" -U "$EPIO_SERVICE_USER" --pwfile="$TMPDIR/.pw" -E UTF8 --no-locale \
     --auth-local=scram-sha-256 --auth-host=scram-sha-256 >/dev/null || {{ rm -f "$TMPDIR/.pw"; exit 1; }}
@@ -139,6 +140,7 @@ def redis_start_body(*, app: str, uid: int, instance_id: str, image_digest: str,
         "process_type": REDIS_TYPE, "index": 1, "command": ["/bin/sh", "-c", script],
         "image_digest": image_digest,
         "env": {"EPIO_SERVICE_CONFIG": config, "EPIO_SERVICE_HOST": host,
+                "EPIO_SERVICE_DIR": data_dir_name(REDIS_DIR, data_key),
                 "REDISCLI_AUTH": password,
                 "EPIO_SNAPSHOT_INTERVAL": str(max(1, int(snapshot_interval)))},
         "limits": {"memory_mb": memory_mb + REDIS_OVERHEAD_MB, "pids": 64},
@@ -159,7 +161,8 @@ def postgres_start_body(*, app: str, uid: int, instance_id: str, image_digest: s
         "process_type": POSTGRES_TYPE, "index": 1, "command": ["/bin/sh", "-c", script],
         "image_digest": image_digest,
         "env": {"EPIO_SERVICE_USER": user, "EPIO_SERVICE_PASSWORD": password,
-                "EPIO_SERVICE_HOST": host},
+                "EPIO_SERVICE_HOST": host,
+                "EPIO_SERVICE_DIR": data_dir_name(POSTGRES_DIR, data_key)},
         "limits": {"memory_mb": memory_mb, "pids": 128},
         "health_check": None, "boot_timeout": boot_timeout, "grace": grace,
     }

@@ -507,6 +507,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
                                "started again on its own runner.", positive),
         "postgres_memory_mb": Key(int, 512, "Memory limit (cgroup) of a dedicated PostgreSQL "
                                   "server, MB.", positive),
+        "snapshot_interval": Key(float, 3600.0, "Seconds between the runner's read-only btrfs "
+                                 "snapshots of every dedicated data dir that is a subvolume "
+                                 "(kept with the backup history policy); 0 disables.",
+                                 non_negative),
     },
     "build": {
         "python": Key(

@@ -25,6 +25,8 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from epio.addons import btrfs
+from epio.addons.services import SERVICE_PROCESS_TYPES
 from epio.runner.cgroups import CgroupSupport, InstanceCgroup
 from epio.runner.sandbox import (
     DATA,
@@ -37,6 +39,7 @@ from epio.runner.sandbox import (
     layout_for,
     python_prefix_of,
 )
+from epio.runner.snapshots import DEDICATED_DIR
 from epio.runner.supervisor import ILauncher, InstanceSpec, Launch
 from epio.runner.users import AppUser
 
@@ -123,6 +126,27 @@ class SandboxLauncher:
                       "the new app (uid {uid}) starts empty", app=data.name, old=owner,
                       path=str(target), uid=uid)
 
+    def _service_data_dir(self, spec: InstanceSpec, data: Path, user: AppUser) -> None:
+        """A dedicated server's data dir (``$EPIO_SERVICE_DIR``): made here, as root, so
+        it is a btrfs subvolume where the app data dir is on btrfs (epio.addons.btrfs);
+        left to the server's wrapper (a plain mkdir) when it cannot be."""
+        name = spec.env.get("EPIO_SERVICE_DIR", "")
+        if spec.process_type not in SERVICE_PROCESS_TYPES or not DEDICATED_DIR.match(name):
+            return
+        path = data / name
+        if path.exists() or path.is_symlink():
+            return
+        try:
+            subvolume = btrfs.make_data_dir(path)
+        except (OSError, btrfs.BtrfsError) as e:
+            self.log.warn("instance {i}: data dir {path} not made: {error}; the server "
+                          "makes a plain directory", i=spec.instance_id, path=str(path),
+                          error=str(e))
+            return
+        self._own(path, user.uid, user.gid, 0o700)
+        self.log.info("instance {i}: data dir {path} made ({what})", i=spec.instance_id,
+                      path=str(path), what="btrfs subvolume" if subvolume else "directory")
+
     def prepare(self, spec: InstanceSpec, port: int | None) -> defer.Deferred[Launch]:
         return defer.Deferred.fromCoroutine(self._prepare(spec, port))
 
@@ -143,6 +167,7 @@ class SandboxLauncher:
         if not data.exists():
             data.mkdir(mode=0o700)
         self._own(data, user.uid, user.gid, 0o700)
+        self._service_data_dir(spec, data, user)
         scratch = self.instances_dir / spec.instance_id
         if scratch.exists():
             shutil.rmtree(scratch)

@@ -558,6 +558,9 @@ def make_service(node: Any) -> RunnerService:
     from epio.runner.static import attach_static
 
     attach_static(svc, node)  # [static] served by the platform (docs/static.md)
+    from epio.runner.snapshots import attach_snapshots
+
+    attach_snapshots(svc, node)  # btrfs snapshots of dedicated data dirs (docs/databases.md)
     from epio.metrics import registry_for
 
     registry_for(node).add_collector(lambda: runner_families(supervisor))
