@@ -23,8 +23,8 @@ from epio.addons.postgres import SharedPostgres
 from epio.backup.catalog import BackupNotFound, BackupRecord, Catalog, sha256_file
 from epio.backup.postgres import BackupFailed, PostgresBackups
 from epio.backup.redis import RedisBackups
-from epio.backup.retention import Candidate, RetentionPolicy, to_keep
 from epio.backup.targets import Target, dedicated_postgres_url, targets_for
+from epio.retention import Candidate, RetentionPolicy, to_keep
 
 
 class BackupManager:

@@ -5,7 +5,7 @@ snapshot of every dedicated data directory it hosts that is a btrfs subvolume
 (``DATA_DIR/appdata/<app>/.epio-<kind>[-<key>]``) into
 ``DATA_DIR/snapshots/<app>/<kind>[-<key>]/<YYYYmmddTHHMMSSZ>`` (root only, 0700), then
 prunes each directory's snapshots with the backups' history policy
-(:func:`epio.backup.retention.to_keep` with the ``backup`` section's hourly/daily/
+(:func:`epio.retention.to_keep` with the ``backup`` section's hourly/daily/
 weekly/monthly counts).  Data dirs that are plain directories are skipped (the reason
 is logged once per directory).  The btrfs calls block: they run in a thread.
 """
@@ -25,7 +25,7 @@ from twisted.internet import threads
 from twisted.logger import Logger
 
 from epio.addons import btrfs
-from epio.backup.retention import Candidate, RetentionPolicy, to_keep
+from epio.retention import Candidate, RetentionPolicy, to_keep
 
 DEDICATED_DIR = re.compile(r"^\.epio-(redis|postgres)(-[0-9a-f]{1,32})?$")
 STAMP = "%Y%m%dT%H%M%SZ"

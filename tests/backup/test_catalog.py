@@ -12,8 +12,8 @@ from twisted.internet import reactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from epio.backup.catalog import BackupNotFound, BackupRecord, Catalog
-from epio.backup.retention import RetentionPolicy
 from epio.backup.service import BackupManager
+from epio.retention import RetentionPolicy
 
 
 def record(app: str, id: str, created: float, kind: str = "postgres") -> BackupRecord:

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from epio.backup.retention import Candidate, RetentionPolicy, to_keep
+from epio.retention import Candidate, RetentionPolicy, to_keep
 
 T0 = datetime(2026, 6, 1, tzinfo=UTC)
 

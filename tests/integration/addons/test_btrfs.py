@@ -13,7 +13,7 @@ from twisted.trial import unittest
 
 from epio.addons import btrfs
 from epio.addons.services import postgres_start_body
-from epio.backup.retention import RetentionPolicy
+from epio.retention import RetentionPolicy
 from epio.runner import snapshots
 from epio.runner.cgroups import CgroupSupport, Limits
 from epio.runner.launcher import SandboxLauncher

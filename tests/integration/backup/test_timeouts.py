@@ -15,8 +15,8 @@ from twisted.trial.unittest import TestCase
 from epio.addons.postgres import SharedPostgres
 from epio.backup.catalog import Catalog
 from epio.backup.postgres import PostgresBackups
-from epio.backup.retention import RetentionPolicy
 from epio.backup.service import BackupManager
+from epio.retention import RetentionPolicy
 
 ADMIN_URL = os.environ.get("EPIO_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 

@@ -1,4 +1,6 @@
-"""Which backups to keep: a grandfather-father-son history policy.
+"""Which backups and snapshots to keep: a grandfather-father-son history policy.
+
+Shared floor: the backup role prunes backups with it, runners prune btrfs snapshots.
 
 For each period (hour, day, ISO week, month) the newest good backup of each of
 the last N periods is kept; everything else may be pruned.  Failed or unverified
