@@ -55,7 +55,6 @@ from typing import Any
 from attrs import define, field, frozen
 from twisted.application.service import Service
 from twisted.internet import abstract, defer, fdesc, main
-from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
@@ -63,7 +62,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from epio.runner.sandbox import sandboxed_pid
-from epio.runner.supervisor import InstanceSpec, SpecError
+from epio.runner.supervisor import InstanceSpec, SpecError, exit_status
 
 SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 MAX_COMMAND = 16 * 1024
@@ -394,14 +393,7 @@ class SessionProtocol(ProcessProtocol):
             self._parse_info()
 
     def processEnded(self, reason: Failure) -> None:
-        code: int | None = None
-        sig: int | None = None
-        if isinstance(reason.value, ProcessDone):
-            code = 0
-        elif isinstance(reason.value, ProcessTerminated):
-            code = reason.value.exitCode
-            sig = reason.value.signal
-        self.manager._process_ended(self.session, code, sig)
+        self.manager._process_ended(self.session, *exit_status(reason))
 
 
 class SessionManager(Service):

@@ -385,14 +385,16 @@ class InstanceProtocol(ProcessProtocol):
             if buf:
                 self._line(buf)
                 self.buffers[fd] = b""
-        code: int | None = None
-        sig: int | None = None
-        if isinstance(reason.value, ProcessDone):
-            code = 0
-        elif isinstance(reason.value, ProcessTerminated):
-            code = reason.value.exitCode
-            sig = reason.value.signal
-        self.sup._process_ended(self.inst, self.gen, code, sig)
+        self.sup._process_ended(self.inst, self.gen, *exit_status(reason))
+
+
+def exit_status(reason: Failure) -> tuple[int | None, int | None]:
+    """(exit code, signal) of a process's end, as ``processEnded`` reports it."""
+    if isinstance(reason.value, ProcessDone):
+        return 0, None
+    if isinstance(reason.value, ProcessTerminated):
+        return reason.value.exitCode, reason.value.signal
+    return None, None
 
 
 def describe_exit(code: int | None, sig: int | None, oom: bool) -> str:
