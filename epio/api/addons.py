@@ -55,6 +55,7 @@ from epio.api.spec import (
     obj,
     ref,
 )
+from epio.api.state import platform_line
 from epio.api.web import Api, operation
 from epio.store.addons import Addon, delete_addon, find_addon, list_addons, put_addon
 
@@ -440,11 +441,7 @@ class Addons:
         return started
 
     def _app_log(self, app: str, text: str) -> None:
-        if self.log_sink is not None:
-            try:
-                self.log_sink.emit(app, "platform", text)
-            except Exception:
-                self.log.failure("log sink failed")
+        platform_line(self.log_sink, app, text)
 
     def keeper(self, interval: float) -> Any:
         """A service running :meth:`keep_running` every ``interval`` seconds."""

@@ -32,7 +32,14 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from epio.api.settings import ApiSettings
-from epio.api.state import DEFAULT_SIZE, SIZES, current_release, processes_of, release_facts
+from epio.api.state import (
+    DEFAULT_SIZE,
+    SIZES,
+    current_release,
+    platform_line,
+    processes_of,
+    release_facts,
+)
 from epio.store import App, Deploy, Store, User
 
 MAX_CRASH_RESTARTS = 3
@@ -121,11 +128,7 @@ class Deployer:
     async def _say(self, deploy: Deploy, text: str, **changes: Any) -> Deploy:
         if self.stopping:
             raise DeployInterrupted()
-        if self.log_sink is not None:
-            try:
-                self.log_sink.emit(deploy.app, "platform", text)
-            except Exception:
-                self.log.failure("log sink failed")
+        platform_line(self.log_sink, deploy.app, text)
         return await self.store.update_deploy(deploy.id, append_log=text + "\n", **changes)
 
     async def _run(self, app: App, deploy: Deploy, tarball: bytes) -> None:

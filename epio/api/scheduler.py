@@ -46,7 +46,7 @@ from twisted.logger import Logger
 
 from epio.addons.services import SERVICE_PROCESS_TYPES
 from epio.api.settings import ApiSettings
-from epio.api.state import DEFAULT_SIZE, LIVE_STATES, SIZES, current_release
+from epio.api.state import DEFAULT_SIZE, LIVE_STATES, SIZES, current_release, platform_line
 from epio.store import Instance, LeaderService, Store
 from epio.store.store import DEPLOY_FINAL
 
@@ -515,11 +515,7 @@ class Scheduler:
             await DeferredList(ds, consumeErrors=True)
 
     def _app_log(self, app: str, text: str) -> None:
-        if self.log_sink is not None:
-            try:
-                self.log_sink.emit(app, "platform", text)
-            except Exception:
-                self.log.failure("log sink failed")
+        platform_line(self.log_sink, app, text)
 
 
 class SchedulerService(MultiService):

@@ -12,7 +12,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from twisted.logger import Logger
+
 from epio.store import Deploy, Release, Store
+
+_log = Logger()
 
 SIZES: dict[str, dict[str, int]] = {
     "small": {"memory_mb": 256, "cpu_shares": 512, "pids": 128, "nofile": 1024},
@@ -71,3 +75,17 @@ def processes_of(manifest: Mapping[str, Any]) -> dict[str, str]:
     if not isinstance(procs, Mapping):
         return {}
     return {str(k): str(v) for k, v in procs.items()}
+
+
+def platform_line(sink: Any, app: str, text: str) -> None:
+    """Put a ``platform`` line (deploys, scaling, add-ons) in the app's log.
+
+    A failing sink is logged, never raised: the log is a side channel of the
+    operation it reports.
+    """
+    if sink is None:
+        return
+    try:
+        sink.emit(app, "platform", text)
+    except Exception:
+        _log.failure("log sink failed")
