@@ -16,6 +16,7 @@ import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 
@@ -207,3 +208,18 @@ def isolated_config(
     for section, table in (overrides or {}).items():
         doc.setdefault(section, {}).update(table)
     return doc, ports
+
+
+def small_tmpfs(testcase: Any, size: str) -> Path:
+    """A tmpfs of ``size`` (e.g. "2m") mounted for one test and unmounted at cleanup:
+    a full disk on demand.  Skips the test where mounting is not allowed."""
+    import subprocess as sp
+
+    path = Path(testcase.mktemp()).absolute()
+    path.mkdir(parents=True)
+    r = sp.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+               capture_output=True, text=True)
+    if r.returncode != 0:
+        raise testcase.skipTest(f"cannot mount a small tmpfs here: {r.stderr.strip()}")
+    testcase.addCleanup(lambda: sp.run(["umount", "-l", str(path)]))
+    return path

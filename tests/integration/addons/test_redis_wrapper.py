@@ -14,7 +14,7 @@ from pathlib import Path
 from twisted.trial.unittest import SynchronousTestCase
 
 from epio.addons.services import REDIS_DIR, redis_start_body
-from tests.util import free_port
+from tests.util import free_port, small_tmpfs
 
 
 class RedisWrapperTests(SynchronousTestCase):
@@ -47,16 +47,6 @@ class RedisWrapperTests(SynchronousTestCase):
                               text=True, env={**os.environ, "REDISCLI_AUTH": password},
                               timeout=10).stdout.strip()
 
-    def small_fs(self, size: str) -> Path:
-        path = Path(self.mktemp()).absolute()
-        path.mkdir(parents=True)
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                           capture_output=True, text=True)
-        if r.returncode != 0:
-            raise self.skipTest(f"cannot mount a small tmpfs here: {r.stderr.strip()}")
-        self.addCleanup(lambda: subprocess.run(["umount", "-l", str(path)]))
-        return path
-
     def test_config_and_snapshots(self) -> None:
         """The config file is 0600 in the data dir; with room, the guard snapshots."""
         data = Path(self.mktemp()).absolute()
@@ -74,7 +64,7 @@ class RedisWrapperTests(SynchronousTestCase):
 
     def test_snapshot_refused_when_disk_too_small(self) -> None:
         """More data than the data dir can hold: no snapshot, and the refusal is reported."""
-        small = self.small_fs("2m")
+        small = small_tmpfs(self, "2m")
         _, port, password, out = self.start(small)
         for i in range(40):
             self.cli(port, password, "SET", f"k{i}", secrets.token_hex(50_000))

@@ -12,7 +12,7 @@ from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
 from epio.addons.redis import PersistenceGuard, RedisSpecError, redis_spec
-from tests.util import free_port
+from tests.util import free_port, small_tmpfs
 
 
 class RedisAddonTests(TestCase):
@@ -36,16 +36,6 @@ class RedisAddonTests(TestCase):
             env={**os.environ, "REDISCLI_AUTH": spec.password},
         ).stdout.strip()
 
-    def small_fs(self, size: str) -> Path:
-        path = Path(self.mktemp()).absolute()
-        path.mkdir(parents=True)
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                           capture_output=True, text=True)
-        if r.returncode != 0:
-            raise self.skipTest(f"cannot mount a small tmpfs here: {r.stderr.strip()}")
-        self.addCleanup(lambda: subprocess.run(["umount", "-l", str(path)]))
-        return path
-
     def test_limits_and_password(self) -> None:
         """The server enforces the password and maxmemory from [redis] memory."""
         spec = redis_spec("app1", free_port(), Path(self.mktemp()).absolute(), memory_mb=8)
@@ -61,7 +51,7 @@ class RedisAddonTests(TestCase):
     async def test_snapshot_refused_when_disk_too_small(self) -> None:
         """With less free space than the dataset needs the guard refuses to snapshot and
         says so; with room it snapshots and the dump exists."""
-        small = self.small_fs("2m")
+        small = small_tmpfs(self, "2m")
         spec = redis_spec("app2", free_port(), small, memory_mb=64)
         self.start(spec)
         for i in range(40):
