@@ -191,8 +191,9 @@ _(MessageType(
 ))
 _(MessageType(
     "nexus.delta", 1, "publish",
-    "Route changes of one reactor turn (topic routes): version follows prev_version; "
-    "changes are {op: set, app, route} or {op: remove, app}.",
+    "Route changes since the previous delta (topic routes; at most one per "
+    "nexus.delta_interval): version follows prev_version; changes are "
+    "{op: set, app, route} or {op: remove, app}.",
     fields={"nexus_id": str, "version": int, "prev_version": int, "changes": list},
 ))
 _(MessageType(

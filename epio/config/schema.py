@@ -272,6 +272,11 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "keepalive_interval": Key(
             float, 0.5, "Seconds between two nexus.keepalive messages to the routers.", positive,
         ),
+        "delta_interval": Key(
+            float, 0.02, "Least seconds between two route deltas: the first change after a "
+            "quiet interval is published at once, changes during churn are batched into one "
+            "delta per interval (0 = one delta per reactor turn).", non_negative,
+        ),
         "web_process_types": Key(
             list, ["web"], "Process types whose healthy instances take HTTP requests.",
             item_kind=str,

@@ -5,9 +5,12 @@ instances), the :class:`~epio.nexus.table.StoreView` (apps, hostnames, live
 releases) and the :class:`~epio.nexus.table.RouteBook` (the published table)
 together:
 
-- every change marks the apps it touches *dirty*; one flush per reactor turn
-  (``callLater(0)``) recomputes only those routes and publishes a single
-  ``nexus.delta`` with every change of that turn — milliseconds, not a timer;
+- every change marks the apps it touches *dirty*; a flush recomputes only those
+  routes and publishes a single ``nexus.delta`` with every change since the last
+  one.  The first change after a quiet ``delta_interval`` is flushed in the same
+  reactor turn (``callLater(0)``); while changes keep coming, deltas leave at
+  most once per ``delta_interval``, so route churn costs every router a bounded
+  number of messages a second whatever the heartbeat rate;
 - ``nexus.keepalive`` is published every ``keepalive_interval`` so routers can
   tell a live nexus from a dead one and detect a lost last delta;
 - a freshly started nexus is *warming up* until it has read the store once and
@@ -53,6 +56,7 @@ class Nexus:
         *,
         node_timeout: float = 3.0,
         warmup: float = 1.5,
+        delta_interval: float = 0.0,
         web_types: Iterable[str] = ("web",),
         on_store_hint: Callable[[], None] | None = None,
     ) -> None:
@@ -60,6 +64,7 @@ class Nexus:
         self.nexus_id = nexus_id
         self._publish = publish
         self.warmup = warmup
+        self.delta_interval = delta_interval
         self.web_types = frozenset(web_types)
         self._on_store_hint = on_store_hint
         self.tracker = NodeTracker(clock, node_timeout, self._apps_changed)
@@ -74,6 +79,7 @@ class Nexus:
         self._dirty: set[str] = set()
         self._flush_call: Any = None
         self._last_change: float | None = None
+        self._last_delta: float | None = None  # when the last delta was published
 
     # -- life -----------------------------------------------------------------
 
@@ -126,7 +132,10 @@ class Nexus:
     def _apps_changed(self, apps: set[str]) -> None:
         self._dirty |= apps
         if self._flush_call is None:
-            self._flush_call = self._clock.callLater(0, self._flush)
+            delay = 0.0
+            if self._last_delta is not None and self.delta_interval > 0:
+                delay = max(0.0, self._last_delta + self.delta_interval - self._clock.seconds())
+            self._flush_call = self._clock.callLater(delay, self._flush)
 
     # -- output ---------------------------------------------------------------
 
@@ -165,6 +174,8 @@ class Nexus:
             return
         prev, version = self.book.commit()
         self._last_change = self._clock.seconds()
+        if self.ready:
+            self._last_delta = self._last_change
         self.counters["deltas"] += 1
         self.counters["changes"] += len(changes)
         if self.ready:

@@ -68,6 +68,7 @@ class NexusService(MultiService):
             reactor, self.nexus_id, self._publish,
             node_timeout=float(cfg["node_timeout"]),
             warmup=float(cfg["warmup"]),
+            delta_interval=float(cfg["delta_interval"]),
             web_types=cfg["web_process_types"],
             on_store_hint=self.refresh_soon,
         )

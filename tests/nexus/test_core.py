@@ -207,6 +207,52 @@ class NexusTests(SynchronousTestCase):
         self.clock.advance(0)
         self.assertEqual(self.nexus.snapshot()["version"], snap["version"])
 
+    def test_delta_interval_batches_churn_but_not_a_quiet_change(self) -> None:
+        """With ``delta_interval`` a lone change still leaves in its own turn; changes
+        that follow within the interval wait for it and leave together in one delta."""
+        self.nexus.delta_interval = 0.05
+        self.ready("a", "b")
+        self.published.clear()
+        self.nexus.heartbeat(heartbeat("n1", seq=1, instances=[instance("a1", "a", port=1)]))
+        self.clock.advance(0)
+        self.assertEqual(len(self.deltas()), 1)  # quiet before: at once
+        self.clock.advance(0.01)
+        self.nexus.heartbeat(heartbeat("n1", seq=2, instances=[instance("a1", "a", port=2)]))
+        self.clock.advance(0.02)
+        self.nexus.heartbeat(heartbeat("n2", seq=1, instances=[instance("b1", "b", port=3)]))
+        self.clock.advance(0.019)
+        self.assertEqual(len(self.deltas()), 1)  # 0.049 after the first: still waiting
+        self.clock.advance(0.002)
+        ds = self.deltas()
+        self.assertEqual(len(ds), 2)
+        self.assertEqual(ds[1]["prev_version"], ds[0]["version"])
+        self.assertEqual(sorted(c["app"] for c in ds[1]["changes"]), ["a", "b"])
+        self.assertEqual(self.backends("a"), [("127.0.0.1", 2)])
+        # a quiet interval later, the next change goes out in its own turn again
+        self.clock.advance(0.2)
+        self.nexus.heartbeat(heartbeat("n1", seq=3, instances=[instance("a1", "a", port=4)]))
+        self.clock.advance(0)
+        self.assertEqual(len(self.deltas()), 3)
+
+    def test_snapshot_inside_delta_interval_publishes_the_waiting_delta(self) -> None:
+        """A snapshot never lags: the changes waiting for the interval are published
+        (as a delta, so routers following deltas see the same version) and included."""
+        self.nexus.delta_interval = 0.05
+        self.ready("a")
+        self.published.clear()
+        self.nexus.heartbeat(heartbeat(seq=1, instances=[instance("a1", "a", port=1)]))
+        self.clock.advance(0)
+        self.nexus.heartbeat(heartbeat(seq=2, instances=[instance("a1", "a", port=2)]))
+        self.clock.advance(0.01)
+        self.assertEqual(len(self.deltas()), 1)
+        snap = self.nexus.snapshot()
+        self.assertEqual(snap["routes"][0]["backends"][0]["port"], 2)
+        ds = self.deltas()
+        self.assertEqual(len(ds), 2)
+        self.assertEqual(ds[1]["version"], snap["version"])
+        self.clock.advance(1)
+        self.assertEqual(len(self.deltas()), 2)
+
     def test_where_app_and_node(self) -> None:
         """Queries say where an app runs and how old the answer is."""
         self.ready("a")
