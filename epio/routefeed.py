@@ -93,16 +93,16 @@ def route_from_wire(
             app=app, release="" if release is None else str(release),
             state=str(b.get("state") or "healthy"),
         ))
-    options = data.get("options") or {}
+    options = data.get("options")
     kw: dict[str, Any] = {}
-    if isinstance(options, Mapping):
+    if options and isinstance(options, Mapping):
         for key_name, kinds in OPTION_KEYS.items():
             value = options.get(key_name)
             if isinstance(value, int | float) and not isinstance(value, bool) and value > 0 \
                     and isinstance(value, kinds):
                 kw[key_name] = value
-    prefixes = data.get("static_prefixes") or []
-    static = data.get("static_backends") or []
+    prefixes = data.get("static_prefixes")
+    static = data.get("static_backends")
     if prefixes and static and isinstance(prefixes, list) and isinstance(static, list):
         kw["static_prefixes"] = tuple(
             p for p in prefixes if isinstance(p, str) and p.startswith("/"))
@@ -118,8 +118,11 @@ def route_from_wire(
 
 def backend_key(b: Mapping[str, Any]) -> tuple[Any, ...]:
     """What identifies a wire backend for reuse of its :class:`Backend`."""
-    return (b.get("instance_id"), b.get("host"), b.get("port"), b.get("release"),
-            b.get("state"))
+    try:  # every key is there in what a nexus sends: one fast path
+        return (b["instance_id"], b["host"], b["port"], b["release"], b["state"])
+    except KeyError:
+        return (b.get("instance_id"), b.get("host"), b.get("port"), b.get("release"),
+                b.get("state"))
 
 
 def merge_routes(routes: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -314,11 +317,11 @@ class RouteFeed:
         changed: set[str] = set()
         changes = body.get("changes")
         for change in changes if isinstance(changes, list) else ():
-            if not isinstance(change, Mapping) or not isinstance(change.get("app"), str):
+            if not isinstance(change, dict) or not isinstance(change.get("app"), str):
                 link.counters["bad_changes"] += 1
                 continue
             app = change["app"]
-            if change.get("op") == "set" and isinstance(change.get("route"), Mapping):
+            if change.get("op") == "set" and isinstance(change.get("route"), dict):
                 link.routes[app] = dict(change["route"])
             elif change.get("op") == "remove":
                 link.routes.pop(app, None)
