@@ -4,24 +4,35 @@ Runs by hand from the checkout (see docs/nexus.md)::
 
     /work/venv/bin/python benchmarks/nexus/run.py [--apps 1000] [--instances 10000]
         [--nodes 100] [--nexuses 2] [--samples 200] [--changes 2] [--rate 500]
-        [--load-seconds 8] [--rounds 4] [--wrk]
+        [--load-seconds 8] [--rounds 4] [--cpu-seconds 6] [--delta-interval S]
+        [--pin] [--wrk]
 
 What it starts (all real processes on 127.0.0.1): a store with the apps, HTTP
-backends, ``--nexuses`` nexus nodes and one router (``twistd epio
+backends, ``--nexuses`` nexus nodes and two routers (``twistd epio
 --role=nexus`` / ``--role=lb``), and a churn process simulating ``--nodes``
 runners that announce ``--instances`` instances over ``--apps`` apps every
-second.  The benchmark itself is a runner too (node ``probe``): it moves the
-app ``probe`` from one real backend to another with one heartbeat and polls
-the router (Host ``probe.localhost``) until the answer comes from the new
-backend.  That time is heartbeat -> route-visible-in-router, end to end.
+second.  The first router follows the nexuses; the second, the *control*,
+takes its one route from a routes file.  The benchmark itself is a runner too
+(node ``probe``): it moves the app ``probe`` from one real backend to another
+with one heartbeat and polls the fed router (Host ``probe.localhost``) until
+the answer comes from the new backend.  That time is heartbeat ->
+route-visible-in-router, end to end.
 
 Two phases, alternating in ``--rounds`` short rounds so that other load on the
 machine falls on both alike: *steady* (heartbeats flowing, no route changing) and *churn*
 (every runner flips ``--changes`` instances per heartbeat between healthy and
 starting: ``nodes * changes`` route changes a second).  In each phase it
-measures the propagation latency (p50/p99), the CPU the nexuses and the router
-use, and the router's request latency on an unrelated app (``stable.localhost``):
-at a fixed rate (``--rate``, one keep-alive connection) and saturated by wrk.
+measures the CPU the nexuses and routers use with no HTTP load, the
+propagation latency (p50/p99), and the request latency of both routers on an
+unrelated app (``stable.localhost``) at ``--rate`` requests/s each, the two
+taking turns request by request (optionally also saturated by wrk).
+
+On a small machine the nexuses and the simulated runners share the CPUs with
+the routers, so churn slows *every* router a little; the control router
+measures that.  The last line is what churn does to the fed router's p99
+beyond what it does to the control, with a 95% confidence interval
+(:func:`churn_effect`).  ``--pin`` puts the route traffic on one CPU and the
+HTTP path on another, as if they were separate machines.
 """
 
 from __future__ import annotations
@@ -125,11 +136,65 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def pin(pid: int, cpus: set[int]) -> None:
+    """Pin a process and all its threads (ZeroMQ's I/O threads too) to ``cpus``."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        os.sched_setaffinity(int(tid), cpus)
+
+
 def percentile(values: list[float], p: float) -> float:
     s = sorted(values)
     if not s:
         return float("nan")
     return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
+
+
+def churn_effect(router_steady: list[float], router_churn: list[float],
+                 control_steady: list[float], control_churn: list[float],
+                 resamples: int = 1000, block: int = 50) -> dict[str, Any]:
+    """What route churn does to the fed router's p99, beyond what it does to any router.
+
+    Both routers take the same load on the same machine, request by request in
+    turn (sample i of one router was taken just before sample i of the other);
+    only the fed one follows the nexuses.  The effect is the difference of the
+    two p99 changes (steady -> churn).  Its 95% confidence interval comes from a
+    paired block bootstrap: blocks of ``block`` consecutive pairs are drawn with
+    replacement, the same blocks for both routers, so that slow moments of the
+    machine (which come in runs, not one request at a time) stay together.  An
+    interval that holds zero is "not measurable".
+    """
+    def p99(xs: list[float]) -> float:
+        return percentile(xs, 99)
+
+    def blocks(xs: list[float]) -> list[list[float]]:
+        return [xs[i:i + block] for i in range(0, len(xs) - block + 1, block)]
+
+    rng = random.Random(99)
+    est = (p99(router_churn) - p99(router_steady)) - (p99(control_churn) - p99(control_steady))
+    pairs = {}
+    for phase, (fed, ctl) in (("steady", (router_steady, control_steady)),
+                              ("churn", (router_churn, control_churn))):
+        n = min(len(fed), len(ctl))
+        pairs[phase] = (blocks(fed[:n]), blocks(ctl[:n]))
+    boot = []
+    for _ in range(resamples):
+        change = {}
+        for phase, (fed_b, ctl_b) in pairs.items():
+            pick = [rng.randrange(len(fed_b)) for _ in fed_b]
+            change[phase] = (p99([x for i in pick for x in fed_b[i]]),
+                             p99([x for i in pick for x in ctl_b[i]]))
+        boot.append((change["churn"][0] - change["steady"][0])
+                    - (change["churn"][1] - change["steady"][1]))
+    boot.sort()
+    lo, hi = boot[int(0.025 * resamples)], boot[int(0.975 * resamples) - 1]
+    ms = lambda v: round(v * 1000, 3)  # noqa: E731
+    return {
+        "router_steady_ms": ms(p99(router_steady)), "router_churn_ms": ms(p99(router_churn)),
+        "control_steady_ms": ms(p99(control_steady)),
+        "control_churn_ms": ms(p99(control_churn)),
+        "feed_effect_ms": ms(est), "ci95_ms": [ms(lo), ms(hi)],
+        "verdict": "not measurable" if lo <= 0 <= hi else "measurable",
+    }
 
 
 class Bench:
@@ -188,21 +253,52 @@ class Bench:
                 ["--role=nexus"], data_dir=self.tmp / f"nexus{i}",
                 config=common + f"[nexus]\nheartbeat_bind = {json.dumps(c['heartbeat'])}\n"
                 f"router_bind = {json.dumps(c['router'])}\n"
-                f"publish_bind = {json.dumps(c['publish'])}\n"))
+                f"publish_bind = {json.dumps(c['publish'])}\n"
+                + (f"delta_interval = {a.delta_interval}\n" if a.delta_interval is not None
+                   else "")))
         lb_port = free_port()
         router = NodeProcess(["--role=lb"], data_dir=self.tmp / "router",
                              config=common + f"[lb]\nlisten = \"tcp:{lb_port}:interface=127.0.0.1\"\n"
                              "access_log = \"off\"\n")
         self.procs.append(router)
+        # The control router: same build, same machine, same load, but its one route
+        # comes from a file; whatever its latency does under churn is the machine's
+        # doing (the nexuses and the churn simulator share its CPUs), not the feed's.
+        routes_file = self.tmp / "control-routes.toml"
+        routes_file.write_text(
+            f'[apps.stable]\nhostnames = ["stable.localhost"]\n'
+            f'backends = ["127.0.0.1:{ports["stable"]}"]\n')
+        control_port = free_port()
+        control = NodeProcess(
+            ["--role=lb"], data_dir=self.tmp / "control",
+            config=f"[cluster]\nsecret_file = {json.dumps(str(secret_path))}\n"
+            f"[lb]\nlisten = \"tcp:{control_port}:interface=127.0.0.1\"\n"
+            f"access_log = \"off\"\nroutes_file = {json.dumps(str(routes_file))}\n")
+        self.procs.append(control)
         hb = [c["heartbeat"] for c in cluster]
         per_node = a.instances // a.nodes
         self.spawn("churn", str(secret_path), str(a.nodes), str(per_node), str(a.apps),
                    str(a.changes), "1.0", *hb, env={"CHURN_START_OFF": "1"})
         churn = self.scripts[-1]
-        for n in self.procs[:-1]:
+        for n in self.procs[:-2]:
             n.wait_for_log(" ready: ", timeout=60)
         wait_for_port("127.0.0.1", lb_port, timeout=60)
+        wait_for_port("127.0.0.1", control_port, timeout=60)
 
+        if a.pin:
+            # two machines on one: the route traffic (nexuses, simulated runners) on
+            # the first CPU, the HTTP path (client, routers, backends) on the last
+            cpus = sorted(os.sched_getaffinity(0))
+            if len(cpus) < 2:
+                raise SystemExit("--pin needs at least 2 CPUs")
+            http_cpu, route_cpu = {cpus[-1]}, {cpus[0]}
+            for n in self.procs[:-2]:
+                pin(n.proc.pid, route_cpu)
+            pin(churn.pid, route_cpu)
+            for pid in (router.proc.pid, control.proc.pid, self.scripts[0].pid, os.getpid()):
+                pin(pid, http_cpu)
+            print(f"pinned: nexuses and churn on CPU {route_cpu}, client, routers and "
+                  f"backends on CPU {http_cpu}", flush=True)
         probe = Probe(secret, hb)
         self.probe = probe
         self.ports = ports
@@ -226,14 +322,15 @@ class Bench:
         print(f"table: {st['routes']} routes, {st['backends']} backends, {st['nodes']} nodes "
               f"on nexus[0]", flush=True)
 
-        named = {f"nexus{i}": n for i, n in enumerate(self.procs[:-1])}
+        named = {f"nexus{i}": n for i, n in enumerate(self.procs[:-2])}
         named["router"] = router
+        named["control"] = control
         results: dict[str, Any] = {"apps": a.apps, "instances": per_node * a.nodes,
                                    "nodes": a.nodes, "nexuses": a.nexuses}
         # Phases alternate in short rounds so that load from elsewhere on the machine
         # falls on both alike.
         acc: dict[str, dict[str, Any]] = {
-            ph: {"lat": [], "fixed": [], "errors": 0, "changes": 0, "secs": 0.0,
+            ph: {"lat": [], "fixed": [], "control": [], "errors": 0, "changes": 0, "secs": 0.0,
                  "cpu": {n: 0.0 for n in named}, "cpu_secs": 0.0, "wrk": []}
             for ph in ("steady", "churn")}
         churning = False
@@ -246,14 +343,20 @@ class Bench:
                 acc_p = acc[phase]
                 before = probe.ask(cluster[0]["router"], "nexus.status", {})
                 t = time.monotonic()
+                # CPU in a window with no HTTP load: what the route traffic costs
+                t_cpu = time.monotonic()
                 cpu0 = {n: cpu_seconds(p.proc.pid) for n, p in named.items()}
-                acc_p["lat"] += self.propagation(a.samples // a.rounds)
-                probing = time.monotonic() - t
+                self.settle(a.cpu_seconds / a.rounds)
                 for n, p in named.items():
                     acc_p["cpu"][n] += cpu_seconds(p.proc.pid) - cpu0[n]
-                acc_p["cpu_secs"] += probing
-                lat, errors = self.fixed_rate(lb_port, a.rate, a.load_seconds / a.rounds)
-                acc_p["fixed"] += lat
+                acc_p["cpu_secs"] += time.monotonic() - t_cpu
+                acc_p["lat"] += self.propagation(a.samples // a.rounds)
+                # the two routers take turns request by request, so that both see
+                # the machine as it is at that moment
+                (fed, ctl), errors = self.fixed_rate([lb_port, control_port], a.rate,
+                                                     a.load_seconds / a.rounds)
+                acc_p["fixed"] += fed
+                acc_p["control"] += ctl
                 acc_p["errors"] += errors
                 if a.wrk and rnd == a.rounds - 1:
                     acc_p["wrk"] = self.wrk(lb_port, a.load_seconds)
@@ -278,10 +381,22 @@ class Bench:
                                       "p50_ms": round(percentile(fixed, 50) * 1000, 3),
                                       "p99_ms": round(percentile(fixed, 99) * 1000, 3),
                                       "p999_ms": round(percentile(fixed, 99.9) * 1000, 3)},
+                "control_fixed_rate": {"rate": a.rate, "requests": len(acc_p["control"]),
+                                       "p50_ms": round(percentile(acc_p["control"], 50) * 1000, 3),
+                                       "p99_ms": round(percentile(acc_p["control"], 99) * 1000, 3),
+                                       "p999_ms": round(percentile(acc_p["control"], 99.9) * 1000, 3)},
             }
             if a.wrk:
                 results[phase]["router_wrk_saturated"] = acc_p["wrk"]
             print(f"{phase}: {json.dumps(results[phase])}", flush=True)
+        results["churn_effect_on_p99"] = effect = churn_effect(
+            acc["steady"]["fixed"], acc["churn"]["fixed"],
+            acc["steady"]["control"], acc["churn"]["control"])
+        print(f"router p99 {effect['router_steady_ms']} -> {effect['router_churn_ms']} ms under "
+              f"churn, control router {effect['control_steady_ms']} -> "
+              f"{effect['control_churn_ms']} ms; the route feed's own effect: "
+              f"{effect['feed_effect_ms']:+} ms (95% CI {effect['ci95_ms'][0]:+} .. "
+              f"{effect['ci95_ms'][1]:+}): {effect['verdict']}", flush=True)
         conn.close()
         probe.close()
         return results
@@ -326,21 +441,26 @@ class Bench:
             self.keepalive()
             time.sleep(0.05)
 
-    def fixed_rate(self, port: int, rate: int, seconds: float) -> tuple[list[float], int]:
-        """Requests at a fixed rate on one keep-alive connection; latency of each."""
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-        lat: list[float] = []
+    def fixed_rate(self, ports: list[int], rate: int,
+                   seconds: float) -> tuple[list[list[float]], int]:
+        """Requests at ``rate`` per port, one keep-alive connection each, taking turns
+        in an order that rotates (0 1, 1 0, 0 1, ...: neither goes first more often):
+        each port's latencies, paired in time."""
+        conns = [http.client.HTTPConnection("127.0.0.1", port, timeout=5) for port in ports]
+        lat: list[list[float]] = [[] for _ in ports]
         errors = 0
-        gap = 1.0 / rate
+        gap = 1.0 / (rate * len(ports))
         start = time.perf_counter()
         n = 0
         while True:
             due = start + n * gap
             now = time.perf_counter()
-            if now - start > seconds:
+            if now - start > seconds and n % len(ports) == 0:
                 break
             if due > now:
                 time.sleep(due - now)
+            i = (n + n // len(ports)) % len(ports)
+            conn = conns[i]
             t0 = time.perf_counter()
             try:
                 conn.request("GET", "/", headers={"Host": "stable.localhost"})
@@ -351,11 +471,12 @@ class Bench:
             except (OSError, http.client.HTTPException):
                 errors += 1
                 conn.close()
-            lat.append(time.perf_counter() - t0)
+            lat[i].append(time.perf_counter() - t0)
             n += 1
             if n % 100 == 0:
                 self.keepalive()
-        conn.close()
+        for conn in conns:
+            conn.close()
         return lat, errors
 
     def wrk(self, port: int, seconds: int) -> dict[str, Any]:
@@ -399,6 +520,14 @@ def main() -> None:
                    help="also saturate the router with wrk in the last round")
     p.add_argument("--rate", type=int, default=500,
                    help="requests/s of the fixed-rate router latency run")
+    p.add_argument("--cpu-seconds", type=float, default=6.0,
+                   help="seconds per phase (split over the rounds) of CPU measurement with no "
+                   "HTTP load")
+    p.add_argument("--pin", action="store_true",
+                   help="run the nexuses and the churn on one CPU, the HTTP path on another, "
+                   "as if they were different machines")
+    p.add_argument("--delta-interval", type=float, default=None,
+                   help="the nexuses' nexus.delta_interval (default: the configured default)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = p.parse_args()
     bench = Bench(args)
