@@ -134,7 +134,9 @@ class Nexus:
         if self._flush_call is None:
             delay = 0.0
             if self._last_delta is not None and self.delta_interval > 0:
-                delay = max(0.0, self._last_delta + self.delta_interval - self._clock.seconds())
+                # min(): a wall clock set back must not hold changes for longer
+                delay = min(self.delta_interval, max(
+                    0.0, self._last_delta + self.delta_interval - self._clock.seconds()))
             self._flush_call = self._clock.callLater(delay, self._flush)
 
     # -- output ---------------------------------------------------------------

@@ -234,6 +234,19 @@ class NexusTests(SynchronousTestCase):
         self.clock.advance(0)
         self.assertEqual(len(self.deltas()), 3)
 
+    def test_delta_interval_survives_a_clock_set_back(self) -> None:
+        """A wall clock set back after a delta delays the next one by at most the interval."""
+        self.nexus.delta_interval = 0.05
+        self.ready("a")
+        self.published.clear()
+        self.nexus.heartbeat(heartbeat(seq=1, instances=[instance("a1", "a", port=1)]))
+        self.clock.advance(0)
+        self.assertEqual(len(self.deltas()), 1)
+        self.clock.rightNow -= 3600.0  # NTP steps the clock back an hour
+        self.nexus.heartbeat(heartbeat(seq=2, instances=[instance("a1", "a", port=2)]))
+        self.clock.advance(0.051)
+        self.assertEqual(len(self.deltas()), 2)
+
     def test_snapshot_inside_delta_interval_publishes_the_waiting_delta(self) -> None:
         """A snapshot never lags: the changes waiting for the interval are published
         (as a delta, so routers following deltas see the same version) and included."""
