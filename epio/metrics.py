@@ -13,10 +13,17 @@ Other counters that already exist elsewhere (the bus's) are exported with a
 collector: ``reg.add_collector(fn)`` where ``fn()`` returns :class:`Family`
 objects built at scrape time.  No dependency: the format is small and is tested
 against ``prometheus_client``'s parser.
+
+The same listener answers ``GET /status`` with a JSON document for people and
+scripts: one section per ``reg.add_status(name, fn)`` (the router's view of the
+nexuses, a nexus's table), each ``fn()`` called at request time.  A section
+that fails says ``{"error": "unavailable"}`` and is logged; nothing else of the
+failure reaches the response.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import weakref
@@ -259,6 +266,7 @@ class MetricsRegistry:
     def __init__(self) -> None:
         self._metrics: dict[str, _Metric] = {}
         self._collectors: list[Callable[[], Iterable[Family]]] = []
+        self._status: dict[str, Callable[[], Any]] = {}
 
     def _get(self, cls: type, name: str, help: str, labelnames: Sequence[str], **kw: Any) -> Any:
         m = self._metrics.get(name)
@@ -295,6 +303,25 @@ class MetricsRegistry:
                 self.log.failure("a metrics collector failed")
         return fams
 
+    def add_status(self, name: str, fn: Callable[[], Any]) -> None:
+        """``fn()`` returns the JSON-able section ``name`` of ``GET /status``."""
+        if name in self._status:
+            raise ValueError(f"status section {name} already registered")
+        self._status[name] = fn
+
+    def status(self) -> dict[str, Any]:
+        """Every status section, computed now."""
+        out: dict[str, Any] = {}
+        for name, fn in sorted(self._status.items()):
+            try:
+                section = fn()
+                json.dumps(section)  # a section that cannot be sent is a failed one
+            except Exception:
+                self.log.failure("status section {name} failed", name=name)
+                section = {"error": "unavailable"}
+            out[name] = section
+        return out
+
     def render(self) -> bytes:
         """The text exposition format 0.0.4."""
         return "".join(f.render() for f in self.families()).encode("utf-8")
@@ -318,9 +345,25 @@ class MetricsResource(Resource):
         return b""
 
 
+class StatusResource(Resource):
+    """``GET /status``: the registry's status sections as one JSON object."""
+
+    isLeaf = True
+
+    def __init__(self, registry: MetricsRegistry) -> None:
+        super().__init__()
+        self.registry = registry
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        return json.dumps(self.registry.status(), indent=1, sort_keys=True).encode() + b"\n"
+
+
 def metrics_site(registry: MetricsRegistry) -> Site:
     root = Resource()
     root.putChild(b"metrics", cast(IResource, MetricsResource(registry)))
+    root.putChild(b"status", cast(IResource, StatusResource(registry)))
     site = Site(root)
     site.displayTracebacks = False
     return site

@@ -457,8 +457,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
     "metrics": {
         "listen": Key(str, "",
-                      "Endpoint serving /metrics (Prometheus text format, unauthenticated): use a "
-                      "local address, e.g. tcp:9100:interface=127.0.0.1; empty disables."),
+                      "Endpoint serving /metrics (Prometheus text format) and /status (JSON), "
+                      "both unauthenticated: use a local address, e.g. "
+                      "tcp:9100:interface=127.0.0.1; empty disables."),
     },
     "backup": {
         "dir": Key(str, "", "Where backups are kept (mode 0700); empty means DATA_DIR/backups."),

@@ -402,6 +402,18 @@ def make_service(node: Any) -> LBService:
     registry.add_collector(lambda: metric_families(svc.lb.observer.cumulative))
     if hasattr(source, "status"):
         registry.add_collector(lambda: route_feed_families(source.status()))
+
+    def router_status() -> dict[str, Any]:
+        table = svc.lb.table
+        out: dict[str, Any] = {
+            "source": getattr(source, "description", None) if source is not None else None,
+            "table": {"apps": len(table), "version": table.version, "pending": table.pending},
+        }
+        if hasattr(source, "status"):
+            out["feed"] = source.status()
+        return out
+
+    registry.add_status("router", router_status)
     return svc
 
 

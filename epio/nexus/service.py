@@ -199,5 +199,9 @@ def make_service(node: Any) -> NexusService:
             raise RuntimeError("this node has no store service")
         return node.store_service.whenReady()
 
-    return NexusService(node.reactor, node.bus, node.config, get_store,
-                        domain=node.config["node"]["domain"])
+    from epio.metrics import registry_for
+
+    svc = NexusService(node.reactor, node.bus, node.config, get_store,
+                       domain=node.config["node"]["domain"])
+    registry_for(node).add_status("nexus", svc.nexus.status)
+    return svc

@@ -7,7 +7,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.test.requesthelper import DummyRequest
 
-from epio.metrics import MetricsRegistry, MetricsResource
+from epio.metrics import MetricsRegistry, MetricsResource, StatusResource
 
 
 class ExpositionTests(SynchronousTestCase):
@@ -74,3 +74,44 @@ class ExpositionTests(SynchronousTestCase):
         fams = {f.name: f for f in text_string_to_metric_families(reg.render().decode())}
         vals = {s.labels["event"]: s.value for s in fams["epio_bus_events"].samples}
         self.assertEqual(vals, {"sent": 3, "rejected.stale": 1})
+
+
+class StatusTests(SynchronousTestCase):
+    def test_sections_as_json(self) -> None:
+        """GET /status answers one JSON object, a section per add_status, computed per request."""
+        import json
+
+        reg = MetricsRegistry()
+        calls = []
+        reg.add_status("router", lambda: calls.append(1) or {"feed": {"stale": True}})
+        reg.add_status("nexus", lambda: {"ready": False, "version": 3})
+        self.assertRaises(ValueError, reg.add_status, "nexus", dict)
+        for n in (1, 2):
+            req = DummyRequest([b""])
+            body = StatusResource(reg).render_GET(req)
+            self.assertEqual(req.responseHeaders.getRawHeaders(b"content-type"),
+                             [b"application/json"])
+            self.assertEqual(json.loads(body), {"router": {"feed": {"stale": True}},
+                                                "nexus": {"ready": False, "version": 3}})
+            self.assertEqual(len(calls), n)
+
+    def test_failing_section_says_unavailable_only(self) -> None:
+        """A section that raises, or returns what JSON cannot carry, is 'unavailable';
+        the exception's text never reaches the response and the other sections still do."""
+        import json
+
+        reg = MetricsRegistry()
+
+        def broken() -> dict:
+            raise RuntimeError("secret=hunter2 in a traceback")
+
+        reg.add_status("a", broken)
+        reg.add_status("b", lambda: {"x": object()})
+        reg.add_status("c", lambda: {"ok": 1})
+        body = StatusResource(reg).render_GET(DummyRequest([b""]))
+        self.assertNotIn(b"hunter2", body)
+        self.assertNotIn(b"Traceback", body)
+        self.assertEqual(json.loads(body), {"a": {"error": "unavailable"},
+                                            "b": {"error": "unavailable"}, "c": {"ok": 1}})
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(len(self.flushLoggedErrors(TypeError)), 1)

@@ -200,6 +200,12 @@ class RedundancyTests(SynchronousTestCase):
                 f"http://127.0.0.1:{r.metrics_port}/metrics", timeout=5).read().decode()
             self.assertIn("epio_lb_routes_stale 1", text)
             self.assertIn("epio_lb_nexus_alive 0", text)
+            status = json.loads(urllib.request.urlopen(
+                f"http://127.0.0.1:{r.metrics_port}/status", timeout=5).read())["router"]
+            self.assertEqual(status["feed"]["state"], "stale")
+            self.assertIsNotNone(status["feed"]["since"])
+            self.assertEqual([n["alive"] for n in status["feed"]["nexuses"]], [False, False])
+            self.assertGreaterEqual(status["table"]["apps"], 1)  # the last table, kept
         n2 = self.hammer(lb_ports, 1.0, "backend-1")
 
         # 3. while every nexus is down the runner moves to another backend; a restarted
@@ -218,6 +224,10 @@ class RedundancyTests(SynchronousTestCase):
         refresh = t1 - t0
         for r in routers:
             r.wait_for_log("answers again: the route table is fresh", timeout=5)
+            status = json.loads(urllib.request.urlopen(
+                f"http://127.0.0.1:{r.metrics_port}/status", timeout=5).read())["router"]
+            self.assertEqual(status["feed"]["state"], "live")
+            self.assertFalse(status["feed"]["stale"])
         print(f"\nnexus redundancy: {n1} + {n2} requests answered with nexuses dying; "
               f"fresh table {refresh:.2f}s after the restarted nexus started "
               f"(heartbeat period {INTERVAL}s); test took {time.monotonic() - started:.1f}s")
