@@ -5,7 +5,7 @@ Runs by hand from the checkout (see docs/nexus.md)::
     /work/venv/bin/python benchmarks/nexus/run.py [--apps 1000] [--instances 10000]
         [--nodes 100] [--nexuses 2] [--samples 200] [--changes 2] [--rate 500]
         [--load-seconds 8] [--rounds 4] [--cpu-seconds 6] [--delta-interval S]
-        [--pin] [--wrk]
+        [--pin [--nice-fed N]] [--wrk]
 
 What it starts (all real processes on 127.0.0.1): a store with the apps, HTTP
 backends, ``--nexuses`` nexus nodes and two routers (``twistd epio
@@ -28,11 +28,13 @@ unrelated app (``stable.localhost``) at ``--rate`` requests/s each, the two
 taking turns request by request (optionally also saturated by wrk).
 
 On a small machine the nexuses and the simulated runners share the CPUs with
-the routers, so churn slows *every* router a little; the control router
-measures that.  The last line is what churn does to the fed router's p99
-beyond what it does to the control, with a 95% confidence interval
-(:func:`churn_effect`).  ``--pin`` puts the route traffic on one CPU and the
-HTTP path on another, as if they were separate machines.
+the routers, so churn may slow *every* process a little.  The reference for
+"the machine's part" is the control router measured while the fed router is
+stopped (SIGSTOP, for less than ``nexus.feed_timeout``): same machine, same
+churn, no route work near the HTTP path.  The last line is what churn does to
+the fed router's p99 beyond what it does to that reference, with a 95%
+confidence interval (:func:`churn_effect`).  ``--pin`` puts the route traffic
+on one CPU and the HTTP path on another, as if they were separate machines.
 """
 
 from __future__ import annotations
@@ -149,62 +151,54 @@ def percentile(values: list[float], p: float) -> float:
     return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
 
 
-def churn_effect(router_steady: list[float], router_churn: list[float],
-                 control_steady: list[float], control_churn: list[float],
-                 resamples: int = 1000, block: int = 50) -> dict[str, Any]:
-    """What route churn does to the fed router's p99, beyond what it does to any router.
+def _blocks(xs: list[float], block: int) -> list[list[float]]:
+    return [xs[i:i + block] for i in range(0, len(xs) - block + 1, block)]
 
-    Both routers take the same load on the same machine, request by request in
-    turn (sample i of one router was taken just before sample i of the other);
-    only the fed one follows the nexuses.  The effect is the difference of the
-    two p99 changes (steady -> churn).  Its 95% confidence interval comes from a
-    paired block bootstrap: blocks of ``block`` consecutive pairs are drawn with
-    replacement, the same blocks for both routers, so that slow moments of the
-    machine (which come in runs, not one request at a time) stay together.  An
-    interval that holds zero is "not measurable".
+
+def churn_effect(router_steady: list[float], router_churn: list[float],
+                 ref_steady: list[float], ref_churn: list[float],
+                 resamples: int = 1000, block: int = 50) -> dict[str, Any]:
+    """What route churn does to the fed router's p99, beyond what it does to a reference.
+
+    The reference is the control router measured while the fed router is
+    stopped (SIGSTOP): the same machine, the same churn on the other processes,
+    but no route work anywhere near the HTTP path.  (The control measured
+    *beside* the running fed router is no reference: on a shared CPU it waits
+    while the fed router works, so it pays part of the fed router's cost.)
+
+    The effect is the difference of the two p99 changes (steady -> churn).  Its
+    95% confidence interval comes from a block bootstrap: blocks of ``block``
+    consecutive requests are drawn with replacement from each series, so that
+    slow moments (which come in runs, not one request at a time) stay together.
+    An interval that holds zero is "not measurable".
     """
     def p99(xs: list[float]) -> float:
         return percentile(xs, 99)
 
-    def blocks(xs: list[float]) -> list[list[float]]:
-        return [xs[i:i + block] for i in range(0, len(xs) - block + 1, block)]
-
     rng = random.Random(99)
     ms = lambda v: round(v * 1000, 3)  # noqa: E731
-    pairs = {}
-    for phase, (fed, ctl) in (("steady", (router_steady, control_steady)),
-                              ("churn", (router_churn, control_churn))):
-        n = min(len(fed), len(ctl))
-        pairs[phase] = (blocks(fed[:n]), blocks(ctl[:n]))
-    if any(len(fed_b) < 10 for fed_b, _ in pairs.values()):
-        return {"verdict": f"too few samples (need {10 * block} request pairs per phase)"}
-    # the point estimate on exactly the samples the bootstrap draws from
-    flat = {phase: ([x for b in fed_b for x in b], [x for b in ctl_b for x in b])
-            for phase, (fed_b, ctl_b) in pairs.items()}
-    est = ((p99(flat["churn"][0]) - p99(flat["steady"][0]))
-           - (p99(flat["churn"][1]) - p99(flat["steady"][1])))
-    boot = []
-    for _ in range(resamples):
-        change = {}
-        for phase, (fed_b, ctl_b) in pairs.items():
-            pick = [rng.randrange(len(fed_b)) for _ in fed_b]
-            change[phase] = (p99([x for i in pick for x in fed_b[i]]),
-                             p99([x for i in pick for x in ctl_b[i]]))
-        boot.append((change["churn"][0] - change["steady"][0])
-                    - (change["churn"][1] - change["steady"][1]))
-    boot.sort()
+    series = [_blocks(xs, block) for xs in (router_steady, router_churn, ref_steady, ref_churn)]
+    if any(len(b) < 10 for b in series):
+        return {"verdict": f"too few samples (need {10 * block} requests per series)"}
+    flat = [[x for b in bs for x in b] for bs in series]
+
+    def did(rs: list[float], rc: list[float], fs: list[float], fc: list[float]) -> float:
+        return (p99(rc) - p99(rs)) - (p99(fc) - p99(fs))
+
+    est = did(*flat)
+    boot = sorted(
+        did(*([x for _ in bs for x in bs[rng.randrange(len(bs))]] for bs in series))
+        for _ in range(resamples))
     lo, hi = boot[int(0.025 * resamples)], boot[int(0.975 * resamples) - 1]
     if lo > 0:
-        verdict = "measurable: the fed router's p99 rises more than the control's"
+        verdict = f"measurable: between {ms(lo)} and {ms(hi)} ms at 95%"
     elif hi < 0:
-        verdict = "measurable: the control's p99 rises more than the fed router's"
+        verdict = "measurable, negative: the reference's p99 rises more"
     else:
         verdict = f"not measurable (at most {ms(hi)} ms at 95%)"
     return {
-        "router_steady_ms": ms(p99(flat["steady"][0])),
-        "router_churn_ms": ms(p99(flat["churn"][0])),
-        "control_steady_ms": ms(p99(flat["steady"][1])),
-        "control_churn_ms": ms(p99(flat["churn"][1])),
+        "router_steady_ms": ms(p99(flat[0])), "router_churn_ms": ms(p99(flat[1])),
+        "reference_steady_ms": ms(p99(flat[2])), "reference_churn_ms": ms(p99(flat[3])),
         "feed_effect_ms": ms(est), "ci95_ms": [ms(lo), ms(hi)], "verdict": verdict,
     }
 
@@ -292,8 +286,8 @@ class Bench:
         self.spawn("churn", str(secret_path), str(a.nodes), str(per_node), str(a.apps),
                    str(a.changes), "1.0", *hb, env={"CHURN_START_OFF": "1"})
         churn = self.scripts[-1]
-        for n in self.procs[:-2]:
-            n.wait_for_log(" ready: ", timeout=60)
+        for nexus_node in self.procs[:-2]:
+            nexus_node.wait_for_log(" ready: ", timeout=60)
         wait_for_port("127.0.0.1", lb_port, timeout=60)
         wait_for_port("127.0.0.1", control_port, timeout=60)
 
@@ -304,11 +298,16 @@ class Bench:
             if len(cpus) < 2:
                 raise SystemExit("--pin needs at least 2 CPUs")
             http_cpu, route_cpu = {cpus[-1]}, {cpus[0]}
-            for n in self.procs[:-2]:
-                pin(n.proc.pid, route_cpu)
+            for nexus_node in self.procs[:-2]:
+                pin(nexus_node.proc.pid, route_cpu)
             pin(churn.pid, route_cpu)
             for pid in (router.proc.pid, control.proc.pid, self.scripts[0].pid, os.getpid()):
                 pin(pid, http_cpu)
+            if a.nice_fed:
+                # the fed router yields its CPU to the control: if the control's p99 still
+                # rises under churn, the fed router's work is not what raises it
+                for tid in os.listdir(f"/proc/{router.proc.pid}/task"):
+                    os.setpriority(os.PRIO_PROCESS, int(tid), a.nice_fed)
             print(f"pinned: nexuses and churn on CPU {route_cpu}, client, routers and "
                   f"backends on CPU {http_cpu}", flush=True)
         probe = Probe(secret, hb)
@@ -342,7 +341,7 @@ class Bench:
         # Phases alternate in short rounds so that load from elsewhere on the machine
         # falls on both alike.
         acc: dict[str, dict[str, Any]] = {
-            ph: {"lat": [], "fixed": [], "control": [], "errors": 0, "changes": 0, "secs": 0.0,
+            ph: {"lat": [], "fixed": [], "control": [], "alone": [], "errors": 0, "changes": 0, "secs": 0.0,
                  "cpu": {n: 0.0 for n in named}, "cpu_secs": 0.0, "wrk": []}
             for ph in ("steady", "churn")}
         churning = False
@@ -370,6 +369,17 @@ class Bench:
                 acc_p["fixed"] += fed
                 acc_p["control"] += ctl
                 acc_p["errors"] += errors
+                # the reference: the control alone, the fed router stopped (for less
+                # than nexus.feed_timeout, so that it resumes without a snapshot)
+                os.kill(router.proc.pid, signal.SIGSTOP)
+                try:
+                    (alone,), errors = self.fixed_rate([control_port], a.rate,
+                                                       min(1.5, a.load_seconds / a.rounds))
+                finally:
+                    os.kill(router.proc.pid, signal.SIGCONT)
+                acc_p["alone"] += alone
+                acc_p["errors"] += errors
+                self.settle(0.3)  # the fed router catches up on what it missed
                 if a.wrk and rnd == a.rounds - 1:
                     acc_p["wrk"] = self.wrk(lb_port, a.load_seconds)
                 after = probe.ask(cluster[0]["router"], "nexus.status", {})
@@ -393,6 +403,10 @@ class Bench:
                                       "p50_ms": round(percentile(fixed, 50) * 1000, 3),
                                       "p99_ms": round(percentile(fixed, 99) * 1000, 3),
                                       "p999_ms": round(percentile(fixed, 99.9) * 1000, 3)},
+                "alone_control_fixed_rate": {
+                    "rate": a.rate, "requests": len(acc_p["alone"]),
+                    "p50_ms": round(percentile(acc_p["alone"], 50) * 1000, 3),
+                    "p99_ms": round(percentile(acc_p["alone"], 99) * 1000, 3)},
                 "control_fixed_rate": {"rate": a.rate, "requests": len(acc_p["control"]),
                                        "p50_ms": round(percentile(acc_p["control"], 50) * 1000, 3),
                                        "p99_ms": round(percentile(acc_p["control"], 99) * 1000, 3),
@@ -403,20 +417,19 @@ class Bench:
             print(f"{phase}: {json.dumps(results[phase])}", flush=True)
         results["churn_effect_on_p99"] = effect = churn_effect(
             acc["steady"]["fixed"], acc["churn"]["fixed"],
-            acc["steady"]["control"], acc["churn"]["control"])
+            acc["steady"]["alone"], acc["churn"]["alone"])
         if "ci95_ms" not in effect:
             print(f"churn effect on p99: {effect['verdict']}", flush=True)
         else:
-            print(f"router p99 {effect['router_steady_ms']} -> {effect['router_churn_ms']} ms "
-                  f"under churn, control router {effect['control_steady_ms']} -> "
-                  f"{effect['control_churn_ms']} ms; the route feed's own effect: "
-                  f"{effect['feed_effect_ms']:+} ms (95% CI {effect['ci95_ms'][0]:+} .. "
-                  f"{effect['ci95_ms'][1]:+}): {effect['verdict']}", flush=True)
-            if a.pin:
-                print("(pinned: both routers share one CPU, so the control also waits while "
-                      "the fed router works on deltas; the fed router's own change, "
-                      f"{effect['router_churn_ms'] - effect['router_steady_ms']:+.3f} ms, "
-                      "bounds the feed's effect from above)", flush=True)
+            beside = [round(percentile(acc[ph]["control"], 99) * 1000, 3)
+                      for ph in ("steady", "churn")]
+            print(f"fed router p99 {effect['router_steady_ms']} -> {effect['router_churn_ms']} "
+                  f"ms under churn; control with the fed router stopped "
+                  f"{effect['reference_steady_ms']} -> {effect['reference_churn_ms']} ms "
+                  f"(beside it running: {beside[0]} -> {beside[1]} ms); route churn's effect "
+                  f"on proxying: {effect['feed_effect_ms']:+} ms (95% CI "
+                  f"{effect['ci95_ms'][0]:+} .. {effect['ci95_ms'][1]:+}): {effect['verdict']}",
+                  flush=True)
         conn.close()
         probe.close()
         return results
@@ -546,6 +559,8 @@ def main() -> None:
     p.add_argument("--pin", action="store_true",
                    help="run the nexuses and the churn on one CPU, the HTTP path on another, "
                    "as if they were different machines")
+    p.add_argument("--nice-fed", type=int, default=0,
+                   help="with --pin, run the fed router at this nice level (e.g. 15)")
     p.add_argument("--delta-interval", type=float, default=None,
                    help="the nexuses' nexus.delta_interval (default: the configured default)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
