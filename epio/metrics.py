@@ -327,14 +327,18 @@ class MetricsRegistry:
         return "".join(f.render() for f in self.families()).encode("utf-8")
 
 
-class MetricsResource(Resource):
-    """``GET /metrics`` (the resource answers at any path it is mounted on)."""
+class _RegistryResource(Resource):
+    """A leaf resource over the node's registry."""
 
     isLeaf = True
 
     def __init__(self, registry: MetricsRegistry) -> None:
         super().__init__()
         self.registry = registry
+
+
+class MetricsResource(_RegistryResource):
+    """``GET /metrics`` (the resource answers at any path it is mounted on)."""
 
     def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"content-type", CONTENT_TYPE)
@@ -345,14 +349,8 @@ class MetricsResource(Resource):
         return b""
 
 
-class StatusResource(Resource):
+class StatusResource(_RegistryResource):
     """``GET /status``: the registry's status sections as one JSON object."""
-
-    isLeaf = True
-
-    def __init__(self, registry: MetricsRegistry) -> None:
-        super().__init__()
-        self.registry = registry
 
     def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"content-type", b"application/json")
