@@ -9,9 +9,10 @@ A router (``twistd epio --role=lb`` with one route from a routes file), an HTTP
 backend and this client are pinned to the last CPU; a busy loop (``--duty`` of
 the time busy, the rest asleep) is pinned to the first.  Each round measures the
 router's latency at ``--rate`` requests/s with the first CPU idle, then busy.
-On a virtual machine whose CPUs share a physical core or a host, the p99 rises
-although nothing on the router's CPU changed: the part of a router's p99 change
-under route churn (benchmarks/nexus/run.py --pin) that is the machine's.
+If the p99 rises although nothing on the router's CPU changed (a virtual
+machine whose CPUs share a physical core or a host), that is a part of a
+router's p99 change under route churn (benchmarks/nexus/run.py --pin) that is
+the machine's, not the router's.  On the development VM it did not rise.
 """
 
 from __future__ import annotations
