@@ -209,10 +209,8 @@ async def run_step(
     pid = transport.pid
     timed_out = False
 
-    def expire() -> None:
-        nonlocal timed_out
-        timed_out = True
-        _log.info("build step {argv} timed out; killing its process group", argv=argv[0])
+    def kill_step() -> None:
+        """SIGKILL the step's process group and everything left in its cgroup."""
         try:
             os.killpg(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
@@ -220,17 +218,17 @@ async def run_step(
         if cgroup is not None:
             cgroup.kill_all()
 
+    def expire() -> None:
+        nonlocal timed_out
+        timed_out = True
+        _log.info("build step {argv} timed out; killing its process group", argv=argv[0])
+        kill_step()
+
     timer = reactor.callLater(max(timeout, 0.001), expire)
     reason = await done
     if timer.active():
         timer.cancel()
-    # nothing of the step survives it: stray children of the group go too
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    if cgroup is not None:
-        cgroup.kill_all()
+    kill_step()  # nothing of the step survives it: stray children of the group go too
     if isinstance(reason, error.ProcessDone):
         return StepResult(0, None, timed_out)
     if isinstance(reason, error.ProcessTerminated):
