@@ -20,7 +20,7 @@ import fcntl
 import inspect
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -61,9 +61,25 @@ class Lock(Protocol):
 
 
 class _LostNotifier:
+    _reactor: Any
+    _poll_interval: float
+
     def __init__(self) -> None:
         self._lost_waiters: list[Deferred[None]] = []
         self._shut = False
+
+    async def _poll(self, attempt: Callable[[], Awaitable[bool]], block: bool,
+                    timeout: float | None) -> bool:
+        """``attempt()`` until it takes the lock; without ``block``, or past ``timeout``
+        seconds, give up (False).  Tries again every ``poll_interval``."""
+        deadline = None if timeout is None else self._reactor.seconds() + timeout
+        while True:
+            if await attempt():
+                return True
+            if not block or (deadline is not None and self._reactor.seconds() >= deadline):
+                return False
+            await deferLater(self._reactor, self._poll_interval, lambda: None)
+            self._check_open()
 
     async def release(self) -> None:
         raise NotImplementedError
@@ -157,16 +173,13 @@ class PgLock(_LostNotifier):
         self._check_open()
         if self._held:
             return True
-        deadline = None if timeout is None else self._reactor.seconds() + timeout
-        while True:
-            got = await self._query("SELECT pg_try_advisory_lock(%s)")
-            if got:
+
+        async def attempt() -> bool:
+            if await self._query("SELECT pg_try_advisory_lock(%s)"):
                 self._held = True
-                return True
-            if not block or (deadline is not None and self._reactor.seconds() >= deadline):
-                return False
-            await deferLater(self._reactor, self._poll_interval, lambda: None)
-            self._check_open()
+            return self._held
+
+        return await self._poll(attempt, block, timeout)
 
     async def release(self) -> None:
         if not self._held:
@@ -236,14 +249,11 @@ class FileLock(_LostNotifier):
         self._check_open()
         if self._fd is not None:
             return True
-        deadline = None if timeout is None else self._reactor.seconds() + timeout
-        while True:
-            if self._try():
-                return True
-            if not block or (deadline is not None and self._reactor.seconds() >= deadline):
-                return False
-            await deferLater(self._reactor, self._poll_interval, lambda: None)
-            self._check_open()
+
+        async def attempt() -> bool:
+            return self._try()
+
+        return await self._poll(attempt, block, timeout)
 
     async def release(self) -> None:
         fd, self._fd = self._fd, None
