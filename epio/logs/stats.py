@@ -186,6 +186,20 @@ def _like_prefix(metric: str) -> str:
     return metric.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
+def _query_sql(app: str, metric: str | None, since: float, until: float, resolution: int,
+               ph: str, like_escape: str) -> tuple[str, list[Any]]:
+    """The samples query of both backends: ``ph`` is the driver's placeholder, a metric
+    matches itself and its ``metric.*`` children (a LIKE prefix escaped with a backslash;
+    ``like_escape`` says so where the database needs it)."""
+    sql = (f"SELECT metric, instance, ts, value FROM {TABLE} WHERE app = {ph} "
+           f"AND resolution = {ph} AND ts >= {ph} AND ts < {ph}")
+    args: list[Any] = [app, resolution, since, until]
+    if metric:
+        sql += f" AND (metric = {ph} OR metric LIKE {ph}{like_escape})"
+        args += [metric, _like_prefix(metric)]
+    return sql + " ORDER BY metric, instance, ts", args
+
+
 class SQLiteStats:
     """Stats in an SQLite file; every call runs in ``run_blocking`` (a thread)."""
 
@@ -231,13 +245,7 @@ class SQLiteStats:
 
     def query(self, app: str, metric: str | None, since: float, until: float,
               resolution: int) -> Deferred[list[tuple[str, str, int, float]]]:
-        sql = (f"SELECT metric, instance, ts, value FROM {TABLE} WHERE app = ? AND resolution = ? "
-               "AND ts >= ? AND ts < ?")
-        args: list[Any] = [app, resolution, since, until]
-        if metric:
-            sql += " AND (metric = ? OR metric LIKE ? ESCAPE '\\')"
-            args += [metric, _like_prefix(metric)]
-        sql += " ORDER BY metric, instance, ts"
+        sql, args = _query_sql(app, metric, since, until, resolution, "?", " ESCAPE '\\'")
         return self._do(lambda db: [tuple(r) for r in db.execute(sql, args).fetchall()])
 
     def expire(self, resolution: int, before: float) -> Deferred[int]:
@@ -324,13 +332,7 @@ class PostgresStats:
     def query(self, app: str, metric: str | None, since: float, until: float,
               resolution: int) -> Deferred[list[tuple[str, str, int, float]]]:
         async def go() -> list[tuple[str, str, int, float]]:
-            sql = (f"SELECT metric, instance, ts, value FROM {TABLE} WHERE app = %s "
-                   "AND resolution = %s AND ts >= %s AND ts < %s")
-            args: list[Any] = [app, resolution, since, until]
-            if metric:
-                sql += " AND (metric = %s OR metric LIKE %s)"
-                args += [metric, _like_prefix(metric)]
-            sql += " ORDER BY metric, instance, ts"
+            sql, args = _query_sql(app, metric, since, until, resolution, "%s", "")
             rows = await self._run(lambda c: c.runQuery(sql, args))
             return [(r[0], r[1], int(r[2]), float(r[3])) for r in rows]
 
