@@ -24,6 +24,7 @@ import hmac
 import os
 import struct
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -177,3 +178,43 @@ class ReplayGuard:
             raise Rejected(Reason.REPLAYED, f"{env.type} {env.id} from {env.sender} seen before")
         self._seen.add(env.id)
         order.append((now, env.id))
+
+
+# Reasons that are only found after the MAC verified: the peer is one of ours
+# and a router answers it with bus.error rather than letting it time out.
+ANSWERABLE = frozenset(
+    {Reason.UNKNOWN_TYPE, Reason.UNSUPPORTED_VERSION, Reason.WRONG_PATTERN, Reason.INVALID_BODY}
+)
+
+
+def triage_request(
+    bus: Any,
+    frame: bytes,
+    replay: ReplayGuard | None,
+    counters: Any,
+    on_rejected: Callable[[Rejected], None],
+    reply: Callable[[Envelope, str, dict[str, Any]], None],
+) -> Envelope | None:
+    """What every ROUTER (ZeroMQ or in-memory) does with a request frame before its handler.
+
+    A rejected frame goes to ``on_rejected``; when the peer is one of ours (the MAC
+    verified) it is answered with ``bus.error``.  ``bus.ping`` is answered here.
+    Returns the envelope for the handler, or None when it has been dealt with.
+    """
+    from epio.bus import counters as C
+
+    try:
+        env: Envelope = bus.open(frame, pattern="request", replay=replay)
+    except Rejected as r:
+        on_rejected(r)
+        if r.reason in ANSWERABLE and r.envelope is not None:
+            reply(r.envelope, "bus.error", {"code": r.reason.value, "message": str(r)})
+        return None
+    counters.incr(C.RECEIVED)
+    if env.type == "bus.ping":
+        body = {"node": bus.sender}
+        if "payload" in env.body:
+            body["payload"] = env.body["payload"]
+        reply(env, "bus.pong", body)
+        return None
+    return env

@@ -31,7 +31,7 @@ from zope.interface import implementer
 
 from epio.bus import counters as C
 from epio.bus.counters import BusCounters
-from epio.bus.envelope import Envelope, ReplayGuard
+from epio.bus.envelope import Envelope, ReplayGuard, triage_request
 from epio.bus.errors import NotRunning, Reason, Rejected, RemoteError, RequestTimeout
 
 if TYPE_CHECKING:
@@ -43,11 +43,6 @@ SubHandler = Callable[[bytes, Envelope], Any]
 
 _TCP = re.compile(r"^tcp://(?P<host>\*|\[[0-9a-fA-F:.%\w]+\]|[\w.-]+):(?P<port>\*|\d{1,5})$")
 
-# Reasons that are only found after the MAC verified: the peer is one of ours
-# and a router answers it with bus.error rather than letting it time out.
-_ANSWERABLE = frozenset(
-    {Reason.UNKNOWN_TYPE, Reason.UNSUPPORTED_VERSION, Reason.WRONG_PATTERN, Reason.INVALID_BODY}
-)
 
 
 def check_endpoint(endpoint: str, bind: bool) -> str:
@@ -509,20 +504,9 @@ class Router(BusService):
             self._malformed(f"expected [identity, envelope], got {len(frames)} frames")
             return
         identity, frame = frames
-        try:
-            env = self.bus.open(frame, pattern="request", replay=self._replay)
-        except Rejected as r:
-            self._rejected(r)
-            if r.reason in _ANSWERABLE and r.envelope is not None:
-                self._reply(identity, r.envelope, "bus.error",
-                            {"code": r.reason.value, "message": str(r)})
-            return
-        self.counters.incr(C.RECEIVED)
-        if env.type == "bus.ping":
-            body = {"node": self.bus.sender}
-            if "payload" in env.body:
-                body["payload"] = env.body["payload"]
-            self._reply(identity, env, "bus.pong", body)
+        env = triage_request(self.bus, frame, self._replay, self.counters, self._rejected,
+                             lambda req, type, body: self._reply(identity, req, type, body))
+        if env is None:
             return
         d = defer.maybeDeferred(self.handler, env)
         d.addCallback(self._coerce)

@@ -39,8 +39,8 @@ from twisted.python.failure import Failure
 from epio.bus import Bus
 from epio.bus import counters as C
 from epio.bus.counters import BusCounters
-from epio.bus.envelope import Envelope, ReplayGuard
-from epio.bus.errors import NotRunning, Reason, Rejected, RemoteError, RequestTimeout
+from epio.bus.envelope import Envelope, ReplayGuard, triage_request
+from epio.bus.errors import NotRunning, Rejected, RemoteError, RequestTimeout
 from epio.bus.messages import REGISTRY, MessageType, Registry
 
 #: Every production type plus the ``test.*`` types of the bus's own tests (kept
@@ -57,9 +57,6 @@ TEST_REGISTRY.add(MessageType("test.event", 1, "publish", "Test only: a publishe
 TEST_REGISTRY.add(MessageType("test.job", 1, "push", "Test only: a pushed job.",
                               fields={"n": int}))
 
-_ANSWERABLE = frozenset(
-    {Reason.UNKNOWN_TYPE, Reason.UNSUPPORTED_VERSION, Reason.WRONG_PATTERN, Reason.INVALID_BODY}
-)
 
 
 _S = TypeVar("_S", bound="_MemoryService")
@@ -245,20 +242,10 @@ class MemoryRouter(_MemoryService):
     receives = "request"
 
     def _request(self, frame: bytes, reply: Any) -> None:
-        try:
-            env = self.bus.open(frame, pattern="request", replay=self._replay)
-        except Rejected as r:
-            self.counters.rejected(r.reason)
-            if r.reason in _ANSWERABLE and r.envelope is not None:
-                self._reply(reply, r.envelope, "bus.error",
-                            {"code": r.reason.value, "message": str(r)})
-            return
-        self.counters.incr(C.RECEIVED)
-        if env.type == "bus.ping":
-            body = {"node": self.bus.sender}
-            if "payload" in env.body:
-                body["payload"] = env.body["payload"]
-            self._reply(reply, env, "bus.pong", body)
+        env = triage_request(self.bus, frame, self._replay, self.counters,
+                             lambda r: self.counters.rejected(r.reason),
+                             lambda req, type, body: self._reply(reply, req, type, body))
+        if env is None:
             return
         d = defer.maybeDeferred(self.handler, env)
         d.addCallback(_awaited)
