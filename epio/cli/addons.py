@@ -11,11 +11,10 @@ visible in the sandbox) with the app's own ``DATABASE_URL``/``REDIS_URL``.
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
-from epio.cli.client import Client, CliError
-from epio.cli.commands import ago, app_of, out, table
+from epio.cli.client import Client
+from epio.cli.commands import ago, app_of, confirm_name, out, table
 
 KINDS = ("postgres", "redis")
 
@@ -73,12 +72,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_destroy(args: argparse.Namespace) -> int:
     name = app_of(args)
-    confirm = args.confirm
-    if confirm is None and sys.stdin.isatty():
-        confirm = input(f"This drops {name}'s {args.kind} database (after a final backup). "
-                        "Type the app's name to confirm: ").strip()
-    if confirm != name:
-        raise CliError(f"not destroyed: confirm with --confirm {name}")
+    confirm_name(args, name, f"This drops {name}'s {args.kind} database (after a final "
+                 "backup). Type the app's name to confirm: ", "not destroyed")
     client = Client.from_config()
     path = f"apps/{name}/addons/{args.kind}" + ("?force=true" if args.force else "")
     client.timeout = max(client.timeout, 1800.0)

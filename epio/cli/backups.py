@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from epio.cli.client import USER_AGENT, Client, CliError, _http_error, _reason
-from epio.cli.commands import ago, app_of, human_size, out, table
+from epio.cli.commands import ago, app_of, confirm_name, human_size, out, table
 
 KINDS = ("postgres", "redis")
 LONG = 1800.0  # seconds: a backup or restore waits for verification
@@ -80,12 +80,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
     client.timeout = max(client.timeout, LONG)
     backup_id = args.id or _newest_verified(client, name, args.kind)["id"]
     into = args.to_app or name
-    confirm = args.confirm
-    if confirm is None and sys.stdin.isatty():
-        confirm = input(f"This replaces {into}'s live data with backup {backup_id} (the "
-                        "current data is kept aside). Type the app's name to confirm: ").strip()
-    if confirm != into:
-        raise CliError(f"not restored: confirm with --confirm {into}")
+    confirm_name(args, into, f"This replaces {into}'s live data with backup {backup_id} (the "
+                 "current data is kept aside). Type the app's name to confirm: ", "not restored")
     body = {"to_app": args.to_app} if args.to_app else {}
     r = client.post(f"apps/{name}/backups/{backup_id}/restore", body)
     kept = f"; the previous data is kept as {r['kept_as']}" if r.get("kept_as") else ""

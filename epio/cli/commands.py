@@ -73,6 +73,16 @@ def app_of(args: argparse.Namespace, *dirs: Path) -> str:
     return resolve_app(getattr(args, "app", None), *dirs)
 
 
+def confirm_name(args: argparse.Namespace, name: str, prompt: str, refused: str) -> None:
+    """A destructive command goes on only when ``--confirm`` (or, on a terminal, the
+    answer to ``prompt``) is ``name``; otherwise ``refused`` (e.g. "not deleted")."""
+    confirm = args.confirm
+    if confirm is None and sys.stdin.isatty():
+        confirm = input(prompt).strip()
+    if confirm != name:
+        raise CliError(f"{refused}: confirm with --confirm {name}")
+
+
 # --- login ---------------------------------------------------------------------------
 
 
@@ -167,12 +177,8 @@ DESTROY_TIMEOUT = 3600.0  # seconds `epio apps destroy` waits (final database ba
 
 def cmd_apps_destroy(args: argparse.Namespace) -> int:
     name = args.name
-    confirm = args.confirm
-    if confirm is None and sys.stdin.isatty():
-        confirm = input(f"This deletes {name} and everything it has. Type its name to "
-                        "confirm: ").strip()
-    if confirm != name:
-        raise CliError(f"not deleted: confirm with --confirm {name}")
+    confirm_name(args, name, f"This deletes {name} and everything it has. Type its name to "
+                 "confirm: ", "not deleted")
     client = Client.from_config()
     # deleting takes a final backup of the app's databases first: that may take long
     client.timeout = DESTROY_TIMEOUT
