@@ -324,14 +324,8 @@ class LogTail:
             return WebSocketResource(factory)
         try:
             lines, nxt = await self.client.query(app, filt, n)
-        except LogsUnavailable as e:
-            self.log.warn("logs of {app} unavailable: {err}", app=app, err=str(e))
-            return _error(request, 503, "logs_unavailable", "no log server answered; try again")
-        except RemoteError as e:
-            if e.code == "invalid_parameter":
-                return _error(request, 400, "invalid_parameter", e.message)
-            self.log.warn("logs of {app}: logger answered {code}", app=app, code=e.code)
-            return _error(request, 502, "logs_error", "the log server could not answer")
+        except (LogsUnavailable, RemoteError) as e:
+            return self._logger_failed(request, app, "logs", e)
         request.setHeader(b"content-type", b"application/json")
         return json.dumps({"app": app, "lines": [ln.to_json() for ln in lines], "next": nxt},
                           separators=(",", ":")).encode()
@@ -361,13 +355,19 @@ class LogTail:
             return _error(request, 400, "invalid_parameter", str(e))
         try:
             result = await self.client.stats(app, metric, since, until, resolution)
-        except LogsUnavailable as e:
-            self.log.warn("stats of {app} unavailable: {err}", app=app, err=str(e))
-            return _error(request, 503, "stats_unavailable", "no log server answered; try again")
-        except RemoteError as e:
-            if e.code == "invalid_parameter":
-                return _error(request, 400, "invalid_parameter", e.message)
-            self.log.warn("stats of {app}: logger answered {code}", app=app, code=e.code)
-            return _error(request, 502, "stats_error", "the log server could not answer")
+        except (LogsUnavailable, RemoteError) as e:
+            return self._logger_failed(request, app, "stats", e)
         request.setHeader(b"content-type", b"application/json")
         return json.dumps({"app": app, **result}, separators=(",", ":")).encode()
+
+    def _logger_failed(self, request: Any, app: str, what: str,
+                       e: LogsUnavailable | RemoteError) -> bytes:
+        """The answer when no logger could give ``what`` ("logs", "stats"): 503 when
+        none answered, 400 for a parameter a logger refused, else 502 (never its text)."""
+        if isinstance(e, LogsUnavailable):
+            self.log.warn("{what} of {app} unavailable: {err}", what=what, app=app, err=str(e))
+            return _error(request, 503, f"{what}_unavailable", "no log server answered; try again")
+        if e.code == "invalid_parameter":
+            return _error(request, 400, "invalid_parameter", e.message)
+        self.log.warn("{what} of {app}: logger answered {code}", what=what, app=app, code=e.code)
+        return _error(request, 502, f"{what}_error", "the log server could not answer")
