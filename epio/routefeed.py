@@ -17,8 +17,11 @@ stale and says so in :meth:`RouteFeed.status` (``stale: true``, ``since``);
 the first nexus that answers again replaces it with a fresh table.
 
 :class:`RouteFeed` is the logic on a clock (no sockets; the snapshot request
-is injected).  :class:`NexusRouteSource` wires it to the bus and implements
-:class:`epio.routing.IRouteSource` for the ``lb`` role.  This module is on the
+is injected); it hands merged routes, as wire dicts, to a sink: a
+:class:`TableSink` over the router's :class:`~epio.routing.RouteTable`, or the
+feed process's publisher (:mod:`epio.lb.feed`).  :class:`NexusRouteSource`
+wires it to the bus and implements :class:`epio.routing.IRouteSource` for the
+``lb`` role.  This module is on the
 shared floor because the router uses it and roles must not import roles.
 """
 
@@ -58,12 +61,15 @@ class BadRoute(ValueError):
 
 
 def route_from_wire(
-    data: Mapping[str, Any], known: Mapping[tuple[Any, ...], Backend] | None = None
+    data: Mapping[str, Any], known: Mapping[tuple[Any, ...], Backend] | None = None,
+    made: dict[tuple[Any, ...], Backend] | None = None,
 ) -> Route:
     """A wire route (PROTOCOL.md) as a :class:`epio.routing.Route`, or raise BadRoute.
 
     ``known`` maps :func:`backend_key` to Backends made before: those are
     reused, so a route where one backend of many changed costs one new object.
+    ``made``, when given, receives the same mapping for this route's backends
+    (the ``known`` of its next version).
     """
     app = data.get("app")
     if not (isinstance(app, str) and app):
@@ -79,20 +85,25 @@ def route_from_wire(
         if not isinstance(b, dict):
             raise BadRoute(f"route {app}: a backend is not a map")
         key = backend_key(b)
-        made = known.get(key) if known is not None else None
-        if made is not None:
-            backends.append(made)
+        backend = known.get(key) if known is not None else None
+        if backend is not None:
+            backends.append(backend)
+            if made is not None:
+                made[key] = backend
             continue
         host, port = b.get("host"), b.get("port")
         if not (isinstance(host, str) and host) or not isinstance(port, int) \
                 or isinstance(port, bool) or not 0 < port < 65536:
             raise BadRoute(f"route {app}: backend needs host and port 1..65535")
         release = b.get("release")
-        backends.append(Backend(
+        backend = Backend(
             host=host, port=port, instance_id=str(b.get("instance_id") or f"{host}:{port}"),
             app=app, release="" if release is None else str(release),
             state=str(b.get("state") or "healthy"),
-        ))
+        )
+        backends.append(backend)
+        if made is not None:
+            made[key] = backend
     options = data.get("options")
     kw: dict[str, Any] = {}
     if options and isinstance(options, Mapping):
@@ -167,6 +178,52 @@ def merge_routes(routes: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return merged
 
 
+class TableSink:
+    """Merged wire routes into a :class:`~epio.routing.RouteTable` (the proxy's).
+
+    Backends that did not change keep their :class:`Backend` objects (and with
+    them the proxy's pools and ejection state).  A route that cannot be used is
+    counted in ``counters["bad_routes"]``, logged and left out.
+    """
+
+    log = Logger()
+
+    def __init__(self, table: RouteTable, counters: Counter[str] | None = None) -> None:
+        self.table = table
+        self.counters: Counter[str] = Counter() if counters is None else counters
+        # app -> backend_key -> Backend of the route last handed to the table
+        self._known: dict[str, dict[tuple[Any, ...], Backend]] = {}
+
+    def replace(self, routes: Iterable[Mapping[str, Any]]) -> None:
+        """The whole table."""
+        known, self._known = self._known, {}
+        self.table.replace(self._routes(routes, known))
+
+    def apply(self, upsert: Iterable[Mapping[str, Any]], remove: Iterable[str]) -> None:
+        """Routes set (whole routes, by app) and apps removed."""
+        remove = tuple(remove)
+        for app in remove:
+            self._known.pop(app, None)
+        self.table.apply(RouteDelta(upsert=tuple(self._routes(upsert, self._known)),
+                                    remove=remove))
+
+    def _routes(self, routes: Iterable[Mapping[str, Any]],
+                known: dict[str, dict[tuple[Any, ...], Backend]]) -> list[Route]:
+        out = []
+        for r in routes:
+            app = r.get("app")
+            made: dict[tuple[Any, ...], Backend] = {}
+            try:
+                out.append(route_from_wire(r, known.get(app) if isinstance(app, str) else None,
+                                           made))
+            except BadRoute as e:
+                self.counters["bad_routes"] += 1
+                self.log.warn("route from a nexus ignored: {error}", error=str(e))
+                continue
+            self._known[app] = made  # type: ignore[index]
+        return out
+
+
 @define(eq=False)
 class NexusLink:
     """What the feed knows about one nexus (one entry of ``cluster.nexus``)."""
@@ -220,7 +277,7 @@ class RouteFeed:
         self._request = request_snapshot
         self.feed_timeout = feed_timeout
         self.snapshot_retry = snapshot_retry
-        self.table: RouteTable | None = None
+        self.sink: Any = None  # a TableSink or anything with replace() and apply()
         self.merged: dict[str, dict[str, Any]] = {}
         self.stale = False
         self.stale_since: float | None = None
@@ -229,15 +286,19 @@ class RouteFeed:
         self._stale_logged = 0.0
         self.counters: Counter[str] = Counter()
         self._running = False
+        # called after a nexus joined or left the merge (the feed process tells its
+        # routers at once rather than at its next status)
+        self.on_state: Callable[[], None] | None = None
 
     # -- life -----------------------------------------------------------------
 
-    def start(self, table: RouteTable) -> None:
-        self.table = table
+    def start(self, sink: Any) -> None:
+        """Follow the nexuses; merged changes go to ``sink`` (see :class:`TableSink`)."""
+        self.sink = sink
         self._running = True
         self.started_at = self._clock.seconds()
         if self.merged:
-            table.replace(self._to_routes(self.merged.values()))
+            sink.replace(list(self.merged.values()))
         for link in self.links:
             self._arm_silence(link)
             self.request_snapshot(link)
@@ -425,8 +486,16 @@ class RouteFeed:
                           "({routes} routes)", name=link.name, nexus_id=nexus_id,
                           version=version, routes=len(link.routes))
         self._remerge(None)
+        self._state_changed()
         if link.want_snapshot:
             self.request_snapshot(link)
+
+    def _state_changed(self) -> None:
+        if self.on_state is not None:
+            try:
+                self.on_state()
+            except Exception:
+                self.log.failure("route feed state callback failed")
 
     # -- liveness ---------------------------------------------------------------------
 
@@ -472,6 +541,8 @@ class RouteFeed:
                 routes=len(self.merged), since=self.stale_since or 0.0,
             )
         self._arm_silence(link)  # keep asking: a nexus that comes back is noticed
+        if was_alive:
+            self._state_changed()
         if not link.pending:
             self.request_snapshot(link)
 
@@ -503,26 +574,8 @@ class RouteFeed:
         if not upsert and not remove:
             return
         self.counters["updates"] += 1
-        if self.table is not None:
-            self.table.apply(RouteDelta(upsert=tuple(self._to_routes(upsert)),
-                                        remove=tuple(remove)))
-
-    def _to_routes(self, routes: Iterable[Mapping[str, Any]]) -> list[Route]:
-        out = []
-        for r in routes:
-            app = r.get("app")
-            old = self.table.get(app) if self.table is not None and isinstance(app, str) \
-                else None
-            known = None
-            if old is not None:
-                known = {(b.instance_id, b.host, b.port, _release(b.release), b.state): b
-                         for b in old.backends}
-            try:
-                out.append(route_from_wire(r, known))
-            except BadRoute as e:
-                self.counters["bad_routes"] += 1
-                self.log.warn("route from a nexus ignored: {error}", error=str(e))
-        return out
+        if self.sink is not None:
+            self.sink.apply(upsert, remove)
 
     # -- status -----------------------------------------------------------------------
 
@@ -539,13 +592,6 @@ class RouteFeed:
             "nexuses": [link.status(now) for link in self.links],
             "counters": dict(self.counters),
         }
-
-
-def _release(text: str) -> Any:
-    """A Backend's release string back as the wire value (an int when it was one)."""
-    if text.isdigit():
-        return int(text)
-    return text or None
 
 
 def links_from_config(nexuses: Sequence[Mapping[str, Any]]) -> list[NexusLink]:
@@ -582,6 +628,10 @@ class NexusRouteSource:
         self._dealer: Any = None
 
     def start(self, table: RouteTable) -> None:
+        self.follow(TableSink(table, self.feed.counters))
+
+    def follow(self, sink: Any) -> None:
+        """Follow the nexuses, handing merged routes to ``sink`` (the feed process)."""
         services = MultiService()
         self._dealer = self.bus.dealer([link.router for link in self.feed.links])
         self._dealer.setName("nexus-snapshots")
@@ -595,7 +645,7 @@ class NexusRouteSource:
             sub.setServiceParent(services)
         self._services = services
         services.startService()
-        self.feed.start(table)
+        self.feed.start(sink)
 
     def stop(self) -> None:
         self.feed.stop()

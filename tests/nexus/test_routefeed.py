@@ -21,6 +21,7 @@ from epio.routefeed import (
     NexusLink,
     NexusRouteSource,
     RouteFeed,
+    TableSink,
     merge_routes,
     route_from_wire,
 )
@@ -87,7 +88,7 @@ class FeedTests(SynchronousTestCase):
 
     def start(self) -> None:
         self.clock.advance(0.5)  # nexuses warm
-        self.feed.start(self.table)
+        self.feed.start(TableSink(self.table, self.feed.counters))
 
     def beat_all(self, node: str, *insts: dict[str, Any], boot: str = "b") -> None:
         for n in self.nx:
@@ -269,7 +270,7 @@ class FeedTests(SynchronousTestCase):
     def test_warming_nexus_is_retried(self) -> None:
         """A nexus that refuses snapshots while warming up is asked again until it answers."""
         self.nx[1].down = True
-        self.feed.start(self.table)  # before warm-up is over
+        self.feed.start(TableSink(self.table, self.feed.counters))  # before warm-up is over
         self.nx[0].beat("n1", instance("i1", port=1))
         self.assertEqual(self.ports(), [])
         self.tick(1.0)
