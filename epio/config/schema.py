@@ -206,6 +206,18 @@ SCHEMA: dict[str, dict[str, Key]] = {
         ),
         "workers": Key(int, 1, "Router processes sharing the listening port (SO_REUSEPORT); "
                        "1 = this process only.", positive),
+        "route_feed": Key(
+            str, "process",
+            "Where a router fed by the nexus follows the nexuses: 'process' (a route feed "
+            "process beside the router merges them and streams only merged changes to every "
+            "router process; docs/router.md) or 'inline' (in each router process).",
+            one_of("process", "inline")),
+        "feed_interval": Key(
+            float, 0.02,
+            "Least seconds between two frames of route changes from the route feed process "
+            "to a router process: the first change after a quiet interval goes at once, "
+            "changes during churn leave together, one frame per interval (0 = every merged "
+            "change at once).", non_negative),
         "tls_listen": Key(str, "", "Endpoint of the optional TLS listener (e.g. tcp:8443); "
                           "empty = no TLS."),
         "tls_cert_dir": Key(str, "", "Directory of HOSTNAME.pem files (key + certificate chain; "

@@ -28,6 +28,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from epio.lb.fastio import ReadMux
+from epio.lb.feed import FEED_RESTART
 from epio.lb.observe import FileLogSink, Observer
 from epio.lb.proxy import LB, SWEEP_INTERVAL, LBFactory, Settings
 from epio.routing import FileRouteSource, RouteTable
@@ -85,13 +86,15 @@ def reuseport_socket(iface: str, port: int, family: int, backlog: int = 1024) ->
     return s
 
 
-class _WorkerProtocol(ProcessProtocol):
+class _ChildProtocol(ProcessProtocol):
+    """A worker or the route feed process: its output relayed to the node log."""
+
     log = Logger()
     transport: Any
 
-    def __init__(self, svc: LBService, n: int) -> None:
+    def __init__(self, svc: LBService, name: str) -> None:
         self.svc = svc
-        self.n = n
+        self.name = name
         self.buf = b""
         self.ended: defer.Deferred[None] = defer.Deferred()
 
@@ -100,12 +103,13 @@ class _WorkerProtocol(ProcessProtocol):
         *lines, self.buf = self.buf.split(b"\n")
         for ln in lines:
             if ln:
-                self.log.info("worker {n}: {line}", n=self.n, line=ln.decode("utf-8", "replace"))
+                self.log.info("{name}: {line}", name=self.name,
+                              line=ln.decode("utf-8", "replace"))
 
     errReceived = outReceived
 
     def processEnded(self, reason: Any) -> None:
-        self.svc._worker_ended(self)
+        self.svc._child_ended(self)
         self.ended.callback(None)
 
 
@@ -118,7 +122,7 @@ class LBService(MultiService):
                  route_source: Any, log_sink: Any = None,
                  stats_sink: Any = None, worker_spec: dict[str, Any] | None = None,
                  reuseport: tuple[str, int, int] | None = None,
-                 static_secret: bytes = b"") -> None:
+                 static_secret: bytes = b"", feed_spec: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.reactor = reactor
         self.section = section
@@ -143,7 +147,9 @@ class LBService(MultiService):
         self.ports: list[Any] = []
         self.sni: Any = None
         self._loops: list[LoopingCall] = []
-        self._workers: list[_WorkerProtocol] = []
+        self._workers: list[_ChildProtocol] = []
+        self.feed_spec = feed_spec  # run the route feed process (epio.lb.feed)
+        self._feed: _ChildProtocol | None = None
         self._stopping = False
         self._ready: defer.Deferred[None] = defer.Deferred()
         self._ready_result: Any = None
@@ -171,6 +177,8 @@ class LBService(MultiService):
         super().startService()
         self._stopping = False
         lb = self.lb
+        if self.feed_spec is not None:
+            self._spawn_feed()
         if self.route_source is not None:
             try:
                 self.route_source.start(self.table)
@@ -292,7 +300,7 @@ class LBService(MultiService):
         for p in self.ports:
             await defer.maybeDeferred(p.stopListening)
         self.ports = []
-        for w in list(self._workers):
+        for w in self._children():
             try:
                 w.transport.signalProcess("TERM")
             except Exception:
@@ -308,7 +316,7 @@ class LBService(MultiService):
         lb.abort_all()
         if lb.mux is not None:
             lb.mux.stop()
-        for w in list(self._workers):
+        for w in self._children():
             await w.ended
         for loop in self._loops:
             if loop.running:
@@ -327,27 +335,46 @@ class LBService(MultiService):
                 pass
         await defer.maybeDeferred(super().stopService)
 
-    # -- workers ------------------------------------------------------------------------
+    # -- child processes: workers and the route feed ---------------------------------------
+    def _children(self) -> list[_ChildProtocol]:
+        return self._workers + ([self._feed] if self._feed is not None else [])
+
+    def _spawn(self, proto: _ChildProtocol, module: str, variable: str, payload: str) -> None:
+        env = dict(os.environ)
+        env[variable] = payload
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(Path(__file__).resolve().parents[2])] + ([env["PYTHONPATH"]]
+                                                          if env.get("PYTHONPATH") else []))
+        self.reactor.spawnProcess(proto, sys.executable, [sys.executable, "-m", module],
+                                  env=env)
+
     def _spawn_workers(self, n: int, addr: tuple[str, int, int]) -> None:
         spec = dict(self.worker_spec or {})
         spec["reuseport"] = list(addr)
         payload = json.dumps(spec)
-        for i in range(n):
-            proto = _WorkerProtocol(self, i + 1)
-            env = dict(os.environ)
-            env["EPIO_LB_WORKER_SPEC"] = payload
-            env["PYTHONPATH"] = os.pathsep.join(
-                [str(Path(__file__).resolve().parents[2])] + ([env["PYTHONPATH"]]
-                                                              if env.get("PYTHONPATH") else []))
-            self.reactor.spawnProcess(proto, sys.executable,
-                                      [sys.executable, "-m", "epio.lb.worker"], env=env)
+        for _ in range(n):
+            proto = _ChildProtocol(self, f"worker {len(self._workers) + 1}")
+            self._spawn(proto, "epio.lb.worker", "EPIO_LB_WORKER_SPEC", payload)
             self._workers.append(proto)
 
-    def _worker_ended(self, proto: _WorkerProtocol) -> None:
+    def _spawn_feed(self) -> None:
+        proto = _ChildProtocol(self, "route feed")
+        self._spawn(proto, "epio.lb.feed", "EPIO_LB_FEED_SPEC", json.dumps(self.feed_spec))
+        self._feed = proto
+
+    def _child_ended(self, proto: _ChildProtocol) -> None:
+        if proto is self._feed:
+            self._feed = None
+            if not self._stopping:
+                self.log.error("route feed process exited; restarting it in {secs:g}s "
+                               "(the router serves its last route table meanwhile)",
+                               secs=FEED_RESTART)
+                self.reactor.callLater(FEED_RESTART, self._respawn_feed)
+            return
         if proto in self._workers:
             self._workers.remove(proto)
         if not self._stopping:
-            self.log.error("router worker {n} exited; restarting it", n=proto.n)
+            self.log.error("router {name} exited; restarting it", name=proto.name)
             if self.ports:
                 host = self.ports[0].getHost()
                 fam = socket.AF_INET6 if ":" in host.host else socket.AF_INET
@@ -356,6 +383,10 @@ class LBService(MultiService):
     def _respawn(self, addr: tuple[str, int, int]) -> None:
         if not self._stopping:
             self._spawn_workers(1, addr)
+
+    def _respawn_feed(self) -> None:
+        if not self._stopping and self._feed is None:
+            self._spawn_feed()
 
 
 def pipeline_sinks(node: Any, standalone: bool) -> tuple[Any, Any, Any]:
@@ -383,16 +414,26 @@ def make_service(node: Any) -> LBService:
     section = dict(cfg["lb"])
     routes_file = section.get("routes_file", "")
     source: Any  # IRouteSource
+    spec: dict[str, Any] = {"config": cfg.as_dict(), "data_dir": str(node.data_dir)}
+    feed_spec = None
     if routes_file:
         source = FileRouteSource(Path(routes_file))
+    elif section["route_feed"] == "process":
+        from epio.lb.feed import FeedProcessSource, feed_socket_path
+        from epio.routefeed import links_from_config
+
+        nexuses = len(links_from_config(cfg["cluster"]["nexus"]))  # bad entries fail here
+        path = feed_socket_path(node.data_dir)
+        source = FeedProcessSource(node.reactor, path, nexuses)
+        spec["feed_socket"] = str(path)
+        feed_spec = {"config": cfg.as_dict(), "socket": str(path)}
     else:
         from epio.routefeed import make_route_source
 
         source = make_route_source(node)
     log_sink, stats_sink, sink_service = pipeline_sinks(node, bool(routes_file))
-    spec = {"config": cfg.as_dict(), "data_dir": str(node.data_dir)}
     svc = LBService(node.reactor, section, cfg["node"]["domain"], source, log_sink, stats_sink,
-                    worker_spec=spec, static_secret=node.secret)
+                    worker_spec=spec, static_secret=node.secret, feed_spec=feed_spec)
     if sink_service is not None:
         sink_service.setServiceParent(svc)
     from epio.lb.observe import metric_families

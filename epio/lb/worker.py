@@ -37,6 +37,11 @@ def main() -> None:
     source: Any
     if section.get("routes_file"):
         source = FileRouteSource(Path(section["routes_file"]))
+    elif spec.get("feed_socket"):  # the parent's route feed process serves every worker
+        from epio.lb.feed import FeedProcessSource
+
+        source = FeedProcessSource(reactor, Path(spec["feed_socket"]),
+                                   len(config["cluster"]["nexus"]))
     else:
         from epio.routefeed import make_route_source
 

@@ -266,7 +266,8 @@ class SettingsTests(SynchronousTestCase):
         from epio.config.schema import SCHEMA
 
         service_keys = {"listen", "routes_file", "workers", "tls_listen", "tls_cert_dir",
-                        "access_log", "stats_interval"}
+                        "access_log", "stats_interval", "route_feed",
+                        "feed_interval"}
         fields = {a.name for a in Settings.__attrs_attrs__}  # type: ignore[attr-defined]
         for key, spec in SCHEMA["lb"].items():
             self.assertTrue(key in fields or key in service_keys, key)

@@ -48,7 +48,9 @@ def toml_value(v: Any) -> str:
     return json.dumps(v)
 
 
-class RedundancyTests(SynchronousTestCase):
+class ClusterCase(SynchronousTestCase):
+    """Nexuses, routers and the runner stand-in as processes (no tests of its own)."""
+
     ADDR = "127.0.0.1"  # every socket of the test: bus, router listener, backends
 
     def ep(self, port: int) -> str:
@@ -104,11 +106,11 @@ class RedundancyTests(SynchronousTestCase):
         self.procs.append(node)
         return node
 
-    def start_router(self, port: int, i: int) -> NodeProcess:
+    def start_router(self, port: int, i: int, lb: str = "") -> NodeProcess:
         listen = (f"tcp6:{port}:interface=\\:\\:1" if ":" in self.ADDR
                   else f"tcp:{port}:interface={self.ADDR}")
         metrics = free_port()
-        extra = (f"[lb]\nlisten = {toml_value(listen)}\n"
+        extra = (f"[lb]\nlisten = {toml_value(listen)}\n{lb}"
                  f"[metrics]\nlisten = \"tcp:{metrics}:interface=127.0.0.1\"\n")
         node = NodeProcess(["--role=lb"], data_dir=self.tmp / f"router{i}",
                            config=self.config(extra))
@@ -171,13 +173,21 @@ class RedundancyTests(SynchronousTestCase):
         self.assertEqual(failures, [], f"{len(failures)} of {n} requests failed")
         return n
 
+    def status(self, router: NodeProcess) -> dict[str, Any]:
+        url = f"http://127.0.0.1:{router.metrics_port}/status"  # type: ignore[attr-defined]
+        return json.loads(urllib.request.urlopen(url, timeout=5).read())["router"]
+
+
+class RedundancyTests(ClusterCase):
     def test_redundancy(self) -> None:
         """Losing one nexus loses no request; losing both keeps the table; a restart refreshes it."""
         started = time.monotonic()
         state_file = self.start_standin()
         nexus = [self.start_nexus(0), self.start_nexus(1)]
         lb_ports = [free_port(self.ADDR), free_port(self.ADDR)]
-        routers = [self.start_router(p, i) for i, p in enumerate(lb_ports)]
+        # one router with its route feed process (the default), one following inline
+        routers = [self.start_router(lb_ports[0], 0),
+                   self.start_router(lb_ports[1], 1, 'route_feed = "inline"\n')]
         for n in nexus:
             n.wait_for_log(" ready: ", timeout=30)
         for port in lb_ports:
@@ -239,6 +249,12 @@ class IPv6Tests(RedundancyTests):
 
     ADDR = "::1"
 
+    def status(self, router: NodeProcess) -> dict[str, Any]:
+        url = f"http://127.0.0.1:{router.metrics_port}/status"  # type: ignore[attr-defined]
+        return json.loads(urllib.request.urlopen(url, timeout=5).read())["router"]
+
+
+class RedundancyTests(ClusterCase):
     def test_redundancy(self) -> None:
         """Over ::1 a heartbeat routes a request, and losing one nexus loses no request."""
         self.start_standin()
@@ -252,3 +268,85 @@ class IPv6Tests(RedundancyTests):
         self.assertIn("following nexus", router.output())
         nexus[1].kill()
         self.hammer([port], 2.5, "backend-1")
+
+
+def children(pid: int, module: str) -> list[int]:
+    """The child processes of ``pid`` that run ``python -m module``."""
+    out = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            kids = Path(f"/proc/{pid}/task/{tid}/children").read_text().split()
+        except OSError:
+            continue
+        for kid in kids:
+            try:
+                argv = Path(f"/proc/{kid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if module.encode() in argv:
+                out.append(int(kid))
+    return out
+
+
+class FeedProcessTests(ClusterCase):
+    def test_feed_process_serves_every_worker_and_survives_a_crash(self) -> None:
+        """One route feed process serves the router and its worker; killed, the router
+        keeps its table and says so, the feed comes back and the routes move on."""
+        state_file = self.start_standin()
+        nexus = [self.start_nexus(0), self.start_nexus(1)]
+        port = free_port(self.ADDR)
+        router = self.start_router(port, 0, "workers = 2\n")
+        for n in nexus:
+            n.wait_for_log(" ready: ", timeout=30)
+        wait_for_port(self.ADDR, port, timeout=30)
+        self.wait_body([port], "backend-1", timeout=15)
+        deadline = time.monotonic() + 10
+        while len(children(router.proc.pid, "epio.lb.worker")) != 1:
+            self.assertLess(time.monotonic(), deadline, "no worker process")
+            time.sleep(0.05)
+        # one feed for the node: the worker follows it, not the nexuses
+        feeds = children(router.proc.pid, "epio.lb.feed")
+        self.assertEqual(len(feeds), 1)
+        (worker,) = children(router.proc.pid, "epio.lb.worker")
+        self.assertEqual(children(worker, "epio.lb.feed"), [])
+        self.hammer([port], 0.5, "backend-1")  # new connections: both processes answer
+        status = self.status(router)
+        self.assertEqual(status["feed"]["state"], "live")
+        self.assertTrue(status["feed"]["process"]["connected"])
+        self.assertEqual(status["feed"]["alive"], 2)
+
+        # the feed process dies: not one request fails, the status says stale
+        os.kill(feeds[0], signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while self.status(router)["feed"]["process"]["connected"]:
+            self.assertLess(time.monotonic(), deadline, "the router did not notice")
+            time.sleep(0.02)
+        status = self.status(router)["feed"]
+        self.assertEqual((status["state"], status["stale"]), ("stale", True))
+        self.hammer([port], 0.5, "backend-1")
+        router.wait_for_log("route feed process exited; restarting it", timeout=5)
+
+        # it is back (a new process) and the routes move on through it, in both processes
+        deadline = time.monotonic() + 10
+        while self.status(router)["feed"]["state"] != "live":
+            self.assertLess(time.monotonic(), deadline, "the feed did not come back")
+            time.sleep(0.05)
+        again = children(router.proc.pid, "epio.lb.feed")
+        self.assertEqual(len(again), 1)
+        self.assertNotEqual(again, feeds)
+        self.scripts[0].send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + 10
+        while json.loads(state_file.read_text())["announced"] != "2":
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.02)
+        self.wait_body([port], "backend-2", timeout=5)
+        time.sleep(0.2)  # the other router process applies the same frame
+        self.hammer([port], 0.5, "backend-2")
+
+        # a stopped router takes its feed with it
+        self.assertIn(router.stop(), (0, -signal.SIGTERM), router.output())
+        deadline = time.monotonic() + 5
+        while os.path.exists(f"/proc/{again[0]}"):
+            self.assertLess(time.monotonic(), deadline, "the feed outlived its router")
+            time.sleep(0.05)
+

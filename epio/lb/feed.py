@@ -1,0 +1,425 @@
+"""The router's route feed process (``lb.route_feed = "process"``, the default).
+
+A router fed by the nexus needs the nexuses' route tables, and following them
+costs CPU: two nexuses send every change twice, each one in a signed
+envelope to verify, to decode and to merge with the other nexus's copy.  Done in
+the proxy, that work competes with requests for the proxy's reactor and
+shows in its tail latency (docs/nexus.md, "Benchmark").  So a router node runs
+it in a process of its own, ``python -m epio.lb.feed``, started (and restarted)
+by the router's parent process:
+
+- the feed process follows every nexus with a
+  :class:`~epio.routefeed.NexusRouteSource` and merges their tables;
+- it listens on a Unix socket (mode 0600, in ``<data_dir>/run``) and streams
+  the *merged* routes to every router process of the node (the parent and each
+  ``lb.workers`` process): a snapshot when a router connects, then one small
+  frame per merged change, at most one per ``lb.feed_interval`` under churn
+  (the first change after a quiet interval leaves at once), and its status
+  every :data:`STATUS_INTERVAL` seconds and whenever a nexus joins or leaves;
+- a router process (:class:`FeedProcessSource`) applies what it receives to
+  its :class:`~epio.routing.RouteTable`.  While the feed process is away
+  (crashed, restarting) it keeps serving its last table, says so in its log
+  and status (``stale``), and reconnects every :data:`FEED_RETRY` seconds; the
+  next snapshot replaces the table.
+
+Frames are length-prefixed (32-bit, :class:`Int32StringReceiver`) JSON
+objects: ``{"snapshot": [route, ...]}``, ``{"upsert": [route, ...], "remove":
+[app, ...]}`` and ``{"status": {...}}`` from the feed; ``{"refresh": true}``
+from a router on SIGHUP (every nexus is asked for a new snapshot).  Routes are
+the nexus wire routes (docs/messages.md), already merged.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from twisted.application.internet import ClientService
+from twisted.internet.endpoints import UNIXClientEndpoint
+from twisted.internet.protocol import Factory
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.protocols.basic import Int32StringReceiver
+from zope.interface import implementer
+
+from epio.routefeed import RouteFeed, TableSink
+from epio.routing import IRouteSource, RouteTable
+
+# Seconds between two attempts of a router process to reach its feed process.
+FEED_RETRY = 0.2
+# Seconds between two status frames from the feed process to the routers.
+STATUS_INTERVAL = 1.0
+# Largest frame a router takes from its feed (a snapshot of every route).
+MAX_FRAME = 1 << 30
+# Largest frame the feed takes from a router (they only ever send {"refresh": true}).
+MAX_REQUEST = 1024
+# Seconds the router's parent waits before starting a feed process that exited.
+FEED_RESTART = 1.0
+# Longest Unix socket path (sun_path is 108 bytes on Linux, with its NUL).
+_MAX_SOCKET_PATH = 100
+
+
+def _frame(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def feed_socket_path(data_dir: Path) -> Path:
+    """Where the feed process of the router in ``data_dir`` listens.
+
+    ``<data_dir>/run/lb-feed.sock`` (the directory mode 0700); when that path is
+    too long for a Unix socket, a fresh private directory under the system's
+    temporary directory.
+    """
+    run = data_dir / "run"
+    run.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(run, 0o700)
+    path = run / "lb-feed.sock"
+    if len(os.fsencode(path)) > _MAX_SOCKET_PATH:
+        path = Path(tempfile.mkdtemp(prefix="epio-lb-")) / "feed.sock"
+    return path
+
+
+# -- the feed process's side ---------------------------------------------------------
+
+
+class _RouterConnection(Int32StringReceiver):
+    """One router process connected to the feed."""
+
+    MAX_LENGTH = MAX_REQUEST
+    factory: FeedPublisher
+    transport: Any
+    synced = False  # has had a snapshot: deltas from now on
+
+    def connectionMade(self) -> None:
+        self.factory.joined(self)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.factory.left(self)
+
+    def stringReceived(self, data: bytes) -> None:
+        try:
+            msg = json.loads(data)
+        except ValueError:
+            msg = None
+        if isinstance(msg, dict) and msg.get("refresh") is True:
+            self.factory.feed.refresh()
+        else:
+            self.factory.log.warn("route feed: unknown request from a router ignored")
+
+    def lengthLimitExceeded(self, length: int) -> None:
+        self.factory.log.warn("route feed: a {length}-byte request from a router; closing it",
+                              length=length)
+        self.transport.loseConnection()
+
+
+class FeedPublisher(Factory):
+    """The feed process's sink for a :class:`RouteFeed`: merged changes to every router.
+
+    A router that connects before the feed has had any table waits for its
+    snapshot until the feed has one, so that a restarted feed process never
+    replaces a router's table with an empty one.
+    """
+
+    log = Logger()
+
+    def buildProtocol(self, addr: Any) -> Any:
+        conn = _RouterConnection()
+        conn.factory = self
+        return conn
+
+    def __init__(self, feed: RouteFeed, clock: Any = None, interval: float = 0.0) -> None:
+        self.feed = feed
+        self.routers: list[_RouterConnection] = []
+        feed.on_state = self.send_status  # a nexus joined or left: tell the routers now
+        # lb.feed_interval: the first change after a quiet interval leaves at once, the
+        # ones that follow within it wait and leave together, one frame per interval
+        self.clock = clock
+        self.interval = interval if clock is not None else 0.0
+        self._pending: dict[str, dict[str, Any] | None] = {}  # app -> route, None: removed
+        self._last: float | None = None
+        self._call: Any = None
+
+    def stop(self) -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+    def joined(self, conn: _RouterConnection) -> None:
+        self.routers.append(conn)
+        conn.sendString(_frame({"status": self.feed.status()}))
+        if self.feed.ever_live:
+            self._sync(conn)
+
+    def left(self, conn: _RouterConnection) -> None:
+        if conn in self.routers:
+            self.routers.remove(conn)
+
+    def _sync(self, conn: _RouterConnection) -> None:
+        conn.sendString(_frame({"snapshot": list(self.feed.merged.values())}))
+        conn.synced = True
+
+    # the sink interface of RouteFeed (see epio.routefeed.TableSink)
+    def replace(self, routes: list[dict[str, Any]]) -> None:
+        self.stop()  # waiting changes are in the new table
+        self._pending = {}
+        frame = _frame({"snapshot": routes})
+        for conn in self.routers:
+            conn.sendString(frame)
+            conn.synced = True
+
+    def apply(self, upsert: list[dict[str, Any]], remove: list[str]) -> None:
+        if self.interval > 0:
+            now = self.clock.seconds()
+            wait = None if self._last is None else self._last + self.interval - now
+            if self._call is not None or (wait is not None and 0 < wait <= self.interval):
+                pending = self._pending
+                for route in upsert:
+                    pending[route["app"]] = route
+                for app in remove:
+                    pending[app] = None
+                if self._call is None:
+                    self._call = self.clock.callLater(wait, self._flush)
+                return
+            self._last = now
+        self._send(upsert, remove)
+
+    def _flush(self) -> None:
+        self._call = None
+        pending, self._pending = self._pending, {}
+        self._last = self.clock.seconds()
+        upsert = [r for r in pending.values() if r is not None]
+        remove = [app for app, r in pending.items() if r is None]
+        if upsert or remove:
+            self._send(upsert, remove)
+
+    def _send(self, upsert: list[dict[str, Any]], remove: list[str]) -> None:
+        frame = None
+        for conn in self.routers:
+            if conn.synced:
+                if frame is None:
+                    frame = _frame({"upsert": upsert, "remove": remove})
+                conn.sendString(frame)
+            else:
+                self._sync(conn)
+
+    def send_status(self) -> None:
+        """The feed's status to every router: every :data:`STATUS_INTERVAL` seconds and
+        whenever a nexus joins or leaves the merge."""
+        if not self.routers:
+            return
+        frame = _frame({"status": self.feed.status()})
+        for conn in self.routers:
+            conn.sendString(frame)
+            if not conn.synced and self.feed.ever_live:
+                self._sync(conn)  # live with nothing merged yet: an empty table is a table
+
+
+# -- the router process's side --------------------------------------------------------
+
+
+class _FeedConnection(Int32StringReceiver):
+    MAX_LENGTH = MAX_FRAME
+    source: FeedProcessSource
+    transport: Any
+
+    def connectionMade(self) -> None:
+        self.source._connected(self)
+
+    def stringReceived(self, data: bytes) -> None:
+        self.source._received(self, data)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.source._lost(self)
+
+    def lengthLimitExceeded(self, length: int) -> None:
+        self.source.log.error("route feed sent a {length}-byte frame (limit {limit}); "
+                              "reconnecting", length=length, limit=self.MAX_LENGTH)
+        self.transport.loseConnection()
+
+
+class _FeedConnectionFactory(Factory):
+    def __init__(self, source: FeedProcessSource) -> None:
+        self.source = source
+
+    def buildProtocol(self, addr: Any) -> _FeedConnection:
+        p = _FeedConnection()
+        p.source = self.source
+        return p
+
+
+@implementer(IRouteSource)
+class FeedProcessSource:
+    """:class:`IRouteSource` fed by the node's route feed process over a Unix socket."""
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, path: Path, nexuses: int, *,
+                 retry: float = FEED_RETRY) -> None:
+        self.reactor = reactor
+        self.path = Path(path)
+        self.retry = retry
+        self.description = (f"nexus feed process ({nexuses} nexus"
+                            f"{'es' if nexuses != 1 else ''})")
+        self.counters: Counter[str] = Counter()
+        self.sink: TableSink | None = None
+        self.feed_status: dict[str, Any] | None = None
+        self.has_table = False
+        self.connected_at: float | None = None
+        self.lost_at: float | None = None
+        self.heard: float | None = None
+        self._conn: _FeedConnection | None = None
+        self._service: ClientService | None = None
+
+    def start(self, table: RouteTable) -> None:
+        self.sink = TableSink(table, self.counters)
+        self.lost_at = self.reactor.seconds()
+        endpoint: Any = UNIXClientEndpoint(self.reactor, str(self.path), timeout=5)
+        factory: Any = _FeedConnectionFactory(self)
+        self._service = ClientService(endpoint, factory,
+                                      retryPolicy=lambda attempt: self.retry, clock=self.reactor)
+        self._service.startService()
+
+    def stop(self) -> Any:
+        """Disconnect (the table keeps its contents); fires when the connection is closed."""
+        service, self._service = self._service, None
+        if service is not None:
+            return service.stopService()
+        return None
+
+    def reload(self) -> None:
+        """SIGHUP: the feed asks every nexus for a fresh snapshot."""
+        if self._conn is not None:
+            self._conn.sendString(_frame({"refresh": True}))
+
+    # -- the connection --------------------------------------------------------------
+    def _connected(self, conn: _FeedConnection) -> None:
+        self._conn = conn
+        self.connected_at = self.heard = self.reactor.seconds()
+        self.counters["connects"] += 1
+        if self.counters["connects"] > 1:
+            self.log.info("route feed process is back ({path})", path=str(self.path))
+
+    def _received(self, conn: _FeedConnection, data: bytes) -> None:
+        self.heard = self.reactor.seconds()
+        sink = self.sink
+        try:
+            msg = json.loads(data)
+            if "upsert" in msg:
+                if sink is not None and self.has_table:
+                    sink.apply(msg["upsert"], msg["remove"])
+                self.counters["deltas"] += 1
+            elif "snapshot" in msg:
+                if sink is not None:
+                    sink.replace(msg["snapshot"])
+                self.has_table = True
+                self.counters["snapshots"] += 1
+            elif isinstance(msg.get("status"), dict):
+                self.feed_status = msg["status"]
+            else:
+                raise ValueError("unknown frame")
+        except Exception:
+            # our own feed process sent it: a bug, not an attack.  Start over with a
+            # fresh snapshot rather than guess; the table stays as it is meanwhile.
+            self.counters["bad_frames"] += 1
+            self.log.failure("route feed sent a frame this router cannot use; reconnecting")
+            conn.transport.loseConnection()
+
+    def _lost(self, conn: _FeedConnection) -> None:
+        if conn is not self._conn:
+            return
+        self._conn = None
+        self.lost_at = self.reactor.seconds()
+        if self._service is not None and self._service.running:
+            self.log.warn("route feed process connection lost: serving the last route table "
+                          "({routes} routes) until it is back", routes=self._routes())
+        self.counters["disconnects"] += 1
+
+    def _routes(self) -> int:
+        return len(self.sink.table) if self.sink is not None else 0
+
+    # -- status ----------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        """As :meth:`RouteFeed.status`, from the feed process, with ``process``."""
+        now = self.reactor.seconds()
+        connected = self._conn is not None
+        process = {
+            "socket": str(self.path),
+            "connected": connected,
+            "age": None if self.heard is None else max(0.0, now - self.heard),
+            "counters": dict(self.counters),
+        }
+        if connected and self.feed_status is not None:
+            return dict(self.feed_status, process=process)
+        status = dict(self.feed_status or {"nexuses": [], "counters": {}})
+        status.update(
+            state="stale" if self.has_table else "starting",
+            stale=self.has_table,
+            since=self.lost_at if self.has_table else None,
+            alive=0,
+            routes=self._routes(),
+            process=process,
+        )
+        return status
+
+
+# -- the process ----------------------------------------------------------------------
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGTERM when the router's parent goes, however it went."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() == 1:  # the parent went before the line above
+        sys.exit(0)
+
+
+def main() -> None:
+    """``python -m epio.lb.feed`` with ``EPIO_LB_FEED_SPEC`` (JSON: config, socket)."""
+    from twisted.internet import reactor as _reactor
+    from twisted.logger import globalLogBeginner, textFileLogObserver
+
+    from epio.config import validate
+    from epio.node import Node
+    from epio.routefeed import make_route_source
+
+    reactor: Any = _reactor
+    _die_with_parent()
+    spec = json.loads(os.environ["EPIO_LB_FEED_SPEC"])
+    observer: Any = textFileLogObserver(sys.stdout)
+    globalLogBeginner.beginLoggingTo([observer])
+    node = Node.prepare(reactor, validate(spec["config"]), frozenset({"lb"}))
+    source = make_route_source(node)
+    publisher = FeedPublisher(source.feed, reactor, node.config["lb"]["feed_interval"])
+    path = Path(spec["socket"])
+    try:
+        path.unlink()  # a previous feed's, left by a crash
+    except FileNotFoundError:
+        pass
+    port = reactor.listenUNIX(str(path), publisher, mode=0o600)
+    source.follow(publisher)
+    status = LoopingCall(publisher.send_status)
+    status.clock = reactor
+    status.start(STATUS_INTERVAL, now=False)
+
+    def stop() -> None:
+        status.stop()
+        source.stop()
+        publisher.stop()
+        port.stopListening()
+
+    reactor.addSystemEventTrigger("before", "shutdown", stop)
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main()
