@@ -144,6 +144,19 @@ def pin(pid: int, cpus: set[int]) -> None:
         os.sched_setaffinity(int(tid), cpus)
 
 
+def children(pid: int, module: str) -> list[int]:
+    """The child processes of ``pid`` running ``python -m module``."""
+    out = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        for kid in Path(f"/proc/{pid}/task/{tid}/children").read_text().split():
+            try:
+                if module.encode() in Path(f"/proc/{kid}/cmdline").read_bytes().split(b"\0"):
+                    out.append(int(kid))
+            except OSError:
+                pass
+    return out
+
+
 def percentile(values: list[float], p: float) -> float:
     s = sorted(values)
     if not s:
@@ -265,7 +278,7 @@ class Bench:
         lb_port = free_port()
         router = NodeProcess(["--role=lb"], data_dir=self.tmp / "router",
                              config=common + f"[lb]\nlisten = \"tcp:{lb_port}:interface=127.0.0.1\"\n"
-                             "access_log = \"off\"\n")
+                             f"access_log = \"off\"\nroute_feed = \"{a.route_feed}\"\n")
         self.procs.append(router)
         # The control router: same build, same machine, same load, but its one route
         # comes from a file.  Measured while the fed router is stopped, what its latency
@@ -290,6 +303,16 @@ class Bench:
             nexus_node.wait_for_log(" ready: ", timeout=60)
         wait_for_port("127.0.0.1", lb_port, timeout=60)
         wait_for_port("127.0.0.1", control_port, timeout=60)
+        # the fed router's route feed process (lb.route_feed = "process"): route work
+        # of the router node, measured and stopped with it
+        feed_pids: list[int] = []
+        deadline = time.monotonic() + 30
+        while a.route_feed == "process" and not feed_pids:
+            if time.monotonic() > deadline:
+                raise SystemExit("the fed router started no route feed process")
+            feed_pids = children(router.proc.pid, "epio.lb.feed")
+            time.sleep(0.05)
+        fed_pids = [router.proc.pid, *feed_pids]
 
         if a.pin:
             # two machines on one: the route traffic (nexuses, simulated runners) on
@@ -301,6 +324,8 @@ class Bench:
             for nexus_node in self.procs[:-2]:
                 pin(nexus_node.proc.pid, route_cpu)
             pin(churn.pid, route_cpu)
+            for pid in feed_pids:  # the router node's route work, off its HTTP path
+                pin(pid, http_cpu if a.feed_cpu == "http" else route_cpu)
             for pid in (router.proc.pid, control.proc.pid, self.scripts[0].pid, os.getpid()):
                 pin(pid, http_cpu)
             if a.nice_fed:
@@ -309,7 +334,10 @@ class Bench:
                 for tid in os.listdir(f"/proc/{router.proc.pid}/task"):
                     os.setpriority(os.PRIO_PROCESS, int(tid), a.nice_fed)
             print(f"pinned: nexuses and churn on CPU {route_cpu}, client, routers and "
-                  f"backends on CPU {http_cpu}", flush=True)
+                  f"backends on CPU {http_cpu}"
+                  + (f", the route feed process on CPU "
+                     f"{http_cpu if a.feed_cpu == 'http' else route_cpu}" if feed_pids else ""),
+                  flush=True)
         probe = Probe(secret, hb)
         self.probe = probe
         self.ports = ports
@@ -336,13 +364,16 @@ class Bench:
         named = {f"nexus{i}": n for i, n in enumerate(self.procs[:-2])}
         named["router"] = router
         named["control"] = control
+        cpu_pids = {n: p.proc.pid for n, p in named.items()}
+        if feed_pids:
+            cpu_pids["router_feed"] = feed_pids[0]
         results: dict[str, Any] = {"apps": a.apps, "instances": per_node * a.nodes,
                                    "nodes": a.nodes, "nexuses": a.nexuses}
         # Phases alternate in short rounds so that load from elsewhere on the machine
         # falls on both alike.
         acc: dict[str, dict[str, Any]] = {
             ph: {"lat": [], "fixed": [], "control": [], "alone": [], "errors": 0, "changes": 0, "secs": 0.0,
-                 "cpu": {n: 0.0 for n in named}, "cpu_secs": 0.0, "wrk": []}
+                 "cpu": {n: 0.0 for n in cpu_pids}, "cpu_secs": 0.0, "wrk": []}
             for ph in ("steady", "churn")}
         churning = False
         for rnd in range(a.rounds):
@@ -356,10 +387,10 @@ class Bench:
                 t = time.monotonic()
                 # CPU in a window with no HTTP load: what the route traffic costs
                 t_cpu = time.monotonic()
-                cpu0 = {n: cpu_seconds(p.proc.pid) for n, p in named.items()}
+                cpu0 = {n: cpu_seconds(pid) for n, pid in cpu_pids.items()}
                 self.settle(a.cpu_seconds / a.rounds)
-                for n, p in named.items():
-                    acc_p["cpu"][n] += cpu_seconds(p.proc.pid) - cpu0[n]
+                for n, pid in cpu_pids.items():
+                    acc_p["cpu"][n] += cpu_seconds(pid) - cpu0[n]
                 acc_p["cpu_secs"] += time.monotonic() - t_cpu
                 acc_p["lat"] += self.propagation(a.samples // a.rounds)
                 # the two routers take turns request by request, so that both see
@@ -372,12 +403,14 @@ class Bench:
                 # the reference: the control alone, the fed router stopped (1 s: with
                 # keepalives every 0.5 s that stays under nexus.feed_timeout, so it
                 # resumes without a snapshot)
-                os.kill(router.proc.pid, signal.SIGSTOP)
+                for pid in fed_pids:
+                    os.kill(pid, signal.SIGSTOP)
                 try:
                     (alone,), errors = self.fixed_rate([control_port], a.rate,
                                                        min(1.0, a.load_seconds / a.rounds))
                 finally:
-                    os.kill(router.proc.pid, signal.SIGCONT)
+                    for pid in fed_pids:
+                        os.kill(pid, signal.SIGCONT)
                 acc_p["alone"] += alone
                 acc_p["errors"] += errors
                 self.settle(0.3)  # the fed router catches up on what it missed
@@ -557,6 +590,11 @@ def main() -> None:
     p.add_argument("--cpu-seconds", type=float, default=6.0,
                    help="seconds per phase (split over the rounds) of CPU measurement with no "
                    "HTTP load")
+    p.add_argument("--route-feed", choices=("process", "inline"), default="process",
+                   help="lb.route_feed of the fed router (A/B of the route feed process)")
+    p.add_argument("--feed-cpu", choices=("route", "http"), default="route",
+                   help="with --pin, the CPU of the route feed process: with the route "
+                   "traffic (default) or with the routers")
     p.add_argument("--pin", action="store_true",
                    help="run the nexuses and the churn on one CPU, the HTTP path on another, "
                    "as if they were different machines")
