@@ -289,6 +289,7 @@ class RouteFeed:
         # called after a nexus joined or left the merge (the feed process tells its
         # routers at once rather than at its next status)
         self.on_state: Callable[[], None] | None = None
+        self._live_waiters: list[Deferred[None]] = []
 
     # -- life -----------------------------------------------------------------
 
@@ -302,6 +303,15 @@ class RouteFeed:
         for link in self.links:
             self._arm_silence(link)
             self.request_snapshot(link)
+
+    def when_live(self) -> Deferred[None]:
+        """Fires once the feed has had a table from a nexus (at once if it has)."""
+        d: Deferred[None] = Deferred()
+        if self.ever_live:
+            d.callback(None)
+        else:
+            self._live_waiters.append(d)
+        return d
 
     def stop(self) -> None:
         self._running = False
@@ -473,6 +483,10 @@ class RouteFeed:
         was_alive = link.alive
         link.alive = True
         self.ever_live = True
+        waiters, self._live_waiters = self._live_waiters, []
+        for d in waiters:
+            if not d.called:  # a waiter that gave up (cancelled) is gone
+                d.callback(None)
         if self.stale:
             self.log.info(
                 "{name} answers again: the route table is fresh ({routes} routes; it was "
@@ -655,6 +669,10 @@ class NexusRouteSource:
 
     def reload(self) -> None:
         self.feed.refresh()
+
+    def when_ready(self) -> Deferred[None]:
+        """Fires with the first table from a nexus (the router listens after it)."""
+        return self.feed.when_live()
 
     def status(self) -> dict[str, Any]:
         return self.feed.status()

@@ -212,6 +212,11 @@ SCHEMA: dict[str, dict[str, Key]] = {
             "process beside the router merges them and streams only merged changes to every "
             "router process; docs/router.md) or 'inline' (in each router process).",
             one_of("process", "inline")),
+        "routes_wait": Key(
+            float, 5.0,
+            "Seconds a router fed by the nexus waits for its first route table before it "
+            "listens anyway (every host 404 until the table comes); 0 = listen at once.",
+            non_negative),
         "feed_interval": Key(
             float, 0.02,
             "Least seconds between two frames of route changes from the route feed process "

@@ -31,10 +31,8 @@ the nexus wire routes (docs/messages.md), already merged.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
-import signal
 import sys
 import tempfile
 from collections import Counter
@@ -42,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application.internet import ClientService
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
@@ -64,6 +63,7 @@ MAX_REQUEST = 1024
 FEED_RESTART = 1.0
 # Longest Unix socket path (sun_path is 108 bytes on Linux, with its NUL).
 _MAX_SOCKET_PATH = 100
+_PRIVATE_DIR = "epio-lb-feed-"
 
 
 def _frame(obj: Any) -> bytes:
@@ -82,7 +82,7 @@ def feed_socket_path(data_dir: Path) -> Path:
     os.chmod(run, 0o700)
     path = run / "lb-feed.sock"
     if len(os.fsencode(path)) > _MAX_SOCKET_PATH:
-        path = Path(tempfile.mkdtemp(prefix="epio-lb-")) / "feed.sock"
+        path = Path(tempfile.mkdtemp(prefix=_PRIVATE_DIR)) / "feed.sock"
     return path
 
 
@@ -276,6 +276,7 @@ class FeedProcessSource:
         self.heard: float | None = None
         self._conn: _FeedConnection | None = None
         self._service: ClientService | None = None
+        self._ready: list[Deferred[None]] = []
 
     def start(self, table: RouteTable) -> None:
         self.sink = TableSink(table, self.counters)
@@ -292,6 +293,15 @@ class FeedProcessSource:
         if service is not None:
             return service.stopService()
         return None
+
+    def when_ready(self) -> Deferred[None]:
+        """Fires with the first table from the feed (the router listens after it)."""
+        d: Deferred[None] = Deferred()
+        if self.has_table:
+            d.callback(None)
+        else:
+            self._ready.append(d)
+        return d
 
     def reload(self) -> None:
         """SIGHUP: the feed asks every nexus for a fresh snapshot."""
@@ -320,6 +330,10 @@ class FeedProcessSource:
                     sink.replace(msg["snapshot"])
                 self.has_table = True
                 self.counters["snapshots"] += 1
+                ready, self._ready = self._ready, []
+                for d in ready:
+                    if not d.called:  # a router that gave up waiting (cancelled)
+                        d.callback(None)
             elif isinstance(msg.get("status"), dict):
                 self.feed_status = msg["status"]
             else:
@@ -372,28 +386,18 @@ class FeedProcessSource:
 # -- the process ----------------------------------------------------------------------
 
 
-def _die_with_parent() -> None:
-    """Linux: SIGTERM when the router's parent goes, however it went."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() == 1:  # the parent went before the line above
-        sys.exit(0)
-
-
 def main() -> None:
     """``python -m epio.lb.feed`` with ``EPIO_LB_FEED_SPEC`` (JSON: config, socket)."""
     from twisted.internet import reactor as _reactor
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
     from epio.config import validate
+    from epio.lb.service import die_with_parent
     from epio.node import Node
     from epio.routefeed import make_route_source
 
     reactor: Any = _reactor
-    _die_with_parent()
+    die_with_parent()
     spec = json.loads(os.environ["EPIO_LB_FEED_SPEC"])
     observer: Any = textFileLogObserver(sys.stdout)
     globalLogBeginner.beginLoggingTo([observer])
@@ -401,6 +405,7 @@ def main() -> None:
     source = make_route_source(node)
     publisher = FeedPublisher(source.feed, reactor, node.config["lb"]["feed_interval"])
     path = Path(spec["socket"])
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
         path.unlink()  # a previous feed's, left by a crash
     except FileNotFoundError:
@@ -416,6 +421,12 @@ def main() -> None:
         source.stop()
         publisher.stop()
         port.stopListening()
+        if path.parent.name.startswith(_PRIVATE_DIR):  # feed_socket_path's own directory
+            try:
+                path.unlink()
+                path.parent.rmdir()
+            except OSError:
+                pass
 
     reactor.addSystemEventTrigger("before", "shutdown", stop)
     reactor.run()

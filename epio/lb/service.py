@@ -10,6 +10,7 @@ route source; the kernel spreads connections over them.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import json
 import os
@@ -36,6 +37,20 @@ from epio.routing import FileRouteSource, RouteTable
 FLUSH_INTERVAL = 0.5
 GC_THRESHOLDS = (5000, 20, 100)  # CPython's default is (700, 10, 10)
 TLS_RESCAN_INTERVAL = 5.0
+
+
+def die_with_parent() -> None:
+    """In a worker or the route feed process: SIGTERM when the router's parent goes,
+    however it went (Linux ``PR_SET_PDEATHSIG``), so no orphan keeps the router's port
+    or follows the nexuses for nobody.  Exits at once if the parent is already gone."""
+    parent = int(os.environ.get("EPIO_LB_PARENT", "0"))
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if parent and os.getppid() != parent:  # it went before the line above
+        sys.exit(0)
 
 
 def parse_tcp_endpoint(desc: str) -> tuple[str, int, int]:
@@ -155,6 +170,7 @@ class LBService(MultiService):
         self._ready_result: Any = None
         self._waiters: list[defer.Deferred[Any]] = []
         self._old_sighup: Any = None
+        self._waiting_routes: defer.Deferred[None] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
     def whenReady(self) -> defer.Deferred[Any]:
@@ -200,7 +216,34 @@ class LBService(MultiService):
         d = defer.ensureDeferred(self._listen())
         d.addCallbacks(self._listening, self._listen_failed)
 
+    async def _routes_ready(self) -> None:
+        """Wait for the route source's first table, at most ``lb.routes_wait`` seconds.
+
+        A router that listened before it had routes would answer 404 for every app
+        until its first table came (docs/router.md, "Routes")."""
+        when_ready = getattr(self.route_source, "when_ready", None)
+        wait = float(self.section.get("routes_wait", 0.0))
+        if when_ready is None or wait <= 0:
+            return
+        ready = self._waiting_routes = when_ready()
+        if ready.called:
+            return
+        timer = self.reactor.callLater(wait, ready.cancel)
+        try:
+            await ready
+        except defer.CancelledError:
+            if not self._stopping:
+                self.log.warn("no route table after {secs:g}s (lb.routes_wait): listening "
+                              "without one; every host answers 404 until it comes", secs=wait)
+        finally:
+            self._waiting_routes = None
+            if timer.active():
+                timer.cancel()
+
     async def _listen(self) -> list[Any]:
+        await self._routes_ready()
+        if self._stopping:  # stopped while waiting for routes: never listen
+            return self.ports
         s = self.settings
         factory = LBFactory(self.lb, b"http")
         listen = self.section.get("listen", "tcp:8080")
@@ -297,6 +340,8 @@ class LBService(MultiService):
 
     async def _stop(self) -> None:
         lb = self.lb
+        if self._waiting_routes is not None:
+            self._waiting_routes.cancel()
         for p in self.ports:
             await defer.maybeDeferred(p.stopListening)
         self.ports = []
@@ -342,6 +387,7 @@ class LBService(MultiService):
     def _spawn(self, proto: _ChildProtocol, module: str, variable: str, payload: str) -> None:
         env = dict(os.environ)
         env[variable] = payload
+        env["EPIO_LB_PARENT"] = str(os.getpid())
         env["PYTHONPATH"] = os.pathsep.join(
             [str(Path(__file__).resolve().parents[2])] + ([env["PYTHONPATH"]]
                                                           if env.get("PYTHONPATH") else []))

@@ -20,10 +20,11 @@ def main() -> None:
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
     from epio.config import validate
-    from epio.lb.service import LBService
+    from epio.lb.service import LBService, die_with_parent
     from epio.routing import FileRouteSource
 
     reactor: Any = _reactor
+    die_with_parent()
     spec = json.loads(os.environ["EPIO_LB_WORKER_SPEC"])
     observer: Any = textFileLogObserver(sys.stdout)
     globalLogBeginner.beginLoggingTo([observer])

@@ -261,6 +261,47 @@ class FeedProtocolTests(TestCase):
         self.assertEqual(kinds, [["status"], ["snapshot"]])
 
 
+class RoutesWaitTests(TestCase):
+    """A fed router listens once it has a table, or after lb.routes_wait without one."""
+
+    def service(self, wait: float) -> Any:
+        from epio.lb.service import LBService
+
+        d = Path(self.mktemp())
+        d.mkdir(parents=True)
+        source = FeedProcessSource(reactor, d / "feed.sock", 1, retry=0.05)  # no feed there
+        svc = LBService(reactor, {"listen": "tcp:0:interface=127.0.0.1",
+                                  "routes_wait": wait, "access_log": "off"},
+                        "localhost", source)
+        return svc
+
+    async def test_listens_without_a_table_after_the_wait(self) -> None:
+        logged: list[str] = []
+
+        def observer(event: dict[str, Any]) -> None:
+            logged.append(formatEvent(event))
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        svc = self.service(0.3)
+        started = reactor.seconds()
+        svc.startService()
+        self.addCleanup(svc.stopService)
+        await deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual(svc.ports, [])  # still waiting for routes
+        ports = await svc.whenReady()
+        self.assertGreaterEqual(reactor.seconds() - started, 0.3)
+        self.assertEqual(len(ports), 1)
+        self.assertTrue(any("no route table after 0.3s (lb.routes_wait)" in m for m in logged))
+
+    async def test_stopped_while_waiting_never_listens(self) -> None:
+        svc = self.service(30.0)
+        svc.startService()
+        await deferLater(reactor, 0.05, lambda: None)
+        await svc.stopService()
+        ports = await svc.whenReady()
+        self.assertEqual(ports, [])
+
+
 class SocketPathTests(SynchronousTestCase):
     def test_in_the_data_dir(self) -> None:
         """The socket lives in <data_dir>/run, a directory only the node's user enters."""

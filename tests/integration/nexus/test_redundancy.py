@@ -192,7 +192,8 @@ class RedundancyTests(ClusterCase):
             n.wait_for_log(" ready: ", timeout=30)
         for port in lb_ports:
             wait_for_port(self.ADDR, port, timeout=30)
-        self.wait_body(lb_ports, "backend-1", timeout=15)
+        for port in lb_ports:  # a router listens once it has a table: never a 404 first
+            self.assertEqual(get(port, addr=self.ADDR), (200, "backend-1"))
 
         # 1. kill one nexus: not one request fails, before, during and after it leaves
         nexus[0].kill()
@@ -289,9 +290,19 @@ def children(pid: int, module: str) -> list[int]:
 
 
 class FeedProcessTests(ClusterCase):
+    def test_no_nexus_listens_after_routes_wait(self) -> None:
+        """With no nexus answering, a router listens after lb.routes_wait, and says so."""
+        port = free_port(self.ADDR)
+        router = self.start_router(port, 0, "routes_wait = 0.5\n")
+        wait_for_port(self.ADDR, port, timeout=30)
+        router.wait_for_log("no route table after 0.5s (lb.routes_wait)", timeout=5)
+        self.assertEqual(get(port, addr=self.ADDR)[0], 404)
+        self.assertEqual(self.status(router)["feed"]["state"], "starting")
+
     def test_feed_process_serves_every_worker_and_survives_a_crash(self) -> None:
         """One route feed process serves the router and its worker; killed, the router
-        keeps its table and says so, the feed comes back and the routes move on."""
+        keeps its table and says so, the feed comes back and the routes move on; the
+        router killed, its children go too."""
         state_file = self.start_standin()
         nexus = [self.start_nexus(0), self.start_nexus(1)]
         port = free_port(self.ADDR)
@@ -343,10 +354,14 @@ class FeedProcessTests(ClusterCase):
         time.sleep(0.2)  # the other router process applies the same frame
         self.hammer([port], 0.5, "backend-2")
 
-        # a stopped router takes its feed with it
-        self.assertIn(router.stop(), (0, -signal.SIGTERM), router.output())
-        deadline = time.monotonic() + 5
-        while os.path.exists(f"/proc/{again[0]}"):
-            self.assertLess(time.monotonic(), deadline, "the feed outlived its router")
+        # a router killed outright takes its worker and its feed with it: no orphan
+        # keeps the port or follows the nexuses for nobody
+        (worker,) = children(router.proc.pid, "epio.lb.worker")
+        os.kill(router.proc.pid, signal.SIGKILL)
+        router.proc.wait()
+        deadline = time.monotonic() + 10
+        while any(os.path.exists(f"/proc/{pid}/cmdline")
+                  and Path(f"/proc/{pid}/cmdline").read_bytes() for pid in (worker, again[0])):
+            self.assertLess(time.monotonic(), deadline, "a child outlived its router")
             time.sleep(0.05)
 
