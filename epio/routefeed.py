@@ -196,32 +196,59 @@ class TableSink:
 
     def replace(self, routes: Iterable[Mapping[str, Any]]) -> None:
         """The whole table."""
-        known, self._known = self._known, {}
-        self.table.replace(self._routes(routes, known))
+        build = self.building()
+        for r in routes:
+            build.add(r)
+        build.commit()
+
+    def building(self) -> TableBuild:
+        """A whole table built route by route (in slices), swapped in by ``commit()``."""
+        return TableBuild(self)
 
     def apply(self, upsert: Iterable[Mapping[str, Any]], remove: Iterable[str]) -> None:
         """Routes set (whole routes, by app) and apps removed."""
         remove = tuple(remove)
+        known = self._known
         for app in remove:
-            self._known.pop(app, None)
-        self.table.apply(RouteDelta(upsert=tuple(self._routes(upsert, self._known)),
-                                    remove=remove))
+            known.pop(app, None)
+        routes = []
+        for r in upsert:
+            route = self._route(r, known, known)
+            if route is not None:
+                routes.append(route)
+        self.table.apply(RouteDelta(upsert=tuple(routes), remove=remove))
 
-    def _routes(self, routes: Iterable[Mapping[str, Any]],
-                known: dict[str, dict[tuple[Any, ...], Backend]]) -> list[Route]:
-        out = []
-        for r in routes:
-            app = r.get("app")
-            made: dict[tuple[Any, ...], Backend] = {}
-            try:
-                out.append(route_from_wire(r, known.get(app) if isinstance(app, str) else None,
-                                           made))
-            except BadRoute as e:
-                self.counters["bad_routes"] += 1
-                self.log.warn("route from a nexus ignored: {error}", error=str(e))
-                continue
-            self._known[app] = made  # type: ignore[index]
-        return out
+    def _route(self, r: Mapping[str, Any], known: dict[str, dict[tuple[Any, ...], Backend]],
+               into: dict[str, dict[tuple[Any, ...], Backend]]) -> Route | None:
+        app = r.get("app")
+        made: dict[tuple[Any, ...], Backend] = {}
+        try:
+            route = route_from_wire(r, known.get(app) if isinstance(app, str) else None, made)
+        except BadRoute as e:
+            self.counters["bad_routes"] += 1
+            self.log.warn("route from a nexus ignored: {error}", error=str(e))
+            return None
+        into[route.app] = made
+        return route
+
+
+class TableBuild:
+    """A new table for a :class:`TableSink`, built route by route; see ``building()``."""
+
+    def __init__(self, sink: TableSink) -> None:
+        self.sink = sink
+        self.routes: list[Route] = []
+        self.known: dict[str, dict[tuple[Any, ...], Backend]] = {}
+
+    def add(self, route: Mapping[str, Any]) -> None:
+        made = self.sink._route(route, self.sink._known, self.known)
+        if made is not None:
+            self.routes.append(made)
+
+    def commit(self) -> None:
+        """Swap the built table in, in one step."""
+        self.sink._known = self.known
+        self.sink.table.replace(self.routes)
 
 
 @define(eq=False)

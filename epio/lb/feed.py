@@ -35,8 +35,9 @@ import json
 import os
 import sys
 import tempfile
-from collections import Counter
+from collections import Counter, deque
 from pathlib import Path
+from time import perf_counter
 from typing import Any
 
 from twisted.application.internet import ClientService
@@ -48,7 +49,7 @@ from twisted.logger import Logger
 from twisted.protocols.basic import Int32StringReceiver
 from zope.interface import implementer
 
-from epio.routefeed import RouteFeed, TableSink
+from epio.routefeed import RouteFeed, TableBuild, TableSink
 from epio.routing import IRouteSource, RouteTable
 
 # Seconds between two attempts of a router process to reach its feed process.
@@ -59,6 +60,12 @@ STATUS_INTERVAL = 1.0
 MAX_FRAME = 1 << 30
 # Largest frame the feed takes from a router (they only ever send {"refresh": true}).
 MAX_REQUEST = 1024
+# Routes per frame: a snapshot or a big change is sent as several frames so that
+# a router never decodes much in one go.
+FRAME_ROUTES = 8
+# Seconds of route work (decoding a frame, building a route) a router does per
+# reactor turn before it lets requests in again.
+APPLY_BUDGET = 0.0001
 # Seconds the router's parent waits before starting a feed process that exited.
 FEED_RESTART = 1.0
 # Longest Unix socket path (sun_path is 108 bytes on Linux, with its NUL).
@@ -84,6 +91,14 @@ def feed_socket_path(data_dir: Path) -> Path:
     if len(os.fsencode(path)) > _MAX_SOCKET_PATH:
         path = Path(tempfile.mkdtemp(prefix=_PRIVATE_DIR)) / "feed.sock"
     return path
+
+
+def snapshot_frames(routes: list[dict[str, Any]]) -> list[bytes]:
+    """A whole table as frames of :data:`FRAME_ROUTES` routes; all but the last say
+    ``"more": true``."""
+    chunks = [routes[i:i + FRAME_ROUTES] for i in range(0, len(routes), FRAME_ROUTES)] or [[]]
+    return [_frame({"snapshot": chunk, "more": i < len(chunks) - 1})
+            for i, chunk in enumerate(chunks)]
 
 
 # -- the feed process's side ---------------------------------------------------------
@@ -162,16 +177,18 @@ class FeedPublisher(Factory):
             self.routers.remove(conn)
 
     def _sync(self, conn: _RouterConnection) -> None:
-        conn.sendString(_frame({"snapshot": list(self.feed.merged.values())}))
+        for frame in snapshot_frames(list(self.feed.merged.values())):
+            conn.sendString(frame)
         conn.synced = True
 
     # the sink interface of RouteFeed (see epio.routefeed.TableSink)
     def replace(self, routes: list[dict[str, Any]]) -> None:
         self.stop()  # waiting changes are in the new table
         self._pending = {}
-        frame = _frame({"snapshot": routes})
+        frames = snapshot_frames(routes)
         for conn in self.routers:
-            conn.sendString(frame)
+            for frame in frames:
+                conn.sendString(frame)
             conn.synced = True
 
     def apply(self, upsert: list[dict[str, Any]], remove: list[str]) -> None:
@@ -200,12 +217,15 @@ class FeedPublisher(Factory):
             self._send(upsert, remove)
 
     def _send(self, upsert: list[dict[str, Any]], remove: list[str]) -> None:
-        frame = None
+        frames = None
         for conn in self.routers:
             if conn.synced:
-                if frame is None:
-                    frame = _frame({"upsert": upsert, "remove": remove})
-                conn.sendString(frame)
+                if frames is None:
+                    frames = [_frame({"upsert": upsert[i:i + FRAME_ROUTES],
+                                      "remove": remove if i == 0 else []})
+                              for i in range(0, max(1, len(upsert)), FRAME_ROUTES)]
+                for frame in frames:
+                    conn.sendString(frame)
             else:
                 self._sync(conn)
 
@@ -277,6 +297,11 @@ class FeedProcessSource:
         self._conn: _FeedConnection | None = None
         self._service: ClientService | None = None
         self._ready: list[Deferred[None]] = []
+        # frames received and not yet worked through; the items of the frame at hand
+        self._frames: deque[bytes] = deque()
+        self._items: deque[tuple[str, Any]] = deque()
+        self._build: TableBuild | None = None  # a snapshot arriving
+        self._call: Any = None
 
     def start(self, table: RouteTable) -> None:
         self.sink = TableSink(table, self.counters)
@@ -289,6 +314,7 @@ class FeedProcessSource:
 
     def stop(self) -> Any:
         """Disconnect (the table keeps its contents); fires when the connection is closed."""
+        self._reset()
         service, self._service = self._service, None
         if service is not None:
             return service.stopService()
@@ -317,38 +343,104 @@ class FeedProcessSource:
             self.log.info("route feed process is back ({path})", path=str(self.path))
 
     def _received(self, conn: _FeedConnection, data: bytes) -> None:
+        """A frame: queued, and worked through a little per reactor turn (:meth:`_work`)."""
         self.heard = self.reactor.seconds()
-        sink = self.sink
+        self._frames.append(data)
+        if self._call is None:
+            self._call = self.reactor.callLater(0, self._work)
+
+    def _work(self) -> None:
+        """Decode frames and apply routes for at most :data:`APPLY_BUDGET` seconds, then
+        let the reactor serve requests and come back: a burst of route changes, or a whole
+        table, never holds the proxy for more than about one route."""
+        self._call = None
+        deadline = perf_counter() + APPLY_BUDGET
+        items, frames = self._items, self._frames
         try:
-            msg = json.loads(data)
-            if "upsert" in msg:
-                if sink is not None and self.has_table:
-                    sink.apply(msg["upsert"], msg["remove"])
-                self.counters["deltas"] += 1
-            elif "snapshot" in msg:
-                if sink is not None:
-                    sink.replace(msg["snapshot"])
-                self.has_table = True
-                self.counters["snapshots"] += 1
-                ready, self._ready = self._ready, []
-                for d in ready:
-                    if not d.called:  # a router that gave up waiting (cancelled)
-                        d.callback(None)
-            elif isinstance(msg.get("status"), dict):
-                self.feed_status = msg["status"]
-            else:
-                raise ValueError("unknown frame")
+            while True:
+                if items:
+                    self._step(items.popleft())
+                elif frames:
+                    self._decode(frames.popleft())
+                else:
+                    return
+                if perf_counter() >= deadline:
+                    break
         except Exception:
             # our own feed process sent it: a bug, not an attack.  Start over with a
             # fresh snapshot rather than guess; the table stays as it is meanwhile.
             self.counters["bad_frames"] += 1
             self.log.failure("route feed sent a frame this router cannot use; reconnecting")
-            conn.transport.loseConnection()
+            conn = self._conn
+            self._reset()
+            if conn is not None:
+                conn.transport.loseConnection()
+            return
+        self._call = self.reactor.callLater(0, self._work)
+
+    def _decode(self, data: bytes) -> None:
+        msg = json.loads(data)
+        items = self._items
+        if "upsert" in msg:
+            upsert, remove = msg["upsert"], msg["remove"]
+            if not isinstance(upsert, list) or not isinstance(remove, list):
+                raise ValueError("malformed route change")
+            self.counters["deltas"] += 1
+            if remove:
+                items.append(("remove", remove))
+            items.extend(("upsert", r) for r in upsert)
+        elif "snapshot" in msg:
+            routes = msg["snapshot"]
+            if not isinstance(routes, list):
+                raise ValueError("malformed snapshot")
+            if self._build is None:
+                self._build = self.sink.building() if self.sink is not None else None
+            items.extend(("build", r) for r in routes)
+            if not msg.get("more"):
+                items.append(("commit", None))
+        elif isinstance(msg.get("status"), dict):
+            self.feed_status = msg["status"]
+        else:
+            raise ValueError("unknown frame")
+
+    def _step(self, item: tuple[str, Any]) -> None:
+        kind, value = item
+        sink = self.sink
+        if kind == "upsert":
+            if sink is not None:
+                sink.apply((value,), ())
+        elif kind == "remove":
+            if sink is not None:
+                sink.apply((), value)
+        elif kind == "build":
+            if self._build is not None:
+                self._build.add(value)
+        else:  # commit: the whole table, in one swap
+            build, self._build = self._build, None
+            if build is not None:
+                build.commit()
+            self.has_table = True
+            self.counters["snapshots"] += 1
+            ready, self._ready = self._ready, []
+            for d in ready:
+                if not d.called:  # a router that gave up waiting (cancelled)
+                    d.callback(None)
+
+    def _reset(self) -> None:
+        """Forget what a lost connection sent and was not applied yet (the next
+        connection starts with a whole table)."""
+        self._frames.clear()
+        self._items.clear()
+        self._build = None
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
 
     def _lost(self, conn: _FeedConnection) -> None:
         if conn is not self._conn:
             return
         self._conn = None
+        self._reset()
         self.lost_at = self.reactor.seconds()
         if self._service is not None and self._service.running:
             self.log.warn("route feed process connection lost: serving the last route table "

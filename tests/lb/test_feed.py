@@ -22,7 +22,8 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
-from epio.lb.feed import FeedProcessSource, FeedPublisher, feed_socket_path
+from epio.lb import feed as feed_module
+from epio.lb.feed import FRAME_ROUTES, FeedProcessSource, FeedPublisher, feed_socket_path
 from epio.routefeed import NexusLink, RouteFeed
 from epio.routing import IRouteSource, Route, RouteTable
 
@@ -152,6 +153,40 @@ class FeedProtocolTests(TestCase):
         self.delta(7, {"op": "remove", "app": "hello"})
         await wait_until(lambda: table.get("hello") is None, what="after the clock jump")
 
+    async def test_a_big_table_arrives_in_slices_and_swaps_once(self) -> None:
+        """A table of many routes comes in frames of FRAME_ROUTES and is built one route
+        per reactor turn (budget 0 here), the old table serving until one swap."""
+        self.patch(feed_module, "APPLY_BUDGET", 0.0)
+        self.routes = [wire(f"app{i}", 9000 + i) for i in range(3 * FRAME_ROUTES + 1)]
+        self.feed.start(self.publisher)
+        table = RouteTable("localhost", [Route(app="old", hostnames=["old.example.com"],
+                                               backends=[])], clock=reactor)
+        version = table.version
+        source, _ = self.router(table)
+        turns: list[int] = []
+        work = source._work
+
+        def counted() -> None:
+            turns.append(len(table))
+            work()
+        source._work = counted  # type: ignore[method-assign]
+        await wait_until(lambda: source.has_table, what="the table")
+        self.assertEqual(len(table), len(self.routes))
+        self.assertEqual(table.version, version + 1)  # one swap
+        self.assertGreater(len(turns), len(self.routes))  # one route per turn at most
+        self.assertEqual(set(turns[:-1]), {1})  # the old table served until the swap
+        self.assertEqual(source.counters["snapshots"], 1)
+
+        # a change of more routes than a frame holds: several frames, all applied
+        changes = [{"op": "set", "app": f"app{i}", "route": wire(f"app{i}", 7000 + i)}
+                   for i in range(2 * FRAME_ROUTES + 3)]
+        self.delta(2, *changes, {"op": "remove", "app": "app30"})
+        await wait_until(lambda: ports(table, f"app{2 * FRAME_ROUTES + 2}") == [
+            7000 + 2 * FRAME_ROUTES + 2], what="the last route of the change")
+        self.assertEqual(ports(table, "app0"), [7000])
+        self.assertIsNone(table.get("app30"))
+        self.assertEqual(source.counters["deltas"], 3)
+
     async def test_no_empty_table_before_the_feed_is_live(self) -> None:
         """A router that connects to a feed without a table keeps its own until there is one."""
         self.hold = Deferred()
@@ -258,7 +293,7 @@ class FeedProtocolTests(TestCase):
             (length,) = struct.unpack("!I", frames[:4])
             kinds.append(sorted(json.loads(frames[4:4 + length])))
             frames = frames[4 + length:]
-        self.assertEqual(kinds, [["status"], ["snapshot"]])
+        self.assertEqual(kinds, [["status"], ["more", "snapshot"]])
 
 
 class RoutesWaitTests(TestCase):
