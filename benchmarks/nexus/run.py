@@ -5,7 +5,8 @@ Runs by hand from the checkout (see docs/nexus.md)::
     /work/venv/bin/python benchmarks/nexus/run.py [--apps 1000] [--instances 10000]
         [--nodes 100] [--nexuses 2] [--samples 200] [--changes 2] [--rate 500]
         [--load-seconds 8] [--rounds 4] [--cpu-seconds 6] [--delta-interval S]
-        [--pin [--nice-fed N]] [--wrk]
+        [--route-feed process|inline] [--feed-interval S]
+        [--pin [--nice-fed N] [--feed-cpu route|http]] [--wrk]
 
 What it starts (all real processes on 127.0.0.1): a store with the apps, HTTP
 backends, ``--nexuses`` nexus nodes and two routers (``twistd epio
@@ -278,7 +279,9 @@ class Bench:
         lb_port = free_port()
         router = NodeProcess(["--role=lb"], data_dir=self.tmp / "router",
                              config=common + f"[lb]\nlisten = \"tcp:{lb_port}:interface=127.0.0.1\"\n"
-                             f"access_log = \"off\"\nroute_feed = \"{a.route_feed}\"\n")
+                             f"access_log = \"off\"\nroute_feed = \"{a.route_feed}\"\n"
+                             + (f"feed_interval = {a.feed_interval}\n"
+                                if a.feed_interval is not None else ""))
         self.procs.append(router)
         # The control router: same build, same machine, same load, but its one route
         # comes from a file.  Measured while the fed router is stopped, what its latency
@@ -592,6 +595,8 @@ def main() -> None:
                    "HTTP load")
     p.add_argument("--route-feed", choices=("process", "inline"), default="process",
                    help="lb.route_feed of the fed router (A/B of the route feed process)")
+    p.add_argument("--feed-interval", type=float, default=None,
+                   help="lb.feed_interval of the fed router (default: the config default)")
     p.add_argument("--feed-cpu", choices=("route", "http"), default="route",
                    help="with --pin, the CPU of the route feed process: with the route "
                    "traffic (default) or with the routers")
