@@ -23,6 +23,10 @@ class NodeProcessTests(SynchronousTestCase):
         node = NodeProcess(["--role=all"], config=to_toml(doc))
         self.addCleanup(node.cleanup)
         node.wait_for_log("service backup started", timeout=60)
+        # services start before the reactor runs and installs its SIGTERM handler; the
+        # router listening (once the in-process nexus gave it a table, through the
+        # route feed process) shows the reactor running
+        node.wait_for_log("router listening on", timeout=60)
         out = node.output()
         for role in [*ROLES, "store"]:
             self.assertIn(f"service {role} started", out)
