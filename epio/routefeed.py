@@ -39,7 +39,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from epio.bus.errors import RemoteError
-from epio.routing import Backend, IRouteSource, Route, RouteDelta, RouteTable
+from epio.routing import Backend, IRouteSource, LazyRoute, Route, RouteDelta, RouteTable
 
 # Route options a nexus may send and their types (see epio.routing.Route).
 OPTION_KEYS: dict[str, tuple[type, ...]] = {
@@ -188,11 +188,17 @@ class TableSink:
 
     log = Logger()
 
-    def __init__(self, table: RouteTable, counters: Counter[str] | None = None) -> None:
+    def __init__(self, table: RouteTable, counters: Counter[str] | None = None,
+                 lazy: bool = False) -> None:
         self.table = table
         self.counters: Counter[str] = Counter() if counters is None else counters
-        # app -> backend_key -> Backend of the route last handed to the table
+        # app -> backend_key -> Backend of the route last built for the table
         self._known: dict[str, dict[tuple[Any, ...], Backend]] = {}
+        # lazy: hand the table LazyRoutes, each built by the first lookup that finds it
+        # (the route feed process's routers: most changed apps get no request before
+        # they change again).  A lazy route whose backends turn out unusable drops
+        # the app (an eager one keeps the app's last usable route).
+        self.lazy = lazy
 
     def replace(self, routes: Iterable[Mapping[str, Any]]) -> None:
         """The whole table."""
@@ -211,12 +217,22 @@ class TableSink:
         known = self._known
         for app in remove:
             known.pop(app, None)
-        routes = []
+        routes: list[Any] = []
         for r in upsert:
-            route = self._route(r, known, known)
+            route = self._lazy(r) if self.lazy else self._route(r, known, known)
             if route is not None:
                 routes.append(route)
         self.table.apply(RouteDelta(upsert=tuple(routes), remove=remove))
+
+    def _lazy(self, r: Mapping[str, Any]) -> LazyRoute | None:
+        app, hostnames = r.get("app"), r.get("hostnames", [])
+        if not (isinstance(app, str) and app) or not isinstance(hostnames, list) \
+                or not all(isinstance(h, str) and h for h in hostnames):
+            self.counters["bad_routes"] += 1
+            self.log.warn("route from a nexus ignored: {error}",
+                          error=f"route {app!r}: needs an app name and a list of hostnames")
+            return None
+        return LazyRoute(app, hostnames, lambda: self._route(r, self._known, self._known))
 
     def _route(self, r: Mapping[str, Any], known: dict[str, dict[tuple[Any, ...], Backend]],
                into: dict[str, dict[tuple[Any, ...], Backend]]) -> Route | None:
@@ -237,18 +253,23 @@ class TableBuild:
 
     def __init__(self, sink: TableSink) -> None:
         self.sink = sink
-        self.routes: list[Route] = []
+        self.routes: list[Any] = []  # Route, or LazyRoute with a lazy sink
         self.known: dict[str, dict[tuple[Any, ...], Backend]] = {}
 
     def add(self, route: Mapping[str, Any]) -> None:
-        made = self.sink._route(route, self.sink._known, self.known)
+        sink = self.sink
+        made = sink._lazy(route) if sink.lazy else sink._route(route, sink._known, self.known)
         if made is not None:
             self.routes.append(made)
 
     def commit(self) -> None:
         """Swap the built table in, in one step."""
-        self.sink._known = self.known
-        self.sink.table.replace(self.routes)
+        sink = self.sink
+        if sink.lazy:  # built later: keep the Backends of the apps still there
+            apps = {r.app for r in self.routes}
+            self.known = {app: m for app, m in sink._known.items() if app in apps}
+        sink._known = self.known
+        sink.table.replace(self.routes)
 
 
 @define(eq=False)

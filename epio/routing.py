@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import tomllib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -146,17 +146,38 @@ def normalise_host(host: str) -> str:
     return h.rstrip(".")
 
 
+class LazyRoute:
+    """A route in a :class:`RouteTable` whose :class:`Route` is built on first use.
+
+    The router's route feed hands it many changed routes a second, most of them
+    for apps no request asks for before they change again; building each
+    ``Route`` only when a lookup finds it keeps that work off the proxy.
+    ``build()`` returns the Route, or ``None`` for a route that cannot be used
+    (the table then drops the app).  ``hostnames`` must be normalised as
+    ``Route`` normalises them.
+    """
+
+    __slots__ = ("app", "hostnames", "build")
+
+    def __init__(self, app: str, hostnames: Iterable[str],
+                 build: Callable[[], Route | None]) -> None:
+        self.app = app
+        self.hostnames = _hostnames(hostnames)
+        self.build = build
+
+
 class _Index:
     """The three dictionaries one lookup probes."""
 
     __slots__ = ("apps", "exact", "wild")
 
     def __init__(self) -> None:
-        self.apps: dict[str, Route] = {}
-        self.exact: dict[str, Route] = {}
-        self.wild: dict[str, Route] = {}  # ".example.com" for "*.example.com"
+        # values: Route, or LazyRoute until a lookup builds it
+        self.apps: dict[str, Any] = {}
+        self.exact: dict[str, Any] = {}
+        self.wild: dict[str, Any] = {}  # ".example.com" for "*.example.com"
 
-    def add(self, route: Route) -> None:
+    def add(self, route: Route | LazyRoute) -> None:
         self.apps[route.app] = route
         for h in route.hostnames:
             if h.startswith("*."):
@@ -164,7 +185,7 @@ class _Index:
             else:
                 self.exact[h] = route
 
-    def discard(self, route: Route) -> None:
+    def discard(self, route: Route | LazyRoute) -> None:
         """Remove ``route``'s hostnames, leaving those another app has taken since."""
         if self.apps.get(route.app) is route:
             del self.apps[route.app]
@@ -205,10 +226,27 @@ class RouteTable:
         return len(self._index.apps)
 
     def routes(self) -> list[Route]:
-        return list(self._index.apps.values())
+        out = []
+        for r in list(self._index.apps.values()):
+            route = self._built(r) if r.__class__ is LazyRoute else r
+            if route is not None:
+                out.append(route)
+        return out
 
     def get(self, app: str) -> Route | None:
-        return self._index.apps.get(app)
+        r = self._index.apps.get(app)
+        return self._built(r) if r is not None and r.__class__ is LazyRoute else r
+
+    def _built(self, lazy: Any) -> Route | None:
+        """Build a :class:`LazyRoute` found in the index and put the Route in its place."""
+        route = lazy.build()
+        idx = self._index
+        current: Any = idx.apps.get(lazy.app)
+        if current is lazy:
+            idx.discard(lazy)
+            if route is not None:
+                idx.add(route)
+        return route
 
     @property
     def pending(self) -> int:
@@ -217,10 +255,15 @@ class RouteTable:
 
     def lookup(self, host: str) -> Route | None:
         """The route for a Host header value, or ``None``."""
+        r = self._index.exact.get(host)
+        if r is None:
+            r = self._lookup(host)
+        if r is not None and r.__class__ is LazyRoute:
+            return self._built(r)
+        return r
+
+    def _lookup(self, host: str) -> Any:
         idx = self._index
-        r = idx.exact.get(host)
-        if r is not None:
-            return r
         h = normalise_host(host)
         r = idx.exact.get(h)
         if r is not None:

@@ -304,7 +304,7 @@ class FeedProcessSource:
         self._call: Any = None
 
     def start(self, table: RouteTable) -> None:
-        self.sink = TableSink(table, self.counters)
+        self.sink = TableSink(table, self.counters, lazy=True)
         self.lost_at = self.reactor.seconds()
         endpoint: Any = UNIXClientEndpoint(self.reactor, str(self.path), timeout=5)
         factory: Any = _FeedConnectionFactory(self)

@@ -10,6 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from epio.routing import (
     Backend,
     FileRouteSource,
+    LazyRoute,
     Route,
     RouteDelta,
     RoutesFileError,
@@ -23,6 +24,61 @@ B = Backend("127.0.0.1", 9000)
 
 def route(app: str, *hosts: str, **kw: object) -> Route:
     return Route(app=app, hostnames=hosts, backends=[B], **kw)  # type: ignore[arg-type]
+
+
+class LazyRouteTests(SynchronousTestCase):
+    """Routes built by the first lookup that finds them (the route feed's routers)."""
+
+    def lazy(self, app: str, *hosts: str, result: Route | None = None) -> tuple[LazyRoute, list[int]]:
+        calls: list[int] = []
+
+        def build() -> Route | None:
+            calls.append(1)
+            return result
+        return LazyRoute(app, hosts, build), calls
+
+    def test_built_once_on_first_lookup(self) -> None:
+        """Every way in (exact, wildcard, <app>.<domain>) builds it once and keeps the Route."""
+        for host in ("WWW.Example.com", "x.example.org", "hello.apps.test"):
+            built = route("hello", "www.example.com", "*.example.org")
+            lazy, calls = self.lazy("hello", "www.example.com", "*.example.org", result=built)
+            t = RouteTable("apps.test", [lazy])  # type: ignore[list-item]
+            self.assertEqual(calls, [])
+            self.assertIs(t.lookup(host), built)
+            self.assertIs(t.lookup(host), built)
+            self.assertIs(t.lookup("www.example.com"), built)
+            self.assertEqual(calls, [1], host)
+            self.assertIs(t.get("hello"), built)
+            self.assertEqual(t.routes(), [built])
+
+    def test_get_and_routes_build_too(self) -> None:
+        a, b = route("a", "a.com"), route("b", "b.com")
+        la, ca = self.lazy("a", "a.com", result=a)
+        lb, cb = self.lazy("b", "b.com", result=b)
+        t = RouteTable("apps.test", [la, lb])  # type: ignore[list-item]
+        self.assertIs(t.get("a"), a)
+        self.assertEqual((ca, cb), ([1], []))
+        self.assertEqual(sorted(r.app for r in t.routes()), ["a", "b"])
+        self.assertEqual((ca, cb), ([1], [1]))
+        self.assertIs(t.lookup("b.com"), b)
+
+    def test_a_route_that_cannot_be_built_leaves_the_table(self) -> None:
+        lazy, calls = self.lazy("bad", "bad.com")
+        t = RouteTable("apps.test", [lazy, route("good", "good.com")])  # type: ignore[list-item]
+        self.assertIsNone(t.lookup("bad.com"))
+        self.assertIsNone(t.lookup("bad.com"))
+        self.assertEqual(calls, [1])
+        self.assertEqual(len(t), 1)
+        self.assertEqual([r.app for r in t.routes()], ["good"])
+
+    def test_replaced_before_use_is_never_built(self) -> None:
+        old, calls = self.lazy("a", "a.com", result=route("a", "a.com"))
+        t = RouteTable("apps.test", [old])  # type: ignore[list-item]
+        new = route("a", "a.com", "b.com")
+        t.apply(RouteDelta(upsert=(new,)))
+        self.assertIs(t.lookup("b.com"), new)
+        self.assertIs(t.lookup("a.com"), new)
+        self.assertEqual(calls, [])
 
 
 class LookupTests(SynchronousTestCase):

@@ -25,7 +25,7 @@ from epio.routefeed import (
     merge_routes,
     route_from_wire,
 )
-from epio.routing import IRouteSource, RouteTable
+from epio.routing import IRouteSource, LazyRoute, RouteTable
 
 from .helpers import heartbeat, instance, view
 
@@ -313,3 +313,66 @@ class MergeTests(SynchronousTestCase):
         from epio.routefeed import BadRoute
 
         self.assertRaises(BadRoute, route_from_wire, {"app": "x", "backends": [{"host": "h"}]})
+
+
+def wire(app: str, *ports: int, hostnames: Any = None) -> dict[str, Any]:
+    return {"app": app, "hostnames": [f"{app}.example.com"] if hostnames is None else hostnames,
+            "maintenance": False, "options": {}, "backends": [
+                {"instance_id": f"{app}-{p}", "host": "127.0.0.1", "port": p, "release": 1,
+                 "state": "healthy"} for p in ports]}
+
+
+class LazySinkTests(SynchronousTestCase):
+    """TableSink(lazy=True): the route feed process's routers build a Route on first use."""
+
+    def setUp(self) -> None:
+        self.table = RouteTable("localhost")
+        self.sink = TableSink(self.table, lazy=True)
+
+    def stored(self, app: str) -> Any:
+        return self.table._index.apps.get(app)
+
+    def test_built_on_first_use_keeping_backends(self) -> None:
+        self.sink.apply([wire("hello", 8001, 8002)], [])
+        self.assertIsInstance(self.stored("hello"), LazyRoute)
+        first = self.table.lookup("hello.example.com")
+        assert first is not None
+        self.assertEqual(sorted(b.port for b in first.backends), [8001, 8002])
+        self.assertIs(self.stored("hello"), first)
+        # two versions arrive before the next request: only the last is ever built,
+        # and the backend that stayed is the same object (its pool, its state)
+        self.sink.apply([wire("hello", 8001, 8003)], [])
+        self.sink.apply([wire("hello", 8001, 8004)], [])
+        second = self.table.lookup("hello.example.com")
+        assert second is not None
+        self.assertEqual(sorted(b.port for b in second.backends), [8001, 8004])
+        self.assertIs(second.backends[0], first.backends[0])
+
+    def test_bad_routes(self) -> None:
+        """Bad names are refused at once (the last route stays); bad backends show when
+        the route is built, and the app leaves the table."""
+        self.sink.apply([wire("hello", 8001)], [])
+        self.sink.apply([wire("hello", 8002, hostnames="nope")], [])
+        self.assertEqual(self.sink.counters["bad_routes"], 1)
+        self.assertEqual([b.port for b in self.table.lookup("hello.example.com").backends],  # type: ignore[union-attr]
+                         [8001])
+        self.sink.apply([wire("hello", 0)], [])
+        self.assertEqual(self.sink.counters["bad_routes"], 1)  # not built yet
+        self.assertIsNone(self.table.lookup("hello.example.com"))
+        self.assertEqual(self.sink.counters["bad_routes"], 2)
+        self.assertIsNone(self.table.get("hello"))
+
+    def test_a_whole_table_lazily(self) -> None:
+        self.sink.apply([wire("a", 8001), wire("b", 8002)], [])
+        a = self.table.lookup("a.example.com")
+        assert a is not None
+        build = self.sink.building()
+        build.add(wire("a", 8001, 8005))
+        build.add(wire("c", 8003))
+        build.commit()
+        self.assertIsNone(self.table.get("b"))
+        self.assertIsInstance(self.stored("c"), LazyRoute)
+        new_a = self.table.lookup("a.example.com")
+        assert new_a is not None
+        self.assertIn(a.backends[0], new_a.backends)  # kept across the new table
+        self.assertEqual([b.port for b in self.table.get("c").backends], [8003])  # type: ignore[union-attr]
