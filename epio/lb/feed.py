@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import tempfile
 from collections import Counter, deque
 from pathlib import Path
@@ -480,20 +479,10 @@ class FeedProcessSource:
 
 def main() -> None:
     """``python -m epio.lb.feed`` with ``EPIO_LB_FEED_SPEC`` (JSON: config, socket)."""
-    from twisted.internet import reactor as _reactor
-    from twisted.logger import globalLogBeginner, textFileLogObserver
-
-    from epio.config import validate
-    from epio.lb.service import die_with_parent
-    from epio.node import Node
+    from epio.lb.service import start_child
     from epio.routefeed import make_route_source
 
-    reactor: Any = _reactor
-    die_with_parent()
-    spec = json.loads(os.environ["EPIO_LB_FEED_SPEC"])
-    observer: Any = textFileLogObserver(sys.stdout)
-    globalLogBeginner.beginLoggingTo([observer])
-    node = Node.prepare(reactor, validate(spec["config"]), frozenset({"lb"}))
+    reactor, spec, node = start_child("EPIO_LB_FEED_SPEC")
     source = make_route_source(node)
     publisher = FeedPublisher(source.feed, reactor, node.config["lb"]["feed_interval"])
     path = Path(spec["socket"])

@@ -53,6 +53,24 @@ def die_with_parent() -> None:
         sys.exit(0)
 
 
+def start_child(variable: str) -> tuple[Any, dict[str, Any], Any]:
+    """The start of a router child process (a worker, the route feed process): die with
+    the parent, log to stdout (the parent relays the lines), read the JSON spec from the
+    environment ``variable``; returns the reactor, the spec and the prepared node."""
+    from twisted.internet import reactor
+    from twisted.logger import globalLogBeginner, textFileLogObserver
+
+    from epio.config import validate
+    from epio.node import Node
+
+    die_with_parent()
+    spec = json.loads(os.environ[variable])
+    observer: Any = textFileLogObserver(sys.stdout)
+    globalLogBeginner.beginLoggingTo([observer])
+    node = Node.prepare(reactor, validate(spec["config"]), frozenset({"lb"}))
+    return reactor, spec, node
+
+
 def parse_tcp_endpoint(desc: str) -> tuple[str, int, int]:
     """``tcp:8080[:interface=X]`` / ``tcp6:...`` -> (interface, port, family)."""
     parts: list[str] = []

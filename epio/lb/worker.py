@@ -8,33 +8,18 @@ parent relays the lines), reloads routes on SIGHUP and stops on SIGTERM.
 
 from __future__ import annotations
 
-import json
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
 
 def main() -> None:
-    from twisted.internet import reactor as _reactor
-    from twisted.logger import globalLogBeginner, textFileLogObserver
-
-    from epio.config import validate
-    from epio.lb.service import LBService, die_with_parent
+    from epio.lb.service import LBService, pipeline_sinks, start_child
     from epio.routing import FileRouteSource
 
-    reactor: Any = _reactor
-    die_with_parent()
-    spec = json.loads(os.environ["EPIO_LB_WORKER_SPEC"])
-    observer: Any = textFileLogObserver(sys.stdout)
-    globalLogBeginner.beginLoggingTo([observer])
-    config = validate(spec["config"])
+    reactor, spec, node = start_child("EPIO_LB_WORKER_SPEC")
+    config = node.config
     section = dict(config["lb"])
     section["workers"] = 1
-    from epio.lb.service import pipeline_sinks
-    from epio.node import Node
-
-    node = Node.prepare(reactor, config, frozenset({"lb"}))
     source: Any
     if section.get("routes_file"):
         source = FileRouteSource(Path(section["routes_file"]))
