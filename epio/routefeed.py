@@ -85,6 +85,10 @@ def route_from_wire(
         if not isinstance(b, dict):
             raise BadRoute(f"route {app}: a backend is not a map")
         key = backend_key(b)
+        try:
+            hash(key)
+        except TypeError:  # an unhashable value (a list, a map): no nexus sends that
+            raise BadRoute(f"route {app}: a backend has a value that is not a scalar") from None
         backend = known.get(key) if known is not None else None
         if backend is not None:
             backends.append(backend)

@@ -18,6 +18,7 @@ from zope.interface.verify import verifyObject
 from epio.bus.errors import RemoteError
 from epio.nexus.core import Nexus, NotReady
 from epio.routefeed import (
+    BadRoute,
     NexusLink,
     NexusRouteSource,
     RouteFeed,
@@ -347,6 +348,18 @@ class LazySinkTests(SynchronousTestCase):
         assert second is not None
         self.assertEqual(sorted(b.port for b in second.backends), [8001, 8004])
         self.assertIs(second.backends[0], first.backends[0])
+
+    def test_unhashable_backend_value_is_a_bad_route(self) -> None:
+        """A backend value that is a list is a bad route, not an exception in a lookup."""
+        self.sink.apply([wire("hello", 8001)], [])
+        self.table.lookup("hello.example.com")
+        route = wire("hello", 8002)
+        route["backends"][0]["instance_id"] = ["x"]
+        self.sink.apply([route], [])
+        self.assertIsNone(self.table.lookup("hello.example.com"))
+        self.assertEqual(self.sink.counters["bad_routes"], 1)
+        with self.assertRaises(BadRoute):
+            route_from_wire(route)
 
     def test_bad_routes(self) -> None:
         """Bad names are refused at once (the last route stays); bad backends show when
