@@ -241,11 +241,17 @@ class RouteTable:
         """Build a :class:`LazyRoute` found in the index and put the Route in its place."""
         route = lazy.build()
         idx = self._index
-        current: Any = idx.apps.get(lazy.app)
-        if current is lazy:
-            idx.discard(lazy)
-            if route is not None:
-                idx.add(route)
+        # only the entries that still point at it: a hostname another app has taken
+        # since stays that app's
+        places = [(idx.apps, lazy.app)]
+        for h in lazy.hostnames:
+            places.append((idx.wild, h[1:]) if h.startswith("*.") else (idx.exact, h))
+        for d, key in places:
+            if d.get(key) is lazy:
+                if route is None:
+                    del d[key]
+                else:
+                    d[key] = route
         return route
 
     @property

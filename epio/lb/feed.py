@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from collections import Counter, deque
 from pathlib import Path
@@ -300,6 +301,7 @@ class FeedProcessSource:
         self._frames: deque[bytes] = deque()
         self._items: deque[tuple[str, Any]] = deque()
         self._build: TableBuild | None = None  # a snapshot arriving
+        self._fresh = False  # a table has come over the current connection
         self._call: Any = None
 
     def start(self, table: RouteTable) -> None:
@@ -336,6 +338,7 @@ class FeedProcessSource:
     # -- the connection --------------------------------------------------------------
     def _connected(self, conn: _FeedConnection) -> None:
         self._conn = conn
+        self._fresh = False  # no table from this connection yet
         self.connected_at = self.heard = self.reactor.seconds()
         self.counters["connects"] += 1
         if self.counters["connects"] > 1:
@@ -419,6 +422,7 @@ class FeedProcessSource:
             if build is not None:
                 build.commit()
             self.has_table = True
+            self._fresh = True
             self.counters["snapshots"] += 1
             ready, self._ready = self._ready, []
             for d in ready:
@@ -460,8 +464,10 @@ class FeedProcessSource:
             "age": None if self.heard is None else max(0.0, now - self.heard),
             "counters": dict(self.counters),
         }
-        if connected and self.feed_status is not None:
+        if connected and self.feed_status is not None and (self._fresh or not self.has_table):
             return dict(self.feed_status, process=process)
+        # no feed, or a feed (restarted) whose table has not come yet: this router
+        # serves its last table, of whatever age
         status = dict(self.feed_status or {"nexuses": [], "counters": {}})
         status.update(
             state="stale" if self.has_table else "starting",
@@ -477,6 +483,22 @@ class FeedProcessSource:
 # -- the process ----------------------------------------------------------------------
 
 
+def private_dir_problem(directory: Path) -> str:
+    """Why the feed must not listen in ``directory`` (empty: it may): it must be a real
+    directory (not a link) of this process's user, closed to everyone else."""
+    try:
+        st = os.lstat(directory)
+    except OSError as e:
+        return e.strerror or "cannot stat it"
+    if not stat.S_ISDIR(st.st_mode):
+        return "not a directory"
+    if st.st_uid != os.getuid():
+        return f"owned by uid {st.st_uid}"
+    if st.st_mode & 0o077:
+        return f"mode {stat.S_IMODE(st.st_mode):o}, not 0700"
+    return ""
+
+
 def main() -> None:
     """``python -m epio.lb.feed`` with ``EPIO_LB_FEED_SPEC`` (JSON: config, socket)."""
     from epio.lb.service import start_child
@@ -486,7 +508,10 @@ def main() -> None:
     source = make_route_source(node)
     publisher = FeedPublisher(source.feed, reactor, node.config["lb"]["feed_interval"])
     path = Path(spec["socket"])
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    problem = private_dir_problem(path.parent)
+    if problem:  # made by the router's parent, 0700: anything else is not ours to trust
+        print(f"route feed: refusing to listen in {path.parent}: {problem}", flush=True)
+        raise SystemExit(1)
     try:
         path.unlink()  # a previous feed's, left by a crash
     except FileNotFoundError:
@@ -502,12 +527,6 @@ def main() -> None:
         source.stop()
         publisher.stop()
         port.stopListening()
-        if path.parent.name.startswith(_PRIVATE_DIR):  # feed_socket_path's own directory
-            try:
-                path.unlink()
-                path.parent.rmdir()
-            except OSError:
-                pass
 
     reactor.addSystemEventTrigger("before", "shutdown", stop)
     reactor.run()

@@ -23,7 +23,13 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
 from epio.lb import feed as feed_module
-from epio.lb.feed import FRAME_ROUTES, FeedProcessSource, FeedPublisher, feed_socket_path
+from epio.lb.feed import (
+    FRAME_ROUTES,
+    FeedProcessSource,
+    FeedPublisher,
+    feed_socket_path,
+    private_dir_problem,
+)
 from epio.routefeed import NexusLink, RouteFeed
 from epio.routing import IRouteSource, Route, RouteTable
 
@@ -245,6 +251,29 @@ class FeedProtocolTests(TestCase):
         self.assertEqual(source.status()["state"], "live")
         self.assertTrue(any("route feed process is back" in m for m in self.logged))
 
+    async def test_a_restarted_feed_without_a_table_is_still_stale(self) -> None:
+        """Connected again to a feed that has no table yet, the router still says its own
+        (last) table is stale, until the new feed's table comes."""
+        self.feed.start(self.publisher)
+        source, table = self.router()
+        await wait_until(lambda: source.status().get("state") == "live", what="live")
+        await self.close_port()
+        self.hold = Deferred()
+        held = self.hold
+        feed = RouteFeed(self.clock, [NexusLink("nexus[0]", "tcp://r:1", "tcp://p:1")],
+                         self.request)
+        self.publisher = FeedPublisher(feed)
+        feed.start(self.publisher)
+        self.port = reactor.listenUNIX(str(self.path), self.publisher, mode=0o600)
+        await wait_until(lambda: source.counters["connects"] == 2
+                         and source.feed_status is not None
+                         and source.feed_status.get("state") == "starting", what="reconnected")
+        status = source.status()
+        self.assertEqual((status["state"], status["stale"], status["routes"]), ("stale", True, 2))
+        self.assertTrue(status["process"]["connected"])
+        held.callback(None)
+        await wait_until(lambda: source.status()["state"] == "live", what="live again")
+
     async def test_a_bad_frame_starts_over(self) -> None:
         """A frame the router cannot use: logged, the table untouched, a fresh snapshot."""
         self.feed.start(self.publisher)
@@ -338,6 +367,19 @@ class RoutesWaitTests(TestCase):
 
 
 class SocketPathTests(SynchronousTestCase):
+    def test_the_feed_listens_only_in_a_private_directory(self) -> None:
+        """A directory that is a link, open to others or missing is refused."""
+        d = Path(self.mktemp())
+        d.mkdir(mode=0o700)
+        self.assertEqual(private_dir_problem(d), "")
+        os.chmod(d, 0o755)
+        self.assertEqual(private_dir_problem(d), "mode 755, not 0700")
+        os.chmod(d, 0o700)
+        link = Path(self.mktemp())
+        link.symlink_to(d)
+        self.assertEqual(private_dir_problem(link), "not a directory")
+        self.assertTrue(private_dir_problem(d / "missing"))
+
     def test_in_the_data_dir(self) -> None:
         """The socket lives in <data_dir>/run, a directory only the node's user enters."""
         data = Path(self.mktemp())

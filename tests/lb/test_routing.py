@@ -71,6 +71,18 @@ class LazyRouteTests(SynchronousTestCase):
         self.assertEqual(len(t), 1)
         self.assertEqual([r.app for r in t.routes()], ["good"])
 
+    def test_a_hostname_taken_since_stays_taken(self) -> None:
+        """Building app a's route does not take back a hostname app b has taken since."""
+        built = route("a", "a.com", "shop.com")
+        lazy, calls = self.lazy("a", "a.com", "shop.com", result=built)
+        t = RouteTable("apps.test", [lazy])  # type: ignore[list-item]
+        b = route("b", "shop.com")
+        t.apply(RouteDelta(upsert=(b,)))
+        self.assertIs(t.lookup("a.com"), built)
+        self.assertIs(t.lookup("shop.com"), b)
+        t.apply(RouteDelta(upsert=(route("a", "a.com"),)))
+        self.assertIs(t.lookup("shop.com"), b)
+
     def test_replaced_before_use_is_never_built(self) -> None:
         old, calls = self.lazy("a", "a.com", result=route("a", "a.com"))
         t = RouteTable("apps.test", [old])  # type: ignore[list-item]
