@@ -56,6 +56,24 @@ def wait_for_port(host: str, port: int, timeout: float = 20.0) -> None:
             time.sleep(0.05)
 
 
+def child_processes(pid: int, module: str) -> list[int]:
+    """The child processes of ``pid`` that run ``python -m module`` (Linux /proc)."""
+    out = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            kids = Path(f"/proc/{pid}/task/{tid}/children").read_text().split()
+        except OSError:
+            continue
+        for kid in kids:
+            try:
+                argv = Path(f"/proc/{kid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if module.encode() in argv:
+                out.append(int(kid))
+    return out
+
+
 class NodeProcess:
     """A real ``twistd -n epio ...`` process with its own data dir and log file.
 

@@ -60,7 +60,13 @@ from typing import Any
 CHECKOUT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(CHECKOUT))
 
-from tests.util import NodeProcess, epio_env, free_port, wait_for_port  # noqa: E402
+from tests.util import (  # noqa: E402
+    NodeProcess,
+    child_processes,
+    epio_env,
+    free_port,
+    wait_for_port,
+)
 
 HERE = Path(__file__).resolve().parent
 
@@ -143,19 +149,6 @@ def pin(pid: int, cpus: set[int]) -> None:
     """Pin a process and all its threads (ZeroMQ's I/O threads too) to ``cpus``."""
     for tid in os.listdir(f"/proc/{pid}/task"):
         os.sched_setaffinity(int(tid), cpus)
-
-
-def children(pid: int, module: str) -> list[int]:
-    """The child processes of ``pid`` running ``python -m module``."""
-    out = []
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        for kid in Path(f"/proc/{pid}/task/{tid}/children").read_text().split():
-            try:
-                if module.encode() in Path(f"/proc/{kid}/cmdline").read_bytes().split(b"\0"):
-                    out.append(int(kid))
-            except OSError:
-                pass
-    return out
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -313,7 +306,7 @@ class Bench:
         while a.route_feed == "process" and not feed_pids:
             if time.monotonic() > deadline:
                 raise SystemExit("the fed router started no route feed process")
-            feed_pids = children(router.proc.pid, "epio.lb.feed")
+            feed_pids = child_processes(router.proc.pid, "epio.lb.feed")
             time.sleep(0.05)
         fed_pids = [router.proc.pid, *feed_pids]
 

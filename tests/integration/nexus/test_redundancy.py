@@ -27,7 +27,7 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.util import NodeProcess, epio_env, free_port, wait_for_port
+from tests.util import NodeProcess, child_processes, epio_env, free_port, wait_for_port
 
 HERE = Path(__file__).resolve().parent
 INTERVAL = 1.0  # heartbeat period of the stand-in (the runner default)
@@ -271,24 +271,6 @@ class RedundancyTests(ClusterCase):
         self.hammer([port], 2.5, "backend-1")
 
 
-def children(pid: int, module: str) -> list[int]:
-    """The child processes of ``pid`` that run ``python -m module``."""
-    out = []
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            kids = Path(f"/proc/{pid}/task/{tid}/children").read_text().split()
-        except OSError:
-            continue
-        for kid in kids:
-            try:
-                argv = Path(f"/proc/{kid}/cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if module.encode() in argv:
-                out.append(int(kid))
-    return out
-
-
 class FeedProcessTests(ClusterCase):
     def test_no_nexus_listens_after_routes_wait(self) -> None:
         """With no nexus answering, a router listens after lb.routes_wait, and says so."""
@@ -312,14 +294,14 @@ class FeedProcessTests(ClusterCase):
         wait_for_port(self.ADDR, port, timeout=30)
         self.wait_body([port], "backend-1", timeout=15)
         deadline = time.monotonic() + 10
-        while len(children(router.proc.pid, "epio.lb.worker")) != 1:
+        while len(child_processes(router.proc.pid, "epio.lb.worker")) != 1:
             self.assertLess(time.monotonic(), deadline, "no worker process")
             time.sleep(0.05)
         # one feed for the node: the worker follows it, not the nexuses
-        feeds = children(router.proc.pid, "epio.lb.feed")
+        feeds = child_processes(router.proc.pid, "epio.lb.feed")
         self.assertEqual(len(feeds), 1)
-        (worker,) = children(router.proc.pid, "epio.lb.worker")
-        self.assertEqual(children(worker, "epio.lb.feed"), [])
+        (worker,) = child_processes(router.proc.pid, "epio.lb.worker")
+        self.assertEqual(child_processes(worker, "epio.lb.feed"), [])
         self.hammer([port], 0.5, "backend-1")  # new connections: both processes answer
         status = self.status(router)
         self.assertEqual(status["feed"]["state"], "live")
@@ -342,7 +324,7 @@ class FeedProcessTests(ClusterCase):
         while self.status(router)["feed"]["state"] != "live":
             self.assertLess(time.monotonic(), deadline, "the feed did not come back")
             time.sleep(0.05)
-        again = children(router.proc.pid, "epio.lb.feed")
+        again = child_processes(router.proc.pid, "epio.lb.feed")
         self.assertEqual(len(again), 1)
         self.assertNotEqual(again, feeds)
         self.scripts[0].send_signal(signal.SIGUSR1)
@@ -356,7 +338,7 @@ class FeedProcessTests(ClusterCase):
 
         # a router killed outright takes its worker and its feed with it: no orphan
         # keeps the port or follows the nexuses for nobody
-        (worker,) = children(router.proc.pid, "epio.lb.worker")
+        (worker,) = child_processes(router.proc.pid, "epio.lb.worker")
         os.kill(router.proc.pid, signal.SIGKILL)
         router.proc.wait()
         deadline = time.monotonic() + 10
