@@ -472,29 +472,39 @@ def pipeline_sinks(node: Any, standalone: bool) -> tuple[Any, Any, Any]:
     return local, local, None
 
 
+def route_source(node: Any, feed_socket: Path | None) -> Any:
+    """The :class:`~epio.routing.IRouteSource` of a router process: ``lb.routes_file``,
+    else the node's route feed process at ``feed_socket``, else the nexuses followed
+    inline.  The same for the parent and every worker."""
+    routes_file = node.config["lb"]["routes_file"]
+    if routes_file:
+        return FileRouteSource(Path(routes_file))
+    if feed_socket is not None:
+        from epio.lb.feed import FeedProcessSource
+        from epio.routefeed import links_from_config
+
+        nexuses = links_from_config(node.config["cluster"]["nexus"])  # bad entries fail here
+        return FeedProcessSource(node.reactor, feed_socket, len(nexuses))
+    from epio.routefeed import make_route_source
+
+    return make_route_source(node)
+
+
 def make_service(node: Any) -> LBService:
     """The ``lb`` role of ``node``."""
     cfg = node.config
     section = dict(cfg["lb"])
     routes_file = section.get("routes_file", "")
-    source: Any  # IRouteSource
     spec: dict[str, Any] = {"config": cfg.as_dict(), "data_dir": str(node.data_dir)}
     feed_spec = None
-    if routes_file:
-        source = FileRouteSource(Path(routes_file))
-    elif section["route_feed"] == "process":
-        from epio.lb.feed import FeedProcessSource, feed_socket_path
-        from epio.routefeed import links_from_config
+    feed_socket = None
+    if not routes_file and section["route_feed"] == "process":
+        from epio.lb.feed import feed_socket_path
 
-        nexuses = len(links_from_config(cfg["cluster"]["nexus"]))  # bad entries fail here
-        path = feed_socket_path(node.data_dir)
-        source = FeedProcessSource(node.reactor, path, nexuses)
-        spec["feed_socket"] = str(path)
-        feed_spec = {"config": cfg.as_dict(), "socket": str(path)}
-    else:
-        from epio.routefeed import make_route_source
-
-        source = make_route_source(node)
+        feed_socket = feed_socket_path(node.data_dir)
+        spec["feed_socket"] = str(feed_socket)
+        feed_spec = {"config": cfg.as_dict(), "socket": str(feed_socket)}
+    source = route_source(node, feed_socket)
     log_sink, stats_sink, sink_service = pipeline_sinks(node, bool(routes_file))
     svc = LBService(node.reactor, section, cfg["node"]["domain"], source, log_sink, stats_sink,
                     worker_spec=spec, static_secret=node.secret, feed_spec=feed_spec)

@@ -9,29 +9,18 @@ parent relays the lines), reloads routes on SIGHUP and stops on SIGTERM.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 
 def main() -> None:
-    from epio.lb.service import LBService, pipeline_sinks, start_child
-    from epio.routing import FileRouteSource
+    from epio.lb.service import LBService, pipeline_sinks, route_source, start_child
 
     reactor, spec, node = start_child("EPIO_LB_WORKER_SPEC")
     config = node.config
     section = dict(config["lb"])
     section["workers"] = 1
-    source: Any
-    if section.get("routes_file"):
-        source = FileRouteSource(Path(section["routes_file"]))
-    elif spec.get("feed_socket"):  # the parent's route feed process serves every worker
-        from epio.lb.feed import FeedProcessSource
-
-        source = FeedProcessSource(reactor, Path(spec["feed_socket"]),
-                                   len(config["cluster"]["nexus"]))
-    else:
-        from epio.routefeed import make_route_source
-
-        source = make_route_source(node)
+    # the parent's route feed process, when it runs one, serves every worker
+    feed_socket = spec.get("feed_socket")
+    source = route_source(node, Path(feed_socket) if feed_socket else None)
     log_sink, stats_sink, sink_service = pipeline_sinks(node, bool(section.get("routes_file")))
     iface, port, family = spec["reuseport"]
     svc = LBService(reactor, section, config["node"]["domain"], source, log_sink, stats_sink,
