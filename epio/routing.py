@@ -177,26 +177,35 @@ class _Index:
         self.exact: dict[str, Any] = {}
         self.wild: dict[str, Any] = {}  # ".example.com" for "*.example.com"
 
+    def _slot(self, hostname: str) -> tuple[dict[str, Any], str]:
+        """Where a hostname lives: ``*.x`` in ``wild`` under ``.x``, others in ``exact``."""
+        return (self.wild, hostname[1:]) if hostname.startswith("*.") else (self.exact, hostname)
+
     def add(self, route: Route | LazyRoute) -> None:
         self.apps[route.app] = route
         for h in route.hostnames:
-            if h.startswith("*."):
-                self.wild[h[1:]] = route
-            else:
-                self.exact[h] = route
+            d, k = self._slot(h)
+            d[k] = route
 
     def discard(self, route: Route | LazyRoute) -> None:
         """Remove ``route``'s hostnames, leaving those another app has taken since."""
         if self.apps.get(route.app) is route:
             del self.apps[route.app]
         for h in route.hostnames:
-            if h.startswith("*."):
-                d, k = self.wild, h[1:]
-            else:
-                d, k = self.exact, h
+            d, k = self._slot(h)
             cur = d.get(k)
             if cur is not None and cur.app == route.app:
                 del d[k]
+
+    def built(self, lazy: LazyRoute, route: Route | None) -> None:
+        """Put ``lazy``'s built ``route`` (None: unusable, removed) only where ``lazy``
+        still stands: a hostname another app has taken since stays that app's."""
+        for d, k in [(self.apps, lazy.app), *map(self._slot, lazy.hostnames)]:
+            if d.get(k) is lazy:
+                if route is None:
+                    del d[k]
+                else:
+                    d[k] = route
 
 
 class RouteTable:
@@ -240,18 +249,7 @@ class RouteTable:
     def _built(self, lazy: Any) -> Route | None:
         """Build a :class:`LazyRoute` found in the index and put the Route in its place."""
         route = lazy.build()
-        idx = self._index
-        # only the entries that still point at it: a hostname another app has taken
-        # since stays that app's
-        places = [(idx.apps, lazy.app)]
-        for h in lazy.hostnames:
-            places.append((idx.wild, h[1:]) if h.startswith("*.") else (idx.exact, h))
-        for d, key in places:
-            if d.get(key) is lazy:
-                if route is None:
-                    del d[key]
-                else:
-                    d[key] = route
+        self._index.built(lazy, route)
         return route
 
     @property
