@@ -23,10 +23,12 @@ by the router's parent process:
   next snapshot replaces the table.
 
 Frames are length-prefixed (32-bit, :class:`Int32StringReceiver`) JSON
-objects: ``{"snapshot": [route, ...]}``, ``{"upsert": [route, ...], "remove":
-[app, ...]}`` and ``{"status": {...}}`` from the feed; ``{"refresh": true}``
-from a router on SIGHUP (every nexus is asked for a new snapshot).  Routes are
-the nexus wire routes (docs/messages.md), already merged.
+objects: ``{"snapshot": [route, ...], "more": bool}`` (a table in frames of
+:data:`FRAME_ROUTES` routes, the last with ``"more": false``), ``{"upsert":
+[route, ...], "remove": [app, ...]}`` (also :data:`FRAME_ROUTES` at most) and
+``{"status": {...}}`` from the feed; ``{"refresh": true}`` from a router on
+SIGHUP (every nexus is asked for a new snapshot).  Routes are the nexus wire
+routes (docs/messages.md), already merged.
 """
 
 from __future__ import annotations
@@ -291,7 +293,6 @@ class FeedProcessSource:
         self.sink: TableSink | None = None
         self.feed_status: dict[str, Any] | None = None
         self.has_table = False
-        self.connected_at: float | None = None
         self.lost_at: float | None = None
         self.heard: float | None = None
         self._conn: _FeedConnection | None = None
@@ -339,7 +340,7 @@ class FeedProcessSource:
     def _connected(self, conn: _FeedConnection) -> None:
         self._conn = conn
         self._fresh = False  # no table from this connection yet
-        self.connected_at = self.heard = self.reactor.seconds()
+        self.heard = self.reactor.seconds()
         self.counters["connects"] += 1
         if self.counters["connects"] > 1:
             self.log.info("route feed process is back ({path})", path=str(self.path))
