@@ -97,6 +97,7 @@ class BuildFailed(ApiError):
 
 STORE_ERRORS: list[tuple[type[Exception], type[ApiError], str | None]] = [
     (store_errors.NotFound, NotFound, None),
+    (store_errors.LastAdminToken, Conflict, "last_admin_token"),
     (store_errors.Conflict, Conflict, None),
     (store_errors.IntegrityError, Conflict, "conflict"),
     (store_errors.InvalidName, ValidationFailed, "invalid_name"),

@@ -168,7 +168,7 @@ ERROR_RESPONSES = {
     "403": "not allowed for this user (forbidden)",
     "404": "not found, or not yours (not_found)",
     "405": "method not allowed (method_not_allowed)",
-    "409": "conflict with existing state (conflict)",
+    "409": "conflict with existing state (conflict, last_admin_token)",
     "413": "body too large (payload_too_large)",
     "415": "wrong content type (unsupported_media_type)",
     "500": "internal error (internal_error); logged, no details",

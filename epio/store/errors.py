@@ -21,6 +21,12 @@ class Conflict(StoreError):
     code = "conflict"
 
 
+class LastAdminToken(Conflict):
+    """Revoking this token would leave no admin able to use the API."""
+
+    code = "last_admin_token"
+
+
 class InvalidName(StoreError, ValueError):
     """A name, hostname, key or other identifier is not well formed."""
 

@@ -21,7 +21,14 @@ from attrs import frozen
 from twisted.logger import Logger
 
 from epio.store.backend import Backend, Transaction
-from epio.store.errors import Conflict, IntegrityError, InvalidName, InvalidValue, NotFound
+from epio.store.errors import (
+    Conflict,
+    IntegrityError,
+    InvalidName,
+    InvalidValue,
+    LastAdminToken,
+    NotFound,
+)
 from epio.store.records import (
     App,
     Deploy,
@@ -45,6 +52,7 @@ LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 IMAGE_DIGEST = re.compile(r"^(?:sha256:)?[0-9a-f]{64}$")
 
 TOKEN_PREFIX = "epio_"
+ADMIN_TOKENS_LOCK = "epio.store.admin_tokens"
 TOKEN_DISPLAY_CHARS = 12
 MAX_CONFIG_VALUE = 32 * 1024
 
@@ -348,16 +356,33 @@ class Store:
         return [_token_info(r) for r in rows]
 
     async def revoke_token(self, token_id: str, user_id: str | None = None) -> None:
-        """Delete a token by its id (restricted to ``user_id``'s tokens if given)."""
+        """Delete a token by its id (restricted to ``user_id``'s tokens if given).
+
+        ``LastAdminToken`` if it is the last token of any admin: revoking it
+        would leave nobody able to administer the platform through the API
+        (``epio-admin token create`` on a node is the way back in then).
+        """
 
         async def q(tx: Transaction) -> None:
-            if user_id is None:
-                res = await tx.execute("DELETE FROM api_tokens WHERE id = ?", (token_id,))
-            else:
-                res = await tx.execute("DELETE FROM api_tokens WHERE id = ? AND user_id = ?",
-                                       (token_id, user_id))
-            if not res.rowcount:
+            await tx.exclusive(ADMIN_TOKENS_LOCK)  # two revokes cannot both pass the check
+            sql = ("SELECT t.user_id, u.is_admin FROM api_tokens t JOIN users u "
+                   "ON u.id = t.user_id WHERE t.id = ?")
+            params: tuple[Any, ...] = (token_id,)
+            if user_id is not None:
+                sql += " AND t.user_id = ?"
+                params += (user_id,)
+            row = (await tx.execute(sql, params)).one()
+            if row is None:
                 raise NotFound(f"no token with id {token_id!r}")
+            if row["is_admin"]:
+                others = (await tx.execute(
+                    "SELECT count(*) FROM api_tokens t JOIN users u ON u.id = t.user_id "
+                    "WHERE u.is_admin AND t.id <> ?", (token_id,))).scalar()
+                if not others:
+                    raise LastAdminToken(
+                        "this is the last admin token; revoking it would lock every admin "
+                        "out: create another admin token first (POST /api/v1/tokens)")
+            await tx.execute("DELETE FROM api_tokens WHERE id = ?", (token_id,))
 
         await self._tx(q)
 

@@ -68,6 +68,27 @@ class AuthTests(ApiTestCase):
         status, _, _ = await self.call("GET", "user", token=new)
         self.assertEqual(status, 401)
 
+    async def test_last_admin_token_refused(self) -> None:
+        """An admin revoking the last admin token gets 409 last_admin_token and keeps
+        access; with a second admin token, the first can be revoked."""
+        status, tokens, _ = await self.call("GET", "tokens", token=self.h.admin_token)
+        self.assertEqual(len(tokens), 1)
+        status, body, _ = await self.call("DELETE", f"tokens/{tokens[0]['id']}",
+                                          token=self.h.admin_token)
+        self.assertEqual((status, body["error"]["code"]), (409, "last_admin_token"))
+        self.assertIn("last admin token", body["error"]["message"])
+        status, me, _ = await self.call("GET", "user", token=self.h.admin_token)
+        self.assertEqual((status, me["name"]), (200, "admin"))
+        status, new, _ = await self.call("POST", "tokens", token=self.h.admin_token,
+                                         body={"description": "spare"})
+        self.assertEqual(status, 201)
+        status, _, _ = await self.call("DELETE", f"tokens/{tokens[0]['id']}",
+                                       token=new["token"])
+        self.assertEqual(status, 200)
+        status, body, _ = await self.call("DELETE", f"tokens/{new['info']['id']}",
+                                          token=new["token"])
+        self.assertEqual((status, body["error"]["code"]), (409, "last_admin_token"))
+
     async def test_users_admin_only(self) -> None:
         """Only admins list and create users; a created user gets a working token."""
         status, body, _ = await self.call("GET", "users", token=self.h.alice_token)

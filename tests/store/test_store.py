@@ -14,6 +14,7 @@ from epio.store import (
     Instance,
     InvalidName,
     InvalidValue,
+    LastAdminToken,
     NotFound,
     Store,
     hash_token,
@@ -183,6 +184,26 @@ class StoreTestsMixin:
             await self.store.revoke_token(new.info.id)
         with self.assertRaises(NotFound):
             await self.store.create_token("no-such-user")
+
+    async def test_last_admin_token_kept(self) -> None:
+        """The last token of any admin cannot be revoked (LastAdminToken, a Conflict);
+        an admin's token can be while another admin token exists, and a non-admin's
+        last token always can."""
+        root = await self.store.create_user("root", is_admin=True)
+        first = await self.store.create_token(root.id, "first")
+        with self.assertRaises(LastAdminToken) as cm:
+            await self.store.revoke_token(first.info.id, user_id=root.id)
+        self.assertIsInstance(cm.exception, Conflict)
+        self.assertEqual(cm.exception.code, "last_admin_token")
+        self.assertEqual(await self.store.user_for_token(first.token), root)
+        other = await self.store.create_user("ops", is_admin=True)
+        second = await self.store.create_token(other.id, "ops")
+        await self.store.revoke_token(first.info.id, user_id=root.id)  # ops still has one
+        self.assertIsNone(await self.store.user_for_token(first.token))
+        with self.assertRaises(LastAdminToken):
+            await self.store.revoke_token(second.info.id)
+        mine = await self.store.create_token(self.alice.id)
+        await self.store.revoke_token(mine.info.id, user_id=self.alice.id)
 
     # ------------------------------------------------------------------ apps
 
