@@ -352,11 +352,27 @@ async def ensure_admin(store: Store, data_dir: Path) -> Path | None:
     except Conflict:
         return None  # another api process got there first
     token = await store.create_token(admin.id, "admin token created on first start")
+    return write_token_file(data_dir, token.token)
+
+
+def write_token_file(data_dir: Path, token: str) -> Path:
+    """Write ``token`` to ``data_dir/admin-token`` (0600, atomically); return the path.
+
+    The file gets the data dir's owner, so a token written by root for a node
+    that runs as its own user stays readable by that user (and nobody else).
+    """
     path = data_dir / ADMIN_TOKEN_FILE
     tmp = data_dir / f".{ADMIN_TOKEN_FILE}.{os.getpid()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token.token + "\n")
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+        os.chmod(tmp, 0o600)
+        owner = data_dir.stat()
+        if os.geteuid() == 0 and (owner.st_uid, owner.st_gid) != (0, 0):
+            os.chown(tmp, owner.st_uid, owner.st_gid)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path

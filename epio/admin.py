@@ -1,0 +1,183 @@
+"""``epio-admin``: operator commands run on a node, straight against its store.
+
+The ``epio`` CLI talks HTTP to the API with a token; these commands are for the
+operator of a node who has no working token (the admin token file was lost, or
+every admin token was revoked before the API refused that).  They read the
+node's own configuration (``--config``, ``--data-dir``, ``--store``: the same
+flags and meaning as ``twistd epio``), so they work against the embedded SQLite
+store and a PostgreSQL store alike, with the node running or stopped.
+
+``epio-admin token create`` mints an admin token, writes it to
+``DATA_DIR/admin-token`` (0600, atomically) and audits it: the token's stored
+description says who made it, where and how, and one line on stderr says the
+same.  The secret itself is only ever in the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from attrs import frozen
+
+from epio import __version__
+from epio.api.domain import ADMIN_NAME, write_token_file
+from epio.config import ConfigError, load_config
+from epio.store import Conflict, NotFound, Store, StoreError, open_store
+from epio.store.service import default_sqlite_url, redact_url
+
+
+class AdminError(Exception):
+    """A refusal for the operator: one sentence, exit status 1, no traceback."""
+
+
+@frozen
+class MintedToken:
+    """What ``token create`` did (never the secret itself)."""
+
+    path: Path
+    token_id: str
+    user: str
+    created_user: bool
+    description: str
+
+
+def operator_description() -> str:
+    """Who mints the token, from where: the audit text stored with it."""
+    try:
+        who = getpass.getuser()
+    except (KeyError, OSError):
+        who = f"uid {os.getuid()}"
+    return f"minted by epio-admin on {socket.gethostname()} (operator {who})"[:200]
+
+
+async def mint_admin_token(store: Store, data_dir: Path, user_name: str | None) -> MintedToken:
+    """Issue an admin token for ``user_name`` (default: the first-start ``admin``) and
+    write it to ``data_dir/admin-token``.
+
+    The default admin is created again if it is gone; a named user must exist
+    and be an admin (this command restores access, it does not grant it).
+    """
+    name = user_name or ADMIN_NAME
+    created = False
+    try:
+        user = await store.get_user_by_name(name)
+    except NotFound:
+        if user_name is not None:
+            raise AdminError(f"no user named {name!r}") from None
+        try:
+            user = await store.create_user(name, None, is_admin=True)
+            created = True
+        except Conflict:  # created meanwhile by a starting api
+            user = await store.get_user_by_name(name)
+    if not user.is_admin:
+        raise AdminError(f"user {name!r} is not an admin; "
+                         "name an admin with --user (or omit it for the default admin)")
+    description = operator_description()
+    new = await store.create_token(user.id, description)
+    path = write_token_file(data_dir, new.token)
+    return MintedToken(path, new.info.id, user.name, created, description)
+
+
+def store_url(config: Any, data_dir: Path) -> str:
+    """The node's store URL; for the embedded default, refuse a data dir without one
+    (a mistyped --data-dir must not get a fresh, empty store)."""
+    url: str = config["store"]["url"] or default_sqlite_url(data_dir)
+    if url.startswith("sqlite:///"):
+        db = Path(url[len("sqlite:///"):])
+        if not db.is_file():
+            raise AdminError(f"no store at {db}: is {data_dir} the data dir of a node that "
+                             "has started once (or is store.url missing from --config)?")
+    return url
+
+
+async def token_create(reactor: Any, args: argparse.Namespace) -> int:
+    overrides: dict[str, dict[str, Any]] = {}
+    if args.data_dir is not None:
+        overrides["node"] = {"data_dir": args.data_dir}
+    if args.store is not None:
+        overrides["store"] = {"url": args.store}
+    try:
+        config = load_config(args.config, overrides)
+    except ConfigError as e:
+        raise AdminError(str(e)) from None
+    data_dir = Path(config["node"]["data_dir"] or "epio-data").absolute()
+    if not data_dir.is_dir():
+        raise AdminError(f"no data dir {data_dir}")
+    url = store_url(config, data_dir)
+    section = config["store"]
+    try:
+        store = await open_store(url, reactor, migrate_schema=False,
+                                 pool_size=1, connect_timeout=section["connect_timeout"],
+                                 busy_timeout=section["busy_timeout"])
+    except (StoreError, ValueError) as e:
+        raise AdminError(f"cannot open the store {redact_url(url)}: {e}") from None
+    try:
+        minted = await mint_admin_token(store, data_dir, args.user)
+    except StoreError as e:
+        raise AdminError(f"store {redact_url(url)}: {e}") from None
+    finally:
+        await store.close()
+    # the audit line: who, where, which token id -- never the token
+    print(f"epio-admin: audit: admin token {minted.token_id} for user {minted.user!r} "
+          f"{minted.description}; store {redact_url(url)}"
+          f"{'; the admin user was created again' if minted.created_user else ''}",
+          file=sys.stderr)
+    print(f"wrote a new admin token to {minted.path} (mode 0600); log in with:\n"
+          f"  epio login --api URL < {minted.path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="epio-admin",
+        description="Operator commands for an epio node, run on the node against its store.")
+    parser.add_argument("--version", action="version", version=f"epio {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    token = sub.add_parser("token", help="admin API tokens")
+    token_sub = token.add_subparsers(dest="action", metavar="ACTION")
+    create = token_sub.add_parser(
+        "create", help="mint an admin token into DATA_DIR/admin-token (0600), audited",
+        description="Mint a new admin API token and write it to DATA_DIR/admin-token "
+                    "(mode 0600). The way back in when no admin token works.")
+    create.add_argument("--data-dir", "-d", metavar="DIR",
+                        help="the node's data dir (overrides node.data_dir)")
+    create.add_argument("--config", "-c", metavar="FILE",
+                        help="the node's configuration file (for store.url and the data dir)")
+    create.add_argument("--store", metavar="URL", help="store URL (overrides store.url)")
+    create.add_argument("--user", metavar="NAME",
+                        help="the admin to mint for (default: admin, created again if gone)")
+    create.set_defaults(func=token_create)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The ``epio-admin`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        sys.exit(2)
+    from twisted.internet.defer import Deferred
+    from twisted.internet.task import react
+
+    async def run(reactor: Any) -> None:
+        try:
+            code = await func(reactor, args)
+        except AdminError as e:
+            print(f"epio-admin: {e}", file=sys.stderr)
+            code = 1
+        if code:
+            raise SystemExit(code)
+
+    react(lambda reactor: Deferred.fromCoroutine(run(reactor)))
+
+
+if __name__ == "__main__":
+    main()
