@@ -93,7 +93,8 @@ class Platform:
     async def create_app(self, user: User, name: str) -> App:
         if name in ("api", "www", "dashboard", "admin"):
             raise errors.Conflict(f"the app name {name!r} is reserved")
-        app = await self.store.create_app(name, user.id)
+        app = await self.store.create_app(name, user.id, uids=self.settings.uids,
+                                          limits=self.settings.app_limits)
         self.log.info("app {app} created by {user}", app=name, user=user.name)
         return app
 
@@ -130,7 +131,7 @@ class Platform:
             await self.addons.app_deleted(app)
         if self.scheduler is not None:
             await self.scheduler.stop_app(app.name)
-        await self.store.delete_app(app.name)
+        await self.store.delete_app(app.name, by=user.id)
         self.log.info("app {app} deleted by {user}", app=app.name, user=user.name)
 
     async def list_collaborators(self, app: App) -> list[str]:

@@ -8,6 +8,7 @@ generic 500 and ``log.failure`` by the caller, never a traceback in a response.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from epio.store import errors as store_errors
@@ -85,6 +86,17 @@ class UnsupportedMediaType(ApiError):
     status = 415
 
 
+class TooManyRequests(ApiError):
+    """A per-user limit; ``Retry-After`` says in how many seconds to try again."""
+
+    code = "too_many_requests"
+    status = 429
+
+    def __init__(self, message: str, retry_after: float, *, code: str | None = None) -> None:
+        super().__init__(message, code=code,
+                         headers={"Retry-After": str(max(1, math.ceil(retry_after)))})
+
+
 class Unavailable(ApiError):
     code = "unavailable"
     status = 503
@@ -103,6 +115,7 @@ STORE_ERRORS: list[tuple[type[Exception], type[ApiError], str | None]] = [
     (store_errors.InvalidName, ValidationFailed, "invalid_name"),
     (store_errors.InvalidValue, ValidationFailed, "invalid_value"),
     (store_errors.StoreUnavailable, Unavailable, "store_unavailable"),
+    (store_errors.UidsExhausted, Unavailable, "app_uids_exhausted"),
 ]
 
 
@@ -110,6 +123,8 @@ def to_api_error(exc: BaseException) -> ApiError | None:
     """The answer for ``exc`` if it is an error on purpose; None for a bug."""
     if isinstance(exc, ApiError):
         return exc
+    if isinstance(exc, store_errors.Throttled):
+        return TooManyRequests(str(exc), exc.retry_after, code=exc.code)
     for kind, api_kind, code in STORE_ERRORS:
         if isinstance(exc, kind):
             message = str(exc) or api_kind.code.replace("_", " ")

@@ -6,6 +6,9 @@ from typing import Any
 
 from attrs import frozen
 
+from epio.config.schema import DEFAULT_UIDS
+from epio.store import AppLimits
+
 
 @frozen
 class ApiSettings:
@@ -27,6 +30,9 @@ class ApiSettings:
     # where the scheduler asks whether routers see a new release before draining the old
     nexus_endpoints: tuple[str, ...] = ()
     route_settle: float = 2.0
+    # app UIDs are allocated from runner.uid_min..uid_max (the range runners accept)
+    uids: tuple[int, int] = DEFAULT_UIDS
+    app_limits: AppLimits = AppLimits(max_apps=100, changes=60, window=3600.0)
 
     @classmethod
     def from_config(cls, config: Any) -> ApiSettings:
@@ -49,6 +55,10 @@ class ApiSettings:
             nexus_endpoints=tuple(n["router"] for n in config["cluster"]["nexus"]
                                   if isinstance(n, dict) and n.get("router")),
             route_settle=float(api.get("route_settle", 2.0)),
+            uids=(int(config["runner"]["uid_min"]), int(config["runner"]["uid_max"])),
+            app_limits=AppLimits(max_apps=int(api["max_apps_per_user"]),
+                                 changes=int(api["app_changes_per_window"]),
+                                 window=float(api["app_changes_window"])),
         )
 
     def url_of(self, app: str) -> str:

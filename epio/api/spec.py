@@ -171,8 +171,11 @@ ERROR_RESPONSES = {
     "409": "conflict with existing state (conflict, last_admin_token)",
     "413": "body too large (payload_too_large)",
     "415": "wrong content type (unsupported_media_type)",
+    "429": "a per-user limit; Retry-After says when to try again (rate_limited, "
+           "app_quota_exceeded)",
     "500": "internal error (internal_error); logged, no details",
-    "503": "a dependency is unavailable (unavailable, store_unavailable)",
+    "503": "a dependency is unavailable (unavailable, store_unavailable, "
+           "app_uids_exhausted)",
 }
 
 

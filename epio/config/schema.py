@@ -54,6 +54,17 @@ def non_negative(value: Any) -> str | None:
     return None if value >= 0 else f"must be >= 0, not {value!r}"
 
 
+UID_FLOOR = 1000  # below: system accounts
+UID_CEILING = 2**31 - 2  # (uid_t)-1 means "no change" to the kernel; stay below it
+
+
+def at_least(low: int) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        return None if value >= low else f"must be >= {low}, not {value!r}"
+
+    return check
+
+
 def one_of(*choices: str) -> Callable[[Any], str | None]:
     def check(value: Any) -> str | None:
         return None if value in choices else f"must be one of {', '.join(choices)}, not {value!r}"
@@ -196,6 +207,16 @@ SCHEMA: dict[str, dict[str, Key]] = {
             float, 2.0,
             "Seconds a new instance must have been healthy before old ones are drained, "
             "when no nexus answers whether routers already send it traffic.", positive),
+        "max_apps_per_user": Key(
+            int, 100, "Most apps one user may own (admins too); creating one more answers "
+            "429 app_quota_exceeded. 0 = no limit.", non_negative),
+        "app_changes_per_window": Key(
+            int, 60, "Most app creations plus deletions one user may make in "
+            "api.app_changes_window seconds; a creation beyond answers 429 rate_limited with "
+            "Retry-After (a deletion is never refused, but counts). 0 = no limit.",
+            non_negative),
+        "app_changes_window": Key(
+            float, 3600.0, "The sliding window of api.app_changes_per_window, seconds.", positive),
     },
     "lb": {
         "listen": Key(str, "tcp:8080", "Endpoint the HTTP router listens on."),
@@ -326,8 +347,13 @@ SCHEMA: dict[str, dict[str, Key]] = {
             float, 10.0, "Seconds between refreshes of this node's row in the store.", positive),
         "port_min": Key(int, 20000, "Lowest port given to web instances ($PORT).", positive),
         "port_max": Key(int, 29999, "Highest port given to web instances ($PORT).", positive),
-        "uid_min": Key(int, 20000, "Lowest app UID this runner accepts (never 0).", positive),
-        "uid_max": Key(int, 59999, "Highest app UID this runner accepts.", positive),
+        "uid_min": Key(
+            int, 20000, "Lowest app UID: the api allocates app UIDs from uid_min-uid_max "
+            "(lowest free first, reused once an app is purged) and the runner refuses any "
+            "other. At least 1000 (no system account); every node of a cluster needs the "
+            "same range.", at_least(UID_FLOOR)),
+        "uid_max": Key(int, 59999, "Highest app UID (at most 2^31 - 2, the kernel's limit).",
+                       at_least(UID_FLOOR)),
         "sandbox": Key(
             str, "auto", "auto: bubblewrap when root and bwrap works; bwrap: require it "
             "(refuse to start otherwise); none: no sandbox (protections off, reported).",
@@ -641,6 +667,11 @@ SCHEMA: dict[str, dict[str, Key]] = {
 }
 
 
+# the app UID range's defaults, for code built without a config (tests, tools)
+DEFAULT_UIDS: tuple[int, int] = (SCHEMA["runner"]["uid_min"].default,
+                                 SCHEMA["runner"]["uid_max"].default)
+
+
 def _upload_fits_bus(values: dict[str, dict[str, Any]]) -> list[str]:
     upload = values["api"]["max_upload_mb"] * 1024 * 1024
     if upload + (1 << 20) > values["bus"]["max_message_size"]:
@@ -650,5 +681,15 @@ def _upload_fits_bus(values: dict[str, dict[str, Any]]) -> list[str]:
     return []
 
 
+def _uid_range(values: dict[str, dict[str, Any]]) -> list[str]:
+    runner = values["runner"]
+    if runner["uid_min"] > runner["uid_max"]:
+        return [f"runner.uid_min ({runner['uid_min']}) must not be above runner.uid_max "
+                f"({runner['uid_max']})"]
+    if runner["uid_max"] > UID_CEILING:
+        return [f"runner.uid_max ({runner['uid_max']}) must be at most {UID_CEILING}"]
+    return []
+
+
 # Checks across keys, run when every key is valid on its own.
-CHECKS: list[Callable[[dict[str, dict[str, Any]]], list[str]]] = [_upload_fits_bus]
+CHECKS: list[Callable[[dict[str, dict[str, Any]]], list[str]]] = [_upload_fits_bus, _uid_range]

@@ -103,27 +103,42 @@ class SandboxLauncher:
         os.chmod(path, mode)
 
     def _retire_foreign_data(self, data: Path, uid: int) -> None:
-        """Move aside a data dir owned by another UID: a deleted app of the same name.
+        """Move aside data dirs an app must not get: its own name's dir owned by another
+        UID (a deleted app of the same name), and any other name's dir owned by its UID
+        (an earlier holder of a reused UID: the store reuses a UID once its app is gone,
+        never for an app of the same name).
 
-        UIDs are never reused while an app exists, so a different owner means the
-        files belong to an earlier app; they must never be handed to the new one.
-        They go to ``appdata/.retired/`` (0700, root only) for the operator.
+        Without a sandbox, file modes are all that keeps a new holder of a UID out of
+        the earlier holder's files.  They go to ``appdata/.retired/`` (0700, root
+        only) for the operator.
         """
         if not self.isolation.uid_switch:
             return  # without UID switching every dir has the runner's owner
         try:
             owner = data.lstat().st_uid
         except FileNotFoundError:
-            return
-        if owner == uid:
-            return
+            pass
+        else:
+            if owner != uid:
+                self._retire(data, owner, uid)
+        for entry in os.scandir(self.appdata_dir):
+            if entry.name == data.name or entry.name.startswith("."):
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if st.st_uid == uid:
+                self._retire(Path(entry.path), uid, uid)
+
+    def _retire(self, data: Path, owner: int, uid: int) -> None:
         retired = self.appdata_dir / ".retired"
         retired.mkdir(mode=0o700, exist_ok=True)
         os.chmod(retired, 0o700)
         target = retired / f"{data.name}.uid{owner}.{int(self.reactor.seconds())}"
         os.rename(data, target)
         self.log.warn("data dir of an earlier app named {app} (uid {old}) moved to {path}; "
-                      "the new app (uid {uid}) starts empty", app=data.name, old=owner,
+                      "the new holder of uid {uid} never sees it", app=data.name, old=owner,
                       path=str(target), uid=uid)
 
     def _service_data_dir(self, spec: InstanceSpec, data: Path, user: AppUser) -> None:

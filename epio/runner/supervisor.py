@@ -44,6 +44,7 @@ from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface
 
 from epio.addons.services import SERVICE_PROCESS_TYPES
+from epio.config.schema import DEFAULT_UIDS
 from epio.runner.cgroups import Limits
 from epio.runner.ports import PortAllocator
 from epio.runner.sandbox import sandboxed_pid
@@ -93,8 +94,8 @@ class Settings:
     """Supervisor knobs (from the ``runner`` config section)."""
 
     advertise_host: str = "127.0.0.1"
-    uid_min: int = 10000
-    uid_max: int = 59999
+    uid_min: int = DEFAULT_UIDS[0]
+    uid_max: int = DEFAULT_UIDS[1]
     grace: float = 30.0
     boot_timeout: float = 60.0
     backoff_initial: float = 1.0

@@ -6,14 +6,18 @@ service.whenReady()`` gives the :class:`Store`.  See docs/store.md.
 """
 
 from epio.store.errors import (
+    AppQuotaExceeded,
     Conflict,
     InvalidName,
     InvalidValue,
     LastAdminToken,
     MigrationError,
     NotFound,
+    RateLimited,
     StoreError,
     StoreUnavailable,
+    Throttled,
+    UidsExhausted,
 )
 from epio.store.locks import FileLock, LeaderService, Lock, PgLock
 from epio.store.records import (
@@ -33,6 +37,7 @@ from epio.store.store import (
     CHANGE_KINDS,
     DEPLOY_STATES,
     INSTANCE_STATES,
+    AppLimits,
     Change,
     Store,
     hash_token,
@@ -45,6 +50,8 @@ __all__ = [
     "DEPLOY_STATES",
     "INSTANCE_STATES",
     "App",
+    "AppLimits",
+    "AppQuotaExceeded",
     "Change",
     "Conflict",
     "Deploy",
@@ -62,12 +69,15 @@ __all__ = [
     "NodeInfo",
     "NotFound",
     "PgLock",
+    "RateLimited",
     "Release",
     "Store",
     "StoreError",
     "StoreService",
     "StoreUnavailable",
+    "Throttled",
     "TokenInfo",
+    "UidsExhausted",
     "User",
     "hash_token",
     "normalise_hostname",

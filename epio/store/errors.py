@@ -27,6 +27,34 @@ class LastAdminToken(Conflict):
     code = "last_admin_token"
 
 
+class Throttled(StoreError):
+    """A per-user limit says not now; ``retry_after`` seconds is when it may pass."""
+
+    code = "throttled"
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class RateLimited(Throttled):
+    """Too many app creations and deletions by one user in the window."""
+
+    code = "rate_limited"
+
+
+class AppQuotaExceeded(Throttled):
+    """The user has as many apps as they may have."""
+
+    code = "app_quota_exceeded"
+
+
+class UidsExhausted(StoreError):
+    """Every app UID of the configured range is taken."""
+
+    code = "app_uids_exhausted"
+
+
 class InvalidName(StoreError, ValueError):
     """A name, hostname, key or other identifier is not well formed."""
 

@@ -42,7 +42,7 @@ class Migration:
         return self.statements + (specific or ())
 
 
-FIRST_APP_UID = 20000
+FIRST_APP_UID = 20000  # migration 1's counter only: UIDs come from runner.uid_min/uid_max
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", statements=(
@@ -213,6 +213,24 @@ MIGRATIONS: tuple[Migration, ...] = (
             UNIQUE (app, number)
         )""",
         "CREATE INDEX run_sessions_app ON run_sessions (app, started)",
+    )),
+    Migration(5, "app UID reuse and per-user app limits", statements=(
+        # creations and deletions per user, for the rate limit
+        """CREATE TABLE app_changes (
+            user_id TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            app TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            at DOUBLE PRECISION NOT NULL
+        )""",
+        "CREATE INDEX app_changes_user ON app_changes (user_id, at)",
+        # every (uid, app name) pair ever allocated: an app is never given a UID an
+        # earlier app of its name had (a runner would take that app's files for its own)
+        """CREATE TABLE app_uid_names (
+            uid INTEGER NOT NULL,
+            app TEXT NOT NULL,
+            PRIMARY KEY (uid, app)
+        )""",
+        "INSERT INTO app_uid_names (uid, app) SELECT uid, name FROM apps",
     )),
 )
 

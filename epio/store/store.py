@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import re
 import secrets
 import uuid
@@ -20,14 +21,18 @@ import attrs
 from attrs import frozen
 from twisted.logger import Logger
 
+from epio.config.schema import DEFAULT_UIDS
 from epio.store.backend import Backend, Transaction
 from epio.store.errors import (
+    AppQuotaExceeded,
     Conflict,
     IntegrityError,
     InvalidName,
     InvalidValue,
     LastAdminToken,
     NotFound,
+    RateLimited,
+    UidsExhausted,
 )
 from epio.store.records import (
     App,
@@ -53,6 +58,8 @@ IMAGE_DIGEST = re.compile(r"^(?:sha256:)?[0-9a-f]{64}$")
 
 TOKEN_PREFIX = "epio_"
 ADMIN_TOKENS_LOCK = "epio.store.admin_tokens"
+APP_UIDS_LOCK = "epio.store.app_uids"
+
 TOKEN_DISPLAY_CHARS = 12
 MAX_CONFIG_VALUE = 32 * 1024
 
@@ -63,6 +70,16 @@ DEPLOY_FINAL = ("succeeded", "failed", "cancelled")
 
 CHANGE_KINDS = ("user", "app", "collaborator", "release", "config", "formation", "instance",
                 "domain", "node", "deploy", "resync")
+
+
+@frozen
+class AppLimits:
+    """Per-user limits on apps (``api.max_apps_per_user``, ``api.app_changes_*``);
+    0 means no limit."""
+
+    max_apps: int = 0
+    changes: int = 0
+    window: float = 3600.0
 
 
 @frozen
@@ -388,30 +405,81 @@ class Store:
 
     # -------------------------------------------------------------- apps
 
-    async def create_app(self, name: str, owner_id: str) -> App:
-        """Create an app owned by ``owner_id``, allocating its UID (from 20000, never reused).
+    async def create_app(self, name: str, owner_id: str, *, uids: tuple[int, int] = DEFAULT_UIDS,
+                         limits: AppLimits | None = None) -> App:
+        """Create an app owned by ``owner_id``, with the lowest free UID of ``uids``
+        (``runner.uid_min``, ``runner.uid_max``): a UID is free again once the app that
+        had it is gone, for an app of another name (never for one of the same name: a
+        runner tells an earlier app's files apart by their owner and the name).
 
         ``InvalidName`` for a bad name, ``Conflict`` if taken, ``NotFound`` for
-        an unknown owner.
+        an unknown owner, ``UidsExhausted`` when the range is full;
+        ``AppQuotaExceeded`` / ``RateLimited`` when ``limits`` say no.
         """
         validate_app_name(name)
+        uid_min, uid_max = uids
         now = self._now()
 
         async def q(tx: Transaction) -> App:
+            await tx.exclusive(APP_UIDS_LOCK)  # one allocation at a time, every node
             if (await tx.execute("SELECT 1 FROM users WHERE id = ?", (owner_id,))).scalar() is None:
                 raise NotFound(f"no user with id {owner_id!r}")
             if (await tx.execute("SELECT 1 FROM apps WHERE name = ?", (name,))).scalar():
                 raise Conflict(f"an app named {name!r} already exists")
+            if limits is not None:
+                await self._check_app_limits(tx, owner_id, limits, now)
+            # the lowest UID of the range held by no app and never held by an app of
+            # this name: uid_min or one above a UID that is taken for this name
             uid = (await tx.execute(
-                "UPDATE counters SET value = value + 1 WHERE name = 'app_uid' RETURNING value"
-            )).scalar()
+                "SELECT min(c) FROM (SELECT ? AS c UNION ALL SELECT uid + 1 FROM apps "
+                "WHERE uid >= ? AND uid < ? UNION ALL SELECT uid + 1 FROM app_uid_names "
+                "WHERE app = ? AND uid >= ? AND uid < ?) cand "
+                "WHERE NOT EXISTS (SELECT 1 FROM apps a WHERE a.uid = cand.c) "
+                "AND NOT EXISTS (SELECT 1 FROM app_uid_names h "
+                "WHERE h.uid = cand.c AND h.app = ?)",
+                (uid_min, uid_min, uid_max, name, uid_min, uid_max, name))).scalar()
+            if uid is None:
+                raise UidsExhausted(
+                    f"every app UID from {uid_min} to {uid_max} is taken; the operator can "
+                    "widen runner.uid_min/uid_max (docs/apps.md)")
             await tx.execute(
                 "INSERT INTO apps (name, owner_id, uid, maintenance, release_seq, created)"
                 " VALUES (?, ?, ?, ?, 0, ?)", (name, owner_id, int(uid), False, now))
+            await tx.execute("INSERT INTO app_uid_names (uid, app) VALUES (?, ?)",
+                             (int(uid), name))
+            await self._record_app_change(tx, owner_id, name, "create", now)
             return App(name, owner_id, int(uid), False, now)
 
         return await self._tx(q, conflict=f"an app named {name!r} already exists",
                               change=[Change("app", name)])
+
+    async def _check_app_limits(self, tx: Transaction, user_id: str, limits: AppLimits,
+                                now: float) -> None:
+        """Raise AppQuotaExceeded / RateLimited if ``user_id`` may not add an app now."""
+        if limits.max_apps:
+            owned = int((await tx.execute("SELECT count(*) FROM apps WHERE owner_id = ?",
+                                          (user_id,))).scalar() or 0)
+            if owned >= limits.max_apps:
+                raise AppQuotaExceeded(
+                    f"you have {owned} apps, the most one user may have "
+                    f"({limits.max_apps}); delete one first", limits.window)
+        if limits.changes:
+            await tx.execute("DELETE FROM app_changes WHERE user_id = ? AND at <= ?",
+                             (user_id, now - limits.window))
+            times = [float(r[0]) for r in (await tx.execute(
+                "SELECT at FROM app_changes WHERE user_id = ? ORDER BY at", (user_id,))).rows]
+            if len(times) >= limits.changes:
+                retry = times[len(times) - limits.changes] + limits.window - now
+                raise RateLimited(
+                    f"too many app creations and deletions: at most {limits.changes} in "
+                    f"{limits.window:g} seconds; try again in {math.ceil(retry)} s", retry)
+
+    @staticmethod
+    async def _record_app_change(tx: Transaction, user_id: str | None, app: str, kind: str,
+                                 now: float) -> None:
+        if user_id is not None:
+            await tx.execute("INSERT INTO app_changes (user_id, app, kind, at) VALUES (?, ?, ?, ?)",
+                             (user_id, app, kind, now))
 
     async def get_app(self, name: str) -> App:
         """The app named ``name``; ``NotFound`` otherwise."""
@@ -431,13 +499,18 @@ class Store:
                 (for_user, for_user))
         return [_app(r) for r in rows]
 
-    async def delete_app(self, name: str) -> None:
+    async def delete_app(self, name: str, by: str | None = None) -> None:
         """Delete an app and everything of it (releases, config, formation,
-        instances, domains, collaborators, deploys)."""
+        instances, domains, collaborators, deploys); its UID is free again.
+
+        ``by`` (a user id) is counted in that user's app-change rate; a deletion
+        itself is never refused by the rate limit.
+        """
 
         async def q(tx: Transaction) -> None:
             if not (await tx.execute("DELETE FROM apps WHERE name = ?", (name,))).rowcount:
                 raise NotFound(f"no app named {name!r}")
+            await self._record_app_change(tx, by, name, "delete", self._now())
 
         await self._tx(q, change=[Change("app", name)])
 

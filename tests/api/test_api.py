@@ -308,3 +308,41 @@ class OpenApiTests(ApiTestCase):
                     self.assertNotIn("s3cret", str(body))
                 checked += 1
         self.assertGreaterEqual(checked, 20)
+
+
+class AppLimitsTests(TestCase):
+    timeout = 30
+
+    def setUp(self) -> Any:
+        from epio.api.settings import ApiSettings
+        from epio.store import AppLimits
+
+        self.h = Harness(ApiSettings(app_limits=AppLimits(max_apps=2, changes=3, window=90.0),
+                                     uids=(47000, 47001)))
+        self.addCleanup(lambda: ensureDeferred(self.h.stop()))
+        return ensureDeferred(self.h.start())
+
+    async def test_limits_answer_429_with_retry_after(self) -> None:
+        """Over the app quota: 429 app_quota_exceeded with Retry-After; over the change
+        rate: 429 rate_limited with Retry-After within the window; an exhausted UID
+        range: 503 app_uids_exhausted naming the range (all valid per the OpenAPI
+        document); the app is not created in any case."""
+        alice = self.h.alice_token
+        for name in ("a1", "a2"):
+            self.assertEqual((await self.h.call("POST", "apps", token=alice,
+                                                body={"name": name}))[0], 201)
+        status, body, headers = await self.h.call("POST", "apps", token=alice,
+                                                  body={"name": "a3"})
+        self.assertEqual((status, body["error"]["code"]), (429, "app_quota_exceeded"))
+        self.assertEqual(headers["retry-after"], ["90"])
+        status, body, headers = await self.h.call("POST", "apps", token=self.h.admin_token,
+                                                  body={"name": "b1"})
+        self.assertEqual((status, body["error"]["code"]), (503, "app_uids_exhausted"))
+        self.assertIn("47000 to 47001", body["error"]["message"])
+        await self.h.call("DELETE", "apps/a1", token=alice)  # third change
+        status, body, headers = await self.h.call("POST", "apps", token=alice,
+                                                  body={"name": "a3"})
+        self.assertEqual((status, body["error"]["code"]), (429, "rate_limited"))
+        self.assertTrue(0 < int(headers["retry-after"][0]) <= 90, headers)
+        status, _, _ = await self.h.call("GET", "apps/a3", token=alice)
+        self.assertEqual(status, 404)

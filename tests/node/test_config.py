@@ -62,6 +62,42 @@ class LoadConfigTests(SynchronousTestCase):
         load_config(self.write("[api]\nmax_upload_mb = 300\n[bus]\n"
                                "max_message_size = 400000000\n"))
 
+    def test_uid_range_checked(self) -> None:
+        """The app UID range is refused at load when inverted, reaching into system
+        accounts, or beyond the kernel's UIDs; a custom range reaches the api's
+        allocation and the runner's check (one source: runner.uid_min/uid_max)."""
+        from epio.api.settings import ApiSettings
+        from epio.runner.supervisor import Settings
+
+        for text, fragment in [
+            ("uid_min = 50000\nuid_max = 40000", "runner.uid_min (50000) must not be above"),
+            ("uid_min = 999", "runner.uid_min: must be >= 1000, not 999"),
+            ("uid_max = 4294967295", "runner.uid_max (4294967295) must be at most"),
+        ]:
+            with self.assertRaises(ConfigError) as cm:
+                load_config(self.write("[runner]\n" + text + "\n"))
+            self.assertIn(fragment, str(cm.exception))
+        config = load_config(self.write("[runner]\nuid_min = 47000\nuid_max = 47999\n"))
+        self.assertEqual(ApiSettings.from_config(config).uids, (47000, 47999))
+        runner = Settings.from_config(config["runner"])
+        self.assertEqual((runner.uid_min, runner.uid_max), (47000, 47999))
+        self.assertEqual((Settings().uid_min, Settings().uid_max), ApiSettings().uids)
+
+    def test_app_limits_read(self) -> None:
+        """api.max_apps_per_user and api.app_changes_* become the api's app limits;
+        negative values are refused."""
+        from epio.api.settings import ApiSettings
+
+        config = load_config(self.write("[api]\nmax_apps_per_user = 3\n"
+                                        "app_changes_per_window = 7\napp_changes_window = 60\n"))
+        limits = ApiSettings.from_config(config).app_limits
+        self.assertEqual((limits.max_apps, limits.changes, limits.window), (3, 7, 60.0))
+        with self.assertRaises(ConfigError) as cm:
+            load_config(self.write("[api]\nmax_apps_per_user = -1\n"))
+        self.assertIn("api.max_apps_per_user: must be >= 0", str(cm.exception))
+        defaults = ApiSettings.from_config(load_config(None)).app_limits
+        self.assertEqual(defaults, ApiSettings().app_limits)
+
     def test_bad_toml(self) -> None:
         """A file that is not TOML says so, with the file name."""
         path = self.write("[lb\n")

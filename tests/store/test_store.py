@@ -10,13 +10,17 @@ from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
 from epio.store import (
+    AppLimits,
+    AppQuotaExceeded,
     Conflict,
     Instance,
     InvalidName,
     InvalidValue,
     LastAdminToken,
     NotFound,
+    RateLimited,
     Store,
+    UidsExhausted,
     hash_token,
     open_store,
 )
@@ -228,12 +232,63 @@ class StoreTestsMixin:
         self.assertTrue(m.maintenance)
         self.assertTrue((await self.store.get_app("hello")).maintenance)
 
-    async def test_uid_never_reused(self) -> None:
-        """Deleting an app does not free its UID for a later app."""
-        a = await self.store.create_app("one", self.alice.id)
+    async def test_uid_range_and_reuse(self) -> None:
+        """UIDs come from the given range, lowest free first; a deleted app's UID is
+        taken by the next app of another name, never by an app of the same name; a full
+        range is UidsExhausted and creates nothing."""
+        uids = (47000, 47002)
+        a = await self.store.create_app("one", self.alice.id, uids=uids)
+        b = await self.store.create_app("two", self.alice.id, uids=uids)
+        c = await self.store.create_app("three", self.bob.id, uids=uids)
+        self.assertEqual([a.uid, b.uid, c.uid], [47000, 47001, 47002])
+        with self.assertRaises(UidsExhausted) as cm:
+            await self.store.create_app("four", self.bob.id, uids=uids)
+        self.assertIn("47000 to 47002", str(cm.exception))
+        with self.assertRaises(NotFound):
+            await self.store.get_app("four")
+        await self.store.delete_app("two")
+        with self.assertRaises(UidsExhausted):  # "two" never gets 47001 again
+            await self.store.create_app("two", self.bob.id, uids=uids)
+        d = await self.store.create_app("four", self.bob.id, uids=uids)
+        self.assertEqual(d.uid, 47001)
         await self.store.delete_app("one")
-        b = await self.store.create_app("one", self.alice.id)
-        self.assertGreater(b.uid, a.uid)
+        await self.store.delete_app("four")
+        again = await self.store.create_app("one", self.alice.id, uids=uids)
+        self.assertEqual(again.uid, 47001)  # 47000 was "one"'s: the next free
+        # an app outside the range (the range was moved) neither blocks nor is reused
+        e = await self.store.create_app("five", self.bob.id, uids=(46999, 47003))
+        self.assertEqual(e.uid, 46999)
+
+    async def test_app_quota(self) -> None:
+        """A user with max_apps apps gets AppQuotaExceeded (with a retry time) and no app;
+        after deleting one they may create again; other users are not affected."""
+        limits = AppLimits(max_apps=2, changes=0, window=600.0)
+        await self.store.create_app("q1", self.alice.id, limits=limits)
+        await self.store.create_app("q2", self.alice.id, limits=limits)
+        with self.assertRaises(AppQuotaExceeded) as cm:
+            await self.store.create_app("q3", self.alice.id, limits=limits)
+        self.assertEqual(cm.exception.retry_after, 600.0)
+        self.assertIn("(2)", str(cm.exception))
+        await self.store.create_app("b1", self.bob.id, limits=limits)
+        await self.store.delete_app("q1", by=self.alice.id)
+        await self.store.create_app("q3", self.alice.id, limits=limits)
+
+    async def test_app_change_rate(self) -> None:
+        """Creations and deletions count in a sliding window: the creation beyond the
+        limit is RateLimited with the time until the oldest counted change leaves the
+        window; a deletion is never refused; once the window has passed, creating works."""
+        limits = AppLimits(max_apps=0, changes=3, window=3600.0)
+        await self.store.create_app("r1", self.alice.id, limits=limits)
+        await self.store.delete_app("r1", by=self.alice.id)
+        await self.store.create_app("r2", self.alice.id, limits=limits)
+        with self.assertRaises(RateLimited) as cm:
+            await self.store.create_app("r3", self.alice.id, limits=limits)
+        self.assertGreater(cm.exception.retry_after, 3500.0)
+        self.assertLessEqual(cm.exception.retry_after, 3600.0)
+        await self.store.delete_app("r2", by=self.alice.id)  # counted, not refused
+        await self.store.create_app("b1", self.bob.id, limits=limits)  # bob has his own
+        await self.raw_write("UPDATE app_changes SET at = at - 3600")  # an hour later
+        await self.store.create_app("r3", self.alice.id, limits=limits)
 
     async def test_collaborators_and_access(self) -> None:
         """Owner, collaborators and admins can access an app; others cannot."""

@@ -140,6 +140,36 @@ class IsolationTests(TestCase):
         self.assertEqual((r.data_dir / "appdata" / ".retired").stat().st_mode & 0o777, 0o700)
 
 
+    async def test_reused_uid_never_reaches_earlier_files(self) -> None:
+        """A UID given to a new app after an app of another name was deleted (the store
+        reuses UIDs) does not get the earlier app's data dir: it is moved aside,
+        root-only, before the new app's first process runs."""
+        r = self.runner
+        img = r.image({"sleeper.py": apps.SLEEPER})
+        r.start("delta-1", "delta", 20121, img, "python /app/app/sleeper.py",
+                process_type="worker")
+        self.assertTrue(await wait_for(reactor, lambda: r.state("delta-1") == "healthy", 15))
+        old = r.data_dir / "appdata" / "delta"
+        (old / "private.txt").write_text("delta's")
+        os.chown(old / "private.txt", 20121, 20121)
+        await r.sup.stop("delta-1", grace=1)
+        probe_img = r.image({"probe.py": apps.PROBE})
+        r.start("eps-1", "epsilon", 20121, probe_img, "python /app/app/probe.py",
+                process_type="worker",
+                env={"PROBE": json.dumps({"read": [str(old / "private.txt")], "kill": []})})
+        self.assertTrue(await wait_for(reactor, lambda: result_of(r, "epsilon") is not None,
+                                       15), r.texts("epsilon"))
+        res = result_of(r, "epsilon")
+        assert res is not None
+        self.assertEqual(res["uid"], 20121)
+        self.assertNotEqual(res["read"][str(old / "private.txt")], True)
+        self.assertFalse(old.exists())
+        [retired] = (r.data_dir / "appdata" / ".retired").iterdir()
+        self.assertTrue(retired.name.startswith("delta.uid20121."))
+        self.assertEqual((retired / "private.txt").read_text(), "delta's")
+        self.assertEqual((r.data_dir / "appdata" / ".retired").stat().st_mode & 0o777, 0o700)
+
+
 class WebTests(TestCase):
     skip = SKIP
     timeout = 60
