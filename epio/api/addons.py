@@ -224,10 +224,22 @@ class Addons:
         return {CONFIG_VAR[a.kind]: addon_url(a) for a in await list_addons(self.store, app.name)
                 if a.host and a.port}
 
-    async def app_deleted(self, app: Any) -> None:
-        """Before an app is deleted: a final backup of each add-on, then drop them."""
+    async def app_destroyed(self, app: Any) -> list[dict[str, Any]]:
+        """Before an app is destroyed: a final backup of each add-on while its server
+        still runs (409 ``final_backup_failed`` and nothing destroyed when one fails).
+        The add-ons and their data stay until the app is purged; a dedicated server
+        stops with the app's instances and starts again (:meth:`keep_running`, same
+        data dir) if the app is restored."""
+        finals = []
         for addon in await list_addons(self.store, app.name):
-            await self._final_backup(app.name, addon.kind, force=False)
+            final = await self._final_backup(app.name, addon.kind, force=False)
+            if final is not None:
+                finals.append(final)
+        return finals
+
+    async def app_purged(self, app: Any) -> None:
+        """When a destroyed app is purged: drop every add-on (a shared database is
+        dropped; a dedicated server's data goes with the app's data dir)."""
         for addon in await list_addons(self.store, app.name):
             await self._drop(addon)
             await delete_addon(self.store, app.name, addon.kind)
@@ -415,11 +427,12 @@ class Addons:
         if self.scheduler is not None and not self.scheduler.leader:
             return 0
         present = {i.id for i in await self.store.list_instances()}
+        live = {a.name for a in await self.store.list_apps()}  # not destroyed ones
         started = 0
         for addon in await list_addons(self.store):
             image = addon.options.get("image")
             if addon.plan != "dedicated" or addon.state not in ("ready", "failed") \
-                    or not image or addon.instance in present:
+                    or not image or addon.instance in present or addon.app not in live:
                 continue
             try:
                 app = await self.store.get_app(addon.app)

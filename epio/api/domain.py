@@ -124,15 +124,66 @@ class Platform:
             })
         return out
 
-    async def delete_app(self, user: User, app: App) -> None:
-        """Stop the app's instances, then delete everything the store holds of it."""
+    async def delete_app(self, user: User, app: App) -> App:
+        """Destroy an app: final backups of its add-ons (servers still up), stop its
+        instances, then keep everything of it for ``destroyed_grace`` seconds, out of
+        sight (no routes, no instances, 404), listed by :meth:`list_destroyed`."""
         await self._require_owner(user, app)
-        if self.addons is not None:  # final backups (servers still up), then drop them
-            await self.addons.app_deleted(app)
+        if self.addons is not None:
+            await self.addons.app_destroyed(app)
         if self.scheduler is not None:
             await self.scheduler.stop_app(app.name)
-        await self.store.delete_app(app.name, by=user.id)
-        self.log.info("app {app} deleted by {user}", app=app.name, user=user.name)
+        destroyed = await self.store.destroy_app(
+            app.name, self.clock.seconds() + self.settings.destroyed_grace, by=user.id)
+        self.log.info("app {app} destroyed by {user}; kept until {purge_after}", app=app.name,
+                      user=user.name, purge_after=destroyed.purge_after)
+        return destroyed
+
+    async def list_destroyed(self, user: User) -> list[App]:
+        """Destroyed apps not purged yet: the caller's own (every one for admins)."""
+        apps = await self.store.list_apps(None if user.is_admin else user.id, destroyed=True)
+        return [a for a in apps if user.is_admin or a.owner_id == user.id]
+
+    async def get_destroyed(self, user: User, name: str) -> App:
+        """A destroyed app its owner (or an admin) may restore or purge; 404 otherwise."""
+        try:
+            app = await self.store.get_app(name, destroyed=True)
+        except StoreNotFound:
+            app = None
+        if app is None or not (user.is_admin or app.owner_id == user.id):
+            raise errors.NotFound(f"no destroyed app named {name!r}")
+        return app
+
+    async def describe_destroyed(self, apps: list[App]) -> list[dict[str, Any]]:
+        users = {u.id: u.name for u in await self.store.list_users()}
+        out = []
+        for app in apps:
+            addons = ([a.kind for a in await self.addons.addons_of(app)]
+                      if self.addons is not None else [])
+            out.append({"name": app.name, "owner": users.get(app.owner_id, app.owner_id),
+                        "created": app.created, "destroyed": app.destroyed,
+                        "purge_after": app.purge_after, "addons": addons})
+        return out
+
+    async def restore_app(self, user: User, name: str) -> App:
+        """Bring a destroyed app back as it was: the scheduler places its instances,
+        the add-ons keeper starts its dedicated servers on their data again."""
+        app = await self.get_destroyed(user, name)
+        restored = await self.store.restore_app(app.name)
+        self.log.info("app {app} restored by {user}", app=app.name, user=user.name)
+        self._wake()
+        return restored
+
+    async def purge_app(self, user: User | None, app: App) -> None:
+        """Delete a destroyed app for good: add-ons dropped, data dirs deleted on the
+        runners, every row of it gone; its UID is free again."""
+        if self.addons is not None:
+            await self.addons.app_purged(app)
+        if self.scheduler is not None:
+            await self.scheduler.purge_app_data(app)
+        await self.store.delete_app(app.name, by=user.id if user is not None else None)
+        self.log.info("app {app} purged by {who}", app=app.name,
+                      who=user.name if user is not None else "its grace period's end")
 
     async def list_collaborators(self, app: App) -> list[str]:
         return [u.name for u in await self.store.list_collaborators(app.name)]

@@ -514,6 +514,25 @@ class Scheduler:
         if ds:
             await DeferredList(ds, consumeErrors=True)
 
+    async def purge_app_data(self, app: Any) -> list[str]:
+        """Ask every registered runner to delete a purged app's data dir; return the
+        runners that did not answer or refused (they keep it: a later holder of the
+        UID still never sees it, see epio.runner.launcher)."""
+        failed: list[str] = []
+        for node in await self.store.list_nodes("runner"):
+            if not node.control_endpoint:
+                continue
+            try:
+                await self.control.request(node.control_endpoint, "runner.purge_app",
+                                           {"app": app.name, "uid": app.uid},
+                                           timeout=self.settings.purge_timeout)
+            except Exception as e:
+                self.log.warn("runner {node} did not delete the data of purged app {app}: "
+                              "{error}", node=node.id, app=app.name,
+                              error=str(e) or type(e).__name__)
+                failed.append(node.id)
+        return failed
+
     def _app_log(self, app: str, text: str) -> None:
         platform_line(self.log_sink, app, text)
 

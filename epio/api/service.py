@@ -177,6 +177,12 @@ class ApiService(MultiService):
             self._register.clock = node.reactor
             self._register.start(self.settings.runner_dead_after / 3, now=True).addErrback(
                 lambda f: self.log.failure("node registration loop died", f))
+        from epio.api.purge import AppPurger, PurgeService
+
+        purge = PurgeService(AppPurger(self.platform, store, node.reactor), store, node.reactor,
+                             self.settings.purge_interval, self.settings.leader_retry)
+        purge.setName("purge")
+        purge.setServiceParent(self)
         self.api.log_tail = self._log_tail()
         self.api.platform = self.platform
         from epio.api.run import install as install_run

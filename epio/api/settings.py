@@ -33,6 +33,9 @@ class ApiSettings:
     # app UIDs are allocated from runner.uid_min..uid_max (the range runners accept)
     uids: tuple[int, int] = DEFAULT_UIDS
     app_limits: AppLimits = AppLimits(max_apps=100, changes=60, window=3600.0)
+    destroyed_grace: float = 7 * 86400.0
+    purge_interval: float = 300.0
+    purge_timeout: float = 120.0
 
     @classmethod
     def from_config(cls, config: Any) -> ApiSettings:
@@ -59,6 +62,9 @@ class ApiSettings:
             app_limits=AppLimits(max_apps=int(api["max_apps_per_user"]),
                                  changes=int(api["app_changes_per_window"]),
                                  window=float(api["app_changes_window"])),
+            destroyed_grace=float(api["destroyed_grace"]),
+            purge_interval=float(api["purge_interval"]),
+            purge_timeout=float(api["purge_timeout"]),
         )
 
     def url_of(self, app: str) -> str:

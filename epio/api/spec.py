@@ -70,6 +70,12 @@ SCHEMAS: dict[str, dict[str, Any]] = {
                       "description": "running instances per process type"},
     }),
     "NewApp": obj({"name": {"type": "string", "pattern": APP_NAME}}),
+    "AppDestroyed": obj({"deleted": STR, "destroyed": NUM, "purge_after": NUM}),
+    "DestroyedApp": obj({
+        "name": STR, "owner": STR, "created": NUM, "destroyed": NUM,
+        "purge_after": {**NUM, "description": "when it is purged for good (epoch seconds)"},
+        "addons": array(STR),
+    }),
     "Collaborator": obj({"user": {"type": "string", "minLength": 1}}),
     "Release": obj({
         "version": INT, "image": NULLABLE_STR, "processes": {"type": "object",

@@ -264,11 +264,32 @@ class Api:
         return await self.platform.describe_app(app)
 
     @operation("DELETE", "/apps/{app}", "deleteApp",
-               "Delete an app and everything it had: instances, routes, domains, releases",
-               response=ref("Deleted"), tag="apps")
+               "Destroy an app (owner only): final add-on backups, instances and routes "
+               "stopped; everything else kept for api.destroyed_grace seconds, restorable",
+               response=ref("AppDestroyed"), tag="apps")
     async def delete_app(self, request: Any, user: Any, app: Any) -> Any:
-        await self.platform.delete_app(user, app)
-        return {"deleted": app.name}
+        destroyed = await self.platform.delete_app(user, app)
+        return {"deleted": app.name, "destroyed": destroyed.destroyed,
+                "purge_after": destroyed.purge_after}
+
+    @operation("GET", "/destroyed-apps", "listDestroyedApps",
+               "The caller's destroyed apps not purged yet (every one for admins)",
+               response=array(ref("DestroyedApp")), tag="apps")
+    async def list_destroyed(self, request: Any, user: Any) -> Any:
+        return await self.platform.describe_destroyed(await self.platform.list_destroyed(user))
+
+    @operation("POST", "/destroyed-apps/{name}/restore", "restoreApp",
+               "Bring a destroyed app back as it was (owner or admin)", response=ref("App"),
+               tag="apps")
+    async def restore_app(self, request: Any, user: Any, name: str) -> Any:
+        return await self.platform.describe_app(await self.platform.restore_app(user, name))
+
+    @operation("DELETE", "/destroyed-apps/{name}", "purgeApp",
+               "Purge a destroyed app now (owner or admin): add-ons, data and UID are gone",
+               response=ref("Deleted"), tag="apps")
+    async def purge_app(self, request: Any, user: Any, name: str) -> Any:
+        await self.platform.purge_app(user, await self.platform.get_destroyed(user, name))
+        return {"deleted": name}
 
     @operation("GET", "/apps/{app}/collaborators", "listCollaborators",
                "Users who may manage the app besides its owner", response=array(STR_SCHEMA),

@@ -269,6 +269,17 @@ _(MessageType(
     optional={"state": str},
 ))
 _(MessageType(
+    "runner.purge_app", 1, "request",
+    "Delete an app's data dir on this runner for good (the app was purged after its "
+    "grace period): only a dir owned by uid; refused while an instance of the app runs.",
+    fields={"app": str, "uid": int},
+))
+_(MessageType(
+    "runner.purged", 1, "reply",
+    "Answer to runner.purge_app: whether a data dir was deleted.",
+    fields={"app": str, "deleted": bool},
+))
+_(MessageType(
     "runner.stop", 1, "request",
     "Stop an instance: SIGTERM to its process group, grace seconds, then SIGKILL; the "
     "reply comes once it has stopped.",

@@ -175,15 +175,50 @@ def cmd_apps_info(args: argparse.Namespace) -> int:
 DESTROY_TIMEOUT = 3600.0  # seconds `epio apps destroy` waits (final database backups)
 
 
+def until(ts: float) -> str:
+    """A future time as UTC, to the minute."""
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ts))
+
+
 def cmd_apps_destroy(args: argparse.Namespace) -> int:
     name = args.name
-    confirm_name(args, name, f"This deletes {name} and everything it has. Type its name to "
-                 "confirm: ", "not deleted")
+    confirm_name(args, name, f"This destroys {name}: it stops serving, and its data is "
+                 "kept until its grace period ends, then purged. Type its name to confirm: ",
+                 "not destroyed")
     client = Client.from_config()
-    # deleting takes a final backup of the app's databases first: that may take long
+    # destroying takes a final backup of the app's databases first: that may take long
     client.timeout = DESTROY_TIMEOUT
-    client.delete(f"apps/{name}")
-    return out(args, {"deleted": name}, f"Deleted {name}")
+    result = client.delete(f"apps/{name}")
+    return out(args, result, f"Destroyed {name}. Its data is kept until "
+                             f"{until(result['purge_after'])}: `epio apps restore {name}` "
+                             f"brings it back, `epio apps purge {name}` deletes it now.")
+
+
+def cmd_apps_destroyed(args: argparse.Namespace) -> int:
+    apps = Client.from_config().get("destroyed-apps")
+
+    def human() -> None:
+        if not apps:
+            print("No destroyed apps.")
+            return
+        table([[a["name"], a["owner"], ago(a["destroyed"]), until(a["purge_after"]),
+                ",".join(a["addons"]) or None] for a in apps],
+              ["NAME", "OWNER", "DESTROYED", "PURGED AFTER", "ADD-ONS"])
+
+    return out(args, apps, human)
+
+
+def cmd_apps_restore(args: argparse.Namespace) -> int:
+    app = Client.from_config().post(f"destroyed-apps/{args.name}/restore")
+    return out(args, app, f"Restored {args.name}: {app['url']}")
+
+
+def cmd_apps_purge(args: argparse.Namespace) -> int:
+    name = args.name
+    confirm_name(args, name, f"This deletes destroyed app {name}, its databases and data "
+                 "for good. Type its name to confirm: ", "not purged")
+    Client.from_config().delete(f"destroyed-apps/{name}")
+    return out(args, {"deleted": name}, f"Purged {name}")
 
 
 # --- deploy --------------------------------------------------------------------------
@@ -466,10 +501,22 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p = asub.add_parser("info", parents=[common], help="show an app")
     p.add_argument("name", metavar="NAME", nargs="?")
     p.set_defaults(func=cmd_apps_info)
-    p = asub.add_parser("destroy", parents=[common], help="delete an app and everything it has")
+    p = asub.add_parser("destroy", parents=[common],
+                        help="destroy an app (kept for a grace period, then purged)")
     p.add_argument("name", metavar="NAME")
     p.add_argument("--confirm", metavar="NAME", help="the app's name again (no prompt)")
     p.set_defaults(func=cmd_apps_destroy)
+    p = asub.add_parser("destroyed", parents=[common],
+                        help="list destroyed apps not purged yet")
+    p.set_defaults(func=cmd_apps_destroyed)
+    p = asub.add_parser("restore", parents=[common], help="bring a destroyed app back")
+    p.add_argument("name", metavar="NAME")
+    p.set_defaults(func=cmd_apps_restore)
+    p = asub.add_parser("purge", parents=[common],
+                        help="delete a destroyed app and its data for good, now")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--confirm", metavar="NAME", help="the app's name again (no prompt)")
+    p.set_defaults(func=cmd_apps_purge)
 
     p = sub.add_parser("deploy", parents=[common], help="deploy an app directory",
                        description="Pack DIR (honouring .epioignore), upload it, follow the "

@@ -217,6 +217,15 @@ SCHEMA: dict[str, dict[str, Key]] = {
             non_negative),
         "app_changes_window": Key(
             float, 3600.0, "The sliding window of api.app_changes_per_window, seconds.", positive),
+        "destroyed_grace": Key(
+            float, 7 * 86400.0, "Seconds a destroyed app (its add-ons, data dir, config, "
+            "releases, UID) is kept, listed by `epio apps destroyed` and restorable, before it "
+            "is purged.", non_negative),
+        "purge_interval": Key(
+            float, 300.0, "Seconds between two looks, by the api holding the purge lock, for "
+            "destroyed apps whose grace period is over.", positive),
+        "purge_timeout": Key(
+            float, 120.0, "Seconds a runner has to delete a purged app's data dir.", positive),
     },
     "lb": {
         "listen": Key(str, "tcp:8080", "Endpoint the HTTP router listens on."),

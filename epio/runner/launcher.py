@@ -41,7 +41,7 @@ from epio.runner.sandbox import (
 )
 from epio.runner.snapshots import DEDICATED_DIR
 from epio.runner.supervisor import ILauncher, InstanceSpec, Launch
-from epio.runner.users import AppUser
+from epio.runner.users import AppUser, check_app_name
 
 
 def proc_start_time(pid: int, proc: Path = Path("/proc")) -> int | None:
@@ -64,6 +64,30 @@ def signal_group(pgid: int | None, sig: int) -> bool:
         return True
     except (ProcessLookupError, PermissionError):
         return False
+
+
+def purge_app_data(appdata_dir: Path, app: str, uid: int, uid_switch: bool) -> bool:
+    """Delete ``appdata/<app>`` for good (an app purged after its grace period): its
+    files, and its dedicated servers' data dirs (btrfs subvolumes deleted as such).
+
+    Only a directory owned by ``uid`` (when UIDs are switched) is the purged app's: a
+    directory of an app of the same name with another UID is left alone.  Returns
+    whether something was deleted.
+    """
+    check_app_name(app)
+    data = appdata_dir / app
+    try:
+        st = data.lstat()
+    except FileNotFoundError:
+        return False
+    if uid_switch and st.st_uid != uid:
+        return False
+    for entry in list(os.scandir(data)):
+        path = Path(entry.path)
+        if entry.is_dir(follow_symlinks=False) and btrfs.is_subvolume(path):
+            btrfs.delete_snapshot(path)  # a dedicated server's data dir
+    shutil.rmtree(data)
+    return True
 
 
 @implementer(ILauncher)

@@ -386,6 +386,8 @@ class RunnerService(MultiService):
                 return "runner.stopped", {"instance_id": iid, "state": "stopped"}
             if t == "runner.drain":
                 return "runner.draining", self.supervisor.drain(body.get("instance_id"))
+            if t == "runner.purge_app":
+                return "runner.purged", await self._purge_app(body["app"], body["uid"])
             if t == "runner.status":
                 return "runner.status_reply", self.status_body()
             if t == "runner.build":
@@ -399,6 +401,29 @@ class RunnerService(MultiService):
         except UnknownInstance as e:
             raise RemoteError("unknown_instance", f"no instance {e.args[0]!r} here") from None
         raise RemoteError("bad_request", f"the runner does not handle {t}")
+
+    async def _purge_app(self, app: str, uid: int) -> dict[str, Any]:
+        """Delete a purged app's data dir (in a thread: it can be large)."""
+        from twisted.internet import threads
+
+        from epio.bus import RemoteError
+        from epio.runner.launcher import purge_app_data
+        from epio.runner.users import UserError
+
+        running = [i.spec.instance_id for i in self.supervisor.instances.values()
+                   if i.spec.app == app and i.state.value != "stopped"]
+        if running:
+            raise RemoteError("app_running", f"{app} still runs here ({', '.join(running)}); "
+                              "its data is kept")
+        try:
+            deleted = await threads.deferToThreadPool(
+                self.reactor, self.reactor.getThreadPool(), purge_app_data,
+                self.data_dir / "appdata", app, uid, self.isolation.uid_switch)
+        except UserError as e:
+            raise RemoteError("bad_request", str(e)) from None
+        if deleted:
+            self.log.info("data dir of purged app {app} (uid {uid}) deleted", app=app, uid=uid)
+        return {"app": app, "deleted": bool(deleted)}
 
     async def _chunk(self, body: dict[str, Any]) -> dict[str, Any]:
         from epio.bus import RemoteError

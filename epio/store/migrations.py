@@ -214,7 +214,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         )""",
         "CREATE INDEX run_sessions_app ON run_sessions (app, started)",
     )),
-    Migration(5, "app UID reuse and per-user app limits", statements=(
+    Migration(5, "app UID reuse, per-user app limits, destroyed apps", statements=(
         # creations and deletions per user, for the rate limit
         """CREATE TABLE app_changes (
             user_id TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
@@ -231,6 +231,9 @@ MIGRATIONS: tuple[Migration, ...] = (
             PRIMARY KEY (uid, app)
         )""",
         "INSERT INTO app_uid_names (uid, app) SELECT uid, name FROM apps",
+        # a destroyed app keeps its rows (and UID) until purged
+        "ALTER TABLE apps ADD COLUMN destroyed DOUBLE PRECISION",
+        "ALTER TABLE apps ADD COLUMN purge_after DOUBLE PRECISION",
     )),
 )
 

@@ -48,13 +48,17 @@ class NewToken:
 
 @frozen
 class App:
-    """An app.  ``uid`` is its Unix UID/GID, never reused while the app exists."""
+    """An app.  ``uid`` is its Unix UID/GID, never reused while the app exists
+    (destroyed apps included, until they are purged)."""
 
     name: str
     owner_id: str
     uid: int
     maintenance: bool
     created: float
+    # set while the app is destroyed (kept for its grace period, then purged)
+    destroyed: float | None = None
+    purge_after: float | None = None
 
 
 @frozen

@@ -151,7 +151,7 @@ def _token_info(row: Mapping[str, Any]) -> TokenInfo:
 
 def _app(row: Mapping[str, Any]) -> App:
     return App(row["name"], row["owner_id"], int(row["uid"]), bool(row["maintenance"]),
-               row["created"])
+               row["created"], row["destroyed"], row["purge_after"])
 
 
 def _release(row: Mapping[str, Any]) -> Release:
@@ -424,7 +424,12 @@ class Store:
             await tx.exclusive(APP_UIDS_LOCK)  # one allocation at a time, every node
             if (await tx.execute("SELECT 1 FROM users WHERE id = ?", (owner_id,))).scalar() is None:
                 raise NotFound(f"no user with id {owner_id!r}")
-            if (await tx.execute("SELECT 1 FROM apps WHERE name = ?", (name,))).scalar():
+            taken = (await tx.execute("SELECT destroyed FROM apps WHERE name = ?",
+                                      (name,))).one()
+            if taken is not None and taken["destroyed"] is not None:
+                raise Conflict(f"an app named {name!r} was destroyed and is kept for its "
+                               "grace period: restore it, or purge it first")
+            if taken is not None:
                 raise Conflict(f"an app named {name!r} already exists")
             if limits is not None:
                 await self._check_app_limits(tx, owner_id, limits, now)
@@ -460,9 +465,15 @@ class Store:
             owned = int((await tx.execute("SELECT count(*) FROM apps WHERE owner_id = ?",
                                           (user_id,))).scalar() or 0)
             if owned >= limits.max_apps:
+                # destroyed apps count until purged: the first purge frees a place
+                first = (await tx.execute(
+                    "SELECT min(purge_after) FROM apps WHERE owner_id = ? "
+                    "AND destroyed IS NOT NULL", (user_id,))).scalar()
+                retry = limits.window if first is None else max(1.0, float(first) - now)
                 raise AppQuotaExceeded(
-                    f"you have {owned} apps, the most one user may have "
-                    f"({limits.max_apps}); delete one first", limits.window)
+                    f"you have {owned} apps (destroyed ones count until purged), the most "
+                    f"one user may have ({limits.max_apps}); destroy and purge one first",
+                    retry)
         if limits.changes:
             await tx.execute("DELETE FROM app_changes WHERE user_id = ? AND at <= ?",
                              (user_id, now - limits.window))
@@ -481,27 +492,70 @@ class Store:
             await tx.execute("INSERT INTO app_changes (user_id, app, kind, at) VALUES (?, ?, ?, ?)",
                              (user_id, app, kind, now))
 
-    async def get_app(self, name: str) -> App:
-        """The app named ``name``; ``NotFound`` otherwise."""
-        row = await self._one("SELECT * FROM apps WHERE name = ?", (name,))
+    async def get_app(self, name: str, destroyed: bool = False) -> App:
+        """The app named ``name`` (a destroyed one if ``destroyed``); ``NotFound`` otherwise."""
+        row = await self._one(
+            "SELECT * FROM apps WHERE name = ? AND destroyed IS "
+            + ("NOT NULL" if destroyed else "NULL"), (name,))
         if row is None:
-            raise NotFound(f"no app named {name!r}")
+            raise NotFound(f"no {'destroyed ' if destroyed else ''}app named {name!r}")
         return _app(row)
 
-    async def list_apps(self, for_user: str | None = None) -> list[App]:
-        """Every app (``for_user=None``), or those the user owns or collaborates on, by name."""
+    async def list_apps(self, for_user: str | None = None, destroyed: bool = False) -> list[App]:
+        """Every app (``for_user=None``), or those the user owns or collaborates on, by
+        name: the live ones, or (``destroyed``) those destroyed and not yet purged."""
+        where = "destroyed IS " + ("NOT NULL" if destroyed else "NULL")
         if for_user is None:
-            rows = await self._all("SELECT * FROM apps ORDER BY name")
+            rows = await self._all(f"SELECT * FROM apps WHERE {where} ORDER BY name")
         else:
             rows = await self._all(
-                "SELECT * FROM apps WHERE owner_id = ? OR name IN "
-                "(SELECT app FROM app_collaborators WHERE user_id = ?) ORDER BY name",
+                f"SELECT * FROM apps WHERE {where} AND (owner_id = ? OR name IN "
+                "(SELECT app FROM app_collaborators WHERE user_id = ?)) ORDER BY name",
                 (for_user, for_user))
         return [_app(r) for r in rows]
 
+    async def destroy_app(self, name: str, purge_after: float, by: str | None = None) -> App:
+        """Mark a live app destroyed, to be purged at ``purge_after``: it vanishes from
+        :meth:`get_app`/:meth:`list_apps` (so from routing and scheduling) but keeps
+        its rows, name and UID.  Its instances are forgotten (stop them first)."""
+        now = self._now()
+
+        async def q(tx: Transaction) -> App:
+            row = (await tx.execute(
+                "UPDATE apps SET destroyed = ?, purge_after = ? "
+                "WHERE name = ? AND destroyed IS NULL RETURNING *",
+                (now, purge_after, name))).one()
+            if row is None:
+                raise NotFound(f"no app named {name!r}")
+            await tx.execute("DELETE FROM instances WHERE app = ?", (name,))
+            await self._record_app_change(tx, by, name, "destroy", now)
+            return _app(row)
+
+        return await self._tx(q, change=[Change("app", name)])
+
+    async def restore_app(self, name: str) -> App:
+        """Bring a destroyed app back (``NotFound`` if there is no such destroyed app)."""
+
+        async def q(tx: Transaction) -> App:
+            row = (await tx.execute(
+                "UPDATE apps SET destroyed = NULL, purge_after = NULL "
+                "WHERE name = ? AND destroyed IS NOT NULL RETURNING *", (name,))).one()
+            if row is None:
+                raise NotFound(f"no destroyed app named {name!r}")
+            return _app(row)
+
+        return await self._tx(q, change=[Change("app", name)])
+
+    async def purge_due(self, now: float) -> list[App]:
+        """Destroyed apps whose grace period has ended at ``now``, oldest first."""
+        rows = await self._all(
+            "SELECT * FROM apps WHERE destroyed IS NOT NULL AND purge_after <= ? "
+            "ORDER BY purge_after, name", (now,))
+        return [_app(r) for r in rows]
+
     async def delete_app(self, name: str, by: str | None = None) -> None:
-        """Delete an app and everything of it (releases, config, formation,
-        instances, domains, collaborators, deploys); its UID is free again.
+        """Delete an app (live or destroyed) and everything of it (releases, config,
+        formation, instances, domains, collaborators, deploys); its UID is free again.
 
         ``by`` (a user id) is counted in that user's app-change rate; a deletion
         itself is never refused by the rate limit.
@@ -569,11 +623,16 @@ class Store:
         """
         row = await self._one(
             "SELECT (SELECT is_admin FROM users WHERE id = ?) AS admin, "
-            "(SELECT count(*) FROM apps WHERE name = ? AND owner_id = ?) AS owner, "
+            "(SELECT count(*) FROM apps WHERE name = ? AND owner_id = ? "
+            "AND destroyed IS NULL) AS owner, "
             "(SELECT count(*) FROM app_collaborators WHERE app = ? AND user_id = ?) AS collab",
             (user_id, app, user_id, app, user_id))
         assert row is not None
-        if row["admin"] and (await self._one("SELECT 1 AS x FROM apps WHERE name = ?", (app,))):
+        live = await self._one("SELECT 1 AS x FROM apps WHERE name = ? AND destroyed IS NULL",
+                               (app,))
+        if live is None:
+            return False
+        if row["admin"]:
             return True
         return bool(row["owner"] or row["collab"])
 

@@ -240,7 +240,9 @@ class AddonApiTests(TestCase):
     async def test_deploy_provisions_services_before_the_release(self) -> None:
         """[services] postgres/redis: provisioned during the deploy, the release and its
         instances get DATABASE_URL and REDIS_URL; the dedicated Redis is a runner instance
-        the scheduler leaves alone; deleting the app drops and stops them."""
+        the scheduler leaves alone; destroying the app takes final backups and stops
+        them, keeping their data; restoring starts the Redis again on its data; purging
+        drops them."""
         await self.h.add_runner("r1")
         self.h.runners.manifest = {"processes": {"web": "gunicorn app:app"},
                                    "services": {"postgres": "shared", "redis": "dedicated"},
@@ -278,12 +280,40 @@ class AddonApiTests(TestCase):
         self.assertEqual(d["status"], "succeeded", d["log"])
         self.assertEqual(len([i for i in self.h.runners.running("shop")
                               if i["process_type"] == REDIS_TYPE]), 1)
+        # destroying the app: a final backup of each add-on, every server stopped, the
+        # data kept (shared database, the Redis's data key) for the grace period
         status, _, _ = await self.call("DELETE", "apps/shop")
         self.assertEqual(status, 200)
         self.assertEqual(self.h.runners.running("shop"), [])
-        self.assertEqual(self.shared.databases, {})
         finals = [b["kind"] for e, t, b in self.backups.requests if t == "backup.create"]
         self.assertEqual(sorted(finals), ["postgres", "redis"])
+        self.assertIn("shop", self.shared.databases)
+        _, listed, _ = await self.call("GET", "destroyed-apps")
+        self.assertEqual(listed[0]["addons"], ["postgres", "redis"])
+        self.h.scheduler.leader = True  # the keeper leaves a destroyed app's server alone
+        self.assertEqual(await self.addons.keep_running(), 0)
+        self.h.scheduler.leader = False
+        # restored: the keeper starts the Redis again on its own data, same password
+        before = (await self.addons.addons_of(await self.h.store.get_app("shop", True)))[1]
+        status, _, _ = await self.call("POST", "destroyed-apps/shop/restore")
+        self.assertEqual(status, 200)
+        self.h.scheduler.leader = True
+        self.assertEqual(await self.addons.keep_running(), 1)
+        self.h.scheduler.leader = False
+        app = await self.h.store.get_app("shop")
+        after = await self.addons.get(app, "redis")
+        self.assertEqual((after.password, after.options["data_key"]),
+                         (before.password, before.options["data_key"]))
+        start = [b for _, t, b in self.h.runners.requests
+                 if t == "runner.start" and b["process_type"] == REDIS_TYPE][-1]
+        self.assertIn(before.options["data_key"], start["env"]["EPIO_SERVICE_DIR"])
+        # purged: the shared database dropped, the data dirs deleted, nothing left
+        await self.call("DELETE", "apps/shop")
+        status, _, _ = await self.call("DELETE", "destroyed-apps/shop")
+        self.assertEqual(status, 200)
+        self.assertEqual(self.shared.databases, {})
+        self.assertEqual([a for _, a, _ in self.h.runners.purged], ["shop"])
+        self.assertEqual(await self.addons.addons_of(app), [])
 
     async def test_keeper_restarts_a_lost_server(self) -> None:
         """A dedicated server whose instance the scheduler forgot (runner dead) is started

@@ -70,6 +70,7 @@ class FakeRunners:
     def __init__(self) -> None:
         self.instances: dict[str, dict[str, dict[str, Any]]] = {}
         self.down: set[str] = set()
+        self.purged: list[tuple[str, str, int]] = []  # runner.purge_app: (endpoint, app, uid)
         self.requests: list[tuple[str, str, dict[str, Any]]] = []
         self.fail_health: set[int] = set()  # releases whose instances fail
         self.build_error: str | None = None
@@ -118,6 +119,11 @@ class FakeRunners:
             if body["instance_id"] in mine:
                 mine[body["instance_id"]]["state"] = "draining"
             return {"instance_id": body["instance_id"]}
+        if type == "runner.purge_app":
+            if any(i["app"] == body["app"] for i in mine.values()):
+                raise RemoteError("app_running", f"{body['app']} still runs here")
+            self.purged.append((endpoint, body["app"], body["uid"]))
+            return {"app": body["app"], "deleted": True}
         if type == "runner.build":
             if self.build_error:
                 raise RemoteError("build_failed", self.build_error)

@@ -318,13 +318,15 @@ class AppLimitsTests(TestCase):
         from epio.store import AppLimits
 
         self.h = Harness(ApiSettings(app_limits=AppLimits(max_apps=2, changes=3, window=90.0),
-                                     uids=(47000, 47001)))
+                                     uids=(47000, 47001), destroyed_grace=1000.0))
         self.addCleanup(lambda: ensureDeferred(self.h.stop()))
         return ensureDeferred(self.h.start())
 
     async def test_limits_answer_429_with_retry_after(self) -> None:
-        """Over the app quota: 429 app_quota_exceeded with Retry-After; over the change
-        rate: 429 rate_limited with Retry-After within the window; an exhausted UID
+        """Over the app quota: 429 app_quota_exceeded with Retry-After (the window, or
+        the time until the user's first destroyed app is purged: destroyed apps count);
+        over the change rate: 429 rate_limited with Retry-After within the window; an
+        exhausted UID
         range: 503 app_uids_exhausted naming the range (all valid per the OpenAPI
         document); the app is not created in any case."""
         alice = self.h.alice_token
@@ -339,7 +341,13 @@ class AppLimitsTests(TestCase):
                                                   body={"name": "b1"})
         self.assertEqual((status, body["error"]["code"]), (503, "app_uids_exhausted"))
         self.assertIn("47000 to 47001", body["error"]["message"])
-        await self.h.call("DELETE", "apps/a1", token=alice)  # third change
+        await self.h.call("DELETE", "apps/a1", token=alice)  # destroyed: still counts
+        status, body, headers = await self.h.call("POST", "apps", token=alice,
+                                                  body={"name": "a3"})
+        self.assertEqual((status, body["error"]["code"]), (429, "app_quota_exceeded"))
+        self.assertTrue(990 <= int(headers["retry-after"][0]) <= 1000, headers)  # its purge
+        status, _, _ = await self.h.call("DELETE", "destroyed-apps/a1", token=alice)
+        self.assertEqual(status, 200)
         status, body, headers = await self.h.call("POST", "apps", token=alice,
                                                   body={"name": "a3"})
         self.assertEqual((status, body["error"]["code"]), (429, "rate_limited"))

@@ -259,6 +259,42 @@ class StoreTestsMixin:
         e = await self.store.create_app("five", self.bob.id, uids=(46999, 47003))
         self.assertEqual(e.uid, 46999)
 
+    async def test_destroyed_apps(self) -> None:
+        """A destroyed app leaves get_app/list_apps/can_access (so routing, scheduling
+        and the API) but keeps its rows, name and UID; it is listed as destroyed, due
+        for purging at purge_after; restoring brings it back; deleting it frees the UID."""
+        app = await self.store.create_app("gone", self.alice.id)
+        await self.store.create_release("gone", DIGEST)
+        await self.store.upsert_instance(Instance("i1", "gone", 1, "web", 1, "n1", None, None,
+                                                  "healthy", 1.0, 0))
+        t = await self.store.destroy_app("gone", purge_after=5000.0, by=self.alice.id)
+        self.assertEqual((t.uid, t.purge_after), (app.uid, 5000.0))
+        self.assertIsNotNone(t.destroyed)
+        with self.assertRaises(NotFound):
+            await self.store.get_app("gone")
+        self.assertEqual(await self.store.list_apps(), [])
+        self.assertEqual(await self.store.list_apps(self.alice.id), [])
+        self.assertEqual([a.name for a in await self.store.list_apps(self.alice.id,
+                                                                     destroyed=True)], ["gone"])
+        self.assertFalse(await self.store.can_access("gone", self.alice.id))
+        self.assertEqual(await self.store.list_instances("gone"), [])
+        self.assertEqual([r.version for r in await self.store.list_releases("gone")], [1])
+        with self.assertRaises(Conflict):
+            await self.store.create_app("gone", self.bob.id)
+        with self.assertRaises(NotFound):  # already destroyed
+            await self.store.destroy_app("gone", purge_after=1.0)
+        self.assertEqual(await self.store.purge_due(4999.0), [])
+        self.assertEqual([a.name for a in await self.store.purge_due(5000.0)], ["gone"])
+        back = await self.store.restore_app("gone")
+        self.assertEqual((back.destroyed, back.purge_after, back.uid), (None, None, app.uid))
+        self.assertEqual((await self.store.get_app("gone")).uid, app.uid)
+        with self.assertRaises(NotFound):
+            await self.store.restore_app("gone")
+        await self.store.destroy_app("gone", purge_after=1.0)
+        await self.store.delete_app("gone")
+        self.assertEqual(await self.store.list_apps(destroyed=True), [])
+        self.assertEqual((await self.store.create_app("next", self.bob.id)).uid, app.uid)
+
     async def test_app_quota(self) -> None:
         """A user with max_apps apps gets AppQuotaExceeded (with a retry time) and no app;
         after deleting one they may create again; other users are not affected."""

@@ -450,7 +450,8 @@ async def collect_garbage(
     mounted or younger than ``grace`` seconds).  Returns the removed digests."""
     releases: dict[str, list[str]] = {}
     keep: set[str] = set()
-    for app in await store.list_apps():
+    # destroyed apps too: a restored app runs its release's image again
+    for app in [*await store.list_apps(), *await store.list_apps(destroyed=True)]:
         rel = await store.list_releases(app.name, limit=keep_releases)
         releases[app.name] = [r.image for r in rel if r.image]
         for d in await store.list_deploys(app.name, limit=20):
