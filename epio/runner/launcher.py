@@ -66,28 +66,41 @@ def signal_group(pgid: int | None, sig: int) -> bool:
         return False
 
 
-def purge_app_data(appdata_dir: Path, app: str, uid: int, uid_switch: bool) -> bool:
-    """Delete ``appdata/<app>`` for good (an app purged after its grace period): its
-    files, and its dedicated servers' data dirs (btrfs subvolumes deleted as such).
+def purge_app_data(data_dir: Path, app: str, uid: int, uid_switch: bool) -> bool:
+    """Delete a purged app's data on this node for good: ``appdata/<app>`` (its files
+    and its dedicated servers' data dirs, btrfs subvolumes deleted as such) and the
+    read-only snapshots of those in ``snapshots/<app>/`` (epio.runner.snapshots).
 
-    Only a directory owned by ``uid`` (when UIDs are switched) is the purged app's: a
-    directory of an app of the same name with another UID is left alone.  Returns
-    whether something was deleted.
+    Only an ``appdata/<app>`` owned by ``uid`` (when UIDs are switched) is the purged
+    app's: when an app of the same name with another UID owns it, nothing is touched.
+    Returns whether something was deleted.
     """
     check_app_name(app)
-    data = appdata_dir / app
+    deleted = False
+    data = data_dir / "appdata" / app
     try:
         st = data.lstat()
     except FileNotFoundError:
-        return False
-    if uid_switch and st.st_uid != uid:
-        return False
-    for entry in list(os.scandir(data)):
-        path = Path(entry.path)
-        if entry.is_dir(follow_symlinks=False) and btrfs.is_subvolume(path):
-            btrfs.delete_snapshot(path)  # a dedicated server's data dir
-    shutil.rmtree(data)
-    return True
+        st = None
+    if st is not None and uid_switch and st.st_uid != uid:
+        return False  # a live app of the same name: its snapshots are its own too
+    if st is not None:
+        for entry in list(os.scandir(data)):
+            path = Path(entry.path)
+            if entry.is_dir(follow_symlinks=False) and btrfs.is_subvolume(path):
+                btrfs.delete_snapshot(path)  # a dedicated server's data dir
+        shutil.rmtree(data)
+        deleted = True
+    snapshots = data_dir / "snapshots" / app
+    if snapshots.is_dir() and not snapshots.is_symlink():
+        for series in list(snapshots.iterdir()):
+            if series.is_dir() and not series.is_symlink():
+                for snap in list(series.iterdir()):
+                    if btrfs.is_subvolume(snap):
+                        btrfs.delete_snapshot(snap)
+        shutil.rmtree(snapshots)
+        deleted = True
+    return deleted
 
 
 @implementer(ILauncher)

@@ -406,6 +406,7 @@ class RunnerService(MultiService):
         """Delete a purged app's data dir (in a thread: it can be large)."""
         from twisted.internet import threads
 
+        from epio.addons.btrfs import BtrfsError
         from epio.bus import RemoteError
         from epio.runner.launcher import purge_app_data
         from epio.runner.users import UserError
@@ -418,9 +419,13 @@ class RunnerService(MultiService):
         try:
             deleted = await threads.deferToThreadPool(
                 self.reactor, self.reactor.getThreadPool(), purge_app_data,
-                self.data_dir / "appdata", app, uid, self.isolation.uid_switch)
+                self.data_dir, app, uid, self.isolation.uid_switch)
         except UserError as e:
             raise RemoteError("bad_request", str(e)) from None
+        except (OSError, BtrfsError) as e:
+            self.log.error("deleting the data of purged app {app} failed: {error}", app=app,
+                           error=str(e))
+            raise RemoteError("purge_failed", f"deleting {app}'s data failed: {e}") from None
         if deleted:
             self.log.info("data dir of purged app {app} (uid {uid}) deleted", app=app, uid=uid)
         return {"app": app, "deleted": bool(deleted)}

@@ -16,7 +16,7 @@ from epio.addons.services import postgres_start_body
 from epio.retention import RetentionPolicy
 from epio.runner import snapshots
 from epio.runner.cgroups import CgroupSupport, Limits
-from epio.runner.launcher import SandboxLauncher
+from epio.runner.launcher import SandboxLauncher, purge_app_data
 from epio.runner.sandbox import Isolation
 from epio.runner.supervisor import InstanceSpec
 from epio.runner.users import AppUser
@@ -119,6 +119,37 @@ class BtrfsTests(unittest.TestCase):
         self.assertEqual((target / "20261127T130000Z" / "PG_VERSION").read_text(), "15")
         self.assertTrue(btrfs.is_read_only(target / "20261127T130000Z"))
         self.assertEqual(taken[0], str(target / "20261127T100000Z"))
+
+    def test_purge_deletes_subvolumes_and_snapshots(self) -> None:
+        """Purging an app deletes its data dir with its dedicated subvolume and its
+        read-only snapshots (the data is gone); another app's data stays, and an app of
+        the same name owned by another UID is left alone."""
+        data_dir = self.mnt / "node"
+        appdata = data_dir / "appdata" / "shop"
+        appdata.mkdir(parents=True)
+        sub = appdata / ".epio-postgres-ab12"
+        btrfs.make_data_dir(sub)
+        (sub / "PG_VERSION").write_text("15")
+        (appdata / "user-file").write_text("mine")
+        other = data_dir / "appdata" / "other"
+        other.mkdir()
+        (other / "f").write_text("theirs")
+        policy = RetentionPolicy(hourly=2, daily=0, weekly=0, monthly=0)
+        t0 = datetime(2026, 11, 27, 10, 0, tzinfo=UTC).timestamp()
+        snapshots.snapshot_all(data_dir, t0, policy)
+        self.assertTrue((data_dir / "snapshots" / "shop").exists())
+        os.chown(appdata, 20500, 20500)
+        # another UID's "shop" (a live app of that name): nothing touched
+        self.assertFalse(purge_app_data(data_dir, "shop", 20501, uid_switch=True))
+        self.assertTrue((sub / "PG_VERSION").exists())
+        self.assertTrue((data_dir / "snapshots" / "shop").exists())
+        self.assertTrue(purge_app_data(data_dir, "shop", 20500, uid_switch=True))
+        self.assertFalse(appdata.exists())
+        self.assertFalse((data_dir / "snapshots" / "shop").exists())
+        self.assertEqual((other / "f").read_text(), "theirs")
+        self.assertNotIn(".epio-postgres-ab12",
+                         _run("btrfs", "subvolume", "list", str(self.mnt)))
+        self.assertFalse(purge_app_data(data_dir, "shop", 20500, uid_switch=True))
 
     def test_launcher_makes_service_data_dir_as_subvolume(self) -> None:
         """Before a dedicated server starts, the runner makes its data dir (named by
