@@ -84,14 +84,20 @@ class LoadConfigTests(SynchronousTestCase):
         self.assertEqual((Settings().uid_min, Settings().uid_max), ApiSettings().uids)
 
     def test_app_limits_read(self) -> None:
-        """api.max_apps_per_user and api.app_changes_* become the api's app limits;
-        negative values are refused."""
+        """api.max_apps_per_user and api.app_changes_* become the api's app limits, and
+        api.destroyed_grace/purge_interval/purge_timeout its purge settings; negative
+        values are refused."""
         from epio.api.settings import ApiSettings
 
         config = load_config(self.write("[api]\nmax_apps_per_user = 3\n"
-                                        "app_changes_per_window = 7\napp_changes_window = 60\n"))
-        limits = ApiSettings.from_config(config).app_limits
+                                        "app_changes_per_window = 7\napp_changes_window = 60\n"
+                                        "destroyed_grace = 86400\npurge_interval = 30\n"
+                                        "purge_timeout = 9\n"))
+        settings = ApiSettings.from_config(config)
+        limits = settings.app_limits
         self.assertEqual((limits.max_apps, limits.changes, limits.window), (3, 7, 60.0))
+        self.assertEqual((settings.destroyed_grace, settings.purge_interval,
+                          settings.purge_timeout), (86400.0, 30.0, 9.0))
         with self.assertRaises(ConfigError) as cm:
             load_config(self.write("[api]\nmax_apps_per_user = -1\n"))
         self.assertIn("api.max_apps_per_user: must be >= 0", str(cm.exception))
