@@ -110,9 +110,11 @@ class AppLimitsTests(SynchronousTestCase):
     def test_uid_range_quota_and_rate(self) -> None:
         """With runner.uid_min = 47000 an app deploys and serves, through the router,
         from a process whose UID and GID are in 47000-47999; the fourth app of a user
-        with max_apps_per_user = 3 is 429 app_quota_exceeded with Retry-After; the
-        creation beyond 6 creations+deletions in the window is 429 rate_limited with a
-        Retry-After within the window; deletions are never refused."""
+        with max_apps_per_user = 3 is 429 app_quota_exceeded with Retry-After (the
+        window; with a destroyed app, the time until its purge: it counts until then);
+        the creation beyond 6 creations, destructions and purges in the window is 429
+        rate_limited with a Retry-After within the window; destroying and purging are
+        never refused."""
         self.node.wait_for_log("api ready", timeout=60)
         admin = (self.tmp / "data" / "admin-token").read_text().strip()
         status, _, body = self.api("POST", "users", admin, {"name": "carol"})
@@ -141,14 +143,20 @@ class AppLimitsTests(SynchronousTestCase):
         self.assertEqual(headers.get("Retry-After"), str(int(WINDOW)))
         self.assertEqual(self.api("GET", "apps/four", carol)[0], 404)
 
-        for name in ("two", "three"):  # changes 4, 5
-            self.assertEqual(self.api("DELETE", f"apps/{name}", carol)[0], 200)
+        # a destroyed app still counts, until it is purged (Retry-After: that time)
+        self.assertEqual(self.api("DELETE", "apps/two", carol)[0], 200)  # change 4
+        status, headers, body = self.api("POST", "apps", carol, {"name": "four"})
+        self.assertEqual((status, body["error"]["code"]), (429, "app_quota_exceeded"), body)
+        self.assertTrue(7 * 86400 - 60 < int(headers["Retry-After"]) <= 7 * 86400, headers)
+        self.assertEqual(self.api("DELETE", "destroyed-apps/two", carol)[0], 200)  # 5
         self.assertEqual(self.api("POST", "apps", carol, {"name": "five"})[0], 201)  # 6
-        status, headers, body = self.api("POST", "apps", carol, {"name": "six"})
+        # over the rate now, destroying and purging still work (changes 7, 8)
+        self.assertEqual(self.api("DELETE", "apps/five", carol)[0], 200)
+        self.assertEqual(self.api("DELETE", "destroyed-apps/five", carol)[0], 200)
+        status, headers, body = self.api("POST", "apps", carol, {"name": "six"})  # 2 apps
         self.assertEqual((status, body["error"]["code"]), (429, "rate_limited"), body)
         retry = int(headers["Retry-After"])
         self.assertTrue(0 < retry <= WINDOW, retry)
-        self.assertEqual(self.api("DELETE", "apps/five", carol)[0], 200)  # never refused
         # the admin has limits of their own, untouched by carol's
         self.assertEqual(self.api("POST", "apps", admin, {"name": "six"})[0], 201)
         self.assertEqual(self.router("who.localhost")[0], 200)
