@@ -69,12 +69,25 @@ class RunnerView:
     reachable: bool = False
     instances: dict[str, dict[str, Any]] = field(factory=dict)
     load: dict[str, Any] = field(factory=dict)
+    # the app UIDs it accepts (runner.uid_min/uid_max, from its node row); None: unknown
+    uids: tuple[int, int] | None = None
+
+    def accepts(self, uid: int) -> bool:
+        return self.uids is None or self.uids[0] <= uid <= self.uids[1]
 
     def alive(self, now: float, dead_after: float) -> bool:
         """Answered within ``dead_after`` (a runner never heard from gets that long
         from when this leader first saw it in the store)."""
         reference = self.last_ok if self.last_ok is not None else self.first_seen
         return now - reference < dead_after
+
+
+def _uid_range(value: Any) -> tuple[int, int] | None:
+    """A runner's ``[uid_min, uid_max]`` from its node status (None if absent/bad)."""
+    if (isinstance(value, list) and len(value) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        return int(value[0]), int(value[1])
+    return None
 
 
 class Scheduler:
@@ -94,6 +107,7 @@ class Scheduler:
         self.settings = settings
         self.log_sink = log_sink
         self.views: dict[str, RunnerView] = {}
+        self._uid_refused: set[str] = set()  # apps told no runner accepts their UID
         self.leader = False
         self.passes = 0
         self._loop: LoopingCall | None = None
@@ -173,6 +187,7 @@ class Scheduler:
             if view is None:
                 view = self.views[n.id] = RunnerView(n.id, n.control_endpoint, now)
             view.endpoint = n.control_endpoint
+            view.uids = _uid_range(n.status.get("uids"))
         for gone in set(self.views) - {n.id for n in nodes}:
             del self.views[gone]
         await DeferredList([ensureDeferred(self._poll(self.views[n.id])) for n in nodes],
@@ -374,11 +389,12 @@ class Scheduler:
     # --- actions ------------------------------------------------------------------
 
     def _place(self, app: str, ptype: str, everyone: list[Instance],
-               avoid: set[str]) -> RunnerView | None:
+               avoid: set[str], uid: int | None = None) -> RunnerView | None:
         now = self.clock.seconds()
         candidates = [v for v in self.views.values()
                       if v.reachable and v.endpoint and v.node_id not in avoid
-                      and v.alive(now, self.settings.runner_dead_after)]
+                      and v.alive(now, self.settings.runner_dead_after)
+                      and (uid is None or v.accepts(uid))]
         if not candidates:
             return None
 
@@ -416,11 +432,19 @@ class Scheduler:
         env = {**(meta.get("env") or {}), **await self.platform_env(app.name),
                **release.config}
         while True:
-            view = self._place(app.name, ptype, everyone, avoid)
+            view = self._place(app.name, ptype, everyone, avoid, app.uid)
             if view is None:
                 self.log.warn("no runner can take {app} {ptype}.{number}", app=app.name,
                               ptype=ptype, number=number)
+                refusing = sorted(v.node_id for v in self.views.values()
+                                  if not v.accepts(app.uid))
+                if refusing and app.name not in self._uid_refused:
+                    self._uid_refused.add(app.name)  # said once, until it is placed
+                    self._app_log(app.name, f"{ptype}.{number}: no runner accepts the app's "
+                                            f"UID {app.uid} (outside runner.uid_min/uid_max "
+                                            f"of {', '.join(refusing)})")
                 return None
+            self._uid_refused.discard(app.name)
             iid = f"{app.name}-{ptype}-{number}-{uuid.uuid4().hex[:8]}"
             inst = Instance(iid, app.name, release.version, ptype, number, view.node_id,
                             None, None, "pending", now, 0)
@@ -441,6 +465,8 @@ class Scheduler:
             except Exception as e:
                 self.log.warn("runner {node} refused to start {id}: {error}", node=view.node_id,
                               id=iid, error=str(e) or type(e).__name__)
+                self._app_log(app.name, f"{ptype}.{number}: runner {view.node_id} refused to "
+                                        f"start it: {str(e) or type(e).__name__}")
                 await self.store.delete_instance(iid)
                 avoid.add(view.node_id)
                 continue

@@ -357,6 +357,10 @@ class RunnerService(MultiService):
             self.node_id, self.roles, control_endpoint=self.control, boot_id=self.boot_id,
             status={"isolation": self.isolation.as_dict(),
                     "advertise_host": self.supervisor.settings.advertise_host,
+                    # the app UIDs it accepts: the scheduler places an app only where
+                    # its UID is in range (every node should use the same range)
+                    "uids": [self.supervisor.settings.uid_min,
+                             self.supervisor.settings.uid_max],
                     "instances": len(self.supervisor.instances)},
         )
 

@@ -73,6 +73,43 @@ class SchedulerTests(TestCase):
         insts = await self.h.store.list_instances("web1")
         self.assertEqual([(i.number, i.state) for i in insts], [(1, "healthy")])
 
+    async def test_placed_only_where_the_uid_is_accepted(self) -> None:
+        """A runner whose registered runner.uid_min/uid_max excludes the app's UID is
+        never chosen; with no runner accepting it, the app's log says so once (not at
+        every pass) and nothing is started."""
+        from zope.interface import implementer
+
+        from epio.pipeline import ILogSink
+
+        @implementer(ILogSink)
+        class Lines:
+            def __init__(self) -> None:
+                self.lines: list[tuple[str, str]] = []
+
+            def emit(self, app: str, source: str, text: str,
+                     timestamp: float | None = None) -> None:
+                self.lines.append((app, text))
+
+        sink = Lines()
+        self.h.scheduler.log_sink = sink
+        for node, uids in [("r1", [47000, 47999]), ("r2", [20000, 20999])]:
+            self.h.runners.add(f"tcp://{node}:7731")
+            await self.h.store.upsert_node(node, ["runner"], f"tcp://{node}:7731", "boot",
+                                           status={"uids": uids})
+        await self.app_with_release(quantity=2)  # UID 20000
+        await self.passes()
+        self.assertEqual({i.node for i in await self.h.store.list_instances("web1")}, {"r2"})
+        self.assertEqual(len(self.h.runners.running("web1")), 2)
+        await self.h.store.set_formation("web1", "web", 0)
+        await self.passes()
+        await self.h.store.delete_node("r2")
+        await self.h.store.set_formation("web1", "web", 1)
+        await self.passes(4)
+        self.assertEqual(self.h.runners.running("web1"), [])
+        said = [t for a, t in sink.lines if "no runner accepts" in t]
+        self.assertEqual(said, ["web.1: no runner accepts the app's UID 20000 (outside "
+                                "runner.uid_min/uid_max of r1)"])
+
     async def test_dead_runner_replaced(self) -> None:
         """Instances of a runner that stops answering are placed on another runner."""
         self.h.settings = self.h.scheduler.settings = self.h.settings.__class__(

@@ -146,6 +146,19 @@ class ControlTests(SynchronousTestCase):
                          ("n1", ("runner",), "tcp://127.0.0.1:7731", "b1"))
         self.reactor.advance(10)
         self.assertEqual(len(self.stores.store.nodes), 2)
+        # the app UIDs it accepts: the scheduler places an app only where its UID fits
+        self.assertEqual(self.stores.store.nodes[0][4]["uids"], [20000, 59999])
+
+    def test_purge_app_refused_while_it_runs(self) -> None:
+        """runner.purge_app for an app with a running instance is refused and keeps
+        the data dir."""
+        data = self.svc.data_dir / "appdata" / body()["app"]
+        data.mkdir(parents=True)
+        (data / "f").write_text("kept")
+        self.call("runner.start", body())
+        err = self.error("runner.purge_app", {"app": body()["app"], "uid": body()["uid"]})
+        self.assertEqual(err.code, "app_running")
+        self.assertEqual((data / "f").read_text(), "kept")
 
     def test_process_stats_samples(self) -> None:
         """Each running instance gets a 'process' stats sample every stats_interval."""
