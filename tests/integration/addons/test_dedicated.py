@@ -1,7 +1,8 @@
 """Dedicated Redis and PostgreSQL servers started by a runner for a deployed app
 (``[services] redis = true``, ``postgres = dedicated``): they run under the app's UID as
 supervised instances, answer with the injected URLs' passwords and limits, refuse
-wrong passwords, are backed up (verified), and go away with the app."""
+wrong passwords, are backed up (verified), survive the app's destruction for its grace
+period (final backups, restored on their data), and go away when it is purged."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from urllib.parse import urlsplit
 import psycopg2
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.integration.addons.helpers import AddonNode
+from tests.integration.addons.helpers import ADMIN_URL, AddonNode
 from tests.integration.e2e.test_quickstart import http_get, wait_until
 from tests.util import CHECKOUT
 
@@ -51,8 +52,11 @@ def owner_uid(port: int) -> int | None:
 class DedicatedServicesTests(SynchronousTestCase):
     def test_dedicated_redis_and_postgres(self) -> None:
         """A deploy with [services] redis/postgres = dedicated gets both servers on the
-        runner, REDIS_URL/DATABASE_URL in its environment, backups verified."""
-        n = AddonNode(self)
+        runner, REDIS_URL/DATABASE_URL in its environment, backups verified; destroying
+        the app takes verified final backups and keeps the data, restoring it brings the
+        servers back on their data, purging deletes it."""
+        n = AddonNode(self, {"addons": {"postgres_admin_url": ADMIN_URL,
+                                        "keeper_interval": 1.0}})
         n.start()
         app = "dd" + secrets.token_hex(3)
         n.create_app(app)
@@ -127,7 +131,44 @@ class DedicatedServicesTests(SynchronousTestCase):
             cur.execute("SELECT count(*) FROM t")
             self.assertEqual(cur.fetchone(), (30,))
 
-        # deleting the app stops both servers
+        # destroying the app takes final backups and stops both servers; their data is
+        # kept: the destroyed app is listed, and restoring it starts them on it again
+        before = {b["id"] for b in n.json("backups", "--app", app)}
         n.epio("apps", "destroy", app, "--confirm", app)
         wait_until("the servers are gone", lambda: owner_uid(u.port or 0) is None
                    and owner_uid(urlsplit(redis_url).port or 0) is None, timeout=30)
+        [listed] = [a for a in n.json("apps", "destroyed") if a["name"] == app]
+        self.assertEqual(listed["addons"], ["postgres", "redis"])
+        n.epio("apps", "restore", app)
+        finals = [b for b in n.json("backups", "--app", app) if b["id"] not in before]
+        self.assertEqual(sorted((b["kind"], b["status"]) for b in finals),
+                         [("postgres", "verified"), ("redis", "verified")])
+
+        def db_answers() -> bool:
+            url = urlsplit(n.config(app)["DATABASE_URL"])
+            try:
+                with psycopg2.connect(password=url.password, host=url.hostname,
+                                      port=url.port, user=url.username,
+                                      dbname=url.path.lstrip("/"), connect_timeout=2) as c:
+                    with c.cursor() as cur:
+                        cur.execute("SELECT count(*) FROM t")
+                        return cur.fetchone() == (30,)
+            except psycopg2.OperationalError:
+                return False
+
+        wait_until("the restored app's database has its rows", db_answers, timeout=60)
+        wait_until("the restored app's redis answers", lambda: redis_cli(
+            n.config(app)["REDIS_URL"], "PING") == "PONG", timeout=30)
+        appdata = n.tmp / "data" / "appdata" / app
+        self.assertTrue(any(appdata.glob(".epio-postgres*")))
+
+        # purged: servers stopped, databases and data dir gone, nothing to restore
+        u = urlsplit(n.config(app)["DATABASE_URL"])
+        redis_url = n.config(app)["REDIS_URL"]
+        n.epio("apps", "destroy", app, "--confirm", app)
+        n.epio("apps", "purge", app, "--confirm", app)
+        wait_until("the servers are gone", lambda: owner_uid(u.port or 0) is None
+                   and owner_uid(urlsplit(redis_url).port or 0) is None, timeout=30)
+        self.assertFalse(appdata.exists())
+        code, _, err = n.epio("apps", "restore", app, check=False)
+        self.assertIn("no destroyed app", err)
