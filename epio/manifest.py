@@ -96,7 +96,8 @@ _SECTIONS: dict[str, set[str] | None] = {
     "env": None,
     "django": {"base", "settings_module", "append_settings"},
     "process": None,
-    "http": {"health_check", "timeout", "idle_timeout", "boot_timeout", "max_body_size", "gzip"},
+    "http": {"health_check", "timeout", "idle_timeout", "boot_timeout", "max_body_size", "gzip",
+             "request_buffering"},
     "cron": None,
     "release": {"command"},
     "redis": {"memory"},
@@ -139,6 +140,9 @@ class Http:
     boot_timeout: float | None = None  # seconds for a new instance to become healthy
     max_body_size: int | None = None  # bytes
     gzip: bool = False
+    # None/True: the router reads a request body whole before the app sees the request;
+    # False: bodies stream to the app as they arrive (docs/router.md "Request bodies")
+    request_buffering: bool | None = None
     expires: Mapping[str, int] = field(factory=dict, converter=_ro)  # path prefix -> seconds
 
 
@@ -614,6 +618,8 @@ def parse_manifest(
                 http[k] = _size(it, f, errors)
             elif k == "gzip":
                 http[k] = _bool(it, f, errors) or False
+            elif k == "request_buffering":
+                http[k] = _bool(it, f, errors)
         elif s == "cron":
             parts = value.split()
             if parts and parts[0] in _CRON_MACROS:

@@ -50,6 +50,9 @@ OPTION_KEYS: dict[str, tuple[type, ...]] = {
     "websocket_idle_timeout": (int, float),
 }
 
+# Route options that are true or false.
+BOOL_OPTION_KEYS = ("request_buffering",)
+
 # While stale, the log says so again every this many seconds.
 STALE_REMINDER = 30.0
 
@@ -115,6 +118,10 @@ def route_from_wire(
             value = options.get(key_name)
             if isinstance(value, int | float) and not isinstance(value, bool) and value > 0 \
                     and isinstance(value, kinds):
+                kw[key_name] = value
+        for key_name in BOOL_OPTION_KEYS:
+            value = options.get(key_name)
+            if isinstance(value, bool):
                 kw[key_name] = value
     prefixes = data.get("static_prefixes")
     static = data.get("static_backends")

@@ -79,6 +79,9 @@ class Route:
     first_byte_timeout: float | None = None
     idle_timeout: float | None = None
     websocket_idle_timeout: float | None = None
+    # False: stream request bodies to the app as they arrive instead of reading them
+    # whole first (manifest [http] request_buffering; docs/router.md "Request bodies")
+    request_buffering: bool | None = None
     # URL path prefixes served by the runners' static file servers (docs/static.md)
     # and those servers' endpoints; without both, every path goes to the app
     static_prefixes: tuple[str, ...] = field(default=(), converter=tuple)
@@ -97,7 +100,8 @@ class Route:
                 maintenance=self.maintenance, max_body_size=self.max_body_size,
                 connect_timeout=self.connect_timeout,
                 first_byte_timeout=self.first_byte_timeout, idle_timeout=self.idle_timeout,
-                websocket_idle_timeout=self.websocket_idle_timeout)
+                websocket_idle_timeout=self.websocket_idle_timeout,
+                request_buffering=self.request_buffering)
         object.__setattr__(self, "static", static)
         object.__setattr__(self, "_static_b", tuple(
             p.encode("utf-8") for p in self.static_prefixes))
@@ -371,7 +375,7 @@ class RoutesFileError(Exception):
 _ROUTE_KEYS = {
     "hostnames", "backends", "maintenance", "max_body_size", "connect_timeout",
     "first_byte_timeout", "idle_timeout", "websocket_idle_timeout",
-    "static_prefixes", "static_backends",
+    "static_prefixes", "static_backends", "request_buffering",
 }
 _FLOAT_KEYS = ("connect_timeout", "first_byte_timeout", "idle_timeout", "websocket_idle_timeout")
 
@@ -424,6 +428,11 @@ def parse_routes(data: dict[str, Any]) -> list[Route]:
                 if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                     raise RoutesFileError(f"app {name!r}: max_body_size must be an integer >= 0")
                 kw["max_body_size"] = v
+            if "request_buffering" in spec:
+                v = spec["request_buffering"]
+                if not isinstance(v, bool):
+                    raise RoutesFileError(f"app {name!r}: request_buffering must be true or false")
+                kw["request_buffering"] = v
             maint = spec.get("maintenance", False)
             if not isinstance(maint, bool):
                 raise RoutesFileError(f"app {name!r}: maintenance must be true or false")

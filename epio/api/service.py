@@ -21,6 +21,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.server import Request, Site
 
+from epio.api.channel import DeadlineChannel, Deadlines
 from epio.api.control import BusRunnerControl
 from epio.api.deploys import Deployer
 from epio.api.domain import Platform, ensure_admin
@@ -75,10 +76,15 @@ def limited_request(max_body: int) -> type[Request]:
 
 
 class CountingSite(Site):
-    """The api's Site, counting answered requests by status class for /metrics."""
+    """The api's Site, counting answered requests by status class for /metrics; its
+    connections have request deadlines (:class:`epio.api.channel.DeadlineChannel`)."""
 
-    def __init__(self, resource: Any) -> None:
-        super().__init__(resource)
+    protocol = DeadlineChannel
+
+    def __init__(self, resource: Any, deadlines: Deadlines | None = None,
+                 reactor: Any = None) -> None:
+        super().__init__(resource, reactor=reactor)
+        self.deadlines = deadlines if deadlines is not None else Deadlines()
         self.status_counts: dict[str, int] = {}
 
     def log(self, request: Any) -> None:
@@ -96,8 +102,9 @@ class CountingSite(Site):
         return [fam]
 
 
-def make_site(api: Api, max_body: int) -> CountingSite:
-    site = CountingSite(api.resource())
+def make_site(api: Api, max_body: int, deadlines: Deadlines | None = None,
+              reactor: Any = None) -> CountingSite:
+    site = CountingSite(api.resource(), deadlines, reactor)
     site.displayTracebacks = False
     site.requestFactory = limited_request(max_body)
     return site
@@ -119,7 +126,11 @@ class ApiService(MultiService):
         self.deployer: Deployer | None = None
         listen = node.config["api"]["listen"]
         endpoint = serverFromString(node.reactor, listen)
-        site = make_site(self.api, self.settings.max_upload_bytes + (1 << 20))
+        api_cfg = node.config["api"]
+        deadlines = Deadlines(float(api_cfg["header_timeout"]), float(api_cfg["body_timeout"]),
+                              int(api_cfg["body_min_rate"]))
+        site = make_site(self.api, self.settings.max_upload_bytes + (1 << 20), deadlines,
+                         node.reactor)
         from epio.metrics import registry_for
 
         registry_for(node).add_collector(site.metric_families)

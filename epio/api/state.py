@@ -62,6 +62,8 @@ def release_facts(manifest: Mapping[str, Any]) -> dict[str, Any]:
         # the router's per-app overrides (the nexus turns these into route options)
         route = {k: http[k] for k in ("timeout", "idle_timeout", "max_body_size")
                  if isinstance(http.get(k), int | float) and not isinstance(http.get(k), bool)}
+        if isinstance(http.get("request_buffering"), bool):
+            route["request_buffering"] = http["request_buffering"]
         if route:
             facts["http"] = route
     env = manifest.get("env")

@@ -172,6 +172,12 @@ SCHEMA: dict[str, dict[str, Key]] = {
             "http://{app}.{domain}[:PORT]/ with the port of lb.listen.",
         ),
         "max_body_kb": Key(int, 1024, "Largest JSON request body the API accepts (KiB).", positive),
+        "header_timeout": Key(float, 10.0, "Seconds a client has to send a whole request head "
+                              "once it began (408 and close).", positive),
+        "body_timeout": Key(float, 10.0, "Seconds a request body may go without a byte, and "
+                            "the grace before body_min_rate applies (408 and close).", positive),
+        "body_min_rate": Key(int, 1024, "Least average bytes a second of a request body after "
+                             "body_timeout (408 and close when it falls behind).", positive),
         "max_upload_mb": Key(int, 200, "Largest deploy tarball the API accepts (MiB).", positive),
         "reconcile_interval": Key(
             float, 2.0, "Seconds between two scheduler passes (the leader asks every runner "
@@ -260,6 +266,15 @@ SCHEMA: dict[str, dict[str, Key]] = {
                             "re-read when it changes."),
         "header_timeout": Key(float, 10.0, "Seconds a client has to send a request head (408).",
                               positive),
+        "body_timeout": Key(float, 10.0, "Seconds a request body may go without a byte "
+                            "while the router reads it, and the grace before body_min_rate "
+                            "applies (408 and close).", positive),
+        "body_min_rate": Key(int, 1024, "Least average bytes a second of a request body "
+                             "after body_timeout: each byte received buys 1/body_min_rate "
+                             "seconds more (408 and close when it runs out).", positive),
+        "body_buffer_size": Key(int, 65536, "Bytes of a request body the router keeps in "
+                                "memory; a larger body is spooled to a file (0600, unlinked) "
+                                "in DATA_DIR/run/tmp until sent.", non_negative),
         "keepalive_timeout": Key(float, 75.0, "Seconds an idle kept-alive client connection "
                                  "stays open.", positive),
         "connect_timeout": Key(float, 5.0, "Seconds to connect to a backend before trying the "

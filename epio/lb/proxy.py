@@ -17,12 +17,13 @@ timer per request.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections import deque
-from typing import Any
+from typing import IO, Any
 
 from attrs import define
 from twisted.internet import error as ierror
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IPullProducer, IPushProducer
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -51,8 +52,10 @@ from epio.routing import Route, RouteTable, static_token
 SWEEP_INTERVAL = 0.5
 PIPELINE_BUFFER = 65536  # bytes of a client's next requests held before reading pauses
 
-# client connection states
-C_HEAD, C_WAIT, C_PROXY, C_TUNNEL, C_CLOSED, C_LINGER = range(6)
+SPOOL_CHUNK = 65536  # bytes read from a spooled body per write to the backend
+
+# client connection states (C_BODY: a request body being buffered before dispatch)
+C_HEAD, C_WAIT, C_PROXY, C_TUNNEL, C_CLOSED, C_LINGER, C_BODY = range(7)
 # after answering and half-closing, unread client bytes are read and dropped for at
 # most this long, so that closing does not RST away the answer (lingering close)
 LINGER_SECONDS = 2.0
@@ -83,6 +86,9 @@ class Settings:
     eject_after: int = 5
     eject_seconds: float = 10.0
     max_body_size: int = 104857600
+    body_timeout: float = 10.0
+    body_min_rate: int = 1024
+    body_buffer_size: int = 65536
     trusted_proxies: tuple[str, ...] = ()
     shutdown_timeout: float = 30.0
     via: bytes = b"1.1 epio"
@@ -119,8 +125,13 @@ class LB:
     log = Logger()
 
     def __init__(self, reactor: Any, table: RouteTable, settings: Settings,
-                 observer: Observer | None = None, scheme: bytes = b"http") -> None:
+                 observer: Observer | None = None, scheme: bytes = b"http",
+                 spool_dir: str | None = None) -> None:
         self.reactor = reactor
+        # where request bodies larger than body_buffer_size are spooled (the router's
+        # private run/tmp directory; None: the system's temporary directory)
+        self.spool_dir = spool_dir
+        self.spooled = 0  # bodies spooled to a file since start (for /metrics and tests)
         self.table = table
         self.s = settings
         self.observer = observer if observer is not None else Observer(None, None, False)
@@ -149,6 +160,12 @@ class LB:
             h = self._static_headers[app] = b"X-Epio-Static: %s %s\r\n" % (
                 app.encode("utf-8"), token.encode())
         return h
+
+    def open_spool(self) -> IO[bytes]:
+        """A file for one request body: 0600, unlinked at once (``TemporaryFile``), so it
+        is gone when closed -- or when the router dies -- and no other process can open it."""
+        self.spooled += 1
+        return tempfile.TemporaryFile(dir=self.spool_dir, prefix="body-")
 
     # -- request ids ----------------------------------------------------------------
     def new_request_id(self) -> bytes:
@@ -433,6 +450,16 @@ class ClientConn(Protocol):
         self.r_close_client = False
         self.got_byte = False
         self.static_hdr = b""
+        # a buffered request body (docs/router.md "Request bodies"): in memory (pieces,
+        # then one bytes object) up to body_buffer_size, else in a spool file
+        self.buffered = False
+        self.bpieces: list[bytes] = []
+        self.bbody = b""
+        self.bsize = 0
+        self.spool: IO[bytes] | None = None
+        self.sender: SpoolSender | None = None
+        self.body_t0 = 0.0
+        self.body_last = 0.0
 
     # -- connection ---------------------------------------------------------------------
     def connectionMade(self) -> None:
@@ -465,10 +492,14 @@ class ClientConn(Protocol):
         self.state = C_CLOSED
         lb.conns.discard(self)
         lb.clients -= 1
+        if self.buffered:
+            self._drop_body()
         if self.mfd >= 0:
             lb.mux.drop(self.mfd)
             self.mfd = -1
-        if state == C_WAIT:
+        if state == C_BODY:
+            self._log(499, "client_closed")
+        elif state == C_WAIT:
             if self.queued and self.bs is not None:
                 try:
                     self.bs.queue.remove(self)
@@ -557,10 +588,17 @@ class ClientConn(Protocol):
     # -- timeouts -----------------------------------------------------------------------
     def tick(self, now: float) -> None:
         state = self.state
+        if state == C_BODY:
+            self._body_tick(now)
+            return
         if self.active:
             self.active = False
-            if state == C_PROXY and self.r_started:
+            if state == C_PROXY and (self.r_started or self.sender is not None):
                 self.deadline = now + self._timeout("idle_timeout")
+                return
+            if state == C_PROXY and not self.body_done:
+                # a streamed (unbuffered) body: body_timeout without a byte is a stall
+                self.deadline = now + self.lb.s.body_timeout
                 return
             if state == C_TUNNEL:
                 self.deadline = now + self._timeout("websocket_idle_timeout")
@@ -588,7 +626,14 @@ class ClientConn(Protocol):
                 self.local_error(503, "queue_full", "The app is busy; try again shortly.",
                                  close=not self.body_done or bool(self.buf))
         elif state == C_PROXY:
-            if not self.r_started:
+            if not self.body_done and not self.r_started:
+                if self.paused & P_UP:  # the app is not reading: not the client's fault
+                    self.deadline = now + self.lb.s.body_timeout
+                    return
+                self._abort_backend()
+                self.local_error(408, "client_timeout",
+                                 "The request body was not received in time.", close=True)
+            elif not self.r_started:
                 st = self.bs
                 if st is not None and self.body_done:
                     self.lb.note_failure(st, now)
@@ -606,6 +651,23 @@ class ClientConn(Protocol):
         elif state == C_LINGER:
             self.transport.abortConnection()
 
+    def _body_tick(self, now: float) -> None:
+        """The deadline of a body being buffered: at most ``body_timeout`` without a
+        byte, and on average at least ``body_min_rate`` bytes a second after a grace of
+        ``body_timeout`` (each byte received buys 1/body_min_rate s more); else 408."""
+        s = self.lb.s
+        if self.active:
+            self.active = False
+            self.body_last = now
+        limit = min(self.body_t0 + s.body_timeout + self.bsize / s.body_min_rate,
+                    self.body_last + s.body_timeout)
+        if now < limit:
+            self.deadline = limit
+            return
+        self.deadline = 0.0
+        self.local_error(408, "client_timeout", "The request body was not received in time.",
+                         close=True)
+
     def _timeout(self, name: str) -> float:
         r = self.route
         if r is not None:
@@ -617,6 +679,10 @@ class ClientConn(Protocol):
     # -- request side -------------------------------------------------------------------
     def dataReceived(self, data: bytes) -> None:
         state = self.state
+        if state == C_BODY:
+            self.active = True
+            self._keep(data)
+            return
         if state == C_PROXY and not self.body_done:
             self.active = True
             self.up(data)
@@ -740,6 +806,9 @@ class ClientConn(Protocol):
             self.local_error(503, "no_backend", "The app has no healthy instance.",
                              close=has_body)
             return
+        if has_body and route.request_buffering is not False:
+            self._begin_body(req, rest, now)
+            return
         if req.chunked:
             self.decoder = ChunkedDecoder(self._chunk_up)
             self.body_done = False
@@ -747,21 +816,142 @@ class ClientConn(Protocol):
             self.body_left = req.content_length
             self.body_done = False
         self.buf = rest
+        self._send(st, now)
+
+    def _send(self, st: BackendState, now: float) -> None:
+        """Dispatch the request to ``st`` now, or queue it there (or 503)."""
+        lb = self.lb
         self.state = C_WAIT
         self.deadline = 0.0
         if st.outstanding >= lb.s.backend_max_conns:
             if len(st.queue) >= lb.s.backend_queue_size:
                 self.local_error(503, "queue_full", "The app is busy; try again shortly.",
-                                 close=has_body or bool(rest))
+                                 close=not self.body_done or bool(self.buf))
                 return
             self.bs = st
             self.queued = True
             st.queue.append(self)
             self.deadline = now + lb.s.queue_timeout
-            if len(rest) > PIPELINE_BUFFER:
+            if len(self.buf) > PIPELINE_BUFFER:
                 self._pause(P_WAIT)
             return
         self.dispatch(st)
+
+    # -- request body buffering (docs/router.md "Request bodies") ----------------------
+    def _begin_body(self, req: Request, rest: bytes, now: float) -> None:
+        """Read the whole body at the router, under its deadline, before any backend is
+        chosen: an app server only ever sees a complete request."""
+        self.state = C_BODY
+        self.buffered = True
+        self.body_done = False
+        self.bpieces = []
+        self.bsize = 0
+        self.body_t0 = self.body_last = now
+        self.deadline = now + self.lb.s.body_timeout
+        if req.chunked:
+            self.decoder = ChunkedDecoder(self._chunk_keep)
+        else:
+            self.body_left = req.content_length
+        if req.expect_continue:
+            self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if rest:
+            self._keep(rest)
+
+    def _keep(self, data: bytes) -> None:
+        """Body bytes from the client while buffering (state C_BODY)."""
+        dec = self.decoder
+        try:
+            if dec is None:
+                n = self.body_left
+                ln = len(data)
+                if ln < n:
+                    self.body_left = n - ln
+                    self._store(data)
+                    return
+                self.body_left = 0
+                self._store(data if ln == n else data[:n])
+                self._body_complete(data[n:] if ln > n else b"")
+                return
+            rest = dec.feed(data)
+        except HTTPError as e:
+            self.local_error(e.status, e.code, e.message, close=True)
+            return
+        except OSError as e:
+            self.log.error("cannot spool a request body in {dir}: {error}",
+                           dir=self.lb.spool_dir or tempfile.gettempdir(), error=str(e))
+            self.local_error(503, "spool_failed", "The router cannot take this request now.",
+                             close=True)
+            return
+        if rest is not None and self.state == C_BODY:
+            self._body_complete(rest)
+
+    def _chunk_keep(self, data: bytes) -> None:
+        if self.bsize + len(data) > self.max_body:
+            raise BadMessage(413, "too_large", "The request body is too large.")
+        self._store(data)
+
+    def _store(self, data: bytes) -> None:
+        sp = self.spool
+        n = self.bsize + len(data)
+        if sp is None:
+            if n <= self.lb.s.body_buffer_size:
+                self.bpieces.append(data)
+                self.bsize = n
+                return
+            sp = self.spool = self.lb.open_spool()
+            for piece in self.bpieces:
+                sp.write(piece)
+            self.bpieces = []
+        sp.write(data)
+        self.bsize = n
+
+    def _body_complete(self, rest: bytes) -> None:
+        """The whole body is here: choose a backend now (the table may have changed)."""
+        self.body_done = True
+        self.body_total = self.bsize
+        if self.spool is None:
+            pieces = self.bpieces
+            self.bbody = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+            self.bpieces = []
+        else:
+            self.spool.flush()
+        self.buf = rest
+        if len(rest) > PIPELINE_BUFFER:
+            self._pause(P_WAIT)
+        lb = self.lb
+        now = lb.reactor.seconds()
+        route = self.route
+        assert route is not None
+        st = lb.pick(route, now)
+        if st is None:
+            self.local_error(503, "no_backend", "The app has no healthy instance.",
+                             close=False)
+            return
+        self._send(st, now)
+
+    def _drop_body(self) -> None:
+        """Forget the buffered body (close and so remove its spool file)."""
+        self.buffered = False
+        self.bpieces = []
+        self.bbody = b""
+        snd = self.sender
+        if snd is not None:
+            self.sender = None
+            snd.client = None
+        sp = self.spool
+        if sp is not None:
+            self.spool = None
+            sp.close()
+
+    def _spool_sent(self) -> None:
+        """The spooled body went to the backend: now wait for its answer."""
+        self.sender = None
+        sp = self.spool
+        if sp is not None:
+            self.spool = None
+            sp.close()
+        if not self.r_started:
+            self.deadline = self.lb.reactor.seconds() + self._timeout("first_byte_timeout")
 
     def dispatch(self, st: BackendState) -> None:
         """Take a slot on ``st``: an idle pooled connection, or connect."""
@@ -822,7 +1012,10 @@ class ClientConn(Protocol):
         if lines:
             parts.append(b"\r\n".join(lines))
             parts.append(b"\r\n")
-        if req.chunked:
+        if self.buffered:
+            # a buffered body, chunked or not, goes on with its length
+            parts.append(b"Content-Length: %d\r\n" % self.body_total)
+        elif req.chunked:
             parts.append(b"Transfer-Encoding: chunked\r\n")
         elif req.content_length >= 0:
             parts.append(b"Content-Length: %d\r\n" % req.content_length)
@@ -839,15 +1032,33 @@ class ClientConn(Protocol):
         head = b"".join(parts)
         t = bc.transport
         if self.body_done:
-            bc.write(head)
             r = self.route
             fbt = r.first_byte_timeout if r is not None else None
             self.deadline = self.t_conn + (lb.s.first_byte_timeout if fbt is None else fbt)
+            if not self.buffered:
+                bc.write(head)
+            elif self.spool is None:
+                body = self.bbody
+                if len(body) < 16384:
+                    bc.write(head + body)
+                else:
+                    bc.write(head)
+                    bc.write(body)
+            else:
+                # the body streams from its spool file as the backend takes it
+                bc.write(head)
+                self.deadline = 0.0
+                self.active = True
+                self.spool.seek(0)
+                snd = self.sender = SpoolSender(self, self.spool, t)
+                t.registerProducer(snd, False)
         else:
             t.registerProducer(self, True)
             bc.write(head)
             if req.expect_continue:
                 self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            # a streamed body that stalls for body_timeout gets 408 (tick)
+            self.deadline = self.t_conn + lb.s.body_timeout
         self.transport.registerProducer(bc, True)
         if self.paused & P_WAIT:
             self._resume(P_WAIT)
@@ -1152,6 +1363,14 @@ class ClientConn(Protocol):
         bc = self.bconn
         self.bconn = None
         self.transport.unregisterProducer()
+        if self.buffered:
+            if self.sender is not None:
+                # answered before the spooled body was all sent: the connection is not
+                # at a message boundary
+                self.r_reusable = False
+                if bc is not None:
+                    bc.transport.unregisterProducer()
+            self._drop_body()
         if bc is not None:
             bc.client = None
             t = bc.transport
@@ -1214,6 +1433,8 @@ class ClientConn(Protocol):
             self.transport.unregisterProducer()
         except Exception:
             pass
+        if self.buffered:  # the body (sent or not) is of no more use
+            self._drop_body()
         if mode == R_CLOSE:
             if self.r_chunk_out:
                 self.write(b"0\r\n\r\n")
@@ -1279,6 +1500,8 @@ class ClientConn(Protocol):
         req = self.req
         if self.bconn is not None or self.connector is not None:
             self._abort_backend()
+        if self.buffered:
+            self._drop_body()
         try:
             self.transport.unregisterProducer()
         except Exception:
@@ -1321,6 +1544,39 @@ class ClientConn(Protocol):
             status, self.r_bytes, (self.t_conn - t0) if self.t_conn else 0.0, now - t0,
             self.bs.label if self.bs is not None else "", self.rid, code,
         )
+
+
+@implementer(IPullProducer)
+class SpoolSender:
+    """Sends a spooled request body to the backend as its socket drains (a pull
+    producer on the backend transport: Twisted asks for more when it has written
+    what it had, so the file is never read faster than the backend takes it)."""
+
+    __slots__ = ("client", "f", "t")
+
+    def __init__(self, client: ClientConn, f: IO[bytes], transport: Any) -> None:
+        self.client: ClientConn | None = client
+        self.f = f
+        self.t = transport
+
+    def resumeProducing(self) -> None:
+        c = self.client
+        if c is None:
+            return
+        c.active = True
+        try:
+            data = self.f.read(SPOOL_CHUNK)
+        except (OSError, ValueError):  # ValueError: the file was closed under us
+            data = b""
+        if data:
+            self.t.write(data)
+            return
+        self.client = None
+        self.t.unregisterProducer()
+        c._spool_sent()
+
+    def stopProducing(self) -> None:
+        self.client = None
 
 
 class LBFactory(Factory):

@@ -71,6 +71,19 @@ def start_child(variable: str) -> tuple[Any, dict[str, Any], Any]:
     return reactor, spec, node
 
 
+def spool_dir(data_dir: Path) -> Path:
+    """The router's private directory for spooled request bodies: ``DATA_DIR/run/tmp``
+    (0700, like ``run``); the files in it are unlinked as soon as they are made."""
+    run = data_dir / "run"
+    path = run / "tmp"
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for d in (run, path):
+        if d.is_symlink():
+            raise ValueError(f"{d} is a symbolic link; the router keeps request bodies there")
+        os.chmod(d, 0o700)
+    return path
+
+
 def parse_tcp_endpoint(desc: str) -> tuple[str, int, int]:
     """``tcp:8080[:interface=X]`` / ``tcp6:...`` -> (interface, port, family)."""
     parts: list[str] = []
@@ -155,7 +168,8 @@ class LBService(MultiService):
                  route_source: Any, log_sink: Any = None,
                  stats_sink: Any = None, worker_spec: dict[str, Any] | None = None,
                  reuseport: tuple[str, int, int] | None = None,
-                 static_secret: bytes = b"", feed_spec: dict[str, Any] | None = None) -> None:
+                 static_secret: bytes = b"", feed_spec: dict[str, Any] | None = None,
+                 spool: Path | None = None) -> None:
         super().__init__()
         self.reactor = reactor
         self.section = section
@@ -171,7 +185,8 @@ class LBService(MultiService):
             observer = Observer(self._file_sink, stats_sink)
         else:
             observer = Observer(log_sink, stats_sink)
-        self.lb = LB(reactor, self.table, self.settings, observer)
+        self.lb = LB(reactor, self.table, self.settings, observer,
+                     spool_dir=str(spool) if spool is not None else None)
         self.lb.static_secret = static_secret  # docs/static.md
         if hasattr(reactor, "_disconnectSelectable") and hasattr(select, "epoll"):
             self.lb.mux = ReadMux(reactor)
@@ -495,7 +510,9 @@ def make_service(node: Any) -> LBService:
     cfg = node.config
     section = dict(cfg["lb"])
     routes_file = section.get("routes_file", "")
-    spec: dict[str, Any] = {"config": cfg.as_dict(), "data_dir": str(node.data_dir)}
+    spool = spool_dir(node.data_dir)
+    spec: dict[str, Any] = {"config": cfg.as_dict(), "data_dir": str(node.data_dir),
+                            "spool_dir": str(spool)}
     feed_spec = None
     feed_socket = None
     if not routes_file and section["route_feed"] == "process":
@@ -507,7 +524,8 @@ def make_service(node: Any) -> LBService:
     source = route_source(node, feed_socket)
     log_sink, stats_sink, sink_service = pipeline_sinks(node, bool(routes_file))
     svc = LBService(node.reactor, section, cfg["node"]["domain"], source, log_sink, stats_sink,
-                    worker_spec=spec, static_secret=node.secret, feed_spec=feed_spec)
+                    worker_spec=spec, static_secret=node.secret, feed_spec=feed_spec,
+                    spool=spool)
     if sink_service is not None:
         sink_service.setServiceParent(svc)
     from epio.lb.observe import metric_families

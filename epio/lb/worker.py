@@ -24,7 +24,8 @@ def main() -> None:
     log_sink, stats_sink, sink_service = pipeline_sinks(node, bool(section.get("routes_file")))
     iface, port, family = spec["reuseport"]
     svc = LBService(reactor, section, config["node"]["domain"], source, log_sink, stats_sink,
-                    reuseport=(iface, int(port), int(family)), static_secret=node.secret)
+                    reuseport=(iface, int(port), int(family)), static_secret=node.secret,
+                    spool=Path(spec["spool_dir"]))
     if sink_service is not None:
         sink_service.setServiceParent(svc)
     svc.startService()

@@ -13,8 +13,8 @@
 
 Route options (the router's per-app overrides) come from the ``meta`` of the
 app's newest live release (:meth:`Store.get_release`): ``timeout`` (first
-response byte), ``idle_timeout``, ``connect_timeout``, ``websocket_idle_timeout``
-and ``max_body_size``, as the manifest's ``[http]`` gives them.  Releases are
+response byte), ``idle_timeout``, ``connect_timeout``, ``websocket_idle_timeout``,
+``max_body_size`` and ``request_buffering``, as the manifest's ``[http]`` gives them.  Releases are
 immutable, so each is read once and kept in a cache; one refresh spends at most
 a quarter of ``store_refresh`` reading releases it has not seen, the rest wait
 for the next refresh (the routes carry no options meanwhile).
@@ -53,6 +53,10 @@ OPTION_META: dict[str, tuple[str, type | tuple[type, ...]]] = {
 }
 
 
+# release meta keys that are route options as they are, true or false
+BOOL_OPTION_META = ("request_buffering",)
+
+
 def options_of(meta: Any) -> dict[str, Any]:
     """Route options from a release's meta (unknown or bad values are left out)."""
     out: dict[str, Any] = {}
@@ -66,6 +70,9 @@ def options_of(meta: Any) -> dict[str, Any]:
             if isinstance(value, int | float) and not isinstance(value, bool) and value > 0 \
                     and isinstance(value, kinds):
                 out[option] = value
+        for key in BOOL_OPTION_META:
+            if isinstance(src.get(key), bool):
+                out[key] = src[key]
     return out
 
 

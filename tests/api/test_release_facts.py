@@ -26,6 +26,30 @@ class ReleaseFactsTests(SynchronousTestCase):
             {"first_byte_timeout": 12, "idle_timeout": 40, "max_body_size": 2048},
         )
 
+    def test_request_buffering_travels_to_the_route(self) -> None:
+        """[http] request_buffering = false reaches the nexus's route options and, over
+        the wire, the router's Route; a bad value is refused with file:line."""
+        from epio.manifest import ManifestError
+        from epio.routefeed import route_from_wire
+
+        manifest = parse_manifest(
+            "[wsgi]\nentrypoint = app:application\n[http]\nrequest_buffering = false\n",
+            None, {"requirements.txt"})
+        self.assertIs(manifest.http.request_buffering, False)
+        options = options_of(release_facts(manifest.to_dict()))
+        self.assertEqual(options, {"request_buffering": False})
+        route = route_from_wire({"app": "a", "hostnames": ["a.example"], "backends": [],
+                                 "options": options})
+        self.assertIs(route.request_buffering, False)
+        default = parse_manifest("[wsgi]\nentrypoint = app:application\n", None,
+                                 {"requirements.txt"})
+        self.assertIsNone(default.http.request_buffering)
+        with self.assertRaises(ManifestError) as cm:
+            parse_manifest("[wsgi]\nentrypoint = app:application\n[http]\n"
+                           "request_buffering = sometimes\n", None, {"requirements.txt"})
+        self.assertIn("epio.ini:4: [http] request_buffering: must be true or false",
+                      "\n".join(cm.exception.errors))
+
     def test_no_http_section(self) -> None:
         """Without [http] the release carries no route overrides."""
         manifest = parse_manifest("[wsgi]\nentrypoint = app:application\n", None,

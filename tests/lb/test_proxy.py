@@ -20,11 +20,14 @@ OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
 
 class Harness:
-    def __init__(self, backends: list[Backend], **settings: Any) -> None:
+    def __init__(self, backends: list[Backend], route: dict[str, Any] | None = None,
+                 spool_dir: str | None = None, **settings: Any) -> None:
         self.clock = MemoryReactorClock()
-        self.table = RouteTable("localhost", [Route("a", ["a.example.com"], backends)])
+        self.table = RouteTable("localhost", [Route("a", ["a.example.com"], backends,
+                                                    **(route or {}))])
         self.observer = Observer(None, None, enabled=True)
-        self.lb = LB(self.clock, self.table, Settings(**settings), self.observer)
+        self.lb = LB(self.clock, self.table, Settings(**settings), self.observer,
+                     spool_dir=spool_dir)
         self.factory = LBFactory(self.lb)
         self.next_connect = 0
 

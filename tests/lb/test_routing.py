@@ -178,6 +178,16 @@ class RoutesFileTests(SynchronousTestCase):
         (r,) = load_routes_file(p)
         self.assertEqual([(b.host, b.port) for b in r.backends], [("127.0.0.1", 9000), ("::1", 9001)])
         self.assertEqual((r.max_body_size, r.first_byte_timeout), (10, 2.5))
+        self.assertIsNone(r.request_buffering)
+
+    def test_request_buffering_key(self) -> None:
+        """request_buffering is true or false in a routes file; anything else is refused."""
+        (r,) = load_routes_file(self.write(
+            '[apps.a]\nbackends = ["127.0.0.1:9000"]\nrequest_buffering = false\n'))
+        self.assertIs(r.request_buffering, False)
+        e = self.assertRaises(RoutesFileError, load_routes_file, self.write(
+            '[apps.a]\nbackends = ["127.0.0.1:9000"]\nrequest_buffering = "no"\n'))
+        self.assertIn("request_buffering must be true or false", str(e))
 
     def test_errors_collected(self) -> None:
         """Every bad app is reported together with the file name."""

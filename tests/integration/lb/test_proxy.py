@@ -240,7 +240,8 @@ class BalancingTests(RouterTestCase):
 
 class HTTPSemanticsTests(RouterTestCase):
     async def test_chunked_both_ways(self) -> None:
-        """A chunked upload reaches the backend re-framed; a chunked response streams back."""
+        """A chunked upload is buffered and reaches the backend with its Content-Length
+        (extensions and trailers gone); a chunked response streams back."""
         b = await self.backend()
         port = await self.router([simple_route("a", b)])
         status, _, body, c = await request(
@@ -248,10 +249,25 @@ class HTTPSemanticsTests(RouterTestCase):
                   b"3;x=y\r\nabc\r\n2\r\nde\r\n0\r\nX-T: 1\r\n\r\n")
         self.client_cleanup(c)
         self.assertEqual(body, b"ok POST /up 5")
-        self.assertIn(b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n", b.all_raw())
+        raw = b.all_raw()
+        self.assertIn(b"\r\nContent-Length: 5\r\n", raw)
+        self.assertNotIn(b"chunked", raw.lower())
+        self.assertTrue(raw.endswith(b"\r\n\r\nabcde"))
         c.send(get("a.example.com", "/chunked"))
         status, headers, body = await c.response()
         self.assertEqual((headers[b"transfer-encoding"], body), (b"chunked", b"hello world"))
+
+    async def test_chunked_streamed_when_buffering_is_off(self) -> None:
+        """With request_buffering off for the app, a chunked upload is re-framed chunk
+        by chunk (extensions and trailers dropped) and streamed as it comes."""
+        b = await self.backend()
+        port = await self.router([simple_route("a", b, request_buffering=False)])
+        status, _, body, c = await request(
+            port, b"POST /up HTTP/1.1\r\nHost: a.example.com\r\nTransfer-Encoding: chunked\r\n\r\n"
+                  b"3;x=y\r\nabc\r\n2\r\nde\r\n0\r\nX-T: 1\r\n\r\n")
+        self.client_cleanup(c)
+        self.assertEqual(body, b"ok POST /up 5")
+        self.assertIn(b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n", b.all_raw())
 
     async def test_close_delimited_response_becomes_chunked(self) -> None:
         """A close-delimited backend response reaches a 1.1 client chunked, connection kept."""

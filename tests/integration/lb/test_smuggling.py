@@ -89,11 +89,26 @@ class SmugglingTests(TestCase):
         self.assertEqual([r.target for r in b.requests], [b"/", b"/admin"])
         self.assertEqual(b.requests[1].get(b"x-forwarded-for"), b"127.0.0.1")
 
-    async def test_chunked_body_errors_abort_the_backend_request(self) -> None:
-        """A bad chunk after the head: 400 to the client, the backend request is cut off."""
+    async def test_bad_chunk_never_reaches_the_backend(self) -> None:
+        """A bad chunk in a buffered body: 400 to the client; the backend saw nothing."""
         b = await Backend().start()
         self.addCleanup(b.stop)
         svc, port = await start_router([simple_route("a", b)])
+        self.addCleanup(svc.stopService)
+        c = await raw_client(port)
+        c.send(f"POST /x HTTP/1.1\r\n{H}Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n".encode())
+        c.send(b"zz\r\nGET /smuggled HTTP/1.1\r\n\r\n")
+        status, _, _ = await c.response()
+        self.assertEqual(status, 400)
+        await c.lost
+        self.assertEqual((b.all_raw(), b.connections), (b"", []))
+
+    async def test_chunked_body_errors_abort_the_backend_request(self) -> None:
+        """A bad chunk after the head of a streamed body (request_buffering off): 400 to
+        the client, the backend request is cut off."""
+        b = await Backend().start()
+        self.addCleanup(b.stop)
+        svc, port = await start_router([simple_route("a", b, request_buffering=False)])
         self.addCleanup(svc.stopService)
         c = await raw_client(port)
         c.send(f"POST /x HTTP/1.1\r\n{H}Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n".encode())

@@ -111,11 +111,12 @@ class _Uploader:
 class StreamingTests(TestCase):
     timeout = 240
 
-    async def _setup(self) -> int:
+    async def _setup(self, **route: Any) -> int:
         b = await Backend().start()
         self.addCleanup(b.stop)
-        svc, port = await start_router([simple_route("a", b, max_body_size=SIZE)])
+        svc, port = await start_router([simple_route("a", b, max_body_size=SIZE, **route)])
         self.addCleanup(svc.stopService)
+        self.svc = svc
         return port
 
     async def test_big_download_flat_memory(self) -> None:
@@ -131,8 +132,18 @@ class StreamingTests(TestCase):
                         f"RSS grew {(max(c.peak, rss()) - before) >> 20} MiB")
 
     async def test_big_upload_flat_memory(self) -> None:
-        """A SIZE upload reaches the backend whole while RSS grows by less than 64 MiB."""
-        port = await self._setup()
+        """A SIZE upload (buffered: spooled to a file, then sent) reaches the backend
+        whole while RSS grows by less than 64 MiB."""
+        await self._upload()
+        self.assertEqual(self.svc.lb.spooled, 1)
+
+    async def test_big_streamed_upload_flat_memory(self) -> None:
+        """The same with request_buffering off: streamed through, nothing spooled."""
+        await self._upload(request_buffering=False)
+        self.assertEqual(self.svc.lb.spooled, 0)
+
+    async def _upload(self, **route: Any) -> None:
+        port = await self._setup(**route)
         before = rss()
         c = CountingClient(b"POST /sink HTTP/1.1\r\nHost: a.example.com\r\nContent-Length: %d\r\n\r\n"
                            % SIZE, upload=SIZE)
