@@ -18,9 +18,22 @@ from twisted.logger import Logger
 BUCKETS_MS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000)
 _BOUNDS_S = tuple(b / 1000.0 for b in BUCKETS_MS)
 
+# 502/504 answers by whose fault they were (/metrics ``epio_lb_upstream_errors_total``):
+# "connect" -- the app's instance could not be reached (refused, connect timeout);
+# "app" -- it was reached and failed the request (closed without an answer, an invalid
+# answer, no first byte within first_byte_timeout).
+UPSTREAM_FAULT = {
+    "backend_refused": "connect",
+    "connect_timeout": "connect",
+    "backend_closed": "app",
+    "bad_response": "app",
+    "timeout": "app",
+}
+
 
 class AppStats:
-    __slots__ = ("requests", "errors", "status", "bytes_out", "hist", "service_total")
+    __slots__ = ("requests", "errors", "status", "bytes_out", "hist", "service_total",
+                 "upstream")
 
     def __init__(self) -> None:
         self.requests = 0
@@ -29,6 +42,7 @@ class AppStats:
         self.bytes_out = 0
         self.hist = [0] * (len(BUCKETS_MS) + 1)
         self.service_total = 0.0
+        self.upstream: dict[tuple[int, str], int] = {}  # (502|504, error code) -> count
 
     def values(self) -> dict[str, Any]:
         """A flat dict of numbers (the pipeline's stats shape)."""
@@ -97,6 +111,9 @@ class Observer:
         if code:
             st.errors[code] = st.errors.get(code, 0) + 1
             self.totals[code] = self.totals.get(code, 0) + 1
+            if status == 502 or status == 504:
+                k = (status, code)
+                st.upstream[k] = st.upstream.get(k, 0) + 1
         if self.enabled:
             self.pending.append((t0, app, method, target, host, status, nbytes, connect_s,
                                  service_s, backend, request_id, code))
@@ -143,6 +160,8 @@ class Observer:
             total.hist = [a + b for a, b in zip(total.hist, st.hist, strict=True)]
             for code, n in st.errors.items():
                 total.errors[code] = total.errors.get(code, 0) + n
+            for k, n in st.upstream.items():
+                total.upstream[k] = total.upstream.get(k, 0) + n
         if self.stats_sink is None:
             return
         for app, st in apps.items():
@@ -165,6 +184,10 @@ def metric_families(cumulative: dict[str, AppStats]) -> list[Any]:
     latency = Family("epio_lb_request_duration_seconds", "histogram",
                      "Time from the request to the last response byte, by app")
     sent = Family("epio_lb_response_bytes_total", "counter", "Response bytes sent, by app")
+    upstream = Family("epio_lb_upstream_errors_total", "counter",
+                      "502 and 504 answers by app, status, error code and fault: 'connect' "
+                      "(the instance could not be reached) or 'app' (it was reached and "
+                      "failed the request)")
     for app, st in sorted(cumulative.items()):
         for cls, n in enumerate(st.status):
             if n:
@@ -179,4 +202,7 @@ def metric_families(cumulative: dict[str, AppStats]) -> list[Any]:
         latency.samples.append(("_sum", {"app": app}, st.service_total))
         latency.samples.append(("_count", {"app": app}, float(st.requests)))
         sent.samples.append(("", {"app": app}, float(st.bytes_out)))
-    return [requests, errors, latency, sent]
+        for (status, code), n in sorted(st.upstream.items()):
+            upstream.samples.append(("", {"app": app, "status": str(status), "code": code,
+                                          "fault": UPSTREAM_FAULT.get(code, "app")}, float(n)))
+    return [requests, errors, latency, sent, upstream]

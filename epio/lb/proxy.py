@@ -106,7 +106,8 @@ class Settings:
 class BackendState:
     """Per-backend (host, port) balancing state, idle pool and waiting queue."""
 
-    __slots__ = ("key", "label", "outstanding", "fails", "ejected_until", "idle", "queue")
+    __slots__ = ("key", "label", "outstanding", "fails", "ejected_until", "probation", "idle",
+                 "queue")
 
     def __init__(self, key: tuple[str, int]) -> None:
         self.key = key
@@ -115,6 +116,9 @@ class BackendState:
         self.outstanding = 0
         self.fails = 0
         self.ejected_until = 0.0
+        # ejected once and not yet answered since: its next request is a trial, and one
+        # failure ejects it again (half-open, docs/router.md "Failures")
+        self.probation = False
         self.idle: list[BackendConn] = []
         self.queue: deque[ClientConn] = deque()
 
@@ -181,35 +185,66 @@ class LB:
 
     def pick(self, route: Route, now: float, exclude: set[tuple[str, int]] | None = None
              ) -> BackendState | None:
-        """Least outstanding (running + queued) among live, non-ejected backends."""
+        """Least outstanding (running + queued) among live, non-ejected backends; when
+        every one is ejected, among the ejected ones: an app is never left without a
+        backend by ejection (docs/router.md "Failures")."""
         live = route.live
         n = len(live)
         if n == 1:
             st = self.states.get(live[0].address) or self.state_for(live[0].address)
-            if st.ejected_until > now or (exclude and st.key in exclude):
+            if exclude and st.key in exclude:
                 return None
             return st
         best = None
         best_load = 1 << 62
         self._rr = start = (self._rr + 1) % n if n else 0
         states = self.states
+        ejected = False
         for j in range(n):
             b = live[(start + j) % n]
             st = states.get(b.address) or self.state_for(b.address)
-            if st.ejected_until > now or (exclude and st.key in exclude):
+            if exclude and st.key in exclude:
+                continue
+            if st.ejected_until > now:
+                ejected = True
                 continue
             load = st.outstanding + len(st.queue)
             if load < best_load:
                 best, best_load = st, load
+        if best is None and ejected:
+            for j in range(n):
+                st = states[live[(start + j) % n].address]
+                if not (exclude and st.key in exclude):
+                    load = st.outstanding + len(st.queue)
+                    if load < best_load:
+                        best, best_load = st, load
         return best
 
-    def note_failure(self, st: BackendState, now: float) -> None:
+    def note_failure(self, st: BackendState, now: float, route: Route | None = None) -> None:
+        """A connect or an exchange on ``st`` failed (refused, timed out, closed without
+        an answer): ``eject_after`` in a row -- or one, on probation -- eject it for
+        ``eject_seconds``, unless it is the last usable backend of ``route``."""
         st.fails += 1
-        if st.fails >= self.s.eject_after:
-            st.ejected_until = now + self.s.eject_seconds
-            st.fails = 0
-            self.log.warn("backend {backend} ejected for {seconds}s after repeated failures",
-                          backend=st.label, seconds=self.s.eject_seconds)
+        if st.fails < self.s.eject_after and not st.probation:
+            return
+        st.fails = 0
+        if route is not None and not self._others_usable(route, st, now):
+            self.log.warn("backend {backend} keeps failing but is the last usable backend of "
+                          "{app}: not ejected", backend=st.label, app=route.app)
+            return
+        st.ejected_until = now + self.s.eject_seconds
+        st.probation = True
+        self.log.warn("backend {backend} ejected for {seconds}s after repeated failures",
+                      backend=st.label, seconds=self.s.eject_seconds)
+
+    def _others_usable(self, route: Route, st: BackendState, now: float) -> bool:
+        states = self.states
+        for b in route.live:
+            if b.address != st.key:
+                other = states.get(b.address)
+                if other is None or other.ejected_until <= now:
+                    return True
+        return False
 
     def release(self, st: BackendState) -> None:
         """One exchange on ``st`` ended: hand its slot to the next queued request."""
@@ -636,7 +671,7 @@ class ClientConn(Protocol):
             elif not self.r_started:
                 st = self.bs
                 if st is not None and self.body_done:
-                    self.lb.note_failure(st, now)
+                    self.lb.note_failure(st, now, self.route)
                 self._abort_backend()
                 self.local_error(504, "timeout", "The app did not answer in time.", close=True)
             else:
@@ -973,7 +1008,7 @@ class ClientConn(Protocol):
     def connect_failed(self, st: BackendState, timed_out: bool) -> None:
         lb = self.lb
         now = lb.reactor.seconds()
-        lb.note_failure(st, now)
+        lb.note_failure(st, now, self.route)
         self.connector = None
         self._release()
         if self.state != C_WAIT:
@@ -987,7 +1022,7 @@ class ClientConn(Protocol):
                 self.dispatch(nxt)
                 return
         if timed_out:
-            self.local_error(504, "timeout", "The app did not accept a connection in time.",
+            self.local_error(504, "connect_timeout", "The app did not accept a connection in time.",
                              close=not self.body_done or bool(self.buf))
         else:
             self.local_error(502, "backend_refused", "The app refused the connection.",
@@ -1240,6 +1275,7 @@ class ClientConn(Protocol):
         st = self.bs
         if st is not None:
             st.fails = 0
+            st.probation = False
         self.r_started = True
         status = self.r_status = resp.status
         # the sweep turns activity into a rolling idle_timeout deadline
@@ -1320,6 +1356,7 @@ class ClientConn(Protocol):
         st = self.bs
         if st is not None:
             st.fails = 0
+            st.probation = False
         parts = [resp.status_line, b"\r\n"]
         if resp.lines:
             parts.append(b"\r\n".join(resp.lines))
@@ -1466,7 +1503,7 @@ class ClientConn(Protocol):
                 lb.connect(st, self, self._timeout("connect_timeout"))
                 return
             if self.bs is not None:
-                lb.note_failure(self.bs, now)
+                lb.note_failure(self.bs, now, self.route)
             self.local_error(502, "backend_closed",
                              "The app closed the connection without answering.",
                              close=not self.body_done or bool(self.buf))

@@ -76,3 +76,29 @@ class MetricsTests(SynchronousTestCase):
         self.assertEqual(hist[("epio_lb_request_duration_seconds_count", None)], 4.0)
         self.assertEqual(hist[("epio_lb_request_duration_seconds_bucket", "0.005")], 3.0)
         self.assertEqual(hist[("epio_lb_request_duration_seconds_bucket", "+Inf")], 4.0)
+
+    def test_upstream_errors_say_whose_fault(self) -> None:
+        """502/504 answers are counted by fault: 'connect' when the instance could not be
+        reached, 'app' when it was reached and failed the request; a timeout after the
+        response started (status 200) is not a 504 and is not counted there."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        from epio.lb.observe import Observer, metric_families
+        from epio.metrics import MetricsRegistry
+
+        obs = Observer(None, None, enabled=False)
+        reg = MetricsRegistry()
+        reg.add_collector(lambda: metric_families(obs.cumulative))
+        for status, code in [(502, "backend_refused"), (504, "connect_timeout"),
+                             (502, "backend_closed"), (502, "backend_closed"),
+                             (502, "bad_response"), (504, "timeout"), (200, "timeout")]:
+            obs.record(0.0, "shop", b"GET", b"/", "shop.localhost", status, 10, 0.0, 0.1,
+                       "", b"rid", code)
+        obs.flush_stats()
+        fams = {f.name: f for f in text_string_to_metric_families(reg.render().decode())}
+        got = {(s.labels["status"], s.labels["fault"], s.labels["code"]): s.value
+               for s in fams["epio_lb_upstream_errors"].samples}
+        self.assertEqual(got, {
+            ("502", "connect", "backend_refused"): 1.0, ("504", "connect", "connect_timeout"): 1.0,
+            ("502", "app", "backend_closed"): 2.0, ("502", "app", "bad_response"): 1.0,
+            ("504", "app", "timeout"): 1.0})

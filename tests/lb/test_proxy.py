@@ -157,23 +157,78 @@ class FailoverTests(SynchronousTestCase):
         h.refuse(error.TimeoutError())
         h.refuse(error.TimeoutError())
         self.assertTrue(ct2.value().startswith(b"HTTP/1.1 504"))
-        self.assertEqual(h.observer.totals, {"backend_refused": 1, "timeout": 1})
+        self.assertEqual(h.observer.totals, {"backend_refused": 1, "connect_timeout": 1})
 
-    def test_ejection_expires(self) -> None:
-        """eject_after failures eject a backend for eject_seconds, then it is tried again."""
-        h = Harness([Backend("10.0.0.1", 1)], connect_attempts=1, eject_after=2, eject_seconds=10)
-        for _ in range(2):
+    def test_ejection_then_half_open_trial(self) -> None:
+        """eject_after failures eject a backend for eject_seconds while another serves;
+        then one trial request decides: a failure ejects it again at once, a success
+        puts it back for good."""
+        h = Harness([Backend("10.0.0.1", 1), Backend("10.0.0.2", 2)], connect_attempts=1,
+                    eject_after=2, eject_seconds=10, pool_max_idle=0)
+        bad = ("10.0.0.1", 1)
+        st = h.lb.state_for(bad)
+
+        def one(fail: bool) -> tuple[str, int]:
             c, ct = h.client()
             c.dataReceived(GET)
-            h.refuse()
-        c, ct = h.client()
-        c.dataReceived(GET)
-        self.assertTrue(ct.value().startswith(b"HTTP/1.1 503"))
-        self.assertEqual(len(h.clock.tcpClients), 2, "an ejected backend gets no connect")
+            addr = h.clock.tcpClients[h.next_connect][:2]
+            if addr == bad and fail:
+                h.refuse()
+            else:
+                bp, bt, _ = h.accept()
+                bp.dataReceived(OK)
+            return addr
+
+        for _ in range(10):
+            one(fail=True)
+            if st.ejected_until:
+                break
+        self.assertGreater(st.ejected_until, h.clock.seconds())
+        self.assertEqual({one(fail=True) for _ in range(4)}, {("10.0.0.2", 2)})
         h.clock.advance(10.5)
+        self.assertTrue(st.probation)
+        while one(fail=True) != bad:
+            pass
+        self.assertGreater(st.ejected_until, h.clock.seconds(), "one failed trial re-ejects")
+        h.clock.advance(10.5)
+        while one(fail=False) != bad:
+            pass
+        self.assertEqual((st.probation, st.fails), (False, 0), "a good trial ends probation")
+        one(fail=True)
+        one(fail=True)
+        self.assertEqual(st.fails, 1, "back to eject_after failures in a row")
+
+    def test_last_usable_backend_never_ejected(self) -> None:
+        """A one-instance app whose backend fails eject_after times and more keeps
+        getting its requests: the next good answer is served, never 503 no_backend."""
+        h = Harness([Backend("10.0.0.1", 1)], connect_attempts=1, eject_after=5,
+                    pool_max_idle=0)
+        for _ in range(6):
+            c, ct = h.client()
+            c.dataReceived(GET)
+            bp, bt, _ = h.accept()
+            bp.connectionLost(Failure(error.ConnectionDone()))  # closed without answering
+            self.assertTrue(ct.value().startswith(b"HTTP/1.1 502"))
+        self.assertEqual(h.lb.states[("10.0.0.1", 1)].ejected_until, 0.0)
         c, ct = h.client()
         c.dataReceived(GET)
-        self.assertEqual(len(h.clock.tcpClients), 3)
+        bp, bt, _ = h.accept()
+        bp.dataReceived(OK)
+        self.assertTrue(ct.value().startswith(b"HTTP/1.1 200"))
+        self.assertEqual(h.observer.totals, {"backend_closed": 6})
+        self.flushLoggedErrors()
+
+    def test_every_backend_ejected_still_serves(self) -> None:
+        """When every backend of an app is ejected (the table changed under the
+        ejections), requests go to the ejected ones rather than 503."""
+        h = Harness([Backend("10.0.0.1", 1), Backend("10.0.0.2", 2)])
+        for key in (("10.0.0.1", 1), ("10.0.0.2", 2)):
+            h.lb.state_for(key).ejected_until = h.clock.seconds() + 10
+        c, ct = h.client()
+        c.dataReceived(GET)
+        bp, bt, _ = h.accept()
+        bp.dataReceived(OK)
+        self.assertTrue(ct.value().startswith(b"HTTP/1.1 200"))
 
 
 class QueueTests(SynchronousTestCase):

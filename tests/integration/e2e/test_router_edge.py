@@ -14,7 +14,10 @@ Steps (each named; a failure says which, with the end of the node's log):
 2. 50 slow-body + 200 slow-header connections to the router (each replaced as soon
    as it is closed, for 8 s) and 50 + 20 to the api while a probe asks ``slow`` for a
    page once a second: every probe 200 in < 1 s; every slow connection answered 408
-   and closed by its deadline; the router's RSS growth printed and bounded.
+   and closed by its deadline; the router's RSS growth printed and bounded;
+3. 6 requests that each kill ``slow``'s only gunicorn worker (502: closed without an
+   answer), then a good request: 200 (the last usable backend is never ejected), and
+   /metrics counts those 502s as the app's fault.
 """
 
 from __future__ import annotations
@@ -319,6 +322,7 @@ class RouterEdgeTests(SynchronousTestCase):
         self.deploy("slow", {"app.py": APP, "epio.ini": "[wsgi]\nentrypoint = app:application\n"})
         self._buffering_per_app()
         self._slow_clients()
+        self._failing_instance()
 
     def _buffering_per_app(self) -> None:
         self.step("stream v1 (buffered): its body is held at the router until complete")
@@ -415,3 +419,28 @@ class RouterEdgeTests(SynchronousTestCase):
                    if not re.match(rb"HTTP/1\.1 408 ", c.received)]
         self.assertEqual(not_408, [], "every slow connection is answered 408")
         self.assertLess(growth, 64 * 1024, f"router RSS grew {growth} KiB")
+
+    def _failing_instance(self) -> None:
+        self.step("6 requests that kill slow's only instance's worker, then a good one: 200")
+        for _ in range(6):
+            status, _ = http_get(self.lb_port, "slow.localhost", "/die", timeout=30)
+            self.assertEqual(status, 502)
+        status, body = http_get(self.lb_port, "slow.localhost", "/", timeout=30)
+        self.assertEqual((status, body), (200, b"ok"))
+        self.assertNotIn("ejected", self.node.output())
+
+        self.step("/metrics: those 502s are the app's fault, not a connection's")
+
+        def upstream() -> dict[tuple[str, str, str], float]:
+            from prometheus_client.parser import text_string_to_metric_families
+
+            text = http_get(self.metrics_port, "localhost", "/metrics")[1].decode()
+            return {(s.labels["status"], s.labels["fault"], s.labels["code"]): s.value
+                    for fam in text_string_to_metric_families(text)
+                    for s in fam.samples
+                    if s.name == "epio_lb_upstream_errors_total"
+                    and s.labels.get("app") == "slow"}
+
+        seen = wait_until("the 502s counted", lambda: (lambda u: u if u.get(
+            ("502", "app", "backend_closed"), 0) >= 6 else None)(upstream()), timeout=10)
+        self.assertEqual(set(seen), {("502", "app", "backend_closed")}, seen)
