@@ -118,6 +118,15 @@ class NodeService(MultiService):
             roles=",".join(r for r in ROLES if r in self.node.roles),
             data_dir=str(self.node.data_dir),
         )
+        from epio.listen import raise_nofile_limit
+
+        before, after, hard = raise_nofile_limit()
+        if after > before:
+            self.log.info("open files limit (RLIMIT_NOFILE) raised from {before} to {after} "
+                          "(the hard limit)", before=before, after=after)
+        else:
+            self.log.info("open files limit (RLIMIT_NOFILE) {after} (hard limit {hard})",
+                          after=after, hard=hard)
         super().startService()
         for svc in self:
             self.log.info("service {name} started", name=svc.name)

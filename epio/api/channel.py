@@ -140,4 +140,7 @@ class DeadlineChannel(HTTPChannel):
     def connectionLost(self, reason: Any) -> None:
         self._phase = DONE
         self._disarm()
+        limit = getattr(self.factory, "limit", None)
+        if limit is not None:
+            limit.closed()
         super().connectionLost(reason)

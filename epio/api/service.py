@@ -28,6 +28,7 @@ from epio.api.domain import Platform, ensure_admin
 from epio.api.scheduler import Scheduler, SchedulerService
 from epio.api.settings import ApiSettings, derive_app_secret
 from epio.api.web import Api
+from epio.listen import ConnectionLimit, LimitedEndpoint, log_backlog, with_backlog
 
 
 def limited_request(max_body: int) -> type[Request]:
@@ -82,10 +83,16 @@ class CountingSite(Site):
     protocol = DeadlineChannel
 
     def __init__(self, resource: Any, deadlines: Deadlines | None = None,
-                 reactor: Any = None) -> None:
+                 reactor: Any = None, limit: ConnectionLimit | None = None) -> None:
         super().__init__(resource, reactor=reactor)
         self.deadlines = deadlines if deadlines is not None else Deadlines()
+        self.limit = limit
         self.status_counts: dict[str, int] = {}
+
+    def buildProtocol(self, addr: Any) -> Any:
+        if self.limit is not None and not self.limit.opened():
+            return None  # accepted in the batch that reached max_connections
+        return super().buildProtocol(addr)
 
     def log(self, request: Any) -> None:
         cls = f"{int(getattr(request, 'code', 0) or 0) // 100}xx"
@@ -103,8 +110,8 @@ class CountingSite(Site):
 
 
 def make_site(api: Api, max_body: int, deadlines: Deadlines | None = None,
-              reactor: Any = None) -> CountingSite:
-    site = CountingSite(api.resource(), deadlines, reactor)
+              reactor: Any = None, limit: ConnectionLimit | None = None) -> CountingSite:
+    site = CountingSite(api.resource(), deadlines, reactor, limit)
     site.displayTracebacks = False
     site.requestFactory = limited_request(max_body)
     return site
@@ -124,13 +131,16 @@ class ApiService(MultiService):
         self.platform: Platform | None = None
         self.scheduler: Scheduler | None = None
         self.deployer: Deployer | None = None
-        listen = node.config["api"]["listen"]
-        endpoint = serverFromString(node.reactor, listen)
         api_cfg = node.config["api"]
+        listen = api_cfg["listen"]
+        self._backlog = int(api_cfg["backlog"])
         deadlines = Deadlines(float(api_cfg["header_timeout"]), float(api_cfg["body_timeout"]),
                               int(api_cfg["body_min_rate"]))
+        self.limit = ConnectionLimit("api", int(api_cfg["max_connections"]))
+        endpoint = LimitedEndpoint(
+            serverFromString(node.reactor, with_backlog(listen, self._backlog)), self.limit)
         site = make_site(self.api, self.settings.max_upload_bytes + (1 << 20), deadlines,
-                         node.reactor)
+                         node.reactor, self.limit)
         from epio.metrics import registry_for
 
         registry_for(node).add_collector(site.metric_families)
@@ -144,6 +154,7 @@ class ApiService(MultiService):
     def startService(self) -> None:
         super().startService()
         self.log.info("api listening on {endpoint}", endpoint=self._listen)
+        log_backlog("api", self._backlog)
         self._starting = ensureDeferred(self._start())
         self._starting.addErrback(lambda f: self.log.failure("the api role could not start", f))
 

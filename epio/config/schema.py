@@ -166,6 +166,11 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
     "api": {
         "listen": Key(str, "tcp:8000:interface=127.0.0.1", "Endpoint the API and dashboard listen on."),
+        "backlog": Key(int, 4096, "Listen backlog of the api's listener (capped by "
+                       "net.core.somaxconn, logged at start).", positive),
+        "max_connections": Key(int, 1000, "Open connections of the api's listener before it "
+                               "stops accepting until some close (they wait in the "
+                               "backlog); 0 = no limit.", non_negative),
         "app_url": Key(
             str, "",
             "URL template of an app printed by the CLI and API ({app}, {domain}); empty means "
@@ -242,6 +247,12 @@ SCHEMA: dict[str, dict[str, Key]] = {
         ),
         "workers": Key(int, 1, "Router processes sharing the listening port (SO_REUSEPORT); "
                        "1 = this process only.", positive),
+        "backlog": Key(int, 4096, "Listen backlog of the router's listeners (capped by "
+                       "net.core.somaxconn, logged at start).", positive),
+        "max_connections": Key(int, 10000, "Open client connections per listener (and per "
+                               "router process) before the router stops accepting until "
+                               "some close (they wait in the backlog); 0 = no limit.",
+                               non_negative),
         "route_feed": Key(
             str, "process",
             "Where a router fed by the nexus follows the nexuses: 'process' (a route feed "

@@ -47,6 +47,7 @@ from epio.lb.http import (
     valid_request_id,
 )
 from epio.lb.observe import Observer
+from epio.listen import ConnectionLimit
 from epio.routing import Route, RouteTable, static_token
 
 SWEEP_INTERVAL = 0.5
@@ -527,6 +528,9 @@ class ClientConn(Protocol):
         self.state = C_CLOSED
         lb.conns.discard(self)
         lb.clients -= 1
+        limit = self.factory.limit
+        if limit is not None:
+            limit.closed()
         if self.buffered:
             self._drop_body()
         if self.mfd >= 0:
@@ -1617,15 +1621,21 @@ class SpoolSender:
 
 
 class LBFactory(Factory):
-    """Builds a :class:`ClientConn` for every accepted connection."""
+    """Builds a :class:`ClientConn` for every accepted connection (none past the
+    listener's :class:`epio.listen.ConnectionLimit`, when it has one)."""
 
     noisy = False
 
-    def __init__(self, lb: LB, scheme: bytes = b"http") -> None:
+    def __init__(self, lb: LB, scheme: bytes = b"http", limit: ConnectionLimit | None = None
+                 ) -> None:
         self.lb = lb
         self.scheme = scheme
+        self.limit = limit
 
-    def buildProtocol(self, addr: Any) -> ClientConn:
+    def buildProtocol(self, addr: Any) -> ClientConn | None:  # type: ignore[override]
+        limit = self.limit
+        if limit is not None and not limit.opened():
+            return None  # accepted in the batch that reached the limit: closed at once
         p = ClientConn(self.lb, self.scheme)
         p.factory = self
         return p

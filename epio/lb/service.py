@@ -32,6 +32,7 @@ from epio.lb.fastio import ReadMux
 from epio.lb.feed import FEED_RESTART
 from epio.lb.observe import FileLogSink, Observer
 from epio.lb.proxy import LB, SWEEP_INTERVAL, LBFactory, Settings
+from epio.listen import ConnectionLimit, log_backlog, with_backlog
 from epio.routing import FileRouteSource, RouteTable
 
 FLUSH_INTERVAL = 0.5
@@ -122,7 +123,7 @@ def parse_tcp_endpoint(desc: str) -> tuple[str, int, int]:
     return iface, port, family
 
 
-def reuseport_socket(iface: str, port: int, family: int, backlog: int = 1024) -> socket.socket:
+def reuseport_socket(iface: str, port: int, family: int, backlog: int = 4096) -> socket.socket:
     s = socket.socket(family, socket.SOCK_STREAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -190,6 +191,10 @@ class LBService(MultiService):
         self.lb.static_secret = static_secret  # docs/static.md
         if hasattr(reactor, "_disconnectSelectable") and hasattr(select, "epoll"):
             self.lb.mux = ReadMux(reactor)
+        # per listener (and per router process): docs/router.md "Resources"
+        max_conns = int(section.get("max_connections", 10000))
+        self.limit = ConnectionLimit("router", max_conns)
+        self.tls_limit = ConnectionLimit("router (TLS)", max_conns)
         self.worker_spec = worker_spec
         self.reuseport = reuseport
         self.ports: list[Any] = []
@@ -278,24 +283,26 @@ class LBService(MultiService):
         if self._stopping:  # stopped while waiting for routes: never listen
             return self.ports
         s = self.settings
-        factory = LBFactory(self.lb, b"http")
+        factory = LBFactory(self.lb, b"http", self.limit)
         listen = self.section.get("listen", "tcp:8080")
         workers = int(self.section.get("workers", 1))
+        backlog = log_backlog("router", int(self.section.get("backlog", 4096)))
         if self.reuseport is not None:
             iface, port, family = self.reuseport
-            sock = reuseport_socket(iface, port, family)
+            sock = reuseport_socket(iface, port, family, backlog)
             self.ports.append(self.reactor.adoptStreamPort(sock.fileno(), family, factory))
             sock.close()
         elif workers > 1:
             iface, port, family = parse_tcp_endpoint(listen)
-            sock = reuseport_socket(iface, port, family)
+            sock = reuseport_socket(iface, port, family, backlog)
             port = sock.getsockname()[1]
             self.ports.append(self.reactor.adoptStreamPort(sock.fileno(), family, factory))
             sock.close()
             self._spawn_workers(workers - 1, (iface, port, family))
         else:
-            ep = serverFromString(self.reactor, listen)
+            ep = serverFromString(self.reactor, with_backlog(listen, backlog))
             self.ports.append(await ep.listen(factory))
+        self.limit.watch(self.ports[-1])
         tls_listen = self.section.get("tls_listen", "")
         if tls_listen and (self.reuseport is None or self.section.get("tls_cert_dir")):
             from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -308,11 +315,12 @@ class LBService(MultiService):
             loop.clock = self.reactor
             loop.start(TLS_RESCAN_INTERVAL, now=False)
             self._loops.append(loop)
-            inner: Any = LBFactory(self.lb, b"https")
+            inner: Any = LBFactory(self.lb, b"https", self.tls_limit)
             tls_factory = TLSMemoryBIOFactory(self.sni, False, inner)
             if self.reuseport is None:
-                ep = serverFromString(self.reactor, tls_listen)
+                ep = serverFromString(self.reactor, with_backlog(tls_listen, backlog))
                 self.ports.append(await ep.listen(tls_factory))
+                self.tls_limit.watch(self.ports[-1])
         del s
         return self.ports
 
