@@ -846,6 +846,19 @@ class ClientConn(Protocol):
                              close=has_body)
             return
         if has_body and route.request_buffering is not False:
+            cl = req.content_length
+            if cl > 0 and len(rest) >= cl and cl <= lb.s.body_buffer_size:
+                # the common small body, already here with its head: no buffering state
+                self.buffered = True
+                self.body_total = cl
+                if len(rest) == cl:
+                    self.bbody = rest
+                    self.buf = b""
+                else:
+                    self.bbody = rest[:cl]
+                    self.buf = rest[cl:]
+                self._send(st, now)
+                return
             self._begin_body(req, rest, now)
             return
         if req.chunked:
