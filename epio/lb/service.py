@@ -541,6 +541,7 @@ def make_service(node: Any) -> LBService:
 
     registry = registry_for(node)
     registry.add_collector(lambda: metric_families(svc.lb.observer.cumulative))
+    registry.add_collector(lambda: listener_families(svc))
     if hasattr(source, "status"):
         registry.add_collector(lambda: route_feed_families(source.status()))
 
@@ -556,6 +557,24 @@ def make_service(node: Any) -> LBService:
 
     registry.add_status("router", router_status)
     return svc
+
+
+def listener_families(svc: LBService) -> list[Any]:
+    """This router process's listeners and spooled bodies, for /metrics."""
+    from epio.metrics import Family
+
+    limits = (("http", svc.limit), ("https", svc.tls_limit))
+    return [
+        Family("epio_lb_connections_open", "gauge",
+               "Client connections open, by listener (max_connections applies to each)",
+               [("", {"listener": n}, float(lim.open)) for n, lim in limits]),
+        Family("epio_lb_listener_paused_total", "counter",
+               "Times a listener reached lb.max_connections and stopped accepting",
+               [("", {"listener": n}, float(lim.pauses)) for n, lim in limits]),
+        Family("epio_lb_request_bodies_spooled_total", "counter",
+               "Request bodies larger than lb.body_buffer_size spooled to a file",
+               [("", {}, float(svc.lb.spooled))]),
+    ]
 
 
 def route_feed_families(status: dict[str, Any]) -> list[Any]:

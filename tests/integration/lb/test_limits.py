@@ -40,6 +40,19 @@ class ConnectionLimitTests(TestCase):
         status, _, body = await fourth.response()
         self.assertEqual((status, body), (200, b"ok GET / 0"))
         self.assertEqual(svc.limit.refused, 0)
+        from prometheus_client.parser import text_string_to_metric_families
+
+        from epio.lb.service import listener_families
+        from epio.metrics import MetricsRegistry
+
+        reg = MetricsRegistry()
+        reg.add_collector(lambda: listener_families(svc))
+        fams = {f.name: {s.labels.get("listener"): s.value for s in f.samples}
+                for f in text_string_to_metric_families(reg.render().decode())}
+        # paused at 3, resumed at 2, paused again when the fourth came in
+        self.assertEqual(fams["epio_lb_listener_paused"]["http"], 2.0)
+        self.assertEqual(fams["epio_lb_connections_open"]["http"], 3.0)
+        self.assertEqual(fams["epio_lb_request_bodies_spooled"], {None: 0.0})
 
     async def test_api_waits_at_max_connections(self) -> None:
         """The api's listener (LimitedEndpoint + make_site, as ApiService wires them)
