@@ -218,6 +218,24 @@ class FailoverTests(SynchronousTestCase):
         self.assertEqual(h.observer.totals, {"backend_closed": 6})
         self.flushLoggedErrors()
 
+    def test_hanging_requests_do_not_eject_the_last_backend(self) -> None:
+        """Six requests that get no first byte in first_byte_timeout (504) do not take
+        a one-instance app offline: the next request reaches it and is served."""
+        h = Harness([Backend("10.0.0.1", 1)], eject_after=5, first_byte_timeout=2,
+                    pool_max_idle=0)
+        for _ in range(6):
+            c, ct = h.client()
+            c.dataReceived(GET)
+            h.accept()
+            h.sweep(2.5)
+            self.assertTrue(ct.value().startswith(b"HTTP/1.1 504"))
+        c, ct = h.client()
+        c.dataReceived(GET)
+        bp, bt, _ = h.accept()
+        bp.dataReceived(OK)
+        self.assertTrue(ct.value().startswith(b"HTTP/1.1 200"))
+        self.assertEqual(h.observer.totals, {"timeout": 6})
+
     def test_every_backend_ejected_still_serves(self) -> None:
         """When every backend of an app is ejected (the table changed under the
         ejections), requests go to the ejected ones rather than 503."""
