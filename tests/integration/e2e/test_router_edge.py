@@ -11,14 +11,16 @@ Steps (each named; a failure says which, with the end of the node's log):
 
 1. ``stream`` v1 gets a body only once it is complete (held at the router); v2, with
    the manifest key, gets it as it arrives (the key, end to end);
-2. 50 slow-body + 200 slow-header connections to the router (each replaced as soon
+2. a 1 MiB upload (over ``lb.body_buffer_size``) is spooled in ``DATA_DIR/run/tmp``
+   and reaches ``slow`` whole;
+3. 50 slow-body + 200 slow-header connections to the router (each replaced as soon
    as it is closed, for 8 s) and 50 + 20 to the api while a probe asks ``slow`` for a
    page once a second: every probe 200 in < 1 s; every slow connection answered 408
    and closed by its deadline; the router's RSS growth printed and bounded;
-3. 6 requests that each kill ``slow``'s only gunicorn worker (502: closed without an
+4. 6 requests that each kill ``slow``'s only gunicorn worker (502: closed without an
    answer), then a good request: 200 (the last usable backend is never ejected), and
    /metrics counts those 502s as the app's fault;
-4. 1,000 connections opened at once to the router, each asking for an unknown host:
+5. 1,000 connections opened at once to the router, each asking for an unknown host:
    none refused, every one answered (404) in under a second (the node was started
    with a soft open-files limit of 1024 and raised it; the listen backlog is 4096).
 """
@@ -271,9 +273,10 @@ class RouterEdgeTests(SynchronousTestCase):
                      "body_min_rate": BODY_MIN_RATE}
         doc, _ = isolated_config({
             "api": {"reconcile_interval": 0.5, "drain_seconds": 1.0, "stop_grace": 3.0,
-                    "runner_dead_after": 10.0, "rollout_timeout": 90.0, **deadlines},
+                    "runner_dead_after": 10.0, "rollout_timeout": 90.0, "backlog": 2048,
+                    **deadlines},
             "runner": {"backoff_initial": 0.2, "port_min": base, "port_max": base + 99},
-            "lb": {"stats_interval": 0.5, **deadlines},
+            "lb": {"stats_interval": 0.5, "body_buffer_size": 4096, **deadlines},
             "metrics": {"listen": f"tcp:{free_port()}:interface=127.0.0.1"},
         })
         self.doc = doc
@@ -350,11 +353,12 @@ class RouterEdgeTests(SynchronousTestCase):
                           f"{self.hard_nofile}", out)
         somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
         self.assertIn(f"router: listen backlog {min(4096, somaxconn)}", out)
-        self.assertIn(f"api: listen backlog {min(4096, somaxconn)}", out)
+        self.assertIn(f"api: listen backlog {min(2048, somaxconn)}", out)  # api.backlog
         token = (self.tmp / "data" / "admin-token").read_text()
         self.epio("login", "--api", f"http://127.0.0.1:{self.api_port}", stdin=token)
         self.deploy("slow", {"app.py": APP, "epio.ini": "[wsgi]\nentrypoint = app:application\n"})
         self._buffering_per_app()
+        self._spooled_upload()
         self._slow_clients()
         self._failing_instance()
         self._connect_burst()
@@ -394,6 +398,24 @@ class RouterEdgeTests(SynchronousTestCase):
         answer = wait_until("a body streamed to the app", streamed, timeout=20, interval=0)
         self.assertTrue(answer.startswith(b"HTTP/1.1 200"), answer)
         self.assertTrue(answer.endswith(b"first:hello"), answer)
+
+    def _spooled_upload(self) -> None:
+        self.step("a 1 MiB upload past body_buffer_size is spooled, then reaches gunicorn")
+        body = os.urandom(1 << 20)
+        conn = http.client.HTTPConnection("127.0.0.1", self.lb_port, timeout=30)
+        try:
+            conn.request("POST", "/", body=body, headers={"Host": "slow.localhost"})
+            resp = conn.getresponse()
+            self.assertEqual((resp.status, resp.read()), (200, b"got %d" % len(body)))
+        finally:
+            conn.close()
+        spool = self.tmp / "data" / "run" / "tmp"
+        self.assertEqual(spool.stat().st_mode & 0o777, 0o700)
+        self.assertEqual(list(spool.iterdir()), [], "spool files are never named")
+        text = http_get(self.metrics_port, "localhost", "/metrics")[1].decode()
+        m = re.search(r"(?m)^epio_lb_request_bodies_spooled_total (\S+)$", text)
+        self.assertIsNotNone(m, text[-500:])
+        self.assertGreaterEqual(float(m.group(1)), 1.0)  # type: ignore[union-attr]
 
     def _slow_clients(self) -> None:
         self.step("50 slow bodies + 200 slow heads at the router, 50 + 20 at the api")
