@@ -141,3 +141,27 @@ class DeadlineTests(SynchronousTestCase):
         self.assertEqual(status_and_error(t)[0], b"HTTP/1.1 408 Request Timeout")
 
 
+
+
+class ListenerWiringTests(SynchronousTestCase):
+    def test_api_listener_takes_its_config(self) -> None:
+        """api.backlog reaches listen(), api.max_connections the site's limit, the api
+        deadlines its channel, as make_service wires them from the config."""
+        from epio.api.service import make_service
+        from epio.config import validate
+        from epio.node import Node
+
+        reactor = MemoryReactorClock()
+        cfg = validate({"node": {"data_dir": self.mktemp()},
+                        "api": {"listen": "tcp:8123:interface=127.0.0.1", "backlog": 77,
+                                "max_connections": 5, "header_timeout": 3.0,
+                                "body_timeout": 4.0, "body_min_rate": 10}})
+        svc = make_service(Node.prepare(reactor, cfg, frozenset({"api"})))
+        svc.getServiceNamed("api-http").privilegedStartService()
+        ((port, site, backlog, iface),) = reactor.tcpServers
+        self.assertEqual((port, backlog, iface), (8123, 77, "127.0.0.1"))
+        self.assertEqual(site.limit.limit, 5)
+        self.assertEqual(site.deadlines, Deadlines(3.0, 4.0, 10))
+        p = site.buildProtocol(IPv4Address("TCP", "10.0.0.1", 5000))
+        self.assertIsInstance(p, DeadlineChannel)
+        self.assertEqual(site.limit.open, 1)
