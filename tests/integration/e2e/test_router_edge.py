@@ -225,6 +225,26 @@ class SlowConn:
         self.sock.close()
 
 
+def ready_fds(want: dict[int, int], timeout: float) -> tuple[set[int], set[int]]:
+    """poll() (not select(): a test process may hold descriptors past 1024) for
+    ``{fd: POLLIN or POLLOUT}``; returns (readable, writable) descriptors."""
+    poller = select.poll()
+    for fd, mask in want.items():
+        poller.register(fd, mask)
+    r: set[int] = set()
+    w: set[int] = set()
+    for fd, ev in poller.poll(timeout * 1000):
+        if ev & (select.POLLIN | select.POLLHUP | select.POLLERR):
+            r.add(fd)
+        if ev & select.POLLOUT:
+            w.add(fd)
+    return r, w
+
+
+def readable(socks: list[socket.socket], timeout: float) -> set[int]:
+    return ready_fds({s.fileno(): select.POLLIN for s in socks}, timeout)[0]
+
+
 def slow_attack(targets: list[tuple[int, str, bytes, bytes, int]], seconds: float,
                 trickle: float = 0.5, drain: float = 15.0) -> list[SlowConn]:
     """Hold ``count`` slow connections per target for ``seconds`` (a closed one is
@@ -241,8 +261,7 @@ def slow_attack(targets: list[tuple[int, str, bytes, bytes, int]], seconds: floa
     spec = {(kind): (port, head, endless) for port, kind, head, endless, _ in targets}
     next_trickle = start + trickle
     while live and time.monotonic() < start + seconds + drain:
-        r, _, _ = select.select([c.sock for c in live], [], [], 0.05)
-        ready = {s.fileno() for s in r}
+        ready = readable([c.sock for c in live], 0.05)
         for c in list(live):
             if c.sock.fileno() in ready:
                 c.read()
@@ -509,6 +528,10 @@ class RouterEdgeTests(SynchronousTestCase):
     def _connect_burst(self) -> None:
         self.step("1,000 simultaneous connects to the router: none refused, none waits 1 s")
         n = 1000
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < 4096 <= hard:  # the test itself holds 1,000 sockets
+            resource.setrlimit(resource.RLIMIT_NOFILE, (4096, hard))
+            self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
         request = b"GET / HTTP/1.1\r\nHost: nothing.invalid\r\nConnection: close\r\n\r\n"
         socks: dict[int, tuple[socket.socket, float]] = {}
         answered: dict[int, tuple[float, bytes]] = {}
@@ -527,10 +550,10 @@ class RouterEdgeTests(SynchronousTestCase):
         pending = dict(socks)
         deadline = time.monotonic() + 30
         while pending and time.monotonic() < deadline:
-            want_write = [s for fd, (s, _) in pending.items() if fd not in sent]
-            want_read = [s for fd, (s, _) in pending.items() if fd in sent]
-            r, w, _ = select.select(want_read, want_write, [], 0.5)
-            for s in w:
+            fds = {fd: s for fd, (s, _) in pending.items()}
+            r, w = ready_fds({fd: select.POLLIN if fd in sent else select.POLLOUT
+                              for fd in fds}, 0.5)
+            for s in (fds[fd] for fd in w):
                 err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                 if err:
                     refused.append(os.strerror(err))
@@ -539,7 +562,7 @@ class RouterEdgeTests(SynchronousTestCase):
                     continue
                 s.send(request)
                 sent.add(s.fileno())
-            for s in r:
+            for s in (fds[fd] for fd in r):
                 try:
                     data = s.recv(4096)
                 except OSError as e:
