@@ -206,15 +206,18 @@ async def run_step(
         env=dict(env),
         path=str(cwd),
     )
-    pid = transport.pid
+    # None when the step exited so fast that spawnProcess reaped it already
+    # (Twisted reaps at registration); its cgroup is still swept below.
+    pid: int | None = transport.pid
     timed_out = False
 
     def kill_step() -> None:
         """SIGKILL the step's process group and everything left in its cgroup."""
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        if pid is not None:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
         if cgroup is not None:
             cgroup.kill_all()
 
