@@ -38,6 +38,7 @@ file is refused by name and its content is never read (:func:`read_app_file`).
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import posixpath
@@ -49,6 +50,8 @@ from types import MappingProxyType
 from typing import Any
 
 from attrs import field, frozen
+
+from epio.cronspec import CronError, parse_schedule
 
 __all__ = [
     "DATA_DIRECTORY",
@@ -79,8 +82,6 @@ _ENTRYPOINT = re.compile(
 )
 _MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_CRON_MACROS = {"@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly"}
-_CRON_FIELD = re.compile(r"^[0-9*/,\-A-Za-z]+$")
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
 _SIZE = re.compile(r"^\s*(\d+)\s*([kKmMgG]?)[bB]?\s*$")
@@ -621,21 +622,9 @@ def parse_manifest(
             elif k == "request_buffering":
                 http[k] = _bool(it, f, errors)
         elif s == "cron":
-            parts = value.split()
-            if parts and parts[0] in _CRON_MACROS:
-                sched, cmd = parts[0], " ".join(parts[1:])
-            else:
-                sched, cmd = " ".join(parts[:5]), " ".join(parts[5:])
-                if len(parts) < 5 or not all(_CRON_FIELD.match(p) for p in parts[:5]):
-                    cmd = ""
-            if not cmd or not PROCESS_NAME.match(k):
-                errors.add(
-                    f,
-                    it.line,
-                    f"[cron] {_cut(k)}: must be 'name = MIN HOUR DAY MONTH WEEKDAY command' or 'name = @daily command'",
-                )
-            else:
-                cron.append(Cron(k, sched, cmd))
+            job = _cron_entry(k, value, f, it.line, errors)
+            if job is not None:
+                cron.append(job)
         elif s == "release":
             if not value:
                 errors.add(f, it.line, "[release] command: is empty")
@@ -752,6 +741,43 @@ def parse_manifest(
         warnings=warnings,
         **kw,
     )
+
+
+_CRON_FORMS = ("must be 'name = MIN HOUR DAY MONTH WEEKDAY command', 'name = @daily command' "
+               "or 'MIN HOUR DAY MONTH WEEKDAY = command'")
+
+
+def _cron_entry(key: str, value: str, file: str, line: int, errors: _Errors) -> Cron | None:
+    """One ``[cron]`` line, in either form:
+
+    * ``name = SCHEDULE command`` (epio's: the name shows in ``epio cron`` and the
+      log source ``cron.NAME``);
+    * ``SCHEDULE = command`` (the crontab-like form, key = schedule): the name is
+      ``cron-`` and 8 hex digits of the schedule and command, stable across deploys.
+    """
+    if PROCESS_NAME.match(key):
+        parts = value.split()
+        n = 1 if parts and parts[0].startswith("@") else 5
+        schedule, command, name = " ".join(parts[:n]), " ".join(parts[n:]), key
+        if len(parts) <= n:
+            errors.add(file, line, f"[cron] {_cut(key)}: {_CRON_FORMS}")
+            return None
+    elif key.startswith("@") or any(c.isspace() for c in key):
+        schedule, command = " ".join(key.split()), value.strip()
+        digest = hashlib.sha256(f"{schedule}\n{command}".encode()).hexdigest()[:8]
+        name = f"cron-{digest}"
+        if not command:
+            errors.add(file, line, f"[cron] {_q(key)}: has no command")
+            return None
+    else:
+        errors.add(file, line, f"[cron] {_q(key)}: {_CRON_FORMS}")
+        return None
+    try:
+        parse_schedule(schedule)
+    except CronError as e:
+        errors.add(file, line, f"[cron] {_cut(name)}: bad schedule: {e}")
+        return None
+    return Cron(name, schedule, command)
 
 
 def _symlink_target_ok(link: str, target: str) -> bool:

@@ -69,7 +69,7 @@ MAX_ARGS = 256
 
 SCHEMAS["RunSession"] = obj({
     "id": STR, "app": STR, "number": INT, "user": NULLABLE_STR, "command": STR,
-    "kind": {"type": "string", "enum": ["interactive", "detached", "release"]},
+    "kind": {"type": "string", "enum": ["interactive", "detached", "release", "cron"]},
     "tty": BOOL, "node": NULLABLE_STR, "release": NULLABLE_INT,
     "state": {"type": "string", "enum": ["starting", "running", "exited", "failed", "lost"]},
     "started": {"type": "number"}, "ended": NULLABLE_NUM, "exit_status": NULLABLE_INT,
@@ -193,8 +193,14 @@ class RunSessions:
 
     async def start(self, app: Any, user: Any, command: list[str], *, tty: bool,
                     detach: bool, rows: int = 24, cols: int = 80, term: str = "xterm",
-                    client: str | None = None) -> tuple[Any, str]:
-        """Record and start a session; returns (RunRecord, runner endpoint)."""
+                    client: str | None = None, kind: str | None = None,
+                    source: str | None = None) -> tuple[Any, str]:
+        """Record and start a session; returns (RunRecord, runner endpoint).
+
+        ``kind`` (default ``interactive``/``detached``) is the audit's kind;
+        ``source`` the log source of a detached session's output (default
+        ``run.N``): the cron runner passes ``cron`` and ``cron.NAME``.
+        """
         from epio.store.runs import LimitReached, create_run, update_run
 
         release = await current_release(self.store, app.name)
@@ -207,7 +213,8 @@ class RunSessions:
         text = _command_text(command)
         try:
             rec = await create_run(self.store, sid, app.name, user=user.name, command=text,
-                                   kind="detached" if detach else "interactive", tty=tty,
+                                   kind=kind or ("detached" if detach else "interactive"),
+                                   tty=tty,
                                    node=node.id, release=release.version,
                                    max_live=self.settings.max_sessions_per_app)
         except LimitReached as e:
@@ -224,6 +231,10 @@ class RunSessions:
         }
         if client is not None:
             body["client"] = client
+        if kind is not None:
+            body["kind"] = kind
+        if source is not None:
+            body["source"] = source
         try:
             await self.control.request(node.control_endpoint, "run.start", body,
                                        timeout=self.settings.runner_timeout)

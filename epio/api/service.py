@@ -209,7 +209,14 @@ class ApiService(MultiService):
         self.api.platform = self.platform
         from epio.api.run import install as install_run
 
-        install_run(self.api, node, store, control, sink, self.deployer)  # epio run
+        sessions = install_run(self.api, node, store, control, sink, self.deployer)  # epio run
+        from epio.api.cron import CronRunner, CronService, CronSettings
+
+        cron = CronService(CronRunner(store, sessions, node.reactor,
+                                      CronSettings.from_config(node.config), log_sink=sink),
+                           store, node.reactor, self.settings.leader_retry)
+        cron.setName("cron")
+        cron.setServiceParent(self)
         self.log.info("api ready")
 
     async def _register_node(self, store: Any) -> None:

@@ -69,6 +69,14 @@ def release_facts(manifest: Mapping[str, Any]) -> dict[str, Any]:
     env = manifest.get("env")
     if isinstance(env, Mapping):
         facts["env"] = {str(k): str(v) for k, v in env.items()}
+    # [cron] entries (epio.api.cron runs them from the current release)
+    cron = manifest.get("cron")
+    if isinstance(cron, list | tuple):
+        entries = [{k: str(c[k]) for k in ("name", "schedule", "command")} for c in cron
+                   if isinstance(c, Mapping) and all(c.get(k) for k in ("name", "schedule",
+                                                                          "command"))]
+        if entries:
+            facts["cron"] = entries
     return facts
 
 

@@ -320,17 +320,22 @@ class BuildLog:
 
 
 def cmd_ps(args: argparse.Namespace) -> int:
+    from epio.cli.cron import failing_lines
+
     name = app_of(args)
-    ps = Client.from_config().get(f"apps/{name}/ps")
+    client = Client.from_config()
+    ps = client.get(f"apps/{name}/ps")
 
     def human() -> None:
         if not ps:
             print(f"{name} runs no processes (epio scale web=1)")
-            return
-        table([[p["name"], f"v{p['release']}", p["state"], p["node"],
-                f"{p['host']}:{p['port']}" if p["port"] else None, ago(p["since"]),
-                p["restarts"]] for p in ps],
-              ["PROCESS", "RELEASE", "STATE", "NODE", "ADDRESS", "SINCE", "RESTARTS"])
+        else:
+            table([[p["name"], f"v{p['release']}", p["state"], p["node"],
+                    f"{p['host']}:{p['port']}" if p["port"] else None, ago(p["since"]),
+                    p["restarts"]] for p in ps],
+                  ["PROCESS", "RELEASE", "STATE", "NODE", "ADDRESS", "SINCE", "RESTARTS"])
+        for line in failing_lines(client, name):
+            print(line)
 
     return out(args, ps, human)
 

@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "epio.cli.run",
     "epio.cli.addons",
     "epio.cli.backups",
+    "epio.cli.cron",
 )
 
 

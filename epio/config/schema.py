@@ -699,6 +699,17 @@ SCHEMA: dict[str, dict[str, Key]] = {
             "(start, input, attach) before it gives up on that runner.", positive,
         ),
     },
+    "cron": {
+        "tick": Key(
+            float, 5.0, "Seconds between the cron leader's checks for a new minute: an app's "
+            "`[cron]` run starts at most this long after its slot (docs/apps.md).", positive,
+        ),
+        "start_deadline": Key(
+            float, 120.0, "Seconds after its slot a `[cron]` run may still start; a slot no "
+            "api started by then (no leader, a node restarting) is recorded missed and never "
+            "replayed.", positive,
+        ),
+    },
 }
 
 

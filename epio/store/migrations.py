@@ -235,6 +235,18 @@ MIGRATIONS: tuple[Migration, ...] = (
         "ALTER TABLE apps ADD COLUMN destroyed DOUBLE PRECISION",
         "ALTER TABLE apps ADD COLUMN purge_after DOUBLE PRECISION",
     )),
+    Migration(6, "state of the apps' [cron] entries (epio.store.cron)", statements=(
+        """CREATE TABLE cron_jobs (
+            app TEXT NOT NULL REFERENCES apps(name) ON DELETE CASCADE,
+            name TEXT NOT NULL,
+            last_slot DOUBLE PRECISION NOT NULL,
+            session_id TEXT,
+            outcome TEXT NOT NULL,
+            reason TEXT,
+            updated DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (app, name)
+        )""",
+    )),
 )
 
 SCHEMA_VERSION_DDL = """CREATE TABLE IF NOT EXISTS schema_version (

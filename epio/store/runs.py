@@ -18,7 +18,7 @@ from epio.store.backend import Transaction
 from epio.store.errors import InvalidValue, NotFound
 from epio.store.store import Store
 
-KINDS = ("interactive", "detached", "release")
+KINDS = ("interactive", "detached", "release", "cron")
 STATES = ("starting", "running", "exited", "failed", "lost")
 LIVE = ("starting", "running")
 

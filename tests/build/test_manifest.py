@@ -355,3 +355,45 @@ class HostileTreeTests(SynchronousTestCase):
             with self.assertRaises(ManifestError) as cm:
                 parse_manifest(f"[process]\nw = run\n[symlinks]\nlink = {target}\n", None)
             self.assertIn("[symlinks] link: target", str(cm.exception))
+
+
+class CronManifestTests(SynchronousTestCase):
+    WEB = "[wsgi]\nentrypoint = app:application\n"
+
+    def test_both_forms(self) -> None:
+        """[cron] takes 'name = SCHEDULE command' (a macro too) and the crontab-like
+        'SCHEDULE = command', whose name is stable across deploys and differs by
+        command."""
+        text = (self.WEB + "[cron]\nnightly = 0 3 * * * python manage.py clearsessions\n"
+                "hourly = @hourly python tick.py --all\n"
+                "*/5 * * * * = python poll.py\n@daily = python report.py\n")
+        m = parse_manifest(text, None, ["requirements.txt"])
+        got = {c.name: (c.schedule, c.command) for c in m.cron}
+        self.assertEqual(got["nightly"], ("0 3 * * *", "python manage.py clearsessions"))
+        self.assertEqual(got["hourly"], ("@hourly", "python tick.py --all"))
+        keyed = [c for c in m.cron if c.name.startswith("cron-")]
+        self.assertEqual(sorted((c.schedule, c.command) for c in keyed),
+                         [("*/5 * * * *", "python poll.py"), ("@daily", "python report.py")])
+        again = parse_manifest(text, None, ["requirements.txt"])
+        self.assertEqual([c.name for c in again.cron], [c.name for c in m.cron])
+        self.assertEqual(len({c.name for c in m.cron}), 4)
+
+    def test_refused_with_file_line_and_why(self) -> None:
+        """A bad schedule, a missing command, @reboot or a key that is neither a name
+        nor a schedule is refused with epio.ini:LINE and the reason."""
+        text = (self.WEB + "[cron]\n"
+                "a = 61 * * * * python x.py\n"      # line 4
+                "b = * * * * *\n"                    # line 5
+                "c = @reboot python x.py\n"          # line 6
+                "bad/name = * * * * * x\n"           # line 7
+                "0 0 31 2 * = python x.py\n")        # line 8
+        with self.assertRaises(ManifestError) as cm:
+            parse_manifest(text, None, ["requirements.txt"])
+        errs = cm.exception.errors
+        self.assertEqual(len(errs), 5, errs)
+        self.assertIn("epio.ini:4: [cron] a: bad schedule: minute: 61 is out of range", errs[0])
+        self.assertIn("epio.ini:5: [cron] b: must be 'name = MIN HOUR", errs[1])
+        self.assertIn("epio.ini:6: [cron] c: bad schedule: unknown macro '@reboot'", errs[2])
+        self.assertIn("epio.ini:7: [cron] 'bad/name': must be", errs[3])
+        self.assertIn("epio.ini:8: [cron] cron-", errs[4])
+        self.assertIn("never runs", errs[4])

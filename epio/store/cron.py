@@ -1,0 +1,92 @@
+"""The state of the apps' ``[cron]`` entries: which slot ran last, and how.
+
+One row per (app, entry name).  ``last_slot`` is the scheduled time (POSIX
+seconds, a minute start) of the last slot the cluster dealt with; a slot is
+*claimed* by moving ``last_slot`` forward in one statement
+(:func:`claim_slot`), so of several api processes that try the same slot --
+an old leader finishing its pass while a new one starts -- exactly one wins
+and runs it.  ``outcome`` says what became of that slot:
+
+* ``starting`` -- claimed, the run is being started;
+* ``started`` -- running or ran as the session ``session_id``
+  (:mod:`epio.store.runs` has its state and exit status);
+* ``failed`` -- it could not be started (``reason``);
+* ``skipped`` -- the previous run was still running (runs never overlap);
+* ``missed`` -- no scheduler ran in time (it is not replayed later).
+
+Rows go with the app (``ON DELETE CASCADE``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from attrs import frozen
+
+from epio.store.errors import InvalidValue
+from epio.store.store import Store
+
+OUTCOMES = ("starting", "started", "failed", "skipped", "missed")
+
+
+@frozen
+class CronState:
+    app: str
+    name: str
+    last_slot: float
+    session_id: str | None
+    outcome: str
+    reason: str | None
+    updated: float
+
+
+def _state(row: dict[str, Any]) -> CronState:
+    return CronState(row["app"], row["name"], float(row["last_slot"]), row["session_id"],
+                     row["outcome"], row["reason"], float(row["updated"]))
+
+
+async def claim_slot(store: Store, app: str, name: str, slot: float, outcome: str = "starting",
+                     reason: str | None = None) -> bool:
+    """Move the entry's ``last_slot`` to ``slot`` if it is earlier (or unset).
+
+    True when this call moved it -- the caller owns the slot; False when some
+    process dealt with this slot (or a later one) already.  ``outcome`` and
+    ``reason`` describe the slot; the last run's session id is kept for
+    ``missed``/``skipped`` slots (they ran nothing) and cleared otherwise.
+    """
+    if outcome not in OUTCOMES:
+        raise InvalidValue(f"cron outcome must be one of {', '.join(OUTCOMES)}")
+    keep = outcome in ("missed", "skipped")
+    session = "cron_jobs.session_id" if keep else "NULL"
+    now = store._now()
+
+    async def q(tx: Any) -> bool:
+        await store._app_exists(tx, app)
+        res = await tx.execute(
+            "INSERT INTO cron_jobs (app, name, last_slot, session_id, outcome, reason, updated)"
+            " VALUES (?, ?, ?, NULL, ?, ?, ?) ON CONFLICT (app, name) DO UPDATE SET"
+            f" last_slot = excluded.last_slot, session_id = {session},"
+            " outcome = excluded.outcome, reason = excluded.reason, updated = excluded.updated"
+            " WHERE cron_jobs.last_slot < excluded.last_slot",
+            (app, name, float(slot), outcome, reason, now))
+        return bool(res.rowcount)
+
+    result: bool = await store._tx(q)
+    return result
+
+
+async def record_run(store: Store, app: str, name: str, slot: float, *, outcome: str,
+                     session_id: str | None = None, reason: str | None = None) -> None:
+    """Say what became of the claimed ``slot`` (no-op if a later slot was claimed)."""
+    if outcome not in OUTCOMES:
+        raise InvalidValue(f"cron outcome must be one of {', '.join(OUTCOMES)}")
+    await store._tx(lambda tx: tx.execute(
+        "UPDATE cron_jobs SET session_id = ?, outcome = ?, reason = ?, updated = ?"
+        " WHERE app = ? AND name = ? AND last_slot = ?",
+        (session_id, outcome, reason, store._now(), app, name, float(slot))))
+
+
+async def list_cron(store: Store, app: str) -> dict[str, CronState]:
+    """Every recorded entry of ``app``, by name."""
+    rows = await store._all("SELECT * FROM cron_jobs WHERE app = ?", (app,))
+    return {r["name"]: _state(r) for r in rows}
