@@ -51,6 +51,7 @@ from typing import Any
 
 from attrs import field, frozen
 
+from epio.basicauth import bad_realm, hash_password
 from epio.cronspec import CronError, parse_schedule
 
 __all__ = [
@@ -194,7 +195,8 @@ class Manifest:
     cron: tuple[Cron, ...] = field(default=(), converter=_cron_tuple)
     release_command: str | None = None
     symlinks: Mapping[str, str] = field(factory=dict, converter=_ro)  # link -> target
-    basic_auth: Mapping[str, str] = field(factory=dict, converter=_ro)  # user -> password
+    # user -> "sha256$SALT$DIGEST" of the password (epio.basicauth): never the password
+    basic_auth: Mapping[str, str] = field(factory=dict, converter=_ro)
     basic_auth_realm: str | None = None
     checkout_directory: str | None = None
     sources: tuple[str, ...] = field(default=(), converter=_str_tuple)  # files it was read from
@@ -517,6 +519,7 @@ def parse_manifest(
     expires: dict[str, int] = {}
     django: dict[str, Any] | None = None
     requirements_line = 0
+    realm_line = 0
     f = ini_name
 
     for it in items:
@@ -648,11 +651,19 @@ def parse_manifest(
                 )
         elif s == "basic_auth":
             if k == "_realm":
-                kw["basic_auth_realm"] = value
-            elif not k or ":" in k:
+                why = bad_realm(value)
+                if why is not None:
+                    errors.add(f, it.line, f"[basic_auth] _realm: {_q(value)} {why}")
+                else:
+                    kw["basic_auth_realm"] = value
+                    realm_line = it.line
+            elif not k or ":" in k or any(ord(c) < 32 or ord(c) == 127 for c in k):
                 errors.add(f, it.line, f"[basic_auth] {_q(k)}: not a valid user name")
+            elif not value:
+                errors.add(f, it.line, f"[basic_auth] {_cut(k)}: needs a password")
             else:
-                basic_auth[k] = value
+                # only a salted hash goes further than this parser (epio.basicauth)
+                basic_auth[k] = hash_password(value)
         elif s == "checkout":
             if not value or "/" in value or value in (".", ".."):
                 errors.add(
@@ -662,6 +673,10 @@ def parse_manifest(
                 )
             else:
                 kw["checkout_directory"] = value
+
+    if "basic_auth_realm" in kw and not basic_auth:
+        errors.add(f, realm_line, "[basic_auth] _realm: set, but no 'user = password' line: "
+                                  "nothing would be protected")
 
     # expires-/path = SECONDS (a key family of [http])
     for it in items:

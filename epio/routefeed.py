@@ -38,6 +38,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from epio.basicauth import BasicAuth
 from epio.bus.errors import RemoteError
 from epio.routing import Backend, IRouteSource, LazyRoute, Route, RouteDelta, RouteTable
 
@@ -123,6 +124,12 @@ def route_from_wire(
             value = options.get(key_name)
             if isinstance(value, bool):
                 kw[key_name] = value
+        if "basic_auth" in options:
+            # fail closed: a protected app whose credentials cannot be read is not routed
+            auth = BasicAuth.from_wire(options["basic_auth"])
+            if auth is None:
+                raise BadRoute(f"route {app}: basic_auth is not a realm and hashed users")
+            kw["basic_auth"] = auth
     prefixes = data.get("static_prefixes")
     static = data.get("static_backends")
     if prefixes and static and isinstance(prefixes, list) and isinstance(static, list):

@@ -27,6 +27,8 @@ from attrs import field, frozen
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface, implementer
 
+from epio.basicauth import BasicAuth
+
 HEALTHY = "healthy"
 BACKEND_STATES = ("starting", "healthy", "draining", "crashed")
 
@@ -86,6 +88,8 @@ class Route:
     # and those servers' endpoints; without both, every path goes to the app
     static_prefixes: tuple[str, ...] = field(default=(), converter=tuple)
     static_backends: tuple[Backend, ...] = field(default=(), converter=_backends)
+    # [basic_auth]: every request of the app (static files too) must pass it
+    basic_auth: BasicAuth | None = None
     live: tuple[Backend, ...] = field(init=False, eq=False, repr=False)
     # the route a static request takes (its backends are the static servers), or None
     static: Route | None = field(init=False, eq=False, repr=False)

@@ -14,6 +14,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
+from epio.basicauth import DEFAULT_REALM
 from epio.store import Deploy, Release, Store
 
 _log = Logger()
@@ -69,6 +70,11 @@ def release_facts(manifest: Mapping[str, Any]) -> dict[str, Any]:
     env = manifest.get("env")
     if isinstance(env, Mapping):
         facts["env"] = {str(k): str(v) for k, v in env.items()}
+    # [basic_auth]: the passwords arrive hashed from the manifest (epio.basicauth)
+    users = manifest.get("basic_auth")
+    if isinstance(users, Mapping) and users:
+        facts["basic_auth"] = {"realm": str(manifest.get("basic_auth_realm") or DEFAULT_REALM),
+                               "users": {str(k): str(v) for k, v in users.items()}}
     # [cron] entries (epio.api.cron runs them from the current release)
     cron = manifest.get("cron")
     if isinstance(cron, list | tuple):

@@ -70,6 +70,7 @@ H_XFPORT = 9
 H_RID = 10
 H_ACCEPT = 11
 H_FORWARDED = 12
+H_AUTH = 13
 
 REQUEST_SPECIAL: dict[bytes, int] = {
     b"host": H_HOST,
@@ -84,6 +85,7 @@ REQUEST_SPECIAL: dict[bytes, int] = {
     b"x-request-id": H_RID,
     b"accept": H_ACCEPT,
     b"forwarded": H_FORWARDED,
+    b"authorization": H_AUTH,
     b"keep-alive": H_DROP,
     b"proxy-connection": H_DROP,
     b"te": H_DROP,
@@ -131,6 +133,8 @@ class Request:
     request_id: bytes | None = None
     accept_json = False
     forwarded: list[bytes] | None = None
+    # the Authorization value ([basic_auth] apps); b"" when sent more than once
+    authorization: bytes | None = None
     head_size = 0
 
     @property
@@ -265,6 +269,9 @@ def parse_request(head: bytes) -> Request:
             req.xfport = value
         elif kind == H_RID:
             req.request_id = value
+        elif kind == H_AUTH:
+            kept.append(ln)  # the app sees it too, as behind any auth_basic proxy
+            req.authorization = value if req.authorization is None else b""
         elif kind == H_FORWARDED:
             if req.forwarded is None:
                 req.forwarded = []

@@ -6,7 +6,7 @@ import json
 from html import escape
 
 REASONS = {
-    100: b"Continue", 200: b"OK", 400: b"Bad Request", 404: b"Not Found",
+    100: b"Continue", 200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 404: b"Not Found",
     405: b"Method Not Allowed", 408: b"Request Timeout", 413: b"Content Too Large",
     414: b"URI Too Long", 417: b"Expectation Failed", 431: b"Request Header Fields Too Large",
     500: b"Internal Server Error", 501: b"Not Implemented", 502: b"Bad Gateway",
@@ -15,6 +15,7 @@ REASONS = {
 
 TITLES = {
     "no_route": "No such app",
+    "unauthorized": "Authentication required",
     "maintenance": "Down for maintenance",
     "no_backend": "App not running",
     "queue_full": "App overloaded",

@@ -824,6 +824,13 @@ class ClientConn(Protocol):
             self.local_error(503, "maintenance", "This app is down for maintenance.",
                              close=has_body)
             return
+        auth = route.basic_auth
+        if auth is not None and not auth.allows(req.authorization):
+            # [basic_auth]: before the static switch, so static and media files too
+            self.buf = rest
+            self.local_error(401, "unauthorized", "This app needs a user name and password.",
+                             close=has_body, extra=auth.challenge)
+            return
         sr = route.static
         if sr is not None and sr.live and lb.static_secret and route.is_static(req.target):
             route = self.route = sr  # served by a runner's static file server
@@ -1549,8 +1556,10 @@ class ClientConn(Protocol):
         self.transport.abortConnection()
 
     # -- local answers ------------------------------------------------------------------
-    def local_error(self, status: int, code: str, message: str, close: bool) -> None:
-        """Answer the current request ourselves; then close or go on."""
+    def local_error(self, status: int, code: str, message: str, close: bool,
+                    extra: bytes = b"") -> None:
+        """Answer the current request ourselves; then close or go on.  ``extra``:
+        more header lines (CRLF-terminated), e.g. a 401's ``WWW-Authenticate``."""
         req = self.req
         if self.bconn is not None or self.connector is not None:
             self._abort_backend()
@@ -1565,9 +1574,9 @@ class ClientConn(Protocol):
         if close or self.closing or (req is not None and not req.keep_alive) or req is None:
             close = True
         head = b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n" \
-               b"Cache-Control: no-store\r\nX-Request-Id: %s\r\n%s\r\n" % (
+               b"Cache-Control: no-store\r\nX-Request-Id: %s\r\n%s%s\r\n" % (
                    status, pages.REASONS.get(status, b"Error"), ctype, len(body),
-                   self.rid or self.lb.new_request_id(),
+                   self.rid or self.lb.new_request_id(), extra,
                    b"Connection: close\r\n" if close else b"")
         if req is not None and req.method == b"HEAD":
             self.write(head)

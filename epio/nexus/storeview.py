@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from epio.basicauth import BasicAuth
 from epio.nexus.table import AppFacts, StoreView
 
 ACTIVE_STATES = frozenset({"pending", "starting", "healthy", "crashed"})
@@ -73,6 +74,10 @@ def options_of(meta: Any) -> dict[str, Any]:
         for key in BOOL_OPTION_META:
             if isinstance(src.get(key), bool):
                 out[key] = src[key]
+    # [basic_auth] (hashed passwords, epio.basicauth): the router enforces it
+    auth = meta.get("basic_auth")
+    if isinstance(auth, dict) and BasicAuth.from_wire(auth) is not None:
+        out["basic_auth"] = {"realm": auth["realm"], "users": dict(auth["users"])}
     return out
 
 

@@ -78,7 +78,13 @@ class EpioCompatTests(SynchronousTestCase):
         self.assertTrue(m.http.gzip)
         self.assertEqual(dict(m.http.expires), {"/static": 3600})
         self.assertEqual(dict(m.symlinks), {"mysite/media": f"{DATA_DIRECTORY}/media"})
-        self.assertEqual(dict(m.basic_auth), {"admin": "s3cret"})
+        # only a salted hash of the password is kept (epio.basicauth)
+        self.assertEqual(list(m.basic_auth), ["admin"])
+        from epio.basicauth import BasicAuth
+
+        auth = BasicAuth.from_wire({"realm": "R", "users": dict(m.basic_auth)})
+        assert auth is not None
+        self.assertTrue(auth.allows(b"Basic YWRtaW46czNjcmV0"))  # admin:s3cret
         self.assertEqual(m.basic_auth_realm, "Staging area")
         self.assertEqual(m.checkout_directory, "mysite")
         # ep.io ran a [django] app without an entrypoint through Django's handler
