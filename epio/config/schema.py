@@ -381,6 +381,11 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "register_interval": Key(
             float, 10.0, "Seconds between refreshes of this node's row in the store.", positive),
         "port_min": Key(int, 20000, "Lowest port given to web instances ($PORT).", positive),
+        "shm_mb": Key(
+            int, 64, "Size (MiB) of each sandboxed instance's private, writable /dev/shm "
+            "(POSIX shared memory and semaphores: multiprocessing, Celery prefork); its pages "
+            "count against the instance's memory limit.", positive,
+        ),
         "port_max": Key(int, 29999, "Highest port given to web instances ($PORT).", positive),
         "uid_min": Key(
             int, 20000, "Lowest app UID: the api allocates app UIDs from uid_min-uid_max "

@@ -30,6 +30,7 @@ from epio.addons.services import SERVICE_PROCESS_TYPES
 from epio.runner.cgroups import CgroupSupport, InstanceCgroup
 from epio.runner.sandbox import (
     DATA,
+    DEFAULT_SHM_BYTES,
     Isolation,
     LaunchSpec,
     app_environment,
@@ -120,8 +121,10 @@ class SandboxLauncher:
         bwrap: str | None,
         setpriv: str | None,
         node_id: str = "",
+        shm_bytes: int = DEFAULT_SHM_BYTES,
     ) -> None:
         self.reactor = reactor
+        self.shm_bytes = shm_bytes
         self.data_dir = Path(data_dir)
         self.isolation = isolation
         self.cgroups = cgroups
@@ -248,6 +251,7 @@ class SandboxLauncher:
             scratch=scratch, command=spec.command, nofile=spec.limits.nofile,
             cgroup_procs=tuple(cgroup.procs_files()) if cgroup else (),
             python_prefix=python_prefix_of(image_root), workdir=facts.workdir,
+            shm_bytes=self.shm_bytes,
         )
         info_fd = 3 if sandboxed else None
         argv = build_argv(launch_spec, self.isolation, bwrap=self.bwrap, setpriv=self.setpriv,

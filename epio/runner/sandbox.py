@@ -47,6 +47,9 @@ ETC_ESSENTIALS = (
     "os-release", "debian_version",
 )
 TOP_DIRS = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
+#: The size of each instance's private /dev/shm (``runner.shm_mb``): POSIX shared
+#: memory and semaphores (multiprocessing.Lock, Celery's prefork pool) live there.
+DEFAULT_SHM_BYTES = 64 * 1024 * 1024
 
 
 @frozen
@@ -152,6 +155,7 @@ class LaunchSpec:
     cgroup_procs: tuple[str, ...]
     python_prefix: str | None  # the Python install the venv points to (bound read-only)
     workdir: str = "app"  # image-relative working directory (the build's facts)
+    shm_bytes: int = DEFAULT_SHM_BYTES  # size of the private /dev/shm (a tmpfs)
 
 
 def layout_for(spec: LaunchSpec, isolation: Isolation) -> Layout:
@@ -311,6 +315,9 @@ def build_argv(
             "--bind", str(spec.data_dir), DATA,
             "--perms", "1777", "--tmpfs", "/tmp",
             "--proc", "/proc", "--dev", "/dev",
+            # bubblewrap's /dev has a root-owned /dev/shm: give each instance its own,
+            # writable and bounded (its pages count against the memory cgroup too)
+            "--perms", "1777", "--size", str(spec.shm_bytes), "--tmpfs", "/dev/shm",
             "--chdir", f"{APP_ROOT}/{spec.workdir}",
             "--", *drop, "--", *command,
         ]

@@ -557,7 +557,8 @@ def make_service(node: Any) -> RunnerService:
     images = FetchingImages(reactor, store_images, peers.endpoints, peers.request,
                             timeout=cfg["fetch_timeout"])
     launcher = SandboxLauncher(reactor, node.data_dir, isolation, cgroups, images, bwrap=bwrap,
-                               setpriv=setpriv, node_id=node.node_id)
+                               setpriv=setpriv, node_id=node.node_id,
+                               shm_bytes=int(cfg["shm_mb"]) * 1024 * 1024)
     ports = PortAllocator(cfg["port_min"], cfg["port_max"], bindable(settings.advertise_host))
     supervisor = Supervisor(reactor, launcher, NetworkProbe(reactor), sink, ports, settings)
     control = control_advertise(cfg["control_bind"], settings.advertise_host,

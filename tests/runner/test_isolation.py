@@ -88,6 +88,9 @@ class ArgvTests(SynchronousTestCase):
         self.assertIn(f"--bind {self.tmp / 'appdata' / 'hello'} /data", joined)
         self.assertIn("--ro-bind /opt/py /opt/py", joined)
         self.assertIn("--tmpfs /tmp", joined)
+        # a private, writable, bounded /dev/shm, mounted over bubblewrap's /dev
+        self.assertIn("--perms 1777 --size 67108864 --tmpfs /dev/shm", joined)
+        self.assertLess(argv.index("/dev"), argv.index("/dev/shm"))
         self.assertNotIn(f"--bind {self.tmp} ", joined)
         tail = argv[argv.index("--", argv.index("--chdir")) + 1:]
         self.assertEqual(tail, ["/usr/bin/setpriv", "--reuid", "20001", "--regid", "20001",
