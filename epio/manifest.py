@@ -43,6 +43,7 @@ import json
 import os
 import posixpath
 import re
+import shlex
 import stat
 from collections.abc import Iterable, Mapping
 from pathlib import Path, PurePosixPath
@@ -237,9 +238,14 @@ def _plain(value: Any) -> Any:
 
 def web_command(entrypoint: str, workers: int | None = None) -> str:
     """The ``web`` command of a ``[wsgi]`` app: gunicorn on ``$PORT`` (errors to stderr;
-    the router writes the access log)."""
+    the router writes the access log).
+
+    The command is a shell line (the runner runs it with ``bash -c``): the entrypoint is
+    quoted, so gunicorn's factory form (``module:make_app()``, as in
+    :data:`DJANGO_WSGI`) reaches gunicorn as one word instead of a bash syntax error.
+    """
     w = f" --workers {workers}" if workers else ""
-    return f"gunicorn --bind 0.0.0.0:$PORT{w} {entrypoint}"
+    return f"gunicorn --bind 0.0.0.0:$PORT{w} {shlex.quote(entrypoint)}"
 
 
 # --------------------------------------------------------------------------- parsing
