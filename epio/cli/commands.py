@@ -523,7 +523,8 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--confirm", metavar="NAME", help="the app's name again (no prompt)")
     p.set_defaults(func=cmd_apps_purge)
 
-    p = sub.add_parser("deploy", parents=[common], help="deploy an app directory",
+    p = sub.add_parser("deploy", aliases=["upload"], parents=[common],
+                       help="deploy an app directory (ep.io's name: upload)",
                        description="Pack DIR (honouring .epioignore), upload it, follow the "
                                    "build and rollout, and print the app's URL.")
     p.add_argument("dir", metavar="DIR", nargs="?", default=".")

@@ -326,3 +326,30 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", "-q", action="store_true", help="no session notices on stderr")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "django", parents=[common], help="run manage.py COMMAND in the app (ep.io's command)",
+        description="epio django COMMAND [ARGS...] is epio run -- python manage.py COMMAND "
+                    "[ARGS...]: the app's manage.py, run from its directory in the current "
+                    "release, interactive on a terminal. Options go before COMMAND.")
+    p.add_argument("--detach", "-d", action="store_true",
+                   help="run in the background; output goes to the app's log (source run.N)")
+    p.add_argument("--no-tty", "-T", action="store_true",
+                   help="no PTY even when stdin is a terminal (bytes in, bytes out)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no session notices on stderr")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="COMMAND [ARGS...] of manage.py")
+    p.set_defaults(func=cmd_django)
+
+
+def cmd_django(args: argparse.Namespace) -> int:
+    """``epio django CMD ...`` (ep.io's command) = ``epio run -- python manage.py CMD ...``."""
+    command = list(args.command or [])
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise CliError("which manage.py command? epio django [--app NAME] COMMAND [ARGS...] "
+                       "(e.g. epio django migrate)")
+    args.command = ["python", "manage.py", *command]
+    args.list = args.history = False
+    args.attach = args.kill = None
+    return cmd_run(args)

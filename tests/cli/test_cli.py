@@ -245,3 +245,50 @@ class CliTests(TestCase):
         code, out, err = await self.epio("deploy", "--help")
         self.assertEqual(code, 0)
         self.assertIn(".epioignore", out)
+
+    async def test_upload_is_deploy(self) -> None:
+        """ep.io's `epio upload` is `epio deploy`: it packs, uploads and follows the
+        deploy to the app's URL."""
+        await self.h.add_runner("r1")
+        self.h.scheduler.become_leader()
+        self.addCleanup(self.h.scheduler.lose_leadership)
+        await self.login()
+        await self.epio("apps", "create", "hello", "--no-remember")
+        app = self.cwd / "app"
+        app.mkdir()
+        (app / "Procfile").write_text("web: gunicorn app:app\n")
+        code, out, err = await self.epio("upload", "app", "--app", "hello", "--poll", "0.1")
+        self.assertEqual(code, 0, out + err)
+        self.assertTrue(out.strip().endswith("hello is live at http://hello.localhost:8080/"))
+        self.assertEqual(len(await self.h.store.list_releases("hello")), 1)
+
+    async def test_django_runs_manage_py(self) -> None:
+        """ep.io's `epio django CMD ARGS` runs `python manage.py CMD ARGS` in the app (here
+        detached: the runner is asked for exactly that argv); without a command it says
+        what it wants and exits 1."""
+        from epio.api.run import RunApiSettings, RunSessions
+        from epio.pipeline import MemoryLogSink
+        from epio.runner.sessions import RunSettings, SessionManager
+        from epio.runner.supervisor import Settings
+        from tests.run.test_api_run import RoutedControl, StoreService
+        from tests.run.test_sessions import DIGEST, FakeLauncher, ProcessClock
+
+        endpoint = await self.h.add_runner("r1")
+        manager = SessionManager(ProcessClock(), FakeLauncher(), MemoryLogSink(), RunSettings(),
+                                 Settings(uid_min=1000, uid_max=65000), node_id="r1",
+                                 store_service=StoreService(self.h.store))
+        control = RoutedControl(manager, endpoint)
+        self.h.api.run = RunSessions(self.h.store, control, reactor,
+                                     RunApiSettings(runner_dead_after=1e12))
+        await self.login()
+        await self.epio("apps", "create", "hello", "--no-remember")
+        await self.h.store.create_release("hello", DIGEST, processes={"web": "serve"})
+        code, out, err = await self.epio("django", "--app", "hello", "--detach", "migrate",
+                                         "--noinput")
+        self.assertEqual(code, 0, out + err)
+        self.assertIn("Running `python manage.py migrate --noinput` detached as run.1", out)
+        [start] = [b for t, b in control.requests if t == "run.start"]
+        self.assertEqual(start["command"], ["python", "manage.py", "migrate", "--noinput"])
+        code, out, err = await self.epio("django", "--app", "hello")
+        self.assertEqual(code, 1)
+        self.assertIn("which manage.py command? epio django", err)
