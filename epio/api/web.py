@@ -539,5 +539,5 @@ def _encode(value: Any) -> bytes:
 
 
 from epio.api import addons as _addons  # noqa: E402,F401  (add-on and backup routes)
-from epio.api import run as _run  # noqa: E402,F401  (epio run routes)
 from epio.api import cron as _cron  # noqa: E402,F401  ([cron] routes)
+from epio.api import run as _run  # noqa: E402,F401  (epio run routes)
