@@ -207,3 +207,43 @@ class CronClusterTests(TestCase):
         self.assertIn("not started within cron.start_deadline (30s)", entry["reason"])
         self.assertIn("was missed", self.sink.texts(APP, "platform")[-1])
         self.assertEqual(len(await self.cron_runs()), 2)
+
+
+class CronApiTests(TestCase):
+    """GET /apps/{app}/cron over the real Klein app (StubTreq) and a SQLite store; every
+    response is checked against the OpenAPI document."""
+
+    async def setUp(self) -> None:  # type: ignore[override]
+        from tests.api.support import Harness
+
+        self.h = Harness()
+        await self.h.start()
+        self.addCleanup(lambda: defer.ensureDeferred(self.h.stop()))
+
+    async def test_lists_entries_of_the_current_release_for_its_owner_only(self) -> None:
+        """The owner sees each entry (schedule, command, status 'never' before a run,
+        the next slot); after a claimed and failed start, 'failed' with the reason;
+        another user gets the same 404 as for any app of someone else."""
+        from epio.store.cron import claim_slot, record_run
+
+        status, _, _ = await self.h.call("POST", "apps", token=self.h.alice_token,
+                                         body={"name": "clock"})
+        self.assertEqual(status, 201)
+        status, body, _ = await self.h.call("GET", "apps/clock/cron", token=self.h.alice_token)
+        self.assertEqual((status, body), (200, []))  # no release yet
+        await self.h.store.create_release(APP, DIGEST, processes={"web": "serve"}, meta={
+            "cron": [{"name": "nightly", "schedule": "0 3 * * *", "command": "python n.py"}]})
+        status, body, _ = await self.h.call("GET", "apps/clock/cron", token=self.h.alice_token)
+        self.assertEqual(status, 200)
+        [entry] = body
+        self.assertEqual((entry["name"], entry["schedule"], entry["command"], entry["status"]),
+                         ("nightly", "0 3 * * *", "python n.py", "never"))
+        self.assertEqual(entry["next_slot"] % 86400, 3 * 3600)
+        await claim_slot(self.h.store, APP, "nightly", 10800.0)
+        await record_run(self.h.store, APP, "nightly", 10800.0, outcome="failed",
+                         reason="no runner is registered")
+        _, [entry], _ = await self.h.call("GET", "apps/clock/cron", token=self.h.alice_token)
+        self.assertEqual((entry["status"], entry["reason"], entry["last_slot"]),
+                         ("failed", "no runner is registered", 10800.0))
+        status, body, _ = await self.h.call("GET", "apps/clock/cron", token=self.h.bob_token)
+        self.assertEqual(status, 404)
