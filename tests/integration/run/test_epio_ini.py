@@ -131,7 +131,9 @@ class EpioIniTests(SynchronousTestCase):
 
         _, _, body = wait_until("the static server answers", static, timeout=20)
         self.assertEqual(body, CSS)
-        log = self.node.log_lines()
+        # neither the node's log nor the app's (router access lines included) has it
+        log = self.node.log_lines() + self.node.epio("logs", "--app", "hello", "-n", "500")[1]
+        self.assertIn("/some/page", log)  # the router's access lines are there
         self.assertNotIn("battery", log)
         self.assertNotIn(RIGHT.split()[1], log)
 
@@ -169,6 +171,9 @@ class EpioIniTests(SynchronousTestCase):
         text = logged()
         self.assertIn(f"tick uid={uid} count=1", text)
         self.assertIn(f"cron.{failing}", text)
+        _, human, _ = self.node.epio("cron", "--app", "hello")
+        self.assertRegex(human, r"tick +\* \* \* \* \* +succeeded +run\.\d+ ")
+        self.assertRegex(human, failing + r" +\* \* \* \* \* +failed +run\.\d+ .*\(exit 4\)")
         _, ps, _ = self.node.epio("ps", "--app", "hello")
         self.assertIn(f"cron {failing} FAILED", ps)
         self.assertNotIn("cron tick FAILED", ps)
