@@ -764,6 +764,8 @@ def parse_manifest(
     )
 
 
+_CRON_LINE = re.compile(r"^(\S+(?:\s+\S+){4})\s+(\S.*)$", re.DOTALL)
+_CRON_MACRO_LINE = re.compile(r"^(\S+)\s+(\S.*)$", re.DOTALL)
 _CRON_FORMS = ("must be 'name = MIN HOUR DAY MONTH WEEKDAY command', 'name = @daily command' "
                "or 'MIN HOUR DAY MONTH WEEKDAY = command'")
 
@@ -777,12 +779,12 @@ def _cron_entry(key: str, value: str, file: str, line: int, errors: _Errors) -> 
       ``cron-`` and 8 hex digits of the schedule and command, stable across deploys.
     """
     if PROCESS_NAME.match(key):
-        parts = value.split()
-        n = 1 if parts and parts[0].startswith("@") else 5
-        schedule, command, name = " ".join(parts[:n]), " ".join(parts[n:]), key
-        if len(parts) <= n:
+        # the schedule's words, then the command exactly as written
+        m = (_CRON_MACRO_LINE if value.startswith("@") else _CRON_LINE).match(value)
+        if m is None:
             errors.add(file, line, f"[cron] {_cut(key)}: {_CRON_FORMS}")
             return None
+        schedule, command, name = " ".join(m.group(1).split()), m.group(2), key
     elif key.startswith("@") or any(c.isspace() for c in key):
         schedule, command = " ".join(key.split()), value.strip()
         digest = hashlib.sha256(f"{schedule}\n{command}".encode()).hexdigest()[:8]

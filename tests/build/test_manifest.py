@@ -371,12 +371,12 @@ class CronManifestTests(SynchronousTestCase):
         'SCHEDULE = command', whose name is stable across deploys and differs by
         command."""
         text = (self.WEB + "[cron]\nnightly = 0 3 * * * python manage.py clearsessions\n"
-                "hourly = @hourly python tick.py --all\n"
+                "hourly = @hourly  python -c 'print(\"a  b\")'\n"
                 "*/5 * * * * = python poll.py\n@daily = python report.py\n")
         m = parse_manifest(text, None, ["requirements.txt"])
         got = {c.name: (c.schedule, c.command) for c in m.cron}
         self.assertEqual(got["nightly"], ("0 3 * * *", "python manage.py clearsessions"))
-        self.assertEqual(got["hourly"], ("@hourly", "python tick.py --all"))
+        self.assertEqual(got["hourly"], ("@hourly", "python -c 'print(\"a  b\")'"))  # as written
         keyed = [c for c in m.cron if c.name.startswith("cron-")]
         self.assertEqual(sorted((c.schedule, c.command) for c in keyed),
                          [("*/5 * * * *", "python poll.py"), ("@daily", "python report.py")])
