@@ -240,10 +240,11 @@ class CronRunner:
         return True
 
     async def _previous_live(self, app: str, state: CronState) -> int | None:
-        """The number of the entry's last run if it is still running."""
+        """The number of the entry's last run if it is still running (a skipped or
+        missed slot keeps the id of the last run, which may still be going)."""
         from epio.store.runs import LIVE, get_run_by_id
 
-        if state.outcome != "started" or state.session_id is None:
+        if state.session_id is None:
             return None
         try:
             rec = await get_run_by_id(self.store, state.session_id)

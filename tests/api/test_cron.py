@@ -196,6 +196,8 @@ class CronClusterTests(TestCase):
         self.assertEqual(entry["status"], "skipped")
         self.assertIn("still running", entry["reason"])
         self.assertIn("is still running", self.sink.texts(APP, "platform")[-1])
+        self.clock.advance(60)  # and again while it still runs
+        self.assertEqual(await node.runner.run_pass(), 0)
         self.end_runs()
 
         # 45 s into the next minute with a 30 s deadline: that slot is missed, not run
