@@ -132,8 +132,13 @@ class EpioIniTests(SynchronousTestCase):
         _, _, body = wait_until("the static server answers", static, timeout=20)
         self.assertEqual(body, CSS)
         # neither the node's log nor the app's (router access lines included) has it
-        log = self.node.log_lines() + self.node.epio("logs", "--app", "hello", "-n", "500")[1]
-        self.assertIn("/some/page", log)  # the router's access lines are there
+        def app_log() -> str:
+            return self.node.epio("logs", "--app", "hello", "-n", "500")[1]
+
+        # the router flushes its access lines every half second, through the logger
+        wait_until("the 401s are in the app's log", lambda: "/some/page" in app_log(),
+                   timeout=15)
+        log = self.node.log_lines() + app_log()
         self.assertNotIn("battery", log)
         self.assertNotIn(RIGHT.split()[1], log)
 
