@@ -122,10 +122,13 @@ class SharedPostgresFlowTests(SynchronousTestCase):
         self.assertEqual(listing[0]["status"], "verified")
         self.assertIn(f"Final backup {listing[0]['id']} verified", out)
 
-        # deleting an app drops its database after a final backup
+        # deleting an app takes a verified final backup and keeps its database for the
+        # grace period (docs/apps.md); purging it drops the database for good
         n.epio("apps", "destroy", b, "--confirm", b)
-        self.assertFalse(db_exists("app_" + b))
         self.assertIn(f"of {b} verified", n.node.output())
+        self.assertTrue(db_exists("app_" + b), "a destroyed app keeps its data until purged")
+        n.epio("apps", "purge", b, "--confirm", b)
+        self.assertFalse(db_exists("app_" + b))
 
     def test_failed_backups_are_never_success(self) -> None:
         """A database gone behind epio's back: `epio backups create` exits 1 and lists the
