@@ -72,6 +72,13 @@ def one_of(*choices: str) -> Callable[[Any], str | None]:
     return check
 
 
+def fence_mode(value: Any) -> str | None:
+    if value == "auto":
+        return ("'auto' is no longer accepted: the fence is always on unless set to \"off\" "
+                "(a runner that cannot install it refuses to start; docs/security.md)")
+    return one_of("on", "off")(value)
+
+
 def store_url(value: Any) -> str | None:
     if value == "" or value.startswith(("sqlite:///", "postgresql://", "postgres://")):
         return None
@@ -442,15 +449,23 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "stats_interval": Key(float, 10.0, "Seconds between process stats samples (memory, "
                               "restarts) of each instance; 0 disables them.", non_negative),
         "fence": Key(
-            str, "auto", "Network fence (nftables) that resets app UIDs' connections to the "
-            "control plane's ports and other apps' instances: auto (when root with nft), on "
-            "(refuse to start without it), off (docs/security.md).", one_of("auto", "on", "off")),
+            str, "on", "Network fence (nftables) that resets app UIDs' connections to every "
+            "port of this host but the router, their own instances and add-ons and "
+            "fence_allow_ports: on (the runner refuses to start when it cannot install it: "
+            "needs root and nft) or off (apps reach the control plane; said at every start). "
+            "docs/security.md.", fence_mode),
         "fence_table": Key(str, "", "Name of the fence's nftables table (inet family); "
                            "empty means epio_fence_<hash of the data dir>, so runners "
                            "sharing a host never touch each other's table."),
         "fence_extra_ports": Key(
-            list, [], "More TCP ports app processes may not connect to on this host's "
-            "addresses and on fence_hosts.", item_kind=int,
+            list, [], "More TCP ports app processes may not connect to on fence_hosts (on "
+            "this host every port not allowed is refused anyway).", item_kind=int,
+            validator=lambda v: None if all(0 < p < 65536 for p in v)
+            else "ports must be 1-65535"),
+        "fence_allow_ports": Key(
+            list, [], "TCP ports of this host that app processes may connect to besides the "
+            "router's, their own instances' and the add-ons' shared PostgreSQL (e.g. 53 for a "
+            "local DNS resolver over TCP, 25 for a local mail relay).", item_kind=int,
             validator=lambda v: None if all(0 < p < 65536 for p in v)
             else "ports must be 1-65535"),
         "fence_hosts": Key(

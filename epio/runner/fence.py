@@ -1,28 +1,29 @@
-"""The network fence: app processes cannot open connections to the control plane.
+"""The network fence: app processes reach nothing on this host but what they need.
 
 App processes share the host's network namespace (they bind ``$PORT`` where the
 routers reach them), so without a fence an app could connect to the bus, the api,
-the metrics listener and the store on ``127.0.0.1``, and straight to other apps'
-instances.  The fence is one nftables table per runner (``inet``,
-``epio_fence_<hash of the data dir>`` unless ``runner.fence_table``) with an
-``output`` hook: a TCP connection attempt (a SYN without ACK) from a
-socket owned by an app UID (``runner.uid_min``-``uid_max``, plus the build user)
-is answered with a TCP reset, so the app's ``connect()`` fails at once with
-``ECONNREFUSED``, when it goes to
+the metrics listener, the store and every other service of the host on
+``127.0.0.1``, and straight to other apps' instances.  The fence is one nftables
+table per runner (``inet``, ``epio_fence_<hash of the data dir>`` unless
+``runner.fence_table``) with an ``output`` hook: a TCP connection attempt (a SYN
+without ACK) from a socket owned by an app UID (``runner.uid_min``-``uid_max``,
+plus the build user) is answered with a TCP reset, so the app's ``connect()``
+fails at once with ``ECONNREFUSED``, when it goes to
 
-* a control-plane port (:func:`plan_from_config`) on any local address of the
-  host (``fib daddr type local``: 127.0.0.0/8, ::1 and every address of the
-  host), or on one of the cluster hosts named in the config or in
-  ``runner.fence_hosts``;
-* a port of an instance of this runner that belongs to another UID (a set kept
-  in step with the supervisor): apps reach each other only through the router,
-  but an app still reaches its own instances and its own dedicated database
-  servers.
+* any port of a local address of the host (``fib daddr type local``:
+  127.0.0.0/8, ::1 and every address of the host) -- deny by default -- except
+  the router's ports, the add-ons' shared PostgreSQL port, the ports the operator
+  allows (``runner.fence_allow_ports``), the app's own instances on this runner
+  (its web instances and its dedicated database servers, a set kept in step with
+  the supervisor) and the unused rest of the instance port range (instances of
+  other runners of this host, whose own tables decide);
+* a control-plane port (:func:`plan_from_config`) of one of the cluster hosts
+  named in the config or in ``runner.fence_hosts``.
 
-The router's ports (``lb.listen``, ``lb.tls_listen``) and the shared PostgreSQL
-of the add-ons stay open.  The whole table is replaced in one ``nft -f``
-transaction whenever what it should hold changes, so there is never a moment
-without rules.  docs/security.md says what this does and does not protect.
+The whole table is replaced in one ``nft -f`` transaction whenever what it
+should hold changes, so there is never a moment without rules.  A runner whose
+fence cannot be installed refuses to start unless ``runner.fence = "off"``.
+docs/security.md says what this does and does not protect.
 """
 
 from __future__ import annotations
@@ -147,6 +148,11 @@ def postgres_endpoint(url: str) -> Target | None:
     return Target(host, port)
 
 
+def _is_loopback(host: str) -> bool:
+    ip = _literal_ip(host)
+    return ip is not None and ip.is_loopback
+
+
 def _literal_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
         return ipaddress.ip_address(host)
@@ -164,11 +170,12 @@ class FencePlan:
     table: str
     uid_min: int
     uid_max: int
-    control_ports: tuple[int, ...]  # refused on local addresses and on the hosts below
+    control_ports: tuple[int, ...]  # refused on the hosts below (and, like all, locally)
     hosts4: tuple[str, ...]  # other cluster hosts (addresses or networks)
     hosts6: tuple[str, ...]
-    open_ports: tuple[int, ...]  # the router's ports, never fenced
+    open_ports: tuple[int, ...]  # router ports, shared add-on PostgreSQL, fence_allow_ports
     notes: tuple[str, ...] = ()  # what the operator should know (logged as warnings)
+    instance_range: tuple[int, int] | None = None  # runner.port_min, port_max
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -177,6 +184,8 @@ class FencePlan:
             "control_ports": list(self.control_ports),
             "hosts": [*self.hosts4, *self.hosts6],
             "open_ports": list(self.open_ports),
+            "instance_ports": (f"{self.instance_range[0]}-{self.instance_range[1]}"
+                               if self.instance_range else None),
         }
 
 
@@ -191,11 +200,15 @@ def plan_from_config(config: Any, roles: Iterable[str],
                      table: str | None = None) -> FencePlan:
     """Derive the fence from the node's config and the roles it runs.
 
-    Control-plane ports: the listeners of the roles this node runs (api.listen,
-    the nexus, runner, logger and backup ZeroMQ binds), metrics.listen, every
-    endpoint the node connects to (cluster.nexus, cluster.loggers, logger.peers,
-    backup.endpoints), the store's PostgreSQL and runner.fence_extra_ports.  The
-    router's ports and the add-ons' shared PostgreSQL port are never fenced.
+    On this host every port is refused to app UIDs except the open ports: the
+    router's (lb.listen, lb.tls_listen), the add-ons' shared PostgreSQL port and
+    runner.fence_allow_ports (plus, at run time, their own instances and the
+    instance port range).  Control-plane ports -- the listeners of the roles this
+    node runs (api.listen, the nexus, runner, logger and backup ZeroMQ binds),
+    metrics.listen, every endpoint the node connects to (cluster.nexus,
+    cluster.loggers, logger.peers, backup.endpoints), the store's PostgreSQL and
+    runner.fence_extra_ports -- are refused on the other cluster hosts too, and
+    on this host even inside the instance port range.
     ``table`` defaults to ``runner.fence_table`` (or ``epio_fence``).  Raises
     ValueError for a bad table name or runner.fence_hosts entry.
     """
@@ -282,6 +295,23 @@ def plan_from_config(config: Any, roles: Iterable[str],
         if port in ports:
             notes.append(f"port {port} ({ports[port]}) is also a router port: it stays open")
             del ports[port]
+    for port in rc["fence_allow_ports"]:
+        if port in ports:
+            notes.append(f"port {port} ({ports[port]}) is in runner.fence_allow_ports: it "
+                         "stays open")
+            del ports[port]
+    open_ports = sorted({*open_ports, *rc["fence_allow_ports"],
+                         *([addon_port] if addon_port is not None else [])})
+
+    index = urlsplit(config["build"]["index_url"]) if config["build"]["index_url"] else None
+    try:
+        index_port = (index.port or (443 if index.scheme == "https" else 80)) if index else None
+    except ValueError:
+        index_port = None
+    if index is not None and index_port is not None and index_port not in open_ports \
+            and (index.hostname in ("localhost", "") or _is_loopback(index.hostname or "")):
+        notes.append(f"build.index_url is on this host (port {index_port}): builds cannot "
+                     "reach it unless the port is in runner.fence_allow_ports")
 
     hosts4: set[str] = set()
     hosts6: set[str] = set()
@@ -310,6 +340,7 @@ def plan_from_config(config: Any, roles: Iterable[str],
         hosts4=tuple(sorted(hosts4, key=_net_key)),
         hosts6=tuple(sorted(hosts6, key=_net_key)),
         open_ports=tuple(open_ports), notes=tuple(notes),
+        instance_range=(rc["port_min"], rc["port_max"]),
     )
 
 
@@ -368,6 +399,8 @@ def render(plan: FencePlan, owned: Iterable[tuple[int, int]] = (),
         lines.append(f'\tcomment "{owner}"')
     ports = _ranges(plan.control_ports)
     lines += _set("control_ports", "inet_service", [ports] if ports else [], interval=True)
+    opened = _ranges(plan.open_ports)
+    lines += _set("open_ports", "inet_service", [opened] if opened else [], interval=True)
     lines += _set("instance_ports", "inet_service", [str(p) for p in sorted({p for _, p in owned})])
     lines += _set("owned", "uid . inet_service", [f"{u} . {p}" for u, p in owned])
     lines += _set("hosts4", "ipv4_addr", list(plan.hosts4), interval=True)
@@ -378,11 +411,21 @@ def render(plan: FencePlan, owned: Iterable[tuple[int, int]] = (),
         f"\t\tmeta skuid {{ {', '.join(uids)} }} tcp flags & (syn | ack) == syn jump app",
         "\t}",
         "\tchain app {",
-        "\t\tfib daddr type local tcp dport @control_ports reject with tcp reset",
         "\t\tip daddr @hosts4 tcp dport @control_ports reject with tcp reset",
         "\t\tip6 daddr @hosts6 tcp dport @control_ports reject with tcp reset",
-        "\t\ttcp dport @instance_ports meta skuid . tcp dport != @owned "
-        "fib daddr type local reject with tcp reset",
+        "\t\tfib daddr type != local accept",
+        # from here on: a port of this host; deny unless allowed
+        "\t\ttcp dport @control_ports reject with tcp reset",
+        "\t\ttcp dport @open_ports accept",
+        "\t\tmeta skuid . tcp dport @owned accept",
+        "\t\ttcp dport @instance_ports reject with tcp reset",
+    ]
+    if plan.instance_range is not None:
+        lo, hi = plan.instance_range
+        lines.append(f"\t\ttcp dport {lo}-{hi} accept" if lo < hi
+                     else f"\t\ttcp dport {lo} accept")
+    lines += [
+        "\t\tmeta l4proto tcp reject with tcp reset",
         "\t}",
         "}",
     ]
@@ -610,15 +653,18 @@ class NetworkFence(Service):
         p = self.plan
         self.log.info(
             "network fence ON (nft table inet {table}): TCP connections from app UIDs "
-            "{uid_min}-{uid_max}{build} are reset on ports {ports} of every local address"
-            "{hosts}, and on this runner's instance ports unless the instance is their "
-            "own; router ports {open} stay open",
+            "{uid_min}-{uid_max}{build} are reset on every port of this host except "
+            "{open} (router, shared add-on PostgreSQL, runner.fence_allow_ports), their own "
+            "instances and the unused instance ports {range}; control ports {ports} are "
+            "reset everywhere{hosts}",
             table=p.table, uid_min=p.uid_min, uid_max=p.uid_max,
             build="".join(f" and {u} (build user)" for u in self.extra_uids()),
-            ports=_ranges(p.control_ports) or "(none)",
-            hosts=(f" and of {', '.join(p.hosts4 + p.hosts6)}" if p.hosts4 or p.hosts6
-                   else ""),
             open=_ranges(p.open_ports) or "(none)",
+            range=(f"{p.instance_range[0]}-{p.instance_range[1]}" if p.instance_range
+                   else "(none)"),
+            ports=_ranges(p.control_ports) or "(none)",
+            hosts=(f", also on {', '.join(p.hosts4 + p.hosts6)}" if p.hosts4 or p.hosts6
+                   else ""),
         )
         for note in p.notes:
             self.log.warn("network fence: {note}", note=note)
@@ -762,7 +808,7 @@ class FencedIsolation(Isolation):
 
 def detect(mode: str, euid: int, nft_binary: str | None, trial: Callable[[], None]) \
         -> tuple[bool, str]:
-    """(enabled, why not).  ``mode`` is ``runner.fence``: auto, on or off."""
+    """(enabled, why not).  ``mode`` is ``runner.fence``: on or off."""
     if mode == "off":
         return False, "disabled by runner.fence = off"
     if euid != 0:
@@ -774,6 +820,15 @@ def detect(mode: str, euid: int, nft_binary: str | None, trial: Callable[[], Non
     except FenceError as e:
         return False, f"nft refused the fence: {e}"
     return True, ""
+
+
+def refusal(why: str) -> str:
+    """What a runner that cannot install its fence says before it exits."""
+    return (f"epio: the runner cannot install its network fence: {why}. Run the runner "
+            "as root with nftables installed (apt-get install nftables), or set "
+            'runner.fence = "off" in the config to run apps without it: they can then '
+            "connect to the control plane and every service of this host "
+            "(docs/security.md)")
 
 
 def attach_fence(runner: Any, node: Any, *, nft_binary: str | None | bool = True,
@@ -808,8 +863,8 @@ def attach_fence(runner: Any, node: Any, *, nft_binary: str | None | bool = True
 
     enabled, why = detect(cfg["fence"], os.geteuid() if euid is None else euid, binary,
                           lambda: nft.check(render(plan, (), extra())))
-    if cfg["fence"] == "on" and not enabled:
-        raise SystemExit(f"epio: runner.fence = on but {why}")
+    if cfg["fence"] != "off" and not enabled:
+        raise SystemExit(refusal(why))
     fence = NetworkFence(node.reactor, plan, nft, owned, extra, enabled=enabled, why_off=why,
                          keep_on_stop=cfg["fence_keep_on_stop"],
                          check_interval=cfg["fence_check_interval"], in_thread=in_thread,

@@ -19,6 +19,7 @@ from twisted.application.service import MultiService
 from twisted.internet import defer, reactor, task
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from epio.addons.services import REDIS_TYPE
 from epio.config import validate
 from epio.runner.fence import (
     NetworkFence,
@@ -166,20 +167,24 @@ class FenceRulesTests(SynchronousTestCase):
 
     def test_app_uids_are_refused_on_the_control_plane_and_other_apps(self) -> None:
         """As an app UID: a bus port and the api port (IPv4, IPv6, and 0.0.0.0/::
-        meaning this host) and another app's instance port are refused at once with
-        ECONNREFUSED; the app's own
-        instance port, the router port and the add-on PostgreSQL (which is also the
-        store's server here, so it stays open) are reachable.  Root and a UID outside
-        the app range reach everything.  After a clean stop the table is gone and
-        the app UID connects again."""
+        meaning this host), another app's instance port and a service of the host
+        the config does not name (deny by default) are refused at once with
+        ECONNREFUSED; the app's own instance port, the router port, a port of
+        runner.fence_allow_ports and the add-on PostgreSQL (which is also the store's
+        server here, so it stays open) are reachable.  Root and a UID outside the
+        app range reach everything.  After a clean stop the table is gone and the
+        app UID connects again."""
         if not self.postgres_reachable():
             self.skipTest("needs PostgreSQL on 127.0.0.1:5432")
         bus, api, router = self.both(), self.both(), self.both()
         own, other = self.open("127.0.0.1"), self.open("127.0.0.1")
+        unnamed, allowed = self.open("127.0.0.1"), self.open("127.0.0.1")
         cfg = validate({
             "nexus": {"router_bind": f"tcp://127.0.0.1:{bus}"},
             "api": {"listen": f"tcp:{api}:interface=127.0.0.1"},
             "lb": {"listen": f"tcp:{router}"},
+            # the test's listeners take kernel ports, outside any instance range here
+            "runner": {"fence_allow_ports": [allowed], "port_min": 1, "port_max": 1},
             "store": {"url": "postgresql://postgres@127.0.0.1:5432/test"},
             "addons": {"postgres_admin_url": "postgresql://postgres@127.0.0.1:5432/postgres"},
         })
@@ -194,11 +199,12 @@ class FenceRulesTests(SynchronousTestCase):
 
         targets = [("127.0.0.1", bus), ("::1", bus), ("127.0.0.1", api), ("::1", api),
                    ("127.0.0.1", other), ("127.0.0.1", own), ("127.0.0.1", router),
-                   ("::1", router), ("127.0.0.1", 5432)]
+                   ("::1", router), ("127.0.0.1", 5432), ("127.0.0.1", unnamed),
+                   ("127.0.0.1", allowed)]
         as_app = connect_as(UID_A, targets)
         self.assertEqual([r for r, _ in as_app], [
             "ECONNREFUSED", "ECONNREFUSED", "ECONNREFUSED", "ECONNREFUSED",
-            "ECONNREFUSED", "ok", "ok", "ok", "ok"], as_app)
+            "ECONNREFUSED", "ok", "ok", "ok", "ok", "ECONNREFUSED", "ok"], as_app)
         self.assertLess(max(took for _, took in as_app[:5]), 1.0, as_app)  # fail fast
         # connecting to 0.0.0.0 or :: means this host: refused as well
         self.assertEqual([r for r, _ in connect_as(UID_A, [("0.0.0.0", bus), ("::", bus)])],
@@ -273,16 +279,22 @@ class SandboxedFenceTests(TestCase):
         self.addCleanup(lambda: defer.Deferred.fromCoroutine(self.runner.close()))
 
     async def test_sandboxed_app_reaches_its_own_instance_not_another_apps(self) -> None:
-        """With attach_fence on a real supervisor: the fence follows the instances it
-        starts, so a sandboxed worker of app A reaches A's own web instance and the
-        router but gets ECONNREFUSED from app B's web instance and from a bus port;
-        the runner's isolation facts report the fence on."""
+        """With attach_fence on a real supervisor and the default deny-by-default
+        rules: a sandboxed worker of app A (as A's UID) reaches A's own web instance,
+        A's own dedicated add-on server and the router, but gets ECONNREFUSED from
+        app B's web instance and B's dedicated add-on, a bus port, an api port, the
+        host's PostgreSQL on 127.0.0.1:5432 and Redis on 127.0.0.1:6379 (no add-on
+        uses them in this config) -- which root reaches; the runner's isolation
+        facts report the fence on."""
         r = self.runner
-        sockets = [listen("127.0.0.1"), listen("127.0.0.1")]
+        sockets = [listen("127.0.0.1"), listen("127.0.0.1"), listen("127.0.0.1")]
         for s in sockets:
             assert s is not None
             self.addCleanup(s.close)
-        bus, router = (int(s.getsockname()[1]) for s in sockets if s is not None)
+        bus, router, api = (int(s.getsockname()[1]) for s in sockets if s is not None)
+        host_services = [("127.0.0.1", 5432), ("127.0.0.1", 6379)]
+        if {res for res, _ in connect_as(None, host_services)} != {"ok"}:
+            self.skipTest("needs PostgreSQL on 127.0.0.1:5432 and Redis on 127.0.0.1:6379")
         # a runner-only node: the bus port is fenced as the nexus it connects to
         cfg = validate({"cluster": {"nexus": [{"heartbeat": "tcp://127.0.0.1:7711",
                                                "router": f"tcp://127.0.0.1:{bus}",
@@ -303,12 +315,22 @@ class SandboxedFenceTests(TestCase):
         web = r.image({"web.py": apps.WEB, "probe.py": PROBE})
         a = r.start("fa-web", "fence-a", UID_A, web, "python /app/app/web.py")
         b = r.start("fb-web", "fence-b", UID_B, web, "python /app/app/web.py")
-        self.assertTrue(await wait_for(reactor, lambda: r.state("fa-web") == "healthy"
-                                       and r.state("fb-web") == "healthy", 20),
+        # dedicated add-on servers: a process type of SERVICE_PROCESS_TYPES, app's UID
+        a_db = r.start("fa-db", "fence-a", UID_A, web, "python /app/app/web.py",
+                       process_type=REDIS_TYPE)
+        b_db = r.start("fb-db", "fence-b", UID_B, web, "python /app/app/web.py",
+                       process_type=REDIS_TYPE)
+        ids = ("fa-web", "fb-web", "fa-db", "fb-db")
+        self.assertTrue(await wait_for(reactor, lambda: all(r.state(i) == "healthy"
+                                                            for i in ids), 30),
                         r.texts("fence-a") + r.texts("fence-b"))
         self.assertTrue(await wait_for(reactor, lambda: fence._busy is None, 5))
         targets = {"own": ["127.0.0.1", a["port"]], "other": ["127.0.0.1", b["port"]],
-                   "bus": ["127.0.0.1", bus], "router": ["127.0.0.1", router]}
+                   "own_addon": ["127.0.0.1", a_db["port"]],
+                   "other_addon": ["127.0.0.1", b_db["port"]],
+                   "bus": ["127.0.0.1", bus], "api": ["127.0.0.1", api],
+                   "router": ["127.0.0.1", router], "postgres": ["127.0.0.1", 5432],
+                   "redis": ["127.0.0.1", 6379]}
         r.start("fa-probe", "fence-a", UID_A, web, "python /app/app/probe.py",
                 process_type="worker", env={"TARGETS": json.dumps(targets)})
 
@@ -320,7 +342,9 @@ class SandboxedFenceTests(TestCase):
 
         self.assertTrue(await wait_for(reactor, lambda: result() is not None, 20),
                         r.texts("fence-a"))
-        self.assertEqual(result(), {"own": "ok", "other": "ECONNREFUSED",
-                                    "bus": "ECONNREFUSED", "router": "ok"})
+        self.assertEqual(result(), {"own": "ok", "other": "ECONNREFUSED", "own_addon": "ok",
+                                    "other_addon": "ECONNREFUSED", "bus": "ECONNREFUSED",
+                                    "api": "ECONNREFUSED", "router": "ok",
+                                    "postgres": "ECONNREFUSED", "redis": "ECONNREFUSED"})
         # root (the runner, health checks, routers) still reaches B
         self.assertEqual(connect_as(None, [("127.0.0.1", b["port"])])[0][0], "ok")

@@ -1,0 +1,28 @@
+"""The README's install line and .ci/apt-packages name the same packages."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from twisted.trial.unittest import SynchronousTestCase
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+TEST_ONLY = {"chromium", "chromium-driver"}  # docs/development.md: dashboard tests only
+
+
+class InstallDocsTests(SynchronousTestCase):
+    def test_readme_apt_line_matches_ci_packages(self) -> None:
+        """The README's one ``apt-get install`` line lists exactly the packages of
+        .ci/apt-packages that are not test-only, and it includes nftables: a node
+        installed by the README gets its network fence (a runner without it refuses
+        to start)."""
+        lines = re.findall(r"^apt-get install (.+)$", (ROOT / "README.md").read_text(),
+                           re.MULTILINE)
+        self.assertEqual(len(lines), 1, lines)
+        readme = set(lines[0].split())
+        ci = {line.strip() for line in (ROOT / ".ci" / "apt-packages").read_text().splitlines()
+              if line.strip()}
+        self.assertIn("nftables", readme)
+        self.assertEqual(readme, ci - TEST_ONLY)
+        self.assertLessEqual(TEST_ONLY, ci)
