@@ -33,7 +33,9 @@ from epio.runner.health import NetworkProbe
 from epio.runner.images import FetchingImages, ImageServer
 from epio.runner.ports import NoFreePort, PortAllocator, bindable
 from epio.runner.sandbox import Isolation, detect_isolation
+from epio.services import OrderedMultiService
 from epio.runner.supervisor import (
+    ShuttingDown,
     SpecError,
     State,
     Supervisor,
@@ -96,8 +98,15 @@ def bwrap_trial(bwrap: str) -> bool:
     return r.returncode == 0
 
 
-class RunnerService(MultiService):
-    """Control, heartbeats, registration and recovery around one Supervisor."""
+class RunnerService(OrderedMultiService):
+    """Control, heartbeats, registration and recovery around one Supervisor.
+
+    Stop order (docs/runner.md): the supervisor's instances first (SIGTERM,
+    ``shutdown_grace``, SIGKILL), then the children in reverse start order, one at a
+    time -- the ``epio run`` sessions (their processes gone), the control ROUTER, the
+    heartbeat publisher, the log sink -- and the network fence, the first child,
+    last: no app-UID process of this runner is left when it goes.
+    """
 
     log = Logger()
 
@@ -198,7 +207,7 @@ class RunnerService(MultiService):
         d = self.supervisor.shutdown(self.shutdown_grace)
         d.addBoth(lambda _: self._save_now())
         d.addBoth(lambda _: self._remove_empty_cgroups())
-        d.addBoth(lambda _: MultiService.stopService(self))
+        d.addBoth(lambda _: OrderedMultiService.stopService(self))
         return d
 
     # -- recovery ----------------------------------------------------------------
@@ -400,6 +409,8 @@ class RunnerService(MultiService):
                 return "runner.image_chunk", await self._chunk(body)
         except SpecError as e:
             raise RemoteError("bad_request", str(e)) from None
+        except ShuttingDown as e:
+            raise RemoteError("unavailable", str(e)) from None
         except NoFreePort as e:
             raise RemoteError("no_port", str(e)) from None
         except UnknownInstance as e:

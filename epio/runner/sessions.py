@@ -412,11 +412,13 @@ class SessionManager(Service):
         self.node_id = node_id
         self.store_service = store_service
         self.sessions: dict[str, Session] = {}
+        self.stopping = False  # set by stopService: no more sessions start
 
     # -- service -----------------------------------------------------------------
 
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
+        self.stopping = True
         waits = []
         for s in list(self.sessions.values()):
             if s.live:
@@ -481,6 +483,10 @@ class SessionManager(Service):
         sid = body["session_id"]
         if not SESSION_ID.match(sid):
             raise SessionError("bad_request", f"invalid session_id {sid!r}")
+        if self.stopping:
+            # a session started now could outlive the runner's fence
+            raise SessionError("unavailable", "the runner is stopping: it starts no more "
+                               "sessions")
         if sid in self.sessions:
             s = self.sessions[sid]
             return {"session_id": sid, "state": s.state, "node": self.node_id}

@@ -85,6 +85,10 @@ class SpecError(ValueError):
     """A ``runner.start`` body the runner refuses (message says why)."""
 
 
+class ShuttingDown(Exception):
+    """The runner is stopping: it starts no more processes."""
+
+
 class UnknownInstance(KeyError):
     """No instance with that id on this runner."""
 
@@ -540,6 +544,8 @@ class Supervisor:
         else:
             index = 1
         spec = InstanceSpec.from_message(body, self.settings, index)
+        if self.shutting_down:
+            raise ShuttingDown("the runner is stopping: it starts no more instances")
         old = self.instances.get(spec.instance_id)
         if old is not None:
             if old.state not in (State.STOPPED, State.FAILED):

@@ -213,3 +213,61 @@ class AdvertiseTests(SynchronousTestCase):
         self.assertEqual(control_advertise("tcp://*:7731", "::1"), "tcp://[::1]:7731")
         self.assertEqual(control_advertise("tcp://127.0.0.1:7731", "x"), "tcp://127.0.0.1:7731")
         self.assertEqual(control_advertise("tcp://0.0.0.0:1", "x", "tcp://y:2"), "tcp://y:2")
+
+
+class StopOrderTests(SynchronousTestCase):
+    def test_fence_goes_last_after_every_app_process(self) -> None:
+        """On a clean stop the runner SIGTERMs its instances, then stops its children
+        one at a time in reverse start order; the network fence (attached as the
+        first child) removes its table only after the instances exited AND the
+        ``epio run`` sessions' stop finished (their processes gone) -- never while an
+        app-UID process may still run; a start request meanwhile is refused."""
+        from twisted.application.service import Service
+        from twisted.internet import task
+
+        from epio.config import validate
+        from epio.runner.fence import attach_fence
+
+        from .test_fence import FakeNft, FakeNode
+
+        svc, reactor, _, _, _ = make(Path(self.mktemp()))
+        nft = FakeNft()
+        events: list[str] = []
+        sessions_gone: defer.Deferred[None] = defer.Deferred()
+
+        class Sessions(Service):
+            """Stands for the session manager: stopping waits for its processes."""
+
+            def stopService(self) -> defer.Deferred[None]:
+                super().stopService()
+                events.append("sessions stopping")
+                return sessions_gone.addCallback(lambda _: events.append("sessions gone"))
+
+        Sessions().setServiceParent(svc)
+        node = FakeNode(validate({"build": {"user": "no-such-epio-user"}}), ("runner",),
+                        task.Clock())
+        fence = attach_fence(svc, node, nft_binary="/usr/sbin/nft", euid=0, nft=nft,
+                             in_thread=lambda f, *a: defer.maybeDeferred(f, *a))
+        self.assertIs(list(svc)[0], fence)
+        svc.startService()
+        self.addCleanup(svc.supervisor.cancel_timers)
+        self.successResultOf(defer.Deferred.fromCoroutine(svc.handle(Env("runner.start",
+                                                                         body()))))
+        reactor.advance(0.1)
+        proc = reactor.spawned[-1]
+        stopped = svc.stopService()
+        self.assertNoResult(stopped)
+        self.assertEqual((events, nft.deleted), ([], []))  # the instance still runs
+        refused = self.failureResultOf(defer.Deferred.fromCoroutine(
+            svc.handle(Env("runner.start", body(instance_id="i2")))), RemoteError)
+        self.assertEqual(refused.value.code, "unavailable")
+        proc.exit(0)
+        self.assertEqual((events, nft.deleted), (["sessions stopping"], []))
+        reactor.advance(30)  # however long the sessions take
+        self.assertEqual(nft.deleted, [])
+        self.assertTrue(fence.running)
+        sessions_gone.callback(None)
+        self.assertEqual(events, ["sessions stopping", "sessions gone"])
+        self.assertEqual(nft.deleted, [fence.plan.table])
+        self.assertIsNone(self.successResultOf(stopped))
+        self.assertFalse(fence.running)
