@@ -33,7 +33,6 @@ from epio.runner.health import NetworkProbe
 from epio.runner.images import FetchingImages, ImageServer
 from epio.runner.ports import NoFreePort, PortAllocator, bindable
 from epio.runner.sandbox import Isolation, detect_isolation
-from epio.services import OrderedMultiService
 from epio.runner.supervisor import (
     ShuttingDown,
     SpecError,
@@ -41,6 +40,7 @@ from epio.runner.supervisor import (
     Supervisor,
     UnknownInstance,
 )
+from epio.services import OrderedMultiService
 
 HEARTBEAT_TOPIC = b"hb"
 
