@@ -8,7 +8,9 @@ its collaborators and admins; to anyone else it does not exist (404).
 
 from __future__ import annotations
 
+import ipaddress
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +18,11 @@ from twisted.logger import Logger
 
 from epio.api import errors
 from epio.api.settings import ApiSettings
+from epio.api.spec import HOSTNAME_RULE
 from epio.api.state import DEFAULT_SIZE, SIZES, current_release, failed_releases
-from epio.store import App, Conflict, Deploy, Domain, Release, Store, User
+from epio.store import App, Conflict, Deploy, Domain, InvalidName, Release, Store, User
 from epio.store import NotFound as StoreNotFound
+from epio.store import normalise_hostname
 
 ADMIN_NAME = "admin"
 ADMIN_TOKEN_FILE = "admin-token"
@@ -323,16 +327,22 @@ class Platform:
             serialize.domain(d) for d in await self.store.list_domains(app.name)]
 
     async def add_domain(self, user: User, app: App, hostname: str) -> Domain:
-        host = hostname.lower().rstrip(".")
-        bare = host[2:] if host.startswith("*.") else host
-        platform = self.settings.domain.lower()
-        if bare == platform or bare.endswith("." + platform):
-            raise errors.Conflict(
-                f"hostnames under the platform domain {platform} are reserved for apps")
-        if host.startswith("*.") and platform.endswith("." + bare):
-            # *.example.com above apps.example.com would catch every unclaimed app name
-            raise errors.Conflict(
-                f"{host} would cover the platform domain {platform}, which is reserved for apps")
+        """Route ``hostname`` to ``app`` unless :func:`hostname_refused` says no; every
+        refusal has the same code and message as a malformed name (``HOSTNAME_RULE``),
+        so it does not tell whether, or by whom, a name is claimed."""
+        try:
+            host, _ = normalise_hostname(hostname)
+        except InvalidName:
+            raise refuse_hostname() from None
+        if host == self.builtin_hostname(app):
+            raise errors.Conflict(f"{host} is already the app's built-in hostname")
+        apps = {a.name: a.owner_id for a in await self.store.list_apps(None)}
+        others = [d.hostname for d in await self.store.list_domains(None)
+                  if apps.get(d.app) != app.owner_id]
+        if hostname_refused(host, app.name, self.settings.domain, others):
+            self.log.info("{user} was refused the hostname {host} for {app}",
+                          user=user.name, host=host, app=app.name)
+            raise refuse_hostname()
         return await self.store.add_domain(app.name, host)
 
     async def remove_domain(self, user: User, app: App, hostname: str) -> None:
@@ -380,6 +390,58 @@ class Platform:
     def _wake(self) -> None:
         if self.scheduler is not None:
             self.scheduler.wake()
+
+
+# --- hostnames -----------------------------------------------------------------------
+
+def refuse_hostname() -> errors.ValidationFailed:
+    """The one answer for every hostname that cannot be added (malformed or refused)."""
+    return errors.ValidationFailed(f"body.hostname {HOSTNAME_RULE}")
+
+
+def _root(host: str) -> str:
+    """The name a claim covers with everything under it: ``x`` for ``x`` and ``*.x``."""
+    return host[2:] if host.startswith("*.") else host
+
+
+def _within(name: str, root: str) -> bool:
+    return name == root or name.endswith("." + root)
+
+
+def hostname_refused(host: str, app: str, platform: str, others: Iterable[str]) -> bool:
+    """Whether app ``app`` may not claim the normalised ``host``.
+
+    Refused: IP literals (IPv4 dotted or all-numeric last label, anything with a
+    colon), single-label names, ``localhost`` and names under it (RFC 6761); the
+    platform domain, names under it other than under the app's own ``app.platform``,
+    and wildcards above it; and names that overlap a claim of another account
+    (``others``): equal to it, under it, or covering it.  A claim covers its root and
+    everything under it (``x`` and ``*.x`` both cover ``x`` and ``*.x``'s names), so
+    ``example.com`` of one account keeps ``www.example.com`` and ``*.example.com``
+    from everyone else, and ``*.shop.example`` keeps ``a.shop.example`` and
+    ``shop.example``; siblings (``a.example.com`` and ``b.example.com``) do not
+    overlap.
+    """
+    root = _root(host)
+    labels = root.split(".")
+    if ":" in host or len(labels) < 2 or labels[-1].isdigit():
+        return True
+    try:
+        ipaddress.ip_address(root)
+        return True
+    except ValueError:
+        pass
+    platform = platform.lower().rstrip(".")
+    if not host.endswith(f".{app}.{platform}"):  # the app's own subtree is its own
+        if _within(root, "localhost") or _within(root, platform):
+            return True
+        if _within(platform, root) and host.startswith("*."):
+            return True
+    for other in others:
+        theirs = _root(other)
+        if _within(root, theirs) or _within(theirs, root):
+            return True
+    return False
 
 
 def _release(r: Release, current: Release | None, failed: set[int]) -> dict[str, Any]:

@@ -8,7 +8,10 @@ list), ``enum``, ``const``, ``properties``, ``required``,
 ``minItems``, ``maxItems``, ``minProperties``, ``maxProperties``, ``minLength``, ``maxLength``, ``pattern``,
 ``minimum``, ``maximum``, ``anyOf``, ``oneOf`` and local ``$ref``
 (``#/components/schemas/NAME``).  Unknown keywords (``description``,
-``format``, ``example``...) are annotations and ignored.
+``format``, ``example``...) are annotations and ignored, except the extension
+``x-error``: when a value does not match a schema that has it, the error's
+message is that text (one answer for every way a value can be wrong, e.g. a
+hostname that must not reveal why it was refused).
 """
 
 from __future__ import annotations
@@ -54,6 +57,17 @@ def validate(instance: Any, schema: Mapping[str, Any], root: Mapping[str, Any] |
     """Raise :class:`SchemaError` at the first mismatch of ``instance``."""
     root = root if root is not None else schema
     schema = _resolve(schema, root)
+    if "x-error" in schema:
+        try:
+            _validate(instance, schema, root, path)
+        except SchemaError:
+            raise SchemaError(path, schema["x-error"]) from None
+        return
+    _validate(instance, schema, root, path)
+
+
+def _validate(instance: Any, schema: Mapping[str, Any], root: Mapping[str, Any],
+              path: str) -> None:
     kind = schema.get("type")
     if kind is not None:
         kinds = kind if isinstance(kind, list) else [kind]

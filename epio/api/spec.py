@@ -21,6 +21,12 @@ APP_NAME = r"^[a-z][a-z0-9-]{0,29}$"
 CONFIG_KEY = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
 PROCESS_TYPE = r"^[a-z][a-z0-9_-]{0,29}$"
 HOSTNAME = r"^(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+# the one message of every hostname the API will not add, malformed or refused
+# (epio.api.domain.hostname_refused): it must not tell whether another account has it
+HOSTNAME_RULE = (
+    "must be a DNS name of two or more labels (or *. and such a name) that is not an IP "
+    "address, not localhost, not under the platform domain (except under the app's own "
+    "name) and not equal to, under or above a name another account has claimed")
 
 NUM = {"type": "number"}
 STR = {"type": "string"}
@@ -120,7 +126,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "since": NUM, "restarts": INT,
     }),
     "Domain": obj({"hostname": STR, "wildcard": BOOL, "created": NUM, "builtin": BOOL}),
-    "NewDomain": obj({"hostname": {"type": "string", "maxLength": 253, "pattern": HOSTNAME}}),
+    "NewDomain": obj({"hostname": {"type": "string", "maxLength": 253, "pattern": HOSTNAME,
+                                   "x-error": HOSTNAME_RULE}}),
     "Node": obj({"id": STR, "roles": array(STR), "control": NULLABLE_STR, "boot_id": NULLABLE_STR,
                  "last_seen": NUM, "alive": BOOL, "status": {"type": "object"}}),
     "Status": obj({"status": STR, "version": STR}),

@@ -402,8 +402,9 @@ class Api:
         return await self.platform.describe_domains(app)
 
     @operation("POST", "/apps/{app}/domains", "addDomain",
-               "Route a custom hostname or a wildcard (*.example.com) to the app; "
-               "a hostname belongs to one app (409 otherwise)", request=ref("NewDomain"),
+               "Route a custom hostname or a wildcard (*.example.com) to the app; a name "
+               "that is malformed, an IP, localhost, the platform's or another account's "
+               "claim is refused with one answer (400)", request=ref("NewDomain"),
                response=ref("Domain"), status=201, tag="domains")
     async def add_domain(self, request: Any, user: Any, app: Any,
                          body: dict[str, Any]) -> Any:

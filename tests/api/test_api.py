@@ -160,7 +160,9 @@ class AppTests(ApiTestCase):
         self.assertEqual(status, 400)
 
     async def test_domains(self) -> None:
-        """Custom and wildcard domains are added; a hostname of another app is 409."""
+        """Custom and wildcard domains are added; another account's hostname and the
+        platform's names are refused with the answer of a malformed name (400
+        validation_failed, one message); the app's built-in name is 409."""
         await self.call("POST", "apps", token=self.h.alice_token, body={"name": "one"})
         await self.call("POST", "apps", token=self.h.bob_token, body={"name": "two"})
         status, d, _ = await self.call("POST", "apps/one/domains", token=self.h.alice_token,
@@ -169,12 +171,16 @@ class AppTests(ApiTestCase):
         status, d, _ = await self.call("POST", "apps/one/domains", token=self.h.alice_token,
                                        body={"hostname": "*.example.org"})
         self.assertEqual((status, d["wildcard"]), (201, True))
-        status, body, _ = await self.call("POST", "apps/two/domains", token=self.h.bob_token,
-                                          body={"hostname": "www.example.com"})
-        self.assertEqual((status, body["error"]["code"]), (409, "conflict"))
-        status, body, _ = await self.call("POST", "apps/two/domains", token=self.h.bob_token,
+        _, malformed, _ = await self.call("POST", "apps/two/domains", token=self.h.bob_token,
+                                          body={"hostname": "bad_name.example"})
+        self.assertEqual(malformed["error"]["code"], "validation_failed")
+        for host in ["www.example.com", "one.localhost", "a.example.org", "example.org"]:
+            status, body, _ = await self.call("POST", "apps/two/domains",
+                                              token=self.h.bob_token, body={"hostname": host})
+            self.assertEqual((status, body), (400, malformed), host)
+        status, body, _ = await self.call("POST", "apps/one/domains", token=self.h.alice_token,
                                           body={"hostname": "one.localhost"})
-        self.assertEqual(status, 409)
+        self.assertEqual((status, body["error"]["code"]), (409, "conflict"))
         _, domains, _ = await self.call("GET", "apps/one/domains", token=self.h.alice_token)
         self.assertEqual([x["hostname"] for x in domains],
                          ["one.localhost", "*.example.org", "www.example.com"])
@@ -204,16 +210,19 @@ class PlatformDomainTests(TestCase):
         return ensureDeferred(self.h.start())
 
     async def test_wildcard_cannot_cover_the_platform_domain(self) -> None:
-        """*.example.com above apps.example.com would catch every unclaimed app name: 409;
-        names under the platform domain are refused too; elsewhere wildcards work."""
+        """*.example.com above apps.example.com would catch every unclaimed app name;
+        it, the platform domain and names under it (but under the app's own name) are
+        refused with the malformed-name answer; elsewhere wildcards work."""
         await self.h.call("POST", "apps", token=self.h.alice_token, body={"name": "one"})
-        for host in ["*.example.com", "*.com", "x.apps.example.com", "*.apps.example.com"]:
+        for host in ["*.example.com", "*.com", "x.apps.example.com", "*.apps.example.com",
+                     "apps.example.com", "two.apps.example.com", "www.two.apps.example.com"]:
             status, body, _ = await self.h.call("POST", "apps/one/domains",
                                                 token=self.h.alice_token, body={"hostname": host})
-            self.assertEqual((status, body["error"]["code"]), (409, "conflict"), host)
-        status, _, _ = await self.h.call("POST", "apps/one/domains", token=self.h.alice_token,
-                                         body={"hostname": "*.example.org"})
-        self.assertEqual(status, 201)
+            self.assertEqual((status, body["error"]["code"]), (400, "validation_failed"), host)
+        for host in ["*.example.org", "www.one.apps.example.com", "*.one.apps.example.com"]:
+            status, _, _ = await self.h.call("POST", "apps/one/domains",
+                                             token=self.h.alice_token, body={"hostname": host})
+            self.assertEqual(status, 201, host)
 
 
 class ErrorLayerTests(ApiTestCase):
