@@ -20,9 +20,18 @@ from epio.api import errors
 from epio.api.settings import ApiSettings
 from epio.api.spec import HOSTNAME_RULE
 from epio.api.state import DEFAULT_SIZE, SIZES, current_release, failed_releases
-from epio.store import App, Conflict, Deploy, Domain, InvalidName, Release, Store, User
+from epio.store import (
+    App,
+    Conflict,
+    Deploy,
+    Domain,
+    InvalidName,
+    Release,
+    Store,
+    User,
+    normalise_hostname,
+)
 from epio.store import NotFound as StoreNotFound
-from epio.store import normalise_hostname
 
 ADMIN_NAME = "admin"
 ADMIN_TOKEN_FILE = "admin-token"
