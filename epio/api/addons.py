@@ -42,6 +42,7 @@ from epio.addons.services import (
     redis_start_body,
 )
 from epio.api import errors
+from epio.api.jsonschema import SchemaError, validate
 from epio.api.spec import (
     BOOL,
     INT,
@@ -71,11 +72,21 @@ SCHEMAS.update({
         "database": NULLABLE_STR, "node": NULLABLE_STR, "memory_mb": NULLABLE_INT,
         "created": NUM,
     }),
-    "NewAddon": obj({
-        "kind": {"type": "string", "enum": list(KINDS)},
-        "plan": {"type": "string", "enum": ["shared", "dedicated"]},
-        "memory_mb": {"type": "integer", "minimum": 1, "maximum": 65536},
-    }, required=["kind"]),
+    # what the server accepts, and nothing else: postgres shared or dedicated; redis
+    # dedicated, with its memory (Addons.create validates with this very schema)
+    "NewAddon": {
+        "oneOf": [
+            obj({"kind": {"const": "postgres"},
+                 "plan": {"type": "string", "enum": ["shared", "dedicated"]}},
+                required=["kind"]),
+            obj({"kind": {"const": "redis"}, "plan": {"const": "dedicated"},
+                 "memory_mb": {"type": "integer", "minimum": 1, "maximum": 65536}},
+                required=["kind"]),
+        ],
+        "x-error": "must be {kind: postgres, plan: shared or dedicated} or {kind: redis, "
+                   "plan: dedicated, memory_mb: 1-65536} (memory_mb applies to redis add-ons "
+                   "only)",
+    },
     "AddonDeleted": obj({"deleted": STR, "final_backup": {"oneOf": [ref("Backup"),
                                                                     {"type": "null"}]}}),
     "Backup": obj({
@@ -185,10 +196,13 @@ class Addons:
         if await find_addon(self.store, app.name, kind) is not None:
             raise errors.Conflict(f"{app.name} already has a {kind} add-on")
         plan = plan or ("shared" if kind == "postgres" else "dedicated")
-        if kind == "redis" and plan != "dedicated":
-            raise errors.ValidationFailed("redis add-ons are dedicated (one server per app)")
-        if memory_mb is not None and kind != "redis":
-            raise errors.ValidationFailed("memory_mb applies to redis add-ons only")
+        wanted: dict[str, Any] = {"kind": kind, "plan": plan}
+        if memory_mb is not None:
+            wanted["memory_mb"] = memory_mb
+        try:  # the rule of the API's NewAddon schema, for every caller
+            validate(wanted, SCHEMAS["NewAddon"], {"components": {"schemas": SCHEMAS}})
+        except SchemaError as e:
+            raise errors.ValidationFailed(f"add-on {e.message}") from None
         image = None
         if plan == "dedicated":
             image = await self._current_image(app)
@@ -867,9 +881,8 @@ async def restore_backup_route(self: Api, request: Any, user: Any, app: Any, bac
 
 @operation("GET", "/apps/{app}/backups/{backup_id}/download", "downloadBackup",
            "The backup file (pg_dump custom format or Redis RDB), streamed; X-Backup-Sha256 "
-           "and X-Backup-Status headers", response={"type": "string",
-                                                   "contentMediaType": "application/octet-stream"},
-           tag="backups", raw=True)
+           "and X-Backup-Status headers", response={"type": "string", "format": "binary"},
+           response_type="application/octet-stream", tag="backups", raw=True)
 async def download_backup_route(self: Api, request: Any, user: Any, app: Any,
                                 backup_id: str) -> Any:
     started = False

@@ -67,6 +67,8 @@ class NotFound(ApiError):
 
 
 class MethodNotAllowed(ApiError):
+    """405; ``headers`` carries ``Allow`` (RFC 9110: a 405 lists the allowed methods)."""
+
     code = "method_not_allowed"
     status = 405
 

@@ -5,17 +5,20 @@ description of every body; the API validates request bodies with it and the
 tests validate responses with it.  Supported keywords: ``type`` (a name or a
 list), ``enum``, ``const``, ``properties``, ``required``,
 ``additionalProperties`` (bool or schema), ``patternProperties``, ``items``,
-``minItems``, ``maxItems``, ``minProperties``, ``maxProperties``, ``minLength``, ``maxLength``, ``pattern``,
+``minItems``, ``maxItems``, ``contains``, ``minProperties``, ``maxProperties``, ``minLength``, ``maxLength``, ``pattern``,
 ``minimum``, ``maximum``, ``anyOf``, ``oneOf`` and local ``$ref``
 (``#/components/schemas/NAME``).  Unknown keywords (``description``,
 ``format``, ``example``...) are annotations and ignored, except the extension
 ``x-error``: when a value does not match a schema that has it, the error's
 message is that text (one answer for every way a value can be wrong, e.g. a
-hostname that must not reveal why it was refused).
+hostname that must not reveal why it was refused).  ``pattern`` follows
+ECMA-262 as JSON Schema says: ``$`` matches only at the very end (Python's
+``$`` would also match before a final newline, letting ``"name\n"`` through).
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -29,6 +32,26 @@ _TYPES: dict[str, Any] = {
     "boolean": lambda v: isinstance(v, bool),
     "null": lambda v: v is None,
 }
+
+
+@functools.lru_cache(maxsize=256)
+def _compile(pattern: str) -> re.Pattern[str]:
+    """``pattern`` with each ``$`` outside a character class made ECMA's end of input."""
+    out: list[str] = []
+    i, in_class = 0, False
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\":
+            out.append(pattern[i:i + 2])
+            i += 2
+            continue
+        if c == "[" and not in_class:
+            in_class = True
+        elif c == "]" and in_class:
+            in_class = False
+        out.append(r"\Z" if c == "$" and not in_class else c)
+        i += 1
+    return re.compile("".join(out))
 
 
 class SchemaError(ValueError):
@@ -93,7 +116,7 @@ def _validate(instance: Any, schema: Mapping[str, Any], root: Mapping[str, Any],
             raise SchemaError(path, f"must be at least {schema['minLength']} characters")
         if "maxLength" in schema and len(instance) > schema["maxLength"]:
             raise SchemaError(path, f"must be at most {schema['maxLength']} characters")
-        if "pattern" in schema and not re.search(schema["pattern"], instance):
+        if "pattern" in schema and not _compile(schema["pattern"]).search(instance):
             raise SchemaError(path, f"must match {schema['pattern']}")
     if _TYPES["number"](instance):
         if "minimum" in schema and instance < schema["minimum"]:
@@ -108,6 +131,15 @@ def _validate(instance: Any, schema: Mapping[str, Any], root: Mapping[str, Any],
         if "items" in schema:
             for i, item in enumerate(instance):
                 validate(item, schema["items"], root, f"{path}[{i}]")
+        if "contains" in schema:
+            for item in instance:
+                try:
+                    validate(item, schema["contains"], root, path)
+                except SchemaError:
+                    continue
+                break
+            else:
+                raise SchemaError(path, "has no item that matches what it must contain")
     if isinstance(instance, dict):
         if "minProperties" in schema and len(instance) < schema["minProperties"]:
             raise SchemaError(path, f"must have at least {schema['minProperties']} fields")
@@ -126,7 +158,7 @@ def _validate(instance: Any, schema: Mapping[str, Any], root: Mapping[str, Any],
                 continue
             matched = False
             for pattern, sub in patterns.items():
-                if re.search(pattern, name):
+                if _compile(pattern).search(name):
                     matched = True
                     validate(value, sub, root, where)
             if matched:

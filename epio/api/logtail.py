@@ -54,6 +54,7 @@ from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from zope.interface import implementer
 
+from epio.api.spec import METRIC_NAME, SOURCE_NAME
 from epio.bus.errors import RemoteError
 from epio.logclient import BadFilter, Line, LineFilter, LogClient, LogsUnavailable
 
@@ -104,7 +105,7 @@ def parse_params(args: dict[bytes, list[bytes]], now: float, default_n: int,
             raise BadFilter(f"n must be between 0 and {max_n}")
     sources = frozenset(s.strip() for v in _arg(args, "source") for s in v.split(",") if s.strip())
     for s in sources:
-        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$", s):
+        if not re.fullmatch(SOURCE_NAME, s):
             raise BadFilter(f"invalid source {s!r}")
     greps = _arg(args, "grep")
     grep = greps[-1] if greps and greps[-1] != "" else None
@@ -339,7 +340,7 @@ class LogTail:
         try:
             metrics = _arg(args, "metric")
             metric = metrics[-1] if metrics and metrics[-1] else None
-            if metric is not None and not re.match(r"^[A-Za-z0-9_.:-]{1,100}$", metric):
+            if metric is not None and not re.fullmatch(METRIC_NAME, metric):
                 raise BadFilter("invalid metric name")
             since = parse_time(_arg(args, "since")[-1], now, "since") if _arg(args, "since") else None
             until = parse_time(_arg(args, "until")[-1], now, "until") if _arg(args, "until") else None

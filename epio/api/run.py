@@ -48,9 +48,11 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from epio.api import errors
+from epio.api.jsonschema import SchemaError, validate
 from epio.api.spec import (
     BOOL,
     INT,
+    NO_NUL,
     NULLABLE_INT,
     NULLABLE_NUM,
     NULLABLE_STR,
@@ -76,11 +78,14 @@ SCHEMAS["RunSession"] = obj({
     "exit_signal": NULLABLE_STR, "reason": NULLABLE_STR,
     "attached": {"type": ["boolean", "null"]},
 }, required=["id", "app", "number", "command", "kind", "state", "started"])
-SCHEMAS["NewRun"] = obj({
-    "command": {"type": "array", "items": {"type": "string", "maxLength": 16384},
-                "minItems": 1, "maxItems": MAX_ARGS},
-    "detach": BOOL,
-}, required=["command"])
+# argv: 1-MAX_ARGS non-empty strings without NUL, at least one not blank; the one rule
+# for POST /runs and the websocket's first message (check_command)
+COMMAND = {"type": "array", "minItems": 1, "maxItems": MAX_ARGS,
+           "items": {"type": "string", "minLength": 1, "maxLength": 16384, "pattern": NO_NUL},
+           "contains": {"type": "string", "pattern": "\\S"},
+           "x-error": f"must be a list of 1-{MAX_ARGS} non-empty strings (argv) without NUL, "
+                      "not all blank"}
+SCHEMAS["NewRun"] = obj({"command": COMMAND, "detach": BOOL}, required=["command"])
 
 
 @frozen
@@ -119,10 +124,10 @@ def _command_text(argv: list[str]) -> str:
 
 
 def check_command(command: Any) -> list[str]:
-    if (not isinstance(command, list) or not command or len(command) > MAX_ARGS
-            or not all(isinstance(a, str) and "\0" not in a for a in command)
-            or not "".join(command).strip()):
-        raise errors.ValidationFailed("command must be a non-empty list of strings (argv)")
+    try:
+        validate(command, COMMAND, path="command")
+    except SchemaError as e:
+        raise errors.ValidationFailed(f"{e.path} {e.message}") from None
     if len(_command_text(command)) > 16384:
         raise errors.ValidationFailed("the command is longer than 16 KiB")
     return list(command)

@@ -14,12 +14,24 @@ from typing import Any
 from attrs import field, frozen
 
 from epio import __version__
+from epio.store import store as _store
 
 PREFIX = "/api/v1"
 
-APP_NAME = r"^[a-z][a-z0-9-]{0,29}$"
-CONFIG_KEY = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
-PROCESS_TYPE = r"^[a-z][a-z0-9_-]{0,29}$"
+# One source for each rule: the store's own patterns (it refuses anything else), so the
+# document is never looser nor stricter than the server (docs/api.md, "One source").
+APP_NAME = _store.APP_NAME.pattern
+USER_NAME = _store.USER_NAME.pattern
+CONFIG_KEY = _store.CONFIG_KEY.pattern
+PROCESS_TYPE = _store.PROCESS_TYPE.pattern
+EMAIL = {"type": ["string", "null"], "pattern": _store.EMAIL.pattern,
+         "maxLength": _store.MAX_EMAIL}
+NO_NUL = "^[^\\x00]*$"
+# log sources (web.1, run.3, router) and stats metric names or prefixes, as the logs
+# part reads them (epio.api.logtail)
+SOURCE_NAME = r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}"
+SOURCE_LIST = rf"^\s*(?:{SOURCE_NAME})?\s*(?:,\s*(?:{SOURCE_NAME})?\s*)*$"
+METRIC_NAME = r"^[A-Za-z0-9_.:-]{1,100}$"
 HOSTNAME = r"^(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 # the one message of every hostname the API will not add, malformed or refused
 # (epio.api.domain.hostname_refused): it must not tell whether another account has it
@@ -60,8 +72,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "User": obj({"id": STR, "name": STR, "email": NULLABLE_STR, "is_admin": BOOL,
                  "created": NUM}),
     "NewUser": obj({
-        "name": {"type": "string", "pattern": r"^[a-z][a-z0-9_.-]{0,62}$"},
-        "email": NULLABLE_STR,
+        "name": {"type": "string", "pattern": USER_NAME},
+        "email": EMAIL,
         "is_admin": BOOL,
     }, required=["name"]),
     "UserWithToken": obj({"user": ref("User"), "token": STR}),
@@ -103,7 +115,9 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "type": "object",
         "description": "KEY: value sets a variable, KEY: null unsets it",
         "minProperties": 1,
-        "patternProperties": {CONFIG_KEY: {"type": ["string", "null"], "maxLength": 32768}},
+        "patternProperties": {CONFIG_KEY: {"type": ["string", "null"],
+                                           "maxLength": _store.MAX_CONFIG_VALUE,
+                                           "pattern": NO_NUL}},
         "additionalProperties": False,
     },
     "ProcessFormation": obj({"type": STR, "quantity": INT, "size": STR, "command": NULLABLE_STR,
@@ -161,6 +175,7 @@ class Operation:
     query: dict[str, dict[str, Any]] = field(factory=dict)
     tag: str = "platform"
     raw: bool = False  # the handler writes its own response (websocket upgrade, ...)
+    response_type: str = "application/json"
 
     @property
     def app_scoped(self) -> bool:
@@ -180,13 +195,15 @@ ERROR_RESPONSES = {
     "401": "no valid token (unauthorized)",
     "403": "not allowed for this user (forbidden)",
     "404": "not found, or not yours (not_found)",
-    "405": "method not allowed (method_not_allowed)",
+    "405": "method not allowed (method_not_allowed); the Allow header lists the methods",
     "409": "conflict with existing state (conflict, last_admin_token)",
     "413": "body too large (payload_too_large)",
     "415": "wrong content type (unsupported_media_type)",
+    "422": "the upload did not build (build_failed)",
     "429": "a per-user limit; Retry-After says when to try again (rate_limited, "
            "app_quota_exceeded)",
     "500": "internal error (internal_error); logged, no details",
+    "502": "a log server failed to answer (logs_error, stats_error)",
     "503": "a dependency is unavailable (unavailable, store_unavailable, "
            "app_uids_exhausted)",
 }
@@ -206,7 +223,7 @@ def openapi_document() -> dict[str, Any]:
         responses: dict[str, Any] = {
             str(op.status): {
                 "description": op.summary,
-                **({"content": {"application/json": {"schema": op.response}}}
+                **({"content": {op.response_type: {"schema": op.response}}}
                    if op.response is not None else {}),
             }
         }

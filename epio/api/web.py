@@ -24,7 +24,17 @@ from werkzeug.exceptions import NotFound as WzNotFound
 
 from epio.api import errors, serialize
 from epio.api.jsonschema import SchemaError, validate
-from epio.api.spec import OPERATIONS, PREFIX, SCHEMAS, Operation, array, openapi_document, ref
+from epio.api.spec import (
+    METRIC_NAME,
+    OPERATIONS,
+    PREFIX,
+    SCHEMAS,
+    SOURCE_LIST,
+    Operation,
+    array,
+    openapi_document,
+    ref,
+)
 
 JSON = "application/json"
 TARBALL_TYPES = ("application/gzip", "application/x-gzip", "application/x-tar",
@@ -42,10 +52,11 @@ def operation(method: str, path: str, operation_id: str, summary: str, *,
               response: dict[str, Any] | None, status: int = 200,
               request: dict[str, Any] | None = None, request_type: str = JSON,
               auth: bool = True, query: dict[str, dict[str, Any]] | None = None,
-              tag: str = "platform", raw: bool = False) -> Callable[[Handler], Any]:
+              tag: str = "platform", raw: bool = False,
+              response_type: str = JSON) -> Callable[[Handler], Any]:
     """Declare one endpoint: record it for OpenAPI and route it through _dispatch."""
     op = Operation(method, path, operation_id, summary, response, status, request,
-                   request_type, auth, query or {}, tag, raw)
+                   request_type, auth, query or {}, tag, raw, response_type)
     OPERATIONS.append(op)
     klein_path = PREFIX + re.sub(r"\{(\w+)\}", r"<\1>", path)
 
@@ -152,7 +163,7 @@ class Api:
             raise errors.UnsupportedMediaType("the request body must be application/json")
         raw = self._read_limited(request, self.max_json_bytes)
         try:
-            body = json.loads(raw.decode("utf-8"))
+            body = json.loads(raw.decode("utf-8"), parse_float=_json_number)
         except (UnicodeDecodeError, ValueError) as e:
             raise errors.InvalidJson(f"the request body is not valid JSON ({_short(e)})") from None
         assert op.request is not None
@@ -178,7 +189,10 @@ class Api:
         if isinstance(exc, WzNotFound):
             api_error = errors.NotFound("no such endpoint")
         elif isinstance(exc, WzMethodNotAllowed):
-            api_error = errors.MethodNotAllowed("method not allowed on this endpoint")
+            allowed = ", ".join(sorted(set(exc.valid_methods or ())))
+            api_error = errors.MethodNotAllowed(
+                "method not allowed on this endpoint" + (f"; use {allowed}" if allowed else ""),
+                headers={"Allow": allowed} if allowed else None)
         elif isinstance(exc, HTTPException):
             api_error = errors.ApiError(exc.description or exc.name, code="http_error",
                                         status=exc.code or 400)
@@ -422,7 +436,8 @@ class Api:
     @operation("GET", "/apps/{app}/logs", "getLogs",
                "Recent log lines (filters: n, source, grep, since, until); with "
                "`Upgrade: websocket`, a live tail", response=ref("LogLines"), tag="logs",
-               query={"n": {"type": "integer", "minimum": 0}, "source": STR_SCHEMA,
+               query={"n": {"type": "integer", "minimum": 0},
+                      "source": {"type": "string", "pattern": SOURCE_LIST},
                       "grep": STR_SCHEMA, "since": STR_SCHEMA, "until": STR_SCHEMA}, raw=True)
     async def logs(self, request: Any, user: Any, app: Any) -> Any:
         if self.log_tail is None:
@@ -433,7 +448,8 @@ class Api:
     @operation("GET", "/apps/{app}/stats", "getStats",
                "The app's stats series (requests by status class, latency, memory, "
                "restarts) at 10 s or 1 min resolution", response=ref("Stats"), tag="logs",
-               query={"metric": STR_SCHEMA, "since": STR_SCHEMA, "until": STR_SCHEMA,
+               query={"metric": {"type": "string", "pattern": METRIC_NAME},
+                      "since": STR_SCHEMA, "until": STR_SCHEMA,
                       "resolution": {"type": "integer", "enum": [10, 60]}}, raw=True)
     async def stats(self, request: Any, user: Any, app: Any) -> Any:
         if self.log_tail is None:
@@ -528,6 +544,16 @@ def _bearer(request: Any) -> str:
     if scheme.lower() != "bearer" or not token.strip():
         raise errors.Unauthorized("the Authorization header must be: Bearer TOKEN")
     return token.strip()
+
+
+def _json_number(text: str) -> int | float:
+    """A JSON number with a fraction or exponent: an int when its value is integral
+    (JSON Schema counts 1.0 as an integer, so ``{"version": 1.0}`` is a valid
+    integer field), a float otherwise."""
+    value = float(text)
+    if value.is_integer() and abs(value) <= 2 ** 53:
+        return int(value)
+    return value
 
 
 def _short(e: Exception) -> str:

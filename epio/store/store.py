@@ -49,10 +49,14 @@ from epio.store.records import (
 
 T = TypeVar("T")
 
+# The names the store accepts, matched whole (re.fullmatch: "$" alone would let a trailing
+# newline through).  The API's OpenAPI schemas use these very patterns (epio.api.spec).
 APP_NAME = re.compile(r"^[a-z](?:[a-z0-9-]{0,28}[a-z0-9])?$")
 USER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@+-]{0,63}$")
 CONFIG_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
 PROCESS_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,29}$")
+EMAIL = re.compile(r"^[^@]*@.*$", re.DOTALL)  # the store's only rule: an "@" ...
+MAX_EMAIL = 254  # ... and at most this many characters
 LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 IMAGE_DIGEST = re.compile(r"^(?:sha256:)?[0-9a-f]{64}$")
 
@@ -106,7 +110,7 @@ def hash_token(token: str) -> str:
 
 def validate_app_name(name: Any) -> str:
     """Return ``name`` if it is a valid app name (DNS label, 1-30 chars), else raise."""
-    if not isinstance(name, str) or not APP_NAME.match(name):
+    if not isinstance(name, str) or not APP_NAME.fullmatch(name):
         raise InvalidName(
             f"invalid app name {name!r}: use 1-30 lowercase letters, digits and '-', "
             "starting with a letter and not ending with '-'"
@@ -124,14 +128,14 @@ def normalise_hostname(hostname: Any) -> tuple[str, bool]:
     host = hostname.strip().lower().rstrip(".")
     wildcard = host.startswith("*.")
     labels = host[2:].split(".") if wildcard else host.split(".")
-    if (len(host) > 253 or not all(LABEL.match(label) for label in labels)
+    if (len(host) > 253 or not all(LABEL.fullmatch(label) for label in labels)
             or (wildcard and len(labels) < 2)):
         raise InvalidName(f"invalid hostname {hostname!r}")
     return host, wildcard
 
 
 def _check(pattern: re.Pattern[str], what: str, value: Any) -> str:
-    if not isinstance(value, str) or not pattern.match(value):
+    if not isinstance(value, str) or not pattern.fullmatch(value):
         raise InvalidName(f"invalid {what} {value!r}")
     return value
 
@@ -274,8 +278,8 @@ class Store:
                           is_admin: bool = False) -> User:
         """Create a user; ``Conflict`` if the name is taken, ``InvalidName`` if malformed."""
         _check(USER_NAME, "user name", name)
-        if email is not None and (not isinstance(email, str) or "@" not in email
-                                  or len(email) > 254):
+        if email is not None and (not isinstance(email, str) or not EMAIL.fullmatch(email)
+                                  or len(email) > MAX_EMAIL):
             raise InvalidValue(f"invalid email {email!r}")
         user = User(uuid.uuid4().hex, name, email, bool(is_admin), self._now())
 
@@ -1100,7 +1104,7 @@ def _validate_config(values: Mapping[str, Any], allow_none: bool = False) -> Non
 
 
 def _validate_release(image: Any, processes: Mapping[str, Any] | None) -> None:
-    if image is not None and (not isinstance(image, str) or not IMAGE_DIGEST.match(image)):
+    if image is not None and (not isinstance(image, str) or not IMAGE_DIGEST.fullmatch(image)):
         raise InvalidValue(f"invalid image digest {image!r}")
     if processes is not None:
         if not isinstance(processes, Mapping):

@@ -363,3 +363,63 @@ class AppLimitsTests(TestCase):
         self.assertTrue(0 < int(headers["retry-after"][0]) <= 90, headers)
         status, _, _ = await self.h.call("GET", "apps/a3", token=alice)
         self.assertEqual(status, 404)
+
+
+class OneSourceTests(ApiTestCase):
+    """The OpenAPI document and the server agree: a body the document refuses is 400
+    before any handler runs, one the document accepts is not refused for its form."""
+
+    async def test_names_follow_the_store(self) -> None:
+        """App and user names use the store's patterns: "ab-" (a trailing hyphen) and
+        "ab\\n" (a trailing newline, which Python's "$" alone would let through) are
+        400 validation_failed; "ab" is 201."""
+        for name in ["ab-", "ab\n", "Ab"]:
+            status, body, _ = await self.call("POST", "apps", token=self.h.alice_token,
+                                              body={"name": name})
+            self.assertEqual((status, body["error"]["code"]), (400, "validation_failed"),
+                             name)
+        status, _, _ = await self.call("POST", "apps", token=self.h.alice_token,
+                                       body={"name": "ab"})
+        self.assertEqual(status, 201)
+        status, body, _ = await self.call("POST", "users", token=self.h.admin_token,
+                                          body={"name": "carol", "email": "no-at-sign"})
+        self.assertEqual((status, body["error"]["code"]), (400, "validation_failed"))
+        self.assertIn("body.email", body["error"]["message"])
+        status, _, _ = await self.call("POST", "users", token=self.h.admin_token,
+                                       body={"name": "Carol.B", "email": "c@example.org"})
+        self.assertEqual(status, 201)
+
+    async def test_integral_numbers_are_integers(self) -> None:
+        """JSON Schema counts 1.0 as an integer: {"version": 1.0} passes validation and
+        reaches the rollback (404: the app has no release 1), while 1.5 is 400."""
+        await self.call("POST", "apps", token=self.h.alice_token, body={"name": "rb"})
+        status, body, _ = await self.call("POST", "apps/rb/rollback", token=self.h.alice_token,
+                                          raw=b'{"version": 1.0}',
+                                          content_type="application/json")
+        self.assertEqual((status, body["error"]["code"]), (404, "not_found"), body)
+        status, body, _ = await self.call("POST", "apps/rb/rollback", token=self.h.alice_token,
+                                          raw=b'{"version": 1.5}',
+                                          content_type="application/json")
+        self.assertEqual((status, body["error"]["code"]), (400, "validation_failed"))
+
+    async def test_run_commands_and_addons(self) -> None:
+        """A command of [""] or ["", " "] and memory_mb on a postgres add-on are refused
+        by the document's schemas (400 validation_failed, the schema's message)."""
+        await self.call("POST", "apps", token=self.h.alice_token, body={"name": "cmd"})
+        for command in [[""], ["", " "], ["ls", ""], []]:
+            status, body, _ = await self.call("POST", "apps/cmd/runs", token=self.h.alice_token,
+                                              body={"command": command, "detach": True})
+            self.assertEqual((status, body["error"]["code"]), (400, "validation_failed"),
+                             command)
+            self.assertIn("non-empty strings", body["error"]["message"])
+        status, body, _ = await self.call("POST", "apps/cmd/addons", token=self.h.alice_token,
+                                          body={"kind": "postgres", "memory_mb": 64})
+        self.assertEqual((status, body["error"]["code"]), (400, "validation_failed"))
+        self.assertIn("memory_mb applies to redis add-ons only", body["error"]["message"])
+
+    async def test_405_lists_the_allowed_methods(self) -> None:
+        """A method an endpoint does not serve is 405 with an Allow header naming the
+        ones it does."""
+        status, body, headers = await self.call("PUT", "apps", token=self.h.alice_token)
+        self.assertEqual((status, body["error"]["code"]), (405, "method_not_allowed"))
+        self.assertEqual(headers["allow"], ["GET, HEAD, POST"])

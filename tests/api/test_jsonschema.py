@@ -79,3 +79,15 @@ class ExtensionErrorTests(SynchronousTestCase):
                 validate({"h": bad}, schema)
             self.assertEqual((e.exception.path, e.exception.message), ("body.h", "no"))
         validate({"h": "abc"}, schema)
+
+    def test_dollar_is_the_end_and_contains(self) -> None:
+        """``$`` in a pattern matches only at the very end (JSON Schema's ECMA-262 regex:
+        "ab\\n" does not match ^ab$, "$" inside a class is a literal); ``contains``
+        requires one matching item."""
+        with self.assertRaises(SchemaError):
+            validate("ab\n", {"pattern": "^ab$"})
+        validate("ab", {"pattern": "^ab$"})
+        validate("$", {"pattern": "^[$]$"})
+        with self.assertRaises(SchemaError):
+            validate(["", " "], {"contains": {"pattern": "\\S"}})
+        validate(["", "x"], {"contains": {"pattern": "\\S"}})
