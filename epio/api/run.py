@@ -64,6 +64,7 @@ from epio.api.spec import (
 )
 from epio.api.state import DEFAULT_SIZE, SIZES, current_release
 from epio.api.web import Api, operation, query_int
+from epio.store.addons import addon_ports
 
 FIRST_MESSAGE_TIMEOUT = 30.0
 _log = Logger()
@@ -233,6 +234,7 @@ class RunSessions:
                     **release.config},
             "limits": await self._limits(app.name), "rows": rows, "cols": cols,
             "term": term, "user": user.name,
+            "addon_ports": await addon_ports(self.store, app.name),  # the fence opens them
         }
         if client is not None:
             body["client"] = client
@@ -885,7 +887,8 @@ async def release_phase(deployer: Any, app: Any, deploy: Any, runner: Any, diges
     body = {"session_id": sid, "app": app.name, "uid": app.uid, "number": rec.number,
             "command": [str(command)], "image_digest": digest, "tty": False, "detach": True,
             "env": env, "limits": limits, "user": deploy.created_by or "deploy",
-            "kind": "release", "source": "release"}
+            "kind": "release", "source": "release",
+            "addon_ports": await addon_ports(store, app.name)}
     try:
         await control.request(runner.control_endpoint, "run.start", body,
                               timeout=settings.runner_timeout)

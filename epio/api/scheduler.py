@@ -48,6 +48,7 @@ from epio.addons.services import SERVICE_PROCESS_TYPES
 from epio.api.settings import ApiSettings
 from epio.api.state import DEFAULT_SIZE, LIVE_STATES, SIZES, current_release, platform_line
 from epio.store import Instance, LeaderService, Store
+from epio.store.addons import addon_ports
 from epio.store.store import DEPLOY_FINAL
 
 LOCK_NAME = "epio.scheduler"
@@ -431,6 +432,7 @@ class Scheduler:
         meta = dict(release.meta or {})
         env = {**(meta.get("env") or {}), **await self.platform_env(app.name),
                **release.config}
+        ports: list[int] | None = None
         while True:
             view = self._place(app.name, ptype, everyone, avoid, app.uid)
             if view is None:
@@ -445,6 +447,8 @@ class Scheduler:
                                             f"of {', '.join(refusing)})")
                 return None
             self._uid_refused.discard(app.name)
+            if ports is None:  # after placing: the runners' liveness is judged first
+                ports = await addon_ports(self.store, app.name)
             iid = f"{app.name}-{ptype}-{number}-{uuid.uuid4().hex[:8]}"
             inst = Instance(iid, app.name, release.version, ptype, number, view.node_id,
                             None, None, "pending", now, 0)
@@ -457,6 +461,7 @@ class Scheduler:
                 "health_check": meta.get("health_check") if ptype == "web" else None,
                 "boot_timeout": float(meta.get("boot_timeout") or DEFAULT_BOOT_TIMEOUT),
                 "grace": self.settings.stop_grace,
+                "addon_ports": ports,  # its shared database: the runner's fence opens it
             }
             assert view.endpoint is not None
             try:

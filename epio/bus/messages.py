@@ -260,7 +260,7 @@ _(MessageType(
             "image_digest": str},
     optional={"release": int, "process_type": str, "index": int, "env": dict,
               "limits": dict, "health_check": (str, type(None)),
-              "boot_timeout": Number, "grace": Number},
+              "boot_timeout": Number, "grace": Number, "addon_ports": list},
 ))
 _(MessageType(
     "runner.started", 1, "reply",
@@ -408,7 +408,8 @@ _(MessageType(
     fields={"session_id": str, "app": str, "uid": int, "number": int, "command": list,
             "image_digest": str, "tty": bool, "detach": bool},
     optional={"release": int, "env": dict, "limits": dict, "rows": int, "cols": int,
-              "term": str, "user": str, "kind": str, "client": str, "source": str},
+              "term": str, "user": str, "kind": str, "client": str, "source": str,
+              "addon_ports": list},
 ))
 _(MessageType(
     "run.started", 1, "reply",

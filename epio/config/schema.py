@@ -463,9 +463,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
             validator=lambda v: None if all(0 < p < 65536 for p in v)
             else "ports must be 1-65535"),
         "fence_allow_ports": Key(
-            list, [], "TCP ports of this host that app processes may connect to besides the "
-            "router's, their own instances' and the add-ons' shared PostgreSQL (e.g. 53 for a "
-            "local DNS resolver over TCP, 25 for a local mail relay).", item_kind=int,
+            list, [], "TCP ports of this host that every app process may connect to besides "
+            "the router's, its own instances' and its own shared add-on database's (e.g. 53 "
+            "for a local DNS resolver over TCP, 25 for a local mail relay).", item_kind=int,
             validator=lambda v: None if all(0 < p < 65536 for p in v)
             else "ports must be 1-65535"),
         "fence_hosts": Key(

@@ -12,11 +12,13 @@ fails at once with ``ECONNREFUSED``, when it goes to
 
 * any port of a local address of the host (``fib daddr type local``:
   127.0.0.0/8, ::1 and every address of the host) -- deny by default -- except
-  the router's ports, the add-ons' shared PostgreSQL port, the ports the operator
-  allows (``runner.fence_allow_ports``), the app's own instances on this runner
-  (its web instances and its dedicated database servers, a set kept in step with
-  the supervisor) and the unused rest of the instance port range (instances of
-  other runners of this host, whose own tables decide);
+  the router's ports, the ports the operator allows (``runner.fence_allow_ports``),
+  the app's own instances on this runner (its web instances and its dedicated
+  database servers) and the port of its shared add-on database (the api names it
+  in ``runner.start``/``run.start``: ``addon_ports``) -- (UID, port) pairs kept in
+  step with the supervisor and the ``epio run`` sessions -- and the unused rest of
+  the instance port range (instances of other runners of this host, whose own
+  tables decide);
 * a control-plane port (:func:`plan_from_config`) of one of the cluster hosts
   named in the config or in ``runner.fence_hosts``.
 
@@ -173,7 +175,7 @@ class FencePlan:
     control_ports: tuple[int, ...]  # refused on the hosts below (and, like all, locally)
     hosts4: tuple[str, ...]  # other cluster hosts (addresses or networks)
     hosts6: tuple[str, ...]
-    open_ports: tuple[int, ...]  # router ports, shared add-on PostgreSQL, fence_allow_ports
+    open_ports: tuple[int, ...]  # router ports and runner.fence_allow_ports
     notes: tuple[str, ...] = ()  # what the operator should know (logged as warnings)
     instance_range: tuple[int, int] | None = None  # runner.port_min, port_max
 
@@ -201,9 +203,9 @@ def plan_from_config(config: Any, roles: Iterable[str],
     """Derive the fence from the node's config and the roles it runs.
 
     On this host every port is refused to app UIDs except the open ports: the
-    router's (lb.listen, lb.tls_listen), the add-ons' shared PostgreSQL port and
-    runner.fence_allow_ports (plus, at run time, their own instances and the
-    instance port range).  Control-plane ports -- the listeners of the roles this
+    router's (lb.listen, lb.tls_listen) and runner.fence_allow_ports (plus, at run
+    time, each app's own instances and shared add-on ports, and the instance port
+    range).  The add-ons' shared PostgreSQL port is never a control port.  Control-plane ports -- the listeners of the roles this
     node runs (api.listen, the nexus, runner, logger and backup ZeroMQ binds),
     metrics.listen, every endpoint the node connects to (cluster.nexus,
     cluster.loggers, logger.peers, backup.endpoints), the store's PostgreSQL and
@@ -286,7 +288,7 @@ def plan_from_config(config: Any, roles: Iterable[str],
                      "pg_hba.conf protect it)")
     if addon_port is not None and addon_port in ports:
         notes.append(f"port {addon_port} ({ports[addon_port]}) is the add-ons' PostgreSQL "
-                     "port that apps must reach: it stays open")
+                     "port: apps with a shared database reach it")
         del ports[addon_port]
 
     open_ports = sorted({t.port for t in (twisted_endpoint(config["lb"][k])
@@ -300,8 +302,7 @@ def plan_from_config(config: Any, roles: Iterable[str],
             notes.append(f"port {port} ({ports[port]}) is in runner.fence_allow_ports: it "
                          "stays open")
             del ports[port]
-    open_ports = sorted({*open_ports, *rc["fence_allow_ports"],
-                         *([addon_port] if addon_port is not None else [])})
+    open_ports = sorted({*open_ports, *rc["fence_allow_ports"]})
 
     index = urlsplit(config["build"]["index_url"]) if config["build"]["index_url"] else None
     try:
@@ -623,6 +624,7 @@ class NetworkFence(Service):
         self._busy: defer.Deferred[None] | None = None
         self._dirty = False
         self._check: task.LoopingCall | None = None
+        self._synced: list[defer.Deferred[None]] = []  # sync() callers
 
     def _thread(self, f: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
         if self._in_thread is not None:
@@ -654,8 +656,8 @@ class NetworkFence(Service):
         self.log.info(
             "network fence ON (nft table inet {table}): TCP connections from app UIDs "
             "{uid_min}-{uid_max}{build} are reset on every port of this host except "
-            "{open} (router, shared add-on PostgreSQL, runner.fence_allow_ports), their own "
-            "instances and the unused instance ports {range}; control ports {ports} are "
+            "{open} (router, runner.fence_allow_ports), each app's own instances and shared "
+            "add-on ports, and the unused instance ports {range}; control ports {ports} are "
             "reset everywhere{hosts}",
             table=p.table, uid_min=p.uid_min, uid_max=p.uid_max,
             build="".join(f" and {u} (build user)" for u in self.extra_uids()),
@@ -688,6 +690,7 @@ class NetworkFence(Service):
         if self._check is not None and self._check.running:
             self._check.stop()
         self._dirty = False
+        self._release_synced()
         done: defer.Deferred[None] = defer.succeed(None)
         if self._busy is not None:
             done = defer.Deferred()
@@ -727,6 +730,24 @@ class NetworkFence(Service):
 
     # -- keeping it in step ---------------------------------------------------------
 
+    def sync(self) -> defer.Deferred[None]:
+        """Re-render now and fire once the table holds it (at once when it already
+        does, or the fence is off or stopped).  Never fails: a failed apply is
+        reported by the fence itself (``state`` failed), not by its callers."""
+        if not self.enabled or not self.running:
+            return defer.succeed(None)
+        if self._busy is None and self.desired() == self.applied:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._synced.append(d)
+        self.changed()
+        return d
+
+    def _release_synced(self) -> None:
+        waiting, self._synced = self._synced, []
+        for d in waiting:
+            d.callback(None)
+
     def changed(self) -> None:
         """The instances changed: re-render and, if different, apply (coalesced)."""
         if not self.enabled or not self.running:
@@ -741,8 +762,10 @@ class NetworkFence(Service):
             text = self.desired()
         except Exception:
             self.log.failure("rendering the network fence failed")
+            self._release_synced()
             return
         if text == self.applied:
+            self._release_synced()
             return
         d = self._thread(self.nft.apply, text)
         self._busy = d
@@ -764,6 +787,8 @@ class NetworkFence(Service):
             self._busy = None
             if self._dirty and self.running:
                 self._sync()
+            else:
+                self._release_synced()
 
         d.addCallbacks(ok, failed)
         d.addBoth(done)
@@ -853,9 +878,18 @@ def attach_fence(runner: Any, node: Any, *, nft_binary: str | None | bool = True
     supervisor = runner.supervisor
     user = node.config["build"]["user"]
 
+    sessions = getattr(runner, "sessions", None)  # epio run (attach_sessions)
+
     def owned() -> list[tuple[int, int]]:
-        return [(i.spec.uid, i.port) for i in supervisor.instances.values()
-                if i.port is not None and i.state not in (State.STOPPED, State.FAILED)]
+        """(uid, port) this runner's app UIDs may reach: their live instances and the
+        shared add-on ports of their live instances and sessions."""
+        live = [i for i in supervisor.instances.values()
+                if i.state not in (State.STOPPED, State.FAILED)]
+        out = [(i.spec.uid, i.port) for i in live if i.port is not None]
+        out += [(i.spec.uid, p) for i in live for p in i.spec.addon_ports]
+        if sessions is not None:
+            out += sessions.reach()
+        return out
 
     def extra() -> list[int]:
         uid = build_uid(user)
@@ -887,5 +921,8 @@ def attach_fence(runner: Any, node: Any, *, nft_binary: str | None | bool = True
             fence.changed()
 
     supervisor.on_change = on_change
+    supervisor.before_spawn.append(fence.sync)  # a process starts once its ports are open
+    if sessions is not None:
+        sessions.observers.append(fence.sync)  # a session starts once its ports are open
     runner.fence = fence
     return fence

@@ -341,6 +341,8 @@ class Session:
     poller: defer.Deferred[None] | None = None
     waiters: list[defer.Deferred[None]] = field(factory=list)
     calls: dict[str, Any] = field(factory=dict)
+    uid: int = 0
+    addon_ports: tuple[int, ...] = ()  # the spec's: its UID may reach them (the fence)
 
     @property
     def live(self) -> bool:
@@ -413,6 +415,9 @@ class SessionManager(Service):
         self.store_service = store_service
         self.sessions: dict[str, Session] = {}
         self.stopping = False  # set by stopService: no more sessions start
+        # called when the live sessions change; a Deferred returned is awaited before a
+        # session's process starts (the network fence: its add-on ports are open first)
+        self.observers: list[Callable[[], defer.Deferred[None] | None]] = []
 
     # -- service -----------------------------------------------------------------
 
@@ -515,7 +520,7 @@ class SessionManager(Service):
             "release": body.get("release", 0), "process_type": "run", "index": max(1, number),
             "command": list(command) if isinstance(command, tuple) else command,
             "image_digest": body["image_digest"], "env": body.get("env") or {},
-            "limits": body.get("limits") or {},
+            "limits": body.get("limits") or {}, "addon_ports": body.get("addon_ports") or [],
         }, self.runner_settings, max(1, number))
         kind = str(body.get("kind") or ("detached" if body["detach"] else "interactive"))
         source = str(body.get("source") or f"run.{number}")
@@ -525,7 +530,7 @@ class SessionManager(Service):
                     source=source, started=now, out=OutputWindow(self.settings.window),
                     rows=rows, cols=cols, client=body.get("client"),
                     attached=bool(body.get("client")) and not body["detach"],
-                    last_contact=now)
+                    last_contact=now, uid=spec.uid, addon_ports=spec.addon_ports)
         self.sessions[sid] = s
         self._call(s, "lifetime", self.settings.max_lifetime, self.stop, s,
                    f"the session ran longer than run.max_lifetime "
@@ -535,6 +540,7 @@ class SessionManager(Service):
         elif not s.detach:
             self._detached(s)
         try:
+            await self._changed()
             await self._spawn(s, spec, str(body.get("term") or "xterm"))
         except Exception as e:
             why = f"cannot start: {e}"
@@ -701,6 +707,18 @@ class SessionManager(Service):
         for w in waiters:
             w.callback(None)
         self._call(s, "forget", FORGET_AFTER, self._forget, s)
+        defer.Deferred.fromCoroutine(self._changed()).addErrback(
+            lambda f: self.log.failure("a session observer failed", f))
+
+    async def _changed(self) -> None:
+        """Tell the observers the live sessions changed; wait for what they return."""
+        waits = [d for d in (o() for o in list(self.observers)) if d is not None]
+        if waits:
+            await defer.gatherResults(waits, consumeErrors=True)
+
+    def reach(self) -> list[tuple[int, int]]:
+        """(uid, port) of the add-on ports of live sessions (for the network fence)."""
+        return [(s.uid, p) for s in self.sessions.values() if s.live for p in s.addon_ports]
 
     def _forget(self, s: Session) -> None:
         if self.sessions.get(s.id) is s and s.state == "exited":

@@ -85,6 +85,9 @@ class SpecError(ValueError):
     """A ``runner.start`` body the runner refuses (message says why)."""
 
 
+MAX_ADDON_PORTS = 16  # of one spec (an app has one add-on per kind)
+
+
 class ShuttingDown(Exception):
     """The runner is stopping: it starts no more processes."""
 
@@ -173,6 +176,9 @@ class InstanceSpec:
     health_check: str | None
     boot_timeout: float
     grace: float
+    # ports of the app's shared add-on servers (from the api): the network fence lets
+    # this UID, and no other, connect to them on this host
+    addon_ports: tuple[int, ...] = ()
 
     @property
     def source(self) -> str:
@@ -233,12 +239,18 @@ class InstanceSpec:
         idx = body.get("index", index)
         if not isinstance(idx, int) or isinstance(idx, bool) or idx < 1:
             raise SpecError(f"index must be a positive integer, not {idx!r}")
+        addon_ports = body.get("addon_ports") or []
+        if not isinstance(addon_ports, list) or len(addon_ports) > MAX_ADDON_PORTS or not all(
+                isinstance(p, int) and not isinstance(p, bool) and 0 < p < 65536
+                for p in addon_ports):
+            raise SpecError(f"addon_ports must be a list of at most {MAX_ADDON_PORTS} ports")
         return cls(
             instance_id=iid, app=user.app, uid=user.uid, release=release, process_type=ptype,
             index=idx, command=command, image_digest=digest.removeprefix("sha256:"),
             env={k: str(v) for k, v in env.items()}, limits=limits, health_check=hc or None,
             boot_timeout=_num(body, "boot_timeout", settings.boot_timeout, 1, 3600),
             grace=_num(body, "grace", settings.grace, 0, 3600),
+            addon_ports=tuple(sorted(set(addon_ports))),
         )
 
     def to_message(self) -> dict[str, Any]:
@@ -251,7 +263,7 @@ class InstanceSpec:
             "limits": {"memory_mb": self.limits.memory_mb, "cpu_shares": self.limits.cpu_shares,
                        "pids": self.limits.pids, "nofile": self.limits.nofile},
             "health_check": self.health_check, "boot_timeout": self.boot_timeout,
-            "grace": self.grace,
+            "grace": self.grace, "addon_ports": list(self.addon_ports),
         }
 
 
@@ -444,6 +456,9 @@ class Supervisor:
         self.on_change = on_change
         self.instances: dict[str, Instance] = {}
         self.shutting_down = False
+        # awaited (what each returns) before an instance's process is spawned: the
+        # network fence opens the instance's ports first (epio.runner.fence)
+        self.before_spawn: list[Callable[[], defer.Deferred[None] | None]] = []
 
     # -- queries -----------------------------------------------------------
 
@@ -654,6 +669,10 @@ class Supervisor:
             else:
                 self._to(inst, State.FAILED, why)
             return
+        for gate in list(self.before_spawn):
+            waiting = gate()
+            if waiting is not None:
+                await waiting
         if inst.generation != gen or inst.stopping or self.shutting_down:
             await self.launcher.cleanup(launch)
             if inst.state is State.DRAINING:

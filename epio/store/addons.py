@@ -110,6 +110,14 @@ async def list_addons(store: Store, app: str | None = None) -> list[Addon]:
     return [_addon(r) for r in rows]
 
 
+async def addon_ports(store: Store, app: str) -> list[int]:
+    """The ports of the app's shared add-on servers (its database on the shared
+    PostgreSQL): the runners' network fence lets the app's processes, and only them,
+    connect to these ports of the host (docs/security.md)."""
+    return sorted({a.port for a in await list_addons(store, app)
+                   if a.plan == "shared" and a.port is not None})
+
+
 async def delete_addon(store: Store, app: str, kind: str) -> bool:
     """Forget the add-on; False if there was none."""
 

@@ -112,7 +112,8 @@ class FakeRunners:
                 "instance_id": body["instance_id"], "app": body["app"],
                 "release": body["release"], "process_type": body["process_type"],
                 "host": "127.0.0.1", "port": self.ports, "state": "starting", "since": 1.0,
-                "restarts": 0, "env": body["env"]}
+                "restarts": 0, "env": body["env"],
+                "addon_ports": body.get("addon_ports")}
             return {"instance_id": body["instance_id"], "host": "127.0.0.1", "port": self.ports}
         if type == "runner.stop":
             mine.pop(body["instance_id"], None)

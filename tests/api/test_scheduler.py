@@ -237,6 +237,24 @@ class SchedulerTests(TestCase):
         self.assertNotEqual(one["env"]["EPIO_SECRET_KEY"], two["env"]["EPIO_SECRET_KEY"])
         self.assertEqual(two["env"]["SECRET_KEY"], "mine")
 
+    async def test_start_names_the_shared_addon_ports(self) -> None:
+        """runner.start carries addon_ports: the ports of the app's shared add-on
+        servers (for the runner's network fence), not its dedicated ones', and none
+        for an app without add-ons."""
+        from epio.store.addons import Addon, put_addon
+
+        await self.h.add_runner("r1")
+        await self.app_with_release("web1")
+        await self.app_with_release("web2")
+        await put_addon(self.h.store, Addon("web1", "postgres", "shared", "ready", 1.0, 1.0,
+                                            "127.0.0.1", 5432))
+        await put_addon(self.h.store, Addon("web1", "redis", "dedicated", "ready", 1.0, 1.0,
+                                            "127.0.0.1", 21007))
+        await self.passes()
+        (one,) = self.h.runners.running("web1")
+        (two,) = self.h.runners.running("web2")
+        self.assertEqual((one["addon_ports"], two["addon_ports"]), ([5432], []))
+
 
 class DeployTests(TestCase):
     timeout = 30

@@ -339,6 +339,30 @@ class SessionTests(TestCase):
         self.successResultOf(d)
         self.assertEqual(self.m.sessions["s1"].reason, "the runner is stopping")
 
+    async def test_addon_ports_and_observers(self) -> None:
+        """A session's addon_ports reach the observers (the network fence) as (uid,
+        port) while it lives; its process starts only once what an observer returned
+        fired; the end tells the observers again; a stopping runner starts none."""
+        gate: defer.Deferred[None] = defer.Deferred()
+        calls: list[list[tuple[int, int]]] = []
+
+        def observer() -> defer.Deferred[None] | None:
+            calls.append(self.m.reach())
+            return gate if len(calls) == 1 else None
+
+        self.m.observers.append(observer)
+        started = defer.ensureDeferred(self.start(addon_ports=[5432]))
+        self.assertEqual(calls, [[(20001, 5432)]])
+        self.assertEqual(self.clock.spawned, [])  # waits for the fence
+        gate.callback(None)
+        p = self.successResultOf(started)
+        p.end(0)
+        self.assertEqual(calls[-1], [])
+        self.m.stopService()
+        with self.assertRaises(RemoteError) as e:
+            await self.start("s2")
+        self.assertEqual(e.exception.code, "unavailable")
+
     async def test_bad_requests(self) -> None:
         """Unknown sessions, empty commands and bad sizes get clear errors."""
         with self.assertRaises(RemoteError) as e:

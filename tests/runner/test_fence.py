@@ -128,15 +128,18 @@ class PlanTests(SynchronousTestCase):
             hosts4=(), hosts6=(), open_ports=(8080,), notes=(),
             instance_range=(20000, 29999)))
 
-    def test_open_ports_are_the_router_the_shared_postgres_and_the_allowed(self) -> None:
-        """open_ports: the router's ports, the add-ons' shared PostgreSQL port and
+    def test_open_ports_are_the_router_and_the_allowed(self) -> None:
+        """open_ports (open to every app UID): the router's ports and
         runner.fence_allow_ports; an allowed port that is also a control port stays
-        open with a note; nothing else is open (deny by default)."""
+        open with a note; nothing else is open (deny by default) -- the add-ons'
+        shared PostgreSQL port neither (only apps with a shared database reach it,
+        through their (uid, port) pairs), but it is never a control port."""
         cfg = validate({"addons": {"postgres_admin_url":
                                    "postgresql://postgres@127.0.0.1:5433/postgres"},
                         "runner": {"fence_allow_ports": [53, 7731]}})
         plan = plan_from_config(cfg, ["all"])
-        self.assertEqual(plan.open_ports, (53, 5433, 7731, 8080))
+        self.assertEqual(plan.open_ports, (53, 7731, 8080))
+        self.assertNotIn(5433, plan.control_ports)
         self.assertNotIn(7731, plan.control_ports)
         self.assertEqual(plan.notes, ("port 7731 (runner.control_bind) is in "
                                       "runner.fence_allow_ports: it stays open",))
@@ -523,6 +526,18 @@ class DetectTests(SynchronousTestCase):
 @define
 class FakeSpec:
     uid: int
+    addon_ports: tuple[int, ...] = ()
+
+
+@define
+class FakeSessions:
+    """Stands for the SessionManager: live (uid, port) pairs and its observers."""
+
+    live: list[tuple[int, int]] = field(factory=list)
+    observers: list[Any] = field(factory=list)
+
+    def reach(self) -> list[tuple[int, int]]:
+        return list(self.live)
 
 
 @define
@@ -537,6 +552,7 @@ class FakeSupervisor:
     instances: dict[str, FakeInstance] = field(factory=dict)
     calls: list[str] = field(factory=list)
     on_change: Any = None
+    before_spawn: list[Any] = field(factory=list)
 
 
 @define
@@ -578,9 +594,12 @@ class WiringTests(SynchronousTestCase):
         sup.instances["a"] = FakeInstance(FakeSpec(20001), 21000, State.HEALTHY)
         sup.instances["b"] = FakeInstance(FakeSpec(20002), 21001, State.STOPPED)
         sup.instances["c"] = FakeInstance(FakeSpec(20003), None, State.HEALTHY)
+        sup.instances["d"] = FakeInstance(FakeSpec(20004, (5432,)), None, State.HEALTHY)
+        sup.instances["e"] = FakeInstance(FakeSpec(20005, (5432,)), None, State.FAILED)
         sup.on_change()
         self.assertEqual(sup.calls, ["runner"])
-        self.assertEqual(nft.applied[-1], render(fence.plan, [(20001, 21000)], owner=fence.owner))
+        self.assertEqual(nft.applied[-1], render(fence.plan, [(20001, 21000), (20004, 5432)],
+                                                 owner=fence.owner))
         iso = svc.isolation.as_dict()
         self.assertEqual(iso["fence"]["state"], "on")
         self.assertEqual(iso["fence"]["table"], "inet " + table_for("/var/lib/epio"))
@@ -632,3 +651,45 @@ class WiringTests(SynchronousTestCase):
                          in e.get("log_format", "") and e.get("why") ==
                          "disabled by runner.fence = off"], seen)
         self.assertEqual((nft.applied, nft.checked), ([], []))
+
+
+class SessionWiringTests(SynchronousTestCase):
+    def test_sessions_add_their_addon_ports_and_wait_for_the_table(self) -> None:
+        """attach_fence registers fence.sync as an observer of the runner's sessions:
+        the live sessions' (uid, add-on port) pairs enter the table, and the Deferred a
+        starting session waits on fires only once nft applied that table (at once
+        when nothing changes, or the fence is stopped)."""
+        pending: list[defer.Deferred[Any]] = []
+
+        def slow(fn: Any, *args: Any) -> defer.Deferred[Any]:
+            d: defer.Deferred[Any] = defer.Deferred()
+            d.addCallback(lambda _: fn(*args))
+            pending.append(d)
+            return d
+
+        svc: Any = MultiService()
+        svc.supervisor = FakeSupervisor()
+        svc.isolation = detect_isolation("auto", 0, "/usr/bin/bwrap", "/usr/bin/setpriv",
+                                         CgroupSupport({}, {}), True)
+        svc.sessions = FakeSessions()
+        nft = FakeNft()
+        node = FakeNode(validate({"build": {"user": "no-such-epio-user"}}), ("runner",),
+                        task.Clock())
+        fence = attach_fence(svc, node, nft_binary="/usr/sbin/nft", euid=0, nft=nft,
+                             in_thread=slow)
+        self.assertEqual(svc.sessions.observers, [fence.sync])
+        self.assertEqual(svc.supervisor.before_spawn, [fence.sync])
+        svc.startService()
+        self.successResultOf(fence.sync())  # nothing changed: at once
+        svc.sessions.live.append((20007, 5432))
+        synced = fence.sync()
+        self.assertNoResult(synced)
+        pending.pop().callback(None)
+        self.successResultOf(synced)
+        self.assertEqual(nft.applied[-1], render(fence.plan, [(20007, 5432)],
+                                                 owner=fence.owner))
+        svc.sessions.live.clear()
+        waiting = fence.sync()
+        svc.stopService()  # a stop releases whoever waits
+        self.successResultOf(waiting)
+        pending.pop().callback(None)

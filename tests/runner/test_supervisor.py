@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 from typing import Any
 
+from twisted.internet import defer
 from twisted.internet.interfaces import IProcessTransport, IReactorProcess
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
@@ -164,6 +165,24 @@ class StartTests(SynchronousTestCase):
             with self.assertRaises(SpecError, msg=repr(bad)):
                 h.sup.start(body(**bad))
         self.assertEqual(h.reactor.spawned, [])
+
+    def test_spawn_waits_for_the_before_spawn_gates(self) -> None:
+        """A Deferred returned by a before_spawn gate (the network fence opening the
+        instance's ports) holds the spawn back until it fires; addon_ports are part
+        of the spec (and of its state-file form); bad addon_ports are refused."""
+        h = Harness()
+        gate: defer.Deferred[None] = defer.Deferred()
+        h.sup.before_spawn.append(lambda: gate)
+        h.sup.start(body(addon_ports=[5432, 5432]))
+        self.assertEqual(h.reactor.spawned, [])
+        gate.callback(None)
+        self.assertEqual(len(h.reactor.spawned), 1)
+        spec = h.sup.get("i1").spec
+        self.assertEqual(spec.addon_ports, (5432,))
+        self.assertEqual(spec.to_message()["addon_ports"], [5432])
+        for bad in ([0], ["5432"], [True], 5432, list(range(1, 18))):
+            with self.assertRaises(SpecError, msg=repr(bad)):
+                h.sup.start(body(instance_id="i2", addon_ports=bad))
 
     def test_prepare_failure_is_failed_and_reported(self) -> None:
         """An image that cannot be prepared makes the instance failed with the reason."""

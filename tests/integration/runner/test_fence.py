@@ -37,7 +37,7 @@ from .helpers import skip_reason as runner_skip_reason
 NFT = shutil.which("nft")
 SETPRIV = shutil.which("setpriv")
 CLIENT_PYTHON = "/usr/bin/python3"  # readable by any UID (the venv's may not be)
-UID_A, UID_B = 20301, 20302  # two apps
+UID_A, UID_B, UID_C = 20301, 20302, 20303  # three apps
 NOBODY = 65534  # outside the app UID range
 
 
@@ -170,8 +170,9 @@ class FenceRulesTests(SynchronousTestCase):
         meaning this host), another app's instance port and a service of the host
         the config does not name (deny by default) are refused at once with
         ECONNREFUSED; the app's own instance port, the router port, a port of
-        runner.fence_allow_ports and the add-on PostgreSQL (which is also the store's
-        server here, so it stays open) are reachable.  Root and a UID outside the
+        runner.fence_allow_ports and the shared add-on PostgreSQL (which is also the
+        store's server here, so it is no control port) are reachable -- the latter
+        only by the app that has a shared database there.  Root and a UID outside the
         app range reach everything.  After a clean stop the table is gone and the
         app UID connects again."""
         if not self.postgres_reachable():
@@ -192,7 +193,9 @@ class FenceRulesTests(SynchronousTestCase):
         self.assertIn(bus, plan.control_ports)
         self.assertIn(api, plan.control_ports)
         self.assertNotIn(5432, plan.control_ports)
-        fence = NetworkFence(task.Clock(), plan, Nft(), lambda: [(UID_A, own), (UID_B, other)],
+        # A has a shared database on 127.0.0.1:5432 (runner.start's addon_ports), B none
+        fence = NetworkFence(task.Clock(), plan, Nft(),
+                             lambda: [(UID_A, own), (UID_B, other), (UID_A, 5432)],
                              check_interval=0, in_thread=defer.maybeDeferred)
         fence.startService()
         self.assertEqual(fence.report()["state"], "on", fence.report())
@@ -210,8 +213,9 @@ class FenceRulesTests(SynchronousTestCase):
         self.assertEqual([r for r, _ in connect_as(UID_A, [("0.0.0.0", bus), ("::", bus)])],
                          ["ECONNREFUSED", "ECONNREFUSED"])
         self.assertEqual([r for r, _ in connect_as(UID_B, [("127.0.0.1", other),
-                                                          ("127.0.0.1", own)])],
-                         ["ok", "ECONNREFUSED"])
+                                                          ("127.0.0.1", own),
+                                                          ("127.0.0.1", 5432)])],
+                         ["ok", "ECONNREFUSED", "ECONNREFUSED"])
         self.assertEqual({r for r, _ in connect_as(None, targets)}, {"ok"})
         self.assertEqual({r for r, _ in connect_as(NOBODY, targets)}, {"ok"})
 
@@ -283,9 +287,10 @@ class SandboxedFenceTests(TestCase):
         rules: a sandboxed worker of app A (as A's UID) reaches A's own web instance,
         A's own dedicated add-on server and the router, but gets ECONNREFUSED from
         app B's web instance and B's dedicated add-on, a bus port, an api port, the
-        host's PostgreSQL on 127.0.0.1:5432 and Redis on 127.0.0.1:6379 (no add-on
-        uses them in this config) -- which root reaches; the runner's isolation
-        facts report the fence on."""
+        host's PostgreSQL on 127.0.0.1:5432 and Redis on 127.0.0.1:6379 -- which root
+        reaches; a worker of app C, whose spec names 5432 as its shared add-on port,
+        reaches 5432 (and still not 6379); the runner's isolation facts report the
+        fence on."""
         r = self.runner
         sockets = [listen("127.0.0.1"), listen("127.0.0.1"), listen("127.0.0.1")]
         for s in sockets:
@@ -346,5 +351,20 @@ class SandboxedFenceTests(TestCase):
                                     "other_addon": "ECONNREFUSED", "bus": "ECONNREFUSED",
                                     "api": "ECONNREFUSED", "router": "ok",
                                     "postgres": "ECONNREFUSED", "redis": "ECONNREFUSED"})
+        # app C has a shared database on the host's PostgreSQL: its port opens for C only
+        shared = {"postgres": ["127.0.0.1", 5432], "redis": ["127.0.0.1", 6379]}
+        r.start("fc-probe", "fence-c", UID_C, web, "python /app/app/probe.py",
+                process_type="worker", env={"TARGETS": json.dumps(shared)},
+                addon_ports=[5432])
+
+        def result_c() -> dict[str, str] | None:
+            for line in r.texts("fence-c"):
+                if line.startswith("RESULT "):
+                    return dict(json.loads(line[len("RESULT "):]))
+            return None
+
+        self.assertTrue(await wait_for(reactor, lambda: result_c() is not None, 20),
+                        r.texts("fence-c"))
+        self.assertEqual(result_c(), {"postgres": "ok", "redis": "ECONNREFUSED"})
         # root (the runner, health checks, routers) still reaches B
         self.assertEqual(connect_as(None, [("127.0.0.1", b["port"])])[0][0], "ok")
