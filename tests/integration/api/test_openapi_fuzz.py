@@ -24,7 +24,7 @@ from tests.util import CHECKOUT, NodeProcess, isolated_config, to_toml, wait_for
 
 ST = Path(sys.executable).with_name("st")
 START_TIMEOUT = 60.0
-RUN_TIMEOUT = 180.0  # seconds the whole schemathesis run may take (about 45 s idle)
+RUN_TIMEOUT = 300.0  # seconds the whole schemathesis run may take (about 45 s idle)
 MAX_EXAMPLES = 5  # generated cases per operation and phase (examples, coverage, fuzzing)
 SEED = 18  # reproducible: the same cases on every run
 CHECKS = ("not_a_server_error,status_code_conformance,content_type_conformance,"
