@@ -108,6 +108,13 @@ _SECTIONS: dict[str, set[str] | None] = {
     "basic_auth": None,
     "checkout": {"directory_name"},
 }
+#: ``[process:NAME]``: per-process-type settings (keys lower case).
+_PROCESS_KEYS = {"rollover"}
+#: How instances of a process type are replaced on a new release: the new one first
+#: (default), or the old one stopped first (a consumer that must never run twice).
+ROLLOVER_MODES = ("start-first", "stop-first")
+#: The Procfile name Heroku reserves for the release phase (not a process type).
+RELEASE_PROCESS = "release"
 # Sections whose keys keep their case (env var names, process names, paths, users).
 _CASE_SENSITIVE = {"env", "process", "static", "symlinks", "basic_auth", "cron"}
 
@@ -195,6 +202,8 @@ class Manifest:
     http: Http = field(factory=Http, converter=_http)
     cron: tuple[Cron, ...] = field(default=(), converter=_cron_tuple)
     release_command: str | None = None
+    # process type -> "start-first" | "stop-first" (types not listed: start-first)
+    rollover: Mapping[str, str] = field(factory=dict, converter=_ro)
     symlinks: Mapping[str, str] = field(factory=dict, converter=_ro)  # link -> target
     # user -> "sha256$SALT$DIGEST" of the password (epio.basicauth): never the password
     basic_auth: Mapping[str, str] = field(factory=dict, converter=_ro)
@@ -340,8 +349,20 @@ def _scan_ini(text: str, file: str, errors: _Errors) -> list[_Item]:
                 errors.add(file, lineno, f"malformed section header {_q(stripped)}")
                 section, bad_section = None, True
                 continue
-            name = stripped[1:-1].strip().lower()
-            if name not in _SECTIONS:
+            name = stripped[1:-1].strip()
+            head, colon, sub = name.partition(":")
+            if colon and head.strip().lower() == "process":
+                # [process:NAME]: settings of one process type (its name keeps its case)
+                sub = sub.strip()
+                if not PROCESS_NAME.match(sub):
+                    errors.add(file, lineno, f"[process:{_cut(sub)}]: process names may only "
+                                             "contain letters, digits, '_' and '-'")
+                    section, bad_section = None, True
+                    continue
+                name = f"process:{sub}"
+            else:
+                name = name.lower()
+            if name not in _SECTIONS and not name.startswith("process:"):
                 errors.add(
                     file,
                     lineno,
@@ -518,6 +539,7 @@ def parse_manifest(
     services: dict[str, str] = {}
     env: dict[str, str] = {}
     ini_processes: dict[str, tuple[str, int]] = {}
+    rollover: dict[str, tuple[str, int]] = {}
     cron: list[Cron] = []
     symlinks: dict[str, str] = {}
     basic_auth: dict[str, str] = {}
@@ -532,6 +554,17 @@ def parse_manifest(
         value = _interpolate(it.value, f, it.line, errors)
         it = _Item(it.section, it.key, value, it.line)
         s, k = it.section, it.key
+        if s.startswith("process:"):
+            ptype = s.partition(":")[2]
+            if k not in _PROCESS_KEYS:
+                errors.add(f, it.line, f"[{_cut(s)}] unknown key {_q(k)} "
+                                       f"(known: {', '.join(sorted(_PROCESS_KEYS))})")
+            elif value not in ROLLOVER_MODES:
+                errors.add(f, it.line, f"[{_cut(s)}] rollover: must be "
+                                       f"{' or '.join(ROLLOVER_MODES)}, not {_q(value)}")
+            else:
+                rollover[ptype] = (value, it.line)
+            continue
         known = _SECTIONS[s]
         if known is not None and k not in known and not (s == "http" and k.startswith("expires-")):
             errors.add(f, it.line, f"[{s}] unknown key {_q(k)} (known: {', '.join(sorted(known))})")
@@ -709,6 +742,24 @@ def parse_manifest(
     processes: dict[str, str] = {}
     if "wsgi_entrypoint" in kw:
         processes["web"] = web_command(kw["wsgi_entrypoint"], kw.get("wsgi_workers"))
+    procfile_release = procfile.pop(RELEASE_PROCESS, None)
+    if procfile_release is not None:
+        # Heroku's release phase: runs once per deploy, like [release] command
+        if "release_command" in kw:
+            warnings.append(
+                f"{procfile_name}:{procfile_release[1]}: {RELEASE_PROCESS}: is replaced by "
+                f"[release] command in {ini_name}"
+            )
+        else:
+            kw["release_command"] = procfile_release[0]
+    if RELEASE_PROCESS in ini_processes:
+        errors.add(
+            f,
+            ini_processes[RELEASE_PROCESS][1],
+            f"[process] {RELEASE_PROCESS!r} is the release phase, not a process: "
+            "use [release] command",
+        )
+        del ini_processes[RELEASE_PROCESS]
     for name, (cmd, line) in procfile.items():
         if name in processes:
             warnings.append(
@@ -723,6 +774,14 @@ def parse_manifest(
         elif name in processes:
             warnings.append(f"{ini_name}:{line}: [process] {_q(name)} replaces the one from [wsgi]")
         processes[name] = cmd
+    for ptype, (_, line) in rollover.items():
+        if ptype not in processes:
+            errors.add(
+                f,
+                line,
+                f"[process:{_cut(ptype)}] there is no process {_q(ptype)} "
+                f"(processes: {', '.join(sorted(processes)) or 'none'})",
+            )
     if not processes and not errors.items:
         where = ini_name if ini_text is not None else procfile_name
         errors.add(
@@ -758,6 +817,7 @@ def parse_manifest(
         cron=cron,
         symlinks=symlinks,
         basic_auth=basic_auth,
+        rollover={t: mode for t, (mode, _) in rollover.items()},
         sources=sources,
         warnings=warnings,
         **kw,

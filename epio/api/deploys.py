@@ -9,8 +9,9 @@ A deploy is a small state machine kept in the store's ``deploys`` row::
   output goes to the app's log stream, source ``build``; the runner answers
   ``runner.built`` {digest, manifest} or an error ``build_failed``);
 * **release**: a new release on the built image with the manifest's process
-  types and the app's config vars; a first deploy of an app with a ``web``
-  process gets ``web=1``;
+  types and the app's config vars; every process type the app's formation
+  does not have yet (all of them on a first deploy) is scaled to 1 -- a
+  Procfile ``release:`` line is the release phase, not a process type;
 * **rollout**: the scheduler (leader) starts instances of the new release; the
   deploy waits until every wanted instance is ``healthy`` (as folded into the
   store from ``runner.status``), then waits ``api.drain_seconds`` so routers
@@ -25,6 +26,7 @@ polled with ``log_offset`` by ``epio deploy``) and sent to the app's log.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from twisted.internet.defer import Deferred, ensureDeferred
@@ -43,6 +45,18 @@ from epio.api.state import (
 from epio.store import App, Deploy, Store, User
 
 MAX_CRASH_RESTARTS = 3
+
+
+def formation_text(formation: Mapping[str, Any], processes: Mapping[str, str],
+                   new_types: list[str]) -> str:
+    """``web=1, worker=1 (started: worker)``: the formation a release rolls out."""
+    parts = [f"{t}={formation[t].quantity}" if t in formation else f"{t}=0"
+             for t in sorted(processes)]
+    text = ", ".join(parts) or "nothing"
+    if new_types:
+        text += f" (new process types start with 1: {', '.join(new_types)}; "\
+                "change it with `epio scale`)"
+    return text
 
 
 class DeployFailed(Exception):
@@ -195,11 +209,15 @@ class Deployer:
             created_by=deploy.created_by, meta={"deploy": deploy.id, **release_facts(manifest)},
             inherit_image=False)
         formation = await self.store.get_formation(app.name)
-        if "web" in processes and "web" not in formation:
-            await self.store.set_formation(app.name, "web", 1, DEFAULT_SIZE, SIZES[DEFAULT_SIZE])
+        new_types = sorted(t for t in processes if t not in formation)
+        for ptype in new_types:  # first deploy (or a type seen first now): one of each
+            await self.store.set_formation(app.name, ptype, 1, DEFAULT_SIZE,
+                                           SIZES[DEFAULT_SIZE])
+        if new_types:
             formation = await self.store.get_formation(app.name)
         deploy = await self._say(
-            deploy, f"Release v{release.version} ({', '.join(sorted(processes))}); rolling out",
+            deploy, f"Release v{release.version} ({', '.join(sorted(processes))}); rolling out "
+            f"{formation_text(formation, processes, new_types)}",
             status="deploying", release=release.version)
         if self.scheduler is not None:
             self.scheduler.wake()

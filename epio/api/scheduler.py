@@ -300,6 +300,7 @@ class Scheduler:
                 await self._stop(inst)
                 everyone.remove(inst)
         types = set(want) | {i.process_type for i in mine}
+        rollover = dict((release.meta or {}).get("rollover") or {}) if release else {}
         for ptype in sorted(types):
             quantity = want.get(ptype, 0)
             of_type = [i for i in mine if i.process_type == ptype and i.state != "draining"
@@ -313,6 +314,14 @@ class Scheduler:
                 await self._stop(inst)
                 everyone.remove(inst)
                 current.remove(inst)
+            if rollover.get(ptype) == "stop-first":
+                # a consumer that must never run twice: every older instance (draining
+                # ones too) has exited before an instance of the new release starts
+                older = old + [i for i in mine if i.process_type == ptype
+                               and i.state == "draining" and i in everyone]
+                if not await self._stop_all_confirmed(older, everyone):
+                    continue  # a runner did not confirm: try again next pass
+                old = []
             missing = quantity - len(current)
             if missing > 0:
                 assert release is not None
@@ -336,10 +345,29 @@ class Scheduler:
                 if inst.state != "healthy":
                     await self._retire(inst, everyone, now)
                 elif len(healthy) >= quantity:
-                    if switched is None:
+                    if ptype not in self.settings.web_process_types:
+                        switched = True  # no router sends it work: the new ones took over
+                    elif switched is None:
                         switched = await self._routed(app.name, healthy)
                     if switched:
                         await self._retire(inst, everyone, now)
+
+    async def _stop_all_confirmed(self, insts: list[Instance], everyone: list[Instance]) -> bool:
+        """Stop these instances and wait for their runners to confirm they exited
+        (``runner.stop`` answers once the process is gone, after at most the grace
+        period).  An instance whose runner does not confirm stays in the store, so
+        the next pass tries again; returns whether every one is gone."""
+        done = True
+        for inst in insts:
+            view = self.views.get(inst.node or "")
+            if view is None or not await self._send_stop(view, inst.id):
+                done = False
+                continue
+            await self.store.delete_instance(inst.id)
+            everyone.remove(inst)
+            self._app_log(inst.app, f"stopped {inst.process_type}.{inst.number} "
+                                    f"(v{inst.release}) before starting its replacement")
+        return done
 
     async def _routed(self, app: str, healthy: list[Instance]) -> bool:
         """Do routers send traffic to these new instances yet?  (Zero-downtime
@@ -486,9 +514,11 @@ class Scheduler:
             return inst
 
     async def _retire(self, inst: Instance, everyone: list[Instance], now: float) -> None:
-        """Drain a healthy instance (stopped later); stop any other at once."""
+        """Drain a healthy instance of a routed type (stopped later, once routers
+        dropped it); stop any other at once (SIGTERM, then SIGKILL after the grace)."""
         view = self.views.get(inst.node or "")
-        if inst.state == "healthy" and view is not None and view.reachable and view.endpoint:
+        if (inst.state == "healthy" and inst.process_type in self.settings.web_process_types
+                and view is not None and view.reachable and view.endpoint):
             try:
                 await self.control.request(view.endpoint, "runner.drain",
                                            {"instance_id": inst.id},

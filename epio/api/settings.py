@@ -36,6 +36,9 @@ class ApiSettings:
     destroyed_grace: float = 7 * 86400.0
     purge_interval: float = 300.0
     purge_timeout: float = 120.0
+    # process types routers send requests to (``nexus.web_process_types``): only these
+    # are drained through the routers on a rollover; the others are stopped directly
+    web_process_types: frozenset[str] = frozenset({"web"})
 
     @classmethod
     def from_config(cls, config: Any) -> ApiSettings:
@@ -65,6 +68,7 @@ class ApiSettings:
             destroyed_grace=float(api["destroyed_grace"]),
             purge_interval=float(api["purge_interval"]),
             purge_timeout=float(api["purge_timeout"]),
+            web_process_types=frozenset(config["nexus"]["web_process_types"]),
         )
 
     def url_of(self, app: str) -> str:

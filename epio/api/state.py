@@ -67,6 +67,10 @@ def release_facts(manifest: Mapping[str, Any]) -> dict[str, Any]:
             route["request_buffering"] = http["request_buffering"]
         if route:
             facts["http"] = route
+    rollover = manifest.get("rollover")
+    if isinstance(rollover, Mapping) and rollover:
+        # process type -> "stop-first" (epio.manifest.ROLLOVER_MODES); others start first
+        facts["rollover"] = {str(k): str(v) for k, v in rollover.items()}
     env = manifest.get("env")
     if isinstance(env, Mapping):
         facts["env"] = {str(k): str(v) for k, v in env.items()}

@@ -179,6 +179,87 @@ class SchedulerTests(TestCase):
         stops = [b for _, t, b in self.h.runners.requests if t == "runner.drain"]
         self.assertEqual(len(stops), 2)
 
+    async def test_worker_rolls_over_on_every_release(self) -> None:
+        """A worker is replaced on every release (deploy, config set, rollback): after
+        each rollover exactly the scaled number run, all of the new release; a worker
+        is never drained through the routers (none routes to it) but stopped, only once
+        its replacement is healthy -- even with a nexus that never lists workers."""
+        from attrs import evolve
+
+        self.h.scheduler.settings = evolve(self.h.scheduler.settings,
+                                           nexus_endpoints=("nexus",))
+        await self.h.add_runner("r1")
+        await self.h.add_runner("r2")
+        await self.app_with_release(quantity=0)
+        await self.h.store.set_formation("web1", "worker", 2)
+        await self.passes()
+        for n, make in enumerate([
+            lambda: self.h.store.create_release("web1", DIGEST2),
+            lambda: self.h.store.set_config_and_release(
+                "web1", {"A": "1"}, description="set A", image=DIGEST2, processes={"worker": "run worker"}),
+            lambda: self.h.store.set_config_and_release(
+                "web1", {"A": "2"}, description="set A", image=DIGEST2, processes={"worker": "run worker"}),
+            lambda: self.h.store.create_release("web1", DIGEST),
+        ], start=2):
+            await make()
+            await self.h.scheduler.reconcile()
+            # the new ones start first, the old ones still run (start-first)
+            self.assertEqual(sorted(i["release"] for i in self.h.runners.running("web1")),
+                             [n - 1, n - 1, n, n])
+            await self.passes()
+            self.assertEqual(sorted(i["release"] for i in self.h.runners.running("web1")),
+                             [n, n], f"after release v{n}")
+            self.assertEqual(sorted(i.state for i in await self.h.store.list_instances("web1")),
+                             ["healthy", "healthy"])
+        self.assertEqual([t for _, t, _ in self.h.runners.requests if t == "runner.drain"], [])
+        self.assertEqual(len([t for _, t, _ in self.h.runners.requests if t == "runner.stop"]),
+                         8)
+
+    async def test_stop_first_never_runs_two(self) -> None:
+        """[process:worker] rollover = stop-first: on every release the old worker is
+        stopped (confirmed by its runner) before the new one starts, so never more than
+        the scaled quantity run; while the old one's runner does not answer, no new one
+        starts."""
+        stop_first = {"rollover": {"worker": "stop-first"}}
+        runners = self.h.runners
+        at_start: list[int] = []
+        real = runners.request
+
+        async def request(endpoint: str, type: str, body: dict[str, Any],
+                          timeout: float | None = None) -> dict[str, Any]:
+            if type == "runner.start" and body["process_type"] == "worker":
+                at_start.append(len([i for i in runners.running("web1")
+                                     if i["process_type"] == "worker"]))
+            return await real(endpoint, type, body, timeout)
+
+        runners.request = request  # type: ignore[method-assign]
+        await self.h.add_runner("r1")
+        await self.h.add_runner("r2")
+        alice = await self.h.store.get_user_by_name("alice")
+        await self.h.store.create_app("web1", alice.id)
+        await self.h.store.create_release("web1", DIGEST, processes={"worker": "w"},
+                                          meta=stop_first)
+        await self.h.store.set_formation("web1", "worker", 1)
+        await self.passes()
+        for n in (2, 3, 4):
+            await self.h.store.set_config_and_release(
+                "web1", {"N": str(n)}, description="n", image=DIGEST, processes={"worker": "w"}, meta=stop_first)
+            await self.passes()
+            self.assertEqual([i["release"] for i in runners.running("web1")], [n])
+        self.assertEqual(at_start, [0, 0, 0, 0])
+        # the old worker's runner does not answer: nothing new starts (it may still run)
+        old = runners.running("web1")[0]
+        endpoint = next(e for e, m in runners.instances.items() if old["instance_id"] in m)
+        runners.down.add(endpoint)
+        await self.h.store.set_config_and_release(
+            "web1", {"N": "5"}, description="n", image=DIGEST, processes={"worker": "w"}, meta=stop_first)
+        await self.passes()
+        self.assertEqual([i["release"] for i in runners.running("web1")], [4])
+        runners.down.discard(endpoint)
+        await self.passes()
+        self.assertEqual([i["release"] for i in runners.running("web1")], [5])
+        self.assertEqual(at_start, [0, 0, 0, 0, 0])
+
     async def test_old_release_drained_only_once_routers_see_the_new(self) -> None:
         """Healthy new instances do not retire the old ones until the nexus lists them
         in the app's route (routers learn from heartbeats, later than the scheduler);
@@ -286,6 +367,37 @@ class DeployTests(TestCase):
         self.assertIn("Deployed v1: http://hello.localhost:8080/", d["log"])
         _, ps, _ = await self.h.call("GET", "apps/hello/ps", token=self.h.alice_token)
         self.assertEqual([(p["name"], p["state"]) for p in ps], [("web.1", "healthy")])
+
+    async def test_first_deploy_starts_one_of_every_process_type(self) -> None:
+        """A first deploy scales every declared process type to 1 (a worker-only app
+        too) and says so; a later deploy keeps the formation the user chose and gives
+        a type seen for the first time one instance."""
+        await self.h.add_runner("r1")
+        await self.h.call("POST", "apps", token=self.h.alice_token, body={"name": "hello"})
+        self.h.runners.manifest = {"processes": {"web": "gunicorn a:b", "worker": "w",
+                                                 "clock": "c"}}
+        d = await self.deploy()
+        self.assertEqual(d["status"], "succeeded", d["log"])
+        self.assertIn("rolling out clock=1, web=1, worker=1 (new process types start with "
+                      "1: clock, web, worker; change it with `epio scale`)", d["log"])
+        _, ps, _ = await self.h.call("GET", "apps/hello/ps", token=self.h.alice_token)
+        self.assertEqual(sorted(p["name"] for p in ps), ["clock.1", "web.1", "worker.1"])
+        await self.h.store.set_formation("hello", "clock", 0)
+        self.h.runners.manifest = {"processes": {"web": "gunicorn a:b", "worker": "w",
+                                                 "clock": "c", "mailer": "m"}}
+        d = await self.deploy()
+        self.assertEqual(d["status"], "succeeded", d["log"])
+        self.assertIn("rolling out clock=0, mailer=1, web=1, worker=1 (new process types "
+                      "start with 1: mailer;", d["log"])
+        _, ps, _ = await self.h.call("GET", "apps/hello/ps", token=self.h.alice_token)
+        self.assertEqual(sorted(p["name"] for p in ps), ["mailer.1", "web.1", "worker.1"])
+
+        await self.h.call("POST", "apps", token=self.h.alice_token, body={"name": "solo"})
+        self.h.runners.manifest = {"processes": {"worker": "w"}}
+        d = await self.deploy("solo")
+        self.assertEqual(d["status"], "succeeded", d["log"])
+        _, ps, _ = await self.h.call("GET", "apps/solo/ps", token=self.h.alice_token)
+        self.assertEqual([(p["name"], p["state"]) for p in ps], [("worker.1", "healthy")])
 
     async def test_failed_health_keeps_previous(self) -> None:
         """A release whose instances fail leaves the previous release serving."""

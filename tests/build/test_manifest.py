@@ -362,6 +362,51 @@ class HostileTreeTests(SynchronousTestCase):
                 parse_manifest(f"[process]\nw = run\n[symlinks]\nlink = {target}\n", None)
             self.assertIn("[symlinks] link: target", str(cm.exception))
 
+    def test_process_rollover(self) -> None:
+        """[process:NAME] rollover = start-first|stop-first is kept per process type and
+        survives the JSON round trip; an unknown value, key or process type, and a bad
+        process name, are refused with file:line."""
+        m = parse_manifest(
+            "[process]\nworker = python w.py\n[process:worker]\nrollover = stop-first\n"
+            "[process:Web]\nrollover = start-first\n",
+            "Web: python s.py\n",
+        )
+        self.assertEqual(dict(m.rollover), {"worker": "stop-first", "Web": "start-first"})
+        self.assertEqual(Manifest.from_json(m.to_json()).rollover, m.rollover)
+        self.assertEqual(dict(parse_manifest(None, "web: x\n").rollover), {})
+        with self.assertRaises(ManifestError) as cm:
+            parse_manifest(
+                "[process:worker]\nrollover = sometimes\n[process:nope]\nrollover = stop-first\n"
+                "[process:web]\ncolour = red\n[process:a b]\nrollover = stop-first\n",
+                "web: x\nworker: y\n",
+            )
+        self.assertEqual(cm.exception.errors, [
+            "epio.ini:2: [process:worker] rollover: must be start-first or stop-first, "
+            "not 'sometimes'",
+            "epio.ini:4: [process:nope] there is no process 'nope' (processes: web, worker)",
+            "epio.ini:6: [process:web] unknown key 'colour' (known: rollover)",
+            "epio.ini:7: [process:a b]: process names may only contain letters, digits, "
+            "'_' and '-'",
+        ])
+
+    def test_procfile_release_is_the_release_phase(self) -> None:
+        """A Procfile `release:` line is the release phase (Heroku's convention), not a
+        process type; [release] command in epio.ini wins over it, with a warning; a
+        [process] named release is refused."""
+        m = parse_manifest(None, "web: python s.py\nrelease: python migrate.py\n")
+        self.assertEqual(dict(m.processes), {"web": "python s.py"})
+        self.assertEqual(m.release_command, "python migrate.py")
+        both = parse_manifest("[release]\ncommand = ./migrate\n",
+                              "web: python s.py\nrelease: python migrate.py\n")
+        self.assertEqual(both.release_command, "./migrate")
+        self.assertEqual(list(both.warnings), [
+            "Procfile:2: release: is replaced by [release] command in epio.ini"])
+        with self.assertRaises(ManifestError) as cm:
+            parse_manifest("[process]\nrelease = python migrate.py\n", "web: x\n")
+        self.assertEqual(cm.exception.errors, [
+            "epio.ini:2: [process] 'release' is the release phase, not a process: "
+            "use [release] command"])
+
 
 class CronManifestTests(SynchronousTestCase):
     WEB = "[wsgi]\nentrypoint = app:application\n"

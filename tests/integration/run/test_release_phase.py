@@ -82,7 +82,8 @@ class ReleasePhaseTests(SynchronousTestCase):
     def test_release_command_once_per_deploy_and_failure_keeps_old_release(self) -> None:
         """A deploy runs the migration once, before its release serves; a deploy whose
         migration fails (run once too) makes no release and the previous one keeps
-        serving."""
+        serving.  The same holds for a Procfile `release:` line (Heroku's convention),
+        which is not a process type."""
         code, _, err = self.node.epio("run", "--app", "hello", "--", "true", check=False)
         self.assertEqual(code, 1)  # nothing to run in yet: a clear error, no traceback
         self.assertIn("has no release to run commands in yet: deploy it first", err)
@@ -106,3 +107,25 @@ class ReleasePhaseTests(SynchronousTestCase):
         self.assertEqual(self.serving(), f"release {first} migrations 2\n")
         audit = [r for r in self.node.runs(history=True) if r["kind"] == "release"]
         self.assertEqual([r["exit_status"] for r in audit], [3, 0])
+
+        # Heroku's convention: a Procfile `release:` line is the same release phase
+        heroku = self.node.tmp / "heroku"
+        shutil.copytree(self.app_dir, heroku)
+        (heroku / "epio.ini").unlink()
+        (heroku / "Procfile").write_text("web: python server.py\nrelease: python migrate.py\n")
+        code, out, err = self.deploy(heroku)
+        self.assertEqual(code, 0, out + err)
+        self.assertIn("migration 3", out)
+        self.assertIn("Release v2 (web);", out)  # `release` is no process type
+        wait_until("v2 serves", lambda: self.serving() == "release 2 migrations 3\n",
+                   timeout=30)
+        formation = json.loads(self.node.epio("scale", "--app", "hello", "--json")[1])
+        self.assertEqual([p["type"] for p in formation["processes"]], ["web"])
+        (heroku / "fail").write_text("yes\n")
+        code, out, err = self.deploy(heroku)
+        self.assertEqual(code, 1, out + err)
+        self.assertIn("the release command (python migrate.py) exited with status 3", err)
+        self.assertEqual(self.releases()[0]["version"], 2)  # no release was made
+        self.assertEqual(self.serving(), "release 2 migrations 4\n")
+        audit = [r for r in self.node.runs(history=True) if r["kind"] == "release"]
+        self.assertEqual([r["exit_status"] for r in audit], [3, 0, 3, 0])
