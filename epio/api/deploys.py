@@ -26,7 +26,7 @@ polled with ``log_offset`` by ``epio deploy``) and sent to the app's log.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from typing import Any
 
 from twisted.internet.defer import Deferred, ensureDeferred
@@ -41,10 +41,10 @@ from epio.api.state import (
     platform_line,
     processes_of,
     release_facts,
+    rollout_verdict,
+    serving_release,
 )
-from epio.store import App, Deploy, Store, User
-
-MAX_CRASH_RESTARTS = 3
+from epio.store import App, Deploy, InvalidTransition, NotFound, Release, Store, User
 
 
 def formation_text(formation: Mapping[str, Any], processes: Mapping[str, str],
@@ -85,20 +85,21 @@ class Deployer:
     addons: Any = None  # epio.api.addons.Addons, set by the api service
 
     def __init__(self, store: Store, control: Any, clock: Any, settings: ApiSettings,
-                 scheduler: Any = None, log_sink: Any = None) -> None:
+                 scheduler: Any = None, log_sink: Any = None,
+                 owner: Mapping[str, str] | None = None) -> None:
         self.store = store
         self.control = control
         self.clock = clock
         self.settings = settings
         self.scheduler = scheduler
         self.log_sink = log_sink
+        # which api process runs a deploy ({"node", "boot"}, kept in the deploy's meta):
+        # when that process is gone, the scheduler leader decides the deploy at once
+        self.owner = dict(owner or {})
         self.running: dict[str, Deferred[None]] = {}
         self.stopping = False
 
-    async def start(self, app: App, user: User, tarball: bytes) -> Deploy:
-        deploy = await self.store.create_deploy(app.name, "pending", created_by=user.name,
-                                                meta={"upload_bytes": len(tarball)})
-        d = ensureDeferred(self._run(app, deploy, tarball))
+    def _track(self, deploy: Deploy, d: Deferred[None]) -> None:
         if not d.called:
             self.running[deploy.id] = d
 
@@ -107,19 +108,41 @@ class Deployer:
                 return result
 
             d.addBoth(done)
+
+    async def start(self, app: App, user: User, tarball: bytes) -> Deploy:
+        deploy = await self.store.create_deploy(
+            app.name, "pending", created_by=user.name,
+            meta={"upload_bytes": len(tarball), "kind": "deploy", "owner": self.owner})
+        self._track(deploy, ensureDeferred(self._run(app, deploy, self._deploy(app, deploy,
+                                                                                tarball))))
+        return deploy
+
+    async def rollout(self, app: App, release: Release, created_by: str | None,
+                      kind: str) -> Deploy:
+        """Roll out a release made without a build (``kind``: ``config``, ``rollback``):
+        a deploy record that starts ``deploying`` and ends like a deploy's rollout."""
+        deploy = await self.store.create_deploy(app.name, "deploying", created_by=created_by,
+                                                meta={"kind": kind, "owner": self.owner})
+        deploy = await self.store.update_deploy(
+            deploy.id, release=release.version, image=release.image,
+            append_log=f"{release.description}: v{release.version}; rolling out\n")
+        self._track(deploy, ensureDeferred(self._run(app, deploy, self._finish_rollout(
+            app, deploy, release.version, dict(release.processes)))))
         return deploy
 
     async def stop(self) -> None:
-        """The api is stopping: mark this process's running deploys failed.
+        """The api is stopping: mark this process's running builds failed.
 
         Nothing is cancelled (a store transaction or a build request must not be cut
-        in the middle); each running deploy stops at its next step instead.
+        in the middle); each running deploy stops at its next step instead.  A
+        rollout (``deploying``) is left as it is: the scheduler leader finishes it
+        from what the instances report once this process is gone.
         """
         self.stopping = True
         for deploy_id in list(self.running):
             try:
                 d = await self.store.get_deploy(deploy_id)
-                if d.finished is None:
+                if d.finished is None and d.status != "deploying":
                     await self.store.update_deploy(
                         deploy_id, status="failed", reason=STOPPED,
                         append_log=f"Deploy failed: {STOPPED}\n")
@@ -145,13 +168,18 @@ class Deployer:
         platform_line(self.log_sink, deploy.app, text)
         return await self.store.update_deploy(deploy.id, append_log=text + "\n", **changes)
 
-    async def _run(self, app: App, deploy: Deploy, tarball: bytes) -> None:
+    async def _run(self, app: App, deploy: Deploy, work: Coroutine[Any, Any, None]) -> None:
         try:
-            await self._deploy(app, deploy, tarball)
+            await work
         except DeployFailed as e:
             await self._fail(deploy, str(e), e.status)
         except DeployInterrupted:
             pass  # stop() recorded it
+        except (NotFound, InvalidTransition) as e:
+            # the app was deleted meanwhile (its deploys with it), or someone else
+            # decided this deploy (the scheduler leader finishing an orphaned rollout)
+            self.log.info("deploy {id} of {app} ended elsewhere: {why}", id=deploy.id,
+                          app=app.name, why=str(e))
         except Exception:
             self.log.failure("deploy {id} of {app} failed", id=deploy.id, app=app.name)
             await self._fail(deploy, "internal error (logged on the api node)")
@@ -161,7 +189,12 @@ class Deployer:
             return  # stop() recorded it
         try:
             what = "cancelled" if status == "cancelled" else "failed"
-            await self._say(deploy, f"Deploy {what}: {reason}", status=status, reason=reason)
+            # this release is not serving (still deploying): the serving one is kept
+            kept = await serving_release(self.store, deploy.app)
+            await self._say(deploy, f"Deploy {what}: {reason}"
+                            + (f"; v{kept} keeps running" if kept is not None
+                               and what == "failed" else ""),
+                            status=status, reason=reason, meta={"kept": kept})
         except Exception:
             self.log.failure("recording the failure of deploy {id} failed", id=deploy.id)
         if self.scheduler is not None:
@@ -219,14 +252,21 @@ class Deployer:
             deploy, f"Release v{release.version} ({', '.join(sorted(processes))}); rolling out "
             f"{formation_text(formation, processes, new_types)}",
             status="deploying", release=release.version)
+        await self._finish_rollout(app, deploy, release.version, processes)
+
+    async def _finish_rollout(self, app: App, deploy: Deploy, version: int,
+                              processes: Mapping[str, str]) -> None:
+        """Wait until the release's instances are healthy (then routers switched) and
+        record it as current; DeployFailed when they do not become healthy."""
         if self.scheduler is not None:
             self.scheduler.wake()
+        formation = await self.store.get_formation(app.name)
         want = {t: f.quantity for t, f in formation.items()
                 if t in processes and f.quantity > 0}
-        await self._wait_healthy(app, release.version, want, deploy)
+        await self._wait_healthy(app, version, want, deploy)
         await deferLater(self.clock, self.settings.drain_seconds, lambda: None)
-        await self._say(deploy, f"Deployed v{release.version}: {self.settings.url_of(app.name)}",
-                        status="succeeded")
+        where = f": {self.settings.url_of(app.name)}" if "web" in want else ""
+        await self._say(deploy, f"Deployed v{version}{where}", status="succeeded")
 
     async def _pick_runner(self) -> Any:
         now = self.clock.seconds()
@@ -260,15 +300,12 @@ class Deployer:
                     reported[i.id] = i.state
                     deploy = await self._say(deploy, f"  {name}: {i.state}"
                                              + (f" on {i.node}" if i.node else ""))
-                if i.state == "failed" or (i.state != "healthy"
-                                           and i.restarts >= MAX_CRASH_RESTARTS):
-                    what = "failed" if i.state == "failed" else f"crashed {i.restarts} times"
-                    raise DeployFailed(
-                        f"{name} of v{version} {what} before becoming healthy "
-                        f"(see `epio logs`); v{version} gets no traffic")
-            healthy = {t: sum(1 for i in instances if i.process_type == t
-                              and i.state == "healthy") for t in want}
-            if all(healthy[t] >= n for t, n in want.items()):
+            verdict = rollout_verdict(instances, version, want)
+            if verdict.failure is not None:
+                raise DeployFailed(f"{verdict.failure} (see `epio logs`); v{version} gets "
+                                   "no traffic")
+            healthy = verdict.healthy
+            if verdict.done:
                 return
             if self.clock.seconds() >= deadline:
                 summary = ", ".join(f"{t} {healthy[t]}/{n}" for t, n in sorted(want.items()))

@@ -19,7 +19,14 @@ from twisted.logger import Logger
 from epio.api import errors
 from epio.api.settings import ApiSettings
 from epio.api.spec import HOSTNAME_RULE
-from epio.api.state import DEFAULT_SIZE, SIZES, current_release, failed_releases
+from epio.api.state import (
+    DEFAULT_SIZE,
+    SIZES,
+    ReleaseState,
+    current_release,
+    failed_releases,
+    release_states,
+)
 from epio.store import (
     App,
     Conflict,
@@ -217,15 +224,17 @@ class Platform:
     # --- releases -----------------------------------------------------------------
 
     async def describe_releases(self, app: App) -> list[dict[str, Any]]:
-        failed = await failed_releases(self.store, app.name)
-        current = await current_release(self.store, app.name)
-        return [_release(r, current, failed) for r in await self.store.list_releases(app.name)]
+        releases = await self.store.list_releases(app.name)
+        states = release_states(releases, await self.store.list_deploys(app.name, limit=200))
+        return [_release(r, states[r.version]) for r in releases]
 
     async def describe_release(self, app: App, version: int) -> dict[str, Any]:
         release = await self.store.get_release(app.name, version)
-        failed = await failed_releases(self.store, app.name)
-        current = await current_release(self.store, app.name)
-        return _release(release, current, failed)
+        releases = await self.store.list_releases(app.name, limit=200)
+        if all(r.version != version for r in releases):
+            releases.append(release)
+        states = release_states(releases, await self.store.list_deploys(app.name, limit=200))
+        return _release(release, states[version])
 
     async def rollback(self, user: User, app: App, version: int | None) -> Release:
         """A new release with an earlier release's image, processes and config vars."""
@@ -256,7 +265,7 @@ class Platform:
             app.name, changes, image=target.image, processes=target.processes,
             description=f"Rollback to v{target.version}", created_by=user.name,
             meta={**target.meta, "rollback_of": target.version})
-        self._wake()
+        await self._roll_out(user, app, release, "rollback")
         return release
 
     # --- config -----------------------------------------------------------------
@@ -264,8 +273,8 @@ class Platform:
     async def get_config(self, app: App) -> dict[str, str]:
         return await self.store.get_config(app.name)
 
-    async def update_config(self, user: User, app: App,
-                            changes: dict[str, str | None]) -> dict[str, str]:
+    async def update_config(self, user: User, app: App, changes: dict[str, str | None]
+                            ) -> tuple[dict[str, str], Release]:
         set_keys = sorted(k for k, v in changes.items() if v is not None)
         unset_keys = sorted(k for k, v in changes.items() if v is None)
         words = []
@@ -275,13 +284,20 @@ class Platform:
             words.append("Unset " + ", ".join(unset_keys))
         current = await current_release(self.store, app.name)
         # config and its release in one transaction: no config change without a release
-        config, _ = await self.store.set_config_and_release(
+        config, release = await self.store.set_config_and_release(
             app.name, changes, description="; ".join(words), created_by=user.name,
             image=current.image if current else None,
             processes=current.processes if current else {},
             meta=dict(current.meta) if current else {}, inherit_image=False)
+        await self._roll_out(user, app, release, "config")
+        return config, release
+
+    async def _roll_out(self, user: User, app: App, release: Release, kind: str) -> None:
+        """A release made without a build rolls out like a deploy's (a deploy record
+        in state ``deploying``), when it has something to run."""
+        if self.deployer is not None and release.image is not None:
+            await self.deployer.rollout(app, release, user.name, kind)
         self._wake()
-        return config
 
     # --- formation ----------------------------------------------------------------
 
@@ -453,14 +469,14 @@ def hostname_refused(host: str, app: str, platform: str, others: Iterable[str]) 
     return False
 
 
-def _release(r: Release, current: Release | None, failed: set[int]) -> dict[str, Any]:
-    is_current = current is not None and r.version == current.version
-    status = "current" if is_current else "failed" if r.version in failed else (
-        "pending" if current is not None and r.version > current.version else "superseded")
+def _release(r: Release, state: ReleaseState) -> dict[str, Any]:
+    d = state.deploy
     return {"version": r.version, "image": r.image, "processes": dict(r.processes),
             "config_keys": sorted(r.config), "description": r.description,
-            "created": r.created, "created_by": r.created_by, "current": is_current,
-            "status": status}
+            "created": r.created, "created_by": r.created_by,
+            "current": state.status == "current", "status": state.status,
+            "kept": state.kept, "deploy": d.id if d is not None else None,
+            "reason": d.reason if d is not None and state.status == "failed" else None}
 
 
 async def ensure_admin(store: Store, data_dir: Path) -> Path | None:

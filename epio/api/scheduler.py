@@ -46,10 +46,26 @@ from twisted.logger import Logger
 
 from epio.addons.services import SERVICE_PROCESS_TYPES
 from epio.api.settings import ApiSettings
-from epio.api.state import DEFAULT_SIZE, LIVE_STATES, SIZES, current_release, platform_line
-from epio.store import Instance, LeaderService, Store
+from epio.api.state import (
+    DEFAULT_SIZE,
+    LIVE_STATES,
+    SIZES,
+    current_release,
+    platform_line,
+    rollout_verdict,
+    serving_release,
+)
+from epio.store import (
+    DEPLOY_FINAL,
+    Deploy,
+    Instance,
+    InvalidTransition,
+    LeaderService,
+    NodeInfo,
+    Release,
+    Store,
+)
 from epio.store.addons import addon_ports
-from epio.store.store import DEPLOY_FINAL
 
 LOCK_NAME = "epio.scheduler"
 DEFAULT_BOOT_TIMEOUT = 60.0
@@ -109,6 +125,7 @@ class Scheduler:
         self.log_sink = log_sink
         self.views: dict[str, RunnerView] = {}
         self._uid_refused: set[str] = set()  # apps told no runner accepts their UID
+        self._nodes: dict[str, NodeInfo] = {}  # every node, as of this pass
         self.leader = False
         self.passes = 0
         self._loop: LoopingCall | None = None
@@ -182,7 +199,8 @@ class Scheduler:
     async def reconcile(self) -> None:
         """One full pass over every runner and app."""
         now = self.clock.seconds()
-        nodes = await self.store.list_nodes(role="runner")
+        self._nodes = {n.id: n for n in await self.store.list_nodes()}
+        nodes = [n for n in self._nodes.values() if "runner" in n.roles]
         for n in nodes:
             view = self.views.get(n.id)
             if view is None:
@@ -285,10 +303,10 @@ class Scheduler:
     async def _reconcile_app(self, app: Any, mine: list[Instance], everyone: list[Instance],
                              now: float) -> None:
         deploys = await self.store.list_deploys(app.name, limit=200)
-        await self._expire_deploys(app.name, now, deploys)
         # dedicated database servers are run by the add-ons code (epio.api.addons)
         mine = [i for i in mine if i.process_type not in SERVICE_PROCESS_TYPES]
         release = await current_release(self.store, app.name, deploys)
+        await self._recover_deploys(app.name, now, deploys, release, mine)
         formation = await self.store.get_formation(app.name)
         want: dict[str, int] = {}
         if release is not None and release.image:
@@ -403,17 +421,71 @@ class Scheduler:
             if d.release == release and d.status == "deploying":
                 await self.store.update_deploy(d.id, append_log=f"  {text}\n")
 
-    async def _expire_deploys(self, app: str, now: float, deploys: list[Any]) -> None:
-        """Fail deploys left unfinished by an api process that was killed mid-way."""
-        limit = self.settings.build_timeout + self.settings.rollout_timeout + 60.0
+    async def _recover_deploys(self, app: str, now: float, deploys: list[Deploy],
+                               release: Release | None, mine: list[Instance]) -> None:
+        """Decide at once the deploys whose api process is gone (a node restart, a
+        dead api node): a build is failed (nothing resumes it); a rollout is finished
+        from what its instances report (:func:`rollout_verdict`) -- never by a timer."""
         for d in deploys:
-            if d.status not in DEPLOY_FINAL and now - d.created > limit:
-                self.log.warn("deploy {id} of {app} was left {status}: marking it failed",
-                              id=d.id, app=app, status=d.status)
-                await self.store.update_deploy(
-                    d.id, status="failed", append_log="Deploy failed: interrupted\n",
-                    reason=f"interrupted while {d.status} (the api process running it "
-                           "stopped); deploy again")
+            if d.status in DEPLOY_FINAL:
+                continue
+            why = self._orphaned(d, now)
+            if why is None:
+                continue
+            try:
+                if d.status != "deploying":
+                    self.log.warn("deploy {id} of {app} was {status} when {why}: failing it",
+                                  id=d.id, app=app, status=d.status, why=why)
+                    await self.store.update_deploy(
+                        d.id, status="failed", reason=f"interrupted by {why}; deploy again",
+                        append_log=f"Deploy failed: interrupted by {why}\n")
+                elif d.release is not None:
+                    await self._finish_rollout(app, d, why, release, mine)
+            except InvalidTransition:
+                pass  # its own api process (or another leader) decided it meanwhile
+
+    def _orphaned(self, d: Deploy, now: float) -> str | None:
+        """Why nobody runs this deploy any more (None: its api process is alive)."""
+        owner = d.meta.get("owner") if isinstance(d.meta, dict) else None
+        if not isinstance(owner, dict) or not owner.get("node"):
+            return "an api process that recorded no owner"
+        node = self._nodes.get(str(owner["node"]))
+        if node is None:
+            return f"the loss of node {owner['node']}"
+        if node.boot_id != owner.get("boot"):
+            return "a node restart"
+        if now - node.last_seen >= self.settings.runner_dead_after:
+            return f"the loss of node {owner['node']}"
+        return None
+
+    async def _finish_rollout(self, app: str, d: Deploy, why: str, release: Release | None,
+                              mine: list[Instance]) -> None:
+        assert d.release is not None
+        if release is not None and release.version > d.release:
+            await self.store.update_deploy(
+                d.id, status="cancelled", reason=f"v{release.version} replaced v{d.release}",
+                append_log=f"Deploy cancelled: v{release.version} replaced v{d.release} "
+                           f"(rollout taken over after {why})\n")
+            return
+        rel = await self.store.get_release(app, d.release)
+        formation = await self.store.get_formation(app)
+        want = {t: f.quantity for t, f in formation.items()
+                if t in rel.processes and f.quantity > 0}
+        verdict = rollout_verdict(mine, d.release, want)
+        if verdict.failure is not None:
+            kept = await serving_release(self.store, app)
+            self.log.warn("rollout {id} of {app} (v{release}) failed after {why}: {reason}",
+                          id=d.id, app=app, release=d.release, why=why, reason=verdict.failure)
+            await self.store.update_deploy(
+                d.id, status="failed", reason=verdict.failure, meta={"kept": kept},
+                append_log=f"Deploy failed (rollout taken over after {why}): "
+                           f"{verdict.failure}\n")
+        elif verdict.done:
+            self.log.info("rollout {id} of {app} (v{release}) finished after {why}", id=d.id,
+                          app=app, release=d.release, why=why)
+            await self.store.update_deploy(
+                d.id, status="succeeded",
+                append_log=f"Deployed v{d.release} (rollout finished after {why})\n")
 
     # --- actions ------------------------------------------------------------------
 

@@ -185,7 +185,8 @@ class ApiService(MultiService):
         sched.setName("scheduler")
         sched.setServiceParent(self)
         self.deployer = Deployer(store, control, node.reactor, self.settings,
-                                 scheduler=self.scheduler, log_sink=sink)
+                                 scheduler=self.scheduler, log_sink=sink,
+                                 owner={"node": node.node_id, "boot": node.boot_id})
         self.platform = Platform(store, self.settings, node.reactor, deployer=self.deployer,
                                  scheduler=self.scheduler)
         from epio.api.addons import make_addons

@@ -99,8 +99,17 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "version": INT, "image": NULLABLE_STR, "processes": {"type": "object",
                                                            "additionalProperties": STR},
         "config_keys": array(STR), "description": STR, "created": NUM,
-        "created_by": NULLABLE_STR, "current": BOOL, "status": STR,
+        "created_by": NULLABLE_STR, "current": BOOL,
+        "status": {"type": "string", "enum": ["current", "deploying", "failed", "superseded"],
+                   "description": "current: its instances serve (its rollout succeeded); "
+                                  "deploying: rolling out; failed: it never served; "
+                                  "superseded: any other"},
+        "kept": {**NULLABLE_INT, "description": "failed: the release that kept running"},
+        "deploy": {**NULLABLE_STR, "description": "the deploy (rollout) of this release"},
+        "reason": {**NULLABLE_STR, "description": "failed: why"},
     }),
+    "ConfigUpdate": obj({"vars": {"type": "object", "additionalProperties": STR},
+                         "release": ref("Release")}),
     "Rollback": obj({"version": {"type": "integer", "minimum": 1}}, required=[]),
     "Deploy": obj({
         "id": STR, "app": STR,

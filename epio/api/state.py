@@ -3,6 +3,13 @@
 * The **current release** of an app is its newest release that no failed
   deploy produced: a deploy whose rollout failed leaves the previous release
   serving, and the scheduler converges on whatever is current.
+* The **serving release** is what ``epio releases`` calls ``current``: the newest
+  release whose rollout succeeded (or that has no rollout record).  While a newer
+  release rolls out, the scheduler already converges on it, but it is shown as
+  ``deploying``, and only becomes ``current`` once its instances are healthy.
+* :func:`rollout_verdict` is the one rule that decides a rollout from what the
+  instances report (the deployer watching its rollout and the scheduler leader
+  finishing one whose api process died both use it).
 * **Sizes** name the resource limits of a process type (``epio scale
   web=2:large``); the runner enforces them.
 """
@@ -12,10 +19,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from attrs import frozen
 from twisted.logger import Logger
 
 from epio.basicauth import DEFAULT_REALM
-from epio.store import Deploy, Release, Store
+from epio.store import DEPLOY_FINAL, Deploy, Instance, Release, Store
 
 _log = Logger()
 
@@ -49,6 +57,85 @@ async def current_release(store: Store, app: str, deploys: list[Deploy] | None =
         if release.version not in failed:
             return release
     return None
+
+
+#: an instance of the rolling-out release that crashed this often before becoming
+#: healthy fails the rollout
+MAX_CRASH_RESTARTS = 3
+
+
+@frozen
+class ReleaseState:
+    """What ``epio releases`` shows of one release."""
+
+    status: str  # current | deploying | failed | superseded
+    kept: int | None = None  # failed: the release that kept running
+    deploy: Deploy | None = None  # the rollout that made it current (or not)
+
+
+def release_states(releases: list[Release], deploys: list[Deploy]) -> dict[int, ReleaseState]:
+    """The state of each release from the rollouts (``deploys``) that made them.
+
+    ``failed``: its rollout failed, it never served; ``deploying``: its rollout runs;
+    ``current``: the newest release whose rollout succeeded (or that has no rollout
+    record); ``superseded``: any other (older, or replaced during its rollout).
+    """
+    newest: dict[int, Deploy] = {}
+    for d in sorted(deploys, key=lambda d: d.created, reverse=True):
+        if d.release is not None:
+            newest.setdefault(d.release, d)
+    serving = None
+    for r in sorted(releases, key=lambda r: r.version, reverse=True):
+        d = newest.get(r.version)
+        if d is None or d.status == "succeeded":
+            serving = r.version
+            break
+    out = {}
+    for r in releases:
+        d = newest.get(r.version)
+        if d is not None and d.status == "failed":
+            kept = d.meta.get("kept")
+            out[r.version] = ReleaseState("failed", kept if isinstance(kept, int) else None, d)
+        elif d is not None and d.status not in DEPLOY_FINAL:
+            out[r.version] = ReleaseState("deploying", None, d)
+        elif r.version == serving:
+            out[r.version] = ReleaseState("current", None, d)
+        else:
+            out[r.version] = ReleaseState("superseded", None, d)
+    return out
+
+
+async def serving_release(store: Store, app: str) -> int | None:
+    """The version that serves (``current`` in ``epio releases``), if any."""
+    releases = await store.list_releases(app, limit=200)
+    states = release_states(releases, await store.list_deploys(app, limit=200))
+    return next((v for v, s in states.items() if s.status == "current"), None)
+
+
+@frozen
+class Verdict:
+    """A rollout's outcome from its instances: ``done`` (all wanted healthy) or
+    ``failure`` (the reason), or neither yet."""
+
+    done: bool
+    failure: str | None
+    healthy: dict[str, int]
+
+
+def rollout_verdict(instances: list[Instance], version: int, want: Mapping[str, int]
+                    ) -> Verdict:
+    """Decide a rollout of ``version`` from its instances: failed as soon as one of
+    them ``failed`` or crashed :data:`MAX_CRASH_RESTARTS` times before being healthy;
+    done when every wanted process type has its quantity healthy."""
+    mine = [i for i in instances if i.release == version]
+    for i in mine:
+        if i.state == "failed" or (i.state != "healthy" and i.restarts >= MAX_CRASH_RESTARTS):
+            what = "failed" if i.state == "failed" else f"crashed {i.restarts} times"
+            return Verdict(False, f"{i.process_type}.{i.number} of v{version} {what} before "
+                                  "becoming healthy", {})
+    healthy = {t: sum(1 for i in mine if i.process_type == t and i.state == "healthy")
+               for t in want}
+    return Verdict(all(healthy[t] >= n for t, n in want.items()), None, healthy)
 
 
 def release_facts(manifest: Mapping[str, Any]) -> dict[str, Any]:

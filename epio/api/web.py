@@ -380,11 +380,14 @@ class Api:
         return {"vars": await self.platform.get_config(app)}
 
     @operation("PATCH", "/apps/{app}/config", "updateConfig",
-               "Set (KEY: value) and unset (KEY: null) config vars; makes a new release",
-               request=ref("ConfigChange"), response=ref("ConfigVars"), tag="config")
+               "Set (KEY: value) and unset (KEY: null) config vars; makes a new release "
+               "whose rollout starts (its `status` is `deploying` until it serves)",
+               request=ref("ConfigChange"), response=ref("ConfigUpdate"), tag="config")
     async def update_config(self, request: Any, user: Any, app: Any,
                             body: dict[str, Any]) -> Any:
-        return {"vars": await self.platform.update_config(user, app, body)}
+        config, release = await self.platform.update_config(user, app, body)
+        return {"vars": config, "release": await self.platform.describe_release(
+            app, release.version)}
 
     # --- formation and processes ----------------------------------------------------
 

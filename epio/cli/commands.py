@@ -257,34 +257,77 @@ def cmd_deploy(args: argparse.Namespace) -> int:
             pass
     if not quiet:
         print(f"Uploaded {human_size(size)}; deploy {deploy['id'][:12]}")
+    if args.no_wait:
+        if quiet:
+            print(json.dumps(deploy, indent=2, sort_keys=True))
+        else:
+            print(f"Not waiting (--no-wait): epio releases --app {name} shows how it went")
+        return 0
+    d = follow_deploy(client, name, deploy["id"], args,
+                      BuildLog(client, name, deploy["created"]))
+    if quiet:
+        print(json.dumps(d, indent=2, sort_keys=True))
+    elif "Deployed v" in d["log"] and ": http" not in d["log"].rsplit("Deployed v", 1)[1]:
+        print(f"{name} v{d['release']} is running (it has no web process)")
+    else:
+        print(f"{name} is live at {d['url']}")
+    return 0
+
+
+def follow_deploy(client: Client, name: str, deploy_id: str, args: argparse.Namespace,
+                  build_log: BuildLog | None = None) -> dict[str, Any]:
+    """Print a deploy's (or rollout's) progress until it ends; CliError unless it
+    succeeded (the new release is current)."""
+    quiet = args.json
     offset = 0
     deadline = time.monotonic() + args.timeout
-    build_log = BuildLog(client, name, deploy["created"])
+    log = ""
     while True:
-        d = client.get(f"apps/{name}/deploys/{deploy['id']}", log_offset=offset)
+        d = client.get(f"apps/{name}/deploys/{deploy_id}", log_offset=offset)
+        log += d["log"]
         if d["log"] and not quiet:
             sys.stdout.write(d["log"])
             sys.stdout.flush()
         offset = d["log_offset"]
-        if not quiet and d["status"] in ("pending", "building", "built"):
+        if build_log is not None and not quiet and d["status"] in ("pending", "building",
+                                                                    "built"):
             build_log.follow()
         if d["status"] in FINAL:
-            if not quiet and d["status"] == "failed" and d["image"] is None:
+            if build_log is not None and not quiet and d["status"] == "failed" \
+                    and d["image"] is None:
                 build_log.follow()  # the build's last lines say why it failed
             break
         if time.monotonic() > deadline:
             raise CliError(f"gave up following deploy {d['id'][:12]} after {args.timeout:g}s "
                            f"(it is {d['status']}); see `epio releases`")
         time.sleep(args.poll)
+    d["log"] = log
     if d["status"] != "succeeded":
         if quiet:
             print(json.dumps(d, indent=2, sort_keys=True))
         raise CliError(f"deploy failed: {d['reason'] or d['status']}")
-    if quiet:
-        print(json.dumps(d, indent=2, sort_keys=True))
-    else:
-        print(f"{name} is live at {d['url']}")
-    return 0
+    return d
+
+
+def follow_release(client: Client, name: str, rel: dict[str, Any],
+                   args: argparse.Namespace) -> None:
+    """Wait until a release made by config set/unset or rollback serves (default), or
+    fail saying which release keeps running; --no-wait returns at once."""
+    if args.no_wait or not rel.get("deploy"):
+        return
+    try:
+        follow_deploy(client, name, rel["deploy"], args)
+    except CliError as e:
+        now = client.get(f"apps/{name}/releases/{rel['version']}")
+        if now["status"] == "failed":
+            kept = f"; v{now['kept']} keeps running" if now.get("kept") else ""
+            raise CliError(f"v{rel['version']} did not become healthy: "
+                           f"{now['reason'] or 'failed'}{kept}") from None
+        if now["status"] == "superseded":
+            return  # a newer release carries this change on
+        raise e from None
+    if not args.json:
+        print(f"v{rel['version']} is current")
 
 
 class BuildLog:
@@ -366,7 +409,47 @@ def cmd_scale(args: argparse.Namespace) -> int:
         table([[p["type"], p["quantity"], p["size"], p["command"]]
                for p in formation["processes"]], ["TYPE", "QUANTITY", "SIZE", "COMMAND"])
 
-    return out(args, formation, human)
+    out(args, formation, human)
+    wanted = {t: c["quantity"] for t, c in changes.items() if "quantity" in c}
+    if wanted and not args.no_wait:
+        wait_scaled(client, name, wanted, args)
+    return 0
+
+
+def wait_scaled(client: Client, name: str, wanted: dict[str, int],
+                args: argparse.Namespace) -> None:
+    """Until exactly the wanted number of each type runs healthy (old ones gone);
+    CliError when one of them fails or crash-loops, or at --timeout."""
+    deadline = time.monotonic() + args.timeout
+    while True:
+        releases = client.get(f"apps/{name}/releases")
+        target = next((r["version"] for r in releases
+                       if r["status"] in ("current", "deploying") and r["image"]), None)
+        if target is None:
+            if not args.json:
+                print(f"{name} has no deployed release yet: its processes start with "
+                      "`epio deploy`")
+            return
+        ps = client.get(f"apps/{name}/ps")
+        missing = []
+        for ptype, n in sorted(wanted.items()):
+            mine = [p for p in ps if p["type"] == ptype]
+            for p in mine:
+                if p["release"] == target and (p["state"] == "failed" or (
+                        p["state"] != "healthy" and p["restarts"] >= 3)):
+                    raise CliError(f"{p['name']} did not become healthy ({p['state']}, "
+                                   f"{p['restarts']} restarts); see `epio logs --app {name}`")
+            healthy = sum(1 for p in mine if p["release"] == target and p["state"] == "healthy")
+            if healthy != n or len(mine) != n:
+                missing.append(f"{ptype} {healthy}/{n} healthy ({len(mine)} running)")
+        if not missing:
+            if not args.json:
+                print(f"{name}: " + ", ".join(f"{t}={n}" for t, n in sorted(wanted.items()))
+                      + " running")
+            return
+        if time.monotonic() > deadline:
+            raise CliError(f"gave up waiting after {args.timeout:g}s: " + "; ".join(missing))
+        time.sleep(args.poll)
 
 
 # --- config --------------------------------------------------------------------------
@@ -401,14 +484,22 @@ def cmd_config_set(args: argparse.Namespace) -> int:
         if not sep or not key:
             raise CliError(f"config set takes KEY=VALUE, not {item!r}")
         changes[key] = value
-    data = Client.from_config().patch(f"apps/{name}/config", changes)
-    return out(args, data, f"Set {', '.join(changes)} on {name} (new release)")
+    client = Client.from_config()
+    data = client.patch(f"apps/{name}/config", changes)
+    if not args.json:
+        print(f"Set {', '.join(changes)} on {name}: v{data['release']['version']}")
+    follow_release(client, name, data["release"], args)
+    return out(args, data, lambda: None)
 
 
 def cmd_config_unset(args: argparse.Namespace) -> int:
     name = app_of(args)
-    data = Client.from_config().patch(f"apps/{name}/config", {k: None for k in args.keys})
-    return out(args, data, f"Unset {', '.join(args.keys)} on {name} (new release)")
+    client = Client.from_config()
+    data = client.patch(f"apps/{name}/config", {k: None for k in args.keys})
+    if not args.json:
+        print(f"Unset {', '.join(args.keys)} on {name}: v{data['release']['version']}")
+    follow_release(client, name, data["release"], args)
+    return out(args, data, lambda: None)
 
 
 # --- releases ------------------------------------------------------------------------
@@ -422,7 +513,8 @@ def cmd_releases(args: argparse.Namespace) -> int:
         if not rels:
             print(f"{name} has no releases yet: epio deploy")
             return
-        table([[f"v{r['version']}" + (" *" if r["current"] else ""), r["status"],
+        table([[f"v{r['version']}" + (" *" if r["current"] else ""),
+                r["status"] + (f" (kept v{r['kept']})" if r.get("kept") else ""),
                 (r["image"] or "")[:12] or None, r["description"], r["created_by"],
                 ago(r["created"])] for r in rels],
               ["VERSION", "STATUS", "IMAGE", "DESCRIPTION", "BY", "CREATED"])
@@ -438,8 +530,12 @@ def cmd_rollback(args: argparse.Namespace) -> int:
         if not text.isdigit():
             raise CliError(f"rollback takes a release like v3, not {args.version!r}")
         body["version"] = int(text)
-    rel = Client.from_config().post(f"apps/{name}/rollback", body)
-    return out(args, rel, f"Rolled back {name}: {rel['description']} is v{rel['version']}")
+    client = Client.from_config()
+    rel = client.post(f"apps/{name}/rollback", body)
+    if not args.json:
+        print(f"Rolled back {name}: {rel['description']} is v{rel['version']}")
+    follow_release(client, name, rel, args)
+    return out(args, rel, lambda: None)
 
 
 # --- domains -------------------------------------------------------------------------
@@ -477,6 +573,18 @@ def cmd_open(args: argparse.Namespace) -> int:
 
 
 # --- parser --------------------------------------------------------------------------
+
+
+ROLLOUT_WAIT = 600.0  # seconds config set/unset, rollback and scale wait by default
+
+
+def waiting(p: argparse.ArgumentParser, timeout: float) -> None:
+    """--no-wait, --timeout (and the tests' --poll) of a command that waits for a rollout."""
+    p.add_argument("--no-wait", action="store_true",
+                   help="return at once instead of waiting until the change serves")
+    p.add_argument("--timeout", type=float, default=timeout,
+                   help=f"seconds to wait ({timeout:g}); then give up with status 1")
+    p.add_argument("--poll", type=float, default=1.0, help=argparse.SUPPRESS)
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -528,8 +636,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                        description="Pack DIR (honouring .epioignore), upload it, follow the "
                                    "build and rollout, and print the app's URL.")
     p.add_argument("dir", metavar="DIR", nargs="?", default=".")
-    p.add_argument("--timeout", type=float, default=1200.0, help="seconds to follow (1200)")
-    p.add_argument("--poll", type=float, default=1.0, help=argparse.SUPPRESS)
+    waiting(p, 1200.0)
     p.set_defaults(func=cmd_deploy)
 
     p = sub.add_parser("ps", parents=[common], help="list the app's processes")
@@ -538,6 +645,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                        description="Set quantities and sizes: epio scale web=2 worker=1:large. "
                                    "Without arguments, show the formation.")
     p.add_argument("changes", metavar="TYPE=N[:SIZE]", nargs="*")
+    waiting(p, ROLLOUT_WAIT)
     p.set_defaults(func=cmd_scale)
 
     cfg = sub.add_parser("config", parents=[common], help="list, get, set, unset config vars",
@@ -551,9 +659,11 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_config_get)
     p = csub.add_parser("set", parents=[common], help="set KEY=VALUE ...")
     p.add_argument("pairs", metavar="KEY=VALUE", nargs="+")
+    waiting(p, ROLLOUT_WAIT)
     p.set_defaults(func=cmd_config_set)
     p = csub.add_parser("unset", parents=[common], help="unset KEY ...")
     p.add_argument("keys", metavar="KEY", nargs="+")
+    waiting(p, ROLLOUT_WAIT)
     p.set_defaults(func=cmd_config_unset)
 
     p = sub.add_parser("releases", parents=[common], help="list releases")
@@ -562,6 +672,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                        description="Make a new release with an earlier release's image and "
                                    "config (default: the one before the current).")
     p.add_argument("version", metavar="vN", nargs="?")
+    waiting(p, ROLLOUT_WAIT)
     p.set_defaults(func=cmd_rollback)
 
     dom = sub.add_parser("domains", parents=[common], help="list, add, remove hostnames")

@@ -9,6 +9,7 @@ from epio.store.errors import (
     AppQuotaExceeded,
     Conflict,
     InvalidName,
+    InvalidTransition,
     InvalidValue,
     LastAdminToken,
     MigrationError,
@@ -35,7 +36,9 @@ from epio.store.records import (
 from epio.store.service import StoreService, open_store
 from epio.store.store import (
     CHANGE_KINDS,
+    DEPLOY_FINAL,
     DEPLOY_STATES,
+    DEPLOY_TRANSITIONS,
     INSTANCE_STATES,
     AppLimits,
     Change,
@@ -47,7 +50,9 @@ from epio.store.store import (
 
 __all__ = [
     "CHANGE_KINDS",
+    "DEPLOY_FINAL",
     "DEPLOY_STATES",
+    "DEPLOY_TRANSITIONS",
     "INSTANCE_STATES",
     "App",
     "AppLimits",
@@ -60,6 +65,7 @@ __all__ = [
     "Formation",
     "Instance",
     "InvalidName",
+    "InvalidTransition",
     "InvalidValue",
     "LastAdminToken",
     "LeaderService",

@@ -83,3 +83,8 @@ class IntegrityError(StoreError):
     """Internal: a constraint of the database was violated (backend-neutral)."""
 
     code = "conflict"
+
+
+class InvalidTransition(StoreError):
+    """A deploy state change its state machine does not have (DEPLOY_TRANSITIONS):
+    a bug, or a writer that lost a race (the deploy ended meanwhile)."""

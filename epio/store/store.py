@@ -28,6 +28,7 @@ from epio.store.errors import (
     Conflict,
     IntegrityError,
     InvalidName,
+    InvalidTransition,
     InvalidValue,
     LastAdminToken,
     NotFound,
@@ -70,6 +71,19 @@ MAX_CONFIG_VALUE = 32 * 1024
 INSTANCE_STATES = ("pending", "starting", "healthy", "draining", "crashed", "stopped", "failed")
 DEPLOY_STATES = ("pending", "building", "built", "deploying", "succeeded", "failed", "cancelled")
 DEPLOY_FINAL = ("succeeded", "failed", "cancelled")
+# The deploy (= rollout of one release) state machine, drawn in docs/deploys.md.  An
+# upload starts ``pending``; a config change or a rollback makes a release at once and
+# starts ``deploying``.  A final state never changes again.
+DEPLOY_INITIAL = frozenset({"pending", "deploying"})
+DEPLOY_TRANSITIONS: dict[str, frozenset[str]] = {
+    "pending": frozenset({"building", "failed"}),
+    "building": frozenset({"built", "failed"}),
+    "built": frozenset({"deploying", "failed"}),
+    "deploying": frozenset({"succeeded", "failed", "cancelled"}),
+    "succeeded": frozenset(),
+    "failed": frozenset(),
+    "cancelled": frozenset(),
+}
 
 
 CHANGE_KINDS = ("user", "app", "collaborator", "release", "config", "formation", "instance",
@@ -1022,6 +1036,8 @@ class Store:
                             meta: Mapping[str, Any] | None = None) -> Deploy:
         """Start recording a build/deploy of ``app``; returns it with a new id."""
         _check_deploy_status(status)
+        if status not in DEPLOY_INITIAL:
+            raise InvalidTransition(f"a deploy cannot start {status}")
         d = Deploy(uuid.uuid4().hex, app, status, None, None, "", None, self._now(),
                    None, created_by, dict(meta or {}))
 
@@ -1050,6 +1066,10 @@ class Store:
             if row is None:
                 raise NotFound(f"no deploy {deploy_id!r}")
             cur = _deploy(row)
+            if status is not None and status != cur.status \
+                    and status not in DEPLOY_TRANSITIONS[cur.status]:
+                raise InvalidTransition(f"deploy {deploy_id} is {cur.status}: it cannot "
+                                        f"become {status}")
             finished = cur.finished
             if status in DEPLOY_FINAL and finished is None:
                 finished = now

@@ -172,8 +172,11 @@ class Harness:
         self.store = await open_store(f"sqlite:///{self.tmp / 'store.sqlite3'}", reactor)
         self.scheduler = Scheduler(self.store, self.runners, reactor, self.settings,
                                    app_secret=partial(derive_app_secret, b"s" * 32))
+        # the api process running deploys: registered, so the leader knows it is alive
+        await self.store.upsert_node("api1", ["api"], None, "boot-1")
         self.deployer = Deployer(self.store, self.runners, reactor, self.settings,
-                                 scheduler=self.scheduler)
+                                 scheduler=self.scheduler, owner={"node": "api1",
+                                                                  "boot": "boot-1"})
         self.platform = Platform(self.store, self.settings, reactor, deployer=self.deployer,
                                  scheduler=self.scheduler)
         self.api = Api(self.platform, max_json_bytes=self.settings.max_json_bytes,

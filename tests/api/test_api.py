@@ -189,12 +189,12 @@ class AppTests(ApiTestCase):
         self.assertEqual(status, 200)
 
     async def test_nodes(self) -> None:
-        """GET /nodes lists registered nodes and whether they are alive, to admins only:
+        """GET /nodes lists registered nodes (the api process and a runner) and whether they are alive, to admins only:
         control endpoints and which protections are off are not every user's business."""
         await self.h.add_runner("r1")
         status, nodes, _ = await self.call("GET", "nodes", token=self.h.admin_token)
         self.assertEqual(status, 200)
-        self.assertEqual([(n["id"], n["alive"]) for n in nodes], [("r1", True)])
+        self.assertEqual([(n["id"], n["alive"]) for n in nodes], [("api1", True), ("r1", True)])
         status, body, _ = await self.call("GET", "nodes", token=self.h.alice_token)
         self.assertEqual((status, body["error"]["code"]), (403, "forbidden"))
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
 
@@ -447,8 +447,10 @@ class DeployTests(TestCase):
         self.assertEqual((first.status, second.status), ("cancelled", "succeeded"))
         self.assertIn("v2 replaced v1", first.reason)
 
-    async def test_stopping_marks_running_deploys_failed(self) -> None:
-        """When the api stops, a deploy it was running is marked failed, saying why."""
+    async def test_stopping_leaves_the_rollout_to_the_leader(self) -> None:
+        """When the api stops mid-rollout, the deploy stays `deploying` (nothing failed
+        it); once that api process is gone (its node restarted with a new boot id),
+        the leader finishes the rollout from what the instances report."""
         await self.h.add_runner("r1")
         await self.h.call("POST", "apps", token=self.h.alice_token, body={"name": "hello"})
         _, body, _ = await self.h.call("POST", "apps/hello/deploys", token=self.h.alice_token,
@@ -458,6 +460,38 @@ class DeployTests(TestCase):
                 break
             await settle(ensureDeferred(self.h.store.list_apps()))
         await settle(ensureDeferred(self.h.deployer.stop()))
+        self.assertEqual((await self.h.store.get_deploy(body["id"])).status, "deploying")
+        await self.h.scheduler.reconcile()  # its api process is still registered
+        self.assertEqual((await self.h.store.get_deploy(body["id"])).status, "deploying")
+        await self.h.store.upsert_node("api1", ["api"], None, "boot-2")
+        for _ in range(3):
+            await self.h.scheduler.reconcile()
+        d = await self.h.store.get_deploy(body["id"])
+        self.assertEqual(d.status, "succeeded", d.log)
+        self.assertIn("rollout finished after a node restart", d.log)
+
+    async def test_stopping_marks_running_builds_failed(self) -> None:
+        """When the api stops, a build it was running is marked failed, saying why."""
+        await self.h.add_runner("r1")
+        await self.h.call("POST", "apps", token=self.h.alice_token, body={"name": "hello"})
+        hold: Deferred[None] = Deferred()
+        real = self.h.runners.request
+
+        async def slow_build(endpoint: str, type: str, body: dict[str, Any],
+                             timeout: float | None = None) -> dict[str, Any]:
+            if type == "runner.build":
+                await hold
+            return await real(endpoint, type, body, timeout)
+
+        self.h.runners.request = slow_build  # type: ignore[method-assign]
+        _, body, _ = await self.h.call("POST", "apps/hello/deploys", token=self.h.alice_token,
+                                       raw=b"tar", content_type="application/gzip")
+        for _ in range(100):
+            if (await self.h.store.get_deploy(body["id"])).status == "building":
+                break
+            await settle(ensureDeferred(self.h.store.list_apps()))
+        await settle(ensureDeferred(self.h.deployer.stop()))
+        hold.callback(None)
         d = await self.h.store.get_deploy(body["id"])
         self.assertEqual(d.status, "failed")
         self.assertIn("the api process running it stopped", d.reason)
@@ -508,18 +542,75 @@ class DeployLifecycleTests(TestCase):
         self.addCleanup(lambda: ensureDeferred(self.h.stop()))
         return ensureDeferred(self.h.start())
 
-    async def test_interrupted_deploy_expires(self) -> None:
-        """A deploy left 'building' by a dead api process is marked failed by the leader."""
-        alice = await self.h.store.get_user_by_name("alice")
-        await self.h.store.create_app("old", alice.id)
-        d = await self.h.store.create_deploy("old", "building")
-        await self.h.scheduler.reconcile()
-        self.assertEqual((await self.h.store.get_deploy(d.id)).status, "building")
-        self.h.scheduler.clock = FakeNow(d.created + 10_000)
-        await self.h.scheduler.reconcile()
-        d = await self.h.store.get_deploy(d.id)
-        self.assertEqual(d.status, "failed")
-        self.assertIn("interrupted", d.reason)
+    async def passes(self, n: int = 3) -> None:
+        for _ in range(n):
+            await self.h.scheduler.reconcile()
+
+    async def test_restart_decides_at_once_and_no_timer_reverts_it(self) -> None:
+        """Deploys whose api process is gone are decided by the leader's next pass: a
+        build is failed ("interrupted by a node restart"), a rollout is finished from
+        what its instances report (healthy: succeeded; failed: failed, the previous
+        release kept); a deploy of a live api process is left alone.  30 minutes of
+        (fake) clock later, nothing has changed: no timer reverts a decision."""
+        store, runners = self.h.store, self.h.runners
+        await self.h.add_runner("r1")
+        alice = await store.get_user_by_name("alice")
+        before_restart = {"owner": {"node": "api1", "boot": "boot-0"}}
+        for app in ("hello", "crashy"):
+            await store.create_app(app, alice.id)
+            await store.create_release(app, DIGEST, processes={"web": "w", "worker": "k"})
+            await store.set_formation(app, "web", 1)
+            await store.set_formation(app, "worker", 1)
+        await store.create_release("crashy", DIGEST, processes={"web": "w", "worker": "k"})
+        await self.passes(2)
+        # interrupted mid-build, and mid-rollout (hello v2 fine, crashy v3 failing)
+        build = await store.create_deploy("hello", "pending", meta=before_restart)
+        build = await store.update_deploy(build.id, status="building")
+        rollouts = {}
+        for app in ("hello", "crashy"):
+            rel = await store.create_release(app, DIGEST2, processes={"web": "w", "worker": "k"})
+            d = await store.create_deploy(app, "deploying", meta=before_restart)
+            rollouts[app] = await store.update_deploy(d.id, release=rel.version)
+        runners.fail_health.add(3)
+        gone = await store.create_deploy("crashy", "pending",
+                                         meta={"owner": {"node": "api9", "boot": "x"}})
+        alive = await store.create_deploy("crashy", "pending",
+                                          meta={"owner": {"node": "api1", "boot": "boot-1"}})
+
+        await self.passes(3)
+        build = await store.get_deploy(build.id)
+        self.assertEqual((build.status, build.reason),
+                         ("failed", "interrupted by a node restart; deploy again"))
+        self.assertEqual((await store.get_deploy(gone.id)).reason,
+                         "interrupted by the loss of node api9; deploy again")
+        self.assertEqual((await store.get_deploy(alive.id)).status, "pending")
+        hello = await store.get_deploy(rollouts["hello"].id)
+        self.assertEqual(hello.status, "succeeded", hello.log)
+        self.assertIn("Deployed v2 (rollout finished after a node restart)", hello.log)
+        crashy = await store.get_deploy(rollouts["crashy"].id)
+        self.assertEqual((crashy.status, crashy.meta.get("kept")), ("failed", 2), crashy.log)
+        self.assertIn("of v3 failed before becoming healthy", crashy.reason)
+        await self.passes(2)
+
+        async def picture() -> Any:
+            deploys = {d.id: (d.status, d.reason) for app in ("hello", "crashy")
+                       for d in await store.list_deploys(app) if d.id != alive.id}
+            releases = {app: [(r["version"], r["status"], r["kept"]) for r in
+                              await self.h.platform.describe_releases(
+                                  await store.get_app(app))] for app in ("hello", "crashy")}
+            running = sorted((i["app"], i["process_type"], i["release"])
+                             for i in runners.running())
+            return deploys, releases, running
+
+        now = await picture()
+        self.assertEqual(now[1], {"hello": [(2, "current", None), (1, "superseded", None)],
+                                  "crashy": [(3, "failed", 2), (2, "current", None),
+                                             (1, "superseded", None)]})
+        self.assertEqual(now[2], [("crashy", "web", 2), ("crashy", "worker", 2),
+                                  ("hello", "web", 2), ("hello", "worker", 2)])
+        self.h.scheduler.clock = FakeNow(self.h.scheduler.clock.seconds() + 30 * 60)
+        await self.passes(3)
+        self.assertEqual(await picture(), now)
 
 
 class FakeNow:

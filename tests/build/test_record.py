@@ -23,7 +23,8 @@ class RecordBuildTests(TestCase):
     async def test_success_records_digest_and_manifest(self) -> None:
         """A built image's digest, manifest and facts land on the deploy, status built."""
         store = await self._store()
-        deploy = await store.create_deploy("hello", status="building")
+        deploy = await store.create_deploy("hello")  # an upload starts pending
+        deploy = await store.update_deploy(deploy.id, status="building")
         manifest = parse_manifest("[wsgi]\nentrypoint = app:application\n", None, [])
         result = BuildResult(
             "a" * 64, manifest, ["-----> Building hello", "done"], 1.5, {"workdir": "app"}
@@ -37,7 +38,8 @@ class RecordBuildTests(TestCase):
     async def test_failure_records_reason_and_log(self) -> None:
         """A failed build marks the deploy failed with the reason and the log tail."""
         store = await self._store()
-        deploy = await store.create_deploy("hello", status="building")
+        deploy = await store.create_deploy("hello")  # an upload starts pending
+        deploy = await store.update_deploy(deploy.id, status="building")
         d = await record_build(
             store, deploy.id, BuildFailed("pip wheel failed (exit status 1)", ["ERROR: nope"])
         )

@@ -167,6 +167,44 @@ class CliTests(TestCase):
         self.assertEqual([(p["name"], p["state"]) for p in json.loads(out)],
                          [("web.1", "healthy")])
 
+    async def test_release_commands_wait_for_the_rollout(self) -> None:
+        """config set, rollback and scale wait until the change serves and exit 0; a
+        config change whose release does not become healthy exits 1 saying which
+        release keeps running, and `epio releases` shows it "failed (kept v1)";
+        --no-wait returns at once with the release still deploying."""
+        await self.h.add_runner("r1")
+        self.h.scheduler.become_leader()
+        self.addCleanup(self.h.scheduler.lose_leadership)
+        await self.login()
+        await self.epio("apps", "create", "hello", "--no-remember")
+        (self.cwd / "Procfile").write_text("web: gunicorn app:app\n")
+        code, out, err = await self.epio("deploy", "--app", "hello", "--poll", "0.1")
+        self.assertEqual(code, 0, out + err)
+        code, out, err = await self.epio("config", "set", "A=1", "--app", "hello",
+                                         "--poll", "0.1")
+        self.assertEqual(code, 0, out + err)
+        self.assertIn("v2 is current", out)
+        self.h.runners.fail_health.add(3)
+        code, out, err = await self.epio("config", "set", "A=2", "--app", "hello",
+                                         "--poll", "0.1")
+        self.assertEqual(code, 1, out + err)
+        self.assertIn("v3 did not become healthy: web.1 of v3 failed before becoming "
+                      "healthy (see `epio logs`); v3 gets no traffic; v2 keeps running", err)
+        code, out, err = await self.epio("releases", "--app", "hello")
+        self.assertEqual([ln.split()[:4] for ln in out.splitlines()[1:4]],
+                         [["v3", "failed", "(kept", "v2)"], ["v2", "*", "current", "a" * 12],
+                          ["v1", "superseded", "a" * 12, "Deploy"]])
+        code, out, err = await self.epio("rollback", "v1", "--app", "hello", "--poll", "0.1")
+        self.assertEqual(code, 0, out + err)
+        self.assertIn("v4 is current", out)
+        code, out, err = await self.epio("scale", "web=2", "--app", "hello", "--poll", "0.1")
+        self.assertEqual(code, 0, out + err)
+        self.assertIn("hello: web=2 running", out)
+        code, out, err = await self.epio("config", "set", "B=1", "--app", "hello",
+                                         "--no-wait", "--json")
+        self.assertEqual(code, 0, out + err)
+        self.assertEqual(json.loads(out)["release"]["status"], "deploying")
+
     async def test_deploy_progress_bar_on_a_tty(self) -> None:
         """On a terminal, deploy shows an upload progress bar, then follows to the URL."""
         import pexpect

@@ -568,7 +568,9 @@ class StoreTestsMixin:
         self.assertEqual(d.log, "line 1\nline 2\n")
         self.assertEqual(d.meta, {"size": 10, "x": 1})
         self.assertIsNone(d.finished)
-        d = await self.store.update_deploy(d.id, status="succeeded", image=DIGEST, release=1)
+        d = await self.store.update_deploy(d.id, status="built", image=DIGEST)
+        d = await self.store.update_deploy(d.id, status="deploying", release=1)
+        d = await self.store.update_deploy(d.id, status="succeeded")
         self.assertIsNotNone(d.finished)
         self.assertEqual(await self.store.get_deploy(d.id), d)
         d2 = await self.store.create_deploy("dep")
@@ -580,6 +582,33 @@ class StoreTestsMixin:
             await self.store.update_deploy("nope", status="failed")
         with self.assertRaises(NotFound):
             await self.store.create_deploy("nope")
+
+    async def test_deploy_state_machine(self) -> None:
+        """A deploy moves only along DEPLOY_TRANSITIONS: it starts pending (an upload) or
+        deploying (a config change, a rollback), never skips a step, and a final state
+        never changes (a late writer that lost a race gets InvalidTransition)."""
+        from epio.store import DEPLOY_FINAL, DEPLOY_STATES, DEPLOY_TRANSITIONS, InvalidTransition
+
+        await self.store.create_app("sm", self.alice.id)
+        self.assertEqual(set(DEPLOY_TRANSITIONS), set(DEPLOY_STATES))
+        for final in DEPLOY_FINAL:
+            self.assertEqual(DEPLOY_TRANSITIONS[final], frozenset())
+        with self.assertRaises(InvalidTransition):
+            await self.store.create_deploy("sm", "building")
+        d = await self.store.create_deploy("sm")
+        with self.assertRaises(InvalidTransition):
+            await self.store.update_deploy(d.id, status="deploying")
+        d = await self.store.update_deploy(d.id, status="building")
+        d = await self.store.update_deploy(d.id, status="building", append_log="x\n")
+        d = await self.store.update_deploy(d.id, status="failed", reason="r")
+        for status in DEPLOY_STATES:
+            if status != "failed":
+                with self.assertRaises(InvalidTransition):
+                    await self.store.update_deploy(d.id, status=status)
+        self.assertEqual((await self.store.get_deploy(d.id)).status, "failed")
+        r = await self.store.create_deploy("sm", "deploying")
+        r = await self.store.update_deploy(r.id, status="cancelled")
+        self.assertIsNotNone(r.finished)
 
     # ----------------------------------------------------------------- locks
 
