@@ -44,7 +44,17 @@ from epio.api.state import (
     rollout_verdict,
     serving_release,
 )
-from epio.store import App, Deploy, InvalidTransition, NotFound, Release, Store, User
+from epio.store import (
+    DEPLOY_FINAL,
+    App,
+    Deploy,
+    Instance,
+    InvalidTransition,
+    NotFound,
+    Release,
+    Store,
+    User,
+)
 
 
 def formation_text(formation: Mapping[str, Any], processes: Mapping[str, str],
@@ -70,6 +80,9 @@ class DeployInterrupted(Exception):
 
 
 STOPPED = "the api process running it stopped; deploy again"
+#: lines of a failing instance's output a deploy's log shows (runner.status ``tail``
+#: carries at most as many, docs/messages.md)
+TAIL_LINES = 20
 
 
 class DeploySuperseded(DeployFailed):
@@ -146,6 +159,8 @@ class Deployer:
                     await self.store.update_deploy(
                         deploy_id, status="failed", reason=STOPPED,
                         append_log=f"Deploy failed: {STOPPED}\n")
+            except (NotFound, InvalidTransition):
+                pass  # deleted with its app, or ended meanwhile
             except Exception:
                 self.log.failure("marking deploy {id} failed failed", id=deploy_id)
 
@@ -263,10 +278,34 @@ class Deployer:
         formation = await self.store.get_formation(app.name)
         want = {t: f.quantity for t, f in formation.items()
                 if t in processes and f.quantity > 0}
-        await self._wait_healthy(app, version, want, deploy)
+        if not await self._wait_healthy(app, version, want, deploy):
+            return
         await deferLater(self.clock, self.settings.drain_seconds, lambda: None)
         where = f": {self.settings.url_of(app.name)}" if "web" in want else ""
         await self._say(deploy, f"Deployed v{version}{where}", status="succeeded")
+
+    async def _show_tail(self, deploy: Deploy, inst: Instance) -> Deploy:
+        """Put the last lines of an instance's output (from its runner's
+        ``runner.status``) in the deploy's log: why it did not become healthy."""
+        nodes = {n.id: n for n in await self.store.list_nodes(role="runner")}
+        node = nodes.get(inst.node or "")
+        lines: list[str] = []
+        if node is not None and node.control_endpoint:
+            try:
+                reply = await self.control.request(node.control_endpoint, "runner.status", {},
+                                                   timeout=self.settings.status_timeout)
+            except Exception as e:
+                self.log.info("no output of {id} from {node}: {error}", id=inst.id,
+                              node=node.id, error=str(e) or type(e).__name__)
+            else:
+                for info in reply.get("instances") or []:
+                    if isinstance(info, dict) and info.get("instance_id") == inst.id:
+                        lines = [str(t) for t in info.get("tail") or []][-TAIL_LINES:]
+        name = f"{inst.process_type}.{inst.number}"
+        if not lines:
+            return await self._say(deploy, f"  {name} wrote no output")
+        return await self._say(deploy, f"  last {len(lines)} lines of {name}'s output:\n"
+                               + "\n".join(f"  | {t}" for t in lines))
 
     async def _pick_runner(self) -> Any:
         now = self.clock.seconds()
@@ -282,12 +321,17 @@ class Deployer:
         return min(fresh or nodes, key=load)
 
     async def _wait_healthy(self, app: App, version: int, want: dict[str, int],
-                            deploy: Deploy) -> None:
+                            deploy: Deploy) -> bool:
+        """True once every wanted instance is healthy; False when someone else decided
+        the deploy meanwhile; DeployFailed when it fails."""
         deadline = self.clock.seconds() + self.settings.rollout_timeout
         reported: dict[str, str] = {}
         while True:
             if self.stopping:
                 raise DeployInterrupted()
+            # NotFound: the app was deleted (its deploys with it); ends the watch (_run)
+            if (await self.store.get_deploy(deploy.id)).status in DEPLOY_FINAL:
+                return False  # decided elsewhere; nothing to add
             current = await current_release(self.store, app.name)
             if current is not None and current.version > version:
                 raise DeploySuperseded(f"v{current.version} replaced v{version} during its "
@@ -302,12 +346,16 @@ class Deployer:
                                              + (f" on {i.node}" if i.node else ""))
             verdict = rollout_verdict(instances, version, want)
             if verdict.failure is not None:
+                assert verdict.culprit is not None
+                deploy = await self._show_tail(deploy, verdict.culprit)
                 raise DeployFailed(f"{verdict.failure} (see `epio logs`); v{version} gets "
                                    "no traffic")
             healthy = verdict.healthy
             if verdict.done:
-                return
+                return True
             if self.clock.seconds() >= deadline:
+                for i in [i for i in instances if i.state != "healthy"][:1]:
+                    deploy = await self._show_tail(deploy, i)
                 summary = ", ".join(f"{t} {healthy[t]}/{n}" for t, n in sorted(want.items()))
                 raise DeployFailed(
                     f"v{version} was not healthy within {self.settings.rollout_timeout:g}s "

@@ -43,6 +43,7 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from epio.addons.services import SERVICE_PROCESS_TYPES
 from epio.api.settings import ApiSettings
@@ -62,6 +63,7 @@ from epio.store import (
     InvalidTransition,
     LeaderService,
     NodeInfo,
+    NotFound,
     Release,
     Store,
 )
@@ -218,9 +220,24 @@ class Scheduler:
             try:
                 await self._reconcile_app(app, [i for i in instances if i.app == app.name],
                                           instances, now)
+            except NotFound:
+                failure = Failure()
+                if await self._deleted(app.name):
+                    # deleted while this pass worked on it: its instances are orphans now,
+                    # stopped by the next pass
+                    self.log.info("app {app} was deleted during the pass", app=app.name)
+                else:
+                    self.log.failure("reconciling app {app} failed", failure, app=app.name)
             except Exception:
                 self.log.failure("reconciling app {app} failed", app=app.name)
         self.passes += 1
+
+    async def _deleted(self, app: str) -> bool:
+        try:
+            await self.store.get_app(app)
+        except NotFound:
+            return True
+        return False
 
     async def _poll(self, view: RunnerView) -> None:
         if not view.endpoint:
@@ -274,7 +291,11 @@ class Scheduler:
             if inst.state == "draining":
                 new = evolve(new, since=inst.since)
             if new != inst:
-                await self.store.upsert_instance(new)
+                try:
+                    await self.store.upsert_instance(new)
+                except NotFound:  # its app was deleted since list_instances
+                    del known[iid]
+                    continue
                 known[iid] = new
                 if new.state != inst.state:
                     reason = info.get("reason")

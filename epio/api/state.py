@@ -120,6 +120,7 @@ class Verdict:
     done: bool
     failure: str | None
     healthy: dict[str, int]
+    culprit: Instance | None = None  # the instance that failed it
 
 
 def rollout_verdict(instances: list[Instance], version: int, want: Mapping[str, int]
@@ -132,7 +133,7 @@ def rollout_verdict(instances: list[Instance], version: int, want: Mapping[str, 
         if i.state == "failed" or (i.state != "healthy" and i.restarts >= MAX_CRASH_RESTARTS):
             what = "failed" if i.state == "failed" else f"crashed {i.restarts} times"
             return Verdict(False, f"{i.process_type}.{i.number} of v{version} {what} before "
-                                  "becoming healthy", {})
+                                  "becoming healthy", {}, i)
     healthy = {t: sum(1 for i in mine if i.process_type == t and i.state == "healthy")
                for t in want}
     return Verdict(all(healthy[t] >= n for t, n in want.items()), None, healthy)

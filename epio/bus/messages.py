@@ -304,7 +304,8 @@ _(MessageType(
 ))
 _(MessageType(
     "runner.status_reply", 1, "reply",
-    "A runner's node_id, boot_id and instances (heartbeat entries), plus isolation.",
+    "A runner's node_id, boot_id and instances (heartbeat entries; one that is starting, "
+    "crashed or failed also carries `tail`: its last 20 output lines), plus isolation.",
     fields={"node_id": str, "boot_id": str, "instances": list},
     optional={"isolation": dict, "control": str, "advertise_host": str, "load": dict},
 ))

@@ -371,7 +371,7 @@ def cmd_ps(args: argparse.Namespace) -> int:
 
     def human() -> None:
         if not ps:
-            print(f"{name} runs no processes (epio scale web=1)")
+            print(f"{name} runs no processes: {why_nothing_runs(client, name)}")
         else:
             table([[p["name"], f"v{p['release']}", p["state"], p["node"],
                     f"{p['host']}:{p['port']}" if p["port"] else None, ago(p["since"]),
@@ -381,6 +381,25 @@ def cmd_ps(args: argparse.Namespace) -> int:
             print(line)
 
     return out(args, ps, human)
+
+
+def why_nothing_runs(client: Client, name: str) -> str:
+    """The reason an app runs nothing, with a command that would change it."""
+    releases = [r for r in client.get(f"apps/{name}/releases") if r["image"]]
+    if not releases:
+        return "it has not been deployed yet (epio deploy)"
+    live = [r for r in releases if r["status"] in ("current", "deploying")]
+    if not live:
+        last = releases[0]
+        return (f"no release of it works (v{last['version']} {last['status']}"
+                + (f": {last['reason']}" if last.get("reason") else "")
+                + "); see `epio logs`, fix it and `epio deploy` again")
+    procs = client.get(f"apps/{name}/formation")["processes"]
+    declared = [p for p in procs if p["command"]]
+    if declared and all(p["quantity"] == 0 for p in declared):
+        return f"every process type is scaled to 0 (epio scale {declared[0]['type']}=1)"
+    return (f"v{live[0]['version']} is {live[0]['status']} and its instances are not up yet "
+            "(see `epio logs`)")
 
 
 def cmd_scale(args: argparse.Namespace) -> int:

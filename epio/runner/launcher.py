@@ -28,6 +28,7 @@ from zope.interface import implementer
 from epio.addons import btrfs
 from epio.addons.services import SERVICE_PROCESS_TYPES
 from epio.runner.cgroups import CgroupSupport, InstanceCgroup
+from epio.runner.ports import listening_ports, process_tree
 from epio.runner.sandbox import (
     DATA,
     DEFAULT_SHM_BYTES,
@@ -307,6 +308,12 @@ class SandboxLauncher:
 
     def oom_kills(self, launch: Launch) -> int:
         return launch.cgroup.oom_kills() if launch.cgroup is not None else 0
+
+    def listening_ports(self, launch: Launch) -> list[int]:
+        pids = set(launch.cgroup.pids()) if launch.cgroup is not None else set()
+        if launch.pid is not None:
+            pids |= process_tree([launch.pid])
+        return listening_ports(pids)
 
     def cleanup(self, launch: Launch) -> defer.Deferred[None]:
         return defer.Deferred.fromCoroutine(self._cleanup(launch))

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+#: ``/proc/net/tcp`` state of a listening socket
+_LISTEN = "0A"
 
 
 class NoFreePort(Exception):
@@ -59,3 +64,58 @@ class PortAllocator:
     def release(self, port: int | None) -> None:
         if port is not None:
             self.used.discard(port)
+
+
+def process_tree(pids: Iterable[int], proc: Path = Path("/proc")) -> set[int]:
+    """``pids`` and every descendant of them (from ``/proc/*/stat`` parent pids)."""
+    parent: dict[int, int] = {}
+    for entry in os.listdir(proc):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = (proc / entry / "stat").read_text()
+            parent[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    tree = set(pids)
+    grew = True
+    while grew:
+        more = {pid for pid, ppid in parent.items() if ppid in tree and pid not in tree}
+        tree |= more
+        grew = bool(more)
+    return tree
+
+
+def listening_ports(pids: Iterable[int], proc: Path = Path("/proc")) -> list[int]:
+    """TCP ports (IPv4 and IPv6) on which these processes hold a listening socket:
+    their socket inodes (``/proc/PID/fd``) matched against ``/proc/PID/net/tcp{,6}``
+    (the processes' own network namespace)."""
+    inodes: set[str] = set()
+    net: Path | None = None
+    for pid in pids:
+        fd_dir = proc / str(pid) / "fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(fd_dir / fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+                net = net or proc / str(pid) / "net"
+    if not inodes or net is None:
+        return []
+    ports: set[int] = set()
+    for name in ("tcp", "tcp6"):
+        try:
+            lines = (net / name).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if len(f) > 9 and f[3] == _LISTEN and f[9] in inodes:
+                ports.add(int(f[1].rsplit(":", 1)[1], 16))
+    return sorted(ports)

@@ -299,10 +299,12 @@ class RunnerService(OrderedMultiService):
 
     # -- heartbeats and registration ----------------------------------------------
 
-    def status_body(self) -> dict[str, Any]:
+    def status_body(self, tail: bool = True) -> dict[str, Any]:
+        """``runner.status``: instances that are not healthy carry their last lines of
+        output (``tail``); heartbeats leave those out."""
         return {
             "node_id": self.node_id, "boot_id": self.boot_id,
-            "instances": self.supervisor.heartbeat_instances(),
+            "instances": self.supervisor.heartbeat_instances(tail),
             "isolation": self.isolation.as_dict(), "control": self.control,
             "advertise_host": self.supervisor.settings.advertise_host,
             "load": self._load(),
@@ -315,7 +317,7 @@ class RunnerService(OrderedMultiService):
 
     def heartbeat_body(self) -> dict[str, Any]:
         self.seq += 1
-        body = self.status_body()
+        body = self.status_body(tail=False)
         body.update(seq=self.seq, interval=self.heartbeat_interval)
         if self.static_server is not None:
             body.update(self.static_server.announcement())

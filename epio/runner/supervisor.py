@@ -32,6 +32,7 @@ from __future__ import annotations
 import enum
 import re
 import signal
+from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -50,6 +51,9 @@ from epio.runner.ports import PortAllocator
 from epio.runner.sandbox import sandboxed_pid
 from epio.runner.users import UserError, app_user
 
+#: lines of an instance's output kept for a failed deploy's report, and their length cap
+TAIL_LINES = 20
+TAIL_LINE_MAX = 500
 INSTANCE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 PROCESS_TYPE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 DIGEST = re.compile(r"^(sha256:)?[0-9a-f]{64}$")
@@ -302,6 +306,10 @@ class ILauncher(Interface):
     def oom_kills(launch: Launch) -> int:  # type: ignore[empty-body]
         """How many out-of-memory kills the kernel counted for the launch."""
 
+    def listening_ports(launch: Launch) -> list[int]:  # type: ignore[empty-body]
+        """The TCP ports the launch's processes listen on (to say what is wrong when
+        a web process never answers on $PORT)."""
+
     def cleanup(launch: Launch) -> defer.Deferred[None]:  # type: ignore[empty-body]
         """Remove what prepare made (after the process is gone)."""
 
@@ -330,12 +338,16 @@ class Instance:
     starts: int = 0
     calls: dict[str, Any] = field(factory=dict)  # name -> IDelayedCall
     waiters: list[defer.Deferred[None]] = field(factory=list)
+    # the last TAIL_LINES lines of output (over restarts): what a failed deploy shows
+    tail: deque[str] = field(factory=lambda: deque(maxlen=TAIL_LINES))
 
     @property
     def running(self) -> bool:
         return self.transport is not None
 
-    def heartbeat(self, host: str) -> dict[str, Any]:
+    def heartbeat(self, host: str, tail: bool = False) -> dict[str, Any]:
+        """The instance as heartbeats and ``runner.status`` report it; ``tail``: with its
+        last lines of output while it is not healthy (runner.status only)."""
         s = self.spec
         out: dict[str, Any] = {
             "instance_id": s.instance_id, "app": s.app, "release": s.release,
@@ -344,6 +356,8 @@ class Instance:
         }
         if self.reason:
             out["reason"] = self.reason
+        if tail and self.state in (State.STARTING, State.CRASHED, State.FAILED) and self.tail:
+            out["tail"] = list(self.tail)
         return out
 
 
@@ -394,6 +408,7 @@ class InstanceProtocol(ProcessProtocol):
 
     def _line(self, raw: bytes) -> None:
         text = raw.rstrip(b"\r").decode("utf-8", "replace")
+        self.inst.tail.append(text[:TAIL_LINE_MAX])
         self.sup.sink.emit(self.inst.spec.app, self.inst.spec.source, text,
                            self.sup.reactor.seconds())
 
@@ -468,9 +483,9 @@ class Supervisor:
         except KeyError:
             raise UnknownInstance(instance_id) from None
 
-    def heartbeat_instances(self) -> list[dict[str, Any]]:
+    def heartbeat_instances(self, tail: bool = False) -> list[dict[str, Any]]:
         host = self.settings.advertise_host
-        return [i.heartbeat(host) for i in self.instances.values()]
+        return [i.heartbeat(host, tail) for i in self.instances.values()]
 
     def changed(self) -> None:
         try:
@@ -761,13 +776,29 @@ class Supervisor:
         inst.calls.pop("boot", None)
         if inst.generation != gen or inst.state is not State.STARTING or not inst.running:
             return
-        why = f"not healthy within the boot timeout of {inst.spec.boot_timeout:g}s"
+        assert inst.launch is not None
+        why = self._boot_failure(inst, self.launcher.listening_ports(inst.launch))
         inst.boot_failed = True
         inst.reason = why
         self._say(inst, why + ": killed")
-        assert inst.launch is not None
         self.launcher.signal(inst.launch, signal.SIGKILL)
         self.launcher.kill_all(inst.launch)
+
+    def _boot_failure(self, inst: Instance, listening: list[int]) -> str:
+        """Why a web instance never became healthy, naming $PORT and, when it listens
+        somewhere else, where."""
+        s, port = inst.spec, inst.port
+        within = f"within the boot timeout of {s.boot_timeout:g}s"
+        if port is not None and port in listening:
+            check = f"its health check GET {s.health_check}" if s.health_check else \
+                "a TCP connect"
+            return (f"not healthy {within}: it listens on $PORT ({port}) but {check} "
+                    "never succeeded")
+        if listening:
+            ports = ", ".join(str(p) for p in listening)
+            return (f"{s.process_type} listens on {ports}; it must listen on $PORT ({port}) "
+                    f"(not healthy {within})")
+        return f"not healthy {within}: nothing listens on $PORT ({port})"
 
     # -- exits ---------------------------------------------------------------
 

@@ -75,6 +75,7 @@ class FakeRunners:
         self.purged: list[tuple[str, str, int]] = []  # runner.purge_app: (endpoint, app, uid)
         self.requests: list[tuple[str, str, dict[str, Any]]] = []
         self.fail_health: set[int] = set()  # releases whose instances fail
+        self.tails: dict[int, list[str]] = {}  # release -> output lines of its instances
         self.build_error: str | None = None
         self.manifest: dict[str, Any] = {"processes": {"web": "gunicorn app:app"}}
         self.digests = [DIGEST, DIGEST2]
@@ -104,8 +105,12 @@ class FakeRunners:
                     inst["since"] = self.clock.seconds()  # as a runner reports state changes
                     if inst["state"] == "failed":
                         inst["reason"] = "health check /health failed 3 times"
+            out = [dict(i) for i in mine.values()]
+            for i in out:  # as runner.status: the last lines of one that is not healthy
+                if i["state"] != "healthy" and self.tails.get(i["release"]):
+                    i["tail"] = list(self.tails[i["release"]])
             return {"node_id": endpoint, "boot_id": "b", "load": self.load.get(endpoint, {}),
-                    "instances": [dict(i) for i in mine.values()]}
+                    "instances": out}
         if type == "runner.start":
             self.ports += 1
             mine[body["instance_id"]] = {

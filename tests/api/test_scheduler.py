@@ -260,6 +260,31 @@ class SchedulerTests(TestCase):
         self.assertEqual([i["release"] for i in runners.running("web1")], [5])
         self.assertEqual(at_start, [0, 0, 0, 0, 0])
 
+    async def test_app_deleted_during_a_pass(self) -> None:
+        """An app deleted while a pass places, starts or reports its instances is not a
+        bug: no traceback is logged (trial fails a test that logs one), the pass goes on
+        with the other apps, and the deleted app's instance is stopped as an orphan."""
+        await self.h.add_runner("r1")
+        await self.app_with_release("doomed")
+        await self.app_with_release("other")
+        runners = self.h.runners
+        real = runners.request
+        deleted: list[str] = []
+
+        async def request(endpoint: str, type: str, body: dict[str, Any],
+                          timeout: float | None = None) -> dict[str, Any]:
+            reply = await real(endpoint, type, body, timeout)
+            if type == "runner.start" and body["app"] == "doomed" and not deleted:
+                deleted.append(body["instance_id"])
+                await self.h.store.delete_app("doomed")
+            return reply
+
+        runners.request = request  # type: ignore[method-assign]
+        await self.passes(3)
+        self.assertEqual(len(deleted), 1)
+        self.assertEqual([i["app"] for i in runners.running()], ["other"])
+        self.assertEqual([i.app for i in await self.h.store.list_instances()], ["other"])
+
     async def test_old_release_drained_only_once_routers_see_the_new(self) -> None:
         """Healthy new instances do not retire the old ones until the nexus lists them
         in the app's route (routers learn from heartbeats, later than the scheduler);
@@ -389,6 +414,8 @@ class DeployTests(TestCase):
         self.assertEqual(d["status"], "succeeded", d["log"])
         self.assertIn("rolling out clock=0, mailer=1, web=1, worker=1 (new process types "
                       "start with 1: mailer;", d["log"])
+        for _ in range(3):  # the old release's instances are retired after the rollout
+            await self.h.scheduler.reconcile()
         _, ps, _ = await self.h.call("GET", "apps/hello/ps", token=self.h.alice_token)
         self.assertEqual(sorted(p["name"] for p in ps), ["mailer.1", "web.1", "worker.1"])
 
@@ -422,6 +449,22 @@ class DeployTests(TestCase):
         _, rels, _ = await self.h.call("GET", "apps/hello/releases", token=self.h.alice_token)
         self.assertEqual([(r["version"], r["status"]) for r in rels],
                          [(2, "failed"), (1, "current")])
+
+    async def test_failed_rollout_shows_the_instance_output(self) -> None:
+        """When an instance of the new release fails, the deploy's log shows the last 20
+        lines of its output (from runner.status), before the failure line."""
+        await self.h.add_runner("r1")
+        await self.h.call("POST", "apps", token=self.h.alice_token, body={"name": "hello"})
+        self.assertEqual((await self.deploy())["status"], "succeeded")
+        self.h.runners.fail_health.add(2)
+        self.h.runners.tails[2] = [f"Traceback line {n}" for n in range(25)]
+        d = await self.deploy()
+        self.assertEqual(d["status"], "failed")
+        _, full, _ = await self.h.call("GET", f"apps/hello/deploys/{d['id']}?log_offset=0",
+                                       token=self.h.alice_token)
+        shown = "  last 20 lines of web.1's output:\n" + "\n".join(
+            f"  | Traceback line {n}" for n in range(5, 25)) + "\nDeploy failed: web.1 of v2"
+        self.assertIn(shown, full["log"])
 
     async def test_newer_deploy_supersedes(self) -> None:
         """A deploy whose release is replaced during its rollout is cancelled; the newer

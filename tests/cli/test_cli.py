@@ -205,6 +205,38 @@ class CliTests(TestCase):
         self.assertEqual(code, 0, out + err)
         self.assertEqual(json.loads(out)["release"]["status"], "deploying")
 
+    async def test_ps_hints_only_at_commands_that_work(self) -> None:
+        """With nothing running, `epio ps` says why with a command that would help: deploy
+        a new app; after a failed first deploy, fix and deploy again (not `scale`, which
+        could not help); with everything scaled to 0, scale a type the app has."""
+        await self.h.add_runner("r1")
+        self.h.scheduler.become_leader()
+        self.addCleanup(self.h.scheduler.lose_leadership)
+        await self.login()
+        await self.epio("apps", "create", "hello", "--no-remember")
+        code, out, err = await self.epio("ps", "--app", "hello")
+        self.assertEqual(out.strip(), "hello runs no processes: it has not been deployed "
+                                      "yet (epio deploy)")
+        (self.cwd / "Procfile").write_text("worker: python w.py\n")
+        self.h.runners.manifest = {"processes": {"worker": "python w.py"}}
+        self.h.runners.fail_health.add(1)
+        code, out, err = await self.epio("deploy", "--app", "hello", "--poll", "0.1")
+        self.assertEqual(code, 1, out + err)
+        code, out, err = await self.epio("ps", "--app", "hello")
+        self.assertIn("hello runs no processes: no release of it works (v1 failed: "
+                      "worker.1 of v1 failed before becoming healthy", out)
+        self.assertIn("fix it and `epio deploy` again", out)
+        self.assertNotIn("scale", out)
+        self.h.runners.fail_health.clear()
+        code, out, err = await self.epio("deploy", "--app", "hello", "--poll", "0.1")
+        self.assertEqual(code, 0, out + err)
+        self.assertIn("hello v2 is running (it has no web process)", out)
+        code, out, err = await self.epio("scale", "worker=0", "--app", "hello", "--poll", "0.1")
+        self.assertEqual(code, 0, out + err)
+        code, out, err = await self.epio("ps", "--app", "hello")
+        self.assertEqual(out.strip(), "hello runs no processes: every process type is scaled "
+                                      "to 0 (epio scale worker=1)")
+
     async def test_deploy_progress_bar_on_a_tty(self) -> None:
         """On a terminal, deploy shows an upload progress bar, then follows to the URL."""
         import pexpect

@@ -112,6 +112,9 @@ class FakeLauncher:
     def oom_kills(self, launch: Launch) -> int:
         return 0
 
+    def listening_ports(self, launch: Launch) -> list[int]:
+        return []
+
     def cleanup(self, launch: Launch) -> defer.Deferred[None]:
         self.cleaned += 1
         return defer.succeed(None)

@@ -112,6 +112,7 @@ class FakeLauncher:
         self.fail_prepare: Exception | None = None
         self.pending: defer.Deferred[Any] | None = None
         self.hold = False
+        self.listening: list[int] = []  # what listening_ports reports
 
     def prepare(self, spec: InstanceSpec, port: int | None) -> defer.Deferred[Launch]:
         self.prepared.append((spec.instance_id, port))
@@ -135,6 +136,9 @@ class FakeLauncher:
 
     def oom_kills(self, launch: Launch) -> int:
         return self.ooms
+
+    def listening_ports(self, launch: Launch) -> list[int]:
+        return list(self.listening)
 
     def cleanup(self, launch: Launch) -> defer.Deferred[None]:
         self.cleaned += 1

@@ -229,6 +229,40 @@ class HealthTests(SynchronousTestCase):
         self.assertEqual(len(h.reactor.spawned), 1)
         self.assertEqual(h.ports.used, set())
 
+    def test_boot_timeout_says_what_is_wrong_with_port(self) -> None:
+        """The boot-timeout failure names $PORT and what the process listens on: another
+        port ("web listens on 5000; it must listen on $PORT"), $PORT itself (the health
+        check failed), or nothing."""
+        cases = [([5000], None, "web listens on 5000; it must listen on $PORT (20000) (not "
+                                "healthy within the boot timeout of 10s)"),
+                 ([20000, 9000], "/health", "not healthy within the boot timeout of 10s: it "
+                                            "listens on $PORT (20000) but its health check GET "
+                                            "/health never succeeded"),
+                 ([], None, "not healthy within the boot timeout of 10s: nothing listens on "
+                            "$PORT (20000)")]
+        for listening, check, reason in cases:
+            h = Harness()
+            h.launcher.listening = listening
+            h.sup.start(body(boot_timeout=10, health_check=check))
+            h.reactor.advance(10)
+            h.proc().exit(137)
+            self.assertEqual(h.sup.get("i1").reason, reason)
+
+    def test_status_carries_the_last_lines_of_an_unhealthy_instance(self) -> None:
+        """runner.status reports the last 20 lines of output (over restarts, each cut to
+        500 characters) of an instance that is not healthy; heartbeats and healthy
+        instances carry none."""
+        h = Harness()
+        h.sup.start(body(boot_timeout=10))
+        h.proc().output(b"".join(b"line %d\n" % n for n in range(30)) + b"x" * 600 + b"\n")
+        status = h.sup.heartbeat_instances(tail=True)[0]
+        self.assertEqual(status["tail"], [f"line {n}" for n in range(11, 30)] + ["x" * 500])
+        self.assertNotIn("tail", h.sup.heartbeat_instances()[0])
+        h.probe.healthy.add(20000)
+        h.reactor.advance(0.5)
+        self.assertEqual(h.state(), "healthy")
+        self.assertNotIn("tail", h.sup.heartbeat_instances(tail=True)[0])
+
     def test_unhealthy_running_instance_leaves_routes_and_restarts(self) -> None:
         """health_failures failed checks in a row: crashed at once (not routable), SIGTERM,
         then restarted after the backoff."""
