@@ -6,7 +6,8 @@ of v2, whose web process takes 4 s to listen; app ``fresh`` is uploaded with
 ``epio deploy --no-wait``.  While v2 rolls out and ``fresh`` builds, the node gets
 SIGKILL.  A new node on the same data dir must, within 10 s of being ready, have
 failed the build ("interrupted by a node restart") and finished the rollout from what
-the instances report (v2 is current) -- not leave them for a timer.
+the instances report (v2 is current) -- not leave them for a timer.  Then a deploy
+whose web process listens on another port than $PORT fails, saying so, with its output.
 """
 
 from __future__ import annotations
@@ -40,6 +41,15 @@ class H(http.server.BaseHTTPRequestHandler):
         pass
 
 http.server.HTTPServer(("", int(os.environ["PORT"])), H).serve_forever()
+"""
+
+WRONG_PORT = """\
+import socket, time
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+s.listen()
+print("listening on", s.getsockname()[1], flush=True)
+time.sleep(600)
 """
 
 DECIDE_WITHIN = 10.0  # seconds after the restarted node is ready (the issue's bound)
@@ -82,7 +92,9 @@ class RecoveryTests(SynchronousTestCase):
 
     def test_kill_mid_build_and_mid_rollout(self) -> None:
         """kill -9 while v2 rolls out and another app builds; after the restart the build
-        is failed and the rollout finished within 10 s, and v2 serves as current."""
+        is failed and the rollout finished within 10 s, and v2 serves as current.  Then a
+        web process listening on another port than $PORT fails its deploy, whose output
+        shows its last lines and says "web listens on N; it must listen on $PORT"."""
         code, out, err = self.node.epio("deploy", str(self.dirs["slow"]), "--app", "slow",
                                         "--poll", "0.2", check=False, timeout=180)
         self.assertEqual(code, 0, out + err)
@@ -136,3 +148,19 @@ class RecoveryTests(SynchronousTestCase):
         wait_until("only v2 runs", lambda: [(i["release"], i["state"]) for i in
                                             self.api("apps/slow/ps")] == [(2, "healthy")],
                    timeout=30, interval=0.2)
+
+        # a web process on the wrong port: the deploy fails saying so, with its output
+        wrong = self.node.tmp / "apps" / "wrong"
+        wrong.mkdir()
+        (wrong / "server.py").write_text(WRONG_PORT)
+        (wrong / "Procfile").write_text("web: python server.py\n")
+        (wrong / "requirements.txt").write_text("")
+        (wrong / "epio.ini").write_text("[http]\nboot_timeout = 3\n")
+        code, out, err = self.node.epio("deploy", str(wrong), "--app", "fresh", "--poll", "0.2",
+                                        check=False, timeout=180)
+        self.assertEqual(code, 1, out + err)
+        port = int(out.split("| listening on ", 1)[1].split()[0])
+        self.assertIn("last 1 lines of web.1's output:", out)
+        self.assertIn(f"web listens on {port}; it must listen on $PORT (", out)
+        self.assertIn("web.1 of v1 failed before becoming healthy", err)
+
