@@ -73,6 +73,9 @@ LOCK_NAME = "epio.scheduler"
 DEFAULT_BOOT_TIMEOUT = 60.0
 # store changes that alter desired state (instance changes are the leader's own writes)
 WAKE_ON = ("release", "formation", "app", "node", "resync")
+# a deploy's api node whose store row was not refreshed for this many times
+# api.runner_dead_after is gone (a restarted node is recognised at once by its boot id)
+OWNER_LOST_AFTER = 3
 RUNNER_STATES = ("starting", "healthy", "draining", "crashed", "failed", "stopped")
 
 
@@ -475,7 +478,9 @@ class Scheduler:
             return f"the loss of node {owner['node']}"
         if node.boot_id != owner.get("boot"):
             return "a node restart"
-        if now - node.last_seen >= self.settings.runner_dead_after:
+        if now - node.last_seen >= OWNER_LOST_AFTER * self.settings.runner_dead_after:
+            # rows are refreshed every runner.register_interval (10 s) or
+            # api.runner_dead_after / 3: a margin over both
             return f"the loss of node {owner['node']}"
         return None
 
