@@ -26,6 +26,7 @@ from epio.api.state import (
     current_release,
     failed_releases,
     release_states,
+    serving_release,
 )
 from epio.store import (
     App,
@@ -129,7 +130,7 @@ class Platform:
         instances = await self.store.list_instances(apps[0].name if len(apps) == 1 else None)
         out = []
         for app in apps:
-            release = await current_release(self.store, app.name)
+            serving = await serving_release(self.store, app.name)  # "current" in releases
             collaborators = [u.name for u in await self.store.list_collaborators(app.name)]
             counts: dict[str, int] = {}
             for inst in instances:
@@ -139,7 +140,7 @@ class Platform:
                 "name": app.name, "owner": users.get(app.owner_id, app.owner_id),
                 "url": self.settings.url_of(app.name), "created": app.created,
                 "maintenance": app.maintenance,
-                "release": release.version if release else None,
+                "release": serving,
                 "collaborators": collaborators, "processes": counts,
             })
         return out
