@@ -1,9 +1,15 @@
 """Deploys: tarball -> build on a runner -> release -> rollout, recorded in the store.
 
-A deploy is a small state machine kept in the store's ``deploys`` row::
+A deploy is a small state machine kept in the store's ``deploys`` row (the
+transition table is ``epio.store.DEPLOY_TRANSITIONS``, drawn in docs/deploys.md)::
 
     pending -> building -> built -> deploying -> succeeded
-        \\________\\__________\\___________\\-> failed (reason)
+        \\________\\__________\\___________\\-> failed (reason) / cancelled
+
+A config change or a rollback makes its release at once: :meth:`Deployer.rollout`
+records a deploy that starts ``deploying``.  The deploy records the api process
+running it (``meta.owner``); when that process is gone the scheduler leader
+decides it (epio.api.scheduler ``_recover_deploys``).
 
 * **build**: ``runner.build`` to the least loaded reachable runner (the build
   output goes to the app's log stream, source ``build``; the runner answers

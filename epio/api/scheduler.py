@@ -24,10 +24,16 @@ One pass (:meth:`Scheduler.reconcile`), for every app:
 2. start missing instances of the current release (spread: the runner with
    the fewest instances of that app and type, then the fewest instances);
    stop extras (draining first);
-3. zero-downtime rollover: an instance of an older release is drained only
-   once the current release has as many healthy instances of its type as
-   wanted (or when it is not healthy itself); a draining instance is stopped
-   ``api.drain_seconds`` later, after routers dropped it.
+3. rollover of every process type: an instance of an older release is
+   retired only once the current release has as many healthy instances of its
+   type as wanted (or when it is not healthy itself); a routed (web) one is
+   drained -- stopped ``api.drain_seconds`` later, after routers dropped it --,
+   any other is stopped at once.  A type with ``rollover = stop-first`` (the
+   release's meta) has its older instances stopped, confirmed, before any new
+   one starts;
+4. deploys whose api process is gone (a node restart, a lost node) are
+   decided at once: builds failed, rollouts finished from what the instances
+   report (docs/deploys.md).
 
 Every pass catches and logs its own errors (STYLE 15).
 """
