@@ -141,11 +141,11 @@ class RolloverTests(SynchronousTestCase):
                        interval=0.2)
         except AssertionError as e:
             raise self.node.fail(str(e)) from None
-        for _ in range(4):
+        for _ in range(3):
             pids = workers(app)
             self.assertEqual(len(pids), quantity,
                              f"{app} v{version}: processes {pids}, ps {self.api(f'apps/{app}/ps')}")
-            time.sleep(0.25)
+            time.sleep(0.2)
 
     def test_five_releases(self) -> None:
         """deploy, config set x2, rollback, deploy: after each rollover exactly the scaled
@@ -180,10 +180,15 @@ class RolloverTests(SynchronousTestCase):
         steps: list[tuple[str, ...]] = [("config", "set", "ROUND=1"), ("config", "set", "ROUND=2"),
                                         ("rollback",), ("deploy",)]
         for step in steps:
-            for app in scaled:
-                args = step + (str(self.dirs[app]), "--poll", "0.2") if step == ("deploy",) \
-                    else step
-                self.epio(*args, "--app", app)
+            # both apps' commands side by side; each waits for its rollout (and exits 0)
+            runs = {app: subprocess.Popen(
+                [*CLI, *step, *((str(self.dirs[app]),) if step == ("deploy",) else ()),
+                 "--app", app, "--poll", "0.2"],
+                env=self.node.env, cwd=self.node.tmp, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, text=True) for app in scaled}
+            for app, proc in runs.items():
+                output = proc.communicate(timeout=180)[0]
+                self.assertEqual(proc.returncode, 0, f"{app} {step}: {output}")
             for app, n in scaled.items():
                 self.rolled_over(app, n)
         self.assertEqual(self.newest("hello"), 5)
