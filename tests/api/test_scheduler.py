@@ -112,25 +112,35 @@ class SchedulerTests(TestCase):
 
     async def test_dead_runner_replaced(self) -> None:
         """Instances of a runner that stops answering are placed on another runner."""
+        # The scheduler reads liveness from its clock: give it the reactor's time plus an
+        # offset the test moves, so r1 is past runner_dead_after only when the test says
+        # (10 ms of real time, as before, also expired r2 whenever a pass ran slow).
+        from twisted.internet import reactor
+
+        class SteppedTime:
+            offset = 0.0
+
+            def seconds(self) -> float:
+                return reactor.seconds() + self.offset
+
+            def callLater(self, delay: float, f: Any, *a: Any, **kw: Any) -> Any:
+                return reactor.callLater(delay, f, *a, **kw)
+
+        time = SteppedTime()
+        self.h.scheduler.clock = time
         self.h.settings = self.h.scheduler.settings = self.h.settings.__class__(
-            runner_dead_after=0.01, drain_seconds=0.0)
+            runner_dead_after=30.0, drain_seconds=0.0)
         await self.h.add_runner("r1")
         await self.app_with_release(quantity=1)
         await self.passes(2)
+        self.assertEqual([i.node for i in await self.h.store.list_instances("web1")], ["r1"])
         await self.h.add_runner("r2")
         self.h.runners.down.add("tcp://r1:7731")
-        await settle(ensureDeferred(self.passes(1)))
-        from twisted.internet import reactor
-        from twisted.internet.task import deferLater
-
-        await deferLater(reactor, 0.05, lambda: None)
-        # runner_dead_after is 10 ms of real time: on a loaded machine a pass can take
-        # longer, and r2 then looks dead for a pass too; wait (bounded) for the outcome
-        for _ in range(20):
-            await self.passes(2)
-            insts = await self.h.store.list_instances("web1")
-            if [(i.node, i.state) for i in insts] == [("r2", "healthy")]:
-                break
+        await self.passes(1)  # r1 fails its poll, but is not dead yet
+        self.assertEqual([i.node for i in await self.h.store.list_instances("web1")], ["r1"])
+        time.offset += 31.0  # r2 answers every pass; r1 has not for 31 s
+        await self.passes(2)
+        insts = await self.h.store.list_instances("web1")
         self.assertEqual([(i.node, i.state) for i in insts], [("r2", "healthy")])
 
     async def test_store_change_wakes_the_leader(self) -> None:
