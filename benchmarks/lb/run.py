@@ -145,19 +145,21 @@ http {{
     return port, kind
 
 
-def start_epio(procs: Procs, tmp: Path, backend: int) -> int:
+def start_epio(procs: Procs, tmp: Path, backend: int, checkout: Path = CHECKOUT,
+               name: str = "epio") -> int:
+    """The real router (``twistd epio --role=lb --routes``) of ``checkout``."""
     port = free_port()
-    (tmp / "routes.toml").write_text(
+    (tmp / f"{name}-routes.toml").write_text(
         f'[apps.bench]\nhostnames = ["{HOST}"]\nbackends = ["127.0.0.1:{backend}"]\n')
-    (tmp / "epio.toml").write_text(f'[lb]\naccess_log = "{tmp}/epio-access.log"\n')
+    (tmp / f"{name}.toml").write_text(f'[lb]\naccess_log = "{tmp}/{name}-access.log"\n')
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(CHECKOUT)
+    env["PYTHONPATH"] = str(checkout)
     procs.start([*pin(0), sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-                 "-n", "--pidfile=", "--logfile", str(tmp / "epio.log"), "epio", "--role=lb",
-                 "--config", str(tmp / "epio.toml"), "--routes", str(tmp / "routes.toml"),
+                 "-n", "--pidfile=", "--logfile", str(tmp / f"{name}.log"), "epio", "--role=lb",
+                 "--config", str(tmp / f"{name}.toml"), "--routes", str(tmp / f"{name}-routes.toml"),
                  "--lb-listen", f"tcp:{port}:interface=127.0.0.1",
-                 "--data-dir", str(tmp / "epio-data")], env=env, cwd=str(tmp))
-    wait_port(port, what="epio", log=tmp / "epio.log")
+                 "--data-dir", str(tmp / f"{name}-data")], env=env, cwd=str(tmp))
+    wait_port(port, what=name, log=tmp / f"{name}.log")
     return port
 
 
@@ -367,6 +369,10 @@ def main() -> None:
     ap.add_argument("--churn", type=int, default=0, metavar="N",
                     help="instead: latency at --rate with N of 10k routes changing every second "
                          "vs no churn (in-process router, benchmarks/lb/churn_router.py)")
+    ap.add_argument("--ref", metavar="CHECKOUT",
+                    help="also run the router of another checkout (e.g. a git worktree of "
+                         "the previous commit) as config 'ref', in the same rounds, and print "
+                         "epio/ref")
     ap.add_argument("--open-loop", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.open_loop:
@@ -390,6 +396,9 @@ def main() -> None:
             if name in wanted:
                 ports[name] = fn(procs, tmp, backend)
                 groups[name] = procs.last
+            if name == "epio" and args.ref:
+                ports["ref"] = start_epio(procs, tmp, backend, Path(args.ref), "ref")
+                groups["ref"] = procs.last
         print(f"backend: {kind}; proxy+backend on CPU 0, load on CPU 1; "
               f"wrk -t1 -c50 -d{args.duration:g}s keep-alive")
         for _name, port in ports.items():  # warm-up (and check each config answers)
@@ -399,10 +408,15 @@ def main() -> None:
         all_ratio: list[float] = []
         all_cpu_ratio: list[float] = []
         all_added: dict[str, list[float]] = {}
+        all_p99_ratio: list[float] = []
+        all_ref: list[tuple[float, float, float]] = []
         for rnd in range(1, args.rounds + 1):
-            print(f"\nround {rnd}: throughput")
+            print(f"\nround {rnd}: throughput (load average {os.getloadavg()[0]:.1f})")
             res: dict[str, tuple[float, float, float, list[float]]] = {}
-            for name, port in ports.items():
+            order = list(ports.items())
+            if rnd % 2 == 0:
+                order.reverse()  # A/B/B/A: neither config always runs first
+            for name, port in order:
                 if port is None:
                     print(f"  {name:8s} not installed")
                     continue
@@ -425,6 +439,15 @@ def main() -> None:
                 all_cpu_ratio.append(cpu_ratio)
                 print(f"  epio/haproxy by CPU per request (proxy + backend on one core): "
                       f"{cpu_ratio:.2f}")
+            if "haproxy" in res and "epio" in res:
+                p99r = res["epio"][2] / res["haproxy"][2]
+                all_p99_ratio.append(p99r)
+                print(f"  epio/haproxy p99 at saturation: {p99r:.2f}")
+            if "ref" in res and "epio" in res:
+                (ce, _), (cr, _) = res["epio"][3], res["ref"][3]
+                all_ref.append((res["epio"][0] / res["ref"][0], ce / cr, res["epio"][2] / res["ref"][2]))
+                print(f"  epio/ref: req/s {all_ref[-1][0]:.2f}, proxy CPU/req {all_ref[-1][1]:.2f}, "
+                      f"p99 {all_ref[-1][2]:.2f}")
             if "nginx" in res and "epio" in res:
                 print(f"  epio/nginx ratio:   {res['epio'][0] / res['nginx'][0]:.2f}")
             if args.no_latency:
@@ -452,6 +475,15 @@ def main() -> None:
         if all_cpu_ratio:
             print(f"  epio/haproxy by CPU per request: median {statistics.median(all_cpu_ratio):.2f} "
                   f"(rounds: {', '.join(f'{r:.2f}' for r in all_cpu_ratio)})")
+        if all_p99_ratio:
+            print(f"  epio/haproxy p99 at saturation: median {statistics.median(all_p99_ratio):.2f} "
+                  f"(rounds: {', '.join(f'{r:.2f}' for r in all_p99_ratio)})")
+        if all_ref:
+            print("  epio/ref: req/s median {:.2f}, proxy CPU/req median {:.2f}, p99 median {:.2f} "
+                  "(rounds: {})".format(
+                      statistics.median(r[0] for r in all_ref), statistics.median(r[1] for r in all_ref),
+                      statistics.median(r[2] for r in all_ref),
+                      "; ".join(f"{a:.2f}/{b:.2f}/{c:.2f}" for a, b, c in all_ref)))
         for name, v in all_added.items():
             print(f"  {name:8s} added p99 at {args.rate:g} req/s: median {statistics.median(v):+.2f} ms "
                   f"(rounds: {', '.join(f'{x:+.2f}' for x in v)})")

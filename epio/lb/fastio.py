@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import tcp
+from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
 from twisted.logger import Logger
 
 FAST_TYPES = (tcp.Server, tcp.Client)
@@ -51,10 +52,14 @@ class ReadMux:
     and context tracking (~2.5 µs per event, two events per proxied request).
     The router instead takes its connections out of the reactor's read set and
     puts them in this epoll, whose own descriptor is one reader of the reactor:
-    one wrapped call per reactor wake-up, then a plain loop calling each ready
-    transport's own ``doRead`` (Twisted's recv and error handling, unchanged).
-    Writing, closing and connection loss stay Twisted's.  Paused connections are
-    taken out of the epoll altogether (no level-triggered HUP spinning).
+    one wrapped call per reactor wake-up, then a plain loop that does what
+    ``tcp.Connection.doRead`` does, inline: ``recv(bufferSize)``, ``EWOULDBLOCK`` is
+    nothing, another error is ``CONNECTION_LOST``, no bytes is ``CONNECTION_DONE``,
+    else ``protocol.dataReceived`` (two Python calls fewer per read than calling
+    ``doRead``; the Twisted version is pinned and ``tests/lb/test_fastio.py`` runs it
+    on real ``tcp.Connection`` objects).  Writing, closing and connection loss stay
+    Twisted's.  Paused connections are taken out of the epoll altogether (no
+    level-triggered HUP spinning).
     """
 
     log = Logger()
@@ -129,11 +134,21 @@ class ReadMux:
             if t is None or fd in paused:
                 continue
             try:
-                why = t.doRead()
-            except BaseException as e:
-                self.log.failure("router connection read failed")
-                why = e
-            if why is not None:
-                self.drop(fd)
-                self.reactor._disconnectSelectable(t, why, True)
+                data = t.socket.recv(t.bufferSize)
+            except BlockingIOError:
+                continue
+            except OSError:
+                why: Any = CONNECTION_LOST
+            else:
+                if not data:
+                    why = CONNECTION_DONE
+                else:
+                    try:
+                        t.protocol.dataReceived(data)
+                        continue
+                    except BaseException as e:
+                        self.log.failure("router connection read failed")
+                        why = e
+            self.drop(fd)
+            self.reactor._disconnectSelectable(t, why, True)
         return None

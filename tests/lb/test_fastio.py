@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 
-from twisted.internet import abstract, tcp
+from twisted.internet import abstract, main, tcp
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactor
 from twisted.trial.unittest import SynchronousTestCase
@@ -57,24 +57,20 @@ class _Reactor:
         self.lost.append((t, why))
 
 
-class _Transport:
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
+class _Recorder(Protocol):
+    def __init__(self) -> None:
         self.got: list[bytes] = []
-        self.stopped = False
 
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def stopReading(self) -> None:
-        self.stopped = True
-
-    def doRead(self) -> object:
-        data = self.sock.recv(65536)
-        if not data:
-            return "done"
+    def dataReceived(self, data: bytes) -> None:
         self.got.append(data)
-        return None
+
+
+def _transport(sock: socket.socket) -> tcp.Connection:
+    """A real Twisted TCP connection on ``sock`` (what ReadMux reads from inline)."""
+    conn = tcp.Connection(sock, _Recorder(), reactor=MemoryReactor())
+    conn.stopReading = lambda: None  # type: ignore[method-assign]
+    conn.connected = 1
+    return conn
 
 
 class ReadMuxTests(SynchronousTestCase):
@@ -92,22 +88,64 @@ class ReadMuxTests(SynchronousTestCase):
             self.addCleanup(a.close)
             self.addCleanup(b.close)
             a.setblocking(False)
-        ts = [_Transport(a) for a, _ in pairs]
+        ts = [_transport(a) for a, _ in pairs]
         fds = [mux.adopt(t) for t in ts]
-        self.assertTrue(all(t.stopped for t in ts))
         for i, (_, b) in enumerate(pairs):
             b.send(b"m%d" % i)
         mux.pause(fds[1])
         mux.doRead()
-        self.assertEqual([t.got for t in ts], [[b"m0"], [], [b"m2"]])
+        self.assertEqual([t.protocol.got for t in ts], [[b"m0"], [], [b"m2"]])
         pairs[1][1].close()  # hang up while paused: no read, no spin
         mux.doRead()
-        self.assertEqual(ts[1].got, [])
+        self.assertEqual(ts[1].protocol.got, [])
         mux.resume(fds[1])
         mux.doRead()
-        self.assertEqual(ts[1].got, [b"m1"])
+        self.assertEqual(ts[1].protocol.got, [b"m1"])
         mux.doRead()
-        self.assertEqual(r.lost, [(ts[1], "done")])
+        self.assertEqual(r.lost, [(ts[1], main.CONNECTION_DONE)])
         self.assertNotIn(fds[1], mux.conns)
         mux.stop()
         self.assertEqual(r.readers, [])
+
+    def test_read_error_and_protocol_failure_disconnect(self) -> None:
+        """A reset connection (recv error) is CONNECTION_LOST; an exception in
+        dataReceived is logged and disconnects that connection only; the others are
+        read in the same pass."""
+        import struct
+
+        from epio.lb.fastio import ReadMux
+
+        r = _Reactor()
+        mux = ReadMux(r)
+        pairs = [socket.socketpair() for _ in range(2)]
+        # a real TCP connection whose peer resets it: recv raises ECONNRESET
+        lsn = socket.create_server(("127.0.0.1", 0))
+        peer = socket.create_connection(lsn.getsockname())
+        srv, _ = lsn.accept()
+        lsn.close()
+        pairs.append((srv, peer))
+        for a, b in pairs:
+            self.addCleanup(a.close)
+            self.addCleanup(b.close)
+            a.setblocking(False)
+        ts = [_transport(a) for a, _ in pairs]
+        for t in ts:
+            mux.adopt(t)
+
+        def boom(data: bytes) -> None:
+            raise ValueError("protocol bug")
+
+        ts[0].protocol.dataReceived = boom  # type: ignore[method-assign]
+        pairs[0][1].send(b"x")
+        pairs[1][1].send(b"y")
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        peer.close()  # RST
+        mux.doRead()
+        self.assertEqual(ts[1].protocol.got, [b"y"])
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+        lost = dict((id(t), why) for t, why in r.lost)
+        self.assertEqual(set(lost), {id(ts[0]), id(ts[2])})
+        self.assertIsInstance(lost[id(ts[0])], ValueError)
+        self.assertIs(lost[id(ts[2])], main.CONNECTION_LOST)
+        self.assertEqual(ts[2].protocol.got, [])
+        self.assertEqual(set(mux.conns), {ts[1].fileno()})
