@@ -33,6 +33,17 @@ routes (docs/messages.md), already merged.
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__":
+    # The route feed process speaks the bus (HMAC-signed, no TLS) and a Unix socket:
+    # keep pyOpenSSL/cryptography and the ssl module out of it.  Twisted's reactor
+    # imports its TLS support eagerly when it can (twisted.internet.posixbase), about
+    # 14 MiB of RSS here (benchmarks/memory/run.py); a None entry in sys.modules makes
+    # those imports fail, which Twisted and asyncio treat as "no TLS available".
+    for _name in ("OpenSSL", "ssl"):
+        sys.modules.setdefault(_name, None)  # type: ignore[assignment]
+
 import json
 import os
 import stat

@@ -12,7 +12,7 @@ from pathlib import Path
 from twisted.trial.unittest import SynchronousTestCase
 
 from epio.tap import ROLES
-from tests.util import TWISTD, NodeProcess, epio_env, isolated_config, to_toml
+from tests.util import TWISTD, NodeProcess, child_processes, epio_env, isolated_config, to_toml
 
 
 class NodeProcessTests(SynchronousTestCase):
@@ -27,6 +27,15 @@ class NodeProcessTests(SynchronousTestCase):
         # router listening (once the in-process nexus gave it a table, through the
         # route feed process) shows the reactor running
         node.wait_for_log("router listening on", timeout=60)
+        # the route feed process (it served the table the router waited for) carries no
+        # TLS: neither pyOpenSSL/cryptography nor the ssl module is loaded in it
+        # (docs/router.md "Memory")
+        feeds = child_processes(node.proc.pid, "epio.lb.feed")
+        self.assertEqual(len(feeds), 1)
+        maps = Path(f"/proc/{feeds[0]}/maps").read_text()
+        self.assertIn("python", maps)
+        for lib in ("cryptography", "/OpenSSL/", "_ssl."):
+            self.assertNotIn(lib, maps)
         out = node.output()
         for role in [*ROLES, "store"]:
             self.assertIn(f"service {role} started", out)
