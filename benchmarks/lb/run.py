@@ -65,8 +65,17 @@ def wait_port(port: int, timeout: float = 20.0, what: str = "", log: Path | None
             time.sleep(0.05)
 
 
-def pin(cpu: int) -> list[str]:
+# --workers N: the proxies get N processes/threads and CPUs 0..N-1 (the backend
+# stays on CPU 0, the load generator on CPU 1)
+WORKERS = 1
+
+
+def pin(cpu: int | str) -> list[str]:
     return ["taskset", "-c", str(cpu)] if shutil.which("taskset") else []
+
+
+def proxy_cpus() -> str:
+    return ",".join(str(i) for i in range(WORKERS))
 
 
 class Procs:
@@ -146,15 +155,18 @@ http {{
 
 
 def start_epio(procs: Procs, tmp: Path, backend: int, checkout: Path = CHECKOUT,
-               name: str = "epio") -> int:
-    """The real router (``twistd epio --role=lb --routes``) of ``checkout``."""
+               name: str = "epio", workers: int | None = None) -> int:
+    """The real router (``twistd epio --role=lb --routes``) of ``checkout``, with
+    ``lb.workers`` = ``workers`` (default: ``--workers``)."""
+    workers = WORKERS if workers is None else workers
     port = free_port()
     (tmp / f"{name}-routes.toml").write_text(
         f'[apps.bench]\nhostnames = ["{HOST}"]\nbackends = ["127.0.0.1:{backend}"]\n')
-    (tmp / f"{name}.toml").write_text(f'[lb]\naccess_log = "{tmp}/{name}-access.log"\n')
+    (tmp / f"{name}.toml").write_text(
+        f'[lb]\naccess_log = "{tmp}/{name}-access.log"\nworkers = {workers}\n')
     env = dict(os.environ)
     env["PYTHONPATH"] = str(checkout)
-    procs.start([*pin(0), sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+    procs.start([*pin(proxy_cpus() if workers > 1 else 0), sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
                  "-n", "--pidfile=", "--logfile", str(tmp / f"{name}.log"), "epio", "--role=lb",
                  "--config", str(tmp / f"{name}.toml"), "--routes", str(tmp / f"{name}-routes.toml"),
                  "--lb-listen", f"tcp:{port}:interface=127.0.0.1",
@@ -171,7 +183,7 @@ def start_haproxy(procs: Procs, tmp: Path, backend: int) -> int | None:
     conf.write_text(f"""
 global
   maxconn 4096
-  nbthread 1
+  nbthread {WORKERS}
 defaults
   mode http
   timeout connect 5s
@@ -188,7 +200,7 @@ backend be
   option forwardfor
   server s1 127.0.0.1:{backend}
 """)
-    procs.start([*pin(0), "haproxy", "-f", str(conf), "-db"])
+    procs.start([*pin(proxy_cpus()), "haproxy", "-f", str(conf), "-db"])
     wait_port(port, what="haproxy")
     return port
 
@@ -199,7 +211,7 @@ def start_nginx_proxy(procs: Procs, tmp: Path, backend: int) -> int | None:
     port = free_port()
     conf = tmp / "nginx-proxy.conf"
     conf.write_text(f"""
-worker_processes 1;
+worker_processes {WORKERS};
 daemon off;
 pid {tmp}/nginx-proxy.pid;
 error_log {tmp}/nginx-proxy.err;
@@ -221,7 +233,7 @@ http {{
   }}
 }}
 """)
-    procs.start([*pin(0), "nginx", "-c", str(conf)])
+    procs.start([*pin(proxy_cpus()), "nginx", "-c", str(conf)])
     wait_port(port, what="nginx proxy", log=tmp / "nginx-proxy.err")
     return port
 
@@ -373,6 +385,10 @@ def main() -> None:
                     help="also run the router of another checkout (e.g. a git worktree of "
                          "the previous commit) as config 'ref', in the same rounds, and print "
                          "epio/ref")
+    ap.add_argument("--workers", type=int, default=1, metavar="N",
+                    help="N proxy processes/threads on CPUs 0..N-1: epio lb.workers = N, "
+                         "HAProxy nbthread N, nginx worker_processes N; epio with one "
+                         "worker is also run (config 'epio1') for the scaling ratio")
     ap.add_argument("--open-loop", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.open_loop:
@@ -381,6 +397,8 @@ def main() -> None:
     if args.churn:
         churn_main(args)
         return
+    global WORKERS
+    WORKERS = args.workers
     if not shutil.which("wrk"):
         raise SystemExit("wrk is not installed (apt-get install wrk)")
     procs = Procs()
@@ -396,10 +414,13 @@ def main() -> None:
             if name in wanted:
                 ports[name] = fn(procs, tmp, backend)
                 groups[name] = procs.last
+            if name == "epio" and args.workers > 1:
+                ports["epio1"] = start_epio(procs, tmp, backend, CHECKOUT, "epio1", workers=1)
+                groups["epio1"] = procs.last
             if name == "epio" and args.ref:
                 ports["ref"] = start_epio(procs, tmp, backend, Path(args.ref), "ref")
                 groups["ref"] = procs.last
-        print(f"backend: {kind}; proxy+backend on CPU 0, load on CPU 1; "
+        print(f"backend: {kind}; proxy on CPU(s) {proxy_cpus()}, backend on CPU 0, load on CPU 1; "
               f"wrk -t1 -c50 -d{args.duration:g}s keep-alive")
         for _name, port in ports.items():  # warm-up (and check each config answers)
             if port is not None:
@@ -410,6 +431,7 @@ def main() -> None:
         all_added: dict[str, list[float]] = {}
         all_p99_ratio: list[float] = []
         all_ref: list[tuple[float, float, float]] = []
+        all_scale: list[float] = []
         for rnd in range(1, args.rounds + 1):
             print(f"\nround {rnd}: throughput (load average {os.getloadavg()[0]:.1f})")
             res: dict[str, tuple[float, float, float, list[float]]] = {}
@@ -443,6 +465,9 @@ def main() -> None:
                 p99r = res["epio"][2] / res["haproxy"][2]
                 all_p99_ratio.append(p99r)
                 print(f"  epio/haproxy p99 at saturation: {p99r:.2f}")
+            if "epio1" in res and "epio" in res:
+                all_scale.append(res["epio"][0] / res["epio1"][0])
+                print(f"  epio {args.workers} workers / 1 worker: {all_scale[-1]:.2f}")
             if "ref" in res and "epio" in res:
                 (ce, _), (cr, _) = res["epio"][3], res["ref"][3]
                 all_ref.append((res["epio"][0] / res["ref"][0], ce / cr, res["epio"][2] / res["ref"][2]))
@@ -478,6 +503,9 @@ def main() -> None:
         if all_p99_ratio:
             print(f"  epio/haproxy p99 at saturation: median {statistics.median(all_p99_ratio):.2f} "
                   f"(rounds: {', '.join(f'{r:.2f}' for r in all_p99_ratio)})")
+        if all_scale:
+            print(f"  epio {args.workers} workers / 1 worker: median {statistics.median(all_scale):.2f} "
+                  f"(rounds: {', '.join(f'{r:.2f}' for r in all_scale)})")
         if all_ref:
             print("  epio/ref: req/s median {:.2f}, proxy CPU/req median {:.2f}, p99 median {:.2f} "
                   "(rounds: {})".format(
