@@ -206,6 +206,16 @@ class ApiService(MultiService):
                              self.settings.purge_interval, self.settings.leader_retry)
         purge.setName("purge")
         purge.setServiceParent(self)
+        from epio.certs.api import Certs
+        from epio.certs.issuer import make_issuer_service
+
+        self.api.certs = Certs(store, node.secret, bool(node.config["acme"]["directory"]),
+                               node.reactor)
+
+        issuer = make_issuer_service(node, store, self.settings.leader_retry)
+        if issuer is not None:  # acme.directory set (docs/https.md)
+            issuer.setName("acme-issuer")
+            issuer.setServiceParent(self)
         self.api.log_tail = self._log_tail()
         self.api.platform = self.platform
         from epio.api.run import install as install_run

@@ -101,6 +101,7 @@ class Api:
     app = _klein
     log = Logger()
     addons: Any = None  # epio.api.addons.Addons (add-on and backup routes)
+    certs: Any = None  # epio.certs.api.Certs (certificate routes), set by the api service
 
     def __init__(self, platform: Any, *, max_json_bytes: int = 1 << 20,
                  max_upload_bytes: int = 200 << 20, log_tail: Any = None) -> None:
@@ -433,6 +434,27 @@ class Api:
     async def remove_domain(self, request: Any, user: Any, app: Any, hostname: str) -> Any:
         await self.platform.remove_domain(user, app, hostname)
         return {"deleted": hostname}
+
+    # --- certificates (epio.certs, docs/https.md) ------------------------------------
+
+    @operation("GET", "/apps/{app}/certs", "listCertificates",
+               "TLS certificate of each custom domain: source (acme/owner), state, expiry, "
+               "last error", response=array(ref("Certificate")), tag="domains")
+    async def list_certs(self, request: Any, user: Any, app: Any) -> Any:
+        return await self._certs().describe(app)
+
+    @operation("POST", "/apps/{app}/certs", "addCertificate",
+               "Serve the owner's own certificate (PEM chain, leaf first, and its unencrypted "
+               "key) for one of the app's domains", request=ref("NewCertificate"),
+               response=ref("Certificate"), status=201, tag="domains")
+    async def add_cert(self, request: Any, user: Any, app: Any, body: dict[str, Any]) -> Any:
+        await self.platform._require_owner(user, app)
+        return await self._certs().add(app, body["hostname"], body["certificate"], body["key"])
+
+    def _certs(self) -> Any:
+        if self.certs is None:
+            raise errors.Unavailable("certificates are not available yet; try again")
+        return self.certs
 
     # --- logs (epio.api.logtail, owned by the logs part) ---------------------------
 

@@ -583,6 +583,47 @@ def cmd_domains_remove(args: argparse.Namespace) -> int:
     return out(args, {"deleted": args.hostname}, f"Removed {args.hostname} from {name}")
 
 
+# --- certificates (docs/https.md) -----------------------------------------------------
+
+
+def _when(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ts))
+
+
+def cmd_certs_list(args: argparse.Namespace) -> int:
+    name = app_of(args)
+    certs = Client.from_config().get(f"apps/{name}/certs")
+
+    def human() -> None:
+        if not certs:
+            print(f"{name} has no custom domain (epio domains add HOSTNAME)")
+        for c in certs:
+            line = (f"{c['hostname']}  {c['state']}  source={c['source'] or '-'}  "
+                    f"expires={_when(c['not_after'])}")
+            if c["state"] == "failed":
+                line += f"  retry={_when(c['next_attempt'])}"
+            print(line)
+            if c["last_error"]:
+                print(f"    last error: {c['last_error']}")
+
+    return out(args, certs, human)
+
+
+def cmd_certs_add(args: argparse.Namespace) -> int:
+    name = app_of(args)
+    try:
+        cert = Path(args.cert).read_text()
+        key = Path(args.key).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f"epio: cannot read the certificate or key: {e}") from None
+    c = Client.from_config().post(f"apps/{name}/certs",
+                                  {"hostname": args.hostname, "certificate": cert, "key": key})
+    return out(args, c, f"{c['hostname']} now serves your certificate "
+                        f"(expires {_when(c['not_after'])})")
+
+
 def cmd_open(args: argparse.Namespace) -> int:
     name = app_of(args)
     app = Client.from_config().get(f"apps/{name}")
@@ -705,6 +746,19 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p = dsub.add_parser("remove", parents=[common], help="stop routing a hostname here")
     p.add_argument("hostname", metavar="HOSTNAME")
     p.set_defaults(func=cmd_domains_remove)
+
+    crt = sub.add_parser("certs", parents=[common], help="TLS certificates of custom domains")
+    crt.set_defaults(func=cmd_certs_list)
+    csub = crt.add_subparsers(dest="certs_command", metavar="SUBCOMMAND")
+    p = csub.add_parser("list", parents=[common],
+                        help="status, expiry and last error of each domain's certificate")
+    p.set_defaults(func=cmd_certs_list)
+    p = csub.add_parser("add", parents=[common], help="serve your own certificate for a domain")
+    p.add_argument("hostname", metavar="HOSTNAME")
+    p.add_argument("--cert", required=True, metavar="FILE",
+                   help="PEM certificate chain, leaf first")
+    p.add_argument("--key", required=True, metavar="FILE", help="its PEM private key")
+    p.set_defaults(func=cmd_certs_add)
 
     p = sub.add_parser("open", parents=[common], help="open the app in a browser")
     p.set_defaults(func=cmd_open)

@@ -673,6 +673,35 @@ SCHEMA: dict[str, dict[str, Key]] = {
             non_negative,
         ),
     },
+    "acme": {
+        "directory": Key(
+            str, "", "ACME directory URL of the CA that issues certificates for apps' custom "
+            "domains (e.g. https://acme-v02.api.letsencrypt.org/directory, or Let's Encrypt's "
+            "staging URL to try things out); empty = no automatic certificates "
+            "(docs/https.md)."),
+        "contact": Key(str, "", "E-mail address given to the CA with the cluster's account "
+                       "(expiry warnings); empty = none."),
+        "ca_bundle": Key(str, "", "CA file to verify the ACME server's HTTPS with; empty = the "
+                         "system's trust store."),
+        "check_interval": Key(float, 60.0, "Seconds between the issuer's looks for domains "
+                              "needing a certificate (a new domain is looked at at once).",
+                              positive),
+        "renew_before_days": Key(float, 30.0, "Renew a certificate this many days before it "
+                                 "expires.", positive),
+        "retry_min": Key(float, 300.0, "Seconds before the first retry of a failed order; "
+                         "doubled after every further failure.", positive),
+        "retry_max": Key(float, 86400.0, "Longest wait between retries of a failing domain.",
+                         positive),
+        "challenge_wait": Key(float, 3.0, "Seconds between publishing an HTTP-01 answer and "
+                              "asking the CA to check it (every router must have loaded it: "
+                              "keep it above acme.sync_interval).", positive),
+        "order_timeout": Key(float, 90.0, "Seconds an order may take from the answered "
+                             "challenge to the certificate before it counts as failed.",
+                             positive),
+        "sync_interval": Key(float, 2.0, "Seconds between a router's reloads of challenges "
+                             "and certificates from the store (it also reloads on every "
+                             "change the store announces).", positive),
+    },
     "run": {
         "max_sessions_per_app": Key(
             int, 5, "Sessions (`epio run`, interactive or detached) an app may have running at "
@@ -758,4 +787,18 @@ def _uid_range(values: dict[str, dict[str, Any]]) -> list[str]:
 
 
 # Checks across keys, run when every key is valid on its own.
-CHECKS: list[Callable[[dict[str, dict[str, Any]]], list[str]]] = [_upload_fits_bus, _uid_range]
+def _acme_timing(values: dict[str, dict[str, Any]]) -> list[str]:
+    acme = values["acme"]
+    out = []
+    if acme["challenge_wait"] <= acme["sync_interval"]:
+        out.append(f"acme.challenge_wait ({acme['challenge_wait']:g}) must be above "
+                   f"acme.sync_interval ({acme['sync_interval']:g}): the CA would check a "
+                   "challenge before the routers have loaded its answer")
+    if acme["retry_min"] > acme["retry_max"]:
+        out.append(f"acme.retry_min ({acme['retry_min']:g}) must not be above "
+                   f"acme.retry_max ({acme['retry_max']:g})")
+    return out
+
+
+CHECKS: list[Callable[[dict[str, dict[str, Any]]], list[str]]] = [_upload_fits_bus, _uid_range,
+                                                                   _acme_timing]

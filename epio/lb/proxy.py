@@ -131,12 +131,14 @@ class LB:
 
     def __init__(self, reactor: Any, table: RouteTable, settings: Settings,
                  observer: Observer | None = None, scheme: bytes = b"http",
-                 spool_dir: str | None = None) -> None:
+                 spool_dir: str | None = None, acme: Any = None) -> None:
         self.reactor = reactor
         # where request bodies larger than body_buffer_size are spooled (the router's
         # private run/tmp directory; None: the system's temporary directory)
         self.spool_dir = spool_dir
         self.spooled = 0  # bodies spooled to a file since start (for /metrics and tests)
+        # epio.certs.router.RouterCerts: answers ACME HTTP-01 challenges (docs/https.md)
+        self.acme = acme
         self.table = table
         self.s = settings
         self.observer = observer if observer is not None else Observer(None, None, False)
@@ -815,6 +817,13 @@ class ClientConn(Protocol):
             self.closing = True
         if not req.keep_alive:
             self.closing = True
+        acme = lb.acme
+        if acme is not None and req.method in (b"GET", b"HEAD") and not req.has_body:
+            answer = acme.respond(req.host, req.target)
+            if answer is not None:
+                self.buf = rest
+                self.local_reply(200, b"text/plain", answer, "acme_challenge")
+                return
         route = lb.table.lookup(req.host)
         has_body = req.has_body
         if route is None:
@@ -1603,6 +1612,27 @@ class ClientConn(Protocol):
             self.write(head)
         else:
             self.write(head + body)
+        self.r_status = status
+        self.r_bytes = len(body)
+        self._log(status, code)
+        self._release()
+        if close:
+            self._reset_exchange()
+            self.linger_close()
+        else:
+            self._next()
+
+    def local_reply(self, status: int, ctype: bytes, body: bytes, code: str,
+                    extra: bytes = b"") -> None:
+        """Answer the current (bodiless) request with ``body`` ourselves; go on."""
+        req = self.req
+        close = self.closing or req is None or not req.keep_alive
+        head = b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n" \
+               b"Cache-Control: no-store\r\nX-Request-Id: %s\r\n%s%s\r\n" % (
+                   status, pages.REASONS.get(status, b"OK"), ctype, len(body),
+                   self.rid or self.lb.new_request_id(), extra,
+                   b"Connection: close\r\n" if close else b"")
+        self.write(head if req is not None and req.method == b"HEAD" else head + body)
         self.r_status = status
         self.r_bytes = len(body)
         self._log(status, code)

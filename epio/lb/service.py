@@ -170,7 +170,7 @@ class LBService(MultiService):
                  stats_sink: Any = None, worker_spec: dict[str, Any] | None = None,
                  reuseport: tuple[str, int, int] | None = None,
                  static_secret: bytes = b"", feed_spec: dict[str, Any] | None = None,
-                 spool: Path | None = None) -> None:
+                 spool: Path | None = None, certs: Any = None) -> None:
         super().__init__()
         self.reactor = reactor
         self.section = section
@@ -186,8 +186,9 @@ class LBService(MultiService):
             observer = Observer(self._file_sink, stats_sink)
         else:
             observer = Observer(log_sink, stats_sink)
+        self.certs = certs  # epio.certs.router.RouterCerts (docs/https.md), or None
         self.lb = LB(reactor, self.table, self.settings, observer,
-                     spool_dir=str(spool) if spool is not None else None)
+                     spool_dir=str(spool) if spool is not None else None, acme=certs)
         self.lb.static_secret = static_secret  # docs/static.md
         if hasattr(reactor, "_disconnectSelectable") and hasattr(select, "epoll"):
             self.lb.mux = ReadMux(reactor)
@@ -249,6 +250,8 @@ class LBService(MultiService):
             loop.start(interval, now=False)
             self._loops.append(loop)
         self._install_sighup()
+        if self.certs is not None:
+            self.certs.start()
         if self.lb.mux is not None:
             self.lb.mux.start()
         d = defer.ensureDeferred(self._listen())
@@ -309,8 +312,11 @@ class LBService(MultiService):
 
             from epio.lb.tls import SNIContexts
 
-            self.sni = SNIContexts(Path(self.section.get("tls_cert_dir") or "."))
+            cert_dir = self.section.get("tls_cert_dir")
+            self.sni = SNIContexts(Path(cert_dir) if cert_dir else None)
             self.sni.refresh(force=True)
+            if self.certs is not None:
+                self.certs.on_contexts(self.sni.set_stored)
             loop = LoopingCall(self._guard, self.sni.refresh)
             loop.clock = self.reactor
             loop.start(TLS_RESCAN_INTERVAL, now=False)
@@ -414,6 +420,8 @@ class LBService(MultiService):
             self._file_sink.close()
         if self.route_source is not None:
             self.route_source.stop()
+        if self.certs is not None:
+            self.certs.stop()
         if self._old_sighup is not None:
             try:
                 signal.signal(signal.SIGHUP, self._old_sighup)
@@ -531,9 +539,11 @@ def make_service(node: Any) -> LBService:
         feed_spec = {"config": cfg.as_dict(), "socket": str(feed_socket)}
     source = route_source(node, feed_socket)
     log_sink, stats_sink, sink_service = pipeline_sinks(node, bool(routes_file))
+    from epio.certs.router import router_certs
+
     svc = LBService(node.reactor, section, cfg["node"]["domain"], source, log_sink, stats_sink,
                     worker_spec=spec, static_secret=node.secret, feed_spec=feed_spec,
-                    spool=spool)
+                    spool=spool, certs=router_certs(node))
     if sink_service is not None:
         sink_service.setServiceParent(svc)
     from epio.lb.observe import metric_families

@@ -7,6 +7,9 @@ answers clients that send no SNI or an unknown name.  :meth:`SNIContexts.refresh
 re-reads the directory when a file was added, removed or changed; the service
 calls it periodically and on SIGHUP, so certificates change without a restart
 and without dropping connections (a handshake uses the contexts of its moment).
+Certificates kept in the store (ACME-issued, or an app owner's) come through
+:meth:`SNIContexts.set_stored` (:mod:`epio.certs.router`); a file of the
+directory for the same exact name wins over them.
 """
 
 from __future__ import annotations
@@ -20,12 +23,24 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 WILDCARD_PREFIX = "_wildcard."
+# TLS 1.2 suites: forward secret AEAD only (Mozilla's "intermediate" list); TLS 1.3's
+# suites are all AEAD and keep OpenSSL's defaults
+TLS12_CIPHERS = (b"ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+                 b"ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+                 b"ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305")
 
 
-def _context(path: Path) -> SSL.Context:
+def server_context() -> SSL.Context:
+    """A server context with the router's protocol floor (TLS 1.2) and ciphers."""
     ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
     ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
     ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE)
+    ctx.set_cipher_list(TLS12_CIPHERS)
+    return ctx
+
+
+def _context(path: Path) -> SSL.Context:
+    ctx = server_context()
     ctx.use_certificate_chain_file(str(path))
     ctx.use_privatekey_file(str(path))
     ctx.check_privatekey()
@@ -38,16 +53,23 @@ class SNIContexts:
 
     log = Logger()
 
-    def __init__(self, directory: Path) -> None:
-        self.directory = Path(directory)
+    def __init__(self, directory: Path | None) -> None:
+        self.directory = None if directory is None else Path(directory)
         self.exact: dict[str, SSL.Context] = {}
+        # certificates from the store (epio.certs.router), by exact hostname
+        self.stored: dict[str, SSL.Context] = {}
         self.wild: dict[str, SSL.Context] = {}
         self._signature: tuple[Any, ...] | None = None
-        self._base = SSL.Context(SSL.TLS_SERVER_METHOD)
-        self._base.set_min_proto_version(SSL.TLS1_2_VERSION)
+        self._base = server_context()
         self._base.set_tlsext_servername_callback(self._on_servername)
 
+    def set_stored(self, contexts: dict[str, SSL.Context]) -> None:
+        """The store's certificates (ACME-issued and owners'), by exact hostname."""
+        self.stored = contexts
+
     def _scan(self) -> tuple[Any, ...]:
+        if self.directory is None:
+            return ()
         try:
             files = sorted(self.directory.glob("*.pem"))
             return tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in files)
@@ -64,6 +86,7 @@ class SNIContexts:
         wild: dict[str, SSL.Context] = {}
         default_path = None
         for name, _, _ in sig:
+            assert self.directory is not None
             path = self.directory / name
             try:
                 ctx = _context(path)
@@ -75,24 +98,26 @@ class SNIContexts:
             if host == "default":
                 default_path = path
                 continue
-            if default_path is None and not (self.directory / "default.pem").exists():
+            if default_path is None and not (path.parent / "default.pem").exists():
                 default_path = path
             if host.startswith(WILDCARD_PREFIX):
                 wild["." + host[len(WILDCARD_PREFIX):]] = ctx
             else:
                 exact[host] = ctx
         # the base context answers handshakes without SNI (or an unknown name)
-        base = _context(default_path) if default_path is not None else \
-            SSL.Context(SSL.TLS_SERVER_METHOD)
-        base.set_min_proto_version(SSL.TLS1_2_VERSION)
+        base = _context(default_path) if default_path is not None else server_context()
         base.set_tlsext_servername_callback(self._on_servername)
         self.exact, self.wild, self._base = exact, wild, base
-        self.log.info("loaded {count} TLS certificates from {dir}",
-                      count=len(exact) + len(wild), dir=str(self.directory))
+        if self.directory is not None:
+            self.log.info("loaded {count} TLS certificates from {dir}",
+                          count=len(exact) + len(wild), dir=str(self.directory))
         return True
 
     def context_for(self, name: str) -> SSL.Context | None:
         ctx = self.exact.get(name)
+        if ctx is not None:
+            return ctx
+        ctx = self.stored.get(name)
         if ctx is not None:
             return ctx
         dot = name.find(".")

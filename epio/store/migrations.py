@@ -247,6 +247,39 @@ MIGRATIONS: tuple[Migration, ...] = (
             PRIMARY KEY (app, name)
         )""",
     )),
+    Migration(7, "TLS certificates, ACME challenges and account (epio.certs.records)",
+              statements=(
+        # one row per hostname: an ACME-issued or an owner's certificate; the private key
+        # sealed with a key derived from the cluster secret (epio.certs.crypto)
+        """CREATE TABLE certificates (
+            hostname TEXT PRIMARY KEY,
+            app TEXT NOT NULL REFERENCES apps(name) ON DELETE CASCADE,
+            source TEXT NOT NULL,
+            state TEXT NOT NULL,
+            cert_pem TEXT,
+            key_sealed TEXT,
+            not_after DOUBLE PRECISION,
+            last_error TEXT,
+            failures INTEGER NOT NULL DEFAULT 0,
+            next_attempt DOUBLE PRECISION NOT NULL DEFAULT 0,
+            updated DOUBLE PRECISION NOT NULL
+        )""",
+        "CREATE INDEX certificates_app ON certificates (app)",
+        # HTTP-01 answers every router serves while an order is pending
+        """CREATE TABLE acme_challenges (
+            token TEXT PRIMARY KEY,
+            hostname TEXT NOT NULL,
+            key_authorization TEXT NOT NULL,
+            expires DOUBLE PRECISION NOT NULL
+        )""",
+        # one ACME account per cluster and directory URL
+        """CREATE TABLE acme_accounts (
+            directory TEXT PRIMARY KEY,
+            key_sealed TEXT NOT NULL,
+            uri TEXT,
+            created DOUBLE PRECISION NOT NULL
+        )""",
+    )),
 )
 
 SCHEMA_VERSION_DDL = """CREATE TABLE IF NOT EXISTS schema_version (

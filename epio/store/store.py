@@ -87,7 +87,7 @@ DEPLOY_TRANSITIONS: dict[str, frozenset[str]] = {
 
 
 CHANGE_KINDS = ("user", "app", "collaborator", "release", "config", "formation", "instance",
-                "domain", "node", "deploy", "resync")
+                "domain", "node", "deploy", "certificate", "resync")
 
 
 @frozen

@@ -1,0 +1,260 @@
+"""The certificate issuer: one per cluster (store lock ``acme-issuer``), in the api role.
+
+Every ``acme.check_interval`` seconds, and at once when a domain is added, the
+leader looks at every custom domain of every app and orders a certificate
+(:mod:`epio.certs.acmeclient`, in a thread) for each one that has none, whose
+certificate expires within ``acme.renew_before_days``, or whose last failure's
+retry time has come.  A failure is recorded on the domain's row (``epio certs``
+shows it) and retried after ``acme.retry_min`` seconds, doubled per further
+failure up to ``acme.retry_max`` (rate limits included); a certificate that
+fails to renew keeps being served until it expires.  Owners' own certificates
+(``epio certs add``) are never touched.  Wildcard domains need DNS-01, which epio
+does not do: they are marked failed with that reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+from twisted.application.service import MultiService
+from twisted.internet import defer
+from twisted.internet.task import LoopingCall, deferLater
+from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
+
+from epio.certs import records
+from epio.certs.acmeclient import AcmeClient, AcmeFailure
+from epio.certs.crypto import new_account_key_pem, new_key_pem, not_after, seal, unseal
+from epio.store import LeaderService, Store
+
+LOCK_NAME = "acme-issuer"
+DAY = 86400.0
+WILDCARD_ERROR = ("wildcard names need the DNS-01 challenge, which epio does not do: "
+                  "add your own certificate with `epio certs add`")
+
+
+@attrs.frozen
+class IssuerSettings:
+    directory: str
+    contact: str
+    ca_bundle: str
+    check_interval: float
+    renew_before: float
+    retry_min: float
+    retry_max: float
+    challenge_wait: float
+    order_timeout: float
+
+    @classmethod
+    def from_config(cls, section: dict[str, Any]) -> IssuerSettings:
+        return cls(section["directory"], section["contact"], section["ca_bundle"],
+                   float(section["check_interval"]), float(section["renew_before_days"]) * DAY,
+                   float(section["retry_min"]), float(section["retry_max"]),
+                   float(section["challenge_wait"]), float(section["order_timeout"]))
+
+
+def _error_text(e: BaseException) -> str:
+    text = str(e) or type(e).__name__
+    return text if len(text) <= 500 else text[:497] + "..."
+
+
+class Issuer:
+    """The issuing logic (the leader's): ``run_blocking(f, *args)`` runs a blocking
+    ACME call off the reactor (``deferToThread``); ``make_client`` builds the
+    :class:`AcmeClient` (injected for tests)."""
+
+    log = Logger()
+
+    def __init__(self, store: Store, settings: IssuerSettings, secret: bytes, clock: Any,
+                 run_blocking: Callable[..., defer.Deferred[Any]] = deferToThread,
+                 make_client: Callable[..., Any] = AcmeClient) -> None:
+        self.store = store
+        self.s = settings
+        self.secret = secret
+        self.clock = clock
+        self.run_blocking = run_blocking
+        self.make_client = make_client
+        self._client: Any = None
+        self.issued = 0
+        self.failed = 0
+
+    def _account_context(self) -> str:
+        return "acme-account:" + self.s.directory
+
+    async def client(self) -> Any:
+        """The cluster's account at the configured directory (created on first use)."""
+        if self._client is not None:
+            return self._client
+        found = await records.get_account(self.store, self.s.directory)
+        if found is None:
+            key = await self.run_blocking(new_account_key_pem)
+            uri = None
+        else:
+            key = unseal(self.secret, found[0], self._account_context())
+            uri = found[1]
+        verify: bool | str = self.s.ca_bundle or True
+        client = self.make_client(self.s.directory, key, uri, verify=verify,
+                                  contact=self.s.contact)
+        registered = await self.run_blocking(client.register)
+        if found is None or registered != uri:
+            await records.put_account(self.store, self.s.directory,
+                                      seal(self.secret, key, self._account_context()),
+                                      registered)
+            self.log.info("ACME account {uri} at {directory}", uri=registered,
+                          directory=self.s.directory)
+        self._client = client
+        return client
+
+    def due(self, rec: records.CertRecord | None, now: float) -> bool:
+        if rec is None:
+            return True
+        if rec.source == "owner":
+            return False
+        if rec.failures and now < rec.next_attempt:
+            return False
+        if rec.state == "issued" and rec.not_after is not None:
+            return rec.not_after - now <= self.s.renew_before
+        return True
+
+    async def run_round(self) -> list[str]:
+        """Issue or renew what is due; returns the hostnames attempted."""
+        domains = await self.store.list_domains()
+        hosts = {d.hostname: d for d in domains}
+        await records.delete_certs_except(self.store, set(hosts))
+        certs = {r.hostname: r for r in await records.list_certs(self.store)}
+        attempted = []
+        for host, dom in sorted(hosts.items()):
+            now = self.clock.seconds()
+            rec = certs.get(host)
+            if not self.due(rec, now):
+                continue
+            attempted.append(host)
+            if dom.wildcard:
+                await self._failed(host, dom.app, rec, WILDCARD_ERROR, self.s.retry_max)
+                continue
+            await self.issue(host, dom.app, rec)
+        return attempted
+
+    async def issue(self, host: str, app: str, rec: records.CertRecord | None) -> None:
+        tokens: list[str] = []
+        try:
+            client = await self.client()
+            key_pem = await self.run_blocking(new_key_pem)
+            order, challs = await self.run_blocking(client.begin, host, key_pem)
+            tokens = [t for t, _, _ in challs]
+            expires = self.clock.seconds() + self.s.challenge_wait + self.s.order_timeout + 60
+            await records.put_challenges(self.store, [(t, host, k) for t, k, _ in challs],
+                                         expires)
+            if challs:  # every router must have the answer before the CA asks for it
+                await deferLater(self.clock, self.s.challenge_wait, lambda: None)
+            chain = await self.run_blocking(client.finish, order, challs, self.s.order_timeout)
+            expiry = not_after(chain.encode())
+        except Exception as e:  # the CA, the network, requests, a bad answer: all recorded
+            await self._cleanup(tokens)
+            if not isinstance(e, AcmeFailure):
+                self._client = None  # start over with a fresh session next time
+            await self._failed(host, app, rec, _error_text(e))
+            return
+        await self._cleanup(tokens)
+        await records.put_cert(self.store, records.CertRecord(
+            hostname=host, app=app, source="acme", state="issued",
+            updated=self.clock.seconds(), cert_pem=chain,
+            key_sealed=seal(self.secret, key_pem, host), not_after=expiry))
+        self.issued += 1
+        self.log.info("certificate for {host} ({app}) issued, valid until {expiry:.0f}",
+                      host=host, app=app, expiry=expiry)
+
+    async def _cleanup(self, tokens: list[str]) -> None:
+        try:
+            await records.delete_challenges(self.store, tokens, self.clock.seconds())
+        except Exception as e:
+            self.log.warn("withdrawing ACME challenges failed: {error}", error=str(e))
+
+    async def _failed(self, host: str, app: str, rec: records.CertRecord | None, error: str,
+                      delay: float | None = None) -> None:
+        failures = (rec.failures if rec is not None else 0) + 1
+        if delay is None:
+            delay = min(self.s.retry_min * 2 ** (failures - 1), self.s.retry_max)
+        now = self.clock.seconds()
+        keep = rec if rec is not None and rec.cert_pem else None  # a renewal: keep serving
+        await records.put_cert(self.store, records.CertRecord(
+            hostname=host, app=app, source="acme", state="failed", updated=now,
+            cert_pem=keep.cert_pem if keep else None,
+            key_sealed=keep.key_sealed if keep else None,
+            not_after=keep.not_after if keep else None, last_error=error, failures=failures,
+            next_attempt=now + delay))
+        self.failed += 1
+        self.log.warn("certificate for {host} ({app}) failed (attempt {n}, next in {delay:g}s): "
+                      "{error}", host=host, app=app, n=failures, delay=delay, error=error)
+
+
+class IssuerService(MultiService):
+    """Runs :class:`Issuer` rounds while this api process holds ``acme-issuer``."""
+
+    log = Logger()
+
+    def __init__(self, issuer: Issuer, store: Store, clock: Any, retry_interval: float) -> None:
+        super().__init__()
+        self.issuer = issuer
+        self.store = store
+        self.clock = clock
+        self._loop: LoopingCall | None = None
+        self._unsubscribe: Callable[[], None] | None = None
+        self._running_round = False
+        self._again = False
+        self.leader = LeaderService(store, LOCK_NAME, self._elected, self._lost, clock=clock,
+                                    retry_interval=retry_interval)
+        self.leader.setServiceParent(self)
+
+    async def _elected(self) -> None:
+        self.log.info("elected leader for {lock}: certificates from {directory}",
+                      lock=LOCK_NAME, directory=self.issuer.s.directory)
+
+        def changed(change: Any) -> None:
+            if change.kind in ("domain", "resync") and self._loop is not None:
+                self.clock.callLater(0, self.kick)
+
+        self._unsubscribe = await self.store.subscribe(changed)
+        self._loop = LoopingCall(self.kick)
+        self._loop.clock = self.clock
+        self._loop.start(self.issuer.s.check_interval, now=True).addErrback(
+            lambda f: self.log.failure("the certificate loop died", f))
+
+    def _lost(self) -> None:
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+
+    def kick(self) -> None:
+        """Run a round now (or right after the one running)."""
+        if self._running_round:
+            self._again = True
+            return
+        self._running_round = True
+
+        def done(_: Any) -> None:
+            self._running_round = False
+            if self._again and self._loop is not None:
+                self._again = False
+                self.kick()
+
+        defer.ensureDeferred(self.issuer.run_round()).addErrback(
+            lambda f: self.log.failure("certificate round failed", f)).addBoth(done)
+
+    def stopService(self) -> Any:
+        self._lost()
+        return super().stopService()
+
+
+def make_issuer_service(node: Any, store: Store, retry_interval: float) -> IssuerService | None:
+    """The api role's issuer, when ``acme.directory`` is set."""
+    section = node.config["acme"]
+    if not section["directory"]:
+        return None
+    issuer = Issuer(store, IssuerSettings.from_config(section), node.secret, node.reactor)
+    return IssuerService(issuer, store, node.reactor, retry_interval)

@@ -1,0 +1,266 @@
+"""HTTPS for a custom domain, issued by a real ACME server (Debian's pebble).
+
+Everything on loopback: ``pebble-challtestsrv`` answers DNS for the test names
+(every A query 127.0.0.1, no AAAA; ``bad.test`` 127.0.0.2, where no router
+listens), pebble validates HTTP-01 on the router's HTTP port, a real
+``twistd epio --role=all`` node runs the issuer and a router, a second
+``--role=lb`` node shares its store and cluster secret.  Steps: deploy
+examples/wsgi; ``epio domains add www.hello.test`` -> certificate issued within
+30 s -> an HTTPS client trusting pebble's root (from its management API) gets
+200 through the router; the second router serves the same certificate;
+``epio domains add bad.test`` -> the failed challenge shown by ``epio certs``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import http.client
+import json
+import os
+import secrets
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
+
+from tests.integration.e2e.test_quickstart import _unmount_under, wait_until
+from tests.util import CHECKOUT, NodeProcess, epio_env, free_port, isolated_config, to_toml
+
+ISSUE_WITHIN = 30.0  # seconds from `epio domains add` to a served certificate
+
+
+def _minica(tmp: Path) -> tuple[Path, Path, Path]:
+    """A CA and a 127.0.0.1/localhost certificate for pebble's own HTTPS listener."""
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "epio test minica")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(hours=1))
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    import ipaddress
+
+    leaf = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+            .issuer_name(ca_name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([
+                x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    ca_path, cert_path, key_path = tmp / "minica.pem", tmp / "pebble.pem", tmp / "pebble.key"
+    ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    cert_path.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return ca_path, cert_path, key_path
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"{proc.args[0]} exited: {log.read_text()[-2000:]}")
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.5).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError(f"{proc.args[0]} not listening on {port}: {log.read_text()[-2000:]}")
+
+
+def https_get(port: int, host: str, cafile: Path) -> tuple[int, str, bytes]:
+    """GET / over TLS with SNI ``host``, verifying against ``cafile``; (status, body,
+    the server's leaf certificate DER)."""
+    ctx = ssl.create_default_context(cafile=str(cafile))
+    conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=5, context=ctx)
+    # connect to 127.0.0.1 but verify and send SNI for `host`
+    conn.host = host
+    sock = socket.create_connection(("127.0.0.1", port), 5)
+    conn.sock = ctx.wrap_socket(sock, server_hostname=host)
+    try:
+        der = conn.sock.getpeercert(binary_form=True) or b""
+        conn.request("GET", "/", headers={"Host": host})
+        resp = conn.getresponse()
+        return resp.status, resp.read().decode("utf-8", "replace"), der
+    finally:
+        conn.close()
+
+
+class AcmeTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        for tool in ("pebble", "pebble-challtestsrv"):
+            if shutil.which(tool) is None:
+                raise SkipTest(f"{tool} is not installed (.ci/apt-packages)")
+        self.tmp = Path(tempfile.mkdtemp(prefix="epio-acme-"))
+        os.chmod(self.tmp, 0o711)
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.addCleanup(_unmount_under, self.tmp)
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.addCleanup(self._stop_procs)
+
+    def _stop_procs(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Any:
+        log = self.tmp / f"{name}.log"
+        out = open(log, "wb")
+        self.addCleanup(out.close)
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, **(env or {})}, cwd=self.tmp)
+        self.procs.append(proc)
+        return proc, log
+
+    def epio(self, *args: str, stdin: str | None = None, check: bool = True) -> str:
+        env = epio_env({"EPIO_CONFIG_DIR": str(self.tmp / "cli"), "HOME": str(self.tmp)})
+        proc = subprocess.run(
+            [sys.executable, "-c", "import sys; from epio.cli.main import main; sys.exit(main())",
+             *args], input=stdin, capture_output=True, text=True, env=env, cwd=self.tmp,
+            timeout=240)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"epio {' '.join(args)} exited {proc.returncode}:\n"
+                                 f"{proc.stdout}\n{proc.stderr}\n--- node ---\n"
+                                 f"{self.node.output()[-4000:]}")
+        return proc.stdout
+
+    def certs(self) -> dict[str, dict[str, Any]]:
+        return {c["hostname"]: c for c in json.loads(self.epio("certs", "--app", "hello",
+                                                               "--json"))}
+
+    def test_acme_issue_serve_fail(self) -> None:
+        """A custom domain gets a pebble-issued certificate within 30 s that two routers
+        serve (trusted by pebble's root); a domain whose challenge cannot succeed shows
+        as failed, with the CA's reason, in `epio certs`."""
+        tmp = self.tmp
+        minica, pcert, pkey = _minica(tmp)
+        dns_port, cts_mgmt = free_port(), free_port()
+        acme_port, acme_mgmt = free_port(), free_port()
+        doc, _ = isolated_config({
+            "api": {"reconcile_interval": 0.5, "drain_seconds": 1.0, "stop_grace": 3.0,
+                    },
+            "lb": {"tls_listen": f"tcp:{free_port()}:interface=127.0.0.1"},
+            "metrics": {"listen": f"tcp:{free_port()}:interface=127.0.0.1"},
+            "store": {"url": f"sqlite:///{tmp}/store.db"},
+            "cluster": {"secret_file": str(tmp / "cluster-secret")},
+            "acme": {"directory": f"https://127.0.0.1:{acme_port}/dir",
+                     "ca_bundle": str(minica), "check_interval": 2.0, "retry_min": 300.0,
+                     "challenge_wait": 1.5, "sync_interval": 1.0, "order_timeout": 20.0},
+        })
+        (tmp / "cluster-secret").write_text(secrets.token_hex(32) + "\n")
+        os.chmod(tmp / "cluster-secret", 0o600)
+        lb_port = int(doc["lb"]["listen"].split(":")[1])
+        tls_port = int(doc["lb"]["tls_listen"].split(":")[1])
+        api_port = int(doc["api"]["listen"].split(":")[1])
+
+        cts, cts_log = self._spawn("challtestsrv", [
+            "pebble-challtestsrv", "-dns01", f"127.0.0.1:{dns_port}", "-http01", "",
+            "-https01", "", "-tlsalpn01", "", "-management", f"127.0.0.1:{cts_mgmt}",
+            "-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""])
+        (tmp / "pebble.json").write_text(json.dumps({"pebble": {
+            "listenAddress": f"127.0.0.1:{acme_port}",
+            "managementListenAddress": f"127.0.0.1:{acme_mgmt}",
+            "certificate": str(pcert), "privateKey": str(pkey),
+            "httpPort": lb_port, "tlsPort": free_port(), "ocspResponderURL": "",
+            "externalAccountBindingRequired": False}}))
+        pebble, pebble_log = self._spawn(
+            "pebble", ["pebble", "-config", str(tmp / "pebble.json"),
+                       "-dnsserver", f"127.0.0.1:{dns_port}"],
+            env={"PEBBLE_VA_NOSLEEP": "1", "PEBBLE_WFE_NONCEREJECT": "0",
+                 "PEBBLE_AUTHZREUSE": "0"})
+        _wait_port(cts_mgmt, cts, cts_log)
+        _wait_port(acme_port, pebble, pebble_log)
+        _wait_port(acme_mgmt, pebble, pebble_log)
+
+        self.node = NodeProcess(["--role=all"], data_dir=tmp / "data", config=to_toml(doc))
+        self.addCleanup(self.node.cleanup)
+        self.node.wait_for_log("api ready", timeout=60)
+        self.epio("login", "--api", f"http://127.0.0.1:{api_port}",
+                  stdin=(tmp / "data" / "admin-token").read_text())
+        self.epio("apps", "create", "hello")
+        self.epio("deploy", str(CHECKOUT / "examples" / "wsgi"), "--app", "hello",
+                  "--poll", "0.5")
+
+        # issuance: `epio domains add` -> certificate served within ISSUE_WITHIN seconds
+        added = time.monotonic()
+        self.epio("domains", "add", "www.hello.test", "--app", "hello")
+        ctx = ssl.create_default_context(cafile=str(minica))
+        root = urllib.request.urlopen(f"https://127.0.0.1:{acme_mgmt}/roots/0", context=ctx,
+                                      timeout=5).read()
+        root_path = tmp / "pebble-root.pem"
+        root_path.write_bytes(root)
+        status, body, der1 = wait_until(
+            "HTTPS with the issued certificate",
+            lambda: https_get(tls_port, "www.hello.test", root_path), timeout=ISSUE_WITHIN)
+        took = time.monotonic() - added
+        sys.stderr.write(f"[acme] certificate served {took:.1f}s after `epio domains add`\n")
+        self.assertEqual((status, body), (200, "Hello from epio! (hello)\n"))
+        cert = self.certs()["www.hello.test"]
+        self.assertEqual((cert["state"], cert["source"], cert["serving"]),
+                         ("issued", "acme", True))
+        leaf = x509.load_der_x509_certificate(der1)
+        self.assertAlmostEqual(cert["not_after"], leaf.not_valid_after_utc.timestamp(), 0)
+        # a challenge path without a pending token is the app's (routed, not answered)
+        conn = http.client.HTTPConnection("127.0.0.1", lb_port, timeout=5)
+        conn.request("GET", "/.well-known/acme-challenge/none", headers={
+            "Host": "www.hello.test"})
+        self.assertEqual(conn.getresponse().read(), b"Hello from epio! (hello)\n")
+        conn.close()
+
+        # a second router (its own node, same store and cluster secret) serves it too
+        doc2 = json.loads(json.dumps(doc))
+        doc2["lb"]["listen"] = f"tcp:{free_port()}:interface=127.0.0.1"
+        doc2["lb"]["tls_listen"] = f"tcp:{free_port()}:interface=127.0.0.1"
+        doc2["metrics"]["listen"] = f"tcp:{free_port()}:interface=127.0.0.1"
+        router2 = NodeProcess(["--role=lb"], data_dir=tmp / "data2", config=to_toml(doc2))
+        self.addCleanup(router2.cleanup)
+        tls2 = int(doc2["lb"]["tls_listen"].split(":")[1])
+        status, body, der2 = wait_until(
+            "the second router serves the certificate",
+            lambda: https_get(tls2, "www.hello.test", root_path), timeout=30)
+        self.assertEqual((status, der2), (200, der1))
+
+        # a challenge that cannot succeed: bad.test resolves where no router listens
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{cts_mgmt}/add-a",
+            data=json.dumps({"host": "bad.test.", "addresses": ["127.0.0.2"]}).encode(),
+            method="POST")
+        urllib.request.urlopen(req, timeout=5).read()
+        self.epio("domains", "add", "bad.test", "--app", "hello")
+        bad = wait_until("the failed challenge in epio certs",
+                         lambda: (lambda c: c if c["state"] == "failed" else None)(
+                             self.certs()["bad.test"]), timeout=30)
+        self.assertIn("challenge failed", bad["last_error"])
+        self.assertIn("bad.test", bad["last_error"])
+        self.assertFalse(bad["serving"])
+        self.assertGreater(bad["next_attempt"], time.time() + 200)  # acme.retry_min backoff
+        human = self.epio("certs", "--app", "hello")
+        self.assertIn("bad.test  failed", human)
+        self.assertIn("last error: challenge failed", human)
+        self.assertIn("www.hello.test  issued  source=acme", human)
+        # the working domain kept its certificate
+        self.assertEqual(https_get(tls_port, "www.hello.test", root_path)[0], 200)
