@@ -161,7 +161,7 @@ class Issuer:
         await records.put_cert(self.store, records.CertRecord(
             hostname=host, app=app, source="acme", state="issued",
             updated=self.clock.seconds(), cert_pem=chain,
-            key_sealed=seal(self.secret, key_pem, host), not_after=expiry))
+            key_sealed=seal(self.secret, key_pem, host), not_after=expiry), keep_owner=True)
         self.issued += 1
         self.log.info("certificate for {host} ({app}) issued, valid until {expiry:.0f}",
                       host=host, app=app, expiry=expiry)
@@ -184,7 +184,7 @@ class Issuer:
             cert_pem=keep.cert_pem if keep else None,
             key_sealed=keep.key_sealed if keep else None,
             not_after=keep.not_after if keep else None, last_error=error, failures=failures,
-            next_attempt=now + delay))
+            next_attempt=now + delay), keep_owner=True)
         self.failed += 1
         self.log.warn("certificate for {host} ({app}) failed (attempt {n}, next in {delay:g}s): "
                       "{error}", host=host, app=app, n=failures, delay=delay, error=error)

@@ -46,12 +46,19 @@ def _cert(row: dict[str, Any]) -> CertRecord:
         next_attempt=float(row["next_attempt"]))
 
 
-async def put_cert(store: Store, rec: CertRecord) -> CertRecord:
-    """Insert or replace the row of ``rec.hostname``."""
+async def put_cert(store: Store, rec: CertRecord, keep_owner: bool = False) -> CertRecord:
+    """Insert or replace the row of ``rec.hostname``.  ``keep_owner``: if the row is an
+    owner's certificate, leave it (the issuer never overwrites one that arrived while
+    its order ran) and return it."""
     if rec.source not in SOURCES or rec.state not in STATES:
         raise ValueError(f"bad certificate record {rec.source}/{rec.state}")
 
     async def q(tx: Transaction) -> CertRecord:
+        if keep_owner:
+            row = (await tx.execute("SELECT * FROM certificates WHERE hostname = ?",
+                                    (rec.hostname,))).one()
+            if row is not None and row["source"] == "owner":
+                return _cert(row)
         await tx.execute("DELETE FROM certificates WHERE hostname = ?", (rec.hostname,))
         await tx.execute(
             "INSERT INTO certificates (hostname, app, source, state, cert_pem, key_sealed,"

@@ -41,6 +41,16 @@ class CA:
         self.key = ec.generate_private_key(ec.SECP256R1())
         self.name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
 
+    def cert_pem(self) -> bytes:
+        """The CA's own (self-signed) certificate, for clients to trust."""
+        t0 = datetime.datetime.fromtimestamp(time.time() - 3600, datetime.UTC)
+        cert = (x509.CertificateBuilder().subject_name(self.name).issuer_name(self.name)
+                .public_key(self.key.public_key()).serial_number(1).not_valid_before(t0)
+                .not_valid_after(t0 + datetime.timedelta(days=2))
+                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                .sign(self.key, hashes.SHA256()))
+        return cert.public_bytes(serialization.Encoding.PEM)
+
     def leaf(self, names: list[str], days: float = 90, key: Any = None,
              start: float | None = None) -> tuple[bytes, bytes]:
         key = key or ec.generate_private_key(ec.SECP256R1())
@@ -263,6 +273,22 @@ class IssuerTests(TestCase):
         await self.run_round()
         self.assertEqual(self.acme.keys[1], self.acme.keys[0])
         self.assertEqual(self.acme.uri, "https://ca.test/acct/1")
+
+    async def test_owner_certificate_wins_a_running_order(self) -> None:
+        """An owner's certificate added while an order for its domain runs is kept: the
+        order's result does not overwrite it."""
+        await self.store.add_domain("hello", "www.hello.test")
+        d = defer.ensureDeferred(self.issuer.run_round())
+        while not await records.list_challenges(self.store, self.clock.seconds()):
+            await task.deferLater(reactor, 0.005, lambda: None)
+        cert, key = self.ca.leaf(["www.hello.test"])
+        await records.put_cert(self.store, records.CertRecord(
+            "www.hello.test", "hello", "owner", "issued", self.clock.seconds(), cert.decode(),
+            seal(SECRET, key, "www.hello.test"), self.clock.seconds() + 10 * DAY))
+        self.clock.advance(self.settings.challenge_wait)
+        await d
+        rec = await self.cert("www.hello.test")
+        self.assertEqual((rec.source, rec.cert_pem), ("owner", cert.decode()))
 
     async def test_router_copy(self) -> None:
         """A router loads the store's challenges (answered for their own hostname only,

@@ -244,6 +244,34 @@ class AcmeTests(SynchronousTestCase):
             lambda: https_get(tls2, "www.hello.test", root_path), timeout=30)
         self.assertEqual((status, der2), (200, der1))
 
+        # an owner's own certificate (`epio certs add`), served by the router; a key that
+        # does not match is refused with the reason
+        from tests.certs.test_certs import CA
+
+        own_ca = CA()
+        cert, key = own_ca.leaf(["own.hello.test"])
+        _, other_key = own_ca.leaf(["own.hello.test"])
+        (tmp / "own.pem").write_bytes(cert)
+        (tmp / "own.key").write_bytes(key)
+        (tmp / "other.key").write_bytes(other_key)
+        (tmp / "own-ca.pem").write_bytes(own_ca.cert_pem())
+        self.epio("domains", "add", "own.hello.test", "--app", "hello")
+        env = epio_env({"EPIO_CONFIG_DIR": str(tmp / "cli"), "HOME": str(tmp)})
+        refused = subprocess.run(
+            [sys.executable, "-m", "epio.cli.main", "certs", "add", "own.hello.test", "--app",
+             "hello", "--cert", str(tmp / "own.pem"), "--key", str(tmp / "other.key")],
+            capture_output=True, text=True, env=env, cwd=tmp, timeout=60)
+        self.assertNotEqual(refused.returncode, 0)
+        self.assertIn("the key does not match the certificate", refused.stderr + refused.stdout)
+        self.epio("certs", "add", "own.hello.test", "--app", "hello", "--cert",
+                  str(tmp / "own.pem"), "--key", str(tmp / "own.key"))
+        status, _, der_own = wait_until(
+            "the owner's certificate served",
+            lambda: https_get(tls_port, "own.hello.test", tmp / "own-ca.pem"), timeout=15)
+        self.assertEqual(x509.load_der_x509_certificate(der_own).public_bytes(
+            serialization.Encoding.PEM), cert)
+        self.assertEqual(self.certs()["own.hello.test"]["source"], "owner")
+
         # a challenge that cannot succeed: bad.test resolves where no router listens
         req = urllib.request.Request(
             f"http://127.0.0.1:{cts_mgmt}/add-a",
