@@ -166,15 +166,18 @@ class RouterCerts:
         return entry[1] if entry[0] == bare else None
 
 
-def router_certs(node: Any) -> RouterCerts | None:
-    """The :class:`RouterCerts` of a router process of ``node``: when it serves TLS or
-    ACME is configured, and it is fed by the cluster (not a standalone ``--routes``
-    router); None otherwise."""
-    cfg = node.config
+def needs_store(cfg: Any) -> bool:
+    """Whether a router with this config follows the store's certificates: it serves TLS
+    or ACME is configured, and it is fed by the cluster (not a standalone ``--routes``)."""
     lb = cfg["lb"]
-    if lb["routes_file"] or node.store_service is None:
-        return None
-    if not (lb["tls_listen"] or cfg["acme"]["directory"]):
+    return not lb["routes_file"] and bool(lb["tls_listen"] or cfg["acme"]["directory"])
+
+
+def router_certs(node: Any) -> RouterCerts | None:
+    """The :class:`RouterCerts` of a router process of ``node`` (see :func:`needs_store`),
+    or None."""
+    cfg = node.config
+    if node.store_service is None or not needs_store(cfg):
         return None
     store_service = node.store_service
     return RouterCerts(node.reactor, store_service.whenReady, node.secret,

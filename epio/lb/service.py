@@ -170,7 +170,8 @@ class LBService(MultiService):
                  stats_sink: Any = None, worker_spec: dict[str, Any] | None = None,
                  reuseport: tuple[str, int, int] | None = None,
                  static_secret: bytes = b"", feed_spec: dict[str, Any] | None = None,
-                 spool: Path | None = None, certs: Any = None) -> None:
+                 spool: Path | None = None, certs: Any = None,
+                 tls_reuseport: tuple[str, int, int] | None = None) -> None:
         super().__init__()
         self.reactor = reactor
         self.section = section
@@ -198,6 +199,7 @@ class LBService(MultiService):
         self.tls_limit = ConnectionLimit("router (TLS)", max_conns)
         self.worker_spec = worker_spec
         self.reuseport = reuseport
+        self.tls_reuseport = tls_reuseport  # a worker's TLS address (SO_REUSEPORT)
         self.ports: list[Any] = []
         self.sni: Any = None
         self._loops: list[LoopingCall] = []
@@ -286,6 +288,7 @@ class LBService(MultiService):
         if self._stopping:  # stopped while waiting for routes: never listen
             return self.ports
         s = self.settings
+        tls_sock: socket.socket | None = None  # the parent's, with lb.workers > 1
         factory = LBFactory(self.lb, b"http", self.limit)
         listen = self.section.get("listen", "tcp:8080")
         workers = int(self.section.get("workers", 1))
@@ -301,13 +304,17 @@ class LBService(MultiService):
             port = sock.getsockname()[1]
             self.ports.append(self.reactor.adoptStreamPort(sock.fileno(), family, factory))
             sock.close()
+            if self.section.get("tls_listen"):  # every worker serves TLS too
+                t_iface, t_port, t_family = parse_tcp_endpoint(self.section["tls_listen"])
+                tls_sock = reuseport_socket(t_iface, t_port, t_family, backlog)
+                self.tls_reuseport = (t_iface, tls_sock.getsockname()[1], t_family)
             self._spawn_workers(workers - 1, (iface, port, family))
         else:
             ep = serverFromString(self.reactor, with_backlog(listen, backlog))
             self.ports.append(await ep.listen(factory))
         self.limit.watch(self.ports[-1])
         tls_listen = self.section.get("tls_listen", "")
-        if tls_listen and (self.reuseport is None or self.section.get("tls_cert_dir")):
+        if tls_listen:
             from twisted.protocols.tls import TLSMemoryBIOFactory
 
             from epio.lb.tls import SNIContexts
@@ -323,10 +330,16 @@ class LBService(MultiService):
             self._loops.append(loop)
             inner: Any = LBFactory(self.lb, b"https", self.tls_limit)
             tls_factory = TLSMemoryBIOFactory(self.sni, False, inner)
-            if self.reuseport is None:
+            if self.tls_reuseport is not None:  # lb.workers > 1: parent and every worker
+                t_iface, t_port, t_family = self.tls_reuseport
+                tsock = tls_sock or reuseport_socket(t_iface, t_port, t_family, backlog)
+                self.ports.append(self.reactor.adoptStreamPort(tsock.fileno(), t_family,
+                                                               tls_factory))
+                tsock.close()
+            else:
                 ep = serverFromString(self.reactor, with_backlog(tls_listen, backlog))
                 self.ports.append(await ep.listen(tls_factory))
-                self.tls_limit.watch(self.ports[-1])
+            self.tls_limit.watch(self.ports[-1])
         del s
         return self.ports
 
@@ -446,6 +459,8 @@ class LBService(MultiService):
     def _spawn_workers(self, n: int, addr: tuple[str, int, int]) -> None:
         spec = dict(self.worker_spec or {})
         spec["reuseport"] = list(addr)
+        if self.tls_reuseport is not None:
+            spec["tls_reuseport"] = list(self.tls_reuseport)
         payload = json.dumps(spec)
         for _ in range(n):
             proto = _ChildProtocol(self, f"worker {len(self._workers) + 1}")

@@ -2,8 +2,10 @@
 
 Started by :class:`epio.lb.service.LBService` with its settings in the
 environment variable ``EPIO_LB_WORKER_SPEC`` (JSON: the validated config, the
-data dir and the address to open with SO_REUSEPORT).  It logs to stdout (the
-parent relays the lines), reloads routes on SIGHUP and stops on SIGTERM.
+data dir and the addresses, HTTP and TLS, to open with SO_REUSEPORT).  It logs to
+stdout (the parent relays the lines), reloads routes on SIGHUP and stops on SIGTERM.
+With TLS or ACME configured it opens the store itself, to follow the certificates and
+challenges (:mod:`epio.certs.router`).
 """
 
 from __future__ import annotations
@@ -23,9 +25,20 @@ def main() -> None:
     source = route_source(node, Path(feed_socket) if feed_socket else None)
     log_sink, stats_sink, sink_service = pipeline_sinks(node, bool(section.get("routes_file")))
     iface, port, family = spec["reuseport"]
+    tls = spec.get("tls_reuseport")
+    # certificates and ACME answers from the store, like the parent's (docs/https.md)
+    from epio.certs.router import needs_store, router_certs
+
+    if needs_store(config):
+        from epio.store import StoreService
+
+        node.store_service = StoreService.from_config(config, node.data_dir, reactor=reactor)
     svc = LBService(reactor, section, config["node"]["domain"], source, log_sink, stats_sink,
                     reuseport=(iface, int(port), int(family)), static_secret=node.secret,
-                    spool=Path(spec["spool_dir"]))
+                    spool=Path(spec["spool_dir"]), certs=router_certs(node),
+                    tls_reuseport=(tls[0], int(tls[1]), int(tls[2])) if tls else None)
+    if node.store_service is not None:
+        node.store_service.setServiceParent(svc)
     if sink_service is not None:
         sink_service.setServiceParent(svc)
     svc.startService()

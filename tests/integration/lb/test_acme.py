@@ -4,7 +4,9 @@ Everything on loopback: ``pebble-challtestsrv`` answers DNS for the test names
 (every A query 127.0.0.1, no AAAA; ``bad.test`` 127.0.0.2, where no router
 listens), pebble validates HTTP-01 on the router's HTTP port, a real
 ``twistd epio --role=all`` node runs the issuer and a router, a second
-``--role=lb`` node shares its store and cluster secret.  Steps: deploy
+``--role=lb`` node shares its store and cluster secret.  The first node runs two
+router processes (``lb.workers = 2``), so challenges and certificates must reach its
+worker as well as its parent.  Steps: deploy
 examples/wsgi; ``epio domains add www.hello.test`` -> certificate issued within
 30 s -> an HTTPS client trusting pebble's root (from its management API) gets
 200 through the router; the second router serves the same certificate;
@@ -163,7 +165,8 @@ class AcmeTests(SynchronousTestCase):
         doc, _ = isolated_config({
             "api": {"reconcile_interval": 0.5, "drain_seconds": 1.0, "stop_grace": 3.0,
                     },
-            "lb": {"tls_listen": f"tcp:{free_port()}:interface=127.0.0.1"},
+            # two router processes: the worker must answer challenges and serve TLS too
+            "lb": {"tls_listen": f"tcp:{free_port()}:interface=127.0.0.1", "workers": 2},
             "metrics": {"listen": f"tcp:{free_port()}:interface=127.0.0.1"},
             "store": {"url": f"sqlite:///{tmp}/store.db"},
             "cluster": {"secret_file": str(tmp / "cluster-secret")},
