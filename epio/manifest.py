@@ -100,7 +100,7 @@ _SECTIONS: dict[str, set[str] | None] = {
     "django": {"base", "settings_module", "append_settings"},
     "process": None,
     "http": {"health_check", "timeout", "idle_timeout", "boot_timeout", "max_body_size", "gzip",
-             "request_buffering"},
+             "request_buffering", "https_redirect", "hsts_max_age"},
     "cron": None,
     "release": {"command"},
     "redis": {"memory"},
@@ -154,6 +154,10 @@ class Http:
     # False: bodies stream to the app as they arrive (docs/router.md "Request bodies")
     request_buffering: bool | None = None
     expires: Mapping[str, int] = field(factory=dict, converter=_ro)  # path prefix -> seconds
+    # the router answers plain-HTTP requests with 308 to https:// (docs/https.md)
+    https_redirect: bool = False
+    # Strict-Transport-Security max-age (seconds) on HTTPS responses; None = no header
+    hsts_max_age: int | None = None
 
 
 @frozen
@@ -663,6 +667,10 @@ def parse_manifest(
                 http[k] = _bool(it, f, errors) or False
             elif k == "request_buffering":
                 http[k] = _bool(it, f, errors)
+            elif k == "https_redirect":
+                http[k] = _bool(it, f, errors) or False
+            elif k == "hsts_max_age":
+                http[k] = _number(it, f, errors, int)
         elif s == "cron":
             job = _cron_entry(k, value, f, it.line, errors)
             if job is not None:

@@ -49,10 +49,11 @@ OPTION_KEYS: dict[str, tuple[type, ...]] = {
     "first_byte_timeout": (int, float),
     "idle_timeout": (int, float),
     "websocket_idle_timeout": (int, float),
+    "hsts_max_age": (int,),
 }
 
 # Route options that are true or false.
-BOOL_OPTION_KEYS = ("request_buffering",)
+BOOL_OPTION_KEYS = ("request_buffering", "https_redirect")  # docs/router.md, https.md
 
 # While stale, the log says so again every this many seconds.
 STALE_REMINDER = 30.0

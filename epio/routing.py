@@ -84,6 +84,9 @@ class Route:
     # False: stream request bodies to the app as they arrive instead of reading them
     # whole first (manifest [http] request_buffering; docs/router.md "Request bodies")
     request_buffering: bool | None = None
+    # HTTPS policy (docs/https.md): 308 from http:// to https://; HSTS max-age on HTTPS
+    https_redirect: bool = False
+    hsts_max_age: int | None = None
     # URL path prefixes served by the runners' static file servers (docs/static.md)
     # and those servers' endpoints; without both, every path goes to the app
     static_prefixes: tuple[str, ...] = field(default=(), converter=tuple)
@@ -105,7 +108,8 @@ class Route:
                 connect_timeout=self.connect_timeout,
                 first_byte_timeout=self.first_byte_timeout, idle_timeout=self.idle_timeout,
                 websocket_idle_timeout=self.websocket_idle_timeout,
-                request_buffering=self.request_buffering)
+                request_buffering=self.request_buffering,
+                https_redirect=self.https_redirect, hsts_max_age=self.hsts_max_age)
         object.__setattr__(self, "static", static)
         object.__setattr__(self, "_static_b", tuple(
             p.encode("utf-8") for p in self.static_prefixes))

@@ -153,6 +153,11 @@ def release_facts(manifest: Mapping[str, Any]) -> dict[str, Any]:
                  if isinstance(http.get(k), int | float) and not isinstance(http.get(k), bool)}
         if isinstance(http.get("request_buffering"), bool):
             route["request_buffering"] = http["request_buffering"]
+        if http.get("https_redirect") is True:
+            route["https_redirect"] = True
+        hsts = http.get("hsts_max_age")
+        if isinstance(hsts, int) and not isinstance(hsts, bool) and hsts > 0:
+            route["hsts_max_age"] = hsts
         if route:
             facts["http"] = route
     rollover = manifest.get("rollover")

@@ -279,6 +279,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
             "change at once).", non_negative),
         "tls_listen": Key(str, "", "Endpoint of the optional TLS listener (e.g. tcp:8443); "
                           "empty = no TLS."),
+        "https_port": Key(int, 443, "The public HTTPS port, for the Location of an app's "
+                          "https_redirect (308) when it is not 443 (docs/https.md).",
+                          positive),
         "tls_cert_dir": Key(str, "", "Directory of HOSTNAME.pem files (key + certificate chain; "
                             "_wildcard.example.com.pem for *.example.com) chosen by SNI; "
                             "re-read when it changes."),

@@ -6,7 +6,8 @@ import json
 from html import escape
 
 REASONS = {
-    100: b"Continue", 200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 404: b"Not Found",
+    100: b"Continue", 200: b"OK", 308: b"Permanent Redirect", 400: b"Bad Request",
+    401: b"Unauthorized", 404: b"Not Found",
     405: b"Method Not Allowed", 408: b"Request Timeout", 413: b"Content Too Large",
     414: b"URI Too Long", 417: b"Expectation Failed", 431: b"Request Header Fields Too Large",
     500: b"Internal Server Error", 501: b"Not Implemented", 502: b"Bad Gateway",

@@ -93,6 +93,7 @@ class Settings:
     trusted_proxies: tuple[str, ...] = ()
     shutdown_timeout: float = 30.0
     via: bytes = b"1.1 epio"
+    https_port: int = 443  # in the Location of an app's https_redirect (docs/https.md)
 
     @classmethod
     def from_config(cls, section: dict[str, Any]) -> Settings:
@@ -836,6 +837,13 @@ class ClientConn(Protocol):
             self.local_error(503, "maintenance", "This app is down for maintenance.",
                              close=has_body)
             return
+        if route.https_redirect and self.scheme == b"http" and not (
+                self.trusted and req.xfproto is not None
+                and req.xfproto.strip().lower() == b"https"):
+            self.buf = rest
+            self.local_reply(308, b"text/plain", b"", "https_redirect",
+                             b"Location: " + self._https_location(req) + b"\r\n", has_body)
+            return
         auth = route.basic_auth
         if auth is not None and not auth.allows(req.authorization):
             # [basic_auth]: before the static switch, so static and media files too
@@ -1356,6 +1364,9 @@ class ClientConn(Protocol):
             parts.append(b"Connection: close\r\n")
         elif not client11:
             parts.append(b"Connection: keep-alive\r\n")
+        route = self.route
+        if route is not None and route.hsts_max_age and self.scheme == b"https":
+            parts.append(b"Strict-Transport-Security: max-age=%d\r\n" % route.hsts_max_age)
         parts.append(b"Via: " + self.lb.s.via + b"\r\n\r\n")
         head = b"".join(parts)
         self.rmode = mode
@@ -1622,11 +1633,22 @@ class ClientConn(Protocol):
         else:
             self._next()
 
+    def _https_location(self, req: Request) -> bytes:
+        """``https://HOST[:lb.https_port]TARGET`` for an app's https_redirect."""
+        host = req.host.encode("latin-1")
+        if host.startswith(b"["):
+            host = host[:host.find(b"]") + 1]
+        elif b":" in host:
+            host = host[:host.find(b":")]
+        port = self.lb.s.https_port
+        return b"https://" + host + (b"" if port == 443 else b":%d" % port) + req.target
+
     def local_reply(self, status: int, ctype: bytes, body: bytes, code: str,
-                    extra: bytes = b"") -> None:
-        """Answer the current (bodiless) request with ``body`` ourselves; go on."""
+                    extra: bytes = b"", close: bool = False) -> None:
+        """Answer the current request with ``body`` ourselves; go on (or close: a
+        request body we did not read)."""
         req = self.req
-        close = self.closing or req is None or not req.keep_alive
+        close = close or self.closing or req is None or not req.keep_alive
         head = b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n" \
                b"Cache-Control: no-store\r\nX-Request-Id: %s\r\n%s%s\r\n" % (
                    status, pages.REASONS.get(status, b"OK"), ctype, len(body),

@@ -14,7 +14,8 @@
 Route options (the router's per-app overrides) come from the ``meta`` of the
 app's newest live release (:meth:`Store.get_release`): ``timeout`` (first
 response byte), ``idle_timeout``, ``connect_timeout``, ``websocket_idle_timeout``,
-``max_body_size`` and ``request_buffering``, as the manifest's ``[http]`` gives them.  Releases are
+``max_body_size``, ``request_buffering``, ``hsts_max_age`` and ``https_redirect``, as
+the manifest's ``[http]`` gives them.  Releases are
 immutable, so each is read once and kept in a cache; one refresh spends at most
 a quarter of ``store_refresh`` reading releases it has not seen, the rest wait
 for the next refresh (the routes carry no options meanwhile).
@@ -51,11 +52,12 @@ OPTION_META: dict[str, tuple[str, type | tuple[type, ...]]] = {
     "connect_timeout": ("connect_timeout", (int, float)),
     "websocket_idle_timeout": ("websocket_idle_timeout", (int, float)),
     "max_body_size": ("max_body_size", int),
+    "hsts_max_age": ("hsts_max_age", int),
 }
 
 
 # release meta keys that are route options as they are, true or false
-BOOL_OPTION_META = ("request_buffering",)
+BOOL_OPTION_META = ("request_buffering", "https_redirect")
 
 
 def options_of(meta: Any) -> dict[str, Any]:

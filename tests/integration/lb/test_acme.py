@@ -10,7 +10,9 @@ worker as well as its parent.  Steps: deploy
 examples/wsgi; ``epio domains add www.hello.test`` -> certificate issued within
 30 s -> an HTTPS client trusting pebble's root (from its management API) gets
 200 through the router; the second router serves the same certificate;
-``epio domains add bad.test`` -> the failed challenge shown by ``epio certs``.
+``epio domains add bad.test`` -> the failed challenge shown by ``epio certs``; a
+redeploy with ``[http] https_redirect`` and ``hsts_max_age`` -> 308 with path and
+query kept, HSTS on HTTPS.
 """
 
 from __future__ import annotations
@@ -163,10 +165,9 @@ class AcmeTests(SynchronousTestCase):
         dns_port, cts_mgmt = free_port(), free_port()
         acme_port, acme_mgmt = free_port(), free_port()
         doc, _ = isolated_config({
-            "api": {"reconcile_interval": 0.5, "drain_seconds": 1.0, "stop_grace": 3.0,
-                    },
             # two router processes: the worker must answer challenges and serve TLS too
             "lb": {"tls_listen": f"tcp:{free_port()}:interface=127.0.0.1", "workers": 2},
+            "api": {"reconcile_interval": 0.5, "drain_seconds": 1.0, "stop_grace": 3.0},
             "metrics": {"listen": f"tcp:{free_port()}:interface=127.0.0.1"},
             "store": {"url": f"sqlite:///{tmp}/store.db"},
             "cluster": {"secret_file": str(tmp / "cluster-secret")},
@@ -178,6 +179,7 @@ class AcmeTests(SynchronousTestCase):
         os.chmod(tmp / "cluster-secret", 0o600)
         lb_port = int(doc["lb"]["listen"].split(":")[1])
         tls_port = int(doc["lb"]["tls_listen"].split(":")[1])
+        doc["lb"]["https_port"] = tls_port  # the public HTTPS port, for redirects
         api_port = int(doc["api"]["listen"].split(":")[1])
 
         cts, cts_log = self._spawn("challtestsrv", [
@@ -295,3 +297,37 @@ class AcmeTests(SynchronousTestCase):
         self.assertIn("www.hello.test  issued  source=acme", human)
         # the working domain kept its certificate
         self.assertEqual(https_get(tls_port, "www.hello.test", root_path)[0], 200)
+
+        # the app's HTTPS policy (epio.ini [http]): plain HTTP -> 308 to https:// with the
+        # path and query; HTTPS responses carry HSTS with the owner's max-age
+        app = tmp / "secure-app"
+        shutil.copytree(CHECKOUT / "examples" / "wsgi", app)
+        with open(app / "epio.ini", "a") as f:
+            f.write("\n[http]\nhttps_redirect = true\nhsts_max_age = 600\n")
+        self.epio("deploy", str(app), "--app", "hello", "--poll", "0.5")
+
+        def plain(path: str) -> tuple[int, str | None, str | None]:
+            conn = http.client.HTTPConnection("127.0.0.1", lb_port, timeout=5)
+            try:
+                conn.request("GET", path, headers={"Host": "www.hello.test"})
+                r = conn.getresponse()
+                r.read()
+                return r.status, r.getheader("Location"), r.getheader(
+                    "Strict-Transport-Security")
+            finally:
+                conn.close()
+
+        status, location, sts = wait_until(
+            "the redirect", lambda: (lambda r: r if r[0] == 308 else None)(
+                plain("/some/path?q=1&x=%2F")), timeout=30)
+        self.assertEqual(location, f"https://www.hello.test:{tls_port}/some/path?q=1&x=%2F")
+        self.assertIsNone(sts)  # HSTS is only sent over HTTPS
+        ctx = ssl.create_default_context(cafile=str(root_path))
+        conn = http.client.HTTPSConnection("127.0.0.1", tls_port, timeout=5, context=ctx)
+        conn.sock = ctx.wrap_socket(socket.create_connection(("127.0.0.1", tls_port), 5),
+                                    server_hostname="www.hello.test")
+        conn.request("GET", "/some/path?q=1", headers={"Host": "www.hello.test"})
+        resp = conn.getresponse()
+        self.assertEqual((resp.status, resp.read()), (200, b"Hello from epio! (hello)\n"))
+        self.assertEqual(resp.getheader("Strict-Transport-Security"), "max-age=600")
+        conn.close()
