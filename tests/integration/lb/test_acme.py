@@ -10,9 +10,10 @@ worker as well as its parent.  Steps: deploy
 examples/wsgi; ``epio domains add www.hello.test`` -> certificate issued within
 30 s -> an HTTPS client trusting pebble's root (from its management API) gets
 200 through the router; the second router serves the same certificate;
-``epio domains add bad.test`` -> the failed challenge shown by ``epio certs``; a
-redeploy with ``[http] https_redirect`` and ``hsts_max_age`` -> 308 with path and
-query kept, HSTS on HTTPS.
+``epio domains add bad.test`` -> the failed challenge shown by ``epio certs``; the
+app's ``[http] https_redirect`` and ``hsts_max_age`` -> 308 with path and query kept,
+HSTS on HTTPS; the 90-second certificate renewed (60 s before expiry)
+and the new one served by both routers.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ from tests.integration.e2e.test_quickstart import _unmount_under, wait_until
 from tests.util import CHECKOUT, NodeProcess, epio_env, free_port, isolated_config, to_toml
 
 ISSUE_WITHIN = 30.0  # seconds from `epio domains add` to a served certificate
+CERT_LIFETIME = 90  # pebble's certificates live this long (certificateValidityPeriod) ...
+RENEW_BEFORE = 60.0  # ... and are renewed this long before expiry: 30 s after issuance
 
 
 def _minica(tmp: Path) -> tuple[Path, Path, Path]:
@@ -173,7 +176,8 @@ class AcmeTests(SynchronousTestCase):
             "cluster": {"secret_file": str(tmp / "cluster-secret")},
             "acme": {"directory": f"https://127.0.0.1:{acme_port}/dir",
                      "ca_bundle": str(minica), "check_interval": 2.0, "retry_min": 300.0,
-                     "challenge_wait": 1.5, "sync_interval": 1.0, "order_timeout": 20.0},
+                     "challenge_wait": 1.5, "sync_interval": 1.0, "order_timeout": 20.0,
+                     "renew_before_days": RENEW_BEFORE / 86400},
         })
         (tmp / "cluster-secret").write_text(secrets.token_hex(32) + "\n")
         os.chmod(tmp / "cluster-secret", 0o600)
@@ -191,7 +195,8 @@ class AcmeTests(SynchronousTestCase):
             "managementListenAddress": f"127.0.0.1:{acme_mgmt}",
             "certificate": str(pcert), "privateKey": str(pkey),
             "httpPort": lb_port, "tlsPort": free_port(), "ocspResponderURL": "",
-            "externalAccountBindingRequired": False}}))
+            "externalAccountBindingRequired": False,
+            "certificateValidityPeriod": CERT_LIFETIME}}))
         pebble, pebble_log = self._spawn(
             "pebble", ["pebble", "-config", str(tmp / "pebble.json"),
                        "-dnsserver", f"127.0.0.1:{dns_port}"],
@@ -207,8 +212,12 @@ class AcmeTests(SynchronousTestCase):
         self.epio("login", "--api", f"http://127.0.0.1:{api_port}",
                   stdin=(tmp / "data" / "admin-token").read_text())
         self.epio("apps", "create", "hello")
-        self.epio("deploy", str(CHECKOUT / "examples" / "wsgi"), "--app", "hello",
-                  "--poll", "0.5")
+        # examples/wsgi with the app's HTTPS policy (epio.ini [http], checked at the end)
+        app = tmp / "secure-app"
+        shutil.copytree(CHECKOUT / "examples" / "wsgi", app)
+        with open(app / "epio.ini", "a") as f:
+            f.write("\n[http]\nhttps_redirect = true\nhsts_max_age = 600\n")
+        self.epio("deploy", str(app), "--app", "hello", "--poll", "0.5")
 
         # issuance: `epio domains add` -> certificate served within ISSUE_WITHIN seconds
         added = time.monotonic()
@@ -229,11 +238,12 @@ class AcmeTests(SynchronousTestCase):
                          ("issued", "acme", True))
         leaf = x509.load_der_x509_certificate(der1)
         self.assertAlmostEqual(cert["not_after"], leaf.not_valid_after_utc.timestamp(), 0)
-        # a challenge path without a pending token is the app's (routed, not answered)
+        # a challenge path without a pending token is not answered by the router: the
+        # app's policy applies (redirected to HTTPS)
         conn = http.client.HTTPConnection("127.0.0.1", lb_port, timeout=5)
         conn.request("GET", "/.well-known/acme-challenge/none", headers={
             "Host": "www.hello.test"})
-        self.assertEqual(conn.getresponse().read(), b"Hello from epio! (hello)\n")
+        self.assertEqual(conn.getresponse().status, 308)
         conn.close()
 
         # a second router (its own node, same store and cluster secret) serves it too
@@ -300,11 +310,6 @@ class AcmeTests(SynchronousTestCase):
 
         # the app's HTTPS policy (epio.ini [http]): plain HTTP -> 308 to https:// with the
         # path and query; HTTPS responses carry HSTS with the owner's max-age
-        app = tmp / "secure-app"
-        shutil.copytree(CHECKOUT / "examples" / "wsgi", app)
-        with open(app / "epio.ini", "a") as f:
-            f.write("\n[http]\nhttps_redirect = true\nhsts_max_age = 600\n")
-        self.epio("deploy", str(app), "--app", "hello", "--poll", "0.5")
 
         def plain(path: str) -> tuple[int, str | None, str | None]:
             conn = http.client.HTTPConnection("127.0.0.1", lb_port, timeout=5)
@@ -322,12 +327,31 @@ class AcmeTests(SynchronousTestCase):
                 plain("/some/path?q=1&x=%2F")), timeout=30)
         self.assertEqual(location, f"https://www.hello.test:{tls_port}/some/path?q=1&x=%2F")
         self.assertIsNone(sts)  # HSTS is only sent over HTTPS
-        ctx = ssl.create_default_context(cafile=str(root_path))
-        conn = http.client.HTTPSConnection("127.0.0.1", tls_port, timeout=5, context=ctx)
-        conn.sock = ctx.wrap_socket(socket.create_connection(("127.0.0.1", tls_port), 5),
-                                    server_hostname="www.hello.test")
-        conn.request("GET", "/some/path?q=1", headers={"Host": "www.hello.test"})
-        resp = conn.getresponse()
-        self.assertEqual((resp.status, resp.read()), (200, b"Hello from epio! (hello)\n"))
-        self.assertEqual(resp.getheader("Strict-Transport-Security"), "max-age=600")
-        conn.close()
+
+        def secure() -> tuple[int, bytes, str | None]:
+            ctx = ssl.create_default_context(cafile=str(root_path))
+            conn = http.client.HTTPSConnection("127.0.0.1", tls_port, timeout=5, context=ctx)
+            conn.sock = ctx.wrap_socket(socket.create_connection(("127.0.0.1", tls_port), 5),
+                                        server_hostname="www.hello.test")
+            try:
+                conn.request("GET", "/some/path?q=1", headers={"Host": "www.hello.test"})
+                resp = conn.getresponse()
+                return resp.status, resp.read(), resp.getheader("Strict-Transport-Security")
+            finally:
+                conn.close()
+
+        self.assertEqual(secure(), (200, b"Hello from epio! (hello)\n", "max-age=600"))
+
+        # renewal: a short-lived certificate is replaced before it expires, on both routers
+        first = x509.load_der_x509_certificate(der1)
+
+        def renewed(port: int) -> x509.Certificate | None:
+            leaf = x509.load_der_x509_certificate(https_get(port, "www.hello.test",
+                                                            root_path)[2])
+            return leaf if leaf.not_valid_after_utc > first.not_valid_after_utc else None
+
+        for port in (tls_port, tls2):
+            leaf = wait_until("the renewed certificate", lambda: renewed(port),  # noqa: B023
+                              timeout=CERT_LIFETIME - RENEW_BEFORE + 15)
+            self.assertNotEqual(leaf.serial_number, first.serial_number)
+            self.assertGreater(leaf.not_valid_after_utc.timestamp(), time.time())
