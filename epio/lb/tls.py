@@ -117,10 +117,15 @@ class SNIContexts:
         ctx = self.exact.get(name)
         if ctx is not None:
             return ctx
-        ctx = self.stored.get(name)
+        stored = self.stored
+        ctx = stored.get(name)
         if ctx is not None:
             return ctx
         dot = name.find(".")
+        if dot >= 0 and stored:  # an owner's certificate for a wildcard domain (*.suffix)
+            ctx = stored.get("*" + name[dot:])
+            if ctx is not None:
+                return ctx
         while dot >= 0:
             ctx = self.wild.get(name[dot:])
             if ctx is not None:

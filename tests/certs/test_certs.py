@@ -107,6 +107,32 @@ class CryptoTests(SynchronousTestCase):
             validate({"acme": {"retry_min": 100.0, "retry_max": 10.0}})
 
 
+class SniTests(SynchronousTestCase):
+    def test_store_certificates_by_name(self) -> None:
+        """Store certificates answer their exact name, and a wildcard domain's (*.suffix)
+        answers names one label under it; a file of the directory for the same exact
+        name wins."""
+        from epio.certs.router import context_from_pem
+        from epio.lb.tls import SNIContexts
+
+        ca = CA()
+        tmp = Path(tempfile.mkdtemp(prefix="epio-sni-"))
+        cert, key = ca.leaf(["file.test"])
+        (tmp / "file.test.pem").write_bytes(key + cert)
+        sni = SNIContexts(tmp)
+        sni.refresh(force=True)
+        exact = context_from_pem(*ca.leaf(["www.shop.test"]))
+        wild = context_from_pem(*ca.leaf(["*.wild.test"]))
+        shadowed = context_from_pem(*ca.leaf(["file.test"]))
+        sni.set_stored({"www.shop.test": exact, "*.wild.test": wild, "file.test": shadowed})
+        self.assertIs(sni.context_for("www.shop.test"), exact)
+        self.assertIs(sni.context_for("a.wild.test"), wild)
+        self.assertIsNone(sni.context_for("a.b.wild.test"))
+        self.assertIsNone(sni.context_for("other.test"))
+        self.assertIsNot(sni.context_for("file.test"), shadowed)
+        self.assertIsNotNone(sni.context_for("file.test"))
+
+
 class FakeAcme:
     """Stands in for the CA in the issuer's tests: signs with a local CA, or fails."""
 
