@@ -8,7 +8,8 @@ from pathlib import Path
 from twisted.trial.unittest import SynchronousTestCase
 
 ROOT = Path(__file__).resolve().parent.parent.parent
-TEST_ONLY = {"chromium", "chromium-driver"}  # docs/development.md: dashboard tests only
+# docs/development.md: dashboard tests (chromium) and the ACME test (pebble) only
+TEST_ONLY = {"chromium", "chromium-driver", "pebble"}
 
 
 class InstallDocsTests(SynchronousTestCase):
