@@ -172,9 +172,11 @@ def sync(f: Any, *args: Any) -> defer.Deferred[Any]:
 
 
 class IssuerTests(TestCase):
+    def store_url(self) -> str:
+        return f"sqlite:///{Path(tempfile.mkdtemp(prefix='epio-certs-'))}/store.db"
+
     async def setUp(self) -> None:  # type: ignore[override]
-        tmp = Path(tempfile.mkdtemp(prefix="epio-certs-"))
-        self.store = await open_store(f"sqlite:///{tmp}/store.db", reactor)
+        self.store = await open_store(self.store_url(), reactor)
         self.addCleanup(self.store.close)
         user = await self.store.create_user("alice")
         await self.store.create_app("hello", user.id)
@@ -339,6 +341,15 @@ class IssuerTests(TestCase):
         await records.delete_certs_except(self.store, set())
         await rc.refresh()
         self.assertEqual(seen[-1], {})
+
+
+class PostgresIssuerTests(IssuerTests):
+    """The same issuer and router tests on PostgreSQL (the production store)."""
+
+    def store_url(self) -> str:
+        from tests.store import pg
+
+        return pg.pg_url_for_test(self)
 
 
 class ProxyChallengeTests(SynchronousTestCase):
