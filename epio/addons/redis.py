@@ -2,10 +2,12 @@
 
 Each app with ``[services] redis = true`` gets its own ``redis-server`` (run by a
 runner like any supervised process) with a password, ``maxmemory`` from
-``[redis] memory`` (MB) and an eviction policy.  Automatic snapshots are off
-(``save ""``): the :class:`PersistenceGuard` takes them on a schedule, and only
-when the data directory has room for one — ep.io lost Redis data to a disk
-filled by snapshots.  A refused or failed snapshot is reported, never silent.
+``[redis] memory`` (MB) and an eviction policy.  Every write goes to the
+append-only file (``appendfsync everysec``) and a clean stop saves
+(``shutdown-on-sigterm save``).  Automatic RDB snapshots are off (``save ""``):
+the :class:`PersistenceGuard` takes them on a schedule, and only when the data
+directory has room for one — ep.io lost Redis data to a disk filled by
+snapshots.  A refused or failed snapshot is reported, never silent.
 """
 
 from __future__ import annotations
@@ -89,7 +91,15 @@ def redis_config_lines(password: str, memory_mb: int, policy: str, bind: str) ->
         f"maxmemory-policy {policy}",
         "dbfilename dump.rdb",
         'save ""',
-        "appendonly no",
+        # every write goes to the append-only file before it is acknowledged and is
+        # fsynced within a second (docs/databases.md, "Durability")
+        "appendonly yes",
+        "appendfsync everysec",
+        'appenddirname "appendonlydir"',
+        # a clean stop (the runner's SIGTERM) is SHUTDOWN SAVE: AOF fsynced, RDB written;
+        # "force": a save that fails (a full disk) does not keep the server from exiting
+        "shutdown-on-sigterm save force",
+        "shutdown-on-sigint save force",
         "daemonize no",
         'logfile ""',
         "stop-writes-on-bgsave-error yes",

@@ -48,15 +48,27 @@ def postgres_bin(configured: str = "") -> str:
     return str(versions[-1].parent) if versions else "/usr/lib/postgresql/15/bin"
 
 
-# The Redis wrapper: config file (0600) from the environment, the persistence guard
-# (a snapshot only when the data dir has room: used memory x SPACE_FACTOR + SPACE_MARGIN,
-# the rule of epio.addons.redis.PersistenceGuard), then wait for the server.
+# The Redis wrapper: config file (0600) from the environment; data of a server that ran
+# before the append-only file was on (a dump.rdb, no appendonlydir/) becomes the AOF's
+# base, or Redis would start empty; the persistence guard (a snapshot only when the data
+# dir has room: used memory x SPACE_FACTOR + SPACE_MARGIN, the rule of
+# epio.addons.redis.PersistenceGuard); then wait for the server -- until it has really
+# exited, also after a stop signal (its SHUTDOWN SAVE must finish: when this shell ends,
+# the sandbox and everything in it is killed).
 REDIS_SCRIPT = r"""
 d="$EPIO_DATA_DIR/{dir}"
 umask 077
 mkdir -p "$d" || exit 1
 printf '%s\n' "$EPIO_SERVICE_CONFIG" "port $PORT" "dir \"$d\"" > "$d/redis.conf" || exit 1
 unset EPIO_SERVICE_CONFIG
+if [ -s "$d/dump.rdb" ] && [ ! -e "$d/appendonlydir" ]; then
+  rm -rf "$d/appendonlydir.new" && mkdir "$d/appendonlydir.new" \
+    && cp "$d/dump.rdb" "$d/appendonlydir.new/appendonly.aof.1.base.rdb" \
+    && printf '%s\n' "file appendonly.aof.1.base.rdb seq 1 type b" \
+         > "$d/appendonlydir.new/appendonly.aof.manifest" \
+    && mv "$d/appendonlydir.new" "$d/appendonlydir" || exit 1
+  echo "redis: the existing snapshot dump.rdb is the base of the new append-only file"
+fi
 redis-server "$d/redis.conf" &
 server=$!
 trap 'kill -TERM $server 2>/dev/null' TERM INT
@@ -79,12 +91,25 @@ trap 'kill -TERM $server 2>/dev/null' TERM INT
   done
 ) &
 guard=$!
-wait $server
-code=$?
+{wait_server}
 kill $guard 2>/dev/null
 exit $code
 """
 
+# A signal interrupts ``wait``; the server may still be saving: wait until it is gone.
+# ``kill -0`` succeeds on an exited, not yet reaped child; the next ``wait`` reaps it.
+WAIT_SERVER = r"""wait $server
+code=$?
+while kill -0 $server 2>/dev/null; do
+  wait $server
+  code=$?
+done"""
+
+# The PostgreSQL wrapper: a cluster made on the first start; the server is stopped with
+# a fast shutdown (SIGINT: open sessions are ended, a shutdown checkpoint is written)
+# when the runner stops the instance, and waited for.  The runner's SIGTERM alone would
+# be a smart shutdown, which waits for every client to disconnect -- past the grace,
+# then SIGKILL and crash recovery at the next start.
 POSTGRES_SCRIPT = r"""
 d="$EPIO_DATA_DIR/{dir}"
 bin={bin}
@@ -101,9 +126,13 @@ if [ ! -s "$d/PG_VERSION" ]; then
     "host all $EPIO_SERVICE_USER ::/0 scram-sha-256" > "$d/pg_hba.conf" || exit 1
 fi
 unset EPIO_SERVICE_PASSWORD
-exec "$bin/postgres" -D "$d" -p "$PORT" -k "$TMPDIR" -c listen_addresses="$EPIO_SERVICE_HOST" \
+"$bin/postgres" -D "$d" -p "$PORT" -k "$TMPDIR" -c listen_addresses="$EPIO_SERVICE_HOST" \
   -c dynamic_shared_memory_type=mmap -c logging_collector=off -c max_connections=50 \
-  -c shared_buffers=32MB -c password_encryption=scram-sha-256
+  -c shared_buffers=32MB -c password_encryption=scram-sha-256 &
+server=$!
+trap 'echo "postgres: fast shutdown"; kill -INT $server 2>/dev/null' TERM INT
+{wait_server}
+exit $code
 """
 
 
@@ -129,11 +158,11 @@ def _fraction(x: float) -> tuple[int, int]:
 def redis_start_body(*, app: str, uid: int, instance_id: str, image_digest: str,
                      password: str, memory_mb: int, policy: str, host: str,
                      snapshot_interval: float, boot_timeout: float,
-                     grace: float = 10.0, data_key: str = "") -> dict[str, Any]:
+                     grace: float = 30.0, data_key: str = "") -> dict[str, Any]:
     """The ``runner.start`` body of an app's dedicated Redis."""
     num, den = _fraction(SPACE_FACTOR)
     script = REDIS_SCRIPT.format(dir=data_dir_name(REDIS_DIR, data_key), num=num, den=den,
-                                 margin=SPACE_MARGIN)
+                                 margin=SPACE_MARGIN, wait_server=WAIT_SERVER)
     config = "\n".join(redis_config_lines(password, memory_mb, policy, host))
     return {
         "instance_id": instance_id, "app": app, "uid": uid, "release": 0,
@@ -155,7 +184,7 @@ def postgres_start_body(*, app: str, uid: int, instance_id: str, image_digest: s
                         data_key: str = "") -> dict[str, Any]:
     """The ``runner.start`` body of an app's dedicated PostgreSQL server."""
     script = POSTGRES_SCRIPT.format(dir=data_dir_name(POSTGRES_DIR, data_key),
-                                    bin=shlex.quote(pg_bin))
+                                    bin=shlex.quote(pg_bin), wait_server=WAIT_SERVER)
     return {
         "instance_id": instance_id, "app": app, "uid": uid, "release": 0,
         "process_type": POSTGRES_TYPE, "index": 1, "command": ["/bin/sh", "-c", script],

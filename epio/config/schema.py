@@ -609,6 +609,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
                                     "may take to accept connections after it starts.", positive),
         "redis_snapshot_interval": Key(float, 900.0, "Seconds between persistence-guarded "
                                        "snapshots of each dedicated Redis.", positive),
+        "service_stop_timeout": Key(float, 30.0, "Seconds a dedicated Redis (SHUTDOWN SAVE) or "
+                                    "PostgreSQL (fast shutdown) server gets to stop cleanly, "
+                                    "node stops included, before SIGKILL (at most 3600).",
+                                    lambda v: None if 0 < v <= 3600 else "must be in (0, 3600]"),
         "keeper_interval": Key(float, 10.0, "Seconds between checks (by the scheduler's "
                                "leader) that every dedicated server runs; a lost one is "
                                "started again on its own runner.", positive),

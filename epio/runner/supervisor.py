@@ -718,6 +718,9 @@ class Supervisor:
         self.changed()
 
     def _command(self, inst: Instance) -> str:
+        if inst.spec.process_type in SERVICE_PROCESS_TYPES:
+            # the platform's wrapper script: dozens of lines that say nothing to the user
+            return f"the dedicated {inst.spec.process_type.removeprefix('epio-')} server"
         c = inst.spec.command
         return c if isinstance(c, str) else " ".join(c)
 
@@ -881,7 +884,11 @@ class Supervisor:
             self._cancel_all(inst)
 
     def shutdown(self, grace: float) -> defer.Deferred[None]:
-        """Stop every process (SIGTERM, ``grace``, SIGKILL) without changing desired state."""
+        """Stop every process (SIGTERM, ``grace``, SIGKILL) without changing desired state.
+
+        A dedicated database server gets its own grace when that is longer
+        (``addons.service_stop_timeout``): its clean stop (SHUTDOWN SAVE, fast
+        shutdown) is what keeps its data, and must not be cut short by a node stop."""
         self.shutting_down = True
         waits = []
         for inst in self.instances.values():
@@ -891,5 +898,8 @@ class Supervisor:
                 inst.waiters.append(d)
                 waits.append(d)
                 self.launcher.signal(inst.launch, signal.SIGTERM)
-                self._call(inst, "kill", grace, self._kill, inst, inst.generation)
+                wait = grace
+                if inst.spec.process_type in SERVICE_PROCESS_TYPES:
+                    wait = max(grace, inst.spec.grace)
+                self._call(inst, "kill", wait, self._kill, inst, inst.generation)
         return defer.DeferredList(waits).addCallback(lambda _: None)

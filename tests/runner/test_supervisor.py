@@ -414,6 +414,27 @@ class StopTests(SynchronousTestCase):
         self.assertEqual(len(h.reactor.spawned), 1)
 
 
+    def test_shutdown_gives_a_database_server_its_own_longer_grace(self) -> None:
+        """On a node stop a web process is SIGKILLed after the runner's shutdown grace, a
+        dedicated database server only after its own (longer) grace -- its SHUTDOWN SAVE
+        or fast shutdown is what keeps its data; its log line does not show its script."""
+        h = Harness()
+        h.sup.start(body(process_type="worker", instance_id="w1"))
+        h.sup.start(body(process_type="epio-postgres", instance_id="pg", release=0,
+                         command=["/bin/sh", "-c", "SCRIPT-LINE\n" * 30], grace=30))
+        web, pg = h.reactor.spawned
+        h.sup.shutdown(grace=10)
+        h.reactor.advance(10)
+        self.assertIn((web.pid, signal.SIGKILL), h.launcher.signals)
+        self.assertNotIn((pg.pid, signal.SIGKILL), h.launcher.signals)
+        h.reactor.advance(20)
+        self.assertIn((pg.pid, signal.SIGKILL), h.launcher.signals)
+        texts = h.sink.texts("hello", "platform")
+        self.assertFalse([t for t in texts if "SCRIPT-LINE" in t], texts)
+        self.assertIn("epio-postgres.1: starting release 0: the dedicated postgres server "
+                      "(PORT=20000)", texts)
+
+
 class ExitTests(SynchronousTestCase):
     def test_oom_kill_is_reported(self) -> None:
         """A process the kernel killed for memory is logged as 'killed: out of memory'."""

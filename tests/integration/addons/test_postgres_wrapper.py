@@ -1,6 +1,7 @@
 """The wrapper a runner runs for a dedicated PostgreSQL (epio.addons.services), with the
 host's real initdb and postgres under an unprivileged UID: a server created after a
-destroyed one starts on a cluster of its own, with its own password."""
+destroyed one starts on a cluster of its own, with its own password; a stop is a fast
+shutdown the wrapper waits for."""
 
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ class PostgresWrapperTests(SynchronousTestCase):
             try:
                 psycopg2.connect(host="127.0.0.1", port=port, user=USER, password=password,
                                  dbname="postgres", connect_timeout=3).close()
-                self.stop = stop
+                self.stop, self.proc, self.out = stop, proc, out
                 return port
             except psycopg2.OperationalError as e:
                 if "password authentication failed" in str(e):
@@ -101,3 +102,31 @@ class PostgresWrapperTests(SynchronousTestCase):
         self.assertEqual(sorted(p.name for p in self.data.iterdir()),
                          [".epio-postgres-aa01", ".epio-postgres-bb02"])
         self.assertTrue((self.data / ".epio-postgres-aa01" / "PG_VERSION").exists())
+
+    def test_stop_is_a_fast_shutdown_waited_for(self) -> None:
+        """SIGTERM to the wrapper's group (the runner's stop) while a client holds a
+        session open: the server does a fast shutdown (the session is ended, a shutdown
+        checkpoint written) instead of waiting for the client, the wrapper exits only once
+        the server is gone, and the next start needs no crash recovery."""
+        pw = secrets.token_urlsafe(16)
+        port = self.start("cc03", pw)
+        client = psycopg2.connect(host="127.0.0.1", port=port, user=USER, password=pw,
+                                  dbname="postgres")
+        client.autocommit = True
+        client.cursor().execute("CREATE TABLE kept AS SELECT generate_series(1, 100) AS n")
+        self.addCleanup(client.close)
+        proc, out = self.proc, self.out
+        started = time.monotonic()
+        os.killpg(proc.pid, signal.SIGTERM)
+        self.assertEqual(proc.wait(20), 0, out.read_text())
+        self.assertLess(time.monotonic() - started, 10)
+        log = out.read_text()
+        self.assertIn("fast shutdown", log)
+        self.assertIn("database system is shut down", log)
+        port = self.start("cc03", pw)
+        self.assertNotIn("not properly shut down", self.out.read_text())
+        with psycopg2.connect(host="127.0.0.1", port=port, user=USER, password=pw,
+                              dbname="postgres") as conn, conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM kept")
+            self.assertEqual(cur.fetchone(), (100,))
+        conn.close()

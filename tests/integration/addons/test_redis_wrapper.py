@@ -1,6 +1,7 @@
 """The wrapper a runner runs for a dedicated Redis (epio.addons.services): its config
 (0600, password never in argv), and its persistence guard -- snapshots only when the data
-directory has room, a refusal reported on its output (the app's log)."""
+directory has room, a refusal reported on its output (the app's log); its durability --
+the append-only file, SHUTDOWN SAVE on a stop, a snapshot from before AOF kept."""
 
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ from tests.util import free_port, small_tmpfs
 
 
 class RedisWrapperTests(SynchronousTestCase):
-    def start(self, data: Path, memory_mb: int = 64) -> tuple[subprocess.Popen, int, str, Path]:
-        port, password = free_port(), secrets.token_urlsafe(16)
+    def start(self, data: Path, memory_mb: int = 64,
+              password: str | None = None) -> tuple[subprocess.Popen, int, str, Path]:
+        port, password = free_port(), password or secrets.token_urlsafe(16)
         body = redis_start_body(app="w", uid=20001, instance_id="w-1", image_digest="a" * 64,
                                 password=password, memory_mb=memory_mb, policy="allkeys-lru",
                                 host="127.0.0.1", snapshot_interval=1, boot_timeout=30)
@@ -109,3 +111,57 @@ class RedisWrapperTests(SynchronousTestCase):
             os.killpg(proc.pid, signal.SIGKILL)  # the guard's sleep, if any, is harmless
         except ProcessLookupError:
             pass
+
+    def test_clean_stop_saves_and_restart_keeps_every_write(self) -> None:
+        """SIGTERM to the wrapper's group (the runner's stop): the wrapper ends only after
+        redis-server has finished its SHUTDOWN SAVE (exit 0, 'DB saved' in its output);
+        a new server on the same directory has every key, written after the last
+        scheduled snapshot included; then a SIGKILL of redis-server alone loses no write
+        acknowledged more than a second before it (the append-only file)."""
+        data = Path(self.mktemp()).absolute()
+        data.mkdir(parents=True)
+        proc, port, password, out = self.start(data)
+        for i in range(200):
+            self.cli(port, password, "SET", f"k{i}", f"v{i}")
+        os.killpg(proc.pid, signal.SIGTERM)
+        self.assertEqual(proc.wait(15), 0, out.read_text())
+        self.assertIn("DB saved on disk", out.read_text())
+        self.assertTrue((data / REDIS_DIR / "appendonlydir").is_dir())
+
+        proc, port, password, out = self.start(data, password=password)
+        self.assertEqual(self.cli(port, password, "DBSIZE"), "200")
+        self.assertEqual(self.cli(port, password, "GET", "k199"), "v199")
+        self.cli(port, password, "SET", "late", "x")
+        time.sleep(1.5)  # appendfsync everysec: acknowledged more than 1 s before the kill
+        [pid] = subprocess.run(["pgrep", "-f", f"redis-server.*:{port}"], capture_output=True,
+                               text=True).stdout.split()
+        os.kill(int(pid), signal.SIGKILL)
+        proc.wait(10)
+        proc, port, password, out = self.start(data, password=password)
+        self.assertEqual((self.cli(port, password, "DBSIZE"),
+                          self.cli(port, password, "GET", "late")), ("201", "x"))
+
+    def test_snapshot_of_a_server_from_before_aof_is_kept(self) -> None:
+        """A data dir of a Redis that ran without the append-only file (a dump.rdb, no
+        appendonlydir/): the wrapper makes the snapshot the AOF's base, so the server
+        starts with its keys instead of an empty AOF, and says so."""
+        data = Path(self.mktemp()).absolute()
+        rdir = data / REDIS_DIR
+        rdir.mkdir(parents=True)
+        port = free_port()
+        old = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                                "--dir", str(rdir), "--save", "", "--appendonly", "no"],
+                               stdout=subprocess.DEVNULL)
+        self.addCleanup(lambda: (old.kill(), old.wait()))
+        for _ in range(100):
+            if self.cli(port, "", "PING") == "PONG":
+                break
+            time.sleep(0.05)
+        for i in range(30):
+            self.cli(port, "", "SET", f"old{i}", "v")
+        self.cli(port, "", "SAVE")
+        old.kill()
+        old.wait()
+        _, port, password, out = self.start(data)
+        self.assertEqual(self.cli(port, password, "DBSIZE"), "30")
+        self.assertIn("base of the new append-only file", out.read_text())
