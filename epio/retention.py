@@ -3,9 +3,12 @@
 Shared floor: the backup role prunes backups with it, runners prune btrfs snapshots.
 
 For each period (hour, day, ISO week, month) the newest good backup of each of
-the last N periods is kept; everything else may be pruned.  Failed or unverified
-backups never count towards the history (a run of failures cannot push the last
-good backups out) and are pruned once they are older than ``failed_ttl``.
+the last N periods is kept; everything else may be pruned.  Failed, unverified and
+*flagged* backups (verified, but suspicious: empty where the last good one had data,
+or a size collapse -- see epio.backup.checks) never count towards the history: a run
+of failures or of empty backups cannot push the last good backups out.  They are
+pruned once they are older than ``failed_ttl``.  Whatever the policy says, the newest
+good backup and the newest verified one (flagged or not) are always kept.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ class RetentionPolicy:
 class Candidate:
     id: str
     created: float  # seconds since the epoch
-    good: bool
+    good: bool  # verified and not flagged: counts towards the history
+    verified: bool | None = None  # verified (flagged or not); None: same as good
 
 
 def _periods(ts: float) -> dict[str, tuple[int, ...]]:
@@ -63,4 +67,11 @@ def to_keep(backups: Iterable[Candidate], now: float, policy: RetentionPolicy) -
     for b in items:
         if not b.good and now - b.created < policy.failed_ttl:
             keep.add(b.id)
+    newest_good = next((b for b in items if b.good), None)
+    if newest_good is not None:
+        keep.add(newest_good.id)
+    newest_verified = next((b for b in items if (b.good if b.verified is None else b.verified)),
+                           None)
+    if newest_verified is not None:
+        keep.add(newest_verified.id)
     return keep

@@ -97,6 +97,11 @@ SCHEMAS.update({
         "created": NUM, "finished": NULLABLE_NUM, "size": INT, "sha256": STR,
         "source": STR, "counts": {"type": "object", "additionalProperties": INT},
         "error": STR, "verified": BOOL,
+        "suspicious": {"type": "string",
+                       "description": "why a verified backup is flagged (empty where the "
+                                      "last good one had data, or a size collapse), or \"\": "
+                                      "a flagged backup is restorable but does not count "
+                                      "towards the retention history"},
     }),
     "NewBackup": obj({"kind": {"type": "string", "enum": list(KINDS)}}, required=[]),
     "Restore": obj({"to_app": {"type": "string", "minLength": 1}}, required=[]),
@@ -119,6 +124,7 @@ class AddonSettings:
     reach_timeout: float = 5.0
     keeper_interval: float = 10.0
     postgres_memory_mb: int = 512
+    service_stop_timeout: float = 30.0
 
     @classmethod
     def from_config(cls, config: Any) -> AddonSettings:
@@ -127,7 +133,8 @@ class AddonSettings:
                    a["postgres_bin"], float(a["service_boot_timeout"]),
                    float(a["redis_snapshot_interval"]), tuple(b["endpoints"]),
                    float(b["api_timeout"]), float(b["reach_timeout"]),
-                   float(a["keeper_interval"]), int(a["postgres_memory_mb"]))
+                   float(a["keeper_interval"]), int(a["postgres_memory_mb"]),
+                   float(a["service_stop_timeout"]))
 
 
 def describe_addon(a: Addon) -> dict[str, Any]:
@@ -150,6 +157,7 @@ def describe_backup(r: Mapping[str, Any]) -> dict[str, Any]:
         "sha256": str(r.get("sha256") or ""), "source": str(r.get("source") or ""),
         "counts": {str(k): int(v) for k, v in (r.get("counts") or {}).items()},
         "error": str(r.get("error") or ""), "verified": status == "verified",
+        "suspicious": str(r.get("suspicious") or "") if status == "verified" else "",
     }
 
 
@@ -348,13 +356,13 @@ class Addons:
                 password=str(addon.password), memory_mb=int(addon.options["memory_mb"]),
                 policy=str(addon.options.get("policy") or DEFAULT_POLICY), host=host,
                 snapshot_interval=s.redis_snapshot_interval, boot_timeout=s.service_boot_timeout,
-                data_key=str(addon.options.get("data_key") or ""))
+                grace=s.service_stop_timeout, data_key=str(addon.options.get("data_key") or ""))
         else:
             body = postgres_start_body(
                 app=app.name, uid=app.uid, instance_id=iid, image_digest=image,
                 user=str(addon.username), password=str(addon.password), host=host,
                 pg_bin=postgres_bin(s.postgres_bin), boot_timeout=s.service_boot_timeout,
-                memory_mb=s.postgres_memory_mb, data_key=str(addon.options.get("data_key") or ""))
+                grace=s.service_stop_timeout, memory_mb=s.postgres_memory_mb, data_key=str(addon.options.get("data_key") or ""))
         now = self.clock.seconds()
         # recorded first, so the scheduler never takes it for an orphan
         inst = Instance(iid, app.name, 0, ptype, 1, runner.id, None, None, "pending", now, 0)

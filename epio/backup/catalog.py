@@ -40,10 +40,17 @@ class BackupRecord:
     counts: dict[str, int] = field(factory=dict)  # table -> rows, or {"keys": n}
     error: str = ""
     finished: float | None = None
+    suspicious: str = ""  # why a verified backup is flagged (epio.backup.checks), or ""
 
     @property
     def good(self) -> bool:
+        """Verified: restorable (flagged or not)."""
         return self.status == "verified"
+
+    @property
+    def counts_in_history(self) -> bool:
+        """Verified and not flagged: counts towards the retention history."""
+        return self.good and not self.suspicious
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

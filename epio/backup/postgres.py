@@ -88,6 +88,15 @@ class PostgresBackups:
             raise BackupFailed(f"cannot connect to database {database}: {type(e).__name__}") from None
         return conn
 
+    async def ping(self, database: str) -> None:
+        """Return once ``database`` accepts a connection and a query; BackupFailed if not
+        (e.g. "the database system is starting up")."""
+        conn = await self._connect(database)
+        try:
+            await conn.runQuery("SELECT 1")
+        finally:
+            conn.close()
+
     async def count_rows(self, conn: Any) -> dict[str, int]:
         counts: dict[str, int] = {}
         for schema, table in await conn.runQuery(COUNT_TABLES):

@@ -14,12 +14,14 @@ from typing import Any
 
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.internet.defer import TimeoutError as DeferredTimeout
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from epio.addons.postgres import SharedPostgres
+from epio.backup import checks
 from epio.backup.catalog import BackupNotFound, BackupRecord, Catalog, sha256_file
 from epio.backup.postgres import BackupFailed, PostgresBackups
 from epio.backup.redis import RedisBackups
@@ -42,7 +44,7 @@ class BackupManager:
         self.postgres = postgres
         self.redis = redis if redis is not None else RedisBackups(reactor)
         self.step_timeout = step_timeout
-        self.counters = {"ok": 0, "failed": 0, "pruned": 0}
+        self.counters = {"ok": 0, "failed": 0, "pruned": 0, "flagged": 0, "start_retries": 0}
 
     def _new_id(self) -> str:
         t = self.reactor.seconds()
@@ -69,10 +71,14 @@ class BackupManager:
         """Dump, checksum, verify and record one app database; never raises."""
         from epio.addons import db_identifier
 
+        not_ready = await self._wait_accepting(
+            Target(app, "postgres", "shared", database=db_identifier(app)))
         record = BackupRecord(id=self._new_id(), app=app, kind="postgres",
                               created=self.reactor.seconds(), source=db_identifier(app))
         path = self.catalog.create(record)
         try:
+            if not_ready:
+                raise BackupFailed(not_ready)
             if self.postgres is None:
                 raise BackupFailed("the postgres add-on is not configured on this node")
             record.counts = await self._timed(self.postgres.dump(record.source, path))
@@ -85,6 +91,10 @@ class BackupManager:
             self.counters["ok"] += 1
             self.log.info("backup {id} of {app} verified ({size} bytes)", id=record.id,
                           app=app, size=record.size)
+            self._flag(record)
+        except CancelledError:
+            self._drop_cancelled(record)
+            raise
         except Exception as e:
             record.status = "failed"
             record.error = str(e) if isinstance(e, BackupFailed) else f"{type(e).__name__}"
@@ -110,10 +120,13 @@ class BackupManager:
         """
         if target.kind == "postgres" and target.plan == "shared":
             return await self.backup_postgres(target.app)
+        not_ready = await self._wait_accepting(target)
         record = BackupRecord(id=self._new_id(), app=target.app, kind=target.kind,
                               created=self.reactor.seconds(), source=target.describe())
         path = self.catalog.create(record)
         try:
+            if not_ready:
+                raise BackupFailed(not_ready)
             if target.kind == "postgres":
                 tool = self._postgres_for(target)
                 record.counts = await self._timed(tool.dump(str(target.database), path))
@@ -133,6 +146,10 @@ class BackupManager:
             self.counters["ok"] += 1
             self.log.info("backup {id} of {app} ({kind}) verified ({size} bytes)", id=record.id,
                           app=target.app, kind=target.kind, size=record.size)
+            self._flag(record)
+        except CancelledError:
+            self._drop_cancelled(record)
+            raise
         except Exception as e:
             record.status = "failed"
             record.error = str(e) if isinstance(e, BackupFailed) else f"{type(e).__name__}"
@@ -142,6 +159,61 @@ class BackupManager:
         record.finished = self.reactor.seconds()
         self.catalog.save(record)
         return record
+
+    def _drop_cancelled(self, record: BackupRecord) -> None:
+        """A backup cancelled by a clean stop of the node is not a backup: no record."""
+        self.catalog.delete(record)
+        self.log.info("backup {id} of {app} ({kind}) cancelled by the node's stop; not "
+                      "recorded", id=record.id, app=record.app, kind=record.kind)
+
+    def _flag(self, record: BackupRecord) -> None:
+        """Flag a verified backup that is suspicious next to the last good one."""
+        last_good = next((r for r in self.catalog.list(record.app, record.kind)
+                          if r.id != record.id and r.counts_in_history), None)
+        record.suspicious = checks.suspicion(record.kind, record.counts, record.size, last_good)
+        if record.suspicious:
+            self.counters["flagged"] += 1
+            self.log.warn("backup {id} of {app} ({kind}) is FLAGGED, kept apart from the "
+                          "history: {why}", id=record.id, app=record.app, kind=record.kind,
+                          why=record.suspicious)
+
+    async def _probe(self, target: Target) -> None:
+        """Return once ``target`` accepts connections (raises BackupFailed if not)."""
+        if target.kind == "redis":
+            assert target.host is not None and target.port is not None
+            await self.redis.key_count(target.host, target.port, target.password)
+            return
+        if target.plan == "dedicated":
+            await self._postgres_for(target).ping(str(target.database))
+        elif self.postgres is not None:
+            await self.postgres.ping(str(target.database))
+
+    async def _wait_accepting(self, target: Target) -> str:
+        """Wait until the database accepts connections: probes with a backoff from
+        ``checks.START_RETRY_INITIAL`` s, doubling, capped at ``START_RETRY_MAX``, for at
+        most ``START_TIMEOUT`` s.  "" when it does; otherwise why the backup cannot
+        start (it is then recorded once as failed)."""
+        start = self.reactor.seconds()
+        delay = checks.START_RETRY_INITIAL
+        while True:
+            try:
+                await self._timed(self._probe(target))
+                return ""
+            except CancelledError:
+                raise
+            except Exception as e:
+                why = str(e) if isinstance(e, BackupFailed) else type(e).__name__
+            waited = self.reactor.seconds() - start
+            if waited + delay > checks.START_TIMEOUT:
+                return (f"{target.describe()} did not accept connections within "
+                        f"{checks.START_TIMEOUT:g}s: {why}")
+            if waited == 0:
+                self.log.info("backup of {app} ({kind}) waits until {where} accepts "
+                              "connections: {why}", app=target.app, kind=target.kind,
+                              where=target.describe(), why=why)
+            self.counters["start_retries"] += 1
+            await deferLater(self.reactor, delay, lambda: None)
+            delay = min(delay * 2, checks.START_RETRY_MAX)
 
     async def verify_again(self, record: BackupRecord) -> BackupRecord:
         """Re-check an existing backup's checksum and restorability."""
@@ -175,7 +247,8 @@ class BackupManager:
     def prune(self, app: str, kind: str) -> int:
         records = self.catalog.list(app, kind)
         keep = to_keep(
-            [Candidate(r.id, r.created, r.good) for r in records if r.status != "running"],
+            [Candidate(r.id, r.created, r.counts_in_history, r.good)
+             for r in records if r.status != "running"],
             self.reactor.seconds(), self.policy,
         )
         gone = 0
@@ -266,6 +339,7 @@ class BackupService(MultiService):
         self.chunk = int(cfg["chunk_kb"]) * 1024
         self._timer: TimerService | None = None
         self._running_round = False
+        self._round: Deferred[Any] | None = None
         router = node.bus.router(cfg["control_bind"], self.handle)
         router.setServiceParent(self)
 
@@ -302,8 +376,24 @@ class BackupService(MultiService):
         return None
 
     def _round_now(self) -> Deferred[Any]:
-        return ensureDeferred(self.run_round()).addErrback(
-            lambda f: self.log.failure("backup round failed", f))
+        d = self._round = ensureDeferred(self.run_round())
+
+        def done(result: Any) -> Any:
+            if self._round is d:
+                self._round = None
+            return result
+
+        d.addBoth(done)
+        d.addErrback(lambda f: f.trap(CancelledError))
+        d.addErrback(lambda f: self.log.failure("backup round failed", f))
+        return d
+
+    def stopService(self) -> Any:
+        """A clean stop cancels the running round: its current backup (its tools are
+        killed) is dropped, not recorded as failed; the next leader's round takes it."""
+        if self._round is not None:
+            self._round.cancel()
+        return super().stopService()
 
     async def run_round(self) -> list[BackupRecord]:
         """Back up every add-on database of every app, then prune."""

@@ -2,8 +2,10 @@
 
 Only ``verified`` backups (restored and checked after they were taken) count:
 failed ones are listed as FAILED with their reason, ``create`` exits non-zero
-when a backup failed, and ``restore`` refuses them.  Without an ID, ``restore``
-and ``download`` use the newest verified backup.
+when a backup failed, and ``restore`` refuses them.  A verified backup that looks
+wrong next to the last good one (empty, or a size collapse) is FLAGGED, with the
+reason, in its own column.  Without an ID, ``restore`` and ``download`` use the
+newest verified backup that is not flagged (else the newest flagged one).
 """
 
 from __future__ import annotations
@@ -32,16 +34,21 @@ def status_text(b: dict[str, Any]) -> str:
     return "FAILED" + (f": {b['error']}" if b.get("error") else "")
 
 
+COLUMNS = ["ID", "KIND", "STATUS", "TAKEN", "SIZE", "FLAGGED"]
+
+
 def _rows(backups: list[dict[str, Any]]) -> list[list[Any]]:
     return [[b["id"], b["kind"], status_text(b), ago(b["created"]),
-             human_size(b["size"]) if b["size"] else "-"] for b in backups]
+             human_size(b["size"]) if b["size"] else "-",
+             f"FLAGGED: {b['suspicious']}" if b.get("suspicious") else "-"] for b in backups]
 
 
 def _newest_verified(client: Client, name: str, kind: str | None) -> dict[str, Any]:
     query = {"kind": kind} if kind else {}
-    for b in client.get(f"apps/{name}/backups", **query):
-        if b["status"] == "verified":
-            return dict(b)
+    verified = [b for b in client.get(f"apps/{name}/backups", **query)
+                if b["status"] == "verified"]
+    for b in sorted(verified, key=lambda b: bool(b.get("suspicious"))):  # stable: newest
+        return dict(b)
     raise CliError(f"{name} has no verified backup" + (f" of {kind}" if kind else ""))
 
 
@@ -54,7 +61,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         if not backups:
             print(f"{name} has no backups yet: epio backups create")
             return
-        table(_rows(backups), ["ID", "KIND", "STATUS", "TAKEN", "SIZE"])
+        table(_rows(backups), COLUMNS)
 
     return out(args, backups, human)
 
@@ -65,7 +72,7 @@ def cmd_create(args: argparse.Namespace) -> int:
     client.timeout = max(client.timeout, LONG)
     body = {"kind": args.kind} if args.kind else {}
     made = client.post(f"apps/{name}/backups", body)
-    out(args, made, lambda: table(_rows(made), ["ID", "KIND", "STATUS", "TAKEN", "SIZE"]))
+    out(args, made, lambda: table(_rows(made), COLUMNS))
     failed = [b for b in made if b["status"] != "verified"]
     if failed:
         print(f"epio: {len(failed)} backup(s) of {name} FAILED verification; they do not "

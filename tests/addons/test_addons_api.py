@@ -457,3 +457,50 @@ class AddonApiTests(TestCase):
         self.assertEqual(len(dirs), 3)
         self.assertNotEqual(dirs[2], first[0])
         self.assertRegex(dirs[2], r"^\.epio-postgres-[0-9a-f]{16}$")
+
+    async def test_service_stop_timeout_is_the_servers_grace(self) -> None:
+        """``addons.service_stop_timeout`` from the config is the grace (seconds between
+        the stop signal and SIGKILL) in the start body of both dedicated servers."""
+        from epio.api.addons import AddonSettings
+        from epio.config import validate
+
+        settings = AddonSettings.from_config(validate({"addons": {"service_stop_timeout": 45}}))
+        self.assertEqual(settings.service_stop_timeout, 45.0)
+        self.addons.settings = settings
+        await self.h.add_runner("r1")
+        self.h.runners.manifest = {"processes": {"web": "gunicorn app:app"},
+                                   "services": {"postgres": "dedicated", "redis": "dedicated"}}
+        d = await self.run_deploy()
+        self.h.scheduler.lose_leadership()
+        self.assertEqual(d["status"], "succeeded", d["log"])
+        graces = {b["process_type"]: b["grace"] for _, t, b in self.h.runners.requests
+                  if t == "runner.start" and b["process_type"].startswith("epio-")}
+        self.assertEqual(graces, {"epio-postgres": 45.0, "epio-redis": 45.0})
+        with self.assertRaises(Exception) as cm:
+            validate({"addons": {"service_stop_timeout": 0}})
+        self.assertIn("service_stop_timeout", str(cm.exception))
+
+    async def test_flagged_backups_are_listed_with_the_reason(self) -> None:
+        """A backup node's flagged (verified but suspicious) backup is listed with its
+        reason in ``suspicious``; an unflagged or failed one has ""; the CLI's table
+        shows it in its FLAGGED column."""
+        from epio.cli.backups import COLUMNS, _rows
+
+        await self.call("POST", "apps/shop/addons", {"kind": "postgres"})
+        why = "empty: the last good backup good1 held 30 rows"
+        self.backups.catalogs[BACKUP_B] += [
+            {"id": "good1", "app": "shop", "kind": "postgres", "created": 0.5,
+             "status": "verified", "size": 9, "sha256": "ab" * 32, "source": "db",
+             "counts": {"public.t": 30}},
+            {"id": "empty2", "app": "shop", "kind": "postgres", "created": 0.7,
+             "status": "verified", "size": 1, "sha256": "ab" * 32, "source": "db",
+             "counts": {}, "suspicious": why},
+            {"id": "bad3", "app": "shop", "kind": "postgres", "created": 0.8,
+             "status": "failed", "error": "x", "size": 0, "sha256": "", "source": "db",
+             "counts": {}, "suspicious": "stale"}]
+        status, listed, _ = await self.call("GET", "apps/shop/backups")
+        self.assertEqual(status, 200)
+        self.assertEqual([(b["id"], b["suspicious"]) for b in listed],
+                         [("bad3", ""), ("empty2", why), ("good1", "")])
+        self.assertEqual(COLUMNS[-1], "FLAGGED")
+        self.assertEqual([r[-1] for r in _rows(listed)], ["-", f"FLAGGED: {why}", "-"])

@@ -45,8 +45,9 @@ class AddonNode:
         data = self.tmp / "data"
         data.mkdir(mode=0o711)
         (data / "cache").symlink_to(shared_cache())  # the build tests' session wheel cache
-        self.node = NodeProcess(["--role=all"], data_dir=data, config=to_toml(doc))
-        test.addCleanup(self.node.cleanup)
+        self.node_config = to_toml(doc)
+        self.node = NodeProcess(["--role=all"], data_dir=data, config=self.node_config)
+        test.addCleanup(lambda: self.node.cleanup())
         keep = os.environ.get("EPIO_TEST_KEEP_LOG")  # a directory to copy the node log to
         if keep:
             test.addCleanup(lambda: shutil.copy(self.node.log_path, Path(keep)))
@@ -58,6 +59,13 @@ class AddonNode:
         self.node.wait_for_log("api ready", timeout=60)
         self.token = (self.tmp / "data" / "admin-token").read_text().strip()
         self.epio("login", "--api", f"http://127.0.0.1:{self.api_port}", stdin=self.token)
+
+    def restart(self) -> None:
+        """Start the node again on the same data dir and config (after a stop or kill)."""
+        old = self.node
+        old.cleanup()
+        self.node = NodeProcess(["--role=all"], data_dir=old.data_dir, config=self.node_config)
+        self.node.wait_for_log("api ready", timeout=60)
 
     def epio(self, *args: str, stdin: str | None = None, check: bool = True,
              timeout: float = 240.0) -> tuple[int, str, str]:

@@ -1,0 +1,158 @@
+"""Add-on data survives every stop (issue 17): a deployed app's dedicated Redis and
+PostgreSQL, with data written, on one node that is (a) stopped with SIGTERM and started
+again (three times: the backup round at each start waits for the servers, so
+``epio backups`` lists no failed backup), (b) killed with SIGKILL and started again, then
+(c) whose add-on server processes are killed with SIGKILL (the runner restarts them).  After each, every Redis write
+acknowledged more than a second before the stop and every committed PostgreSQL row is
+there.  A clean stop is a clean stop: Redis' SHUTDOWN SAVE and PostgreSQL's fast
+shutdown are in the app's log."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import time
+from urllib.parse import urlsplit
+
+import psycopg2
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.integration.addons.helpers import AddonNode
+from tests.integration.addons.test_dedicated import redis_cli
+from tests.integration.e2e.test_quickstart import wait_until
+from tests.util import CHECKOUT
+
+# after an acknowledged write, how long before a kill it must have been made
+# (appendfsync everysec) -- with a margin for a loaded machine
+AOF_FSYNC_MARGIN = 1.5
+
+
+class AddonDurabilityTests(SynchronousTestCase):
+    def test_data_survives_stops_and_crashes(self) -> None:
+        """(a) node SIGTERM + start, (b) node SIGKILL + start, (c) SIGKILL of redis-server
+        and of the postmaster: after each, every acknowledged write is there."""
+        n = AddonNode(self, {"runner": {"backoff_initial": 0.2, "shutdown_grace": 10.0}})
+        n.start()
+        app = "du" + secrets.token_hex(3)
+        n.create_app(app)
+        src = n.tmp / "src"
+        shutil.copytree(CHECKOUT / "examples" / "wsgi", src)
+        (src / "epio.ini").write_text(
+            "[wsgi]\nentrypoint = app:application\n\n[services]\nredis = true\n"
+            "postgres = dedicated\n\n[redis]\nmemory = 8\n")
+        code, out, err = n.epio("deploy", str(src), "--app", app, "--poll", "0.5", check=False)
+        if code != 0:
+            logs = n.epio("logs", "--app", app, "-n", "300", check=False)[1]
+            self.fail(f"deploy failed:\n{out}\n{err}\n--- app log ---\n{logs}")
+        config = n.config(app)
+        redis_url, db_url = config["REDIS_URL"], config["DATABASE_URL"]
+        u = urlsplit(db_url)
+        pg = dict(host=u.hostname, port=u.port, user=u.username, password=u.password,
+                  dbname=u.path.lstrip("/"), connect_timeout=3)
+
+        def write(step: str, rows: int) -> None:
+            for i in range(rows):
+                self.assertEqual(redis_cli(redis_url, "SET", f"{step}:{i}", f"v{i}"), "OK")
+            with psycopg2.connect(**pg) as conn, conn.cursor() as cur:
+                cur.execute(f"CREATE TABLE {step} AS SELECT generate_series(1, %s) AS n",
+                            (rows,))
+            conn.close()
+            time.sleep(AOF_FSYNC_MARGIN)
+
+        def serving() -> bool:
+            if redis_cli(redis_url, "PING") != "PONG":
+                return False
+            try:
+                psycopg2.connect(**pg).close()
+            except psycopg2.OperationalError:
+                return False
+            return True
+
+        def check(steps: dict[str, int], after: str) -> None:
+            wait_until(f"both servers answer after {after}", serving, timeout=90)
+            for step, rows in steps.items():
+                keys = redis_cli(redis_url, "EVAL",
+                                 "return #redis.call('KEYS', ARGV[1])", "0", f"{step}:*")
+                self.assertEqual(keys, str(rows), f"redis keys of {step} after {after}")
+                with psycopg2.connect(**pg) as conn, conn.cursor() as cur:
+                    cur.execute(f"SELECT count(*) FROM {step}")
+                    self.assertEqual(cur.fetchone(), (rows,), f"{step} after {after}")
+                conn.close()
+
+        def newest_backups() -> dict[str, dict]:
+            found: dict[str, dict] = {}
+            for b in n.json("backups", "--app", app):
+                if b["kind"] not in found or b["created"] > found[b["kind"]]["created"]:
+                    found[b["kind"]] = b
+            return found
+
+        def backed_up_since(before: dict[str, dict]) -> bool:
+            now = newest_backups()
+            return all(k in now and now[k]["id"] != before.get(k, {}).get("id")
+                       and now[k]["status"] != "running" for k in ("postgres", "redis"))
+
+        steps = {"a": 100}
+        write("a", 100)
+        made = n.json("backups", "create", "--app", app)
+        self.assertEqual(sorted((b["kind"], b["status"]) for b in made),
+                         [("postgres", "verified"), ("redis", "verified")])
+        # (a) a clean node stop: the servers stop cleanly, then everything is back
+        before = newest_backups()
+        self.assertIn(n.node.stop(timeout=60), (0, -signal.SIGTERM))  # not the SIGKILL
+        n.restart()
+        check(steps, "a node SIGTERM and start")
+        # Redis' SHUTDOWN SAVE wrote the RDB (scheduled snapshots are 15 min apart)
+        [dump] = (n.node.data_dir / "appdata" / app).glob(".epio-redis-*/dump.rdb")
+        self.assertGreater(dump.stat().st_size, 0)
+        logs = n.epio("logs", "--app", app, "-n", "2000")[1]
+        # PostgreSQL's fast shutdown completed: the next start finds a clean cluster
+        starts = [line for line in logs.splitlines() if "LOG:  database system was" in line]
+        self.assertEqual(len(starts), 2, starts)  # the first start (after initdb), this one
+        self.assertIn("database system was shut down at", starts[-1])
+        self.assertNotIn("did not exit in time: SIGKILL", logs)
+        self.assertNotIn("EPIO_SERVICE_CONFIG", logs)  # the wrapper is not in the log
+
+        # restarts x3: the backup round at each start waits until the servers accept
+        # connections -- no failed backup; all verified, none flagged
+        for i in range(3):
+            wait_until(f"the backup round after start {i + 1}",
+                       lambda b=before: backed_up_since(b), timeout=120)
+            if i < 2:
+                before = newest_backups()
+                self.assertIn(n.node.stop(timeout=60), (0, -signal.SIGTERM))
+                n.restart()
+        listed = n.json("backups", "--app", app)
+        self.assertEqual({(b["status"], b["suspicious"]) for b in listed}, {("verified", "")},
+                         listed)
+        _, table, _ = n.epio("backups", "--app", app)
+        self.assertNotIn("FAILED", table)
+        self.assertNotIn("FLAGGED:", table)
+        check(steps, "three node restarts")
+
+        # (b) the node is killed: the servers die with it (sandbox --die-with-parent)
+        steps["b"] = 50
+        write("b", 50)
+        os.kill(n.node.proc.pid, signal.SIGKILL)
+        n.node.proc.wait(10)
+        n.restart()
+        check(steps, "a node SIGKILL and start")
+
+        # (c) the servers themselves are killed: the runner restarts them
+        steps["c"] = 20
+        write("c", 20)
+        rport, pport = urlsplit(redis_url).port, u.port
+        pids = [pid_of(f"redis-server .*:{rport}"), pid_of(f"postgres -D .* -p {pport} ")]
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        wait_until("both servers are gone", lambda: not serving(), timeout=10)
+        check(steps, "a SIGKILL of redis-server and of the postmaster")
+
+
+def pid_of(pattern: str) -> int:
+    found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True,
+                           timeout=10).stdout.split()
+    assert len(found) == 1, (pattern, found)
+    return int(found[0])
