@@ -8,7 +8,8 @@ the last N periods is kept; everything else may be pruned.  Failed, unverified a
 or a size collapse -- see epio.backup.checks) never count towards the history: a run
 of failures or of empty backups cannot push the last good backups out.  They are
 pruned once they are older than ``failed_ttl``.  Whatever the policy says, the newest
-good backup and the newest verified one (flagged or not) are always kept.
+good backup and the newest verified one (flagged or not) are always kept, and so is a
+*pinned* backup (the copy of the live data a restore takes first) for ``failed_ttl``.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class Candidate:
     created: float  # seconds since the epoch
     good: bool  # verified and not flagged: counts towards the history
     verified: bool | None = None  # verified (flagged or not); None: same as good
+    pinned: bool = False  # kept for failed_ttl whatever the history (pre-restore copies)
 
 
 def _periods(ts: float) -> dict[str, tuple[int, ...]]:
@@ -65,7 +67,7 @@ def to_keep(backups: Iterable[Candidate], now: float, policy: RetentionPolicy) -
             seen.append(period)
             keep.add(b.id)
     for b in items:
-        if not b.good and now - b.created < policy.failed_ttl:
+        if (not b.good or b.pinned) and now - b.created < policy.failed_ttl:
             keep.add(b.id)
     newest_good = next((b for b in items if b.good), None)
     if newest_good is not None:

@@ -100,6 +100,8 @@ def redis_config_lines(password: str, memory_mb: int, policy: str, bind: str) ->
         # "force": a save that fails (a full disk) does not keep the server from exiting
         "shutdown-on-sigterm save force",
         "shutdown-on-sigint save force",
+        # the only replica is a backup's `redis-cli --rdb`: send it at once (default: 5 s)
+        "repl-diskless-sync-delay 0",
         "daemonize no",
         'logfile ""',
         "stop-writes-on-bgsave-error yes",

@@ -102,6 +102,10 @@ SCHEMAS.update({
                                       "last good one had data, or a size collapse), or \"\": "
                                       "a flagged backup is restorable but does not count "
                                       "towards the retention history"},
+        "pinned": {"type": "string",
+                   "description": "why the backup is kept for backup.failed_ttl whatever "
+                                  "the history (the live data a Redis restore backed up "
+                                  "first), or \"\""},
     }),
     "NewBackup": obj({"kind": {"type": "string", "enum": list(KINDS)}}, required=[]),
     "Restore": obj({"to_app": {"type": "string", "minLength": 1}}, required=[]),
@@ -158,6 +162,7 @@ def describe_backup(r: Mapping[str, Any]) -> dict[str, Any]:
         "counts": {str(k): int(v) for k, v in (r.get("counts") or {}).items()},
         "error": str(r.get("error") or ""), "verified": status == "verified",
         "suspicious": str(r.get("suspicious") or "") if status == "verified" else "",
+        "pinned": str(r.get("pinned") or ""),
     }
 
 

@@ -41,6 +41,7 @@ class BackupRecord:
     error: str = ""
     finished: float | None = None
     suspicious: str = ""  # why a verified backup is flagged (epio.backup.checks), or ""
+    pinned: str = ""  # why it is kept for backup.failed_ttl whatever the history, or ""
 
     @property
     def good(self) -> bool:

@@ -30,7 +30,9 @@ SIZE_COLLAPSE_MIN_BYTES = 64 * 1024
 # Before a backup starts, the database must accept connections (a dedicated server is
 # still starting when the node starts): probes with a backoff from START_RETRY_INITIAL
 # seconds, doubling, capped at START_RETRY_MAX, for at most START_TIMEOUT seconds in
-# all.  Only then is a backup that cannot start recorded, once, as failed.
+# all; one probe may take START_PROBE_TIMEOUT.  Only then is a backup that cannot start
+# recorded, once, as failed.
+START_PROBE_TIMEOUT = 10.0
 START_RETRY_INITIAL = 1.0
 START_RETRY_MAX = 30.0
 START_TIMEOUT = 300.0

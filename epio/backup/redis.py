@@ -17,11 +17,19 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet.task import deferLater
+from twisted.logger import Logger
 
 from epio.backup import proc
 from epio.backup.postgres import BackupFailed, _last_line
 
 KEYS = re.compile(rb"^db\d+:keys=(\d+)", re.M)
+MEMORY = re.compile(rb"^(used_memory|used_memory_dataset|maxmemory):(\d+)", re.M)
+# a restore builds the new data in this database of the live server, then SWAPDBs it
+# with database 0 (the app's REDIS_URL); Redis has 16 databases by default
+STAGING_DB = 15
+# the live server's used memory plus the restored data must fit in this share of its
+# maxmemory (above it, eviction could drop keys of either copy)
+MEMORY_HEADROOM = 0.9
 
 
 def _env(password: str | None) -> dict[str, str]:
@@ -33,6 +41,7 @@ def _env(password: str | None) -> dict[str, str]:
 
 class RedisBackups:
     log_source = "backup"
+    log = Logger()
 
     def __init__(self, reactor: Any, redis_cli: str = "redis-cli",
                  redis_server: str = "redis-server", check_rdb: str = "redis-check-rdb") -> None:
@@ -120,13 +129,25 @@ class RedisBackups:
             )
         return got
 
-    async def restore(self, rdb: Path, host: str, port: int, password: str | None) -> int:
-        """Make the live server's data the snapshot's; return the keys restored.
+    async def _memory(self, args: list[str], password: str | None) -> dict[str, int]:
+        out, err, code = await self._cli([*args, "INFO", "memory"], password)
+        if code != 0:
+            raise BackupFailed(f"cannot query redis memory: {_last_line(err or out)}")
+        return {m.group(1).decode(): int(m.group(2)) for m in MEMORY.finditer(out)}
 
-        The snapshot is loaded into a scratch server first, so a damaged file
-        never touches the live server.  Every key is then copied with DUMP/RESTORE
-        REPLACE (keeping its TTL), and only after all copies succeeded are the live
-        keys that the snapshot does not have deleted.
+    async def restore(self, rdb: Path, host: str, port: int, password: str | None) -> int:
+        """Make database 0 of the live server the snapshot's; return the keys restored.
+
+        Restore, then switch -- as a PostgreSQL restore is a new database, then a
+        rename: the snapshot is loaded into a scratch server first (a damaged file
+        never touches the live one); its keys are copied with DUMP/RESTORE (TTLs
+        kept) into database :data:`STAGING_DB` of the live server, which must be
+        empty; the copy is counted; only then does ``SWAPDB 0 STAGING_DB`` switch
+        the app to it, in one atomic step, and the previous data (now in the
+        staging database) is flushed -- the caller backed it up first.  A failure
+        before the switch flushes the staging database and leaves database 0 as it
+        was.  Refused, with nothing changed, when the live server's ``maxmemory``
+        cannot hold both copies (:data:`MEMORY_HEADROOM`).
         """
         import txredisapi
 
@@ -143,7 +164,8 @@ class RedisBackups:
                  "--dbfilename", "dump.rdb", "--save", "", "--appendonly", "no"],
                 env=_env(None),
             )
-            scratch = live = None
+            scratch = live = staging = None
+            building = switched = False
             try:
                 for _ in range(200):
                     if sock.exists():
@@ -151,31 +173,56 @@ class RedisBackups:
                     await deferLater(self.reactor, 0.05, lambda: None)
                 scratch = await txredisapi.UnixConnection(str(sock), charset=None, reconnect=False)
                 live = await txredisapi.Connection(host, port, password=password, charset=None,
-                                                   reconnect=False)
-                restored: set[bytes] = set()
+                                                   reconnect=False, dbid=0)
+                staging = await txredisapi.Connection(host, port, password=password,
+                                                      charset=None, reconnect=False,
+                                                      dbid=STAGING_DB)
+                busy = int(await staging.dbsize())
+                if busy:
+                    raise BackupFailed(
+                        f"database {STAGING_DB} of the app's redis holds {busy} keys; a restore "
+                        f"builds the new data there before switching to it: empty it first. "
+                        f"Nothing was changed")
+                need = (await self._memory(["-s", str(sock)], None)).get("used_memory_dataset", 0)
+                mem = await self._memory(["-h", host, "-p", str(port)], password)
+                limit = mem.get("maxmemory", 0)
+                if limit and mem.get("used_memory", 0) + need > limit * MEMORY_HEADROOM:
+                    raise BackupFailed(
+                        f"the app's redis cannot hold the restored data ({need // 1024} KiB) "
+                        f"next to its live data ({mem.get('used_memory', 0) // 1024} KiB) "
+                        f"within {MEMORY_HEADROOM:.0%} of its maxmemory ({limit // 1024} KiB); "
+                        f"nothing was changed")
+                restored = 0
                 cursor = 0
+                building = True  # from here on the staging database holds our keys only
                 while True:
                     cursor, keys = await scratch.scan(cursor, count=500)
                     for key in keys:
                         payload = await scratch.execute_command("DUMP", key)
                         ttl = await scratch.execute_command("PTTL", key)
-                        await live.execute_command(
-                            "RESTORE", key, max(int(ttl), 0), payload, "REPLACE"
-                        )
-                        restored.add(key)
+                        if payload is None:  # expired meanwhile
+                            continue
+                        await staging.execute_command(
+                            "RESTORE", key, max(int(ttl), 0), payload, "REPLACE")
+                        restored += 1
                     if int(cursor) == 0:
                         break
-                cursor = 0
-                while True:
-                    cursor, keys = await live.scan(cursor, count=500)
-                    extra = [k for k in keys if k not in restored]
-                    if extra:
-                        await live.delete(extra)
-                    if int(cursor) == 0:
-                        break
-                return len(restored)
+                built = int(await staging.dbsize())
+                if built < restored:
+                    raise BackupFailed(f"restore incomplete: {built} of {restored} keys "
+                                       f"survived in the staging database; nothing was changed")
+                await live.execute_command("SWAPDB", 0, STAGING_DB)
+                switched = True
+                await staging.execute_command("FLUSHDB")  # the previous data (backed up)
+                return restored
             finally:
-                for conn in (scratch, live):
+                if staging is not None and building and not switched:
+                    try:
+                        await staging.execute_command("FLUSHDB")
+                    except Exception as e:
+                        self.log.warn("restore: cannot empty the staging database: {error}",
+                                      error=str(e))
+                for conn in (scratch, live, staging):
                     if conn is not None:
                         await conn.disconnect()
                 try:

@@ -197,10 +197,14 @@ class BackupManager:
         delay = checks.START_RETRY_INITIAL
         while True:
             try:
-                await self._timed(self._probe(target))
+                d = Deferred.fromCoroutine(self._probe(target))
+                d.addTimeout(checks.START_PROBE_TIMEOUT, self.reactor)
+                await d
                 return ""
             except CancelledError:
                 raise
+            except (TimeoutError, DeferredTimeout):
+                why = f"no answer within {checks.START_PROBE_TIMEOUT:g}s"
             except Exception as e:
                 why = str(e) if isinstance(e, BackupFailed) else type(e).__name__
             waited = self.reactor.seconds() - start
@@ -247,7 +251,7 @@ class BackupManager:
     def prune(self, app: str, kind: str) -> int:
         records = self.catalog.list(app, kind)
         keep = to_keep(
-            [Candidate(r.id, r.created, r.counts_in_history, r.good)
+            [Candidate(r.id, r.created, r.counts_in_history, r.good, bool(r.pinned))
              for r in records if r.status != "running"],
             self.reactor.seconds(), self.policy,
         )
@@ -282,11 +286,20 @@ class BackupManager:
         if record.kind == "redis":
             if target is None or target.host is None or target.port is None:
                 raise BackupFailed(f"{to_app or app} has no redis add-on to restore into")
+            # the previous data is kept -- as a PostgreSQL restore keeps <db>_pre_<stamp>:
+            # a verified backup of the live server first, pinned for backup.failed_ttl
+            before = await self.backup(target)
+            if not before.good:
+                raise BackupFailed(f"the live data of {target.app} could not be backed up "
+                                   f"before the restore ({before.error}); nothing was changed")
+            before.pinned = f"the data before restoring backup {backup_id}"
+            self.catalog.save(before)
             keys = await self._timed(self.redis.restore(path, target.host, target.port,
                                                         target.password))
-            self.log.info("restored redis backup {id} into {app} ({keys} keys)", id=backup_id,
-                          app=target.app, keys=keys)
-            return f"{keys} keys"
+            self.log.info("restored redis backup {id} into {app} ({keys} keys); the previous "
+                          "data is backup {before}", id=backup_id, app=target.app, keys=keys,
+                          before=before.id)
+            return f"backup {before.id} ({keys} keys restored)"
         if target is not None and target.plan == "dedicated":
             tool = self._postgres_for(target)
             assert target.database is not None and target.user is not None
@@ -405,7 +418,8 @@ class BackupService(MultiService):
             store = await self.node.store_service.whenReady()
             for app in await store.list_apps():
                 try:
-                    targets = await targets_for(store, app.name, shared=self.manager.shared)
+                    targets = await targets_for(store, app.name, shared=self.manager.shared,
+                                                down_too=True)
                 except Exception as e:
                     self.log.error("backup: cannot list the databases of {app}: {error}",
                                    app=app.name, error=str(e) or type(e).__name__)

@@ -50,14 +50,19 @@ def target_of(addon: Any) -> Target:
 
 
 async def targets_for(store: Any, app: str, kind: str | None = None,
-                      shared: Any = None) -> list[Target]:
+                      shared: Any = None, down_too: bool = False) -> list[Target]:
     """The app's backup targets (of ``kind``): its ready add-ons, plus a shared
-    PostgreSQL database that exists without a record."""
+    PostgreSQL database that exists without a record.  ``down_too`` (the scheduled
+    round) adds the dedicated servers that are down (``failed``: being started again,
+    or their node is gone): the backup waits for them to accept connections, and is
+    recorded as failed if they do not -- a scheduled backup is never skipped silently."""
     from epio.addons import db_identifier
     from epio.store.addons import list_addons
 
+    states = ("ready", "failed") if down_too else ("ready",)
     found = [target_of(a) for a in await list_addons(store, app)
-             if a.state == "ready" and (kind is None or a.kind == kind)]
+             if a.state in states and (kind is None or a.kind == kind)
+             and (a.state == "ready" or (a.plan == "dedicated" and a.port))]
     if (kind in (None, "postgres") and not any(t.kind == "postgres" for t in found)
             and shared is not None and await shared.exists(app)):
         found.append(Target(app, "postgres", "shared", database=db_identifier(app)))

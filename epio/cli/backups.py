@@ -28,7 +28,7 @@ LONG = 1800.0  # seconds: a backup or restore waits for verification
 
 def status_text(b: dict[str, Any]) -> str:
     if b["status"] == "verified":
-        return "verified"
+        return "verified" + (f" (kept: {b['pinned']})" if b.get("pinned") else "")
     if b["status"] == "running":
         return "running"
     return "FAILED" + (f": {b['error']}" if b.get("error") else "")

@@ -81,6 +81,22 @@ class TargetTests(TestCase):
                          ["app_c"])
         self.assertEqual(await targets_for(store, "c", "redis", shared=shared), [])
 
+    async def test_scheduled_round_includes_servers_that_are_down(self) -> None:
+        """For the scheduled round (``down_too``) a dedicated server that is down
+        (``failed``, with its address) is a target too -- its backup waits for it, never
+        skipped silently; one that never got an address, or a provisioning one, is not."""
+        store = await self.store()
+        await put_addon(store, Addon("c", "redis", "dedicated", "failed", 1.0, 1.0, "h", 7,
+                                     password="p"))
+        await put_addon(store, Addon("c", "postgres", "dedicated", "failed", 1.0, 1.0))
+        await put_addon(store, Addon("b", "redis", "dedicated", "provisioning", 1.0, 1.0,
+                                     "h", 8, password="p"))
+        self.assertEqual(await targets_for(store, "c"), [])
+        self.assertEqual([(t.kind, t.port) for t in await targets_for(store, "c",
+                                                                        down_too=True)],
+                         [("redis", 7)])
+        self.assertEqual(await targets_for(store, "b", down_too=True), [])
+
     def test_dedicated_url(self) -> None:
         """The backup node reaches a dedicated server's maintenance database as the app's
         role; IPv6 hosts are bracketed; the repr hides the password."""

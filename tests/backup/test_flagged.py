@@ -52,10 +52,15 @@ class FakeRedisTool:
         self.keys = 1000
         self.fail = ""
         self.down_until = 0.0
+        self.hang_until = 0.0
         self.probes: list[float] = []
 
     async def key_count(self, host: str, port: int, password: str | None) -> int:
+        from twisted.internet.defer import Deferred
+
         self.probes.append(self.clock.seconds())
+        if self.clock.seconds() < self.hang_until:
+            await Deferred()  # a server that accepts the connection but never answers
         if self.clock.seconds() < self.down_until:
             raise BackupFailed("cannot query redis: LOADING Redis is loading the dataset")
         return self.keys
@@ -163,6 +168,18 @@ class StartRetryTests(SynchronousTestCase):
         self.assertEqual(record.status, "verified")
         self.assertEqual([p - T0 for p in h.tool.probes[:6]], [0, 1, 3, 7, 15, 31])
         self.assertEqual([r.status for r in h.catalog.list("shop")], ["verified"])
+
+    def test_a_probe_that_hangs_is_timed_out_and_retried(self) -> None:
+        """A server that accepts connections but does not answer for 30 s: each probe is
+        given up after 10 s and retried after the backoff; then the backup is taken."""
+        h = Harness(self)
+        h.tool.hang_until = T0 + 30
+        d = ensureDeferred(h.manager.backup(TARGET))
+        for _ in range(80):
+            h.clock.advance(1)
+        self.assertEqual(self.successResultOf(d).status, "verified")
+        self.assertEqual([p - T0 for p in h.tool.probes[:4]], [0, 11, 23, 37])
+        self.assertEqual(checks.START_PROBE_TIMEOUT, 10.0)
 
     def test_gives_up_once_after_the_start_timeout(self) -> None:
         """A server that never answers: retried (delays capped at 30 s) for 300 s, then

@@ -2,7 +2,9 @@
 PostgreSQL, with data written, on one node that is (a) stopped with SIGTERM and started
 again (three times: the backup round at each start waits for the servers, so
 ``epio backups`` lists no failed backup), (b) killed with SIGKILL and started again, then
-(c) whose add-on server processes are killed with SIGKILL (the runner restarts them).  After each, every Redis write
+(c) whose add-on server processes are killed with SIGKILL (the runner restarts them).
+Last, a Redis restore through the CLI (restore, then switch; the previous data kept as
+a pinned backup, itself restorable).  After each, every Redis write
 acknowledged more than a second before the stop and every committed PostgreSQL row is
 there.  A clean stop is a clean stop: Redis' SHUTDOWN SAVE and PostgreSQL's fast
 shutdown are in the app's log."""
@@ -149,6 +151,25 @@ class AddonDurabilityTests(SynchronousTestCase):
             os.kill(pid, signal.SIGKILL)
         wait_until("both servers are gone", lambda: not serving(), timeout=10)
         check(steps, "a SIGKILL of redis-server and of the postmaster")
+
+        # Redis restore through the CLI: restore-then-switch, the previous data kept as
+        # a pinned backup that can itself be restored
+        [first] = n.json("backups", "create", "--app", app, "--kind", "redis")
+        self.assertEqual((first["status"], first["counts"]["keys_max"]), ("verified", 170))
+        redis_cli(redis_url, "SET", "a:0", "changed")
+        redis_cli(redis_url, "SET", "extra", "x")
+        _, out, _ = n.epio("backups", "restore", first["id"], "--app", app, "--confirm", app)
+        self.assertRegex(out, r"the previous data is kept as backup \S+ \(170 keys restored\)")
+        self.assertEqual(redis_cli(redis_url, "DBSIZE"), "170")
+        self.assertEqual(redis_cli(redis_url, "GET", "a:0"), "v0")
+        before = out.split("kept as backup ")[1].split()[0]
+        [kept] = [b for b in n.json("backups", "--app", app) if b["id"] == before]
+        self.assertEqual((kept["status"], kept["counts"]["keys_max"], kept["pinned"]),
+                         ("verified", 171, f"the data before restoring backup {first['id']}"))
+        n.epio("backups", "restore", before, "--app", app, "--confirm", app)
+        self.assertEqual((redis_cli(redis_url, "DBSIZE"), redis_cli(redis_url, "GET", "a:0")),
+                         ("171", "changed"))
+        self.assertEqual(redis_cli(redis_url, "-n", "15", "DBSIZE"), "0")
 
 
 def pid_of(pattern: str) -> int:

@@ -19,6 +19,8 @@ from epio.backup.postgres import BackupFailed, PostgresBackups
 from epio.backup.redis import RedisBackups
 from tests.util import free_port
 
+# as the platform's app Redis: a backup's full-sync snapshot starts at once, not after 5 s
+NO_SYNC_DELAY = ("--repl-diskless-sync-delay", "0")
 ADMIN_URL = os.environ.get("EPIO_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
@@ -155,7 +157,7 @@ class PostgresBackupTests(TestCase):
 class RedisBackupTests(TestCase):
     timeout = 120
 
-    def start_redis(self) -> tuple[int, str]:
+    def start_redis(self, *extra: str) -> tuple[int, str]:
         """A dedicated redis-server with a password, as the platform runs per app."""
         port = free_port()
         password = secrets.token_urlsafe(16)
@@ -163,7 +165,7 @@ class RedisBackupTests(TestCase):
         work.mkdir()
         proc = subprocess.Popen(
             ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--requirepass", password,
-             "--dir", str(work), "--save", "", "--appendonly", "no"],
+             "--dir", str(work), "--save", "", "--appendonly", "no", *extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         self.addCleanup(lambda: (proc.kill(), proc.wait()))
@@ -224,6 +226,79 @@ class RedisBackupTests(TestCase):
         with self.assertRaises(BackupFailed):
             await backups.restore(path, "127.0.0.1", port, password)
         self.assertEqual(self.cli(port, password, "GET", "k0"), "live")
+
+
+    def fill(self, port: int, password: str, n: int) -> None:
+        """Keys k0..k<n-1>, 1000 bytes each, in one call."""
+        self.cli(port, password, "EVAL", "for i = 0, tonumber(ARGV[1]) - 1 do "
+                 "redis.call('SET', 'k' .. i, string.rep('v', 1000)) end", "0", str(n))
+
+    async def test_restore_is_built_apart_then_switched(self) -> None:
+        """A restore builds the snapshot's keys in database 15 and SWAPDBs it with
+        database 0: refused with nothing changed while the app keeps keys in database
+        15 (they are not touched) or when maxmemory cannot hold both copies; otherwise
+        database 0 is the snapshot's and database 15 is empty again."""
+        port, password = self.start_redis("--maxmemory", "8mb", *NO_SYNC_DELAY)
+        self.fill(port, password, 200)
+        backups = RedisBackups(reactor)
+        path = Path(self.mktemp())
+        await backups.dump("127.0.0.1", port, password, path)
+        self.cli(port, password, "SET", "k0", "live")
+        self.cli(port, password, "-n", "15", "SET", "mine", "app data")
+        with self.assertRaises(BackupFailed) as cm:
+            await backups.restore(path, "127.0.0.1", port, password)
+        self.assertIn("database 15 of the app's redis holds 1 keys", str(cm.exception))
+        self.assertEqual(self.cli(port, password, "-n", "15", "GET", "mine"), "app data")
+        self.assertEqual(self.cli(port, password, "GET", "k0"), "live")
+        self.cli(port, password, "-n", "15", "DEL", "mine")
+
+        restored = await backups.restore(path, "127.0.0.1", port, password)
+        self.assertEqual(restored, 200)
+        self.assertEqual(self.cli(port, password, "GET", "k0"), "v" * 1000)
+        self.assertEqual(self.cli(port, password, "-n", "15", "DBSIZE"), "0")
+
+        # ~1.4 MB of live data + ~1.4 MB restored do not fit in 90 % of 2.5 MB
+        small, pw2 = self.start_redis("--maxmemory", "2500kb", *NO_SYNC_DELAY)
+        self.fill(small, pw2, 1200)
+        big = Path(self.mktemp())
+        await backups.dump("127.0.0.1", small, pw2, big)
+        self.cli(small, pw2, "SET", "k0", "live")
+        with self.assertRaises(BackupFailed) as cm:
+            await backups.restore(big, "127.0.0.1", small, pw2)
+        self.assertIn("cannot hold the restored data", str(cm.exception))
+        self.assertEqual(self.cli(small, pw2, "GET", "k0"), "live")
+        self.assertEqual(self.cli(small, pw2, "-n", "15", "DBSIZE"), "0")
+
+    async def test_restore_keeps_the_previous_data_as_a_pinned_backup(self) -> None:
+        """Through the backup manager, a Redis restore first takes a verified backup of
+        the live data, pinned (kept for failed_ttl whatever the history) and named in the
+        answer; restoring that one brings the pre-restore data back."""
+        from epio.backup.service import BackupManager
+        from epio.backup.targets import Target
+        from epio.retention import RetentionPolicy
+
+        port, password = self.start_redis(*NO_SYNC_DELAY)
+        manager = BackupManager(reactor, Catalog(Path(self.mktemp())),
+                                RetentionPolicy(0, 0, 0, 0, failed_ttl=3600), None, None)
+        target = Target("rapp", "redis", "dedicated", "127.0.0.1", port, password=password)
+        for i in range(20):
+            self.cli(port, password, "SET", f"old{i}", "v")
+        first = await manager.backup(target)
+        self.assertEqual(first.status, "verified")
+        self.cli(port, password, "FLUSHDB")
+        for i in range(5):
+            self.cli(port, password, "SET", f"new{i}", "v")
+        kept = await manager.restore("rapp", first.id, target=target)
+        self.assertRegex(kept, r"^backup \S+ \(20 keys restored\)$")
+        before_id = kept.split()[1]
+        before = manager.catalog.get(before_id, "rapp")
+        self.assertEqual((before.status, before.counts["keys_max"]), ("verified", 5))
+        self.assertEqual(before.pinned, f"the data before restoring backup {first.id}")
+        self.assertEqual(self.cli(port, password, "DBSIZE"), "20")
+        manager.prune("rapp", "redis")  # a policy keeping nothing: the pinned one stays
+        self.assertIn(before_id, {r.id for r in manager.catalog.list("rapp")})
+        await manager.restore("rapp", before_id, target=target)
+        self.assertEqual(self.cli(port, password, "EXISTS", "new3", "old3"), "1")
 
 
 class BackupStoreIsolationTests(TestCase):
