@@ -110,6 +110,16 @@ def snapshot(path: str | os.PathLike[str], dest: str | os.PathLike[str]) -> None
           os.fspath(dest)])
 
 
+def snapshot_writable(path: str | os.PathLike[str], dest: str | os.PathLike[str]) -> None:
+    """A writable snapshot of subvolume ``path`` at ``dest`` (a restore: the data dir
+    made again from a read-only snapshot; ownership and modes come with it)."""
+    if not is_subvolume(path):
+        raise BtrfsError(f"{os.fspath(path)} is not a btrfs subvolume: no snapshot")
+    if os.path.lexists(dest):
+        raise BtrfsError(f"{os.fspath(dest)} exists")
+    _run([btrfs_tool() or "btrfs", "subvolume", "snapshot", os.fspath(path), os.fspath(dest)])
+
+
 def delete_snapshot(dest: str | os.PathLike[str]) -> None:
     """Delete the snapshot (a subvolume) at ``dest``."""
     if not is_subvolume(dest):

@@ -35,8 +35,11 @@ from twisted.logger import Logger
 from epio.addons import AddonError, db_identifier
 from epio.addons.redis import DEFAULT_MEMORY_MB, DEFAULT_POLICY, RedisSpecError
 from epio.addons.services import (
+    POSTGRES_DIR,
     POSTGRES_TYPE,
+    REDIS_DIR,
     REDIS_TYPE,
+    data_dir_name,
     postgres_bin,
     postgres_start_body,
     redis_start_body,
@@ -107,6 +110,8 @@ SCHEMAS.update({
                                   "the history (the live data a Redis restore backed up "
                                   "first), or \"\""},
     }),
+    "Snapshot": obj({"id": STR, "kind": STR, "created": NUM}),
+    "SnapshotRestored": obj({"kind": STR, "id": STR, "kept_as": STR}),
     "NewBackup": obj({"kind": {"type": "string", "enum": list(KINDS)}}, required=[]),
     "Restore": obj({"to_app": {"type": "string", "minLength": 1}}, required=[]),
     "Restored": obj({"app": STR, "id": STR, "into": STR, "kept_as": NULLABLE_STR}),
@@ -577,6 +582,72 @@ class Addons:
         # app's data dir, until the app is deleted; the final backup is in the backup
         # store.  A new add-on of the same kind gets a new key, so a directory of its own.
 
+    # --- btrfs snapshots of dedicated data dirs -----------------------------------
+
+    async def _snapshot_target(self, app: Any, kind: str) -> tuple[Addon, str, str]:
+        """The dedicated add-on, its runner's control endpoint and its data dir name."""
+        addon = await self.get(app, kind)
+        if addon.plan != "dedicated" or not addon.node:
+            raise errors.Conflict(f"the {kind} add-on of {app.name} is not a dedicated server: "
+                                  "it has no snapshots", code="no_snapshots")
+        runner = await self._pick_runner(addon.node)  # 503 when its node is not alive
+        base = REDIS_DIR if kind == "redis" else POSTGRES_DIR
+        addon_dir = data_dir_name(base, str(addon.options.get("data_key") or ""))
+        return addon, str(runner.control_endpoint), addon_dir
+
+    async def _runner_call(self, endpoint: str, type: str, body: dict[str, Any]) -> Any:
+        from epio.bus import BusError, RemoteError
+
+        try:
+            return await self.control.request(endpoint, type, body, timeout=120.0)
+        except RemoteError as e:
+            if e.code == "snapshot_not_found":
+                raise errors.NotFound(e.message, code="snapshot_not_found") from None
+            raise errors.Conflict(e.message, code=e.code or "snapshot_failed") from None
+        except BusError as e:
+            raise errors.Unavailable(f"the runner did not answer: {type(e).__name__}",
+                                     code="addons_unavailable") from None
+
+    async def list_snapshots(self, app: Any, kind: str) -> list[dict[str, Any]]:
+        """The btrfs snapshots of the app's dedicated ``kind`` server, newest first."""
+        _, endpoint, addon_dir = await self._snapshot_target(app, kind)
+        reply = await self._runner_call(endpoint, "runner.snapshots",
+                                        {"app": app.name, "addon_dir": addon_dir})
+        return [{"id": str(s["id"]), "kind": kind, "created": float(s["created"])}
+                for s in reply.get("snapshots") or []]
+
+    async def restore_snapshot(self, user: Any, app: Any, kind: str,
+                               snapshot_id: str) -> dict[str, Any]:
+        """Stop the server, make its data dir the snapshot's (the previous one kept beside
+        it), start it again and wait until it accepts connections."""
+        addon, endpoint, addon_dir = await self._snapshot_target(app, kind)
+        known = {s["id"] for s in await self.list_snapshots(app, kind)}
+        if snapshot_id not in known:
+            raise errors.NotFound(f"{app.name}'s {kind} has no snapshot {snapshot_id!r}",
+                                  code="snapshot_not_found")
+        image = str(addon.options.get("image") or await self._current_image(app))
+        # the stopped instance stays recorded until the new one is: the keeper must not
+        # start the server again while its data dir is being switched
+        if addon.instance:
+            await self._runner_call(endpoint, "runner.stop",
+                                    {"instance_id": addon.instance,
+                                     "grace": self.settings.service_stop_timeout})
+        try:
+            reply = await self._runner_call(endpoint, "runner.snapshot_restore",
+                                            {"app": app.name, "addon_dir": addon_dir,
+                                             "id": snapshot_id})
+        finally:
+            # started again in any case: on its previous data when the restore failed
+            new = await self._start_server(app, addon, image, addon.node)
+            if addon.instance:
+                await self.store.delete_instance(addon.instance)
+            if (new.host, new.port) != (addon.host, addon.port):
+                await self._set_var(app, kind, new, None, None)
+        self.log.info("btrfs snapshot {id} of {app}'s {kind} restored by {user}; the previous "
+                      "data is kept as {kept}", id=snapshot_id, app=app.name, kind=kind,
+                      user=user.name, kept=reply.get("kept_as"))
+        return {"kind": kind, "id": snapshot_id, "kept_as": str(reply.get("kept_as"))}
+
     def _wake(self) -> None:
         if self.scheduler is not None:
             self.scheduler.wake()
@@ -864,6 +935,23 @@ async def delete_addon_route(self: Api, request: Any, user: Any, app: Any, kind:
     force = (request.args.get(b"force") or [b""])[0].lower() in (b"1", b"true", b"yes")
     final = await _domain(self).destroy(user, app, kind, force=force)
     return {"deleted": kind, "final_backup": final}
+
+
+@operation("GET", "/apps/{app}/addons/{kind}/snapshots", "listSnapshots",
+           "The btrfs snapshots of a dedicated server's data dir on its runner, newest first",
+           response=array(ref("Snapshot")), tag="addons")
+async def list_snapshots_route(self: Api, request: Any, user: Any, app: Any, kind: str) -> Any:
+    return await _domain(self).list_snapshots(app, kind)
+
+
+@operation("POST", "/apps/{app}/addons/{kind}/snapshots/{snapshot_id}/restore",
+           "restoreSnapshot",
+           "Stop the dedicated server, make its data dir the snapshot's (the previous data dir "
+           "is kept beside it on the runner), start it again", response=ref("SnapshotRestored"),
+           tag="addons")
+async def restore_snapshot_route(self: Api, request: Any, user: Any, app: Any, kind: str,
+                                 snapshot_id: str) -> Any:
+    return await _domain(self).restore_snapshot(user, app, kind, snapshot_id)
 
 
 @operation("GET", "/apps/{app}/backups", "listBackups",

@@ -310,6 +310,25 @@ _(MessageType(
     optional={"isolation": dict, "control": str, "advertise_host": str, "load": dict},
 ))
 _(MessageType(
+    "runner.snapshots", 1, "request",
+    "List the btrfs snapshots of one dedicated data dir of an app on this runner.",
+    fields={"app": str, "addon_dir": str},
+))
+_(MessageType(
+    "runner.snapshot_list", 1, "reply", "Answer to runner.snapshots: newest first.",
+    fields={"snapshots": list},
+))
+_(MessageType(
+    "runner.snapshot_restore", 1, "request",
+    "Make a dedicated data dir its snapshot's (the server must be stopped); the previous "
+    "data dir is kept beside it.",
+    fields={"app": str, "addon_dir": str, "id": str},
+))
+_(MessageType(
+    "runner.snapshot_restored", 1, "reply", "Answer to runner.snapshot_restore.",
+    fields={"kept_as": str},
+))
+_(MessageType(
     "runner.heartbeat", 1, "publish",
     "A runner is alive (topic hb, every runner.heartbeat_interval): its instances and load.",
     fields={"node_id": str, "boot_id": str, "seq": int, "interval": Number,

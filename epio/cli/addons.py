@@ -6,6 +6,9 @@
 set in a new release.  ``destroy`` takes a final backup first.  ``epio psql`` and
 ``epio redis-cli`` are ``epio run`` sessions running the client (the host's binaries,
 visible in the sandbox) with the app's own ``DATABASE_URL``/``REDIS_URL``.
+``epio addons snapshots KIND`` lists the btrfs snapshots of a dedicated server's data
+and ``epio addons snapshot-restore KIND ID`` makes its data the snapshot's (the server
+is stopped and started again; the previous data is kept on the runner).
 """
 
 from __future__ import annotations
@@ -93,6 +96,32 @@ def cmd_destroy(args: argparse.Namespace) -> int:
     return out(args, result, human)
 
 
+def cmd_snapshots(args: argparse.Namespace) -> int:
+    name = app_of(args)
+    snaps = Client.from_config().get(f"apps/{name}/addons/{args.kind}/snapshots")
+
+    def human() -> None:
+        if not snaps:
+            print(f"{name}'s {args.kind} has no snapshots (its data dir must be a btrfs "
+                  "subvolume; see docs/databases.md)")
+            return
+        table([[s["id"], s["kind"], ago(s["created"])] for s in snaps], ["ID", "KIND", "TAKEN"])
+
+    return out(args, snaps, human)
+
+
+def cmd_snapshot_restore(args: argparse.Namespace) -> int:
+    name = app_of(args)
+    confirm_name(args, name, f"This stops {name}'s {args.kind} server and replaces its data "
+                 f"with snapshot {args.id} (the current data is kept aside on its runner). "
+                 "Type the app's name to confirm: ", "not restored")
+    client = Client.from_config()
+    client.timeout = max(client.timeout, 600.0)
+    r = client.post(f"apps/{name}/addons/{args.kind}/snapshots/{args.id}/restore", {})
+    return out(args, r, f"Restored snapshot {args.id} of {name}'s {args.kind}; the previous "
+                        f"data is kept on its runner as {r['kept_as']}")
+
+
 # The password goes to psql through PGPASSWORD (percent-decoded), never argv: psql's
 # command line (/proc/PID/cmdline) is readable by every user of the host.  The URL it
 # gets has the user, host, database and options, without the password.
@@ -172,3 +201,13 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     q.add_argument("--force", action="store_true",
                    help="drop even if the final backup fails")
     q.set_defaults(func=cmd_destroy)
+    q = asub.add_parser("snapshots", parents=[common],
+                        help="list the btrfs snapshots of a dedicated server's data")
+    q.add_argument("kind", choices=KINDS)
+    q.set_defaults(func=cmd_snapshots)
+    q = asub.add_parser("snapshot-restore", parents=[common],
+                        help="make a dedicated server's data a snapshot's")
+    q.add_argument("kind", choices=KINDS)
+    q.add_argument("id", help="the snapshot (epio addons snapshots KIND)")
+    q.add_argument("--confirm", metavar="APP", help="the app's name, to confirm")
+    q.set_defaults(func=cmd_snapshot_restore)

@@ -405,6 +405,8 @@ class RunnerService(OrderedMultiService):
                 return "runner.purged", await self._purge_app(body["app"], body["uid"])
             if t == "runner.status":
                 return "runner.status_reply", self.status_body()
+            if t in ("runner.snapshots", "runner.snapshot_restore"):
+                return await self._snapshots(t, body)
             if t == "runner.build":
                 return "runner.built", await self._build(body)
             if t == "runner.fetch_image":
@@ -446,6 +448,39 @@ class RunnerService(OrderedMultiService):
         if deleted:
             self.log.info("data dir of purged app {app} (uid {uid}) deleted", app=app, uid=uid)
         return {"app": app, "deleted": bool(deleted)}
+
+    async def _snapshots(self, t: str, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """List or restore the btrfs snapshots of a dedicated data dir (docs/databases.md);
+        a restore is refused while an instance using that data dir runs here."""
+        from twisted.internet import threads
+
+        from epio.bus import RemoteError
+        from epio.runner import snapshots
+        from epio.runner.supervisor import State
+
+        app, addon_dir = str(body.get("app")), str(body.get("addon_dir"))
+        pool = self.reactor.getThreadPool()
+        try:
+            if t == "runner.snapshots":
+                found = await threads.deferToThreadPool(
+                    self.reactor, pool, snapshots.list_snapshots, self.data_dir, app, addon_dir)
+                return "runner.snapshot_list", {"snapshots": found}
+            for inst in self.supervisor.instances.values():
+                if (inst.spec.app == app and inst.spec.env.get("EPIO_SERVICE_DIR") == addon_dir
+                        and inst.state not in (State.STOPPED, State.FAILED)):
+                    raise RemoteError("server_running", f"{addon_dir} of {app} is in use by "
+                                      f"instance {inst.spec.instance_id}: stop it first")
+            kept = await threads.deferToThreadPool(
+                self.reactor, pool, snapshots.restore_snapshot, self.data_dir, app, addon_dir,
+                str(body.get("id")), self.reactor.seconds())
+            self.log.info("btrfs snapshot {id} restored into {dir} of {app}; the previous data "
+                          "is kept as {kept}", id=body.get("id"), dir=addon_dir, app=app,
+                          kept=kept)
+            return "runner.snapshot_restored", {"kept_as": kept}
+        except snapshots.SnapshotError as e:
+            raise RemoteError(e.code, str(e)) from None
+        except OSError as e:
+            raise RemoteError("snapshot_failed", f"{type(e).__name__}: {e.strerror}") from None
 
     async def _chunk(self, body: dict[str, Any]) -> dict[str, Any]:
         from epio.bus import RemoteError

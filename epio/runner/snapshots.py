@@ -28,6 +28,7 @@ from epio.addons import btrfs
 from epio.retention import Candidate, RetentionPolicy, to_keep
 
 DEDICATED_DIR = re.compile(r"^\.epio-(redis|postgres)(-[0-9a-f]{1,32})?$")
+APP_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 STAMP = "%Y%m%dT%H%M%SZ"
 STAMP_RE = re.compile(r"^\d{8}T\d{6}Z$")
 
@@ -103,6 +104,60 @@ def prune(target: Path, now: float, policy: RetentionPolicy, result: SnapshotRes
             result.pruned.append(str(p))
         except btrfs.BtrfsError as e:
             result.failed[str(p)] = str(e)
+
+
+class SnapshotError(Exception):
+    """A snapshot cannot be listed or restored; ``code`` is the bus error code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _snapshot_dir(data_dir: Path, app: str, addon_dir: str) -> Path:
+    if not APP_NAME.match(app) or not DEDICATED_DIR.match(addon_dir):
+        raise SnapshotError("bad_request", "not an app name and a dedicated data directory")
+    return data_dir / "snapshots" / app / addon_dir.lstrip(".").removeprefix("epio-")
+
+
+def list_snapshots(data_dir: Path, app: str, addon_dir: str) -> list[dict[str, Any]]:
+    """The snapshots of one dedicated data dir (``.epio-<kind>[-<key>]``), newest first:
+    ``{"id": stamp, "created": seconds}``."""
+    target = _snapshot_dir(data_dir, app, addon_dir)
+    try:
+        stamps = [p.name for p in target.iterdir() if STAMP_RE.match(p.name)]
+    except FileNotFoundError:
+        return []
+    return [{"id": s, "created": time_of(s)} for s in sorted(stamps, reverse=True)]
+
+
+def restore_snapshot(data_dir: Path, app: str, addon_dir: str, snapshot_id: str,
+                     now: float) -> str:
+    """Make the data dir ``addon_dir`` of ``app`` the snapshot's (blocking; the server
+    must be stopped).  Restore, then switch: a writable copy of the snapshot is made
+    beside the data dir first; then the live data dir is renamed to
+    ``<addon_dir>.pre-<stamp>`` (kept for the operator, never snapshotted nor used) and
+    the copy renamed into its place.  Returns the kept name."""
+    if not STAMP_RE.match(snapshot_id):
+        raise SnapshotError("bad_request", f"not a snapshot id: {snapshot_id!r}")
+    snap = _snapshot_dir(data_dir, app, addon_dir) / snapshot_id
+    if not snap.is_dir():
+        raise SnapshotError("snapshot_not_found", f"no snapshot {snapshot_id} of {addon_dir}")
+    data = data_dir / "appdata" / app / addon_dir
+    staged = data.parent / f"{addon_dir}.restoring-{snapshot_id}"
+    kept = data.parent / f"{addon_dir}.pre-{stamp_of(now)}"
+    if os.path.lexists(kept):
+        raise SnapshotError("snapshot_failed", f"{kept.name} exists: one restore a second")
+    try:
+        if os.path.lexists(staged):
+            btrfs.delete_snapshot(staged)  # a restore that died before its switch
+        btrfs.snapshot_writable(snap, staged)
+    except btrfs.BtrfsError as e:
+        raise SnapshotError("snapshot_failed", str(e)) from None
+    if os.path.lexists(data):
+        os.rename(data, kept)
+    os.rename(staged, data)
+    return kept.name
 
 
 class SnapshotService(TimerService):

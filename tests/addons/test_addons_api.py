@@ -504,3 +504,17 @@ class AddonApiTests(TestCase):
                          [("bad3", ""), ("empty2", why), ("good1", "")])
         self.assertEqual(COLUMNS[-1], "FLAGGED")
         self.assertEqual([r[-1] for r in _rows(listed)], ["-", f"FLAGGED: {why}", "-"])
+
+    async def test_snapshots_of_a_shared_database_are_refused(self) -> None:
+        """A shared PostgreSQL has no btrfs snapshots: listing or restoring them is 409
+        no_snapshots, nothing is asked of a runner; an add-on the app does not have is 404."""
+        await self.call("POST", "apps/shop/addons", {"kind": "postgres"})
+        before = len(self.h.runners.requests)
+        status, body, _ = await self.call("GET", "apps/shop/addons/postgres/snapshots")
+        self.assertEqual((status, body["error"]["code"]), (409, "no_snapshots"))
+        status, body, _ = await self.call(
+            "POST", "apps/shop/addons/postgres/snapshots/20260101T000000Z/restore", {})
+        self.assertEqual((status, body["error"]["code"]), (409, "no_snapshots"))
+        self.assertEqual(len(self.h.runners.requests), before)
+        status, body, _ = await self.call("GET", "apps/shop/addons/redis/snapshots")
+        self.assertEqual(status, 404, body)

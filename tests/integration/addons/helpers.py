@@ -25,9 +25,10 @@ ADMIN_URL = os.environ.get("EPIO_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.
 class AddonNode:
     """One node and a logged-in CLI; ``cleanup`` removes databases it provisioned."""
 
-    def __init__(self, test: Any, overrides: dict[str, dict[str, object]] | None = None) -> None:
+    def __init__(self, test: Any, overrides: dict[str, dict[str, object]] | None = None,
+                 root: Path | None = None) -> None:
         self.test = test
-        self.tmp = Path(tempfile.mkdtemp(prefix="epio-addons-"))
+        self.tmp = Path(tempfile.mkdtemp(prefix="epio-addons-", dir=root))
         os.chmod(self.tmp, 0o711)
         test.addCleanup(shutil.rmtree, self.tmp, True)
         test.addCleanup(_unmount_under, self.tmp)

@@ -151,6 +151,52 @@ class BtrfsTests(unittest.TestCase):
                          _run("btrfs", "subvolume", "list", str(self.mnt)))
         self.assertFalse(purge_app_data(data_dir, "shop", 20500, uid_switch=True))
 
+    def test_snapshots_listed_and_restored(self) -> None:
+        """A dedicated data dir's snapshots are listed newest first; restoring one makes
+        the data dir a writable copy of it (owner and mode kept), the previous data dir
+        kept beside it as ``<dir>.pre-<stamp>`` (not snapshotted again), the snapshot
+        itself untouched; an unknown id or a bad name is refused with nothing changed."""
+        data_dir = self.mnt / "node"
+        appdata = data_dir / "appdata" / "shop"
+        appdata.mkdir(parents=True)
+        sub = appdata / ".epio-redis-cd34"
+        btrfs.make_data_dir(sub)
+        os.chown(sub, 20042, 20042)
+        (sub / "dump.rdb").write_text("v1")
+        policy = RetentionPolicy(hourly=24, daily=0, weekly=0, monthly=0)
+        t0 = datetime(2026, 11, 27, 10, 0, tzinfo=UTC).timestamp()
+        snapshots.snapshot_all(data_dir, t0, policy)
+        (sub / "dump.rdb").write_text("v2")
+        snapshots.snapshot_all(data_dir, t0 + 3600, policy)
+        (sub / "dump.rdb").write_text("v3 (damaged)")
+        listed = snapshots.list_snapshots(data_dir, "shop", ".epio-redis-cd34")
+        self.assertEqual([s["id"] for s in listed], ["20261127T110000Z", "20261127T100000Z"])
+        self.assertEqual(listed[1]["created"], t0)
+        self.assertEqual(snapshots.list_snapshots(data_dir, "shop", ".epio-postgres-cd34"), [])
+
+        for bad in (("shop", ".epio-redis-cd34", "20261127T090000Z", "snapshot_not_found"),
+                    ("shop", "../x", "20261127T100000Z", "bad_request"),
+                    ("../shop", ".epio-redis-cd34", "20261127T100000Z", "bad_request"),
+                    ("shop", ".epio-redis-cd34", "../../etc", "bad_request")):
+            with self.assertRaises(snapshots.SnapshotError) as cm:
+                snapshots.restore_snapshot(data_dir, *bad[:3], t0 + 7200)
+            self.assertEqual(cm.exception.code, bad[3])
+        self.assertEqual((sub / "dump.rdb").read_text(), "v3 (damaged)")
+
+        kept = snapshots.restore_snapshot(data_dir, "shop", ".epio-redis-cd34",
+                                          "20261127T100000Z", t0 + 7200)
+        self.assertEqual(kept, ".epio-redis-cd34.pre-20261127T120000Z")
+        self.assertEqual((sub / "dump.rdb").read_text(), "v1")
+        self.assertTrue(btrfs.is_subvolume(sub))
+        self.assertFalse(btrfs.is_read_only(sub))
+        self.assertEqual((sub.stat().st_uid, sub.stat().st_mode & 0o777), (20042, 0o700))
+        (sub / "dump.rdb").write_text("v4")  # writable
+        self.assertEqual((appdata / kept / "dump.rdb").read_text(), "v3 (damaged)")
+        snap = data_dir / "snapshots" / "shop" / "redis-cd34" / "20261127T100000Z"
+        self.assertEqual((snap / "dump.rdb").read_text(), "v1")
+        self.assertEqual([d for _, d in snapshots.dedicated_dirs(data_dir / "appdata")],
+                         [sub])
+
     def test_launcher_makes_service_data_dir_as_subvolume(self) -> None:
         """Before a dedicated server starts, the runner makes its data dir (named by
         the start body) on the host: a subvolume owned by the app UID on btrfs, a plain

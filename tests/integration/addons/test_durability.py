@@ -3,8 +3,10 @@ PostgreSQL, with data written, on one node that is (a) stopped with SIGTERM and 
 again (three times: the backup round at each start waits for the servers, so
 ``epio backups`` lists no failed backup), (b) killed with SIGKILL and started again, then
 (c) whose add-on server processes are killed with SIGKILL (the runner restarts them).
-Last, a Redis restore through the CLI (restore, then switch; the previous data kept as
-a pinned backup, itself restorable).  After each, every Redis write
+Then a Redis restore through the CLI (restore, then switch; the previous data kept as
+a pinned backup, itself restorable).  Last (the node runs on a btrfs loop file where
+the machine allows), the runner's btrfs snapshots of both data dirs are listed and
+restored through the CLI.  After each, every Redis write
 acknowledged more than a second before the stop and every committed PostgreSQL row is
 there.  A clean stop is a clean stop: Redis' SHUTDOWN SAVE and PostgreSQL's fast
 shutdown are in the app's log."""
@@ -16,12 +18,15 @@ import secrets
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import psycopg2
 from twisted.trial.unittest import SynchronousTestCase
 
+from epio.addons import btrfs
 from tests.integration.addons.helpers import AddonNode
 from tests.integration.addons.test_dedicated import redis_cli
 from tests.integration.e2e.test_quickstart import wait_until
@@ -36,7 +41,9 @@ class AddonDurabilityTests(SynchronousTestCase):
     def test_data_survives_stops_and_crashes(self) -> None:
         """(a) node SIGTERM + start, (b) node SIGKILL + start, (c) SIGKILL of redis-server
         and of the postmaster: after each, every acknowledged write is there."""
-        n = AddonNode(self, {"runner": {"backoff_initial": 0.2, "shutdown_grace": 10.0}})
+        root = btrfs_loop(self)  # the node on btrfs: its data dirs get snapshots
+        n = AddonNode(self, {"runner": {"backoff_initial": 0.2, "shutdown_grace": 10.0}},
+                      root=root)
         n.start()
         app = "du" + secrets.token_hex(3)
         n.create_app(app)
@@ -170,6 +177,56 @@ class AddonDurabilityTests(SynchronousTestCase):
         self.assertEqual((redis_cli(redis_url, "DBSIZE"), redis_cli(redis_url, "GET", "a:0")),
                          ("171", "changed"))
         self.assertEqual(redis_cli(redis_url, "-n", "15", "DBSIZE"), "0")
+
+        if root is None:
+            return  # no btrfs here: the snapshot steps are tested where it is
+        # btrfs snapshots through the CLI: the runner snapshotted both data dirs when it
+        # started after (b) (one a hour is kept); restoring them brings back a and b, not c
+        for kind in ("redis", "postgres"):
+            snaps = n.json("addons", "snapshots", kind, "--app", app)
+            self.assertTrue(snaps, f"no {kind} snapshot")
+            _, out, _ = n.epio("addons", "snapshot-restore", kind, snaps[0]["id"], "--app", app,
+                               "--confirm", app)
+            self.assertIn(f"Restored snapshot {snaps[0]['id']}", out)
+            self.assertRegex(out, r"kept on its runner as \.epio-" + kind + r"-\w+\.pre-\d")
+        config = n.config(app)
+        redis_url, u = config["REDIS_URL"], urlsplit(config["DATABASE_URL"])
+        pg.update(host=u.hostname, port=u.port)
+        del steps["c"]
+        check(steps, "restoring the btrfs snapshots")
+        self.assertEqual(redis_cli(redis_url, "EXISTS", "c:0", "extra"), "0")
+        with psycopg2.connect(**pg) as conn, conn.cursor() as cur:
+            cur.execute("SELECT to_regclass('c')")
+            self.assertEqual(cur.fetchone(), (None,))
+        conn.close()
+        code, out, err = n.epio("addons", "snapshot-restore", "redis", "20000101T000000Z",
+                                "--app", app, "--confirm", app, check=False)
+        self.assertNotEqual(code, 0)
+        self.assertIn("has no snapshot", out + err)
+
+
+def btrfs_loop(test: SynchronousTestCase) -> Path | None:
+    """A 400 MB btrfs on a loop device, mounted for the test (None without root or
+    btrfs-progs: the test then runs on the temp dir's filesystem)."""
+    if os.geteuid() != 0 or not shutil.which("mkfs.btrfs") or btrfs.btrfs_tool() is None:
+        return None
+    tmp = Path(tempfile.mkdtemp(prefix="epio-durability-"))
+    os.chmod(tmp, 0o711)  # the build user reaches the node's data dir through it
+    test.addCleanup(shutil.rmtree, tmp, True)
+    image = tmp / "fs.img"
+    with open(image, "wb") as f:
+        f.truncate(400 * 1024 * 1024)  # sparse
+    run = lambda *a: subprocess.run(a, check=True, capture_output=True, text=True,  # noqa: E731
+                                    timeout=30).stdout
+    run("mkfs.btrfs", "-q", str(image))
+    loop = run("losetup", "--find", "--show", str(image)).strip()
+    test.addCleanup(subprocess.run, ["losetup", "-d", loop], timeout=30, check=False)
+    mnt = tmp / "mnt"
+    mnt.mkdir()
+    run("mount", loop, str(mnt))
+    test.addCleanup(subprocess.run, ["umount", "-l", str(mnt)], timeout=30, check=False)
+    os.chmod(mnt, 0o755)
+    return mnt
 
 
 def pid_of(pattern: str) -> int:
