@@ -595,11 +595,11 @@ class Addons:
         addon_dir = data_dir_name(base, str(addon.options.get("data_key") or ""))
         return addon, str(runner.control_endpoint), addon_dir
 
-    async def _runner_call(self, endpoint: str, type: str, body: dict[str, Any]) -> Any:
+    async def _runner_call(self, endpoint: str, mtype: str, body: dict[str, Any]) -> Any:
         from epio.bus import BusError, RemoteError
 
         try:
-            return await self.control.request(endpoint, type, body, timeout=120.0)
+            return await self.control.request(endpoint, mtype, body, timeout=120.0)
         except RemoteError as e:
             if e.code == "snapshot_not_found":
                 raise errors.NotFound(e.message, code="snapshot_not_found") from None

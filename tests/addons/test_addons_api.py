@@ -518,3 +518,21 @@ class AddonApiTests(TestCase):
         self.assertEqual(len(self.h.runners.requests), before)
         status, body, _ = await self.call("GET", "apps/shop/addons/redis/snapshots")
         self.assertEqual(status, 404, body)
+
+    async def test_snapshots_when_the_runner_does_not_answer(self) -> None:
+        """The dedicated server's runner is alive in the store but does not answer: the
+        listing is 503 addons_unavailable (asked of that runner, with the add-on's own
+        data dir), never a 500."""
+        await self.h.add_runner("r1")
+        self.h.runners.manifest = {"processes": {"web": "gunicorn app:app"},
+                                   "services": {"redis": "dedicated"}}
+        d = await self.run_deploy()
+        self.h.scheduler.lose_leadership()
+        self.assertEqual(d["status"], "succeeded", d["log"])
+        self.h.runners.down = set(self.h.runners.instances)
+        status, body, _ = await self.call("GET", "apps/shop/addons/redis/snapshots")
+        self.assertEqual((status, body["error"]["code"]), (503, "addons_unavailable"))
+        [asked] = [b for _, t, b in self.h.runners.requests if t == "runner.snapshots"]
+        key = (await self.addons.get(await self.h.store.get_app("shop"), "redis")).options[
+            "data_key"]
+        self.assertEqual(asked, {"app": "shop", "addon_dir": f".epio-redis-{key}"})
