@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import psycopg2
 from twisted.logger import Logger
 
 from epio.addons.postgres import dsn_from_url, url_fields
@@ -33,6 +34,30 @@ class BackupFailed(Exception):
     """A dump, verification or restore failed; ``str()`` is safe to show."""
 
     code = "backup_failed"
+
+
+class NotReady(BackupFailed):
+    """The database does not accept connections yet (starting, loading, in recovery, its
+    server being restarted): worth waiting for, unlike other failures."""
+
+
+def _ping(dsn: str) -> None:
+    conn = psycopg2.connect(dsn, connect_timeout=PING_CONNECT_TIMEOUT)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1")
+    finally:
+        conn.close()
+
+
+PING_CONNECT_TIMEOUT = 10  # seconds (libpq connect_timeout of a readiness probe)
+# libpq/server messages of a PostgreSQL that is not accepting connections *yet*
+PG_NOT_READY = (
+    "the database system is starting up", "the database system is shutting down",
+    "the database system is not yet accepting connections",
+    "the database system is in recovery mode", "Connection refused",
+    "server closed the connection unexpectedly", "timeout expired",
+)
 
 
 def _url_for(admin_url: str, database: str) -> str:
@@ -89,13 +114,25 @@ class PostgresBackups:
         return conn
 
     async def ping(self, database: str) -> None:
-        """Return once ``database`` accepts a connection and a query; BackupFailed if not
-        (e.g. "the database system is starting up")."""
-        conn = await self._connect(database)
+        """Return if ``database`` accepts a connection and a query; :class:`NotReady`
+        when its server does not accept connections yet ("the database system is
+        starting up", refused), :class:`BackupFailed` for anything else (no such
+        database, a refused password): that one will not pass by waiting.  A blocking
+        libpq connection in the reactor's thread pool (txpostgres reports a failed
+        connection's startup error only to the log)."""
+        from twisted.internet.threads import deferToThreadPool
+
+        dsn = dsn_from_url(_url_for(self.admin_url, database))
         try:
-            await conn.runQuery("SELECT 1")
-        finally:
-            conn.close()
+            await deferToThreadPool(self.reactor, self.reactor.getThreadPool(), _ping, dsn)
+        except psycopg2.Error as e:
+            why = next((t for t in PG_NOT_READY if t in str(e)), None)
+            if why is not None:  # the pattern only: the message may name the server
+                raise NotReady(f"database {database} does not accept connections yet "
+                               f"({why})") from None
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise BackupFailed(f"cannot connect to database {database}: "
+                               f"{first.removeprefix('FATAL:').strip()}") from None
 
     async def count_rows(self, conn: Any) -> dict[str, int]:
         counts: dict[str, int] = {}

@@ -20,7 +20,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from epio.backup import proc
-from epio.backup.postgres import BackupFailed, _last_line
+from epio.backup.postgres import BackupFailed, NotReady, _last_line
 
 KEYS = re.compile(rb"^db\d+:keys=(\d+)", re.M)
 MEMORY = re.compile(rb"^(used_memory|used_memory_dataset|maxmemory):(\d+)", re.M)
@@ -67,6 +67,9 @@ class RedisBackups:
 
     async def key_count(self, host: str, port: int, password: str | None) -> int:
         out, err, code = await self._cli(["-h", host, "-p", str(port), "--no-raw", "INFO", "keyspace"], password)
+        if b"LOADING" in out or b"Connection refused" in err + out:
+            raise NotReady(f"redis at {host}:{port} does not accept connections yet: "
+                           f"{_last_line(err or out)}")
         if code != 0 or b"NOAUTH" in out or b"ERR" in out[:10]:
             raise BackupFailed(f"cannot query redis at {host}:{port}: {_last_line(err or out)}")
         return sum(int(n) for n in KEYS.findall(out))

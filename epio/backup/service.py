@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from epio.addons.postgres import SharedPostgres
 from epio.backup import checks
 from epio.backup.catalog import BackupNotFound, BackupRecord, Catalog, sha256_file
-from epio.backup.postgres import BackupFailed, PostgresBackups
+from epio.backup.postgres import BackupFailed, NotReady, PostgresBackups
 from epio.backup.redis import RedisBackups
 from epio.backup.targets import Target, dedicated_postgres_url, targets_for
 from epio.retention import Candidate, RetentionPolicy, to_keep
@@ -189,10 +189,12 @@ class BackupManager:
             await self.postgres.ping(str(target.database))
 
     async def _wait_accepting(self, target: Target) -> str:
-        """Wait until the database accepts connections: probes with a backoff from
-        ``checks.START_RETRY_INITIAL`` s, doubling, capped at ``START_RETRY_MAX``, for at
-        most ``START_TIMEOUT`` s.  "" when it does; otherwise why the backup cannot
-        start (it is then recorded once as failed)."""
+        """Wait until the database accepts connections: while it is not ready yet
+        (:class:`NotReady`, or a probe unanswered for ``checks.START_PROBE_TIMEOUT``)
+        probes again with a backoff from ``checks.START_RETRY_INITIAL`` s, doubling,
+        capped at ``START_RETRY_MAX``, for at most ``START_TIMEOUT`` s.  "" when it
+        accepts; otherwise why the backup cannot start (at once for any other failure:
+        no such database, a refused password), then recorded once as failed."""
         start = self.reactor.seconds()
         delay = checks.START_RETRY_INITIAL
         while True:
@@ -205,8 +207,10 @@ class BackupManager:
                 raise
             except (TimeoutError, DeferredTimeout):
                 why = f"no answer within {checks.START_PROBE_TIMEOUT:g}s"
-            except Exception as e:
-                why = str(e) if isinstance(e, BackupFailed) else type(e).__name__
+            except NotReady as e:
+                why = str(e)
+            except BackupFailed as e:
+                return str(e)  # no such database, a refused password: waiting won't help
             waited = self.reactor.seconds() - start
             if waited + delay > checks.START_TIMEOUT:
                 return (f"{target.describe()} did not accept connections within "

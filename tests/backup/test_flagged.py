@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from epio.backup import checks
 from epio.backup.catalog import BackupRecord, Catalog
-from epio.backup.postgres import BackupFailed
+from epio.backup.postgres import BackupFailed, NotReady
 from epio.backup.service import BackupManager
 from epio.backup.targets import Target
 from epio.retention import RetentionPolicy
@@ -53,6 +53,7 @@ class FakeRedisTool:
         self.fail = ""
         self.down_until = 0.0
         self.hang_until = 0.0
+        self.refused = False
         self.probes: list[float] = []
 
     async def key_count(self, host: str, port: int, password: str | None) -> int:
@@ -62,7 +63,9 @@ class FakeRedisTool:
         if self.clock.seconds() < self.hang_until:
             await Deferred()  # a server that accepts the connection but never answers
         if self.clock.seconds() < self.down_until:
-            raise BackupFailed("cannot query redis: LOADING Redis is loading the dataset")
+            raise NotReady("redis does not accept connections yet: LOADING Redis is loading")
+        if self.refused:
+            raise BackupFailed("cannot query redis: WRONGPASS invalid username-password pair")
         return self.keys
 
     async def dump(self, host: str, port: int, password: str | None, dest: Path) -> dict[str, int]:
@@ -197,6 +200,16 @@ class StartRetryTests(SynchronousTestCase):
         self.assertEqual(max(gaps), checks.START_RETRY_MAX)
         self.assertLessEqual(h.tool.probes[-1] - T0, checks.START_TIMEOUT)
         self.assertEqual(len(h.catalog.list("shop")), 1)
+
+    def test_a_permanent_failure_is_not_waited_for(self) -> None:
+        """A refused password (or a database that does not exist) will not pass by
+        waiting: one probe, and the backup is recorded failed at once, with the reason."""
+        h = Harness(self)
+        h.tool.refused = True
+        record = self.successResultOf(ensureDeferred(h.manager.backup(TARGET)))
+        self.assertEqual(record.status, "failed")
+        self.assertIn("WRONGPASS", record.error)
+        self.assertEqual(len(h.tool.probes), 1)
 
     def test_cancelled_by_a_stop_leaves_no_record(self) -> None:
         """A backup cancelled by the node's clean stop -- waiting for its server, or

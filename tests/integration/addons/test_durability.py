@@ -21,6 +21,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import psycopg2
@@ -42,7 +43,10 @@ class AddonDurabilityTests(SynchronousTestCase):
         """(a) node SIGTERM + start, (b) node SIGKILL + start, (c) SIGKILL of redis-server
         and of the postmaster: after each, every acknowledged write is there."""
         root = btrfs_loop(self)  # the node on btrfs: its data dirs get snapshots
-        n = AddonNode(self, {"runner": {"backoff_initial": 0.2, "shutdown_grace": 10.0}},
+        # register_interval under api.runner_dead_after (10 s here): the runner is alive
+        # in the store when a snapshot restore asks for it
+        n = AddonNode(self, {"runner": {"backoff_initial": 0.2, "shutdown_grace": 10.0,
+                                        "register_interval": 2.0}},
                       root=root)
         n.start()
         app = "du" + secrets.token_hex(3)
@@ -56,41 +60,54 @@ class AddonDurabilityTests(SynchronousTestCase):
         if code != 0:
             logs = n.epio("logs", "--app", app, "-n", "300", check=False)[1]
             self.fail(f"deploy failed:\n{out}\n{err}\n--- app log ---\n{logs}")
-        config = n.config(app)
-        redis_url, db_url = config["REDIS_URL"], config["DATABASE_URL"]
-        u = urlsplit(db_url)
-        pg = dict(host=u.hostname, port=u.port, user=u.username, password=u.password,
-                  dbname=u.path.lstrip("/"), connect_timeout=3)
+        at: dict[str, Any] = {}
+
+        def refresh() -> None:
+            """The servers' current addresses (a server started again elsewhere, or on
+            another port, is carried to the app's config vars)."""
+            config = n.config(app)
+            u = urlsplit(config["DATABASE_URL"])
+            at["redis"] = config["REDIS_URL"]
+            at["pg"] = dict(host=u.hostname, port=u.port, user=u.username,
+                            password=u.password, dbname=u.path.lstrip("/"), connect_timeout=3)
 
         def write(step: str, rows: int) -> None:
             for i in range(rows):
-                self.assertEqual(redis_cli(redis_url, "SET", f"{step}:{i}", f"v{i}"), "OK")
-            with psycopg2.connect(**pg) as conn, conn.cursor() as cur:
+                self.assertEqual(redis_cli(at["redis"], "SET", f"{step}:{i}", f"v{i}"), "OK")
+            with psycopg2.connect(**at["pg"]) as conn, conn.cursor() as cur:
                 cur.execute(f"CREATE TABLE {step} AS SELECT generate_series(1, %s) AS n",
                             (rows,))
             conn.close()
             time.sleep(AOF_FSYNC_MARGIN)
 
         def serving() -> bool:
-            if redis_cli(redis_url, "PING") != "PONG":
+            refresh()
+            if redis_cli(at["redis"], "PING") != "PONG":
                 return False
             try:
-                psycopg2.connect(**pg).close()
+                psycopg2.connect(**at["pg"]).close()
             except psycopg2.OperationalError:
                 return False
             return True
 
         def check(steps: dict[str, int], after: str) -> None:
-            wait_until(f"both servers answer after {after}", serving, timeout=90)
+            try:
+                wait_until(f"both servers answer after {after}", serving, timeout=90)
+            except AssertionError as e:
+                ps = n.epio("ps", "--app", app, check=False)[1]
+                logs = n.epio("logs", "--app", app, "-n", "60", check=False)[1]
+                raise AssertionError(f"{e}\n--- ps ---\n{ps}\n--- app log ---\n{logs}\n"
+                                     f"--- node log ---\n{n.node.output()[-6000:]}") from None
             for step, rows in steps.items():
-                keys = redis_cli(redis_url, "EVAL",
+                keys = redis_cli(at["redis"], "EVAL",
                                  "return #redis.call('KEYS', ARGV[1])", "0", f"{step}:*")
                 self.assertEqual(keys, str(rows), f"redis keys of {step} after {after}")
-                with psycopg2.connect(**pg) as conn, conn.cursor() as cur:
+                with psycopg2.connect(**at["pg"]) as conn, conn.cursor() as cur:
                     cur.execute(f"SELECT count(*) FROM {step}")
                     self.assertEqual(cur.fetchone(), (rows,), f"{step} after {after}")
                 conn.close()
 
+        refresh()
         def newest_backups() -> dict[str, dict]:
             found: dict[str, dict] = {}
             for b in n.json("backups", "--app", app):
@@ -152,17 +169,21 @@ class AddonDurabilityTests(SynchronousTestCase):
         # (c) the servers themselves are killed: the runner restarts them
         steps["c"] = 20
         write("c", 20)
-        rport, pport = urlsplit(redis_url).port, u.port
-        pids = [pid_of(f"redis-server .*:{rport}"), pid_of(f"postgres -D .* -p {pport} ")]
+        rport, pport = urlsplit(at["redis"]).port, at["pg"]["port"]
+        patterns = [f"redis-server .*:{rport}", f"postgres -D .* -p {pport} "]
+        pids = [pid_of(p) for p in patterns]
         for pid in pids:
             os.kill(pid, signal.SIGKILL)
-        wait_until("both servers are gone", lambda: not serving(), timeout=10)
+        wait_until("both servers were started again (new processes)",
+                   lambda: all(pid_of(p) != old for p, old in zip(patterns, pids, strict=True)),
+                   timeout=60)
         check(steps, "a SIGKILL of redis-server and of the postmaster")
 
         # Redis restore through the CLI: restore-then-switch, the previous data kept as
         # a pinned backup that can itself be restored
         [first] = n.json("backups", "create", "--app", app, "--kind", "redis")
         self.assertEqual((first["status"], first["counts"]["keys_max"]), ("verified", 170))
+        redis_url = at["redis"]
         redis_cli(redis_url, "SET", "a:0", "changed")
         redis_cli(redis_url, "SET", "extra", "x")
         _, out, _ = n.epio("backups", "restore", first["id"], "--app", app, "--confirm", app)
@@ -189,13 +210,10 @@ class AddonDurabilityTests(SynchronousTestCase):
                                "--confirm", app)
             self.assertIn(f"Restored snapshot {snaps[0]['id']}", out)
             self.assertRegex(out, r"kept on its runner as \.epio-" + kind + r"-\w+\.pre-\d")
-        config = n.config(app)
-        redis_url, u = config["REDIS_URL"], urlsplit(config["DATABASE_URL"])
-        pg.update(host=u.hostname, port=u.port)
         del steps["c"]
         check(steps, "restoring the btrfs snapshots")
-        self.assertEqual(redis_cli(redis_url, "EXISTS", "c:0", "extra"), "0")
-        with psycopg2.connect(**pg) as conn, conn.cursor() as cur:
+        self.assertEqual(redis_cli(at["redis"], "EXISTS", "c:0", "extra"), "0")
+        with psycopg2.connect(**at["pg"]) as conn, conn.cursor() as cur:
             cur.execute("SELECT to_regclass('c')")
             self.assertEqual(cur.fetchone(), (None,))
         conn.close()

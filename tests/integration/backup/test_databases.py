@@ -154,6 +154,26 @@ class PostgresBackupTests(TestCase):
         self.assertIn("failed", str(cm.exception))
 
 
+class ReadinessTests(TestCase):
+    timeout = 60
+
+    async def test_not_ready_is_told_from_failed(self) -> None:
+        """The probes a backup waits on, against real servers: a closed port is NotReady
+        (worth waiting for), a database that does not exist or a wrong Redis password is
+        a plain BackupFailed (recorded at once)."""
+        from epio.backup.postgres import NotReady
+
+        closed = free_port()
+        with self.assertRaises(NotReady):
+            await PostgresBackups(reactor, f"postgresql://postgres@127.0.0.1:{closed}/x").ping("x")
+        with self.assertRaises(BackupFailed) as cm:
+            await PostgresBackups(reactor, ADMIN_URL).ping("epio_no_such_db_" + app_name())
+        self.assertNotIsInstance(cm.exception, NotReady)
+        await PostgresBackups(reactor, ADMIN_URL).ping("postgres")
+        with self.assertRaises(NotReady):
+            await RedisBackups(reactor).key_count("127.0.0.1", closed, "pw")
+
+
 class RedisBackupTests(TestCase):
     timeout = 120
 
@@ -232,6 +252,17 @@ class RedisBackupTests(TestCase):
         """Keys k0..k<n-1>, 1000 bytes each, in one call."""
         self.cli(port, password, "EVAL", "for i = 0, tonumber(ARGV[1]) - 1 do "
                  "redis.call('SET', 'k' .. i, string.rep('v', 1000)) end", "0", str(n))
+
+    async def test_wrong_password_is_not_a_server_not_ready(self) -> None:
+        """A Redis that refuses the password fails the probe for good (BackupFailed,
+        not NotReady): its backup is recorded failed at once, not waited for."""
+        from epio.backup.postgres import NotReady
+
+        port, password = self.start_redis()
+        self.assertEqual(await RedisBackups(reactor).key_count("127.0.0.1", port, password), 0)
+        with self.assertRaises(BackupFailed) as cm:
+            await RedisBackups(reactor).key_count("127.0.0.1", port, "wrong-password")
+        self.assertNotIsInstance(cm.exception, NotReady)
 
     async def test_restore_is_built_apart_then_switched(self) -> None:
         """A restore builds the snapshot's keys in database 15 and SWAPDBs it with
