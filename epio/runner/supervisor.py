@@ -584,6 +584,7 @@ class Supervisor:
                 return self._started_reply(old)
             self._cancel_all(old)
             self.ports.release(old.port)
+        self._check_data_dir_free(spec)
         if not spec.is_web:
             port = None
         elif port is None or not self.ports.claim_if_free(port):
@@ -598,6 +599,20 @@ class Supervisor:
         self.changed()
         self._launch(inst)
         return self._started_reply(inst)
+
+    def _check_data_dir_free(self, spec: InstanceSpec) -> None:
+        """One dedicated database server per data directory: two on the same files (a
+        server the api starts again while this runner restarted its recorded one after
+        a restart the api took for a death) would corrupt them."""
+        data_dir = spec.env.get("EPIO_SERVICE_DIR")
+        if spec.process_type not in SERVICE_PROCESS_TYPES or not data_dir:
+            return
+        for other in self.instances.values():
+            if (other.spec.instance_id != spec.instance_id and other.spec.app == spec.app
+                    and other.spec.env.get("EPIO_SERVICE_DIR") == data_dir
+                    and other.state not in (State.STOPPED, State.FAILED)):
+                raise SpecError(f"{data_dir} of {spec.app} is in use by instance "
+                                f"{other.spec.instance_id} here: one server per data directory")
 
     def _started_reply(self, inst: Instance) -> dict[str, Any]:
         return {"instance_id": inst.spec.instance_id, "host": self.settings.advertise_host,

@@ -435,6 +435,23 @@ class StopTests(SynchronousTestCase):
                       "(PORT=20000)", texts)
 
 
+    def test_one_database_server_per_data_directory(self) -> None:
+        """A second dedicated server of the app on the same data directory is refused
+        while the first is not stopped; once it is, or for another directory, it starts."""
+        h = Harness()
+        env = {"EPIO_SERVICE_DIR": ".epio-redis-ab"}
+        h.sup.start(body(process_type="epio-redis", instance_id="r1", release=0, env=env))
+        with self.assertRaises(SpecError) as cm:
+            h.sup.start(body(process_type="epio-redis", instance_id="r2", release=0, env=env))
+        self.assertIn(".epio-redis-ab of hello is in use by instance r1", str(cm.exception))
+        h.sup.start(body(process_type="epio-redis", instance_id="r3", release=0,
+                         env={"EPIO_SERVICE_DIR": ".epio-redis-cd"}))
+        h.sup.stop("r1")
+        h.reactor.spawned[0].exit(0)
+        h.sup.start(body(process_type="epio-redis", instance_id="r2", release=0, env=env))
+        self.assertEqual(h.state("r2"), "starting")
+
+
 class ExitTests(SynchronousTestCase):
     def test_oom_kill_is_reported(self) -> None:
         """A process the kernel killed for memory is logged as 'killed: out of memory'."""

@@ -36,7 +36,9 @@ class AddonNode:
         doc, _ = isolated_config({
             "api": {"reconcile_interval": 0.5, "drain_seconds": 0.5, "stop_grace": 3.0,
                     "runner_dead_after": 10.0, "rollout_timeout": 60.0},
-            "runner": {"backoff_initial": 0.2},
+            # the node row is refreshed well within api.runner_dead_after (10 s here): a
+            # loaded machine does not make the runner look dead to the api
+            "runner": {"backoff_initial": 0.2, "register_interval": 2.0},
             "addons": {"postgres_admin_url": ADMIN_URL},
             "backup": {"interval": 3600.0, "chunk_kb": 1},  # downloads in many chunks
             **(overrides or {}),
