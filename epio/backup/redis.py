@@ -170,10 +170,17 @@ class RedisBackups:
             scratch = live = staging = None
             building = switched = False
             try:
+                # the socket file exists a moment before the server accepts on it (and
+                # it answers LOADING while it loads the snapshot): wait for a PONG
                 for _ in range(200):
                     if sock.exists():
-                        break
+                        out, _, _ = await self._cli(["-s", str(sock), "PING"], None)
+                        if out.strip() == b"PONG":
+                            break
                     await deferLater(self.reactor, 0.05, lambda: None)
+                else:
+                    raise BackupFailed("restore failed: the scratch redis did not load the "
+                                       "snapshot; nothing was changed")
                 scratch = await txredisapi.UnixConnection(str(sock), charset=None, reconnect=False)
                 live = await txredisapi.Connection(host, port, password=password, charset=None,
                                                    reconnect=False, dbid=0)
