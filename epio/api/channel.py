@@ -22,7 +22,9 @@ import json
 from typing import Any
 
 from attrs import frozen
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 
 IDLE, HEAD, BODY, DONE = range(4)
@@ -89,7 +91,7 @@ class DeadlineChannel(HTTPChannel):
         else:
             return
         self._phase = DONE
-        transport = self.transport
+        transport: Any = self.transport
         if transport is None:
             return
         peer = transport.getPeer()
@@ -134,10 +136,11 @@ class DeadlineChannel(HTTPChannel):
     def requestDone(self, request: Any) -> None:
         super().requestDone(request)
         # bytes of a next head left over from the replay of pipelined data
-        if self._phase == IDLE and not self._handlingRequest and getattr(self, "_buffer", b""):
+        buffered: Any = self.__dict__.get("_buffer", b"")
+        if self._phase == IDLE and not self._handlingRequest and buffered:
             self._start_head()
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._phase = DONE
         self._disarm()
         limit = getattr(self.factory, "limit", None)

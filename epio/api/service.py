@@ -80,7 +80,7 @@ class CountingSite(Site):
     """The api's Site, counting answered requests by status class for /metrics; its
     connections have request deadlines (:class:`epio.api.channel.DeadlineChannel`)."""
 
-    protocol = DeadlineChannel
+    protocol = DeadlineChannel  # type: ignore[assignment]  # HTTPFactory types it as a callable
 
     def __init__(self, resource: Any, deadlines: Deadlines | None = None,
                  reactor: Any = None, limit: ConnectionLimit | None = None) -> None:

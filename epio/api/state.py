@@ -81,9 +81,9 @@ def release_states(releases: list[Release], deploys: list[Deploy]) -> dict[int, 
     record); ``superseded``: any other (older, or replaced during its rollout).
     """
     newest: dict[int, Deploy] = {}
-    for d in sorted(deploys, key=lambda d: d.created, reverse=True):
-        if d.release is not None:
-            newest.setdefault(d.release, d)
+    for dep in sorted(deploys, key=lambda d: d.created, reverse=True):
+        if dep.release is not None:
+            newest.setdefault(dep.release, dep)
     serving = None
     for r in sorted(releases, key=lambda r: r.version, reverse=True):
         d = newest.get(r.version)

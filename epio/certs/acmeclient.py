@@ -45,7 +45,9 @@ class AcmeClient:
                  verify: bool | str = True, contact: str = "", timeout: float = 30.0) -> None:
         key = serialization.load_pem_private_key(account_key_pem, password=None)
         self.key = jose.JWKRSA(key=key)
-        self.net = client.ClientNetwork(self.key, user_agent=USER_AGENT, verify_ssl=verify,
+        # verify: a bool or, as requests takes it, a CA bundle path (acme types it bool)
+        self.net = client.ClientNetwork(self.key, user_agent=USER_AGENT,
+                                        verify_ssl=verify,  # type: ignore[arg-type]
                                         timeout=int(timeout))
         self.directory_url = directory_url
         self.account_uri = account_uri

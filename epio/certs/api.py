@@ -32,7 +32,7 @@ class Certs:
 async def describe_certs(store: Store, app: App, acme_on: bool) -> list[dict[str, Any]]:
     """One entry per custom domain: its certificate's source, state, expiry, last error."""
     certs = {r.hostname: r for r in await records.list_certs(store, app.name)}
-    out = []
+    out: list[dict[str, Any]] = []
     for d in await store.list_domains(app.name):
         r = certs.get(d.hostname)
         if r is None:

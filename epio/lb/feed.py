@@ -42,7 +42,7 @@ if __name__ == "__main__":
     # 14 MiB of RSS here (benchmarks/memory/run.py); a None entry in sys.modules makes
     # those imports fail, which Twisted and asyncio treat as "no TLS available".
     for _name in ("OpenSSL", "ssl"):
-        sys.modules.setdefault(_name, None)  # type: ignore[assignment]
+        sys.modules.setdefault(_name, None)  # type: ignore[arg-type]
 
 import json
 import os
