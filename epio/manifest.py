@@ -383,7 +383,11 @@ def _scan_ini(text: str, file: str, errors: _Errors) -> list[_Item]:
             continue
         m = re.match(r"^([^=:]*[^=:\s])\s*[=:]\s?(.*)$", stripped)
         if m is None:
-            errors.add(file, lineno, f"expected 'key = value', got {_q(stripped)}")
+            if section == "basic_auth":  # never echo what may be a password
+                errors.add(file, lineno, "[basic_auth]: expected 'user = password' "
+                                         "(the line is not shown: it may hold a password)")
+            else:
+                errors.add(file, lineno, f"expected 'key = value', got {_q(stripped)}")
             last = None
             continue
         if section is None:
@@ -555,7 +559,9 @@ def parse_manifest(
     f = ini_name
 
     for it in items:
-        value = _interpolate(it.value, f, it.line, errors)
+        # a [basic_auth] password is literal: no interpolation (and so no error echoing it)
+        value = (it.value if it.section == "basic_auth"
+                 else _interpolate(it.value, f, it.line, errors))
         it = _Item(it.section, it.key, value, it.line)
         s, k = it.section, it.key
         if s.startswith("process:"):

@@ -112,6 +112,34 @@ class EpioCompatTests(SynchronousTestCase):
         self.assertIn("worker", load_manifest(EXAMPLES / "worker").processes)
 
 
+class BasicAuthPasswordTests(SynchronousTestCase):
+    def test_password_is_literal(self) -> None:
+        """A [basic_auth] password is taken as written: '%' is not interpolation, and
+        the hash checks the literal password."""
+        from base64 import b64encode
+
+        from epio.basicauth import BasicAuth
+
+        password = "Xy7%kQ9#mZ2!pL4@wR8%(data_directory)s%%"
+        m = parse_manifest(f"[wsgi]\nentrypoint = app:app\n[basic_auth]\nalice = {password}\n",
+                           None, [])
+        auth = BasicAuth.from_wire({"realm": "R", "users": dict(m.basic_auth)})
+        assert auth is not None
+        self.assertTrue(auth.allows(b"Basic " + b64encode(f"alice:{password}".encode())))
+
+    def test_no_password_in_errors(self) -> None:
+        """No error about a [basic_auth] line repeats the password, even a line that
+        is not 'user = password'."""
+        ini = ("[wsgi]\nentrypoint = not a module\n[basic_auth]\n"
+               "alice = Xy7%kQ9#mZ2!pL4@wR8\nbob Hq3%zz9secret\n")
+        with self.assertRaises(ManifestError) as ctx:
+            parse_manifest(ini, None, [])
+        text = str(ctx.exception)
+        self.assertIn("epio.ini:5:", text)
+        for fragment in ("kQ9", "Xy7", "Hq3", "zz9secret"):
+            self.assertNotIn(fragment, text)
+
+
 class ErrorTests(SynchronousTestCase):
     def test_all_errors_at_once_with_lines(self) -> None:
         """Every problem in both files is reported together as file:line: message."""
