@@ -296,6 +296,11 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "body_buffer_size": Key(int, 65536, "Bytes of a request body the router keeps in "
                                 "memory; a larger body is spooled to a file (0600, unlinked) "
                                 "in DATA_DIR/run/tmp until sent.", non_negative),
+        "spool_max_bytes": Key(int, 1073741824, "Bytes all spooled request bodies of one "
+                               "router process may hold in DATA_DIR/run/tmp together; a body "
+                               "that would pass it is answered 503 spool_full (Retry-After) "
+                               "and its connection closed. Put run/tmp on its own filesystem "
+                               "(docs/router.md).", positive),
         "keepalive_timeout": Key(float, 75.0, "Seconds an idle kept-alive client connection "
                                  "stays open.", positive),
         "connect_timeout": Key(float, 5.0, "Seconds to connect to a backend before trying the "

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections import deque
+from collections.abc import Callable
 from typing import IO, Any
 
 from attrs import define
@@ -54,6 +55,8 @@ SWEEP_INTERVAL = 0.5
 PIPELINE_BUFFER = 65536  # bytes of a client's next requests held before reading pauses
 
 SPOOL_CHUNK = 65536  # bytes read from a spooled body per write to the backend
+# Retry-After (seconds) of a 503 spool_full: the spool frees as bodies reach their apps
+SPOOL_FULL_RETRY_AFTER = 5
 
 # client connection states (C_BODY: a request body being buffered before dispatch)
 C_HEAD, C_WAIT, C_PROXY, C_TUNNEL, C_CLOSED, C_LINGER, C_BODY = range(7)
@@ -90,6 +93,7 @@ class Settings:
     body_timeout: float = 10.0
     body_min_rate: int = 1024
     body_buffer_size: int = 65536
+    spool_max_bytes: int = 1073741824
     trusted_proxies: tuple[str, ...] = ()
     shutdown_timeout: float = 30.0
     via: bytes = b"1.1 epio"
@@ -103,6 +107,10 @@ class Settings:
                 v = section[name.name]
                 kw[name.name] = tuple(v) if isinstance(v, list) else v
         return cls(**kw)
+
+
+class SpoolFull(Exception):
+    """Spooling this body would pass lb.spool_max_bytes (503 spool_full, Retry-After)."""
 
 
 class BackendState:
@@ -132,12 +140,17 @@ class LB:
 
     def __init__(self, reactor: Any, table: RouteTable, settings: Settings,
                  observer: Observer | None = None, scheme: bytes = b"http",
-                 spool_dir: str | None = None, acme: Any = None) -> None:
+                 spool_dir: str | None = None, acme: Any = None,
+                 open_file: Callable[..., IO[bytes]] = tempfile.TemporaryFile) -> None:
         self.reactor = reactor
         # where request bodies larger than body_buffer_size are spooled (the router's
         # private run/tmp directory; None: the system's temporary directory)
         self.spool_dir = spool_dir
         self.spooled = 0  # bodies spooled to a file since start (for /metrics and tests)
+        # bytes in this process's spool files now: at most settings.spool_max_bytes
+        self.spool_bytes = 0
+        self.spool_refused = 0  # requests answered 503 spool_full since start (/metrics)
+        self._open_file = open_file
         # epio.certs.router.RouterCerts: answers ACME HTTP-01 challenges (docs/https.md)
         self.acme = acme
         self.table = table
@@ -172,8 +185,9 @@ class LB:
     def open_spool(self) -> IO[bytes]:
         """A file for one request body: 0600, unlinked at once (``TemporaryFile``), so it
         is gone when closed -- or when the router dies -- and no other process can open it."""
+        f = self._open_file(dir=self.spool_dir, prefix="body-")
         self.spooled += 1
-        return tempfile.TemporaryFile(dir=self.spool_dir, prefix="body-")
+        return f
 
     # -- request ids ----------------------------------------------------------------
     def new_request_id(self) -> bytes:
@@ -499,6 +513,7 @@ class ClientConn(Protocol):
         self.bbody = b""
         self.bsize = 0
         self.spool: IO[bytes] | None = None
+        self.spool_size = 0  # bytes of this body counted in lb.spool_bytes
         self.sender: SpoolSender | None = None
         self.body_t0 = 0.0
         self.body_last = 0.0
@@ -952,17 +967,27 @@ class ClientConn(Protocol):
                 self._body_complete(data[n:] if ln > n else b"")
                 return
             rest = dec.feed(data)
+        except SpoolFull:
+            self.lb.spool_refused += 1
+            self.local_error(503, "spool_full", "The router cannot take this request now.",
+                             close=True,
+                             extra=b"Retry-After: %d\r\n" % SPOOL_FULL_RETRY_AFTER)
+            return
         except HTTPError as e:
             self.local_error(e.status, e.code, e.message, close=True)
             return
         except OSError as e:
-            self.log.error("cannot spool a request body in {dir}: {error}",
-                           dir=self.lb.spool_dir or tempfile.gettempdir(), error=str(e))
-            self.local_error(503, "spool_failed", "The router cannot take this request now.",
-                             close=True)
+            self._spool_failed(e)
             return
         if rest is not None and self.state == C_BODY:
             self._body_complete(rest)
+
+    def _spool_failed(self, e: OSError) -> None:
+        """Writing the spool file failed (disk full, directory gone): 503 and close."""
+        self.log.error("cannot spool a request body in {dir}: {error}",
+                       dir=self.lb.spool_dir or tempfile.gettempdir(), error=str(e))
+        self.local_error(503, "spool_failed", "The router cannot take this request now.",
+                         close=True)
 
     def _chunk_keep(self, data: bytes) -> None:
         if self.bsize + len(data) > self.max_body:
@@ -977,12 +1002,32 @@ class ClientConn(Protocol):
                 self.bpieces.append(data)
                 self.bsize = n
                 return
+            self._spool_reserve(n)
             sp = self.spool = self.lb.open_spool()
             for piece in self.bpieces:
                 sp.write(piece)
             self.bpieces = []
+        else:
+            self._spool_reserve(len(data))
         sp.write(data)
         self.bsize = n
+
+    def _spool_reserve(self, n: int) -> None:
+        """Count ``n`` more spooled bytes against lb.spool_max_bytes (SpoolFull past it)."""
+        lb = self.lb
+        if lb.spool_bytes + n > lb.s.spool_max_bytes:
+            raise SpoolFull()
+        lb.spool_bytes += n
+        self.spool_size += n
+
+    def _close_spool(self) -> None:
+        """Close (and so remove) the spool file and give its bytes back to the total."""
+        self.lb.spool_bytes -= self.spool_size
+        self.spool_size = 0
+        sp = self.spool
+        if sp is not None:
+            self.spool = None
+            sp.close()
 
     def _body_complete(self, rest: bytes) -> None:
         """The whole body is here: choose a backend now (the table may have changed)."""
@@ -993,7 +1038,11 @@ class ClientConn(Protocol):
             self.bbody = pieces[0] if len(pieces) == 1 else b"".join(pieces)
             self.bpieces = []
         else:
-            self.spool.flush()
+            try:
+                self.spool.flush()
+            except OSError as e:
+                self._spool_failed(e)
+                return
         self.buf = rest
         if len(rest) > PIPELINE_BUFFER:
             self._pause(P_WAIT)
@@ -1017,18 +1066,12 @@ class ClientConn(Protocol):
         if snd is not None:
             self.sender = None
             snd.client = None
-        sp = self.spool
-        if sp is not None:
-            self.spool = None
-            sp.close()
+        self._close_spool()
 
     def _spool_sent(self) -> None:
         """The spooled body went to the backend: now wait for its answer."""
         self.sender = None
-        sp = self.spool
-        if sp is not None:
-            self.spool = None
-            sp.close()
+        self._close_spool()
         if not self.r_started:
             self.deadline = self.lb.reactor.seconds() + self._timeout("first_byte_timeout")
 

@@ -599,6 +599,13 @@ def listener_families(svc: LBService) -> list[Any]:
         Family("epio_lb_request_bodies_spooled_total", "counter",
                "Request bodies larger than lb.body_buffer_size spooled to a file",
                [("", {}, float(svc.lb.spooled))]),
+        Family("epio_lb_spool_bytes", "gauge",
+               "Bytes of request bodies in this router process's spool files now "
+               "(lb.spool_max_bytes applies)",
+               [("", {}, float(svc.lb.spool_bytes))]),
+        Family("epio_lb_spool_full_total", "counter",
+               "Requests answered 503 spool_full: their body would pass lb.spool_max_bytes",
+               [("", {}, float(svc.lb.spool_refused))]),
     ]
 
 

@@ -6,6 +6,7 @@ turned buffering off gets its body streamed, with the stall deadline."""
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -246,3 +247,94 @@ class SpoolDirTests(SynchronousTestCase):
         self.assertEqual(path.stat().st_mode & 0o777, 0o700)
         self.assertEqual((data / "run").stat().st_mode & 0o777, 0o700)
 
+
+
+class FlushFails:
+    """A spool file on a full disk: writes land in the page cache, flush fails."""
+
+    def __init__(self, **kw: object) -> None:
+        self.closed = False
+
+    def write(self, data: bytes) -> int:
+        return len(data)
+
+    def flush(self) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class SpoolLimitTests(SynchronousTestCase):
+    """lb.spool_max_bytes bounds what one router process keeps in spool files."""
+
+    def chunked(self, body: bytes) -> bytes:
+        return (b"POST /up HTTP/1.1\r\nHost: a.example.com\r\nTransfer-Encoding: chunked"
+                b"\r\n\r\n%x\r\n%s\r\n" % (len(body), body))
+
+    def test_total_limit_is_503_spool_full_and_bytes_come_back(self) -> None:
+        """Bodies spool until the process total would pass spool_max_bytes; the one that
+        would is answered 503 spool_full with Retry-After and closed, no backend asked;
+        the bytes count again once a body was sent or its client went away."""
+        spool = self.mktemp()
+        os.mkdir(spool, 0o700)
+        h = Harness(B, spool_dir=spool, body_buffer_size=10, spool_max_bytes=250)
+        a, at = h.client()
+        a.dataReceived(post(b"a" * 200)[:-50])  # 150 bytes spooled, body not complete
+        self.assertEqual(h.lb.spool_bytes, 150)
+        b, bt = h.client()
+        b.dataReceived(self.chunked(b"b" * 120))  # 150 + 120 > 250 (chunked path)
+        self.assertTrue(bt.value().startswith(b"HTTP/1.1 503"), bt.value())
+        self.assertIn(b"\r\nRetry-After: 5\r\n", bt.value())
+        self.assertIn(b"Connection: close", bt.value())
+        self.assertTrue(bt.disconnecting)
+        self.assertEqual(h.lb.spool_bytes, 150)
+        self.assertEqual(h.lb.spool_refused, 1)
+        self.assertEqual(h.observer.totals, {"spool_full": 1})
+        # a's body completes within the limit (200 <= 250)
+        a.dataReceived(post(b"a" * 200)[-50:])
+        self.assertEqual(h.lb.spool_bytes, 200)
+        _, bet, _ = h.accept()
+        while a.sender is not None:
+            bet.producer.resumeProducing()
+        self.assertEqual(h.lb.spool_bytes, 0)  # sent: the file is closed, bytes back
+        c, ct = h.client()
+        c.dataReceived(post(b"c" * 240)[:-10])
+        self.assertEqual(h.lb.spool_bytes, 230)
+        from tests.lb.test_proxy import lose
+
+        lose(c, ct)
+        self.assertEqual(h.lb.spool_bytes, 0)  # client gone: bytes back
+        self.assertEqual(h.clock.tcpClients[1:], [])
+
+    def test_spool_counts_in_metrics(self) -> None:
+        """/metrics shows the spooled bytes now and the spool_full refusals."""
+        from types import SimpleNamespace
+
+        from epio.lb.service import listener_families
+        from epio.listen import ConnectionLimit
+
+        h = Harness(B, spool_dir=None, body_buffer_size=10, spool_max_bytes=100)
+        a, _ = h.client()
+        a.dataReceived(post(b"a" * 90)[:-10])
+        b, _ = h.client()
+        b.dataReceived(post(b"b" * 50))
+        lim = ConnectionLimit("http", 0)
+        fams = {f.name: f.samples[0][2] for f in listener_families(
+            SimpleNamespace(lb=h.lb, limit=lim, tls_limit=lim))}  # type: ignore[arg-type]
+        self.assertEqual(fams["epio_lb_spool_bytes"], 80.0)
+        self.assertEqual(fams["epio_lb_spool_full_total"], 1.0)
+
+    def test_chunked_flush_error_is_503_spool_failed(self) -> None:
+        """A spool whose flush fails (disk full) at the end of a chunked body gets a
+        clean 503 spool_failed and a close, not an exception out of dataReceived; its
+        bytes are given back."""
+        h = Harness(B, open_file=FlushFails, body_buffer_size=10)
+        c, ct = h.client()
+        c.dataReceived(self.chunked(b"x" * 40) + b"0\r\n\r\n")
+        self.assertTrue(ct.value().startswith(b"HTTP/1.1 503"), ct.value())
+        self.assertIn(b"Connection: close", ct.value())
+        self.assertEqual(h.observer.totals, {"spool_failed": 1})
+        self.assertEqual(h.clock.tcpClients, [])
+        self.assertEqual(h.lb.spool_bytes, 0)
+        self.flushLoggedErrors()

@@ -1,10 +1,10 @@
-"""The nexus's store reads against a real (SQLite) store: hostnames, live releases, options."""
+"""The nexus's store reads: against a real (SQLite) store (hostnames, live releases,
+options) and on a fake one (options that fail closed)."""
 
 from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-
 from typing import Any
 
 from twisted.internet import reactor
