@@ -223,7 +223,7 @@ class Addons:
             raise errors.ValidationFailed(f"add-on {e.message}") from None
         image = None
         if plan == "dedicated":
-            image = await self._current_image(app)
+            image = await self._image_or_none(app)
         addon = await self._provision(app, kind, plan, memory_mb, image)
         await self._set_var(app, kind, addon, f"Add {kind} add-on", user.name)
         return addon
@@ -275,6 +275,20 @@ class Addons:
         for addon in await list_addons(self.store, app.name):
             await self._drop(addon)
             await delete_addon(self.store, app.name, addon.kind)
+
+    async def before_build(self, app: Any, tarball: bytes, say: Any) -> None:
+        """Provision what the upload's ``[services]`` asks for before its build starts,
+        so the build and the release phase see the add-ons' config vars.  A dedicated
+        server of an app that has no image yet runs on the runner's empty image."""
+        from twisted.internet.threads import deferToThreadPool
+
+        from epio.api.upload import manifest_of_upload
+
+        manifest = await deferToThreadPool(self.clock, self.clock.getThreadPool(),
+                                           manifest_of_upload, tarball)
+        if manifest is None:
+            return  # no readable manifest: the build says what is wrong with it
+        await self.on_deploy(app, manifest, await self._image_or_none(app), say)
 
     async def on_deploy(self, app: Any, manifest: Mapping[str, Any], image: str,
                         say: Any) -> None:
@@ -464,7 +478,7 @@ class Addons:
         for addon in await list_addons(self.store):
             image = addon.options.get("image")
             if addon.plan != "dedicated" or addon.state not in ("ready", "failed") \
-                    or not image or addon.instance in present or addon.app not in live:
+                    or image is None or addon.instance in present or addon.app not in live:
                 continue
             try:
                 app = await self.store.get_app(addon.app)
@@ -518,15 +532,14 @@ class Addons:
         instances = await self.store.list_instances()
         return min(fresh, key=lambda n: (sum(1 for i in instances if i.node == n.id), n.id))
 
-    async def _current_image(self, app: Any) -> str:
+    async def _image_or_none(self, app: Any) -> str:
+        """The image a dedicated server's sandbox mounts: the current release's, or ""
+        before the app's first deploy (the runner's empty image; the server's binaries
+        come from the host either way)."""
         from epio.api.state import current_release
 
         release = await current_release(self.store, app.name)
-        if release is None or not release.image:
-            raise errors.Conflict(
-                f"a dedicated server runs in the app's sandbox: deploy {app.name} first, or "
-                "set [services] in epio.ini and deploy")
-        return str(release.image)
+        return str(release.image) if release is not None and release.image else ""
 
     async def _set_var(self, app: Any, kind: str, addon: Addon, description: str | None,
                        who: str | None) -> None:

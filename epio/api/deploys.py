@@ -224,6 +224,9 @@ class Deployer:
     async def _deploy(self, app: App, deploy: Deploy, tarball: bytes) -> None:
         deploy = await self._say(deploy, f"Received {len(tarball) / 1e3:.1f} kB for {app.name}")
         runner = await self._pick_runner()
+        if self.addons is not None:  # [services] first: the build sees DATABASE_URL/REDIS_URL
+            await self._addons(self.addons.before_build(app, tarball,
+                                                        lambda text: self._say(deploy, text)))
         deploy = await self._say(deploy, f"Building on {runner.id}...", status="building")
         config = await self.store.get_config(app.name)
         try:
@@ -247,14 +250,9 @@ class Deployer:
         if not processes:
             raise DeployFailed("the app defines no process: add [wsgi] entrypoint to epio.ini "
                                "or a Procfile")
-        if self.addons is not None:  # [services]: DATABASE_URL/REDIS_URL before the release
-            try:
-                await self.addons.on_deploy(app, manifest, digest,
-                                            lambda text: self._say(deploy, text))
-            except Exception as e:
-                if not hasattr(e, "code"):  # AddonError/ApiError: a reason; else a bug
-                    raise
-                raise DeployFailed(getattr(e, "message", None) or str(e)) from None
+        if self.addons is not None:  # [services] of the built manifest; dedicated servers up
+            await self._addons(self.addons.on_deploy(app, manifest, digest,
+                                                     lambda text: self._say(deploy, text)))
         from epio.api.run import release_phase  # [release] command, before any traffic
 
         deploy = await release_phase(self, app, deploy, runner, digest, manifest)
@@ -312,6 +310,14 @@ class Deployer:
             return await self._say(deploy, f"  {name} wrote no output")
         return await self._say(deploy, f"  last {len(lines)} lines of {name}'s output:\n"
                                + "\n".join(f"  | {t}" for t in lines))
+
+    async def _addons(self, work: Any) -> None:
+        try:
+            await work
+        except Exception as e:
+            if not hasattr(e, "code"):  # AddonError/ApiError: a reason; else a bug
+                raise
+            raise DeployFailed(getattr(e, "message", None) or str(e)) from None
 
     async def _pick_runner(self) -> Any:
         now = self.clock.seconds()

@@ -207,12 +207,27 @@ class SandboxLauncher:
         return defer.Deferred.fromCoroutine(self._prepare(spec, port))
 
     async def _prepare(self, spec: InstanceSpec, port: int | None) -> Launch:
+        if not spec.image_digest:  # a dedicated server before the app's first build
+            return self._prepare_local(spec, port, self._no_image())
         image_root = Path(await self.images.mount(spec.image_digest))
         try:
             return self._prepare_local(spec, port, image_root)
         except BaseException:
             await self.images.unmount(spec.image_digest)
             raise
+
+    def _no_image(self) -> Path:
+        """The empty image (``DATA_DIR/runner/no-image``: only ``app/``, root-owned,
+        read-only for the app) a dedicated database server runs on when the app has no
+        image yet: add-ons are provisioned before the first build (docs/databases.md)."""
+        root = self.data_dir / "runner" / "no-image"
+        (self.data_dir / "runner").mkdir(mode=0o711, exist_ok=True)
+        for d in (root, root / "app"):
+            d.mkdir(mode=0o755, exist_ok=True)
+            if d.is_symlink() or not d.is_dir():
+                raise OSError(f"{d} is not a directory")
+            os.chmod(d, 0o755)
+        return root
 
     def _prepare_local(self, spec: InstanceSpec, port: int | None, image_root: Path) -> Launch:
         user = AppUser(app=spec.app, uid=spec.uid, gid=spec.uid)
@@ -274,7 +289,7 @@ class SandboxLauncher:
         return Launch(
             argv=argv, env=env, cwd=launch_cwd(launch_spec, self.isolation),
             child_fds=child_fds, info_fd=info_fd, cgroup=cgroup, scratch=str(scratch),
-            image=spec.image_digest,
+            image=spec.image_digest or None,
         )
 
     # -- running -----------------------------------------------------------------

@@ -214,7 +214,10 @@ class InstanceSpec:
         elif not isinstance(command, str) or not command.strip():
             raise SpecError("command must be a non-empty string or list of strings")
         digest = body.get("image_digest")
-        if not isinstance(digest, str) or not DIGEST.match(digest):
+        # a dedicated server started before the app's first build has no image yet: its
+        # binaries come from the host, the launcher gives it an empty read-only /app
+        imageless = digest == "" and ptype in SERVICE_PROCESS_TYPES
+        if not isinstance(digest, str) or not (imageless or DIGEST.match(digest)):
             raise SpecError(f"image_digest must be a sha256 hex digest, not {digest!r}")
         env = body.get("env") or {}
         if not isinstance(env, dict) or not all(

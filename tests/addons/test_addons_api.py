@@ -4,6 +4,8 @@ the api tests' Harness)."""
 
 from __future__ import annotations
 
+import io
+import tarfile
 from typing import Any
 
 from twisted.internet.defer import ensureDeferred
@@ -17,6 +19,16 @@ from epio.bus import RemoteError, RequestTimeout
 from tests.api.support import Harness, settle
 
 BACKUP_A, BACKUP_B = "tcp://backup-a:7741", "tcp://backup-b:7741"
+
+
+def _tarball(files: dict[str, bytes]) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
 
 
 class FakeShared:
@@ -131,16 +143,50 @@ class AddonApiTests(TestCase):
         self.assertEqual(status, 404)
 
     async def test_bad_requests(self) -> None:
-        """Unknown kinds and plans are refused by the schema; redis cannot be shared; a
-        dedicated server needs a deployed app."""
+        """Unknown kinds and plans are refused by the schema; redis cannot be shared."""
         status, body, _ = await self.call("POST", "apps/shop/addons", {"kind": "mysql"})
         self.assertEqual((status, body["error"]["code"]), (400, "validation_failed"))
         status, body, _ = await self.call("POST", "apps/shop/addons",
                                           {"kind": "redis", "plan": "shared"})
         self.assertEqual((status, body["error"]["code"]), (400, "validation_failed"))
-        status, body, _ = await self.call("POST", "apps/shop/addons", {"kind": "redis"})
-        self.assertEqual(status, 409)
-        self.assertIn("deploy shop first", body["error"]["message"])
+
+    async def test_dedicated_addon_before_the_first_deploy(self) -> None:
+        """``epio addons create redis`` before any deploy: the server starts on the
+        runner's empty image (image_digest "") and REDIS_URL is set, ready for the
+        first build."""
+        await self.h.add_runner("r1")
+        status, addon, _ = await self.call("POST", "apps/shop/addons", {"kind": "redis"})
+        self.assertEqual((status, addon["state"]), (201, "ready"))
+        start = next(b for _, t, b in self.h.runners.requests
+                     if t == "runner.start" and b["process_type"] == REDIS_TYPE)
+        self.assertEqual(start["image_digest"], "")
+        _, config, _ = await self.call("GET", "apps/shop/config")
+        self.assertTrue(config["vars"]["REDIS_URL"].startswith("redis://"))
+
+    async def test_services_are_provisioned_before_the_build(self) -> None:
+        """An upload whose epio.ini asks for postgres and redis: both are provisioned
+        before runner.build is sent, and the build's env carries DATABASE_URL and
+        REDIS_URL (the same values the release gets); the deploy log says so in order."""
+        await self.h.add_runner("r1")
+        ini = b"[wsgi]\nentrypoint = app:app\n\n[services]\npostgres = true\nredis = true\n"
+        self.h.runners.manifest = {"processes": {"web": "gunicorn app:app"},
+                                   "services": {"postgres": "shared", "redis": "dedicated"}}
+        d = await self.run_deploy(_tarball({"./epio.ini": ini, "app.py": b"app = None\n"}))
+        self.h.scheduler.lose_leadership()
+        self.assertEqual(d["status"], "succeeded", d["log"])
+        types = [t for _, t, b in self.h.runners.requests
+                 if t == "runner.build" or (t == "runner.start"
+                                            and b["process_type"] == REDIS_TYPE)]
+        self.assertEqual(types[:2], ["runner.start", "runner.build"])
+        build = next(b for _, t, b in self.h.runners.requests if t == "runner.build")
+        _, release, _ = await self.call("GET", "apps/shop/releases/1")
+        self.assertEqual(release["config_keys"], ["DATABASE_URL", "REDIS_URL"])
+        _, config, _ = await self.call("GET", "apps/shop/config")
+        for var in ("DATABASE_URL", "REDIS_URL"):
+            self.assertEqual(build["env"][var], config["vars"][var])
+        log = d["log"]
+        self.assertLess(log.index("Provisioning dedicated redis"), log.index("Building on"))
+        self.assertEqual(log.count("Provisioning"), 2)  # not again after the build
 
     async def test_destroy_takes_a_final_backup(self) -> None:
         """DELETE: a failed final backup drops nothing (409) unless force; a verified one
@@ -228,9 +274,9 @@ class AddonApiTests(TestCase):
                                           {"to_app": "mine"})
         self.assertEqual((status, body["error"]["code"]), (409, "no_addon"))
 
-    async def run_deploy(self) -> dict[str, Any]:
+    async def run_deploy(self, tarball: bytes = b"tarball-bytes") -> dict[str, Any]:
         status, body, _ = await self.h.call("POST", "apps/shop/deploys", token=self.h.alice_token,
-                                            raw=b"tarball-bytes", content_type="application/gzip")
+                                            raw=tarball, content_type="application/gzip")
         self.assertEqual(status, 202, body)
         self.h.scheduler.become_leader()
         await settle(ensureDeferred(self.h.deployer.wait(body["id"])), timeout=20)

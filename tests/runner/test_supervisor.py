@@ -160,7 +160,7 @@ class StartTests(SynchronousTestCase):
                     dict(app="Hello"), dict(image_digest="abc"), dict(instance_id="a/b"),
                     dict(env={"A": None}), dict(env={"A=B": "1"}), dict(health_check="x"),
                     dict(limits={"memory_mb": -1}), dict(command=""), dict(grace=-1),
-                    dict(process_type="Web!")]
+                    dict(process_type="Web!"), dict(image_digest="")]
         for bad in bads:
             with self.assertRaises(SpecError, msg=repr(bad)):
                 h.sup.start(body(**bad))
@@ -183,6 +183,15 @@ class StartTests(SynchronousTestCase):
         for bad in ([0], ["5432"], [True], 5432, list(range(1, 18))):
             with self.assertRaises(SpecError, msg=repr(bad)):
                 h.sup.start(body(instance_id="i2", addon_ports=bad))
+
+    def test_a_dedicated_server_may_have_no_image(self) -> None:
+        """A dedicated database server (provisioned before the app's first build) may
+        start with image_digest "" (the launcher's empty image); an app process may not."""
+        h = Harness()
+        h.sup.start(body(process_type="epio-redis", image_digest="", command="redis"))
+        self.assertEqual(h.sup.get("i1").spec.image_digest, "")
+        with self.assertRaises(SpecError):
+            h.sup.start(body(instance_id="i2", process_type="worker", image_digest=""))
 
     def test_prepare_failure_is_failed_and_reported(self) -> None:
         """An image that cannot be prepared makes the instance failed with the reason."""

@@ -1,0 +1,35 @@
+import os
+
+from django.core.cache import cache
+from django.db import connection
+from django.http import HttpResponse, HttpResponseRedirect
+from django.shortcuts import render
+
+from bundle_config import config
+
+from .models import Entry
+
+
+def index(request):
+    cache.add("visits", 0)
+    visits = cache.incr("visits")
+    with connection.cursor() as cur:
+        cur.execute("SELECT current_database()")
+        database = cur.fetchone()[0]
+    return render(request, "entries/index.html", {
+        "greeting": os.environ.get("GREETING", ""),
+        "entries": Entry.objects.all()[:50],
+        "visits": visits,
+        "database": database,
+        "app_name": config["core"]["app_name"],
+    })
+
+
+def sign(request):
+    Entry.objects.create(name=request.GET.get("name", "anonymous")[:80],
+                         text=request.GET.get("text", ""))
+    return HttpResponseRedirect("/")
+
+
+def health(request):
+    return HttpResponse("ok", content_type="text/plain")
