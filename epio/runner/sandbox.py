@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
@@ -156,6 +158,7 @@ class LaunchSpec:
     python_prefix: str | None  # the Python install the venv points to (bound read-only)
     workdir: str = "app"  # image-relative working directory (the build's facts)
     shm_bytes: int = DEFAULT_SHM_BYTES  # size of the private /dev/shm (a tmpfs)
+    data_seed: tuple[str, ...] = ()  # ImageFacts.data_seed: copied before a shell command
 
 
 def layout_for(spec: LaunchSpec, isolation: Isolation) -> Layout:
@@ -199,6 +202,34 @@ class ImageFacts:
 
     workdir: str = "app"
     env: dict[str, str] = field(factory=dict)
+    # data-directory paths the image seeds: epio/data/<rel> is copied to /data/<rel> (as
+    # the app's user, before its command) -- a Django STATIC_ROOT kept in the data dir
+    data_seed: tuple[str, ...] = ()
+
+
+_SEED_PATH = re.compile(r"^[A-Za-z0-9._/-]{1,200}$")
+
+
+def _seed_paths(raw: Any) -> tuple[str, ...]:
+    out = []
+    for rel in raw if isinstance(raw, list) else ():
+        if isinstance(rel, str) and _SEED_PATH.match(rel) and not rel.startswith("/") \
+                and ".." not in PurePosixPath(rel).parts:
+            out.append(str(PurePosixPath(rel)))
+    return tuple(out)
+
+
+def seed_command(seed: tuple[str, ...], app_root: str, data: str) -> str:
+    """Shell lines copying the image's seeded data paths into the data directory (a
+    release's files win; files the app wrote there beside them stay)."""
+    lines = []
+    for rel in seed:
+        src = shlex.quote(f"{app_root}/epio/data/{rel}")
+        dst = shlex.quote(f"{data}/{rel}")
+        lines.append(f"mkdir -p -- {dst} && cp -R -- {src}/. {dst}/ || "
+                     f"{{ echo 'epio: cannot copy the static files into {data}/{rel}' >&2; "
+                     "exit 1; }")
+    return "\n".join(lines)
 
 
 def image_facts(image_root: Path) -> ImageFacts:
@@ -220,7 +251,7 @@ def image_facts(image_root: Path) -> ImageFacts:
     env = {k: v for k, v in (raw_env.items() if isinstance(raw_env, dict) else ())
            if isinstance(k, str) and isinstance(v, str) and k and "=" not in k
            and "\0" not in k + v}
-    return ImageFacts(workdir=workdir, env=env)
+    return ImageFacts(workdir=workdir, env=env, data_seed=_seed_paths(build.get("data_seed")))
 
 
 def python_prefix_of(image_root: Path) -> str | None:
@@ -282,6 +313,12 @@ def build_argv(
     command = (
         [shell, "-c", spec.command] if isinstance(spec.command, str) else list(spec.command)
     )
+    if isinstance(spec.command, str) and spec.data_seed:
+        # seed, then exec a fresh shell for the command (so it still runs in place)
+        layout = layout_for(spec, isolation)
+        seed = seed_command(spec.data_seed, layout.app_root, layout.data)
+        command = [shell, "-c", f'{seed}\nexec {shlex.quote(shell)} -c "$1"', "epio-seed",
+                   spec.command]
     argv = [sh, "-c", _shim(spec.nofile, spec.cgroup_procs), "epio-launch"]
     drop = [
         setpriv or "setpriv", "--reuid", str(spec.user.uid), "--regid", str(spec.user.gid),

@@ -40,6 +40,9 @@ ROOT_URLCONF = "urls"
 TEMPLATES = [{"BACKEND": "django.template.backends.django.DjangoTemplates", "APP_DIRS": True}]
 USE_TZ = True
 STATIC_URL = "/static/"
+# ep.io kept collected static files in the data directory, where the app (an asset
+# compressor) can add to them at run time
+STATIC_ROOT = os.path.join(config["core"]["data_directory"], "static")
 MEDIA_ROOT = os.path.join(config["core"]["data_directory"], "media")
 MEDIA_URL = "/media/"
 DEFAULT_AUTO_FIELD = "django.db.models.AutoField"

@@ -6,4 +6,5 @@ urlpatterns = [
     path("", views.index),
     path("sign/", views.sign),
     path("health/", views.health),
+    path("compress/", views.compress),
 ]

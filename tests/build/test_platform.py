@@ -19,7 +19,7 @@ from epio.runner.build import platform as plat
 PROBE = (
     "import json, epio_settings as s; print(json.dumps({k: getattr(s, k) for k in "
     "('DATABASES', 'CACHES', 'ALLOWED_HOSTS', 'SECRET_KEY', 'STATIC_ROOT', 'STATIC_URL', 'DEBUG', 'FROM_LOCAL')"
-    " if hasattr(s, k)}, default=str))"
+    " if hasattr(s, k)} | {'overrides': s._epio_overrides}, default=str))"
 )
 
 
@@ -67,6 +67,35 @@ class SettingsModuleTests(SynchronousTestCase):
         self.assertEqual(s["ALLOWED_HOSTS"], ["mine.example"])
         self.assertEqual(s["STATIC_URL"], "/assets/")
         self.assertEqual(s["STATIC_ROOT"], str(self.root / "epio" / "static"))
+
+    def test_static_root_follows_the_data_directory(self) -> None:
+        """STATIC_ROOT: [static] for STATIC_URL in the data directory wins (and the app's
+        other STATIC_ROOT is reported as overridden); an own STATIC_ROOT under the data
+        directory (as the build's EPIO_DATA_DIR, or written as /data) is kept, rebased on
+        EPIO_DATA_DIR; one elsewhere goes to the image, with an override line."""
+        base = self.app / "mysite" / "settings" / "base.py"
+        text = base.read_text()
+
+        def settings(own: str | None, static_data: dict[str, str], **env: str) -> dict:
+            base.write_text(text + (f"STATIC_ROOT = {own!r}\n" if own else ""))
+            (self.sp / "epio_settings.py").write_text(
+                plat.settings_module_source("mysite.settings", None, static_data))
+            return self.probe(**env)
+
+        s = settings(None, {"/assets": "static"}, EPIO_DATA_DIR="/stage")
+        self.assertEqual((s["STATIC_ROOT"], s["overrides"]), ("/stage/static", []))
+        s = settings("/srv/www", {"/assets": "static"}, EPIO_DATA_DIR="/stage")
+        self.assertEqual(s["STATIC_ROOT"], "/stage/static")
+        self.assertIn("STATIC_ROOT '/srv/www' -> /stage/static ([static] /assets",
+                      s["overrides"][0])
+        s = settings("/data/collected", {})
+        self.assertEqual((s["STATIC_ROOT"], s["overrides"]), ("/data/collected", []))
+        s = settings("/data/collected", {}, EPIO_DATA_DIR="/stage")
+        self.assertEqual(s["STATIC_ROOT"], "/stage/collected")
+        s = settings("/srv/www", {"/other": "x"})
+        self.assertEqual(s["STATIC_ROOT"], str(self.root / "epio" / "static"))
+        self.assertEqual(len(s["overrides"]), 1)
+        self.assertIn("'/srv/www' -> the image's epio/static", s["overrides"][0])
 
     def test_platform_values(self) -> None:
         """DATABASE_URL, REDIS_URL, EPIO_HOSTNAMES and SECRET_KEY are applied on top."""

@@ -15,6 +15,7 @@ from epio.runner.sandbox import (
     app_environment,
     build_argv,
     detect_isolation,
+    image_facts,
     layout_for,
     python_prefix_of,
 )
@@ -107,6 +108,38 @@ class ArgvTests(SynchronousTestCase):
         self.assertTrue(argv[4].endswith("setsid"))
         self.assertIn("--pdeathsig", argv)
         self.assertEqual(argv[-3:], ["/bin/bash", "-c", "python app.py"])
+
+    def test_data_seed_is_copied_before_the_command(self) -> None:
+        """An image whose facts seed data paths (a STATIC_ROOT in /data): the launched
+        shell copies image/epio/data/<rel> into the data dir, keeping files the app wrote
+        there, then runs the command (the real argv, run without a sandbox or UID switch);
+        seed paths leaving the data dir are dropped from the facts."""
+        import json
+        import subprocess
+
+        tmp = self.tmp.resolve()
+        img = tmp / "img"
+        (img / "epio" / "data" / "static" / "css").mkdir(parents=True)
+        (img / "epio" / "data" / "static" / "css" / "a.css").write_text("new")
+        (img / "epio" / "manifest.json").write_text(json.dumps({"build": {
+            "data_seed": ["static", "../etc", "/abs", 3]}}))
+        facts = image_facts(img)
+        self.assertEqual(facts.data_seed, ("static",))
+        data = tmp / "appdata" / "hello"
+        (data / "static" / "CACHE").mkdir(parents=True)
+        (data / "static" / "CACHE" / "made.css").write_text("by the app")
+        (data / "static" / "css").mkdir()
+        (data / "static" / "css" / "a.css").write_text("old release")
+        iso = Isolation("none", False, (), (), True, {})
+        argv = build_argv(spec(tmp, cgroup_procs=(), command="cat static/css/a.css",
+                               data_seed=facts.data_seed), iso, bwrap=None, setpriv=None,
+                          app_shell="/bin/bash")
+        out = subprocess.run(argv, cwd=data, capture_output=True, text=True, timeout=10)
+        self.assertEqual((out.returncode, out.stdout), (0, "new"), out.stderr)
+        self.assertEqual((data / "static" / "CACHE" / "made.css").read_text(), "by the app")
+        argv = build_argv(spec(self.tmp, cgroup_procs=(), command=("redis-server",),
+                               data_seed=("static",)), iso, bwrap=None, setpriv=None)
+        self.assertNotIn("cp", " ".join(argv))  # a service's argv command is left alone
 
     def test_not_root_argv_has_no_uid_switch(self) -> None:
         """Not root: no setpriv at all (the app runs as the runner's user)."""

@@ -582,6 +582,7 @@ class Builder:
                 static[url] = sdir
             else:
                 static[url] = f"{rel_work}/{sdir}"
+        seed: list[str] = []  # data-directory paths the image seeds (epio/data/<rel>)
         has_django = any(sp.glob("django/__init__.py"))
         _write_nofollow(sp / "bundle_config.py", plat.bundle_config_source(DATA_DIRECTORY))
         if has_django and (django_cfg is not None or (workdir / "manage.py").exists()):
@@ -597,9 +598,14 @@ class Builder:
             append = django_cfg.append_settings if django_cfg else True
             module = plat.SETTINGS_MODULE if append else user_module
             if append:
+                static_data = {
+                    url: os.path.relpath(os.path.normpath(sdir), DATA_DIRECTORY)
+                    for url, sdir in manifest.static.items()
+                    if sdir.startswith(DATA_DIRECTORY) and os.path.normpath(sdir) != DATA_DIRECTORY
+                }
                 _write_nofollow(
                     sp / f"{plat.SETTINGS_MODULE}.py",
-                    plat.settings_module_source(user_module, None),
+                    plat.settings_module_source(user_module, None, static_data, DATA_DIRECTORY),
                 )
             runtime_env["DJANGO_SETTINGS_MODULE"] = module
             self._emit(
@@ -617,8 +623,12 @@ class Builder:
                     return True
                 return False
 
+            staging = root / plat.DATA_SEED  # the data directory as the build sees it
+            self._real_dir(ctx, staging, create=True)
             denv = dict(
-                env, **manifest.env, **ctx.env, DJANGO_SETTINGS_MODULE=module, EPIO_BUILD="1"
+                env, **manifest.env, **ctx.env, DJANGO_SETTINGS_MODULE=module, EPIO_BUILD="1",
+                EPIO_DATA_DIR=str(staging), EPIO_IMAGE_ROOT=str(root),
+                EPIO_RUNTIME_DATA=DATA_DIRECTORY, EPIO_COLLECTED=plat.COLLECTED_STATIC,
             )
             denv.setdefault("SECRET_KEY", os.urandom(24).hex())
             if ctx.uid is not None:
@@ -632,9 +642,21 @@ class Builder:
                 env=denv,
                 on_line=grab,
             )
+            for line in info.get("overrides") or []:
+                self._emit(ctx, f"       epio overrides {_cut(str(line), 300)}")
             url = str(info.get("STATIC_URL") or "")
-            if url.startswith("/") and append and info.get("collect"):
-                static["/" + url.strip("/")] = plat.COLLECTED_STATIC
+            collected = os.path.normpath(str(info.get("root") or ""))
+            if url.startswith("/") and info.get("collect") and collected:
+                where = os.path.relpath(collected, root)
+                if where == plat.DATA_SEED or where.startswith(plat.DATA_SEED + "/"):
+                    rel = os.path.relpath(collected, staging)
+                    static["/" + url.strip("/")] = os.path.normpath(os.path.join(DATA_DIRECTORY, rel))
+                    seed.append(rel)
+                    self._emit(ctx, f"       static files: {DATA_DIRECTORY}/{rel} (the data "
+                                    "directory, copied there when an instance starts)")
+                elif not where.startswith(".."):
+                    static["/" + url.strip("/")] = where
+
         for url, sdir in static.items():
             if not sdir.startswith(DATA_DIRECTORY) and not (root / sdir).is_dir():
                 self._emit(ctx, f"       warning: [static] {url}: no directory {sdir} in the image")
@@ -670,6 +692,7 @@ class Builder:
             "pythonpath": pythonpath,
             "env": runtime_env,
             "static": static,
+            "data_seed": seed,
             "django": "DJANGO_SETTINGS_MODULE" in runtime_env,
             "runtime_root": RUNTIME_ROOT,
             "requirements_sha256": reqs[3] if reqs else None,
@@ -686,6 +709,8 @@ class Builder:
                     f"the build tree was tampered with: static directory {sdir} ({url}) "
                     "leads outside the image",
                 )
+        for rel in seed:  # copied into /data by the app's own user; still, real dirs
+            self._real_dir(ctx, root / plat.DATA_SEED / rel)
         bad = await self._thread(_links_leaving, app_dir)
         if bad is not None:
             raise self._fail(

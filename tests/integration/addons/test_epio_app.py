@@ -43,7 +43,9 @@ class EpioEraDjangoTests(SynchronousTestCase):
     def test_epio_app_deploys_unchanged(self) -> None:
         """Add-ons exist before the build: the build and release phase see the same
         DATABASE_URL/REDIS_URL as the running app; the page reads the database named by
-        bundle_config and counts visits in the Redis add-on; basic auth guards it."""
+        bundle_config and counts visits in the Redis add-on; basic auth guards it; static
+        files are collected into the data directory, served from there, and a file the
+        app writes there at run time (an asset compressor) is served too."""
         n = AddonNode(self)
         n.start()
         app = "gb" + secrets.token_hex(3)
@@ -103,3 +105,15 @@ class EpioEraDjangoTests(SynchronousTestCase):
                          visits + 1)
         keys = redis_cli(redis_url, "--scan", "--pattern", "*visits*")
         self.assertTrue(keys, "the visit counter is not in the app's Redis add-on")
+
+        # static files: STATIC_ROOT and [static] say the data directory, so collectstatic's
+        # output is there (served by the router), and writable at run time
+        self.assertIn("static files: /data/static", out)
+        status, _, css = get(n.lb_port, host, "/static/entries/style.css")
+        self.assertEqual(status, 200)
+        self.assertIn("font-family: Georgia", css)
+        status, _, made = get(n.lb_port, host, "/compress/")
+        self.assertEqual(status, 200, made)
+        self.assertRegex(made, r"^/static/CACHE/site\.[0-9a-f]{12}\.css$")
+        status, _, combined = get(n.lb_port, host, made)
+        self.assertEqual((status, combined.startswith("body { font-family")), (200, True))

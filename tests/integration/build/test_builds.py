@@ -721,3 +721,38 @@ class TamperTests(_Base):
             _tarball(self, d),
             "tampered with: the symlink 'hostdata' -> '../../..' leads outside",
         )
+
+
+class DjangoOwnSettingsStaticTests(_Base):
+    """append_settings = false with the app's own STATIC_ROOT in the data directory."""
+
+    async def test_own_static_root_in_the_data_directory(self) -> None:
+        """An ep.io app with append_settings = false and STATIC_ROOT = '/data/static'
+        (written out, as many were) builds: collectstatic goes to the image's staging copy
+        of the data directory, the facts seed /data/static from it and serve /static from
+        /data/static; the image holds the collected file."""
+        b, sink = self.builder(image_format="dir")
+        d = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, d)
+        write_app(d, {
+            "epio.ini": "[django]\nbase = .\nappend_settings = false\n",
+            "requirements.txt": "Django==5.2.19\n",
+            "manage.py": "import os, sys\nos.environ.setdefault('DJANGO_SETTINGS_MODULE', "
+                         "'settings')\nfrom django.core.management import "
+                         "execute_from_command_line\nexecute_from_command_line(sys.argv)\n",
+            "settings.py": "SECRET_KEY = 'x'\nINSTALLED_APPS = ['django.contrib.staticfiles', "
+                           "'site_assets']\nSTATIC_URL = '/static/'\n"
+                           "STATIC_ROOT = '/data/static'\nROOT_URLCONF = 'settings'\n"
+                           "urlpatterns = []\n",
+            "site_assets/__init__.py": "",
+            "site_assets/static/site/app.css": "body { color: teal }\n",
+        })
+        result = await b.build("ownstatic", _tarball(self, d), {})
+        self.assertEqual(result.facts["env"], {"DJANGO_SETTINGS_MODULE": "settings"})
+        self.assertEqual(result.facts["static"], {"/static": "/data/static"})
+        self.assertEqual(result.facts["data_seed"], ["static"])
+        self.assertIn("static files: /data/static", sink.text())
+        self.assertNotIn("epio overrides", sink.text())  # the app's own choice stands
+        image = b.images.path(result.digest)
+        self.assertEqual((image / "epio/data/static/site/app.css").read_text(),
+                         "body { color: teal }\n")
