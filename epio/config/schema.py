@@ -673,7 +673,14 @@ SCHEMA: dict[str, dict[str, Key]] = {
         ),
         "gunicorn": Key(
             str, "gunicorn==23.0.0",
-            "Requirement added to a [wsgi] app that does not list gunicorn itself.",
+            "Requirement added to an app that runs gunicorn (a [wsgi] or [django] web "
+            "process, or a process command naming gunicorn) and does not list it itself; "
+            "empty adds none.",
+        ),
+        "postgres_driver": Key(
+            str, "psycopg2-binary==2.9.13",
+            "Requirement added to an app with [services] postgres whose requirements name "
+            "no PostgreSQL driver (psycopg, psycopg2, pg8000, asyncpg, ...); empty adds none.",
         ),
         "keep_releases": Key(
             int, 5, "Images of each app's newest N releases are kept; older ones are "

@@ -31,6 +31,7 @@ from typing import Any
 from attrs import field, frozen
 
 from epio.manifest import DATA_DIRECTORY
+from epio.runner.build.platform import SETTINGS_MODULE as PLATFORM_SETTINGS
 from epio.runner.cgroups import CgroupSupport
 from epio.runner.users import AppUser
 
@@ -180,6 +181,13 @@ def app_environment(
     user config vars over it, then platform values that win over both."""
     env = {str(k): str(v) for k, v in (image_env or {}).items()}
     env.update({str(k): str(v) for k, v in user_env.items()})
+    # the build's platform settings stay on top of a DJANGO_SETTINGS_MODULE config var:
+    # they import the module it names (epio.runner.build.platform)
+    platform_settings = (image_env or {}).get("DJANGO_SETTINGS_MODULE")
+    chosen = str(user_env.get("DJANGO_SETTINGS_MODULE") or "")
+    if platform_settings == PLATFORM_SETTINGS and chosen and chosen != PLATFORM_SETTINGS:
+        env["EPIO_APP_SETTINGS_MODULE"] = chosen
+        env["DJANGO_SETTINGS_MODULE"] = PLATFORM_SETTINGS
     venv = layout.app_root + "/venv"
     env.update(
         {

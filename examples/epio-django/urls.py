@@ -7,4 +7,5 @@ urlpatterns = [
     path("sign/", views.sign),
     path("health/", views.health),
     path("compress/", views.compress),
+    path("report/", views.report),
 ]

@@ -18,7 +18,8 @@ from epio.runner.build import platform as plat
 
 PROBE = (
     "import json, epio_settings as s; print(json.dumps({k: getattr(s, k) for k in "
-    "('DATABASES', 'CACHES', 'ALLOWED_HOSTS', 'SECRET_KEY', 'STATIC_ROOT', 'STATIC_URL', 'DEBUG', 'FROM_LOCAL')"
+    "('DATABASES', 'CACHES', 'ALLOWED_HOSTS', 'SECRET_KEY', 'STATIC_ROOT', 'STATIC_URL', 'DEBUG', 'FROM_LOCAL',"
+    " 'LOGGING', 'PROD')"
     " if hasattr(s, k)} | {'overrides': s._epio_overrides}, default=str))"
 )
 
@@ -96,6 +97,56 @@ class SettingsModuleTests(SynchronousTestCase):
         self.assertEqual(s["STATIC_ROOT"], str(self.root / "epio" / "static"))
         self.assertEqual(len(s["overrides"]), 1)
         self.assertIn("'/srv/www' -> the image's epio/static", s["overrides"][0])
+
+    def test_caches_are_merged(self) -> None:
+        """REDIS_URL sets only LOCATION of an app's own Redis cache (options, prefix and
+        timeout kept); another backend becomes Django's RedisCache keeping KEY_PREFIX and
+        TIMEOUT, with an override line; other caches are untouched."""
+        base = self.app / "mysite" / "settings" / "base.py"
+        text = base.read_text()
+        base.write_text(text + "CACHES = {'default': {'BACKEND': 'django_redis.cache.RedisCache',"
+                        " 'LOCATION': 'redis://localhost', 'KEY_PREFIX': 'shop', 'TIMEOUT': 60,"
+                        " 'OPTIONS': {'CLIENT_CLASS': 'x.Client'}}, 'local': {'BACKEND': 'l'}}\n")
+        s = self.probe(REDIS_URL="redis://:pw@10.0.0.5:6380/0")
+        self.assertEqual(s["CACHES"], {
+            "default": {"BACKEND": "django_redis.cache.RedisCache",
+                        "LOCATION": "redis://:pw@10.0.0.5:6380/0", "KEY_PREFIX": "shop",
+                        "TIMEOUT": 60, "OPTIONS": {"CLIENT_CLASS": "x.Client"}},
+            "local": {"BACKEND": "l"}})
+        self.assertEqual(s["overrides"], [])
+        base.write_text(text + "CACHES = {'default': {'BACKEND': "
+                        "'django.core.cache.backends.locmem.LocMemCache', 'KEY_PREFIX': 'shop',"
+                        " 'TIMEOUT': 60, 'OPTIONS': {'MAX_ENTRIES': 5}}}\n")
+        s = self.probe(REDIS_URL="redis://:pw@h:1/0")
+        self.assertEqual(s["CACHES"]["default"], {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": "redis://:pw@h:1/0", "KEY_PREFIX": "shop", "TIMEOUT": 60})
+        self.assertIn("BACKEND 'django.core.cache.backends.locmem.LocMemCache' -> Django's "
+                      "RedisCache", s["overrides"][0])
+
+    def test_django_errors_are_logged_to_stderr(self) -> None:
+        """Without logging of its own for django.request the app gets an ERROR stderr
+        handler there (500s appear in epio logs); an app that configures the django
+        logger itself keeps exactly its own."""
+        s = self.probe()
+        self.assertEqual(s["LOGGING"]["loggers"]["django.request"],
+                         {"handlers": ["epio_stderr"], "level": "ERROR"})
+        self.assertEqual(s["LOGGING"]["handlers"]["epio_stderr"]["class"],
+                         "logging.StreamHandler")
+        base = self.app / "mysite" / "settings" / "base.py"
+        own = {"version": 1, "loggers": {"django": {"handlers": [], "level": "WARNING"}}}
+        base.write_text(base.read_text() + f"LOGGING = {own!r}\n")
+        self.assertEqual(self.probe()["LOGGING"], own)
+
+    def test_settings_module_config_var(self) -> None:
+        """EPIO_APP_SETTINGS_MODULE (the runner's name for a DJANGO_SETTINGS_MODULE config
+        var) picks the app's module; the platform values still apply on top."""
+        (self.app / "mysite" / "settings" / "production.py").write_text(
+            "from .base import *\nPROD = True\nDEBUG = False\n")
+        s = self.probe(EPIO_APP_SETTINGS_MODULE="mysite.settings.production",
+                       SECRET_KEY="from-config")
+        self.assertEqual((s["PROD"], s["SECRET_KEY"]), (True, "from-config"))
+        self.assertNotIn("FROM_LOCAL", s)  # not the package's __init__
 
     def test_platform_values(self) -> None:
         """DATABASE_URL, REDIS_URL, EPIO_HOSTNAMES and SECRET_KEY are applied on top."""

@@ -141,6 +141,21 @@ class ArgvTests(SynchronousTestCase):
                                data_seed=("static",)), iso, bwrap=None, setpriv=None)
         self.assertNotIn("cp", " ".join(argv))  # a service's argv command is left alone
 
+    def test_settings_module_config_var_keeps_the_platform_settings(self) -> None:
+        """A DJANGO_SETTINGS_MODULE config var on an image built with the platform settings
+        becomes EPIO_APP_SETTINGS_MODULE (imported by them); DJANGO_SETTINGS_MODULE stays
+        the platform module. Without platform settings the config var simply wins."""
+        iso = Isolation("none", False, (), (), True, {})
+        layout = layout_for(spec(self.tmp), iso)
+        env = app_environment(layout, {}, {"DJANGO_SETTINGS_MODULE": "shop.settings.prod"},
+                              {"DJANGO_SETTINGS_MODULE": "epio_settings"})
+        self.assertEqual((env["DJANGO_SETTINGS_MODULE"], env["EPIO_APP_SETTINGS_MODULE"]),
+                         ("epio_settings", "shop.settings.prod"))
+        env = app_environment(layout, {}, {"DJANGO_SETTINGS_MODULE": "shop.settings.prod"},
+                              {"DJANGO_SETTINGS_MODULE": "shop.settings"})
+        self.assertEqual(env["DJANGO_SETTINGS_MODULE"], "shop.settings.prod")
+        self.assertNotIn("EPIO_APP_SETTINGS_MODULE", env)
+
     def test_not_root_argv_has_no_uid_switch(self) -> None:
         """Not root: no setpriv at all (the app runs as the runner's user)."""
         iso = Isolation("none", False, (), (), True, {})

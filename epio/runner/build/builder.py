@@ -28,6 +28,7 @@ import json
 import os
 import pwd
 import re
+import shlex
 import shutil
 import signal
 import stat
@@ -62,6 +63,7 @@ RUNTIME_ROOT = "/app"
 LOG_TAIL = 100
 MB = 1024 * 1024
 _REQ_NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
+_MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
 
 class _SoftFail(Exception):
@@ -93,6 +95,39 @@ def _cut(text: str, limit: int = 80) -> str:
 
 def _canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
+
+
+#: Any of these in an app's requirements is its own PostgreSQL driver.
+POSTGRES_DRIVERS = frozenset({"psycopg", "psycopg-binary", "psycopg-c", "psycopg2",
+                              "psycopg2-binary", "psycopg2cffi", "pg8000", "asyncpg"})
+
+
+def names_gunicorn(command: str) -> bool:
+    """Whether a process command runs gunicorn: as a word of the command line
+    (``gunicorn``, ``exec gunicorn``, ``newrelic-admin run-program gunicorn``,
+    ``.../bin/gunicorn``) or ``python -m gunicorn``."""
+    try:
+        words = shlex.split(command, comments=True)
+    except ValueError:
+        words = command.split()
+    return any(w.rsplit("/", 1)[-1] == "gunicorn" or (w == "-m" and words[i + 1:i + 2] ==
+                                                      ["gunicorn"])
+               for i, w in enumerate(words))
+
+
+def platform_requirements(manifest: Manifest, names: set[str], gunicorn: str,
+                          postgres_driver: str) -> list[tuple[str, str]]:
+    """Requirements the build adds (each with why) to an app that needs but does not list
+    them: gunicorn for a web process that runs it (generated from [wsgi]/[django] or
+    named in any process command), a PostgreSQL driver for ``[services] postgres``."""
+    out = []
+    if gunicorn and "gunicorn" not in names and (
+            manifest.needs_gunicorn or any(names_gunicorn(c)
+                                           for c in manifest.processes.values())):
+        out.append((gunicorn, "for the process that runs gunicorn"))
+    if postgres_driver and manifest.services.get("postgres") and not names & POSTGRES_DRIVERS:
+        out.append((postgres_driver, "for [services] postgres (the app lists no driver)"))
+    return out
 
 
 def _base_python() -> Path:
@@ -587,7 +622,13 @@ class Builder:
         _write_nofollow(sp / "bundle_config.py", plat.bundle_config_source(DATA_DIRECTORY))
         if has_django and (django_cfg is not None or (workdir / "manage.py").exists()):
             base = django_cfg.base if django_cfg else ""
-            user_module = (
+            # a DJANGO_SETTINGS_MODULE config var (or [env]) is what the app expects at run
+            # time; with append_settings the platform settings import it (not bypassed)
+            chosen = ctx.env.get("DJANGO_SETTINGS_MODULE") or manifest.env.get(
+                "DJANGO_SETTINGS_MODULE") or ""
+            if chosen == plat.SETTINGS_MODULE or not _MODULE_NAME.match(chosen):
+                chosen = ""
+            user_module = chosen or (
                 django_cfg.settings_module if django_cfg else ""
             ) or plat.detect_settings_module(workdir, base)
             if not user_module:
@@ -627,6 +668,7 @@ class Builder:
             self._real_dir(ctx, staging, create=True)
             denv = dict(
                 env, **manifest.env, **ctx.env, DJANGO_SETTINGS_MODULE=module, EPIO_BUILD="1",
+                EPIO_APP_SETTINGS_MODULE=user_module,
                 EPIO_DATA_DIR=str(staging), EPIO_IMAGE_ROOT=str(root),
                 EPIO_RUNTIME_DATA=DATA_DIRECTORY, EPIO_COLLECTED=plat.COLLECTED_STATIC,
             )
@@ -855,13 +897,12 @@ class Builder:
             for ln in lines
             if (m := _REQ_NAME.match(ln)) and not ln.startswith(("-", "#"))
         }
-        wants_gunicorn = manifest.needs_gunicorn or any(
-            c.split()[0] == "gunicorn" for c in manifest.processes.values() if c.split()
-        )
-        if wants_gunicorn and "gunicorn" not in names:
-            lines.append(self.cfg["gunicorn"])
-            effective.append(self.cfg["gunicorn"])
-            self._emit(ctx, f"       (adding {self.cfg['gunicorn']} for the web process)")
+        for req, why in platform_requirements(
+            manifest, names, self.cfg["gunicorn"], self.cfg["postgres_driver"]
+        ):
+            lines.append(req)
+            effective.append(req)
+            self._emit(ctx, f"       (adding {req} {why})")
         if not effective:
             return None
         content = "\n".join(lines) + "\n"

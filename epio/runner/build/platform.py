@@ -39,7 +39,10 @@ from urllib.parse import unquote as _unquote, urlsplit as _urlsplit, parse_qsl a
 
 _IMAGE_ROOT = _os.path.dirname(_os.path.dirname(_os.path.dirname(_os.path.dirname(
     _os.path.dirname(_os.path.abspath(__file__))))))
-_USER_SETTINGS = {user_module!r}
+# the app's own settings module: a DJANGO_SETTINGS_MODULE config var (passed on by the
+# runner as EPIO_APP_SETTINGS_MODULE, since DJANGO_SETTINGS_MODULE names this module), else
+# the one the build found
+_USER_SETTINGS = _os.environ.get("EPIO_APP_SETTINGS_MODULE") or {user_module!r}
 
 _user = _importlib.import_module(_USER_SETTINGS)
 for _name in dir(_user):
@@ -79,12 +82,36 @@ if _os.environ.get("DATABASE_URL"):
     DATABASES = dict(globals().get("DATABASES") or {{}})
     DATABASES["default"] = _database(_os.environ["DATABASE_URL"])
 
+_epio_overrides = []  # one line each in the build output
+
 if _os.environ.get("REDIS_URL"):
-    CACHES = dict(globals().get("CACHES") or {{}})
-    CACHES["default"] = {{
-        "BACKEND": "django.core.cache.backends.redis.RedisCache",
-        "LOCATION": _os.environ["REDIS_URL"],
-    }}
+    # merged, not replaced: a Redis backend of the app's own keeps its options, prefix and
+    # timeout, only its LOCATION is the add-on; another backend becomes Django's Redis
+    # cache, keeping the backend-independent keys
+    CACHES = {{k: dict(v) for k, v in (globals().get("CACHES") or {{}}).items()}}
+    _cache = CACHES.get("default") or {{}}
+    _backend = str(_cache.get("BACKEND") or "")
+    if "redis" not in _backend.lower():
+        if _backend:
+            _epio_overrides.append("CACHES['default'] BACKEND %r -> Django's RedisCache "
+                                   "(REDIS_URL is set)" % _backend)
+        _cache = {{k: v for k, v in _cache.items()
+                  if k in ("KEY_PREFIX", "TIMEOUT", "VERSION", "KEY_FUNCTION")}}
+        _cache["BACKEND"] = "django.core.cache.backends.redis.RedisCache"
+    _cache["LOCATION"] = _os.environ["REDIS_URL"]
+    CACHES["default"] = _cache
+
+# Django's error logging to stderr (it goes to `epio logs`): with DEBUG off Django only
+# mails a 500's traceback to ADMINS, so a swallowed 500 would leave no trace.  An app
+# that configures the "django" or "django.request" logger itself keeps its own.
+LOGGING = dict(globals().get("LOGGING") or {{"version": 1, "disable_existing_loggers": False}})
+_loggers = dict(LOGGING.get("loggers") or {{}})
+if "django" not in _loggers and "django.request" not in _loggers:
+    _handlers = dict(LOGGING.get("handlers") or {{}})
+    _handlers["epio_stderr"] = {{"class": "logging.StreamHandler", "level": "ERROR"}}
+    _loggers["django.request"] = {{"handlers": ["epio_stderr"], "level": "ERROR"}}
+    LOGGING["handlers"] = _handlers
+    LOGGING["loggers"] = _loggers
 
 _hosts = [h.strip() for h in _os.environ.get("EPIO_HOSTNAMES", "").split(",") if h.strip()]
 if _hosts or _os.environ.get("EPIO_BUILD"):
@@ -99,7 +126,6 @@ if not globals().get("STATIC_URL"):
 # STATIC_ROOT where the app says when that is its data directory ([static] for STATIC_URL,
 # or its own STATIC_ROOT under it: files written there at run time persist and are
 # served); otherwise the image.  Every override is said in the build output.
-_epio_overrides = []
 _DATA = _os.environ.get("EPIO_DATA_DIR") or {data_directory!r}
 _STATIC_DATA = {static_data!r}
 _own_static = globals().get("STATIC_ROOT")

@@ -48,3 +48,10 @@ def compress(request):
     with open(os.path.join(out, name), "w") as f:
         f.write(css)
     return HttpResponse(settings.STATIC_URL + "CACHE/" + name, content_type="text/plain")
+
+
+def report(request):
+    """A page with a bug: the average of no entries (a 500 that DEBUG = False hides)."""
+    texts = [e.text for e in Entry.objects.filter(name="nobody")]
+    average = sum(len(t) for t in texts) / len(texts)
+    return HttpResponse("average length: %.1f" % average)

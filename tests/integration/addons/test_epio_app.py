@@ -45,7 +45,9 @@ class EpioEraDjangoTests(SynchronousTestCase):
         DATABASE_URL/REDIS_URL as the running app; the page reads the database named by
         bundle_config and counts visits in the Redis add-on; basic auth guards it; static
         files are collected into the data directory, served from there, and a file the
-        app writes there at run time (an asset compressor) is served too."""
+        app writes there at run time (an asset compressor) is served too; the app's cache
+        keeps its KEY_PREFIX; a 500 hidden by DEBUG = False is in epio logs; psycopg2 came
+        from the platform (the app lists no driver)."""
         n = AddonNode(self)
         n.start()
         app = "gb" + secrets.token_hex(3)
@@ -64,6 +66,8 @@ class EpioEraDjangoTests(SynchronousTestCase):
         self.assertLess(out.index("Provisioning shared postgres"), out.index("Building on"))
         self.assertNotIn("Provisioning dedicated redis", out)
         self.assertIn("Release phase succeeded", out)
+        # ep.io's base environment had a PostgreSQL driver; the app lists none
+        self.assertIn("(adding psycopg2-binary==2.9.13 for [services] postgres", out)
         config = n.config(app)
         self.assertEqual(config["REDIS_URL"], redis_url)  # the same server all along
 
@@ -104,7 +108,16 @@ class EpioEraDjangoTests(SynchronousTestCase):
         self.assertEqual(int(re.search(r"visits: (\d+)", body).group(1)),  # type: ignore[union-attr]
                          visits + 1)
         keys = redis_cli(redis_url, "--scan", "--pattern", "*visits*")
-        self.assertTrue(keys, "the visit counter is not in the app's Redis add-on")
+        # in the Redis add-on, under the app's own KEY_PREFIX (CACHES merged, not replaced)
+        self.assertEqual(keys, "guestbook:1:visits")
+
+        # a 500 with DEBUG off: the traceback reaches epio logs (Django's error logging
+        # goes to stderr), the client gets no traceback
+        status, _, body = get(n.lb_port, host, "/report/")
+        self.assertEqual(status, 500)
+        self.assertNotIn("ZeroDivisionError", body)
+        wait_until("the 500 in epio logs", lambda: "ZeroDivisionError: division by zero" in
+                   n.epio("logs", "--app", app, "-n", "200", check=False)[1], timeout=20)
 
         # static files: STATIC_ROOT and [static] say the data directory, so collectstatic's
         # output is there (served by the router), and writable at run time

@@ -756,3 +756,32 @@ class DjangoOwnSettingsStaticTests(_Base):
         image = b.images.path(result.digest)
         self.assertEqual((image / "epio/data/static/site/app.css").read_text(),
                          "body { color: teal }\n")
+
+
+class PlatformRequirementsBuildTests(_Base):
+    """gunicorn and a PostgreSQL driver reach an app that needs them but lists neither."""
+
+    async def test_procfile_gunicorn_and_postgres_driver(self) -> None:
+        """A Procfile app (no requirements file) whose web command runs gunicorn through
+        `exec` and which asks for [services] postgres: the image's Python imports both
+        gunicorn and psycopg2, and the build log says why each was added."""
+        b, sink = self.builder(image_format="dir")
+        d = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, d)
+        write_app(d, {
+            "Procfile": "web: exec gunicorn --bind 0.0.0.0:$PORT app:application\n",
+            "epio.ini": "[services]\npostgres = true\n",
+            "app.py": "import psycopg2\n\ndef application(environ, start_response):\n"
+                      "    start_response('200 OK', [])\n    return [b'ok']\n",
+        })
+        result = await b.build("drivers", _tarball(self, d), {})
+        text = sink.text()
+        self.assertIn("(adding gunicorn==23.0.0 for the process that runs gunicorn)", text)
+        self.assertIn("(adding psycopg2-binary==2.9.13 for [services] postgres", text)
+        image = b.images.path(result.digest)
+        out = subprocess.run(
+            [str(image / "venv/bin/python"), "-c",
+             "import gunicorn, psycopg2, app; print(psycopg2.__version__.split()[0])"],
+            cwd=image / "app", capture_output=True, text=True, timeout=60)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertEqual(out.stdout.strip(), "2.9.13")
