@@ -53,7 +53,7 @@ OPTION_KEYS: dict[str, tuple[type, ...]] = {
 }
 
 # Route options that are true or false.
-BOOL_OPTION_KEYS = ("request_buffering", "https_redirect")  # docs/router.md, https.md
+BOOL_OPTION_KEYS = ("request_buffering", "https_redirect", "gzip")  # docs/router.md, https.md
 
 # While stale, the log says so again every this many seconds.
 STALE_REMINDER = 30.0

@@ -87,6 +87,9 @@ class Route:
     # HTTPS policy (docs/https.md): 308 from http:// to https://; HSTS max-age on HTTPS
     https_redirect: bool = False
     hsts_max_age: int | None = None
+    # gzip text responses of the app for clients that accept it (manifest [http] gzip;
+    # epio.lb.compress, docs/router.md "Compression")
+    gzip: bool = False
     # URL path prefixes served by the runners' static file servers (docs/static.md)
     # and those servers' endpoints; without both, every path goes to the app
     static_prefixes: tuple[str, ...] = field(default=(), converter=tuple)
@@ -383,7 +386,7 @@ class RoutesFileError(Exception):
 _ROUTE_KEYS = {
     "hostnames", "backends", "maintenance", "max_body_size", "connect_timeout",
     "first_byte_timeout", "idle_timeout", "websocket_idle_timeout",
-    "static_prefixes", "static_backends", "request_buffering",
+    "static_prefixes", "static_backends", "request_buffering", "gzip",
 }
 _FLOAT_KEYS = ("connect_timeout", "first_byte_timeout", "idle_timeout", "websocket_idle_timeout")
 
@@ -436,11 +439,12 @@ def parse_routes(data: dict[str, Any]) -> list[Route]:
                 if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                     raise RoutesFileError(f"app {name!r}: max_body_size must be an integer >= 0")
                 kw["max_body_size"] = v
-            if "request_buffering" in spec:
-                v = spec["request_buffering"]
-                if not isinstance(v, bool):
-                    raise RoutesFileError(f"app {name!r}: request_buffering must be true or false")
-                kw["request_buffering"] = v
+            for k in ("request_buffering", "gzip"):
+                if k in spec:
+                    v = spec[k]
+                    if not isinstance(v, bool):
+                        raise RoutesFileError(f"app {name!r}: {k} must be true or false")
+                    kw[k] = v
             maint = spec.get("maintenance", False)
             if not isinstance(maint, bool):
                 raise RoutesFileError(f"app {name!r}: maintenance must be true or false")

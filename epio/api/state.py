@@ -158,6 +158,8 @@ def release_facts(manifest: Mapping[str, Any]) -> dict[str, Any]:
         hsts = http.get("hsts_max_age")
         if isinstance(hsts, int) and not isinstance(hsts, bool) and hsts > 0:
             route["hsts_max_age"] = hsts
+        if http.get("gzip") is True:  # dynamic responses gzipped (docs/router.md)
+            route["gzip"] = True
         if route:
             facts["http"] = route
     rollover = manifest.get("rollover")

@@ -30,6 +30,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from epio.lb import pages
+from epio.lb.compress import GzipBody
+from epio.lb.compress import plan as compress_plan
 from epio.lb.fastio import fast_write, is_fast
 from epio.lb.http import (
     IDEMPOTENT,
@@ -64,7 +66,7 @@ C_HEAD, C_WAIT, C_PROXY, C_TUNNEL, C_CLOSED, C_LINGER, C_BODY = range(7)
 # most this long, so that closing does not RST away the answer (lingering close)
 LINGER_SECONDS = 2.0
 # response reading modes
-R_HEAD, R_CL, R_CHUNKED, R_CLOSE, R_TUNNEL, R_DONE = range(6)
+R_HEAD, R_CL, R_CHUNKED, R_CLOSE, R_TUNNEL, R_DONE, R_GZIP = range(7)
 # client read-pause reasons
 P_UP = 1     # the backend's send buffer is full
 P_BUF = 2    # pipelined bytes waiting
@@ -499,6 +501,7 @@ class ClientConn(Protocol):
         self.r_left = 0
         self.r_decoder: ChunkedDecoder | None = None
         self.r_chunk_out = False
+        self.r_gz: GzipBody | None = None  # [http] gzip (epio.lb.compress)
         self.r_status = 0
         self.r_bytes = 0
         self.r_started = False
@@ -1302,6 +1305,11 @@ class ClientConn(Protocol):
             self._down_piece(data)
         elif mode == R_TUNNEL:
             self.write(data)
+        elif mode == R_GZIP:
+            try:
+                self.r_gz.feed(data)  # type: ignore[union-attr]
+            except HTTPError:
+                self._bad_response_midway()
         else:
             # bytes after a complete response: the connection cannot be reused
             self.r_reusable = False
@@ -1369,11 +1377,17 @@ class ClientConn(Protocol):
         self.active = True
         if not resp.keep_alive:
             self.r_reusable = False
+        no_body = req.method == b"HEAD" or status == 204 or status == 304
+        route = self.route
+        if route is not None and route.gzip and not no_body:
+            gz, resp.lines = compress_plan(req, resp)
+            if gz:
+                self._start_gzip(resp, rest)
+                return
         parts = [resp.status_line, b"\r\n"]
         if resp.lines:
             parts.append(b"\r\n".join(resp.lines))
             parts.append(b"\r\n")
-        no_body = req.method == b"HEAD" or status == 204 or status == 304
         client11 = req.version == 1
         if no_body:
             if resp.content_length >= 0 and status != 204:
@@ -1452,6 +1466,43 @@ class ClientConn(Protocol):
         if bc is not None and not self.down_reg:
             self.down_reg = True
             self.transport.registerProducer(bc, True)
+
+    def _start_gzip(self, resp: Response, rest: bytes) -> None:
+        """The response goes out gzipped (epio.lb.compress): chunked to an HTTP/1.1
+        client, close-delimited to an HTTP/1.0 one."""
+        req = self.req
+        assert req is not None
+        client11 = req.version == 1
+        parts = [resp.status_line, b"\r\n", b"\r\n".join(resp.lines), b"\r\n"]
+        if client11:
+            parts.append(b"Transfer-Encoding: chunked\r\n")
+        else:
+            self.r_close_client = True
+        if self.closing or self.r_close_client or not req.keep_alive:
+            self.r_close_client = True
+            parts.append(b"Connection: close\r\n")
+        route = self.route
+        if route is not None and route.hsts_max_age and self.scheme == b"https":
+            parts.append(b"Strict-Transport-Security: max-age=%d\r\n" % route.hsts_max_age)
+        parts.append(b"Via: " + self.lb.s.via + b"\r\n\r\n")
+        self._down_producer()
+        self.write(b"".join(parts))
+        if resp.content_length < 0 and not resp.chunked:
+            self.r_reusable = False  # the backend's body runs until it closes
+        self.r_gz = GzipBody(self.write, self._gzip_done, resp.content_length, resp.chunked,
+                             client11)
+        self.rmode = R_GZIP
+        if rest:
+            self.down(rest)
+
+    def _gzip_done(self, reusable: bool) -> None:
+        gz = self.r_gz
+        assert gz is not None
+        self.r_bytes = gz.sent
+        if not reusable:
+            self.r_reusable = False
+        if not gz.until_close:
+            self._response_done()
 
     def _tunnel(self, resp: Response, rest: bytes) -> None:
         """101 Switching Protocols: from now on bytes pass through both ways."""
@@ -1579,6 +1630,9 @@ class ClientConn(Protocol):
             pass
         if self.buffered:  # the body (sent or not) is of no more use
             self._drop_body()
+        if mode == R_GZIP and self.r_gz is not None and self.r_gz.until_close:
+            self.r_gz.finish()
+            mode = R_CLOSE
         if mode == R_CLOSE:
             if self.r_chunk_out:
                 self.write(b"0\r\n\r\n")

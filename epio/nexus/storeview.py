@@ -68,7 +68,7 @@ OPTION_META: dict[str, tuple[str, type | tuple[type, ...]]] = {
 
 
 # release meta keys that are route options as they are, true or false
-BOOL_OPTION_META = ("request_buffering", "https_redirect")
+BOOL_OPTION_META = ("request_buffering", "https_redirect", "gzip")
 
 
 def options_of(meta: Any) -> dict[str, Any]:

@@ -8,6 +8,7 @@ several checks through the router."""
 from __future__ import annotations
 
 import base64
+import gzip
 import http.client
 import re
 import secrets
@@ -24,17 +25,22 @@ from tests.util import CHECKOUT
 AUTH = "Basic " + base64.b64encode(b"editor:quill-and-ink").decode()
 
 
-def get(port: int, host: str, path: str = "/", auth: str | None = AUTH
+def get(port: int, host: str, path: str = "/", auth: str | None = AUTH, **extra: str
         ) -> tuple[int, dict[str, str], str]:
+    status, headers, raw = get_raw(port, host, path, auth, **extra)
+    return status, headers, raw.decode("utf-8", "replace")
+
+
+def get_raw(port: int, host: str, path: str = "/", auth: str | None = AUTH, **extra: str
+            ) -> tuple[int, dict[str, str], bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    headers = {"Host": host}
+    headers = {"Host": host, **{k.replace("_", "-"): v for k, v in extra.items()}}
     if auth:
         headers["Authorization"] = auth
     try:
         conn.request("GET", path, headers=headers)
         resp = conn.getresponse()
-        return (resp.status, {k.lower(): v for k, v in resp.getheaders()},
-                resp.read().decode("utf-8", "replace"))
+        return (resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
     finally:
         conn.close()
 
@@ -47,7 +53,8 @@ class EpioEraDjangoTests(SynchronousTestCase):
         files are collected into the data directory, served from there, and a file the
         app writes there at run time (an asset compressor) is served too; the app's cache
         keeps its KEY_PREFIX; a 500 hidden by DEBUG = False is in epio logs; psycopg2 came
-        from the platform (the app lists no driver)."""
+        from the platform (the app lists no driver); [http] gzip compresses the dynamic
+        page for a client that accepts gzip, and only for it."""
         n = AddonNode(self)
         n.start()
         app = "gb" + secrets.token_hex(3)
@@ -110,6 +117,15 @@ class EpioEraDjangoTests(SynchronousTestCase):
         keys = redis_cli(redis_url, "--scan", "--pattern", "*visits*")
         # in the Redis add-on, under the app's own KEY_PREFIX (CACHES merged, not replaced)
         self.assertEqual(keys, "guestbook:1:visits")
+
+        # [http] gzip: the dynamic page is gzipped by the router for a gzip client
+        status, headers, raw = get_raw(n.lb_port, host, Accept_Encoding="gzip")
+        self.assertEqual((status, headers.get("content-encoding")), (200, "gzip"), headers)
+        self.assertIn("Accept-Encoding", headers["vary"])
+        self.assertIn(b"<strong>ada</strong>: lovely weather", gzip.decompress(raw))
+        status, headers, raw = get_raw(n.lb_port, host, Accept_Encoding="identity")
+        self.assertNotIn("content-encoding", headers)
+        self.assertIn(b"<h1>Welcome to the guestbook</h1>", raw)
 
         # a 500 with DEBUG off: the traceback reaches epio logs (Django's error logging
         # goes to stderr), the client gets no traceback
