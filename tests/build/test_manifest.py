@@ -104,9 +104,20 @@ class EpioCompatTests(SynchronousTestCase):
         self.assertEqual(again, m)
         self.assertEqual(again.cron[0].schedule, "0 3 * * *")
 
+    def test_wsgi_workers(self) -> None:
+        """[wsgi] workers = N adds --workers N to the generated gunicorn command; a value
+        that is not a positive integer is refused with its line."""
+        m = parse_manifest("[wsgi]\nentrypoint = app:app\nworkers = 3\n", None,
+                           ["requirements.txt"])
+        self.assertIn("--workers 3", m.processes["web"])
+        with self.assertRaises(ManifestError) as cm:
+            parse_manifest("[wsgi]\nentrypoint = app:app\nworkers = many\n", None,
+                           ["requirements.txt"])
+        self.assertIn("epio.ini:3:", cm.exception.errors[0])
+
     def test_examples_parse(self) -> None:
         """Every example app's manifest is valid."""
-        for name in ("wsgi", "flask", "django", "worker"):
+        for name in ("wsgi", "flask", "django", "worker", "epio-django"):
             m = load_manifest(EXAMPLES / name)
             self.assertIn("web", m.processes, name)
         self.assertIn("worker", load_manifest(EXAMPLES / "worker").processes)
