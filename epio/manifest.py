@@ -86,6 +86,7 @@ _MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
+PYTHON_VERSION = re.compile(r"^3\.\d{1,2}(\.\d{1,3})?$")
 _SIZE = re.compile(r"^\s*(\d+)\s*([kKmMgG]?)[bB]?\s*$")
 #: An error message quotes at most this many characters of a value or line.
 QUOTE_MAX = 80
@@ -107,6 +108,7 @@ _SECTIONS: dict[str, set[str] | None] = {
     "symlinks": None,
     "basic_auth": None,
     "checkout": {"directory_name"},
+    "python": {"version"},
 }
 #: ``[process:NAME]``: per-process-type settings (keys lower case).
 _PROCESS_KEYS = {"rollover"}
@@ -201,6 +203,7 @@ class Manifest:
         factory=dict, converter=_ro
     )  # postgres/redis -> shared|dedicated
     redis_memory_mb: int | None = None
+    python_version: str | None = None  # [python] version (runtime.txt/.python-version: build)
     env: Mapping[str, str] = field(factory=dict, converter=_ro)
     django: Django | None = field(default=None, converter=_django)
     http: Http = field(factory=Http, converter=_http)
@@ -688,6 +691,12 @@ def parse_manifest(
                 kw["release_command"] = value
         elif s == "redis":
             kw["redis_memory_mb"] = _number(it, f, errors, int)
+        elif s == "python":
+            if PYTHON_VERSION.match(value):
+                kw["python_version"] = value
+            else:
+                errors.add(f, it.line, f"[python] version: must be like 3.12 or 3.12.1, "
+                                       f"not {_q(value)}")
         elif s == "symlinks":
             link = _rel_path(k, it, f, errors, allow_data=False)
             target = value

@@ -634,6 +634,13 @@ SCHEMA: dict[str, dict[str, Key]] = {
             "Interpreter for app virtualenvs; empty means the node's own base Python, or a "
             "system python3.X of the same version when the build user cannot run that one.",
         ),
+        "pythons": Key(
+            list, [],
+            "More interpreters apps may choose (paths); with build.python and every "
+            "python3.X in /usr/local/bin and /usr/bin the build user can run, they are what "
+            "[python] version, runtime.txt and .python-version pick from.", item_kind=str,
+            validator=lambda v: None if all(p.startswith("/") for p in v)
+            else "interpreters must be absolute paths"),
         "image_format": Key(
             str, "auto",
             "squashfs (loop-mounted read-only), dir (read-only directory, reduced isolation) "

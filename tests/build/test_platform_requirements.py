@@ -43,3 +43,35 @@ class PlatformRequirementsTests(SynchronousTestCase):
         self.assertEqual(added("[services]\npostgres = false\n", proc, set()), [])
         m = parse_manifest("[services]\npostgres = true\n", "web: gunicorn a:b\n")
         self.assertEqual(platform_requirements(m, set(), "", ""), [])  # operator: none
+
+
+class PythonChoiceTests(SynchronousTestCase):
+    def test_pick_and_request(self) -> None:
+        """An exact version wins, else the newest of the same minor; none of that minor is
+        None. [python] version comes before runtime.txt, which comes before
+        .python-version; a file asking for something else is refused with its name."""
+        import shutil
+        import tempfile
+        from pathlib import Path
+
+        from epio.runner.build.builder import BuildFailed, pick_python, requested_python
+
+        have = {"3.11.2": Path("/a"), "3.12.1": Path("/b"), "3.12.9": Path("/c")}
+        self.assertEqual(pick_python("3.12.1", have), ("3.12.1", Path("/b")))
+        self.assertEqual(pick_python("3.12", have), ("3.12.9", Path("/c")))
+        self.assertEqual(pick_python("3.12.4", have), ("3.12.9", Path("/c")))
+        self.assertIsNone(pick_python("3.9", have))
+        d = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, d)
+        m = parse_manifest(None, "web: python app.py\n")
+        self.assertIsNone(requested_python(m, d))
+        (d / ".python-version").write_text("# pyenv\n3.12\n")
+        self.assertEqual(requested_python(m, d), ("3.12", ".python-version"))
+        (d / "runtime.txt").write_text("python-3.11.2\n")
+        self.assertEqual(requested_python(m, d), ("3.11.2", "runtime.txt"))
+        m = parse_manifest("[python]\nversion = 3.13\n", "web: python app.py\n")
+        self.assertEqual(requested_python(m, d), ("3.13", "epio.ini [python] version"))
+        (d / "runtime.txt").write_text("pypy-7.3\n")
+        with self.assertRaises(BuildFailed) as cm:
+            requested_python(parse_manifest(None, "web: x\n"), d)
+        self.assertIn("runtime.txt:1: 'pypy-7.3' is not a Python version", cm.exception.reason)

@@ -37,7 +37,7 @@ import sys
 import threading
 import tomllib
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ from twisted.logger import Logger
 
 from epio.manifest import (
     DATA_DIRECTORY,
+    PYTHON_VERSION,
     AppFileError,
     Manifest,
     ManifestError,
@@ -172,6 +173,73 @@ def choose_python(configured: str, need_world: bool) -> tuple[Path, str | None]:
     )
 
 
+PYTHON_SEARCH_DIRS = ("/usr/local/bin", "/usr/bin")  # where python3.X is discovered
+_PY_NAME = re.compile(r"^python3\.\d{1,2}$")
+
+
+def discover_pythons(configured: Sequence[str], default: Path, need_world: bool,
+                     search: Sequence[str] = PYTHON_SEARCH_DIRS) -> dict[str, Path]:
+    """The interpreters apps may ask for: full version ("3.12.1") -> path.  The default
+    one, ``build.pythons``, and every ``python3.X`` in ``search``; only those the build
+    user can run (when it is not the node's user)."""
+    cands = [default, *(Path(c) for c in configured)]
+    for d in search:
+        try:
+            names = sorted(os.listdir(d))
+        except OSError:
+            continue
+        cands += [Path(d) / n for n in names if _PY_NAME.match(n)]
+    found: dict[str, Path] = {}
+    seen: set[Path] = set()
+    for c in cands:
+        real = Path(os.path.realpath(c))
+        if real in seen or not real.is_file() or (need_world and not _world_executable(real)):
+            continue
+        seen.add(real)
+        try:
+            out = subprocess.run(
+                [str(real), "-c", "import sys; print('%d.%d.%d' % sys.version_info[:3])"],
+                capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            continue
+        found.setdefault(out, real)
+    return found
+
+
+def requested_python(manifest: Manifest, workdir: Path) -> tuple[str, str] | None:
+    """(version, where it was asked) from ``[python] version``, ``runtime.txt``
+    (``python-3.12.1``) or ``.python-version`` (``3.12``), first found; raises
+    BuildFailed for a file that asks for something that is not a CPython 3 version."""
+    if manifest.python_version:
+        return manifest.python_version, "epio.ini [python] version"
+    for name in ("runtime.txt", ".python-version"):
+        try:
+            text = read_app_file(workdir, name).decode("utf-8", "replace")
+        except (AppFileError, OSError, ValueError):
+            continue
+        lines = [ln.strip() for ln in text.splitlines()
+                 if ln.strip() and not ln.strip().startswith("#")]
+        if not lines:
+            continue
+        value = lines[0].removeprefix("python-")
+        if not PYTHON_VERSION.match(value):
+            raise BuildFailed(f"{name}:1: {_cut(lines[0])!r} is not a Python version this "
+                              "platform can give (like 3.12 or python-3.12.1)")
+        return value, name
+    return None
+
+
+def pick_python(want: str, available: Mapping[str, Path]) -> tuple[str, Path] | None:
+    """The available interpreter for ``want`` ("3.12" or "3.12.1"): the exact version,
+    else the newest of the same minor."""
+    if want in available:
+        return want, available[want]
+    minor = ".".join(want.split(".")[:2])
+    same = sorted((v for v in available if ".".join(v.split(".")[:2]) == minor),
+                  key=lambda v: tuple(int(x) for x in v.split(".")))
+    return (same[-1], available[same[-1]]) if same else None
+
+
 @define
 class _Ctx:
     app: str
@@ -185,6 +253,7 @@ class _Ctx:
     uid: int | None
     gid: int | None
     facts: dict[str, Any]
+    python_version: str = ""  # the app's interpreter (the requirement set's cache key)
 
 
 class Builder:
@@ -270,6 +339,7 @@ class Builder:
         python, note = choose_python(self.cfg["python"], need_world=uid is not None)
         if note:
             notes.append(note)
+        pythons = discover_pythons(self.cfg["pythons"], python, need_world=uid is not None)
         for d in (self.wheels, self.app_wheels, self.resolved, self.builds_dir):
             d.mkdir(parents=True, exist_ok=True)
             os.chmod(d, 0o755)
@@ -303,6 +373,7 @@ class Builder:
             "gid": gid,
             "python": python,
             "python_version": version,
+            "pythons": pythons,
             "piptool": piptool,
             "notes": notes,
             "format": fmt,
@@ -561,6 +632,24 @@ class Builder:
                 ctx,
                 f"       (memory limit {self.cfg['memory_mb']} MB through RLIMIT_AS: no memory cgroup)",
             )
+        # the app's Python: [python] version, runtime.txt or .python-version, among the
+        # interpreters this node offers; the default otherwise
+        try:
+            asked = requested_python(manifest, workdir)
+        except BuildFailed as e:
+            raise self._fail(ctx, e.reason) from None
+        if asked is not None:
+            pick = pick_python(asked[0], prep["pythons"])
+            if pick is None:
+                offered = ", ".join(
+                    v + (" (default)" if v == prep["python_version"] else "")
+                    for v in sorted(prep["pythons"],
+                                    key=lambda v: tuple(int(x) for x in v.split("."))))
+                raise self._fail(ctx, f"Python {asked[0]} ({asked[1]}) is not available on "
+                                      f"this platform; available: {offered}")
+            prep = dict(prep, python_version=pick[0], python=pick[1])
+            self._emit(ctx, f"       Python {asked[0]} asked by {asked[1]}: {pick[1]}")
+        ctx.python_version = prep["python_version"]
         env = self._step_env(ctx, venv, prep)
         # 3. virtualenv
         python: Path = prep["python"]
@@ -908,7 +997,7 @@ class Builder:
         content = "\n".join(lines) + "\n"
         scope = "" if kind == "plain" else "\napp " + ctx.app
         key = hashlib.sha256(
-            (content + "\n" + (self._prepared or {})["python_version"] + scope).encode()
+            (content + "\n" + ctx.python_version + scope).encode()
         ).hexdigest()
         path = ctx.priv / "requirements.epio.txt"
         _write_nofollow(path, "\n".join(effective) + "\n")

@@ -785,3 +785,67 @@ class PlatformRequirementsBuildTests(_Base):
             cwd=image / "app", capture_output=True, text=True, timeout=60)
         self.assertEqual(out.returncode, 0, out.stderr)
         self.assertEqual(out.stdout.strip(), "2.9.13")
+
+
+PYENV_312 = Path("/root/.pyenv/versions/3.12.1")
+
+
+class PythonVersionTests(_Base):
+    """runtime.txt, .python-version and [python] version pick among the node's Pythons."""
+
+    def expose_312(self) -> Path:
+        """This machine's pyenv CPython 3.12 made runnable by the build user, as an operator
+        would install it: a hard-linked copy of the install under a world-searchable
+        directory, and its libpython where the dynamic loader looks (/usr/lib; the pyenv
+        binary's RUNPATH is under /root, which the build user cannot search)."""
+        if not ROOT:
+            raise SkipTest("exposing an interpreter to the build user needs root")
+        if not (PYENV_312 / "bin" / "python3.12").exists():
+            raise SkipTest(f"no {PYENV_312} on this machine")
+        base = Path(tempfile.mkdtemp(prefix="epio-py312-"))
+        os.chmod(base, 0o755)
+        self.addCleanup(shutil.rmtree, base, True)
+        subprocess.run(["cp", "-al", str(PYENV_312), str(base / "3.12.1")], check=True)
+        lib = Path("/usr/lib/libpython3.12.so.1.0")
+        if not lib.exists():
+            os.link(PYENV_312 / "lib" / "libpython3.12.so.1.0", lib)
+            self.addCleanup(lib.unlink)
+        return base / "3.12.1" / "bin" / "python3.12"
+
+    async def test_two_versions_and_an_unavailable_one(self) -> None:
+        """runtime.txt 'python-3.12.1' builds on the 3.12 the operator listed in
+        build.pythons (the image's Python is 3.12); .python-version '3.11' builds on the
+        default 3.11; [python] version 3.9 fails at once, naming both available versions
+        and creating no virtualenv."""
+        py312 = self.expose_312()
+        b, sink = self.builder(image_format="dir", pythons=[str(py312)])
+        d = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, d)
+        probe = "import sys; print('%d.%d' % sys.version_info[:2])"
+        write_app(d, {"Procfile": "web: python app.py\n", "app.py": "print('hi')\n",
+                      "runtime.txt": "python-3.12.1\n"})
+        result = await b.build("py312", _tarball(self, d), {})
+        self.assertEqual(result.facts["python_version"], "3.12.1")
+        image = b.images.path(result.digest)
+        out = subprocess.run([str(image / "venv/bin/python"), "-c", probe],
+                             capture_output=True, text=True, timeout=30)
+        self.assertEqual(out.stdout.strip(), "3.12", out.stderr)
+        self.assertIn("Python 3.12.1 asked by runtime.txt", sink.text())
+
+        (d / "runtime.txt").unlink()
+        (d / ".python-version").write_text("3.11\n")
+        result = await b.build("py311", _tarball(self, d), {})
+        self.assertTrue(result.facts["python_version"].startswith("3.11."))
+        out = subprocess.run([str(b.images.path(result.digest) / "venv/bin/python"), "-c",
+                              probe], capture_output=True, text=True, timeout=30)
+        self.assertEqual(out.stdout.strip(), "3.11", out.stderr)
+
+        (d / "epio.ini").write_text("[python]\nversion = 3.9\n")
+        with self.assertRaises(BuildFailed) as cm:
+            await b.build("py39", _tarball(self, d), {})
+        reason = cm.exception.reason
+        self.assertIn("Python 3.9 (epio.ini [python] version) is not available on this "
+                      "platform; available: ", reason)
+        self.assertIn("3.12.1", reason)
+        self.assertRegex(reason, r"3\.11\.\d+ \(default\)")
+        self.assertNotIn("Creating virtualenv", "\n".join(cm.exception.log_tail))
