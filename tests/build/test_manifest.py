@@ -117,7 +117,8 @@ class EpioCompatTests(SynchronousTestCase):
 
     def test_examples_parse(self) -> None:
         """Every example app's manifest is valid."""
-        for name in ("wsgi", "flask", "django", "worker", "epio-django"):
+        for name in ("wsgi", "flask", "django", "worker", "epio-django", "celery-worker",
+                     "django-https"):
             m = load_manifest(EXAMPLES / name)
             self.assertIn("web", m.processes, name)
         self.assertIn("worker", load_manifest(EXAMPLES / "worker").processes)

@@ -1,0 +1,9 @@
+DEBUG = True
+SECRET_KEY = "dev-only"
+ALLOWED_HOSTS = ["localhost"]
+INSTALLED_APPS = ["django.contrib.contenttypes"]
+MIDDLEWARE = ["django.middleware.security.SecurityMiddleware"]
+ROOT_URLCONF = "shop.urls"
+DATABASES = {}
+USE_TZ = True
+SETTINGS_NAME = "development"
