@@ -755,12 +755,14 @@ class Builder:
 
             staging = root / plat.DATA_SEED  # the data directory as the build sees it
             self._real_dir(ctx, staging, create=True)
-            denv = dict(
-                env, **manifest.env, **ctx.env, DJANGO_SETTINGS_MODULE=module, EPIO_BUILD="1",
-                EPIO_APP_SETTINGS_MODULE=user_module,
-                EPIO_DATA_DIR=str(staging), EPIO_IMAGE_ROOT=str(root),
-                EPIO_RUNTIME_DATA=DATA_DIRECTORY, EPIO_COLLECTED=plat.COLLECTED_STATIC,
-            )
+            # the config vars and [env] may name DJANGO_SETTINGS_MODULE themselves: the
+            # platform's values go last (a dict() with both as keywords raised TypeError)
+            denv = {
+                **env, **manifest.env, **ctx.env, "DJANGO_SETTINGS_MODULE": module,
+                "EPIO_BUILD": "1", "EPIO_APP_SETTINGS_MODULE": user_module,
+                "EPIO_DATA_DIR": str(staging), "EPIO_IMAGE_ROOT": str(root),
+                "EPIO_RUNTIME_DATA": DATA_DIRECTORY, "EPIO_COLLECTED": plat.COLLECTED_STATIC,
+            }
             denv.setdefault("SECRET_KEY", os.urandom(24).hex())
             if ctx.uid is not None:
                 await self._thread(_chown_tree, root, ctx.uid, ctx.gid)
