@@ -638,7 +638,7 @@ class Addons:
         if snapshot_id not in known:
             raise errors.NotFound(f"{app.name}'s {kind} has no snapshot {snapshot_id!r}",
                                   code="snapshot_not_found")
-        image = str(addon.options.get("image") or await self._current_image(app))
+        image = str(addon.options.get("image") or await self._image_or_none(app))
         # the stopped instance stays recorded until the new one is: the keeper must not
         # start the server again while its data dir is being switched
         if addon.instance:
