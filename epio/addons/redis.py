@@ -20,6 +20,8 @@ from typing import Any
 from attrs import frozen
 from twisted.logger import Logger
 
+from epio.secretfile import write_secret_file
+
 DEFAULT_MEMORY_MB = 16
 DEFAULT_POLICY = "allkeys-lru"
 POLICIES = frozenset({
@@ -68,10 +70,7 @@ class RedisSpec:
     def write_config(self) -> Path:
         """Write the config file (0600: it holds the password)."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(self.config_text())
-        return self.config_path
+        return write_secret_file(self.config_path, self.config_text())
 
     @property
     def url(self) -> str:

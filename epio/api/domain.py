@@ -28,6 +28,7 @@ from epio.api.state import (
     release_states,
     serving_release,
 )
+from epio.secretfile import write_secret_file
 from epio.store import (
     App,
     Conflict,
@@ -502,17 +503,11 @@ def write_token_file(data_dir: Path, token: str) -> Path:
     that runs as its own user stays readable by that user (and nobody else).
     """
     path = data_dir / ADMIN_TOKEN_FILE
-    tmp = data_dir / f".{ADMIN_TOKEN_FILE}.{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(token + "\n")
-        os.chmod(tmp, 0o600)
-        owner = data_dir.stat()
-        if os.geteuid() == 0 and (owner.st_uid, owner.st_gid) != (0, 0):
-            os.chown(tmp, owner.st_uid, owner.st_gid)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    st = data_dir.stat()
+    owner = None
+    if os.geteuid() == 0 and (st.st_uid, st.st_gid) != (0, 0):
+        owner = (st.st_uid, st.st_gid)
+    # Never opens, chmods or chowns anything planted in the data dir (its owner
+    # is not root): see epio.secretfile.
+    write_secret_file(path, token + "\n", 0o600, owner)
     return path

@@ -16,6 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from epio.secretfile import write_secret_file
+
 APP_FILE = ".epio-app"
 USER_AGENT = "epio-cli"
 
@@ -59,14 +61,7 @@ def save_config(data: dict[str, Any]) -> Path:
     """Write the config file with mode 0600 (it holds the API token)."""
     path = config_path()
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".config.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
-    return path
+    return write_secret_file(path, json.dumps(data, indent=2) + "\n")
 
 
 def find_app_file(start: Path) -> Path | None:

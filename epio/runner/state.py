@@ -31,6 +31,8 @@ from typing import Any
 
 from twisted.logger import Logger
 
+from epio.secretfile import write_secret_file
+
 STATE_VERSION = 1
 log = Logger(namespace="epio.runner.state")
 
@@ -38,11 +40,7 @@ log = Logger(namespace="epio.runner.state")
 def save(path: Path, body: dict[str, Any]) -> None:
     """Write the state atomically (tmp file + rename), mode 0600."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump({"version": STATE_VERSION, **body}, f, sort_keys=True)
-    os.replace(tmp, path)
+    write_secret_file(path, json.dumps({"version": STATE_VERSION, **body}, sort_keys=True))
 
 
 def load(path: Path) -> dict[str, Any] | None:

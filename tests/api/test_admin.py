@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import stat
@@ -13,7 +14,7 @@ from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
 from epio.admin import AdminError, mint_admin_token, store_url
-from epio.api.domain import ensure_admin
+from epio.api.domain import ensure_admin, write_token_file
 from epio.config import load_config
 from epio.store import open_store
 from tests.store import pg
@@ -40,6 +41,43 @@ class EnsureAdminTests(TestCase):
             self.assertEqual([p.name for p in tmp.iterdir() if p.name.startswith(".")], [])
         finally:
             await store.close()
+
+
+class WriteTokenFileTests(TestCase):
+    def test_planted_symlinks_are_never_followed(self) -> None:
+        """A data dir owned by another user, with symlinks planted at every plausible
+        temporary name (and at the final name) pointing at a file outside: the token
+        file is written as a regular 0600 file owned by the data dir's owner, and the
+        symlinks' target keeps its content, mode and owner."""
+        tmp = Path(tempfile.mkdtemp(prefix="epio-admin-"))
+        self.addCleanup(shutil.rmtree, tmp, True)
+        data = tmp / "data"
+        data.mkdir()
+        target = tmp / "shadow"
+        target.write_text("root:secret\n")
+        target.chmod(0o644)
+        before = target.stat()
+        pid = os.getpid()
+        planted = [f".admin-token.{pid}", f".admin-token.{pid}.tmp", ".admin-token.tmp",
+                   "admin-token.tmp", ".admin-token", f".admin-token.{pid + 1}",
+                   "admin-token"]
+        for name in planted:
+            (data / name).symlink_to(target)
+        if os.geteuid() == 0:
+            os.chown(data, 65534, 65534)
+        path = write_token_file(data, "tok-123")
+        self.assertEqual(target.read_text(), "root:secret\n")
+        after = target.stat()
+        self.assertEqual((after.st_mode, after.st_uid, after.st_gid),
+                         (before.st_mode, before.st_uid, before.st_gid))
+        self.assertFalse(path.is_symlink())
+        self.assertEqual(path.read_text(), "tok-123\n")
+        st = path.lstat()
+        self.assertEqual(stat.S_IMODE(st.st_mode), 0o600)
+        if os.geteuid() == 0:
+            self.assertEqual((st.st_uid, st.st_gid), (65534, 65534))
+        for name in planted[:-1]:
+            self.assertTrue((data / name).is_symlink())
 
 
 class MintAdminTokenTests:
