@@ -107,9 +107,10 @@ class Issuer:
         self._client = client
         return client
 
-    def due(self, rec: records.CertRecord | None, now: float) -> bool:
-        if rec is None:
-            return True
+    def due(self, rec: records.CertRecord | None, now: float, app: str) -> bool:
+        """Whether ``app``'s domain needs an order now (``rec``: the hostname's row)."""
+        if rec is None or rec.app != app:
+            return True  # none, or a stale row of the hostname's earlier holder
         if rec.source == "owner":
             return False
         if rec.failures and now < rec.next_attempt:
@@ -128,8 +129,10 @@ class Issuer:
         for host, dom in sorted(hosts.items()):
             now = self.clock.seconds()
             rec = certs.get(host)
-            if not self.due(rec, now):
+            if not self.due(rec, now, dom.app):
                 continue
+            if rec is not None and rec.app != dom.app:
+                rec = None  # an earlier holder's row: nothing of it is kept or served
             attempted.append(host)
             if dom.wildcard:
                 await self._failed(host, dom.app, rec, WILDCARD_ERROR, self.s.retry_max)

@@ -57,7 +57,7 @@ async def put_cert(store: Store, rec: CertRecord, keep_owner: bool = False) -> C
         if keep_owner:
             row = (await tx.execute("SELECT * FROM certificates WHERE hostname = ?",
                                     (rec.hostname,))).one()
-            if row is not None and row["source"] == "owner":
+            if row is not None and row["source"] == "owner" and row["app"] == rec.app:
                 return _cert(row)
         await tx.execute("DELETE FROM certificates WHERE hostname = ?", (rec.hostname,))
         await tx.execute(
@@ -77,6 +77,15 @@ async def list_certs(store: Store, app: str | None = None) -> list[CertRecord]:
     else:
         rows = await store._all("SELECT * FROM certificates WHERE app = ? ORDER BY hostname",
                                 (app,))
+    return [_cert(r) for r in rows]
+
+
+async def list_served_certs(store: Store) -> list[CertRecord]:
+    """The certificates the routers serve: only those whose hostname is still a domain
+    of the same app (a stale row of an earlier holder is never served to the next)."""
+    rows = await store._all(
+        "SELECT c.* FROM certificates c JOIN domains d "
+        "ON d.hostname = c.hostname AND d.app = c.app ORDER BY c.hostname")
     return [_cert(r) for r in rows]
 
 

@@ -78,7 +78,7 @@ class RouterCerts:
         store = await self._store_ready()
 
         def changed(change: Any) -> None:
-            if change.kind in ("certificate", "resync"):
+            if change.kind in ("certificate", "domain", "resync"):
                 self.refresh()
 
         unsub = await store.subscribe(changed)
@@ -121,7 +121,7 @@ class RouterCerts:
         found = await records.list_challenges(store, now)
         self.challenges = {t.encode("ascii", "replace"): (h, k.encode("ascii"))
                            for t, (h, k) in found.items()}
-        rows = await records.list_certs(store)
+        rows = await records.list_served_certs(store)
         contexts = dict(self.contexts)
         seen = set()
         changed = False

@@ -580,11 +580,13 @@ class Store:
         """
 
         async def q(tx: Transaction) -> None:
+            # explicit, not only ON DELETE CASCADE: a certificate must go with its app
+            await tx.execute("DELETE FROM certificates WHERE app = ?", (name,))
             if not (await tx.execute("DELETE FROM apps WHERE name = ?", (name,))).rowcount:
                 raise NotFound(f"no app named {name!r}")
             await self._record_app_change(tx, by, name, "delete", self._now())
 
-        await self._tx(q, change=[Change("app", name)])
+        await self._tx(q, change=[Change("app", name), Change("certificate", name)])
 
     async def set_maintenance(self, name: str, on: bool) -> App:
         """Switch an app's maintenance mode; return the updated app."""
@@ -961,8 +963,12 @@ class Store:
                                    (host, app))
             if not res.rowcount:
                 raise NotFound(f"app {app!r} has no domain {host!r}")
+            # its certificate (ACME's or the owner's, whose key the owner holds) must
+            # never be served to the hostname's next holder (epio.certs.records)
+            await tx.execute("DELETE FROM certificates WHERE hostname = ? AND app = ?",
+                             (host, app))
 
-        await self._tx(q, change=[Change("domain", app)])
+        await self._tx(q, change=[Change("domain", app), Change("certificate", app, host)])
 
     async def list_domains(self, app: str | None = None) -> list[Domain]:
         """Custom domains of one app (or of all apps), by hostname."""

@@ -343,6 +343,47 @@ class IssuerTests(TestCase):
         self.assertEqual(seen[-1], {})
 
 
+    async def test_removed_domain_certificate_not_served_to_next_holder(self) -> None:
+        """Removing a domain deletes its owner's certificate in the same transaction;
+        a stale row of an earlier holder (left by an older version) is not served by
+        the routers once another app holds the hostname, and the issuer orders a new
+        certificate for the new holder instead of keeping the earlier owner's."""
+        bob = await self.store.create_user("bob")
+        await self.store.create_app("other", bob.id)
+        await self.store.add_domain("hello", "shop.hello.test")
+        cert, key = self.ca.leaf(["shop.hello.test"])
+        owner = records.CertRecord(
+            "shop.hello.test", "hello", "owner", "issued", self.clock.seconds(),
+            cert.decode(), seal(SECRET, key, "shop.hello.test"), self.clock.seconds() + 10 * DAY)
+        await records.put_cert(self.store, owner)
+        await self.store.remove_domain("hello", "shop.hello.test")
+        self.assertEqual(await records.list_certs(self.store), [])
+        # a stale row (what remove_domain used to leave), the hostname now bob's
+        await self.store.add_domain("other", "shop.hello.test")
+        await records.put_cert(self.store, owner)
+        rc = RouterCerts(reactor, lambda: defer.succeed(self.store), SECRET, 1.0)
+        seen: list[dict[str, Any]] = []
+        rc.on_contexts(seen.append)
+        await rc.refresh()
+        self.assertEqual(seen[-1], {})
+        self.assertEqual(await self.run_round(), ["shop.hello.test"])
+        rec = await self.cert("shop.hello.test")
+        self.assertEqual((rec.app, rec.source, rec.state), ("other", "acme", "issued"))
+        self.assertNotEqual(rec.cert_pem, cert.decode())
+        await rc.refresh()
+        self.assertEqual(list(seen[-1]), ["shop.hello.test"])
+
+    async def test_purged_app_certificate_goes(self) -> None:
+        """Deleting (purging) an app deletes its certificates."""
+        await self.store.add_domain("hello", "www.hello.test")
+        cert, key = self.ca.leaf(["www.hello.test"])
+        await records.put_cert(self.store, records.CertRecord(
+            "www.hello.test", "hello", "owner", "issued", 1.0, cert.decode(),
+            seal(SECRET, key, "www.hello.test"), 2e9))
+        await self.store.delete_app("hello")
+        self.assertEqual(await records.list_certs(self.store), [])
+
+
 class PostgresIssuerTests(IssuerTests):
     """The same issuer and router tests on PostgreSQL (the production store)."""
 
