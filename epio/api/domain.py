@@ -184,7 +184,8 @@ class Platform:
                       if self.addons is not None else [])
             out.append({"name": app.name, "owner": users.get(app.owner_id, app.owner_id),
                         "created": app.created, "destroyed": app.destroyed,
-                        "purge_after": app.purge_after, "addons": addons})
+                        "purge_after": None if app.purging else app.purge_after,
+                        "purging": app.purging, "addons": addons})
         return out
 
     async def restore_app(self, user: User, name: str) -> App:
@@ -198,12 +199,22 @@ class Platform:
 
     async def purge_app(self, user: User | None, app: App) -> None:
         """Delete a destroyed app for good: add-ons dropped, data dirs deleted on the
-        runners, every row of it gone; its UID is free again."""
+        runners, every row of it gone; its UID is free again.
+
+        The purge is claimed first (atomically, only while the app is still
+        destroyed): a restore that won the race makes this a 404 before anything is
+        dropped, and one that comes later is refused (409) -- never a live app's data
+        dropped. The final delete again only deletes a destroyed app."""
+        try:
+            app = await self.store.claim_purge(app.name)
+        except StoreNotFound:
+            raise errors.NotFound(f"no destroyed app named {app.name!r}") from None
         if self.addons is not None:
             await self.addons.app_purged(app)
         if self.scheduler is not None:
             await self.scheduler.purge_app_data(app)
-        await self.store.delete_app(app.name, by=user.id if user is not None else None)
+        await self.store.delete_app(app.name, by=user.id if user is not None else None,
+                                    destroyed_only=True)
         self.log.info("app {app} purged by {who}", app=app.name,
                       who=user.name if user is not None else "its grace period's end")
 

@@ -91,7 +91,11 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "AppDestroyed": obj({"deleted": STR, "destroyed": NUM, "purge_after": NUM}),
     "DestroyedApp": obj({
         "name": STR, "owner": STR, "created": NUM, "destroyed": NUM,
-        "purge_after": {**NUM, "description": "when it is purged for good (epoch seconds)"},
+        "purge_after": {**NULLABLE_NUM,
+                        "description": "when it is purged for good (epoch seconds); null "
+                                       "while a purge runs"},
+        "purging": {"type": "boolean", "description": "a purge has started: it can no "
+                                                      "longer be restored"},
         "addons": array(STR),
     }),
     "Collaborator": obj({"user": {"type": "string", "minLength": 1}}),

@@ -201,7 +201,8 @@ def cmd_apps_destroyed(args: argparse.Namespace) -> int:
         if not apps:
             print("No destroyed apps.")
             return
-        table([[a["name"], a["owner"], ago(a["destroyed"]), until(a["purge_after"]),
+        table([[a["name"], a["owner"], ago(a["destroyed"]),
+                 "purging now" if a.get("purging") else until(a["purge_after"]),
                 ",".join(a["addons"]) or None] for a in apps],
               ["NAME", "OWNER", "DESTROYED", "PURGED AFTER", "ADD-ONS"])
 

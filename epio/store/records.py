@@ -46,6 +46,11 @@ class NewToken:
     info: TokenInfo
 
 
+# ``apps.purge_after`` of a destroyed app a purge has claimed: it sorts before every
+# real time, so a purge that failed half-way is resumed by the next purge_due look
+PURGING = -1.0
+
+
 @frozen
 class App:
     """An app.  ``uid`` is its Unix UID/GID, never reused while the app exists
@@ -56,9 +61,15 @@ class App:
     uid: int
     maintenance: bool
     created: float
-    # set while the app is destroyed (kept for its grace period, then purged)
+    # set while the app is destroyed (kept for its grace period, then purged);
+    # purge_after is PURGING once a purge has claimed it (no restore from then on)
     destroyed: float | None = None
     purge_after: float | None = None
+
+    @property
+    def purging(self) -> bool:
+        """A purge has claimed this destroyed app (:meth:`Store.claim_purge`)."""
+        return self.destroyed is not None and self.purge_after == PURGING
 
 
 @frozen

@@ -36,6 +36,7 @@ from epio.store.errors import (
     UidsExhausted,
 )
 from epio.store.records import (
+    PURGING,
     App,
     Deploy,
     Domain,
@@ -552,12 +553,35 @@ class Store:
         return await self._tx(q, change=[Change("app", name)])
 
     async def restore_app(self, name: str) -> App:
-        """Bring a destroyed app back (``NotFound`` if there is no such destroyed app)."""
+        """Bring a destroyed app back (``NotFound`` if there is no such destroyed app,
+        ``Conflict`` if a purge has claimed it: :meth:`claim_purge`)."""
 
         async def q(tx: Transaction) -> App:
             row = (await tx.execute(
                 "UPDATE apps SET destroyed = NULL, purge_after = NULL "
-                "WHERE name = ? AND destroyed IS NOT NULL RETURNING *", (name,))).one()
+                "WHERE name = ? AND destroyed IS NOT NULL "
+                "AND (purge_after IS NULL OR purge_after <> ?) RETURNING *",
+                (name, PURGING))).one()
+            if row is None:
+                if (await tx.execute("SELECT 1 FROM apps WHERE name = ? AND destroyed IS NOT "
+                                     "NULL", (name,))).scalar() is not None:
+                    raise Conflict(f"app {name!r} is being purged; it can no longer be "
+                                   "restored")
+                raise NotFound(f"no destroyed app named {name!r}")
+            return _app(row)
+
+        return await self._tx(q, change=[Change("app", name)])
+
+    async def claim_purge(self, name: str) -> App:
+        """Mark a destroyed app as being purged (``purge_after = PURGING``), atomically,
+        before anything of it is dropped: from then on :meth:`restore_app` refuses it.
+        A claimed app can be claimed again (a purge that failed half-way resumes).
+        ``NotFound`` if there is no such destroyed app (restored meanwhile)."""
+
+        async def q(tx: Transaction) -> App:
+            row = (await tx.execute(
+                "UPDATE apps SET purge_after = ? WHERE name = ? AND destroyed IS NOT NULL "
+                "RETURNING *", (PURGING, name))).one()
             if row is None:
                 raise NotFound(f"no destroyed app named {name!r}")
             return _app(row)
@@ -571,9 +595,11 @@ class Store:
             "ORDER BY purge_after, name", (now,))
         return [_app(r) for r in rows]
 
-    async def delete_app(self, name: str, by: str | None = None) -> None:
-        """Delete an app (live or destroyed) and everything of it (releases, config,
-        formation, instances, domains, collaborators, deploys); its UID is free again.
+    async def delete_app(self, name: str, by: str | None = None,
+                         destroyed_only: bool = False) -> None:
+        """Delete an app (live or destroyed; ``destroyed_only``: only if it is still
+        destroyed, else ``NotFound``) and everything of it (releases, config, formation,
+        instances, domains, certificates, collaborators, deploys); its UID is free again.
 
         ``by`` (a user id) is counted in that user's app-change rate; a deletion
         itself is never refused by the rate limit.
@@ -581,8 +607,13 @@ class Store:
 
         async def q(tx: Transaction) -> None:
             # explicit, not only ON DELETE CASCADE: a certificate must go with its app
+            only = " AND destroyed IS NOT NULL" if destroyed_only else ""
+            if (await tx.execute(f"SELECT 1 FROM apps WHERE name = ?{only}",
+                                 (name,))).scalar() is None:
+                raise NotFound(f"no {'destroyed ' if destroyed_only else ''}app named {name!r}")
             await tx.execute("DELETE FROM certificates WHERE app = ?", (name,))
-            if not (await tx.execute("DELETE FROM apps WHERE name = ?", (name,))).rowcount:
+            if not (await tx.execute(f"DELETE FROM apps WHERE name = ?{only}",
+                                     (name,))).rowcount:
                 raise NotFound(f"no app named {name!r}")
             await self._record_app_change(tx, by, name, "delete", self._now())
 

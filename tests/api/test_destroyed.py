@@ -12,6 +12,7 @@ from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import TestCase
 
 from epio.api.domain import Platform
+from epio.api.errors import NotFound as ApiNotFound
 from epio.api.purge import AppPurger, PurgeService
 from epio.api.settings import ApiSettings
 from epio.store import NotFound
@@ -110,6 +111,40 @@ class DestroyedAppsTests(TestCase):
         new = await self.h.store.create_app("other", (await self.h.store.get_user_by_name(
             "bob")).id)
         self.assertEqual(new.uid, uid)
+
+    async def test_purge_racing_restore(self) -> None:
+        """A purge that read X destroyed, then lost the race to a restore, drops nothing
+        (no runner asked, app live with its releases) and is a 404; a restore that comes
+        after a purge has claimed X is 409 saying it is being purged, the listing shows
+        it purging, and the purge completes."""
+        await self.h.add_runner("r1")
+        await self.app()
+        await self.h.call("DELETE", "apps/keep", token=self.h.alice_token)
+        alice = await self.h.store.get_user_by_name("alice")
+        stale = await self.h.platform.get_destroyed(alice, "keep")  # the purge decides
+        status, _, _ = await self.h.call("POST", "destroyed-apps/keep/restore",
+                                         token=self.h.alice_token)
+        self.assertEqual(status, 200)
+        with self.assertRaises(ApiNotFound):
+            await self.h.platform.purge_app(alice, stale)
+        self.assertEqual(self.h.runners.purged, [])
+        self.assertIsNone((await self.h.store.get_app("keep")).destroyed)
+        self.assertEqual(len(await self.h.store.list_releases("keep")), 1)
+        # now the purge claims first; the restore arrives while it runs
+        await self.h.call("DELETE", "apps/keep", token=self.h.alice_token)
+        await self.h.store.claim_purge("keep")
+        status, err, _ = await self.h.call("POST", "destroyed-apps/keep/restore",
+                                           token=self.h.alice_token)
+        self.assertEqual((status, err["error"]["code"]), (409, "conflict"))
+        self.assertIn("being purged", err["error"]["message"])
+        status, listed, _ = await self.h.call("GET", "destroyed-apps", token=self.h.alice_token)
+        self.assertEqual([(a["name"], a["purging"], a["purge_after"]) for a in listed],
+                         [("keep", True, None)])
+        status, body, _ = await self.h.call("DELETE", "destroyed-apps/keep",
+                                            token=self.h.alice_token)
+        self.assertEqual((status, body), (200, {"deleted": "keep"}))
+        with self.assertRaises(NotFound):
+            await self.h.store.get_app("keep", destroyed=True)
 
 
 class PeriodicPurgeTests(TestCase):

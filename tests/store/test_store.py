@@ -295,6 +295,35 @@ class StoreTestsMixin:
         self.assertEqual(await self.store.list_apps(destroyed=True), [])
         self.assertEqual((await self.store.create_app("next", self.bob.id)).uid, app.uid)
 
+    async def test_purge_racing_restore(self) -> None:
+        """A purge claims the destroyed app first: a restore that came before the claim
+        makes the claim and the final delete NotFound (the live app and its rows stay);
+        a restore after the claim is a Conflict saying it is being purged, and the purge
+        completes. The steps are called in the racing order."""
+        await self.store.create_app("race", self.alice.id)
+        await self.store.create_release("race", "sha256:" + "a" * 64)
+        # 1. purge decided (app read destroyed), then a restore wins
+        await self.store.destroy_app("race", purge_after=1.0)
+        await self.store.restore_app("race")
+        with self.assertRaises(NotFound):
+            await self.store.claim_purge("race")
+        with self.assertRaises(NotFound):
+            await self.store.delete_app("race", destroyed_only=True)
+        self.assertIsNone((await self.store.get_app("race")).destroyed)
+        self.assertEqual(len(await self.store.list_releases("race")), 1)
+        # 2. the purge claims first, the restore comes in the middle of it
+        await self.store.destroy_app("race", purge_after=1.0)
+        claimed = await self.store.claim_purge("race")
+        self.assertTrue(claimed.purging)
+        self.assertEqual([a.name for a in await self.store.purge_due(0.0)], ["race"])
+        with self.assertRaises(Conflict) as cm:
+            await self.store.restore_app("race")
+        self.assertIn("being purged", str(cm.exception))
+        self.assertTrue((await self.store.claim_purge("race")).purging)  # resumable
+        await self.store.delete_app("race", destroyed_only=True)
+        with self.assertRaises(NotFound):
+            await self.store.get_app("race", destroyed=True)
+
     async def test_app_quota(self) -> None:
         """A user with max_apps apps gets AppQuotaExceeded (with a retry time) and no app;
         after deleting one they may create again; other users are not affected."""
