@@ -187,7 +187,12 @@ class Deployer:
         if self.stopping:
             raise DeployInterrupted()
         platform_line(self.log_sink, deploy.app, text)
-        return await self.store.update_deploy(deploy.id, append_log=text + "\n", **changes)
+        new = await self.store.update_deploy(deploy.id, append_log=text + "\n", **changes)
+        if new.finished is not None and changes.get("status") not in DEPLOY_FINAL:
+            # decided elsewhere meanwhile (its app destroyed: Store.fail_running_deploys):
+            # no further step of it runs
+            raise InvalidTransition(f"deploy {deploy.id} already ended: {new.reason}")
+        return new
 
     async def _run(self, app: App, deploy: Deploy, work: Coroutine[Any, Any, None]) -> None:
         try:

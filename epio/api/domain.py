@@ -30,6 +30,7 @@ from epio.api.state import (
 )
 from epio.secretfile import write_secret_file
 from epio.store import (
+    APP_DESTROYED,
     App,
     Conflict,
     Deploy,
@@ -151,6 +152,12 @@ class Platform:
         instances, then keep everything of it for ``destroyed_grace`` seconds, out of
         sight (no routes, no instances, 404), listed by :meth:`list_destroyed`."""
         await self._require_owner(user, app)
+        # first: a build finishing now must not make a release, provision add-ons or
+        # run the release command (migrations) after the final backups (the deployer
+        # stops at its next step; destroy_app fails any deploy started meanwhile)
+        for deploy_id in await self.store.fail_running_deploys(app.name, APP_DESTROYED):
+            self.log.info("deploy {id} of {app} failed: app destroyed", id=deploy_id,
+                          app=app.name)
         if self.addons is not None:
             await self.addons.app_destroyed(app)
         if self.scheduler is not None:

@@ -35,6 +35,7 @@ from epio.store.records import (
 )
 from epio.store.service import StoreService, open_store
 from epio.store.store import (
+    APP_DESTROYED,
     CHANGE_KINDS,
     DEPLOY_FINAL,
     DEPLOY_STATES,
@@ -49,6 +50,7 @@ from epio.store.store import (
 )
 
 __all__ = [
+    "APP_DESTROYED",
     "CHANGE_KINDS",
     "DEPLOY_FINAL",
     "DEPLOY_STATES",

@@ -61,7 +61,7 @@ async def claim_slot(store: Store, app: str, name: str, slot: float, outcome: st
     now = store._now()
 
     async def q(tx: Any) -> bool:
-        await store._app_exists(tx, app)
+        await store._app_exists(tx, app, live=True)
         res = await tx.execute(
             "INSERT INTO cron_jobs (app, name, last_slot, session_id, outcome, reason, updated)"
             " VALUES (?, ?, ?, NULL, ?, ?, ?) ON CONFLICT (app, name) DO UPDATE SET"

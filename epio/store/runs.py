@@ -72,7 +72,7 @@ async def create_run(store: Store, session_id: str, app: str, *, user: str | Non
     now = store._now()
 
     async def q(tx: Transaction) -> RunRecord:
-        await store._app_exists(tx, app)
+        await store._app_exists(tx, app, live=True)
         if max_live is not None:
             live = (await tx.execute(
                 "SELECT count(*) FROM run_sessions WHERE app = ? AND state IN (?, ?)",

@@ -87,6 +87,9 @@ DEPLOY_TRANSITIONS: dict[str, frozenset[str]] = {
 }
 
 
+#: the reason of the deploys that were running when their app was destroyed
+APP_DESTROYED = "app destroyed"
+
 CHANGE_KINDS = ("user", "app", "collaborator", "release", "config", "formation", "instance",
                 "domain", "node", "deploy", "certificate", "resync")
 
@@ -256,8 +259,11 @@ class Store:
         return await self._tx(q, readonly=True)
 
     @staticmethod
-    async def _app_exists(tx: Transaction, app: str) -> None:
-        if (await tx.execute("SELECT 1 FROM apps WHERE name = ?", (app,))).scalar() is None:
+    async def _app_exists(tx: Transaction, app: str, live: bool = False) -> None:
+        """``NotFound`` unless the app exists (``live``: and is not destroyed -- every
+        write that makes it run or change: a destroyed app is out of sight)."""
+        sql = "SELECT 1 FROM apps WHERE name = ?" + (" AND destroyed IS NULL" if live else "")
+        if (await tx.execute(sql, (app,))).scalar() is None:
             raise NotFound(f"no app named {app!r}")
 
     async def close(self) -> None:
@@ -547,10 +553,29 @@ class Store:
             if row is None:
                 raise NotFound(f"no app named {name!r}")
             await tx.execute("DELETE FROM instances WHERE app = ?", (name,))
+            await self._fail_running_deploys(tx, name, APP_DESTROYED, now)
             await self._record_app_change(tx, by, name, "destroy", now)
             return _app(row)
 
         return await self._tx(q, change=[Change("app", name)])
+
+    async def fail_running_deploys(self, app: str, reason: str) -> list[str]:
+        """Mark every unfinished deploy of ``app`` failed with ``reason`` (each deployer
+        stops at its next step: its next status change is refused); returns their ids."""
+        return await self._tx(lambda tx: self._fail_running_deploys(tx, app, reason,
+                                                                    self._now()))
+
+    @staticmethod
+    async def _fail_running_deploys(tx: Transaction, app: str, reason: str,
+                                    now: float) -> list[str]:
+        rows = (await tx.execute(
+            "UPDATE deploys SET status = 'failed', reason = ?, finished = ?, "
+            "log = log || ? WHERE app = ? AND finished IS NULL RETURNING id",
+            (reason, now, f"Deploy failed: {reason}\n", app))).rows
+        ids = sorted(str(r[0]) for r in rows)
+        for i in ids:
+            await tx.notify(Change("deploy", app, i).payload())
+        return ids
 
     async def restore_app(self, name: str) -> App:
         """Bring a destroyed app back (``NotFound`` if there is no such destroyed app,
@@ -635,7 +660,7 @@ class Store:
         """Let ``user_id`` manage ``app`` (idempotent; NotFound for unknown app/user)."""
 
         async def q(tx: Transaction) -> None:
-            await self._app_exists(tx, app)
+            await self._app_exists(tx, app, live=True)
             if (await tx.execute("SELECT 1 FROM users WHERE id = ?", (user_id,))).scalar() is None:
                 raise NotFound(f"no user with id {user_id!r}")
             await tx.execute(
@@ -721,8 +746,8 @@ class Store:
                               created_by: str | None, meta: Mapping[str, Any] | None,
                               inherit_image: bool, now: float) -> Release:
         version = (await tx.execute(
-            "UPDATE apps SET release_seq = release_seq + 1 WHERE name = ? RETURNING release_seq",
-            (app,))).scalar()
+            "UPDATE apps SET release_seq = release_seq + 1 WHERE name = ? AND destroyed IS NULL "
+            "RETURNING release_seq", (app,))).scalar()
         if version is None:
             raise NotFound(f"no app named {app!r}")
         prev = (await tx.execute(
@@ -799,7 +824,7 @@ class Store:
         _validate_config(values, allow_none=True)
 
         async def q(tx: Transaction) -> dict[str, str]:
-            await self._app_exists(tx, app)
+            await self._app_exists(tx, app, live=True)
             return await self._apply_config(tx, app, values)
 
         return await self._tx(q, change=[Change("config", app)])
@@ -837,7 +862,7 @@ class Store:
         now = self._now()
 
         async def q(tx: Transaction) -> tuple[dict[str, str], Release]:
-            await self._app_exists(tx, app)
+            await self._app_exists(tx, app, live=True)
             config = await self._apply_config(tx, app, values)
             release = await self._insert_release(tx, app, image, config, processes,
                                                  description, created_by, meta,
@@ -864,7 +889,7 @@ class Store:
             raise InvalidValue(f"quantity must be an integer 0..1000, not {quantity!r}")
 
         async def q(tx: Transaction) -> Formation:
-            await self._app_exists(tx, app)
+            await self._app_exists(tx, app, live=True)
             cur = (await tx.execute("SELECT * FROM formation WHERE app = ? AND process_type = ?",
                                     (app, process_type))).one()
             new_size = size if size is not None else (cur["size"] if cur else "standard")
@@ -972,7 +997,7 @@ class Store:
         now = self._now()
 
         async def q(tx: Transaction) -> Domain:
-            await self._app_exists(tx, app)
+            await self._app_exists(tx, app, live=True)
             owner = (await tx.execute("SELECT app FROM domains WHERE hostname = ?",
                                       (host,))).scalar()
             if owner is not None:
@@ -1079,7 +1104,7 @@ class Store:
                    None, created_by, dict(meta or {}))
 
         async def q(tx: Transaction) -> Deploy:
-            await self._app_exists(tx, app)
+            await self._app_exists(tx, app, live=True)
             await tx.execute(
                 "INSERT INTO deploys (id, app, status, log, created, created_by, meta) "
                 "VALUES (?, ?, ?, '', ?, ?, ?)",

@@ -77,6 +77,8 @@ class FakeRunners:
         self.fail_health: set[int] = set()  # releases whose instances fail
         self.tails: dict[int, list[str]] = {}  # release -> output lines of its instances
         self.build_error: str | None = None
+        # when set, runner.build answers only once this fires (a build still running)
+        self.build_gate: Deferred[None] | None = None
         self.manifest: dict[str, Any] = {"processes": {"web": "gunicorn app:app"}}
         self.digests = [DIGEST, DIGEST2]
         self.ports = 20000
@@ -133,6 +135,8 @@ class FakeRunners:
             self.purged.append((endpoint, body["app"], body["uid"]))
             return {"app": body["app"], "deleted": True}
         if type == "runner.build":
+            if self.build_gate is not None:
+                await self.build_gate
             if self.build_error:
                 raise RemoteError("build_failed", self.build_error)
             digest = self.digests.pop(0) if self.digests else "c" * 64

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import TestCase
 
@@ -145,6 +145,37 @@ class DestroyedAppsTests(TestCase):
         self.assertEqual((status, body), (200, {"deleted": "keep"}))
         with self.assertRaises(NotFound):
             await self.h.store.get_app("keep", destroyed=True)
+
+    async def test_destroy_stops_a_running_deploy(self) -> None:
+        """Destroying an app while its build runs fails the deploy at once ("app
+        destroyed"); when the build then finishes no release is made, its release
+        command (migrations) never starts, the deploy's log ends with the failure, and
+        the app stays destroyed with no instance."""
+        await self.h.add_runner("r1")
+        await self.app()
+        gate: Deferred[None] = Deferred()
+        self.h.runners.build_gate = gate
+        self.h.runners.manifest = {"processes": {"web": "gunicorn app:app"},
+                                   "release_command": "python manage.py migrate"}
+        alice = await self.h.store.get_user_by_name("alice")
+        app = await self.h.store.get_app("keep")
+        deploy = await self.h.deployer.start(app, alice, b"tarball")
+        while (await self.h.store.get_deploy(deploy.id)).status != "building":
+            await deferLater(reactor, 0.01, lambda: None)
+        status, body, _ = await self.h.call("DELETE", "apps/keep", token=self.h.alice_token)
+        self.assertEqual(status, 200, body)
+        failed = await self.h.store.get_deploy(deploy.id)
+        self.assertEqual((failed.status, failed.reason), ("failed", "app destroyed"))
+        releases = len(await self.h.store.list_releases("keep"))
+        gate.callback(None)
+        await self.h.deployer.wait(deploy.id)
+        self.assertEqual(len(await self.h.store.list_releases("keep")), releases)
+        self.assertEqual([t for _, t, _ in self.h.runners.requests if t == "run.start"], [])
+        final = await self.h.store.get_deploy(deploy.id)
+        self.assertEqual(final.status, "failed")
+        self.assertTrue(final.log.endswith("Deploy failed: app destroyed\n"), final.log)
+        self.assertIsNotNone((await self.h.store.get_app("keep", destroyed=True)).destroyed)
+        self.assertEqual(self.h.runners.running("keep"), [])
 
 
 class PeriodicPurgeTests(TestCase):

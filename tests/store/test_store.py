@@ -15,6 +15,7 @@ from epio.store import (
     Conflict,
     Instance,
     InvalidName,
+    InvalidTransition,
     InvalidValue,
     LastAdminToken,
     NotFound,
@@ -24,7 +25,9 @@ from epio.store import (
     hash_token,
     open_store,
 )
+from epio.store.cron import claim_slot
 from epio.store.migrations import MIGRATIONS, current_version, migrate
+from epio.store.runs import create_run
 from tests.store import pg
 
 DIGEST = "a" * 64
@@ -323,6 +326,47 @@ class StoreTestsMixin:
         await self.store.delete_app("race", destroyed_only=True)
         with self.assertRaises(NotFound):
             await self.store.get_app("race", destroyed=True)
+
+    async def test_destroyed_app_refuses_writes(self) -> None:
+        """Destroying an app fails its unfinished deploys ("app destroyed") in the same
+        transaction; a destroyed app refuses new releases, deploys, config, formation,
+        domains, collaborators, run sessions and cron records (NotFound), and accepts
+        them again once restored."""
+        await self.store.create_app("dead", self.alice.id)
+        await self.store.create_release("dead", "sha256:" + "a" * 64,
+                                        processes={"web": "run"})
+        running = await self.store.create_deploy("dead")
+        await self.store.update_deploy(running.id, status="building")
+        done = await self.store.create_deploy("dead", "pending")
+        await self.store.update_deploy(done.id, status="failed", reason="earlier")
+        await self.store.destroy_app("dead", purge_after=1e12)
+        failed = await self.store.get_deploy(running.id)
+        self.assertEqual((failed.status, failed.reason), ("failed", "app destroyed"))
+        self.assertIsNotNone(failed.finished)
+        self.assertEqual((await self.store.get_deploy(done.id)).reason, "earlier")
+        with self.assertRaises(InvalidTransition):
+            await self.store.update_deploy(running.id, status="built")
+        refused = [
+            lambda: self.store.create_release("dead", "sha256:" + "b" * 64),
+            lambda: self.store.create_deploy("dead"),
+            lambda: self.store.set_config("dead", {"A": "1"}),
+            lambda: self.store.set_config_and_release("dead", {"A": "1"}, description="x"),
+            lambda: self.store.set_formation("dead", "web", 2),
+            lambda: self.store.add_domain("dead", "dead.example.com"),
+            lambda: self.store.add_collaborator("dead", self.bob.id),
+            lambda: create_run(self.store, "s1", "dead", user=None, command="sh", kind="detached",
+                               tty=False, node=None, release=None),
+            lambda: claim_slot(self.store, "dead", "job", 60.0),
+        ]
+        for call in refused:
+            with self.assertRaises(NotFound):
+                await call()
+        self.assertEqual(len(await self.store.list_releases("dead")), 1)
+        await self.store.restore_app("dead")
+        await self.store.create_release("dead", "sha256:" + "b" * 64)
+        self.assertEqual(await self.store.fail_running_deploys("dead", "x"), [])
+        live = await self.store.create_deploy("dead")
+        self.assertEqual(await self.store.fail_running_deploys("dead", "x"), [live.id])
 
     async def test_app_quota(self) -> None:
         """A user with max_apps apps gets AppQuotaExceeded (with a retry time) and no app;
