@@ -35,6 +35,7 @@ from epio.store import (
     Conflict,
     Deploy,
     Domain,
+    HostnameRefused,
     InvalidName,
     Release,
     Store,
@@ -381,14 +382,17 @@ class Platform:
             raise refuse_hostname() from None
         if host == self.builtin_hostname(app):
             raise errors.Conflict(f"{host} is already the app's built-in hostname")
-        apps = {a.name: a.owner_id for a in await self.store.list_apps(None)}
-        others = [d.hostname for d in await self.store.list_domains(None)
-                  if apps.get(d.app) != app.owner_id]
-        if hostname_refused(host, app.name, self.settings.domain, others):
+        # checked inside the store's transaction, serialised with every other
+        # add_domain: two accounts adding overlapping names at once cannot both pass
+        try:
+            return await self.store.add_domain(
+                app.name, host,
+                refused=lambda others: hostname_refused(host, app.name,
+                                                        self.settings.domain, others))
+        except HostnameRefused:
             self.log.info("{user} was refused the hostname {host} for {app}",
                           user=user.name, host=host, app=app.name)
-            raise refuse_hostname()
-        return await self.store.add_domain(app.name, host)
+            raise refuse_hostname() from None
 
     async def remove_domain(self, user: User, app: App, hostname: str) -> None:
         if hostname.lower() == self.builtin_hostname(app):

@@ -8,6 +8,7 @@ service.whenReady()`` gives the :class:`Store`.  See docs/store.md.
 from epio.store.errors import (
     AppQuotaExceeded,
     Conflict,
+    HostnameRefused,
     InvalidName,
     InvalidTransition,
     InvalidValue,
@@ -61,6 +62,7 @@ __all__ = [
     "AppQuotaExceeded",
     "Change",
     "Conflict",
+    "HostnameRefused",
     "Deploy",
     "Domain",
     "FileLock",

@@ -21,6 +21,10 @@ class Conflict(StoreError):
     code = "conflict"
 
 
+class HostnameRefused(Conflict):
+    """The ``refused`` check of :meth:`Store.add_domain` said no (inside its transaction)."""
+
+
 class LastAdminToken(Conflict):
     """Revoking this token would leave no admin able to use the API."""
 

@@ -26,6 +26,7 @@ from epio.store.backend import Backend, Transaction
 from epio.store.errors import (
     AppQuotaExceeded,
     Conflict,
+    HostnameRefused,
     IntegrityError,
     InvalidName,
     InvalidTransition,
@@ -86,6 +87,9 @@ DEPLOY_TRANSITIONS: dict[str, frozenset[str]] = {
     "cancelled": frozenset(),
 }
 
+
+#: serialises add_domain's overlap check with every other add_domain (tx.exclusive)
+DOMAINS_LOCK = "epio.store.domains"
 
 #: the reason of the deploys that were running when their app was destroyed
 APP_DESTROYED = "app destroyed"
@@ -991,13 +995,28 @@ class Store:
 
     # ----------------------------------------------------------- domains
 
-    async def add_domain(self, app: str, hostname: str) -> Domain:
-        """Route ``hostname`` (or ``*.suffix``) to ``app``; ``Conflict`` if already routed."""
+    async def add_domain(self, app: str, hostname: str,
+                         refused: Callable[[list[str]], bool] | None = None) -> Domain:
+        """Route ``hostname`` (or ``*.suffix``) to ``app``; ``Conflict`` if already routed.
+
+        ``refused(others)``, given every hostname held by apps of *other* owners, is
+        asked inside the transaction, serialised with every other add_domain on every
+        node (:data:`DOMAINS_LOCK`): ``HostnameRefused`` when it says so. So two accounts
+        adding overlapping names at once cannot both pass the check.
+        """
         host, wildcard = normalise_hostname(hostname)
         now = self._now()
 
         async def q(tx: Transaction) -> Domain:
+            await tx.exclusive(DOMAINS_LOCK)
             await self._app_exists(tx, app, live=True)
+            if refused is not None:
+                others = [r[0] for r in (await tx.execute(
+                    "SELECT d.hostname FROM domains d JOIN apps a ON a.name = d.app "
+                    "WHERE a.owner_id <> (SELECT owner_id FROM apps WHERE name = ?)",
+                    (app,))).rows]
+                if refused(others):
+                    raise HostnameRefused(f"hostname {host!r} is refused")
             owner = (await tx.execute("SELECT app FROM domains WHERE hostname = ?",
                                       (host,))).scalar()
             if owner is not None:

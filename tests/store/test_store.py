@@ -7,12 +7,14 @@ from typing import Any
 
 from attrs import evolve
 from twisted.internet import reactor
+from twisted.internet.defer import DeferredList, ensureDeferred
 from twisted.trial.unittest import TestCase
 
 from epio.store import (
     AppLimits,
     AppQuotaExceeded,
     Conflict,
+    HostnameRefused,
     Instance,
     InvalidName,
     InvalidTransition,
@@ -367,6 +369,37 @@ class StoreTestsMixin:
         self.assertEqual(await self.store.fail_running_deploys("dead", "x"), [])
         live = await self.store.create_deploy("dead")
         self.assertEqual(await self.store.fail_running_deploys("dead", "x"), [live.id])
+
+    async def test_overlapping_hostnames_added_at_once(self) -> None:
+        """Two accounts adding overlapping hostnames at the same time (``example.com``
+        and ``www.example.com``): the overlap check runs inside add_domain's
+        transaction, serialised, so exactly one gets it and the other is
+        HostnameRefused, every time; the same owner's overlapping names both pass."""
+        from epio.api.domain import hostname_refused
+
+        await self.store.create_app("ours", self.alice.id)
+        await self.store.create_app("ours2", self.alice.id)
+        await self.store.create_app("theirs", self.bob.id)
+
+        def check(host: str, app: str) -> Any:
+            return lambda others: hostname_refused(host, app, "epio.test", others)
+
+        for n in range(5):
+            a, b = f"ex{n}.com", f"www.ex{n}.com"
+            results = await DeferredList([
+                ensureDeferred(self.store.add_domain("ours", a, refused=check(a, "ours"))),
+                ensureDeferred(self.store.add_domain("theirs", b,
+                                                     refused=check(b, "theirs"))),
+            ], consumeErrors=True)
+            ok = [r for good, r in results if good]
+            bad = [r.value for good, r in results if not good]
+            self.assertEqual((len(ok), len(bad)), (1, 1), results)
+            self.assertIsInstance(bad[0], HostnameRefused)
+            held = {d.hostname: d.app for d in await self.store.list_domains()}
+            self.assertEqual(len([h for h in held if h in (a, b)]), 1, held)
+        await self.store.add_domain("ours", "mine.org", refused=check("mine.org", "ours"))
+        await self.store.add_domain("ours2", "www.mine.org",
+                                    refused=check("www.mine.org", "ours2"))
 
     async def test_app_quota(self) -> None:
         """A user with max_apps apps gets AppQuotaExceeded (with a retry time) and no app;
