@@ -67,6 +67,10 @@ class FenceError(Exception):
     """nft refused the ruleset, or cannot be run."""
 
 
+class FenceNotApplied(FenceError):
+    """The fence is on but no table is in place: nothing may be spawned."""
+
+
 # -- endpoints in the config ---------------------------------------------------
 
 
@@ -675,7 +679,11 @@ class NetworkFence(Service):
         try:
             self.nft.apply(text)  # synchronously: before any app process starts
         except FenceError as e:
+            # the dry run passed but the real install did not: starting now would run
+            # every app unfenced although the operator never turned the fence off
             self._failed(str(e))
+            raise SystemExit(refusal(f"nft refused to install the fence table: {e}")) \
+                from None
         else:
             self.applied = text
             self.applies += 1
@@ -742,6 +750,22 @@ class NetworkFence(Service):
         self._synced.append(d)
         self.changed()
         return d
+
+    def ready(self) -> defer.Deferred[None]:
+        """:meth:`sync`, then fail with :class:`FenceNotApplied` when the fence is on
+        but no table of this runner is in place (its apply failed, e.g. after the
+        table was flushed): the gate an app process or ``epio run`` session passes
+        before it is spawned, so nothing starts unfenced.  A fence whose latest
+        apply failed while an older table is still in place lets spawns through:
+        that table still fences every app UID."""
+
+        def check(_: Any) -> None:
+            if self.enabled and self.running and self.applied is None:
+                raise FenceNotApplied(
+                    f"network fence not applied (nft table inet {self.plan.table}): "
+                    f"{self.error or 'not installed'}")
+
+        return self.sync().addCallback(check)
 
     def _release_synced(self) -> None:
         waiting, self._synced = self._synced, []
@@ -921,8 +945,9 @@ def attach_fence(runner: Any, node: Any, *, nft_binary: str | None | bool = True
             fence.changed()
 
     supervisor.on_change = on_change
-    supervisor.before_spawn.append(fence.sync)  # a process starts once its ports are open
+    # a process or session starts once its ports are open, and never unfenced
+    supervisor.before_spawn.append(fence.ready)
     if sessions is not None:
-        sessions.observers.append(fence.sync)  # a session starts once its ports are open
+        sessions.observers.append(fence.ready)
     runner.fence = fence
     return fence

@@ -61,6 +61,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from epio.runner.fence import FenceError
 from epio.runner.sandbox import sandboxed_pid
 from epio.runner.supervisor import InstanceSpec, SpecError, exit_status
 
@@ -707,14 +708,22 @@ class SessionManager(Service):
         for w in waiters:
             w.callback(None)
         self._call(s, "forget", FORGET_AFTER, self._forget, s)
-        defer.Deferred.fromCoroutine(self._changed()).addErrback(
-            lambda f: self.log.failure("a session observer failed", f))
+        defer.Deferred.fromCoroutine(self._changed()).addErrback(self._observer_failed)
+
+    def _observer_failed(self, f: Failure) -> None:
+        if f.check(FenceError):  # the fence is not in place: it reports that itself
+            self.log.warn("after a session ended: {error}", error=f.getErrorMessage())
+        else:
+            self.log.failure("a session observer failed", f)
 
     async def _changed(self) -> None:
         """Tell the observers the live sessions changed; wait for what they return."""
         waits = [d for d in (o() for o in list(self.observers)) if d is not None]
         if waits:
-            await defer.gatherResults(waits, consumeErrors=True)
+            try:
+                await defer.gatherResults(waits, consumeErrors=True)
+            except defer.FirstError as e:  # an observer refused (the fence is not in place)
+                e.subFailure.raiseException()
 
     def reach(self) -> list[tuple[int, int]]:
         """(uid, port) of the add-on ports of live sessions (for the network fence)."""

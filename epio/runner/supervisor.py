@@ -702,14 +702,25 @@ class Supervisor:
             else:
                 self._to(inst, State.FAILED, why)
             return
-        for gate in list(self.before_spawn):
-            waiting = gate()
-            if waiting is not None:
-                await waiting
+        refused: str | None = None
+        try:
+            for gate in list(self.before_spawn):
+                waiting = gate()
+                if waiting is not None:
+                    await waiting
+        except Exception as e:
+            # a gate refuses the spawn: the network fence is on but not in place
+            refused = f"cannot start: {e}"
         if inst.generation != gen or inst.stopping or self.shutting_down:
             await self.launcher.cleanup(launch)
             if inst.state is State.DRAINING:
                 self._to(inst, State.STOPPED, "stopped before it ran")
+            return
+        if refused is not None:
+            await self.launcher.cleanup(launch)
+            self.log.error("instance {i}: {why}", i=inst.spec.instance_id, why=refused)
+            self._say(inst, refused)
+            self._to(inst, State.FAILED, refused)
             return
         inst.launch = launch
         inst.oom_before = inst.oom_seen = self.launcher.oom_kills(launch)

@@ -19,6 +19,7 @@ from zope.interface.verify import verifyObject
 
 from epio.bus import RemoteError
 from epio.pipeline import MemoryLogSink
+from epio.runner.fence import FenceNotApplied
 from epio.runner.sessions import (
     OutputWindow,
     RunSettings,
@@ -365,6 +366,19 @@ class SessionTests(TestCase):
         with self.assertRaises(RemoteError) as e:
             await self.start("s2")
         self.assertEqual(e.exception.code, "unavailable")
+
+    async def test_a_refusing_observer_fails_the_start(self) -> None:
+        """An observer that fails (the network fence is on but no table is in place)
+        fails run.start with start_failed and its reason; nothing is spawned."""
+        self.m.observers.append(lambda: defer.fail(FenceNotApplied(
+            "network fence not applied (nft table inet t): nope")))
+        with self.assertRaises(RemoteError) as e:
+            await self.start()
+        self.assertEqual(e.exception.code, "start_failed")
+        self.assertIn("cannot start: network fence not applied (nft table inet t): nope",
+                      str(e.exception))
+        self.assertEqual(self.clock.spawned, [])
+        self.assertEqual(self.m.sessions["s1"].state, "exited")
 
     async def test_bad_requests(self) -> None:
         """Unknown sessions, empty commands and bad sizes get clear errors."""

@@ -18,6 +18,7 @@ from epio.config import validate
 from epio.runner.cgroups import CgroupSupport
 from epio.runner.fence import (
     FenceError,
+    FenceNotApplied,
     FencePlan,
     INft,
     NetworkFence,
@@ -383,12 +384,52 @@ class ServiceTests(SynchronousTestCase):
         self.clock.advance(30)
         self.assertEqual(len(self.nft.applied), 2)
 
+    def test_first_apply_failing_refuses_to_start(self) -> None:
+        """When the dry run passed but the real install at start fails, startService
+        exits (SystemExit with the refusal naming runner.fence = "off") instead of
+        running every app unfenced; the fence reports 'failed'."""
+        self.nft.fail = "Error: Could not process rule: Operation not permitted"
+        f = self.fence()
+        with self.assertRaises(SystemExit) as e:
+            f.startService()
+        self.assertIn("the runner cannot install its network fence: nft refused to install "
+                      "the fence table: Error: Could not process rule", str(e.exception))
+        self.assertIn('runner.fence = "off"', str(e.exception))
+        self.assertEqual(f.report()["state"], "failed")
+        self.assertEqual(self.nft.applied, [])
+
+    def test_ready_refuses_spawns_while_no_table_is_in_place(self) -> None:
+        """ready() (the spawn gate) passes while a table is in place, even when the
+        latest update failed (the older table still fences every app UID); once the
+        table is gone and cannot be put back it fails with 'network fence not
+        applied'; when nft works again the next ready() installs it and passes."""
+        f = self.fence(check_interval=30)
+        f.startService()
+        self.successResultOf(f.ready())
+        self.nft.fail = "Error: Could not process rule"
+        self.owned.append((20001, 21000))
+        self.successResultOf(f.ready())  # the update failed; the old table holds
+        self.assertEqual(f.report()["state"], "failed")
+        self.nft.installed.clear()  # nft flush ruleset, and reinstalling fails
+        self.clock.advance(30)
+        failure = self.failureResultOf(f.ready(), FenceNotApplied)
+        self.assertEqual(str(failure.value), "network fence not applied (nft table inet t): "
+                                             "Error: Could not process rule")
+        self.nft.fail = None
+        self.successResultOf(f.ready())
+        self.assertIn("t", self.nft.installed)
+        self.assertEqual(f.report()["state"], "on")
+        f.stopService()
+        self.successResultOf(f.ready())  # a stopped fence holds nothing back
+
     def test_nft_failure_is_reported_and_recovers(self) -> None:
         """A ruleset nft refuses leaves the fence 'failed' with the error in the
         report (and the runner's isolation facts); the next good apply clears it."""
-        self.nft.fail = "Error: Could not process rule"
         f = self.fence()
         f.startService()
+        self.nft.fail = "Error: Could not process rule"
+        self.owned.append((20002, 21001))
+        f.changed()
         self.assertEqual(f.report()["state"], "failed")
         self.assertEqual(f.report()["error"], "Error: Could not process rule")
         self.nft.fail = None
@@ -608,6 +649,25 @@ class WiringTests(SynchronousTestCase):
         svc.stopService()
         self.assertEqual(nft.deleted, [table_for("/var/lib/epio")])
 
+    def test_runner_whose_real_install_fails_refuses_to_start(self) -> None:
+        """nft accepts the dry run (nft -c) but refuses the real install: starting
+        the runner raises SystemExit with the refusal before any other child of the
+        runner started, and the spawn gate it registered is the failing-closed one."""
+        svc = self.runner()
+        others = list(svc)
+        nft = FakeNft()
+        node = FakeNode(validate({"build": {"user": "no-such-epio-user"}}), ("runner",),
+                        task.Clock())
+        fence = attach_fence(svc, node, nft_binary="/usr/sbin/nft", euid=0, nft=nft,
+                             in_thread=now)
+        self.assertEqual(svc.supervisor.before_spawn, [fence.ready])
+        nft.fail = "Error: cannot create table: Operation not permitted"
+        with self.assertRaises(SystemExit) as e:
+            svc.startService()
+        self.assertIn("the runner cannot install its network fence: nft refused to install "
+                      "the fence table: Error: cannot create table", str(e.exception))
+        self.assertFalse(others[0].running)
+
     def test_without_a_working_fence_the_runner_refuses_to_start(self) -> None:
         """By default (runner.fence = on) a runner without nft, without root, or whose
         ruleset nft refuses does not start: attach_fence exits with a message that
@@ -677,8 +737,8 @@ class SessionWiringTests(SynchronousTestCase):
                         task.Clock())
         fence = attach_fence(svc, node, nft_binary="/usr/sbin/nft", euid=0, nft=nft,
                              in_thread=slow)
-        self.assertEqual(svc.sessions.observers, [fence.sync])
-        self.assertEqual(svc.supervisor.before_spawn, [fence.sync])
+        self.assertEqual(svc.sessions.observers, [fence.ready])
+        self.assertEqual(svc.supervisor.before_spawn, [fence.ready])
         svc.startService()
         self.successResultOf(fence.sync())  # nothing changed: at once
         svc.sessions.live.append((20007, 5432))

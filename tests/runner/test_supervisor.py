@@ -193,6 +193,26 @@ class StartTests(SynchronousTestCase):
         with self.assertRaises(SpecError):
             h.sup.start(body(instance_id="i2", process_type="worker", image_digest=""))
 
+    def test_a_refusing_gate_fails_the_spawn(self) -> None:
+        """A before_spawn gate that fails (the network fence is on but no table is in
+        place) fails the instance with the reason instead of spawning it: no process,
+        the prepared launch cleaned up, its port released, the reason in the app's
+        log."""
+        h = Harness()
+        gate: defer.Deferred[None] = defer.Deferred()
+        h.sup.before_spawn.append(lambda: gate)
+        h.sup.start(body())
+        gate.errback(RuntimeError("network fence not applied (nft table inet t): nope"))
+        inst = h.sup.get("i1")
+        self.assertEqual(h.reactor.spawned, [])
+        self.assertEqual(inst.state, State.FAILED)
+        self.assertEqual(inst.reason, "cannot start: network fence not applied "
+                                      "(nft table inet t): nope")
+        self.assertEqual(h.launcher.cleaned, 1)
+        self.assertEqual(h.ports.used, set())
+        self.assertIn("web.1: cannot start: network fence not applied (nft table inet t): "
+                      "nope", h.sink.texts("hello", "platform"))
+
     def test_prepare_failure_is_failed_and_reported(self) -> None:
         """An image that cannot be prepared makes the instance failed with the reason."""
         h = Harness()
