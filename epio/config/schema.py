@@ -399,7 +399,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "shm_mb": Key(
             int, 64, "Size (MiB) of each sandboxed instance's private, writable /dev/shm "
             "(POSIX shared memory and semaphores: multiprocessing, Celery prefork); its pages "
-            "count against the instance's memory limit.", positive,
+            "count against the instance's memory limit. Needs bubblewrap 0.7.0 (--size); with an "
+            "older one /dev/shm has no size of its own (said at start; docs/runner.md).", positive,
         ),
         "port_max": Key(int, 29999, "Highest port given to web instances ($PORT).", positive),
         "uid_min": Key(

@@ -935,7 +935,8 @@ def attach_fence(runner: Any, node: Any, *, nft_binary: str | None | bool = True
     iso = runner.isolation
     runner.isolation = FencedIsolation(
         sandbox=iso.sandbox, uid_switch=iso.uid_switch, namespaces=iso.namespaces,
-        cgroups=iso.cgroups, nofile=iso.nofile, off=iso.off, fence=fence)
+        cgroups=iso.cgroups, nofile=iso.nofile, off=iso.off, shm_size=iso.shm_size,
+        fence=fence)
     previous = supervisor.on_change
 
     def on_change() -> None:

@@ -65,6 +65,9 @@ class Isolation:
     cgroups: tuple[str, ...]  # memory, cpu, pids
     nofile: bool
     off: dict[str, str]  # protection -> why it is off
+    # bubblewrap takes --size (0.7.0+): /dev/shm is bounded by runner.shm_mb; without
+    # it /dev/shm is an unsized tmpfs whose pages the instance's memory cgroup bounds
+    shm_size: bool = True
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -85,10 +88,12 @@ def detect_isolation(
     setpriv: str | None,
     cgroups: CgroupSupport,
     bwrap_works: bool | None = None,
+    shm_size: bool = True,
 ) -> Isolation:
     """Decide what we can enforce.  ``mode`` is ``runner.sandbox``: auto, bwrap or none.
 
-    ``bwrap_works`` is the result of a trial run (None: not tried).
+    ``bwrap_works`` is the result of a trial run (None: not tried); ``shm_size``
+    whether that bubblewrap takes ``--size`` (:func:`shm_args`).
     """
     off: dict[str, str] = {}
     root = euid == 0
@@ -131,7 +136,17 @@ def detect_isolation(
         cgroups=tuple(c for c in ("memory", "cpu", "pids") if cgroups.has(c)),
         nofile=True,
         off=off,
+        shm_size=shm_size,
     )
+
+
+def shm_args(shm_bytes: int, sized: bool = True) -> list[str]:
+    """bubblewrap options for each instance's private, writable /dev/shm (bubblewrap's
+    /dev has a root-owned one), bounded to ``shm_bytes`` when ``sized``: ``--size``
+    first shipped in bubblewrap 0.7.0.  Without it the tmpfs has the kernel's default
+    size; its pages still count against the instance's memory cgroup."""
+    size = ["--size", str(shm_bytes)] if sized else []
+    return ["--perms", "1777", *size, "--tmpfs", "/dev/shm"]
 
 
 @frozen
@@ -360,9 +375,7 @@ def build_argv(
             "--bind", str(spec.data_dir), DATA,
             "--perms", "1777", "--tmpfs", "/tmp",
             "--proc", "/proc", "--dev", "/dev",
-            # bubblewrap's /dev has a root-owned /dev/shm: give each instance its own,
-            # writable and bounded (its pages count against the memory cgroup too)
-            "--perms", "1777", "--size", str(spec.shm_bytes), "--tmpfs", "/dev/shm",
+            *shm_args(spec.shm_bytes, isolation.shm_size),
             "--chdir", f"{APP_ROOT}/{spec.workdir}",
             "--", *drop, "--", *command,
         ]

@@ -19,10 +19,12 @@ import hashlib
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from attrs import frozen
 from twisted.application.service import MultiService
 from twisted.internet import defer, task, threads
 from twisted.logger import Logger
@@ -32,7 +34,7 @@ from epio.runner.cgroups import CgroupSupport, detect, stale_cgroups
 from epio.runner.health import NetworkProbe
 from epio.runner.images import FetchingImages, ImageServer
 from epio.runner.ports import NoFreePort, PortAllocator, bindable
-from epio.runner.sandbox import Isolation, detect_isolation
+from epio.runner.sandbox import DEFAULT_SHM_BYTES, Isolation, detect_isolation, shm_args
 from epio.runner.supervisor import (
     ShuttingDown,
     SpecError,
@@ -83,19 +85,45 @@ def host_load(ncpu: int | None = None) -> dict[str, float]:
     return out
 
 
-def bwrap_trial(bwrap: str) -> bool:
-    """Can bubblewrap make the namespaces we use here?  (Run once, before the reactor.)"""
+@frozen
+class BwrapTrial:
+    """What the trial run found: bubblewrap works here, and takes ``--size``."""
+
+    works: bool
+    shm_size: bool = True
+
+
+BWRAP_TRIAL_TIMEOUT = 10.0  # seconds one trial run of bubblewrap may take
+
+
+def bwrap_trial(bwrap: str, shm_bytes: int = DEFAULT_SHM_BYTES,
+                run: Callable[..., Any] = subprocess.run) -> BwrapTrial:
+    """Can bubblewrap make the namespaces and the /dev/shm we use here?  (Run once,
+    before the reactor; ``run`` is for tests.)  The trial mounts /dev/shm with the
+    exact options the sandbox uses (:func:`shm_args`); when that bubblewrap does not
+    know ``--size`` (before 0.7.0, e.g. Ubuntu 22.04's 0.6.1) it tries again without
+    it, and the sandbox then mounts an unsized /dev/shm."""
     argv = [bwrap, "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--die-with-parent",
             "--new-session", "--ro-bind", "/usr", "/usr", "--proc", "/proc", "--dev", "/dev"]
     for name in ("bin", "lib", "lib64"):
         p = Path("/") / name
         if p.is_symlink():
             argv += ["--symlink", os.readlink(p), f"/{name}"]
-    try:
-        r = subprocess.run([*argv, "--", "/usr/bin/true"], capture_output=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return r.returncode == 0
+
+    def attempt(sized: bool) -> tuple[bool, bytes]:
+        try:
+            r = run([*argv, *shm_args(shm_bytes, sized), "--", "/usr/bin/true"],
+                    capture_output=True, timeout=BWRAP_TRIAL_TIMEOUT)
+        except (OSError, subprocess.SubprocessError) as e:
+            return False, str(e).encode()
+        return r.returncode == 0, r.stderr or b""
+
+    ok, err = attempt(True)
+    if ok:
+        return BwrapTrial(True, True)
+    if b"--size" in err:  # "bwrap: Unknown option --size"
+        return BwrapTrial(attempt(False)[0], False)
+    return BwrapTrial(False)
 
 
 class RunnerService(OrderedMultiService):
@@ -188,6 +216,11 @@ class RunnerService(OrderedMultiService):
         )
         for what, why in sorted(self.isolation.off.items()):
             self.log.warn("runner isolation OFF: {what}: {why}", what=what, why=why)
+        if self.isolation.sandbox == "bwrap" and not self.isolation.shm_size:
+            self.log.warn("runner: this bubblewrap has no --size (it needs 0.7.0): each "
+                          "instance's /dev/shm is a tmpfs without runner.shm_mb as its "
+                          "size; its pages count against the instance's memory limit "
+                          "(docs/runner.md)")
         self.log.info("runner network: apps share the host network; the network fence "
                       "(its own log line) refuses their connections to the control plane")
         super().startService()
@@ -594,8 +627,12 @@ def make_service(node: Any) -> RunnerService:
                                                                               "pids")}))
     bwrap = shutil.which("bwrap")
     setpriv = shutil.which("setpriv")
-    works = bwrap_trial(bwrap) if (bwrap and root and cfg["sandbox"] != "none") else None
-    isolation = detect_isolation(cfg["sandbox"], os.geteuid(), bwrap, setpriv, cgroups, works)
+    shm_bytes = int(cfg["shm_mb"]) * 1024 * 1024
+    trial = (bwrap_trial(bwrap, shm_bytes) if (bwrap and root and cfg["sandbox"] != "none")
+             else None)
+    isolation = detect_isolation(cfg["sandbox"], os.geteuid(), bwrap, setpriv, cgroups,
+                                 trial.works if trial else None,
+                                 shm_size=trial.shm_size if trial else True)
     if cfg["sandbox"] == "bwrap" and isolation.sandbox != "bwrap":
         raise SystemExit(f"epio: runner.sandbox = bwrap but {isolation.off.get('sandbox')}")
     sink = BusLogSink(node.bus, node.config["cluster"]["loggers"], clock=reactor)
@@ -606,7 +643,7 @@ def make_service(node: Any) -> RunnerService:
                             timeout=cfg["fetch_timeout"])
     launcher = SandboxLauncher(reactor, node.data_dir, isolation, cgroups, images, bwrap=bwrap,
                                setpriv=setpriv, node_id=node.node_id,
-                               shm_bytes=int(cfg["shm_mb"]) * 1024 * 1024)
+                               shm_bytes=shm_bytes)
     ports = PortAllocator(cfg["port_min"], cfg["port_max"], bindable(settings.advertise_host))
     supervisor = Supervisor(reactor, launcher, NetworkProbe(reactor), sink, ports, settings)
     control = control_advertise(cfg["control_bind"], settings.advertise_host,

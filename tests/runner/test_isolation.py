@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from pathlib import Path
+from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -19,6 +22,7 @@ from epio.runner.sandbox import (
     layout_for,
     python_prefix_of,
 )
+from epio.runner.service import BwrapTrial, bwrap_trial
 from epio.runner.users import UserError, app_user
 
 FULL = CgroupSupport({"memory": Path("/m"), "cpu": Path("/c"), "pids": Path("/p")}, {})
@@ -97,6 +101,22 @@ class ArgvTests(SynchronousTestCase):
         self.assertEqual(tail, ["/usr/bin/setpriv", "--reuid", "20001", "--regid", "20001",
                                 "--clear-groups", "--no-new-privs", "--", "/bin/bash", "-c",
                                 "python app.py"])
+
+    def test_dev_shm_without_size_support(self) -> None:
+        """With a bubblewrap that has no --size (before 0.7.0) the sandbox still mounts
+        a private, writable /dev/shm, without a size; with --size it is bounded by
+        runner.shm_mb (shm_bytes)."""
+        for sized, want in ((True, "--perms 1777 --size 1048576 --tmpfs /dev/shm"),
+                            (False, "--perms 1777 --tmpfs /dev/shm")):
+            iso = detect_isolation("auto", 0, "/usr/bin/bwrap", "/usr/bin/setpriv", FULL,
+                                   True, shm_size=sized)
+            self.assertEqual(iso.shm_size, sized)
+            argv = build_argv(spec(self.tmp, shm_bytes=1 << 20), iso, bwrap="/usr/bin/bwrap",
+                              setpriv="/usr/bin/setpriv", app_shell="/bin/bash")
+            joined = " ".join(argv)
+            self.assertIn(want, joined)
+            self.assertEqual("--size" in argv, sized)
+            self.assertLess(argv.index("/dev"), argv.index("/dev/shm"))
 
     def test_no_sandbox_argv_still_new_session_and_uid(self) -> None:
         """Without bubblewrap: a new session (for group signals), setpriv with a parent-death
@@ -280,3 +300,48 @@ class ImageFactsTests(SynchronousTestCase):
         env = app_environment(layout, {"PORT": "1"}, {"A": "user"},
                               {"A": "image", "B": "image", "PORT": "9"})
         self.assertEqual((env["A"], env["B"], env["PORT"]), ("user", "image", "1"))
+
+
+class FakeBwrap:
+    """Stands for subprocess.run on a bubblewrap of a given version: before 0.7.0 it
+    refuses --size as bubblewrap 0.6.1 does."""
+
+    def __init__(self, has_size: bool, works: bool = True) -> None:
+        self.has_size = has_size
+        self.works = works
+        self.calls: list[list[str]] = []
+
+    def __call__(self, argv: list[str], **kw: Any) -> subprocess.CompletedProcess[bytes]:
+        self.calls.append(argv)
+        if "--size" in argv and not self.has_size:
+            return subprocess.CompletedProcess(argv, 1, b"", b"bwrap: Unknown option --size\n")
+        if not self.works:
+            return subprocess.CompletedProcess(
+                argv, 1, b"", b"bwrap: No permissions to creating new namespace\n")
+        return subprocess.CompletedProcess(argv, 0, b"", b"")
+
+
+class BwrapTrialTests(SynchronousTestCase):
+    def test_trial_probes_the_dev_shm_options(self) -> None:
+        """The trial mounts /dev/shm with the sandbox's exact options (size included);
+        a bubblewrap without --size is tried again without it and recorded as
+        working without a size; one that fails otherwise does not work."""
+        new = FakeBwrap(has_size=True)
+        self.assertEqual(bwrap_trial("/usr/bin/bwrap", 1 << 20, run=new), BwrapTrial(True, True))
+        self.assertEqual(len(new.calls), 1)
+        self.assertIn("--perms 1777 --size 1048576 --tmpfs /dev/shm", " ".join(new.calls[0]))
+        old = FakeBwrap(has_size=False)
+        self.assertEqual(bwrap_trial("/usr/bin/bwrap", 1 << 20, run=old),
+                         BwrapTrial(True, False))
+        self.assertEqual(len(old.calls), 2)
+        self.assertIn("--perms 1777 --tmpfs /dev/shm --", " ".join(old.calls[1]))
+        self.assertNotIn("--size", old.calls[1])
+        self.assertFalse(bwrap_trial("/usr/bin/bwrap", run=FakeBwrap(True, works=False)).works)
+        self.assertFalse(bwrap_trial("/usr/bin/bwrap", run=FakeBwrap(False, works=False)).works)
+
+    def test_real_bubblewrap_of_this_host(self) -> None:
+        """The real bubblewrap here (0.8.0) passes the trial with --size."""
+        bwrap = shutil.which("bwrap")
+        if bwrap is None or os.geteuid() != 0:
+            raise self.skipTest("needs root and bubblewrap")  # type: ignore[misc]
+        self.assertEqual(bwrap_trial(bwrap), BwrapTrial(True, True))

@@ -61,7 +61,8 @@ class FakeImages:
         pass
 
 
-def make(data_dir: Path, reactor: FakeProcessReactor | None = None) -> Any:
+def make(data_dir: Path, reactor: FakeProcessReactor | None = None,
+         iso: Isolation | None = None) -> Any:
     reactor = reactor or FakeProcessReactor()
     launcher = FakeLauncher()
     probe = FakeProbe()
@@ -69,7 +70,8 @@ def make(data_dir: Path, reactor: FakeProcessReactor | None = None) -> Any:
                      PortAllocator(20000, 20009, lambda p: True), Settings())
     pub = FakePublisher()
     stores = FakeStoreService()
-    iso = Isolation("bwrap", True, ("pid",), ("memory",), True, {"cpu": "no cpu controller"})
+    iso = iso or Isolation("bwrap", True, ("pid",), ("memory",), True,
+                           {"cpu": "no cpu controller"})
     svc = RunnerService(reactor=reactor, supervisor=sup, isolation=iso,
                         cgroups=CgroupSupport({}, {}), images=FakeImages(), data_dir=data_dir,
                         node_id="n1", boot_id="b1", control="tcp://127.0.0.1:7731",
@@ -203,6 +205,27 @@ class RecoveryTests(SynchronousTestCase):
         self.assertEqual(list(svc2.supervisor.instances), ["keep"])
         self.assertEqual(svc2.supervisor.get("keep").port, 20000)
         self.assertEqual(len(reactor2.spawned), 1)
+
+
+class StartLogTests(SynchronousTestCase):
+    def test_unsized_dev_shm_is_said_at_start(self) -> None:
+        """A runner whose bubblewrap has no --size says at start that /dev/shm has no
+        runner.shm_mb bound and is charged to the instance's memory limit; one whose
+        bubblewrap has it says nothing of the kind."""
+        from twisted.logger import globalLogPublisher
+
+        seen: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(seen.append)
+        self.addCleanup(globalLogPublisher.removeObserver, seen.append)
+        for sized in (True, False):
+            iso = Isolation("bwrap", True, ("pid",), ("memory",), True, {}, shm_size=sized)
+            svc, *_ = make(Path(self.mktemp()), iso=iso)
+            svc.startService()
+            svc._beat.stop()
+            svc.supervisor.cancel_timers()
+            said = [e for e in seen if "has no --size" in e.get("log_format", "")]
+            self.assertEqual(len(said), 0 if sized else 1, said)
+        self.assertIn("count against the instance's memory limit", said[0]["log_format"])
 
 
 class AdvertiseTests(SynchronousTestCase):

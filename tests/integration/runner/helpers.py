@@ -94,9 +94,10 @@ class RealRunner:
         os.chmod(self.secret, 0o600)
         self.cgroup_parent = f"epio-test-{uuid.uuid4().hex[:8]}"
         self.cgroups = detect(parent=self.cgroup_parent)
-        works = bwrap_trial(BWRAP) if BWRAP and sandbox != "none" else None
+        trial = bwrap_trial(BWRAP) if BWRAP and sandbox != "none" else None
         self.isolation = detect_isolation(sandbox, os.geteuid(), BWRAP, SETPRIV, self.cgroups,
-                                          works)
+                                          trial.works if trial else None,
+                                          shm_size=trial.shm_size if trial else True)
         self.images = ImageStore(self.data_dir, reactor=reactor)
         self.launcher = SandboxLauncher(reactor, self.data_dir, self.isolation, self.cgroups,
                                         self.images, bwrap=BWRAP, setpriv=SETPRIV,
