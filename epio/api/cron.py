@@ -42,6 +42,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from epio.api import errors
+from epio.api.run import new_session_id
 from epio.api.spec import INT, NULLABLE_NUM, NULLABLE_STR, SCHEMAS, STR, array, obj, ref
 from epio.api.state import current_release, platform_line
 from epio.api.web import Api, operation
@@ -219,12 +220,16 @@ class CronRunner:
                     self._say(app.name, f"cron {entry.name}: skipped the run due at "
                                         f"{_utc(slot)}: run.{previous} is still running")
                 return False
-        if not await claim_slot(self.store, app.name, entry.name, slot):
+        # the run's session id goes with the claim: should this process die after the
+        # runner started the run but before record_run, the next slot still finds it
+        # (_previous_live) and is skipped instead of overlapping it
+        sid = new_session_id()
+        if not await claim_slot(self.store, app.name, entry.name, slot, session_id=sid):
             return False  # another api process dealt with this slot
         try:
             rec, _ = await self.sessions.start(app, _CronUser(), [entry.command], tty=False,
                                                detach=True, kind="cron",
-                                               source=f"cron.{entry.name}")
+                                               source=f"cron.{entry.name}", session_id=sid)
         except errors.ApiError as e:
             await record_run(self.store, app.name, entry.name, slot, outcome="failed",
                              reason=e.message)

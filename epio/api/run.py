@@ -114,6 +114,11 @@ class RunApiSettings:
         )
 
 
+def new_session_id() -> str:
+    """A fresh ``epio run`` session id (16 hex digits; the runner checks the form)."""
+    return uuid.uuid4().hex[:16]
+
+
 def _message(e: BaseException) -> str:
     return getattr(e, "message", None) or str(e) or type(e).__name__
 
@@ -200,12 +205,14 @@ class RunSessions:
     async def start(self, app: Any, user: Any, command: list[str], *, tty: bool,
                     detach: bool, rows: int = 24, cols: int = 80, term: str = "xterm",
                     client: str | None = None, kind: str | None = None,
-                    source: str | None = None) -> tuple[Any, str]:
+                    source: str | None = None,
+                    session_id: str | None = None) -> tuple[Any, str]:
         """Record and start a session; returns (RunRecord, runner endpoint).
 
         ``kind`` (default ``interactive``/``detached``) is the audit's kind;
         ``source`` the log source of a detached session's output (default
-        ``run.N``): the cron runner passes ``cron`` and ``cron.NAME``.
+        ``run.N``): the cron runner passes ``cron`` and ``cron.NAME``, and the
+        ``session_id`` (:func:`new_session_id`) it stored with its claim first.
         """
         from epio.store.runs import LimitReached, create_run, update_run
 
@@ -215,7 +222,7 @@ class RunSessions:
                                   "deploy it first", code="no_release")
         await self.reconcile(app.name)
         node = await self.pick_runner(app.name)
-        sid = uuid.uuid4().hex[:16]
+        sid = session_id or new_session_id()
         text = _command_text(command)
         try:
             rec = await create_run(self.store, sid, app.name, user=user.name, command=text,
@@ -873,7 +880,7 @@ async def release_phase(deployer: Any, app: Any, deploy: Any, runner: Any, diges
     settings = sessions.settings if sessions is not None else RunApiSettings()
     store, control, clock = deployer.store, deployer.control, deployer.clock
     deploy = await deployer._say(deploy, f"Release phase: {command}")
-    sid = uuid.uuid4().hex[:16]
+    sid = new_session_id()
     rec = await create_run(store, sid, app.name, user=deploy.created_by, command=str(command),
                            kind="release", tty=False, node=runner.id, release=None)
     formation = await store.get_formation(app.name)

@@ -7,7 +7,9 @@ seconds, a minute start) of the last slot the cluster dealt with; a slot is
 an old leader finishing its pass while a new one starts -- exactly one wins
 and runs it.  ``outcome`` says what became of that slot:
 
-* ``starting`` -- claimed, the run is being started;
+* ``starting`` -- claimed, the run is being started as the session ``session_id``
+  (chosen before it starts, so a run whose api process died before it recorded
+  ``started`` is still known, and the next slot sees it running);
 * ``started`` -- running or ran as the session ``session_id``
   (:mod:`epio.store.runs` has its state and exit status);
 * ``failed`` -- it could not be started (``reason``);
@@ -46,29 +48,32 @@ def _state(row: dict[str, Any]) -> CronState:
 
 
 async def claim_slot(store: Store, app: str, name: str, slot: float, outcome: str = "starting",
-                     reason: str | None = None) -> bool:
+                     reason: str | None = None, session_id: str | None = None) -> bool:
     """Move the entry's ``last_slot`` to ``slot`` if it is earlier (or unset).
 
     True when this call moved it -- the caller owns the slot; False when some
     process dealt with this slot (or a later one) already.  ``outcome`` and
     ``reason`` describe the slot; the last run's session id is kept for
-    ``missed``/``skipped`` slots (they ran nothing) and cleared otherwise.
+    ``missed``/``skipped`` slots (they ran nothing), else set to ``session_id``:
+    the session a ``starting`` slot is about to start.
     """
     if outcome not in OUTCOMES:
         raise InvalidValue(f"cron outcome must be one of {', '.join(OUTCOMES)}")
     keep = outcome in ("missed", "skipped")
-    session = "cron_jobs.session_id" if keep else "NULL"
+    if keep and session_id is not None:
+        raise InvalidValue("a missed or skipped slot runs no session")
+    session = "cron_jobs.session_id" if keep else "excluded.session_id"
     now = store._now()
 
     async def q(tx: Any) -> bool:
         await store._app_exists(tx, app, live=True)
         res = await tx.execute(
             "INSERT INTO cron_jobs (app, name, last_slot, session_id, outcome, reason, updated)"
-            " VALUES (?, ?, ?, NULL, ?, ?, ?) ON CONFLICT (app, name) DO UPDATE SET"
+            " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (app, name) DO UPDATE SET"
             f" last_slot = excluded.last_slot, session_id = {session},"
             " outcome = excluded.outcome, reason = excluded.reason, updated = excluded.updated"
             " WHERE cron_jobs.last_slot < excluded.last_slot",
-            (app, name, float(slot), outcome, reason, now))
+            (app, name, float(slot), None if keep else session_id, outcome, reason, now))
         return bool(res.rowcount)
 
     result: bool = await store._tx(q)

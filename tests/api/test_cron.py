@@ -43,6 +43,22 @@ class Node:
         self.service = CronService(self.runner, store, clock, retry_interval=1.0)
 
 
+class DyingSessions:
+    """The api's RunSessions in a process that dies right after the runner started the
+    run: ``start`` starts it for real, then never returns (no record_run follows)."""
+
+    def __init__(self, real: RunSessions) -> None:
+        self.real = real
+        self.started: list[Any] = []
+
+    async def start(self, *args: Any, **kw: Any) -> Any:
+        self.started.append((await self.real.start(*args, **kw))[0])
+        await defer.Deferred()  # the process is gone
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
 class CronClusterTests(TestCase):
     timeout = 120
 
@@ -208,6 +224,41 @@ class CronClusterTests(TestCase):
         self.assertEqual(entry["status"], "missed")
         self.assertIn("not started within cron.start_deadline (30s)", entry["reason"])
         self.assertIn("was missed", self.sink.texts(APP, "platform")[-1])
+        self.assertEqual(len(await self.cron_runs()), 2)
+
+    async def test_no_overlap_after_a_crash_between_claim_and_record(self) -> None:
+        """An api process that dies after the runner started its run but before it
+        recorded 'started' leaves the run findable (its session id is stored with the
+        claim): the next slot, on another api process, is 'skipped' while that run is
+        still running, not a second, overlapping run; once it ended the next slot
+        runs."""
+        dying = DyingSessions(self.nodes[0].runner.sessions)
+        first = CronRunner(self.stores[0], dying, self.clock,
+                           CronSettings(tick=TICK, start_deadline=120.0), log_sink=self.sink)
+        first.leader = True
+        defer.ensureDeferred(first.run_pass())  # never finishes: its process died
+        for _ in range(500):
+            if dying.started:
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(len(self.procs.spawned), 1)
+        state = (await list_cron(self.stores[0], APP))["tick"]
+        self.assertEqual((state.outcome, state.session_id), ("starting", dying.started[0].id))
+
+        other = self.nodes[1].runner
+        other.leader = True
+        self.clock.advance(60)
+        self.assertEqual(await other.run_pass(), 0)
+        self.assertEqual(len(self.procs.spawned), 1, "no second, overlapping run")
+        [entry] = await describe(self.stores[0], APP, self.clock.seconds())
+        self.assertEqual(entry["status"], "skipped")
+        self.assertIn("run.1 was still running", entry["reason"])
+
+        self.end_runs()
+        await self.cron_runs()
+        self.clock.advance(60)
+        self.assertEqual(await other.run_pass(), 1)
+        self.end_runs()
         self.assertEqual(len(await self.cron_runs()), 2)
 
 
