@@ -42,13 +42,13 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from epio.api import errors
-from epio.api.run import new_session_id
 from epio.api.spec import INT, NULLABLE_NUM, NULLABLE_STR, SCHEMAS, STR, array, obj, ref
 from epio.api.state import current_release, platform_line
 from epio.api.web import Api, operation
 from epio.cronspec import CronError, CronSpec, parse_schedule
 from epio.store import LeaderService, NotFound, Store
 from epio.store.cron import CronState, claim_slot, list_cron, record_run
+from epio.store.runs import new_session_id
 
 LOCK_NAME = "epio.cron"
 #: What ``epio cron`` shows as an entry's status.

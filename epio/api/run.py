@@ -65,6 +65,7 @@ from epio.api.spec import (
 from epio.api.state import DEFAULT_SIZE, SIZES, current_release
 from epio.api.web import Api, operation, query_int
 from epio.store.addons import addon_ports
+from epio.store.runs import new_session_id
 
 FIRST_MESSAGE_TIMEOUT = 30.0
 _log = Logger()
@@ -112,11 +113,6 @@ class RunApiSettings:
             release_timeout=c["release_timeout"],
             runner_dead_after=float(config["api"].get("runner_dead_after", 15.0)),
         )
-
-
-def new_session_id() -> str:
-    """A fresh ``epio run`` session id (16 hex digits; the runner checks the form)."""
-    return uuid.uuid4().hex[:16]
 
 
 def _message(e: BaseException) -> str:

@@ -9,6 +9,7 @@ Rows go with the app (``ON DELETE CASCADE``).  Output is never stored here.
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import attrs
@@ -21,6 +22,11 @@ from epio.store.store import Store
 KINDS = ("interactive", "detached", "release", "cron")
 STATES = ("starting", "running", "exited", "failed", "lost")
 LIVE = ("starting", "running")
+
+
+def new_session_id() -> str:
+    """A fresh session id (16 hex digits; the runner checks the form)."""
+    return uuid.uuid4().hex[:16]
 
 
 @frozen
