@@ -215,8 +215,9 @@ class StartLogTests(SynchronousTestCase):
         from twisted.logger import globalLogPublisher
 
         seen: list[dict[str, Any]] = []
-        globalLogPublisher.addObserver(seen.append)
-        self.addCleanup(globalLogPublisher.removeObserver, seen.append)
+        observer: Any = seen.append  # an ILogObserver
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
         for sized in (True, False):
             iso = Isolation("bwrap", True, ("pid",), ("memory",), True, {}, shm_size=sized)
             svc, *_ = make(Path(self.mktemp()), iso=iso)
