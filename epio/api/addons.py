@@ -315,7 +315,9 @@ class Addons:
                 # a platform without a shared server (the single-box default): say so in
                 # the deploy log and go on -- the app runs without DATABASE_URL
                 await say("  [services] postgres: this platform has no shared PostgreSQL "
-                          "(addons.postgres_admin_url is empty); DATABASE_URL is NOT set")
+                          "(addons.postgres_admin_url is empty); DATABASE_URL is NOT set. "
+                          "`postgres = dedicated` in [services] gives the app a server of "
+                          "its own")
                 self.log.warn("{app} asks for postgres but addons.postgres_admin_url is "
                               "empty", app=app.name)
                 continue
@@ -336,8 +338,9 @@ class Addons:
         if kind == "postgres" and plan == "shared":
             if self.shared is None:
                 raise errors.Unavailable(
-                    "no shared PostgreSQL is configured (addons.postgres_admin_url)",
-                    code="addons_unavailable")
+                    "this platform has no shared PostgreSQL server (its operator has not "
+                    "set addons.postgres_admin_url); a dedicated server of the app's own "
+                    "(plan \"dedicated\") works without one", code="no_shared_postgres")
             try:
                 creds = await self.shared.provision(app.name)
             except AddonError as e:

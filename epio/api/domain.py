@@ -28,6 +28,7 @@ from epio.api.state import (
     release_states,
     serving_release,
 )
+from epio.appenv import reserved_reason
 from epio.secretfile import write_secret_file
 from epio.store import (
     APP_DESTROYED,
@@ -296,6 +297,11 @@ class Platform:
 
     async def update_config(self, user: User, app: App, changes: dict[str, str | None]
                             ) -> tuple[dict[str, str], Release]:
+        for key, value in changes.items():
+            why = reserved_reason(key) if value is not None else None
+            if why is not None:
+                raise errors.ValidationFailed(f"{key} cannot be set as a config var: {why}",
+                                              code="reserved_config_var")
         set_keys = sorted(k for k, v in changes.items() if v is not None)
         unset_keys = sorted(k for k, v in changes.items() if v is None)
         words = []

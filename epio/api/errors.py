@@ -83,6 +83,27 @@ class PayloadTooLarge(ApiError):
     status = 413
 
 
+def _binary_size(n: int) -> str:
+    """``n`` bytes in KiB (below 1 MiB), MiB or GiB, for people."""
+    if n < 1 << 20:
+        return f"{n / 1024:.0f} KiB"
+    if n < 1 << 30:
+        return f"{n / (1 << 20):.1f} MiB"
+    return f"{n / (1 << 30):.1f} GiB"
+
+
+def too_large_message(size: int | None, limit: int, upload: bool) -> str:
+    """The sentence for a body over ``limit`` bytes (``size`` None: not known yet); an
+    upload's says how to make it smaller."""
+    if not upload:
+        how_big = f"is {size} bytes" if size is not None else "is larger than that"
+        return f"the request body {how_big}; the limit is {limit} bytes"
+    how_big = f"is {_binary_size(size)}" if size is not None else "is larger"
+    return (f"the upload {how_big}; the limit is {_binary_size(limit)}. Leave out what the "
+            "app does not need to run (a virtualenv, .git, media or data files) with a "
+            ".epioignore file in the app directory (gitignore syntax)")
+
+
 class UnsupportedMediaType(ApiError):
     code = "unsupported_media_type"
     status = 415

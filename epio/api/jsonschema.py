@@ -14,6 +14,13 @@ message is that text (one answer for every way a value can be wrong, e.g. a
 hostname that must not reveal why it was refused).  ``pattern`` follows
 ECMA-262 as JSON Schema says: ``$`` matches only at the very end (Python's
 ``$`` would also match before a final newline, letting ``"name\n"`` through).
+
+A second extension, ``x-errors``, gives one keyword's failure a human sentence and a
+stable code instead of the generic text: ``{"pattern": {"code": "invalid_app_name",
+"message": "{value!r} is not a valid app name: ..."}}``; ``{value}`` is the offending
+value (for ``additionalProperties``, the field's name).  Without it the message is the
+generic one (``must match ^...$``) and the code None (the API answers
+``validation_failed``).
 """
 
 from __future__ import annotations
@@ -57,10 +64,26 @@ def _compile(pattern: str) -> re.Pattern[str]:
 class SchemaError(ValueError):
     """The instance does not match; ``path`` says where (``body.name``)."""
 
-    def __init__(self, path: str, message: str) -> None:
+    def __init__(self, path: str, message: str, code: str | None = None,
+                 human: str | None = None) -> None:
         self.path = path
         self.message = message
+        self.code = code
+        self.human = human
         super().__init__(f"{path}: {message}")
+
+    def sentence(self) -> str:
+        """The human sentence when the schema gives one, else ``path message``."""
+        return self.human or f"{self.path} {self.message}"
+
+
+def _fail(schema: Mapping[str, Any], keyword: str, path: str, message: str,
+          value: Any) -> SchemaError:
+    """The error for ``keyword`` failing, with the schema's ``x-errors`` sentence if any."""
+    custom = schema.get("x-errors", {}).get(keyword)
+    if custom is None:
+        return SchemaError(path, message)
+    return SchemaError(path, message, custom["code"], custom["message"].format(value=value))
 
 
 def _resolve(schema: Mapping[str, Any], root: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -113,11 +136,13 @@ def _validate(instance: Any, schema: Mapping[str, Any], root: Mapping[str, Any],
             raise SchemaError(path, "does not match any allowed form")
     if isinstance(instance, str):
         if "minLength" in schema and len(instance) < schema["minLength"]:
-            raise SchemaError(path, f"must be at least {schema['minLength']} characters")
+            raise _fail(schema, "minLength", path,
+                        f"must be at least {schema['minLength']} characters", instance)
         if "maxLength" in schema and len(instance) > schema["maxLength"]:
-            raise SchemaError(path, f"must be at most {schema['maxLength']} characters")
+            raise _fail(schema, "maxLength", path,
+                        f"must be at most {schema['maxLength']} characters", instance)
         if "pattern" in schema and not _compile(schema["pattern"]).search(instance):
-            raise SchemaError(path, f"must match {schema['pattern']}")
+            raise _fail(schema, "pattern", path, f"must match {schema['pattern']}", instance)
     if _TYPES["number"](instance):
         if "minimum" in schema and instance < schema["minimum"]:
             raise SchemaError(path, f"must be >= {schema['minimum']}")
@@ -164,6 +189,7 @@ def _validate(instance: Any, schema: Mapping[str, Any], root: Mapping[str, Any],
             if matched:
                 continue
             if extra is False:
-                raise SchemaError(where, "is not an allowed field")
+                raise _fail(schema, "additionalProperties", where, "is not an allowed field",
+                            name)
             if isinstance(extra, Mapping):
                 validate(value, extra, root, where)

@@ -911,8 +911,8 @@ async def release_phase(deployer: Any, app: Any, deploy: Any, runner: Any, diges
             except Exception:
                 pass
             raise DeployFailed(f"the release command did not finish within "
-                               f"{settings.release_timeout:g}s; the previous release keeps "
-                               "serving")
+                               f"{settings.release_timeout:g}s; "
+                               + await _what_keeps_serving(store, app.name))
         try:
             reply = await control.request(runner.control_endpoint, "run.wait",
                                           {"session_id": sid, "timeout": min(left, 20.0)},
@@ -931,8 +931,19 @@ async def release_phase(deployer: Any, app: Any, deploy: Any, runner: Any, diges
     if status == 0 and not sig:
         return await deployer._say(deploy, "Release phase succeeded")
     how = f"was killed by {sig}" if sig else f"exited with status {status}"
-    raise DeployFailed(f"the release command ({command}) {how}; the previous release keeps "
-                       "serving (see `epio logs --source release`)")
+    raise DeployFailed(f"the release command ({command}) {how}; "
+                       + await _what_keeps_serving(store, app.name)
+                       + " (see `epio logs --source release`)")
+
+
+async def _what_keeps_serving(store: Any, app: str) -> str:
+    """After a failed release phase: which release still serves, or that none does."""
+    from epio.api.state import current_release
+
+    current = await current_release(store, app)
+    if current is None or current.image is None:
+        return "no release was made, and the app has none serving yet"
+    return f"no release was made; v{current.version} keeps serving"
 
 
 __all__ = ["Bridge", "BridgeSink", "RunApiSettings", "RunSessions", "install",

@@ -25,9 +25,10 @@ from epio.api.channel import DeadlineChannel, Deadlines
 from epio.api.control import BusRunnerControl
 from epio.api.deploys import Deployer
 from epio.api.domain import Platform, ensure_admin
+from epio.api.errors import too_large_message
 from epio.api.scheduler import Scheduler, SchedulerService
 from epio.api.settings import ApiSettings, derive_app_secret
-from epio.api.web import Api
+from epio.api.web import TARBALL_TYPES, Api
 from epio.listen import ConnectionLimit, LimitedEndpoint, log_backlog, with_backlog
 
 
@@ -49,7 +50,7 @@ def limited_request(max_body: int) -> type[Request]:
                 self.epio_oversize = True
                 body = json.dumps({"error": {
                     "code": "payload_too_large",
-                    "message": f"request body is {length} bytes; the limit is {max_body} bytes",
+                    "message": too_large_message(length, max_body, self._epio_upload()),
                 }}).encode() + b"\n"
                 transport: Any = self.channel.transport if self.channel is not None else None
                 if transport is not None:
@@ -60,6 +61,10 @@ def limited_request(max_body: int) -> type[Request]:
                     transport.loseConnection()
                 length = 0
             super().gotLength(length)
+
+        def _epio_upload(self) -> bool:
+            kind = (self.requestHeaders.getRawHeaders(b"content-type") or [b""])[0]
+            return kind.split(b";")[0].strip().lower().decode("latin-1") in TARBALL_TYPES
 
         def handleContentChunk(self, data: bytes) -> None:
             if self.epio_oversize:

@@ -40,6 +40,14 @@ HOSTNAME_RULE = (
     "address, not localhost, not under the platform domain (except under the app's own "
     "name) and not equal to, under or above a name another account has claimed")
 
+# the rules in words, for the validation errors users see (jsonschema ``x-errors``)
+INVALID_APP_NAME = {"code": "invalid_app_name",
+                    "message": "{value!r} is not a valid app name: " + _store.APP_NAME_RULE}
+INVALID_CONFIG_KEY = {
+    "code": "invalid_config_key",
+    "message": "{value!r} is not a valid config var name: use letters, digits and '_', "
+               "not starting with a digit, at most 255 characters (like SECRET_KEY)"}
+
 NUM = {"type": "number"}
 STR = {"type": "string"}
 INT = {"type": "integer"}
@@ -87,7 +95,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "processes": {"type": "object", "additionalProperties": INT,
                       "description": "running instances per process type"},
     }),
-    "NewApp": obj({"name": {"type": "string", "pattern": APP_NAME}}),
+    "NewApp": obj({"name": {"type": "string", "pattern": APP_NAME,
+                            "x-errors": {"pattern": INVALID_APP_NAME}}}),
     "AppDestroyed": obj({"deleted": STR, "destroyed": NUM, "purge_after": NUM}),
     "DestroyedApp": obj({
         "name": STR, "owner": STR, "created": NUM, "destroyed": NUM,
@@ -132,6 +141,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
                                            "maxLength": _store.MAX_CONFIG_VALUE,
                                            "pattern": NO_NUL}},
         "additionalProperties": False,
+        "x-errors": {"additionalProperties": INVALID_CONFIG_KEY},
     },
     "ProcessFormation": obj({"type": STR, "quantity": INT, "size": STR, "command": NULLABLE_STR,
                              "limits": {"type": "object"}}),

@@ -146,15 +146,14 @@ class Api:
         raw = request.getHeader(b"content-type") or b""
         return raw.decode("latin-1").split(";")[0].strip().lower()
 
-    def _read_limited(self, request: Any, limit: int) -> bytes:
+    def _read_limited(self, request: Any, limit: int, upload: bool = False) -> bytes:
         content = request.content
         if getattr(request, "epio_oversize", False):
-            raise errors.PayloadTooLarge(f"request body is larger than {limit} bytes")
+            raise errors.PayloadTooLarge(errors.too_large_message(None, limit, upload))
         content.seek(0, 2)
         size = content.tell()
         if size > limit:
-            raise errors.PayloadTooLarge(
-                f"request body is {size} bytes; the limit is {limit} bytes")
+            raise errors.PayloadTooLarge(errors.too_large_message(size, limit, upload))
         content.seek(0)
         data: bytes = content.read()
         return data
@@ -171,14 +170,14 @@ class Api:
         try:
             validate(body, op.request, _ROOT)
         except SchemaError as e:
-            raise errors.ValidationFailed(f"{e.path} {e.message}") from None
+            raise errors.ValidationFailed(e.sentence(), code=e.code) from None
         return body
 
     def _upload_body(self, request: Any) -> bytes:
         if self._content_type(request) not in TARBALL_TYPES:
             raise errors.UnsupportedMediaType(
                 "the upload must be a gzipped tarball (Content-Type: application/gzip)")
-        data = self._read_limited(request, self.max_upload_bytes)
+        data = self._read_limited(request, self.max_upload_bytes, upload=True)
         if not data:
             raise errors.BadRequest("the upload is empty")
         return data

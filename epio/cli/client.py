@@ -22,13 +22,28 @@ APP_FILE = ".epio-app"
 USER_AGENT = "epio-cli"
 
 
-class CliError(Exception):
-    """A failure to report as one sentence and a non-zero exit status."""
+USAGE = 2
+"""The exit status of a usage error (a malformed argument), as argparse's."""
 
-    def __init__(self, message: str, status: int = 1) -> None:
+
+class CliError(Exception):
+    """A failure to report as one sentence and a non-zero exit status; ``hint`` (a
+    second line) says what to do instead, ``code`` is the API's error code if any."""
+
+    def __init__(self, message: str, status: int = 1, hint: str | None = None,
+                 code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
+        self.hint = hint
+        self.code = code
+
+
+HINTS: dict[str, str] = {
+    "no_shared_postgres": "`epio addons create postgres --dedicated` runs a PostgreSQL "
+                          "server of the app's own",
+}
+"""What to do instead, by the API's error code, shown under its message."""
 
 
 # --- config ------------------------------------------------------------------------
@@ -134,7 +149,8 @@ class Client:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                 raw = resp.read()
         except urllib.error.HTTPError as e:
-            raise CliError(_http_error(e)) from None
+            message, code = _http_error(e)
+            raise CliError(message, hint=HINTS.get(code or ""), code=code) from None
         except urllib.error.URLError as e:
             raise CliError(f"cannot reach the epio API at {self.api}: {_reason(e.reason)}") \
                 from None
@@ -166,15 +182,16 @@ def _reason(reason: Any) -> str:
     return text or type(reason).__name__
 
 
-def _http_error(e: urllib.error.HTTPError) -> str:
+def _http_error(e: urllib.error.HTTPError) -> tuple[str, str | None]:
+    """The API's message and code of an error answer."""
     try:
         body = json.loads(e.read())
-        message = body["error"]["message"]
-    except Exception:
-        return f"the API answered {e.code} {e.reason}"
+        message, code = body["error"]["message"], body["error"].get("code")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return f"the API answered {e.code} {e.reason}", None
     if e.code == 401:
-        return f"{message}; run `epio login` again"
-    return str(message)
+        return f"{message}; run `epio login` again", code
+    return str(message), code
 
 
 class ProgressReader:

@@ -20,6 +20,7 @@ from urllib.parse import quote
 
 from epio.cli.client import (
     APP_FILE,
+    USAGE,
     Client,
     CliError,
     ProgressReader,
@@ -139,16 +140,30 @@ def cmd_apps_list(args: argparse.Namespace) -> int:
 def cmd_apps_create(args: argparse.Namespace) -> int:
     app = Client.from_config().post("apps", {"name": args.name})
     remembered = None
+    kept = None  # the app an existing .epio-app names: it is not overwritten
     if not args.no_remember:
         here = Path.cwd() / APP_FILE
         if not here.exists():
             here.write_text(app["name"] + "\n")
             remembered = here
+        else:
+            try:
+                kept = here.read_text("utf-8").strip() or None
+            except OSError:
+                kept = "another app"
+            if kept == app["name"]:
+                kept, remembered = None, here
 
     def human() -> None:
         print(f"Created {app['name']}: {app['url']}")
         if remembered is not None:
             print(f"Remembered it in {remembered} (commands run here use it)")
+            print("Deploy it with: epio deploy")
+            return
+        if kept is not None:
+            print(f"Not remembered: {Path.cwd() / APP_FILE} already names {kept}, and "
+                  f"commands run here still act on {kept}. Pass --app {app['name']}, or "
+                  f"make it the default here with: echo {app['name']} > {APP_FILE}")
         print("Deploy it with: epio deploy DIR --app " + app["name"])
 
     return out(args, app, human)
@@ -248,9 +263,15 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         size = tarball.stat().st_size
         show = progress_bar() if sys.stderr.isatty() and not quiet else (lambda d, t: None)
         with open(tarball, "rb") as f:
-            deploy = client.request("POST", f"apps/{name}/deploys",
-                                    data=ProgressReader(f, size, show),  # type: ignore[arg-type]
-                                    content_type="application/gzip", length=size)
+            try:
+                deploy = client.request(
+                    "POST", f"apps/{name}/deploys",
+                    data=ProgressReader(f, size, show),  # type: ignore[arg-type]
+                    content_type="application/gzip", length=size)
+            except CliError as e:
+                if e.code == "payload_too_large":
+                    e.hint = biggest_entries(tarball)
+                raise
     finally:
         try:
             os.unlink(tarball)
@@ -286,6 +307,12 @@ def follow_deploy(client: Client, name: str, deploy_id: str, args: argparse.Name
     while True:
         d = client.get(f"apps/{name}/deploys/{deploy_id}", log_offset=offset)
         log += d["log"]
+        if build_log is not None and not quiet and d["status"] == "failed" \
+                and d["image"] is None:
+            # the build's last lines say why it failed: they come (through the logs
+            # pipeline) a little after the deploy is marked failed, and go before
+            # "Deploy failed: ..."
+            build_log.follow(until_end=BUILD_LOG_SETTLE)
         if d["log"] and not quiet:
             sys.stdout.write(d["log"])
             sys.stdout.flush()
@@ -294,9 +321,6 @@ def follow_deploy(client: Client, name: str, deploy_id: str, args: argparse.Name
                                                                     "built"):
             build_log.follow()
         if d["status"] in FINAL:
-            if build_log is not None and not quiet and d["status"] == "failed" \
-                    and d["image"] is None:
-                build_log.follow()  # the build's last lines say why it failed
             break
         if time.monotonic() > deadline:
             raise CliError(f"gave up following deploy {d['id'][:12]} after {args.timeout:g}s "
@@ -331,6 +355,32 @@ def follow_release(client: Client, name: str, rel: dict[str, Any],
         print(f"v{rel['version']} is current")
 
 
+BUILD_LOG_SETTLE = 5.0
+"""Seconds `epio deploy` waits, after a failed build, for the build's last line (its
+``!!!!!> build failed`` line) to reach the logs endpoint before it prints the failure."""
+
+BUILD_END = "!!!!!> "  # the builder's failure line starts so
+
+
+def biggest_entries(tarball: Path, count: int = 5) -> str:
+    """The largest top-level entries of an upload, for what to put in .epioignore."""
+    import tarfile
+
+    sizes: dict[str, int] = {}
+    try:
+        with tarfile.open(tarball, "r:gz") as tar:
+            for member in tar:
+                top = member.name.lstrip("./").split("/", 1)
+                key = top[0] + ("/" if len(top) > 1 or member.isdir() else "")
+                sizes[key] = sizes.get(key, 0) + member.size
+    except (OSError, tarfile.TarError):
+        return "list what the app does not need in .epioignore (gitignore syntax)"
+    largest = sorted(sizes.items(), key=lambda kv: -kv[1])[:count]
+    return ("the largest parts of the upload are " + ", ".join(
+        f"{k} ({human_size(v)})" for k, v in largest) + "; list what the app does not "
+        "need in .epioignore")
+
+
 class BuildLog:
     """Prints the app's ``build`` log lines (from the logs endpoint) while it builds.
 
@@ -343,10 +393,19 @@ class BuildLog:
         self.since = since
         self.last_id = -1
         self.available = True
+        self.ended = False
 
-    def follow(self) -> None:
-        if not self.available:
-            return
+    def follow(self, until_end: float = 0.0) -> None:
+        """Print the new build lines; with ``until_end``, keep polling up to that many
+        seconds until the build's failure line has been printed."""
+        deadline = time.monotonic() + until_end
+        while self.available:
+            self._print_new()
+            if self.ended or time.monotonic() >= deadline:
+                return
+            time.sleep(0.2)
+
+    def _print_new(self) -> None:
         try:
             body = self.client.get(f"apps/{self.app}/logs", source="build", n=1000,
                                    since=f"{self.since:.3f}")
@@ -356,7 +415,9 @@ class BuildLog:
         for line in (body or {}).get("lines", []):
             if isinstance(line, dict) and int(line.get("id", -1)) > self.last_id:
                 self.last_id = int(line["id"])
-                print(f"  | {line.get('text', '')}")
+                text = str(line.get("text", ""))
+                self.ended = self.ended or text.startswith(BUILD_END)
+                print(f"  | {text}")
         sys.stdout.flush()
 
 
@@ -409,12 +470,13 @@ def cmd_scale(args: argparse.Namespace) -> int:
     for item in args.changes:
         ptype, sep, value = item.partition("=")
         if not sep or not ptype:
-            raise CliError(f"scale takes TYPE=N[:SIZE] (like web=2), not {item!r}")
+            raise CliError(f"scale takes TYPE=N[:SIZE] (like web=2), not {item!r}", USAGE)
         qty, _, size = value.partition(":")
         change: dict[str, Any] = {}
         if qty:
             if not qty.isdigit():
-                raise CliError(f"{ptype}: the quantity must be a number, not {qty!r}")
+                raise CliError(f"{ptype}: the quantity must be a whole number like {ptype}=2, "
+                               f"not {qty!r}", USAGE)
             change["quantity"] = int(qty)
         if size:
             change["size"] = size
@@ -502,7 +564,7 @@ def cmd_config_set(args: argparse.Namespace) -> int:
     for item in args.pairs:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise CliError(f"config set takes KEY=VALUE, not {item!r}")
+            raise CliError(f"config set takes KEY=VALUE, not {item!r}", USAGE)
         changes[key] = value
     client = Client.from_config()
     data = client.patch(f"apps/{name}/config", changes)
@@ -548,12 +610,14 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     if args.version:
         text = args.version.lstrip("vV")
         if not text.isdigit():
-            raise CliError(f"rollback takes a release like v3, not {args.version!r}")
+            raise CliError(f"rollback takes a release like v3, not {args.version!r}", USAGE)
         body["version"] = int(text)
     client = Client.from_config()
     rel = client.post(f"apps/{name}/rollback", body)
+    target = rel["description"].rpartition(" v")[2]  # the API describes it "Rollback to vN"
     if not args.json:
-        print(f"Rolled back {name}: {rel['description']} is v{rel['version']}")
+        print(f"Rolled back {name} to v{target}: the new release v{rel['version']} runs "
+              f"v{target}'s code and config")
     follow_release(client, name, rel, args)
     return out(args, rel, lambda: None)
 

@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(func(args) or 0)
     except CliError as e:
         print(f"epio: {e.message}", file=sys.stderr)
+        if e.hint:
+            print(f"hint: {e.hint}", file=sys.stderr)
         return e.status
     except KeyboardInterrupt:
         print("epio: interrupted", file=sys.stderr)

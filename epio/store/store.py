@@ -55,6 +55,8 @@ T = TypeVar("T")
 # The names the store accepts, matched whole (re.fullmatch: "$" alone would let a trailing
 # newline through).  The API's OpenAPI schemas use these very patterns (epio.api.spec).
 APP_NAME = re.compile(r"^[a-z](?:[a-z0-9-]{0,28}[a-z0-9])?$")
+APP_NAME_RULE = ("use 1-30 lowercase letters, digits and '-', starting with a letter and "
+                 "not ending with '-' (like my-app)")
 USER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@+-]{0,63}$")
 CONFIG_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
 PROCESS_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,29}$")
@@ -133,10 +135,7 @@ def hash_token(token: str) -> str:
 def validate_app_name(name: Any) -> str:
     """Return ``name`` if it is a valid app name (DNS label, 1-30 chars), else raise."""
     if not isinstance(name, str) or not APP_NAME.fullmatch(name):
-        raise InvalidName(
-            f"invalid app name {name!r}: use 1-30 lowercase letters, digits and '-', "
-            "starting with a letter and not ending with '-'"
-        )
+        raise InvalidName(f"{name!r} is not a valid app name: {APP_NAME_RULE}")
     return name
 
 

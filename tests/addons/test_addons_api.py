@@ -412,8 +412,9 @@ class AddonApiTests(TestCase):
         self.h.scheduler.lose_leadership()
         self.assertEqual(d["status"], "succeeded", d["log"])
         self.assertIn("DATABASE_URL is NOT set", d["log"])
+        self.assertIn("`postgres = dedicated` in [services]", d["log"])
         status, body, _ = await self.call("POST", "apps/shop/addons", {"kind": "postgres"})
-        self.assertEqual((status, body["error"]["code"]), (503, "addons_unavailable"))
+        self.assertEqual((status, body["error"]["code"]), (503, "no_shared_postgres"))
 
     async def test_rollback_keeps_addon_urls(self) -> None:
         """Rolling back to a release made before the add-on keeps DATABASE_URL (the code

@@ -121,11 +121,13 @@ class AppTests(ApiTestCase):
         self.assertEqual(status, 404)
 
     async def test_bad_name(self) -> None:
-        """A malformed app name is a 400 validation_failed naming the field."""
+        """A malformed app name is a 400 invalid_app_name saying the rule in words."""
         status, body, _ = await self.call("POST", "apps", token=self.h.alice_token,
                                           body={"name": "Not_OK"})
-        self.assertEqual((status, body["error"]["code"]), (400, "validation_failed"))
-        self.assertIn("body.name", body["error"]["message"])
+        self.assertEqual((status, body["error"]["code"]), (400, "invalid_app_name"))
+        self.assertEqual(body["error"]["message"], "'Not_OK' is not a valid app name: use "
+                         "1-30 lowercase letters, digits and '-', starting with a letter and "
+                         "not ending with '-' (like my-app)")
 
     async def test_collaborator(self) -> None:
         """A collaborator sees the app; they cannot delete it (403); removed, it is 404."""

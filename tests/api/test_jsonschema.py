@@ -27,6 +27,27 @@ class ValidateTests(SynchronousTestCase):
         validate(None, {"type": ["string", "null"]})
         self.bad(3, {"type": ["string", "null"]}, "body")
 
+    def test_x_errors_give_a_sentence_and_a_code(self) -> None:
+        """A keyword's ``x-errors`` entry replaces the generic text with a sentence
+        naming the value (or the field) and a stable code; other keywords stay generic."""
+        schema = {"type": "object", "additionalProperties": False,
+                  "properties": {"n": {"type": "string", "pattern": "^a+$",
+                                       "x-errors": {"pattern": {
+                                           "code": "bad_n", "message": "{value!r} is no n"}}}},
+                  "x-errors": {"additionalProperties": {
+                      "code": "bad_field", "message": "{value} is not a field"}}}
+        with self.assertRaises(SchemaError) as e:
+            validate({"n": "b"}, schema)
+        self.assertEqual((e.exception.code, e.exception.sentence()), ("bad_n", "'b' is no n"))
+        with self.assertRaises(SchemaError) as e:
+            validate({"zz": 1}, schema)
+        self.assertEqual((e.exception.code, e.exception.sentence()),
+                         ("bad_field", "zz is not a field"))
+        with self.assertRaises(SchemaError) as e:
+            validate({"n": 3}, schema)
+        self.assertEqual((e.exception.code, e.exception.sentence()),
+                         (None, "body.n must be of type string"))
+
     def test_objects(self) -> None:
         """Required fields, no extra fields, pattern properties, nested paths."""
         schema = {"$ref": "#/components/schemas/NewApp"}

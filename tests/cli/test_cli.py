@@ -24,7 +24,9 @@ from tests.api.support import Harness
 from tests.util import epio_env
 
 
-class CliTests(TestCase):
+class CliBase(TestCase):
+    """A real api on a TCP port and the CLI as a subprocess against it."""
+
     timeout = 60
 
     async def _setup(self) -> None:
@@ -64,6 +66,8 @@ class CliTests(TestCase):
                                          stdin=(token or self.h.alice_token) + "\n")
         self.assertEqual(code, 0, err)
 
+
+class CliTests(CliBase):
     async def test_login_from_stdin(self) -> None:
         """login reads the token from stdin, checks it, stores it 0600; a bad one fails."""
         code, out, err = await self.epio("login", "--api", self.url, stdin="epio_wrong\n")
@@ -132,7 +136,8 @@ class CliTests(TestCase):
         self.assertEqual(code, 0, err)
         self.assertIn("large", out)
         code, out, err = await self.epio("scale", "web=two")
-        self.assertEqual(code, 1)
+        self.assertEqual((code, err.strip()), (2, "epio: web: the quantity must be a whole "
+                                                  "number like web=2, not 'two'"))
         code, out, err = await self.epio("domains", "add", "www.example.com")
         self.assertEqual(code, 0, err)
         code, out, err = await self.epio("domains")
@@ -362,3 +367,126 @@ class CliTests(TestCase):
         code, out, err = await self.epio("django", "--app", "hello")
         self.assertEqual(code, 1)
         self.assertIn("which manage.py command? epio django", err)
+
+
+class CliMessageTests(CliBase):
+    """Each refusal a user meets is a sentence that says the rule (and what to do)."""
+
+    async def test_validation_errors_are_sentences(self) -> None:
+        """A bad app name, config var name, platform config var or hostname is refused
+        with the rule in words, never a regex or a schema path; nothing is changed."""
+        await self.login()
+        code, out, err = await self.epio("apps", "create", "Bad_Name!")
+        self.assertEqual((code, err.strip()), (1, (
+            "epio: 'Bad_Name!' is not a valid app name: use 1-30 lowercase letters, digits "
+            "and '-', starting with a letter and not ending with '-' (like my-app)")))
+        code, out, err = await self.epio("apps", "create", "trailing-")
+        self.assertEqual(code, 1)
+        self.assertIn("'trailing-' is not a valid app name: use 1-30", err)
+        await self.epio("apps", "create", "msgs")
+        code, out, err = await self.epio("config", "set", "1BAD=x")
+        self.assertEqual((code, err.strip()), (1, (
+            "epio: '1BAD' is not a valid config var name: use letters, digits and '_', not "
+            "starting with a digit, at most 128 characters (like SECRET_KEY)")))
+        code, out, err = await self.epio("config", "set", "PORT=1234")
+        self.assertEqual((code, err.strip()), (1, (
+            "epio: PORT cannot be set as a config var: the platform sets PORT itself (the "
+            "port the platform gives the web process to listen on)")))
+        code, out, err = await self.epio("config", "set", "OK=1", "EPIO_APP=other")
+        self.assertEqual((code, err.strip()), (1, (
+            "epio: EPIO_APP cannot be set as a config var: names starting with EPIO_ belong "
+            "to the platform")))
+        code, out, err = await self.epio("config", "--json")
+        self.assertEqual(json.loads(out)["vars"], {})  # OK=1 was not set either
+        code, out, err = await self.epio("config", "unset", "PORT")  # unsetting is harmless
+        self.assertEqual(code, 0, err)
+        code, out, err = await self.epio("domains", "add", "bad..example.com")
+        self.assertEqual(code, 1)
+        # one sentence for every refused hostname (it must not tell whether another
+        # account has it: docs/api.md)
+        self.assertTrue(err.startswith(
+            "epio: body.hostname must be a DNS name of two or more labels"), err)
+        self.assertNotIn("^", err)
+
+    async def test_usage_errors_exit_2(self) -> None:
+        """Malformed arguments are usage errors: exit status 2 (docs/cli.md)."""
+        await self.login()
+        await self.epio("apps", "create", "usage")
+        for argv, text in [(("scale", "web"), "scale takes TYPE=N[:SIZE] (like web=2)"),
+                           (("config", "set", "NOVALUE"), "config set takes KEY=VALUE"),
+                           (("rollback", "three"), "rollback takes a release like v3")]:
+            code, out, err = await self.epio(*argv)
+            self.assertEqual(code, 2, (argv, err))
+            self.assertIn(text, err)
+
+    async def test_second_apps_create_says_which_app_is_remembered(self) -> None:
+        """A second `apps create` in a directory keeps .epio-app as it is and says so,
+        with the app commands here still act on and how to switch."""
+        await self.login()
+        code, out, err = await self.epio("apps", "create", "first")
+        self.assertIn("Deploy it with: epio deploy\n", out)
+        code, out, err = await self.epio("apps", "create", "second")
+        self.assertEqual(code, 0, err)
+        self.assertIn(f"Not remembered: {self.cwd / '.epio-app'} already names first, and "
+                      "commands run here still act on first. Pass --app second, or make it "
+                      "the default here with: echo second > .epio-app", out)
+        self.assertIn("Deploy it with: epio deploy DIR --app second", out)
+        self.assertEqual((self.cwd / ".epio-app").read_text().strip(), "first")
+        code, out, err = await self.epio("apps", "info")
+        self.assertIn("=== first", out)
+
+    async def test_rollback_names_the_target_and_the_new_release(self) -> None:
+        """rollback says which release it went back to and which new release that is."""
+        await self.h.add_runner("r1")
+        self.h.scheduler.become_leader()
+        self.addCleanup(self.h.scheduler.lose_leadership)
+        await self.login()
+        await self.epio("apps", "create", "back")
+        (self.cwd / "Procfile").write_text("web: gunicorn app:app\n")
+        code, out, err = await self.epio("deploy", "--poll", "0.1")
+        self.assertEqual(code, 0, out + err)
+        code, out, err = await self.epio("config", "set", "A=1")
+        self.assertEqual(code, 0, err)
+        code, out, err = await self.epio("rollback", "v1")
+        self.assertEqual((code, out.strip()), (0, "Rolled back back to v1: the new release "
+                                                  "v3 runs v1's code and config"), err)
+
+    async def test_upload_too_large_names_epioignore_and_the_biggest_parts(self) -> None:
+        """An upload over the limit is refused in MiB with how to shrink it (.epioignore)
+        and the largest parts of the upload; no deploy starts."""
+        await self.h.add_runner("r1")
+        await self.login()
+        await self.epio("apps", "create", "big")
+        (self.cwd / "Procfile").write_text("web: gunicorn app:app\n")
+        (self.cwd / "media").mkdir()
+        (self.cwd / "media" / "video.bin").write_bytes(os.urandom(150_000))
+        code, out, err = await self.epio("deploy")
+        self.assertEqual(code, 1, out + err)
+        lines = err.strip().splitlines()
+        self.assertRegex(lines[0], (
+            r"^epio: the upload is 14\d KiB; the limit is 64 KiB\. Leave out what the app "
+            r"does not need to run \(a virtualenv, \.git, media or data files\) with a "
+            r"\.epioignore file in the app directory \(gitignore syntax\)$"))
+        self.assertTrue(lines[1].startswith(
+            "hint: the largest parts of the upload are media/ (150.0 KB), "), lines[1])
+        self.assertTrue(lines[1].endswith("; list what the app does not need in .epioignore"))
+        self.assertEqual(await self.h.store.list_deploys("big"), [])
+
+    async def test_postgres_without_a_shared_server_suggests_dedicated(self) -> None:
+        """`addons create postgres` on a platform without a shared server says so and
+        suggests --dedicated."""
+        from epio.api.addons import Addons, AddonSettings
+
+        addons = Addons(self.h.store, self.h.runners, reactor, AddonSettings(), shared=None,
+                        scheduler=self.h.scheduler)
+        self.h.api.addons = self.h.platform.addons = addons
+        await self.login()
+        await self.epio("apps", "create", "db")
+        code, out, err = await self.epio("addons", "create", "postgres")
+        self.assertEqual(code, 1)
+        self.assertEqual(err.strip().splitlines(), [
+            "epio: this platform has no shared PostgreSQL server (its operator has not set "
+            "addons.postgres_admin_url); a dedicated server of the app's own (plan "
+            '"dedicated") works without one',
+            "hint: `epio addons create postgres --dedicated` runs a PostgreSQL server of the "
+            "app's own"])

@@ -301,6 +301,24 @@ class ImageFactsTests(SynchronousTestCase):
                               {"A": "image", "B": "image", "PORT": "9"})
         self.assertEqual((env["A"], env["B"], env["PORT"]), ("user", "image", "1"))
 
+    def test_every_platform_value_is_a_reserved_config_var(self) -> None:
+        """Every name the platform sets over config vars (but LANG, a default only) is
+        one the API refuses as a config var (epio.appenv), so none is silently ignored."""
+        from epio.appenv import reserved_reason
+
+        iso = Isolation("bwrap", True, (), (), True, {})
+        layout = layout_for(spec(Path(self.mktemp())), iso)
+        platform = {"EPIO_APP": "a", "EPIO_RELEASE": "1", "EPIO_PROCESS": "web.1",
+                    "EPIO_INSTANCE": "i", "EPIO_NODE": "n", "PORT": "1"}
+        probe = {k: "user" for k in app_environment(layout, platform, {})}
+        env = app_environment(layout, platform, probe)
+        overridden = sorted(k for k in probe if env[k] != "user")
+        self.assertIn("PORT", overridden)
+        for name in overridden:
+            self.assertIsNotNone(reserved_reason(name), name)
+        self.assertIsNone(reserved_reason("LANG"))
+        self.assertEqual(env["LANG"], "user")
+
 
 class FakeBwrap:
     """Stands for subprocess.run on a bubblewrap of a given version: before 0.7.0 it

@@ -56,6 +56,8 @@ class BodyLimitTests(TestCase):
         self.assertEqual(status_line, b"HTTP/1.1 413 Payload Too Large")
         body = json.loads(rest.split(b"\r\n\r\n", 1)[1])
         self.assertEqual(body["error"]["code"], "payload_too_large")
+        self.assertIn("the upload is 9.3 GiB; the limit is", body["error"]["message"])
+        self.assertIn(".epioignore", body["error"]["message"])
 
     async def test_chunked_upload_over_limit(self) -> None:
         """A chunked upload that grows past the limit is refused with 413 and no deploy."""

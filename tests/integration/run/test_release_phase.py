@@ -83,30 +83,40 @@ class ReleasePhaseTests(SynchronousTestCase):
         """A deploy runs the migration once, before its release serves; a deploy whose
         migration fails (run once too) makes no release and the previous one keeps
         serving.  The same holds for a Procfile `release:` line (Heroku's convention),
-        which is not a process type."""
+        which is not a process type -- and a failed first deploy says that nothing serves
+        yet."""
         code, _, err = self.node.epio("run", "--app", "hello", "--", "true", check=False)
         self.assertEqual(code, 1)  # nothing to run in yet: a clear error, no traceback
         self.assertIn("has no release to run commands in yet: deploy it first", err)
         self.assertNotIn("Traceback", err)
-        code, out, err = self.deploy(self.app_dir)
-        self.assertEqual(code, 0, out + err)
-        self.assertIn("migration 1", out)
-        self.assertLess(out.index("Release phase succeeded"), out.index("rolling out"))
-        first = self.releases()[0]["version"]
-        wait_until("v1 serves", lambda: self.serving() == f"release {first} migrations 1\n",
-                   timeout=30)
-
         broken = self.node.tmp / "broken"
         shutil.copytree(self.app_dir, broken)
         (broken / "fail").write_text("yes\n")
+        # a failed first deploy does not pretend that something keeps serving
         code, out, err = self.deploy(broken)
         self.assertEqual(code, 1, out + err)
-        self.assertIn("the release command (python migrate.py) exited with status 3", err)
+        self.assertIn("exited with status 3; no release was made, and the app has none "
+                      "serving yet", err)
+        self.assertNotIn("keeps serving", out + err)
+        self.assertEqual(self.releases(), [])
+
+        code, out, err = self.deploy(self.app_dir)
+        self.assertEqual(code, 0, out + err)
         self.assertIn("migration 2", out)
+        self.assertLess(out.index("Release phase succeeded"), out.index("rolling out"))
+        first = self.releases()[0]["version"]
+        wait_until("v1 serves", lambda: self.serving() == f"release {first} migrations 2\n",
+                   timeout=30)
+
+        code, out, err = self.deploy(broken)
+        self.assertEqual(code, 1, out + err)
+        self.assertIn("the release command (python migrate.py) exited with status 3; no "
+                      f"release was made; v{first} keeps serving", err)
+        self.assertIn("migration 3", out)
         self.assertEqual(self.releases()[0]["version"], first)  # no release was made
-        self.assertEqual(self.serving(), f"release {first} migrations 2\n")
+        self.assertEqual(self.serving(), f"release {first} migrations 3\n")
         audit = [r for r in self.node.runs(history=True) if r["kind"] == "release"]
-        self.assertEqual([r["exit_status"] for r in audit], [3, 0])
+        self.assertEqual([r["exit_status"] for r in audit], [3, 0, 3])
 
         # Heroku's convention: a Procfile `release:` line is the same release phase
         heroku = self.node.tmp / "heroku"
@@ -115,17 +125,18 @@ class ReleasePhaseTests(SynchronousTestCase):
         (heroku / "Procfile").write_text("web: python server.py\nrelease: python migrate.py\n")
         code, out, err = self.deploy(heroku)
         self.assertEqual(code, 0, out + err)
-        self.assertIn("migration 3", out)
+        self.assertIn("migration 4", out)
         self.assertIn("Release v2 (web);", out)  # `release` is no process type
-        wait_until("v2 serves", lambda: self.serving() == "release 2 migrations 3\n",
+        wait_until("v2 serves", lambda: self.serving() == "release 2 migrations 4\n",
                    timeout=30)
         formation = json.loads(self.node.epio("scale", "--app", "hello", "--json")[1])
         self.assertEqual([p["type"] for p in formation["processes"]], ["web"])
         (heroku / "fail").write_text("yes\n")
         code, out, err = self.deploy(heroku)
         self.assertEqual(code, 1, out + err)
-        self.assertIn("the release command (python migrate.py) exited with status 3", err)
+        self.assertIn("the release command (python migrate.py) exited with status 3; no "
+                      "release was made; v2 keeps serving", err)
         self.assertEqual(self.releases()[0]["version"], 2)  # no release was made
-        self.assertEqual(self.serving(), "release 2 migrations 4\n")
+        self.assertEqual(self.serving(), "release 2 migrations 5\n")
         audit = [r for r in self.node.runs(history=True) if r["kind"] == "release"]
-        self.assertEqual([r["exit_status"] for r in audit], [3, 0, 3, 0])
+        self.assertEqual([r["exit_status"] for r in audit], [3, 0, 3, 0, 3])
