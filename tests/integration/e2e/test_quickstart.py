@@ -306,6 +306,8 @@ class QuickStartTests(SynchronousTestCase):
 
         self.step("rollback serves the previous config again")
         _, out, _ = self.epio("rollback")
+        self.assertRegex(out.strip(), r"^Rolled back hello to v\d+: the new release v\d+ runs "
+                                      r"v\d+'s code and config$")
         wait_until("only the rolled back release served", lambda: all(self.router() == (
             200, "Hello from Flask on epio!\n") for _ in range(6)), timeout=60)
         releases = json.loads(self.epio("releases", "--app", "hello", "--json")[1])
@@ -314,6 +316,21 @@ class QuickStartTests(SynchronousTestCase):
         app_ports = [i["port"] for i in self.ps()]
         self.assertTrue(_instance_processes(self.seen_instances),
                         "no app process found before the delete")
+
+        self.step("a failed build: its last lines come before 'Deploy failed'")
+        escape = self.tmp / "escape"
+        shutil.copytree(CHECKOUT / "examples" / "flask", escape)
+        (escape / "etc").symlink_to("../../../../../etc")
+        code, out, err = self.epio("deploy", str(escape), "--app", "hello", "--poll", "0.5",
+                                   check=False)
+        self.assertEqual(code, 1, out + err)
+        lines = out.splitlines()
+        last_build = max(i for i, ln in enumerate(lines) if ln.startswith("  | "))
+        self.assertTrue(lines[last_build].startswith("  | !!!!!> build failed:"), out)
+        failed = [i for i, ln in enumerate(lines) if ln.startswith("Deploy failed: ")]
+        self.assertEqual(len(failed), 1, out)
+        self.assertLess(last_build, failed[0], out)
+        self.assertIn("points outside the app", err)
 
         self.step("apps destroy removes processes, mounts, image refs and routes")
         self.epio("apps", "destroy", "hello", "--confirm", "hello")
