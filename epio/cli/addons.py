@@ -158,7 +158,7 @@ def _shell(args: argparse.Namespace, script: str, name: str) -> int:
     run_args = argparse.Namespace(
         app=args.app, json=False, command=["sh", "-c", script, name, *extra], list=False,
         history=False, kill=None, attach=None, detach=False, no_tty=args.no_tty,
-        quiet=args.quiet)
+        quiet=args.quiet, announce=False)  # the tool's own output only, on success
     return cmd_run(run_args)
 
 

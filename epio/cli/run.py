@@ -88,11 +88,15 @@ def _exit_status(msg: dict[str, Any]) -> int:
 class Session:
     """One websocket session: the select loop between the terminal and the API."""
 
-    def __init__(self, ws: WebSocket, interactive: bool, app: str, quiet: bool) -> None:
+    def __init__(self, ws: WebSocket, interactive: bool, app: str, quiet: bool,
+                 announce: bool = True) -> None:
         self.ws = ws
         self.interactive = interactive
         self.app = app
         self.quiet = quiet
+        # "Running `CMD` on APP as run.N": off for tools (epio psql) that print nothing
+        # of their own on success
+        self.announce = announce
         self.number: int | None = None
         self.status: int | None = None
         self.stdin_open = True
@@ -189,8 +193,9 @@ class Session:
         if t == "session":
             self.number = int(msg["number"])
             mode = "attached to a terminal" if msg.get("tty") else "without a terminal"
-            self.info(f"Running `{msg.get('command')}` on {self.app} as run.{self.number}, "
-                      f"{mode} (node {msg.get('node')})")
+            if self.announce:
+                self.info(f"Running `{msg.get('command')}` on {self.app} as "
+                          f"run.{self.number}, {mode} (node {msg.get('node')})")
             if self.interactive and msg.get("tty"):
                 raw = contextlib.ExitStack()
                 raw.enter_context(raw_terminal(self.stdin_fd))
@@ -259,7 +264,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     rows, cols = window_size(sys.stdin.fileno()) if interactive else (24, 80)
     ws.send_json({"type": "start", "command": command, "tty": interactive, "rows": rows,
                   "cols": cols, "term": os.environ.get("TERM", "xterm")})
-    return Session(ws, interactive, app, args.quiet).run()
+    return Session(ws, interactive, app, args.quiet, getattr(args, "announce", True)).run()
 
 
 def _number(text: str) -> int:

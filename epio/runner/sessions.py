@@ -121,6 +121,24 @@ class RunSettings:
         )
 
 
+BRIEF_SCRIPT = 120
+"""A ``sh -c SCRIPT NAME ARGS...`` session whose script is longer than this many
+characters (``epio psql``'s, ``epio redis-cli``'s) shows in the app's log as
+``NAME ARGS... (a N-character sh script)``; its audit record keeps the whole command."""
+
+
+def log_text(command: str) -> str:
+    """How a session's command shows in the app's log lines (see :data:`BRIEF_SCRIPT`)."""
+    try:
+        argv = shlex.split(command)
+    except ValueError:
+        return command
+    if (len(argv) >= 4 and argv[0] in ("sh", "/bin/sh") and argv[1] == "-c"
+            and len(argv[2]) > BRIEF_SCRIPT):
+        return f"{shlex.join(argv[3:])} (a {len(argv[2])}-character sh script)"
+    return command
+
+
 def command_text(argv: list[str]) -> str:
     """The shell command a session runs: one item is a shell string as typed
     (``epio run -- 'yes | head'``); several are an argv, quoted exactly."""
@@ -548,7 +566,7 @@ class SessionManager(Service):
             self.log.error("session {id} of {app}: {why}", id=sid, app=app, why=why)
             self._ended(s, None, None, why, failed=True)
             raise SessionError("start_failed", why) from None
-        self._say(s, f"{s.source} started by {s.user} on {self.node_id}: {s.command}"
+        self._say(s, f"{s.source} started by {s.user} on {self.node_id}: {log_text(s.command)}"
                   + (" (detached)" if s.detach else ""))
         return {"session_id": sid, "state": s.state, "node": self.node_id}
 
@@ -698,7 +716,7 @@ class SessionManager(Service):
                f"killed by {sig}" if sig else f"exited with status {code}")
         if reason and not failed:
             how += f" ({reason})"
-        self._say(s, f"{s.source} ({s.command}) of {s.user} {how} after "
+        self._say(s, f"{s.source} ({log_text(s.command)}) of {s.user} {how} after "
                      f"{s.ended - s.started:.1f}s")
         self.log.info("session {id} ({app} {source}) {how}", id=s.id, app=s.app,
                       source=s.source, how=how)

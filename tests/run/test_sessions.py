@@ -242,6 +242,26 @@ class SessionTests(TestCase):
         self.assertIn("run.1 started by alice on n1: cat", texts[0])
         self.assertIn("exited with status 3", texts[-1])
 
+    async def test_a_tool_script_stays_out_of_the_app_log(self) -> None:
+        """`epio psql` runs `sh -c SCRIPT psql ARGS`: the app's log names `psql ARGS` and
+        the script's size, never the script; short commands show whole."""
+        from epio.cli.addons import PSQL
+        from epio.runner.sessions import log_text
+
+        p = await self.start(command=["sh", "-c", PSQL, "psql", "-c", "select 1"])
+        p.end(0)
+        await self.call("run.poll", session_id="s1", client="c1", ack=0)
+        texts = self.sink.texts("hello", "platform")
+        self.assertEqual(texts[0], f"run.1 started by alice on n1: psql -c 'select 1' "
+                                   f"(a {len(PSQL)}-character sh script)")
+        self.assertTrue(texts[-1].startswith(
+            f"run.1 (psql -c 'select 1' (a {len(PSQL)}-character sh script)) of alice "
+            "exited with status 0"), texts[-1])
+        self.assertFalse([t for t in texts if "DATABASE_URL" in t])
+        self.assertEqual(log_text("sh -c 'echo hi' x"), "sh -c 'echo hi' x")
+        self.assertEqual(log_text("yes | head"), "yes | head")
+        self.assertEqual(log_text("echo 'unbalanced"), "echo 'unbalanced")
+
     async def test_take_over_by_a_new_client(self) -> None:
         """run.attach by another client takes the session over: the old client's
         waiting poll and later requests are refused (taken_over)."""

@@ -98,8 +98,20 @@ class DedicatedServicesTests(SynchronousTestCase):
         for i in range(50):
             redis_cli(redis_url, "SET", f"k{i}", "v")
         # epio redis-cli: an epio run session with redis-cli on the app's REDIS_URL
-        _, out, _ = n.epio("redis-cli", "--app", app, "-T", "-q", "--", "GET", "k7")
-        self.assertEqual(out.strip(), "v")
+        # quiet tools: only the tool's own output, nothing of epio's on stderr
+        _, out, err = n.epio("redis-cli", "--app", app, "-T", "--", "GET", "k7")
+        self.assertEqual((out.strip(), err), ("v", ""))
+        _, out, err = n.epio("psql", "--app", app, "-T", "--", "-At", "-c", "select 40 + 2")
+        self.assertEqual((out.strip(), err), ("42", ""))
+        # platform scripts never reach the app's log: neither the servers' start scripts
+        # nor the tools' connection scripts
+        log = n.epio("logs", "--app", app, "-n", "1000")[1]
+        self.assertIn("epio-redis.1: starting the app's dedicated redis server", log)
+        self.assertIn("epio-postgres.1: starting the app's dedicated postgres server", log)
+        self.assertRegex(log, r"started by \S+ on \S+: redis-cli GET k7 \(a \d+-character "
+                              r"sh script\)")
+        for script_text in ("EPIO_SERVICE_CONFIG", "printf", "PGPASSWORD", "REDISCLI_AUTH"):
+            self.assertNotIn(script_text, log)
 
         # postgres: the app's role and database, scram password auth
         u = urlsplit(db_url)
