@@ -90,6 +90,40 @@ class Line(NamedTuple):
         return d
 
 
+PLATFORM_SOURCES: dict[str, str] = {
+    "build": "the build's output",
+    "release": "the [release] command's output",
+    "platform": "deploys, scaling, starts, exits and sessions",
+    "router": "one access line per request",
+    "run": "detached `epio run` sessions (run.N)",
+}
+"""The log sources every app has, besides its process types (``web`` for web.N)."""
+
+
+METRICS: dict[str, str] = {
+    "requests": "requests through the routers (count per bucket)",
+    "status_1xx": "1xx answers", "status_2xx": "2xx answers", "status_3xx": "3xx answers",
+    "status_4xx": "4xx answers", "status_5xx": "5xx answers",
+    "error_": "router errors by code (error_<code>)",
+    "bytes_out": "bytes sent to clients",
+    "latency_p50_ms": "median latency", "latency_p95_ms": "95th percentile latency",
+    "latency_p99_ms": "99th percentile latency", "latency_mean_ms": "mean latency",
+    "memory_bytes": "memory per instance", "memory_limit_bytes": "memory limit per instance",
+    "processes": "processes per instance", "restarts": "restarts per instance",
+}
+"""The stats metrics (epio.logs.stats aggregates what the routers and runners sample);
+other sample kinds are summed as ``KIND.KEY``."""
+
+
+def unknown_metric(name: str) -> str | None:
+    """Why ``name`` (a metric name or prefix) matches no metric, or None if it may."""
+    if "." in name or name.startswith("error_") or any(m.startswith(name) for m in METRICS):
+        return None
+    return (f"unknown metric {name!r}; the metrics are: "
+            + ", ".join(m + "<code>" if m.endswith("_") else m for m in METRICS)
+            + " (a prefix such as latency or status matches several)")
+
+
 @frozen
 class LineFilter:
     """Which lines: sources (``web`` matches ``web.N``), a regex, a time range.

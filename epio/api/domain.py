@@ -290,6 +290,19 @@ class Platform:
         await self._roll_out(user, app, release, "rollback")
         return release
 
+    # --- logs -------------------------------------------------------------------
+
+    async def log_sources(self, app: App) -> list[str]:
+        """The sources the app's log may have: the platform's, every process type it
+        ever had (releases, formation) and its dedicated servers'."""
+        from epio.addons.services import SERVICE_PROCESS_TYPES
+        from epio.logclient import PLATFORM_SOURCES
+
+        types = set(await self.store.get_formation(app.name))
+        for release in await self.store.list_releases(app.name):
+            types.update(release.processes)
+        return [*PLATFORM_SOURCES, *sorted(types), *SERVICE_PROCESS_TYPES]
+
     # --- config -----------------------------------------------------------------
 
     async def get_config(self, app: App) -> dict[str, str]:

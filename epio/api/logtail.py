@@ -56,7 +56,14 @@ from zope.interface import implementer
 
 from epio.api.spec import METRIC_NAME, SOURCE_NAME
 from epio.bus.errors import RemoteError
-from epio.logclient import BadFilter, Line, LineFilter, LogClient, LogsUnavailable
+from epio.logclient import (
+    BadFilter,
+    Line,
+    LineFilter,
+    LogClient,
+    LogsUnavailable,
+    unknown_metric,
+)
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d|w)$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -342,6 +349,9 @@ class LogTail:
             metric = metrics[-1] if metrics and metrics[-1] else None
             if metric is not None and not re.fullmatch(METRIC_NAME, metric):
                 raise BadFilter("invalid metric name")
+            why = unknown_metric(metric) if metric is not None else None
+            if why is not None:
+                raise BadFilter(why)
             since = parse_time(_arg(args, "since")[-1], now, "since") if _arg(args, "since") else None
             until = parse_time(_arg(args, "until")[-1], now, "until") if _arg(args, "until") else None
             resolution = None

@@ -30,6 +30,7 @@ from epio.api.spec import (
     PREFIX,
     SCHEMAS,
     SOURCE_LIST,
+    SOURCE_NAME,
     Operation,
     array,
     openapi_document,
@@ -467,7 +468,25 @@ class Api:
         if self.log_tail is None:
             raise errors.Unavailable("no logger is configured for this api",
                                      code="logs_unavailable")
+        await self._check_sources(request, app)
         return await self.log_tail.handle(request, app.name)
+
+    async def _check_sources(self, request: Any, app: Any) -> None:
+        """Refuse a well-formed source the app cannot have (``web.1`` and ``run.3``
+        are checked by their type); a malformed one is the log tail's to refuse."""
+        raw = (request.args or {}).get(b"source", [])
+        asked = [s.strip() for v in raw for s in v.decode("utf-8", "replace").split(",")
+                 if s.strip()]
+        asked = [s for s in asked if re.fullmatch(SOURCE_NAME, s)]
+        if not asked:
+            return
+        known = await self.platform.log_sources(app)
+        for source in asked:
+            if source.split(".")[0] not in known:
+                raise errors.ValidationFailed(
+                    f"{app.name} has no log source {source!r}; its sources are: "
+                    + ", ".join(known) + " (a process type matches each instance: web "
+                    "matches web.1, web.2, ...)", code="unknown_source")
 
     @operation("GET", "/apps/{app}/stats", "getStats",
                "The app's stats series (requests by status class, latency, memory, "

@@ -84,6 +84,58 @@ def cmd_logs(args: argparse.Namespace) -> int:
             pass
 
 
+CHART_WIDTH = 32
+"""Columns of the text chart `epio stats` draws of each series over the window."""
+
+BLOCKS = "\u2581\u2582\u2583\u2584\u2585\u2586\u2587\u2588"  # ▁ .. █
+ASCII_BLOCKS = "_.-=+*#@"
+
+
+def _per_second(metric: str) -> bool:
+    return metric in ("requests", "bytes_out", "client_closed") or metric.startswith(
+        ("status_", "error_"))
+
+
+def format_value(metric: str, value: float, resolution: int) -> str:
+    """A stats value for people: counts per bucket as rates (req/s), latencies in ms,
+    memory in MiB, bytes sent in KiB/s."""
+    if metric == "bytes_out":
+        return f"{value / resolution / 1024:.1f} KiB/s"
+    if _per_second(metric):
+        return f"{value / resolution:.2f} req/s"
+    if metric.endswith("_ms"):
+        return f"{value:.1f} ms" if value < 10 else f"{value:.0f} ms"
+    if metric.startswith("memory"):
+        return f"{value / (1024 * 1024):.1f} MiB"
+    return f"{value:g}"
+
+
+def chart(points: list[list[float]], since: float, until: float, width: int = CHART_WIDTH,
+          blocks: str = BLOCKS) -> str:
+    """The series as ``width`` columns over [since, until): each column the largest value
+    in its slice, scaled from 0 to the series' maximum; a blank column has no data."""
+    span = max(until - since, 1e-9)
+    cols: list[float | None] = [None] * width
+    for t, v in points:
+        i = min(width - 1, max(0, int((float(t) - since) / span * width)))
+        cols[i] = v if cols[i] is None else max(cols[i], v)  # type: ignore[type-var]
+    top = max((c for c in cols if c is not None), default=0.0)
+    out = []
+    for c in cols:
+        if c is None:
+            out.append(" ")
+        elif top <= 0:
+            out.append(blocks[0])
+        else:
+            out.append(blocks[min(len(blocks) - 1, int(c / top * (len(blocks) - 1) + 0.5))])
+    return "".join(out)
+
+
+def _blocks() -> str:
+    encoding = (getattr(sys.stdout, "encoding", None) or "ascii").lower()
+    return BLOCKS if "utf" in encoding else ASCII_BLOCKS
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     name = app_of(args)
     query: dict[str, Any] = {}
@@ -100,14 +152,25 @@ def cmd_stats(args: argparse.Namespace) -> int:
         if not series:
             print(f"no stats for {name} in that time range yet")
             return
+        res = int(result.get("resolution") or 10)
+        times = [float(t) for pts in series.values() for t, _ in pts]
+        until = max(times) + res
+        since = min(times)
         rows = []
-        for metric in sorted(series):
-            points = series[metric]
-            last_t, last_v = points[-1]
-            rows.append([metric, str(len(points)),
-                         time.strftime("%H:%M:%S", time.gmtime(float(last_t))),
-                         f"{last_v:g}" if isinstance(last_v, int | float) else str(last_v)])
-        table(rows, ["METRIC", "POINTS", "LAST AT (UTC)", "LAST VALUE"])
+        for key in sorted(series):
+            metric, _, instance = key.partition(":")
+            points = series[key]
+            values = [float(v) for _, v in points]
+            rows.append([metric + (f" {instance}" if instance else ""),
+                         format_value(metric, values[-1], res),
+                         format_value(metric, min(values), res),
+                         format_value(metric, max(values), res),
+                         chart(points, since, until, blocks=_blocks())])
+        print(f"{name}: {res} s buckets, "
+              f"{time.strftime('%H:%M', time.gmtime(since))}-"
+              f"{time.strftime('%H:%M', time.gmtime(until))} UTC "
+              f"(--json for the raw series)")
+        table(rows, ["METRIC", "LAST", "MIN", "MAX", "CHART"])
 
     return out(args, result, human)
 
@@ -128,7 +191,8 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     q = sub.add_parser("stats", parents=[common], help="show an app's request and process stats",
                        description="Time series of the app's stats (requests by status class, "
                                    "latency, memory, restarts).")
-    q.add_argument("--metric", metavar="NAME", help="a metric name or prefix")
+    q.add_argument("--metric", metavar="NAME",
+                   help="a metric name or prefix: requests, status_5xx, latency, memory, ...")
     q.add_argument("--since", metavar="WHEN", help="90s, 15m, 1h, 2d, epoch seconds or ISO 8601")
     q.add_argument("--resolution", type=int, choices=(10, 60), help="bucket seconds")
     q.set_defaults(func=cmd_stats)

@@ -113,7 +113,8 @@ class Aggregator:
     @staticmethod
     def _merge(b: Bucket, kind: str, values: dict[str, Any]) -> None:
         if kind == "process":
-            inst = str(values.get("instance", ""))[:64]
+            # runners name the instance "process" (web.1); "instance" is the older key
+            inst = str(values.get("instance") or values.get("process") or "")[:64]
             for k, v in values.items():
                 if k != "instance" and isinstance(v, int | float) and not isinstance(v, bool):
                     b.gauges[(k, inst)] = float(v)

@@ -42,6 +42,9 @@ class LogsCliTests(TestCase):
         self.assertEqual(self.epio("login", "--api", api, stdin=token).returncode, 0)
         made = self.epio("apps", "create", "logsapp", "--no-remember")
         self.assertEqual(made.returncode, 0, made.stderr)
+        # its process types (no release yet: the formation names them)
+        scaled = self.epio("scale", "--app", "logsapp", "web=0", "worker=0")
+        self.assertEqual(scaled.returncode, 0, scaled.stderr)
 
         secret = bytes.fromhex((node.data_dir / "cluster-secret").read_text())
         bus = Bus(reactor, secret, "test-sender", {"bus": {}})
@@ -72,6 +75,15 @@ class LogsCliTests(TestCase):
         self.assertEqual(bad.returncode, 1)
         self.assertIn("invalid source", bad.stderr)
         self.assertNotIn("Traceback", bad.stderr)
+        # a well-formed source the app cannot have is refused with the list, not "nothing"
+        for flag in ([], ["-f"]):
+            bogus = self.epio("logs", "--app", "logsapp", "--source", "bogus", *flag)
+            self.assertEqual((bogus.returncode, bogus.stderr.strip()), (1, (
+                "epio: logsapp has no log source 'bogus'; its sources are: build, release, "
+                "platform, router, run, web, worker, epio-redis, epio-postgres (a process "
+                "type matches each instance: web matches web.1, web.2, ...)")))
+        ok = self.epio("logs", "--app", "logsapp", "--source", "web.1,run.4,router")
+        self.assertEqual(ok.returncode, 0, ok.stderr)
 
         follow = subprocess.Popen(
             [sys.executable, "-c", "import sys; from epio.cli.main import main; sys.exit(main())",
@@ -108,7 +120,9 @@ class LogsCliTests(TestCase):
         self.addCleanup(stats_sink.stopService)
         await deferLater(reactor, 0.5, lambda: None)
         stats_sink.emit_stats("logsapp", "router", {"requests": 7, "status_2xx": 6,
-                                                    "status_5xx": 1})
+                                                    "status_5xx": 1, "latency_le_50ms": 7})
+        stats_sink.emit_stats("logsapp", "process", {"process": "web.1",
+                                                     "memory_bytes": 30_347_300})
         deadline = time.monotonic() + 30
         while True:
             shown = self.epio("stats", "--app", "logsapp", "--json", "--resolution", "10")
@@ -118,8 +132,26 @@ class LogsCliTests(TestCase):
         self.assertEqual(shown.returncode, 0, shown.stderr)
         series = json.loads(shown.stdout)["series"]
         self.assertEqual(sum(v for _, v in series["requests"]), 7, series)
-        human = self.epio("stats", "--app", "logsapp")
-        self.assertIn("requests", human.stdout)
+        self.assertEqual(series["memory_bytes:web.1"][-1][1], 30_347_300)
+        # for people: units (req/s over the 10 s bucket, ms, MiB) and a text chart
+        human = self.epio("stats", "--app", "logsapp", "--resolution", "10")
+        rows = {ln.split()[0] + (" " + ln.split()[1] if ln.startswith("memory") else ""): ln
+                for ln in human.stdout.splitlines()[2:]}
+        self.assertRegex(rows["requests"], r"^requests +0\.70 req/s +0\.70 req/s +0\.70 req/s"
+                                           r" +[\u2581-\u2588 ]+$")
+        self.assertIn("0.10 req/s", rows["status_5xx"])
+        self.assertRegex(rows["latency_p50_ms"], r"^latency_p50_ms +50 ms ")
+        self.assertRegex(rows["memory_bytes web.1"], r"^memory_bytes web\.1 +28\.9 MiB ")
+        self.assertNotIn("e+07", human.stdout)
+        # an unknown metric is refused with the list of metrics, not "no stats yet"
+        nope = self.epio("stats", "--app", "logsapp", "--metric", "nope")
+        self.assertEqual(nope.returncode, 1)
+        self.assertTrue(nope.stderr.startswith(
+            "epio: unknown metric 'nope'; the metrics are: requests, status_1xx, "), nope.stderr)
+        self.assertIn("latency_p99_ms", nope.stderr)
+        only = self.epio("stats", "--app", "logsapp", "--metric", "latency", "--json")
+        self.assertEqual(only.returncode, 0, only.stderr)
+        self.assertTrue(json.loads(only.stdout)["series"])
 
 
 def ws_handshake(port: int, path: str, protocols: str) -> tuple[str, bytes]:
