@@ -31,6 +31,35 @@ class NodeSetupError(Exception):
     """The node cannot start: a message for the operator, no traceback."""
 
 
+def reach_problem(data_dir: Path, roles: frozenset[str], euid: int) -> str | None:
+    """Why the build and app users of a root runner cannot reach ``data_dir`` (a clone
+    in root's 0700 home), as the sentence the node logs at start; None when they can
+    (or when there are no such users: not root, no runner role)."""
+    if "runner" not in roles or euid != 0:
+        return None
+    closed = closed_ancestor(data_dir)
+    if closed is None:
+        return None
+    mode = closed.stat().st_mode & 0o777
+    return (f"the build and app users cannot reach the data dir {data_dir}: {closed} is "
+            f"mode {mode:o}, not searchable by others, so every build will fail. Start the "
+            f"node with a data dir they can reach (--data-dir /var/lib/epio), or let them "
+            f"through (chmod o+x {closed})")
+
+
+def closed_ancestor(path: Path) -> Path | None:
+    """The nearest existing parent of ``path`` that other users cannot search (no
+    ``o+x``), from the top down; None when every one can be traversed."""
+    for d in reversed(path.parents):
+        try:
+            mode = d.stat().st_mode
+        except OSError:
+            return None  # not there yet: mkdir makes it (0755 parents, 0711 data dir)
+        if not mode & 0o001:
+            return d
+    return None
+
+
 def read_or_create_secret(path: Path) -> bytes:
     """Return the cluster secret at ``path``, creating it (0600) when missing."""
     try:

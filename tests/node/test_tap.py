@@ -74,6 +74,33 @@ class NodeTests(SynchronousTestCase):
         again = Node.prepare(None, options["config_obj"], options["roles"])
         self.assertEqual(again.secret, node.secret)
 
+    def test_unreachable_data_dir_said_at_start(self) -> None:
+        """A root node with the runner role whose data dir other users cannot reach (a
+        clone in root's 0700 home) says so, with the fix, when it starts -- not at the
+        first deploy; not for a non-root node or one without the runner role."""
+        import shutil
+        import tempfile
+
+        from epio.node import reach_problem
+
+        base = Path(tempfile.mkdtemp(prefix="epio-reach-"))  # under /tmp: 1777
+        self.addCleanup(shutil.rmtree, base, True)
+        base.chmod(0o711)
+        home = base / "root"
+        home.mkdir()
+        home.chmod(0o700)
+        data = home / "epio" / "epio-data"
+        all_roles = frozenset(ROLES)
+        self.assertEqual(reach_problem(data, all_roles, 0), (
+            f"the build and app users cannot reach the data dir {data}: {home} is mode 700, "
+            "not searchable by others, so every build will fail. Start the node with a data "
+            f"dir they can reach (--data-dir /var/lib/epio), or let them through (chmod o+x "
+            f"{home})"))
+        self.assertIsNone(reach_problem(data, all_roles, 1000))
+        self.assertIsNone(reach_problem(data, frozenset({"api", "lb"}), 0))
+        home.chmod(0o711)
+        self.assertIsNone(reach_problem(data, all_roles, 0))
+
     def test_secret_readable_by_others_refused(self) -> None:
         """A secret file that others can read stops the node with a clear message."""
         path = Path(self.mktemp())

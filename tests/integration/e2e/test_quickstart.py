@@ -1,7 +1,9 @@
 """End to end: the README's quick start on a real single-box node.
 
 A real ``twistd -n epio --role=all`` in a temp dir (free ports, SQLite store);
-the real ``epio`` CLI in subprocesses; HTTP through the real router.  Steps:
+the real ``epio`` CLI in subprocesses, run from a "clone" in a 0700 home directory
+(root's, when the tests run as root) with the node's data dir outside it, as the README
+says; HTTP through the real router.  Steps:
 log in with the admin token, create an app, deploy examples/flask, get its page
 through the router, scale to 2 and see both instances serve, set a config var
 and see it in the app, roll back, delete the app and see its processes, mounts,
@@ -136,14 +138,19 @@ class QuickStartTests(SynchronousTestCase):
         self.node = NodeProcess(["--role=all"], data_dir=self.tmp / "data",
                                 config=to_toml(doc))
         self.addCleanup(self.node.cleanup)
-        self.work = self.tmp / "work"
-        self.work.mkdir()
+        # the clone in a 0700 home (as root's is): the CLI runs there, its config there
+        self.home = self.tmp / "home"
+        self.home.mkdir()
+        os.chmod(self.home, 0o700)
+        self.work = self.home / "epio"
+        shutil.copytree(CHECKOUT / "examples" / "flask", self.work / "examples" / "flask")
         self.step_name = "start"
         self.seen_instances: set[str] = set()
 
     def epio(self, *args: str, stdin: str | None = None, check: bool = True,
              timeout: float = STEP_TIMEOUT) -> tuple[int, str, str]:
-        env = epio_env({"EPIO_CONFIG_DIR": str(self.tmp / "cli"), "HOME": str(self.tmp)})
+        env = epio_env({"EPIO_CONFIG_DIR": str(self.home / ".config" / "epio"),
+                        "HOME": str(self.home)})
         proc = subprocess.run(
             [sys.executable, "-c", "import sys; from epio.cli.main import main; sys.exit(main())",
              *args], input=stdin, capture_output=True, text=True, env=env, cwd=self.work,
@@ -196,6 +203,18 @@ class QuickStartTests(SynchronousTestCase):
             self.fail_step(str(e))
 
     def _walk(self) -> None:
+        if os.geteuid() == 0:
+            self.step("a root runner whose data dir is in the 0700 home says so at start")
+            inside = NodeProcess(["--role=runner"], data_dir=self.work / "epio-data",
+                                 config=to_toml(self.doc))
+            try:
+                inside.wait_for_log("the build and app users cannot reach the data dir "
+                                    f"{self.work / 'epio-data'}: {self.home} is mode 700",
+                                    timeout=60)
+                self.assertIn(f"chmod o+x {self.home}", inside.output())
+            finally:
+                inside.cleanup()
+
         self.step("node starts and writes the admin token")
         self.node.wait_for_log("api ready", timeout=60)
         token_file = self.tmp / "data" / "admin-token"
@@ -211,7 +230,7 @@ class QuickStartTests(SynchronousTestCase):
         self.assertIn(f"http://hello.localhost:{self.lb_port}/", out)
 
         self.step("epio deploy examples/flask")
-        _, out, _ = self.epio("deploy", str(CHECKOUT / "examples" / "flask"), "--poll", "0.5")
+        _, out, _ = self.epio("deploy", "examples/flask", "--poll", "0.5")
         self.assertIn(f"hello is live at http://hello.localhost:{self.lb_port}/", out)
 
         self.step("the page answers through the router")
