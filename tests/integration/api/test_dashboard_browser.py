@@ -47,7 +47,9 @@ def _driver() -> Any:
     return webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
 
 
-class DashboardBrowserTests(TestCase):
+class DashboardBase(TestCase):
+    """A real api on a TCP port: alice's app shop (v1, web=2, a secret), bob's bobs."""
+
     timeout = 90
 
     async def _setup(self) -> None:
@@ -76,6 +78,9 @@ class DashboardBrowserTests(TestCase):
         self.addCleanup(lambda: ensureDeferred(self._teardown()))
         return ensureDeferred(self._setup())
 
+
+
+class DashboardBrowserTests(DashboardBase):
     def browse(self) -> dict[str, Any]:
         from selenium.webdriver.common.by import By
         from selenium.webdriver.support import expected_conditions as ec
@@ -129,3 +134,133 @@ class DashboardBrowserTests(TestCase):
         self.assertNotIn("hunter2", seen["masked"])
         self.assertEqual(seen["revealed"], "hunter2")
         self.assertIn("no app named", seen["other_app_error"])
+
+
+class DashboardActionTests(DashboardBase):
+    """The dashboard's actions against the same real api: config set/unset, scale,
+    domains add/remove, rollback; refusals show the API's sentence."""
+
+    def shot(self, driver: Any, name: str) -> None:
+        """A screenshot under $EPIO_TEST_ARTIFACTS (when set), for people to look at."""
+        where = os.environ.get("EPIO_TEST_ARTIFACTS")
+        if where:
+            os.makedirs(where, exist_ok=True)
+            driver.save_screenshot(os.path.join(where, f"dashboard-{name}.png"))
+
+    def act(self) -> dict[str, Any]:
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.support import expected_conditions as ec
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        driver = _driver()
+        seen: dict[str, Any] = {}
+        try:
+            wait = WebDriverWait(driver, 20)
+            find = driver.find_element
+
+            def notice(text: str) -> None:
+                wait.until(lambda d: d.find_element(By.ID, "notice").text == text)
+
+            def error() -> str:
+                wait.until(lambda d: d.find_element(By.ID, "error").text)
+                return str(find(By.ID, "error").text)
+
+            def twice(css: str) -> None:  # a confirmed action: click, then confirm
+                find(By.CSS_SELECTOR, css).click()
+                wait.until(lambda d: d.find_element(By.CSS_SELECTOR, css).text.startswith(
+                    "Confirm"))
+                find(By.CSS_SELECTOR, css).click()
+
+            driver.get(self.base + "/")
+            wait.until(ec.visibility_of_element_located((By.ID, "token")))
+            find(By.ID, "token").send_keys(self.h.alice_token)
+            find(By.ID, "signin").click()
+            wait.until(ec.presence_of_element_located((By.LINK_TEXT, "shop")))
+            find(By.LINK_TEXT, "shop").click()
+            wait.until(ec.presence_of_element_located(
+                (By.CSS_SELECTOR, "#formation tbody tr[data-type='web']")))
+            self.shot(driver, "app")
+
+            # config: a bad name and a platform name are refused in words; then set, unset
+            for key in ("1BAD", "PORT"):
+                find(By.ID, "config-key").send_keys(key)
+                find(By.ID, "config-value").send_keys("x")
+                find(By.ID, "config-set").click()
+                seen[f"config_error_{key}"] = error()
+                find(By.ID, "config-key").clear()
+                find(By.ID, "config-value").clear()
+            self.shot(driver, "config-refused")
+            find(By.ID, "config-key").send_keys("GREETING")
+            find(By.ID, "config-value").send_keys("Howdy")
+            find(By.ID, "config-set").click()
+            notice("Set GREETING (new release)")
+            seen["config_keys_after_set"] = [r.get_attribute("data-key") for r in
+                                             driver.find_elements(By.CSS_SELECTOR,
+                                                                  "#config tbody tr")]
+            twice("#config tbody tr[data-key='GREETING'] td:nth-child(4) button")
+            notice("Unset GREETING (new release)")
+            seen["config_keys_after_unset"] = [r.get_attribute("data-key") for r in
+                                               driver.find_elements(By.CSS_SELECTOR,
+                                                                    "#config tbody tr")]
+
+            # scale web from 2 to 1
+            qty = find(By.CSS_SELECTOR, "#formation tbody tr[data-type='web'] input")
+            qty.clear()
+            qty.send_keys("1")
+            find(By.CSS_SELECTOR, "#formation tbody tr[data-type='web'] button").click()
+            notice("Scaled web to 1 (standard)")
+            self.shot(driver, "scaled")
+
+            # domains: a bad hostname is refused in words; add one, remove it
+            find(By.ID, "domain-host").send_keys("bad..example.com")
+            find(By.ID, "domain-add").click()
+            seen["domain_error"] = error()
+            find(By.ID, "domain-host").clear()
+            find(By.ID, "domain-host").send_keys("www.example.com")
+            find(By.ID, "domain-add").click()
+            notice("Added www.example.com; point its DNS at the routers")
+            seen["domains_after_add"] = [li.get_attribute("data-hostname") for li in
+                                         driver.find_elements(By.CSS_SELECTOR, "#domains li")]
+            twice("#domains li[data-hostname='www.example.com'] button")
+            notice("Removed www.example.com")
+            seen["domains_after_remove"] = [
+                li.get_attribute("data-hostname")
+                for li in driver.find_elements(By.CSS_SELECTOR, "#domains li")]
+
+            # rollback to v2 (the release with GREETING set)
+            twice("#releases tbody tr[data-version='2'] button")
+            notice("Rolled back to v2")
+            seen["current_release"] = find(By.ID, "app-release").text
+            self.shot(driver, "rolled-back")
+            seen["url"] = driver.current_url
+        finally:
+            driver.quit()
+        return seen
+
+    async def test_actions(self) -> None:
+        """Config set/unset, scale, domains and rollback from the browser change the
+        app (checked in the store); refused input shows the API's sentence; the token
+        never appears in a URL."""
+        seen = await deferToThread(self.act)
+        self.assertTrue(seen["config_error_1BAD"].startswith(
+            "'1BAD' is not a valid config var name: use letters, digits and '_'"),
+            seen["config_error_1BAD"])
+        self.assertTrue(seen["config_error_PORT"].startswith(
+            "PORT cannot be set as a config var: the platform sets PORT itself"),
+            seen["config_error_PORT"])
+        self.assertEqual(seen["config_keys_after_set"], ["GREETING", "SECRET_KEY"])
+        self.assertEqual(seen["config_keys_after_unset"], ["SECRET_KEY"])
+        self.assertTrue(seen["domain_error"].startswith(
+            "'bad..example.com' is not a valid hostname"), seen["domain_error"])
+        self.assertEqual(seen["domains_after_add"], ["shop.localhost", "www.example.com"])
+        self.assertEqual(seen["domains_after_remove"], ["shop.localhost"])
+        self.assertEqual(seen["current_release"], "release v4")
+        self.assertNotIn(self.h.alice_token, seen["url"])
+        store = self.h.store
+        self.assertEqual((await store.get_formation("shop"))["web"].quantity, 1)
+        releases = await store.list_releases("shop")
+        self.assertEqual([r.description for r in releases[:3]],
+                         ["Rollback to v2", "Unset GREETING", "Set GREETING"])
+        self.assertEqual(await store.get_config("shop"),
+                         {"SECRET_KEY": "hunter2", "GREETING": "Howdy"})
+        self.assertEqual([d.hostname for d in await store.list_domains("shop")], [])

@@ -13,17 +13,20 @@ class ApiError extends Error {
   constructor(status, code, message) { super(message); this.status = status; this.code = code; }
 }
 
-async function api(path) {
+async function api(path, method, body) {
+  const headers = { "Authorization": "Bearer " + token(), "Accept": "application/json" };
+  if (body !== undefined) headers["Content-Type"] = "application/json";
   const resp = await fetch(API + path, {
-    headers: { "Authorization": "Bearer " + token(), "Accept": "application/json" },
+    method: method || "GET", headers,
+    body: body === undefined ? undefined : JSON.stringify(body),
   });
-  let body = null;
-  try { body = await resp.json(); } catch (e) { body = null; }
+  let answer = null;
+  try { answer = await resp.json(); } catch (e) { answer = null; }
   if (!resp.ok) {
-    const err = (body && body.error) || { code: "http_error", message: resp.statusText };
+    const err = (answer && answer.error) || { code: "http_error", message: resp.statusText };
     throw new ApiError(resp.status, err.code, err.message);
   }
-  return body;
+  return answer;
 }
 
 function show(id) {
@@ -118,27 +121,100 @@ async function refreshApp(name) {
   refresh = setTimeout(() => refreshApp(name), 5000);
 }
 
+// Actions: each calls the API, says what happened (#notice, a live region) or the
+// API's error sentence (#error), then shows the app again.
+let current = null;
+
+async function act(what, call) {
+  $("#error").textContent = "";
+  $("#notice").textContent = "";
+  try {
+    await call();
+  } catch (e) {
+    $("#error").textContent = e.message;
+    return;
+  }
+  await showApp(current);  // the view shows the change when the notice says it
+  $("#notice").textContent = what;
+}
+
+function button(label, onClick, cls) {
+  const b = document.createElement("button");
+  b.type = "button";
+  b.textContent = label;
+  if (cls) b.className = cls;
+  b.addEventListener("click", onClick);
+  return b;
+}
+
+// A destructive action asks once more in place (no dialog): the first click turns
+// the button into "Confirm ..."; the second does it.
+function confirmButton(label, confirmLabel, run) {
+  const b = button(label, () => {
+    if (b.dataset.armed === "true") { run(); return; }
+    b.dataset.armed = "true";
+    b.textContent = confirmLabel;
+  });
+  return b;
+}
+
 async function showApp(name) {
+  current = name;
   const enc = encodeURIComponent(name);
-  const [app, ps, releases, domains, config] = await Promise.all([
+  const [app, ps, releases, domains, config, formation] = await Promise.all([
     api("/apps/" + enc), api("/apps/" + enc + "/ps"), api("/apps/" + enc + "/releases"),
     api("/apps/" + enc + "/domains"), api("/apps/" + enc + "/config"),
+    api("/apps/" + enc + "/formation"),
   ]);
   $("#app-name").textContent = app.name;
   $("#app-url").textContent = app.url;
   $("#app-url").href = app.url;
   $("#app-release").textContent = app.release ? "release v" + app.release : "not deployed yet";
   fillProcesses(ps);
+  fill("#formation", formation.processes, (tr, p) => {
+    tr.dataset.type = p.type;
+    cell(tr, p.type);
+    const qty = document.createElement("input");
+    qty.type = "number"; qty.min = "0"; qty.max = "100"; qty.value = String(p.quantity);
+    qty.setAttribute("aria-label", "quantity of " + p.type);
+    cell(tr, "").appendChild(qty);
+    const size = document.createElement("select");
+    size.setAttribute("aria-label", "size of " + p.type);
+    for (const s of Object.keys(formation.sizes)) {
+      const o = document.createElement("option");
+      o.value = s; o.textContent = s; o.selected = s === p.size;
+      size.appendChild(o);
+    }
+    cell(tr, "").appendChild(size);
+    cell(tr, p.command);
+    cell(tr, "").appendChild(button("Scale " + p.type, () => act(
+      "Scaled " + p.type + " to " + qty.value + " (" + size.value + ")",
+      () => api("/apps/" + enc + "/formation", "PATCH", { processes: {
+        [p.type]: { quantity: Number(qty.value), size: size.value } } }))));
+  });
   fill("#releases", releases, (tr, r) => {
+    tr.dataset.version = String(r.version);
     cell(tr, "v" + r.version + (r.current ? " (current)" : "")); cell(tr, r.status);
     cell(tr, r.image ? r.image.slice(0, 12) : "-"); cell(tr, r.description);
     cell(tr, r.created_by); cell(tr, ago(r.created));
+    const td = cell(tr, "");
+    if (!r.current && r.image && r.status !== "failed") {
+      td.appendChild(confirmButton("Roll back to v" + r.version,
+        "Confirm: roll back to v" + r.version, () => act("Rolled back to v" + r.version,
+          () => api("/apps/" + enc + "/rollback", "POST", { version: r.version }))));
+    }
   });
   const ul = $("#domains");
   ul.replaceChildren();
   for (const d of domains) {
     const li = document.createElement("li");
-    li.textContent = d.hostname + (d.builtin ? " (built in)" : "");
+    li.dataset.hostname = d.hostname;
+    li.textContent = d.hostname + (d.builtin ? " (built in)" : "") + " ";
+    if (!d.builtin) {
+      li.appendChild(confirmButton("Remove", "Confirm: remove " + d.hostname,
+        () => act("Removed " + d.hostname, () => api("/apps/" + enc + "/domains/" +
+          encodeURIComponent(d.hostname), "DELETE"))));
+    }
     ul.appendChild(li);
   }
   fill("#config", Object.entries(config.vars), (tr, [k, v]) => {
@@ -154,6 +230,9 @@ async function showApp(name) {
       btn.textContent = masked ? "Hide" : "Reveal";
     });
     cell(tr, "").appendChild(btn);
+    cell(tr, "").appendChild(confirmButton("Unset", "Confirm: unset " + k, () => act(
+      "Unset " + k + " (new release)",
+      () => api("/apps/" + enc + "/config", "PATCH", { [k]: null }))));
   });
   show("#app-view");
   followLog(enc);
@@ -294,6 +373,23 @@ async function route() {
 document.addEventListener("DOMContentLoaded", () => {
   $("#signin-form").addEventListener("submit", signIn);
   $("#signout").addEventListener("click", signOut);
+  $("#config-form").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const key = $("#config-key").value.trim();
+    const value = $("#config-value").value;
+    act("Set " + key + " (new release)", async () => {
+      await api("/apps/" + encodeURIComponent(current) + "/config", "PATCH", { [key]: value });
+      $("#config-key").value = ""; $("#config-value").value = "";
+    });
+  });
+  $("#domain-form").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const host = $("#domain-host").value.trim();
+    act("Added " + host + "; point its DNS at the routers", async () => {
+      await api("/apps/" + encodeURIComponent(current) + "/domains", "POST", { hostname: host });
+      $("#domain-host").value = "";
+    });
+  });
   window.addEventListener("popstate", route);
   route();
 });
