@@ -373,7 +373,10 @@ class Scheduler:
             missing = quantity - len(current)
             if missing > 0:
                 assert release is not None
-                used = {i.number for i in current}
+                # numbers unique among the type's instances of every release (the old
+                # release's, draining ones too): during a rollout v8's instances are not
+                # a second web.1, so ps and log lines tell them apart
+                used = {i.number for i in mine if i.process_type == ptype}
                 for _ in range(missing):
                     number = next(n for n in range(1, quantity + len(used) + 2) if n not in used)
                     used.add(number)

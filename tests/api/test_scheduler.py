@@ -437,7 +437,9 @@ class DeployTests(TestCase):
         self.assertEqual([(p["name"], p["state"]) for p in ps], [("worker.1", "healthy")])
 
     async def test_failed_health_keeps_previous(self) -> None:
-        """A release whose instances fail leaves the previous release serving."""
+        """A release whose instances fail leaves the previous release serving; the new
+        release's instance is web.2 while v1's web.1 runs (names unique across
+        releases, so their log lines can be told apart)."""
         await self.h.add_runner("r1")
         await self.h.call("POST", "apps", token=self.h.alice_token, body={"name": "hello"})
         self.assertEqual((await self.deploy())["status"], "succeeded")
@@ -447,8 +449,12 @@ class DeployTests(TestCase):
         self.assertIn("v2", d["reason"])
         _, full, _ = await self.h.call("GET", f"apps/hello/deploys/{d['id']}?log_offset=0",
                                        token=self.h.alice_token)
-        self.assertIn("web.1 (v2) is failed on r1: health check /health failed 3 times",
+        self.assertIn("web.2 (v2) is failed on r1: health check /health failed 3 times",
                       full["log"])
+        _, ps, _ = await self.h.call("GET", "apps/hello/ps", token=self.h.alice_token)
+        names = [(p["name"], p["release"]) for p in ps]
+        self.assertIn(("web.1", 1), names)
+        self.assertEqual(len({n for n, _ in names}), len(names), names)
         self.h.scheduler.become_leader()
         for _ in range(3):
             await self.h.scheduler.reconcile()
