@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from epio.cli.client import USER_AGENT, Client, CliError, _http_error, _reason
+from epio.cli.client import USER_AGENT, Client, CliError, _reason, api_error
 from epio.cli.commands import ago, app_of, confirm_name, human_size, out, table
 
 KINDS = ("postgres", "redis")
@@ -122,7 +122,7 @@ def cmd_download(args: argparse.Namespace) -> int:
                     digest.update(chunk)
                     size += len(chunk)
     except urllib.error.HTTPError as e:
-        raise CliError(_http_error(e)) from None
+        raise api_error(e) from None
     except (urllib.error.URLError, OSError) as e:
         raise CliError(f"download failed: {_reason(getattr(e, 'reason', e))}") from None
     if expected and digest.hexdigest() != expected:

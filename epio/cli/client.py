@@ -149,8 +149,7 @@ class Client:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                 raw = resp.read()
         except urllib.error.HTTPError as e:
-            message, code = _http_error(e)
-            raise CliError(message, hint=HINTS.get(code or ""), code=code) from None
+            raise api_error(e) from None
         except urllib.error.URLError as e:
             raise CliError(f"cannot reach the epio API at {self.api}: {_reason(e.reason)}") \
                 from None
@@ -180,6 +179,12 @@ class Client:
 def _reason(reason: Any) -> str:
     text = getattr(reason, "strerror", None) or str(reason)
     return text or type(reason).__name__
+
+
+def api_error(e: urllib.error.HTTPError) -> CliError:
+    """The CliError for an API error answer: its message, code and hint (if any)."""
+    message, code = _http_error(e)
+    return CliError(message, hint=HINTS.get(code or ""), code=code)
 
 
 def _http_error(e: urllib.error.HTTPError) -> tuple[str, str | None]:
