@@ -374,11 +374,11 @@ class OneSourceTests(ApiTestCase):
     async def test_names_follow_the_store(self) -> None:
         """App and user names use the store's patterns: "ab-" (a trailing hyphen) and
         "ab\\n" (a trailing newline, which Python's "$" alone would let through) are
-        400 validation_failed; "ab" is 201."""
+        400 invalid_app_name (the rule in words); "ab" is 201."""
         for name in ["ab-", "ab\n", "Ab"]:
             status, body, _ = await self.call("POST", "apps", token=self.h.alice_token,
                                               body={"name": name})
-            self.assertEqual((status, body["error"]["code"]), (400, "validation_failed"),
+            self.assertEqual((status, body["error"]["code"]), (400, "invalid_app_name"),
                              name)
         status, _, _ = await self.call("POST", "apps", token=self.h.alice_token,
                                        body={"name": "ab"})

@@ -427,7 +427,9 @@ class DeployTests(TestCase):
         for _ in range(3):  # the old release's instances are retired after the rollout
             await self.h.scheduler.reconcile()
         _, ps, _ = await self.h.call("GET", "apps/hello/ps", token=self.h.alice_token)
-        self.assertEqual(sorted(p["name"] for p in ps), ["mailer.1", "web.1", "worker.1"])
+        # v2's web and worker took numbers v1's (still running during the rollout) did not
+        # have: names are unique across releases
+        self.assertEqual(sorted(p["name"] for p in ps), ["mailer.1", "web.2", "worker.2"])
 
         await self.h.call("POST", "apps", token=self.h.alice_token, body={"name": "solo"})
         self.h.runners.manifest = {"processes": {"worker": "w"}}
@@ -478,8 +480,9 @@ class DeployTests(TestCase):
         self.assertEqual(d["status"], "failed")
         _, full, _ = await self.h.call("GET", f"apps/hello/deploys/{d['id']}?log_offset=0",
                                        token=self.h.alice_token)
-        shown = "  last 20 lines of web.1's output:\n" + "\n".join(
-            f"  | Traceback line {n}" for n in range(5, 25)) + "\nDeploy failed: web.1 of v2"
+        # v2's instance is web.2: v1's web.1 still runs (names unique across releases)
+        shown = "  last 20 lines of web.2's output:\n" + "\n".join(
+            f"  | Traceback line {n}" for n in range(5, 25)) + "\nDeploy failed: web.2 of v2"
         self.assertIn(shown, full["log"])
 
     async def test_newer_deploy_supersedes(self) -> None:

@@ -387,7 +387,7 @@ class CliMessageTests(CliBase):
         code, out, err = await self.epio("config", "set", "1BAD=x")
         self.assertEqual((code, err.strip()), (1, (
             "epio: '1BAD' is not a valid config var name: use letters, digits and '_', not "
-            "starting with a digit, at most 128 characters (like SECRET_KEY)")))
+            "starting with a digit, at most 255 characters (like SECRET_KEY)")))
         code, out, err = await self.epio("config", "set", "PORT=1234")
         self.assertEqual((code, err.strip()), (1, (
             "epio: PORT cannot be set as a config var: the platform sets PORT itself (the "
@@ -448,8 +448,11 @@ class CliMessageTests(CliBase):
         code, out, err = await self.epio("config", "set", "A=1")
         self.assertEqual(code, 0, err)
         code, out, err = await self.epio("rollback", "v1")
-        self.assertEqual((code, out.strip()), (0, "Rolled back back to v1: the new release "
-                                                  "v3 runs v1's code and config"), err)
+        self.assertEqual(code, 0, out + err)
+        lines = out.strip().splitlines()
+        self.assertEqual(lines[0], "Rolled back back to v1: the new release v3 runs v1's "
+                                   "code and config")
+        self.assertEqual(lines[-1], "v3 is current")
 
     async def test_upload_too_large_names_epioignore_and_the_biggest_parts(self) -> None:
         """An upload over the limit is refused in MiB with how to shrink it (.epioignore)
