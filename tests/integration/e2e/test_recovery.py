@@ -106,7 +106,8 @@ class RecoveryTests(SynchronousTestCase):
         def mid_way() -> bool:
             rollout = self.deploys("slow")[0]
             build = self.deploys("fresh")[0]
-            return (rollout["status"] == "deploying" and "web.1: starting" in rollout["log"]
+            # v2's instance is web.2: v1's web.1 serves on (names unique across releases)
+            return (rollout["status"] == "deploying" and "web.2: starting" in rollout["log"]
                     and build["status"] == "building")
 
         try:
