@@ -325,8 +325,8 @@ class QuickStartTests(SynchronousTestCase):
 
         self.step("rollback serves the previous config again")
         _, out, _ = self.epio("rollback")
-        self.assertRegex(out.strip(), r"^Rolled back hello to v\d+: the new release v\d+ runs "
-                                      r"v\d+'s code and config$")
+        self.assertRegex(out.splitlines()[0], r"^Rolled back hello to v\d+: the new release "
+                                              r"v\d+ runs v\d+'s code and config$")
         wait_until("only the rolled back release served", lambda: all(self.router() == (
             200, "Hello from Flask on epio!\n") for _ in range(6)), timeout=60)
         releases = json.loads(self.epio("releases", "--app", "hello", "--json")[1])
