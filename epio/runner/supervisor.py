@@ -44,7 +44,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface
 
-from epio.addons.services import KIND_OF_TYPE, SERVICE_PROCESS_TYPES
+from epio.addons.services import SERVICE_PROCESS_TYPES
 from epio.config.schema import DEFAULT_UIDS
 from epio.runner.cgroups import Limits
 from epio.runner.ports import PortAllocator
@@ -737,21 +737,14 @@ class Supervisor:
             return
         inst.starts += 1
         self.launcher.spawned(launch, inst.transport.pid)
-        self._say(inst, self._starting(inst) + (f" (PORT={inst.port})" if inst.port else ""))
+        self._say(inst, f"starting release {inst.spec.release}: {self._command(inst)}"
+                        + (f" (PORT={inst.port})" if inst.port else ""))
         if inst.spec.is_web:
             self._call(inst, "boot", inst.spec.boot_timeout, self._boot_timeout, inst, gen)
             self._call(inst, "health", self.settings.health_boot_interval, self._probe, inst, gen)
         else:
             self._call(inst, "health", self.settings.worker_settle, self._settled, inst, gen)
         self.changed()
-
-    def _starting(self, inst: Instance) -> str:
-        """The app log's line for a start: the app's command, but never the platform's
-        own start script of a dedicated database server (it is ours, not the app's)."""
-        kind = KIND_OF_TYPE.get(inst.spec.process_type)
-        if kind is not None:
-            return f"starting the app's dedicated {kind} server"
-        return f"starting release {inst.spec.release}: {self._command(inst)}"
 
     def _command(self, inst: Instance) -> str:
         if inst.spec.process_type in SERVICE_PROCESS_TYPES:

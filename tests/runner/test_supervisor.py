@@ -482,25 +482,6 @@ class StopTests(SynchronousTestCase):
 
 
 class ExitTests(SynchronousTestCase):
-    def test_start_lines_never_show_a_platform_start_script(self) -> None:
-        """An app process's start line shows its command; a dedicated database server's
-        start line names the server, never the platform's start script."""
-        from epio.addons.services import redis_start_body
-
-        h = Harness()
-        h.sup.start(body(process_type="worker"))
-        spec = redis_start_body(app="hello", uid=20001, instance_id="r1", image_digest=DIGEST,
-                                password="pw", memory_mb=8, policy="noeviction",
-                                host="127.0.0.1", snapshot_interval=60, boot_timeout=30)
-        h.sup.start(spec)
-        texts = h.sink.texts("hello", "platform")
-        self.assertIn("worker.1: starting release 3: python app.py", texts)
-        redis = [t for t in texts if t.startswith("epio-redis.1: starting")]
-        self.assertEqual(len(redis), 1, texts)
-        self.assertRegex(redis[0], r"^epio-redis\.1: starting the app's dedicated redis "
-                                   r"server \(PORT=\d+\)$")
-        self.assertFalse([t for t in texts if "EPIO_SERVICE_CONFIG" in t or "printf" in t])
-
     def test_oom_kill_is_reported(self) -> None:
         """A process the kernel killed for memory is logged as 'killed: out of memory'."""
         h = Harness()

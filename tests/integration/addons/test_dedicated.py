@@ -106,8 +106,9 @@ class DedicatedServicesTests(SynchronousTestCase):
         # platform scripts never reach the app's log: neither the servers' start scripts
         # nor the tools' connection scripts
         log = n.epio("logs", "--app", app, "-n", "1000")[1]
-        self.assertIn("epio-redis.1: starting the app's dedicated redis server", log)
-        self.assertIn("epio-postgres.1: starting the app's dedicated postgres server", log)
+        self.assertIn("epio-redis.1: starting release 0: the dedicated redis server", log)
+        self.assertIn("epio-postgres.1: starting release 0: the dedicated postgres server",
+                      log)
         self.assertRegex(log, r"started by \S+ on \S+: redis-cli GET k7 \(a \d+-character "
                               r"sh script\)")
         for script_text in ("EPIO_SERVICE_CONFIG", "printf", "PGPASSWORD", "REDISCLI_AUTH"):
