@@ -20,8 +20,9 @@ decides it (epio.api.scheduler ``_recover_deploys``).
   Procfile ``release:`` line is the release phase, not a process type;
 * **rollout**: the scheduler (leader) starts instances of the new release; the
   deploy waits until every wanted instance is ``healthy`` (as folded into the
-  store from ``runner.status``), then waits ``api.drain_seconds`` so routers
-  switched, and succeeds.  An instance of the new release that ``failed`` or
+  store from ``runner.status``), then until every nexus lists the new web
+  instances in the app's route (routers follow the nexuses; checked every
+  ``ROUTED_POLL`` s, at most ``api.drain_seconds``), and succeeds.  An instance of the new release that ``failed`` or
   crashed again and again, or no health within ``api.rollout_timeout``, fails
   the deploy: its release becomes "failed", the current release stays the
   previous one and the scheduler stops the new instances.
@@ -48,6 +49,7 @@ from epio.api.state import (
     processes_of,
     release_facts,
     rollout_verdict,
+    routers_have,
     serving_release,
 )
 from epio.store import (
@@ -89,6 +91,13 @@ STOPPED = "the api process running it stopped; deploy again"
 #: lines of a failing instance's output a deploy's log shows (runner.status ``tail``
 #: carries at most as many, docs/messages.md)
 TAIL_LINES = 20
+#: seconds between two looks at the store while a rollout waits for healthy instances
+#: (at most ``api.reconcile_interval``): a few small queries, and what the deploy adds
+#: after its instance is healthy
+ROLLOUT_POLL = 0.2
+#: seconds between two ``nexus.where`` asks while the deploy waits for routers to route
+#: the new instances
+ROUTED_POLL = 0.1
 
 
 class DeploySuperseded(DeployFailed):
@@ -289,9 +298,26 @@ class Deployer:
                 if t in processes and f.quantity > 0}
         if not await self._wait_healthy(app, version, want, deploy):
             return
-        await deferLater(self.clock, self.settings.drain_seconds, lambda: None)
+        await self._wait_routed(app, version, want)
         where = f": {self.settings.url_of(app.name)}" if "web" in want else ""
         await self._say(deploy, f"Deployed v{version}{where}", status="succeeded")
+
+    async def _wait_routed(self, app: App, version: int, want: Mapping[str, int]) -> None:
+        """Until routers send traffic to the release's healthy web instances (every
+        nexus lists them, :func:`routers_have`), at most ``api.drain_seconds``: the
+        CLI says "live" only then.  A release with no web process routes nothing."""
+        web = self.settings.web_process_types
+        if not any(t in web for t in want):
+            return
+        deadline = self.clock.seconds() + self.settings.drain_seconds
+        while True:
+            healthy = [i for i in await self.store.list_instances(app.name)
+                       if i.release == version and i.state == "healthy"
+                       and i.process_type in web]
+            if await routers_have(self.control, self.settings, self.clock, app.name,
+                                  healthy) or self.clock.seconds() >= deadline:
+                return
+            await deferLater(self.clock, ROUTED_POLL, lambda: None)
 
     async def _show_tail(self, deploy: Deploy, inst: Instance) -> Deploy:
         """Put the last lines of an instance's output (from its runner's
@@ -377,4 +403,5 @@ class Deployer:
                 raise DeployFailed(
                     f"v{version} was not healthy within {self.settings.rollout_timeout:g}s "
                     f"({summary} healthy); it gets no traffic")
-            await deferLater(self.clock, min(1.0, self.settings.reconcile_interval), lambda: None)
+            await deferLater(self.clock, min(ROLLOUT_POLL, self.settings.reconcile_interval),
+                             lambda: None)

@@ -60,6 +60,7 @@ from epio.api.state import (
     current_release,
     platform_line,
     rollout_verdict,
+    routers_have,
     serving_release,
 )
 from epio.store import (
@@ -422,31 +423,8 @@ class Scheduler:
 
     async def _routed(self, app: str, healthy: list[Instance]) -> bool:
         """Do routers send traffic to these new instances yet?  (Zero-downtime
-        rollover drains the old ones only then.)
-
-        The runner tells the scheduler an instance is healthy at once, but routers
-        learn it from the next heartbeat through the nexus; draining in between
-        would leave routers with no backend.  Every nexus that answers must list
-        them in the app's route; when none answers, they must have been healthy
-        for ``api.route_settle`` seconds.
-        """
-        wanted = {i.id for i in healthy}
-        answered = False
-        for endpoint in self.settings.nexus_endpoints:
-            try:
-                reply = await self.control.request(endpoint, "nexus.where", {"app": app},
-                                                   timeout=self.settings.status_timeout)
-            except Exception:
-                continue
-            answered = True
-            route = reply.get("route") or {}
-            routed = {b.get("instance_id") for b in route.get("backends") or []}
-            if not wanted <= routed:
-                return False
-        if answered:
-            return True
-        now = self.clock.seconds()  # after this pass's status polls, not before
-        return all(now - i.since >= self.settings.route_settle for i in healthy)
+        rollover drains the old ones only then; see :func:`routers_have`.)"""
+        return await routers_have(self.control, self.settings, self.clock, app, healthy)
 
     async def _note_deploy(self, app: str, release: int, text: str) -> None:
         """Add a runner's reason to the log of the deploy rolling ``release`` out."""

@@ -139,6 +139,34 @@ def rollout_verdict(instances: list[Instance], version: int, want: Mapping[str, 
     return Verdict(all(healthy[t] >= n for t, n in want.items()), None, healthy)
 
 
+async def routers_have(control: Any, settings: Any, clock: Any, app: str,
+                       healthy: list[Instance]) -> bool:
+    """Do routers send traffic to these (healthy, new) instances yet?
+
+    The runner tells the api an instance is healthy at once, but routers learn it
+    from the next heartbeat through the nexus.  Every nexus that answers
+    ``nexus.where`` must list them in the app's route; when none answers, they must
+    have been healthy for ``api.route_settle`` seconds.
+    """
+    wanted = {i.id for i in healthy}
+    answered = False
+    for endpoint in settings.nexus_endpoints:
+        try:
+            reply = await control.request(endpoint, "nexus.where", {"app": app},
+                                          timeout=settings.status_timeout)
+        except Exception:
+            continue
+        answered = True
+        route = reply.get("route") or {}
+        routed = {b.get("instance_id") for b in route.get("backends") or []}
+        if not wanted <= routed:
+            return False
+    if answered:
+        return True
+    now = clock.seconds()  # after the polls, not before
+    return all(now - i.since >= settings.route_settle for i in healthy)
+
+
 def release_facts(manifest: Mapping[str, Any]) -> dict[str, Any]:
     """What the scheduler needs from a build's manifest, kept in the release's meta."""
     http = manifest.get("http") or {}

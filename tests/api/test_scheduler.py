@@ -403,6 +403,50 @@ class DeployTests(TestCase):
         _, ps, _ = await self.h.call("GET", "apps/hello/ps", token=self.h.alice_token)
         self.assertEqual([(p["name"], p["state"]) for p in ps], [("web.1", "healthy")])
 
+    async def test_succeeds_once_routers_route_the_new_instance(self) -> None:
+        """Once the new web instance is healthy the deploy succeeds as soon as the nexus
+        lists it in the app's route (what routers follow), not after a fixed wait; a
+        nexus that never lists it holds the deploy at most api.drain_seconds."""
+        from attrs import evolve
+        from twisted.internet import reactor
+        from twisted.internet.task import deferLater
+
+        self.h.deployer.settings = evolve(self.h.deployer.settings,
+                                          nexus_endpoints=("nexus",), drain_seconds=60.0)
+        await self.h.add_runner("r1")
+        await self.h.call("POST", "apps", token=self.h.alice_token, body={"name": "hello"})
+        _, body, _ = await self.h.call("POST", "apps/hello/deploys", token=self.h.alice_token,
+                                       raw=b"tar", content_type="application/gzip")
+        self.h.scheduler.become_leader()
+
+        def asked() -> int:
+            return sum(1 for e, t, _ in self.h.runners.requests if t == "nexus.where")
+
+        for _ in range(200):  # until the deploy asks the nexus (its instance is healthy)
+            if asked() >= 2:
+                break
+            await deferLater(reactor, 0.05, lambda: None)
+        self.assertGreaterEqual(asked(), 2)
+        self.assertEqual((await self.h.store.get_deploy(body["id"])).status, "deploying")
+        self.h.runners.routed["hello"] = {i["instance_id"]
+                                          for i in self.h.runners.running("hello")}
+        started = reactor.seconds()
+        await settle(ensureDeferred(self.h.deployer.wait(body["id"])), timeout=10)
+        self.assertLess(reactor.seconds() - started, 5.0)  # not drain_seconds (60)
+        self.assertEqual((await self.h.store.get_deploy(body["id"])).status, "succeeded")
+
+        # a nexus that never routes the new instance: the deploy succeeds after the bound
+        self.h.deployer.settings = evolve(self.h.deployer.settings, drain_seconds=0.5)
+        before = asked()
+        started = reactor.seconds()
+        _, body, _ = await self.h.call("POST", "apps/hello/deploys", token=self.h.alice_token,
+                                       raw=b"tar", content_type="application/gzip")
+        await settle(ensureDeferred(self.h.deployer.wait(body["id"])), timeout=10)
+        self.h.scheduler.lose_leadership()
+        self.assertEqual((await self.h.store.get_deploy(body["id"])).status, "succeeded")
+        self.assertGreaterEqual(reactor.seconds() - started, 0.5)
+        self.assertGreaterEqual(asked() - before, 2)
+
     async def test_first_deploy_starts_one_of_every_process_type(self) -> None:
         """A first deploy scales every declared process type to 1 (a worker-only app
         too) and says so; a later deploy keeps the formation the user chose and gives
