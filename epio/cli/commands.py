@@ -296,6 +296,30 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     return 0
 
 
+#: the first wait between two looks at a deploy, and again after every change it shows;
+#: each quiet look multiplies it by POLL_GROWTH up to --poll (1 s): "live" shows within
+#: about a tenth of a second of the deploy's end, a quiet build costs the API one
+#: request a second
+POLL_FIRST = 0.1
+POLL_GROWTH = 1.5
+
+
+class PollPace:
+    """Seconds to sleep before the next look at something that is changing."""
+
+    def __init__(self, ceiling: float) -> None:
+        self.ceiling = ceiling
+        self.wait = min(POLL_FIRST, ceiling)
+
+    def next(self, changed: bool) -> float:
+        """The wait after a look; ``changed``: that look showed something new."""
+        if changed:
+            self.wait = min(POLL_FIRST, self.ceiling)
+        now = self.wait
+        self.wait = min(self.wait * POLL_GROWTH, self.ceiling)
+        return now
+
+
 def follow_deploy(client: Client, name: str, deploy_id: str, args: argparse.Namespace,
                   build_log: BuildLog | None = None) -> dict[str, Any]:
     """Print a deploy's (or rollout's) progress until it ends; CliError unless it
@@ -304,6 +328,7 @@ def follow_deploy(client: Client, name: str, deploy_id: str, args: argparse.Name
     offset = 0
     deadline = time.monotonic() + args.timeout
     log = ""
+    pace, status = PollPace(args.poll), None
     while True:
         d = client.get(f"apps/{name}/deploys/{deploy_id}", log_offset=offset)
         log += d["log"]
@@ -325,7 +350,8 @@ def follow_deploy(client: Client, name: str, deploy_id: str, args: argparse.Name
         if time.monotonic() > deadline:
             raise CliError(f"gave up following deploy {d['id'][:12]} after {args.timeout:g}s "
                            f"(it is {d['status']}); see `epio releases`")
-        time.sleep(args.poll)
+        time.sleep(pace.next(bool(d["log"]) or d["status"] != status))
+        status = d["status"]
     d["log"] = log
     if d["status"] != "succeeded":
         if quiet:
@@ -709,7 +735,7 @@ def waiting(p: argparse.ArgumentParser, timeout: float) -> None:
                    help="return at once instead of waiting until the change serves")
     p.add_argument("--timeout", type=float, default=timeout,
                    help=f"seconds to wait ({timeout:g}); then give up with status 1")
-    p.add_argument("--poll", type=float, default=1.0, help=argparse.SUPPRESS)
+    p.add_argument("--poll", type=float, default=1.0, help=argparse.SUPPRESS)  # longest wait
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
