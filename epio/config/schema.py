@@ -209,7 +209,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         ),
         "drain_seconds": Key(
             float, 3.0, "Seconds between draining an old instance (routes drop it) and "
-            "stopping it.", non_negative,
+            "stopping it; also the longest a deploy waits, once its instances are healthy, "
+            "for the nexuses to route them.", non_negative,
         ),
         "stop_grace": Key(
             float, 10.0, "Seconds between SIGTERM and SIGKILL when an instance is stopped.",
