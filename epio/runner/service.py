@@ -189,6 +189,7 @@ class RunnerService(OrderedMultiService):
         self.heartbeats_sent = 0
         self.heartbeats_dropped = 0
         self._save_call: Any = None
+        self._announce_call: Any = None
         self._beat: task.LoopingCall | None = None
         self._last_register = -1e18
         self._ready: defer.Deferred[None] = defer.Deferred()
@@ -307,6 +308,23 @@ class RunnerService(OrderedMultiService):
     def _changed(self) -> None:
         if self._save_call is None or not self._save_call.active():
             self._save_call = self.reactor.callLater(0, self._save_now)
+        # an instance became healthy (or left): the nexuses, and through them the
+        # routers, learn it from one more heartbeat now rather than at the next beat
+        # (up to heartbeat_interval later); changes in one reactor turn make one
+        if self._announce_call is None or not self._announce_call.active():
+            self._announce_call = self.reactor.callLater(0, self._announce)
+
+    def _announce(self) -> None:
+        if self.publisher is None or self._beat is None or not self._beat.running:
+            return
+        try:
+            if self.publisher.publish("runner.heartbeat", self.heartbeat_body(),
+                                      topic=HEARTBEAT_TOPIC):
+                self.heartbeats_sent += 1
+            else:
+                self.heartbeats_dropped += 1
+        except Exception:
+            self.log.failure("heartbeat failed")
 
     def _save_now(self) -> None:
         records = []

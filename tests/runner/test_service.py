@@ -131,13 +131,16 @@ class ControlTests(SynchronousTestCase):
         self.assertEqual(t, "runner.stopped")
 
     def test_heartbeats_and_registration(self) -> None:
-        """A heartbeat per interval on topic hb with increasing seq, the control endpoint and
-        isolation; the node row is refreshed every register_interval."""
+        """A heartbeat per interval on topic hb with increasing seq (plus one at once
+        when an instance changes state), the control endpoint and isolation; the node
+        row is refreshed every register_interval."""
         self.call("runner.start", body())
+        self.reactor.advance(0)  # the new instance (starting): one heartbeat at once
+        self.assertEqual(len(self.pub.sent), 2)
         self.reactor.advance(1.0)
         self.reactor.advance(1.0)
         seqs = [b["seq"] for _, b, _ in self.pub.sent]
-        self.assertEqual(seqs, [1, 2, 3])
+        self.assertEqual(seqs, [1, 2, 3, 4])
         t, hb, topic = self.pub.sent[-1]
         self.assertEqual((t, topic), ("runner.heartbeat", b"hb"))
         self.assertEqual(hb["control"], "tcp://127.0.0.1:7731")
@@ -150,6 +153,23 @@ class ControlTests(SynchronousTestCase):
         self.assertEqual(len(self.stores.store.nodes), 2)
         # the app UIDs it accepts: the scheduler places an app only where its UID fits
         self.assertEqual(self.stores.store.nodes[0][4]["uids"], [20000, 59999])
+
+    def test_healthy_is_announced_at_once(self) -> None:
+        """The heartbeat that tells the nexuses (and so the routers) an instance is
+        healthy goes out in the reactor turn it became healthy, not up to
+        heartbeat_interval later; changes in one turn make one heartbeat."""
+        self.call("runner.start", body())
+        self.reactor.advance(0)
+        sent = len(self.pub.sent)
+        self.probe.healthy.add(20000)
+        self.reactor.advance(0.5)  # the boot health check passes (before the next beat)
+        new = self.pub.sent[sent:]
+        self.assertEqual(len(new), 1)
+        self.assertEqual([i["state"] for i in new[0][1]["instances"]], ["healthy"])
+        self.svc._changed()
+        self.svc._changed()
+        self.reactor.advance(0)
+        self.assertEqual(len(self.pub.sent), sent + 2)
 
     def test_purge_app_refused_while_it_runs(self) -> None:
         """runner.purge_app for an app with a running instance is refused and keeps
