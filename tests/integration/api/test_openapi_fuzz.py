@@ -81,7 +81,14 @@ class OpenApiFuzzTests(SynchronousTestCase):
         tmp = Path(self.mktemp()).absolute()
         tmp.mkdir()
         config = tmp / "schemathesis.toml"
-        config.write_text(f'[parameters]\n"path.app" = "{self.app}"\n')
+        # createAddon may answer its documented 503 addons_unavailable: a dedicated
+        # server needs a runner, and this node has none (dedicated servers are made for
+        # real in tests/integration/addons/test_dedicated.py); every other 5xx, and a 500
+        # there too, still fails the run
+        config.write_text(f'[parameters]\n"path.app" = "{self.app}"\n\n'
+                          '[[operations]]\ninclude-operation-id = "createAddon"\n'
+                          'checks.not_a_server_error.expected-statuses = '
+                          '["2xx", "3xx", "4xx", "503"]\n')
         argv = [str(ST), "--config-file", str(config), "run",
                 f"{self.base}/api/v1/openapi.json",
                 "-H", f"Authorization: Bearer {self.token}",
