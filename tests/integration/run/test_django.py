@@ -19,7 +19,11 @@ class DjangoRunTests(SynchronousTestCase):
         self.node = RunNode(addons={"postgres_admin_url": PG_ADMIN})
         self.addCleanup(self.node.close)
         self.node.start(seed=False)
-        # the app's database on the shared server goes with the app
+        # the app's database on the shared server goes with the app: destroy keeps it
+        # for the grace period, purge drops it (else the next run of this test on the
+        # same PostgreSQL finds app_hello migrated already)
+        self.addCleanup(self.node.epio, "apps", "purge", "hello", "--confirm", "hello",
+                        check=False)
         self.addCleanup(self.node.epio, "apps", "destroy", "hello", "--confirm", "hello",
                         check=False)
 
