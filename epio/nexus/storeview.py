@@ -177,18 +177,17 @@ async def load_view(store: RoutingStore, domain: str, now: float,
         own = f"{app.name}.{domain}" if domain else app.name
         names = [own, *(h for h in by_app.get(app.name, ()) if h != own)]
         releases = live.get(app.name)
-        route_options: dict[str, Any] = {}
+        route_options: dict[str, Any] | None = {}
         pending = False
         if options is not None:
-            read = (options.get(app.name, newest[app.name]) if app.name in newest
-                    else options.get_latest(app.name))
-            old = before.get(app.name)
-            if read is not None:
-                route_options = read
-            elif old is not None and not old.pending:  # not read yet: what was published
-                route_options = dict(old.options)
-            else:  # nothing published yet either: no backends until the options are read
-                pending = True
+            route_options = (options.get(app.name, newest[app.name]) if app.name in newest
+                             else options.get_latest(app.name))
+            if route_options is None:  # not read yet: what was published, or nothing
+                old = before.get(app.name)
+                if old is not None and not old.pending:
+                    route_options = dict(old.options)
+                else:
+                    route_options, pending = {}, True
         facts[app.name] = AppFacts(
             name=app.name,
             hostnames=tuple(names),
