@@ -172,7 +172,7 @@ class NexusService(MultiService):
                 try:
                     store: RoutingStore = await self._get_store()
                     view = await load_view(store, self.domain, self.reactor.seconds(),
-                                           self.release_options)
+                                           self.release_options, self.nexus.view)
                 except Exception as e:
                     self.nexus.counters["store_errors"] += 1
                     self.log.error("nexus: cannot read the store ({error}); keeping what was "

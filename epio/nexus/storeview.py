@@ -18,11 +18,20 @@ response byte), ``idle_timeout``, ``connect_timeout``, ``websocket_idle_timeout`
 the manifest's ``[http]`` gives them.  Releases are
 immutable, so each is read once and kept in a cache; one refresh spends at most
 a quarter of ``store_refresh`` reading releases it has not seen, the rest wait
-for the next refresh (the routes carry no options meanwhile).
+for the next refresh.  An app with no active instance record takes its options
+from its newest release (:meth:`Store.latest_release`, read again each refresh,
+within the same budget).
+
+Options fail closed: the options carry ``basic_auth``, so a route must never go
+out without them because they could not be read.  When an app's options are not
+read yet (budget spent, or the store failed for that release) the app keeps the
+options of the previous view; an app with no previous options is *pending*: its
+route is published with no backends (the router answers 503) until they are read.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 from epio.basicauth import BasicAuth
@@ -42,6 +51,8 @@ class RoutingStore(Protocol):
                              node: str | None = None) -> list[Any]: ...
 
     async def get_release(self, app: str, version: int) -> Any: ...
+
+    async def latest_release(self, app: str) -> Any: ...
 
 
 # release meta key -> route option (see epio.routing.Route)
@@ -84,19 +95,29 @@ def options_of(meta: Any) -> dict[str, Any]:
 
 
 class ReleaseOptions:
-    """Route options per (app, release version), read once each (releases are immutable)."""
+    """Route options per (app, release version), read once each (releases are immutable).
+
+    :meth:`get` and :meth:`get_latest` return ``None`` for options not read (yet):
+    the caller must not take that for "no options".
+    """
 
     def __init__(self, clock: Any, budget: float) -> None:
         self._clock = clock
         self.budget = budget
         self.cache: dict[tuple[str, int], dict[str, Any]] = {}
+        # options of the newest release of apps with no active instance record,
+        # as read by the last fill (re-read each time: a new release may come)
+        self.latest: dict[str, dict[str, Any]] = {}
 
-    async def fill(self, store: RoutingStore, wanted: set[tuple[str, int]]) -> None:
-        """Read the releases in ``wanted`` not cached yet, within the time budget."""
+    async def fill(self, store: RoutingStore, wanted: set[tuple[str, int]],
+                   unplaced: Iterable[str] = ()) -> None:
+        """Read the releases in ``wanted`` not cached yet, then the newest release of
+        each app in ``unplaced``, within the time budget."""
         deadline = self._clock.seconds() + self.budget
+        self.latest = {}
         for key in sorted(wanted - set(self.cache)):
             if self._clock.seconds() > deadline:
-                return
+                break
             try:
                 release = await store.get_release(*key)
             except Exception as e:  # NotFound: the release is gone; others: try next time
@@ -104,16 +125,37 @@ class ReleaseOptions:
                     self.cache[key] = {}
                 continue
             self.cache[key] = options_of(getattr(release, "meta", None))
+        for app in sorted(unplaced):
+            if self._clock.seconds() > deadline:
+                break
+            try:
+                release = await store.latest_release(app)
+            except Exception as e:  # NotFound: the app is gone; others: try next time
+                if type(e).__name__ == "NotFound":
+                    self.latest[app] = {}
+                continue
+            self.latest[app] = {} if release is None else options_of(
+                getattr(release, "meta", None))
         if len(self.cache) > 4 * max(1, len(wanted)):  # forget releases no longer live
             self.cache = {k: v for k, v in self.cache.items() if k in wanted}
 
-    def get(self, app: str, version: int) -> dict[str, Any]:
-        return self.cache.get((app, version), {})
+    def get(self, app: str, version: int) -> dict[str, Any] | None:
+        """The options of release ``version`` of ``app``, None if not read yet."""
+        return self.cache.get((app, version))
+
+    def get_latest(self, app: str) -> dict[str, Any] | None:
+        """The options of ``app``'s newest release as the last fill read them, or None."""
+        return self.latest.get(app)
 
 
 async def load_view(store: RoutingStore, domain: str, now: float,
-                    options: ReleaseOptions | None = None) -> StoreView:
-    """One :class:`StoreView` from the store."""
+                    options: ReleaseOptions | None = None,
+                    previous: StoreView | None = None) -> StoreView:
+    """One :class:`StoreView` from the store.
+
+    With ``options``, an app whose options are not read yet keeps those of its
+    facts in ``previous`` (the view installed before), or is marked pending.
+    """
     apps = await store.list_apps()
     hostnames = await store.all_hostnames()
     instances = await store.list_instances()
@@ -126,19 +168,33 @@ async def load_view(store: RoutingStore, domain: str, now: float,
             live.setdefault(inst.app, set()).add(int(inst.release))
     newest = {app: max(rels) for app, rels in live.items()}
     if options is not None:
-        await options.fill(store, set(newest.items()))
+        await options.fill(store, set(newest.items()),
+                           {a.name for a in apps if a.name not in newest})
     domain = domain.strip().lower().rstrip(".")
+    before = previous.apps if previous is not None else {}
     facts = {}
     for app in apps:
         own = f"{app.name}.{domain}" if domain else app.name
         names = [own, *(h for h in by_app.get(app.name, ()) if h != own)]
         releases = live.get(app.name)
+        route_options: dict[str, Any] = {}
+        pending = False
+        if options is not None:
+            read = (options.get(app.name, newest[app.name]) if app.name in newest
+                    else options.get_latest(app.name))
+            old = before.get(app.name)
+            if read is not None:
+                route_options = read
+            elif old is not None and not old.pending:  # not read yet: what was published
+                route_options = dict(old.options)
+            else:  # nothing published yet either: no backends until the options are read
+                pending = True
         facts[app.name] = AppFacts(
             name=app.name,
             hostnames=tuple(names),
             maintenance=bool(app.maintenance),
             live_releases=frozenset(releases) if releases else None,
-            options=(options.get(app.name, newest[app.name])
-                     if options is not None and app.name in newest else {}),
+            options=route_options,
+            pending=pending,
         )
     return StoreView(apps=facts, loaded_at=now)

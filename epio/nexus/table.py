@@ -38,7 +38,10 @@ class AppFacts:
     """What the store says about one app, as far as routing cares.
 
     ``live_releases`` is the set of release versions whose instances may take
-    traffic; ``None`` means any release (the store could not say).
+    traffic; ``None`` means any release (the store could not say).  ``pending``:
+    the app's route options (``basic_auth`` among them) are not read yet, so its
+    route goes out with no backends and no static servers (the router answers
+    503) rather than without its protection.
     """
 
     name: str
@@ -46,6 +49,7 @@ class AppFacts:
     maintenance: bool = False
     live_releases: frozenset[int] | None = None
     options: Mapping[str, Any] = field(factory=dict, hash=False)
+    pending: bool = False
 
 
 @frozen
@@ -83,7 +87,8 @@ def build_route(
     nodes that run a routable instance of the app (docs/static.md); both keys are
     left out when there are none.
     """
-    routable = [i for i in instances if is_backend(i, facts, web_types)]
+    routable = ([] if facts.pending
+                else [i for i in instances if is_backend(i, facts, web_types)])
     backends = sorted(
         (backend_of(i) for i in routable),
         key=lambda b: (b["instance_id"], b["host"], b["port"]),

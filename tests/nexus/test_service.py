@@ -27,7 +27,7 @@ from .helpers import heartbeat, instance
 
 
 class FakeStore:
-    """The three reads the nexus makes, from lists the test edits."""
+    """The reads the nexus makes, from lists the test edits."""
 
     def __init__(self) -> None:
         self.apps: list[App] = [App("hello", "u", 10001, False, 0.0)]
@@ -57,6 +57,10 @@ class FakeStore:
         if meta is None:
             raise NotFound(f"app {app!r} has no release v{version}")
         return Release(app, version, None, {}, {"web": "run"}, "", 0.0, None, meta)
+
+    async def latest_release(self, app: str) -> Release | None:
+        versions = [v for (a, v) in self.release_meta if a == app]
+        return await self.get_release(app, max(versions)) if versions else None
 
 
 def config(i: int) -> Any:
