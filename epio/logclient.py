@@ -96,6 +96,7 @@ PLATFORM_SOURCES: dict[str, str] = {
     "platform": "deploys, scaling, starts, exits and sessions",
     "router": "one access line per request",
     "run": "detached `epio run` sessions (run.N)",
+    "cron": "[cron] runs (cron.NAME)",
 }
 """The log sources every app has, besides its process types (``web`` for web.N)."""
 
