@@ -1709,26 +1709,7 @@ class ClientConn(Protocol):
             pass
         as_json = req is not None and req.accept_json
         ctype, body = pages.render(status, code, message, as_json)
-        if close or self.closing or (req is not None and not req.keep_alive) or req is None:
-            close = True
-        head = b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n" \
-               b"Cache-Control: no-store\r\nX-Request-Id: %s\r\n%s%s\r\n" % (
-                   status, pages.REASONS.get(status, b"Error"), ctype, len(body),
-                   self.rid or self.lb.new_request_id(), extra,
-                   b"Connection: close\r\n" if close else b"")
-        if req is not None and req.method == b"HEAD":
-            self.write(head)
-        else:
-            self.write(head + body)
-        self.r_status = status
-        self.r_bytes = len(body)
-        self._log(status, code)
-        self._release()
-        if close:
-            self._reset_exchange()
-            self.linger_close()
-        else:
-            self._next()
+        self.local_reply(status, ctype, body, code, extra, close, default_reason=b"Error")
 
     def _https_location(self, req: Request) -> bytes:
         """``https://HOST[:lb.https_port]TARGET`` for an app's https_redirect."""
@@ -1741,14 +1722,15 @@ class ClientConn(Protocol):
         return b"https://" + host + (b"" if port == 443 else b":%d" % port) + req.target
 
     def local_reply(self, status: int, ctype: bytes, body: bytes, code: str,
-                    extra: bytes = b"", close: bool = False) -> None:
+                    extra: bytes = b"", close: bool = False,
+                    default_reason: bytes = b"OK") -> None:
         """Answer the current request with ``body`` ourselves; go on (or close: a
-        request body we did not read)."""
+        request body we did not read).  :meth:`local_error` ends here too."""
         req = self.req
         close = close or self.closing or req is None or not req.keep_alive
         head = b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n" \
                b"Cache-Control: no-store\r\nX-Request-Id: %s\r\n%s%s\r\n" % (
-                   status, pages.REASONS.get(status, b"OK"), ctype, len(body),
+                   status, pages.REASONS.get(status, default_reason), ctype, len(body),
                    self.rid or self.lb.new_request_id(), extra,
                    b"Connection: close\r\n" if close else b"")
         self.write(head if req is not None and req.method == b"HEAD" else head + body)
