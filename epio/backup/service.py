@@ -418,6 +418,7 @@ class BackupService(MultiService):
             return []
         self._running_round = True
         done = []
+        pruned = 0
         try:
             store = await self.node.store_service.whenReady()
             for app in await store.list_apps():
@@ -430,9 +431,11 @@ class BackupService(MultiService):
                     continue
                 for target in targets:
                     done.append(await self.manager.backup(target))
-                    self.manager.prune(app.name, target.kind)
+                    pruned += self.manager.prune(app.name, target.kind)
         finally:
             self._running_round = False
+        self.log.info("backup round done: {made} backed up, {pruned} pruned",
+                      made=len(done), pruned=pruned)
         return done
 
     async def handle(self, env: Any) -> tuple[str, dict]:

@@ -80,8 +80,8 @@ class LogsCliTests(TestCase):
             bogus = self.epio("logs", "--app", "logsapp", "--source", "bogus", *flag)
             self.assertEqual((bogus.returncode, bogus.stderr.strip()), (1, (
                 "epio: logsapp has no log source 'bogus'; its sources are: build, release, "
-                "platform, router, run, web, worker, epio-redis, epio-postgres (a process "
-                "type matches each instance: web matches web.1, web.2, ...)")))
+                "platform, router, run, cron, web, worker, epio-redis, epio-postgres (a "
+                "process type matches each instance: web matches web.1, web.2, ...)")))
         ok = self.epio("logs", "--app", "logsapp", "--source", "web.1,run.4,router")
         self.assertEqual(ok.returncode, 0, ok.stderr)
 
