@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from epio.config.schema import CHECKS, SCHEMA, Key
+from epio.config.settings import Settings
 
-__all__ = ["Config", "ConfigError", "load_config", "SCHEMA", "Key"]
+__all__ = ["Config", "ConfigError", "load_config", "SCHEMA", "Key", "Settings"]
 
 
 class ConfigError(Exception):
@@ -31,6 +32,8 @@ class Config:
     def __init__(self, values: dict[str, dict[str, Any]], path: Path | None = None) -> None:
         self._values = values
         self.path = path
+        self.settings = Settings.from_values(values)
+        """The same values, typed and frozen: ``config.settings.lb.workers``."""
 
     def __getitem__(self, section: str) -> dict[str, Any]:
         return self._values[section]

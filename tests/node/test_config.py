@@ -9,8 +9,10 @@ from twisted.trial.unittest import SynchronousTestCase
 from epio.config import ConfigError, load_config
 from epio.config.docs import render
 from epio.config.schema import SCHEMA
+from epio.config.typed import render as render_settings
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
+SETTINGS = Path(__file__).resolve().parents[2] / "epio" / "config" / "settings.py"
 
 
 class LoadConfigTests(SynchronousTestCase):
@@ -143,3 +145,38 @@ class DocsTests(SynchronousTestCase):
             render(),
             "docs/configuration.md is stale: run python -m epio.config.docs > docs/configuration.md",
         )
+
+    def test_typed_settings_current(self) -> None:
+        """epio/config/settings.py is exactly what the schema generates."""
+        self.assertEqual(
+            SETTINGS.read_text(),
+            render_settings(),
+            "epio/config/settings.py is stale: run "
+            "python -m epio.config.typed > epio/config/settings.py",
+        )
+
+
+class TypedSettingsTests(SynchronousTestCase):
+    def test_settings_mirror_the_values_frozen(self) -> None:
+        """Every key of every section is an attribute of config.settings with the
+        validated value; lists are tuples, tables read-only, nothing can be assigned."""
+        import attrs
+
+        config = load_config(None, {"lb": {"workers": 3, "trusted_proxies": ["10.0.0.1"]}})
+        settings = config.settings
+        for section, keys in SCHEMA.items():
+            typed = getattr(settings, section)
+            for name in keys:
+                value = getattr(typed, name)
+                raw = config[section][name]
+                if isinstance(raw, list):
+                    self.assertIsInstance(value, tuple)
+                    self.assertEqual(len(value), len(raw))
+                else:
+                    self.assertEqual(value, raw, f"{section}.{name}")
+        self.assertEqual(settings.lb.workers, 3)
+        self.assertEqual(settings.lb.trusted_proxies, ("10.0.0.1",))
+        with self.assertRaises(attrs.exceptions.FrozenInstanceError):
+            settings.lb.workers = 4  # type: ignore[misc]
+        with self.assertRaises(TypeError):
+            settings.cluster.nexus[0]["router"] = "x"  # type: ignore[index]
