@@ -13,12 +13,25 @@ import os
 import secrets
 import socket
 import uuid
+from collections.abc import Callable
+from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, cast
 
-from attrs import define, field
+from attrs import field, frozen
+from twisted.internet.interfaces import (
+    IReactorCore,
+    IReactorFDSet,
+    IReactorPluggableNameResolver,
+    IReactorProcess,
+    IReactorSocket,
+    IReactorTCP,
+    IReactorThreads,
+    IReactorTime,
+    IReactorUNIX,
+)
 
-from epio.config import Config
+from epio.config import Config, Settings
 
 if TYPE_CHECKING:
     from epio.bus import Bus
@@ -88,47 +101,71 @@ def read_or_create_secret(path: Path) -> bytes:
     return secret
 
 
-@define
-class Node:
-    """Shared facts and services of one node process."""
+class INodeReactor(IReactorCore, IReactorTime, IReactorProcess, IReactorTCP, IReactorUNIX,
+                   IReactorThreads, IReactorFDSet, IReactorSocket, IReactorPluggableNameResolver):
+    """What a node needs of its reactor: Twisted's default reactor provides every one.
 
-    reactor: Any
+    Objects that need less ask for less (a timer takes ``IReactorTime``); only the
+    composition roots hold the whole reactor.
+    """
+
+
+def installed_reactor() -> INodeReactor:
+    """The process's reactor (installed by twistd, or the default one), typed as what a
+    node needs of it.  Twisted types the global as a narrower interface; every reactor
+    twistd installs on Linux (epoll, the default) provides all of INodeReactor."""
+    from twisted.internet import reactor
+
+    return cast(INodeReactor, reactor)
+
+
+@frozen
+class Node:
+    """Shared facts and services of one node process: built once, never changed.
+
+    ``store_service`` is None only in a process with no store (an lb worker routing
+    from a file).  ``bus`` is made on first use and cached (importing txzmq installs
+    a reactor, so not at import time).
+    """
+
+    reactor: INodeReactor
     config: Config
     data_dir: Path
     roles: frozenset[str]
     node_id: str
     secret: bytes
-    boot_id: str = field(factory=lambda: uuid.uuid4().hex)
     store_service: StoreService | None = None
-    _bus: Bus | None = None
+    boot_id: str = field(factory=lambda: uuid.uuid4().hex)
 
     @classmethod
-    def prepare(cls, reactor: Any, config: Config, roles: frozenset[str]) -> Node:
-        """Create the data dir and cluster secret if needed; return the node."""
-        data_dir = Path(config["node"]["data_dir"] or "epio-data").absolute()
+    def prepare(cls, reactor: INodeReactor, config: Config, roles: frozenset[str],
+                store: Callable[[Config, Path], StoreService] | None = None) -> Node:
+        """Create the data dir and cluster secret if needed; return the node.
+
+        ``store`` builds the node's store service from the config and data dir (the
+        node's only store: every role reaches it through ``node.store_service``).
+        """
+        data_dir = Path(config.settings.node.data_dir or "epio-data").absolute()
         try:
             data_dir.mkdir(parents=True, exist_ok=True)
             os.chmod(data_dir, 0o711)
         except OSError as e:
             raise NodeSetupError(f"cannot create data dir {data_dir}: {e.strerror}") from None
-        secret_path = Path(config["cluster"]["secret_file"] or data_dir / "cluster-secret")
+        secret_path = Path(config.settings.cluster.secret_file or data_dir / "cluster-secret")
         secret = read_or_create_secret(secret_path)
-        node_id = config["node"]["id"] or socket.gethostname()
-        return cls(reactor, config, data_dir, roles, node_id, secret)
+        node_id = config.settings.node.id or socket.gethostname()
+        store_service = store(config, data_dir) if store is not None else None
+        return cls(reactor, config, data_dir, roles, node_id, secret, store_service)
 
     @property
+    def settings(self) -> Settings:
+        """The node's typed, frozen configuration."""
+        return self.config.settings
+
+    @cached_property
     def bus(self) -> Bus:
-        """The bus factory (signing with the cluster secret), made on first use.
+        """The bus factory (signing with the cluster secret), made on first use."""
+        from epio.bus import Bus
 
-        Imported here, not at module level: importing txzmq installs a reactor.
-        """
-        if self._bus is None:
-            from epio.bus import Bus
-
-            self._bus = Bus(
-                reactor=self.reactor,
-                secret=self.secret,
-                sender=self.node_id,
-                config=self.config,
-            )
-        return self._bus
+        return Bus(reactor=self.reactor, secret=self.secret, sender=self.node_id,
+                   config=self.config)

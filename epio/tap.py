@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
@@ -20,6 +20,9 @@ from twisted.python import usage
 
 from epio import __version__
 from epio.config import ConfigError, load_config
+
+if TYPE_CHECKING:
+    from epio.node import INodeReactor
 
 # role -> module providing make_service(node); the order is the start order.
 ROLES: dict[str, str] = {
@@ -178,25 +181,24 @@ def role_service(role: str, node: Any) -> Service:
     return svc
 
 
-def makeService(options: Options, reactor: Any = None) -> MultiService:
+def makeService(options: Options, reactor: INodeReactor | None = None) -> MultiService:
     """Build the node's one MultiService from the configured roles."""
-    from epio.node import Node, NodeSetupError
+    from epio.node import Node, NodeSetupError, installed_reactor
     from epio.store import StoreService
 
     if reactor is None:
-        from twisted.internet import reactor as _reactor
-
-        reactor = _reactor
+        reactor = installed_reactor()
     config = options["config_obj"]
     try:
-        node = Node.prepare(reactor, config, options["roles"])
+        node = Node.prepare(reactor, config, options["roles"],
+                            lambda c, d: StoreService.from_config(c, d, reactor=reactor))
     except NodeSetupError as e:
         raise SystemExit(f"epio: {e}") from None
     root = NodeService(node)
-    store = StoreService.from_config(config, node.data_dir, reactor=reactor)
+    store = node.store_service
+    assert store is not None
     store.setName("store")
     store.setServiceParent(root)
-    node.store_service = store
     for role in ROLES:
         if role in node.roles:
             role_service(role, node).setServiceParent(root)

@@ -18,6 +18,7 @@ import select
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from epio.config import Config
 from epio.lb.fastio import ReadMux
 from epio.lb.feed import FEED_RESTART
 from epio.lb.observe import FileLogSink, Observer
@@ -54,21 +56,31 @@ def die_with_parent() -> None:
         sys.exit(0)
 
 
-def start_child(variable: str) -> tuple[Any, dict[str, Any], Any]:
+def start_child(variable: str, store_if: Callable[[Config], bool] | None = None,
+                ) -> tuple[Any, dict[str, Any], Any]:
     """The start of a router child process (a worker, the route feed process): die with
     the parent, log to stdout (the parent relays the lines), read the JSON spec from the
-    environment ``variable``; returns the reactor, the spec and the prepared node."""
-    from twisted.internet import reactor
+    environment ``variable``; returns the reactor, the spec and the prepared node, with a
+    store service of its own when ``store_if(config)`` says it needs one."""
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
     from epio.config import validate
-    from epio.node import Node
+    from epio.node import Node, installed_reactor
 
+    reactor = installed_reactor()
     die_with_parent()
     spec = json.loads(os.environ[variable])
     observer: Any = textFileLogObserver(sys.stdout)
     globalLogBeginner.beginLoggingTo([observer])
-    node = Node.prepare(reactor, validate(spec["config"]), frozenset({"lb"}))
+    config = validate(spec["config"])
+    store = None
+    if store_if is not None and store_if(config):
+        from epio.store import StoreService
+
+        def store(c: Config, d: Path) -> StoreService:
+            return StoreService.from_config(c, d, reactor=reactor)
+
+    node = Node.prepare(reactor, config, frozenset({"lb"}), store)
     return reactor, spec, node
 
 

@@ -14,9 +14,10 @@ from pathlib import Path
 
 
 def main() -> None:
+    from epio.certs.router import needs_store, router_certs
     from epio.lb.service import LBService, pipeline_sinks, route_source, start_child
 
-    reactor, spec, node = start_child("EPIO_LB_WORKER_SPEC")
+    reactor, spec, node = start_child("EPIO_LB_WORKER_SPEC", needs_store)
     config = node.config
     section = dict(config["lb"])
     section["workers"] = 1
@@ -27,12 +28,6 @@ def main() -> None:
     iface, port, family = spec["reuseport"]
     tls = spec.get("tls_reuseport")
     # certificates and ACME answers from the store, like the parent's (docs/https.md)
-    from epio.certs.router import needs_store, router_certs
-
-    if needs_store(config):
-        from epio.store import StoreService
-
-        node.store_service = StoreService.from_config(config, node.data_dir, reactor=reactor)
     svc = LBService(reactor, section, config["node"]["domain"], source, log_sink, stats_sink,
                     reuseport=(iface, int(port), int(family)), static_secret=node.secret,
                     spool=Path(spec["spool_dir"]), certs=router_certs(node),
