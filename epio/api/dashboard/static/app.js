@@ -125,17 +125,19 @@ async function refreshApp(name) {
 // API's error sentence (#error), then shows the app again.
 let current = null;
 
-async function act(what, call) {
+async function act(what, call, pending) {
   $("#error").textContent = "";
-  $("#notice").textContent = "";
+  $("#notice").textContent = pending || "";
+  let result;
   try {
-    await call();
+    result = await call();
   } catch (e) {
+    $("#notice").textContent = "";
     $("#error").textContent = e.message;
     return;
   }
   await showApp(current);  // the view shows the change when the notice says it
-  $("#notice").textContent = what;
+  $("#notice").textContent = typeof what === "function" ? what(result) : what;
 }
 
 function button(label, onClick, cls) {
@@ -156,6 +158,53 @@ function confirmButton(label, confirmLabel, run) {
     b.textContent = confirmLabel;
   });
   return b;
+}
+
+// A destructive action on data asks for the app's name to be typed (as the CLI does):
+// the button opens an inline form whose confirm button is enabled only by that name.
+function typedConfirm(label, appName, confirmLabel, run) {
+  const wrap = document.createElement("span");
+  wrap.className = "typed-confirm";
+  const open = button(label, () => {
+    open.hidden = true;
+    const id = "confirm-" + Math.random().toString(36).slice(2);
+    const lab = document.createElement("label");
+    lab.htmlFor = id;
+    lab.textContent = "Type " + appName + " to confirm";
+    const input = document.createElement("input");
+    input.id = id;
+    input.autocomplete = "off";
+    input.className = "confirm-name";
+    const go = button(confirmLabel, () => { if (input.value === appName) run(); }, "danger");
+    go.disabled = true;
+    input.addEventListener("input", () => { go.disabled = input.value !== appName; });
+    input.addEventListener("keydown", (ev) => {
+      if (ev.key === "Enter" && input.value === appName) { ev.preventDefault(); run(); }
+      if (ev.key === "Escape") { cancel.click(); }
+    });
+    const cancel = button("Cancel", () => {
+      for (const el of [lab, input, go, cancel]) el.remove();
+      open.hidden = false;
+      open.focus();
+    });
+    wrap.append(lab, input, go, cancel);
+    input.focus();
+  });
+  wrap.appendChild(open);
+  return wrap;
+}
+
+function humanSize(n) {
+  if (!n) return "-";
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+  return (i ? n.toFixed(1) : String(n)) + " " + units[i];
+}
+
+function when(ts) {
+  if (!ts) return "-";
+  return new Date(ts * 1000).toISOString().replace("T", " ").slice(0, 19) + " UTC";
 }
 
 async function showApp(name) {
@@ -237,60 +286,367 @@ async function showApp(name) {
   show("#app-view");
   followLog(enc);
   loadStats(enc);
+  loadAddons(enc);
+  loadBackups(enc);
+  loadRuns(enc);
 }
 
-// Requests per 10 s over the last hour, from the stats API, as an SVG line (built
-// with DOM calls: nothing here needs inline script or style).
-async function loadStats(enc) {
+// Add-ons, backups and run sessions come from parts of the api that may be missing
+// (no add-on or backup node): each section says so by itself; the page stays usable.
+async function loadAddons(enc) {
+  const name = current;
+  let addons;
   try {
-    const body = await api("/apps/" + enc + "/stats?metric=requests&since=1h&resolution=10");
-    drawChart($("#stats-chart"), (body.series || {}).requests || []);
+    addons = await api("/apps/" + enc + "/addons");
   } catch (e) {
-    $("#stats-note").textContent = e.status === 503 ? "stats unavailable" : e.message;
-  }
-}
-
-function drawChart(svg, points) {
-  const NS = "http://www.w3.org/2000/svg";
-  while (svg.firstChild) svg.removeChild(svg.firstChild);
-  svg.dataset.points = String(points.length);
-  if (!points.length) {
-    $("#stats-note").textContent = "no requests in the last hour";
+    fill("#addons", [], () => {});
+    $("#addons-empty").hidden = false;
+    $("#addons-empty").textContent = "Add-ons unavailable: " + e.message;
     return;
   }
-  const W = 600, H = 80;
-  const t0 = points[0][0], t1 = points[points.length - 1][0];
-  const max = Math.max(1, ...points.map((p) => p[1]));
-  const x = (t) => (t1 === t0 ? W : ((t - t0) / (t1 - t0)) * W);
-  const y = (v) => H - 2 - (v / max) * (H - 4);
-  const line = document.createElementNS(NS, "polyline");
-  line.setAttribute("points", points.map(([t, v]) => x(t).toFixed(1) + "," + y(v).toFixed(1))
-    .join(" "));
-  line.setAttribute("fill", "none");
-  line.setAttribute("stroke", "currentColor");
-  line.setAttribute("stroke-width", "2");
-  svg.appendChild(line);
-  const total = points.reduce((n, p) => n + p[1], 0);
-  $("#stats-note").textContent = total + " requests in the last hour (peak " + max +
-    " per 10 s)";
+  fill("#addons", addons, (tr, a) => {
+    tr.dataset.kind = a.kind;
+    cell(tr, a.kind); cell(tr, a.plan); cell(tr, a.state, "state-" + a.state);
+    cell(tr, a.config_var);
+    cell(tr, a.host ? a.host + ":" + a.port + (a.database ? "/" + a.database : "") : a.node);
+    cell(tr, ago(a.created));
+    cell(tr, "").appendChild(typedConfirm("Destroy " + a.kind, name, "Destroy " + a.kind +
+      " and its data", () => act((r) => "Destroyed " + a.kind + (r && r.final_backup
+        ? " (final backup " + (r.final_backup.id || "") + " kept)" : ""),
+      () => api("/apps/" + enc + "/addons/" + encodeURIComponent(a.kind), "DELETE"),
+      "Destroying " + a.kind + " (a final backup first)...")));
+  });
+  $("#addons-empty").hidden = addons.length > 0;
+  $("#addons-empty").textContent = "No add-ons.";
+}
+
+async function loadBackups(enc) {
+  const name = current;
+  let backups;
+  try {
+    backups = await api("/apps/" + enc + "/backups");
+  } catch (e) {
+    fill("#backups", [], () => {});
+    $("#backups-empty").hidden = false;
+    $("#backups-empty").textContent = "Backups unavailable: " + e.message;
+    return;
+  }
+  fill("#backups", backups, (tr, b) => {
+    tr.dataset.backup = b.id;
+    cell(tr, b.id); cell(tr, b.kind);
+    cell(tr, b.status === "verified" ? "verified" + (b.pinned ? " (kept: " + b.pinned + ")" : "")
+      : b.status === "running" ? "running" : "FAILED" + (b.error ? ": " + b.error : ""),
+      "state-" + b.status);
+    cell(tr, ago(b.created)); cell(tr, humanSize(b.size));
+    cell(tr, b.suspicious ? "FLAGGED: " + b.suspicious : "-");
+    const dl = cell(tr, "");
+    const rs = cell(tr, "");
+    if (b.status === "verified") {
+      dl.appendChild(button("Download", () => download(enc, b), "download"));
+      rs.appendChild(typedConfirm("Restore", name, "Replace " + name + "'s data with " + b.id,
+        () => act((r) => "Restored backup " + b.id + " into " + r.into +
+          (r.kept_as ? "; the previous data is kept as " + r.kept_as : ""),
+        () => api("/apps/" + enc + "/backups/" + encodeURIComponent(b.id) + "/restore",
+          "POST", {}), "Restoring " + b.id + "...")));
+    }
+  });
+  $("#backups-empty").hidden = backups.length > 0;
+  $("#backups-empty").textContent = "No backups yet.";
+}
+
+// A download needs the Authorization header, so it is fetched here and handed to the
+// browser as a blob (a plain link would need the token in its URL).
+async function download(enc, b) {
+  $("#error").textContent = "";
+  $("#notice").textContent = "Downloading " + b.id + "...";
+  try {
+    const resp = await fetch(API + "/apps/" + enc + "/backups/" + encodeURIComponent(b.id) +
+      "/download", { headers: { "Authorization": "Bearer " + token() } });
+    if (!resp.ok) {
+      let msg = resp.statusText;
+      try { msg = (await resp.json()).error.message; } catch (e) { /* not JSON */ }
+      throw new Error(msg);
+    }
+    const blob = await resp.blob();
+    const disp = resp.headers.get("Content-Disposition") || "";
+    const m = disp.match(/filename="([^"]+)"/);
+    const a = document.createElement("a");
+    a.href = URL.createObjectURL(blob);
+    a.download = m ? m[1] : b.id + ".dump";
+    document.body.appendChild(a);
+    a.click();
+    a.remove();
+    setTimeout(() => URL.revokeObjectURL(a.href), 60000);
+    $("#notice").textContent = "Downloaded " + a.download + " (" + humanSize(blob.size) +
+      "; sha256 " + (resp.headers.get("X-Backup-Sha256") || "-").slice(0, 12) + ")";
+  } catch (e) {
+    $("#notice").textContent = "";
+    $("#error").textContent = "download failed: " + e.message;
+  }
+}
+
+async function loadRuns(enc) {
+  let runs;
+  try {
+    runs = await api("/apps/" + enc + "/runs?history=true");
+  } catch (e) {
+    fill("#runs", [], () => {});
+    $("#runs-empty").hidden = false;
+    $("#runs-empty").textContent = "Run sessions unavailable: " + e.message;
+    return;
+  }
+  fill("#runs", runs, (tr, r) => {
+    tr.dataset.run = String(r.number);
+    cell(tr, "run." + r.number); cell(tr, r.kind); cell(tr, r.user); cell(tr, when(r.started));
+    cell(tr, when(r.ended));
+    cell(tr, r.exit_signal ? "killed by " + r.exit_signal
+      : r.exit_status !== null && r.exit_status !== undefined ? "exit " + r.exit_status : r.state);
+    cell(tr, r.command, "command");
+  });
+  $("#runs-empty").hidden = runs.length > 0;
+}
+
+// Charts of the stats API (what `epio stats` shows), one SVG each with labelled axes
+// and units, over the window chosen in #stats-window; built with DOM calls (the page's
+// CSP allows no inline script or style).
+const WINDOWS = { "15m": [900, "last 15 minutes"], "1h": [3600, "last hour"],
+                  "6h": [21600, "last 6 hours"], "1d": [86400, "last day"],
+                  "7d": [604800, "last 7 days"] };
+const NS = "http://www.w3.org/2000/svg";
+
+async function loadStats(enc) {
+  const key = $("#stats-window").value in WINDOWS ? $("#stats-window").value : "1h";
+  const [span, label] = WINDOWS[key];
+  let body;
+  try {
+    body = await api("/apps/" + enc + "/stats?since=" + key);
+  } catch (e) {
+    $("#stats-note").textContent = e.status === 503 ? "stats unavailable" : e.message;
+    return;
+  }
+  const res = body.resolution || 10;
+  const until = Date.now() / 1000, since = until - span;
+  const series = body.series || {};
+  const rate = (pts) => pts.map(([t, v]) => [t, v / res]);
+  const byType = {};
+  for (const [name, pts] of Object.entries(series)) {
+    const [metric, instance] = name.split(":");
+    if (metric !== "memory_bytes" || !instance) continue;
+    // per process type: the sum of its instances at each time
+    const type = instance.split(/[.@]/)[0];
+    const sums = byType[type] || (byType[type] = new Map());
+    for (const [t, v] of pts) sums.set(t, (sums.get(t) || 0) + v / (1024 * 1024));
+  }
+  const charts = [
+    { id: "stats-chart", title: "Requests", unit: "req/s",
+      lines: [["requests", rate(series.requests || [])]] },
+    { id: "latency-chart", title: "Latency", unit: "ms",
+      lines: [["p50", series.latency_p50_ms || []], ["p99", series.latency_p99_ms || []]] },
+    { id: "errors-chart", title: "5xx responses", unit: "req/s",
+      lines: [["5xx", rate(series.status_5xx || [])]] },
+    { id: "memory-chart", title: "Memory per process type", unit: "MiB",
+      lines: Object.keys(byType).sort().map((t) => [t, Array.from(byType[t].entries())
+        .sort((a, b) => a[0] - b[0])]) },
+  ];
+  const box = $("#charts");
+  for (const c of charts) {
+    let fig = document.getElementById(c.id + "-figure");
+    if (!fig) {
+      fig = document.createElement("figure");
+      fig.id = c.id + "-figure";
+      const cap = document.createElement("figcaption");
+      const svg = document.createElementNS(NS, "svg");
+      svg.id = c.id;
+      svg.setAttribute("viewBox", "0 0 " + CW + " " + CH);
+      svg.setAttribute("role", "img");
+      fig.append(cap, svg);
+      box.appendChild(fig);
+    }
+    fig.querySelector("figcaption").textContent = c.title + " (" + c.unit + "), " + label +
+      ", " + res + " s buckets";
+    drawChart(document.getElementById(c.id), c, since, until);
+  }
+  const total = (series.requests || []).reduce((n, p) => n + p[1], 0);
+  const peak = Math.max(0, ...(series.requests || []).map((p) => p[1]));
+  $("#stats-note").textContent = total + " requests in the " + label + " (peak " + peak +
+    " per " + res + " s). CPU is not shown: the stats API has no CPU metric.";
+}
+
+const CW = 640, CH = 180, PAD = { left: 56, right: 12, top: 10, bottom: 34 };
+const COLOURS = ["#1d3557", "#e63946", "#2a9d8f", "#e9c46a", "#6d597a", "#f4a261"];
+
+function niceMax(v) {
+  if (v <= 0) return 1;
+  const p = Math.pow(10, Math.floor(Math.log10(v)));
+  for (const m of [1, 2, 2.5, 5, 10]) if (m * p >= v) return m * p;
+  return 10 * p;
+}
+
+function fmt(v) {
+  if (v === 0) return "0";
+  if (Math.abs(v) >= 100) return v.toFixed(0);
+  if (Math.abs(v) >= 10) return v.toFixed(1).replace(/\.0$/, "");
+  return v.toFixed(2).replace(/\.?0+$/, "");
+}
+
+function svgEl(svg, tag, attrs, text) {
+  const el = document.createElementNS(NS, tag);
+  for (const [k, v] of Object.entries(attrs)) el.setAttribute(k, String(v));
+  if (text !== undefined) el.textContent = text;
+  svg.appendChild(el);
+  return el;
+}
+
+function drawChart(svg, chart, since, until) {
+  while (svg.firstChild) svg.removeChild(svg.firstChild);
+  const points = chart.lines.reduce((n, [, pts]) => n + pts.length, 0);
+  svg.dataset.points = String(points);
+  const W = CW - PAD.left - PAD.right, H = CH - PAD.top - PAD.bottom;
+  const top = niceMax(Math.max(0, ...chart.lines.flatMap(([, pts]) => pts.map((p) => p[1]))));
+  const x = (t) => PAD.left + Math.min(1, Math.max(0, (t - since) / (until - since))) * W;
+  const y = (v) => PAD.top + H - (v / top) * H;
+  const summary = [];
+  // axes, grid and tick labels
+  svgEl(svg, "line", { x1: PAD.left, y1: PAD.top, x2: PAD.left, y2: PAD.top + H, class: "axis" });
+  svgEl(svg, "line", { x1: PAD.left, y1: PAD.top + H, x2: PAD.left + W, y2: PAD.top + H,
+                       class: "axis" });
+  for (let i = 0; i <= 4; i++) {
+    const v = (top * i) / 4;
+    if (i) svgEl(svg, "line", { x1: PAD.left, y1: y(v), x2: PAD.left + W, y2: y(v), class: "grid" });
+    svgEl(svg, "text", { x: PAD.left - 4, y: y(v) + 4, "text-anchor": "end", class: "tick" }, fmt(v));
+  }
+  const span = until - since;
+  for (let i = 0; i <= 4; i++) {
+    const t = since + (span * i) / 4;
+    const d = new Date(t * 1000).toISOString();
+    const text = span > 86400 ? d.slice(5, 10) + " " + d.slice(11, 16) : d.slice(11, 16);
+    svgEl(svg, "text", { x: x(t), y: PAD.top + H + 14, "text-anchor": i === 0 ? "start"
+      : i === 4 ? "end" : "middle", class: "tick" }, text);
+  }
+  svgEl(svg, "text", { x: PAD.left + W / 2, y: CH - 4, "text-anchor": "middle", class: "label" },
+        "time (UTC)");
+  svgEl(svg, "text", { x: 12, y: PAD.top + H / 2, "text-anchor": "middle", class: "label",
+                       transform: "rotate(-90 12 " + (PAD.top + H / 2) + ")" }, chart.unit);
+  chart.lines.forEach(([name, pts], i) => {
+    const colour = COLOURS[i % COLOURS.length];
+    if (pts.length) {
+      const coords = pts.map(([t, v]) => x(t).toFixed(1) + "," + y(v).toFixed(1));
+      if (pts.length === 1) {
+        svgEl(svg, "circle", { cx: x(pts[0][0]), cy: y(pts[0][1]), r: 3, fill: colour });
+      } else {
+        svgEl(svg, "polyline", { points: coords.join(" "), fill: "none", stroke: colour,
+                                 "stroke-width": 2, class: "series", "data-series": name });
+      }
+      const last = pts[pts.length - 1][1], max = Math.max(...pts.map((p) => p[1]));
+      summary.push(name + ": last " + fmt(last) + " " + chart.unit + ", max " + fmt(max) + " " +
+                   chart.unit);
+    }
+    // legend
+    const lx = PAD.left + 8 + i * 90;
+    svgEl(svg, "rect", { x: lx, y: PAD.top + 2, width: 10, height: 10, fill: colour });
+    svgEl(svg, "text", { x: lx + 14, y: PAD.top + 11, class: "legend" }, name);
+  });
+  if (!points) {
+    svgEl(svg, "text", { x: PAD.left + W / 2, y: PAD.top + H / 2, "text-anchor": "middle",
+                         class: "empty" }, "no data in this window");
+  }
+  svg.setAttribute("aria-label", chart.title + " in " + chart.unit + ": " +
+                   (summary.join("; ") || "no data in this window"));
 }
 
 // The live log: a websocket on the logs endpoint. Browsers cannot put the token in
 // an Authorization header on a websocket, so it travels as a subprotocol
 // ("epio.bearer.<token>"); the server selects "epio.v1" and never echoes it.
+// Lines are kept as records; the view shows those matching the source and text
+// filters; paused, it stops redrawing (new lines are counted, kept and shown on resume).
 let tail = null;
-const MAX_LOG_LINES = 1000;
+const MAX_LOG_LINES = 2000;
+let logLines = [];
+let paused = false;
+let unseen = 0;
+let logApp = null;
 
 function stopLog() {
   if (tail !== null) { const ws = tail; tail = null; ws.onclose = null; ws.close(); }
 }
 
+const stamp = (ts) => new Date(ts * 1000).toISOString().replace("T", " ").slice(0, 19);
+
+function logMatches(l) {
+  const src = $("#log-source").value;
+  if (src) {
+    const kind = src.slice(0, src.indexOf(":")), want = src.slice(src.indexOf(":") + 1);
+    if (kind === "source" && l.source !== want) return false;
+    if (kind === "type" && (l.source || "").split(/[.@]/)[0] !== want) return false;
+  }
+  const text = $("#log-text").value.toLowerCase();
+  return !text || (l.source + " " + l.text).toLowerCase().includes(text);
+}
+
+function updateSources() {
+  const sel = $("#log-source");
+  const have = new Set(Array.from(sel.options).map((o) => o.value));
+  const sources = new Set(logLines.filter((l) => l.source).map((l) => l.source));
+  const types = new Set(Array.from(sources).map((s) => s.split(/[.@]/)[0])
+    .filter((t) => !sources.has(t)));
+  for (const t of Array.from(types).sort()) {
+    if (have.has("type:" + t)) continue;
+    const o = document.createElement("option");
+    o.value = "type:" + t; o.textContent = t + " (every process)";
+    sel.appendChild(o);
+  }
+  for (const s of Array.from(sources).sort()) {
+    if (have.has("source:" + s)) continue;
+    const o = document.createElement("option");
+    o.value = "source:" + s; o.textContent = s;
+    sel.appendChild(o);
+  }
+}
+
+function renderLog() {
+  if (paused) {
+    $("#log-status").textContent = "paused" + (unseen ? ", " + unseen + " new lines" : "");
+    return;
+  }
+  unseen = 0;
+  updateSources();
+  const shown = logLines.filter(logMatches).map((l) => l.note ? l.note
+    : [stamp(l.timestamp), l.source, l.text].join(" "));
+  const log = $("#log");
+  const atEnd = log.scrollTop + log.clientHeight >= log.scrollHeight - 4;
+  log.textContent = shown.join("\n") || (logLines.length ? "(no line matches the filter)"
+    : "(no log lines yet)");
+  if (atEnd) log.scrollTop = log.scrollHeight;
+  $("#log-status").textContent = shown.length === logLines.length ? ""
+    : shown.length + " of " + logLines.length + " lines shown";
+}
+
+function togglePause() {
+  paused = !paused;
+  $("#log-pause").textContent = paused ? "Resume" : "Pause";
+  $("#log-pause").setAttribute("aria-pressed", String(paused));
+  $("#log").dataset.paused = String(paused);
+  renderLog();
+}
+
+function addLines(lines) {
+  logLines.push(...lines);
+  if (paused) unseen += lines.length;
+  if (logLines.length > MAX_LOG_LINES) logLines = logLines.slice(-MAX_LOG_LINES);
+  renderLog();
+}
+
 function followLog(enc) {
   stopLog();
   const scheme = location.protocol === "https:" ? "wss://" : "ws://";
-  const when = (ts) => new Date(ts * 1000).toISOString().replace("T", " ").slice(0, 19);
-  const shown = [];
   let ws;
+  logLines = [];
+  unseen = 0;
+  if (logApp !== enc) {  // another app: its own sources
+    logApp = enc;
+    const sel = $("#log-source");
+    while (sel.options.length > 1) sel.remove(1);
+  }
   try {
     ws = new WebSocket(scheme + location.host + API + "/apps/" + enc + "/logs?n=200",
                        ["epio.v1", "epio.bearer." + token()]);
@@ -299,38 +655,218 @@ function followLog(enc) {
     return;
   }
   tail = ws;
-  const render = () => {
-    $("#log").textContent = shown.join("\n") || "(no log lines yet)";
-    $("#log").scrollTop = $("#log").scrollHeight;
-  };
   ws.onmessage = (ev) => {
     const msg = JSON.parse(ev.data);
     if (msg.type === "lines") {
-      for (const l of msg.lines) shown.push([when(l.timestamp), l.source, l.text].join(" "));
+      addLines(msg.lines.map((l) => ({ timestamp: l.timestamp, source: l.source, text: l.text })));
     } else if (msg.type === "missed") {
-      shown.push("... " + msg.count + " lines not shown (this page fell behind)");
+      addLines([{ note: "... " + msg.count + " lines not shown (this page fell behind)" }]);
     } else if (msg.type === "ready") {
       $("#log").dataset.live = "true";
     } else if (msg.type === "error" || msg.type === "notice") {
-      shown.push("[" + msg.message + "]");
+      addLines([{ note: "[" + msg.message + "]" }]);
     }
-    while (shown.length > MAX_LOG_LINES) shown.shift();
-    render();
   };
   ws.onclose = () => { if (tail === ws) { tail = null; delete $("#log").dataset.live; } };
-  render();
+  renderLog();
 }
 
 async function loadLog(enc) {
   try {
     const body = await api("/apps/" + enc + "/logs?n=200");
     const lines = Array.isArray(body) ? body : (body.lines || []);
-    const when = (ts) => new Date(ts * 1000).toISOString().replace("T", " ").slice(0, 19);
-    $("#log").textContent = lines.map((l) => Array.isArray(l)
-      ? [when(l[1]), l[2], l[3]].join(" ")
-      : [when(l.timestamp), l.source, l.text].join(" ")).join("\n") || "(no log lines yet)";
+    logLines = lines.map((l) => Array.isArray(l)
+      ? { timestamp: l[1], source: l[2], text: l[3] }
+      : { timestamp: l.timestamp, source: l.source, text: l.text });
+    renderLog();
   } catch (e) {
     if (e.status !== 404) $("#log").textContent = "log unavailable: " + e.message;
+  }
+}
+
+// --- deploy by upload: the same endpoint as `epio deploy` (POST .../deploys, a gzip
+// tarball as the body), then the deploy followed as the CLI follows it.
+
+const DEFAULT_IGNORES = [".git/", ".hg/", ".svn/", "__pycache__/", "*.py[co]", ".epio-app"];
+
+// .epioignore in gitignore syntax, as epio/appdir.py reads it
+function globToRegex(pat) {
+  let out = "";
+  for (let i = 0; i < pat.length;) {
+    const c = pat[i];
+    if (pat.startsWith("**/", i)) { out += "(?:.*/)?"; i += 3; }
+    else if (pat.startsWith("/**", i) && i + 3 === pat.length) { out += "/.*"; i += 3; }
+    else if (pat.startsWith("**", i)) { out += ".*"; i += 2; }
+    else if (c === "*") { out += "[^/]*"; i += 1; }
+    else if (c === "?") { out += "[^/]"; i += 1; }
+    else if (c === "[") {
+      const j = pat.indexOf("]", "!^".includes(pat[i + 1]) ? i + 2 : i + 1);
+      if (j === -1) { out += "\\["; i += 1; continue; }
+      let body = pat.slice(i + 1, j);
+      if ("!^".includes(body[0])) body = "^" + body.slice(1);
+      out += "[" + body.replace(/\\/g, "\\\\") + "]";
+      i = j + 1;
+    } else if (c === "\\" && i + 1 < pat.length) {
+      out += pat[i + 1].replace(/[.*+?^${}()|[\]\\/]/g, "\\$&"); i += 2;
+    } else { out += c.replace(/[.*+?^${}()|[\]\\/]/g, "\\$&"); i += 1; }
+  }
+  return out;
+}
+
+function ignoreRules(lines) {
+  const rules = [];
+  for (let line of lines) {
+    while (line.endsWith(" ") && !line.endsWith("\\ ")) line = line.slice(0, -1);
+    if (!line || line.startsWith("#")) continue;
+    let negate = false;
+    if (line.startsWith("!")) { negate = true; line = line.slice(1); }
+    else if (line.startsWith("\\!") || line.startsWith("\\#")) line = line.slice(1);
+    const dirOnly = line.endsWith("/");
+    line = line.replace(/\/+$/, "");
+    if (!line) continue;
+    const anchored = line.includes("/");
+    line = line.replace(/^\/+/, "");
+    rules.push({ re: new RegExp("^" + (anchored ? "" : "(?:.*/)?") + globToRegex(line) + "$", "s"),
+                 negate, dirOnly });
+  }
+  const ignored = (rel, isDir) => {
+    let result = false;
+    for (const r of rules) if ((!r.dirOnly || isDir) && r.re.test(rel)) result = !r.negate;
+    return result;
+  };
+  // as in git, a file inside an excluded directory cannot be re-included
+  return (rel) => {
+    const parts = rel.split("/");
+    for (let i = 1; i < parts.length; i++) if (ignored(parts.slice(0, i).join("/"), true)) return true;
+    return ignored(rel, false);
+  };
+}
+
+function octal(n, width) { return n.toString(8).padStart(width - 1, "0") + "\0"; }
+
+// One ustar header: the name split into prefix/name when longer than 100 bytes.
+function tarHeader(path, size, mtime) {
+  const enc = new TextEncoder();
+  let name = enc.encode(path), prefix = new Uint8Array(0);
+  if (name.length > 100) {
+    const cut = path.lastIndexOf("/", path.length - 1);
+    for (let i = cut; i > 0; i = path.lastIndexOf("/", i - 1)) {
+      const p = enc.encode(path.slice(0, i)), n = enc.encode(path.slice(i + 1));
+      if (p.length <= 155 && n.length <= 100) { prefix = p; name = n; break; }
+    }
+    if (name.length > 100) throw new Error("path too long for a tarball: " + path);
+  }
+  const h = new Uint8Array(512);
+  const put = (off, bytes) => h.set(bytes, off);
+  put(0, name);
+  put(100, enc.encode(octal(0o644, 8)));
+  put(108, enc.encode(octal(0, 8)));
+  put(116, enc.encode(octal(0, 8)));
+  put(124, enc.encode(octal(size, 12)));
+  put(136, enc.encode(octal(Math.floor(mtime / 1000), 12)));
+  put(148, enc.encode("        "));
+  h[156] = 0x30;  // "0": a regular file
+  put(257, enc.encode("ustar\0"));
+  put(263, enc.encode("00"));
+  put(345, prefix);
+  let sum = 0;
+  for (const b of h) sum += b;
+  put(148, enc.encode(sum.toString(8).padStart(6, "0") + "\0 "));
+  return h;
+}
+
+// The files of an <input webkitdirectory> as the CLI would pack that directory:
+// paths relative to the chosen directory, .epioignore honoured. (Browsers do not
+// expose file modes or symlinks: every file is packed as a plain 0644 file.)
+async function packDirectory(files) {
+  const list = Array.from(files).map((f) => ({ f, rel: f.webkitRelativePath.split("/").slice(1).join("/") }))
+    .filter((e) => e.rel);
+  const ignoreFile = list.find((e) => e.rel === ".epioignore");
+  const lines = DEFAULT_IGNORES.slice();
+  if (ignoreFile) lines.push(...(await ignoreFile.f.text()).split(/\r?\n/));
+  const ignored = ignoreRules(lines);
+  const kept = list.filter((e) => !ignored(e.rel)).sort((a, b) => a.rel < b.rel ? -1 : 1);
+  const parts = [];
+  for (const e of kept) {
+    parts.push(tarHeader(e.rel, e.f.size, e.f.lastModified || Date.now()));
+    parts.push(new Uint8Array(await e.f.arrayBuffer()));
+    const pad = (512 - (e.f.size % 512)) % 512;
+    if (pad) parts.push(new Uint8Array(pad));
+  }
+  parts.push(new Uint8Array(1024));
+  return { tar: new Blob(parts), count: kept.length, skipped: list.length - kept.length };
+}
+
+async function gzip(blob) {
+  if (typeof CompressionStream === "undefined") {
+    throw new Error("this browser cannot gzip (no CompressionStream): upload a .tar.gz instead");
+  }
+  return await new Response(blob.stream().pipeThrough(new CompressionStream("gzip"))).blob();
+}
+
+async function deployBody() {
+  const file = $("#deploy-file").files[0];
+  const dir = $("#deploy-dir").files;
+  if (file) {
+    const head = new Uint8Array(await file.slice(0, 2).arrayBuffer());
+    const gz = head[0] === 0x1f && head[1] === 0x8b;
+    return { body: gz ? file : await gzip(file), what: file.name };
+  }
+  if (dir && dir.length) {
+    const packed = await packDirectory(dir);
+    if (!packed.count) throw new Error("nothing to deploy: every file of that directory is ignored");
+    const top = dir[0].webkitRelativePath.split("/")[0];
+    return { body: await gzip(packed.tar), what: top + "/ (" + packed.count + " files" +
+      (packed.skipped ? ", " + packed.skipped + " ignored" : "") + ")" };
+  }
+  throw new Error("choose a tarball or a directory to deploy");
+}
+
+const DEPLOY_FINAL = ["succeeded", "failed", "cancelled"];
+
+async function deploy(ev) {
+  ev.preventDefault();
+  const name = current, enc = encodeURIComponent(name);
+  const log = $("#deploy-log");
+  $("#error").textContent = "";
+  $("#notice").textContent = "";
+  $("#deploy").disabled = true;
+  log.hidden = false;
+  log.textContent = "";
+  const say = (text) => { log.textContent += text; log.scrollTop = log.scrollHeight; };
+  try {
+    const { body, what } = await deployBody();
+    say("Uploading " + what + ", " + humanSize(body.size) + "...\n");
+    const resp = await fetch(API + "/apps/" + enc + "/deploys", {
+      method: "POST", body,
+      headers: { "Authorization": "Bearer " + token(), "Content-Type": "application/gzip",
+                 "Accept": "application/json" },
+    });
+    let d = null;
+    try { d = await resp.json(); } catch (e) { d = null; }
+    if (!resp.ok) {
+      throw new Error((d && d.error && d.error.message) || resp.statusText);
+    }
+    say("Uploaded; deploy " + d.id.slice(0, 12) + "\n");
+    let offset = 0;
+    for (;;) {
+      d = await api("/apps/" + enc + "/deploys/" + encodeURIComponent(d.id) +
+        "?log_offset=" + offset);
+      if (d.log) say(d.log);
+      offset = d.log_offset;
+      if (DEPLOY_FINAL.includes(d.status)) break;
+      if (current !== name) return;  // the page moved on
+      await new Promise((r) => setTimeout(r, 500));
+    }
+    $("#deploy-file").value = "";
+    $("#deploy-dir").value = "";
+    if (d.status !== "succeeded") throw new Error("deploy failed: " + (d.reason || d.status));
+    await showApp(name);
+    $("#notice").textContent = "Deployed v" + d.release + (d.url ? " at " + d.url : "");
+  } catch (e) {
+    $("#error").textContent = e.message;
+  } finally {
+    $("#deploy").disabled = false;
   }
 }
 
@@ -390,6 +926,29 @@ document.addEventListener("DOMContentLoaded", () => {
       $("#domain-host").value = "";
     });
   });
+  $("#deploy-form").addEventListener("submit", deploy);
+  $("#addon-form").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const kind = $("#addon-kind").value, plan = $("#addon-plan").value;
+    act((a) => "Created " + a.kind + " (" + a.plan + "); " + a.config_var +
+      " is set in a new release",
+    () => api("/apps/" + encodeURIComponent(current) + "/addons", "POST",
+      plan ? { kind, plan } : { kind }), "Creating " + kind + "...");
+  });
+  $("#backup-form").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const kind = $("#backup-kind").value;
+    act((made) => {
+      const bad = made.filter((b) => b.status !== "verified");
+      return bad.length ? bad.length + " backup(s) FAILED verification; they do not count"
+        : "Backed up: " + made.map((b) => b.kind + " " + b.id).join(", ") + " (verified)";
+    }, () => api("/apps/" + encodeURIComponent(current) + "/backups", "POST",
+      kind ? { kind } : {}), "Backing up (waits for verification)...");
+  });
+  $("#stats-window").addEventListener("change", () => loadStats(encodeURIComponent(current)));
+  $("#log-source").addEventListener("change", renderLog);
+  $("#log-text").addEventListener("input", renderLog);
+  $("#log-pause").addEventListener("click", togglePause);
   window.addEventListener("popstate", route);
   route();
 });
