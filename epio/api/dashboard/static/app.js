@@ -468,8 +468,9 @@ async function loadStats(enc) {
   }
   const total = (series.requests || []).reduce((n, p) => n + p[1], 0);
   const peak = Math.max(0, ...(series.requests || []).map((p) => p[1]));
-  $("#stats-note").textContent = total + " requests in the " + label + " (peak " + peak +
-    " per " + res + " s). CPU is not shown: the stats API has no CPU metric.";
+  $("#stats-note").textContent = total + (total === 1 ? " request" : " requests") + " in the " +
+    label + " (peak " + peak + " per " + res + " s). CPU is not shown: the stats API has no " +
+    "CPU metric yet.";
 }
 
 const CW = 640, CH = 180, PAD = { left: 56, right: 12, top: 10, bottom: 34 };
@@ -484,9 +485,8 @@ function niceMax(v) {
 
 function fmt(v) {
   if (v === 0) return "0";
-  if (Math.abs(v) >= 100) return v.toFixed(0);
-  if (Math.abs(v) >= 10) return v.toFixed(1).replace(/\.0$/, "");
-  return v.toFixed(2).replace(/\.?0+$/, "");
+  if (Math.abs(v) >= 1000) return v.toFixed(0);
+  return String(Number(v.toPrecision(3)));
 }
 
 function svgEl(svg, tag, attrs, text) {
