@@ -85,11 +85,16 @@ class DashboardLiveNodeTests(SynchronousTestCase):
         os.chmod(cls.tmp, 0o711)
         cls.apps = []
         cls.driver = None
+        # web instances' ports away from runner.port_min's default (20000): other nodes
+        # on this host (other test runs) allocate from there, and an app can lose the
+        # port it was given to one of theirs between the allocation and its bind
+        port_min = 21000 + (os.getpid() % 200) * 50
         doc, _ = isolated_config({
             "api": {"reconcile_interval": 0.5, "drain_seconds": 0.5, "stop_grace": 3.0,
                     "runner_dead_after": 10.0, "rollout_timeout": 60.0},
             "runner": {"backoff_initial": 0.2, "register_interval": 2.0,
-                       "stats_interval": 2.0},
+                       "stats_interval": 2.0, "port_min": port_min,
+                       "port_max": port_min + 49},
             "lb": {"stats_interval": 1.0},
             "logger": {"stats_flush_delay": 0.5},
             "addons": {"postgres_admin_url": ADMIN_URL},

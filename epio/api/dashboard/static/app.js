@@ -845,7 +845,9 @@ async function deploy(ev) {
     let d = null;
     try { d = await resp.json(); } catch (e) { d = null; }
     if (!resp.ok) {
-      throw new Error((d && d.error && d.error.message) || resp.statusText);
+      const err = (d && d.error) || {};
+      throw new Error((err.message || resp.statusText) + (err.code === "payload_too_large"
+        ? " (leave big files out of the upload with an .epioignore file)" : ""));
     }
     say("Uploaded; deploy " + d.id.slice(0, 12) + "\n");
     let offset = 0;
@@ -927,6 +929,9 @@ document.addEventListener("DOMContentLoaded", () => {
     });
   });
   $("#deploy-form").addEventListener("submit", deploy);
+  // one source at a time: choosing a tarball forgets the directory, and back
+  $("#deploy-file").addEventListener("change", () => { $("#deploy-dir").value = ""; });
+  $("#deploy-dir").addEventListener("change", () => { $("#deploy-file").value = ""; });
   $("#addon-form").addEventListener("submit", (ev) => {
     ev.preventDefault();
     const kind = $("#addon-kind").value, plan = $("#addon-plan").value;
