@@ -73,6 +73,7 @@ class DashboardLiveNodeTests(SynchronousTestCase):
     node: NodeProcess
     driver: Any
     token: str
+    token_help: str
     api_port: int
     lb_port: int
     downloads: Path
@@ -81,10 +82,10 @@ class DashboardLiveNodeTests(SynchronousTestCase):
 
     @classmethod
     def setUpClass(cls) -> None:
+        cls.driver = _driver()  # first: without a browser, no node is started for nothing
         cls.tmp = Path(tempfile.mkdtemp(prefix="epio-dash-"))
         os.chmod(cls.tmp, 0o711)
         cls.apps = []
-        cls.driver = None
         # web instances' ports away from runner.port_min's default (20000): other nodes
         # on this host (other test runs) allocate from there, and an app can lose the
         # port it was given to one of theirs between the allocation and its bind
@@ -105,14 +106,13 @@ class DashboardLiveNodeTests(SynchronousTestCase):
         data = cls.tmp / "data"
         data.mkdir(mode=0o711)
         (data / "cache").symlink_to(shared_cache())
-        cls.node = NodeProcess(["--role=all"], data_dir=data, config=to_toml(doc))
         try:
+            cls.node = NodeProcess(["--role=all"], data_dir=data, config=to_toml(doc))
             cls.node.wait_for_log("api ready", timeout=60)
             cls.node.wait_for_log("sandbox=", timeout=30)
             cls.token = (data / "admin-token").read_text().strip()
             cls.downloads = cls.tmp / "downloads"
             cls.downloads.mkdir()
-            cls.driver = _driver()
             cls.driver.execute_cdp_cmd("Browser.setDownloadBehavior", {
                 "behavior": "allow", "downloadPath": str(cls.downloads)})
             cls.sign_in()
@@ -122,10 +122,10 @@ class DashboardLiveNodeTests(SynchronousTestCase):
 
     @classmethod
     def tearDownClass(cls) -> None:
-        if cls.driver is not None:
-            cls.driver.quit()
-        cls.node.stop(timeout=20)
-        cls.node.cleanup()
+        cls.driver.quit()
+        if hasattr(cls, "node"):
+            cls.node.stop(timeout=20)
+            cls.node.cleanup()
         _unmount_under(cls.tmp)
         shutil.rmtree(cls.tmp, ignore_errors=True)
         drop_databases(cls.apps)
