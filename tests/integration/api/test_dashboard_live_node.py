@@ -59,9 +59,12 @@ http.server.ThreadingHTTPServer(("", int(os.environ["PORT"])), Handler).serve_fo
 """
 
 
-def shot(driver: Any, name: str) -> None:
+def shot(driver: Any, name: str, show: str | None = None) -> None:
+    """A screenshot under $EPIO_TEST_ARTIFACTS (when set), ``show`` (CSS) scrolled to."""
     where = os.environ.get("EPIO_TEST_ARTIFACTS")
     if where:
+        if show:
+            driver.execute_script("document.querySelector(arguments[0]).scrollIntoView()", show)
         os.makedirs(where, exist_ok=True)
         driver.save_screenshot(os.path.join(where, f"dashboard-live-{name}.png"))
 
@@ -214,22 +217,32 @@ class DashboardLiveNodeTests(SynchronousTestCase):
                                  + json.dumps(lines, indent=1)[-5000:])
         return self.text("#notice")
 
-    def typed_confirm(self, row_css: str, label: str, name: str) -> bool:
+    def typed_confirm(self, row_css: str, label: str, name: str, keyboard: bool = False) -> bool:
         """Open the typed confirmation of a row; a wrong name leaves the confirm button
-        disabled; the app's name enables it; click it. Returns whether the wrong name
-        had left it disabled."""
+        disabled; the app's name enables it; click it (or, ``keyboard``, press Enter in
+        the field). Returns whether the wrong name had left it disabled."""
+        from selenium.webdriver.common.keys import Keys
+
         row = self.find(row_css)
         [opener] = [b for b in row.find_elements("css selector", "button") if b.text == label]
         opener.click()
         field = row.find_element("css selector", "input.confirm-name")
         confirm = row.find_element("css selector", "button.danger")
+        self.assertEqual(self.driver.switch_to.active_element, field)  # focus moved there
         field.send_keys(name + "x")
         refused = not confirm.is_enabled()
+        if keyboard:  # Enter with a wrong name does nothing
+            before = self.text("#notice")
+            field.send_keys(Keys.ENTER)
+            refused = refused and field.is_enabled() and self.text("#notice") == before
         field.clear()
         field.send_keys(name)
         self.wait(lambda d: confirm.is_enabled())
         shot(self.driver, f"confirm-{label.split()[0].lower()}")
-        confirm.click()
+        if keyboard:
+            field.send_keys(Keys.ENTER)
+        else:
+            confirm.click()
         return refused
 
     # --- tests -----------------------------------------------------------------------
@@ -259,7 +272,7 @@ class DashboardLiveNodeTests(SynchronousTestCase):
         self.find("#deploy-file").send_keys(str(tarball))
         self.find("#deploy").click()
         self.assertTrue(self.notice("Deployed v1", 180).startswith("Deployed v1 at http"))
-        shot(self.driver, "deployed-tarball")
+        shot(self.driver, "deployed-tarball", "#deploy-log")
         url = self.api("GET", f"apps/{name}")["url"]
         host = urlsplit(url).hostname or ""
         self.assertEqual(wait_until("v1 serves", lambda: http_get(self.lb_port, host)[1]
@@ -288,7 +301,7 @@ class DashboardLiveNodeTests(SynchronousTestCase):
                          "Rollback to v1")
         self.assertEqual(wait_until("v3 (v1's code) serves", lambda: http_get(
             self.lb_port, host)[1] == "release 3\n", 60), True)
-        shot(self.driver, "rolled-back")
+        shot(self.driver, "rolled-back", "#releases")
 
         # traffic for the charts: 2xx and 5xx through the real router
         for i in range(12):
@@ -325,7 +338,7 @@ class DashboardLiveNodeTests(SynchronousTestCase):
         Select(self.find("#stats-window")).select_by_value("15m")
         self.wait(lambda d: "last 15 minutes" in self.text("#stats-chart-figure figcaption"))
         self.assertRegex(self.text("#stats-note"), r"^\d+ requests? in the last 15 minutes")
-        shot(self.driver, "charts")
+        shot(self.driver, "charts", "#charts")
 
         # the log: wrapped (no horizontal scroll), filtered by source and text, paused
         self.wait(lambda d: "starting release 3" in self.text("#log"), 60)
@@ -352,7 +365,7 @@ class DashboardLiveNodeTests(SynchronousTestCase):
         self.wait(lambda d: "paused, " in self.text("#log-status"), 30)
         self.assertEqual(self.text("#log"), before)
         self.assertNotIn("served /paused", before)
-        shot(self.driver, "log-paused")
+        shot(self.driver, "log-paused", "#log-form")
         self.find("#log-pause").click()
         self.wait(lambda d: "served /paused" in self.text("#log"))
         self.assertNotIn(self.token, self.driver.current_url)
@@ -383,7 +396,7 @@ class DashboardLiveNodeTests(SynchronousTestCase):
         row = f"#backups tbody tr[data-backup='{backup['id']}']"
         self.wait(lambda d: self.finds(row))
         self.assertEqual(self.text(row + " td:nth-child(3)"), "verified")
-        shot(self.driver, "backups")
+        shot(self.driver, "backups", "#backups")
 
         self.find(row + " button.download").click()
         self.notice("Downloaded")
@@ -400,11 +413,11 @@ class DashboardLiveNodeTests(SynchronousTestCase):
         self.assertEqual(run_sql(db, "SELECT count(*) FROM notes"), [(50,)])
 
         refused = self.typed_confirm("#addons tbody tr[data-kind='postgres']",
-                                     "Destroy postgres", name)
+                                     "Destroy postgres", name, keyboard=True)
         self.assertTrue(refused, "a wrong name enabled the destroy")
         self.notice("Destroyed postgres", 180)
         self.wait(lambda d: self.text("#addons-empty") == "No add-ons.")
-        shot(self.driver, "addon-destroyed")
+        shot(self.driver, "addon-destroyed", "#addons")
         self.assertEqual(self.api("GET", f"apps/{name}/addons"), [])
         self.assertNotIn("DATABASE_URL", self.api("GET", f"apps/{name}/config")["vars"])
 

@@ -175,11 +175,19 @@ function typedConfirm(label, appName, confirmLabel, run) {
     input.id = id;
     input.autocomplete = "off";
     input.className = "confirm-name";
-    const go = button(confirmLabel, () => { if (input.value === appName) run(); }, "danger");
+    // once: both disabled while the action runs (a second click would do it twice)
+    const fire = () => {
+      if (input.value !== appName || go.disabled) return;
+      go.disabled = true; input.disabled = true;
+      Promise.resolve(run()).finally(() => {
+        input.disabled = false; go.disabled = input.value !== appName;
+      });
+    };
+    const go = button(confirmLabel, fire, "danger");
     go.disabled = true;
     input.addEventListener("input", () => { go.disabled = input.value !== appName; });
     input.addEventListener("keydown", (ev) => {
-      if (ev.key === "Enter" && input.value === appName) { ev.preventDefault(); run(); }
+      if (ev.key === "Enter") { ev.preventDefault(); fire(); }
       if (ev.key === "Escape") { cancel.click(); }
     });
     const cancel = button("Cancel", () => {
