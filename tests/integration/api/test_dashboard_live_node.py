@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 import psycopg2
 from twisted.trial.unittest import SynchronousTestCase
 
+from epio.appdir import DEFAULT_IGNORES, IgnoreRules
 from tests.integration.api.test_dashboard_browser import _driver
 from tests.integration.build.helpers import shared_cache
 from tests.integration.e2e.test_quickstart import _unmount_under, http_get, wait_until
@@ -370,6 +371,18 @@ class DashboardLiveNodeTests(SynchronousTestCase):
         self.wait(lambda d: "served /paused" in self.text("#log"))
         self.assertNotIn(self.token, self.driver.current_url)
 
+    def test_directory_upload_ignores_as_the_cli(self) -> None:
+        """The page's .epioignore rules (used to pack a directory) leave out exactly
+        what the CLI's epio.appdir leaves out, default ignores included."""
+        cases = [[list(DEFAULT_IGNORES) + p, path] for p in IGNORE_PATTERNS
+                 for path in IGNORE_PATHS]
+        got = self.driver.execute_script(
+            "return arguments[0].map(([lines, path]) => ignoreRules(lines)(path));", cases)
+        want = [cli_ignores(lines, path) for lines, path in cases]
+        self.assertEqual([c for c, g, w in zip(cases, got, want, strict=True) if g != w], [])
+        self.assertIn(True, want)
+        self.assertIn(False, want)
+
     def test_addons_and_backups(self) -> None:
         """Create a postgres add-on; back up; download the backup (sha256 as listed);
         damage the data; restore with the app's name typed (a wrong name cannot
@@ -420,6 +433,25 @@ class DashboardLiveNodeTests(SynchronousTestCase):
         shot(self.driver, "addon-destroyed", "#addons")
         self.assertEqual(self.api("GET", f"apps/{name}/addons"), [])
         self.assertNotIn("DATABASE_URL", self.api("GET", f"apps/{name}/config")["vars"])
+
+
+IGNORE_PATTERNS = [["*.log"], ["build/"], ["/top.txt"], ["docs/**/*.md"], ["secret?.txt"],
+                   ["data/", "!data/keep.txt"], ["*.txt", "!keep.txt"], ["a/**"], ["**/tmp"],
+                   ["\\#hash", "[!x]y.cfg", "# a comment", "", "trailing.txt  "]]
+IGNORE_PATHS = ["x.log", "sub/x.log", "build/a.py", "src/build/a.py", "top.txt", "sub/top.txt",
+                "docs/a/b/c.md", "docs/c.md", "m.pyc", "secret1.txt", "secret12.txt",
+                "data/keep.txt", "keep.txt", "sub/keep.txt", "other.txt", "a/b/c", "tmp",
+                "x/tmp", "x/tmp/y", ".git/config", "__pycache__/m.pyc", "app.py", "#hash",
+                "ay.cfg", "xy.cfg", "trailing.txt", ".epio-app"]
+
+
+def cli_ignores(lines: list[str], path: str) -> bool:
+    """Whether `epio deploy` leaves ``path`` out (epio.appdir: an ignored directory
+    takes its whole subtree)."""
+    rules = IgnoreRules(lines)
+    parts = path.split("/")
+    return any(rules.ignored("/".join(parts[:i]), True) for i in range(1, len(parts))) \
+        or rules.ignored(path, False)
 
 
 def run_sql(url: str, sql: str) -> list[tuple[Any, ...]]:
