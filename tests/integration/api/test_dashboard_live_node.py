@@ -278,6 +278,10 @@ class DashboardLiveNodeTests(SynchronousTestCase):
         host = urlsplit(url).hostname or ""
         self.assertEqual(wait_until("v1 serves", lambda: http_get(self.lb_port, host)[1]
                                     == "release 1\n", 30), True)
+        # traffic for the charts (now: their 10 s buckets end while the rest goes on):
+        # 2xx and 5xx through the real router
+        for i in range(12):
+            http_get(self.lb_port, host, "/fail" if i % 4 == 0 else "/")
 
         # deploy a directory: .epioignore keeps junk.txt out; a nested file goes in
         (src / "junk.txt").write_text("not uploaded\n")
@@ -304,9 +308,6 @@ class DashboardLiveNodeTests(SynchronousTestCase):
             self.lb_port, host)[1] == "release 3\n", 60), True)
         shot(self.driver, "rolled-back", "#releases")
 
-        # traffic for the charts: 2xx and 5xx through the real router
-        for i in range(12):
-            http_get(self.lb_port, host, "/fail" if i % 4 == 0 else "/")
         # a run session: it shows in the history
         run = self.api("POST", f"apps/{name}/runs", {"command": ["echo", "hello-from-run"],
                                                      "detach": True})
