@@ -18,8 +18,9 @@ doing any work, the api and the runner read the ``Manifest`` stored with a relea
     [process]
     worker = python worker.py
 
-A ``Procfile`` is read with Heroku's rules (``name: command``; names
-``[A-Za-z0-9_-]+``; a later duplicate is an error).  Process precedence, lowest
+A ``Procfile`` is read with Heroku's rules (``name: command``; a later duplicate is
+an error); its names, like ``[process]``'s, are process types
+(:data:`epio.domain.PROCESS_TYPE`: ``worker``, never ``Worker``).  Process precedence, lowest
 first: the ``web`` process generated from ``[wsgi]``, then the ``Procfile``, then
 ``epio.ini [process]``: a name defined in a higher source replaces the lower one
 (and a warning says so).
@@ -45,15 +46,16 @@ import posixpath
 import re
 import shlex
 import stat
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path, PurePosixPath
 from types import MappingProxyType
 from typing import Any
 
-from attrs import field, frozen
+from attrs import define, field, frozen
 
 from epio.basicauth import bad_realm, hash_password
 from epio.cronspec import CronError, parse_schedule
+from epio.domain import PROCESS_TYPE, PROCESS_TYPE_RULE
 
 __all__ = [
     "DATA_DIRECTORY",
@@ -78,7 +80,11 @@ DJANGO_WSGI = "django.core.wsgi:get_wsgi_application()"
 
 INI_NAME = "epio.ini"
 PROCFILE_NAME = "Procfile"
-PROCESS_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+#: A ``[cron]`` job's name (``name = SCHEDULE COMMAND``; not a process type).
+_CRON_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+#: Why a Procfile or ``[process]`` name is refused: the one process-type rule that the
+#: store and the runner apply too (a name refused later would fail at placement).
+_NOT_A_PROCESS_TYPE = f"not a valid process type: {PROCESS_TYPE_RULE}"
 _ENTRYPOINT = re.compile(
     r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*(:[A-Za-z_][A-Za-z0-9_.()]*)?$"
 )
@@ -228,7 +234,8 @@ class Manifest:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data (mappings as dicts, tuples as lists)."""
-        return _plain(self)
+        plain: dict[str, Any] = _plain(self)
+        return plain
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -361,9 +368,8 @@ def _scan_ini(text: str, file: str, errors: _Errors) -> list[_Item]:
             if colon and head.strip().lower() == "process":
                 # [process:NAME]: settings of one process type (its name keeps its case)
                 sub = sub.strip()
-                if not PROCESS_NAME.match(sub):
-                    errors.add(file, lineno, f"[process:{_cut(sub)}]: process names may only "
-                                             "contain letters, digits, '_' and '-'")
+                if not PROCESS_TYPE.fullmatch(sub):
+                    errors.add(file, lineno, f"[process:{_cut(sub)}]: {_NOT_A_PROCESS_TYPE}")
                     section, bad_section = None, True
                     continue
                 name = f"process:{sub}"
@@ -500,12 +506,8 @@ def parse_procfile(
             errs.add(file, lineno, f"expected 'name: command', got {_q(line)}")
             continue
         name, command = m.group(1), m.group(2).strip()
-        if not PROCESS_NAME.match(name):
-            errs.add(
-                file,
-                lineno,
-                f"process name {_q(name)} may only contain letters, digits, '_' and '-'",
-            )
+        if not PROCESS_TYPE.fullmatch(name):
+            errs.add(file, lineno, f"process name {_q(name)}: {_NOT_A_PROCESS_TYPE}")
             continue
         if not command:
             errs.add(file, lineno, f"process {_q(name)} has no command")
@@ -533,9 +535,13 @@ def parse_manifest(
     or ``pyproject.toml`` and check referenced files exist); pass the app's paths
     relative to its root for the checks to cover subdirectories.
     Raises :class:`ManifestError` with every problem found.
+
+    The steps, in order: scan both files; read each ``epio.ini`` item into its
+    section's part (:data:`_READERS`); check what spans items (the realm, the
+    ``expires-`` family, the Django default web); merge the processes of the three
+    sources; find the requirements; raise every error together or build the Manifest.
     """
     errors = _Errors()
-    present = set(files)
     if ini_text is None and procfile_text is None:
         raise ManifestError(
             [f"{ini_name}:0: the app has neither an {ini_name} nor a {procfile_name}"]
@@ -544,223 +550,322 @@ def parse_manifest(
     procfile = (
         parse_procfile(procfile_text, procfile_name, errors) if procfile_text is not None else {}
     )
-
-    kw: dict[str, Any] = {}
-    static: dict[str, str] = {}
-    services: dict[str, str] = {}
-    env: dict[str, str] = {}
-    ini_processes: dict[str, tuple[str, int]] = {}
-    rollover: dict[str, tuple[str, int]] = {}
-    cron: list[Cron] = []
-    symlinks: dict[str, str] = {}
-    basic_auth: dict[str, str] = {}
-    http: dict[str, Any] = {}
-    expires: dict[str, int] = {}
-    django: dict[str, Any] | None = None
-    requirements_line = 0
-    realm_line = 0
-    f = ini_name
-
+    parts = _Parts(ini_name, errors)
     for it in items:
-        # a [basic_auth] password is literal: no interpolation (and so no error echoing it)
-        value = (it.value if it.section == "basic_auth"
-                 else _interpolate(it.value, f, it.line, errors))
-        it = _Item(it.section, it.key, value, it.line)
-        s, k = it.section, it.key
-        if s.startswith("process:"):
-            ptype = s.partition(":")[2]
-            if k not in _PROCESS_KEYS:
-                errors.add(f, it.line, f"[{_cut(s)}] unknown key {_q(k)} "
-                                       f"(known: {', '.join(sorted(_PROCESS_KEYS))})")
-            elif value not in ROLLOVER_MODES:
-                errors.add(f, it.line, f"[{_cut(s)}] rollover: must be "
-                                       f"{' or '.join(ROLLOVER_MODES)}, not {_q(value)}")
-            else:
-                rollover[ptype] = (value, it.line)
-            continue
-        known = _SECTIONS[s]
-        if known is not None and k not in known and not (s == "http" and k.startswith("expires-")):
-            errors.add(f, it.line, f"[{s}] unknown key {_q(k)} (known: {', '.join(sorted(known))})")
-            continue
-        if s == "wsgi":
-            if k == "entrypoint":
-                if not _ENTRYPOINT.match(value):
-                    errors.add(
-                        f,
-                        it.line,
-                        f"[wsgi] entrypoint: {_q(value)} must look like package.module:application",
-                    )
-                else:
-                    kw["wsgi_entrypoint"] = value if ":" in value else value + ":application"
-            elif k == "requirements":
-                p = _rel_path(value, it, f, errors, allow_data=False)
-                if p is not None:
-                    kw["requirements"] = p
-                    requirements_line = it.line
-            elif k == "workers":
-                kw["wsgi_workers"] = _number(it, f, errors, int)
-        elif s == "static":
-            if not value:
-                errors.add(f, it.line, f"[static] {_cut(k)}: needs a directory")
-                continue
-            if not k.startswith("/"):
-                errors.add(f, it.line, f"[static] {_q(k)}: the URL path must start with '/'")
-                continue
-            d = _rel_path(value.rstrip("/") or value, it, f, errors, allow_data=True)
-            if d is not None:
-                static["/" + k.strip("/") if k != "/" else "/"] = d
-        elif s == "services":
-            v = value.lower()
-            if v in _TRUE:
-                services[k] = "shared" if k == "postgres" else "dedicated"
-            elif v == "dedicated":
-                services[k] = "dedicated"
-            elif v not in _FALSE:
-                errors.add(
-                    f,
-                    it.line,
-                    f"[services] {_cut(k)}: must be true, false or dedicated, not {_q(value)}",
-                )
-        elif s == "env":
-            if not _ENV_NAME.match(k):
-                errors.add(f, it.line, f"[env] {_q(k)}: not a valid environment variable name")
-            else:
-                env[k] = value
-        elif s == "django":
-            django = django or {}
-            if k == "base":
-                p = _rel_path(value or ".", it, f, errors, allow_data=False)
-                if p is not None:
-                    django["base"] = "" if p == "." else p
-            elif k == "settings_module":
-                if not _MODULE.match(value):
-                    errors.add(
-                        f,
-                        it.line,
-                        f"[django] settings_module: {_q(value)} is not a Python module name",
-                    )
-                else:
-                    django["settings_module"] = value
-            elif k == "append_settings":
-                b = _bool(it, f, errors)
-                if b is not None:
-                    django["append_settings"] = b
-        elif s == "process":
-            if not PROCESS_NAME.match(k):
-                errors.add(
-                    f,
-                    it.line,
-                    f"[process] {_q(k)}: process names may only contain letters, digits, '_' and '-'",
-                )
-            elif not value:
-                errors.add(f, it.line, f"[process] {_cut(k)}: has no command")
-            else:
-                ini_processes[k] = (value, it.line)
-        elif s == "http":
-            if k.startswith("expires-"):
-                pass
-            elif k == "health_check":
-                if not value.startswith("/") or any(c.isspace() for c in value):
-                    errors.add(
-                        f,
-                        it.line,
-                        f"[http] health_check: {_q(value)} must be a URL path starting with '/'",
-                    )
-                else:
-                    http["health_check"] = value
-            elif k in ("timeout", "idle_timeout", "boot_timeout"):
-                http[k] = _number(it, f, errors)
-            elif k == "max_body_size":
-                http[k] = _size(it, f, errors)
-            elif k == "gzip":
-                http[k] = _bool(it, f, errors) or False
-            elif k == "request_buffering":
-                http[k] = _bool(it, f, errors)
-            elif k == "https_redirect":
-                http[k] = _bool(it, f, errors) or False
-            elif k == "hsts_max_age":
-                http[k] = _number(it, f, errors, int)
-        elif s == "cron":
-            job = _cron_entry(k, value, f, it.line, errors)
-            if job is not None:
-                cron.append(job)
-        elif s == "release":
-            if not value:
-                errors.add(f, it.line, "[release] command: is empty")
-            else:
-                kw["release_command"] = value
-        elif s == "redis":
-            kw["redis_memory_mb"] = _number(it, f, errors, int)
-        elif s == "python":
-            if PYTHON_VERSION.match(value):
-                kw["python_version"] = value
-            else:
-                errors.add(f, it.line, f"[python] version: must be like 3.12 or 3.12.1, "
-                                       f"not {_q(value)}")
-        elif s == "symlinks":
-            link = _rel_path(k, it, f, errors, allow_data=False)
-            target = value
-            if not target:
-                errors.add(f, it.line, f"[symlinks] {_cut(k)}: needs a target")
-            elif link is not None and _symlink_target_ok(link, target):
-                symlinks[link] = target
-            elif link is not None:
-                errors.add(
-                    f,
-                    it.line,
-                    f"[symlinks] {_cut(k)}: target {_q(target)} must be under "
-                    "%(data_directory)s or a relative path that stays inside the app",
-                )
-        elif s == "basic_auth":
-            if k == "_realm":
-                why = bad_realm(value)
-                if why is not None:
-                    errors.add(f, it.line, f"[basic_auth] _realm: {_q(value)} {why}")
-                else:
-                    kw["basic_auth_realm"] = value
-                    realm_line = it.line
-            elif not k or ":" in k or any(ord(c) < 32 or ord(c) == 127 for c in k):
-                errors.add(f, it.line, f"[basic_auth] {_q(k)}: not a valid user name")
-            elif not value:
-                errors.add(f, it.line, f"[basic_auth] {_cut(k)}: needs a password")
-            else:
-                # only a salted hash goes further than this parser (epio.basicauth)
-                basic_auth[k] = hash_password(value)
-        elif s == "checkout":
-            if not value or "/" in value or value in (".", ".."):
-                errors.add(
-                    f,
-                    it.line,
-                    f"[checkout] directory_name: {_q(value)} must be a plain directory name",
-                )
-            else:
-                kw["checkout_directory"] = value
+        _read_item(parts, it)
+    _check_realm(parts)
+    _read_expires(parts, items)
+    _default_django_web(parts, procfile)
+    processes, warnings = _merge_processes(parts, procfile, procfile_name)
+    _check_rollover(parts, processes)
+    if not processes and not errors.items:
+        where = ini_name if ini_text is not None else procfile_name
+        errors.add(
+            where,
+            1,
+            "no process to run: add [wsgi] entrypoint, a [process] entry or a Procfile line",
+        )
+    _find_requirements(parts, set(files))
+    if errors.items:
+        raise ManifestError(errors.items)
+    sources = [
+        n for n, t in ((ini_name, ini_text), (procfile_name, procfile_text)) if t is not None
+    ]
+    return parts.manifest(processes, sources, warnings)
 
-    if "basic_auth_realm" in kw and not basic_auth:
-        errors.add(f, realm_line, "[basic_auth] _realm: set, but no 'user = password' line: "
-                                  "nothing would be protected")
 
-    # expires-/path = SECONDS (a key family of [http])
+@define
+class _Parts:
+    """What :func:`parse_manifest` has read so far of ``epio.ini`` (file ``file``)."""
+
+    file: str
+    errors: _Errors
+    kw: dict[str, Any] = field(factory=dict)  # Manifest fields set as they are
+    static: dict[str, str] = field(factory=dict)
+    services: dict[str, str] = field(factory=dict)
+    env: dict[str, str] = field(factory=dict)
+    processes: dict[str, tuple[str, int]] = field(factory=dict)  # [process]: (command, line)
+    rollover: dict[str, tuple[str, int]] = field(factory=dict)  # [process:NAME]: (mode, line)
+    cron: list[Cron] = field(factory=list)
+    symlinks: dict[str, str] = field(factory=dict)
+    basic_auth: dict[str, str] = field(factory=dict)
+    http: dict[str, Any] = field(factory=dict)
+    django: dict[str, Any] | None = None
+    requirements_line: int = 0
+    realm_line: int = 0
+
+    def error(self, item: _Item, message: str) -> None:
+        self.errors.add(self.file, item.line, message)
+
+    def manifest(self, processes: dict[str, str], sources: list[str],
+                 warnings: list[str]) -> Manifest:
+        kw = dict(self.kw)
+        if self.django is not None:
+            kw["django"] = Django(**self.django)
+        return Manifest(
+            processes=processes,
+            static=self.static,
+            services=self.services,
+            env=self.env,
+            cron=self.cron,
+            symlinks=self.symlinks,
+            basic_auth=self.basic_auth,
+            rollover={t: mode for t, (mode, _) in self.rollover.items()},
+            sources=sources,
+            warnings=warnings,
+            **kw,
+        )
+
+
+def _read_item(parts: _Parts, it: _Item) -> None:
+    """One ``epio.ini`` item, interpolated, checked and kept in its section's part."""
+    # a [basic_auth] password is literal: no interpolation (and so no error echoing it)
+    value = (it.value if it.section == "basic_auth"
+             else _interpolate(it.value, parts.file, it.line, parts.errors))
+    it = _Item(it.section, it.key, value, it.line)
+    s, k = it.section, it.key
+    if s.startswith("process:"):
+        _read_process_settings(parts, it)
+        return
+    known = _SECTIONS[s]
+    if known is not None and k not in known and not (s == "http" and k.startswith("expires-")):
+        parts.error(it, f"[{s}] unknown key {_q(k)} (known: {', '.join(sorted(known))})")
+        return
+    _READERS[s](parts, it)
+
+
+def _read_process_settings(parts: _Parts, it: _Item) -> None:
+    s, k, value = it.section, it.key, it.value
+    ptype = s.partition(":")[2]
+    if k not in _PROCESS_KEYS:
+        parts.error(it, f"[{_cut(s)}] unknown key {_q(k)} "
+                        f"(known: {', '.join(sorted(_PROCESS_KEYS))})")
+    elif value not in ROLLOVER_MODES:
+        parts.error(it, f"[{_cut(s)}] rollover: must be "
+                        f"{' or '.join(ROLLOVER_MODES)}, not {_q(value)}")
+    else:
+        parts.rollover[ptype] = (value, it.line)
+
+
+def _read_wsgi(parts: _Parts, it: _Item) -> None:
+    k, value = it.key, it.value
+    if k == "entrypoint":
+        if not _ENTRYPOINT.match(value):
+            parts.error(it, f"[wsgi] entrypoint: {_q(value)} must look like "
+                            "package.module:application")
+        else:
+            parts.kw["wsgi_entrypoint"] = value if ":" in value else value + ":application"
+    elif k == "requirements":
+        p = _rel_path(value, it, parts.file, parts.errors, allow_data=False)
+        if p is not None:
+            parts.kw["requirements"] = p
+            parts.requirements_line = it.line
+    elif k == "workers":
+        parts.kw["wsgi_workers"] = _number(it, parts.file, parts.errors, int)
+
+
+def _read_static(parts: _Parts, it: _Item) -> None:
+    k, value = it.key, it.value
+    if not value:
+        parts.error(it, f"[static] {_cut(k)}: needs a directory")
+        return
+    if not k.startswith("/"):
+        parts.error(it, f"[static] {_q(k)}: the URL path must start with '/'")
+        return
+    d = _rel_path(value.rstrip("/") or value, it, parts.file, parts.errors, allow_data=True)
+    if d is not None:
+        parts.static["/" + k.strip("/") if k != "/" else "/"] = d
+
+
+def _read_services(parts: _Parts, it: _Item) -> None:
+    k, value = it.key, it.value
+    v = value.lower()
+    if v in _TRUE:
+        parts.services[k] = "shared" if k == "postgres" else "dedicated"
+    elif v == "dedicated":
+        parts.services[k] = "dedicated"
+    elif v not in _FALSE:
+        parts.error(it, f"[services] {_cut(k)}: must be true, false or dedicated, "
+                        f"not {_q(value)}")
+
+
+def _read_env(parts: _Parts, it: _Item) -> None:
+    if not _ENV_NAME.match(it.key):
+        parts.error(it, f"[env] {_q(it.key)}: not a valid environment variable name")
+    else:
+        parts.env[it.key] = it.value
+
+
+def _read_django(parts: _Parts, it: _Item) -> None:
+    k, value = it.key, it.value
+    django = parts.django = parts.django or {}
+    if k == "base":
+        p = _rel_path(value or ".", it, parts.file, parts.errors, allow_data=False)
+        if p is not None:
+            django["base"] = "" if p == "." else p
+    elif k == "settings_module":
+        if not _MODULE.match(value):
+            parts.error(it, f"[django] settings_module: {_q(value)} is not a Python module name")
+        else:
+            django["settings_module"] = value
+    elif k == "append_settings":
+        b = _bool(it, parts.file, parts.errors)
+        if b is not None:
+            django["append_settings"] = b
+
+
+def _read_process(parts: _Parts, it: _Item) -> None:
+    k, value = it.key, it.value
+    if not PROCESS_TYPE.fullmatch(k):
+        parts.error(it, f"[process] {_q(k)}: {_NOT_A_PROCESS_TYPE}")
+    elif not value:
+        parts.error(it, f"[process] {_cut(k)}: has no command")
+    else:
+        parts.processes[k] = (value, it.line)
+
+
+def _read_http(parts: _Parts, it: _Item) -> None:
+    k, value, http = it.key, it.value, parts.http
+    if k.startswith("expires-"):
+        pass  # a key family, read once every item is (_read_expires)
+    elif k == "health_check":
+        if not value.startswith("/") or any(c.isspace() for c in value):
+            parts.error(it, f"[http] health_check: {_q(value)} must be a URL path "
+                            "starting with '/'")
+        else:
+            http["health_check"] = value
+    elif k in ("timeout", "idle_timeout", "boot_timeout"):
+        http[k] = _number(it, parts.file, parts.errors)
+    elif k == "max_body_size":
+        http[k] = _size(it, parts.file, parts.errors)
+    elif k == "gzip":
+        http[k] = _bool(it, parts.file, parts.errors) or False
+    elif k == "request_buffering":
+        http[k] = _bool(it, parts.file, parts.errors)
+    elif k == "https_redirect":
+        http[k] = _bool(it, parts.file, parts.errors) or False
+    elif k == "hsts_max_age":
+        http[k] = _number(it, parts.file, parts.errors, int)
+
+
+def _read_cron(parts: _Parts, it: _Item) -> None:
+    job = _cron_entry(it.key, it.value, parts.file, it.line, parts.errors)
+    if job is not None:
+        parts.cron.append(job)
+
+
+def _read_release(parts: _Parts, it: _Item) -> None:
+    if not it.value:
+        parts.error(it, "[release] command: is empty")
+    else:
+        parts.kw["release_command"] = it.value
+
+
+def _read_redis(parts: _Parts, it: _Item) -> None:
+    parts.kw["redis_memory_mb"] = _number(it, parts.file, parts.errors, int)
+
+
+def _read_python(parts: _Parts, it: _Item) -> None:
+    if PYTHON_VERSION.match(it.value):
+        parts.kw["python_version"] = it.value
+    else:
+        parts.error(it, f"[python] version: must be like 3.12 or 3.12.1, not {_q(it.value)}")
+
+
+def _read_symlinks(parts: _Parts, it: _Item) -> None:
+    k, target = it.key, it.value
+    link = _rel_path(k, it, parts.file, parts.errors, allow_data=False)
+    if not target:
+        parts.error(it, f"[symlinks] {_cut(k)}: needs a target")
+    elif link is not None and _symlink_target_ok(link, target):
+        parts.symlinks[link] = target
+    elif link is not None:
+        parts.error(it, f"[symlinks] {_cut(k)}: target {_q(target)} must be under "
+                        "%(data_directory)s or a relative path that stays inside the app")
+
+
+def _read_basic_auth(parts: _Parts, it: _Item) -> None:
+    k, value = it.key, it.value
+    if k == "_realm":
+        why = bad_realm(value)
+        if why is not None:
+            parts.error(it, f"[basic_auth] _realm: {_q(value)} {why}")
+        else:
+            parts.kw["basic_auth_realm"] = value
+            parts.realm_line = it.line
+    elif not k or ":" in k or any(ord(c) < 32 or ord(c) == 127 for c in k):
+        parts.error(it, f"[basic_auth] {_q(k)}: not a valid user name")
+    elif not value:
+        parts.error(it, f"[basic_auth] {_cut(k)}: needs a password")
+    else:
+        # only a salted hash goes further than this parser (epio.basicauth)
+        parts.basic_auth[k] = hash_password(value)
+
+
+def _read_checkout(parts: _Parts, it: _Item) -> None:
+    value = it.value
+    if not value or "/" in value or value in (".", ".."):
+        parts.error(it, f"[checkout] directory_name: {_q(value)} must be a plain directory name")
+    else:
+        parts.kw["checkout_directory"] = value
+
+
+#: The reader of each section's items (``[process:NAME]`` is read apart).
+_READERS: dict[str, Callable[[_Parts, _Item], None]] = {
+    "wsgi": _read_wsgi,
+    "static": _read_static,
+    "services": _read_services,
+    "env": _read_env,
+    "django": _read_django,
+    "process": _read_process,
+    "http": _read_http,
+    "cron": _read_cron,
+    "release": _read_release,
+    "redis": _read_redis,
+    "symlinks": _read_symlinks,
+    "basic_auth": _read_basic_auth,
+    "checkout": _read_checkout,
+    "python": _read_python,
+}
+assert set(_READERS) == set(_SECTIONS)
+
+
+def _check_realm(parts: _Parts) -> None:
+    if "basic_auth_realm" in parts.kw and not parts.basic_auth:
+        parts.errors.add(parts.file, parts.realm_line,
+                         "[basic_auth] _realm: set, but no 'user = password' line: "
+                         "nothing would be protected")
+
+
+def _read_expires(parts: _Parts, items: list[_Item]) -> None:
+    """``expires-/path = SECONDS`` (a key family of ``[http]``), then the Http part."""
+    expires: dict[str, int] = {}
     for it in items:
         if it.section == "http" and it.key.startswith("expires-"):
             path = it.key[len("expires-") :]
-            secs = _number(it, f, errors, int)
+            secs = _number(it, parts.file, parts.errors, int)
             if not path.startswith("/"):
-                errors.add(
-                    f, it.line, f"[http] {_cut(it.key)}: must be expires-/URL/PATH = SECONDS"
-                )
+                parts.error(it, f"[http] {_cut(it.key)}: must be expires-/URL/PATH = SECONDS")
             elif secs is not None:
                 expires[path] = secs
     if expires:
-        http["expires"] = expires
-    kw["http"] = Http(**{k: v for k, v in http.items() if v is not None})
+        parts.http["expires"] = expires
+    parts.kw["http"] = Http(**{k: v for k, v in parts.http.items() if v is not None})
 
-    # ep.io ran a [django] app without an entrypoint through Django's own WSGI handler.
-    has_web = "web" in procfile or "web" in ini_processes
-    if django is not None and "wsgi_entrypoint" not in kw and not has_web:
-        kw["wsgi_entrypoint"] = DJANGO_WSGI
 
-    # processes: [wsgi] web < Procfile < [process]
+def _default_django_web(parts: _Parts, procfile: Mapping[str, tuple[str, int]]) -> None:
+    """ep.io ran a [django] app without an entrypoint through Django's own WSGI handler."""
+    has_web = "web" in procfile or "web" in parts.processes
+    if parts.django is not None and "wsgi_entrypoint" not in parts.kw and not has_web:
+        parts.kw["wsgi_entrypoint"] = DJANGO_WSGI
+
+
+def _merge_processes(
+    parts: _Parts, procfile: dict[str, tuple[str, int]], procfile_name: str
+) -> tuple[dict[str, str], list[str]]:
+    """The processes ([wsgi] web < Procfile < [process]) and the warnings of each
+    replacement; a Procfile ``release:`` line is the release phase."""
+    ini_name, kw, ini_processes = parts.file, parts.kw, parts.processes
     warnings: list[str] = []
     processes: dict[str, str] = {}
     if "wsgi_entrypoint" in kw:
@@ -776,8 +881,8 @@ def parse_manifest(
         else:
             kw["release_command"] = procfile_release[0]
     if RELEASE_PROCESS in ini_processes:
-        errors.add(
-            f,
+        parts.errors.add(
+            ini_name,
             ini_processes[RELEASE_PROCESS][1],
             f"[process] {RELEASE_PROCESS!r} is the release phase, not a process: "
             "use [release] command",
@@ -797,54 +902,34 @@ def parse_manifest(
         elif name in processes:
             warnings.append(f"{ini_name}:{line}: [process] {_q(name)} replaces the one from [wsgi]")
         processes[name] = cmd
-    for ptype, (_, line) in rollover.items():
+    return processes, warnings
+
+
+def _check_rollover(parts: _Parts, processes: Mapping[str, str]) -> None:
+    for ptype, (_, line) in parts.rollover.items():
         if ptype not in processes:
-            errors.add(
-                f,
+            parts.errors.add(
+                parts.file,
                 line,
                 f"[process:{_cut(ptype)}] there is no process {_q(ptype)} "
                 f"(processes: {', '.join(sorted(processes)) or 'none'})",
             )
-    if not processes and not errors.items:
-        where = ini_name if ini_text is not None else procfile_name
-        errors.add(
-            where,
-            1,
-            "no process to run: add [wsgi] entrypoint, a [process] entry or a Procfile line",
-        )
 
-    # requirements
+
+def _find_requirements(parts: _Parts, present: set[str]) -> None:
+    """The requirements file named (checked to be in the app) or found, else pyproject."""
+    kw = parts.kw
     if "requirements" in kw:
         if present and kw["requirements"] not in present:
-            errors.add(
-                f,
-                requirements_line,
+            parts.errors.add(
+                parts.file,
+                parts.requirements_line,
                 f"[wsgi] requirements: file {_q(kw['requirements'])} is not in the app",
             )
     elif "requirements.txt" in present or not present:
         kw["requirements"] = "requirements.txt" if "requirements.txt" in present else None
     if kw.get("requirements") is None and "pyproject.toml" in present:
         kw["pyproject"] = True
-    if django is not None:
-        kw["django"] = Django(**django)
-    if errors.items:
-        raise ManifestError(errors.items)
-    sources = [
-        n for n, t in ((ini_name, ini_text), (procfile_name, procfile_text)) if t is not None
-    ]
-    return Manifest(
-        processes=processes,
-        static=static,
-        services=services,
-        env=env,
-        cron=cron,
-        symlinks=symlinks,
-        basic_auth=basic_auth,
-        rollover={t: mode for t, (mode, _) in rollover.items()},
-        sources=sources,
-        warnings=warnings,
-        **kw,
-    )
 
 
 _CRON_LINE = re.compile(r"^(\S+(?:\s+\S+){4})\s+(\S.*)$", re.DOTALL)
@@ -861,7 +946,7 @@ def _cron_entry(key: str, value: str, file: str, line: int, errors: _Errors) -> 
     * ``SCHEDULE = command`` (the crontab-like form, key = schedule): the name is
       ``cron-`` and 8 hex digits of the schedule and command, stable across deploys.
     """
-    if PROCESS_NAME.match(key):
+    if _CRON_NAME.match(key):
         # the schedule's words, then the command exactly as written
         m = (_CRON_MACRO_LINE if value.startswith("@") else _CRON_LINE).match(value)
         if m is None:

@@ -30,7 +30,6 @@ from zope.interface import Attribute, Interface, implementer
 from epio.basicauth import BasicAuth
 
 HEALTHY = "healthy"
-BACKEND_STATES = ("starting", "healthy", "draining", "crashed")
 
 
 @frozen

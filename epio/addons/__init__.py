@@ -7,9 +7,7 @@ has is recorded by the caller; credentials are returned once and never logged.
 
 from __future__ import annotations
 
-import re
-
-APP_NAME = re.compile(r"^[a-z][a-z0-9-]{0,39}$")
+from epio.domain import APP_NAME
 
 
 class AddonError(Exception):

@@ -55,7 +55,6 @@ from epio.addons.services import SERVICE_PROCESS_TYPES
 from epio.api.settings import ApiSettings
 from epio.api.state import (
     DEFAULT_SIZE,
-    LIVE_STATES,
     SIZES,
     current_release,
     platform_line,
@@ -63,6 +62,7 @@ from epio.api.state import (
     routers_have,
     serving_release,
 )
+from epio.domain import LIVE_STATES, RUNNER_STATES
 from epio.store import (
     DEPLOY_FINAL,
     Deploy,
@@ -83,7 +83,6 @@ WAKE_ON = ("release", "formation", "app", "node", "resync")
 # a deploy's api node whose store row was not refreshed for this many times
 # api.runner_dead_after is gone (a restarted node is recognised at once by its boot id)
 OWNER_LOST_AFTER = 3
-RUNNER_STATES = ("starting", "healthy", "draining", "crashed", "failed", "stopped")
 
 
 @define

@@ -13,26 +13,26 @@ from typing import Any
 
 from attrs import field, frozen
 
-from epio import __version__
+from epio import __version__, domain
 from epio.store import store as _store
 
 PREFIX = "/api/v1"
 
 # One source for each rule: the store's own patterns (it refuses anything else), so the
 # document is never looser nor stricter than the server (docs/api.md, "One source").
-APP_NAME = _store.APP_NAME.pattern
+APP_NAME = domain.APP_NAME.pattern
 USER_NAME = _store.USER_NAME.pattern
 CONFIG_KEY = _store.CONFIG_KEY.pattern
-PROCESS_TYPE = _store.PROCESS_TYPE.pattern
+PROCESS_TYPE = domain.PROCESS_TYPE.pattern
 EMAIL = {"type": ["string", "null"], "pattern": _store.EMAIL.pattern,
-         "maxLength": _store.MAX_EMAIL}
+         "maxLength": domain.MAX_EMAIL}
 NO_NUL = "^[^\\x00]*$"
 # log sources (web.1, run.3, router) and stats metric names or prefixes, as the logs
 # part reads them (epio.api.logtail)
 SOURCE_NAME = r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}"
 SOURCE_LIST = rf"^\s*(?:{SOURCE_NAME})?\s*(?:,\s*(?:{SOURCE_NAME})?\s*)*$"
 METRIC_NAME = r"^[A-Za-z0-9_.:-]{1,100}$"
-HOSTNAME = r"^(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+HOSTNAME = domain.HOSTNAME.pattern
 # the one message of every hostname the API will not add, malformed or refused
 # (epio.api.domain.hostname_refused): it must not tell whether another account has it
 HOSTNAME_RULE = (
@@ -42,7 +42,7 @@ HOSTNAME_RULE = (
 
 # the rules in words, for the validation errors users see (jsonschema ``x-errors``)
 INVALID_APP_NAME = {"code": "invalid_app_name",
-                    "message": "{value!r} is not a valid app name: " + _store.APP_NAME_RULE}
+                    "message": "{value!r} is not a valid app name: " + domain.APP_NAME_RULE}
 INVALID_CONFIG_KEY = {
     "code": "invalid_config_key",
     "message": "{value!r} is not a valid config var name: use letters, digits and '_', "
@@ -113,7 +113,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
                                                            "additionalProperties": STR},
         "config_keys": array(STR), "description": STR, "created": NUM,
         "created_by": NULLABLE_STR, "current": BOOL,
-        "status": {"type": "string", "enum": ["current", "deploying", "failed", "superseded"],
+        "status": {"type": "string", "enum": list(domain.RELEASE_STATES),
                    "description": "current: its instances serve (its rollout succeeded); "
                                   "deploying: rolling out; failed: it never served; "
                                   "superseded: any other"},
@@ -126,8 +126,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "Rollback": obj({"version": {"type": "integer", "minimum": 1}}, required=[]),
     "Deploy": obj({
         "id": STR, "app": STR,
-        "status": {"type": "string", "enum": ["pending", "building", "built", "deploying",
-                                              "succeeded", "failed", "cancelled"]},
+        "status": {"type": "string", "enum": list(domain.DEPLOY_STATES)},
         "image": NULLABLE_STR, "release": NULLABLE_INT, "reason": NULLABLE_STR,
         "created": NUM, "finished": NULLABLE_NUM, "log": STR, "log_offset": INT,
         "url": STR,
@@ -138,7 +137,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "description": "KEY: value sets a variable, KEY: null unsets it",
         "minProperties": 1,
         "patternProperties": {CONFIG_KEY: {"type": ["string", "null"],
-                                           "maxLength": _store.MAX_CONFIG_VALUE,
+                                           "maxLength": domain.MAX_CONFIG_VALUE,
                                            "pattern": NO_NUL}},
         "additionalProperties": False,
         "x-errors": {"additionalProperties": INVALID_CONFIG_KEY},

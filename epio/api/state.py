@@ -34,8 +34,6 @@ SIZES: dict[str, dict[str, int]] = {
 }
 DEFAULT_SIZE = "standard"
 
-# instance states (epio.store.INSTANCE_STATES) that count as "running or about to"
-LIVE_STATES = ("pending", "starting", "healthy", "crashed")
 
 
 async def failed_releases(store: Store, app: str, deploys: list[Deploy] | None = None

@@ -18,10 +18,11 @@ import tarfile
 from collections.abc import Mapping
 from typing import Any
 
+from epio.domain import UPLOAD_MAX_MEMBERS
 from epio.manifest import INI_NAME, PROCFILE_NAME, ManifestError, parse_manifest
 
 MANIFEST_MAX_BYTES = 1 << 20  # an epio.ini or Procfile larger than this is not read early
-MAX_MEMBERS = 100_000  # the unpacker's own limit (epio.runner.build.unpack)
+MAX_MEMBERS = UPLOAD_MAX_MEMBERS  # the unpacker's own limit (epio.runner.build.unpack)
 
 
 def manifest_of_upload(tarball: bytes) -> Mapping[str, Any] | None:

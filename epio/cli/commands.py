@@ -30,8 +30,7 @@ from epio.cli.client import (
     resolve_app,
     save_config,
 )
-
-FINAL = ("succeeded", "failed", "cancelled")
+from epio.domain import DEPLOY_FINAL
 
 
 def out(args: argparse.Namespace, data: Any, human: Any) -> int:
@@ -330,7 +329,7 @@ def follow_deploy(client: Client, name: str, deploy_id: str, args: argparse.Name
     log = ""
     pace, status = PollPace(args.poll), None
     while True:
-        d = client.get(f"apps/{name}/deploys/{deploy_id}", log_offset=offset)
+        d: dict[str, Any] = client.get(f"apps/{name}/deploys/{deploy_id}", log_offset=offset)
         log += d["log"]
         if build_log is not None and not quiet and d["status"] == "failed" \
                 and d["image"] is None:
@@ -345,7 +344,7 @@ def follow_deploy(client: Client, name: str, deploy_id: str, args: argparse.Name
         if build_log is not None and not quiet and d["status"] in ("pending", "building",
                                                                     "built"):
             build_log.follow()
-        if d["status"] in FINAL:
+        if d["status"] in DEPLOY_FINAL:
             break
         if time.monotonic() > deadline:
             raise CliError(f"gave up following deploy {d['id'][:12]} after {args.timeout:g}s "

@@ -17,6 +17,8 @@ from __future__ import annotations
 import re
 from typing import Any, NamedTuple
 
+from epio.domain import APP_NAME
+
 LINE = "-"
 LOST = "lost"
 
@@ -26,7 +28,7 @@ _ESC_RE = re.compile(r"[\\\t\n\r]")
 _UNESC_RE = re.compile(r"\\[\\tnr]")
 
 # Names that go into paths and file fields: validated on receive.
-APP_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+APP_RE = APP_NAME
 SOURCE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
 
 

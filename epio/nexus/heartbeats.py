@@ -29,9 +29,10 @@ from attrs import define, field, frozen
 from twisted.logger import Logger
 
 from epio.bus.counters import RateLimitedLog
+from epio.domain import RUNNER_STATES
 
 # Instance states a runner reports (PROTOCOL.md).
-STATES = frozenset({"starting", "healthy", "draining", "crashed", "failed", "stopped"})
+STATES = RUNNER_STATES
 # Addresses that mean "every interface": the node's advertise_host is used instead.
 UNSPECIFIED_HOSTS = frozenset({"", "0.0.0.0", "::", "[::]"})
 # How many retired boot ids are remembered per node (late heartbeats of an old boot).

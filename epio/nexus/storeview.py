@@ -35,9 +35,10 @@ from collections.abc import Iterable
 from typing import Any, Protocol
 
 from epio.basicauth import BasicAuth
+from epio.domain import LIVE_STATES
 from epio.nexus.table import AppFacts, StoreView
 
-ACTIVE_STATES = frozenset({"pending", "starting", "healthy", "crashed"})
+ACTIVE_STATES = frozenset(LIVE_STATES)
 
 
 class RoutingStore(Protocol):

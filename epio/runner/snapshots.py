@@ -25,10 +25,10 @@ from twisted.internet import threads
 from twisted.logger import Logger
 
 from epio.addons import btrfs
+from epio.domain import APP_NAME
 from epio.retention import Candidate, RetentionPolicy, to_keep
 
 DEDICATED_DIR = re.compile(r"^\.epio-(redis|postgres)(-[0-9a-f]{1,32})?$")
-APP_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 STAMP = "%Y%m%dT%H%M%SZ"
 STAMP_RE = re.compile(r"^\d{8}T\d{6}Z$")
 

@@ -29,7 +29,6 @@ module is unit-tested with ``task.Clock`` and a fake ``IReactorProcess``.
 
 from __future__ import annotations
 
-import enum
 import re
 import signal
 from collections import deque
@@ -46,6 +45,8 @@ from zope.interface import Attribute, Interface
 
 from epio.addons.services import SERVICE_PROCESS_TYPES
 from epio.config.schema import DEFAULT_UIDS
+from epio.domain import PROCESS_TYPE
+from epio.domain import RunnerState as State
 from epio.runner.cgroups import Limits
 from epio.runner.ports import PortAllocator
 from epio.runner.sandbox import sandboxed_pid
@@ -55,17 +56,7 @@ from epio.runner.users import UserError, app_user
 TAIL_LINES = 20
 TAIL_LINE_MAX = 500
 INSTANCE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-PROCESS_TYPE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 DIGEST = re.compile(r"^(sha256:)?[0-9a-f]{64}$")
-
-
-class State(enum.StrEnum):
-    STARTING = "starting"
-    HEALTHY = "healthy"
-    DRAINING = "draining"
-    CRASHED = "crashed"
-    FAILED = "failed"
-    STOPPED = "stopped"
 
 
 TRANSITIONS: dict[State, frozenset[State]] = {
@@ -206,7 +197,7 @@ class InstanceSpec:
         except UserError as e:
             raise SpecError(str(e)) from None
         ptype = body.get("process_type", "web")
-        if not isinstance(ptype, str) or not PROCESS_TYPE.match(ptype):
+        if not isinstance(ptype, str) or not PROCESS_TYPE.fullmatch(ptype):
             raise SpecError(f"invalid process_type {ptype!r}")
         command = body.get("command")
         if isinstance(command, list) and command and all(isinstance(a, str) for a in command):

@@ -11,11 +11,9 @@ name only ``root``, ``nobody`` and the app user, so tools that look the user up
 
 from __future__ import annotations
 
-import re
-
 from attrs import frozen
 
-APP_NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+from epio.domain import APP_NAME
 
 
 class UserError(ValueError):

@@ -5,6 +5,7 @@ package).  A node's :class:`StoreService` opens it; ``await
 service.whenReady()`` gives the :class:`Store`.  See docs/store.md.
 """
 
+from epio.domain import DEPLOY_FINAL, DEPLOY_STATES, DEPLOY_TRANSITIONS, INSTANCE_STATES
 from epio.store.errors import (
     AppQuotaExceeded,
     Conflict,
@@ -38,10 +39,6 @@ from epio.store.service import StoreService, open_store
 from epio.store.store import (
     APP_DESTROYED,
     CHANGE_KINDS,
-    DEPLOY_FINAL,
-    DEPLOY_STATES,
-    DEPLOY_TRANSITIONS,
-    INSTANCE_STATES,
     AppLimits,
     Change,
     Store,

@@ -22,6 +22,20 @@ from attrs import frozen
 from twisted.logger import Logger
 
 from epio.config.schema import DEFAULT_UIDS
+from epio.domain import (
+    APP_NAME,
+    APP_NAME_RULE,
+    DEPLOY_FINAL,
+    DEPLOY_INITIAL,
+    DEPLOY_STATES,
+    DEPLOY_TRANSITIONS,
+    HOSTNAME_LABEL,
+    HOSTNAME_MAX,
+    INSTANCE_STATES,
+    MAX_CONFIG_VALUE,
+    MAX_EMAIL,
+    PROCESS_TYPE,
+)
 from epio.store.backend import Backend, Transaction
 from epio.store.errors import (
     AppQuotaExceeded,
@@ -54,15 +68,9 @@ T = TypeVar("T")
 
 # The names the store accepts, matched whole (re.fullmatch: "$" alone would let a trailing
 # newline through).  The API's OpenAPI schemas use these very patterns (epio.api.spec).
-APP_NAME = re.compile(r"^[a-z](?:[a-z0-9-]{0,28}[a-z0-9])?$")
-APP_NAME_RULE = ("use 1-30 lowercase letters, digits and '-', starting with a letter and "
-                 "not ending with '-' (like my-app)")
 USER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@+-]{0,63}$")
 CONFIG_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
-PROCESS_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,29}$")
-EMAIL = re.compile(r"^[^@]*@.*$", re.DOTALL)  # the store's only rule: an "@" ...
-MAX_EMAIL = 254  # ... and at most this many characters
-LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+EMAIL = re.compile(r"^[^@]*@.*$", re.DOTALL)  # the store's only rule: an "@" (and MAX_EMAIL)
 IMAGE_DIGEST = re.compile(r"^(?:sha256:)?[0-9a-f]{64}$")
 
 TOKEN_PREFIX = "epio_"
@@ -70,24 +78,6 @@ ADMIN_TOKENS_LOCK = "epio.store.admin_tokens"
 APP_UIDS_LOCK = "epio.store.app_uids"
 
 TOKEN_DISPLAY_CHARS = 12
-MAX_CONFIG_VALUE = 32 * 1024
-
-INSTANCE_STATES = ("pending", "starting", "healthy", "draining", "crashed", "stopped", "failed")
-DEPLOY_STATES = ("pending", "building", "built", "deploying", "succeeded", "failed", "cancelled")
-DEPLOY_FINAL = ("succeeded", "failed", "cancelled")
-# The deploy (= rollout of one release) state machine, drawn in docs/deploys.md.  An
-# upload starts ``pending``; a config change or a rollback makes a release at once and
-# starts ``deploying``.  A final state never changes again.
-DEPLOY_INITIAL = frozenset({"pending", "deploying"})
-DEPLOY_TRANSITIONS: dict[str, frozenset[str]] = {
-    "pending": frozenset({"building", "failed"}),
-    "building": frozenset({"built", "failed"}),
-    "built": frozenset({"deploying", "failed"}),
-    "deploying": frozenset({"succeeded", "failed", "cancelled"}),
-    "succeeded": frozenset(),
-    "failed": frozenset(),
-    "cancelled": frozenset(),
-}
 
 
 #: serialises add_domain's overlap check with every other add_domain (tx.exclusive)
@@ -149,7 +139,7 @@ def normalise_hostname(hostname: Any) -> tuple[str, bool]:
     host = hostname.strip().lower().rstrip(".")
     wildcard = host.startswith("*.")
     labels = host[2:].split(".") if wildcard else host.split(".")
-    if (len(host) > 253 or not all(LABEL.fullmatch(label) for label in labels)
+    if (len(host) > HOSTNAME_MAX or not all(HOSTNAME_LABEL.fullmatch(label) for label in labels)
             or (wildcard and len(labels) < 2)):
         raise InvalidName(f"invalid hostname {hostname!r}")
     return host, wildcard

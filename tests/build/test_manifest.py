@@ -240,6 +240,42 @@ class ProcfileTests(SynchronousTestCase):
         self.assertEqual(len(cm.exception.errors), 3)
         self.assertIn("Procfile:4: process 'web' already defined on line 3", cm.exception.errors)
 
+    def test_names_the_runner_would_refuse(self) -> None:
+        """A process name the store or the runner would refuse (upper case, not starting
+        with a letter, longer than 30 characters) is refused here, with file:line and
+        the rule, in the Procfile and in epio.ini alike: it never reaches placement."""
+        long = "w" * 31
+        with self.assertRaises(ManifestError) as cm:
+            parse_manifest(
+                f"[process]\nClock = python c.py\n{long} = x\n[process:Worker]\n"
+                "rollover = stop-first\n",
+                "web: python s.py\nWorker: python w.py\n1st: x\n_private: x\n",
+            )
+        rule = ("not a valid process type: use 1-30 lowercase letters, digits, '_' and '-', "
+                "starting with a letter (like worker)")
+        self.assertEqual(cm.exception.errors, [
+            f"Procfile:2: process name 'Worker': {rule}",
+            f"Procfile:3: process name '1st': {rule}",
+            f"Procfile:4: process name '_private': {rule}",
+            f"epio.ini:2: [process] 'Clock': {rule}",
+            f"epio.ini:3: [process] {long!r}: {rule}",
+            f"epio.ini:4: [process:Worker]: {rule}",
+        ])
+
+    def test_names_the_runner_accepts(self) -> None:
+        """Every name the manifest accepts is one the store and the runner accept:
+        lowercase, a letter first, '_' and '-' inside, up to 30 characters."""
+        from epio.domain import PROCESS_TYPE
+        from epio.runner.supervisor import PROCESS_TYPE as RUNNER_RULE
+        from epio.store.store import PROCESS_TYPE as STORE_RULE
+
+        names = ["web", "worker_2", "clock-x", "w" * 30]
+        m = parse_manifest(None, "".join(f"{n}: run {n}\n" for n in names))
+        self.assertEqual(sorted(m.processes), sorted(names))
+        for n in names:
+            for rule in (PROCESS_TYPE, RUNNER_RULE, STORE_RULE):
+                self.assertIsNotNone(rule.fullmatch(n), n)
+
     def test_precedence(self) -> None:
         """[wsgi] web < Procfile < epio.ini [process], each override warned about."""
         m = parse_manifest(
@@ -408,10 +444,10 @@ class HostileTreeTests(SynchronousTestCase):
         process name, are refused with file:line."""
         m = parse_manifest(
             "[process]\nworker = python w.py\n[process:worker]\nrollover = stop-first\n"
-            "[process:Web]\nrollover = start-first\n",
-            "Web: python s.py\n",
+            "[process:web-2]\nrollover = start-first\n",
+            "web-2: python s.py\n",
         )
-        self.assertEqual(dict(m.rollover), {"worker": "stop-first", "Web": "start-first"})
+        self.assertEqual(dict(m.rollover), {"worker": "stop-first", "web-2": "start-first"})
         self.assertEqual(Manifest.from_json(m.to_json()).rollover, m.rollover)
         self.assertEqual(dict(parse_manifest(None, "web: x\n").rollover), {})
         with self.assertRaises(ManifestError) as cm:
@@ -425,8 +461,8 @@ class HostileTreeTests(SynchronousTestCase):
             "not 'sometimes'",
             "epio.ini:4: [process:nope] there is no process 'nope' (processes: web, worker)",
             "epio.ini:6: [process:web] unknown key 'colour' (known: rollover)",
-            "epio.ini:7: [process:a b]: process names may only contain letters, digits, "
-            "'_' and '-'",
+            "epio.ini:7: [process:a b]: not a valid process type: use 1-30 lowercase "
+            "letters, digits, '_' and '-', starting with a letter (like worker)",
         ])
 
     def test_procfile_release_is_the_release_phase(self) -> None:

@@ -25,7 +25,7 @@ import shutil
 import tarfile
 from pathlib import Path
 
-MAX_MEMBERS = 100_000
+from epio.domain import UPLOAD_MAX_MEMBERS as MAX_MEMBERS
 
 
 class UnpackError(Exception):

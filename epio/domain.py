@@ -1,0 +1,150 @@
+"""The platform's shared vocabulary, each rule written once.
+
+Shared floor, like :mod:`epio.store` and :mod:`epio.config`: the manifest parser, the
+store, the runner, the api, the logger, the add-on servers and the CLI import these
+names instead of restating them, so a name one layer accepts is never refused by a later
+one (a Procfile ``Worker:`` used to pass the manifest and the store, then the runner
+refused it at placement).  Nothing here does I/O or imports another part of epio.
+
+Each name rule is a compiled pattern matched whole (``fullmatch``: ``$`` alone would
+let a trailing newline through) plus, where users meet it, the sentence that says it
+(:data:`APP_NAME_RULE`, :data:`PROCESS_TYPE_RULE`); the API's OpenAPI schemas use the
+same patterns (``epio.api.spec``).
+
+States (instance, deploy, release) are the strings the store keeps and the API shows.
+The instance lifecycle the runner drives is :class:`RunnerState` (its transition table
+lives with the supervisor, ``epio.runner.supervisor.TRANSITIONS``); the deploy state
+machine is :data:`DEPLOY_TRANSITIONS`, drawn in docs/deploys.md.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+
+__all__ = [
+    "APP_NAME",
+    "APP_NAME_MAX",
+    "APP_NAME_RULE",
+    "DEPLOY_FINAL",
+    "DEPLOY_INITIAL",
+    "DEPLOY_STATES",
+    "DEPLOY_TRANSITIONS",
+    "HOSTNAME",
+    "HOSTNAME_LABEL",
+    "HOSTNAME_MAX",
+    "INSTANCE_STATES",
+    "LIVE_STATES",
+    "MAX_CONFIG_VALUE",
+    "MAX_EMAIL",
+    "PROCESS_TYPE",
+    "PROCESS_TYPE_MAX",
+    "PROCESS_TYPE_RULE",
+    "RELEASE_STATES",
+    "RUNNER_STATES",
+    "UPLOAD_MAX_MEMBERS",
+    "RunnerState",
+    "app_name_problem",
+    "process_type_problem",
+]
+
+# ------------------------------------------------------------------ names
+
+#: An app name is a DNS label (it is the app's hostname under the platform domain, its
+#: Unix user's name and a directory name on every node): 1-30 characters.
+APP_NAME_MAX = 30
+APP_NAME = re.compile(r"^[a-z](?:[a-z0-9-]{0,28}[a-z0-9])?$")
+APP_NAME_RULE = ("use 1-30 lowercase letters, digits and '-', starting with a letter and "
+                 "not ending with '-' (like my-app)")
+
+#: A process type (``web``, ``worker``, ``clock``; ``redis``/``postgres`` for dedicated
+#: add-on servers) names a Procfile line, a formation entry, an instance (``web.1``)
+#: and a log source: 1-30 characters, lowercase so that ``Worker`` and ``worker`` are
+#: never two types.
+PROCESS_TYPE_MAX = 30
+PROCESS_TYPE = re.compile(r"^[a-z][a-z0-9_-]{0,29}$")
+PROCESS_TYPE_RULE = ("use 1-30 lowercase letters, digits, '_' and '-', starting with a "
+                     "letter (like worker)")
+
+
+def app_name_problem(name: object) -> str | None:
+    """Why ``name`` is not an app name (the user-facing sentence), or None if it is one."""
+    if isinstance(name, str) and APP_NAME.fullmatch(name):
+        return None
+    return f"{name!r} is not a valid app name: {APP_NAME_RULE}"
+
+
+def process_type_problem(name: object) -> str | None:
+    """Why ``name`` is not a process type (the user-facing sentence), or None if it is one."""
+    if isinstance(name, str) and PROCESS_TYPE.fullmatch(name):
+        return None
+    return f"{name!r} is not a valid process type: {PROCESS_TYPE_RULE}"
+
+
+#: One label of a hostname (a custom domain, a certificate's name): 1-63 characters of
+#: lowercase letters, digits and '-', not starting or ending with '-'.
+HOSTNAME_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+#: A whole hostname in its normal form (lower case, no trailing dot), or ``*.`` and one.
+HOSTNAME = re.compile(
+    r"^(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+HOSTNAME_MAX = 253
+
+# ------------------------------------------------------------------ limits
+
+#: The longest e-mail address of a user (the store's only other rule: it has an "@").
+MAX_EMAIL = 254
+#: The largest value of one config var, in characters.
+MAX_CONFIG_VALUE = 32 * 1024
+#: The most members an upload's tarball may have (the unpacker refuses more; the api
+#: does not read further for its early look at the manifest).
+UPLOAD_MAX_MEMBERS = 100_000
+
+# ------------------------------------------------------------------ states
+
+
+class RunnerState(enum.StrEnum):
+    """The states of an instance on its runner (the supervisor's state machine, which a
+    runner reports in its heartbeats)."""
+
+    STARTING = "starting"
+    HEALTHY = "healthy"
+    DRAINING = "draining"
+    CRASHED = "crashed"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+#: The states the runners report (heartbeats, ``runner.start`` answers).
+RUNNER_STATES = frozenset(RunnerState)
+
+#: Every state the store keeps for an instance: ``pending`` (placed, not yet reported by
+#: its runner), then the runner's.
+INSTANCE_STATES = ("pending", "starting", "healthy", "draining", "crashed", "stopped", "failed")
+
+#: The instance states that count as "running or about to": they hold a place on their
+#: runner and are not replaced.
+LIVE_STATES = ("pending", "starting", "healthy", "crashed")
+
+#: A deploy (the rollout of one release): an upload starts ``pending``; a config change or
+#: a rollback makes its release at once and starts ``deploying``.  A final state never
+#: changes again.  Drawn in docs/deploys.md.
+DEPLOY_STATES = ("pending", "building", "built", "deploying", "succeeded", "failed", "cancelled")
+DEPLOY_FINAL = ("succeeded", "failed", "cancelled")
+DEPLOY_INITIAL = frozenset({"pending", "deploying"})
+DEPLOY_TRANSITIONS: dict[str, frozenset[str]] = {
+    "pending": frozenset({"building", "failed"}),
+    "building": frozenset({"built", "failed"}),
+    "built": frozenset({"deploying", "failed"}),
+    "deploying": frozenset({"succeeded", "failed", "cancelled"}),
+    "succeeded": frozenset(),
+    "failed": frozenset(),
+    "cancelled": frozenset(),
+}
+
+#: What the API says of a release: the one serving, the one being deployed, one whose
+#: deploy failed, or an older one.
+RELEASE_STATES = ("current", "deploying", "failed", "superseded")
+
+assert set(INSTANCE_STATES) == {"pending", *RUNNER_STATES}
+assert set(LIVE_STATES) <= set(INSTANCE_STATES)
+assert set(DEPLOY_TRANSITIONS) == set(DEPLOY_STATES)
