@@ -26,6 +26,7 @@ __all__ = [
     "APP_NAME",
     "APP_NAME_MAX",
     "APP_NAME_RULE",
+    "CRON_NAME_MAX",
     "DEPLOY_FINAL",
     "DEPLOY_INITIAL",
     "DEPLOY_STATES",
@@ -35,11 +36,17 @@ __all__ = [
     "HOSTNAME_MAX",
     "INSTANCE_STATES",
     "LIVE_STATES",
+    "LOG_SOURCE",
+    "LOG_SOURCE_NAME",
     "MAX_CONFIG_VALUE",
     "MAX_EMAIL",
     "PROCESS_TYPE",
     "PROCESS_TYPE_MAX",
     "PROCESS_TYPE_RULE",
+    "POSTGRES_PROCESS_TYPE",
+    "REDIS_PROCESS_TYPE",
+    "RESERVED_PROCESS_PREFIX",
+    "SERVICE_PROCESS_TYPES",
     "RELEASE_STATES",
     "RUNNER_STATES",
     "UPLOAD_MAX_MEMBERS",
@@ -65,6 +72,24 @@ PROCESS_TYPE_MAX = 30
 PROCESS_TYPE = re.compile(r"^[a-z][a-z0-9_-]{0,29}$")
 PROCESS_TYPE_RULE = ("use 1-30 lowercase letters, digits, '_' and '-', starting with a "
                      "letter (like worker)")
+RESERVED_PROCESS_RULE = ("process types starting with 'epio-' are the platform's own "
+                         "(its add-on servers)")
+
+
+#: The platform's own process types: the dedicated add-on servers it runs for an app
+#: (``epio.addons.services``).  The scheduler leaves them to the add-ons code, so an
+#: app's own process may not take a name starting with :data:`RESERVED_PROCESS_PREFIX`.
+RESERVED_PROCESS_PREFIX = "epio-"
+REDIS_PROCESS_TYPE = "epio-redis"
+POSTGRES_PROCESS_TYPE = "epio-postgres"
+SERVICE_PROCESS_TYPES = (REDIS_PROCESS_TYPE, POSTGRES_PROCESS_TYPE)
+
+#: The source of a log line (``web.1``, ``run.3``, ``cron.NAME``, ``router``): at most
+#: 64 characters.  LOG_SOURCE_NAME is the unanchored form (the API's source lists).
+LOG_SOURCE_NAME = r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}"
+LOG_SOURCE = re.compile(rf"^{LOG_SOURCE_NAME}$")
+#: A ``[cron]`` job's name is the end of its runs' log source ``cron.NAME``.
+CRON_NAME_MAX = 64 - len("cron.")
 
 
 def app_name_problem(name: object) -> str | None:
@@ -75,10 +100,13 @@ def app_name_problem(name: object) -> str | None:
 
 
 def process_type_problem(name: object) -> str | None:
-    """Why ``name`` is not a process type (the user-facing sentence), or None if it is one."""
-    if isinstance(name, str) and PROCESS_TYPE.fullmatch(name):
-        return None
-    return f"{name!r} is not a valid process type: {PROCESS_TYPE_RULE}"
+    """Why an app may not name a process ``name`` (the user-facing reason, to follow the
+    name and a colon), or None if it may: the platform's own types are refused too."""
+    if not isinstance(name, str) or not PROCESS_TYPE.fullmatch(name):
+        return f"not a valid process type: {PROCESS_TYPE_RULE}"
+    if name.startswith(RESERVED_PROCESS_PREFIX):
+        return f"reserved: {RESERVED_PROCESS_RULE}"
+    return None
 
 
 #: One label of a hostname (a custom domain, a certificate's name): 1-63 characters of

@@ -55,7 +55,7 @@ from attrs import define, field, frozen
 
 from epio.basicauth import bad_realm, hash_password
 from epio.cronspec import CronError, parse_schedule
-from epio.domain import PROCESS_TYPE, PROCESS_TYPE_RULE
+from epio.domain import CRON_NAME_MAX, process_type_problem
 
 __all__ = [
     "DATA_DIRECTORY",
@@ -82,9 +82,6 @@ INI_NAME = "epio.ini"
 PROCFILE_NAME = "Procfile"
 #: A ``[cron]`` job's name (``name = SCHEDULE COMMAND``; not a process type).
 _CRON_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
-#: Why a Procfile or ``[process]`` name is refused: the one process-type rule that the
-#: store and the runner apply too (a name refused later would fail at placement).
-_NOT_A_PROCESS_TYPE = f"not a valid process type: {PROCESS_TYPE_RULE}"
 _ENTRYPOINT = re.compile(
     r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*(:[A-Za-z_][A-Za-z0-9_.()]*)?$"
 )
@@ -368,8 +365,9 @@ def _scan_ini(text: str, file: str, errors: _Errors) -> list[_Item]:
             if colon and head.strip().lower() == "process":
                 # [process:NAME]: settings of one process type (its name keeps its case)
                 sub = sub.strip()
-                if not PROCESS_TYPE.fullmatch(sub):
-                    errors.add(file, lineno, f"[process:{_cut(sub)}]: {_NOT_A_PROCESS_TYPE}")
+                why = process_type_problem(sub)
+                if why is not None:
+                    errors.add(file, lineno, f"[process:{_cut(sub)}]: {why}")
                     section, bad_section = None, True
                     continue
                 name = f"process:{sub}"
@@ -506,8 +504,9 @@ def parse_procfile(
             errs.add(file, lineno, f"expected 'name: command', got {_q(line)}")
             continue
         name, command = m.group(1), m.group(2).strip()
-        if not PROCESS_TYPE.fullmatch(name):
-            errs.add(file, lineno, f"process name {_q(name)}: {_NOT_A_PROCESS_TYPE}")
+        why = process_type_problem(name)
+        if why is not None:  # the store's and the runner's rule: refused here, not at placement
+            errs.add(file, lineno, f"process name {_q(name)}: {why}")
             continue
         if not command:
             errs.add(file, lineno, f"process {_q(name)} has no command")
@@ -716,8 +715,9 @@ def _read_django(parts: _Parts, it: _Item) -> None:
 
 def _read_process(parts: _Parts, it: _Item) -> None:
     k, value = it.key, it.value
-    if not PROCESS_TYPE.fullmatch(k):
-        parts.error(it, f"[process] {_q(k)}: {_NOT_A_PROCESS_TYPE}")
+    why = process_type_problem(k)
+    if why is not None:
+        parts.error(it, f"[process] {_q(k)}: {why}")
     elif not value:
         parts.error(it, f"[process] {_cut(k)}: has no command")
     else:
@@ -953,6 +953,10 @@ def _cron_entry(key: str, value: str, file: str, line: int, errors: _Errors) -> 
             errors.add(file, line, f"[cron] {_cut(key)}: {_CRON_FORMS}")
             return None
         schedule, command, name = " ".join(m.group(1).split()), m.group(2), key
+        if len(name) > CRON_NAME_MAX:  # its runs' log source, cron.NAME, would be refused
+            errors.add(file, line, f"[cron] {_cut(key)}: a job name has at most "
+                                   f"{CRON_NAME_MAX} characters")
+            return None
     elif key.startswith("@") or any(c.isspace() for c in key):
         schedule, command = " ".join(key.split()), value.strip()
         digest = hashlib.sha256(f"{schedule}\n{command}".encode()).hexdigest()[:8]

@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from epio.addons.redis import SPACE_FACTOR, SPACE_MARGIN, redis_config_lines
+from epio.domain import POSTGRES_PROCESS_TYPE as POSTGRES_TYPE
+from epio.domain import REDIS_PROCESS_TYPE as REDIS_TYPE
+from epio.domain import SERVICE_PROCESS_TYPES as SERVICE_PROCESS_TYPES  # re-exported
 
-REDIS_TYPE = "epio-redis"
-POSTGRES_TYPE = "epio-postgres"
-SERVICE_PROCESS_TYPES = (REDIS_TYPE, POSTGRES_TYPE)
 KIND_OF_TYPE = {REDIS_TYPE: "redis", POSTGRES_TYPE: "postgres"}
 TYPE_OF_KIND = {v: k for k, v in KIND_OF_TYPE.items()}
 

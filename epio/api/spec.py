@@ -29,7 +29,7 @@ EMAIL = {"type": ["string", "null"], "pattern": _store.EMAIL.pattern,
 NO_NUL = "^[^\\x00]*$"
 # log sources (web.1, run.3, router) and stats metric names or prefixes, as the logs
 # part reads them (epio.api.logtail)
-SOURCE_NAME = r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}"
+SOURCE_NAME = domain.LOG_SOURCE_NAME
 SOURCE_LIST = rf"^\s*(?:{SOURCE_NAME})?\s*(?:,\s*(?:{SOURCE_NAME})?\s*)*$"
 METRIC_NAME = r"^[A-Za-z0-9_.:-]{1,100}$"
 HOSTNAME = domain.HOSTNAME.pattern

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from typing import Any, NamedTuple
 
-from epio.domain import APP_NAME
+from epio.domain import APP_NAME, LOG_SOURCE
 
 LINE = "-"
 LOST = "lost"
@@ -29,7 +29,7 @@ _UNESC_RE = re.compile(r"\\[\\tnr]")
 
 # Names that go into paths and file fields: validated on receive.
 APP_RE = APP_NAME
-SOURCE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+SOURCE_RE = LOG_SOURCE
 
 
 def escape(text: str) -> str:

@@ -23,8 +23,6 @@ from twisted.logger import Logger
 
 from epio.config.schema import DEFAULT_UIDS
 from epio.domain import (
-    APP_NAME,
-    APP_NAME_RULE,
     DEPLOY_FINAL,
     DEPLOY_INITIAL,
     DEPLOY_STATES,
@@ -35,6 +33,7 @@ from epio.domain import (
     MAX_CONFIG_VALUE,
     MAX_EMAIL,
     PROCESS_TYPE,
+    app_name_problem,
 )
 from epio.store.backend import Backend, Transaction
 from epio.store.errors import (
@@ -124,8 +123,9 @@ def hash_token(token: str) -> str:
 
 def validate_app_name(name: Any) -> str:
     """Return ``name`` if it is a valid app name (DNS label, 1-30 chars), else raise."""
-    if not isinstance(name, str) or not APP_NAME.fullmatch(name):
-        raise InvalidName(f"{name!r} is not a valid app name: {APP_NAME_RULE}")
+    problem = app_name_problem(name)
+    if problem is not None:
+        raise InvalidName(problem)
     return name
 
 

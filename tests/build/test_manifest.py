@@ -243,24 +243,32 @@ class ProcfileTests(SynchronousTestCase):
     def test_names_the_runner_would_refuse(self) -> None:
         """A process name the store or the runner would refuse (upper case, not starting
         with a letter, longer than 30 characters) is refused here, with file:line and
-        the rule, in the Procfile and in epio.ini alike: it never reaches placement."""
+        the rule, in the Procfile and in epio.ini alike: it never reaches placement.  So
+        is a name of the platform's own add-on servers (epio-*), which the scheduler
+        leaves to the add-ons code (it would place such a process again and again)."""
         long = "w" * 31
         with self.assertRaises(ManifestError) as cm:
             parse_manifest(
                 f"[process]\nClock = python c.py\n{long} = x\n[process:Worker]\n"
                 "rollover = stop-first\n",
-                "web: python s.py\nWorker: python w.py\n1st: x\n_private: x\n",
+                "web: python s.py\nWorker: python w.py\n1st: x\n_private: x\nepio-redis: x\n",
             )
         rule = ("not a valid process type: use 1-30 lowercase letters, digits, '_' and '-', "
                 "starting with a letter (like worker)")
+        reserved = ("reserved: process types starting with 'epio-' are the platform's own "
+                    "(its add-on servers)")
         self.assertEqual(cm.exception.errors, [
             f"Procfile:2: process name 'Worker': {rule}",
             f"Procfile:3: process name '1st': {rule}",
             f"Procfile:4: process name '_private': {rule}",
+            f"Procfile:5: process name 'epio-redis': {reserved}",
             f"epio.ini:2: [process] 'Clock': {rule}",
             f"epio.ini:3: [process] {long!r}: {rule}",
             f"epio.ini:4: [process:Worker]: {rule}",
         ])
+        with self.assertRaises(ManifestError) as cm:
+            parse_manifest("[process]\nepio-postgres = x\n", "web: x\n")
+        self.assertEqual(cm.exception.errors, [f"epio.ini:2: [process] 'epio-postgres': {reserved}"])
 
     def test_names_the_runner_accepts(self) -> None:
         """Every name the manifest accepts is one the store and the runner accept:
@@ -524,3 +532,19 @@ class CronManifestTests(SynchronousTestCase):
         self.assertIn("epio.ini:7: [cron] 'bad/name': must be", errs[3])
         self.assertIn("epio.ini:8: [cron] cron-", errs[4])
         self.assertIn("never runs", errs[4])
+
+    def test_name_fits_the_log_source(self) -> None:
+        """A job's runs log with source cron.NAME, which the logger accepts up to 64
+        characters: a 59-character name is taken, a 60-character one is refused with
+        epio.ini:LINE (its output would otherwise be dropped by the logger)."""
+        from epio.logs.records import SOURCE_RE
+
+        ok, long = "n" * 59, "n" * 60
+        m = parse_manifest(self.WEB + f"[cron]\n{ok} = @daily x\n", None, ["requirements.txt"])
+        self.assertEqual([c.name for c in m.cron], [ok])
+        self.assertIsNotNone(SOURCE_RE.fullmatch(f"cron.{ok}"))
+        self.assertIsNone(SOURCE_RE.fullmatch(f"cron.{long}"))
+        with self.assertRaises(ManifestError) as cm:
+            parse_manifest(self.WEB + f"[cron]\n{long} = @daily x\n", None, ["requirements.txt"])
+        self.assertEqual(cm.exception.errors, [
+            f"epio.ini:4: [cron] {long}: a job name has at most 59 characters"])
