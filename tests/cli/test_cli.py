@@ -297,6 +297,20 @@ class CliTests(CliBase):
         self.assertNotIn("Traceback", err)
         self.assertEqual(await self.h.store.list_deploys("broken"), [])
 
+    async def test_deploy_refuses_a_process_type_the_runner_refuses(self) -> None:
+        """A Procfile `Worker:` line (which the runner would refuse at placement) stops
+        `epio deploy` before the upload, naming the file, the line and the rule."""
+        await self.h.add_runner("r1")
+        await self.login()
+        await self.epio("apps", "create", "upper", "--no-remember")
+        (self.cwd / "Procfile").write_text("web: run\nWorker: python w.py\n")
+        code, out, err = await self.epio("deploy", "--app", "upper")
+        self.assertEqual(code, 1, err)
+        self.assertIn("Procfile:2: process name 'Worker': not a valid process type: use 1-30 "
+                      "lowercase letters, digits, '_' and '-', starting with a letter "
+                      "(like worker)", err)
+        self.assertEqual(await self.h.store.list_deploys("upper"), [])
+
     async def test_ipv6_api(self) -> None:
         """The CLI talks to an api listening on IPv6 loopback ([::1])."""
         from twisted.internet.endpoints import TCP6ServerEndpoint
