@@ -48,6 +48,9 @@ __all__ = [
     "RESERVED_PROCESS_PREFIX",
     "SERVICE_PROCESS_TYPES",
     "RELEASE_STATES",
+    "RUN_KINDS",
+    "RUN_LIVE",
+    "RUN_STATES",
     "RUNNER_STATES",
     "UPLOAD_MAX_MEMBERS",
     "RunnerState",
@@ -169,6 +172,12 @@ DEPLOY_TRANSITIONS: dict[str, frozenset[str]] = {
     "cancelled": frozenset(),
 }
 
+#: A command session (``epio run``, a detached run, the release phase, a cron run): its
+#: kinds, its states and the states in which it still runs.
+RUN_KINDS = ("interactive", "detached", "release", "cron")
+RUN_STATES = ("starting", "running", "exited", "failed", "lost")
+RUN_LIVE = ("starting", "running")
+
 #: What the API says of a release: the one serving, the one being deployed, one whose
 #: deploy failed, or an older one.
 RELEASE_STATES = ("current", "deploying", "failed", "superseded")
@@ -176,3 +185,4 @@ RELEASE_STATES = ("current", "deploying", "failed", "superseded")
 assert set(INSTANCE_STATES) == {"pending", *RUNNER_STATES}
 assert set(LIVE_STATES) <= set(INSTANCE_STATES)
 assert set(DEPLOY_TRANSITIONS) == set(DEPLOY_STATES)
+assert set(RUN_LIVE) <= set(RUN_STATES)

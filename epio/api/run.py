@@ -64,6 +64,7 @@ from epio.api.spec import (
 )
 from epio.api.state import DEFAULT_SIZE, SIZES, current_release
 from epio.api.web import Api, operation, query_int
+from epio.domain import RUN_KINDS, RUN_STATES
 from epio.store.addons import addon_ports
 from epio.store.runs import new_session_id
 
@@ -73,9 +74,9 @@ MAX_ARGS = 256
 
 SCHEMAS["RunSession"] = obj({
     "id": STR, "app": STR, "number": INT, "user": NULLABLE_STR, "command": STR,
-    "kind": {"type": "string", "enum": ["interactive", "detached", "release", "cron"]},
+    "kind": {"type": "string", "enum": list(RUN_KINDS)},
     "tty": BOOL, "node": NULLABLE_STR, "release": NULLABLE_INT,
-    "state": {"type": "string", "enum": ["starting", "running", "exited", "failed", "lost"]},
+    "state": {"type": "string", "enum": list(RUN_STATES)},
     "started": {"type": "number"}, "ended": NULLABLE_NUM, "exit_status": NULLABLE_INT,
     "exit_signal": NULLABLE_STR, "reason": NULLABLE_STR,
     "attached": {"type": ["boolean", "null"]},

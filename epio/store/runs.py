@@ -15,13 +15,14 @@ from typing import Any
 import attrs
 from attrs import frozen
 
+from epio.domain import RUN_KINDS, RUN_LIVE, RUN_STATES
 from epio.store.backend import Transaction
 from epio.store.errors import InvalidValue, NotFound
 from epio.store.store import Store
 
-KINDS = ("interactive", "detached", "release", "cron")
-STATES = ("starting", "running", "exited", "failed", "lost")
-LIVE = ("starting", "running")
+KINDS = RUN_KINDS
+STATES = RUN_STATES
+LIVE = RUN_LIVE
 
 
 def new_session_id() -> str:

@@ -72,6 +72,10 @@ class OneSourceTests(SynchronousTestCase):
         self.assertEqual(spec.APP_NAME, domain.APP_NAME.pattern)
         self.assertEqual(spec.PROCESS_TYPE, domain.PROCESS_TYPE.pattern)
         self.assertEqual(spec.HOSTNAME, domain.HOSTNAME.pattern)
+        from epio.store import runs
+
+        self.assertEqual((runs.KINDS, runs.STATES, runs.LIVE),
+                         (domain.RUN_KINDS, domain.RUN_STATES, domain.RUN_LIVE))
 
     def test_states(self) -> None:
         """The runner's state machine has a transition entry for every state a runner
