@@ -47,6 +47,7 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from epio import domain
 from epio.api import errors
 from epio.api.jsonschema import SchemaError, validate
 from epio.api.spec import (
@@ -64,7 +65,6 @@ from epio.api.spec import (
 )
 from epio.api.state import DEFAULT_SIZE, SIZES, current_release
 from epio.api.web import Api, operation, query_int
-from epio.domain import RUN_KINDS, RUN_STATES
 from epio.store.addons import addon_ports
 from epio.store.runs import new_session_id
 
@@ -74,9 +74,9 @@ MAX_ARGS = 256
 
 SCHEMAS["RunSession"] = obj({
     "id": STR, "app": STR, "number": INT, "user": NULLABLE_STR, "command": STR,
-    "kind": {"type": "string", "enum": list(RUN_KINDS)},
+    "kind": {"type": "string", "enum": list(domain.RUN_KINDS)},
     "tty": BOOL, "node": NULLABLE_STR, "release": NULLABLE_INT,
-    "state": {"type": "string", "enum": list(RUN_STATES)},
+    "state": {"type": "string", "enum": list(domain.RUN_STATES)},
     "started": {"type": "number"}, "ended": NULLABLE_NUM, "exit_status": NULLABLE_INT,
     "exit_signal": NULLABLE_STR, "reason": NULLABLE_STR,
     "attached": {"type": ["boolean", "null"]},

@@ -51,6 +51,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from epio import domain
 from epio.addons.services import SERVICE_PROCESS_TYPES
 from epio.api.settings import ApiSettings
 from epio.api.state import (
@@ -62,7 +63,6 @@ from epio.api.state import (
     routers_have,
     serving_release,
 )
-from epio.domain import LIVE_STATES, RUNNER_STATES
 from epio.store import (
     DEPLOY_FINAL,
     Deploy,
@@ -287,7 +287,7 @@ class Scheduler:
                                   node=view.node_id)
                     await self._send_stop(view, iid)
                 continue
-            if state == "stopped" or state not in RUNNER_STATES:
+            if state == "stopped" or state not in domain.RUNNER_STATES:
                 await self.store.delete_instance(iid)
                 del known[iid]
                 continue
@@ -514,7 +514,7 @@ class Scheduler:
         def score(v: RunnerView) -> tuple[int, int, float, float, str]:
             # spread an app's type first, then fewest instances, then the runner's own
             # memory and CPU load (runner.status "load"), then a stable order
-            on = [i for i in everyone if i.node == v.node_id and i.state in LIVE_STATES]
+            on = [i for i in everyone if i.node == v.node_id and i.state in domain.LIVE_STATES]
             same = sum(1 for i in on if i.app == app and i.process_type == ptype)
             mem = v.load.get("mem")
             cpu = v.load.get("cpu")

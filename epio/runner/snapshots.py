@@ -24,11 +24,12 @@ from twisted.application.internet import TimerService
 from twisted.internet import threads
 from twisted.logger import Logger
 
+from epio import domain
 from epio.addons import btrfs
-from epio.domain import APP_NAME
 from epio.retention import Candidate, RetentionPolicy, to_keep
 
 DEDICATED_DIR = re.compile(r"^\.epio-(redis|postgres)(-[0-9a-f]{1,32})?$")
+APP_NAME = domain.APP_NAME
 STAMP = "%Y%m%dT%H%M%SZ"
 STAMP_RE = re.compile(r"^\d{8}T\d{6}Z$")
 

@@ -43,10 +43,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface
 
+from epio import domain
 from epio.addons.services import SERVICE_PROCESS_TYPES
 from epio.config.schema import DEFAULT_UIDS
-from epio.domain import PROCESS_TYPE
-from epio.domain import RunnerState as State
 from epio.runner.cgroups import Limits
 from epio.runner.ports import PortAllocator
 from epio.runner.sandbox import sandboxed_pid
@@ -56,8 +55,11 @@ from epio.runner.users import UserError, app_user
 TAIL_LINES = 20
 TAIL_LINE_MAX = 500
 INSTANCE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+PROCESS_TYPE = domain.PROCESS_TYPE
 DIGEST = re.compile(r"^(sha256:)?[0-9a-f]{64}$")
 
+
+State = domain.RunnerState  # the instance lifecycle drawn above (epio.domain holds the names)
 
 TRANSITIONS: dict[State, frozenset[State]] = {
     State.STARTING: frozenset({State.HEALTHY, State.CRASHED, State.FAILED, State.DRAINING,
