@@ -363,7 +363,8 @@ def _scan_ini(text: str, file: str, errors: _Errors) -> list[_Item]:
             name = stripped[1:-1].strip()
             head, colon, sub = name.partition(":")
             if colon and head.strip().lower() == "process":
-                # [process:NAME]: settings of one process type (its name keeps its case)
+                # [process:NAME]: settings of one process type (NAME is not lower-cased: a
+                # "Worker" is refused by the process-type rule, not silently renamed)
                 sub = sub.strip()
                 why = process_type_problem(sub)
                 if why is not None:
