@@ -568,7 +568,6 @@ def _version(text: str) -> int:
     return value
 
 
-WS_PROTOCOL = "epio.v1"
 WS_BEARER = "epio.bearer."
 
 

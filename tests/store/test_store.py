@@ -826,7 +826,12 @@ class PostgresStoreTests(StoreTestsMixin, TestCase):
             Deferred.fromCoroutine(self.store.backend.transaction(body(0, ("d1", "d2")))),
             Deferred.fromCoroutine(other.backend.transaction(body(1, ("d2", "d1")))),
         ])
-        self.assertEqual(sorted(runs), [1, 2])
+        # Which transaction a deadlock aborts, and whether the retry then meets the
+        # other one again, PostgreSQL leaves open ("difficult to predict and should not
+        # be relied upon", its docs): on a loaded machine both were run twice. What the
+        # store promises is that aborted work runs again until both complete.
+        self.assertGreaterEqual(max(runs), 2, runs)
+        self.assertGreaterEqual(min(runs), 1, runs)
         rows = await self.raw("SELECT release_seq FROM apps WHERE name IN ('d1', 'd2')")
         self.assertEqual([r[0] for r in rows], [2, 2])
 
