@@ -34,6 +34,9 @@ def cmd_store(url: str, apps: str) -> None:
             user = await store.create_user("bench")
             for name in ["probe", "stable", *(f"app-{i:04d}" for i in range(int(apps)))]:
                 await store.create_app(name, user.id)
+                # release 1, the one the stand-in runners announce (the nexus routes
+                # only releases whose options it has read)
+                await store.create_release(name, processes={"web": "serve"})
         finally:
             await store.close()
 

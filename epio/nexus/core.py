@@ -30,7 +30,7 @@ from typing import Any
 from twisted.logger import Logger
 
 from epio.nexus.heartbeats import InstanceInfo, NodeTracker
-from epio.nexus.table import AppFacts, RouteBook, StoreView, build_route, is_backend
+from epio.nexus.table import AppFacts, RouteBook, StoreView, build_route, serving
 
 Publish = Callable[[str, dict[str, Any]], None]
 
@@ -188,12 +188,15 @@ class Nexus:
             )
 
     def _unknown_release(self, facts: AppFacts, app: str) -> bool:
-        """A healthy web instance of a release the store view does not list (yet)."""
-        if facts.live_releases is None:
-            return False
+        """A healthy web instance of a release whose options the store view has not
+        read (yet): a new release heard before the store lists it, or one the last
+        read could not get.  Not for an old release that left the live ones (its
+        instances drain)."""
+        live = facts.live_releases
         return any(
             i.state == "healthy" and i.process_type in self.web_types
-            and i.release not in facts.live_releases and i.release > max(facts.live_releases, default=0)
+            and i.release not in facts.releases
+            and (live is None or i.release in live or i.release > max(live, default=0))
             for i in self.tracker.instances_of(app)
         )
 
@@ -233,10 +236,12 @@ class Nexus:
             raise NotFound(f"no app {app!r} is known to this nexus")
         ages = [now - self.tracker.nodes[n].last_seen for n in {i.node for i in instances}
                 if n in self.tracker.nodes]
+        routes = serving(facts, instances, self.web_types)[1] if facts is not None else []
+        routable = {(i.node, i.instance_id) for i in routes}
         out = []
         for info in instances:
             entry = info.as_dict()
-            entry["routable"] = facts is not None and is_backend(info, facts, self.web_types)
+            entry["routable"] = (info.node, info.instance_id) in routable
             out.append(entry)
         return {
             "nexus_id": self.nexus_id,

@@ -9,29 +9,33 @@
   may serve.  During a rollover both the old
   and the new release are there; once the old instances are marked draining or
   stopped only the new one is.  An app with no active instance record has
-  ``live_releases = None``: any release reported healthy by its runners serves.
+  ``live_releases = None``: its newest release serves (the only one whose
+  options are read, below).
 
-Route options (the router's per-app overrides) come from the ``meta`` of the
-app's newest live release (:meth:`Store.get_release`): ``timeout`` (first
-response byte), ``idle_timeout``, ``connect_timeout``, ``websocket_idle_timeout``,
-``max_body_size``, ``request_buffering``, ``hsts_max_age`` and ``https_redirect``, as
-the manifest's ``[http]`` gives them.  Releases are
-immutable, so each is read once and kept in a cache; one refresh spends at most
-a quarter of ``store_refresh`` reading releases it has not seen, the rest wait
-for the next refresh.  An app with no active instance record takes its options
-from its newest release (:meth:`Store.latest_release`, read again each refresh,
-within the same budget).
+Route options (the router's per-app overrides) come from each release's
+``meta`` (:meth:`Store.get_release`): ``timeout`` (first response byte),
+``idle_timeout``, ``connect_timeout``, ``websocket_idle_timeout``,
+``max_body_size``, ``request_buffering``, ``hsts_max_age``, ``https_redirect``
+and ``gzip``, as the manifest's ``[http]`` gives them, and ``basic_auth``.  They
+are read per release, for every live release, and kept per release in the app's
+facts (:attr:`AppFacts.releases`).  Releases are immutable, so each is read once
+and kept in a cache; one refresh spends at most a quarter of ``store_refresh``
+reading releases it has not seen, the rest wait for the next refresh.  An app
+with no active instance record gets the options of its newest release
+(:meth:`Store.latest_release`, read again each refresh, within the same budget).
 
-Options fail closed: the options carry ``basic_auth``, so a route must never go
-out without them because they could not be read.  When an app's options are not
-read yet (budget spent, or the store failed for that release) the app keeps the
-options of the previous view; an app with no previous options is *pending*: its
-route is published with no backends (the router answers 503) until they are read.
+Options fail closed: they carry ``basic_auth``, so an instance must never be
+routed without them.  Only the releases whose options are read are in the facts,
+and the table routes no instance of any other release (epio.nexus.table): a
+release not read yet (budget spent, the store failed for it, or a heartbeat that
+names it before the store lists it) is routed from the read that gets its
+options on.  What an earlier view read of a release that may still serve is
+kept (releases do not change).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
 from epio.basicauth import BasicAuth
@@ -98,17 +102,17 @@ def options_of(meta: Any) -> dict[str, Any]:
 class ReleaseOptions:
     """Route options per (app, release version), read once each (releases are immutable).
 
-    :meth:`get` and :meth:`get_latest` return ``None`` for options not read (yet):
-    the caller must not take that for "no options".
+    :meth:`get` returns ``None`` for options not read (yet): the caller must not
+    take that for "no options".
     """
 
     def __init__(self, clock: Any, budget: float) -> None:
         self._clock = clock
         self.budget = budget
         self.cache: dict[tuple[str, int], dict[str, Any]] = {}
-        # options of the newest release of apps with no active instance record,
-        # as read by the last fill (re-read each time: a new release may come)
-        self.latest: dict[str, dict[str, Any]] = {}
+        # the newest release of apps with no active instance record, as read by the
+        # last fill (re-read each time: a new release may come); None: no release
+        self.latest: dict[str, int | None] = {}
 
     async def fill(self, store: RoutingStore, wanted: set[tuple[str, int]],
                    unplaced: Iterable[str] = ()) -> None:
@@ -133,29 +137,37 @@ class ReleaseOptions:
                 release = await store.latest_release(app)
             except Exception as e:  # NotFound: the app is gone; others: try next time
                 if type(e).__name__ == "NotFound":
-                    self.latest[app] = {}
+                    self.latest[app] = None
                 continue
-            self.latest[app] = {} if release is None else options_of(
-                getattr(release, "meta", None))
-        if len(self.cache) > 4 * max(1, len(wanted)):  # forget releases no longer live
-            self.cache = {k: v for k, v in self.cache.items() if k in wanted}
+            if release is None:
+                self.latest[app] = None
+                continue
+            version = int(release.version)
+            self.latest[app] = version
+            self.cache.setdefault((app, version), options_of(getattr(release, "meta", None)))
+        keep = wanted | {(a, v) for a, v in self.latest.items() if v is not None}
+        if len(self.cache) > 4 * max(1, len(keep)):  # forget releases no longer live
+            self.cache = {k: v for k, v in self.cache.items() if k in keep}
 
     def get(self, app: str, version: int) -> dict[str, Any] | None:
         """The options of release ``version`` of ``app``, None if not read yet."""
         return self.cache.get((app, version))
 
-    def get_latest(self, app: str) -> dict[str, Any] | None:
-        """The options of ``app``'s newest release as the last fill read them, or None."""
+    def newest(self, app: str) -> int | None:
+        """The version of ``app``'s newest release as the last fill read it (None: not
+        read, or no release)."""
         return self.latest.get(app)
 
 
 async def load_view(store: RoutingStore, domain: str, now: float,
-                    options: ReleaseOptions | None = None,
+                    options: ReleaseOptions,
                     previous: StoreView | None = None) -> StoreView:
     """One :class:`StoreView` from the store.
 
-    With ``options``, an app whose options are not read yet keeps those of its
-    facts in ``previous`` (the view installed before), or is marked pending.
+    Each app's facts hold the options of its releases that may serve and are read:
+    the live ones (or, with no active instance record, the newest), from
+    ``options`` or, when not read this time, from the app's facts in ``previous``
+    (the view installed before).
     """
     apps = await store.list_apps()
     hostnames = await store.all_hostnames()
@@ -167,10 +179,8 @@ async def load_view(store: RoutingStore, domain: str, now: float,
     for inst in instances:
         if inst.state in ACTIVE_STATES:
             live.setdefault(inst.app, set()).add(int(inst.release))
-    newest = {app: max(rels) for app, rels in live.items()}
-    if options is not None:
-        await options.fill(store, set(newest.items()),
-                           {a.name for a in apps if a.name not in newest})
+    await options.fill(store, {(app, v) for app, rels in live.items() for v in rels},
+                       {a.name for a in apps if a.name not in live})
     domain = domain.strip().lower().rstrip(".")
     before = previous.apps if previous is not None else {}
     facts = {}
@@ -178,24 +188,28 @@ async def load_view(store: RoutingStore, domain: str, now: float,
         own = f"{app.name}.{domain}" if domain else app.name
         names = [own, *(h for h in by_app.get(app.name, ()) if h != own)]
         releases = live.get(app.name)
-        route_options: dict[str, Any] = {}
-        pending = False
-        if options is not None:
-            read = (options.get(app.name, newest[app.name]) if app.name in newest
-                    else options.get_latest(app.name))
-            old = before.get(app.name)
-            if read is not None:
-                route_options = read
-            elif old is not None and not old.pending:  # not read yet: what was published
-                route_options = dict(old.options)
-            else:  # nothing published yet either: no backends until the options are read
-                pending = True
+        old = before.get(app.name)
+        known: dict[int, Mapping[str, Any]] = {}
+        if releases:
+            for version in releases:
+                read: Mapping[str, Any] | None = options.get(app.name, version)
+                if read is None and old is not None:  # not read this time: as read before
+                    read = old.releases.get(version)
+                if read is not None:
+                    known[version] = read
+        else:
+            newest = options.newest(app.name)
+            latest = None if newest is None else options.get(app.name, newest)
+            if newest is not None and latest is not None:
+                known[newest] = latest
+            elif app.name not in options.latest and old is not None \
+                    and old.live_releases is None:  # not read this time: as read before
+                known = dict(old.releases)
         facts[app.name] = AppFacts(
             name=app.name,
             hostnames=tuple(names),
             maintenance=bool(app.maintenance),
             live_releases=frozenset(releases) if releases else None,
-            options=route_options,
-            pending=pending,
+            releases=known,
         )
     return StoreView(apps=facts, loaded_at=now)

@@ -14,11 +14,17 @@ value types)::
      "maintenance": bool, "options": {...}}
 
 A backend is an instance that is ``healthy``, of a web process type, with a
-host and a port, of one of the app's live releases.  ``draining`` instances
-are left out: the router sends them no new requests (its in-flight requests
-hold their own connection and finish).  Every app known to the store has a
-route, with no backends when none is healthy (the router answers 503, not
-404).  Apps that run but are unknown to the store get no route.
+host and a port, of one of the app's live releases, and of a release whose
+route options the nexus has read from the store (:attr:`AppFacts.releases`).
+The route carries one set of options: those of the newest release with a
+backend, and only instances of releases with those very options are backends
+-- so a backend is never published before its release's options
+(``basic_auth`` among them) are known, nor under another release's.
+``draining`` instances are left out: the router sends them no new requests
+(its in-flight requests hold their own connection and finish).  Every app
+known to the store has a route, with no backends when none is healthy (the
+router answers 503, not 404).  Apps that run but are unknown to the store get
+no route.
 """
 
 from __future__ import annotations
@@ -38,18 +44,23 @@ class AppFacts:
     """What the store says about one app, as far as routing cares.
 
     ``live_releases`` is the set of release versions whose instances may take
-    traffic; ``None`` means any release (the store could not say).  ``pending``:
-    the app's route options (``basic_auth`` among them) are not read yet, so its
-    route goes out with no backends and no static servers (the router answers
-    503) rather than without its protection.
+    traffic; ``None`` means any release (the store holds no active instance
+    record).  ``releases`` maps each release version whose route options
+    (``basic_auth``, ``https_redirect``, ``hsts_max_age``, ``gzip``, limits...)
+    have been read from the store to those options: an instance of any other
+    release is never a backend, whatever ``live_releases`` says.
     """
 
     name: str
     hostnames: tuple[str, ...]
     maintenance: bool = False
     live_releases: frozenset[int] | None = None
-    options: Mapping[str, Any] = field(factory=dict, hash=False)
-    pending: bool = False
+    releases: Mapping[int, Mapping[str, Any]] = field(factory=dict, hash=False)
+
+    def may_serve(self, release: int) -> bool:
+        """Whether instances of ``release`` may take traffic (live, options read)."""
+        return release in self.releases and (
+            self.live_releases is None or release in self.live_releases)
 
 
 @frozen
@@ -66,29 +77,49 @@ def backend_of(info: InstanceInfo) -> dict[str, Any]:
 
 
 def is_backend(info: InstanceInfo, facts: AppFacts, web_types: frozenset[str]) -> bool:
-    """Whether ``info`` may receive new requests for its app."""
+    """Whether ``info`` may receive new requests for its app on its own: healthy, of
+    a web type, with an address, of a release that may serve (see
+    :func:`serving` for the route as a whole)."""
     return (
         info.state == HEALTHY
         and info.process_type in web_types
         and info.port is not None
         and bool(info.host)
-        and (facts.live_releases is None or info.release in facts.live_releases)
+        and facts.may_serve(info.release)
     )
+
+
+def serving(facts: AppFacts, instances: Iterable[InstanceInfo], web_types: frozenset[str],
+            ) -> tuple[Mapping[str, Any], list[InstanceInfo]]:
+    """The route's options and the instances that are its backends.
+
+    The options are those of the newest release with a backend (or, with none,
+    of the newest release that may serve; none read: no options); the backends
+    are the instances of releases with exactly those options.  A rollover whose
+    new release changes the options thus moves the whole route at once, when the
+    first new instance is healthy, rather than serving one release under the
+    other's options; releases with equal options share it.
+    """
+    candidates = [i for i in instances if is_backend(i, facts, web_types)]
+    if candidates:
+        options = facts.releases[max(i.release for i in candidates)]
+        return options, [i for i in candidates if facts.releases[i.release] == options]
+    known = [r for r in facts.releases if facts.may_serve(r)]
+    return (facts.releases[max(known)] if known else {}), []
 
 
 def build_route(
     facts: AppFacts, instances: Iterable[InstanceInfo], web_types: frozenset[str],
     static_of: Callable[[str, str], Any] | None = None,
 ) -> dict[str, Any]:
-    """The route of one app: its hostnames and its healthy web backends (sorted).
+    """The route of one app: its hostnames, options and backends (sorted).
 
     With ``static_of(node, app)`` (-> ((host, port), prefixes) or None), the route also
     gets ``static_prefixes`` and ``static_backends``: the static file servers of the
     nodes that run a routable instance of the app (docs/static.md); both keys are
     left out when there are none.
     """
-    routable = ([] if facts.pending
-                else [i for i in instances if is_backend(i, facts, web_types)])
+    options, routable = serving(facts, instances, web_types)
     backends = sorted(
         (backend_of(i) for i in routable),
         key=lambda b: (b["instance_id"], b["host"], b["port"]),
@@ -98,7 +129,7 @@ def build_route(
         "hostnames": list(facts.hostnames),
         "backends": backends,
         "maintenance": facts.maintenance,
-        "options": dict(facts.options),
+        "options": dict(options),
     }
     if static_of is not None and routable:
         servers: set[tuple[str, int]] = set()

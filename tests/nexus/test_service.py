@@ -23,7 +23,7 @@ from epio.routing import RouteTable
 from epio.store.errors import NotFound
 from epio.store.records import App, Instance, Release
 
-from .helpers import heartbeat, instance
+from .helpers import AUTH, heartbeat, instance
 
 
 class FakeStore:
@@ -35,7 +35,8 @@ class FakeStore:
         self.instances: list[Instance] = []
         self.fail = False
         self.reads = 0
-        self.release_meta: dict[tuple[str, int], dict[str, Any]] = {}
+        # the releases the runners run (a runner runs only releases the store holds)
+        self.release_meta: dict[tuple[str, int], dict[str, Any]] = {("hello", 1): {}}
         self.release_reads = 0
 
     async def list_apps(self, for_user: str | None = None) -> list[App]:
@@ -175,6 +176,7 @@ class ServiceTests(SynchronousTestCase):
         self.source.start(self.table)
         self.run_for(2.2)
         self.store.apps.append(App("late", "u", 10002, False, 0.0))
+        self.store.release_meta[("late", 1)] = {}
         reads = self.store.reads
         self.beat(instance("l1", "late", port=9001))
         self.clock.advance(0)
@@ -183,6 +185,33 @@ class ServiceTests(SynchronousTestCase):
         self.clock.advance(0)
         self.assertGreater(self.store.reads, reads)
         self.assertEqual(self.ports("late.localhost"), [9001])
+
+    def test_first_deploy_routed_early_and_protected(self) -> None:
+        """A first deploy whose healthy heartbeat arrives before the store read that
+        lists its release is routed at the early read (store_refresh_min after the
+        last read, not the next periodic one), with its basic_auth: the router never
+        holds a backend of it without the password."""
+        self.source.start(self.table)
+        self.store.apps.append(App("shop", "u", 10002, False, 0.0))
+        self.run_for(2.2)  # periodic reads at 0 and 2.0; the next one at 4.0
+        self.store.release_meta[("shop", 1)] = {"basic_auth": AUTH}
+        self.store.instances.append(
+            Instance("s1", "shop", 1, "web", 1, "runner-1", "127.0.0.1", 9001, "pending", 0.0))
+        seen: list[tuple[float, list[int], Any]] = []
+        start = self.clock.seconds()
+        shop = instance("s1", "shop", release=1, port=9001)
+        while self.clock.seconds() - start < 1.0:
+            if not seen:
+                self.beat(shop)
+            self.clock.advance(0.01)
+            route = self.table.lookup("shop.localhost")
+            assert route is not None
+            seen.append((self.clock.seconds() - start, self.ports("shop.localhost"),
+                         route.basic_auth))
+        routed = [(t, auth) for t, ports, auth in seen if ports]
+        self.assertTrue(routed, "never routed")
+        self.assertLessEqual(routed[0][0], 0.25 + 0.011)  # store_refresh_min
+        self.assertTrue(all(auth is not None for _, auth in routed))
 
     def test_live_releases_from_store(self) -> None:
         """During a rollover the store's active instances say which releases serve."""

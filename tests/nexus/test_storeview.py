@@ -5,19 +5,19 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from epio.basicauth import hash_password
 from epio.nexus.heartbeats import InstanceInfo
 from epio.nexus.storeview import ReleaseOptions, load_view
 from epio.nexus.table import StoreView, build_route
 from epio.store import Instance, open_store
-from epio.store.records import App, Release
+from epio.store.records import App
+
+from .helpers import AUTH, FlakyStore
 
 
 class LoadViewTests(TestCase):
@@ -35,6 +35,8 @@ class LoadViewTests(TestCase):
         await store.set_maintenance("quiet", True)
         await store.create_release("hello", meta={"timeout": 12, "max_body_size": 4096})
         await store.create_release("hello", meta={"idle_timeout": 30})
+        await store.create_release("quiet", meta={"basic_auth": AUTH})
+        await store.create_release("quiet", meta={"http": {"gzip": True}})
         for iid, rel, state in [("a", 1, "draining"), ("b", 2, "healthy"), ("c", 2, "pending")]:
             await store.upsert_instance(Instance(iid, "hello", rel, "web", 1, "n1", "127.0.0.1",
                                                  8000, state, 0.0))
@@ -44,54 +46,21 @@ class LoadViewTests(TestCase):
         hello = view.apps["hello"]
         self.assertEqual(hello.hostnames, ("hello.example.com", "www.hello.org"))
         self.assertEqual(hello.live_releases, frozenset({2}))
-        self.assertEqual(dict(hello.options), {"idle_timeout": 30})
+        self.assertEqual(dict(hello.releases), {2: {"idle_timeout": 30}})
         self.assertEqual(view.apps["shop"].hostnames, ("shop.example.com", "*.shop.example"))
         self.assertIsNone(view.apps["shop"].live_releases)
+        self.assertEqual(dict(view.apps["shop"].releases), {})  # no release: nothing serves
+        # no instance record: the newest release's options, under its own version
+        self.assertIsNone(view.apps["quiet"].live_releases)
+        self.assertEqual(dict(view.apps["quiet"].releases), {2: {"gzip": True}})
         self.assertTrue(view.apps["quiet"].maintenance)
 
 
-AUTH = {"realm": "staff", "users": {"alice": hash_password("s3cret", salt=b"0" * 16)}}
+def info(iid: str, app: str, release: int, port: int = 8000) -> InstanceInfo:
+    return InstanceInfo("n1", iid, app, release, "web", "127.0.0.1", port, "healthy", 0.0)
 
 
-class FlakyStore:
-    """The nexus's reads from lists; ``get_release``/``latest_release`` fail while
-    ``failing`` holds the key, and each read may cost ``cost`` seconds of the clock."""
-
-    def __init__(self, clock: Clock) -> None:
-        self.clock = clock
-        self.apps = [App("hello", "u", 10001, False, 0.0), App("idle", "u", 10002, False, 0.0)]
-        self.instances = [Instance("b", "hello", 2, "web", 1, "n1", "127.0.0.1", 8000,
-                                   "healthy", 0.0)]
-        self.meta: dict[tuple[str, int], dict[str, Any]] = {}
-        self.failing: set[Any] = set()
-        self.cost = 0.0
-
-    async def list_apps(self, for_user: str | None = None) -> list[App]:
-        return list(self.apps)
-
-    async def all_hostnames(self) -> dict[str, str]:
-        return {}
-
-    async def list_instances(self, app: str | None = None,
-                             node: str | None = None) -> list[Instance]:
-        return list(self.instances)
-
-    def _release(self, app: str, version: int) -> Release:
-        return Release(app, version, None, {}, {"web": "run"}, "", 0.0, None,
-                       self.meta[(app, version)])
-
-    async def get_release(self, app: str, version: int) -> Release:
-        self.clock.advance(self.cost)
-        if (app, version) in self.failing:
-            raise ConnectionError("store connection lost")
-        return self._release(app, version)
-
-    async def latest_release(self, app: str) -> Release | None:
-        self.clock.advance(self.cost)
-        if app in self.failing:
-            raise ConnectionError("store connection lost")
-        versions = [v for (a, v) in self.meta if a == app]
-        return self._release(app, max(versions)) if versions else None
+WEB = frozenset({"web"})
 
 
 class OptionsFailClosedTests(SynchronousTestCase):
@@ -108,58 +77,80 @@ class OptionsFailClosedTests(SynchronousTestCase):
         return self.successResultOf(Deferred.fromCoroutine(
             load_view(self.store, "example.com", 0.0, self.options, previous)))
 
-    def test_failed_read_is_pending_then_protected(self) -> None:
-        """A release read that fails leaves the app pending (its route has no backends,
-        the router answers 503), never published without basic_auth; the next read
-        publishes the options."""
+    def test_failed_read_routes_nothing_then_protected(self) -> None:
+        """A release read that fails leaves its instances out of the route (the router
+        answers 503), never published without basic_auth; the next read publishes
+        them with the options."""
         self.store.failing = {("hello", 2)}
         first = self.load(None)
-        self.assertTrue(first.apps["hello"].pending)
-        route = build_route(first.apps["hello"],
-                            [InstanceInfo("n1", "b", "hello", 2, "web", "127.0.0.1", 8000,
-                                          "healthy", 0.0)],
-                            frozenset({"web"}))
-        self.assertEqual(route["backends"], [])
+        self.assertEqual(dict(first.apps["hello"].releases), {})
+        route = build_route(first.apps["hello"], [info("b", "hello", 2)], WEB)
+        self.assertEqual((route["backends"], route["options"]), ([], {}))
         self.store.failing = set()
         second = self.load(first)
-        self.assertFalse(second.apps["hello"].pending)
-        self.assertEqual(second.apps["hello"].options["basic_auth"]["realm"], "staff")
-        self.assertTrue(second.apps["hello"].options["https_redirect"])
+        route = build_route(second.apps["hello"], [info("b", "hello", 2)], WEB)
+        self.assertEqual([b["instance_id"] for b in route["backends"]], ["b"])
+        self.assertEqual(route["options"]["basic_auth"]["realm"], "staff")
+        self.assertIs(route["options"]["https_redirect"], True)
 
-    def test_not_read_keeps_previous_options(self) -> None:
-        """A new release whose read fails (or runs out of budget) keeps the options
-        the app had in the previous view."""
+    def test_new_release_not_read_never_takes_the_old_options(self) -> None:
+        """A new release whose read fails (or runs out of budget) is not routed under
+        the options of the release before it; that one keeps serving under its own
+        (as read before), and the new one is routed, alone, once read."""
+        self.store.meta[("hello", 3)] = {"gzip": True}
         first = self.load(None)
-        self.assertIn("basic_auth", first.apps["hello"].options)
-        self.store.meta[("hello", 3)] = {"basic_auth": AUTH}
         self.store.instances.append(Instance("c", "hello", 3, "web", 1, "n1", "127.0.0.1",
                                              8001, "healthy", 0.0))
         self.store.failing = {("hello", 3)}
         second = self.load(first)
-        self.assertFalse(second.apps["hello"].pending)
-        self.assertEqual(dict(second.apps["hello"].options), dict(first.apps["hello"].options))
+        self.assertEqual(second.apps["hello"].live_releases, frozenset({2, 3}))
+        self.assertEqual(set(second.apps["hello"].releases), {2})
+        both = [info("b", "hello", 2), info("c", "hello", 3, 8001)]
+        route = build_route(second.apps["hello"], both, WEB)
+        self.assertEqual([b["instance_id"] for b in route["backends"]], ["b"])
+        self.assertEqual(route["options"]["basic_auth"]["realm"], "staff")
+        self.store.failing = set()
+        route = build_route(self.load(second).apps["hello"], both, WEB)
+        self.assertEqual(([b["instance_id"] for b in route["backends"]], route["options"]),
+                         (["c"], {"gzip": True}))
 
-    def test_budget_spent_is_pending_not_open(self) -> None:
-        """When the time budget runs out before an app's release is read, the app is
-        pending, not published with no options."""
+    def test_budget_spent_routes_nothing_not_open(self) -> None:
+        """When the time budget runs out before an app's release is read, its instances
+        are not routed (no options are not "no options"), and a later read that
+        gets them routes them."""
         self.store.cost = 2.0  # the first read spends the whole budget
         self.store.apps.append(App("zeta", "u", 10003, False, 0.0))
         self.store.meta[("zeta", 1)] = {"basic_auth": AUTH}
         self.store.instances.append(Instance("z", "zeta", 1, "web", 1, "n1", "127.0.0.1",
                                              8002, "healthy", 0.0))
         view = self.load(None)
-        self.assertIn("basic_auth", view.apps["hello"].options)
-        self.assertTrue(view.apps["zeta"].pending)
-        self.assertTrue(view.apps["idle"].pending)
+        self.assertIn("basic_auth", view.apps["hello"].releases[2])
+        for app, release in (("zeta", 1), ("idle", 1)):
+            self.assertEqual(dict(view.apps[app].releases), {})
+            self.assertEqual(build_route(view.apps[app], [info("x", app, release)],
+                                         WEB)["backends"], [])
+        self.store.cost = 0.0
+        again = self.load(view)
+        route = build_route(again.apps["zeta"], [info("z", "zeta", 1)], WEB)
+        self.assertEqual((len(route["backends"]), route["options"]), (1, {"basic_auth": AUTH}))
 
     def test_app_without_instance_records_reads_its_newest_release(self) -> None:
-        """An app with no active instance record gets the options of its newest
-        release; an app with no release at all has none and is not pending."""
+        """An app with no active instance record has the options of its newest release,
+        which alone may serve; one with no release has none (nothing serves); a failed
+        read keeps what was read before."""
         self.store.apps.append(App("empty", "u", 10003, False, 0.0))
         view = self.load(None)
-        self.assertIn("basic_auth", view.apps["idle"].options)
-        self.assertFalse(view.apps["empty"].pending)
-        self.assertEqual(dict(view.apps["empty"].options), {})
+        self.assertEqual(dict(view.apps["idle"].releases), {1: {"basic_auth": AUTH}})
+        self.assertEqual(dict(view.apps["empty"].releases), {})
+        self.assertEqual(build_route(view.apps["empty"], [info("e", "empty", 1)],
+                                     WEB)["backends"], [])
         self.store.failing = {"idle"}
         again = self.load(view)
-        self.assertIn("basic_auth", again.apps["idle"].options)
+        self.assertEqual(dict(again.apps["idle"].releases), {1: {"basic_auth": AUTH}})
+        self.store.failing = set()
+        self.store.meta[("idle", 2)] = {}
+        newer = self.load(again)
+        self.assertEqual(dict(newer.apps["idle"].releases), {2: {}})
+        route = build_route(newer.apps["idle"], [info("i1", "idle", 1), info("i2", "idle", 2)],
+                            WEB)
+        self.assertEqual([b["instance_id"] for b in route["backends"]], ["i2"])

@@ -1,7 +1,8 @@
 """Small bus/store tools for the nexus integration tests (run as subprocesses).
 
 ``python tool.py create-app STORE_URL APP``
-    creates a user and APP in the store (migrating it first).
+    creates a user, APP and its release 1 (the release the stand-in runners
+    announce: the nexus routes only releases whose options it read) in the store.
 ``python tool.py ask SECRET_FILE ROUTER_ENDPOINT TYPE [JSON_BODY]``
     sends one request to a nexus and prints the reply body as JSON.
 """
@@ -23,6 +24,7 @@ async def create_app(reactor: Any, url: str, app: str) -> None:
     try:
         user = await store.create_user("nexus-test")
         await store.create_app(app, user.id)
+        await store.create_release(app, processes={"web": "serve"})
     finally:
         await store.close()
 
