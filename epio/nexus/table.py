@@ -44,11 +44,12 @@ class AppFacts:
     """What the store says about one app, as far as routing cares.
 
     ``live_releases`` is the set of release versions whose instances may take
-    traffic; ``None`` means any release (the store holds no active instance
-    record).  ``releases`` maps each release version whose route options
-    (``basic_auth``, ``https_redirect``, ``hsts_max_age``, ``gzip``, limits...)
-    have been read from the store to those options: an instance of any other
-    release is never a backend, whatever ``live_releases`` says.
+    traffic; ``None``: the store holds no active instance record of the app, and
+    only ``releases`` restricts them.  ``releases`` maps each release version
+    whose route options (``basic_auth``, ``https_redirect``, ``hsts_max_age``,
+    ``gzip``, limits...) have been read from the store to those options: an
+    instance of any other release is never a backend, whatever ``live_releases``
+    says.
     """
 
     name: str
