@@ -76,7 +76,7 @@ class EpioIniTests(SynchronousTestCase):
         # the nexus reads the store every REFRESH seconds (not 2), and the deploy starts
         # right after one read: its release and instance are made before the next
         # periodic read, so the first healthy heartbeat reaches the nexus before any
-        # read lists them (the first-deploy case of docs/nexus.md, "Options"), and the
+        # read lists them (the first-deploy case of docs/nexus.md, "The table"), and the
         # deploy is routed by the early read that heartbeat asks for
         cls.node = RunNode(cron={"tick": 1.0}, nexus={"store_refresh": REFRESH})
         try:
