@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from attrs import define, field
 from twisted.application.service import MultiService
@@ -41,6 +41,9 @@ from zope.interface import implementer
 from epio.basicauth import BasicAuth
 from epio.bus.errors import RemoteError
 from epio.routing import Backend, IRouteSource, LazyRoute, Route, RouteDelta, RouteTable
+
+if TYPE_CHECKING:
+    from epio.node import Node
 
 # Route options a nexus may send and their types (see epio.routing.Route).
 OPTION_KEYS: dict[str, tuple[type, ...]] = {
@@ -751,11 +754,11 @@ class NexusRouteSource:
         return d
 
 
-def make_route_source(node: Any) -> NexusRouteSource:
+def make_route_source(node: Node) -> NexusRouteSource:
     """The nexus feed of a router node, from ``cluster.nexus`` and the ``nexus`` keys."""
-    cfg = node.config["nexus"]
+    nexus = node.settings.nexus
     return NexusRouteSource(
-        node.bus, node.config["cluster"]["nexus"],
-        feed_timeout=cfg["feed_timeout"], snapshot_timeout=cfg["snapshot_timeout"],
-        snapshot_retry=cfg["snapshot_retry"],
+        node.bus, node.settings.cluster.nexus,
+        feed_timeout=nexus.feed_timeout, snapshot_timeout=nexus.snapshot_timeout,
+        snapshot_retry=nexus.snapshot_retry,
     )

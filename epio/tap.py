@@ -202,6 +202,10 @@ def makeService(options: Options, reactor: INodeReactor | None = None) -> MultiS
     for role in ROLES:
         if role in node.roles:
             role_service(role, node).setServiceParent(root)
+    if "lb" in node.roles:  # the node's decision: SIGHUP reloads routes, GC tuned
+        from epio.lb.service import RouterProcess
+
+        RouterProcess(reactor, root.getServiceNamed("lb")).setServiceParent(root)
     from epio.metrics import ensure_metrics_service
 
     ensure_metrics_service(node, root)  # every node serves /metrics on metrics.listen

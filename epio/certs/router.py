@@ -12,7 +12,7 @@ within one process), so a certificate reaches every router without a restart.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from OpenSSL import SSL
 from twisted.internet import defer
@@ -21,6 +21,10 @@ from twisted.logger import Logger
 
 from epio.certs import records
 from epio.certs.crypto import CertificateError, load_chain, unseal
+
+if TYPE_CHECKING:
+    from epio.config import Config
+    from epio.node import Node
 
 CHALLENGE_PREFIX = b"/.well-known/acme-challenge/"
 
@@ -166,19 +170,18 @@ class RouterCerts:
         return entry[1] if entry[0] == bare else None
 
 
-def needs_store(cfg: Any) -> bool:
+def needs_store(cfg: Config) -> bool:
     """Whether a router with this config follows the store's certificates: it serves TLS
     or ACME is configured, and it is fed by the cluster (not a standalone ``--routes``)."""
-    lb = cfg["lb"]
-    return not lb["routes_file"] and bool(lb["tls_listen"] or cfg["acme"]["directory"])
+    lb = cfg.settings.lb
+    return not lb.routes_file and bool(lb.tls_listen or cfg.settings.acme.directory)
 
 
-def router_certs(node: Any) -> RouterCerts | None:
+def router_certs(node: Node) -> RouterCerts | None:
     """The :class:`RouterCerts` of a router process of ``node`` (see :func:`needs_store`),
     or None."""
-    cfg = node.config
-    if node.store_service is None or not needs_store(cfg):
+    if node.store_service is None or not needs_store(node.config):
         return None
     store_service = node.store_service
     return RouterCerts(node.reactor, store_service.whenReady, node.secret,
-                       float(cfg["acme"]["sync_interval"]))
+                       node.settings.acme.sync_interval)

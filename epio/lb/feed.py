@@ -54,6 +54,7 @@ from time import perf_counter
 from typing import Any
 
 from twisted.application.internet import ClientService
+from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.protocol import Factory
@@ -62,7 +63,7 @@ from twisted.logger import Logger
 from twisted.protocols.basic import Int32StringReceiver
 from zope.interface import implementer
 
-from epio.routefeed import RouteFeed, TableBuild, TableSink
+from epio.routefeed import NexusRouteSource, RouteFeed, TableBuild, TableSink
 from epio.routing import IRouteSource, RouteTable
 
 # Seconds between two attempts of a router process to reach its feed process.
@@ -79,8 +80,9 @@ FRAME_ROUTES = 8
 # Seconds of route work (decoding a frame, building a route) a router does per
 # reactor turn before it lets requests in again.
 APPLY_BUDGET = 0.0001
-# Seconds the router's parent waits before starting a feed process that exited.
-FEED_RESTART = 1.0
+# Least seconds before the router restarts a child process (the route feed, a worker)
+# that died soon after its start; doubled at each such death (ProcessMonitor backoff).
+FEED_RESTART = 1
 # Longest Unix socket path (sun_path is 108 bytes on Linux, with its NUL).
 _MAX_SOCKET_PATH = 100
 _PRIVATE_DIR = "epio-lb-feed-"
@@ -511,37 +513,53 @@ def private_dir_problem(directory: Path) -> str:
     return ""
 
 
+class FeedProcessService(Service):
+    """The route feed process's service: follows the nexuses (``source``) and serves the
+    merged table on the UNIX socket ``path`` to every router process of the node."""
+
+    def __init__(self, reactor: Any, source: NexusRouteSource, interval: float,
+                 path: Path) -> None:
+        self.reactor = reactor
+        self.source = source
+        self.publisher = FeedPublisher(source.feed, reactor, interval)
+        self.path = path
+        self.status = LoopingCall(self.publisher.send_status)
+        self.status.clock = reactor
+        self.port: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        try:
+            self.path.unlink()  # a previous feed's, left by a crash
+        except FileNotFoundError:
+            pass
+        self.port = self.reactor.listenUNIX(str(self.path), self.publisher, mode=0o600)
+        self.source.follow(self.publisher)
+        self.status.start(STATUS_INTERVAL, now=False)
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self.status.running:
+            self.status.stop()
+        self.source.stop()
+        self.publisher.stop()
+        return self.port.stopListening() if self.port is not None else None
+
+
 def main() -> None:
     """``python -m epio.lb.feed`` with ``EPIO_LB_FEED_SPEC`` (JSON: config, socket)."""
-    from epio.lb.service import start_child
+    from epio.lb.service import run_child, start_child
     from epio.routefeed import make_route_source
 
     reactor, spec, node = start_child("EPIO_LB_FEED_SPEC")
-    source = make_route_source(node)
-    publisher = FeedPublisher(source.feed, reactor, node.config["lb"]["feed_interval"])
     path = Path(spec["socket"])
     problem = private_dir_problem(path.parent)
     if problem:  # made by the router's parent, 0700: anything else is not ours to trust
         print(f"route feed: refusing to listen in {path.parent}: {problem}", flush=True)
         raise SystemExit(1)
-    try:
-        path.unlink()  # a previous feed's, left by a crash
-    except FileNotFoundError:
-        pass
-    port = reactor.listenUNIX(str(path), publisher, mode=0o600)
-    source.follow(publisher)
-    status = LoopingCall(publisher.send_status)
-    status.clock = reactor
-    status.start(STATUS_INTERVAL, now=False)
-
-    def stop() -> None:
-        status.stop()
-        source.stop()
-        publisher.stop()
-        port.stopListening()
-
-    reactor.addSystemEventTrigger("before", "shutdown", stop)
-    reactor.run()
+    service = FeedProcessService(reactor, make_route_source(node),
+                                 node.settings.lb.feed_interval, path)
+    run_child(reactor, "epio-lb-feed", [service])
 
 
 if __name__ == "__main__":

@@ -22,17 +22,18 @@ from collections import deque
 from collections.abc import Callable
 from typing import IO, Any
 
-from attrs import define
+from attrs import define, fields
 from twisted.internet import error as ierror
 from twisted.internet.interfaces import IPullProducer, IPushProducer
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from epio.config.settings import LbSettings
 from epio.lb import pages
 from epio.lb.compress import GzipBody
 from epio.lb.compress import plan as compress_plan
-from epio.lb.fastio import fast_write, is_fast
+from epio.lb.fastio import ReadMux, fast_write, is_fast
 from epio.lb.http import (
     IDEMPOTENT,
     MAX_HEADER_BYTES,
@@ -102,13 +103,9 @@ class Settings:
     https_port: int = 443  # in the Location of an app's https_redirect (docs/https.md)
 
     @classmethod
-    def from_config(cls, section: dict[str, Any]) -> Settings:
-        kw: dict[str, Any] = {}
-        for name in cls.__attrs_attrs__:  # type: ignore[attr-defined]
-            if name.name in section:
-                v = section[name.name]
-                kw[name.name] = tuple(v) if isinstance(v, list) else v
-        return cls(**kw)
+    def from_settings(cls, lb: LbSettings) -> Settings:
+        """The proxy's part of the node's ``[lb]`` settings."""
+        return cls(**{a.name: getattr(lb, a.name) for a in fields(cls) if a.name != "via"})
 
 
 class SpoolFull(Exception):
@@ -143,7 +140,8 @@ class LB:
     def __init__(self, reactor: Any, table: RouteTable, settings: Settings,
                  observer: Observer | None = None, scheme: bytes = b"http",
                  spool_dir: str | None = None, acme: Any = None,
-                 open_file: Callable[..., IO[bytes]] = tempfile.TemporaryFile) -> None:
+                 open_file: Callable[..., IO[bytes]] = tempfile.TemporaryFile,
+                 static_secret: bytes = b"", mux: ReadMux | None = None) -> None:
         self.reactor = reactor
         # where request bodies larger than body_buffer_size are spooled (the router's
         # private run/tmp directory; None: the system's temporary directory)
@@ -167,10 +165,12 @@ class LB:
         self._rid_prefix = os.urandom(6).hex().encode()
         self._rid_n = 0
         self._drained: list[Any] = []
-        self.mux: Any = None  # epio.lb.fastio.ReadMux, set by the service
+        # epio.lb.fastio.ReadMux (epoll reactors), or None; Any: the hot paths use it
+        # only where a connection holds a mux slot (mfd), so it is never None there
+        self.mux: Any = mux
         # the cluster secret: static requests go to the runners' static servers with an
         # X-Epio-Static token made from it (docs/static.md); empty: no static routing
-        self.static_secret = b""
+        self.static_secret = static_secret
         self._static_headers: dict[str, bytes] = {}
 
     def static_header(self, app: str) -> bytes:

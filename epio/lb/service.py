@@ -1,6 +1,6 @@
 """The ``lb`` role: the router's service (listeners, route source, workers).
 
-``make_service(node)`` builds an :class:`LBService` from ``node.config["lb"]``.
+``make_service(node)`` builds an :class:`LBService` from ``node.settings.lb``.
 Routes come from ``lb.routes_file`` (reloaded on SIGHUP) or, without one, from
 the nexus feed (:mod:`epio.routefeed`).  With ``lb.workers = N > 1`` the
 listening socket is opened with SO_REUSEPORT and N-1 worker processes
@@ -22,19 +22,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
 from twisted.internet import defer
-from twisted.internet.endpoints import serverFromString
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, serverFromString
+from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.runner.procmon import ProcessMonitor
 
 from epio.config import Config
+from epio.config.settings import LbSettings
 from epio.lb.fastio import ReadMux
 from epio.lb.feed import FEED_RESTART
 from epio.lb.observe import FileLogSink, Observer
 from epio.lb.proxy import LB, SWEEP_INTERVAL, LBFactory, Settings
 from epio.listen import ConnectionLimit, log_backlog, with_backlog
+from epio.node import Node
 from epio.routing import FileRouteSource, RouteTable
 
 FLUSH_INTERVAL = 0.5
@@ -57,7 +61,7 @@ def die_with_parent() -> None:
 
 
 def start_child(variable: str, store_if: Callable[[Config], bool] | None = None,
-                ) -> tuple[Any, dict[str, Any], Any]:
+                ) -> tuple[Any, dict[str, Any], Node]:
     """The start of a router child process (a worker, the route feed process): die with
     the parent, log to stdout (the parent relays the lines), read the JSON spec from the
     environment ``variable``; returns the reactor, the spec and the prepared node, with a
@@ -65,7 +69,7 @@ def start_child(variable: str, store_if: Callable[[Config], bool] | None = None,
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
     from epio.config import validate
-    from epio.node import Node, installed_reactor
+    from epio.node import installed_reactor
 
     reactor = installed_reactor()
     die_with_parent()
@@ -84,6 +88,19 @@ def start_child(variable: str, store_if: Callable[[Config], bool] | None = None,
     return reactor, spec, node
 
 
+def run_child(reactor: Any, name: str, services: list[Service]) -> None:
+    """Run a child process's service tree as ``twistd`` would: started once the reactor
+    runs, stopped (its Deferreds awaited) before the reactor shuts down (SIGTERM)."""
+    from twisted.application.app import startApplication
+    from twisted.application.service import Application
+
+    application = Application(name)
+    for svc in services:
+        svc.setServiceParent(application)
+    startApplication(application, False)
+    reactor.run()
+
+
 def spool_dir(data_dir: Path) -> Path:
     """The router's private directory for spooled request bodies: ``DATA_DIR/run/tmp``
     (0700, like ``run``); the files in it are unlinked as soon as they are made."""
@@ -97,41 +114,18 @@ def spool_dir(data_dir: Path) -> Path:
     return path
 
 
-def parse_tcp_endpoint(desc: str) -> tuple[str, int, int]:
-    """``tcp:8080[:interface=X]`` / ``tcp6:...`` -> (interface, port, family)."""
-    parts: list[str] = []
-    cur = ""
-    i = 0
-    while i < len(desc):
-        ch = desc[i]
-        if ch == "\\" and i + 1 < len(desc):
-            cur += desc[i + 1]
-            i += 2
-            continue
-        if ch == ":":
-            parts.append(cur)
-            cur = ""
-        else:
-            cur += ch
-        i += 1
-    parts.append(cur)
-    kind = parts[0]
-    if kind not in ("tcp", "tcp6"):
-        raise ValueError(f"lb.workers > 1 needs a tcp: or tcp6: endpoint, not {desc!r}")
-    port = None
-    iface = "" if kind == "tcp" else "::"
-    for p in parts[1:]:
-        if "=" in p:
-            k, _, v = p.partition("=")
-            if k == "port":
-                port = int(v)
-            elif k == "interface":
-                iface = v
-        elif port is None:
-            port = int(p)
-    if port is None:
-        raise ValueError(f"no port in endpoint {desc!r}")
-    family = socket.AF_INET6 if kind == "tcp6" or ":" in iface else socket.AF_INET
+def reuseport_address(reactor: Any, description: str) -> tuple[str, int, int]:
+    """``tcp:8080[:interface=X]`` / ``tcp6:...`` -> (interface, port, family), parsed by
+    Twisted's own :func:`serverFromString` (escapes and all); SO_REUSEPORT needs a socket
+    made by hand, so only the address is taken from the endpoint."""
+    ep = serverFromString(reactor, description)
+    if not isinstance(ep, TCP4ServerEndpoint | TCP6ServerEndpoint):
+        raise ValueError(f"lb.workers > 1 needs a tcp: or tcp6: endpoint, not {description!r}")
+    # the endpoint keeps its address in private attributes; there is no public accessor
+    iface: str = ep._interface
+    port: int = ep._port
+    family = (socket.AF_INET6 if isinstance(ep, TCP6ServerEndpoint) or ":" in iface
+              else socket.AF_INET)
     return iface, port, family
 
 
@@ -145,52 +139,109 @@ def reuseport_socket(iface: str, port: int, family: int, backlog: int = 4096) ->
     return s
 
 
-class _ChildProtocol(ProcessProtocol):
-    """A worker or the route feed process: its output relayed to the node log."""
+FEED = "route feed"
 
-    log = Logger()
-    transport: Any
 
-    def __init__(self, svc: LBService, name: str) -> None:
-        self.svc = svc
-        self.name = name
-        self.buf = b""
-        self.ended: defer.Deferred[None] = defer.Deferred()
+class _ChildLog(Logger):
+    """ProcessMonitor's log, relaying a child's lines as ``NAME: LINE`` (as always)."""
 
-    def outReceived(self, data: bytes) -> None:
-        self.buf += data
-        *lines, self.buf = self.buf.split(b"\n")
-        for ln in lines:
-            if ln:
-                self.log.info("{name}: {line}", name=self.name,
-                              line=ln.decode("utf-8", "replace"))
+    def info(self, format: str | None = None, **kwargs: object) -> None:
+        if "tag" in kwargs and "line" in kwargs:  # procmon's LineLogger
+            super().info("{name}: {line}", name=kwargs["tag"], line=kwargs["line"])
+        else:
+            super().info(format, **kwargs)
 
-    errReceived = outReceived
 
-    def processEnded(self, reason: Any) -> None:
-        self.svc._child_ended(self)
-        self.ended.callback(None)
+class ChildMonitor(ProcessMonitor):
+    """The router's child processes (the route feed process, the workers), restarted by
+    Twisted's :class:`ProcessMonitor`: at once after a long life, with a doubling delay
+    (``minRestartDelay`` up to ``maxRestartDelay``) after a death within ``threshold``
+    seconds of its start.  Each line a child prints is relayed to the node log.
+
+    :meth:`stop` sends every child SIGTERM (SIGKILL ``killTime`` seconds later) and
+    returns a Deferred that fires once every one has ended."""
+
+    log = _ChildLog()
+    threshold = 5
+    minRestartDelay = FEED_RESTART
+    maxRestartDelay = 60
+
+    def __init__(self, reactor: Any, kill_time: int) -> None:
+        super().__init__(reactor)
+        self.killTime = kill_time
+        self._ended: dict[str, list[defer.Deferred[None]]] = {}
+
+    def add(self, name: str, module: str, variable: str, payload: str) -> None:
+        """Run ``python -m module`` with ``payload`` in the environment ``variable``."""
+        env = dict(os.environ)
+        env[variable] = payload
+        env["EPIO_LB_PARENT"] = str(os.getpid())
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(Path(__file__).resolve().parents[2])] + ([env["PYTHONPATH"]]
+                                                          if env.get("PYTHONPATH") else []))
+        self.addProcess(name, [sys.executable, "-m", module], env=env)
+
+    def signal_workers(self, signal_name: str) -> None:
+        for name, proto in list(self.protocols.items()):
+            if name != FEED and proto.transport is not None:
+                try:
+                    proto.transport.signalProcess(signal_name)
+                except ProcessExitedAlready:
+                    continue
+
+    def stop(self) -> defer.Deferred[None]:
+        """Stop every child; fires once all have ended."""
+        ended: list[defer.Deferred[None]] = []
+        for name in self.protocols:
+            d: defer.Deferred[None] = defer.Deferred()
+            self._ended.setdefault(name, []).append(d)
+            ended.append(d)
+        if self.running:
+            self.stopService()
+        return defer.gatherResults(ended).addCallback(lambda _: None)
+
+    def _monitoredProcessExited(self, name: str, reason: Failure | None = None) -> None:
+        super()._monitoredProcessExited(name, reason)
+        for d in self._ended.pop(name, []):
+            d.callback(None)
+        call = self.restart.get(name)
+        if not self.running or call is None or not call.active():
+            return
+        secs = max(0.0, call.getTime() - self._clock.seconds())
+        if name == FEED:
+            self.log.error("route feed process exited; restarting it in {secs:g}s "
+                           "(the router serves its last route table meanwhile)", secs=secs)
+        else:
+            self.log.error("router {name} exited; restarting it in {secs:g}s",
+                           name=name, secs=secs)
 
 
 class LBService(MultiService):
-    """One router process (and, with workers, the parent of the others)."""
+    """One router process (and, with workers, the parent of the others).
+
+    Lifecycle: ``startService`` starts the route source, the periodic tasks and the
+    child processes (:class:`ChildMonitor`), then listens once the first route table
+    came (or ``lb.routes_wait`` passed); ``whenReady()`` fires with the ports.
+    ``stopService`` stops listening, stops the children, drains the in-flight requests
+    (``lb.shutdown_timeout``), then stops the rest.  Process-wide concerns (SIGHUP, the
+    garbage collector) are :class:`RouterProcess`'s, not this service's."""
 
     log = Logger()
 
-    def __init__(self, reactor: Any, section: dict[str, Any], domain: str,
+    def __init__(self, reactor: Any, settings: LbSettings, domain: str,
                  route_source: Any, log_sink: Any = None,
-                 stats_sink: Any = None, worker_spec: dict[str, Any] | None = None,
+                 stats_sink: Any = None, *, worker_spec: dict[str, Any] | None = None,
                  reuseport: tuple[str, int, int] | None = None,
                  static_secret: bytes = b"", feed_spec: dict[str, Any] | None = None,
                  spool: Path | None = None, certs: Any = None,
                  tls_reuseport: tuple[str, int, int] | None = None) -> None:
         super().__init__()
         self.reactor = reactor
-        self.section = section
-        self.settings = Settings.from_config(section)
+        self.section = settings
+        self.settings = Settings.from_settings(settings)
         self.table = RouteTable(domain, clock=reactor)
         self.route_source = route_source  # an IRouteSource, or None
-        access = section.get("access_log", "")
+        access = settings.access_log
         self._file_sink = None
         if access == "off":
             observer = Observer(None, stats_sink, enabled=False)
@@ -200,29 +251,29 @@ class LBService(MultiService):
         else:
             observer = Observer(log_sink, stats_sink)
         self.certs = certs  # epio.certs.router.RouterCerts (docs/https.md), or None
+        mux = (ReadMux(reactor) if hasattr(reactor, "_disconnectSelectable")
+               and hasattr(select, "epoll") else None)
         self.lb = LB(reactor, self.table, self.settings, observer,
-                     spool_dir=str(spool) if spool is not None else None, acme=certs)
-        self.lb.static_secret = static_secret  # docs/static.md
-        if hasattr(reactor, "_disconnectSelectable") and hasattr(select, "epoll"):
-            self.lb.mux = ReadMux(reactor)
+                     spool_dir=str(spool) if spool is not None else None, acme=certs,
+                     static_secret=static_secret, mux=mux)  # static: docs/static.md
         # per listener (and per router process): docs/router.md "Resources"
-        max_conns = int(section.get("max_connections", 10000))
-        self.limit = ConnectionLimit("router", max_conns)
-        self.tls_limit = ConnectionLimit("router (TLS)", max_conns)
+        self.limit = ConnectionLimit("router", settings.max_connections)
+        self.tls_limit = ConnectionLimit("router (TLS)", settings.max_connections)
         self.worker_spec = worker_spec
         self.reuseport = reuseport
         self.tls_reuseport = tls_reuseport  # a worker's TLS address (SO_REUSEPORT)
         self.ports: list[Any] = []
         self.sni: Any = None
         self._loops: list[LoopingCall] = []
-        self._workers: list[_ChildProtocol] = []
-        self.feed_spec = feed_spec  # run the route feed process (epio.lb.feed)
-        self._feed: _ChildProtocol | None = None
+        # the route feed process and the workers: a worker may drain for
+        # lb.shutdown_timeout after SIGTERM before it is killed
+        self.children = ChildMonitor(reactor, int(settings.shutdown_timeout) + 10)
+        if feed_spec is not None:  # run the route feed process (epio.lb.feed)
+            self.children.add(FEED, "epio.lb.feed", "EPIO_LB_FEED_SPEC", json.dumps(feed_spec))
         self._stopping = False
         self._ready: defer.Deferred[None] = defer.Deferred()
         self._ready_result: Any = None
         self._waiters: list[defer.Deferred[Any]] = []
-        self._old_sighup: Any = None
         self._waiting_routes: defer.Deferred[None] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -246,8 +297,7 @@ class LBService(MultiService):
         super().startService()
         self._stopping = False
         lb = self.lb
-        if self.feed_spec is not None:
-            self._spawn_feed()
+        self.children.startService()
         if self.route_source is not None:
             try:
                 self.route_source.start(self.table)
@@ -257,13 +307,11 @@ class LBService(MultiService):
         else:
             self.log.warn("router has no route source: every host answers 404")
         for interval, fn in ((SWEEP_INTERVAL, lb.sweep), (FLUSH_INTERVAL, lb.observer.flush),
-                             (float(self.section.get("stats_interval", 10.0)),
-                              lb.observer.flush_stats)):
+                             (self.section.stats_interval, lb.observer.flush_stats)):
             loop = LoopingCall(self._guard, fn)
             loop.clock = self.reactor
             loop.start(interval, now=False)
             self._loops.append(loop)
-        self._install_sighup()
         if self.certs is not None:
             self.certs.start()
         if self.lb.mux is not None:
@@ -277,7 +325,7 @@ class LBService(MultiService):
         A router that listened before it had routes would answer 404 for every app
         until its first table came (docs/router.md, "Routes")."""
         when_ready = getattr(self.route_source, "when_ready", None)
-        wait = float(self.section.get("routes_wait", 0.0))
+        wait = self.section.routes_wait
         if when_ready is None or wait <= 0:
             return
         ready = self._waiting_routes = when_ready()
@@ -299,39 +347,36 @@ class LBService(MultiService):
         await self._routes_ready()
         if self._stopping:  # stopped while waiting for routes: never listen
             return self.ports
-        s = self.settings
+        section = self.section
         tls_sock: socket.socket | None = None  # the parent's, with lb.workers > 1
         factory = LBFactory(self.lb, b"http", self.limit)
-        listen = self.section.get("listen", "tcp:8080")
-        workers = int(self.section.get("workers", 1))
-        backlog = log_backlog("router", int(self.section.get("backlog", 4096)))
+        backlog = log_backlog("router", section.backlog)
         if self.reuseport is not None:
             iface, port, family = self.reuseport
             sock = reuseport_socket(iface, port, family, backlog)
             self.ports.append(self.reactor.adoptStreamPort(sock.fileno(), family, factory))
             sock.close()
-        elif workers > 1:
-            iface, port, family = parse_tcp_endpoint(listen)
+        elif section.workers > 1:
+            iface, port, family = reuseport_address(self.reactor, section.listen)
             sock = reuseport_socket(iface, port, family, backlog)
             port = sock.getsockname()[1]
             self.ports.append(self.reactor.adoptStreamPort(sock.fileno(), family, factory))
             sock.close()
-            if self.section.get("tls_listen"):  # every worker serves TLS too
-                t_iface, t_port, t_family = parse_tcp_endpoint(self.section["tls_listen"])
+            if section.tls_listen:  # every worker serves TLS too
+                t_iface, t_port, t_family = reuseport_address(self.reactor, section.tls_listen)
                 tls_sock = reuseport_socket(t_iface, t_port, t_family, backlog)
                 self.tls_reuseport = (t_iface, tls_sock.getsockname()[1], t_family)
-            self._spawn_workers(workers - 1, (iface, port, family))
+            self._add_workers(section.workers - 1, (iface, port, family))
         else:
-            ep = serverFromString(self.reactor, with_backlog(listen, backlog))
+            ep = serverFromString(self.reactor, with_backlog(section.listen, backlog))
             self.ports.append(await ep.listen(factory))
         self.limit.watch(self.ports[-1])
-        tls_listen = self.section.get("tls_listen", "")
-        if tls_listen:
+        if section.tls_listen:
             from twisted.protocols.tls import TLSMemoryBIOFactory
 
             from epio.lb.tls import SNIContexts
 
-            cert_dir = self.section.get("tls_cert_dir")
+            cert_dir = section.tls_cert_dir
             self.sni = SNIContexts(Path(cert_dir) if cert_dir else None)
             self.sni.refresh(force=True)
             if self.certs is not None:
@@ -349,50 +394,29 @@ class LBService(MultiService):
                                                                tls_factory))
                 tsock.close()
             else:
-                ep = serverFromString(self.reactor, with_backlog(tls_listen, backlog))
+                ep = serverFromString(self.reactor, with_backlog(section.tls_listen, backlog))
                 self.ports.append(await ep.listen(tls_factory))
             self.tls_limit.watch(self.ports[-1])
-        del s
         return self.ports
 
     def _listening(self, ports: list[Any]) -> None:
-        # everything allocated so far (modules, config, tables) lives for the whole
-        # process: keep it out of the cyclic GC's way so full collections stay short;
-        # and collect less often: route churn (10k routes/s) otherwise triggers a
-        # full collection every second or so, a 15-40 ms pause (docs/router.md)
-        gc.freeze()
-        gc.set_threshold(*GC_THRESHOLDS)
         for p in ports:
             self.log.info("router listening on {addr}", addr=str(p.getHost()))
         self._ready.callback(None)
         self._fire_waiters(None)
 
-    def _listen_failed(self, f: Any) -> None:
+    def _listen_failed(self, f: Failure) -> None:
         self.log.failure("router cannot listen", f)
         if not self._ready.called:
             self._ready_result = f
             self._ready.callback(None)
             self._fire_waiters(f)
 
-    def _guard(self, fn: Any) -> None:
+    def _guard(self, fn: Callable[[], object]) -> None:
         try:
             fn()
         except Exception:
             self.log.failure("router periodic task failed")
-
-    def _install_sighup(self) -> None:
-        if self.reactor is None or not hasattr(signal, "SIGHUP"):
-            return
-        try:
-            self._old_sighup = signal.signal(signal.SIGHUP, self._on_sighup)
-        except ValueError:  # not the main thread (tests)
-            self._old_sighup = None
-
-    def _on_sighup(self, signum: int, frame: Any) -> None:
-        self.reactor.callFromThread(self.reload)
-        prev = self._old_sighup
-        if callable(prev):  # another role's handler: it gets the signal too
-            prev(signum, frame)
 
     def reload(self) -> None:
         """SIGHUP: re-read the routes (and certificates); pass it on to workers."""
@@ -400,11 +424,7 @@ class LBService(MultiService):
             self.route_source.reload()
         if self.sni is not None:
             self.sni.refresh()
-        for w in self._workers:
-            try:
-                w.transport.signalProcess("HUP")
-            except Exception:
-                pass
+        self.children.signal_workers("HUP")
 
     def stopService(self) -> defer.Deferred[None]:
         self._stopping = True
@@ -417,11 +437,7 @@ class LBService(MultiService):
         for p in self.ports:
             await defer.maybeDeferred(p.stopListening)
         self.ports = []
-        for w in self._children():
-            try:
-                w.transport.signalProcess("TERM")
-            except Exception:
-                pass
+        children_ended = self.children.stop()
         lb.begin_stop()
         drained: defer.Deferred[None] = defer.Deferred()
         lb.when_drained(drained)
@@ -433,8 +449,7 @@ class LBService(MultiService):
         lb.abort_all()
         if lb.mux is not None:
             lb.mux.stop()
-        for w in self._children():
-            await w.ended
+        await children_ended
         for loop in self._loops:
             if loop.running:
                 loop.stop()
@@ -447,71 +462,67 @@ class LBService(MultiService):
             self.route_source.stop()
         if self.certs is not None:
             self.certs.stop()
-        if self._old_sighup is not None:
-            try:
-                signal.signal(signal.SIGHUP, self._old_sighup)
-            except ValueError:
-                pass
         await defer.maybeDeferred(super().stopService)
 
-    # -- child processes: workers and the route feed ---------------------------------------
-    def _children(self) -> list[_ChildProtocol]:
-        return self._workers + ([self._feed] if self._feed is not None else [])
-
-    def _spawn(self, proto: _ChildProtocol, module: str, variable: str, payload: str) -> None:
-        env = dict(os.environ)
-        env[variable] = payload
-        env["EPIO_LB_PARENT"] = str(os.getpid())
-        env["PYTHONPATH"] = os.pathsep.join(
-            [str(Path(__file__).resolve().parents[2])] + ([env["PYTHONPATH"]]
-                                                          if env.get("PYTHONPATH") else []))
-        self.reactor.spawnProcess(proto, sys.executable, [sys.executable, "-m", module],
-                                  env=env)
-
-    def _spawn_workers(self, n: int, addr: tuple[str, int, int]) -> None:
+    def _add_workers(self, n: int, addr: tuple[str, int, int]) -> None:
         spec = dict(self.worker_spec or {})
         spec["reuseport"] = list(addr)
         if self.tls_reuseport is not None:
             spec["tls_reuseport"] = list(self.tls_reuseport)
         payload = json.dumps(spec)
-        for _ in range(n):
-            proto = _ChildProtocol(self, f"worker {len(self._workers) + 1}")
-            self._spawn(proto, "epio.lb.worker", "EPIO_LB_WORKER_SPEC", payload)
-            self._workers.append(proto)
-
-    def _spawn_feed(self) -> None:
-        proto = _ChildProtocol(self, "route feed")
-        self._spawn(proto, "epio.lb.feed", "EPIO_LB_FEED_SPEC", json.dumps(self.feed_spec))
-        self._feed = proto
-
-    def _child_ended(self, proto: _ChildProtocol) -> None:
-        if proto is self._feed:
-            self._feed = None
-            if not self._stopping:
-                self.log.error("route feed process exited; restarting it in {secs:g}s "
-                               "(the router serves its last route table meanwhile)",
-                               secs=FEED_RESTART)
-                self.reactor.callLater(FEED_RESTART, self._respawn_feed)
-            return
-        if proto in self._workers:
-            self._workers.remove(proto)
-        if not self._stopping:
-            self.log.error("router {name} exited; restarting it", name=proto.name)
-            if self.ports:
-                host = self.ports[0].getHost()
-                fam = socket.AF_INET6 if ":" in host.host else socket.AF_INET
-                self.reactor.callLater(1.0, self._respawn, (host.host, host.port, fam))
-
-    def _respawn(self, addr: tuple[str, int, int]) -> None:
-        if not self._stopping:
-            self._spawn_workers(1, addr)
-
-    def _respawn_feed(self) -> None:
-        if not self._stopping and self._feed is None:
-            self._spawn_feed()
+        for i in range(n):
+            self.children.add(f"worker {i + 1}", "epio.lb.worker", "EPIO_LB_WORKER_SPEC",
+                              payload)
 
 
-def pipeline_sinks(node: Any, standalone: bool) -> tuple[Any, Any, Any]:
+class RouterProcess(Service):
+    """What a router process does for the whole process, decided by whoever owns the
+    process (the node's root, a worker's own tree), not by the lb role itself:
+
+    - SIGHUP reloads the router's routes and certificates (:meth:`LBService.reload`);
+      a handler installed before it still gets the signal;
+    - once the router listens, everything allocated so far (modules, config, tables)
+      lives for the whole process: keep it out of the cyclic GC's way so full
+      collections stay short, and collect less often (route churn, 10k routes/s,
+      otherwise triggers a full collection every second or so, a 15-40 ms pause;
+      docs/router.md)."""
+
+    def __init__(self, reactor: Any, router: LBService) -> None:
+        self.reactor = reactor
+        self.router = router
+        self._old_sighup: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        if hasattr(signal, "SIGHUP"):
+            try:
+                self._old_sighup = signal.signal(signal.SIGHUP, self._on_sighup)
+            except ValueError:  # not the main thread (tests)
+                self._old_sighup = None
+        self.router.whenReady().addCallbacks(lambda _: tune_gc(), lambda _: None)
+
+    def _on_sighup(self, signum: int, frame: Any) -> None:
+        self.reactor.callFromThread(self.router.reload)
+        prev = self._old_sighup
+        if callable(prev):  # another handler: it gets the signal too
+            prev(signum, frame)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._old_sighup is not None:
+            try:
+                signal.signal(signal.SIGHUP, self._old_sighup)
+            except ValueError:  # not the main thread (tests)
+                self._old_sighup = None
+
+
+def tune_gc() -> None:
+    """Freeze what exists now; collect less often (see :class:`RouterProcess`)."""
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
+def pipeline_sinks(node: Node, standalone: bool) -> tuple[Any, Any, Any]:
     """(log sink, stats sink, service to run) for the router's access log and stats.
 
     A router fed by the nexus pushes to every configured logger (``BusLogSink``);
@@ -519,58 +530,56 @@ def pipeline_sinks(node: Any, standalone: bool) -> tuple[Any, Any, Any]:
     """
     from epio.pipeline import LocalLogSink
 
-    loggers = node.config["cluster"]["loggers"]
-    access = node.config["lb"].get("access_log", "")
-    if loggers and not standalone and access == "":
+    loggers = node.settings.cluster.loggers
+    if loggers and not standalone and node.settings.lb.access_log == "":
         from epio.pipeline import BusLogSink
 
-        sink = BusLogSink(node.bus, loggers, clock=node.reactor)
+        sink = BusLogSink(node.bus, list(loggers), clock=node.reactor)
         return sink, sink, sink
     local = LocalLogSink()
     return local, local, None
 
 
-def route_source(node: Any, feed_socket: Path | None) -> Any:
+def route_source(node: Node, feed_socket: Path | None) -> Any:
     """The :class:`~epio.routing.IRouteSource` of a router process: ``lb.routes_file``,
     else the node's route feed process at ``feed_socket``, else the nexuses followed
     inline.  The same for the parent and every worker."""
-    routes_file = node.config["lb"]["routes_file"]
+    routes_file = node.settings.lb.routes_file
     if routes_file:
         return FileRouteSource(Path(routes_file))
     if feed_socket is not None:
         from epio.lb.feed import FeedProcessSource
         from epio.routefeed import links_from_config
 
-        nexuses = links_from_config(node.config["cluster"]["nexus"])  # bad entries fail here
+        nexuses = links_from_config(node.settings.cluster.nexus)  # bad entries fail here
         return FeedProcessSource(node.reactor, feed_socket, len(nexuses))
     from epio.routefeed import make_route_source
 
     return make_route_source(node)
 
 
-def make_service(node: Any) -> LBService:
-    """The ``lb`` role of ``node``."""
+def make_service(node: Node) -> LBService:
+    """The ``lb`` role of ``node``: its composition root (every object built here)."""
     cfg = node.config
-    section = dict(cfg["lb"])
-    routes_file = section.get("routes_file", "")
+    lb = node.settings.lb
     spool = spool_dir(node.data_dir)
     spec: dict[str, Any] = {"config": cfg.as_dict(), "data_dir": str(node.data_dir),
                             "spool_dir": str(spool)}
     feed_spec = None
     feed_socket = None
-    if not routes_file and section["route_feed"] == "process":
+    if not lb.routes_file and lb.route_feed == "process":
         from epio.lb.feed import feed_socket_path
 
         feed_socket = feed_socket_path(node.data_dir)
         spec["feed_socket"] = str(feed_socket)
         feed_spec = {"config": cfg.as_dict(), "socket": str(feed_socket)}
     source = route_source(node, feed_socket)
-    log_sink, stats_sink, sink_service = pipeline_sinks(node, bool(routes_file))
+    log_sink, stats_sink, sink_service = pipeline_sinks(node, bool(lb.routes_file))
     from epio.certs.router import router_certs
 
-    svc = LBService(node.reactor, section, cfg["node"]["domain"], source, log_sink, stats_sink,
-                    worker_spec=spec, static_secret=node.secret, feed_spec=feed_spec,
-                    spool=spool, certs=router_certs(node))
+    svc = LBService(node.reactor, lb, node.settings.node.domain, source, log_sink,
+                    stats_sink, worker_spec=spec, static_secret=node.secret,
+                    feed_spec=feed_spec, spool=spool, certs=router_certs(node))
     if sink_service is not None:
         sink_service.setServiceParent(svc)
     from epio.lb.observe import metric_families

@@ -22,6 +22,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
+from epio.config import load_config
 from epio.lb import feed as feed_module
 from epio.lb.feed import (
     FRAME_ROUTES,
@@ -334,9 +335,9 @@ class RoutesWaitTests(TestCase):
         d = Path(self.mktemp())
         d.mkdir(parents=True)
         source = FeedProcessSource(reactor, d / "feed.sock", 1, retry=0.05)  # no feed there
-        svc = LBService(reactor, {"listen": "tcp:0:interface=127.0.0.1",
-                                  "routes_wait": wait, "access_log": "off"},
-                        "localhost", source)
+        settings = load_config(None, {"lb": {"listen": "tcp:0:interface=127.0.0.1",
+                                             "routes_wait": wait, "access_log": "off"}})
+        svc = LBService(reactor, settings.settings.lb, "localhost", source)
         return svc
 
     async def test_listens_without_a_table_after_the_wait(self) -> None:

@@ -353,5 +353,9 @@ class SettingsTests(SynchronousTestCase):
                 default = spec.default_value()
                 got = getattr(Settings(), key)
                 self.assertEqual(tuple(default) if isinstance(default, list) else default, got, key)
-        s = Settings.from_config({"connect_timeout": 1.5, "trusted_proxies": ["10.0.0.1"]})
+        from epio.config import load_config
+
+        lb = load_config(None, {"lb": {"connect_timeout": 1.5,
+                                       "trusted_proxies": ["10.0.0.1"]}}).settings.lb
+        s = Settings.from_settings(lb)
         self.assertEqual((s.connect_timeout, s.trusted_proxies), (1.5, ("10.0.0.1",)))

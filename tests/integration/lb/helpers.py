@@ -18,6 +18,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from zope.interface import implementer
 
+from epio.config import load_config
 from epio.lb.service import LBService
 from epio.routing import Backend as RBackend
 from epio.routing import Route, StaticRouteSource
@@ -312,7 +313,8 @@ async def start_router(routes: list[Route], domain: str = "localhost",
         "access_log": "off",
     }
     section.update(settings)
-    svc = LBService(reactor, section, domain, StaticRouteSource(routes))
+    svc = LBService(reactor, load_config(None, {"lb": section}).settings.lb, domain,
+                    StaticRouteSource(routes))
     svc.startService()
     ports = await svc.whenReady()
     return svc, ports[0].getHost().port

@@ -16,6 +16,7 @@ from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
+from epio.config import load_config
 from epio.lb.service import LBService
 from epio.routing import StaticRouteSource
 
@@ -75,7 +76,7 @@ class TLSTests(TestCase):
         section: dict[str, Any] = {"listen": "tcp:0:interface=127.0.0.1", "access_log": "off",
                                    "tls_listen": "tcp:0:interface=127.0.0.1",
                                    "tls_cert_dir": str(certs)}
-        svc = LBService(reactor, section, "localhost",
+        svc = LBService(reactor, load_config(None, {"lb": section}).settings.lb, "localhost",
                         StaticRouteSource([simple_route("a", b, hostnames=("a.example.com",))]))
         svc.startService()
         self.addCleanup(svc.stopService)
