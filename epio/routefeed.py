@@ -61,7 +61,7 @@ BOOL_OPTION_KEYS = ("request_buffering", "https_redirect", "gzip")  # docs/route
 # While stale, the log says so again every this many seconds.
 STALE_REMINDER = 30.0
 
-SnapshotRequest = Callable[["NexusLink"], Deferred]
+SnapshotRequest = Callable[["NexusLink"], "Deferred[Any]"]
 
 
 class BadRoute(ValueError):
@@ -145,7 +145,7 @@ def route_from_wire(
             for b in static if isinstance(b, dict) and isinstance(b.get("host"), str)
             and b["host"] and isinstance(b.get("port"), int) and not isinstance(b["port"], bool)
             and 0 < b["port"] < 65536)
-    return Route(app=app, hostnames=hostnames, backends=backends,  # type: ignore[arg-type]
+    return Route(app=app, hostnames=hostnames, backends=backends,
                  maintenance=bool(data.get("maintenance", False)), **kw)
 
 
@@ -493,7 +493,7 @@ class RouteFeed:
             d = self._request(link)
         except Exception:
             d = Deferred()
-            d.errback(Failure())
+            d.errback(Failure())  # type: ignore[no-untyped-call]
         d.addCallbacks(
             lambda body: self._snapshot(link, body),
             lambda f: self._snapshot_failed(link, f),
@@ -508,7 +508,7 @@ class RouteFeed:
             return
         link.counters["snapshot_failures"] += 1
         link.failures_in_row += 1
-        warming = f.check(RemoteError) is not None and getattr(f.value, "code", "") == "warming_up"
+        warming = f.check(RemoteError) is not None and getattr(f.value, "code", "") == "warming_up"  # type: ignore[no-untyped-call]
         if warming and link.failures_in_row < 10:
             pass  # a nexus that just started: normal, it answers in a moment
         elif link.failures_in_row in (1, 10) or link.failures_in_row % 100 == 0:
@@ -530,7 +530,7 @@ class RouteFeed:
         nexus_id, version, routes = body.get("nexus_id"), body.get("version"), body.get("routes")
         if not isinstance(nexus_id, str) or not isinstance(version, int) \
                 or not isinstance(routes, list):
-            self._snapshot_failed(link, Failure(ValueError("malformed nexus.snapshot")))
+            self._snapshot_failed(link, Failure(ValueError("malformed nexus.snapshot")))  # type: ignore[no-untyped-call]
             return
         link.counters["snapshots"] += 1
         link.failures_in_row = 0
@@ -716,7 +716,7 @@ class NexusRouteSource:
 
     def follow(self, sink: Any) -> None:
         """Follow the nexuses, handing merged routes to ``sink`` (the feed process)."""
-        services = MultiService()
+        services = MultiService()  # type: ignore[no-untyped-call]
         self._dealer = self.bus.dealer([link.router for link in self.feed.links])
         self._dealer.setName("nexus-snapshots")
         self._dealer.setServiceParent(services)
@@ -728,14 +728,14 @@ class NexusRouteSource:
             sub.setName(f"nexus-feed-{link.name}")
             sub.setServiceParent(services)
         self._services = services
-        services.startService()
+        services.startService()  # type: ignore[no-untyped-call]
         self.feed.start(sink)
 
     def stop(self) -> None:
         self.feed.stop()
         services, self._services = self._services, None
         if services is not None:
-            services.stopService()
+            services.stopService()  # type: ignore[no-untyped-call]
 
     def reload(self) -> None:
         self.feed.refresh()
@@ -747,7 +747,7 @@ class NexusRouteSource:
     def status(self) -> dict[str, Any]:
         return self.feed.status()
 
-    def _request_snapshot(self, link: NexusLink) -> Deferred:
+    def _request_snapshot(self, link: NexusLink) -> Deferred[Any]:
         d = ensureDeferred(self._dealer.request_to(
             link.router, "nexus.snapshot_request", {}, timeout=self.snapshot_timeout))
         d.addCallback(lambda env: env.body)

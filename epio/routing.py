@@ -186,7 +186,9 @@ class _Index:
     __slots__ = ("apps", "exact", "wild")
 
     def __init__(self) -> None:
-        # values: Route, or LazyRoute until a lookup builds it
+        # values: Route, or LazyRoute until a lookup builds it; typed Any because the
+        # lookups tell them apart by ``__class__ is`` (the fastest test; mypy does not
+        # narrow on it)
         self.apps: dict[str, Any] = {}
         self.exact: dict[str, Any] = {}
         self.wild: dict[str, Any] = {}  # ".example.com" for "*.example.com"
@@ -258,9 +260,12 @@ class RouteTable:
 
     def get(self, app: str) -> Route | None:
         r = self._index.apps.get(app)
-        return self._built(r) if r is not None and r.__class__ is LazyRoute else r
+        if r is not None and r.__class__ is LazyRoute:
+            return self._built(r)
+        route: Route | None = r
+        return route
 
-    def _built(self, lazy: Any) -> Route | None:
+    def _built(self, lazy: LazyRoute) -> Route | None:
         """Build a :class:`LazyRoute` found in the index and put the Route in its place."""
         route = lazy.build()
         self._index.built(lazy, route)
@@ -278,9 +283,11 @@ class RouteTable:
             r = self._lookup(host)
         if r is not None and r.__class__ is LazyRoute:
             return self._built(r)
-        return r
+        route: Route | None = r  # the index's values are Any: see _Index
+        return route
 
     def _lookup(self, host: str) -> Any:
+        """The index's Route or LazyRoute for ``host`` (Any: see _Index), or None."""
         idx = self._index
         h = normalise_host(host)
         r = idx.exact.get(h)
@@ -368,13 +375,13 @@ class IRouteSource(Interface):
 
     description = Attribute("Human-readable name for logs, e.g. 'file routes.toml'.")
 
-    def start(table: RouteTable) -> None:  # type: ignore[misc]
+    def start(table: RouteTable) -> None:
         """Fill ``table`` now (or as soon as possible) and keep it current."""
 
-    def stop() -> None:  # type: ignore[misc]
+    def stop() -> None:
         """Stop updating the table; it keeps its last contents."""
 
-    def reload() -> None:  # type: ignore[misc]
+    def reload() -> None:
         """Re-read the source now (SIGHUP); a bad source leaves the table as it was."""
 
 

@@ -96,7 +96,7 @@ class ReadMux:
 
     def adopt(self, t: Any) -> int:
         """Move ``t``'s reading here; returns its fd (the key for the calls below)."""
-        fd = t.fileno()
+        fd: int = t.fileno()
         t.stopReading()
         self.conns[fd] = t
         self.ep.register(fd, self._in)

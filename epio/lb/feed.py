@@ -183,7 +183,7 @@ class FeedPublisher(Factory):
 
     def joined(self, conn: _RouterConnection) -> None:
         self.routers.append(conn)
-        conn.sendString(_frame({"status": self.feed.status()}))
+        conn.sendString(_frame({"status": self.feed.status()}))  # type: ignore[no-untyped-call]
         if self.feed.ever_live:
             self._sync(conn)
 
@@ -193,7 +193,7 @@ class FeedPublisher(Factory):
 
     def _sync(self, conn: _RouterConnection) -> None:
         for frame in snapshot_frames(list(self.feed.merged.values())):
-            conn.sendString(frame)
+            conn.sendString(frame)  # type: ignore[no-untyped-call]
         conn.synced = True
 
     # the sink interface of RouteFeed (see epio.routefeed.TableSink)
@@ -203,7 +203,7 @@ class FeedPublisher(Factory):
         frames = snapshot_frames(routes)
         for conn in self.routers:
             for frame in frames:
-                conn.sendString(frame)
+                conn.sendString(frame)  # type: ignore[no-untyped-call]
             conn.synced = True
 
     def apply(self, upsert: list[dict[str, Any]], remove: list[str]) -> None:
@@ -240,7 +240,7 @@ class FeedPublisher(Factory):
                                       "remove": remove if i == 0 else []})
                               for i in range(0, max(1, len(upsert)), FRAME_ROUTES)]
                 for frame in frames:
-                    conn.sendString(frame)
+                    conn.sendString(frame)  # type: ignore[no-untyped-call]
             else:
                 self._sync(conn)
 
@@ -251,7 +251,7 @@ class FeedPublisher(Factory):
             return
         frame = _frame({"status": self.feed.status()})
         for conn in self.routers:
-            conn.sendString(frame)
+            conn.sendString(frame)  # type: ignore[no-untyped-call]
             if not conn.synced and self.feed.ever_live:
                 self._sync(conn)  # live with nothing merged yet: an empty table is a table
 
@@ -321,7 +321,7 @@ class FeedProcessSource:
     def start(self, table: RouteTable) -> None:
         self.sink = TableSink(table, self.counters, lazy=True)
         self.lost_at = self.reactor.seconds()
-        endpoint: Any = UNIXClientEndpoint(self.reactor, str(self.path), timeout=5)
+        endpoint: Any = UNIXClientEndpoint(self.reactor, str(self.path), timeout=5)  # type: ignore[no-untyped-call]
         factory: Any = _FeedConnectionFactory(self)
         self._service = ClientService(endpoint, factory,
                                       retryPolicy=lambda attempt: self.retry, clock=self.reactor)
@@ -347,7 +347,7 @@ class FeedProcessSource:
     def reload(self) -> None:
         """SIGHUP: the feed asks every nexus for a fresh snapshot."""
         if self._conn is not None:
-            self._conn.sendString(_frame({"refresh": True}))
+            self._conn.sendString(_frame({"refresh": True}))  # type: ignore[no-untyped-call]
 
     # -- the connection --------------------------------------------------------------
     def _connected(self, conn: _FeedConnection) -> None:
@@ -528,7 +528,7 @@ class FeedProcessService(Service):
         self.port: Any = None
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]
         try:
             self.path.unlink()  # a previous feed's, left by a crash
         except FileNotFoundError:
@@ -538,7 +538,7 @@ class FeedProcessService(Service):
         self.status.start(STATUS_INTERVAL, now=False)
 
     def stopService(self) -> Any:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]
         if self.status.running:
             self.status.stop()
         self.source.stop()

@@ -734,10 +734,11 @@ class ClientConn(Protocol):
     def _timeout(self, name: str) -> float:
         r = self.route
         if r is not None:
-            v = getattr(r, name)
+            v: float | None = getattr(r, name)
             if v is not None:
                 return v
-        return getattr(self.lb.s, name)
+        d: float = getattr(self.lb.s, name)
+        return d
 
     # -- request side -------------------------------------------------------------------
     def dataReceived(self, data: bytes) -> None:
@@ -1806,7 +1807,7 @@ class LBFactory(Factory):
         self.scheme = scheme
         self.limit = limit
 
-    def buildProtocol(self, addr: Any) -> ClientConn | None:  # type: ignore[override]
+    def buildProtocol(self, addr: Any) -> ClientConn | None:
         limit = self.limit
         if limit is not None and not limit.opened():
             return None  # accepted in the batch that reached the limit: closed at once

@@ -94,10 +94,10 @@ def run_child(reactor: Any, name: str, services: list[Service]) -> None:
     from twisted.application.app import startApplication
     from twisted.application.service import Application
 
-    application = Application(name)
+    application = Application(name)  # type: ignore[no-untyped-call]
     for svc in services:
-        svc.setServiceParent(application)
-    startApplication(application, False)
+        svc.setServiceParent(application)  # type: ignore[no-untyped-call]
+    startApplication(application, False)  # type: ignore[no-untyped-call]
     reactor.run()
 
 
@@ -118,7 +118,7 @@ def reuseport_address(reactor: Any, description: str) -> tuple[str, int, int]:
     """``tcp:8080[:interface=X]`` / ``tcp6:...`` -> (interface, port, family), parsed by
     Twisted's own :func:`serverFromString` (escapes and all); SO_REUSEPORT needs a socket
     made by hand, so only the address is taken from the endpoint."""
-    ep = serverFromString(reactor, description)
+    ep = serverFromString(reactor, description)  # type: ignore[no-untyped-call]
     if not isinstance(ep, TCP4ServerEndpoint | TCP6ServerEndpoint):
         raise ValueError(f"lb.workers > 1 needs a tcp: or tcp6: endpoint, not {description!r}")
     # the endpoint keeps its address in private attributes; there is no public accessor
@@ -235,7 +235,7 @@ class LBService(MultiService):
                  static_secret: bytes = b"", feed_spec: dict[str, Any] | None = None,
                  spool: Path | None = None, certs: Any = None,
                  tls_reuseport: tuple[str, int, int] | None = None) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.reactor = reactor
         self.section = settings
         self.settings = Settings.from_settings(settings)
@@ -294,7 +294,7 @@ class LBService(MultiService):
                 d.errback(failure)
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]
         self._stopping = False
         lb = self.lb
         self.children.startService()
@@ -368,7 +368,7 @@ class LBService(MultiService):
                 self.tls_reuseport = (t_iface, tls_sock.getsockname()[1], t_family)
             self._add_workers(section.workers - 1, (iface, port, family))
         else:
-            ep = serverFromString(self.reactor, with_backlog(section.listen, backlog))
+            ep = serverFromString(self.reactor, with_backlog(section.listen, backlog))  # type: ignore[no-untyped-call]
             self.ports.append(await ep.listen(factory))
         self.limit.watch(self.ports[-1])
         if section.tls_listen:
@@ -394,7 +394,7 @@ class LBService(MultiService):
                                                                tls_factory))
                 tsock.close()
             else:
-                ep = serverFromString(self.reactor, with_backlog(section.tls_listen, backlog))
+                ep = serverFromString(self.reactor, with_backlog(section.tls_listen, backlog))  # type: ignore[no-untyped-call]
                 self.ports.append(await ep.listen(tls_factory))
             self.tls_limit.watch(self.ports[-1])
         return self.ports
@@ -493,7 +493,7 @@ class RouterProcess(Service):
         self._old_sighup: Any = None
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]
         if hasattr(signal, "SIGHUP"):
             try:
                 self._old_sighup = signal.signal(signal.SIGHUP, self._on_sighup)
@@ -508,7 +508,7 @@ class RouterProcess(Service):
             prev(signum, frame)
 
     def stopService(self) -> None:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]
         if self._old_sighup is not None:
             try:
                 signal.signal(signal.SIGHUP, self._old_sighup)

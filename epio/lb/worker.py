@@ -44,7 +44,7 @@ def main() -> None:
                     certs=router_certs(node),
                     tls_reuseport=(tls[0], int(tls[1]), int(tls[2])) if tls else None)
     if node.store_service is not None:
-        node.store_service.setServiceParent(svc)
+        node.store_service.setServiceParent(svc)  # type: ignore[no-untyped-call]
     if sink_service is not None:
         sink_service.setServiceParent(svc)
     services: list[Service] = [svc, RouterProcess(reactor, svc)]
