@@ -135,7 +135,6 @@ class Request:
     forwarded: list[bytes] | None = None
     # the Authorization value ([basic_auth] apps); b"" when sent more than once
     authorization: bytes | None = None
-    head_size = 0
 
     @property
     def has_body(self) -> bool:
@@ -196,7 +195,6 @@ def parse_request(head: bytes) -> Request:
     req = Request()
     req.method = method
     req.version = minor
-    req.head_size = len(head) + 4
     abs_host = None
     if target[0] != 47:  # "/"
         if target[:7].lower() == b"http://" or target[:8].lower() == b"https://":
@@ -508,7 +506,3 @@ class ChunkedDecoder:
             return b""
         return None
 
-
-def chunk(data: bytes) -> bytes:
-    """Frame ``data`` as one chunk (small data: one bytes object)."""
-    return b"%x\r\n%b\r\n" % (len(data), data)

@@ -350,7 +350,7 @@ class BackendConn(Protocol):
         self.fast = is_fast(t)
         try:
             t.setTcpNoDelay(True)
-        except Exception:
+        except (AttributeError, OSError):  # not TCP: a UNIX socket, a test transport
             pass
         if self.fast and self.lb.mux is not None:
             self.mfd = self.lb.mux.adopt(t)
@@ -528,7 +528,7 @@ class ClientConn(Protocol):
         self.fast = is_fast(t)
         try:
             t.setTcpNoDelay(True)
-        except Exception:
+        except (AttributeError, OSError):  # not TCP: a UNIX socket, a test transport
             pass
         peer = t.getPeer()
         host = t.getHost()
@@ -1627,7 +1627,7 @@ class ClientConn(Protocol):
         self.down_reg = False
         try:
             self.transport.unregisterProducer()
-        except Exception:
+        except RuntimeError:  # none registered (StringTransport says so; sockets do not)
             pass
         if self.buffered:  # the body (sent or not) is of no more use
             self._drop_body()
@@ -1706,7 +1706,7 @@ class ClientConn(Protocol):
         self.down_reg = False
         try:
             self.transport.unregisterProducer()
-        except Exception:
+        except RuntimeError:  # none registered (StringTransport says so; sockets do not)
             pass
         as_json = req is not None and req.accept_json
         ctype, body = pages.render(status, code, message, as_json)
