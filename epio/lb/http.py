@@ -153,9 +153,27 @@ def _content_length(value: bytes, seen: int) -> int:
     return int(value)
 
 
-def _filter_connection_named(lines: list[bytes], names: list[bytes]) -> list[bytes]:
-    drop = set(names)
-    return [ln for ln in lines if ln[: ln.find(b":")].lower() not in drop]
+def _split_head(head: bytes) -> tuple[bytes, bytes]:
+    """A head's first line, and its header block with each line CRLF-terminated."""
+    nl = head.find(b"\r\n")
+    if nl < 0:
+        return head, b""
+    return head[:nl], head[nl + 2:] + b"\r\n"
+
+
+def _connection_tokens(value: bytes) -> list[bytes]:
+    lv = value.lower()
+    return [lv] if lv in _SIMPLE_CONN else _tokens(value)
+
+
+def _without_hop_by_hop(kept: list[bytes], conn: list[bytes]) -> list[bytes]:
+    """``kept`` without the headers a Connection header names (RFC 9110 7.6.1); called
+    only when it names more than keep-alive, close or upgrade (rare: the test is inline
+    in the callers, the per-request path)."""
+    drop = {c for c in conn if c not in _SIMPLE_CONN}
+    if not drop:
+        return kept
+    return [ln for ln in kept if ln[: ln.find(b":")].lower() not in drop]
 
 
 def check_request_line_length(buf: bytes) -> None:
@@ -166,59 +184,24 @@ def check_request_line_length(buf: bytes) -> None:
 
 
 def parse_request(head: bytes) -> Request:
-    """Parse a request head (without its final CRLFCRLF); raise :class:`HTTPError`."""
-    nl = head.find(b"\r\n")
-    if nl < 0:
-        line, block = head, b""
-    else:
-        line, block = head[:nl], head[nl + 2:] + b"\r\n"
+    """Parse a request head (without its final CRLFCRLF); raise :class:`HTTPError`.
+
+    The request line (:func:`_request_line`), then the header fields in one pass,
+    then what they mean together (:func:`_request_semantics`)."""
+    line, block = _split_head(head)
     if len(line) > MAX_REQUEST_LINE:
         raise BadMessage(414, "uri_too_long", "request line longer than 8 KiB")
     if len(head) - len(line) > MAX_HEADER_BYTES:
         raise BadMessage(431, "headers_too_large", "request headers larger than 16 KiB")
-    parts = line.split(b" ")
-    if len(parts) != 3:
-        raise BadMessage(400, "bad_request", "malformed request line")
-    method, target, version = parts
-    if version == b"HTTP/1.1":
-        minor = 1
-    elif version == b"HTTP/1.0":
-        minor = 0
-    elif version.startswith(b"HTTP/") and len(version) == 8 and version[5:6].isdigit():
-        raise BadMessage(505, "version_not_supported", "only HTTP/1.0 and HTTP/1.1 are served")
-    else:
-        raise BadMessage(400, "bad_request", "malformed request line")
-    if not _METHOD.fullmatch(method):
-        raise BadMessage(400, "bad_request", "malformed method")
-    if not _TARGET.fullmatch(target):
-        raise BadMessage(400, "bad_request", "malformed request target")
     req = Request()
-    req.method = method
-    req.version = minor
-    abs_host = None
-    if target[0] != 47:  # "/"
-        if target[:7].lower() == b"http://" or target[:8].lower() == b"https://":
-            rest = target[target.find(b"//") + 2:]
-            slash = rest.find(b"/")
-            abs_host = rest if slash < 0 else rest[:slash]
-            target = b"/" if slash < 0 else rest[slash:]
-            q = abs_host.find(b"?")
-            if q >= 0:
-                target = b"/" + abs_host[q:]
-                abs_host = abs_host[:q]
-            if b"@" in abs_host or not abs_host:
-                raise BadMessage(400, "bad_request", "malformed absolute request target")
-        elif not (target == b"*" and method == b"OPTIONS"):
-            if method == b"CONNECT":
-                raise BadMessage(405, "method_not_allowed", "CONNECT is not served")
-            raise BadMessage(400, "bad_request", "malformed request target")
-    req.target = target
+    abs_host = _request_line(req, line)
     if block and not _HEADER_BLOCK.fullmatch(block):
         raise BadMessage(400, "bad_request", "malformed header field")
     lines = block.split(b"\r\n")
     lines.pop()
     if len(lines) > MAX_HEADERS:
         raise BadMessage(431, "headers_too_large", "more than 100 request headers")
+    minor = req.version
     kept = []
     hosts = 0
     cl = -1
@@ -246,8 +229,7 @@ def parse_request(head: bytes) -> Request:
         elif kind == H_TE:
             te = (te or []) + _tokens(value)
         elif kind == H_CONN:
-            lv = value.lower()
-            conn = (conn or []) + ([lv] if lv in _SIMPLE_CONN else _tokens(value))
+            conn = (conn or []) + _connection_tokens(value)
         elif kind == H_UPGRADE:
             upgrade = value
         elif kind == H_ACCEPT:
@@ -274,6 +256,58 @@ def parse_request(head: bytes) -> Request:
             if req.forwarded is None:
                 req.forwarded = []
             req.forwarded.append(ln)
+    _request_semantics(req, kept, hosts, abs_host, cl, te, conn, upgrade)
+    return req
+
+
+def _request_line(req: Request, line: bytes) -> bytes | None:
+    """Set ``req``'s method, version and target from its request line; return the host
+    of an absolute-form target (``http://host/path``), else None."""
+    parts = line.split(b" ")
+    if len(parts) != 3:
+        raise BadMessage(400, "bad_request", "malformed request line")
+    method, target, version = parts
+    if version == b"HTTP/1.1":
+        minor = 1
+    elif version == b"HTTP/1.0":
+        minor = 0
+    elif version.startswith(b"HTTP/") and len(version) == 8 and version[5:6].isdigit():
+        raise BadMessage(505, "version_not_supported", "only HTTP/1.0 and HTTP/1.1 are served")
+    else:
+        raise BadMessage(400, "bad_request", "malformed request line")
+    if not _METHOD.fullmatch(method):
+        raise BadMessage(400, "bad_request", "malformed method")
+    if not _TARGET.fullmatch(target):
+        raise BadMessage(400, "bad_request", "malformed request target")
+    req.method = method
+    req.version = minor
+    abs_host = None
+    if target[0] != 47:  # "/"
+        if target[:7].lower() == b"http://" or target[:8].lower() == b"https://":
+            rest = target[target.find(b"//") + 2:]
+            slash = rest.find(b"/")
+            abs_host = rest if slash < 0 else rest[:slash]
+            target = b"/" if slash < 0 else rest[slash:]
+            q = abs_host.find(b"?")
+            if q >= 0:
+                target = b"/" + abs_host[q:]
+                abs_host = abs_host[:q]
+            if b"@" in abs_host or not abs_host:
+                raise BadMessage(400, "bad_request", "malformed absolute request target")
+        elif not (target == b"*" and method == b"OPTIONS"):
+            if method == b"CONNECT":
+                raise BadMessage(405, "method_not_allowed", "CONNECT is not served")
+            raise BadMessage(400, "bad_request", "malformed request target")
+    req.target = target
+    return abs_host
+
+
+def _request_semantics(req: Request, kept: list[bytes], hosts: int, abs_host: bytes | None,
+                       cl: int, te: list[bytes] | None, conn: list[bytes] | None,
+                       upgrade: bytes | None) -> None:
+    """What a request's header fields mean together: its host, its body framing, its
+    connection and upgrade; the header lines forwarded (``req.lines``)."""
+    minor = req.version
     if hosts > 1:
         raise BadMessage(400, "bad_request", "more than one Host header")
     if abs_host is not None:
@@ -305,15 +339,12 @@ def parse_request(head: bytes) -> Request:
         if upgrade is not None and b"upgrade" in conn:
             req.upgrade = upgrade
         if len(conn) > 1 or conn[0] not in _SIMPLE_CONN:
-            others = [c for c in conn if c not in _SIMPLE_CONN]
-            if others:
-                kept = _filter_connection_named(kept, others)
+            kept = _without_hop_by_hop(kept, conn)
     elif minor == 0:
         req.keep_alive = False
     if req.upgrade is not None and req.has_body:
         raise BadMessage(400, "bad_request", "upgrade request with a body")
     req.lines = kept
-    return req
 
 
 def valid_request_id(value: bytes) -> bool:
@@ -335,11 +366,7 @@ class Response:
 
 def parse_response(head: bytes) -> Response:
     """Parse a backend's response head (without the final CRLFCRLF)."""
-    nl = head.find(b"\r\n")
-    if nl < 0:
-        line, block = head, b""
-    else:
-        line, block = head[:nl], head[nl + 2:] + b"\r\n"
+    line, block = _split_head(head)
     m = _STATUS_LINE.fullmatch(line)
     if m is None:
         raise BadResponse("malformed status line")
@@ -379,8 +406,7 @@ def parse_response(head: bytes) -> Response:
         elif kind == H_TE:
             te = (te or []) + _tokens(value)
         elif kind == H_CONN:
-            lv = value.lower()
-            conn = (conn or []) + ([lv] if lv in _SIMPLE_CONN else _tokens(value))
+            conn = (conn or []) + _connection_tokens(value)
         elif kind == H_UPGRADE:
             resp.upgrade = value
     if te is not None:
@@ -400,9 +426,7 @@ def parse_response(head: bytes) -> Response:
         elif resp.version == 0 and b"keep-alive" not in conn:
             resp.keep_alive = False
         if len(conn) > 1 or conn[0] not in _SIMPLE_CONN:
-            others = [c for c in conn if c not in _SIMPLE_CONN]
-            if others:
-                kept = _filter_connection_named(kept, others)
+            kept = _without_hop_by_hop(kept, conn)
     elif resp.version == 0:
         resp.keep_alive = False
     resp.lines = kept
