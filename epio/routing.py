@@ -203,6 +203,18 @@ class _Index:
             d, k = self._slot(h)
             d[k] = route
 
+    def upsert(self, route: Route | LazyRoute) -> None:
+        """Put ``route`` in place of its app's current route, if any."""
+        old = self.apps.get(route.app)
+        if old is not None:
+            self.discard(old)
+        self.add(route)
+
+    def remove(self, app: str) -> None:
+        old = self.apps.get(app)
+        if old is not None:
+            self.discard(old)
+
     def discard(self, route: Route | LazyRoute) -> None:
         """Remove ``route``'s hostnames, leaving those another app has taken since."""
         if self.apps.get(route.app) is route:
@@ -311,10 +323,7 @@ class RouteTable:
         """Swap in a whole new table, built before the swap (pending deltas are dropped)."""
         new = _Index()
         for r in routes:
-            old = new.apps.get(r.app)
-            if old is not None:
-                new.discard(old)
-            new.add(r)
+            new.upsert(r)
         self._pending = []
         self._pos = 0
         if self._call is not None and self._call.active():
@@ -324,20 +333,9 @@ class RouteTable:
         self.version += 1
 
     def apply(self, delta: RouteDelta) -> None:
-        """Add, replace and remove routes by app; touches only their hostnames."""
-        if self.clock is None:
-            idx = self._index
-            for app in delta.remove:
-                old = idx.apps.get(app)
-                if old is not None:
-                    idx.discard(old)
-            for r in delta.upsert:
-                old = idx.apps.get(r.app)
-                if old is not None:
-                    idx.discard(old)
-                idx.add(r)
-            self.version += 1
-            return
+        """Add, replace and remove routes by app; touches only their hostnames.
+
+        Without a clock the delta is applied at once, else a slice per reactor turn."""
         self._pending.extend(("remove", app) for app in delta.remove)
         self._pending.extend(("upsert", r) for r in delta.upsert)
         self._pending.append(("version", None))
@@ -348,18 +346,16 @@ class RouteTable:
         self._call = None
         idx = self._index
         pending = self._pending
-        end = min(len(pending), self._pos + self.slice_size)
+        if self.clock is None:
+            end = len(pending)
+        else:
+            end = min(len(pending), self._pos + self.slice_size)
         for i in range(self._pos, end):
             op, item = pending[i]
             if op == "upsert":
-                old = idx.apps.get(item.app)
-                if old is not None:
-                    idx.discard(old)
-                idx.add(item)
+                idx.upsert(item)
             elif op == "remove":
-                old = idx.apps.get(item)
-                if old is not None:
-                    idx.discard(old)
+                idx.remove(item)
             else:
                 self.version += 1
         self._pos = end
