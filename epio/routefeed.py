@@ -23,12 +23,25 @@ feed process's publisher (:mod:`epio.lb.feed`).  :class:`NexusRouteSource`
 wires it to the bus and implements :class:`epio.routing.IRouteSource` for the
 ``lb`` role.  This module is on the
 shared floor because the router uses it and roles must not import roles.
+
+Each nexus's :class:`NexusLink` holds two small state machines (``TABLE`` and
+``SNAPSHOT``: every other move raises :class:`InvalidTransition`)::
+
+    table:     NONE --snapshot--> LIVE --silent for feed_timeout--> NONE
+
+    snapshot:  IDLE --ask--> ASKING --ask--> ASKING_AGAIN
+               ASKING, ASKING_AGAIN --answer--> IDLE   (ASKING_AGAIN then asks again)
+               ASKING, ASKING_AGAIN --failure--> RETRY --snapshot_retry / ask--> ASKING
+               ASKING, ASKING_AGAIN, RETRY --failure or stop, once stopped--> IDLE
+
+A link has a usable table (a ``version``) exactly while its table is LIVE.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 from attrs import define, field
@@ -294,25 +307,80 @@ class TableBuild:
         sink.table.replace(self.routes)
 
 
+class InvalidTransition(RuntimeError):
+    """A move a :class:`NexusLink` state machine does not have (a bug)."""
+
+
+class Table(Enum):
+    """Whether a link has a table of its nexus to merge."""
+
+    NONE = "none"  # no usable table: a snapshot comes first
+    LIVE = "live"  # a table, and its nexus heard within nexus.feed_timeout
+
+
+class Snapshot(Enum):
+    """A link's snapshot request (at most one on its way)."""
+
+    IDLE = "idle"
+    ASKING = "asking"  # a request on its way
+    ASKING_AGAIN = "asking again"  # on its way, and another wanted once it ends
+    RETRY = "retry"  # the last one failed: asking again after nexus.snapshot_retry
+
+
+TABLE: dict[Table, frozenset[Table]] = {
+    Table.NONE: frozenset({Table.LIVE}),
+    Table.LIVE: frozenset({Table.NONE}),
+}
+SNAPSHOT: dict[Snapshot, frozenset[Snapshot]] = {
+    Snapshot.IDLE: frozenset({Snapshot.ASKING}),
+    Snapshot.ASKING: frozenset({Snapshot.ASKING_AGAIN, Snapshot.IDLE, Snapshot.RETRY}),
+    Snapshot.ASKING_AGAIN: frozenset({Snapshot.IDLE, Snapshot.RETRY}),
+    Snapshot.RETRY: frozenset({Snapshot.ASKING, Snapshot.IDLE}),
+}
+
+
 @define(eq=False)
 class NexusLink:
-    """What the feed knows about one nexus (one entry of ``cluster.nexus``)."""
+    """What the feed knows about one nexus (one entry of ``cluster.nexus``); its two
+    state machines are drawn in the module docstring."""
 
     name: str
     router: str
     publish: str
     nexus_id: str | None = None
-    version: int | None = None  # None: no usable table (need a snapshot)
+    version: int | None = None  # the table's version while LIVE, else None
     routes: dict[str, dict[str, Any]] = field(factory=dict)
-    alive: bool = False  # has a table and was heard within the timeout
+    table: Table = Table.NONE
+    snapshot: Snapshot = Snapshot.IDLE
     last_heard: float | None = None
-    pending: bool = False  # a snapshot request is on its way
-    want_snapshot: bool = False  # ask again when the pending one ends
     buffered: list[dict[str, Any]] = field(factory=list)
     silence: Any = None  # DelayedCall
     retry: Any = None  # DelayedCall
     counters: Counter[str] = field(factory=Counter)
     failures_in_row: int = 0
+
+    @property
+    def alive(self) -> bool:
+        """It has a table and was heard within the timeout."""
+        return self.table is Table.LIVE
+
+    @property
+    def pending(self) -> bool:
+        """A snapshot request is on its way."""
+        return self.snapshot is Snapshot.ASKING or self.snapshot is Snapshot.ASKING_AGAIN
+
+    def to_table(self, new: Table) -> None:
+        if new is not self.table:
+            if new not in TABLE[self.table]:
+                raise InvalidTransition(f"{self.name}: table {self.table.value} -> {new.value}")
+            self.table = new
+
+    def to_snapshot(self, new: Snapshot) -> None:
+        if new is not self.snapshot:
+            if new not in SNAPSHOT[self.snapshot]:
+                raise InvalidTransition(
+                    f"{self.name}: snapshot {self.snapshot.value} -> {new.value}")
+            self.snapshot = new
 
     def status(self, now: float) -> dict[str, Any]:
         return {
@@ -390,6 +458,8 @@ class RouteFeed:
                 if call is not None and call.active():
                     call.cancel()
             link.silence = link.retry = None
+            if link.snapshot is Snapshot.RETRY:
+                link.to_snapshot(Snapshot.IDLE)
 
     def refresh(self) -> None:
         """Ask every nexus for a fresh snapshot (SIGHUP)."""
@@ -427,12 +497,12 @@ class RouteFeed:
             if link.version is not None and version > link.version:
                 self._gap(link, f"keepalive at version {version}, holding {link.version}")
                 self.request_snapshot(link)
-            elif link.version is None or not link.alive:
+            elif not link.alive:
                 self.request_snapshot(link)
             return
         if type != "nexus.delta":
             return
-        if link.pending or link.version is None:
+        if link.pending or link.version is None:  # not LIVE, or a snapshot due
             link.buffered.append(dict(body))
             if not link.pending:
                 self.request_snapshot(link)
@@ -481,13 +551,12 @@ class RouteFeed:
         if not self._running:
             return
         if link.pending:
-            link.want_snapshot = True
+            link.to_snapshot(Snapshot.ASKING_AGAIN)
             return
         if link.retry is not None and link.retry.active():
             link.retry.cancel()
         link.retry = None
-        link.pending = True
-        link.want_snapshot = False
+        link.to_snapshot(Snapshot.ASKING)
         link.counters["snapshot_requests"] += 1
         try:
             d = self._request(link)
@@ -502,10 +571,11 @@ class RouteFeed:
                                                 name=link.name))
 
     def _snapshot_failed(self, link: NexusLink, f: Failure) -> None:
-        link.pending = False
         link.buffered = []  # bounded: only deltas of one snapshot wait are kept
         if not self._running:
+            link.to_snapshot(Snapshot.IDLE)
             return
+        link.to_snapshot(Snapshot.RETRY)
         link.counters["snapshot_failures"] += 1
         link.failures_in_row += 1
         warming = f.check(RemoteError) is not None and getattr(f.value, "code", "") == "warming_up"  # type: ignore[no-untyped-call]
@@ -524,14 +594,16 @@ class RouteFeed:
         self.request_snapshot(link)
 
     def _snapshot(self, link: NexusLink, body: Mapping[str, Any]) -> None:
-        link.pending = False
+        again = link.snapshot is Snapshot.ASKING_AGAIN
         if not self._running:
+            link.to_snapshot(Snapshot.IDLE)
             return
         nexus_id, version, routes = body.get("nexus_id"), body.get("version"), body.get("routes")
         if not isinstance(nexus_id, str) or not isinstance(version, int) \
                 or not isinstance(routes, list):
             self._snapshot_failed(link, Failure(ValueError("malformed nexus.snapshot")))  # type: ignore[no-untyped-call]
             return
+        link.to_snapshot(Snapshot.IDLE)
         link.counters["snapshots"] += 1
         link.failures_in_row = 0
         link.nexus_id = nexus_id
@@ -547,11 +619,11 @@ class RouteFeed:
             if delta.get("prev_version") != link.version:
                 self._gap(link, f"buffered delta {delta.get('prev_version')}->"
                                 f"{delta['version']}, holding {link.version}")
-                link.want_snapshot = True
+                again = True
                 break
             self._apply_delta(link, delta)
         was_alive = link.alive
-        link.alive = True
+        link.to_table(Table.LIVE)
         self.ever_live = True
         waiters, self._live_waiters = self._live_waiters, []
         for d in waiters:
@@ -571,7 +643,7 @@ class RouteFeed:
                           version=version, routes=len(link.routes))
         self._remerge(None)
         self._state_changed()
-        if link.want_snapshot:
+        if again and link.snapshot is Snapshot.IDLE:  # none asked meanwhile
             self.request_snapshot(link)
 
     def _state_changed(self) -> None:
@@ -594,7 +666,7 @@ class RouteFeed:
         if not self._running:
             return
         was_alive = link.alive
-        link.alive = False
+        link.to_table(Table.NONE)
         link.version = None  # whatever it says next, take a snapshot first
         link.buffered = []
         if was_alive:

@@ -31,7 +31,7 @@ from epio.lb.feed import (
     feed_socket_path,
     private_dir_problem,
 )
-from epio.routefeed import NexusLink, RouteFeed
+from epio.routefeed import InvalidTransition, NexusLink, RouteFeed, Snapshot, Table, TableSink
 from epio.routing import IRouteSource, Route, RouteTable
 
 
@@ -395,3 +395,58 @@ class SocketPathTests(SynchronousTestCase):
         self.addCleanup(os.rmdir, path.parent)
         self.assertLessEqual(len(os.fsencode(path)), 100)
         self.assertEqual(stat.S_IMODE(os.stat(path.parent).st_mode), 0o700)
+
+
+class NexusLinkStateTests(SynchronousTestCase):
+    """A link's table and snapshot request move only along the drawn transitions."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.link = NexusLink("nexus[0]", "tcp://r:1", "tcp://p:1")
+        self.asked: list[Deferred[Any]] = []
+        self.feed = RouteFeed(self.clock, [self.link], self.request, feed_timeout=2.0,
+                              snapshot_retry=0.5)
+
+    def request(self, link: NexusLink) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.asked.append(d)
+        return d
+
+    def test_invalid_transitions_raise(self) -> None:
+        """A move the machines do not have is a bug, and says so."""
+        link = NexusLink("nexus[0]", "tcp://r:1", "tcp://p:1")
+        with self.assertRaises(InvalidTransition):
+            link.to_snapshot(Snapshot.ASKING_AGAIN)  # nothing on its way to ask again
+        with self.assertRaises(InvalidTransition):
+            link.to_snapshot(Snapshot.RETRY)  # nothing failed
+        link.to_snapshot(Snapshot.ASKING)
+        link.to_snapshot(Snapshot.RETRY)
+        with self.assertRaises(InvalidTransition):
+            link.to_snapshot(Snapshot.ASKING_AGAIN)
+        link.to_table(Table.LIVE)
+        link.to_table(Table.NONE)
+        self.assertEqual((link.table, link.snapshot), (Table.NONE, Snapshot.RETRY))
+
+    def test_ask_again_answer_fail_retry_silence(self) -> None:
+        """Asked while asking: one more request once the answer came; a failure waits
+        snapshot_retry; an answer makes the table LIVE; silence makes it NONE and asks."""
+        self.feed.start(TableSink(RouteTable("localhost")))
+        link = self.link
+        self.assertEqual((link.snapshot, len(self.asked)), (Snapshot.ASKING, 1))
+        self.feed.refresh()  # SIGHUP while the first is on its way
+        self.assertEqual((link.snapshot, len(self.asked)), (Snapshot.ASKING_AGAIN, 1))
+        self.asked[0].callback({"nexus_id": "n1", "version": 3, "routes": []})
+        self.assertEqual((link.table, link.version), (Table.LIVE, 3))
+        self.assertEqual((link.snapshot, len(self.asked)), (Snapshot.ASKING, 2))
+        self.asked[1].errback(ValueError("no answer"))
+        self.assertEqual(link.snapshot, Snapshot.RETRY)
+        self.clock.advance(0.5)
+        self.assertEqual((link.snapshot, len(self.asked)), (Snapshot.ASKING, 3))
+        self.asked[2].callback({"nexus_id": "n1", "version": 4, "routes": []})
+        self.assertEqual((link.table, link.snapshot), (Table.LIVE, Snapshot.IDLE))
+        self.clock.advance(2.0)  # silent for feed_timeout
+        self.assertEqual((link.table, link.version), (Table.NONE, None))
+        self.assertEqual((link.snapshot, len(self.asked)), (Snapshot.ASKING, 4))
+        self.feed.stop()
+        self.asked[3].errback(ValueError("stopped"))
+        self.assertEqual(link.snapshot, Snapshot.IDLE)
