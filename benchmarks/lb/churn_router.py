@@ -28,7 +28,8 @@ def main() -> None:
     from twisted.internet import reactor
     from twisted.internet.task import LoopingCall
 
-    from epio.lb.service import LBService
+    from epio.config import load_config
+    from epio.lb.service import LBService, RouterProcess
     from epio.routing import Backend, Route, RouteDelta, StaticRouteSource
 
     bench = Route("bench", ["bench.example.com"], [Backend("127.0.0.1", args.backend)])
@@ -38,9 +39,11 @@ def main() -> None:
                      [Backend("127.0.0.1", 20000 + (i + gen) % 1000, instance_id=f"i{i}-{gen}")])
 
     routes = [bench] + [app_route(i, 0) for i in range(args.routes)]
-    svc = LBService(reactor, {"listen": "tcp:0:interface=127.0.0.1", "access_log": "off"},
-                    "localhost", StaticRouteSource(routes))
+    settings = load_config(None, {"lb": {"listen": "tcp:0:interface=127.0.0.1",
+                                         "access_log": "off"}}).settings.lb
+    svc = LBService(reactor, settings, "localhost", StaticRouteSource(routes))
     svc.startService()
+    RouterProcess(reactor, svc).startService()  # GC tuned as in any router process
     gen = [0]
     building: list[int] = []
 
