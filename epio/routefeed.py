@@ -53,7 +53,15 @@ from zope.interface import implementer
 
 from epio.basicauth import BasicAuth
 from epio.bus.errors import RemoteError
-from epio.routing import Backend, IRouteSource, LazyRoute, Route, RouteDelta, RouteTable
+from epio.routing import (
+    Backend,
+    InvalidTransition,
+    IRouteSource,
+    LazyRoute,
+    Route,
+    RouteDelta,
+    RouteTable,
+)
 
 if TYPE_CHECKING:
     from epio.node import Node
@@ -305,10 +313,6 @@ class TableBuild:
             self.known = {app: m for app, m in sink._known.items() if app in apps}
         sink._known = self.known
         sink.table.replace(self.routes)
-
-
-class InvalidTransition(RuntimeError):
-    """A move a :class:`NexusLink` state machine does not have (a bug)."""
 
 
 class Table(Enum):

@@ -32,6 +32,11 @@ from epio.basicauth import BasicAuth
 HEALTHY = "healthy"
 
 
+class InvalidTransition(RuntimeError):
+    """A move a state machine of the router does not have (a bug): a client
+    connection's (:mod:`epio.lb.proxy`), a nexus link's (:mod:`epio.routefeed`)."""
+
+
 @frozen
 class Backend:
     """One instance of an app that can take requests at ``host:port``."""

@@ -52,7 +52,7 @@ from epio.lb.http import (
 )
 from epio.lb.observe import Observer
 from epio.listen import ConnectionLimit
-from epio.routing import Route, RouteTable, static_token
+from epio.routing import InvalidTransition, Route, RouteTable, static_token
 
 SWEEP_INTERVAL = 0.5
 PIPELINE_BUFFER = 65536  # bytes of a client's next requests held before reading pauses
@@ -61,8 +61,18 @@ SPOOL_CHUNK = 65536  # bytes read from a spooled body per write to the backend
 # Retry-After (seconds) of a 503 spool_full: the spool frees as bodies reach their apps
 SPOOL_FULL_RETRY_AFTER = 5
 
-# client connection states (C_BODY: a request body being buffered before dispatch)
-C_HEAD, C_WAIT, C_PROXY, C_TUNNEL, C_CLOSED, C_LINGER, C_BODY = range(7)
+# client connection states (C_BODY: a request body being buffered before dispatch),
+# one bit each, so that a move is checked with one AND (drawn in ClientConn's docstring)
+C_HEAD, C_WAIT, C_PROXY, C_TUNNEL, C_CLOSED, C_LINGER, C_BODY = (1 << i for i in range(7))
+C_NAMES = {C_HEAD: "HEAD", C_WAIT: "WAIT", C_PROXY: "PROXY", C_TUNNEL: "TUNNEL",
+           C_CLOSED: "CLOSED", C_LINGER: "LINGER", C_BODY: "BODY"}
+# INTO_X: the states a client connection may move to X from (any may move to C_CLOSED)
+INTO_HEAD = C_HEAD | C_BODY | C_WAIT | C_PROXY | C_TUNNEL
+INTO_BODY = C_HEAD
+INTO_WAIT = C_HEAD | C_BODY | C_WAIT | C_PROXY
+INTO_PROXY = C_WAIT
+INTO_TUNNEL = C_PROXY
+INTO_LINGER = C_HEAD | C_BODY | C_WAIT | C_PROXY | C_TUNNEL | C_LINGER
 # after answering and half-closing, unread client bytes are read and dropped for at
 # most this long, so that closing does not RST away the answer (lingering close)
 LINGER_SECONDS = 2.0
@@ -450,7 +460,21 @@ class BackendConnector(ClientFactory):
 
 @implementer(IPushProducer)
 class ClientConn(Protocol):
-    """One client connection; runs its requests one at a time, in order."""
+    """One client connection; runs its requests one at a time, in order.
+
+    Its ``state`` moves only along these arrows (the ``INTO_*`` masks; any other move
+    raises :class:`InvalidTransition`)::
+
+        HEAD ---------- request ---------------> WAIT --backend connection--> PROXY
+        HEAD --body to read first--> BODY --read--> WAIT                        |
+        PROXY --reused connection closed unanswered: retry--> WAIT              |
+        PROXY --101 Switching Protocols--> TUNNEL                               |
+        HEAD, BODY, WAIT, PROXY, TUNNEL --answered, keep-alive--> HEAD  <-------+
+        HEAD, BODY, WAIT, PROXY, TUNNEL --answered, closing-----> LINGER
+        any --lost or aborted--> CLOSED
+
+    (BODY: a request body read whole before a backend is picked; LINGER: answered and
+    half-closed, dropping what the client still sends.)  A move costs one AND."""
 
     log = Logger()
     transport: Any
@@ -590,6 +614,10 @@ class ClientConn(Protocol):
         if lb.stopping:
             lb._check_drained()
 
+    def _bad_move(self, new: int) -> None:
+        raise InvalidTransition(
+            f"client connection: {C_NAMES[self.state]} -> {C_NAMES[new]}")
+
     def close(self) -> None:
         if self.state != C_CLOSED and self.transport is not None:
             if self.mfd >= 0:
@@ -600,6 +628,8 @@ class ClientConn(Protocol):
         """Send what is buffered, half-close, then drop whatever the client still sends."""
         t = self.transport
         self.buf = b""
+        if not self.state & INTO_LINGER:
+            self._bad_move(C_LINGER)
         self.state = C_LINGER
         lwc = getattr(t, "loseWriteConnection", None)
         if lwc is None or not self.fast:
@@ -919,6 +949,8 @@ class ClientConn(Protocol):
     def _send(self, st: BackendState, now: float) -> None:
         """Dispatch the request to ``st`` now, or queue it there (or 503)."""
         lb = self.lb
+        if not self.state & INTO_WAIT:
+            self._bad_move(C_WAIT)
         self.state = C_WAIT
         self.deadline = 0.0
         if st.outstanding >= lb.s.backend_max_conns:
@@ -939,6 +971,8 @@ class ClientConn(Protocol):
     def _begin_body(self, req: Request, rest: bytes, now: float) -> None:
         """Read the whole body at the router, under its deadline, before any backend is
         chosen: an app server only ever sees a complete request."""
+        if not self.state & INTO_BODY:
+            self._bad_move(C_BODY)
         self.state = C_BODY
         self.buffered = True
         self.body_done = False
@@ -1128,6 +1162,8 @@ class ClientConn(Protocol):
         self.bconn = bc
         bc.client = self
         bc.used += 1
+        if not self.state & INTO_PROXY:
+            self._bad_move(C_PROXY)
         self.state = C_PROXY
         self.t_conn = now or lb.reactor.seconds()
         lines = req.lines
@@ -1524,6 +1560,8 @@ class ClientConn(Protocol):
         self.r_started = True
         self.r_status = 101
         self.rmode = R_TUNNEL
+        if not self.state & INTO_TUNNEL:
+            self._bad_move(C_TUNNEL)
         self.state = C_TUNNEL
         self.r_reusable = False
         self.write(b"".join(parts))
@@ -1591,6 +1629,8 @@ class ClientConn(Protocol):
             return
         # the exchange fields are reset by the next start(); only the state changes here
         self.req = None
+        if not self.state & INTO_HEAD:
+            self._bad_move(C_HEAD)
         self.state = C_HEAD
         self.deadline = self._now + self.lb.s.keepalive_timeout
         self.head_started = 0.0
@@ -1647,6 +1687,8 @@ class ClientConn(Protocol):
         if mode == R_TUNNEL:
             self._log(101, "")
             self._release()
+            if not self.state & INTO_HEAD:
+                self._bad_move(C_HEAD)
             self.state = C_HEAD
             self.close()
             return
@@ -1659,6 +1701,8 @@ class ClientConn(Protocol):
                 # a reused pooled connection the backend had closed: try once more
                 self.retried = True
                 st = self.bs
+                if not self.state & INTO_WAIT:
+                    self._bad_move(C_WAIT)
                 self.state = C_WAIT
                 self.rbuf = b""
                 self.attempts += 1

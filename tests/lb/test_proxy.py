@@ -12,8 +12,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from epio.lb.observe import Observer
-from epio.lb.proxy import C_HEAD, LB, LBFactory, Settings
-from epio.routing import Backend, Route, RouteTable
+from epio.lb.proxy import C_HEAD, C_TUNNEL, LB, LBFactory, Settings
+from epio.routing import Backend, InvalidTransition, Route, RouteTable
 
 GET = b"GET / HTTP/1.1\r\nHost: a.example.com\r\n\r\n"
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -359,3 +359,33 @@ class SettingsTests(SynchronousTestCase):
                                        "trusted_proxies": ["10.0.0.1"]}}).settings.lb
         s = Settings.from_settings(lb)
         self.assertEqual((s.connect_timeout, s.trusted_proxies), (1.5, ("10.0.0.1",)))
+
+
+class ClientStateTests(SynchronousTestCase):
+    """A client connection's state moves only along the drawn transitions."""
+
+    def test_a_closed_connection_never_reads_another_request(self) -> None:
+        """Once lost, a connection cannot go back to reading heads (or anything else)."""
+        h = Harness([Backend("10.0.0.1", 1)])
+        c, t = h.client()
+        c.dataReceived(GET)
+        bp, bt, _ = h.accept()
+        bp.dataReceived(OK)
+        self.assertEqual(c.state, C_HEAD)
+        c.connectionLost(None)
+        with self.assertRaises(InvalidTransition) as caught:
+            c._next()
+        self.assertEqual(str(caught.exception), "client connection: CLOSED -> HEAD")
+
+    def test_a_tunnel_never_reads_a_request_body(self) -> None:
+        """Only a connection reading a request head (HEAD) goes on to read its body."""
+        h = Harness([Backend("10.0.0.1", 1)])
+        c, t = h.client()
+        c.dataReceived(b"GET /ws HTTP/1.1\r\nHost: a.example.com\r\nConnection: Upgrade\r\n"
+                       b"Upgrade: websocket\r\n\r\n")
+        bp, bt, _ = h.accept()
+        bp.dataReceived(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+                        b"Upgrade: websocket\r\n\r\n")
+        self.assertEqual(c.state, C_TUNNEL)
+        with self.assertRaises(InvalidTransition):
+            c._begin_body(c.req, b"", 0.0)
