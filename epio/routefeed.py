@@ -254,6 +254,12 @@ class TableSink:
         """A whole table built route by route (in slices), swapped in by ``commit()``."""
         return TableBuild(self)
 
+    def swap(self, routes: list[Any], known: dict[str, dict[tuple[Any, ...], Backend]]) -> None:
+        """Replace the table with ``routes`` (a :class:`TableBuild`'s), whose Backends
+        are ``known``."""
+        self._known = known
+        self.table.replace(routes)
+
     def apply(self, upsert: Iterable[Mapping[str, Any]], remove: Iterable[str]) -> None:
         """Routes set (whole routes, by app) and apps removed."""
         remove = tuple(remove)
@@ -311,8 +317,7 @@ class TableBuild:
         if sink.lazy:  # built later: keep the Backends of the apps still there
             apps = {r.app for r in self.routes}
             self.known = {app: m for app, m in sink._known.items() if app in apps}
-        sink._known = self.known
-        sink.table.replace(self.routes)
+        sink.swap(self.routes, self.known)
 
 
 class Table(Enum):
@@ -429,8 +434,8 @@ class RouteFeed:
         self.counters: Counter[str] = Counter()
         self._running = False
         # called after a nexus joined or left the merge (the feed process tells its
-        # routers at once rather than at its next status)
-        self.on_state: Callable[[], None] | None = None
+        # routers at once rather than at its next status): see observe_state()
+        self._state_observers: list[Callable[[], None]] = []
         self._live_waiters: list[Deferred[None]] = []
 
     # -- life -----------------------------------------------------------------
@@ -650,12 +655,16 @@ class RouteFeed:
         if again and link.snapshot is Snapshot.IDLE:  # none asked meanwhile
             self.request_snapshot(link)
 
+    def observe_state(self, observer: Callable[[], None]) -> None:
+        """Call ``observer()`` whenever a nexus joins or leaves the merge."""
+        self._state_observers.append(observer)
+
     def _state_changed(self) -> None:
-        if self.on_state is not None:
+        for observer in self._state_observers:
             try:
-                self.on_state()
+                observer()
             except Exception:
-                self.log.failure("route feed state callback failed")
+                self.log.failure("route feed state observer failed")
 
     # -- liveness ---------------------------------------------------------------------
 

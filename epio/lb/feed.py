@@ -167,7 +167,7 @@ class FeedPublisher(Factory):
     def __init__(self, feed: RouteFeed, clock: Any = None, interval: float = 0.0) -> None:
         self.feed = feed
         self.routers: list[_RouterConnection] = []
-        feed.on_state = self.send_status  # a nexus joined or left: tell the routers now
+        feed.observe_state(self.send_status)  # a nexus joined or left: tell the routers now
         # lb.feed_interval: the first change after a quiet interval leaves at once, the
         # ones that follow within it wait and leave together, one frame per interval
         self.clock = clock
@@ -261,8 +261,10 @@ class FeedPublisher(Factory):
 
 class _FeedConnection(Int32StringReceiver):
     MAX_LENGTH = MAX_FRAME
-    source: FeedProcessSource
     transport: Any
+
+    def __init__(self, source: FeedProcessSource) -> None:
+        self.source = source
 
     def connectionMade(self) -> None:
         self.source._connected(self)
@@ -284,9 +286,7 @@ class _FeedConnectionFactory(Factory):
         self.source = source
 
     def buildProtocol(self, addr: Any) -> _FeedConnection:
-        p = _FeedConnection()
-        p.source = self.source
-        return p
+        return _FeedConnection(self.source)
 
 
 @implementer(IRouteSource)

@@ -237,7 +237,7 @@ class LBService(MultiService):
                  tls_reuseport: tuple[str, int, int] | None = None) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.reactor = reactor
-        self.section = settings
+        self.lb_settings = settings
         self.settings = Settings.from_settings(settings)
         self.table = RouteTable(domain, clock=reactor)
         self.route_source = route_source  # an IRouteSource, or None
@@ -307,7 +307,7 @@ class LBService(MultiService):
         else:
             self.log.warn("router has no route source: every host answers 404")
         for interval, fn in ((SWEEP_INTERVAL, lb.sweep), (FLUSH_INTERVAL, lb.observer.flush),
-                             (self.section.stats_interval, lb.observer.flush_stats)):
+                             (self.lb_settings.stats_interval, lb.observer.flush_stats)):
             loop = LoopingCall(self._guard, fn)
             loop.clock = self.reactor
             loop.start(interval, now=False)
@@ -325,7 +325,7 @@ class LBService(MultiService):
         A router that listened before it had routes would answer 404 for every app
         until its first table came (docs/router.md, "Routes")."""
         when_ready = getattr(self.route_source, "when_ready", None)
-        wait = self.section.routes_wait
+        wait = self.lb_settings.routes_wait
         if when_ready is None or wait <= 0:
             return
         ready = self._waiting_routes = when_ready()
@@ -347,7 +347,7 @@ class LBService(MultiService):
         await self._routes_ready()
         if self._stopping:  # stopped while waiting for routes: never listen
             return self.ports
-        section = self.section
+        section = self.lb_settings
         tls_sock: socket.socket | None = None  # the parent's, with lb.workers > 1
         factory = LBFactory(self.lb, b"http", self.limit)
         backlog = log_backlog("router", section.backlog)
