@@ -487,6 +487,8 @@ class RouterProcess(Service):
       otherwise triggers a full collection every second or so, a 15-40 ms pause;
       docs/router.md)."""
 
+    name = "lb-process"  # beside the roles in the node's tree ("service lb-process started")
+
     def __init__(self, reactor: Any, router: LBService) -> None:
         self.reactor = reactor
         self.router = router

@@ -486,5 +486,25 @@ class GracefulStopTests(RouterTestCase):
         with self.assertRaises(ConnectionRefusedError):
             await raw_client(port)
 
+    async def test_stop_order(self) -> None:
+        """LBService stops in its drawn order: the listener first, then the in-flight
+        requests drain with routes still followed, then the route source stops."""
+        b = await self.backend()
+        svc, port = await start_router([simple_route("a", b)])
+        busy = await raw_client(port)
+        busy.send(get("a.example.com", "/slow?0.3"))
+        await wait_until(lambda: len(b.requests) == 1)
+        d = svc.stopService()
+        await wait_until(lambda: not svc.ports, what="listener closed")
+        with self.assertRaises(ConnectionRefusedError):
+            await raw_client(port)
+        self.assertFalse(d.called)  # still draining
+        self.assertIsNotNone(svc.route_source.table)  # routes followed while draining
+        status, _, _ = await busy.response()
+        self.assertEqual(status, 200)
+        await d
+        self.assertIsNone(svc.route_source.table)
+        self.assertFalse(svc.children.running)
+
 
 del RBackend
