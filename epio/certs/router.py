@@ -23,7 +23,7 @@ from epio.certs import records
 from epio.certs.crypto import CertificateError, load_chain, unseal
 
 if TYPE_CHECKING:
-    from epio.config import Config
+    from epio.config import Settings
     from epio.node import Node
 
 CHALLENGE_PREFIX = b"/.well-known/acme-challenge/"
@@ -170,17 +170,18 @@ class RouterCerts:
         return entry[1] if entry[0] == bare else None
 
 
-def needs_store(cfg: Config) -> bool:
-    """Whether a router with this config follows the store's certificates: it serves TLS
-    or ACME is configured, and it is fed by the cluster (not a standalone ``--routes``)."""
-    lb = cfg.settings.lb
-    return not lb.routes_file and bool(lb.tls_listen or cfg.settings.acme.directory)
+def needs_store(settings: Settings) -> bool:
+    """Whether a router with these settings follows the store's certificates: it serves
+    TLS or ACME is configured, and it is fed by the cluster (not a standalone
+    ``--routes``)."""
+    lb = settings.lb
+    return not lb.routes_file and bool(lb.tls_listen or settings.acme.directory)
 
 
 def router_certs(node: Node) -> RouterCerts | None:
     """The :class:`RouterCerts` of a router process of ``node`` (see :func:`needs_store`),
     or None."""
-    if node.store_service is None or not needs_store(node.config):
+    if node.store_service is None or not needs_store(node.settings):
         return None
     store_service = node.store_service
     return RouterCerts(node.reactor, store_service.whenReady, node.secret,

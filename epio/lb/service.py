@@ -31,12 +31,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.runner.procmon import ProcessMonitor
 
-from epio.config import Config
+from epio.config import Config, Settings
 from epio.config.settings import LbSettings
 from epio.lb.fastio import ReadMux
 from epio.lb.feed import FEED_RESTART
 from epio.lb.observe import FileLogSink, Observer
-from epio.lb.proxy import LB, SWEEP_INTERVAL, LBFactory, Settings
+from epio.lb.proxy import LB, SWEEP_INTERVAL, LBFactory
+from epio.lb.proxy import Settings as ProxySettings
 from epio.listen import ConnectionLimit, log_backlog, with_backlog
 from epio.node import Node
 from epio.routing import FileRouteSource, RouteTable
@@ -60,12 +61,12 @@ def die_with_parent() -> None:
         sys.exit(0)
 
 
-def start_child(variable: str, store_if: Callable[[Config], bool] | None = None,
+def start_child(variable: str, store_if: Callable[[Settings], bool] | None = None,
                 ) -> tuple[Any, dict[str, Any], Node]:
     """The start of a router child process (a worker, the route feed process): die with
     the parent, log to stdout (the parent relays the lines), read the JSON spec from the
     environment ``variable``; returns the reactor, the spec and the prepared node, with a
-    store service of its own when ``store_if(config)`` says it needs one."""
+    store service of its own when ``store_if(settings)`` says it needs one."""
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
     from epio.config import validate
@@ -78,7 +79,7 @@ def start_child(variable: str, store_if: Callable[[Config], bool] | None = None,
     globalLogBeginner.beginLoggingTo([observer])
     config = validate(spec["config"])
     store = None
-    if store_if is not None and store_if(config):
+    if store_if is not None and store_if(config.settings):
         from epio.store import StoreService
 
         def store(c: Config, d: Path) -> StoreService:
@@ -238,7 +239,7 @@ class LBService(MultiService):
         super().__init__()  # type: ignore[no-untyped-call]
         self.reactor = reactor
         self.lb_settings = settings
-        self.settings = Settings.from_settings(settings)
+        self.settings = ProxySettings.from_settings(settings)
         self.table = RouteTable(domain, clock=reactor)
         self.route_source = route_source  # an IRouteSource, or None
         access = settings.access_log
