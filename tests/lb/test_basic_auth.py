@@ -90,12 +90,11 @@ class CheckTests(SynchronousTestCase):
 
 class ProxyTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.h = Harness([Backend("10.0.0.1", 1)])
+        self.h = Harness([Backend("10.0.0.1", 1)], static_secret=b"k" * 32)
         route = Route("a", ["a.example.com"], [Backend("10.0.0.1", 1)],
                       static_prefixes=("/static",),
                       static_backends=(Backend("10.0.0.9", 9),), basic_auth=protected())
         self.h.table.replace([route])
-        self.h.lb.static_secret = b"k" * 32
 
     def ask(self, path: bytes, authorization: bytes | None = None) -> bytes:
         c, t = self.h.client()

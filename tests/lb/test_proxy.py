@@ -22,13 +22,13 @@ OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 class Harness:
     def __init__(self, backends: list[Backend], route: dict[str, Any] | None = None,
                  spool_dir: str | None = None, open_file: Any = None,
-                 **settings: Any) -> None:
+                 static_secret: bytes = b"", **settings: Any) -> None:
         self.clock = MemoryReactorClock()
         self.table = RouteTable("localhost", [Route("a", ["a.example.com"], backends,
                                                     **(route or {}))])
         self.observer = Observer(None, None, enabled=True)
         self.lb = LB(self.clock, self.table, Settings(**settings), self.observer,
-                     spool_dir=spool_dir,
+                     spool_dir=spool_dir, static_secret=static_secret,
                      **({"open_file": open_file} if open_file is not None else {}))
         self.factory = LBFactory(self.lb)
         self.next_connect = 0
