@@ -25,6 +25,9 @@ _state: dict[str, str] = {}
 def pytest_sessionstart(session: Any) -> None:
     _state["cwd"] = os.getcwd()
     _state["workdir"] = tempfile.mkdtemp(prefix="epio-tests-")
+    # searchable (not listable) by others, like any data dir's parent: a root runner
+    # refuses a data dir its build and app users cannot reach (mkdtemp makes 0700)
+    os.chmod(_state["workdir"], 0o711)
     os.chdir(_state["workdir"])
 
 

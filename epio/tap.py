@@ -9,7 +9,6 @@ in the log instead of pretending to work.
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -131,11 +130,6 @@ class NodeService(MultiService):
         else:
             self.log.info("open files limit (RLIMIT_NOFILE) {after} (hard limit {hard})",
                           after=after, hard=hard)
-        from epio.node import reach_problem
-
-        problem = reach_problem(self.node.data_dir, self.node.roles, os.geteuid())
-        if problem is not None:  # at start, not at the first deploy
-            self.log.error("{problem}", problem=problem)
         super().startService()
         for svc in self:
             self.log.info("service {name} started", name=svc.name)

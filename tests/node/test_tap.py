@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import stat
 from pathlib import Path
 
@@ -65,7 +66,8 @@ class NodeTests(SynchronousTestCase):
         """First start creates the data dir and a 0600 cluster secret; later starts reuse it."""
         options = Options()
         data = Path(self.mktemp()) / "nested" / "data"
-        options.parseOptions(["--data-dir", str(data)])
+        # no runner: as root, one would refuse the test dir's 0700 parents (see below)
+        options.parseOptions(["--role=api", "--data-dir", str(data)])
         node = Node.prepare(None, options["config_obj"], options["roles"])
         secret_path = data / "cluster-secret"
         self.assertTrue(data.is_dir())
@@ -74,10 +76,11 @@ class NodeTests(SynchronousTestCase):
         again = Node.prepare(None, options["config_obj"], options["roles"])
         self.assertEqual(again.secret, node.secret)
 
-    def test_unreachable_data_dir_said_at_start(self) -> None:
+    def test_unreachable_data_dir_refused(self) -> None:
         """A root node with the runner role whose data dir other users cannot reach (a
-        clone in root's 0700 home) says so, with the fix, when it starts -- not at the
-        first deploy; not for a non-root node or one without the runner role."""
+        clone in root's 0700 home) refuses to start, saying which directory is closed and
+        both fixes, and creates nothing under that home; a non-root node or one without
+        the runner role starts there; once the home is searchable the root runner starts."""
         import shutil
         import tempfile
 
@@ -91,15 +94,52 @@ class NodeTests(SynchronousTestCase):
         home.chmod(0o700)
         data = home / "epio" / "epio-data"
         all_roles = frozenset(ROLES)
-        self.assertEqual(reach_problem(data, all_roles, 0), (
+        sentence = (
             f"the build and app users cannot reach the data dir {data}: {home} is mode 700, "
-            "not searchable by others, so every build will fail. Start the node with a data "
-            f"dir they can reach (--data-dir /var/lib/epio), or let them through (chmod o+x "
-            f"{home})"))
+            "not searchable by others, so no build or app could run. Start the node with a "
+            f"data dir they can reach (--data-dir /var/lib/epio), or let them through "
+            f"(chmod o+x {home})")
+        self.assertEqual(reach_problem(data, all_roles, 0), sentence)
         self.assertIsNone(reach_problem(data, all_roles, 1000))
         self.assertIsNone(reach_problem(data, frozenset({"api", "lb"}), 0))
+
+        options = Options()
+        options.parseOptions(["--data-dir", str(data)])
+        config = options["config_obj"]
+        with self.assertRaises(NodeSetupError) as cm:
+            Node.prepare(None, config, all_roles, euid=0)
+        self.assertEqual(str(cm.exception), sentence)
+        self.assertEqual(list(home.iterdir()), [])  # nothing made in the closed home
+        self.assertEqual(stat.S_IMODE(home.stat().st_mode), 0o700)  # and never opened
+        Node.prepare(None, config, frozenset({"api", "lb"}), euid=0)
+        shutil.rmtree(home / "epio")
+        Node.prepare(None, config, all_roles, euid=1000)
+
         home.chmod(0o711)
         self.assertIsNone(reach_problem(data, all_roles, 0))
+        Node.prepare(None, config, all_roles, euid=0)
+        self.assertTrue((data / "cluster-secret").exists())
+
+    def test_closed_parent_made_by_the_node_refused(self) -> None:
+        """Parents the node creates itself under a strict umask (077) are closed to the
+        build and app users too: the root runner refuses instead of failing every build."""
+        import shutil
+        import tempfile
+
+        base = Path(tempfile.mkdtemp(prefix="epio-reach-"))
+        self.addCleanup(shutil.rmtree, base, True)
+        base.chmod(0o711)
+        data = base / "new" / "data"
+        options = Options()
+        options.parseOptions(["--data-dir", str(data)])
+        old = os.umask(0o077)
+        try:
+            with self.assertRaises(NodeSetupError) as cm:
+                Node.prepare(None, options["config_obj"], frozenset(ROLES), euid=0)
+        finally:
+            os.umask(old)
+        self.assertIn(f"cannot reach the data dir {data}: {base / 'new'} is mode 700",
+                      str(cm.exception))
 
     def test_secret_readable_by_others_refused(self) -> None:
         """A secret file that others can read stops the node with a clear message."""

@@ -67,6 +67,7 @@ class NodeRestartTests(TestCase):
         data = base / "data"
         data.mkdir(parents=True)
         os.chmod(data, 0o711)
+        os.chmod(base.parent, 0o711)  # trial's 0700 mktemp dir: a root runner refuses it
         secret = data / "cluster-secret"
         secret.write_text(SECRET_HEX + "\n")
         os.chmod(secret, 0o600)
