@@ -61,6 +61,7 @@ from epio.api.spec import (
 )
 from epio.api.state import platform_line
 from epio.api.web import Api, operation
+from epio.config import Config
 from epio.store.addons import Addon, delete_addon, find_addon, list_addons, put_addon
 
 CONFIG_VAR = {"postgres": "DATABASE_URL", "redis": "REDIS_URL"}
@@ -136,14 +137,12 @@ class AddonSettings:
     service_stop_timeout: float = 30.0
 
     @classmethod
-    def from_config(cls, config: Any) -> AddonSettings:
-        a, b = config["addons"], config["backup"]
-        return cls(a["postgres_admin_url"], a["postgres_host"], a["postgres_port"],
-                   a["postgres_bin"], float(a["service_boot_timeout"]),
-                   float(a["redis_snapshot_interval"]), tuple(b["endpoints"]),
-                   float(b["api_timeout"]), float(b["reach_timeout"]),
-                   float(a["keeper_interval"]), int(a["postgres_memory_mb"]),
-                   float(a["service_stop_timeout"]))
+    def from_config(cls, config: Config) -> AddonSettings:
+        a, b = config.settings.addons, config.settings.backup
+        return cls(a.postgres_admin_url, a.postgres_host, a.postgres_port, a.postgres_bin,
+                   a.service_boot_timeout, a.redis_snapshot_interval, tuple(b.endpoints),
+                   b.api_timeout, b.reach_timeout, a.keeper_interval, a.postgres_memory_mb,
+                   a.service_stop_timeout)
 
 
 def describe_addon(a: Addon) -> dict[str, Any]:
@@ -876,22 +875,19 @@ async def _postgres_ensure_db(clock: Any, addon: Addon) -> None:
     await deferToThreadPool(clock, clock.getThreadPool(), work)
 
 
-def make_addons(node: Any, store: Any, control: Any, scheduler: Any = None,
-                log_sink: Any = None, parent: Any = None) -> Addons:
-    """The api's :class:`Addons` from the node's config (its keeper under ``parent``)."""
+def make_addons(reactor: Any, config: Config, store: Any, control: Any,
+                scheduler: Any = None, log_sink: Any = None) -> Addons:
+    """The api's :class:`Addons` from the node's settings (add ``addons.keeper(...)``
+    to the service tree)."""
     from epio.addons.postgres import SharedPostgres
 
-    settings = AddonSettings.from_config(node.config)
+    settings = AddonSettings.from_config(config)
     shared = None
     if settings.postgres_admin_url:
-        shared = SharedPostgres(node.reactor, settings.postgres_admin_url,
+        shared = SharedPostgres(reactor, settings.postgres_admin_url,
                                 settings.postgres_host or None, settings.postgres_port or None)
-    dead_after = float(node.config["api"].get("runner_dead_after", 15.0))
-    addons = Addons(store, control, node.reactor, settings, shared, scheduler, log_sink,
-                    runner_dead_after=dead_after)
-    if parent is not None:
-        addons.keeper(settings.keeper_interval).setServiceParent(parent)
-    return addons
+    return Addons(store, control, reactor, settings, shared, scheduler, log_sink,
+                  runner_dead_after=config.settings.api.runner_dead_after)
 
 
 # --- HTTP routes (bound to epio.api.web.Api; ``api.addons`` is the domain) -------------

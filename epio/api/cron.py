@@ -45,6 +45,7 @@ from epio.api import errors
 from epio.api.spec import INT, NULLABLE_NUM, NULLABLE_STR, SCHEMAS, STR, array, obj, ref
 from epio.api.state import current_release, platform_line
 from epio.api.web import Api, operation
+from epio.config import Config
 from epio.cronspec import CronError, CronSpec, parse_schedule
 from epio.store import LeaderService, NotFound, Store
 from epio.store.cron import CronState, claim_slot, list_cron, record_run
@@ -72,9 +73,9 @@ class CronSettings:
     start_deadline: float = 120.0
 
     @classmethod
-    def from_config(cls, config: Any) -> CronSettings:
-        c = config["cron"]
-        return cls(tick=float(c["tick"]), start_deadline=float(c["start_deadline"]))
+    def from_config(cls, config: Config) -> CronSettings:
+        c = config.settings.cron
+        return cls(tick=c.tick, start_deadline=c.start_deadline)
 
 
 @frozen

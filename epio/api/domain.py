@@ -12,7 +12,7 @@ import ipaddress
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
 
@@ -45,6 +45,9 @@ from epio.store import (
 )
 from epio.store import NotFound as StoreNotFound
 
+if TYPE_CHECKING:
+    from epio.api.addons import Addons
+
 ADMIN_NAME = "admin"
 ADMIN_TOKEN_FILE = "admin-token"
 
@@ -53,11 +56,12 @@ class Platform:
     """Use cases of the API; ``deployer`` and ``scheduler`` may be None in tests."""
 
     log = Logger()
-    addons: Any = None  # epio.api.addons.Addons, set by the api service
 
     def __init__(self, store: Store, settings: ApiSettings, clock: Any,
-                 deployer: Any = None, scheduler: Any = None) -> None:
+                 deployer: Any = None, scheduler: Any = None, *,
+                 addons: Addons | None = None) -> None:
         self.store = store
+        self.addons = addons
         self.settings = settings
         self.clock = clock
         self.deployer = deployer

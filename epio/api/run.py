@@ -65,6 +65,7 @@ from epio.api.spec import (
 )
 from epio.api.state import DEFAULT_SIZE, SIZES, current_release
 from epio.api.web import Api, operation, query_int
+from epio.config import Config
 from epio.store.addons import addon_ports
 from epio.store.runs import new_session_id
 
@@ -105,14 +106,14 @@ class RunApiSettings:
     runner_dead_after: float = 15.0
 
     @classmethod
-    def from_config(cls, config: Any) -> RunApiSettings:
-        c = config["run"]
+    def from_config(cls, config: Config) -> RunApiSettings:
+        c = config.settings.run
         return cls(
-            max_sessions_per_app=c["max_sessions_per_app"], lease=c["lease"],
-            poll_wait=c["poll_wait"], chunk=c["chunk_kb"] * 1024,
-            input_buffer=c["input_buffer_kb"] * 1024, runner_timeout=c["runner_timeout"],
-            release_timeout=c["release_timeout"],
-            runner_dead_after=float(config["api"].get("runner_dead_after", 15.0)),
+            max_sessions_per_app=c.max_sessions_per_app, lease=c.lease,
+            poll_wait=c.poll_wait, chunk=c.chunk_kb * 1024,
+            input_buffer=c.input_buffer_kb * 1024, runner_timeout=c.runner_timeout,
+            release_timeout=c.release_timeout,
+            runner_dead_after=config.settings.api.runner_dead_after,
         )
 
 
@@ -839,22 +840,6 @@ async def stop_run(self: Api, request: Any, user: Any, app: Any, number: str) ->
     return {**rec.to_json(), "attached": None}
 
 
-# ------------------------------------------------------------------------ wiring
-
-
-def install(api: Any, node: Any, store: Any, control: Any, log_sink: Any = None,
-            deployer: Any = None) -> RunSessions:
-    """Give the api (and its deployer, for the release phase) the run sessions."""
-    scheduler = getattr(deployer, "scheduler", None)
-    sessions = RunSessions(store, control, node.reactor, RunApiSettings.from_config(node.config),
-                           log_sink=log_sink,
-                           platform_env=scheduler.platform_env if scheduler else None)
-    api.run = sessions
-    if deployer is not None:
-        deployer.run_sessions = sessions
-    return sessions
-
-
 # ------------------------------------------------------------------------ release phase
 
 
@@ -873,7 +858,7 @@ async def release_phase(deployer: Any, app: Any, deploy: Any, runner: Any, diges
     command = manifest.get("release_command")
     if not command:
         return deploy
-    sessions: RunSessions | None = getattr(deployer, "run_sessions", None)
+    sessions: RunSessions | None = deployer.run_sessions
     settings = sessions.settings if sessions is not None else RunApiSettings()
     store, control, clock = deployer.store, deployer.control, deployer.clock
     deploy = await deployer._say(deploy, f"Release phase: {command}")
@@ -947,5 +932,5 @@ async def _what_keeps_serving(store: Any, app: str) -> str:
     return f"no release was made; v{current.version} keeps serving"
 
 
-__all__ = ["Bridge", "BridgeSink", "RunApiSettings", "RunSessions", "install",
+__all__ = ["Bridge", "BridgeSink", "RunApiSettings", "RunSessions",
            "release_phase", "websocket_resource"]

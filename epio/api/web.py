@@ -73,6 +73,16 @@ def operation(method: str, path: str, operation_id: str, summary: str, *,
     return deco
 
 
+async def authorize_app(platform: Any, request: Any, name: str) -> Any:
+    """Auth + access check of ``platform`` for code mounted beside the API (the log
+    tail): the app, or 404 when it is not the caller's; 503 ``starting`` without one."""
+    if platform is None:
+        raise errors.Unavailable("the api is starting; try again in a moment",
+                                 code="starting")
+    user = await platform.authenticate(_bearer(request))
+    return await platform.get_app(user, name)
+
+
 def _query(request: Any, name: str) -> str | None:
     values = request.args.get(name.encode())
     return values[0].decode("utf-8", "replace") if values else None
@@ -101,13 +111,15 @@ class Api:
 
     app = _klein
     log = Logger()
-    addons: Any = None  # epio.api.addons.Addons (add-on and backup routes)
-    certs: Any = None  # epio.certs.api.Certs (certificate routes), set by the api service
 
     def __init__(self, platform: Any, *, max_json_bytes: int = 1 << 20,
-                 max_upload_bytes: int = 200 << 20, log_tail: Any = None) -> None:
-        self.platform = platform
-        self.log_tail = log_tail
+                 max_upload_bytes: int = 200 << 20, log_tail: Any = None,
+                 addons: Any = None, certs: Any = None, run: Any = None) -> None:
+        self.platform = platform  # None: the api is starting (503 ``starting``)
+        self.log_tail = log_tail  # epio.api.logtail.LogTail, None without a logger
+        self.addons = addons  # epio.api.addons.Addons (add-on and backup routes)
+        self.certs = certs  # epio.certs.api.Certs (certificate routes)
+        self.run = run  # epio.api.run.RunSessions (epio run)
         self.max_json_bytes = max_json_bytes
         self.max_upload_bytes = max_upload_bytes
 
@@ -502,11 +514,7 @@ class Api:
 
     async def authorize_app(self, request: Any, name: str) -> Any:
         """Auth + access check for code mounted beside the API (404 if not theirs)."""
-        if self.platform is None:
-            raise errors.Unavailable("the api is starting; try again in a moment",
-                                     code="starting")
-        user = await self.platform.authenticate(_bearer(request))
-        return await self.platform.get_app(user, name)
+        return await authorize_app(self.platform, request, name)
 
     # --- nodes --------------------------------------------------------------------
 
