@@ -35,6 +35,7 @@ from epio.config import Config, Settings
 
 if TYPE_CHECKING:
     from epio.bus import Bus
+    from epio.metrics import MetricsRegistry
     from epio.store import StoreService
 
 SECRET_BYTES = 32
@@ -123,12 +124,19 @@ def installed_reactor() -> INodeReactor:
     return cast(INodeReactor, reactor)
 
 
+def _metrics_registry() -> MetricsRegistry:
+    from epio.metrics import MetricsRegistry  # twisted.web: not at import time
+
+    return MetricsRegistry()
+
+
 @frozen
 class Node:
     """Shared facts and services of one node process: built once, never changed.
 
-    ``store_service`` is None only in a process with no store (an lb worker routing
-    from a file).  ``bus`` is made on first use and cached (importing txzmq installs
+    ``metrics`` is the node's one metrics registry (every role adds its collectors;
+    tap serves it on ``metrics.listen``).  ``store_service`` is None only in a
+    process with no store (an lb worker routing from a file).  ``bus`` is made on first use and cached (importing txzmq installs
     a reactor, so not at import time).
     """
 
@@ -140,6 +148,7 @@ class Node:
     secret: bytes
     store_service: StoreService | None = None
     boot_id: str = field(factory=lambda: uuid.uuid4().hex)
+    metrics: MetricsRegistry = field(factory=lambda: _metrics_registry())
 
     @classmethod
     def prepare(cls, reactor: INodeReactor, config: Config, roles: frozenset[str],

@@ -10,7 +10,7 @@ from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
 from epio.node import Node, NodeSetupError, read_or_create_secret
-from epio.tap import ROLES, NotAvailableService, Options, parse_roles, role_service
+from epio.tap import ROLES, Options, parse_roles
 
 
 class RoleTests(SynchronousTestCase):
@@ -150,17 +150,46 @@ class NodeTests(SynchronousTestCase):
             read_or_create_secret(path)
         self.assertIn("chmod 600", str(cm.exception))
 
-    def test_unbuilt_role_says_so(self) -> None:
-        """A role whose package does not exist runs a service that only logs so."""
-        import epio.tap
+    def test_stop_order_roles_then_store(self) -> None:
+        """NodeService stops every role at once, and the store only after every role's
+        stop finished (a role's last in-flight work still has its store), even when a
+        role's stop fails."""
+        from twisted.application.service import Service
+        from twisted.internet.defer import Deferred, fail
+        from twisted.internet.testing import MemoryReactorClock
 
-        self.patch(epio.tap, "ROLES", {**ROLES, "lb": "epio.no_such_package.service"})
-        svc = role_service("lb", None)
-        self.assertIsInstance(svc, NotAvailableService)
-        logged: list[dict] = []
-        from twisted.logger import globalLogPublisher
+        from epio.config import validate
+        from epio.tap import NodeService
 
-        globalLogPublisher.addObserver(logged.append)
-        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
-        svc.startService()
-        self.assertTrue(any("not available yet" in str(e.get("log_format")) for e in logged))
+        events: list[str] = []
+        pending: dict[str, Deferred[None]] = {}
+
+        class Recording(Service):
+            def __init__(self, name: str, outcome: str = "wait") -> None:
+                self.setName(name)
+                self.outcome = outcome
+
+            def stopService(self) -> Deferred[None] | None:
+                super().stopService()
+                events.append("stop " + self.name)
+                if self.outcome == "fail":
+                    return fail(RuntimeError("boom"))
+                d: Deferred[None] = Deferred()
+                pending[self.name] = d
+                return d
+
+        cfg = validate({"node": {"data_dir": self.mktemp()}})
+        node = Node.prepare(MemoryReactorClock(), cfg, frozenset({"api", "runner"}))
+        root = NodeService(node, [Recording("store"), Recording("runner"),
+                                  Recording("api", "fail"), Recording("metrics")])
+        root.startService()
+        stopped = root.stopService()
+        self.assertEqual(events, ["stop metrics", "stop api", "stop runner"])
+        pending["runner"].callback(None)
+        self.assertEqual(events, ["stop metrics", "stop api", "stop runner"])
+        pending["metrics"].callback(None)
+        self.assertEqual(events[-1], "stop store")
+        self.assertNoResult(stopped)
+        pending["store"].callback(None)
+        self.successResultOf(stopped)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
