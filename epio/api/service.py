@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import json
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from attrs import frozen
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService
-from twisted.internet.defer import ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -276,7 +276,8 @@ class ApiService(MultiService):
         self._backlog = node.settings.api.backlog
         self._starting: Any = None  # Deferred[None] of _start, while it runs
         self._register: LoopingCall | None = None
-        self._ready: ReadyApi | None = None  # phase 2: set once, when the store is ready
+        # phase 2, fired once with the store-dependent graph (never errbacks)
+        self._ready: Deferred[ReadyApi] = Deferred()
 
     def startService(self) -> None:
         super().startService()
@@ -295,7 +296,7 @@ class ApiService(MultiService):
                           "epio login --api URL < {path}", path=str(path))
         if not self.running:
             return
-        ready = self._ready = build_ready(node, self.settings, store)
+        ready = build_ready(node, self.settings, store)
         for svc in ready.services:
             svc.setServiceParent(self)
         if "runner" not in node.roles:
@@ -306,7 +307,19 @@ class ApiService(MultiService):
             self._register.start(self.settings.runner_dead_after / 3, now=True).addErrback(
                 lambda f: self.log.failure("node registration loop died", f))
         self.gate.open(ready.api.resource())
+        self._ready.callback(ready)
         self.log.info("api ready")
+
+    def whenReady(self) -> Deferred[Api]:
+        """Fires with the full api once the store is ready and the gate open."""
+        d: Deferred[Api] = Deferred()
+
+        def fire(ready: ReadyApi) -> ReadyApi:
+            d.callback(ready.api)
+            return ready
+
+        self._ready.addCallback(fire)
+        return d
 
     async def _register_node(self, store: Store) -> None:
         try:
@@ -319,7 +332,9 @@ class ApiService(MultiService):
     def stopService(self) -> Any:
         if self._register is not None and self._register.running:
             self._register.stop()
-        deployer = self._ready.deployer if self._ready is not None else None
+        # Deferred.result is the ReadyApi once fired (it never errbacks)
+        ready = cast(ReadyApi, self._ready.result) if self._ready.called else None
+        deployer = ready.deployer if ready is not None else None
 
         async def stop() -> None:
             if deployer is not None:
