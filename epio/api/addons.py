@@ -46,6 +46,7 @@ from epio.addons.services import (
 )
 from epio.api import errors
 from epio.api.jsonschema import SchemaError, validate
+from epio.api.operations import operation
 from epio.api.spec import (
     BOOL,
     INT,
@@ -60,7 +61,6 @@ from epio.api.spec import (
     ref,
 )
 from epio.api.state import platform_line
-from epio.api.web import Api, operation
 from epio.config import Config
 from epio.store.addons import Addon, delete_addon, find_addon, list_addons, put_addon
 
@@ -893,7 +893,7 @@ def make_addons(reactor: Any, config: Config, store: Any, control: Any,
 # --- HTTP routes (bound to epio.api.web.Api; ``api.addons`` is the domain) -------------
 
 
-def _domain(api: Api) -> Addons:
+def _domain(api: AddonRoutes) -> Addons:
     domain = getattr(api, "addons", None)
     if domain is None:
         raise errors.Unavailable("add-ons are not available on this api process",
@@ -911,111 +911,108 @@ def _kind(request: Any) -> str | None:
     return kind
 
 
-@operation("GET", "/apps/{app}/addons", "listAddons", "The app's add-on databases",
-           response=array(ref("Addon")), tag="addons")
-async def list_addons_route(self: Api, request: Any, user: Any, app: Any) -> Any:
-    return [describe_addon(a) for a in await _domain(self).addons_of(app)]
+class AddonRoutes:
+    """The add-on and backup endpoints of :class:`epio.api.web.Api`."""
 
+    addons: Any  # epio.api.addons.Addons (None: not on this api process)
+    platform: Any  # epio.api.domain.Platform
 
-@operation("POST", "/apps/{app}/addons", "createAddon",
-           "Provision a database (postgres: shared or dedicated; redis: dedicated) and set "
-           "DATABASE_URL / REDIS_URL in a new release", request=ref("NewAddon"),
-           response=ref("Addon"), status=201, tag="addons")
-async def create_addon_route(self: Api, request: Any, user: Any, app: Any,
-                             body: dict[str, Any]) -> Any:
-    try:
-        addon = await _domain(self).create(user, app, body["kind"], body.get("plan"),
-                                           body.get("memory_mb"))
-    except RedisSpecError as e:
-        raise errors.ValidationFailed(str(e)) from None
-    return describe_addon(addon)
+    @operation("GET", "/apps/{app}/addons", "listAddons", "The app's add-on databases",
+               response=array(ref("Addon")), tag="addons")
+    async def list_addons_route(self, request: Any, user: Any, app: Any) -> Any:
+        return [describe_addon(a) for a in await _domain(self).addons_of(app)]
 
+    @operation("POST", "/apps/{app}/addons", "createAddon",
+               "Provision a database (postgres: shared or dedicated; redis: dedicated) and set "
+               "DATABASE_URL / REDIS_URL in a new release", request=ref("NewAddon"),
+               response=ref("Addon"), status=201, tag="addons")
+    async def create_addon_route(self, request: Any, user: Any, app: Any,
+                                 body: dict[str, Any]) -> Any:
+        try:
+            addon = await _domain(self).create(user, app, body["kind"], body.get("plan"),
+                                               body.get("memory_mb"))
+        except RedisSpecError as e:
+            raise errors.ValidationFailed(str(e)) from None
+        return describe_addon(addon)
 
-@operation("GET", "/apps/{app}/addons/{kind}", "getAddon",
-           "One add-on (its address; the credentials are only in the app's config var)",
-           response=ref("Addon"), tag="addons")
-async def get_addon_route(self: Api, request: Any, user: Any, app: Any, kind: str) -> Any:
-    return describe_addon(await _domain(self).get(app, kind))
+    @operation("GET", "/apps/{app}/addons/{kind}", "getAddon",
+               "One add-on (its address; the credentials are only in the app's config var)",
+               response=ref("Addon"), tag="addons")
+    async def get_addon_route(self, request: Any, user: Any, app: Any, kind: str) -> Any:
+        return describe_addon(await _domain(self).get(app, kind))
 
+    @operation("DELETE", "/apps/{app}/addons/{kind}", "deleteAddon",
+               "Take a final backup (when backup nodes are configured), then drop the database "
+               "and unset its config var; a failed final backup, or no backup node answering, "
+               "drops nothing (409 final_backup_failed) unless force=true",
+               response=ref("AddonDeleted"), tag="addons", query={"force": {"type": "boolean"}})
+    async def delete_addon_route(self, request: Any, user: Any, app: Any, kind: str) -> Any:
+        force = (request.args.get(b"force") or [b""])[0].lower() in (b"1", b"true", b"yes")
+        final = await _domain(self).destroy(user, app, kind, force=force)
+        return {"deleted": kind, "final_backup": final}
 
-@operation("DELETE", "/apps/{app}/addons/{kind}", "deleteAddon",
-           "Take a final backup (when backup nodes are configured), then drop the database "
-           "and unset its config var; a failed final backup, or no backup node answering, "
-           "drops nothing (409 final_backup_failed) unless force=true",
-           response=ref("AddonDeleted"), tag="addons", query={"force": {"type": "boolean"}})
-async def delete_addon_route(self: Api, request: Any, user: Any, app: Any, kind: str) -> Any:
-    force = (request.args.get(b"force") or [b""])[0].lower() in (b"1", b"true", b"yes")
-    final = await _domain(self).destroy(user, app, kind, force=force)
-    return {"deleted": kind, "final_backup": final}
+    @operation("GET", "/apps/{app}/addons/{kind}/snapshots", "listSnapshots",
+               "The btrfs snapshots of a dedicated server's data dir on its runner, newest first",
+               response=array(ref("Snapshot")), tag="addons")
+    async def list_snapshots_route(self, request: Any, user: Any, app: Any, kind: str) -> Any:
+        return await _domain(self).list_snapshots(app, kind)
 
+    @operation("POST", "/apps/{app}/addons/{kind}/snapshots/{snapshot_id}/restore",
+               "restoreSnapshot",
+               "Stop the dedicated server, make its data dir the snapshot's (the previous data dir "
+               "is kept beside it on the runner), start it again", response=ref("SnapshotRestored"),
+               tag="addons")
+    async def restore_snapshot_route(self, request: Any, user: Any, app: Any, kind: str,
+                                     snapshot_id: str) -> Any:
+        return await _domain(self).restore_snapshot(user, app, kind, snapshot_id)
 
-@operation("GET", "/apps/{app}/addons/{kind}/snapshots", "listSnapshots",
-           "The btrfs snapshots of a dedicated server's data dir on its runner, newest first",
-           response=array(ref("Snapshot")), tag="addons")
-async def list_snapshots_route(self: Api, request: Any, user: Any, app: Any, kind: str) -> Any:
-    return await _domain(self).list_snapshots(app, kind)
+    @operation("GET", "/apps/{app}/backups", "listBackups",
+               "The app's backups on every backup node, newest first (failed ones included, "
+               "marked failed)", response=array(ref("Backup")), tag="backups",
+               query={"kind": {"type": "string", "enum": list(KINDS)}})
+    async def list_backups_route(self, request: Any, user: Any, app: Any) -> Any:
+        return await _domain(self).list_backups(app, _kind(request))
 
+    @operation("POST", "/apps/{app}/backups", "createBackup",
+               "Back the app's databases up now; answers when each backup is verified or failed",
+               request=ref("NewBackup"), response=array(ref("Backup")), status=201, tag="backups")
+    async def create_backup_route(self, request: Any, user: Any, app: Any,
+                                  body: dict[str, Any]) -> Any:
+        return await _domain(self).create_backup(app, body.get("kind"))
 
-@operation("POST", "/apps/{app}/addons/{kind}/snapshots/{snapshot_id}/restore",
-           "restoreSnapshot",
-           "Stop the dedicated server, make its data dir the snapshot's (the previous data dir "
-           "is kept beside it on the runner), start it again", response=ref("SnapshotRestored"),
-           tag="addons")
-async def restore_snapshot_route(self: Api, request: Any, user: Any, app: Any, kind: str,
-                                 snapshot_id: str) -> Any:
-    return await _domain(self).restore_snapshot(user, app, kind, snapshot_id)
+    @operation("POST", "/apps/{app}/backups/{backup_id}/restore", "restoreBackup",
+               "Restore a verified backup into the app's (or to_app's) database: a new database "
+               "first, then a switch; the previous data is kept", request=ref("Restore"),
+               response=ref("Restored"), tag="backups")
+    async def restore_backup_route(self, request: Any, user: Any, app: Any, backup_id: str,
+                                   body: dict[str, Any]) -> Any:
+        return await _domain(self).restore_backup(user, app, backup_id, body.get("to_app"),
+                                                  self.platform)
 
+    @operation("GET", "/apps/{app}/backups/{backup_id}/download", "downloadBackup",
+               "The backup file (pg_dump custom format or Redis RDB), streamed; X-Backup-Sha256 "
+               "and X-Backup-Status headers", response={"type": "string", "format": "binary"},
+               response_type="application/octet-stream", tag="backups", raw=True)
+    async def download_backup_route(self, request: Any, user: Any, app: Any,
+                                    backup_id: str) -> Any:
+        started = False
 
-@operation("GET", "/apps/{app}/backups", "listBackups",
-           "The app's backups on every backup node, newest first (failed ones included, "
-           "marked failed)", response=array(ref("Backup")), tag="backups",
-           query={"kind": {"type": "string", "enum": list(KINDS)}})
-async def list_backups_route(self: Api, request: Any, user: Any, app: Any) -> Any:
-    return await _domain(self).list_backups(app, _kind(request))
+        async def write(reply: dict[str, Any], data: bytes) -> None:
+            nonlocal started
+            if not started:
+                started = True
+                request.setResponseCode(200)
+                request.setHeader(b"Content-Type", b"application/octet-stream")
+                request.setHeader(b"Content-Length", str(int(reply.get("size") or 0)).encode())
+                request.setHeader(b"X-Backup-Sha256", str(reply.get("sha256") or "").encode())
+                request.setHeader(b"X-Backup-Status", str(reply.get("status") or "").encode())
+                ext = "rdb" if reply.get("kind") == "redis" else "dump"
+                request.setHeader(b"Content-Disposition",
+                                  f'attachment; filename="{app.name}-{backup_id}.{ext}"'.encode())
+            if data:
+                request.write(data)
 
-
-@operation("POST", "/apps/{app}/backups", "createBackup",
-           "Back the app's databases up now; answers when each backup is verified or failed",
-           request=ref("NewBackup"), response=array(ref("Backup")), status=201, tag="backups")
-async def create_backup_route(self: Api, request: Any, user: Any, app: Any,
-                              body: dict[str, Any]) -> Any:
-    return await _domain(self).create_backup(app, body.get("kind"))
-
-
-@operation("POST", "/apps/{app}/backups/{backup_id}/restore", "restoreBackup",
-           "Restore a verified backup into the app's (or to_app's) database: a new database "
-           "first, then a switch; the previous data is kept", request=ref("Restore"),
-           response=ref("Restored"), tag="backups")
-async def restore_backup_route(self: Api, request: Any, user: Any, app: Any, backup_id: str,
-                               body: dict[str, Any]) -> Any:
-    return await _domain(self).restore_backup(user, app, backup_id, body.get("to_app"),
-                                              self.platform)
-
-
-@operation("GET", "/apps/{app}/backups/{backup_id}/download", "downloadBackup",
-           "The backup file (pg_dump custom format or Redis RDB), streamed; X-Backup-Sha256 "
-           "and X-Backup-Status headers", response={"type": "string", "format": "binary"},
-           response_type="application/octet-stream", tag="backups", raw=True)
-async def download_backup_route(self: Api, request: Any, user: Any, app: Any,
-                                backup_id: str) -> Any:
-    started = False
-
-    async def write(reply: dict[str, Any], data: bytes) -> None:
-        nonlocal started
-        if not started:
-            started = True
-            request.setResponseCode(200)
-            request.setHeader(b"Content-Type", b"application/octet-stream")
-            request.setHeader(b"Content-Length", str(int(reply.get("size") or 0)).encode())
-            request.setHeader(b"X-Backup-Sha256", str(reply.get("sha256") or "").encode())
-            request.setHeader(b"X-Backup-Status", str(reply.get("status") or "").encode())
-            ext = "rdb" if reply.get("kind") == "redis" else "dump"
-            request.setHeader(b"Content-Disposition",
-                              f'attachment; filename="{app.name}-{backup_id}.{ext}"'.encode())
-        if data:
-            request.write(data)
-
-    finished: list[bool] = []
-    request.notifyFinish().addBoth(lambda _: finished.append(True))
-    await _domain(self).download(app, backup_id, write, gone=lambda: bool(finished))
-    return b""
+        finished: list[bool] = []
+        request.notifyFinish().addBoth(lambda _: finished.append(True))
+        await _domain(self).download(app, backup_id, write, gone=lambda: bool(finished))
+        return b""

@@ -42,9 +42,9 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from epio.api import errors
+from epio.api.operations import operation
 from epio.api.spec import INT, NULLABLE_NUM, NULLABLE_STR, SCHEMAS, STR, array, obj, ref
 from epio.api.state import current_release, platform_line
-from epio.api.web import Api, operation
 from epio.config import Config
 from epio.cronspec import CronError, CronSpec, parse_schedule
 from epio.store import LeaderService, NotFound, Store
@@ -313,14 +313,6 @@ def _run_status(rec: Any) -> str:
     return "failed"
 
 
-@operation("GET", "/apps/{app}/cron", "listCron",
-           "The app's [cron] entries with their last run, status and next slot (UTC)",
-           response=array(ref("CronEntry")), tag="run")
-async def list_cron_entries(self: Api, request: Any, user: Any, app: Any) -> Any:
-    platform = self.platform
-    return await describe(platform.store, app.name, platform.clock.seconds())
-
-
 class CronService(MultiService):
     """Runs the cron runner while this process holds the ``epio.cron`` lock."""
 
@@ -332,6 +324,19 @@ class CronService(MultiService):
                                     runner.lose_leadership, clock=clock,
                                     retry_interval=retry_interval)
         self.leader.setServiceParent(self)
+
+
+class CronRoutes:
+    """The ``[cron]`` endpoints of :class:`epio.api.web.Api`."""
+
+    platform: Any  # epio.api.domain.Platform
+
+    @operation("GET", "/apps/{app}/cron", "listCron",
+               "The app's [cron] entries with their last run, status and next slot (UTC)",
+               response=array(ref("CronEntry")), tag="run")
+    async def list_cron_entries(self, request: Any, user: Any, app: Any) -> Any:
+        platform = self.platform
+        return await describe(platform.store, app.name, platform.clock.seconds())
 
 
 __all__ = ["CronRunner", "CronService", "CronSettings", "describe", "entries_of"]

@@ -50,6 +50,7 @@ from zope.interface import implementer
 from epio import domain
 from epio.api import errors
 from epio.api.jsonschema import SchemaError, validate
+from epio.api.operations import operation, query_int
 from epio.api.spec import (
     BOOL,
     INT,
@@ -64,7 +65,6 @@ from epio.api.spec import (
     ref,
 )
 from epio.api.state import DEFAULT_SIZE, SIZES, current_release
-from epio.api.web import Api, operation, query_int
 from epio.config import Config
 from epio.store.addons import addon_ports
 from epio.store.runs import new_session_id
@@ -760,7 +760,7 @@ def websocket_resource(sessions: RunSessions, app: Any, user: Any,
 # ------------------------------------------------------------------------ routes
 
 
-def _sessions(api: Api) -> RunSessions:
+def _sessions(api: RunRoutes) -> RunSessions:
     sessions = getattr(api, "run", None)
     if sessions is None:
         raise errors.Unavailable("the api is starting; try again in a moment", code="starting")
@@ -776,68 +776,6 @@ def _number(text: str) -> int:
 
 def _upgrade(request: Any) -> bool:
     return (request.getHeader(b"upgrade") or b"").lower() == b"websocket"
-
-
-@operation("GET", "/apps/{app}/run", "runSession",
-           "With `Upgrade: websocket`: start an interactive session (epio run); first "
-           "message {type: start, command, tty, rows, cols}", response=None, tag="run",
-           raw=True)
-async def run_websocket(self: Api, request: Any, user: Any, app: Any) -> Any:
-    sessions = _sessions(self)
-    if not _upgrade(request):
-        raise errors.BadRequest("connect with a websocket (Upgrade: websocket)")
-    return websocket_resource(sessions, app, user, None)
-
-
-@operation("GET", "/apps/{app}/runs/{number}/attach", "attachRunSession",
-           "With `Upgrade: websocket`: reattach to a running interactive session; first "
-           "message {type: attach, rows, cols}", response=None, tag="run", raw=True)
-async def attach_websocket(self: Api, request: Any, user: Any, app: Any, number: str) -> Any:
-    sessions = _sessions(self)
-    n = _number(number)
-    if not _upgrade(request):
-        raise errors.BadRequest("connect with a websocket (Upgrade: websocket)")
-    await sessions.get(app.name, n)
-    return websocket_resource(sessions, app, user, n)
-
-
-@operation("GET", "/apps/{app}/runs", "listRunSessions",
-           "Running sessions (with history=true, ended ones too: the audit), newest first",
-           response=array(ref("RunSession")), tag="run",
-           query={"history": {"type": "boolean"},
-                  "limit": {"type": "integer", "minimum": 1, "maximum": 500}})
-async def list_runs(self: Api, request: Any, user: Any, app: Any) -> Any:
-    values = request.args.get(b"history") or [b""]
-    history = values[-1].lower() in (b"1", b"true", b"yes")
-    limit = query_int(request, "limit", 50, 1, 500)
-    return await _sessions(self).describe(app.name, history, limit)
-
-
-@operation("POST", "/apps/{app}/runs", "createRunSession",
-           "Run a command detached (its output goes to the app's log, source run.N)",
-           request=ref("NewRun"), response=ref("RunSession"), status=201, tag="run")
-async def create_run(self: Api, request: Any, user: Any, app: Any,
-                     body: dict[str, Any]) -> Any:
-    if not body.get("detach", True):
-        raise errors.BadRequest("interactive sessions need the websocket: GET /apps/{app}/run")
-    command = check_command(body["command"])
-    rec, _ = await _sessions(self).start(app, user, command, tty=False, detach=True)
-    return {**rec.to_json(), "attached": None}
-
-
-@operation("GET", "/apps/{app}/runs/{number}", "getRunSession", "One session (audit record)",
-           response=ref("RunSession"), tag="run")
-async def get_run(self: Api, request: Any, user: Any, app: Any, number: str) -> Any:
-    rec = await _sessions(self).get(app.name, _number(number))
-    return {**rec.to_json(), "attached": None}
-
-
-@operation("DELETE", "/apps/{app}/runs/{number}", "stopRunSession",
-           "Stop a session: SIGTERM, then SIGKILL after run.kill_grace",
-           response=ref("RunSession"), tag="run")
-async def stop_run(self: Api, request: Any, user: Any, app: Any, number: str) -> Any:
-    rec = await _sessions(self).kill(app.name, _number(number), user)
-    return {**rec.to_json(), "attached": None}
 
 
 # ------------------------------------------------------------------------ release phase
@@ -930,6 +868,68 @@ async def _what_keeps_serving(store: Any, app: str) -> str:
     if current is None or current.image is None:
         return "no release was made, and the app has none serving yet"
     return f"no release was made; v{current.version} keeps serving"
+
+
+class RunRoutes:
+    """The ``epio run`` endpoints of :class:`epio.api.web.Api`."""
+
+    run: Any  # RunSessions (None while the api is starting)
+
+    @operation("GET", "/apps/{app}/run", "runSession",
+               "With `Upgrade: websocket`: start an interactive session (epio run); first "
+               "message {type: start, command, tty, rows, cols}", response=None, tag="run",
+               raw=True)
+    async def run_websocket(self, request: Any, user: Any, app: Any) -> Any:
+        sessions = _sessions(self)
+        if not _upgrade(request):
+            raise errors.BadRequest("connect with a websocket (Upgrade: websocket)")
+        return websocket_resource(sessions, app, user, None)
+
+    @operation("GET", "/apps/{app}/runs/{number}/attach", "attachRunSession",
+               "With `Upgrade: websocket`: reattach to a running interactive session; first "
+               "message {type: attach, rows, cols}", response=None, tag="run", raw=True)
+    async def attach_websocket(self, request: Any, user: Any, app: Any, number: str) -> Any:
+        sessions = _sessions(self)
+        n = _number(number)
+        if not _upgrade(request):
+            raise errors.BadRequest("connect with a websocket (Upgrade: websocket)")
+        await sessions.get(app.name, n)
+        return websocket_resource(sessions, app, user, n)
+
+    @operation("GET", "/apps/{app}/runs", "listRunSessions",
+               "Running sessions (with history=true, ended ones too: the audit), newest first",
+               response=array(ref("RunSession")), tag="run",
+               query={"history": {"type": "boolean"},
+                      "limit": {"type": "integer", "minimum": 1, "maximum": 500}})
+    async def list_runs(self, request: Any, user: Any, app: Any) -> Any:
+        values = request.args.get(b"history") or [b""]
+        history = values[-1].lower() in (b"1", b"true", b"yes")
+        limit = query_int(request, "limit", 50, 1, 500)
+        return await _sessions(self).describe(app.name, history, limit)
+
+    @operation("POST", "/apps/{app}/runs", "createRunSession",
+               "Run a command detached (its output goes to the app's log, source run.N)",
+               request=ref("NewRun"), response=ref("RunSession"), status=201, tag="run")
+    async def create_run(self, request: Any, user: Any, app: Any,
+                         body: dict[str, Any]) -> Any:
+        if not body.get("detach", True):
+            raise errors.BadRequest("interactive sessions need the websocket: GET /apps/{app}/run")
+        command = check_command(body["command"])
+        rec, _ = await _sessions(self).start(app, user, command, tty=False, detach=True)
+        return {**rec.to_json(), "attached": None}
+
+    @operation("GET", "/apps/{app}/runs/{number}", "getRunSession", "One session (audit record)",
+               response=ref("RunSession"), tag="run")
+    async def get_run(self, request: Any, user: Any, app: Any, number: str) -> Any:
+        rec = await _sessions(self).get(app.name, _number(number))
+        return {**rec.to_json(), "attached": None}
+
+    @operation("DELETE", "/apps/{app}/runs/{number}", "stopRunSession",
+               "Stop a session: SIGTERM, then SIGKILL after run.kill_grace",
+               response=ref("RunSession"), tag="run")
+    async def stop_run(self, request: Any, user: Any, app: Any, number: str) -> Any:
+        rec = await _sessions(self).kill(app.name, _number(number), user)
+        return {**rec.to_json(), "attached": None}
 
 
 __all__ = ["Bridge", "BridgeSink", "RunApiSettings", "RunSessions",
