@@ -349,7 +349,7 @@ class _RegistryResource(Resource):
     isLeaf = True
 
     def __init__(self, registry: MetricsRegistry) -> None:
-        super().__init__()
+        Resource.__init__(self)
         self.registry = registry
 
 

@@ -25,6 +25,7 @@ from twisted.python import usage
 from epio import __version__
 from epio.config import ConfigError, load_config
 from epio.metrics import node_listener
+from epio.services import named
 
 if TYPE_CHECKING:
     from epio.node import INodeReactor, Node
@@ -102,7 +103,7 @@ class NodeService(MultiService):
     log = Logger()
 
     def __init__(self, node: Node, children: Iterable[IService]) -> None:
-        super().__init__()
+        MultiService.__init__(self)
         self.node = node
         for child in children:
             child.setServiceParent(self)
@@ -124,7 +125,7 @@ class NodeService(MultiService):
         else:
             self.log.info("open files limit (RLIMIT_NOFILE) {after} (hard limit {hard})",
                           after=after, hard=hard)
-        super().startService()
+        MultiService.startService(self)
         for svc in self:
             self.log.info("service {name} started", name=svc.name)
 
@@ -178,8 +179,7 @@ def makeService(options: Options, reactor: INodeReactor | None = None) -> NodeSe
         raise SystemExit(f"epio: {e}") from None
     store = node.store_service
     assert store is not None
-    store.setName("store")
-    children: list[IService] = [store]
+    children: list[IService] = [named("store", store)]
     roles = {role: role_service(role, node) for role in ROLES if role in node.roles}
     children.extend(roles.values())
     if "lb" in roles:  # the node's decision: SIGHUP reloads routes, GC tuned

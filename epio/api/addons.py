@@ -62,6 +62,7 @@ from epio.api.spec import (
 )
 from epio.api.state import platform_line
 from epio.config import Config
+from epio.store import NotFound as StoreNotFound
 from epio.store.addons import Addon, delete_addon, find_addon, list_addons, put_addon
 
 CONFIG_VAR = {"postgres": "DATABASE_URL", "redis": "REDIS_URL"}
@@ -582,8 +583,12 @@ class Addons:
                 node = None
                 try:
                     node = await self.store.get_node(i.node or "")
-                except Exception:
-                    pass
+                except StoreNotFound:
+                    pass  # the node is gone, and its server with it
+                except Exception as e:
+                    self.log.warn("cannot look up node {node} of {app}'s {kind} server: "
+                                  "{error}", node=i.node, app=addon.app, kind=addon.kind,
+                                  error=str(e) or type(e).__name__)
                 if node is not None and node.control_endpoint:
                     try:
                         await self.control.request(node.control_endpoint, "runner.stop",
@@ -894,7 +899,7 @@ def make_addons(reactor: Any, config: Config, store: Any, control: Any,
 
 
 def _domain(api: AddonRoutes) -> Addons:
-    domain = getattr(api, "addons", None)
+    domain = api.addons
     if domain is None:
         raise errors.Unavailable("add-ons are not available on this api process",
                                  code="addons_unavailable")
@@ -905,7 +910,7 @@ def _kind(request: Any) -> str | None:
     values = request.args.get(b"kind")
     if not values:
         return None
-    kind = values[0].decode("utf-8", "replace")
+    kind: str = values[0].decode("utf-8", "replace")
     if kind not in KINDS:
         raise errors.BadRequest(f"kind must be one of {', '.join(KINDS)}")
     return kind
@@ -914,7 +919,7 @@ def _kind(request: Any) -> str | None:
 class AddonRoutes:
     """The add-on and backup endpoints of :class:`epio.api.web.Api`."""
 
-    addons: Any  # epio.api.addons.Addons (None: not on this api process)
+    addons: Addons | None  # None: no add-ons on this api process (503)
     platform: Any  # epio.api.domain.Platform
 
     @operation("GET", "/apps/{app}/addons", "listAddons", "The app's add-on databases",

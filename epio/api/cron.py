@@ -47,6 +47,7 @@ from epio.api.spec import INT, NULLABLE_NUM, NULLABLE_STR, SCHEMAS, STR, array, 
 from epio.api.state import current_release, platform_line
 from epio.config import Config
 from epio.cronspec import CronError, CronSpec, parse_schedule
+from epio.services import attach
 from epio.store import LeaderService, NotFound, Store
 from epio.store.cron import CronState, claim_slot, list_cron, record_run
 from epio.store.runs import new_session_id
@@ -318,12 +319,12 @@ class CronService(MultiService):
 
     def __init__(self, runner: CronRunner, store: Store, clock: Any,
                  retry_interval: float) -> None:
-        super().__init__()
+        MultiService.__init__(self)
         self.runner = runner
         self.leader = LeaderService(store, LOCK_NAME, runner.become_leader,
                                     runner.lose_leadership, clock=clock,
                                     retry_interval=retry_interval)
-        self.leader.setServiceParent(self)
+        attach(self.leader, self)
 
 
 class CronRoutes:

@@ -427,7 +427,8 @@ class Platform:
     async def start_deploy(self, user: User, app: App, tarball: bytes) -> Deploy:
         if self.deployer is None:
             raise errors.Unavailable("this api process cannot deploy (no deployer)")
-        return await self.deployer.start(app, user, tarball)
+        deploy: Deploy = await self.deployer.start(app, user, tarball)
+        return deploy
 
     async def list_deploys(self, app: App, limit: int) -> list[Deploy]:
         return await self.store.list_deploys(app.name, limit)

@@ -228,7 +228,8 @@ class TailProtocol(WebSocketServerProtocol):
 
     def _send_json(self, msg: dict[str, Any]) -> None:
         if self.state == self.STATE_OPEN:
-            self.sendMessage(json.dumps(msg, separators=(",", ":")).encode("utf-8"))
+            WebSocketServerProtocol.sendMessage(
+                self, json.dumps(msg, separators=(",", ":")).encode("utf-8"))
 
     # TailSink
     def lines(self, lines: list[Line]) -> None:
@@ -267,7 +268,7 @@ class TailFactory(WebSocketServerFactory):
 
     def __init__(self, client: LogClient, app: str, n: int, filt: LineFilter,
                  buffer_lines: int, on_missed: Callable[[int], None] | None) -> None:
-        super().__init__()
+        WebSocketServerFactory.__init__(self)
         self.client = client
         self.app = app
         self.n = n
@@ -275,7 +276,7 @@ class TailFactory(WebSocketServerFactory):
         self.buffer_lines = buffer_lines
         self.on_missed = on_missed
         # keep-alive pings so dead clients are noticed
-        self.setProtocolOptions(autoPingInterval=30, autoPingTimeout=30)
+        WebSocketServerFactory.setProtocolOptions(self, autoPingInterval=30, autoPingTimeout=30)
 
 
 def _error(request: Any, status: int, code: str, message: str) -> bytes:

@@ -19,6 +19,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from epio.api.errors import ApiError
+from epio.services import attach
 from epio.store import LeaderService, Store, StoreError
 
 PURGE_LOCK = "epio.purge"
@@ -59,14 +60,14 @@ class PurgeService(MultiService):
 
     def __init__(self, purger: AppPurger, store: Store, clock: Any, interval: float,
                  retry_interval: float) -> None:
-        super().__init__()
+        MultiService.__init__(self)
         self.purger = purger
         self.clock = clock
         self.interval = interval
         self._loop: LoopingCall | None = None
         self.leader = LeaderService(store, PURGE_LOCK, self._elected, self._lost, clock=clock,
                                     retry_interval=retry_interval)
-        self.leader.setServiceParent(self)
+        attach(self.leader, self)
 
     def _elected(self) -> None:
         self.log.info("elected leader for {lock}: purging destroyed apps every {interval}s",
@@ -87,4 +88,4 @@ class PurgeService(MultiService):
 
     def stopService(self) -> Any:
         self._lost()
-        return super().stopService()
+        return MultiService.stopService(self)

@@ -63,6 +63,7 @@ from epio.api.state import (
     routers_have,
     serving_release,
 )
+from epio.services import attach
 from epio.store import (
     DEPLOY_FINAL,
     Deploy,
@@ -687,9 +688,9 @@ class SchedulerService(MultiService):
 
     def __init__(self, scheduler: Scheduler, store: Store, clock: Any,
                  retry_interval: float) -> None:
-        super().__init__()
+        MultiService.__init__(self)
         self.scheduler = scheduler
         self.leader = LeaderService(store, LOCK_NAME, scheduler.become_leader,
                                     scheduler.lose_leadership, clock=clock,
                                     retry_interval=retry_interval)
-        self.leader.setServiceParent(self)
+        attach(self.leader, self)

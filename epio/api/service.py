@@ -42,6 +42,7 @@ from epio.api.scheduler import Scheduler, SchedulerService
 from epio.api.settings import ApiSettings, derive_app_secret
 from epio.api.web import TARBALL_TYPES, Api, authorize_app
 from epio.listen import ConnectionLimit, LimitedEndpoint, log_backlog, with_backlog
+from epio.services import named
 
 if TYPE_CHECKING:
     from epio.api.addons import Addons
@@ -79,7 +80,7 @@ def limited_request(max_body: int) -> type[Request]:
                         + b"\r\n\r\n" + body)
                     transport.loseConnection()
                 length = 0
-            super().gotLength(length)
+            Request.gotLength(self, length)
 
         def _epio_upload(self) -> bool:
             kind = (self.requestHeaders.getRawHeaders(b"content-type") or [b""])[0]
@@ -95,7 +96,7 @@ def limited_request(max_body: int) -> type[Request]:
                     self.content.seek(0)
                     self.content.truncate()
                 return
-            super().handleContentChunk(data)
+            Request.handleContentChunk(self, data)
 
     return LimitedRequest
 
@@ -108,7 +109,7 @@ class CountingSite(Site):
 
     def __init__(self, resource: Any, deadlines: Deadlines | None = None,
                  reactor: Any = None, limit: ConnectionLimit | None = None) -> None:
-        super().__init__(resource, reactor=reactor)
+        Site.__init__(self, resource, reactor=reactor)
         self.deadlines = deadlines if deadlines is not None else Deadlines()
         self.limit = limit
         self.status_counts: dict[str, int] = {}
@@ -116,7 +117,7 @@ class CountingSite(Site):
     def buildProtocol(self, addr: Any) -> Any:
         if self.limit is not None and not self.limit.opened():
             return None  # accepted in the batch that reached max_connections
-        return super().buildProtocol(addr)
+        return Site.buildProtocol(self, addr)
 
     def log(self, request: Any) -> None:
         cls = f"{int(getattr(request, 'code', 0) or 0) // 100}xx"
@@ -159,7 +160,7 @@ class ApiGate(Resource):
     isLeaf = True
 
     def __init__(self, starting: IResource) -> None:
-        super().__init__()
+        Resource.__init__(self)
         self._current = starting
         self._open = False
 
@@ -199,13 +200,8 @@ def build_ready(node: Node, settings: ApiSettings, store: Store) -> ReadyApi:
     from epio.certs.issuer import make_issuer_service
 
     services: list[IService] = []
-
-    def named(name: str, svc: Any) -> None:  # Twisted's services are unannotated
-        svc.setName(name)
-        services.append(svc)
-
     dealer = node.bus.dealer([])
-    named("api-runner-control", dealer)
+    services.append(named("api-runner-control", dealer))
     sink: BusLogSink | None = None
     loggers = node.settings.cluster.loggers
     if loggers:
@@ -216,7 +212,8 @@ def build_ready(node: Node, settings: ApiSettings, store: Store) -> ReadyApi:
     control = BusRunnerControl(dealer)
     scheduler = Scheduler(store, control, node.reactor, settings, log_sink=sink,
                           app_secret=partial(derive_app_secret, node.secret))
-    named("scheduler", SchedulerService(scheduler, store, node.reactor, settings.leader_retry))
+    services.append(named("scheduler", SchedulerService(scheduler, store, node.reactor,
+                                                         settings.leader_retry)))
     addons: Addons = make_addons(node.reactor, node.config, store, control, scheduler, sink)
     services.append(addons.keeper(addons.settings.keeper_interval))
     sessions: RunSessions = RunSessions(store, control, node.reactor,
@@ -227,19 +224,21 @@ def build_ready(node: Node, settings: ApiSettings, store: Store) -> ReadyApi:
                         addons=addons, run_sessions=sessions)
     platform = Platform(store, settings, node.reactor, deployer=deployer, scheduler=scheduler,
                         addons=addons)
-    named("purge", PurgeService(AppPurger(platform, store, node.reactor), store, node.reactor,
-                                settings.purge_interval, settings.leader_retry))
+    purger = AppPurger(platform, store, node.reactor)
+    services.append(named("purge", PurgeService(purger, store, node.reactor,
+                                                settings.purge_interval, settings.leader_retry)))
     certs = Certs(store, node.secret, bool(node.settings.acme.directory), node.reactor)
     issuer = make_issuer_service(node, store, settings.leader_retry)
     if issuer is not None:  # acme.directory set (docs/https.md)
-        named("acme-issuer", issuer)
+        services.append(named("acme-issuer", issuer))
     log_tail = _log_tail(node, platform, services)
     api = Api(platform, max_json_bytes=settings.max_json_bytes,
               max_upload_bytes=settings.max_upload_bytes, log_tail=log_tail, addons=addons,
               certs=certs, run=sessions)
-    named("cron", CronService(CronRunner(store, sessions, node.reactor,
-                                         CronSettings.from_config(node.config), log_sink=sink),
-                              store, node.reactor, settings.leader_retry))
+    cron = CronRunner(store, sessions, node.reactor, CronSettings.from_config(node.config),
+                      log_sink=sink)
+    services.append(named("cron", CronService(cron, store, node.reactor,
+                                              settings.leader_retry)))
     return ReadyApi(api, deployer, tuple(services))
 
 
@@ -255,8 +254,7 @@ def _log_tail(node: Node, platform: Platform, services: list[IService]) -> Any:
     except (ImportError, KeyError, ValueError) as e:
         ApiService.log.info("logs endpoint disabled: {why}", why=str(e))
         return None
-    client.setName("log-client")
-    services.append(client)
+    services.append(named("log-client", client))
     return LogTail.from_node(node, client, partial(authorize_app, platform))
 
 
@@ -267,7 +265,7 @@ class ApiService(MultiService):
 
     def __init__(self, node: Node, settings: ApiSettings, gate: ApiGate,
                  http: IService) -> None:
-        super().__init__()
+        MultiService.__init__(self)
         self.node = node
         self.settings = settings
         self.gate = gate
@@ -280,7 +278,7 @@ class ApiService(MultiService):
         self._ready: Deferred[ReadyApi] = Deferred()
 
     def startService(self) -> None:
-        super().startService()
+        MultiService.startService(self)
         self.log.info("api listening on {endpoint}", endpoint=self._listen)
         log_backlog("api", self._backlog)
         self._starting = ensureDeferred(self._start())
@@ -342,7 +340,7 @@ class ApiService(MultiService):
                     await deployer.stop()  # running deploys are marked failed
                 except Exception:
                     self.log.failure("stopping the running deploys failed")
-            await super(ApiService, self).stopService()
+            await MultiService.stopService(self)
 
         return ensureDeferred(stop())
 

@@ -565,7 +565,8 @@ def _bearer(request: Any) -> str:
             if proto.startswith(WS_BEARER) and len(proto) > len(WS_BEARER):
                 return proto[len(WS_BEARER):]
         raise errors.Unauthorized()
-    scheme, _, token = raw.decode("latin-1").strip().partition(" ")
+    header: str = raw.decode("latin-1")
+    scheme, _, token = header.strip().partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise errors.Unauthorized("the Authorization header must be: Bearer TOKEN")
     return token.strip()
