@@ -45,6 +45,7 @@ from epio.addons.services import (
     redis_start_body,
 )
 from epio.api import errors
+from epio.api.control import IRunnerControl
 from epio.api.jsonschema import SchemaError, validate
 from epio.api.operations import operation
 from epio.api.spec import (
@@ -180,7 +181,7 @@ class Addons:
 
     log = Logger()
 
-    def __init__(self, store: Any, control: Any, clock: Any, settings: AddonSettings,
+    def __init__(self, store: Any, control: IRunnerControl, clock: Any, settings: AddonSettings,
                  shared: Any = None, scheduler: Any = None, log_sink: Any = None,
                  runner_dead_after: float = 15.0, probe: Any = None) -> None:
         self.store = store

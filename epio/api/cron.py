@@ -38,6 +38,7 @@ from typing import Any
 from attrs import frozen
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -117,7 +118,7 @@ class CronRunner:
 
     log = Logger()
 
-    def __init__(self, store: Store, sessions: Any, clock: Any, settings: CronSettings,
+    def __init__(self, store: Store, sessions: Any, clock: IReactorTime, settings: CronSettings,
                  log_sink: Any = None) -> None:
         self.store = store
         self.sessions = sessions  # epio.api.run.RunSessions
@@ -317,7 +318,7 @@ def _run_status(rec: Any) -> str:
 class CronService(MultiService):
     """Runs the cron runner while this process holds the ``epio.cron`` lock."""
 
-    def __init__(self, runner: CronRunner, store: Store, clock: Any,
+    def __init__(self, runner: CronRunner, store: Store, clock: IReactorTime,
                  retry_interval: float) -> None:
         MultiService.__init__(self)
         self.runner = runner

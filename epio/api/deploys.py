@@ -37,9 +37,11 @@ from collections.abc import Coroutine, Mapping
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
+from epio.api.control import IRunnerControl
 from epio.api.settings import ApiSettings
 from epio.api.state import (
     DEFAULT_SIZE,
@@ -115,7 +117,7 @@ class Deployer:
 
     log = Logger()
 
-    def __init__(self, store: Store, control: Any, clock: Any, settings: ApiSettings,
+    def __init__(self, store: Store, control: IRunnerControl, clock: IReactorTime, settings: ApiSettings,
                  scheduler: Any = None, log_sink: Any = None,
                  owner: Mapping[str, str] | None = None, *, addons: Addons | None = None,
                  run_sessions: RunSessions | None = None) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from epio.api import errors
@@ -57,7 +58,7 @@ class Platform:
 
     log = Logger()
 
-    def __init__(self, store: Store, settings: ApiSettings, clock: Any,
+    def __init__(self, store: Store, settings: ApiSettings, clock: IReactorTime,
                  deployer: Any = None, scheduler: Any = None, *,
                  addons: Addons | None = None) -> None:
         self.store = store

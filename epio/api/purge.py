@@ -15,6 +15,7 @@ from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -30,7 +31,7 @@ class AppPurger:
 
     log = Logger()
 
-    def __init__(self, platform: Any, store: Store, clock: Any) -> None:
+    def __init__(self, platform: Any, store: Store, clock: IReactorTime) -> None:
         self.platform = platform
         self.store = store
         self.clock = clock
@@ -58,7 +59,7 @@ class PurgeService(MultiService):
 
     log = Logger()
 
-    def __init__(self, purger: AppPurger, store: Store, clock: Any, interval: float,
+    def __init__(self, purger: AppPurger, store: Store, clock: IReactorTime, interval: float,
                  retry_interval: float) -> None:
         MultiService.__init__(self)
         self.purger = purger

@@ -44,13 +44,14 @@ from attrs import frozen
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from epio import domain
 from epio.api import errors
+from epio.api.control import IRunnerControl
 from epio.api.jsonschema import SchemaError, validate
 from epio.api.operations import operation, query_int
 from epio.api.spec import (
@@ -144,7 +145,7 @@ class RunSessions:
 
     log = Logger()
 
-    def __init__(self, store: Any, control: Any, clock: Any, settings: RunApiSettings,
+    def __init__(self, store: Any, control: IRunnerControl, clock: IReactorTime, settings: RunApiSettings,
                  log_sink: Any = None,
                  platform_env: Callable[[str], Awaitable[dict[str, str]]] | None = None) -> None:
         self.store = store
@@ -363,7 +364,7 @@ class Bridge:
 
     log = Logger()
 
-    def __init__(self, control: Any, endpoint: str, session_id: str, client: str, clock: Any,
+    def __init__(self, control: IRunnerControl, endpoint: str, session_id: str, client: str, clock: IReactorTime,
                  settings: RunApiSettings, sink: Any) -> None:
         self.control = control
         self.endpoint = endpoint
@@ -732,7 +733,7 @@ class RunFactory(WebSocketServerFactory):
     protocol = RunProtocol
 
     def __init__(self, sessions: RunSessions, app: Any, user: Any, number: int | None,
-                 clock: Any) -> None:
+                 clock: IReactorTime) -> None:
         WebSocketServerFactory.__init__(self)
         self.sessions = sessions
         self.app = app
