@@ -125,6 +125,7 @@ class CompositionTests(TestCase):
         api.startService()
         try:
             await api.whenReady()
+            self.assertTrue(api.gate.is_open)
         finally:
             await api.stopService()
         await deferLater(reactor, 0, lambda: None)
