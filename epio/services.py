@@ -10,8 +10,6 @@ which they were started, undone.
 
 from __future__ import annotations
 
-from typing import Any
-
 from twisted.application.service import IService, IServiceCollection, MultiService, Service
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -32,7 +30,7 @@ class OrderedMultiService(MultiService):
         Service.stopService(self)  # running = False; the children are stopped below
         return defer.Deferred.fromCoroutine(self._stop_children(list(reversed(list(self)))))
 
-    async def _stop_children(self, children: list[Any]) -> None:
+    async def _stop_children(self, children: list[IService]) -> None:
         for child in children:
             try:
                 await defer.maybeDeferred(child.stopService)

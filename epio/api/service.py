@@ -28,8 +28,11 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.web import http
+from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
@@ -42,10 +45,12 @@ from epio.api.scheduler import Scheduler, SchedulerService
 from epio.api.settings import ApiSettings, derive_app_secret
 from epio.api.web import TARBALL_TYPES, Api, authorize_app
 from epio.listen import ConnectionLimit, LimitedEndpoint, log_backlog, with_backlog
+from epio.metrics import Family
 from epio.services import named
 
 if TYPE_CHECKING:
     from epio.api.addons import Addons
+    from epio.api.logtail import LogTail
     from epio.api.run import RunSessions
     from epio.node import Node
     from epio.pipeline import BusLogSink
@@ -107,26 +112,25 @@ class CountingSite(Site):
 
     protocol = DeadlineChannel  # type: ignore[assignment]  # HTTPFactory types it as a callable
 
-    def __init__(self, resource: Any, deadlines: Deadlines | None = None,
-                 reactor: Any = None, limit: ConnectionLimit | None = None) -> None:
+    def __init__(self, resource: IResource, deadlines: Deadlines | None = None,
+                 reactor: IReactorTime | None = None,
+                 limit: ConnectionLimit | None = None) -> None:
         Site.__init__(self, resource, reactor=reactor)
         self.deadlines = deadlines if deadlines is not None else Deadlines()
         self.limit = limit
         self.status_counts: dict[str, int] = {}
 
-    def buildProtocol(self, addr: Any) -> Any:
+    def buildProtocol(self, addr: IAddress | None) -> Any:  # Twisted: a private channel type
         if self.limit is not None and not self.limit.opened():
             return None  # accepted in the batch that reached max_connections
         return Site.buildProtocol(self, addr)
 
-    def log(self, request: Any) -> None:
+    def log(self, request: http.Request) -> None:
         cls = f"{int(getattr(request, 'code', 0) or 0) // 100}xx"
         self.status_counts[cls] = self.status_counts.get(cls, 0) + 1
         super().log(request)
 
-    def metric_families(self) -> list[Any]:
-        from epio.metrics import Family
-
+    def metric_families(self) -> list[Family]:
         fam = Family("epio_api_requests_total", "counter",
                      "HTTP requests the api answered, by status class")
         fam.samples.extend(("", {"class": c}, float(n))
@@ -135,7 +139,8 @@ class CountingSite(Site):
 
 
 def make_site(api: Api | IResource, max_body: int, deadlines: Deadlines | None = None,
-              reactor: Any = None, limit: ConnectionLimit | None = None) -> CountingSite:
+              reactor: IReactorTime | None = None,
+              limit: ConnectionLimit | None = None) -> CountingSite:
     """The api's Site over ``api`` (an :class:`Api`, or a resource such as the gate)."""
     resource = api.resource() if isinstance(api, Api) else api
     site = CountingSite(resource, deadlines, reactor, limit)
@@ -173,8 +178,9 @@ class ApiGate(Resource):
             raise RuntimeError("the api gate is already open")
         self._current, self._open = resource, True
 
-    def render(self, request: Any) -> Any:  # IRequest in, bytes or NOT_DONE_YET out
-        return self._current.render(request)
+    def render(self, request: IRequest) -> bytes | int:  # int: NOT_DONE_YET
+        result: bytes | int = self._current.render(request)
+        return result
 
 
 @frozen
@@ -242,7 +248,7 @@ def build_ready(node: Node, settings: ApiSettings, store: Store) -> ReadyApi:
     return ReadyApi(api, deployer, tuple(services))
 
 
-def _log_tail(node: Node, platform: Platform, services: list[IService]) -> Any:
+def _log_tail(node: Node, platform: Platform, services: list[IService]) -> LogTail | None:
     """The logs endpoint (epio.api.logtail) when a logger is configured; its log
     client joins ``services``."""
     from epio.api.logtail import LogTail
@@ -272,7 +278,7 @@ class ApiService(MultiService):
         http.setServiceParent(self)
         self._listen = node.settings.api.listen
         self._backlog = node.settings.api.backlog
-        self._starting: Any = None  # Deferred[None] of _start, while it runs
+        self._starting: Deferred[None] | None = None  # _start, once started
         self._register: LoopingCall | None = None
         # phase 2, fired once with the store-dependent graph (never errbacks)
         self._ready: Deferred[ReadyApi] = Deferred()
@@ -327,7 +333,7 @@ class ApiService(MultiService):
             self.log.warn("registering node {node} failed: {error}", node=self.node.node_id,
                           error=str(e) or type(e).__name__)
 
-    def stopService(self) -> Any:
+    def stopService(self) -> Deferred[None]:
         if self._register is not None and self._register.running:
             self._register.stop()
         # Deferred.result is the ReadyApi once fired (it never errbacks)
