@@ -231,8 +231,8 @@ class TailProtocol(WebSocketServerProtocol):
 
     def _send_json(self, msg: dict[str, Any]) -> None:
         if self.state == self.STATE_OPEN:
-            WebSocketServerProtocol.sendMessage(
-                self, json.dumps(msg, separators=(",", ":")).encode("utf-8"))
+            self.sendMessage(  # type: ignore[no-untyped-call]  # autobahn is unannotated
+                json.dumps(msg, separators=(",", ":")).encode("utf-8"))
 
     # TailSink
     def lines(self, lines: list[Line]) -> None:

@@ -688,13 +688,14 @@ class RunProtocol(WebSocketServerProtocol):
 
     def _json(self, msg: dict[str, Any]) -> None:
         if self.state == self.STATE_OPEN:
-            WebSocketServerProtocol.sendMessage(
-                self, json.dumps(msg, separators=(",", ":")).encode("utf-8"))
+            self.sendMessage(  # type: ignore[no-untyped-call]  # autobahn is unannotated
+                json.dumps(msg, separators=(",", ":")).encode("utf-8"))
 
     # BridgeSink
     def on_output(self, fd: int, data: bytes) -> None:
         if self.state == self.STATE_OPEN:
-            WebSocketServerProtocol.sendMessage(self, bytes([fd]) + data, isBinary=True)
+            self.sendMessage(  # type: ignore[no-untyped-call]  # autobahn is unannotated
+                bytes([fd]) + data, isBinary=True)
 
     def on_exit(self, status: int | None, signal: str | None, reason: str | None) -> None:
         self._json({"type": "exit", "status": status, "signal": signal, "reason": reason})
