@@ -36,9 +36,7 @@ from epio.addons import AddonError, db_identifier
 from epio.addons.redis import DEFAULT_MEMORY_MB, DEFAULT_POLICY, RedisSpecError
 from epio.addons.services import (
     POSTGRES_DIR,
-    POSTGRES_TYPE,
     REDIS_DIR,
-    REDIS_TYPE,
     data_dir_name,
     postgres_bin,
     postgres_start_body,
@@ -63,6 +61,8 @@ from epio.api.spec import (
 )
 from epio.api.state import platform_line
 from epio.config import Config
+from epio.domain import POSTGRES_PROCESS_TYPE as POSTGRES_TYPE
+from epio.domain import REDIS_PROCESS_TYPE as REDIS_TYPE
 from epio.store import NotFound as StoreNotFound
 from epio.store.addons import Addon, delete_addon, find_addon, list_addons, put_addon
 
