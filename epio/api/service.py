@@ -315,7 +315,8 @@ class ApiService(MultiService):
         self.log.info("api ready")
 
     def whenReady(self) -> Deferred[Api]:
-        """Fires with the full api once the store is ready and the gate open."""
+        """Fires with the full api once the store is ready and the gate open (never,
+        when the role could not start: that is logged)."""
         d: Deferred[Api] = Deferred()
 
         def fire(ready: ReadyApi) -> ReadyApi:
