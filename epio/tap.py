@@ -183,9 +183,11 @@ def makeService(options: Options, reactor: INodeReactor | None = None) -> NodeSe
     roles = {role: role_service(role, node) for role in ROLES if role in node.roles}
     children.extend(roles.values())
     if "lb" in roles:  # the node's decision: SIGHUP reloads routes, GC tuned
-        from epio.lb.service import RouterProcess
+        from epio.lb.service import LBService, RouterProcess
 
-        children.append(RouterProcess(reactor, roles["lb"]))
+        lb = roles["lb"]
+        assert isinstance(lb, LBService)
+        children.append(RouterProcess(reactor, lb))
     metrics = node_listener(node)  # every node serves /metrics on metrics.listen
     if metrics is not None:
         children.append(metrics)
