@@ -329,7 +329,7 @@ class LogClient(MultiService):
     def __init__(self, bus: Any, peers: Sequence[LoggerPeer], clock: Any, *,
                  timeout: float = 10.0, ping_interval: float = 5.0,
                  max_pending: int = 10_000, fill_limit: int = 10_000) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         if not peers:
             raise ValueError("LogClient needs at least one logger")
         self.bus = bus
@@ -345,7 +345,7 @@ class LogClient(MultiService):
         self._subs: dict[str, _AppSubscription] = {}
         self._watch = LoopingCall(self._ping)
         self._watch.clock = clock
-        self.setName("log-client")
+        self.setName("log-client")  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
 
     @property
     def peer(self) -> LoggerPeer:
@@ -357,7 +357,7 @@ class LogClient(MultiService):
         for sub in list(self._subs.values()):
             for f in list(sub.followers):
                 f.stop()
-        return super().stopService()
+        return super().stopService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
 
     # -- requests --------------------------------------------------------------
 

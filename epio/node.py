@@ -192,4 +192,4 @@ class Node:
         from epio.bus import Bus
 
         return Bus(reactor=self.reactor, secret=self.secret, sender=self.node_id,
-                   config=self.config)
+                   settings=self.settings.bus)

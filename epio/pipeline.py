@@ -47,7 +47,7 @@ class ILogSink(Interface):
 class IStatsSink(Interface):
     """Where app stats samples go."""
 
-    def emit_stats(app: str, kind: str, values: dict) -> None:
+    def emit_stats(app: str, kind: str, values: dict[str, Any]) -> None:
         """Record one sample of ``kind`` (``http``, ``process``...) for ``app``;
         ``values`` is a flat dict of numbers (and short strings)."""
 
@@ -87,7 +87,7 @@ class LocalLogSink:
         self.log.info("[{app}] {source}: {text}", app=app, source=source, text=text,
                       app_timestamp=timestamp)
 
-    def emit_stats(self, app: str, kind: str, values: dict) -> None:
+    def emit_stats(self, app: str, kind: str, values: dict[str, Any]) -> None:
         self.log.debug("[{app}] stats {kind}: {values}", app=app, kind=kind, values=values)
 
 
@@ -105,7 +105,7 @@ class LogRecord:
 class StatsRecord:
     app: str
     kind: str
-    values: dict
+    values: dict[str, Any]
 
 
 @implementer(ILogSink, IStatsSink)
@@ -119,7 +119,7 @@ class MemoryLogSink:
     def emit(self, app: str, source: str, text: str, timestamp: float | None = None) -> None:
         self.lines.append(LogRecord(app, source, text, timestamp))
 
-    def emit_stats(self, app: str, kind: str, values: dict) -> None:
+    def emit_stats(self, app: str, kind: str, values: dict[str, Any]) -> None:
         self.stats.append(StatsRecord(app, kind, dict(values)))
 
     def texts(self, app: str | None = None, source: str | None = None) -> list[str]:
@@ -155,7 +155,7 @@ class BusLogSink(MultiService):
 
     def __init__(self, bus: Bus, endpoints: Sequence[str], clock: Any = None,
                  max_line_bytes: int | None = None, boot: str | None = None) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         if isinstance(endpoints, str):
             endpoints = [endpoints]
         self.bus = bus
@@ -172,10 +172,10 @@ class BusLogSink(MultiService):
         self._local = LocalLogSink() if not endpoints else None
         for ep in dict.fromkeys(endpoints):
             push = bus.push([ep])
-            push.setName(f"log-push {ep}")
-            push.setServiceParent(self)
+            push.setName(f"log-push {ep}")  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
+            push.setServiceParent(self)  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
             self.pushes.append(push)
-        self.setName("bus-log-sink")
+        self.setName("bus-log-sink")  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
 
     def _next_seq(self, app: str, stream: str) -> int:
         key = (app, stream)
@@ -183,7 +183,7 @@ class BusLogSink(MultiService):
         self._seq[key] = seq
         return seq
 
-    def _send(self, type: str, body: dict, count: int = 1) -> None:
+    def _send(self, type: str, body: dict[str, Any], count: int = 1) -> None:
         ok = True
         for push in self.pushes:
             ok = push.send(type, body) and ok
@@ -191,13 +191,13 @@ class BusLogSink(MultiService):
             self.counters.incr("dropped", count)
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         if self._local is not None:
             self.log.warn("no logger in cluster.loggers: app logs go to this node's log only")
 
     def stopService(self) -> Any:
         self.flush()  # what was emitted before the stop still goes out
-        return super().stopService()
+        return super().stopService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
 
     def emit(self, app: str, source: str, text: str, timestamp: float | None = None) -> None:
         if self._local is not None:
@@ -238,7 +238,7 @@ class BusLogSink(MultiService):
             self._send("log.batch", {"lines": batch, "node": self.bus.sender, "boot": self.boot},
                        count=len(batch))
 
-    def emit_stats(self, app: str, kind: str, values: dict) -> None:
+    def emit_stats(self, app: str, kind: str, values: dict[str, Any]) -> None:
         if self._local is not None:
             self._local.emit_stats(app, kind, values)
             self.counters.incr("samples")

@@ -9,8 +9,9 @@ credentials to it and cannot read it.  A backup counts only once verified.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
@@ -27,6 +28,8 @@ from epio.backup.postgres import BackupFailed, NotReady, PostgresBackups
 from epio.backup.redis import RedisBackups
 from epio.backup.targets import Target, dedicated_postgres_url, targets_for
 from epio.retention import Candidate, RetentionPolicy, to_keep
+
+_T = TypeVar("_T")
 
 
 class BackupManager:
@@ -50,7 +53,7 @@ class BackupManager:
         t = self.reactor.seconds()
         return f"{int(t):010d}-{secrets.token_hex(3)}"
 
-    async def _timed(self, coro: Any) -> Any:
+    async def _timed(self, coro: Coroutine[Any, Any, _T]) -> _T:
         """One step under ``backup.step_timeout``: on expiry the step is cancelled (its
         child processes' groups are killed, see :mod:`epio.backup.proc`) and fails."""
         d = Deferred.fromCoroutine(coro)
@@ -337,7 +340,7 @@ class BackupService(MultiService):
     log = Logger()
 
     def __init__(self, node: Any) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         self.node = node
         cfg = node.config["backup"]
         addons = node.config["addons"]
@@ -369,7 +372,7 @@ class BackupService(MultiService):
         if self.manager.shared is None:
             self.log.warn("backup: addons.postgres_admin_url is empty; only dedicated "
                           "databases and Redis are backed up")
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         ensureDeferred(self._start_leader()).addErrback(
             lambda f: self.log.failure("backup scheduler did not start", f))
 
@@ -379,7 +382,7 @@ class BackupService(MultiService):
         store = await self.node.store_service.whenReady()
         leader = LeaderService(store, "backup-scheduler", self._elected, self._lost,
                                clock=self.node.reactor)
-        leader.setServiceParent(self)
+        leader.setServiceParent(self)  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
 
     def _elected(self) -> None:
         self._timer = TimerService(self.interval, self._round_now)
@@ -410,7 +413,7 @@ class BackupService(MultiService):
         killed) is dropped, not recorded as failed; the next leader's round takes it."""
         if self._round is not None:
             self._round.cancel()
-        return super().stopService()
+        return super().stopService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
 
     async def run_round(self) -> list[BackupRecord]:
         """Back up every add-on database of every app, then prune."""
@@ -438,7 +441,7 @@ class BackupService(MultiService):
                       made=len(done), pruned=pruned)
         return done
 
-    async def handle(self, env: Any) -> tuple[str, dict]:
+    async def handle(self, env: Any) -> tuple[str, dict[str, Any]]:
         from epio.bus import RemoteError
 
         try:
@@ -446,7 +449,7 @@ class BackupService(MultiService):
         except (BackupFailed, BackupNotFound) as e:
             raise RemoteError(e.code, str(e)) from None
 
-    async def _handle(self, env: Any) -> tuple[str, dict]:
+    async def _handle(self, env: Any) -> tuple[str, dict[str, Any]]:
         body = env.body
         app = body["app"]
         if env.type == "backup.list":

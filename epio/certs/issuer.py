@@ -199,7 +199,7 @@ class IssuerService(MultiService):
     log = Logger()
 
     def __init__(self, issuer: Issuer, store: Store, clock: Any, retry_interval: float) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         self.issuer = issuer
         self.store = store
         self.clock = clock
@@ -209,7 +209,7 @@ class IssuerService(MultiService):
         self._again = False
         self.leader = LeaderService(store, LOCK_NAME, self._elected, self._lost, clock=clock,
                                     retry_interval=retry_interval)
-        self.leader.setServiceParent(self)
+        self.leader.setServiceParent(self)  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
 
     async def _elected(self) -> None:
         self.log.info("elected leader for {lock}: certificates from {directory}",
@@ -251,7 +251,7 @@ class IssuerService(MultiService):
 
     def stopService(self) -> Any:
         self._lost()
-        return super().stopService()
+        return super().stopService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
 
 
 def make_issuer_service(node: Any, store: Store, retry_interval: float) -> IssuerService | None:

@@ -320,7 +320,7 @@ class DrainManager(MultiService):
 
     def __init__(self, reactor: Any, config: DrainConfig = DrainConfig(), registry: Any = None,
                  http_post: Callable[[str, bytes, dict[bytes, list[bytes]]], Deferred[int]] | None = None) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         self.reactor = reactor
         self.config = config
         self._http_post = http_post
@@ -335,7 +335,7 @@ class DrainManager(MultiService):
                 "epio_log_drain_undelivered_total",
                 "Log lines that could not be delivered to a drain, by reason.",
                 ["drain", "app", "reason"])
-        self.setName("drains")
+        self.setName("drains")  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
 
     def http_post(self, url: str, body: bytes, headers: dict[bytes, list[bytes]]) -> Deferred[int]:
         if self._http_post is None:
@@ -348,7 +348,7 @@ class DrainManager(MultiService):
     def stopService(self) -> Any:
         for drain in self.drains.values():
             drain.release()
-        d = super().stopService()
+        d = super().stopService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         pool, self._pool = self._pool, None
         if pool is None:
             return d

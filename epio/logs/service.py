@@ -33,7 +33,7 @@ STATS_EXPIRE_EVERY = 300.0  # seconds between stats retention passes
 class LiveFeed:
     """Publishes stored lines as ``log.live`` batches, once per reactor turn."""
 
-    def __init__(self, clock: Any, publish: Callable[[str, dict, bytes], Any], logger_id: str) -> None:
+    def __init__(self, clock: Any, publish: Callable[[str, dict[str, Any], bytes], Any], logger_id: str) -> None:
         self.clock = clock
         self.publish = publish
         self.logger_id = logger_id
@@ -78,7 +78,7 @@ class LoggerService(MultiService):
     log = Logger()
 
     def __init__(self, node: Any) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         self.node = node
         self.reactor = reactor = node.reactor
         cfg = node.config["logger"]
@@ -91,7 +91,7 @@ class LoggerService(MultiService):
             buffer_lines=cfg["drain_buffer_lines"], max_attempts=cfg["drain_max_attempts"],
             backoff_max=cfg["drain_backoff_max"], hostname=node.node_id,
             tls_ca=cfg["drain_tls_ca"]), registry=self.registry)
-        self.drains.setServiceParent(self)
+        self.drains.setServiceParent(self)  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         for d in cfg["drains"]:
             try:
                 self.drains.add(str(d["id"]), str(d["app"]), str(d["url"]))
@@ -121,7 +121,7 @@ class LoggerService(MultiService):
         self._last_expire = 0.0
         g = self.registry.gauge("epio_log_store_bytes", "Disk bytes of stored log, per app.", ["app"])
         self._bytes_gauge = g
-        self.setName("logger")
+        self.setName("logger")  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
 
     def _stats_db(self) -> StatsDB:
         url = self.node.config["store"]["url"]
@@ -140,7 +140,7 @@ class LoggerService(MultiService):
             self._bytes_gauge.labels(app).set_function(
                 lambda a=app: float(self.store.apps[a].disk_bytes) if a in self.store.apps else 0.0)
         ensure_metrics_service(self.node, self)
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         d = Deferred.fromCoroutine(self.stats.open())
         d.addErrback(lambda f: self.log.failure("stats database could not be opened; samples "
                                                 "are kept in memory and retried", f))
@@ -208,7 +208,7 @@ class LoggerService(MultiService):
 
     # -- queries ----------------------------------------------------------------------
 
-    async def _request(self, env: Any) -> tuple[str, dict]:
+    async def _request(self, env: Any) -> tuple[str, dict[str, Any]]:
         body = env.body
         app = body["app"]
         if not APP_RE.match(app):

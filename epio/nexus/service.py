@@ -50,11 +50,11 @@ class NexusService(MultiService):
         reactor: Any,
         bus: Any,
         config: Any,
-        get_store: Callable[[], Deferred],
+        get_store: Callable[[], Deferred[RoutingStore]],
         domain: str,
         nexus_id: str | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         cfg = config["nexus"]
         self.reactor = reactor
         self.bus = bus
@@ -98,14 +98,14 @@ class NexusService(MultiService):
             router=self.router.binds[0], pub=self.publisher.binds[0],
         )
         self.nexus.start()
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
 
     def stopService(self) -> Any:
         self.nexus.stop()
         if self._soon is not None and self._soon.active():
             self._soon.cancel()
         self._soon = None
-        return super().stopService()
+        return super().stopService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
 
     # -- bus ------------------------------------------------------------------
 
@@ -140,7 +140,7 @@ class NexusService(MultiService):
 
     # -- store ----------------------------------------------------------------
 
-    def _timed_refresh(self) -> Deferred:
+    def _timed_refresh(self) -> Deferred[None]:
         return self.refresh()
 
     def refresh_soon(self) -> None:
@@ -156,7 +156,7 @@ class NexusService(MultiService):
         self._soon = None
         self.refresh()
 
-    def refresh(self) -> Deferred:
+    def refresh(self) -> Deferred[None]:
         """Read the store once (coalesced: one read at a time, then one more if asked)."""
         if self._refreshing:
             self._refresh_again = True
@@ -194,7 +194,7 @@ async def _noop() -> None:
 def make_service(node: Any) -> NexusService:
     """The nexus role of ``node``."""
 
-    def get_store() -> Deferred:
+    def get_store() -> Deferred[RoutingStore]:
         if node.store_service is None:
             raise RuntimeError("this node has no store service")
         return node.store_service.whenReady()

@@ -305,7 +305,7 @@ class LeaderService(Service):
         self.is_leader = False
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         self._lock = self.store.lock(self.lock_name)
         self._loop = LoopingCall(self._tick)
         self._loop.clock = self.clock
@@ -360,7 +360,7 @@ class LeaderService(Service):
             lambda f: self.log.failure("on_lost for {name} failed", f, name=self.lock_name))
 
     def stopService(self) -> Deferred[None]:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         if self._loop is not None and self._loop.running:
             self._loop.stop()
 

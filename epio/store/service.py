@@ -100,7 +100,7 @@ class StoreService(Service):
         return self._reactor
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         self._failure = None
         self.log.info("opening store {url}", url=redact_url(self.url))
         self._starting = ensureDeferred(self._start())
@@ -153,7 +153,7 @@ class StoreService(Service):
         return self._store
 
     def stopService(self) -> Deferred[None]:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
 
         async def stop() -> None:
             if self._starting is not None:

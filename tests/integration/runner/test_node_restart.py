@@ -83,7 +83,7 @@ class NodeRestartTests(TestCase):
         hb_endpoint = str(doc["cluster"]["nexus"][0]["heartbeat"])  # type: ignore[index]
         self.addCleanup(self._remove_cgroups, parent)
 
-        bus = Bus(reactor, bytes.fromhex(SECRET_HEX), "test", {"bus": {}})
+        bus = Bus(reactor, bytes.fromhex(SECRET_HEX), "test")
         beats: list[dict[str, Any]] = []
         sub = bus.subscriber([], [b"hb"], lambda topic, env: beats.append(env.body),
                              bind=hb_endpoint)
