@@ -29,7 +29,7 @@ from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
-from epio.store.backend import connect_pg, lock_key
+from epio.store.backend import close_quietly, connect_pg, lock_key
 from epio.store.errors import StoreUnavailable
 
 
@@ -161,10 +161,7 @@ class PgLock(_LostNotifier):
     def _close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
-            try:
-                conn.close()
-            except Exception:
-                pass
+            close_quietly(conn)
         if self._held:
             self._held = False
             self._fire_lost()
