@@ -15,7 +15,7 @@ does not do: they are marked failed with that reason.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.application.service import MultiService
@@ -27,7 +27,11 @@ from twisted.logger import Logger
 from epio.certs import records
 from epio.certs.acmeclient import AcmeClient, AcmeFailure
 from epio.certs.crypto import new_account_key_pem, new_key_pem, not_after, seal, unseal
+from epio.config.settings import AcmeSettings
 from epio.store import LeaderService, Store
+
+if TYPE_CHECKING:
+    from epio.node import Node
 
 LOCK_NAME = "acme-issuer"
 DAY = 86400.0
@@ -48,11 +52,10 @@ class IssuerSettings:
     order_timeout: float
 
     @classmethod
-    def from_config(cls, section: dict[str, Any]) -> IssuerSettings:
-        return cls(section["directory"], section["contact"], section["ca_bundle"],
-                   float(section["check_interval"]), float(section["renew_before_days"]) * DAY,
-                   float(section["retry_min"]), float(section["retry_max"]),
-                   float(section["challenge_wait"]), float(section["order_timeout"]))
+    def from_settings(cls, acme: AcmeSettings) -> IssuerSettings:
+        return cls(acme.directory, acme.contact, acme.ca_bundle, acme.check_interval,
+                   acme.renew_before_days * DAY, acme.retry_min, acme.retry_max,
+                   acme.challenge_wait, acme.order_timeout)
 
 
 def _error_text(e: BaseException) -> str:
@@ -254,10 +257,10 @@ class IssuerService(MultiService):
         return super().stopService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
 
 
-def make_issuer_service(node: Any, store: Store, retry_interval: float) -> IssuerService | None:
+def make_issuer_service(node: Node, store: Store, retry_interval: float) -> IssuerService | None:
     """The api role's issuer, when ``acme.directory`` is set."""
-    section = node.config["acme"]
-    if not section["directory"]:
+    acme = node.settings.acme
+    if not acme.directory:
         return None
-    issuer = Issuer(store, IssuerSettings.from_config(section), node.secret, node.reactor)
+    issuer = Issuer(store, IssuerSettings.from_settings(acme), node.secret, node.reactor)
     return IssuerService(issuer, store, node.reactor, retry_interval)
