@@ -233,21 +233,6 @@ class BackupManager:
             await deferLater(self.reactor, delay, lambda: None)
             delay = min(delay * 2, checks.START_RETRY_MAX)
 
-    async def verify_again(self, record: BackupRecord) -> BackupRecord:
-        """Re-check an existing backup's checksum and restorability."""
-        path = self.catalog.data_path(record)
-        try:
-            if await self._sha256(path) != record.sha256:
-                raise BackupFailed("checksum mismatch: the backup file was altered")
-            assert self.postgres is not None
-            await self._timed(self.postgres.verify(path, record.counts))
-            record.status = "verified"
-        except Exception as e:
-            record.status = "failed"
-            record.error = str(e) if isinstance(e, BackupFailed) else type(e).__name__
-        self.catalog.save(record)
-        return record
-
     def recover_interrupted(self) -> int:
         """Mark backups left ``running`` by a previous process as failed (interrupted).
 

@@ -21,7 +21,7 @@ import zmq
 from attrs import evolve
 from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet.interfaces import IReadDescriptor
+from twisted.internet.interfaces import IDelayedCall, IReadDescriptor
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from txzmq import ZmqEndpoint, ZmqEndpointType, ZmqFactory
@@ -242,7 +242,25 @@ class _Monitor:
 
 
 class BusService(Service):
-    """What every bus socket service shares: lifecycle, counters, rejections."""
+    """What every bus socket service shares: lifecycle, counters, rejections.
+
+    The socket's lifecycle is held in two places, each the only one for its fact:
+    ``_conn`` (the ZeroMQ socket exists) and ``_retry`` (a bind failed and is
+    tried again, with doubling delays up to 30 s)::
+
+                 startService            bind ok
+        stopped -------------> opening ----------> open  (whenReady fires)
+           ^                    |   ^               |
+           |                    |   | retry timer   |
+           |     bind failed    v   |               |
+           |                  retrying              |
+           +---- stopService (from any state: the retry is cancelled,
+                 the socket released) -------------+
+
+    Peers are ZeroMQ's to reconnect; what this service knows of them is
+    ``connected`` (handshake succeeded, not yet disconnected), fed by the socket's
+    monitor events; ``whenConnected`` fires on the first handshake.
+    """
 
     log = Logger()
     socket_type: int = -1
@@ -264,7 +282,7 @@ class BusService(Service):
         self.endpoint: str | None = None
         self._conn: _Connection | None = None
         self._ready: list[defer.Deferred[None]] = []
-        self._retry: Any = None
+        self._retry: IDelayedCall | None = None
         self._retry_delay = 0.5
         self._replay = ReplayGuard(bus.max_skew) if self.replay_protection else None
         #: Peers this socket has connected to and completed the handshake with.
