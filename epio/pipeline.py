@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from attrs import frozen
 from twisted.application.service import MultiService
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
@@ -80,7 +81,7 @@ class LocalLogSink:
 
     log = Logger(namespace="epio.app")
 
-    def __init__(self, clock: Any = None) -> None:
+    def __init__(self, clock: IReactorTime | None = None) -> None:
         self._clock = clock
 
     def emit(self, app: str, source: str, text: str, timestamp: float | None = None) -> None:
@@ -153,7 +154,7 @@ class BusLogSink(MultiService):
     max_batch_lines = 500
     max_batch_bytes = 256 * 1024
 
-    def __init__(self, bus: Bus, endpoints: Sequence[str], clock: Any = None,
+    def __init__(self, bus: Bus, endpoints: Sequence[str], clock: IReactorTime | None = None,
                  max_line_bytes: int | None = None, boot: str | None = None) -> None:
         super().__init__()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         if isinstance(endpoints, str):

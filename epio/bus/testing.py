@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 from attrs import evolve
 from twisted.application.service import Service
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -95,7 +96,7 @@ class MemoryNetwork:
 class MemoryBus(Bus):
     """A :class:`Bus` whose services talk through a :class:`MemoryNetwork`."""
 
-    def __init__(self, clock: Any, sender: str = "test-node",
+    def __init__(self, clock: IReactorTime, sender: str = "test-node",
                  settings: BusSettings | None = None, network: MemoryNetwork | None = None,
                  secret: bytes = b"memory-bus-secret!", registry: Registry = REGISTRY) -> None:
         super().__init__(clock, secret, sender, settings, registry=registry)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 from twisted.application.service import MultiService
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
@@ -70,7 +71,7 @@ class Issuer:
 
     log = Logger()
 
-    def __init__(self, store: Store, settings: IssuerSettings, secret: bytes, clock: Any,
+    def __init__(self, store: Store, settings: IssuerSettings, secret: bytes, clock: IReactorTime,
                  run_blocking: Callable[..., defer.Deferred[Any]] = deferToThread,
                  make_client: Callable[..., Any] = AcmeClient) -> None:
         self.store = store
@@ -201,7 +202,7 @@ class IssuerService(MultiService):
 
     log = Logger()
 
-    def __init__(self, issuer: Issuer, store: Store, clock: Any, retry_interval: float) -> None:
+    def __init__(self, issuer: Issuer, store: Store, clock: IReactorTime, retry_interval: float) -> None:
         super().__init__()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         self.issuer = issuer
         self.store = store

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
@@ -41,7 +42,7 @@ LEGACY_STATS_FILE = "stats.sqlite3"  # an SQLite node's stats before they moved 
 class LiveFeed:
     """Publishes stored lines as ``log.live`` batches, once per reactor turn."""
 
-    def __init__(self, clock: Any, publish: Callable[[str, dict[str, Any], bytes], Any], logger_id: str) -> None:
+    def __init__(self, clock: IReactorTime, publish: Callable[[str, dict[str, Any], bytes], Any], logger_id: str) -> None:
         self.clock = clock
         self.publish = publish
         self.logger_id = logger_id

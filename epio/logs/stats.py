@@ -35,6 +35,7 @@ from typing import Any, Protocol
 
 from attrs import define, field
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from epio.store import stats as stats_table
@@ -223,7 +224,7 @@ class StatsService:
 
     log = Logger()
 
-    def __init__(self, db: StatsDB, clock: Any, *, flush_delay: float = 5.0,
+    def __init__(self, db: StatsDB, clock: IReactorTime, *, flush_delay: float = 5.0,
                  retention: dict[int, float] | None = None, max_pending: int = 100_000,
                  counters: Any = None) -> None:
         self.db = db

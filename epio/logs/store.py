@@ -36,6 +36,7 @@ from typing import IO, Any
 
 from attrs import define, field, frozen
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from epio.config.settings import LoggerSettings
@@ -622,7 +623,7 @@ class LogStore:
 
     log = Logger()
 
-    def __init__(self, root: Path, clock: Any, config: StoreConfig = StoreConfig(),
+    def __init__(self, root: Path, clock: IReactorTime, config: StoreConfig = StoreConfig(),
                  run_blocking: RunBlocking = run_inline) -> None:
         self.root = root
         self.clock = clock

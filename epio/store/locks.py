@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
@@ -286,14 +287,12 @@ class LeaderService(Service):
     log = Logger()
 
     def __init__(self, store: Any, name: str, on_elected: Callable[[], Any],
-                 on_lost: Callable[[], Any], clock: Any = None,
+                 on_lost: Callable[[], Any], clock: IReactorTime,
                  retry_interval: float = 5.0) -> None:
         self.store = store
         self.lock_name = name
         self.on_elected = on_elected
         self.on_lost = on_lost
-        if clock is None:
-            from twisted.internet import reactor as clock
         self.clock = clock
         self.retry_interval = retry_interval
         self._lock: Lock | None = None
