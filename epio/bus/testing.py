@@ -47,17 +47,13 @@ from epio.config.settings import BusSettings
 
 #: Every production type plus the ``test.*`` types of the bus's own tests (kept
 #: out of the production registry, so no production socket accepts them).
-TEST_REGISTRY = Registry(parent=REGISTRY)
-TEST_REGISTRY.add(MessageType(
-    "test.echo", 1, "request", "Test only: asks a test ROUTER to echo the body.",
-    fields={"n": int}, optional={"sleep": (int, float), "fail": str},
-))
-TEST_REGISTRY.add(MessageType("test.echoed", 1, "reply", "Test only: reply to test.echo.",
-                              fields={"n": int}))
-TEST_REGISTRY.add(MessageType("test.event", 1, "publish", "Test only: a published event.",
-                              fields={"n": int}))
-TEST_REGISTRY.add(MessageType("test.job", 1, "push", "Test only: a pushed job.",
-                              fields={"n": int}))
+TEST_REGISTRY = Registry([
+    MessageType("test.echo", 1, "request", "Test only: asks a test ROUTER to echo the body.",
+                fields={"n": int}, optional={"sleep": (int, float), "fail": str}),
+    MessageType("test.echoed", 1, "reply", "Test only: reply to test.echo.", fields={"n": int}),
+    MessageType("test.event", 1, "publish", "Test only: a published event.", fields={"n": int}),
+    MessageType("test.job", 1, "push", "Test only: a pushed job.", fields={"n": int}),
+], parent=REGISTRY)
 
 
 

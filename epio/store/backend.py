@@ -15,6 +15,7 @@ the text); the PostgreSQL backend translates them for psycopg2.  Only code in
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -320,9 +321,6 @@ def _pg_data_error() -> Any:
     return psycopg2.DataError
 
 
-_translated: dict[str, str] = {}
-
-
 def close_quietly(conn: Any) -> None:
     """Close a txpostgres connection that may be broken or half open.  psycopg2's
     errors (already closed, broken) and a connect that never got as far as a libpq
@@ -338,13 +336,10 @@ def close_quietly(conn: Any) -> None:
         _log.failure("closing a PostgreSQL connection failed")
 
 
+@functools.lru_cache(maxsize=4096)  # the store's statements are a few hundred constants
 def to_pyformat(sql: str) -> str:
     """Translate ``?`` placeholders to psycopg2's ``%s`` (escaping ``%``)."""
-    out = _translated.get(sql)
-    if out is None:
-        out = sql.replace("%", "%%").replace("?", "%s")
-        _translated[sql] = out
-    return out
+    return sql.replace("%", "%%").replace("?", "%s")
 
 
 # TCP keepalives so that a dead peer is noticed in ~15 s on idle connections.
