@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from attrs import frozen
 from twisted.application.service import MultiService
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
@@ -167,7 +167,7 @@ class BusLogSink(MultiService):
         self._seq: dict[tuple[str, str], int] = {}
         self._batch: list[list[Any]] = []
         self._batch_bytes = 0
-        self._flush_call: Any = None
+        self._flush_call: IDelayedCall | None = None
         self.pushes: list[Push] = []
         # With no logger configured, app logs still go somewhere: the node's log.
         self._local = LocalLogSink() if not endpoints else None

@@ -37,7 +37,7 @@ from attrs import frozen
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -234,7 +234,7 @@ class HTTPDrain(Drain):
         super().__init__(manager, drain_id, app, url)
         self._inflight = False
         self._attempt = 0
-        self._timer: Any = None
+        self._timer: IDelayedCall | None = None
         self._batch: list[bytes] = []
         self.stopped = False
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
@@ -47,7 +47,7 @@ class LiveFeed:
         self.publish = publish
         self.logger_id = logger_id
         self.pending: dict[str, list[LogRecord]] = {}
-        self._call: Any = None
+        self._call: IDelayedCall | None = None
 
     def add(self, app: str, rec: LogRecord) -> None:
         batch = self.pending.get(app)

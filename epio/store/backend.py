@@ -27,6 +27,7 @@ from typing import Any, Protocol, TypeVar
 
 from attrs import frozen
 from twisted.internet.defer import Deferred, DeferredLock, DeferredSemaphore
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -467,7 +468,7 @@ class PostgresBackend:
         self._listen_started = False
         self._listen_up = False
         self._listen_waiters: list[Deferred[None]] = []
-        self._retry: Any = None
+        self._retry: IDelayedCall | None = None
 
     async def _connect(self) -> Any:
         return await connect_pg(self._reactor, self.dsn, self.connect_timeout)
