@@ -114,12 +114,8 @@ class MemoryBus(Bus):
                    handler: Any, bind: str | None = None) -> MemorySubscriber:
         if isinstance(endpoints, str):
             endpoints = [endpoints]
-        svc = MemorySubscriber(self, [bind] if bind else [], list(endpoints or ()), handler)
-        for t in topics:
-            if not isinstance(t, bytes):
-                raise TypeError(f"topics must be bytes, not {t!r}")
-        svc.topics = list(topics)
-        return svc
+        return MemorySubscriber(self, [bind] if bind else [], list(endpoints or ()), handler,
+                                topics)
 
     def push(self, endpoints: Sequence[str]) -> MemoryPush:  # type: ignore[override]
         return MemoryPush(self, [], [endpoints] if isinstance(endpoints, str) else endpoints)
@@ -392,7 +388,14 @@ class MemoryDealer(_MemoryService):
 class MemorySubscriber(_MemoryService):
     kind = "subscriber"
     receives = "publish"
-    topics: list[bytes]
+
+    def __init__(self, bus: MemoryBus, binds: Sequence[str], connects: Sequence[str],
+                 handler: Any, topics: Sequence[bytes]) -> None:
+        super().__init__(bus, binds, connects, handler)
+        for t in topics:
+            if not isinstance(t, bytes):
+                raise TypeError(f"topics must be bytes, not {t!r}")
+        self.topics = list(topics)
 
     def _deliver(self, topic: bytes, frame: bytes) -> None:
         if not self.running:
