@@ -43,6 +43,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from epio.logs.records import LogRecord
+from epio.metrics import MetricsRegistry
 
 
 def rfc5424(rec: LogRecord, app: str, hostname: str = "epio") -> bytes:
@@ -318,7 +319,7 @@ class DrainManager(MultiService):
 
     log = Logger()
 
-    def __init__(self, reactor: Any, config: DrainConfig = DrainConfig(), registry: Any = None,
+    def __init__(self, reactor: Any, config: DrainConfig = DrainConfig(), registry: MetricsRegistry | None = None,
                  http_post: Callable[[str, bytes, dict[bytes, list[bytes]]], Deferred[int]] | None = None) -> None:
         super().__init__()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         self.reactor = reactor

@@ -31,7 +31,7 @@ from __future__ import annotations
 import re
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from attrs import define, field
 from twisted.internet.defer import Deferred
@@ -42,6 +42,9 @@ from epio.store import stats as stats_table
 from epio.store.backend import SQLITE
 from epio.store.stats import Point
 from epio.store.store import Store
+
+if TYPE_CHECKING:
+    from epio.logs.receiver import LogCounters
 
 __all__ = ["Aggregator", "Point", "StatsDB", "StatsService", "StoreStats", "quantile"]
 
@@ -226,7 +229,7 @@ class StatsService:
 
     def __init__(self, db: StatsDB, clock: IReactorTime, *, flush_delay: float = 5.0,
                  retention: dict[int, float] | None = None, max_pending: int = 100_000,
-                 counters: Any = None) -> None:
+                 counters: LogCounters | None = None) -> None:
         self.db = db
         self.clock = clock
         self.counters = counters

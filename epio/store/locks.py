@@ -22,7 +22,7 @@ import os
 import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
@@ -32,6 +32,9 @@ from twisted.logger import Logger
 
 from epio.store.backend import close_quietly, connect_pg, lock_key
 from epio.store.errors import StoreUnavailable
+
+if TYPE_CHECKING:
+    from epio.store.store import Store
 
 
 class Lock(Protocol):
@@ -286,7 +289,7 @@ class LeaderService(Service):
 
     log = Logger()
 
-    def __init__(self, store: Any, name: str, on_elected: Callable[[], Any],
+    def __init__(self, store: Store, name: str, on_elected: Callable[[], Any],
                  on_lost: Callable[[], Any], clock: IReactorTime,
                  retry_interval: float = 5.0) -> None:
         self.store = store
