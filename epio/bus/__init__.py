@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
@@ -67,6 +67,7 @@ __all__ = [
     "RequestTimeout",
 ]
 
+SocketOption = int | bytes  # a ZeroMQ socket option's value (setsockopt takes either)
 LINGER_MS = 100  # how long closing a socket may wait to flush: stopping never hangs
 
 
@@ -108,7 +109,7 @@ class Bus:
         #: Node-wide counters of every service made by this bus.
         self.counters = BusCounters()
         self._ratelog = RateLimitedLog(reactor)
-        self._factory: Any = None
+        self._factory: Any = None  # txzmq's ZmqFactory (txzmq is untyped)
         self._connections: set[_Connection] = set()
         self._curve: tuple[bytes, bytes, bytes, bytes] | None = None
         self._services: set[Any] = set()  # running services, for status()
@@ -192,7 +193,7 @@ class Bus:
 
     # -- sockets (used by the services) --------------------------------------------
 
-    def curve_options(self, bind: bool) -> list[tuple[int, Any]]:
+    def curve_options(self, bind: bool) -> list[tuple[int, SocketOption]]:
         """CurveZMQ socket options derived from the cluster secret.
 
         The binding side is the CURVE server, the connecting side the client;
@@ -217,11 +218,11 @@ class Bus:
         return [(zmq.CURVE_SERVERKEY, spub), (zmq.CURVE_PUBLICKEY, cpub),
                 (zmq.CURVE_SECRETKEY, csec)]
 
-    def socket_options(self, bind: bool) -> list[tuple[int, Any]]:
+    def socket_options(self, bind: bool) -> list[tuple[int, SocketOption]]:
         """The options every bus socket gets before it binds or connects."""
         import zmq
 
-        opts: list[tuple[int, Any]] = [
+        opts: list[tuple[int, SocketOption]] = [
             (zmq.IPV6, 1),
             (zmq.SNDHWM, self.high_water_mark),
             (zmq.RCVHWM, self.high_water_mark),
@@ -239,8 +240,9 @@ class Bus:
         return opts
 
     def _connection(self, socket_type: int, binds: Sequence[str], connects: Sequence[str],
-                    on_message: Any, extra: Sequence[tuple[int, Any]],
-                    on_event: Any = None) -> _Connection:
+                    on_message: Callable[[list[bytes]], None],
+                    extra: Sequence[tuple[int, SocketOption]],
+                    on_event: Callable[[int, str], None] | None = None) -> _Connection:
         from epio.bus import sockets
 
         if self._factory is None:

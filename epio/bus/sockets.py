@@ -35,7 +35,7 @@ from epio.bus.envelope import Envelope, ReplayGuard, triage_request
 from epio.bus.errors import NotRunning, Reason, Rejected, RemoteError, RequestTimeout
 
 if TYPE_CHECKING:
-    from epio.bus import Bus
+    from epio.bus import Bus, SocketOption
 
 RouterHandler = Callable[[Envelope], Awaitable[tuple[str, dict[str, Any]]] | tuple[str, dict[str, Any]]]
 PullHandler = Callable[[Envelope], Any]
@@ -96,7 +96,7 @@ class _Connection(ZmqConnection):  # type: ignore[misc]  # txzmq is untyped: its
         self,
         factory: ZmqFactory,
         socket_type: int,
-        options: Sequence[tuple[int, Any]],
+        options: Sequence[tuple[int, SocketOption]],
         endpoints: Sequence[ZmqEndpoint],
         on_message: Callable[[list[bytes]], None],
         on_event: Callable[[int, str], None] | None = None,
@@ -406,7 +406,7 @@ class BusService(Service):
         if conn is not None:
             self.bus._release(conn)
 
-    def _options(self) -> list[tuple[int, Any]]:
+    def _options(self) -> list[tuple[int, SocketOption]]:
         return []
 
     # -- receiving ------------------------------------------------------------
@@ -508,7 +508,7 @@ class Router(BusService):
         self.handler = handler
         self._inflight: set[defer.Deferred[Any]] = set()
 
-    def _options(self) -> list[tuple[int, Any]]:
+    def _options(self) -> list[tuple[int, SocketOption]]:
         # Report unroutable replies (peer gone) as errors instead of dropping silently.
         return [(zmq.ROUTER_MANDATORY, 1)]
 
@@ -868,7 +868,7 @@ class Subscriber(BusService):
         self.topics = list(topics)
         self.handler = handler
 
-    def _options(self) -> list[tuple[int, Any]]:
+    def _options(self) -> list[tuple[int, SocketOption]]:
         return [(zmq.SUBSCRIBE, t) for t in self.topics]
 
     def _frames(self, frames: list[bytes]) -> None:
@@ -944,7 +944,7 @@ def make_connection(
     binds: Sequence[str],
     connects: Sequence[str],
     on_message: Callable[[list[bytes]], None],
-    options: Sequence[tuple[int, Any]],
+    options: Sequence[tuple[int, SocketOption]],
     on_event: Callable[[int, str], None] | None = None,
 ) -> _Connection:
     endpoints = [ZmqEndpoint(ZmqEndpointType.bind, e) for e in binds] + [
