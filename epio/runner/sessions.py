@@ -49,7 +49,7 @@ import signal as signals
 import struct
 import termios
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from attrs import define, field, frozen
@@ -61,6 +61,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from epio.config.settings import RunSettings as RunSection
 from epio.runner.fence import FenceError
 from epio.runner.sandbox import sandboxed_pid
 from epio.runner.supervisor import InstanceSpec, SpecError, exit_status
@@ -112,12 +113,12 @@ class RunSettings:
     kill_grace: float = 10.0
 
     @classmethod
-    def from_config(cls, c: Mapping[str, Any]) -> RunSettings:
+    def from_config(cls, c: RunSection) -> RunSettings:
         return cls(
-            max_sessions_per_app=c["max_sessions_per_app"], max_lifetime=c["max_lifetime"],
-            detached_idle_timeout=c["detached_idle_timeout"], lease=c["lease"],
-            poll_wait=c["poll_wait"], window=c["window_kb"] * 1024, chunk=c["chunk_kb"] * 1024,
-            input_buffer=c["input_buffer_kb"] * 1024, kill_grace=c["kill_grace"],
+            max_sessions_per_app=c.max_sessions_per_app, max_lifetime=c.max_lifetime,
+            detached_idle_timeout=c.detached_idle_timeout, lease=c.lease,
+            poll_wait=c.poll_wait, window=c.window_kb * 1024, chunk=c.chunk_kb * 1024,
+            input_buffer=c.input_buffer_kb * 1024, kill_grace=c.kill_grace,
         )
 
 
@@ -424,7 +425,8 @@ class SessionManager(Service):
     name = "run-sessions"
 
     def __init__(self, reactor: Any, launcher: Any, sink: Any, settings: RunSettings,
-                 runner_settings: Any, *, node_id: str = "", store_service: Any = None) -> None:
+                 runner_settings: Any, *, node_id: str = "", store_service: Any = None,
+                 observers: Sequence[Callable[[], defer.Deferred[None] | None]] = ()) -> None:
         self.reactor = reactor
         self.launcher = launcher
         self.sink = sink
@@ -436,7 +438,7 @@ class SessionManager(Service):
         self.stopping = False  # set by stopService: no more sessions start
         # called when the live sessions change; a Deferred returned is awaited before a
         # session's process starts (the network fence: its add-on ports are open first)
-        self.observers: list[Callable[[], defer.Deferred[None] | None]] = []
+        self.observers = observers
 
     # -- service -----------------------------------------------------------------
 
@@ -1020,13 +1022,3 @@ class SessionManager(Service):
     def _cancel_all(self, s: Session) -> None:
         for name in list(s.calls):
             self._cancel(s, name)
-
-
-def attach_sessions(runner: Any, node: Any, launcher: Any, sink: Any) -> SessionManager:
-    """Give the runner service ``runner`` a session manager (its child service)."""
-    manager = SessionManager(
-        node.reactor, launcher, sink, RunSettings.from_config(node.config["run"]),
-        runner.supervisor.settings, node_id=node.node_id, store_service=node.store_service)
-    manager.setServiceParent(runner)
-    runner.sessions = manager
-    return manager

@@ -26,6 +26,7 @@ from twisted.logger import Logger
 
 from epio import domain
 from epio.addons import btrfs
+from epio.config.settings import AddonsSettings, BackupSettings
 from epio.retention import Candidate, RetentionPolicy, to_keep
 
 DEDICATED_DIR = re.compile(r"^\.epio-(redis|postgres)(-[0-9a-f]{1,32})?$")
@@ -210,15 +211,14 @@ class SnapshotService(TimerService):
         return None
 
 
-def attach_snapshots(runner: Any, node: Any) -> SnapshotService | None:
-    """Give the runner service its snapshot job (``addons.snapshot_interval``; 0 disables)."""
-    interval = node.config["addons"].get("snapshot_interval", 0)
-    if not interval:
+def make_snapshots(reactor: Any, data_dir: Path, addons: AddonsSettings,
+                   backup: BackupSettings) -> SnapshotService | None:
+    """The runner's snapshot job (``addons.snapshot_interval``; 0 disables: None),
+    keeping what the ``backup`` retention policy keeps."""
+    if not addons.snapshot_interval:
         return None
-    b = node.config["backup"]
-    policy = RetentionPolicy(hourly=b["hourly"], daily=b["daily"], weekly=b["weekly"],
-                             monthly=b["monthly"])
-    svc = SnapshotService(node.reactor, node.data_dir, interval, policy)
+    policy = RetentionPolicy(hourly=backup.hourly, daily=backup.daily, weekly=backup.weekly,
+                             monthly=backup.monthly)
+    svc = SnapshotService(reactor, data_dir, addons.snapshot_interval, policy)
     svc.setName("btrfs-snapshots")
-    svc.setServiceParent(runner)
     return svc

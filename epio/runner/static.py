@@ -67,6 +67,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 from zope.interface import implementer
 
+from epio.config.settings import RunnerSettings
 from epio.routing import static_token
 
 HEADER = b"x-epio-static"
@@ -747,6 +748,11 @@ class StaticServer(Service):
         return self.max_age
 
     # -- which releases are served --------------------------------------------------------
+    def instances_changed(self) -> None:
+        """The supervisor's observer: refresh while serving."""
+        if self.running:
+            self.refresh()
+
     def refresh(self) -> None:
         """Follow the supervisor: prepare new web releases, serve healthy ones, release
         the ones no web instance uses any more."""
@@ -832,42 +838,27 @@ class StaticServer(Service):
         return {"static": self.endpoint, "static_prefixes": prefixes}
 
 
-def attach_static(runner: Any, node: Any) -> StaticServer | None:
-    """Give the runner service its static file server (``runner.static_listen``;
-    ``off`` disables it).  It follows the supervisor's instances and adds its
-    endpoint and prefixes to every heartbeat (``runner.static_server``)."""
-    cfg = node.config["runner"]
-    listen = cfg.get("static_listen", "")
-    if listen == "off":
-        runner.static_server = None
+def make_static(reactor: Any, secret: bytes, images: Any, data_dir: Path,
+                instances: Callable[[], Iterable[Any]], settings: RunnerSettings, *,
+                uid_check: bool) -> StaticServer | None:
+    """The runner's static file server (``runner.static_listen``; ``off``: None).  It
+    follows the supervisor's ``instances`` (:meth:`StaticServer.instances_changed` is
+    one of the supervisor's observers) and adds its endpoint and prefixes to every
+    heartbeat."""
+    if settings.static_listen == "off":
         return None
-    advertise = cfg["advertise_host"]
-    supervisor = runner.supervisor
+    advertise = settings.advertise_host
     server = StaticServer(
-        node.reactor, node.secret, runner.images, node.data_dir,
-        lambda: list(supervisor.instances.values()),
-        listen=listen or default_listen(advertise), advertise_host=advertise,
-        max_age=cfg.get("static_max_age", 3600), gzip_on=cfg.get("static_gzip", True),
-        gzip_max_bytes=cfg.get("static_gzip_max_kb", 2048) * 1024,
-        cache_bytes=cfg.get("static_cache_mb", 64) * 1024 * 1024,
-        idle_timeout=cfg.get("static_idle_timeout", 120.0),
-        uid_check=bool(getattr(runner.isolation, "uid_switch", False)),
+        reactor, secret, images, data_dir, instances,
+        listen=settings.static_listen or default_listen(advertise), advertise_host=advertise,
+        max_age=settings.static_max_age, gzip_on=settings.static_gzip,
+        gzip_max_bytes=settings.static_gzip_max_kb * 1024,
+        cache_bytes=settings.static_cache_mb * 1024 * 1024,
+        idle_timeout=settings.static_idle_timeout, uid_check=uid_check,
     )
     server.setName("static-files")
-    server.setServiceParent(runner)
-    previous = supervisor.on_change
-
-    def on_change() -> None:
-        try:
-            previous()
-        finally:
-            if server.running:
-                server.refresh()
-
-    supervisor.on_change = on_change
-    runner.static_server = server
     return server
 
 
-__all__ = ["StaticServer", "attach_static", "content_type", "open_in_data", "open_in_image",
+__all__ = ["StaticServer", "make_static", "content_type", "open_in_data", "open_in_image",
            "read_static_facts", "HEADER"]

@@ -165,8 +165,10 @@ class SessionTests(TestCase):
         self.settings = RunSettings(max_sessions_per_app=2, max_lifetime=1000.0,
                                     detached_idle_timeout=60.0, lease=9.0, poll_wait=5.0,
                                     window=1000, chunk=400, kill_grace=2.0)
+        self.gates: list[Any] = []  # the spawn gates, as the runner's root owns them
         self.m = SessionManager(self.clock, self.launcher, self.sink, self.settings,
-                                Settings(uid_min=1000, uid_max=65000), node_id="n1")
+                                Settings(uid_min=1000, uid_max=65000), node_id="n1",
+                                observers=self.gates)
 
     async def call(self, type: str, **body: Any) -> dict[str, Any]:
         _, reply = await self.m.handle(Env(type, body))
@@ -374,7 +376,7 @@ class SessionTests(TestCase):
             calls.append(self.m.reach())
             return gate if len(calls) == 1 else None
 
-        self.m.observers.append(observer)
+        self.gates.append(observer)
         started = defer.ensureDeferred(self.start(addon_ports=[5432]))
         self.assertEqual(calls, [[(20001, 5432)]])
         self.assertEqual(self.clock.spawned, [])  # waits for the fence
@@ -390,7 +392,7 @@ class SessionTests(TestCase):
     async def test_a_refusing_observer_fails_the_start(self) -> None:
         """An observer that fails (the network fence is on but no table is in place)
         fails run.start with start_failed and its reason; nothing is spawned."""
-        self.m.observers.append(lambda: defer.fail(FenceNotApplied(
+        self.gates.append(lambda: defer.fail(FenceNotApplied(
             "network fence not applied (nft table inet t): nope")))
         with self.assertRaises(RemoteError) as e:
             await self.start()

@@ -45,6 +45,7 @@ from attrs import define, frozen
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 
+from epio.config.settings import BuildSettings
 from epio.manifest import (
     DATA_DIRECTORY,
     PYTHON_VERSION,
@@ -264,18 +265,19 @@ class Builder:
 
     log = Logger()
 
-    def __init__(self, reactor: Any, data_dir: str | Path, config: Any, log_sink: Any) -> None:
+    def __init__(self, reactor: Any, data_dir: str | Path, settings: BuildSettings,
+                 log_sink: Any, images: ImageStore | None = None) -> None:
         self.reactor = reactor
         self.data_dir = Path(data_dir)
-        self.cfg: Mapping[str, Any] = config["build"]
+        self.settings = settings
         self.log_sink = log_sink
-        self.images = ImageStore(self.data_dir, reactor)
+        self.images = images if images is not None else ImageStore(self.data_dir, reactor)
         self.wheels = self.data_dir / "cache" / "wheels"
         self.pip_cache = self.data_dir / "cache" / "pip"
         self.resolved = self.data_dir / "cache" / "resolved"
         self.app_wheels = self.data_dir / "cache" / "wheels-app"
         self.builds_dir = self.data_dir / "builds"
-        self._sem = defer.DeferredSemaphore(int(self.cfg["max_concurrent"]))
+        self._sem = defer.DeferredSemaphore(self.settings.max_concurrent)
         self._prepared: dict[str, Any] | None = None
         self._prepare_lock = threading.Lock()
         self._counter = 0
@@ -283,7 +285,7 @@ class Builder:
     # ------------------------------------------------------------------ setup
 
     def image_format(self) -> str:
-        fmt = self.cfg["image_format"]
+        fmt = self.settings.image_format
         if fmt != "auto":
             return str(fmt)
         ok = (
@@ -302,7 +304,7 @@ class Builder:
         notes: list[str] = []
         uid = gid = None
         if os.geteuid() == 0:
-            name = self.cfg["user"]
+            name = self.settings.user
             try:
                 pw = pwd.getpwnam(name)
             except KeyError:
@@ -326,20 +328,20 @@ class Builder:
             uid, gid = pw.pw_uid, pw.pw_gid
         else:
             notes.append(
-                f"not root: builds run as the node's own user (uid {os.geteuid()}), not as {self.cfg['user']}"
+                f"not root: builds run as the node's own user (uid {os.geteuid()}), not as {self.settings.user}"
             )
         if uid is not None:
             for d in (self.data_dir, *self.data_dir.parents):
                 if not os.stat(d).st_mode & 0o001:
                     raise BuildFailed(
-                        f"the build user {self.cfg['user']} cannot reach {self.data_dir}: "
+                        f"the build user {self.settings.user} cannot reach {self.data_dir}: "
                         f"{d} is not searchable by others (chmod o+x {d})"
                     )
         self._remove_stale_work()
-        python, note = choose_python(self.cfg["python"], need_world=uid is not None)
+        python, note = choose_python(self.settings.python, need_world=uid is not None)
         if note:
             notes.append(note)
-        pythons = discover_pythons(self.cfg["pythons"], python, need_world=uid is not None)
+        pythons = discover_pythons(self.settings.pythons, python, need_world=uid is not None)
         for d in (self.wheels, self.app_wheels, self.resolved, self.builds_dir):
             d.mkdir(parents=True, exist_ok=True)
             os.chmod(d, 0o755)
@@ -440,7 +442,7 @@ class Builder:
             work / "root",
             env,
             deque(maxlen=LOG_TAIL),
-            start + float(self.cfg["timeout"]),
+            start + self.settings.timeout,
             None,
             None,
             None,
@@ -482,7 +484,7 @@ class Builder:
     ) -> StepResult:
         remaining = self._remaining(ctx)
         if remaining <= 0:
-            raise self._fail(ctx, f"build exceeded its time limit of {self.cfg['timeout']:g} s")
+            raise self._fail(ctx, f"build exceeded its time limit of {self.settings.timeout:g} s")
 
         def line(text: str) -> None:
             if on_line is not None and on_line(text):
@@ -501,16 +503,16 @@ class Builder:
             gid=ctx.gid if untrusted else None,
             cgroup=ctx.cgroup if untrusted else None,
             rlimit_as=(
-                int(self.cfg["memory_mb"]) * MB if untrusted and ctx.cgroup is None else None
+                self.settings.memory_mb * MB if untrusted and ctx.cgroup is None else None
             ),
-            rlimit_fsize=int(self.cfg["max_disk_mb"]) * MB if untrusted else None,
-            rlimit_nproc=int(self.cfg["max_processes"])
+            rlimit_fsize=self.settings.max_disk_mb * MB if untrusted else None,
+            rlimit_nproc=self.settings.max_processes
             if untrusted and ctx.uid is not None
             else None,
         )
         if res.timed_out:
             raise self._fail(
-                ctx, f"build exceeded its time limit of {self.cfg['timeout']:g} s ({what})"
+                ctx, f"build exceeded its time limit of {self.settings.timeout:g} s ({what})"
             )
         if not res.ok:
             cg = ctx.cgroup if untrusted else None
@@ -524,7 +526,7 @@ class Builder:
                 or (untrusted and cg is None and res.signal is None and memory_error)
             ):
                 raise self._fail(
-                    ctx, f"build exceeded its memory limit of {self.cfg['memory_mb']} MB ({what})"
+                    ctx, f"build exceeded its memory limit of {self.settings.memory_mb} MB ({what})"
                 )
             how = f"exit status {res.exit_code}" if res.signal is None else f"signal {res.signal}"
             if soft:
@@ -535,10 +537,10 @@ class Builder:
 
     async def _check_disk(self, ctx: _Ctx) -> None:
         used = await self._thread(_tree_size, ctx.work)
-        if used > int(self.cfg["max_disk_mb"]) * MB:
+        if used > self.settings.max_disk_mb * MB:
             raise self._fail(
                 ctx,
-                f"build used {used // MB} MB of disk, over its limit of {self.cfg['max_disk_mb']} MB",
+                f"build used {used // MB} MB of disk, over its limit of {self.settings.max_disk_mb} MB",
             )
 
     async def _thread(self, fn: Any, *args: Any) -> Any:
@@ -582,11 +584,11 @@ class Builder:
             size = tarball.stat().st_size
         except OSError as e:
             raise self._fail(ctx, f"cannot read the upload: {e.strerror}") from None
-        limit = int(self.cfg["max_upload_mb"]) * MB
+        limit = self.settings.max_upload_mb * MB
         if size > limit:
             raise self._fail(
                 ctx,
-                f"the upload is {size / MB:.1f} MB, over the limit of {self.cfg['max_upload_mb']} MB (build.max_upload_mb)",
+                f"the upload is {size / MB:.1f} MB, over the limit of {self.settings.max_upload_mb} MB (build.max_upload_mb)",
             )
         self._emit(ctx, f"-----> Unpacking upload ({size / MB:.1f} MB)")
         src = ctx.work / "src"
@@ -595,7 +597,7 @@ class Builder:
         ctx.priv.mkdir()
         os.chmod(ctx.priv, 0o711)
         try:
-            await self._thread(safe_unpack, tarball, src, int(self.cfg["max_unpacked_mb"]) * MB)
+            await self._thread(safe_unpack, tarball, src, self.settings.max_unpacked_mb * MB)
         except UnpackError as e:
             raise self._fail(ctx, f"upload rejected: {e}") from None
         # 2. manifest, before any build work
@@ -625,12 +627,12 @@ class Builder:
         if ctx.uid is not None:
             ctx.cgroup = MemoryCgroup.create(
                 f"{os.getpid()}-{self._counter}-{os.urandom(3).hex()}",
-                int(self.cfg["memory_mb"]) * MB,
+                self.settings.memory_mb * MB,
             )
         if ctx.cgroup is None:
             self._emit(
                 ctx,
-                f"       (memory limit {self.cfg['memory_mb']} MB through RLIMIT_AS: no memory cgroup)",
+                f"       (memory limit {self.settings.memory_mb} MB through RLIMIT_AS: no memory cgroup)",
             )
         # the app's Python: [python] version, runtime.txt or .python-version, among the
         # interpreters this node offers; the default otherwise
@@ -872,7 +874,7 @@ class Builder:
                     "-all-time",
                     "0",
                     "-comp",
-                    self.cfg["squashfs_compression"],
+                    self.settings.squashfs_compression,
                     "-quiet",
                     "-no-progress",
                 ],
@@ -989,7 +991,7 @@ class Builder:
             if (m := _REQ_NAME.match(ln)) and not ln.startswith(("-", "#"))
         }
         for req, why in platform_requirements(
-            manifest, names, self.cfg["gunicorn"], self.cfg["postgres_driver"]
+            manifest, names, self.settings.gunicorn, self.settings.postgres_driver
         ):
             lines.append(req)
             effective.append(req)
@@ -1047,7 +1049,7 @@ class Builder:
         # build.index_url may carry credentials: pass it in pip's environment (readable
         # only by the build user and root), never in argv (visible to every user in ps)
         wheel_env = (
-            dict(penv, PIP_INDEX_URL=self.cfg["index_url"]) if self.cfg["index_url"] else penv
+            dict(penv, PIP_INDEX_URL=self.settings.index_url) if self.settings.index_url else penv
         )
         fetched: set[str] = set()
         ran_code = False
