@@ -46,7 +46,7 @@ from epio.runner.supervisor import (
 from epio.services import OrderedMultiService
 
 if TYPE_CHECKING:
-    from epio.bus import RouterHandler as Handler
+    from epio.bus.sockets import RouterHandler as Handler
     from epio.config.settings import RunnerSettings
     from epio.node import Node
 
