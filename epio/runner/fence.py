@@ -536,7 +536,7 @@ class INft(Interface):
     def apply(text: str) -> None:
         """Apply ``text`` in one transaction; raise FenceError."""
 
-    def exists(table: str) -> bool:  # type: ignore[empty-body]
+    def exists(table: str) -> bool:
         """Is ``inet table`` installed?"""
 
     def delete(table: str, handle: int | None = None) -> None:
@@ -544,7 +544,7 @@ class INft(Interface):
         a table replaced meanwhile has another handle); raise FenceError on other
         failures."""
 
-    def tables() -> dict[str, tuple[int, str]]:  # type: ignore[empty-body,misc]
+    def tables() -> dict[str, tuple[int, str]]:
         """The ``inet`` tables named ``epio_fence_<hex>``: name -> (handle, comment)."""
 
 
@@ -692,7 +692,7 @@ class NetworkFence(Service):
     # -- lifecycle --------------------------------------------------------------
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
         if not self.enabled:
             self.log.warn("runner isolation OFF: network fence: {why}; app processes can "
                           "connect to the control plane's ports and to other apps' "
@@ -736,7 +736,7 @@ class NetworkFence(Service):
                 lambda f: self.log.failure("network fence check loop died", f))
 
     def stopService(self) -> defer.Deferred[None]:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
         if self._check is not None and self._check.running:
             self._check.stop()
         self._dirty = False
@@ -974,5 +974,5 @@ def make_fence(reactor: Any, settings: Settings, roles: Iterable[str], data_dir:
                          check_interval=rc.fence_check_interval, in_thread=in_thread,
                          owner=owner_comment(os.getpid(), proc_start(os.getpid()),
                                              pid_namespace(), data_dir))
-    fence.setName("network-fence")
+    fence.setName("network-fence")  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
     return fence

@@ -173,7 +173,7 @@ class RunnerService(OrderedMultiService):
         router: Callable[[Handler], IService] | None = None,
         after_router: Sequence[IService] = (),
     ) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
         self.reactor = reactor
         self.supervisor = supervisor
         self.isolation = isolation
@@ -211,7 +211,7 @@ class RunnerService(OrderedMultiService):
         self.router = router(self.handle) if router is not None else None
         for child in [*before_router, self.router, *after_router]:
             if child is not None:
-                child.setServiceParent(self)
+                child.setServiceParent(self)  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -242,7 +242,7 @@ class RunnerService(OrderedMultiService):
                           "(docs/runner.md)")
         self.log.info("runner network: apps share the host network; the network fence "
                       "(its own log line) refuses their connections to the control plane")
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
         d = defer.Deferred.fromCoroutine(self._recover())
         d.addErrback(lambda f: self.log.failure("runner recovery failed", f))
         d.addBoth(lambda _: self._ready.callback(None))
@@ -457,7 +457,8 @@ class RunnerService(OrderedMultiService):
             # the previous run's leftovers are being cleaned: changes wait for that
             await self.whenReady()
         if t.startswith("run.") and self.sessions is not None:
-            return await self.sessions.handle(env)  # epio run (epio.runner.sessions)
+            reply: tuple[str, dict[str, Any]] = await self.sessions.handle(env)  # epio run
+            return reply
         try:
             if t == "runner.start":
                 return "runner.started", self.supervisor.start(body)
@@ -615,7 +616,7 @@ class PeerRunners(MultiService):
 
     def __init__(self, store_service: Any, node_id: str, own_control: str,
                  dealer: Callable[[list[str]], Any]) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
         self.store_service = store_service
         self.node_id = node_id
         self.own_control = own_control
@@ -731,12 +732,12 @@ def make_service(node: Node) -> RunnerService:
     nexus = [str(n["heartbeat"]) for n in conf.cluster.nexus if n.get("heartbeat")]
     publisher = node.bus.publisher(connect=nexus) if nexus else None
     if publisher is not None:
-        publisher.setName("runner-heartbeat")
-    peers.setName("runner-peers")
+        publisher.setName("runner-heartbeat")  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
+    peers.setName("runner-peers")  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
 
     def router(handler: Handler) -> IService:
         control_router = node.bus.router(rc.control_bind, handler)
-        control_router.setName("runner-control")
+        control_router.setName("runner-control")  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
         return control_router
 
     svc = RunnerService(

@@ -274,7 +274,7 @@ class PtyMaster(abstract.FileDescriptor):
     def __init__(self, fd: int, reactor: Any, on_data: Callable[[bytes], None],
                  on_lost: Callable[[], None]) -> None:
         super().__init__(reactor)
-        fdesc.setNonBlocking(fd)
+        fdesc.setNonBlocking(fd)  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
         self.fd = fd
         self.on_data = on_data
         self.on_lost = on_lost
@@ -307,7 +307,7 @@ class PtyMaster(abstract.FileDescriptor):
             return main.CONNECTION_LOST
 
     def connectionLost(self, reason: Failure) -> None:
-        super().connectionLost(reason)
+        super().connectionLost(reason)  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
         fd, self.fd = self.fd, -1
         if fd >= 0:
             try:
@@ -443,7 +443,7 @@ class SessionManager(Service):
     # -- service -----------------------------------------------------------------
 
     def stopService(self) -> defer.Deferred[None]:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
         self.stopping = True
         waits = []
         for s in list(self.sessions.values()):
@@ -608,8 +608,8 @@ class SessionManager(Service):
             os.close(slave)
             s.pty = PtyMaster(master, self.reactor, lambda data: self._output(s, 1, data),
                               lambda: self._output_ended(s))
-            s.pty.registerProducer(s.gate, True)  # type: ignore[arg-type]
-            s.pty.startReading()
+            s.pty.registerProducer(s.gate, True)
+            s.pty.startReading()  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
         else:
             if not s.detach:
                 s.transport.registerProducer(s.gate, True)
@@ -632,13 +632,13 @@ class SessionManager(Service):
 
     def _pause(self, s: Session) -> None:
         if s.pty is not None:
-            s.pty.pauseProducing()
+            s.pty.pauseProducing()  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
         elif s.transport is not None:
             s.transport.pauseProducing()
 
     def _resume(self, s: Session) -> None:
         if s.pty is not None:
-            s.pty.resumeProducing()
+            s.pty.resumeProducing()  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
         elif s.transport is not None:
             s.transport.resumeProducing()
 
@@ -698,7 +698,7 @@ class SessionManager(Service):
             self._call(s, "eof", EXIT_EOF_WAIT, self._force_eof, s)
             return
         if s.pty is not None:
-            s.pty.connectionLost(Failure(main.CONNECTION_DONE))
+            s.pty.connectionLost(Failure(main.CONNECTION_DONE))  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
         else:
             self._output_ended(s)
 
@@ -731,7 +731,8 @@ class SessionManager(Service):
         defer.Deferred.fromCoroutine(self._changed()).addErrback(self._observer_failed)
 
     def _observer_failed(self, f: Failure) -> None:
-        if f.check(FenceError):  # the fence is not in place: it reports that itself
+        # the fence is not in place: it reports that itself
+        if f.check(FenceError):  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
             self.log.warn("after a session ended: {error}", error=f.getErrorMessage())
         else:
             self.log.failure("a session observer failed", f)

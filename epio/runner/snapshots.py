@@ -169,7 +169,7 @@ class SnapshotService(TimerService):
 
     def __init__(self, reactor: Any, data_dir: Path, interval: float, policy: RetentionPolicy,
                  run: Callable[..., SnapshotResult] = snapshot_all) -> None:
-        super().__init__(interval, self.tick)
+        super().__init__(interval, self.tick)  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
         self.clock = reactor
         self.reactor = reactor
         self.data_dir = Path(data_dir)
@@ -220,5 +220,5 @@ def make_snapshots(reactor: Any, data_dir: Path, addons: AddonsSettings,
     policy = RetentionPolicy(hourly=backup.hourly, daily=backup.daily, weekly=backup.weekly,
                              monthly=backup.monthly)
     svc = SnapshotService(reactor, data_dir, addons.snapshot_interval, policy)
-    svc.setName("btrfs-snapshots")
+    svc.setName("btrfs-snapshots")  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
     return svc

@@ -365,7 +365,7 @@ class StaticResource(Resource):
     log = Logger()
 
     def __init__(self, server: StaticServer) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
         self.static = server
 
     def render(self, request: Any) -> Any:
@@ -462,18 +462,18 @@ class StaticResource(Resource):
         if facts.gz is not None:
             request.setHeader(b"vary", b"Accept-Encoding")
         request.setHeader(b"cache-control", b"public, max-age=%d" % max_age)
-        request.setHeader(b"expires", http.datetimeToString(int(now + max_age)))
+        request.setHeader(b"expires", http.datetimeToString(int(now + max_age)))  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
         request.setHeader(b"x-content-type-options", b"nosniff")
         mtime = int(st.st_mtime)
         if mtime > 0:
-            request.setHeader(b"last-modified", http.datetimeToString(mtime))
+            request.setHeader(b"last-modified", http.datetimeToString(mtime))  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
         inm = request.getHeader(b"if-none-match")
         ims = request.getHeader(b"if-modified-since")
         not_modified = False
         if inm is not None:
             not_modified = _etag_matches(inm, (facts.etag, facts.etag + "-gz"))
         elif ims is not None and mtime > 0:
-            since = http.stringToDatetime(ims) if _valid_http_date(ims) else None
+            since = http.stringToDatetime(ims) if _valid_http_date(ims) else None  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
             not_modified = since is not None and mtime <= since
         if not_modified:
             f.close()
@@ -579,7 +579,7 @@ class FileProducer:
 
 def _valid_http_date(value: bytes) -> bool:
     try:
-        http.stringToDatetime(value)
+        http.stringToDatetime(value)  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
         return True
     except (ValueError, IndexError, KeyError):
         return False
@@ -662,15 +662,15 @@ class StaticServer(Service):
 
     # -- life ----------------------------------------------------------------------
     def startService(self) -> None:
-        super().startService()
-        d = defer.maybeDeferred(serverFromString(self.reactor, self.listen).listen,
-                                self.site())
+        super().startService()  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
+        endpoint = serverFromString(self.reactor, self.listen)  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
+        d = defer.maybeDeferred(endpoint.listen, self.site())
         d.addCallbacks(self._listening, self._listen_failed)
         self.refresh()
 
     def site(self) -> StaticSite:
         """The twisted.web site answering this server's requests."""
-        return StaticSite(StaticResource(self), timeout=self.idle_timeout, reactor=self.reactor)
+        return StaticSite(StaticResource(self), timeout=self.idle_timeout, reactor=self.reactor)  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
 
     def _listening(self, port: Any) -> None:
         self.port = port
@@ -687,7 +687,7 @@ class StaticServer(Service):
                        error=f.getErrorMessage())
 
     def stopService(self) -> defer.Deferred[None]:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
         return defer.Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
@@ -856,7 +856,7 @@ def make_static(reactor: Any, secret: bytes, images: Any, data_dir: Path,
         cache_bytes=settings.static_cache_mb * 1024 * 1024,
         idle_timeout=settings.static_idle_timeout, uid_check=uid_check,
     )
-    server.setName("static-files")
+    server.setName("static-files")  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
     return server
 
 

@@ -288,7 +288,7 @@ class Launch:
 class ILauncher(Interface):
     isolation = Attribute("The Isolation this launcher enforces")
 
-    def prepare(spec: InstanceSpec, port: int | None) -> defer.Deferred[Launch]:  # type: ignore[empty-body]
+    def prepare(spec: InstanceSpec, port: int | None) -> defer.Deferred[Launch]:
         """Make the image, dirs and cgroups ready; fire the Launch to spawn."""
 
     def spawned(launch: Launch, pid: int) -> None:
@@ -300,14 +300,14 @@ class ILauncher(Interface):
     def kill_all(launch: Launch) -> None:
         """SIGKILL everything left of the launch (group and cgroups)."""
 
-    def oom_kills(launch: Launch) -> int:  # type: ignore[empty-body]
+    def oom_kills(launch: Launch) -> int:
         """How many out-of-memory kills the kernel counted for the launch."""
 
-    def listening_ports(launch: Launch) -> list[int]:  # type: ignore[empty-body]
+    def listening_ports(launch: Launch) -> list[int]:
         """The TCP ports the launch's processes listen on (to say what is wrong when
         a web process never answers on $PORT)."""
 
-    def cleanup(launch: Launch) -> defer.Deferred[None]:  # type: ignore[empty-body]
+    def cleanup(launch: Launch) -> defer.Deferred[None]:
         """Remove what prepare made (after the process is gone)."""
 
 

@@ -41,7 +41,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from attrs import define, frozen
+from attrs import define, field, frozen
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 
@@ -257,6 +257,33 @@ class _Ctx:
     python_version: str = ""  # the app's interpreter (the requirement set's cache key)
 
 
+@define
+class _Tree:
+    """What one build's steps hand on to the next (:meth:`Builder._steps`)."""
+
+    manifest: Manifest
+    prep: dict[str, Any]  # the node's build facts, with the app's Python
+    workdir: Path  # the app's directory in the image tree
+    env: dict[str, str]  # the build steps' environment
+    reqs: Any = None  # what _requirements found (None: nothing to install)
+    pythonpath: list[str] = field(factory=list)
+    runtime_env: dict[str, str] = field(factory=dict)
+    static: dict[str, str] = field(factory=dict)  # URL path -> image or data dir
+    seed: list[str] = field(factory=list)  # data-directory paths the image seeds
+    sp: Path = Path()  # the venv's site-packages (once the venv exists)
+
+    tree: Path = Path()  # the image tree (the working tree's ``root/``)
+
+    @property
+    def venv(self) -> Path:
+        return self.tree / "venv"
+
+    @property
+    def rel_work(self) -> str:
+        """The app's directory, relative to the image's root."""
+        return self.workdir.relative_to(self.tree).as_posix()
+
+
 class Builder:
     """Builds images on this node.  ``await builder.build(app, tarball, env)``.
 
@@ -468,7 +495,7 @@ class Builder:
             )
 
     def _remaining(self, ctx: _Ctx) -> float:
-        return ctx.deadline - self.reactor.seconds()
+        return ctx.deadline - float(self.reactor.seconds())
 
     async def _run(
         self,
@@ -573,13 +600,36 @@ class Builder:
         return env
 
     async def _steps(self, ctx: _Ctx, tarball: Path, start: float) -> BuildResult:
+        """The build, step by step: each step below is one named method."""
         self._emit(ctx, f"-----> Building {ctx.app}")
         prep = await self._thread(self._prepare)
         ctx.uid, ctx.gid = prep["uid"], prep["gid"]
         for note in prep["notes"]:
             if not note.startswith("created"):
                 self._emit(ctx, f"       note: {note}")
-        # 1. upload size and unpack
+        src = await self._unpack(ctx, tarball)  # 1. upload size and unpack
+        manifest = await self._read_manifest(ctx, src)  # 2. manifest, before any build work
+        workdir = await self._lay_out(ctx, src, manifest)
+        prep = self._choose_python(ctx, manifest, workdir, prep)
+        t = _Tree(manifest=manifest, prep=prep, workdir=workdir,
+                  env=self._step_env(ctx, ctx.root / "venv", prep), tree=ctx.root)
+        await self._make_venv(ctx, t)  # 3. virtualenv
+        # 4. requirements
+        t.reqs = await self._thread(self._requirements, ctx, manifest, workdir)
+        if t.reqs is not None:
+            await self._install(ctx, t.reqs, t.venv, t.env, prep)
+        else:
+            self._emit(ctx, "-----> No requirements to install")
+        await self._place_app(ctx, t)  # 5. app on sys.path, symlinks
+        await self._django(ctx, t)  # 6. Django
+        await self._finish(ctx, t)  # 7. finish the tree
+        digest = await self._write_image(ctx, t)  # 8. image
+        duration = self.reactor.seconds() - start
+        self._emit(ctx, f"-----> Image {digest} built in {duration:.1f} s")
+        return BuildResult(digest, manifest, list(ctx.tail), duration, ctx.facts)
+
+    async def _unpack(self, ctx: _Ctx, tarball: Path) -> Path:
+        """Check the upload's size and unpack it (safely) into the work tree."""
         try:
             size = tarball.stat().st_size
         except OSError as e:
@@ -600,7 +650,10 @@ class Builder:
             await self._thread(safe_unpack, tarball, src, self.settings.max_unpacked_mb * MB)
         except UnpackError as e:
             raise self._fail(ctx, f"upload rejected: {e}") from None
-        # 2. manifest, before any build work
+        return src
+
+    async def _read_manifest(self, ctx: _Ctx, src: Path) -> Manifest:
+        """The app's manifest (every error in the build log)."""
         try:
             manifest: Manifest = await self._thread(load_manifest, src)
         except ManifestError as e:
@@ -614,8 +667,12 @@ class Builder:
         for w in manifest.warnings:
             self._emit(ctx, "       warning: " + w)
         self._emit(ctx, f"-----> Manifest: processes {', '.join(sorted(manifest.processes))}")
-        # working tree owned by the build user
-        root, venv = ctx.root, ctx.root / "venv"
+        return manifest
+
+    async def _lay_out(self, ctx: _Ctx, src: Path, manifest: Manifest) -> Path:
+        """The working tree, owned by the build user, with the app at its checkout
+        directory; the build's memory cgroup.  Returns the app's directory."""
+        root = ctx.root
         for d in (ctx.root, ctx.work / "home", ctx.work / "tmp", ctx.work / "wheels-new"):
             d.mkdir(parents=True, exist_ok=True)
         app_dir = root / "app"
@@ -634,8 +691,12 @@ class Builder:
                 ctx,
                 f"       (memory limit {self.settings.memory_mb} MB through RLIMIT_AS: no memory cgroup)",
             )
-        # the app's Python: [python] version, runtime.txt or .python-version, among the
-        # interpreters this node offers; the default otherwise
+        return workdir
+
+    def _choose_python(self, ctx: _Ctx, manifest: Manifest, workdir: Path,
+                       prep: dict[str, Any]) -> dict[str, Any]:
+        """The app's Python: [python] version, runtime.txt or .python-version, among the
+        interpreters this node offers; the default otherwise."""
         try:
             asked = requested_python(manifest, workdir)
         except BuildFailed as e:
@@ -652,27 +713,27 @@ class Builder:
             prep = dict(prep, python_version=pick[0], python=pick[1])
             self._emit(ctx, f"       Python {asked[0]} asked by {asked[1]}: {pick[1]}")
         ctx.python_version = prep["python_version"]
-        env = self._step_env(ctx, venv, prep)
-        # 3. virtualenv
-        python: Path = prep["python"]
-        self._emit(ctx, f"-----> Creating virtualenv (Python {prep['python_version']})")
+        return prep
+
+    async def _make_venv(self, ctx: _Ctx, t: _Tree) -> None:
+        """The image's virtualenv, made by the app's Python."""
+        python: Path = t.prep["python"]
+        self._emit(ctx, f"-----> Creating virtualenv (Python {t.prep['python_version']})")
         await self._run(
             ctx,
             "creating the virtualenv",
-            [str(python), "-m", "venv", "--without-pip", str(venv)],
+            [str(python), "-m", "venv", "--without-pip", str(t.venv)],
             cwd=ctx.work,
-            env=env,
+            env=t.env,
         )
-        # 4. requirements
-        reqs = await self._thread(self._requirements, ctx, manifest, workdir)
-        if reqs is not None:
-            await self._install(ctx, reqs, venv, env, prep)
-        else:
-            self._emit(ctx, "-----> No requirements to install")
-        # 5. app on sys.path, symlinks
-        sp = plat.site_packages(venv)
-        rel_work = workdir.relative_to(root).as_posix()
-        pythonpath = [rel_work]
+
+    async def _place_app(self, ctx: _Ctx, t: _Tree) -> None:
+        """Put the app on sys.path (a .pth file), make its [symlinks], and refuse a link
+        that leads out of the app."""
+        workdir, manifest = t.workdir, t.manifest
+        sp = t.sp = plat.site_packages(t.venv)
+        rel_work = t.rel_work
+        pythonpath = t.pythonpath = [rel_work]
         if manifest.checkout_directory:
             pythonpath.append("app")
         django_cfg = manifest.django
@@ -700,15 +761,19 @@ class Builder:
                 f"the symlink {_cut(bad[0])!r} -> {_cut(bad[1])!r} leads outside the app "
                 "(through other symlinks)",
             )
-        # 6. Django
-        runtime_env: dict[str, str] = {}
-        static: dict[str, str] = {}
+
+    async def _django(self, ctx: _Ctx, t: _Tree) -> None:
+        """The image's static directories and, for a Django app, the platform settings
+        and collectstatic (run as the build user)."""
+        workdir, manifest, root, venv, sp, env = (t.workdir, t.manifest, ctx.root, t.venv,
+                                                  t.sp, t.env)
+        rel_work, runtime_env, static, seed = t.rel_work, t.runtime_env, t.static, t.seed
+        django_cfg = manifest.django
         for url, sdir in manifest.static.items():
             if sdir.startswith(DATA_DIRECTORY):
                 static[url] = sdir
             else:
                 static[url] = f"{rel_work}/{sdir}"
-        seed: list[str] = []  # data-directory paths the image seeds (epio/data/<rel>)
         has_django = any(sp.glob("django/__init__.py"))
         _write_nofollow(sp / "bundle_config.py", plat.bundle_config_source(DATA_DIRECTORY))
         if has_django and (django_cfg is not None or (workdir / "manage.py").exists()):
@@ -795,7 +860,11 @@ class Builder:
         for url, sdir in static.items():
             if not sdir.startswith(DATA_DIRECTORY) and not (root / sdir).is_dir():
                 self._emit(ctx, f"       warning: [static] {url}: no directory {sdir} in the image")
-        # 7. finish the tree
+    async def _finish(self, ctx: _Ctx, t: _Tree) -> None:
+        """Compile the bytecode, record the build's facts, take the tree back from the
+        build user and check it was not tampered with."""
+        root, venv, sp, static, seed = ctx.root, t.venv, t.sp, t.static, t.seed
+        app_dir = root / "app"
         self._emit(ctx, "-----> Finishing image")
         await self._run(
             ctx,
@@ -817,22 +886,22 @@ class Builder:
                 str(sp),
             ],
             cwd=ctx.work,
-            env=dict(env, PYTHONDONTWRITEBYTECODE=""),
+            env=dict(t.env, PYTHONDONTWRITEBYTECODE=""),
             untrusted=True,
         )
         ctx.facts = {
-            "python": str(python),
-            "python_version": prep["python_version"],
-            "workdir": rel_work,
-            "pythonpath": pythonpath,
-            "env": runtime_env,
+            "python": str(t.prep["python"]),
+            "python_version": t.prep["python_version"],
+            "workdir": t.rel_work,
+            "pythonpath": t.pythonpath,
+            "env": t.runtime_env,
             "static": static,
             "data_seed": seed,
-            "django": "DJANGO_SETTINGS_MODULE" in runtime_env,
+            "django": "DJANGO_SETTINGS_MODULE" in t.runtime_env,
             "runtime_root": RUNTIME_ROOT,
-            "requirements_sha256": reqs[3] if reqs else None,
+            "requirements_sha256": t.reqs[3] if t.reqs else None,
         }
-        manifest_doc = {"manifest": manifest.to_dict(), "build": ctx.facts}
+        manifest_doc = {"manifest": t.manifest.to_dict(), "build": ctx.facts}
         await self._thread(self._reclaim, ctx)
         # build-user code (collectstatic, .pth files) could have replaced a static
         # directory or an app file with a symlink to the host: the runner's static
@@ -854,8 +923,12 @@ class Builder:
                 f"{_cut(bad[1])!r} leads outside the app",
             )
         await self._thread(self._finish_tree, root, venv, manifest_doc)
-        # 8. image
-        fmt = prep["format"]
+
+    async def _write_image(self, ctx: _Ctx, t: _Tree) -> str:
+        """Write the image (SquashFS, or a read-only directory) into the image store;
+        return its digest."""
+        root = ctx.root
+        fmt = t.prep["format"]
         if fmt == "squashfs":
             self._emit(ctx, "-----> Writing SquashFS image")
             tmp_img = ctx.priv / "image.squashfs"
@@ -886,9 +959,7 @@ class Builder:
         else:
             self._emit(ctx, "-----> Writing read-only directory image (reduced isolation)")
             digest = await self._thread(self.images.add_tree, root)
-        duration = self.reactor.seconds() - start
-        self._emit(ctx, f"-----> Image {digest} built in {duration:.1f} s")
-        return BuildResult(digest, manifest, list(ctx.tail), duration, ctx.facts)
+        return str(digest)
 
     def _real_dir(self, ctx: _Ctx, path: Path, create: bool = False) -> None:
         """Check that every component of ``path`` below the work dir is a real directory

@@ -301,7 +301,7 @@ class ImageStore:
                     full = Path(dirpath) / name
                     tar.add(full, arcname=str(full.relative_to(p)), recursive=False)
         buf.seek(0)
-        return buf  # type: ignore[return-value]
+        return buf
 
     # ------------------------------------------------------------------ mounts
 
