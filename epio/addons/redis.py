@@ -126,10 +126,6 @@ def free_bytes(path: Path) -> int:
     return st.f_bavail * st.f_frsize
 
 
-class SnapshotRefused(Exception):
-    code = "snapshot_refused"
-
-
 class PersistenceGuard:
     """Take a Redis snapshot only when it fits on disk; report every refusal/failure.
 
