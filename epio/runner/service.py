@@ -46,9 +46,16 @@ from epio.runner.supervisor import (
 from epio.services import OrderedMultiService
 
 if TYPE_CHECKING:
+    from epio.bus.sockets import Publisher
     from epio.bus.sockets import RouterHandler as Handler
     from epio.config.settings import RunnerSettings
-    from epio.node import Node
+    from epio.node import INodeReactor, Node
+    from epio.pipeline import IStatsSink
+    from epio.runner.build import Builder
+    from epio.runner.fence import NetworkFence
+    from epio.runner.sessions import SessionManager
+    from epio.runner.static import StaticServer
+    from epio.store import StoreService
 
 HEARTBEAT_TOPIC = b"hb"
 
@@ -147,11 +154,11 @@ class RunnerService(OrderedMultiService):
     def __init__(
         self,
         *,
-        reactor: Any,
+        reactor: INodeReactor,
         supervisor: Supervisor,
         isolation: Isolation,
         cgroups: CgroupSupport,
-        images: Any,
+        images: FetchingImages,
         data_dir: Path,
         node_id: str,
         boot_id: str,
@@ -160,15 +167,15 @@ class RunnerService(OrderedMultiService):
         heartbeat_interval: float = 1.0,
         register_interval: float = 10.0,
         shutdown_grace: float = 10.0,
-        publisher: Any = None,
-        store_service: Any = None,
-        builder: Any = None,
-        image_server: Any = None,
-        stats: Any = None,
+        publisher: Publisher | None = None,
+        store_service: StoreService | None = None,
+        builder: Builder | None = None,
+        image_server: ImageServer | None = None,
+        stats: IStatsSink | None = None,
         stats_interval: float = 0.0,
-        sessions: Any = None,
-        static_server: Any = None,
-        fence: Any = None,
+        sessions: SessionManager | None = None,
+        static_server: StaticServer | None = None,
+        fence: NetworkFence | None = None,
         before_router: Sequence[IService] = (),
         router: Callable[[Handler], IService] | None = None,
         after_router: Sequence[IService] = (),
@@ -417,6 +424,8 @@ class RunnerService(OrderedMultiService):
 
     def _emit_stats(self) -> None:
         """One ``process`` stats sample per running instance (memory from its cgroup)."""
+        if self.stats is None:
+            return
         for inst in self.supervisor.instances.values():
             launch = inst.launch
             if launch is None or not inst.running:
@@ -433,6 +442,8 @@ class RunnerService(OrderedMultiService):
             self.stats.emit_stats(inst.spec.app, "process", values)
 
     async def _register(self) -> None:
+        if self.store_service is None:
+            return
         store = await self.store_service.whenReady()
         await store.upsert_node(
             self.node_id, self.roles, control_endpoint=self.control, boot_id=self.boot_id,
@@ -605,7 +616,7 @@ class RunnerService(OrderedMultiService):
         manifest = result.manifest
         return {
             "build_id": build_id, "digest": result.digest,
-            "manifest": manifest.to_dict() if hasattr(manifest, "to_dict") else dict(manifest),
+            "manifest": manifest.to_dict(),
             "duration": float(result.duration), "log_tail": list(result.log_tail),
         }
 

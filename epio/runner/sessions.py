@@ -71,8 +71,8 @@ MAX_COMMAND = 16 * 1024
 TAIL_LINES = 20
 PTY_READ = 65536
 EXIT_EOF_WAIT = 2.0  # seconds to wait for the PTY's last bytes after the process ended
-FORGET_AFTER = 60.0
-TIOCGSID = getattr(termios, "TIOCGSID", 0x5429)  # the session id of a terminal (Linux)  # an ended session's record is kept this long for a late client
+FORGET_AFTER = 60.0  # an ended session's record is kept this long for a late client
+TIOCGSID = getattr(termios, "TIOCGSID", 0x5429)  # the session id of a terminal (Linux)
 
 # Run inside the sandbox, as the app's user, just before the command: the process
 # is already a session leader without a terminal (bubblewrap --new-session, or
