@@ -39,7 +39,7 @@ import shutil
 import subprocess
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from attrs import define, field, frozen
@@ -50,6 +50,9 @@ from zope.interface import Interface, implementer
 
 from epio.config.settings import Settings
 from epio.runner.sandbox import Isolation
+
+if TYPE_CHECKING:
+    from epio.node import INodeReactor
 
 NFT_TIMEOUT = 10.0  # seconds one nft invocation may take
 ZMQ_SECTIONS: dict[str, tuple[str, ...]] = {
@@ -636,7 +639,7 @@ class NetworkFence(Service):
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: INodeReactor,
         plan: FencePlan,
         nft: Any,  # provides INft
         owned: Callable[[], Iterable[tuple[int, int]]] = lambda: (),
@@ -940,7 +943,7 @@ def app_reach(supervisor: Any, sessions: Any) -> Callable[[], list[tuple[int, in
     return owned
 
 
-def make_fence(reactor: Any, settings: Settings, roles: Iterable[str], data_dir: Path,
+def make_fence(reactor: INodeReactor, settings: Settings, roles: Iterable[str], data_dir: Path,
                owned: Callable[[], Iterable[tuple[int, int]]], *,
                nft_binary: str | None | bool = True, euid: int | None = None,
                nft: Any = None,

@@ -8,7 +8,7 @@ is unit-tested with a fake; :class:`NetworkProbe` is the real one.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint
@@ -17,6 +17,9 @@ from twisted.logger import Logger
 from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
 from zope.interface import Interface, implementer
+
+if TYPE_CHECKING:
+    from epio.node import INodeReactor
 
 
 class IHealthProbe(Interface):
@@ -40,7 +43,7 @@ class NetworkProbe:
 
     log = Logger()
 
-    def __init__(self, reactor: Any, host_header: str = "localhost") -> None:
+    def __init__(self, reactor: INodeReactor, host_header: str = "localhost") -> None:
         self.reactor = reactor
         self.host_header = host_header
         self.agent = Agent(reactor, connectTimeout=5)  # type: ignore[no-untyped-call]  # Twisted leaves it untyped

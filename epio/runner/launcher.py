@@ -19,7 +19,7 @@ import os
 import shutil
 import signal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer, task
 from twisted.logger import Logger
@@ -44,6 +44,10 @@ from epio.runner.sandbox import (
 from epio.runner.snapshots import DEDICATED_DIR
 from epio.runner.supervisor import ILauncher, InstanceSpec, Launch
 from epio.runner.users import AppUser, check_app_name
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IReactorTime
+
 
 
 def proc_start_time(pid: int, proc: Path = Path("/proc")) -> int | None:
@@ -113,7 +117,7 @@ class SandboxLauncher:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactorTime,
         data_dir: Path,
         isolation: Isolation,
         cgroups: CgroupSupport,

@@ -50,7 +50,7 @@ import struct
 import termios
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from attrs import define, field, frozen
 from twisted.application.service import Service
@@ -65,6 +65,9 @@ from epio.config.settings import RunSettings as RunSection
 from epio.runner.fence import FenceError
 from epio.runner.sandbox import sandboxed_pid
 from epio.runner.supervisor import InstanceSpec, SpecError, exit_status
+
+if TYPE_CHECKING:
+    from epio.node import INodeReactor
 
 SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 MAX_COMMAND = 16 * 1024
@@ -271,7 +274,7 @@ class InputGate:
 class PtyMaster(abstract.FileDescriptor):
     """The master side of a session's PTY as a reactor-driven transport."""
 
-    def __init__(self, fd: int, reactor: Any, on_data: Callable[[bytes], None],
+    def __init__(self, fd: int, reactor: INodeReactor, on_data: Callable[[bytes], None],
                  on_lost: Callable[[], None]) -> None:
         super().__init__(reactor)
         fdesc.setNonBlocking(fd)  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
@@ -424,7 +427,7 @@ class SessionManager(Service):
     log = Logger()
     name = "run-sessions"
 
-    def __init__(self, reactor: Any, launcher: Any, sink: Any, settings: RunSettings,
+    def __init__(self, reactor: INodeReactor, launcher: Any, sink: Any, settings: RunSettings,
                  runner_settings: Any, *, node_id: str = "", store_service: Any = None,
                  observers: Sequence[Callable[[], defer.Deferred[None] | None]] = ()) -> None:
         self.reactor = reactor

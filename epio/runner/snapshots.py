@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from attrs import define, field
 from twisted.application.internet import TimerService
@@ -28,6 +28,9 @@ from epio import domain
 from epio.addons import btrfs
 from epio.config.settings import AddonsSettings, BackupSettings
 from epio.retention import Candidate, RetentionPolicy, to_keep
+
+if TYPE_CHECKING:
+    from epio.node import INodeReactor
 
 DEDICATED_DIR = re.compile(r"^\.epio-(redis|postgres)(-[0-9a-f]{1,32})?$")
 APP_NAME = domain.APP_NAME
@@ -167,7 +170,7 @@ class SnapshotService(TimerService):
 
     log = Logger()
 
-    def __init__(self, reactor: Any, data_dir: Path, interval: float, policy: RetentionPolicy,
+    def __init__(self, reactor: INodeReactor, data_dir: Path, interval: float, policy: RetentionPolicy,
                  run: Callable[..., SnapshotResult] = snapshot_all) -> None:
         super().__init__(interval, self.tick)  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
         self.clock = reactor
@@ -211,7 +214,7 @@ class SnapshotService(TimerService):
         return None
 
 
-def make_snapshots(reactor: Any, data_dir: Path, addons: AddonsSettings,
+def make_snapshots(reactor: INodeReactor, data_dir: Path, addons: AddonsSettings,
                    backup: BackupSettings) -> SnapshotService | None:
     """The runner's snapshot job (``addons.snapshot_interval``; 0 disables: None),
     keeping what the ``backup`` retention policy keeps."""

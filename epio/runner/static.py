@@ -53,7 +53,7 @@ import stat
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_to_bytes
 
 from attrs import define, frozen
@@ -69,6 +69,9 @@ from zope.interface import implementer
 
 from epio.config.settings import RunnerSettings
 from epio.routing import static_token
+
+if TYPE_CHECKING:
+    from epio.node import INodeReactor
 
 HEADER = b"x-epio-static"
 DATA = "/data"  # the app's writable storage as the manifest names it
@@ -623,7 +626,7 @@ class StaticServer(Service):
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: INodeReactor,
         secret: bytes,
         images: Any,
         data_dir: Path,
@@ -838,7 +841,7 @@ class StaticServer(Service):
         return {"static": self.endpoint, "static_prefixes": prefixes}
 
 
-def make_static(reactor: Any, secret: bytes, images: Any, data_dir: Path,
+def make_static(reactor: INodeReactor, secret: bytes, images: Any, data_dir: Path,
                 instances: Callable[[], Iterable[Any]], settings: RunnerSettings, *,
                 uid_check: bool) -> StaticServer | None:
     """The runner's static file server (``runner.static_listen``; ``off``: None).  It

@@ -33,7 +33,7 @@ import re
 import signal
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from attrs import define, field, frozen
 from twisted.internet import defer
@@ -51,6 +51,9 @@ from epio.runner.cgroups import Limits
 from epio.runner.ports import PortAllocator
 from epio.runner.sandbox import sandboxed_pid
 from epio.runner.users import UserError, app_user
+
+if TYPE_CHECKING:
+    from epio.node import INodeReactor
 
 #: lines of an instance's output kept for a failed deploy's report, and their length cap
 TAIL_LINES = 20
@@ -451,7 +454,7 @@ class Supervisor:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: INodeReactor,
         launcher: Any,
         probe: Any,
         sink: Any,

@@ -39,7 +39,7 @@ import tomllib
 from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from attrs import define, field, frozen
 from twisted.internet import defer, threads
@@ -59,6 +59,9 @@ from epio.runner.build import platform as plat
 from epio.runner.build.images import ImageStore, unlock_tree
 from epio.runner.build.proc import MemoryCgroup, StepResult, run_step
 from epio.runner.build.unpack import UnpackError, safe_unpack
+
+if TYPE_CHECKING:
+    from epio.node import INodeReactor
 
 #: Where runners mount images inside the sandbox: bytecode file names point here.
 RUNTIME_ROOT = "/app"
@@ -292,7 +295,7 @@ class Builder:
 
     log = Logger()
 
-    def __init__(self, reactor: Any, data_dir: str | Path, settings: BuildSettings,
+    def __init__(self, reactor: INodeReactor, data_dir: str | Path, settings: BuildSettings,
                  log_sink: Any, images: ImageStore | None = None) -> None:
         self.reactor = reactor
         self.data_dir = Path(data_dir)
