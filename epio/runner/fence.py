@@ -641,7 +641,7 @@ class NetworkFence(Service):
         self,
         reactor: INodeReactor,
         plan: FencePlan,
-        nft: Any,  # provides INft
+        nft: INft,
         owned: Callable[[], Iterable[tuple[int, int]]] = lambda: (),
         extra_uids: Callable[[], Iterable[int]] = lambda: (),
         *,
@@ -946,7 +946,7 @@ def app_reach(supervisor: Any, sessions: Any) -> Callable[[], list[tuple[int, in
 def make_fence(reactor: INodeReactor, settings: Settings, roles: Iterable[str], data_dir: Path,
                owned: Callable[[], Iterable[tuple[int, int]]], *,
                nft_binary: str | None | bool = True, euid: int | None = None,
-               nft: Any = None,
+               nft: INft | None = None,
                in_thread: Callable[..., defer.Deferred[Any]] | None = None) -> NetworkFence:
     """The runner's network fence (detection I/O: before the reactor), following
     ``owned`` (:func:`app_reach`).  The runner's composition root makes it its first

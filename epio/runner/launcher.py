@@ -48,6 +48,8 @@ from epio.runner.users import AppUser, check_app_name
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
 
+    from epio.runner.images import FetchingImages
+
 
 
 def proc_start_time(pid: int, proc: Path = Path("/proc")) -> int | None:
@@ -121,7 +123,7 @@ class SandboxLauncher:
         data_dir: Path,
         isolation: Isolation,
         cgroups: CgroupSupport,
-        images: Any,
+        images: FetchingImages,
         *,
         bwrap: str | None,
         setpriv: str | None,

@@ -625,7 +625,7 @@ class PeerRunners(MultiService):
     """The other runners of the cluster (from the store) and bus requests to them: one
     DEALER per peer, made on first use, as a child of this service."""
 
-    def __init__(self, store_service: Any, node_id: str, own_control: str,
+    def __init__(self, store_service: StoreService | None, node_id: str, own_control: str,
                  dealer: Callable[[list[str]], Any]) -> None:
         super().__init__()  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
         self.store_service = store_service

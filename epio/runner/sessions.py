@@ -68,6 +68,9 @@ from epio.runner.supervisor import InstanceSpec, SpecError, exit_status
 
 if TYPE_CHECKING:
     from epio.node import INodeReactor
+    from epio.pipeline import ILogSink
+    from epio.runner.supervisor import ILauncher, Settings
+    from epio.store import StoreService
 
 SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 MAX_COMMAND = 16 * 1024
@@ -427,8 +430,9 @@ class SessionManager(Service):
     log = Logger()
     name = "run-sessions"
 
-    def __init__(self, reactor: INodeReactor, launcher: Any, sink: Any, settings: RunSettings,
-                 runner_settings: Any, *, node_id: str = "", store_service: Any = None,
+    def __init__(self, reactor: INodeReactor, launcher: ILauncher, sink: ILogSink,
+                 settings: RunSettings, runner_settings: Settings, *, node_id: str = "",
+                 store_service: StoreService | None = None,
                  observers: Sequence[Callable[[], defer.Deferred[None] | None]] = ()) -> None:
         self.reactor = reactor
         self.launcher = launcher
@@ -759,13 +763,14 @@ class SessionManager(Service):
             del self.sessions[s.id]
 
     def _audit(self, s: Session, state: str, reason: str | None) -> None:
-        if self.store_service is None:
+        store_service = self.store_service
+        if store_service is None:
             return
 
         async def write() -> None:
             from epio.store.runs import update_run
 
-            store = await self.store_service.whenReady()
+            store = await store_service.whenReady()
             await update_run(store, s.id, state=state, ended=s.ended,
                              exit_status=s.exit_status, exit_signal=s.exit_signal,
                              reason=reason)

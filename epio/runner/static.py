@@ -72,6 +72,7 @@ from epio.routing import static_token
 
 if TYPE_CHECKING:
     from epio.node import INodeReactor
+    from epio.runner.images import FetchingImages
 
 HEADER = b"x-epio-static"
 DATA = "/data"  # the app's writable storage as the manifest names it
@@ -628,7 +629,7 @@ class StaticServer(Service):
         self,
         reactor: INodeReactor,
         secret: bytes,
-        images: Any,
+        images: FetchingImages,
         data_dir: Path,
         instances: Callable[[], Iterable[Any]],
         *,
@@ -841,7 +842,7 @@ class StaticServer(Service):
         return {"static": self.endpoint, "static_prefixes": prefixes}
 
 
-def make_static(reactor: INodeReactor, secret: bytes, images: Any, data_dir: Path,
+def make_static(reactor: INodeReactor, secret: bytes, images: FetchingImages, data_dir: Path,
                 instances: Callable[[], Iterable[Any]], settings: RunnerSettings, *,
                 uid_check: bool) -> StaticServer | None:
     """The runner's static file server (``runner.static_listen``; ``off``: None).  It

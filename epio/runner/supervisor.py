@@ -54,6 +54,8 @@ from epio.runner.users import UserError, app_user
 
 if TYPE_CHECKING:
     from epio.node import INodeReactor
+    from epio.pipeline import ILogSink
+    from epio.runner.health import IHealthProbe
 
 #: lines of an instance's output kept for a failed deploy's report, and their length cap
 TAIL_LINES = 20
@@ -455,9 +457,9 @@ class Supervisor:
     def __init__(
         self,
         reactor: INodeReactor,
-        launcher: Any,
-        probe: Any,
-        sink: Any,
+        launcher: ILauncher,
+        probe: IHealthProbe,
+        sink: ILogSink,
         ports: PortAllocator,
         settings: Settings,
         observers: Sequence[Callable[[], None]] = (),

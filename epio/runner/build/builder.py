@@ -62,6 +62,7 @@ from epio.runner.build.unpack import UnpackError, safe_unpack
 
 if TYPE_CHECKING:
     from epio.node import INodeReactor
+    from epio.pipeline import ILogSink
 
 #: Where runners mount images inside the sandbox: bytecode file names point here.
 RUNTIME_ROOT = "/app"
@@ -296,7 +297,7 @@ class Builder:
     log = Logger()
 
     def __init__(self, reactor: INodeReactor, data_dir: str | Path, settings: BuildSettings,
-                 log_sink: Any, images: ImageStore | None = None) -> None:
+                 log_sink: ILogSink, images: ImageStore | None = None) -> None:
         self.reactor = reactor
         self.data_dir = Path(data_dir)
         self.settings = settings
