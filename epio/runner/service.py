@@ -1,8 +1,9 @@
 """The ``runner`` role: control ROUTER, heartbeats, state file, supervisor.
 
-``make_service(node)`` detects what the host allows (root, bubblewrap,
-setpriv, cgroups v1), logs exactly which protections are off, and builds a
-:class:`RunnerService` holding:
+``make_service(node)`` is the role's composition root (docs/architecture.md): it
+detects what the host allows (root, bubblewrap, setpriv, cgroups v1, nft), builds
+every object once with its collaborators passed to its constructor, and returns a
+:class:`RunnerService` (which logs exactly which protections are off) holding:
 
 * a bus ROUTER at ``runner.control_bind`` answering ``runner.start``,
   ``runner.stop``, ``runner.drain``, ``runner.status`` and ``runner.build``;
@@ -142,11 +143,14 @@ def bwrap_trial(bwrap: str, shm_bytes: int = DEFAULT_SHM_BYTES,
 class RunnerService(OrderedMultiService):
     """Control, heartbeats, registration and recovery around one Supervisor.
 
-    Stop order (docs/runner.md): the supervisor's instances first (SIGTERM,
-    ``shutdown_grace``, SIGKILL), then the children in reverse start order, one at a
-    time -- the ``epio run`` sessions (their processes gone), the control ROUTER, the
-    heartbeat publisher, the log sink -- and the network fence, the first child,
-    last: no app-UID process of this runner is left when it goes.
+    Its children are given to the constructor in start order: ``before_router``, the
+    control ROUTER (``router`` makes it around :meth:`handle`), ``after_router``
+    (:func:`make_service` lists them).  Stop order (docs/runner.md): the
+    supervisor's instances first (SIGTERM, ``shutdown_grace``, SIGKILL), then the
+    children in reverse start order, one at a time -- the snapshot job, the static
+    server, the ``epio run`` sessions (their processes gone), the peer DEALERs, the
+    control ROUTER, the heartbeat publisher, the log sink -- and the network fence,
+    the first child, last: no app-UID process of this runner is left when it goes.
     """
 
     log = Logger()
