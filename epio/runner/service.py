@@ -47,9 +47,13 @@ from epio.runner.supervisor import (
 from epio.services import OrderedMultiService
 
 if TYPE_CHECKING:
-    from epio.bus.sockets import Publisher
+    from twisted.internet.interfaces import IDelayedCall
+
+    from epio.bus.envelope import Envelope
+    from epio.bus.sockets import Dealer, Publisher
     from epio.bus.sockets import RouterHandler as Handler
     from epio.config.settings import RunnerSettings
+    from epio.metrics import Family
     from epio.node import INodeReactor, Node
     from epio.pipeline import IStatsSink
     from epio.runner.build import Builder
@@ -212,8 +216,8 @@ class RunnerService(OrderedMultiService):
         self.seq = 0
         self.heartbeats_sent = 0
         self.heartbeats_dropped = 0
-        self._save_call: Any = None
-        self._announce_call: Any = None
+        self._save_call: IDelayedCall | None = None
+        self._announce_call: IDelayedCall | None = None
         self._beat: task.LoopingCall | None = None
         self._last_register = -1e18
         self._ready: defer.Deferred[None] = defer.Deferred()
@@ -462,7 +466,7 @@ class RunnerService(OrderedMultiService):
 
     # -- control -------------------------------------------------------------------
 
-    async def handle(self, env: Any) -> tuple[str, dict[str, Any]]:
+    async def handle(self, env: Envelope) -> tuple[str, dict[str, Any]]:
         """The control ROUTER's handler."""
         from epio.bus import RemoteError
 
@@ -478,7 +482,7 @@ class RunnerService(OrderedMultiService):
             if t == "runner.start":
                 return "runner.started", self.supervisor.start(body)
             if t == "runner.stop":
-                iid = body.get("instance_id")
+                iid = body["instance_id"]  # a required field (epio.bus.messages)
                 grace = body.get("grace")
                 try:
                     await self.supervisor.stop(iid, None if grace is None else float(grace))
@@ -486,7 +490,7 @@ class RunnerService(OrderedMultiService):
                     pass  # already gone: stopping is idempotent
                 return "runner.stopped", {"instance_id": iid, "state": "stopped"}
             if t == "runner.drain":
-                return "runner.draining", self.supervisor.drain(body.get("instance_id"))
+                return "runner.draining", self.supervisor.drain(body["instance_id"])
             if t == "runner.purge_app":
                 return "runner.purged", await self._purge_app(body["app"], body["uid"])
             if t == "runner.status":
@@ -630,13 +634,13 @@ class PeerRunners(MultiService):
     DEALER per peer, made on first use, as a child of this service."""
 
     def __init__(self, store_service: StoreService | None, node_id: str, own_control: str,
-                 dealer: Callable[[list[str]], Any]) -> None:
+                 dealer: Callable[[list[str]], Dealer]) -> None:
         super().__init__()  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
         self.store_service = store_service
         self.node_id = node_id
         self.own_control = own_control
         self._dealer = dealer
-        self._dealers: dict[str, Any] = {}
+        self._dealers: dict[str, Dealer] = {}
 
     async def endpoints(self) -> list[str]:
         if self.store_service is None:
@@ -652,8 +656,8 @@ class PeerRunners(MultiService):
         dealer = self._dealers.get(endpoint)
         if dealer is None:
             dealer = self._dealers[endpoint] = self._dealer([endpoint])
-            dealer.setName(f"runner-peer {endpoint}")
-            dealer.setServiceParent(self)  # started now if the runner runs
+            dealer.setName(f"runner-peer {endpoint}")  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
+            dealer.setServiceParent(self)  # type: ignore[no-untyped-call]  # started now if the runner runs (Twisted leaves it untyped)
         env = await dealer.request(type, body, timeout=timeout)
         return dict(env.body)
 
@@ -780,7 +784,7 @@ def make_service(node: Node) -> RunnerService:
     return svc
 
 
-def runner_families(supervisor: Supervisor) -> list[Any]:
+def runner_families(supervisor: Supervisor) -> list[Family]:
     """Instances by state and restarts per instance, for /metrics."""
     from epio.metrics import Family
 
