@@ -36,10 +36,18 @@ Transport (api DEALER -> this runner's control ROUTER; the api always asks):
 Audit: the end of each session (time, exit status/signal, reason) is written
 to the store (:mod:`epio.store.runs`) and both start and end are ``platform``
 lines in the app's log.
+
+A session's lifecycle (:data:`SESSION_TRANSITIONS`; any other move raises
+:class:`~epio.runner.supervisor.InvalidTransition`)::
+
+    run.start --> STARTING --spawned--> RUNNING --process and output ended--> EXITED
+                      |                                                       ^
+                      +--------------- cannot start (prepare/spawn failed) ---+
 """
 
 from __future__ import annotations
 
+import enum
 import errno
 import fcntl
 import os
@@ -64,7 +72,7 @@ from zope.interface import implementer
 from epio.config.settings import RunSettings as RunSection
 from epio.runner.fence import FenceError
 from epio.runner.sandbox import sandboxed_pid
-from epio.runner.supervisor import InstanceSpec, SpecError, exit_status
+from epio.runner.supervisor import InstanceSpec, InvalidTransition, SpecError, exit_status
 
 if TYPE_CHECKING:
     from epio.node import INodeReactor
@@ -326,6 +334,22 @@ class PtyMaster(abstract.FileDescriptor):
 # --------------------------------------------------------------------------- sessions
 
 
+class SessionState(enum.StrEnum):
+    """Where a session is in its lifecycle (the module docstring draws it); the value
+    is what replies and the api show."""
+
+    STARTING = "starting"
+    RUNNING = "running"
+    EXITED = "exited"
+
+
+SESSION_TRANSITIONS: dict[SessionState, frozenset[SessionState]] = {
+    SessionState.STARTING: frozenset({SessionState.RUNNING, SessionState.EXITED}),
+    SessionState.RUNNING: frozenset({SessionState.EXITED}),
+    SessionState.EXITED: frozenset(),
+}
+
+
 @define(eq=False)
 class Session:
     """One session's live record."""
@@ -343,7 +367,7 @@ class Session:
     out: OutputWindow
     rows: int = 24
     cols: int = 80
-    state: str = "starting"  # starting -> running -> exited
+    state: SessionState = SessionState.STARTING  # moved only by SessionManager._move
     client: str | None = None
     attached: bool = False
     last_contact: float = 0.0
@@ -372,7 +396,7 @@ class Session:
 
     @property
     def live(self) -> bool:
-        return self.state != "exited"
+        return self.state is not SessionState.EXITED
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -621,7 +645,7 @@ class SessionManager(Service):
             if not s.detach:
                 s.transport.registerProducer(s.gate, True)
             s.output_done = True  # pipes: processEnded comes after every pipe closed
-        s.state = "running"
+        self._move(s, SessionState.RUNNING)
 
     # -- output ----------------------------------------------------------------------
 
@@ -709,14 +733,20 @@ class SessionManager(Service):
         else:
             self._output_ended(s)
 
+    @staticmethod
+    def _move(s: Session, new: SessionState) -> None:
+        if new not in SESSION_TRANSITIONS[s.state]:
+            raise InvalidTransition(f"session {s.id}: {s.state.value} -> {new.value}")
+        s.state = new
+
     def _maybe_exited(self, s: Session) -> None:
-        if not (s.process_done and s.output_done) or s.state == "exited":
+        if not (s.process_done and s.output_done) or s.state is SessionState.EXITED:
             return
         self._ended(s, s.exit_status, s.exit_signal, s.reason)
 
     def _ended(self, s: Session, code: int | None, sig: str | None, reason: str | None,
                failed: bool = False) -> None:
-        s.state = "exited"
+        self._move(s, SessionState.EXITED)
         s.ended = self.reactor.seconds()
         s.exit_status, s.exit_signal = code, sig
         for name in ("lifetime", "idle", "lease", "kill", "eof"):
@@ -758,7 +788,7 @@ class SessionManager(Service):
         return [(s.uid, p) for s in self.sessions.values() if s.live for p in s.addon_ports]
 
     def _forget(self, s: Session) -> None:
-        if self.sessions.get(s.id) is s and s.state == "exited":
+        if self.sessions.get(s.id) is s and s.state is SessionState.EXITED:
             self._cancel_all(s)
             del self.sessions[s.id]
 

@@ -229,6 +229,26 @@ class SessionTests(TestCase):
         self.assertEqual(p.written, [b"a", b"b"])
         self.assertTrue(p.stdin_closed)
 
+    async def test_lifecycle_moves_only_forward(self) -> None:
+        """A session is starting, then running once spawned (what run.start replies),
+        then exited when its process and output ended; an exited session can never
+        run again (SESSION_TRANSITIONS: such a move is a bug and raises)."""
+        from epio.runner.sessions import SESSION_TRANSITIONS, SessionState
+        from epio.runner.supervisor import InvalidTransition
+
+        reply = await self.call("run.start", session_id="s1", app="hello", uid=20001,
+                                number=1, command=["cat"], image_digest=DIGEST, tty=False,
+                                detach=False, client="c1", user="alice")
+        self.assertEqual(reply["state"], "running")
+        p = self.clock.spawned[-1]
+        p.end(0)
+        s = self.m.sessions["s1"]
+        self.assertIs(s.state, SessionState.EXITED)
+        self.assertEqual(SESSION_TRANSITIONS[SessionState.EXITED], frozenset())
+        with self.assertRaises(InvalidTransition):
+            self.m._move(s, SessionState.RUNNING)
+        self.assertIs(s.state, SessionState.EXITED)
+
     async def test_exit_only_after_all_output(self) -> None:
         """The exit status is reported once every byte was polled, never before."""
         p = await self.start()
