@@ -26,10 +26,24 @@ The whole table is replaced in one ``nft -f`` transaction whenever what it
 should hold changes, so there is never a moment without rules.  A runner whose
 fence cannot be installed refuses to start unless ``runner.fence = "off"``.
 docs/security.md says what this does and does not protect.
+
+The fence's state (:data:`FENCE_TRANSITIONS`; the runner's isolation facts show
+it)::
+
+    runner.fence = off --> OFF            (for good: never installed)
+
+    ON --apply failed--> FAILED --apply failed--> FAILED
+     ^                     |
+     +----applied again----+              (ON --applied--> ON keeps it in step)
+
+A FAILED fence whose older table is still in place keeps fencing every app UID;
+with no table at all (``applied`` is None) its spawn gate refuses to start
+anything (:meth:`NetworkFence.ready`).
 """
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import ipaddress
 import os
@@ -50,6 +64,7 @@ from zope.interface import Interface, implementer
 
 from epio.config.settings import Settings
 from epio.runner.sandbox import Isolation
+from epio.runner.supervisor import InvalidTransition, State
 
 if TYPE_CHECKING:
     from epio.node import INodeReactor
@@ -65,6 +80,21 @@ TWISTED_ENDPOINTS: dict[str, tuple[str, ...]] = {"api": ("listen",)}
 ROUTER_ENDPOINTS = ("listen", "tls_listen")  # lb: stays open
 POSTGRES_PORT = 5432
 TABLE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
+
+
+class FenceState(enum.StrEnum):
+    """Whether the fence is in place (the value is what the runner reports)."""
+
+    OFF = "off"
+    ON = "on"
+    FAILED = "failed"
+
+
+FENCE_TRANSITIONS: dict[FenceState, frozenset[FenceState]] = {
+    FenceState.OFF: frozenset(),
+    FenceState.ON: frozenset({FenceState.ON, FenceState.FAILED}),
+    FenceState.FAILED: frozenset({FenceState.ON, FenceState.FAILED}),
+}
 
 
 class FenceError(Exception):
@@ -665,7 +695,7 @@ class NetworkFence(Service):
         self._in_thread = in_thread
         self.owner = owner
         self.proc = proc
-        self.state = "on" if enabled else "off"
+        self.state = FenceState.ON if enabled else FenceState.OFF
         self.error = ""
         self.applied: str | None = None  # the text nft last accepted
         self.applies = 0
@@ -775,8 +805,13 @@ class NetworkFence(Service):
             self.log.error("cannot remove the network fence table inet {table}: {error}",
                            table=self.plan.table, error=str(e))
 
+    def _move(self, new: FenceState) -> None:
+        if new not in FENCE_TRANSITIONS[self.state]:
+            raise InvalidTransition(f"network fence: {self.state.value} -> {new.value}")
+        self.state = new
+
     def _failed(self, why: str) -> None:
-        self.state = "failed"
+        self._move(FenceState.FAILED)
         self.error = why
         self.log.error("network fence not applied (nft table inet {table}): {error}",
                        table=self.plan.table, error=why)
@@ -842,9 +877,10 @@ class NetworkFence(Service):
         def ok(_: Any) -> None:
             self.applied = text
             self.applies += 1
-            if self.state == "failed":
+            if self.state is FenceState.FAILED:
                 self.log.info("network fence applied again")
-            self.state, self.error = "on", ""
+            self._move(FenceState.ON)
+            self.error = ""
 
         def failed(f: Any) -> None:
             if f.check(FenceError):
@@ -929,7 +965,6 @@ def app_reach(supervisor: Any, sessions: Any) -> Callable[[], list[tuple[int, in
     """The (uid, port) pairs this runner's app UIDs may reach: the ports of their live
     instances and the shared add-on ports of their live instances and ``epio run``
     sessions (``sessions`` may be None)."""
-    from epio.runner.supervisor import State
 
     def owned() -> list[tuple[int, int]]:
         live = [i for i in supervisor.instances.values()

@@ -18,10 +18,12 @@ from zope.interface.verify import verifyObject
 from epio.config import validate
 from epio.runner.cgroups import CgroupSupport
 from epio.runner.fence import (
+    FENCE_TRANSITIONS,
     FencedIsolation,
     FenceError,
     FenceNotApplied,
     FencePlan,
+    FenceState,
     INft,
     NetworkFence,
     Nft,
@@ -41,7 +43,7 @@ from epio.runner.fence import (
     zmq_endpoint,
 )
 from epio.runner.sandbox import detect_isolation
-from epio.runner.supervisor import State
+from epio.runner.supervisor import InvalidTransition, State
 from epio.services import OrderedMultiService
 
 
@@ -441,6 +443,22 @@ class ServiceTests(SynchronousTestCase):
         f.changed()
         self.assertEqual(f.report()["state"], "on")
         self.assertNotIn("error", f.report())
+
+    def test_a_fence_turned_off_never_comes_on(self) -> None:
+        """A fence the operator turned off (runner.fence = off) stays OFF: starting it
+        and telling it of changes installs nothing, and moving it to ON or FAILED is
+        a bug that raises (FENCE_TRANSITIONS); ON and FAILED move between each other."""
+        f = self.fence(enabled=False, why_off="disabled by runner.fence = off")
+        f.startService()
+        f.changed()
+        self.assertEqual((f.state, self.nft.applied), (FenceState.OFF, []))
+        for new in (FenceState.ON, FenceState.FAILED):
+            with self.assertRaises(InvalidTransition):
+                f._move(new)
+        self.assertIs(f.state, FenceState.OFF)
+        self.assertEqual(FENCE_TRANSITIONS[FenceState.FAILED],
+                         {FenceState.ON, FenceState.FAILED})
+        f.stopService()
 
     def test_removed_on_clean_stop_unless_kept(self) -> None:
         """A clean stop removes the table; with keep_on_stop it stays."""
