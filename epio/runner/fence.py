@@ -67,7 +67,11 @@ from epio.runner.sandbox import Isolation
 from epio.runner.supervisor import InvalidTransition, State
 
 if TYPE_CHECKING:
+    from twisted.python.failure import Failure
+
     from epio.node import INodeReactor
+    from epio.runner.sessions import SessionManager
+    from epio.runner.supervisor import Supervisor
 
 NFT_TIMEOUT = 10.0  # seconds one nft invocation may take
 ZMQ_SECTIONS: dict[str, tuple[str, ...]] = {
@@ -229,7 +233,7 @@ class FencePlan:
         }
 
 
-def table_for(data_dir: Any) -> str:
+def table_for(data_dir: str | Path) -> str:
     """The default table name of the runner using ``data_dir``: ``epio_fence_<hash>``,
     so runners sharing a host (multi-node tests) never replace or remove each other's."""
     key = hashlib.sha256(str(Path(data_dir).absolute()).encode()).hexdigest()[:8]
@@ -536,7 +540,7 @@ def pid_namespace(proc: Path = Path("/proc")) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def owner_comment(pid: int, start: int | None, ns: int | None, data_dir: Any) -> str:
+def owner_comment(pid: int, start: int | None, ns: int | None, data_dir: str | Path) -> str:
     """``epio runner pid=P start=S ns=PIDNS data=DIR``, or "" when it cannot be written
     whole (a table without a readable owner is never removed by another runner)."""
     text = f"epio runner pid={pid} start={start} ns={ns} data={Path(data_dir).absolute()}"
@@ -839,7 +843,7 @@ class NetworkFence(Service):
         apply failed while an older table is still in place lets spawns through:
         that table still fences every app UID."""
 
-        def check(_: Any) -> None:
+        def check(_: object) -> None:
             if self.enabled and self.running and self.applied is None:
                 raise FenceNotApplied(
                     f"network fence not applied (nft table inet {self.plan.table}): "
@@ -874,7 +878,7 @@ class NetworkFence(Service):
         d = self._thread(self.nft.apply, text)
         self._busy = d
 
-        def ok(_: Any) -> None:
+        def ok(_: object) -> None:
             self.applied = text
             self.applies += 1
             if self.state is FenceState.FAILED:
@@ -882,13 +886,13 @@ class NetworkFence(Service):
             self._move(FenceState.ON)
             self.error = ""
 
-        def failed(f: Any) -> None:
-            if f.check(FenceError):
+        def failed(f: Failure) -> None:
+            if f.check(FenceError):  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
                 self._failed(f.getErrorMessage())
             else:
                 self.log.failure("applying the network fence failed", f)
 
-        def done(_: Any) -> None:
+        def done(_: object) -> None:
             self._busy = None
             if self._dirty and self.running:
                 self._sync()
@@ -923,7 +927,7 @@ class NetworkFence(Service):
 class FencedIsolation(Isolation):
     """The runner's isolation facts with the network fence's live report."""
 
-    fence: Any = field(default=None, eq=False)
+    fence: NetworkFence | None = field(default=None, eq=False)
 
     def as_dict(self) -> dict[str, Any]:
         out = super().as_dict()
@@ -961,7 +965,8 @@ def refusal(why: str) -> str:
             "(docs/security.md)")
 
 
-def app_reach(supervisor: Any, sessions: Any) -> Callable[[], list[tuple[int, int]]]:
+def app_reach(supervisor: Supervisor,
+              sessions: SessionManager | None) -> Callable[[], list[tuple[int, int]]]:
     """The (uid, port) pairs this runner's app UIDs may reach: the ports of their live
     instances and the shared add-on ports of their live instances and ``epio run``
     sessions (``sessions`` may be None)."""
