@@ -71,6 +71,8 @@ from epio.config.settings import RunnerSettings
 from epio.routing import static_token
 
 if TYPE_CHECKING:
+    from twisted.python.failure import Failure
+
     from epio.node import INodeReactor
     from epio.runner.images import FetchingImages
 
@@ -660,7 +662,7 @@ class StaticServer(Service):
         self._preparing: set[tuple[str, int]] = set()
         self._tokens: dict[str, bytes] = {}
         self.counters: dict[str, int] = {}
-        self.port: Any = None
+        self.port: Any = None  # the IListeningPort (see _listening)
         self.endpoint: str | None = None  # "host:port" once listening
         self._want: dict[tuple[str, int], _Want] = {}
 
@@ -676,7 +678,7 @@ class StaticServer(Service):
         """The twisted.web site answering this server's requests."""
         return StaticSite(StaticResource(self), timeout=self.idle_timeout, reactor=self.reactor)  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
 
-    def _listening(self, port: Any) -> None:
+    def _listening(self, port: Any) -> None:  # IListeningPort: Twisted types getHost() as IAddress, without host and port
         self.port = port
         addr = port.getHost()
         host = addr.host
@@ -685,7 +687,7 @@ class StaticServer(Service):
         self.endpoint = _hostport(host, addr.port)
         self.log.info("static files served on {endpoint}", endpoint=self.endpoint)
 
-    def _listen_failed(self, f: Any) -> None:
+    def _listen_failed(self, f: Failure) -> None:
         self.log.error("static file server cannot listen on {listen}: {error}; apps' static "
                        "files go to the app processes", listen=self.listen,
                        error=f.getErrorMessage())
@@ -786,7 +788,7 @@ class StaticServer(Service):
             d.addErrback(lambda f: self.log.failure("releasing a static image failed", f))
         self._publish()
 
-    def _prepare_failed(self, f: Any, key: tuple[str, int]) -> None:
+    def _prepare_failed(self, f: Failure, key: tuple[str, int]) -> None:
         self._preparing.discard(key)
         self.log.failure("preparing static files of {app} v{release} failed", f, app=key[0],
                          release=key[1])
