@@ -17,7 +17,6 @@ from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, succeed
 from twisted.internet.defer import TimeoutError as DeferredTimeout
-from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -34,7 +33,7 @@ from epio.retention import Candidate, RetentionPolicy, to_keep
 from epio.store.store import Store
 
 if TYPE_CHECKING:
-    from epio.node import Node
+    from epio.node import INodeReactor, Node
 
 _T = TypeVar("_T")
 
@@ -350,7 +349,7 @@ class BackupService(MultiService):
 
     log = Logger()
 
-    def __init__(self, reactor: IReactorTime, settings: BackupSettings,
+    def __init__(self, reactor: INodeReactor, settings: BackupSettings,
                  addons: AddonsSettings, data_dir: Path, bus: Bus,
                  get_store: Callable[[], Awaitable[Store]]) -> None:
         super().__init__()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated

@@ -887,7 +887,7 @@ class NetworkFence(Service):
             self.error = ""
 
         def failed(f: Failure) -> None:
-            if f.check(FenceError):  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
+            if f.check(FenceError):
                 self._failed(f.getErrorMessage())
             else:
                 self.log.failure("applying the network fence failed", f)

@@ -46,7 +46,7 @@ class NetworkProbe:
     def __init__(self, reactor: INodeReactor, host_header: str = "localhost") -> None:
         self.reactor = reactor
         self.host_header = host_header
-        self.agent = Agent(reactor, connectTimeout=5)  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
+        self.agent = Agent(reactor, connectTimeout=5)
 
     def check(self, host: str, port: int, path: str | None, timeout: float) -> defer.Deferred[bool]:
         d = defer.Deferred.fromCoroutine(self._check(host, port, path))

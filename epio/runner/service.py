@@ -226,7 +226,7 @@ class RunnerService(OrderedMultiService):
         self.router = router(self.handle) if router is not None else None
         for child in [*before_router, self.router, *after_router]:
             if child is not None:
-                child.setServiceParent(self)  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
+                child.setServiceParent(self)
 
     # -- lifecycle -------------------------------------------------------------
 

@@ -288,7 +288,7 @@ class PtyMaster(abstract.FileDescriptor):
     def __init__(self, fd: int, reactor: INodeReactor, on_data: Callable[[bytes], None],
                  on_lost: Callable[[], None]) -> None:
         super().__init__(reactor)
-        fdesc.setNonBlocking(fd)  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
+        fdesc.setNonBlocking(fd)
         self.fd = fd
         self.on_data = on_data
         self.on_lost = on_lost
@@ -729,7 +729,7 @@ class SessionManager(Service):
             self._call(s, "eof", EXIT_EOF_WAIT, self._force_eof, s)
             return
         if s.pty is not None:
-            s.pty.connectionLost(Failure(main.CONNECTION_DONE))  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
+            s.pty.connectionLost(Failure(main.CONNECTION_DONE))
         else:
             self._output_ended(s)
 
@@ -769,7 +769,7 @@ class SessionManager(Service):
 
     def _observer_failed(self, f: Failure) -> None:
         # the fence is not in place: it reports that itself
-        if f.check(FenceError):  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
+        if f.check(FenceError):
             self.log.warn("after a session ended: {error}", error=f.getErrorMessage())
         else:
             self.log.failure("a session observer failed", f)

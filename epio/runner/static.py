@@ -468,18 +468,18 @@ class StaticResource(Resource):
         if facts.gz is not None:
             request.setHeader(b"vary", b"Accept-Encoding")
         request.setHeader(b"cache-control", b"public, max-age=%d" % max_age)
-        request.setHeader(b"expires", http.datetimeToString(int(now + max_age)))  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
+        request.setHeader(b"expires", http.datetimeToString(int(now + max_age)))
         request.setHeader(b"x-content-type-options", b"nosniff")
         mtime = int(st.st_mtime)
         if mtime > 0:
-            request.setHeader(b"last-modified", http.datetimeToString(mtime))  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
+            request.setHeader(b"last-modified", http.datetimeToString(mtime))
         inm = request.getHeader(b"if-none-match")
         ims = request.getHeader(b"if-modified-since")
         not_modified = False
         if inm is not None:
             not_modified = _etag_matches(inm, (facts.etag, facts.etag + "-gz"))
         elif ims is not None and mtime > 0:
-            since = http.stringToDatetime(ims) if _valid_http_date(ims) else None  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
+            since = http.stringToDatetime(ims) if _valid_http_date(ims) else None
             not_modified = since is not None and mtime <= since
         if not_modified:
             f.close()
@@ -585,7 +585,7 @@ class FileProducer:
 
 def _valid_http_date(value: bytes) -> bool:
     try:
-        http.stringToDatetime(value)  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
+        http.stringToDatetime(value)
         return True
     except (ValueError, IndexError, KeyError):
         return False
@@ -669,7 +669,7 @@ class StaticServer(Service):
     # -- life ----------------------------------------------------------------------
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
-        endpoint = serverFromString(self.reactor, self.listen)  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
+        endpoint = serverFromString(self.reactor, self.listen)
         d = defer.maybeDeferred(endpoint.listen, self.site())
         d.addCallbacks(self._listening, self._listen_failed)
         self.refresh()

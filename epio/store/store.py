@@ -124,8 +124,8 @@ def hash_token(token: str) -> str:
 def validate_app_name(name: Any) -> str:
     """Return ``name`` if it is a valid app name (DNS label, 1-30 chars), else raise."""
     problem = app_name_problem(name)
-    if problem is not None:
-        raise InvalidName(problem)
+    if problem is not None or not isinstance(name, str):
+        raise InvalidName(problem or "an app name must be a string")
     return name
 
 
