@@ -139,9 +139,9 @@ class EpioEraDjangoTests(SynchronousTestCase):
         keys = redis_cli(redis_url, "--scan", "--pattern", "*visits*")
         # in the Redis add-on, under the app's own KEY_PREFIX (CACHES merged, not replaced)
         self.assertEqual(keys, "guestbook:1:visits")
-        # [redis] memory = 16: the add-on's maxmemory, in bytes
-        self.assertEqual(redis_cli(redis_url, "CONFIG", "GET", "maxmemory").split(),
-                         ["maxmemory", str(16 * 1024 * 1024)])
+        # [redis] memory = 16: the add-on's maxmemory, in bytes (CONFIG is not for apps)
+        info = redis_cli(redis_url, "INFO", "memory")
+        self.assertEqual(re.findall(r"^maxmemory:(\d+)", info, re.M), [str(16 * 1024 * 1024)])
 
         # [process] worker: the thankyou worker took the new entry off the queue in Redis
         wait_until("the worker thanks ada", lambda: "<strong>ada</strong>: lovely weather "
@@ -213,8 +213,13 @@ class EpioEraDjangoTests(SynchronousTestCase):
         # worker serves the queue, and a config var wins over [env]
         started = time.monotonic()
         n.epio("config", "set", "GREETING=Sign here please", "--app", app, "--poll", "0.5")
+        v = int(re.search(r"Release v(\d+) \(web, worker\)", out).group(1))  # type: ignore[union-attr]
         logs = n.epio("logs", "--app", app, "-n", "300")[1]
-        self.assertIn("stopped worker.1 (v1) before starting its replacement", logs)
+        stopped = logs.index(f"platform: stopped worker.1 (v{v}) before starting its replacement")
+        self.assertLess(stopped, logs.index(f"platform: starting worker.2 (v{v + 1})"))
+        # (web, start-first, is drained only once its replacement is healthy)
+        self.assertLess(logs.index(f"platform: web.2 (v{v + 1}) is healthy"),
+                        logs.index(f"platform: draining web.1 (v{v})"))
         status, _, _ = get(n.lb_port, host, "/sign/?name=bob&text=second+release")
         self.assertEqual(status, 302)
         def thanked_bob() -> str | None:
