@@ -30,7 +30,7 @@ import time
 import unittest
 from typing import Any
 
-from tests.cluster.harness import API_SETTINGS, Cluster, Host, unavailable, wait_until
+from tests.cluster.harness import API_SETTINGS, NET, Cluster, Host, unavailable, wait_until
 from tests.util import CHECKOUT, epio_env
 
 APP = "hello"
@@ -227,8 +227,18 @@ class ClusterChaosTests(unittest.TestCase):
             results = [get(addr) for _ in range(100)]
             counts[addr] = (sum(r == (200, BODY) for r in results),
                             [r for r in results if r != (200, BODY)][:3])
+        # the image was built on one runner; the others fetched it from a peer host
+        fetched = {h.name: next(ln.split("] ", 1)[1] for ln in h.node.output().splitlines()
+                                if "fetched image" in ln)
+                   for h in self.cluster.with_role("runner")
+                   if h.node and "fetched image" in h.node.output()}
         report("1 deploy", f"deploy {deployed:.1f}s, scale to 3 {scaled:.1f}s; instances on "
-                           f"{nodes} at {hosts}; through routers (ok, failures): {counts}")
+                           f"{nodes} at {hosts}; through routers (ok, failures): {counts}; "
+                           f"images fetched across hosts: {fetched}")
+        self.assertGreaterEqual(len(fetched), len(nodes) - 1, fetched)
+        for name, line in fetched.items():
+            self.assertIn(f"from tcp://{NET}.", line)
+            self.assertNotIn(f"from tcp://{self.cluster.hosts[name].addr}:", line)
         for ok, _ in counts.values():
             self.assertEqual(ok, 100, counts)
         type(self).deployed = True
