@@ -30,7 +30,16 @@ import time
 import unittest
 from typing import Any
 
-from tests.cluster.harness import API_SETTINGS, NET, Cluster, Host, unavailable, wait_until
+from tests.cluster.harness import (
+    API_SETTINGS,
+    NET,
+    Cluster,
+    Host,
+    in_ns,
+    sh,
+    unavailable,
+    wait_until,
+)
 from tests.util import CHECKOUT, epio_env
 
 APP = "hello"
@@ -236,6 +245,15 @@ class ClusterChaosTests(unittest.TestCase):
                            f"{nodes} at {hosts}; through routers (ok, failures): {counts}; "
                            f"images fetched across hosts: {fetched}")
         self.assertGreaterEqual(len(fetched), len(nodes) - 1, fetched)
+        # each runner host's fence is on, in its own namespace only: the routers on other
+        # hosts reached the instances through it (above)
+        root_tables = sh("nft", "list", "tables", check=False).stdout
+        for h in self.cluster.with_role("runner"):
+            self.assertIn("network fence ON", h.node.output() if h.node else "")
+            tables = sh(*in_ns(h.ns), "nft", "list", "tables").stdout.split()
+            fence = [t for t in tables if t.startswith("epio_fence_")]
+            self.assertEqual(len(fence), 1, tables)
+            self.assertNotIn(fence[0], root_tables)
         for name, line in fetched.items():
             self.assertIn(f"from tcp://{NET}.", line)
             self.assertNotIn(f"from tcp://{self.cluster.hosts[name].addr}:", line)
