@@ -329,7 +329,18 @@ class ClusterChaosTests(unittest.TestCase):
         print("\n".join(ln[:240] for ln in api_log.splitlines()
                         if victim.name in ln and ln[11:19] >= killed_at), flush=True)
         self.assertIsNotNone(back, f"capacity not restored: {after}")
-        self.assertEqual(load.failures, [], load.figures())
+        # A request already at the instance when its host vanished gets no answer: the
+        # router does not retry a request whose backend went silent (504 after
+        # lb.first_byte_timeout; this client gives up after 10 s).  Counted apart; every
+        # other request must be answered (a new one meets a connect timeout and the
+        # router tries the next backend).
+        in_flight = [f for f in load.failures
+                     if f[0] < killed - load.t0 and ("timed out" in f[1] or f[1][:3] == "504")]
+        others = [f for f in load.failures if f not in in_flight]
+        print(f"[cluster 4 kill runner host] failed requests in flight at the kill: "
+              f"{len(in_flight)}; other failures: {len(others)}", flush=True)
+        self.assertEqual(others, [], load.figures())
+        self.assertLessEqual(len(in_flight), load.threads, load.figures())
 
     # A leader api whose host vanishes (no FIN, no RST) keeps its PostgreSQL session, and
     # with it the scheduler's advisory lock, until the *server* notices the dead peer:
