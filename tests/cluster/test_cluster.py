@@ -342,14 +342,11 @@ class ClusterChaosTests(unittest.TestCase):
         self.assertEqual(others, [], load.figures())
         self.assertLessEqual(len(in_flight), load.threads, load.figures())
 
-    # A leader api whose host vanishes (no FIN, no RST) keeps its PostgreSQL session, and
-    # with it the scheduler's advisory lock, until the *server* notices the dead peer:
-    # epio sets TCP keepalives on the client side only (epio/store/backend.py:332), and
-    # PostgreSQL's own tcp_keepalives_idle defaults to the system's 2 hours.  No other
-    # api can lead meanwhile: nothing is scheduled (no failover, no scale, no deploy).
-    # Missing: server-side keepalives/tcp_user_timeout for the store's sessions (they can
-    # be set per session: options=-c tcp_keepalives_idle=...) or a lease on leadership.
-    @unittest.expectedFailure
+    # A leader api whose host vanishes (no FIN, no RST) would keep its PostgreSQL
+    # session, and with it the scheduler's advisory lock, until the *server* notices the
+    # dead peer (the system's keepalive: 2 hours). Every store session asks the server for
+    # keepalives and tcp_user_timeout (epio/store/backend.py PG_SERVER_OPTIONS), so the
+    # lock is freed about 15 s after the host went silent and another api leads.
     def test_5_kill_scheduler_leader_host(self) -> None:
         """The host of the scheduler's leader dies: another api leads within 25 s."""
         self.need_deploy()
