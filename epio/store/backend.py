@@ -343,9 +343,12 @@ def to_pyformat(sql: str) -> str:
     return sql.replace("%", "%%").replace("?", "%s")
 
 
-# TCP keepalives so that a dead peer is noticed in ~15 s on idle connections.
+# TCP keepalives so that a dead peer is noticed in ~15 s on idle connections, and
+# tcp_user_timeout (ms) for a connection with a query in flight (keepalives do not
+# probe while sent data is unacknowledged: without it the kernel retransmits for
+# ~15 minutes before a dead server's connection fails).
 PG_CONNECT_KW = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2,
-                 "keepalives_count": 3, "application_name": "epio"}
+                 "keepalives_count": 3, "tcp_user_timeout": 15000, "application_name": "epio"}
 
 #: The same on the server's side of every session (settings any user may give at
 #: connect time).  A node whose host vanishes (power, network: no FIN, no RST) leaves
@@ -394,6 +397,31 @@ class PgConnection(_TxConnection):  # type: ignore[misc]
                 self.on_lost(self)
 
 
+def pg_hosts(dsn: str) -> list[tuple[str, str]] | None:
+    """The (host, port) pairs of a URL that lists several hosts
+    (``postgresql://u@a:5432,b:5432/db``, or ``host=a,b port=5432,5432``); None for
+    one host, or when ``hostaddr`` is given (libpq then goes its own way)."""
+    from psycopg2.extensions import parse_dsn
+
+    params = parse_dsn(dsn)
+    hosts = params.get("host", "").split(",")
+    if len(hosts) < 2 or "hostaddr" in params:
+        return None
+    ports = params.get("port", "").split(",")
+    if len(ports) == 1:
+        ports = ports * len(hosts)
+    if len(ports) != len(hosts):
+        return None  # libpq refuses it with its own message
+    return list(zip(hosts, ports, strict=True))
+
+
+#: dsn -> index of the host that last took a connection.  A store URL listing a
+#: primary and its standbys is tried from the host that answered last, so after a
+#: failover new connections go straight to the new primary instead of waiting on a
+#: dead first host every time.
+_last_good: dict[str, int] = {}
+
+
 async def connect_pg(reactor: Any, dsn: str, timeout: float,
                      on_lost: Callable[[Any], None] | None = None) -> PgConnection:
     """Open a :class:`PgConnection`, failing with StoreUnavailable after ``timeout`` s.
@@ -401,7 +429,46 @@ async def connect_pg(reactor: Any, dsn: str, timeout: float,
     libpq does not enforce ``connect_timeout`` on non-blocking connects, so a
     server that accepts but never answers (or a black-holed address) would
     hang forever: the connection is closed when the timer fires.
+
+    A URL listing several hosts (with ``target_session_attrs=read-write``: the
+    primary of a replicated pair) is tried one host at a time here, each within
+    its share of ``timeout`` (at least 1 s), starting with the host that answered
+    last: libpq would try them in order too, but without a timeout a silent first
+    host would hold every connect forever.  libpq still checks each host's
+    ``target_session_attrs`` (a standby refuses a read-write session).
     """
+    hosts = pg_hosts(dsn)
+    if hosts is None:
+        return await _connect_one(reactor, dsn, {}, timeout, on_lost)
+    first = _last_good.get(dsn, 0) % len(hosts)
+    share = max(timeout / len(hosts), 1.0)
+    errors = []
+    for i in [*range(first, len(hosts)), *range(first)]:
+        host, port = hosts[i]
+        where = {"host": host, "port": port} if port else {"host": host}
+        try:
+            conn = await _connect_one(reactor, dsn, where, share, on_lost)
+        except StoreUnavailable as e:
+            errors.append(f"{host}:{port or 5432}: {str(e).removeprefix(_CANNOT)}")
+            continue
+        _last_good[dsn] = i
+        return conn
+    raise StoreUnavailable(_CANNOT + "; ".join(errors))
+
+
+_CANNOT = "cannot connect to PostgreSQL: "
+
+
+def forget_host(dsn: str) -> None:
+    """The host that last answered for ``dsn`` is no use any more (read-only): the
+    next connect tries the hosts from the next one."""
+    hosts = pg_hosts(dsn)
+    if hosts is not None:
+        _last_good[dsn] = (_last_good.get(dsn, 0) + 1) % len(hosts)
+
+
+async def _connect_one(reactor: Any, dsn: str, where: dict[str, str], timeout: float,
+                       on_lost: Callable[[Any], None] | None) -> PgConnection:
     conn = PgConnection(reactor, on_lost)
     timed_out = False
 
@@ -412,13 +479,12 @@ async def connect_pg(reactor: Any, dsn: str, timeout: float,
 
     timer = reactor.callLater(timeout, expire)
     try:
-        await conn.connect(dsn, **connect_options(dsn))
+        await conn.connect(dsn, **connect_options(dsn), **where)
     except Exception as e:
         close_quietly(conn)
         if timed_out:
-            raise StoreUnavailable(
-                f"cannot connect to PostgreSQL: no answer within {timeout:g} s") from None
-        raise StoreUnavailable(f"cannot connect to PostgreSQL: {str(e).strip()}") from None
+            raise StoreUnavailable(f"{_CANNOT}no answer within {timeout:g} s") from None
+        raise StoreUnavailable(f"{_CANNOT}{str(e).strip()}") from None
     finally:
         if timer.active():
             timer.cancel()
@@ -523,6 +589,7 @@ class PostgresBackend:
     async def transaction(
         self, fn: Callable[[Transaction], Awaitable[T]], readonly: bool = False
     ) -> T:
+        from psycopg2.errors import ReadOnlySqlTransaction
         from psycopg2.extensions import TransactionRollbackError
 
         _, operational, interface = _pg_errors()
@@ -559,6 +626,19 @@ class PostgresBackend:
                         f"PostgreSQL: transaction kept conflicting: {str(e).strip()}") from None
                 except (operational, interface) as e:
                     broken = True
+                    raise StoreUnavailable(f"PostgreSQL: {str(e).strip()}") from None
+                except ReadOnlySqlTransaction as e:
+                    # the server became read-only under this connection (a primary
+                    # demoted to a standby, or made read-only by its operator): no write
+                    # will pass on it again.  Dropped; nothing was committed, so once
+                    # more on a new connection, which a multi-host store URL with
+                    # target_session_attrs=read-write opens on the current primary
+                    broken = True
+                    forget_host(self.dsn)
+                    if stale_retry and not readonly:
+                        stale_retry = False
+                        self.log.warn("store: the server is read-only; reconnecting")
+                        continue
                     raise StoreUnavailable(f"PostgreSQL: {str(e).strip()}") from None
                 except BaseException:
                     broken = not await _rollback(cursor)
