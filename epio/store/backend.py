@@ -33,6 +33,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from txpostgres.txpostgres import Connection as _TxConnection
+from txpostgres.txpostgres import Cursor as _TxCursor
 
 from epio.store.errors import IntegrityError, InvalidValue, StoreUnavailable
 
@@ -370,13 +371,36 @@ def connect_options(dsn: str) -> dict[str, Any]:
     return dict(PG_CONNECT_KW, options=f"{given} {PG_SERVER_OPTIONS}".strip())
 
 
+class PgCursor(_TxCursor):  # type: ignore[misc]
+    """A txpostgres cursor whose cancelled query closes its connection (see
+    :meth:`PgConnection._cancel`)."""
+
+    def _cancel(self, d: Deferred[Any]) -> None:
+        self._pollingD = None
+        close_quietly(self._connection)
+
+
 class PgConnection(_TxConnection):  # type: ignore[misc]
     """A txpostgres connection that closes itself when the server goes away.
 
     Plain txpostgres raises the server's "connection closed" error out of
     ``doRead`` into the reactor (an unhandled error in the log); this one
     closes the connection instead and calls ``on_lost(self)`` once.
+
+    A cancelled Deferred of a query (or of the connect) closes the connection
+    instead of asking the server to cancel: txpostgres would call psycopg2's
+    ``cancel()``, libpq's PQcancel, which opens a new connection to the server
+    with a *blocking* connect() and no timeout.  When the server's host has vanished
+    that blocks the whole reactor (every role of the node: its router stops
+    answering) for the kernel's SYN retries, about two minutes.  The Deferred fails
+    with CancelledError; the closed connection is dropped from the pool.
     """
+
+    cursorFactory = PgCursor
+
+    def _cancel(self, d: Deferred[Any]) -> None:
+        self._pollingD = None
+        close_quietly(self)
 
     def __init__(self, reactor: Any, on_lost: Callable[[Any], None] | None = None) -> None:
         super().__init__(reactor=reactor)

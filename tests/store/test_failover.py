@@ -134,3 +134,26 @@ class MultiHostTests(TestCase):
         count = await backend.transaction(
             lambda tx: tx.execute("SELECT count(*) FROM t"), readonly=True)
         self.assertEqual(count.scalar(), 1)
+
+
+class CancelTests(TestCase):
+    async def test_cancelled_query_closes_its_connection(self) -> None:
+        """Cancelling a query's Deferred closes the connection at once (CancelledError)
+        instead of libpq's PQcancel, a blocking connect to the server that holds the
+        reactor when the server's host has vanished."""
+        from twisted.internet.defer import CancelledError
+
+        from epio.store.backend import connect_pg
+
+        url = pg.pg_url_for_test(self)
+        lost: list[object] = []
+        conn = await connect_pg(reactor, url, 5.0, on_lost=lost.append)
+        self.addCleanup(conn.close)
+        d = conn.runQuery("SELECT pg_sleep(30)")
+        t0 = time.monotonic()
+        d.cancel()
+        with self.assertRaises(CancelledError):
+            await d
+        self.assertLess(time.monotonic() - t0, 1.0)
+        self.assertTrue(conn.closed)
+        self.assertEqual(lost, [conn])
