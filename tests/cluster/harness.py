@@ -8,7 +8,9 @@ one ``twistd epio --role=...`` node as an operator would: its own TOML config
 (written here), its own data dir, the shared cluster secret and the PostgreSQL
 store.  The store is a private PostgreSQL (``initdb``/``pg_ctl`` of
 /usr/lib/postgresql/15, as the ``postgres`` user) in the store host's
-namespace, listening on that host's address, trust for the bridge subnet only.
+namespace, listening on that host's address, trust for the bridge subnet only,
+with a streaming-replication standby (``pg_basebackup -R``) on a host of its own;
+the store URL lists both with ``target_session_attrs=read-write``.
 
 Processes enter their host with ``nsenter --net=/run/netns/NAME`` rather than
 ``ip netns exec``: the latter also remounts /sys, which hides the cgroup v1
@@ -64,14 +66,19 @@ LAYOUT: list[tuple[str, list[str]]] = [
     ("h7", ["runner"]),
     ("h8", ["backup"]),
     ("h9", ["api"]),  # a third api: one is left when the leader's host dies after h2
+    ("h10", []),  # the store's standby PostgreSQL only (no epio node)
 ]
 STORE_HOST = "h8"
+STANDBY_HOST = "h10"
 
 # [api]/[runner] settings the chaos figures depend on (docs/cluster.md quotes them)
 API_SETTINGS: dict[str, object] = {
     "reconcile_interval": 1.0, "runner_dead_after": 5.0, "drain_seconds": 1.0,
     "stop_grace": 3.0, "rollout_timeout": 120.0, "status_timeout": 3.0,
 }
+
+
+AS_PG = ["runuser", "-u", "postgres", "--"]
 
 
 def sh(*argv: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -167,7 +174,7 @@ def unavailable() -> str | None:
     for tool in ("ip", "nsenter", "runuser", "psql"):
         if shutil.which(tool) is None:
             return f"the cluster harness needs {tool!r} on PATH"
-    if not (PG_BIN / "initdb").exists():
+    if not (PG_BIN / "initdb").exists() or not (PG_BIN / "pg_basebackup").exists():
         return f"the cluster harness needs PostgreSQL 15 in {PG_BIN}"
     return None
 
@@ -260,6 +267,7 @@ class Cluster:
                       for i, (name, roles) in enumerate(self.layout)}
         self.lock_fd: int | None = None
         self.store_url = ""
+        self.pg_primary = STORE_HOST  # the host whose PostgreSQL takes writes
         self.token = ""
 
     # -- the parts -------------------------------------------------------------------
@@ -301,10 +309,12 @@ class Cluster:
         os.write(fd, secrets.token_hex(32).encode() + b"\n")
         os.close(fd)
         for host in self.hosts.values():
-            host.node = Node(host, host.roles, self.config(host, secret))
-            host.node.start()
+            if host.roles:
+                host.node = Node(host, host.roles, self.config(host, secret))
+                host.node.start()
         for host in self.hosts.values():
-            assert host.node is not None
+            if host.node is None:
+                continue
             ready = {"api": "api ready", "nexus": " ready: ", "runner": "",
                      "lb": "router listening on", "logger": "", "backup": ""}
             for role in host.roles:
@@ -320,24 +330,54 @@ class Cluster:
         self.wait_runners(len(self.with_role("runner")))
 
     def start_store(self) -> None:
-        host = self.hosts[STORE_HOST]
+        """The primary on STORE_HOST, then its standby on STANDBY_HOST (a base backup of
+        the primary with ``-R``: it streams from the primary and answers reads only)."""
+        host, standby = self.hosts[STORE_HOST], self.hosts[STANDBY_HOST]
         pgdata = host.dir / "pg"
         pgdata.mkdir(mode=0o700)
         shutil.chown(pgdata, "postgres", "postgres")
-        as_pg = ["runuser", "-u", "postgres", "--"]
-        sh(*as_pg, str(PG_BIN / "initdb"), "-D", str(pgdata), "-A", "trust", "-U", "postgres",
+        sh(*AS_PG, str(PG_BIN / "initdb"), "-D", str(pgdata), "-A", "trust", "-U", "postgres",
            "--no-sync", timeout=120)
         with open(pgdata / "pg_hba.conf", "w") as f:
             f.write("local all all trust\n"
-                    f"host all all {NET}.0/24 trust\n")
-        sh(*in_ns(host.ns), *as_pg, str(PG_BIN / "pg_ctl"), "-D", str(pgdata), "-w",
-           "-t", "60", "-l", str(pgdata / "postgres.log"), "-o",
-           f"-c listen_addresses={host.addr} -c port=5432 -c unix_socket_directories={pgdata}"
-           " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-           " -c max_connections=200", "start", timeout=90)
+                    f"host all all {NET}.0/24 trust\n"
+                    f"host replication all {NET}.0/24 trust\n")
+        self.pg_ctl(host, "start")
         sh("psql", "-h", host.addr, "-U", "postgres", "-d", "postgres", "-q", "-c",
            "CREATE DATABASE epio")
-        self.store_url = f"postgresql://postgres@{host.addr}:5432/epio"
+        copy = standby.dir / "pg"
+        copy.mkdir(mode=0o700)
+        shutil.chown(copy, "postgres", "postgres")
+        sh(*in_ns(standby.ns), *AS_PG, str(PG_BIN / "pg_basebackup"), "-h", host.addr,
+           "-U", "postgres", "-D", str(copy), "-R", "-X", "stream", "--no-sync",
+           "--checkpoint=fast", timeout=120)
+        # the copy has the primary's unix socket lock (its socket dir is its data dir)
+        (copy / ".s.PGSQL.5432.lock").unlink(missing_ok=True)
+        self.pg_ctl(standby, "start")
+        self.store_url = (f"postgresql://postgres@{host.addr}:5432,{standby.addr}:5432/epio"
+                          "?target_session_attrs=read-write")
+
+    def pg_ctl(self, host: Host, action: str) -> None:
+        """``pg_ctl start`` or ``promote`` of the PostgreSQL in ``host``'s dir, in its
+        namespace, as the postgres user."""
+        pgdata = host.dir / "pg"
+        opts = ["-l", str(pgdata / "postgres.log"), "-o",
+                f"-c listen_addresses={host.addr} -c port=5432 "
+                f"-c unix_socket_directories={pgdata} -c fsync=off "
+                "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
+                ] if action == "start" else []
+        sh(*in_ns(host.ns), *AS_PG, str(PG_BIN / "pg_ctl"), "-D", str(pgdata), "-w",
+           "-t", "60", *opts, action, timeout=90)
+
+    def promote_standby(self) -> None:
+        """What an HA manager does when the primary is gone: promote the standby."""
+        self.pg_ctl(self.hosts[STANDBY_HOST], "promote")
+        self.pg_primary = STANDBY_HOST
+
+    def psql(self, sql: str, host: str | None = None) -> str:
+        r = sh("psql", "-h", self.hosts[host or self.pg_primary].addr, "-U", "postgres",
+               "-d", "epio", "-At", "-c", sql, check=False, timeout=20)
+        return r.stdout
 
     def config(self, host: Host, secret: Path) -> dict[str, dict[str, object]]:
         a = host.addr
@@ -417,13 +457,14 @@ class Cluster:
 
     # -- asking the cluster ----------------------------------------------------------
 
-    def api(self, method: str, path: str, body: Any = None, host: Host | None = None) -> Any:
+    def api(self, method: str, path: str, body: Any = None, host: Host | None = None,
+            timeout: float = 10) -> Any:
         req = urllib.request.Request(
             f"{self.api_url(host)}/api/v1/{path}", method=method,
             data=None if body is None else json.dumps(body).encode(),
             headers={"Authorization": f"Bearer {self.token}",
                      "Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=10) as resp:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
             return json.loads(resp.read())
 
     def wait_runners(self, n: int, timeout: float = 60) -> None:
@@ -440,11 +481,9 @@ class Cluster:
 
     def lock_holders(self) -> list[str]:
         """Client addresses of the store sessions holding advisory locks (leadership)."""
-        r = sh("psql", "-h", self.hosts[STORE_HOST].addr, "-U", "postgres", "-d", "epio",
-               "-At", "-c", "SELECT DISTINCT a.client_addr FROM pg_locks l JOIN "
-               "pg_stat_activity a USING (pid) WHERE l.locktype = 'advisory' AND l.granted",
-               check=False)
-        return sorted(r.stdout.split())
+        return sorted(self.psql(
+            "SELECT DISTINCT a.client_addr FROM pg_locks l JOIN pg_stat_activity a "
+            "USING (pid) WHERE l.locktype = 'advisory' AND l.granted").split())
 
     def outputs(self, tail: int = 3000) -> str:
         return "\n".join(f"--- {h.name} ({','.join(h.roles)}) ---\n"
@@ -493,7 +532,7 @@ def main(argv: list[str]) -> int:
             raise
         print(f"store  {cluster.store_url}")
         for h in cluster.hosts.values():
-            print(f"{h.name:3} {h.addr:12} {','.join(h.roles):18} data {h.dir}/data "
+            print(f"{h.name:3} {h.addr:12} {','.join(h.roles) or 'standby':18} data {h.dir}/data "
                   f"config {h.dir}/epio.toml log {h.dir}/node.log")
         print(f"\nEPIO_API={cluster.api_url()} EPIO_TOKEN={cluster.token} epio apps\n"
               f"routers: " + " ".join(f"http://{h.addr}:8080/" for h in cluster.with_role("lb"))

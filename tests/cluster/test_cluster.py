@@ -1,8 +1,9 @@
 """Chaos on a real multi-host cluster: hosts are network namespaces (harness.py).
 
-One cluster for the whole class (9 hosts: 2 api+lb+logger, 2 nexus, 3 runners,
-1 backup with the PostgreSQL store, 1 more api); the cases run in order on it and each
-prints its figures (``pytest -s``; docs/cluster.md quotes them):
+One cluster for the whole class (10 hosts: 2 api+lb+logger, 2 nexus, 3 runners,
+1 backup with the PostgreSQL store's primary, 1 more api, 1 with the store's standby);
+the cases run in order on it and each prints its figures (``pytest -s``;
+docs/cluster.md quotes them):
 
 1. deploy examples/wsgi with the ``epio`` CLI, scale web to 3: instances on
    several runner hosts, answered through both routers;
@@ -10,8 +11,10 @@ prints its figures (``pytest -s``; docs/cluster.md quotes them):
 3. kill a nexus host under load;
 4. kill a runner host holding an instance under load: failed requests and
    seconds until 3 healthy instances again;
-5. kill the host of the scheduler's leader: another api takes over (expected
-   to fail today: the dead session keeps the advisory lock; see the case).
+5. kill the store's primary host under load and promote its standby: requests
+   through the router keep succeeding, the scheduler leader is re-elected, a scale
+   and a config change made after the promotion take effect, with no other step;
+6. kill the host of the scheduler's leader: another api takes over.
 
 Skipped with ``EPIO_SKIP_CLUSTER=1``, and (saying why) when not root or
 without ``ip``/``nsenter``/PostgreSQL 15.
@@ -33,6 +36,7 @@ from typing import Any
 from tests.cluster.harness import (
     API_SETTINGS,
     NET,
+    STORE_HOST,
     Cluster,
     Host,
     in_ns,
@@ -164,7 +168,7 @@ class ClusterChaosTests(unittest.TestCase):
             raise AssertionError(f"{e}\n{cls.cluster.outputs()}") from None
         except AssertionError as e:
             raise AssertionError(f"{e}\n{cls.cluster.outputs()}") from None
-        report("up", f"9 hosts, 9 nodes and PostgreSQL, up in "
+        report("up", f"10 hosts, 9 nodes and PostgreSQL with a standby, up in "
                      f"{time.monotonic() - cls.started:.1f}s")
         cls.cli_dir = cls.cluster.root / "cli"
         shutil.copytree(CHECKOUT / "examples" / "wsgi", cls.cli_dir / "wsgi")
@@ -265,7 +269,7 @@ class ClusterChaosTests(unittest.TestCase):
         """An lb host dies under load on the other router: not one request fails."""
         self.need_deploy()
         # the victim is the lb host whose api does not lead the scheduler: a leader whose
-        # host vanishes keeps the lock (case 5), and case 4 needs a scheduler
+        # host vanishes keeps the lock until the server drops its session (case 6), and case 4 needs a scheduler
         leader = self.cluster.leader()
         victim = self.router("h1" if leader is self.router("h2") else "h2")
         other = self.router("h2" if victim.name == "h1" else "h1")
@@ -347,7 +351,7 @@ class ClusterChaosTests(unittest.TestCase):
     # dead peer (the system's keepalive: 2 hours). Every store session asks the server for
     # keepalives and tcp_user_timeout (epio/store/backend.py PG_SERVER_OPTIONS), so the
     # lock is freed about 15 s after the host went silent and another api leads.
-    def test_5_kill_scheduler_leader_host(self) -> None:
+    def test_6_kill_scheduler_leader_host(self) -> None:
         """The host of the scheduler's leader dies: another api leads within 25 s."""
         self.need_deploy()
         victim = self.cluster.leader()
@@ -369,6 +373,88 @@ class ClusterChaosTests(unittest.TestCase):
                f"{secs(elected, 25)}; advisory lock holders before {before}, after "
                f"{self.cluster.lock_holders()}")
         self.assertIsNotNone(elected, "no api took the scheduler over")
+
+    def test_5_promote_store_standby(self) -> None:
+        """The store's primary host dies under load and the standby is promoted (what an
+        HA manager does): routing goes on without the store, and every role finds the new
+        primary through the multi-host store URL with no other step."""
+        self.need_deploy()
+        c = self.cluster
+        router = self.live_router()
+        apis = [h for h in c.with_role("api") if h.is_up()]
+        elected_line = "elected leader for epio.scheduler"
+
+        def elections(h: Host) -> int:
+            return h.node.output().count(elected_line) if h.node else 0
+
+        before = {h.name: elections(h) for h in apis}
+        load = Load(router.addr, rate=200, seconds=15).start()
+        time.sleep(1)
+        c.hosts[STORE_HOST].kill()  # link down, its PostgreSQL (and backup node) SIGKILLed
+        killed = time.monotonic()
+        killed_at = time.strftime("%H:%M:%S", time.gmtime())
+        c.promote_standby()
+        promoted = time.monotonic() - killed
+        t: dict[str, float] = {}  # what -> seconds after the kill
+        version = None
+        api_errors: dict[str, int] = {}
+
+        def call(what: str, method: str, path: str, body: Any = None) -> Any:
+            try:
+                return c.api(method, path, body, host=self.live_api(), timeout=3)
+            except OSError as e:  # HTTPError (503 store_unavailable) or a timeout
+                key = f"{what}: {getattr(e, 'code', None) or type(e).__name__}"
+                api_errors[key] = api_errors.get(key, 0) + 1
+                return None
+
+        deadline = killed + 90
+        while time.monotonic() < deadline and len(t) < 6:
+            if "elected" not in t and any(elections(h) > before[h.name] for h in apis):
+                t["elected"] = time.monotonic() - killed
+            if "api reads" not in t and call("ps", "GET", f"apps/{APP}/ps") is not None:
+                t["api reads"] = time.monotonic() - killed
+            if "scale accepted" not in t:
+                if call("scale", "PATCH", f"apps/{APP}/formation",
+                        {"processes": {"web": {"quantity": 4}}}) is not None:
+                    t["scale accepted"] = time.monotonic() - killed
+            elif "scaled" not in t:
+                ps = call("ps", "GET", f"apps/{APP}/ps") or []
+                if len([p for p in ps if p["name"].startswith("web.")
+                        and p["state"] == "healthy"]) == 4:
+                    t["scaled"] = time.monotonic() - killed
+            if version is None:
+                done = call("config", "PATCH", f"apps/{APP}/config", {"FAILOVER": "1"})
+                if done is not None:
+                    version = done["release"]["version"]
+                    t["config accepted"] = time.monotonic() - killed
+            elif "config live" not in t:
+                rel = call("release", "GET", f"apps/{APP}/releases/{version}")
+                if rel is not None and rel["status"] == "current":
+                    t["config live"] = time.monotonic() - killed
+            time.sleep(0.25)
+        load.join()
+        leaders = [h.name for h in apis if elections(h) > before[h.name]]
+        reconnected = sorted(h.name for h in c.hosts.values() if h.is_up() and h.node
+                             and "store listener reconnected" in h.node.output())
+        report("5 promote store standby",
+               f"{STORE_HOST} (primary) killed at 1 s, standby promoted in {promoted:.1f}s; "
+               f"{load.figures()}; seconds after the kill: "
+               + ", ".join(f"{k} {v:.1f}" for k, v in t.items())
+               + f"; re-elected on {leaders}; store listeners reconnected on {reconnected}; "
+               f"api calls refused while recovering {api_errors}; advisory lock holders on "
+               f"the new primary {c.lock_holders()}")
+        for h in apis:  # what each api logged about the store and leadership since the kill
+            print("\n".join(f"{h.name} {ln[11:19]} {ln.split('] ', 1)[-1][:200]}"
+                            for ln in h.node.output().splitlines()  # type: ignore[union-attr]
+                            if ln[11:19] >= killed_at and ("store " in ln or "leader" in ln)
+                            )[-3000:], flush=True)
+        # the routers never ask the store: not one request through them may fail
+        self.assertEqual(load.failures, [], load.figures())
+        for what in ("elected", "api reads", "scaled", "config live"):
+            self.assertIn(what, t, f"{what}: not within 90 s of the kill ({t})")
+        # the scheduler leader's LISTEN connection (the only store listener here: lb
+        # nodes listen only with TLS certificates) came back on the new primary
+        self.assertTrue(reconnected, "no store listener reconnected")
 
     def live_router(self) -> Host:
         return next(h for h in self.cluster.with_role("lb") if h.is_up())
