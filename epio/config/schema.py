@@ -104,7 +104,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "url": Key(
             str, "",
             "The state store: sqlite:///PATH (embedded, single box) or postgresql://... "
-            "(production, multi-node). Empty means sqlite in the data dir.",
+            "(production, multi-node; a primary and its standbys as "
+            "postgresql://USER@HOST1:5432,HOST2:5432/DB?target_session_attrs=read-write). "
+            "Empty means sqlite in the data dir.",
             store_url,
         ),
         "pool_size": Key(

@@ -45,7 +45,7 @@ class StoreSettings:
     """[store]: see docs/configuration.md."""
 
     url: str
-    """The state store: sqlite:///PATH (embedded, single box) or postgresql://... (production, multi-node). Empty means sqlite in the data dir."""
+    """The state store: sqlite:///PATH (embedded, single box) or postgresql://... (production, multi-node; a primary and its standbys as postgresql://USER@HOST1:5432,HOST2:5432/DB?target_session_attrs=read-write). Empty means sqlite in the data dir."""
 
     pool_size: int
     """PostgreSQL: connections the store opens at most per node process (each held lock uses one more of its own)."""

@@ -473,11 +473,16 @@ class Cluster:
                 self.api("GET", "nodes")), timeout=timeout)
 
     def leader(self) -> Host | None:
-        """The live api host that holds the scheduler lock (it says so in its log)."""
-        for h in self.with_role("api"):
-            if h.is_up() and h.node and "elected leader for epio.scheduler" in h.node.output():
-                return h
-        return None
+        """The live api host whose store session holds the scheduler's advisory lock (a
+        log line would not do: after a re-election two apis have logged "elected")."""
+        from epio.store.backend import lock_key
+
+        addr = self.psql(
+            "SELECT a.client_addr FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
+            "WHERE l.locktype = 'advisory' AND l.granted "
+            f"AND ((l.classid::bigint << 32) | l.objid::bigint) = {lock_key('epio.scheduler')}"
+        ).strip()
+        return next((h for h in self.with_role("api") if h.addr == addr and h.is_up()), None)
 
     def lock_holders(self) -> list[str]:
         """Client addresses of the store sessions holding advisory locks (leadership)."""

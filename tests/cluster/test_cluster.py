@@ -359,16 +359,18 @@ class ClusterChaosTests(unittest.TestCase):
         assert victim is not None
         others = [h for h in self.cluster.with_role("api") if h.is_up() and h is not victim]
         before = self.cluster.lock_holders()
+        line = "elected leader for epio.scheduler"
+        seen = {h.name: h.node.output().count(line) for h in others}  # type: ignore[union-attr]
         victim.kill()
         killed = time.monotonic()
         elected = None
         while time.monotonic() < killed + 25:
-            if any("elected leader for epio.scheduler" in h.node.output()  # type: ignore[union-attr]
+            if any(h.node.output().count(line) > seen[h.name]  # type: ignore[union-attr]
                    for h in others):
                 elected = time.monotonic() - killed
                 break
             time.sleep(0.25)
-        report("5 kill leader host",
+        report("6 kill leader host",
                f"{victim.name} ({victim.addr}, leader) killed; another api elected after "
                f"{secs(elected, 25)}; advisory lock holders before {before}, after "
                f"{self.cluster.lock_holders()}")
