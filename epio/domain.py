@@ -40,11 +40,14 @@ __all__ = [
     "LOG_SOURCE_NAME",
     "MAX_CONFIG_VALUE",
     "MAX_EMAIL",
+    "PLATFORM_APP",
+    "PLATFORM_RELEASE",
     "PROCESS_TYPE",
     "PROCESS_TYPE_MAX",
     "PROCESS_TYPE_RULE",
     "POSTGRES_PROCESS_TYPE",
     "REDIS_PROCESS_TYPE",
+    "RESERVED_APP_NAMES",
     "RESERVED_PROCESS_PREFIX",
     "SERVICE_PROCESS_TYPES",
     "RELEASE_STATES",
@@ -55,6 +58,8 @@ __all__ = [
     "UPLOAD_MAX_MEMBERS",
     "RunnerState",
     "app_name_problem",
+    "platform_hostname",
+    "reserved_app_name_problem",
     "process_type_problem",
 ]
 
@@ -100,6 +105,42 @@ def app_name_problem(name: object) -> str | None:
     if isinstance(name, str) and APP_NAME.fullmatch(name):
         return None
     return f"{name!r} is not a valid app name: {APP_NAME_RULE}"
+
+
+#: "App ID 0 is special": the platform's own control plane (the api and dashboard of
+#: every api node) is routed like an app under this name -- its route, access log lines
+#: and stats carry it -- but it is no app of the store: no user can create, see or own
+#: it (:data:`RESERVED_APP_NAMES`).  Its backends are the api nodes, release
+#: :data:`PLATFORM_RELEASE`.  docs/router.md "The platform's own route".
+PLATFORM_APP = "epio"
+PLATFORM_RELEASE = 0
+#: App names no user may take: the platform's own, and names users would mistake for it.
+RESERVED_APP_NAMES = frozenset({PLATFORM_APP, "api", "www", "dashboard", "admin"})
+
+
+def platform_hostname(configured: str, domain: str) -> str:
+    """The hostname the routers serve the platform at: ``api.hostname`` as configured
+    (lower case, no trailing dot), or ``epio.<node.domain>`` when it is empty; ``""``
+    when it is ``off`` (no platform route)."""
+    name = configured.strip().lower().rstrip(".")
+    if name == "off":
+        return ""
+    if name:
+        return name
+    domain = domain.strip().lower().rstrip(".")
+    return f"{PLATFORM_APP}.{domain}" if domain else PLATFORM_APP
+
+
+def reserved_app_name_problem(name: str, hostname: str = "", domain: str = "") -> str | None:
+    """Why no user may create an app called ``name`` (the user-facing sentence), or None:
+    a name of :data:`RESERVED_APP_NAMES`, or one whose own hostname ``<name>.<domain>``
+    is the platform's ``hostname``."""
+    if name in RESERVED_APP_NAMES:
+        return f"the app name {name!r} is reserved"
+    domain = domain.strip().lower().rstrip(".")
+    if hostname and domain and f"{name}.{domain}" == hostname:
+        return f"the app name {name!r} is reserved: {hostname} is the platform's own hostname"
+    return None
 
 
 def process_type_problem(name: object) -> str | None:

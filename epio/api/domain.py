@@ -30,6 +30,7 @@ from epio.api.state import (
     serving_release,
 )
 from epio.appenv import reserved_reason
+from epio.domain import reserved_app_name_problem
 from epio.secretfile import write_secret_file
 from epio.store import (
     APP_DESTROYED,
@@ -121,8 +122,10 @@ class Platform:
         return await self.store.list_apps(None if user.is_admin else user.id)
 
     async def create_app(self, user: User, name: str) -> App:
-        if name in ("api", "www", "dashboard", "admin"):
-            raise errors.Conflict(f"the app name {name!r} is reserved")
+        problem = reserved_app_name_problem(name, self.settings.platform_hostname,
+                                            self.settings.domain)
+        if problem is not None:
+            raise errors.Conflict(problem)
         app = await self.store.create_app(name, user.id, uids=self.settings.uids,
                                           limits=self.settings.app_limits)
         self.log.info("app {app} created by {user}", app=name, user=user.name)
@@ -406,6 +409,12 @@ class Platform:
             raise refuse_hostname() from None
         if host == self.builtin_hostname(app):
             raise errors.Conflict(f"{host} is already the app's built-in hostname")
+        platform = self.settings.platform_hostname
+        if platform and (_within(platform, _root(host)) or _within(_root(host), platform)):
+            # the platform's own hostname (api.hostname) or a name over or under it
+            self.log.info("{user} was refused the platform's hostname {host} for {app}",
+                          user=user.name, host=host, app=app.name)
+            raise refuse_hostname()
         # checked inside the store's transaction, serialised with every other
         # add_domain: two accounts adding overlapping names at once cannot both pass
         try:

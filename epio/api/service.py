@@ -36,6 +36,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
+from epio.api.beacon import ApiBeacon, RecordingEndpoint, advertised, parse_advertise
 from epio.api.channel import DeadlineChannel, Deadlines
 from epio.api.control import BusRunnerControl
 from epio.api.deploys import Deployer
@@ -44,6 +45,7 @@ from epio.api.errors import too_large_message
 from epio.api.scheduler import Scheduler, SchedulerService
 from epio.api.settings import ApiSettings, derive_app_secret
 from epio.api.web import TARBALL_TYPES, Api, authorize_app
+from epio.domain import platform_hostname
 from epio.listen import ConnectionLimit, LimitedEndpoint, log_backlog, with_backlog
 from epio.metrics import Family
 from epio.services import named
@@ -270,9 +272,11 @@ class ApiService(MultiService):
     log = Logger()
 
     def __init__(self, node: Node, settings: ApiSettings, gate: ApiGate,
-                 http: IService) -> None:
+                 http: IService, beacon: IService | None = None) -> None:
         MultiService.__init__(self)
         self.node = node
+        # api.heartbeat to every nexus (the platform's own route), started once open
+        self.beacon = beacon
         self.settings = settings
         self.gate = gate
         http.setServiceParent(self)
@@ -311,6 +315,8 @@ class ApiService(MultiService):
             self._register.start(self.settings.runner_dead_after / 3, now=True).addErrback(
                 lambda f: self.log.failure("node registration loop died", f))
         self.gate.open(ready.api.resource())
+        if self.beacon is not None:
+            self.beacon.setServiceParent(self)  # routers may send requests from now on
         self._ready.callback(ready)
         self.log.info("api ready")
 
@@ -337,11 +343,17 @@ class ApiService(MultiService):
     def stopService(self) -> Deferred[None]:
         if self._register is not None and self._register.running:
             self._register.stop()
+        beacon: Any = None
+        if self.beacon is not None and self.beacon.parent is not None:
+            # first: the nexuses stop routing here while the in-flight requests finish
+            beacon = self.beacon.disownServiceParent()
         # Deferred.result is the ReadyApi once fired (it never errbacks)
         ready = cast(ReadyApi, self._ready.result) if self._ready.called else None
         deployer = ready.deployer if ready is not None else None
 
         async def stop() -> None:
+            if isinstance(beacon, Deferred):
+                await beacon
             if deployer is not None:
                 try:
                     await deployer.stop()  # running deploys are marked failed
@@ -365,8 +377,25 @@ def make_service(node: Node) -> ApiService:
     gate = ApiGate(starting.resource())
     site = make_site(gate, settings.max_upload_bytes + (1 << 20), deadlines, node.reactor, limit)
     registry_for(node).add_collector(site.metric_families)
-    endpoint = LimitedEndpoint(
-        serverFromString(node.reactor, with_backlog(section.listen, section.backlog)), limit)
+    endpoint = RecordingEndpoint(LimitedEndpoint(
+        serverFromString(node.reactor, with_backlog(section.listen, section.backlog)), limit))
     http = StreamServerEndpointService(endpoint, site)
     http.setName("api-http")
-    return ApiService(node, settings, gate, http)
+    return ApiService(node, settings, gate, http, make_beacon(node, endpoint))
+
+
+def make_beacon(node: Node, endpoint: RecordingEndpoint) -> ApiBeacon | None:
+    """The api's heartbeat to every nexus (None: no nexus configured, or the platform
+    route is off: ``api.hostname = off``)."""
+    s = node.settings
+    nexus = [str(n["heartbeat"]) for n in s.cluster.nexus if n.get("heartbeat")]
+    if not nexus or not platform_hostname(s.api.hostname, s.node.domain):
+        return None
+    publisher = node.bus.publisher(connect=nexus)
+    publisher.setName("api-heartbeat")  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
+    explicit = parse_advertise(s.api.advertise)
+    beacon = ApiBeacon(node.reactor, publisher, node.node_id, node.boot_id,
+                       s.api.heartbeat_interval,
+                       lambda: advertised(explicit, endpoint.port, s.runner.advertise_host))
+    beacon.setName("api-beacon")  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
+    return beacon

@@ -6,6 +6,7 @@ from attrs import frozen
 
 from epio.config import Config
 from epio.config.schema import DEFAULT_UIDS
+from epio.domain import platform_hostname
 from epio.store import AppLimits
 
 
@@ -38,6 +39,9 @@ class ApiSettings:
     # process types routers send requests to (``nexus.web_process_types``): only these
     # are drained through the routers on a rollover; the others are stopped directly
     web_process_types: frozenset[str] = frozenset({"web"})
+    # where the routers serve the platform itself (api.hostname; "" = no such route):
+    # no app and no custom domain may take it (epio.domain.PLATFORM_APP)
+    platform_hostname: str = ""
 
     @classmethod
     def from_config(cls, config: Config) -> ApiSettings:
@@ -66,6 +70,7 @@ class ApiSettings:
             purge_interval=api.purge_interval,
             purge_timeout=api.purge_timeout,
             web_process_types=frozenset(s.nexus.web_process_types),
+            platform_hostname=platform_hostname(api.hostname, s.node.domain),
         )
 
     def url_of(self, app: str) -> str:

@@ -227,7 +227,7 @@ _(MessageType(
     "A nexus's status: nexus_id, ready, version, routes, backends, nodes, counters.",
     fields={"nexus_id": str, "ready": bool, "version": int},
     optional={"routes": int, "backends": int, "nodes": int, "store_age": (int, float, type(None)),
-              "heartbeats": dict, "table": dict},
+              "heartbeats": dict, "table": dict, "api_nodes": int, "api_heartbeats": dict},
 ))
 
 # --- runner (owner: runner) -----------------------------------------------------
@@ -341,6 +341,14 @@ _(MessageType(
 ))
 
 # --- api (owner: api) -----------------------------------------------------------
+
+_(MessageType(
+    "api.heartbeat", 1, "publish",
+    "An api node is alive (topic hb, every api.heartbeat_interval): where the routers "
+    "reach its API (the platform's own route).",
+    fields={"node_id": str, "boot_id": str, "seq": int, "interval": Number, "host": str,
+            "port": int},
+))
 
 # --- logger (owner: logs) -------------------------------------------------------
 _(MessageType(

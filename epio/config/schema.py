@@ -7,6 +7,7 @@ the committed page is current.  Add keys to your own section; never rename.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -77,6 +78,24 @@ def fence_mode(value: Any) -> str | None:
         return ("'auto' is no longer accepted: the fence is always on unless set to \"off\" "
                 "(a runner that cannot install it refuses to start; docs/security.md)")
     return one_of("on", "off")(value)
+
+
+def host_port(value: Any) -> str | None:
+    """Empty, or ``HOST:PORT`` (``[V6]:PORT``) with a port 1-65535."""
+    if value == "":
+        return None
+    host, _, port = value.rpartition(":")
+    if host.strip("[]") and port.isdigit() and 0 < int(port) < 65536:
+        return None
+    return f"must be HOST:PORT, not {value!r}"
+
+
+def hostname_or_off(value: Any) -> str | None:
+    """Empty, ``off``, or a hostname (no scheme, port or path)."""
+    if value in ("", "off") or re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?\.?",
+                                            value):
+        return None
+    return f"must be a hostname (no scheme, port or path), empty or off, not {value!r}"
 
 
 def store_url(value: Any) -> str | None:
@@ -172,7 +191,20 @@ SCHEMA: dict[str, dict[str, Key]] = {
         ),
     },
     "api": {
-        "listen": Key(str, "tcp:8000:interface=127.0.0.1", "Endpoint the API and dashboard listen on."),
+        "listen": Key(str, "tcp:8000:interface=127.0.0.1", "Endpoint the API and dashboard "
+                      "listen on directly: for bootstrapping and operators (it may be "
+                      "firewalled); users reach the API through the routers at api.hostname."),
+        "hostname": Key(
+            str, "", "Hostname the routers serve the API and dashboard at, balanced across "
+            "every live api node (the platform's own route, app 'epio'); empty means "
+            "epio.<node.domain>, off disables the route.", hostname_or_off),
+        "advertise": Key(
+            str, "", "host:port the routers use to reach this node's api listener; empty "
+            "means the listener's own port on its interface, or on runner.advertise_host "
+            "when it listens on every address.", host_port),
+        "heartbeat_interval": Key(
+            float, 1.0, "Seconds between two api.heartbeat messages to every nexus (the "
+            "platform's route lists the api nodes heard from).", positive),
         "backlog": Key(int, 4096, "Listen backlog of the api's listener (capped by "
                        "net.core.somaxconn, logged at start).", positive),
         "max_connections": Key(int, 1000, "Open connections of the api's listener before it "

@@ -102,7 +102,16 @@ class ApiSettings:
     """[api]: see docs/configuration.md."""
 
     listen: str
-    """Endpoint the API and dashboard listen on."""
+    """Endpoint the API and dashboard listen on directly: for bootstrapping and operators (it may be firewalled); users reach the API through the routers at api.hostname."""
+
+    hostname: str
+    """Hostname the routers serve the API and dashboard at, balanced across every live api node (the platform's own route, app 'epio'); empty means epio.<node.domain>, off disables the route."""
+
+    advertise: str
+    """host:port the routers use to reach this node's api listener; empty means the listener's own port on its interface, or on runner.advertise_host when it listens on every address."""
+
+    heartbeat_interval: float
+    """Seconds between two api.heartbeat messages to every nexus (the platform's route lists the api nodes heard from)."""
 
     backlog: int
     """Listen backlog of the api's listener (capped by net.core.somaxconn, logged at start)."""

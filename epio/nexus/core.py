@@ -19,6 +19,15 @@ together:
   restarted nexus never tells the routers that the cluster is empty.
 
 Publishing is a callable ``publish(type, body)`` injected by the service.
+
+The platform's own route ("App ID 0 is special", docs/router.md): with ``platform``
+(the :class:`~epio.nexus.table.AppFacts` of :data:`epio.domain.PLATFORM_APP`: its
+hostname and route options) the table also holds the route of the platform's API and
+dashboard, whose backends are the api nodes heard from in ``api.heartbeat`` -- kept by
+a second :class:`~epio.nexus.heartbeats.NodeTracker` (``api_nodes``, node ids
+``api@NODE``) with the same sequence, boot and expiry rules as the runners'.  The
+store's apps never name it (no user may create it); should the store hold an app of
+that name anyway, the platform's route wins.
 """
 
 from __future__ import annotations
@@ -29,7 +38,8 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from epio.nexus.heartbeats import InstanceInfo, NodeTracker
+from epio.domain import PLATFORM_APP, PLATFORM_RELEASE
+from epio.nexus.heartbeats import INVALID, InstanceInfo, NodeTracker
 from epio.nexus.table import AppFacts, RouteBook, StoreView, build_route, serving
 
 Publish = Callable[[str, dict[str, Any]], None]
@@ -59,6 +69,7 @@ class Nexus:
         delta_interval: float = 0.0,
         web_types: Iterable[str] = ("web",),
         on_store_hint: Callable[[], None] | None = None,
+        platform: AppFacts | None = None,
     ) -> None:
         self._clock = clock
         self.nexus_id = nexus_id
@@ -68,6 +79,8 @@ class Nexus:
         self.web_types = frozenset(web_types)
         self._on_store_hint = on_store_hint
         self.tracker = NodeTracker(clock, node_timeout, self._apps_changed)
+        self.platform = platform
+        self.api_nodes = NodeTracker(clock, node_timeout, self._platform_changed)
         self.book = RouteBook()
         self.view: StoreView | None = None
         self.ready = False
@@ -76,7 +89,8 @@ class Nexus:
         self.counters: Counter[str] = Counter()
         self._warm = warmup <= 0
         self._warm_call: Any = None
-        self._dirty: set[str] = set()
+        # the platform's route is in the first table published
+        self._dirty: set[str] = {PLATFORM_APP} if platform is not None else set()
         self._flush_call: Any = None
         self._last_change: float | None = None
         self._last_delta: float | None = None  # when the last delta was published
@@ -94,6 +108,7 @@ class Nexus:
                 call.cancel()
         self._warm_call = self._flush_call = None
         self.tracker.stop()
+        self.api_nodes.stop()
 
     def _warmed(self) -> None:
         self._warm_call = None
@@ -118,6 +133,29 @@ class Nexus:
     def heartbeat(self, body: Mapping[str, Any]) -> str:
         """Take one ``runner.heartbeat`` body; return the tracker's outcome."""
         return self.tracker.receive(body)
+
+    def api_heartbeat(self, body: Mapping[str, Any]) -> str:
+        """Take one ``api.heartbeat`` body (an api node and where routers reach it);
+        return the tracker's outcome (``ignored`` without a platform route)."""
+        if self.platform is None:
+            self.counters["api_heartbeat_ignored"] += 1
+            return "ignored"
+        node, host, port = body.get("node_id"), body.get("host"), body.get("port")
+        if not (isinstance(node, str) and node and isinstance(host, str) and host
+                and isinstance(port, int) and not isinstance(port, bool)
+                and 0 < port < 65536):
+            self.api_nodes.counters[INVALID] += 1
+            return INVALID
+        return self.api_nodes.receive({
+            "node_id": f"api@{node}", "boot_id": body.get("boot_id"), "seq": body.get("seq"),
+            "interval": body.get("interval"),
+            "instances": [{"instance_id": f"api@{node}", "app": PLATFORM_APP,
+                           "process_type": "web", "state": "healthy",
+                           "release": PLATFORM_RELEASE, "host": host, "port": port}],
+        })
+
+    def _platform_changed(self, apps: set[str]) -> None:
+        self._apps_changed({PLATFORM_APP})
 
     def set_view(self, view: StoreView) -> None:
         """Install a fresh store view; the apps whose facts changed get recomputed."""
@@ -145,6 +183,9 @@ class Nexus:
         """The route ``app`` should have now (None: the store does not know it)."""
         if self.view is None:
             return None
+        if app == PLATFORM_APP and self.platform is not None:
+            return build_route(self.platform, self.api_nodes.instances_of(app),
+                               frozenset({"web"}))
         facts = self.view.apps.get(app)
         if facts is None:
             return None
@@ -165,7 +206,7 @@ class Nexus:
             if route is None and self.tracker.by_app.get(app):
                 self.counters["unknown_app"] += 1
                 hint = True
-            elif route is not None:
+            elif route is not None and app != PLATFORM_APP:
                 hint = hint or self._unknown_release(self.view.apps[app], app)
             change = self.book.update(app, route)
             if change is not None:
@@ -279,5 +320,7 @@ class Nexus:
             "nodes": len(self.tracker.nodes),
             "store_age": self.store_age(now),
             "heartbeats": dict(self.tracker.counters),
+            "api_nodes": len(self.api_nodes.nodes),
+            "api_heartbeats": dict(self.api_nodes.counters),
             "table": dict(self.counters),
         }
