@@ -1,0 +1,213 @@
+"""App 0: the platform's API and dashboard served through the router, like an app.
+
+A real ``--role=all`` node (A) and a second ``--role=api`` node (B) share one
+PostgreSQL store and one cluster secret; B publishes ``api.heartbeat`` to A's nexus.
+The router serves the platform at ``api.hostname`` (here ``127.0.0.1``: the test
+machine resolves no ``*.localhost`` name, and a hostname that is an address is a
+valid ``api.hostname``), balanced across both api nodes.  Through the router URL
+only, the real CLI logs in, is refused the reserved app name, creates an app,
+deploys examples/wsgi and follows its logs over a websocket; the router's access
+log and /metrics show the platform's requests; B is SIGKILLed and requests through
+the router keep working; B started again takes routed requests again.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.integration.e2e.test_quickstart import http_get, wait_until
+from tests.store.pg import fresh_database_for_test
+from tests.util import CHECKOUT, NodeProcess, epio_env, free_port, isolated_config, to_toml
+
+PLATFORM_HOST = "127.0.0.1"
+
+
+def metric(port: int, name: str, **labels: str) -> float:
+    """The sum of ``name``'s samples with ``labels`` on a node's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = http_get(port, "localhost", "/metrics")[1]
+    total = 0.0
+    for fam in text_string_to_metric_families(text):
+        for smp in fam.samples:
+            if smp.name == name and all(smp.labels.get(k) == v for k, v in labels.items()):
+                total += smp.value
+    return total
+
+
+class PlatformRouteTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.tmp = Path(tempfile.mkdtemp(prefix="epio-app0-"))
+        os.chmod(self.tmp, 0o711)
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        url = fresh_database_for_test(self)
+        secret_file = self.tmp / "secret"
+        fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT, 0o600)
+        os.write(fd, secrets.token_bytes(32).hex().encode() + b"\n")
+        os.close(fd)
+        base = 21000 + (os.getpid() % 110) * 100
+        doc, _ = isolated_config({
+            "store": {"url": url},
+            "cluster": {"secret_file": str(secret_file)},
+            "api": {"hostname": PLATFORM_HOST, "reconcile_interval": 0.5,
+                    "drain_seconds": 1.0, "stop_grace": 3.0, "rollout_timeout": 60.0,
+                    "heartbeat_interval": 0.5},
+            "runner": {"backoff_initial": 0.2, "port_min": base, "port_max": base + 99},
+            "lb": {"stats_interval": 0.5},
+            "nexus": {"node_timeout": 2.0},
+            "metrics": {"listen": f"tcp:{free_port()}:interface=127.0.0.1"},
+        })
+        doc.setdefault("node", {})["id"] = "node-a"
+        self.doc = doc
+        self.lb_port = int(str(doc["lb"]["listen"]).split(":")[1])
+        self.metrics_a = int(str(doc["metrics"]["listen"]).split(":")[1])
+        self.router_url = f"http://{PLATFORM_HOST}:{self.lb_port}"
+        self.node_a = NodeProcess(["--role=all"], data_dir=self.tmp / "a" / "data",
+                                  config=to_toml(doc))
+        self.addCleanup(self.node_a.cleanup)
+        # B: an api node of its own (own listener, own /metrics), same store and nexus
+        self.metrics_b = free_port()
+        doc_b = {k: dict(v) for k, v in doc.items()}
+        doc_b["node"] = {"id": "node-b"}
+        doc_b["api"] = dict(doc["api"], listen=f"tcp:{free_port()}:interface=127.0.0.1")
+        doc_b["metrics"] = {"listen": f"tcp:{self.metrics_b}:interface=127.0.0.1"}
+        self.config_b = to_toml(doc_b)
+        self.node_b: NodeProcess | None = None
+        self.home = self.tmp / "home"
+        self.home.mkdir()
+        os.chmod(self.home, 0o700)
+        self.work = self.home / "epio"
+        shutil.copytree(CHECKOUT / "examples" / "wsgi", self.work / "examples" / "wsgi")
+
+    def start_b(self) -> NodeProcess:
+        node = NodeProcess(["--role=api"], data_dir=self.tmp / "b" / "data",
+                           config=self.config_b)
+        self.addCleanup(node.cleanup)
+        node.wait_for_log("api ready", timeout=60)
+        self.node_b = node
+        return node
+
+    def epio(self, *args: str, stdin: str | None = None, check: bool = True
+             ) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [sys.executable, "-c", "import sys; from epio.cli.main import main; sys.exit(main())",
+             *args], input=stdin, capture_output=True, text=True, env=self.env(),
+            cwd=self.work, timeout=300)
+        if check and proc.returncode != 0:
+            self.fail(f"epio {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n"
+                      f"{proc.stderr}\n--- node A (end) ---\n{self.node_a.output()[-5000:]}")
+        return proc
+
+    def env(self) -> dict[str, str]:
+        return epio_env({"EPIO_CONFIG_DIR": str(self.home / ".config" / "epio"),
+                         "HOME": str(self.home)})
+
+    def routed_api(self, path: str) -> tuple[int, Any]:
+        """GET /api/v1/PATH through the router, with the admin token."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.lb_port, timeout=10)
+        try:
+            conn.request("GET", "/api/v1/" + path, headers={
+                "Host": PLATFORM_HOST, "Authorization": f"Bearer {self.token}",
+                "Accept": "application/json"})
+            resp = conn.getresponse()
+            return resp.status, json.loads(resp.read() or b"null")
+        finally:
+            conn.close()
+
+    def api_requests(self, metrics_port: int) -> float:
+        return metric(metrics_port, "epio_api_requests_total")
+
+    def test_platform_through_the_router(self) -> None:
+        """Login, deploy and log tail through the router URL; the platform's requests
+        are in the router's access log and /metrics; both api nodes serve; killing
+        one keeps every request working; restarted, it serves again."""
+        self.node_a.wait_for_log("api ready", timeout=90)
+        self.token = (self.tmp / "a" / "data" / "admin-token").read_text().strip()
+        self.start_b()
+
+        # the dashboard and the API answer through the router at the platform hostname
+        wait_until("the router serves the dashboard", lambda: http_get(
+            self.lb_port, PLATFORM_HOST, "/dashboard/")[0] == 200, timeout=30)
+        self.assertEqual(http_get(self.lb_port, "unknown.localhost", "/dashboard/")[0], 404)
+
+        self.epio("login", "--api", self.router_url, stdin=self.token + "\n")
+
+        refused = self.epio("apps", "create", "epio", check=False)
+        self.assertNotEqual(refused.returncode, 0)
+        self.assertIn("reserved", refused.stderr)
+        apps = self.routed_api("apps")
+        self.assertEqual(apps[0], 200)
+        self.assertNotIn("epio", [a["name"] for a in apps[1]])
+
+        self.epio("apps", "create", "hello")
+        self.epio("deploy", "examples/wsgi", "--poll", "0.5")
+        wait_until("the router serves the app", lambda: http_get(
+            self.lb_port, "hello.localhost")[0] == 200, timeout=60)
+
+        # epio logs -f: a websocket through the router
+        follow = subprocess.Popen(
+            [sys.executable, "-c", "import sys; from epio.cli.main import main; sys.exit(main())",
+             "logs", "--app", "hello", "-f", "-n", "0", "--source", "router"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=self.env(),
+            cwd=self.work)
+        self.addCleanup(lambda: follow.poll() is None and follow.kill())
+        time.sleep(2.0)
+        for _ in range(3):
+            http_get(self.lb_port, "hello.localhost", "/followed-through-the-router")
+        time.sleep(3.0)
+        follow.terminate()
+        out, err = follow.communicate(timeout=15)
+        self.assertIn("/followed-through-the-router", out, err)
+
+        # the router's stats and access log show the platform's requests
+        wait_until("the router counts the platform's requests", lambda: metric(
+            self.metrics_a, "epio_lb_requests_total", app="epio") > 5, timeout=30)
+
+        def logged() -> bool:
+            root = self.tmp / "a" / "data" / "logs" / "epio"
+            return root.is_dir() and any(b"/api/v1/apps" in p.read_bytes()
+                                         for p in root.glob("*.log"))
+
+        wait_until("the platform's access log lines reach the logger", logged, timeout=30)
+
+        # both api nodes take routed requests
+        before_a, before_b = self.api_requests(self.metrics_a), self.api_requests(self.metrics_b)
+        for _ in range(20):
+            self.assertEqual(self.routed_api("apps")[0], 200)
+        self.assertGreater(self.api_requests(self.metrics_a), before_a)
+        self.assertGreater(self.api_requests(self.metrics_b), before_b)
+
+        # B killed: every request through the router keeps working
+        assert self.node_b is not None
+        self.node_b.kill()
+        statuses = []
+        deadline = time.monotonic() + 6.0
+        while time.monotonic() < deadline:
+            statuses.append(self.routed_api("apps")[0])
+            time.sleep(0.05)
+        self.assertEqual(set(statuses), {200}, statuses)
+        shown = self.epio("logs", "--app", "hello", "-n", "5")
+        self.assertIn("router", shown.stdout)
+
+        # B again: the route takes it back
+        self.start_b()
+
+        def b_serves() -> bool:
+            before = self.api_requests(self.metrics_b)
+            for _ in range(10):
+                self.assertEqual(self.routed_api("apps")[0], 200)
+            return self.api_requests(self.metrics_b) > before
+
+        wait_until("the restarted api node takes routed requests", b_serves, timeout=30)
