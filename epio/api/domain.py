@@ -30,7 +30,7 @@ from epio.api.state import (
     serving_release,
 )
 from epio.appenv import reserved_reason
-from epio.domain import reserved_app_name_problem
+from epio.domain import PLATFORM_APP, reserved_app_name_problem
 from epio.secretfile import write_secret_file
 from epio.store import (
     APP_DESTROYED,
@@ -52,6 +52,12 @@ if TYPE_CHECKING:
 
 ADMIN_NAME = "admin"
 ADMIN_TOKEN_FILE = "admin-token"
+
+
+#: The platform itself as the log and stats endpoints see it (admins only): no app of the
+#: store, never owned, never deployed ("App ID 0 is special").
+PLATFORM_APP_RECORD = App(name=PLATFORM_APP, owner_id="", uid=0, maintenance=False,
+                          created=0.0)
 
 
 class Platform:
@@ -109,8 +115,13 @@ class Platform:
 
     # --- apps -------------------------------------------------------------------
 
-    async def get_app(self, user: User, name: str) -> App:
-        """The app if ``user`` may see it; NotFound otherwise (missing or not theirs)."""
+    async def get_app(self, user: User, name: str, logs: bool = False) -> App:
+        """The app if ``user`` may see it; NotFound otherwise (missing or not theirs).
+
+        With ``logs`` (the log and stats endpoints), an admin may also name the
+        platform itself (:data:`PLATFORM_APP`): its router access log and stats."""
+        if logs and name == PLATFORM_APP and user.is_admin and self.settings.platform_hostname:
+            return PLATFORM_APP_RECORD
         if not await self.store.can_access(name, user.id):
             raise errors.NotFound(f"no app named {name!r}")
         try:
@@ -305,6 +316,9 @@ class Platform:
         ever had (releases, formation) and its dedicated servers'."""
         from epio.addons.services import SERVICE_PROCESS_TYPES
         from epio.logclient import PLATFORM_SOURCES
+
+        if app is PLATFORM_APP_RECORD:
+            return ["router"]  # the platform's log: its routed requests only
 
         types = set(await self.store.get_formation(app.name))
         for release in await self.store.list_releases(app.name):

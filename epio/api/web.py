@@ -55,7 +55,12 @@ async def authorize_app(platform: Any, request: Any, name: str) -> Any:
         raise errors.Unavailable("the api is starting; try again in a moment",
                                  code="starting")
     user = await platform.authenticate(_bearer(request))
-    return await platform.get_app(user, name)
+    return await platform.get_app(user, name, logs=True)
+
+
+#: The operations for which an admin may name the platform itself (its router access
+#: log and stats, app ``epio``: epio.domain.PLATFORM_APP); every other one 404s on it.
+PLATFORM_LOG_OPERATIONS = frozenset({"getLogs", "getStats"})
 
 
 class Api(AddonRoutes, CronRoutes, RunRoutes):
@@ -119,7 +124,8 @@ class Api(AddonRoutes, CronRoutes, RunRoutes):
             user = await self.platform.authenticate(_bearer(request))
         args: dict[str, Any] = dict(kw)
         if op.app_scoped:
-            args["app"] = await self.platform.get_app(user, kw["app"])
+            args["app"] = await self.platform.get_app(
+                user, kw["app"], logs=op.operation_id in PLATFORM_LOG_OPERATIONS)
         if op.request is not None:
             if op.request_type == JSON:
                 args["body"] = self._json_body(request, op)
