@@ -4,16 +4,20 @@ A real ``--role=all`` node (A) and a second ``--role=api`` node (B) share one
 PostgreSQL store and one cluster secret; B publishes ``api.heartbeat`` to A's nexus.
 The router serves the platform at ``api.hostname`` (here ``127.0.0.1``: the test
 machine resolves no ``*.localhost`` name, and a hostname that is an address is a
-valid ``api.hostname``), balanced across both api nodes.  Through the router URL
-only, the real CLI logs in, is refused the reserved app name, creates an app,
-deploys examples/wsgi and follows its logs over a websocket; the router's access
-log (``epio logs --app epio``, admins only) and /metrics show the platform's requests; B is SIGKILLed and requests through
-the router keep working; B started again takes routed requests again.
+valid ``api.hostname``), balanced across both api nodes.  Through the router's
+HTTPS URL only (its ``default.pem``, trusted by the CLI through ``SSL_CERT_FILE``),
+the real CLI logs in, is refused the reserved app name, creates an app, deploys
+examples/wsgi and follows its logs over a websocket (wss); the router's access log
+(``epio logs --app epio``, admins only) and /metrics show the platform's requests;
+B is SIGKILLed and requests through the router keep working; B started again takes
+routed requests again.
 """
 
 from __future__ import annotations
 
+import datetime
 import http.client
+import ipaddress
 import json
 import os
 import secrets
@@ -32,6 +36,34 @@ from tests.store.pg import fresh_database_for_test
 from tests.util import CHECKOUT, NodeProcess, epio_env, free_port, isolated_config, to_toml
 
 PLATFORM_HOST = "127.0.0.1"
+
+
+def write_self_signed(path: Path, ip: str) -> None:
+    """A key and a self-signed certificate for the address ``ip`` (the router's
+    default.pem: clients send no SNI for an address)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "epio test platform")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip))]),
+                       False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
+    path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                          serialization.NoEncryption())
+        + cert.public_bytes(serialization.Encoding.PEM))
+    path.with_suffix(".crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
 def metric(port: int, name: str, **labels: str) -> float:
@@ -58,6 +90,11 @@ class PlatformRouteTests(SynchronousTestCase):
         os.write(fd, secrets.token_bytes(32).hex().encode() + b"\n")
         os.close(fd)
         base = 21000 + (os.getpid() % 110) * 100
+        certs = self.tmp / "certs"
+        certs.mkdir()
+        write_self_signed(certs / "default.pem", PLATFORM_HOST)
+        self.ca_file = certs / "default.crt"
+        self.tls_port = free_port()
         doc, _ = isolated_config({
             "store": {"url": url},
             "cluster": {"secret_file": str(secret_file)},
@@ -65,7 +102,8 @@ class PlatformRouteTests(SynchronousTestCase):
                     "drain_seconds": 1.0, "stop_grace": 3.0, "rollout_timeout": 60.0,
                     "heartbeat_interval": 0.5},
             "runner": {"backoff_initial": 0.2, "port_min": base, "port_max": base + 99},
-            "lb": {"stats_interval": 0.5},
+            "lb": {"stats_interval": 0.5, "tls_cert_dir": str(certs),
+                   "tls_listen": f"tcp:{self.tls_port}:interface=127.0.0.1"},
             "nexus": {"node_timeout": 2.0},
             "metrics": {"listen": f"tcp:{free_port()}:interface=127.0.0.1"},
         })
@@ -73,7 +111,8 @@ class PlatformRouteTests(SynchronousTestCase):
         self.doc = doc
         self.lb_port = int(str(doc["lb"]["listen"]).split(":")[1])
         self.metrics_a = int(str(doc["metrics"]["listen"]).split(":")[1])
-        self.router_url = f"http://{PLATFORM_HOST}:{self.lb_port}"
+        # the CLI uses the router's HTTPS listener (same certificate machinery as apps)
+        self.router_url = f"https://{PLATFORM_HOST}:{self.tls_port}"
         self.node_a = NodeProcess(["--role=all"], data_dir=self.tmp / "a" / "data",
                                   config=to_toml(doc))
         self.addCleanup(self.node_a.cleanup)
@@ -112,7 +151,7 @@ class PlatformRouteTests(SynchronousTestCase):
 
     def env(self) -> dict[str, str]:
         return epio_env({"EPIO_CONFIG_DIR": str(self.home / ".config" / "epio"),
-                         "HOME": str(self.home)})
+                         "HOME": str(self.home), "SSL_CERT_FILE": str(self.ca_file)})
 
     def routed_api(self, path: str) -> tuple[int, Any]:
         """GET /api/v1/PATH through the router, with the admin token."""
