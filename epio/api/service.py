@@ -301,7 +301,8 @@ class ApiService(MultiService):
         path = await ensure_admin(store, node.data_dir)
         if path is not None:
             self.log.info("created the admin user; its API token is in {path} (mode 0600): "
-                          "epio login --api URL < {path}", path=str(path))
+                          "epio login --api {url} < {path}", path=str(path),
+                          url=self.settings.platform_url() or "URL")
         if not self.running:
             return
         ready = build_ready(node, self.settings, store)

@@ -6,7 +6,7 @@ from attrs import frozen
 
 from epio.config import Config
 from epio.config.schema import DEFAULT_UIDS
-from epio.domain import platform_hostname
+from epio.domain import PLATFORM_APP, platform_hostname
 from epio.store import AppLimits
 
 
@@ -75,6 +75,14 @@ class ApiSettings:
 
     def url_of(self, app: str) -> str:
         return self.app_url.format(app=app, domain=self.domain)
+
+    def platform_url(self) -> str | None:
+        """The API's URL through the routers (the app URL template with the platform
+        hostname for ``{app}.{domain}``), or None without a platform route."""
+        if not self.platform_hostname:
+            return None
+        return self.app_url.replace("{app}.{domain}", self.platform_hostname).format(
+            app=PLATFORM_APP, domain=self.domain).rstrip("/")
 
 
 def default_app_url(lb_listen: str) -> str:

@@ -98,7 +98,8 @@ def cmd_login(args: argparse.Namespace) -> int:
         raise CliError("no token given: pass --token TOKEN or type it (stdin)")
     api = args.api.rstrip("/")
     if "://" not in api:
-        raise CliError(f"--api must be a URL such as http://127.0.0.1:8000, not {api!r}")
+        raise CliError(f"--api must be a URL such as https://epio.example.com or "
+                       f"http://127.0.0.1:8000, not {api!r}")
     user = Client(api, token).get("user")
     cfg = load_config()
     cfg.update({"api": api, "token": token})
@@ -742,7 +743,10 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("login", parents=[common], help="log in to an epio API",
                        description="Store the API URL and token (read from stdin when "
                                    "--token is not given) in the config dir, mode 0600.")
-    p.add_argument("--api", required=True, help="the API URL, e.g. http://127.0.0.1:8000")
+    p.add_argument("--api", required=True,
+                   help="the API URL: the routed one, e.g. https://epio.example.com "
+                        "(api.hostname, through the routers), or an api node's own "
+                        "listener, e.g. http://127.0.0.1:8000")
     p.add_argument("--token", help="API token (default: read from stdin)")
     p.set_defaults(func=cmd_login)
     p = sub.add_parser("logout", parents=[common], help="forget the stored token")

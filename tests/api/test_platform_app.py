@@ -92,3 +92,14 @@ class VocabularyTests(SynchronousTestCase):
         conf = load_config(None, {"api": {"hostname": "x.example", "advertise": "[::1]:8000"}})
         self.assertEqual(conf.settings.api.advertise, "[::1]:8000")
         self.assertEqual(ApiSettings.from_config(conf).platform_hostname, "x.example")
+
+    def test_platform_url(self) -> None:
+        """The routed API URL printed at first start: the app URL template with the
+        platform hostname (default: epio.<domain> on lb.listen's port); none when off."""
+        url = ApiSettings.from_config(load_config(None, {"lb": {"listen": "tcp:8080"}}))
+        self.assertEqual(url.platform_url(), "http://epio.localhost:8080")
+        conf = load_config(None, {"api": {"hostname": "api.example.org",
+                                          "app_url": "https://{app}.{domain}/"}})
+        self.assertEqual(ApiSettings.from_config(conf).platform_url(), "https://api.example.org")
+        conf = load_config(None, {"api": {"hostname": "off"}})
+        self.assertIsNone(ApiSettings.from_config(conf).platform_url())
