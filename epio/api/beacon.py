@@ -9,6 +9,11 @@ nexus lists the api nodes heard from as the backends of the platform's own route
 (``nexus.node_timeout``), so the routers balance the API and dashboard across every
 live api node with their limits, access logs and stats (docs/router.md).
 
+On stop, a last heartbeat says ``draining``: the nexuses take the node out of the
+route at once (no new request; those in flight finish), as a runner's draining
+instance; should it be lost, the node leaves the route ``nexus.node_timeout`` later and
+the routers retry a refused connect on the next api node meanwhile.
+
 Where the routers reach it: ``api.advertise`` (``HOST:PORT``), or else the port the
 listener really got (so ``tcp:0`` works) on its interface, or on
 ``runner.advertise_host`` when it listens on every address.  A Unix-socket listener
@@ -111,21 +116,26 @@ class ApiBeacon(MultiService):
     def stopService(self) -> Any:
         if self._loop is not None and self._loop.running:
             self._loop.stop()
+            self.beat(draining=True)  # the nexuses take it out of the route at once
         self._loop = None
         return super().stopService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
 
-    def body(self) -> dict[str, Any] | None:
+    def body(self, draining: bool = False) -> dict[str, Any] | None:
         """The next heartbeat's body (None: nothing to advertise)."""
         address = self._address()
         if address is None:
             return None
         self.seq += 1
-        return {"node_id": self.node_id, "boot_id": self.boot_id, "seq": self.seq,
-                "interval": self.interval, "host": address[0], "port": address[1]}
+        body: dict[str, Any] = {
+            "node_id": self.node_id, "boot_id": self.boot_id, "seq": self.seq,
+            "interval": self.interval, "host": address[0], "port": address[1]}
+        if draining:
+            body["draining"] = True
+        return body
 
-    def beat(self) -> None:
+    def beat(self, draining: bool = False) -> None:
         try:
-            body = self.body()
+            body = self.body(draining)
             if body is None:
                 if not self._warned:
                     self._warned = True

@@ -348,6 +348,7 @@ _(MessageType(
     "reach its API (the platform's own route).",
     fields={"node_id": str, "boot_id": str, "seq": int, "interval": Number, "host": str,
             "port": int},
+    optional={"draining": bool},
 ))
 
 # --- logger (owner: logs) -------------------------------------------------------

@@ -150,7 +150,8 @@ class Nexus:
             "node_id": f"api@{node}", "boot_id": body.get("boot_id"), "seq": body.get("seq"),
             "interval": body.get("interval"),
             "instances": [{"instance_id": f"api@{node}", "app": PLATFORM_APP,
-                           "process_type": "web", "state": "healthy",
+                           "process_type": "web",
+                           "state": "draining" if body.get("draining") is True else "healthy",
                            "release": PLATFORM_RELEASE, "host": host, "port": port}],
         })
 

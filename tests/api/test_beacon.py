@@ -34,7 +34,7 @@ class FakePort:
 class BeaconTests(SynchronousTestCase):
     def test_beats_while_running_with_growing_seq(self) -> None:
         """One api.heartbeat at start and one per interval (topic hb, seq 1, 2, ...);
-        none once stopped."""
+        a last one saying draining on stop, none after."""
         clock, pub = Clock(), RecordingPublisher()
         beacon = ApiBeacon(clock, pub, "n1", "boot", 0.5, lambda: ("10.0.0.1", 8000))
         beacon.startService()
@@ -48,7 +48,9 @@ class BeaconTests(SynchronousTestCase):
                                           "interval": 0.5, "host": "10.0.0.1", "port": 8000})
         beacon.stopService()
         clock.advance(5)
-        self.assertEqual(len(pub.sent), 3)
+        self.assertEqual(len(pub.sent), 4)
+        self.assertEqual((pub.sent[3][1]["seq"], pub.sent[3][1]["draining"]), (4, True))
+        self.assertNotIn("draining", pub.sent[2][1])
         self.assertFalse(pub.running)
 
     def test_nothing_to_advertise_sends_nothing(self) -> None:

@@ -73,6 +73,17 @@ class PlatformRouteTests(SynchronousTestCase):
         self.clock.advance(0)
         self.assertEqual(self.backends(), [("10.0.0.1", 8002)])
 
+    def test_a_draining_api_node_leaves_the_route_at_once(self) -> None:
+        """A stopping api node's last heartbeat (draining) takes it out of the route in
+        the same turn, not node_timeout later; the other node stays."""
+        self.nexus.api_heartbeat(api_beat("a", 8000, 1))
+        self.nexus.api_heartbeat(api_beat("b", 8001, 1, host="10.0.0.2"))
+        self.clock.advance(0)
+        self.assertEqual(len(self.backends()), 2)
+        self.nexus.api_heartbeat(dict(api_beat("b", 8001, 2, host="10.0.0.2"), draining=True))
+        self.clock.advance(0)
+        self.assertEqual(self.backends(), [("10.0.0.1", 8000)])
+
     def test_runner_instances_of_an_app_named_epio_never_join(self) -> None:
         """A store app or runner instance named like the platform cannot take its route:
         the backends are the api nodes only."""

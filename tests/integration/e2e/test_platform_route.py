@@ -10,7 +10,7 @@ the real CLI logs in, is refused the reserved app name, creates an app, deploys
 examples/wsgi and follows its logs over a websocket (wss); the router's access log
 (``epio logs --app epio``, admins only) and /metrics show the platform's requests;
 B is SIGKILLed and requests through the router keep working; B started again takes
-routed requests again.
+routed requests again, and stopped gracefully while requests flow, no request fails.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -31,7 +32,7 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.integration.e2e.test_quickstart import http_get, wait_until
+from tests.integration.e2e.test_quickstart import _unmount_under, http_get, wait_until
 from tests.store.pg import fresh_database_for_test
 from tests.util import CHECKOUT, NodeProcess, epio_env, free_port, isolated_config, to_toml
 
@@ -84,6 +85,7 @@ class PlatformRouteTests(SynchronousTestCase):
         self.tmp = Path(tempfile.mkdtemp(prefix="epio-app0-"))
         os.chmod(self.tmp, 0o711)
         self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.addCleanup(_unmount_under, self.tmp)  # after the nodes are killed (LIFO)
         url = fresh_database_for_test(self)
         secret_file = self.tmp / "secret"
         fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT, 0o600)
@@ -250,3 +252,16 @@ class PlatformRouteTests(SynchronousTestCase):
             return self.api_requests(self.metrics_b) > before
 
         wait_until("the restarted api node takes routed requests", b_serves, timeout=30)
+
+        # B stopped gracefully (SIGTERM) while requests flow: every one answers 200
+        assert self.node_b is not None
+        stopping = self.node_b
+        stopping.proc.send_signal(signal.SIGTERM)
+        statuses = []
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline:
+            statuses.append(self.routed_api("apps")[0])
+            time.sleep(0.02)
+        # twistd ends a SIGTERM'd run by re-raising the signal once stopped
+        self.assertIn(stopping.stop(), (0, -signal.SIGTERM), stopping.output()[-3000:])
+        self.assertEqual(set(statuses), {200}, statuses)
