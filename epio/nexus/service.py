@@ -205,15 +205,23 @@ async def _noop() -> None:
     return None
 
 
+#: Seconds the router waits for an api node's first response byte: above the api's
+#: longest wait on a runner (120 s), below which the api answers or times out itself.
+PLATFORM_FIRST_BYTE_TIMEOUT = 300.0
+
+
 def platform_facts(api: ApiSettings, domain: str) -> AppFacts | None:
     """The platform's own route, as the routers serve it (None: ``api.hostname = off``):
     its hostname, and route options that let the api's own limits decide -- a deploy
-    tarball (``api.max_upload_mb``) passes the router's body limit.  Websockets (log
-    tails, ``epio run``) keep the router's ``websocket_idle_timeout``."""
+    tarball (``api.max_upload_mb``) passes the router's body limit, and a request the
+    api waits on a runner for (an add-on's snapshot or restore: up to 120 s) is not cut
+    off by the router's ``first_byte_timeout`` (:data:`PLATFORM_FIRST_BYTE_TIMEOUT`).
+    Websockets (log tails, ``epio run``) keep the router's ``websocket_idle_timeout``."""
     hostname = platform_hostname(api.hostname, domain)
     if not hostname:
         return None
-    options = {"max_body_size": api.max_upload_mb * 1024 * 1024 + (1 << 20)}
+    options = {"max_body_size": api.max_upload_mb * 1024 * 1024 + (1 << 20),
+               "first_byte_timeout": PLATFORM_FIRST_BYTE_TIMEOUT}
     return AppFacts(name=PLATFORM_APP, hostnames=(hostname,),
                     releases={PLATFORM_RELEASE: options})
 

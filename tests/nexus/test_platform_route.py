@@ -121,6 +121,7 @@ class PlatformFactsTests(SynchronousTestCase):
         assert facts is not None
         self.assertEqual(facts.hostnames, ("epio.example.com",))
         self.assertEqual(facts.releases[0]["max_body_size"], 4 << 20)
+        self.assertEqual(facts.releases[0]["first_byte_timeout"], 300.0)
         conf = load_config(None, {"api": {"hostname": "API.example.org"}})
         facts = platform_facts(conf.settings.api, conf.settings.node.domain)
         assert facts is not None
