@@ -7,7 +7,8 @@ machine resolves no ``*.localhost`` name, and a hostname that is an address is a
 valid ``api.hostname``), balanced across both api nodes.  Through the router's
 HTTPS URL only (its ``default.pem``, trusted by the CLI through ``SSL_CERT_FILE``),
 the real CLI logs in, is refused the reserved app name, creates an app, deploys
-examples/wsgi and follows its logs over a websocket (wss); the router's access log
+examples/wsgi, follows its logs and runs a PTY session (``epio run``) over websockets
+(wss); the router's access log
 (``epio logs --app epio``, admins only) and /metrics show the platform's requests;
 B is SIGKILLed and requests through the router keep working; B started again takes
 routed requests again, and stopped gracefully while requests flow, no request fails.
@@ -211,6 +212,23 @@ class PlatformRouteTests(SynchronousTestCase):
         follow.terminate()
         out, err = follow.communicate(timeout=15)
         self.assertIn("/followed-through-the-router", out, err)
+
+        # epio run: a PTY session over a websocket through the router
+        import pexpect
+
+        child = pexpect.spawn(
+            sys.executable, ["-c", "import sys; from epio.cli.main import main; "
+                             "sys.exit(main())", "run", "--app", "hello", "--",
+                             "test -t 0 && echo tty-through-router; read line; "
+                             "echo got-$line"],
+            env=self.env(), cwd=str(self.work), timeout=90, encoding="utf-8")
+        self.addCleanup(lambda: child.terminate(force=True))
+        child.expect("tty-through-router")
+        child.sendline("typed")
+        child.expect("got-typed")
+        child.expect(pexpect.EOF)
+        child.close()
+        self.assertEqual(child.exitstatus, 0)
 
         # the router's stats and access log show the platform's requests
         wait_until("the router counts the platform's requests", lambda: metric(
