@@ -81,6 +81,7 @@ class Nexus:
         self.tracker = NodeTracker(clock, node_timeout, self._apps_changed)
         self.platform = platform
         self.api_nodes = NodeTracker(clock, node_timeout, self._platform_changed)
+        self._warned_platform_app = False
         self.book = RouteBook()
         self.view: StoreView | None = None
         self.ready = False
@@ -164,6 +165,12 @@ class Nexus:
         changed = {name for name, facts in view.apps.items() if old.get(name) != facts}
         changed |= {name for name in old if name not in view.apps}
         self.view = view
+        if self.platform is not None and PLATFORM_APP in view.apps \
+                and not self._warned_platform_app:
+            self._warned_platform_app = True
+            self.log.warn("the store holds an app named {app}, the platform's own name: the "
+                          "platform's route takes its place (rename the app's data to serve "
+                          "it)", app=PLATFORM_APP)
         if changed:
             self._apps_changed(changed)
         self._maybe_ready()
@@ -190,8 +197,14 @@ class Nexus:
         facts = self.view.apps.get(app)
         if facts is None:
             return None
-        return build_route(facts, self.tracker.instances_of(app), self.web_types,
-                           self.tracker.static_of)
+        route = build_route(facts, self.tracker.instances_of(app), self.web_types,
+                            self.tracker.static_of)
+        if self.platform is not None:
+            # the platform's hostname is never an app's (a custom domain added before
+            # it was reserved would otherwise take the API's requests)
+            taken = set(self.platform.hostnames)
+            route["hostnames"] = [h for h in route["hostnames"] if h not in taken]
+        return route
 
     def _flush(self) -> None:
         if self._flush_call is not None and self._flush_call.active():

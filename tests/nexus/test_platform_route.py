@@ -94,6 +94,16 @@ class PlatformRouteTests(SynchronousTestCase):
         self.assertEqual(self.backends(), [("10.0.0.1", 8000)])
         self.assertEqual(self.route()["hostnames"], ["epio.example.com"])
 
+    def test_an_apps_custom_domain_never_takes_the_platform_hostname(self) -> None:
+        """A custom domain equal to the platform hostname (added before it was reserved)
+        is left out of the app's route: the hostname stays the platform's."""
+        self.nexus.set_view(view("hello", extra_hosts={"hello": ["epio.example.com",
+                                                                 "www.hello.example"]}))
+        self.clock.advance(0)
+        self.assertEqual(self.nexus.book.routes["hello"]["hostnames"],
+                         ["hello.localhost", "www.hello.example"])
+        self.assertEqual(self.route()["hostnames"], ["epio.example.com"])
+
     def test_malformed_api_heartbeats_are_counted_not_routed(self) -> None:
         """An api heartbeat without a host, or with a bad port, is refused and counted."""
         self.nexus.api_heartbeat({"node_id": "a", "boot_id": "b", "seq": 1, "port": 1})
