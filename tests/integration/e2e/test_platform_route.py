@@ -27,6 +27,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -168,6 +169,33 @@ class PlatformRouteTests(SynchronousTestCase):
         finally:
             conn.close()
 
+    def follow_through_router(self, path: str) -> None:
+        """``epio logs -f`` (a websocket through the router) prints the router's lines
+        of requests to ``path`` made while it follows."""
+        follow = subprocess.Popen(
+            [sys.executable, "-c", "import sys; from epio.cli.main import main; sys.exit(main())",
+             "logs", "--app", "hello", "-f", "-n", "0", "--source", "router"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=self.env(),
+            cwd=self.work)
+        self.addCleanup(lambda: follow.poll() is None and follow.kill())
+        lines: list[str] = []
+        assert follow.stdout is not None
+        reader = threading.Thread(target=lambda: lines.extend(follow.stdout or ()),
+                                  daemon=True)
+        reader.start()
+        # requests until one made while the tail is connected shows up (not a fixed sleep:
+        # the CLI's start and its TLS websocket handshake take what they take)
+        deadline = time.monotonic() + 45
+        while not any(path in ln for ln in list(lines)) and time.monotonic() < deadline \
+                and follow.poll() is None:
+            http_get(self.lb_port, "hello.localhost", path)
+            time.sleep(0.5)
+        follow.terminate()
+        follow.wait(15)
+        reader.join(10)
+        err = follow.stderr.read() if follow.stderr is not None else ""
+        self.assertTrue(any(path in ln for ln in lines), f"{lines[-5:]} {err}")
+
     def api_requests(self, metrics_port: int) -> float:
         return metric(metrics_port, "epio_api_requests_total")
 
@@ -198,20 +226,7 @@ class PlatformRouteTests(SynchronousTestCase):
         wait_until("the router serves the app", lambda: http_get(
             self.lb_port, "hello.localhost")[0] == 200, timeout=60)
 
-        # epio logs -f: a websocket through the router
-        follow = subprocess.Popen(
-            [sys.executable, "-c", "import sys; from epio.cli.main import main; sys.exit(main())",
-             "logs", "--app", "hello", "-f", "-n", "0", "--source", "router"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=self.env(),
-            cwd=self.work)
-        self.addCleanup(lambda: follow.poll() is None and follow.kill())
-        time.sleep(2.0)
-        for _ in range(3):
-            http_get(self.lb_port, "hello.localhost", "/followed-through-the-router")
-        time.sleep(3.0)
-        follow.terminate()
-        out, err = follow.communicate(timeout=15)
-        self.assertIn("/followed-through-the-router", out, err)
+        self.follow_through_router("/followed-through-the-router")
 
         # epio run: a PTY session over a websocket through the router
         import pexpect
@@ -259,6 +274,9 @@ class PlatformRouteTests(SynchronousTestCase):
         self.assertEqual(set(statuses), {200}, statuses)
         shown = self.epio("logs", "--app", "hello", "-n", "5")
         self.assertIn("router", shown.stdout)
+        # the dashboard and epio logs -f with one api node dead (issue 24's "must show")
+        self.assertEqual(http_get(self.lb_port, PLATFORM_HOST, "/dashboard/")[0], 200)
+        self.follow_through_router("/followed-with-one-api-node-dead")
 
         # B again: the route takes it back
         self.start_b()
