@@ -257,11 +257,14 @@ class PlatformRouteTests(SynchronousTestCase):
         wait_until("the platform's access log, through the router", logged, timeout=30)
 
         # both api nodes take routed requests
-        before_a, before_b = self.api_requests(self.metrics_a), self.api_requests(self.metrics_b)
-        for _ in range(20):
-            self.assertEqual(self.routed_api("apps")[0], 200)
-        self.assertGreater(self.api_requests(self.metrics_a), before_a)
-        self.assertGreater(self.api_requests(self.metrics_b), before_b)
+        def both_serve() -> bool:
+            before = self.api_requests(self.metrics_a), self.api_requests(self.metrics_b)
+            for _ in range(10):
+                self.assertEqual(self.routed_api("apps")[0], 200)
+            return self.api_requests(self.metrics_a) > before[0] \
+                and self.api_requests(self.metrics_b) > before[1]
+
+        wait_until("both api nodes take routed requests", both_serve, timeout=30)
 
         # B killed: every request through the router keeps working
         assert self.node_b is not None
