@@ -283,15 +283,18 @@ class Nexus:
     def where_app(self, app: str) -> dict[str, Any]:
         """Where ``app`` runs: its instances, its route, and how fresh that is."""
         now = self._clock.seconds()
-        instances: list[InstanceInfo] = sorted(
-            self.tracker.instances_of(app), key=lambda i: (i.node, i.instance_id)
-        )
+        tracker, web_types = self.tracker, self.web_types
         facts = self.view.apps.get(app) if self.view is not None else None
+        if app == PLATFORM_APP and self.platform is not None:  # the api nodes
+            tracker, web_types, facts = self.api_nodes, frozenset({"web"}), self.platform
+        instances: list[InstanceInfo] = sorted(
+            tracker.instances_of(app), key=lambda i: (i.node, i.instance_id)
+        )
         if facts is None and not instances:
             raise NotFound(f"no app {app!r} is known to this nexus")
-        ages = [now - self.tracker.nodes[n].last_seen for n in {i.node for i in instances}
-                if n in self.tracker.nodes]
-        routes = serving(facts, instances, self.web_types)[1] if facts is not None else []
+        ages = [now - tracker.nodes[n].last_seen for n in {i.node for i in instances}
+                if n in tracker.nodes]
+        routes = serving(facts, instances, web_types)[1] if facts is not None else []
         routable = {(i.node, i.instance_id) for i in routes}
         out = []
         for info in instances:

@@ -104,6 +104,17 @@ class PlatformRouteTests(SynchronousTestCase):
                          ["hello.localhost", "www.hello.example"])
         self.assertEqual(self.route()["hostnames"], ["epio.example.com"])
 
+    def test_where_the_platform_runs(self) -> None:
+        """nexus.where {app: epio} answers with the api nodes, each routable."""
+        self.nexus.api_heartbeat(api_beat("a", 8000))
+        self.clock.advance(0.5)
+        where = self.nexus.where_app(PLATFORM_APP)
+        self.assertTrue(where["known"])
+        self.assertEqual([(i["node"], i["port"], i["routable"]) for i in where["instances"]],
+                         [("api@a", 8000, True)])
+        self.assertEqual(where["age"], 0.5)
+        self.assertEqual(where["route"], self.route())
+
     def test_malformed_api_heartbeats_are_counted_not_routed(self) -> None:
         """An api heartbeat without a host, or with a bad port, is refused and counted."""
         self.nexus.api_heartbeat({"node_id": "a", "boot_id": "b", "seq": 1, "port": 1})
