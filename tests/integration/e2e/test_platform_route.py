@@ -9,7 +9,8 @@ HTTPS URL only (its ``default.pem``, trusted by the CLI through ``SSL_CERT_FILE`
 the real CLI logs in, is refused the reserved app name, creates an app, deploys
 examples/wsgi, follows its logs and runs a PTY session (``epio run``) over websockets
 (wss); the router's access log
-(``epio logs --app epio``, admins only) and /metrics show the platform's requests;
+(``epio logs --app epio``, admins only), its stats (``epio stats --app epio``) and
+/metrics show the platform's requests;
 B is SIGKILLed and requests through the router keep working; B started again takes
 routed requests again, and stopped gracefully while requests flow, no request fails.
 """
@@ -255,6 +256,13 @@ class PlatformRouteTests(SynchronousTestCase):
                        for ln in shown.stdout.splitlines())
 
         wait_until("the platform's access log, through the router", logged, timeout=30)
+
+        def stats() -> bool:  # and its stats, like an app's
+            shown = self.epio("stats", "--app", "epio", "--json", "--resolution", "10")
+            series = json.loads(shown.stdout)["series"]
+            return sum(v for _, v in series.get("requests", [])) > 5
+
+        wait_until("the platform's stats, through the router", stats, timeout=60, interval=2)
 
         # both api nodes take routed requests
         def both_serve() -> bool:
