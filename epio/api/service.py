@@ -300,9 +300,15 @@ class ApiService(MultiService):
         store = await node.store_service.whenReady()
         path = await ensure_admin(store, node.data_dir)
         if path is not None:
-            self.log.info("created the admin user; its API token is in {path} (mode 0600): "
-                          "epio login --api {url} < {path}", path=str(path),
-                          url=self.settings.platform_url() or "URL")
+            routed = self.settings.platform_url()
+            if routed is None:
+                self.log.info("created the admin user; its API token is in {path} (mode "
+                              "0600): epio login --api URL < {path}", path=str(path))
+            else:
+                self.log.info("created the admin user; its API token is in {path} (mode "
+                              "0600): epio login --api {url} < {path} (through the routers; "
+                              "this api's own listener, {listen}, works too)", path=str(path),
+                              url=routed, listen=self._listen)
         if not self.running:
             return
         ready = build_ready(node, self.settings, store)

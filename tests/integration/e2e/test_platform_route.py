@@ -206,6 +206,9 @@ class PlatformRouteTests(SynchronousTestCase):
         one keeps every request working; restarted, it serves again."""
         self.node_a.wait_for_log("api ready", timeout=90)
         self.token = (self.tmp / "a" / "data" / "admin-token").read_text().strip()
+        # the first start names the routed URL (the app URL template: lb.listen's port)
+        self.assertIn(f"epio login --api http://{PLATFORM_HOST}:{self.lb_port} <",
+                      self.node_a.output())
         self.start_b()
 
         # the dashboard and the API answer through the router at the platform hostname
