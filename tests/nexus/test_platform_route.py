@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 from epio.config import load_config
@@ -86,8 +87,12 @@ class PlatformRouteTests(SynchronousTestCase):
 
     def test_runner_instances_of_an_app_named_epio_never_join(self) -> None:
         """A store app or runner instance named like the platform cannot take its route:
-        the backends are the api nodes only."""
-        self.nexus.set_view(view("hello", PLATFORM_APP))
+        the backends are the api nodes only; the nexus says so, once."""
+        with capturedLogs() as events:
+            self.nexus.set_view(view("hello", PLATFORM_APP))
+            self.nexus.set_view(view("hello", PLATFORM_APP, loaded_at=1.0))
+        warned = [e for e in events if "the platform's own name" in e.get("log_format", "")]
+        self.assertEqual(len(warned), 1)
         self.nexus.heartbeat(heartbeat(instances=[instance("x", app=PLATFORM_APP, port=9)]))
         self.nexus.api_heartbeat(api_beat("a", 8000))
         self.clock.advance(0)
