@@ -25,6 +25,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -107,7 +108,7 @@ class PlatformRouteTests(SynchronousTestCase):
                     "drain_seconds": 1.0, "stop_grace": 3.0, "rollout_timeout": 60.0,
                     "heartbeat_interval": 0.5},
             "runner": {"backoff_initial": 0.2, "port_min": base, "port_max": base + 99},
-            "lb": {"stats_interval": 0.5, "tls_cert_dir": str(certs),
+            "lb": {"stats_interval": 0.5, "tls_cert_dir": str(certs), "header_timeout": 1.0,
                    "tls_listen": f"tcp:{self.tls_port}:interface=127.0.0.1"},
             "nexus": {"node_timeout": 2.0},
             "metrics": {"listen": f"tcp:{free_port()}:interface=127.0.0.1"},
@@ -215,6 +216,28 @@ class PlatformRouteTests(SynchronousTestCase):
         wait_until("the router serves the dashboard", lambda: http_get(
             self.lb_port, PLATFORM_HOST, "/dashboard/")[0] == 200, timeout=30)
         self.assertEqual(http_get(self.lb_port, "unknown.localhost", "/dashboard/")[0], 404)
+
+        # the router's protections apply to the platform: a slow head is cut off by the
+        # router (lb.header_timeout, 1 s here; the api's own is 10 s), a tarball over the
+        # platform route's body limit is refused by the router without reading it
+        with socket.create_connection(("127.0.0.1", self.lb_port), timeout=10) as slow:
+            slow.sendall(f"GET /api/v1/apps HTTP/1.1\r\nHost: {PLATFORM_HOST}\r\n".encode())
+            started = time.monotonic()
+            answer = slow.recv(4096)
+            self.assertTrue(answer.startswith(b"HTTP/1.1 408"), answer[:200])
+            self.assertLess(time.monotonic() - started, 5.0)
+        conn = http.client.HTTPConnection("127.0.0.1", self.lb_port, timeout=10)
+        conn.putrequest("POST", "/api/v1/apps/hello/deploys", skip_host=True)
+        conn.putheader("Host", PLATFORM_HOST)
+        conn.putheader("Content-Type", "application/gzip")
+        conn.putheader("Content-Length", str(300 << 20))
+        conn.putheader("Accept", "application/json")
+        conn.endheaders()
+        resp = conn.getresponse()
+        refused = json.loads(resp.read())
+        conn.close()
+        # the router's code (the api's own would be payload_too_large)
+        self.assertEqual((resp.status, refused["error"]["code"]), (413, "too_large"))
 
         self.epio("login", "--api", self.router_url, stdin=self.token + "\n")
 
