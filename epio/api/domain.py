@@ -22,10 +22,12 @@ from epio.api.settings import ApiSettings
 from epio.api.spec import HOSTNAME_RULE
 from epio.api.state import (
     DEFAULT_SIZE,
+    KEEP,
     SIZES,
     ReleaseState,
     current_release,
     failed_releases,
+    kept,
     release_states,
     serving_release,
 )
@@ -50,6 +52,8 @@ if TYPE_CHECKING:
     from epio.api.addons import Addons
 
 ADMIN_NAME = "admin"
+#: facts of one release that a release made from it (rollback, restart) does not copy
+RELEASE_ONLY_META = ("rollback_of", "restart_of", KEEP)
 ADMIN_TOKEN_FILE = "admin-token"
 
 
@@ -282,17 +286,58 @@ class Platform:
                 raise errors.Conflict(f"v{version} failed to deploy; it cannot be rolled back to")
         if target.image is None:
             raise errors.Conflict(f"v{target.version} has no image (it was never deployed)")
+        extra: dict[str, str] = {}
+        if self.addons is not None:  # add-on URLs follow the databases, not the release
+            extra = await self.addons.config_vars(app)
+        release = await self._release_again(
+            user, app, target, f"Rollback to v{target.version}",
+            {"rollback_of": target.version}, extra)
+        await self._roll_out(user, app, release, "rollback")
+        return release
+
+    async def restart(self, user: User, app: App, ptype: str | None) -> Release:
+        """Restart every instance of the app (or of one process type): a new release
+        with the current release's image, processes and config, rolled out like a
+        config change -- each type per its rollover (start-first: the new instances
+        are healthy, and routed, before the old ones drain; stop-first: the old ones
+        exit first).  A restart of one type keeps the other types' instances (the
+        release's ``keep``, :func:`epio.api.state.runs`)."""
+        current = await current_release(self.store, app.name)
+        if current is None or current.image is None:
+            raise errors.Conflict(f"{app.name} has nothing to restart yet: deploy it first",
+                                  code="nothing_to_restart")
+        meta: dict[str, Any] = {"restart_of": current.version}
+        if ptype is not None:
+            if ptype not in current.processes:
+                known = ", ".join(sorted(current.processes)) or "none"
+                raise errors.ValidationFailed(
+                    f"{app.name} has no process type {ptype!r} (it has: {known})",
+                    code="unknown_process_type")
+            before = kept(current.meta)
+            meta[KEEP] = {t: before.get(t, current.version)
+                          for t in sorted(current.processes) if t != ptype}
+        release = await self._release_again(
+            user, app, current, "Restart" + (f" {ptype}" if ptype else ""), meta, {})
+        self.log.info("{app} restarted by {user}: v{release}{only}", app=app.name,
+                      user=user.name, release=release.version,
+                      only=f" ({ptype} only)" if ptype else "")
+        await self._roll_out(user, app, release, "restart")
+        return release
+
+    async def _release_again(self, user: User, app: App, target: Release, description: str,
+                             meta: dict[str, Any], extra: dict[str, str]) -> Release:
+        """A new release with ``target``'s image, processes, config (plus ``extra``
+        vars) and meta (without what only ``target`` was: a rollback's or a restart's
+        facts, replaced by ``meta``); the app's config vars become the release's."""
         old = await self.store.get_config(app.name)
         changes: dict[str, str | None] = {k: None for k in old if k not in target.config}
         changes.update(target.config)
-        if self.addons is not None:  # add-on URLs follow the databases, not the release
-            changes.update(await self.addons.config_vars(app))
+        changes.update(extra)
+        own = {k: v for k, v in target.meta.items() if k not in RELEASE_ONLY_META}
         # config and release change together or not at all
         _, release = await self.store.set_config_and_release(
             app.name, changes, image=target.image, processes=target.processes,
-            description=f"Rollback to v{target.version}", created_by=user.name,
-            meta={**target.meta, "rollback_of": target.version})
-        await self._roll_out(user, app, release, "rollback")
+            description=description, created_by=user.name, meta={**own, **meta})
         return release
 
     # --- logs -------------------------------------------------------------------

@@ -30,7 +30,8 @@ One pass (:meth:`Scheduler.reconcile`), for every app:
    drained -- stopped ``api.drain_seconds`` later, after routers dropped it --,
    any other is stopped at once.  A type with ``rollover = stop-first`` (the
    release's meta) has its older instances stopped, confirmed, before any new
-   one starts;
+   one starts.  A restart of some types (``keep`` in the release's meta,
+   :func:`epio.api.state.runs`) leaves the other types' instances running;
 4. deploys whose api process is gone (a node restart, a lost node) are
    decided at once: builds failed, rollouts finished from what the instances
    report (docs/deploys.md).
@@ -60,9 +61,11 @@ from epio.api.state import (
     DEFAULT_SIZE,
     SIZES,
     current_release,
+    kept,
     platform_line,
     rollout_verdict,
     routers_have,
+    runs,
     serving_release,
 )
 from epio.services import attach
@@ -352,11 +355,13 @@ class Scheduler:
                 everyone.remove(inst)
         types = set(want) | {i.process_type for i in mine}
         rollover = dict((release.meta or {}).get("rollover") or {}) if release else {}
+        keep = kept(release.meta) if release else {}
         for ptype in sorted(types):
             quantity = want.get(ptype, 0)
             of_type = [i for i in mine if i.process_type == ptype and i.state != "draining"
                        and i in everyone]
-            current = [i for i in of_type if release is not None and i.release == release.version]
+            current = [i for i in of_type
+                       if release is not None and runs(i, release.version, keep)]
             old = [i for i in of_type if i not in current]
             # a failed instance stays visible (ps, a deploy watching it) for start_grace,
             # then it is replaced
@@ -486,13 +491,13 @@ class Scheduler:
         formation = await self.store.get_formation(app)
         want = {t: f.quantity for t, f in formation.items()
                 if t in rel.processes and f.quantity > 0}
-        verdict = rollout_verdict(mine, d.release, want)
+        verdict = rollout_verdict(mine, d.release, want, kept(rel.meta))
         if verdict.failure is not None:
-            kept = await serving_release(self.store, app)
+            serving = await serving_release(self.store, app)
             self.log.warn("rollout {id} of {app} (v{release}) failed after {why}: {reason}",
                           id=d.id, app=app, release=d.release, why=why, reason=verdict.failure)
             await self.store.update_deploy(
-                d.id, status="failed", reason=verdict.failure, meta={"kept": kept},
+                d.id, status="failed", reason=verdict.failure, meta={"kept": serving},
                 append_log=f"Deploy failed (rollout taken over after {why}): "
                            f"{verdict.failure}\n")
         elif verdict.done:

@@ -125,6 +125,9 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "ConfigUpdate": obj({"vars": {"type": "object", "additionalProperties": STR},
                          "release": ref("Release")}),
     "Rollback": obj({"version": {"type": "integer", "minimum": 1}}, required=[]),
+    "Restart": obj({"type": {"type": "string", "pattern": PROCESS_TYPE,
+                             "description": "restart only this process type (default: "
+                                            "every one)"}}, required=[]),
     "Deploy": obj({
         "id": STR, "app": STR,
         "status": {"type": "string", "enum": list(domain.DEPLOY_STATES)},

@@ -362,6 +362,17 @@ class Api(AddonRoutes, CronRoutes, RunRoutes):
         release = await self.platform.rollback(user, app, body.get("version"))
         return await self.platform.describe_release(app, release.version)
 
+    @operation("POST", "/apps/{app}/restart", "restart",
+               "Restart every instance (or those of one process type): a new release "
+               "with the current release's image and config, rolled out like a config "
+               "change (start-first: new instances serve before the old ones drain; a "
+               "stop-first type stops first); poll its `deploy` to follow",
+               request=ref("Restart"), response=ref("Release"), status=201,
+               tag="processes")
+    async def restart(self, request: Any, user: Any, app: Any, body: dict[str, Any]) -> Any:
+        release = await self.platform.restart(user, app, body.get("type"))
+        return await self.platform.describe_release(app, release.version)
+
     # --- config -------------------------------------------------------------------
 
     @operation("GET", "/apps/{app}/config", "getConfig", "The app's config vars",
