@@ -647,6 +647,19 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return out(args, rel, lambda: None)
 
 
+def cmd_restart(args: argparse.Namespace) -> int:
+    name = app_of(args)
+    body: dict[str, Any] = {"type": args.type} if args.type else {}
+    client = Client.from_config()
+    rel = client.post(f"apps/{name}/restart", body)
+    if not args.json:
+        what = f"{args.type} instances" if args.type else "every instance"
+        print(f"Restarting {what} of {name}: v{rel['version']} runs the same code and "
+              "config on new processes")
+    follow_release(client, name, rel, args)
+    return out(args, rel, lambda: None)
+
+
 # --- domains -------------------------------------------------------------------------
 
 
@@ -818,6 +831,15 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser("releases", parents=[common], help="list releases")
     p.set_defaults(func=cmd_releases)
+    p = sub.add_parser("restart", parents=[common],
+                       help="restart the app's processes (every type, or one)",
+                       description="Replace every instance (or those of TYPE) with a new "
+                                   "process of the same code and config: a new release, "
+                                   "rolled out like a config change (start-first: the new "
+                                   "ones serve before the old ones stop).")
+    p.add_argument("type", metavar="TYPE", nargs="?", help="only this process type (web)")
+    waiting(p, ROLLOUT_WAIT)
+    p.set_defaults(func=cmd_restart)
     p = sub.add_parser("rollback", parents=[common], help="roll back to an earlier release",
                        description="Make a new release with an earlier release's image and "
                                    "config (default: the one before the current).")

@@ -244,10 +244,12 @@ async function showApp(name) {
     }
     cell(tr, "").appendChild(size);
     cell(tr, p.command);
-    cell(tr, "").appendChild(button("Scale " + p.type, () => act(
+    const actions = cell(tr, "");
+    actions.appendChild(button("Scale " + p.type, () => act(
       "Scaled " + p.type + " to " + qty.value + " (" + size.value + ")",
       () => api("/apps/" + enc + "/formation", "PATCH", { processes: {
         [p.type]: { quantity: Number(qty.value), size: size.value } } }))));
+    actions.appendChild(button("Restart " + p.type, () => restart(p.type)));
   });
   fill("#releases", releases, (tr, r) => {
     tr.dataset.version = String(r.version);
@@ -436,15 +438,19 @@ async function loadStats(enc) {
   const until = Date.now() / 1000, since = until - span;
   const series = body.series || {};
   const rate = (pts) => pts.map(([t, v]) => [t, v / res]);
-  const byType = {};
-  for (const [name, pts] of Object.entries(series)) {
-    const [metric, instance] = name.split(":");
-    if (metric !== "memory_bytes" || !instance) continue;
-    // per process type: the sum of its instances at each time
-    const type = instance.split(/[.@]/)[0];
-    const sums = byType[type] || (byType[type] = new Map());
-    for (const [t, v] of pts) sums.set(t, (sums.get(t) || 0) + v / (1024 * 1024));
-  }
+  // per process type: the sum of its instances' gauge at each time
+  const perType = (gauge, scale) => {
+    const byType = {};
+    for (const [name, pts] of Object.entries(series)) {
+      const [metric, instance] = name.split(":");
+      if (metric !== gauge || !instance) continue;
+      const type = instance.split(/[.@]/)[0];
+      const sums = byType[type] || (byType[type] = new Map());
+      for (const [t, v] of pts) sums.set(t, (sums.get(t) || 0) + v * scale);
+    }
+    return Object.keys(byType).sort().map((t) => [t, Array.from(byType[t].entries())
+      .sort((a, b) => a[0] - b[0])]);
+  };
   const charts = [
     { id: "stats-chart", title: "Requests", unit: "req/s",
       lines: [["requests", rate(series.requests || [])]] },
@@ -453,8 +459,9 @@ async function loadStats(enc) {
     { id: "errors-chart", title: "5xx responses", unit: "req/s",
       lines: [["5xx", rate(series.status_5xx || [])]] },
     { id: "memory-chart", title: "Memory per process type", unit: "MiB",
-      lines: Object.keys(byType).sort().map((t) => [t, Array.from(byType[t].entries())
-        .sort((a, b) => a[0] - b[0])]) },
+      lines: perType("memory_bytes", 1 / (1024 * 1024)) },
+    { id: "cpu-chart", title: "CPU per process type", unit: "% of a core",
+      lines: perType("cpu_percent", 1) },
   ];
   const box = $("#charts");
   for (const c of charts) {
@@ -477,8 +484,7 @@ async function loadStats(enc) {
   const total = (series.requests || []).reduce((n, p) => n + p[1], 0);
   const peak = Math.max(0, ...(series.requests || []).map((p) => p[1]));
   $("#stats-note").textContent = total + (total === 1 ? " request" : " requests") + " in the " +
-    label + " (peak " + peak + " per " + res + " s). CPU is not shown: the stats API has no " +
-    "CPU metric yet.";
+    label + " (peak " + peak + " per " + res + " s).";
 }
 
 const CW = 640, CH = 180, PAD = { left: 56, right: 12, top: 10, bottom: 34 };
@@ -880,6 +886,15 @@ async function deploy(ev) {
   }
 }
 
+// A restart is a new release with the same code and config, rolled out like a config
+// change: the new processes serve before the old ones stop (start-first types).
+function restart(type) {
+  const what = type ? type + " processes" : "every process";
+  return act((r) => "Restarting " + what + ": v" + r.version + " rolls out on new processes",
+    () => api("/apps/" + encodeURIComponent(current) + "/restart", "POST",
+      type ? { type } : {}), "Restarting " + what + "...");
+}
+
 function go(href) {
   history.pushState(null, "", href);
   route();
@@ -936,6 +951,7 @@ document.addEventListener("DOMContentLoaded", () => {
       $("#domain-host").value = "";
     });
   });
+  $("#restart-all").addEventListener("click", () => restart(null));
   $("#deploy-form").addEventListener("submit", deploy);
   // one source at a time: choosing a tarball forgets the directory, and back
   $("#deploy-file").addEventListener("change", () => { $("#deploy-dir").value = ""; });
