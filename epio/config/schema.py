@@ -456,7 +456,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
                               "image to a peer that lacks it (KiB).", positive),
         "fetch_timeout": Key(float, 30.0, "Seconds one image chunk request to a peer may "
                              "take before the next peer is tried.", positive),
-        "stats_interval": Key(float, 10.0, "Seconds between process stats samples (memory, "
+        "stats_interval": Key(float, 10.0, "Seconds between process stats samples (memory, CPU, "
                               "restarts) of each instance; 0 disables them.", non_negative),
         "fence": Key(
             str, "on", "Network fence (nftables) that resets app UIDs' connections to every "

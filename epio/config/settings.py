@@ -426,7 +426,7 @@ class RunnerSettings:
     """Seconds one image chunk request to a peer may take before the next peer is tried."""
 
     stats_interval: float
-    """Seconds between process stats samples (memory, restarts) of each instance; 0 disables them."""
+    """Seconds between process stats samples (memory, CPU, restarts) of each instance; 0 disables them."""
 
     fence: str
     """Network fence (nftables) that resets app UIDs' connections to every port of this host but the router, their own instances and add-ons and fence_allow_ports: on (the runner refuses to start when it cannot install it: needs root and nft) or off (apps reach the control plane; said at every start). docs/security.md."""

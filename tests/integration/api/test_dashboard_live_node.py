@@ -252,7 +252,7 @@ class DashboardLiveNodeTests(SynchronousTestCase):
         """A tarball and then a directory uploaded from the page become v1 and v2 (the
         directory's .epioignore honoured); a rollback makes v3; restarting web makes v4, served
         by new processes; a detached run shows in
-        the run history; the charts show the real requests, latency, 5xx and memory
+        the run history; the charts show the real requests, latency, 5xx, memory and CPU
         with axes and units; the log wraps, filters and pauses."""
         from selenium.webdriver.support.ui import Select
 
@@ -335,11 +335,11 @@ class DashboardLiveNodeTests(SynchronousTestCase):
         self.assertEqual(cells[6], "echo hello-from-run")
 
         # charts: each has data, axes in its unit and time, a legend
-        for chart in ("stats-chart", "errors-chart", "latency-chart", "memory-chart"):
+        charts = ("stats-chart", "errors-chart", "latency-chart", "memory-chart", "cpu-chart")
+        for chart in charts:
             self.wait(lambda d, c=chart: self.find(f"#{c}").get_attribute("data-points")
                       not in (None, "", "0"), 90)
-        labels = {c: [t.text for t in self.finds(f"#{c} text.label")]
-                  for c in ("stats-chart", "errors-chart", "latency-chart", "memory-chart")}
+        labels = {c: [t.text for t in self.finds(f"#{c} text.label")] for c in charts}
         self.assertEqual(labels["stats-chart"], ["time (UTC)", "req/s"])
         self.assertEqual(labels["errors-chart"], ["time (UTC)", "req/s"])
         self.assertEqual(labels["latency-chart"], ["time (UTC)", "ms"])
@@ -347,6 +347,8 @@ class DashboardLiveNodeTests(SynchronousTestCase):
         self.assertEqual([t.text for t in self.finds("#latency-chart text.legend")],
                          ["p50", "p99"])
         self.assertEqual([t.text for t in self.finds("#memory-chart text.legend")], ["web"])
+        self.assertEqual(labels["cpu-chart"], ["time (UTC)", "% of a core"])
+        self.assertEqual([t.text for t in self.finds("#cpu-chart text.legend")], ["web"])
         self.assertEqual(len(self.finds("#stats-chart text.tick")), 10)  # 5 values, 5 times
         self.assertIn("5xx", self.find("#errors-chart").get_attribute("aria-label"))
         Select(self.find("#stats-window")).select_by_value("15m")
