@@ -52,6 +52,8 @@ if TYPE_CHECKING:
     from epio.api.addons import Addons
 
 ADMIN_NAME = "admin"
+#: seconds a one-time dashboard sign-in code (``epio login --web``) stays valid
+LOGIN_CODE_SECONDS = 120.0
 #: facts of one release that a release made from it (rollback, restart) does not copy
 RELEASE_ONLY_META = ("rollback_of", "restart_of", KEEP)
 ADMIN_TOKEN_FILE = "admin-token"
@@ -100,6 +102,34 @@ class Platform:
         new = await self.store.create_user(name, email, is_admin)
         token = await self.store.create_token(new.id, f"first token, created by {user.name}")
         return new, token.token
+
+    async def create_login_code(self, user: User) -> tuple[str, float]:
+        """A one-time code that signs the dashboard in as ``user`` (epio.store.logins)."""
+        from epio.store.logins import create_login_code
+
+        code, expires = await create_login_code(self.store, user.id, LOGIN_CODE_SECONDS)
+        self.log.info("{user} asked for a dashboard sign-in link", user=user.name)
+        return code, expires
+
+    async def sign_in_with_code(self, code: str) -> tuple[User, str]:
+        """Use up a one-time code: its user and a new API token for the dashboard."""
+        from epio.store.logins import redeem_login_code
+
+        user_id = await redeem_login_code(self.store, code)
+        user = None
+        if user_id is not None:
+            try:
+                user = await self.store.get_user(user_id)
+            except StoreNotFound:
+                user = None
+        if user is None:
+            raise errors.ApiError(
+                "this sign-in link does not work: it was used already, it expired (after "
+                f"{LOGIN_CODE_SECONDS:g} seconds) or it was cut short; run `epio login "
+                "--web` again", code="invalid_login_code", status=400)
+        token = await self.store.create_token(user.id, "dashboard sign-in (epio login --web)")
+        self.log.info("{user} signed the dashboard in with a one-time link", user=user.name)
+        return user, token.token
 
     async def list_tokens(self, user: User) -> list[Any]:
         return await self.store.list_tokens(user.id)

@@ -90,6 +90,12 @@ SCHEMAS: dict[str, dict[str, Any]] = {
                   "last_used": NULLABLE_NUM}),
     "NewToken": obj({"description": {"type": "string", "maxLength": 200}}, required=[]),
     "CreatedToken": obj({"token": STR, "info": ref("Token")}),
+    "LoginCode": obj({
+        "code": {"type": "string", "description": "one use, within `expires`: the "
+                                                  "dashboard exchanges it for a token"},
+        "expires": NUM}),
+    "LoginExchange": obj({"code": {"type": "string", "minLength": 1, "maxLength": 200}}),
+    "SignedIn": obj({"user": ref("User"), "token": STR}),
     "App": obj({
         "name": STR, "owner": STR, "url": STR, "created": NUM, "maintenance": BOOL,
         "release": NULLABLE_INT, "collaborators": array(STR),

@@ -244,6 +244,25 @@ class Api(AddonRoutes, CronRoutes, RunRoutes):
         new = await self.platform.create_token(user, body.get("description", ""))
         return {"token": new.token, "info": serialize.token(new.info)}
 
+    @operation("POST", "/login-codes", "createLoginCode",
+               "A one-time code that signs the dashboard in as the caller (`epio login "
+               "--web` puts it in a link's fragment); valid once, for 2 minutes",
+               response=ref("LoginCode"), status=201, tag="users")
+    async def create_login_code(self, request: Any, user: Any) -> Any:
+        code, expires = await self.platform.create_login_code(user)
+        return {"code": code, "expires": expires}
+
+    @operation("POST", "/login-codes/exchange", "exchangeLoginCode",
+               "Exchange a one-time code for a new API token of its user (the dashboard's "
+               "sign-in; the code is used up, valid or not)", request=ref("LoginExchange"),
+               response=ref("SignedIn"), auth=False, tag="users")
+    async def exchange_login_code(self, request: Any, user: Any, body: dict[str, Any]) -> Any:
+        if self.platform is None:
+            raise errors.Unavailable("the api is starting; try again in a moment",
+                                     code="starting")
+        who, token = await self.platform.sign_in_with_code(body["code"])
+        return {"user": serialize.user(who), "token": token}
+
     @operation("DELETE", "/tokens/{token_id}", "deleteToken", "Revoke one of the caller's tokens",
                response=ref("Deleted"), tag="users")
     async def delete_token(self, request: Any, user: Any, token_id: str) -> Any:

@@ -87,6 +87,11 @@ def confirm_name(args: argparse.Namespace, name: str, prompt: str, refused: str)
 
 
 def cmd_login(args: argparse.Namespace) -> int:
+    if args.web:
+        return login_web(args)
+    if not args.api:
+        raise CliError("login needs --api URL (or --web, once logged in, to sign the "
+                       "dashboard in)", USAGE)
     token = args.token
     if token is None:
         if sys.stdin.isatty():
@@ -105,6 +110,20 @@ def cmd_login(args: argparse.Namespace) -> int:
     path = save_config(cfg)
     return out(args, {"api": api, "user": user["name"], "config": str(path)},
                f"Logged in to {api} as {user['name']} (token saved in {path})")
+
+
+def login_web(args: argparse.Namespace) -> int:
+    """Print a one-time link that signs the dashboard in as the logged-in user: its
+    code is in the fragment (browsers never send it to a server) and the page
+    exchanges it once, in a POST, for a token of its own."""
+    client = Client.from_config()
+    user = client.get("user")
+    made = client.post("login-codes")
+    link = f"{client.api}/dashboard/#signin={made['code']}"
+    seconds = max(0, round(made["expires"] - time.time()))
+    return out(args, {"url": link, "expires": made["expires"], "user": user["name"]},
+               f"Open this link to sign the dashboard in as {user['name']} (it works once, "
+               f"within {seconds} seconds):\n  {link}")
 
 
 def cmd_logout(args: argparse.Namespace) -> int:
@@ -754,9 +773,14 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     """Add the platform commands to the ``epio`` parser."""
     p = sub.add_parser("login", parents=[common], help="log in to an epio API",
                        description="Store the API URL and token (read from stdin when "
-                                   "--token is not given) in the config dir, mode 0600.")
-    p.add_argument("--api", required=True, help="the API URL, e.g. http://127.0.0.1:8000")
+                                   "--token is not given) in the config dir, mode 0600. "
+                                   "--web: print a one-time link that signs the dashboard "
+                                   "in as the logged-in user.")
+    p.add_argument("--api", help="the API URL, e.g. http://127.0.0.1:8000")
     p.add_argument("--token", help="API token (default: read from stdin)")
+    p.add_argument("--web", action="store_true",
+                   help="print a one-time link that signs the dashboard in as you "
+                        "(needs a login: uses the stored API URL and token)")
     p.set_defaults(func=cmd_login)
     p = sub.add_parser("logout", parents=[common], help="forget the stored token")
     p.set_defaults(func=cmd_logout)

@@ -76,6 +76,28 @@ async function signIn(ev) {
   route();
 }
 
+// `epio login --web` prints /dashboard/#signin=CODE: the code (in the fragment, which
+// browsers never send) is taken off the address at once and exchanged, in a POST body,
+// for a token of this page's own; it works once.  Answers why it failed (or null).
+async function signInWithLink() {
+  const m = location.hash.match(/^#signin=([A-Za-z0-9_-]{1,200})$/);
+  if (!m) return null;
+  history.replaceState(null, "", location.pathname + location.search);
+  try {
+    const resp = await fetch(API + "/login-codes/exchange", {
+      method: "POST", headers: { "Content-Type": "application/json",
+                                 "Accept": "application/json" },
+      body: JSON.stringify({ code: m[1] }),
+    });
+    const answer = await resp.json();
+    if (!resp.ok) throw new Error(answer.error ? answer.error.message : resp.statusText);
+    localStorage.setItem(TOKEN_KEY, answer.token);
+  } catch (e) {
+    return e.message;
+  }
+  return null;
+}
+
 function signOut() {
   localStorage.removeItem(TOKEN_KEY);
   history.pushState(null, "", "/dashboard/");
@@ -979,5 +1001,11 @@ document.addEventListener("DOMContentLoaded", () => {
   $("#log-text").addEventListener("input", renderLog);
   $("#log-pause").addEventListener("click", togglePause);
   window.addEventListener("popstate", route);
-  route();
+  const linked = () => signInWithLink().then(async (failed) => {
+    await route();
+    if (failed) $(token() ? "#error" : "#signin-error").textContent = failed;
+  });
+  // a link opened where the page already is only changes the fragment
+  window.addEventListener("hashchange", () => { if (location.hash) linked(); });
+  linked();
 });
