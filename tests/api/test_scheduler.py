@@ -737,6 +737,32 @@ class DeployTests(TestCase):
         self.assertEqual({i["release"] for i in self.h.runners.running("hello")}, {4})
 
 
+    async def test_restart_follows_stop_first(self) -> None:
+        """A restart copies the release's facts (its rollover among them): a stop-first
+        worker is stopped, confirmed, before its replacement starts, and never two run."""
+        await self.h.add_runner("r1")
+        alice = await self.h.store.get_user_by_name("alice")
+        await self.h.store.create_app("hello", alice.id)
+        await self.h.store.create_release("hello", DIGEST, processes={"worker": "w"},
+                                          meta={"rollover": {"worker": "stop-first"}})
+        await self.h.store.set_formation("hello", "worker", 1)
+        self.h.scheduler.become_leader()
+        for _ in range(3):
+            await self.h.scheduler.reconcile()
+        self.h.scheduler.lose_leadership()
+        [old] = self.h.runners.running("hello")
+        asked_before = len(self.h.runners.requests)
+        rel = await self.restart({"type": "worker"})
+        release = await self.h.store.get_release("hello", rel["version"])
+        self.assertEqual(release.meta["rollover"], {"worker": "stop-first"})
+        self.assertEqual(release.meta["restart_of"], 1)
+        order = [(t, b["instance_id"]) for _, t, b in self.h.runners.requests[asked_before:]
+                 if t in ("runner.start", "runner.stop")]
+        self.assertEqual([t for t, _ in order], ["runner.stop", "runner.start"])
+        self.assertEqual(order[0][1], old["instance_id"])
+        self.assertEqual([i["release"] for i in self.h.runners.running("hello")], [2])
+
+
 class DeployLifecycleTests(TestCase):
     timeout = 30
 
