@@ -339,10 +339,8 @@ class Platform:
         meta: dict[str, Any] = {"restart_of": current.version}
         if ptype is not None:
             if ptype not in current.processes:
-                known = ", ".join(sorted(current.processes)) or "none"
-                raise errors.ValidationFailed(
-                    f"{app.name} has no process type {ptype!r} (it has: {known})",
-                    code="unknown_process_type")
+                raise errors.ValidationFailed(no_such_type(app, ptype, current.processes),
+                                              code="unknown_process_type")
             before = kept(current.meta)
             meta[KEEP] = {t: before.get(t, current.version)
                           for t in sorted(current.processes) if t != ptype}
@@ -439,9 +437,7 @@ class Platform:
         formation = await self.store.get_formation(app.name)
         for ptype, change in changes.items():
             if current is not None and current.processes and ptype not in current.processes:
-                known = ", ".join(sorted(current.processes)) or "none"
-                raise errors.ValidationFailed(
-                    f"{app.name} has no process type {ptype!r} (it has: {known})")
+                raise errors.ValidationFailed(no_such_type(app, ptype, current.processes))
             size = change.get("size")
             if size is not None and size not in SIZES:
                 raise errors.ValidationFailed(
@@ -539,6 +535,12 @@ class Platform:
     def _wake(self) -> None:
         if self.scheduler is not None:
             self.scheduler.wake()
+
+
+def no_such_type(app: App, ptype: str, processes: Iterable[str]) -> str:
+    """The sentence for a process type the app's release does not have."""
+    known = ", ".join(sorted(processes)) or "none"
+    return f"{app.name} has no process type {ptype!r} (it has: {known})"
 
 
 # --- hostnames -----------------------------------------------------------------------
