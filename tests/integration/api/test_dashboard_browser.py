@@ -233,15 +233,21 @@ class DashboardActionTests(DashboardBase):
             seen["newest_release"] = [c.text for c in driver.find_elements(
                 By.CSS_SELECTOR, "#releases tbody tr:first-child td")][:4]
             self.shot(driver, "rolled-back")
+
+            # restart every process: a new release of the same code and config
+            find(By.ID, "restart-all").click()
+            notice("Restarting every process: v5 rolls out on new processes")
+            seen["restarted"] = [c.text for c in driver.find_elements(
+                By.CSS_SELECTOR, "#releases tbody tr:first-child td")][:4]
             seen["url"] = driver.current_url
         finally:
             driver.quit()
         return seen
 
     async def test_actions(self) -> None:
-        """Config set/unset, scale, domains and rollback from the browser change the
-        app (checked in the store); refused input shows the API's sentence; the token
-        never appears in a URL."""
+        """Config set/unset, scale, domains, rollback and restart from the browser
+        change the app (checked in the store); refused input shows the API's sentence;
+        the token never appears in a URL."""
         seen = await deferToThread(self.act)
         self.assertTrue(seen["config_error_1BAD"].startswith(
             "'1BAD' is not a valid config var name: use letters, digits and '_'"),
@@ -257,12 +263,15 @@ class DashboardActionTests(DashboardBase):
         self.assertEqual(seen["domains_after_remove"], ["shop.localhost"])
         self.assertEqual(seen["newest_release"][0], "v4")
         self.assertEqual(seen["newest_release"][3], "Rollback to v2")
+        self.assertEqual(seen["restarted"][0], "v5")
+        self.assertEqual(seen["restarted"][3], "Restart")
         self.assertNotIn(self.h.alice_token, seen["url"])
         store = self.h.store
         self.assertEqual((await store.get_formation("shop"))["web"].quantity, 1)
         releases = await store.list_releases("shop")
-        self.assertEqual([r.description for r in releases[:3]],
-                         ["Rollback to v2", "Unset GREETING", "Set GREETING"])
+        self.assertEqual([r.description for r in releases[:4]],
+                         ["Restart", "Rollback to v2", "Unset GREETING", "Set GREETING"])
+        self.assertEqual(releases[0].config, releases[1].config)
         self.assertEqual(await store.get_config("shop"),
                          {"SECRET_KEY": "hunter2", "GREETING": "Howdy"})
         self.assertEqual([d.hostname for d in await store.list_domains("shop")], [])
