@@ -394,12 +394,14 @@ class Scheduler:
                 for inst in extras[:-missing]:
                     await self._retire(inst, everyone, now)
             healthy = [i for i in current if i.state == "healthy"]
+            # asleep: healthy once, then slept without a request; a router wakes it
+            asleep = [i for i in current if i.state == "asleep"]
             switched: bool | None = None  # asked once per pass, only when it matters
             for inst in old:
                 if inst.state != "healthy":
                     await self._retire(inst, everyone, now)
-                elif len(healthy) >= quantity:
-                    if ptype not in self.settings.web_process_types:
+                elif len(healthy) + len(asleep) >= quantity:
+                    if ptype not in self.settings.web_process_types or asleep:
                         switched = True  # no router sends it work: the new ones took over
                     elif switched is None:
                         switched = await self._routed(app.name, healthy)
@@ -575,6 +577,8 @@ class Scheduler:
                 "env": env, "limits": limits,
                 "health_check": meta.get("health_check") if ptype == "web" else None,
                 "boot_timeout": float(meta.get("boot_timeout") or DEFAULT_BOOT_TIMEOUT),
+                # None: the runner's default (runner.idle_sleep); only web sleeps
+                "idle_sleep": meta.get("idle_sleep") if ptype == "web" else None,
                 "grace": self.settings.stop_grace,
                 "addon_ports": ports,  # its shared database: the runner's fence opens it
             }

@@ -322,6 +322,12 @@ SCHEMA: dict[str, dict[str, Key]] = {
                                  positive),
         "backend_queue_size": Key(int, 256, "Requests queued per backend before 503.",
                                   non_negative),
+        "wake_timeout": Key(float, 10.0, "Seconds a request for an asleep app waits for it "
+                            "to wake (runner.wake) before 503 with Retry-After "
+                            "(docs/apps.md \"Sleeping apps\").", positive),
+        "wake_queue_size": Key(int, 256, "Requests of one asleep app held by one router "
+                               "process while it wakes; more get 503 with Retry-After.",
+                               non_negative),
         "connect_attempts": Key(int, 3, "Backends tried for one request when connecting fails.",
                                 positive),
         "eject_after": Key(int, 5, "Consecutive failures that eject a backend.", positive),
@@ -432,6 +438,14 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "health_boot_interval": Key(float, 0.5, "Seconds between health checks while a web "
                                     "instance boots.", positive),
         "health_timeout": Key(float, 2.0, "Seconds one health check may take.", positive),
+        "idle_sleep": Key(float, 0.0, "Default of an app's [http] idle_sleep: seconds a web "
+                          "instance may go without a connection before it is stopped and "
+                          "its route marked asleep (the next request wakes it); 0: apps "
+                          "sleep only when their epio.ini asks. docs/apps.md.", non_negative),
+        "wake_probe_interval": Key(float, 0.02, "Seconds between health checks of a web "
+                                   "instance that is waking up (instead of "
+                                   "health_boot_interval): the wake is that much faster.",
+                                   positive),
         "health_failures": Key(int, 3, "Failed health checks in a row after which a healthy "
                                "instance leaves the routes and is restarted.", positive),
         "drain_delay": Key(float, 3.0, "Seconds a draining instance keeps running (routers "

@@ -256,6 +256,12 @@ class LbSettings:
     backend_queue_size: int
     """Requests queued per backend before 503."""
 
+    wake_timeout: float
+    """Seconds a request for an asleep app waits for it to wake (runner.wake) before 503 with Retry-After (docs/apps.md "Sleeping apps")."""
+
+    wake_queue_size: int
+    """Requests of one asleep app held by one router process while it wakes; more get 503 with Retry-After."""
+
     connect_attempts: int
     """Backends tried for one request when connecting fails."""
 
@@ -388,6 +394,12 @@ class RunnerSettings:
 
     health_timeout: float
     """Seconds one health check may take."""
+
+    idle_sleep: float
+    """Default of an app's [http] idle_sleep: seconds a web instance may go without a connection before it is stopped and its route marked asleep (the next request wakes it); 0: apps sleep only when their epio.ini asks. docs/apps.md."""
+
+    wake_probe_interval: float
+    """Seconds between health checks of a web instance that is waking up (instead of health_boot_interval): the wake is that much faster."""
 
     health_failures: int
     """Failed health checks in a row after which a healthy instance leaves the routes and is restarted."""

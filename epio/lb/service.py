@@ -235,7 +235,8 @@ class LBService(MultiService):
                  reuseport: tuple[str, int, int] | None = None,
                  static_secret: bytes = b"", feed_spec: dict[str, Any] | None = None,
                  spool: Path | None = None, certs: Any = None,
-                 tls_reuseport: tuple[str, int, int] | None = None) -> None:
+                 tls_reuseport: tuple[str, int, int] | None = None,
+                 waker: Any = None) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.reactor = reactor
         self.lb_settings = settings
@@ -256,7 +257,8 @@ class LBService(MultiService):
                and hasattr(select, "epoll") else None)
         self.lb = LB(reactor, self.table, self.settings, observer,
                      spool_dir=str(spool) if spool is not None else None, acme=certs,
-                     static_secret=static_secret, mux=mux)  # static: docs/static.md
+                     static_secret=static_secret, mux=mux,  # static: docs/static.md
+                     waker=waker.wake if waker is not None else None)  # asleep apps
         # per listener (and per router process): docs/router.md "Resources"
         self.limit = ConnectionLimit("router", settings.max_connections)
         self.tls_limit = ConnectionLimit("router (TLS)", settings.max_connections)
@@ -561,6 +563,17 @@ def route_source(node: Node, feed_socket: Path | None) -> Any:
     return make_route_source(node)
 
 
+def make_waker(node: Node) -> tuple[Any, Any]:
+    """The router process's :class:`epio.lb.wake.RunnerWaker` and its bus DEALER (a
+    service), or ``(None, None)`` for a router with a routes file (no asleep routes)."""
+    if node.settings.lb.routes_file:
+        return None, None
+    from epio.lb.wake import RunnerWaker
+
+    dealer = node.bus.dealer([])
+    return RunnerWaker(dealer), dealer
+
+
 def make_service(node: Node) -> LBService:
     """The ``lb`` role of ``node``: its composition root (every object built here)."""
     cfg = node.config
@@ -580,11 +593,15 @@ def make_service(node: Node) -> LBService:
     log_sink, stats_sink, sink_service = pipeline_sinks(node, bool(lb.routes_file))
     from epio.certs.router import router_certs
 
+    waker, wake_dealer = make_waker(node)
     svc = LBService(node.reactor, lb, node.settings.node.domain, source, log_sink,
                     stats_sink, worker_spec=spec, static_secret=node.secret,
-                    feed_spec=feed_spec, spool=spool, certs=router_certs(node))
+                    feed_spec=feed_spec, spool=spool, certs=router_certs(node),
+                    waker=waker)
     if sink_service is not None:
         sink_service.setServiceParent(svc)
+    if wake_dealer is not None:
+        wake_dealer.setServiceParent(svc)
     from epio.lb.observe import metric_families
     from epio.metrics import registry_for
 

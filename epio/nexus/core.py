@@ -149,7 +149,7 @@ class Nexus:
         if facts is None:
             return None
         return build_route(facts, self.tracker.instances_of(app), self.web_types,
-                           self.tracker.static_of)
+                           self.tracker.static_of, self.tracker.control_of)
 
     def _flush(self) -> None:
         if self._flush_call is not None and self._flush_call.active():
