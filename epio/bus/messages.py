@@ -264,7 +264,7 @@ _(MessageType(
     optional={"release": int, "process_type": str, "index": int, "env": dict,
               "limits": dict, "health_check": (str, type(None)),
               "boot_timeout": Number, "grace": Number, "addon_ports": list,
-              "idle_sleep": (int, float, type(None))},
+              "idle_sleep": (int, float, type(None)), "asleep_after_boot": bool},
 ))
 _(MessageType(
     "runner.started", 1, "reply",

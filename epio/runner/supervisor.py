@@ -226,6 +226,8 @@ class InstanceSpec:
     # seconds without a connection before a web instance sleeps: None = the runner's
     # default (runner.idle_sleep), 0 = never ([http] idle_sleep of epio.ini)
     idle_sleep: float | None = None
+    # a new release of an asleep app: sleep as soon as the first health check passed
+    asleep_after_boot: bool = False
 
     @property
     def source(self) -> str:
@@ -303,6 +305,7 @@ class InstanceSpec:
             addon_ports=tuple(sorted(set(addon_ports))),
             idle_sleep=(None if body.get("idle_sleep") is None
                         else _num(body, "idle_sleep", 0, 0, MAX_IDLE_SLEEP)),
+            asleep_after_boot=body.get("asleep_after_boot") is True,
         )
 
     def to_message(self) -> dict[str, Any]:
@@ -316,7 +319,7 @@ class InstanceSpec:
                        "pids": self.limits.pids, "nofile": self.limits.nofile},
             "health_check": self.health_check, "boot_timeout": self.boot_timeout,
             "grace": self.grace, "addon_ports": list(self.addon_ports),
-            "idle_sleep": self.idle_sleep,
+            "idle_sleep": self.idle_sleep, "asleep_after_boot": self.asleep_after_boot,
         }
 
     def sleeps_after(self, default: float) -> float:
@@ -856,7 +859,12 @@ class Supervisor:
         s = self.settings
         if inst.state is State.STARTING:
             if ok:
+                first = not inst.ever_healthy
                 self._healthy(inst)
+                if first and inst.spec.asleep_after_boot and inst.spec.is_web:
+                    self._sleep(inst, 0, "a new release of an asleep app: healthy, asleep "
+                                         "again until a request")
+                    return
                 self._call(inst, "health", s.health_interval, self._probe, inst, gen)
             else:
                 self._call(inst, "health", self._boot_interval(inst), self._probe, inst, gen)
@@ -992,11 +1000,12 @@ class Supervisor:
                 if i.state is State.HEALTHY and i.port is not None
                 and i.spec.sleeps_after(self.settings.idle_sleep) > 0}
 
-    def _sleep(self, inst: Instance, after: float) -> None:
+    def _sleep(self, inst: Instance, after: float, why: str = "") -> None:
+        why = why or f"no request for {after:g}s"
         self._cancel(inst, "health")
         self._cancel(inst, "boot")
-        self._to(inst, State.ASLEEP, f"no request for {after:g}s")
-        self._say(inst, f"going to sleep: no request for {after:g}s")
+        self._to(inst, State.ASLEEP, why)
+        self._say(inst, f"going to sleep: {why}")
         self._terminate(inst, inst.spec.grace)
 
     def wake(self, app: str) -> list[dict[str, Any]]:

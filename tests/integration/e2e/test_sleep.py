@@ -8,6 +8,8 @@ real HTTP client through the router:
   ``asleep``, its gunicorn is gone from ``/proc``, its worker still runs.  Then 20
   concurrent first requests all get 200 from one start of web (one ``waking up``), and
   the figures of that wake are printed (first byte of the first request).
+* A config change to the asleep ``sleepy`` makes v2, which boots, passes its health
+  check and sleeps at once; the next request wakes v2.
 * ``broken`` serves once, then refuses to boot (its ``/data`` remembers the first
   boot).  Asleep, a request gets 503 with ``Retry-After`` within ``lb.wake_timeout``.
 """
@@ -175,6 +177,16 @@ class SleepTests(SynchronousTestCase):
         self.assertEqual(headers.get("Retry-After"), "5")
         self.assertLess(waited, WAKE_TIMEOUT + 1.5)
         self.assertGreaterEqual(waited, WAKE_TIMEOUT - 1.0)
+
+        # a config change to the asleep app: v2 boots, passes its health check, and
+        # sleeps at once; v1 is gone; the next request wakes v2
+        self.wait_asleep("sleepy")
+        self.node.epio("config", "set", "ROUND=2", "--app", "sleepy", timeout=120)
+        ps = [p for p in self.api("apps/sleepy/ps") if p["name"].startswith("web.")]
+        self.assertEqual([(p["release"], p["state"]) for p in ps], [(2, "asleep")], ps)
+        self.assertFalse(_gunicorns("sleepy"))
+        self.assertIn("a new release of an asleep app", self.node.node.output())
+        self.assertEqual(get(self.lb_port, "sleepy.localhost")[0], 200)
 
 
 def _gunicorns(app: str) -> list[int]:
