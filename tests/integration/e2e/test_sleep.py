@@ -30,7 +30,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tests.integration.e2e.test_rollover import workers
 from tests.integration.run.helpers import CLI, RunNode, skip_reason, wait_until
-from tests.util import CHECKOUT
+from tests.util import CHECKOUT, free_port
 
 WAKE_TIMEOUT = 4.0
 TICK = """\
@@ -83,7 +83,8 @@ class SleepTests(SynchronousTestCase):
                             api={"reconcile_interval": 0.5, "runner_dead_after": 10.0,
                                  "stop_grace": 3.0},
                             runner={"grace": 3.0},
-                            lb={"wake_timeout": WAKE_TIMEOUT, "pool_idle_timeout": 1.0})
+                            lb={"wake_timeout": WAKE_TIMEOUT, "pool_idle_timeout": 1.0},
+                            metrics={"listen": f"tcp:{free_port()}:interface=127.0.0.1"})
         self.addCleanup(self.node.close)
         self.node.start(seed=False)
         self.lb_port = int(str(self.node.doc["lb"]["listen"]).split(":")[1])
@@ -114,6 +115,22 @@ class SleepTests(SynchronousTestCase):
         finally:
             conn.close()
 
+    def apps_metric(self) -> dict[str, float]:
+        """``epio_apps{state=...}`` of the node's /metrics."""
+        port = int(str(self.node.doc["metrics"]["listen"]).split(":")[1])
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            conn.request("GET", "/metrics")
+            text = conn.getresponse().read().decode()
+        finally:
+            conn.close()
+        out = {}
+        for line in text.splitlines():
+            if line.startswith("epio_apps{"):
+                labels, value = line.rsplit(" ", 1)
+                out[labels.split('"')[1]] = float(value)
+        return out
+
     def web_state(self, app: str) -> str | None:
         states = [p["state"] for p in self.api(f"apps/{app}/ps") if p["name"].startswith("web.")]
         return states[0] if len(states) == 1 else None
@@ -140,6 +157,11 @@ class SleepTests(SynchronousTestCase):
         wait_until("gunicorn of sleepy gone", lambda: not _gunicorns("sleepy"), timeout=10,
                    interval=0.1)
         self.assertEqual(len(workers("sleepy", b"tick.py")), 1, "the worker sleeps too")
+        wait_until("broken asleep too", lambda: self.web_state("broken") == "asleep",
+                   timeout=30, interval=0.2)
+        wait_until("/metrics counts two apps asleep",
+                   lambda: self.apps_metric() == {"asleep": 2.0, "awake": 0.0}, timeout=10,
+                   interval=0.2)
         wakes_before = self.node.node.output().count("waking up")
 
         results: list[tuple[int, bytes, float]] = []
