@@ -12,8 +12,9 @@ real HTTP client through the router:
   printed (first byte of the first request).
 * A config change to the asleep ``sleepy`` makes v2, which boots, passes its health
   check and sleeps at once; the next request wakes v2.
-* ``broken`` serves once, then refuses to boot (its ``/data`` remembers the first
-  boot).  Asleep, a request gets 503 with ``Retry-After`` within ``lb.wake_timeout``.
+* ``awake`` says ``idle_sleep = off``: it never sleeps, whatever the node's default.
+* ``broken`` (no epio.ini: it sleeps after the node's ``runner.idle_sleep``) serves
+  once, then refuses to boot (its ``/data`` remembers the first boot).  Asleep, a request gets 503 with ``Retry-After`` within ``lb.wake_timeout``.
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ class SleepTests(SynchronousTestCase):
         self.node = RunNode(app="sleepy",
                             api={"reconcile_interval": 0.5, "runner_dead_after": 10.0,
                                  "stop_grace": 3.0},
-                            runner={"grace": 3.0},
+                            # the operator's default: broken's epio.ini says nothing
+                            runner={"grace": 3.0, "idle_sleep": 2.0},
                             # two router processes: both hold requests, both may ask
                             lb={"wake_timeout": WAKE_TIMEOUT, "pool_idle_timeout": 1.0,
                                 "workers": 2},
@@ -104,8 +106,13 @@ class SleepTests(SynchronousTestCase):
         (broken / "once.py").write_text(ONCE)
         (broken / "Procfile").write_text("web: python once.py\n")
         (broken / "requirements.txt").write_text("")
-        (broken / "epio.ini").write_text("[http]\nidle_sleep = 2s\n")
-        self.dirs = {"sleepy": sleepy, "broken": broken}
+        awake = base / "awake"
+        shutil.copytree(broken, awake)
+        (awake / "once.py").write_text(ONCE.replace('if os.path.exists(mark):',
+                                                    'if False:'))
+        (awake / "epio.ini").write_text("[http]\nidle_sleep = off\n")
+        self.node.epio("apps", "create", "awake")
+        self.dirs = {"sleepy": sleepy, "broken": broken, "awake": awake}
 
     def api(self, path: str) -> Any:
         conn = http.client.HTTPConnection("127.0.0.1", self.node.api_port, timeout=10)
@@ -163,8 +170,8 @@ class SleepTests(SynchronousTestCase):
         self.assertEqual(len(workers("sleepy", b"tick.py")), 1, "the worker sleeps too")
         wait_until("broken asleep too", lambda: self.web_state("broken") == "asleep",
                    timeout=30, interval=0.2)
-        wait_until("/metrics counts two apps asleep",
-                   lambda: self.apps_metric() == {"asleep": 2.0, "awake": 0.0}, timeout=10,
+        wait_until("/metrics counts two apps asleep, one awake",
+                   lambda: self.apps_metric() == {"asleep": 2.0, "awake": 1.0}, timeout=10,
                    interval=0.2)
         wakes_before = self.node.node.output().count("waking up")
 
@@ -217,6 +224,9 @@ class SleepTests(SynchronousTestCase):
         self.assertFalse(_gunicorns("sleepy"))
         self.assertIn("a new release of an asleep app", self.node.node.output())
         self.assertEqual(get(self.lb_port, "sleepy.localhost")[0], 200)
+        # idle_sleep = off: never asleep, whatever the node's default, and never woken
+        self.assertEqual(self.web_state("awake"), "healthy")
+        self.assertNotIn("awake: web.1: going to sleep", log)
 
 
 def _gunicorns(app: str) -> list[int]:
