@@ -643,3 +643,33 @@ class SleepTests(SynchronousTestCase):
                 h.sup.drain("i1")
             self.assertEqual(h.state(), "stopped")
             self.assertEqual(h.ports.used, set())
+
+
+class BusyPortsTests(SynchronousTestCase):
+    def test_established_connections_of_watched_ports(self) -> None:
+        """busy_ports reads /proc/net/tcp-shaped tables: a watched port with an
+        ESTABLISHED (01) connection is busy; LISTEN (0A), TIME_WAIT (06), other ports and
+        a missing table are not."""
+        import shutil
+        import tempfile
+        from pathlib import Path
+
+        from epio.runner.supervisor import busy_ports
+
+        head = ("  sl  local_address rem_address   st tx_queue rx_queue tr tm->when "
+                "retrnsmt   uid  timeout inode\n")
+        rows = [
+            "   0: 0100007F:4E20 00000000:0000 0A 00000000:00000000 00:00000000 00000000 0 0 1",
+            "   1: 0100007F:4E20 0100007F:9C40 01 00000000:00000000 00:00000000 00000000 0 0 2",
+            "   2: 0100007F:4E21 0100007F:9C41 06 00000000:00000000 00:00000000 00000000 0 0 3",
+            "   3: 0100007F:4E22 0100007F:9C42 0A 00000000:00000000 00:00000000 00000000 0 0 4",
+        ]
+        v6 = ("   0: 00000000000000000000000001000000:4E23 00000000000000000000000001000000:"
+              "A000 01 00000000:00000000 00:00000000 00000000 0 0 5\n")
+        d = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, d, True)
+        (d / "tcp").write_text(head + "\n".join(rows) + "\n")
+        (d / "tcp6").write_text(head + v6)
+        tables = (str(d / "tcp"), str(d / "tcp6"), str(d / "missing"))
+        self.assertEqual(busy_ports({20000, 20001, 20002, 20003}, tables), {20000, 20003})
+        self.assertEqual(busy_ports(set(), tables), set())
