@@ -199,11 +199,15 @@ class SleepTests(SynchronousTestCase):
         asks = log.count("to wake sleepy")  # runner.wake sent, by either router process
         self.assertGreaterEqual(asks, 1)
         firsts = sorted(f for _, _, f in results)
+        # the runner's own figure: runner.wake received -> first passing health check
+        said = [ln["text"] for ln in self.api("apps/sleepy/logs?n=100&source=platform")["lines"]
+                if "awake in" in ln["text"]]
         awake = get(self.lb_port, "sleepy.localhost")[3]
         print(f"\nwake of examples/wsgi (gunicorn): first byte {firsts[0] * 1000:.0f} ms, "
               f"all 20 answered in {elapsed * 1000:.0f} ms (slowest first byte "
               f"{firsts[-1] * 1000:.0f} ms); awake request {awake * 1000:.1f} ms; "
-              f"runner.wake sent {asks} time(s) by the two router processes")
+              f"runner.wake sent {asks} time(s) by the two router processes; the runner: "
+              f"{said[-1] if said else '(no awake line yet)'}")
         self.assertEqual(len(workers("sleepy", b"tick.py")), 1)
 
         self.wait_asleep("broken")
