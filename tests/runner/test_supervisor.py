@@ -673,3 +673,42 @@ class BusyPortsTests(SynchronousTestCase):
         tables = (str(d / "tcp"), str(d / "tcp6"), str(d / "missing"))
         self.assertEqual(busy_ports({20000, 20001, 20002, 20003}, tables), {20000, 20003})
         self.assertEqual(busy_ports(set(), tables), set())
+
+
+class AsleepAfterBootTests(SynchronousTestCase):
+    def test_new_release_of_an_asleep_app_sleeps_once_healthy(self) -> None:
+        """Started with asleep_after_boot (a release of an asleep app), a web instance
+        passes its first health check (healthy: the rollout counts it) and goes to sleep
+        at once; woken later, it stays awake."""
+        h = Harness()
+        h.probe.healthy.add(20000)
+        h.sup.start(body(asleep_after_boot=True, idle_sleep=600))
+        h.reactor.advance(0.5)
+        self.assertEqual(h.state(), "asleep")
+        self.assertTrue(h.sup.get("i1").ever_healthy)
+        self.assertIn((h.proc().pid, signal.SIGTERM), h.launcher.signals)
+        h.proc().exit(0)
+        h.sup.wake("hello")
+        h.reactor.advance(0.02)
+        self.assertEqual(h.state(), "healthy")
+        h.reactor.advance(10)
+        self.assertEqual(h.state(), "healthy")
+
+    def test_heartbeat_says_waking_until_healthy(self) -> None:
+        """A woken instance's heartbeat carries waking: true until it is healthy (its
+        route stays asleep meanwhile), and an unrelated app is not woken."""
+        h = Harness()
+        h.probe.healthy.add(20000)
+        h.sup.start(body(idle_sleep=1))
+        h.reactor.advance(0.5)
+        h.reactor.advance(1)
+        h.sup.check_idle(set())
+        h.proc().exit(0)
+        self.assertEqual(h.sup.wake("other"), [])
+        h.probe.healthy.discard(20000)
+        [reply] = h.sup.wake("hello")
+        self.assertEqual(reply["state"], "starting")
+        self.assertIs(h.sup.heartbeat_instances()[0].get("waking"), True)
+        h.probe.healthy.add(20000)
+        h.reactor.advance(0.02)
+        self.assertNotIn("waking", h.sup.heartbeat_instances()[0])
