@@ -286,6 +286,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "tls_cert_dir": Key(str, "", "Directory of HOSTNAME.pem files (key + certificate chain; "
                             "_wildcard.example.com.pem for *.example.com) chosen by SNI; "
                             "re-read when it changes."),
+        "ocsp_stapling": Key(bool, True, "Staple OCSP responses to TLS handshakes for "
+                             "certificates that name an OCSP responder, fetched by each "
+                             "router process from the CA over HTTP (docs/https.md)."),
         "header_timeout": Key(float, 10.0, "Seconds a client has to send a request head (408).",
                               positive),
         "body_timeout": Key(float, 10.0, "Seconds a request body may go without a byte "

@@ -211,6 +211,9 @@ class LbSettings:
     tls_cert_dir: str
     """Directory of HOSTNAME.pem files (key + certificate chain; _wildcard.example.com.pem for *.example.com) chosen by SNI; re-read when it changes."""
 
+    ocsp_stapling: bool
+    """Staple OCSP responses to TLS handshakes for certificates that name an OCSP responder, fetched by each router process from the CA over HTTP (docs/https.md)."""
+
     header_timeout: float
     """Seconds a client has to send a request head (408)."""
 

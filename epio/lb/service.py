@@ -20,7 +20,7 @@ import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
@@ -41,6 +41,9 @@ from epio.lb.proxy import Settings as ProxySettings
 from epio.listen import ConnectionLimit, log_backlog, with_backlog
 from epio.node import Node
 from epio.routing import FileRouteSource, RouteTable
+
+if TYPE_CHECKING:
+    from epio.certs.ocsp import Stapler
 
 FLUSH_INTERVAL = 0.5
 GC_THRESHOLDS = (5000, 20, 100)  # CPython's default is (700, 10, 10)
@@ -235,7 +238,8 @@ class LBService(MultiService):
                  reuseport: tuple[str, int, int] | None = None,
                  static_secret: bytes = b"", feed_spec: dict[str, Any] | None = None,
                  spool: Path | None = None, certs: Any = None,
-                 tls_reuseport: tuple[str, int, int] | None = None) -> None:
+                 tls_reuseport: tuple[str, int, int] | None = None,
+                 stapler: Stapler | None = None) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.reactor = reactor
         self.lb_settings = settings
@@ -252,6 +256,7 @@ class LBService(MultiService):
         else:
             observer = Observer(log_sink, stats_sink)
         self.certs = certs  # epio.certs.router.RouterCerts (docs/https.md), or None
+        self.stapler = stapler  # OCSP stapling for the TLS listener (docs/https.md), or None
         mux = (ReadMux(reactor) if hasattr(reactor, "_disconnectSelectable")
                and hasattr(select, "epoll") else None)
         self.lb = LB(reactor, self.table, self.settings, observer,
@@ -315,6 +320,13 @@ class LBService(MultiService):
             self._loops.append(loop)
         if self.certs is not None:
             self.certs.start()
+        if self.stapler is not None:
+            from epio.certs.ocsp import CHECK_INTERVAL
+
+            loop = LoopingCall(self._guard, self.stapler.tick)
+            loop.clock = self.reactor
+            loop.start(CHECK_INTERVAL, now=False)
+            self._loops.append(loop)
         if self.lb.mux is not None:
             self.lb.mux.start()
         d = defer.ensureDeferred(self._listen())
@@ -378,7 +390,7 @@ class LBService(MultiService):
             from epio.lb.tls import SNIContexts
 
             cert_dir = section.tls_cert_dir
-            self.sni = SNIContexts(Path(cert_dir) if cert_dir else None)
+            self.sni = SNIContexts(Path(cert_dir) if cert_dir else None, self.stapler)
             self.sni.refresh(force=True)
             if self.certs is not None:
                 self.certs.on_contexts(self.sni.set_stored)
@@ -561,6 +573,16 @@ def route_source(node: Node, feed_socket: Path | None) -> Any:
     return make_route_source(node)
 
 
+def ocsp_stapler(reactor: Any, lb: LbSettings) -> Stapler | None:
+    """The OCSP stapler of one router process: with a TLS listener and
+    ``lb.ocsp_stapling`` (docs/https.md), else None."""
+    if not (lb.tls_listen and lb.ocsp_stapling):
+        return None
+    from epio.certs.ocsp import Stapler
+
+    return Stapler(reactor)
+
+
 def make_service(node: Node) -> LBService:
     """The ``lb`` role of ``node``: its composition root (every object built here)."""
     cfg = node.config
@@ -580,9 +602,11 @@ def make_service(node: Node) -> LBService:
     log_sink, stats_sink, sink_service = pipeline_sinks(node, bool(lb.routes_file))
     from epio.certs.router import router_certs
 
+    stapler = ocsp_stapler(node.reactor, lb)
     svc = LBService(node.reactor, lb, node.settings.node.domain, source, log_sink,
                     stats_sink, worker_spec=spec, static_secret=node.secret,
-                    feed_spec=feed_spec, spool=spool, certs=router_certs(node))
+                    feed_spec=feed_spec, spool=spool, certs=router_certs(node, stapler),
+                    stapler=stapler)
     if sink_service is not None:
         sink_service.setServiceParent(svc)
     from epio.lb.observe import metric_families
