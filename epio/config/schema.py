@@ -286,6 +286,11 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "tls_cert_dir": Key(str, "", "Directory of HOSTNAME.pem files (key + certificate chain; "
                             "_wildcard.example.com.pem for *.example.com) chosen by SNI; "
                             "re-read when it changes."),
+        "tls_affinity": Key(str, "none", "With workers > 1: \"client\" sends each client "
+                            "address's TLS connections to the same router process, so its "
+                            "sessions resume (each process has its own ticket keys); "
+                            "\"none\" = the kernel's spread (docs/https.md).",
+                            one_of("none", "client")),
         "ocsp_stapling": Key(bool, True, "Staple OCSP responses to TLS handshakes for "
                              "certificates that name an OCSP responder, fetched by each "
                              "router process from the CA over HTTP (docs/https.md)."),

@@ -211,6 +211,9 @@ class LbSettings:
     tls_cert_dir: str
     """Directory of HOSTNAME.pem files (key + certificate chain; _wildcard.example.com.pem for *.example.com) chosen by SNI; re-read when it changes."""
 
+    tls_affinity: str
+    """With workers > 1: "client" sends each client address's TLS connections to the same router process, so its sessions resume (each process has its own ticket keys); "none" = the kernel's spread (docs/https.md)."""
+
     ocsp_stapling: bool
     """Staple OCSP responses to TLS handshakes for certificates that name an OCSP responder, fetched by each router process from the CA over HTTP (docs/https.md)."""
 

@@ -379,6 +379,18 @@ class LBService(MultiService):
                 t_iface, t_port, t_family = reuseport_address(self.reactor, section.tls_listen)
                 tls_sock = reuseport_socket(t_iface, t_port, t_family, backlog)
                 self.tls_reuseport = (t_iface, tls_sock.getsockname()[1], t_family)
+                if section.tls_affinity == "client":  # docs/https.md "Router processes"
+                    from epio.lb.affinity import attach_client_affinity
+
+                    try:
+                        attach_client_affinity(tls_sock, section.workers)
+                    except OSError as e:
+                        self.log.error("lb.tls_affinity: the kernel refused the program "
+                                       "({error}); TLS connections spread at random",
+                                       error=str(e))
+                    else:
+                        self.log.info("TLS connections go to router processes by client "
+                                      "address (lb.tls_affinity)")
             self._add_workers(section.workers - 1, (iface, port, family))
         else:
             ep = serverFromString(self.reactor, with_backlog(section.listen, backlog))  # type: ignore[no-untyped-call]
