@@ -72,6 +72,26 @@ def one_of(*choices: str) -> Callable[[Any], str | None]:
     return check
 
 
+def _ip_addresses(value: Any) -> str | None:
+    import ipaddress
+
+    for item in value:
+        try:
+            ipaddress.ip_address(item)
+        except ValueError:
+            return f"{item!r} is not an IP address"
+    return None
+
+
+def _host_port(value: Any) -> str | None:
+    if not value:
+        return None
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return f"must be HOST:PORT, not {value!r}"
+    return None
+
+
 def fence_mode(value: Any) -> str | None:
     if value == "auto":
         return ("'auto' is no longer accepted: the fence is always on unless set to \"off\" "
@@ -737,6 +757,12 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "sync_interval": Key(float, 2.0, "Seconds between a router's reloads of challenges "
                              "and certificates from the store (it also reloads on every "
                              "change the store announces).", positive),
+        "router_addresses": Key(list, [], "Public IP addresses of the cluster's routers: a "
+                                "custom domain must resolve to these before a certificate is "
+                                "ordered; empty = the addresses node.domain (or its wildcard) "
+                                "resolves to (docs/https.md).", _ip_addresses, item_kind=str),
+        "dns_server": Key(str, "", "DNS server (HOST:PORT) for that check; empty = the "
+                          "system's resolver (/etc/resolv.conf, /etc/hosts).", _host_port),
     },
     "run": {
         "max_sessions_per_app": Key(

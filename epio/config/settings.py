@@ -728,6 +728,12 @@ class AcmeSettings:
     sync_interval: float
     """Seconds between a router's reloads of challenges and certificates from the store (it also reloads on every change the store announces)."""
 
+    router_addresses: tuple[str, ...]
+    """Public IP addresses of the cluster's routers: a custom domain must resolve to these before a certificate is ordered; empty = the addresses node.domain (or its wildcard) resolves to (docs/https.md)."""
+
+    dns_server: str
+    """DNS server (HOST:PORT) for that check; empty = the system's resolver (/etc/resolv.conf, /etc/hosts)."""
+
 
 @frozen
 class RunSettings:
