@@ -22,9 +22,30 @@ if CHECKOUT not in sys.path:
 _state: dict[str, str] = {}
 
 
+def _traversable_mktemp() -> None:
+    """trial's ``mktemp()`` makes its random directory with ``mkdtemp`` (mode 0700).  A
+    root runner refuses a data dir its build and app users cannot reach
+    (:func:`epio.node.reach_problem`), so a test's temporary directories are made
+    searchable (0711, not listable) by others, as a data dir's parents must be."""
+    from twisted.trial import _synctest
+
+    original = _synctest.SynchronousTestCase.mktemp
+
+    def mktemp(self: Any) -> str:
+        path: str = original(self)
+        os.chmod(os.path.dirname(os.path.abspath(path)), 0o711)
+        return path
+
+    _synctest.SynchronousTestCase.mktemp = mktemp  # type: ignore[method-assign]
+
+
 def pytest_sessionstart(session: Any) -> None:
+    _traversable_mktemp()
     _state["cwd"] = os.getcwd()
     _state["workdir"] = tempfile.mkdtemp(prefix="epio-tests-")
+    # searchable (not listable) by others, like any data dir's parent: a root runner
+    # refuses a data dir its build and app users cannot reach (mkdtemp makes 0700)
+    os.chmod(_state["workdir"], 0o711)
     os.chdir(_state["workdir"])
 
 

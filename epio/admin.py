@@ -27,7 +27,7 @@ from attrs import frozen
 
 from epio import __version__
 from epio.api.domain import ADMIN_NAME, write_token_file
-from epio.config import ConfigError, load_config
+from epio.config import Config, ConfigError, load_config
 from epio.store import Conflict, NotFound, Store, StoreError, open_store
 from epio.store.service import default_sqlite_url, redact_url
 
@@ -84,10 +84,10 @@ async def mint_admin_token(store: Store, data_dir: Path, user_name: str | None) 
     return MintedToken(path, new.info.id, user.name, created, description)
 
 
-def store_url(config: Any, data_dir: Path) -> str:
+def store_url(config: Config, data_dir: Path) -> str:
     """The node's store URL; for the embedded default, refuse a data dir without one
     (a mistyped --data-dir must not get a fresh, empty store)."""
-    url: str = config["store"]["url"] or default_sqlite_url(data_dir)
+    url = config.settings.store.url or default_sqlite_url(data_dir)
     if url.startswith("sqlite:///"):
         db = Path(url[len("sqlite:///"):])
         if not db.is_file():
@@ -106,15 +106,15 @@ async def token_create(reactor: Any, args: argparse.Namespace) -> int:
         config = load_config(args.config, overrides)
     except ConfigError as e:
         raise AdminError(str(e)) from None
-    data_dir = Path(config["node"]["data_dir"] or "epio-data").absolute()
+    data_dir = Path(config.settings.node.data_dir or "epio-data").absolute()
     if not data_dir.is_dir():
         raise AdminError(f"no data dir {data_dir}")
     url = store_url(config, data_dir)
-    section = config["store"]
+    section = config.settings.store
     try:
         store = await open_store(url, reactor, migrate_schema=False,
-                                 pool_size=1, connect_timeout=section["connect_timeout"],
-                                 busy_timeout=section["busy_timeout"])
+                                 pool_size=1, connect_timeout=section.connect_timeout,
+                                 busy_timeout=section.busy_timeout)
     except (StoreError, ValueError) as e:
         raise AdminError(f"cannot open the store {redact_url(url)}: {e}") from None
     try:

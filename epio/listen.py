@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import resource
 from pathlib import Path
-from typing import Any
+from typing import Protocol, cast
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -98,9 +98,9 @@ class ConnectionLimit:
         self.paused = False
         self.pauses = 0  # times the limit was reached (for /metrics and tests)
         self.refused = 0
-        self.ports: list[Any] = []
+        self.ports: list[ReadingPort] = []
 
-    def watch(self, port: Any) -> None:
+    def watch(self, port: ReadingPort) -> None:
         """A listening port (``IListeningPort`` with ``stopReading``/``startReading``)."""
         self.ports.append(port)
         if self.paused:
@@ -131,19 +131,28 @@ class ConnectionLimit:
                     p.startReading()
 
 
+class ReadingPort(Protocol):
+    """A listening port that can stop and resume accepting (Twisted's ``tcp.Port``
+    and ``unix.Port``: ``IListeningPort`` and ``IReadDescriptor`` at once)."""
+
+    def stopReading(self) -> None: ...
+
+    def startReading(self) -> None: ...
+
+
 @implementer(IStreamServerEndpoint)
 class LimitedEndpoint:
     """An endpoint whose listening port a :class:`ConnectionLimit` watches."""
 
-    def __init__(self, inner: Any, limit: ConnectionLimit) -> None:
+    def __init__(self, inner: IStreamServerEndpoint, limit: ConnectionLimit) -> None:
         self.inner = inner
         self.limit = limit
 
-    def listen(self, factory: Any) -> Deferred[Any]:
-        d: Deferred[Any] = self.inner.listen(factory)
+    def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
+        d: Deferred[IListeningPort] = self.inner.listen(factory)
 
-        def watch(port: Any) -> Any:
-            self.limit.watch(port)
+        def watch(port: IListeningPort) -> IListeningPort:
+            self.limit.watch(cast(ReadingPort, port))  # a tcp/unix Port reads too
             return port
 
         return d.addCallback(watch)

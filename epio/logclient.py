@@ -23,13 +23,21 @@ A sink gets ``lines(list[Line])``, ``ready(next_id)`` (history done),
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from attrs import frozen
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+
+from epio.config.settings import LoggerSettings
+
+if TYPE_CHECKING:
+    from epio.bus import Bus, Envelope
+    from epio.bus.sockets import Subscriber
+    from epio.node import Node
 
 MAX_GREP = 200  # characters of a grep pattern
 
@@ -43,7 +51,7 @@ class LogsUnavailable(Exception):
     """No logger answered."""
 
 
-def compile_grep(pattern: str) -> Any:
+def compile_grep(pattern: str) -> Any:  # Any: the re2 module is untyped
     """Compile a user's ``grep`` with RE2 (linear time, no backreferences).
 
     Python's ``re`` backtracks: a pattern like ``(a+)+$`` over a 10 kB line
@@ -142,7 +150,7 @@ class LineFilter:
             compile_grep(self.grep)
 
     @property
-    def regex(self) -> Any:
+    def regex(self) -> Any:  # Any: a compiled re2 pattern (untyped module)
         return None if self.grep is None else compile_grep(self.grep)
 
     def to_body(self) -> dict[str, Any]:
@@ -316,7 +324,7 @@ class Follower:
 
 
 class _AppSubscription:
-    def __init__(self, service: Any) -> None:
+    def __init__(self, service: Subscriber) -> None:
         self.service = service
         self.followers: set[Follower] = set()
 
@@ -326,10 +334,10 @@ class LogClient(MultiService):
 
     log = Logger()
 
-    def __init__(self, bus: Any, peers: Sequence[LoggerPeer], clock: Any, *,
+    def __init__(self, bus: Bus, peers: Sequence[LoggerPeer], clock: IReactorTime, *,
                  timeout: float = 10.0, ping_interval: float = 5.0,
                  max_pending: int = 10_000, fill_limit: int = 10_000) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         if not peers:
             raise ValueError("LogClient needs at least one logger")
         self.bus = bus
@@ -341,11 +349,11 @@ class LogClient(MultiService):
         self.fill_limit = fill_limit
         self.current = 0
         self.dealer = bus.dealer([p.router for p in self.peers])
-        self.dealer.setServiceParent(self)
+        self.dealer.setServiceParent(self)  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         self._subs: dict[str, _AppSubscription] = {}
         self._watch = LoopingCall(self._ping)
         self._watch.clock = clock
-        self.setName("log-client")
+        self.setName("log-client")  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
 
     @property
     def peer(self) -> LoggerPeer:
@@ -357,11 +365,11 @@ class LogClient(MultiService):
         for sub in list(self._subs.values()):
             for f in list(sub.followers):
                 f.stop()
-        return super().stopService()
+        return super().stopService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
 
     # -- requests --------------------------------------------------------------
 
-    async def _request(self, type: str, body: dict[str, Any]) -> Any:
+    async def _request(self, type: str, body: dict[str, Any]) -> Envelope:
         from epio.bus.errors import NotRunning, RequestTimeout
 
         errors = []
@@ -412,8 +420,8 @@ class LogClient(MultiService):
         f.start()
         return f
 
-    def _subscribe(self, app: str) -> Any:
-        def handler(topic: bytes, env: Any) -> None:
+    def _subscribe(self, app: str) -> Subscriber:
+        def handler(topic: bytes, env: Envelope) -> None:
             sub = self._subs.get(app)
             if sub is None or env.type != "log.live":
                 return
@@ -423,7 +431,7 @@ class LogClient(MultiService):
                 f.live(int(body["first"]), lines)
 
         svc = self.bus.subscriber([self.peer.publish], [live_topic(app)], handler)
-        svc.setServiceParent(self)
+        svc.setServiceParent(self)  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         return svc
 
     def _detach(self, f: Follower) -> None:
@@ -433,7 +441,7 @@ class LogClient(MultiService):
         sub.followers.discard(f)
         if not sub.followers:
             del self._subs[f.app]
-            sub.service.disownServiceParent()
+            sub.service.disownServiceParent()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         if not self._subs and self._watch.running:
             self._watch.stop()
 
@@ -445,7 +453,7 @@ class LogClient(MultiService):
         self.log.warn("logger {old} not answering; using {new}",
                       old=self.peers[failed].router, new=self.peer.router)
         for app, sub in list(self._subs.items()):
-            sub.service.disownServiceParent()
+            sub.service.disownServiceParent()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
             sub.service = self._subscribe(app)
             for f in list(sub.followers):
                 f.restart()
@@ -466,14 +474,14 @@ class LogClient(MultiService):
         return d
 
 
-def peers_from_config(config: Any) -> list[LoggerPeer]:
+def peers_of(settings: LoggerSettings) -> list[LoggerPeer]:
     """The loggers' query/publish endpoints from ``logger.peers``."""
-    return [LoggerPeer(p["router"], p["publish"]) for p in config["logger"]["peers"]]
+    return [LoggerPeer(p["router"], p["publish"]) for p in settings.peers]
 
 
-def make_log_client(node: Any) -> LogClient:
+def make_log_client(node: Node) -> LogClient:
     """The LogClient for a node's api (add it to the api's service tree)."""
-    sec = node.config["logger"]
-    return LogClient(node.bus, peers_from_config(node.config), node.reactor,
-                     timeout=sec["client_timeout"], ping_interval=sec["client_ping_interval"],
-                     max_pending=sec["tail_buffer_lines"], fill_limit=sec["query_max_lines"])
+    sec = node.settings.logger
+    return LogClient(node.bus, peers_of(sec), node.reactor,
+                     timeout=sec.client_timeout, ping_interval=sec.client_ping_interval,
+                     max_pending=sec.tail_buffer_lines, fill_limit=sec.query_max_lines)

@@ -26,15 +26,17 @@ from __future__ import annotations
 import json
 import math
 import re
-import weakref
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from attrs import define, field
-from twisted.application.service import IService
+from twisted.application.service import IService, IServiceCollection
 from twisted.logger import Logger
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
+
+if TYPE_CHECKING:
+    from epio.node import Node
 
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 _NAME_RE = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
@@ -267,6 +269,20 @@ class MetricsRegistry:
         self._metrics: dict[str, _Metric] = {}
         self._collectors: list[Callable[[], Iterable[Family]]] = []
         self._status: dict[str, Callable[[], Any]] = {}
+        self._listener: IService | None = None  # the /metrics listener, made once
+
+    @property
+    def listener(self) -> IService | None:
+        """The service serving this registry on ``metrics.listen``, once made."""
+        return self._listener
+
+    def serve(self, service: IService) -> IService:
+        """Remember ``service`` as this registry's one listener (a second is refused:
+        two roles of one process share one ``/metrics``)."""
+        if self._listener is not None:
+            raise RuntimeError("this registry is already served")
+        self._listener = service
+        return service
 
     def _get(self, cls: type, name: str, help: str, labelnames: Sequence[str], **kw: Any) -> Any:
         m = self._metrics.get(name)
@@ -333,7 +349,7 @@ class _RegistryResource(Resource):
     isLeaf = True
 
     def __init__(self, registry: MetricsRegistry) -> None:
-        super().__init__()
+        Resource.__init__(self)
         self.registry = registry
 
 
@@ -377,32 +393,9 @@ def metrics_service(reactor: Any, listen: str, registry: MetricsRegistry) -> ISe
     return cast(IService, svc)
 
 
-# per node (keyed by identity: a Node is an unhashable attrs class)
-_registries: dict[int, tuple[Any, MetricsRegistry]] = {}
-_services: dict[int, tuple[Any, IService]] = {}
-
-
-def _lookup(table: dict[int, tuple[Any, Any]], node: Any) -> Any:
-    entry = table.get(id(node))
-    if entry is not None and entry[0]() is node:
-        return entry[1]
-    return None
-
-
-def _ref(node: Any) -> Any:
-    try:
-        return weakref.ref(node)
-    except TypeError:  # not weak-referenceable: keep it alive instead
-        return lambda: node
-
-
-def registry_for(node: Any) -> MetricsRegistry:
-    """The one registry of ``node`` (created on first use)."""
-    reg = _lookup(_registries, node)
-    if reg is None:
-        reg = MetricsRegistry()
-        _registries[id(node)] = (_ref(node), reg)
-    return reg
+def registry_for(node: Node) -> MetricsRegistry:
+    """The one registry of ``node`` (``node.metrics``, made with the node)."""
+    return node.metrics
 
 
 def bus_families(snapshot: dict[str, int]) -> list[Family]:
@@ -415,22 +408,25 @@ def bus_families(snapshot: dict[str, int]) -> list[Family]:
     return [fam]
 
 
-def ensure_metrics_service(node: Any, parent: Any) -> IService | None:
-    """Start the node's ``/metrics`` listener under ``parent`` unless some role
-    already did, or ``metrics.listen`` is empty.  Returns the service."""
-    svc: Any = _lookup(_services, node)
-    if svc is not None:
-        return cast(IService, svc)
-    try:
-        listen = node.config["metrics"]["listen"]
-    except (KeyError, TypeError):
-        listen = ""
+def node_listener(node: Node) -> IService | None:
+    """The node's ``/metrics`` listener on ``metrics.listen`` (None when empty), made
+    once: the registry keeps it, so two roles of one process share it."""
+    listen = node.settings.metrics.listen
     if not listen:
         return None
-    reg = registry_for(node)
-    if getattr(node, "bus", None) is not None:
-        reg.add_collector(lambda: bus_families(node.bus.counters.snapshot()))
-    svc = metrics_service(node.reactor, listen, reg)
-    _services[id(node)] = (_ref(node), svc)
-    svc.setServiceParent(parent)
-    return cast(IService, svc)
+    reg = node.metrics
+    if reg.listener is not None:
+        return reg.listener
+    bus = node.bus
+    reg.add_collector(lambda: bus_families(bus.counters.snapshot()))
+    return reg.serve(metrics_service(node.reactor, listen, reg))
+
+
+def ensure_metrics_service(node: Node, parent: IServiceCollection) -> IService | None:
+    """Start the node's ``/metrics`` listener under ``parent`` unless some role (or
+    tap) already did, or ``metrics.listen`` is empty.  Returns the service."""
+    made = node.metrics.listener is None
+    svc = node_listener(node)
+    if made and svc is not None:
+        svc.setServiceParent(parent)
+    return svc

@@ -35,6 +35,7 @@ from epio.config import Config, Settings
 
 if TYPE_CHECKING:
     from epio.bus import Bus
+    from epio.metrics import MetricsRegistry
     from epio.store import StoreService
 
 SECRET_BYTES = 32
@@ -46,8 +47,12 @@ class NodeSetupError(Exception):
 
 def reach_problem(data_dir: Path, roles: frozenset[str], euid: int) -> str | None:
     """Why the build and app users of a root runner cannot reach ``data_dir`` (a clone
-    in root's 0700 home), as the sentence the node logs at start; None when they can
-    (or when there are no such users: not root, no runner role)."""
+    in root's 0700 home), as the sentence the node refuses to start with; None when
+    they can (or when there are no such users: not root, no runner role).
+
+    The node never opens a directory it did not make (no chmod of a user's home): it
+    says which one is closed and the two ways out.
+    """
     if "runner" not in roles or euid != 0:
         return None
     closed = closed_ancestor(data_dir)
@@ -55,9 +60,9 @@ def reach_problem(data_dir: Path, roles: frozenset[str], euid: int) -> str | Non
         return None
     mode = closed.stat().st_mode & 0o777
     return (f"the build and app users cannot reach the data dir {data_dir}: {closed} is "
-            f"mode {mode:o}, not searchable by others, so every build will fail. Start the "
-            f"node with a data dir they can reach (--data-dir /var/lib/epio), or let them "
-            f"through (chmod o+x {closed})")
+            f"mode {mode:o}, not searchable by others, so no build or app could run. Start "
+            f"the node with a data dir they can reach (--data-dir /var/lib/epio), or let "
+            f"them through (chmod o+x {closed})")
 
 
 def closed_ancestor(path: Path) -> Path | None:
@@ -119,12 +124,19 @@ def installed_reactor() -> INodeReactor:
     return cast(INodeReactor, reactor)
 
 
+def _metrics_registry() -> MetricsRegistry:
+    from epio.metrics import MetricsRegistry  # twisted.web: not at import time
+
+    return MetricsRegistry()
+
+
 @frozen
 class Node:
     """Shared facts and services of one node process: built once, never changed.
 
-    ``store_service`` is None only in a process with no store (an lb worker routing
-    from a file).  ``bus`` is made on first use and cached (importing txzmq installs
+    ``metrics`` is the node's one metrics registry (every role adds its collectors;
+    tap serves it on ``metrics.listen``).  ``store_service`` is None only in a
+    process with no store (an lb worker routing from a file).  ``bus`` is made on first use and cached (importing txzmq installs
     a reactor, so not at import time).
     """
 
@@ -136,21 +148,33 @@ class Node:
     secret: bytes
     store_service: StoreService | None = None
     boot_id: str = field(factory=lambda: uuid.uuid4().hex)
+    metrics: MetricsRegistry = field(factory=lambda: _metrics_registry())
 
     @classmethod
     def prepare(cls, reactor: INodeReactor, config: Config, roles: frozenset[str],
-                store: Callable[[Config, Path], StoreService] | None = None) -> Node:
+                store: Callable[[Config, Path], StoreService] | None = None,
+                euid: int | None = None) -> Node:
         """Create the data dir and cluster secret if needed; return the node.
 
         ``store`` builds the node's store service from the config and data dir (the
         node's only store: every role reaches it through ``node.store_service``).
+        A root runner whose build and app users cannot reach the data dir refuses
+        (:func:`reach_problem`), before it creates anything there; ``euid`` is the
+        process's unless given.
         """
         data_dir = Path(config.settings.node.data_dir or "epio-data").absolute()
-        try:
-            data_dir.mkdir(parents=True, exist_ok=True)
-            os.chmod(data_dir, 0o711)
-        except OSError as e:
-            raise NodeSetupError(f"cannot create data dir {data_dir}: {e.strerror}") from None
+        euid = os.geteuid() if euid is None else euid
+        problem = reach_problem(data_dir, roles, euid)
+        if problem is None:
+            try:
+                data_dir.mkdir(parents=True, exist_ok=True)
+                os.chmod(data_dir, 0o711)
+            except OSError as e:
+                raise NodeSetupError(f"cannot create data dir {data_dir}: {e.strerror}") from None
+            # parents mkdir just made under a strict umask (077) are closed too
+            problem = reach_problem(data_dir, roles, euid)
+        if problem is not None:
+            raise NodeSetupError(problem)
         secret_path = Path(config.settings.cluster.secret_file or data_dir / "cluster-secret")
         secret = read_or_create_secret(secret_path)
         node_id = config.settings.node.id or socket.gethostname()
@@ -168,4 +192,4 @@ class Node:
         from epio.bus import Bus
 
         return Bus(reactor=self.reactor, secret=self.secret, sender=self.node_id,
-                   config=self.config)
+                   settings=self.settings.bus)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from attrs import frozen
 from twisted.application.service import MultiService
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
@@ -47,7 +48,7 @@ class ILogSink(Interface):
 class IStatsSink(Interface):
     """Where app stats samples go."""
 
-    def emit_stats(app: str, kind: str, values: dict) -> None:
+    def emit_stats(app: str, kind: str, values: dict[str, Any]) -> None:
         """Record one sample of ``kind`` (``http``, ``process``...) for ``app``;
         ``values`` is a flat dict of numbers (and short strings)."""
 
@@ -80,14 +81,14 @@ class LocalLogSink:
 
     log = Logger(namespace="epio.app")
 
-    def __init__(self, clock: Any = None) -> None:
+    def __init__(self, clock: IReactorTime | None = None) -> None:
         self._clock = clock
 
     def emit(self, app: str, source: str, text: str, timestamp: float | None = None) -> None:
         self.log.info("[{app}] {source}: {text}", app=app, source=source, text=text,
                       app_timestamp=timestamp)
 
-    def emit_stats(self, app: str, kind: str, values: dict) -> None:
+    def emit_stats(self, app: str, kind: str, values: dict[str, Any]) -> None:
         self.log.debug("[{app}] stats {kind}: {values}", app=app, kind=kind, values=values)
 
 
@@ -105,7 +106,7 @@ class LogRecord:
 class StatsRecord:
     app: str
     kind: str
-    values: dict
+    values: dict[str, Any]
 
 
 @implementer(ILogSink, IStatsSink)
@@ -119,7 +120,7 @@ class MemoryLogSink:
     def emit(self, app: str, source: str, text: str, timestamp: float | None = None) -> None:
         self.lines.append(LogRecord(app, source, text, timestamp))
 
-    def emit_stats(self, app: str, kind: str, values: dict) -> None:
+    def emit_stats(self, app: str, kind: str, values: dict[str, Any]) -> None:
         self.stats.append(StatsRecord(app, kind, dict(values)))
 
     def texts(self, app: str | None = None, source: str | None = None) -> list[str]:
@@ -153,9 +154,9 @@ class BusLogSink(MultiService):
     max_batch_lines = 500
     max_batch_bytes = 256 * 1024
 
-    def __init__(self, bus: Bus, endpoints: Sequence[str], clock: Any = None,
+    def __init__(self, bus: Bus, endpoints: Sequence[str], clock: IReactorTime | None = None,
                  max_line_bytes: int | None = None, boot: str | None = None) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         if isinstance(endpoints, str):
             endpoints = [endpoints]
         self.bus = bus
@@ -166,16 +167,16 @@ class BusLogSink(MultiService):
         self._seq: dict[tuple[str, str], int] = {}
         self._batch: list[list[Any]] = []
         self._batch_bytes = 0
-        self._flush_call: Any = None
+        self._flush_call: IDelayedCall | None = None
         self.pushes: list[Push] = []
         # With no logger configured, app logs still go somewhere: the node's log.
         self._local = LocalLogSink() if not endpoints else None
         for ep in dict.fromkeys(endpoints):
             push = bus.push([ep])
-            push.setName(f"log-push {ep}")
-            push.setServiceParent(self)
+            push.setName(f"log-push {ep}")  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
+            push.setServiceParent(self)  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
             self.pushes.append(push)
-        self.setName("bus-log-sink")
+        self.setName("bus-log-sink")  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
 
     def _next_seq(self, app: str, stream: str) -> int:
         key = (app, stream)
@@ -183,7 +184,7 @@ class BusLogSink(MultiService):
         self._seq[key] = seq
         return seq
 
-    def _send(self, type: str, body: dict, count: int = 1) -> None:
+    def _send(self, type: str, body: dict[str, Any], count: int = 1) -> None:
         ok = True
         for push in self.pushes:
             ok = push.send(type, body) and ok
@@ -191,13 +192,13 @@ class BusLogSink(MultiService):
             self.counters.incr("dropped", count)
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         if self._local is not None:
             self.log.warn("no logger in cluster.loggers: app logs go to this node's log only")
 
     def stopService(self) -> Any:
         self.flush()  # what was emitted before the stop still goes out
-        return super().stopService()
+        return super().stopService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
 
     def emit(self, app: str, source: str, text: str, timestamp: float | None = None) -> None:
         if self._local is not None:
@@ -238,7 +239,7 @@ class BusLogSink(MultiService):
             self._send("log.batch", {"lines": batch, "node": self.bus.sender, "boot": self.boot},
                        count=len(batch))
 
-    def emit_stats(self, app: str, kind: str, values: dict) -> None:
+    def emit_stats(self, app: str, kind: str, values: dict[str, Any]) -> None:
         if self._local is not None:
             self._local.emit_stats(app, kind, values)
             self.counters.incr("samples")

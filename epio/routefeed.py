@@ -571,7 +571,7 @@ class RouteFeed:
             d = self._request(link)
         except Exception:
             d = Deferred()
-            d.errback(Failure())  # type: ignore[no-untyped-call]
+            d.errback(Failure())
         d.addCallbacks(
             lambda body: self._snapshot(link, body),
             lambda f: self._snapshot_failed(link, f),
@@ -587,7 +587,7 @@ class RouteFeed:
         link.to_snapshot(Snapshot.RETRY)
         link.counters["snapshot_failures"] += 1
         link.failures_in_row += 1
-        warming = f.check(RemoteError) is not None and getattr(f.value, "code", "") == "warming_up"  # type: ignore[no-untyped-call]
+        warming = f.check(RemoteError) is not None and getattr(f.value, "code", "") == "warming_up"
         if warming and link.failures_in_row < 10:
             pass  # a nexus that just started: normal, it answers in a moment
         elif link.failures_in_row in (1, 10) or link.failures_in_row % 100 == 0:
@@ -610,7 +610,7 @@ class RouteFeed:
         nexus_id, version, routes = body.get("nexus_id"), body.get("version"), body.get("routes")
         if not isinstance(nexus_id, str) or not isinstance(version, int) \
                 or not isinstance(routes, list):
-            self._snapshot_failed(link, Failure(ValueError("malformed nexus.snapshot")))  # type: ignore[no-untyped-call]
+            self._snapshot_failed(link, Failure(ValueError("malformed nexus.snapshot")))
             return
         link.to_snapshot(Snapshot.IDLE)
         link.counters["snapshots"] += 1
@@ -801,7 +801,7 @@ class NexusRouteSource:
 
     def follow(self, sink: Any) -> None:
         """Follow the nexuses, handing merged routes to ``sink`` (the feed process)."""
-        services = MultiService()  # type: ignore[no-untyped-call]
+        services = MultiService()
         self._dealer = self.bus.dealer([link.router for link in self.feed.links])
         self._dealer.setName("nexus-snapshots")
         self._dealer.setServiceParent(services)
@@ -813,14 +813,14 @@ class NexusRouteSource:
             sub.setName(f"nexus-feed-{link.name}")
             sub.setServiceParent(services)
         self._services = services
-        services.startService()  # type: ignore[no-untyped-call]
+        services.startService()
         self.feed.start(sink)
 
     def stop(self) -> None:
         self.feed.stop()
         services, self._services = self._services, None
         if services is not None:
-            services.stopService()  # type: ignore[no-untyped-call]
+            services.stopService()
 
     def reload(self) -> None:
         self.feed.refresh()

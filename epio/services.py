@@ -10,9 +10,7 @@ which they were started, undone.
 
 from __future__ import annotations
 
-from typing import Any
-
-from twisted.application.service import MultiService
+from twisted.application.service import IService, IServiceCollection, MultiService, Service
 from twisted.internet import defer
 from twisted.logger import Logger
 
@@ -29,12 +27,24 @@ class OrderedMultiService(MultiService):
     log = Logger()
 
     def stopService(self) -> defer.Deferred[None]:
-        super(MultiService, self).stopService()  # Service: running = False
+        Service.stopService(self)  # running = False; the children are stopped below
         return defer.Deferred.fromCoroutine(self._stop_children(list(reversed(list(self)))))
 
-    async def _stop_children(self, children: list[Any]) -> None:
+    async def _stop_children(self, children: list[IService]) -> None:
         for child in children:
             try:
                 await defer.maybeDeferred(child.stopService)
             except Exception:
                 self.log.failure("stopping {name} failed", name=child.name or repr(child))
+
+
+def named(name: str, service: IService) -> IService:
+    """``service`` named ``name`` (typed through IService: Twisted's Service is
+    unannotated)."""
+    service.setName(name)
+    return service
+
+
+def attach(child: IService, parent: IServiceCollection) -> None:
+    """Make ``child`` a child service of ``parent`` (``child.setServiceParent``)."""
+    child.setServiceParent(parent)

@@ -1,28 +1,34 @@
 """``twistd epio``: options and the one service tree of a node (STYLE 2).
 
 This is the one module that knows every role.  Each role package exposes
-``make_service(node) -> IService`` in ``epio/<package>/service.py``; a role
-whose package is not built yet starts a :class:`NotAvailableService` that says so
-in the log instead of pretending to work.
+``make_service(node) -> IService`` in ``epio/<package>/service.py``, its
+composition root.  :func:`makeService` builds the :class:`~epio.node.Node` (with
+its store and metrics registry), then one :class:`NodeService` whose children
+are, in start order: the store, the roles in :data:`ROLES` order, the
+``/metrics`` listener.  :meth:`NodeService.stopService` stops the roles (and the
+listener) first, all at once, and the store only after every one of them
+finished.
 """
 
 from __future__ import annotations
 
 import importlib
-import os
 import sys
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from twisted.application.service import MultiService, Service
+from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.logger import Logger
 from twisted.python import usage
 
 from epio import __version__
 from epio.config import ConfigError, load_config
+from epio.metrics import node_listener
+from epio.services import named
 
 if TYPE_CHECKING:
-    from epio.node import INodeReactor
+    from epio.node import INodeReactor, Node
 
 # role -> module providing make_service(node); the order is the start order.
 ROLES: dict[str, str] = {
@@ -91,28 +97,16 @@ class Options(usage.Options):
             raise usage.UsageError(str(e)) from None
 
 
-class NotAvailableService(Service):
-    """Stands in for a role whose implementation has not landed: it only says so."""
-
-    log = Logger()
-
-    def __init__(self, role: str) -> None:
-        self.role = role
-        self.name = role
-
-    def startService(self) -> None:
-        super().startService()
-        self.log.warn("role {role} is not available yet in this version of epio", role=self.role)
-
-
 class NodeService(MultiService):
     """The root of a node's tree; logs each role as it starts and stops."""
 
     log = Logger()
 
-    def __init__(self, node: Any) -> None:
-        super().__init__()
+    def __init__(self, node: Node, children: Iterable[IService]) -> None:
+        MultiService.__init__(self)
         self.node = node
+        for child in children:
+            child.setServiceParent(self)
 
     def startService(self) -> None:
         self.log.info(
@@ -131,16 +125,11 @@ class NodeService(MultiService):
         else:
             self.log.info("open files limit (RLIMIT_NOFILE) {after} (hard limit {hard})",
                           after=after, hard=hard)
-        from epio.node import reach_problem
-
-        problem = reach_problem(self.node.data_dir, self.node.roles, os.geteuid())
-        if problem is not None:  # at start, not at the first deploy
-            self.log.error("{problem}", problem=problem)
-        super().startService()
+        MultiService.startService(self)
         for svc in self:
             self.log.info("service {name} started", name=svc.name)
 
-    def stopService(self) -> Any:
+    def stopService(self) -> Deferred[None]:
         """Stop every role first, then the store they use.
 
         MultiService would stop all children at once, closing the store under a
@@ -167,22 +156,16 @@ class NodeService(MultiService):
         return Deferred.fromCoroutine(stop())
 
 
-def role_service(role: str, node: Any) -> Service:
-    """Build one role's service, or a NotAvailableService if it is not built yet."""
-    module_name = ROLES[role]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name is not None and module_name.startswith(e.name):
-            return NotAvailableService(role)
-        raise
-    svc: Service = module.make_service(node)
+def role_service(role: str, node: Node) -> IService:
+    """Build one role's service by its package's composition root, named ``role``."""
+    module = importlib.import_module(ROLES[role])
+    svc: IService = module.make_service(node)
     svc.setName(role)
     return svc
 
 
-def makeService(options: Options, reactor: INodeReactor | None = None) -> MultiService:
-    """Build the node's one MultiService from the configured roles."""
+def makeService(options: Options, reactor: INodeReactor | None = None) -> NodeService:
+    """Build the node's one service tree from the configured roles."""
     from epio.node import Node, NodeSetupError, installed_reactor
     from epio.store import StoreService
 
@@ -194,19 +177,18 @@ def makeService(options: Options, reactor: INodeReactor | None = None) -> MultiS
                             lambda c, d: StoreService.from_config(c, d, reactor=reactor))
     except NodeSetupError as e:
         raise SystemExit(f"epio: {e}") from None
-    root = NodeService(node)
     store = node.store_service
     assert store is not None
-    store.setName("store")
-    store.setServiceParent(root)
-    for role in ROLES:
-        if role in node.roles:
-            role_service(role, node).setServiceParent(root)
-    if "lb" in node.roles:  # the node's decision: SIGHUP reloads routes, GC tuned
-        from epio.lb.service import RouterProcess
+    children: list[IService] = [named("store", store)]
+    roles = {role: role_service(role, node) for role in ROLES if role in node.roles}
+    children.extend(roles.values())
+    if "lb" in roles:  # the node's decision: SIGHUP reloads routes, GC tuned
+        from epio.lb.service import LBService, RouterProcess
 
-        RouterProcess(reactor, root.getServiceNamed("lb")).setServiceParent(root)
-    from epio.metrics import ensure_metrics_service
-
-    ensure_metrics_service(node, root)  # every node serves /metrics on metrics.listen
-    return root
+        lb = roles["lb"]
+        assert isinstance(lb, LBService)
+        children.append(RouterProcess(reactor, lb))
+    metrics = node_listener(node)  # every node serves /metrics on metrics.listen
+    if metrics is not None:
+        children.append(metrics)
+    return NodeService(node, children)

@@ -91,6 +91,9 @@ class NodeProcess:
         self._tmp = None
         if data_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="epio-node-")
+            # like any data dir's parent: a root runner refuses a data dir its build
+            # and app users cannot reach (mkdtemp makes 0700)
+            os.chmod(self._tmp.name, 0o711)
             data_dir = Path(self._tmp.name) / "data"
         self.data_dir = data_dir
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -75,7 +75,7 @@ def cmd_churn(secret_file: str, nodes: str, per_node: str, apps: str, changes: s
     from epio.bus import Bus
 
     secret = bytes.fromhex(Path(secret_file).read_text().strip())
-    bus = Bus(reactor, secret, "bench-churn", {"bus": {}})
+    bus = Bus(reactor, secret, "bench-churn")
     pub = bus.publisher(connect=list(endpoints))
     pub.startService()
     n_nodes, n_per, n_apps, n_changes = int(nodes), int(per_node), int(apps), int(changes)

@@ -88,7 +88,7 @@ class Probe:
         from epio.bus import Bus
 
         self.zmq = zmq
-        self.bus = Bus(Clockish(), secret, "probe", {"bus": {}})
+        self.bus = Bus(Clockish(), secret, "probe")
         self.ctx = zmq.Context()
         self.pub = self.ctx.socket(zmq.PUB)
         for opt, value in self.bus.socket_options(bind=False):

@@ -10,13 +10,16 @@ DATABASE`` needs).
 from __future__ import annotations
 
 import secrets
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote, urlsplit
 
 from attrs import frozen
 from twisted.logger import Logger
 
 from epio.addons import AddonError, db_identifier
+
+if TYPE_CHECKING:
+    from epio.node import INodeReactor
 
 PASSWORD_BYTES = 24
 
@@ -84,7 +87,7 @@ class SharedPostgres:
     log = Logger()
 
     def __init__(
-        self, reactor: Any, admin_url: str, public_host: str | None = None,
+        self, reactor: INodeReactor, admin_url: str, public_host: str | None = None,
         public_port: int | None = None,
     ) -> None:
         self.reactor = reactor

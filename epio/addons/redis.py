@@ -15,12 +15,16 @@ from __future__ import annotations
 import os
 import secrets
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from attrs import frozen
 from twisted.logger import Logger
 
 from epio.secretfile import write_secret_file
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IReactorTime
+
 
 DEFAULT_MEMORY_MB = 16
 DEFAULT_POLICY = "allkeys-lru"
@@ -126,10 +130,6 @@ def free_bytes(path: Path) -> int:
     return st.f_bavail * st.f_frsize
 
 
-class SnapshotRefused(Exception):
-    code = "snapshot_refused"
-
-
 class PersistenceGuard:
     """Take a Redis snapshot only when it fits on disk; report every refusal/failure.
 
@@ -139,7 +139,7 @@ class PersistenceGuard:
 
     log = Logger()
 
-    def __init__(self, reactor: Any, spec: RedisSpec, report: Any) -> None:
+    def __init__(self, reactor: IReactorTime, spec: RedisSpec, report: Any) -> None:
         self.reactor = reactor
         self.spec = spec
         self.report = report

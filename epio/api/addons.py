@@ -36,16 +36,16 @@ from epio.addons import AddonError, db_identifier
 from epio.addons.redis import DEFAULT_MEMORY_MB, DEFAULT_POLICY, RedisSpecError
 from epio.addons.services import (
     POSTGRES_DIR,
-    POSTGRES_TYPE,
     REDIS_DIR,
-    REDIS_TYPE,
     data_dir_name,
     postgres_bin,
     postgres_start_body,
     redis_start_body,
 )
 from epio.api import errors
+from epio.api.control import IRunnerControl
 from epio.api.jsonschema import SchemaError, validate
+from epio.api.operations import operation
 from epio.api.spec import (
     BOOL,
     INT,
@@ -60,7 +60,10 @@ from epio.api.spec import (
     ref,
 )
 from epio.api.state import platform_line
-from epio.api.web import Api, operation
+from epio.config import Config
+from epio.domain import POSTGRES_PROCESS_TYPE as POSTGRES_TYPE
+from epio.domain import REDIS_PROCESS_TYPE as REDIS_TYPE
+from epio.store import NotFound as StoreNotFound
 from epio.store.addons import Addon, delete_addon, find_addon, list_addons, put_addon
 
 CONFIG_VAR = {"postgres": "DATABASE_URL", "redis": "REDIS_URL"}
@@ -136,14 +139,12 @@ class AddonSettings:
     service_stop_timeout: float = 30.0
 
     @classmethod
-    def from_config(cls, config: Any) -> AddonSettings:
-        a, b = config["addons"], config["backup"]
-        return cls(a["postgres_admin_url"], a["postgres_host"], a["postgres_port"],
-                   a["postgres_bin"], float(a["service_boot_timeout"]),
-                   float(a["redis_snapshot_interval"]), tuple(b["endpoints"]),
-                   float(b["api_timeout"]), float(b["reach_timeout"]),
-                   float(a["keeper_interval"]), int(a["postgres_memory_mb"]),
-                   float(a["service_stop_timeout"]))
+    def from_config(cls, config: Config) -> AddonSettings:
+        a, b = config.settings.addons, config.settings.backup
+        return cls(a.postgres_admin_url, a.postgres_host, a.postgres_port, a.postgres_bin,
+                   a.service_boot_timeout, a.redis_snapshot_interval, tuple(b.endpoints),
+                   b.api_timeout, b.reach_timeout, a.keeper_interval, a.postgres_memory_mb,
+                   a.service_stop_timeout)
 
 
 def describe_addon(a: Addon) -> dict[str, Any]:
@@ -180,7 +181,7 @@ class Addons:
 
     log = Logger()
 
-    def __init__(self, store: Any, control: Any, clock: Any, settings: AddonSettings,
+    def __init__(self, store: Any, control: IRunnerControl, clock: Any, settings: AddonSettings,
                  shared: Any = None, scheduler: Any = None, log_sink: Any = None,
                  runner_dead_after: float = 15.0, probe: Any = None) -> None:
         self.store = store
@@ -583,8 +584,12 @@ class Addons:
                 node = None
                 try:
                     node = await self.store.get_node(i.node or "")
-                except Exception:
-                    pass
+                except StoreNotFound:
+                    pass  # the node is gone, and its server with it
+                except Exception as e:
+                    self.log.warn("cannot look up node {node} of {app}'s {kind} server: "
+                                  "{error}", node=i.node, app=addon.app, kind=addon.kind,
+                                  error=str(e) or type(e).__name__)
                 if node is not None and node.control_endpoint:
                     try:
                         await self.control.request(node.control_endpoint, "runner.stop",
@@ -876,29 +881,26 @@ async def _postgres_ensure_db(clock: Any, addon: Addon) -> None:
     await deferToThreadPool(clock, clock.getThreadPool(), work)
 
 
-def make_addons(node: Any, store: Any, control: Any, scheduler: Any = None,
-                log_sink: Any = None, parent: Any = None) -> Addons:
-    """The api's :class:`Addons` from the node's config (its keeper under ``parent``)."""
+def make_addons(reactor: Any, config: Config, store: Any, control: Any,
+                scheduler: Any = None, log_sink: Any = None) -> Addons:
+    """The api's :class:`Addons` from the node's settings (add ``addons.keeper(...)``
+    to the service tree)."""
     from epio.addons.postgres import SharedPostgres
 
-    settings = AddonSettings.from_config(node.config)
+    settings = AddonSettings.from_config(config)
     shared = None
     if settings.postgres_admin_url:
-        shared = SharedPostgres(node.reactor, settings.postgres_admin_url,
+        shared = SharedPostgres(reactor, settings.postgres_admin_url,
                                 settings.postgres_host or None, settings.postgres_port or None)
-    dead_after = float(node.config["api"].get("runner_dead_after", 15.0))
-    addons = Addons(store, control, node.reactor, settings, shared, scheduler, log_sink,
-                    runner_dead_after=dead_after)
-    if parent is not None:
-        addons.keeper(settings.keeper_interval).setServiceParent(parent)
-    return addons
+    return Addons(store, control, reactor, settings, shared, scheduler, log_sink,
+                  runner_dead_after=config.settings.api.runner_dead_after)
 
 
 # --- HTTP routes (bound to epio.api.web.Api; ``api.addons`` is the domain) -------------
 
 
-def _domain(api: Api) -> Addons:
-    domain = getattr(api, "addons", None)
+def _domain(api: AddonRoutes) -> Addons:
+    domain = api.addons
     if domain is None:
         raise errors.Unavailable("add-ons are not available on this api process",
                                  code="addons_unavailable")
@@ -909,117 +911,114 @@ def _kind(request: Any) -> str | None:
     values = request.args.get(b"kind")
     if not values:
         return None
-    kind = values[0].decode("utf-8", "replace")
+    kind: str = values[0].decode("utf-8", "replace")
     if kind not in KINDS:
         raise errors.BadRequest(f"kind must be one of {', '.join(KINDS)}")
     return kind
 
 
-@operation("GET", "/apps/{app}/addons", "listAddons", "The app's add-on databases",
-           response=array(ref("Addon")), tag="addons")
-async def list_addons_route(self: Api, request: Any, user: Any, app: Any) -> Any:
-    return [describe_addon(a) for a in await _domain(self).addons_of(app)]
+class AddonRoutes:
+    """The add-on and backup endpoints of :class:`epio.api.web.Api`."""
 
+    addons: Addons | None  # None: no add-ons on this api process (503)
+    platform: Any  # epio.api.domain.Platform
 
-@operation("POST", "/apps/{app}/addons", "createAddon",
-           "Provision a database (postgres: shared or dedicated; redis: dedicated) and set "
-           "DATABASE_URL / REDIS_URL in a new release", request=ref("NewAddon"),
-           response=ref("Addon"), status=201, tag="addons")
-async def create_addon_route(self: Api, request: Any, user: Any, app: Any,
-                             body: dict[str, Any]) -> Any:
-    try:
-        addon = await _domain(self).create(user, app, body["kind"], body.get("plan"),
-                                           body.get("memory_mb"))
-    except RedisSpecError as e:
-        raise errors.ValidationFailed(str(e)) from None
-    return describe_addon(addon)
+    @operation("GET", "/apps/{app}/addons", "listAddons", "The app's add-on databases",
+               response=array(ref("Addon")), tag="addons")
+    async def list_addons_route(self, request: Any, user: Any, app: Any) -> Any:
+        return [describe_addon(a) for a in await _domain(self).addons_of(app)]
 
+    @operation("POST", "/apps/{app}/addons", "createAddon",
+               "Provision a database (postgres: shared or dedicated; redis: dedicated) and set "
+               "DATABASE_URL / REDIS_URL in a new release", request=ref("NewAddon"),
+               response=ref("Addon"), status=201, tag="addons")
+    async def create_addon_route(self, request: Any, user: Any, app: Any,
+                                 body: dict[str, Any]) -> Any:
+        try:
+            addon = await _domain(self).create(user, app, body["kind"], body.get("plan"),
+                                               body.get("memory_mb"))
+        except RedisSpecError as e:
+            raise errors.ValidationFailed(str(e)) from None
+        return describe_addon(addon)
 
-@operation("GET", "/apps/{app}/addons/{kind}", "getAddon",
-           "One add-on (its address; the credentials are only in the app's config var)",
-           response=ref("Addon"), tag="addons")
-async def get_addon_route(self: Api, request: Any, user: Any, app: Any, kind: str) -> Any:
-    return describe_addon(await _domain(self).get(app, kind))
+    @operation("GET", "/apps/{app}/addons/{kind}", "getAddon",
+               "One add-on (its address; the credentials are only in the app's config var)",
+               response=ref("Addon"), tag="addons")
+    async def get_addon_route(self, request: Any, user: Any, app: Any, kind: str) -> Any:
+        return describe_addon(await _domain(self).get(app, kind))
 
+    @operation("DELETE", "/apps/{app}/addons/{kind}", "deleteAddon",
+               "Take a final backup (when backup nodes are configured), then drop the database "
+               "and unset its config var; a failed final backup, or no backup node answering, "
+               "drops nothing (409 final_backup_failed) unless force=true",
+               response=ref("AddonDeleted"), tag="addons", query={"force": {"type": "boolean"}})
+    async def delete_addon_route(self, request: Any, user: Any, app: Any, kind: str) -> Any:
+        force = (request.args.get(b"force") or [b""])[0].lower() in (b"1", b"true", b"yes")
+        final = await _domain(self).destroy(user, app, kind, force=force)
+        return {"deleted": kind, "final_backup": final}
 
-@operation("DELETE", "/apps/{app}/addons/{kind}", "deleteAddon",
-           "Take a final backup (when backup nodes are configured), then drop the database "
-           "and unset its config var; a failed final backup, or no backup node answering, "
-           "drops nothing (409 final_backup_failed) unless force=true",
-           response=ref("AddonDeleted"), tag="addons", query={"force": {"type": "boolean"}})
-async def delete_addon_route(self: Api, request: Any, user: Any, app: Any, kind: str) -> Any:
-    force = (request.args.get(b"force") or [b""])[0].lower() in (b"1", b"true", b"yes")
-    final = await _domain(self).destroy(user, app, kind, force=force)
-    return {"deleted": kind, "final_backup": final}
+    @operation("GET", "/apps/{app}/addons/{kind}/snapshots", "listSnapshots",
+               "The btrfs snapshots of a dedicated server's data dir on its runner, newest first",
+               response=array(ref("Snapshot")), tag="addons")
+    async def list_snapshots_route(self, request: Any, user: Any, app: Any, kind: str) -> Any:
+        return await _domain(self).list_snapshots(app, kind)
 
+    @operation("POST", "/apps/{app}/addons/{kind}/snapshots/{snapshot_id}/restore",
+               "restoreSnapshot",
+               "Stop the dedicated server, make its data dir the snapshot's (the previous data dir "
+               "is kept beside it on the runner), start it again", response=ref("SnapshotRestored"),
+               tag="addons")
+    async def restore_snapshot_route(self, request: Any, user: Any, app: Any, kind: str,
+                                     snapshot_id: str) -> Any:
+        return await _domain(self).restore_snapshot(user, app, kind, snapshot_id)
 
-@operation("GET", "/apps/{app}/addons/{kind}/snapshots", "listSnapshots",
-           "The btrfs snapshots of a dedicated server's data dir on its runner, newest first",
-           response=array(ref("Snapshot")), tag="addons")
-async def list_snapshots_route(self: Api, request: Any, user: Any, app: Any, kind: str) -> Any:
-    return await _domain(self).list_snapshots(app, kind)
+    @operation("GET", "/apps/{app}/backups", "listBackups",
+               "The app's backups on every backup node, newest first (failed ones included, "
+               "marked failed)", response=array(ref("Backup")), tag="backups",
+               query={"kind": {"type": "string", "enum": list(KINDS)}})
+    async def list_backups_route(self, request: Any, user: Any, app: Any) -> Any:
+        return await _domain(self).list_backups(app, _kind(request))
 
+    @operation("POST", "/apps/{app}/backups", "createBackup",
+               "Back the app's databases up now; answers when each backup is verified or failed",
+               request=ref("NewBackup"), response=array(ref("Backup")), status=201, tag="backups")
+    async def create_backup_route(self, request: Any, user: Any, app: Any,
+                                  body: dict[str, Any]) -> Any:
+        return await _domain(self).create_backup(app, body.get("kind"))
 
-@operation("POST", "/apps/{app}/addons/{kind}/snapshots/{snapshot_id}/restore",
-           "restoreSnapshot",
-           "Stop the dedicated server, make its data dir the snapshot's (the previous data dir "
-           "is kept beside it on the runner), start it again", response=ref("SnapshotRestored"),
-           tag="addons")
-async def restore_snapshot_route(self: Api, request: Any, user: Any, app: Any, kind: str,
-                                 snapshot_id: str) -> Any:
-    return await _domain(self).restore_snapshot(user, app, kind, snapshot_id)
+    @operation("POST", "/apps/{app}/backups/{backup_id}/restore", "restoreBackup",
+               "Restore a verified backup into the app's (or to_app's) database: a new database "
+               "first, then a switch; the previous data is kept", request=ref("Restore"),
+               response=ref("Restored"), tag="backups")
+    async def restore_backup_route(self, request: Any, user: Any, app: Any, backup_id: str,
+                                   body: dict[str, Any]) -> Any:
+        return await _domain(self).restore_backup(user, app, backup_id, body.get("to_app"),
+                                                  self.platform)
 
+    @operation("GET", "/apps/{app}/backups/{backup_id}/download", "downloadBackup",
+               "The backup file (pg_dump custom format or Redis RDB), streamed; X-Backup-Sha256 "
+               "and X-Backup-Status headers", response={"type": "string", "format": "binary"},
+               response_type="application/octet-stream", tag="backups", raw=True)
+    async def download_backup_route(self, request: Any, user: Any, app: Any,
+                                    backup_id: str) -> Any:
+        started = False
 
-@operation("GET", "/apps/{app}/backups", "listBackups",
-           "The app's backups on every backup node, newest first (failed ones included, "
-           "marked failed)", response=array(ref("Backup")), tag="backups",
-           query={"kind": {"type": "string", "enum": list(KINDS)}})
-async def list_backups_route(self: Api, request: Any, user: Any, app: Any) -> Any:
-    return await _domain(self).list_backups(app, _kind(request))
+        async def write(reply: dict[str, Any], data: bytes) -> None:
+            nonlocal started
+            if not started:
+                started = True
+                request.setResponseCode(200)
+                request.setHeader(b"Content-Type", b"application/octet-stream")
+                request.setHeader(b"Content-Length", str(int(reply.get("size") or 0)).encode())
+                request.setHeader(b"X-Backup-Sha256", str(reply.get("sha256") or "").encode())
+                request.setHeader(b"X-Backup-Status", str(reply.get("status") or "").encode())
+                ext = "rdb" if reply.get("kind") == "redis" else "dump"
+                request.setHeader(b"Content-Disposition",
+                                  f'attachment; filename="{app.name}-{backup_id}.{ext}"'.encode())
+            if data:
+                request.write(data)
 
-
-@operation("POST", "/apps/{app}/backups", "createBackup",
-           "Back the app's databases up now; answers when each backup is verified or failed",
-           request=ref("NewBackup"), response=array(ref("Backup")), status=201, tag="backups")
-async def create_backup_route(self: Api, request: Any, user: Any, app: Any,
-                              body: dict[str, Any]) -> Any:
-    return await _domain(self).create_backup(app, body.get("kind"))
-
-
-@operation("POST", "/apps/{app}/backups/{backup_id}/restore", "restoreBackup",
-           "Restore a verified backup into the app's (or to_app's) database: a new database "
-           "first, then a switch; the previous data is kept", request=ref("Restore"),
-           response=ref("Restored"), tag="backups")
-async def restore_backup_route(self: Api, request: Any, user: Any, app: Any, backup_id: str,
-                               body: dict[str, Any]) -> Any:
-    return await _domain(self).restore_backup(user, app, backup_id, body.get("to_app"),
-                                              self.platform)
-
-
-@operation("GET", "/apps/{app}/backups/{backup_id}/download", "downloadBackup",
-           "The backup file (pg_dump custom format or Redis RDB), streamed; X-Backup-Sha256 "
-           "and X-Backup-Status headers", response={"type": "string", "format": "binary"},
-           response_type="application/octet-stream", tag="backups", raw=True)
-async def download_backup_route(self: Api, request: Any, user: Any, app: Any,
-                                backup_id: str) -> Any:
-    started = False
-
-    async def write(reply: dict[str, Any], data: bytes) -> None:
-        nonlocal started
-        if not started:
-            started = True
-            request.setResponseCode(200)
-            request.setHeader(b"Content-Type", b"application/octet-stream")
-            request.setHeader(b"Content-Length", str(int(reply.get("size") or 0)).encode())
-            request.setHeader(b"X-Backup-Sha256", str(reply.get("sha256") or "").encode())
-            request.setHeader(b"X-Backup-Status", str(reply.get("status") or "").encode())
-            ext = "rdb" if reply.get("kind") == "redis" else "dump"
-            request.setHeader(b"Content-Disposition",
-                              f'attachment; filename="{app.name}-{backup_id}.{ext}"'.encode())
-        if data:
-            request.write(data)
-
-    finished: list[bool] = []
-    request.notifyFinish().addBoth(lambda _: finished.append(True))
-    await _domain(self).download(app, backup_id, write, gone=lambda: bool(finished))
-    return b""
+        finished: list[bool] = []
+        request.notifyFinish().addBoth(lambda _: finished.append(True))
+        await _domain(self).download(app, backup_id, write, gone=lambda: bool(finished))
+        return b""

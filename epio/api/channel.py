@@ -110,12 +110,12 @@ class DeadlineChannel(HTTPChannel):
             self._last = self._now()
         elif phase == IDLE and not self._handlingRequest and data.strip(b"\r\n"):
             self._start_head()
-        super().dataReceived(data)
+        HTTPChannel.dataReceived(self, data)
 
     def lineReceived(self, line: bytes) -> None:
         if self._phase == IDLE and not self._handlingRequest:
             self._start_head()  # a pipelined head replayed from the channel's buffer
-        super().lineReceived(line)
+        HTTPChannel.lineReceived(self, line)
 
     def allHeadersReceived(self) -> None:
         if self.length != 0:  # a body follows (None: chunked)
@@ -126,15 +126,15 @@ class DeadlineChannel(HTTPChannel):
         else:
             self._phase = IDLE
             self._disarm()
-        super().allHeadersReceived()
+        HTTPChannel.allHeadersReceived(self)
 
     def allContentReceived(self) -> None:
         self._phase = IDLE
         self._disarm()
-        super().allContentReceived()
+        HTTPChannel.allContentReceived(self)
 
     def requestDone(self, request: Any) -> None:
-        super().requestDone(request)
+        HTTPChannel.requestDone(self, request)
         # bytes of a next head left over from the replay of pipelined data
         buffered: Any = self.__dict__.get("_buffer", b"")
         if self._phase == IDLE and not self._handlingRequest and buffered:
@@ -146,4 +146,4 @@ class DeadlineChannel(HTTPChannel):
         limit = getattr(self.factory, "limit", None)
         if limit is not None:
             limit.closed()
-        super().connectionLost(reason)
+        HTTPChannel.connectionLost(self, reason)

@@ -38,14 +38,17 @@ from typing import Any
 from attrs import frozen
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from epio.api import errors
+from epio.api.operations import operation
 from epio.api.spec import INT, NULLABLE_NUM, NULLABLE_STR, SCHEMAS, STR, array, obj, ref
 from epio.api.state import current_release, platform_line
-from epio.api.web import Api, operation
+from epio.config import Config
 from epio.cronspec import CronError, CronSpec, parse_schedule
+from epio.services import attach
 from epio.store import LeaderService, NotFound, Store
 from epio.store.cron import CronState, claim_slot, list_cron, record_run
 from epio.store.runs import new_session_id
@@ -72,9 +75,9 @@ class CronSettings:
     start_deadline: float = 120.0
 
     @classmethod
-    def from_config(cls, config: Any) -> CronSettings:
-        c = config["cron"]
-        return cls(tick=float(c["tick"]), start_deadline=float(c["start_deadline"]))
+    def from_config(cls, config: Config) -> CronSettings:
+        c = config.settings.cron
+        return cls(tick=c.tick, start_deadline=c.start_deadline)
 
 
 @frozen
@@ -115,7 +118,7 @@ class CronRunner:
 
     log = Logger()
 
-    def __init__(self, store: Store, sessions: Any, clock: Any, settings: CronSettings,
+    def __init__(self, store: Store, sessions: Any, clock: IReactorTime, settings: CronSettings,
                  log_sink: Any = None) -> None:
         self.store = store
         self.sessions = sessions  # epio.api.run.RunSessions
@@ -312,25 +315,30 @@ def _run_status(rec: Any) -> str:
     return "failed"
 
 
-@operation("GET", "/apps/{app}/cron", "listCron",
-           "The app's [cron] entries with their last run, status and next slot (UTC)",
-           response=array(ref("CronEntry")), tag="run")
-async def list_cron_entries(self: Api, request: Any, user: Any, app: Any) -> Any:
-    platform = self.platform
-    return await describe(platform.store, app.name, platform.clock.seconds())
-
-
 class CronService(MultiService):
     """Runs the cron runner while this process holds the ``epio.cron`` lock."""
 
-    def __init__(self, runner: CronRunner, store: Store, clock: Any,
+    def __init__(self, runner: CronRunner, store: Store, clock: IReactorTime,
                  retry_interval: float) -> None:
-        super().__init__()
+        MultiService.__init__(self)
         self.runner = runner
         self.leader = LeaderService(store, LOCK_NAME, runner.become_leader,
                                     runner.lose_leadership, clock=clock,
                                     retry_interval=retry_interval)
-        self.leader.setServiceParent(self)
+        attach(self.leader, self)
+
+
+class CronRoutes:
+    """The ``[cron]`` endpoints of :class:`epio.api.web.Api`."""
+
+    platform: Any  # epio.api.domain.Platform
+
+    @operation("GET", "/apps/{app}/cron", "listCron",
+               "The app's [cron] entries with their last run, status and next slot (UTC)",
+               response=array(ref("CronEntry")), tag="run")
+    async def list_cron_entries(self, request: Any, user: Any, app: Any) -> Any:
+        platform = self.platform
+        return await describe(platform.store, app.name, platform.clock.seconds())
 
 
 __all__ = ["CronRunner", "CronService", "CronSettings", "describe", "entries_of"]

@@ -34,12 +34,14 @@ polled with ``log_offset`` by ``epio deploy``) and sent to the app's log.
 from __future__ import annotations
 
 from collections.abc import Coroutine, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
+from epio.api.control import IRunnerControl
 from epio.api.settings import ApiSettings
 from epio.api.state import (
     DEFAULT_SIZE,
@@ -63,6 +65,10 @@ from epio.store import (
     Store,
     User,
 )
+
+if TYPE_CHECKING:
+    from epio.api.addons import Addons
+    from epio.api.run import RunSessions
 
 
 def formation_text(formation: Mapping[str, Any], processes: Mapping[str, str],
@@ -110,12 +116,14 @@ class Deployer:
     """Runs deploys in this api process (each is a coroutine kept until it ends)."""
 
     log = Logger()
-    addons: Any = None  # epio.api.addons.Addons, set by the api service
 
-    def __init__(self, store: Store, control: Any, clock: Any, settings: ApiSettings,
+    def __init__(self, store: Store, control: IRunnerControl, clock: IReactorTime, settings: ApiSettings,
                  scheduler: Any = None, log_sink: Any = None,
-                 owner: Mapping[str, str] | None = None) -> None:
+                 owner: Mapping[str, str] | None = None, *, addons: Addons | None = None,
+                 run_sessions: RunSessions | None = None) -> None:
         self.store = store
+        self.addons = addons  # [services] of a deploy (None in tests without add-ons)
+        self.run_sessions = run_sessions  # the [release] command (epio.api.run)
         self.control = control
         self.clock = clock
         self.settings = settings

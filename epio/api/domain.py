@@ -12,8 +12,9 @@ import ipaddress
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from epio.api import errors
@@ -45,6 +46,9 @@ from epio.store import (
 )
 from epio.store import NotFound as StoreNotFound
 
+if TYPE_CHECKING:
+    from epio.api.addons import Addons
+
 ADMIN_NAME = "admin"
 ADMIN_TOKEN_FILE = "admin-token"
 
@@ -53,11 +57,12 @@ class Platform:
     """Use cases of the API; ``deployer`` and ``scheduler`` may be None in tests."""
 
     log = Logger()
-    addons: Any = None  # epio.api.addons.Addons, set by the api service
 
-    def __init__(self, store: Store, settings: ApiSettings, clock: Any,
-                 deployer: Any = None, scheduler: Any = None) -> None:
+    def __init__(self, store: Store, settings: ApiSettings, clock: IReactorTime,
+                 deployer: Any = None, scheduler: Any = None, *,
+                 addons: Addons | None = None) -> None:
         self.store = store
+        self.addons = addons
         self.settings = settings
         self.clock = clock
         self.deployer = deployer
@@ -423,7 +428,8 @@ class Platform:
     async def start_deploy(self, user: User, app: App, tarball: bytes) -> Deploy:
         if self.deployer is None:
             raise errors.Unavailable("this api process cannot deploy (no deployer)")
-        return await self.deployer.start(app, user, tarball)
+        deploy: Deploy = await self.deployer.start(app, user, tarball)
+        return deploy
 
     async def list_deploys(self, app: App, limit: int) -> list[Deploy]:
         return await self.store.list_deploys(app.name, limit)

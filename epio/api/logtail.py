@@ -45,11 +45,11 @@ import re
 from collections import deque
 from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from zope.interface import implementer
@@ -64,6 +64,9 @@ from epio.logclient import (
     LogsUnavailable,
     unknown_metric,
 )
+
+if TYPE_CHECKING:
+    from epio.node import Node
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d|w)$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -228,7 +231,8 @@ class TailProtocol(WebSocketServerProtocol):
 
     def _send_json(self, msg: dict[str, Any]) -> None:
         if self.state == self.STATE_OPEN:
-            self.sendMessage(json.dumps(msg, separators=(",", ":")).encode("utf-8"))
+            self.sendMessage(  # type: ignore[no-untyped-call]  # autobahn is unannotated
+                json.dumps(msg, separators=(",", ":")).encode("utf-8"))
 
     # TailSink
     def lines(self, lines: list[Line]) -> None:
@@ -267,7 +271,7 @@ class TailFactory(WebSocketServerFactory):
 
     def __init__(self, client: LogClient, app: str, n: int, filt: LineFilter,
                  buffer_lines: int, on_missed: Callable[[int], None] | None) -> None:
-        super().__init__()
+        WebSocketServerFactory.__init__(self)
         self.client = client
         self.app = app
         self.n = n
@@ -275,7 +279,7 @@ class TailFactory(WebSocketServerFactory):
         self.buffer_lines = buffer_lines
         self.on_missed = on_missed
         # keep-alive pings so dead clients are noticed
-        self.setProtocolOptions(autoPingInterval=30, autoPingTimeout=30)
+        WebSocketServerFactory.setProtocolOptions(self, autoPingInterval=30, autoPingTimeout=30)
 
 
 def _error(request: Any, status: int, code: str, message: str) -> bytes:
@@ -290,7 +294,7 @@ class LogTail:
     log = Logger()
 
     def __init__(self, client: LogClient, authorize: Callable[[IRequest, str], Awaitable[Any]],
-                 clock: Any, *, default_lines: int = 100, max_lines: int = 10_000,
+                 clock: IReactorTime, *, default_lines: int = 100, max_lines: int = 10_000,
                  buffer_lines: int = 5_000, registry: Any = None) -> None:
         self.client = client
         self.authorize = authorize
@@ -305,14 +309,12 @@ class LogTail:
                 "Live-tail lines not delivered to a websocket client (slow client or gap).")
 
     @classmethod
-    def from_node(cls, node: Any, client: LogClient,
+    def from_node(cls, node: Node, client: LogClient,
                   authorize: Callable[[IRequest, str], Awaitable[Any]]) -> LogTail:
-        from epio.metrics import registry_for
-
-        sec = node.config["logger"]
-        return cls(client, authorize, node.reactor, default_lines=sec["tail_default_lines"],
-                   max_lines=sec["query_max_lines"], buffer_lines=sec["tail_buffer_lines"],
-                   registry=registry_for(node))
+        sec = node.settings.logger
+        return cls(client, authorize, node.reactor, default_lines=sec.tail_default_lines,
+                   max_lines=sec.query_max_lines, buffer_lines=sec.tail_buffer_lines,
+                   registry=node.metrics)
 
     def _on_missed(self, n: int) -> None:
         if self._missed is not None:

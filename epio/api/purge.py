@@ -15,10 +15,12 @@ from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from epio.api.errors import ApiError
+from epio.services import attach
 from epio.store import LeaderService, Store, StoreError
 
 PURGE_LOCK = "epio.purge"
@@ -29,7 +31,7 @@ class AppPurger:
 
     log = Logger()
 
-    def __init__(self, platform: Any, store: Store, clock: Any) -> None:
+    def __init__(self, platform: Any, store: Store, clock: IReactorTime) -> None:
         self.platform = platform
         self.store = store
         self.clock = clock
@@ -57,16 +59,16 @@ class PurgeService(MultiService):
 
     log = Logger()
 
-    def __init__(self, purger: AppPurger, store: Store, clock: Any, interval: float,
+    def __init__(self, purger: AppPurger, store: Store, clock: IReactorTime, interval: float,
                  retry_interval: float) -> None:
-        super().__init__()
+        MultiService.__init__(self)
         self.purger = purger
         self.clock = clock
         self.interval = interval
         self._loop: LoopingCall | None = None
         self.leader = LeaderService(store, PURGE_LOCK, self._elected, self._lost, clock=clock,
                                     retry_interval=retry_interval)
-        self.leader.setServiceParent(self)
+        attach(self.leader, self)
 
     def _elected(self) -> None:
         self.log.info("elected leader for {lock}: purging destroyed apps every {interval}s",
@@ -87,4 +89,4 @@ class PurgeService(MultiService):
 
     def stopService(self) -> Any:
         self._lost()
-        return super().stopService()
+        return MultiService.stopService(self)

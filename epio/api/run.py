@@ -41,15 +41,19 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from attrs import frozen
+from autobahn.twisted.resource import WebSocketResource
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from epio import domain
 from epio.api import errors
+from epio.api.control import IRunnerControl
 from epio.api.jsonschema import SchemaError, validate
+from epio.api.operations import operation, query_int
 from epio.api.spec import (
     BOOL,
     INT,
@@ -64,7 +68,7 @@ from epio.api.spec import (
     ref,
 )
 from epio.api.state import DEFAULT_SIZE, SIZES, current_release
-from epio.api.web import Api, operation, query_int
+from epio.config import Config
 from epio.store.addons import addon_ports
 from epio.store.runs import new_session_id
 
@@ -105,14 +109,14 @@ class RunApiSettings:
     runner_dead_after: float = 15.0
 
     @classmethod
-    def from_config(cls, config: Any) -> RunApiSettings:
-        c = config["run"]
+    def from_config(cls, config: Config) -> RunApiSettings:
+        c = config.settings.run
         return cls(
-            max_sessions_per_app=c["max_sessions_per_app"], lease=c["lease"],
-            poll_wait=c["poll_wait"], chunk=c["chunk_kb"] * 1024,
-            input_buffer=c["input_buffer_kb"] * 1024, runner_timeout=c["runner_timeout"],
-            release_timeout=c["release_timeout"],
-            runner_dead_after=float(config["api"].get("runner_dead_after", 15.0)),
+            max_sessions_per_app=c.max_sessions_per_app, lease=c.lease,
+            poll_wait=c.poll_wait, chunk=c.chunk_kb * 1024,
+            input_buffer=c.input_buffer_kb * 1024, runner_timeout=c.runner_timeout,
+            release_timeout=c.release_timeout,
+            runner_dead_after=config.settings.api.runner_dead_after,
         )
 
 
@@ -141,7 +145,7 @@ class RunSessions:
 
     log = Logger()
 
-    def __init__(self, store: Any, control: Any, clock: Any, settings: RunApiSettings,
+    def __init__(self, store: Any, control: IRunnerControl, clock: IReactorTime, settings: RunApiSettings,
                  log_sink: Any = None,
                  platform_env: Callable[[str], Awaitable[dict[str, str]]] | None = None) -> None:
         self.store = store
@@ -360,7 +364,7 @@ class Bridge:
 
     log = Logger()
 
-    def __init__(self, control: Any, endpoint: str, session_id: str, client: str, clock: Any,
+    def __init__(self, control: IRunnerControl, endpoint: str, session_id: str, client: str, clock: IReactorTime,
                  settings: RunApiSettings, sink: Any) -> None:
         self.control = control
         self.endpoint = endpoint
@@ -561,206 +565,195 @@ class Bridge:
 # ------------------------------------------------------------------------ websocket
 
 
-def _ws_classes() -> tuple[Any, Any]:
-    from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+@implementer(IPushProducer)
+class RunProtocol(WebSocketServerProtocol):
+    """One websocket client of one session (see the module doc for the frames)."""
 
-    @implementer(IPushProducer)
-    class RunProtocol(WebSocketServerProtocol):
-        """One websocket client of one session (see the module doc for the frames)."""
+    def onOpen(self) -> None:
+        self.bridge: Bridge | None = None
+        self.begun = False
+        t: Any = self.transport
+        if getattr(t, "producer", None) is not None:
+            t.unregisterProducer()
+        t.registerProducer(self, True)
+        f = self.factory
+        self._first = f.clock.callLater(FIRST_MESSAGE_TIMEOUT, self._no_start)
 
-        def onOpen(self) -> None:
-            self.bridge: Bridge | None = None
-            self.begun = False
-            t: Any = self.transport
-            if getattr(t, "producer", None) is not None:
-                t.unregisterProducer()
-            t.registerProducer(self, True)
-            f = self.factory
-            self._first = f.clock.callLater(FIRST_MESSAGE_TIMEOUT, self._no_start)
+    def _no_start(self) -> None:
+        if not self.begun:
+            self.on_error("bad_request", "no start message")
 
-        def _no_start(self) -> None:
-            if not self.begun:
-                self.on_error("bad_request", "no start message")
-
-        def onMessage(self, payload: bytes, isBinary: bool) -> None:
-            if not self.begun:
-                self.begun = True
-                if self._first.active():
-                    self._first.cancel()
-                try:
-                    msg = json.loads(payload) if not isBinary else None
-                except ValueError:
-                    msg = None
-                if not isinstance(msg, dict):
-                    self.on_error("bad_request", "the first message must be a JSON object")
-                    return
-                d = ensureDeferred(self._begin(msg))
-                d.addErrback(self._begin_failed)
-                return
-            b = self.bridge
-            if b is None:
-                return
-            if isBinary:
-                if payload:
-                    b.send(data=bytes(payload))
-                return
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if not self.begun:
+            self.begun = True
+            if self._first.active():
+                self._first.cancel()
             try:
-                msg = json.loads(payload)
+                msg = json.loads(payload) if not isBinary else None
             except ValueError:
-                return
+                msg = None
             if not isinstance(msg, dict):
+                self.on_error("bad_request", "the first message must be a JSON object")
                 return
-            kind = msg.get("type")
-            if kind == "resize":
-                rows, cols = msg.get("rows"), msg.get("cols")
-                if isinstance(rows, int) and isinstance(cols, int) and 0 < rows < 10000 \
-                        and 0 < cols < 10000:
-                    b.send(rows=rows, cols=cols)
-            elif kind == "eof":
-                b.send(eof=True)
-            elif kind == "signal" and isinstance(msg.get("name"), str):
-                b.send(signal=msg["name"])
-            elif kind == "detach":
-                self.sendClose(1000, "detached")
+            d = ensureDeferred(self._begin(msg))
+            d.addErrback(self._begin_failed)
+            return
+        b = self.bridge
+        if b is None:
+            return
+        if isBinary:
+            if payload:
+                b.send(data=bytes(payload))
+            return
+        try:
+            msg = json.loads(payload)
+        except ValueError:
+            return
+        if not isinstance(msg, dict):
+            return
+        kind = msg.get("type")
+        if kind == "resize":
+            rows, cols = msg.get("rows"), msg.get("cols")
+            if isinstance(rows, int) and isinstance(cols, int) and 0 < rows < 10000 \
+                    and 0 < cols < 10000:
+                b.send(rows=rows, cols=cols)
+        elif kind == "eof":
+            b.send(eof=True)
+        elif kind == "signal" and isinstance(msg.get("name"), str):
+            b.send(signal=msg["name"])
+        elif kind == "detach":
+            self.sendClose(1000, "detached")
 
-        async def _begin(self, msg: dict[str, Any]) -> None:
-            f = self.factory
-            client = uuid.uuid4().hex
-            sessions: RunSessions = f.sessions
-            rows = int(msg["rows"]) if isinstance(msg.get("rows"), int) else 24
-            cols = int(msg["cols"]) if isinstance(msg.get("cols"), int) else 80
-            if f.number is None:
-                if msg.get("type") != "start":
-                    raise errors.BadRequest("the first message must be {\"type\": \"start\"}")
-                command = check_command(msg.get("command"))
-                tty = bool(msg.get("tty", True))
-                term = str(msg["term"]) if isinstance(msg.get("term"), str) else "xterm"
-                rec, endpoint = await sessions.start(f.app, f.user, command, tty=tty,
-                                                     detach=False, rows=rows, cols=cols,
-                                                     term=term, client=client)
-                offset, seq = 0, 0
+    async def _begin(self, msg: dict[str, Any]) -> None:
+        f = self.factory
+        client = uuid.uuid4().hex
+        sessions: RunSessions = f.sessions
+        rows = int(msg["rows"]) if isinstance(msg.get("rows"), int) else 24
+        cols = int(msg["cols"]) if isinstance(msg.get("cols"), int) else 80
+        if f.number is None:
+            if msg.get("type") != "start":
+                raise errors.BadRequest("the first message must be {\"type\": \"start\"}")
+            command = check_command(msg.get("command"))
+            tty = bool(msg.get("tty", True))
+            term = str(msg["term"]) if isinstance(msg.get("term"), str) else "xterm"
+            rec, endpoint = await sessions.start(f.app, f.user, command, tty=tty,
+                                                 detach=False, rows=rows, cols=cols,
+                                                 term=term, client=client)
+            offset, seq = 0, 0
+        else:
+            from epio.store.runs import get_run
+
+            if msg.get("type") != "attach":
+                raise errors.BadRequest("the first message must be {\"type\": \"attach\"}")
+            rec = await get_run(sessions.store, f.app.name, f.number)
+            if rec.state not in ("starting", "running"):
+                raise errors.Conflict(f"run.{rec.number} has ended ({rec.state})",
+                                      code="session_ended")
+            endpoint = await sessions.endpoint_of(rec.node)
+            reply = await sessions.control.request(
+                endpoint, "run.attach", {"session_id": rec.id, "client": client,
+                                         "rows": rows, "cols": cols},
+                timeout=sessions.settings.runner_timeout)
+            offset, seq, tty = int(reply["offset"]), int(reply["seq"]), bool(reply["tty"])
+        if self.state != self.STATE_OPEN:
+            # the client left while the session started: it stays detached
+            await sessions.control.request(endpoint, "run.detach",
+                                           {"session_id": rec.id, "client": client},
+                                           timeout=sessions.settings.runner_timeout)
+            return
+        self._json({"type": "session", "id": rec.id, "number": rec.number,
+                    "node": rec.node, "tty": tty, "command": rec.command})
+        self.bridge = Bridge(sessions.control, endpoint, rec.id, client, f.clock,
+                             sessions.settings, self)
+        self.bridge.start(offset, seq)
+
+    def _begin_failed(self, failure: Any) -> None:
+        err = errors.to_api_error(failure.value)
+        if err is None:
+            code = getattr(failure.value, "code", None)
+            if code is not None:
+                err = errors.ApiError(_message(failure.value), code=str(code))
             else:
-                from epio.store.runs import get_run
+                _log.failure("starting a run session failed", failure)
+                err = errors.INTERNAL
+        self.on_error(err.code, err.message)
 
-                if msg.get("type") != "attach":
-                    raise errors.BadRequest("the first message must be {\"type\": \"attach\"}")
-                rec = await get_run(sessions.store, f.app.name, f.number)
-                if rec.state not in ("starting", "running"):
-                    raise errors.Conflict(f"run.{rec.number} has ended ({rec.state})",
-                                          code="session_ended")
-                endpoint = await sessions.endpoint_of(rec.node)
-                reply = await sessions.control.request(
-                    endpoint, "run.attach", {"session_id": rec.id, "client": client,
-                                             "rows": rows, "cols": cols},
-                    timeout=sessions.settings.runner_timeout)
-                offset, seq, tty = int(reply["offset"]), int(reply["seq"]), bool(reply["tty"])
-            if self.state != self.STATE_OPEN:
-                # the client left while the session started: it stays detached
-                await sessions.control.request(endpoint, "run.detach",
-                                               {"session_id": rec.id, "client": client},
-                                               timeout=sessions.settings.runner_timeout)
-                return
-            self._json({"type": "session", "id": rec.id, "number": rec.number,
-                        "node": rec.node, "tty": tty, "command": rec.command})
-            self.bridge = Bridge(sessions.control, endpoint, rec.id, client, f.clock,
-                                 sessions.settings, self)
-            self.bridge.start(offset, seq)
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        first = getattr(self, "_first", None)
+        if first is not None and first.active():
+            first.cancel()
+        b = getattr(self, "bridge", None)
+        if b is not None:
+            b.close()
 
-        def _begin_failed(self, failure: Any) -> None:
-            err = errors.to_api_error(failure.value)
-            if err is None:
-                code = getattr(failure.value, "code", None)
-                if code is not None:
-                    err = errors.ApiError(_message(failure.value), code=str(code))
-                else:
-                    _log.failure("starting a run session failed", failure)
-                    err = errors.INTERNAL
-            self.on_error(err.code, err.message)
+    def _json(self, msg: dict[str, Any]) -> None:
+        if self.state == self.STATE_OPEN:
+            self.sendMessage(  # type: ignore[no-untyped-call]  # autobahn is unannotated
+                json.dumps(msg, separators=(",", ":")).encode("utf-8"))
 
-        def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-            first = getattr(self, "_first", None)
-            if first is not None and first.active():
-                first.cancel()
-            b = getattr(self, "bridge", None)
-            if b is not None:
-                b.close()
+    # BridgeSink
+    def on_output(self, fd: int, data: bytes) -> None:
+        if self.state == self.STATE_OPEN:
+            self.sendMessage(  # type: ignore[no-untyped-call]  # autobahn is unannotated
+                bytes([fd]) + data, isBinary=True)
 
-        def _json(self, msg: dict[str, Any]) -> None:
-            if self.state == self.STATE_OPEN:
-                self.sendMessage(json.dumps(msg, separators=(",", ":")).encode("utf-8"))
+    def on_exit(self, status: int | None, signal: str | None, reason: str | None) -> None:
+        self._json({"type": "exit", "status": status, "signal": signal, "reason": reason})
+        if self.state == self.STATE_OPEN:
+            self.sendClose(1000, "exited")
 
-        # BridgeSink
-        def on_output(self, fd: int, data: bytes) -> None:
-            if self.state == self.STATE_OPEN:
-                self.sendMessage(bytes([fd]) + data, isBinary=True)
+    def on_error(self, code: str, message: str) -> None:
+        self._json({"type": "error", "code": code, "message": message})
+        if self.state == self.STATE_OPEN:
+            self.sendClose(1000, code[:100])
 
-        def on_exit(self, status: int | None, signal: str | None, reason: str | None) -> None:
-            self._json({"type": "exit", "status": status, "signal": signal, "reason": reason})
-            if self.state == self.STATE_OPEN:
-                self.sendClose(1000, "exited")
+    def pause_input(self) -> None:
+        t: Any = self.transport
+        t.pauseProducing()
 
-        def on_error(self, code: str, message: str) -> None:
-            self._json({"type": "error", "code": code, "message": message})
-            if self.state == self.STATE_OPEN:
-                self.sendClose(1000, code[:100])
+    def resume_input(self) -> None:
+        t: Any = self.transport
+        t.resumeProducing()
 
-        def pause_input(self) -> None:
-            t: Any = self.transport
-            t.pauseProducing()
+    # IPushProducer: the transport's send buffer is full / drained
+    def pauseProducing(self) -> None:
+        b = getattr(self, "bridge", None)
+        if b is not None:
+            b.pause()
 
-        def resume_input(self) -> None:
-            t: Any = self.transport
-            t.resumeProducing()
+    def resumeProducing(self) -> None:
+        b = getattr(self, "bridge", None)
+        if b is not None:
+            b.resume()
 
-        # IPushProducer: the transport's send buffer is full / drained
-        def pauseProducing(self) -> None:
-            b = getattr(self, "bridge", None)
-            if b is not None:
-                b.pause()
-
-        def resumeProducing(self) -> None:
-            b = getattr(self, "bridge", None)
-            if b is not None:
-                b.resume()
-
-        def stopProducing(self) -> None:
-            pass
-
-    class RunFactory(WebSocketServerFactory):
-        protocol = RunProtocol
-
-        def __init__(self, sessions: RunSessions, app: Any, user: Any, number: int | None,
-                     clock: Any) -> None:
-            super().__init__()
-            self.sessions = sessions
-            self.app = app
-            self.user = user
-            self.number = number
-            self.clock = clock
-            self.setProtocolOptions(autoPingInterval=30, autoPingTimeout=30)
-
-    return RunProtocol, RunFactory
+    def stopProducing(self) -> None:
+        pass
 
 
-_CLASSES: tuple[Any, Any] | None = None
+class RunFactory(WebSocketServerFactory):
+    protocol = RunProtocol
+
+    def __init__(self, sessions: RunSessions, app: Any, user: Any, number: int | None,
+                 clock: IReactorTime) -> None:
+        WebSocketServerFactory.__init__(self)
+        self.sessions = sessions
+        self.app = app
+        self.user = user
+        self.number = number
+        self.clock = clock
+        WebSocketServerFactory.setProtocolOptions(self, autoPingInterval=30, autoPingTimeout=30)
 
 
 def websocket_resource(sessions: RunSessions, app: Any, user: Any,
-                       number: int | None) -> Any:
-    global _CLASSES
-    from autobahn.twisted.resource import WebSocketResource
-
-    if _CLASSES is None:
-        _CLASSES = _ws_classes()
-    factory = _CLASSES[1](sessions, app, user, number, sessions.clock)
-    return WebSocketResource(factory)
+                       number: int | None) -> WebSocketResource:
+    return WebSocketResource(RunFactory(sessions, app, user, number, sessions.clock))
 
 
 # ------------------------------------------------------------------------ routes
 
 
-def _sessions(api: Api) -> RunSessions:
-    sessions = getattr(api, "run", None)
+def _sessions(api: RunRoutes) -> RunSessions:
+    sessions = api.run
     if sessions is None:
         raise errors.Unavailable("the api is starting; try again in a moment", code="starting")
     return sessions
@@ -775,84 +768,6 @@ def _number(text: str) -> int:
 
 def _upgrade(request: Any) -> bool:
     return (request.getHeader(b"upgrade") or b"").lower() == b"websocket"
-
-
-@operation("GET", "/apps/{app}/run", "runSession",
-           "With `Upgrade: websocket`: start an interactive session (epio run); first "
-           "message {type: start, command, tty, rows, cols}", response=None, tag="run",
-           raw=True)
-async def run_websocket(self: Api, request: Any, user: Any, app: Any) -> Any:
-    sessions = _sessions(self)
-    if not _upgrade(request):
-        raise errors.BadRequest("connect with a websocket (Upgrade: websocket)")
-    return websocket_resource(sessions, app, user, None)
-
-
-@operation("GET", "/apps/{app}/runs/{number}/attach", "attachRunSession",
-           "With `Upgrade: websocket`: reattach to a running interactive session; first "
-           "message {type: attach, rows, cols}", response=None, tag="run", raw=True)
-async def attach_websocket(self: Api, request: Any, user: Any, app: Any, number: str) -> Any:
-    sessions = _sessions(self)
-    n = _number(number)
-    if not _upgrade(request):
-        raise errors.BadRequest("connect with a websocket (Upgrade: websocket)")
-    await sessions.get(app.name, n)
-    return websocket_resource(sessions, app, user, n)
-
-
-@operation("GET", "/apps/{app}/runs", "listRunSessions",
-           "Running sessions (with history=true, ended ones too: the audit), newest first",
-           response=array(ref("RunSession")), tag="run",
-           query={"history": {"type": "boolean"},
-                  "limit": {"type": "integer", "minimum": 1, "maximum": 500}})
-async def list_runs(self: Api, request: Any, user: Any, app: Any) -> Any:
-    values = request.args.get(b"history") or [b""]
-    history = values[-1].lower() in (b"1", b"true", b"yes")
-    limit = query_int(request, "limit", 50, 1, 500)
-    return await _sessions(self).describe(app.name, history, limit)
-
-
-@operation("POST", "/apps/{app}/runs", "createRunSession",
-           "Run a command detached (its output goes to the app's log, source run.N)",
-           request=ref("NewRun"), response=ref("RunSession"), status=201, tag="run")
-async def create_run(self: Api, request: Any, user: Any, app: Any,
-                     body: dict[str, Any]) -> Any:
-    if not body.get("detach", True):
-        raise errors.BadRequest("interactive sessions need the websocket: GET /apps/{app}/run")
-    command = check_command(body["command"])
-    rec, _ = await _sessions(self).start(app, user, command, tty=False, detach=True)
-    return {**rec.to_json(), "attached": None}
-
-
-@operation("GET", "/apps/{app}/runs/{number}", "getRunSession", "One session (audit record)",
-           response=ref("RunSession"), tag="run")
-async def get_run(self: Api, request: Any, user: Any, app: Any, number: str) -> Any:
-    rec = await _sessions(self).get(app.name, _number(number))
-    return {**rec.to_json(), "attached": None}
-
-
-@operation("DELETE", "/apps/{app}/runs/{number}", "stopRunSession",
-           "Stop a session: SIGTERM, then SIGKILL after run.kill_grace",
-           response=ref("RunSession"), tag="run")
-async def stop_run(self: Api, request: Any, user: Any, app: Any, number: str) -> Any:
-    rec = await _sessions(self).kill(app.name, _number(number), user)
-    return {**rec.to_json(), "attached": None}
-
-
-# ------------------------------------------------------------------------ wiring
-
-
-def install(api: Any, node: Any, store: Any, control: Any, log_sink: Any = None,
-            deployer: Any = None) -> RunSessions:
-    """Give the api (and its deployer, for the release phase) the run sessions."""
-    scheduler = getattr(deployer, "scheduler", None)
-    sessions = RunSessions(store, control, node.reactor, RunApiSettings.from_config(node.config),
-                           log_sink=log_sink,
-                           platform_env=scheduler.platform_env if scheduler else None)
-    api.run = sessions
-    if deployer is not None:
-        deployer.run_sessions = sessions
-    return sessions
 
 
 # ------------------------------------------------------------------------ release phase
@@ -873,7 +788,7 @@ async def release_phase(deployer: Any, app: Any, deploy: Any, runner: Any, diges
     command = manifest.get("release_command")
     if not command:
         return deploy
-    sessions: RunSessions | None = getattr(deployer, "run_sessions", None)
+    sessions: RunSessions | None = deployer.run_sessions
     settings = sessions.settings if sessions is not None else RunApiSettings()
     store, control, clock = deployer.store, deployer.control, deployer.clock
     deploy = await deployer._say(deploy, f"Release phase: {command}")
@@ -909,8 +824,9 @@ async def release_phase(deployer: Any, app: Any, deploy: Any, runner: Any, diges
                 await control.request(runner.control_endpoint, "run.kill",
                                       {"session_id": sid, "reason": "release_timeout"},
                                       timeout=settings.runner_timeout)
-            except Exception:
-                pass
+            except Exception as e:  # the deploy fails either way; the runner's lease ends it
+                _log.info("run.kill of release command {id} failed: {error}", id=sid,
+                          error=str(e) or type(e).__name__)
             raise DeployFailed(f"the release command did not finish within "
                                f"{settings.release_timeout:g}s; "
                                + await _what_keeps_serving(store, app.name))
@@ -947,5 +863,67 @@ async def _what_keeps_serving(store: Any, app: str) -> str:
     return f"no release was made; v{current.version} keeps serving"
 
 
-__all__ = ["Bridge", "BridgeSink", "RunApiSettings", "RunSessions", "install",
+class RunRoutes:
+    """The ``epio run`` endpoints of :class:`epio.api.web.Api`."""
+
+    run: RunSessions | None  # None while the api is starting (503)
+
+    @operation("GET", "/apps/{app}/run", "runSession",
+               "With `Upgrade: websocket`: start an interactive session (epio run); first "
+               "message {type: start, command, tty, rows, cols}", response=None, tag="run",
+               raw=True)
+    async def run_websocket(self, request: Any, user: Any, app: Any) -> Any:
+        sessions = _sessions(self)
+        if not _upgrade(request):
+            raise errors.BadRequest("connect with a websocket (Upgrade: websocket)")
+        return websocket_resource(sessions, app, user, None)
+
+    @operation("GET", "/apps/{app}/runs/{number}/attach", "attachRunSession",
+               "With `Upgrade: websocket`: reattach to a running interactive session; first "
+               "message {type: attach, rows, cols}", response=None, tag="run", raw=True)
+    async def attach_websocket(self, request: Any, user: Any, app: Any, number: str) -> Any:
+        sessions = _sessions(self)
+        n = _number(number)
+        if not _upgrade(request):
+            raise errors.BadRequest("connect with a websocket (Upgrade: websocket)")
+        await sessions.get(app.name, n)
+        return websocket_resource(sessions, app, user, n)
+
+    @operation("GET", "/apps/{app}/runs", "listRunSessions",
+               "Running sessions (with history=true, ended ones too: the audit), newest first",
+               response=array(ref("RunSession")), tag="run",
+               query={"history": {"type": "boolean"},
+                      "limit": {"type": "integer", "minimum": 1, "maximum": 500}})
+    async def list_runs(self, request: Any, user: Any, app: Any) -> Any:
+        values = request.args.get(b"history") or [b""]
+        history = values[-1].lower() in (b"1", b"true", b"yes")
+        limit = query_int(request, "limit", 50, 1, 500)
+        return await _sessions(self).describe(app.name, history, limit)
+
+    @operation("POST", "/apps/{app}/runs", "createRunSession",
+               "Run a command detached (its output goes to the app's log, source run.N)",
+               request=ref("NewRun"), response=ref("RunSession"), status=201, tag="run")
+    async def create_run(self, request: Any, user: Any, app: Any,
+                         body: dict[str, Any]) -> Any:
+        if not body.get("detach", True):
+            raise errors.BadRequest("interactive sessions need the websocket: GET /apps/{app}/run")
+        command = check_command(body["command"])
+        rec, _ = await _sessions(self).start(app, user, command, tty=False, detach=True)
+        return {**rec.to_json(), "attached": None}
+
+    @operation("GET", "/apps/{app}/runs/{number}", "getRunSession", "One session (audit record)",
+               response=ref("RunSession"), tag="run")
+    async def get_run(self, request: Any, user: Any, app: Any, number: str) -> Any:
+        rec = await _sessions(self).get(app.name, _number(number))
+        return {**rec.to_json(), "attached": None}
+
+    @operation("DELETE", "/apps/{app}/runs/{number}", "stopRunSession",
+               "Stop a session: SIGTERM, then SIGKILL after run.kill_grace",
+               response=ref("RunSession"), tag="run")
+    async def stop_run(self, request: Any, user: Any, app: Any, number: str) -> Any:
+        rec = await _sessions(self).kill(app.name, _number(number), user)
+        return {**rec.to_json(), "attached": None}
+
+
+__all__ = ["Bridge", "BridgeSink", "RunApiSettings", "RunSessions",
            "release_phase", "websocket_resource"]

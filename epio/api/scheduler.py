@@ -47,12 +47,14 @@ from typing import Any
 from attrs import define, evolve, field
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from epio import domain
 from epio.addons.services import SERVICE_PROCESS_TYPES
+from epio.api.control import IRunnerControl
 from epio.api.settings import ApiSettings
 from epio.api.state import (
     DEFAULT_SIZE,
@@ -63,6 +65,7 @@ from epio.api.state import (
     routers_have,
     serving_release,
 )
+from epio.services import attach
 from epio.store import (
     DEPLOY_FINAL,
     Deploy,
@@ -123,7 +126,7 @@ class Scheduler:
 
     log = Logger()
 
-    def __init__(self, store: Store, control: Any, clock: Any, settings: ApiSettings,
+    def __init__(self, store: Store, control: IRunnerControl, clock: IReactorTime, settings: ApiSettings,
                  log_sink: Any = None, app_secret: Callable[[str], str] | None = None) -> None:
         self.store = store
         # a stable per-app secret for frameworks that need one (Django's SECRET_KEY)
@@ -685,11 +688,11 @@ class Scheduler:
 class SchedulerService(MultiService):
     """Runs the scheduler while this process holds the scheduler lock."""
 
-    def __init__(self, scheduler: Scheduler, store: Store, clock: Any,
+    def __init__(self, scheduler: Scheduler, store: Store, clock: IReactorTime,
                  retry_interval: float) -> None:
-        super().__init__()
+        MultiService.__init__(self)
         self.scheduler = scheduler
         self.leader = LeaderService(store, LOCK_NAME, scheduler.become_leader,
                                     scheduler.lose_leadership, clock=clock,
                                     retry_interval=retry_interval)
-        self.leader.setServiceParent(self)
+        attach(self.leader, self)

@@ -1,24 +1,39 @@
 """The api role's service tree: HTTP listener, deployer, scheduler (leader only).
 
-``make_service(node)`` returns a :class:`ApiService`.  It listens at once on
-``api.listen`` (answering 503 ``starting`` until the store is ready), then:
-creates the admin user and ``DATA_DIR/admin-token`` (0600) on a store without
-users (logging WHERE, never the token), starts one bus DEALER for runner
-control, the scheduler's leader election and the log sink.
+``make_service(node)`` is the role's composition root and returns an
+:class:`ApiService`.  The graph is built in two phases, each once, every object
+receiving its collaborators through its constructor:
+
+1. at construction (no I/O): the settings, the connection limit, the request
+   deadlines, the HTTP listener and its :class:`ApiGate`, whose starting api
+   answers 503 ``starting`` to every authenticated endpoint;
+2. when the store is ready (:meth:`ApiService._start`): the admin user and
+   ``DATA_DIR/admin-token`` (0600) on a store without users (logging WHERE, never
+   the token), then :func:`build_ready` makes the bus DEALER for runner control,
+   the log sink, scheduler, add-ons, run sessions, deployer, platform, certs, log
+   tail and the full :class:`~epio.api.web.Api`, and the gate opens on it
+   (``starting -> open``, its only transition).
+
+docs/architecture.md draws the graph.
 """
 
 from __future__ import annotations
 
 import json
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
+from attrs import frozen
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import MultiService
-from twisted.internet.defer import ensureDeferred
+from twisted.application.service import IService, MultiService
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.web import http
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
 from epio.api.channel import DeadlineChannel, Deadlines
@@ -28,8 +43,18 @@ from epio.api.domain import Platform, ensure_admin
 from epio.api.errors import too_large_message
 from epio.api.scheduler import Scheduler, SchedulerService
 from epio.api.settings import ApiSettings, derive_app_secret
-from epio.api.web import TARBALL_TYPES, Api
+from epio.api.web import TARBALL_TYPES, Api, authorize_app
 from epio.listen import ConnectionLimit, LimitedEndpoint, log_backlog, with_backlog
+from epio.metrics import Family
+from epio.services import named
+
+if TYPE_CHECKING:
+    from epio.api.addons import Addons
+    from epio.api.logtail import LogTail
+    from epio.api.run import RunSessions
+    from epio.node import Node
+    from epio.pipeline import BusLogSink
+    from epio.store import Store
 
 
 def limited_request(max_body: int) -> type[Request]:
@@ -60,7 +85,7 @@ def limited_request(max_body: int) -> type[Request]:
                         + b"\r\n\r\n" + body)
                     transport.loseConnection()
                 length = 0
-            super().gotLength(length)
+            Request.gotLength(self, length)
 
         def _epio_upload(self) -> bool:
             kind = (self.requestHeaders.getRawHeaders(b"content-type") or [b""])[0]
@@ -76,7 +101,7 @@ def limited_request(max_body: int) -> type[Request]:
                     self.content.seek(0)
                     self.content.truncate()
                 return
-            super().handleContentChunk(data)
+            Request.handleContentChunk(self, data)
 
     return LimitedRequest
 
@@ -87,26 +112,25 @@ class CountingSite(Site):
 
     protocol = DeadlineChannel  # type: ignore[assignment]  # HTTPFactory types it as a callable
 
-    def __init__(self, resource: Any, deadlines: Deadlines | None = None,
-                 reactor: Any = None, limit: ConnectionLimit | None = None) -> None:
-        super().__init__(resource, reactor=reactor)
+    def __init__(self, resource: IResource, deadlines: Deadlines | None = None,
+                 reactor: IReactorTime | None = None,
+                 limit: ConnectionLimit | None = None) -> None:
+        Site.__init__(self, resource, reactor=reactor)
         self.deadlines = deadlines if deadlines is not None else Deadlines()
         self.limit = limit
         self.status_counts: dict[str, int] = {}
 
-    def buildProtocol(self, addr: Any) -> Any:
+    def buildProtocol(self, addr: IAddress | None) -> Any:  # Twisted: a private channel type
         if self.limit is not None and not self.limit.opened():
             return None  # accepted in the batch that reached max_connections
-        return super().buildProtocol(addr)
+        return Site.buildProtocol(self, addr)
 
-    def log(self, request: Any) -> None:
+    def log(self, request: http.Request) -> None:
         cls = f"{int(getattr(request, 'code', 0) or 0) // 100}xx"
         self.status_counts[cls] = self.status_counts.get(cls, 0) + 1
         super().log(request)
 
-    def metric_families(self) -> list[Any]:
-        from epio.metrics import Family
-
+    def metric_families(self) -> list[Family]:
         fam = Family("epio_api_requests_total", "counter",
                      "HTTP requests the api answered, by status class")
         fam.samples.extend(("", {"class": c}, float(n))
@@ -114,50 +138,153 @@ class CountingSite(Site):
         return [fam]
 
 
-def make_site(api: Api, max_body: int, deadlines: Deadlines | None = None,
-              reactor: Any = None, limit: ConnectionLimit | None = None) -> CountingSite:
-    site = CountingSite(api.resource(), deadlines, reactor, limit)
+def make_site(api: Api | IResource, max_body: int, deadlines: Deadlines | None = None,
+              reactor: IReactorTime | None = None,
+              limit: ConnectionLimit | None = None) -> CountingSite:
+    """The api's Site over ``api`` (an :class:`Api`, or a resource such as the gate)."""
+    resource = api.resource() if isinstance(api, Api) else api
+    site = CountingSite(resource, deadlines, reactor, limit)
     site.displayTracebacks = False
     site.requestFactory = limited_request(max_body)
     return site
 
 
+class ApiGate(Resource):
+    """The api's root resource: the starting api until the store is ready, then the
+    full one.
+
+    Its lifecycle has one transition, made once::
+
+        starting --open(resource)--> open
+
+    Both apis are whole :class:`~epio.api.web.Api` objects built with every
+    collaborator; the starting one has no platform, so it answers 503 ``starting``
+    to authenticated endpoints and serves the others (dashboard, OpenAPI) as usual.
+    """
+
+    isLeaf = True
+
+    def __init__(self, starting: IResource) -> None:
+        Resource.__init__(self)
+        self._current = starting
+        self._open = False
+
+    @property
+    def is_open(self) -> bool:
+        return self._open
+
+    def open(self, resource: IResource) -> None:
+        if self._open:
+            raise RuntimeError("the api gate is already open")
+        self._current, self._open = resource, True
+
+    def render(self, request: IRequest) -> bytes | int:  # int: NOT_DONE_YET
+        result: bytes | int = self._current.render(request)
+        return result
+
+
+@frozen
+class ReadyApi:
+    """The store-dependent half of the api's graph, built once by :func:`build_ready`.
+
+    ``services`` go under the :class:`ApiService` in this order (start order)."""
+
+    api: Api
+    deployer: Deployer
+    services: tuple[IService, ...]
+
+
+def build_ready(node: Node, settings: ApiSettings, store: Store) -> ReadyApi:
+    """Build the api's objects that need the ready store, each once, in dependency
+    order: control, sink, scheduler, add-ons, run sessions, deployer, platform, certs,
+    log tail, api; and their services (scheduler, keeper, purge, acme issuer, cron)."""
+    from epio.api.addons import make_addons
+    from epio.api.cron import CronRunner, CronService, CronSettings
+    from epio.api.purge import AppPurger, PurgeService
+    from epio.api.run import RunApiSettings, RunSessions
+    from epio.certs.api import Certs
+    from epio.certs.issuer import make_issuer_service
+
+    services: list[IService] = []
+    dealer = node.bus.dealer([])
+    services.append(named("api-runner-control", dealer))
+    sink: BusLogSink | None = None
+    loggers = node.settings.cluster.loggers
+    if loggers:
+        from epio.pipeline import BusLogSink
+
+        sink = BusLogSink(node.bus, list(loggers), clock=node.reactor)
+        services.append(sink)
+    control = BusRunnerControl(dealer)
+    scheduler = Scheduler(store, control, node.reactor, settings, log_sink=sink,
+                          app_secret=partial(derive_app_secret, node.secret))
+    services.append(named("scheduler", SchedulerService(scheduler, store, node.reactor,
+                                                         settings.leader_retry)))
+    addons: Addons = make_addons(node.reactor, node.config, store, control, scheduler, sink)
+    services.append(addons.keeper(addons.settings.keeper_interval))
+    sessions: RunSessions = RunSessions(store, control, node.reactor,
+                                        RunApiSettings.from_config(node.config),
+                                        log_sink=sink, platform_env=scheduler.platform_env)
+    deployer = Deployer(store, control, node.reactor, settings, scheduler=scheduler,
+                        log_sink=sink, owner={"node": node.node_id, "boot": node.boot_id},
+                        addons=addons, run_sessions=sessions)
+    platform = Platform(store, settings, node.reactor, deployer=deployer, scheduler=scheduler,
+                        addons=addons)
+    purger = AppPurger(platform, store, node.reactor)
+    services.append(named("purge", PurgeService(purger, store, node.reactor,
+                                                settings.purge_interval, settings.leader_retry)))
+    certs = Certs(store, node.secret, bool(node.settings.acme.directory), node.reactor)
+    issuer = make_issuer_service(node, store, settings.leader_retry)
+    if issuer is not None:  # acme.directory set (docs/https.md)
+        services.append(named("acme-issuer", issuer))
+    log_tail = _log_tail(node, platform, services)
+    api = Api(platform, max_json_bytes=settings.max_json_bytes,
+              max_upload_bytes=settings.max_upload_bytes, log_tail=log_tail, addons=addons,
+              certs=certs, run=sessions)
+    cron = CronRunner(store, sessions, node.reactor, CronSettings.from_config(node.config),
+                      log_sink=sink)
+    services.append(named("cron", CronService(cron, store, node.reactor,
+                                              settings.leader_retry)))
+    return ReadyApi(api, deployer, tuple(services))
+
+
+def _log_tail(node: Node, platform: Platform, services: list[IService]) -> LogTail | None:
+    """The logs endpoint (epio.api.logtail) when a logger is configured; its log
+    client joins ``services``."""
+    from epio.api.logtail import LogTail
+
+    try:
+        from epio.logclient import make_log_client
+
+        client = make_log_client(node)
+    except (ImportError, KeyError, ValueError) as e:
+        ApiService.log.info("logs endpoint disabled: {why}", why=str(e))
+        return None
+    services.append(named("log-client", client))
+    return LogTail.from_node(node, client, partial(authorize_app, platform))
+
+
 class ApiService(MultiService):
-    """The api role of one node."""
+    """The api role of one node (built by :func:`make_service`)."""
 
     log = Logger()
 
-    def __init__(self, node: Any) -> None:
-        super().__init__()
+    def __init__(self, node: Node, settings: ApiSettings, gate: ApiGate,
+                 http: IService) -> None:
+        MultiService.__init__(self)
         self.node = node
-        self.settings = ApiSettings.from_config(node.config)
-        self.api = Api(None, max_json_bytes=self.settings.max_json_bytes,
-                       max_upload_bytes=self.settings.max_upload_bytes)
-        self.platform: Platform | None = None
-        self.scheduler: Scheduler | None = None
-        self.deployer: Deployer | None = None
-        api_cfg = node.config["api"]
-        listen = api_cfg["listen"]
-        self._backlog = int(api_cfg["backlog"])
-        deadlines = Deadlines(float(api_cfg["header_timeout"]), float(api_cfg["body_timeout"]),
-                              int(api_cfg["body_min_rate"]))
-        self.limit = ConnectionLimit("api", int(api_cfg["max_connections"]))
-        endpoint = LimitedEndpoint(
-            serverFromString(node.reactor, with_backlog(listen, self._backlog)), self.limit)
-        site = make_site(self.api, self.settings.max_upload_bytes + (1 << 20), deadlines,
-                         node.reactor, self.limit)
-        from epio.metrics import registry_for
-
-        registry_for(node).add_collector(site.metric_families)
-        http = StreamServerEndpointService(endpoint, site)
-        http.setName("api-http")
+        self.settings = settings
+        self.gate = gate
         http.setServiceParent(self)
-        self._listen = listen
-        self._starting: Any = None
+        self._listen = node.settings.api.listen
+        self._backlog = node.settings.api.backlog
+        self._starting: Deferred[None] | None = None  # _start, once started
         self._register: LoopingCall | None = None
+        # phase 2, fired once with the store-dependent graph (never errbacks)
+        self._ready: Deferred[ReadyApi] = Deferred()
 
     def startService(self) -> None:
-        super().startService()
+        MultiService.startService(self)
         self.log.info("api listening on {endpoint}", endpoint=self._listen)
         log_backlog("api", self._backlog)
         self._starting = ensureDeferred(self._start())
@@ -165,6 +292,7 @@ class ApiService(MultiService):
 
     async def _start(self) -> None:
         node = self.node
+        assert node.store_service is not None  # tap gives every role node the store
         store = await node.store_service.whenReady()
         path = await ensure_admin(store, node.data_dir)
         if path is not None:
@@ -172,32 +300,9 @@ class ApiService(MultiService):
                           "epio login --api URL < {path}", path=str(path))
         if not self.running:
             return
-        dealer = node.bus.dealer([])
-        dealer.setName("api-runner-control")
-        dealer.setServiceParent(self)
-        sink = None
-        loggers = node.config["cluster"]["loggers"]
-        if loggers:
-            from epio.pipeline import BusLogSink
-
-            sink = BusLogSink(node.bus, loggers, clock=node.reactor)
-            sink.setServiceParent(self)
-        control = BusRunnerControl(dealer)
-        self.scheduler = Scheduler(store, control, node.reactor, self.settings, log_sink=sink,
-                                   app_secret=partial(derive_app_secret, node.secret))
-        sched = SchedulerService(self.scheduler, store, node.reactor,
-                                 self.settings.leader_retry)
-        sched.setName("scheduler")
-        sched.setServiceParent(self)
-        self.deployer = Deployer(store, control, node.reactor, self.settings,
-                                 scheduler=self.scheduler, log_sink=sink,
-                                 owner={"node": node.node_id, "boot": node.boot_id})
-        self.platform = Platform(store, self.settings, node.reactor, deployer=self.deployer,
-                                 scheduler=self.scheduler)
-        from epio.api.addons import make_addons
-
-        self.api.addons = self.platform.addons = self.deployer.addons = make_addons(
-            node, store, control, self.scheduler, sink, parent=self)
+        ready = build_ready(node, self.settings, store)
+        for svc in ready.services:
+            svc.setServiceParent(self)
         if "runner" not in node.roles:
             # the runner role registers the node itself (with its control endpoint);
             # a node without one is registered here so GET /nodes lists it too
@@ -205,48 +310,36 @@ class ApiService(MultiService):
             self._register.clock = node.reactor
             self._register.start(self.settings.runner_dead_after / 3, now=True).addErrback(
                 lambda f: self.log.failure("node registration loop died", f))
-        from epio.api.purge import AppPurger, PurgeService
-
-        purge = PurgeService(AppPurger(self.platform, store, node.reactor), store, node.reactor,
-                             self.settings.purge_interval, self.settings.leader_retry)
-        purge.setName("purge")
-        purge.setServiceParent(self)
-        from epio.certs.api import Certs
-        from epio.certs.issuer import make_issuer_service
-
-        self.api.certs = Certs(store, node.secret, bool(node.config["acme"]["directory"]),
-                               node.reactor)
-
-        issuer = make_issuer_service(node, store, self.settings.leader_retry)
-        if issuer is not None:  # acme.directory set (docs/https.md)
-            issuer.setName("acme-issuer")
-            issuer.setServiceParent(self)
-        self.api.log_tail = self._log_tail()
-        self.api.platform = self.platform
-        from epio.api.run import install as install_run
-
-        sessions = install_run(self.api, node, store, control, sink, self.deployer)  # epio run
-        from epio.api.cron import CronRunner, CronService, CronSettings
-
-        cron = CronService(CronRunner(store, sessions, node.reactor,
-                                      CronSettings.from_config(node.config), log_sink=sink),
-                           store, node.reactor, self.settings.leader_retry)
-        cron.setName("cron")
-        cron.setServiceParent(self)
+        self.gate.open(ready.api.resource())
+        self._ready.callback(ready)
         self.log.info("api ready")
 
-    async def _register_node(self, store: Any) -> None:
+    def whenReady(self) -> Deferred[Api]:
+        """Fires with the full api once the store is ready and the gate open (never,
+        when the role could not start: that is logged)."""
+        d: Deferred[Api] = Deferred()
+
+        def fire(ready: ReadyApi) -> ReadyApi:
+            d.callback(ready.api)
+            return ready
+
+        self._ready.addCallback(fire)
+        return d
+
+    async def _register_node(self, store: Store) -> None:
         try:
-            await store.upsert_node(self.node.node_id, self.node.roles, None, self.node.boot_id,
-                                    status={"api": self._listen})
+            await store.upsert_node(self.node.node_id, self.node.roles, None,
+                                    self.node.boot_id, status={"api": self._listen})
         except Exception as e:
             self.log.warn("registering node {node} failed: {error}", node=self.node.node_id,
                           error=str(e) or type(e).__name__)
 
-    def stopService(self) -> Any:
+    def stopService(self) -> Deferred[None]:
         if self._register is not None and self._register.running:
             self._register.stop()
-        deployer = self.deployer
+        # Deferred.result is the ReadyApi once fired (it never errbacks)
+        ready = cast(ReadyApi, self._ready.result) if self._ready.called else None
+        deployer = ready.deployer if ready is not None else None
 
         async def stop() -> None:
             if deployer is not None:
@@ -254,24 +347,26 @@ class ApiService(MultiService):
                     await deployer.stop()  # running deploys are marked failed
                 except Exception:
                     self.log.failure("stopping the running deploys failed")
-            await super(ApiService, self).stopService()
+            await MultiService.stopService(self)
 
         return ensureDeferred(stop())
 
-    def _log_tail(self) -> Any:
-        """The logs endpoint (epio.api.logtail) when a logger is configured."""
-        try:
-            from epio.api.logtail import LogTail
-            from epio.logclient import make_log_client
 
-            client = make_log_client(self.node)
-        except (ImportError, KeyError, ValueError) as e:
-            self.log.info("logs endpoint disabled: {why}", why=str(e))
-            return None
-        client.setName("log-client")
-        client.setServiceParent(self)
-        return LogTail.from_node(self.node, client, self.api.authorize_app)
+def make_service(node: Node) -> ApiService:
+    """The api role's composition root (phase 1; phase 2 is :func:`build_ready`)."""
+    from epio.metrics import registry_for
 
-
-def make_service(node: Any) -> ApiService:
-    return ApiService(node)
+    section = node.settings.api
+    settings = ApiSettings.from_config(node.config)
+    limit = ConnectionLimit("api", section.max_connections)
+    deadlines = Deadlines(section.header_timeout, section.body_timeout, section.body_min_rate)
+    starting = Api(None, max_json_bytes=settings.max_json_bytes,
+                   max_upload_bytes=settings.max_upload_bytes)
+    gate = ApiGate(starting.resource())
+    site = make_site(gate, settings.max_upload_bytes + (1 << 20), deadlines, node.reactor, limit)
+    registry_for(node).add_collector(site.metric_families)
+    endpoint = LimitedEndpoint(
+        serverFromString(node.reactor, with_backlog(section.listen, section.backlog)), limit)
+    http = StreamServerEndpointService(endpoint, site)
+    http.setName("api-http")
+    return ApiService(node, settings, gate, http)

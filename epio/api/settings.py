@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from attrs import frozen
 
+from epio.config import Config
 from epio.config.schema import DEFAULT_UIDS
 from epio.store import AppLimits
 
@@ -41,34 +40,32 @@ class ApiSettings:
     web_process_types: frozenset[str] = frozenset({"web"})
 
     @classmethod
-    def from_config(cls, config: Any) -> ApiSettings:
-        api = config["api"]
-        domain = config["node"]["domain"]
-        app_url = api.get("app_url") or default_app_url(config["lb"]["listen"])
+    def from_config(cls, config: Config) -> ApiSettings:
+        s = config.settings
+        api = s.api
         return cls(
-            domain=domain,
-            app_url=app_url,
-            max_json_bytes=int(api.get("max_body_kb", 1024)) * 1024,
-            max_upload_bytes=int(api.get("max_upload_mb", 200)) * 1024 * 1024,
-            reconcile_interval=float(api.get("reconcile_interval", 2.0)),
-            runner_dead_after=float(api.get("runner_dead_after", 15.0)),
-            status_timeout=float(api.get("status_timeout", 5.0)),
-            start_grace=float(api.get("start_grace", 10.0)),
-            drain_seconds=float(api.get("drain_seconds", 3.0)),
-            stop_grace=float(api.get("stop_grace", 10.0)),
-            build_timeout=float(api.get("build_timeout", 900.0)),
-            rollout_timeout=float(api.get("rollout_timeout", 180.0)),
-            nexus_endpoints=tuple(n["router"] for n in config["cluster"]["nexus"]
-                                  if isinstance(n, dict) and n.get("router")),
-            route_settle=float(api.get("route_settle", 2.0)),
-            uids=(int(config["runner"]["uid_min"]), int(config["runner"]["uid_max"])),
-            app_limits=AppLimits(max_apps=int(api["max_apps_per_user"]),
-                                 changes=int(api["app_changes_per_window"]),
-                                 window=float(api["app_changes_window"])),
-            destroyed_grace=float(api["destroyed_grace"]),
-            purge_interval=float(api["purge_interval"]),
-            purge_timeout=float(api["purge_timeout"]),
-            web_process_types=frozenset(config["nexus"]["web_process_types"]),
+            domain=s.node.domain,
+            app_url=api.app_url or default_app_url(s.lb.listen),
+            max_json_bytes=api.max_body_kb * 1024,
+            max_upload_bytes=api.max_upload_mb * 1024 * 1024,
+            reconcile_interval=api.reconcile_interval,
+            runner_dead_after=api.runner_dead_after,
+            status_timeout=api.status_timeout,
+            start_grace=api.start_grace,
+            drain_seconds=api.drain_seconds,
+            stop_grace=api.stop_grace,
+            build_timeout=api.build_timeout,
+            rollout_timeout=api.rollout_timeout,
+            nexus_endpoints=tuple(str(n["router"]) for n in s.cluster.nexus if n.get("router")),
+            route_settle=api.route_settle,
+            uids=(s.runner.uid_min, s.runner.uid_max),
+            app_limits=AppLimits(max_apps=api.max_apps_per_user,
+                                 changes=api.app_changes_per_window,
+                                 window=api.app_changes_window),
+            destroyed_grace=api.destroyed_grace,
+            purge_interval=api.purge_interval,
+            purge_timeout=api.purge_timeout,
+            web_process_types=frozenset(s.nexus.web_process_types),
         )
 
     def url_of(self, app: str) -> str:

@@ -9,6 +9,7 @@ tests validate every response against them.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from attrs import field, frozen
@@ -217,8 +218,6 @@ class Operation:
         return re.findall(r"\{(\w+)\}", self.path)
 
 
-OPERATIONS: list[Operation] = []
-
 ERROR_RESPONSES = {
     "400": "bad request (invalid_json, validation_failed, bad_request)",
     "401": "no valid token (unauthorized)",
@@ -238,10 +237,10 @@ ERROR_RESPONSES = {
 }
 
 
-def openapi_document() -> dict[str, Any]:
-    """The OpenAPI 3.1 document of every registered operation."""
+def openapi_document(operations: Iterable[Operation]) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of ``operations`` (``epio.api.web.OPERATIONS``)."""
     paths: dict[str, dict[str, Any]] = {}
-    for op in OPERATIONS:
+    for op in operations:
         params: list[dict[str, Any]] = [
             {"name": p, "in": "path", "required": True, "schema": STR} for p in op.path_params
         ]

@@ -2,9 +2,10 @@
 
 Handlers are thin: they read the request (already authenticated and validated
 by :meth:`Api._dispatch`), call the domain (:class:`epio.api.domain.Platform`)
-and return a JSON-able value.  Every route is declared with :func:`operation`,
-which also records it in :data:`epio.api.spec.OPERATIONS` for the OpenAPI
-document.  Errors are mapped in ONE place (:meth:`Api._error`, STYLE 13).
+and return a JSON-able value.  Every route is a method declared with
+:func:`epio.api.operations.operation`; :class:`Api` (with its route mixins from
+``addons``, ``cron`` and ``run``) builds its own Klein app from them, and
+:data:`OPERATIONS` lists them for the OpenAPI document.  Errors are mapped in ONE place (:meth:`Api._error`, STYLE 13).
 """
 
 from __future__ import annotations
@@ -23,10 +24,13 @@ from werkzeug.exceptions import MethodNotAllowed as WzMethodNotAllowed
 from werkzeug.exceptions import NotFound as WzNotFound
 
 from epio.api import errors, serialize
+from epio.api.addons import AddonRoutes
+from epio.api.cron import CronRoutes
 from epio.api.jsonschema import SchemaError, validate
+from epio.api.operations import JSON, Handler, operation, operations_of, query_int
+from epio.api.run import RunRoutes
 from epio.api.spec import (
     METRIC_NAME,
-    OPERATIONS,
     PREFIX,
     SCHEMAS,
     SOURCE_LIST,
@@ -37,79 +41,65 @@ from epio.api.spec import (
     ref,
 )
 
-JSON = "application/json"
 TARBALL_TYPES = ("application/gzip", "application/x-gzip", "application/x-tar",
                  "application/octet-stream", "application/x-compressed-tar")
 DASHBOARD_DIR = Path(__file__).parent / "dashboard"
 
-_klein = Klein()
 STR_SCHEMA = {"type": "string"}
 _ROOT = {"components": {"schemas": SCHEMAS}}
 
-Handler = Callable[..., Awaitable[Any]]
+async def authorize_app(platform: Any, request: Any, name: str) -> Any:
+    """Auth + access check of ``platform`` for code mounted beside the API (the log
+    tail): the app, or 404 when it is not the caller's; 503 ``starting`` without one."""
+    if platform is None:
+        raise errors.Unavailable("the api is starting; try again in a moment",
+                                 code="starting")
+    user = await platform.authenticate(_bearer(request))
+    return await platform.get_app(user, name)
 
 
-def operation(method: str, path: str, operation_id: str, summary: str, *,
-              response: dict[str, Any] | None, status: int = 200,
-              request: dict[str, Any] | None = None, request_type: str = JSON,
-              auth: bool = True, query: dict[str, dict[str, Any]] | None = None,
-              tag: str = "platform", raw: bool = False,
-              response_type: str = JSON) -> Callable[[Handler], Any]:
-    """Declare one endpoint: record it for OpenAPI and route it through _dispatch."""
-    op = Operation(method, path, operation_id, summary, response, status, request,
-                   request_type, auth, query or {}, tag, raw, response_type)
-    OPERATIONS.append(op)
-    klein_path = PREFIX + re.sub(r"\{(\w+)\}", r"<\1>", path)
-
-    def deco(f: Handler) -> Any:
-        async def route(self: Api, request: Any, **kw: str) -> Any:
-            return await self._dispatch(op, f, request, kw)
-
-        route.__name__ = f.__name__
-        route.__qualname__ = f.__qualname__
-        return _klein.route(klein_path, methods=[method], strict_slashes=False,
-                            endpoint=operation_id)(route)
-
-    return deco
-
-
-def _query(request: Any, name: str) -> str | None:
-    values = request.args.get(name.encode())
-    return values[0].decode("utf-8", "replace") if values else None
-
-
-def query_int(request: Any, name: str, default: int, minimum: int = 0,
-              maximum: int = 1 << 31) -> int:
-    text = _query(request, name)
-    if text is None or text == "":
-        return default
-    try:
-        value = int(text)
-    except ValueError:
-        raise errors.BadRequest(f"query parameter {name} must be an integer") from None
-    if not minimum <= value <= maximum:
-        raise errors.BadRequest(f"query parameter {name} must be between {minimum} and {maximum}")
-    return value
-
-
-class Api:
+class Api(AddonRoutes, CronRoutes, RunRoutes):
     """The API (``/api/v1``) and dashboard of one api process.
 
     ``platform`` is the domain (:class:`epio.api.domain.Platform`); limits come
     from the ``api`` config section (bytes).
     """
 
-    app = _klein
     log = Logger()
-    addons: Any = None  # epio.api.addons.Addons (add-on and backup routes)
-    certs: Any = None  # epio.certs.api.Certs (certificate routes), set by the api service
 
     def __init__(self, platform: Any, *, max_json_bytes: int = 1 << 20,
-                 max_upload_bytes: int = 200 << 20, log_tail: Any = None) -> None:
-        self.platform = platform
-        self.log_tail = log_tail
+                 max_upload_bytes: int = 200 << 20, log_tail: Any = None,
+                 addons: Any = None, certs: Any = None, run: Any = None) -> None:
+        self.platform = platform  # None: the api is starting (503 ``starting``)
+        self.log_tail = log_tail  # epio.api.logtail.LogTail, None without a logger
+        self.addons = addons  # epio.api.addons.Addons (add-on and backup routes)
+        self.certs = certs  # epio.certs.api.Certs (certificate routes)
+        self.run = run  # epio.api.run.RunSessions (epio run)
         self.max_json_bytes = max_json_bytes
         self.max_upload_bytes = max_upload_bytes
+        self.app = self._routes()
+
+    def _routes(self) -> Klein:
+        """This api's own Klein app: every declared operation of its class, routed
+        through :meth:`_dispatch`; the dashboard; the one error layer."""
+        app = Klein()
+        for name, op in operations_of(type(self)):
+            path = PREFIX + re.sub(r"\{(\w+)\}", r"<\1>", op.path)
+            app.route(path, methods=[op.method], strict_slashes=False,
+                      endpoint=op.operation_id)(self._route(op, getattr(self, name)))
+        app.route("/", methods=["GET"])(self.root)
+        app.route("/dashboard/", methods=["GET"], branch=True)(self.dashboard)
+        app.handle_errors(Exception)(self._error)
+        return app
+
+    def _route(self, op: Operation, f: Handler) -> Callable[..., Awaitable[Any]]:
+        """The Klein endpoint of ``op``: the handler ``f`` behind :meth:`_dispatch`."""
+
+        async def route(request: Any, **kw: str) -> Any:
+            return await self._dispatch(op, f, request, kw)
+
+        route.__name__ = route.__qualname__ = op.operation_id
+        return route
 
     def resource(self) -> Any:
         return self.app.resource()
@@ -135,7 +125,7 @@ class Api:
                 args["body"] = self._json_body(request, op)
             else:
                 args["body"] = self._upload_body(request)
-        result = await f(self, request, user, **args)
+        result = await f(request, user, **args)
         if op.raw:
             return result
         request.setResponseCode(op.status)
@@ -183,7 +173,6 @@ class Api:
             raise errors.BadRequest("the upload is empty")
         return data
 
-    @_klein.handle_errors(Exception)
     def _error(self, request: Any, failure: Failure) -> bytes:
         exc = failure.value
         api_error: errors.ApiError | None
@@ -216,7 +205,7 @@ class Api:
     @operation("GET", "/openapi.json", "getOpenApi", "This OpenAPI document",
                response={"type": "object"}, auth=False, tag="meta")
     async def openapi(self, request: Any, user: Any) -> Any:
-        return openapi_document()
+        return openapi_document(OPERATIONS)
 
     @operation("GET", "/status", "getStatus", "Liveness of this api process",
                response=ref("Status"), auth=False, tag="meta")
@@ -502,11 +491,7 @@ class Api:
 
     async def authorize_app(self, request: Any, name: str) -> Any:
         """Auth + access check for code mounted beside the API (404 if not theirs)."""
-        if self.platform is None:
-            raise errors.Unavailable("the api is starting; try again in a moment",
-                                     code="starting")
-        user = await self.platform.authenticate(_bearer(request))
-        return await self.platform.get_app(user, name)
+        return await authorize_app(self.platform, request, name)
 
     # --- nodes --------------------------------------------------------------------
 
@@ -518,12 +503,10 @@ class Api:
 
     # --- dashboard ----------------------------------------------------------------
 
-    @_klein.route("/", methods=["GET"])
     def root(self, request: Any) -> Any:
         request.redirect(b"/dashboard/")
         return b""
 
-    @_klein.route("/dashboard/", methods=["GET"], branch=True)
     def dashboard(self, request: Any) -> Any:
         request.setHeader(b"X-Frame-Options", b"DENY")
         request.setHeader(b"X-Content-Type-Options", b"nosniff")
@@ -582,7 +565,8 @@ def _bearer(request: Any) -> str:
             if proto.startswith(WS_BEARER) and len(proto) > len(WS_BEARER):
                 return proto[len(WS_BEARER):]
         raise errors.Unauthorized()
-    scheme, _, token = raw.decode("latin-1").strip().partition(" ")
+    header: str = raw.decode("latin-1")
+    scheme, _, token = header.strip().partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise errors.Unauthorized("the Authorization header must be: Bearer TOKEN")
     return token.strip()
@@ -607,6 +591,5 @@ def _encode(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":"), sort_keys=False).encode("utf-8") + b"\n"
 
 
-from epio.api import addons as _addons  # noqa: E402,F401  (add-on and backup routes)
-from epio.api import cron as _cron  # noqa: E402,F401  ([cron] routes)
-from epio.api import run as _run  # noqa: E402,F401  (epio run routes)
+#: every endpoint of the API, in the order of the OpenAPI document
+OPERATIONS: tuple[Operation, ...] = tuple(op for _, op in operations_of(Api))

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
@@ -120,8 +121,8 @@ class RedisBackups:
             finally:
                 try:
                     transport.signalProcess("KILL")
-                except Exception:
-                    pass
+                except ProcessExitedAlready:
+                    pass  # the scratch server is gone already: nothing to kill
 
     async def verify(self, rdb: Path, counts: dict[str, int]) -> int:
         got = await self.loaded_key_count(rdb)
@@ -237,5 +238,5 @@ class RedisBackups:
                         await conn.disconnect()
                 try:
                     transport.signalProcess("KILL")
-                except Exception:
-                    pass
+                except ProcessExitedAlready:
+                    pass  # the scratch server is gone already: nothing to kill

@@ -9,12 +9,13 @@ credentials to it and cannot read it.  A backup counts only once verified.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
-from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, succeed
 from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
@@ -26,7 +27,15 @@ from epio.backup.catalog import BackupNotFound, BackupRecord, Catalog, sha256_fi
 from epio.backup.postgres import BackupFailed, NotReady, PostgresBackups
 from epio.backup.redis import RedisBackups
 from epio.backup.targets import Target, dedicated_postgres_url, targets_for
+from epio.bus import Bus, Envelope, RemoteError
+from epio.config.settings import AddonsSettings, BackupSettings
 from epio.retention import Candidate, RetentionPolicy, to_keep
+from epio.store.store import Store
+
+if TYPE_CHECKING:
+    from epio.node import INodeReactor, Node
+
+_T = TypeVar("_T")
 
 
 class BackupManager:
@@ -50,7 +59,7 @@ class BackupManager:
         t = self.reactor.seconds()
         return f"{int(t):010d}-{secrets.token_hex(3)}"
 
-    async def _timed(self, coro: Any) -> Any:
+    async def _timed(self, coro: Coroutine[Any, Any, _T]) -> _T:
         """One step under ``backup.step_timeout``: on expiry the step is cancelled (its
         child processes' groups are killed, see :mod:`epio.backup.proc`) and fails."""
         d = Deferred.fromCoroutine(coro)
@@ -223,21 +232,6 @@ class BackupManager:
             await deferLater(self.reactor, delay, lambda: None)
             delay = min(delay * 2, checks.START_RETRY_MAX)
 
-    async def verify_again(self, record: BackupRecord) -> BackupRecord:
-        """Re-check an existing backup's checksum and restorability."""
-        path = self.catalog.data_path(record)
-        try:
-            if await self._sha256(path) != record.sha256:
-                raise BackupFailed("checksum mismatch: the backup file was altered")
-            assert self.postgres is not None
-            await self._timed(self.postgres.verify(path, record.counts))
-            record.status = "verified"
-        except Exception as e:
-            record.status = "failed"
-            record.error = str(e) if isinstance(e, BackupFailed) else type(e).__name__
-        self.catalog.save(record)
-        return record
-
     def recover_interrupted(self) -> int:
         """Mark backups left ``running`` by a previous process as failed (interrupted).
 
@@ -332,33 +326,52 @@ class BackupManager:
 
 
 class BackupService(MultiService):
-    """The backup role's service tree: scheduler (when leader) and ROUTER."""
+    """The backup role's service tree: scheduler (when leader) and ROUTER.
+
+    Built by :func:`make_service` from the node's ``[backup]`` and ``[addons]``
+    settings.  The scheduler's lifecycle is two facts, each held in one place:
+    leader or not (``_timer``: the round timer exists only while this node holds
+    the ``backup-scheduler`` lock) and a round running or not (``_round``)::
+
+                    elected (timer started)
+        follower  ------------------------->  leader, idle
+           ^                                  |    ^
+           | lost (timer stopped; a running   |    | round done
+           | round goes on to its end)        v    |
+           +--------------------------  leader, round running
+                                              |
+        stop (from any state): the running round is cancelled; its backup is
+        dropped, not recorded failed (the next leader's round takes it)
+
+    A timer tick while a round runs (a leader lost and elected again before its
+    round ended) starts no second round.
+    """
 
     log = Logger()
 
-    def __init__(self, node: Any) -> None:
-        super().__init__()
-        self.node = node
-        cfg = node.config["backup"]
-        addons = node.config["addons"]
-        root = Path(cfg["dir"] or node.data_dir / "backups")
+    def __init__(self, reactor: INodeReactor, settings: BackupSettings,
+                 addons: AddonsSettings, data_dir: Path, bus: Bus,
+                 get_store: Callable[[], Awaitable[Store]]) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
+        self.reactor = reactor
+        self._get_store = get_store
+        root = Path(settings.dir or data_dir / "backups")
         shared = postgres = None
-        if addons["postgres_admin_url"]:
-            shared = SharedPostgres(node.reactor, addons["postgres_admin_url"],
-                                    addons["postgres_host"] or None,
-                                    addons["postgres_port"] or None)
-            postgres = PostgresBackups(node.reactor, addons["postgres_admin_url"])
-        policy = RetentionPolicy(cfg["hourly"], cfg["daily"], cfg["weekly"], cfg["monthly"],
-                                 cfg["failed_ttl"])
-        self.manager = BackupManager(node.reactor, Catalog(root), policy, shared, postgres,
-                                     cfg["step_timeout"])
-        self.interval = cfg["interval"]
-        self.chunk = int(cfg["chunk_kb"]) * 1024
+        if addons.postgres_admin_url:
+            shared = SharedPostgres(reactor, addons.postgres_admin_url,
+                                    addons.postgres_host or None,
+                                    addons.postgres_port or None)
+            postgres = PostgresBackups(reactor, addons.postgres_admin_url)
+        policy = RetentionPolicy(settings.hourly, settings.daily, settings.weekly,
+                                 settings.monthly, settings.failed_ttl)
+        self.manager = BackupManager(reactor, Catalog(root), policy, shared, postgres,
+                                     settings.step_timeout)
+        self.interval = settings.interval
+        self.chunk = settings.chunk_kb * 1024
         self._timer: TimerService | None = None
-        self._running_round = False
-        self._round: Deferred[Any] | None = None
-        router = node.bus.router(cfg["control_bind"], self.handle)
-        router.setServiceParent(self)
+        self._round: Deferred[list[BackupRecord]] | None = None
+        router = bus.router(settings.control_bind, self.handle)
+        router.setServiceParent(self)  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
 
     def startService(self) -> None:
         self.manager.catalog.ensure()
@@ -369,30 +382,33 @@ class BackupService(MultiService):
         if self.manager.shared is None:
             self.log.warn("backup: addons.postgres_admin_url is empty; only dedicated "
                           "databases and Redis are backed up")
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         ensureDeferred(self._start_leader()).addErrback(
             lambda f: self.log.failure("backup scheduler did not start", f))
 
     async def _start_leader(self) -> None:
         from epio.store.locks import LeaderService
 
-        store = await self.node.store_service.whenReady()
+        store = await self._get_store()
         leader = LeaderService(store, "backup-scheduler", self._elected, self._lost,
-                               clock=self.node.reactor)
-        leader.setServiceParent(self)
+                               clock=self.reactor)
+        leader.setServiceParent(self)  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
 
     def _elected(self) -> None:
         self._timer = TimerService(self.interval, self._round_now)
-        self._timer.clock = self.node.reactor
+        self._timer.clock = self.reactor
         self._timer.startService()
 
-    def _lost(self) -> Any:
+    def _lost(self) -> Deferred[None] | None:
         if self._timer is not None:
             timer, self._timer = self._timer, None
-            return timer.stopService()
+            stopped: Deferred[None] | None = timer.stopService()
+            return stopped
         return None
 
     def _round_now(self) -> Deferred[Any]:
+        if self._round is not None:
+            return succeed(None)  # the round of an earlier leadership is still running
         d = self._round = ensureDeferred(self.run_round())
 
         def done(result: Any) -> Any:
@@ -405,55 +421,48 @@ class BackupService(MultiService):
         d.addErrback(lambda f: self.log.failure("backup round failed", f))
         return d
 
-    def stopService(self) -> Any:
+    def stopService(self) -> Deferred[None]:
         """A clean stop cancels the running round: its current backup (its tools are
         killed) is dropped, not recorded as failed; the next leader's round takes it."""
         if self._round is not None:
             self._round.cancel()
-        return super().stopService()
+        stopped: Deferred[None] = super().stopService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
+        return stopped
 
     async def run_round(self) -> list[BackupRecord]:
         """Back up every add-on database of every app, then prune."""
-        if self._running_round:
-            return []
-        self._running_round = True
         done = []
         pruned = 0
-        try:
-            store = await self.node.store_service.whenReady()
-            for app in await store.list_apps():
-                try:
-                    targets = await targets_for(store, app.name, shared=self.manager.shared,
-                                                down_too=True)
-                except Exception as e:
-                    self.log.error("backup: cannot list the databases of {app}: {error}",
-                                   app=app.name, error=str(e) or type(e).__name__)
-                    continue
-                for target in targets:
-                    done.append(await self.manager.backup(target))
-                    pruned += self.manager.prune(app.name, target.kind)
-        finally:
-            self._running_round = False
+        store = await self._get_store()
+        for app in await store.list_apps():
+            try:
+                targets = await targets_for(store, app.name, shared=self.manager.shared,
+                                            down_too=True)
+            except Exception as e:
+                self.log.error("backup: cannot list the databases of {app}: {error}",
+                               app=app.name, error=str(e) or type(e).__name__)
+                continue
+            for target in targets:
+                done.append(await self.manager.backup(target))
+                pruned += self.manager.prune(app.name, target.kind)
         self.log.info("backup round done: {made} backed up, {pruned} pruned",
                       made=len(done), pruned=pruned)
         return done
 
-    async def handle(self, env: Any) -> tuple[str, dict]:
-        from epio.bus import RemoteError
-
+    async def handle(self, env: Envelope) -> tuple[str, dict[str, Any]]:
         try:
             return await self._handle(env)
         except (BackupFailed, BackupNotFound) as e:
             raise RemoteError(e.code, str(e)) from None
 
-    async def _handle(self, env: Any) -> tuple[str, dict]:
+    async def _handle(self, env: Envelope) -> tuple[str, dict[str, Any]]:
         body = env.body
         app = body["app"]
         if env.type == "backup.list":
             records = self.manager.catalog.list(app, body.get("kind"))
             return "backup.listing", {"backups": [r.to_json() for r in records]}
         if env.type == "backup.create":
-            store = await self.node.store_service.whenReady()
+            store = await self._get_store()
             targets = await targets_for(store, app, body.get("kind"), shared=self.manager.shared)
             if not targets:
                 raise BackupNotFound(f"app {app} has no database to back up")
@@ -464,7 +473,7 @@ class BackupService(MultiService):
             return "backup.created", {"backups": [r.to_json() for r in made]}
         if env.type == "backup.restore":
             record = self.manager.catalog.get(body["id"], app)
-            store = await self.node.store_service.whenReady()
+            store = await self._get_store()
             into = body.get("to_app") or app
             found = await targets_for(store, into, record.kind, shared=self.manager.shared)
             if not found:
@@ -477,5 +486,14 @@ class BackupService(MultiService):
         raise ValueError(f"unexpected message {env.type}")
 
 
-def make_service(node: Any) -> BackupService:
-    return BackupService(node)
+def make_service(node: Node) -> BackupService:
+    """The backup role of ``node``: its composition root."""
+    store_service = node.store_service
+
+    async def get_store() -> Store:
+        if store_service is None:
+            raise RuntimeError("this node has no store service")
+        return await store_service.whenReady()
+
+    return BackupService(node.reactor, node.settings.backup, node.settings.addons,
+                         node.data_dir, node.bus, get_store)

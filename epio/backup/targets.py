@@ -8,7 +8,11 @@ older epio, or by hand) are still backed up as shared PostgreSQL.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from epio.addons.postgres import SharedPostgres
+    from epio.store.store import Store
 from urllib.parse import quote
 
 from attrs import field, frozen
@@ -49,8 +53,9 @@ def target_of(addon: Any) -> Target:
                   addon.username, addon.password)
 
 
-async def targets_for(store: Any, app: str, kind: str | None = None,
-                      shared: Any = None, down_too: bool = False) -> list[Target]:
+async def targets_for(store: Store, app: str, kind: str | None = None,
+                      shared: SharedPostgres | None = None,
+                      down_too: bool = False) -> list[Target]:
     """The app's backup targets (of ``kind``): its ready add-ons, plus a shared
     PostgreSQL database that exists without a record.  ``down_too`` (the scheduled
     round) adds the dedicated servers that are down (``failed``: being started again,

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
@@ -36,6 +36,7 @@ from epio.bus.errors import (
     RequestTimeout,
 )
 from epio.bus.messages import REGISTRY, MessageType, Registry
+from epio.config.settings import BusSettings
 
 if TYPE_CHECKING:
     from epio.bus.sockets import (
@@ -54,6 +55,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Bus",
     "BusCounters",
+    "bus_settings",
     "BusError",
     "Envelope",
     "MessageType",
@@ -65,46 +67,49 @@ __all__ = [
     "RequestTimeout",
 ]
 
+SocketOption = int | bytes  # a ZeroMQ socket option's value (setsockopt takes either)
 LINGER_MS = 100  # how long closing a socket may wait to flush: stopping never hangs
 
 
-def _bus_settings(config: Any) -> Mapping[str, Any]:
-    try:
-        return config["bus"]
-    except (KeyError, TypeError):
-        return {}
+def bus_settings(**overrides: Any) -> BusSettings:
+    """The ``[bus]`` settings of a configuration that sets only ``overrides`` (the
+    schema's defaults for the rest): for buses made outside a node (tests, tools)."""
+    from epio.config import validate
+
+    return validate({"bus": overrides}).settings.bus
 
 
 class Bus:
     """Factory of bus services sharing one ZeroMQ context, secret and counters.
 
-    ``config`` is the node's Config (``config["bus"]`` is read); a mapping
-    with a ``"bus"`` table works too.  The ZeroMQ context is created when the
-    first socket opens and terminated when the last one closes.
+    ``settings`` is the node's ``[bus]`` section (the schema's defaults when None).
+    The ZeroMQ context is created when the first socket opens and terminated when
+    the last one closes.
     """
 
     log = Logger()
 
-    def __init__(self, reactor: Any, secret: bytes, sender: str, config: Any,
-                 registry: Registry = REGISTRY) -> None:
+    def __init__(self, reactor: Any, secret: bytes, sender: str,
+                 settings: BusSettings | None = None, registry: Registry = REGISTRY) -> None:
         if not isinstance(secret, bytes) or len(secret) < 16:
             raise ValueError("the bus secret must be at least 16 bytes")
-        settings = _bus_settings(config)
+        if settings is None:
+            settings = bus_settings()
         self.reactor = reactor
         self._secret = secret
         self.sender = sender
         self.registry = registry
-        self.request_timeout: float = float(settings.get("request_timeout", 30.0))
-        self.max_skew: float = float(settings.get("max_skew", 30.0))
-        self.high_water_mark: int = int(settings.get("high_water_mark", 10000))
-        self.max_message_size: int = int(settings.get("max_message_size", 64 * 1024 * 1024))
-        self.encrypt: bool = bool(settings.get("encrypt", True))
-        self.log_line_max_bytes: int = int(settings.get("log_line_max_bytes", 10_000))
-        self.peer_heartbeat: float = float(settings.get("peer_heartbeat", 2.0))
+        self.request_timeout: float = settings.request_timeout
+        self.max_skew: float = settings.max_skew
+        self.high_water_mark: int = settings.high_water_mark
+        self.max_message_size: int = settings.max_message_size
+        self.encrypt: bool = settings.encrypt
+        self.log_line_max_bytes: int = settings.log_line_max_bytes
+        self.peer_heartbeat: float = settings.peer_heartbeat
         #: Node-wide counters of every service made by this bus.
         self.counters = BusCounters()
         self._ratelog = RateLimitedLog(reactor)
-        self._factory: Any = None
+        self._factory: Any = None  # txzmq's ZmqFactory (txzmq is untyped)
         self._connections: set[_Connection] = set()
         self._curve: tuple[bytes, bytes, bytes, bytes] | None = None
         self._services: set[Any] = set()  # running services, for status()
@@ -125,7 +130,7 @@ class Bus:
 
     # -- envelopes --------------------------------------------------------------
 
-    def envelope(self, type: str, body: dict, *, pattern: str,
+    def envelope(self, type: str, body: dict[str, Any], *, pattern: str,
                  reply_to: str | None = None) -> Envelope:
         """A new envelope from this node (checked against the registry)."""
         mtype = self.registry.check_outgoing(type, body, pattern)
@@ -136,7 +141,7 @@ class Bus:
         """Sign and encode ``env`` for the wire."""
         return seal(env, self._secret, topic)
 
-    def seal_new(self, type: str, body: dict, *, pattern: str, topic: bytes = b"",
+    def seal_new(self, type: str, body: dict[str, Any], *, pattern: str, topic: bytes = b"",
                  reply_to: str | None = None) -> bytes:
         return self.seal(self.envelope(type, body, pattern=pattern, reply_to=reply_to), topic)
 
@@ -188,7 +193,7 @@ class Bus:
 
     # -- sockets (used by the services) --------------------------------------------
 
-    def curve_options(self, bind: bool) -> list[tuple[int, Any]]:
+    def curve_options(self, bind: bool) -> list[tuple[int, SocketOption]]:
         """CurveZMQ socket options derived from the cluster secret.
 
         The binding side is the CURVE server, the connecting side the client;
@@ -213,11 +218,11 @@ class Bus:
         return [(zmq.CURVE_SERVERKEY, spub), (zmq.CURVE_PUBLICKEY, cpub),
                 (zmq.CURVE_SECRETKEY, csec)]
 
-    def socket_options(self, bind: bool) -> list[tuple[int, Any]]:
+    def socket_options(self, bind: bool) -> list[tuple[int, SocketOption]]:
         """The options every bus socket gets before it binds or connects."""
         import zmq
 
-        opts: list[tuple[int, Any]] = [
+        opts: list[tuple[int, SocketOption]] = [
             (zmq.IPV6, 1),
             (zmq.SNDHWM, self.high_water_mark),
             (zmq.RCVHWM, self.high_water_mark),
@@ -235,8 +240,9 @@ class Bus:
         return opts
 
     def _connection(self, socket_type: int, binds: Sequence[str], connects: Sequence[str],
-                    on_message: Any, extra: Sequence[tuple[int, Any]],
-                    on_event: Any = None) -> _Connection:
+                    on_message: Callable[[list[bytes]], None],
+                    extra: Sequence[tuple[int, SocketOption]],
+                    on_event: Callable[[int, str], None] | None = None) -> _Connection:
         from epio.bus import sockets
 
         if self._factory is None:

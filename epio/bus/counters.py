@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from epio.bus.errors import Reason
@@ -65,7 +66,7 @@ class RateLimitedLog:
 
     log = Logger()
 
-    def __init__(self, clock: Any, interval: float = 10.0) -> None:
+    def __init__(self, clock: IReactorTime, interval: float = 10.0) -> None:
         self._clock = clock
         self._interval = interval
         self._next: dict[str, float] = {}

@@ -67,7 +67,7 @@ def _mac(secret: bytes, topic: bytes, payload: bytes) -> bytes:
 
 def pack_payload(env: Envelope) -> bytes:
     """The msgpack payload of an envelope (unsigned; see :func:`seal`)."""
-    return msgpack.packb(
+    packed: bytes = msgpack.packb(  # msgpack is untyped: packb returns Any
         {
             "t": env.type,
             "v": env.version,
@@ -79,6 +79,7 @@ def pack_payload(env: Envelope) -> bytes:
         },
         use_bin_type=True,
     )
+    return packed
 
 
 def seal(env: Envelope, secret: bytes, topic: bytes = b"") -> bytes:

@@ -5,7 +5,7 @@ accepted), the pattern it travels on, a one-line doc and the body fields that
 are checked on receive.  ``docs/messages.md`` documents every entry; a test
 fails when a registered type is missing there.
 
-To add a type: append one ``REGISTRY.add(MessageType(...))`` below (in the
+To add a type: append one ``_(MessageType(...))`` below (in the
 block of your role), then describe it in docs/messages.md.  Bump ``version``
 when a body changes incompatibly; keep ``min_version`` at the oldest version
 receivers still understand.
@@ -16,7 +16,8 @@ Patterns: ``request`` (DEALER -> ROUTER), ``reply`` (ROUTER -> DEALER),
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from attrs import field, frozen
@@ -76,17 +77,19 @@ class MessageType:
 
 
 class Registry:
-    """Message types by name; a registry with a ``parent`` also knows the parent's."""
+    """Message types by name, fixed when made; a registry with a ``parent`` also
+    knows the parent's.  A name declared twice (here or in the parent) is a
+    ValueError."""
 
-    def __init__(self, parent: Registry | None = None) -> None:
-        self._types: dict[str, MessageType] = {}
+    def __init__(self, types: Iterable[MessageType] = (),
+                 parent: Registry | None = None) -> None:
         self._parent = parent
-
-    def add(self, mtype: MessageType) -> MessageType:
-        if mtype.name in self:
-            raise ValueError(f"message type {mtype.name} is declared twice")
-        self._types[mtype.name] = mtype
-        return mtype
+        found: dict[str, MessageType] = {}
+        for mtype in types:
+            if mtype.name in found or (parent is not None and mtype.name in parent):
+                raise ValueError(f"message type {mtype.name} is declared twice")
+            found[mtype.name] = mtype
+        self._types: Mapping[str, MessageType] = MappingProxyType(found)
 
     def get(self, name: str) -> MessageType | None:
         mtype = self._types.get(name)
@@ -144,8 +147,8 @@ class Registry:
         return mtype
 
 
-REGISTRY = Registry()
-_ = REGISTRY.add
+_DECLARED: list[MessageType] = []  # collected below, then fixed in REGISTRY
+_ = _DECLARED.append
 Number = (int, float)
 
 # --- bus (owner: bus) ---------------------------------------------------------
@@ -509,3 +512,7 @@ _(MessageType(
     "started, ...} per session.",
     fields={"sessions": list},
 ))
+
+#: Every message type of the bus (fixed at import: declare a type above).
+REGISTRY = Registry(_DECLARED)
+del _, _DECLARED

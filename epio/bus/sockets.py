@@ -21,7 +21,7 @@ import zmq
 from attrs import evolve
 from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet.interfaces import IReadDescriptor
+from twisted.internet.interfaces import IDelayedCall, IReadDescriptor
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from txzmq import ZmqEndpoint, ZmqEndpointType, ZmqFactory
@@ -35,9 +35,9 @@ from epio.bus.envelope import Envelope, ReplayGuard, triage_request
 from epio.bus.errors import NotRunning, Reason, Rejected, RemoteError, RequestTimeout
 
 if TYPE_CHECKING:
-    from epio.bus import Bus
+    from epio.bus import Bus, SocketOption
 
-RouterHandler = Callable[[Envelope], Awaitable[tuple[str, dict]] | tuple[str, dict]]
+RouterHandler = Callable[[Envelope], Awaitable[tuple[str, dict[str, Any]]] | tuple[str, dict[str, Any]]]
 PullHandler = Callable[[Envelope], Any]
 SubHandler = Callable[[bytes, Envelope], Any]
 
@@ -87,7 +87,7 @@ def _public_endpoint(requested: str, last: str) -> str:
     return f"tcp://{m['host']}:{lm.group(1)}"
 
 
-class _Connection(ZmqConnection):
+class _Connection(ZmqConnection):  # type: ignore[misc]  # txzmq is untyped: its base is Any
     """One ZeroMQ socket in the reactor; hands complete multipart messages on."""
 
     log = Logger()
@@ -96,7 +96,7 @@ class _Connection(ZmqConnection):
         self,
         factory: ZmqFactory,
         socket_type: int,
-        options: Sequence[tuple[int, Any]],
+        options: Sequence[tuple[int, SocketOption]],
         endpoints: Sequence[ZmqEndpoint],
         on_message: Callable[[list[bytes]], None],
         on_event: Callable[[int, str], None] | None = None,
@@ -153,7 +153,7 @@ class _Connection(ZmqConnection):
         if self.factory is not None and int(self.socket.get(zmq.EVENTS)) & zmq.POLLIN:
             self.read_scheduled = self.factory.reactor.callLater(0, self.doRead)
 
-    def send(self, message: list[bytes]) -> None:  # type: ignore[override]
+    def send(self, message: list[bytes]) -> None:
         """Send a multipart message without blocking; raises zmq.Again when full.
 
         Same as txzmq's, but schedules the follow-up read on the injected
@@ -163,7 +163,7 @@ class _Connection(ZmqConnection):
         for part in message[:-1]:
             sock.send(part, zmq.NOBLOCK | zmq.SNDMORE)
         sock.send(message[-1], zmq.NOBLOCK)
-        if self.read_scheduled is None:  # type: ignore[has-type]
+        if self.read_scheduled is None:
             self.read_scheduled = self.factory.reactor.callLater(0, self.doRead)
 
 
@@ -198,11 +198,11 @@ class _Monitor:
 
     log = Logger()
 
-    def __init__(self, reactor: Any, sock: zmq.Socket, on_event: Callable[[int, str], None]
+    def __init__(self, reactor: Any, sock: zmq.Socket[bytes], on_event: Callable[[int, str], None]
                  ) -> None:
         self._reactor = reactor
         self._on_event = on_event
-        self.sock: zmq.Socket | None = sock.get_monitor_socket(_MONITORED)
+        self.sock: zmq.Socket[bytes] | None = sock.get_monitor_socket(_MONITORED)
         self.sock.setsockopt(zmq.LINGER, 0)
         self._fd: int = self.sock.getsockopt(zmq.FD)  # type: ignore[assignment]
         reactor.addReader(self)
@@ -215,7 +215,7 @@ class _Monitor:
         return "ZMQ-monitor"
 
     def doRead(self) -> None:
-        while self.sock is not None and int(self.sock.get(zmq.EVENTS)) & zmq.POLLIN:  # type: ignore[arg-type]
+        while self.sock is not None and int(self.sock.get(zmq.EVENTS)) & zmq.POLLIN:
             try:
                 msg = self.sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
@@ -229,7 +229,7 @@ class _Monitor:
     def connectionLost(self, reason: Any) -> None:
         self._reactor.removeReader(self)
 
-    def close(self, main: zmq.Socket | None) -> None:
+    def close(self, main: zmq.Socket[bytes] | None) -> None:
         self._reactor.removeReader(self)
         if main is not None:
             try:
@@ -242,7 +242,25 @@ class _Monitor:
 
 
 class BusService(Service):
-    """What every bus socket service shares: lifecycle, counters, rejections."""
+    """What every bus socket service shares: lifecycle, counters, rejections.
+
+    The socket's lifecycle is held in two places, each the only one for its fact:
+    ``_conn`` (the ZeroMQ socket exists) and ``_retry`` (a bind failed and is
+    tried again, with doubling delays up to 30 s)::
+
+                 startService            bind ok
+        stopped -------------> opening ----------> open  (whenReady fires)
+           ^                    |   ^               |
+           |                    |   | retry timer   |
+           |     bind failed    v   |               |
+           |                  retrying              |
+           +---- stopService (from any state: the retry is cancelled,
+                 the socket released) -------------+
+
+    Peers are ZeroMQ's to reconnect; what this service knows of them is
+    ``connected`` (handshake succeeded, not yet disconnected), fed by the socket's
+    monitor events; ``whenConnected`` fires on the first handshake.
+    """
 
     log = Logger()
     socket_type: int = -1
@@ -264,13 +282,13 @@ class BusService(Service):
         self.endpoint: str | None = None
         self._conn: _Connection | None = None
         self._ready: list[defer.Deferred[None]] = []
-        self._retry: Any = None
+        self._retry: IDelayedCall | None = None
         self._retry_delay = 0.5
         self._replay = ReplayGuard(bus.max_skew) if self.replay_protection else None
         #: Peers this socket has connected to and completed the handshake with.
         self.connected: set[str] = set()
         self._when_connected: list[defer.Deferred[None]] = []
-        self.setName(f"bus-{self.kind}")
+        self.setName(f"bus-{self.kind}")  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
 
     def __repr__(self) -> str:
         where = self.endpoint or ",".join(self.binds + self.connects)
@@ -340,12 +358,12 @@ class BusService(Service):
                 )
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         self.bus._services.add(self)
         self._open()
 
     def stopService(self) -> defer.Deferred[None] | None:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         self.bus._services.discard(self)
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
@@ -388,7 +406,7 @@ class BusService(Service):
         if conn is not None:
             self.bus._release(conn)
 
-    def _options(self) -> list[tuple[int, Any]]:
+    def _options(self) -> list[tuple[int, SocketOption]]:
         return []
 
     # -- receiving ------------------------------------------------------------
@@ -490,7 +508,7 @@ class Router(BusService):
         self.handler = handler
         self._inflight: set[defer.Deferred[Any]] = set()
 
-    def _options(self) -> list[tuple[int, Any]]:
+    def _options(self) -> list[tuple[int, SocketOption]]:
         # Report unroutable replies (peer gone) as errors instead of dropping silently.
         return [(zmq.ROUTER_MANDATORY, 1)]
 
@@ -512,7 +530,7 @@ class Router(BusService):
         d.addCallback(self._coerce)
         self._inflight.add(d)
 
-        def done(result: tuple[str, dict]) -> None:
+        def done(result: tuple[str, dict[str, Any]]) -> None:
             self._inflight.discard(d)
             self._reply(identity, env, *result)
 
@@ -542,7 +560,7 @@ class Router(BusService):
             return defer.ensureDeferred(result)  # type: ignore[arg-type]
         return result
 
-    def _reply(self, identity: bytes, req: Envelope, type: str, body: dict) -> None:
+    def _reply(self, identity: bytes, req: Envelope, type: str, body: dict[str, Any]) -> None:
         try:
             frame = self.bus.seal_new(type, body, pattern="reply", reply_to=req.id)
         except (ValueError, TypeError) as e:
@@ -666,7 +684,7 @@ class Dealer(BusService):
                 p.timer.cancel()
             p.deferred.errback(NotRunning(f"bus dealer stopped before {p.type} got a reply"))
 
-    async def request(self, type: str, body: dict, timeout: float | None = None) -> Envelope:
+    async def request(self, type: str, body: dict[str, Any], timeout: float | None = None) -> Envelope:
         """Send a request to the next connected peer; return the reply envelope.
 
         Raises RequestTimeout (no reply in ``timeout``, default
@@ -676,7 +694,7 @@ class Dealer(BusService):
         return await self._request(None, type, body, timeout)
 
     async def request_to(
-        self, endpoint: str, type: str, body: dict, timeout: float | None = None
+        self, endpoint: str, type: str, body: dict[str, Any], timeout: float | None = None
     ) -> Envelope:
         """Like :meth:`request`, to one given endpoint (added if not yet known)."""
         ep = check_endpoint(endpoint, bind=False)
@@ -685,7 +703,7 @@ class Dealer(BusService):
         return await self._request(ep, type, body, timeout)
 
     def _request(
-        self, endpoint: str | None, type: str, body: dict, timeout: float | None
+        self, endpoint: str | None, type: str, body: dict[str, Any], timeout: float | None
     ) -> defer.Deferred[Envelope]:
         if not self.running:
             return defer.fail(NotRunning(f"bus dealer not running: cannot send {type}"))
@@ -820,7 +838,7 @@ class Publisher(BusService):
     def _frames(self, frames: list[bytes]) -> None:
         pass  # a PUB socket receives nothing
 
-    def publish(self, type: str, body: dict, topic: bytes = b"") -> bool:
+    def publish(self, type: str, body: dict[str, Any], topic: bytes = b"") -> bool:
         """Publish; True if queued, False if dropped (counted and logged)."""
         if not isinstance(topic, bytes):
             raise TypeError(f"topic must be bytes, not {topic.__class__.__name__}")
@@ -850,7 +868,7 @@ class Subscriber(BusService):
         self.topics = list(topics)
         self.handler = handler
 
-    def _options(self) -> list[tuple[int, Any]]:
+    def _options(self) -> list[tuple[int, SocketOption]]:
         return [(zmq.SUBSCRIBE, t) for t in self.topics]
 
     def _frames(self, frames: list[bytes]) -> None:
@@ -886,7 +904,7 @@ class Push(BusService):
     def _frames(self, frames: list[bytes]) -> None:
         pass
 
-    def send(self, type: str, body: dict) -> bool:
+    def send(self, type: str, body: dict[str, Any]) -> bool:
         """Queue a message without blocking; False if it was dropped (counted)."""
         frame = self.bus.seal_new(type, body, pattern="push")
         return self._send(self._conn, [frame], type)
@@ -926,7 +944,7 @@ def make_connection(
     binds: Sequence[str],
     connects: Sequence[str],
     on_message: Callable[[list[bytes]], None],
-    options: Sequence[tuple[int, Any]],
+    options: Sequence[tuple[int, SocketOption]],
     on_event: Callable[[int, str], None] | None = None,
 ) -> _Connection:
     endpoints = [ZmqEndpoint(ZmqEndpointType.bind, e) for e in binds] + [

@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 from attrs import evolve
 from twisted.application.service import Service
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -42,20 +43,17 @@ from epio.bus.counters import BusCounters
 from epio.bus.envelope import Envelope, ReplayGuard, triage_request
 from epio.bus.errors import NotRunning, Rejected, RemoteError, RequestTimeout
 from epio.bus.messages import REGISTRY, MessageType, Registry
+from epio.config.settings import BusSettings
 
 #: Every production type plus the ``test.*`` types of the bus's own tests (kept
 #: out of the production registry, so no production socket accepts them).
-TEST_REGISTRY = Registry(parent=REGISTRY)
-TEST_REGISTRY.add(MessageType(
-    "test.echo", 1, "request", "Test only: asks a test ROUTER to echo the body.",
-    fields={"n": int}, optional={"sleep": (int, float), "fail": str},
-))
-TEST_REGISTRY.add(MessageType("test.echoed", 1, "reply", "Test only: reply to test.echo.",
-                              fields={"n": int}))
-TEST_REGISTRY.add(MessageType("test.event", 1, "publish", "Test only: a published event.",
-                              fields={"n": int}))
-TEST_REGISTRY.add(MessageType("test.job", 1, "push", "Test only: a pushed job.",
-                              fields={"n": int}))
+TEST_REGISTRY = Registry([
+    MessageType("test.echo", 1, "request", "Test only: asks a test ROUTER to echo the body.",
+                fields={"n": int}, optional={"sleep": (int, float), "fail": str}),
+    MessageType("test.echoed", 1, "reply", "Test only: reply to test.echo.", fields={"n": int}),
+    MessageType("test.event", 1, "publish", "Test only: a published event.", fields={"n": int}),
+    MessageType("test.job", 1, "push", "Test only: a pushed job.", fields={"n": int}),
+], parent=REGISTRY)
 
 
 
@@ -94,11 +92,10 @@ class MemoryNetwork:
 class MemoryBus(Bus):
     """A :class:`Bus` whose services talk through a :class:`MemoryNetwork`."""
 
-    def __init__(self, clock: Any, sender: str = "test-node", config: Any = None,
-                 network: MemoryNetwork | None = None, secret: bytes = b"memory-bus-secret!",
-                 registry: Registry = REGISTRY) -> None:
-        super().__init__(clock, secret, sender, config if config is not None else {"bus": {}},
-                         registry=registry)
+    def __init__(self, clock: IReactorTime, sender: str = "test-node",
+                 settings: BusSettings | None = None, network: MemoryNetwork | None = None,
+                 secret: bytes = b"memory-bus-secret!", registry: Registry = REGISTRY) -> None:
+        super().__init__(clock, secret, sender, settings, registry=registry)
         self.network = network if network is not None else MemoryNetwork()
 
     def router(self, bind: str, handler: Any) -> MemoryRouter:  # type: ignore[override]
@@ -117,12 +114,8 @@ class MemoryBus(Bus):
                    handler: Any, bind: str | None = None) -> MemorySubscriber:
         if isinstance(endpoints, str):
             endpoints = [endpoints]
-        svc = MemorySubscriber(self, [bind] if bind else [], list(endpoints or ()), handler)
-        for t in topics:
-            if not isinstance(t, bytes):
-                raise TypeError(f"topics must be bytes, not {t!r}")
-        svc.topics = list(topics)
-        return svc
+        return MemorySubscriber(self, [bind] if bind else [], list(endpoints or ()), handler,
+                                topics)
 
     def push(self, endpoints: Sequence[str]) -> MemoryPush:  # type: ignore[override]
         return MemoryPush(self, [], [endpoints] if isinstance(endpoints, str) else endpoints)
@@ -148,19 +141,19 @@ class _MemoryService(Service):
         self.endpoint: str | None = None
         self._replay = ReplayGuard(bus.max_skew)
         bus.network.services.append(self)
-        self.setName(f"bus-{self.kind}")
+        self.setName(f"bus-{self.kind}")  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.endpoint or ','.join(self.connects)}>"
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         self.bus._services.add(self)
         for ep in self.binds:
             self.endpoint = self.bus.network.bind(ep, self)
 
-    def stopService(self) -> None:  # type: ignore[override]
-        super().stopService()
+    def stopService(self) -> None:
+        super().stopService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         self.bus._services.discard(self)
         self.bus.network.unbind(self)
 
@@ -250,7 +243,7 @@ class MemoryRouter(_MemoryService):
         d = defer.maybeDeferred(self.handler, env)
         d.addCallback(_awaited)
 
-        def done(result: tuple[str, dict]) -> None:
+        def done(result: tuple[str, dict[str, Any]]) -> None:
             self._reply(reply, env, *result)
 
         def failed(f: Failure) -> None:
@@ -265,7 +258,7 @@ class MemoryRouter(_MemoryService):
 
         d.addCallbacks(done, failed)
 
-    def _reply(self, reply: Any, req: Envelope, type: str, body: dict) -> None:
+    def _reply(self, reply: Any, req: Envelope, type: str, body: dict[str, Any]) -> None:
         if not self.running:
             return
         try:
@@ -314,15 +307,15 @@ class MemoryDealer(_MemoryService):
                 timer.cancel()
             d.errback(NotRunning("bus dealer stopped before the reply"))
 
-    async def request(self, type: str, body: dict, timeout: float | None = None) -> Envelope:
+    async def request(self, type: str, body: dict[str, Any], timeout: float | None = None) -> Envelope:
         return await self._request(None, type, body, timeout)
 
-    async def request_to(self, endpoint: str, type: str, body: dict,
+    async def request_to(self, endpoint: str, type: str, body: dict[str, Any],
                          timeout: float | None = None) -> Envelope:
         self.add_endpoint(endpoint)
         return await self._request(endpoint, type, body, timeout)
 
-    def _request(self, endpoint: str | None, type: str, body: dict,
+    def _request(self, endpoint: str | None, type: str, body: dict[str, Any],
                  timeout: float | None) -> defer.Deferred[Envelope]:
         if not self.running:
             return defer.fail(NotRunning(f"bus dealer not running: cannot send {type}"))
@@ -395,7 +388,14 @@ class MemoryDealer(_MemoryService):
 class MemorySubscriber(_MemoryService):
     kind = "subscriber"
     receives = "publish"
-    topics: list[bytes]
+
+    def __init__(self, bus: MemoryBus, binds: Sequence[str], connects: Sequence[str],
+                 handler: Any, topics: Sequence[bytes]) -> None:
+        super().__init__(bus, binds, connects, handler)
+        for t in topics:
+            if not isinstance(t, bytes):
+                raise TypeError(f"topics must be bytes, not {t!r}")
+        self.topics = list(topics)
 
     def _deliver(self, topic: bytes, frame: bytes) -> None:
         if not self.running:
@@ -408,7 +408,7 @@ class MemorySubscriber(_MemoryService):
 class MemoryPublisher(_MemoryService):
     kind = "publisher"
 
-    def publish(self, type: str, body: dict, topic: bytes = b"") -> bool:
+    def publish(self, type: str, body: dict[str, Any], topic: bytes = b"") -> bool:
         if not isinstance(topic, bytes):
             raise TypeError(f"topic must be bytes, not {topic.__class__.__name__}")
         frame = self.bus.seal_new(type, body, pattern="publish", topic=topic)
@@ -433,7 +433,7 @@ class MemoryPush(_MemoryService):
         super().__init__(*a, **kw)
         self._next = 0
 
-    def send(self, type: str, body: dict) -> bool:
+    def send(self, type: str, body: dict[str, Any]) -> bool:
         frame = self.bus.seal_new(type, body, pattern="push")
         if not self.running:
             return self._not_running()

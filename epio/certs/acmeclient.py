@@ -44,7 +44,7 @@ class AcmeClient:
     def __init__(self, directory_url: str, account_key_pem: bytes, account_uri: str | None,
                  verify: bool | str = True, contact: str = "", timeout: float = 30.0) -> None:
         key = serialization.load_pem_private_key(account_key_pem, password=None)
-        self.key = jose.JWKRSA(key=key)
+        self.key = jose.jwk.JWKRSA(key=key)
         # verify: a bool or, as requests takes it, a CA bundle path (acme types it bool)
         self.net = client.ClientNetwork(self.key, user_agent=USER_AGENT,
                                         verify_ssl=verify,  # type: ignore[arg-type]

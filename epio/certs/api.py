@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.interfaces import IReactorTime
+
 from epio.api import errors
 from epio.certs import records
 from epio.certs.crypto import CertificateError, check_pair, seal
@@ -15,7 +17,7 @@ MAX_PEM = 64 * 1024
 class Certs:
     """The api's certificate use cases (``secret``: the cluster secret, to seal keys)."""
 
-    def __init__(self, store: Store, secret: bytes, acme_on: bool, clock: Any) -> None:
+    def __init__(self, store: Store, secret: bytes, acme_on: bool, clock: IReactorTime) -> None:
         self.store = store
         self.secret = secret
         self.acme_on = acme_on

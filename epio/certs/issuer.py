@@ -15,11 +15,12 @@ does not do: they are marked failed with that reason.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.application.service import MultiService
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
@@ -27,7 +28,11 @@ from twisted.logger import Logger
 from epio.certs import records
 from epio.certs.acmeclient import AcmeClient, AcmeFailure
 from epio.certs.crypto import new_account_key_pem, new_key_pem, not_after, seal, unseal
+from epio.config.settings import AcmeSettings
 from epio.store import LeaderService, Store
+
+if TYPE_CHECKING:
+    from epio.node import Node
 
 LOCK_NAME = "acme-issuer"
 DAY = 86400.0
@@ -48,11 +53,10 @@ class IssuerSettings:
     order_timeout: float
 
     @classmethod
-    def from_config(cls, section: dict[str, Any]) -> IssuerSettings:
-        return cls(section["directory"], section["contact"], section["ca_bundle"],
-                   float(section["check_interval"]), float(section["renew_before_days"]) * DAY,
-                   float(section["retry_min"]), float(section["retry_max"]),
-                   float(section["challenge_wait"]), float(section["order_timeout"]))
+    def from_settings(cls, acme: AcmeSettings) -> IssuerSettings:
+        return cls(acme.directory, acme.contact, acme.ca_bundle, acme.check_interval,
+                   acme.renew_before_days * DAY, acme.retry_min, acme.retry_max,
+                   acme.challenge_wait, acme.order_timeout)
 
 
 def _error_text(e: BaseException) -> str:
@@ -67,7 +71,7 @@ class Issuer:
 
     log = Logger()
 
-    def __init__(self, store: Store, settings: IssuerSettings, secret: bytes, clock: Any,
+    def __init__(self, store: Store, settings: IssuerSettings, secret: bytes, clock: IReactorTime,
                  run_blocking: Callable[..., defer.Deferred[Any]] = deferToThread,
                  make_client: Callable[..., Any] = AcmeClient) -> None:
         self.store = store
@@ -198,8 +202,8 @@ class IssuerService(MultiService):
 
     log = Logger()
 
-    def __init__(self, issuer: Issuer, store: Store, clock: Any, retry_interval: float) -> None:
-        super().__init__()
+    def __init__(self, issuer: Issuer, store: Store, clock: IReactorTime, retry_interval: float) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         self.issuer = issuer
         self.store = store
         self.clock = clock
@@ -209,7 +213,7 @@ class IssuerService(MultiService):
         self._again = False
         self.leader = LeaderService(store, LOCK_NAME, self._elected, self._lost, clock=clock,
                                     retry_interval=retry_interval)
-        self.leader.setServiceParent(self)
+        self.leader.setServiceParent(self)  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
 
     async def _elected(self) -> None:
         self.log.info("elected leader for {lock}: certificates from {directory}",
@@ -251,13 +255,13 @@ class IssuerService(MultiService):
 
     def stopService(self) -> Any:
         self._lost()
-        return super().stopService()
+        return super().stopService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
 
 
-def make_issuer_service(node: Any, store: Store, retry_interval: float) -> IssuerService | None:
+def make_issuer_service(node: Node, store: Store, retry_interval: float) -> IssuerService | None:
     """The api role's issuer, when ``acme.directory`` is set."""
-    section = node.config["acme"]
-    if not section["directory"]:
+    acme = node.settings.acme
+    if not acme.directory:
         return None
-    issuer = Issuer(store, IssuerSettings.from_config(section), node.secret, node.reactor)
+    issuer = Issuer(store, IssuerSettings.from_settings(acme), node.secret, node.reactor)
     return IssuerService(issuer, store, node.reactor, retry_interval)

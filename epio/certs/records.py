@@ -68,14 +68,14 @@ async def put_cert(store: Store, rec: CertRecord, keep_owner: bool = False) -> C
              rec.not_after, rec.last_error, rec.failures, rec.next_attempt, rec.updated))
         return rec
 
-    return await store._tx(q, change=[Change("certificate", rec.app, rec.hostname)])
+    return await store.transaction(q, change=[Change("certificate", rec.app, rec.hostname)])
 
 
 async def list_certs(store: Store, app: str | None = None) -> list[CertRecord]:
     if app is None:
-        rows = await store._all("SELECT * FROM certificates ORDER BY hostname")
+        rows = await store.fetch_all("SELECT * FROM certificates ORDER BY hostname")
     else:
-        rows = await store._all("SELECT * FROM certificates WHERE app = ? ORDER BY hostname",
+        rows = await store.fetch_all("SELECT * FROM certificates WHERE app = ? ORDER BY hostname",
                                 (app,))
     return [_cert(r) for r in rows]
 
@@ -83,7 +83,7 @@ async def list_certs(store: Store, app: str | None = None) -> list[CertRecord]:
 async def list_served_certs(store: Store) -> list[CertRecord]:
     """The certificates the routers serve: only those whose hostname is still a domain
     of the same app (a stale row of an earlier holder is never served to the next)."""
-    rows = await store._all(
+    rows = await store.fetch_all(
         "SELECT c.* FROM certificates c JOIN domains d "
         "ON d.hostname = c.hostname AND d.app = c.app ORDER BY c.hostname")
     return [_cert(r) for r in rows]
@@ -99,7 +99,7 @@ async def delete_certs_except(store: Store, keep: set[str]) -> list[str]:
         for h in gone:
             await tx.execute("DELETE FROM certificates WHERE hostname = ?", (h,))
 
-    await store._tx(q, change=[Change("certificate")])
+    await store.transaction(q, change=[Change("certificate")])
     return gone
 
 
@@ -113,7 +113,7 @@ async def put_challenges(store: Store, items: list[tuple[str, str, str]],
             await tx.execute("INSERT INTO acme_challenges (token, hostname, key_authorization,"
                              " expires) VALUES (?, ?, ?, ?)", (token, host, keyauth, expires))
 
-    await store._tx(q, change=[Change("certificate")])
+    await store.transaction(q, change=[Change("certificate")])
 
 
 async def delete_challenges(store: Store, tokens: list[str], now: float) -> None:
@@ -124,18 +124,18 @@ async def delete_challenges(store: Store, tokens: list[str], now: float) -> None
             await tx.execute("DELETE FROM acme_challenges WHERE token = ?", (t,))
         await tx.execute("DELETE FROM acme_challenges WHERE expires < ?", (now,))
 
-    await store._tx(q, change=[Change("certificate")])
+    await store.transaction(q, change=[Change("certificate")])
 
 
 async def list_challenges(store: Store, now: float) -> dict[str, tuple[str, str]]:
     """token -> (hostname, key authorization) of every unexpired challenge."""
-    rows = await store._all("SELECT * FROM acme_challenges WHERE expires >= ?", (now,))
+    rows = await store.fetch_all("SELECT * FROM acme_challenges WHERE expires >= ?", (now,))
     return {r["token"]: (r["hostname"], r["key_authorization"]) for r in rows}
 
 
 async def get_account(store: Store, directory: str) -> tuple[str, str | None] | None:
     """(sealed key, account URI) of the cluster's account at ``directory``."""
-    row = await store._one("SELECT * FROM acme_accounts WHERE directory = ?", (directory,))
+    row = await store.fetch_one("SELECT * FROM acme_accounts WHERE directory = ?", (directory,))
     return None if row is None else (row["key_sealed"], row["uri"])
 
 
@@ -143,6 +143,6 @@ async def put_account(store: Store, directory: str, key_sealed: str, uri: str | 
     async def q(tx: Transaction) -> None:
         await tx.execute("DELETE FROM acme_accounts WHERE directory = ?", (directory,))
         await tx.execute("INSERT INTO acme_accounts (directory, key_sealed, uri, created)"
-                         " VALUES (?, ?, ?, ?)", (directory, key_sealed, uri, store._now()))
+                         " VALUES (?, ?, ?, ?)", (directory, key_sealed, uri, store.now()))
 
-    await store._tx(q)
+    await store.transaction(q)

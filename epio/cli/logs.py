@@ -80,8 +80,8 @@ def cmd_logs(args: argparse.Namespace) -> int:
     finally:
         try:
             ws.close()
-        except Exception:
-            pass
+        except OSError:
+            pass  # the connection is already gone: nothing left to close politely
 
 
 CHART_WIDTH = 32

@@ -321,7 +321,7 @@ class FeedProcessSource:
     def start(self, table: RouteTable) -> None:
         self.sink = TableSink(table, self.counters, lazy=True)
         self.lost_at = self.reactor.seconds()
-        endpoint: Any = UNIXClientEndpoint(self.reactor, str(self.path), timeout=5)  # type: ignore[no-untyped-call]
+        endpoint: Any = UNIXClientEndpoint(self.reactor, str(self.path), timeout=5)
         factory: Any = _FeedConnectionFactory(self)
         self._service = ClientService(endpoint, factory,
                                       retryPolicy=lambda attempt: self.retry, clock=self.reactor)

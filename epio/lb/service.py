@@ -98,10 +98,10 @@ def run_child(reactor: Any, name: str, services: list[Service]) -> None:
     from twisted.application.app import startApplication
     from twisted.application.service import Application
 
-    application = Application(name)  # type: ignore[no-untyped-call]
+    application = Application(name)
     for svc in services:
-        svc.setServiceParent(application)  # type: ignore[no-untyped-call]
-    startApplication(application, False)  # type: ignore[no-untyped-call]
+        svc.setServiceParent(application)
+    startApplication(application, False)
     reactor.run()
 
 
@@ -122,7 +122,7 @@ def reuseport_address(reactor: Any, description: str) -> tuple[str, int, int]:
     """``tcp:8080[:interface=X]`` / ``tcp6:...`` -> (interface, port, family), parsed by
     Twisted's own :func:`serverFromString` (escapes and all); SO_REUSEPORT needs a socket
     made by hand, so only the address is taken from the endpoint."""
-    ep = serverFromString(reactor, description)  # type: ignore[no-untyped-call]
+    ep = serverFromString(reactor, description)
     if not isinstance(ep, TCP4ServerEndpoint | TCP6ServerEndpoint):
         raise ValueError(f"lb.workers > 1 needs a tcp: or tcp6: endpoint, not {description!r}")
     # the endpoint keeps its address in private attributes; there is no public accessor
@@ -393,7 +393,7 @@ class LBService(MultiService):
                                       "address (lb.tls_affinity)")
             self._add_workers(section.workers - 1, (iface, port, family))
         else:
-            ep = serverFromString(self.reactor, with_backlog(section.listen, backlog))  # type: ignore[no-untyped-call]
+            ep = serverFromString(self.reactor, with_backlog(section.listen, backlog))
             self.ports.append(await ep.listen(factory))
         self.limit.watch(self.ports[-1])
         if section.tls_listen:
@@ -419,7 +419,7 @@ class LBService(MultiService):
                                                                tls_factory))
                 tsock.close()
             else:
-                ep = serverFromString(self.reactor, with_backlog(section.tls_listen, backlog))  # type: ignore[no-untyped-call]
+                ep = serverFromString(self.reactor, with_backlog(section.tls_listen, backlog))
                 self.ports.append(await ep.listen(tls_factory))
             self.tls_limit.watch(self.ports[-1])
         return self.ports

@@ -37,12 +37,13 @@ from attrs import frozen
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from epio.logs.records import LogRecord
+from epio.metrics import MetricsRegistry
 
 
 def rfc5424(rec: LogRecord, app: str, hostname: str = "epio") -> bytes:
@@ -234,7 +235,7 @@ class HTTPDrain(Drain):
         super().__init__(manager, drain_id, app, url)
         self._inflight = False
         self._attempt = 0
-        self._timer: Any = None
+        self._timer: IDelayedCall | None = None
         self._batch: list[bytes] = []
         self.stopped = False
 
@@ -318,9 +319,9 @@ class DrainManager(MultiService):
 
     log = Logger()
 
-    def __init__(self, reactor: Any, config: DrainConfig = DrainConfig(), registry: Any = None,
+    def __init__(self, reactor: Any, config: DrainConfig = DrainConfig(), registry: MetricsRegistry | None = None,
                  http_post: Callable[[str, bytes, dict[bytes, list[bytes]]], Deferred[int]] | None = None) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         self.reactor = reactor
         self.config = config
         self._http_post = http_post
@@ -335,7 +336,7 @@ class DrainManager(MultiService):
                 "epio_log_drain_undelivered_total",
                 "Log lines that could not be delivered to a drain, by reason.",
                 ["drain", "app", "reason"])
-        self.setName("drains")
+        self.setName("drains")  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
 
     def http_post(self, url: str, body: bytes, headers: dict[bytes, list[bytes]]) -> Deferred[int]:
         if self._http_post is None:
@@ -348,7 +349,7 @@ class DrainManager(MultiService):
     def stopService(self) -> Any:
         for drain in self.drains.values():
             drain.release()
-        d = super().stopService()
+        d = super().stopService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         pool, self._pool = self._pool, None
         if pool is None:
             return d

@@ -25,6 +25,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from epio.bus.counters import RateLimitedLog
@@ -73,7 +74,7 @@ class LogReceiver:
 
     log = Logger()
 
-    def __init__(self, store: LogStore, clock: Any, counters: LogCounters,
+    def __init__(self, store: LogStore, clock: IReactorTime, counters: LogCounters,
                  max_line_bytes: int = 10_000,
                  on_record: Callable[[str, LogRecord], None] | None = None) -> None:
         self.store = store

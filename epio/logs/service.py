@@ -9,36 +9,45 @@ See docs/logs.md.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, cast
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.internet import TimerService
-from twisted.application.service import IService, MultiService
+from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
+from epio.bus import Bus, Envelope
 from epio.bus.errors import RemoteError
+from epio.config.settings import LoggerSettings
 from epio.logclient import BadFilter, compile_grep, live_topic
 from epio.logs.drains import DrainConfig, DrainManager
 from epio.logs.receiver import LogCounters, LogReceiver
 from epio.logs.records import APP_RE, LogRecord
-from epio.logs.stats import PostgresStats, SQLiteStats, StatsDB, StatsService
+from epio.logs.stats import StatsDB, StatsService, StoreStats
 from epio.logs.store import LogStore, Query, StoreConfig
-from epio.metrics import ensure_metrics_service, registry_for
+from epio.metrics import MetricsRegistry, ensure_metrics_service, registry_for
+from epio.store.store import Store
+
+if TYPE_CHECKING:
+    from epio.node import INodeReactor, Node
 
 LIVE_BATCH = 500  # lines per log.live message (published at once when full)
 STATS_EXPIRE_EVERY = 300.0  # seconds between stats retention passes
+LEGACY_STATS_FILE = "stats.sqlite3"  # an SQLite node's stats before they moved into the store
 
 
 class LiveFeed:
     """Publishes stored lines as ``log.live`` batches, once per reactor turn."""
 
-    def __init__(self, clock: Any, publish: Callable[[str, dict, bytes], Any], logger_id: str) -> None:
+    def __init__(self, clock: IReactorTime, publish: Callable[[str, dict[str, Any], bytes], Any], logger_id: str) -> None:
         self.clock = clock
         self.publish = publish
         self.logger_id = logger_id
         self.pending: dict[str, list[LogRecord]] = {}
-        self._call: Any = None
+        self._call: IDelayedCall | None = None
 
     def add(self, app: str, rec: LogRecord) -> None:
         batch = self.pending.get(app)
@@ -75,59 +84,61 @@ class LiveFeed:
 
 
 class LoggerService(MultiService):
+    """One logger: the log store, the stats, the drains and the three sockets.
+
+    Built by :func:`make_service` (the role's composition root) from the node's
+    ``[logger]`` settings; every collaborator comes in through the constructor.
+    """
+
     log = Logger()
 
-    def __init__(self, node: Any) -> None:
-        super().__init__()
-        self.node = node
-        self.reactor = reactor = node.reactor
-        cfg = node.config["logger"]
-        self.cfg = cfg
-        self.registry = registry_for(node)
-        self.counters = LogCounters(self.registry)
-        self.store = LogStore(node.data_dir / "logs", reactor, StoreConfig.from_section(cfg),
+    def __init__(self, reactor: INodeReactor, settings: LoggerSettings, node_id: str,
+                 data_dir: Path, bus: Bus, registry: MetricsRegistry,
+                 make_stats_db: Callable[[Callable[[Callable[[], Any]], Deferred[Any]]],
+                                         StatsDB]) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
+        self.reactor = reactor
+        self.settings = settings
+        self.node_id = node_id
+        self.registry = registry
+        self.counters = LogCounters(registry)
+        self.store = LogStore(data_dir / "logs", reactor, StoreConfig.from_settings(settings),
                               run_blocking=self._in_thread)
         self.drains = DrainManager(reactor, DrainConfig(
-            buffer_lines=cfg["drain_buffer_lines"], max_attempts=cfg["drain_max_attempts"],
-            backoff_max=cfg["drain_backoff_max"], hostname=node.node_id,
-            tls_ca=cfg["drain_tls_ca"]), registry=self.registry)
-        self.drains.setServiceParent(self)
-        for d in cfg["drains"]:
+            buffer_lines=settings.drain_buffer_lines, max_attempts=settings.drain_max_attempts,
+            backoff_max=settings.drain_backoff_max, hostname=node_id,
+            tls_ca=settings.drain_tls_ca), registry=registry)
+        self.drains.setServiceParent(self)  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
+        for d in settings.drains:
             try:
                 self.drains.add(str(d["id"]), str(d["app"]), str(d["url"]))
             except (KeyError, ValueError) as e:
                 raise ValueError(f"logger.drains: {e}") from None
-        bus = node.bus
-        self.publisher = bus.publisher(bind=cfg["publish_bind"])
-        self.publisher.setServiceParent(self)
+        self.publisher = bus.publisher(bind=settings.publish_bind)
+        self.publisher.setServiceParent(self)  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         self.live = LiveFeed(reactor, lambda t, b, topic: self.publisher.publish(t, b, topic=topic),
-                             node.node_id)
-        self.receiver = LogReceiver(self.store, reactor, self.counters, cfg["max_line_bytes"],
+                             node_id)
+        self.receiver = LogReceiver(self.store, reactor, self.counters, settings.max_line_bytes,
                                     on_record=self._on_record)
-        self.stats = StatsService(self._stats_db(), reactor, flush_delay=cfg["stats_flush_delay"],
-                                  retention={10: cfg["stats_retention_10s"],
-                                             60: cfg["stats_retention_1m"]},
+        self.stats = StatsService(make_stats_db(self._in_thread), reactor,
+                                  flush_delay=settings.stats_flush_delay,
+                                  retention={10: settings.stats_retention_10s,
+                                             60: settings.stats_retention_1m},
                                   counters=self.counters)
-        self.router = bus.router(cfg["router_bind"], self._request)
-        self.router.setServiceParent(self)
-        self.pull = bus.pull(cfg["pull_bind"], self._pulled)
-        self.pull.setServiceParent(self)
-        self._flusher = TimerService(cfg["flush_interval"], self._flush)
+        self.router = bus.router(settings.router_bind, self._request)
+        self.router.setServiceParent(self)  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
+        self.pull = bus.pull(settings.pull_bind, self._pulled)
+        self.pull.setServiceParent(self)  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
+        self._flusher = TimerService(settings.flush_interval, self._flush)
         self._flusher.clock = reactor
         self._flusher.setServiceParent(self)
-        self._maint = TimerService(cfg["maintenance_interval"], self._maintain)
+        self._maint = TimerService(settings.maintenance_interval, self._maintain)
         self._maint.clock = reactor
         self._maint.setServiceParent(self)
         self._last_expire = 0.0
         g = self.registry.gauge("epio_log_store_bytes", "Disk bytes of stored log, per app.", ["app"])
         self._bytes_gauge = g
-        self.setName("logger")
-
-    def _stats_db(self) -> StatsDB:
-        url = self.node.config["store"]["url"]
-        if url.startswith(("postgresql://", "postgres://")):
-            return PostgresStats(url, self.reactor)
-        return SQLiteStats(str(self.node.data_dir / "stats.sqlite3"), self._in_thread)
+        self.setName("logger")  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
 
     def _in_thread(self, f: Callable[[], Any]) -> Deferred[Any]:
         return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f)
@@ -139,8 +150,7 @@ class LoggerService(MultiService):
         for app in self.store.iter_apps():
             self._bytes_gauge.labels(app).set_function(
                 lambda a=app: float(self.store.apps[a].disk_bytes) if a in self.store.apps else 0.0)
-        ensure_metrics_service(self.node, self)
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         d = Deferred.fromCoroutine(self.stats.open())
         d.addErrback(lambda f: self.log.failure("stats database could not be opened; samples "
                                                 "are kept in memory and retried", f))
@@ -152,12 +162,12 @@ class LoggerService(MultiService):
             # the sockets are closed: nothing more arrives; make everything durable
             self.store.flush()
             self.store.close()
+            # the node's store closes after every role has stopped (epio.tap)
             try:
                 if self.stats.opened:
                     await self.stats.tick(everything=True)
-                await self.stats.db.close()
             except Exception:
-                self.log.failure("closing stats failed")
+                self.log.failure("writing the last stats failed")
 
         d = maybeDeferred(super().stopService)
         d.addCallback(lambda r: Deferred.fromCoroutine(finish(r)))
@@ -169,7 +179,7 @@ class LoggerService(MultiService):
         self.live.add(app, rec)
         self.drains.on_record(app, rec)
 
-    def _pulled(self, env: Any) -> None:
+    def _pulled(self, env: Envelope) -> None:
         if env.type == "log.line":
             self.receiver.line(env.sender, env.body)
         elif env.type == "log.batch":
@@ -208,7 +218,7 @@ class LoggerService(MultiService):
 
     # -- queries ----------------------------------------------------------------------
 
-    async def _request(self, env: Any) -> tuple[str, dict]:
+    async def _request(self, env: Envelope) -> tuple[str, dict[str, Any]]:
         body = env.body
         app = body["app"]
         if not APP_RE.match(app):
@@ -223,9 +233,9 @@ class LoggerService(MultiService):
 
     async def _logs_query(self, app: str, body: dict[str, Any]) -> dict[str, Any]:
         n = body["n"]
-        if not 0 <= n <= self.cfg["query_max_lines"]:
+        if not 0 <= n <= self.settings.query_max_lines:
             raise RemoteError("invalid_parameter",
-                              f"n must be between 0 and {self.cfg['query_max_lines']}")
+                              f"n must be between 0 and {self.settings.query_max_lines}")
         grep = body.get("grep")
         rx = None
         if grep is not None:
@@ -242,8 +252,26 @@ class LoggerService(MultiService):
                   sources=frozenset(sources), grep=rx, after=body.get("after"))
         result = await self.store.query(app, q)
         return {"app": app, "lines": [r.to_wire() for r in result.lines],
-                "next": result.next_lineno, "logger": self.node.node_id}
+                "next": result.next_lineno, "logger": self.node_id}
 
 
-def make_service(node: Any) -> IService:
-    return cast(IService, LoggerService(node))
+def make_service(node: Node) -> LoggerService:
+    """The logger role of ``node``: its composition root.
+
+    The stats go to the node's store (its migrations, its connections); an SQLite
+    node's stats file from before that is imported on the first start.
+    """
+    store_service = node.store_service
+
+    async def get_store() -> Store:
+        if store_service is None:
+            raise RuntimeError("this node has no store service")
+        return await store_service.whenReady()
+
+    def make_stats_db(run_blocking: Callable[[Callable[[], Any]], Deferred[Any]]) -> StatsDB:
+        return StoreStats(get_store, node.data_dir / LEGACY_STATS_FILE, run_blocking)
+
+    svc = LoggerService(node.reactor, node.settings.logger, node.node_id, node.data_dir,
+                        node.bus, registry_for(node), make_stats_db)
+    ensure_metrics_service(node, svc)
+    return svc

@@ -18,42 +18,40 @@ of the bucket holding that quantile) and ``latency_mean_ms``, gauges as their
 last value (with the instance in the ``instance`` column).  A sample for a
 bucket already written is counted as dropped (``late``).
 
-Where: a table ``epio_stats`` created by this module (not a store migration:
-the stats belong to the logger, which may run against another database than
-the api's store).  PostgreSQL through txpostgres when ``store.url`` is
-PostgreSQL -- every logger of a cluster writes the same rows and the upsert
-keeps the larger value, so two loggers that saw the same stream agree and one
-that missed samples does not lower a count -- else SQLite at
-``DATA_DIR/stats.sqlite3``.  Retention: 10 s rows for ``stats_retention_10s``,
-1 min rows (the downsampled series) for ``stats_retention_1m``.
+Where: the store's ``epio_stats`` table (:mod:`epio.store.stats`, created by a
+store migration, written through the store's connections).  Every logger of a
+cluster writes the same rows and the upsert keeps the larger value, so two
+loggers that saw the same stream agree and one that missed samples does not
+lower a count.  Retention: 10 s rows for ``stats_retention_10s``, 1 min rows
+(the downsampled series) for ``stats_retention_1m``.
 """
 
 from __future__ import annotations
 
 import re
-import sqlite3
-import threading
-from collections.abc import Callable, Iterable
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
-from attrs import define, field, frozen
+from attrs import define, field
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+
+from epio.store import stats as stats_table
+from epio.store.backend import SQLITE
+from epio.store.stats import Point
+from epio.store.store import Store
+
+if TYPE_CHECKING:
+    from epio.logs.receiver import LogCounters
+
+__all__ = ["Aggregator", "Point", "StatsDB", "StatsService", "StoreStats", "quantile"]
 
 RESOLUTIONS = (10, 60)
 _LE = re.compile(r"^latency_le_(\d+(?:\.\d+)?)ms$")
 _GT = re.compile(r"^latency_gt_(\d+(?:\.\d+)?)ms$")
 _METRIC_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,100}$")
-
-
-@frozen
-class Point:
-    app: str
-    metric: str
-    instance: str
-    resolution: int
-    ts: int
-    value: float
 
 
 @define
@@ -171,189 +169,51 @@ class Aggregator:
 
 
 class StatsDB(Protocol):
-    def open(self) -> Deferred[None]: ...
-    def write(self, points: list[Point]) -> Deferred[None]: ...
-    def query(self, app: str, metric: str | None, since: float, until: float,
-              resolution: int) -> Deferred[list[tuple[str, str, int, float]]]: ...
-    def expire(self, resolution: int, before: float) -> Deferred[int]: ...
-    def close(self) -> Deferred[None]: ...
+    """Where points go: :class:`StoreStats`."""
+
+    async def open(self) -> None: ...
+    async def write(self, points: list[Point]) -> None: ...
+    async def query(self, app: str, metric: str | None, since: float, until: float,
+                    resolution: int) -> list[tuple[str, str, int, float]]: ...
+    async def expire(self, resolution: int, before: float) -> int: ...
 
 
-TABLE = "epio_stats"
-_COLS = "app, metric, instance, resolution, ts, value"
+class StoreStats:
+    """The points in the node's store (its migrations, its connections).
 
-
-def _like_prefix(metric: str) -> str:
-    return metric.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-
-
-def _query_sql(app: str, metric: str | None, since: float, until: float, resolution: int,
-               ph: str, like_escape: str) -> tuple[str, list[Any]]:
-    """The samples query of both backends: ``ph`` is the driver's placeholder, a metric
-    matches itself and its ``metric.*`` children (a LIKE prefix escaped with a backslash;
-    ``like_escape`` says so where the database needs it)."""
-    sql = (f"SELECT metric, instance, ts, value FROM {TABLE} WHERE app = {ph} "
-           f"AND resolution = {ph} AND ts >= {ph} AND ts < {ph}")
-    args: list[Any] = [app, resolution, since, until]
-    if metric:
-        sql += f" AND (metric = {ph} OR metric LIKE {ph}{like_escape})"
-        args += [metric, _like_prefix(metric)]
-    return sql + " ORDER BY metric, instance, ts", args
-
-
-class SQLiteStats:
-    """Stats in an SQLite file; every call runs in ``run_blocking`` (a thread)."""
-
-    def __init__(self, path: str, run_blocking: Callable[[Callable[[], Any]], Deferred[Any]]) -> None:
-        self.path = path
-        self.run_blocking = run_blocking
-        self._db: sqlite3.Connection | None = None
-        self._lock = threading.Lock()
-
-    def _do(self, f: Callable[[sqlite3.Connection], Any]) -> Deferred[Any]:
-        def work() -> Any:
-            with self._lock:
-                if self._db is None:
-                    raise RuntimeError("stats database is closed")
-                with self._db:
-                    return f(self._db)
-
-        return self.run_blocking(work)
-
-    def open(self) -> Deferred[None]:
-        def work() -> None:
-            with self._lock:
-                db = sqlite3.connect(self.path, check_same_thread=False, timeout=10)
-                db.execute("PRAGMA journal_mode=WAL")
-                db.execute(
-                    f"CREATE TABLE IF NOT EXISTS {TABLE} (app TEXT NOT NULL, metric TEXT NOT NULL, "
-                    "instance TEXT NOT NULL DEFAULT '', resolution INTEGER NOT NULL, "
-                    "ts INTEGER NOT NULL, value REAL NOT NULL, "
-                    "PRIMARY KEY (app, metric, instance, resolution, ts))"
-                )
-                db.execute(f"CREATE INDEX IF NOT EXISTS {TABLE}_expiry ON {TABLE} (resolution, ts)")
-                db.commit()
-                self._db = db
-
-        return self.run_blocking(work)
-
-    def write(self, points: list[Point]) -> Deferred[None]:
-        rows = [(p.app, p.metric, p.instance, p.resolution, p.ts, p.value) for p in points]
-        return self._do(lambda db: db.executemany(
-            f"INSERT INTO {TABLE} ({_COLS}) VALUES (?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT (app, metric, instance, resolution, ts) "
-            f"DO UPDATE SET value = MAX({TABLE}.value, excluded.value)", rows) and None)
-
-    def query(self, app: str, metric: str | None, since: float, until: float,
-              resolution: int) -> Deferred[list[tuple[str, str, int, float]]]:
-        sql, args = _query_sql(app, metric, since, until, resolution, "?", " ESCAPE '\\'")
-        return self._do(lambda db: [tuple(r) for r in db.execute(sql, args).fetchall()])
-
-    def expire(self, resolution: int, before: float) -> Deferred[int]:
-        return self._do(lambda db: db.execute(
-            f"DELETE FROM {TABLE} WHERE resolution = ? AND ts < ?", (resolution, before)).rowcount)
-
-    def close(self) -> Deferred[None]:
-        def work() -> None:
-            with self._lock:
-                if self._db is not None:
-                    self._db.close()
-                    self._db = None
-
-        return self.run_blocking(work)
-
-
-class PostgresStats:
-    """Stats in PostgreSQL through one txpostgres connection (reconnected on demand)."""
+    ``get_store`` gives the store once it is open and migrated (the node's
+    ``StoreService.whenReady``).  ``legacy_sqlite``: the stats file an SQLite node
+    kept before the stats moved into the store, imported by :meth:`open`;
+    ``run_blocking`` runs the reading of that file in a thread.
+    """
 
     log = Logger()
 
-    def __init__(self, dsn: str, reactor: Any) -> None:
-        self.dsn = dsn
-        self.reactor = reactor
-        self._conn: Any = None
+    def __init__(self, get_store: Callable[[], Awaitable[Store]], legacy_sqlite: Path | None,
+                 run_blocking: Callable[[Callable[[], Any]], Deferred[Any]]) -> None:
+        self._get_store = get_store
+        self.legacy_sqlite = legacy_sqlite
+        self.run_blocking = run_blocking
 
-    async def _connection(self) -> Any:
-        if self._conn is not None:
-            return self._conn
-        from txpostgres import txpostgres
+    async def open(self) -> None:
+        store = await self._get_store()
+        if self.legacy_sqlite is not None and store.dialect == SQLITE:
+            n = await stats_table.import_legacy_sqlite(store, self.legacy_sqlite,
+                                                       self.run_blocking)
+            if n:
+                self.log.info("imported {n} stats points from {path} into the store",
+                              n=n, path=str(self.legacy_sqlite))
 
-        conn = txpostgres.Connection(reactor=self.reactor)
-        await conn.connect(self.dsn)
-        self._conn = conn
-        return conn
+    async def write(self, points: list[Point]) -> None:
+        await stats_table.write_points(await self._get_store(), points)
 
-    async def _run(self, op: Callable[[Any], Deferred[Any]]) -> Any:
-        import psycopg2
+    async def query(self, app: str, metric: str | None, since: float, until: float,
+                    resolution: int) -> list[tuple[str, str, int, float]]:
+        return await stats_table.query_points(await self._get_store(), app, metric, since,
+                                              until, resolution)
 
-        conn = await self._connection()
-        try:
-            return await op(conn)
-        except (psycopg2.OperationalError, psycopg2.InterfaceError):
-            # the connection is gone: drop it, the next call reconnects
-            self._conn = None
-            try:
-                conn.close()
-            except Exception:
-                pass
-            raise
-
-    def open(self) -> Deferred[None]:
-        async def go() -> None:
-            def create(cur: Any) -> Deferred[Any]:
-                d: Deferred[Any] = cur.execute("SELECT pg_advisory_xact_lock(hashtext('epio_stats'))")
-                d.addCallback(lambda _: cur.execute(
-                    f"CREATE TABLE IF NOT EXISTS {TABLE} (app TEXT NOT NULL, metric TEXT NOT NULL, "
-                    "instance TEXT NOT NULL DEFAULT '', resolution INTEGER NOT NULL, "
-                    "ts BIGINT NOT NULL, value DOUBLE PRECISION NOT NULL, "
-                    "PRIMARY KEY (app, metric, instance, resolution, ts))"))
-                d.addCallback(lambda _: cur.execute(
-                    f"CREATE INDEX IF NOT EXISTS {TABLE}_expiry ON {TABLE} (resolution, ts)"))
-                return d
-
-            await self._run(lambda c: c.runInteraction(create))
-
-        return Deferred.fromCoroutine(go())
-
-    def write(self, points: list[Point]) -> Deferred[None]:
-        async def go() -> None:
-            if not points:
-                return
-            values = ",".join(["(%s,%s,%s,%s,%s,%s)"] * len(points))
-            args: list[Any] = []
-            for p in points:
-                args += [p.app, p.metric, p.instance, p.resolution, p.ts, p.value]
-            sql = (f"INSERT INTO {TABLE} ({_COLS}) VALUES {values} "
-                   "ON CONFLICT (app, metric, instance, resolution, ts) "
-                   f"DO UPDATE SET value = GREATEST({TABLE}.value, EXCLUDED.value)")
-            await self._run(lambda c: c.runOperation(sql, args))
-
-        return Deferred.fromCoroutine(go())
-
-    def query(self, app: str, metric: str | None, since: float, until: float,
-              resolution: int) -> Deferred[list[tuple[str, str, int, float]]]:
-        async def go() -> list[tuple[str, str, int, float]]:
-            sql, args = _query_sql(app, metric, since, until, resolution, "%s", "")
-            rows = await self._run(lambda c: c.runQuery(sql, args))
-            return [(r[0], r[1], int(r[2]), float(r[3])) for r in rows]
-
-        return Deferred.fromCoroutine(go())
-
-    def expire(self, resolution: int, before: float) -> Deferred[int]:
-        async def go() -> int:
-            await self._run(lambda c: c.runOperation(
-                f"DELETE FROM {TABLE} WHERE resolution = %s AND ts < %s", (resolution, before)))
-            return 0
-
-        return Deferred.fromCoroutine(go())
-
-    def close(self) -> Deferred[None]:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.close()
-        from twisted.internet.defer import succeed
-
-        return succeed(None)
+    async def expire(self, resolution: int, before: float) -> int:
+        return await stats_table.expire_points(await self._get_store(), resolution, before)
 
 
 class StatsService:
@@ -367,9 +227,9 @@ class StatsService:
 
     log = Logger()
 
-    def __init__(self, db: StatsDB, clock: Any, *, flush_delay: float = 5.0,
+    def __init__(self, db: StatsDB, clock: IReactorTime, *, flush_delay: float = 5.0,
                  retention: dict[int, float] | None = None, max_pending: int = 100_000,
-                 counters: Any = None) -> None:
+                 counters: LogCounters | None = None) -> None:
         self.db = db
         self.clock = clock
         self.counters = counters

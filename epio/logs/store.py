@@ -36,8 +36,10 @@ from typing import IO, Any
 
 from attrs import define, field, frozen
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from epio.config.settings import LoggerSettings
 from epio.logs.records import APP_RE, CorruptRecord, LogRecord, decode
 
 INDEX = "index.json"
@@ -69,12 +71,12 @@ class StoreConfig:
     compress_level: int = 6
 
     @classmethod
-    def from_section(cls, section: dict[str, Any]) -> StoreConfig:
+    def from_settings(cls, settings: LoggerSettings) -> StoreConfig:
         return cls(
-            chunk_max_bytes=section["chunk_max_bytes"],
-            chunk_max_age=section["chunk_max_age"],
-            retention_age=section["retention_age"],
-            retention_bytes=section["retention_bytes"],
+            chunk_max_bytes=settings.chunk_max_bytes,
+            chunk_max_age=settings.chunk_max_age,
+            retention_age=settings.retention_age,
+            retention_bytes=settings.retention_bytes,
         )
 
 
@@ -621,7 +623,7 @@ class LogStore:
 
     log = Logger()
 
-    def __init__(self, root: Path, clock: Any, config: StoreConfig = StoreConfig(),
+    def __init__(self, root: Path, clock: IReactorTime, config: StoreConfig = StoreConfig(),
                  run_blocking: RunBlocking = run_inline) -> None:
         self.root = root
         self.clock = clock

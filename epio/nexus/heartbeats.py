@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from attrs import define, field, frozen
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from epio.bus.counters import RateLimitedLog
@@ -211,7 +212,7 @@ class NodeTracker:
 
     def __init__(
         self,
-        clock: Any,
+        clock: IReactorTime,
         node_timeout: float,
         on_change: Callable[[set[str]], None],
     ) -> None:

@@ -19,16 +19,22 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
+from epio.bus import Bus, Envelope
 from epio.bus.errors import RemoteError
+from epio.config.settings import NexusSettings
 from epio.nexus.core import Nexus, NotFound, NotReady
 from epio.nexus.storeview import ReleaseOptions, RoutingStore, load_view
+
+if TYPE_CHECKING:
+    from epio.node import Node
 
 HEARTBEAT_TOPIC = b"hb"
 ROUTES_TOPIC = b"routes"
@@ -37,8 +43,8 @@ ROUTES_TOPIC = b"routes"
 class NexusService(MultiService):
     """One nexus: the :class:`Nexus` logic plus its three sockets and two timers.
 
-    ``get_store`` returns a Deferred firing with the store (the node's
-    ``store_service.whenReady``).  ``startService`` never fails asynchronously:
+    ``settings`` is the node's ``[nexus]`` section.  ``get_store`` returns a
+    Deferred firing with the store (the node's ``store_service.whenReady``).  ``startService`` never fails asynchronously:
     a store that cannot be read is logged and tried again at the next refresh;
     until it has been read once the nexus stays warming up.
     """
@@ -47,39 +53,38 @@ class NexusService(MultiService):
 
     def __init__(
         self,
-        reactor: Any,
-        bus: Any,
-        config: Any,
-        get_store: Callable[[], Deferred],
+        reactor: IReactorTime,
+        bus: Bus,
+        settings: NexusSettings,
+        get_store: Callable[[], Deferred[RoutingStore]],
         domain: str,
         nexus_id: str | None = None,
     ) -> None:
-        super().__init__()
-        cfg = config["nexus"]
+        super().__init__()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         self.reactor = reactor
         self.bus = bus
         self.domain = domain
         self._get_store = get_store
-        self.store_refresh = float(cfg["store_refresh"])
-        self.store_refresh_min = float(cfg["store_refresh_min"])
+        self.store_refresh = settings.store_refresh
+        self.store_refresh_min = settings.store_refresh_min
         self.nexus_id = nexus_id or uuid.uuid4().hex
         self.release_options = ReleaseOptions(reactor, self.store_refresh / 4)
         self.nexus = Nexus(
             reactor, self.nexus_id, self._publish,
-            node_timeout=float(cfg["node_timeout"]),
-            warmup=float(cfg["warmup"]),
-            delta_interval=float(cfg["delta_interval"]),
-            web_types=cfg["web_process_types"],
+            node_timeout=settings.node_timeout,
+            warmup=settings.warmup,
+            delta_interval=settings.delta_interval,
+            web_types=settings.web_process_types,
             on_store_hint=self.refresh_soon,
         )
-        self.publisher = bus.publisher(bind=cfg["publish_bind"])
-        self.publisher.setServiceParent(self)
+        self.publisher = bus.publisher(bind=settings.publish_bind)
+        self.publisher.setServiceParent(self)  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         self.heartbeats = bus.subscriber([], [HEARTBEAT_TOPIC], self._heartbeat,
-                                         bind=cfg["heartbeat_bind"])
-        self.heartbeats.setServiceParent(self)
-        self.router = bus.router(cfg["router_bind"], self._request)
-        self.router.setServiceParent(self)
-        for interval, call in ((float(cfg["keepalive_interval"]), self.nexus.keepalive),
+                                         bind=settings.heartbeat_bind)
+        self.heartbeats.setServiceParent(self)  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
+        self.router = bus.router(settings.router_bind, self._request)
+        self.router.setServiceParent(self)  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
+        for interval, call in ((settings.keepalive_interval, self.nexus.keepalive),
                                (self.store_refresh, self._timed_refresh)):
             timer = TimerService(interval, call)
             timer.clock = reactor
@@ -87,7 +92,7 @@ class NexusService(MultiService):
         self._refreshing = False
         self._refresh_again = False
         self._last_refresh: float | None = None
-        self._soon: Any = None
+        self._soon: IDelayedCall | None = None
 
     # -- life -----------------------------------------------------------------
 
@@ -98,27 +103,27 @@ class NexusService(MultiService):
             router=self.router.binds[0], pub=self.publisher.binds[0],
         )
         self.nexus.start()
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
 
     def stopService(self) -> Any:
         self.nexus.stop()
         if self._soon is not None and self._soon.active():
             self._soon.cancel()
         self._soon = None
-        return super().stopService()
+        return super().stopService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
 
     # -- bus ------------------------------------------------------------------
 
     def _publish(self, type: str, body: dict[str, Any]) -> None:
         self.publisher.publish(type, body, topic=ROUTES_TOPIC)
 
-    def _heartbeat(self, topic: bytes, env: Any) -> None:
+    def _heartbeat(self, topic: bytes, env: Envelope) -> None:
         if env.type != "runner.heartbeat":
             self.nexus.counters["unexpected_" + env.type] += 1
             return
         self.nexus.heartbeat(env.body)
 
-    def _request(self, env: Any) -> tuple[str, dict[str, Any]]:
+    def _request(self, env: Envelope) -> tuple[str, dict[str, Any]]:
         if env.type == "nexus.snapshot_request":
             try:
                 return "nexus.snapshot", self.nexus.snapshot()
@@ -131,6 +136,7 @@ class NexusService(MultiService):
             try:
                 if app is not None:
                     return "nexus.location", self.nexus.where_app(app)
+                assert node is not None  # exactly one of the two, checked above
                 return "nexus.location", self.nexus.where_node(node)
             except NotFound as e:
                 raise RemoteError("not_found", str(e)) from None
@@ -140,7 +146,7 @@ class NexusService(MultiService):
 
     # -- store ----------------------------------------------------------------
 
-    def _timed_refresh(self) -> Deferred:
+    def _timed_refresh(self) -> Deferred[None]:
         return self.refresh()
 
     def refresh_soon(self) -> None:
@@ -156,7 +162,7 @@ class NexusService(MultiService):
         self._soon = None
         self.refresh()
 
-    def refresh(self) -> Deferred:
+    def refresh(self) -> Deferred[None]:
         """Read the store once (coalesced: one read at a time, then one more if asked)."""
         if self._refreshing:
             self._refresh_again = True
@@ -191,17 +197,22 @@ async def _noop() -> None:
     return None
 
 
-def make_service(node: Any) -> NexusService:
-    """The nexus role of ``node``."""
+def make_service(node: Node) -> NexusService:
+    """The nexus role of ``node``: its composition root (everything is built here,
+    once, and handed on through constructors)."""
+    store_service = node.store_service
 
-    def get_store() -> Deferred:
-        if node.store_service is None:
+    async def read_store() -> RoutingStore:
+        if store_service is None:
             raise RuntimeError("this node has no store service")
-        return node.store_service.whenReady()
+        return await store_service.whenReady()
+
+    def get_store() -> Deferred[RoutingStore]:
+        return Deferred.fromCoroutine(read_store())
 
     from epio.metrics import registry_for
 
-    svc = NexusService(node.reactor, node.bus, node.config, get_store,
-                       domain=node.config["node"]["domain"])
+    svc = NexusService(node.reactor, node.bus, node.settings.nexus, get_store,
+                       domain=node.settings.node.domain)
     registry_for(node).add_status("nexus", svc.nexus.status)
     return svc

@@ -115,13 +115,6 @@ class InstanceCgroup:
         self.name = name
         self.paths = {ctrl: base / name for ctrl, base in support.bases.items()}
 
-    @classmethod
-    def from_paths(cls, name: str, paths: dict[str, str]) -> InstanceCgroup:
-        """Rebuild from a state file (paths as recorded)."""
-        cg = cls(CgroupSupport({}, {}), name)
-        cg.paths = {c: Path(p) for c, p in paths.items()}
-        return cg
-
     def create(self, limits: Limits) -> list[str]:
         """Create the cgroups and write the limits; return problems (empty if all set)."""
         problems: list[str] = []

@@ -26,10 +26,24 @@ The whole table is replaced in one ``nft -f`` transaction whenever what it
 should hold changes, so there is never a moment without rules.  A runner whose
 fence cannot be installed refuses to start unless ``runner.fence = "off"``.
 docs/security.md says what this does and does not protect.
+
+The fence's state (:data:`FENCE_TRANSITIONS`; the runner's isolation facts show
+it)::
+
+    runner.fence = off --> OFF            (for good: never installed)
+
+    ON --apply failed--> FAILED --apply failed--> FAILED
+     ^                     |
+     +----applied again----+              (ON --applied--> ON keeps it in step)
+
+A FAILED fence whose older table is still in place keeps fencing every app UID;
+with no table at all (``applied`` is None) its spawn gate refuses to start
+anything (:meth:`NetworkFence.ready`).
 """
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import ipaddress
 import os
@@ -39,16 +53,25 @@ import shutil
 import subprocess
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from attrs import field, frozen
+from attrs import define, field, frozen
 from twisted.application.service import Service
 from twisted.internet import defer, task, threads
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
+from epio.config.settings import Settings
 from epio.runner.sandbox import Isolation
+from epio.runner.supervisor import InvalidTransition, State
+
+if TYPE_CHECKING:
+    from twisted.python.failure import Failure
+
+    from epio.node import INodeReactor
+    from epio.runner.sessions import SessionManager
+    from epio.runner.supervisor import Supervisor
 
 NFT_TIMEOUT = 10.0  # seconds one nft invocation may take
 ZMQ_SECTIONS: dict[str, tuple[str, ...]] = {
@@ -61,6 +84,21 @@ TWISTED_ENDPOINTS: dict[str, tuple[str, ...]] = {"api": ("listen",)}
 ROUTER_ENDPOINTS = ("listen", "tls_listen")  # lb: stays open
 POSTGRES_PORT = 5432
 TABLE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
+
+
+class FenceState(enum.StrEnum):
+    """Whether the fence is in place (the value is what the runner reports)."""
+
+    OFF = "off"
+    ON = "on"
+    FAILED = "failed"
+
+
+FENCE_TRANSITIONS: dict[FenceState, frozenset[FenceState]] = {
+    FenceState.OFF: frozenset(),
+    FenceState.ON: frozenset({FenceState.ON, FenceState.FAILED}),
+    FenceState.FAILED: frozenset({FenceState.ON, FenceState.FAILED}),
+}
 
 
 class FenceError(Exception):
@@ -195,143 +233,191 @@ class FencePlan:
         }
 
 
-def table_for(data_dir: Any) -> str:
+def table_for(data_dir: str | Path) -> str:
     """The default table name of the runner using ``data_dir``: ``epio_fence_<hash>``,
     so runners sharing a host (multi-node tests) never replace or remove each other's."""
     key = hashlib.sha256(str(Path(data_dir).absolute()).encode()).hexdigest()[:8]
     return f"epio_fence_{key}"
 
 
-def plan_from_config(config: Any, roles: Iterable[str],
+def plan_from_config(config: Settings, roles: Iterable[str],
                      table: str | None = None) -> FencePlan:
-    """Derive the fence from the node's config and the roles it runs.
+    """Derive the fence from the node's typed settings and the roles it runs.
 
     On this host every port is refused to app UIDs except the open ports: the
     router's (lb.listen, lb.tls_listen) and runner.fence_allow_ports (plus, at run
     time, each app's own instances and shared add-on ports, and the instance port
-    range).  The add-ons' shared PostgreSQL port is never a control port.  Control-plane ports -- the listeners of the roles this
-    node runs (api.listen, the nexus, runner, logger and backup ZeroMQ binds),
-    metrics.listen, every endpoint the node connects to (cluster.nexus,
-    cluster.loggers, logger.peers, backup.endpoints), the store's PostgreSQL and
-    runner.fence_extra_ports -- are refused on the other cluster hosts too, and
-    on this host even inside the instance port range.
+    range).  The add-ons' shared PostgreSQL port is never a control port.  Control-plane
+    ports -- the listeners of the roles this node runs (api.listen, the nexus, runner,
+    logger and backup ZeroMQ binds), metrics.listen, every endpoint the node connects
+    to (cluster.nexus, cluster.loggers, logger.peers, backup.endpoints), the store's
+    PostgreSQL and runner.fence_extra_ports -- are refused on the other cluster hosts
+    too, and on this host even inside the instance port range.
     ``table`` defaults to ``runner.fence_table`` (or ``epio_fence``).  Raises
     ValueError for a bad table name or runner.fence_hosts entry.
+
+    The steps, in order: :func:`_listener_ports`, :func:`_connected_ports`,
+    :func:`_store_and_addon_ports`, :func:`_open_ports`, :func:`_index_note`,
+    :func:`_cluster_hosts`.
     """
-    rc = config["runner"]
-    table = table or rc["fence_table"] or "epio_fence"
+    rc = config.runner
+    table = table or rc.fence_table or "epio_fence"
     if not TABLE_NAME.match(table):
         raise ValueError(f"runner.fence_table: {table!r} is not a valid nftables table name "
                          "(letters, digits and _, starting with a letter)")
-    roles = set(roles)
-    if "all" in roles:
-        roles = {"api", "nexus", "lb", "runner", "logger", "backup"}
-    notes: list[str] = []
-    ports: dict[int, str] = {}  # port -> where it comes from (first reason wins)
-    remote: list[Target] = []
+    draft = _Draft()
+    _listener_ports(draft, config, set(roles))
+    _connected_ports(draft, config)
+    _store_and_addon_ports(draft, config)
+    open_ports = _open_ports(draft, config)
+    _index_note(draft, config.build.index_url, open_ports)
+    hosts4, hosts6 = _cluster_hosts(draft, rc.fence_hosts)
+    return FencePlan(
+        table=table, uid_min=rc.uid_min, uid_max=rc.uid_max,
+        control_ports=tuple(sorted(draft.ports)),
+        hosts4=tuple(sorted(hosts4, key=_net_key)),
+        hosts6=tuple(sorted(hosts6, key=_net_key)),
+        open_ports=tuple(open_ports), notes=tuple(draft.notes),
+        instance_range=(rc.port_min, rc.port_max),
+    )
 
-    def add(target: Target | None, why: str, connect: bool = False) -> None:
+
+@define
+class _Draft:
+    """The plan while :func:`plan_from_config` works it out."""
+
+    ports: dict[int, str] = field(factory=dict)  # port -> where from (first reason wins)
+    remote: list[Target] = field(factory=list)  # endpoints this node connects to
+    notes: list[str] = field(factory=list)
+
+    def add(self, target: Target | None, why: str, connect: bool = False) -> None:
         if target is None:
             return
-        ports.setdefault(target.port, why)
+        self.ports.setdefault(target.port, why)
         if connect:
-            remote.append(target)
+            self.remote.append(target)
 
+
+def _listener_ports(draft: _Draft, config: Settings, roles: set[str]) -> None:
+    """The listeners of the roles this node runs, and metrics.listen."""
+    if "all" in roles:
+        roles = {"api", "nexus", "lb", "runner", "logger", "backup"}
     for section, keys in TWISTED_ENDPOINTS.items():
         if section in roles:
             for key in keys:
-                value = config[section][key]
+                value = str(getattr(getattr(config, section), key))
                 t = twisted_endpoint(value)
                 if t is None and value:
-                    notes.append(f"{section}.{key} = {value!r} is not a TCP port: not fenced "
-                                 "(a unix socket is protected by its file mode and the sandbox)")
-                add(t, f"{section}.{key}")
+                    draft.notes.append(
+                        f"{section}.{key} = {value!r} is not a TCP port: not fenced "
+                        "(a unix socket is protected by its file mode and the sandbox)")
+                draft.add(t, f"{section}.{key}")
     for section, keys in ZMQ_SECTIONS.items():
         if section in roles:
             for key in keys:
-                value = config[section][key]
+                value = str(getattr(getattr(config, section), key))
                 t = zmq_endpoint(value)
                 if t is None and value:
-                    notes.append(f"{section}.{key} = {value!r} is not a TCP port: not fenced")
-                add(t, f"{section}.{key}")
-    metrics = config["metrics"]["listen"]
-    add(twisted_endpoint(metrics), "metrics.listen")
-    cluster = config["cluster"]
-    for i, nexus in enumerate(cluster["nexus"]):
+                    draft.notes.append(f"{section}.{key} = {value!r} is not a TCP port: "
+                                       "not fenced")
+                draft.add(t, f"{section}.{key}")
+    draft.add(twisted_endpoint(config.metrics.listen), "metrics.listen")
+
+
+def _connected_ports(draft: _Draft, config: Settings) -> None:
+    """Every endpoint the node connects to, and runner.fence_extra_ports."""
+    for i, nexus in enumerate(config.cluster.nexus):
         for key, value in sorted(nexus.items()):
             if isinstance(value, str):
-                add(zmq_endpoint(value), f"cluster.nexus[{i}].{key}", connect=True)
-    for value in cluster["loggers"]:
-        add(zmq_endpoint(value), "cluster.loggers", connect=True)
-    for i, peer in enumerate(config["logger"]["peers"]):
+                draft.add(zmq_endpoint(value), f"cluster.nexus[{i}].{key}", connect=True)
+    for value in config.cluster.loggers:
+        draft.add(zmq_endpoint(value), "cluster.loggers", connect=True)
+    for i, peer in enumerate(config.logger.peers):
         for key, value in sorted(peer.items()):
             if isinstance(value, str):
-                add(zmq_endpoint(value), f"logger.peers[{i}].{key}", connect=True)
-    for value in config["backup"]["endpoints"]:
-        add(zmq_endpoint(value), "backup.endpoints", connect=True)
-    for port in rc["fence_extra_ports"]:
-        add(Target("", port), "runner.fence_extra_ports")
+                draft.add(zmq_endpoint(value), f"logger.peers[{i}].{key}", connect=True)
+    for value in config.backup.endpoints:
+        draft.add(zmq_endpoint(value), "backup.endpoints", connect=True)
+    for port in config.runner.fence_extra_ports:
+        draft.add(Target("", port), "runner.fence_extra_ports")
 
-    addons = config["addons"]
+
+def _store_and_addon_ports(draft: _Draft, config: Settings) -> None:
+    """The store's PostgreSQL is a control port, unless it is also the add-ons' shared
+    PostgreSQL port, which apps must reach (and which is never a control port)."""
+    addons = config.addons
     addon_port = None
-    admin = postgres_endpoint(addons["postgres_admin_url"])
+    admin = postgres_endpoint(addons.postgres_admin_url)
     if admin is not None:
-        addon_port = addons["postgres_port"] or admin.port
-    store_url = config["store"]["url"]
+        addon_port = addons.postgres_port or admin.port
+    store_url = config.store.url
     store = postgres_endpoint(store_url)
     if store is not None:
         if store.port == addon_port:
-            notes.append(
+            draft.notes.append(
                 f"the store's PostgreSQL port {store.port} is also the add-ons' PostgreSQL "
                 "port that apps must reach: it stays open; keep the store in a database and "
                 "role apps cannot log into (docs/security.md)")
         else:
-            add(store, "store.url", connect=True)
+            draft.add(store, "store.url", connect=True)
     elif store_url.startswith(("postgresql://", "postgres://")):
-        notes.append("store.url uses a unix socket: not fenced (its file mode and "
-                     "pg_hba.conf protect it)")
-    if addon_port is not None and addon_port in ports:
-        notes.append(f"port {addon_port} ({ports[addon_port]}) is the add-ons' PostgreSQL "
-                     "port: apps with a shared database reach it")
-        del ports[addon_port]
+        draft.notes.append("store.url uses a unix socket: not fenced (its file mode and "
+                           "pg_hba.conf protect it)")
+    if addon_port is not None and addon_port in draft.ports:
+        draft.notes.append(f"port {addon_port} ({draft.ports[addon_port]}) is the add-ons' "
+                           "PostgreSQL port: apps with a shared database reach it")
+        del draft.ports[addon_port]
 
-    open_ports = sorted({t.port for t in (twisted_endpoint(config["lb"][k])
-                                          for k in ROUTER_ENDPOINTS) if t is not None})
-    for port in open_ports:
-        if port in ports:
-            notes.append(f"port {port} ({ports[port]}) is also a router port: it stays open")
-            del ports[port]
-    for port in rc["fence_allow_ports"]:
-        if port in ports:
-            notes.append(f"port {port} ({ports[port]}) is in runner.fence_allow_ports: it "
-                         "stays open")
-            del ports[port]
-    open_ports = sorted({*open_ports, *rc["fence_allow_ports"]})
 
-    index = urlsplit(config["build"]["index_url"]) if config["build"]["index_url"] else None
+def _open_ports(draft: _Draft, config: Settings) -> list[int]:
+    """The router's ports and runner.fence_allow_ports: open to apps, never control."""
+    allow = config.runner.fence_allow_ports
+    routers = sorted({t.port for t in (twisted_endpoint(str(getattr(config.lb, k)))
+                                       for k in ROUTER_ENDPOINTS) if t is not None})
+    for port in routers:
+        if port in draft.ports:
+            draft.notes.append(f"port {port} ({draft.ports[port]}) is also a router port: "
+                               "it stays open")
+            del draft.ports[port]
+    for port in allow:
+        if port in draft.ports:
+            draft.notes.append(f"port {port} ({draft.ports[port]}) is in "
+                               "runner.fence_allow_ports: it stays open")
+            del draft.ports[port]
+    return sorted({*routers, *allow})
+
+
+def _index_note(draft: _Draft, index_url: str, open_ports: list[int]) -> None:
+    """A package index on this host that builds cannot reach through the fence."""
+    index = urlsplit(index_url) if index_url else None
     try:
         index_port = (index.port or (443 if index.scheme == "https" else 80)) if index else None
     except ValueError:
         index_port = None
     if index is not None and index_port is not None and index_port not in open_ports \
             and (index.hostname in ("localhost", "") or _is_loopback(index.hostname or "")):
-        notes.append(f"build.index_url is on this host (port {index_port}): builds cannot "
-                     "reach it unless the port is in runner.fence_allow_ports")
+        draft.notes.append(f"build.index_url is on this host (port {index_port}): builds "
+                           "cannot reach it unless the port is in runner.fence_allow_ports")
 
+
+def _cluster_hosts(draft: _Draft, fence_hosts: Sequence[str]) -> tuple[set[str], set[str]]:
+    """The other cluster hosts' addresses (IPv4, IPv6): those of the endpoints the node
+    connects to, and runner.fence_hosts."""
     hosts4: set[str] = set()
     hosts6: set[str] = set()
-    for t in remote:
+    for t in draft.remote:
         ip = _literal_ip(t.host)
         if ip is None:
             if t.host not in ("", "*", "localhost"):
-                notes.append(f"cluster host {t.host!r} is a name, not an address: its ports "
-                             "are fenced only on this host's own addresses (list its "
-                             "addresses in runner.fence_hosts)")
+                draft.notes.append(
+                    f"cluster host {t.host!r} is a name, not an address: its ports are "
+                    "fenced only on this host's own addresses (list its addresses in "
+                    "runner.fence_hosts)")
             continue
         if ip.is_loopback or ip.is_unspecified:
             continue  # local: covered by fib daddr type local
         (hosts4 if ip.version == 4 else hosts6).add(str(ip))
-    for entry in rc["fence_hosts"]:
+    for entry in fence_hosts:
         try:
             net = ipaddress.ip_network(entry, strict=False)
         except ValueError:
@@ -339,14 +425,7 @@ def plan_from_config(config: Any, roles: Iterable[str],
                              "network") from None
         text = str(net.network_address) if net.num_addresses == 1 else str(net)
         (hosts4 if net.version == 4 else hosts6).add(text)
-    return FencePlan(
-        table=table, uid_min=rc["uid_min"], uid_max=rc["uid_max"],
-        control_ports=tuple(sorted(ports)),
-        hosts4=tuple(sorted(hosts4, key=_net_key)),
-        hosts6=tuple(sorted(hosts6, key=_net_key)),
-        open_ports=tuple(open_ports), notes=tuple(notes),
-        instance_range=(rc["port_min"], rc["port_max"]),
-    )
+    return hosts4, hosts6
 
 
 def _net_key(text: str) -> tuple[int, int]:
@@ -461,7 +540,7 @@ def pid_namespace(proc: Path = Path("/proc")) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def owner_comment(pid: int, start: int | None, ns: int | None, data_dir: Any) -> str:
+def owner_comment(pid: int, start: int | None, ns: int | None, data_dir: str | Path) -> str:
     """``epio runner pid=P start=S ns=PIDNS data=DIR``, or "" when it cannot be written
     whole (a table without a readable owner is never removed by another runner)."""
     text = f"epio runner pid={pid} start={start} ns={ns} data={Path(data_dir).absolute()}"
@@ -494,7 +573,7 @@ class INft(Interface):
     def apply(text: str) -> None:
         """Apply ``text`` in one transaction; raise FenceError."""
 
-    def exists(table: str) -> bool:  # type: ignore[empty-body]
+    def exists(table: str) -> bool:
         """Is ``inet table`` installed?"""
 
     def delete(table: str, handle: int | None = None) -> None:
@@ -502,7 +581,7 @@ class INft(Interface):
         a table replaced meanwhile has another handle); raise FenceError on other
         failures."""
 
-    def tables() -> dict[str, tuple[int, str]]:  # type: ignore[empty-body,misc]
+    def tables() -> dict[str, tuple[int, str]]:
         """The ``inet`` tables named ``epio_fence_<hex>``: name -> (handle, comment)."""
 
 
@@ -594,9 +673,9 @@ class NetworkFence(Service):
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: INodeReactor,
         plan: FencePlan,
-        nft: Any,  # provides INft
+        nft: INft,
         owned: Callable[[], Iterable[tuple[int, int]]] = lambda: (),
         extra_uids: Callable[[], Iterable[int]] = lambda: (),
         *,
@@ -620,7 +699,7 @@ class NetworkFence(Service):
         self._in_thread = in_thread
         self.owner = owner
         self.proc = proc
-        self.state = "on" if enabled else "off"
+        self.state = FenceState.ON if enabled else FenceState.OFF
         self.error = ""
         self.applied: str | None = None  # the text nft last accepted
         self.applies = 0
@@ -650,7 +729,7 @@ class NetworkFence(Service):
     # -- lifecycle --------------------------------------------------------------
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
         if not self.enabled:
             self.log.warn("runner isolation OFF: network fence: {why}; app processes can "
                           "connect to the control plane's ports and to other apps' "
@@ -694,7 +773,7 @@ class NetworkFence(Service):
                 lambda f: self.log.failure("network fence check loop died", f))
 
     def stopService(self) -> defer.Deferred[None]:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
         if self._check is not None and self._check.running:
             self._check.stop()
         self._dirty = False
@@ -730,8 +809,13 @@ class NetworkFence(Service):
             self.log.error("cannot remove the network fence table inet {table}: {error}",
                            table=self.plan.table, error=str(e))
 
+    def _move(self, new: FenceState) -> None:
+        if new not in FENCE_TRANSITIONS[self.state]:
+            raise InvalidTransition(f"network fence: {self.state.value} -> {new.value}")
+        self.state = new
+
     def _failed(self, why: str) -> None:
-        self.state = "failed"
+        self._move(FenceState.FAILED)
         self.error = why
         self.log.error("network fence not applied (nft table inet {table}): {error}",
                        table=self.plan.table, error=why)
@@ -759,7 +843,7 @@ class NetworkFence(Service):
         apply failed while an older table is still in place lets spawns through:
         that table still fences every app UID."""
 
-        def check(_: Any) -> None:
+        def check(_: object) -> None:
             if self.enabled and self.running and self.applied is None:
                 raise FenceNotApplied(
                     f"network fence not applied (nft table inet {self.plan.table}): "
@@ -794,20 +878,21 @@ class NetworkFence(Service):
         d = self._thread(self.nft.apply, text)
         self._busy = d
 
-        def ok(_: Any) -> None:
+        def ok(_: object) -> None:
             self.applied = text
             self.applies += 1
-            if self.state == "failed":
+            if self.state is FenceState.FAILED:
                 self.log.info("network fence applied again")
-            self.state, self.error = "on", ""
+            self._move(FenceState.ON)
+            self.error = ""
 
-        def failed(f: Any) -> None:
+        def failed(f: Failure) -> None:
             if f.check(FenceError):
                 self._failed(f.getErrorMessage())
             else:
                 self.log.failure("applying the network fence failed", f)
 
-        def done(_: Any) -> None:
+        def done(_: object) -> None:
             self._busy = None
             if self._dirty and self.running:
                 self._sync()
@@ -842,7 +927,7 @@ class NetworkFence(Service):
 class FencedIsolation(Isolation):
     """The runner's isolation facts with the network fence's live report."""
 
-    fence: Any = field(default=None, eq=False)
+    fence: NetworkFence | None = field(default=None, eq=False)
 
     def as_dict(self) -> dict[str, Any]:
         out = super().as_dict()
@@ -880,33 +965,13 @@ def refusal(why: str) -> str:
             "(docs/security.md)")
 
 
-def attach_fence(runner: Any, node: Any, *, nft_binary: str | None | bool = True,
-                 euid: int | None = None, nft: Any = None,
-                 in_thread: Callable[..., defer.Deferred[Any]] | None = None) -> NetworkFence:
-    """Give the runner service ``runner`` its network fence (detection I/O: before the
-    reactor).  The fence becomes the runner's FIRST child: it is installed before
-    anything else starts and removed after everything else stopped.  ``nft_binary``
-    (True: look ``nft`` up on PATH), ``euid``, ``nft`` (an INft) and ``in_thread`` are
-    for tests."""
-    from epio.runner.supervisor import State
-
-    cfg = node.config["runner"]
-    try:
-        plan = plan_from_config(node.config, node.roles,
-                                cfg["fence_table"] or table_for(node.data_dir))
-    except ValueError as e:
-        raise SystemExit(f"epio: {e}") from None
-    binary = shutil.which("nft") if nft_binary is True else (nft_binary or None)
-    if nft is None:
-        nft = Nft(binary or "nft")
-    supervisor = runner.supervisor
-    user = node.config["build"]["user"]
-
-    sessions = getattr(runner, "sessions", None)  # epio run (attach_sessions)
+def app_reach(supervisor: Supervisor,
+              sessions: SessionManager | None) -> Callable[[], list[tuple[int, int]]]:
+    """The (uid, port) pairs this runner's app UIDs may reach: the ports of their live
+    instances and the shared add-on ports of their live instances and ``epio run``
+    sessions (``sessions`` may be None)."""
 
     def owned() -> list[tuple[int, int]]:
-        """(uid, port) this runner's app UIDs may reach: their live instances and the
-        shared add-on ports of their live instances and sessions."""
         live = [i for i in supervisor.instances.values()
                 if i.state not in (State.STOPPED, State.FAILED)]
         out = [(i.spec.uid, i.port) for i in live if i.port is not None]
@@ -915,40 +980,42 @@ def attach_fence(runner: Any, node: Any, *, nft_binary: str | None | bool = True
             out += sessions.reach()
         return out
 
+    return owned
+
+
+def make_fence(reactor: INodeReactor, settings: Settings, roles: Iterable[str], data_dir: Path,
+               owned: Callable[[], Iterable[tuple[int, int]]], *,
+               nft_binary: str | None | bool = True, euid: int | None = None,
+               nft: INft | None = None,
+               in_thread: Callable[..., defer.Deferred[Any]] | None = None) -> NetworkFence:
+    """The runner's network fence (detection I/O: before the reactor), following
+    ``owned`` (:func:`app_reach`).  The runner's composition root makes it its first
+    child, so it is installed before anything else starts and removed after
+    everything else stopped.  ``nft_binary`` (True: look ``nft`` up on PATH), ``euid``,
+    ``nft`` (an INft) and ``in_thread`` are for tests.  Exits (SystemExit with
+    :func:`refusal`) when the fence is on but cannot be installed."""
+    rc = settings.runner
+    try:
+        plan = plan_from_config(settings, roles, rc.fence_table or table_for(data_dir))
+    except ValueError as e:
+        raise SystemExit(f"epio: {e}") from None
+    binary = shutil.which("nft") if nft_binary is True else (nft_binary or None)
+    if nft is None:
+        nft = Nft(binary or "nft")
+    user = settings.build.user
+
     def extra() -> list[int]:
         uid = build_uid(user)
         return [] if uid is None or uid == 0 else [uid]
 
-    enabled, why = detect(cfg["fence"], os.geteuid() if euid is None else euid, binary,
+    enabled, why = detect(rc.fence, os.geteuid() if euid is None else euid, binary,
                           lambda: nft.check(render(plan, (), extra())))
-    if cfg["fence"] != "off" and not enabled:
+    if rc.fence != "off" and not enabled:
         raise SystemExit(refusal(why))
-    fence = NetworkFence(node.reactor, plan, nft, owned, extra, enabled=enabled, why_off=why,
-                         keep_on_stop=cfg["fence_keep_on_stop"],
-                         check_interval=cfg["fence_check_interval"], in_thread=in_thread,
+    fence = NetworkFence(reactor, plan, nft, owned, extra, enabled=enabled, why_off=why,
+                         keep_on_stop=rc.fence_keep_on_stop,
+                         check_interval=rc.fence_check_interval, in_thread=in_thread,
                          owner=owner_comment(os.getpid(), proc_start(os.getpid()),
-                                             pid_namespace(), node.data_dir))
-    fence.setName("network-fence")
-    fence.setServiceParent(runner)
-    runner.services.remove(fence)  # first child: started first, stopped last
-    runner.services.insert(0, fence)
-    iso = runner.isolation
-    runner.isolation = FencedIsolation(
-        sandbox=iso.sandbox, uid_switch=iso.uid_switch, namespaces=iso.namespaces,
-        cgroups=iso.cgroups, nofile=iso.nofile, off=iso.off, shm_size=iso.shm_size,
-        fence=fence)
-    previous = supervisor.on_change
-
-    def on_change() -> None:
-        try:
-            previous()
-        finally:
-            fence.changed()
-
-    supervisor.on_change = on_change
-    # a process or session starts once its ports are open, and never unfenced
-    supervisor.before_spawn.append(fence.ready)
-    if sessions is not None:
-        sessions.observers.append(fence.ready)
-    runner.fence = fence
+                                             pid_namespace(), data_dir))
+    fence.setName("network-fence")  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
     return fence

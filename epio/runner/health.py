@@ -8,7 +8,7 @@ is unit-tested with a fake; :class:`NetworkProbe` is the real one.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint
@@ -18,9 +18,12 @@ from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
 from zope.interface import Interface, implementer
 
+if TYPE_CHECKING:
+    from epio.node import INodeReactor
+
 
 class IHealthProbe(Interface):
-    def check(host: str, port: int, path: str | None, timeout: float) -> defer.Deferred[bool]:  # type: ignore[empty-body]
+    def check(host: str, port: int, path: str | None, timeout: float) -> defer.Deferred[bool]:
         """Fire True if the instance at host:port is healthy, False otherwise (never errback)."""
 
 
@@ -40,7 +43,7 @@ class NetworkProbe:
 
     log = Logger()
 
-    def __init__(self, reactor: Any, host_header: str = "localhost") -> None:
+    def __init__(self, reactor: INodeReactor, host_header: str = "localhost") -> None:
         self.reactor = reactor
         self.host_header = host_header
         self.agent = Agent(reactor, connectTimeout=5)
@@ -65,4 +68,5 @@ class NetworkProbe:
                                   b"user-agent": [b"epio-health"]})
         )
         await readBody(response)
-        return 200 <= response.code < 400
+        code: int = response.code  # IResponse is a zope interface: its attributes are Any
+        return 200 <= code < 400

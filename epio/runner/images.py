@@ -17,13 +17,16 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from epio.runner.build.images import ImageError, ImageStore, check_digest
+
+if TYPE_CHECKING:
+    from epio.node import INodeReactor
 
 
 class FetchError(Exception):
@@ -35,7 +38,7 @@ class ImageServer:
 
     log = Logger()
 
-    def __init__(self, reactor: Any, images: ImageStore, chunk_bytes: int,
+    def __init__(self, reactor: INodeReactor, images: ImageStore, chunk_bytes: int,
                  keep_open: float = 60.0) -> None:
         self.reactor = reactor
         self.images = images
@@ -102,7 +105,7 @@ class FetchingImages:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: INodeReactor,
         images: ImageStore,
         peers: Callable[[], Awaitable[list[str]]],
         request: Callable[[str, str, dict[str, Any], float], Awaitable[dict[str, Any]]],

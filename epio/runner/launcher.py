@@ -19,7 +19,7 @@ import os
 import shutil
 import signal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer, task
 from twisted.logger import Logger
@@ -44,6 +44,12 @@ from epio.runner.sandbox import (
 from epio.runner.snapshots import DEDICATED_DIR
 from epio.runner.supervisor import ILauncher, InstanceSpec, Launch
 from epio.runner.users import AppUser, check_app_name
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IReactorTime
+
+    from epio.runner.images import FetchingImages
+
 
 
 def proc_start_time(pid: int, proc: Path = Path("/proc")) -> int | None:
@@ -113,11 +119,11 @@ class SandboxLauncher:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactorTime,
         data_dir: Path,
         isolation: Isolation,
         cgroups: CgroupSupport,
-        images: Any,
+        images: FetchingImages,
         *,
         bwrap: str | None,
         setpriv: str | None,
@@ -267,7 +273,7 @@ class SandboxLauncher:
             scratch=scratch, command=spec.command, nofile=spec.limits.nofile,
             cgroup_procs=tuple(cgroup.procs_files()) if cgroup else (),
             python_prefix=python_prefix_of(image_root), workdir=facts.workdir,
-            shm_bytes=self.shm_bytes, data_seed=facts.data_seed,
+            shm_bytes=self.shm_bytes, data_seed=facts.data_seed, data_dirs=facts.data_dirs,
         )
         info_fd = 3 if sandboxed else None
         argv = build_argv(launch_spec, self.isolation, bwrap=self.bwrap, setpriv=self.setpriv,

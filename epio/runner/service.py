@@ -1,8 +1,9 @@
 """The ``runner`` role: control ROUTER, heartbeats, state file, supervisor.
 
-``make_service(node)`` detects what the host allows (root, bubblewrap,
-setpriv, cgroups v1), logs exactly which protections are off, and builds a
-:class:`RunnerService` holding:
+``make_service(node)`` is the role's composition root (docs/architecture.md): it
+detects what the host allows (root, bubblewrap, setpriv, cgroups v1, nft), builds
+every object once with its collaborators passed to its constructor, and returns a
+:class:`RunnerService` (which logs exactly which protections are off) holding:
 
 * a bus ROUTER at ``runner.control_bind`` answering ``runner.start``,
   ``runner.stop``, ``runner.drain``, ``runner.status`` and ``runner.build``;
@@ -19,13 +20,14 @@ import hashlib
 import os
 import shutil
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+import attrs
 from attrs import frozen
-from twisted.application.service import MultiService
+from twisted.application.service import IService, MultiService
 from twisted.internet import defer, task, threads
 from twisted.logger import Logger
 
@@ -43,6 +45,22 @@ from epio.runner.supervisor import (
     UnknownInstance,
 )
 from epio.services import OrderedMultiService
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IDelayedCall
+
+    from epio.bus.envelope import Envelope
+    from epio.bus.sockets import Dealer, Publisher
+    from epio.bus.sockets import RouterHandler as Handler
+    from epio.config.settings import RunnerSettings
+    from epio.metrics import Family
+    from epio.node import INodeReactor, Node
+    from epio.pipeline import IStatsSink
+    from epio.runner.build import Builder
+    from epio.runner.fence import NetworkFence
+    from epio.runner.sessions import SessionManager
+    from epio.runner.static import StaticServer
+    from epio.store import StoreService
 
 HEARTBEAT_TOPIC = b"hb"
 
@@ -129,11 +147,14 @@ def bwrap_trial(bwrap: str, shm_bytes: int = DEFAULT_SHM_BYTES,
 class RunnerService(OrderedMultiService):
     """Control, heartbeats, registration and recovery around one Supervisor.
 
-    Stop order (docs/runner.md): the supervisor's instances first (SIGTERM,
-    ``shutdown_grace``, SIGKILL), then the children in reverse start order, one at a
-    time -- the ``epio run`` sessions (their processes gone), the control ROUTER, the
-    heartbeat publisher, the log sink -- and the network fence, the first child,
-    last: no app-UID process of this runner is left when it goes.
+    Its children are given to the constructor in start order: ``before_router``, the
+    control ROUTER (``router`` makes it around :meth:`handle`), ``after_router``
+    (:func:`make_service` lists them).  Stop order (docs/runner.md): the
+    supervisor's instances first (SIGTERM, ``shutdown_grace``, SIGKILL), then the
+    children in reverse start order, one at a time -- the snapshot job, the static
+    server, the ``epio run`` sessions (their processes gone), the peer DEALERs, the
+    control ROUTER, the heartbeat publisher, the log sink -- and the network fence,
+    the first child, last: no app-UID process of this runner is left when it goes.
     """
 
     log = Logger()
@@ -141,11 +162,11 @@ class RunnerService(OrderedMultiService):
     def __init__(
         self,
         *,
-        reactor: Any,
+        reactor: INodeReactor,
         supervisor: Supervisor,
         isolation: Isolation,
         cgroups: CgroupSupport,
-        images: Any,
+        images: FetchingImages,
         data_dir: Path,
         node_id: str,
         boot_id: str,
@@ -154,14 +175,20 @@ class RunnerService(OrderedMultiService):
         heartbeat_interval: float = 1.0,
         register_interval: float = 10.0,
         shutdown_grace: float = 10.0,
-        publisher: Any = None,
-        store_service: Any = None,
-        builder: Any = None,
-        image_server: Any = None,
-        stats: Any = None,
+        publisher: Publisher | None = None,
+        store_service: StoreService | None = None,
+        builder: Builder | None = None,
+        image_server: ImageServer | None = None,
+        stats: IStatsSink | None = None,
         stats_interval: float = 0.0,
+        sessions: SessionManager | None = None,
+        static_server: StaticServer | None = None,
+        fence: NetworkFence | None = None,
+        before_router: Sequence[IService] = (),
+        router: Callable[[Handler], IService] | None = None,
+        after_router: Sequence[IService] = (),
     ) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
         self.reactor = reactor
         self.supervisor = supervisor
         self.isolation = isolation
@@ -179,8 +206,9 @@ class RunnerService(OrderedMultiService):
         self.store_service = store_service
         self.builder = builder
         self.image_server = image_server
-        self.sessions: Any = None  # epio run sessions (epio.runner.sessions.attach_sessions)
-        self.static_server: Any = None  # epio.runner.static.attach_static (docs/static.md)
+        self.sessions = sessions  # epio run sessions (epio.runner.sessions)
+        self.static_server = static_server  # docs/static.md
+        self.fence = fence  # the network fence (docs/security.md)
         self.stats = stats
         self.stats_interval = stats_interval
         self._last_stats = -1e18
@@ -188,12 +216,17 @@ class RunnerService(OrderedMultiService):
         self.seq = 0
         self.heartbeats_sent = 0
         self.heartbeats_dropped = 0
-        self._save_call: Any = None
-        self._announce_call: Any = None
+        self._save_call: IDelayedCall | None = None
+        self._announce_call: IDelayedCall | None = None
         self._beat: task.LoopingCall | None = None
         self._last_register = -1e18
         self._ready: defer.Deferred[None] = defer.Deferred()
-        supervisor.on_change = self._changed
+        # the children in start order (they stop in reverse, one at a time): the control
+        # ROUTER, made here around this runner's handler, between the two groups
+        self.router = router(self.handle) if router is not None else None
+        for child in [*before_router, self.router, *after_router]:
+            if child is not None:
+                child.setServiceParent(self)
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -224,7 +257,7 @@ class RunnerService(OrderedMultiService):
                           "(docs/runner.md)")
         self.log.info("runner network: apps share the host network; the network fence "
                       "(its own log line) refuses their connections to the control plane")
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
         d = defer.Deferred.fromCoroutine(self._recover())
         d.addErrback(lambda f: self.log.failure("runner recovery failed", f))
         d.addBoth(lambda _: self._ready.callback(None))
@@ -305,7 +338,8 @@ class RunnerService(OrderedMultiService):
 
     # -- state file --------------------------------------------------------------
 
-    def _changed(self) -> None:
+    def changed(self) -> None:
+        """The supervisor's observer: save the state file and announce the change."""
         if self._save_call is None or not self._save_call.active():
             self._save_call = self.reactor.callLater(0, self._save_now)
         # an instance became healthy (or left): the nexuses, and through them the
@@ -398,6 +432,8 @@ class RunnerService(OrderedMultiService):
 
     def _emit_stats(self) -> None:
         """One ``process`` stats sample per running instance (memory from its cgroup)."""
+        if self.stats is None:
+            return
         for inst in self.supervisor.instances.values():
             launch = inst.launch
             if launch is None or not inst.running:
@@ -414,6 +450,8 @@ class RunnerService(OrderedMultiService):
             self.stats.emit_stats(inst.spec.app, "process", values)
 
     async def _register(self) -> None:
+        if self.store_service is None:
+            return
         store = await self.store_service.whenReady()
         await store.upsert_node(
             self.node_id, self.roles, control_endpoint=self.control, boot_id=self.boot_id,
@@ -428,7 +466,7 @@ class RunnerService(OrderedMultiService):
 
     # -- control -------------------------------------------------------------------
 
-    async def handle(self, env: Any) -> tuple[str, dict[str, Any]]:
+    async def handle(self, env: Envelope) -> tuple[str, dict[str, Any]]:
         """The control ROUTER's handler."""
         from epio.bus import RemoteError
 
@@ -437,13 +475,14 @@ class RunnerService(OrderedMultiService):
         if t in ("runner.start", "runner.stop", "runner.drain") and not self._ready.called:
             # the previous run's leftovers are being cleaned: changes wait for that
             await self.whenReady()
-        if t.startswith("run.") and getattr(self, "sessions", None) is not None:
-            return await self.sessions.handle(env)  # epio run (epio.runner.sessions)
+        if t.startswith("run.") and self.sessions is not None:
+            reply: tuple[str, dict[str, Any]] = await self.sessions.handle(env)  # epio run
+            return reply
         try:
             if t == "runner.start":
                 return "runner.started", self.supervisor.start(body)
             if t == "runner.stop":
-                iid = body.get("instance_id")
+                iid = body["instance_id"]  # a required field (epio.bus.messages)
                 grace = body.get("grace")
                 try:
                     await self.supervisor.stop(iid, None if grace is None else float(grace))
@@ -451,7 +490,7 @@ class RunnerService(OrderedMultiService):
                     pass  # already gone: stopping is idempotent
                 return "runner.stopped", {"instance_id": iid, "state": "stopped"}
             if t == "runner.drain":
-                return "runner.draining", self.supervisor.drain(body.get("instance_id"))
+                return "runner.draining", self.supervisor.drain(body["instance_id"])
             if t == "runner.purge_app":
                 return "runner.purged", await self._purge_app(body["app"], body["uid"])
             if t == "runner.status":
@@ -585,127 +624,167 @@ class RunnerService(OrderedMultiService):
         manifest = result.manifest
         return {
             "build_id": build_id, "digest": result.digest,
-            "manifest": manifest.to_dict() if hasattr(manifest, "to_dict") else dict(manifest),
+            "manifest": manifest.to_dict(),
             "duration": float(result.duration), "log_tail": list(result.log_tail),
         }
 
 
-class PeerRunners:
-    """The other runners of the cluster (from the store) and bus requests to them."""
+class PeerRunners(MultiService):
+    """The other runners of the cluster (from the store) and bus requests to them: one
+    DEALER per peer, made on first use, as a child of this service."""
 
-    def __init__(self, node: Any, own_control: str) -> None:
-        self.node = node
+    def __init__(self, store_service: StoreService | None, node_id: str, own_control: str,
+                 dealer: Callable[[list[str]], Dealer]) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
+        self.store_service = store_service
+        self.node_id = node_id
         self.own_control = own_control
-        self.parent: MultiService | None = None
-        self._dealers: dict[str, Any] = {}
+        self._dealer = dealer
+        self._dealers: dict[str, Dealer] = {}
 
     async def endpoints(self) -> list[str]:
-        if self.node.store_service is None:
+        if self.store_service is None:
             return []
-        store = await self.node.store_service.whenReady()
+        store = await self.store_service.whenReady()
         nodes = await store.list_nodes("runner")
         return [n.control_endpoint for n in nodes
-                if n.control_endpoint and n.id != self.node.node_id
+                if n.control_endpoint and n.id != self.node_id
                 and n.control_endpoint != self.own_control]
 
     async def request(self, endpoint: str, type: str, body: dict[str, Any],
                       timeout: float) -> dict[str, Any]:
         dealer = self._dealers.get(endpoint)
         if dealer is None:
-            dealer = self._dealers[endpoint] = self.node.bus.dealer([endpoint])
-            dealer.setName(f"runner-peer {endpoint}")
-            if self.parent is not None:
-                dealer.setServiceParent(self.parent)
-            else:
-                dealer.startService()
+            dealer = self._dealers[endpoint] = self._dealer([endpoint])
+            dealer.setName(f"runner-peer {endpoint}")  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
+            dealer.setServiceParent(self)  # type: ignore[no-untyped-call]  # started now if the runner runs (Twisted leaves it untyped)
         env = await dealer.request(type, body, timeout=timeout)
         return dict(env.body)
 
 
-def _make_builder(node: Any, sink: Any) -> Any:
-    """The node's image Builder (epio.runner.build; build log lines go to ``sink``)."""
-    from epio.runner.build import Builder
-
-    return Builder(node.reactor, node.data_dir, node.config, sink)
-
-
-def make_service(node: Any) -> RunnerService:
-    """Build the runner role of ``node`` (detection I/O happens here, before the reactor)."""
-    from epio.pipeline import BusLogSink
-    from epio.runner.build.images import ImageStore
-    from epio.runner.launcher import SandboxLauncher
-    from epio.runner.supervisor import Settings
-
-    cfg = node.config["runner"]
-    settings = Settings.from_config(cfg)
-    reactor = node.reactor
+def detect_isolation_of(settings: RunnerSettings, data_dir: Path) -> tuple[
+        Isolation, CgroupSupport, str | None, str | None]:
+    """What the host allows (root, bubblewrap, setpriv, cgroups v1): the isolation
+    facts, the cgroups, and the bwrap and setpriv binaries.  Runs trial processes:
+    before the reactor.  Exits when ``runner.sandbox = bwrap`` cannot be had."""
     root = os.geteuid() == 0
-    cgroups = (detect(parent=cgroup_parent(cfg["cgroup_parent"], node.data_dir)) if root
+    cgroups = (detect(parent=cgroup_parent(settings.cgroup_parent, data_dir)) if root
                else CgroupSupport({}, {c: "the runner is not root" for c in ("memory", "cpu",
                                                                               "pids")}))
     bwrap = shutil.which("bwrap")
     setpriv = shutil.which("setpriv")
-    shm_bytes = int(cfg["shm_mb"]) * 1024 * 1024
-    trial = (bwrap_trial(bwrap, shm_bytes) if (bwrap and root and cfg["sandbox"] != "none")
+    shm_bytes = settings.shm_mb * 1024 * 1024
+    trial = (bwrap_trial(bwrap, shm_bytes) if (bwrap and root and settings.sandbox != "none")
              else None)
-    isolation = detect_isolation(cfg["sandbox"], os.geteuid(), bwrap, setpriv, cgroups,
+    isolation = detect_isolation(settings.sandbox, os.geteuid(), bwrap, setpriv, cgroups,
                                  trial.works if trial else None,
                                  shm_size=trial.shm_size if trial else True)
-    if cfg["sandbox"] == "bwrap" and isolation.sandbox != "bwrap":
+    if settings.sandbox == "bwrap" and isolation.sandbox != "bwrap":
         raise SystemExit(f"epio: runner.sandbox = bwrap but {isolation.off.get('sandbox')}")
-    sink = BusLogSink(node.bus, node.config["cluster"]["loggers"], clock=reactor)
+    return isolation, cgroups, bwrap, setpriv
+
+
+def make_service(node: Node) -> RunnerService:
+    """Build the runner role of ``node``: its composition root.
+
+    Every object is made once, here, in dependency order, and receives its
+    collaborators through its constructor; nothing is re-wired afterwards.  Detection
+    I/O (cgroups, bubblewrap, nft) happens here, before the reactor.
+
+    The supervisor's observers and the spawn gates are two lists this function owns
+    and hands to the supervisor and the session manager; it fills them, once, after
+    the objects they name exist (the fence follows the instances it gates):
+
+    * ``observers`` (told after every instance change, in order): the runner's state
+      file and heartbeat (:meth:`RunnerService.changed`), the network fence, the
+      static server;
+    * ``gates`` (awaited before an app process or an ``epio run`` session is
+      spawned): the network fence's ``ready``.
+
+    The runner's children, in start order (they stop in reverse, one at a time, after
+    the supervisor's instances are gone -- :class:`RunnerService`): the network fence,
+    the log sink, the heartbeat publisher, the control ROUTER, the peer runners'
+    DEALERs, the ``epio run`` sessions, the static server, the snapshot job.  The
+    fence is first, so it comes down last: no app process of this runner is left
+    when it goes (docs/security.md).
+    """
+    from epio.metrics import registry_for
+    from epio.pipeline import BusLogSink
+    from epio.runner.build import Builder
+    from epio.runner.build.images import ImageStore
+    from epio.runner.fence import FencedIsolation, app_reach, make_fence
+    from epio.runner.launcher import SandboxLauncher
+    from epio.runner.sessions import RunSettings, SessionManager
+    from epio.runner.snapshots import make_snapshots
+    from epio.runner.static import make_static
+    from epio.runner.supervisor import Settings
+
+    conf = node.settings
+    rc = conf.runner
+    reactor = node.reactor
+    settings = Settings.from_config(rc)
+    isolation, cgroups, bwrap, setpriv = detect_isolation_of(rc, node.data_dir)
+    observers: list[Callable[[], None]] = []
+    gates: list[Callable[[], defer.Deferred[None] | None]] = []
+
+    sink = BusLogSink(node.bus, list(conf.cluster.loggers), clock=reactor)
     store_images = ImageStore(node.data_dir, reactor=reactor)
-    peers = PeerRunners(node, control_advertise(cfg["control_bind"], cfg["advertise_host"],
-                                                cfg["control_advertise"]))
+    control = control_advertise(rc.control_bind, rc.advertise_host, rc.control_advertise)
+    peers = PeerRunners(node.store_service, node.node_id, control, node.bus.dealer)
     images = FetchingImages(reactor, store_images, peers.endpoints, peers.request,
-                            timeout=cfg["fetch_timeout"])
+                            timeout=rc.fetch_timeout)
     launcher = SandboxLauncher(reactor, node.data_dir, isolation, cgroups, images, bwrap=bwrap,
                                setpriv=setpriv, node_id=node.node_id,
-                               shm_bytes=shm_bytes)
-    ports = PortAllocator(cfg["port_min"], cfg["port_max"], bindable(settings.advertise_host))
-    supervisor = Supervisor(reactor, launcher, NetworkProbe(reactor), sink, ports, settings)
-    control = control_advertise(cfg["control_bind"], settings.advertise_host,
-                                cfg["control_advertise"])
-    nexus = [n["heartbeat"] for n in node.config["cluster"]["nexus"] if n.get("heartbeat")]
+                               shm_bytes=rc.shm_mb * 1024 * 1024)
+    ports = PortAllocator(rc.port_min, rc.port_max, bindable(settings.advertise_host))
+    supervisor = Supervisor(reactor, launcher, NetworkProbe(reactor), sink, ports, settings,
+                            observers=observers, before_spawn=gates)
+    sessions = SessionManager(reactor, launcher, sink, RunSettings.from_config(conf.run),
+                              settings, node_id=node.node_id,
+                              store_service=node.store_service, observers=gates)
+    fence = make_fence(reactor, conf, node.roles, node.data_dir,
+                       app_reach(supervisor, sessions))
+    static = make_static(reactor, node.secret, images, node.data_dir,
+                         lambda: list(supervisor.instances.values()), rc,
+                         uid_check=isolation.uid_switch)
+    snapshots = make_snapshots(reactor, node.data_dir, conf.addons, conf.backup)
+    nexus = [str(n["heartbeat"]) for n in conf.cluster.nexus if n.get("heartbeat")]
     publisher = node.bus.publisher(connect=nexus) if nexus else None
-    svc = RunnerService(
-        reactor=reactor, supervisor=supervisor, isolation=isolation, cgroups=cgroups,
-        images=images, data_dir=node.data_dir, node_id=node.node_id, boot_id=node.boot_id,
-        roles=node.roles, control=control, heartbeat_interval=cfg["heartbeat_interval"],
-        register_interval=cfg["register_interval"], shutdown_grace=cfg["shutdown_grace"],
-        publisher=publisher, store_service=node.store_service,
-        builder=_make_builder(node, sink),
-        image_server=ImageServer(reactor, store_images, cfg["fetch_chunk_kb"] * 1024,
-                                 keep_open=cfg["fetch_timeout"] * 2),
-        stats=sink, stats_interval=cfg["stats_interval"],
-    )
-    peers.parent = svc
-    sink.setServiceParent(svc)
     if publisher is not None:
-        publisher.setName("runner-heartbeat")
-        publisher.setServiceParent(svc)
-    router = node.bus.router(cfg["control_bind"], svc.handle)
-    router.setName("runner-control")
-    router.setServiceParent(svc)
-    from epio.runner.sessions import attach_sessions
+        publisher.setName("runner-heartbeat")  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
+    peers.setName("runner-peers")  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
 
-    attach_sessions(svc, node, launcher, sink)  # epio run
-    from epio.runner.fence import attach_fence
+    def router(handler: Handler) -> IService:
+        control_router = node.bus.router(rc.control_bind, handler)
+        control_router.setName("runner-control")  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
+        return control_router
 
-    attach_fence(svc, node)  # nftables fence for app UIDs (docs/security.md)
-    from epio.runner.static import attach_static
-
-    attach_static(svc, node)  # [static] served by the platform (docs/static.md)
-    from epio.runner.snapshots import attach_snapshots
-
-    attach_snapshots(svc, node)  # btrfs snapshots of dedicated data dirs (docs/databases.md)
-    from epio.metrics import registry_for
-
+    svc = RunnerService(
+        reactor=reactor, supervisor=supervisor,
+        isolation=FencedIsolation(**attrs.asdict(isolation, recurse=False), fence=fence),
+        cgroups=cgroups, images=images, data_dir=node.data_dir, node_id=node.node_id,
+        boot_id=node.boot_id, roles=node.roles, control=control,
+        heartbeat_interval=rc.heartbeat_interval, register_interval=rc.register_interval,
+        shutdown_grace=rc.shutdown_grace, publisher=publisher,
+        store_service=node.store_service,
+        builder=Builder(reactor, node.data_dir, conf.build, sink, images=store_images),
+        image_server=ImageServer(reactor, store_images, rc.fetch_chunk_kb * 1024,
+                                 keep_open=rc.fetch_timeout * 2),
+        stats=sink, stats_interval=rc.stats_interval,
+        sessions=sessions, static_server=static, fence=fence,
+        before_router=[c for c in (fence, sink, publisher) if c is not None],
+        router=router,
+        after_router=[c for c in (peers, sessions, static, snapshots) if c is not None],
+    )
+    observers.extend([svc.changed, fence.changed])
+    if static is not None:
+        observers.append(static.instances_changed)
+    gates.append(fence.ready)  # a process or session starts once its ports are open
     registry_for(node).add_collector(lambda: runner_families(supervisor))
     return svc
 
 
-def runner_families(supervisor: Supervisor) -> list[Any]:
+def runner_families(supervisor: Supervisor) -> list[Family]:
     """Instances by state and restarts per instance, for /metrics."""
     from epio.metrics import Family
 

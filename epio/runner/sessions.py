@@ -36,10 +36,18 @@ Transport (api DEALER -> this runner's control ROUTER; the api always asks):
 Audit: the end of each session (time, exit status/signal, reason) is written
 to the store (:mod:`epio.store.runs`) and both start and end are ``platform``
 lines in the app's log.
+
+A session's lifecycle (:data:`SESSION_TRANSITIONS`; any other move raises
+:class:`~epio.runner.supervisor.InvalidTransition`)::
+
+    run.start --> STARTING --spawned--> RUNNING --process and output ended--> EXITED
+                      |                                                       ^
+                      +--------------- cannot start (prepare/spawn failed) ---+
 """
 
 from __future__ import annotations
 
+import enum
 import errno
 import fcntl
 import os
@@ -49,8 +57,8 @@ import signal as signals
 import struct
 import termios
 from collections import deque
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from attrs import define, field, frozen
 from twisted.application.service import Service
@@ -61,17 +69,24 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from epio.config.settings import RunSettings as RunSection
 from epio.runner.fence import FenceError
 from epio.runner.sandbox import sandboxed_pid
-from epio.runner.supervisor import InstanceSpec, SpecError, exit_status
+from epio.runner.supervisor import InstanceSpec, InvalidTransition, SpecError, exit_status
+
+if TYPE_CHECKING:
+    from epio.node import INodeReactor
+    from epio.pipeline import ILogSink
+    from epio.runner.supervisor import ILauncher, Settings
+    from epio.store import StoreService
 
 SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 MAX_COMMAND = 16 * 1024
 TAIL_LINES = 20
 PTY_READ = 65536
 EXIT_EOF_WAIT = 2.0  # seconds to wait for the PTY's last bytes after the process ended
-FORGET_AFTER = 60.0
-TIOCGSID = getattr(termios, "TIOCGSID", 0x5429)  # the session id of a terminal (Linux)  # an ended session's record is kept this long for a late client
+FORGET_AFTER = 60.0  # an ended session's record is kept this long for a late client
+TIOCGSID = getattr(termios, "TIOCGSID", 0x5429)  # the session id of a terminal (Linux)
 
 # Run inside the sandbox, as the app's user, just before the command: the process
 # is already a session leader without a terminal (bubblewrap --new-session, or
@@ -112,12 +127,12 @@ class RunSettings:
     kill_grace: float = 10.0
 
     @classmethod
-    def from_config(cls, c: Mapping[str, Any]) -> RunSettings:
+    def from_config(cls, c: RunSection) -> RunSettings:
         return cls(
-            max_sessions_per_app=c["max_sessions_per_app"], max_lifetime=c["max_lifetime"],
-            detached_idle_timeout=c["detached_idle_timeout"], lease=c["lease"],
-            poll_wait=c["poll_wait"], window=c["window_kb"] * 1024, chunk=c["chunk_kb"] * 1024,
-            input_buffer=c["input_buffer_kb"] * 1024, kill_grace=c["kill_grace"],
+            max_sessions_per_app=c.max_sessions_per_app, max_lifetime=c.max_lifetime,
+            detached_idle_timeout=c.detached_idle_timeout, lease=c.lease,
+            poll_wait=c.poll_wait, window=c.window_kb * 1024, chunk=c.chunk_kb * 1024,
+            input_buffer=c.input_buffer_kb * 1024, kill_grace=c.kill_grace,
         )
 
 
@@ -270,7 +285,7 @@ class InputGate:
 class PtyMaster(abstract.FileDescriptor):
     """The master side of a session's PTY as a reactor-driven transport."""
 
-    def __init__(self, fd: int, reactor: Any, on_data: Callable[[bytes], None],
+    def __init__(self, fd: int, reactor: INodeReactor, on_data: Callable[[bytes], None],
                  on_lost: Callable[[], None]) -> None:
         super().__init__(reactor)
         fdesc.setNonBlocking(fd)
@@ -306,7 +321,7 @@ class PtyMaster(abstract.FileDescriptor):
             return main.CONNECTION_LOST
 
     def connectionLost(self, reason: Failure) -> None:
-        super().connectionLost(reason)
+        super().connectionLost(reason)  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
         fd, self.fd = self.fd, -1
         if fd >= 0:
             try:
@@ -317,6 +332,22 @@ class PtyMaster(abstract.FileDescriptor):
 
 
 # --------------------------------------------------------------------------- sessions
+
+
+class SessionState(enum.StrEnum):
+    """Where a session is in its lifecycle (the module docstring draws it); the value
+    is what replies and the api show."""
+
+    STARTING = "starting"
+    RUNNING = "running"
+    EXITED = "exited"
+
+
+SESSION_TRANSITIONS: dict[SessionState, frozenset[SessionState]] = {
+    SessionState.STARTING: frozenset({SessionState.RUNNING, SessionState.EXITED}),
+    SessionState.RUNNING: frozenset({SessionState.EXITED}),
+    SessionState.EXITED: frozenset(),
+}
 
 
 @define(eq=False)
@@ -336,7 +367,7 @@ class Session:
     out: OutputWindow
     rows: int = 24
     cols: int = 80
-    state: str = "starting"  # starting -> running -> exited
+    state: SessionState = SessionState.STARTING  # moved only by SessionManager._move
     client: str | None = None
     attached: bool = False
     last_contact: float = 0.0
@@ -365,7 +396,7 @@ class Session:
 
     @property
     def live(self) -> bool:
-        return self.state != "exited"
+        return self.state is not SessionState.EXITED
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -423,8 +454,10 @@ class SessionManager(Service):
     log = Logger()
     name = "run-sessions"
 
-    def __init__(self, reactor: Any, launcher: Any, sink: Any, settings: RunSettings,
-                 runner_settings: Any, *, node_id: str = "", store_service: Any = None) -> None:
+    def __init__(self, reactor: INodeReactor, launcher: ILauncher, sink: ILogSink,
+                 settings: RunSettings, runner_settings: Settings, *, node_id: str = "",
+                 store_service: StoreService | None = None,
+                 observers: Sequence[Callable[[], defer.Deferred[None] | None]] = ()) -> None:
         self.reactor = reactor
         self.launcher = launcher
         self.sink = sink
@@ -436,12 +469,12 @@ class SessionManager(Service):
         self.stopping = False  # set by stopService: no more sessions start
         # called when the live sessions change; a Deferred returned is awaited before a
         # session's process starts (the network fence: its add-on ports are open first)
-        self.observers: list[Callable[[], defer.Deferred[None] | None]] = []
+        self.observers = observers
 
     # -- service -----------------------------------------------------------------
 
     def stopService(self) -> defer.Deferred[None]:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
         self.stopping = True
         waits = []
         for s in list(self.sessions.values()):
@@ -606,13 +639,13 @@ class SessionManager(Service):
             os.close(slave)
             s.pty = PtyMaster(master, self.reactor, lambda data: self._output(s, 1, data),
                               lambda: self._output_ended(s))
-            s.pty.registerProducer(s.gate, True)  # type: ignore[arg-type]
-            s.pty.startReading()
+            s.pty.registerProducer(s.gate, True)
+            s.pty.startReading()  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
         else:
             if not s.detach:
                 s.transport.registerProducer(s.gate, True)
             s.output_done = True  # pipes: processEnded comes after every pipe closed
-        s.state = "running"
+        self._move(s, SessionState.RUNNING)
 
     # -- output ----------------------------------------------------------------------
 
@@ -630,13 +663,13 @@ class SessionManager(Service):
 
     def _pause(self, s: Session) -> None:
         if s.pty is not None:
-            s.pty.pauseProducing()
+            s.pty.pauseProducing()  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
         elif s.transport is not None:
             s.transport.pauseProducing()
 
     def _resume(self, s: Session) -> None:
         if s.pty is not None:
-            s.pty.resumeProducing()
+            s.pty.resumeProducing()  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
         elif s.transport is not None:
             s.transport.resumeProducing()
 
@@ -700,14 +733,20 @@ class SessionManager(Service):
         else:
             self._output_ended(s)
 
+    @staticmethod
+    def _move(s: Session, new: SessionState) -> None:
+        if new not in SESSION_TRANSITIONS[s.state]:
+            raise InvalidTransition(f"session {s.id}: {s.state.value} -> {new.value}")
+        s.state = new
+
     def _maybe_exited(self, s: Session) -> None:
-        if not (s.process_done and s.output_done) or s.state == "exited":
+        if not (s.process_done and s.output_done) or s.state is SessionState.EXITED:
             return
         self._ended(s, s.exit_status, s.exit_signal, s.reason)
 
     def _ended(self, s: Session, code: int | None, sig: str | None, reason: str | None,
                failed: bool = False) -> None:
-        s.state = "exited"
+        self._move(s, SessionState.EXITED)
         s.ended = self.reactor.seconds()
         s.exit_status, s.exit_signal = code, sig
         for name in ("lifetime", "idle", "lease", "kill", "eof"):
@@ -729,7 +768,8 @@ class SessionManager(Service):
         defer.Deferred.fromCoroutine(self._changed()).addErrback(self._observer_failed)
 
     def _observer_failed(self, f: Failure) -> None:
-        if f.check(FenceError):  # the fence is not in place: it reports that itself
+        # the fence is not in place: it reports that itself
+        if f.check(FenceError):
             self.log.warn("after a session ended: {error}", error=f.getErrorMessage())
         else:
             self.log.failure("a session observer failed", f)
@@ -748,18 +788,19 @@ class SessionManager(Service):
         return [(s.uid, p) for s in self.sessions.values() if s.live for p in s.addon_ports]
 
     def _forget(self, s: Session) -> None:
-        if self.sessions.get(s.id) is s and s.state == "exited":
+        if self.sessions.get(s.id) is s and s.state is SessionState.EXITED:
             self._cancel_all(s)
             del self.sessions[s.id]
 
     def _audit(self, s: Session, state: str, reason: str | None) -> None:
-        if self.store_service is None:
+        store_service = self.store_service
+        if store_service is None:
             return
 
         async def write() -> None:
             from epio.store.runs import update_run
 
-            store = await self.store_service.whenReady()
+            store = await store_service.whenReady()
             await update_run(store, s.id, state=state, ended=s.ended,
                              exit_status=s.exit_status, exit_signal=s.exit_signal,
                              reason=reason)
@@ -1020,13 +1061,3 @@ class SessionManager(Service):
     def _cancel_all(self, s: Session) -> None:
         for name in list(s.calls):
             self._cancel(s, name)
-
-
-def attach_sessions(runner: Any, node: Any, launcher: Any, sink: Any) -> SessionManager:
-    """Give the runner service ``runner`` a session manager (its child service)."""
-    manager = SessionManager(
-        node.reactor, launcher, sink, RunSettings.from_config(node.config["run"]),
-        runner.supervisor.settings, node_id=node.node_id, store_service=node.store_service)
-    manager.setServiceParent(runner)
-    runner.sessions = manager
-    return manager

@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from attrs import define, field
 from twisted.application.internet import TimerService
@@ -26,7 +26,11 @@ from twisted.logger import Logger
 
 from epio import domain
 from epio.addons import btrfs
+from epio.config.settings import AddonsSettings, BackupSettings
 from epio.retention import Candidate, RetentionPolicy, to_keep
+
+if TYPE_CHECKING:
+    from epio.node import INodeReactor
 
 DEDICATED_DIR = re.compile(r"^\.epio-(redis|postgres)(-[0-9a-f]{1,32})?$")
 APP_NAME = domain.APP_NAME
@@ -166,9 +170,9 @@ class SnapshotService(TimerService):
 
     log = Logger()
 
-    def __init__(self, reactor: Any, data_dir: Path, interval: float, policy: RetentionPolicy,
+    def __init__(self, reactor: INodeReactor, data_dir: Path, interval: float, policy: RetentionPolicy,
                  run: Callable[..., SnapshotResult] = snapshot_all) -> None:
-        super().__init__(interval, self.tick)
+        super().__init__(interval, self.tick)  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
         self.clock = reactor
         self.reactor = reactor
         self.data_dir = Path(data_dir)
@@ -210,15 +214,14 @@ class SnapshotService(TimerService):
         return None
 
 
-def attach_snapshots(runner: Any, node: Any) -> SnapshotService | None:
-    """Give the runner service its snapshot job (``addons.snapshot_interval``; 0 disables)."""
-    interval = node.config["addons"].get("snapshot_interval", 0)
-    if not interval:
+def make_snapshots(reactor: INodeReactor, data_dir: Path, addons: AddonsSettings,
+                   backup: BackupSettings) -> SnapshotService | None:
+    """The runner's snapshot job (``addons.snapshot_interval``; 0 disables: None),
+    keeping what the ``backup`` retention policy keeps."""
+    if not addons.snapshot_interval:
         return None
-    b = node.config["backup"]
-    policy = RetentionPolicy(hourly=b["hourly"], daily=b["daily"], weekly=b["weekly"],
-                             monthly=b["monthly"])
-    svc = SnapshotService(node.reactor, node.data_dir, interval, policy)
-    svc.setName("btrfs-snapshots")
-    svc.setServiceParent(runner)
+    policy = RetentionPolicy(hourly=backup.hourly, daily=backup.daily, weekly=backup.weekly,
+                             monthly=backup.monthly)
+    svc = SnapshotService(reactor, data_dir, addons.snapshot_interval, policy)
+    svc.setName("btrfs-snapshots")  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
     return svc

@@ -53,7 +53,7 @@ import stat
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_to_bytes
 
 from attrs import define, frozen
@@ -67,7 +67,14 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 from zope.interface import implementer
 
+from epio.config.settings import RunnerSettings
 from epio.routing import static_token
+
+if TYPE_CHECKING:
+    from twisted.python.failure import Failure
+
+    from epio.node import INodeReactor
+    from epio.runner.images import FetchingImages
 
 HEADER = b"x-epio-static"
 DATA = "/data"  # the app's writable storage as the manifest names it
@@ -364,7 +371,7 @@ class StaticResource(Resource):
     log = Logger()
 
     def __init__(self, server: StaticServer) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
         self.static = server
 
     def render(self, request: Any) -> Any:
@@ -622,9 +629,9 @@ class StaticServer(Service):
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: INodeReactor,
         secret: bytes,
-        images: Any,
+        images: FetchingImages,
         data_dir: Path,
         instances: Callable[[], Iterable[Any]],
         *,
@@ -655,23 +662,23 @@ class StaticServer(Service):
         self._preparing: set[tuple[str, int]] = set()
         self._tokens: dict[str, bytes] = {}
         self.counters: dict[str, int] = {}
-        self.port: Any = None
+        self.port: Any = None  # the IListeningPort (see _listening)
         self.endpoint: str | None = None  # "host:port" once listening
         self._want: dict[tuple[str, int], _Want] = {}
 
     # -- life ----------------------------------------------------------------------
     def startService(self) -> None:
-        super().startService()
-        d = defer.maybeDeferred(serverFromString(self.reactor, self.listen).listen,
-                                self.site())
+        super().startService()  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
+        endpoint = serverFromString(self.reactor, self.listen)
+        d = defer.maybeDeferred(endpoint.listen, self.site())
         d.addCallbacks(self._listening, self._listen_failed)
         self.refresh()
 
     def site(self) -> StaticSite:
         """The twisted.web site answering this server's requests."""
-        return StaticSite(StaticResource(self), timeout=self.idle_timeout, reactor=self.reactor)
+        return StaticSite(StaticResource(self), timeout=self.idle_timeout, reactor=self.reactor)  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
 
-    def _listening(self, port: Any) -> None:
+    def _listening(self, port: Any) -> None:  # IListeningPort: Twisted types getHost() as IAddress, without host and port
         self.port = port
         addr = port.getHost()
         host = addr.host
@@ -680,13 +687,13 @@ class StaticServer(Service):
         self.endpoint = _hostport(host, addr.port)
         self.log.info("static files served on {endpoint}", endpoint=self.endpoint)
 
-    def _listen_failed(self, f: Any) -> None:
+    def _listen_failed(self, f: Failure) -> None:
         self.log.error("static file server cannot listen on {listen}: {error}; apps' static "
                        "files go to the app processes", listen=self.listen,
                        error=f.getErrorMessage())
 
     def stopService(self) -> defer.Deferred[None]:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
         return defer.Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
@@ -747,6 +754,11 @@ class StaticServer(Service):
         return self.max_age
 
     # -- which releases are served --------------------------------------------------------
+    def instances_changed(self) -> None:
+        """The supervisor's observer: refresh while serving."""
+        if self.running:
+            self.refresh()
+
     def refresh(self) -> None:
         """Follow the supervisor: prepare new web releases, serve healthy ones, release
         the ones no web instance uses any more."""
@@ -776,7 +788,7 @@ class StaticServer(Service):
             d.addErrback(lambda f: self.log.failure("releasing a static image failed", f))
         self._publish()
 
-    def _prepare_failed(self, f: Any, key: tuple[str, int]) -> None:
+    def _prepare_failed(self, f: Failure, key: tuple[str, int]) -> None:
         self._preparing.discard(key)
         self.log.failure("preparing static files of {app} v{release} failed", f, app=key[0],
                          release=key[1])
@@ -832,42 +844,27 @@ class StaticServer(Service):
         return {"static": self.endpoint, "static_prefixes": prefixes}
 
 
-def attach_static(runner: Any, node: Any) -> StaticServer | None:
-    """Give the runner service its static file server (``runner.static_listen``;
-    ``off`` disables it).  It follows the supervisor's instances and adds its
-    endpoint and prefixes to every heartbeat (``runner.static_server``)."""
-    cfg = node.config["runner"]
-    listen = cfg.get("static_listen", "")
-    if listen == "off":
-        runner.static_server = None
+def make_static(reactor: INodeReactor, secret: bytes, images: FetchingImages, data_dir: Path,
+                instances: Callable[[], Iterable[Any]], settings: RunnerSettings, *,
+                uid_check: bool) -> StaticServer | None:
+    """The runner's static file server (``runner.static_listen``; ``off``: None).  It
+    follows the supervisor's ``instances`` (:meth:`StaticServer.instances_changed` is
+    one of the supervisor's observers) and adds its endpoint and prefixes to every
+    heartbeat."""
+    if settings.static_listen == "off":
         return None
-    advertise = cfg["advertise_host"]
-    supervisor = runner.supervisor
+    advertise = settings.advertise_host
     server = StaticServer(
-        node.reactor, node.secret, runner.images, node.data_dir,
-        lambda: list(supervisor.instances.values()),
-        listen=listen or default_listen(advertise), advertise_host=advertise,
-        max_age=cfg.get("static_max_age", 3600), gzip_on=cfg.get("static_gzip", True),
-        gzip_max_bytes=cfg.get("static_gzip_max_kb", 2048) * 1024,
-        cache_bytes=cfg.get("static_cache_mb", 64) * 1024 * 1024,
-        idle_timeout=cfg.get("static_idle_timeout", 120.0),
-        uid_check=bool(getattr(runner.isolation, "uid_switch", False)),
+        reactor, secret, images, data_dir, instances,
+        listen=settings.static_listen or default_listen(advertise), advertise_host=advertise,
+        max_age=settings.static_max_age, gzip_on=settings.static_gzip,
+        gzip_max_bytes=settings.static_gzip_max_kb * 1024,
+        cache_bytes=settings.static_cache_mb * 1024 * 1024,
+        idle_timeout=settings.static_idle_timeout, uid_check=uid_check,
     )
-    server.setName("static-files")
-    server.setServiceParent(runner)
-    previous = supervisor.on_change
-
-    def on_change() -> None:
-        try:
-            previous()
-        finally:
-            if server.running:
-                server.refresh()
-
-    supervisor.on_change = on_change
-    runner.static_server = server
+    server.setName("static-files")  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
     return server
 
 
-__all__ = ["StaticServer", "attach_static", "content_type", "open_in_data", "open_in_image",
+__all__ = ["StaticServer", "make_static", "content_type", "open_in_data", "open_in_image",
            "read_static_facts", "HEADER"]

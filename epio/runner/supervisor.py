@@ -32,8 +32,8 @@ from __future__ import annotations
 import re
 import signal
 from collections import deque
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from attrs import define, field, frozen
 from twisted.internet import defer
@@ -46,10 +46,16 @@ from zope.interface import Attribute, Interface
 from epio import domain
 from epio.addons.services import SERVICE_PROCESS_TYPES
 from epio.config.schema import DEFAULT_UIDS
+from epio.config.settings import RunnerSettings
 from epio.runner.cgroups import Limits
 from epio.runner.ports import PortAllocator
 from epio.runner.sandbox import sandboxed_pid
 from epio.runner.users import UserError, app_user
+
+if TYPE_CHECKING:
+    from epio.node import INodeReactor
+    from epio.pipeline import ILogSink
+    from epio.runner.health import IHealthProbe
 
 #: lines of an instance's output kept for a failed deploy's report, and their length cap
 TAIL_LINES = 20
@@ -116,18 +122,18 @@ class Settings:
     limits: Limits = Limits(memory_mb=512, cpu_shares=1024, pids=512, nofile=4096)
 
     @classmethod
-    def from_config(cls, c: Mapping[str, Any]) -> Settings:
+    def from_config(cls, c: RunnerSettings) -> Settings:
         return cls(
-            advertise_host=c["advertise_host"], uid_min=c["uid_min"], uid_max=c["uid_max"],
-            grace=c["grace"], boot_timeout=c["boot_timeout"],
-            backoff_initial=c["backoff_initial"], backoff_max=c["backoff_max"],
-            backoff_reset=c["backoff_reset"], health_interval=c["health_interval"],
-            health_boot_interval=c["health_boot_interval"],
-            health_timeout=c["health_timeout"], health_failures=c["health_failures"],
-            drain_delay=c["drain_delay"], worker_settle=c["worker_settle"],
-            stopped_retention=c["stopped_retention"], max_line=c["max_log_line"],
-            limits=Limits(memory_mb=c["memory_mb"], cpu_shares=c["cpu_shares"],
-                          pids=c["pids_max"], nofile=c["nofile"]),
+            advertise_host=c.advertise_host, uid_min=c.uid_min, uid_max=c.uid_max,
+            grace=c.grace, boot_timeout=c.boot_timeout,
+            backoff_initial=c.backoff_initial, backoff_max=c.backoff_max,
+            backoff_reset=c.backoff_reset, health_interval=c.health_interval,
+            health_boot_interval=c.health_boot_interval,
+            health_timeout=c.health_timeout, health_failures=c.health_failures,
+            drain_delay=c.drain_delay, worker_settle=c.worker_settle,
+            stopped_retention=c.stopped_retention, max_line=c.max_log_line,
+            limits=Limits(memory_mb=c.memory_mb, cpu_shares=c.cpu_shares,
+                          pids=c.pids_max, nofile=c.nofile),
         )
 
 
@@ -287,7 +293,7 @@ class Launch:
 class ILauncher(Interface):
     isolation = Attribute("The Isolation this launcher enforces")
 
-    def prepare(spec: InstanceSpec, port: int | None) -> defer.Deferred[Launch]:  # type: ignore[empty-body]
+    def prepare(spec: InstanceSpec, port: int | None) -> defer.Deferred[Launch]:
         """Make the image, dirs and cgroups ready; fire the Launch to spawn."""
 
     def spawned(launch: Launch, pid: int) -> None:
@@ -299,14 +305,14 @@ class ILauncher(Interface):
     def kill_all(launch: Launch) -> None:
         """SIGKILL everything left of the launch (group and cgroups)."""
 
-    def oom_kills(launch: Launch) -> int:  # type: ignore[empty-body]
+    def oom_kills(launch: Launch) -> int:
         """How many out-of-memory kills the kernel counted for the launch."""
 
-    def listening_ports(launch: Launch) -> list[int]:  # type: ignore[empty-body]
+    def listening_ports(launch: Launch) -> list[int]:
         """The TCP ports the launch's processes listen on (to say what is wrong when
         a web process never answers on $PORT)."""
 
-    def cleanup(launch: Launch) -> defer.Deferred[None]:  # type: ignore[empty-body]
+    def cleanup(launch: Launch) -> defer.Deferred[None]:
         """Remove what prepare made (after the process is gone)."""
 
 
@@ -450,13 +456,14 @@ class Supervisor:
 
     def __init__(
         self,
-        reactor: Any,
-        launcher: Any,
-        probe: Any,
-        sink: Any,
+        reactor: INodeReactor,
+        launcher: ILauncher,
+        probe: IHealthProbe,
+        sink: ILogSink,
         ports: PortAllocator,
         settings: Settings,
-        on_change: Callable[[], None] = lambda: None,
+        observers: Sequence[Callable[[], None]] = (),
+        before_spawn: Sequence[Callable[[], defer.Deferred[None] | None]] = (),
     ) -> None:
         self.reactor = reactor
         self.launcher = launcher
@@ -464,12 +471,14 @@ class Supervisor:
         self.sink = sink
         self.ports = ports
         self.settings = settings
-        self.on_change = on_change
+        # told (in order) after every change of an instance: the runner's state file
+        # and heartbeat, the network fence, the static server (epio.runner.service)
+        self.observers = observers
         self.instances: dict[str, Instance] = {}
         self.shutting_down = False
         # awaited (what each returns) before an instance's process is spawned: the
         # network fence opens the instance's ports first (epio.runner.fence)
-        self.before_spawn: list[Callable[[], defer.Deferred[None] | None]] = []
+        self.before_spawn = before_spawn
 
     # -- queries -----------------------------------------------------------
 
@@ -484,10 +493,11 @@ class Supervisor:
         return [i.heartbeat(host, tail) for i in self.instances.values()]
 
     def changed(self) -> None:
-        try:
-            self.on_change()
-        except Exception:
-            self.log.failure("state change callback failed")
+        for observer in self.observers:
+            try:
+                observer()
+            except Exception:
+                self.log.failure("state change observer failed")
 
     # -- the state machine -------------------------------------------------
 

@@ -68,11 +68,11 @@ def _check(addon: Addon) -> None:
 async def put_addon(store: Store, addon: Addon) -> Addon:
     """Insert or replace the (app, kind) add-on; ``updated`` is set to now."""
     _check(addon)
-    addon = attrs.evolve(addon, updated=store._now())
+    addon = attrs.evolve(addon, updated=store.now())
     a = addon
 
     async def q(tx: Transaction) -> Addon:
-        await store._app_exists(tx, a.app)
+        await store.app_exists(tx, a.app)
         await tx.execute("DELETE FROM addons WHERE app = ? AND kind = ?", (a.app, a.kind))
         await tx.execute(
             "INSERT INTO addons (app, kind, plan, state, host, port, database, username,"
@@ -83,12 +83,12 @@ async def put_addon(store: Store, addon: Addon) -> Addon:
              a.created, a.updated))
         return a
 
-    return await store._tx(q)
+    return await store.transaction(q)
 
 
 async def get_addon(store: Store, app: str, kind: str) -> Addon:
     """The app's add-on of ``kind``; ``NotFound`` otherwise."""
-    row = await store._one("SELECT * FROM addons WHERE app = ? AND kind = ?", (app, kind))
+    row = await store.fetch_one("SELECT * FROM addons WHERE app = ? AND kind = ?", (app, kind))
     if row is None:
         raise NotFound(f"{app} has no {kind} add-on")
     return _addon(row)
@@ -104,9 +104,9 @@ async def find_addon(store: Store, app: str, kind: str) -> Addon | None:
 async def list_addons(store: Store, app: str | None = None) -> list[Addon]:
     """Every add-on (of one app), by app then kind."""
     if app is None:
-        rows = await store._all("SELECT * FROM addons ORDER BY app, kind")
+        rows = await store.fetch_all("SELECT * FROM addons ORDER BY app, kind")
     else:
-        rows = await store._all("SELECT * FROM addons WHERE app = ? ORDER BY kind", (app,))
+        rows = await store.fetch_all("SELECT * FROM addons WHERE app = ? ORDER BY kind", (app,))
     return [_addon(r) for r in rows]
 
 
@@ -125,4 +125,4 @@ async def delete_addon(store: Store, app: str, kind: str) -> bool:
         r = await tx.execute("DELETE FROM addons WHERE app = ? AND kind = ?", (app, kind))
         return bool(r.rowcount)
 
-    return await store._tx(q)
+    return await store.transaction(q)

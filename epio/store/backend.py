@@ -15,6 +15,7 @@ the text); the PostgreSQL backend translates them for psycopg2.  Only code in
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -26,6 +27,7 @@ from typing import Any, Protocol, TypeVar
 
 from attrs import frozen
 from twisted.internet.defer import Deferred, DeferredLock, DeferredSemaphore
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -113,14 +115,18 @@ class Backend(Protocol):
 
 CHANNEL = "epio_changes"
 
+_log = Logger()
+
 
 async def _release_locks(locks: weakref.WeakSet[Any]) -> None:
     """Closing a store gives up every lock made from it (held or not)."""
     for lock in list(locks):
         try:
             await lock.shutdown()
+        except StoreUnavailable:
+            pass  # its connection is gone, and the lock with it
         except Exception:
-            pass
+            _log.failure("giving up lock {name} failed", name=getattr(lock, "name", "?"))
 
 
 class _Listeners:
@@ -316,16 +322,25 @@ def _pg_data_error() -> Any:
     return psycopg2.DataError
 
 
-_translated: dict[str, str] = {}
+def close_quietly(conn: Any) -> None:
+    """Close a txpostgres connection that may be broken or half open.  psycopg2's
+    errors (already closed, broken) and a connect that never got as far as a libpq
+    connection (txpostgres then has none to close) are expected: closing is done
+    either way.  Anything else is a bug, logged."""
+    import psycopg2
+
+    try:
+        conn.close()
+    except (psycopg2.Error, AttributeError):
+        pass  # nothing left to close
+    except Exception:
+        _log.failure("closing a PostgreSQL connection failed")
 
 
+@functools.lru_cache(maxsize=4096)  # the store's statements are a few hundred constants
 def to_pyformat(sql: str) -> str:
     """Translate ``?`` placeholders to psycopg2's ``%s`` (escaping ``%``)."""
-    out = _translated.get(sql)
-    if out is None:
-        out = sql.replace("%", "%%").replace("?", "%s")
-        _translated[sql] = out
-    return out
+    return sql.replace("%", "%%").replace("?", "%s")
 
 
 # TCP keepalives so that a dead peer is noticed in ~15 s on idle connections.
@@ -374,19 +389,13 @@ async def connect_pg(reactor: Any, dsn: str, timeout: float,
     def expire() -> None:
         nonlocal timed_out
         timed_out = True
-        try:
-            conn.close()
-        except Exception:
-            pass
+        close_quietly(conn)
 
     timer = reactor.callLater(timeout, expire)
     try:
         await conn.connect(dsn, **PG_CONNECT_KW)
     except Exception as e:
-        try:
-            conn.close()
-        except Exception:
-            pass
+        close_quietly(conn)
         if timed_out:
             raise StoreUnavailable(
                 f"cannot connect to PostgreSQL: no answer within {timeout:g} s") from None
@@ -459,7 +468,7 @@ class PostgresBackend:
         self._listen_started = False
         self._listen_up = False
         self._listen_waiters: list[Deferred[None]] = []
-        self._retry: Any = None
+        self._retry: IDelayedCall | None = None
 
     async def _connect(self) -> Any:
         return await connect_pg(self._reactor, self.dsn, self.connect_timeout)
@@ -487,10 +496,7 @@ class PostgresBackend:
 
     def _checkin(self, conn: Any, broken: bool) -> None:
         if broken or self._closed or conn.closed:
-            try:
-                conn.close()
-            except Exception:
-                pass
+            close_quietly(conn)
         else:
             self._idle.append(conn)
         self._sem.release()
@@ -622,16 +628,10 @@ class PostgresBackend:
             d.errback(StoreUnavailable("the store is closed"))
         conn, self._listen_conn = self._listen_conn, None
         if conn is not None:
-            try:
-                conn.close()
-            except Exception:
-                pass
+            close_quietly(conn)
         idle, self._idle = self._idle, []
         for conn in idle:
-            try:
-                conn.close()
-            except Exception:
-                pass
+            close_quietly(conn)
 
     def lock(self, name: str) -> Any:
         from epio.store.locks import PgLock

@@ -63,10 +63,10 @@ async def claim_slot(store: Store, app: str, name: str, slot: float, outcome: st
     if keep and session_id is not None:
         raise InvalidValue("a missed or skipped slot runs no session")
     session = "cron_jobs.session_id" if keep else "excluded.session_id"
-    now = store._now()
+    now = store.now()
 
     async def q(tx: Any) -> bool:
-        await store._app_exists(tx, app, live=True)
+        await store.app_exists(tx, app, live=True)
         res = await tx.execute(
             "INSERT INTO cron_jobs (app, name, last_slot, session_id, outcome, reason, updated)"
             " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (app, name) DO UPDATE SET"
@@ -76,7 +76,7 @@ async def claim_slot(store: Store, app: str, name: str, slot: float, outcome: st
             (app, name, float(slot), None if keep else session_id, outcome, reason, now))
         return bool(res.rowcount)
 
-    result: bool = await store._tx(q)
+    result: bool = await store.transaction(q)
     return result
 
 
@@ -85,13 +85,13 @@ async def record_run(store: Store, app: str, name: str, slot: float, *, outcome:
     """Say what became of the claimed ``slot`` (no-op if a later slot was claimed)."""
     if outcome not in OUTCOMES:
         raise InvalidValue(f"cron outcome must be one of {', '.join(OUTCOMES)}")
-    await store._tx(lambda tx: tx.execute(
+    await store.transaction(lambda tx: tx.execute(
         "UPDATE cron_jobs SET session_id = ?, outcome = ?, reason = ?, updated = ?"
         " WHERE app = ? AND name = ? AND last_slot = ?",
-        (session_id, outcome, reason, store._now(), app, name, float(slot))))
+        (session_id, outcome, reason, store.now(), app, name, float(slot))))
 
 
 async def list_cron(store: Store, app: str) -> dict[str, CronState]:
     """Every recorded entry of ``app``, by name."""
-    rows = await store._all("SELECT * FROM cron_jobs WHERE app = ?", (app,))
+    rows = await store.fetch_all("SELECT * FROM cron_jobs WHERE app = ?", (app,))
     return {r["name"]: _state(r) for r in rows}

@@ -22,15 +22,19 @@ import os
 import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
-from epio.store.backend import connect_pg, lock_key
+from epio.store.backend import close_quietly, connect_pg, lock_key
 from epio.store.errors import StoreUnavailable
+
+if TYPE_CHECKING:
+    from epio.store.store import Store
 
 
 class Lock(Protocol):
@@ -161,10 +165,7 @@ class PgLock(_LostNotifier):
     def _close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
-            try:
-                conn.close()
-            except Exception:
-                pass
+            close_quietly(conn)
         if self._held:
             self._held = False
             self._fire_lost()
@@ -288,15 +289,13 @@ class LeaderService(Service):
 
     log = Logger()
 
-    def __init__(self, store: Any, name: str, on_elected: Callable[[], Any],
-                 on_lost: Callable[[], Any], clock: Any = None,
+    def __init__(self, store: Store, name: str, on_elected: Callable[[], Any],
+                 on_lost: Callable[[], Any], clock: IReactorTime,
                  retry_interval: float = 5.0) -> None:
         self.store = store
         self.lock_name = name
         self.on_elected = on_elected
         self.on_lost = on_lost
-        if clock is None:
-            from twisted.internet import reactor as clock
         self.clock = clock
         self.retry_interval = retry_interval
         self._lock: Lock | None = None
@@ -305,7 +304,7 @@ class LeaderService(Service):
         self.is_leader = False
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         self._lock = self.store.lock(self.lock_name)
         self._loop = LoopingCall(self._tick)
         self._loop.clock = self.clock
@@ -360,7 +359,7 @@ class LeaderService(Service):
             lambda f: self.log.failure("on_lost for {name} failed", f, name=self.lock_name))
 
     def stopService(self) -> Deferred[None]:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         if self._loop is not None and self._loop.running:
             self._loop.stop()
 

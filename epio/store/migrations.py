@@ -280,6 +280,21 @@ MIGRATIONS: tuple[Migration, ...] = (
             created DOUBLE PRECISION NOT NULL
         )""",
     )),
+    Migration(8, "stats points (epio.store.stats)", statements=(
+        # IF NOT EXISTS: before this migration the logger created the table itself in
+        # the store's PostgreSQL database; its rows stay where they are.  (With an
+        # SQLite store it used a file of its own: epio.store.stats imports that.)
+        """CREATE TABLE IF NOT EXISTS epio_stats (
+            app TEXT NOT NULL,
+            metric TEXT NOT NULL,
+            instance TEXT NOT NULL DEFAULT '',
+            resolution INTEGER NOT NULL,
+            ts BIGINT NOT NULL,
+            value DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (app, metric, instance, resolution, ts)
+        )""",
+        "CREATE INDEX IF NOT EXISTS epio_stats_expiry ON epio_stats (resolution, ts)",
+    )),
 )
 
 SCHEMA_VERSION_DDL = """CREATE TABLE IF NOT EXISTS schema_version (

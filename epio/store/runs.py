@@ -76,10 +76,10 @@ async def create_run(store: Store, session_id: str, app: str, *, user: str | Non
     """
     if kind not in KINDS:
         raise InvalidValue(f"run kind must be one of {', '.join(KINDS)}")
-    now = store._now()
+    now = store.now()
 
     async def q(tx: Transaction) -> RunRecord:
-        await store._app_exists(tx, app, live=True)
+        await store.app_exists(tx, app, live=True)
         if max_live is not None:
             live = (await tx.execute(
                 "SELECT count(*) FROM run_sessions WHERE app = ? AND state IN (?, ?)",
@@ -97,7 +97,7 @@ async def create_run(store: Store, session_id: str, app: str, *, user: str | Non
         return RunRecord(session_id, app, number, user, command, kind, bool(tty), node,
                          release, "starting", now)
 
-    return await store._tx(q)
+    return await store.transaction(q)
 
 
 class LimitReached(InvalidValue):
@@ -113,7 +113,7 @@ async def update_run(store: Store, session_id: str, *, state: str,
     """
     if state not in STATES:
         raise InvalidValue(f"run state must be one of {', '.join(STATES)}")
-    now = store._now()
+    now = store.now()
 
     async def q(tx: Transaction) -> RunRecord:
         row = (await tx.execute("SELECT * FROM run_sessions WHERE id = ?", (session_id,))).one()
@@ -136,11 +136,11 @@ async def update_run(store: Store, session_id: str, *, state: str,
             (new.state, new.ended, new.exit_status, new.exit_signal, new.reason, session_id))
         return new
 
-    return await store._tx(q)
+    return await store.transaction(q)
 
 
 async def get_run(store: Store, app: str, number: int) -> RunRecord:
-    row = await store._one("SELECT * FROM run_sessions WHERE app = ? AND number = ?",
+    row = await store.fetch_one("SELECT * FROM run_sessions WHERE app = ? AND number = ?",
                            (app, int(number)))
     if row is None:
         raise NotFound(f"no session run.{number} of {app}")
@@ -148,7 +148,7 @@ async def get_run(store: Store, app: str, number: int) -> RunRecord:
 
 
 async def get_run_by_id(store: Store, session_id: str) -> RunRecord:
-    row = await store._one("SELECT * FROM run_sessions WHERE id = ?", (session_id,))
+    row = await store.fetch_one("SELECT * FROM run_sessions WHERE id = ?", (session_id,))
     if row is None:
         raise NotFound(f"no run session {session_id!r}")
     return _record(row)
@@ -166,4 +166,4 @@ async def list_runs(store: Store, app: str, *, live_only: bool = False,
     if limit is not None:
         sql += " LIMIT ?"
         params += (int(limit),)
-    return [_record(r) for r in await store._all(sql, params)]
+    return [_record(r) for r in await store.fetch_all(sql, params)]

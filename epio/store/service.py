@@ -10,6 +10,7 @@ from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from epio.config import Config
 from epio.store.backend import Backend, PostgresBackend, SqliteBackend
 from epio.store.errors import StoreUnavailable
 from epio.store.migrations import migrate
@@ -100,7 +101,7 @@ class StoreService(Service):
         return self._reactor
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         self._failure = None
         self.log.info("opening store {url}", url=redact_url(self.url))
         self._starting = ensureDeferred(self._start())
@@ -130,12 +131,12 @@ class StoreService(Service):
             d.callback(store)
 
     @classmethod
-    def from_config(cls, config: Any, data_dir: Path, reactor: Any = None) -> StoreService:
+    def from_config(cls, config: Config, data_dir: Path, reactor: Any = None) -> StoreService:
         """The service for a node's validated config (the ``[store]`` section)."""
-        section = config["store"]
-        return cls(section["url"] or default_sqlite_url(data_dir), reactor=reactor,
-                   pool_size=section["pool_size"], connect_timeout=section["connect_timeout"],
-                   busy_timeout=section["busy_timeout"])
+        section = config.settings.store
+        return cls(section.url or default_sqlite_url(data_dir), reactor=reactor,
+                   pool_size=section.pool_size, connect_timeout=section.connect_timeout,
+                   busy_timeout=section.busy_timeout)
 
     def whenReady(self) -> Deferred[Store]:
         """Fires with the :class:`Store` once open and migrated (or with the error)."""
@@ -153,7 +154,7 @@ class StoreService(Service):
         return self._store
 
     def stopService(self) -> Deferred[None]:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
 
         async def stop() -> None:
             if self._starting is not None:

@@ -124,8 +124,8 @@ def hash_token(token: str) -> str:
 def validate_app_name(name: Any) -> str:
     """Return ``name`` if it is a valid app name (DNS label, 1-30 chars), else raise."""
     problem = app_name_problem(name)
-    if problem is not None:
-        raise InvalidName(problem)
+    if problem is not None or not isinstance(name, str):
+        raise InvalidName(problem or "an app name must be a string")
     return name
 
 
@@ -219,11 +219,20 @@ class Store:
         """``"sqlite"`` or ``"postgresql"``."""
         return self.backend.dialect
 
-    def _now(self) -> float:
+    # -- the surface the record modules build on (epio.store.addons, runs, cron,
+    # epio.certs.records, epio.logs.stats): a transaction, two read shortcuts, the
+    # clock and the app check every write into an app's rows makes first.
+
+    def now(self) -> float:
+        """The store's clock (the reactor's time), for timestamps written to rows."""
         return float(self.reactor.seconds())
 
-    async def _tx(self, fn: Callable[[Transaction], Awaitable[T]], readonly: bool = False,
-                  conflict: str | None = None, change: Iterable[Change] = ()) -> T:
+    async def transaction(self, fn: Callable[[Transaction], Awaitable[T]],
+                          readonly: bool = False, conflict: str | None = None,
+                          change: Iterable[Change] = ()) -> T:
+        """Run ``fn(tx)`` in one transaction.  An integrity error becomes
+        :class:`Conflict` (``conflict``: its message); each of ``change`` is notified
+        to listeners when the transaction commits."""
         changes = list(change)
         body = fn
         if changes:
@@ -239,20 +248,22 @@ class Store:
         except IntegrityError as e:
             raise Conflict(conflict or f"conflicting change: {e}") from None
 
-    async def _one(self, sql: str, params: Iterable[Any] = ()) -> dict[str, Any] | None:
+    async def fetch_one(self, sql: str, params: Iterable[Any] = ()) -> dict[str, Any] | None:
+        """The first row of one read-only query, or None."""
         async def q(tx: Transaction) -> dict[str, Any] | None:
             return (await tx.execute(sql, tuple(params))).one()
 
-        return await self._tx(q, readonly=True)
+        return await self.transaction(q, readonly=True)
 
-    async def _all(self, sql: str, params: Iterable[Any] = ()) -> list[dict[str, Any]]:
+    async def fetch_all(self, sql: str, params: Iterable[Any] = ()) -> list[dict[str, Any]]:
+        """Every row of one read-only query."""
         async def q(tx: Transaction) -> list[dict[str, Any]]:
             return (await tx.execute(sql, tuple(params))).dicts()
 
-        return await self._tx(q, readonly=True)
+        return await self.transaction(q, readonly=True)
 
     @staticmethod
-    async def _app_exists(tx: Transaction, app: str, live: bool = False) -> None:
+    async def app_exists(tx: Transaction, app: str, live: bool = False) -> None:
         """``NotFound`` unless the app exists (``live``: and is not destroyed -- every
         write that makes it run or change: a destroyed app is out of sight)."""
         sql = "SELECT 1 FROM apps WHERE name = ?" + (" AND destroyed IS NULL" if live else "")
@@ -295,7 +306,7 @@ class Store:
         if email is not None and (not isinstance(email, str) or not EMAIL.fullmatch(email)
                                   or len(email) > MAX_EMAIL):
             raise InvalidValue(f"invalid email {email!r}")
-        user = User(uuid.uuid4().hex, name, email, bool(is_admin), self._now())
+        user = User(uuid.uuid4().hex, name, email, bool(is_admin), self.now())
 
         async def q(tx: Transaction) -> User:
             await tx.execute(
@@ -303,26 +314,26 @@ class Store:
                 (user.id, user.name, user.email, user.is_admin, user.created))
             return user
 
-        return await self._tx(q, conflict=f"a user named {name!r} already exists",
+        return await self.transaction(q, conflict=f"a user named {name!r} already exists",
                               change=[Change("user")])
 
     async def get_user(self, user_id: str) -> User:
         """The user with id ``user_id``; ``NotFound`` otherwise."""
-        row = await self._one("SELECT * FROM users WHERE id = ?", (user_id,))
+        row = await self.fetch_one("SELECT * FROM users WHERE id = ?", (user_id,))
         if row is None:
             raise NotFound(f"no user with id {user_id!r}")
         return _user(row)
 
     async def get_user_by_name(self, name: str) -> User:
         """The user named ``name``; ``NotFound`` otherwise."""
-        row = await self._one("SELECT * FROM users WHERE name = ?", (name,))
+        row = await self.fetch_one("SELECT * FROM users WHERE name = ?", (name,))
         if row is None:
             raise NotFound(f"no user named {name!r}")
         return _user(row)
 
     async def list_users(self) -> list[User]:
         """Every user, by name."""
-        return [_user(r) for r in await self._all("SELECT * FROM users ORDER BY name")]
+        return [_user(r) for r in await self.fetch_all("SELECT * FROM users ORDER BY name")]
 
     async def delete_user(self, user_id: str) -> None:
         """Delete a user and their tokens/collaborations; ``Conflict`` if they own apps."""
@@ -335,7 +346,7 @@ class Store:
             if not (await tx.execute("DELETE FROM users WHERE id = ?", (user_id,))).rowcount:
                 raise NotFound(f"no user with id {user_id!r}")
 
-        await self._tx(q, change=[Change("user")])
+        await self.transaction(q, change=[Change("user")])
 
     async def create_token(self, user_id: str, description: str = "") -> NewToken:
         """Issue an API token for a user.
@@ -347,7 +358,7 @@ class Store:
             raise InvalidValue("token description must be a string of at most 200 characters")
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
         info = TokenInfo(uuid.uuid4().hex, user_id, token[:TOKEN_DISPLAY_CHARS], description,
-                         self._now(), None)
+                         self.now(), None)
 
         async def q(tx: Transaction) -> None:
             if (await tx.execute("SELECT 1 FROM users WHERE id = ?", (user_id,))).scalar() is None:
@@ -357,7 +368,7 @@ class Store:
                 " VALUES (?, ?, ?, ?, ?, ?)",
                 (info.id, user_id, hash_token(token), info.prefix, description, info.created))
 
-        await self._tx(q)
+        await self.transaction(q)
         return NewToken(token, info)
 
     async def user_for_token(self, token: str) -> User | None:
@@ -369,24 +380,24 @@ class Store:
         if not isinstance(token, str) or not token or len(token) > 512:
             return None
         digest = hash_token(token)
-        row = await self._one(
+        row = await self.fetch_one(
             "SELECT t.id AS token_id, t.token_hash, t.last_used, u.* FROM api_tokens t "
             "JOIN users u ON u.id = t.user_id WHERE t.token_hash = ?", (digest,))
         if row is None or not hmac.compare_digest(row["token_hash"], digest):
             return None
-        now = self._now()
+        now = self.now()
         if row["last_used"] is None or now - row["last_used"] > 60:
 
             async def touch(tx: Transaction) -> None:
                 await tx.execute("UPDATE api_tokens SET last_used = ? WHERE id = ?",
                                  (now, row["token_id"]))
 
-            await self._tx(touch)
+            await self.transaction(touch)
         return _user(row)
 
     async def list_tokens(self, user_id: str) -> list[TokenInfo]:
         """A user's tokens (never the token itself), oldest first."""
-        rows = await self._all(
+        rows = await self.fetch_all(
             "SELECT * FROM api_tokens WHERE user_id = ? ORDER BY created, id", (user_id,))
         return [_token_info(r) for r in rows]
 
@@ -419,7 +430,7 @@ class Store:
                         "out: create another admin token first (POST /api/v1/tokens)")
             await tx.execute("DELETE FROM api_tokens WHERE id = ?", (token_id,))
 
-        await self._tx(q)
+        await self.transaction(q)
 
     # -------------------------------------------------------------- apps
 
@@ -436,7 +447,7 @@ class Store:
         """
         validate_app_name(name)
         uid_min, uid_max = uids
-        now = self._now()
+        now = self.now()
 
         async def q(tx: Transaction) -> App:
             await tx.exclusive(APP_UIDS_LOCK)  # one allocation at a time, every node
@@ -473,7 +484,7 @@ class Store:
             await self._record_app_change(tx, owner_id, name, "create", now)
             return App(name, owner_id, int(uid), False, now)
 
-        return await self._tx(q, conflict=f"an app named {name!r} already exists",
+        return await self.transaction(q, conflict=f"an app named {name!r} already exists",
                               change=[Change("app", name)])
 
     async def _check_app_limits(self, tx: Transaction, user_id: str, limits: AppLimits,
@@ -512,7 +523,7 @@ class Store:
 
     async def get_app(self, name: str, destroyed: bool = False) -> App:
         """The app named ``name`` (a destroyed one if ``destroyed``); ``NotFound`` otherwise."""
-        row = await self._one(
+        row = await self.fetch_one(
             "SELECT * FROM apps WHERE name = ? AND destroyed IS "
             + ("NOT NULL" if destroyed else "NULL"), (name,))
         if row is None:
@@ -524,9 +535,9 @@ class Store:
         name: the live ones, or (``destroyed``) those destroyed and not yet purged."""
         where = "destroyed IS " + ("NOT NULL" if destroyed else "NULL")
         if for_user is None:
-            rows = await self._all(f"SELECT * FROM apps WHERE {where} ORDER BY name")
+            rows = await self.fetch_all(f"SELECT * FROM apps WHERE {where} ORDER BY name")
         else:
-            rows = await self._all(
+            rows = await self.fetch_all(
                 f"SELECT * FROM apps WHERE {where} AND (owner_id = ? OR name IN "
                 "(SELECT app FROM app_collaborators WHERE user_id = ?)) ORDER BY name",
                 (for_user, for_user))
@@ -536,7 +547,7 @@ class Store:
         """Mark a live app destroyed, to be purged at ``purge_after``: it vanishes from
         :meth:`get_app`/:meth:`list_apps` (so from routing and scheduling) but keeps
         its rows, name and UID.  Its instances are forgotten (stop them first)."""
-        now = self._now()
+        now = self.now()
 
         async def q(tx: Transaction) -> App:
             row = (await tx.execute(
@@ -550,13 +561,13 @@ class Store:
             await self._record_app_change(tx, by, name, "destroy", now)
             return _app(row)
 
-        return await self._tx(q, change=[Change("app", name)])
+        return await self.transaction(q, change=[Change("app", name)])
 
     async def fail_running_deploys(self, app: str, reason: str) -> list[str]:
         """Mark every unfinished deploy of ``app`` failed with ``reason`` (each deployer
         stops at its next step: its next status change is refused); returns their ids."""
-        return await self._tx(lambda tx: self._fail_running_deploys(tx, app, reason,
-                                                                    self._now()))
+        return await self.transaction(lambda tx: self._fail_running_deploys(tx, app, reason,
+                                                                    self.now()))
 
     @staticmethod
     async def _fail_running_deploys(tx: Transaction, app: str, reason: str,
@@ -588,7 +599,7 @@ class Store:
                 raise NotFound(f"no destroyed app named {name!r}")
             return _app(row)
 
-        return await self._tx(q, change=[Change("app", name)])
+        return await self.transaction(q, change=[Change("app", name)])
 
     async def claim_purge(self, name: str) -> App:
         """Mark a destroyed app as being purged (``purge_after = PURGING``), atomically,
@@ -604,11 +615,11 @@ class Store:
                 raise NotFound(f"no destroyed app named {name!r}")
             return _app(row)
 
-        return await self._tx(q, change=[Change("app", name)])
+        return await self.transaction(q, change=[Change("app", name)])
 
     async def purge_due(self, now: float) -> list[App]:
         """Destroyed apps whose grace period has ended at ``now``, oldest first."""
-        rows = await self._all(
+        rows = await self.fetch_all(
             "SELECT * FROM apps WHERE destroyed IS NOT NULL AND purge_after <= ? "
             "ORDER BY purge_after, name", (now,))
         return [_app(r) for r in rows]
@@ -633,9 +644,9 @@ class Store:
             if not (await tx.execute(f"DELETE FROM apps WHERE name = ?{only}",
                                      (name,))).rowcount:
                 raise NotFound(f"no app named {name!r}")
-            await self._record_app_change(tx, by, name, "delete", self._now())
+            await self._record_app_change(tx, by, name, "delete", self.now())
 
-        await self._tx(q, change=[Change("app", name), Change("certificate", name)])
+        await self.transaction(q, change=[Change("app", name), Change("certificate", name)])
 
     async def set_maintenance(self, name: str, on: bool) -> App:
         """Switch an app's maintenance mode; return the updated app."""
@@ -647,20 +658,20 @@ class Store:
                 raise NotFound(f"no app named {name!r}")
             return _app(row)
 
-        return await self._tx(q, change=[Change("app", name)])
+        return await self.transaction(q, change=[Change("app", name)])
 
     async def add_collaborator(self, app: str, user_id: str) -> None:
         """Let ``user_id`` manage ``app`` (idempotent; NotFound for unknown app/user)."""
 
         async def q(tx: Transaction) -> None:
-            await self._app_exists(tx, app, live=True)
+            await self.app_exists(tx, app, live=True)
             if (await tx.execute("SELECT 1 FROM users WHERE id = ?", (user_id,))).scalar() is None:
                 raise NotFound(f"no user with id {user_id!r}")
             await tx.execute(
                 "INSERT INTO app_collaborators (app, user_id, created) VALUES (?, ?, ?) "
-                "ON CONFLICT (app, user_id) DO NOTHING", (app, user_id, self._now()))
+                "ON CONFLICT (app, user_id) DO NOTHING", (app, user_id, self.now()))
 
-        await self._tx(q, change=[Change("collaborator", app)])
+        await self.transaction(q, change=[Change("collaborator", app)])
 
     async def remove_collaborator(self, app: str, user_id: str) -> None:
         """Remove a collaborator; ``NotFound`` if they were not one."""
@@ -671,33 +682,33 @@ class Store:
             if not res.rowcount:
                 raise NotFound(f"user {user_id!r} is not a collaborator of {app!r}")
 
-        await self._tx(q, change=[Change("collaborator", app)])
+        await self.transaction(q, change=[Change("collaborator", app)])
 
     async def list_collaborators(self, app: str) -> list[User]:
         """The collaborators of an app (not including the owner), by name."""
 
         async def q(tx: Transaction) -> list[User]:
-            await self._app_exists(tx, app)
+            await self.app_exists(tx, app)
             rows = (await tx.execute(
                 "SELECT u.* FROM users u JOIN app_collaborators c ON c.user_id = u.id "
                 "WHERE c.app = ? ORDER BY u.name", (app,))).dicts()
             return [_user(r) for r in rows]
 
-        return await self._tx(q, readonly=True)
+        return await self.transaction(q, readonly=True)
 
     async def can_access(self, app: str, user_id: str) -> bool:
         """True if the user is an admin, the app's owner or a collaborator.
 
         False for an unknown app or user (never raises NotFound).
         """
-        row = await self._one(
+        row = await self.fetch_one(
             "SELECT (SELECT is_admin FROM users WHERE id = ?) AS admin, "
             "(SELECT count(*) FROM apps WHERE name = ? AND owner_id = ? "
             "AND destroyed IS NULL) AS owner, "
             "(SELECT count(*) FROM app_collaborators WHERE app = ? AND user_id = ?) AS collab",
             (user_id, app, user_id, app, user_id))
         assert row is not None
-        live = await self._one("SELECT 1 AS x FROM apps WHERE name = ? AND destroyed IS NULL",
+        live = await self.fetch_one("SELECT 1 AS x FROM apps WHERE name = ? AND destroyed IS NULL",
                                (app,))
         if live is None:
             return False
@@ -725,13 +736,13 @@ class Store:
         _validate_release(image, processes)
         if config is not None:
             _validate_config(config)
-        now = self._now()
+        now = self.now()
 
         async def q(tx: Transaction) -> Release:
             return await self._insert_release(tx, app, image, config, processes, description,
                                               created_by, meta, inherit_image, now)
 
-        return await self._tx(q, change=[Change("release", app)])
+        return await self.transaction(q, change=[Change("release", app)])
 
     async def _insert_release(self, tx: Transaction, app: str, image: str | None,
                               config: Mapping[str, str] | None,
@@ -771,7 +782,7 @@ class Store:
             raise InvalidValue(f"release version must be an integer, not {version!r}")
         if not 1 <= version < 2**31:
             raise NotFound(f"app {app!r} has no release v{version}")
-        row = await self._one("SELECT * FROM releases WHERE app = ? AND version = ?",
+        row = await self.fetch_one("SELECT * FROM releases WHERE app = ? AND version = ?",
                               (app, version))
         if row is None:
             raise NotFound(f"app {app!r} has no release v{version}")
@@ -781,7 +792,7 @@ class Store:
         """An app's releases, newest first (at most ``limit``); NotFound for unknown app."""
 
         async def q(tx: Transaction) -> list[Release]:
-            await self._app_exists(tx, app)
+            await self.app_exists(tx, app)
             sql = "SELECT * FROM releases WHERE app = ? ORDER BY version DESC"
             params: tuple[Any, ...] = (app,)
             if limit is not None:
@@ -789,7 +800,7 @@ class Store:
                 params += (int(limit),)
             return [_release(r) for r in (await tx.execute(sql, params)).dicts()]
 
-        return await self._tx(q, readonly=True)
+        return await self.transaction(q, readonly=True)
 
     async def latest_release(self, app: str) -> Release | None:
         """The app's newest release, or None if it has none (NotFound for unknown app)."""
@@ -802,12 +813,12 @@ class Store:
         """The app's current config vars (NotFound for an unknown app)."""
 
         async def q(tx: Transaction) -> dict[str, str]:
-            await self._app_exists(tx, app)
+            await self.app_exists(tx, app)
             rows = (await tx.execute("SELECT key, value FROM config_vars WHERE app = ? "
                                      "ORDER BY key", (app,))).rows
             return {k: v for k, v in rows}
 
-        return await self._tx(q, readonly=True)
+        return await self.transaction(q, readonly=True)
 
     async def set_config(self, app: str, values: Mapping[str, str | None]) -> dict[str, str]:
         """Set config vars (a None value unsets that key); return the full new config.
@@ -817,10 +828,10 @@ class Store:
         _validate_config(values, allow_none=True)
 
         async def q(tx: Transaction) -> dict[str, str]:
-            await self._app_exists(tx, app, live=True)
+            await self.app_exists(tx, app, live=True)
             return await self._apply_config(tx, app, values)
 
-        return await self._tx(q, change=[Change("config", app)])
+        return await self.transaction(q, change=[Change("config", app)])
 
     @staticmethod
     async def _apply_config(tx: Transaction, app: str,
@@ -852,17 +863,17 @@ class Store:
         """
         _validate_config(values, allow_none=True)
         _validate_release(image, processes)
-        now = self._now()
+        now = self.now()
 
         async def q(tx: Transaction) -> tuple[dict[str, str], Release]:
-            await self._app_exists(tx, app, live=True)
+            await self.app_exists(tx, app, live=True)
             config = await self._apply_config(tx, app, values)
             release = await self._insert_release(tx, app, image, config, processes,
                                                  description, created_by, meta,
                                                  inherit_image, now)
             return config, release
 
-        return await self._tx(q, change=[Change("config", app), Change("release", app)])
+        return await self.transaction(q, change=[Change("config", app), Change("release", app)])
 
     async def unset_config(self, app: str, keys: Iterable[str]) -> dict[str, str]:
         """Remove config vars (missing keys are ignored); return the full new config."""
@@ -882,7 +893,7 @@ class Store:
             raise InvalidValue(f"quantity must be an integer 0..1000, not {quantity!r}")
 
         async def q(tx: Transaction) -> Formation:
-            await self._app_exists(tx, app, live=True)
+            await self.app_exists(tx, app, live=True)
             cur = (await tx.execute("SELECT * FROM formation WHERE app = ? AND process_type = ?",
                                     (app, process_type))).one()
             new_size = size if size is not None else (cur["size"] if cur else "standard")
@@ -895,18 +906,18 @@ class Store:
                 (app, process_type, quantity, new_size, _dumps(new_limits)))
             return Formation(app, process_type, quantity, new_size, new_limits)
 
-        return await self._tx(q, change=[Change("formation", app)])
+        return await self.transaction(q, change=[Change("formation", app)])
 
     async def get_formation(self, app: str) -> dict[str, Formation]:
         """The app's formation: process type -> Formation (NotFound for unknown app)."""
 
         async def q(tx: Transaction) -> dict[str, Formation]:
-            await self._app_exists(tx, app)
+            await self.app_exists(tx, app)
             rows = (await tx.execute("SELECT * FROM formation WHERE app = ? ORDER BY process_type",
                                      (app,))).dicts()
             return {r["process_type"]: _formation(r) for r in rows}
 
-        return await self._tx(q, readonly=True)
+        return await self.transaction(q, readonly=True)
 
     async def delete_formation(self, app: str, process_type: str) -> None:
         """Forget a process type's formation entry (no-op if absent)."""
@@ -915,7 +926,7 @@ class Store:
             await tx.execute("DELETE FROM formation WHERE app = ? AND process_type = ?",
                              (app, process_type))
 
-        await self._tx(q, change=[Change("formation", app)])
+        await self.transaction(q, change=[Change("formation", app)])
 
     # --------------------------------------------------------- instances
 
@@ -934,7 +945,7 @@ class Store:
 
         async def q(tx: Transaction) -> None:
             for app in sorted({i.app for i in batch}):
-                await self._app_exists(tx, app)
+                await self.app_exists(tx, app)
             for i in batch:
                 await tx.execute(
                     "INSERT INTO instances (id, app, release, process_type, number, node, host,"
@@ -947,11 +958,11 @@ class Store:
                     (i.id, i.app, i.release, i.process_type, i.number, i.node, i.host, i.port,
                      i.state, i.since, i.restarts))
 
-        await self._tx(q, change=[Change("instance", a) for a in sorted({i.app for i in batch})])
+        await self.transaction(q, change=[Change("instance", a) for a in sorted({i.app for i in batch})])
 
     async def get_instance(self, instance_id: str) -> Instance:
         """One instance by id; ``NotFound`` otherwise."""
-        row = await self._one("SELECT * FROM instances WHERE id = ?", (instance_id,))
+        row = await self.fetch_one("SELECT * FROM instances WHERE id = ?", (instance_id,))
         if row is None:
             raise NotFound(f"no instance {instance_id!r}")
         return _instance(row)
@@ -968,7 +979,7 @@ class Store:
             sql += " AND node = ?"
             params.append(node)
         sql += " ORDER BY app, process_type, number, id"
-        return [_instance(r) for r in await self._all(sql, params)]
+        return [_instance(r) for r in await self.fetch_all(sql, params)]
 
     async def delete_instance(self, instance_id: str) -> bool:
         """Forget an instance; True if it existed."""
@@ -980,7 +991,7 @@ class Store:
                 await tx.notify(Change("instance", app, instance_id).payload())
             return app is not None
 
-        return await self._tx(q)
+        return await self.transaction(q)
 
     # ----------------------------------------------------------- domains
 
@@ -994,11 +1005,11 @@ class Store:
         adding overlapping names at once cannot both pass the check.
         """
         host, wildcard = normalise_hostname(hostname)
-        now = self._now()
+        now = self.now()
 
         async def q(tx: Transaction) -> Domain:
             await tx.exclusive(DOMAINS_LOCK)
-            await self._app_exists(tx, app, live=True)
+            await self.app_exists(tx, app, live=True)
             if refused is not None:
                 others = [r[0] for r in (await tx.execute(
                     "SELECT d.hostname FROM domains d JOIN apps a ON a.name = d.app "
@@ -1015,7 +1026,7 @@ class Store:
                 (host, app, wildcard, now))
             return Domain(host, app, wildcard, now)
 
-        return await self._tx(q, conflict=f"hostname {host!r} is already in use",
+        return await self.transaction(q, conflict=f"hostname {host!r} is already in use",
                               change=[Change("domain", app)])
 
     async def remove_domain(self, app: str, hostname: str) -> None:
@@ -1032,14 +1043,14 @@ class Store:
             await tx.execute("DELETE FROM certificates WHERE hostname = ? AND app = ?",
                              (host, app))
 
-        await self._tx(q, change=[Change("domain", app), Change("certificate", app, host)])
+        await self.transaction(q, change=[Change("domain", app), Change("certificate", app, host)])
 
     async def list_domains(self, app: str | None = None) -> list[Domain]:
         """Custom domains of one app (or of all apps), by hostname."""
         if app is None:
-            rows = await self._all("SELECT * FROM domains ORDER BY hostname")
+            rows = await self.fetch_all("SELECT * FROM domains ORDER BY hostname")
         else:
-            rows = await self._all("SELECT * FROM domains WHERE app = ? ORDER BY hostname",
+            rows = await self.fetch_all("SELECT * FROM domains WHERE app = ? ORDER BY hostname",
                                    (app,))
         return [_domain(r) for r in rows]
 
@@ -1049,7 +1060,7 @@ class Store:
         App names under the platform domain are not included: the nexus adds
         ``<app>.<domain>`` itself from :meth:`list_apps`.
         """
-        rows = await self._all("SELECT hostname, app FROM domains")
+        rows = await self.fetch_all("SELECT hostname, app FROM domains")
         return {r["hostname"]: r["app"] for r in rows}
 
     # ------------------------------------------------------------- nodes
@@ -1062,7 +1073,7 @@ class Store:
         if not isinstance(node_id, str) or not node_id or len(node_id) > 255:
             raise InvalidName(f"invalid node id {node_id!r}")
         info = NodeInfo(node_id, tuple(sorted(roles)), control_endpoint, boot_id,
-                        self._now() if last_seen is None else float(last_seen),
+                        self.now() if last_seen is None else float(last_seen),
                         dict(status or {}))
 
         async def q(tx: Transaction) -> NodeInfo:
@@ -1075,18 +1086,18 @@ class Store:
                  info.last_seen, _dumps(info.status)))
             return info
 
-        return await self._tx(q, change=[Change("node", None, node_id)])
+        return await self.transaction(q, change=[Change("node", None, node_id)])
 
     async def get_node(self, node_id: str) -> NodeInfo:
         """One node; ``NotFound`` otherwise."""
-        row = await self._one("SELECT * FROM nodes WHERE id = ?", (node_id,))
+        row = await self.fetch_one("SELECT * FROM nodes WHERE id = ?", (node_id,))
         if row is None:
             raise NotFound(f"no node {node_id!r}")
         return _node(row)
 
     async def list_nodes(self, role: str | None = None) -> list[NodeInfo]:
         """Every known node (optionally only those with ``role``), by id."""
-        nodes = [_node(r) for r in await self._all("SELECT * FROM nodes ORDER BY id")]
+        nodes = [_node(r) for r in await self.fetch_all("SELECT * FROM nodes ORDER BY id")]
         if role is not None:
             nodes = [n for n in nodes if role in n.roles]
         return nodes
@@ -1097,7 +1108,7 @@ class Store:
         async def q(tx: Transaction) -> bool:
             return bool((await tx.execute("DELETE FROM nodes WHERE id = ?", (node_id,))).rowcount)
 
-        return await self._tx(q, change=[Change("node", None, node_id)])
+        return await self.transaction(q, change=[Change("node", None, node_id)])
 
     # ----------------------------------------------------------- deploys
 
@@ -1108,18 +1119,18 @@ class Store:
         _check_deploy_status(status)
         if status not in DEPLOY_INITIAL:
             raise InvalidTransition(f"a deploy cannot start {status}")
-        d = Deploy(uuid.uuid4().hex, app, status, None, None, "", None, self._now(),
+        d = Deploy(uuid.uuid4().hex, app, status, None, None, "", None, self.now(),
                    None, created_by, dict(meta or {}))
 
         async def q(tx: Transaction) -> Deploy:
-            await self._app_exists(tx, app, live=True)
+            await self.app_exists(tx, app, live=True)
             await tx.execute(
                 "INSERT INTO deploys (id, app, status, log, created, created_by, meta) "
                 "VALUES (?, ?, ?, '', ?, ?, ?)",
                 (d.id, app, status, d.created, created_by, _dumps(d.meta)))
             return d
 
-        return await self._tx(q, change=[Change("deploy", app, d.id)])
+        return await self.transaction(q, change=[Change("deploy", app, d.id)])
 
     async def update_deploy(self, deploy_id: str, *, status: str | None = None,
                             image: str | None = None, release: int | None = None,
@@ -1129,7 +1140,7 @@ class Store:
         ``finished``.  ``append_log`` is appended to the log; ``meta`` is merged."""
         if status is not None:
             _check_deploy_status(status)
-        now = self._now()
+        now = self.now()
 
         async def q(tx: Transaction) -> Deploy:
             row = (await tx.execute("SELECT * FROM deploys WHERE id = ?", (deploy_id,))).one()
@@ -1161,11 +1172,11 @@ class Store:
             await tx.notify(Change("deploy", cur.app, cur.id).payload())
             return new
 
-        return await self._tx(q)
+        return await self.transaction(q)
 
     async def get_deploy(self, deploy_id: str) -> Deploy:
         """One deploy by id; ``NotFound`` otherwise."""
-        row = await self._one("SELECT * FROM deploys WHERE id = ?", (deploy_id,))
+        row = await self.fetch_one("SELECT * FROM deploys WHERE id = ?", (deploy_id,))
         if row is None:
             raise NotFound(f"no deploy {deploy_id!r}")
         return _deploy(row)
@@ -1177,7 +1188,7 @@ class Store:
         if limit is not None:
             sql += " LIMIT ?"
             params += (int(limit),)
-        return [_deploy(r) for r in await self._all(sql, params)]
+        return [_deploy(r) for r in await self.fetch_all(sql, params)]
 
 
 def _validate_config(values: Mapping[str, Any], allow_none: bool = False) -> None:

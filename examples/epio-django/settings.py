@@ -36,13 +36,14 @@ INSTALLED_APPS = [
     "entries",
 ]
 MIDDLEWARE = ["django.contrib.sessions.middleware.SessionMiddleware"]
-ROOT_URLCONF = "urls"
+ROOT_URLCONF = "guestbook.urls"  # [checkout] directory_name
 TEMPLATES = [{"BACKEND": "django.template.backends.django.DjangoTemplates", "APP_DIRS": True}]
 USE_TZ = True
 STATIC_URL = "/static/"
 # ep.io kept collected static files in the data directory, where the app (an asset
 # compressor) can add to them at run time
 STATIC_ROOT = os.path.join(config["core"]["data_directory"], "static")
-MEDIA_ROOT = os.path.join(config["core"]["data_directory"], "media")
+# media/ is a [symlinks] link into the data directory (the image is read-only)
+MEDIA_ROOT = os.path.join(BASE_DIR, "media")
 MEDIA_URL = "/media/"
 DEFAULT_AUTO_FIELD = "django.db.models.AutoField"

@@ -25,15 +25,15 @@ from epio.api.domain import Platform
 from epio.api.jsonschema import validate
 from epio.api.scheduler import Scheduler
 from epio.api.settings import ApiSettings, derive_app_secret
-from epio.api.spec import OPERATIONS, PREFIX, openapi_document
-from epio.api.web import Api
+from epio.api.spec import PREFIX, openapi_document
+from epio.api.web import OPERATIONS, Api
 from epio.bus import RemoteError, RequestTimeout
 from epio.store import open_store
 
 DIGEST = "a" * 64
 DIGEST2 = "b" * 64
 
-DOC = openapi_document()
+DOC = openapi_document(OPERATIONS)
 
 
 def find_operation(method: str, path: str) -> Any:

@@ -12,7 +12,8 @@ from typing import Any
 from twisted.internet.defer import ensureDeferred
 from twisted.trial.unittest import TestCase
 
-from epio.api.spec import OPERATIONS, PREFIX
+from epio.api.spec import PREFIX
+from epio.api.web import OPERATIONS
 from tests.api.support import Harness
 
 

@@ -6,7 +6,7 @@ from twisted.internet import reactor, task
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from epio.bus import Bus
+from epio.bus import Bus, bus_settings
 from epio.bus.counters import RateLimitedLog
 from epio.bus.sockets import check_endpoint
 from epio.bus.testing import TEST_REGISTRY
@@ -33,7 +33,7 @@ class EndpointTests(SynchronousTestCase):
 
     def test_service_needs_an_endpoint(self) -> None:
         """A service with nothing to bind or connect is refused when made."""
-        bus = Bus(reactor, SECRET, "n", {"bus": {}}, registry=TEST_REGISTRY)
+        bus = Bus(reactor, SECRET, "n", bus_settings(), registry=TEST_REGISTRY)
         self.assertRaises(ValueError, bus.push, [])
         self.assertRaises(ValueError, bus.publisher)
 

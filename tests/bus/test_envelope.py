@@ -8,7 +8,7 @@ import msgpack
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from epio.bus import Bus
+from epio.bus import Bus, bus_settings
 from epio.bus.envelope import MAGIC, Envelope, ReplayGuard, open_frame, pack_payload, seal
 from epio.bus.errors import Reason, Rejected
 from epio.bus.testing import TEST_REGISTRY
@@ -134,7 +134,7 @@ class BusCodecTests(SynchronousTestCase):
         """The bus stamps and checks time with its injected clock."""
         clock = Clock()
         clock.advance(NOW)
-        bus = Bus(clock, SECRET, "node-a", {"bus": {"max_skew": 5.0}}, registry=TEST_REGISTRY)
+        bus = Bus(clock, SECRET, "node-a", bus_settings(max_skew=5.0), registry=TEST_REGISTRY)
         frame = bus.seal_new("test.job", {"n": 1}, pattern="push")
         self.assertEqual(bus.open(frame).timestamp, NOW)
         clock.advance(6)
@@ -143,7 +143,7 @@ class BusCodecTests(SynchronousTestCase):
 
     def test_bus_refuses_to_send_undeclared(self) -> None:
         """Sending an undeclared type, a wrong pattern or a bad body is a caller bug."""
-        bus = Bus(Clock(), SECRET, "node-a", {"bus": {}}, registry=TEST_REGISTRY)
+        bus = Bus(Clock(), SECRET, "node-a", bus_settings(), registry=TEST_REGISTRY)
         self.assertRaises(ValueError, bus.seal_new, "no.such", {}, pattern="push")
         self.assertRaises(ValueError, bus.seal_new, "test.job", {"n": 1}, pattern="publish")
         self.assertRaises(ValueError, bus.seal_new, "test.job", {}, pattern="push")
@@ -151,7 +151,7 @@ class BusCodecTests(SynchronousTestCase):
     def test_unserialisable_body_is_a_caller_error(self) -> None:
         """A body value msgpack cannot carry raises TypeError at the call; extra
         (undeclared) fields pass through."""
-        bus = Bus(Clock(), SECRET, "node-a", {"bus": {}}, registry=TEST_REGISTRY)
+        bus = Bus(Clock(), SECRET, "node-a", bus_settings(), registry=TEST_REGISTRY)
         self.assertRaises(TypeError, bus.seal_new, "test.job", {"n": 1, "s": {1, 2}},
                           pattern="push")
         env = bus.open(bus.seal_new("test.job", {"n": 1, "extra": (1, "x")}, pattern="push"))
@@ -159,9 +159,9 @@ class BusCodecTests(SynchronousTestCase):
 
     def test_short_secret_refused(self) -> None:
         """A bus cannot be made with a trivially short secret."""
-        self.assertRaises(ValueError, Bus, Clock(), b"short", "n", {"bus": {}})
+        self.assertRaises(ValueError, Bus, Clock(), b"short", "n", bus_settings())
 
     def test_repr_hides_secret(self) -> None:
         """Neither repr nor str of the bus shows the secret."""
-        bus = Bus(Clock(), b"supersecretvalue" * 2, "node-a", {"bus": {}}, registry=TEST_REGISTRY)
+        bus = Bus(Clock(), b"supersecretvalue" * 2, "node-a", bus_settings(), registry=TEST_REGISTRY)
         self.assertNotIn("supersecret", repr(bus) + str(bus))

@@ -30,9 +30,8 @@ class RegistryTests(SynchronousTestCase):
 
     def test_duplicate_refused(self) -> None:
         """Declaring a type twice is an error."""
-        reg = Registry()
-        reg.add(MessageType("a.b", 1, "push", "x"))
-        self.assertRaises(ValueError, reg.add, MessageType("a.b", 1, "push", "y"))
+        self.assertRaises(ValueError, Registry, [MessageType("a.b", 1, "push", "x"),
+                                                 MessageType("a.b", 1, "push", "y")])
 
     def test_bad_declarations_refused(self) -> None:
         """Unknown patterns and inverted version ranges are refused."""
@@ -60,7 +59,8 @@ class RegistryTests(SynchronousTestCase):
         self.assertEqual(TEST_REGISTRY["test.echo"].pattern, "request")
         self.assertIs(TEST_REGISTRY["log.line"], REGISTRY["log.line"])
         self.assertRaises(KeyError, TEST_REGISTRY.__getitem__, "no.such")
-        self.assertRaises(ValueError, TEST_REGISTRY.add, MessageType("log.line", 1, "push", "x"))
+        self.assertRaises(ValueError, Registry, [MessageType("log.line", 1, "push", "x")],
+                          parent=REGISTRY)
 
     def test_log_types_declared(self) -> None:
         """The log pipeline's types exist as push messages."""

@@ -9,7 +9,7 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
-from epio.bus import Bus
+from epio.bus import Bus, bus_settings
 from epio.bus.testing import TEST_REGISTRY, MemoryBus
 from epio.pipeline import (
     BusLogSink,
@@ -78,7 +78,7 @@ class MemoryBusLogSinkTests(BusLogSinkContract, TestCase):
         self.clock.advance(1_800_000_000)
 
     def make_bus(self, **settings: Any) -> Bus:
-        return MemoryBus(self.clock, "node-x", {"bus": settings}, secret=SECRET, registry=TEST_REGISTRY)
+        return MemoryBus(self.clock, "node-x", bus_settings(**settings), secret=SECRET, registry=TEST_REGISTRY)
 
     async def wait_for(self, cond: Any) -> None:
         for _ in range(100):

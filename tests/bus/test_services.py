@@ -8,7 +8,7 @@ from typing import Any
 from twisted.internet import task
 from twisted.trial.unittest import TestCase
 
-from epio.bus import Bus
+from epio.bus import Bus, bus_settings
 from epio.bus.testing import TEST_REGISTRY, MemoryBus, MemoryNetwork
 from tests.bus.contract import SECRET, ContractMixin
 
@@ -20,7 +20,7 @@ class MemoryBusTests(ContractMixin, TestCase):
         self.network = MemoryNetwork()
 
     def make_bus(self, sender: str, **settings: Any) -> Bus:
-        return MemoryBus(self.clock, sender, {"bus": settings}, network=self.network,
+        return MemoryBus(self.clock, sender, bus_settings(**settings), network=self.network,
                          secret=SECRET, registry=TEST_REGISTRY)
 
     async def settle(self, cond: Any = lambda: False, limit: float = 5.0) -> None:

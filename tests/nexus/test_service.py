@@ -17,6 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from epio.bus.errors import RemoteError
 from epio.bus.testing import MemoryBus, MemoryNetwork
 from epio.config import validate
+from epio.config.settings import NexusSettings
 from epio.nexus.service import NexusService
 from epio.routefeed import NexusRouteSource
 from epio.routing import RouteTable
@@ -64,12 +65,12 @@ class FakeStore:
         return await self.get_release(app, max(versions)) if versions else None
 
 
-def config(i: int) -> Any:
+def settings(i: int) -> NexusSettings:
     return validate({
         "nexus": {"heartbeat_bind": f"tcp://127.0.0.1:{7711 + 10 * i}",
                   "router_bind": f"tcp://127.0.0.1:{7712 + 10 * i}",
                   "publish_bind": f"tcp://127.0.0.1:{7713 + 10 * i}"},
-    })
+    }).settings.nexus
 
 
 class ServiceTests(SynchronousTestCase):
@@ -102,7 +103,7 @@ class ServiceTests(SynchronousTestCase):
 
     def make_nexus(self, i: int) -> NexusService:
         bus = MemoryBus(self.clock, f"nexus-{i}", network=self.net)
-        svc = NexusService(self.clock, bus, config(i), lambda: succeed(self.store),
+        svc = NexusService(self.clock, bus, settings(i), lambda: succeed(self.store),
                            domain="localhost", nexus_id=f"nx{i}")
         svc.startService()
         return svc
@@ -284,7 +285,7 @@ class FailingStoreTests(SynchronousTestCase):
         """A nexus whose store never answers stays warming up instead of serving an empty table."""
         clock = Clock()
         bus = MemoryBus(clock, "nexus", network=MemoryNetwork())
-        svc = NexusService(clock, bus, config(0), lambda: fail(ConnectionError("no store")),
+        svc = NexusService(clock, bus, settings(0), lambda: fail(ConnectionError("no store")),
                            domain="localhost")
         svc.startService()
         clock.advance(5)

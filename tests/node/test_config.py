@@ -81,7 +81,7 @@ class LoadConfigTests(SynchronousTestCase):
             self.assertIn(fragment, str(cm.exception))
         config = load_config(self.write("[runner]\nuid_min = 47000\nuid_max = 47999\n"))
         self.assertEqual(ApiSettings.from_config(config).uids, (47000, 47999))
-        runner = Settings.from_config(config["runner"])
+        runner = Settings.from_config(config.settings.runner)
         self.assertEqual((runner.uid_min, runner.uid_max), (47000, 47999))
         self.assertEqual((Settings().uid_min, Settings().uid_max), ApiSettings().uids)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import stat
 from pathlib import Path
 
@@ -9,7 +10,7 @@ from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
 from epio.node import Node, NodeSetupError, read_or_create_secret
-from epio.tap import ROLES, NotAvailableService, Options, parse_roles, role_service
+from epio.tap import ROLES, Options, parse_roles
 
 
 class RoleTests(SynchronousTestCase):
@@ -65,7 +66,8 @@ class NodeTests(SynchronousTestCase):
         """First start creates the data dir and a 0600 cluster secret; later starts reuse it."""
         options = Options()
         data = Path(self.mktemp()) / "nested" / "data"
-        options.parseOptions(["--data-dir", str(data)])
+        # no runner: as root, one would refuse the test dir's 0700 parents (see below)
+        options.parseOptions(["--role=api", "--data-dir", str(data)])
         node = Node.prepare(None, options["config_obj"], options["roles"])
         secret_path = data / "cluster-secret"
         self.assertTrue(data.is_dir())
@@ -74,10 +76,11 @@ class NodeTests(SynchronousTestCase):
         again = Node.prepare(None, options["config_obj"], options["roles"])
         self.assertEqual(again.secret, node.secret)
 
-    def test_unreachable_data_dir_said_at_start(self) -> None:
+    def test_unreachable_data_dir_refused(self) -> None:
         """A root node with the runner role whose data dir other users cannot reach (a
-        clone in root's 0700 home) says so, with the fix, when it starts -- not at the
-        first deploy; not for a non-root node or one without the runner role."""
+        clone in root's 0700 home) refuses to start, saying which directory is closed and
+        both fixes, and creates nothing under that home; a non-root node or one without
+        the runner role starts there; once the home is searchable the root runner starts."""
         import shutil
         import tempfile
 
@@ -91,15 +94,52 @@ class NodeTests(SynchronousTestCase):
         home.chmod(0o700)
         data = home / "epio" / "epio-data"
         all_roles = frozenset(ROLES)
-        self.assertEqual(reach_problem(data, all_roles, 0), (
+        sentence = (
             f"the build and app users cannot reach the data dir {data}: {home} is mode 700, "
-            "not searchable by others, so every build will fail. Start the node with a data "
-            f"dir they can reach (--data-dir /var/lib/epio), or let them through (chmod o+x "
-            f"{home})"))
+            "not searchable by others, so no build or app could run. Start the node with a "
+            f"data dir they can reach (--data-dir /var/lib/epio), or let them through "
+            f"(chmod o+x {home})")
+        self.assertEqual(reach_problem(data, all_roles, 0), sentence)
         self.assertIsNone(reach_problem(data, all_roles, 1000))
         self.assertIsNone(reach_problem(data, frozenset({"api", "lb"}), 0))
+
+        options = Options()
+        options.parseOptions(["--data-dir", str(data)])
+        config = options["config_obj"]
+        with self.assertRaises(NodeSetupError) as cm:
+            Node.prepare(None, config, all_roles, euid=0)
+        self.assertEqual(str(cm.exception), sentence)
+        self.assertEqual(list(home.iterdir()), [])  # nothing made in the closed home
+        self.assertEqual(stat.S_IMODE(home.stat().st_mode), 0o700)  # and never opened
+        Node.prepare(None, config, frozenset({"api", "lb"}), euid=0)
+        shutil.rmtree(home / "epio")
+        Node.prepare(None, config, all_roles, euid=1000)
+
         home.chmod(0o711)
         self.assertIsNone(reach_problem(data, all_roles, 0))
+        Node.prepare(None, config, all_roles, euid=0)
+        self.assertTrue((data / "cluster-secret").exists())
+
+    def test_closed_parent_made_by_the_node_refused(self) -> None:
+        """Parents the node creates itself under a strict umask (077) are closed to the
+        build and app users too: the root runner refuses instead of failing every build."""
+        import shutil
+        import tempfile
+
+        base = Path(tempfile.mkdtemp(prefix="epio-reach-"))
+        self.addCleanup(shutil.rmtree, base, True)
+        base.chmod(0o711)
+        data = base / "new" / "data"
+        options = Options()
+        options.parseOptions(["--data-dir", str(data)])
+        old = os.umask(0o077)
+        try:
+            with self.assertRaises(NodeSetupError) as cm:
+                Node.prepare(None, options["config_obj"], frozenset(ROLES), euid=0)
+        finally:
+            os.umask(old)
+        self.assertIn(f"cannot reach the data dir {data}: {base / 'new'} is mode 700",
+                      str(cm.exception))
 
     def test_secret_readable_by_others_refused(self) -> None:
         """A secret file that others can read stops the node with a clear message."""
@@ -110,17 +150,46 @@ class NodeTests(SynchronousTestCase):
             read_or_create_secret(path)
         self.assertIn("chmod 600", str(cm.exception))
 
-    def test_unbuilt_role_says_so(self) -> None:
-        """A role whose package does not exist runs a service that only logs so."""
-        import epio.tap
+    def test_stop_order_roles_then_store(self) -> None:
+        """NodeService stops every role at once, and the store only after every role's
+        stop finished (a role's last in-flight work still has its store), even when a
+        role's stop fails."""
+        from twisted.application.service import Service
+        from twisted.internet.defer import Deferred, fail
+        from twisted.internet.testing import MemoryReactorClock
 
-        self.patch(epio.tap, "ROLES", {**ROLES, "lb": "epio.no_such_package.service"})
-        svc = role_service("lb", None)
-        self.assertIsInstance(svc, NotAvailableService)
-        logged: list[dict] = []
-        from twisted.logger import globalLogPublisher
+        from epio.config import validate
+        from epio.tap import NodeService
 
-        globalLogPublisher.addObserver(logged.append)
-        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
-        svc.startService()
-        self.assertTrue(any("not available yet" in str(e.get("log_format")) for e in logged))
+        events: list[str] = []
+        pending: dict[str, Deferred[None]] = {}
+
+        class Recording(Service):
+            def __init__(self, name: str, outcome: str = "wait") -> None:
+                self.setName(name)
+                self.outcome = outcome
+
+            def stopService(self) -> Deferred[None] | None:
+                super().stopService()
+                events.append("stop " + self.name)
+                if self.outcome == "fail":
+                    return fail(RuntimeError("boom"))
+                d: Deferred[None] = Deferred()
+                pending[self.name] = d
+                return d
+
+        cfg = validate({"node": {"data_dir": self.mktemp()}})
+        node = Node.prepare(MemoryReactorClock(), cfg, frozenset({"api", "runner"}))
+        root = NodeService(node, [Recording("store"), Recording("runner"),
+                                  Recording("api", "fail"), Recording("metrics")])
+        root.startService()
+        stopped = root.stopService()
+        self.assertEqual(events, ["stop metrics", "stop api", "stop runner"])
+        pending["runner"].callback(None)
+        self.assertEqual(events, ["stop metrics", "stop api", "stop runner"])
+        pending["metrics"].callback(None)
+        self.assertEqual(events[-1], "stop store")
+        self.assertNoResult(stopped)
+        pending["store"].callback(None)
+        self.successResultOf(stopped)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)

@@ -165,8 +165,10 @@ class SessionTests(TestCase):
         self.settings = RunSettings(max_sessions_per_app=2, max_lifetime=1000.0,
                                     detached_idle_timeout=60.0, lease=9.0, poll_wait=5.0,
                                     window=1000, chunk=400, kill_grace=2.0)
+        self.gates: list[Any] = []  # the spawn gates, as the runner's root owns them
         self.m = SessionManager(self.clock, self.launcher, self.sink, self.settings,
-                                Settings(uid_min=1000, uid_max=65000), node_id="n1")
+                                Settings(uid_min=1000, uid_max=65000), node_id="n1",
+                                observers=self.gates)
 
     async def call(self, type: str, **body: Any) -> dict[str, Any]:
         _, reply = await self.m.handle(Env(type, body))
@@ -226,6 +228,26 @@ class SessionTests(TestCase):
         await self.call("run.input", session_id="s1", client="c1", seq=1, data=b"b", eof=True)
         self.assertEqual(p.written, [b"a", b"b"])
         self.assertTrue(p.stdin_closed)
+
+    async def test_lifecycle_moves_only_forward(self) -> None:
+        """A session is starting, then running once spawned (what run.start replies),
+        then exited when its process and output ended; an exited session can never
+        run again (SESSION_TRANSITIONS: such a move is a bug and raises)."""
+        from epio.runner.sessions import SESSION_TRANSITIONS, SessionState
+        from epio.runner.supervisor import InvalidTransition
+
+        reply = await self.call("run.start", session_id="s1", app="hello", uid=20001,
+                                number=1, command=["cat"], image_digest=DIGEST, tty=False,
+                                detach=False, client="c1", user="alice")
+        self.assertEqual(reply["state"], "running")
+        p = self.clock.spawned[-1]
+        p.end(0)
+        s = self.m.sessions["s1"]
+        self.assertIs(s.state, SessionState.EXITED)
+        self.assertEqual(SESSION_TRANSITIONS[SessionState.EXITED], frozenset())
+        with self.assertRaises(InvalidTransition):
+            self.m._move(s, SessionState.RUNNING)
+        self.assertIs(s.state, SessionState.EXITED)
 
     async def test_exit_only_after_all_output(self) -> None:
         """The exit status is reported once every byte was polled, never before."""
@@ -374,7 +396,7 @@ class SessionTests(TestCase):
             calls.append(self.m.reach())
             return gate if len(calls) == 1 else None
 
-        self.m.observers.append(observer)
+        self.gates.append(observer)
         started = defer.ensureDeferred(self.start(addon_ports=[5432]))
         self.assertEqual(calls, [[(20001, 5432)]])
         self.assertEqual(self.clock.spawned, [])  # waits for the fence
@@ -390,7 +412,7 @@ class SessionTests(TestCase):
     async def test_a_refusing_observer_fails_the_start(self) -> None:
         """An observer that fails (the network fence is on but no table is in place)
         fails run.start with start_failed and its reason; nothing is spawned."""
-        self.m.observers.append(lambda: defer.fail(FenceNotApplied(
+        self.gates.append(lambda: defer.fail(FenceNotApplied(
             "network fence not applied (nft table inet t): nope")))
         with self.assertRaises(RemoteError) as e:
             await self.start()

@@ -7,8 +7,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+import attrs
 from attrs import define, field
-from twisted.application.service import MultiService, Service
+from twisted.application.service import Service
 from twisted.internet import defer, task
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
@@ -17,15 +18,19 @@ from zope.interface.verify import verifyObject
 from epio.config import validate
 from epio.runner.cgroups import CgroupSupport
 from epio.runner.fence import (
+    FENCE_TRANSITIONS,
+    FencedIsolation,
     FenceError,
     FenceNotApplied,
     FencePlan,
+    FenceState,
     INft,
     NetworkFence,
     Nft,
     Target,
-    attach_fence,
+    app_reach,
     detect,
+    make_fence,
     owner_comment,
     owner_gone,
     pid_namespace,
@@ -38,7 +43,8 @@ from epio.runner.fence import (
     zmq_endpoint,
 )
 from epio.runner.sandbox import detect_isolation
-from epio.runner.supervisor import State
+from epio.runner.supervisor import InvalidTransition, State
+from epio.services import OrderedMultiService
 
 
 @implementer(INft)
@@ -122,7 +128,7 @@ class PlanTests(SynchronousTestCase):
         control port are control ports for UIDs 20000-59999; only the router port
         is open; the instance range is runner.port_min-port_max; no remote hosts, no
         notes (the store is SQLite)."""
-        plan = plan_from_config(validate({}), ["all"])
+        plan = plan_from_config(validate({}).settings, ["all"])
         self.assertEqual(plan, FencePlan(
             table="epio_fence", uid_min=20000, uid_max=59999,
             control_ports=(7711, 7712, 7713, 7721, 7722, 7723, 7731, 7741, 8000),
@@ -138,20 +144,20 @@ class PlanTests(SynchronousTestCase):
         cfg = validate({"addons": {"postgres_admin_url":
                                    "postgresql://postgres@127.0.0.1:5433/postgres"},
                         "runner": {"fence_allow_ports": [53, 7731]}})
-        plan = plan_from_config(cfg, ["all"])
+        plan = plan_from_config(cfg.settings, ["all"])
         self.assertEqual(plan.open_ports, (53, 7731, 8080))
         self.assertNotIn(5433, plan.control_ports)
         self.assertNotIn(7731, plan.control_ports)
         self.assertEqual(plan.notes, ("port 7731 (runner.control_bind) is in "
                                       "runner.fence_allow_ports: it stays open",))
-        self.assertEqual(plan_from_config(validate({}), ["runner"]).open_ports, (8080,))
+        self.assertEqual(plan_from_config(validate({}).settings, ["runner"]).open_ports, (8080,))
         local_index = validate({"build": {"index_url": "http://127.0.0.1:3141/root/simple"}})
-        self.assertEqual(plan_from_config(local_index, ["runner"]).notes, (
+        self.assertEqual(plan_from_config(local_index.settings, ["runner"]).notes, (
             "build.index_url is on this host (port 3141): builds cannot reach it unless "
             "the port is in runner.fence_allow_ports",))
         allowed = validate({"build": {"index_url": "http://127.0.0.1:3141/root/simple"},
                             "runner": {"fence_allow_ports": [3141]}})
-        self.assertEqual(plan_from_config(allowed, ["runner"]).notes, ())
+        self.assertEqual(plan_from_config(allowed.settings, ["runner"]).notes, ())
 
     def test_only_the_roles_run_here_plus_what_the_node_connects_to(self) -> None:
         """A runner-only node fences its control port, the endpoints it connects to
@@ -172,7 +178,7 @@ class PlanTests(SynchronousTestCase):
             "store": {"url": "postgresql://epio:pw@10.0.0.4:5433/epio"},
             "api": {"listen": "tcp:9000"},
         })
-        plan = plan_from_config(cfg, ["runner"])
+        plan = plan_from_config(cfg.settings, ["runner"])
         self.assertEqual(plan.control_ports, (5433, 6000, 9100, 9711, 9712, 9713, 9721, 9731, 9741))
         self.assertEqual(plan.hosts4, ("10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.1.0/24"))
         self.assertEqual(plan.hosts6, ("fd00::2", "fd00::9"))
@@ -187,14 +193,14 @@ class PlanTests(SynchronousTestCase):
         port is fenced."""
         same = validate({"store": {"url": "postgresql://epio@127.0.0.1:5432/epio"},
                          "addons": {"postgres_admin_url": "postgresql://postgres@127.0.0.1/postgres"}})
-        plan = plan_from_config(same, ["all"])
+        plan = plan_from_config(same.settings, ["all"])
         self.assertNotIn(5432, plan.control_ports)
         self.assertEqual(len(plan.notes), 1)
         self.assertIn("also the add-ons' PostgreSQL port", plan.notes[0])
         self.assertIn("database and role apps cannot log into", plan.notes[0])
         other = validate({"store": {"url": "postgresql://epio@127.0.0.1:5433/epio"},
                           "addons": {"postgres_admin_url": "postgresql://postgres@127.0.0.1/postgres"}})
-        plan = plan_from_config(other, ["all"])
+        plan = plan_from_config(other.settings, ["all"])
         self.assertIn(5433, plan.control_ports)
         self.assertNotIn(5432, plan.control_ports)
         self.assertEqual(plan.notes, ())
@@ -205,7 +211,7 @@ class PlanTests(SynchronousTestCase):
         cfg = validate({"lb": {"listen": "tcp:7731", "tls_listen": "tcp:8443"},
                         "api": {"listen": "unix:/run/epio/api.sock"},
                         "runner": {"fence_extra_ports": [8443]}})
-        plan = plan_from_config(cfg, ["all"])
+        plan = plan_from_config(cfg.settings, ["all"])
         self.assertEqual(plan.open_ports, (7731, 8443))  # the router's
         self.assertNotIn(7731, plan.control_ports)
         self.assertNotIn(8443, plan.control_ports)
@@ -217,7 +223,7 @@ class PlanTests(SynchronousTestCase):
         """A fence_hosts entry that is not an address or network is a clear error."""
         cfg = validate({"runner": {"fence_hosts": ["db.example"]}})
         with self.assertRaises(ValueError) as e:
-            plan_from_config(cfg, ["runner"])
+            plan_from_config(cfg.settings, ["runner"])
         self.assertIn("'db.example' is not an IP address or network", str(e.exception))
 
     def test_table_names(self) -> None:
@@ -227,11 +233,11 @@ class PlanTests(SynchronousTestCase):
         a, b = table_for("/var/lib/epio"), table_for("/srv/epio2")
         self.assertRegex(a, r"^epio_fence_[0-9a-f]{8}$")
         self.assertNotEqual(a, b)
-        self.assertEqual(plan_from_config(validate({}), ["runner"], a).table, a)
+        self.assertEqual(plan_from_config(validate({}).settings, ["runner"], a).table, a)
         cfg = validate({"runner": {"fence_table": "my_fence"}})
-        self.assertEqual(plan_from_config(cfg, ["runner"]).table, "my_fence")
+        self.assertEqual(plan_from_config(cfg.settings, ["runner"]).table, "my_fence")
         with self.assertRaises(ValueError) as e:
-            plan_from_config(validate({"runner": {"fence_table": "x; flush ruleset"}}),
+            plan_from_config(validate({"runner": {"fence_table": "x; flush ruleset"}}).settings,
                              ["runner"])
         self.assertIn("not a valid nftables table name", str(e.exception))
 
@@ -438,6 +444,22 @@ class ServiceTests(SynchronousTestCase):
         self.assertEqual(f.report()["state"], "on")
         self.assertNotIn("error", f.report())
 
+    def test_a_fence_turned_off_never_comes_on(self) -> None:
+        """A fence the operator turned off (runner.fence = off) stays OFF: starting it
+        and telling it of changes installs nothing, and moving it to ON or FAILED is
+        a bug that raises (FENCE_TRANSITIONS); ON and FAILED move between each other."""
+        f = self.fence(enabled=False, why_off="disabled by runner.fence = off")
+        f.startService()
+        f.changed()
+        self.assertEqual((f.state, self.nft.applied), (FenceState.OFF, []))
+        for new in (FenceState.ON, FenceState.FAILED):
+            with self.assertRaises(InvalidTransition):
+                f._move(new)
+        self.assertIs(f.state, FenceState.OFF)
+        self.assertEqual(FENCE_TRANSITIONS[FenceState.FAILED],
+                         {FenceState.ON, FenceState.FAILED})
+        f.stopService()
+
     def test_removed_on_clean_stop_unless_kept(self) -> None:
         """A clean stop removes the table; with keep_on_stop it stays."""
         f = self.fence()
@@ -591,9 +613,6 @@ class FakeInstance:
 @define
 class FakeSupervisor:
     instances: dict[str, FakeInstance] = field(factory=dict)
-    calls: list[str] = field(factory=list)
-    on_change: Any = None
-    before_spawn: list[Any] = field(factory=list)
 
 
 @define
@@ -604,44 +623,55 @@ class FakeNode:
     data_dir: Path = Path("/var/lib/epio")
 
 
-class WiringTests(SynchronousTestCase):
-    def runner(self) -> Any:
-        svc: Any = MultiService()
-        svc.supervisor = FakeSupervisor()
-        svc.supervisor.on_change = lambda: svc.supervisor.calls.append("runner")
-        svc.isolation = detect_isolation("auto", 0, "/usr/bin/bwrap", "/usr/bin/setpriv",
-                                         CgroupSupport({}, {}), True)
-        Service().setServiceParent(svc)  # the runner's other children
-        return svc
+def fence_of(node: FakeNode, supervisor: Any, sessions: Any = None, **kw: Any) -> Any:
+    """The fence :func:`make_fence` makes for ``node``, following ``supervisor``'s
+    instances and ``sessions``' reach (as the runner's composition root wires it)."""
+    return make_fence(node.reactor, node.config.settings, node.roles, node.data_dir,
+                      app_reach(supervisor, sessions), **kw)
 
-    def test_attach_with_nft(self) -> None:
-        """attach_fence makes the fence the runner's first child, chains the
-        supervisor's change callback (the runner's own runs first), syncs live
-        instances' (uid, port) and adds the fence to the isolation facts."""
+
+def runner_with(fence: Any) -> Any:
+    """A runner tree as make_service orders it: the fence first, then the others."""
+    svc = OrderedMultiService()
+    fence.setServiceParent(svc)
+    Service().setServiceParent(svc)  # the runner's other children
+    return svc
+
+
+def fenced(fence: Any) -> FencedIsolation:
+    iso = detect_isolation("auto", 0, "/usr/bin/bwrap", "/usr/bin/setpriv",
+                           CgroupSupport({}, {}), True)
+    return FencedIsolation(**attrs.asdict(iso, recurse=False), fence=fence)
+
+
+class WiringTests(SynchronousTestCase):
+    def test_fence_with_nft(self) -> None:
+        """make_fence tries the ruleset once, names its owner, installs the table when
+        it starts, re-renders the live instances' (uid, port) when told of a change
+        (app_reach: stopped and failed instances reach nothing), reports itself in
+        the isolation facts and removes its table when it stops."""
         clock = task.Clock()
-        svc = self.runner()
+        sup = FakeSupervisor()
         nft = FakeNft()
         node = FakeNode(validate({"build": {"user": "no-such-epio-user"}}), ("all",), clock)
-        fence = attach_fence(svc, node, nft_binary="/usr/sbin/nft", euid=0, nft=nft,
-                             in_thread=now)
-        self.assertIs(list(svc)[0], fence)
+        fence = fence_of(node, sup, nft_binary="/usr/sbin/nft", euid=0, nft=nft,
+                         in_thread=now)
+        svc = runner_with(fence)
         self.assertEqual(len(nft.checked), 1)  # the trial run
         self.assertEqual(fence.owner, f"epio runner pid={os.getpid()} "
                          f"start={proc_start(os.getpid())} ns={pid_namespace()} "
                          "data=/var/lib/epio")
         svc.startService()
         self.assertEqual(nft.applied, [render(fence.plan, owner=fence.owner)])
-        sup = svc.supervisor
         sup.instances["a"] = FakeInstance(FakeSpec(20001), 21000, State.HEALTHY)
         sup.instances["b"] = FakeInstance(FakeSpec(20002), 21001, State.STOPPED)
         sup.instances["c"] = FakeInstance(FakeSpec(20003), None, State.HEALTHY)
         sup.instances["d"] = FakeInstance(FakeSpec(20004, (5432,)), None, State.HEALTHY)
         sup.instances["e"] = FakeInstance(FakeSpec(20005, (5432,)), None, State.FAILED)
-        sup.on_change()
-        self.assertEqual(sup.calls, ["runner"])
+        fence.changed()
         self.assertEqual(nft.applied[-1], render(fence.plan, [(20001, 21000), (20004, 5432)],
                                                  owner=fence.owner))
-        iso = svc.isolation.as_dict()
+        iso = fenced(fence).as_dict()
         self.assertEqual(iso["fence"]["state"], "on")
         self.assertEqual(iso["fence"]["table"], "inet " + table_for("/var/lib/epio"))
         self.assertNotIn("network", iso["off"])
@@ -652,38 +682,38 @@ class WiringTests(SynchronousTestCase):
     def test_runner_whose_real_install_fails_refuses_to_start(self) -> None:
         """nft accepts the dry run (nft -c) but refuses the real install: starting
         the runner raises SystemExit with the refusal before any other child of the
-        runner started, and the spawn gate it registered is the failing-closed one."""
-        svc = self.runner()
-        others = list(svc)
+        runner started, and the fence's spawn gate fails closed."""
         nft = FakeNft()
         node = FakeNode(validate({"build": {"user": "no-such-epio-user"}}), ("runner",),
                         task.Clock())
-        fence = attach_fence(svc, node, nft_binary="/usr/sbin/nft", euid=0, nft=nft,
-                             in_thread=now)
-        self.assertEqual(svc.supervisor.before_spawn, [fence.ready])
+        fence = fence_of(node, FakeSupervisor(), nft_binary="/usr/sbin/nft", euid=0,
+                         nft=nft, in_thread=now)
+        svc = runner_with(fence)
+        others = list(svc)[1:]
         nft.fail = "Error: cannot create table: Operation not permitted"
         with self.assertRaises(SystemExit) as e:
             svc.startService()
         self.assertIn("the runner cannot install its network fence: nft refused to install "
                       "the fence table: Error: cannot create table", str(e.exception))
         self.assertFalse(others[0].running)
+        self.failureResultOf(fence.ready(), FenceNotApplied)
 
     def test_without_a_working_fence_the_runner_refuses_to_start(self) -> None:
         """By default (runner.fence = on) a runner without nft, without root, or whose
-        ruleset nft refuses does not start: attach_fence exits with a message that
+        ruleset nft refuses does not start: make_fence exits with a message that
         says why and names runner.fence = "off"; "auto" is no longer a value."""
         from epio.config import ConfigError
 
         node = FakeNode(validate({}), ("runner",), task.Clock())
         for kw in ({"nft_binary": None, "euid": 0}, {"nft_binary": "/usr/sbin/nft", "euid": 1000}):
             with self.assertRaises(SystemExit) as e:
-                attach_fence(self.runner(), node, nft=FakeNft(), **kw)  # type: ignore[arg-type]
+                fence_of(node, FakeSupervisor(), nft=FakeNft(), **kw)
             self.assertIn("the runner cannot install its network fence", str(e.exception))
             self.assertIn('runner.fence = "off"', str(e.exception))
         broken = FakeNft()
         broken.fail = "Error: Could not process rule: No such file or directory"
         with self.assertRaises(SystemExit) as e:
-            attach_fence(self.runner(), node, nft_binary="/usr/sbin/nft", euid=0, nft=broken)
+            fence_of(node, FakeSupervisor(), nft_binary="/usr/sbin/nft", euid=0, nft=broken)
         self.assertIn("nft refused the fence: Error: Could not process rule", str(e.exception))
         with self.assertRaises(ConfigError) as c:
             validate({"runner": {"fence": "auto"}})
@@ -694,11 +724,11 @@ class WiringTests(SynchronousTestCase):
         off (isolation['off']['network'] says why) and says so when it starts."""
         from twisted.logger import globalLogPublisher
 
-        svc = self.runner()
         node = FakeNode(validate({"runner": {"fence": "off"}}), ("runner",), task.Clock())
         nft = FakeNft()
-        attach_fence(svc, node, nft_binary=None, euid=1000, nft=nft)
-        iso = svc.isolation.as_dict()
+        fence = fence_of(node, FakeSupervisor(), nft_binary=None, euid=1000, nft=nft)
+        svc = runner_with(fence)
+        iso = fenced(fence).as_dict()
         self.assertEqual(iso["fence"], {"state": "off", "why": "disabled by runner.fence = off"})
         self.assertEqual(iso["off"]["network"],
                          "network fence off: disabled by runner.fence = off")
@@ -715,8 +745,8 @@ class WiringTests(SynchronousTestCase):
 
 class SessionWiringTests(SynchronousTestCase):
     def test_sessions_add_their_addon_ports_and_wait_for_the_table(self) -> None:
-        """attach_fence registers fence.sync as an observer of the runner's sessions:
-        the live sessions' (uid, add-on port) pairs enter the table, and the Deferred a
+        """With the fence following the runner's sessions (app_reach), the live
+        sessions' (uid, add-on port) pairs enter the table, and the Deferred a
         starting session waits on fires only once nft applied that table (at once
         when nothing changes, or the fence is stopped)."""
         pending: list[defer.Deferred[Any]] = []
@@ -727,28 +757,23 @@ class SessionWiringTests(SynchronousTestCase):
             pending.append(d)
             return d
 
-        svc: Any = MultiService()
-        svc.supervisor = FakeSupervisor()
-        svc.isolation = detect_isolation("auto", 0, "/usr/bin/bwrap", "/usr/bin/setpriv",
-                                         CgroupSupport({}, {}), True)
-        svc.sessions = FakeSessions()
+        sessions = FakeSessions()
         nft = FakeNft()
         node = FakeNode(validate({"build": {"user": "no-such-epio-user"}}), ("runner",),
                         task.Clock())
-        fence = attach_fence(svc, node, nft_binary="/usr/sbin/nft", euid=0, nft=nft,
-                             in_thread=slow)
-        self.assertEqual(svc.sessions.observers, [fence.ready])
-        self.assertEqual(svc.supervisor.before_spawn, [fence.ready])
+        fence = fence_of(node, FakeSupervisor(), sessions, nft_binary="/usr/sbin/nft",
+                         euid=0, nft=nft, in_thread=slow)
+        svc = runner_with(fence)
         svc.startService()
         self.successResultOf(fence.sync())  # nothing changed: at once
-        svc.sessions.live.append((20007, 5432))
+        sessions.live.append((20007, 5432))
         synced = fence.sync()
         self.assertNoResult(synced)
         pending.pop().callback(None)
         self.successResultOf(synced)
         self.assertEqual(nft.applied[-1], render(fence.plan, [(20007, 5432)],
                                                  owner=fence.owner))
-        svc.sessions.live.clear()
+        sessions.live.clear()
         waiting = fence.sync()
         svc.stopService()  # a stop releases whoever waits
         self.successResultOf(waiting)

@@ -62,12 +62,14 @@ class FakeImages:
 
 
 def make(data_dir: Path, reactor: FakeProcessReactor | None = None,
-         iso: Isolation | None = None) -> Any:
+         iso: Isolation | None = None, gates: Any = (), **kw: Any) -> Any:
     reactor = reactor or FakeProcessReactor()
     launcher = FakeLauncher()
     probe = FakeProbe()
+    observers: list[Any] = []
     sup = Supervisor(reactor, launcher, probe, MemoryLogSink(),
-                     PortAllocator(20000, 20009, lambda p: True), Settings())
+                     PortAllocator(20000, 20009, lambda p: True), Settings(),
+                     observers=observers, before_spawn=gates)
     pub = FakePublisher()
     stores = FakeStoreService()
     iso = iso or Isolation("bwrap", True, ("pid",), ("memory",), True,
@@ -76,7 +78,8 @@ def make(data_dir: Path, reactor: FakeProcessReactor | None = None,
                         cgroups=CgroupSupport({}, {}), images=FakeImages(), data_dir=data_dir,
                         node_id="n1", boot_id="b1", control="tcp://127.0.0.1:7731",
                         heartbeat_interval=1.0, register_interval=10.0, publisher=pub,
-                        store_service=stores, stats=sup.sink, stats_interval=5.0)
+                        store_service=stores, stats=sup.sink, stats_interval=5.0, **kw)
+    observers.append(svc.changed)
     return svc, reactor, pub, stores, probe
 
 
@@ -166,8 +169,8 @@ class ControlTests(SynchronousTestCase):
         new = self.pub.sent[sent:]
         self.assertEqual(len(new), 1)
         self.assertEqual([i["state"] for i in new[0][1]["instances"]], ["healthy"])
-        self.svc._changed()
-        self.svc._changed()
+        self.svc.changed()
+        self.svc.changed()
         self.reactor.advance(0)
         self.assertEqual(len(self.pub.sent), sent + 2)
 
@@ -262,19 +265,18 @@ class AdvertiseTests(SynchronousTestCase):
 class StopOrderTests(SynchronousTestCase):
     def test_fence_goes_last_after_every_app_process(self) -> None:
         """On a clean stop the runner SIGTERMs its instances, then stops its children
-        one at a time in reverse start order; the network fence (attached as the
-        first child) removes its table only after the instances exited AND the
+        one at a time in reverse start order; the network fence (the first child)
+        removes its table only after the instances exited AND the
         ``epio run`` sessions' stop finished (their processes gone) -- never while an
         app-UID process may still run; a start request meanwhile is refused."""
         from twisted.application.service import Service
         from twisted.internet import task
 
         from epio.config import validate
-        from epio.runner.fence import attach_fence
+        from epio.runner.fence import app_reach, make_fence
 
-        from .test_fence import FakeNft, FakeNode
+        from .test_fence import FakeNft, FakeNode, FakeSupervisor
 
-        svc, reactor, _, _, _ = make(Path(self.mktemp()))
         nft = FakeNft()
         events: list[str] = []
         sessions_gone: defer.Deferred[None] = defer.Deferred()
@@ -287,11 +289,14 @@ class StopOrderTests(SynchronousTestCase):
                 events.append("sessions stopping")
                 return sessions_gone.addCallback(lambda _: events.append("sessions gone"))
 
-        Sessions().setServiceParent(svc)
         node = FakeNode(validate({"build": {"user": "no-such-epio-user"}}), ("runner",),
                         task.Clock())
-        fence = attach_fence(svc, node, nft_binary="/usr/sbin/nft", euid=0, nft=nft,
-                             in_thread=lambda f, *a: defer.maybeDeferred(f, *a))
+        fence = make_fence(node.reactor, node.config.settings, node.roles, node.data_dir,
+                           app_reach(FakeSupervisor(), None), nft_binary="/usr/sbin/nft",
+                           euid=0, nft=nft, in_thread=lambda f, *a: defer.maybeDeferred(f, *a))
+        # the order make_service gives: the fence first, the sessions after the router
+        svc, reactor, _, _, _ = make(Path(self.mktemp()), gates=[fence.ready],
+                                     before_router=[fence], after_router=[Sessions()])
         self.assertIs(list(svc)[0], fence)
         svc.startService()
         self.addCleanup(svc.supervisor.cancel_timers)

@@ -46,8 +46,10 @@ class Harness:
         self.sink = MemoryLogSink()
         self.ports = PortAllocator(20000, 20009, lambda p: True)
         self.changes = 0
+        self.gates: list[Any] = []  # the spawn gates, as the runner's root owns them
         self.sup = Supervisor(self.reactor, self.launcher, self.probe, self.sink, self.ports,
-                              Settings(**settings), on_change=self._changed)
+                              Settings(**settings), observers=[self._changed],
+                              before_spawn=self.gates)
 
     def _changed(self) -> None:
         self.changes += 1
@@ -172,7 +174,7 @@ class StartTests(SynchronousTestCase):
         of the spec (and of its state-file form); bad addon_ports are refused."""
         h = Harness()
         gate: defer.Deferred[None] = defer.Deferred()
-        h.sup.before_spawn.append(lambda: gate)
+        h.gates.append(lambda: gate)
         h.sup.start(body(addon_ports=[5432, 5432]))
         self.assertEqual(h.reactor.spawned, [])
         gate.callback(None)
@@ -200,7 +202,7 @@ class StartTests(SynchronousTestCase):
         log."""
         h = Harness()
         gate: defer.Deferred[None] = defer.Deferred()
-        h.sup.before_spawn.append(lambda: gate)
+        h.gates.append(lambda: gate)
         h.sup.start(body())
         gate.errback(RuntimeError("network fence not applied (nft table inet t): nope"))
         inst = h.sup.get("i1")

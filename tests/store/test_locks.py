@@ -104,7 +104,9 @@ class PostgresLeaderTests(LeaderMixin, TestCase):
         return pg.pg_url_for_test(self)
 
     def terminate_lock_holder(self, name: str) -> int:
-        """Kill (server side) every connection holding the advisory lock ``name``."""
+        """Kill (server side) every connection holding the advisory lock ``name`` in this
+        run's database (pg_locks lists every database's: another test run holding a
+        lock of the same name must not lose it)."""
         import psycopg2
 
         key = lock_key(name)
@@ -114,7 +116,9 @@ class PostgresLeaderTests(LeaderMixin, TestCase):
             with conn.cursor() as cur:
                 cur.execute(
                     "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' "
-                    "AND granted AND ((classid::bigint << 32) | objid::bigint) = %s", (key,))
+                    "AND granted AND ((classid::bigint << 32) | objid::bigint) = %s "
+                    "AND database = (SELECT oid FROM pg_database "
+                    "WHERE datname = current_database())", (key,))
                 return len(cur.fetchall())
         finally:
             conn.close()

@@ -2,11 +2,11 @@
 
 Public API (the runner and the api use these names)::
 
-    builder = Builder(reactor, data_dir, config, log_sink)
+    builder = Builder(reactor, data_dir, settings.build, log_sink, images=store)
     result = await builder.build(app, tarball_path, env)   # BuildResult or BuildFailed
     store = ImageStore(data_dir, reactor)
     store.has(digest); store.path(digest); await store.mount(digest); await store.unmount(digest)
-    store.gc(keep_digests(releases, config["build"]["keep_releases"]))
+    store.gc(keep_digests(releases, settings.build.keep_releases))
 
 See docs/builds.md.
 """

@@ -38,13 +38,14 @@ import threading
 import tomllib
 from collections import deque
 from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import Any
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
 
-from attrs import define, frozen
+from attrs import define, field, frozen
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 
+from epio.config.settings import BuildSettings
 from epio.manifest import (
     DATA_DIRECTORY,
     PYTHON_VERSION,
@@ -58,6 +59,10 @@ from epio.runner.build import platform as plat
 from epio.runner.build.images import ImageStore, unlock_tree
 from epio.runner.build.proc import MemoryCgroup, StepResult, run_step
 from epio.runner.build.unpack import UnpackError, safe_unpack
+
+if TYPE_CHECKING:
+    from epio.node import INodeReactor
+    from epio.pipeline import ILogSink
 
 #: Where runners mount images inside the sandbox: bytecode file names point here.
 RUNTIME_ROOT = "/app"
@@ -256,6 +261,33 @@ class _Ctx:
     python_version: str = ""  # the app's interpreter (the requirement set's cache key)
 
 
+@define
+class _Tree:
+    """What one build's steps hand on to the next (:meth:`Builder._steps`)."""
+
+    manifest: Manifest
+    prep: dict[str, Any]  # the node's build facts, with the app's Python
+    workdir: Path  # the app's directory in the image tree
+    env: dict[str, str]  # the build steps' environment
+    reqs: Any = None  # what _requirements found (None: nothing to install)
+    pythonpath: list[str] = field(factory=list)
+    runtime_env: dict[str, str] = field(factory=dict)
+    static: dict[str, str] = field(factory=dict)  # URL path -> image or data dir
+    seed: list[str] = field(factory=list)  # data-directory paths the image seeds
+    sp: Path = Path()  # the venv's site-packages (once the venv exists)
+
+    tree: Path = Path()  # the image tree (the working tree's ``root/``)
+
+    @property
+    def venv(self) -> Path:
+        return self.tree / "venv"
+
+    @property
+    def rel_work(self) -> str:
+        """The app's directory, relative to the image's root."""
+        return self.workdir.relative_to(self.tree).as_posix()
+
+
 class Builder:
     """Builds images on this node.  ``await builder.build(app, tarball, env)``.
 
@@ -264,18 +296,19 @@ class Builder:
 
     log = Logger()
 
-    def __init__(self, reactor: Any, data_dir: str | Path, config: Any, log_sink: Any) -> None:
+    def __init__(self, reactor: INodeReactor, data_dir: str | Path, settings: BuildSettings,
+                 log_sink: ILogSink, images: ImageStore | None = None) -> None:
         self.reactor = reactor
         self.data_dir = Path(data_dir)
-        self.cfg: Mapping[str, Any] = config["build"]
+        self.settings = settings
         self.log_sink = log_sink
-        self.images = ImageStore(self.data_dir, reactor)
+        self.images = images if images is not None else ImageStore(self.data_dir, reactor)
         self.wheels = self.data_dir / "cache" / "wheels"
         self.pip_cache = self.data_dir / "cache" / "pip"
         self.resolved = self.data_dir / "cache" / "resolved"
         self.app_wheels = self.data_dir / "cache" / "wheels-app"
         self.builds_dir = self.data_dir / "builds"
-        self._sem = defer.DeferredSemaphore(int(self.cfg["max_concurrent"]))
+        self._sem = defer.DeferredSemaphore(self.settings.max_concurrent)
         self._prepared: dict[str, Any] | None = None
         self._prepare_lock = threading.Lock()
         self._counter = 0
@@ -283,7 +316,7 @@ class Builder:
     # ------------------------------------------------------------------ setup
 
     def image_format(self) -> str:
-        fmt = self.cfg["image_format"]
+        fmt = self.settings.image_format
         if fmt != "auto":
             return str(fmt)
         ok = (
@@ -302,7 +335,7 @@ class Builder:
         notes: list[str] = []
         uid = gid = None
         if os.geteuid() == 0:
-            name = self.cfg["user"]
+            name = self.settings.user
             try:
                 pw = pwd.getpwnam(name)
             except KeyError:
@@ -326,20 +359,20 @@ class Builder:
             uid, gid = pw.pw_uid, pw.pw_gid
         else:
             notes.append(
-                f"not root: builds run as the node's own user (uid {os.geteuid()}), not as {self.cfg['user']}"
+                f"not root: builds run as the node's own user (uid {os.geteuid()}), not as {self.settings.user}"
             )
         if uid is not None:
             for d in (self.data_dir, *self.data_dir.parents):
                 if not os.stat(d).st_mode & 0o001:
                     raise BuildFailed(
-                        f"the build user {self.cfg['user']} cannot reach {self.data_dir}: "
+                        f"the build user {self.settings.user} cannot reach {self.data_dir}: "
                         f"{d} is not searchable by others (chmod o+x {d})"
                     )
         self._remove_stale_work()
-        python, note = choose_python(self.cfg["python"], need_world=uid is not None)
+        python, note = choose_python(self.settings.python, need_world=uid is not None)
         if note:
             notes.append(note)
-        pythons = discover_pythons(self.cfg["pythons"], python, need_world=uid is not None)
+        pythons = discover_pythons(self.settings.pythons, python, need_world=uid is not None)
         for d in (self.wheels, self.app_wheels, self.resolved, self.builds_dir):
             d.mkdir(parents=True, exist_ok=True)
             os.chmod(d, 0o755)
@@ -440,7 +473,7 @@ class Builder:
             work / "root",
             env,
             deque(maxlen=LOG_TAIL),
-            start + float(self.cfg["timeout"]),
+            start + self.settings.timeout,
             None,
             None,
             None,
@@ -466,7 +499,7 @@ class Builder:
             )
 
     def _remaining(self, ctx: _Ctx) -> float:
-        return ctx.deadline - self.reactor.seconds()
+        return ctx.deadline - float(self.reactor.seconds())
 
     async def _run(
         self,
@@ -482,7 +515,7 @@ class Builder:
     ) -> StepResult:
         remaining = self._remaining(ctx)
         if remaining <= 0:
-            raise self._fail(ctx, f"build exceeded its time limit of {self.cfg['timeout']:g} s")
+            raise self._fail(ctx, f"build exceeded its time limit of {self.settings.timeout:g} s")
 
         def line(text: str) -> None:
             if on_line is not None and on_line(text):
@@ -501,16 +534,16 @@ class Builder:
             gid=ctx.gid if untrusted else None,
             cgroup=ctx.cgroup if untrusted else None,
             rlimit_as=(
-                int(self.cfg["memory_mb"]) * MB if untrusted and ctx.cgroup is None else None
+                self.settings.memory_mb * MB if untrusted and ctx.cgroup is None else None
             ),
-            rlimit_fsize=int(self.cfg["max_disk_mb"]) * MB if untrusted else None,
-            rlimit_nproc=int(self.cfg["max_processes"])
+            rlimit_fsize=self.settings.max_disk_mb * MB if untrusted else None,
+            rlimit_nproc=self.settings.max_processes
             if untrusted and ctx.uid is not None
             else None,
         )
         if res.timed_out:
             raise self._fail(
-                ctx, f"build exceeded its time limit of {self.cfg['timeout']:g} s ({what})"
+                ctx, f"build exceeded its time limit of {self.settings.timeout:g} s ({what})"
             )
         if not res.ok:
             cg = ctx.cgroup if untrusted else None
@@ -524,7 +557,7 @@ class Builder:
                 or (untrusted and cg is None and res.signal is None and memory_error)
             ):
                 raise self._fail(
-                    ctx, f"build exceeded its memory limit of {self.cfg['memory_mb']} MB ({what})"
+                    ctx, f"build exceeded its memory limit of {self.settings.memory_mb} MB ({what})"
                 )
             how = f"exit status {res.exit_code}" if res.signal is None else f"signal {res.signal}"
             if soft:
@@ -535,10 +568,10 @@ class Builder:
 
     async def _check_disk(self, ctx: _Ctx) -> None:
         used = await self._thread(_tree_size, ctx.work)
-        if used > int(self.cfg["max_disk_mb"]) * MB:
+        if used > self.settings.max_disk_mb * MB:
             raise self._fail(
                 ctx,
-                f"build used {used // MB} MB of disk, over its limit of {self.cfg['max_disk_mb']} MB",
+                f"build used {used // MB} MB of disk, over its limit of {self.settings.max_disk_mb} MB",
             )
 
     async def _thread(self, fn: Any, *args: Any) -> Any:
@@ -571,22 +604,45 @@ class Builder:
         return env
 
     async def _steps(self, ctx: _Ctx, tarball: Path, start: float) -> BuildResult:
+        """The build, step by step: each step below is one named method."""
         self._emit(ctx, f"-----> Building {ctx.app}")
         prep = await self._thread(self._prepare)
         ctx.uid, ctx.gid = prep["uid"], prep["gid"]
         for note in prep["notes"]:
             if not note.startswith("created"):
                 self._emit(ctx, f"       note: {note}")
-        # 1. upload size and unpack
+        src = await self._unpack(ctx, tarball)  # 1. upload size and unpack
+        manifest = await self._read_manifest(ctx, src)  # 2. manifest, before any build work
+        workdir = await self._lay_out(ctx, src, manifest)
+        prep = self._choose_python(ctx, manifest, workdir, prep)
+        t = _Tree(manifest=manifest, prep=prep, workdir=workdir,
+                  env=self._step_env(ctx, ctx.root / "venv", prep), tree=ctx.root)
+        await self._make_venv(ctx, t)  # 3. virtualenv
+        # 4. requirements
+        t.reqs = await self._thread(self._requirements, ctx, manifest, workdir)
+        if t.reqs is not None:
+            await self._install(ctx, t.reqs, t.venv, t.env, prep)
+        else:
+            self._emit(ctx, "-----> No requirements to install")
+        await self._place_app(ctx, t)  # 5. app on sys.path, symlinks
+        await self._django(ctx, t)  # 6. Django
+        await self._finish(ctx, t)  # 7. finish the tree
+        digest = await self._write_image(ctx, t)  # 8. image
+        duration = self.reactor.seconds() - start
+        self._emit(ctx, f"-----> Image {digest} built in {duration:.1f} s")
+        return BuildResult(digest, manifest, list(ctx.tail), duration, ctx.facts)
+
+    async def _unpack(self, ctx: _Ctx, tarball: Path) -> Path:
+        """Check the upload's size and unpack it (safely) into the work tree."""
         try:
             size = tarball.stat().st_size
         except OSError as e:
             raise self._fail(ctx, f"cannot read the upload: {e.strerror}") from None
-        limit = int(self.cfg["max_upload_mb"]) * MB
+        limit = self.settings.max_upload_mb * MB
         if size > limit:
             raise self._fail(
                 ctx,
-                f"the upload is {size / MB:.1f} MB, over the limit of {self.cfg['max_upload_mb']} MB (build.max_upload_mb)",
+                f"the upload is {size / MB:.1f} MB, over the limit of {self.settings.max_upload_mb} MB (build.max_upload_mb)",
             )
         self._emit(ctx, f"-----> Unpacking upload ({size / MB:.1f} MB)")
         src = ctx.work / "src"
@@ -595,10 +651,13 @@ class Builder:
         ctx.priv.mkdir()
         os.chmod(ctx.priv, 0o711)
         try:
-            await self._thread(safe_unpack, tarball, src, int(self.cfg["max_unpacked_mb"]) * MB)
+            await self._thread(safe_unpack, tarball, src, self.settings.max_unpacked_mb * MB)
         except UnpackError as e:
             raise self._fail(ctx, f"upload rejected: {e}") from None
-        # 2. manifest, before any build work
+        return src
+
+    async def _read_manifest(self, ctx: _Ctx, src: Path) -> Manifest:
+        """The app's manifest (every error in the build log)."""
         try:
             manifest: Manifest = await self._thread(load_manifest, src)
         except ManifestError as e:
@@ -612,8 +671,12 @@ class Builder:
         for w in manifest.warnings:
             self._emit(ctx, "       warning: " + w)
         self._emit(ctx, f"-----> Manifest: processes {', '.join(sorted(manifest.processes))}")
-        # working tree owned by the build user
-        root, venv = ctx.root, ctx.root / "venv"
+        return manifest
+
+    async def _lay_out(self, ctx: _Ctx, src: Path, manifest: Manifest) -> Path:
+        """The working tree, owned by the build user, with the app at its checkout
+        directory; the build's memory cgroup.  Returns the app's directory."""
+        root = ctx.root
         for d in (ctx.root, ctx.work / "home", ctx.work / "tmp", ctx.work / "wheels-new"):
             d.mkdir(parents=True, exist_ok=True)
         app_dir = root / "app"
@@ -625,15 +688,19 @@ class Builder:
         if ctx.uid is not None:
             ctx.cgroup = MemoryCgroup.create(
                 f"{os.getpid()}-{self._counter}-{os.urandom(3).hex()}",
-                int(self.cfg["memory_mb"]) * MB,
+                self.settings.memory_mb * MB,
             )
         if ctx.cgroup is None:
             self._emit(
                 ctx,
-                f"       (memory limit {self.cfg['memory_mb']} MB through RLIMIT_AS: no memory cgroup)",
+                f"       (memory limit {self.settings.memory_mb} MB through RLIMIT_AS: no memory cgroup)",
             )
-        # the app's Python: [python] version, runtime.txt or .python-version, among the
-        # interpreters this node offers; the default otherwise
+        return workdir
+
+    def _choose_python(self, ctx: _Ctx, manifest: Manifest, workdir: Path,
+                       prep: dict[str, Any]) -> dict[str, Any]:
+        """The app's Python: [python] version, runtime.txt or .python-version, among the
+        interpreters this node offers; the default otherwise."""
         try:
             asked = requested_python(manifest, workdir)
         except BuildFailed as e:
@@ -650,27 +717,27 @@ class Builder:
             prep = dict(prep, python_version=pick[0], python=pick[1])
             self._emit(ctx, f"       Python {asked[0]} asked by {asked[1]}: {pick[1]}")
         ctx.python_version = prep["python_version"]
-        env = self._step_env(ctx, venv, prep)
-        # 3. virtualenv
-        python: Path = prep["python"]
-        self._emit(ctx, f"-----> Creating virtualenv (Python {prep['python_version']})")
+        return prep
+
+    async def _make_venv(self, ctx: _Ctx, t: _Tree) -> None:
+        """The image's virtualenv, made by the app's Python."""
+        python: Path = t.prep["python"]
+        self._emit(ctx, f"-----> Creating virtualenv (Python {t.prep['python_version']})")
         await self._run(
             ctx,
             "creating the virtualenv",
-            [str(python), "-m", "venv", "--without-pip", str(venv)],
+            [str(python), "-m", "venv", "--without-pip", str(t.venv)],
             cwd=ctx.work,
-            env=env,
+            env=t.env,
         )
-        # 4. requirements
-        reqs = await self._thread(self._requirements, ctx, manifest, workdir)
-        if reqs is not None:
-            await self._install(ctx, reqs, venv, env, prep)
-        else:
-            self._emit(ctx, "-----> No requirements to install")
-        # 5. app on sys.path, symlinks
-        sp = plat.site_packages(venv)
-        rel_work = workdir.relative_to(root).as_posix()
-        pythonpath = [rel_work]
+
+    async def _place_app(self, ctx: _Ctx, t: _Tree) -> None:
+        """Put the app on sys.path (a .pth file), make its [symlinks], and refuse a link
+        that leads out of the app."""
+        workdir, manifest = t.workdir, t.manifest
+        sp = t.sp = plat.site_packages(t.venv)
+        rel_work = t.rel_work
+        pythonpath = t.pythonpath = [rel_work]
         if manifest.checkout_directory:
             pythonpath.append("app")
         django_cfg = manifest.django
@@ -698,15 +765,19 @@ class Builder:
                 f"the symlink {_cut(bad[0])!r} -> {_cut(bad[1])!r} leads outside the app "
                 "(through other symlinks)",
             )
-        # 6. Django
-        runtime_env: dict[str, str] = {}
-        static: dict[str, str] = {}
+
+    async def _django(self, ctx: _Ctx, t: _Tree) -> None:
+        """The image's static directories and, for a Django app, the platform settings
+        and collectstatic (run as the build user)."""
+        workdir, manifest, root, venv, sp, env = (t.workdir, t.manifest, ctx.root, t.venv,
+                                                  t.sp, t.env)
+        rel_work, runtime_env, static, seed = t.rel_work, t.runtime_env, t.static, t.seed
+        django_cfg = manifest.django
         for url, sdir in manifest.static.items():
             if sdir.startswith(DATA_DIRECTORY):
                 static[url] = sdir
             else:
                 static[url] = f"{rel_work}/{sdir}"
-        seed: list[str] = []  # data-directory paths the image seeds (epio/data/<rel>)
         has_django = any(sp.glob("django/__init__.py"))
         _write_nofollow(sp / "bundle_config.py", plat.bundle_config_source(DATA_DIRECTORY))
         if has_django and (django_cfg is not None or (workdir / "manage.py").exists()):
@@ -793,7 +864,11 @@ class Builder:
         for url, sdir in static.items():
             if not sdir.startswith(DATA_DIRECTORY) and not (root / sdir).is_dir():
                 self._emit(ctx, f"       warning: [static] {url}: no directory {sdir} in the image")
-        # 7. finish the tree
+    async def _finish(self, ctx: _Ctx, t: _Tree) -> None:
+        """Compile the bytecode, record the build's facts, take the tree back from the
+        build user and check it was not tampered with."""
+        root, venv, sp, static, seed = ctx.root, t.venv, t.sp, t.static, t.seed
+        app_dir = root / "app"
         self._emit(ctx, "-----> Finishing image")
         await self._run(
             ctx,
@@ -815,22 +890,23 @@ class Builder:
                 str(sp),
             ],
             cwd=ctx.work,
-            env=dict(env, PYTHONDONTWRITEBYTECODE=""),
+            env=dict(t.env, PYTHONDONTWRITEBYTECODE=""),
             untrusted=True,
         )
         ctx.facts = {
-            "python": str(python),
-            "python_version": prep["python_version"],
-            "workdir": rel_work,
-            "pythonpath": pythonpath,
-            "env": runtime_env,
+            "python": str(t.prep["python"]),
+            "python_version": t.prep["python_version"],
+            "workdir": t.rel_work,
+            "pythonpath": t.pythonpath,
+            "env": t.runtime_env,
             "static": static,
             "data_seed": seed,
-            "django": "DJANGO_SETTINGS_MODULE" in runtime_env,
+            "data_dirs": symlink_data_dirs(t.manifest.symlinks),
+            "django": "DJANGO_SETTINGS_MODULE" in t.runtime_env,
             "runtime_root": RUNTIME_ROOT,
-            "requirements_sha256": reqs[3] if reqs else None,
+            "requirements_sha256": t.reqs[3] if t.reqs else None,
         }
-        manifest_doc = {"manifest": manifest.to_dict(), "build": ctx.facts}
+        manifest_doc = {"manifest": t.manifest.to_dict(), "build": ctx.facts}
         await self._thread(self._reclaim, ctx)
         # build-user code (collectstatic, .pth files) could have replaced a static
         # directory or an app file with a symlink to the host: the runner's static
@@ -852,8 +928,12 @@ class Builder:
                 f"{_cut(bad[1])!r} leads outside the app",
             )
         await self._thread(self._finish_tree, root, venv, manifest_doc)
-        # 8. image
-        fmt = prep["format"]
+
+    async def _write_image(self, ctx: _Ctx, t: _Tree) -> str:
+        """Write the image (SquashFS, or a read-only directory) into the image store;
+        return its digest."""
+        root = ctx.root
+        fmt = t.prep["format"]
         if fmt == "squashfs":
             self._emit(ctx, "-----> Writing SquashFS image")
             tmp_img = ctx.priv / "image.squashfs"
@@ -872,7 +952,7 @@ class Builder:
                     "-all-time",
                     "0",
                     "-comp",
-                    self.cfg["squashfs_compression"],
+                    self.settings.squashfs_compression,
                     "-quiet",
                     "-no-progress",
                 ],
@@ -884,9 +964,7 @@ class Builder:
         else:
             self._emit(ctx, "-----> Writing read-only directory image (reduced isolation)")
             digest = await self._thread(self.images.add_tree, root)
-        duration = self.reactor.seconds() - start
-        self._emit(ctx, f"-----> Image {digest} built in {duration:.1f} s")
-        return BuildResult(digest, manifest, list(ctx.tail), duration, ctx.facts)
+        return str(digest)
 
     def _real_dir(self, ctx: _Ctx, path: Path, create: bool = False) -> None:
         """Check that every component of ``path`` below the work dir is a real directory
@@ -989,7 +1067,7 @@ class Builder:
             if (m := _REQ_NAME.match(ln)) and not ln.startswith(("-", "#"))
         }
         for req, why in platform_requirements(
-            manifest, names, self.cfg["gunicorn"], self.cfg["postgres_driver"]
+            manifest, names, self.settings.gunicorn, self.settings.postgres_driver
         ):
             lines.append(req)
             effective.append(req)
@@ -1047,7 +1125,7 @@ class Builder:
         # build.index_url may carry credentials: pass it in pip's environment (readable
         # only by the build user and root), never in argv (visible to every user in ps)
         wheel_env = (
-            dict(penv, PIP_INDEX_URL=self.cfg["index_url"]) if self.cfg["index_url"] else penv
+            dict(penv, PIP_INDEX_URL=self.settings.index_url) if self.settings.index_url else penv
         )
         fetched: set[str] = set()
         ran_code = False
@@ -1162,6 +1240,26 @@ def _admit_wheels(
         os.replace(tmp, cache / w.name)
         counts[0 if is_shared else 1] += 1
     return counts[0], counts[1]
+
+
+def symlink_data_dirs(symlinks: Mapping[str, str]) -> list[str]:
+    """The data-directory paths ``[symlinks]`` point at that each instance creates (as
+    the app's user) before its command: a link into a data directory that does not
+    exist yet would dangle, and ``os.makedirs("media/cards")`` through it fails.
+
+    A target is made as a directory when the link's name has no file extension
+    (``media``, ``uploads/``); one with an extension (``db.sqlite3``) gets only its
+    parent directories, for the app to create the file."""
+    out: list[str] = []
+    prefix = DATA_DIRECTORY + "/"
+    for link, target in sorted(symlinks.items()):
+        if not target.startswith(prefix):
+            continue  # a link inside the app
+        rel = PurePosixPath(target[len(prefix):])
+        wanted = rel if not PurePosixPath(link).suffix else rel.parent
+        if str(wanted) not in ("", ".") and str(wanted) not in out:
+            out.append(str(wanted))
+    return out
 
 
 def _links_leaving(root: Path) -> tuple[str, str] | None:

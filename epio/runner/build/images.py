@@ -301,7 +301,7 @@ class ImageStore:
                     full = Path(dirpath) / name
                     tar.add(full, arcname=str(full.relative_to(p)), recursive=False)
         buf.seek(0)
-        return buf  # type: ignore[return-value]
+        return buf
 
     # ------------------------------------------------------------------ mounts
 
@@ -310,15 +310,6 @@ class ImageStore:
 
     def is_mounted(self, digest: str) -> bool:
         return str(self.mount_point(digest)) in _mounted_at()
-
-    def mounted_digests(self) -> set[str]:
-        """Images mounted under DATA_DIR/mounts now (e.g. left by a previous run)."""
-        prefix = str(self.mounts_dir) + "/"
-        return {
-            m[len(prefix) :]
-            for m in _mounted_at()
-            if m.startswith(prefix) and _DIGEST.match(m[len(prefix) :])
-        }
 
     async def mount(self, digest: str) -> Path:
         """Mount the image read-only (once per node; counted); return where its root is.

@@ -20,12 +20,17 @@ import os
 import signal
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from attrs import frozen
 from twisted.internet import defer, error, protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IReactorTime
+
+    from epio.node import INodeReactor
 
 _SHIM = 'if [ -n "$0" ]; then echo $$ > "$0/cgroup.procs" || exit 125; fi; exec "$@"'
 MAX_LINE = 8192
@@ -120,7 +125,7 @@ class MemoryCgroup:
             except (ProcessLookupError, ValueError):
                 pass
 
-    async def remove(self, reactor: Any) -> None:
+    async def remove(self, reactor: IReactorTime) -> None:
         """Kill what is left in the group and remove it (retrying while the kernel reaps)."""
         from twisted.internet.task import deferLater
 
@@ -168,7 +173,7 @@ class _StepProtocol(protocol.ProcessProtocol):
 
 
 async def run_step(
-    reactor: Any,
+    reactor: INodeReactor,
     argv: Sequence[str],
     *,
     env: Mapping[str, str],

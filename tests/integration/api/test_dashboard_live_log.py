@@ -45,7 +45,7 @@ class DashboardLiveLogTests(TestCase):
                        check=True, capture_output=True, timeout=60, cwd=home)
 
         secret = bytes.fromhex((node.data_dir / "cluster-secret").read_text())
-        bus = Bus(reactor, secret, "test-sender", {"bus": {}})
+        bus = Bus(reactor, secret, "test-sender")
         sink = BusLogSink(bus, doc["cluster"]["loggers"], clock=reactor)
         sink.startService()
         self.addCleanup(sink.stopService)

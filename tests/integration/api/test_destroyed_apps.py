@@ -66,7 +66,7 @@ class DestroyedAppsTests(SynchronousTestCase):
         os.chmod(self.tmp, 0o711)  # app and build users traverse it
         self.addCleanup(shutil.rmtree, self.tmp, True)
         self.addCleanup(_unmount_under, self.tmp)  # after the node is killed (LIFO)
-        base = random.randrange(33000, 34000, 100)
+        base = random.randrange(21000, 32000, 100)  # below 32768: not ephemeral
         doc, _ = isolated_config({
             "api": {"reconcile_interval": 0.5, "drain_seconds": 0.5, "stop_grace": 2.0,
                     "rollout_timeout": 60.0},

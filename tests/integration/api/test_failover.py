@@ -94,7 +94,7 @@ class LeaderFailoverTests(TestCase):
         from epio.bus import Bus
 
         self.runner = StandInRunner()
-        bus = Bus(reactor, secret, "standin", {"bus": {}})
+        bus = Bus(reactor, secret, "standin")
         endpoint = f"tcp://127.0.0.1:{free_port()}"
         router = bus.router(endpoint, self.runner.handle)
         router.startService()

@@ -129,7 +129,7 @@ class BackupRoleTests(TestCase):
         with psycopg2.connect(**dsn) as conn:
             conn.cursor().execute("CREATE TABLE t AS SELECT generate_series(1, 42) AS n")
 
-        bus = Bus(reactor, bytes.fromhex(secret.read_text()), "test", {"bus": {}})
+        bus = Bus(reactor, bytes.fromhex(secret.read_text()), "test")
         dealer = bus.dealer([control])
         dealer.startService()
         self.addCleanup(dealer.stopService)

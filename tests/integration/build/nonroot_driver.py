@@ -18,7 +18,7 @@ async def main(reactor, app_dir, data_dir, cfg):  # type: ignore[no-untyped-def]
 
     Path(data_dir).mkdir(mode=0o711, exist_ok=True)
     sink = MemoryLogSink()
-    b = Builder(reactor, Path(data_dir), validate({"build": cfg}), sink)
+    b = Builder(reactor, Path(data_dir), validate({"build": cfg}).settings.build, sink)
     tb = make_tarball(app_dir, Path(data_dir) / "upload.tar.gz")
     try:
         r = await b.build("nonroot", tb, {})

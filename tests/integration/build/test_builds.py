@@ -43,7 +43,7 @@ class _Base(TestCase):
     def builder(self, **cfg: object) -> tuple[Builder, Sink]:
         self.data = data_dir(self)
         sink = Sink()
-        return Builder(reactor, self.data, config(**cfg), sink), sink
+        return Builder(reactor, self.data, config(**cfg).settings.build, sink), sink
 
     def assert_nothing_left(self, images_before: set[str]) -> None:
         builds = self.data / "builds"

@@ -22,7 +22,7 @@ sys.path.insert(0, str(HERE.parents[2]))
 
 from twisted.internet import defer, reactor, task  # noqa: E402
 
-from epio.bus import Bus  # noqa: E402
+from epio.bus import Bus, bus_settings  # noqa: E402
 from epio.bus.testing import TEST_REGISTRY  # noqa: E402
 
 
@@ -33,7 +33,7 @@ def main() -> None:
     peer = subprocess.Popen([sys.executable, str(HERE / "peer.py"), secret.hex(), "peer",
                              "127.0.0.1"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
     ready = json.loads(peer.stdout.readline())
-    bus = Bus(reactor, secret, "bench", {"bus": {"encrypt": not plain, "high_water_mark": 100000}}, registry=TEST_REGISTRY)
+    bus = Bus(reactor, secret, "bench", bus_settings(encrypt=not plain, high_water_mark=100000), registry=TEST_REGISTRY)
 
     def ask(cmd: dict) -> dict:
         peer.stdin.write((json.dumps(cmd) + "\n").encode())

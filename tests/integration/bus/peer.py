@@ -24,7 +24,7 @@ import sys
 from twisted.internet import defer, reactor, stdio, task
 from twisted.protocols.basic import LineReceiver
 
-from epio.bus import Bus, RemoteError
+from epio.bus import Bus, RemoteError, bus_settings
 from epio.bus.testing import TEST_REGISTRY
 
 
@@ -36,7 +36,7 @@ def out(**kw: object) -> None:
 class Peer:
     def __init__(self, secret: bytes, node: str, host: str, ports: list[int]) -> None:
         encrypt = os.environ.get("EPIO_BUS_ENCRYPT", "1") != "0"
-        self.bus = Bus(reactor, secret, node, {"bus": {"max_skew": 30.0, "encrypt": encrypt}}, registry=TEST_REGISTRY)
+        self.bus = Bus(reactor, secret, node, bus_settings(max_skew=30.0, encrypt=encrypt), registry=TEST_REGISTRY)
         h = f"[{host}]" if ":" in host else host
         self.pulled: list[int] = []
         self.handled: list[int] = []

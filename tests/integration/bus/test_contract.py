@@ -9,7 +9,7 @@ from typing import Any
 from twisted.internet import reactor, task
 from twisted.trial.unittest import TestCase
 
-from epio.bus import Bus
+from epio.bus import Bus, bus_settings
 from epio.bus.testing import TEST_REGISTRY
 from tests.bus.contract import SECRET, ContractMixin
 
@@ -21,7 +21,7 @@ class RealBusTests(ContractMixin, TestCase):
         self.clock = reactor
 
     def make_bus(self, sender: str, **settings: Any) -> Bus:
-        return Bus(reactor, SECRET, sender, {"bus": settings}, registry=TEST_REGISTRY)
+        return Bus(reactor, SECRET, sender, bus_settings(**settings), registry=TEST_REGISTRY)
 
     async def settle(self, cond: Any = lambda: False, limit: float = 5.0) -> None:
         deadline = time.monotonic() + limit

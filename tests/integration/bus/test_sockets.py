@@ -12,7 +12,7 @@ from twisted.internet import defer, reactor, task
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
-from epio.bus import Bus
+from epio.bus import Bus, bus_settings
 from epio.bus.envelope import Envelope, seal
 from epio.bus.testing import TEST_REGISTRY
 
@@ -34,7 +34,7 @@ class RealSocketTests(TestCase):
 
     def test_bound_endpoint_reported(self) -> None:
         """Binding port 0 reports the real port, as the address that was asked for."""
-        bus = Bus(reactor, SECRET, "n", {"bus": {}}, registry=TEST_REGISTRY)
+        bus = Bus(reactor, SECRET, "n", bus_settings(), registry=TEST_REGISTRY)
         for host in ("127.0.0.1", "[::1]"):
             pull = self.start(bus.pull(f"tcp://{host}:0", lambda env: None))
             self.assertRegex(pull.endpoint, rf"^tcp://{re.escape(host)}:\d+$")
@@ -43,7 +43,7 @@ class RealSocketTests(TestCase):
     async def test_hwm_overflow_counted_not_raised(self) -> None:
         """Sends past the high-water mark to a peer that never comes are dropped,
         counted and logged; send returns False and never raises."""
-        bus = Bus(reactor, SECRET, "n", {"bus": {"high_water_mark": 5}}, registry=TEST_REGISTRY)
+        bus = Bus(reactor, SECRET, "n", bus_settings(high_water_mark=5), registry=TEST_REGISTRY)
         push = self.start(bus.push(["tcp://127.0.0.1:9"]))
         results = [push.send("test.job", {"n": n}) for n in range(50)]
         self.assertIn(False, results)
@@ -54,7 +54,7 @@ class RealSocketTests(TestCase):
     async def test_stop_is_quick_and_terminates_context(self) -> None:
         """Stopping services with undeliverable messages queued does not hang, and the
         ZeroMQ context is terminated once the last socket is closed."""
-        bus = Bus(reactor, SECRET, "n", {"bus": {}}, registry=TEST_REGISTRY)
+        bus = Bus(reactor, SECRET, "n", bus_settings(), registry=TEST_REGISTRY)
         push = self.start(bus.push(["tcp://127.0.0.1:9"]))
         pull = self.start(bus.pull("tcp://127.0.0.1:0", lambda env: None))
         for n in range(100):
@@ -73,7 +73,7 @@ class RealSocketTests(TestCase):
     async def test_bind_conflict_retried(self) -> None:
         """A bind that fails (address in use) is logged and retried; whenReady fires
         once the address is free and the service is then usable."""
-        bus = Bus(reactor, SECRET, "n", {"bus": {}}, registry=TEST_REGISTRY)
+        bus = Bus(reactor, SECRET, "n", bus_settings(), registry=TEST_REGISTRY)
         first = self.start(bus.pull("tcp://127.0.0.1:0", lambda env: None))
         got: list[int] = []
         second = bus.pull(first.endpoint, lambda env: got.append(env.body["n"]))
@@ -94,7 +94,7 @@ class RealSocketTests(TestCase):
         burst) and no log line ever contains the secret."""
         from twisted.logger import formatEvent
 
-        bus = Bus(reactor, SECRET, "n", {"bus": {}}, registry=TEST_REGISTRY)
+        bus = Bus(reactor, SECRET, "n", bus_settings(), registry=TEST_REGISTRY)
         pull = self.start(bus.pull("tcp://127.0.0.1:0", lambda env: None))
         events: list[dict] = []
         globalLogPublisher.addObserver(events.append)
@@ -117,7 +117,7 @@ class RealSocketTests(TestCase):
     async def test_curve_keeps_outsiders_out(self) -> None:
         """With encryption on (the default) a plain ZeroMQ peer cannot deliver anything,
         even a correctly signed envelope: the CURVE handshake fails first."""
-        bus = Bus(reactor, SECRET, "n", {"bus": {}}, registry=TEST_REGISTRY)
+        bus = Bus(reactor, SECRET, "n", bus_settings(), registry=TEST_REGISTRY)
         got: list[Envelope] = []
         pull = self.start(bus.pull("tcp://127.0.0.1:0", got.append))
         ctx = zmq.Context.instance()
@@ -138,7 +138,7 @@ class RealSocketTests(TestCase):
 
     async def test_unencrypted_bus(self) -> None:
         """With bus.encrypt = false every peer must be plain; the HMAC still applies."""
-        bus = Bus(reactor, SECRET, "n", {"bus": {"encrypt": False}}, registry=TEST_REGISTRY)
+        bus = Bus(reactor, SECRET, "n", bus_settings(encrypt=False), registry=TEST_REGISTRY)
         got: list[int] = []
         pull = self.start(bus.pull("tcp://127.0.0.1:0", lambda env: got.append(env.body["n"])))
         push = self.start(bus.push([pull.endpoint]))
@@ -149,8 +149,8 @@ class RealSocketTests(TestCase):
 
     async def test_different_secrets_cannot_talk(self) -> None:
         """Nodes with different cluster secrets exchange nothing."""
-        a = Bus(reactor, SECRET, "a", {"bus": {}}, registry=TEST_REGISTRY)
-        b = Bus(reactor, b"another-secret-0123456789", "b", {"bus": {}}, registry=TEST_REGISTRY)
+        a = Bus(reactor, SECRET, "a", bus_settings(), registry=TEST_REGISTRY)
+        b = Bus(reactor, b"another-secret-0123456789", "b", bus_settings(), registry=TEST_REGISTRY)
         got: list[Envelope] = []
         pull = self.start(a.pull("tcp://127.0.0.1:0", got.append))
         push = self.start(b.push([pull.endpoint]))
@@ -161,7 +161,7 @@ class RealSocketTests(TestCase):
     async def test_router_survives_vanished_peer(self) -> None:
         """A reply to a dealer that went away is dropped and counted; the router keeps
         serving others."""
-        bus = Bus(reactor, SECRET, "n", {"bus": {}}, registry=TEST_REGISTRY)
+        bus = Bus(reactor, SECRET, "n", bus_settings(), registry=TEST_REGISTRY)
 
         async def slow(env: Any) -> tuple[str, dict]:
             await task.deferLater(reactor, env.body.get("sleep", 0))
@@ -196,8 +196,8 @@ class ConnectionStateTests(TestCase):
     async def test_connected_and_lost(self) -> None:
         """A connecting socket knows its peers: whenConnected fires after the handshake,
         the peer shows in connected and status(), and leaves it when the peer stops."""
-        server = Bus(reactor, SECRET, "server", {"bus": {}}, registry=TEST_REGISTRY)
-        client = Bus(reactor, SECRET, "client", {"bus": {}}, registry=TEST_REGISTRY)
+        server = Bus(reactor, SECRET, "server", bus_settings(), registry=TEST_REGISTRY)
+        client = Bus(reactor, SECRET, "client", bus_settings(), registry=TEST_REGISTRY)
         pull = self.start(server.pull("tcp://127.0.0.1:0", lambda env: None))
         push = self.start(client.push([pull.endpoint]))
         await push.whenConnected()
@@ -212,8 +212,8 @@ class ConnectionStateTests(TestCase):
 
     async def test_dealer_per_peer_state(self) -> None:
         """A dealer reports each of its peers by the endpoint it was given."""
-        server = Bus(reactor, SECRET, "server", {"bus": {}}, registry=TEST_REGISTRY)
-        client = Bus(reactor, SECRET, "client", {"bus": {}}, registry=TEST_REGISTRY)
+        server = Bus(reactor, SECRET, "server", bus_settings(), registry=TEST_REGISTRY)
+        client = Bus(reactor, SECRET, "client", bus_settings(), registry=TEST_REGISTRY)
         router = self.start(server.router("tcp://127.0.0.1:0", lambda env: ("test.echoed",
                                                                              {"n": 1})))
         dealer = self.start(client.dealer([router.endpoint, "tcp://127.0.0.1:9"]))
@@ -223,8 +223,8 @@ class ConnectionStateTests(TestCase):
     async def test_wrong_secret_handshake_counted(self) -> None:
         """A peer with another cluster secret fails the CURVE handshake: nothing is
         delivered, and both sides count (and log) handshake failures."""
-        a = Bus(reactor, SECRET, "a", {"bus": {}}, registry=TEST_REGISTRY)
-        b = Bus(reactor, b"another-secret-0123456789", "b", {"bus": {}}, registry=TEST_REGISTRY)
+        a = Bus(reactor, SECRET, "a", bus_settings(), registry=TEST_REGISTRY)
+        b = Bus(reactor, b"another-secret-0123456789", "b", bus_settings(), registry=TEST_REGISTRY)
         pull = self.start(a.pull("tcp://127.0.0.1:0", lambda env: None))
         push = self.start(b.push([pull.endpoint]))
         await self.wait(lambda: pull.counters["handshake_failures"] > 0

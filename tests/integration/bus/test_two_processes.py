@@ -20,7 +20,7 @@ import zmq
 from twisted.internet import defer, error, protocol, reactor, task
 from twisted.trial.unittest import SkipTest, TestCase
 
-from epio.bus import Bus, RemoteError, RequestTimeout
+from epio.bus import Bus, RemoteError, RequestTimeout, bus_settings
 from epio.bus.envelope import Envelope, pack_payload, seal
 from epio.bus.testing import TEST_REGISTRY
 from tests.util import epio_env
@@ -86,7 +86,7 @@ class TwoProcessMixin:
 
     def setUp(self) -> None:
         self.secret = secrets.token_bytes(32)
-        self.bus = Bus(reactor, self.secret, "tester", {"bus": {"request_timeout": 5.0}}, registry=TEST_REGISTRY)
+        self.bus = Bus(reactor, self.secret, "tester", bus_settings(request_timeout=5.0), registry=TEST_REGISTRY)
 
     async def start_peer(self, ports: list[int] | None = None) -> tuple[PeerProcess, dict]:
         proto = PeerProcess()
@@ -339,7 +339,7 @@ class IPv4Tests(TwoProcessMixin, TestCase):
         """A peer that freezes (SIGSTOP: its TCP connection stays up, nothing answers)
         is disconnected after 3 missed heartbeats; requests then go to the live peer
         instead of timing out half the time."""
-        bus = Bus(reactor, self.secret, "tester", {"bus": {"peer_heartbeat": 0.2}}, registry=TEST_REGISTRY)
+        bus = Bus(reactor, self.secret, "tester", bus_settings(peer_heartbeat=0.2), registry=TEST_REGISTRY)
         pa, ra = await self.start_peer()
         pb, rb = await self.start_peer()
         dealer = self.service(bus.dealer([ra["router"], rb["router"]]))

@@ -47,7 +47,7 @@ class LogsCliTests(TestCase):
         self.assertEqual(scaled.returncode, 0, scaled.stderr)
 
         secret = bytes.fromhex((node.data_dir / "cluster-secret").read_text())
-        bus = Bus(reactor, secret, "test-sender", {"bus": {}})
+        bus = Bus(reactor, secret, "test-sender")
         sink = BusLogSink(bus, doc["cluster"]["loggers"], clock=reactor)
         sink.startService()
         self.addCleanup(sink.stopService)

@@ -113,7 +113,7 @@ class Pusher(ProcessProtocol):
 
 
 def make_bus(secret: bytes, name: str = "test-api") -> Bus:
-    return Bus(reactor, secret, name, {"bus": {}})
+    return Bus(reactor, secret, name)
 
 
 class NotFound(Exception):

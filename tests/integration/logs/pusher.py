@@ -23,7 +23,7 @@ import time
 from twisted.internet import reactor, stdio
 from twisted.internet.protocol import Protocol
 
-from epio.bus import Bus
+from epio.bus import Bus, bus_settings
 from epio.pipeline import BusLogSink
 
 
@@ -40,7 +40,7 @@ class Stdin(Protocol):
 def main() -> None:
     args = json.loads(sys.argv[1])
     bus = Bus(reactor, bytes.fromhex(args["secret"]), args.get("node", "pusher"),
-              {"bus": {"high_water_mark": args.get("hwm", 10000)}})
+              bus_settings(high_water_mark=args.get("hwm", 10000)))
     sink = BusLogSink(bus, args["endpoints"])
     sink.startService()
     app, sources, count = args["app"], args["sources"], args["count"]

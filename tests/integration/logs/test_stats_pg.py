@@ -6,7 +6,9 @@ from twisted.internet import reactor
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
-from epio.logs.stats import Point, PostgresStats, StatsService
+from epio.logs.stats import Point, StatsService, StoreStats
+from epio.logs.store import run_inline
+from epio.store import Store, open_store
 from tests.store.pg import fresh_database_for_test
 
 
@@ -15,16 +17,21 @@ class PostgresStatsTests(TestCase):
 
     async def test_write_aggregate_read_back(self) -> None:
         """Router and process samples aggregate into 10 s / 1 min points that are
-        written through txpostgres and read back; two writers of the same point
-        keep the larger value; retention deletes per resolution."""
+        written through the store's connections and read back; two writers of the
+        same point keep the larger value; retention deletes per resolution."""
         url = fresh_database_for_test(self)
         clock = Clock()
         clock.advance(1_800_000_000)
-        db = PostgresStats(url, reactor)
-        self.addCleanup(db.close)
+        store = await open_store(url, reactor)
+        self.addCleanup(store.close)
+
+        async def get_store() -> Store:
+            return store
+
+        db = StoreStats(get_store, None, run_inline)
         svc = StatsService(db, clock, flush_delay=1.0, retention={10: 600.0, 60: 7200.0})
         await svc.open()
-        await svc.open()  # idempotent: a second logger creating the table is fine
+        await svc.open()  # idempotent: a second logger opening the stats is fine
         t = clock.seconds()
         for i in range(6):
             svc.sample("shop", "router", {"requests": 10, "status_2xx": 9, "status_5xx": 1,

@@ -52,7 +52,7 @@ def main() -> None:
     from epio.bus import Bus
 
     secret = bytes.fromhex(Path(args.secret_file).read_text().strip())
-    bus = Bus(reactor, secret, args.node, {"bus": {}})
+    bus = Bus(reactor, secret, args.node)
     pub = bus.publisher(connect=args.nexus)
     pub.startService()
     boot = uuid.uuid4().hex

@@ -33,7 +33,7 @@ async def ask(reactor: Any, secret_file: str, endpoint: str, type: str, body: st
     from epio.bus import Bus
 
     secret = bytes.fromhex(Path(secret_file).read_text().strip())
-    bus = Bus(reactor, secret, "nexus-test-tool", {"bus": {}})
+    bus = Bus(reactor, secret, "nexus-test-tool")
     dealer = bus.dealer([endpoint])
     dealer.startService()
     try:

@@ -109,8 +109,12 @@ class RealRunner:
         low = 21000 + (os.getpid() % 50) * 100  # ports < 32768, spread per test process
         high = low + 99
         self.ports = PortAllocator(low, high, bindable("127.0.0.1"))
+        # the supervisor's observers and spawn gates, as the runner's root owns them
+        self.observers: list[Any] = []
+        self.gates: list[Any] = []
         self.sup = Supervisor(reactor, self.launcher, NetworkProbe(reactor), self.sink,
-                              self.ports, Settings(**defaults))
+                              self.ports, Settings(**defaults), observers=self.observers,
+                              before_spawn=self.gates)
 
     def image(self, files: dict[str, str], python: Path | None = None) -> str:
         return make_image(self.data_dir, files, python)

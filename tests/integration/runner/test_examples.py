@@ -47,7 +47,7 @@ class ExampleTests(TestCase):
         r = self.runner
         # the build tests' session-wide wheel cache (removed at exit)
         (r.data_dir / "cache").symlink_to(shared_cache())
-        builder = Builder(reactor, r.data_dir, validate({}), r.sink)
+        builder = Builder(reactor, r.data_dir, validate({}).settings.build, r.sink)
         self.svc = RunnerService(
             reactor=reactor, supervisor=r.sup, isolation=r.isolation,
             cgroups=CgroupSupport({}, {}), images=r.images, data_dir=r.data_dir,

@@ -14,17 +14,19 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import attrs
 from attrs import define
-from twisted.application.service import MultiService
 from twisted.internet import defer, reactor, task
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from epio.addons.services import REDIS_TYPE
 from epio.config import validate
 from epio.runner.fence import (
+    FencedIsolation,
     NetworkFence,
     Nft,
-    attach_fence,
+    app_reach,
+    make_fence,
     pid_namespace,
     plan_from_config,
     proc_start,
@@ -189,7 +191,7 @@ class FenceRulesTests(SynchronousTestCase):
             "store": {"url": "postgresql://postgres@127.0.0.1:5432/test"},
             "addons": {"postgres_admin_url": "postgresql://postgres@127.0.0.1:5432/postgres"},
         })
-        plan = plan_from_config(cfg, ["all"], self.table)
+        plan = plan_from_config(cfg.settings, ["all"], self.table)
         self.assertIn(bus, plan.control_ports)
         self.assertIn(api, plan.control_ports)
         self.assertNotIn(5432, plan.control_ports)
@@ -231,7 +233,7 @@ class OwnerTests(SynchronousTestCase):
 
     def install(self, name: str, owner: str) -> int:
         self.addCleanup(Nft().delete, name)
-        plan = plan_from_config(validate({}), ["runner"], name)
+        plan = plan_from_config(validate({}).settings, ["runner"], name)
         Nft().apply(render(plan, owner=owner))
         tables = Nft().tables()
         self.assertEqual(tables[name][1], owner)
@@ -248,7 +250,7 @@ class OwnerTests(SynchronousTestCase):
         self.install(live, f"epio runner pid={me} start={proc_start(me)} ns={ns} data=/x")
         own = unique_table()
         self.addCleanup(Nft().delete, own)
-        plan = plan_from_config(validate({}), ["runner"], own)
+        plan = plan_from_config(validate({}).settings, ["runner"], own)
         fence = NetworkFence(task.Clock(), plan, Nft(), check_interval=0,
                              in_thread=defer.maybeDeferred)
         fence.startService()
@@ -270,7 +272,7 @@ class FakeNode:
 
 
 class SandboxedFenceTests(TestCase):
-    """The fence wired to a real supervisor (attach_fence) with apps in the real
+    """The fence wired to a real supervisor (as make_service wires it) with apps in the real
     sandbox as their own UIDs."""
 
     skip = SKIP or runner_skip_reason()
@@ -283,7 +285,7 @@ class SandboxedFenceTests(TestCase):
         self.addCleanup(lambda: defer.Deferred.fromCoroutine(self.runner.close()))
 
     async def test_sandboxed_app_reaches_its_own_instance_not_another_apps(self) -> None:
-        """With attach_fence on a real supervisor and the default deny-by-default
+        """With the fence wired to a real supervisor and the default deny-by-default
         rules: a sandboxed worker of app A (as A's UID) reaches A's own web instance,
         A's own dedicated add-on server and the router, but gets ECONNREFUSED from
         app B's web instance and B's dedicated add-on, a bus port, an api port, the
@@ -306,14 +308,15 @@ class SandboxedFenceTests(TestCase):
                                                "publish": "tcp://127.0.0.1:7713"}]},
                         "lb": {"listen": f"tcp:{router}"},
                         "runner": {"fence_table": self.table, "fence_check_interval": 0}})
-        svc: Any = MultiService()
-        svc.supervisor = r.sup
-        svc.isolation = r.isolation
-        fence = attach_fence(svc, FakeNode(cfg, ("runner",), reactor, r.data_dir))
-        svc.startService()
-        self.addCleanup(svc.stopService)
-        self.assertEqual(svc.isolation.as_dict()["fence"]["state"], "on",
-                         svc.isolation.as_dict())
+        # wired as the runner's composition root wires it (epio.runner.service)
+        fence = make_fence(reactor, cfg.settings, ("runner",), r.data_dir,
+                           app_reach(r.sup, None))
+        r.observers.append(fence.changed)
+        r.gates.append(fence.ready)
+        isolation = FencedIsolation(**attrs.asdict(r.isolation, recurse=False), fence=fence)
+        fence.startService()
+        self.addCleanup(fence.stopService)
+        self.assertEqual(isolation.as_dict()["fence"]["state"], "on", isolation.as_dict())
 
         from . import apps
 

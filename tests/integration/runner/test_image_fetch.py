@@ -54,11 +54,11 @@ class FetchTests(TestCase):
                             data_dir=base / "a", node_id="a", boot_id="x",
                             image_server=self.server)
         self.endpoint = f"tcp://127.0.0.1:{free_port()}"
-        bus = Bus(reactor, SECRET, "a", {"bus": {}})
+        bus = Bus(reactor, SECRET, "a")
         router = bus.router(self.endpoint, svc.handle)
         router.startService()
         self.addCleanup(router.stopService)
-        client = Bus(reactor, SECRET, "b", {"bus": {}})
+        client = Bus(reactor, SECRET, "b")
         self.dealer = client.dealer([self.endpoint])
         self.dealer.startService()
         self.addCleanup(self.dealer.stopService)

@@ -67,6 +67,7 @@ class NodeRestartTests(TestCase):
         data = base / "data"
         data.mkdir(parents=True)
         os.chmod(data, 0o711)
+        os.chmod(base.parent, 0o711)  # trial's 0700 mktemp dir: a root runner refuses it
         secret = data / "cluster-secret"
         secret.write_text(SECRET_HEX + "\n")
         os.chmod(secret, 0o600)
@@ -82,7 +83,7 @@ class NodeRestartTests(TestCase):
         hb_endpoint = str(doc["cluster"]["nexus"][0]["heartbeat"])  # type: ignore[index]
         self.addCleanup(self._remove_cgroups, parent)
 
-        bus = Bus(reactor, bytes.fromhex(SECRET_HEX), "test", {"bus": {}})
+        bus = Bus(reactor, bytes.fromhex(SECRET_HEX), "test")
         beats: list[dict[str, Any]] = []
         sub = bus.subscriber([], [b"hb"], lambda topic, env: beats.append(env.body),
                              bind=hb_endpoint)

@@ -1,0 +1,1 @@
+# the project is a package named by [checkout] directory_name (guestbook)
