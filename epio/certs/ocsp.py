@@ -31,6 +31,7 @@ from cryptography.x509 import ocsp
 from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID
 from OpenSSL import SSL
 from twisted.internet import defer, error
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
 from twisted.web.http_headers import Headers
@@ -248,7 +249,7 @@ class Stapler:
 
     log = Logger()
 
-    def __init__(self, reactor: Any, fetch: Fetch | None = None) -> None:
+    def __init__(self, reactor: IReactorTime, fetch: Fetch | None = None) -> None:
         self.reactor = reactor
         self._fetch = fetch if fetch is not None else http_fetch(reactor)
         self.entries: dict[bytes, _Entry] = {}
@@ -307,7 +308,7 @@ class Stapler:
     def _failed(self, entry: _Entry) -> float:
         entry.failures += 1
         self.failures += 1
-        delay = min(RETRY_MAX, RETRY_MIN * 2 ** (entry.failures - 1))
+        delay: float = min(RETRY_MAX, RETRY_MIN * 2.0 ** (entry.failures - 1))
         entry.due = self.reactor.seconds() + delay
         return delay
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.error import DNSLookupError, TimeoutError
+from twisted.internet.interfaces import IResolver
 from twisted.logger import Logger
 from twisted.names import dns
 from twisted.names.error import DNSNameError, DomainError
@@ -35,21 +36,25 @@ def _canonical(address: str) -> str:
     return str(ipaddress.ip_address(address))
 
 
-async def addresses_of(resolver: Any, name: str) -> set[str]:
+async def addresses_of(resolver: IResolver, name: str) -> set[str]:
     """The A and AAAA addresses ``name`` resolves to (empty: none, or no such name);
     a resolver failure other than "no such name" is raised."""
     found: set[str] = set()
     for lookup, rtype in ((resolver.lookupAddress, dns.A), (resolver.lookupIPV6Address,
                                                              dns.AAAA)):
         try:
-            answers, _, _ = await lookup(name, timeout=TIMEOUT)
+            # (answers, authority, additional): lists of RRHeader, whatever
+            # IResolver's annotation says
+            result: Any = await lookup(name, timeout=TIMEOUT)
         except NOT_FOUND:
             continue
+        answers: list[dns.RRHeader] = result[0]
         for rr in answers:
-            if rr.type == dns.A == rtype:
-                found.add(rr.payload.dottedQuad())
-            elif rr.type == dns.AAAA == rtype:
-                found.add(str(ipaddress.IPv6Address(rr.payload.address)))
+            payload = rr.payload
+            if rtype == dns.A and isinstance(payload, dns.Record_A):
+                found.add(payload.dottedQuad())
+            elif rtype == dns.AAAA and isinstance(payload, dns.Record_AAAA):
+                found.add(str(ipaddress.IPv6Address(payload.address)))
     return found
 
 
@@ -58,7 +63,7 @@ class NameCheck:
 
     log = Logger()
 
-    def __init__(self, resolver: Any, router_addresses: list[str], domain: str) -> None:
+    def __init__(self, resolver: IResolver, router_addresses: list[str], domain: str) -> None:
         self.resolver = resolver
         self.configured = {_canonical(a) for a in router_addresses}
         self.domain = domain.strip(".").lower()
@@ -102,10 +107,11 @@ class NameCheck:
 def make_name_check(reactor: Any, router_addresses: list[str], dns_server: str,
                     domain: str) -> NameCheck:
     """The issuer's :class:`NameCheck`: ``acme.dns_server`` (``HOST:PORT``) or the
-    system's resolver (``/etc/resolv.conf`` and ``/etc/hosts``)."""
+    system's resolver (``/etc/resolv.conf`` and ``/etc/hosts``).  ``reactor``: UDP, TCP
+    and time, as ``twisted.names.client.Resolver`` takes it."""
     from twisted.names import client, hosts, resolve
 
-    resolver: Any
+    resolver: IResolver
     if dns_server:
         host, _, port = dns_server.rpartition(":")
         resolver = client.Resolver(servers=[(host.strip("[]"), int(port))], reactor=reactor)
