@@ -5,7 +5,7 @@ the cluster's routers.  :class:`NameCheck` asks DNS first (``twisted.names``: A 
 AAAA, CNAMEs followed by the resolver) and compares with the routers' addresses:
 ``acme.router_addresses`` when set, else whatever the platform's own names
 resolve to (``<node.domain>`` and ``epio-dns-check.<node.domain>``, the wildcard
-the platform's app hostnames live under).  A name that does not resolve, or
+the platform's app hostnames live under; loopback addresses left out).  A name that does not resolve, or
 resolves to any other address (the CA may try any of them), gets a clear reason instead of an order (and of
 a failed CA challenge, which also counts against the CA's rate limits).  When the
 cluster's addresses cannot be known (neither set nor resolvable) the check passes,
@@ -81,7 +81,9 @@ class NameCheck:
             except FAILED as e:
                 self.log.warn("cannot resolve {name} for the cluster's addresses: {error}",
                               name=name, error=str(e) or e.__class__.__name__)
-        return found
+        # node.domain = "localhost" (the single-box default) says nothing of where a CA
+        # reaches the routers
+        return {a for a in found if not ipaddress.ip_address(a).is_loopback}
 
     async def problem(self, host: str) -> str | None:
         """Why ``host`` cannot get a certificate by HTTP-01 now, or None (go ahead)."""

@@ -757,6 +757,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "sync_interval": Key(float, 2.0, "Seconds between a router's reloads of challenges "
                              "and certificates from the store (it also reloads on every "
                              "change the store announces).", positive),
+        "name_check": Key(bool, True, "Before ordering a certificate, check that the custom "
+                          "domain resolves to the routers (else record why, and do not order); "
+                          "false = let the CA's challenge decide (e.g. domains behind a CDN "
+                          "that forwards /.well-known/ to the routers)."),
         "router_addresses": Key(list, [], "Public IP addresses of the cluster's routers: a "
                                 "custom domain must resolve to these before a certificate is "
                                 "ordered; empty = the addresses node.domain (or its wildcard) "

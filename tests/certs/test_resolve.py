@@ -95,12 +95,16 @@ class ResolveTests(SynchronousTestCase):
         self.assertIn("broken.com could not be resolved", run(check.problem("broken.com")))
 
     def test_configured_addresses_win_and_unknown_passes(self) -> None:
-        """acme.router_addresses replaces the platform domain's; with neither known, the
-        check lets the CA decide."""
+        """acme.router_addresses replaces the platform domain's; loopback addresses of
+        the platform domain ("localhost") do not count; with neither known, the check
+        lets the CA decide."""
         check = NameCheck(self.zone, ["203.0.113.9"], "apps.example.com")
         self.assertIsNone(run(check.problem("www.other.com")))
         self.assertIn("not to the cluster's routers (203.0.113.9)",
                       run(check.problem("www.good.com")))
+        self.zone.names["localhost"] = ["127.0.0.1", "::1"]  # the single-box default
+        self.assertEqual(run(NameCheck(self.zone, [], "localhost").cluster_addresses()), set())
+        self.assertIsNone(run(NameCheck(self.zone, [], "localhost").problem("www.other.com")))
         unknown = NameCheck(self.zone, [], "nothing.example.net")
         self.assertIsNone(run(unknown.problem("www.other.com")))
         self.assertIsNone(run(NameCheck(self.zone, [], "").problem("www.other.com")))
@@ -113,8 +117,8 @@ class RealDnsTests(TestCase):
         from twisted.internet import reactor
         from twisted.names import server
 
-        zone = Zone({f"{PROBE_LABEL}.apps.example.com": ["127.0.0.1"],
-                     "www.good.com": ["127.0.0.1"], "www.other.com": ["127.0.0.3"]})
+        zone = Zone({f"{PROBE_LABEL}.apps.example.com": ["192.0.2.1"],
+                     "www.good.com": ["192.0.2.1"], "www.other.com": ["192.0.2.3"]})
         factory = server.DNSServerFactory(clients=[zone])
         port = reactor.listenUDP(0, dns.DNSDatagramProtocol(factory),  # type: ignore[attr-defined]
                                  interface="127.0.0.1")
@@ -123,6 +127,6 @@ class RealDnsTests(TestCase):
                                 "apps.example.com")
         self.assertIsNone(await check.problem("www.good.com"))
         self.assertEqual(await check.problem("www.other.com"),
-                         "www.other.com resolves to 127.0.0.3, not to the cluster's routers "
-                         "(127.0.0.1): point its DNS at them")
+                         "www.other.com resolves to 192.0.2.3, not to the cluster's routers "
+                         "(192.0.2.1): point its DNS at them")
         self.assertIn("does not resolve", await check.problem("nowhere.com") or "")
