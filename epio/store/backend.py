@@ -347,6 +347,25 @@ def to_pyformat(sql: str) -> str:
 PG_CONNECT_KW = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2,
                  "keepalives_count": 3, "application_name": "epio"}
 
+#: The same on the server's side of every session (settings any user may give at
+#: connect time).  A node whose host vanishes (power, network: no FIN, no RST) leaves
+#: its sessions open on PostgreSQL for the kernel's default keepalive, two hours, and a
+#: session-level advisory lock with them: the scheduler leader's lock would outlive
+#: its holder, and no other api could lead.  With these the server drops the session
+#: (and its locks) about 15 s after the host went silent; ``tcp_user_timeout`` also
+#: ends it when data it sent stays unacknowledged that long.
+PG_SERVER_OPTIONS = ("-c tcp_keepalives_idle=5 -c tcp_keepalives_interval=2 "
+                     "-c tcp_keepalives_count=3 -c tcp_user_timeout=15000")
+
+
+def connect_options(dsn: str) -> dict[str, Any]:
+    """The connect keywords for ``dsn``: client keepalives, the application name, and
+    the server-side keepalives appended to any ``options`` the URL already gives."""
+    from psycopg2.extensions import parse_dsn
+
+    given = parse_dsn(dsn).get("options", "")
+    return dict(PG_CONNECT_KW, options=f"{given} {PG_SERVER_OPTIONS}".strip())
+
 
 class PgConnection(_TxConnection):  # type: ignore[misc]
     """A txpostgres connection that closes itself when the server goes away.
@@ -393,7 +412,7 @@ async def connect_pg(reactor: Any, dsn: str, timeout: float,
 
     timer = reactor.callLater(timeout, expire)
     try:
-        await conn.connect(dsn, **PG_CONNECT_KW)
+        await conn.connect(dsn, **connect_options(dsn))
     except Exception as e:
         close_quietly(conn)
         if timed_out:
