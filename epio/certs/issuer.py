@@ -8,8 +8,8 @@ retry time has come, once the name resolves to the cluster's routers
 (:mod:`epio.certs.resolve`; else that is the failure).  A failure is recorded on
 the domain's row (``epio certs`` shows it) and retried after ``acme.retry_min``
 seconds, doubled per further failure up to ``acme.retry_max`` (rate limits
-included); a certificate that fails to renew keeps being served until it expires.  Owners' own certificates
-(``epio certs add``) are never touched.  Wildcard domains need DNS-01, which epio
+included); a certificate that fails to renew keeps being served until it
+expires.  Owners' own certificates (``epio certs add``) are never touched.  Wildcard domains need DNS-01, which epio
 does not do: they are marked failed with that reason.
 """
 
