@@ -28,12 +28,15 @@ class NodeProcessTests(SynchronousTestCase):
         # reactor running
         node.wait_for_log("router listening on", timeout=60)
         # one router process beside the nexus: it follows the nexuses inline, no route
-        # feed process (lb.route_feed = "auto"); an idle node on SQLite loads no
-        # PostgreSQL driver (docs/router.md "Memory of an idle node")
+        # feed process (lb.route_feed = "auto"); an idle node on SQLite, without
+        # acme.directory and with no live tail open, loads neither psycopg2, nor
+        # requests (the ACME client's), nor autobahn's websocket code: each shows by a
+        # compiled library of its own (docs/router.md "Memory of an idle node")
         self.assertEqual(child_processes(node.proc.pid, "epio.lb.feed"), [])
         maps = Path(f"/proc/{node.proc.pid}/maps").read_text()
         self.assertIn("python", maps)
-        self.assertNotIn("_psycopg", maps)
+        for lib in ("_psycopg", "charset_normalizer", "_nvx_utf8validator"):
+            self.assertNotIn(lib, maps)
         out = node.output()
         for role in [*ROLES, "store"]:
             self.assertIn(f"service {role} started", out)
