@@ -282,11 +282,13 @@ SCHEMA: dict[str, dict[str, Key]] = {
                                "some close (they wait in the backlog); 0 = no limit.",
                                non_negative),
         "route_feed": Key(
-            str, "process",
+            str, "auto",
             "Where a router fed by the nexus follows the nexuses: 'process' (a route feed "
             "process beside the router merges them and streams only merged changes to every "
-            "router process; docs/router.md) or 'inline' (in each router process).",
-            one_of("process", "inline")),
+            "router process; docs/router.md), 'inline' (in each router process) or 'auto': "
+            "inline when lb.workers = 1 and the node runs the nexus role too (its reactor "
+            "already does the nexus's route work; no second Python process), else process.",
+            one_of("auto", "process", "inline")),
         "routes_wait": Key(
             float, 5.0,
             "Seconds a router fed by the nexus waits for its first route table before it "

@@ -194,7 +194,7 @@ class LbSettings:
     """Open client connections per listener (and per router process) before the router stops accepting until some close (they wait in the backlog); 0 = no limit."""
 
     route_feed: str
-    """Where a router fed by the nexus follows the nexuses: 'process' (a route feed process beside the router merges them and streams only merged changes to every router process; docs/router.md) or 'inline' (in each router process)."""
+    """Where a router fed by the nexus follows the nexuses: 'process' (a route feed process beside the router merges them and streams only merged changes to every router process; docs/router.md), 'inline' (in each router process) or 'auto': inline when lb.workers = 1 and the node runs the nexus role too (its reactor already does the nexus's route work; no second Python process), else process."""
 
     routes_wait: float
     """Seconds a router fed by the nexus waits for its first route table before it listens anyway (every host 404 until the table comes); 0 = listen at once."""

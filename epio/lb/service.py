@@ -595,6 +595,19 @@ def ocsp_stapler(reactor: Any, lb: LbSettings) -> Stapler | None:
     return Stapler(reactor)
 
 
+def route_feed_mode(lb: LbSettings, roles: frozenset[str]) -> str:
+    """``lb.route_feed`` decided: ``"process"`` or ``"inline"``.
+
+    ``auto`` follows inline in a one-process router whose node also runs the nexus role
+    (``--role=all``): that reactor already does the nexus's own route work, several
+    times the feed's (docs/router.md, "Memory of an idle node"), and a route feed process
+    is a second Python interpreter (about 39 MiB RSS).  A dedicated router, or one with
+    workers, keeps its route work off the proxies' reactors in the feed process."""
+    if lb.route_feed != "auto":
+        return lb.route_feed
+    return "inline" if lb.workers == 1 and "nexus" in roles else "process"
+
+
 def make_service(node: Node) -> LBService:
     """The ``lb`` role of ``node``: its composition root (every object built here)."""
     cfg = node.config
@@ -604,7 +617,7 @@ def make_service(node: Node) -> LBService:
                             "spool_dir": str(spool)}
     feed_spec = None
     feed_socket = None
-    if not lb.routes_file and lb.route_feed == "process":
+    if not lb.routes_file and route_feed_mode(lb, node.roles) == "process":
         from epio.lb.feed import feed_socket_path
 
         feed_socket = feed_socket_path(node.data_dir)

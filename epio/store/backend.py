@@ -30,9 +30,7 @@ from twisted.internet.defer import Deferred, DeferredLock, DeferredSemaphore
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
-from txpostgres.txpostgres import Connection as _TxConnection
 
 from epio.store.errors import IntegrityError, InvalidValue, StoreUnavailable
 
@@ -367,41 +365,16 @@ def connect_options(dsn: str) -> dict[str, Any]:
     return dict(PG_CONNECT_KW, options=f"{given} {PG_SERVER_OPTIONS}".strip())
 
 
-class PgConnection(_TxConnection):  # type: ignore[misc]
-    """A txpostgres connection that closes itself when the server goes away.
-
-    Plain txpostgres raises the server's "connection closed" error out of
-    ``doRead`` into the reactor (an unhandled error in the log); this one
-    closes the connection instead and calls ``on_lost(self)`` once.
-    """
-
-    def __init__(self, reactor: Any, on_lost: Callable[[Any], None] | None = None) -> None:
-        super().__init__(reactor=reactor)
-        self.on_lost = on_lost
-        self._lost_reported = False
-
-    def doRead(self) -> None:
-        try:
-            super().doRead()
-        except Exception:
-            self.close()
-
-    def connectionLost(self, reason: Failure) -> None:
-        super().connectionLost(reason)
-        if not self._lost_reported:
-            self._lost_reported = True
-            if self.on_lost is not None:
-                self.on_lost(self)
-
-
 async def connect_pg(reactor: Any, dsn: str, timeout: float,
-                     on_lost: Callable[[Any], None] | None = None) -> PgConnection:
-    """Open a :class:`PgConnection`, failing with StoreUnavailable after ``timeout`` s.
+                     on_lost: Callable[[Any], None] | None = None) -> Any:
+    """Open a :class:`~epio.store.pgconn.PgConnection`, failing with StoreUnavailable after ``timeout`` s.
 
     libpq does not enforce ``connect_timeout`` on non-blocking connects, so a
     server that accepts but never answers (or a black-holed address) would
     hang forever: the connection is closed when the timer fires.
     """
+    from epio.store.pgconn import PgConnection  # psycopg2: 4.6 MiB, only for PostgreSQL
+
     conn = PgConnection(reactor, on_lost)
     timed_out = False
 
