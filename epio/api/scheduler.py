@@ -225,6 +225,10 @@ class Scheduler:
             del self.views[gone]
         await DeferredList([ensureDeferred(self._poll(self.views[n.id])) for n in nodes],
                            consumeErrors=True)
+        # liveness is judged after the polls: a silent runner's poll waits its whole
+        # status_timeout, and judging with the pass's start time would declare it gone
+        # one or two passes (several seconds) after runner_dead_after expired
+        now = self.clock.seconds()
         alive = {v.node_id for v in self.views.values()
                  if v.alive(now, self.settings.runner_dead_after)}
         instances = await self._fold_reports(now, alive)

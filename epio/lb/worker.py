@@ -24,6 +24,7 @@ def main() -> None:
         LBService,
         RouterProcess,
         make_waker,
+        ocsp_stapler,
         pipeline_sinks,
         route_source,
         run_child,
@@ -38,12 +39,14 @@ def main() -> None:
     log_sink, stats_sink, sink_service = pipeline_sinks(node, bool(settings.routes_file))
     iface, port, family = spec["reuseport"]
     tls = spec.get("tls_reuseport")
-    # certificates and ACME answers from the store, like the parent's (docs/https.md)
+    # certificates and ACME answers from the store, like the parent's (docs/https.md),
+    # and the process's own OCSP responses
+    stapler = ocsp_stapler(reactor, settings)
     waker, wake_dealer = make_waker(node)  # runner.wake for asleep apps
     svc = LBService(reactor, settings, node.settings.node.domain, source, log_sink,
                     stats_sink, reuseport=(iface, int(port), int(family)),
                     static_secret=node.secret, spool=Path(spec["spool_dir"]),
-                    certs=router_certs(node),
+                    certs=router_certs(node, stapler), stapler=stapler,
                     tls_reuseport=(tls[0], int(tls[1]), int(tls[2])) if tls else None,
                     waker=waker)
     if node.store_service is not None:
