@@ -22,6 +22,7 @@ from typing import Any
 from attrs import frozen
 from twisted.logger import Logger
 
+from epio import domain
 from epio.basicauth import DEFAULT_REALM
 from epio.store import DEPLOY_FINAL, Deploy, Instance, Release, Store
 
@@ -152,11 +153,14 @@ def rollout_verdict(instances: list[Instance], version: int, want: Mapping[str, 
     for i in mine:
         if i.release != version:
             continue  # kept from an earlier release: healthy once already
-        if i.state == "failed" or (i.state != "healthy" and i.restarts >= MAX_CRASH_RESTARTS):
+        if i.state == "failed" or (i.state not in domain.SERVING_STATES
+                                   and i.restarts >= MAX_CRASH_RESTARTS):
             what = "failed" if i.state == "failed" else f"crashed {i.restarts} times"
             return Verdict(False, f"{i.process_type}.{i.number} of v{version} {what} before "
                                   "becoming healthy", {}, i)
-    healthy = {t: sum(1 for i in mine if i.process_type == t and i.state == "healthy")
+    # an asleep instance was healthy, then slept without a request (idle_sleep)
+    healthy = {t: sum(1 for i in mine
+                      if i.process_type == t and i.state in domain.SERVING_STATES)
                for t in want}
     return Verdict(all(healthy[t] >= n for t, n in want.items()), None, healthy)
 
@@ -198,6 +202,9 @@ def release_facts(manifest: Mapping[str, Any]) -> dict[str, Any]:
             facts["health_check"] = str(http["health_check"])
         if isinstance(http.get("boot_timeout"), int | float):
             facts["boot_timeout"] = float(http["boot_timeout"])
+        idle = http.get("idle_sleep")
+        if isinstance(idle, int | float) and not isinstance(idle, bool):
+            facts["idle_sleep"] = float(idle)  # the runner's, for web (docs/apps.md)
         # the router's per-app overrides (the nexus turns these into route options)
         route = {k: http[k] for k in ("timeout", "idle_timeout", "max_body_size")
                  if isinstance(http.get(k), int | float) and not isinstance(http.get(k), bool)}

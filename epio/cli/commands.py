@@ -30,7 +30,7 @@ from epio.cli.client import (
     resolve_app,
     save_config,
 )
-from epio.domain import DEPLOY_FINAL
+from epio.domain import DEPLOY_FINAL, SERVING_STATES
 
 
 def out(args: argparse.Namespace, data: Any, human: Any) -> int:
@@ -562,10 +562,12 @@ def wait_scaled(client: Client, name: str, wanted: dict[str, int],
             mine = [p for p in ps if p["type"] == ptype]
             for p in mine:
                 if p["release"] == target and (p["state"] == "failed" or (
-                        p["state"] != "healthy" and p["restarts"] >= 3)):
+                        p["state"] not in SERVING_STATES and p["restarts"] >= 3)):
                     raise CliError(f"{p['name']} did not become healthy ({p['state']}, "
                                    f"{p['restarts']} restarts); see `epio logs --app {name}`")
-            healthy = sum(1 for p in mine if p["release"] == target and p["state"] == "healthy")
+            # asleep: healthy, then slept without a request (docs/apps.md "Sleeping apps")
+            healthy = sum(1 for p in mine
+                          if p["release"] == target and p["state"] in SERVING_STATES)
             if healthy != n or len(mine) != n:
                 missing.append(f"{ptype} {healthy}/{n} healthy ({len(mine)} running)")
         if not missing:

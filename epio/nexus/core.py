@@ -149,7 +149,7 @@ class Nexus:
         if facts is None:
             return None
         return build_route(facts, self.tracker.instances_of(app), self.web_types,
-                           self.tracker.static_of)
+                           self.tracker.static_of, self.tracker.control_of)
 
     def _flush(self) -> None:
         if self._flush_call is not None and self._flush_call.active():
@@ -267,6 +267,17 @@ class Nexus:
     def store_age(self, now: float) -> float | None:
         return None if self.view is None else max(0.0, now - self.view.loaded_at)
 
+    def app_states(self) -> dict[str, int]:
+        """Routed apps by state: ``awake`` (a backend), ``asleep`` (every web instance
+        asleep or waking: docs/apps.md "Sleeping apps"); the others have neither."""
+        awake = asleep = 0
+        for r in self.book.routes.values():
+            if r["backends"]:
+                awake += 1
+            elif "asleep" in r:
+                asleep += 1
+        return {"awake": awake, "asleep": asleep}
+
     def status(self) -> dict[str, Any]:
         """Numbers for logs and a status page."""
         now = self._clock.seconds()
@@ -276,6 +287,7 @@ class Nexus:
             "version": self.book.version,
             "routes": len(self.book.routes),
             "backends": sum(len(r["backends"]) for r in self.book.routes.values()),
+            "apps": self.app_states(),
             "nodes": len(self.tracker.nodes),
             "store_age": self.store_age(now),
             "heartbeats": dict(self.tracker.counters),

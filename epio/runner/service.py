@@ -43,6 +43,7 @@ from epio.runner.supervisor import (
     State,
     Supervisor,
     UnknownInstance,
+    busy_ports,
 )
 from epio.services import OrderedMultiService
 
@@ -420,6 +421,9 @@ class RunnerService(OrderedMultiService):
                 else:
                     self.heartbeats_dropped += 1
             self.supervisor.poll_oom()
+            watched = self.supervisor.watched_ports()
+            if watched:
+                self.supervisor.check_idle(busy_ports(watched))
             now = self.reactor.seconds()
             if self.stats is not None and self.stats_interval > 0 \
                     and now - self._last_stats >= self.stats_interval:
@@ -514,6 +518,9 @@ class RunnerService(OrderedMultiService):
                 return "runner.stopped", {"instance_id": iid, "state": "stopped"}
             if t == "runner.drain":
                 return "runner.draining", self.supervisor.drain(body["instance_id"])
+            if t == "runner.wake":
+                return "runner.waking", {"app": body["app"],
+                                         "instances": self.supervisor.wake(body["app"])}
             if t == "runner.purge_app":
                 return "runner.purged", await self._purge_app(body["app"], body["uid"])
             if t == "runner.status":

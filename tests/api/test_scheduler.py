@@ -143,6 +143,49 @@ class SchedulerTests(TestCase):
         insts = await self.h.store.list_instances("web1")
         self.assertEqual([(i.node, i.state) for i in insts], [("r2", "healthy")])
 
+    async def test_silent_runner_judged_after_its_poll_timed_out(self) -> None:
+        """A silent runner's poll takes its whole status_timeout: its liveness is judged
+        when the poll is over, so a runner that expires during the poll is replaced in
+        that same pass, not one or two passes (several seconds) later."""
+        from twisted.internet import reactor
+
+        from epio.bus import RequestTimeout
+
+        class SteppedTime:
+            offset = 0.0
+
+            def seconds(self) -> float:
+                return reactor.seconds() + self.offset
+
+            def callLater(self, delay: float, f: Any, *a: Any, **kw: Any) -> Any:
+                return reactor.callLater(delay, f, *a, **kw)
+
+        time = SteppedTime()
+        self.h.scheduler.clock = time
+        self.h.settings = self.h.scheduler.settings = self.h.settings.__class__(
+            runner_dead_after=30.0, drain_seconds=0.0)
+        await self.h.add_runner("r1")
+        await self.app_with_release(quantity=1)
+        await self.passes(2)
+        await self.h.add_runner("r2")
+        runners = self.h.runners
+        answer = runners.request
+
+        async def slow_when_down(endpoint: str, type: str, body: dict[str, Any],
+                                 timeout: float | None = None) -> dict[str, Any]:
+            if endpoint in runners.down:  # the wait for an answer that never comes
+                time.offset += timeout or 3.0
+                raise RequestTimeout(type, endpoint, timeout or 3.0)
+            return await answer(endpoint, type, body, timeout)
+
+        runners.request = slow_when_down  # type: ignore[method-assign]
+        runners.down.add("tcp://r1:7731")
+        time.offset += 29.0  # r1 last answered 29 s ago: alive when the pass starts
+        await self.passes(1)  # its poll waits status_timeout: 29 + 3 > 30 when it ends
+        insts = await self.h.store.list_instances("web1")
+        self.assertEqual([(i.node, i.state) for i in insts if i.state != "stopped"],
+                         [("r2", "starting")])  # placed on r2 in that pass
+
     async def test_store_change_wakes_the_leader(self) -> None:
         """A formation change reconciles at once, not at the next (here: hourly) tick."""
         from epio.api.settings import ApiSettings
