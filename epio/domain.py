@@ -35,6 +35,7 @@ __all__ = [
     "HOSTNAME_LABEL",
     "HOSTNAME_MAX",
     "INSTANCE_STATES",
+    "SERVING_STATES",
     "LIVE_STATES",
     "LOG_SOURCE",
     "LOG_SOURCE_NAME",
@@ -184,6 +185,9 @@ class RunnerState(enum.StrEnum):
     CRASHED = "crashed"
     FAILED = "failed"
     STOPPED = "stopped"
+    #: a web instance stopped after ``[http] idle_sleep`` without a request: its port and
+    #: place on the runner are kept, a request wakes it (docs/apps.md "Sleeping apps")
+    ASLEEP = "asleep"
 
 
 #: The states the runners report (heartbeats, ``runner.start`` answers).
@@ -191,11 +195,16 @@ RUNNER_STATES = frozenset(RunnerState)
 
 #: Every state the store keeps for an instance: ``pending`` (placed, not yet reported by
 #: its runner), then the runner's.
-INSTANCE_STATES = ("pending", "starting", "healthy", "draining", "crashed", "stopped", "failed")
+INSTANCE_STATES = ("pending", "starting", "healthy", "draining", "crashed", "stopped", "failed",
+                   "asleep")
 
 #: The instance states that count as "running or about to": they hold a place on their
 #: runner and are not replaced.
-LIVE_STATES = ("pending", "starting", "healthy", "crashed")
+LIVE_STATES = ("pending", "starting", "healthy", "crashed", "asleep")
+
+#: The instance states that have served and will serve again without a new start: a
+#: rollout counts an ``asleep`` instance as healthy (it was, then slept).
+SERVING_STATES = ("healthy", "asleep")
 
 #: A deploy (the rollout of one release): an upload starts ``pending``; a config change or
 #: a rollback makes its release at once and starts ``deploying``.  A final state never

@@ -22,10 +22,12 @@ from epio.api.settings import ApiSettings
 from epio.api.spec import HOSTNAME_RULE
 from epio.api.state import (
     DEFAULT_SIZE,
+    KEEP,
     SIZES,
     ReleaseState,
     current_release,
     failed_releases,
+    kept,
     release_states,
     serving_release,
 )
@@ -51,6 +53,10 @@ if TYPE_CHECKING:
     from epio.api.addons import Addons
 
 ADMIN_NAME = "admin"
+#: seconds a one-time dashboard sign-in code (``epio login --web``) stays valid
+LOGIN_CODE_SECONDS = 120.0
+#: facts of one release that a release made from it (rollback, restart) does not copy
+RELEASE_ONLY_META = ("rollback_of", "restart_of", KEEP)
 ADMIN_TOKEN_FILE = "admin-token"
 
 
@@ -103,6 +109,34 @@ class Platform:
         new = await self.store.create_user(name, email, is_admin)
         token = await self.store.create_token(new.id, f"first token, created by {user.name}")
         return new, token.token
+
+    async def create_login_code(self, user: User) -> tuple[str, float]:
+        """A one-time code that signs the dashboard in as ``user`` (epio.store.logins)."""
+        from epio.store.logins import create_login_code
+
+        code, expires = await create_login_code(self.store, user.id, LOGIN_CODE_SECONDS)
+        self.log.info("{user} asked for a dashboard sign-in link", user=user.name)
+        return code, expires
+
+    async def sign_in_with_code(self, code: str) -> tuple[User, str]:
+        """Use up a one-time code: its user and a new API token for the dashboard."""
+        from epio.store.logins import redeem_login_code
+
+        user_id = await redeem_login_code(self.store, code)
+        user = None
+        if user_id is not None:
+            try:
+                user = await self.store.get_user(user_id)
+            except StoreNotFound:
+                user = None
+        if user is None:
+            raise errors.ApiError(
+                "this sign-in link does not work: it was used already, it expired (after "
+                f"{LOGIN_CODE_SECONDS:g} seconds) or it was cut short; run `epio login "
+                "--web` again", code="invalid_login_code", status=400)
+        token = await self.store.create_token(user.id, "dashboard sign-in (epio login --web)")
+        self.log.info("{user} signed the dashboard in with a one-time link", user=user.name)
+        return user, token.token
 
     async def list_tokens(self, user: User) -> list[Any]:
         return await self.store.list_tokens(user.id)
@@ -296,17 +330,56 @@ class Platform:
                 raise errors.Conflict(f"v{version} failed to deploy; it cannot be rolled back to")
         if target.image is None:
             raise errors.Conflict(f"v{target.version} has no image (it was never deployed)")
+        extra: dict[str, str] = {}
+        if self.addons is not None:  # add-on URLs follow the databases, not the release
+            extra = await self.addons.config_vars(app)
+        release = await self._release_again(
+            user, app, target, f"Rollback to v{target.version}",
+            {"rollback_of": target.version}, extra)
+        await self._roll_out(user, app, release, "rollback")
+        return release
+
+    async def restart(self, user: User, app: App, ptype: str | None) -> Release:
+        """Restart every instance of the app (or of one process type): a new release
+        with the current release's image, processes and config, rolled out like a
+        config change -- each type per its rollover (start-first: the new instances
+        are healthy, and routed, before the old ones drain; stop-first: the old ones
+        exit first).  A restart of one type keeps the other types' instances (the
+        release's ``keep``, :func:`epio.api.state.runs`)."""
+        current = await current_release(self.store, app.name)
+        if current is None or current.image is None:
+            raise errors.Conflict(f"{app.name} has nothing to restart yet: deploy it first",
+                                  code="nothing_to_restart")
+        meta: dict[str, Any] = {"restart_of": current.version}
+        if ptype is not None:
+            if ptype not in current.processes:
+                raise errors.ValidationFailed(no_such_type(app, ptype, current.processes),
+                                              code="unknown_process_type")
+            before = kept(current.meta)
+            meta[KEEP] = {t: before.get(t, current.version)
+                          for t in sorted(current.processes) if t != ptype}
+        release = await self._release_again(
+            user, app, current, "Restart" + (f" {ptype}" if ptype else ""), meta, {})
+        self.log.info("{app} restarted by {user}: v{release}{only}", app=app.name,
+                      user=user.name, release=release.version,
+                      only=f" ({ptype} only)" if ptype else "")
+        await self._roll_out(user, app, release, "restart")
+        return release
+
+    async def _release_again(self, user: User, app: App, target: Release, description: str,
+                             meta: dict[str, Any], extra: dict[str, str]) -> Release:
+        """A new release with ``target``'s image, processes, config (plus ``extra``
+        vars) and meta (without what only ``target`` was: a rollback's or a restart's
+        facts, replaced by ``meta``); the app's config vars become the release's."""
         old = await self.store.get_config(app.name)
         changes: dict[str, str | None] = {k: None for k in old if k not in target.config}
         changes.update(target.config)
-        if self.addons is not None:  # add-on URLs follow the databases, not the release
-            changes.update(await self.addons.config_vars(app))
+        changes.update(extra)
+        own = {k: v for k, v in target.meta.items() if k not in RELEASE_ONLY_META}
         # config and release change together or not at all
         _, release = await self.store.set_config_and_release(
             app.name, changes, image=target.image, processes=target.processes,
-            description=f"Rollback to v{target.version}", created_by=user.name,
-            meta={**target.meta, "rollback_of": target.version})
-        await self._roll_out(user, app, release, "rollback")
+            description=description, created_by=user.name, meta={**own, **meta})
         return release
 
     # --- logs -------------------------------------------------------------------
@@ -381,9 +454,7 @@ class Platform:
         formation = await self.store.get_formation(app.name)
         for ptype, change in changes.items():
             if current is not None and current.processes and ptype not in current.processes:
-                known = ", ".join(sorted(current.processes)) or "none"
-                raise errors.ValidationFailed(
-                    f"{app.name} has no process type {ptype!r} (it has: {known})")
+                raise errors.ValidationFailed(no_such_type(app, ptype, current.processes))
             size = change.get("size")
             if size is not None and size not in SIZES:
                 raise errors.ValidationFailed(
@@ -487,6 +558,12 @@ class Platform:
     def _wake(self) -> None:
         if self.scheduler is not None:
             self.scheduler.wake()
+
+
+def no_such_type(app: App, ptype: str, processes: Iterable[str]) -> str:
+    """The sentence for a process type the app's release does not have."""
+    known = ", ".join(sorted(processes)) or "none"
+    return f"{app.name} has no process type {ptype!r} (it has: {known})"
 
 
 # --- hostnames -----------------------------------------------------------------------

@@ -205,7 +205,6 @@ def build_ready(node: Node, settings: ApiSettings, store: Store) -> ReadyApi:
     from epio.api.purge import AppPurger, PurgeService
     from epio.api.run import RunApiSettings, RunSessions
     from epio.certs.api import Certs
-    from epio.certs.issuer import make_issuer_service
 
     services: list[IService] = []
     dealer = node.bus.dealer([])
@@ -236,9 +235,12 @@ def build_ready(node: Node, settings: ApiSettings, store: Store) -> ReadyApi:
     services.append(named("purge", PurgeService(purger, store, node.reactor,
                                                 settings.purge_interval, settings.leader_retry)))
     certs = Certs(store, node.secret, bool(node.settings.acme.directory), node.reactor)
-    issuer = make_issuer_service(node, store, settings.leader_retry)
-    if issuer is not None:  # acme.directory set (docs/https.md)
-        services.append(named("acme-issuer", issuer))
+    if node.settings.acme.directory:  # (docs/https.md); acme, josepy, requests: 6 MiB,
+        from epio.certs.issuer import make_issuer_service  # imported only when used
+
+        issuer = make_issuer_service(node, store, settings.leader_retry)
+        if issuer is not None:
+            services.append(named("acme-issuer", issuer))
     log_tail = _log_tail(node, platform, services)
     api = Api(platform, max_json_bytes=settings.max_json_bytes,
               max_upload_bytes=settings.max_upload_bytes, log_tail=log_tail, addons=addons,

@@ -198,7 +198,7 @@ class Nexus:
         if facts is None:
             return None
         route = build_route(facts, self.tracker.instances_of(app), self.web_types,
-                            self.tracker.static_of)
+                            self.tracker.static_of, self.tracker.control_of)
         if self.platform is not None:
             # the platform's hostname is never an app's (a custom domain added before
             # it was reserved would otherwise take the API's requests)
@@ -325,6 +325,17 @@ class Nexus:
     def store_age(self, now: float) -> float | None:
         return None if self.view is None else max(0.0, now - self.view.loaded_at)
 
+    def app_states(self) -> dict[str, int]:
+        """Routed apps by state: ``awake`` (a backend), ``asleep`` (every web instance
+        asleep or waking: docs/apps.md "Sleeping apps"); the others have neither."""
+        awake = asleep = 0
+        for r in self.book.routes.values():
+            if r["backends"]:
+                awake += 1
+            elif "asleep" in r:
+                asleep += 1
+        return {"awake": awake, "asleep": asleep}
+
     def status(self) -> dict[str, Any]:
         """Numbers for logs and a status page."""
         now = self._clock.seconds()
@@ -334,6 +345,7 @@ class Nexus:
             "version": self.book.version,
             "routes": len(self.book.routes),
             "backends": sum(len(r["backends"]) for r in self.book.routes.values()),
+            "apps": self.app_states(),
             "nodes": len(self.tracker.nodes),
             "store_age": self.store_age(now),
             "heartbeats": dict(self.tracker.counters),

@@ -244,5 +244,17 @@ def make_service(node: Node) -> NexusService:
     svc = NexusService(node.reactor, node.bus, node.settings.nexus, get_store,
                        domain=node.settings.node.domain,
                        platform=platform_facts(node.settings.api, node.settings.node.domain))
-    registry_for(node).add_status("nexus", svc.nexus.status)
+    registry = registry_for(node)
+    registry.add_status("nexus", svc.nexus.status)
+    registry.add_collector(lambda: app_state_families(svc.nexus.app_states()))
     return svc
+
+
+def app_state_families(states: dict[str, int]) -> list[Any]:
+    """``epio_apps{state="awake"|"asleep"}``: the routed apps by whether they sleep."""
+    from epio.metrics import Family
+
+    return [Family("epio_apps", "gauge",
+                   "Routed apps by state: awake (a backend), asleep ([http] idle_sleep; "
+                   "a request wakes it)",
+                   [("", {"state": s}, float(n)) for s, n in sorted(states.items())])]
