@@ -30,10 +30,7 @@ from twisted.internet.defer import Deferred, DeferredLock, DeferredSemaphore
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
-from txpostgres.txpostgres import Connection as _TxConnection
-from txpostgres.txpostgres import Cursor as _TxCursor
 
 from epio.store.errors import IntegrityError, InvalidValue, StoreUnavailable
 
@@ -371,56 +368,6 @@ def connect_options(dsn: str) -> dict[str, Any]:
     return dict(PG_CONNECT_KW, options=f"{given} {PG_SERVER_OPTIONS}".strip())
 
 
-class PgCursor(_TxCursor):  # type: ignore[misc]
-    """A txpostgres cursor whose cancelled query closes its connection (see
-    :meth:`PgConnection._cancel`)."""
-
-    def _cancel(self, d: Deferred[Any]) -> None:
-        self._pollingD = None
-        close_quietly(self._connection)
-
-
-class PgConnection(_TxConnection):  # type: ignore[misc]
-    """A txpostgres connection that closes itself when the server goes away.
-
-    Plain txpostgres raises the server's "connection closed" error out of
-    ``doRead`` into the reactor (an unhandled error in the log); this one
-    closes the connection instead and calls ``on_lost(self)`` once.
-
-    A cancelled Deferred of a query (or of the connect) closes the connection
-    instead of asking the server to cancel: txpostgres would call psycopg2's
-    ``cancel()``, libpq's PQcancel, which opens a new connection to the server
-    with a *blocking* connect() and no timeout.  When the server's host has vanished
-    that blocks the whole reactor (every role of the node: its router stops
-    answering) for the kernel's SYN retries, about two minutes.  The Deferred fails
-    with CancelledError; the closed connection is dropped from the pool.
-    """
-
-    cursorFactory = PgCursor
-
-    def _cancel(self, d: Deferred[Any]) -> None:
-        self._pollingD = None
-        close_quietly(self)
-
-    def __init__(self, reactor: Any, on_lost: Callable[[Any], None] | None = None) -> None:
-        super().__init__(reactor=reactor)
-        self.on_lost = on_lost
-        self._lost_reported = False
-
-    def doRead(self) -> None:
-        try:
-            super().doRead()
-        except Exception:
-            self.close()
-
-    def connectionLost(self, reason: Failure) -> None:
-        super().connectionLost(reason)
-        if not self._lost_reported:
-            self._lost_reported = True
-            if self.on_lost is not None:
-                self.on_lost(self)
-
-
 def pg_hosts(dsn: str) -> list[tuple[str, str]] | None:
     """The (host, port) pairs of a URL that lists several hosts
     (``postgresql://u@a:5432,b:5432/db``, or ``host=a,b port=5432,5432``); None for
@@ -447,8 +394,8 @@ _last_good: dict[str, int] = {}
 
 
 async def connect_pg(reactor: Any, dsn: str, timeout: float,
-                     on_lost: Callable[[Any], None] | None = None) -> PgConnection:
-    """Open a :class:`PgConnection`, failing with StoreUnavailable after ``timeout`` s.
+                     on_lost: Callable[[Any], None] | None = None) -> Any:
+    """Open a :class:`~epio.store.pgconn.PgConnection`, failing with StoreUnavailable after ``timeout`` s.
 
     libpq does not enforce ``connect_timeout`` on non-blocking connects, so a
     server that accepts but never answers (or a black-holed address) would
@@ -492,7 +439,9 @@ def forget_host(dsn: str) -> None:
 
 
 async def _connect_one(reactor: Any, dsn: str, where: dict[str, str], timeout: float,
-                       on_lost: Callable[[Any], None] | None) -> PgConnection:
+                       on_lost: Callable[[Any], None] | None) -> Any:
+    from epio.store.pgconn import PgConnection  # psycopg2: 4.6 MiB, only for PostgreSQL
+
     conn = PgConnection(reactor, on_lost)
     timed_out = False
 

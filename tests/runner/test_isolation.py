@@ -272,6 +272,29 @@ class CgroupTests(SynchronousTestCase):
         self.assertEqual(cg.oom_kills(), 2)
         (support.bases["pids"] / "i1" / "cgroup.procs").write_text(f"{os.getpid()}\n")
         self.assertEqual(cg.pids(), {os.getpid()})
+        # no cpuacct controller: no CPU time, and no isolation problem (it only counts)
+        self.assertNotIn("cpuacct", support.problems)
+        self.assertIn("cpuacct", support.accounting_off)
+        self.assertIsNone(cg.cpu_usage_usec())
+
+    def test_cpu_time_from_cpuacct(self) -> None:
+        """With a cpuacct controller the instance gets a cgroup there too (its
+        processes enter it with the others) and its CPU time is cpuacct.usage in µs."""
+        root = Path(self.mktemp())
+        me = Path(self.mktemp())
+        me.write_text("3:cpuacct:/\n")
+        base = root / "cpuacct" / "epio"
+        base.mkdir(parents=True)
+        (root / "cpuacct" / "cgroup.procs").write_text("")
+        (base / "cpuacct.usage").write_text("0")
+        (base / "cgroup.procs").write_text("")
+        support = detect(root, me, "epio")
+        self.assertEqual(set(support.bases), {"cpuacct"})
+        cg = InstanceCgroup(support, "i1")
+        self.assertEqual(cg.create(Limits(64, 512, 100, 1024)), [])
+        self.assertIn(str(base / "i1" / "cgroup.procs"), cg.procs_files())
+        (base / "i1" / "cpuacct.usage").write_text("2500123456\n")
+        self.assertEqual(cg.cpu_usage_usec(), 2_500_123)
 
 
 class UserTests(SynchronousTestCase):
