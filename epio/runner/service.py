@@ -712,7 +712,7 @@ def make_service(node: Node) -> RunnerService:
     from epio.pipeline import BusLogSink
     from epio.runner.build import Builder
     from epio.runner.build.images import ImageStore
-    from epio.runner.fence import FencedIsolation, app_reach, make_fence
+    from epio.runner.fence import FencedIsolation, app_reach, app_uids, make_fence
     from epio.runner.launcher import SandboxLauncher
     from epio.runner.sessions import RunSettings, SessionManager
     from epio.runner.snapshots import make_snapshots
@@ -743,7 +743,7 @@ def make_service(node: Node) -> RunnerService:
                               settings, node_id=node.node_id,
                               store_service=node.store_service, observers=gates)
     fence = make_fence(reactor, conf, node.roles, node.data_dir,
-                       app_reach(supervisor, sessions))
+                       app_reach(supervisor, sessions), uids=app_uids(supervisor, sessions))
     static = make_static(reactor, node.secret, images, node.data_dir,
                          lambda: list(supervisor.instances.values()), rc,
                          uid_check=isolation.uid_switch)

@@ -11,6 +11,9 @@ name only ``root``, ``nobody`` and the app user, so tools that look the user up
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from attrs import frozen
 
 from epio.domain import APP_NAME
@@ -66,3 +69,31 @@ def app_user(app: str, uid: object, uid_min: int, uid_max: int) -> AppUser:
     if not uid_min <= uid <= uid_max:
         raise UserError(f"uid {uid} is outside the app range {uid_min}-{uid_max}")
     return AppUser(app=app, uid=uid, gid=uid)
+
+
+def uids_with_processes(uid_min: int, uid_max: int, proc: Path = Path("/proc")) -> set[int]:
+    """The UIDs in ``uid_min``-``uid_max`` that own a process on this host now (any of
+    its real, effective, saved or file-system UIDs: a socket is owned by the fs UID).
+
+    The network fence keeps fencing such a UID after its last instance or session of
+    this runner ended: a process that outlived its instance (a daemon that left the
+    sandbox's process group without namespaces) stays fenced until it is gone.
+    """
+    out: set[int] = set()
+    try:
+        entries = list(os.scandir(proc))
+    except OSError:
+        return out
+    for entry in entries:
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(os.path.join(entry.path, "status"), "rb") as f:
+                for line in f:
+                    if line.startswith(b"Uid:"):
+                        out.update(u for u in map(int, line.split()[1:])
+                                   if uid_min <= u <= uid_max)
+                        break
+        except (OSError, ValueError):
+            continue  # gone meanwhile
+    return out

@@ -273,7 +273,7 @@ class StopOrderTests(SynchronousTestCase):
         from twisted.internet import task
 
         from epio.config import validate
-        from epio.runner.fence import app_reach, make_fence
+        from epio.runner.fence import app_reach, app_uids, make_fence
 
         from .test_fence import FakeNft, FakeNode, FakeSupervisor
 
@@ -292,7 +292,8 @@ class StopOrderTests(SynchronousTestCase):
         node = FakeNode(validate({"build": {"user": "no-such-epio-user"}}), ("runner",),
                         task.Clock())
         fence = make_fence(node.reactor, node.config.settings, node.roles, node.data_dir,
-                           app_reach(FakeSupervisor(), None), nft_binary="/usr/sbin/nft",
+                           app_reach(FakeSupervisor(), None),
+                           uids=app_uids(FakeSupervisor(), None), nft_binary="/usr/sbin/nft",
                            euid=0, nft=nft, in_thread=lambda f, *a: defer.maybeDeferred(f, *a))
         # the order make_service gives: the fence first, the sessions after the router
         svc, reactor, _, _, _ = make(Path(self.mktemp()), gates=[fence.ready],
