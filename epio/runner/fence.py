@@ -63,6 +63,7 @@ from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
 from epio.config.settings import Settings
+from epio.listen import Target, twisted_endpoint, zmq_endpoint
 from epio.runner.sandbox import Isolation
 from epio.runner.supervisor import InvalidTransition, State
 from epio.runner.users import uids_with_processes
@@ -111,71 +112,6 @@ class FenceNotApplied(FenceError):
 
 
 # -- endpoints in the config ---------------------------------------------------
-
-
-@frozen
-class Target:
-    """A TCP host and port taken from one config value (``host`` may be "")."""
-
-    host: str
-    port: int
-
-
-def _split_escaped(text: str) -> list[str]:
-    out, cur, i = [], [], 0
-    while i < len(text):
-        c = text[i]
-        if c == "\\" and i + 1 < len(text):
-            cur.append(text[i + 1])
-            i += 2
-            continue
-        if c == ":":
-            out.append("".join(cur))
-            cur = []
-        else:
-            cur.append(c)
-        i += 1
-    out.append("".join(cur))
-    return out
-
-
-def twisted_endpoint(desc: str) -> Target | None:
-    """``tcp:8000:interface=127.0.0.1`` (also tcp6, ssl, ``port=``); None for unix etc."""
-    if not desc:
-        return None
-    parts = _split_escaped(desc)
-    if len(parts) == 1 and parts[0].isdigit():
-        return Target("", int(parts[0]))
-    kind, args = parts[0].lower(), parts[1:]
-    if kind not in ("tcp", "tcp6", "ssl"):
-        return None
-    port: str | None = None
-    host = ""
-    for a in args:
-        key, eq, value = a.partition("=")
-        if not eq:
-            if port is None:
-                port = a
-        elif key == "port":
-            port = value
-        elif key == "interface":
-            host = value
-    if port is None or not port.isdigit() or not 0 < int(port) < 65536:
-        return None
-    return Target(host, int(port))
-
-
-def zmq_endpoint(url: str) -> Target | None:
-    """``tcp://host:port`` (``*``, ``[::1]``); None for ipc://, inproc:// or ``*`` ports."""
-    if not url.startswith("tcp://"):
-        return None
-    rest = url[len("tcp://"):]
-    if ";" in rest:  # tcp://source;dest
-        rest = rest.split(";", 1)[1]
-    host, _, port = rest.rpartition(":")
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        return None
-    return Target(host.strip("[]"), int(port))
 
 
 def postgres_endpoint(url: str) -> Target | None:
