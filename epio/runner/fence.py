@@ -984,10 +984,12 @@ def make_fence(reactor: INodeReactor, settings: Settings, roles: Iterable[str], 
                in_thread: Callable[..., defer.Deferred[Any]] | None = None) -> NetworkFence:
     """The runner's network fence (detection I/O: before the reactor), following
     ``owned`` (:func:`app_reach`) and fencing the UIDs of ``uids`` (:func:`app_uids`)
-    and those of ``runner.uid_min``-``uid_max`` that still own a process on this host
+    and those of them that left it but still own a process on this host
     (:func:`~epio.runner.users.uids_with_processes`, read from ``proc``): a UID enters
     the table before its first process starts and leaves it once its last process is
-    gone.  The runner's composition root makes it its first
+    gone.  Never a UID this runner did not run: on a host shared with another
+    cluster's runner (whose store this one cannot see) with the same UID range, the
+    other's apps are left to its own table.  The runner's composition root makes it its first
     child, so it is installed before anything else starts and removed after
     everything else stopped.  ``nft_binary`` (True: look ``nft`` up on PATH), ``euid``,
     ``nft`` (an INft), ``proc`` and ``in_thread`` are for tests.  Exits (SystemExit with
@@ -1010,8 +1012,16 @@ def make_fence(reactor: INodeReactor, settings: Settings, roles: Iterable[str], 
                           lambda: nft.check(render(plan, (), extra())))
     if rc.fence != "off" and not enabled:
         raise SystemExit(refusal(why))
+    ran: set[int] = set()  # the UIDs this runner fenced: kept while they own a process
+
     def fenced() -> set[int]:
-        return {*uids(), *uids_with_processes(rc.uid_min, rc.uid_max, proc)}
+        live = set(uids())
+        gone = ran - live
+        ran.intersection_update(live)
+        ran.update(live)
+        if gone:
+            ran.update(uids_with_processes(gone, proc))
+        return set(ran)
 
     fence = NetworkFence(reactor, plan, nft, owned, extra, enabled=enabled, why_off=why,
                          app_uids=fenced, proc=proc, keep_on_stop=rc.fence_keep_on_stop,

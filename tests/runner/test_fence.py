@@ -829,20 +829,23 @@ def fake_proc(root: Path, uids: dict[int, tuple[int, int, int, int]]) -> Path:
 
 class UidSetTests(SynchronousTestCase):
     def test_uids_with_processes(self) -> None:
-        """uids_with_processes names the UIDs of the range that own a process by any
-        of its four UIDs (the file-system UID owns its sockets) and nothing else."""
+        """uids_with_processes names those of the given UIDs that own a process by
+        any of its four UIDs (the file-system UID owns its sockets), nothing else."""
         proc = fake_proc(Path(self.mktemp()), {
             1: (0, 0, 0, 0), 10: (20001, 20001, 20001, 20001), 11: (0, 0, 0, 20002),
             12: (30000, 30000, 30000, 30000), 13: (1000, 20003, 1000, 1000)})
-        self.assertEqual(uids_with_processes(20000, 29999, proc), {20001, 20002, 20003})
-        self.assertEqual(uids_with_processes(20000, 29999, Path(self.mktemp())), set())
+        self.assertEqual(uids_with_processes({20001, 20002, 20003, 20004}, proc),
+                         {20001, 20002, 20003})
+        self.assertEqual(uids_with_processes({30000}, proc), {30000})
+        self.assertEqual(uids_with_processes({20001}, Path(self.mktemp())), set())
 
     def test_uid_enters_before_spawn_and_leaves_when_its_last_process_is_gone(self) -> None:
         """The fence's UID set follows the runner: an instance's UID is in the applied
         table when its spawn gate (ready) passes, STARTING, before any process ran;
         after the instance stopped the UID stays while a process of it is left on
         the host, and leaves the set once that process is gone (the periodic check
-        re-renders); UIDs of the range this runner never ran are not fenced."""
+        re-renders); a UID of the range this runner never ran is not fenced even
+        while a process of it runs (another runner's app)."""
         clock = task.Clock()
         sup = FakeSupervisor()
         nft = FakeNft()
@@ -851,6 +854,7 @@ class UidSetTests(SynchronousTestCase):
                                   "runner": {"fence_check_interval": 5}}), ("runner",), clock)
         fence = fence_of(node, sup, nft_binary="/usr/sbin/nft", euid=0, nft=nft,
                          in_thread=now, proc=proc)
+        fake_proc(proc, {30: (20008, 20008, 20008, 20008)})  # another runner's app
         fence.startService()
         self.assertEqual(fence.applied_uids, frozenset())
         sup.instances["w"] = FakeInstance(FakeSpec(20007), None, State.STARTING)
