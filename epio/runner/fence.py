@@ -6,8 +6,10 @@ the metrics listener, the store and every other service of the host on
 ``127.0.0.1``, and straight to other apps' instances.  The fence is one nftables
 table per runner (``inet``, ``epio_fence_<hash of the data dir>`` unless
 ``runner.fence_table``) with an ``output`` hook: a TCP connection attempt (a SYN
-without ACK) from a socket owned by an app UID (``runner.uid_min``-``uid_max``,
-plus the build user) is answered with a TCP reset, so the app's ``connect()``
+without ACK) from a socket owned by a UID this runner runs apps as (the nft set
+``app_uids``: its live instances' and sessions' UIDs, and those that still own a
+process; plus the build user -- never the whole ``runner.uid_min``-``uid_max``
+range, where another runner of this host may run its apps) is answered with a TCP reset, so the app's ``connect()``
 fails at once with ``ECONNREFUSED``, when it goes to
 
 * any port of a local address of the host (``fib daddr type local``:
