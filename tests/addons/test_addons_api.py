@@ -84,6 +84,8 @@ class FakeBackupNodes:
             return {"backups": [record]}
         if type == "backup.restore":
             return {"app": body["app"], "id": body["id"], "kept_as": "app_x_pre_1"}
+        if type == "backup.adopt":  # as a real node without backup.archive_command
+            raise RemoteError("backup_not_found", f"no backup {body['id']}")
         if type == "backup.fetch":
             return {"id": body["id"], "offset": body["offset"], "size": 4, "data": b"PGDM",
                     "eof": True, "sha256": "x", "status": "verified"}
