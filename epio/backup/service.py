@@ -189,6 +189,24 @@ class BackupManager:
                                     self.catalog.dir_for(record))
         self.catalog.save(record)
 
+    async def archive_history(self, app: str, kind: str) -> int:
+        """Archive the verified backups of ``app``/``kind`` still here that have no
+        offsite copy -- taken before ``backup.archive_command`` was set (the history is
+        archived too), or whose archive failed -- oldest first.  Stops at the first that
+        fails (the offsite store is still down: the next round tries again).  Returns
+        how many were archived."""
+        if self.archiver is None:
+            return 0
+        waiting = [r for r in self.catalog.list(app, kind)
+                   if r.good and r.local and r.archive in ("", "failed")]
+        done = 0
+        for record in reversed(waiting):
+            await self._archive(record)
+            if record.archive != "archived":
+                break
+            done += 1
+        return done
+
     async def restorable(self, app: str, backup_id: str) -> BackupRecord:
         """The record of backup ``backup_id`` with its data on disk: fetched from its
         archive when the local copy was pruned, or the catalog lost it (a wiped disk)."""
@@ -540,6 +558,7 @@ class BackupService(MultiService):
                 continue
             for target in targets:
                 done.append(await self.manager.backup(target))
+                await self.manager.archive_history(app.name, target.kind)
                 pruned += self.manager.prune(app.name, target.kind)
                 pruned += await self.manager.prune_archives(app.name, target.kind)
         self.log.info("backup round done: {made} backed up, {pruned} pruned",
@@ -582,6 +601,8 @@ class BackupService(MultiService):
             return "backup.adopted", {"backup": (await self.manager.restorable(
                 app, body["id"])).to_json()}
         if env.type == "backup.fetch":
+            if int(body["offset"]) == 0:  # a download of an archived-only backup fetches it
+                await self.manager.restorable(app, body["id"])
             return "backup.chunk", self.manager.read_chunk(app, body["id"],
                                                            int(body["offset"]), self.chunk)
         raise ValueError(f"unexpected message {env.type}")

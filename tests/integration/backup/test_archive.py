@@ -4,6 +4,7 @@ copies into it."""
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import shlex
 import shutil
@@ -169,6 +170,34 @@ class ArchiveTests(TestCase):
         self.assertIn("does not authenticate", str(cm.exception))
         self.assertEqual(self.count(dsn), 50)
 
+    async def test_history_is_archived_once_the_store_answers(self) -> None:
+        """Backups taken before archive_command was set, and one whose archive failed,
+        are archived by a later round (oldest first) once the offsite store answers;
+        while it still fails, the round stops at the first failure."""
+        app, _ = await self.app_database(7)
+        root = Path(self.mktemp()).absolute()
+        before = await self.manager(root, None).backup_postgres(app)
+        self.assertEqual((before.status, before.archive), ("verified", ""))
+        down = Path(self.mktemp()).absolute()
+        down.write_text("the offsite store is down")
+        archiver = Archiver(reactor, self.key,
+                            f"test ! -e {shlex.quote(str(down))} && " + copy_into(self.offsite),
+                            retries=0)
+        manager = self.manager(root, archiver)
+        failed = await manager.backup_postgres(app)
+        self.assertEqual((failed.archive, failed.archive_error),
+                         ("failed", "backup.archive_command exited 1"))
+        self.assertEqual(await manager.archive_history(app, "postgres"), 0)
+        self.assertEqual(archiver.counters["archive_failed"], 2)  # stopped at the oldest
+        down.unlink()
+        self.assertEqual(await manager.archive_history(app, "postgres"), 2)
+        for r in (before, failed):
+            got = manager.catalog.get(r.id, app)
+            self.assertEqual((got.archive, got.archive_error), ("archived", ""))
+            self.assertEqual(sha256_file(self.offsite / object_name(app, r.id)),
+                             got.archive_sha256)
+        self.assertEqual(await manager.archive_history(app, "postgres"), 0)
+
     async def test_failing_command_is_retried_then_recorded_masked(self) -> None:
         """An archive_command exiting 1 is tried 1 + archive_retries times with a
         doubling wait; the backup stays verified, its archive is recorded failed with
@@ -264,6 +293,13 @@ class ArchiveNodeTests(TestCase):
             cur = conn.cursor()
             cur.execute("SELECT count(*) FROM t")
             self.assertEqual(cur.fetchone(), (42,))
+        # a download of a backup whose local copy is gone fetches it from the archive
+        shutil.rmtree(node.data_dir / "backups" / app)
+        chunk = await dealer.request("backup.fetch", {"app": app, "id": made["id"],
+                                                      "offset": 0}, timeout=60)
+        self.assertEqual(chunk.body["sha256"], made["sha256"])
+        self.assertTrue(chunk.body["eof"])
+        self.assertEqual(hashlib.sha256(chunk.body["data"]).hexdigest(), made["sha256"])
         with self.assertRaises(RemoteError) as cm:
             await dealer.request("backup.adopt", {"app": app, "id": "0000000001-abcdef"},
                                  timeout=60)
