@@ -301,9 +301,10 @@ class Archiver:
         self.log.info("{what} copied offsite as {name}", what=what, name=name)
 
     async def fetch(self, app: str, backup_id: str, dest: Path,
-                    expected_sha256: str = "") -> dict[str, Any]:
+                    expected_sha256: str = "", retry: bool = True) -> dict[str, Any]:
         """Fetch archive ``<app>/<id>``, check it and write its data to ``dest``; return
-        the record it carries.  :class:`ArchiveFailed` when it cannot be had or is refused."""
+        the record it carries.  :class:`ArchiveFailed` when it cannot be had or is refused.
+        ``retry`` False: one try (an ID nobody knows may well not exist: answer soon)."""
         if not self.fetch_command:
             raise ArchiveFailed(f"backup {backup_id} has no local copy and "
                                 "backup.fetch_command is not set")
@@ -311,9 +312,11 @@ class Archiver:
         tmp = dest.with_name(dest.name + SUFFIX)
         what = f"fetch of archive {name}"
         try:
-            why, _ = await self._run("fetch_command", self.fetch_command,
-                                     {"path": str(tmp), "name": name, "app": app,
-                                      "id": backup_id}, what)
+            values = {"path": str(tmp), "name": name, "app": app, "id": backup_id}
+            if retry:
+                why, _ = await self._run("fetch_command", self.fetch_command, values, what)
+            else:
+                why = await self._run_once("fetch_command", self.fetch_command, values)
             if why:
                 raise ArchiveNotFetched(f"backup {backup_id}: {why}")
             if not tmp.exists():

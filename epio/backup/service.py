@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import shutil
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -229,10 +230,11 @@ class BackupManager:
         spool = self.catalog.root / ".fetch"
         self.catalog.ensure()
         spool.mkdir(mode=0o700, exist_ok=True)
-        tmp = spool / f"{app}-{backup_id}"
+        tmp = spool / f"{app}-{backup_id}-{secrets.token_hex(4)}"  # fetches may overlap
         try:
             meta = await self._timed(self.archiver.fetch(
-                app, backup_id, tmp, known.archive_sha256 if known is not None else ""))
+                app, backup_id, tmp, known.archive_sha256 if known is not None else "",
+                retry=known is not None))
         except ArchiveNotFetched as e:
             if known is None:
                 raise BackupNotFound(f"no backup {backup_id} here nor in the archive "
@@ -489,6 +491,8 @@ class BackupService(MultiService):
 
     def startService(self) -> None:
         self.manager.catalog.ensure()
+        # archives half-fetched when the last process stopped
+        shutil.rmtree(self.manager.catalog.root / ".fetch", ignore_errors=True)
         interrupted = self.manager.recover_interrupted()
         if interrupted:
             self.log.warn("backup: {n} backups were interrupted by the last stop; marked failed",
