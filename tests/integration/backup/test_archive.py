@@ -23,6 +23,7 @@ from epio.backup.postgres import BackupFailed, PostgresBackups
 from epio.backup.service import BackupManager
 from epio.bus import Bus, RemoteError
 from epio.retention import RetentionPolicy
+from tests.integration.backup import test_databases as redis_helpers
 from tests.store.pg import ADMIN_URL, fresh_database_for_test
 from tests.util import NodeProcess, free_port, to_toml
 
@@ -306,3 +307,40 @@ class ArchiveNodeTests(TestCase):
         self.assertEqual(cm.exception.code, "backup_not_found")
         self.assertNotIn("Hunter2Secret", node.output())
         self.assertIn("copied offsite", node.output())
+
+
+class RedisArchiveTests(TestCase):
+    timeout = 120
+    start_redis = redis_helpers.RedisBackupTests.start_redis
+    cli = redis_helpers.RedisBackupTests.cli
+
+    async def test_redis_backup_restores_from_the_archive_alone(self) -> None:
+        """A dedicated Redis backup is archived like a PostgreSQL one; with the backup
+        node's store wiped and the keys flushed, a restore from the archive brings the
+        keys back."""
+        from epio.backup.targets import Target
+
+        port, password = self.start_redis(*redis_helpers.NO_SYNC_DELAY)
+        for i in range(50):
+            self.cli(port, password, "SET", f"k{i}", f"v{i}")
+        offsite = Path(self.mktemp()).absolute()
+        offsite.mkdir(parents=True)
+        key = Path(self.mktemp())
+        key.write_text(secrets.token_hex(32))
+        archiver = Archiver(reactor, load_key(key), copy_into(offsite), fetch_from(offsite),
+                            retries=0)
+        root = Path(self.mktemp()).absolute()
+        app = "rd" + secrets.token_hex(4)
+        target = Target(app, "redis", "dedicated", "127.0.0.1", port, password=password)
+        made = await BackupManager(reactor, Catalog(root), RetentionPolicy(), None, None,
+                                   archiver=archiver).backup(target)
+        self.assertEqual((made.status, made.archive), ("verified", "archived"))
+        self.assertNotIn(password.encode(), (offsite / object_name(app, made.id)).read_bytes())
+
+        shutil.rmtree(root)
+        self.cli(port, password, "FLUSHDB")
+        fresh = BackupManager(reactor, Catalog(root), RetentionPolicy(), None, None,
+                              archiver=archiver)
+        await fresh.restore(app, made.id, target=target)
+        self.assertEqual(self.cli(port, password, "DBSIZE"), "50")
+        self.assertEqual(self.cli(port, password, "GET", "k7"), "v7")
