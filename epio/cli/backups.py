@@ -40,6 +40,8 @@ def status_text(b: dict[str, Any]) -> str:
 
 def copies_text(b: dict[str, Any]) -> str:
     """Where the backup's copies are: on the backup node, in the offsite archive."""
+    if b.get("status") != "verified":
+        return "-"
     where = ["local"] if b.get("local", True) else []
     if b.get("archive") == "archived":
         where.append("archive")
