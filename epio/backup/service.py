@@ -624,7 +624,14 @@ def make_service(node: Node) -> BackupService:
     settings = node.settings.backup
     archiver = None
     if settings.archive_command:
-        archiver = Archiver(node.reactor, load_key(Path(settings.archive_key_file)),
+        try:
+            key = load_key(Path(settings.archive_key_file))
+        except OSError as e:
+            raise SystemExit(f"epio: cannot read backup.archive_key_file "
+                             f"{settings.archive_key_file}: {e.strerror}") from None
+        except ArchiveFailed as e:
+            raise SystemExit(f"epio: {e}") from None
+        archiver = Archiver(node.reactor, key,
                             settings.archive_command, settings.fetch_command,
                             settings.archive_delete_command, settings.archive_retries,
                             settings.archive_retry_initial, settings.archive_retry_max,

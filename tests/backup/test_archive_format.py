@@ -86,3 +86,18 @@ class MaskTests(SynchronousTestCase):
             self.assertIn(secret, found, command)
             self.assertEqual(mask(f"error near {secret}!", found), "error near ***!")
         self.assertEqual(secrets_in("mkdir -p /off/{app} && cp {path} /off/{name}"), [])
+
+
+class ConfigTests(SynchronousTestCase):
+    def test_archive_command_needs_a_key_and_sane_backoff(self) -> None:
+        """archive_command without archive_key_file, and a first retry wait above the
+        longest, are start-up errors reported together."""
+        from epio.config import ConfigError, validate
+
+        with self.assertRaises(ConfigError) as cm:
+            validate({"backup": {"archive_command": "cp {path} /offsite/{name}",
+                                 "archive_retry_initial": 10.0, "archive_retry_max": 5.0}})
+        self.assertIn("needs backup.archive_key_file", str(cm.exception))
+        self.assertIn("archive_retry_initial (10) must not be above", str(cm.exception))
+        validate({"backup": {"archive_command": "cp {path} /offsite/{name}",
+                             "archive_key_file": "/etc/epio/archive.key"}})
