@@ -102,7 +102,12 @@ def mask(text: str, secrets: list[str]) -> str:
 
 
 def load_key(path: Path) -> bytes:
-    """The master key in ``path``: hex (64+ digits) or at least :data:`MIN_KEY` raw bytes."""
+    """The master key in ``path``: hex (64+ digits) or at least :data:`MIN_KEY` raw bytes;
+    refused when others may read the file (as the cluster secret is)."""
+    mode = path.stat().st_mode
+    if mode & 0o077:
+        raise ArchiveFailed(f"backup.archive_key_file {path} is readable by others (mode "
+                            f"{mode & 0o777:o}); run: chmod 600 {path}")
     raw = path.read_bytes().strip()
     try:
         key = bytes.fromhex(raw.decode("ascii"))

@@ -561,8 +561,10 @@ class BackupService(MultiService):
                                app=app.name, error=str(e) or type(e).__name__)
                 continue
             for target in targets:
-                done.append(await self.manager.backup(target))
-                await self.manager.archive_history(app.name, target.kind)
+                made = await self.manager.backup(target)
+                done.append(made)
+                if made.archive == "archived":  # the offsite store answers: catch up
+                    await self.manager.archive_history(app.name, target.kind)
                 pruned += self.manager.prune(app.name, target.kind)
                 pruned += await self.manager.prune_archives(app.name, target.kind)
         self.log.info("backup round done: {made} backed up, {pruned} pruned",

@@ -60,14 +60,21 @@ class FormatTests(SynchronousTestCase):
             decrypt(bytes(32), "app/1-a.epioarc", obj, Path(self.mktemp()))
 
     def test_short_key_is_refused(self) -> None:
-        """A master key under 32 bytes is an error; 64 hex digits are 32 bytes."""
+        """A master key under 32 bytes is an error; 64 hex digits are 32 bytes; a key
+        file others may read is refused."""
         short = Path(self.mktemp())
         short.write_text("ab" * 10)
+        short.chmod(0o600)
         with self.assertRaises(ArchiveFailed):
             archive.load_key(short)
         good = Path(self.mktemp())
         good.write_text("ab" * 32 + "\n")
+        good.chmod(0o600)
         self.assertEqual(archive.load_key(good), b"\xab" * 32)
+        good.chmod(0o640)
+        with self.assertRaises(ArchiveFailed) as cm:
+            archive.load_key(good)
+        self.assertIn("readable by others (mode 640)", str(cm.exception))
 
 
 class MaskTests(SynchronousTestCase):

@@ -23,6 +23,7 @@ from epio.backup.postgres import BackupFailed, PostgresBackups
 from epio.backup.service import BackupManager
 from epio.bus import Bus, RemoteError
 from epio.retention import RetentionPolicy
+from epio.store.service import open_store
 from tests.integration.backup import test_databases as redis_helpers
 from tests.store.pg import ADMIN_URL, fresh_database_for_test
 from tests.util import NodeProcess, free_port, to_toml
@@ -58,6 +59,7 @@ class ArchiveTests(TestCase):
         self.offsite.mkdir(parents=True)
         key_file = Path(self.mktemp())
         key_file.write_text(secrets.token_hex(32))
+        key_file.chmod(0o600)
         self.key = load_key(key_file)
         self.logged: list[str] = []
 
@@ -309,6 +311,64 @@ class ArchiveNodeTests(TestCase):
         self.assertIn("copied offsite", node.output())
 
 
+    async def test_scheduled_round_archives_the_history(self) -> None:
+        """A backup node's scheduled round archives its new backup, then the backups
+        taken before backup.archive_command was set (historical ones too): a node
+        without archives makes one, the same node restarted with archives makes a second
+        and both end up offsite, each decrypting to its backup's data."""
+        store_url = fresh_database_for_test(self)
+        store = await open_store(store_url, reactor)
+        self.addCleanup(store.close)
+        user = await store.create_user("owner")
+        app = "ah" + secrets.token_hex(4)
+        await store.create_app(app, user.id)
+        shared = SharedPostgres(reactor, ADMIN_URL)
+        creds = await shared.provision(app)
+        self.addCleanup(lambda: shared.deprovision(app))
+        with psycopg2.connect(host=creds.host, port=creds.port, user=creds.user,
+                              password=creds.password, dbname=creds.database) as conn:
+            conn.cursor().execute("CREATE TABLE t AS SELECT generate_series(1, 9) AS n")
+        secret = Path(self.mktemp()).absolute()
+        secret.parent.mkdir(parents=True, exist_ok=True)
+        secret.write_text(secrets.token_hex(32))
+        secret.chmod(0o600)
+        key = Path(self.mktemp()).absolute()
+        key.write_text(secrets.token_hex(32))
+        key.chmod(0o600)
+        offsite = Path(self.mktemp()).absolute()
+        offsite.mkdir(parents=True)
+        data_dir = Path(self.mktemp()).absolute() / "data"
+
+        def node(archive: dict) -> NodeProcess:
+            n = NodeProcess(["--role=backup"], data_dir=data_dir, config=to_toml({
+                "store": {"url": store_url}, "cluster": {"secret_file": str(secret)},
+                "backup": {"interval": 3600.0,
+                           "control_bind": f"tcp://127.0.0.1:{free_port()}", **archive},
+                "addons": {"postgres_admin_url": ADMIN_URL}}))
+            self.addCleanup(n.cleanup)
+            return n
+
+        plain = node({})
+        plain.wait_for_log("backup round done: 1 backed up", timeout=60)
+        plain.stop()
+        catalog = Catalog(data_dir / "backups")
+        [old] = catalog.list(app)
+        self.assertEqual((old.status, old.archive), ("verified", ""))
+        archiving = node({"archive_command": copy_into(offsite), "archive_key_file": str(key)})
+        archiving.wait_for_log("backup round done: 1 backed up", timeout=60)
+        self.assertIn(f"archive of backup {old.id} of {app} copied offsite", archiving.output())
+        # (both in one hour, the retentions -- 24 hourly -- keep only the newer one's
+        # record; the older one's archive stays offsite: no archive_delete_command)
+        new = catalog.list(app)[0]
+        self.assertNotEqual(new.id, old.id)
+        self.assertEqual((new.status, new.archive), ("verified", "archived"))
+        self.assertEqual(sha256_file(offsite / object_name(app, new.id)), new.archive_sha256)
+        plain_copy = Path(self.mktemp())
+        decrypt(load_key(key), object_name(app, old.id), offsite / object_name(app, old.id),
+                plain_copy)
+        self.assertEqual(sha256_file(plain_copy), old.sha256)
+
+
 class RedisArchiveTests(TestCase):
     timeout = 120
     start_redis = redis_helpers.RedisBackupTests.start_redis
@@ -327,6 +387,7 @@ class RedisArchiveTests(TestCase):
         offsite.mkdir(parents=True)
         key = Path(self.mktemp())
         key.write_text(secrets.token_hex(32))
+        key.chmod(0o600)
         archiver = Archiver(reactor, load_key(key), copy_into(offsite), fetch_from(offsite),
                             retries=0)
         root = Path(self.mktemp()).absolute()
