@@ -610,7 +610,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
             "drops it; empty: archives are never deleted by epio (the offsite store's own "
             "lifecycle rules decide)."),
         "archive_key_file": Key(
-            str, "", "File holding the archive master key (at least 32 bytes, hex or raw); "
+            str, "", "File (mode 0600) holding the archive master key (at least 32 bytes, "
+            "hex or raw); "
             "archives are encrypted with AES-256-GCM under keys derived from it. Required "
             "with archive_command; keep a copy outside the cluster."),
         "archive_retries": Key(int, 3, "Further tries of a failed archive_command before the "

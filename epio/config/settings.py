@@ -606,7 +606,7 @@ class BackupSettings:
     """Shell command that deletes archive {name} once the archive retention drops it; empty: archives are never deleted by epio (the offsite store's own lifecycle rules decide)."""
 
     archive_key_file: str
-    """File holding the archive master key (at least 32 bytes, hex or raw); archives are encrypted with AES-256-GCM under keys derived from it. Required with archive_command; keep a copy outside the cluster."""
+    """File (mode 0600) holding the archive master key (at least 32 bytes, hex or raw); archives are encrypted with AES-256-GCM under keys derived from it. Required with archive_command; keep a copy outside the cluster."""
 
     archive_retries: int
     """Further tries of a failed archive_command before the backup's archive is recorded as failed."""
