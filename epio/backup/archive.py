@@ -101,6 +101,15 @@ def mask(text: str, secrets: list[str]) -> str:
     return text
 
 
+_PLACEHOLDER = re.compile(r"\{(path|name|app|id)\}")
+
+
+def fill(template: str, values: Mapping[str, str]) -> str:
+    """``template`` with ``{path}``, ``{name}``, ``{app}`` and ``{id}`` replaced by their
+    shell-quoted values; any other brace (``awk '{print}'``) is left as it is."""
+    return _PLACEHOLDER.sub(lambda m: shlex.quote(values[m.group(1)]), template)
+
+
 def load_key(path: Path) -> bytes:
     """The master key in ``path``: hex (64+ digits) or at least :data:`MIN_KEY` raw bytes;
     refused when others may read the file (as the cluster secret is)."""
@@ -240,7 +249,7 @@ class Archiver:
 
     async def _run_once(self, which: str, template: str, values: dict[str, str]) -> str:
         """Run one command; "" when it succeeded, else why not (masked)."""
-        command = template.format_map({k: shlex.quote(v) for k, v in values.items()})
+        command = fill(template, values)
         d: Deferred[tuple[bytes, bytes, int]] = proc.run(
             self.reactor, ["/bin/sh", "-c", command], self._env())
         d.addTimeout(self.timeout, self.reactor)

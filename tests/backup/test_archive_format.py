@@ -108,3 +108,13 @@ class ConfigTests(SynchronousTestCase):
         self.assertIn("archive_retry_initial (10) must not be above", str(cm.exception))
         validate({"backup": {"archive_command": "cp {path} /offsite/{name}",
                              "archive_key_file": "/etc/epio/archive.key"}})
+
+
+class FillTests(SynchronousTestCase):
+    def test_placeholders_are_quoted_other_braces_kept(self) -> None:
+        """{path}/{name}/{app}/{id} become shell-quoted values (a space or a quote in a
+        path cannot split or end the command); other braces stay as written."""
+        got = archive.fill("cp {path} /off/{name} && awk '{print}' {x}",
+                           {"path": "/b/it's here", "name": "a/1.epioarc", "app": "a",
+                            "id": "1"})
+        self.assertEqual(got, "cp '/b/it'\"'\"'s here' /off/a/1.epioarc && awk '{print}' {x}")
