@@ -35,16 +35,20 @@ __all__ = [
     "HOSTNAME_LABEL",
     "HOSTNAME_MAX",
     "INSTANCE_STATES",
+    "SERVING_STATES",
     "LIVE_STATES",
     "LOG_SOURCE",
     "LOG_SOURCE_NAME",
     "MAX_CONFIG_VALUE",
     "MAX_EMAIL",
+    "PLATFORM_APP",
+    "PLATFORM_RELEASE",
     "PROCESS_TYPE",
     "PROCESS_TYPE_MAX",
     "PROCESS_TYPE_RULE",
     "POSTGRES_PROCESS_TYPE",
     "REDIS_PROCESS_TYPE",
+    "RESERVED_APP_NAMES",
     "RESERVED_PROCESS_PREFIX",
     "SERVICE_PROCESS_TYPES",
     "RELEASE_STATES",
@@ -55,6 +59,8 @@ __all__ = [
     "UPLOAD_MAX_MEMBERS",
     "RunnerState",
     "app_name_problem",
+    "platform_hostname",
+    "reserved_app_name_problem",
     "process_type_problem",
 ]
 
@@ -102,6 +108,42 @@ def app_name_problem(name: object) -> str | None:
     return f"{name!r} is not a valid app name: {APP_NAME_RULE}"
 
 
+#: "App ID 0 is special": the platform's own control plane (the api and dashboard of
+#: every api node) is routed like an app under this name -- its route, access log lines
+#: and stats carry it -- but it is no app of the store: no user can create, see or own
+#: it (:data:`RESERVED_APP_NAMES`).  Its backends are the api nodes, release
+#: :data:`PLATFORM_RELEASE`.  docs/router.md "The platform's own route".
+PLATFORM_APP = "epio"
+PLATFORM_RELEASE = 0
+#: App names no user may take: the platform's own, and names users would mistake for it.
+RESERVED_APP_NAMES = frozenset({PLATFORM_APP, "api", "www", "dashboard", "admin"})
+
+
+def platform_hostname(configured: str, domain: str) -> str:
+    """The hostname the routers serve the platform at: ``api.hostname`` as configured
+    (lower case, no trailing dot), or ``epio.<node.domain>`` when it is empty; ``""``
+    when it is ``off`` (no platform route)."""
+    name = configured.strip().lower().rstrip(".")
+    if name == "off":
+        return ""
+    if name:
+        return name
+    domain = domain.strip().lower().rstrip(".")
+    return f"{PLATFORM_APP}.{domain}" if domain else PLATFORM_APP
+
+
+def reserved_app_name_problem(name: str, hostname: str = "", domain: str = "") -> str | None:
+    """Why no user may create an app called ``name`` (the user-facing sentence), or None:
+    a name of :data:`RESERVED_APP_NAMES`, or one whose own hostname ``<name>.<domain>``
+    is the platform's ``hostname``."""
+    if name in RESERVED_APP_NAMES:
+        return f"the app name {name!r} is reserved"
+    domain = domain.strip().lower().rstrip(".")
+    if hostname and domain and f"{name}.{domain}" == hostname:
+        return f"the app name {name!r} is reserved: {hostname} is the platform's own hostname"
+    return None
+
+
 def process_type_problem(name: object) -> str | None:
     """Why an app may not name a process ``name`` (the user-facing reason, to follow the
     name and a colon), or None if it may: the platform's own types are refused too."""
@@ -143,6 +185,9 @@ class RunnerState(enum.StrEnum):
     CRASHED = "crashed"
     FAILED = "failed"
     STOPPED = "stopped"
+    #: a web instance stopped after ``[http] idle_sleep`` without a request: its port and
+    #: place on the runner are kept, a request wakes it (docs/apps.md "Sleeping apps")
+    ASLEEP = "asleep"
 
 
 #: The states the runners report (heartbeats, ``runner.start`` answers).
@@ -150,11 +195,16 @@ RUNNER_STATES = frozenset(RunnerState)
 
 #: Every state the store keeps for an instance: ``pending`` (placed, not yet reported by
 #: its runner), then the runner's.
-INSTANCE_STATES = ("pending", "starting", "healthy", "draining", "crashed", "stopped", "failed")
+INSTANCE_STATES = ("pending", "starting", "healthy", "draining", "crashed", "stopped", "failed",
+                   "asleep")
 
 #: The instance states that count as "running or about to": they hold a place on their
 #: runner and are not replaced.
-LIVE_STATES = ("pending", "starting", "healthy", "crashed")
+LIVE_STATES = ("pending", "starting", "healthy", "crashed", "asleep")
+
+#: The instance states that have served and will serve again without a new start: a
+#: rollout counts an ``asleep`` instance as healthy (it was, then slept).
+SERVING_STATES = ("healthy", "asleep")
 
 #: A deploy (the rollout of one release): an upload starts ``pending``; a config change or
 #: a rollback makes its release at once and starts ``deploying``.  A final state never

@@ -118,6 +118,7 @@ METRICS: dict[str, str] = {
     "latency_p50_ms": "median latency", "latency_p95_ms": "95th percentile latency",
     "latency_p99_ms": "99th percentile latency", "latency_mean_ms": "mean latency",
     "memory_bytes": "memory per instance", "memory_limit_bytes": "memory limit per instance",
+    "cpu_percent": "CPU per instance, percent of one core (200 = two cores busy)",
     "processes": "processes per instance", "restarts": "restarts per instance",
 }
 """The stats metrics (epio.logs.stats aggregates what the routers and runners sample);

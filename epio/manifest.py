@@ -90,6 +90,10 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
 PYTHON_VERSION = re.compile(r"^3\.\d{1,2}(\.\d{1,3})?$")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+#: the longest ``[http] idle_sleep`` (the runner refuses more)
+IDLE_SLEEP_MAX = 30 * 86400.0
 _SIZE = re.compile(r"^\s*(\d+)\s*([kKmMgG]?)[bB]?\s*$")
 #: An error message quotes at most this many characters of a value or line.
 QUOTE_MAX = 80
@@ -104,7 +108,7 @@ _SECTIONS: dict[str, set[str] | None] = {
     "django": {"base", "settings_module", "append_settings"},
     "process": None,
     "http": {"health_check", "timeout", "idle_timeout", "boot_timeout", "max_body_size", "gzip",
-             "request_buffering", "https_redirect", "hsts_max_age"},
+             "request_buffering", "https_redirect", "hsts_max_age", "idle_sleep"},
     "cron": None,
     "release": {"command"},
     "redis": {"memory"},
@@ -163,6 +167,9 @@ class Http:
     https_redirect: bool = False
     # Strict-Transport-Security max-age (seconds) on HTTPS responses; None = no header
     hsts_max_age: int | None = None
+    # seconds without a request after which the web process is stopped until the next
+    # request wakes it; None = the node's default (runner.idle_sleep), 0 = never
+    idle_sleep: float | None = None
 
 
 @frozen
@@ -747,6 +754,23 @@ def _read_http(parts: _Parts, it: _Item) -> None:
         http[k] = _bool(it, parts.file, parts.errors) or False
     elif k == "hsts_max_age":
         http[k] = _number(it, parts.file, parts.errors, int)
+    elif k == "idle_sleep":
+        http[k] = _idle_sleep(parts, it)
+
+
+def _idle_sleep(parts: _Parts, it: _Item) -> float | None:
+    """``[http] idle_sleep``: ``off`` (0: never sleeps, whatever the node's default) or
+    a duration like ``30m``, ``2s``, ``1h``, ``90`` (seconds) of at least 1 s."""
+    if it.value.strip().lower() in ("off", "0", "no", "false"):
+        return 0.0
+    m = _DURATION.match(it.value)
+    if m is not None:
+        seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2) or "s"]
+        if 1.0 <= seconds <= IDLE_SLEEP_MAX:
+            return seconds
+    parts.error(it, f"[http] idle_sleep: must be off or a duration of 1s to 30d like 30m, "
+                    f"2s or 1h, not {_q(it.value)}")
+    return None
 
 
 def _read_cron(parts: _Parts, it: _Item) -> None:

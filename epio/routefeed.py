@@ -166,6 +166,14 @@ def route_from_wire(
             for b in static if isinstance(b, dict) and isinstance(b.get("host"), str)
             and b["host"] and isinstance(b.get("port"), int) and not isinstance(b["port"], bool)
             and 0 < b["port"] < 65536)
+    asleep = data.get("asleep")
+    if isinstance(asleep, Mapping) and not backends:
+        wake = asleep.get("wake")
+        if isinstance(wake, list):
+            kw["wake"] = tuple(w for w in wake if isinstance(w, str) and w)
+        since = asleep.get("since")
+        if isinstance(since, int | float) and not isinstance(since, bool):
+            kw["asleep_since"] = float(since)
     return Route(app=app, hostnames=hostnames, backends=backends,
                  maintenance=bool(data.get("maintenance", False)), **kw)
 
@@ -218,6 +226,12 @@ def merge_routes(routes: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     if prefixes and static:
         merged["static_prefixes"] = sorted(prefixes)
         merged["static_backends"] = [static[k] for k in sorted(static, key=lambda k: str(k))]
+    asleep = [r["asleep"] for r in routes if isinstance(r.get("asleep"), Mapping)]
+    if asleep and not backends:  # asleep while no nexus knows a backend
+        merged["asleep"] = {
+            "since": min(float(a.get("since") or 0) for a in asleep),
+            "wake": sorted({w for a in asleep for w in a.get("wake") or () if isinstance(w, str)}),
+        }
     return merged
 
 

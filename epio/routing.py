@@ -100,6 +100,10 @@ class Route:
     static_backends: tuple[Backend, ...] = field(default=(), converter=_backends)
     # [basic_auth]: every request of the app (static files too) must pass it
     basic_auth: BasicAuth | None = None
+    # an asleep app ([http] idle_sleep, docs/apps.md): the control endpoints of the
+    # runners that wake it (runner.wake) and since when it sleeps; () when awake
+    wake: tuple[str, ...] = field(default=(), converter=tuple)
+    asleep_since: float | None = None
     live: tuple[Backend, ...] = field(init=False, eq=False, repr=False)
     # the route a static request takes (its backends are the static servers), or None
     static: Route | None = field(init=False, eq=False, repr=False)

@@ -172,18 +172,45 @@ def start_epio(procs: Procs, tmp: Path, backend: int, checkout: Path = CHECKOUT,
                  "--lb-listen", f"tcp:{port}:interface=127.0.0.1",
                  "--data-dir", str(tmp / f"{name}-data")], env=env, cwd=str(tmp))
     wait_port(port, what=name, log=tmp / f"{name}.log")
+    if workers > 1:
+        wait_listeners(port, workers, name, tmp / f"{name}.log")
     return port
 
 
-def start_haproxy(procs: Procs, tmp: Path, backend: int) -> int | None:
+def listeners(port: int) -> set[str]:
+    """The pids with a listening socket on ``port`` (``ss``)."""
+    out = subprocess.run(["ss", "-ltnpH", f"( sport = :{port} )"], capture_output=True,
+                         text=True).stdout
+    return set(re.findall(r"pid=(\d+)", out))
+
+
+def wait_listeners(port: int, n: int, what: str, log: Path, timeout: float = 60.0) -> None:
+    """Wait until ``n`` processes listen on ``port``: the router's parent listens first and
+    its workers a second or more later (a Python interpreter each); connections opened
+    before would all go to the parent and measure one process, not ``n``."""
+    if not shutil.which("ss"):
+        time.sleep(5)
+        return
+    deadline = time.monotonic() + timeout
+    while len(listeners(port)) < n:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{what}: {len(listeners(port))} of {n} processes listening\n"
+                             f"{log.read_text()[-2000:] if log.exists() else ''}")
+        time.sleep(0.1)
+
+
+def start_haproxy(procs: Procs, tmp: Path, backend: int, threads: int | None = None
+                  ) -> int | None:
+    """HAProxy with ``nbthread`` = ``threads`` (default: ``--workers``) on as many CPUs."""
     if not shutil.which("haproxy"):
         return None
+    threads = WORKERS if threads is None else threads
     port = free_port()
-    conf = tmp / "haproxy.cfg"
+    conf = tmp / f"haproxy{threads}.cfg"
     conf.write_text(f"""
 global
   maxconn 4096
-  nbthread {WORKERS}
+  nbthread {threads}
 defaults
   mode http
   timeout connect 5s
@@ -200,7 +227,7 @@ backend be
   option forwardfor
   server s1 127.0.0.1:{backend}
 """)
-    procs.start([*pin(proxy_cpus()), "haproxy", "-f", str(conf), "-db"])
+    procs.start([*pin(proxy_cpus() if threads > 1 else 0), "haproxy", "-f", str(conf), "-db"])
     wait_port(port, what="haproxy")
     return port
 
@@ -417,6 +444,9 @@ def main() -> None:
             if name == "epio" and args.workers > 1:
                 ports["epio1"] = start_epio(procs, tmp, backend, CHECKOUT, "epio1", workers=1)
                 groups["epio1"] = procs.last
+            if name == "haproxy" and args.workers > 1:
+                ports["haproxy1"] = start_haproxy(procs, tmp, backend, threads=1)
+                groups["haproxy1"] = procs.last
             if name == "epio" and args.ref:
                 ports["ref"] = start_epio(procs, tmp, backend, Path(args.ref), "ref")
                 groups["ref"] = procs.last
@@ -432,6 +462,8 @@ def main() -> None:
         all_p99_ratio: list[float] = []
         all_ref: list[tuple[float, float, float]] = []
         all_scale: list[float] = []
+        all_hscale: list[float] = []
+        all_ratio1: list[float] = []
         for rnd in range(1, args.rounds + 1):
             print(f"\nround {rnd}: throughput (load average {os.getloadavg()[0]:.1f})")
             res: dict[str, tuple[float, float, float, list[float]]] = {}
@@ -450,7 +482,7 @@ def main() -> None:
                 cpu_text = (f"   CPU/req: proxy {cpu[0]:5.1f} us, backend {cpu[1]:5.1f} us"
                             if len(cpu) == 2 else f"   CPU/req: backend {cpu[0]:5.1f} us")
                 print(f"  {name:8s} {rps:9.0f} req/s   p50 {p50:6.2f} ms   p99 {p99:6.2f} ms"
-                      f"{cpu_text}")
+                      f"{cpu_text}   (load {os.getloadavg()[0]:.1f})")
             for name, r in res.items():
                 all_rps.setdefault(name, []).append(r[0])
             if "haproxy" in res and "epio" in res:
@@ -468,6 +500,12 @@ def main() -> None:
             if "epio1" in res and "epio" in res:
                 all_scale.append(res["epio"][0] / res["epio1"][0])
                 print(f"  epio {args.workers} workers / 1 worker: {all_scale[-1]:.2f}")
+            if "haproxy1" in res and "haproxy" in res:
+                all_hscale.append(res["haproxy"][0] / res["haproxy1"][0])
+                print(f"  haproxy nbthread {args.workers} / nbthread 1: {all_hscale[-1]:.2f}")
+            if "haproxy1" in res and "epio1" in res:
+                all_ratio1.append(res["epio1"][0] / res["haproxy1"][0])
+                print(f"  epio1/haproxy1 ratio (one worker, one thread): {all_ratio1[-1]:.2f}")
             if "ref" in res and "epio" in res:
                 (ce, _), (cr, _) = res["epio"][3], res["ref"][3]
                 all_ref.append((res["epio"][0] / res["ref"][0], ce / cr, res["epio"][2] / res["ref"][2]))
@@ -506,6 +544,13 @@ def main() -> None:
         if all_scale:
             print(f"  epio {args.workers} workers / 1 worker: median {statistics.median(all_scale):.2f} "
                   f"(rounds: {', '.join(f'{r:.2f}' for r in all_scale)})")
+        if all_hscale:
+            print(f"  haproxy nbthread {args.workers} / nbthread 1: median "
+                  f"{statistics.median(all_hscale):.2f} "
+                  f"(rounds: {', '.join(f'{r:.2f}' for r in all_hscale)})")
+        if all_ratio1:
+            print(f"  epio1/haproxy1 ratio: median {statistics.median(all_ratio1):.2f} "
+                  f"(rounds: {', '.join(f'{r:.2f}' for r in all_ratio1)})")
         if all_ref:
             print("  epio/ref: req/s median {:.2f}, proxy CPU/req median {:.2f}, p99 median {:.2f} "
                   "(rounds: {})".format(

@@ -5,7 +5,7 @@ Runs by hand from the checkout (see docs/nexus.md)::
     /work/venv/bin/python benchmarks/nexus/run.py [--apps 1000] [--instances 10000]
         [--nodes 100] [--nexuses 2] [--samples 200] [--changes 2] [--rate 500]
         [--load-seconds 8] [--rounds 4] [--cpu-seconds 6] [--delta-interval S]
-        [--route-feed process|inline] [--feed-interval S]
+        [--route-feed process|inline|auto] [--fed-nexus] [--feed-interval S]
         [--pin [--nice-fed N] [--feed-cpu route|http]] [--wrk]
 
 What it starts (all real processes on 127.0.0.1): a store with the apps, HTTP
@@ -262,6 +262,8 @@ class Bench:
         common = (f"[cluster]\nsecret_file = {json.dumps(str(secret_path))}\n"
                   f"nexus = [{nexus_toml}]\n[store]\nurl = {json.dumps(store_url)}\n")
         for i, c in enumerate(cluster):
+            if i == 0 and a.fed_nexus:
+                continue  # nexus 0 runs in the fed router's own process
             self.procs.append(NodeProcess(
                 ["--role=nexus"], data_dir=self.tmp / f"nexus{i}",
                 config=common + f"[nexus]\nheartbeat_bind = {json.dumps(c['heartbeat'])}\n"
@@ -270,8 +272,17 @@ class Bench:
                 + (f"delta_interval = {a.delta_interval}\n" if a.delta_interval is not None
                    else "")))
         lb_port = free_port()
-        router = NodeProcess(["--role=lb"], data_dir=self.tmp / "router",
-                             config=common + f"[lb]\nlisten = \"tcp:{lb_port}:interface=127.0.0.1\"\n"
+        fed_nexus = ""
+        if a.fed_nexus:  # a --role=all node's router: its reactor runs a nexus too
+            c = cluster[0]
+            fed_nexus = (f"[nexus]\nheartbeat_bind = {json.dumps(c['heartbeat'])}\n"
+                         f"router_bind = {json.dumps(c['router'])}\n"
+                         f"publish_bind = {json.dumps(c['publish'])}\n"
+                         + (f"delta_interval = {a.delta_interval}\n"
+                            if a.delta_interval is not None else ""))
+        router = NodeProcess(["--role=lb,nexus" if a.fed_nexus else "--role=lb"],
+                             data_dir=self.tmp / "router",
+                             config=common + fed_nexus + f"[lb]\nlisten = \"tcp:{lb_port}:interface=127.0.0.1\"\n"
                              f"access_log = \"off\"\nroute_feed = \"{a.route_feed}\"\n"
                              + (f"feed_interval = {a.feed_interval}\n"
                                 if a.feed_interval is not None else ""))
@@ -295,7 +306,7 @@ class Bench:
         self.spawn("churn", str(secret_path), str(a.nodes), str(per_node), str(a.apps),
                    str(a.changes), "1.0", *hb, env={"CHURN_START_OFF": "1"})
         churn = self.scripts[-1]
-        for nexus_node in self.procs[:-2]:
+        for nexus_node in self.procs[:-2] + ([router] if a.fed_nexus else []):
             nexus_node.wait_for_log(" ready: ", timeout=60)
         wait_for_port("127.0.0.1", lb_port, timeout=60)
         wait_for_port("127.0.0.1", control_port, timeout=60)
@@ -303,7 +314,8 @@ class Bench:
         # of the router node, measured and stopped with it
         feed_pids: list[int] = []
         deadline = time.monotonic() + 30
-        while a.route_feed == "process" and not feed_pids:
+        feed_process = a.route_feed == "process" or (a.route_feed == "auto" and not a.fed_nexus)
+        while feed_process and not feed_pids:
             if time.monotonic() > deadline:
                 raise SystemExit("the fed router started no route feed process")
             feed_pids = child_processes(router.proc.pid, "epio.lb.feed")
@@ -357,7 +369,8 @@ class Bench:
         print(f"table: {st['routes']} routes, {st['backends']} backends, {st['nodes']} nodes "
               f"on nexus[0]", flush=True)
 
-        named = {f"nexus{i}": n for i, n in enumerate(self.procs[:-2])}
+        first = 1 if a.fed_nexus else 0  # nexus 0 in the fed router: its CPU is the router's
+        named = {f"nexus{i + first}": n for i, n in enumerate(self.procs[:-2])}
         named["router"] = router
         named["control"] = control
         cpu_pids = {n: p.proc.pid for n, p in named.items()}
@@ -586,8 +599,11 @@ def main() -> None:
     p.add_argument("--cpu-seconds", type=float, default=6.0,
                    help="seconds per phase (split over the rounds) of CPU measurement with no "
                    "HTTP load")
-    p.add_argument("--route-feed", choices=("process", "inline"), default="process",
+    p.add_argument("--route-feed", choices=("process", "inline", "auto"), default="process",
                    help="lb.route_feed of the fed router (A/B of the route feed process)")
+    p.add_argument("--fed-nexus", action="store_true",
+                   help="the fed router runs nexus 0 in its own process (--role=lb,nexus, "
+                   "as in a --role=all node), on the HTTP CPU with --pin")
     p.add_argument("--feed-interval", type=float, default=None,
                    help="lb.feed_interval of the fed router (default: the config default)")
     p.add_argument("--feed-cpu", choices=("route", "http"), default="route",

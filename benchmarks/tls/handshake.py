@@ -3,7 +3,7 @@
 
 Run by hand from the checkout (haproxy, nginx, openssl, taskset from Debian):
 
-    .venv/bin/python benchmarks/tls/handshake.py [--time 5] [--rounds 2]
+    .venv/bin/python benchmarks/tls/handshake.py [--time 5] [--rounds 2] [--workers 2]
 
 For each proxy (one process each, pinned to CPU 0; the client on CPU 1) it
 terminates TLS for one hostname with the same ECDSA P-256 certificate and a
@@ -16,6 +16,10 @@ backend behind it (nginx, 100-byte body), and measures with ``openssl s_time``:
   not resume shows about the same figure as ``new``.
 
 It prints connections/s per proxy and the epio/HAProxy ratio of the same round.
+``--workers N`` runs epio with ``lb.workers = N`` (all its processes on CPU 0, the
+CPU figure summed over them): the share resumed then shows whether a session from
+one router process resumes on another; ``--affinity client`` sets
+``lb.tls_affinity = "client"`` (the one client then meets one process).
 The machine is shared: run two rounds and read the spread.
 """
 
@@ -28,6 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lb"))
 from run import (  # noqa: E402  (benchmarks/lb/run.py: the same procs, backend, pinning)
@@ -57,13 +62,14 @@ def make_cert(tmp: Path) -> Path:
     return pem
 
 
-def start_epio(procs: Procs, tmp: Path, backend: int, pem: Path) -> int:
+def start_epio(procs: Procs, tmp: Path, backend: int, pem: Path, workers: int = 1,
+               affinity: str = "none") -> int:
     port, tls = free_port(), free_port()
     (tmp / "routes.toml").write_text(
         f'[apps.bench]\nhostnames = ["{HOST}"]\nbackends = ["127.0.0.1:{backend}"]\n')
     (tmp / "epio.toml").write_text(
-        f'[lb]\nworkers = 1\ntls_listen = "tcp:{tls}:interface=127.0.0.1"\n'
-        f'tls_cert_dir = "{pem.parent}"\n')
+        f'[lb]\nworkers = {workers}\ntls_listen = "tcp:{tls}:interface=127.0.0.1"\n'
+        f'tls_cert_dir = "{pem.parent}"\ntls_affinity = "{affinity}"\n')
     env = {"PYTHONPATH": str(CHECKOUT), "PATH": "/usr/bin:/bin"}
     procs.start([*pin(0), sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
                  "-n", "--pidfile=", "--logfile", str(tmp / "epio.log"), "epio", "--role=lb",
@@ -71,6 +77,12 @@ def start_epio(procs: Procs, tmp: Path, backend: int, pem: Path) -> int:
                  "--lb-listen", f"tcp:{port}:interface=127.0.0.1",
                  "--data-dir", str(tmp / "epio-data")], env=env, cwd=str(tmp))
     wait_port(tls, what="epio tls", log=tmp / "epio.log")
+    deadline = time.monotonic() + 30
+    while (tmp / "epio.log").read_text().count("router listening on") < 2 * workers:
+        if time.monotonic() > deadline:
+            raise SystemExit("epio's workers did not start:\n"
+                             + (tmp / "epio.log").read_text()[-3000:])
+        time.sleep(0.1)
     return tls
 
 
@@ -179,6 +191,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--time", type=int, default=5, help="seconds per measurement")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=1, help="epio's lb.workers")
+    ap.add_argument("--affinity", default="none", choices=("none", "client"),
+                    help="epio's lb.tls_affinity")
     args = ap.parse_args()
     procs = Procs()
     with tempfile.TemporaryDirectory(prefix="epio-tls-bench-") as d:
@@ -187,12 +202,16 @@ def main() -> None:
             pem = make_cert(tmp)
             backend, kind = start_backend(procs, tmp)
             ports: dict[str, tuple[int, int]] = {}
-            for name, start in (("epio", start_epio), ("haproxy", start_haproxy),
-                                ("nginx", start_nginx)):
+            starters: tuple[tuple[str, Any], ...] = (
+                ("epio", lambda *a: start_epio(*a, workers=args.workers,
+                                                affinity=args.affinity)),
+                ("haproxy", start_haproxy), ("nginx", start_nginx))
+            for name, start in starters:
                 port = start(procs, tmp, backend, pem)
                 if port is not None:
                     ports[name] = (port, procs.last)
             print(f"backend: {kind}; certificate: ECDSA P-256; one Python client; "
+                  f"epio lb.workers = {args.workers}, tls_affinity = {args.affinity}; "
                   f"{args.time}s per figure; cpu = the proxy's CPU per handshake")
             for r in range(1, args.rounds + 1):
                 for mode in ("new", "reuse"):

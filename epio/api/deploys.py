@@ -47,11 +47,13 @@ from epio.api.state import (
     DEFAULT_SIZE,
     SIZES,
     current_release,
+    kept,
     platform_line,
     processes_of,
     release_facts,
     rollout_verdict,
     routers_have,
+    runs,
     serving_release,
 )
 from epio.store import (
@@ -163,7 +165,7 @@ class Deployer:
             deploy.id, release=release.version, image=release.image,
             append_log=f"{release.description}: v{release.version}; rolling out\n")
         self._track(deploy, ensureDeferred(self._run(app, deploy, self._finish_rollout(
-            app, deploy, release.version, dict(release.processes)))))
+            app, deploy, release.version, dict(release.processes), kept(release.meta)))))
         return deploy
 
     async def stop(self) -> None:
@@ -296,7 +298,8 @@ class Deployer:
         await self._finish_rollout(app, deploy, release.version, processes)
 
     async def _finish_rollout(self, app: App, deploy: Deploy, version: int,
-                              processes: Mapping[str, str]) -> None:
+                              processes: Mapping[str, str],
+                              keep: Mapping[str, int] | None = None) -> None:
         """Wait until the release's instances are healthy (then routers switched) and
         record it as current; DeployFailed when they do not become healthy."""
         if self.scheduler is not None:
@@ -304,13 +307,14 @@ class Deployer:
         formation = await self.store.get_formation(app.name)
         want = {t: f.quantity for t, f in formation.items()
                 if t in processes and f.quantity > 0}
-        if not await self._wait_healthy(app, version, want, deploy):
+        if not await self._wait_healthy(app, version, want, deploy, keep or {}):
             return
-        await self._wait_routed(app, version, want)
+        await self._wait_routed(app, version, want, keep or {})
         where = f": {self.settings.url_of(app.name)}" if "web" in want else ""
         await self._say(deploy, f"Deployed v{version}{where}", status="succeeded")
 
-    async def _wait_routed(self, app: App, version: int, want: Mapping[str, int]) -> None:
+    async def _wait_routed(self, app: App, version: int, want: Mapping[str, int],
+                           keep: Mapping[str, int]) -> None:
         """Until routers send traffic to the release's healthy web instances (every
         nexus lists them, :func:`routers_have`), at most ``api.drain_seconds``: the
         CLI says "live" only then.  A release with no web process routes nothing."""
@@ -320,7 +324,7 @@ class Deployer:
         deadline = self.clock.seconds() + self.settings.drain_seconds
         while True:
             healthy = [i for i in await self.store.list_instances(app.name)
-                       if i.release == version and i.state == "healthy"
+                       if runs(i, version, keep) and i.state == "healthy"
                        and i.process_type in web]
             if await routers_have(self.control, self.settings, self.clock, app.name,
                                   healthy) or self.clock.seconds() >= deadline:
@@ -372,7 +376,7 @@ class Deployer:
         return min(fresh or nodes, key=load)
 
     async def _wait_healthy(self, app: App, version: int, want: dict[str, int],
-                            deploy: Deploy) -> bool:
+                            deploy: Deploy, keep: Mapping[str, int]) -> bool:
         """True once every wanted instance is healthy; False when someone else decided
         the deploy meanwhile; DeployFailed when it fails."""
         deadline = self.clock.seconds() + self.settings.rollout_timeout
@@ -388,14 +392,14 @@ class Deployer:
                 raise DeploySuperseded(f"v{current.version} replaced v{version} during its "
                                        "rollout")
             instances = [i for i in await self.store.list_instances(app.name)
-                         if i.release == version]
+                         if runs(i, version, keep)]
             for i in instances:
                 name = f"{i.process_type}.{i.number}"
-                if reported.get(i.id) != i.state:
+                if i.release == version and reported.get(i.id) != i.state:
                     reported[i.id] = i.state
                     deploy = await self._say(deploy, f"  {name}: {i.state}"
                                              + (f" on {i.node}" if i.node else ""))
-            verdict = rollout_verdict(instances, version, want)
+            verdict = rollout_verdict(instances, version, want, keep)
             if verdict.failure is not None:
                 assert verdict.culprit is not None
                 deploy = await self._show_tail(deploy, verdict.culprit)

@@ -22,14 +22,17 @@ from epio.api.settings import ApiSettings
 from epio.api.spec import HOSTNAME_RULE
 from epio.api.state import (
     DEFAULT_SIZE,
+    KEEP,
     SIZES,
     ReleaseState,
     current_release,
     failed_releases,
+    kept,
     release_states,
     serving_release,
 )
 from epio.appenv import reserved_reason
+from epio.domain import PLATFORM_APP, reserved_app_name_problem
 from epio.secretfile import write_secret_file
 from epio.store import (
     APP_DESTROYED,
@@ -50,7 +53,17 @@ if TYPE_CHECKING:
     from epio.api.addons import Addons
 
 ADMIN_NAME = "admin"
+#: seconds a one-time dashboard sign-in code (``epio login --web``) stays valid
+LOGIN_CODE_SECONDS = 120.0
+#: facts of one release that a release made from it (rollback, restart) does not copy
+RELEASE_ONLY_META = ("rollback_of", "restart_of", KEEP)
 ADMIN_TOKEN_FILE = "admin-token"
+
+
+#: The platform itself as the log and stats endpoints see it (admins only): no app of the
+#: store, never owned, never deployed ("App ID 0 is special").
+PLATFORM_APP_RECORD = App(name=PLATFORM_APP, owner_id="", uid=0, maintenance=False,
+                          created=0.0)
 
 
 class Platform:
@@ -97,6 +110,34 @@ class Platform:
         token = await self.store.create_token(new.id, f"first token, created by {user.name}")
         return new, token.token
 
+    async def create_login_code(self, user: User) -> tuple[str, float]:
+        """A one-time code that signs the dashboard in as ``user`` (epio.store.logins)."""
+        from epio.store.logins import create_login_code
+
+        code, expires = await create_login_code(self.store, user.id, LOGIN_CODE_SECONDS)
+        self.log.info("{user} asked for a dashboard sign-in link", user=user.name)
+        return code, expires
+
+    async def sign_in_with_code(self, code: str) -> tuple[User, str]:
+        """Use up a one-time code: its user and a new API token for the dashboard."""
+        from epio.store.logins import redeem_login_code
+
+        user_id = await redeem_login_code(self.store, code)
+        user = None
+        if user_id is not None:
+            try:
+                user = await self.store.get_user(user_id)
+            except StoreNotFound:
+                user = None
+        if user is None:
+            raise errors.ApiError(
+                "this sign-in link does not work: it was used already, it expired (after "
+                f"{LOGIN_CODE_SECONDS:g} seconds) or it was cut short; run `epio login "
+                "--web` again", code="invalid_login_code", status=400)
+        token = await self.store.create_token(user.id, "dashboard sign-in (epio login --web)")
+        self.log.info("{user} signed the dashboard in with a one-time link", user=user.name)
+        return user, token.token
+
     async def list_tokens(self, user: User) -> list[Any]:
         return await self.store.list_tokens(user.id)
 
@@ -108,8 +149,13 @@ class Platform:
 
     # --- apps -------------------------------------------------------------------
 
-    async def get_app(self, user: User, name: str) -> App:
-        """The app if ``user`` may see it; NotFound otherwise (missing or not theirs)."""
+    async def get_app(self, user: User, name: str, logs: bool = False) -> App:
+        """The app if ``user`` may see it; NotFound otherwise (missing or not theirs).
+
+        With ``logs`` (the log and stats endpoints), an admin may also name the
+        platform itself (:data:`PLATFORM_APP`): its router access log and stats."""
+        if logs and name == PLATFORM_APP and user.is_admin and self.settings.platform_hostname:
+            return PLATFORM_APP_RECORD
         if not await self.store.can_access(name, user.id):
             raise errors.NotFound(f"no app named {name!r}")
         try:
@@ -121,8 +167,10 @@ class Platform:
         return await self.store.list_apps(None if user.is_admin else user.id)
 
     async def create_app(self, user: User, name: str) -> App:
-        if name in ("api", "www", "dashboard", "admin"):
-            raise errors.Conflict(f"the app name {name!r} is reserved")
+        problem = reserved_app_name_problem(name, self.settings.platform_hostname,
+                                            self.settings.domain)
+        if problem is not None:
+            raise errors.Conflict(problem)
         app = await self.store.create_app(name, user.id, uids=self.settings.uids,
                                           limits=self.settings.app_limits)
         self.log.info("app {app} created by {user}", app=name, user=user.name)
@@ -282,17 +330,56 @@ class Platform:
                 raise errors.Conflict(f"v{version} failed to deploy; it cannot be rolled back to")
         if target.image is None:
             raise errors.Conflict(f"v{target.version} has no image (it was never deployed)")
+        extra: dict[str, str] = {}
+        if self.addons is not None:  # add-on URLs follow the databases, not the release
+            extra = await self.addons.config_vars(app)
+        release = await self._release_again(
+            user, app, target, f"Rollback to v{target.version}",
+            {"rollback_of": target.version}, extra)
+        await self._roll_out(user, app, release, "rollback")
+        return release
+
+    async def restart(self, user: User, app: App, ptype: str | None) -> Release:
+        """Restart every instance of the app (or of one process type): a new release
+        with the current release's image, processes and config, rolled out like a
+        config change -- each type per its rollover (start-first: the new instances
+        are healthy, and routed, before the old ones drain; stop-first: the old ones
+        exit first).  A restart of one type keeps the other types' instances (the
+        release's ``keep``, :func:`epio.api.state.runs`)."""
+        current = await current_release(self.store, app.name)
+        if current is None or current.image is None:
+            raise errors.Conflict(f"{app.name} has nothing to restart yet: deploy it first",
+                                  code="nothing_to_restart")
+        meta: dict[str, Any] = {"restart_of": current.version}
+        if ptype is not None:
+            if ptype not in current.processes:
+                raise errors.ValidationFailed(no_such_type(app, ptype, current.processes),
+                                              code="unknown_process_type")
+            before = kept(current.meta)
+            meta[KEEP] = {t: before.get(t, current.version)
+                          for t in sorted(current.processes) if t != ptype}
+        release = await self._release_again(
+            user, app, current, "Restart" + (f" {ptype}" if ptype else ""), meta, {})
+        self.log.info("{app} restarted by {user}: v{release}{only}", app=app.name,
+                      user=user.name, release=release.version,
+                      only=f" ({ptype} only)" if ptype else "")
+        await self._roll_out(user, app, release, "restart")
+        return release
+
+    async def _release_again(self, user: User, app: App, target: Release, description: str,
+                             meta: dict[str, Any], extra: dict[str, str]) -> Release:
+        """A new release with ``target``'s image, processes, config (plus ``extra``
+        vars) and meta (without what only ``target`` was: a rollback's or a restart's
+        facts, replaced by ``meta``); the app's config vars become the release's."""
         old = await self.store.get_config(app.name)
         changes: dict[str, str | None] = {k: None for k in old if k not in target.config}
         changes.update(target.config)
-        if self.addons is not None:  # add-on URLs follow the databases, not the release
-            changes.update(await self.addons.config_vars(app))
+        changes.update(extra)
+        own = {k: v for k, v in target.meta.items() if k not in RELEASE_ONLY_META}
         # config and release change together or not at all
         _, release = await self.store.set_config_and_release(
             app.name, changes, image=target.image, processes=target.processes,
-            description=f"Rollback to v{target.version}", created_by=user.name,
-            meta={**target.meta, "rollback_of": target.version})
-        await self._roll_out(user, app, release, "rollback")
+            description=description, created_by=user.name, meta={**own, **meta})
         return release
 
     # --- logs -------------------------------------------------------------------
@@ -302,6 +389,9 @@ class Platform:
         ever had (releases, formation) and its dedicated servers'."""
         from epio.addons.services import SERVICE_PROCESS_TYPES
         from epio.logclient import PLATFORM_SOURCES
+
+        if app is PLATFORM_APP_RECORD:
+            return ["router"]  # the platform's log: its routed requests only
 
         types = set(await self.store.get_formation(app.name))
         for release in await self.store.list_releases(app.name):
@@ -364,9 +454,7 @@ class Platform:
         formation = await self.store.get_formation(app.name)
         for ptype, change in changes.items():
             if current is not None and current.processes and ptype not in current.processes:
-                known = ", ".join(sorted(current.processes)) or "none"
-                raise errors.ValidationFailed(
-                    f"{app.name} has no process type {ptype!r} (it has: {known})")
+                raise errors.ValidationFailed(no_such_type(app, ptype, current.processes))
             size = change.get("size")
             if size is not None and size not in SIZES:
                 raise errors.ValidationFailed(
@@ -406,6 +494,12 @@ class Platform:
             raise refuse_hostname() from None
         if host == self.builtin_hostname(app):
             raise errors.Conflict(f"{host} is already the app's built-in hostname")
+        platform = self.settings.platform_hostname
+        if platform and (_within(platform, _root(host)) or _within(_root(host), platform)):
+            # the platform's own hostname (api.hostname) or a name over or under it
+            self.log.info("{user} was refused the platform's hostname {host} for {app}",
+                          user=user.name, host=host, app=app.name)
+            raise refuse_hostname()
         # checked inside the store's transaction, serialised with every other
         # add_domain: two accounts adding overlapping names at once cannot both pass
         try:
@@ -464,6 +558,12 @@ class Platform:
     def _wake(self) -> None:
         if self.scheduler is not None:
             self.scheduler.wake()
+
+
+def no_such_type(app: App, ptype: str, processes: Iterable[str]) -> str:
+    """The sentence for a process type the app's release does not have."""
+    known = ", ".join(sorted(processes)) or "none"
+    return f"{app.name} has no process type {ptype!r} (it has: {known})"
 
 
 # --- hostnames -----------------------------------------------------------------------

@@ -47,12 +47,9 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from autobahn.twisted.resource import WebSocketResource
-from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
-from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
-from zope.interface import implementer
 
 from epio.api.spec import METRIC_NAME, SOURCE_NAME
 from epio.bus.errors import RemoteError
@@ -199,87 +196,14 @@ class TailBuffer:
             self.send({"type": "missed", "count": n})
 
 
-@implementer(IPushProducer)
-class TailProtocol(WebSocketServerProtocol):
-    """One websocket client following one app's log."""
+def __getattr__(name: str) -> Any:
+    """``TailProtocol`` and ``TailFactory`` live in :mod:`epio.api.logtail_ws`: autobahn
+    (about 6 MiB of a node's memory) is imported with the first live tail, not at start."""
+    if name in ("TailProtocol", "TailFactory"):
+        from epio.api import logtail_ws
 
-    log = Logger()
-    factory: TailFactory
-
-    def onConnect(self, request: Any) -> str | None:
-        # the dashboard authenticates with subprotocols (see epio.api.web._bearer);
-        # select only the plain one so the token is never echoed in the response
-        return "epio.v1" if "epio.v1" in (request.protocols or []) else None
-
-    def onOpen(self) -> None:
-        f = self.factory
-        self.buffer = TailBuffer(f.buffer_lines, self._send_json, f.on_missed)
-        t: Any = self.transport
-        # the HTTP channel was the transport's producer until the upgrade
-        if getattr(t, "producer", None) is not None:
-            t.unregisterProducer()
-        t.registerProducer(self, True)
-        self.follower = f.client.follow(f.app, self, f.n, f.filter)
-
-    def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        pass  # nothing to receive: filters are set when connecting
-
-    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        follower = getattr(self, "follower", None)
-        if follower is not None:
-            follower.stop()
-
-    def _send_json(self, msg: dict[str, Any]) -> None:
-        if self.state == self.STATE_OPEN:
-            self.sendMessage(  # type: ignore[no-untyped-call]  # autobahn is unannotated
-                json.dumps(msg, separators=(",", ":")).encode("utf-8"))
-
-    # TailSink
-    def lines(self, lines: list[Line]) -> None:
-        self.buffer.lines(lines)
-
-    def ready(self, next_id: int) -> None:
-        self.buffer.message({"type": "ready", "next": next_id})
-
-    def missed(self, n: int) -> None:
-        self.buffer.message({"type": "missed", "count": n})
-        if self.factory.on_missed is not None:
-            self.factory.on_missed(n)
-
-    def notice(self, text: str) -> None:
-        self.buffer.message({"type": "notice", "message": text})
-
-    def error(self, code: str, message: str) -> None:
-        self.buffer.message({"type": "error", "code": code, "message": message})
-        self.sendClose(1011, message[:100])
-
-    # IPushProducer: the transport says when its send buffer is full / drained
-    def pauseProducing(self) -> None:
-        self.buffer.pause()
-
-    def resumeProducing(self) -> None:
-        self.buffer.resume()
-
-    def stopProducing(self) -> None:
-        follower = getattr(self, "follower", None)
-        if follower is not None:
-            follower.stop()
-
-
-class TailFactory(WebSocketServerFactory):
-    protocol = TailProtocol  # type: ignore[assignment]
-
-    def __init__(self, client: LogClient, app: str, n: int, filt: LineFilter,
-                 buffer_lines: int, on_missed: Callable[[int], None] | None) -> None:
-        WebSocketServerFactory.__init__(self)
-        self.client = client
-        self.app = app
-        self.n = n
-        self.filter = filt
-        self.buffer_lines = buffer_lines
-        self.on_missed = on_missed
-        # keep-alive pings so dead clients are noticed
-        WebSocketServerFactory.setProtocolOptions(self, autoPingInterval=30, autoPingTimeout=30)
+        return getattr(logtail_ws, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _error(request: Any, status: int, code: str, message: str) -> bytes:
@@ -330,6 +254,10 @@ class LogTail:
             return _error(request, 400, "invalid_parameter", str(e))
         upgrade = (request.getHeader(b"upgrade") or b"").lower()
         if upgrade == b"websocket":
+            from autobahn.twisted.resource import WebSocketResource
+
+            from epio.api.logtail_ws import TailFactory
+
             factory = TailFactory(self.client, app, n, filt, self.buffer_lines, self._on_missed)
             return WebSocketResource(factory)
         try:

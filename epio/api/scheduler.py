@@ -30,7 +30,8 @@ One pass (:meth:`Scheduler.reconcile`), for every app:
    drained -- stopped ``api.drain_seconds`` later, after routers dropped it --,
    any other is stopped at once.  A type with ``rollover = stop-first`` (the
    release's meta) has its older instances stopped, confirmed, before any new
-   one starts;
+   one starts.  A restart of some types (``keep`` in the release's meta,
+   :func:`epio.api.state.runs`) leaves the other types' instances running;
 4. deploys whose api process is gone (a node restart, a lost node) are
    decided at once: builds failed, rollouts finished from what the instances
    report (docs/deploys.md).
@@ -60,9 +61,11 @@ from epio.api.state import (
     DEFAULT_SIZE,
     SIZES,
     current_release,
+    kept,
     platform_line,
     rollout_verdict,
     routers_have,
+    runs,
     serving_release,
 )
 from epio.services import attach
@@ -225,6 +228,10 @@ class Scheduler:
             del self.views[gone]
         await DeferredList([ensureDeferred(self._poll(self.views[n.id])) for n in nodes],
                            consumeErrors=True)
+        # liveness is judged after the polls: a silent runner's poll waits its whole
+        # status_timeout, and judging with the pass's start time would declare it gone
+        # one or two passes (several seconds) after runner_dead_after expired
+        now = self.clock.seconds()
         alive = {v.node_id for v in self.views.values()
                  if v.alive(now, self.settings.runner_dead_after)}
         instances = await self._fold_reports(now, alive)
@@ -352,11 +359,13 @@ class Scheduler:
                 everyone.remove(inst)
         types = set(want) | {i.process_type for i in mine}
         rollover = dict((release.meta or {}).get("rollover") or {}) if release else {}
+        keep = kept(release.meta) if release else {}
         for ptype in sorted(types):
             quantity = want.get(ptype, 0)
             of_type = [i for i in mine if i.process_type == ptype and i.state != "draining"
                        and i in everyone]
-            current = [i for i in of_type if release is not None and i.release == release.version]
+            current = [i for i in of_type
+                       if release is not None and runs(i, release.version, keep)]
             old = [i for i in of_type if i not in current]
             # a failed instance stays visible (ps, a deploy watching it) for start_grace,
             # then it is replaced
@@ -374,6 +383,9 @@ class Scheduler:
                     continue  # a runner did not confirm: try again next pass
                 old = []
             missing = quantity - len(current)
+            # a release of an asleep app (a deploy, a config change): its instances boot,
+            # pass their health check, and go back to sleep (docs/apps.md)
+            asleep_before = bool(old) and all(i.state == "asleep" for i in old)
             if missing > 0:
                 assert release is not None
                 # numbers unique among the type's instances of every release (the old
@@ -384,7 +396,8 @@ class Scheduler:
                     number = next(n for n in range(1, quantity + len(used) + 2) if n not in used)
                     used.add(number)
                     placed = await self._start(app, release, ptype, number,
-                                               formation.get(ptype), everyone, now)
+                                               formation.get(ptype), everyone, now,
+                                               asleep_after_boot=asleep_before)
                     if placed is None:
                         break
                     everyone.append(placed)
@@ -394,12 +407,15 @@ class Scheduler:
                 for inst in extras[:-missing]:
                     await self._retire(inst, everyone, now)
             healthy = [i for i in current if i.state == "healthy"]
+            # asleep: healthy once, then slept without a request; a router wakes it
+            asleep = [i for i in current if i.state == "asleep"]
             switched: bool | None = None  # asked once per pass, only when it matters
             for inst in old:
-                if inst.state != "healthy":
+                # an asleep one stays (and wakes on a request) until the new ones serve
+                if inst.state not in domain.SERVING_STATES:
                     await self._retire(inst, everyone, now)
-                elif len(healthy) >= quantity:
-                    if ptype not in self.settings.web_process_types:
+                elif len(healthy) + len(asleep) >= quantity:
+                    if ptype not in self.settings.web_process_types or asleep:
                         switched = True  # no router sends it work: the new ones took over
                     elif switched is None:
                         switched = await self._routed(app.name, healthy)
@@ -486,13 +502,13 @@ class Scheduler:
         formation = await self.store.get_formation(app)
         want = {t: f.quantity for t, f in formation.items()
                 if t in rel.processes and f.quantity > 0}
-        verdict = rollout_verdict(mine, d.release, want)
+        verdict = rollout_verdict(mine, d.release, want, kept(rel.meta))
         if verdict.failure is not None:
-            kept = await serving_release(self.store, app)
+            serving = await serving_release(self.store, app)
             self.log.warn("rollout {id} of {app} (v{release}) failed after {why}: {reason}",
                           id=d.id, app=app, release=d.release, why=why, reason=verdict.failure)
             await self.store.update_deploy(
-                d.id, status="failed", reason=verdict.failure, meta={"kept": kept},
+                d.id, status="failed", reason=verdict.failure, meta={"kept": serving},
                 append_log=f"Deploy failed (rollout taken over after {why}): "
                            f"{verdict.failure}\n")
         elif verdict.done:
@@ -539,7 +555,8 @@ class Scheduler:
         return env
 
     async def _start(self, app: Any, release: Any, ptype: str, number: int, formation: Any,
-                     everyone: list[Instance], now: float) -> Instance | None:
+                     everyone: list[Instance], now: float, asleep_after_boot: bool = False,
+                     ) -> Instance | None:
         avoid: set[str] = set()
         size = formation.size if formation is not None else DEFAULT_SIZE
         limits = dict(formation.limits) if formation is not None and formation.limits else {}
@@ -575,6 +592,9 @@ class Scheduler:
                 "env": env, "limits": limits,
                 "health_check": meta.get("health_check") if ptype == "web" else None,
                 "boot_timeout": float(meta.get("boot_timeout") or DEFAULT_BOOT_TIMEOUT),
+                # None: the runner's default (runner.idle_sleep); only web sleeps
+                "idle_sleep": meta.get("idle_sleep") if ptype == "web" else None,
+                "asleep_after_boot": asleep_after_boot,
                 "grace": self.settings.stop_grace,
                 "addon_ports": ports,  # its shared database: the runner's fence opens it
             }

@@ -36,6 +36,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
+from epio.api.beacon import ApiBeacon, RecordingEndpoint, advertised, parse_advertise
 from epio.api.channel import DeadlineChannel, Deadlines
 from epio.api.control import BusRunnerControl
 from epio.api.deploys import Deployer
@@ -44,6 +45,7 @@ from epio.api.errors import too_large_message
 from epio.api.scheduler import Scheduler, SchedulerService
 from epio.api.settings import ApiSettings, derive_app_secret
 from epio.api.web import TARBALL_TYPES, Api, authorize_app
+from epio.domain import platform_hostname
 from epio.listen import ConnectionLimit, LimitedEndpoint, log_backlog, with_backlog
 from epio.metrics import Family
 from epio.services import named
@@ -203,7 +205,6 @@ def build_ready(node: Node, settings: ApiSettings, store: Store) -> ReadyApi:
     from epio.api.purge import AppPurger, PurgeService
     from epio.api.run import RunApiSettings, RunSessions
     from epio.certs.api import Certs
-    from epio.certs.issuer import make_issuer_service
 
     services: list[IService] = []
     dealer = node.bus.dealer([])
@@ -234,9 +235,12 @@ def build_ready(node: Node, settings: ApiSettings, store: Store) -> ReadyApi:
     services.append(named("purge", PurgeService(purger, store, node.reactor,
                                                 settings.purge_interval, settings.leader_retry)))
     certs = Certs(store, node.secret, bool(node.settings.acme.directory), node.reactor)
-    issuer = make_issuer_service(node, store, settings.leader_retry)
-    if issuer is not None:  # acme.directory set (docs/https.md)
-        services.append(named("acme-issuer", issuer))
+    if node.settings.acme.directory:  # (docs/https.md); acme, josepy, requests: 6 MiB,
+        from epio.certs.issuer import make_issuer_service  # imported only when used
+
+        issuer = make_issuer_service(node, store, settings.leader_retry)
+        if issuer is not None:
+            services.append(named("acme-issuer", issuer))
     log_tail = _log_tail(node, platform, services)
     api = Api(platform, max_json_bytes=settings.max_json_bytes,
               max_upload_bytes=settings.max_upload_bytes, log_tail=log_tail, addons=addons,
@@ -270,9 +274,11 @@ class ApiService(MultiService):
     log = Logger()
 
     def __init__(self, node: Node, settings: ApiSettings, gate: ApiGate,
-                 http: IService) -> None:
+                 http: IService, beacon: IService | None = None) -> None:
         MultiService.__init__(self)
         self.node = node
+        # api.heartbeat to every nexus (the platform's own route), started once open
+        self.beacon = beacon
         self.settings = settings
         self.gate = gate
         http.setServiceParent(self)
@@ -296,8 +302,15 @@ class ApiService(MultiService):
         store = await node.store_service.whenReady()
         path = await ensure_admin(store, node.data_dir)
         if path is not None:
-            self.log.info("created the admin user; its API token is in {path} (mode 0600): "
-                          "epio login --api URL < {path}", path=str(path))
+            routed = self.settings.platform_url()
+            if routed is None:
+                self.log.info("created the admin user; its API token is in {path} (mode "
+                              "0600): epio login --api URL < {path}", path=str(path))
+            else:
+                self.log.info("created the admin user; its API token is in {path} (mode "
+                              "0600): epio login --api {url} < {path} (through the routers; "
+                              "this api's own listener, {listen}, works too)", path=str(path),
+                              url=routed, listen=self._listen)
         if not self.running:
             return
         ready = build_ready(node, self.settings, store)
@@ -311,6 +324,8 @@ class ApiService(MultiService):
             self._register.start(self.settings.runner_dead_after / 3, now=True).addErrback(
                 lambda f: self.log.failure("node registration loop died", f))
         self.gate.open(ready.api.resource())
+        if self.beacon is not None:
+            self.beacon.setServiceParent(self)  # routers may send requests from now on
         self._ready.callback(ready)
         self.log.info("api ready")
 
@@ -337,11 +352,17 @@ class ApiService(MultiService):
     def stopService(self) -> Deferred[None]:
         if self._register is not None and self._register.running:
             self._register.stop()
+        beacon: Any = None
+        if self.beacon is not None and self.beacon.parent is not None:
+            # first: the nexuses stop routing here while the in-flight requests finish
+            beacon = self.beacon.disownServiceParent()
         # Deferred.result is the ReadyApi once fired (it never errbacks)
         ready = cast(ReadyApi, self._ready.result) if self._ready.called else None
         deployer = ready.deployer if ready is not None else None
 
         async def stop() -> None:
+            if isinstance(beacon, Deferred):
+                await beacon
             if deployer is not None:
                 try:
                     await deployer.stop()  # running deploys are marked failed
@@ -365,8 +386,25 @@ def make_service(node: Node) -> ApiService:
     gate = ApiGate(starting.resource())
     site = make_site(gate, settings.max_upload_bytes + (1 << 20), deadlines, node.reactor, limit)
     registry_for(node).add_collector(site.metric_families)
-    endpoint = LimitedEndpoint(
-        serverFromString(node.reactor, with_backlog(section.listen, section.backlog)), limit)
+    endpoint = RecordingEndpoint(LimitedEndpoint(
+        serverFromString(node.reactor, with_backlog(section.listen, section.backlog)), limit))
     http = StreamServerEndpointService(endpoint, site)
     http.setName("api-http")
-    return ApiService(node, settings, gate, http)
+    return ApiService(node, settings, gate, http, make_beacon(node, endpoint))
+
+
+def make_beacon(node: Node, endpoint: RecordingEndpoint) -> ApiBeacon | None:
+    """The api's heartbeat to every nexus (None: no nexus configured, or the platform
+    route is off: ``api.hostname = off``)."""
+    s = node.settings
+    nexus = [str(n["heartbeat"]) for n in s.cluster.nexus if n.get("heartbeat")]
+    if not nexus or not platform_hostname(s.api.hostname, s.node.domain):
+        return None
+    publisher = node.bus.publisher(connect=nexus)
+    publisher.setName("api-heartbeat")  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
+    explicit = parse_advertise(s.api.advertise)
+    beacon = ApiBeacon(node.reactor, publisher, node.node_id, node.boot_id,
+                       s.api.heartbeat_interval,
+                       lambda: advertised(explicit, endpoint.port, s.runner.advertise_host))
+    beacon.setName("api-beacon")  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
+    return beacon

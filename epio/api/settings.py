@@ -6,6 +6,7 @@ from attrs import frozen
 
 from epio.config import Config
 from epio.config.schema import DEFAULT_UIDS
+from epio.domain import PLATFORM_APP, platform_hostname
 from epio.store import AppLimits
 
 
@@ -38,6 +39,9 @@ class ApiSettings:
     # process types routers send requests to (``nexus.web_process_types``): only these
     # are drained through the routers on a rollover; the others are stopped directly
     web_process_types: frozenset[str] = frozenset({"web"})
+    # where the routers serve the platform itself (api.hostname; "" = no such route):
+    # no app and no custom domain may take it (epio.domain.PLATFORM_APP)
+    platform_hostname: str = ""
 
     @classmethod
     def from_config(cls, config: Config) -> ApiSettings:
@@ -66,10 +70,19 @@ class ApiSettings:
             purge_interval=api.purge_interval,
             purge_timeout=api.purge_timeout,
             web_process_types=frozenset(s.nexus.web_process_types),
+            platform_hostname=platform_hostname(api.hostname, s.node.domain),
         )
 
     def url_of(self, app: str) -> str:
         return self.app_url.format(app=app, domain=self.domain)
+
+    def platform_url(self) -> str | None:
+        """The API's URL through the routers (the app URL template with the platform
+        hostname for ``{app}.{domain}``), or None without a platform route."""
+        if not self.platform_hostname:
+            return None
+        return self.app_url.replace("{app}.{domain}", self.platform_hostname).format(
+            app=PLATFORM_APP, domain=self.domain).rstrip("/")
 
 
 def default_app_url(lb_listen: str) -> str:

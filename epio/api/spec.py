@@ -90,6 +90,12 @@ SCHEMAS: dict[str, dict[str, Any]] = {
                   "last_used": NULLABLE_NUM}),
     "NewToken": obj({"description": {"type": "string", "maxLength": 200}}, required=[]),
     "CreatedToken": obj({"token": STR, "info": ref("Token")}),
+    "LoginCode": obj({
+        "code": {"type": "string", "description": "one use, within `expires`: the "
+                                                  "dashboard exchanges it for a token"},
+        "expires": NUM}),
+    "LoginExchange": obj({"code": {"type": "string", "minLength": 1, "maxLength": 200}}),
+    "SignedIn": obj({"user": ref("User"), "token": STR}),
     "App": obj({
         "name": STR, "owner": STR, "url": STR, "created": NUM, "maintenance": BOOL,
         "release": NULLABLE_INT, "collaborators": array(STR),
@@ -125,6 +131,9 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "ConfigUpdate": obj({"vars": {"type": "object", "additionalProperties": STR},
                          "release": ref("Release")}),
     "Rollback": obj({"version": {"type": "integer", "minimum": 1}}, required=[]),
+    "Restart": obj({"type": {"type": "string", "pattern": PROCESS_TYPE,
+                             "description": "restart only this process type (default: "
+                                            "every one)"}}, required=[]),
     "Deploy": obj({
         "id": STR, "app": STR,
         "status": {"type": "string", "enum": list(domain.DEPLOY_STATES)},

@@ -22,6 +22,7 @@ from typing import Any
 from attrs import frozen
 from twisted.logger import Logger
 
+from epio import domain
 from epio.basicauth import DEFAULT_REALM
 from epio.store import DEPLOY_FINAL, Deploy, Instance, Release, Store
 
@@ -121,18 +122,45 @@ class Verdict:
     culprit: Instance | None = None  # the instance that failed it
 
 
-def rollout_verdict(instances: list[Instance], version: int, want: Mapping[str, int]
-                    ) -> Verdict:
+#: release meta key of a restart of some process types (``epio restart web``): the
+#: other types' instances are not replaced; ``{type: version}`` says which older
+#: release's instances of that type run the new release unchanged (same image, config
+#: and command, as a restart copies them)
+KEEP = "keep"
+
+
+def kept(meta: Mapping[str, Any] | None) -> dict[str, int]:
+    """The ``keep`` of a release's meta: {process type: version of the instances it keeps}."""
+    raw = (meta or {}).get(KEEP)
+    if not isinstance(raw, Mapping):
+        return {}
+    return {str(t): v for t, v in raw.items() if isinstance(v, int)}
+
+
+def runs(inst: Instance, version: int, keep: Mapping[str, int]) -> bool:
+    """Whether ``inst`` is an instance of release ``version``: started for it, or of a
+    type the release keeps (a restart of other types) from the release it kept."""
+    return inst.release == version or keep.get(inst.process_type) == inst.release
+
+
+def rollout_verdict(instances: list[Instance], version: int, want: Mapping[str, int],
+                    keep: Mapping[str, int] | None = None) -> Verdict:
     """Decide a rollout of ``version`` from its instances: failed as soon as one of
     them ``failed`` or crashed :data:`MAX_CRASH_RESTARTS` times before being healthy;
-    done when every wanted process type has its quantity healthy."""
-    mine = [i for i in instances if i.release == version]
+    done when every wanted process type has its quantity healthy (counting the
+    instances of the types it ``keep``s, see :func:`runs`)."""
+    mine = [i for i in instances if runs(i, version, keep or {})]
     for i in mine:
-        if i.state == "failed" or (i.state != "healthy" and i.restarts >= MAX_CRASH_RESTARTS):
+        if i.release != version:
+            continue  # kept from an earlier release: healthy once already
+        if i.state == "failed" or (i.state not in domain.SERVING_STATES
+                                   and i.restarts >= MAX_CRASH_RESTARTS):
             what = "failed" if i.state == "failed" else f"crashed {i.restarts} times"
             return Verdict(False, f"{i.process_type}.{i.number} of v{version} {what} before "
                                   "becoming healthy", {}, i)
-    healthy = {t: sum(1 for i in mine if i.process_type == t and i.state == "healthy")
+    # an asleep instance was healthy, then slept without a request (idle_sleep)
+    healthy = {t: sum(1 for i in mine
+                      if i.process_type == t and i.state in domain.SERVING_STATES)
                for t in want}
     return Verdict(all(healthy[t] >= n for t, n in want.items()), None, healthy)
 
@@ -174,6 +202,9 @@ def release_facts(manifest: Mapping[str, Any]) -> dict[str, Any]:
             facts["health_check"] = str(http["health_check"])
         if isinstance(http.get("boot_timeout"), int | float):
             facts["boot_timeout"] = float(http["boot_timeout"])
+        idle = http.get("idle_sleep")
+        if isinstance(idle, int | float) and not isinstance(idle, bool):
+            facts["idle_sleep"] = float(idle)  # the runner's, for web (docs/apps.md)
         # the router's per-app overrides (the nexus turns these into route options)
         route = {k: http[k] for k in ("timeout", "idle_timeout", "max_body_size")
                  if isinstance(http.get(k), int | float) and not isinstance(http.get(k), bool)}

@@ -55,7 +55,12 @@ async def authorize_app(platform: Any, request: Any, name: str) -> Any:
         raise errors.Unavailable("the api is starting; try again in a moment",
                                  code="starting")
     user = await platform.authenticate(_bearer(request))
-    return await platform.get_app(user, name)
+    return await platform.get_app(user, name, logs=True)
+
+
+#: The operations for which an admin may name the platform itself (its router access
+#: log and stats, app ``epio``: epio.domain.PLATFORM_APP); every other one 404s on it.
+PLATFORM_LOG_OPERATIONS = frozenset({"getLogs", "getStats"})
 
 
 class Api(AddonRoutes, CronRoutes, RunRoutes):
@@ -119,7 +124,8 @@ class Api(AddonRoutes, CronRoutes, RunRoutes):
             user = await self.platform.authenticate(_bearer(request))
         args: dict[str, Any] = dict(kw)
         if op.app_scoped:
-            args["app"] = await self.platform.get_app(user, kw["app"])
+            args["app"] = await self.platform.get_app(
+                user, kw["app"], logs=op.operation_id in PLATFORM_LOG_OPERATIONS)
         if op.request is not None:
             if op.request_type == JSON:
                 args["body"] = self._json_body(request, op)
@@ -244,6 +250,25 @@ class Api(AddonRoutes, CronRoutes, RunRoutes):
         new = await self.platform.create_token(user, body.get("description", ""))
         return {"token": new.token, "info": serialize.token(new.info)}
 
+    @operation("POST", "/login-codes", "createLoginCode",
+               "A one-time code that signs the dashboard in as the caller (`epio login "
+               "--web` puts it in a link's fragment); valid once, for 2 minutes",
+               response=ref("LoginCode"), status=201, tag="users")
+    async def create_login_code(self, request: Any, user: Any) -> Any:
+        code, expires = await self.platform.create_login_code(user)
+        return {"code": code, "expires": expires}
+
+    @operation("POST", "/login-codes/exchange", "exchangeLoginCode",
+               "Exchange a one-time code for a new API token of its user (the dashboard's "
+               "sign-in; the code is used up, valid or not)", request=ref("LoginExchange"),
+               response=ref("SignedIn"), auth=False, tag="users")
+    async def exchange_login_code(self, request: Any, user: Any, body: dict[str, Any]) -> Any:
+        if self.platform is None:
+            raise errors.Unavailable("the api is starting; try again in a moment",
+                                     code="starting")
+        who, token = await self.platform.sign_in_with_code(body["code"])
+        return {"user": serialize.user(who), "token": token}
+
     @operation("DELETE", "/tokens/{token_id}", "deleteToken", "Revoke one of the caller's tokens",
                response=ref("Deleted"), tag="users")
     async def delete_token(self, request: Any, user: Any, token_id: str) -> Any:
@@ -360,6 +385,17 @@ class Api(AddonRoutes, CronRoutes, RunRoutes):
                status=201, tag="releases")
     async def rollback(self, request: Any, user: Any, app: Any, body: dict[str, Any]) -> Any:
         release = await self.platform.rollback(user, app, body.get("version"))
+        return await self.platform.describe_release(app, release.version)
+
+    @operation("POST", "/apps/{app}/restart", "restart",
+               "Restart every instance (or those of one process type): a new release "
+               "with the current release's image and config, rolled out like a config "
+               "change (start-first: new instances serve before the old ones drain; a "
+               "stop-first type stops first); poll its `deploy` to follow",
+               request=ref("Restart"), response=ref("Release"), status=201,
+               tag="processes")
+    async def restart(self, request: Any, user: Any, app: Any, body: dict[str, Any]) -> Any:
+        release = await self.platform.restart(user, app, body.get("type"))
         return await self.platform.describe_release(app, release.version)
 
     # --- config -------------------------------------------------------------------

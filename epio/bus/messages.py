@@ -227,7 +227,7 @@ _(MessageType(
     "A nexus's status: nexus_id, ready, version, routes, backends, nodes, counters.",
     fields={"nexus_id": str, "ready": bool, "version": int},
     optional={"routes": int, "backends": int, "nodes": int, "store_age": (int, float, type(None)),
-              "heartbeats": dict, "table": dict},
+              "heartbeats": dict, "table": dict, "api_nodes": int, "api_heartbeats": dict},
 ))
 
 # --- runner (owner: runner) -----------------------------------------------------
@@ -263,7 +263,8 @@ _(MessageType(
             "image_digest": str},
     optional={"release": int, "process_type": str, "index": int, "env": dict,
               "limits": dict, "health_check": (str, type(None)),
-              "boot_timeout": Number, "grace": Number, "addon_ports": list},
+              "boot_timeout": Number, "grace": Number, "addon_ports": list,
+              "idle_sleep": (int, float, type(None)), "asleep_after_boot": bool},
 ))
 _(MessageType(
     "runner.started", 1, "reply",
@@ -301,6 +302,17 @@ _(MessageType(
 _(MessageType(
     "runner.draining", 1, "reply", "Answer to runner.drain.",
     fields={"instance_id": str}, optional={"state": str},
+))
+_(MessageType(
+    "runner.wake", 1, "request",
+    "Wake an app: launch again every asleep web instance of it (one launch however many "
+    "routers ask; docs/apps.md \"Sleeping apps\").",
+    fields={"app": str},
+))
+_(MessageType(
+    "runner.waking", 1, "reply",
+    "Answer to runner.wake: the app's web instances on this runner and their states.",
+    fields={"app": str, "instances": list},
 ))
 _(MessageType(
     "runner.status", 1, "request", "Ask a runner for its instances and isolation facts.",
@@ -341,6 +353,15 @@ _(MessageType(
 ))
 
 # --- api (owner: api) -----------------------------------------------------------
+
+_(MessageType(
+    "api.heartbeat", 1, "publish",
+    "An api node is alive (topic hb, every api.heartbeat_interval): where the routers "
+    "reach its API (the platform's own route).",
+    fields={"node_id": str, "boot_id": str, "seq": int, "interval": Number, "host": str,
+            "port": int},
+    optional={"draining": bool},
+))
 
 # --- logger (owner: logs) -------------------------------------------------------
 _(MessageType(

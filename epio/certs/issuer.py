@@ -4,11 +4,12 @@ Every ``acme.check_interval`` seconds, and at once when a domain is added, the
 leader looks at every custom domain of every app and orders a certificate
 (:mod:`epio.certs.acmeclient`, in a thread) for each one that has none, whose
 certificate expires within ``acme.renew_before_days``, or whose last failure's
-retry time has come.  A failure is recorded on the domain's row (``epio certs``
-shows it) and retried after ``acme.retry_min`` seconds, doubled per further
-failure up to ``acme.retry_max`` (rate limits included); a certificate that
-fails to renew keeps being served until it expires.  Owners' own certificates
-(``epio certs add``) are never touched.  Wildcard domains need DNS-01, which epio
+retry time has come, once the name resolves to the cluster's routers
+(:mod:`epio.certs.resolve`; else that is the failure).  A failure is recorded on
+the domain's row (``epio certs`` shows it) and retried after ``acme.retry_min``
+seconds, doubled per further failure up to ``acme.retry_max`` (rate limits
+included); a certificate that fails to renew keeps being served until it
+expires.  Owners' own certificates (``epio certs add``) are never touched.  Wildcard domains need DNS-01, which epio
 does not do: they are marked failed with that reason.
 """
 
@@ -28,6 +29,7 @@ from twisted.logger import Logger
 from epio.certs import records
 from epio.certs.acmeclient import AcmeClient, AcmeFailure
 from epio.certs.crypto import new_account_key_pem, new_key_pem, not_after, seal, unseal
+from epio.certs.resolve import NameCheck, make_name_check
 from epio.config.settings import AcmeSettings
 from epio.store import LeaderService, Store
 
@@ -73,13 +75,15 @@ class Issuer:
 
     def __init__(self, store: Store, settings: IssuerSettings, secret: bytes, clock: IReactorTime,
                  run_blocking: Callable[..., defer.Deferred[Any]] = deferToThread,
-                 make_client: Callable[..., Any] = AcmeClient) -> None:
+                 make_client: Callable[..., Any] = AcmeClient,
+                 name_check: NameCheck | None = None) -> None:
         self.store = store
         self.s = settings
         self.secret = secret
         self.clock = clock
         self.run_blocking = run_blocking
         self.make_client = make_client
+        self.name_check = name_check  # DNS before each order (epio.certs.resolve), or None
         self._client: Any = None
         self.issued = 0
         self.failed = 0
@@ -141,6 +145,11 @@ class Issuer:
             if dom.wildcard:
                 await self._failed(host, dom.app, rec, WILDCARD_ERROR, self.s.retry_max)
                 continue
+            if self.name_check is not None:  # not pointing at the routers: no order
+                problem = await self.name_check.problem(host)
+                if problem is not None:
+                    await self._failed(host, dom.app, rec, problem)
+                    continue
             await self.issue(host, dom.app, rec)
         return attempted
 
@@ -263,5 +272,8 @@ def make_issuer_service(node: Node, store: Store, retry_interval: float) -> Issu
     acme = node.settings.acme
     if not acme.directory:
         return None
-    issuer = Issuer(store, IssuerSettings.from_settings(acme), node.secret, node.reactor)
+    check = (make_name_check(node.reactor, list(acme.router_addresses), acme.dns_server,
+                             node.settings.node.domain) if acme.name_check else None)
+    issuer = Issuer(store, IssuerSettings.from_settings(acme), node.secret, node.reactor,
+                    name_check=check)
     return IssuerService(issuer, store, node.reactor, retry_interval)

@@ -23,14 +23,17 @@ from epio.certs import records
 from epio.certs.crypto import CertificateError, load_chain, unseal
 
 if TYPE_CHECKING:
+    from epio.certs.ocsp import Stapler
     from epio.config import Settings
     from epio.node import Node
 
 CHALLENGE_PREFIX = b"/.well-known/acme-challenge/"
 
 
-def context_from_pem(cert_pem: bytes, key_pem: bytes) -> SSL.Context:
-    """A server context (TLS 1.2+, the router's ciphers) for one certificate chain."""
+def context_from_pem(cert_pem: bytes, key_pem: bytes,
+                     stapler: Stapler | None = None) -> SSL.Context:
+    """A server context (TLS 1.2+, the router's ciphers) for one certificate chain,
+    stapling OCSP responses when ``stapler`` is given and the chain allows."""
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
     from epio.lb.tls import server_context
@@ -42,6 +45,8 @@ def context_from_pem(cert_pem: bytes, key_pem: bytes) -> SSL.Context:
         ctx.add_extra_chain_cert(extra)
     ctx.use_privatekey(load_pem_private_key(key_pem, password=None))  # type: ignore[arg-type]
     ctx.check_privatekey()
+    if stapler is not None:
+        stapler.attach(ctx, chain)
     return ctx
 
 
@@ -51,8 +56,9 @@ class RouterCerts:
     log = Logger()
 
     def __init__(self, reactor: Any, store_ready: Callable[[], defer.Deferred[Any]],
-                 secret: bytes, interval: float) -> None:
+                 secret: bytes, interval: float, stapler: Stapler | None = None) -> None:
         self.reactor = reactor
+        self.stapler = stapler  # OCSP for the store's certificates (epio.certs.ocsp)
         self._store_ready = store_ready
         self.secret = secret
         self.interval = interval
@@ -137,7 +143,8 @@ class RouterCerts:
                 continue
             try:
                 key = unseal(self.secret, r.key_sealed, r.hostname)
-                contexts[r.hostname] = context_from_pem(r.cert_pem.encode(), key)
+                contexts[r.hostname] = context_from_pem(r.cert_pem.encode(), key,
+                                                           self.stapler)
             except (CertificateError, SSL.Error, ValueError) as e:
                 self.log.error("certificate of {host} not loaded: {error}", host=r.hostname,
                                error=str(e))
@@ -178,11 +185,11 @@ def needs_store(settings: Settings) -> bool:
     return not lb.routes_file and bool(lb.tls_listen or settings.acme.directory)
 
 
-def router_certs(node: Node) -> RouterCerts | None:
+def router_certs(node: Node, stapler: Stapler | None = None) -> RouterCerts | None:
     """The :class:`RouterCerts` of a router process of ``node`` (see :func:`needs_store`),
-    or None."""
+    or None; ``stapler`` staples OCSP responses for its certificates."""
     if node.store_service is None or not needs_store(node.settings):
         return None
     store_service = node.store_service
     return RouterCerts(node.reactor, store_service.whenReady, node.secret,
-                       node.settings.acme.sync_interval)
+                       node.settings.acme.sync_interval, stapler)

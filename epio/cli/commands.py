@@ -30,7 +30,7 @@ from epio.cli.client import (
     resolve_app,
     save_config,
 )
-from epio.domain import DEPLOY_FINAL
+from epio.domain import DEPLOY_FINAL, SERVING_STATES
 
 
 def out(args: argparse.Namespace, data: Any, human: Any) -> int:
@@ -87,6 +87,11 @@ def confirm_name(args: argparse.Namespace, name: str, prompt: str, refused: str)
 
 
 def cmd_login(args: argparse.Namespace) -> int:
+    if args.web:
+        return login_web(args)
+    if not args.api:
+        raise CliError("login needs --api URL (or --web, once logged in, to sign the "
+                       "dashboard in)", USAGE)
     token = args.token
     if token is None:
         if sys.stdin.isatty():
@@ -98,13 +103,28 @@ def cmd_login(args: argparse.Namespace) -> int:
         raise CliError("no token given: pass --token TOKEN or type it (stdin)")
     api = args.api.rstrip("/")
     if "://" not in api:
-        raise CliError(f"--api must be a URL such as http://127.0.0.1:8000, not {api!r}")
+        raise CliError(f"--api must be a URL such as https://epio.example.com or "
+                       f"http://127.0.0.1:8000, not {api!r}")
     user = Client(api, token).get("user")
     cfg = load_config()
     cfg.update({"api": api, "token": token})
     path = save_config(cfg)
     return out(args, {"api": api, "user": user["name"], "config": str(path)},
                f"Logged in to {api} as {user['name']} (token saved in {path})")
+
+
+def login_web(args: argparse.Namespace) -> int:
+    """Print a one-time link that signs the dashboard in as the logged-in user: its
+    code is in the fragment (browsers never send it to a server) and the page
+    exchanges it once, in a POST, for a token of its own."""
+    client = Client.from_config()
+    user = client.get("user")
+    made = client.post("login-codes")
+    link = f"{client.api}/dashboard/#signin={made['code']}"
+    seconds = max(0, round(made["expires"] - time.time()))
+    return out(args, {"url": link, "expires": made["expires"], "user": user["name"]},
+               f"Open this link to sign the dashboard in as {user['name']} (it works once, "
+               f"within {seconds} seconds):\n  {link}")
 
 
 def cmd_logout(args: argparse.Namespace) -> int:
@@ -543,10 +563,12 @@ def wait_scaled(client: Client, name: str, wanted: dict[str, int],
             mine = [p for p in ps if p["type"] == ptype]
             for p in mine:
                 if p["release"] == target and (p["state"] == "failed" or (
-                        p["state"] != "healthy" and p["restarts"] >= 3)):
+                        p["state"] not in SERVING_STATES and p["restarts"] >= 3)):
                     raise CliError(f"{p['name']} did not become healthy ({p['state']}, "
                                    f"{p['restarts']} restarts); see `epio logs --app {name}`")
-            healthy = sum(1 for p in mine if p["release"] == target and p["state"] == "healthy")
+            # asleep: healthy, then slept without a request (docs/apps.md "Sleeping apps")
+            healthy = sum(1 for p in mine
+                          if p["release"] == target and p["state"] in SERVING_STATES)
             if healthy != n or len(mine) != n:
                 missing.append(f"{ptype} {healthy}/{n} healthy ({len(mine)} running)")
         if not missing:
@@ -647,6 +669,19 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return out(args, rel, lambda: None)
 
 
+def cmd_restart(args: argparse.Namespace) -> int:
+    name = app_of(args)
+    body: dict[str, Any] = {"type": args.type} if args.type else {}
+    client = Client.from_config()
+    rel = client.post(f"apps/{name}/restart", body)
+    if not args.json:
+        what = f"{args.type} instances" if args.type else "every instance"
+        print(f"Restarting {what} of {name}: v{rel['version']} runs the same code and "
+              "config on new processes")
+    follow_release(client, name, rel, args)
+    return out(args, rel, lambda: None)
+
+
 # --- domains -------------------------------------------------------------------------
 
 
@@ -741,9 +776,17 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     """Add the platform commands to the ``epio`` parser."""
     p = sub.add_parser("login", parents=[common], help="log in to an epio API",
                        description="Store the API URL and token (read from stdin when "
-                                   "--token is not given) in the config dir, mode 0600.")
-    p.add_argument("--api", required=True, help="the API URL, e.g. http://127.0.0.1:8000")
+                                   "--token is not given) in the config dir, mode 0600. "
+                                   "--web: print a one-time link that signs the dashboard "
+                                   "in as the logged-in user.")
+    p.add_argument("--api",
+                   help="the API URL: the routed one, e.g. https://epio.example.com "
+                        "(api.hostname, through the routers), or an api node's own "
+                        "listener, e.g. http://127.0.0.1:8000")
     p.add_argument("--token", help="API token (default: read from stdin)")
+    p.add_argument("--web", action="store_true",
+                   help="print a one-time link that signs the dashboard in as you "
+                        "(needs a login: uses the stored API URL and token)")
     p.set_defaults(func=cmd_login)
     p = sub.add_parser("logout", parents=[common], help="forget the stored token")
     p.set_defaults(func=cmd_logout)
@@ -818,6 +861,15 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser("releases", parents=[common], help="list releases")
     p.set_defaults(func=cmd_releases)
+    p = sub.add_parser("restart", parents=[common],
+                       help="restart the app's processes (every type, or one)",
+                       description="Replace every instance (or those of TYPE) with a new "
+                                   "process of the same code and config: a new release, "
+                                   "rolled out like a config change (start-first: the new "
+                                   "ones serve before the old ones stop).")
+    p.add_argument("type", metavar="TYPE", nargs="?", help="only this process type (web)")
+    waiting(p, ROLLOUT_WAIT)
+    p.set_defaults(func=cmd_restart)
     p = sub.add_parser("rollback", parents=[common], help="roll back to an earlier release",
                        description="Make a new release with an earlier release's image and "
                                    "config (default: the one before the current).")

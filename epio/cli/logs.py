@@ -98,7 +98,7 @@ def _per_second(metric: str) -> bool:
 
 def format_value(metric: str, value: float, resolution: int) -> str:
     """A stats value for people: counts per bucket as rates (req/s), latencies in ms,
-    memory in MiB, bytes sent in KiB/s."""
+    memory in MiB, CPU in percent of one core, bytes sent in KiB/s."""
     if metric == "bytes_out":
         return f"{value / resolution / 1024:.1f} KiB/s"
     if _per_second(metric):
@@ -107,6 +107,8 @@ def format_value(metric: str, value: float, resolution: int) -> str:
         return f"{value:.1f} ms" if value < 10 else f"{value:.0f} ms"
     if metric.startswith("memory"):
         return f"{value / (1024 * 1024):.1f} MiB"
+    if metric == "cpu_percent":  # of one core: 250% is two and a half cores busy
+        return f"{value:.1f}%"
     return f"{value:g}"
 
 
@@ -190,9 +192,9 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_logs)
     q = sub.add_parser("stats", parents=[common], help="show an app's request and process stats",
                        description="Time series of the app's stats (requests by status class, "
-                                   "latency, memory, restarts).")
+                                   "latency, memory, CPU, restarts).")
     q.add_argument("--metric", metavar="NAME",
-                   help="a metric name or prefix: requests, status_5xx, latency, memory, ...")
+                   help="a metric name or prefix: requests, status_5xx, latency, memory, cpu, ...")
     q.add_argument("--since", metavar="WHEN", help="90s, 15m, 1h, 2d, epoch seconds or ISO 8601")
     q.add_argument("--resolution", type=int, choices=(10, 60), help="bucket seconds")
     q.set_defaults(func=cmd_stats)

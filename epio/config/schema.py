@@ -7,6 +7,7 @@ the committed page is current.  Add keys to your own section; never rename.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -72,11 +73,49 @@ def one_of(*choices: str) -> Callable[[Any], str | None]:
     return check
 
 
+def _ip_addresses(value: Any) -> str | None:
+    import ipaddress
+
+    for item in value:
+        try:
+            ipaddress.ip_address(item)
+        except ValueError:
+            return f"{item!r} is not an IP address"
+    return None
+
+
+def _host_port(value: Any) -> str | None:
+    if not value:
+        return None
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return f"must be HOST:PORT, not {value!r}"
+    return None
+
+
 def fence_mode(value: Any) -> str | None:
     if value == "auto":
         return ("'auto' is no longer accepted: the fence is always on unless set to \"off\" "
                 "(a runner that cannot install it refuses to start; docs/security.md)")
     return one_of("on", "off")(value)
+
+
+def host_port(value: Any) -> str | None:
+    """Empty, or ``HOST:PORT`` (``[V6]:PORT``) with a port 1-65535."""
+    if value == "":
+        return None
+    host, _, port = value.rpartition(":")
+    if host.strip("[]") and port.isdigit() and 0 < int(port) < 65536:
+        return None
+    return f"must be HOST:PORT, not {value!r}"
+
+
+def hostname_or_off(value: Any) -> str | None:
+    """Empty, ``off``, or a hostname (no scheme, port or path)."""
+    if value in ("", "off") or re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?\.?",
+                                            value):
+        return None
+    return f"must be a hostname (no scheme, port or path), empty or off, not {value!r}"
 
 
 def store_url(value: Any) -> str | None:
@@ -172,7 +211,20 @@ SCHEMA: dict[str, dict[str, Key]] = {
         ),
     },
     "api": {
-        "listen": Key(str, "tcp:8000:interface=127.0.0.1", "Endpoint the API and dashboard listen on."),
+        "listen": Key(str, "tcp:8000:interface=127.0.0.1", "Endpoint the API and dashboard "
+                      "listen on directly: for bootstrapping and operators (it may be "
+                      "firewalled); users reach the API through the routers at api.hostname."),
+        "hostname": Key(
+            str, "", "Hostname the routers serve the API and dashboard at, balanced across "
+            "every live api node (the platform's own route, app 'epio'); empty means "
+            "epio.<node.domain>, off disables the route.", hostname_or_off),
+        "advertise": Key(
+            str, "", "host:port the routers use to reach this node's api listener; empty "
+            "means the listener's own port on its interface, or on runner.advertise_host "
+            "when it listens on every address.", host_port),
+        "heartbeat_interval": Key(
+            float, 1.0, "Seconds between two api.heartbeat messages to every nexus (the "
+            "platform's route lists the api nodes heard from).", positive),
         "backlog": Key(int, 4096, "Listen backlog of the api's listener (capped by "
                        "net.core.somaxconn, logged at start).", positive),
         "max_connections": Key(int, 1000, "Open connections of the api's listener before it "
@@ -262,11 +314,13 @@ SCHEMA: dict[str, dict[str, Key]] = {
                                "some close (they wait in the backlog); 0 = no limit.",
                                non_negative),
         "route_feed": Key(
-            str, "process",
+            str, "auto",
             "Where a router fed by the nexus follows the nexuses: 'process' (a route feed "
             "process beside the router merges them and streams only merged changes to every "
-            "router process; docs/router.md) or 'inline' (in each router process).",
-            one_of("process", "inline")),
+            "router process; docs/router.md), 'inline' (in each router process) or 'auto': "
+            "inline when lb.workers = 1 and the node runs the nexus role too (its reactor "
+            "already does the nexus's route work; no second Python process), else process.",
+            one_of("auto", "process", "inline")),
         "routes_wait": Key(
             float, 5.0,
             "Seconds a router fed by the nexus waits for its first route table before it "
@@ -286,6 +340,14 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "tls_cert_dir": Key(str, "", "Directory of HOSTNAME.pem files (key + certificate chain; "
                             "_wildcard.example.com.pem for *.example.com) chosen by SNI; "
                             "re-read when it changes."),
+        "tls_affinity": Key(str, "none", "With workers > 1: \"client\" sends each client "
+                            "address's TLS connections to the same router process, so its "
+                            "sessions resume (each process has its own ticket keys); "
+                            "\"none\" = the kernel's spread (docs/https.md).",
+                            one_of("none", "client")),
+        "ocsp_stapling": Key(bool, True, "Staple OCSP responses to TLS handshakes for "
+                             "certificates that name an OCSP responder, fetched by each "
+                             "router process from the CA over HTTP (docs/https.md)."),
         "header_timeout": Key(float, 10.0, "Seconds a client has to send a request head (408).",
                               positive),
         "body_timeout": Key(float, 10.0, "Seconds a request body may go without a byte "
@@ -322,6 +384,12 @@ SCHEMA: dict[str, dict[str, Key]] = {
                                  positive),
         "backend_queue_size": Key(int, 256, "Requests queued per backend before 503.",
                                   non_negative),
+        "wake_timeout": Key(float, 10.0, "Seconds a request for an asleep app waits for it "
+                            "to wake (runner.wake) before 503 with Retry-After "
+                            "(docs/apps.md \"Sleeping apps\").", positive),
+        "wake_queue_size": Key(int, 256, "Requests of one asleep app held by one router "
+                               "process while it wakes; more get 503 with Retry-After.",
+                               non_negative),
         "connect_attempts": Key(int, 3, "Backends tried for one request when connecting fails.",
                                 positive),
         "eject_after": Key(int, 5, "Consecutive failures that eject a backend.", positive),
@@ -432,6 +500,14 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "health_boot_interval": Key(float, 0.5, "Seconds between health checks while a web "
                                     "instance boots.", positive),
         "health_timeout": Key(float, 2.0, "Seconds one health check may take.", positive),
+        "idle_sleep": Key(float, 0.0, "Default of an app's [http] idle_sleep: seconds a web "
+                          "instance may go without a connection before it is stopped and "
+                          "its route marked asleep (the next request wakes it); 0: apps "
+                          "sleep only when their epio.ini asks. docs/apps.md.", non_negative),
+        "wake_probe_interval": Key(float, 0.02, "Seconds between health checks of a web "
+                                   "instance that is waking up (instead of "
+                                   "health_boot_interval): the wake is that much faster.",
+                                   positive),
         "health_failures": Key(int, 3, "Failed health checks in a row after which a healthy "
                                "instance leaves the routes and is restarted.", positive),
         "drain_delay": Key(float, 3.0, "Seconds a draining instance keeps running (routers "
@@ -456,7 +532,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
                               "image to a peer that lacks it (KiB).", positive),
         "fetch_timeout": Key(float, 30.0, "Seconds one image chunk request to a peer may "
                              "take before the next peer is tried.", positive),
-        "stats_interval": Key(float, 10.0, "Seconds between process stats samples (memory, "
+        "stats_interval": Key(float, 10.0, "Seconds between process stats samples (memory, CPU, "
                               "restarts) of each instance; 0 disables them.", non_negative),
         "fence": Key(
             str, "on", "Network fence (nftables) that resets app UIDs' connections to every "
@@ -756,6 +832,16 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "sync_interval": Key(float, 2.0, "Seconds between a router's reloads of challenges "
                              "and certificates from the store (it also reloads on every "
                              "change the store announces).", positive),
+        "name_check": Key(bool, True, "Before ordering a certificate, check that the custom "
+                          "domain resolves to the routers (else record why, and do not order); "
+                          "false = let the CA's challenge decide (e.g. domains behind a CDN "
+                          "that forwards /.well-known/ to the routers)."),
+        "router_addresses": Key(list, [], "Public IP addresses of the cluster's routers: a "
+                                "custom domain must resolve to these before a certificate is "
+                                "ordered; empty = the addresses node.domain (or its wildcard) "
+                                "resolves to (docs/https.md).", _ip_addresses, item_kind=str),
+        "dns_server": Key(str, "", "DNS server (HOST:PORT) for that check; empty = the "
+                          "system's resolver (/etc/resolv.conf, /etc/hosts).", _host_port),
     },
     "run": {
         "max_sessions_per_app": Key(

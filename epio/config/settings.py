@@ -102,7 +102,16 @@ class ApiSettings:
     """[api]: see docs/configuration.md."""
 
     listen: str
-    """Endpoint the API and dashboard listen on."""
+    """Endpoint the API and dashboard listen on directly: for bootstrapping and operators (it may be firewalled); users reach the API through the routers at api.hostname."""
+
+    hostname: str
+    """Hostname the routers serve the API and dashboard at, balanced across every live api node (the platform's own route, app 'epio'); empty means epio.<node.domain>, off disables the route."""
+
+    advertise: str
+    """host:port the routers use to reach this node's api listener; empty means the listener's own port on its interface, or on runner.advertise_host when it listens on every address."""
+
+    heartbeat_interval: float
+    """Seconds between two api.heartbeat messages to every nexus (the platform's route lists the api nodes heard from)."""
 
     backlog: int
     """Listen backlog of the api's listener (capped by net.core.somaxconn, logged at start)."""
@@ -194,7 +203,7 @@ class LbSettings:
     """Open client connections per listener (and per router process) before the router stops accepting until some close (they wait in the backlog); 0 = no limit."""
 
     route_feed: str
-    """Where a router fed by the nexus follows the nexuses: 'process' (a route feed process beside the router merges them and streams only merged changes to every router process; docs/router.md) or 'inline' (in each router process)."""
+    """Where a router fed by the nexus follows the nexuses: 'process' (a route feed process beside the router merges them and streams only merged changes to every router process; docs/router.md), 'inline' (in each router process) or 'auto': inline when lb.workers = 1 and the node runs the nexus role too (its reactor already does the nexus's route work; no second Python process), else process."""
 
     routes_wait: float
     """Seconds a router fed by the nexus waits for its first route table before it listens anyway (every host 404 until the table comes); 0 = listen at once."""
@@ -210,6 +219,12 @@ class LbSettings:
 
     tls_cert_dir: str
     """Directory of HOSTNAME.pem files (key + certificate chain; _wildcard.example.com.pem for *.example.com) chosen by SNI; re-read when it changes."""
+
+    tls_affinity: str
+    """With workers > 1: "client" sends each client address's TLS connections to the same router process, so its sessions resume (each process has its own ticket keys); "none" = the kernel's spread (docs/https.md)."""
+
+    ocsp_stapling: bool
+    """Staple OCSP responses to TLS handshakes for certificates that name an OCSP responder, fetched by each router process from the CA over HTTP (docs/https.md)."""
 
     header_timeout: float
     """Seconds a client has to send a request head (408)."""
@@ -255,6 +270,12 @@ class LbSettings:
 
     backend_queue_size: int
     """Requests queued per backend before 503."""
+
+    wake_timeout: float
+    """Seconds a request for an asleep app waits for it to wake (runner.wake) before 503 with Retry-After (docs/apps.md "Sleeping apps")."""
+
+    wake_queue_size: int
+    """Requests of one asleep app held by one router process while it wakes; more get 503 with Retry-After."""
 
     connect_attempts: int
     """Backends tried for one request when connecting fails."""
@@ -389,6 +410,12 @@ class RunnerSettings:
     health_timeout: float
     """Seconds one health check may take."""
 
+    idle_sleep: float
+    """Default of an app's [http] idle_sleep: seconds a web instance may go without a connection before it is stopped and its route marked asleep (the next request wakes it); 0: apps sleep only when their epio.ini asks. docs/apps.md."""
+
+    wake_probe_interval: float
+    """Seconds between health checks of a web instance that is waking up (instead of health_boot_interval): the wake is that much faster."""
+
     health_failures: int
     """Failed health checks in a row after which a healthy instance leaves the routes and is restarted."""
 
@@ -426,7 +453,7 @@ class RunnerSettings:
     """Seconds one image chunk request to a peer may take before the next peer is tried."""
 
     stats_interval: float
-    """Seconds between process stats samples (memory, restarts) of each instance; 0 disables them."""
+    """Seconds between process stats samples (memory, CPU, restarts) of each instance; 0 disables them."""
 
     fence: str
     """Network fence (nftables) that resets app UIDs' connections to every port of this host but the router, their own instances and add-ons and fence_allow_ports: on (the runner refuses to start when it cannot install it: needs root and nft) or off (apps reach the control plane; said at every start). docs/security.md."""
@@ -754,6 +781,15 @@ class AcmeSettings:
 
     sync_interval: float
     """Seconds between a router's reloads of challenges and certificates from the store (it also reloads on every change the store announces)."""
+
+    name_check: bool
+    """Before ordering a certificate, check that the custom domain resolves to the routers (else record why, and do not order); false = let the CA's challenge decide (e.g. domains behind a CDN that forwards /.well-known/ to the routers)."""
+
+    router_addresses: tuple[str, ...]
+    """Public IP addresses of the cluster's routers: a custom domain must resolve to these before a certificate is ordered; empty = the addresses node.domain (or its wildcard) resolves to (docs/https.md)."""
+
+    dns_server: str
+    """DNS server (HOST:PORT) for that check; empty = the system's resolver (/etc/resolv.conf, /etc/hosts)."""
 
 
 @frozen

@@ -1,4 +1,5 @@
-"""The router's route feed process (``lb.route_feed = "process"``, the default).
+"""The router's route feed process (``lb.route_feed = "process"``; ``"auto"``, the default,
+chooses it for every router but a one-process one beside the node's own nexus).
 
 A router fed by the nexus needs the nexuses' route tables, and following them
 costs CPU: two nexuses send every change twice, each one in a signed

@@ -60,6 +60,14 @@ PIPELINE_BUFFER = 65536  # bytes of a client's next requests held before reading
 SPOOL_CHUNK = 65536  # bytes read from a spooled body per write to the backend
 # Retry-After (seconds) of a 503 spool_full: the spool frees as bodies reach their apps
 SPOOL_FULL_RETRY_AFTER = 5
+# Retry-After (seconds) of a 503 for an asleep app that did not wake in lb.wake_timeout
+# (or whose lb.wake_queue_size held requests are waiting already)
+WAKE_RETRY_AFTER = 5
+# seconds between two runner.wake of one app from one router process (the runner
+# launches once anyway: this only spares the messages)
+WAKE_REPEAT = 2.0
+# seconds between two looks at whether an app with held requests has a backend now
+WAKE_POLL = 0.005
 
 # client connection states (C_BODY: a request body being buffered before dispatch),
 # one bit each, so that a move is checked with one AND (drawn in ClientConn's docstring)
@@ -111,6 +119,10 @@ class Settings:
     shutdown_timeout: float = 30.0
     via: bytes = b"1.1 epio"
     https_port: int = 443  # in the Location of an app's https_redirect (docs/https.md)
+    # an asleep app's requests: held at most wake_timeout s, at most wake_queue_size
+    # of them per app (docs/apps.md "Sleeping apps")
+    wake_timeout: float = 10.0
+    wake_queue_size: int = 256
 
     @classmethod
     def from_settings(cls, lb: LbSettings) -> Settings:
@@ -151,8 +163,17 @@ class LB:
                  observer: Observer | None = None, scheme: bytes = b"http",
                  spool_dir: str | None = None, acme: Any = None,
                  open_file: Callable[..., IO[bytes]] = tempfile.TemporaryFile,
-                 static_secret: bytes = b"", mux: ReadMux | None = None) -> None:
+                 static_secret: bytes = b"", mux: ReadMux | None = None,
+                 waker: Callable[[str, tuple[str, ...]], None] | None = None) -> None:
         self.reactor = reactor
+        # asleep apps (docs/apps.md "Sleeping apps"): waker(app, runner endpoints) sends
+        # runner.wake; requests wait in held[app] until the app's route has a backend
+        self.waker = waker
+        self.held: dict[str, deque[ClientConn]] = {}
+        self._woken: dict[str, float] = {}
+        self._wake_poll: Any = None
+        self._wake_version = -1
+        self.wakes = 0  # runner.wake sent (for /metrics and tests)
         # where request bodies larger than body_buffer_size are spooled (the router's
         # private run/tmp directory; None: the system's temporary directory)
         self.spool_dir = spool_dir
@@ -300,6 +321,53 @@ class LB:
         f = BackendConnector(self, st, client)
         client.connector = f
         self.reactor.connectTCP(st.key[0], st.key[1], f, timeout=timeout)
+
+    # -- asleep apps (docs/apps.md "Sleeping apps") ------------------------------------
+    def hold(self, client: ClientConn, route: Route, now: float) -> bool:
+        """Hold ``client``'s request until ``route``'s app has a backend (and ask its
+        runners to wake it); False when lb.wake_queue_size requests wait already."""
+        q = self.held.get(route.app)
+        if q is None:
+            q = self.held[route.app] = deque()
+        if len(q) >= self.s.wake_queue_size:
+            return False
+        q.append(client)
+        if now - self._woken.get(route.app, -WAKE_REPEAT) >= WAKE_REPEAT:
+            self._woken[route.app] = now
+            if self.waker is not None:
+                self.wakes += 1
+                try:
+                    self.waker(route.app, route.wake)
+                except Exception:
+                    self.log.failure("asking to wake {app} failed", app=route.app)
+        if self._wake_poll is None:
+            self._wake_poll = self.reactor.callLater(WAKE_POLL, self._check_held)
+        return True
+
+    def unhold(self, client: ClientConn, app: str) -> None:
+        q = self.held.get(app)
+        if q is not None:
+            try:
+                q.remove(client)
+            except ValueError:
+                pass
+            if not q:
+                del self.held[app]
+
+    def _check_held(self) -> None:
+        """Release the held requests of each app whose route has a backend now."""
+        self._wake_poll = None
+        if self.table.version != self._wake_version:
+            self._wake_version = self.table.version
+            for app in list(self.held):
+                route = self.table.get(app)
+                if route is None or route.live or route.maintenance or not route.wake:
+                    q = self.held.pop(app)
+                    self._woken.pop(app, None)
+                    while q:
+                        q.popleft().release_held()
+        if self.held:
+            self._wake_poll = self.reactor.callLater(WAKE_POLL, self._check_held)
 
     # -- sweeping and stopping ---------------------------------------------------------
     def sweep(self) -> None:
@@ -509,6 +577,7 @@ class ClientConn(Protocol):
         self.bconn: BackendConn | None = None
         self.connector: BackendConnector | None = None
         self.queued = False
+        self.held: str | None = None  # the asleep app this request waits for
         self.tried: set[tuple[str, int]] | None = None
         self.attempts = 0
         self.retried = False
@@ -587,7 +656,11 @@ class ClientConn(Protocol):
         if state == C_BODY:
             self._log(499, "client_closed")
         elif state == C_WAIT:
-            if self.queued and self.bs is not None:
+            if self.held is not None:
+                lb.unhold(self, self.held)
+                self.held = None
+                self._log(499, "client_closed")
+            elif self.queued and self.bs is not None:
                 try:
                     self.bs.queue.remove(self)
                 except ValueError:
@@ -709,7 +782,13 @@ class ClientConn(Protocol):
             else:
                 self.close()
         elif state == C_WAIT:
-            if self.queued and self.bs is not None:
+            if self.held is not None:
+                self.lb.unhold(self, self.held)
+                self.held = None
+                self.local_error(503, "wake_timeout", "The app is waking up; try again "
+                                 "shortly.", close=not self.body_done or bool(self.buf),
+                                 extra=b"Retry-After: %d\r\n" % WAKE_RETRY_AFTER)
+            elif self.queued and self.bs is not None:
                 try:
                     self.bs.queue.remove(self)
                 except ValueError:
@@ -855,14 +934,19 @@ class ClientConn(Protocol):
         finally:
             self.processing = False
 
-    def start(self, req: Request, rest: bytes) -> None:
-        """Route one parsed request and send it on its way (or answer it)."""
+    def start(self, req: Request, rest: bytes, t0: float = 0.0, rid: bytes = b"") -> None:
+        """Route one parsed request and send it on its way (or answer it); ``t0`` and
+        ``rid``: those of a request held for an asleep app, routed again."""
         lb = self.lb
         self._reset_exchange()
         self.req = req
-        now = self.t0 = lb.reactor.seconds()
-        rid = req.request_id
-        self.rid = rid if rid is not None and valid_request_id(rid) else lb.new_request_id()
+        now = lb.reactor.seconds()
+        self.t0 = t0 or now
+        if not rid:
+            given = req.request_id
+            rid = given if given is not None and valid_request_id(given) else \
+                lb.new_request_id()
+        self.rid = rid
         if lb.stopping:
             self.closing = True
         if not req.keep_alive:
@@ -912,6 +996,9 @@ class ClientConn(Protocol):
             return
         if not route.live:
             self.buf = rest
+            if route.wake:  # asleep: wait for it to wake
+                self._hold(route, now)
+                return
             self.local_error(503, "no_backend", "The app has no running instance.",
                              close=has_body)
             return
@@ -945,6 +1032,41 @@ class ClientConn(Protocol):
             self.body_done = False
         self.buf = rest
         self._send(st, now)
+
+    def _hold(self, route: Route, now: float) -> None:
+        """Wait (WAIT, no backend) until the asleep app has a backend, at most
+        lb.wake_timeout; its body and the next requests stay in ``buf``."""
+        if not self.state & INTO_WAIT:
+            self._bad_move(C_WAIT)
+        if not self.lb.hold(self, route, now):
+            self.local_error(503, "wake_queue_full", "The app is waking up; try again "
+                             "shortly.", close=bool(self.req and self.req.has_body)
+                             or bool(self.buf),
+                             extra=b"Retry-After: %d\r\n" % WAKE_RETRY_AFTER)
+            return
+        self.state = C_WAIT
+        self.held = route.app
+        self.deadline = now + self.lb.s.wake_timeout
+        if len(self.buf) > PIPELINE_BUFFER:
+            self._pause(P_WAIT)
+
+    def release_held(self) -> None:
+        """The app this request waited for has a backend (or changed otherwise): route
+        the request again, as it came, against the current table."""
+        req = self.req
+        if self.state != C_WAIT or self.held is None or req is None:
+            return
+        self.held = None
+        t0, rid = self.t0, self.rid
+        rest, self.buf = self.buf, b""
+        if not self.state & INTO_HEAD:
+            self._bad_move(C_HEAD)
+        self.state = C_HEAD
+        self.deadline = 0.0
+        self._resume(P_WAIT)
+        self.start(req, rest, t0=t0, rid=rid)
+        if self.state == C_HEAD and self.buf:
+            self.process(self.buf)
 
     def _send(self, st: BackendState, now: float) -> None:
         """Dispatch the request to ``st`` now, or queue it there (or 503)."""

@@ -20,7 +20,7 @@ import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
@@ -41,6 +41,9 @@ from epio.lb.proxy import Settings as ProxySettings
 from epio.listen import ConnectionLimit, log_backlog, with_backlog
 from epio.node import Node
 from epio.routing import FileRouteSource, RouteTable
+
+if TYPE_CHECKING:
+    from epio.certs.ocsp import Stapler
 
 FLUSH_INTERVAL = 0.5
 GC_THRESHOLDS = (5000, 20, 100)  # CPython's default is (700, 10, 10)
@@ -235,7 +238,8 @@ class LBService(MultiService):
                  reuseport: tuple[str, int, int] | None = None,
                  static_secret: bytes = b"", feed_spec: dict[str, Any] | None = None,
                  spool: Path | None = None, certs: Any = None,
-                 tls_reuseport: tuple[str, int, int] | None = None) -> None:
+                 tls_reuseport: tuple[str, int, int] | None = None,
+                 stapler: Stapler | None = None, waker: Any = None) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.reactor = reactor
         self.lb_settings = settings
@@ -252,11 +256,13 @@ class LBService(MultiService):
         else:
             observer = Observer(log_sink, stats_sink)
         self.certs = certs  # epio.certs.router.RouterCerts (docs/https.md), or None
+        self.stapler = stapler  # OCSP stapling for the TLS listener (docs/https.md), or None
         mux = (ReadMux(reactor) if hasattr(reactor, "_disconnectSelectable")
                and hasattr(select, "epoll") else None)
         self.lb = LB(reactor, self.table, self.settings, observer,
                      spool_dir=str(spool) if spool is not None else None, acme=certs,
-                     static_secret=static_secret, mux=mux)  # static: docs/static.md
+                     static_secret=static_secret, mux=mux,  # static: docs/static.md
+                     waker=waker.wake if waker is not None else None)  # asleep apps
         # per listener (and per router process): docs/router.md "Resources"
         self.limit = ConnectionLimit("router", settings.max_connections)
         self.tls_limit = ConnectionLimit("router (TLS)", settings.max_connections)
@@ -315,6 +321,13 @@ class LBService(MultiService):
             self._loops.append(loop)
         if self.certs is not None:
             self.certs.start()
+        if self.stapler is not None:
+            from epio.certs.ocsp import CHECK_INTERVAL
+
+            loop = LoopingCall(self._guard, self.stapler.tick)
+            loop.clock = self.reactor
+            loop.start(CHECK_INTERVAL, now=False)
+            self._loops.append(loop)
         if self.lb.mux is not None:
             self.lb.mux.start()
         d = defer.ensureDeferred(self._listen())
@@ -367,6 +380,18 @@ class LBService(MultiService):
                 t_iface, t_port, t_family = reuseport_address(self.reactor, section.tls_listen)
                 tls_sock = reuseport_socket(t_iface, t_port, t_family, backlog)
                 self.tls_reuseport = (t_iface, tls_sock.getsockname()[1], t_family)
+                if section.tls_affinity == "client":  # docs/https.md "Router processes"
+                    from epio.lb.affinity import attach_client_affinity
+
+                    try:
+                        attach_client_affinity(tls_sock, section.workers)
+                    except OSError as e:
+                        self.log.error("lb.tls_affinity: the kernel refused the program "
+                                       "({error}); TLS connections spread at random",
+                                       error=str(e))
+                    else:
+                        self.log.info("TLS connections go to router processes by client "
+                                      "address (lb.tls_affinity)")
             self._add_workers(section.workers - 1, (iface, port, family))
         else:
             ep = serverFromString(self.reactor, with_backlog(section.listen, backlog))
@@ -378,7 +403,7 @@ class LBService(MultiService):
             from epio.lb.tls import SNIContexts
 
             cert_dir = section.tls_cert_dir
-            self.sni = SNIContexts(Path(cert_dir) if cert_dir else None)
+            self.sni = SNIContexts(Path(cert_dir) if cert_dir else None, self.stapler)
             self.sni.refresh(force=True)
             if self.certs is not None:
                 self.certs.on_contexts(self.sni.set_stored)
@@ -561,6 +586,40 @@ def route_source(node: Node, feed_socket: Path | None) -> Any:
     return make_route_source(node)
 
 
+def make_waker(node: Node) -> tuple[Any, Any]:
+    """The router process's :class:`epio.lb.wake.RunnerWaker` and its bus DEALER (a
+    service), or ``(None, None)`` for a router with a routes file (no asleep routes)."""
+    if node.settings.lb.routes_file:
+        return None, None
+    from epio.lb.wake import RunnerWaker
+
+    dealer = node.bus.dealer([])
+    return RunnerWaker(dealer), dealer
+
+
+def ocsp_stapler(reactor: Any, lb: LbSettings) -> Stapler | None:
+    """The OCSP stapler of one router process: with a TLS listener and
+    ``lb.ocsp_stapling`` (docs/https.md), else None."""
+    if not (lb.tls_listen and lb.ocsp_stapling):
+        return None
+    from epio.certs.ocsp import Stapler
+
+    return Stapler(reactor)
+
+
+def route_feed_mode(lb: LbSettings, roles: frozenset[str]) -> str:
+    """``lb.route_feed`` decided: ``"process"`` or ``"inline"``.
+
+    ``auto`` follows inline in a one-process router whose node also runs the nexus role
+    (``--role=all``): that reactor already does the nexus's own route work, several
+    times the feed's (docs/router.md, "Memory of an idle node"), and a route feed process
+    is a second Python interpreter (about 39 MiB RSS).  A dedicated router, or one with
+    workers, keeps its route work off the proxies' reactors in the feed process."""
+    if lb.route_feed != "auto":
+        return lb.route_feed
+    return "inline" if lb.workers == 1 and "nexus" in roles else "process"
+
+
 def make_service(node: Node) -> LBService:
     """The ``lb`` role of ``node``: its composition root (every object built here)."""
     cfg = node.config
@@ -570,7 +629,7 @@ def make_service(node: Node) -> LBService:
                             "spool_dir": str(spool)}
     feed_spec = None
     feed_socket = None
-    if not lb.routes_file and lb.route_feed == "process":
+    if not lb.routes_file and route_feed_mode(lb, node.roles) == "process":
         from epio.lb.feed import feed_socket_path
 
         feed_socket = feed_socket_path(node.data_dir)
@@ -580,11 +639,16 @@ def make_service(node: Node) -> LBService:
     log_sink, stats_sink, sink_service = pipeline_sinks(node, bool(lb.routes_file))
     from epio.certs.router import router_certs
 
+    waker, wake_dealer = make_waker(node)
+    stapler = ocsp_stapler(node.reactor, lb)
     svc = LBService(node.reactor, lb, node.settings.node.domain, source, log_sink,
                     stats_sink, worker_spec=spec, static_secret=node.secret,
-                    feed_spec=feed_spec, spool=spool, certs=router_certs(node))
+                    feed_spec=feed_spec, spool=spool, certs=router_certs(node, stapler),
+                    stapler=stapler, waker=waker)
     if sink_service is not None:
         sink_service.setServiceParent(svc)
+    if wake_dealer is not None:
+        wake_dealer.setServiceParent(svc)
     from epio.lb.observe import metric_families
     from epio.metrics import registry_for
 

@@ -9,18 +9,24 @@ calls it periodically and on SIGHUP, so certificates change without a restart
 and without dropping connections (a handshake uses the contexts of its moment).
 Certificates kept in the store (ACME-issued, or an app owner's) come through
 :meth:`SNIContexts.set_stored` (:mod:`epio.certs.router`); a file of the
-directory for the same exact name wins over them.
+directory for the same exact name wins over them.  With a
+:class:`~epio.certs.ocsp.Stapler` (``lb.ocsp_stapling``), every context whose
+certificate names an OCSP responder staples its OCSP response (docs/https.md).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from cryptography import x509
 from OpenSSL import SSL
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
 from zope.interface import implementer
+
+if TYPE_CHECKING:
+    from epio.certs.ocsp import Stapler
 
 WILDCARD_PREFIX = "_wildcard."
 # TLS 1.2 suites: forward secret AEAD only (Mozilla's "intermediate" list); TLS 1.3's
@@ -39,11 +45,17 @@ def server_context() -> SSL.Context:
     return ctx
 
 
-def _context(path: Path) -> SSL.Context:
+def _context(path: Path, stapler: Stapler | None = None) -> SSL.Context:
     ctx = server_context()
     ctx.use_certificate_chain_file(str(path))
     ctx.use_privatekey_file(str(path))
     ctx.check_privatekey()
+    if stapler is not None:
+        try:
+            chain = x509.load_pem_x509_certificates(path.read_bytes())
+        except ValueError:  # OpenSSL read it: no stapling rather than no certificate
+            chain = []
+        stapler.attach(ctx, chain)
     return ctx
 
 
@@ -53,8 +65,9 @@ class SNIContexts:
 
     log = Logger()
 
-    def __init__(self, directory: Path | None) -> None:
+    def __init__(self, directory: Path | None, stapler: Stapler | None = None) -> None:
         self.directory = None if directory is None else Path(directory)
+        self.stapler = stapler
         self.exact: dict[str, SSL.Context] = {}
         # certificates from the store (epio.certs.router), by exact hostname
         self.stored: dict[str, SSL.Context] = {}
@@ -89,7 +102,7 @@ class SNIContexts:
             assert self.directory is not None
             path = self.directory / name
             try:
-                ctx = _context(path)
+                ctx = _context(path, self.stapler)
             except (SSL.Error, OSError) as e:
                 self.log.error("TLS certificate {path} not loaded: {error}", path=str(path),
                                error=str(e))
@@ -105,7 +118,8 @@ class SNIContexts:
             else:
                 exact[host] = ctx
         # the base context answers handshakes without SNI (or an unknown name)
-        base = _context(default_path) if default_path is not None else server_context()
+        base = (_context(default_path, self.stapler) if default_path is not None
+                else server_context())
         base.set_tlsext_servername_callback(self._on_servername)
         self.exact, self.wild, self._base = exact, wild, base
         if self.directory is not None:

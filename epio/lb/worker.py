@@ -23,6 +23,8 @@ def main() -> None:
     from epio.lb.service import (
         LBService,
         RouterProcess,
+        make_waker,
+        ocsp_stapler,
         pipeline_sinks,
         route_source,
         run_child,
@@ -37,16 +39,22 @@ def main() -> None:
     log_sink, stats_sink, sink_service = pipeline_sinks(node, bool(settings.routes_file))
     iface, port, family = spec["reuseport"]
     tls = spec.get("tls_reuseport")
-    # certificates and ACME answers from the store, like the parent's (docs/https.md)
+    # certificates and ACME answers from the store, like the parent's (docs/https.md),
+    # and the process's own OCSP responses
+    stapler = ocsp_stapler(reactor, settings)
+    waker, wake_dealer = make_waker(node)  # runner.wake for asleep apps
     svc = LBService(reactor, settings, node.settings.node.domain, source, log_sink,
                     stats_sink, reuseport=(iface, int(port), int(family)),
                     static_secret=node.secret, spool=Path(spec["spool_dir"]),
-                    certs=router_certs(node),
-                    tls_reuseport=(tls[0], int(tls[1]), int(tls[2])) if tls else None)
+                    certs=router_certs(node, stapler), stapler=stapler,
+                    tls_reuseport=(tls[0], int(tls[1]), int(tls[2])) if tls else None,
+                    waker=waker)
     if node.store_service is not None:
         node.store_service.setServiceParent(svc)  # type: ignore[no-untyped-call]
     if sink_service is not None:
         sink_service.setServiceParent(svc)
+    if wake_dealer is not None:
+        wake_dealer.setServiceParent(svc)
     services: list[Service] = [svc, RouterProcess(reactor, svc)]
     run_child(reactor, "epio-lb-worker", services)
 

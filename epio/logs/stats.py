@@ -6,9 +6,10 @@ Samples (``epio.pipeline.IStatsSink.emit_stats(app, kind, values)``):
   sample -- ``requests``, ``status_1xx`` .. ``status_5xx``, ``client_closed``,
   ``bytes_out``, ``error_<code>`` -- a latency histogram of per-bucket counts
   ``latency_le_<N>ms`` and ``latency_gt_<N>ms``, and ``latency_ms_mean``;
-- kind ``process`` (runners): gauges of one instance -- ``instance`` (e.g.
-  ``web.1``) and numbers such as ``cpu`` (percent of one core), ``rss``
-  (bytes), ``restarts`` (count since the instance was placed);
+- kind ``process`` (runners): gauges of one instance -- ``process`` (e.g.
+  ``web.1``) and numbers such as ``cpu_percent`` (of one core, since the
+  runner's previous sample), ``memory_bytes``, ``restarts`` (count since the
+  instance was placed);
 - any other kind: every number is a count, summed (metric ``KIND.KEY``).
 
 Each sample lands in the 10 s and the 1 min bucket of its timestamp.  A bucket

@@ -19,6 +19,15 @@ together:
   restarted nexus never tells the routers that the cluster is empty.
 
 Publishing is a callable ``publish(type, body)`` injected by the service.
+
+The platform's own route ("App ID 0 is special", docs/router.md): with ``platform``
+(the :class:`~epio.nexus.table.AppFacts` of :data:`epio.domain.PLATFORM_APP`: its
+hostname and route options) the table also holds the route of the platform's API and
+dashboard, whose backends are the api nodes heard from in ``api.heartbeat`` -- kept by
+a second :class:`~epio.nexus.heartbeats.NodeTracker` (``api_nodes``, node ids
+``api@NODE``) with the same sequence, boot and expiry rules as the runners'.  The
+store's apps never name it (no user may create it); should the store hold an app of
+that name anyway, the platform's route wins.
 """
 
 from __future__ import annotations
@@ -29,7 +38,8 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from epio.nexus.heartbeats import InstanceInfo, NodeTracker
+from epio.domain import PLATFORM_APP, PLATFORM_RELEASE
+from epio.nexus.heartbeats import INVALID, InstanceInfo, NodeTracker
 from epio.nexus.table import AppFacts, RouteBook, StoreView, build_route, serving
 
 Publish = Callable[[str, dict[str, Any]], None]
@@ -59,6 +69,7 @@ class Nexus:
         delta_interval: float = 0.0,
         web_types: Iterable[str] = ("web",),
         on_store_hint: Callable[[], None] | None = None,
+        platform: AppFacts | None = None,
     ) -> None:
         self._clock = clock
         self.nexus_id = nexus_id
@@ -68,6 +79,9 @@ class Nexus:
         self.web_types = frozenset(web_types)
         self._on_store_hint = on_store_hint
         self.tracker = NodeTracker(clock, node_timeout, self._apps_changed)
+        self.platform = platform
+        self.api_nodes = NodeTracker(clock, node_timeout, self._platform_changed)
+        self._warned_platform_app = False
         self.book = RouteBook()
         self.view: StoreView | None = None
         self.ready = False
@@ -76,7 +90,8 @@ class Nexus:
         self.counters: Counter[str] = Counter()
         self._warm = warmup <= 0
         self._warm_call: Any = None
-        self._dirty: set[str] = set()
+        # the platform's route is in the first table published
+        self._dirty: set[str] = {PLATFORM_APP} if platform is not None else set()
         self._flush_call: Any = None
         self._last_change: float | None = None
         self._last_delta: float | None = None  # when the last delta was published
@@ -94,6 +109,7 @@ class Nexus:
                 call.cancel()
         self._warm_call = self._flush_call = None
         self.tracker.stop()
+        self.api_nodes.stop()
 
     def _warmed(self) -> None:
         self._warm_call = None
@@ -119,12 +135,42 @@ class Nexus:
         """Take one ``runner.heartbeat`` body; return the tracker's outcome."""
         return self.tracker.receive(body)
 
+    def api_heartbeat(self, body: Mapping[str, Any]) -> str:
+        """Take one ``api.heartbeat`` body (an api node and where routers reach it);
+        return the tracker's outcome (``ignored`` without a platform route)."""
+        if self.platform is None:
+            self.counters["api_heartbeat_ignored"] += 1
+            return "ignored"
+        node, host, port = body.get("node_id"), body.get("host"), body.get("port")
+        if not (isinstance(node, str) and node and isinstance(host, str) and host
+                and isinstance(port, int) and not isinstance(port, bool)
+                and 0 < port < 65536):
+            self.api_nodes.counters[INVALID] += 1
+            return INVALID
+        return self.api_nodes.receive({
+            "node_id": f"api@{node}", "boot_id": body.get("boot_id"), "seq": body.get("seq"),
+            "interval": body.get("interval"),
+            "instances": [{"instance_id": f"api@{node}", "app": PLATFORM_APP,
+                           "process_type": "web",
+                           "state": "draining" if body.get("draining") is True else "healthy",
+                           "release": PLATFORM_RELEASE, "host": host, "port": port}],
+        })
+
+    def _platform_changed(self, apps: set[str]) -> None:
+        self._apps_changed({PLATFORM_APP})
+
     def set_view(self, view: StoreView) -> None:
         """Install a fresh store view; the apps whose facts changed get recomputed."""
         old = self.view.apps if self.view is not None else {}
         changed = {name for name, facts in view.apps.items() if old.get(name) != facts}
         changed |= {name for name in old if name not in view.apps}
         self.view = view
+        if self.platform is not None and PLATFORM_APP in view.apps \
+                and not self._warned_platform_app:
+            self._warned_platform_app = True
+            self.log.warn("the store holds an app named {app}, the platform's own name: the "
+                          "platform's route takes its place (rename the app's data to serve "
+                          "it)", app=PLATFORM_APP)
         if changed:
             self._apps_changed(changed)
         self._maybe_ready()
@@ -145,11 +191,20 @@ class Nexus:
         """The route ``app`` should have now (None: the store does not know it)."""
         if self.view is None:
             return None
+        if app == PLATFORM_APP and self.platform is not None:
+            return build_route(self.platform, self.api_nodes.instances_of(app),
+                               frozenset({"web"}))
         facts = self.view.apps.get(app)
         if facts is None:
             return None
-        return build_route(facts, self.tracker.instances_of(app), self.web_types,
-                           self.tracker.static_of)
+        route = build_route(facts, self.tracker.instances_of(app), self.web_types,
+                            self.tracker.static_of, self.tracker.control_of)
+        if self.platform is not None:
+            # the platform's hostname is never an app's (a custom domain added before
+            # it was reserved would otherwise take the API's requests)
+            taken = set(self.platform.hostnames)
+            route["hostnames"] = [h for h in route["hostnames"] if h not in taken]
+        return route
 
     def _flush(self) -> None:
         if self._flush_call is not None and self._flush_call.active():
@@ -165,7 +220,7 @@ class Nexus:
             if route is None and self.tracker.by_app.get(app):
                 self.counters["unknown_app"] += 1
                 hint = True
-            elif route is not None:
+            elif route is not None and app != PLATFORM_APP:
                 hint = hint or self._unknown_release(self.view.apps[app], app)
             change = self.book.update(app, route)
             if change is not None:
@@ -228,15 +283,18 @@ class Nexus:
     def where_app(self, app: str) -> dict[str, Any]:
         """Where ``app`` runs: its instances, its route, and how fresh that is."""
         now = self._clock.seconds()
-        instances: list[InstanceInfo] = sorted(
-            self.tracker.instances_of(app), key=lambda i: (i.node, i.instance_id)
-        )
+        tracker, web_types = self.tracker, self.web_types
         facts = self.view.apps.get(app) if self.view is not None else None
+        if app == PLATFORM_APP and self.platform is not None:  # the api nodes
+            tracker, web_types, facts = self.api_nodes, frozenset({"web"}), self.platform
+        instances: list[InstanceInfo] = sorted(
+            tracker.instances_of(app), key=lambda i: (i.node, i.instance_id)
+        )
         if facts is None and not instances:
             raise NotFound(f"no app {app!r} is known to this nexus")
-        ages = [now - self.tracker.nodes[n].last_seen for n in {i.node for i in instances}
-                if n in self.tracker.nodes]
-        routes = serving(facts, instances, self.web_types)[1] if facts is not None else []
+        ages = [now - tracker.nodes[n].last_seen for n in {i.node for i in instances}
+                if n in tracker.nodes]
+        routes = serving(facts, instances, web_types)[1] if facts is not None else []
         routable = {(i.node, i.instance_id) for i in routes}
         out = []
         for info in instances:
@@ -267,6 +325,17 @@ class Nexus:
     def store_age(self, now: float) -> float | None:
         return None if self.view is None else max(0.0, now - self.view.loaded_at)
 
+    def app_states(self) -> dict[str, int]:
+        """Routed apps by state: ``awake`` (a backend), ``asleep`` (every web instance
+        asleep or waking: docs/apps.md "Sleeping apps"); the others have neither."""
+        awake = asleep = 0
+        for r in self.book.routes.values():
+            if r["backends"]:
+                awake += 1
+            elif "asleep" in r:
+                asleep += 1
+        return {"awake": awake, "asleep": asleep}
+
     def status(self) -> dict[str, Any]:
         """Numbers for logs and a status page."""
         now = self._clock.seconds()
@@ -276,8 +345,11 @@ class Nexus:
             "version": self.book.version,
             "routes": len(self.book.routes),
             "backends": sum(len(r["backends"]) for r in self.book.routes.values()),
+            "apps": self.app_states(),
             "nodes": len(self.tracker.nodes),
             "store_age": self.store_age(now),
             "heartbeats": dict(self.tracker.counters),
+            "api_nodes": len(self.api_nodes.nodes),
+            "api_heartbeats": dict(self.api_nodes.counters),
             "table": dict(self.counters),
         }

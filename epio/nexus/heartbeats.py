@@ -70,6 +70,7 @@ class InstanceInfo:
     state: str
     since: float
     restarts: int = 0
+    waking: bool = False  # an asleep instance launched again by runner.wake
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -170,6 +171,7 @@ def parse_instance(node: str, advertise_host: str | None, raw: Any) -> InstanceI
         state=state,
         since=float(since) if _number(since) else 0.0,
         restarts=restarts if isinstance(restarts, int) and not isinstance(restarts, bool) else 0,
+        waking=raw.get("waking") is True,
     )
 
 
@@ -413,6 +415,11 @@ class NodeTracker:
             return None
         prefixes = state.static_prefixes.get(app)
         return (state.static, prefixes) if prefixes else None
+
+    def control_of(self, node: str) -> str | None:
+        """The control endpoint of ``node`` (where ``runner.wake`` goes)."""
+        state = self.nodes.get(node)
+        return None if state is None else state.control
 
     def apps(self) -> set[str]:
         return set(self.by_app)

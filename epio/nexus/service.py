@@ -3,7 +3,8 @@
 Sockets (endpoints from the ``nexus`` config section):
 
 - ``heartbeat_bind``: SUB, bound; runners connect their PUB to every nexus and
-  publish ``runner.heartbeat`` on topic ``hb``;
+  publish ``runner.heartbeat`` on topic ``hb``; api nodes publish ``api.heartbeat``
+  there too (the platform's own route);
 - ``router_bind``: ROUTER answering ``nexus.snapshot_request``,
   ``nexus.where`` and ``nexus.status``;
 - ``publish_bind``: PUB sending ``nexus.delta`` and ``nexus.keepalive`` on
@@ -29,9 +30,11 @@ from twisted.logger import Logger
 
 from epio.bus import Bus, Envelope
 from epio.bus.errors import RemoteError
-from epio.config.settings import NexusSettings
+from epio.config.settings import ApiSettings, NexusSettings
+from epio.domain import PLATFORM_APP, PLATFORM_RELEASE, platform_hostname
 from epio.nexus.core import Nexus, NotFound, NotReady
 from epio.nexus.storeview import ReleaseOptions, RoutingStore, load_view
+from epio.nexus.table import AppFacts
 
 if TYPE_CHECKING:
     from epio.node import Node
@@ -59,6 +62,7 @@ class NexusService(MultiService):
         get_store: Callable[[], Deferred[RoutingStore]],
         domain: str,
         nexus_id: str | None = None,
+        platform: AppFacts | None = None,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         self.reactor = reactor
@@ -76,6 +80,7 @@ class NexusService(MultiService):
             delta_interval=settings.delta_interval,
             web_types=settings.web_process_types,
             on_store_hint=self.refresh_soon,
+            platform=platform,
         )
         self.publisher = bus.publisher(bind=settings.publish_bind)
         self.publisher.setServiceParent(self)  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
@@ -118,6 +123,9 @@ class NexusService(MultiService):
         self.publisher.publish(type, body, topic=ROUTES_TOPIC)
 
     def _heartbeat(self, topic: bytes, env: Envelope) -> None:
+        if env.type == "api.heartbeat":
+            self.nexus.api_heartbeat(env.body)
+            return
         if env.type != "runner.heartbeat":
             self.nexus.counters["unexpected_" + env.type] += 1
             return
@@ -197,6 +205,27 @@ async def _noop() -> None:
     return None
 
 
+#: Seconds the router waits for an api node's first response byte: above the api's
+#: longest wait on a runner (120 s), below which the api answers or times out itself.
+PLATFORM_FIRST_BYTE_TIMEOUT = 300.0
+
+
+def platform_facts(api: ApiSettings, domain: str) -> AppFacts | None:
+    """The platform's own route, as the routers serve it (None: ``api.hostname = off``):
+    its hostname, and route options that let the api's own limits decide -- a deploy
+    tarball (``api.max_upload_mb``) passes the router's body limit, and a request the
+    api waits on a runner for (an add-on's snapshot or restore: up to 120 s) is not cut
+    off by the router's ``first_byte_timeout`` (:data:`PLATFORM_FIRST_BYTE_TIMEOUT`).
+    Websockets (log tails, ``epio run``) keep the router's ``websocket_idle_timeout``."""
+    hostname = platform_hostname(api.hostname, domain)
+    if not hostname:
+        return None
+    options = {"max_body_size": api.max_upload_mb * 1024 * 1024 + (1 << 20),
+               "first_byte_timeout": PLATFORM_FIRST_BYTE_TIMEOUT}
+    return AppFacts(name=PLATFORM_APP, hostnames=(hostname,),
+                    releases={PLATFORM_RELEASE: options})
+
+
 def make_service(node: Node) -> NexusService:
     """The nexus role of ``node``: its composition root (everything is built here,
     once, and handed on through constructors)."""
@@ -213,6 +242,19 @@ def make_service(node: Node) -> NexusService:
     from epio.metrics import registry_for
 
     svc = NexusService(node.reactor, node.bus, node.settings.nexus, get_store,
-                       domain=node.settings.node.domain)
-    registry_for(node).add_status("nexus", svc.nexus.status)
+                       domain=node.settings.node.domain,
+                       platform=platform_facts(node.settings.api, node.settings.node.domain))
+    registry = registry_for(node)
+    registry.add_status("nexus", svc.nexus.status)
+    registry.add_collector(lambda: app_state_families(svc.nexus.app_states()))
     return svc
+
+
+def app_state_families(states: dict[str, int]) -> list[Any]:
+    """``epio_apps{state="awake"|"asleep"}``: the routed apps by whether they sleep."""
+    from epio.metrics import Family
+
+    return [Family("epio_apps", "gauge",
+                   "Routed apps by state: awake (a backend), asleep ([http] idle_sleep; "
+                   "a request wakes it)",
+                   [("", {"state": s}, float(n)) for s, n in sorted(states.items())])]

@@ -25,6 +25,12 @@ backend, and only instances of releases with those very options are backends
 known to the store has a route, with no backends when none is healthy (the
 router answers 503, not 404).  Apps that run but are unknown to the store get
 no route.
+
+A route without backends whose app has ``asleep`` web instances (of a release that
+may serve; ``[http] idle_sleep``, docs/apps.md), or that wake (started again by
+``runner.wake``, not yet healthy: the heartbeat's ``waking``) is **asleep**: it carries
+``"asleep": {"since": float, "wake": [control endpoint, ...]}`` -- the runners that hold
+them, sorted; a router holds the app's requests and sends ``runner.wake`` there.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from attrs import field, frozen
 from epio.nexus.heartbeats import InstanceInfo
 
 HEALTHY = "healthy"
+ASLEEP = "asleep"
 
 
 @frozen
@@ -112,6 +119,7 @@ def serving(facts: AppFacts, instances: Iterable[InstanceInfo], web_types: froze
 def build_route(
     facts: AppFacts, instances: Iterable[InstanceInfo], web_types: frozenset[str],
     static_of: Callable[[str, str], Any] | None = None,
+    control_of: Callable[[str], str | None] | None = None,
 ) -> dict[str, Any]:
     """The route of one app: its hostnames, options and backends (sorted).
 
@@ -132,6 +140,10 @@ def build_route(
         "maintenance": facts.maintenance,
         "options": dict(options),
     }
+    if not routable and control_of is not None:
+        asleep = asleep_route(facts, instances, web_types, control_of)
+        if asleep is not None:
+            route["asleep"] = asleep
     if static_of is not None and routable:
         servers: set[tuple[str, int]] = set()
         prefixes: set[str] = set()
@@ -144,6 +156,19 @@ def build_route(
             route["static_prefixes"] = sorted(prefixes)
             route["static_backends"] = [{"host": h, "port": p} for h, p in sorted(servers)]
     return route
+
+
+def asleep_route(facts: AppFacts, instances: Iterable[InstanceInfo], web_types: frozenset[str],
+                 control_of: Callable[[str], str | None]) -> dict[str, Any] | None:
+    """``{"since", "wake"}`` of an app whose serving web instances are all asleep (the
+    runners to wake, by control endpoint), or None."""
+    sleeping = [i for i in instances
+                if (i.state == ASLEEP or i.waking) and i.process_type in web_types
+                and i.port is not None and facts.may_serve(i.release)]
+    wake = sorted({c for c in (control_of(i.node) for i in sleeping) if c})
+    if not wake:
+        return None
+    return {"since": min(i.since for i in sleeping), "wake": wake}
 
 
 def set_change(route: dict[str, Any]) -> dict[str, Any]:

@@ -23,11 +23,15 @@ import signal
 from collections.abc import Iterable
 from pathlib import Path
 
-from attrs import frozen
+from attrs import field, frozen
 
 CONTROLLERS = ("memory", "cpu", "pids")
+#: controllers that only count (CPU time for stats): used when present, never a problem
+#: of isolation when missing (``CgroupSupport.accounting_off`` says why)
+ACCOUNTING = ("cpuacct",)
 # the file that proves a controller is there and writable by us
-_PROBE = {"memory": "memory.limit_in_bytes", "cpu": "cpu.shares", "pids": "pids.max"}
+_PROBE = {"memory": "memory.limit_in_bytes", "cpu": "cpu.shares", "pids": "pids.max",
+          "cpuacct": "cpuacct.usage"}
 
 
 @frozen
@@ -46,6 +50,7 @@ class CgroupSupport:
 
     bases: dict[str, Path]
     problems: dict[str, str]
+    accounting_off: dict[str, str] = field(factory=dict)
 
     def has(self, controller: str) -> bool:
         return controller in self.bases
@@ -79,7 +84,7 @@ def detect(
     own = own_cgroups(proc_self_cgroup)
     bases: dict[str, Path] = {}
     problems: dict[str, str] = {}
-    for ctrl in CONTROLLERS:
+    for ctrl in CONTROLLERS + ACCOUNTING:
         mount = root / ctrl
         if not (mount / _PROBE[ctrl]).exists() and not (mount / "cgroup.procs").exists():
             problems[ctrl] = f"no cgroup v1 {ctrl} controller at {mount}"
@@ -100,7 +105,8 @@ def detect(
             problems[ctrl] = f"{base}/cgroup.procs is not writable"
             continue
         bases[ctrl] = base
-    return CgroupSupport(bases=bases, problems=problems)
+    off = {c: problems.pop(c) for c in ACCOUNTING if c in problems}
+    return CgroupSupport(bases=bases, problems=problems, accounting_off=off)
 
 
 def _write(path: Path, value: str) -> None:
@@ -174,6 +180,17 @@ class InstanceCgroup:
             return None
         try:
             return int((path / "memory.usage_in_bytes").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def cpu_usage_usec(self) -> int | None:
+        """CPU time (user + system) every process of the instance used so far,
+        exited ones included (``cpuacct.usage``, nanoseconds, in microseconds)."""
+        path = self.paths.get("cpuacct")
+        if path is None:
+            return None
+        try:
+            return int((path / "cpuacct.usage").read_text()) // 1000
         except (OSError, ValueError):
             return None
 

@@ -454,6 +454,9 @@ def _set(name: str, kind: str, elements: Sequence[str], interval: bool = False) 
     lines = [f"\tset {name} {{", f"\t\ttype {kind}"]
     if interval:
         lines.append("\t\tflags interval")
+        # a network and an address inside it (fence_hosts = ["10.0.0.0/24"] beside the
+        # host's own 10.0.0.5) are one interval, not a conflict
+        lines.append("\t\tauto-merge")
     if elements:
         lines.append(f"\t\telements = {{ {', '.join(elements)} }}")
     lines.append("\t}")

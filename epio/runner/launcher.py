@@ -273,7 +273,7 @@ class SandboxLauncher:
             scratch=scratch, command=spec.command, nofile=spec.limits.nofile,
             cgroup_procs=tuple(cgroup.procs_files()) if cgroup else (),
             python_prefix=python_prefix_of(image_root), workdir=facts.workdir,
-            shm_bytes=self.shm_bytes, data_seed=facts.data_seed,
+            shm_bytes=self.shm_bytes, data_seed=facts.data_seed, data_dirs=facts.data_dirs,
         )
         info_fd = 3 if sandboxed else None
         argv = build_argv(launch_spec, self.isolation, bwrap=self.bwrap, setpriv=self.setpriv,

@@ -175,6 +175,7 @@ class LaunchSpec:
     workdir: str = "app"  # image-relative working directory (the build's facts)
     shm_bytes: int = DEFAULT_SHM_BYTES  # size of the private /dev/shm (a tmpfs)
     data_seed: tuple[str, ...] = ()  # ImageFacts.data_seed: copied before a shell command
+    data_dirs: tuple[str, ...] = ()  # ImageFacts.data_dirs: made before a shell command
 
 
 def layout_for(spec: LaunchSpec, isolation: Isolation) -> Layout:
@@ -228,6 +229,9 @@ class ImageFacts:
     # data-directory paths the image seeds: epio/data/<rel> is copied to /data/<rel> (as
     # the app's user, before its command) -- a Django STATIC_ROOT kept in the data dir
     data_seed: tuple[str, ...] = ()
+    # data-directory paths [symlinks] point at: made (mkdir -p, as the app's user) before
+    # the command, so a link into the data directory never dangles
+    data_dirs: tuple[str, ...] = ()
 
 
 _SEED_PATH = re.compile(r"^[A-Za-z0-9._/-]{1,200}$")
@@ -242,10 +246,16 @@ def _seed_paths(raw: Any) -> tuple[str, ...]:
     return tuple(out)
 
 
-def seed_command(seed: tuple[str, ...], app_root: str, data: str) -> str:
-    """Shell lines copying the image's seeded data paths into the data directory (a
-    release's files win; files the app wrote there beside them stay)."""
+def seed_command(seed: tuple[str, ...], app_root: str, data: str,
+                 dirs: tuple[str, ...] = ()) -> str:
+    """Shell lines making the data directories ``[symlinks]`` point at, then copying the
+    image's seeded data paths into the data directory (a release's files win; files
+    the app wrote there beside them stay)."""
     lines = []
+    for rel in dirs:
+        dst = shlex.quote(f"{data}/{rel}")
+        lines.append(f"mkdir -p -- {dst} || {{ echo 'epio: cannot make {data}/{rel} "
+                     "([symlinks] target)' >&2; exit 1; }")
     for rel in seed:
         src = shlex.quote(f"{app_root}/epio/data/{rel}")
         dst = shlex.quote(f"{data}/{rel}")
@@ -274,7 +284,8 @@ def image_facts(image_root: Path) -> ImageFacts:
     env = {k: v for k, v in (raw_env.items() if isinstance(raw_env, dict) else ())
            if isinstance(k, str) and isinstance(v, str) and k and "=" not in k
            and "\0" not in k + v}
-    return ImageFacts(workdir=workdir, env=env, data_seed=_seed_paths(build.get("data_seed")))
+    return ImageFacts(workdir=workdir, env=env, data_seed=_seed_paths(build.get("data_seed")),
+                      data_dirs=_seed_paths(build.get("data_dirs")))
 
 
 def python_prefix_of(image_root: Path) -> str | None:
@@ -336,10 +347,10 @@ def build_argv(
     command = (
         [shell, "-c", spec.command] if isinstance(spec.command, str) else list(spec.command)
     )
-    if isinstance(spec.command, str) and spec.data_seed:
+    if isinstance(spec.command, str) and (spec.data_seed or spec.data_dirs):
         # seed, then exec a fresh shell for the command (so it still runs in place)
         layout = layout_for(spec, isolation)
-        seed = seed_command(spec.data_seed, layout.app_root, layout.data)
+        seed = seed_command(spec.data_seed, layout.app_root, layout.data, spec.data_dirs)
         command = [shell, "-c", f'{seed}\nexec {shlex.quote(shell)} -c "$1"', "epio-seed",
                    spec.command]
     argv = [sh, "-c", _shim(spec.nofile, spec.cgroup_procs), "epio-launch"]

@@ -43,6 +43,7 @@ from epio.runner.supervisor import (
     State,
     Supervisor,
     UnknownInstance,
+    busy_ports,
 )
 from epio.services import OrderedMultiService
 
@@ -212,6 +213,9 @@ class RunnerService(OrderedMultiService):
         self.stats = stats
         self.stats_interval = stats_interval
         self._last_stats = -1e18
+        # instance id -> (cgroup CPU time in µs, when read): the next sample's CPU share
+        # is the time used between two reads over the time between them
+        self._cpu_seen: dict[str, tuple[int, float]] = {}
         self.state_path = self.data_dir / "runner" / "state.json"
         self.seq = 0
         self.heartbeats_sent = 0
@@ -417,6 +421,9 @@ class RunnerService(OrderedMultiService):
                 else:
                     self.heartbeats_dropped += 1
             self.supervisor.poll_oom()
+            watched = self.supervisor.watched_ports()
+            if watched:
+                self.supervisor.check_idle(busy_ports(watched))
             now = self.reactor.seconds()
             if self.stats is not None and self.stats_interval > 0 \
                     and now - self._last_stats >= self.stats_interval:
@@ -446,8 +453,28 @@ class RunnerService(OrderedMultiService):
                 if mem is not None:
                     values["memory_bytes"] = mem
                     values["memory_limit_bytes"] = inst.spec.limits.memory_mb * 1024 * 1024
+                cpu = self._cpu_percent(inst.spec.instance_id, launch.cgroup.cpu_usage_usec())
+                if cpu is not None:
+                    values["cpu_percent"] = cpu
                 values["processes"] = len(launch.cgroup.pids())
             self.stats.emit_stats(inst.spec.app, "process", values)
+        live = {i.spec.instance_id for i in self.supervisor.instances.values()
+                if i.launch is not None and i.running}
+        for gone in set(self._cpu_seen) - live:
+            del self._cpu_seen[gone]
+
+    def _cpu_percent(self, instance_id: str, used_usec: int | None) -> float | None:
+        """CPU of one instance since its previous sample, in percent of one core (100:
+        one core busy all the time); None on its first sample (nothing to compare) or
+        without CPU accounting (no ``cpuacct`` cgroup)."""
+        if used_usec is None:
+            return None
+        now = self.reactor.seconds()
+        before = self._cpu_seen.get(instance_id)
+        self._cpu_seen[instance_id] = (used_usec, now)
+        if before is None or now <= before[1] or used_usec < before[0]:
+            return None
+        return round((used_usec - before[0]) / 1e6 / (now - before[1]) * 100, 1)
 
     async def _register(self) -> None:
         if self.store_service is None:
@@ -491,6 +518,9 @@ class RunnerService(OrderedMultiService):
                 return "runner.stopped", {"instance_id": iid, "state": "stopped"}
             if t == "runner.drain":
                 return "runner.draining", self.supervisor.drain(body["instance_id"])
+            if t == "runner.wake":
+                return "runner.waking", {"app": body["app"],
+                                         "instances": self.supervisor.wake(body["app"])}
             if t == "runner.purge_app":
                 return "runner.purged", await self._purge_app(body["app"], body["uid"])
             if t == "runner.status":

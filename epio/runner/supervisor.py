@@ -11,6 +11,9 @@
                |  +----exit------------^
                +--boot timeout (never healthy yet) / image error--> FAILED --stop--> STOPPED
 
+    HEALTHY --no connection for idle_sleep--> ASLEEP --wake--> STARTING (fast probe)
+                                                 +--stop/drain--> (DRAINING) --> STOPPED
+
 * A process that exits unasked is CRASHED and restarted after a backoff of
   ``1 s * 2**n`` capped at 5 min; ``n`` resets when the process had been healthy
   for 10 min.  There is no tight loop: every restart waits.
@@ -21,6 +24,12 @@
   (it leaves the route table at once) and it is killed and restarted.
 * Stop = SIGTERM to the whole process group, ``grace`` seconds, then SIGKILL
   of the group and of everything left in its cgroups.
+* Sleep (``web`` only, ``idle_sleep`` of the spec, else ``runner.idle_sleep``): a
+  HEALTHY instance whose port had no established TCP connection for ``idle_sleep``
+  seconds (:meth:`Supervisor.check_idle`, fed the busy ports at every heartbeat
+  tick by :func:`busy_ports`) is ASLEEP: stopped like a stop, but its port and
+  place are kept and it is not restarted.  :meth:`Supervisor.wake` launches it again
+  (once, however many ask) and probes its health every ``runner.wake_probe_interval``.
 
 The launch mechanics (sandbox, cgroups, images) are behind :class:`ILauncher`
 and health probes behind :class:`~epio.runner.health.IHealthProbe`, so this
@@ -60,6 +69,7 @@ if TYPE_CHECKING:
 #: lines of an instance's output kept for a failed deploy's report, and their length cap
 TAIL_LINES = 20
 TAIL_LINE_MAX = 500
+MAX_IDLE_SLEEP = 30 * 86400.0
 INSTANCE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 PROCESS_TYPE = domain.PROCESS_TYPE
 DIGEST = re.compile(r"^(sha256:)?[0-9a-f]{64}$")
@@ -70,11 +80,12 @@ State = domain.RunnerState  # the instance lifecycle drawn above (epio.domain ho
 TRANSITIONS: dict[State, frozenset[State]] = {
     State.STARTING: frozenset({State.HEALTHY, State.CRASHED, State.FAILED, State.DRAINING,
                                State.STOPPED}),
-    State.HEALTHY: frozenset({State.CRASHED, State.DRAINING}),
+    State.HEALTHY: frozenset({State.CRASHED, State.DRAINING, State.ASLEEP}),
     State.DRAINING: frozenset({State.STOPPED}),
     State.CRASHED: frozenset({State.STARTING, State.STOPPED}),
     State.FAILED: frozenset({State.STOPPED}),
     State.STOPPED: frozenset(),
+    State.ASLEEP: frozenset({State.STARTING, State.DRAINING, State.STOPPED}),
 }
 # states a router may send requests to
 ROUTABLE = frozenset({State.HEALTHY})
@@ -118,6 +129,8 @@ class Settings:
     drain_delay: float = 3.0
     worker_settle: float = 1.0
     stopped_retention: float = 60.0
+    idle_sleep: float = 0.0  # default of a web instance's idle_sleep; 0: never sleeps
+    wake_probe_interval: float = 0.02
     max_line: int = 16384
     limits: Limits = Limits(memory_mb=512, cpu_shares=1024, pids=512, nofile=4096)
 
@@ -132,9 +145,37 @@ class Settings:
             health_timeout=c.health_timeout, health_failures=c.health_failures,
             drain_delay=c.drain_delay, worker_settle=c.worker_settle,
             stopped_retention=c.stopped_retention, max_line=c.max_log_line,
+            idle_sleep=c.idle_sleep, wake_probe_interval=c.wake_probe_interval,
             limits=Limits(memory_mb=c.memory_mb, cpu_shares=c.cpu_shares,
                           pids=c.pids_max, nofile=c.nofile),
         )
+
+
+TCP_ESTABLISHED = "01"
+
+
+def busy_ports(ports: set[int], tables: Sequence[str] = ("/proc/net/tcp", "/proc/net/tcp6")
+               ) -> set[int]:
+    """Which of ``ports`` have an established TCP connection on this host (the apps
+    share the host's network): the activity signal of sleeping (every router's
+    connections, pooled ones included, whatever the number of routers)."""
+    if not ports:
+        return set()
+    busy: set[int] = set()
+    for table in tables:
+        try:
+            with open(table, encoding="ascii") as f:
+                next(f, None)  # the header
+                for line in f:
+                    fields = line.split(None, 4)
+                    if len(fields) < 4 or fields[3] != TCP_ESTABLISHED:
+                        continue
+                    port = int(fields[1].rpartition(":")[2], 16)
+                    if port in ports:
+                        busy.add(port)
+        except FileNotFoundError:
+            continue  # no IPv6
+    return busy
 
 
 def backoff_delay(attempt: int, initial: float = 1.0, cap: float = 300.0) -> float:
@@ -182,6 +223,11 @@ class InstanceSpec:
     # ports of the app's shared add-on servers (from the api): the network fence lets
     # this UID, and no other, connect to them on this host
     addon_ports: tuple[int, ...] = ()
+    # seconds without a connection before a web instance sleeps: None = the runner's
+    # default (runner.idle_sleep), 0 = never ([http] idle_sleep of epio.ini)
+    idle_sleep: float | None = None
+    # a new release of an asleep app: sleep as soon as the first health check passed
+    asleep_after_boot: bool = False
 
     @property
     def source(self) -> str:
@@ -257,6 +303,9 @@ class InstanceSpec:
             boot_timeout=_num(body, "boot_timeout", settings.boot_timeout, 1, 3600),
             grace=_num(body, "grace", settings.grace, 0, 3600),
             addon_ports=tuple(sorted(set(addon_ports))),
+            idle_sleep=(None if body.get("idle_sleep") is None
+                        else _num(body, "idle_sleep", 0, 0, MAX_IDLE_SLEEP)),
+            asleep_after_boot=body.get("asleep_after_boot") is True,
         )
 
     def to_message(self) -> dict[str, Any]:
@@ -270,7 +319,15 @@ class InstanceSpec:
                        "pids": self.limits.pids, "nofile": self.limits.nofile},
             "health_check": self.health_check, "boot_timeout": self.boot_timeout,
             "grace": self.grace, "addon_ports": list(self.addon_ports),
+            "idle_sleep": self.idle_sleep, "asleep_after_boot": self.asleep_after_boot,
         }
+
+    def sleeps_after(self, default: float) -> float:
+        """Seconds without a connection after which this instance sleeps (0: never):
+        only ``web`` sleeps, never a worker or a dedicated database server."""
+        if self.process_type != "web":
+            return 0.0
+        return default if self.idle_sleep is None else self.idle_sleep
 
 
 @define
@@ -338,6 +395,9 @@ class Instance:
     oom_before: int = 0
     oom_seen: int = 0
     starts: int = 0
+    active_at: float = 0.0  # the last time a connection to its port was seen
+    waking: bool = False  # launched by a wake: probed every wake_probe_interval
+    wake_wanted: bool = False  # woken while its sleeping process still exits
     calls: dict[str, Any] = field(factory=dict)  # name -> IDelayedCall
     waiters: list[defer.Deferred[None]] = field(factory=list)
     # the last TAIL_LINES lines of output (over restarts): what a failed deploy shows
@@ -358,6 +418,8 @@ class Instance:
         }
         if self.reason:
             out["reason"] = self.reason
+        if self.waking:  # its route stays asleep (routers hold requests) until healthy
+            out["waking"] = True
         if tail and self.state in (State.STARTING, State.CRASHED, State.FAILED) and self.tail:
             out["tail"] = list(self.tail)
         return out
@@ -641,7 +703,10 @@ class Supervisor:
             # an unhealthy process is being killed: finish that as a stop
             self.stop(instance_id).addErrback(
                 lambda f: self.log.failure("stopping {i} failed", f, i=instance_id))
-        elif inst.state in (State.CRASHED, State.FAILED):
+        elif inst.state is State.ASLEEP and inst.running:
+            self.stop(instance_id).addErrback(
+                lambda f: self.log.failure("stopping {i} failed", f, i=instance_id))
+        elif inst.state in (State.CRASHED, State.FAILED, State.ASLEEP):
             inst.stopping = True
             self._to(inst, State.STOPPED, "drained")
         return {"instance_id": instance_id, "state": inst.state.value}
@@ -662,7 +727,7 @@ class Supervisor:
             if inst.state is not State.CRASHED:
                 self._to(inst, State.DRAINING, "stopping")
             self._terminate(inst, grace)
-        elif inst.state in (State.STARTING, State.CRASHED, State.FAILED):
+        elif inst.state in (State.STARTING, State.CRASHED, State.FAILED, State.ASLEEP):
             self._to(inst, State.STOPPED, "stopped")
         return d
 
@@ -744,7 +809,7 @@ class Supervisor:
                         + (f" (PORT={inst.port})" if inst.port else ""))
         if inst.spec.is_web:
             self._call(inst, "boot", inst.spec.boot_timeout, self._boot_timeout, inst, gen)
-            self._call(inst, "health", self.settings.health_boot_interval, self._probe, inst, gen)
+            self._call(inst, "health", self._boot_interval(inst), self._probe, inst, gen)
         else:
             self._call(inst, "health", self.settings.worker_settle, self._settled, inst, gen)
         self.changed()
@@ -762,10 +827,17 @@ class Supervisor:
         if inst.generation == gen and inst.state is State.STARTING and inst.running:
             self._healthy(inst)
 
+    def _boot_interval(self, inst: Instance) -> float:
+        return self.settings.wake_probe_interval if inst.waking else \
+            self.settings.health_boot_interval
+
     def _healthy(self, inst: Instance) -> None:
         self._cancel(inst, "boot")
+        if inst.waking:
+            self._say(inst, f"awake in {self.reactor.seconds() - inst.since:.3f}s")
+        inst.waking = False
         inst.ever_healthy = True
-        inst.healthy_since = self.reactor.seconds()
+        inst.healthy_since = inst.active_at = self.reactor.seconds()
         inst.reason = None
         self._to(inst, State.HEALTHY)
         self._say(inst, "healthy")
@@ -787,10 +859,15 @@ class Supervisor:
         s = self.settings
         if inst.state is State.STARTING:
             if ok:
+                first = not inst.ever_healthy
                 self._healthy(inst)
+                if first and inst.spec.asleep_after_boot and inst.spec.is_web:
+                    self._sleep(inst, 0, "a new release of an asleep app: healthy, asleep "
+                                         "again until a request")
+                    return
                 self._call(inst, "health", s.health_interval, self._probe, inst, gen)
             else:
-                self._call(inst, "health", s.health_boot_interval, self._probe, inst, gen)
+                self._call(inst, "health", self._boot_interval(inst), self._probe, inst, gen)
         elif inst.state is State.HEALTHY:
             if ok:
                 inst.health_failures = 0
@@ -858,6 +935,12 @@ class Supervisor:
             for w in waiters:
                 w.callback(None)
             return
+        if inst.state is State.ASLEEP and not inst.stopping:
+            self._say(inst, f"asleep (process {how})")
+            if inst.wake_wanted:
+                inst.wake_wanted = False
+                self._wake(inst)
+            return
         if inst.stopping:
             self._say(inst, f"process {how}")
             if inst.state is State.CRASHED:
@@ -892,6 +975,61 @@ class Supervisor:
         if inst.state is not State.CRASHED or inst.stopping or self.shutting_down:
             return
         inst.restarts += 1
+        self._launch(inst)
+
+    # -- sleep and wake --------------------------------------------------------
+
+    def check_idle(self, busy_ports: set[int]) -> None:
+        """Put to sleep each HEALTHY web instance with an ``idle_sleep`` whose port had no
+        established connection (not in ``busy_ports``) for that long."""
+        now = self.reactor.seconds()
+        for inst in list(self.instances.values()):
+            if inst.state is not State.HEALTHY or inst.stopping or inst.port is None:
+                continue
+            after = inst.spec.sleeps_after(self.settings.idle_sleep)
+            if after <= 0:
+                continue
+            if inst.port in busy_ports:
+                inst.active_at = now
+            elif now - inst.active_at >= after:
+                self._sleep(inst, after)
+
+    def watched_ports(self) -> set[int]:
+        """The ports :meth:`check_idle` needs to know about (instances that may sleep)."""
+        return {i.port for i in self.instances.values()
+                if i.state is State.HEALTHY and i.port is not None
+                and i.spec.sleeps_after(self.settings.idle_sleep) > 0}
+
+    def _sleep(self, inst: Instance, after: float, why: str = "") -> None:
+        why = why or f"no request for {after:g}s"
+        self._cancel(inst, "health")
+        self._cancel(inst, "boot")
+        self._to(inst, State.ASLEEP, why)
+        self._say(inst, f"going to sleep: {why}")
+        self._terminate(inst, inst.spec.grace)
+
+    def wake(self, app: str) -> list[dict[str, Any]]:
+        """Handle ``runner.wake``: launch every ASLEEP web instance of ``app`` again.
+        Asking again while one wakes starts nothing more: the reply names each web
+        instance of the app with its state."""
+        out = []
+        for inst in list(self.instances.values()):
+            if inst.spec.app != app or inst.spec.process_type != "web":
+                continue
+            if inst.state is State.ASLEEP and not inst.stopping and not self.shutting_down:
+                if inst.running:
+                    inst.wake_wanted = True  # its sleeping process still exits: then
+                else:
+                    self._wake(inst)
+            out.append({"instance_id": inst.spec.instance_id, "state": inst.state.value,
+                        "host": self.settings.advertise_host, "port": inst.port})
+        return out
+
+    def _wake(self, inst: Instance) -> None:
+        self.log.info("instance {i} ({app} {source}) waking up", i=inst.spec.instance_id,
+                      app=inst.spec.app, source=inst.spec.source)
+        inst.waking = True
+        inst.attempt = 0
         self._launch(inst)
 
     def poll_oom(self) -> None:

@@ -30,9 +30,7 @@ from twisted.internet.defer import Deferred, DeferredLock, DeferredSemaphore
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
-from txpostgres.txpostgres import Connection as _TxConnection
 
 from epio.store.errors import IntegrityError, InvalidValue, StoreUnavailable
 
@@ -347,42 +345,36 @@ def to_pyformat(sql: str) -> str:
 PG_CONNECT_KW = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2,
                  "keepalives_count": 3, "application_name": "epio"}
 
+#: The same on the server's side of every session (settings any user may give at
+#: connect time).  A node whose host vanishes (power, network: no FIN, no RST) leaves
+#: its sessions open on PostgreSQL for the kernel's default keepalive, two hours, and a
+#: session-level advisory lock with them: the scheduler leader's lock would outlive
+#: its holder, and no other api could lead.  With these the server drops the session
+#: (and its locks) about 15 s after the host went silent; ``tcp_user_timeout`` also
+#: ends it when data it sent stays unacknowledged that long.
+PG_SERVER_OPTIONS = ("-c tcp_keepalives_idle=5 -c tcp_keepalives_interval=2 "
+                     "-c tcp_keepalives_count=3 -c tcp_user_timeout=15000")
 
-class PgConnection(_TxConnection):  # type: ignore[misc]
-    """A txpostgres connection that closes itself when the server goes away.
 
-    Plain txpostgres raises the server's "connection closed" error out of
-    ``doRead`` into the reactor (an unhandled error in the log); this one
-    closes the connection instead and calls ``on_lost(self)`` once.
-    """
+def connect_options(dsn: str) -> dict[str, Any]:
+    """The connect keywords for ``dsn``: client keepalives, the application name, and
+    the server-side keepalives appended to any ``options`` the URL already gives."""
+    from psycopg2.extensions import parse_dsn
 
-    def __init__(self, reactor: Any, on_lost: Callable[[Any], None] | None = None) -> None:
-        super().__init__(reactor=reactor)
-        self.on_lost = on_lost
-        self._lost_reported = False
-
-    def doRead(self) -> None:
-        try:
-            super().doRead()
-        except Exception:
-            self.close()
-
-    def connectionLost(self, reason: Failure) -> None:
-        super().connectionLost(reason)
-        if not self._lost_reported:
-            self._lost_reported = True
-            if self.on_lost is not None:
-                self.on_lost(self)
+    given = parse_dsn(dsn).get("options", "")
+    return dict(PG_CONNECT_KW, options=f"{given} {PG_SERVER_OPTIONS}".strip())
 
 
 async def connect_pg(reactor: Any, dsn: str, timeout: float,
-                     on_lost: Callable[[Any], None] | None = None) -> PgConnection:
-    """Open a :class:`PgConnection`, failing with StoreUnavailable after ``timeout`` s.
+                     on_lost: Callable[[Any], None] | None = None) -> Any:
+    """Open a :class:`~epio.store.pgconn.PgConnection`, failing with StoreUnavailable after ``timeout`` s.
 
     libpq does not enforce ``connect_timeout`` on non-blocking connects, so a
     server that accepts but never answers (or a black-holed address) would
     hang forever: the connection is closed when the timer fires.
     """
+    from epio.store.pgconn import PgConnection  # psycopg2: 4.6 MiB, only for PostgreSQL
+
     conn = PgConnection(reactor, on_lost)
     timed_out = False
 
@@ -393,7 +385,7 @@ async def connect_pg(reactor: Any, dsn: str, timeout: float,
 
     timer = reactor.callLater(timeout, expire)
     try:
-        await conn.connect(dsn, **PG_CONNECT_KW)
+        await conn.connect(dsn, **connect_options(dsn))
     except Exception as e:
         close_quietly(conn)
         if timed_out:

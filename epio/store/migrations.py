@@ -295,6 +295,15 @@ MIGRATIONS: tuple[Migration, ...] = (
         )""",
         "CREATE INDEX IF NOT EXISTS epio_stats_expiry ON epio_stats (resolution, ts)",
     )),
+    Migration(9, "one-time dashboard sign-in codes (epio.store.logins)", statements=(
+        """CREATE TABLE login_codes (
+            code_hash TEXT PRIMARY KEY,
+            user_id TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            created DOUBLE PRECISION NOT NULL,
+            expires DOUBLE PRECISION NOT NULL
+        )""",
+        "CREATE INDEX login_codes_expires ON login_codes (expires)",
+    )),
 )
 
 SCHEMA_VERSION_DDL = """CREATE TABLE IF NOT EXISTS schema_version (

@@ -52,6 +52,51 @@ class AuthTests(ApiTestCase):
         self.assertEqual(body["name"], "alice")
         self.assertNotIn(self.h.alice_token, str(body))
 
+    async def test_one_time_login_code(self) -> None:
+        """POST /login-codes (signed in) gives a code valid for 2 minutes; exchanging it
+        (no token needed) gives a new token of its user, once: a second exchange, an
+        expired code and a made-up one are all 400 invalid_login_code with the same
+        sentence.  Only its sha256 is stored.  Without a token no code is made (401)."""
+        status, _, _ = await self.call("POST", "login-codes", body={})
+        self.assertEqual(status, 401)
+        status, made, _ = await self.call("POST", "login-codes", token=self.h.alice_token,
+                                          body={})
+        self.assertEqual(status, 201)
+        code = made["code"]
+        self.assertTrue(code.startswith("epiolink_"))
+        self.assertLess(abs(made["expires"] - self.h.store.now() - 120.0), 5.0)
+        stored = await self.h.store.fetch_all("SELECT * FROM login_codes")
+        self.assertEqual(len(stored), 1)
+        self.assertNotIn(code, str(stored))
+        status, body, _ = await self.call("POST", "login-codes/exchange", body={"code": code})
+        self.assertEqual(status, 200, body)
+        self.assertEqual(body["user"]["name"], "alice")
+        self.assertNotEqual(body["token"], self.h.alice_token)
+        status, me, _ = await self.call("GET", "user", token=body["token"])
+        self.assertEqual((status, me["name"]), (200, "alice"))
+        _, tokens, _ = await self.call("GET", "tokens", token=self.h.alice_token)
+        self.assertIn("dashboard sign-in (epio login --web)",
+                      [t["description"] for t in tokens])
+        answers = []
+        status, body, _ = await self.call("POST", "login-codes/exchange", body={"code": code})
+        answers.append((status, body))
+        _, old, _ = await self.call("POST", "login-codes", token=self.h.bob_token, body={})
+
+        async def expire(tx: Any) -> None:
+            await tx.execute("UPDATE login_codes SET expires = ?", (self.h.store.now() - 1,))
+
+        await self.h.store.transaction(expire)
+        status, body, _ = await self.call("POST", "login-codes/exchange",
+                                          body={"code": old["code"]})
+        answers.append((status, body))
+        status, body, _ = await self.call("POST", "login-codes/exchange",
+                                          body={"code": "epiolink_madeup"})
+        answers.append((status, body))
+        for status, body in answers:
+            self.assertEqual((status, body["error"]["code"]), (400, "invalid_login_code"))
+            self.assertIn("run `epio login --web` again", body["error"]["message"])
+        self.assertEqual(await self.h.store.fetch_all("SELECT * FROM login_codes"), [])
+
     async def test_tokens(self) -> None:
         """A user can create a token, use it, list it (prefix only) and revoke it."""
         status, body, _ = await self.call("POST", "tokens", token=self.h.alice_token,

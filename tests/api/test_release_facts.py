@@ -55,3 +55,34 @@ class ReleaseFactsTests(SynchronousTestCase):
         manifest = parse_manifest("[wsgi]\nentrypoint = app:application\n", None,
                                   {"requirements.txt"})
         self.assertEqual(options_of(release_facts(manifest.to_dict())), {})
+
+
+class IdleSleepTests(SynchronousTestCase):
+    def test_idle_sleep_units_reach_the_release(self) -> None:
+        """[http] idle_sleep takes 2s, 30m, 1h, a bare number of seconds, or off (0: never
+        sleeps); it reaches the release's facts (the runner's, not a route option)."""
+        for value, seconds in (("2s", 2.0), ("30m", 1800.0), ("1h", 3600.0), ("90", 90.0),
+                               ("off", 0.0)):
+            manifest = parse_manifest(
+                f"[wsgi]\nentrypoint = app:application\n[http]\nidle_sleep = {value}\n",
+                None, {"requirements.txt"})
+            self.assertEqual(manifest.http.idle_sleep, seconds, value)
+            facts = release_facts(manifest.to_dict())
+            self.assertEqual(facts["idle_sleep"], seconds)
+            self.assertEqual(options_of(facts), {})
+        manifest = parse_manifest("[wsgi]\nentrypoint = app:application\n", None,
+                                  {"requirements.txt"})
+        self.assertIsNone(manifest.http.idle_sleep)
+        self.assertNotIn("idle_sleep", release_facts(manifest.to_dict()))
+
+    def test_bad_idle_sleep_is_refused(self) -> None:
+        """A value that is no duration, or under 1 s, or over 30 days, is refused with
+        the file and line."""
+        from epio.manifest import ManifestError
+
+        for value in ("soon", "0.5s", "31d", "-2s", "5 minutes"):
+            with self.assertRaises(ManifestError) as e:
+                parse_manifest(f"[wsgi]\nentrypoint = app:application\n[http]\n"
+                               f"idle_sleep = {value}\n", None, {"requirements.txt"})
+            self.assertIn("epio.ini:4", str(e.exception))
+            self.assertIn("[http] idle_sleep", str(e.exception))

@@ -143,6 +143,49 @@ class SchedulerTests(TestCase):
         insts = await self.h.store.list_instances("web1")
         self.assertEqual([(i.node, i.state) for i in insts], [("r2", "healthy")])
 
+    async def test_silent_runner_judged_after_its_poll_timed_out(self) -> None:
+        """A silent runner's poll takes its whole status_timeout: its liveness is judged
+        when the poll is over, so a runner that expires during the poll is replaced in
+        that same pass, not one or two passes (several seconds) later."""
+        from twisted.internet import reactor
+
+        from epio.bus import RequestTimeout
+
+        class SteppedTime:
+            offset = 0.0
+
+            def seconds(self) -> float:
+                return reactor.seconds() + self.offset
+
+            def callLater(self, delay: float, f: Any, *a: Any, **kw: Any) -> Any:
+                return reactor.callLater(delay, f, *a, **kw)
+
+        time = SteppedTime()
+        self.h.scheduler.clock = time
+        self.h.settings = self.h.scheduler.settings = self.h.settings.__class__(
+            runner_dead_after=30.0, drain_seconds=0.0)
+        await self.h.add_runner("r1")
+        await self.app_with_release(quantity=1)
+        await self.passes(2)
+        await self.h.add_runner("r2")
+        runners = self.h.runners
+        answer = runners.request
+
+        async def slow_when_down(endpoint: str, type: str, body: dict[str, Any],
+                                 timeout: float | None = None) -> dict[str, Any]:
+            if endpoint in runners.down:  # the wait for an answer that never comes
+                time.offset += timeout or 3.0
+                raise RequestTimeout(type, endpoint, timeout or 3.0)
+            return await answer(endpoint, type, body, timeout)
+
+        runners.request = slow_when_down  # type: ignore[method-assign]
+        runners.down.add("tcp://r1:7731")
+        time.offset += 29.0  # r1 last answered 29 s ago: alive when the pass starts
+        await self.passes(1)  # its poll waits status_timeout: 29 + 3 > 30 when it ends
+        insts = await self.h.store.list_instances("web1")
+        self.assertEqual([(i.node, i.state) for i in insts if i.state != "stopped"],
+                         [("r2", "starting")])  # placed on r2 in that pass
+
     async def test_store_change_wakes_the_leader(self) -> None:
         """A formation change reconciles at once, not at the next (here: hourly) tick."""
         from epio.api.settings import ApiSettings
@@ -638,6 +681,129 @@ class DeployTests(TestCase):
         status, _, _ = await self.h.call("DELETE", "apps/hello", token=self.h.alice_token)
         self.assertEqual(status, 200)
         self.assertEqual(self.h.runners.running("hello"), [])
+
+
+    async def restart(self, body: dict[str, Any], app: str = "hello") -> dict[str, Any]:
+        """POST .../restart as alice; wait for its rollout with the scheduler leading."""
+        status, rel, _ = await self.h.call("POST", f"apps/{app}/restart",
+                                           token=self.h.alice_token, body=body)
+        self.assertEqual(status, 201, rel)
+        self.h.scheduler.become_leader()
+        await settle(ensureDeferred(self.h.deployer.wait(rel["deploy"])), timeout=20)
+        for _ in range(3):  # the old instances are retired after the rollout's last pass
+            await self.h.scheduler.reconcile()
+        self.h.scheduler.lose_leadership()
+        return rel
+
+    async def test_restart_rolls_every_instance_start_first(self) -> None:
+        """POST /apps/{app}/restart makes a release with the current one's image,
+        processes and config ("Restart") and replaces every instance start-first: the
+        new web instances start while the old ones still serve, then the old ones are
+        drained; the restart's deploy succeeds.  A user who cannot see the app gets
+        404; an app with nothing deployed, 409; an unknown type, 400."""
+        await self.h.add_runner("r1")
+        self.h.runners.manifest = {"processes": {"web": "w", "worker": "k"}}
+        await self.h.call("POST", "apps", token=self.h.alice_token, body={"name": "hello"})
+        status, body, _ = await self.h.call("POST", "apps/hello/restart",
+                                            token=self.h.alice_token, body={})
+        self.assertEqual((status, body["error"]["code"]), (409, "nothing_to_restart"))
+        await self.h.call("PATCH", "apps/hello/config", token=self.h.alice_token,
+                          body={"A": "1"})
+        await self.deploy()
+        await self.h.call("PATCH", "apps/hello/formation", token=self.h.alice_token,
+                          body={"processes": {"web": {"quantity": 2}}})
+        self.h.scheduler.become_leader()
+        for _ in range(3):
+            await self.h.scheduler.reconcile()
+        self.h.scheduler.lose_leadership()
+        before = {i["instance_id"] for i in self.h.runners.running("hello")}
+        self.assertEqual(len(before), 3)
+        status, body, _ = await self.h.call("POST", "apps/hello/restart",
+                                            token=self.h.bob_token, body={})
+        self.assertEqual((status, body["error"]["code"]), (404, "not_found"))
+        status, body, _ = await self.h.call("POST", "apps/hello/restart",
+                                            token=self.h.alice_token, body={"type": "clock"})
+        self.assertEqual((status, body["error"]["code"]), (400, "unknown_process_type"))
+        self.assertIn("it has: web, worker", body["error"]["message"])
+        asked_before = len(self.h.runners.requests)
+        rel = await self.restart({})
+        self.assertEqual((rel["version"], rel["description"], rel["image"], rel["config_keys"]),
+                         (3, "Restart", DIGEST, ["A"]))
+        self.assertEqual(rel["processes"], {"web": "w", "worker": "k"})
+        d = await self.h.store.get_deploy(rel["deploy"])
+        self.assertEqual(d.status, "succeeded", d.log)
+        running = self.h.runners.running("hello")
+        self.assertEqual(sorted((i["process_type"], i["release"]) for i in running),
+                         [("web", 3), ("web", 3), ("worker", 3)])
+        self.assertFalse(before & {i["instance_id"] for i in running})
+        # start-first: both new web instances were started before any old one drained
+        order = [(t, b["instance_id"]) for _, t, b in self.h.runners.requests[asked_before:]
+                 if t in ("runner.start", "runner.drain")]
+        drains = [n for n, (t, _) in enumerate(order) if t == "runner.drain"]
+        web_starts = [n for n, (t, iid) in enumerate(order)
+                      if t == "runner.start" and "-web-" in iid]
+        self.assertEqual(len(drains), 2)
+        self.assertEqual(len(web_starts), 2)
+        self.assertLess(max(web_starts), min(drains))
+        _, rels, _ = await self.h.call("GET", "apps/hello/releases", token=self.h.alice_token)
+        self.assertEqual([(r["version"], r["status"]) for r in rels][:1], [(3, "current")])
+
+    async def test_restart_one_type_keeps_the_others(self) -> None:
+        """{"type": "web"} replaces only the web instances: the worker instance keeps
+        running, untouched, through two web restarts (its release kept by each), and
+        a full restart then replaces it too."""
+        await self.h.add_runner("r1")
+        self.h.runners.manifest = {"processes": {"web": "w", "worker": "k"}}
+        await self.h.call("POST", "apps", token=self.h.alice_token, body={"name": "hello"})
+        await self.deploy()
+
+        def ids(ptype: str) -> set[str]:
+            return {i["instance_id"] for i in self.h.runners.running("hello")
+                    if i["process_type"] == ptype}
+
+        worker, web = ids("worker"), ids("web")
+        self.assertEqual((len(worker), len(web)), (1, 1))
+        for version in (2, 3):
+            rel = await self.restart({"type": "web"})
+            self.assertEqual((rel["version"], rel["description"]), (version, "Restart web"))
+            d = await self.h.store.get_deploy(rel["deploy"])
+            self.assertEqual(d.status, "succeeded", d.log)
+            self.assertEqual(ids("worker"), worker)
+            self.assertEqual(len(ids("web")), 1)
+            self.assertFalse(ids("web") & web)
+            web = ids("web")
+            release = await self.h.store.get_release("hello", version)
+            self.assertEqual(release.meta["keep"], {"worker": 1})
+        rel = await self.restart({})
+        self.assertEqual(len(ids("worker")), 1)
+        self.assertFalse(ids("worker") & worker)
+        self.assertEqual({i["release"] for i in self.h.runners.running("hello")}, {4})
+
+
+    async def test_restart_follows_stop_first(self) -> None:
+        """A restart copies the release's facts (its rollover among them): a stop-first
+        worker is stopped, confirmed, before its replacement starts, and never two run."""
+        await self.h.add_runner("r1")
+        alice = await self.h.store.get_user_by_name("alice")
+        await self.h.store.create_app("hello", alice.id)
+        await self.h.store.create_release("hello", DIGEST, processes={"worker": "w"},
+                                          meta={"rollover": {"worker": "stop-first"}})
+        await self.h.store.set_formation("hello", "worker", 1)
+        self.h.scheduler.become_leader()
+        for _ in range(3):
+            await self.h.scheduler.reconcile()
+        self.h.scheduler.lose_leadership()
+        [old] = self.h.runners.running("hello")
+        asked_before = len(self.h.runners.requests)
+        rel = await self.restart({"type": "worker"})
+        release = await self.h.store.get_release("hello", rel["version"])
+        self.assertEqual(release.meta["rollover"], {"worker": "stop-first"})
+        self.assertEqual(release.meta["restart_of"], 1)
+        order = [(t, b["instance_id"]) for _, t, b in self.h.runners.requests[asked_before:]
+                 if t in ("runner.start", "runner.stop")]
+        self.assertEqual([t for t, _ in order], ["runner.stop", "runner.start"])
+        self.assertEqual(order[0][1], old["instance_id"])
+        self.assertEqual([i["release"] for i in self.h.runners.running("hello")], [2])
 
 
 class DeployLifecycleTests(TestCase):

@@ -271,6 +271,32 @@ class IssuerTests(TestCase):
         self.assertEqual(renewed.state, "issued")
         self.assertNotEqual(renewed.cert_pem, rec.cert_pem)
 
+    async def test_a_name_elsewhere_is_never_ordered(self) -> None:
+        """With the name check, a domain resolving elsewhere is marked failed with the
+        check's reason and backs off like a failed order, without asking the CA; once
+        its DNS points at the routers it is ordered."""
+        from epio.certs.resolve import NameCheck
+        from tests.certs.test_resolve import Zone
+
+        zone = Zone({"www.hello.test": ["203.0.113.9"]})
+        self.issuer = Issuer(self.store, self.settings, SECRET, self.clock, run_blocking=sync,
+                             make_client=self.acme.make,
+                             name_check=NameCheck(zone, ["198.51.100.1"], ""))
+        await self.store.add_domain("hello", "www.hello.test")
+        self.assertEqual(await self.run_round(), ["www.hello.test"])
+        rec = await self.cert("www.hello.test")
+        self.assertEqual((rec.state, rec.failures, rec.last_error), (
+            "failed", 1, "www.hello.test resolves to 203.0.113.9, not to the cluster's "
+            "routers (198.51.100.1): point its DNS at them"))
+        self.assertAlmostEqual(rec.next_attempt - rec.updated, 300.0)
+        self.assertEqual((self.acme.orders, self.acme.registered), ([], 0))
+        zone.names["www.hello.test"] = ["198.51.100.1"]
+        self.clock.advance(300)
+        await self.run_round()
+        rec = await self.cert("www.hello.test")
+        self.assertEqual((rec.state, rec.failures, rec.last_error), ("issued", 0, None))
+        self.assertEqual(self.acme.orders, ["www.hello.test"])
+
     async def test_owner_wildcard_removed_and_account(self) -> None:
         """Owners' certificates are never ordered; a wildcard domain is failed with the
         reason; a removed domain's certificate goes; the account key is made once and

@@ -9,8 +9,8 @@ from epio.cli.logs import ASCII_BLOCKS, chart, format_value
 
 class FormatTests(SynchronousTestCase):
     def test_units(self) -> None:
-        """Counts per bucket are rates per second, latencies ms, memory MiB, bytes sent
-        KiB/s; never an exponent."""
+        """Counts per bucket are rates per second, latencies ms, memory MiB, CPU percent
+        of one core (not divided by the bucket), bytes sent KiB/s; never an exponent."""
         self.assertEqual(format_value("requests", 21, 10), "2.10 req/s")
         self.assertEqual(format_value("status_5xx", 6, 60), "0.10 req/s")
         self.assertEqual(format_value("error_502", 10, 10), "1.00 req/s")
@@ -18,6 +18,8 @@ class FormatTests(SynchronousTestCase):
         self.assertEqual(format_value("latency_p50_ms", 2.5, 10), "2.5 ms")
         self.assertEqual(format_value("memory_bytes", 30_347_300, 10), "28.9 MiB")
         self.assertEqual(format_value("bytes_out", 10 * 1024 * 10, 10), "10.0 KiB/s")
+        self.assertEqual(format_value("cpu_percent", 57.25, 10), "57.2%")
+        self.assertEqual(format_value("cpu_percent", 212.0, 60), "212.0%")  # two cores and more
         self.assertEqual(format_value("restarts", 3, 10), "3")
 
     def test_chart_spans_the_window(self) -> None:

@@ -345,7 +345,8 @@ class SettingsTests(SynchronousTestCase):
 
         service_keys = {"listen", "routes_file", "workers", "tls_listen", "tls_cert_dir",
                         "access_log", "stats_interval", "route_feed",
-                        "feed_interval", "routes_wait", "backlog", "max_connections"}
+                        "feed_interval", "routes_wait", "backlog", "max_connections",
+                        "tls_affinity", "ocsp_stapling"}
         fields = {a.name for a in Settings.__attrs_attrs__}  # type: ignore[attr-defined]
         for key, spec in SCHEMA["lb"].items():
             self.assertTrue(key in fields or key in service_keys, key)

@@ -24,6 +24,7 @@ from epio.lb.service import (
     LBService,
     RouterProcess,
     reuseport_address,
+    route_feed_mode,
 )
 from epio.routing import Backend, Route, StaticRouteSource
 
@@ -121,6 +122,33 @@ class ReuseportAddressTests(SynchronousTestCase):
         """lb.workers > 1 needs a TCP address to share."""
         with self.assertRaises(ValueError):
             reuseport_address(reactor, "unix:/tmp/router.sock")
+
+
+class RouteFeedModeTests(SynchronousTestCase):
+    """``lb.route_feed = "auto"`` (the default) starts no route feed process only for a
+    one-process router whose node runs the nexus too; a chosen mode is kept."""
+
+    def mode(self, roles: set[str], **lb: object) -> str:
+        settings = load_config(None, {"lb": dict(lb)}).settings.lb
+        return route_feed_mode(settings, frozenset(roles))
+
+    def test_auto_follows_inline_beside_the_nexus_with_one_worker(self) -> None:
+        """--role=all with one router process: inline, no second interpreter."""
+        self.assertEqual(self.mode({"lb", "nexus", "api", "runner", "logger", "backup"}),
+                         "inline")
+        self.assertEqual(self.mode({"lb", "nexus"}, workers=1), "inline")
+
+    def test_auto_keeps_the_process_for_workers_or_a_dedicated_router(self) -> None:
+        """Workers share one feed process; a router without the nexus keeps route work
+        off its reactor."""
+        self.assertEqual(self.mode({"lb", "nexus"}, workers=2), "process")
+        self.assertEqual(self.mode({"lb"}), "process")
+        self.assertEqual(self.mode({"lb", "api", "runner"}), "process")
+
+    def test_a_chosen_mode_is_kept(self) -> None:
+        """'process' and 'inline' mean what they say whatever the roles."""
+        self.assertEqual(self.mode({"lb", "nexus"}, route_feed="process"), "process")
+        self.assertEqual(self.mode({"lb"}, route_feed="inline"), "inline")
 
 
 class RouterProcessTests(TestCase):

@@ -59,6 +59,20 @@ class TrackerTests(SynchronousTestCase):
         self.assertEqual(self.changes[-1], {"hello"})
         self.assertEqual(self.tracker.by_app["hello"][("n1", "i1")].state, "draining")
 
+    def test_asleep_and_waking_are_changes(self) -> None:
+        """healthy -> asleep -> starting with waking -> healthy: each a change of its app;
+        the instance says asleep, then waking."""
+        self.tracker.receive(heartbeat(seq=1, instances=[instance("i1")]))
+        self.tracker.receive(heartbeat(seq=2, instances=[instance("i1", state="asleep")]))
+        self.assertEqual(self.tracker.by_app["hello"][("n1", "i1")].state, "asleep")
+        self.assertFalse(self.tracker.by_app["hello"][("n1", "i1")].waking)
+        self.tracker.receive(heartbeat(seq=3, instances=[
+            {**instance("i1", state="starting"), "waking": True}]))
+        self.assertTrue(self.tracker.by_app["hello"][("n1", "i1")].waking)
+        self.tracker.receive(heartbeat(seq=4, instances=[instance("i1")]))
+        self.assertFalse(self.tracker.by_app["hello"][("n1", "i1")].waking)
+        self.assertEqual(len(self.changes), 4)
+
     def test_new_boot_replaces_old_entries(self) -> None:
         """A new boot id drops every old instance of the node instead of merging."""
         self.tracker.receive(heartbeat(boot="a", seq=40, instances=[instance("i1"),

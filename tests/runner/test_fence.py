@@ -11,7 +11,7 @@ import attrs
 from attrs import define, field
 from twisted.application.service import Service
 from twisted.internet import defer, task
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
@@ -92,6 +92,24 @@ def now(f: Any, *args: Any) -> defer.Deferred[Any]:
 PLAN = FencePlan(table="t", uid_min=20000, uid_max=59999, control_ports=(7711, 7712, 8000),
                  hosts4=("10.0.0.5",), hosts6=("fd00::/64",), open_ports=(53, 5432, 8080),
                  instance_range=(21000, 21999))
+
+
+class NftAcceptsTests(SynchronousTestCase):
+    def test_network_and_an_address_inside_it(self) -> None:
+        """fence_hosts naming a network that holds one of the listed addresses (the
+        cluster's subnet beside this host's own address) is accepted by the real nft
+        (check mode: nothing installed), not refused as conflicting intervals."""
+        import shutil
+        import subprocess
+
+        nft = shutil.which("nft")
+        if nft is None or os.geteuid() != 0:
+            raise SkipTest("needs root and nft (.ci/apt-packages)")
+        plan = attrs.evolve(PLAN, table="epio_test_automerge",
+                            hosts4=("10.231.0.0/24", "10.231.0.5", "127.0.0.1"))
+        out = subprocess.run([nft, "-c", "-f", "-"], input=render(plan), text=True,
+                             capture_output=True, timeout=30)
+        self.assertEqual(out.returncode, 0, out.stderr)
 
 
 class EndpointTests(SynchronousTestCase):
@@ -268,11 +286,13 @@ table inet t {
 \tset control_ports {
 \t\ttype inet_service
 \t\tflags interval
+\t\tauto-merge
 \t\telements = { 7711-7712, 8000 }
 \t}
 \tset open_ports {
 \t\ttype inet_service
 \t\tflags interval
+\t\tauto-merge
 \t\telements = { 53, 5432, 8080 }
 \t}
 \tset instance_ports {
@@ -286,11 +306,13 @@ table inet t {
 \tset hosts4 {
 \t\ttype ipv4_addr
 \t\tflags interval
+\t\tauto-merge
 \t\telements = { 10.0.0.5 }
 \t}
 \tset hosts6 {
 \t\ttype ipv6_addr
 \t\tflags interval
+\t\tauto-merge
 \t\telements = { fd00::/64 }
 \t}
 \tchain output {

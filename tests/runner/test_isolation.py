@@ -161,6 +161,39 @@ class ArgvTests(SynchronousTestCase):
                                data_seed=("static",)), iso, bwrap=None, setpriv=None)
         self.assertNotIn("cp", " ".join(argv))  # a service's argv command is left alone
 
+    def test_symlink_targets_made_before_the_command(self) -> None:
+        """[symlinks] into the data directory never dangle: the targets the build lists
+        are made (as the app's user) before the command, so os.makedirs through the link
+        works on a fresh data dir; a target named like a file gets only its parents."""
+        import json
+        import subprocess
+
+        from epio.runner.build.builder import symlink_data_dirs
+
+        self.assertEqual(symlink_data_dirs({
+            "media": "/data/media", "uploads/avatars": "/data/u/avatars",
+            "db.sqlite3": "/data/db/db.sqlite3", "static": "../static", "also": "/data/media",
+        }), ["media", "db", "u/avatars"])
+        tmp = self.tmp.resolve()
+        img = tmp / "img"
+        (img / "epio").mkdir(parents=True)
+        (img / "epio" / "manifest.json").write_text(json.dumps({"build": {
+            "data_dirs": ["media", "../etc", "/abs"]}}))
+        facts = image_facts(img)
+        self.assertEqual(facts.data_dirs, ("media",))
+        data = tmp / "appdata" / "hello"
+        data.mkdir(parents=True)
+        app = tmp / "app"
+        app.mkdir()
+        (app / "media").symlink_to(data / "media")  # dangling until the instance starts
+        iso = Isolation("none", False, (), (), True, {})
+        argv = build_argv(spec(tmp, cgroup_procs=(), data_dirs=facts.data_dirs,
+                               command=f"python3 -c 'import os; os.makedirs(\"{app}/media/cards\")'"),
+                          iso, bwrap=None, setpriv=None, app_shell="/bin/bash")
+        out = subprocess.run(argv, cwd=data, capture_output=True, text=True, timeout=10)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertTrue((data / "media" / "cards").is_dir())
+
     def test_settings_module_config_var_keeps_the_platform_settings(self) -> None:
         """A DJANGO_SETTINGS_MODULE config var on an image built with the platform settings
         becomes EPIO_APP_SETTINGS_MODULE (imported by them); DJANGO_SETTINGS_MODULE stays
@@ -239,6 +272,29 @@ class CgroupTests(SynchronousTestCase):
         self.assertEqual(cg.oom_kills(), 2)
         (support.bases["pids"] / "i1" / "cgroup.procs").write_text(f"{os.getpid()}\n")
         self.assertEqual(cg.pids(), {os.getpid()})
+        # no cpuacct controller: no CPU time, and no isolation problem (it only counts)
+        self.assertNotIn("cpuacct", support.problems)
+        self.assertIn("cpuacct", support.accounting_off)
+        self.assertIsNone(cg.cpu_usage_usec())
+
+    def test_cpu_time_from_cpuacct(self) -> None:
+        """With a cpuacct controller the instance gets a cgroup there too (its
+        processes enter it with the others) and its CPU time is cpuacct.usage in µs."""
+        root = Path(self.mktemp())
+        me = Path(self.mktemp())
+        me.write_text("3:cpuacct:/\n")
+        base = root / "cpuacct" / "epio"
+        base.mkdir(parents=True)
+        (root / "cpuacct" / "cgroup.procs").write_text("")
+        (base / "cpuacct.usage").write_text("0")
+        (base / "cgroup.procs").write_text("")
+        support = detect(root, me, "epio")
+        self.assertEqual(set(support.bases), {"cpuacct"})
+        cg = InstanceCgroup(support, "i1")
+        self.assertEqual(cg.create(Limits(64, 512, 100, 1024)), [])
+        self.assertIn(str(base / "i1" / "cgroup.procs"), cg.procs_files())
+        (base / "i1" / "cpuacct.usage").write_text("2500123456\n")
+        self.assertEqual(cg.cpu_usage_usec(), 2_500_123)
 
 
 class UserTests(SynchronousTestCase):

@@ -200,6 +200,31 @@ class ControlTests(SynchronousTestCase):
         self.assertEqual(len(sink.stats), 2)
 
 
+    def test_cpu_share_between_two_samples(self) -> None:
+        """cpu_percent is the cgroup CPU time used between two samples over the time
+        between them, in percent of one core; nothing on an instance's first sample,
+        without accounting, or when the counter went back (a new cgroup)."""
+        iid = self.call("runner.start", body())[1]["instance_id"]
+        cpu = self.svc._cpu_percent
+        self.assertIsNone(cpu(iid, 2_000_000))
+        self.reactor.advance(4)
+        self.assertEqual(cpu(iid, 4_000_000), 50.0)  # 2 s of CPU in 4 s
+        self.reactor.advance(2)
+        self.assertEqual(cpu(iid, 8_000_000), 200.0)  # two cores busy
+        self.reactor.advance(2)
+        self.assertIsNone(cpu(iid, 1_000))
+        self.reactor.advance(2)
+        self.assertEqual(cpu(iid, 1_000), 0.0)
+        self.assertIsNone(cpu("other", None))
+        # an instance that is gone is forgotten at the next sample
+        d = defer.Deferred.fromCoroutine(self.svc.handle(Env("runner.stop",
+                                                             {"instance_id": iid})))
+        self.reactor.spawned[-1].exit(0)
+        self.successResultOf(d)
+        self.reactor.advance(10)
+        self.assertEqual(self.svc._cpu_seen, {})
+
+
 class RecoveryTests(SynchronousTestCase):
     def test_state_file_and_restart_from_it(self) -> None:
         """The state file records instances (0600); a new runner on the same data dir

@@ -548,3 +548,167 @@ class TransitionTests(SynchronousTestCase):
         h.sup._to(h.sup.get("i1"), State.DRAINING)
         for bad in (State.HEALTHY, State.STARTING, State.CRASHED, State.FAILED):
             self.assertRaises(InvalidTransition, h.sup._to, h.sup.get("i1"), bad)
+
+
+class SleepTests(SynchronousTestCase):
+    def _healthy(self, h: Harness, **kw: Any) -> None:
+        h.probe.healthy.add(20000)
+        h.sup.start(body(**kw))
+        h.reactor.advance(0.5)
+        self.assertEqual(h.state(), "healthy")
+
+    def test_idle_web_sleeps_and_keeps_its_port(self) -> None:
+        """A healthy web instance with idle_sleep whose port had no connection for that
+        long is asleep: SIGTERM, not restarted after it exits, its port kept; a busy
+        port keeps it awake."""
+        h = Harness()
+        self._healthy(h, idle_sleep=5)
+        for _ in range(10):
+            h.reactor.advance(1)
+            h.sup.check_idle({20000})
+        self.assertEqual(h.state(), "healthy")
+        for _ in range(5):
+            h.reactor.advance(1)
+            h.sup.check_idle(set())
+        self.assertEqual(h.state(), "asleep")
+        self.assertIn((h.proc().pid, signal.SIGTERM), h.launcher.signals)
+        h.proc().exit(0)
+        h.reactor.advance(1000)
+        self.assertEqual(h.state(), "asleep")
+        self.assertEqual(len(h.reactor.spawned), 1)
+        self.assertEqual(h.ports.used, {20000})
+        self.assertEqual(h.sup.watched_ports(), set())
+
+    def test_only_web_sleeps_and_default_comes_from_settings(self) -> None:
+        """A worker never sleeps; a web instance without idle_sleep takes the runner's
+        default; idle_sleep 0 never sleeps whatever the default."""
+        h = Harness(idle_sleep=2.0)
+        h.sup.start(body(instance_id="w1", process_type="worker", idle_sleep=2))
+        self._healthy(h)
+        h.probe.healthy.add(20001)
+        h.sup.start(body(instance_id="i2", idle_sleep=0))
+        h.reactor.advance(1.5)
+        for _ in range(5):
+            h.reactor.advance(1)
+            h.sup.check_idle(set())
+        self.assertEqual(h.state("w1"), "healthy")
+        self.assertEqual(h.state("i1"), "asleep")
+        self.assertEqual(h.state("i2"), "healthy")
+
+    def test_wake_launches_once_and_probes_fast(self) -> None:
+        """runner.wake launches an asleep instance again, once however often it is asked,
+        and probes it every wake_probe_interval until healthy."""
+        h = Harness(wake_probe_interval=0.02)
+        self._healthy(h, idle_sleep=1)
+        h.reactor.advance(1)
+        h.sup.check_idle(set())
+        h.proc().exit(0)
+        h.probe.healthy.discard(20000)
+        for _ in range(20):
+            h.sup.wake("hello")
+        self.assertEqual(len(h.reactor.spawned), 2)
+        self.assertEqual(h.state(), "starting")
+        checks = len(h.probe.checks)
+        h.reactor.pump([0.02] * 5)
+        self.assertEqual(len(h.probe.checks) - checks, 5)
+        h.probe.healthy.add(20000)
+        h.reactor.advance(0.02)
+        self.assertEqual(h.state(), "healthy")
+        self.assertEqual(len(h.reactor.spawned), 2)
+
+    def test_wake_while_the_sleeping_process_exits(self) -> None:
+        """A wake before the sleeping process exited launches it once it has."""
+        h = Harness()
+        self._healthy(h, idle_sleep=1)
+        h.reactor.advance(1)
+        h.sup.check_idle(set())
+        h.sup.wake("hello")
+        self.assertEqual(len(h.reactor.spawned), 1)
+        h.proc(0).exit(0)
+        self.assertEqual(len(h.reactor.spawned), 2)
+        self.assertEqual(h.state(), "starting")
+
+    def test_stop_and_drain_of_an_asleep_instance(self) -> None:
+        """An asleep instance stops (or drains) at once and frees its port."""
+        for how in ("stop", "drain"):
+            h = Harness()
+            self._healthy(h, idle_sleep=1)
+            h.reactor.advance(1)
+            h.sup.check_idle(set())
+            h.proc().exit(0)
+            if how == "stop":
+                d = h.sup.stop("i1")
+                self.successResultOf(d)
+            else:
+                h.sup.drain("i1")
+            self.assertEqual(h.state(), "stopped")
+            self.assertEqual(h.ports.used, set())
+
+
+class BusyPortsTests(SynchronousTestCase):
+    def test_established_connections_of_watched_ports(self) -> None:
+        """busy_ports reads /proc/net/tcp-shaped tables: a watched port with an
+        ESTABLISHED (01) connection is busy; LISTEN (0A), TIME_WAIT (06), other ports and
+        a missing table are not."""
+        import shutil
+        import tempfile
+        from pathlib import Path
+
+        from epio.runner.supervisor import busy_ports
+
+        head = ("  sl  local_address rem_address   st tx_queue rx_queue tr tm->when "
+                "retrnsmt   uid  timeout inode\n")
+        rows = [
+            "   0: 0100007F:4E20 00000000:0000 0A 00000000:00000000 00:00000000 00000000 0 0 1",
+            "   1: 0100007F:4E20 0100007F:9C40 01 00000000:00000000 00:00000000 00000000 0 0 2",
+            "   2: 0100007F:4E21 0100007F:9C41 06 00000000:00000000 00:00000000 00000000 0 0 3",
+            "   3: 0100007F:4E22 0100007F:9C42 0A 00000000:00000000 00:00000000 00000000 0 0 4",
+        ]
+        v6 = ("   0: 00000000000000000000000001000000:4E23 00000000000000000000000001000000:"
+              "A000 01 00000000:00000000 00:00000000 00000000 0 0 5\n")
+        d = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, d, True)
+        (d / "tcp").write_text(head + "\n".join(rows) + "\n")
+        (d / "tcp6").write_text(head + v6)
+        tables = (str(d / "tcp"), str(d / "tcp6"), str(d / "missing"))
+        self.assertEqual(busy_ports({20000, 20001, 20002, 20003}, tables), {20000, 20003})
+        self.assertEqual(busy_ports(set(), tables), set())
+
+
+class AsleepAfterBootTests(SynchronousTestCase):
+    def test_new_release_of_an_asleep_app_sleeps_once_healthy(self) -> None:
+        """Started with asleep_after_boot (a release of an asleep app), a web instance
+        passes its first health check (healthy: the rollout counts it) and goes to sleep
+        at once; woken later, it stays awake."""
+        h = Harness()
+        h.probe.healthy.add(20000)
+        h.sup.start(body(asleep_after_boot=True, idle_sleep=600))
+        h.reactor.advance(0.5)
+        self.assertEqual(h.state(), "asleep")
+        self.assertTrue(h.sup.get("i1").ever_healthy)
+        self.assertIn((h.proc().pid, signal.SIGTERM), h.launcher.signals)
+        h.proc().exit(0)
+        h.sup.wake("hello")
+        h.reactor.advance(0.02)
+        self.assertEqual(h.state(), "healthy")
+        h.reactor.advance(10)
+        self.assertEqual(h.state(), "healthy")
+
+    def test_heartbeat_says_waking_until_healthy(self) -> None:
+        """A woken instance's heartbeat carries waking: true until it is healthy (its
+        route stays asleep meanwhile), and an unrelated app is not woken."""
+        h = Harness()
+        h.probe.healthy.add(20000)
+        h.sup.start(body(idle_sleep=1))
+        h.reactor.advance(0.5)
+        h.reactor.advance(1)
+        h.sup.check_idle(set())
+        h.proc().exit(0)
+        self.assertEqual(h.sup.wake("other"), [])
+        h.probe.healthy.discard(20000)
+        [reply] = h.sup.wake("hello")
+        self.assertEqual(reply["state"], "starting")
+        self.assertIs(h.sup.heartbeat_instances()[0].get("waking"), True)
+        h.probe.healthy.add(20000)
+        h.reactor.advance(0.02)
+        self.assertNotIn("waking", h.sup.heartbeat_instances()[0])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import urllib.parse
 from typing import Any
 
 from attrs import evolve
@@ -781,6 +782,18 @@ class PostgresStoreTests(StoreTestsMixin, TestCase):
 
     def url(self) -> str:
         return pg.pg_url_for_test(self)
+
+    async def test_server_side_keepalives_keep_the_url_options(self) -> None:
+        """Every store session asks the server for its own TCP keepalives and user
+        timeout (a host that vanishes must not keep its sessions, and its advisory
+        locks, for the kernel's two hours), and options the URL gives (here the test's
+        search_path) still apply."""
+        rows = await self.raw("SELECT current_setting('tcp_keepalives_idle'), "
+                              "current_setting('tcp_keepalives_count'), "
+                              "current_setting('tcp_user_timeout'), current_schema()")
+        idle, count, user_timeout, schema = rows[0]
+        self.assertEqual((idle, count, user_timeout), ("5", "3", "15000"))  # ms
+        self.assertIn(f"search_path={schema}", urllib.parse.unquote(self.store_url))
 
     async def test_concurrent_first_start(self) -> None:
         """Several nodes migrating one empty database at once: each migration is

@@ -38,7 +38,7 @@ import threading
 import tomllib
 from collections import deque
 from collections.abc import Mapping, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from attrs import define, field, frozen
@@ -901,6 +901,7 @@ class Builder:
             "env": t.runtime_env,
             "static": static,
             "data_seed": seed,
+            "data_dirs": symlink_data_dirs(t.manifest.symlinks),
             "django": "DJANGO_SETTINGS_MODULE" in t.runtime_env,
             "runtime_root": RUNTIME_ROOT,
             "requirements_sha256": t.reqs[3] if t.reqs else None,
@@ -1239,6 +1240,26 @@ def _admit_wheels(
         os.replace(tmp, cache / w.name)
         counts[0 if is_shared else 1] += 1
     return counts[0], counts[1]
+
+
+def symlink_data_dirs(symlinks: Mapping[str, str]) -> list[str]:
+    """The data-directory paths ``[symlinks]`` point at that each instance creates (as
+    the app's user) before its command: a link into a data directory that does not
+    exist yet would dangle, and ``os.makedirs("media/cards")`` through it fails.
+
+    A target is made as a directory when the link's name has no file extension
+    (``media``, ``uploads/``); one with an extension (``db.sqlite3``) gets only its
+    parent directories, for the app to create the file."""
+    out: list[str] = []
+    prefix = DATA_DIRECTORY + "/"
+    for link, target in sorted(symlinks.items()):
+        if not target.startswith(prefix):
+            continue  # a link inside the app
+        rel = PurePosixPath(target[len(prefix):])
+        wanted = rel if not PurePosixPath(link).suffix else rel.parent
+        if str(wanted) not in ("", ".") and str(wanted) not in out:
+            out.append(str(wanted))
+    return out
 
 
 def _links_leaving(root: Path) -> tuple[str, str] | None:

@@ -39,9 +39,8 @@ def index(request):
 def sign(request):
     entry = Entry.objects.create(name=request.GET.get("name", "anonymous")[:80],
                                  text=request.GET.get("text", ""))
-    # a card for the signer under MEDIA_ROOT (media/ links into the data directory, where
-    # the link's target may not exist yet: make the real directory)
-    cards = os.path.realpath(os.path.join(settings.MEDIA_ROOT, "cards"))
+    # a card for the signer under MEDIA_ROOT (media/ links into the data directory)
+    cards = os.path.join(settings.MEDIA_ROOT, "cards")
     os.makedirs(cards, exist_ok=True)
     with open(os.path.join(cards, "%d.txt" % entry.id), "w") as f:
         f.write("Thank you for signing, %s!\n" % entry.name)

@@ -233,15 +233,21 @@ class DashboardActionTests(DashboardBase):
             seen["newest_release"] = [c.text for c in driver.find_elements(
                 By.CSS_SELECTOR, "#releases tbody tr:first-child td")][:4]
             self.shot(driver, "rolled-back")
+
+            # restart every process: a new release of the same code and config
+            find(By.ID, "restart-all").click()
+            notice("Restarting every process: v5 rolls out on new processes")
+            seen["restarted"] = [c.text for c in driver.find_elements(
+                By.CSS_SELECTOR, "#releases tbody tr:first-child td")][:4]
             seen["url"] = driver.current_url
         finally:
             driver.quit()
         return seen
 
     async def test_actions(self) -> None:
-        """Config set/unset, scale, domains and rollback from the browser change the
-        app (checked in the store); refused input shows the API's sentence; the token
-        never appears in a URL."""
+        """Config set/unset, scale, domains, rollback and restart from the browser
+        change the app (checked in the store); refused input shows the API's sentence;
+        the token never appears in a URL."""
         seen = await deferToThread(self.act)
         self.assertTrue(seen["config_error_1BAD"].startswith(
             "'1BAD' is not a valid config var name: use letters, digits and '_'"),
@@ -257,12 +263,88 @@ class DashboardActionTests(DashboardBase):
         self.assertEqual(seen["domains_after_remove"], ["shop.localhost"])
         self.assertEqual(seen["newest_release"][0], "v4")
         self.assertEqual(seen["newest_release"][3], "Rollback to v2")
+        self.assertEqual(seen["restarted"][0], "v5")
+        self.assertEqual(seen["restarted"][3], "Restart")
         self.assertNotIn(self.h.alice_token, seen["url"])
         store = self.h.store
         self.assertEqual((await store.get_formation("shop"))["web"].quantity, 1)
         releases = await store.list_releases("shop")
-        self.assertEqual([r.description for r in releases[:3]],
-                         ["Rollback to v2", "Unset GREETING", "Set GREETING"])
+        self.assertEqual([r.description for r in releases[:4]],
+                         ["Restart", "Rollback to v2", "Unset GREETING", "Set GREETING"])
+        self.assertEqual(releases[0].config, releases[1].config)
         self.assertEqual(await store.get_config("shop"),
                          {"SECRET_KEY": "hunter2", "GREETING": "Howdy"})
         self.assertEqual([d.hostname for d in await store.list_domains("shop")], [])
+
+
+class DashboardLinkSignInTests(DashboardBase):
+    """`epio login --web` (the real CLI, logged in as alice) prints a one-time link;
+    opening it signs the page in."""
+
+    def cli_link(self) -> str:
+        import subprocess
+        import sys
+
+        from tests.util import epio_env
+
+        proc = subprocess.run(
+            [sys.executable, "-c", "import sys; from epio.cli.main import main; "
+             "sys.exit(main())", "login", "--web"], capture_output=True, text=True,
+            timeout=60, env=epio_env({"EPIO_API": self.base, "EPIO_TOKEN": self.h.alice_token,
+                                      "EPIO_CONFIG_DIR": self.mktemp()}))
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        first, link = proc.stdout.splitlines()
+        assert first.startswith("Open this link to sign the dashboard in as alice (it works "
+                                "once, within 1"), first
+        return link.strip()
+
+    def browse(self, link: str) -> dict[str, Any]:
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.support import expected_conditions as ec
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        driver = _driver()
+        seen: dict[str, Any] = {}
+        try:
+            wait = WebDriverWait(driver, 20)
+            driver.get(self.base + "/")  # signed out: the page says how to get a link
+            wait.until(ec.visibility_of_element_located((By.ID, "link-help")))
+            seen["help"] = driver.find_element(By.ID, "link-help").text
+            driver.get(link)
+            wait.until(ec.presence_of_element_located(
+                (By.CSS_SELECTOR, "#apps tbody tr[data-app='shop']")))
+            seen["whoami"] = driver.find_element(By.ID, "whoami").text
+            seen["url"] = driver.current_url
+            seen["token"] = driver.execute_script("return localStorage.getItem('epio.token')")
+            driver.find_element(By.ID, "signout").click()
+            wait.until(ec.visibility_of_element_located((By.ID, "token")))
+            driver.get(link)  # the same link again: used up
+            wait.until(lambda d: d.find_element(By.ID, "signin-error").text)
+            seen["again"] = driver.find_element(By.ID, "signin-error").text
+            seen["again_url"] = driver.current_url
+            seen["again_token"] = driver.execute_script(
+                "return localStorage.getItem('epio.token')")
+        finally:
+            driver.quit()
+        return seen
+
+    async def test_one_time_link_signs_in_once(self) -> None:
+        """The link signs the page in as alice with a token of its own (not the CLI's,
+        not the code); the code leaves the address bar at once; the same link a second
+        time is refused with a sentence saying what to do, and signs nobody in."""
+        link = await deferToThread(self.cli_link)
+        self.assertRegex(link, r"^http://127\.0\.0\.1:\d+/dashboard/#signin=epiolink_[\w-]+$")
+        code = link.split("#signin=")[1]
+        seen = await deferToThread(self.browse, link)
+        self.assertIn("epio login --web", seen["help"])
+        self.assertEqual(seen["whoami"], "alice")
+        self.assertNotIn(code, seen["url"])
+        self.assertNotIn("#", seen["url"])
+        self.assertTrue(seen["token"].startswith("epio_"), seen["token"])
+        self.assertNotEqual(seen["token"], self.h.alice_token)
+        user = await self.h.store.user_for_token(seen["token"])
+        self.assertEqual(user.name if user else None, "alice")
+        self.assertIn("does not work: it was used already", seen["again"])
+        self.assertIn("epio login --web", seen["again"])
+        self.assertNotIn(code, seen["again_url"])
+        self.assertIsNone(seen["again_token"])

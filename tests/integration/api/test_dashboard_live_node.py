@@ -250,8 +250,9 @@ class DashboardLiveNodeTests(SynchronousTestCase):
 
     def test_deploy_upload_rollback_runs_charts_log(self) -> None:
         """A tarball and then a directory uploaded from the page become v1 and v2 (the
-        directory's .epioignore honoured); a rollback makes v3; a detached run shows in
-        the run history; the charts show the real requests, latency, 5xx and memory
+        directory's .epioignore honoured); a rollback makes v3; restarting web makes v4, served
+        by new processes; a detached run shows in
+        the run history; the charts show the real requests, latency, 5xx, memory and CPU
         with axes and units; the log wraps, filters and pauses."""
         from selenium.webdriver.support.ui import Select
 
@@ -308,6 +309,17 @@ class DashboardLiveNodeTests(SynchronousTestCase):
             self.lb_port, host)[1] == "release 3\n", 60), True)
         shot(self.driver, "rolled-back", "#releases")
 
+        # restart web from its row: v4 runs v3's code and config on new processes
+        [restart] = [b for b in self.finds("#formation tbody tr[data-type='web'] button")
+                     if b.text == "Restart web"]
+        restart.click()
+        self.notice("Restarting web processes: v4", 60)
+        self.assertEqual(self.text("#releases tbody tr:first-child td:nth-child(4)"),
+                         "Restart web")
+        self.assertEqual(wait_until("v4 (new processes) serves", lambda: http_get(
+            self.lb_port, host)[1] == "release 4\n", 60), True)
+        shot(self.driver, "restarted", "#formation")
+
         # a run session: it shows in the history
         run = self.api("POST", f"apps/{name}/runs", {"command": ["echo", "hello-from-run"],
                                                      "detach": True})
@@ -323,11 +335,11 @@ class DashboardLiveNodeTests(SynchronousTestCase):
         self.assertEqual(cells[6], "echo hello-from-run")
 
         # charts: each has data, axes in its unit and time, a legend
-        for chart in ("stats-chart", "errors-chart", "latency-chart", "memory-chart"):
+        charts = ("stats-chart", "errors-chart", "latency-chart", "memory-chart", "cpu-chart")
+        for chart in charts:
             self.wait(lambda d, c=chart: self.find(f"#{c}").get_attribute("data-points")
                       not in (None, "", "0"), 90)
-        labels = {c: [t.text for t in self.finds(f"#{c} text.label")]
-                  for c in ("stats-chart", "errors-chart", "latency-chart", "memory-chart")}
+        labels = {c: [t.text for t in self.finds(f"#{c} text.label")] for c in charts}
         self.assertEqual(labels["stats-chart"], ["time (UTC)", "req/s"])
         self.assertEqual(labels["errors-chart"], ["time (UTC)", "req/s"])
         self.assertEqual(labels["latency-chart"], ["time (UTC)", "ms"])
@@ -335,6 +347,8 @@ class DashboardLiveNodeTests(SynchronousTestCase):
         self.assertEqual([t.text for t in self.finds("#latency-chart text.legend")],
                          ["p50", "p99"])
         self.assertEqual([t.text for t in self.finds("#memory-chart text.legend")], ["web"])
+        self.assertEqual(labels["cpu-chart"], ["time (UTC)", "% of a core"])
+        self.assertEqual([t.text for t in self.finds("#cpu-chart text.legend")], ["web"])
         self.assertEqual(len(self.finds("#stats-chart text.tick")), 10)  # 5 values, 5 times
         self.assertIn("5xx", self.find("#errors-chart").get_attribute("aria-label"))
         Select(self.find("#stats-window")).select_by_value("15m")
@@ -343,7 +357,7 @@ class DashboardLiveNodeTests(SynchronousTestCase):
         shot(self.driver, "charts", "#charts")
 
         # the log: wrapped (no horizontal scroll), filtered by source and text, paused
-        self.wait(lambda d: "starting release 3" in self.text("#log"), 60)
+        self.wait(lambda d: "starting release 4" in self.text("#log"), 60)
         log = self.find("#log")
         self.assertEqual(log.value_of_css_property("white-space"), "pre-wrap")
         self.assertLessEqual(int(log.get_attribute("scrollWidth")),

@@ -10,7 +10,9 @@ worker as well as its parent.  Steps: deploy
 examples/wsgi; ``epio domains add www.hello.test`` -> certificate issued within
 30 s -> an HTTPS client trusting pebble's root (from its management API) gets
 200 through the router; the second router serves the same certificate;
-``epio domains add bad.test`` -> the failed challenge shown by ``epio certs``; the
+``epio domains add bad.test`` -> the failed challenge shown by ``epio certs``;
+``far.test`` (127.0.0.3) -> refused before any order by the name check (the issuer
+asks challtestsrv's DNS too; ``acme.router_addresses`` 127.0.0.1 and 127.0.0.2); the
 app's ``[http] https_redirect`` and ``hsts_max_age`` -> 308 with path and query kept,
 HSTS on HTTPS; the 90-second certificate renewed (70 s before expiry)
 and the new one served by both routers.
@@ -180,7 +182,12 @@ class AcmeTests(SynchronousTestCase):
             "acme": {"directory": f"https://127.0.0.1:{acme_port}/dir",
                      "ca_bundle": str(minica), "check_interval": 2.0, "retry_min": 300.0,
                      "challenge_wait": 1.5, "sync_interval": 1.0, "order_timeout": 20.0,
-                     "renew_before_days": RENEW_BEFORE / 86400},
+                     "renew_before_days": RENEW_BEFORE / 86400,
+                     # the name check asks challtestsrv's DNS, like pebble; 127.0.0.2
+                     # counts as a router's address though none listens there, so that
+                     # bad.test passes the check and fails at the CA
+                     "router_addresses": ["127.0.0.1", "127.0.0.2"],
+                     "dns_server": f"127.0.0.1:{dns_port}"},
         })
         (tmp / "cluster-secret").write_text(secrets.token_hex(32) + "\n")
         os.chmod(tmp / "cluster-secret", 0o600)
@@ -312,6 +319,20 @@ class AcmeTests(SynchronousTestCase):
         self.assertIn("bad.test  failed", human)
         self.assertIn("last error: challenge failed", human)
         self.assertIn("www.hello.test  issued  source=acme", human)
+        # a name resolving elsewhere is never ordered: the reason comes from the check
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{cts_mgmt}/add-a",
+            data=json.dumps({"host": "far.test.", "addresses": ["127.0.0.3"]}).encode(),
+            method="POST")
+        urllib.request.urlopen(req, timeout=5).read()
+        self.epio("domains", "add", "far.test", "--app", "hello")
+        far = wait_until("the name check's reason in epio certs",
+                         lambda: (lambda c: c if c["state"] == "failed" else None)(
+                             self.certs()["far.test"]), timeout=30)
+        self.assertEqual(far["last_error"],
+                         "far.test resolves to 127.0.0.3, not to the cluster's routers "
+                         "(127.0.0.1, 127.0.0.2): point its DNS at them")
+        self.assertNotIn("far.test", pebble_log.read_text())  # no order, no challenge
         # the working domain kept its certificate
         self.assertEqual(https_get(tls_port, "www.hello.test", root_path)[0], 200)
 

@@ -24,17 +24,18 @@ class NodeProcessTests(SynchronousTestCase):
         self.addCleanup(node.cleanup)
         node.wait_for_log("service backup started", timeout=60)
         # services start before the reactor runs and installs its SIGTERM handler; the
-        # router listening (once the in-process nexus gave it a table, through the
-        # route feed process) shows the reactor running
+        # router listening (once the in-process nexus gave it a table) shows the
+        # reactor running
         node.wait_for_log("router listening on", timeout=60)
-        # the route feed process (it served the table the router waited for) carries no
-        # TLS: neither pyOpenSSL/cryptography nor the ssl module is loaded in it
-        # (docs/router.md "Memory")
-        feeds = child_processes(node.proc.pid, "epio.lb.feed")
-        self.assertEqual(len(feeds), 1)
-        maps = Path(f"/proc/{feeds[0]}/maps").read_text()
+        # one router process beside the nexus: it follows the nexuses inline, no route
+        # feed process (lb.route_feed = "auto"); an idle node on SQLite, without
+        # acme.directory and with no live tail open, loads neither psycopg2, nor
+        # requests (the ACME client's), nor autobahn's websocket code: each shows by a
+        # compiled library of its own (docs/router.md "Memory of an idle node")
+        self.assertEqual(child_processes(node.proc.pid, "epio.lb.feed"), [])
+        maps = Path(f"/proc/{node.proc.pid}/maps").read_text()
         self.assertIn("python", maps)
-        for lib in ("cryptography", "/OpenSSL/", "_ssl."):
+        for lib in ("_psycopg", "charset_normalizer", "_nvx_utf8validator"):
             self.assertNotIn(lib, maps)
         out = node.output()
         for role in [*ROLES, "store"]:
@@ -49,6 +50,23 @@ class NodeProcessTests(SynchronousTestCase):
         self.assertIn(code, (0, -signal.SIGTERM), out)
         self.assertIn("Server Shut Down", out)
         self.assertNotIn("Traceback", out)
+
+    def test_route_feed_process_carries_no_tls(self) -> None:
+        """With ``lb.route_feed = "process"`` a --role=all node runs one route feed
+        process, which serves the table the router waits for and loads neither
+        pyOpenSSL/cryptography nor the ssl module (docs/router.md "Memory")."""
+        doc, _ = isolated_config({"lb": {"route_feed": "process"}})
+        node = NodeProcess(["--role=all"], config=to_toml(doc))
+        self.addCleanup(node.cleanup)
+        node.wait_for_log("router listening on", timeout=60)
+        feeds = child_processes(node.proc.pid, "epio.lb.feed")
+        self.assertEqual(len(feeds), 1)
+        maps = Path(f"/proc/{feeds[0]}/maps").read_text()
+        self.assertIn("python", maps)
+        for lib in ("cryptography", "/OpenSSL/", "_ssl."):
+            self.assertNotIn(lib, maps)
+        code = node.stop(timeout=40)
+        self.assertIn(code, (0, -signal.SIGTERM), node.output())
 
     def test_bogus_role(self) -> None:
         """`twistd epio --role=bogus` exits non-zero naming the valid roles."""

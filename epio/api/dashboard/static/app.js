@@ -76,6 +76,28 @@ async function signIn(ev) {
   route();
 }
 
+// `epio login --web` prints /dashboard/#signin=CODE: the code (in the fragment, which
+// browsers never send) is taken off the address at once and exchanged, in a POST body,
+// for a token of this page's own; it works once.  Answers why it failed (or null).
+async function signInWithLink() {
+  const m = location.hash.match(/^#signin=([A-Za-z0-9_-]{1,200})$/);
+  if (!m) return null;
+  history.replaceState(null, "", location.pathname + location.search);
+  try {
+    const resp = await fetch(API + "/login-codes/exchange", {
+      method: "POST", headers: { "Content-Type": "application/json",
+                                 "Accept": "application/json" },
+      body: JSON.stringify({ code: m[1] }),
+    });
+    const answer = await resp.json();
+    if (!resp.ok) throw new Error(answer.error ? answer.error.message : resp.statusText);
+    localStorage.setItem(TOKEN_KEY, answer.token);
+  } catch (e) {
+    return e.message;
+  }
+  return null;
+}
+
 function signOut() {
   localStorage.removeItem(TOKEN_KEY);
   history.pushState(null, "", "/dashboard/");
@@ -244,10 +266,12 @@ async function showApp(name) {
     }
     cell(tr, "").appendChild(size);
     cell(tr, p.command);
-    cell(tr, "").appendChild(button("Scale " + p.type, () => act(
+    const actions = cell(tr, "");
+    actions.appendChild(button("Scale " + p.type, () => act(
       "Scaled " + p.type + " to " + qty.value + " (" + size.value + ")",
       () => api("/apps/" + enc + "/formation", "PATCH", { processes: {
         [p.type]: { quantity: Number(qty.value), size: size.value } } }))));
+    actions.appendChild(button("Restart " + p.type, () => restart(p.type)));
   });
   fill("#releases", releases, (tr, r) => {
     tr.dataset.version = String(r.version);
@@ -436,15 +460,19 @@ async function loadStats(enc) {
   const until = Date.now() / 1000, since = until - span;
   const series = body.series || {};
   const rate = (pts) => pts.map(([t, v]) => [t, v / res]);
-  const byType = {};
-  for (const [name, pts] of Object.entries(series)) {
-    const [metric, instance] = name.split(":");
-    if (metric !== "memory_bytes" || !instance) continue;
-    // per process type: the sum of its instances at each time
-    const type = instance.split(/[.@]/)[0];
-    const sums = byType[type] || (byType[type] = new Map());
-    for (const [t, v] of pts) sums.set(t, (sums.get(t) || 0) + v / (1024 * 1024));
-  }
+  // per process type: the sum of its instances' gauge at each time
+  const perType = (gauge, scale) => {
+    const byType = {};
+    for (const [name, pts] of Object.entries(series)) {
+      const [metric, instance] = name.split(":");
+      if (metric !== gauge || !instance) continue;
+      const type = instance.split(/[.@]/)[0];
+      const sums = byType[type] || (byType[type] = new Map());
+      for (const [t, v] of pts) sums.set(t, (sums.get(t) || 0) + v * scale);
+    }
+    return Object.keys(byType).sort().map((t) => [t, Array.from(byType[t].entries())
+      .sort((a, b) => a[0] - b[0])]);
+  };
   const charts = [
     { id: "stats-chart", title: "Requests", unit: "req/s",
       lines: [["requests", rate(series.requests || [])]] },
@@ -453,8 +481,9 @@ async function loadStats(enc) {
     { id: "errors-chart", title: "5xx responses", unit: "req/s",
       lines: [["5xx", rate(series.status_5xx || [])]] },
     { id: "memory-chart", title: "Memory per process type", unit: "MiB",
-      lines: Object.keys(byType).sort().map((t) => [t, Array.from(byType[t].entries())
-        .sort((a, b) => a[0] - b[0])]) },
+      lines: perType("memory_bytes", 1 / (1024 * 1024)) },
+    { id: "cpu-chart", title: "CPU per process type", unit: "% of a core",
+      lines: perType("cpu_percent", 1) },
   ];
   const box = $("#charts");
   for (const c of charts) {
@@ -477,8 +506,7 @@ async function loadStats(enc) {
   const total = (series.requests || []).reduce((n, p) => n + p[1], 0);
   const peak = Math.max(0, ...(series.requests || []).map((p) => p[1]));
   $("#stats-note").textContent = total + (total === 1 ? " request" : " requests") + " in the " +
-    label + " (peak " + peak + " per " + res + " s). CPU is not shown: the stats API has no " +
-    "CPU metric yet.";
+    label + " (peak " + peak + " per " + res + " s).";
 }
 
 const CW = 640, CH = 180, PAD = { left: 56, right: 12, top: 10, bottom: 34 };
@@ -880,6 +908,15 @@ async function deploy(ev) {
   }
 }
 
+// A restart is a new release with the same code and config, rolled out like a config
+// change: the new processes serve before the old ones stop (start-first types).
+function restart(type) {
+  const what = type ? type + " processes" : "every process";
+  return act((r) => "Restarting " + what + ": v" + r.version + " rolls out on new processes",
+    () => api("/apps/" + encodeURIComponent(current) + "/restart", "POST",
+      type ? { type } : {}), "Restarting " + what + "...");
+}
+
 function go(href) {
   history.pushState(null, "", href);
   route();
@@ -936,6 +973,7 @@ document.addEventListener("DOMContentLoaded", () => {
       $("#domain-host").value = "";
     });
   });
+  $("#restart-all").addEventListener("click", () => restart(null));
   $("#deploy-form").addEventListener("submit", deploy);
   // one source at a time: choosing a tarball forgets the directory, and back
   $("#deploy-file").addEventListener("change", () => { $("#deploy-dir").value = ""; });
@@ -963,5 +1001,11 @@ document.addEventListener("DOMContentLoaded", () => {
   $("#log-text").addEventListener("input", renderLog);
   $("#log-pause").addEventListener("click", togglePause);
   window.addEventListener("popstate", route);
-  route();
+  const linked = () => signInWithLink().then(async (failed) => {
+    await route();
+    if (failed) $(token() ? "#error" : "#signin-error").textContent = failed;
+  });
+  // a link opened where the page already is only changes the fragment
+  window.addEventListener("hashchange", () => { if (location.hash) linked(); });
+  linked();
 });
