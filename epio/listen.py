@@ -10,18 +10,30 @@ connections, and the process's open-files limit (docs/router.md "Resources").
 - :class:`ConnectionLimit`: at ``limit`` open connections the listening ports stop
   accepting (new connections wait in the kernel's backlog, like HAProxy's
   ``maxconn``) and start again as connections close.
+- :func:`port_conflicts`: before any role starts, the node binds each TCP port its
+  roles listen on once (:func:`node_listeners`) and refuses to start, naming the key
+  to change, when one is taken (another node on this host): fail fast instead of
+  half the roles serving while the others cannot bind.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import resource
+import socket
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Protocol, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
+from attrs import frozen
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.logger import Logger
 from zope.interface import implementer
+
+if TYPE_CHECKING:
+    from epio.config.settings import Settings
 
 SOMAXCONN = Path("/proc/sys/net/core/somaxconn")
 NR_OPEN = Path("/proc/sys/fs/nr_open")
@@ -156,3 +168,155 @@ class LimitedEndpoint:
             return port
 
         return d.addCallback(watch)
+
+
+# -- the ports a node listens on ----------------------------------------------------
+
+@frozen
+class Target:
+    """A TCP host and port taken from one config value (``host`` may be "")."""
+
+    host: str
+    port: int
+
+
+def _split_escaped(text: str) -> list[str]:
+    out, cur, i = [], [], 0
+    while i < len(text):
+        c = text[i]
+        if c == "\\" and i + 1 < len(text):
+            cur.append(text[i + 1])
+            i += 2
+            continue
+        if c == ":":
+            out.append("".join(cur))
+            cur = []
+        else:
+            cur.append(c)
+        i += 1
+    out.append("".join(cur))
+    return out
+
+
+def twisted_endpoint(desc: str) -> Target | None:
+    """``tcp:8000:interface=127.0.0.1`` (also tcp6, ssl, ``port=``); None for unix etc."""
+    if not desc:
+        return None
+    parts = _split_escaped(desc)
+    if len(parts) == 1 and parts[0].isdigit():
+        return Target("", int(parts[0]))
+    kind, args = parts[0].lower(), parts[1:]
+    if kind not in ("tcp", "tcp6", "ssl"):
+        return None
+    port: str | None = None
+    host = ""
+    for a in args:
+        key, eq, value = a.partition("=")
+        if not eq:
+            if port is None:
+                port = a
+        elif key == "port":
+            port = value
+        elif key == "interface":
+            host = value
+    if port is None or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    return Target(host, int(port))
+
+
+def zmq_endpoint(url: str) -> Target | None:
+    """``tcp://host:port`` (``*``, ``[::1]``); None for ipc://, inproc:// or ``*`` ports."""
+    if not url.startswith("tcp://"):
+        return None
+    rest = url[len("tcp://"):]
+    if ";" in rest:  # tcp://source;dest
+        rest = rest.split(";", 1)[1]
+    host, _, port = rest.rpartition(":")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    return Target(host.strip("[]"), int(port))
+
+
+#: The listeners of each role: (section, key, "twisted" endpoint string or "zmq" URL).
+LISTENERS: dict[str, tuple[tuple[str, str, str], ...]] = {
+    "api": (("api", "listen", "twisted"),),
+    "lb": (("lb", "listen", "twisted"), ("lb", "tls_listen", "twisted")),
+    "nexus": (("nexus", "heartbeat_bind", "zmq"), ("nexus", "router_bind", "zmq"),
+              ("nexus", "publish_bind", "zmq")),
+    "runner": (("runner", "control_bind", "zmq"), ("runner", "static_listen", "twisted")),
+    "logger": (("logger", "pull_bind", "zmq"), ("logger", "router_bind", "zmq"),
+               ("logger", "publish_bind", "zmq")),
+    "backup": (("backup", "control_bind", "zmq"),),
+}
+ALL_ROLES = ("api", "nexus", "lb", "runner", "logger", "backup")
+
+
+@frozen
+class Listener:
+    """One TCP port a node listens on: the config key that names it and its value."""
+
+    key: str  # e.g. "nexus.heartbeat_bind"
+    value: str
+    target: Target
+
+
+def node_listeners(settings: Settings, roles: Iterable[str]) -> list[Listener]:
+    """The fixed TCP ports the node's ``roles`` listen on, and ``metrics.listen``
+    (port 0 -- any free port --, unix sockets and ipc:// are left out)."""
+    wanted = set(roles)
+    if "all" in wanted:
+        wanted = set(ALL_ROLES)
+    out: list[Listener] = []
+    for role in ALL_ROLES:
+        if role not in wanted:
+            continue
+        for section, key, kind in LISTENERS[role]:
+            value = str(getattr(getattr(settings, section), key))
+            target = twisted_endpoint(value) if kind == "twisted" else zmq_endpoint(value)
+            if target is not None:
+                out.append(Listener(f"{section}.{key}", value, target))
+    metrics = twisted_endpoint(settings.metrics.listen)
+    if metrics is not None:
+        out.append(Listener("metrics.listen", settings.metrics.listen, metrics))
+    return out
+
+
+def try_bind(host: str, port: int) -> None:
+    """Bind (and at once close) a TCP socket at ``host:port`` as a listener would
+    (SO_REUSEADDR: a port in TIME_WAIT is free); raise OSError when it is taken."""
+    host = "" if host in ("", "*") else host
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                               flags=socket.AI_PASSIVE)
+    if not host:  # every address: the IPv4 wildcard, as Twisted's tcp:PORT binds
+        infos = [i for i in infos if i[0] == socket.AF_INET] or infos
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(address)
+        s.listen(1)
+
+
+def port_conflicts(listeners: Iterable[Listener],
+                   bind: Callable[[str, int], None] = try_bind) -> list[str]:
+    """One sentence per listener whose port cannot be bound (empty: all are free)."""
+    problems: list[str] = []
+    for ln in listeners:
+        host, port = ln.target.host, ln.target.port
+        try:
+            bind(host, port)
+        except OSError as e:
+            why = os.strerror(e.errno) if e.errno else str(e)
+            if e.errno == errno.EADDRINUSE:
+                why += " (another node or program on this host listens there)"
+            problems.append(f"cannot listen on port {port} ({ln.key} = {ln.value!r}): {why}; "
+                            f"stop that program or set {ln.key} to a free port")
+    return problems
+
+
+def refuse_port_conflicts(settings: Settings, roles: Iterable[str],
+                          bind: Callable[[str, int], None] = try_bind) -> None:
+    """Exit (SystemExit naming every taken port and the key to change) when a port
+    the node needs is taken: nothing of the node has started yet."""
+    problems = port_conflicts(node_listeners(settings, roles), bind)
+    if problems:
+        raise SystemExit("epio: the node cannot start: " + "; ".join(problems))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import IService, MultiService, Service
@@ -102,11 +102,26 @@ class NodeService(MultiService):
 
     log = Logger()
 
-    def __init__(self, node: Node, children: Iterable[IService]) -> None:
+    def __init__(self, node: Node, children: Iterable[IService],
+                 preflight: Callable[[], None] | None = None) -> None:
         MultiService.__init__(self)
         self.node = node
+        # run before any child starts; raises SystemExit to refuse to start (the
+        # ports the node needs are taken: epio.listen.refuse_port_conflicts)
+        self.preflight = preflight
+        self._preflown = False
         for child in children:
             child.setServiceParent(self)
+
+    def _preflight(self) -> None:
+        if self.preflight is not None and not self._preflown:
+            self._preflown = True
+            self.preflight()
+
+    def privilegedStartService(self) -> None:
+        # twistd calls this first: the api's endpoint service listens here already
+        self._preflight()
+        MultiService.privilegedStartService(self)
 
     def startService(self) -> None:
         self.log.info(
@@ -125,6 +140,7 @@ class NodeService(MultiService):
         else:
             self.log.info("open files limit (RLIMIT_NOFILE) {after} (hard limit {hard})",
                           after=after, hard=hard)
+        self._preflight()
         MultiService.startService(self)
         for svc in self:
             self.log.info("service {name} started", name=svc.name)
@@ -191,4 +207,8 @@ def makeService(options: Options, reactor: INodeReactor | None = None) -> NodeSe
     metrics = node_listener(node)  # every node serves /metrics on metrics.listen
     if metrics is not None:
         children.append(metrics)
-    return NodeService(node, children)
+    from epio.listen import refuse_port_conflicts
+
+    settings, node_roles = node.settings, node.roles
+    return NodeService(node, children,
+                       preflight=lambda: refuse_port_conflicts(settings, node_roles))

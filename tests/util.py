@@ -8,6 +8,7 @@ through the same path.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -186,7 +187,8 @@ def to_toml(doc: dict[str, dict[str, object]]) -> str:
 def isolated_config(
     overrides: dict[str, dict[str, object]] | None = None,
 ) -> tuple[dict[str, dict[str, object]], dict[int, int]]:
-    """A config document in which every default port is replaced by a free one.
+    """A config document in which every default port is replaced by a free one, and
+    the app UID range by a random block of 500 UIDs (unless ``overrides`` sets it).
 
     The same old port always maps to the same new port, so the defaults that wire
     roles to each other (``cluster.nexus`` pointing at ``nexus.*_bind``, say) stay
@@ -226,6 +228,13 @@ def isolated_config(
             new = walk(key.default)
             if new != key.default:
                 doc.setdefault(section, {})[name] = new
+    # a UID block of its own (unless the caller sets one): two test nodes running at once
+    # never run apps as the same UID, so neither's network fence matches the other's apps
+    # (docs/security.md: a fence matches only the UIDs its runner runs)
+    runner = (overrides or {}).get("runner", {})
+    if "uid_min" not in runner and "uid_max" not in runner:
+        low = random.SystemRandom().randrange(20000, 59500, 500)  # 79 blocks
+        doc.setdefault("runner", {}).update({"uid_min": low, "uid_max": low + 499})
     for section, table in (overrides or {}).items():
         doc.setdefault(section, {}).update(table)
     return doc, ports

@@ -112,6 +112,14 @@ SCHEMAS.update({
                    "description": "why the backup is kept for backup.failed_ttl whatever "
                                   "the history (the live data a Redis restore backed up "
                                   "first), or \"\""},
+        "archive": {"type": "string", "enum": ["", "archived", "failed"],
+                    "description": "the offsite copy (backup.archive_command): \"\" none, "
+                                   "`archived`, or `failed` (why in `archive_error`)"},
+        "archive_error": STR,
+        "archive_name": {"type": "string", "description": "the archive's object name"},
+        "local": {"type": "boolean",
+                  "description": "false: pruned on the backup node, kept in the archive "
+                                 "(a restore fetches it)"},
     }),
     "Snapshot": obj({"id": STR, "kind": STR, "created": NUM}),
     "SnapshotRestored": obj({"kind": STR, "id": STR, "kept_as": STR}),
@@ -169,6 +177,9 @@ def describe_backup(r: Mapping[str, Any]) -> dict[str, Any]:
         "error": str(r.get("error") or ""), "verified": status == "verified",
         "suspicious": str(r.get("suspicious") or "") if status == "verified" else "",
         "pinned": str(r.get("pinned") or ""),
+        "archive": str(r.get("archive") or ""), "archive_error": str(r.get("archive_error") or ""),
+        "archive_name": str(r.get("archive_name") or ""),
+        "local": bool(r.get("local", True)),
     }
 
 
@@ -730,7 +741,12 @@ class Addons:
             for r in backups:
                 if str(r.get("id")) == backup_id:
                     return ep, r
-        raise errors.NotFound(f"{app} has no backup {backup_id!r}", code="backup_not_found")
+        # no backup node knows it (its disk was wiped): one fetches it from its offsite
+        # archive, if it has one (backup_not_found otherwise)
+        ep = listings[0][0]
+        reply = await self._remote(self._ask(ep, "backup.adopt", {"app": app, "id": backup_id},
+                                             self.settings.backup_timeout))
+        return ep, dict(reply.get("backup") or {})
 
     async def restore_backup(self, user: Any, app: Any, backup_id: str,
                              to_app: str | None, platform: Any) -> dict[str, Any]:

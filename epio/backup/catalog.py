@@ -42,6 +42,15 @@ class BackupRecord:
     finished: float | None = None
     suspicious: str = ""  # why a verified backup is flagged (epio.backup.checks), or ""
     pinned: str = ""  # why it is kept for backup.failed_ttl whatever the history, or ""
+    # the offsite copy (epio.backup.archive): "" (none configured, or not verified),
+    # "archived" or "failed" (archive_error says why)
+    archive: str = ""
+    archive_error: str = ""
+    archive_name: str = ""  # the object name given to backup.archive_command
+    archive_sha256: str = ""  # of the encrypted object
+    archive_tries: int = 0
+    archived: float | None = None
+    local: bool = True  # False: pruned here, kept in the archive (its record stays)
 
     @property
     def good(self) -> bool:
@@ -132,3 +141,16 @@ class Catalog:
 
     def delete(self, record: BackupRecord) -> None:
         shutil.rmtree(self.dir_for(record), ignore_errors=True)
+
+    def drop_data(self, record: BackupRecord) -> None:
+        """Delete the local data of an archived backup; its record stays (``local`` False)."""
+        self.data_path(record).unlink(missing_ok=True)
+        record.local = False
+        self.save(record)
+
+    def adopt(self, record: BackupRecord) -> Path:
+        """The directory of a record fetched from its archive (created); its data path."""
+        self.ensure()
+        d = self.dir_for(record)
+        d.mkdir(parents=True, mode=0o700, exist_ok=True)
+        return d / "data"

@@ -8,11 +8,15 @@ credentials to it and cannot read it.  A backup counts only once verified.
 
 from __future__ import annotations
 
+import os
+import re
 import secrets
+import shutil
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from attrs import fields as attrs_fields
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, succeed
@@ -23,6 +27,7 @@ from twisted.logger import Logger
 
 from epio.addons.postgres import SharedPostgres
 from epio.backup import checks
+from epio.backup.archive import ArchiveFailed, ArchiveNotFetched, Archiver, load_key, object_name
 from epio.backup.catalog import BackupNotFound, BackupRecord, Catalog, sha256_file
 from epio.backup.postgres import BackupFailed, NotReady, PostgresBackups
 from epio.backup.redis import RedisBackups
@@ -36,6 +41,7 @@ if TYPE_CHECKING:
     from epio.node import INodeReactor, Node
 
 _T = TypeVar("_T")
+_SAFE_ID = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")  # as the catalog's: no path tricks
 
 
 class BackupManager:
@@ -45,7 +51,9 @@ class BackupManager:
 
     def __init__(self, reactor: Any, catalog: Catalog, policy: RetentionPolicy,
                  shared: SharedPostgres | None, postgres: PostgresBackups | None,
-                 step_timeout: float = 3600.0, redis: RedisBackups | None = None) -> None:
+                 step_timeout: float = 3600.0, redis: RedisBackups | None = None,
+                 archiver: Archiver | None = None,
+                 archive_policy: RetentionPolicy | None = None) -> None:
         self.reactor = reactor
         self.catalog = catalog
         self.policy = policy
@@ -53,6 +61,8 @@ class BackupManager:
         self.postgres = postgres
         self.redis = redis if redis is not None else RedisBackups(reactor)
         self.step_timeout = step_timeout
+        self.archiver = archiver
+        self.archive_policy = archive_policy if archive_policy is not None else policy
         self.counters = {"ok": 0, "failed": 0, "pruned": 0, "flagged": 0, "start_retries": 0}
 
     def _new_id(self) -> str:
@@ -112,6 +122,7 @@ class BackupManager:
                            error=record.error)
         record.finished = self.reactor.seconds()
         self.catalog.save(record)
+        await self._archive(record)
         return record
 
     def _postgres_for(self, target: Target) -> PostgresBackups:
@@ -167,6 +178,81 @@ class BackupManager:
                            app=target.app, kind=target.kind, error=record.error)
         record.finished = self.reactor.seconds()
         self.catalog.save(record)
+        await self._archive(record)
+        return record
+
+    async def _archive(self, record: BackupRecord) -> None:
+        """Copy a verified backup offsite (when ``backup.archive_command`` is set) and
+        record how that went; a failed archive leaves the backup verified."""
+        if self.archiver is None or not record.good:
+            return
+        await self.archiver.archive(record, self.catalog.data_path(record),
+                                    self.catalog.dir_for(record))
+        self.catalog.save(record)
+
+    async def archive_history(self, app: str, kind: str) -> int:
+        """Archive the verified backups of ``app``/``kind`` still here that have no
+        offsite copy -- taken before ``backup.archive_command`` was set (the history is
+        archived too), or whose archive failed -- oldest first.  Stops at the first that
+        fails (the offsite store is still down: the next round tries again).  Returns
+        how many were archived."""
+        if self.archiver is None:
+            return 0
+        waiting = [r for r in self.catalog.list(app, kind)
+                   if r.good and r.local and r.archive in ("", "failed")]
+        done = 0
+        for record in reversed(waiting):
+            await self._archive(record)
+            if record.archive != "archived":
+                break
+            done += 1
+        return done
+
+    async def restorable(self, app: str, backup_id: str) -> BackupRecord:
+        """The record of backup ``backup_id`` with its data on disk: fetched from its
+        archive when the local copy was pruned, or the catalog lost it (a wiped disk)."""
+        try:
+            record = self.catalog.get(backup_id, app)
+        except BackupNotFound:
+            if self.archiver is None:
+                raise
+            return await self._from_archive(app, backup_id, None)
+        if (record.good and record.archive == "archived" and self.archiver is not None
+                and not self.catalog.data_path(record).exists()):
+            return await self._from_archive(app, backup_id, record)
+        return record
+
+    async def _from_archive(self, app: str, backup_id: str,
+                            known: BackupRecord | None) -> BackupRecord:
+        assert self.archiver is not None
+        if not _SAFE_ID.match(app) or not _SAFE_ID.match(backup_id):
+            raise BackupNotFound(f"no backup {backup_id}")
+        spool = self.catalog.root / ".fetch"
+        self.catalog.ensure()
+        spool.mkdir(mode=0o700, exist_ok=True)
+        tmp = spool / f"{app}-{backup_id}-{secrets.token_hex(4)}"  # fetches may overlap
+        try:
+            meta = await self._timed(self.archiver.fetch(
+                app, backup_id, tmp, known.archive_sha256 if known is not None else "",
+                retry=known is not None))
+        except ArchiveNotFetched as e:
+            if known is None:
+                raise BackupNotFound(f"no backup {backup_id} here nor in the archive "
+                                     f"({e})") from None
+            raise BackupFailed(str(e)) from None
+        except ArchiveFailed as e:
+            raise BackupFailed(str(e)) from None
+        if known is not None:
+            record = known
+        else:
+            names = {f.name for f in attrs_fields(BackupRecord)}
+            record = BackupRecord(**{k: v for k, v in meta.items() if k in names})
+            record.archive, record.archive_name = "archived", object_name(app, backup_id)
+        record.local = True
+        path = self.catalog.adopt(record)
+        os.replace(tmp, path)
+        self.catalog.save(record)
+        self.log.info("backup {id} of {app} fetched from its archive", id=backup_id, app=app)
         return record
 
     def _drop_cancelled(self, record: BackupRecord) -> None:
@@ -247,7 +333,10 @@ class BackupManager:
         return n
 
     def prune(self, app: str, kind: str) -> int:
-        records = self.catalog.list(app, kind)
+        """Apply the local retention: a backup it drops is deleted, but one that is
+        archived keeps its record (``local`` False) for the archive retention
+        (:meth:`prune_archives`) and can still be restored from the archive."""
+        records = [r for r in self.catalog.list(app, kind) if r.local]
         keep = to_keep(
             [Candidate(r.id, r.created, r.counts_in_history, r.good, bool(r.pinned))
              for r in records if r.status != "running"],
@@ -256,9 +345,31 @@ class BackupManager:
         gone = 0
         for r in records:
             if r.status != "running" and r.id not in keep:
-                self.catalog.delete(r)
+                if r.archive == "archived":
+                    self.catalog.drop_data(r)
+                else:
+                    self.catalog.delete(r)
                 gone += 1
         self.counters["pruned"] += gone
+        return gone
+
+    async def prune_archives(self, app: str, kind: str) -> int:
+        """Apply the archive retention (``backup.archive_*``) to archived backups whose
+        local copy is gone: each one it drops is deleted offsite
+        (``backup.archive_delete_command``), then forgotten here."""
+        if self.archiver is None:
+            return 0
+        archived = [r for r in self.catalog.list(app, kind) if r.archive == "archived"]
+        keep = to_keep(
+            [Candidate(r.id, r.created, r.counts_in_history, r.good, bool(r.pinned))
+             for r in archived],
+            self.reactor.seconds(), self.archive_policy,
+        )
+        gone = 0
+        for r in archived:
+            if not r.local and r.id not in keep and await self.archiver.delete(r.app, r.id):
+                self.catalog.delete(r)
+                gone += 1
         return gone
 
     async def restore(self, app: str, backup_id: str, to_app: str | None = None,
@@ -271,7 +382,7 @@ class BackupManager:
         """
         from epio.addons import db_identifier
 
-        record = self.catalog.get(backup_id, app)
+        record = await self.restorable(app, backup_id)
         if not record.good:
             raise BackupFailed(f"backup {backup_id} is not verified ({record.status}); refusing")
         path = self.catalog.data_path(record)
@@ -351,7 +462,8 @@ class BackupService(MultiService):
 
     def __init__(self, reactor: INodeReactor, settings: BackupSettings,
                  addons: AddonsSettings, data_dir: Path, bus: Bus,
-                 get_store: Callable[[], Awaitable[Store]]) -> None:
+                 get_store: Callable[[], Awaitable[Store]],
+                 archiver: Archiver | None = None) -> None:
         super().__init__()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         self.reactor = reactor
         self._get_store = get_store
@@ -364,8 +476,12 @@ class BackupService(MultiService):
             postgres = PostgresBackups(reactor, addons.postgres_admin_url)
         policy = RetentionPolicy(settings.hourly, settings.daily, settings.weekly,
                                  settings.monthly, settings.failed_ttl)
+        archive_policy = RetentionPolicy(settings.archive_hourly, settings.archive_daily,
+                                         settings.archive_weekly, settings.archive_monthly,
+                                         settings.failed_ttl)
         self.manager = BackupManager(reactor, Catalog(root), policy, shared, postgres,
-                                     settings.step_timeout)
+                                     settings.step_timeout, archiver=archiver,
+                                     archive_policy=archive_policy)
         self.interval = settings.interval
         self.chunk = settings.chunk_kb * 1024
         self._timer: TimerService | None = None
@@ -375,6 +491,8 @@ class BackupService(MultiService):
 
     def startService(self) -> None:
         self.manager.catalog.ensure()
+        # archives half-fetched when the last process stopped
+        shutil.rmtree(self.manager.catalog.root / ".fetch", ignore_errors=True)
         interrupted = self.manager.recover_interrupted()
         if interrupted:
             self.log.warn("backup: {n} backups were interrupted by the last stop; marked failed",
@@ -443,8 +561,12 @@ class BackupService(MultiService):
                                app=app.name, error=str(e) or type(e).__name__)
                 continue
             for target in targets:
-                done.append(await self.manager.backup(target))
+                made = await self.manager.backup(target)
+                done.append(made)
+                if made.archive == "archived":  # the offsite store answers: catch up
+                    await self.manager.archive_history(app.name, target.kind)
                 pruned += self.manager.prune(app.name, target.kind)
+                pruned += await self.manager.prune_archives(app.name, target.kind)
         self.log.info("backup round done: {made} backed up, {pruned} pruned",
                       made=len(done), pruned=pruned)
         return done
@@ -470,9 +592,10 @@ class BackupService(MultiService):
             for target in targets:
                 made.append(await self.manager.backup(target))
                 self.manager.prune(app, target.kind)
+                await self.manager.prune_archives(app, target.kind)
             return "backup.created", {"backups": [r.to_json() for r in made]}
         if env.type == "backup.restore":
-            record = self.manager.catalog.get(body["id"], app)
+            record = await self.manager.restorable(app, body["id"])
             store = await self._get_store()
             into = body.get("to_app") or app
             found = await targets_for(store, into, record.kind, shared=self.manager.shared)
@@ -480,7 +603,12 @@ class BackupService(MultiService):
                 raise BackupFailed(f"{into} has no {record.kind} database to restore into")
             kept = await self.manager.restore(app, body["id"], body.get("to_app"), found[0])
             return "backup.restored", {"app": app, "id": body["id"], "kept_as": kept}
+        if env.type == "backup.adopt":
+            return "backup.adopted", {"backup": (await self.manager.restorable(
+                app, body["id"])).to_json()}
         if env.type == "backup.fetch":
+            if int(body["offset"]) == 0:  # a download of an archived-only backup fetches it
+                await self.manager.restorable(app, body["id"])
             return "backup.chunk", self.manager.read_chunk(app, body["id"],
                                                            int(body["offset"]), self.chunk)
         raise ValueError(f"unexpected message {env.type}")
@@ -495,5 +623,20 @@ def make_service(node: Node) -> BackupService:
             raise RuntimeError("this node has no store service")
         return await store_service.whenReady()
 
-    return BackupService(node.reactor, node.settings.backup, node.settings.addons,
-                         node.data_dir, node.bus, get_store)
+    settings = node.settings.backup
+    archiver = None
+    if settings.archive_command:
+        try:
+            key = load_key(Path(settings.archive_key_file))
+        except OSError as e:
+            raise SystemExit(f"epio: cannot read backup.archive_key_file "
+                             f"{settings.archive_key_file}: {e.strerror}") from None
+        except ArchiveFailed as e:
+            raise SystemExit(f"epio: {e}") from None
+        archiver = Archiver(node.reactor, key,
+                            settings.archive_command, settings.fetch_command,
+                            settings.archive_delete_command, settings.archive_retries,
+                            settings.archive_retry_initial, settings.archive_retry_max,
+                            settings.step_timeout)
+    return BackupService(node.reactor, settings, node.settings.addons, node.data_dir,
+                         node.bus, get_store, archiver)

@@ -431,6 +431,16 @@ _(MessageType(
     fields={"app": str, "id": str}, optional={"kept_as": str, "keys": int},
 ))
 _(MessageType(
+    "backup.adopt", 1, "request",
+    "Find a backup this node has no record of (its disk was wiped) in its offsite archive: "
+    "fetch, check and keep it locally.",
+    fields={"app": str, "id": str},
+))
+_(MessageType(
+    "backup.adopted", 1, "reply", "Answer to backup.adopt: the backup's record.",
+    fields={"backup": dict},
+))
+_(MessageType(
     "backup.fetch", 1, "request",
     "Read one chunk of a backup's file from offset (the api streams downloads this way).",
     fields={"app": str, "id": str, "offset": int},

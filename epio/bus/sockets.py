@@ -6,13 +6,16 @@ reactor, which must not happen during twistd's plugin discovery).
 Every service creates its socket in ``startService`` and closes it in
 ``stopService``; ZeroMQ itself reconnects connected sockets (with backoff), so a
 peer that restarts is found again without any code here.  A bind that fails
-(address in use) is logged and retried with backoff; ``whenReady()`` fires once
-every socket is bound.
+(address in use: another node on this host) ends the node: ``startService``
+raises :class:`BindFailed` (a SystemExit naming the endpoint) -- fail fast, rather
+than half the node serving while the cluster takes it for gone.  ``whenReady()``
+fires once every socket is bound.
 """
 
 from __future__ import annotations
 
 import inspect
+import os
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -21,7 +24,7 @@ import zmq
 from attrs import evolve
 from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall, IReadDescriptor
+from twisted.internet.interfaces import IReadDescriptor
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from txzmq import ZmqEndpoint, ZmqEndpointType, ZmqFactory
@@ -241,21 +244,22 @@ class _Monitor:
             self.sock = None
 
 
+class BindFailed(SystemExit):
+    """A bus socket cannot bind its endpoint: the node must not run without it."""
+
+
 class BusService(Service):
     """What every bus socket service shares: lifecycle, counters, rejections.
 
-    The socket's lifecycle is held in two places, each the only one for its fact:
-    ``_conn`` (the ZeroMQ socket exists) and ``_retry`` (a bind failed and is
-    tried again, with doubling delays up to 30 s)::
+    The socket's lifecycle is held in ``_conn`` (the ZeroMQ socket exists)::
 
                  startService            bind ok
         stopped -------------> opening ----------> open  (whenReady fires)
-           ^                    |   ^               |
-           |                    |   | retry timer   |
-           |     bind failed    v   |               |
-           |                  retrying              |
-           +---- stopService (from any state: the retry is cancelled,
-                 the socket released) -------------+
+           ^                    |                   |
+           |                    | bind failed       |
+           |                    v                   |
+           |          BindFailed raised (the node exits; nothing retries)
+           +---- stopService (the socket released) -+
 
     Peers are ZeroMQ's to reconnect; what this service knows of them is
     ``connected`` (handshake succeeded, not yet disconnected), fed by the socket's
@@ -282,8 +286,6 @@ class BusService(Service):
         self.endpoint: str | None = None
         self._conn: _Connection | None = None
         self._ready: list[defer.Deferred[None]] = []
-        self._retry: IDelayedCall | None = None
-        self._retry_delay = 0.5
         self._replay = ReplayGuard(bus.max_skew) if self.replay_protection else None
         #: Peers this socket has connected to and completed the handshake with.
         self.connected: set[str] = set()
@@ -365,14 +367,10 @@ class BusService(Service):
     def stopService(self) -> defer.Deferred[None] | None:
         super().stopService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         self.bus._services.discard(self)
-        if self._retry is not None and self._retry.active():
-            self._retry.cancel()
-        self._retry = None
         self._close()
         return None
 
     def _open(self) -> None:
-        self._retry = None
         if not self.running:
             return
         try:
@@ -381,14 +379,15 @@ class BusService(Service):
                 self._event,
             )
         except zmq.ZMQError as e:
-            self.log.error(
-                "bus {kind}: cannot bind {binds}: {error}; retrying in {delay:g}s",
-                kind=self.kind, binds=" ".join(self.binds), error=e.strerror,
-                delay=self._retry_delay,
-            )
-            self._retry = self.bus.reactor.callLater(self._retry_delay, self._open)
-            self._retry_delay = min(self._retry_delay * 2, 30.0)
-            return
+            self.running = False
+            self.bus._services.discard(self)
+            self.log.error("bus {kind}: cannot bind {binds}: {error}", kind=self.kind,
+                           binds=" ".join(self.binds), error=e.strerror)
+            raise BindFailed(
+                f"epio: bus {self.kind} cannot bind {' '.join(self.binds)}: "
+                f"{os.strerror(e.errno) if e.errno else e.strerror}"
+                + (" (another node on this host uses that port? give this node its own "
+                   "ports in the config)" if e.errno == zmq.EADDRINUSE else "")) from None
         if self.binds:
             last = self._conn.socket.getsockopt(zmq.LAST_ENDPOINT).decode()
             self.endpoint = _public_endpoint(self.binds[-1], last)
@@ -625,7 +624,6 @@ class Dealer(BusService):
         return list(self.connects)
 
     def _open(self) -> None:
-        self._retry = None
         if not self.running:
             return
         for ep in self.connects:

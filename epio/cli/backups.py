@@ -6,6 +6,10 @@ when a backup failed, and ``restore`` refuses them.  A verified backup that look
 wrong next to the last good one (empty, or a size collapse) is FLAGGED, with the
 reason, in its own column.  Without an ID, ``restore`` and ``download`` use the
 newest verified backup that is not flagged (else the newest flagged one).
+The COPIES column says where each backup is: ``local`` (on the backup node),
+``archive`` (its offsite copy, ``backup.archive_command``), both, or ``ARCHIVE
+FAILED`` with the reason.  ``restore`` of a backup kept only in the archive (pruned
+locally, or the backup node's disk wiped: give its ID) fetches and checks it first.
 """
 
 from __future__ import annotations
@@ -34,12 +38,25 @@ def status_text(b: dict[str, Any]) -> str:
     return "FAILED" + (f": {b['error']}" if b.get("error") else "")
 
 
-COLUMNS = ["ID", "KIND", "STATUS", "TAKEN", "SIZE", "FLAGGED"]
+def copies_text(b: dict[str, Any]) -> str:
+    """Where the backup's copies are: on the backup node, in the offsite archive."""
+    if b.get("status") != "verified":
+        return "-"
+    where = ["local"] if b.get("local", True) else []
+    if b.get("archive") == "archived":
+        where.append("archive")
+    text = ", ".join(where) or "-"
+    if b.get("archive") == "failed":
+        text += f" (ARCHIVE FAILED: {b.get('archive_error') or 'no reason'})"
+    return text
+
+
+COLUMNS = ["ID", "KIND", "STATUS", "TAKEN", "SIZE", "COPIES", "FLAGGED"]
 
 
 def _rows(backups: list[dict[str, Any]]) -> list[list[Any]]:
     return [[b["id"], b["kind"], status_text(b), ago(b["created"]),
-             human_size(b["size"]) if b["size"] else "-",
+             human_size(b["size"]) if b["size"] else "-", copies_text(b),
              f"FLAGGED: {b['suspicious']}" if b.get("suspicious") else "-"] for b in backups]
 
 

@@ -675,6 +675,33 @@ SCHEMA: dict[str, dict[str, Key]] = {
                              "listing) before it counts as unreachable.", positive),
         "chunk_kb": Key(int, 1024, "Size of one chunk of a backup download over the bus (KiB).",
                         positive),
+        "archive_command": Key(
+            str, "", "Shell command run on the backup node after each verified backup to copy "
+            "its encrypted archive offsite; {path} is the local file, {name} the object name "
+            "(<app>/<id>.epioarc), {app} and {id} as named (each shell-quoted). Empty: no "
+            "offsite archive. See docs/databases.md."),
+        "fetch_command": Key(
+            str, "", "Shell command that copies archive {name} back to local file {path} (a "
+            "restore of a backup whose local copy is gone)."),
+        "archive_delete_command": Key(
+            str, "", "Shell command that deletes archive {name} once the archive retention "
+            "drops it; empty: archives are never deleted by epio (the offsite store's own "
+            "lifecycle rules decide)."),
+        "archive_key_file": Key(
+            str, "", "File (mode 0600) holding the archive master key (at least 32 bytes, "
+            "hex or raw); "
+            "archives are encrypted with AES-256-GCM under keys derived from it. Required "
+            "with archive_command; keep a copy outside the cluster."),
+        "archive_retries": Key(int, 3, "Further tries of a failed archive_command before the "
+                               "backup's archive is recorded as failed.", non_negative),
+        "archive_retry_initial": Key(float, 5.0, "Seconds before the first retry of "
+                                     "archive_command; doubled for each next one.", positive),
+        "archive_retry_max": Key(float, 300.0, "Longest wait between two tries of "
+                                 "archive_command (seconds).", positive),
+        "archive_hourly": Key(int, 24, "Hourly archives kept offsite.", non_negative),
+        "archive_daily": Key(int, 30, "Daily archives kept offsite.", non_negative),
+        "archive_weekly": Key(int, 12, "Weekly archives kept offsite.", non_negative),
+        "archive_monthly": Key(int, 24, "Monthly archives kept offsite.", non_negative),
     },
     "addons": {
         "postgres_admin_url": Key(
@@ -916,5 +943,17 @@ def _acme_timing(values: dict[str, dict[str, Any]]) -> list[str]:
     return out
 
 
+def _archive_keys(values: dict[str, dict[str, Any]]) -> list[str]:
+    backup = values["backup"]
+    out = []
+    if backup["archive_command"] and not backup["archive_key_file"]:
+        out.append("backup.archive_command needs backup.archive_key_file: archives are "
+                   "encrypted before they leave the backup node")
+    if backup["archive_retry_initial"] > backup["archive_retry_max"]:
+        out.append(f"backup.archive_retry_initial ({backup['archive_retry_initial']:g}) must not "
+                   f"be above backup.archive_retry_max ({backup['archive_retry_max']:g})")
+    return out
+
+
 CHECKS: list[Callable[[dict[str, dict[str, Any]]], list[str]]] = [_upload_fits_bus, _uid_range,
-                                                                   _acme_timing]
+                                                                   _acme_timing, _archive_keys]

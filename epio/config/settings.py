@@ -623,6 +623,39 @@ class BackupSettings:
     chunk_kb: int
     """Size of one chunk of a backup download over the bus (KiB)."""
 
+    archive_command: str
+    """Shell command run on the backup node after each verified backup to copy its encrypted archive offsite; {path} is the local file, {name} the object name (<app>/<id>.epioarc), {app} and {id} as named (each shell-quoted). Empty: no offsite archive. See docs/databases.md."""
+
+    fetch_command: str
+    """Shell command that copies archive {name} back to local file {path} (a restore of a backup whose local copy is gone)."""
+
+    archive_delete_command: str
+    """Shell command that deletes archive {name} once the archive retention drops it; empty: archives are never deleted by epio (the offsite store's own lifecycle rules decide)."""
+
+    archive_key_file: str
+    """File (mode 0600) holding the archive master key (at least 32 bytes, hex or raw); archives are encrypted with AES-256-GCM under keys derived from it. Required with archive_command; keep a copy outside the cluster."""
+
+    archive_retries: int
+    """Further tries of a failed archive_command before the backup's archive is recorded as failed."""
+
+    archive_retry_initial: float
+    """Seconds before the first retry of archive_command; doubled for each next one."""
+
+    archive_retry_max: float
+    """Longest wait between two tries of archive_command (seconds)."""
+
+    archive_hourly: int
+    """Hourly archives kept offsite."""
+
+    archive_daily: int
+    """Daily archives kept offsite."""
+
+    archive_weekly: int
+    """Weekly archives kept offsite."""
+
+    archive_monthly: int
+    """Monthly archives kept offsite."""
+
 
 @frozen
 class AddonsSettings:

@@ -6,8 +6,10 @@ the metrics listener, the store and every other service of the host on
 ``127.0.0.1``, and straight to other apps' instances.  The fence is one nftables
 table per runner (``inet``, ``epio_fence_<hash of the data dir>`` unless
 ``runner.fence_table``) with an ``output`` hook: a TCP connection attempt (a SYN
-without ACK) from a socket owned by an app UID (``runner.uid_min``-``uid_max``,
-plus the build user) is answered with a TCP reset, so the app's ``connect()``
+without ACK) from a socket owned by a UID this runner runs apps as (the nft set
+``app_uids``: its live instances' and sessions' UIDs, and those that still own a
+process; plus the build user -- never the whole ``runner.uid_min``-``uid_max``
+range, where another runner of this host may run its apps) is answered with a TCP reset, so the app's ``connect()``
 fails at once with ``ECONNREFUSED``, when it goes to
 
 * any port of a local address of the host (``fib daddr type local``:
@@ -63,8 +65,10 @@ from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
 from epio.config.settings import Settings
+from epio.listen import Target, twisted_endpoint, zmq_endpoint
 from epio.runner.sandbox import Isolation
 from epio.runner.supervisor import InvalidTransition, State
+from epio.runner.users import uids_with_processes
 
 if TYPE_CHECKING:
     from twisted.python.failure import Failure
@@ -110,71 +114,6 @@ class FenceNotApplied(FenceError):
 
 
 # -- endpoints in the config ---------------------------------------------------
-
-
-@frozen
-class Target:
-    """A TCP host and port taken from one config value (``host`` may be "")."""
-
-    host: str
-    port: int
-
-
-def _split_escaped(text: str) -> list[str]:
-    out, cur, i = [], [], 0
-    while i < len(text):
-        c = text[i]
-        if c == "\\" and i + 1 < len(text):
-            cur.append(text[i + 1])
-            i += 2
-            continue
-        if c == ":":
-            out.append("".join(cur))
-            cur = []
-        else:
-            cur.append(c)
-        i += 1
-    out.append("".join(cur))
-    return out
-
-
-def twisted_endpoint(desc: str) -> Target | None:
-    """``tcp:8000:interface=127.0.0.1`` (also tcp6, ssl, ``port=``); None for unix etc."""
-    if not desc:
-        return None
-    parts = _split_escaped(desc)
-    if len(parts) == 1 and parts[0].isdigit():
-        return Target("", int(parts[0]))
-    kind, args = parts[0].lower(), parts[1:]
-    if kind not in ("tcp", "tcp6", "ssl"):
-        return None
-    port: str | None = None
-    host = ""
-    for a in args:
-        key, eq, value = a.partition("=")
-        if not eq:
-            if port is None:
-                port = a
-        elif key == "port":
-            port = value
-        elif key == "interface":
-            host = value
-    if port is None or not port.isdigit() or not 0 < int(port) < 65536:
-        return None
-    return Target(host, int(port))
-
-
-def zmq_endpoint(url: str) -> Target | None:
-    """``tcp://host:port`` (``*``, ``[::1]``); None for ipc://, inproc:// or ``*`` ports."""
-    if not url.startswith("tcp://"):
-        return None
-    rest = url[len("tcp://"):]
-    if ";" in rest:  # tcp://source;dest
-        rest = rest.split(";", 1)[1]
-    host, _, port = rest.rpartition(":")
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        return None
-    return Target(host.strip("[]"), int(port))
 
 
 def postgres_endpoint(url: str) -> Target | None:
@@ -463,18 +402,28 @@ def _set(name: str, kind: str, elements: Sequence[str], interval: bool = False) 
     return lines
 
 
+def fenced_uids(owned: Iterable[tuple[int, int]] = (), extra_uids: Iterable[int] = (),
+                app_uids: Iterable[int] = ()) -> frozenset[int]:
+    """The UIDs a table fences: those of ``owned``, ``extra_uids`` and ``app_uids``."""
+    return frozenset({u for u, _ in owned} | set(extra_uids) | set(app_uids))
+
+
 def render(plan: FencePlan, owned: Iterable[tuple[int, int]] = (),
-           extra_uids: Iterable[int] = (), owner: str = "") -> str:
+           extra_uids: Iterable[int] = (), owner: str = "",
+           app_uids: Iterable[int] = ()) -> str:
     """The ``nft -f`` text that atomically replaces the fence table.
 
-    ``owned`` are (uid, port) of this runner's live instances; ``extra_uids`` are
-    more UIDs to fence (the build user); ``owner`` (:func:`owner_comment`) becomes
-    the table's comment.
+    ``owned`` are (uid, port) of this runner's live instances; ``app_uids`` the
+    UIDs of its live instances and sessions (also those without ports) and of the
+    processes left in its UID range (:func:`epio.runner.users.uids_with_processes`);
+    ``extra_uids`` are more UIDs to fence (the build user).  Only these UIDs are
+    fenced (the set ``app_uids`` of the table: :func:`fenced_uids`), never the
+    whole ``runner.uid_min``-``uid_max`` range, so the apps of another runner of
+    this host are left to that runner's own table.  ``owner``
+    (:func:`owner_comment`) becomes the table's comment.
     """
     owned = sorted(set(owned))
-    uids = [f"{plan.uid_min}-{plan.uid_max}"]
-    uids += [str(u) for u in sorted(set(extra_uids)) if not plan.uid_min <= u <= plan.uid_max]
-    uids.sort(key=lambda s: int(s.split("-")[0]))
+    uids = sorted(fenced_uids(owned, extra_uids, app_uids))
     t = plan.table
     lines = [
         "# epio network fence (generated by epio.runner.fence; see docs/security.md)",
@@ -490,12 +439,13 @@ def render(plan: FencePlan, owned: Iterable[tuple[int, int]] = (),
     lines += _set("open_ports", "inet_service", [opened] if opened else [], interval=True)
     lines += _set("instance_ports", "inet_service", [str(p) for p in sorted({p for _, p in owned})])
     lines += _set("owned", "uid . inet_service", [f"{u} . {p}" for u, p in owned])
+    lines += _set("app_uids", "uid", [str(u) for u in uids])
     lines += _set("hosts4", "ipv4_addr", list(plan.hosts4), interval=True)
     lines += _set("hosts6", "ipv6_addr", list(plan.hosts6), interval=True)
     lines += [
         "\tchain output {",
         "\t\ttype filter hook output priority filter; policy accept;",
-        f"\t\tmeta skuid {{ {', '.join(uids)} }} tcp flags & (syn | ack) == syn jump app",
+        "\t\tmeta skuid @app_uids tcp flags & (syn | ack) == syn jump app",
         "\t}",
         "\tchain app {",
         "\t\tip daddr @hosts4 tcp dport @control_ports reject with tcp reset",
@@ -663,8 +613,8 @@ def build_uid(user: str) -> int | None:
 class NetworkFence(Service):
     """Keeps the fence table in step with the plan and this runner's instance ports.
 
-    ``owned()`` gives the (uid, port) of live instances; call :meth:`changed` when
-    they may have changed.  The table is installed synchronously in
+    ``owned()`` gives the (uid, port) of live instances and ``app_uids()`` the UIDs
+    to fence (:func:`render`); call :meth:`changed` when they may have changed.  The table is installed synchronously in
     ``startService`` (before any app starts), then replaced in a thread whenever
     the rendered text changes, and checked every ``check_interval`` seconds (an
     operator's ``nft flush ruleset`` or a firewall reload removes it: it is put
@@ -689,12 +639,14 @@ class NetworkFence(Service):
         owner: str = "",
         proc: Path = Path("/proc"),
         in_thread: Callable[..., defer.Deferred[Any]] | None = None,
+        app_uids: Callable[[], Iterable[int]] = lambda: (),
     ) -> None:
         self.reactor = reactor
         self.plan = plan
         self.nft = nft
         self.owned = owned
         self.extra_uids = extra_uids
+        self.app_uids = app_uids
         self.enabled = enabled
         self.why_off = why_off
         self.keep_on_stop = keep_on_stop
@@ -705,6 +657,7 @@ class NetworkFence(Service):
         self.state = FenceState.ON if enabled else FenceState.OFF
         self.error = ""
         self.applied: str | None = None  # the text nft last accepted
+        self.applied_uids: frozenset[int] = frozenset()  # the UIDs that text fences
         self.applies = 0
         self.reinstalls = 0
         self._busy: defer.Deferred[None] | None = None
@@ -718,13 +671,24 @@ class NetworkFence(Service):
         return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *args)
 
     def desired(self) -> str:
-        return render(self.plan, self.owned(), self.extra_uids(), self.owner)
+        return self._desired()[0]
+
+    def _desired(self) -> tuple[str, frozenset[int]]:
+        """The table's text and the UIDs it fences."""
+        owned, extra, uids = list(self.owned()), list(self.extra_uids()), list(self.app_uids())
+        return (render(self.plan, owned, extra, self.owner, uids),
+                fenced_uids(owned, extra, uids))
+
+    def wanted_uids(self) -> frozenset[int]:
+        """The UIDs that must be fenced now."""
+        return fenced_uids(self.owned(), self.extra_uids(), self.app_uids())
 
     def report(self) -> dict[str, Any]:
         """The fence's part of the runner's ``isolation`` facts."""
         if not self.enabled:
             return {"state": "off", "why": self.why_off}
         out: dict[str, Any] = {"state": self.state, **self.plan.describe()}
+        out["fenced_uids"] = len(self.applied_uids)
         if self.error:
             out["error"] = self.error
         return out
@@ -740,8 +704,9 @@ class NetworkFence(Service):
             return
         p = self.plan
         self.log.info(
-            "network fence ON (nft table inet {table}): TCP connections from app UIDs "
-            "{uid_min}-{uid_max}{build} are reset on every port of this host except "
+            "network fence ON (nft table inet {table}): TCP connections from the UIDs of "
+            "this runner's apps (of {uid_min}-{uid_max}, each added before its first process "
+            "starts){build} are reset on every port of this host except "
             "{open} (router, runner.fence_allow_ports), each app's own instances and shared "
             "add-on ports, and the unused instance ports {range}; control ports {ports} are "
             "reset everywhere{hosts}",
@@ -757,7 +722,7 @@ class NetworkFence(Service):
         for note in p.notes:
             self.log.warn("network fence: {note}", note=note)
         self._collect()
-        text = self.desired()
+        text, uids = self._desired()
         try:
             self.nft.apply(text)  # synchronously: before any app process starts
         except FenceError as e:
@@ -768,6 +733,7 @@ class NetworkFence(Service):
                 from None
         else:
             self.applied = text
+            self.applied_uids = uids
             self.applies += 1
         if self.check_interval > 0:
             self._check = task.LoopingCall(self._verify)
@@ -841,16 +807,25 @@ class NetworkFence(Service):
     def ready(self) -> defer.Deferred[None]:
         """:meth:`sync`, then fail with :class:`FenceNotApplied` when the fence is on
         but no table of this runner is in place (its apply failed, e.g. after the
-        table was flushed): the gate an app process or ``epio run`` session passes
-        before it is spawned, so nothing starts unfenced.  A fence whose latest
-        apply failed while an older table is still in place lets spawns through:
-        that table still fences every app UID."""
+        table was flushed) or the table in place does not fence every UID that must
+        be fenced now (:meth:`wanted_uids`: the UID of the process about to start
+        among them): the gate an app process or ``epio run`` session passes before
+        it is spawned, so nothing starts unfenced.  A fence whose latest apply
+        failed while an older table that fences those UIDs is still in place lets
+        spawns through (a port it lacks is refused: fail-closed)."""
 
         def check(_: object) -> None:
-            if self.enabled and self.running and self.applied is None:
+            if not (self.enabled and self.running):
+                return
+            if self.applied is None:
                 raise FenceNotApplied(
                     f"network fence not applied (nft table inet {self.plan.table}): "
                     f"{self.error or 'not installed'}")
+            missing = self.wanted_uids() - self.applied_uids
+            if missing:
+                raise FenceNotApplied(
+                    f"network fence (nft table inet {self.plan.table}) does not fence UID "
+                    f"{_ranges(missing)} yet: {self.error or 'its update is not applied'}")
 
         return self.sync().addCallback(check)
 
@@ -870,7 +845,7 @@ class NetworkFence(Service):
     def _sync(self) -> None:
         self._dirty = False
         try:
-            text = self.desired()
+            text, uids = self._desired()
         except Exception:
             self.log.failure("rendering the network fence failed")
             self._release_synced()
@@ -883,6 +858,7 @@ class NetworkFence(Service):
 
         def ok(_: object) -> None:
             self.applied = text
+            self.applied_uids = uids
             self.applies += 1
             if self.state is FenceState.FAILED:
                 self.log.info("network fence applied again")
@@ -916,7 +892,9 @@ class NetworkFence(Service):
                 self.log.warn("network fence table inet {table} is gone (nft flush ruleset? "
                               "a firewall reload?): installing it again", table=self.plan.table)
                 self.applied = None
-            self.changed()  # also picks up a build user created since
+                self.applied_uids = frozenset()
+            self.changed()  # also picks up a build user created since, and lets the
+            # UIDs whose last process is gone out of the table
 
         d.addCallback(seen)
         d.addErrback(lambda f: self.log.failure("checking the network fence failed", f))
@@ -986,16 +964,40 @@ def app_reach(supervisor: Supervisor,
     return owned
 
 
+def app_uids(supervisor: Supervisor,
+             sessions: SessionManager | None) -> Callable[[], set[int]]:
+    """The UIDs this runner runs apps as: those of its instances that are not stopped
+    or failed (also those without ports, e.g. workers, and one whose process is about
+    to be spawned: it is STARTING when it passes the spawn gate) and of its live
+    ``epio run`` sessions (``sessions`` may be None)."""
+
+    def uids() -> set[int]:
+        out = {i.spec.uid for i in supervisor.instances.values()
+               if i.state not in (State.STOPPED, State.FAILED)}
+        if sessions is not None:
+            out |= sessions.uids()
+        return out
+
+    return uids
+
+
 def make_fence(reactor: INodeReactor, settings: Settings, roles: Iterable[str], data_dir: Path,
                owned: Callable[[], Iterable[tuple[int, int]]], *,
+               uids: Callable[[], Iterable[int]],
                nft_binary: str | None | bool = True, euid: int | None = None,
-               nft: INft | None = None,
+               nft: INft | None = None, proc: Path = Path("/proc"),
                in_thread: Callable[..., defer.Deferred[Any]] | None = None) -> NetworkFence:
     """The runner's network fence (detection I/O: before the reactor), following
-    ``owned`` (:func:`app_reach`).  The runner's composition root makes it its first
+    ``owned`` (:func:`app_reach`) and fencing the UIDs of ``uids`` (:func:`app_uids`)
+    and those of them that left it but still own a process on this host
+    (:func:`~epio.runner.users.uids_with_processes`, read from ``proc``): a UID enters
+    the table before its first process starts and leaves it once its last process is
+    gone.  Never a UID this runner did not run: on a host shared with another
+    cluster's runner (whose store this one cannot see) with the same UID range, the
+    other's apps are left to its own table.  The runner's composition root makes it its first
     child, so it is installed before anything else starts and removed after
     everything else stopped.  ``nft_binary`` (True: look ``nft`` up on PATH), ``euid``,
-    ``nft`` (an INft) and ``in_thread`` are for tests.  Exits (SystemExit with
+    ``nft`` (an INft), ``proc`` and ``in_thread`` are for tests.  Exits (SystemExit with
     :func:`refusal`) when the fence is on but cannot be installed."""
     rc = settings.runner
     try:
@@ -1015,8 +1017,19 @@ def make_fence(reactor: INodeReactor, settings: Settings, roles: Iterable[str], 
                           lambda: nft.check(render(plan, (), extra())))
     if rc.fence != "off" and not enabled:
         raise SystemExit(refusal(why))
+    ran: set[int] = set()  # the UIDs this runner fenced: kept while they own a process
+
+    def fenced() -> set[int]:
+        live = set(uids())
+        gone = ran - live
+        ran.intersection_update(live)
+        ran.update(live)
+        if gone:
+            ran.update(uids_with_processes(gone, proc))
+        return set(ran)
+
     fence = NetworkFence(reactor, plan, nft, owned, extra, enabled=enabled, why_off=why,
-                         keep_on_stop=rc.fence_keep_on_stop,
+                         app_uids=fenced, proc=proc, keep_on_stop=rc.fence_keep_on_stop,
                          check_interval=rc.fence_check_interval, in_thread=in_thread,
                          owner=owner_comment(os.getpid(), proc_start(os.getpid()),
                                              pid_namespace(), data_dir))

@@ -20,7 +20,8 @@ import hashlib
 import os
 import shutil
 import subprocess
-from collections.abc import Callable, Sequence
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -45,6 +46,7 @@ from epio.runner.supervisor import (
     UnknownInstance,
     busy_ports,
 )
+from epio.runner.users import RangeClaim, claims_on_host, host_identity, range_conflicts, refusal
 from epio.services import OrderedMultiService
 
 if TYPE_CHECKING:
@@ -61,7 +63,7 @@ if TYPE_CHECKING:
     from epio.runner.fence import NetworkFence
     from epio.runner.sessions import SessionManager
     from epio.runner.static import StaticServer
-    from epio.store import StoreService
+    from epio.store import Store, StoreService
 
 HEARTBEAT_TOPIC = b"hb"
 
@@ -188,8 +190,18 @@ class RunnerService(OrderedMultiService):
         before_router: Sequence[IService] = (),
         router: Callable[[Handler], IService] | None = None,
         after_router: Sequence[IService] = (),
+        ranges: RangeClaim | None = None,
+        host: Mapping[str, Any] | None = None,
+        refuse: Callable[[str], None] | None = None,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
+        # this runner's UID and port ranges, checked against the other live runners of
+        # this host (``host``: host_identity and this process) at its first
+        # registration; ``refuse`` ends the node when they overlap (exit_node)
+        self.ranges = ranges
+        self.host = dict(host or {})
+        self.refuse = refuse
+        self._ranges_checked = False
         self.reactor = reactor
         self.supervisor = supervisor
         self.isolation = isolation
@@ -480,6 +492,15 @@ class RunnerService(OrderedMultiService):
         if self.store_service is None:
             return
         store = await self.store_service.whenReady()
+        if self.ranges is not None and not self._ranges_checked:
+            problems = await self._range_conflicts(store)
+            if problems:
+                why = refusal(problems)
+                self.log.error("{why}", why=why)
+                if self.refuse is not None:
+                    self.refuse(why)
+                return
+            self._ranges_checked = True
         await store.upsert_node(
             self.node_id, self.roles, control_endpoint=self.control, boot_id=self.boot_id,
             status={"isolation": self.isolation.as_dict(),
@@ -488,8 +509,32 @@ class RunnerService(OrderedMultiService):
                     # its UID is in range (every node should use the same range)
                     "uids": [self.supervisor.settings.uid_min,
                              self.supervisor.settings.uid_max],
+                    # checked by the next runner of this host (RangeClaim)
+                    **({"ports": list(self.ranges.ports), "host": self.host}
+                       if self.ranges is not None else {}),
                     "instances": len(self.supervisor.instances)},
         )
+
+    async def _range_conflicts(self, store: Store) -> list[str]:
+        """The overlaps of this runner's ranges with the other live runners of this
+        host registered in the store (UIDs and ports are per host: runners of other
+        hosts may, and for failover should, use the same ranges)."""
+        from epio.runner.fence import pid_namespace, proc_start
+
+        assert self.ranges is not None
+        my_ns = pid_namespace()
+
+        def alive(where: Mapping[str, Any]) -> bool | None:
+            pid, start = where.get("pid"), where.get("start")
+            if my_ns is None or where.get("pidns") != my_ns or not isinstance(pid, int):
+                return None  # another pid namespace: its registration's age decides
+            return proc_start(pid) == start
+
+        nodes = [(n.id, n.last_seen, n.status) for n in await store.list_nodes("runner")
+                 if n.id != self.node_id]
+        claims = claims_on_host(nodes, str(self.host.get("id", "")), self.reactor.seconds(),
+                                3 * self.register_interval, alive)
+        return range_conflicts(self.ranges, claims)
 
     # -- control -------------------------------------------------------------------
 
@@ -714,6 +759,21 @@ def detect_isolation_of(settings: RunnerSettings, data_dir: Path) -> tuple[
     return isolation, cgroups, bwrap, setpriv
 
 
+def exit_node(reactor: INodeReactor, why: str) -> None:
+    """End the node with exit status 1 after ``why`` on stderr: its services stop
+    cleanly (the fence table is removed), then the process exits (twistd itself
+    would exit 0 after the reactor stopped)."""
+
+    def failed() -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+
+    print(why, file=sys.stderr, flush=True)
+    reactor.addSystemEventTrigger("after", "shutdown", failed)
+    reactor.stop()
+
+
 def make_service(node: Node) -> RunnerService:
     """Build the runner role of ``node``: its composition root.
 
@@ -742,7 +802,14 @@ def make_service(node: Node) -> RunnerService:
     from epio.pipeline import BusLogSink
     from epio.runner.build import Builder
     from epio.runner.build.images import ImageStore
-    from epio.runner.fence import FencedIsolation, app_reach, make_fence
+    from epio.runner.fence import (
+        FencedIsolation,
+        app_reach,
+        app_uids,
+        make_fence,
+        pid_namespace,
+        proc_start,
+    )
     from epio.runner.launcher import SandboxLauncher
     from epio.runner.sessions import RunSettings, SessionManager
     from epio.runner.snapshots import make_snapshots
@@ -773,7 +840,7 @@ def make_service(node: Node) -> RunnerService:
                               settings, node_id=node.node_id,
                               store_service=node.store_service, observers=gates)
     fence = make_fence(reactor, conf, node.roles, node.data_dir,
-                       app_reach(supervisor, sessions))
+                       app_reach(supervisor, sessions), uids=app_uids(supervisor, sessions))
     static = make_static(reactor, node.secret, images, node.data_dir,
                          lambda: list(supervisor.instances.values()), rc,
                          uid_check=isolation.uid_switch)
@@ -805,6 +872,10 @@ def make_service(node: Node) -> RunnerService:
         before_router=[c for c in (fence, sink, publisher) if c is not None],
         router=router,
         after_router=[c for c in (peers, sessions, static, snapshots) if c is not None],
+        ranges=RangeClaim(node.node_id, (rc.uid_min, rc.uid_max), (rc.port_min, rc.port_max)),
+        host={"id": host_identity(), "pid": os.getpid(), "start": proc_start(os.getpid()),
+              "pidns": pid_namespace()},
+        refuse=lambda why: exit_node(reactor, why),
     )
     observers.extend([svc.changed, fence.changed])
     if static is not None:

@@ -787,6 +787,10 @@ class SessionManager(Service):
         """(uid, port) of the add-on ports of live sessions (for the network fence)."""
         return [(s.uid, p) for s in self.sessions.values() if s.live for p in s.addon_ports]
 
+    def uids(self) -> set[int]:
+        """The UIDs of live sessions (for the network fence: fenced while they live)."""
+        return {s.uid for s in self.sessions.values() if s.live}
+
     def _forget(self, s: Session) -> None:
         if self.sessions.get(s.id) is s and s.state is SessionState.EXITED:
             self._cancel_all(s)

@@ -58,6 +58,7 @@ class FakeBackupNodes:
         self.catalogs: dict[str, list[dict[str, Any]]] = {BACKUP_A: [], BACKUP_B: []}
         self.down: set[str] = set()
         self.fail_next = ""
+        self.archived: list[dict[str, Any]] = []  # in the offsite archive only (a wiped node)
         self.requests: list[tuple[str, str, dict[str, Any]]] = []
         self.n = 0
 
@@ -84,6 +85,12 @@ class FakeBackupNodes:
             return {"backups": [record]}
         if type == "backup.restore":
             return {"app": body["app"], "id": body["id"], "kept_as": "app_x_pre_1"}
+        if type == "backup.adopt":  # found in the node's offsite archive, or not found
+            for r in self.archived:
+                if (r["app"], r["id"]) == (body["app"], body["id"]):
+                    mine.append(r)
+                    return {"backup": r}
+            raise RemoteError("backup_not_found", f"no backup {body['id']}")
         if type == "backup.fetch":
             return {"id": body["id"], "offset": body["offset"], "size": 4, "data": b"PGDM",
                     "eof": True, "sha256": "x", "status": "verified"}
@@ -260,6 +267,29 @@ class AddonApiTests(TestCase):
         self.backups.down = {BACKUP_A, BACKUP_B}
         status, body, _ = await self.call("GET", "apps/shop/backups")
         self.assertEqual((status, body["error"]["code"]), (503, "backups_unavailable"))
+
+    async def test_restore_of_a_backup_only_in_the_archive(self) -> None:
+        """A backup no node lists (its disk was wiped) is asked for with backup.adopt:
+        found in the archive it is restored (its archive status listed afterwards);
+        not found there it is 404 backup_not_found and nothing is restored."""
+        await self.call("POST", "apps/shop/addons", {"kind": "postgres"})
+        self.backups.archived.append(
+            {"id": "arch1", "app": "shop", "kind": "postgres", "created": 0.5,
+             "status": "verified", "size": 9, "sha256": "ab" * 32, "source": "db",
+             "counts": {"public.t": 3}, "archive": "archived",
+             "archive_name": "shop/arch1.epioarc", "local": True})
+        status, body, _ = await self.call("POST", "apps/shop/backups/arch1/restore", {})
+        self.assertEqual((status, body["kept_as"]), (200, "app_x_pre_1"), body)
+        adopted = [t for _, t, b in self.backups.requests if t == "backup.adopt"]
+        restored = [b["id"] for _, t, b in self.backups.requests if t == "backup.restore"]
+        self.assertEqual((adopted, restored), (["backup.adopt"], ["arch1"]))
+        _, listed, _ = await self.call("GET", "apps/shop/backups")
+        self.assertEqual([(b["id"], b["archive"], b["local"]) for b in listed],
+                         [("arch1", "archived", True)])
+        status, body, _ = await self.call("POST", "apps/shop/backups/gone9/restore", {})
+        self.assertEqual((status, body["error"]["code"]), (404, "backup_not_found"))
+        self.assertEqual([b["id"] for _, t, b in self.backups.requests
+                          if t == "backup.restore"], ["arch1"])
 
     async def test_restore_to_app_needs_access(self) -> None:
         """to_app must be an app the caller may see (404 otherwise, as for a missing one)."""

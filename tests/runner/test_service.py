@@ -18,6 +18,8 @@ from epio.runner.ports import PortAllocator
 from epio.runner.sandbox import Isolation
 from epio.runner.service import RunnerService, control_advertise
 from epio.runner.supervisor import Settings, Supervisor
+from epio.runner.users import RangeClaim, claims_on_host, range_conflicts
+from epio.store.records import NodeInfo
 
 from .fakes import FakeLauncher, FakeProbe, FakeProcessReactor
 from .test_supervisor import body
@@ -42,6 +44,10 @@ class FakePublisher:
 class FakeStore:
     def __init__(self) -> None:
         self.nodes: list[tuple[Any, ...]] = []
+        self.others: list[NodeInfo] = []  # rows of other nodes (list_nodes)
+
+    async def list_nodes(self, role: str | None = None) -> list[NodeInfo]:
+        return [n for n in self.others if role is None or role in n.roles]
 
     async def upsert_node(self, node_id: str, roles: Any, control_endpoint: Any = None,
                           boot_id: Any = None, status: Any = None) -> None:
@@ -298,7 +304,7 @@ class StopOrderTests(SynchronousTestCase):
         from twisted.internet import task
 
         from epio.config import validate
-        from epio.runner.fence import app_reach, make_fence
+        from epio.runner.fence import app_reach, app_uids, make_fence
 
         from .test_fence import FakeNft, FakeNode, FakeSupervisor
 
@@ -317,7 +323,8 @@ class StopOrderTests(SynchronousTestCase):
         node = FakeNode(validate({"build": {"user": "no-such-epio-user"}}), ("runner",),
                         task.Clock())
         fence = make_fence(node.reactor, node.config.settings, node.roles, node.data_dir,
-                           app_reach(FakeSupervisor(), None), nft_binary="/usr/sbin/nft",
+                           app_reach(FakeSupervisor(), None),
+                           uids=app_uids(FakeSupervisor(), None), nft_binary="/usr/sbin/nft",
                            euid=0, nft=nft, in_thread=lambda f, *a: defer.maybeDeferred(f, *a))
         # the order make_service gives: the fence first, the sessions after the router
         svc, reactor, _, _, _ = make(Path(self.mktemp()), gates=[fence.ready],
@@ -345,3 +352,87 @@ class StopOrderTests(SynchronousTestCase):
         self.assertEqual(nft.deleted, [fence.plan.table])
         self.assertIsNone(self.successResultOf(stopped))
         self.assertFalse(fence.running)
+
+
+HOST = {"id": "boot-1/net:[4026531840]", "pid": 1, "start": 5, "pidns": 77}
+
+
+def runner_row(node_id: str, uids: list[int], ports: list[int], host: dict[str, Any],
+               last_seen: float = 0.0) -> NodeInfo:
+    return NodeInfo(node_id, ("runner",), None, None, last_seen,
+                    {"uids": uids, "ports": ports, "host": host})
+
+
+class RangeTests(SynchronousTestCase):
+    def test_overlaps_are_named(self) -> None:
+        """An overlap of the UID range or the instance port range with another runner
+        is one sentence each naming both ranges and the other runner; touching ends
+        overlap; disjoint ranges and the runner itself are no conflict."""
+        mine = RangeClaim("a", (20000, 20999), (21000, 21099))
+        self.assertEqual(range_conflicts(mine, [
+            RangeClaim("a", (20000, 20999), (21000, 21099)),
+            RangeClaim("b", (21000, 21999), (21100, 21199)),
+        ]), [])
+        self.assertEqual(range_conflicts(mine, [RangeClaim("c", (20999, 21500),
+                                                           (21099, 21200))]), [
+            "its app UIDs runner.uid_min-uid_max 20000-20999 overlap 20999-21500 of runner "
+            "c on this host",
+            "its instance ports runner.port_min-port_max 21000-21099 overlap 21099-21200 of "
+            "runner c on this host"])
+
+    def test_only_live_runners_of_this_host_count(self) -> None:
+        """claims_on_host keeps the runners registered with this host's identity whose
+        process is alive (or, where that cannot be told, registered within max_age);
+        other hosts (UIDs are per host: they may overlap) and rows without ranges are
+        left out."""
+        other_host = {**HOST, "id": "boot-2/net:[1]"}
+        rows = [("same-live", 0.0, runner_row("x", [1, 2], [3, 4], {**HOST, "pid": 10}).status),
+                ("same-dead", 0.0, runner_row("x", [1, 2], [3, 4], {**HOST, "pid": 11}).status),
+                ("same-other-ns-fresh", 95.0,
+                 runner_row("x", [1, 2], [3, 4], {**HOST, "pid": 12, "pidns": 1}).status),
+                ("same-other-ns-stale", 50.0,
+                 runner_row("x", [1, 2], [3, 4], {**HOST, "pid": 13, "pidns": 1}).status),
+                ("elsewhere", 100.0, runner_row("x", [1, 2], [3, 4], other_host).status),
+                ("old-row", 100.0, {"uids": [1, 2]})]
+        alive = {10: True, 11: False}
+
+        def check(where: Any) -> bool | None:
+            return alive[where["pid"]] if where["pidns"] == 77 else None
+
+        claims = claims_on_host(rows, HOST["id"], 100.0, 30.0, check)
+        self.assertEqual([c.node_id for c in claims], ["same-live", "same-other-ns-fresh"])
+        self.assertEqual(claims[0], RangeClaim("same-live", (1, 2), (3, 4)))
+
+    def test_runner_refuses_to_start_beside_an_overlapping_runner(self) -> None:
+        """At its first registration a runner whose UID range overlaps that of a live
+        runner of the same host in the store does not register and is refused with
+        one sentence naming both ranges and the keys; with the other runner gone from
+        the store (or on another host) it registers its ranges and host."""
+        import os
+
+        from epio.runner.fence import pid_namespace, proc_start
+
+        me = {"id": HOST["id"], "pid": os.getpid(), "start": proc_start(os.getpid()),
+              "pidns": pid_namespace()}
+        refused: list[str] = []
+        svc, reactor, _, stores, _ = make(
+            Path(self.mktemp()), ranges=RangeClaim("n1", (20000, 59999), (20000, 20009)),
+            host=me, refuse=refused.append)
+        # another live runner of this host: this very process stands for it
+        stores.store.others = [runner_row("n0", [50000, 50999], [30000, 30099], me)]
+        svc.startService()
+        self.addCleanup(svc.supervisor.cancel_timers)
+        reactor.advance(0)
+        self.assertEqual(refused, [
+            "epio: the runner cannot start: its app UIDs runner.uid_min-uid_max 20000-59999 "
+            "overlap 50000-50999 of runner n0 on this host. Runners on one host must use "
+            "disjoint runner.uid_min/uid_max and runner.port_min/port_max (docs/runner.md)"])
+        self.assertEqual(stores.store.nodes, [])
+        stores.store.others = [runner_row("n0", [50000, 50999], [30000, 30099],
+                                          {**me, "id": "another-host"})]
+        reactor.advance(10)
+        self.assertEqual(len(refused), 1)
+        status = stores.store.nodes[-1][4]
+        self.assertEqual((status["uids"], status["ports"], status["host"]),
+                         ([20000, 59999], [20000, 20009], me))
+        svc.stopService()

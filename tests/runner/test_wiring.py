@@ -3,6 +3,8 @@ and that nothing is re-wired once it returned."""
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +39,15 @@ class CompositionRootTests(TestCase):
     def node(self) -> Node:
         tmp = Path(self.mktemp()).absolute()
         tmp.mkdir(parents=True)
+        short = tempfile.mkdtemp(prefix="epio-w")
+        self.addCleanup(shutil.rmtree, short, True)
         config = validate({
             "node": {"data_dir": str(tmp / "data")},
             "cluster": {"nexus": [], "loggers": []},
             "runner": {"fence": "off", "sandbox": "none",
-                       "control_bind": f"ipc://{tmp}/control",
+                       # a short path: a unix socket's is at most 107 bytes (a bind
+                       # that fails ends the node: BindFailed)
+                       "control_bind": f"ipc://{short}/control",
                        "static_listen": "tcp:0:interface=127.0.0.1"},
             "addons": {"snapshot_interval": 0},
         })

@@ -70,21 +70,27 @@ class RealSocketTests(TestCase):
         again = self.start(bus.pull("tcp://127.0.0.1:0", lambda env: None))
         self.assertIsNotNone(again.endpoint)
 
-    async def test_bind_conflict_retried(self) -> None:
-        """A bind that fails (address in use) is logged and retried; whenReady fires
-        once the address is free and the service is then usable."""
+    async def test_bind_conflict_fails_fast(self) -> None:
+        """A bind that fails (address in use) raises BindFailed -- a SystemExit that
+        names the endpoint, so the node exits instead of half serving -- from
+        startService; the failed service is not running and holds no socket, and
+        the socket already bound keeps working."""
+        from epio.bus.sockets import BindFailed
+
         bus = Bus(reactor, SECRET, "n", bus_settings(), registry=TEST_REGISTRY)
-        first = self.start(bus.pull("tcp://127.0.0.1:0", lambda env: None))
         got: list[int] = []
-        second = bus.pull(first.endpoint, lambda env: got.append(env.body["n"]))
-        ready = second.whenReady()
-        self.start(second)
-        self.assertFalse(ready.called)
+        first = self.start(bus.pull("tcp://127.0.0.1:0", lambda env: got.append(env.body["n"])))
+        second = bus.pull(first.endpoint, lambda env: None)
+        with self.assertRaises(BindFailed) as caught:
+            second.startService()
+        self.assertIsInstance(caught.exception, SystemExit)
+        self.assertEqual(str(caught.exception),
+                         f"epio: bus pull cannot bind {first.endpoint}: Address already in "
+                         "use (another node on this host uses that port? give this node "
+                         "its own ports in the config)")
+        self.assertFalse(second.running)
         self.assertIsNone(second.endpoint)
-        first.stopService()
-        await ready
-        self.assertEqual(second.endpoint, first.endpoint)
-        push = self.start(bus.push([second.endpoint]))
+        push = self.start(bus.push([first.endpoint]))
         push.send("test.job", {"n": 7})
         await self.wait(lambda: got)
         self.assertEqual(got, [7])

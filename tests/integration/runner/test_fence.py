@@ -26,6 +26,7 @@ from epio.runner.fence import (
     NetworkFence,
     Nft,
     app_reach,
+    app_uids,
     make_fence,
     pid_namespace,
     plan_from_config,
@@ -310,7 +311,7 @@ class SandboxedFenceTests(TestCase):
                         "runner": {"fence_table": self.table, "fence_check_interval": 0}})
         # wired as the runner's composition root wires it (epio.runner.service)
         fence = make_fence(reactor, cfg.settings, ("runner",), r.data_dir,
-                           app_reach(r.sup, None))
+                           app_reach(r.sup, None), uids=app_uids(r.sup, None))
         r.observers.append(fence.changed)
         r.gates.append(fence.ready)
         isolation = FencedIsolation(**attrs.asdict(r.isolation, recurse=False), fence=fence)

@@ -1,0 +1,113 @@
+"""Two nodes on one host with the same bus port: the second fails fast (issue 20)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import sqlite3
+import tempfile
+import time
+from pathlib import Path
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.util import NodeProcess, free_port, isolated_config, to_toml
+
+
+class PortConflictTests(SynchronousTestCase):
+    def test_second_node_with_the_same_bus_port_exits_at_once(self) -> None:
+        """A --role=all node is running; a second --role=all node (its own data dir and
+        other ports) whose nexus.heartbeat_bind is the first node's exits non-zero
+        within a few seconds with one sentence naming the port and the key to
+        change, without starting any role; the first node keeps serving."""
+        doc_a, _ = isolated_config()
+        a = NodeProcess(["--role=all"], config=to_toml(doc_a))
+        self.addCleanup(a.cleanup)
+        a.wait_for_log("router listening on", timeout=60)
+        bus = str(doc_a["nexus"]["heartbeat_bind"])
+        port = int(bus.rsplit(":", 1)[1])
+        doc_b, _ = isolated_config()
+        doc_b["nexus"]["heartbeat_bind"] = bus
+        t0 = time.monotonic()
+        b = NodeProcess(["--role=all"], config=to_toml(doc_b))
+        self.addCleanup(b.cleanup)
+        code = b.proc.wait(timeout=60)  # before, it never exited: it retried the bind
+        took = time.monotonic() - t0
+        out = b.output()
+        self.assertNotEqual(code, 0, out)
+        self.assertLess(took, 30, out)  # the interpreter and imports (a loaded machine)
+        self.assertIn(f"cannot listen on port {port} (nexus.heartbeat_bind = {bus!r}): "
+                      "Address already in use", out)
+        self.assertIn("set nexus.heartbeat_bind to a free port", out)
+        self.assertNotIn("service runner started", out)
+        self.assertNotIn("Traceback", out)
+        # the first node is unaffected: still running, its api still answers
+        self.assertIsNone(a.proc.poll(), a.output())
+        api_port = int(str(doc_a["api"]["listen"]).split(":")[1])
+        with socket.create_connection(("127.0.0.1", api_port), timeout=5) as s:
+            s.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+            self.assertTrue(s.recv(100).startswith(b"HTTP/1."))
+        self.assertNotIn("cannot bind", a.output())
+
+
+class RangeConflictTests(SynchronousTestCase):
+    def test_second_runner_of_this_host_with_overlapping_uids_exits(self) -> None:
+        """A --role=all node runs with a store; a runner-only node of the same store on
+        this host (its own data dir and control port) with an overlapping
+        runner.uid_min/uid_max exits 1 with one sentence naming both ranges and the keys
+        and removes its fence table; with disjoint UID and port ranges the same runner
+        starts, registers and stays up."""
+        tmp = Path(tempfile.mkdtemp(prefix="epio-ranges-"))
+        os.chmod(tmp, 0o711)
+        self.addCleanup(shutil.rmtree, tmp, True)
+        store = f"sqlite:///{tmp}/store.sqlite3"
+        doc_a, _ = isolated_config({"store": {"url": store}, "node": {"id": "a"},
+                                    "runner": {"uid_min": 40000, "uid_max": 40999,
+                                               "port_min": 26000, "port_max": 26099}})
+        a = NodeProcess(["--role=all"], config=to_toml(doc_a), data_dir=tmp / "a" / "data")
+        self.addCleanup(a.cleanup)
+        a.wait_for_log("router listening on", timeout=60)
+
+        def runner_b(name: str, runner: dict[str, object]) -> NodeProcess:
+            doc = json.loads(json.dumps(doc_a))  # the same cluster, store and nexus
+            doc["runner"].update({"control_bind": f"tcp://127.0.0.1:{free_port()}",
+                                  "static_listen": "", **runner})
+            doc.setdefault("metrics", {})["listen"] = ""
+            doc["node"]["id"] = name
+            b = NodeProcess(["--role=runner"], config=to_toml(doc),
+                            data_dir=tmp / name / "data")
+            self.addCleanup(b.cleanup)
+            return b
+
+        b = runner_b("b", {"uid_min": 40500, "uid_max": 41999,
+                           "port_min": 27000, "port_max": 27099})
+        code = b.proc.wait(timeout=60)
+        out = b.output()
+        self.assertEqual(code, 1, out)
+        self.assertIn("epio: the runner cannot start: its app UIDs runner.uid_min-uid_max "
+                      "40500-41999 overlap 40000-40999 of runner a on this host", out)
+        self.assertIn("network fence removed", out)
+        self.assertNotIn("Traceback", out)
+        self.assertIsNone(a.proc.poll(), a.output())
+
+        c = runner_b("c", {"uid_min": 41000, "uid_max": 41999,
+                           "port_min": 27000, "port_max": 27099})
+        c.wait_for_log("runner c: sandbox=", timeout=60)
+
+        def registered() -> dict[str, object] | None:
+            with sqlite3.connect(f"{tmp}/store.sqlite3", timeout=10) as db:
+                row = db.execute("SELECT status FROM nodes WHERE id = 'c'").fetchone()
+            return json.loads(row[0]) if row else None
+
+        deadline = time.monotonic() + 60
+        while registered() is None and c.proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        status = registered()  # checked, then registered with its ranges and host
+        self.assertIsNotNone(status, c.output())
+        assert status is not None
+        self.assertEqual((status["uids"], status["ports"]), ([41000, 41999], [27000, 27099]))
+        self.assertIsNone(c.proc.poll(), c.output())
+        self.assertNotIn("cannot start", c.output())
+        self.assertIn(c.stop(timeout=40), (0, -15), c.output())
