@@ -116,6 +116,27 @@ class FenceNotApplied(FenceError):
 # -- endpoints in the config ---------------------------------------------------
 
 
+def postgres_endpoints(url: str) -> list[Target]:
+    """Every TCP host and port of a postgresql:// URL: one, or each host of a URL that
+    lists a primary and its standbys (``postgresql://u@a:5432,b:5432/db``); empty for
+    a unix socket."""
+    if not url.startswith(("postgresql://", "postgres://")):
+        return []
+    from psycopg2 import ProgrammingError
+
+    from epio.store.backend import pg_hosts
+
+    try:
+        hosts = pg_hosts(url)
+    except ProgrammingError:  # a URL libpq cannot read: the one-host reading decides
+        hosts = None
+    if hosts is None:
+        one = postgres_endpoint(url)
+        return [one] if one is not None else []
+    return [Target(h, int(p) if p else POSTGRES_PORT) for h, p in hosts
+            if h and not h.startswith("/")]
+
+
 def postgres_endpoint(url: str) -> Target | None:
     """The TCP host and port of a postgresql:// URL (None for a unix socket)."""
     if not url.startswith(("postgresql://", "postgres://")):
@@ -290,8 +311,8 @@ def _store_and_addon_ports(draft: _Draft, config: Settings) -> None:
     if admin is not None:
         addon_port = addons.postgres_port or admin.port
     store_url = config.store.url
-    store = postgres_endpoint(store_url)
-    if store is not None:
+    stores = postgres_endpoints(store_url)
+    for store in stores:
         if store.port == addon_port:
             draft.notes.append(
                 f"the store's PostgreSQL port {store.port} is also the add-ons' PostgreSQL "
@@ -299,7 +320,7 @@ def _store_and_addon_ports(draft: _Draft, config: Settings) -> None:
                 "role apps cannot log into (docs/security.md)")
         else:
             draft.add(store, "store.url", connect=True)
-    elif store_url.startswith(("postgresql://", "postgres://")):
+    if not stores and store_url.startswith(("postgresql://", "postgres://")):
         draft.notes.append("store.url uses a unix socket: not fenced (its file mode and "
                            "pg_hba.conf protect it)")
     if addon_port is not None and addon_port in draft.ports:

@@ -37,6 +37,7 @@ from epio.runner.fence import (
     pid_namespace,
     plan_from_config,
     postgres_endpoint,
+    postgres_endpoints,
     proc_start,
     render,
     table_for,
@@ -142,6 +143,13 @@ class EndpointTests(SynchronousTestCase):
         self.assertEqual(postgres_endpoint("postgres://127.0.0.1/epio"), Target("127.0.0.1", 5432))
         self.assertIsNone(postgres_endpoint("postgresql:///epio?host=/run/postgresql"))
         self.assertIsNone(postgres_endpoint("sqlite:///x.db"))
+        # a store URL listing a primary and its standby: both are the store
+        self.assertEqual(
+            postgres_endpoints("postgresql://u@10.0.0.8:5432,10.0.0.10:5433/epio"
+                               "?target_session_attrs=read-write"),
+            [Target("10.0.0.8", 5432), Target("10.0.0.10", 5433)])
+        self.assertEqual(postgres_endpoints("postgresql://u@db:6543/epio"), [Target("db", 6543)])
+        self.assertEqual(postgres_endpoints("postgresql:///epio?host=/run/postgresql"), [])
 
 
 class PlanTests(SynchronousTestCase):
@@ -207,6 +215,17 @@ class PlanTests(SynchronousTestCase):
         self.assertEqual(plan.notes, (
             "cluster host 'backup.example' is a name, not an address: its ports are fenced "
             "only on this host's own addresses (list its addresses in runner.fence_hosts)",))
+
+    def test_every_host_of_a_replicated_store_is_fenced(self) -> None:
+        """A store.url listing the primary and its standby (store failover) makes both
+        hosts' PostgreSQL ports control ports: an app reaches neither."""
+        cfg = validate({"store": {"url": "postgresql://epio@10.0.0.8:5432,10.0.0.10:5433/"
+                                         "epio?target_session_attrs=read-write"}})
+        plan = plan_from_config(cfg.settings, ["runner"])
+        self.assertIn(5432, plan.control_ports)
+        self.assertIn(5433, plan.control_ports)
+        self.assertTrue({"10.0.0.8", "10.0.0.10"} <= set(plan.hosts4), plan.hosts4)
+        self.assertFalse(any("unix socket" in n for n in plan.notes), plan.notes)
 
     def test_store_sharing_the_addon_postgres_port_stays_open(self) -> None:
         """When the store's PostgreSQL is the add-ons' server (same port), the port
