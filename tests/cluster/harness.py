@@ -415,9 +415,8 @@ class Cluster:
                 "port_min": base, "port_max": base + 99,
                 "uid_min": UIDS[0], "uid_max": UIDS[1],
                 "cgroup_parent": f"{PREFIX}{host.name}",
-                # every host one by one: a network (10.231.0.0/24) holding an address
-                # the endpoints already name makes nft refuse the fence ("conflicting
-                # intervals", epio/runner/fence.py:377 has no auto-merge)
+                # every host one by one (a network such as 10.231.0.0/24 works too since
+                # the fence's interval sets auto-merge)
                 "fence_hosts": [h.addr for h in self.hosts.values()],
                 "backoff_initial": 0.2,
             }
