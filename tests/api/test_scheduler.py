@@ -17,6 +17,23 @@ from epio.api.control import IRunnerControl
 from tests.api.support import DIGEST, DIGEST2, Harness, settle
 
 
+class SteppedTime:
+    """The reactor's time plus an offset a test moves: a runner is past
+    runner_dead_after only when the test says (10 ms of real time also expired other
+    runners whenever a pass ran slow)."""
+
+    offset = 0.0
+
+    def seconds(self) -> float:
+        from twisted.internet import reactor
+
+        return float(reactor.seconds()) + self.offset
+
+    def callLater(self, delay: float, f: Any, *a: Any, **kw: Any) -> Any:
+        from twisted.internet import reactor
+
+        return reactor.callLater(delay, f, *a, **kw)
+
 class SchedulerTests(TestCase):
     timeout = 30
 
@@ -115,16 +132,6 @@ class SchedulerTests(TestCase):
         # The scheduler reads liveness from its clock: give it the reactor's time plus an
         # offset the test moves, so r1 is past runner_dead_after only when the test says
         # (10 ms of real time, as before, also expired r2 whenever a pass ran slow).
-        from twisted.internet import reactor
-
-        class SteppedTime:
-            offset = 0.0
-
-            def seconds(self) -> float:
-                return reactor.seconds() + self.offset
-
-            def callLater(self, delay: float, f: Any, *a: Any, **kw: Any) -> Any:
-                return reactor.callLater(delay, f, *a, **kw)
 
         time = SteppedTime()
         self.h.scheduler.clock = time
@@ -147,18 +154,8 @@ class SchedulerTests(TestCase):
         """A silent runner's poll takes its whole status_timeout: its liveness is judged
         when the poll is over, so a runner that expires during the poll is replaced in
         that same pass, not one or two passes (several seconds) later."""
-        from twisted.internet import reactor
 
         from epio.bus import RequestTimeout
-
-        class SteppedTime:
-            offset = 0.0
-
-            def seconds(self) -> float:
-                return reactor.seconds() + self.offset
-
-            def callLater(self, delay: float, f: Any, *a: Any, **kw: Any) -> Any:
-                return reactor.callLater(delay, f, *a, **kw)
 
         time = SteppedTime()
         self.h.scheduler.clock = time
