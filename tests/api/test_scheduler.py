@@ -132,7 +132,6 @@ class SchedulerTests(TestCase):
         # The scheduler reads liveness from its clock: give it the reactor's time plus an
         # offset the test moves, so r1 is past runner_dead_after only when the test says
         # (10 ms of real time, as before, also expired r2 whenever a pass ran slow).
-
         time = SteppedTime()
         self.h.scheduler.clock = time
         self.h.settings = self.h.scheduler.settings = self.h.settings.__class__(
