@@ -327,9 +327,12 @@ class Nexus:
 
     def app_states(self) -> dict[str, int]:
         """Routed apps by state: ``awake`` (a backend), ``asleep`` (every web instance
-        asleep or waking: docs/apps.md "Sleeping apps"); the others have neither."""
+        asleep or waking: docs/apps.md "Sleeping apps"); the others have neither.  The
+        platform's own route (app 0, the api nodes) is not an app here."""
         awake = asleep = 0
-        for r in self.book.routes.values():
+        for app, r in self.book.routes.items():
+            if app == PLATFORM_APP:
+                continue
             if r["backends"]:
                 awake += 1
             elif "asleep" in r:

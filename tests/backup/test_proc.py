@@ -43,7 +43,8 @@ class ProcTests(TestCase):
         """Cancelling the Deferred kills the command and every child it started."""
         marker = "epio-proc-" + secrets.token_hex(4)
         d = proc.run(reactor, ["/bin/sh", "-c", f"sleep 30 & sleep 31; : {marker}"], ENV)
-        for _ in range(100):  # the shell and its two sleeps have started
+        for _ in range(500):  # the shell and its two sleeps have started (10 s at most:
+            # a loaded machine took over 2 s to fork both)
             if processes_with(marker) and len(_group(processes_with(marker)[0])) >= 3:
                 break
             await deferLater(reactor, 0.02, lambda: None)

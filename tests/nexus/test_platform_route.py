@@ -66,6 +66,14 @@ class PlatformRouteTests(SynchronousTestCase):
         delta = [b for t, b in self.published if t == "nexus.delta"][-1]
         self.assertEqual(delta["changes"][0]["app"], PLATFORM_APP)
 
+    def test_the_platform_is_not_counted_among_the_apps(self) -> None:
+        """/metrics' apps by state (awake, asleep) count users' apps: the platform's own
+        route, with its api backends, is not one of them."""
+        self.nexus.api_heartbeat(api_beat("a", 8000, 1))
+        self.clock.advance(1.0)
+        self.assertEqual(self.backends(), [("10.0.0.1", 8000)])
+        self.assertEqual(self.nexus.app_states(), {"awake": 0, "asleep": 0})
+
     def test_an_api_restart_replaces_its_backend(self) -> None:
         """A new boot id with another port moves the backend at once."""
         self.nexus.api_heartbeat(api_beat("a", 8000, 5))

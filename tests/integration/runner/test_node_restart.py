@@ -113,7 +113,9 @@ class NodeRestartTests(TestCase):
         self.addCleanup(node.cleanup)
         await wait_log(node, "runner ")
         reply = await dealer.request("runner.start", {
-            "instance_id": "web-a", "app": "hello", "uid": 20201, "release": 1,
+            "instance_id": "web-a", "app": "hello",
+            "uid": int(doc["runner"]["uid_min"]) + 1,  # type: ignore[call-overload]
+            "release": 1,
             "process_type": "web", "command": "python /app/app/web.py",
             "image_digest": digest, "env": {}, "health_check": "/", "grace": 2,
         }, timeout=10)
