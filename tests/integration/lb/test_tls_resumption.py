@@ -11,51 +11,18 @@ from __future__ import annotations
 
 import socket
 import ssl
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.certs.test_certs import CA
-from tests.util import NodeProcess, free_port, wait_for_port
+from tests.integration.lb.tlsnode import HOST, start_tls_router
 
-HOST = "secure.example.com"
 ROUNDS = 24  # connections per client address (a random spread of 24 never lands on one side)
 
 
 class ResumptionTests(SynchronousTestCase):
     def start(self, affinity: str) -> None:
-        self.tmp = Path(self.mktemp()).absolute()
-        (self.tmp / "certs").mkdir(parents=True)
-        (self.tmp / "www").mkdir()
-        (self.tmp / "www" / "hello.txt").write_text("hello over tls\n")
-        bport = free_port()
-        backend = subprocess.Popen(
-            [sys.executable, "-m", "http.server", str(bport), "--bind", "127.0.0.1"],
-            cwd=self.tmp / "www", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.addCleanup(lambda: (backend.kill(), backend.wait()))
-        wait_for_port("127.0.0.1", bport)
-        routes = self.tmp / "routes.toml"
-        routes.write_text(f'[apps.hello]\nhostnames = ["{HOST}"]\n'
-                          f'backends = ["127.0.0.1:{bport}"]\n')
-        ca = CA()
-        cert, key = ca.leaf([HOST])
-        (self.tmp / "certs" / f"{HOST}.pem").write_bytes(key + cert)
-        self.ca_file = self.tmp / "ca.pem"
-        self.ca_file.write_bytes(ca.cert_pem())
-        self.tls_port = free_port()
-        config = (f'[lb]\nworkers = 2\ntls_listen = "tcp:{self.tls_port}:interface=127.0.0.1"\n'
-                  f'tls_cert_dir = "{self.tmp / "certs"}"\ntls_affinity = "{affinity}"\n')
-        self.node = NodeProcess(["--role=lb", "--routes", str(routes), "--lb-listen",
-                                 f"tcp:{free_port()}:interface=127.0.0.1"],
-                                data_dir=self.tmp / "data", config=config)
-        self.addCleanup(self.node.cleanup)
-        deadline = time.monotonic() + 30
-        while self.node.output().count("router listening on") < 4:  # 2 ports x 2 processes
-            self.assertLess(time.monotonic(), deadline, self.node.output())
-            time.sleep(0.1)
+        start_tls_router(self, f'tls_affinity = "{affinity}"\n')
 
     def connect_many(self, source: str) -> list[bool]:
         """ROUNDS HTTPS GETs from ``source``, each offering the session of the first:
