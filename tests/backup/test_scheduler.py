@@ -69,3 +69,27 @@ class SchedulerTests(SynchronousTestCase):
         self.assertTrue(waiting.called)  # the store read of the round was cancelled
         self.assertTrue(round_.called)
         self.assertIsNone(self.svc._round)
+
+
+class ArchiveRetentionSettingsTests(SynchronousTestCase):
+    def test_archive_keys_set_the_archive_retention_apart_from_the_local_one(self) -> None:
+        """backup.archive_hourly/daily/weekly/monthly are the archive's own retention
+        (what archive pruning applies, test_archive.py), not backup.hourly/...'s."""
+        from epio.retention import RetentionPolicy
+
+        root = Path(self.mktemp())
+        settings = validate({"backup": {
+            "dir": str(root / "backups"), "control_bind": "tcp://127.0.0.1:7741",
+            "hourly": 1, "daily": 2, "weekly": 3, "monthly": 4,
+            "archive_hourly": 5, "archive_daily": 6, "archive_weekly": 7,
+            "archive_monthly": 8}}).settings
+        clock = Clock()
+
+        async def get_store() -> Any:
+            return StalledStore()
+
+        svc = BackupService(clock, settings.backup, settings.addons, root,
+                            MemoryBus(clock), get_store)
+        ttl = settings.backup.failed_ttl
+        self.assertEqual(svc.manager.policy, RetentionPolicy(1, 2, 3, 4, ttl))
+        self.assertEqual(svc.manager.archive_policy, RetentionPolicy(5, 6, 7, 8, ttl))
