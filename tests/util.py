@@ -36,12 +36,33 @@ def epio_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+#: Where :func:`free_port` picks from: below the kernel's ephemeral range (32768-60999
+#: on Linux), which every outgoing connection (to PostgreSQL, Redis, another node)
+#: draws its local port from, and below the app port blocks tests give runners
+#: (20000 and up).  A port handed out from the ephemeral range could be taken by such a
+#: connection before the node binds it ("Address already in use").
+FREE_PORTS = (10000, 19999)
+_handed_out: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago (prefer port 0 where a server allows it)."""
+    """A TCP port that was free a moment ago, never one this process handed out before
+    (prefer port 0 where a server allows it)."""
+    import random
+
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    for _ in range(1000):
+        port = random.randint(*FREE_PORTS)
+        if port in _handed_out:
+            continue
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port in {FREE_PORTS} on {host}")
 
 
 def wait_for_port(host: str, port: int, timeout: float = 20.0) -> None:
