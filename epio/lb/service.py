@@ -559,10 +559,15 @@ def pipeline_sinks(node: Node, standalone: bool) -> tuple[Any, Any, Any]:
     from epio.pipeline import LocalLogSink
 
     loggers = node.settings.cluster.loggers
-    if loggers and not standalone and node.settings.lb.access_log == "":
+    if ((loggers or node.cluster is not None) and not standalone
+            and node.settings.lb.access_log == ""):
         from epio.pipeline import BusLogSink
 
         sink = BusLogSink(node.bus, list(loggers), clock=node.reactor)
+        if node.cluster is not None:  # a logger joins or leaves (epio.cluster)
+            from epio.cluster import follow_endpoints
+
+            follow_endpoints(node.cluster, sink=sink)
         return sink, sink, sink
     local = LocalLogSink()
     return local, local, None

@@ -846,7 +846,12 @@ def make_service(node: Node) -> RunnerService:
                          uid_check=isolation.uid_switch)
     snapshots = make_snapshots(reactor, node.data_dir, conf.addons, conf.backup)
     nexus = [str(n["heartbeat"]) for n in conf.cluster.nexus if n.get("heartbeat")]
-    publisher = node.bus.publisher(connect=nexus) if nexus else None
+    publisher = (node.bus.publisher(connect=nexus, may_start_empty=node.cluster is not None)
+                 if nexus or node.cluster is not None else None)
+    if node.cluster is not None:  # a nexus or logger joins or leaves: follow (epio.cluster)
+        from epio.cluster import follow_endpoints
+
+        follow_endpoints(node.cluster, sink, publisher)
     if publisher is not None:
         publisher.setName("runner-heartbeat")  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
     peers.setName("runner-peers")  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
