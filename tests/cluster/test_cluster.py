@@ -14,7 +14,9 @@ docs/cluster.md quotes them):
 5. kill the store's primary host under load and promote its standby: requests
    through the router keep succeeding, the scheduler leader is re-elected, a scale
    and a config change made after the promotion take effect, with no other step;
-6. kill the host of the scheduler's leader: another api takes over.
+6. kill the host of the scheduler's leader: another api takes over;
+7. a bare host joins as a runner with ``epio-admin join`` and a join token; an
+   instance scaled onto it answers through the routers.
 
 Skipped with ``EPIO_SKIP_CLUSTER=1``, and (saying why) when not root or
 without ``ip``/``nsenter``/PostgreSQL 15.
@@ -43,6 +45,9 @@ from tests.cluster.harness import (
     sh,
     unavailable,
     wait_until,
+)
+from tests.cluster.harness import (
+    Node as ClusterNode,
 )
 from tests.util import CHECKOUT, epio_env
 
@@ -127,10 +132,10 @@ class Load:
                 f"p99 {lat[int(len(lat) * 0.99)] * 1000:.0f} ms, max {lat[-1] * 1000:.0f} ms")
 
 
-def get(addr: str) -> tuple[int, str]:
+def get(addr: str, path: str = "/") -> tuple[int, str]:
     conn = http.client.HTTPConnection(addr, 8080, timeout=10)
     try:
-        conn.request("GET", "/", headers={"Host": HOST_HEADER})
+        conn.request("GET", path, headers={"Host": HOST_HEADER})
         resp = conn.getresponse()
         return resp.status, resp.read().decode("utf-8", "replace")
     finally:
@@ -457,6 +462,86 @@ class ClusterChaosTests(unittest.TestCase):
         # the scheduler leader's LISTEN connection (the only store listener here: lb
         # nodes listen only with TLS certificates) came back on the new primary
         self.assertTrue(reconnected, "no store listener reconnected")
+
+    def test_7_join_runner_host(self) -> None:
+        """A bare host joins as a runner with one command (the store URL and a join
+        token from the api); it gets the nexus and logger lists from the store, an
+        instance scaled onto it is answered through every live router, and the token
+        admits no second time.  No secret in the command's output or the node's log."""
+        self.need_deploy()
+        c = self.cluster
+        t0 = time.monotonic()
+        made = c.api("POST", "cluster/join-tokens", {"node_id": "h11", "ttl": 300},
+                     host=self.live_api())
+        token = made["token"]
+        host = c.add_host("h11", ["runner"])
+        out = c.join(host, token, c.runner_sets(host))
+        joined = time.monotonic() - t0
+        secret = (c.root / "cluster-secret").read_text().strip()
+        self.assertEqual((host.dir / "data" / "cluster-secret").read_text().strip(), secret)
+        self.assertNotIn(secret, out)
+        self.assertNotIn(token, out)
+        used = [t for t in c.api("GET", "cluster/join-tokens", host=self.live_api())
+                if t["id"] == made["info"]["id"]]
+        self.assertIsNotNone(used[0]["used"], used)
+        host.node = ClusterNode(host, ["runner"], None)  # twistd epio --config --role only
+        host.node.start()
+        wait_until("h11 registered as a runner", lambda: any(
+            n["id"] == "h11" and "runner" in n["roles"]
+            for n in c.api("GET", "nodes", host=self.live_api())), timeout=60)
+        registered = time.monotonic() - t0
+        # one more web instance: the scheduler spreads an app's type first, so it goes to
+        # the runner with none of them: the new host
+        n = len([p for p in c.api("GET", f"apps/{APP}/ps", host=self.live_api())
+                 if p["name"].startswith("web.")])
+        c.api("PATCH", f"apps/{APP}/formation", {"processes": {"web": {"quantity": n + 1}}},
+              host=self.live_api())
+        mine = wait_until("a healthy instance on h11", lambda: [
+            p for p in c.api("GET", f"apps/{APP}/ps", host=self.live_api())
+            if p["name"].startswith("web.") and p["node"] == "h11"
+            and p["state"] == "healthy"], timeout=60)
+        healthy = time.monotonic() - t0
+        self.assertEqual(mine[0]["host"], host.addr)
+        backend = f"backend={host.addr}:{mine[0]['port']}"
+        routers = [h for h in c.with_role("lb") if h.is_up()]
+        answered: dict[str, int] = {}
+        for r in routers:
+            wait_until(f"{r.name} routes to h11's instance", lambda r=r: self.routed_to(
+                r, backend, f"/join-wait-{r.name}-"), timeout=30, interval=0.5)
+            results = [get(r.addr, f"/join-probe-{r.name}-{i}") for i in range(100)]
+            answered[r.name] = sum(x == (200, BODY) for x in results)
+        reached = {r.name: wait_until(f"access lines of {r.name}'s probes", lambda r=r: (
+            lambda lines: lines if len(lines) >= 100 else None)(
+                self.access_lines(f"/join-probe-{r.name}-")), timeout=20) for r in routers}
+        on_new = {name: sum(backend in ln for ln in lines) for name, lines in reached.items()}
+        report("7 join runner host",
+               f"h11 ({host.addr}) joined in {joined:.1f}s (one command), registered as a "
+               f"runner after {registered:.1f}s, its instance healthy after {healthy:.1f}s "
+               f"(web {n} -> {n + 1}); 100 requests through each router (answered): "
+               f"{answered}; of them at h11's instance ({backend}): {on_new}; join said: "
+               + " | ".join(ln.strip() for ln in out.splitlines()[:5]))
+        self.assertNotIn(secret, host.node.output())
+        # the lists came from the store (the joined config has none by hand)
+        said = {ln.split()[0]: ln.split()[1:] for ln in out.splitlines() if ln.startswith("  ")}
+        self.assertTrue(said["nexus"][0].startswith(f"tcp://{NET}."), out)
+        self.assertTrue(said["loggers"][0].startswith(f"tcp://{NET}."), out)
+        for name in answered:
+            self.assertEqual(answered[name], 100, answered)
+            self.assertGreater(on_new[name], 0, on_new)
+        if len(c.with_role("lb")) == len(routers):  # run alone (-k): both routers alive
+            self.assertEqual(len(routers), 2)
+
+    def access_lines(self, prefix: str) -> list[str]:
+        """The routers' access lines of requests whose path starts with ``prefix``."""
+        body = self.cluster.api("GET", f"apps/{APP}/logs?source=router&n=2000",
+                                host=self.live_api())
+        return [ln["text"] for ln in body["lines"] if f"GET {prefix}" in ln["text"]]
+
+    def routed_to(self, router: Host, backend: str, prefix: str) -> bool:
+        """Whether ``router`` sent one of a few more requests to ``backend``."""
+        for i in range(8):
+            get(router.addr, f"{prefix}{i}")
+        return any(backend in ln for ln in self.access_lines(prefix))
 
     def live_router(self) -> Host:
         return next(h for h in self.cluster.with_role("lb") if h.is_up())
