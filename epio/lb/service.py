@@ -628,6 +628,12 @@ def route_feed_mode(lb: LbSettings, roles: frozenset[str]) -> str:
 def make_service(node: Node) -> LBService:
     """The ``lb`` role of ``node``: its composition root (every object built here)."""
     cfg = node.config
+    if node.cluster is not None:
+        # a child process merges its own lists (this data dir's cache, then the store it
+        # follows): it gets the hand-written ones, not this process's merge
+        hand = node.cluster.configured
+        cfg = cfg.replace("cluster", nexus=[dict(n) for n in hand.nexus],
+                          loggers=list(hand.loggers))
     lb = node.settings.lb
     spool = spool_dir(node.data_dir)
     spec: dict[str, Any] = {"config": cfg.as_dict(), "data_dir": str(node.data_dir),

@@ -66,7 +66,8 @@ class JoinTokenRuleTests(PgStoreCase):
     async def test_admits_once_and_is_hashed_at_rest(self) -> None:
         """A token grants its node id, the cluster secret and the shared settings once;
         the second use is refused saying it was used.  The store holds neither the
-        token nor the secret in the clear."""
+        token nor the secret in the clear.  A ttl is above 0 and at most a day; a node
+        id is a host name."""
         store = await self.store()
         new = await make_join_token(store, SECRET, SHARED, "h11", 600, "user admin")
         self.assertTrue(new.token.startswith("epiojoin_"))
@@ -81,11 +82,19 @@ class JoinTokenRuleTests(PgStoreCase):
         self.assertIn("was used already", str(cm.exception))
         row = (await store.fetch_all("SELECT used, used_by FROM join_tokens"))[0]
         self.assertEqual(row["used_by"], "epio-admin on h11")
+        # the limits: a ttl above 0 and at most MAX_TTL (a day); a node id is a host name
+        for ttl in (0, -1, MAX_TTL + 1):
+            with self.assertRaises(InvalidValue):
+                await make_join_token(store, SECRET, SHARED, None, ttl, "user admin")
+        for bad in ("", "-x", "a b", "x" * 64, "h/1"):
+            with self.assertRaises(InvalidValue):
+                await make_join_token(store, SECRET, SHARED, bad, 60, "user admin")
+        await make_join_token(store, SECRET, SHARED, "ok.h-1", MAX_TTL, "user admin")
 
     async def test_expired_wrong_and_malformed_are_refused_clearly(self) -> None:
         """Past its ttl a token is refused as expired (and stays unused); a token the
         store does not know, and a string that is no join token, each get their own
-        sentence."""
+        sentence.  Two joins racing with one token: exactly one gets the secret."""
         store = await self.store()
         new = await make_join_token(store, SECRET, SHARED, None, 60, "user admin")
         with self.assertRaises(JoinError) as cm:
@@ -99,10 +108,7 @@ class JoinTokenRuleTests(PgStoreCase):
         self.assertIn("not a join token", str(cm.exception))
         grant = await redeem(store, new.token, "in time")  # none of the above used it up
         self.assertTrue(grant.node_id.startswith("node-"))
-
-    async def test_two_redeems_at_once_one_wins(self) -> None:
-        """Two joins racing with one token: exactly one gets the secret."""
-        store = await self.store()
+        # two joins racing with one token: exactly one gets the secret
         new = await make_join_token(store, SECRET, SHARED, "h12", 600, "user admin")
         results = await defer.DeferredList(
             [ensureDeferred(redeem(store, new.token, f"racer {i}")) for i in range(2)],
@@ -112,17 +118,6 @@ class JoinTokenRuleTests(PgStoreCase):
         self.assertEqual(len(won), 1, results)
         self.assertEqual(won[0].secret, SECRET)
         self.assertTrue(lost[0].check(JoinError))
-
-    async def test_limits(self) -> None:
-        """The ttl is above 0 and at most MAX_TTL (a day); a node id is a host name."""
-        store = await self.store()
-        for ttl in (0, -1, MAX_TTL + 1):
-            with self.assertRaises(InvalidValue):
-                await make_join_token(store, SECRET, SHARED, None, ttl, "user admin")
-        for bad in ("", "-x", "a b", "x" * 64, "h/1"):
-            with self.assertRaises(InvalidValue):
-                await make_join_token(store, SECRET, SHARED, bad, 60, "user admin")
-        await make_join_token(store, SECRET, SHARED, "ok.h-1", MAX_TTL, "user admin")
 
 
 class JoinTokenApiTests(TestCase):
@@ -308,6 +303,48 @@ class FollowTests(PgStoreCase):
         late = directory(at(store, b.ttl + 1), "r2", self.tmp(), ["runner"])
         await late.tick()
         self.assertEqual(late.current, EndpointLists())
+
+    def test_a_change_moves_the_bus_links(self) -> None:
+        """When the merged lists change, a node's log sink pushes to the new logger list,
+        its heartbeat publisher connects to the new nexus list and its route feed follows
+        the new nexuses (one left, one joined); the hand-written entry stays."""
+        from epio.bus.testing import TEST_REGISTRY, MemoryBus
+        from epio.cluster import follow_endpoints
+        from epio.pipeline import BusLogSink
+        from epio.routefeed import NexusRouteSource, TableSink
+        from epio.routing import RouteTable
+
+        clock = task.Clock()
+        bus = MemoryBus(clock, "r1", registry=TEST_REGISTRY)
+        n1 = {"heartbeat": "tcp://10.9.0.3:7711", "router": "tcp://10.9.0.3:7712",
+              "publish": "tcp://10.9.0.3:7713"}
+        n2 = {"heartbeat": "tcp://10.9.0.4:7711", "router": "tcp://10.9.0.4:7712",
+              "publish": "tcp://10.9.0.4:7713"}
+        d = directory(None, "r1", self.tmp(), ["runner"],  # type: ignore[arg-type]
+                      {"cluster": {"nexus": [n1]}})
+        sink = BusLogSink(bus, list(d.current.loggers), clock=clock)
+        heartbeats = bus.publisher(connect=d.current.nexus_endpoints("heartbeat"),
+                                   may_start_empty=True)
+        source = NexusRouteSource(bus, list(d.current.nexus))
+        follow_endpoints(d, sink, heartbeats)
+        d.observe(lambda lists: source.set_nexuses(lists.nexus))
+        for svc in (sink, heartbeats):
+            svc.startService()
+            self.addCleanup(svc.stopService)
+        source.follow(TableSink(RouteTable("localhost")))
+        self.addCleanup(source.stop)
+        d.update(EndpointLists((n2,), ("tcp://10.9.0.1:7721",)))
+        self.assertEqual(heartbeats.connects, ["tcp://10.9.0.3:7711", "tcp://10.9.0.4:7711"])
+        self.assertEqual([p.connects for p in sink.pushes], [["tcp://10.9.0.1:7721"]])
+        self.assertEqual([link.router for link in source.feed.links],
+                         ["tcp://10.9.0.3:7712", "tcp://10.9.0.4:7712"])
+        self.assertEqual(source._dealer.endpoints, ["tcp://10.9.0.3:7712",
+                                                    "tcp://10.9.0.4:7712"])
+        d.update(EndpointLists((), ()))  # the stored entries left; the hand one stays
+        self.assertEqual(heartbeats.connects, ["tcp://10.9.0.3:7711"])
+        self.assertEqual(sink.pushes, [])
+        self.assertEqual([link.router for link in source.feed.links], ["tcp://10.9.0.3:7712"])
+        self.assertEqual(source._dealer.endpoints, ["tcp://10.9.0.3:7712"])
 
     def test_merge_keeps_hand_lists_first(self) -> None:
         """TOML entries come first and are never dropped; store entries equal to one
