@@ -99,30 +99,41 @@ def parse_sets(items: Iterable[str]) -> dict[str, dict[str, Any]]:
 
 
 def _endpoint_host(addr: str) -> str:
+    """The host part of a ZeroMQ endpoint: an IPv6 address in brackets."""
     return f"[{addr}]" if ":" in addr else addr
+
+
+def _listen(port: int, addr: str) -> str:
+    """A Twisted server endpoint string on ``addr`` (IPv6: ``tcp6``, colons escaped)."""
+    if ":" in addr:
+        return f"tcp6:{port}:interface=" + addr.replace(":", "\\:")
+    return f"tcp:{port}:interface={addr}"
 
 
 def node_config(*, node_id: str, data_dir: Path, store_url: str, address: str,
                 roles: Iterable[str], shared: Mapping[str, Mapping[str, Any]],
-                sets: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+                sets: Mapping[str, Mapping[str, Any]],
+                logger_peers: Sequence[Mapping[str, str]] = ()) -> dict[str, dict[str, Any]]:
     """The joined node's configuration: its id, data dir and store; the shared settings;
     every role's listeners on ``address`` (default ports); empty hand-written lists
-    (the node follows the store's); then ``sets`` over all of it."""
+    (the node follows the store's); an api's ``logger.peers`` (the loggers it queries,
+    as listed in the store at the join); then ``sets`` over all of it."""
     host = _endpoint_host(address)
     doc: dict[str, dict[str, Any]] = {
         "node": {"id": node_id, "data_dir": str(data_dir)},
         "store": {"url": store_url},
         "cluster": {"secret_file": str(data_dir / "cluster-secret"), "nexus": [],
                     "loggers": []},
-        "metrics": {"listen": f"tcp:{PORTS['metrics']}:interface={address}"},
+        "metrics": {"listen": _listen(PORTS["metrics"], address)},
     }
     for section, table in shared.items():
         doc.setdefault(section, {}).update(table)
     roles = set(roles)
     if "api" in roles:
-        doc.setdefault("api", {})["listen"] = f"tcp:{PORTS['api']}:interface={address}"
+        doc.setdefault("api", {})["listen"] = _listen(PORTS["api"], address)
+        doc.setdefault("logger", {})["peers"] = [dict(p) for p in logger_peers]
     if "lb" in roles:
-        doc.setdefault("lb", {})["listen"] = f"tcp:{PORTS['lb']}:interface={address}"
+        doc.setdefault("lb", {})["listen"] = _listen(PORTS["lb"], address)
     if "nexus" in roles:
         hb, router, pub = NEXUS_PORTS
         doc["nexus"] = {"heartbeat_bind": f"tcp://{host}:{hb}",
@@ -130,9 +141,12 @@ def node_config(*, node_id: str, data_dir: Path, store_url: str, address: str,
                         "publish_bind": f"tcp://{host}:{pub}"}
     if "logger" in roles:
         pull, router, pub = LOGGER_PORTS
-        doc["logger"] = {"pull_bind": f"tcp://{host}:{pull}",
-                         "router_bind": f"tcp://{host}:{router}",
-                         "publish_bind": f"tcp://{host}:{pub}"}
+        own = {"router": f"tcp://{host}:{router}", "publish": f"tcp://{host}:{pub}"}
+        logger = doc.setdefault("logger", {})
+        logger.update({"pull_bind": f"tcp://{host}:{pull}", "router_bind": own["router"],
+                       "publish_bind": own["publish"]})
+        if "api" in roles:  # the api asks its own logger too
+            logger["peers"] = [own, *logger["peers"]]
     if "runner" in roles:
         doc.setdefault("runner", {}).update({
             "control_bind": f"tcp://{host}:{PORTS['runner']}", "advertise_host": address})
@@ -202,7 +216,8 @@ async def join(reactor: Any, *, store_url: str, token: str, roles: Sequence[str]
     finally:
         await store.close()
     doc = node_config(node_id=grant.node_id, data_dir=data_dir, store_url=store_url,
-                      address=addr, roles=roles, shared=grant.shared, sets=sets)
+                      address=addr, roles=roles, shared=grant.shared, sets=sets,
+                      logger_peers=[p for _, p in rows.logger_peers])
     check_config(doc)
     lists = EndpointLists(tuple(n for _, n in rows.nexus), tuple(p for _, p in rows.loggers))
     data_dir.mkdir(parents=True, exist_ok=True)

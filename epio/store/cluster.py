@@ -169,6 +169,8 @@ class StoredEndpoints:
 
     nexus: tuple[tuple[str, dict[str, str]], ...] = ()
     loggers: tuple[tuple[str, str], ...] = ()
+    #: each logger's router and publish endpoints (what the api queries: logger.peers)
+    logger_peers: tuple[tuple[str, dict[str, str]], ...] = ()
 
 
 async def read_endpoints(store: Store, ttl: float) -> StoredEndpoints:
@@ -178,6 +180,7 @@ async def read_endpoints(store: Store, ttl: float) -> StoredEndpoints:
                                  (store.now() - ttl,))
     nexus: list[tuple[str, dict[str, str]]] = []
     loggers: list[tuple[str, str]] = []
+    peers: list[tuple[str, dict[str, str]]] = []
     for r in rows:
         try:
             value = json.loads(r["endpoints"])
@@ -187,4 +190,7 @@ async def read_endpoints(store: Store, ttl: float) -> StoredEndpoints:
             nexus.append((str(r["node_id"]), {str(k): str(v) for k, v in value.items()}))
         elif r["role"] == "logger" and isinstance(value, dict) and value.get("pull"):
             loggers.append((str(r["node_id"]), str(value["pull"])))
-    return StoredEndpoints(tuple(nexus), tuple(loggers))
+            if value.get("router") and value.get("publish"):
+                peers.append((str(r["node_id"]), {"router": str(value["router"]),
+                                                  "publish": str(value["publish"])}))
+    return StoredEndpoints(tuple(nexus), tuple(loggers), tuple(peers))

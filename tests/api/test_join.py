@@ -254,6 +254,31 @@ class JoinCommandTests(PgStoreCase):
         return ensureDeferred(setup()).addCallback(run)
 
 
+class NodeConfigTests(TestCase):
+    def test_every_role_listens_on_the_host_address(self) -> None:
+        """A joined api+logger+nexus node binds on its address (IPv6 in brackets), its
+        api asks its own logger and then those the store listed; --set wins; the result
+        is a valid configuration."""
+        from epio.joining import node_config
+
+        peer = {"router": "tcp://10.9.0.1:7722", "publish": "tcp://10.9.0.1:7723"}
+        doc = node_config(node_id="h4", data_dir=Path("/var/lib/epio"),
+                          store_url="postgresql://db/epio", address="fd00::4",
+                          roles=["api", "logger", "nexus", "lb"], shared=SHARED,
+                          sets={"lb": {"listen": "tcp:80"}}, logger_peers=[peer])
+        s = validate(doc).settings
+        self.assertEqual(s.logger.peers, ({"router": "tcp://[fd00::4]:7722",
+                                           "publish": "tcp://[fd00::4]:7723"}, peer))
+        self.assertEqual((s.nexus.router_bind, s.api.listen, s.lb.listen),
+                         ("tcp://[fd00::4]:7712", "tcp6:8000:interface=fd00\\:\\:4",
+                          "tcp:80"))
+        from twisted.internet.endpoints import serverFromString
+
+        serverFromString(reactor, s.api.listen)  # a valid endpoint string
+        self.assertEqual((s.node.domain, s.cluster.nexus, s.cluster.secret_file),
+                         ("apps.example", (), "/var/lib/epio/cluster-secret"))
+
+
 def directory(store: Store, node_id: str, data_dir: Path, roles: list[str],
               extra: dict[str, Any] | None = None) -> ClusterDirectory:
     doc: dict[str, Any] = {"node": {"id": node_id}, "cluster": {"nexus": [], "loggers": []}}
