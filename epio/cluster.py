@@ -303,6 +303,7 @@ class ClusterDirectory(Service):
         self.errors = 0
         self._loop: LoopingCall | None = None
         self._registered: set[str] = set()
+        self._failing = 0  # passes failed in a row
 
     def observe(self, observer: Observer) -> None:
         """Call ``observer(lists)`` on every change of the merged lists."""
@@ -354,9 +355,15 @@ class ClusterDirectory(Service):
             rows = await read_endpoints(store, self.ttl)
         except StoreError as e:
             self.errors += 1
-            self.log.warn("cluster: cannot read the endpoint lists ({error}); keeping the "
-                          "last ones", error=str(e))
+            self._failing += 1
+            if self._failing == 1:  # once per outage, not every pass
+                self.log.warn("cluster: cannot read the endpoint lists ({error}); keeping "
+                              "the last ones", error=str(e))
             return
+        if self._failing:
+            self.log.info("cluster: endpoint lists read again after {count} failed passes",
+                          count=self._failing)
+            self._failing = 0
         self.reads += 1
         self.update(EndpointLists(tuple(n for _, n in rows.nexus),
                                   tuple(p for _, p in rows.loggers)))
