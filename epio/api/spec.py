@@ -246,7 +246,7 @@ ERROR_RESPONSES = {
     "403": "not allowed for this user (forbidden)",
     "404": "not found, or not yours (not_found)",
     "405": "method not allowed (method_not_allowed); the Allow header lists the methods",
-    "409": "conflict with existing state (conflict, last_admin_token)",
+    "409": "conflict with existing state (conflict, last_admin_token, not_a_cluster)",
     "413": "body too large (payload_too_large)",
     "415": "wrong content type (unsupported_media_type)",
     "422": "the upload did not build (build_failed)",
