@@ -722,9 +722,13 @@ class PeerRunners(MultiService):
             return []
         store = await self.store_service.whenReady()
         nodes = await store.list_nodes("runner")
-        return [n.control_endpoint for n in nodes
-                if n.control_endpoint and n.id != self.node_id
-                and n.control_endpoint != self.own_control]
+        peers = [n for n in nodes if n.control_endpoint and n.id != self.node_id
+                 and n.control_endpoint != self.own_control]
+        # the most recently seen first: a runner whose host died stays registered, and an
+        # image fetch that asked it first would wait out runner.fetch_timeout before the
+        # next peer (a host joined after a runner host died fetched nothing for 30 s)
+        peers.sort(key=lambda n: -n.last_seen)
+        return [str(n.control_endpoint) for n in peers]
 
     async def request(self, endpoint: str, type: str, body: dict[str, Any],
                       timeout: float) -> dict[str, Any]:

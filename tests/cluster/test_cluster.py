@@ -496,10 +496,19 @@ class ClusterChaosTests(unittest.TestCase):
                  if p["name"].startswith("web.")])
         c.api("PATCH", f"apps/{APP}/formation", {"processes": {"web": {"quantity": n + 1}}},
               host=self.live_api())
-        mine = wait_until("a healthy instance on h11", lambda: [
-            p for p in c.api("GET", f"apps/{APP}/ps", host=self.live_api())
-            if p["name"].startswith("web.") and p["node"] == "h11"
-            and p["state"] == "healthy"], timeout=60)
+        try:
+            mine = wait_until("a healthy instance on h11", lambda: [
+                p for p in c.api("GET", f"apps/{APP}/ps", host=self.live_api())
+                if p["name"].startswith("web.") and p["node"] == "h11"
+                and p["state"] == "healthy"], timeout=60)
+        except AssertionError as e:
+            ps = c.api("GET", f"apps/{APP}/ps", host=self.live_api())
+            leader = c.leader()
+            self.fail(f"{e}\nps: {[(p['name'], p['node'], p['state']) for p in ps]}\n"
+                      f"--- h11 ---\n{host.node.output()[-6000:]}\n--- leader "
+                      f"{leader.name if leader else None} ---\n"
+                      + "\n".join(ln for ln in (leader.node.output() if leader and leader.node
+                                                else "").splitlines() if "h11" in ln)[-6000:])
         healthy = time.monotonic() - t0
         self.assertEqual(mine[0]["host"], host.addr)
         backend = f"backend={host.addr}:{mine[0]['port']}"
