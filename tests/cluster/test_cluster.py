@@ -490,6 +490,13 @@ class ClusterChaosTests(unittest.TestCase):
             n["id"] == "h11" and "runner" in n["roles"]
             for n in c.api("GET", "nodes", host=self.live_api())), timeout=60)
         registered = time.monotonic() - t0
+        # a scheduler pass places with the runners it listed when it began: one under way
+        # at the registration (a pass lasts api.status_timeout while a dead runner is
+        # still registered, after case 4) would place on the others.  The next pass polls
+        # the new runner first: its leader's dealer connects to it.
+        leader = wait_until("a live scheduler leader", c.leader, timeout=30)
+        wait_until(f"the scheduler ({leader.name}) reaches h11", lambda: (
+            f"connected to tcp://{host.addr}:7731" in leader.node.output()), timeout=30)
         # one more web instance: the scheduler spreads an app's type first, so it goes to
         # the runner with none of them: the new host
         n = len([p for p in c.api("GET", f"apps/{APP}/ps", host=self.live_api())
@@ -504,11 +511,14 @@ class ClusterChaosTests(unittest.TestCase):
         except AssertionError as e:
             ps = c.api("GET", f"apps/{APP}/ps", host=self.live_api())
             leader = c.leader()
+            since = time.strftime("%H:%M:%S", time.gmtime(time.time() - (time.monotonic() - t0)))
             self.fail(f"{e}\nps: {[(p['name'], p['node'], p['state']) for p in ps]}\n"
                       f"--- h11 ---\n{host.node.output()[-6000:]}\n--- leader "
-                      f"{leader.name if leader else None} ---\n"
-                      + "\n".join(ln for ln in (leader.node.output() if leader and leader.node
-                                                else "").splitlines() if "h11" in ln)[-6000:])
+                      f"{leader.name if leader else None} since {since} ---\n"
+                      + "\n".join(ln[11:19] + " " + ln.split("] ", 1)[-1][:300]
+                                  for ln in (leader.node.output() if leader and leader.node
+                                             else "").splitlines()
+                                  if ln[11:19] >= since)[-8000:])
         healthy = time.monotonic() - t0
         self.assertEqual(mine[0]["host"], host.addr)
         backend = f"backend={host.addr}:{mine[0]['port']}"
@@ -530,15 +540,24 @@ class ClusterChaosTests(unittest.TestCase):
                f"{answered}; of them at h11's instance ({backend}): {on_new}; join said: "
                + " | ".join(ln.strip() for ln in out.splitlines()[:5]))
         self.assertNotIn(secret, host.node.output())
-        # the lists came from the store (the joined config has none by hand)
+        # the lists came from the store (the joined config has none by hand): every live
+        # nexus and logger is in them (a dead host's entry stays until cluster.endpoint_ttl)
         said = {ln.split()[0]: ln.split()[1:] for ln in out.splitlines() if ln.startswith("  ")}
-        self.assertTrue(said["nexus"][0].startswith(f"tcp://{NET}."), out)
-        self.assertTrue(said["loggers"][0].startswith(f"tcp://{NET}."), out)
+        live = [h for h in c.hosts.values() if h.is_up()]
+        self.assertTrue(said["nexus"], out)
+        for h in live:
+            if "nexus" in h.roles:
+                self.assertIn(f"tcp://{h.addr}:7712", said["nexus"], out)
+            if "logger" in h.roles:
+                self.assertIn(f"tcp://{h.addr}:7721", said["loggers"], out)
         for name in answered:
             self.assertEqual(answered[name], 100, answered)
             self.assertGreater(on_new[name], 0, on_new)
         if len(c.with_role("lb")) == len(routers):  # run alone (-k): both routers alive
             self.assertEqual(len(routers), 2)
+        if not routers:  # the whole class: cases 2 and 6 may have killed both lb hosts
+            self.skipTest("no live router left after cases 2 and 6: the join and the "
+                          "placement on h11 were checked, routing through a router not")
 
     def access_lines(self, prefix: str) -> list[str]:
         """The routers' access lines of requests whose path starts with ``prefix``."""
