@@ -15,8 +15,9 @@ docs/cluster.md quotes them):
    through the router keep succeeding, the scheduler leader is re-elected, a scale
    and a config change made after the promotion take effect, with no other step;
 6. kill the host of the scheduler's leader: another api takes over;
-7. a bare host joins as a runner with ``epio-admin join`` and a join token; an
-   instance scaled onto it answers through the routers.
+7. a bare host joins as a runner and logger with ``epio-admin join`` and a join token;
+   every node follows the store's lists to its logger; an instance scaled onto it
+   answers through the routers.
 
 Skipped with ``EPIO_SKIP_CLUSTER=1``, and (saying why) when not root or
 without ``ip``/``nsenter``/PostgreSQL 15.
@@ -464,17 +465,19 @@ class ClusterChaosTests(unittest.TestCase):
         self.assertTrue(reconnected, "no store listener reconnected")
 
     def test_7_join_runner_host(self) -> None:
-        """A bare host joins as a runner with one command (the store URL and a join
-        token from the api); it gets the nexus and logger lists from the store, an
-        instance scaled onto it is answered through every live router, and the token
-        admits no second time.  No secret in the command's output or the node's log."""
+        """A bare host joins as a runner (and a logger) with one command (the store URL
+        and a join token from the api); it gets the nexus and logger lists from the
+        store, every other node's log sinks follow the store's list to its logger, an
+        instance scaled onto it is answered through every live router, and the token is
+        used up.  No secret in the command's output or the node's log."""
         self.need_deploy()
         c = self.cluster
         t0 = time.monotonic()
         made = c.api("POST", "cluster/join-tokens", {"node_id": "h11", "ttl": 300},
                      host=self.live_api())
         token = made["token"]
-        host = c.add_host("h11", ["runner"])
+        # a runner, and a logger: every node's log sinks must follow the store's list to it
+        host = c.add_host("h11", ["runner", "logger"])
         out = c.join(host, token, c.runner_sets(host))
         joined = time.monotonic() - t0
         secret = (c.root / "cluster-secret").read_text().strip()
@@ -484,12 +487,21 @@ class ClusterChaosTests(unittest.TestCase):
         used = [t for t in c.api("GET", "cluster/join-tokens", host=self.live_api())
                 if t["id"] == made["info"]["id"]]
         self.assertIsNotNone(used[0]["used"], used)
-        host.node = ClusterNode(host, ["runner"], None)  # twistd epio --config --role only
+        host.node = ClusterNode(host, host.roles, None)  # twistd epio --config --role only
         host.node.start()
         wait_until("h11 registered as a runner", lambda: any(
             n["id"] == "h11" and "runner" in n["roles"]
             for n in c.api("GET", "nodes", host=self.live_api())), timeout=60)
         registered = time.monotonic() - t0
+        # its logger listed itself in the store: every live node with a log sink (runners,
+        # apis, routers) connects to it without a word in their configs
+        pull = f"tcp://{host.addr}:7721"
+        sinks = [h for h in c.hosts.values() if h is not host and h.is_up() and h.node
+                 and {"runner", "api", "lb"} & set(h.roles)]
+        wait_until(f"every node's log sink follows to {pull}", lambda: all(
+            f"bus push: connected to {pull}" in h.node.output() for h in sinks),  # type: ignore[union-attr]
+            timeout=30)
+        followed = time.monotonic() - t0
         # a scheduler pass places with the runners it listed when it began: one under way
         # at the registration (a pass lasts api.status_timeout while a dead runner is
         # still registered, after case 4) would place on the others.  The next pass polls
@@ -535,7 +547,9 @@ class ClusterChaosTests(unittest.TestCase):
         on_new = {name: sum(backend in ln for ln in lines) for name, lines in reached.items()}
         report("7 join runner host",
                f"h11 ({host.addr}) joined in {joined:.1f}s (one command), registered as a "
-               f"runner after {registered:.1f}s, its instance healthy after {healthy:.1f}s "
+               f"runner after {registered:.1f}s, its logger followed by "
+               f"{sorted(h.name for h in sinks)} after {followed:.1f}s, its instance "
+               f"healthy after {healthy:.1f}s "
                f"(web {n} -> {n + 1}); 100 requests through each router (answered): "
                f"{answered}; of them at h11's instance ({backend}): {on_new}; join said: "
                + " | ".join(ln.strip() for ln in out.splitlines()[:5]))
@@ -543,7 +557,7 @@ class ClusterChaosTests(unittest.TestCase):
         # the lists came from the store (the joined config has none by hand): every live
         # nexus and logger is in them (a dead host's entry stays until cluster.endpoint_ttl)
         said = {ln.split()[0]: ln.split()[1:] for ln in out.splitlines() if ln.startswith("  ")}
-        live = [h for h in c.hosts.values() if h.is_up()]
+        live = [h for h in c.hosts.values() if h.is_up() and h is not host]
         self.assertTrue(said["nexus"], out)
         for h in live:
             if "nexus" in h.roles:
