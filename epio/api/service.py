@@ -223,6 +223,9 @@ def build_ready(node: Node, settings: ApiSettings, store: Store) -> ReadyApi:
                                                          settings.leader_retry)))
     addons: Addons = make_addons(node.reactor, node.config, store, control, scheduler, sink)
     services.append(addons.keeper(addons.settings.keeper_interval))
+    from epio.metrics import registry_for
+
+    registry_for(node).add_collector(addons.metric_families)
     sessions: RunSessions = RunSessions(store, control, node.reactor,
                                         RunApiSettings.from_config(node.config),
                                         log_sink=sink, platform_env=scheduler.platform_env)

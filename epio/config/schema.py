@@ -728,6 +728,15 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "keeper_interval": Key(float, 10.0, "Seconds between checks (by the scheduler's "
                                "leader) that every dedicated server runs; a lost one is "
                                "started again on its own runner.", positive),
+        "failover_after": Key(float, 60.0, "Seconds the runner of a dedicated server with a "
+                              "standby may go without refreshing its node row before the "
+                              "scheduler's leader fences it and promotes the standby "
+                              "(docs/databases.md, Standby and failover).",
+                              lambda v: None if 5 <= v <= 86400 else "must be in [5, 86400]"),
+        "standby_same_runner": Key(bool, False, "Testing only: let a dedicated server's "
+                                   "standby run on the primary's own runner (no protection "
+                                   "against that runner's loss); off, a standby needs a "
+                                   "second live runner."),
         "postgres_memory_mb": Key(int, 512, "Memory limit (cgroup) of a dedicated PostgreSQL "
                                   "server, MB.", positive),
         "snapshot_interval": Key(float, 3600.0, "Seconds between the runner's read-only btrfs "

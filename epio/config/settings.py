@@ -685,6 +685,12 @@ class AddonsSettings:
     keeper_interval: float
     """Seconds between checks (by the scheduler's leader) that every dedicated server runs; a lost one is started again on its own runner."""
 
+    failover_after: float
+    """Seconds the runner of a dedicated server with a standby may go without refreshing its node row before the scheduler's leader fences it and promotes the standby (docs/databases.md, Standby and failover)."""
+
+    standby_same_runner: bool
+    """Testing only: let a dedicated server's standby run on the primary's own runner (no protection against that runner's loss); off, a standby needs a second live runner."""
+
     postgres_memory_mb: int
     """Memory limit (cgroup) of a dedicated PostgreSQL server, MB."""
 
