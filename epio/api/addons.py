@@ -247,6 +247,7 @@ class Addons:
         self._kept: dict[tuple[str, str], str] = {}
         # (app, kind) -> the last replication measured on this node (for /metrics)
         self.lags: dict[tuple[str, str], dict[str, Any]] = {}
+        self._building: set[tuple[str, str]] = set()  # standbys being built here
 
     # --- add-ons ------------------------------------------------------------------
 
@@ -426,7 +427,9 @@ class Addons:
                           options={"data_key": secrets.token_hex(8)})
         if standby:
             # epoch 1: its servers ask their runner's gate for their role at every start
-            extra: dict[str, Any] = {"standby": True, "epoch": 1, "standby_state": "none"}
+            # "starting": the create builds it (the keeper leaves it alone meanwhile)
+            extra: dict[str, Any] = {"standby": True, "epoch": 1, "standby_state": "starting",
+                                     "standby_since": now}
             if kind == "postgres":
                 extra["repl_password"] = secrets.token_urlsafe(24)
             addon = evolve(addon, options={**addon.options, **extra})
@@ -529,6 +532,17 @@ class Addons:
         """Start the add-on's standby (``fresh``: a new data dir, a copy of the primary),
         wait until it accepts connections.  A failure is recorded (``standby_state``
         ``failed``) and logged; the keeper tries again."""
+        key = (app.name, addon.kind)
+        if key in self._building:
+            return addon
+        self._building.add(key)
+        try:
+            return await self._build_standby_now(app, addon, node_id, fresh)
+        finally:
+            self._building.discard(key)
+
+    async def _build_standby_now(self, app: Any, addon: Addon, node_id: str | None,
+                                 fresh: bool) -> Addon:
         from epio.addons import standby as sb
         from epio.store import Instance
 
@@ -558,6 +572,7 @@ class Addons:
         addon = await put_addon(self.store, evolve(addon, options={
             **addon.options, "standby_instance": iid, "standby_node": runner.id,
             "standby_data_key": key, "standby_state": "starting", "standby_error": "",
+            "standby_since": self.clock.seconds(),
             "standby_host": None, "standby_port": None}))
         body = self._server_body(app, addon, iid, host, image, key)
         body["index"] = 2
@@ -652,7 +667,8 @@ class Addons:
         epoch = int(o.get("epoch") or 1) + 1
         record = {k: v for k, v in o.items() if not k.startswith("standby_")}
         record.update({
-            "epoch": epoch, "data_key": o["standby_data_key"], "standby_state": "none",
+            "epoch": epoch, "data_key": o["standby_data_key"], "standby_state": "starting",
+            "standby_since": now,
             "last_failover": {"at": now, "from_node": old.node, "to_node": standby_runner.id,
                               "epoch": epoch, "why": why}})
         new = evolve(old, instance=str(o["standby_instance"]), node=standby_runner.id,
@@ -768,8 +784,14 @@ class Addons:
                     continue
             moved = o.get("standby_state") == "ready" and \
                 o.get("standby_of") != f"{addon.host}:{addon.port}"  # the primary restarted
+            # a build that began and never ended (its api died): given up after the
+            # boot timeout and a minute
+            stuck = o.get("standby_state") == "starting" and now - float(
+                o.get("standby_since") or 0) > self.settings.service_boot_timeout + 60.0
+            if (addon.app, addon.kind) in self._building:
+                continue
             if addon.state == "ready" and addon.instance in present and (
-                    o.get("standby_state") in ("none", "failed") or moved
+                    o.get("standby_state") in ("none", "failed") or moved or stuck
                     or (o.get("standby_instance") and o.get("standby_instance") not in present
                         and o.get("standby_state") != "starting")):
                 sn = nodes.get(str(o.get("standby_node") or ""))

@@ -1,0 +1,345 @@
+"""Standby servers of dedicated PostgreSQL and Redis add-ons across two real runners.
+
+Runner A is a ``--role=all`` node (api, scheduler, nexus, runner) on this host; runner
+B is a ``--role=runner`` node in a network namespace of its own (a host of its own: the
+same app UIDs, its own ports and fence), joined to this host by a veth pair, sharing the
+SQLite store file and the cluster secret.  The add-ons' primaries land on B, their
+standbys on A.  Then: a manual PostgreSQL failover (every committed row is on the new
+primary, which takes writes; the URL changes in a release; a new standby is built on B);
+B's whole host is killed while Redis is written: after ``addons.failover_after`` the
+leader promotes A's replica, every write acknowledged before the kill is there; B comes
+back and its runner refuses to start the fenced old primary, which never answers again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import psycopg2
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.integration.addons.helpers import AddonNode
+from tests.integration.e2e.test_quickstart import wait_until
+from tests.util import TWISTD, epio_env, free_port, to_toml
+
+FAILOVER_AFTER = 6.0
+
+
+def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run(list(argv), capture_output=True, text=True, timeout=60)
+    if check and r.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} exited {r.returncode}: {r.stdout}{r.stderr}")
+    return r
+
+
+def unavailable() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (network namespaces)"
+    for tool in ("ip", "nsenter", "redis-server", "redis-cli"):
+        if shutil.which(tool) is None:
+            return f"needs {tool}"
+    if not list(Path("/usr/lib/postgresql").glob("*/bin/pg_basebackup")):
+        return "needs PostgreSQL server binaries"
+    return None
+
+
+class OtherHost:
+    """A network namespace joined to this host by a veth pair: ``here`` is this host's
+    address on the link, ``addr`` the namespace's."""
+
+    def __init__(self, test: SynchronousTestCase) -> None:
+        tag = secrets.token_hex(3)
+        self.ns, self.veth = f"epsb-{tag}", f"epsb{tag}"
+        octet = int(tag[:2], 16) % 200 + 20
+        self.here, self.addr = f"10.233.{octet}.1", f"10.233.{octet}.2"
+        sh("ip", "netns", "add", self.ns)
+        test.addCleanup(self.remove)
+        sh("ip", "link", "add", self.veth, "type", "veth", "peer", "name", "eth0",
+           "netns", self.ns)
+        sh("ip", "addr", "add", f"{self.here}/30", "dev", self.veth)
+        sh("ip", "link", "set", self.veth, "up")
+        inside = ["ip", "netns", "exec", self.ns]
+        sh(*inside, "ip", "addr", "add", f"{self.addr}/30", "dev", "eth0")
+        sh(*inside, "ip", "link", "set", "eth0", "up")
+        sh(*inside, "ip", "link", "set", "lo", "up")
+
+    def pids(self) -> list[int]:
+        r = sh("ip", "netns", "pids", self.ns, check=False)
+        return [int(p) for p in r.stdout.split()] if r.returncode == 0 else []
+
+    def kill(self) -> None:
+        """The host dies: every process in it is SIGKILLed (servers included)."""
+        for _ in range(50):
+            pids = self.pids()
+            if not pids:
+                return
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.1)
+
+    def remove(self) -> None:
+        self.kill()
+        sh("ip", "link", "del", self.veth, check=False)
+        sh("ip", "netns", "del", self.ns, check=False)
+
+
+class NsNode:
+    """``twistd epio --role=runner`` inside ``host``'s network namespace."""
+
+    def __init__(self, host: OtherHost, data_dir: Path, config: str) -> None:
+        self.data_dir = data_dir
+        data_dir.parent.mkdir(parents=True, exist_ok=True)
+        cfg = data_dir.parent / "runner.toml"
+        cfg.write_text(config)
+        self.log_path = data_dir.parent / f"runner-{time.monotonic_ns()}.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            ["nsenter", f"--net=/run/netns/{host.ns}", *TWISTD, "-n", "--pidfile=",
+             "--logfile=-", "epio", "--data-dir", str(data_dir), "--config", str(cfg),
+             "--role=runner"], stdout=self._log, stderr=subprocess.STDOUT, env=epio_env(None),
+            cwd=str(data_dir.parent), start_new_session=True)
+
+    def output(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text("utf-8", "replace")
+
+    def wait_for_log(self, text: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.output():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} not logged:\n{self.output()[-5000:]}")
+            time.sleep(0.1)
+
+    def reap(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+        self._log.close()
+
+
+def redis_cmd(host: str, port: int, password: str, *args: str) -> str:
+    return subprocess.run(["redis-cli", "-h", host, "-p", str(port), *args],
+                          capture_output=True, text=True, timeout=10,
+                          env={**os.environ, "REDISCLI_AUTH": password}).stdout.strip()
+
+
+class StandbyTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        if unavailable():
+            self.skipTest(unavailable() or "")
+        self.b_host = OtherHost(self)
+        tmp = Path(tempfile.mkdtemp(prefix="epio-standby-"))
+        os.chmod(tmp, 0o711)
+        self.addCleanup(shutil.rmtree, tmp, True)
+        secret = tmp / "secret"
+        fd = os.open(secret, os.O_WRONLY | os.O_CREAT, 0o600)
+        os.write(fd, secrets.token_bytes(32).hex().encode() + b"\n")
+        os.close(fd)
+        here = self.b_host.here
+        nexus = {"heartbeat": f"tcp://{here}:{free_port()}", "router": f"tcp://{here}:{free_port()}",
+                 "publish": f"tcp://{here}:{free_port()}"}
+        pull = f"tcp://{here}:{free_port()}"
+        uids = {"uid_min": 52000 + 500 * secrets.randbelow(10)}
+        uids["uid_max"] = uids["uid_min"] + 499
+        cluster = {"secret_file": str(secret), "nexus": [nexus], "loggers": [pull]}
+        self.store_path = tmp / "store.sqlite3"
+        store = {"url": f"sqlite:///{self.store_path}"}
+        timing = {"runner_dead_after": FAILOVER_AFTER}
+        self.metrics_port = free_port()
+        self.a = AddonNode(self, {
+            "node": {"id": "node-a"}, "store": store, "cluster": cluster,
+            "nexus": {"heartbeat_bind": nexus["heartbeat"], "router_bind": nexus["router"],
+                      "publish_bind": nexus["publish"]},
+            "logger": {"pull_bind": pull},
+            "api": {"reconcile_interval": 0.5, "drain_seconds": 0.5, "stop_grace": 3.0,
+                    "rollout_timeout": 60.0, **timing},
+            "runner": {"backoff_initial": 0.2, "register_interval": 1.0,
+                       "control_bind": f"tcp://{here}:{free_port()}", "advertise_host": here,
+                       "fence_hosts": [self.b_host.addr], "cgroup_parent": "epsb-a", **uids},
+            "addons": {"keeper_interval": 1.0, "failover_after": FAILOVER_AFTER,
+                       "service_boot_timeout": 90.0},
+            "metrics": {"listen": f"tcp:{self.metrics_port}:interface=127.0.0.1"},
+        }, root=tmp)
+        b_doc = {
+            "node": {"id": "b-node"}, "store": store, "cluster": cluster,
+            "runner": {"backoff_initial": 0.2, "register_interval": 1.0,
+                       "control_bind": f"tcp://{self.b_host.addr}:{free_port()}",
+                       "advertise_host": self.b_host.addr, "fence_hosts": [here],
+                       "cgroup_parent": "epsb-b", "static_listen": "", **uids},
+            "addons": {"keeper_interval": 1.0},
+        }
+        self.b_config = to_toml(b_doc)
+        self.b_data = tmp / "b" / "data"
+        self.a.start()
+        self.b = self.start_b()
+
+    def start_b(self) -> NsNode:
+        b = NsNode(self.b_host, self.b_data, self.b_config)
+        self.addCleanup(b.reap)
+        b.wait_for_log("runner b-node: sandbox=", timeout=90)
+        return b
+
+    def b_registered(self) -> bool | None:
+        import sqlite3
+
+        with sqlite3.connect(str(self.store_path), timeout=10) as db:
+            row = db.execute("SELECT last_seen FROM nodes WHERE id = 'b-node'").fetchone()
+        return True if row and time.time() - float(row[0]) < 5 else None
+
+    def fail_with_logs(self, what: str) -> AssertionError:
+        return AssertionError(f"{what}\n--- node a ---\n{self.a.node.output()[-6000:]}\n"
+                              f"--- node b ---\n{self.b.output()[-4000:]}")
+
+    def addon(self, app: str, kind: str) -> dict[str, Any]:
+        return dict(self.a.json("addons", "info", kind, "--app", app))
+
+    def wait_standby(self, app: str, kind: str, node: str, timeout: float = 120.0
+                     ) -> dict[str, Any]:
+        def ready() -> dict[str, Any] | None:
+            a = self.addon(app, kind)
+            s = a.get("standby") or {}
+            if s.get("state") == "ready" and s.get("node") == node \
+                    and s.get("replication") in ("streaming", "online"):
+                return a
+            return None
+
+        try:
+            return wait_until(f"{kind} standby ready on {node}", ready, timeout=timeout)
+        except Exception:
+            raise self.fail_with_logs(f"{kind} standby not ready on {node}: "
+                                      f"{self.addon(app, kind)}") from None
+
+    def test_failover_manual_then_automatic(self) -> None:
+        """Primaries on B, standbys on A with their lag shown; a manual PostgreSQL
+        failover keeps every committed row; killing B's host promotes the Redis replica
+        automatically with every acknowledged write; B's return does not start the
+        fenced old primary."""
+        started = time.monotonic()
+        n = self.a
+        app = "sb" + secrets.token_hex(3)
+        n.create_app(app)
+        wait_until("runner B registered", self.b_registered, timeout=60)
+        for kind in ("postgres", "redis"):
+            code, out, err = n.epio("addons", "create", kind, "--standby", "--app", app,
+                                    check=False)
+            if code != 0:
+                raise self.fail_with_logs(f"create {kind} --standby: {out}{err}")
+        pg = self.wait_standby(app, "postgres", "node-a")
+        rd = self.wait_standby(app, "redis", "node-a")
+        self.assertEqual((pg["node"], rd["node"]), ("b-node", "b-node"))
+        self.assertEqual((pg["epoch"], rd["epoch"]), (1, 1))
+        listing = n.epio("addons", "--app", app)[1]
+        self.assertIn("STANDBY", listing)
+        self.assertIn("node-a streaming, lag", listing)
+        self.assertIn("node-a online, lag", listing)
+        sys.stderr.write(f"[standby] both standbys streaming after "
+                         f"{time.monotonic() - started:.1f}s\n{listing}\n")
+
+        # --- PostgreSQL: committed rows, then a manual failover ----------------------
+        db_url = n.config(app)["DATABASE_URL"]
+        conn = psycopg2.connect(db_url)
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+            for i in range(300):
+                cur.execute("INSERT INTO t VALUES (%s, %s)", (i, f"row {i}"))
+        conn.close()
+        # the lag as /metrics shows it (the leader measures it every keeper_interval)
+        def metric() -> str | None:
+            body = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics",
+                                          timeout=10).read().decode()
+            line = [x for x in body.splitlines() if x.startswith(
+                "epio_addon_replication_lag_bytes{") and f'app="{app}"' in x
+                and 'kind="postgres"' in x]
+            return line[0] if line else None
+
+        sys.stderr.write(f"[standby] {wait_until('lag in /metrics', metric, timeout=30)}\n")
+        old_url = urlsplit(db_url)
+        t0 = time.monotonic()
+        code, out, err = n.epio("addons", "failover", "postgres", "--app", app, "--confirm",
+                                app, check=False)
+        if code != 0:
+            raise self.fail_with_logs(f"failover: {out}{err}")
+        sys.stderr.write(f"[standby] manual postgres failover: {time.monotonic() - t0:.1f}s "
+                         f"(new standby included)\n")
+        new_url = n.config(app)["DATABASE_URL"]
+        self.assertNotEqual(urlsplit(new_url).netloc, old_url.netloc)
+        self.assertEqual(urlsplit(new_url).hostname, self.b_host.here)  # on A now
+        conn = psycopg2.connect(new_url)
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(*), min(id), max(id) FROM t")
+            self.assertEqual(cur.fetchone(), (300, 0, 299))
+            cur.execute("INSERT INTO t VALUES (300, 'after the failover')")  # writable
+        conn.close()
+        with self.assertRaises(psycopg2.OperationalError):  # the old primary is stopped
+            psycopg2.connect(db_url, connect_timeout=3).close()
+        pg = self.wait_standby(app, "postgres", "b-node")
+        self.assertEqual((pg["node"], pg["epoch"]), ("node-a", 2))
+        releases = n.epio("releases", "--app", app)[1]
+        self.assertIn("Failover of postgres to node-a (epoch 2)", releases)
+
+        # --- Redis: B's host dies while it is written; automatic failover ------------
+        redis_url = urlsplit(n.config(app)["REDIS_URL"])
+        host, port, pw = str(redis_url.hostname), int(redis_url.port or 0), \
+            str(redis_url.password)
+        self.assertEqual(host, self.b_host.addr)
+        acked = []
+        for i in range(500):
+            if redis_cmd(host, port, pw, "SET", f"k{i}", str(i)) == "OK":
+                acked.append(i)
+        self.assertEqual(len(acked), 500)
+        killed = time.monotonic()
+        self.b_host.kill()
+        self.b.reap()
+
+        def switched() -> str | None:
+            url = n.config(app).get("REDIS_URL", "")
+            return url if urlsplit(url).hostname == self.b_host.here else None
+
+        try:
+            new_redis = urlsplit(wait_until("automatic failover", switched, timeout=90))
+        except Exception:
+            raise self.fail_with_logs("no automatic failover") from None
+        took = time.monotonic() - killed
+        sys.stderr.write(f"[standby] automatic redis failover {took:.1f}s after the host "
+                         f"died (addons.failover_after = {FAILOVER_AFTER:g}s)\n")
+        self.assertGreaterEqual(took, FAILOVER_AFTER)
+        nh, np_ = str(new_redis.hostname), int(new_redis.port or 0)
+        self.assertEqual(redis_cmd(nh, np_, pw, "DBSIZE"), str(len(acked)))
+        values = redis_cmd(nh, np_, pw, "MGET", *[f"k{i}" for i in acked]).split("\n")
+        self.assertEqual(values, [str(i) for i in acked])
+        self.assertEqual(redis_cmd(nh, np_, pw, "SET", "after", "1"), "OK")
+        rd = self.addon(app, "redis")
+        self.assertEqual((rd["node"], rd["epoch"]), ("node-a", 2))
+        self.assertIn("automatic", json.dumps(rd["standby"]["last_failover"]))
+
+        # --- B comes back: its runner refuses the fenced old primary ------------------
+        self.b = self.start_b()
+        try:
+            wait_until("the old primary refused", lambda: "fenced: the redis add-on" in
+                       self.b.output() or None, timeout=60)
+        except Exception:
+            raise self.fail_with_logs("the fenced primary was not refused") from None
+        self.assertEqual(redis_cmd(host, port, pw, "PING"), "")  # nothing answers there
+        # a new standby is built on B for both (the old ones' data dirs are not reused)
+        self.wait_standby(app, "redis", "b-node")
+        self.wait_standby(app, "postgres", "b-node")
+        self.assertEqual(redis_cmd(nh, np_, pw, "GET", "after"), "1")
+        self.assertNotIn(pw, n.node.output())
+        self.assertNotIn(pw, self.b.output())
