@@ -1070,6 +1070,11 @@ class Addons:
                 await self.store.delete_instance(addon.instance)
             if (new.host, new.port) != (addon.host, addon.port):
                 await self._set_var(app, kind, new, None, None)
+            if new.options.get("standby"):
+                # the standby holds the data before the restore, which the primary's
+                # history no longer continues: the keeper builds a fresh copy
+                await self._standby_failed(new, "the primary's data was restored from a "
+                                                "snapshot; a new standby is being built")
         self.log.info("btrfs snapshot {id} of {app}'s {kind} restored by {user}; the previous "
                       "data is kept as {kept}", id=snapshot_id, app=app.name, kind=kind,
                       user=user.name, kept=reply.get("kept_as"))
