@@ -224,11 +224,12 @@ class StandbyTests(SynchronousTestCase):
             raise self.fail_with_logs(f"{kind} standby not ready on {node}: "
                                       f"{self.addon(app, kind)}") from None
 
-    def test_failover_manual_then_automatic(self) -> None:
-        """Primaries on B, standbys on A with their lag shown; a manual PostgreSQL
-        failover keeps every committed row; killing B's host promotes the Redis replica
-        automatically with every acknowledged write; B's return does not start the
-        fenced old primary."""
+    def test_automatic_then_manual_failover(self) -> None:
+        """Primaries on B, standbys on A with their lag shown; B's host is killed after
+        committed rows and acknowledged writes: after addons.failover_after the leader
+        promotes both standbys, every write is there; B comes back, its runner refuses
+        the fenced old primaries, new standbys are built there; a manual failover of
+        both back to B keeps every write, the URLs change in releases."""
         started = time.monotonic()
         n = self.a
         app = "sb" + secrets.token_hex(3)
@@ -241,6 +242,7 @@ class StandbyTests(SynchronousTestCase):
                 raise self.fail_with_logs(f"create {kind} --standby: {out}{err}")
         pg = self.wait_standby(app, "postgres", "node-a")
         rd = self.wait_standby(app, "redis", "node-a")
+        # "b-node" sorts before "node-a": with equal load a new primary goes to B
         self.assertEqual((pg["node"], rd["node"]), ("b-node", "b-node"))
         self.assertEqual((pg["epoch"], rd["epoch"]), (1, 1))
         listing = n.epio("addons", "--app", app)[1]
@@ -250,7 +252,7 @@ class StandbyTests(SynchronousTestCase):
         sys.stderr.write(f"[standby] both standbys streaming after "
                          f"{time.monotonic() - started:.1f}s\n{listing}\n")
 
-        # --- PostgreSQL: committed rows, then a manual failover ----------------------
+        # --- writes: committed rows, acknowledged keys --------------------------------
         db_url = n.config(app)["DATABASE_URL"]
         conn = psycopg2.connect(db_url)
         conn.autocommit = True
@@ -259,6 +261,13 @@ class StandbyTests(SynchronousTestCase):
             for i in range(300):
                 cur.execute("INSERT INTO t VALUES (%s, %s)", (i, f"row {i}"))
         conn.close()
+        redis_url = urlsplit(n.config(app)["REDIS_URL"])
+        host, port, pw = str(redis_url.hostname), int(redis_url.port or 0), \
+            str(redis_url.password)
+        self.assertEqual(host, self.b_host.addr)
+        for i in range(500):
+            self.assertEqual(redis_cmd(host, port, pw, "SET", f"k{i}", str(i)), "OK")
+
         # the lag as /metrics shows it (the leader measures it every keeper_interval)
         def metric() -> str | None:
             body = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics",
@@ -269,77 +278,97 @@ class StandbyTests(SynchronousTestCase):
             return line[0] if line else None
 
         sys.stderr.write(f"[standby] {wait_until('lag in /metrics', metric, timeout=30)}\n")
-        old_url = urlsplit(db_url)
-        t0 = time.monotonic()
-        code, out, err = n.epio("addons", "failover", "postgres", "--app", app, "--confirm",
-                                app, check=False)
-        if code != 0:
-            raise self.fail_with_logs(f"failover: {out}{err}")
-        sys.stderr.write(f"[standby] manual postgres failover: {time.monotonic() - t0:.1f}s "
-                         f"(new standby included)\n")
-        new_url = n.config(app)["DATABASE_URL"]
-        self.assertNotEqual(urlsplit(new_url).netloc, old_url.netloc)
-        self.assertEqual(urlsplit(new_url).hostname, self.b_host.here)  # on A now
-        conn = psycopg2.connect(new_url)
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute("SELECT count(*), min(id), max(id) FROM t")
-            self.assertEqual(cur.fetchone(), (300, 0, 299))
-            cur.execute("INSERT INTO t VALUES (300, 'after the failover')")  # writable
-        conn.close()
-        with self.assertRaises(psycopg2.OperationalError):  # the old primary is stopped
-            psycopg2.connect(db_url, connect_timeout=3).close()
-        pg = self.wait_standby(app, "postgres", "b-node")
-        self.assertEqual((pg["node"], pg["epoch"]), ("node-a", 2))
-        releases = n.epio("releases", "--app", app)[1]
-        self.assertIn("Failover of postgres to node-a (epoch 2)", releases)
 
-        # --- Redis: B's host dies while it is written; automatic failover ------------
-        redis_url = urlsplit(n.config(app)["REDIS_URL"])
-        host, port, pw = str(redis_url.hostname), int(redis_url.port or 0), \
-            str(redis_url.password)
-        self.assertEqual(host, self.b_host.addr)
-        acked = []
-        for i in range(500):
-            if redis_cmd(host, port, pw, "SET", f"k{i}", str(i)) == "OK":
-                acked.append(i)
-        self.assertEqual(len(acked), 500)
+        # --- B's host dies: automatic failover of both --------------------------------
         killed = time.monotonic()
         self.b_host.kill()
         self.b.reap()
 
-        def switched() -> str | None:
-            url = n.config(app).get("REDIS_URL", "")
-            return url if urlsplit(url).hostname == self.b_host.here else None
+        def switched() -> dict[str, str] | None:
+            config = n.config(app)
+            moved = all(urlsplit(config.get(var, "")).hostname == self.b_host.here
+                        for var in ("DATABASE_URL", "REDIS_URL"))
+            return config if moved else None
 
         try:
-            new_redis = urlsplit(wait_until("automatic failover", switched, timeout=90))
+            config = wait_until("automatic failover", switched, timeout=120)
         except Exception:
             raise self.fail_with_logs("no automatic failover") from None
         took = time.monotonic() - killed
-        sys.stderr.write(f"[standby] automatic redis failover {took:.1f}s after the host "
+        sys.stderr.write(f"[standby] automatic failover of both {took:.1f}s after the host "
                          f"died (addons.failover_after = {FAILOVER_AFTER:g}s)\n")
         self.assertGreaterEqual(took, FAILOVER_AFTER)
-        nh, np_ = str(new_redis.hostname), int(new_redis.port or 0)
-        self.assertEqual(redis_cmd(nh, np_, pw, "DBSIZE"), str(len(acked)))
-        values = redis_cmd(nh, np_, pw, "MGET", *[f"k{i}" for i in acked]).split("\n")
-        self.assertEqual(values, [str(i) for i in acked])
-        self.assertEqual(redis_cmd(nh, np_, pw, "SET", "after", "1"), "OK")
-        rd = self.addon(app, "redis")
-        self.assertEqual((rd["node"], rd["epoch"]), ("node-a", 2))
-        self.assertIn("automatic", json.dumps(rd["standby"]["last_failover"]))
+        self.assertRows(config["DATABASE_URL"], 300)
+        self.assertKeys(config["REDIS_URL"], 500)
+        for kind in ("postgres", "redis"):
+            a = self.addon(app, kind)
+            self.assertEqual((a["node"], a["epoch"]), ("node-a", 2))
+            self.assertIn("automatic", json.dumps(a["standby"]["last_failover"]))
+        with self.assertRaises(psycopg2.OperationalError):  # B is gone
+            psycopg2.connect(db_url, connect_timeout=2).close()
 
-        # --- B comes back: its runner refuses the fenced old primary ------------------
+        # --- B comes back: its runner refuses the fenced old primaries ----------------
         self.b = self.start_b()
         try:
-            wait_until("the old primary refused", lambda: "fenced: the redis add-on" in
-                       self.b.output() or None, timeout=60)
+            wait_until("the old primaries refused", lambda: (
+                "fenced: the redis add-on" in self.b.output()
+                and "fenced: the postgres add-on" in self.b.output()) or None, timeout=60)
         except Exception:
-            raise self.fail_with_logs("the fenced primary was not refused") from None
+            raise self.fail_with_logs("the fenced primaries were not refused") from None
         self.assertEqual(redis_cmd(host, port, pw, "PING"), "")  # nothing answers there
-        # a new standby is built on B for both (the old ones' data dirs are not reused)
-        self.wait_standby(app, "redis", "b-node")
+        with self.assertRaises(psycopg2.OperationalError):
+            psycopg2.connect(db_url, connect_timeout=2).close()
+        # new standbys on B (the old primaries' data dirs are not reused)
         self.wait_standby(app, "postgres", "b-node")
-        self.assertEqual(redis_cmd(nh, np_, pw, "GET", "after"), "1")
+        self.wait_standby(app, "redis", "b-node")
+
+        # --- a manual failover of both back to B ----------------------------------------
+        conn = psycopg2.connect(config["DATABASE_URL"])
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            for i in range(300, 400):
+                cur.execute("INSERT INTO t VALUES (%s, %s)", (i, f"row {i}"))
+        conn.close()
+        rurl = urlsplit(config["REDIS_URL"])
+        for i in range(500, 600):
+            self.assertEqual(redis_cmd(str(rurl.hostname), int(rurl.port or 0), pw, "SET",
+                                       f"k{i}", str(i)), "OK")
+        for kind, var in (("postgres", "DATABASE_URL"), ("redis", "REDIS_URL")):
+            t0 = time.monotonic()
+            code, out, err = n.epio("addons", "failover", kind, "--app", app, "--confirm",
+                                    app, check=False)
+            if code != 0:
+                raise self.fail_with_logs(f"failover {kind}: {out}{err}")
+            sys.stderr.write(f"[standby] manual {kind} failover: "
+                             f"{time.monotonic() - t0:.1f}s (new standby included)\n")
+            self.assertEqual(urlsplit(n.config(app)[var]).hostname, self.b_host.addr)
+        config = n.config(app)
+        self.assertRows(config["DATABASE_URL"], 400)
+        self.assertKeys(config["REDIS_URL"], 600)
+        releases = n.epio("releases", "--app", app)[1]
+        self.assertIn("Failover of postgres to b-node (epoch 3)", releases)
+        self.assertIn("Failover of redis to b-node (epoch 3)", releases)
         self.assertNotIn(pw, n.node.output())
         self.assertNotIn(pw, self.b.output())
+
+    def assertRows(self, url: str, count: int) -> None:
+        """Every committed row is there, and the server takes writes."""
+        conn = psycopg2.connect(url)
+        conn.autocommit = True
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT count(*), min(id), max(id) FROM t")
+                self.assertEqual(cur.fetchone(), (count, 0, count - 1))
+                cur.execute("INSERT INTO t VALUES (-1, 'writable'); DELETE FROM t WHERE id = -1")
+        finally:
+            conn.close()
+
+    def assertKeys(self, url: str, count: int) -> None:
+        """Every acknowledged key is there, and the server takes writes."""
+        u = urlsplit(url)
+        h, p, pw = str(u.hostname), int(u.port or 0), str(u.password)
+        self.assertEqual(redis_cmd(h, p, pw, "DBSIZE"), str(count))
+        values = redis_cmd(h, p, pw, "MGET", *[f"k{i}" for i in range(count)]).split("\n")
+        self.assertEqual(values, [str(i) for i in range(count)])
+        self.assertEqual(redis_cmd(h, p, pw, "SET", "probe", "1"), "OK")
+        self.assertEqual(redis_cmd(h, p, pw, "DEL", "probe"), "1")
