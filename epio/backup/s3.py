@@ -26,13 +26,15 @@ from typing import Any
 from urllib.parse import urlsplit
 from xml.etree import ElementTree
 
+import treq
 from attrs import frozen
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.task import Cooperator
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, readBody
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
@@ -50,6 +52,10 @@ class S3Error(Exception):
 
 class S3NotFound(S3Error):
     """No such object (HTTP 404)."""
+
+
+class S3Refused(S3Error):
+    """The object read back is not the one uploaded (its sha256 differs): refused."""
 
 
 @frozen
@@ -153,11 +159,15 @@ class S3Client:
 
         async def go() -> tuple[IResponse, bytes]:
             response = await self._agent.request(method.encode(), url.encode(), raw, producer)
-            data = await readBody(response)
+            data: bytes = await treq.content(response)
             return response, data
 
+        def timed_out(result: Any, timeout: float) -> Failure:
+            # the cancelled request fails as ResponseNeverReceived or the like: say why
+            return Failure(DeferredTimeout(f"{what} timed out"))
+
         d = Deferred.fromCoroutine(go())
-        d.addTimeout(self.timeout, self.reactor)
+        d.addTimeout(self.timeout, self.reactor, onTimeoutCancel=timed_out)
         try:
             response, data = await d
         except CancelledError:
@@ -234,7 +244,7 @@ class S3Client:
         key = self.key(name)
         head, _ = await self._request("HEAD", key)
         size = int(head.headers.getRawHeaders(b"content-length", [b"0"])[0])
-        expected = head.headers.getRawHeaders(META_SHA256.encode(), [b""])[0].decode()
+        expected = str(head.headers.getRawHeaders(META_SHA256.encode(), [b""])[0].decode())
         digest = hashlib.sha256()
         try:
             with open(dest, "wb") as out:
@@ -254,7 +264,7 @@ class S3Client:
             if dest.stat().st_size != size:
                 raise S3Error(f"S3 GET {key}: {dest.stat().st_size} bytes read of {size}")
             if expected and digest.hexdigest() != expected:
-                raise S3Error(f"archive object {key} does not match the sha256 it was "
+                raise S3Refused(f"archive object {key} does not match the sha256 it was "
                               "uploaded with; refusing")
         except BaseException:
             dest.unlink(missing_ok=True)

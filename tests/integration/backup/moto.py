@@ -19,6 +19,7 @@ from attrs import field, frozen
 from tests.util import free_port, wait_for_port
 
 REGION = "eu-west-1"
+MIN_PART = 64 << 10  # this server's smallest part (S3's: 5 MiB, backup.archive_s3_part_mb)
 
 
 @frozen
@@ -53,7 +54,9 @@ def moto_server() -> Moto:
     port = free_port()
     proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"},
+                            env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3",
+                                 # parts of MIN_PART: multipart tests move little data
+                                 "S3_UPLOAD_PART_MIN_SIZE": str(MIN_PART)},
                             start_new_session=True)
 
     def stop() -> None:
