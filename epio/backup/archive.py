@@ -1,5 +1,6 @@
-"""Offsite archives of verified backups: encrypted on the backup node, copied by an
-operator-given command.
+"""Offsite archives of verified backups: encrypted on the backup node, copied to each
+archive target -- an S3-compatible store (``backup.archive_s3_*``, :mod:`epio.backup.s3`)
+and/or an operator-given command -- each copy recorded on its own (``record.copies``).
 
 After a backup is verified, the backup node packs its record and data into one
 object, encrypts it (below) and runs ``backup.archive_command`` to copy it offsite
