@@ -189,7 +189,8 @@ class Harness:
         self.platform = Platform(self.store, self.settings, reactor, deployer=self.deployer,
                                  scheduler=self.scheduler)
         self.api = Api(self.platform, max_json_bytes=self.settings.max_json_bytes,
-                       max_upload_bytes=self.settings.max_upload_bytes)
+                       max_upload_bytes=self.settings.max_upload_bytes,
+                       api_url=self.settings.platform_url())
         self.stub = StubTreq(self.api.resource())
         admin = await self.store.create_user("admin", None, is_admin=True)
         self.admin_token = (await self.store.create_token(admin.id)).token
