@@ -558,6 +558,10 @@ class BackupService(MultiService):
         if self._round is not None:
             self._round.cancel()
         stopped: Deferred[None] = super().stopService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
+        archiver = self.manager.archiver
+        if archiver is not None and archiver.s3 is not None:
+            s3 = archiver.s3
+            stopped.addBoth(lambda result: s3.close().addCallback(lambda _: result))
         return stopped
 
     async def run_round(self) -> list[BackupRecord]:
