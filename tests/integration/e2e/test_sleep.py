@@ -226,7 +226,9 @@ class SleepTests(SynchronousTestCase):
         self.node.epio("config", "set", "ROUND=2", "--app", "sleepy", timeout=120)
         ps = [p for p in self.api("apps/sleepy/ps") if p["name"].startswith("web.")]
         self.assertEqual([(p["release"], p["state"]) for p in ps], [(2, "asleep")], ps)
-        self.assertFalse(_gunicorns("sleepy"))
+        # asleep is said when the stop begins; gunicorn's graceful exit follows
+        wait_until("v2's gunicorn gone", lambda: not _gunicorns("sleepy"), timeout=10,
+                   interval=0.1)
         self.assertIn("a new release of an asleep app", self.node.node.output())
         status, headers, body, _ = get(self.lb_port, "sleepy.localhost")
         self.assertEqual(status, 200, f"{headers} {body[:300]!r}\n"
