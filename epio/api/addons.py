@@ -490,7 +490,11 @@ class Addons:
                 code="addons_unavailable") from None
         port = reply.get("port")
         rhost = str(reply.get("host") or host)
-        await self.store.upsert_instance(evolve(inst, host=rhost, port=port, state="starting"))
+        # still "pending" (for api.start_grace) until its runner reports it: a status poll
+        # answered just before the start must not make the scheduler forget it, and then
+        # stop it as an orphan
+        await self.store.upsert_instance(evolve(inst, host=rhost, port=port, state="pending",
+                                                since=self.clock.seconds()))
         addon = evolve(addon, host=rhost, port=int(port) if port else None, node=runner.id,
                        instance=iid, options={**addon.options, "image": image})
         await put_addon(self.store, addon)
@@ -609,7 +613,11 @@ class Addons:
                        f"{getattr(e, 'message', None) or type(e).__name__}")
         port = int(reply.get("port") or 0)
         rhost = str(reply.get("host") or host)
-        await self.store.upsert_instance(evolve(inst, host=rhost, port=port, state="starting"))
+        # still "pending" (for api.start_grace) until its runner reports it: a status poll
+        # answered just before the start must not make the scheduler forget it, and then
+        # stop it as an orphan
+        await self.store.upsert_instance(evolve(inst, host=rhost, port=port, state="pending",
+                                                since=self.clock.seconds()))
         addon = await put_addon(self.store, evolve(addon, options={
             **addon.options, "standby_host": rhost, "standby_port": port,
             "standby_of": f"{addon.host}:{addon.port}"}))
