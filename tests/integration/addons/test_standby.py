@@ -170,7 +170,7 @@ class StandbyTests(SynchronousTestCase):
                     "rollout_timeout": 60.0, **timing},
             "runner": {"backoff_initial": 0.2, "register_interval": 1.0,
                        "control_bind": f"tcp://{here}:{free_port()}", "advertise_host": here,
-                       "fence_hosts": [self.b_host.addr], "cgroup_parent": "epsb-a", **uids},
+                       "fence_hosts": [self.b_host.addr], **uids},
             "addons": {"keeper_interval": 1.0, "failover_after": FAILOVER_AFTER,
                        "service_boot_timeout": 90.0},
             "metrics": {"listen": f"tcp:{self.metrics_port}:interface=127.0.0.1"},
@@ -180,7 +180,7 @@ class StandbyTests(SynchronousTestCase):
             "runner": {"backoff_initial": 0.2, "register_interval": 1.0,
                        "control_bind": f"tcp://{self.b_host.addr}:{free_port()}",
                        "advertise_host": self.b_host.addr, "fence_hosts": [here],
-                       "cgroup_parent": "epsb-b", "static_listen": "", **uids},
+                       "static_listen": "", **uids},
             "addons": {"keeper_interval": 1.0},
         }
         self.b_config = to_toml(b_doc)
