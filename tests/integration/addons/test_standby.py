@@ -345,6 +345,9 @@ class StandbyTests(SynchronousTestCase):
         config = n.config(app)
         self.assertRows(config["DATABASE_URL"], 400)
         self.assertKeys(config["REDIS_URL"], 600)
+        # and new standbys on A, following the new primaries
+        self.wait_standby(app, "postgres", "node-a")
+        self.wait_standby(app, "redis", "node-a")
         releases = n.epio("releases", "--app", app)[1]
         self.assertIn("Failover of postgres to b-node (epoch 3)", releases)
         self.assertIn("Failover of redis to b-node (epoch 3)", releases)
