@@ -2,9 +2,11 @@
 
 ``certificates``: one row per hostname (an app's custom domain): ``source`` is
 ``acme`` (issued by the platform) or ``owner`` (uploaded with ``epio certs add``);
-``state`` is ``pending`` (no certificate yet), ``issued`` or ``failed`` (the last
+``state`` is ``pending`` (no certificate yet), ``issued``, ``failed`` (the last
 attempt failed: ``last_error``, retried at ``next_attempt``; a failed renewal keeps
-serving the certificate it has).  Keys are sealed (:mod:`epio.certs.crypto`).
+serving the certificate it has) or ``pending_dns`` (not ordered: the domain's DNS is
+not in place; ``last_error`` says what record to create; looked at again at
+``next_attempt``).  Keys are sealed (:mod:`epio.certs.crypto`).
 Every change announces ``Change("certificate")`` so routers reload at once
 (PostgreSQL; SQLite routers in other processes poll).
 """
@@ -19,7 +21,7 @@ from epio.store import Change, Store
 from epio.store.backend import Transaction
 
 SOURCES = ("acme", "owner")
-STATES = ("pending", "issued", "failed")
+STATES = ("pending", "issued", "failed", "pending_dns")
 
 
 @frozen
@@ -146,3 +148,74 @@ async def put_account(store: Store, directory: str, key_sealed: str, uri: str | 
                          " VALUES (?, ?, ?, ?)", (directory, key_sealed, uri, store.now()))
 
     await store.transaction(q)
+
+
+# --- DNS-01 (epio.certs.dns01) ------------------------------------------------------
+
+
+async def dns_label(store: Store, app: str, base: str, new_label: str) -> str:
+    """The label under ``acme.dns01_zone`` for ``app``'s names under ``base`` (the
+    domain without its ``*.``): the existing one, else ``new_label`` (random), kept."""
+
+    async def q(tx: Transaction) -> str:
+        await tx.execute("INSERT INTO acme_dns_labels (app, base, label, created)"
+                         " VALUES (?, ?, ?, ?) ON CONFLICT (app, base) DO NOTHING",
+                         (app, base, new_label, store.now()))
+        found = (await tx.execute("SELECT label FROM acme_dns_labels WHERE app = ? AND base = ?",
+                                  (app, base))).scalar()
+        return str(found)
+
+    return await store.transaction(q)
+
+
+async def delete_dns_labels_except(store: Store, keep: set[tuple[str, str]]) -> None:
+    """Forget the labels of (app, base) pairs no longer among the apps' domains: a CNAME
+    left pointing at one answers nothing any more."""
+    rows = await store.fetch_all("SELECT app, base FROM acme_dns_labels")
+    gone = [(r["app"], r["base"]) for r in rows if (r["app"], r["base"]) not in keep]
+    if not gone:
+        return
+
+    async def q(tx: Transaction) -> None:
+        for app, base in gone:
+            await tx.execute("DELETE FROM acme_dns_labels WHERE app = ? AND base = ?",
+                             (app, base))
+
+    await store.transaction(q, change=[Change("certificate")])
+
+
+async def put_dns_txt(store: Store, items: list[tuple[str, str]], expires: float) -> None:
+    """Publish DNS-01 answers: ``(label, TXT value)``."""
+
+    async def q(tx: Transaction) -> None:
+        for label, value in items:
+            await tx.execute("DELETE FROM acme_dns_txt WHERE label = ? AND value = ?",
+                             (label, value))
+            await tx.execute("INSERT INTO acme_dns_txt (label, value, expires) VALUES (?, ?, ?)",
+                             (label, value, expires))
+
+    await store.transaction(q, change=[Change("certificate")])
+
+
+async def delete_dns_txt(store: Store, items: list[tuple[str, str]], now: float) -> None:
+    """Withdraw DNS-01 answers (and any expired ones)."""
+
+    async def q(tx: Transaction) -> None:
+        for label, value in items:
+            await tx.execute("DELETE FROM acme_dns_txt WHERE label = ? AND value = ?",
+                             (label, value))
+        await tx.execute("DELETE FROM acme_dns_txt WHERE expires < ?", (now,))
+
+    await store.transaction(q, change=[Change("certificate")])
+
+
+async def dns_zone_data(store: Store, now: float) -> dict[str, list[str]]:
+    """label -> its unexpired TXT values, for every label (known labels without a
+    pending order map to ``[]``: the DNS server answers them with no data, not NXDOMAIN)."""
+    out: dict[str, list[str]] = {r["label"]: [] for r in await store.fetch_all(
+        "SELECT label FROM acme_dns_labels")}
+    for r in await store.fetch_all(
+            "SELECT label, value FROM acme_dns_txt WHERE expires >= ? ORDER BY label, value",
+            (now,)):
+        out.setdefault(r["label"], []).append(r["value"])
+    return out

@@ -106,18 +106,20 @@ class NameCheck:
         return None
 
 
-def make_name_check(reactor: Any, router_addresses: list[str], dns_server: str,
-                    domain: str) -> NameCheck:
-    """The issuer's :class:`NameCheck`: ``acme.dns_server`` (``HOST:PORT``) or the
-    system's resolver (``/etc/resolv.conf`` and ``/etc/hosts``).  ``reactor``: UDP, TCP
-    and time, as ``twisted.names.client.Resolver`` takes it."""
+def make_resolver(reactor: Any, dns_server: str) -> IResolver:
+    """``acme.dns_server`` (``HOST:PORT``) or the system's resolver (``/etc/resolv.conf``
+    and ``/etc/hosts``).  ``reactor``: UDP, TCP and time, as
+    ``twisted.names.client.Resolver`` takes it."""
     from twisted.names import client, hosts, resolve
 
-    resolver: IResolver
     if dns_server:
         host, _, port = dns_server.rpartition(":")
-        resolver = client.Resolver(servers=[(host.strip("[]"), int(port))], reactor=reactor)
-    else:
-        resolver = resolve.ResolverChain([
-            hosts.Resolver(), client.Resolver(resolv="/etc/resolv.conf", reactor=reactor)])
-    return NameCheck(resolver, router_addresses, domain)
+        return client.Resolver(servers=[(host.strip("[]"), int(port))], reactor=reactor)
+    return resolve.ResolverChain([
+        hosts.Resolver(), client.Resolver(resolv="/etc/resolv.conf", reactor=reactor)])
+
+
+def make_name_check(reactor: Any, router_addresses: list[str], dns_server: str,
+                    domain: str) -> NameCheck:
+    """The issuer's :class:`NameCheck`, over :func:`make_resolver`'s resolver."""
+    return NameCheck(make_resolver(reactor, dns_server), router_addresses, domain)
