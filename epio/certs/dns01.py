@@ -145,6 +145,7 @@ class ZoneData:
         self._unsubscribe: Callable[[], None] | None = None
         self._busy = False
         self._again = False
+        self._waiters: list[defer.Deferred[None]] = []
         self.loads = 0
 
     def start(self) -> None:
@@ -176,10 +177,13 @@ class ZoneData:
             self._unsubscribe = None
 
     def refresh(self) -> defer.Deferred[None]:
-        """Reload from the store (one at a time; a request meanwhile runs after)."""
+        """Reload from the store (one at a time; a request meanwhile runs after, and
+        its Deferred fires when that reload is done)."""
         if self._busy:
             self._again = True
-            return defer.succeed(None)
+            waiter: defer.Deferred[None] = defer.Deferred()
+            self._waiters.append(waiter)
+            return waiter
         self._busy = True
         d = defer.ensureDeferred(self._refresh())
 
@@ -187,7 +191,13 @@ class ZoneData:
             self._busy = False
             if self._again:
                 self._again = False
-                self.refresh()
+                waiters, self._waiters = self._waiters, []
+
+                def wake(_: object) -> None:
+                    for w in waiters:
+                        w.callback(None)
+
+                self.refresh().addBoth(wake)
             return result
 
         d.addBoth(done)

@@ -105,6 +105,19 @@ class CryptoTests(SynchronousTestCase):
             validate({"acme": {"challenge_wait": 1.0, "sync_interval": 2.0}})
         with self.assertRaisesRegex(ConfigError, "retry_min"):
             validate({"acme": {"retry_min": 100.0, "retry_max": 10.0}})
+        # DNS-01: the zone and its listener go together, need a directory, and are
+        # well formed
+        d = "https://ca.test/dir"
+        with self.assertRaisesRegex(ConfigError, "dns01_zone and acme.dns01_listen go together"):
+            validate({"acme": {"directory": d, "dns01_zone": "acme.example.net"}})
+        with self.assertRaisesRegex(ConfigError, "dns01_zone needs acme.directory"):
+            validate({"acme": {"dns01_zone": "acme.example.net", "dns01_listen": "0.0.0.0:53"}})
+        with self.assertRaisesRegex(ConfigError, "at least two labels"):
+            validate({"acme": {"directory": d, "dns01_zone": "net", "dns01_listen": ":53"}})
+        with self.assertRaisesRegex(ConfigError, "must be HOST:PORT"):
+            validate({"acme": {"directory": d, "dns01_zone": "a.example", "dns01_listen": "53"}})
+        validate({"acme": {"directory": d, "dns01_zone": "acme.example.net.",
+                           "dns01_listen": "0.0.0.0:53"}})
 
 
 class SniTests(SynchronousTestCase):
