@@ -168,13 +168,20 @@ class ZoneData:
         else:
             self._unsubscribe = unsub
 
-    def stop(self) -> None:
+    def stop(self) -> defer.Deferred[None]:
+        """Stop following the store; fires once no reload is running."""
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
+        self._again = False
+        if not self._busy:
+            return defer.succeed(None)
+        waiter: defer.Deferred[None] = defer.Deferred()
+        self._waiters.append(waiter)
+        return waiter
 
     def refresh(self) -> defer.Deferred[None]:
         """Reload from the store (one at a time; a request meanwhile runs after, and
@@ -189,9 +196,12 @@ class ZoneData:
 
         def done(result: Any) -> Any:
             self._busy = False
-            if self._again:
+            waiters, self._waiters = self._waiters, []
+            if not self._again:
+                for w in waiters:
+                    w.callback(None)
+            else:
                 self._again = False
-                waiters, self._waiters = self._waiters, []
 
                 def wake(_: object) -> None:
                     for w in waiters:
@@ -284,10 +294,11 @@ class Dns01Service(Service):
 
     def stopService(self) -> defer.Deferred[Any]:
         super().stopService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
-        self.data.stop()
         ports, self._ports = self._ports, []
-        return defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports],
-                                   consumeErrors=True).addCallback(lambda _: None)
+        waits: list[defer.Deferred[Any]] = [defer.maybeDeferred(p.stopListening)
+                                            for p in ports]
+        waits.append(self.data.stop())
+        return defer.gatherResults(waits, consumeErrors=True).addCallback(lambda _: None)
 
 
 def make_dns01(node: Any, store: Store) -> tuple[Dns01, Dns01Service] | None:

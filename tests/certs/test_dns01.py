@@ -1,7 +1,8 @@
 """DNS-01 (epio.certs.dns01; docs/https.md): the cluster's own zone server over real
 UDP and TCP, two api nodes answering the same TXT from one store; the issuer choosing
 DNS-01 once the owner's CNAME is in place (pending_dns with the record before); the
-DNS check of `epio domains add` (also through the real api)."""
+DNS check of `epio domains add` (also through the real api).  The store parts on
+SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -64,9 +65,11 @@ class Silent(ResolverBase):
 class StoreTestCase(TestCase):
     timeout = 30
 
+    def store_url(self) -> str:
+        return f"sqlite:///{Path(tempfile.mkdtemp(prefix='epio-dns01-'))}/store.db"
+
     async def setUp(self) -> None:  # type: ignore[override]
-        url = f"sqlite:///{Path(tempfile.mkdtemp(prefix='epio-dns01-'))}/store.db"
-        self.store = await open_store(url, reactor)
+        self.store = await open_store(self.store_url(), reactor)
         self.addCleanup(self.store.close)
         user = await self.store.create_user("alice")
         await self.store.create_app("hello", user.id)
@@ -231,6 +234,24 @@ class IssuerDns01Tests(StoreTestCase):
         await self.store.add_domain("other", "*.hello.test")
         self.assertNotEqual((await self.dns01.record("other", "*.hello.test")).value,
                             record.value)
+
+
+class PostgresZoneServerTests(ZoneServerTests):
+    """The zone server and labels on PostgreSQL (the production store)."""
+
+    def store_url(self) -> str:
+        from tests.store import pg
+
+        return pg.pg_url_for_test(self)
+
+
+class PostgresIssuerDns01Tests(IssuerDns01Tests):
+    """The DNS-01 issuer on PostgreSQL."""
+
+    def store_url(self) -> str:
+        from tests.store import pg
+
+        return pg.pg_url_for_test(self)
 
 
 class DomainCheckTests(StoreTestCase):
