@@ -38,9 +38,11 @@ from epio.certs.crypto import new_account_key_pem, new_key_pem, not_after, seal,
 from epio.certs.dns01 import Dns01, base_name
 from epio.certs.resolve import NameCheck, make_name_check
 from epio.config.settings import AcmeSettings
+from epio.domain import PLATFORM_APP, platform_hostname
 from epio.store import LeaderService, Store
 
 if TYPE_CHECKING:
+    from epio.config import Settings
     from epio.node import Node
 
 LOCK_NAME = "acme-issuer"
@@ -83,7 +85,8 @@ class Issuer:
     def __init__(self, store: Store, settings: IssuerSettings, secret: bytes, clock: IReactorTime,
                  run_blocking: Callable[..., defer.Deferred[Any]] = deferToThread,
                  make_client: Callable[..., Any] = AcmeClient,
-                 name_check: NameCheck | None = None, dns01: Dns01 | None = None) -> None:
+                 name_check: NameCheck | None = None, dns01: Dns01 | None = None,
+                 platform_hostname: str = "") -> None:
         self.store = store
         self.s = settings
         self.secret = secret
@@ -92,6 +95,8 @@ class Issuer:
         self.make_client = make_client
         self.name_check = name_check  # DNS before each order (epio.certs.resolve), or None
         self.dns01 = dns01  # DNS-01 (epio.certs.dns01), or None: HTTP-01 only
+        # api.hostname, whose certificate is issued too ("": none, acme.platform_certificate)
+        self.platform_hostname = platform_hostname
         self._client: Any = None
         self.issued = 0
         self.failed = 0
@@ -163,7 +168,29 @@ class Issuer:
                 await self._failed(host, dom.app, rec, problem or "", delay, "pending_dns")
                 continue
             await self.issue(host, dom.app, rec, challenge)
+        if await self._platform_round():
+            attempted.append(self.platform_hostname)
         return attempted
+
+    async def _platform_round(self) -> bool:
+        """The platform hostname's certificate (app ``epio``), by HTTP-01 like any
+        domain's: the routers serve the platform's route and answer its challenges."""
+        host = self.platform_hostname
+        await records.delete_platform_certs_except(self.store, host)
+        if not host:
+            return False
+        rec = {r.hostname: r for r in await records.list_platform_certs(self.store)}.get(host)
+        if not self.due(rec, self.clock.seconds(), PLATFORM_APP):
+            return False
+        if self.name_check is not None:
+            problem = await self.name_check.problem(host)
+            if problem is not None:
+                delay = min(self.s.check_interval * 2 ** (rec.failures if rec else 0),
+                            self.s.retry_min)
+                await self._failed(host, PLATFORM_APP, rec, problem, delay, "pending_dns")
+                return True
+        await self.issue(host, PLATFORM_APP, rec, HTTP01)
+        return True
 
     async def plan(self, host: str, app: str, wildcard: bool) -> tuple[str | None, str | None]:
         """The challenge to use for ``host`` -- DNS-01 when its owner's CNAME is in
@@ -308,6 +335,16 @@ class IssuerService(MultiService):
         return super().stopService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
 
 
+def platform_certificate_host(settings: Settings) -> str:
+    """The platform hostname the issuer gets a certificate for, or "" (none: the route
+    is off, ``acme.platform_certificate = false``, or a localhost name no CA issues)."""
+    host = platform_hostname(settings.api.hostname, settings.node.domain)
+    if not settings.acme.platform_certificate or host == "localhost" or host.endswith(
+            ".localhost"):
+        return ""
+    return host
+
+
 def make_issuer_service(node: Node, store: Store, retry_interval: float,
                         dns01: Dns01 | None = None) -> IssuerService | None:
     """The api role's issuer, when ``acme.directory`` is set; ``dns01`` when
@@ -318,5 +355,6 @@ def make_issuer_service(node: Node, store: Store, retry_interval: float,
     check = (make_name_check(node.reactor, list(acme.router_addresses), acme.dns_server,
                              node.settings.node.domain) if acme.name_check else None)
     issuer = Issuer(store, IssuerSettings.from_settings(acme), node.secret, node.reactor,
-                    name_check=check, dns01=dns01)
+                    name_check=check, dns01=dns01,
+                    platform_hostname=platform_certificate_host(node.settings))
     return IssuerService(issuer, store, node.reactor, retry_interval)

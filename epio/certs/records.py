@@ -17,6 +17,7 @@ from typing import Any
 
 from attrs import field, frozen
 
+from epio.domain import PLATFORM_APP
 from epio.store import Change, Store
 from epio.store.backend import Transaction
 
@@ -48,22 +49,29 @@ def _cert(row: dict[str, Any]) -> CertRecord:
         next_attempt=float(row["next_attempt"]))
 
 
+def _table(app: str) -> str:
+    """The platform hostname's certificate (app ``epio``, no row in ``apps``) has a table
+    of its own; every app's is in ``certificates``."""
+    return "platform_certificates" if app == PLATFORM_APP else "certificates"
+
+
 async def put_cert(store: Store, rec: CertRecord, keep_owner: bool = False) -> CertRecord:
     """Insert or replace the row of ``rec.hostname``.  ``keep_owner``: if the row is an
     owner's certificate, leave it (the issuer never overwrites one that arrived while
     its order ran) and return it."""
     if rec.source not in SOURCES or rec.state not in STATES:
         raise ValueError(f"bad certificate record {rec.source}/{rec.state}")
+    table = _table(rec.app)
 
     async def q(tx: Transaction) -> CertRecord:
         if keep_owner:
-            row = (await tx.execute("SELECT * FROM certificates WHERE hostname = ?",
+            row = (await tx.execute(f"SELECT * FROM {table} WHERE hostname = ?",
                                     (rec.hostname,))).one()
             if row is not None and row["source"] == "owner" and row["app"] == rec.app:
                 return _cert(row)
-        await tx.execute("DELETE FROM certificates WHERE hostname = ?", (rec.hostname,))
+        await tx.execute(f"DELETE FROM {table} WHERE hostname = ?", (rec.hostname,))
         await tx.execute(
-            "INSERT INTO certificates (hostname, app, source, state, cert_pem, key_sealed,"
+            f"INSERT INTO {table} (hostname, app, source, state, cert_pem, key_sealed,"
             " not_after, last_error, failures, next_attempt, updated)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (rec.hostname, rec.app, rec.source, rec.state, rec.cert_pem, rec.key_sealed,
@@ -84,11 +92,29 @@ async def list_certs(store: Store, app: str | None = None) -> list[CertRecord]:
 
 async def list_served_certs(store: Store) -> list[CertRecord]:
     """The certificates the routers serve: only those whose hostname is still a domain
-    of the same app (a stale row of an earlier holder is never served to the next)."""
+    of the same app (a stale row of an earlier holder is never served to the next), and
+    the platform hostname's."""
     rows = await store.fetch_all(
         "SELECT c.* FROM certificates c JOIN domains d "
         "ON d.hostname = c.hostname AND d.app = c.app ORDER BY c.hostname")
-    return [_cert(r) for r in rows]
+    return [_cert(r) for r in rows] + await list_platform_certs(store)
+
+
+async def list_platform_certs(store: Store) -> list[CertRecord]:
+    return [_cert(r) for r in await store.fetch_all(
+        "SELECT * FROM platform_certificates ORDER BY hostname")]
+
+
+async def delete_platform_certs_except(store: Store, keep: str) -> None:
+    """Forget the platform certificates of hostnames other than ``keep`` (an earlier
+    ``api.hostname``; ``""``: every one)."""
+    if not [r for r in await list_platform_certs(store) if r.hostname != keep]:
+        return
+
+    async def q(tx: Transaction) -> None:
+        await tx.execute("DELETE FROM platform_certificates WHERE hostname <> ?", (keep,))
+
+    await store.transaction(q, change=[Change("certificate")])
 
 
 async def delete_certs_except(store: Store, keep: set[str]) -> list[str]:

@@ -854,6 +854,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
                                 "resolves to (docs/https.md).", _ip_addresses, item_kind=str),
         "dns_server": Key(str, "", "DNS server (HOST:PORT) for that check; empty = the "
                           "system's resolver (/etc/resolv.conf, /etc/hosts).", _host_port),
+        "platform_certificate": Key(bool, True, "Also issue and renew the certificate of the "
+                                    "platform's own hostname (api.hostname) by HTTP-01; "
+                                    "false = it comes from lb.tls_cert_dir only. Never for "
+                                    "a name under localhost."),
         "dns01_zone": Key(str, "", "DNS zone this cluster's api nodes serve for the DNS-01 "
                           "challenge (e.g. acme.example.net, delegated to them with NS "
                           "records): owners point _acme-challenge.THEIR-DOMAIN at a name "

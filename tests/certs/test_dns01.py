@@ -254,6 +254,56 @@ class PostgresIssuerDns01Tests(IssuerDns01Tests):
         return pg.pg_url_for_test(self)
 
 
+class PlatformCertificateTests(StoreTestCase):
+    async def test_platform_hostname_certificate(self) -> None:
+        """The issuer orders the platform hostname's certificate (app epio) by HTTP-01
+        like a domain's, keeps it apart from the apps' and the routers serve it; a new
+        api.hostname replaces it; localhost names and acme.platform_certificate = false
+        get none."""
+        from epio.certs.issuer import platform_certificate_host
+        from epio.config import validate
+
+        clock = task.Clock()
+        clock.advance(time.time())
+        acme = FakeAcme(CA())
+        settings = IssuerSettings("https://ca.test/dir", "", "", 60.0, 30 * DAY, 300.0,
+                                  1200.0, 3.0, 60.0)
+
+        async def round_with(host: str) -> list[str]:
+            issuer = Issuer(self.store, settings, SECRET, clock, run_blocking=sync,
+                            make_client=acme.make, platform_hostname=host)
+            d = defer.ensureDeferred(issuer.run_round())
+            while not d.called:
+                await task.deferLater(reactor, 0.005, lambda: None)
+                clock.advance(settings.challenge_wait)
+            return await d
+
+        self.assertEqual(await round_with("epio.example.test"), ["epio.example.test"])
+        self.assertEqual((acme.orders, acme.challenges), (["epio.example.test"], ["http-01"]))
+        (rec,) = await records.list_platform_certs(self.store)
+        self.assertEqual((rec.hostname, rec.app, rec.state), ("epio.example.test", "epio",
+                                                              "issued"))
+        self.assertEqual(await records.list_certs(self.store), [])  # not an app's
+        self.assertEqual([r.hostname for r in await records.list_served_certs(self.store)],
+                         ["epio.example.test"])
+        self.assertEqual(await round_with("epio.example.test"), [])  # not due
+        self.assertEqual(await round_with("api.example.test"), ["api.example.test"])
+        self.assertEqual([r.hostname for r in await records.list_platform_certs(self.store)],
+                         ["api.example.test"])
+        await round_with("")
+        self.assertEqual(await records.list_platform_certs(self.store), [])
+
+        def host(**acme_keys: Any) -> str:
+            return platform_certificate_host(validate(
+                {"node": {"domain": "example.test"}, "acme": {
+                    "directory": "https://ca.test/dir", **acme_keys}}).settings)
+
+        self.assertEqual(host(), "epio.example.test")
+        self.assertEqual(host(platform_certificate=False), "")
+        self.assertEqual(platform_certificate_host(validate(
+            {"acme": {"directory": "https://ca.test/dir"}}).settings), "")  # epio.localhost
+
+
 class DomainCheckTests(StoreTestCase):
     async def setUp(self) -> None:  # type: ignore[override]
         await super().setUp()

@@ -14,7 +14,8 @@ examples/wsgi; ``epio domains add www.hello.test`` -> certificate issued within
 ``far.test`` (127.0.0.3) -> refused before any order by the name check (the issuer
 asks challtestsrv's DNS too; ``acme.router_addresses`` 127.0.0.1 and 127.0.0.2); the
 app's ``[http] https_redirect`` and ``hsts_max_age`` -> 308 with path and query kept,
-HSTS on HTTPS; DNS-01: ``epio domains add '*.hello.test'`` names the CNAME to create,
+HSTS on HTTPS; the platform hostname (``api.hostname``) served with a pebble
+certificate the issuer got by itself; DNS-01: ``epio domains add '*.hello.test'`` names the CNAME to create,
 ``epio certs`` shows it pending_dns, the CNAME set in challtestsrv -> a wildcard
 certificate validated through epio's own DNS server (pebble asks a small recursor,
 ``dns_recursor.py``, that follows the owner's CNAME into epio's zone) and served for
@@ -186,7 +187,9 @@ class AcmeTests(SynchronousTestCase):
         doc, _ = isolated_config({
             # two router processes: the worker must answer challenges and serve TLS too
             "lb": {"tls_listen": f"tcp:{free_port()}:interface=127.0.0.1", "workers": 2},
-            "api": {"reconcile_interval": 0.5, "drain_seconds": 1.0, "stop_grace": 3.0},
+            "api": {"reconcile_interval": 0.5, "drain_seconds": 1.0, "stop_grace": 3.0,
+                    # the platform's own route, whose certificate the issuer gets too
+                    "hostname": "epio.platform.test"},
             # app ports of its own: other tests' nodes and add-ons on this machine use
             # the default range
             "runner": {"port_min": app_ports, "port_max": app_ports + 99},
@@ -290,6 +293,16 @@ class AcmeTests(SynchronousTestCase):
             "Host": "www.hello.test"})
         self.assertEqual(conn.getresponse().status, 308)
         conn.close()
+
+        # the platform hostname (api.hostname, the API through the routers) got its
+        # certificate from pebble too (ordered at start, by HTTP-01 on the routers)
+        status, body, der_platform = wait_until(
+            "HTTPS for the platform hostname",
+            lambda: https_get(tls_port, "epio.platform.test", root_path), timeout=30)
+        self.assertEqual(x509.load_der_x509_certificate(der_platform).extensions
+                         .get_extension_for_class(x509.SubjectAlternativeName).value
+                         .get_values_for_type(x509.DNSName), ["epio.platform.test"])
+        self.assertIn('Value:"epio.platform.test"', pebble_log.read_text())
 
         # a second router (its own node, same store and cluster secret) serves it too
         status, body, der2 = wait_until(
