@@ -423,6 +423,8 @@ class AcmeTests(SynchronousTestCase):
                               self.certs()["*.hello.test"]), timeout=30)
         self.assertIn(f"create `_acme-challenge.hello.test. CNAME {target}.`",
                       wild["last_error"])
+        self.assertRegex(self.epio("certs", "--app", "hello"),
+                         r"\*\.hello\.test  pending_dns  source=acme  expires=-  next check=")
         self.assertNotIn("hello.test", pebble_log.read_text().replace("www.hello.test", "")
                          .replace("own.hello.test", ""))  # never ordered
         req = urllib.request.Request(
