@@ -163,9 +163,8 @@ class Issuer:
                 continue
             challenge, problem = await self.plan(host, dom.app, dom.wildcard)
             if challenge is None:  # DNS not in place: no order, said how to fix it
-                delay = min(self.s.check_interval * 2 ** (rec.failures if rec else 0),
-                            self.s.retry_min)
-                await self._failed(host, dom.app, rec, problem or "", delay, "pending_dns")
+                await self._failed(host, dom.app, rec, problem or "", self._dns_wait(rec),
+                                   "pending_dns")
                 continue
             await self.issue(host, dom.app, rec, challenge)
         if await self._platform_round():
@@ -185,12 +184,17 @@ class Issuer:
         if self.name_check is not None:
             problem = await self.name_check.problem(host)
             if problem is not None:
-                delay = min(self.s.check_interval * 2 ** (rec.failures if rec else 0),
-                            self.s.retry_min)
-                await self._failed(host, PLATFORM_APP, rec, problem, delay, "pending_dns")
+                await self._failed(host, PLATFORM_APP, rec, problem, self._dns_wait(rec),
+                                   "pending_dns")
                 return True
         await self.issue(host, PLATFORM_APP, rec, HTTP01)
         return True
+
+    def _dns_wait(self, rec: records.CertRecord | None) -> float:
+        """Seconds until a ``pending_dns`` domain is looked at again: check_interval,
+        doubled per earlier attempt, at most retry_min (a DNS fix shows soon)."""
+        doubled: float = self.s.check_interval * 2.0 ** (rec.failures if rec else 0)
+        return min(doubled, self.s.retry_min)
 
     async def plan(self, host: str, app: str, wildcard: bool) -> tuple[str | None, str | None]:
         """The challenge to use for ``host`` -- DNS-01 when its owner's CNAME is in
