@@ -38,6 +38,7 @@ from twisted.internet.interfaces import IListeningPort, IResolver
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.names import dns, server
+from twisted.protocols import policies
 
 from epio.certs import records
 from epio.store import Store
@@ -47,6 +48,7 @@ TXT_TTL = 1  # seconds: a renewed order's new value must not meet a cached old o
 SOA_TTL = 60
 NEGATIVE_TTL = 1  # the SOA minimum: how long resolvers may cache "no such name / no data"
 LABEL_BYTES = 8  # a label is 16 hex digits
+TCP_IDLE_TIMEOUT = 10.0  # seconds a TCP client may stay connected without sending a query
 
 
 def base_name(hostname: str) -> str:
@@ -256,8 +258,8 @@ class ZoneServerFactory(server.DNSServerFactory):
         self.queries = 0
 
     def handleQuery(self, message: dns.Message, protocol: Any, address: Any) -> None:
-        query = message.queries[0]
         self.queries += 1
+        query = message.queries[0]  # one at least: allowQuery refuses a message without
         rcode, answers, authority = answer(
             self.zone, self.data.labels, query.name.name.decode("ascii", "replace"),
             query.type, int(self.data.reactor.seconds()) % 2**32)
@@ -267,13 +269,27 @@ class ZoneServerFactory(server.DNSServerFactory):
         self.sendReply(protocol, response, address)  # type: ignore[no-untyped-call]
 
 
+class _IdleTimeout(policies.TimeoutFactory):
+    """Closes a TCP connection idle for ``timeout`` seconds (a resolver sends its
+    queries at once; a client holding connections open gets nothing from it)."""
+
+    def __init__(self, reactor: Any, factory: Any, timeout: float) -> None:
+        super().__init__(factory, timeout)  # type: ignore[no-untyped-call]  # unannotated
+        self.reactor = reactor
+
+    def callLater(self, period: float, func: Callable[[], Any]) -> Any:
+        return self.reactor.callLater(period, func)
+
+
 class Dns01Service(Service):
     """The api node's DNS server for ``acme.dns01_zone`` on ``acme.dns01_listen``."""
 
     log = Logger()
 
-    def __init__(self, reactor: Any, listen: str, zone: str, data: ZoneData) -> None:
+    def __init__(self, reactor: Any, listen: str, zone: str, data: ZoneData,
+                 tcp_idle_timeout: float = TCP_IDLE_TIMEOUT) -> None:
         self.reactor = reactor
+        self.tcp_idle_timeout = tcp_idle_timeout
         host, _, port = listen.rpartition(":")
         self.host = host.strip("[]")
         self.port = int(port)
@@ -287,7 +303,9 @@ class Dns01Service(Service):
         self.data.start()
         udp = self.reactor.listenUDP(self.port, dns.DNSDatagramProtocol(self.factory),
                                      interface=self.host)
-        tcp = self.reactor.listenTCP(self.port, self.factory, interface=self.host)
+        tcp = self.reactor.listenTCP(
+            self.port, _IdleTimeout(self.reactor, self.factory, self.tcp_idle_timeout),
+            interface=self.host)
         self._ports = [udp, tcp]
         self.log.info("DNS-01: answering {zone} on {host}:{port} (UDP and TCP)",
                       zone=self.zone, host=self.host, port=self.port)

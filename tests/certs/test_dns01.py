@@ -146,6 +146,45 @@ class ZoneServerTests(StoreTestCase):
             self.assertEqual(await txt(port, wild.value), [])
 
 
+    async def test_malformed_query_and_idle_tcp(self) -> None:
+        """A query without a question is refused (and the server keeps answering); a
+        TCP connection that sends nothing is closed after the idle timeout."""
+        import socket
+
+        data = ZoneData(reactor, lambda: defer.succeed(self.store), 30.0)
+        port = free_port()
+        service = Dns01Service(reactor, f"127.0.0.1:{port}", ZONE, data, tcp_idle_timeout=0.5)
+        service.startService()
+        self.addCleanup(service.stopService)
+
+        def udp(wire: bytes) -> dns.Message:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.settimeout(5)
+                s.sendto(wire, ("127.0.0.1", port))
+                reply = dns.Message()
+                reply.fromStr(s.recvfrom(4096)[0])
+                return reply
+
+        empty = dns.Message(id=7)
+        reply = await threads.deferToThread(udp, empty.toStr())
+        self.assertEqual((reply.id, reply.rCode, reply.answers), (7, dns.EREFUSED, []))
+        soa = dns.Message(id=8)
+        soa.queries = [dns.Query(ZONE, dns.SOA)]
+        reply = await threads.deferToThread(udp, soa.toStr())
+        self.assertEqual((reply.rCode, [a.type for a in reply.answers]), (dns.OK, [dns.SOA]))
+
+        def idle() -> float:
+            started = time.monotonic()
+            with socket.create_connection(("127.0.0.1", port), 5) as s:
+                s.settimeout(5)
+                self.assertEqual(s.recv(10), b"")  # closed by the server
+            return time.monotonic() - started
+
+        took = await threads.deferToThread(idle)
+        self.assertGreaterEqual(took, 0.4)
+        self.assertLess(took, 4.0)
+
+
 class IssuerDns01Tests(StoreTestCase):
     async def setUp(self) -> None:  # type: ignore[override]
         await super().setUp()
