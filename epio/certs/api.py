@@ -6,6 +6,7 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 
 from epio.api import errors
 from epio.certs import records
@@ -22,6 +23,8 @@ class DomainCheck:
     """The DNS check of ``epio domains add``: does the new domain point at the routers
     (a wildcard: does a name under it), and has a wildcard the DNS-01 CNAME?  Never
     fatal: the answer says what record to create; the issuer checks again."""
+
+    log = Logger()
 
     def __init__(self, clock: IReactorTime, name_check: NameCheck | None, dns01: Dns01 | None,
                  acme_on: bool, timeout: float = CHECK_TIMEOUT) -> None:
@@ -42,6 +45,10 @@ class DomainCheck:
             return {"state": "unknown", "records": [],
                     "message": f"DNS not checked: no answer within {self.timeout:g} s "
                                "(the certificate issuer checks again)"}
+        except Exception:  # a bug or the store: the domain is saved all the same
+            self.log.failure("DNS check of {host} ({app})", host=host, app=app)
+            return {"state": "unknown", "records": [],
+                    "message": "DNS not checked (the certificate issuer checks again)"}
 
     async def _check(self, app: str, host: str, wildcard: bool) -> dict[str, Any]:
         wanted: list[Record] = []

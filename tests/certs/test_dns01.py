@@ -399,6 +399,21 @@ class DomainCheckTests(StoreTestCase):
         self.assertIn("no answer within 5 s", res["message"])
 
 
+    async def test_unexpected_error(self) -> None:
+        """A check that breaks (here: a resolver raising what no DNS failure raises)
+        answers unknown and logs the failure; `epio domains add` still succeeds."""
+
+        class Broken(ResolverBase):
+            def _lookup(self, name: bytes, cls: int, type: int, timeout: Any = None) -> Any:
+                return defer.fail(RuntimeError("resolver bug"))
+
+        check = DomainCheck(reactor, NameCheck(Broken(), [ROUTER], ""), None, True)
+        res = await check.check("hello", "www.hello.test", False)
+        self.assertEqual(res["state"], "unknown")
+        self.assertNotIn("resolver bug", res["message"])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
 class DomainsAddApiTests(TestCase):
     timeout = 30
 
