@@ -17,7 +17,7 @@ from twisted.internet.defer import ensureDeferred
 from twisted.names import client, dns
 from twisted.names.common import ResolverBase
 from twisted.names.error import DNSNameError, DNSQueryRefusedError
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from epio.certs import records
 from epio.certs.api import Certs, DomainCheck
@@ -76,7 +76,7 @@ class StoreTestCase(TestCase):
         await self.store.create_app("other", user.id)
 
 
-class ZoneServerTests(StoreTestCase):
+class AnswerTests(SynchronousTestCase):
     def test_answer_table(self) -> None:
         """The zone's logic: SOA at the apex, a label's TXT values, no data for a
         label with no pending order, NXDOMAIN for an unknown name, REFUSED outside."""
@@ -94,6 +94,8 @@ class ZoneServerTests(StoreTestCase):
         self.assertEqual(answer(ZONE, labels, "example.com", dns.TXT, 7), (dns.EREFUSED, [], []))
         self.assertEqual(answer(ZONE, labels, "xacme.epio.test", dns.TXT, 7)[0], dns.EREFUSED)
 
+
+class ZoneServerTests(StoreTestCase):
     async def test_two_api_nodes_answer_the_same_txt(self) -> None:
         """Two api nodes' servers (UDP and TCP, each with its own copy of the store)
         answer the TXT values the issuer published, authoritatively, and stop once they
