@@ -30,7 +30,6 @@ import datetime
 import http.client
 import json
 import os
-import random
 import re
 import secrets
 import shutil
@@ -183,16 +182,12 @@ class AcmeTests(SynchronousTestCase):
         # CNAMEs into epio's DNS-01 zone (served by the node's api role on dns01_port)
         recursor_port, dns01_port = free_port(), free_port()
         acme_port, acme_mgmt = free_port(), free_port()
-        app_ports = random.randrange(21000, 32000, 100)
         doc, _ = isolated_config({
             # two router processes: the worker must answer challenges and serve TLS too
             "lb": {"tls_listen": f"tcp:{free_port()}:interface=127.0.0.1", "workers": 2},
             "api": {"reconcile_interval": 0.5, "drain_seconds": 1.0, "stop_grace": 3.0,
                     # the platform's own route, whose certificate the issuer gets too
                     "hostname": "epio.platform.test"},
-            # app ports of its own: other tests' nodes and add-ons on this machine use
-            # the default range
-            "runner": {"port_min": app_ports, "port_max": app_ports + 99},
             "metrics": {"listen": f"tcp:{free_port()}:interface=127.0.0.1"},
             "store": {"url": f"sqlite:///{tmp}/store.db"},
             "cluster": {"secret_file": str(tmp / "cluster-secret")},
