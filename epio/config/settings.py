@@ -821,6 +821,15 @@ class AcmeSettings:
     dns_server: str
     """DNS server (HOST:PORT) for that check; empty = the system's resolver (/etc/resolv.conf, /etc/hosts)."""
 
+    platform_certificate: bool
+    """Also issue and renew the certificate of the platform's own hostname (api.hostname) by HTTP-01; false = it comes from lb.tls_cert_dir only. Never for a name under localhost."""
+
+    dns01_zone: str
+    """DNS zone this cluster's api nodes serve for the DNS-01 challenge (e.g. acme.example.net, delegated to them with NS records): owners point _acme-challenge.THEIR-DOMAIN at a name under it with a CNAME, and get wildcard certificates; empty = no DNS-01 (docs/https.md)."""
+
+    dns01_listen: str
+    """HOST:PORT where each api node answers DNS (UDP and TCP) for acme.dns01_zone, e.g. 0.0.0.0:53; needed with it."""
+
 
 @frozen
 class RunSettings:
