@@ -74,8 +74,10 @@ class Api(AddonRoutes, CronRoutes, RunRoutes):
 
     def __init__(self, platform: Any, *, max_json_bytes: int = 1 << 20,
                  max_upload_bytes: int = 200 << 20, log_tail: Any = None,
-                 addons: Any = None, certs: Any = None, run: Any = None) -> None:
+                 addons: Any = None, certs: Any = None, run: Any = None,
+                 api_url: str | None = None) -> None:
         self.platform = platform  # None: the api is starting (503 ``starting``)
+        self.api_url = api_url  # the routed URL (ApiSettings.platform_url), or None
         self.log_tail = log_tail  # epio.api.logtail.LogTail, None without a logger
         self.addons = addons  # epio.api.addons.Addons (add-on and backup routes)
         self.certs = certs  # epio.certs.api.Certs (certificate routes)
@@ -217,8 +219,11 @@ class Api(AddonRoutes, CronRoutes, RunRoutes):
                response=ref("Status"), auth=False, tag="meta")
     async def status(self, request: Any, user: Any) -> Any:
         from epio import __version__
+        from epio.domain import ROUTER_VIA
 
-        return {"status": "ok", "version": __version__}
+        via = request.getHeader("via") or ""
+        return {"status": "ok", "version": __version__, "api_url": self.api_url,
+                "routed": via.strip() == ROUTER_VIA}
 
     # --- users and tokens -------------------------------------------------------
 
@@ -465,11 +470,15 @@ class Api(AddonRoutes, CronRoutes, RunRoutes):
                "Route a custom hostname or a wildcard (*.example.com) to the app; a name "
                "that is malformed, an IP, localhost, the platform's or another account's "
                "claim is refused with one answer (400)", request=ref("NewDomain"),
-               response=ref("Domain"), status=201, tag="domains")
+               response=ref("AddedDomain"), status=201, tag="domains")
     async def add_domain(self, request: Any, user: Any, app: Any,
                          body: dict[str, Any]) -> Any:
         domain = await self.platform.add_domain(user, app, body["hostname"])
-        return serialize.domain(domain)
+        # never fatal: the domain is saved; `dns` says which record is missing
+        dns = (await self.certs.check_domain(app.name, domain.hostname, domain.wildcard)
+               if self.certs is not None else
+               {"state": "unknown", "message": "DNS not checked", "records": []})
+        return {**serialize.domain(domain), "dns": dns}
 
     @operation("DELETE", "/apps/{app}/domains/{hostname}", "removeDomain",
                "Stop routing a hostname to the app", response=ref("Deleted"), tag="domains")
