@@ -110,6 +110,8 @@ class NodeService(MultiService):
         # ports the node needs are taken: epio.listen.refuse_port_conflicts)
         self.preflight = preflight
         self._preflown = False
+        # the line the node stops with when a child could not bind a port it needs
+        self.failed: str | None = None
         for child in children:
             child.setServiceParent(self)
 
@@ -121,7 +123,37 @@ class NodeService(MultiService):
     def privilegedStartService(self) -> None:
         # twistd calls this first: the api's endpoint service listens here already
         self._preflight()
-        MultiService.privilegedStartService(self)
+        Service.privilegedStartService(self)
+        for svc in self:
+            if not self._start_one(svc, svc.privilegedStartService):
+                return
+
+    def _start_one(self, svc: IService, start: Callable[[], None]) -> bool:
+        """``start()`` one child; False (and the node stopping, :meth:`_cannot_listen`)
+        when a port it needs cannot be bound."""
+        from epio.listen import listen_error
+
+        if self.failed is not None:
+            return False
+        try:
+            start()
+        except BaseException as e:
+            what = listen_error(e)
+            if what is None:
+                raise
+            self._cannot_listen(svc.name or "node", *what)
+            return False
+        return True
+
+    def _cannot_listen(self, role: str, endpoint: str, port: int | None, reason: str,
+                       in_use: bool) -> None:
+        """A port ``role`` needs cannot be bound: the rest of the node does not start and
+        the node stops, exit status 1, after one line naming the port, role and key."""
+        from epio.listen import stop_message
+
+        why = stop_message(self.node.settings, role, endpoint, port, reason, in_use)
+        self.failed = why
+        self.node.exit(why)  # on stderr: one line
 
     def startService(self) -> None:
         self.log.info(
@@ -141,8 +173,12 @@ class NodeService(MultiService):
             self.log.info("open files limit (RLIMIT_NOFILE) {after} (hard limit {hard})",
                           after=after, hard=hard)
         self._preflight()
-        MultiService.startService(self)
+        Service.startService(self)
+        # each child in turn; a port one cannot bind ends the node (the others never
+        # start): nothing serves half a node while the cluster takes it for gone
         for svc in self:
+            if not self._start_one(svc, svc.startService):
+                return
             self.log.info("service {name} started", name=svc.name)
 
     def stopService(self) -> Deferred[None]:
@@ -153,6 +189,8 @@ class NodeService(MultiService):
         """
         self.log.info("node {node_id} stopping", node_id=self.node.node_id)
         Service.stopService(self)
+        # every role, started or not (a role not started may listen already: the api
+        # does in privilegedStartService)
         roles = [svc for svc in reversed(list(self)) if svc.name != "store"]
         stores = [svc for svc in self if svc.name == "store"]
 

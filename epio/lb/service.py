@@ -38,7 +38,7 @@ from epio.lb.feed import FEED_RESTART
 from epio.lb.observe import FileLogSink, Observer
 from epio.lb.proxy import LB, SWEEP_INTERVAL, LBFactory
 from epio.lb.proxy import Settings as ProxySettings
-from epio.listen import ConnectionLimit, log_backlog, with_backlog
+from epio.listen import ConnectionLimit, log_backlog, stop_on_listen_failure, with_backlog
 from epio.node import Node
 from epio.routing import FileRouteSource, RouteTable
 
@@ -239,8 +239,11 @@ class LBService(MultiService):
                  static_secret: bytes = b"", feed_spec: dict[str, Any] | None = None,
                  spool: Path | None = None, certs: Any = None,
                  tls_reuseport: tuple[str, int, int] | None = None,
-                 stapler: Stapler | None = None, waker: Any = None) -> None:
+                 stapler: Stapler | None = None, waker: Any = None,
+                 cannot_listen: Callable[[Failure], None] | None = None) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
+        # a router of a node that cannot listen stops the node (epio.listen)
+        self._cannot_listen = cannot_listen
         self.reactor = reactor
         self.lb_settings = settings
         self.settings = ProxySettings.from_settings(settings)
@@ -432,11 +435,16 @@ class LBService(MultiService):
         self._fire_waiters(None)
 
     def _listen_failed(self, f: Failure) -> None:
-        self.log.failure("router cannot listen", f)
+        stop = self._cannot_listen if not (self._stopping or f.check(defer.CancelledError)) \
+            else None
+        if stop is None:
+            self.log.failure("router cannot listen", f)
         if not self._ready.called:
             self._ready_result = f
             self._ready.callback(None)
             self._fire_waiters(f)
+        if stop is not None:
+            stop(f)
 
     def _guard(self, fn: Callable[[], object]) -> None:
         try:
@@ -644,7 +652,8 @@ def make_service(node: Node) -> LBService:
     svc = LBService(node.reactor, lb, node.settings.node.domain, source, log_sink,
                     stats_sink, worker_spec=spec, static_secret=node.secret,
                     feed_spec=feed_spec, spool=spool, certs=router_certs(node, stapler),
-                    stapler=stapler, waker=waker)
+                    stapler=stapler, waker=waker,
+                    cannot_listen=stop_on_listen_failure(node.settings, "lb", node.exit))
     if sink_service is not None:
         sink_service.setServiceParent(svc)
     if wake_dealer is not None:
