@@ -182,6 +182,65 @@ class SchedulerTests(TestCase):
         self.assertEqual([(i.node, i.state) for i in insts if i.state != "stopped"],
                          [("r2", "starting")])  # placed on r2 in that pass
 
+    async def test_silent_runner_does_not_hold_the_pass_and_is_judged_at_expiry(
+            self) -> None:
+        """Once a runner's poll failed, the next passes do not wait for its polls (one
+        stays in flight; here it never answers) and a pass is woken at its expiry (last
+        answer + runner_dead_after), where it is declared gone, logged with the expiry,
+        and its instance placed on another runner."""
+        from twisted.internet import reactor
+
+        time = SteppedTime()
+        self.h.scheduler.clock = time
+        self.h.settings = self.h.scheduler.settings = self.h.settings.__class__(
+            runner_dead_after=30.0, drain_seconds=0.0)
+        await self.h.add_runner("r1")
+        await self.app_with_release(quantity=1)
+        await self.passes(2)
+        await self.h.add_runner("r2")
+        runners = self.h.runners
+        runners.down.add("tcp://r1:7731")
+        self.h.scheduler.leader = True  # so a pass is woken at the expiry
+        self.addCleanup(self.h.scheduler.lose_leadership)
+        await self.passes(1)  # r1 fails its poll: silent, not dead yet
+        view = self.h.scheduler.views["r1"]
+        self.assertTrue(view.silent)
+        wake = view.expiry_call
+        self.assertIsNotNone(wake)
+        expiry = view.expiry(30.0)
+        self.assertLess(abs((wake.getTime() - float(reactor.seconds()))
+                            - (expiry - time.seconds())), 0.5)
+        answer, never = runners.request, Deferred()  # type: ignore[var-annotated]
+        asked: list[str] = []
+
+        async def hang(endpoint: str, type: str, body: dict[str, Any],
+                       timeout: float | None = None) -> dict[str, Any]:
+            if endpoint == "tcp://r1:7731":
+                asked.append(type)
+                return await never  # type: ignore[no-any-return]
+            return await answer(endpoint, type, body, timeout)
+
+        runners.request = hang  # type: ignore[method-assign]
+        await self.passes(2)  # neither pass waits for r1's poll; one poll in flight
+        self.assertEqual(asked, ["runner.status"])
+        self.assertEqual([i.node for i in await self.h.store.list_instances("web1")], ["r1"])
+        time.offset += 30.0  # the expiry
+        lines: list[str] = []
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        def observe(event: dict[str, Any]) -> None:
+            lines.append(formatEvent(event))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        await self.passes(1)
+        insts = await self.h.store.list_instances("web1")
+        self.assertEqual([(i.node, i.state) for i in insts if i.state != "stopped"],
+                         [("r2", "starting")])
+        gone = [ln for ln in lines if ln.startswith("runner r1 is gone")]
+        self.assertEqual(len(gone), 1, lines)
+        self.assertIn("api.runner_dead_after 30s", gone[0])
+
     async def test_store_change_wakes_the_leader(self) -> None:
         """A formation change reconciles at once, not at the next (here: hourly) tick."""
         from epio.api.settings import ApiSettings
