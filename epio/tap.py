@@ -112,6 +112,7 @@ class NodeService(MultiService):
         self._preflown = False
         # the line the node stops with when a child could not bind a port it needs
         self.failed: str | None = None
+        self._begun: list[IService] = []  # children whose (privileged) start was called
         for child in children:
             child.setServiceParent(self)
 
@@ -135,6 +136,8 @@ class NodeService(MultiService):
 
         if self.failed is not None:
             return False
+        if svc not in self._begun:
+            self._begun.append(svc)
         try:
             start()
         except BaseException as e:
@@ -189,9 +192,10 @@ class NodeService(MultiService):
         """
         self.log.info("node {node_id} stopping", node_id=self.node.node_id)
         Service.stopService(self)
-        # every role, started or not (a role not started may listen already: the api
-        # does in privilegedStartService)
-        roles = [svc for svc in reversed(list(self)) if svc.name != "store"]
+        # every role; when one could not bind, only those begun (the api listens in
+        # privilegedStartService already), not those after it that never started
+        roles = [svc for svc in reversed(list(self)) if svc.name != "store"
+                 and (self.failed is None or svc in self._begun)]
         stores = [svc for svc in self if svc.name == "store"]
 
         async def stop() -> None:

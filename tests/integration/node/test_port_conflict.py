@@ -117,6 +117,29 @@ class BindFailsAfterCheckTests(SynchronousTestCase):
               f"{line[:90]}...", flush=True)
 
 
+    def test_api_port_taken_after_the_check_stops_the_node(self) -> None:
+        """The api listens as twistd's privileged start begins: an api.listen of
+        tcp6:PORT passes the (IPv4) check but collides with an IPv6-only listener; the
+        node stops there, exit 1, one line naming port, role and key, no role started
+        and no traceback (its /metrics listener, never started, is not stopped)."""
+        other = ipv6_only_listener()
+        if other is None:
+            self.skipTest("no IPv6 on this host")
+        self.addCleanup(other.close)
+        port = other.getsockname()[1]
+        doc, _ = isolated_config({"api": {"listen": f"tcp6:{port}"},
+                                  "metrics": {"listen": f"tcp:{free_port()}:interface=127.0.0.1"}})
+        node = NodeProcess(["--role=api"], config=to_toml(doc))
+        self.addCleanup(node.cleanup)
+        code = node.proc.wait(timeout=60)
+        out = node.output()
+        self.assertEqual(code, 1, out)
+        self.assertIn(f"epio: the node stops: the api role cannot listen on port {port} "
+                      f"(api.listen = 'tcp6:{port}'): Address already in use", out)
+        self.assertNotIn("service api started", out)
+        self.assertNotIn("Traceback", out)
+
+
 class RangeConflictTests(SynchronousTestCase):
     def test_second_runner_of_this_host_with_overlapping_uids_exits(self) -> None:
         """A --role=all node runs with a store; a runner-only node of the same store on
