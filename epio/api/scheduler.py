@@ -110,6 +110,7 @@ class RunnerView:
     # in flight across passes) and a pass is woken when it expires
     silent: bool = False
     expiry_call: Any = None  # the IDelayedCall waking a pass at its expiry
+    polling: Any = None  # its poll in flight (a Deferred), if any
     gone: bool = False  # declared gone (logged once)
 
     def expiry(self, dead_after: float) -> float:
@@ -163,7 +164,6 @@ class Scheduler:
         self._busy = False
         self._again = False
         self._unsubscribe: Any = None
-        self._polls: dict[str, Deferred[None]] = {}  # node id -> its poll in flight
 
     # --- lifecycle (driven by leadership) -----------------------------------------
 
@@ -292,12 +292,12 @@ class Scheduler:
     def _poll_once(self, view: RunnerView) -> Deferred[None] | None:
         """Start ``view``'s poll unless one is in flight; the Deferred to wait for, or
         None when the pass does not wait (its last poll failed)."""
-        poll = self._polls.get(view.node_id)
+        poll: Deferred[None] | None = view.polling
         if poll is None:
-            poll = self._polls[view.node_id] = ensureDeferred(self._poll(view))
+            poll = view.polling = ensureDeferred(self._poll(view))
 
-            def done(result: Any, node_id: str = view.node_id) -> Any:
-                self._polls.pop(node_id, None)
+            def done(result: Any) -> Any:
+                view.polling = None
                 return result
 
             poll.addBoth(done)
