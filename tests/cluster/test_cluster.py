@@ -763,13 +763,14 @@ class ClusterChaosTests(unittest.TestCase):
             return live
         host = self.cluster.with_role("lb")[0]
         assert host.node is not None
-        line = "router listening on"
-        seen = host.node.output().count(line)
+        # its api too (the first live api host answers the cases' api calls)
+        lines = ["router listening on", *(["api ready"] if "api" in host.roles else [])]
+        seen = {ln: host.node.output().count(ln) for ln in lines}
         t0 = time.monotonic()
         host.revive()
-        wait_until(f"{host.name}'s router listening again",
-                   lambda: host.node is not None and host.node.output().count(line) > seen,
-                   timeout=90)
+        for ln in lines:
+            wait_until(f"{host.name}: {ln!r} again", lambda ln=ln: host.node is not None
+                       and host.node.output().count(ln) > seen[ln], timeout=90)
         self.wait_routed(host.addr)
         report("8 partition runner host", f"no router was left (cases 2 and 6): {host.name} "
                                           f"revived, routing after {time.monotonic() - t0:.1f}s")
