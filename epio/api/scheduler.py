@@ -84,8 +84,10 @@ from epio.store.addons import addon_ports
 
 LOCK_NAME = "epio.scheduler"
 DEFAULT_BOOT_TIMEOUT = 60.0
-# store changes that alter desired state (instance changes are the leader's own writes)
-WAKE_ON = ("release", "formation", "app", "node", "resync")
+# store changes that alter desired state (instance changes are the leader's own writes),
+# and "reported": a deploy saw, through a nexus, instance states its runner reports that
+# the store lacks (Deployer._hint_reports): the pass folds them now
+WAKE_ON = ("release", "formation", "app", "node", "reported", "resync")
 # a deploy's api node whose store row was not refreshed for this many times
 # api.runner_dead_after is gone (a restarted node is recognised at once by its boot id)
 OWNER_LOST_AFTER = 3

@@ -86,6 +86,7 @@ class FakeRunners:
         # a nexus at endpoint "nexus": which instance ids each app's route lists
         self.routed: dict[str, set[str]] = {}
         self.clock: Any = reactor  # the harness's scheduler runs on the real reactor
+        self.booting = False  # while set, started instances keep reporting "starting"
 
     def add(self, endpoint: str) -> None:
         self.instances.setdefault(endpoint, {})
@@ -94,16 +95,19 @@ class FakeRunners:
                       timeout: float | None = None) -> dict[str, Any]:
         self.requests.append((endpoint, type, body))
         if type == "nexus.where" and endpoint == "nexus" and endpoint not in self.down:
-            return {"nexus_id": "n1", "age": 0.1, "app": body["app"], "route": {
-                "backends": [{"instance_id": i} for i in sorted(self.routed.get(body["app"],
-                                                                                  ()))]}}
+            # the instances as their runners' heartbeats tell the nexus: what the next
+            # runner.status will report (the store learns it only then)
+            seen = [dict(i, state=self._reported(i)) for i in self.running(body["app"])]
+            return {"nexus_id": "n1", "age": 0.1, "app": body["app"], "instances": seen,
+                    "route": {"backends": [{"instance_id": i} for i in
+                                           sorted(self.routed.get(body["app"], ()))]}}
         if endpoint in self.down or endpoint not in self.instances:
             raise RequestTimeout(type, endpoint, timeout or 1.0)
         mine = self.instances[endpoint]
         if type == "runner.status":
             for inst in mine.values():
                 if inst["state"] == "starting":
-                    inst["state"] = "failed" if inst["release"] in self.fail_health else "healthy"
+                    inst["state"] = self._reported(inst)
                     inst["since"] = self.clock.seconds()  # as a runner reports state changes
                     if inst["state"] == "failed":
                         inst["reason"] = "health check /health failed 3 times"
@@ -143,6 +147,11 @@ class FakeRunners:
             return {"build_id": body["build_id"], "digest": digest, "manifest": self.manifest,
                     "duration": 1.5}
         raise RemoteError("unknown_type", type)
+
+    def _reported(self, inst: dict[str, Any]) -> str:
+        if inst["state"] != "starting" or self.booting:
+            return str(inst["state"])
+        return "failed" if inst["release"] in self.fail_health else "healthy"
 
     def running(self, app: str | None = None) -> list[dict[str, Any]]:
         return [i for m in self.instances.values() for i in m.values()

@@ -486,6 +486,49 @@ class DeployTests(TestCase):
         self.assertGreaterEqual(reactor.seconds() - started, 0.5)
         self.assertGreaterEqual(asked() - before, 2)
 
+    async def test_healthy_on_its_runner_is_folded_at_once(self) -> None:
+        """The store learns instance states at the leader's passes (here every 30 s):
+        a deploy that sees, through the nexus, its new instance healthy on its runner
+        while the store still says starting wakes the leader (a "reported" store
+        notification), whose pass folds it at once: the deploy succeeds in well under
+        a pass interval, and the verdict still comes from the store."""
+        from attrs import evolve
+        from twisted.internet import reactor
+        from twisted.internet.task import deferLater
+
+        from epio.store import Change
+
+        slow = evolve(self.h.settings, reconcile_interval=30.0, nexus_endpoints=("nexus",))
+        self.h.deployer.settings = self.h.scheduler.settings = slow
+        changes: list[Change] = []
+        unsubscribe = await self.h.store.subscribe(changes.append)
+        self.addCleanup(unsubscribe)
+        await self.h.add_runner("r1")
+        await self.h.call("POST", "apps", token=self.h.alice_token, body={"name": "hello"})
+        self.h.scheduler.become_leader()
+        await settle(ensureDeferred(self.h.scheduler.reconcile()))  # the first tick's pass
+        self.h.runners.booting = True
+        _, body, _ = await self.h.call("POST", "apps/hello/deploys", token=self.h.alice_token,
+                                       raw=b"tar", content_type="application/gzip")
+        for _ in range(200):  # placed, the passes the deploy woke are over, still booting
+            if self.h.runners.running("hello") and not self.h.scheduler._busy:
+                break
+            await deferLater(reactor, 0.02, lambda: None)
+        await deferLater(reactor, 0.3, lambda: None)
+        self.assertEqual([i.state for i in await self.h.store.list_instances("hello")],
+                         ["starting"])
+        self.assertEqual(changes and [c.app for c in changes if c.kind == "reported"], [])
+        self.h.runners.booting = False  # healthy on its runner now; the nexus hears it
+        started = reactor.seconds()
+        await settle(ensureDeferred(self.h.deployer.wait(body["id"])), timeout=10)
+        self.h.scheduler.lose_leadership()
+        d = await self.h.store.get_deploy(body["id"])
+        self.assertEqual(d.status, "succeeded", d.log)
+        self.assertLess(reactor.seconds() - started, 5.0)  # not the 30 s tick
+        self.assertEqual([c.app for c in changes if c.kind == "reported"], ["hello"])
+        self.assertEqual([i.state for i in await self.h.store.list_instances("hello")],
+                         ["healthy"])
+
     async def test_first_deploy_starts_one_of_every_process_type(self) -> None:
         """A first deploy scales every declared process type to 1 (a worker-only app
         too) and says so; a later deploy keeps the formation the user chose and gives
