@@ -46,6 +46,8 @@ TARBALL_TYPES = ("application/gzip", "application/x-gzip", "application/x-tar",
 DASHBOARD_DIR = Path(__file__).parent / "dashboard"
 
 STR_SCHEMA = {"type": "string"}
+#: the most seconds ``GET /apps/{app}/deploys/{id}?wait=`` holds its answer for a change
+DEPLOY_WAIT_MAX = 10
 _ROOT = {"components": {"schemas": SCHEMAS}}
 
 async def authorize_app(platform: Any, request: Any, name: str) -> Any:
@@ -359,12 +361,17 @@ class Api(AddonRoutes, CronRoutes, RunRoutes):
                 for d in await self.platform.list_deploys(app, limit)]
 
     @operation("GET", "/apps/{app}/deploys/{deploy_id}", "getDeploy",
-               "A deploy's status and its log from character `log_offset` (poll to follow)",
+               "A deploy's status and its log from character `log_offset` (poll to follow); "
+               "with `wait`, the answer waits up to that many seconds for a longer log or "
+               "the deploy's end",
                response=ref("Deploy"), tag="deploys",
-               query={"log_offset": {"type": "integer", "minimum": 0}})
+               query={"log_offset": {"type": "integer", "minimum": 0},
+                      "wait": {"type": "integer", "minimum": 0,
+                               "maximum": DEPLOY_WAIT_MAX}})
     async def get_deploy(self, request: Any, user: Any, app: Any, deploy_id: str) -> Any:
         offset = query_int(request, "log_offset", 0)
-        deploy = await self.platform.get_deploy(app, deploy_id)
+        wait = query_int(request, "wait", 0, 0, DEPLOY_WAIT_MAX)
+        deploy = await self.platform.watch_deploy(app, deploy_id, offset, wait)
         return self.platform.describe_deploy(app, deploy, offset)
 
     # --- releases ---------------------------------------------------------------

@@ -529,6 +529,47 @@ class DeployTests(TestCase):
         self.assertEqual([i.state for i in await self.h.store.list_instances("hello")],
                          ["healthy"])
 
+    async def test_get_deploy_waits_for_its_next_line(self) -> None:
+        """``GET .../deploys/{id}?log_offset=N&wait=S`` (what ``epio deploy`` asks once
+        the build is over) answers as soon as the deploy's log grows past N, neither at
+        once nor after S; a finished deploy answers at once; a wait over 10 s is
+        refused."""
+        from twisted.internet import reactor
+        from twisted.internet.task import deferLater
+
+        await self.h.add_runner("r1")
+        await self.h.call("POST", "apps", token=self.h.alice_token, body={"name": "hello"})
+        gate: Deferred[None] = Deferred()
+        self.h.runners.build_gate = gate
+        _, body, _ = await self.h.call("POST", "apps/hello/deploys", token=self.h.alice_token,
+                                       raw=b"tar", content_type="application/gzip")
+        url = f"apps/hello/deploys/{body['id']}"
+        for _ in range(200):
+            _, d, _ = await self.h.call("GET", url + "?log_offset=0", token=self.h.alice_token)
+            if d["status"] == "building":
+                break
+            await deferLater(reactor, 0.02, lambda: None)
+        self.assertEqual(d["status"], "building")
+        started = reactor.seconds()
+        waiting = ensureDeferred(self.h.call(
+            "GET", url + f"?log_offset={d['log_offset']}&wait=10", token=self.h.alice_token))
+        await deferLater(reactor, 0.3, lambda: None)
+        self.assertFalse(waiting.called)  # nothing new yet: the answer waits
+        gate.callback(None)  # the build ends: "Built image ..." is the deploy's next line
+        _, d, _ = await waiting
+        self.assertLess(reactor.seconds() - started, 5.0)
+        self.assertTrue(d["log"].startswith("Built image "), d["log"])
+        self.h.scheduler.become_leader()
+        await settle(ensureDeferred(self.h.deployer.wait(body["id"])), timeout=20)
+        self.h.scheduler.lose_leadership()
+        started = reactor.seconds()
+        _, d, _ = await self.h.call("GET", url + f"?log_offset={d['log_offset']}&wait=10",
+                                    token=self.h.alice_token)
+        self.assertEqual(d["status"], "succeeded")
+        self.assertLess(reactor.seconds() - started, 2.0)
+        status, err, _ = await self.h.call("GET", url + "?wait=11", token=self.h.alice_token)
+        self.assertEqual((status, err["error"]["code"]), (400, "bad_request"), err)
+
     async def test_first_deploy_starts_one_of_every_process_type(self) -> None:
         """A first deploy scales every declared process type to 1 (a worker-only app
         too) and says so; a later deploy keeps the formation the user chose and gives
