@@ -9,7 +9,9 @@ Steps (each streamed line by line to the app's log, source ``build``):
 4. requirements: when this exact requirements set was resolved before, installed
    offline (``pip install --no-index --find-links DATA_DIR/cache/wheels``) —
    nothing downloaded or compiled; otherwise ``pip wheel`` fills the node-wide
-   wheel cache first (from the index), then the same offline install runs;
+   wheel cache first (from the index), then the same offline install runs; the
+   same app's next build with the same plain set copies what pip installed then
+   (``cache/installed/<app>``) and runs no pip;
 5. app files moved into ``app/``, ``[symlinks]`` made, app put on ``sys.path``;
 6. Django: platform settings module + ep.io's ``bundle_config``; collectstatic;
 7. bytecode compiled for the image's run-time path, shebangs made relocatable,
@@ -336,6 +338,8 @@ class Builder:
         self.pip_cache = self.data_dir / "cache" / "pip"
         self.resolved = self.data_dir / "cache" / "resolved"
         self.app_wheels = self.data_dir / "cache" / "wheels-app"
+        # per app: what pip installed for its last plain requirements set (root's)
+        self.installed = self.data_dir / "cache" / "installed"
         self.builds_dir = self.data_dir / "builds"
         self._sem = defer.DeferredSemaphore(self.settings.max_concurrent)
         self._prepared: dict[str, Any] | None = None
@@ -1141,12 +1145,16 @@ class Builder:
         for link in links:
             offline += ["--find-links", link]
         offline += ["--no-compile", "--only-binary", ":all:", "-r", str(path)]
+        if kind == "plain" and await self._thread(self._reuse_installed, ctx, key, venv):
+            return
         if kind != "local" and marker.exists():
             self._emit(ctx, "-----> Installing requirements from the wheel cache (offline)")
             try:
                 await self._run(
                     ctx, "pip install (offline)", offline, cwd=ctx.work, env=penv, soft=True
                 )
+                if kind == "plain":
+                    await self._thread(self._keep_installed, ctx, key, venv)
                 return
             except _SoftFail:
                 self._emit(
@@ -1202,6 +1210,98 @@ class Builder:
         await self._run(ctx, "pip install", offline, cwd=ctx.work, env=penv)
         if kind != "local":
             marker.write_text(path.read_text())  # (for operators: what was resolved)
+        if kind == "plain":
+            await self._thread(self._keep_installed, ctx, key, venv)
+
+    # ------------------------------------------------- the previous build's install
+
+    def _keep_installed(self, ctx: _Ctx, key: str, venv: Path) -> None:
+        """Right after pip installed a plain requirements set (nothing but pip, from the
+        wheel caches, has run in this build yet), keep a root-owned copy of what it
+        installed -- site-packages and the scripts it put in ``venv/bin`` -- under
+        ``cache/installed/<app>/<key>``, replacing the app's previous one.  The app's
+        next build with the same set (same file, same Python: ``key``) copies it
+        instead of running pip (:meth:`_reuse_installed`).  Kept per app: a copy made
+        in one app's build is never installed into another's.  A failure only logs."""
+        app_dir = self.installed / _safe_name(ctx.app)
+        tmp = app_dir / f".{key}.{os.urandom(4).hex()}.tmp"
+        try:
+            sp = plat.site_packages(venv)
+            bin_dir = venv / "bin"
+            for d in (sp, bin_dir):
+                if not stat.S_ISDIR(os.lstat(d).st_mode):
+                    return  # not a real directory: nothing of it is kept
+            self.installed.mkdir(mode=0o700, exist_ok=True)
+            os.chmod(self.installed, 0o700)
+            app_dir.mkdir(mode=0o700, exist_ok=True)
+            shutil.copytree(sp, tmp / "site-packages", symlinks=True)
+            if _links_leaving(tmp / "site-packages") is not None:
+                _rmtree(tmp)
+                return
+            (tmp / "bin").mkdir()
+            for entry in sorted(os.listdir(bin_dir)):
+                src = bin_dir / entry
+                st = os.lstat(src)
+                if stat.S_ISREG(st.st_mode) and not entry.lower().startswith("activate"):
+                    shutil.copyfile(src, tmp / "bin" / entry, follow_symlinks=False)
+            _write_nofollow(tmp / "venv", str(venv))
+            if os.geteuid() == 0:
+                _chown_tree(tmp, 0, 0)
+            for old in os.listdir(app_dir):
+                if old != key and not old.startswith(f".{key}."):
+                    _rmtree(app_dir / old)
+            _rmtree(app_dir / key)
+            os.replace(tmp, app_dir / key)
+        except OSError as e:
+            _rmtree(tmp)
+            self.log.warn("build of {app}: its install is not kept for the next build: "
+                          "{error}", app=ctx.app, error=str(e))
+
+    def _reuse_installed(self, ctx: _Ctx, key: str, venv: Path) -> bool:
+        """Copy the app's kept install of this requirements set (same file, same
+        Python) into the new virtualenv instead of running pip; False when there is
+        none (or the copy failed: then the venv is as empty as before and pip runs)."""
+        kept = self.installed / _safe_name(ctx.app) / key
+        if not (kept / "site-packages").is_dir():
+            return False
+        self._emit(ctx, "-----> Requirements unchanged: installing what the app's previous "
+                        "build installed")
+        sp = plat.site_packages(venv)
+        bin_dir = venv / "bin"
+        self._real_dir(ctx, sp)  # a fresh venv's: real directories, site-packages empty
+        self._real_dir(ctx, bin_dir)
+        if os.listdir(sp):
+            return False
+        before = set(os.listdir(bin_dir))
+        try:
+            shutil.copytree(kept / "site-packages", sp, symlinks=True, dirs_exist_ok=True)
+            old = (kept / "venv").read_text()
+            for entry in sorted(os.listdir(kept / "bin")):
+                if entry in before:
+                    continue
+                data = (kept / "bin" / entry).read_bytes()
+                if data.startswith(b"#!" + old.encode()):
+                    data = b"#!" + str(venv).encode() + data[2 + len(old.encode()):]
+                fd = os.open(bin_dir / entry, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                             | os.O_NOFOLLOW, 0o755)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+            if ctx.uid is not None and os.geteuid() == 0:
+                _chown_tree(sp, ctx.uid, ctx.gid if ctx.gid is not None else ctx.uid)
+                for entry in set(os.listdir(bin_dir)) - before:
+                    os.lchown(bin_dir / entry, ctx.uid,
+                              ctx.gid if ctx.gid is not None else ctx.uid)
+        except OSError as e:
+            for entry in os.listdir(sp):  # as empty as before: pip installs everything
+                if (sp / entry).is_dir() and not (sp / entry).is_symlink():
+                    _rmtree(sp / entry)
+                else:
+                    os.unlink(sp / entry)
+            for entry in set(os.listdir(bin_dir)) - before:
+                os.unlink(bin_dir / entry)
+            self._emit(ctx, f"       could not copy it ({e.strerror or e}); running pip")
+            return False
+        return True
 
     # ------------------------------------------------------------------ tree
 
