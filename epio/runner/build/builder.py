@@ -306,6 +306,8 @@ class _Tree:
     static: dict[str, str] = field(factory=dict)  # URL path -> image or data dir
     seed: list[str] = field(factory=list)  # data-directory paths the image seeds
     sp: Path = Path()  # the venv's site-packages (once the venv exists)
+    # the app's kept install was copied in (no pip): its bytecode came with it
+    reused: bool = False
 
     tree: Path = Path()  # the image tree (the working tree's ``root/``)
 
@@ -656,7 +658,7 @@ class Builder:
         # 4. requirements
         t.reqs = await self._thread(self._requirements, ctx, manifest, workdir)
         if t.reqs is not None:
-            await self._install(ctx, t.reqs, t.venv, t.env, prep)
+            t.reused = await self._install(ctx, t.reqs, t.venv, t.env, prep)
         else:
             self._emit(ctx, "-----> No requirements to install")
         await self._place_app(ctx, t)  # 5. app on sys.path, symlinks
@@ -905,6 +907,15 @@ class Builder:
         root, venv, sp, static, seed = ctx.root, t.venv, t.sp, t.static, t.seed
         app_dir = root / "app"
         self._emit(ctx, "-----> Finishing image")
+        tag = _cache_tag(t.prep["python_version"])
+        targets = [str(root / "app"), str(sp)]
+        if t.reused:  # site-packages came with its bytecode: compile only what lacks it
+            lacking = await self._thread(_lacking_bytecode, sp, tag)
+            self._emit(ctx, f"       site-packages kept its bytecode ({len(lacking)} "
+                            "file(s) without it compiled)")
+            listing = ctx.priv / "compile.txt"  # root's, readable by name
+            await self._thread(_write_nofollow, listing, "".join(f"{f}\n" for f in lacking))
+            targets = [str(root / "app"), "-i", str(listing)]
         await self._run(
             ctx,
             "compiling bytecode",
@@ -921,8 +932,7 @@ class Builder:
                 str(root),
                 "-p",
                 RUNTIME_ROOT,
-                str(root / "app"),
-                str(sp),
+                *targets,
             ],
             cwd=ctx.work,
             env=dict(t.env, PYTHONDONTWRITEBYTECODE=""),
@@ -943,6 +953,8 @@ class Builder:
         }
         manifest_doc = {"manifest": t.manifest.to_dict(), "build": ctx.facts}
         await self._thread(self._reclaim, ctx)
+        if t.reqs is not None and t.reqs[2] == "plain" and not t.reused:
+            await self._thread(self._keep_bytecode, ctx, t.reqs[1], sp, tag)
         # build-user code (collectstatic, .pth files) could have replaced a static
         # directory or an app file with a symlink to the host: the runner's static
         # server (root) starts from these directories, so they must stay in the image
@@ -1125,8 +1137,9 @@ class Builder:
         venv: Path,
         env: dict[str, str],
         prep: dict[str, Any],
-    ) -> None:
+    ) -> bool:
         """Install requirements; offline from the caches when this set was resolved before.
+        True when the app's kept install of this set was copied instead (no pip ran).
 
         Only wheels pip itself *downloaded* for a plain requirement set enter the
         node-wide cache; wheels built from source, or fetched through the app's own pip
@@ -1146,7 +1159,7 @@ class Builder:
             offline += ["--find-links", link]
         offline += ["--no-compile", "--only-binary", ":all:", "-r", str(path)]
         if kind == "plain" and await self._thread(self._reuse_installed, ctx, key, venv):
-            return
+            return True
         if kind != "local" and marker.exists():
             self._emit(ctx, "-----> Installing requirements from the wheel cache (offline)")
             try:
@@ -1155,7 +1168,7 @@ class Builder:
                 )
                 if kind == "plain":
                     await self._thread(self._keep_installed, ctx, key, venv)
-                return
+                return False
             except _SoftFail:
                 self._emit(
                     ctx, "       the wheel cache is missing something; resolving from the index"
@@ -1212,6 +1225,7 @@ class Builder:
             marker.write_text(path.read_text())  # (for operators: what was resolved)
         if kind == "plain":
             await self._thread(self._keep_installed, ctx, key, venv)
+        return False
 
     # ------------------------------------------------- the previous build's install
 
@@ -1256,6 +1270,41 @@ class Builder:
             _rmtree(tmp)
             self.log.warn("build of {app}: its install is not kept for the next build: "
                           "{error}", app=ctx.app, error=str(e))
+
+    def _keep_bytecode(self, ctx: _Ctx, key: str, sp: Path, tag: str) -> None:
+        """Once the tree is root's again (after compileall), add to the app's kept
+        install the bytecode of each kept module whose source is unchanged in this
+        tree, once (a ``bytecode`` marker): a build that copies it compiles only the
+        app and what lacks bytecode.  The files are checked-hash ``.pyc`` for the
+        same Python and run-time path: what compileall would write again."""
+        kept = self.installed / _safe_name(ctx.app) / key
+        if not (kept / "site-packages").is_dir() or (kept / "bytecode").exists():
+            return
+        try:
+            base = kept / "site-packages"
+            for dirpath, dirnames, filenames in os.walk(sp):
+                dirnames[:] = [d for d in dirnames if not os.path.islink(os.path.join(dirpath, d))]
+                if os.path.basename(dirpath) != "__pycache__":
+                    continue
+                rel = Path(dirpath).relative_to(sp).parent
+                for name in filenames:
+                    if not name.endswith(f".{tag}.pyc") or name.count(".") != 2:
+                        continue
+                    source = rel / (name.split(".", 1)[0] + ".py")
+                    src, mine = base / source, sp / source
+                    if not src.is_file() or src.is_symlink() or mine.is_symlink() \
+                            or src.read_bytes() != mine.read_bytes():
+                        continue
+                    pyc = Path(dirpath) / name
+                    if not stat.S_ISREG(os.lstat(pyc).st_mode):
+                        continue
+                    (base / rel / "__pycache__").mkdir(mode=0o755, exist_ok=True)
+                    shutil.copyfile(pyc, base / rel / "__pycache__" / name,
+                                    follow_symlinks=False)
+            _write_nofollow(kept / "bytecode", tag)
+        except OSError as e:
+            self.log.warn("build of {app}: bytecode not kept: {error}", app=ctx.app,
+                          error=str(e))
 
     def _reuse_installed(self, ctx: _Ctx, key: str, venv: Path) -> bool:
         """Copy the app's kept install of this requirements set (same file, same
@@ -1330,6 +1379,26 @@ _RUNS_CODE = re.compile(
     r"Getting requirements to build"
 )
 _FETCHED = re.compile(r"(Downloading|Using cached|Processing)\s+(\S+\.whl)\b")
+
+
+def _cache_tag(version: str) -> str:
+    """CPython's bytecode tag of a ``3.11.2`` interpreter: ``cpython-311``."""
+    major, minor = version.split(".")[:2]
+    return f"cpython-{major}{minor}"
+
+
+def _lacking_bytecode(sp: Path, tag: str) -> list[str]:
+    """The ``.py`` files under ``sp`` (symlinks not followed) with no ``tag`` bytecode
+    beside them: what a build that copied a kept install still compiles."""
+    out: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(sp):
+        dirnames[:] = sorted(d for d in dirnames if d != "__pycache__"
+                             and not os.path.islink(os.path.join(dirpath, d)))
+        for name in sorted(filenames):
+            if name.endswith(".py") and not os.path.exists(
+                    os.path.join(dirpath, "__pycache__", f"{name[:-3]}.{tag}.pyc")):
+                out.append(os.path.join(dirpath, name))
+    return out
 
 
 def _safe_name(app: str) -> str:

@@ -100,6 +100,15 @@ class ExampleBuildTests(_Base):
         self.assertIn("Requirements unchanged: installing what the app's previous build "
                       "installed", sink.text())
         self.assertNotIn("pip", sink.text().split("Requirements unchanged")[1])
+        # and with it the bytecode of the first build: only the platform's own files
+        # written after pip (bundle_config, ...) are compiled again, not the packages
+        import re
+
+        m = re.search(r"site-packages kept its bytecode \((\d+) file\(s\) without it",
+                      sink.text())
+        self.assertIsNotNone(m, sink.text())
+        assert m is not None
+        self.assertLessEqual(int(m.group(1)), 3)
         self.assertNotIn("Resolving requirements", sink.text())
         self.assertNotIn("Downloading", sink.text())
         self.assertEqual(second.facts["static"], {"/static": "app/static"})
