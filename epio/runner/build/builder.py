@@ -1158,8 +1158,13 @@ class Builder:
         for link in links:
             offline += ["--find-links", link]
         offline += ["--no-compile", "--only-binary", ":all:", "-r", str(path)]
-        if kind == "plain" and await self._thread(self._reuse_installed, ctx, key, venv):
-            return True
+        if kind == "plain" and await self._thread(self._has_kept_install, ctx, key):
+            self._emit(ctx, "-----> Requirements unchanged: installing what the app's "
+                            "previous build installed")
+            problem = await self._thread(self._reuse_installed, ctx, key, venv)
+            if problem is None:
+                return True
+            self._emit(ctx, f"       could not copy it ({problem}); running pip")
         if kind != "local" and marker.exists():
             self._emit(ctx, "-----> Installing requirements from the wheel cache (offline)")
             try:
@@ -1306,21 +1311,20 @@ class Builder:
             self.log.warn("build of {app}: bytecode not kept: {error}", app=ctx.app,
                           error=str(e))
 
-    def _reuse_installed(self, ctx: _Ctx, key: str, venv: Path) -> bool:
+    def _has_kept_install(self, ctx: _Ctx, key: str) -> bool:
+        return (self.installed / _safe_name(ctx.app) / key / "site-packages").is_dir()
+
+    def _reuse_installed(self, ctx: _Ctx, key: str, venv: Path) -> str | None:
         """Copy the app's kept install of this requirements set (same file, same
-        Python) into the new virtualenv instead of running pip; False when there is
-        none (or the copy failed: then the venv is as empty as before and pip runs)."""
+        Python) into the new virtualenv instead of running pip.  None when done; else
+        why not (the venv is then as empty as before, and pip runs)."""
         kept = self.installed / _safe_name(ctx.app) / key
-        if not (kept / "site-packages").is_dir():
-            return False
-        self._emit(ctx, "-----> Requirements unchanged: installing what the app's previous "
-                        "build installed")
         sp = plat.site_packages(venv)
         bin_dir = venv / "bin"
         self._real_dir(ctx, sp)  # a fresh venv's: real directories, site-packages empty
         self._real_dir(ctx, bin_dir)
         if os.listdir(sp):
-            return False
+            return "site-packages is not empty"
         before = set(os.listdir(bin_dir))
         try:
             shutil.copytree(kept / "site-packages", sp, symlinks=True, dirs_exist_ok=True)
@@ -1348,9 +1352,8 @@ class Builder:
                     os.unlink(sp / entry)
             for entry in set(os.listdir(bin_dir)) - before:
                 os.unlink(bin_dir / entry)
-            self._emit(ctx, f"       could not copy it ({e.strerror or e}); running pip")
-            return False
-        return True
+            return str(e.strerror or e)
+        return None
 
     # ------------------------------------------------------------------ tree
 
