@@ -30,7 +30,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
-from epio.store.backend import close_quietly, connect_pg, lock_key
+from epio.store.backend import PgConnector, close_quietly, lock_key
 from epio.store.errors import StoreUnavailable
 
 if TYPE_CHECKING:
@@ -116,13 +116,12 @@ class PgLock(_LostNotifier):
 
     log = Logger()
 
-    def __init__(self, name: str, dsn: str, reactor: Any, poll_interval: float = 0.25,
-                 connect_timeout: float = 10.0) -> None:
+    def __init__(self, name: str, connector: PgConnector, reactor: Any,
+                 poll_interval: float = 0.25) -> None:
         super().__init__()
-        self._connect_timeout = connect_timeout
         self.name = name
         self.key = lock_key(name)
-        self._dsn = dsn
+        self._connector = connector
         self._reactor = reactor
         self._poll_interval = poll_interval
         self._conn: Any = None
@@ -146,8 +145,7 @@ class PgLock(_LostNotifier):
         if self._conn is not None and not self._conn.closed:
             return self._conn
         try:
-            conn = await connect_pg(self._reactor, self._dsn, self._connect_timeout,
-                                    on_lost=self._on_connection_lost)
+            conn = await self._connector.connect(on_lost=self._on_connection_lost)
         except StoreUnavailable as e:
             raise StoreUnavailable(f"lock {self.name}: {e}") from None
         self._conn = conn
