@@ -203,6 +203,7 @@ class LB:
         # X-Epio-Static token made from it (docs/static.md); empty: no static routing
         self.static_secret = static_secret
         self._static_headers: dict[str, bytes] = {}
+        self.pages = pages.ErrorPages()
 
     def static_header(self, app: str) -> bytes:
         """The ``X-Epio-Static`` header line (with CRLF) for ``app``'s static requests."""
@@ -1875,7 +1876,7 @@ class ClientConn(Protocol):
         except RuntimeError:  # none registered (StringTransport says so; sockets do not)
             pass
         as_json = req is not None and req.accept_json
-        ctype, body = pages.render(status, code, message, as_json)
+        ctype, body = self.lb.pages.render(status, code, message, as_json)
         self.local_reply(status, ctype, body, code, extra, close, default_reason=b"Error")
 
     def _https_location(self, req: Request) -> bytes:
