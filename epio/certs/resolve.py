@@ -19,7 +19,7 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.error import DNSLookupError, TimeoutError
-from twisted.internet.interfaces import IResolver
+from twisted.internet.interfaces import IReactorTime, IResolver
 from twisted.logger import Logger
 from twisted.names import dns
 from twisted.names.error import DNSNameError, DomainError
@@ -106,7 +106,7 @@ class NameCheck:
         return None
 
 
-def make_name_check(reactor: Any, router_addresses: list[str], dns_server: str,
+def make_name_check(reactor: IReactorTime, router_addresses: list[str], dns_server: str,
                     domain: str) -> NameCheck:
     """The issuer's :class:`NameCheck`: ``acme.dns_server`` (``HOST:PORT``) or the
     system's resolver (``/etc/resolv.conf`` and ``/etc/hosts``).  ``reactor``: UDP, TCP

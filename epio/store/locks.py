@@ -116,7 +116,7 @@ class PgLock(_LostNotifier):
 
     log = Logger()
 
-    def __init__(self, name: str, connector: PgConnector, reactor: Any,
+    def __init__(self, name: str, connector: PgConnector, reactor: IReactorTime,
                  poll_interval: float = 0.25) -> None:
         super().__init__()
         self.name = name
@@ -215,7 +215,7 @@ _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
 class FileLock(_LostNotifier):
     """An exclusive ``flock`` on ``lock_dir/<name>.lock`` (one box, many processes)."""
 
-    def __init__(self, name: str, lock_dir: Path, reactor: Any, poll_interval: float = 0.1) -> None:
+    def __init__(self, name: str, lock_dir: Path, reactor: IReactorTime, poll_interval: float = 0.1) -> None:
         super().__init__()
         self.name = name
         safe = _SAFE.sub("_", name)[:64]
