@@ -10,6 +10,11 @@ compiled regular expression (C speed); then one ``split`` and a short loop pick
 out the few headers that matter.  Bodies are framed by :class:`ChunkedDecoder`
 or a byte count; the backend only ever sees a head we wrote and a body we framed.
 
+:func:`parse_request` and :func:`parse_response` each keep their own header loop,
+on purpose: their shared part is four lines (find the colon, look the name up, keep
+or drop), and every shared form measured costs the proxied request more than it
+saves (docs/architecture.md "Why lb/http.py keeps two header loops").
+
 Nothing here does I/O; the proxy feeds bytes in.
 """
 
@@ -58,7 +63,6 @@ _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,15})(?:[\t ]*;[\t\x20-\x7e\x80-\xff]*
 
 # Headers the proxy interprets or rewrites: the value says what to do.
 H_DROP = 0      # hop-by-hop or proxy-owned: never forwarded as received
-H_KEEP = 64     # flag: forwarded as received too (the router only reads it)
 H_HOST = 1
 H_CL = 2
 H_TE = 3
@@ -69,9 +73,9 @@ H_XFF = 7
 H_XFPROTO = 8
 H_XFPORT = 9
 H_RID = 10
-H_ACCEPT = 11 | H_KEEP
+H_ACCEPT = 11
 H_FORWARDED = 12
-H_AUTH = 13 | H_KEEP
+H_AUTH = 13
 
 REQUEST_SPECIAL: dict[bytes, int] = {
     b"host": H_HOST,
@@ -162,36 +166,6 @@ def _split_head(head: bytes) -> tuple[bytes, bytes]:
     return head[:nl], head[nl + 2:] + b"\r\n"
 
 
-def _header_fields(block: bytes, special: dict[bytes, int], max_lines: int
-                   ) -> tuple[list[bytes], list[tuple[int, bytes, bytes]]]:
-    """The one header loop of requests and responses, over a header block as
-    :func:`_split_head` gives it: the lines forwarded as received (``kept``, in
-    order) and ``(kind, line, value)`` for each line whose name is in ``special`` and
-    not dropped (``H_DROP``), in order, for the caller to interpret.  A kind with
-    ``H_KEEP`` is both kept and interpreted.
-
-    Raises :class:`BadMessage` when a line is malformed (checked for the whole block
-    at once by ``_HEADER_BLOCK``) or there are more than ``max_lines``."""
-    if block and not _HEADER_BLOCK.fullmatch(block):
-        raise BadMessage(400, "bad_request", "malformed header field")
-    lines = block.split(b"\r\n")
-    lines.pop()
-    if len(lines) > max_lines:
-        raise BadMessage(431, "headers_too_large", f"more than {max_lines} request headers")
-    kept = []
-    fields = []
-    for ln in lines:
-        colon = ln.find(b":")
-        kind = special.get(ln[:colon].lower())
-        if kind is None:
-            kept.append(ln)
-        elif kind:
-            if kind & H_KEEP:
-                kept.append(ln)
-            fields.append((kind, ln, ln[colon + 1:].strip(b" \t")))
-    return kept, fields
-
-
 def _connection_tokens(value: bytes) -> list[bytes]:
     lv = value.lower()
     return [lv] if lv in _SIMPLE_CONN else _tokens(value)
@@ -226,14 +200,29 @@ def parse_request(head: bytes) -> Request:
         raise BadMessage(431, "headers_too_large", "request headers larger than 16 KiB")
     req = Request()
     abs_host = _request_line(req, line)
-    kept, fields = _header_fields(block, REQUEST_SPECIAL, MAX_HEADERS)
+    if block and not _HEADER_BLOCK.fullmatch(block):
+        raise BadMessage(400, "bad_request", "malformed header field")
+    lines = block.split(b"\r\n")
+    lines.pop()
+    if len(lines) > MAX_HEADERS:
+        raise BadMessage(431, "headers_too_large", "more than 100 request headers")
     minor = req.version
+    kept = []
     hosts = 0
     cl = -1
     te: list[bytes] | None = None
     conn: list[bytes] | None = None
     upgrade = None
-    for kind, ln, value in fields:
+    special = REQUEST_SPECIAL
+    for ln in lines:
+        colon = ln.find(b":")
+        kind = special.get(ln[:colon].lower())
+        if kind is None:
+            kept.append(ln)
+            continue
+        if kind == H_DROP:
+            continue
+        value = ln[colon + 1:].strip(b" \t")
         if kind == H_HOST:
             hosts += 1
             req.host_line = ln
@@ -249,6 +238,7 @@ def parse_request(head: bytes) -> Request:
         elif kind == H_UPGRADE:
             upgrade = value
         elif kind == H_ACCEPT:
+            kept.append(ln)
             if b"json" in value:
                 req.accept_json = True
         elif kind == H_EXPECT:
@@ -264,7 +254,8 @@ def parse_request(head: bytes) -> Request:
             req.xfport = value
         elif kind == H_RID:
             req.request_id = value
-        elif kind == H_AUTH:  # the app sees it too, as behind any auth_basic proxy
+        elif kind == H_AUTH:
+            kept.append(ln)  # the app sees it too, as behind any auth_basic proxy
             req.authorization = value if req.authorization is None else b""
         elif kind == H_FORWARDED:
             if req.forwarded is None:
@@ -388,14 +379,24 @@ def parse_response(head: bytes) -> Response:
     resp.version = 1 if m.group(1) == b"1" else 0
     resp.status = int(m.group(2))
     resp.status_line = b"HTTP/1.1" + line[8:]
-    try:  # no limit on the number of lines: MAX_RESPONSE_HEAD bounds the head
-        kept, fields = _header_fields(block, RESPONSE_SPECIAL, MAX_RESPONSE_HEAD)
-    except BadMessage as e:
-        raise BadResponse(e.message) from None
+    if block and not _HEADER_BLOCK.fullmatch(block):
+        raise BadResponse("malformed header field")
+    lines = block.split(b"\r\n")
+    lines.pop()
+    kept = []
     cl = -1
     te: list[bytes] | None = None
     conn: list[bytes] | None = None
-    for kind, _, value in fields:
+    special = RESPONSE_SPECIAL
+    for ln in lines:
+        colon = ln.find(b":")
+        kind = special.get(ln[:colon].lower())
+        if kind is None:
+            kept.append(ln)
+            continue
+        if kind == H_DROP:
+            continue
+        value = ln[colon + 1:].strip(b" \t")
         if kind == H_CL:
             if cl >= 0:
                 try:
