@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 from attrs import define, field
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -426,7 +427,7 @@ class RouteFeed:
 
     def __init__(
         self,
-        clock: Any,
+        clock: IReactorTime,
         links: Iterable[NexusLink],
         request_snapshot: SnapshotRequest,
         *,

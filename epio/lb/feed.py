@@ -62,6 +62,7 @@ from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols.basic import Int32StringReceiver
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from epio.routefeed import NexusRouteSource, RouteFeed, TableBuild, TableSink
@@ -131,7 +132,7 @@ class _RouterConnection(Int32StringReceiver):
     def connectionMade(self) -> None:
         self.factory.joined(self)
 
-    def connectionLost(self, reason: Any = None) -> None:
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self.factory.left(self)
 
     def stringReceived(self, data: bytes) -> None:
@@ -273,7 +274,7 @@ class _FeedConnection(Int32StringReceiver):
     def stringReceived(self, data: bytes) -> None:
         self.source._received(self, data)
 
-    def connectionLost(self, reason: Any = None) -> None:
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self.source._lost(self)
 
     def lengthLimitExceeded(self, length: int) -> None:

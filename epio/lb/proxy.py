@@ -27,6 +27,7 @@ from twisted.internet import error as ierror
 from twisted.internet.interfaces import IPullProducer, IPushProducer
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from epio.config.settings import LbSettings
@@ -456,7 +457,7 @@ class BackendConn(Protocol):
             return
         c.down(data)
 
-    def connectionLost(self, reason: Any = None) -> None:
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self.lb.conns.discard(self)
         if self.mfd >= 0:
             self.lb.mux.drop(self.mfd)
@@ -640,7 +641,7 @@ class ClientConn(Protocol):
         self.deadline = lb.reactor.seconds() + lb.s.header_timeout
         self.head_started = -1.0  # a fresh connection owes a head within header_timeout
 
-    def connectionLost(self, reason: Any = None) -> None:
+    def connectionLost(self, reason: Failure | None = None) -> None:
         lb = self.lb
         state = self.state
         self.state = C_CLOSED
