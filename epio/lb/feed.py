@@ -58,6 +58,7 @@ from twisted.application.internet import ClientService
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import UNIXClientEndpoint
+from twisted.internet.interfaces import IAddress, IDelayedCall
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -176,7 +177,7 @@ class FeedPublisher(Factory):
         self.interval = interval if clock is not None else 0.0
         self._pending: dict[str, dict[str, Any] | None] = {}  # app -> route, None: removed
         self._last: float | None = None
-        self._call: Any = None
+        self._call: IDelayedCall | None = None
 
     def stop(self) -> None:
         if self._call is not None and self._call.active():
@@ -287,7 +288,7 @@ class _FeedConnectionFactory(Factory):
     def __init__(self, source: FeedProcessSource) -> None:
         self.source = source
 
-    def buildProtocol(self, addr: Any) -> _FeedConnection:
+    def buildProtocol(self, addr: IAddress | None) -> _FeedConnection:
         return _FeedConnection(self.source)
 
 
@@ -318,7 +319,7 @@ class FeedProcessSource:
         self._items: deque[tuple[str, Any]] = deque()
         self._build: TableBuild | None = None  # a snapshot arriving
         self._fresh = False  # a table has come over the current connection
-        self._call: Any = None
+        self._call: IDelayedCall | None = None
 
     def start(self, table: RouteTable) -> None:
         self.sink = TableSink(table, self.counters, lazy=True)

@@ -24,7 +24,14 @@ from typing import IO, Any
 
 from attrs import define, fields
 from twisted.internet import error as ierror
-from twisted.internet.interfaces import IPullProducer, IPushProducer
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import (
+    IAddress,
+    IConnector,
+    IDelayedCall,
+    IPullProducer,
+    IPushProducer,
+)
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -172,7 +179,7 @@ class LB:
         self.waker = waker
         self.held: dict[str, deque[ClientConn]] = {}
         self._woken: dict[str, float] = {}
-        self._wake_poll: Any = None
+        self._wake_poll: IDelayedCall | None = None
         self._wake_version = -1
         self.wakes = 0  # runner.wake sent (for /metrics and tests)
         # where request bodies larger than body_buffer_size are spooled (the router's
@@ -189,14 +196,14 @@ class LB:
         self.s = settings
         self.observer = observer if observer is not None else Observer(None, None, False)
         self.states: dict[tuple[str, int], BackendState] = {}
-        self.conns: set[Any] = set()  # every client and backend connection (for sweeps)
+        self.conns: set[ClientConn | BackendConn] = set()  # every client and backend connection (for sweeps)
         self.clients = 0
         self.stopping = False
         self.trusted = frozenset(settings.trusted_proxies)
         self._rr = 0
         self._rid_prefix = os.urandom(6).hex().encode()
         self._rid_n = 0
-        self._drained: list[Any] = []
+        self._drained: list[Deferred[None]] = []
         # epio.lb.fastio.ReadMux (epoll reactors), or None; Any: the hot paths use it
         # only where a connection holds a mux slot (mfd), so it is never None there
         self.mux: Any = mux
@@ -397,7 +404,7 @@ class LB:
             if c.transport is not None:
                 c.transport.abortConnection()
 
-    def when_drained(self, d: Any) -> None:
+    def when_drained(self, d: Deferred[None]) -> None:
         self._drained.append(d)
         self._check_drained()
 
@@ -509,13 +516,13 @@ class BackendConnector(ClientFactory):
         self.client: ClientConn | None = client
         self.conn_for: BackendConn | None = None
 
-    def buildProtocol(self, addr: Any) -> BackendConn:
+    def buildProtocol(self, addr: IAddress | None) -> BackendConn:
         p = BackendConn(self.lb, self.st)
         p.client = self.client
         self.conn_for = p
         return p
 
-    def clientConnectionFailed(self, connector: Any, reason: Any) -> None:
+    def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
         c = self.client
         self.client = None
         timed_out = reason.check(ierror.TimeoutError) is not None
@@ -524,7 +531,7 @@ class BackendConnector(ClientFactory):
         else:
             self.lb.note_failure(self.st, self.lb.reactor.seconds())
 
-    def clientConnectionLost(self, connector: Any, reason: Any) -> None:
+    def clientConnectionLost(self, connector: IConnector, reason: Failure) -> None:
         pass
 
 
@@ -2001,7 +2008,7 @@ class LBFactory(Factory):
         self.scheme = scheme
         self.limit = limit
 
-    def buildProtocol(self, addr: Any) -> ClientConn | None:
+    def buildProtocol(self, addr: IAddress | None) -> ClientConn | None:
         limit = self.limit
         if limit is not None and not limit.opened():
             return None  # accepted in the batch that reached the limit: closed at once
