@@ -23,7 +23,7 @@ import sqlite3
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from attrs import frozen
 from twisted.internet.defer import Deferred, DeferredLock, DeferredSemaphore
@@ -33,6 +33,10 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from epio.store.errors import IntegrityError, InvalidValue, StoreUnavailable
+
+if TYPE_CHECKING:
+    from epio.store.locks import Lock
+    from epio.store.pgconn import PgConnection
 
 T = TypeVar("T")
 
@@ -100,7 +104,7 @@ class Backend(Protocol):
     ) -> T:
         """Run ``fn(tx)`` in a transaction: commit if it returns, roll back if it raises."""
 
-    def lock(self, name: str) -> Any:
+    def lock(self, name: str) -> Lock:
         """A :class:`epio.store.locks.Lock` named ``name``."""
 
     async def listen(self, callback: Callable[[dict[str, Any]], None]) -> Callable[[], None]:
@@ -297,7 +301,7 @@ class SqliteBackend:
             pool, self._pool = self._pool, None
             pool.stop()
 
-    def lock(self, name: str) -> Any:
+    def lock(self, name: str) -> Lock:
         from epio.store.locks import FileLock
 
         lock = FileLock(name, self.lock_dir, self._reactor)
@@ -405,7 +409,8 @@ class PgConnector:
         #: index in the URL's host list of the host that last took a connection
         self.last_good = 0
 
-    async def connect(self, on_lost: Callable[[Any], None] | None = None) -> Any:
+    async def connect(self, on_lost: Callable[[PgConnection], None] | None = None
+                      ) -> PgConnection:
         """Open a :class:`~epio.store.pgconn.PgConnection`, failing with
         StoreUnavailable after ``timeout`` s.
 
@@ -450,7 +455,7 @@ _CANNOT = "cannot connect to PostgreSQL: "
 
 
 async def _connect_one(reactor: Any, dsn: str, where: dict[str, str], timeout: float,
-                       on_lost: Callable[[Any], None] | None) -> Any:
+                       on_lost: Callable[[PgConnection], None] | None) -> PgConnection:
     from epio.store.pgconn import PgConnection  # psycopg2: 4.6 MiB, only for PostgreSQL
 
     conn = PgConnection(reactor, on_lost)
@@ -529,24 +534,24 @@ class PostgresBackend:
         self._pool_size = pool_size
         self.connector = PgConnector(reactor, dsn, connect_timeout)
         self._sem = DeferredSemaphore(pool_size)
-        self._idle: list[Any] = []
+        self._idle: list[PgConnection] = []
         self._closed = False
         self._listeners = _Listeners()
         self._locks: weakref.WeakSet[Any] = weakref.WeakSet()
-        self._listen_conn: Any = None
+        self._listen_conn: PgConnection | None = None
         self._listen_started = False
         self._listen_up = False
         self._listen_waiters: list[Deferred[None]] = []
         self._retry: IDelayedCall | None = None
 
-    async def _connect(self) -> Any:
+    async def _connect(self) -> PgConnection:
         return await self.connector.connect()
 
     async def open(self) -> None:
         conn = await self._connect()
         self._idle.append(conn)
 
-    async def _checkout(self) -> Any:
+    async def _checkout(self) -> PgConnection:
         if self._closed:
             raise StoreUnavailable("the store is closed")
         await self._sem.acquire()
@@ -563,7 +568,7 @@ class PostgresBackend:
             self._sem.release()
             raise
 
-    def _checkin(self, conn: Any, broken: bool) -> None:
+    def _checkin(self, conn: PgConnection, broken: bool) -> None:
         if broken or self._closed or conn.closed:
             close_quietly(conn)
         else:
@@ -684,7 +689,7 @@ class PostgresBackend:
             self.log.info("store listener reconnected; subscribers resync")
             self._listeners.deliver({"kind": "resync"})
 
-    def _listener_lost(self, conn: Any) -> None:
+    def _listener_lost(self, conn: PgConnection) -> None:
         if conn is not self._listen_conn:
             return
         self._listen_conn = None
@@ -715,7 +720,7 @@ class PostgresBackend:
         for conn in idle:
             close_quietly(conn)
 
-    def lock(self, name: str) -> Any:
+    def lock(self, name: str) -> Lock:
         from epio.store.locks import PgLock
 
         lock = PgLock(name, self.connector, self._reactor)

@@ -34,6 +34,7 @@ from epio.store.backend import PgConnector, close_quietly, lock_key
 from epio.store.errors import StoreUnavailable
 
 if TYPE_CHECKING:
+    from epio.store.pgconn import PgConnection
     from epio.store.store import Store
 
 
@@ -124,14 +125,14 @@ class PgLock(_LostNotifier):
         self._connector = connector
         self._reactor = reactor
         self._poll_interval = poll_interval
-        self._conn: Any = None
+        self._conn: PgConnection | None = None
         self._held = False
 
     @property
     def held(self) -> bool:
         return self._held
 
-    def _on_connection_lost(self, conn: Any) -> None:
+    def _on_connection_lost(self, conn: PgConnection) -> None:
         if conn is not self._conn:
             return
         self._conn = None
@@ -141,7 +142,7 @@ class PgLock(_LostNotifier):
                           name=self.name)
             self._fire_lost()
 
-    async def _connection(self) -> Any:
+    async def _connection(self) -> PgConnection:
         if self._conn is not None and not self._conn.closed:
             return self._conn
         try:
