@@ -129,8 +129,12 @@ async def token_create(reactor: IReactorTime, args: argparse.Namespace) -> int:
           f"{minted.description}; store {redact_url(url)}"
           f"{'; the admin user was created again' if minted.created_user else ''}",
           file=sys.stderr)
+    from epio.api.settings import ApiSettings
+
+    # the routed URL when the platform is served through the routers (api.hostname)
+    routed = ApiSettings.from_config(config).platform_url() or "URL"
     print(f"wrote a new admin token to {minted.path} (mode 0600); log in with:\n"
-          f"  epio login --api URL < {minted.path}")
+          f"  epio login --api {routed} < {minted.path}")
     return 0
 
 

@@ -126,6 +126,15 @@ SCHEMAS.update({
         "local": {"type": "boolean",
                   "description": "false: pruned on the backup node, kept in the archive "
                                  "(a restore fetches it)"},
+        "copies": {"type": "array", "description": "each archive target's copy",
+                   "items": obj({
+                       "target": {"type": "string", "enum": ["command", "s3"],
+                                  "description": "`command` (backup.archive_command) or "
+                                                 "`s3` (backup.archive_s3_*)"},
+                       "state": {"type": "string", "enum": ["archived", "failed"]},
+                       "where": {"type": "string",
+                                 "description": "where the copy is (s3://BUCKET/KEY)"},
+                       "error": STR})},
     }),
     "Snapshot": obj({"id": STR, "kind": STR, "created": NUM}),
     "SnapshotRestored": obj({"kind": STR, "id": STR, "kept_as": STR}),
@@ -186,7 +195,21 @@ def describe_backup(r: Mapping[str, Any]) -> dict[str, Any]:
         "archive": str(r.get("archive") or ""), "archive_error": str(r.get("archive_error") or ""),
         "archive_name": str(r.get("archive_name") or ""),
         "local": bool(r.get("local", True)),
+        "copies": _copies(r),
     }
+
+
+def _copies(r: Mapping[str, Any]) -> list[dict[str, str]]:
+    """Each archive target's copy; a record from before copies were kept per target was
+    archived (or not) by archive_command."""
+    copies = r.get("copies") or {}
+    if not copies and r.get("archive") in ("archived", "failed"):
+        copies = {"command": {"state": r.get("archive"), "error": r.get("archive_error"),
+                              "where": f"archive_command ({r.get('archive_name') or ''})"}}
+    return [{"target": str(t), "state": "archived" if c.get("state") == "archived"
+             else "failed", "where": str(c.get("where") or ""),
+             "error": str(c.get("error") or "")}
+            for t, c in copies.items() if t in ("command", "s3") and isinstance(c, dict)]
 
 
 class Addons:

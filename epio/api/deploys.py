@@ -323,11 +323,12 @@ class Deployer:
             return
         deadline = self.clock.seconds() + self.settings.drain_seconds
         while True:
-            healthy = [i for i in await self.store.list_instances(app.name)
-                       if runs(i, version, keep) and i.state == "healthy"
-                       and i.process_type in web]
+            new = [i for i in await self.store.list_instances(app.name)
+                   if runs(i, version, keep) and i.process_type in web]
+            healthy = [i for i in new if i.state == "healthy"]
+            asleep = [i for i in new if i.state == "asleep"]  # an asleep app's release
             if await routers_have(self.control, self.settings, self.clock, app.name,
-                                  healthy) or self.clock.seconds() >= deadline:
+                                  healthy, asleep) or self.clock.seconds() >= deadline:
                 return
             await deferLater(self.clock, ROUTED_POLL, lambda: None)
 

@@ -418,10 +418,12 @@ class Scheduler:
                 if inst.state not in domain.SERVING_STATES:
                     await self._retire(inst, everyone, now)
                 elif len(healthy) + len(asleep) >= quantity:
-                    if ptype not in self.settings.web_process_types or asleep:
+                    if ptype not in self.settings.web_process_types:
                         switched = True  # no router sends it work: the new ones took over
                     elif switched is None:
-                        switched = await self._routed(app.name, healthy)
+                        # asleep new ones: once every nexus routes them asleep (a router
+                        # then holds a request and wakes them), not before
+                        switched = await self._routed(app.name, healthy, asleep)
                     if switched:
                         await self._retire(inst, everyone, now)
 
@@ -442,10 +444,12 @@ class Scheduler:
                                     f"(v{inst.release}) before starting its replacement")
         return done
 
-    async def _routed(self, app: str, healthy: list[Instance]) -> bool:
-        """Do routers send traffic to these new instances yet?  (Zero-downtime
-        rollover drains the old ones only then; see :func:`routers_have`.)"""
-        return await routers_have(self.control, self.settings, self.clock, app, healthy)
+    async def _routed(self, app: str, healthy: list[Instance],
+                      asleep: list[Instance]) -> bool:
+        """Do routers send traffic to these new instances (or wake the asleep ones) yet?
+        (Zero-downtime rollover drains the old ones only then; see :func:`routers_have`.)"""
+        return await routers_have(self.control, self.settings, self.clock, app, healthy,
+                                  asleep)
 
     async def _note_deploy(self, app: str, release: int, text: str) -> None:
         """Add a runner's reason to the log of the deploy rolling ``release`` out."""

@@ -244,7 +244,7 @@ def build_ready(node: Node, settings: ApiSettings, store: Store) -> ReadyApi:
     log_tail = _log_tail(node, platform, services)
     api = Api(platform, max_json_bytes=settings.max_json_bytes,
               max_upload_bytes=settings.max_upload_bytes, log_tail=log_tail, addons=addons,
-              certs=certs, run=sessions)
+              certs=certs, run=sessions, api_url=settings.platform_url())
     cron = CronRunner(store, sessions, node.reactor, CronSettings.from_config(node.config),
                       log_sink=sink)
     services.append(named("cron", CronService(cron, store, node.reactor,
@@ -382,7 +382,7 @@ def make_service(node: Node) -> ApiService:
     limit = ConnectionLimit("api", section.max_connections)
     deadlines = Deadlines(section.header_timeout, section.body_timeout, section.body_min_rate)
     starting = Api(None, max_json_bytes=settings.max_json_bytes,
-                   max_upload_bytes=settings.max_upload_bytes)
+                   max_upload_bytes=settings.max_upload_bytes, api_url=settings.platform_url())
     gate = ApiGate(starting.resource())
     site = make_site(gate, settings.max_upload_bytes + (1 << 20), deadlines, node.reactor, limit)
     registry_for(node).add_collector(site.metric_families)

@@ -183,7 +183,13 @@ SCHEMAS: dict[str, dict[str, Any]] = {
                                    "x-error": HOSTNAME_RULE}}),
     "Node": obj({"id": STR, "roles": array(STR), "control": NULLABLE_STR, "boot_id": NULLABLE_STR,
                  "last_seen": NUM, "alive": BOOL, "status": {"type": "object"}}),
-    "Status": obj({"status": STR, "version": STR}),
+    "Status": obj({"status": STR, "version": STR,
+                   "api_url": {"type": ["string", "null"],
+                               "description": "the API's URL through the routers "
+                                              "(api.hostname), or null without a platform "
+                                              "route: the URL clients should use"},
+                   "routed": {"type": "boolean",
+                              "description": "this request came through a router"}}),
     "Deleted": obj({"deleted": STR}),
     "LogLines": obj({
         "app": STR, "next": INT,

@@ -78,8 +78,10 @@ class Api(AddonRoutes, CronRoutes, RunRoutes):
 
     def __init__(self, platform: Any, *, max_json_bytes: int = 1 << 20,
                  max_upload_bytes: int = 200 << 20, log_tail: Any = None,
-                 addons: Any = None, certs: Any = None, run: Any = None) -> None:
+                 addons: Any = None, certs: Any = None, run: Any = None,
+                 api_url: str | None = None) -> None:
         self.platform = platform  # None: the api is starting (503 ``starting``)
+        self.api_url = api_url  # the routed URL (ApiSettings.platform_url), or None
         self.log_tail = log_tail  # epio.api.logtail.LogTail, None without a logger
         self.addons = addons  # epio.api.addons.Addons (add-on and backup routes)
         self.certs = certs  # epio.certs.api.Certs (certificate routes)
@@ -221,8 +223,11 @@ class Api(AddonRoutes, CronRoutes, RunRoutes):
                response=ref("Status"), auth=False, tag="meta")
     async def status(self, request: IRequest, user: User) -> Any:
         from epio import __version__
+        from epio.domain import ROUTER_VIA
 
-        return {"status": "ok", "version": __version__}
+        via = request.getHeader("via") or ""
+        return {"status": "ok", "version": __version__, "api_url": self.api_url,
+                "routed": via.strip() == ROUTER_VIA}
 
     # --- users and tokens -------------------------------------------------------
 

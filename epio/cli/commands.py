@@ -86,9 +86,38 @@ def confirm_name(args: argparse.Namespace, name: str, prompt: str, refused: str)
 # --- login ---------------------------------------------------------------------------
 
 
+#: seconds ``login`` waits for the routed URL an api node names before it keeps the URL
+#: it was given (docs/cli.md)
+ROUTED_PROBE_TIMEOUT = 5.0
+
+
+def routed_default(api: str, token: str) -> tuple[str, str]:
+    """The URL to keep for a login at ``api``, and why, when it is not ``api``: given an
+    api node's own listener (the request did not come through a router) that names the
+    platform's routed URL (``api.hostname``), the routed one -- once it answers, through
+    a router, with this token, within :data:`ROUTED_PROBE_TIMEOUT` seconds."""
+    status = Client(api, token).get("status") or {}
+    routed = str(status.get("api_url") or "").rstrip("/")
+    if status.get("routed") or not routed or routed == api:
+        return api, ""
+    try:
+        probe = Client(routed, token, timeout=ROUTED_PROBE_TIMEOUT)
+        through = probe.get("status") or {}
+        if not through.get("routed"):
+            raise CliError(f"{routed} is not served through a router")
+        probe.get("user")
+    except CliError as e:
+        return api, (f"the platform's routed URL {routed} did not answer ({e}); kept {api}, "
+                     "an api node's own listener")
+    return routed, (f"the platform's routed URL (you gave {api}, an api node's own "
+                    "listener; --direct keeps it)")
+
+
 def cmd_login(args: argparse.Namespace) -> int:
     if args.web:
         return login_web(args)
+    if not args.api:
+        args.api = os.environ.get("EPIO_API") or load_config().get("api")
     if not args.api:
         raise CliError("login needs --api URL (or --web, once logged in, to sign the "
                        "dashboard in)", USAGE)
@@ -106,11 +135,15 @@ def cmd_login(args: argparse.Namespace) -> int:
         raise CliError(f"--api must be a URL such as https://epio.example.com or "
                        f"http://127.0.0.1:8000, not {api!r}")
     user = Client(api, token).get("user")
+    note = ""
+    if not args.direct:
+        api, note = routed_default(api, token)
     cfg = load_config()
     cfg.update({"api": api, "token": token})
     path = save_config(cfg)
-    return out(args, {"api": api, "user": user["name"], "config": str(path)},
-               f"Logged in to {api} as {user['name']} (token saved in {path})")
+    return out(args, {"api": api, "user": user["name"], "config": str(path), "note": note},
+               f"Logged in to {api} as {user['name']} (token saved in {path})"
+               + (f"\n  {note}" if note else ""))
 
 
 def login_web(args: argparse.Namespace) -> int:
@@ -782,7 +815,11 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--api",
                    help="the API URL: the routed one, e.g. https://epio.example.com "
                         "(api.hostname, through the routers), or an api node's own "
-                        "listener, e.g. http://127.0.0.1:8000")
+                        "listener, e.g. http://127.0.0.1:8000 -- then the routed URL it "
+                        "names is kept, once it answers (default: $EPIO_API, or the URL "
+                        "of the last login)")
+    p.add_argument("--direct", action="store_true",
+                   help="keep the --api URL as given, even an api node's own listener")
     p.add_argument("--token", help="API token (default: read from stdin)")
     p.add_argument("--web", action="store_true",
                    help="print a one-time link that signs the dashboard in as you "

@@ -118,6 +118,18 @@ def hostname_or_off(value: Any) -> str | None:
     return f"must be a hostname (no scheme, port or path), empty or off, not {value!r}"
 
 
+def s3_endpoint(value: Any) -> str | None:
+    if value == "" or re.match(r"^https?://[^/?#\s]+/?$", value):
+        return None
+    return "must be empty or http(s)://HOST[:PORT] (no path, no query)"
+
+
+def s3_prefix(value: Any) -> str | None:
+    if re.match(r"^[A-Za-z0-9/_.-]*$", value) and not value.startswith("/"):
+        return None
+    return "letters, digits, / _ . - only, and not starting with /"
+
+
 def store_url(value: Any) -> str | None:
     if value == "" or value.startswith(("sqlite:///", "postgresql://", "postgres://")):
         return None
@@ -702,6 +714,31 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "archive_daily": Key(int, 30, "Daily archives kept offsite.", non_negative),
         "archive_weekly": Key(int, 12, "Weekly archives kept offsite.", non_negative),
         "archive_monthly": Key(int, 24, "Monthly archives kept offsite.", non_negative),
+        "archive_s3_endpoint": Key(
+            str, "", "URL of an S3-compatible object store (http://HOST:PORT or "
+            "https://HOST) that every verified backup's encrypted archive is also uploaded "
+            "to (path-style: ENDPOINT/BUCKET/KEY), signed with AWS SigV4; empty: no S3 "
+            "target. Works beside archive_command (each copy is recorded). See "
+            "docs/databases.md.", s3_endpoint),
+        "archive_s3_bucket": Key(str, "", "Bucket of the S3 archive target (it must exist)."),
+        "archive_s3_region": Key(str, "us-east-1", "Region the S3 requests are signed for.",
+                                 lambda v: None if v else "must not be empty"),
+        "archive_s3_access_key_id": Key(str, "", "Access key id of the S3 archive target."),
+        "archive_s3_secret_key_file": Key(
+            str, "", "File (mode 0600) holding the S3 secret access key; the secret is never "
+            "written in the config nor logged."),
+        "archive_s3_prefix": Key(
+            str, "", "Prefix of the archive objects' keys (KEY = PREFIX<app>/<id>.epioarc), "
+            "e.g. epio/ ; letters, digits, / _ . - only.", s3_prefix),
+        "archive_s3_part_mb": Key(
+            int, 16, "Part size of S3 uploads and ranged downloads (MiB, 5 to 5120): a larger "
+            "archive is uploaded in parts of this size (multipart upload) and read back in "
+            "ranges of it; the backup node holds one part in memory at a time.",
+            lambda v: None if 5 <= v <= 5120 else f"must be 5 to 5120, not {v!r}"),
+        "archive_s3_timeout": Key(
+            float, 300.0, "Seconds one S3 request (one object or part up, one range down, a "
+            "listing page, a deletion) may take before it fails (and is tried again, as "
+            "archive_retries says).", positive),
     },
     "addons": {
         "postgres_admin_url": Key(
@@ -943,12 +980,24 @@ def _acme_timing(values: dict[str, dict[str, Any]]) -> list[str]:
     return out
 
 
+_S3_NEEDS = ("archive_s3_bucket", "archive_s3_access_key_id", "archive_s3_secret_key_file")
+
+
 def _archive_keys(values: dict[str, dict[str, Any]]) -> list[str]:
     backup = values["backup"]
     out = []
     if backup["archive_command"] and not backup["archive_key_file"]:
         out.append("backup.archive_command needs backup.archive_key_file: archives are "
                    "encrypted before they leave the backup node")
+    if backup["archive_s3_endpoint"]:
+        if not backup["archive_key_file"]:
+            out.append("backup.archive_s3_endpoint needs backup.archive_key_file: archives "
+                       "are encrypted before they leave the backup node")
+        out.extend(f"backup.archive_s3_endpoint needs backup.{k}" for k in _S3_NEEDS
+                   if not backup[k])
+    else:
+        out.extend(f"backup.{k} is set but backup.archive_s3_endpoint is not"
+                   for k in (*_S3_NEEDS, "archive_s3_prefix") if backup[k])
     if backup["archive_retry_initial"] > backup["archive_retry_max"]:
         out.append(f"backup.archive_retry_initial ({backup['archive_retry_initial']:g}) must not "
                    f"be above backup.archive_retry_max ({backup['archive_retry_max']:g})")

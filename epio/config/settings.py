@@ -656,6 +656,30 @@ class BackupSettings:
     archive_monthly: int
     """Monthly archives kept offsite."""
 
+    archive_s3_endpoint: str
+    """URL of an S3-compatible object store (http://HOST:PORT or https://HOST) that every verified backup's encrypted archive is also uploaded to (path-style: ENDPOINT/BUCKET/KEY), signed with AWS SigV4; empty: no S3 target. Works beside archive_command (each copy is recorded). See docs/databases.md."""
+
+    archive_s3_bucket: str
+    """Bucket of the S3 archive target (it must exist)."""
+
+    archive_s3_region: str
+    """Region the S3 requests are signed for."""
+
+    archive_s3_access_key_id: str
+    """Access key id of the S3 archive target."""
+
+    archive_s3_secret_key_file: str
+    """File (mode 0600) holding the S3 secret access key; the secret is never written in the config nor logged."""
+
+    archive_s3_prefix: str
+    """Prefix of the archive objects' keys (KEY = PREFIX<app>/<id>.epioarc), e.g. epio/ ; letters, digits, / _ . - only."""
+
+    archive_s3_part_mb: int
+    """Part size of S3 uploads and ranged downloads (MiB, 5 to 5120): a larger archive is uploaded in parts of this size (multipart upload) and read back in ranges of it; the backup node holds one part in memory at a time."""
+
+    archive_s3_timeout: float
+    """Seconds one S3 request (one object or part up, one range down, a listing page, a deletion) may take before it fails (and is tried again, as archive_retries says)."""
+
 
 @frozen
 class AddonsSettings:

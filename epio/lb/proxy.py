@@ -38,6 +38,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from epio.config.settings import LbSettings
+from epio.domain import ROUTER_VIA
 from epio.lb import pages
 from epio.lb.compress import GzipBody
 from epio.lb.compress import plan as compress_plan
@@ -125,7 +126,7 @@ class Settings:
     spool_max_bytes: int = 1073741824
     trusted_proxies: tuple[str, ...] = ()
     shutdown_timeout: float = 30.0
-    via: bytes = b"1.1 epio"
+    via: bytes = ROUTER_VIA.encode()  # the routers' Via (the api reads it: docs/cli.md)
     https_port: int = 443  # in the Location of an app's https_redirect (docs/https.md)
     # an asleep app's requests: held at most wake_timeout s, at most wake_queue_size
     # of them per app (docs/apps.md "Sleeping apps")

@@ -57,7 +57,7 @@ from epio.addons.services import SERVICE_PROCESS_TYPES
 from epio.config.schema import DEFAULT_UIDS
 from epio.config.settings import RunnerSettings
 from epio.runner.cgroups import Limits
-from epio.runner.ports import PortAllocator
+from epio.runner.ports import NoFreePort, PortAllocator
 from epio.runner.sandbox import sandboxed_pid
 from epio.runner.users import UserError, app_user
 
@@ -391,6 +391,7 @@ class Instance:
     stopping: bool = False
     boot_failed: bool = False
     reason: str | None = None
+    squatted: bool = False  # said once per start: another process holds its port
     health_failures: int = 0
     oom_before: int = 0
     oom_seen: int = 0
@@ -758,7 +759,10 @@ class Supervisor:
         inst.healthy_since = None
         inst.health_failures = 0
         inst.boot_failed = False
+        inst.squatted = False
         self._to(inst, State.STARTING)
+        if not self._port_still_free(inst):
+            return
         try:
             launch = await self.launcher.prepare(inst.spec, inst.port)
         except Exception as e:
@@ -814,6 +818,29 @@ class Supervisor:
             self._call(inst, "health", self.settings.worker_settle, self._settled, inst, gen)
         self.changed()
 
+    def _port_still_free(self, inst: Instance) -> bool:
+        """Before a web process starts again (a restart, a wake), its port must still be
+        free: while it was down another process -- another app's, since apps share the
+        host's network namespace -- may have bound it.  A web instance then moves to a
+        free port (its runner's heartbeat and status carry the new one); a dedicated
+        database server keeps its port (the app's URL names it) and its health check
+        refuses the squatter (:meth:`_probed`).  False: no port left, the instance failed."""
+        port = inst.port
+        if port is None or inst.spec.process_type != "web" or self.ports.is_free(port):
+            return True
+        try:
+            new = self.ports.allocate()
+        except NoFreePort as e:
+            self._to(inst, State.FAILED, f"port {port} is taken by another process: {e}")
+            return False
+        self.ports.release(port)
+        inst.port = new
+        self.log.warn("instance {i}: port {port} is taken by another process; it starts on "
+                      "port {new}", i=inst.spec.instance_id, port=port, new=new)
+        self._say(inst, f"port {port} is taken by another process: starting on port {new}")
+        self.changed()
+        return True
+
     def _command(self, inst: Instance) -> str:
         if inst.spec.process_type in SERVICE_PROCESS_TYPES:
             # the platform's wrapper script: dozens of lines that say nothing to the user
@@ -858,6 +885,8 @@ class Supervisor:
             return
         s = self.settings
         if inst.state is State.STARTING:
+            if ok and not self._owns_port(inst):
+                ok = False  # another process answered on the instance's port
             if ok:
                 first = not inst.ever_healthy
                 self._healthy(inst)
@@ -883,6 +912,24 @@ class Supervisor:
                     self._terminate(inst, min(inst.spec.grace, 5.0))
                     return
             self._call(inst, "health", s.health_interval, self._probe, inst, gen)
+
+    def _owns_port(self, inst: Instance) -> bool:
+        """Whether the instance's own processes hold the listening socket on its port.
+        A health check that passes is not enough before the first routed request: apps
+        share the host's network namespace, and a process of another app that bound
+        the port while this one was down would answer it -- and get this app's
+        traffic.  Checked once per start, before the instance is first healthy."""
+        if inst.port is None or inst.launch is None:
+            return True
+        if inst.port in self.launcher.listening_ports(inst.launch):
+            return True
+        if not inst.squatted:
+            inst.squatted = True
+            self.log.warn("instance {i}: port {port} answers, but not from the instance's "
+                          "own processes: not healthy", i=inst.spec.instance_id, port=inst.port)
+            self._say(inst, f"port {inst.port} answers, but not from this instance's own "
+                            "processes (another process holds it): not healthy")
+        return False
 
     def _boot_timeout(self, inst: Instance, gen: int) -> None:
         inst.calls.pop("boot", None)

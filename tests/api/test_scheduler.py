@@ -486,6 +486,64 @@ class DeployTests(TestCase):
         self.assertGreaterEqual(reactor.seconds() - started, 0.5)
         self.assertGreaterEqual(asked() - before, 2)
 
+    async def test_asleep_app_keeps_its_old_release_until_the_nexus_wakes_the_new(
+            self) -> None:
+        """A deploy to an asleep app: the new release boots and sleeps at once; the old
+        asleep instance is retired, and the deploy succeeds, only once the nexus names
+        the new one in the route's asleep entry -- before, a request would find neither
+        release routed (503 instead of a wake)."""
+        from attrs import evolve
+        from twisted.internet import reactor
+        from twisted.internet.task import deferLater
+
+        self.h.deployer.settings = evolve(self.h.deployer.settings,
+                                          nexus_endpoints=("nexus",), drain_seconds=60.0)
+        self.h.scheduler.settings = evolve(self.h.scheduler.settings,
+                                           nexus_endpoints=("nexus",))
+        await self.h.add_runner("r1")
+        await self.h.call("POST", "apps", token=self.h.alice_token, body={"name": "hello"})
+        self.h.scheduler.become_leader()
+        _, body, _ = await self.h.call("POST", "apps/hello/deploys", token=self.h.alice_token,
+                                       raw=b"tar", content_type="application/gzip")
+        for _ in range(200):
+            if self.h.runners.running("hello"):
+                break
+            await deferLater(reactor, 0.05, lambda: None)
+        (v1,) = self.h.runners.running("hello")
+        self.h.runners.routed["hello"] = {v1["instance_id"]}
+        await settle(ensureDeferred(self.h.deployer.wait(body["id"])), timeout=10)
+        v1["state"] = "asleep"  # idle_sleep: the runner stopped it
+        self.h.runners.routed["hello"] = set()
+        self.h.runners.routed_asleep["hello"] = {v1["instance_id"]}
+
+        async def states() -> list[tuple[int, str]]:
+            return sorted((i.release, i.state)
+                          for i in await self.h.store.list_instances("hello"))
+
+        for _ in range(200):
+            if await states() == [(1, "asleep")]:
+                break
+            await deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(await states(), [(1, "asleep")])
+
+        _, body, _ = await self.h.call("POST", "apps/hello/deploys", token=self.h.alice_token,
+                                       raw=b"tar", content_type="application/gzip")
+        for _ in range(200):
+            if (2, "asleep") in await states():
+                break
+            await deferLater(reactor, 0.05, lambda: None)
+        (v2,) = [i for i in self.h.runners.running("hello") if i["release"] == 2]
+        self.assertTrue(v2["asleep_after_boot"])
+        await deferLater(reactor, 0.5, lambda: None)  # ten scheduler passes
+        self.assertEqual(await states(), [(1, "asleep"), (2, "asleep")])
+        self.assertEqual((await self.h.store.get_deploy(body["id"])).status, "deploying")
+
+        self.h.runners.routed_asleep["hello"] = {v1["instance_id"], v2["instance_id"]}
+        await settle(ensureDeferred(self.h.deployer.wait(body["id"])), timeout=10)
+        self.h.scheduler.lose_leadership()
+        self.assertEqual((await self.h.store.get_deploy(body["id"])).status, "succeeded")
+        self.assertEqual(await states(), [(2, "asleep")])
+
     async def test_first_deploy_starts_one_of_every_process_type(self) -> None:
         """A first deploy scales every declared process type to 1 (a worker-only app
         too) and says so; a later deploy keeps the formation the user chose and gives

@@ -279,6 +279,47 @@ class HealthTests(SynchronousTestCase):
             h.proc().exit(137)
             self.assertEqual(h.sup.get("i1").reason, reason)
 
+    def test_a_port_answered_by_another_process_is_not_healthy(self) -> None:
+        """Apps share the host's network namespace: another app's process may hold the
+        port while this one is down.  A health check that passes there is not this
+        instance's: it stays starting (never routed), says why once, and becomes healthy
+        only once its own processes listen on the port."""
+        h = Harness()
+        h.launcher.listening = []  # the app has not bound $PORT; someone else answers
+        h.probe.healthy.add(20000)
+        h.sup.start(body(boot_timeout=10))
+        for _ in range(6):
+            h.reactor.advance(0.5)
+        self.assertEqual(h.state(), "starting")
+        said = [t for t in h.sink.texts("hello", "platform") if "another process" in t]
+        self.assertEqual(said, ["web.1: port 20000 answers, but not from this instance's own "
+                                "processes (another process holds it): not healthy"])
+        h.launcher.listening = [20000]
+        h.reactor.advance(0.5)
+        self.assertEqual(h.state(), "healthy")
+
+    def test_a_web_port_taken_while_down_moves_the_instance(self) -> None:
+        """A web process restarting (a crash, a wake) whose port another process bound
+        meanwhile starts on a free port, says so, and reports the new port."""
+        h = Harness()
+        taken: set[int] = set()
+        h.ports.is_free = lambda p: p not in taken
+        h.sup.start(body())
+        h.probe.healthy.update({20000, 20001})
+        h.reactor.advance(0.5)
+        self.assertEqual(h.state(), "healthy")
+        taken.add(20000)
+        h.proc().exit(1)
+        h.reactor.advance(1)
+        self.assertEqual(h.launcher.prepared[-1], ("i1", 20001))
+        self.assertEqual(h.sup.get("i1").port, 20001)
+        self.assertNotIn(20000, h.ports.used)
+        self.assertIn("web.1: port 20000 is taken by another process: starting on port 20001",
+                      h.sink.texts("hello", "platform"))
+        h.reactor.advance(0.5)
+        self.assertEqual(h.state(), "healthy")
+        self.assertEqual(h.sup.heartbeat_instances()[0]["port"], 20001)
+
     def test_status_carries_the_last_lines_of_an_unhealthy_instance(self) -> None:
         """runner.status reports the last 20 lines of output (over restarts, each cut to
         500 characters) of an instance that is not healthy; heartbeats and healthy
