@@ -457,11 +457,15 @@ class Api(AddonRoutes, CronRoutes, RunRoutes):
                "Route a custom hostname or a wildcard (*.example.com) to the app; a name "
                "that is malformed, an IP, localhost, the platform's or another account's "
                "claim is refused with one answer (400)", request=ref("NewDomain"),
-               response=ref("Domain"), status=201, tag="domains")
+               response=ref("AddedDomain"), status=201, tag="domains")
     async def add_domain(self, request: IRequest, user: User, app: App,
                          body: dict[str, Any]) -> Any:
         domain = await self.platform.add_domain(user, app, body["hostname"])
-        return serialize.domain(domain)
+        # never fatal: the domain is saved; `dns` says which record is missing
+        dns = (await self.certs.check_domain(app.name, domain.hostname, domain.wildcard)
+               if self.certs is not None else
+               {"state": "unknown", "message": "DNS not checked", "records": []})
+        return {**serialize.domain(domain), "dns": dns}
 
     @operation("DELETE", "/apps/{app}/domains/{hostname}", "removeDomain",
                "Stop routing a hostname to the app", response=ref("Deleted"), tag="domains")
