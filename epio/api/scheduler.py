@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from attrs import define, evolve, field
 from twisted.application.service import MultiService
@@ -81,6 +81,9 @@ from epio.store import (
     Store,
 )
 from epio.store.addons import addon_ports
+
+if TYPE_CHECKING:
+    from epio.store.records import App
 
 LOCK_NAME = "epio.scheduler"
 DEFAULT_BOOT_TIMEOUT = 60.0
@@ -342,7 +345,7 @@ class Scheduler:
             del known[iid]
         return list(known.values())
 
-    async def _reconcile_app(self, app: Any, mine: list[Instance], everyone: list[Instance],
+    async def _reconcile_app(self, app: App, mine: list[Instance], everyone: list[Instance],
                              now: float) -> None:
         deploys = await self.store.list_deploys(app.name, limit=200)
         # dedicated database servers are run by the add-ons code (epio.api.addons)
@@ -560,7 +563,7 @@ class Scheduler:
             env["EPIO_SECRET_KEY"] = self.app_secret(f"{app}:{uid}")
         return env
 
-    async def _start(self, app: Any, release: Any, ptype: str, number: int, formation: Any,
+    async def _start(self, app: App, release: Any, ptype: str, number: int, formation: Any,
                      everyone: list[Instance], now: float, asleep_after_boot: bool = False,
                      ) -> Instance | None:
         avoid: set[str] = set()
@@ -688,7 +691,7 @@ class Scheduler:
         if ds:
             await DeferredList(ds, consumeErrors=True)
 
-    async def purge_app_data(self, app: Any) -> list[str]:
+    async def purge_app_data(self, app: App) -> list[str]:
         """Ask every registered runner to delete a purged app's data dir; return the
         runners that did not answer or refused (they keep it: a later holder of the
         UID still never sees it, see epio.runner.launcher)."""

@@ -204,7 +204,9 @@ def build_ready(node: Node, settings: ApiSettings, store: Store) -> ReadyApi:
     from epio.api.cron import CronRunner, CronService, CronSettings
     from epio.api.purge import AppPurger, PurgeService
     from epio.api.run import RunApiSettings, RunSessions
-    from epio.certs.api import Certs
+    from epio.certs.api import Certs, DomainCheck
+    from epio.certs.dns01 import make_dns01
+    from epio.certs.resolve import make_name_check
 
     services: list[IService] = []
     dealer = node.bus.dealer([])
@@ -223,6 +225,9 @@ def build_ready(node: Node, settings: ApiSettings, store: Store) -> ReadyApi:
                                                          settings.leader_retry)))
     addons: Addons = make_addons(node.reactor, node.config, store, control, scheduler, sink)
     services.append(addons.keeper(addons.settings.keeper_interval))
+    from epio.metrics import registry_for
+
+    registry_for(node).add_collector(addons.metric_families)
     sessions: RunSessions = RunSessions(store, control, node.reactor,
                                         RunApiSettings.from_config(node.config),
                                         log_sink=sink, platform_env=scheduler.platform_env)
@@ -234,11 +239,20 @@ def build_ready(node: Node, settings: ApiSettings, store: Store) -> ReadyApi:
     purger = AppPurger(platform, store, node.reactor)
     services.append(named("purge", PurgeService(purger, store, node.reactor,
                                                 settings.purge_interval, settings.leader_retry)))
-    certs = Certs(store, node.secret, bool(node.settings.acme.directory), node.reactor)
-    if node.settings.acme.directory:  # (docs/https.md); acme, josepy, requests: 6 MiB,
+    acme = node.settings.acme
+    dns01 = make_dns01(node, store)  # DNS-01's zone server (docs/https.md), or None
+    if dns01 is not None:
+        services.append(named("acme-dns01", dns01[1]))
+    domain_check = DomainCheck(
+        node.reactor, make_name_check(node.reactor, list(acme.router_addresses),
+                                      acme.dns_server, node.settings.node.domain),
+        dns01[0] if dns01 else None, bool(acme.directory)) if acme.name_check else None
+    certs = Certs(store, node.secret, bool(acme.directory), node.reactor, domain_check)
+    if acme.directory:  # (docs/https.md); acme, josepy, requests: 6 MiB,
         from epio.certs.issuer import make_issuer_service  # imported only when used
 
-        issuer = make_issuer_service(node, store, settings.leader_retry)
+        issuer = make_issuer_service(node, store, settings.leader_retry,
+                                     dns01[0] if dns01 else None)
         if issuer is not None:
             services.append(named("acme-issuer", issuer))
     log_tail = _log_tail(node, platform, services)

@@ -749,7 +749,20 @@ def cmd_domains_list(args: argparse.Namespace) -> int:
 def cmd_domains_add(args: argparse.Namespace) -> int:
     name = app_of(args)
     d = Client.from_config().post(f"apps/{name}/domains", {"hostname": args.hostname})
-    return out(args, d, f"Added {d['hostname']} to {name}; point its DNS at the routers")
+
+    def human() -> None:
+        dns = d.get("dns") or {}
+        print(f"Added {d['hostname']} to {name}")
+        if dns.get("state") == "pending_dns":
+            print(f"DNS is not in place yet: {dns['message']}")
+            print("Create these records (the certificate is issued once they resolve):")
+            for r in dns["records"]:
+                value = r["value"] + ("." if r["type"] == "CNAME" else "")
+                print(f"    {r['name']}.  {r['type']}  {value}")
+        elif dns.get("message"):
+            print(dns["message"])
+
+    return out(args, d, human)
 
 
 def cmd_domains_remove(args: argparse.Namespace) -> int:
@@ -779,6 +792,8 @@ def cmd_certs_list(args: argparse.Namespace) -> int:
                     f"expires={_when(c['not_after'])}")
             if c["state"] == "failed":
                 line += f"  retry={_when(c['next_attempt'])}"
+            elif c["state"] == "pending_dns":
+                line += f"  next check={_when(c['next_attempt'])}"
             print(line)
             if c["last_error"]:
                 print(f"    last error: {c['last_error']}")

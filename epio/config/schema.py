@@ -93,6 +93,16 @@ def _host_port(value: Any) -> str | None:
     return None
 
 
+def _dns_name(value: Any) -> str | None:
+    if not value:
+        return None
+    labels = str(value).rstrip(".").lower().split(".")
+    if len(labels) < 2 or len(str(value)) > 200 or not all(
+            re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", label) for label in labels):
+        return f"must be a DNS name of at least two labels (like acme.example.net), not {value!r}"
+    return None
+
+
 def fence_mode(value: Any) -> str | None:
     if value == "auto":
         return ("'auto' is no longer accepted: the fence is always on unless set to \"off\" "
@@ -770,6 +780,15 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "keeper_interval": Key(float, 10.0, "Seconds between checks (by the scheduler's "
                                "leader) that every dedicated server runs; a lost one is "
                                "started again on its own runner.", positive),
+        "failover_after": Key(float, 60.0, "Seconds the runner of a dedicated server with a "
+                              "standby may go without refreshing its node row before the "
+                              "scheduler's leader fences it and promotes the standby "
+                              "(docs/databases.md, Standby and failover).",
+                              lambda v: None if 5 <= v <= 86400 else "must be in [5, 86400]"),
+        "standby_same_runner": Key(bool, False, "Testing only: let a dedicated server's "
+                                   "standby run on the primary's own runner (no protection "
+                                   "against that runner's loss); off, a standby needs a "
+                                   "second live runner."),
         "postgres_memory_mb": Key(int, 512, "Memory limit (cgroup) of a dedicated PostgreSQL "
                                   "server, MB.", positive),
         "snapshot_interval": Key(float, 3600.0, "Seconds between the runner's read-only btrfs "
@@ -886,6 +905,18 @@ SCHEMA: dict[str, dict[str, Key]] = {
                                 "resolves to (docs/https.md).", _ip_addresses, item_kind=str),
         "dns_server": Key(str, "", "DNS server (HOST:PORT) for that check; empty = the "
                           "system's resolver (/etc/resolv.conf, /etc/hosts).", _host_port),
+        "platform_certificate": Key(bool, True, "Also issue and renew the certificate of the "
+                                    "platform's own hostname (api.hostname) by HTTP-01; "
+                                    "false = it comes from lb.tls_cert_dir only. Never for "
+                                    "a name under localhost."),
+        "dns01_zone": Key(str, "", "DNS zone this cluster's api nodes serve for the DNS-01 "
+                          "challenge (e.g. acme.example.net, delegated to them with NS "
+                          "records): owners point _acme-challenge.THEIR-DOMAIN at a name "
+                          "under it with a CNAME, and get wildcard certificates; empty = no "
+                          "DNS-01 (docs/https.md).", _dns_name),
+        "dns01_listen": Key(str, "", "HOST:PORT where each api node answers DNS (UDP and TCP) "
+                            "for acme.dns01_zone, e.g. 0.0.0.0:53; needed with it.",
+                            _host_port),
     },
     "run": {
         "max_sessions_per_app": Key(
@@ -982,6 +1013,11 @@ def _acme_timing(values: dict[str, dict[str, Any]]) -> list[str]:
     if acme["retry_min"] > acme["retry_max"]:
         out.append(f"acme.retry_min ({acme['retry_min']:g}) must not be above "
                    f"acme.retry_max ({acme['retry_max']:g})")
+    if bool(acme["dns01_zone"]) != bool(acme["dns01_listen"]):
+        out.append("acme.dns01_zone and acme.dns01_listen go together: the zone's api nodes "
+                   "answer its DNS queries themselves")
+    elif acme["dns01_zone"] and not acme["directory"]:
+        out.append("acme.dns01_zone needs acme.directory (DNS-01 is an ACME challenge)")
     return out
 
 

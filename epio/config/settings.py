@@ -712,6 +712,12 @@ class AddonsSettings:
     keeper_interval: float
     """Seconds between checks (by the scheduler's leader) that every dedicated server runs; a lost one is started again on its own runner."""
 
+    failover_after: float
+    """Seconds the runner of a dedicated server with a standby may go without refreshing its node row before the scheduler's leader fences it and promotes the standby (docs/databases.md, Standby and failover)."""
+
+    standby_same_runner: bool
+    """Testing only: let a dedicated server's standby run on the primary's own runner (no protection against that runner's loss); off, a standby needs a second live runner."""
+
     postgres_memory_mb: int
     """Memory limit (cgroup) of a dedicated PostgreSQL server, MB."""
 
@@ -817,6 +823,15 @@ class AcmeSettings:
 
     dns_server: str
     """DNS server (HOST:PORT) for that check; empty = the system's resolver (/etc/resolv.conf, /etc/hosts)."""
+
+    platform_certificate: bool
+    """Also issue and renew the certificate of the platform's own hostname (api.hostname) by HTTP-01; false = it comes from lb.tls_cert_dir only. Never for a name under localhost."""
+
+    dns01_zone: str
+    """DNS zone this cluster's api nodes serve for the DNS-01 challenge (e.g. acme.example.net, delegated to them with NS records): owners point _acme-challenge.THEIR-DOMAIN at a name under it with a CNAME, and get wildcard certificates; empty = no DNS-01 (docs/https.md)."""
+
+    dns01_listen: str
+    """HOST:PORT where each api node answers DNS (UDP and TCP) for acme.dns01_zone, e.g. 0.0.0.0:53; needed with it."""
 
 
 @frozen

@@ -41,7 +41,7 @@ from __future__ import annotations
 import re
 import signal
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from attrs import define, field, frozen
@@ -547,6 +547,10 @@ class Supervisor:
         # awaited (what each returns) before an instance's process is spawned: the
         # network fence opens the instance's ports first (epio.runner.fence)
         self.before_spawn = before_spawn
+        # async (spec) -> extra env, asked before every spawn of a dedicated server of an
+        # add-on with a standby: its role from the add-on record, or an
+        # epio.addons.standby.Fenced refusal (set by epio.runner.service)
+        self.service_gate: Callable[[InstanceSpec], Awaitable[dict[str, str]]] | None = None
 
     # -- queries -----------------------------------------------------------
 
@@ -768,6 +772,36 @@ class Supervisor:
         self._to(inst, State.STARTING)
         if not self._port_still_free(inst):
             return
+        extra: dict[str, str] = {}
+        if (self.service_gate is not None and inst.spec.process_type in SERVICE_PROCESS_TYPES
+                and "EPIO_ADDON_EPOCH" in inst.spec.env):
+            from epio.addons.standby import Fenced
+
+            try:
+                extra = await self.service_gate(inst.spec)
+            except Fenced as e:
+                # never started again: the add-on record names other servers now
+                self.log.warn("instance {i}: {why}", i=inst.spec.instance_id, why=str(e))
+                self._say(inst, str(e))
+                self._to(inst, State.STOPPED if inst.stopping else State.FAILED, str(e))
+                return
+            except Exception as e:
+                # the store cannot say which role this server has: not started now,
+                # asked again after the crash backoff
+                why = f"its role is unknown ({type(e).__name__}: {e})"
+                self.log.warn("instance {i}: {why}", i=inst.spec.instance_id, why=why)
+                if inst.stopping or self.shutting_down:
+                    self._to(inst, State.STOPPED, why)
+                    return
+                delay = backoff_delay(inst.attempt, self.settings.backoff_initial,
+                                      self.settings.backoff_max)
+                inst.attempt += 1
+                self._say(inst, f"{why}; trying again in {delay:g}s")
+                self._to(inst, State.CRASHED, why)
+                self._call(inst, "restart", delay, self._restart, inst)
+                return
+            if inst.generation != gen:
+                return
         try:
             launch = await self.launcher.prepare(inst.spec, inst.port)
         except Exception as e:
@@ -779,6 +813,7 @@ class Supervisor:
             else:
                 self._to(inst, State.FAILED, why)
             return
+        launch.env.update(extra)
         refused: str | None = None
         try:
             for gate in list(self.before_spawn):

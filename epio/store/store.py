@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import attrs
 from attrs import frozen
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from epio.config.schema import DEFAULT_UIDS
@@ -210,7 +211,7 @@ class Store:
 
     log = Logger()
 
-    def __init__(self, backend: Backend, reactor: Any) -> None:
+    def __init__(self, backend: Backend, reactor: IReactorTime) -> None:
         self.backend = backend
         self.reactor = reactor
 

@@ -786,3 +786,60 @@ class AsleepAfterBootTests(SynchronousTestCase):
         h.probe.healthy.add(20000)
         h.reactor.advance(0.02)
         self.assertNotIn("waking", h.sup.heartbeat_instances()[0])
+
+
+class ServiceGateTests(SynchronousTestCase):
+    """The gate a runner asks before every spawn of a dedicated server of an add-on with
+    a standby (epio.addons.standby): its answer is the server's role; a fenced server
+    is never spawned; an unknown role is asked again after the crash backoff."""
+
+    def setUp(self) -> None:
+        self.h = Harness(backoff_initial=1.0)
+        self.answers: list[Any] = []
+
+        async def gate(spec: Any) -> dict[str, str]:
+            answer = self.answers.pop(0)
+            if isinstance(answer, Exception):
+                raise answer
+            return dict(answer)
+
+        self.h.sup.service_gate = gate
+
+    def start(self) -> None:
+        self.h.sup.start(body(process_type="epio-redis", command=["/bin/sh", "-c", "x"],
+                              release=0, env={"EPIO_ADDON_EPOCH": "2",
+                                              "EPIO_SERVICE_DIR": ".epio-redis-ab"}))
+
+    def test_role_reaches_the_server(self) -> None:
+        self.answers = [{"EPIO_SERVER_ROLE": "standby", "EPIO_PRIMARY_HOST": "10.0.0.1",
+                         "EPIO_PRIMARY_PORT": "20001"}]
+        self.start()
+        self.assertEqual(len(self.h.reactor.spawned), 1)
+        self.assertEqual(self.h.proc().env["EPIO_SERVER_ROLE"], "standby")
+        self.assertEqual(self.h.proc().env["EPIO_PRIMARY_PORT"], "20001")
+
+    def test_fenced_server_never_spawns(self) -> None:
+        from epio.addons.standby import Fenced
+
+        self.answers = [Fenced("fenced: the redis add-on of hello is at epoch 3")]
+        self.start()
+        self.assertEqual(self.h.reactor.spawned, [])
+        self.assertEqual(self.h.state(), "failed")
+        self.h.reactor.advance(600)
+        self.assertEqual(self.h.reactor.spawned, [])
+        self.assertIn("fenced", " ".join(self.h.sink.texts("hello")))
+
+    def test_unknown_role_is_asked_again(self) -> None:
+        self.answers = [ConnectionError("store down"), {"EPIO_SERVER_ROLE": "primary"}]
+        self.start()
+        self.assertEqual(self.h.reactor.spawned, [])
+        self.assertEqual(self.h.state(), "crashed")
+        self.h.reactor.advance(1.0)
+        self.assertEqual(len(self.h.reactor.spawned), 1)
+        self.assertEqual(self.h.proc().env["EPIO_SERVER_ROLE"], "primary")
+
+    def test_servers_without_an_epoch_are_not_asked(self) -> None:
+        self.h.sup.start(body(process_type="epio-redis", command=["/bin/sh", "-c", "x"],
+                              release=0, env={"EPIO_SERVICE_DIR": ".epio-redis-ab"}))
+        self.assertEqual(len(self.h.reactor.spawned), 1)
+        self.assertNotIn("EPIO_SERVER_ROLE", self.h.proc().env)
