@@ -44,7 +44,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from attrs import define, evolve, field
 from twisted.application.service import MultiService
@@ -83,10 +83,15 @@ from epio.store import (
 )
 from epio.store.addons import addon_ports
 
+if TYPE_CHECKING:
+    from epio.store.records import App
+
 LOCK_NAME = "epio.scheduler"
 DEFAULT_BOOT_TIMEOUT = 60.0
-# store changes that alter desired state (instance changes are the leader's own writes)
-WAKE_ON = ("release", "formation", "app", "node", "resync")
+# store changes that alter desired state (instance changes are the leader's own writes),
+# and "reported": a deploy saw, through a nexus, instance states its runner reports that
+# the store lacks (Deployer._hint_reports): the pass folds them now
+WAKE_ON = ("release", "formation", "app", "node", "reported", "resync")
 # a deploy's api node whose store row was not refreshed for this many times
 # api.runner_dead_after is gone (a restarted node is recognised at once by its boot id)
 OWNER_LOST_AFTER = 3
@@ -418,7 +423,7 @@ class Scheduler:
             del known[iid]
         return list(known.values())
 
-    async def _reconcile_app(self, app: Any, mine: list[Instance], everyone: list[Instance],
+    async def _reconcile_app(self, app: App, mine: list[Instance], everyone: list[Instance],
                              now: float) -> None:
         deploys = await self.store.list_deploys(app.name, limit=200)
         # dedicated database servers are run by the add-ons code (epio.api.addons)
@@ -493,10 +498,12 @@ class Scheduler:
                 if inst.state not in domain.SERVING_STATES:
                     await self._retire(inst, everyone, now)
                 elif len(healthy) + len(asleep) >= quantity:
-                    if ptype not in self.settings.web_process_types or asleep:
+                    if ptype not in self.settings.web_process_types:
                         switched = True  # no router sends it work: the new ones took over
                     elif switched is None:
-                        switched = await self._routed(app.name, healthy)
+                        # asleep new ones: once every nexus routes them asleep (a router
+                        # then holds a request and wakes them), not before
+                        switched = await self._routed(app.name, healthy, asleep)
                     if switched:
                         await self._retire(inst, everyone, now)
 
@@ -517,10 +524,12 @@ class Scheduler:
                                     f"(v{inst.release}) before starting its replacement")
         return done
 
-    async def _routed(self, app: str, healthy: list[Instance]) -> bool:
-        """Do routers send traffic to these new instances yet?  (Zero-downtime
-        rollover drains the old ones only then; see :func:`routers_have`.)"""
-        return await routers_have(self.control, self.settings, self.clock, app, healthy)
+    async def _routed(self, app: str, healthy: list[Instance],
+                      asleep: list[Instance]) -> bool:
+        """Do routers send traffic to these new instances (or wake the asleep ones) yet?
+        (Zero-downtime rollover drains the old ones only then; see :func:`routers_have`.)"""
+        return await routers_have(self.control, self.settings, self.clock, app, healthy,
+                                  asleep)
 
     async def _note_deploy(self, app: str, release: int, text: str) -> None:
         """Add a runner's reason to the log of the deploy rolling ``release`` out."""
@@ -632,7 +641,7 @@ class Scheduler:
             env["EPIO_SECRET_KEY"] = self.app_secret(f"{app}:{uid}")
         return env
 
-    async def _start(self, app: Any, release: Any, ptype: str, number: int, formation: Any,
+    async def _start(self, app: App, release: Any, ptype: str, number: int, formation: Any,
                      everyone: list[Instance], now: float, asleep_after_boot: bool = False,
                      ) -> Instance | None:
         avoid: set[str] = set()
@@ -760,7 +769,7 @@ class Scheduler:
         if ds:
             await DeferredList(ds, consumeErrors=True)
 
-    async def purge_app_data(self, app: Any) -> list[str]:
+    async def purge_app_data(self, app: App) -> list[str]:
         """Ask every registered runner to delete a purged app's data dir; return the
         runners that did not answer or refused (they keep it: a later holder of the
         UID still never sees it, see epio.runner.launcher)."""

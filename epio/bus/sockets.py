@@ -230,7 +230,7 @@ class _Monitor:
             except Exception:
                 self.log.failure("bus: error handling a socket monitor event")
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure) -> None:
         self._reactor.removeReader(self)
 
     def close(self, main: zmq.Socket[bytes] | None) -> None:

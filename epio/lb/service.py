@@ -20,7 +20,7 @@ import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NotRequired, TypedDict
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
@@ -44,6 +44,7 @@ from epio.routing import FileRouteSource, RouteTable
 
 if TYPE_CHECKING:
     from epio.certs.ocsp import Stapler
+    from epio.metrics import Family
 
 FLUSH_INTERVAL = 0.5
 GC_THRESHOLDS = (5000, 20, 100)  # CPython's default is (700, 10, 10)
@@ -62,6 +63,24 @@ def die_with_parent() -> None:
         pass
     if parent and os.getppid() != parent:  # it went before the line above
         sys.exit(0)
+
+
+class WorkerSpec(TypedDict):
+    """What a worker process is told (JSON in ``EPIO_LB_WORKER_SPEC``)."""
+
+    config: dict[str, Any]  # the node's validated config, as Config.as_dict() gives it
+    data_dir: str
+    spool_dir: str
+    feed_socket: NotRequired[str]  # the route feed process's socket, when there is one
+    reuseport: NotRequired[list[str | int]]  # [interface, port, family] to bind
+    tls_reuseport: NotRequired[list[str | int]]  # the same for lb.tls_listen
+
+
+class FeedSpec(TypedDict):
+    """What the route feed process is told (JSON in ``EPIO_LB_FEED_SPEC``)."""
+
+    config: dict[str, Any]
+    socket: str  # the UNIX socket it serves the routers on
 
 
 def start_child(variable: str, store_if: Callable[[Settings], bool] | None = None,
@@ -234,9 +253,9 @@ class LBService(MultiService):
 
     def __init__(self, reactor: Any, settings: LbSettings, domain: str,
                  route_source: Any, log_sink: Any = None,
-                 stats_sink: Any = None, *, worker_spec: dict[str, Any] | None = None,
+                 stats_sink: Any = None, *, worker_spec: WorkerSpec | None = None,
                  reuseport: tuple[str, int, int] | None = None,
-                 static_secret: bytes = b"", feed_spec: dict[str, Any] | None = None,
+                 static_secret: bytes = b"", feed_spec: FeedSpec | None = None,
                  spool: Path | None = None, certs: Any = None,
                  tls_reuseport: tuple[str, int, int] | None = None,
                  stapler: Stapler | None = None, waker: Any = None,
@@ -499,7 +518,7 @@ class LBService(MultiService):
         await defer.maybeDeferred(super().stopService)
 
     def _add_workers(self, n: int, addr: tuple[str, int, int]) -> None:
-        spec = dict(self.worker_spec or {})
+        spec: dict[str, object] = dict(self.worker_spec or {})
         spec["reuseport"] = list(addr)
         if self.tls_reuseport is not None:
             spec["tls_reuseport"] = list(self.tls_reuseport)
@@ -633,9 +652,9 @@ def make_service(node: Node) -> LBService:
     cfg = node.config
     lb = node.settings.lb
     spool = spool_dir(node.data_dir)
-    spec: dict[str, Any] = {"config": cfg.as_dict(), "data_dir": str(node.data_dir),
-                            "spool_dir": str(spool)}
-    feed_spec = None
+    spec: WorkerSpec = {"config": cfg.as_dict(), "data_dir": str(node.data_dir),
+                        "spool_dir": str(spool)}
+    feed_spec: FeedSpec | None = None
     feed_socket = None
     if not lb.routes_file and route_feed_mode(lb, node.roles) == "process":
         from epio.lb.feed import feed_socket_path
@@ -681,7 +700,7 @@ def make_service(node: Node) -> LBService:
     return svc
 
 
-def listener_families(svc: LBService) -> list[Any]:
+def listener_families(svc: LBService) -> list[Family]:
     """This router process's listeners and spooled bodies, for /metrics."""
     from epio.metrics import Family
 
@@ -706,7 +725,7 @@ def listener_families(svc: LBService) -> list[Any]:
     ]
 
 
-def route_feed_families(status: dict[str, Any]) -> list[Any]:
+def route_feed_families(status: dict[str, Any]) -> list[Family]:
     """The router's view of the nexuses, for /metrics: is it serving a stale table?"""
     from epio.metrics import Family
 

@@ -38,6 +38,7 @@ from epio.runner.images import FetchingImages, ImageServer
 from epio.runner.ports import NoFreePort, PortAllocator, bindable
 from epio.runner.sandbox import DEFAULT_SHM_BYTES, Isolation, detect_isolation, shm_args
 from epio.runner.supervisor import (
+    InstanceSpec,
     ShuttingDown,
     SpecError,
     State,
@@ -825,6 +826,8 @@ def make_service(node: Node) -> RunnerService:
     ports = PortAllocator(rc.port_min, rc.port_max, bindable(settings.advertise_host))
     supervisor = Supervisor(reactor, launcher, NetworkProbe(reactor), sink, ports, settings,
                             observers=observers, before_spawn=gates)
+    if node.store_service is not None:
+        supervisor.service_gate = service_gate(node.store_service)
     sessions = SessionManager(reactor, launcher, sink, RunSettings.from_config(conf.run),
                               settings, node_id=node.node_id,
                               store_service=node.store_service, observers=gates)
@@ -872,6 +875,20 @@ def make_service(node: Node) -> RunnerService:
     gates.append(fence.ready)  # a process or session starts once its ports are open
     registry_for(node).add_collector(lambda: runner_families(supervisor))
     return svc
+
+
+def service_gate(store_service: Any) -> Callable[[InstanceSpec], Any]:
+    """The supervisor's gate for dedicated servers of add-ons with a standby: the role
+    the add-on record gives the instance now, or a refusal (epio.addons.standby)."""
+    from epio.addons.services import KIND_OF_TYPE
+    from epio.addons.standby import server_role
+
+    async def gate(spec: InstanceSpec) -> dict[str, str]:
+        store = await store_service.whenReady()
+        return await server_role(store, spec.app, KIND_OF_TYPE[spec.process_type],
+                                 spec.instance_id)
+
+    return gate
 
 
 def runner_families(supervisor: Supervisor) -> list[Family]:
