@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from attrs import frozen
+from twisted.internet.interfaces import IReactorTime
 
 from epio import __version__
 from epio.api.domain import ADMIN_NAME, write_token_file
@@ -99,7 +100,7 @@ def store_url(config: Config, data_dir: Path) -> str:
     return url
 
 
-async def token_create(reactor: Any, args: argparse.Namespace) -> int:
+async def token_create(reactor: IReactorTime, args: argparse.Namespace) -> int:
     overrides: dict[str, dict[str, Any]] = {}
     if args.data_dir is not None:
         overrides["node"] = {"data_dir": args.data_dir}
@@ -235,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     from twisted.internet.defer import Deferred
     from twisted.internet.task import react
 
-    async def run(reactor: Any) -> None:
+    async def run(reactor: IReactorTime) -> None:
         try:
             code = await func(reactor, args)
         except AdminError as e:

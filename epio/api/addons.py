@@ -24,13 +24,14 @@ from __future__ import annotations
 import secrets
 import uuid
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from attrs import evolve, frozen
 from twisted.internet.defer import DeferredList, ensureDeferred
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.web.iweb import IRequest
 
 from epio.addons import AddonError, db_identifier
 from epio.addons.redis import DEFAULT_MEMORY_MB, DEFAULT_POLICY, RedisSpecError
@@ -65,6 +66,11 @@ from epio.domain import POSTGRES_PROCESS_TYPE as POSTGRES_TYPE
 from epio.domain import REDIS_PROCESS_TYPE as REDIS_TYPE
 from epio.store import NotFound as StoreNotFound
 from epio.store.addons import Addon, delete_addon, find_addon, list_addons, put_addon
+
+if TYPE_CHECKING:
+    from twisted.web import server
+
+    from epio.store.records import App, User
 
 CONFIG_VAR = {"postgres": "DATABASE_URL", "redis": "REDIS_URL"}
 KINDS = ("postgres", "redis")
@@ -274,10 +280,10 @@ class Addons:
 
     # --- add-ons ------------------------------------------------------------------
 
-    async def addons_of(self, app: Any) -> list[Addon]:
+    async def addons_of(self, app: App) -> list[Addon]:
         return await list_addons(self.store, app.name)
 
-    async def get(self, app: Any, kind: str) -> Addon:
+    async def get(self, app: App, kind: str) -> Addon:
         if kind not in KINDS:
             raise errors.NotFound(f"no add-on kind {kind!r}; kinds are: {', '.join(KINDS)}")
         found = await find_addon(self.store, app.name, kind)
@@ -285,7 +291,7 @@ class Addons:
             raise errors.NotFound(f"{app.name} has no {kind} add-on")
         return found
 
-    async def create(self, user: Any, app: Any, kind: str, plan: str | None,
+    async def create(self, user: User, app: App, kind: str, plan: str | None,
                      memory_mb: int | None, standby: bool = False) -> Addon:
         """Provision an add-on now; its config var comes with a new release.  With
         ``standby`` a dedicated server gets a standby on another runner (refused when
@@ -313,7 +319,7 @@ class Addons:
             addon = await self._build_standby(app, addon)
         return addon
 
-    async def destroy(self, user: Any, app: Any, kind: str,
+    async def destroy(self, user: User, app: App, kind: str,
                       force: bool = False) -> dict[str, Any] | None:
         """Final backup (when backup nodes are configured), then drop, then unset the var.
 
@@ -335,13 +341,13 @@ class Addons:
                       user=user.name)
         return final
 
-    async def config_vars(self, app: Any) -> dict[str, str]:
+    async def config_vars(self, app: App) -> dict[str, str]:
         """The config vars the app's add-ons set now (a rollback keeps them: it rolls the
         code and config back, not the databases)."""
         return {CONFIG_VAR[a.kind]: addon_url(a) for a in await list_addons(self.store, app.name)
                 if a.host and a.port}
 
-    async def app_destroyed(self, app: Any) -> list[dict[str, Any]]:
+    async def app_destroyed(self, app: App) -> list[dict[str, Any]]:
         """Before an app is destroyed: a final backup of each add-on while its server
         still runs (409 ``final_backup_failed`` and nothing destroyed when one fails).
         The add-ons and their data stay until the app is purged; a dedicated server
@@ -354,14 +360,14 @@ class Addons:
                 finals.append(final)
         return finals
 
-    async def app_purged(self, app: Any) -> None:
+    async def app_purged(self, app: App) -> None:
         """When a destroyed app is purged: drop every add-on (a shared database is
         dropped; a dedicated server's data goes with the app's data dir)."""
         for addon in await list_addons(self.store, app.name):
             await self._drop(addon)
             await delete_addon(self.store, app.name, addon.kind)
 
-    async def before_build(self, app: Any, tarball: bytes, say: Any) -> None:
+    async def before_build(self, app: App, tarball: bytes, say: Any) -> None:
         """Provision what the upload's ``[services]`` asks for before its build starts,
         so the build and the release phase see the add-ons' config vars.  A dedicated
         server of an app that has no image yet runs on the runner's empty image."""
@@ -375,7 +381,7 @@ class Addons:
             return  # no readable manifest: the build says what is wrong with it
         await self.on_deploy(app, manifest, await self._image_or_none(app), say)
 
-    async def on_deploy(self, app: Any, manifest: Mapping[str, Any], image: str,
+    async def on_deploy(self, app: App, manifest: Mapping[str, Any], image: str,
                         say: Any) -> None:
         """Provision what ``[services]`` asks for (before the release is made, so the
         release carries DATABASE_URL/REDIS_URL); restart dedicated servers that are gone."""
@@ -417,7 +423,7 @@ class Addons:
 
     # --- provisioning -------------------------------------------------------------
 
-    async def _provision(self, app: Any, kind: str, plan: str, memory_mb: int | None,
+    async def _provision(self, app: App, kind: str, plan: str, memory_mb: int | None,
                          image: str | None, standby: bool = False) -> Addon:
         now = self.clock.seconds()
         if kind == "postgres" and plan == "shared":
@@ -459,7 +465,7 @@ class Addons:
         addon = await put_addon(self.store, addon)
         return await self._start_server(app, addon, image)
 
-    async def _start_server(self, app: Any, addon: Addon, image: str,
+    async def _start_server(self, app: App, addon: Addon, image: str,
                             node_id: str | None = None) -> Addon:
         """Start the dedicated server on a runner (its recorded node if alive) and wait
         until it accepts connections."""
@@ -874,7 +880,7 @@ class Addons:
         else:
             await _postgres_ensure_db(self.clock, addon)
 
-    async def _ensure_running(self, app: Any, addon: Addon, image: str, say: Any) -> None:
+    async def _ensure_running(self, app: App, addon: Addon, image: str, say: Any) -> None:
         """A dedicated server whose instance is gone (its runner died) is started again
         on the same node when it is back (its data is there), else reported."""
         if addon.instance:
@@ -971,7 +977,7 @@ class Addons:
         instances = await self.store.list_instances()
         return min(fresh, key=lambda n: (sum(1 for i in instances if i.node == n.id), n.id))
 
-    async def _image_or_none(self, app: Any) -> str:
+    async def _image_or_none(self, app: App) -> str:
         """The image a dedicated server's sandbox mounts: the current release's, or ""
         before the app's first deploy (the runner's empty image; the server's binaries
         come from the host either way)."""
@@ -980,7 +986,7 @@ class Addons:
         release = await current_release(self.store, app.name)
         return str(release.image) if release is not None and release.image else ""
 
-    async def _set_var(self, app: Any, kind: str, addon: Addon, description: str | None,
+    async def _set_var(self, app: App, kind: str, addon: Addon, description: str | None,
                        who: str | None) -> None:
         """Set the app's config var (with a new release when ``description``)."""
         url = addon_url(addon)
@@ -993,7 +999,7 @@ class Addons:
             **await self._release_kwargs(app))
         self._wake()
 
-    async def _release_kwargs(self, app: Any) -> dict[str, Any]:
+    async def _release_kwargs(self, app: App) -> dict[str, Any]:
         from epio.api.state import current_release
 
         current = await current_release(self.store, app.name)
@@ -1042,7 +1048,7 @@ class Addons:
 
     # --- btrfs snapshots of dedicated data dirs -----------------------------------
 
-    async def _snapshot_target(self, app: Any, kind: str) -> tuple[Addon, str, str]:
+    async def _snapshot_target(self, app: App, kind: str) -> tuple[Addon, str, str]:
         """The dedicated add-on, its runner's control endpoint and its data dir name."""
         addon = await self.get(app, kind)
         if addon.plan != "dedicated" or not addon.node:
@@ -1066,7 +1072,7 @@ class Addons:
             raise errors.Unavailable(f"the runner did not answer: {type(e).__name__}",
                                      code="addons_unavailable") from None
 
-    async def list_snapshots(self, app: Any, kind: str) -> list[dict[str, Any]]:
+    async def list_snapshots(self, app: App, kind: str) -> list[dict[str, Any]]:
         """The btrfs snapshots of the app's dedicated ``kind`` server, newest first."""
         _, endpoint, addon_dir = await self._snapshot_target(app, kind)
         reply = await self._runner_call(endpoint, "runner.snapshots",
@@ -1074,7 +1080,7 @@ class Addons:
         return [{"id": str(s["id"]), "kind": kind, "created": float(s["created"])}
                 for s in reply.get("snapshots") or []]
 
-    async def restore_snapshot(self, user: Any, app: Any, kind: str,
+    async def restore_snapshot(self, user: User, app: App, kind: str,
                                snapshot_id: str) -> dict[str, Any]:
         """Stop the server, make its data dir the snapshot's (the previous one kept beside
         it), start it again and wait until it accepts connections."""
@@ -1138,7 +1144,7 @@ class Addons:
                 out.append((ep, list(value.get("backups") or [])))
         return out
 
-    async def list_backups(self, app: Any, kind: str | None) -> list[dict[str, Any]]:
+    async def list_backups(self, app: App, kind: str | None) -> list[dict[str, Any]]:
         listings = await self._listings(app.name, kind)
         if not listings:
             raise self._no_backup_node()
@@ -1153,7 +1159,7 @@ class Addons:
         return errors.Unavailable(f"no backup node answers (backup.endpoints: {where})",
                                   code="backups_unavailable")
 
-    async def create_backup(self, app: Any, kind: str | None) -> list[dict[str, Any]]:
+    async def create_backup(self, app: App, kind: str | None) -> list[dict[str, Any]]:
         listings = await self._listings(app.name)
         if not listings:
             raise self._no_backup_node()
@@ -1179,7 +1185,7 @@ class Addons:
                                              self.settings.backup_timeout))
         return ep, dict(reply.get("backup") or {})
 
-    async def restore_backup(self, user: Any, app: Any, backup_id: str,
+    async def restore_backup(self, user: User, app: App, backup_id: str,
                              to_app: str | None, platform: Any) -> dict[str, Any]:
         into = app
         if to_app and to_app != app.name:
@@ -1203,7 +1209,7 @@ class Addons:
         return {"app": app.name, "id": backup_id, "into": into.name,
                 "kept_as": reply.get("kept_as")}
 
-    async def download(self, app: Any, backup_id: str, write: Any,
+    async def download(self, app: App, backup_id: str, write: Any,
                        gone: Any = lambda: False) -> None:
         """Stream the backup's file: ``await write(reply, data)`` per chunk (the first
         reply has the size and checksum); stops early when ``gone()`` (client left)."""
@@ -1370,7 +1376,7 @@ def _domain(api: AddonRoutes) -> Addons:
     return domain
 
 
-def _kind(request: Any) -> str | None:
+def _kind(request: IRequest) -> str | None:
     values = request.args.get(b"kind")
     if not values:
         return None
@@ -1388,7 +1394,7 @@ class AddonRoutes:
 
     @operation("GET", "/apps/{app}/addons", "listAddons", "The app's add-on databases",
                response=array(ref("Addon")), tag="addons")
-    async def list_addons_route(self, request: Any, user: Any, app: Any) -> Any:
+    async def list_addons_route(self, request: IRequest, user: User, app: App) -> Any:
         domain = _domain(self)
         return [await domain.describe(a) for a in await domain.addons_of(app)]
 
@@ -1396,7 +1402,7 @@ class AddonRoutes:
                "Provision a database (postgres: shared or dedicated; redis: dedicated) and set "
                "DATABASE_URL / REDIS_URL in a new release", request=ref("NewAddon"),
                response=ref("Addon"), status=201, tag="addons")
-    async def create_addon_route(self, request: Any, user: Any, app: Any,
+    async def create_addon_route(self, request: IRequest, user: User, app: App,
                                  body: dict[str, Any]) -> Any:
         try:
             addon = await _domain(self).create(user, app, body["kind"], body.get("plan"),
@@ -1409,7 +1415,7 @@ class AddonRoutes:
     @operation("GET", "/apps/{app}/addons/{kind}", "getAddon",
                "One add-on (its address; the credentials are only in the app's config var)",
                response=ref("Addon"), tag="addons")
-    async def get_addon_route(self, request: Any, user: Any, app: Any, kind: str) -> Any:
+    async def get_addon_route(self, request: IRequest, user: User, app: App, kind: str) -> Any:
         domain = _domain(self)
         return await domain.describe(await domain.get(app, kind))
 
@@ -1417,7 +1423,7 @@ class AddonRoutes:
                "Fence the dedicated server's primary (stopped, and never started again), "
                "promote its standby, set DATABASE_URL / REDIS_URL to it in a new release, "
                "then build a new standby", response=ref("Failover"), tag="addons")
-    async def failover_addon_route(self, request: Any, user: Any, app: Any, kind: str) -> Any:
+    async def failover_addon_route(self, request: IRequest, user: User, app: App, kind: str) -> Any:
         domain = _domain(self)
         old = await domain.get(app, kind)
         new = await domain.failover(app, kind, user.name)
@@ -1431,7 +1437,7 @@ class AddonRoutes:
                "and unset its config var; a failed final backup, or no backup node answering, "
                "drops nothing (409 final_backup_failed) unless force=true",
                response=ref("AddonDeleted"), tag="addons", query={"force": {"type": "boolean"}})
-    async def delete_addon_route(self, request: Any, user: Any, app: Any, kind: str) -> Any:
+    async def delete_addon_route(self, request: IRequest, user: User, app: App, kind: str) -> Any:
         force = (request.args.get(b"force") or [b""])[0].lower() in (b"1", b"true", b"yes")
         final = await _domain(self).destroy(user, app, kind, force=force)
         return {"deleted": kind, "final_backup": final}
@@ -1439,7 +1445,7 @@ class AddonRoutes:
     @operation("GET", "/apps/{app}/addons/{kind}/snapshots", "listSnapshots",
                "The btrfs snapshots of a dedicated server's data dir on its runner, newest first",
                response=array(ref("Snapshot")), tag="addons")
-    async def list_snapshots_route(self, request: Any, user: Any, app: Any, kind: str) -> Any:
+    async def list_snapshots_route(self, request: IRequest, user: User, app: App, kind: str) -> Any:
         return await _domain(self).list_snapshots(app, kind)
 
     @operation("POST", "/apps/{app}/addons/{kind}/snapshots/{snapshot_id}/restore",
@@ -1447,7 +1453,7 @@ class AddonRoutes:
                "Stop the dedicated server, make its data dir the snapshot's (the previous data dir "
                "is kept beside it on the runner), start it again", response=ref("SnapshotRestored"),
                tag="addons")
-    async def restore_snapshot_route(self, request: Any, user: Any, app: Any, kind: str,
+    async def restore_snapshot_route(self, request: IRequest, user: User, app: App, kind: str,
                                      snapshot_id: str) -> Any:
         return await _domain(self).restore_snapshot(user, app, kind, snapshot_id)
 
@@ -1455,13 +1461,13 @@ class AddonRoutes:
                "The app's backups on every backup node, newest first (failed ones included, "
                "marked failed)", response=array(ref("Backup")), tag="backups",
                query={"kind": {"type": "string", "enum": list(KINDS)}})
-    async def list_backups_route(self, request: Any, user: Any, app: Any) -> Any:
+    async def list_backups_route(self, request: IRequest, user: User, app: App) -> Any:
         return await _domain(self).list_backups(app, _kind(request))
 
     @operation("POST", "/apps/{app}/backups", "createBackup",
                "Back the app's databases up now; answers when each backup is verified or failed",
                request=ref("NewBackup"), response=array(ref("Backup")), status=201, tag="backups")
-    async def create_backup_route(self, request: Any, user: Any, app: Any,
+    async def create_backup_route(self, request: IRequest, user: User, app: App,
                                   body: dict[str, Any]) -> Any:
         return await _domain(self).create_backup(app, body.get("kind"))
 
@@ -1469,7 +1475,7 @@ class AddonRoutes:
                "Restore a verified backup into the app's (or to_app's) database: a new database "
                "first, then a switch; the previous data is kept", request=ref("Restore"),
                response=ref("Restored"), tag="backups")
-    async def restore_backup_route(self, request: Any, user: Any, app: Any, backup_id: str,
+    async def restore_backup_route(self, request: IRequest, user: User, app: App, backup_id: str,
                                    body: dict[str, Any]) -> Any:
         return await _domain(self).restore_backup(user, app, backup_id, body.get("to_app"),
                                                   self.platform)
@@ -1478,7 +1484,7 @@ class AddonRoutes:
                "The backup file (pg_dump custom format or Redis RDB), streamed; X-Backup-Sha256 "
                "and X-Backup-Status headers", response={"type": "string", "format": "binary"},
                response_type="application/octet-stream", tag="backups", raw=True)
-    async def download_backup_route(self, request: Any, user: Any, app: Any,
+    async def download_backup_route(self, request: server.Request, user: User, app: App,
                                     backup_id: str) -> Any:
         started = False
 

@@ -24,7 +24,6 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
 from attrs import frozen
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import serverFromString
@@ -46,7 +45,13 @@ from epio.api.scheduler import Scheduler, SchedulerService
 from epio.api.settings import ApiSettings, derive_app_secret
 from epio.api.web import TARBALL_TYPES, Api, authorize_app
 from epio.domain import platform_hostname
-from epio.listen import ConnectionLimit, LimitedEndpoint, log_backlog, with_backlog
+from epio.listen import (
+    ConnectionLimit,
+    LimitedEndpoint,
+    log_backlog,
+    required_listener,
+    with_backlog,
+)
 from epio.metrics import Family
 from epio.services import named
 
@@ -412,7 +417,7 @@ def make_service(node: Node) -> ApiService:
     registry_for(node).add_collector(site.metric_families)
     endpoint = RecordingEndpoint(LimitedEndpoint(
         serverFromString(node.reactor, with_backlog(section.listen, section.backlog)), limit))
-    http = StreamServerEndpointService(endpoint, site)
+    http = required_listener(endpoint, site)  # cannot listen: the node stops
     http.setName("api-http")
     return ApiService(node, settings, gate, http, make_beacon(node, endpoint))
 

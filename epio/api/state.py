@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from attrs import frozen
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from epio import domain
@@ -165,7 +166,7 @@ def rollout_verdict(instances: list[Instance], version: int, want: Mapping[str, 
     return Verdict(all(healthy[t] >= n for t, n in want.items()), None, healthy)
 
 
-async def routers_have(control: Any, settings: Any, clock: Any, app: str,
+async def routers_have(control: Any, settings: Any, clock: IReactorTime, app: str,
                        healthy: list[Instance], asleep: list[Instance] | None = None) -> bool:
     """Do routers send traffic to these (healthy, new) instances yet?
 

@@ -532,8 +532,13 @@ SCHEMA: dict[str, dict[str, Key]] = {
                              "backoff starts again at backoff_initial.", positive),
         "health_interval": Key(float, 5.0, "Seconds between health checks of a healthy web "
                                "instance.", positive),
-        "health_boot_interval": Key(float, 0.5, "Seconds between health checks while a web "
-                                    "instance boots.", positive),
+        "health_boot_interval": Key(float, 0.5, "Most seconds between health checks while "
+                                    "a web instance boots.", positive),
+        "health_boot_first": Key(float, 0.05, "Seconds from a web instance's launch to its "
+                                 "first health check; each next check while it boots waits "
+                                 "1.5 times longer, up to health_boot_interval (a fast boot "
+                                 "is seen at once, a slow one is not probed more often).",
+                                 positive),
         "health_timeout": Key(float, 2.0, "Seconds one health check may take.", positive),
         "idle_sleep": Key(float, 0.0, "Default of an app's [http] idle_sleep: seconds a web "
                           "instance may go without a connection before it is stopped and "

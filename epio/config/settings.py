@@ -411,7 +411,10 @@ class RunnerSettings:
     """Seconds between health checks of a healthy web instance."""
 
     health_boot_interval: float
-    """Seconds between health checks while a web instance boots."""
+    """Most seconds between health checks while a web instance boots."""
+
+    health_boot_first: float
+    """Seconds from a web instance's launch to its first health check; each next check while it boots waits 1.5 times longer, up to health_boot_interval (a fast boot is seen at once, a slow one is not probed more often)."""
 
     health_timeout: float
     """Seconds one health check may take."""
