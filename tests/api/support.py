@@ -187,8 +187,12 @@ async def settle(d: Deferred[Any], stub: StubTreq | None = None, timeout: float 
 class Harness:
     """One api over a fresh SQLite store, with fake runners and a scheduler."""
 
-    def __init__(self, settings: ApiSettings | None = None, joins: Any = None) -> None:
+    def __init__(self, settings: ApiSettings | None = None, joins: Any = None,
+                 make_certs: Any = None) -> None:
         self.joins = joins  # an epio.cluster.JoinIssuer: the api makes join tokens
+        # store -> epio.certs.api.Certs (the certificate routes and the DNS check of
+        # `domains add`); None: the api has none, as without an acme section
+        self.make_certs = make_certs
         self.tmp = Path(tempfile.mkdtemp(prefix="epio-api-test-"))
         # no nexus here and no settle time: routing waits are tested on their own
         self.settings = settings or ApiSettings(drain_seconds=0.0, reconcile_interval=0.05,
@@ -209,7 +213,8 @@ class Harness:
                                  scheduler=self.scheduler, joins=self.joins)
         self.api = Api(self.platform, max_json_bytes=self.settings.max_json_bytes,
                        max_upload_bytes=self.settings.max_upload_bytes,
-                       api_url=self.settings.platform_url())
+                       api_url=self.settings.platform_url(),
+                       certs=self.make_certs(self.store) if self.make_certs else None)
         self.stub = StubTreq(self.api.resource())
         admin = await self.store.create_user("admin", None, is_admin=True)
         self.admin_token = (await self.store.create_token(admin.id)).token
