@@ -70,6 +70,10 @@ if TYPE_CHECKING:
 RUNTIME_ROOT = "/app"
 LOG_TAIL = 100
 MB = 1024 * 1024
+#: under the data dir, per app (:func:`app_build_caches`): the kept install of its last
+#: plain requirements set, and the wheels built from source in its builds
+KEPT_INSTALLS = Path("cache") / "installed"
+APP_WHEELS = Path("cache") / "wheels-app"
 _REQ_NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
 _MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
@@ -339,9 +343,9 @@ class Builder:
         self.wheels = self.data_dir / "cache" / "wheels"
         self.pip_cache = self.data_dir / "cache" / "pip"
         self.resolved = self.data_dir / "cache" / "resolved"
-        self.app_wheels = self.data_dir / "cache" / "wheels-app"
+        self.app_wheels = self.data_dir / APP_WHEELS
         # per app: what pip installed for its last plain requirements set (root's)
-        self.installed = self.data_dir / "cache" / "installed"
+        self.installed = self.data_dir / KEPT_INSTALLS
         self.builds_dir = self.data_dir / "builds"
         self._sem = defer.DeferredSemaphore(self.settings.max_concurrent)
         self._prepared: dict[str, Any] | None = None
@@ -1406,6 +1410,16 @@ def _lacking_bytecode(sp: Path, tag: str) -> list[str]:
 
 def _safe_name(app: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", app)[:60] or "_"
+
+
+def app_build_caches(data_dir: Path, app: str) -> list[Path]:
+    """What a node's builds keep per app under ``DATA_DIR/cache``: its kept install
+    (``installed/<app>``) and the wheels built from source in its builds
+    (``wheels-app/<app>``).  Deleted when the app is purged
+    (epio.runner.launcher.purge_app_data): an app of the same name made later never
+    gets them."""
+    return [Path(data_dir) / KEPT_INSTALLS / _safe_name(app),
+            Path(data_dir) / APP_WHEELS / _safe_name(app)]
 
 
 def _admit_wheels(

@@ -118,6 +118,16 @@ class ExampleBuildTests(_Base):
         self.assertIn("from the wheel cache (offline)", sink.text())
         self.assertNotIn("Requirements unchanged", sink.text())
         self.assertEqual(other.digest, first.digest)
+        # the app is purged: its kept install goes with it (a later app named flask
+        # installs from the wheel cache again); flask-other keeps its own
+        from epio.runner.build.builder import app_build_caches
+        from epio.runner.launcher import purge_app_data
+
+        kept, other_kept = (app_build_caches(self.data, a)[0] for a in ("flask", "flask-other"))
+        self.assertTrue(any(kept.iterdir()))
+        self.assertTrue(purge_app_data(self.data, "flask", 20000, uid_switch=False))
+        self.assertFalse(kept.exists())
+        self.assertTrue(any(other_kept.iterdir()))
 
     async def test_worker_example(self) -> None:
         """The Procfile app builds with both its processes."""
