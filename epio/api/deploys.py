@@ -257,7 +257,8 @@ class Deployer:
         try:
             built = await self.control.request(
                 runner.control_endpoint, "runner.build",
-                {"build_id": deploy.id, "app": app.name, "tarball": tarball, "env": config},
+                {"build_id": deploy.id, "app": app.name, "tarball": tarball, "env": config,
+                 "app_created": app.created},
                 timeout=self.settings.build_timeout)
         except Exception as e:
             message = getattr(e, "message", None) or str(e) or type(e).__name__

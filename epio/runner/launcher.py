@@ -87,18 +87,13 @@ def purge_app_data(data_dir: Path, app: str, uid: int, uid_switch: bool) -> bool
     one pip run, a cache kept could hand the purged app's install to a later app of
     the same name.  Returns whether something was deleted.
     """
-    from epio.runner.build.builder import app_build_caches
-    from epio.runner.build.images import unlock_tree
+    from epio.runner.build.builder import app_build_caches, remove_cache
 
     check_app_name(app)
     deleted = False
     for cache in app_build_caches(data_dir, app):
-        if cache.is_symlink():  # root's cache holds none: never follow one
-            cache.unlink()
-            deleted = True
-        elif cache.exists():
-            unlock_tree(cache)
-            shutil.rmtree(cache)
+        if cache.exists() or cache.is_symlink():
+            remove_cache(cache)
             deleted = True
     data = data_dir / "appdata" / app
     try:

@@ -676,6 +676,7 @@ class RunnerService(OrderedMultiService):
 
         build_id, app, tarball = body["build_id"], body["app"], body["tarball"]
         env = body.get("env") or {}
+        created = body.get("app_created")  # None from an older api: no check
         try:
             check_app_name(app)
         except UserError as e:
@@ -694,7 +695,7 @@ class RunnerService(OrderedMultiService):
 
         try:
             await threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), write)
-            result = await self.builder.build(app, path, env)
+            result = await self.builder.build(app, path, env, app_created=created)
         except BuildFailed as e:
             raise RemoteError("build_failed", e.reason) from None
         except OSError as e:

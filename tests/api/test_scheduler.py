@@ -500,6 +500,13 @@ class DeployTests(TestCase):
         self.assertIn("Deployed v1: http://hello.localhost:8080/", d["log"])
         _, ps, _ = await self.h.call("GET", "apps/hello/ps", token=self.h.alice_token)
         self.assertEqual([(p["name"], p["state"]) for p in ps], [("web.1", "healthy")])
+        # the build request says which app "hello" this is (a runner's build caches of
+        # an earlier, purged app of the same name are not used: docs/builds.md)
+        from epio.bus.messages import REGISTRY
+
+        [build] = [b for _, t, b in self.h.runners.requests if t == "runner.build"]
+        self.assertEqual(build["app_created"], (await self.h.store.get_app("hello")).created)
+        self.assertIsNone(REGISTRY.get("runner.build").check_body(build))
 
     async def test_succeeds_once_routers_route_the_new_instance(self) -> None:
         """Once the new web instance is healthy the deploy succeeds as soon as the nexus

@@ -74,6 +74,8 @@ MB = 1024 * 1024
 #: plain requirements set, and the wheels built from source in its builds
 KEPT_INSTALLS = Path("cache") / "installed"
 APP_WHEELS = Path("cache") / "wheels-app"
+#: per app: the creation time of the app whose builds filled the two above
+CACHE_OWNERS = Path("cache") / "app-owners"
 _REQ_NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
 _MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
@@ -482,11 +484,15 @@ class Builder:
     # ------------------------------------------------------------------ api
 
     async def build(
-        self, app: str, tarball: str | Path, env: Mapping[str, str] | None = None
+        self, app: str, tarball: str | Path, env: Mapping[str, str] | None = None,
+        app_created: float | None = None,
     ) -> BuildResult:
-        """Build ``tarball`` for ``app``; ``env`` is the app's config (visible to its build)."""
+        """Build ``tarball`` for ``app``; ``env`` is the app's config (visible to its build).
+        ``app_created``, the app's creation time, tells it from an earlier app of the
+        same name (:meth:`_own_caches`); None skips that check."""
         return await self._sem.run(
-            lambda: defer.Deferred.fromCoroutine(self._build(app, Path(tarball), dict(env or {})))
+            lambda: defer.Deferred.fromCoroutine(
+                self._build(app, Path(tarball), dict(env or {}), app_created))
         )
 
     def _emit(self, ctx: _Ctx, text: str) -> None:
@@ -500,7 +506,8 @@ class Builder:
         self._emit(ctx, f"!!!!!> build failed: {reason}")
         return BuildFailed(reason, list(ctx.tail))
 
-    async def _build(self, app: str, tarball: Path, env: dict[str, str]) -> BuildResult:
+    async def _build(self, app: str, tarball: Path, env: dict[str, str],
+                     app_created: float | None = None) -> BuildResult:
         start = self.reactor.seconds()
         self._counter += 1
         work = (
@@ -521,6 +528,8 @@ class Builder:
             {},
         )
         try:
+            if app_created is not None:
+                await self._thread(self._own_caches, app, app_created)
             return await self._steps(ctx, tarball, start)
         except BuildFailed:
             raise
@@ -1238,6 +1247,33 @@ class Builder:
 
     # ------------------------------------------------- the previous build's install
 
+    def _own_caches(self, app: str, created: float) -> None:
+        """Make the app's build caches (:func:`app_build_caches`) this app's: if they
+        were filled for another app of the same name (its creation time, kept in
+        ``cache/app-owners/<app>``, differs or is unknown) -- one purged while this
+        runner did not answer -- delete them first, so nothing the earlier app's builds
+        kept is installed into this one's.  Their loss costs one pip run."""
+        owners = self.data_dir / CACHE_OWNERS
+        mark = owners / _safe_name(app)
+        want = repr(float(created))
+        try:
+            if not mark.is_symlink() and mark.read_text() == want:
+                return
+        except OSError:  # none yet (or not a file): whose the caches are is unknown
+            pass
+        stale = [c for c in app_build_caches(self.data_dir, app)
+                 if c != mark and (c.exists() or c.is_symlink())]
+        if stale:
+            self.log.info("build of {app}: deleting build caches kept for an earlier app "
+                          "of that name (or of unknown owner): {paths}", app=app,
+                          paths=" ".join(str(c) for c in stale))
+        for cache in stale + [mark]:
+            remove_cache(cache)
+        owners.mkdir(parents=True, mode=0o700, exist_ok=True)
+        tmp = owners / f".{mark.name}.{os.urandom(4).hex()}"
+        _write_nofollow(tmp, want)
+        os.replace(tmp, mark)
+
     def _keep_installed(self, ctx: _Ctx, key: str, venv: Path) -> None:
         """Right after pip installed a plain requirements set (nothing but pip, from the
         wheel caches, has run in this build yet), keep a root-owned copy of what it
@@ -1415,11 +1451,23 @@ def _safe_name(app: str) -> str:
 def app_build_caches(data_dir: Path, app: str) -> list[Path]:
     """What a node's builds keep per app under ``DATA_DIR/cache``: its kept install
     (``installed/<app>``) and the wheels built from source in its builds
-    (``wheels-app/<app>``).  Deleted when the app is purged
-    (epio.runner.launcher.purge_app_data): an app of the same name made later never
-    gets them."""
+    (``wheels-app/<app>``); and whose they are (``app-owners/<app>``: the app's
+    creation time, :meth:`Builder._own_caches`).  Deleted when the app is purged
+    (epio.runner.launcher.purge_app_data); a runner that missed the purge deletes them
+    at the next build of a new app of that name: it never gets them."""
     return [Path(data_dir) / KEPT_INSTALLS / _safe_name(app),
-            Path(data_dir) / APP_WHEELS / _safe_name(app)]
+            Path(data_dir) / APP_WHEELS / _safe_name(app),
+            Path(data_dir) / CACHE_OWNERS / _safe_name(app)]
+
+
+def remove_cache(path: Path) -> None:
+    """Delete one of :func:`app_build_caches` (a directory or the owner file; a
+    symlink, which root's cache never holds, is removed, never followed)."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        unlock_tree(path)
+        shutil.rmtree(path)
 
 
 def _admit_wheels(

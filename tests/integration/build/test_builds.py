@@ -63,9 +63,11 @@ class _Base(TestCase):
 
 
 class ExampleBuildTests(_Base):
-    async def _build_example(self, name: str, **cfg: object) -> tuple[BuildResult, Builder, Sink]:
+    async def _build_example(self, name: str, app_created: float | None = None,
+                             **cfg: object) -> tuple[BuildResult, Builder, Sink]:
         b, sink = self.builder(**cfg)
-        result = await b.build(name, _tarball(self, EXAMPLES / name), {})
+        result = await b.build(name, _tarball(self, EXAMPLES / name), {},
+                               app_created=app_created)
         self.assertTrue(ImageStore(self.data).has(result.digest))
         self.assertTrue(all(r.source == "build" and r.app == name for r in sink.lines))
         self.assertTrue(all(r.timestamp is not None for r in sink.lines))
@@ -93,9 +95,10 @@ class ExampleBuildTests(_Base):
         with the package index unreachable.  Another app with the same requirements
         does not get that copy: it installs from the wheel cache with --no-index, to
         the same digest again."""
-        first, _, _ = await self._build_example("flask")
+        first, _, _ = await self._build_example("flask", app_created=1.0)
         # the index is now a closed port: any download would fail the build
-        second, _, sink = await self._build_example("flask", index_url="http://127.0.0.1:9/simple")
+        second, _, sink = await self._build_example("flask", app_created=1.0,
+                                                    index_url="http://127.0.0.1:9/simple")
         self.assertEqual(second.digest, first.digest)
         self.assertIn("Requirements unchanged: installing what the app's previous build "
                       "installed", sink.text())
@@ -114,7 +117,8 @@ class ExampleBuildTests(_Base):
         self.assertEqual(second.facts["static"], {"/static": "app/static"})
         self.assertLess(second.duration, 10)
         b, sink = self.builder(index_url="http://127.0.0.1:9/simple")
-        other = await b.build("flask-other", _tarball(self, EXAMPLES / "flask"), {})
+        other = await b.build("flask-other", _tarball(self, EXAMPLES / "flask"), {},
+                              app_created=5.0)
         self.assertIn("from the wheel cache (offline)", sink.text())
         self.assertNotIn("Requirements unchanged", sink.text())
         self.assertEqual(other.digest, first.digest)
@@ -126,8 +130,17 @@ class ExampleBuildTests(_Base):
         kept, other_kept = (app_build_caches(self.data, a)[0] for a in ("flask", "flask-other"))
         self.assertTrue(any(kept.iterdir()))
         self.assertTrue(purge_app_data(self.data, "flask", 20000, uid_switch=False))
-        self.assertFalse(kept.exists())
+        self.assertFalse(any(c.exists() for c in app_build_caches(self.data, "flask")))
         self.assertTrue(any(other_kept.iterdir()))
+        # a runner that missed flask-other's purge: the next build of a new app of that
+        # name (another creation time) deletes the old one's caches before it installs;
+        # a build of the same app keeps them
+        await b._thread(b._own_caches, "flask-other", 5.0)
+        self.assertTrue(any(other_kept.iterdir()))
+        await b._thread(b._own_caches, "flask-other", 6.0)
+        self.assertFalse(other_kept.exists())
+        self.assertEqual((self.data / "cache" / "app-owners" / "flask-other").read_text(),
+                         "6.0")
 
     async def test_worker_example(self) -> None:
         """The Procfile app builds with both its processes."""
