@@ -187,6 +187,77 @@ class ZoneServerTests(StoreTestCase):
         self.assertLess(took, 4.0)
 
 
+class HostilePacketTests(StoreTestCase):
+    async def test_responses_junk_and_connection_floods(self) -> None:
+        """A "response" (QR set, as spoofed from another DNS server) is never answered
+        (no reply ping-pong between two api nodes), a datagram that does not decode is
+        dropped without a log line; both are counted and the server keeps answering.
+        TCP connections past TCP_MAX_PER_PEER from one address, or past
+        TCP_MAX_CONNECTIONS in all, are closed at once."""
+        import socket
+
+        from twisted.logger import globalLogPublisher
+
+        logged: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        data = ZoneData(reactor, lambda: defer.succeed(self.store), 30.0)
+        port = free_port()
+        service = Dns01Service(reactor, f"127.0.0.1:{port}", ZONE, data, tcp_idle_timeout=5.0,
+                               tcp_max_connections=3, tcp_max_per_peer=2)
+        service.startService()
+        self.addCleanup(service.stopService)
+
+        def udp(wire: bytes, wait: float) -> bytes | None:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.settimeout(wait)
+                s.sendto(wire, ("127.0.0.1", port))
+                try:
+                    return s.recvfrom(4096)[0]
+                except TimeoutError:
+                    return None
+
+        response = dns.Message(id=9, answer=1)
+        response.queries = [dns.Query(ZONE, dns.SOA)]
+        self.assertIsNone(await threads.deferToThread(udp, response.toStr(), 0.3))
+        self.assertIsNone(await threads.deferToThread(udp, b"\x00\x07\x01", 0.3))
+        soa = dns.Message(id=8)
+        soa.queries = [dns.Query(ZONE, dns.SOA)]
+        wire = await threads.deferToThread(udp, soa.toStr(), 5.0)
+        assert wire is not None
+        reply = dns.Message()
+        reply.fromStr(wire)
+        self.assertEqual((reply.id, reply.rCode), (8, dns.OK))
+        self.assertEqual(service.factory.dropped, 2)
+        self.assertFalse([e for e in logged if "packet" in str(e.get("log_format", ""))])
+
+        def flood() -> list[bool]:
+            """Whether each connection (all held open) is closed by the server: it
+            answers a query on it, or closes it."""
+            import struct
+
+            framed = struct.pack("!H", len(soa.toStr())) + soa.toStr()
+            held, closed = [], []
+            try:
+                for source in ("127.0.0.1",) * 3 + ("127.0.0.2",) * 2:
+                    s = socket.create_connection(("127.0.0.1", port), 5, (source, 0))
+                    held.append(s)
+                    s.settimeout(5.0)
+                    try:
+                        s.sendall(framed)
+                        closed.append(s.recv(2) == b"")
+                    except ConnectionError:
+                        closed.append(True)
+            finally:
+                for s in held:
+                    s.close()
+            return closed
+
+        self.assertEqual(await threads.deferToThread(flood), [False, False, True, False, True])
+        assert service.tcp_factory is not None
+        self.assertEqual(service.tcp_factory.refused, 2)
+
+
 class IssuerDns01Tests(StoreTestCase):
     async def setUp(self) -> None:  # type: ignore[override]
         await super().setUp()
