@@ -472,6 +472,27 @@ class DomainCheckTests(StoreTestCase):
         self.assertIn("no answer within 5 s", res["message"])
 
 
+    async def test_checks_at_once_are_capped(self) -> None:
+        """Past MAX_CHECKS checks running at once (DNS that never answers), a further
+        `domains add` check is skipped at once (state unknown); once they end, checks
+        run again."""
+        clock = task.Clock()
+        check = DomainCheck(clock, NameCheck(Silent(), [ROUTER], ""), None, True,
+                            timeout=5.0, max_checks=2)
+        waiting = [defer.ensureDeferred(check.check("hello", f"w{i}.hello.test", False))
+                   for i in range(2)]
+        res = await check.check("hello", "w3.hello.test", False)
+        self.assertEqual(res["state"], "unknown")
+        self.assertIn("too many checks running", res["message"])
+        clock.advance(5.0)
+        for d in waiting:
+            self.assertIn("no answer within", (await d)["message"])
+        self.assertEqual(check.running, 0)
+        later = defer.ensureDeferred(check.check("hello", "w4.hello.test", False))
+        self.assertEqual(check.running, 1)
+        clock.advance(5.0)
+        self.assertIn("no answer within", (await later)["message"])
+
     async def test_unexpected_error(self) -> None:
         """A check that breaks (here: a resolver raising what no DNS failure raises)
         answers unknown and logs the failure; `epio domains add` still succeeds."""
