@@ -249,8 +249,11 @@ class S3Client:
 
     def _error(self, what: str, status: int, data: bytes) -> S3Error:
         node = _xml(data)
-        code = _find(node, "Code") if node is not None else ""
-        message = (_find(node, "Message") if node is not None else "")[:ERROR_TEXT]
+        # the store's words, on one line (no forged log lines, no terminal controls)
+        code = " ".join((_find(node, "Code") if node is not None else "").split())[:64]
+        message = " ".join((_find(node, "Message") if node is not None else "").split()
+                           )[:ERROR_TEXT]
+        code, message = (("".join(c for c in t if c.isprintable()) for t in (code, message)))
         text = f"{what}: HTTP {status}" + (f" {code}" if code else "") + (
             f": {message}" if message else "")
         return (S3NotFound if status == 404 else S3Error)(text)

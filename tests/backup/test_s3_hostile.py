@@ -42,6 +42,10 @@ class Hostile(resource.Resource):
 
     def render_GET(self, request: server.Request) -> Any:
         self.requests += 1
+        if self.mode == "error":
+            request.setResponseCode(403)
+            return (b"<Error><Code>Access\nDenied</Code><Message>no\n2026-12-07 epio FAKE: "
+                    b"line\xe2\x80\xae" + b"x" * 500 + b"</Message></Error>")
         if self.mode == "pages":
             return LISTING_PAGE
         if self.mode == "garbage":
@@ -112,6 +116,19 @@ class HostileEndpointTests(TestCase):
             await client.list()
         self.assertIn("more than 5 listing pages", str(cm.exception))
         self.assertEqual(site.requests, 5)
+
+    async def test_the_stores_error_text_stays_on_one_short_line(self) -> None:
+        """An error answer's code and message are kept on one line (a newline there
+        cannot forge a log line), printable only, and cut short."""
+        _, client = self.serve("error")
+        with self.assertRaises(S3Error) as cm:
+            await client.list()
+        text = str(cm.exception)
+        self.assertTrue(text.startswith("S3 GET bkt: HTTP 403 Access Denied: no 2026-12-07"),
+                        text)
+        self.assertNotIn("\n", text)
+        self.assertTrue(text.isprintable())
+        self.assertLess(len(text), 300)
 
     async def test_sizes_that_are_not_numbers_are_s3_errors(self) -> None:
         """A Content-Length or a listed Size that is not a size is an S3Error (what the
