@@ -253,7 +253,7 @@ class S3Client:
         code = " ".join((_find(node, "Code") if node is not None else "").split())[:64]
         message = " ".join((_find(node, "Message") if node is not None else "").split()
                            )[:ERROR_TEXT]
-        code, message = (("".join(c for c in t if c.isprintable()) for t in (code, message)))
+        code, message = ("".join(c for c in t if c.isprintable()) for t in (code, message))
         text = f"{what}: HTTP {status}" + (f" {code}" if code else "") + (
             f": {message}" if message else "")
         return (S3NotFound if status == 404 else S3Error)(text)
