@@ -346,8 +346,7 @@ class Archiver:
         size = path.stat().st_size
         try:
             await self.s3.put_file(name, path, digest)
-            # the object's own name as the prefix: one short page, not the app's whole list
-            listed = {o.key: o.size for o in await self.s3.list(name)}
+            listed = {o.key: o.size for o in await self.s3.list(name.split("/", 1)[0])}
         except S3Error as e:
             return str(e)
         if listed.get(name) != size:
