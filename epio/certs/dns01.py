@@ -51,6 +51,7 @@ LABEL_BYTES = 8  # a label is 16 hex digits
 TCP_IDLE_TIMEOUT = 10.0  # seconds a TCP client may stay connected without sending a query
 TCP_MAX_CONNECTIONS = 256  # TCP connections at once (the api process's file descriptors)
 TCP_MAX_PER_PEER = 8  # TCP connections at once from one address
+TCP_MAX_QUERIES = 64  # queries answered on one TCP connection, then it is closed
 
 
 def base_name(hostname: str) -> str:
@@ -270,6 +271,16 @@ class ZoneServerFactory(server.DNSServerFactory):
 
     def handleQuery(self, message: dns.Message, protocol: Any, address: Any) -> None:
         self.queries += 1
+        if isinstance(protocol, dns.DNSProtocol):  # TCP
+            # a client that sends queries and never reads the answers would make them
+            # pile up in memory here: a connection answers so many, then is closed
+            asked = getattr(protocol, "epio_queries", 0) + 1
+            protocol.epio_queries = asked  # type: ignore[attr-defined]  # our counter
+            if asked > TCP_MAX_QUERIES:
+                self.dropped += 1
+                if protocol.transport is not None:
+                    protocol.transport.loseConnection()
+                return
         query = message.queries[0]  # one at least: allowQuery refuses a message without
         rcode, answers, authority = answer(
             self.zone, self.data.labels, query.name.name.decode("ascii", "replace"),

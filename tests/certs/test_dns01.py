@@ -193,7 +193,8 @@ class HostilePacketTests(StoreTestCase):
         (no reply ping-pong between two api nodes), a datagram that does not decode is
         dropped without a log line; both are counted and the server keeps answering.
         TCP connections past TCP_MAX_PER_PEER from one address, or past
-        TCP_MAX_CONNECTIONS in all, are closed at once."""
+        TCP_MAX_CONNECTIONS in all, are closed at once; one that pipelines queries
+        without reading is closed after TCP_MAX_QUERIES answers."""
         import socket
 
         from twisted.logger import globalLogPublisher
@@ -256,6 +257,45 @@ class HostilePacketTests(StoreTestCase):
         self.assertEqual(await threads.deferToThread(flood), [False, False, True, False, True])
         assert service.tcp_factory is not None
         self.assertEqual(service.tcp_factory.refused, 2)
+
+        def one_by_one(n: int) -> int:
+            """Send up to ``n`` queries on one connection, each once the last is
+            answered; how many are answered before the server closes it."""
+            import struct
+
+            framed = struct.pack("!H", len(soa.toStr())) + soa.toStr()
+            answered = 0
+            with socket.create_connection(("127.0.0.1", port), 5) as s:
+                s.settimeout(5.0)
+
+                def exactly(k: int) -> bytes | None:
+                    buf = b""
+                    while len(buf) < k:
+                        try:
+                            chunk = s.recv(k - len(buf))
+                        except ConnectionError:
+                            return None
+                        if not chunk:
+                            return None
+                        buf += chunk
+                    return buf
+
+                for _ in range(n):
+                    s.sendall(framed)
+                    head = exactly(2)
+                    if head is None or exactly(struct.unpack("!H", head)[0]) is None:
+                        break
+                    answered += 1
+            return answered
+
+        from epio.certs import dns01 as dns01_module
+
+        self.patch(dns01_module, "TCP_MAX_QUERIES", 3)
+        for _ in range(100):  # the flood's connections gone on the server's side too
+            if not service.tcp_factory.protocols:
+                break
+            await task.deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(await threads.deferToThread(one_by_one, 10), 3)
 
 
 class IssuerDns01Tests(StoreTestCase):
