@@ -370,6 +370,13 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 #: request a second
 POLL_FIRST = 0.1
 POLL_GROWTH = 1.5
+#: once the build is over (or no build log is followed), each look asks the API to hold
+#: its answer up to this many seconds for the deploy's next line (``?wait=``): "live"
+#: shows the moment the deploy ends, with no request a second meanwhile
+DEPLOY_WAIT = 5
+#: an answer that came back sooner than this with nothing new is from an API that
+#: does not wait (an older one): the CLI sleeps PollPace's waits between looks then
+WAITED_AT_LEAST = 0.5
 
 
 class PollPace:
@@ -398,7 +405,14 @@ def follow_deploy(client: Client, name: str, deploy_id: str, args: argparse.Name
     log = ""
     pace, status = PollPace(args.poll), None
     while True:
-        d: dict[str, Any] = client.get(f"apps/{name}/deploys/{deploy_id}", log_offset=offset)
+        # while its build log is printed, look every PollPace wait; then let the API
+        # answer at the deploy's next change
+        building = build_log is not None and not quiet and status in (None, "pending",
+                                                                     "building", "built")
+        wait = 0 if building else max(1, min(DEPLOY_WAIT, int(deadline - time.monotonic())))
+        asked = time.monotonic()
+        d: dict[str, Any] = client.get(f"apps/{name}/deploys/{deploy_id}", log_offset=offset,
+                                       **({"wait": wait} if wait else {}))
         log += d["log"]
         if build_log is not None and not quiet and d["status"] == "failed" \
                 and d["image"] is None:
@@ -418,8 +432,11 @@ def follow_deploy(client: Client, name: str, deploy_id: str, args: argparse.Name
         if time.monotonic() > deadline:
             raise CliError(f"gave up following deploy {d['id'][:12]} after {args.timeout:g}s "
                            f"(it is {d['status']}); see `epio releases`")
-        time.sleep(pace.next(bool(d["log"]) or d["status"] != status))
+        changed = bool(d["log"]) or d["status"] != status
         status = d["status"]
+        if wait and (changed or time.monotonic() - asked >= WAITED_AT_LEAST):
+            continue  # the API waited for this answer: ask again at once
+        time.sleep(pace.next(changed))
     d["log"] = log
     if d["status"] != "succeeded":
         if quiet:

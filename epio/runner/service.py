@@ -20,7 +20,6 @@ import hashlib
 import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -198,7 +197,7 @@ class RunnerService(OrderedMultiService):
         super().__init__()  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
         # this runner's UID and port ranges, checked against the other live runners of
         # this host (``host``: host_identity and this process) at its first
-        # registration; ``refuse`` ends the node when they overlap (exit_node)
+        # registration; ``refuse`` ends the node when they overlap (node.exit)
         self.ranges = ranges
         self.host = dict(host or {})
         self.refuse = refuse
@@ -238,6 +237,7 @@ class RunnerService(OrderedMultiService):
         self._beat: task.LoopingCall | None = None
         self._last_register = -1e18
         self._ready: defer.Deferred[None] = defer.Deferred()
+        self._started = False  # startService went through (its children all started)
         # the children in start order (they stop in reverse, one at a time): the control
         # ROUTER, made here around this runner's handler, between the two groups
         self.router = router(self.handle) if router is not None else None
@@ -275,6 +275,9 @@ class RunnerService(OrderedMultiService):
         self.log.info("runner network: apps share the host network; the network fence "
                       "(its own log line) refuses their connections to the control plane")
         super().startService()  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
+        # started (a child that cannot bind raised above: the node stops, and this
+        # run, which never read the state file, must not overwrite it)
+        self._started = True
         d = defer.Deferred.fromCoroutine(self._recover())
         d.addErrback(lambda f: self.log.failure("runner recovery failed", f))
         d.addBoth(lambda _: self._ready.callback(None))
@@ -289,7 +292,8 @@ class RunnerService(OrderedMultiService):
         if self.image_server is not None:
             self.image_server.close()
         d = self.supervisor.shutdown(self.shutdown_grace)
-        d.addBoth(lambda _: self._save_now())
+        if self._started:
+            d.addBoth(lambda _: self._save_now())
         d.addBoth(lambda _: self._remove_empty_cgroups())
         d.addBoth(lambda _: OrderedMultiService.stopService(self))
         return d
@@ -723,9 +727,13 @@ class PeerRunners(MultiService):
             return []
         store = await self.store_service.whenReady()
         nodes = await store.list_nodes("runner")
-        return [n.control_endpoint for n in nodes
-                if n.control_endpoint and n.id != self.node_id
-                and n.control_endpoint != self.own_control]
+        peers = [n for n in nodes if n.control_endpoint and n.id != self.node_id
+                 and n.control_endpoint != self.own_control]
+        # the most recently seen first: a runner whose host died stays registered, and an
+        # image fetch that asked it first would wait out runner.fetch_timeout before the
+        # next peer (a host joined after a runner host died fetched nothing for 30 s)
+        peers.sort(key=lambda n: -n.last_seen)
+        return [str(n.control_endpoint) for n in peers]
 
     async def request(self, endpoint: str, type: str, body: dict[str, Any],
                       timeout: float) -> dict[str, Any]:
@@ -758,21 +766,6 @@ def detect_isolation_of(settings: RunnerSettings, data_dir: Path) -> tuple[
     if settings.sandbox == "bwrap" and isolation.sandbox != "bwrap":
         raise SystemExit(f"epio: runner.sandbox = bwrap but {isolation.off.get('sandbox')}")
     return isolation, cgroups, bwrap, setpriv
-
-
-def exit_node(reactor: INodeReactor, why: str) -> None:
-    """End the node with exit status 1 after ``why`` on stderr: its services stop
-    cleanly (the fence table is removed), then the process exits (twistd itself
-    would exit 0 after the reactor stopped)."""
-
-    def failed() -> None:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(1)
-
-    print(why, file=sys.stderr, flush=True)
-    reactor.addSystemEventTrigger("after", "shutdown", failed)
-    reactor.stop()
 
 
 def make_service(node: Node) -> RunnerService:
@@ -849,7 +842,12 @@ def make_service(node: Node) -> RunnerService:
                          uid_check=isolation.uid_switch)
     snapshots = make_snapshots(reactor, node.data_dir, conf.addons, conf.backup)
     nexus = [str(n["heartbeat"]) for n in conf.cluster.nexus if n.get("heartbeat")]
-    publisher = node.bus.publisher(connect=nexus) if nexus else None
+    publisher = (node.bus.publisher(connect=nexus, may_start_empty=node.cluster is not None)
+                 if nexus or node.cluster is not None else None)
+    if node.cluster is not None:  # a nexus or logger joins or leaves: follow (epio.cluster)
+        from epio.cluster import follow_endpoints
+
+        follow_endpoints(node.cluster, sink, publisher)
     if publisher is not None:
         publisher.setName("runner-heartbeat")  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
     peers.setName("runner-peers")  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
@@ -878,7 +876,7 @@ def make_service(node: Node) -> RunnerService:
         ranges=RangeClaim(node.node_id, (rc.uid_min, rc.uid_max), (rc.port_min, rc.port_max)),
         host={"id": host_identity(), "pid": os.getpid(), "start": proc_start(os.getpid()),
               "pidns": pid_namespace()},
-        refuse=lambda why: exit_node(reactor, why),
+        refuse=node.exit,
     )
     observers.extend([svc.changed, fence.changed])
     if static is not None:
