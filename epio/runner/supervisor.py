@@ -773,10 +773,19 @@ class Supervisor:
         if not self._port_still_free(inst):
             return
         extra: dict[str, str] = {}
-        if (self.service_gate is not None and inst.spec.process_type in SERVICE_PROCESS_TYPES
+        if (inst.spec.process_type in SERVICE_PROCESS_TYPES
                 and "EPIO_ADDON_EPOCH" in inst.spec.env):
             from epio.addons.standby import Fenced
 
+            if self.service_gate is None:
+                # fail closed: without the record's answer a fenced old primary would
+                # start (as a primary: the script's default) and accept writes
+                why = ("its role cannot be asked (this runner has no store): a server of "
+                       "an add-on with a standby is not started")
+                self.log.error("instance {i}: {why}", i=inst.spec.instance_id, why=why)
+                self._say(inst, why)
+                self._to(inst, State.STOPPED if inst.stopping else State.FAILED, why)
+                return
             try:
                 extra = await self.service_gate(inst.spec)
             except Fenced as e:
