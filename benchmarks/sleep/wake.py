@@ -73,8 +73,10 @@ class Bench:
                         EPIO_CONFIG_DIR=str(work / "cli"), HOME=str(work))
         self.app_dir = work / example
         shutil.copytree(CHECKOUT / "examples" / example, self.app_dir)
-        with (self.app_dir / "epio.ini").open("a") as f:
-            f.write("\n[http]\nidle_sleep = 1s\n")
+        ini = self.app_dir / "epio.ini"
+        text = ini.read_text()  # examples/flask has an [http] section already
+        ini.write_text(text.replace("[http]\n", "[http]\nidle_sleep = 1s\n") if "[http]\n" in text
+                       else text + "\n[http]\nidle_sleep = 1s\n")
 
     def epio(self, *args: str, stdin: str | None = None) -> str:
         proc = subprocess.run(

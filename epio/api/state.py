@@ -104,10 +104,14 @@ def release_states(releases: list[Release], deploys: list[Deploy]) -> dict[int, 
     return out
 
 
+#: the newest releases and deploys of an app that decide which release serves
+SERVING_WINDOW = 200
+
+
 async def serving_release(store: Store, app: str) -> int | None:
     """The version that serves (``current`` in ``epio releases``), if any."""
-    releases = await store.list_releases(app, limit=200)
-    states = release_states(releases, await store.list_deploys(app, limit=200))
+    releases = await store.list_releases(app, limit=SERVING_WINDOW)
+    states = release_states(releases, await store.list_deploys(app, limit=SERVING_WINDOW))
     return next((v for v, s in states.items() if s.status == "current"), None)
 
 
