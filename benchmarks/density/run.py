@@ -76,7 +76,7 @@ class Bench:
         low = random.SystemRandom().randrange(20000, 55000, 500)
         doc, _ = isolated_config({
             "lb": {"pool_idle_timeout": 0.5, "wake_timeout": WAKE_TIMEOUT},
-            "api": {"max_apps_per_user": 0},
+            "api": {"max_apps_per_user": 0, "app_changes_per_window": 0},
             "runner": {"uid_min": low, "uid_max": low + args.apps + 100},
             "metrics": {"listen": f"tcp:{metrics_port}:interface=127.0.0.1"},
         })
@@ -196,6 +196,10 @@ class Bench:
                 times.append(t)
                 inflight[0] -= 1
                 recent.append(time.monotonic())
+                if len(times) % 50 == 0:
+                    rate = len(times) / (time.monotonic() - started)
+                    print(f"  {len(times)} deployed, {rate:.2f}/s, awake at most "
+                          f"{self.max_awake}", flush=True)
 
         threads: list[threading.Thread] = []
         last_metrics = 0.0
@@ -216,10 +220,6 @@ class Bench:
             t = threading.Thread(target=one, args=(todo.pop(0),), daemon=True)
             t.start()
             threads.append(t)
-            if len(times) and len(times) % 50 == 0:
-                rate = len(times) / (time.monotonic() - started)
-                print(f"  {len(times)} deployed, {rate:.2f}/s, awake at most "
-                      f"{self.max_awake}", flush=True)
         for t in threads:
             t.join()
         if errors:
