@@ -52,7 +52,13 @@ async def current_release(store: Store, app: str, deploys: list[Deploy] | None =
     ``deploys``: the app's recent deploys when the caller has them already.
     """
     failed = await failed_releases(store, app, deploys)
-    for release in await store.list_releases(app, limit=len(failed) + 1):
+    return pick_current(await store.list_releases(app, limit=len(failed) + 1), failed)
+
+
+def pick_current(releases: list[Release], failed: set[int]) -> Release | None:
+    """The newest of ``releases`` (newest first) not made by a failed deploy: the rule
+    of :func:`current_release` for a caller that read the releases already."""
+    for release in releases[:len(failed) + 1]:
         if release.version not in failed:
             return release
     return None

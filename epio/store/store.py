@@ -919,6 +919,19 @@ class Store:
 
         return await self.transaction(q, readonly=True)
 
+    async def formations_by_app(self, apps: Iterable[str]) -> dict[str, dict[str, Formation]]:
+        """:meth:`get_formation` of each of ``apps`` at once (one query per 500 apps)."""
+        names = sorted(set(apps))
+        out: dict[str, dict[str, Formation]] = {a: {} for a in names}
+        for i in range(0, len(names), 500):
+            chunk = names[i:i + 500]
+            rows = await self.fetch_all(
+                f"SELECT * FROM formation WHERE app IN ({', '.join('?' * len(chunk))}) "
+                "ORDER BY app, process_type", chunk)
+            for r in rows:
+                out[r["app"]][r["process_type"]] = _formation(r)
+        return out
+
     async def delete_formation(self, app: str, process_type: str) -> None:
         """Forget a process type's formation entry (no-op if absent)."""
 
