@@ -168,7 +168,7 @@ class Bench:
         if status not in (200, 201, 202):
             raise SystemExit(f"deploy {app}: {status} {d}")
         while d["status"] not in ("succeeded", "failed", "cancelled", "superseded"):
-            time.sleep(0.1)
+            time.sleep(0.5)  # 14 deploys in flight: a look each 0.5 s
             _, d = self.call("GET", f"apps/{app}/deploys/{d['id']}")
         if d["status"] != "succeeded":
             raise SystemExit(f"deploy {app}: {d['status']} {d.get('reason')}\n"
@@ -211,7 +211,7 @@ class Bench:
                 can = busy < self.args.max_awake and inflight[0] < self.args.parallel
                 if can:
                     inflight[0] += 1
-            if now - last_metrics > 1.0:
+            if now - last_metrics > 5.0:  # a scrape of 1,000 apps is 450 kB
                 self.max_awake = max(self.max_awake, int(self.metrics().get("awake", 0)))
                 last_metrics = now
             if not can:
@@ -348,10 +348,9 @@ class Bench:
               f"{plat1 / 1024:12.1f} {(plat1 - plat0) / a.apps:16.1f}")
         print(f"  total (platform + awake apps)          {tot0 / 1024:8.1f} "
               f"{tot1 / 1024:12.1f}")
-        router0 = sum(v for k, v in mem0.items() if k.startswith("python -m epio.lb"))
-        router1 = sum(v for k, v in mem1.items() if k.startswith("python -m epio.lb"))
-        print(f"  route tables (router feed + workers): {(router1 - router0) / a.apps:.1f} "
-              f"KiB per app")
+        nexus_kib, router_kib = route_memory(a.apps)
+        print(f"  route tables (tracemalloc, {a.apps} asleep routes): nexus {nexus_kib:.1f} KiB, "
+              f"router {router_kib:.1f} KiB per app")
         print(f"\nnode CPU while idle: {cpu0 * 100:.1f}% with ref alone, "
               f"{cpu1 * 100:.1f}% with {a.apps} apps asleep")
 
@@ -371,6 +370,41 @@ class Bench:
         self.wakes(names)
         load = os.getloadavg()
         print(f"\nload average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+
+
+def route_memory(n: int) -> tuple[float, float]:
+    """KiB per app of the route tables, measured with tracemalloc in this process: the
+    nexus's :class:`~epio.nexus.table.RouteBook` and a router's
+    :class:`~epio.routing.RouteTable` (through its :class:`~epio.routefeed.TableSink`,
+    routes built as a request would build them) holding ``n`` asleep routes shaped as
+    the nexus makes them (a hostname, no backend, release options, the runner to wake)."""
+    import tracemalloc
+
+    from epio.nexus.table import RouteBook
+    from epio.routefeed import TableSink
+    from epio.routing import RouteTable
+
+    def wire(i: int) -> dict[str, Any]:
+        return {"app": f"app{i:04d}", "hostnames": [f"app{i:04d}.localhost"], "backends": [],
+                "maintenance": False,
+                "options": {"idle_sleep": 2.0, "health_check": "/", "timeout": 30.0},
+                "asleep": {"since": 1.7e9 + i, "wake": ["tcp://127.0.0.1:7731"]}}
+
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    book = RouteBook()
+    for i in range(n):
+        book.update(f"app{i:04d}", wire(i))
+    nexus = tracemalloc.get_traced_memory()[0] - base
+    table = RouteTable("localhost")
+    sink = TableSink(table)
+    sink.replace(wire(i) for i in range(n))
+    for i in range(n):
+        table.lookup(f"app{i:04d}.localhost")
+    router = tracemalloc.get_traced_memory()[0] - base - nexus
+    tracemalloc.stop()
+    del book, table, sink
+    return nexus / n / 1024, router / n / 1024
 
 
 def main() -> None:
