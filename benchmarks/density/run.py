@@ -417,6 +417,7 @@ def main() -> None:
     ap.add_argument("--wakes", type=int, default=50)
     ap.add_argument("--rate", type=float, default=5.0)
     ap.add_argument("--verbose", action="store_true", help="print the last deploy's log")
+    ap.add_argument("--keep-log", metavar="FILE", help="copy the node's log there at the end")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="epio-density-"))
     os.chmod(work, 0o711)
@@ -424,6 +425,8 @@ def main() -> None:
     try:
         bench.run()
     finally:
+        if args.keep_log:
+            shutil.copy(bench.node.log_path, args.keep_log)
         bench.node.stop(timeout=60)
         bench.node.cleanup()
         subprocess.run(["sh", "-c", f"grep -o ' {work}[^ ]*' /proc/mounts | xargs -r -n1 "
