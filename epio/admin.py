@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from attrs import frozen
+from twisted.internet.interfaces import IReactorTime
 
 from epio import __version__
 from epio.api.domain import ADMIN_NAME, write_token_file
@@ -96,7 +97,7 @@ def store_url(config: Config, data_dir: Path) -> str:
     return url
 
 
-async def token_create(reactor: Any, args: argparse.Namespace) -> int:
+async def token_create(reactor: IReactorTime, args: argparse.Namespace) -> int:
     overrides: dict[str, dict[str, Any]] = {}
     if args.data_dir is not None:
         overrides["node"] = {"data_dir": args.data_dir}
@@ -128,8 +129,12 @@ async def token_create(reactor: Any, args: argparse.Namespace) -> int:
           f"{minted.description}; store {redact_url(url)}"
           f"{'; the admin user was created again' if minted.created_user else ''}",
           file=sys.stderr)
+    from epio.api.settings import ApiSettings
+
+    # the routed URL when the platform is served through the routers (api.hostname)
+    routed = ApiSettings.from_config(config).platform_url() or "URL"
     print(f"wrote a new admin token to {minted.path} (mode 0600); log in with:\n"
-          f"  epio login --api URL < {minted.path}")
+          f"  epio login --api {routed} < {minted.path}")
     return 0
 
 
@@ -167,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     from twisted.internet.defer import Deferred
     from twisted.internet.task import react
 
-    async def run(reactor: Any) -> None:
+    async def run(reactor: IReactorTime) -> None:
         try:
             code = await func(reactor, args)
         except AdminError as e:

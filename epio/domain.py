@@ -115,6 +115,11 @@ def app_name_problem(name: object) -> str | None:
 #: :data:`PLATFORM_RELEASE`.  docs/router.md "The platform's own route".
 PLATFORM_APP = "epio"
 PLATFORM_RELEASE = 0
+#: The ``Via`` header the routers add to every request they pass on (and drop from what
+#: clients send): the api tells a routed request from one to its own listener by it
+#: (``/status``'s ``routed``; the CLI's default URL, docs/cli.md).  epio/lb/proxy.py's
+#: ``via`` is the same value.
+ROUTER_VIA = "1.1 epio"
 #: App names no user may take: the platform's own, and names users would mistake for it.
 RESERVED_APP_NAMES = frozenset({PLATFORM_APP, "api", "www", "dashboard", "admin"})
 

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from attrs import define, field
 from twisted.application.service import IService, IServiceCollection
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
@@ -383,12 +384,14 @@ def metrics_site(registry: MetricsRegistry) -> Site:
     return site
 
 
-def metrics_service(reactor: Any, listen: str, registry: MetricsRegistry) -> IService:
+def metrics_service(reactor: IReactorTime, listen: str, registry: MetricsRegistry) -> IService:
     """A service listening on ``listen`` (endpoint string) serving ``/metrics``."""
-    from twisted.application.internet import StreamServerEndpointService
     from twisted.internet.endpoints import serverFromString
 
-    svc = StreamServerEndpointService(serverFromString(reactor, listen), metrics_site(registry))
+    from epio.listen import required_listener
+
+    # cannot listen: the node stops (epio.tap.NodeService)
+    svc = required_listener(serverFromString(reactor, listen), metrics_site(registry))
     svc.setName("metrics")
     return cast(IService, svc)
 

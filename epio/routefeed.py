@@ -42,11 +42,12 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from enum import Enum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from attrs import define, field
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -235,6 +236,17 @@ def merge_routes(routes: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return merged
 
 
+class RouteSink(Protocol):
+    """Where a :class:`RouteFeed` puts the merged routes: a :class:`TableSink` (the
+    proxy's table), or the route feed process's publisher to its routers."""
+
+    def replace(self, routes: list[dict[str, Any]]) -> None:
+        """The whole table."""
+
+    def apply(self, upsert: list[dict[str, Any]], remove: list[str]) -> None:
+        """Routes set (whole routes, by app) and apps removed."""
+
+
 class TableSink:
     """Merged wire routes into a :class:`~epio.routing.RouteTable` (the proxy's).
 
@@ -377,8 +389,8 @@ class NexusLink:
     snapshot: Snapshot = Snapshot.IDLE
     last_heard: float | None = None
     buffered: list[dict[str, Any]] = field(factory=list)
-    silence: Any = None  # DelayedCall
-    retry: Any = None  # DelayedCall
+    silence: IDelayedCall | None = None
+    retry: IDelayedCall | None = None
     counters: Counter[str] = field(factory=Counter)
     failures_in_row: int = 0
 
@@ -426,7 +438,7 @@ class RouteFeed:
 
     def __init__(
         self,
-        clock: Any,
+        clock: IReactorTime,
         links: Iterable[NexusLink],
         request_snapshot: SnapshotRequest,
         *,
@@ -438,7 +450,7 @@ class RouteFeed:
         self._request = request_snapshot
         self.feed_timeout = feed_timeout
         self.snapshot_retry = snapshot_retry
-        self.sink: Any = None  # a TableSink or anything with replace() and apply()
+        self.sink: RouteSink | None = None
         self.merged: dict[str, dict[str, Any]] = {}
         self.stale = False
         self.stale_since: float | None = None
@@ -454,7 +466,7 @@ class RouteFeed:
 
     # -- life -----------------------------------------------------------------
 
-    def start(self, sink: Any) -> None:
+    def start(self, sink: RouteSink) -> None:
         """Follow the nexuses; merged changes go to ``sink`` (see :class:`TableSink`)."""
         self.sink = sink
         self._running = True
@@ -813,7 +825,7 @@ class NexusRouteSource:
     def start(self, table: RouteTable) -> None:
         self.follow(TableSink(table, self.feed.counters))
 
-    def follow(self, sink: Any) -> None:
+    def follow(self, sink: RouteSink) -> None:
         """Follow the nexuses, handing merged routes to ``sink`` (the feed process)."""
         services = MultiService()
         self._dealer = self.bus.dealer([link.router for link in self.feed.links])

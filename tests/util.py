@@ -256,6 +256,11 @@ def isolated_config(
     if "uid_min" not in runner and "uid_max" not in runner:
         low = random.SystemRandom().randrange(20000, 59500, 500)  # 79 blocks
         doc.setdefault("runner", {}).update({"uid_min": low, "uid_max": low + 499})
+    # and a block of instance ports of its own: two nodes at once (test runs side by
+    # side) would otherwise both hand out 20000, 20001, ... and take each other's
+    if "port_min" not in runner and "port_max" not in runner:
+        low = random.SystemRandom().randrange(20000, 32000, 200)  # 60 blocks
+        doc.setdefault("runner", {}).update({"port_min": low, "port_max": low + 199})
     for section, table in (overrides or {}).items():
         doc.setdefault(section, {}).update(table)
     return doc, ports

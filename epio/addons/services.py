@@ -61,6 +61,11 @@ umask 077
 mkdir -p "$d" || exit 1
 printf '%s\n' "$EPIO_SERVICE_CONFIG" "port $PORT" "dir \"$d\"" > "$d/redis.conf" || exit 1
 unset EPIO_SERVICE_CONFIG
+# the role the runner was told by the add-on record at this start (epio.addons.standby)
+if [ "$EPIO_SERVER_ROLE" = standby ]; then
+  printf '%s\n' "replicaof $EPIO_PRIMARY_HOST $EPIO_PRIMARY_PORT" >> "$d/redis.conf" || exit 1
+  echo "redis: standby of $EPIO_PRIMARY_HOST:$EPIO_PRIMARY_PORT"
+fi
 if [ -s "$d/dump.rdb" ] && [ ! -e "$d/appendonlydir" ]; then
   rm -rf "$d/appendonlydir.new" && mkdir "$d/appendonlydir.new" \
     && cp "$d/dump.rdb" "$d/appendonlydir.new/appendonly.aof.1.base.rdb" \
@@ -114,6 +119,28 @@ POSTGRES_SCRIPT = r"""
 d="$EPIO_DATA_DIR/{dir}"
 bin={bin}
 umask 077
+if [ "$EPIO_SERVER_ROLE" = standby ]; then
+  # a standby: a copy of the primary (pg_basebackup from its replication slot), then
+  # streaming replication; the replication password only in a 0600 passfile
+  printf '%s\n' "*:*:*:$EPIO_REPLICATION_USER:$EPIO_REPLICATION_PASSWORD" \
+    > "$d.replication-pass" || exit 1
+  if [ ! -e "$d/epio-basebackup-done" ]; then
+    mkdir -p "$d" && (cd "$d" && find . -mindepth 1 -delete) || exit 1
+    echo "postgres: copying the primary $EPIO_PRIMARY_HOST:$EPIO_PRIMARY_PORT (pg_basebackup)"
+    PGPASSFILE="$d.replication-pass" "$bin/pg_basebackup" -h "$EPIO_PRIMARY_HOST" \
+      -p "$EPIO_PRIMARY_PORT" -U "$EPIO_REPLICATION_USER" -D "$d" -X stream \
+      -S "$EPIO_REPLICATION_SLOT" -c fast -w || exit 1
+    touch "$d/epio-basebackup-done" || exit 1
+  fi
+  touch "$d/standby.signal" || exit 1
+  set -- -c "primary_conninfo=host=$EPIO_PRIMARY_HOST port=$EPIO_PRIMARY_PORT user=$EPIO_REPLICATION_USER passfile='$d.replication-pass' application_name=$EPIO_REPLICATION_SLOT" \
+    -c "primary_slot_name=$EPIO_REPLICATION_SLOT" -c hot_standby=on
+  echo "postgres: standby of $EPIO_PRIMARY_HOST:$EPIO_PRIMARY_PORT"
+else
+  rm -f "$d/standby.signal"
+  set --
+fi
+unset EPIO_REPLICATION_PASSWORD
 if [ ! -s "$d/PG_VERSION" ]; then
   # empty it in place: it may be a btrfs subvolume the runner made (docs/databases.md)
   mkdir -p "$d" && (cd "$d" && find . -mindepth 1 -delete) || exit 1
@@ -125,10 +152,18 @@ if [ ! -s "$d/PG_VERSION" ]; then
     "host all $EPIO_SERVICE_USER 0.0.0.0/0 scram-sha-256" \
     "host all $EPIO_SERVICE_USER ::/0 scram-sha-256" > "$d/pg_hba.conf" || exit 1
 fi
+if [ -n "$EPIO_REPLICATION_USER" ]; then
+  # with a standby: its replication role may connect for replication, nothing else
+  printf '%s\n' "local all $EPIO_SERVICE_USER scram-sha-256" \
+    "host all $EPIO_SERVICE_USER 0.0.0.0/0 scram-sha-256" \
+    "host all $EPIO_SERVICE_USER ::/0 scram-sha-256" \
+    "host replication $EPIO_REPLICATION_USER 0.0.0.0/0 scram-sha-256" \
+    "host replication $EPIO_REPLICATION_USER ::/0 scram-sha-256" > "$d/pg_hba.conf" || exit 1
+fi
 unset EPIO_SERVICE_PASSWORD
 "$bin/postgres" -D "$d" -p "$PORT" -k "$TMPDIR" -c listen_addresses="$EPIO_SERVICE_HOST" \
   -c dynamic_shared_memory_type=mmap -c logging_collector=off -c max_connections=50 \
-  -c shared_buffers=32MB -c password_encryption=scram-sha-256 &
+  -c shared_buffers=32MB -c password_encryption=scram-sha-256 "$@" &
 server=$!
 trap 'echo "postgres: fast shutdown"; kill -INT $server 2>/dev/null' TERM INT
 {wait_server}
@@ -158,20 +193,32 @@ def _fraction(x: float) -> tuple[int, int]:
 def redis_start_body(*, app: str, uid: int, instance_id: str, image_digest: str,
                      password: str, memory_mb: int, policy: str, host: str,
                      snapshot_interval: float, boot_timeout: float,
-                     grace: float = 30.0, data_key: str = "") -> dict[str, Any]:
-    """The ``runner.start`` body of an app's dedicated Redis."""
+                     grace: float = 30.0, data_key: str = "",
+                     epoch: int = 0) -> dict[str, Any]:
+    """The ``runner.start`` body of an app's dedicated Redis.
+
+    ``epoch`` > 0: a server of an add-on with a standby (primary or standby, as its
+    runner is told at each start: :mod:`epio.addons.standby`); it authenticates to
+    its primary with the app's password (``masterauth``), read-only while a replica."""
     num, den = _fraction(SPACE_FACTOR)
     script = REDIS_SCRIPT.format(dir=data_dir_name(REDIS_DIR, data_key), num=num, den=den,
                                  margin=SPACE_MARGIN, wait_server=WAIT_SERVER)
-    config = "\n".join(redis_config_lines(password, memory_mb, policy, host))
+    lines = redis_config_lines(password, memory_mb, policy, host)
+    if epoch:
+        lines += [f"masterauth {password}", "replica-read-only yes",
+                  "replica-serve-stale-data yes"]
+    config = "\n".join(lines)
+    env = {"EPIO_SERVICE_CONFIG": config, "EPIO_SERVICE_HOST": host,
+           "EPIO_SERVICE_DIR": data_dir_name(REDIS_DIR, data_key),
+           "REDISCLI_AUTH": password,
+           "EPIO_SNAPSHOT_INTERVAL": str(max(1, int(snapshot_interval)))}
+    if epoch:
+        env["EPIO_ADDON_EPOCH"] = str(epoch)
     return {
         "instance_id": instance_id, "app": app, "uid": uid, "release": 0,
         "process_type": REDIS_TYPE, "index": 1, "command": ["/bin/sh", "-c", script],
         "image_digest": image_digest,
-        "env": {"EPIO_SERVICE_CONFIG": config, "EPIO_SERVICE_HOST": host,
-                "EPIO_SERVICE_DIR": data_dir_name(REDIS_DIR, data_key),
-                "REDISCLI_AUTH": password,
-                "EPIO_SNAPSHOT_INTERVAL": str(max(1, int(snapshot_interval)))},
+        "env": env,
         "limits": {"memory_mb": memory_mb + REDIS_OVERHEAD_MB, "pids": 64},
         "health_check": None, "boot_timeout": boot_timeout, "grace": grace,
     }
@@ -181,17 +228,28 @@ def postgres_start_body(*, app: str, uid: int, instance_id: str, image_digest: s
                         user: str, password: str, host: str, pg_bin: str,
                         boot_timeout: float, grace: float = 30.0,
                         memory_mb: int = POSTGRES_MEMORY_MB,
-                        data_key: str = "") -> dict[str, Any]:
-    """The ``runner.start`` body of an app's dedicated PostgreSQL server."""
+                        data_key: str = "", epoch: int = 0,
+                        repl_password: str = "") -> dict[str, Any]:
+    """The ``runner.start`` body of an app's dedicated PostgreSQL server.
+
+    ``epoch`` > 0: a server of an add-on with a standby (:mod:`epio.addons.standby`):
+    its replication role may connect, and as a standby it copies and follows the
+    primary from the slot named after its own data key."""
     script = POSTGRES_SCRIPT.format(dir=data_dir_name(POSTGRES_DIR, data_key),
                                     bin=shlex.quote(pg_bin), wait_server=WAIT_SERVER)
+    env = {"EPIO_SERVICE_USER": user, "EPIO_SERVICE_PASSWORD": password,
+           "EPIO_SERVICE_HOST": host, "EPIO_SERVICE_DIR": data_dir_name(POSTGRES_DIR, data_key)}
+    if epoch:
+        from epio.addons.standby import REPLICATION_USER, slot_name
+
+        env.update({"EPIO_ADDON_EPOCH": str(epoch), "EPIO_REPLICATION_USER": REPLICATION_USER,
+                    "EPIO_REPLICATION_PASSWORD": repl_password,
+                    "EPIO_REPLICATION_SLOT": slot_name(data_key)})
     return {
         "instance_id": instance_id, "app": app, "uid": uid, "release": 0,
         "process_type": POSTGRES_TYPE, "index": 1, "command": ["/bin/sh", "-c", script],
         "image_digest": image_digest,
-        "env": {"EPIO_SERVICE_USER": user, "EPIO_SERVICE_PASSWORD": password,
-                "EPIO_SERVICE_HOST": host,
-                "EPIO_SERVICE_DIR": data_dir_name(POSTGRES_DIR, data_key)},
+        "env": env,
         "limits": {"memory_mb": memory_mb, "pids": 128},
         "health_check": None, "boot_timeout": boot_timeout, "grace": grace,
     }

@@ -26,6 +26,7 @@ from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
+from twisted.web.iweb import IRequest
 
 IDLE, HEAD, BODY, DONE = range(4)
 
@@ -133,7 +134,7 @@ class DeadlineChannel(HTTPChannel):
         self._disarm()
         HTTPChannel.allContentReceived(self)
 
-    def requestDone(self, request: Any) -> None:
+    def requestDone(self, request: IRequest) -> None:
         HTTPChannel.requestDone(self, request)
         # bytes of a next head left over from the replay of pipelined data
         buffered: Any = self.__dict__.get("_buffer", b"")

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from attrs import frozen
 from twisted.application.service import MultiService
@@ -41,6 +41,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.web.iweb import IRequest
 
 from epio.api import errors
 from epio.api.operations import operation
@@ -52,6 +53,9 @@ from epio.services import attach
 from epio.store import LeaderService, NotFound, Store
 from epio.store.cron import CronState, claim_slot, list_cron, record_run
 from epio.store.runs import new_session_id
+
+if TYPE_CHECKING:
+    from epio.store.records import App, User
 
 LOCK_NAME = "epio.cron"
 #: What ``epio cron`` shows as an entry's status.
@@ -181,7 +185,7 @@ class CronRunner:
         self.passes += 1
         return started
 
-    async def _app_pass(self, app: Any) -> int:
+    async def _app_pass(self, app: App) -> int:
         release = await current_release(self.store, app.name)
         if release is None or not release.image:
             return 0
@@ -195,7 +199,7 @@ class CronRunner:
                 started += 1
         return started
 
-    async def _entry(self, app: Any, release: Any, entry: Entry,
+    async def _entry(self, app: App, release: Any, entry: Entry,
                      state: CronState | None) -> bool:
         now = self.clock.seconds()
         slot = entry.spec.latest(now)
@@ -336,7 +340,7 @@ class CronRoutes:
     @operation("GET", "/apps/{app}/cron", "listCron",
                "The app's [cron] entries with their last run, status and next slot (UTC)",
                response=array(ref("CronEntry")), tag="run")
-    async def list_cron_entries(self, request: Any, user: Any, app: Any) -> Any:
+    async def list_cron_entries(self, request: IRequest, user: User, app: App) -> Any:
         platform = self.platform
         return await describe(platform.store, app.name, platform.clock.seconds())
 

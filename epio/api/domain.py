@@ -14,6 +14,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -36,7 +38,9 @@ from epio.domain import PLATFORM_APP, reserved_app_name_problem
 from epio.secretfile import write_secret_file
 from epio.store import (
     APP_DESTROYED,
+    DEPLOY_FINAL,
     App,
+    Change,
     Conflict,
     Deploy,
     Domain,
@@ -542,6 +546,47 @@ class Platform:
         if deploy is None or deploy.app != app.name:
             raise errors.NotFound(f"{app.name} has no deploy {deploy_id!r}")
         return deploy
+
+    async def watch_deploy(self, app: App, deploy_id: str, log_offset: int,
+                           wait: float) -> Deploy:
+        """The deploy once its log has more than ``log_offset`` characters or it ended,
+        waiting at most ``wait`` seconds for that (the store's ``deploy`` change
+        notifications wake it): ``epio deploy`` sees "Deployed" the moment it is
+        written instead of at its next poll."""
+        deploy = await self.get_deploy(app, deploy_id)
+        if wait <= 0 or len(deploy.log) > log_offset or deploy.status in DEPLOY_FINAL:
+            return deploy
+        woken: Deferred[None] = Deferred()
+
+        def on_change(change: Change) -> None:
+            if not woken.called and (change.kind == "resync" or (
+                    change.kind == "deploy" and change.id in (deploy.id, None))):
+                woken.callback(None)
+
+        def give_up() -> None:
+            if not woken.called:
+                woken.callback(None)
+
+        timer = self.clock.callLater(wait, give_up)
+        listening = ensureDeferred(self.store.subscribe(on_change))
+        # a store whose listener is reconnecting: never wait past ``wait`` for it
+        listening.addTimeout(max(wait - 0.01, 0.01), self.clock)
+        unsubscribe: Any = None
+        try:
+            try:
+                unsubscribe = await listening
+            except DeferredTimeout:
+                return await self.get_deploy(app, deploy_id)
+            deploy = await self.get_deploy(app, deploy_id)  # changed before we listened?
+            if len(deploy.log) > log_offset or deploy.status in DEPLOY_FINAL:
+                return deploy
+            await woken
+        finally:
+            if timer.active():
+                timer.cancel()
+            if unsubscribe is not None:
+                unsubscribe()
+        return await self.get_deploy(app, deploy_id)
 
     def describe_deploy(self, app: App, d: Deploy, log_offset: int | None) -> dict[str, Any]:
         log = "" if log_offset is None else d.log[log_offset:]

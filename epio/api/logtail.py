@@ -206,7 +206,7 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _error(request: Any, status: int, code: str, message: str) -> bytes:
+def _error(request: IRequest, status: int, code: str, message: str) -> bytes:
     request.setResponseCode(status)
     request.setHeader(b"content-type", b"application/json")
     return json.dumps({"error": {"code": code, "message": message}}).encode()
@@ -244,7 +244,7 @@ class LogTail:
         if self._missed is not None:
             self._missed.inc(n)
 
-    async def handle(self, request: Any, app: str) -> Any:
+    async def handle(self, request: IRequest, app: str) -> Any:
         """Answer ``GET /api/v1/apps/{app}/logs`` (JSON, or the websocket upgrade)."""
         await self.authorize(request, app)
         try:
@@ -268,7 +268,7 @@ class LogTail:
         return json.dumps({"app": app, "lines": [ln.to_json() for ln in lines], "next": nxt},
                           separators=(",", ":")).encode()
 
-    async def handle_stats(self, request: Any, app: str) -> bytes:
+    async def handle_stats(self, request: IRequest, app: str) -> bytes:
         """Answer ``GET /api/v1/apps/{app}/stats?metric=&since=&until=&resolution=``:
         ``{"app", "resolution", "series": {metric: [[t, value], ...]}}`` (see docs/logs.md)."""
         await self.authorize(request, app)
@@ -301,7 +301,7 @@ class LogTail:
         request.setHeader(b"content-type", b"application/json")
         return json.dumps({"app": app, **result}, separators=(",", ":")).encode()
 
-    def _logger_failed(self, request: Any, app: str, what: str,
+    def _logger_failed(self, request: IRequest, app: str, what: str,
                        e: LogsUnavailable | RemoteError) -> bytes:
         """The answer when no logger could give ``what`` ("logs", "stats"): 503 when
         none answered, 400 for a parameter a logger refused, else 502 (never its text)."""

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionRequest
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -24,7 +25,7 @@ class TailProtocol(WebSocketServerProtocol):
     log = Logger()
     factory: TailFactory
 
-    def onConnect(self, request: Any) -> str | None:
+    def onConnect(self, request: ConnectionRequest) -> str | None:
         # the dashboard authenticates with subprotocols (see epio.api.web._bearer);
         # select only the plain one so the token is never echoed in the response
         return "epio.v1" if "epio.v1" in (request.protocols or []) else None

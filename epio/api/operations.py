@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from twisted.web.iweb import IRequest
+
 from epio.api import errors
 from epio.api.spec import Operation
 
@@ -53,12 +55,12 @@ def operations_of(cls: type) -> tuple[tuple[str, Operation], ...]:
     return tuple(out)
 
 
-def query_arg(request: Any, name: str) -> str | None:  # twisted.web Request (untyped args)
+def query_arg(request: IRequest, name: str) -> str | None:  # twisted.web Request (untyped args)
     values = request.args.get(name.encode())
     return values[0].decode("utf-8", "replace") if values else None
 
 
-def query_int(request: Any, name: str, default: int, minimum: int = 0,
+def query_int(request: IRequest, name: str, default: int, minimum: int = 0,
               maximum: int = 1 << 31) -> int:
     text = query_arg(request, name)
     if text is None or text == "":

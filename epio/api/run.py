@@ -36,13 +36,14 @@ from __future__ import annotations
 import re
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from attrs import frozen
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
+from twisted.web.iweb import IRequest
 
 from epio import domain
 from epio.api import errors
@@ -66,6 +67,9 @@ from epio.api.state import DEFAULT_SIZE, SIZES, current_release
 from epio.config import Config
 from epio.store.addons import addon_ports
 from epio.store.runs import new_session_id
+
+if TYPE_CHECKING:
+    from epio.store.records import App, User
 
 FIRST_MESSAGE_TIMEOUT = 30.0
 _log = Logger()
@@ -198,7 +202,7 @@ class RunSessions:
         extra = dict(f.limits) if f is not None and f.limits else {}
         return {**SIZES.get(size, SIZES[DEFAULT_SIZE]), **extra}
 
-    async def start(self, app: Any, user: Any, command: list[str], *, tty: bool,
+    async def start(self, app: App, user: User, command: list[str], *, tty: bool,
                     detach: bool, rows: int = 24, cols: int = 80, term: str = "xterm",
                     client: str | None = None, kind: str | None = None,
                     source: str | None = None,
@@ -317,7 +321,7 @@ class RunSessions:
 
         return await get_run(self.store, app, number)
 
-    async def kill(self, app: str, number: int, user: Any) -> Any:
+    async def kill(self, app: str, number: int, user: User) -> Any:
         from epio.store.runs import get_run, update_run
 
         rec = await get_run(self.store, app, number)
@@ -560,7 +564,7 @@ class Bridge:
 # ------------------------------------------------------------------------ websocket
 
 
-def websocket_resource(sessions: RunSessions, app: Any, user: Any,
+def websocket_resource(sessions: RunSessions, app: App, user: User,
                        number: int | None) -> Any:
     """The websocket resource of one session.  Its classes live in
     :mod:`epio.api.run_ws`: autobahn (about 6 MiB of a node's memory) is imported with
@@ -587,14 +591,14 @@ def _number(text: str) -> int:
     return int(t)
 
 
-def _upgrade(request: Any) -> bool:
+def _upgrade(request: IRequest) -> bool:
     return (request.getHeader(b"upgrade") or b"").lower() == b"websocket"
 
 
 # ------------------------------------------------------------------------ release phase
 
 
-async def release_phase(deployer: Any, app: Any, deploy: Any, runner: Any, digest: str,
+async def release_phase(deployer: Any, app: App, deploy: Any, runner: Any, digest: str,
                         manifest: dict[str, Any]) -> Any:
     """Run the manifest's ``[release] command`` once, before the new release exists.
 
@@ -693,7 +697,7 @@ class RunRoutes:
                "With `Upgrade: websocket`: start an interactive session (epio run); first "
                "message {type: start, command, tty, rows, cols}", response=None, tag="run",
                raw=True)
-    async def run_websocket(self, request: Any, user: Any, app: Any) -> Any:
+    async def run_websocket(self, request: IRequest, user: User, app: App) -> Any:
         sessions = _sessions(self)
         if not _upgrade(request):
             raise errors.BadRequest("connect with a websocket (Upgrade: websocket)")
@@ -702,7 +706,7 @@ class RunRoutes:
     @operation("GET", "/apps/{app}/runs/{number}/attach", "attachRunSession",
                "With `Upgrade: websocket`: reattach to a running interactive session; first "
                "message {type: attach, rows, cols}", response=None, tag="run", raw=True)
-    async def attach_websocket(self, request: Any, user: Any, app: Any, number: str) -> Any:
+    async def attach_websocket(self, request: IRequest, user: User, app: App, number: str) -> Any:
         sessions = _sessions(self)
         n = _number(number)
         if not _upgrade(request):
@@ -715,7 +719,7 @@ class RunRoutes:
                response=array(ref("RunSession")), tag="run",
                query={"history": {"type": "boolean"},
                       "limit": {"type": "integer", "minimum": 1, "maximum": 500}})
-    async def list_runs(self, request: Any, user: Any, app: Any) -> Any:
+    async def list_runs(self, request: IRequest, user: User, app: App) -> Any:
         values = request.args.get(b"history") or [b""]
         history = values[-1].lower() in (b"1", b"true", b"yes")
         limit = query_int(request, "limit", 50, 1, 500)
@@ -724,7 +728,7 @@ class RunRoutes:
     @operation("POST", "/apps/{app}/runs", "createRunSession",
                "Run a command detached (its output goes to the app's log, source run.N)",
                request=ref("NewRun"), response=ref("RunSession"), status=201, tag="run")
-    async def create_run(self, request: Any, user: Any, app: Any,
+    async def create_run(self, request: IRequest, user: User, app: App,
                          body: dict[str, Any]) -> Any:
         if not body.get("detach", True):
             raise errors.BadRequest("interactive sessions need the websocket: GET /apps/{app}/run")
@@ -734,14 +738,14 @@ class RunRoutes:
 
     @operation("GET", "/apps/{app}/runs/{number}", "getRunSession", "One session (audit record)",
                response=ref("RunSession"), tag="run")
-    async def get_run(self, request: Any, user: Any, app: Any, number: str) -> Any:
+    async def get_run(self, request: IRequest, user: User, app: App, number: str) -> Any:
         rec = await _sessions(self).get(app.name, _number(number))
         return {**rec.to_json(), "attached": None}
 
     @operation("DELETE", "/apps/{app}/runs/{number}", "stopRunSession",
                "Stop a session: SIGTERM, then SIGKILL after run.kill_grace",
                response=ref("RunSession"), tag="run")
-    async def stop_run(self, request: Any, user: Any, app: Any, number: str) -> Any:
+    async def stop_run(self, request: IRequest, user: User, app: App, number: str) -> Any:
         rec = await _sessions(self).kill(app.name, _number(number), user)
         return {**rec.to_json(), "attached": None}
 

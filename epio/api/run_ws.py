@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -23,6 +23,9 @@ from epio.api.run import (
     _message,
     check_command,
 )
+
+if TYPE_CHECKING:
+    from epio.store.records import App, User
 
 
 @implementer(IPushProducer)
@@ -193,7 +196,7 @@ class RunProtocol(WebSocketServerProtocol):
 class RunFactory(WebSocketServerFactory):
     protocol = RunProtocol
 
-    def __init__(self, sessions: RunSessions, app: Any, user: Any, number: int | None,
+    def __init__(self, sessions: RunSessions, app: App, user: User, number: int | None,
                  clock: IReactorTime) -> None:
         WebSocketServerFactory.__init__(self)
         self.sessions = sessions
@@ -204,7 +207,7 @@ class RunFactory(WebSocketServerFactory):
         WebSocketServerFactory.setProtocolOptions(self, autoPingInterval=30, autoPingTimeout=30)
 
 
-def websocket_resource(sessions: RunSessions, app: Any, user: Any,
+def websocket_resource(sessions: RunSessions, app: App, user: User,
                        number: int | None) -> WebSocketResource:
     return WebSocketResource(RunFactory(sessions, app, user, number, sessions.clock))
 

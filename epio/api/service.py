@@ -24,7 +24,6 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
 from attrs import frozen
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import serverFromString
@@ -46,7 +45,13 @@ from epio.api.scheduler import Scheduler, SchedulerService
 from epio.api.settings import ApiSettings, derive_app_secret
 from epio.api.web import TARBALL_TYPES, Api, authorize_app
 from epio.domain import platform_hostname
-from epio.listen import ConnectionLimit, LimitedEndpoint, log_backlog, with_backlog
+from epio.listen import (
+    ConnectionLimit,
+    LimitedEndpoint,
+    log_backlog,
+    required_listener,
+    with_backlog,
+)
 from epio.metrics import Family
 from epio.services import named
 
@@ -204,7 +209,9 @@ def build_ready(node: Node, settings: ApiSettings, store: Store) -> ReadyApi:
     from epio.api.cron import CronRunner, CronService, CronSettings
     from epio.api.purge import AppPurger, PurgeService
     from epio.api.run import RunApiSettings, RunSessions
-    from epio.certs.api import Certs
+    from epio.certs.api import Certs, DomainCheck
+    from epio.certs.dns01 import make_dns01
+    from epio.certs.resolve import make_name_check
 
     services: list[IService] = []
     dealer = node.bus.dealer([])
@@ -223,6 +230,9 @@ def build_ready(node: Node, settings: ApiSettings, store: Store) -> ReadyApi:
                                                          settings.leader_retry)))
     addons: Addons = make_addons(node.reactor, node.config, store, control, scheduler, sink)
     services.append(addons.keeper(addons.settings.keeper_interval))
+    from epio.metrics import registry_for
+
+    registry_for(node).add_collector(addons.metric_families)
     sessions: RunSessions = RunSessions(store, control, node.reactor,
                                         RunApiSettings.from_config(node.config),
                                         log_sink=sink, platform_env=scheduler.platform_env)
@@ -234,17 +244,26 @@ def build_ready(node: Node, settings: ApiSettings, store: Store) -> ReadyApi:
     purger = AppPurger(platform, store, node.reactor)
     services.append(named("purge", PurgeService(purger, store, node.reactor,
                                                 settings.purge_interval, settings.leader_retry)))
-    certs = Certs(store, node.secret, bool(node.settings.acme.directory), node.reactor)
-    if node.settings.acme.directory:  # (docs/https.md); acme, josepy, requests: 6 MiB,
+    acme = node.settings.acme
+    dns01 = make_dns01(node, store)  # DNS-01's zone server (docs/https.md), or None
+    if dns01 is not None:
+        services.append(named("acme-dns01", dns01[1]))
+    domain_check = DomainCheck(
+        node.reactor, make_name_check(node.reactor, list(acme.router_addresses),
+                                      acme.dns_server, node.settings.node.domain),
+        dns01[0] if dns01 else None, bool(acme.directory)) if acme.name_check else None
+    certs = Certs(store, node.secret, bool(acme.directory), node.reactor, domain_check)
+    if acme.directory:  # (docs/https.md); acme, josepy, requests: 6 MiB,
         from epio.certs.issuer import make_issuer_service  # imported only when used
 
-        issuer = make_issuer_service(node, store, settings.leader_retry)
+        issuer = make_issuer_service(node, store, settings.leader_retry,
+                                     dns01[0] if dns01 else None)
         if issuer is not None:
             services.append(named("acme-issuer", issuer))
     log_tail = _log_tail(node, platform, services)
     api = Api(platform, max_json_bytes=settings.max_json_bytes,
               max_upload_bytes=settings.max_upload_bytes, log_tail=log_tail, addons=addons,
-              certs=certs, run=sessions)
+              certs=certs, run=sessions, api_url=settings.platform_url())
     cron = CronRunner(store, sessions, node.reactor, CronSettings.from_config(node.config),
                       log_sink=sink)
     services.append(named("cron", CronService(cron, store, node.reactor,
@@ -382,13 +401,13 @@ def make_service(node: Node) -> ApiService:
     limit = ConnectionLimit("api", section.max_connections)
     deadlines = Deadlines(section.header_timeout, section.body_timeout, section.body_min_rate)
     starting = Api(None, max_json_bytes=settings.max_json_bytes,
-                   max_upload_bytes=settings.max_upload_bytes)
+                   max_upload_bytes=settings.max_upload_bytes, api_url=settings.platform_url())
     gate = ApiGate(starting.resource())
     site = make_site(gate, settings.max_upload_bytes + (1 << 20), deadlines, node.reactor, limit)
     registry_for(node).add_collector(site.metric_families)
     endpoint = RecordingEndpoint(LimitedEndpoint(
         serverFromString(node.reactor, with_backlog(section.listen, section.backlog)), limit))
-    http = StreamServerEndpointService(endpoint, site)
+    http = required_listener(endpoint, site)  # cannot listen: the node stops
     http.setName("api-http")
     return ApiService(node, settings, gate, http, make_beacon(node, endpoint))
 

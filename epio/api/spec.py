@@ -172,6 +172,12 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "since": NUM, "restarts": INT,
     }),
     "Domain": obj({"hostname": STR, "wildcard": BOOL, "created": NUM, "builtin": BOOL}),
+    "AddedDomain": obj({"hostname": STR, "wildcard": BOOL, "created": NUM, "builtin": BOOL,
+                        "dns": obj({"state": {"type": "string",
+                                              "enum": ["ok", "pending_dns", "unknown"]},
+                                    "message": STR,
+                                    "records": array(obj({"name": STR, "type": STR,
+                                                          "value": STR}))})}),
     "Certificate": obj({"hostname": STR, "source": NULLABLE_STR, "state": STR,
                         "not_after": NULLABLE_NUM, "last_error": NULLABLE_STR,
                         "next_attempt": NULLABLE_NUM, "serving": BOOL}),
@@ -183,7 +189,13 @@ SCHEMAS: dict[str, dict[str, Any]] = {
                                    "x-error": HOSTNAME_RULE}}),
     "Node": obj({"id": STR, "roles": array(STR), "control": NULLABLE_STR, "boot_id": NULLABLE_STR,
                  "last_seen": NUM, "alive": BOOL, "status": {"type": "object"}}),
-    "Status": obj({"status": STR, "version": STR}),
+    "Status": obj({"status": STR, "version": STR,
+                   "api_url": {"type": ["string", "null"],
+                               "description": "the API's URL through the routers "
+                                              "(api.hostname), or null without a platform "
+                                              "route: the URL clients should use"},
+                   "routed": {"type": "boolean",
+                              "description": "this request came through a router"}}),
     "Deleted": obj({"deleted": STR}),
     "LogLines": obj({
         "app": STR, "next": INT,

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from attrs import frozen
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from epio import domain
@@ -175,16 +176,23 @@ def rollout_verdict(instances: list[Instance], version: int, want: Mapping[str, 
     return Verdict(all(healthy[t] >= n for t, n in want.items()), None, healthy)
 
 
-async def routers_have(control: Any, settings: Any, clock: Any, app: str,
-                       healthy: list[Instance]) -> bool:
+async def routers_have(control: Any, settings: Any, clock: IReactorTime, app: str,
+                       healthy: list[Instance], asleep: list[Instance] | None = None) -> bool:
     """Do routers send traffic to these (healthy, new) instances yet?
 
     The runner tells the api an instance is healthy at once, but routers learn it
     from the next heartbeat through the nexus.  Every nexus that answers
     ``nexus.where`` must list them in the app's route; when none answers, they must
     have been healthy for ``api.route_settle`` seconds.
+
+    ``asleep``: new instances of an asleep app (booted, healthy once, asleep again:
+    docs/apps.md).  When none of the new ones is healthy, every nexus must name them in
+    the route's ``asleep`` entry instead -- the route a router wakes them by -- before
+    the old ones may go: until then a nexus that has not read the new release routes
+    neither, and the router would answer 503 rather than hold the request.
     """
     wanted = {i.id for i in healthy}
+    sleeping = set() if wanted else {i.id for i in asleep or ()}
     answered = False
     for endpoint in settings.nexus_endpoints:
         try:
@@ -197,10 +205,16 @@ async def routers_have(control: Any, settings: Any, clock: Any, app: str,
         routed = {b.get("instance_id") for b in route.get("backends") or []}
         if not wanted <= routed:
             return False
+        if sleeping:
+            entry = route.get("asleep")
+            held = set(entry.get("instances") or ()) if isinstance(entry, dict) else set()
+            if not sleeping <= held:
+                return False
     if answered:
         return True
     now = clock.seconds()  # after the polls, not before
-    return all(now - i.since >= settings.route_settle for i in healthy)
+    return all(now - i.since >= settings.route_settle
+               for i in (healthy if wanted else asleep or ()))
 
 
 def release_facts(manifest: Mapping[str, Any]) -> dict[str, Any]:

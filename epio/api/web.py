@@ -14,11 +14,12 @@ import json
 import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from klein import Klein
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 from werkzeug.exceptions import MethodNotAllowed as WzMethodNotAllowed
 from werkzeug.exceptions import NotFound as WzNotFound
@@ -41,14 +42,19 @@ from epio.api.spec import (
     ref,
 )
 
+if TYPE_CHECKING:
+    from epio.store.records import App, User
+
 TARBALL_TYPES = ("application/gzip", "application/x-gzip", "application/x-tar",
                  "application/octet-stream", "application/x-compressed-tar")
 DASHBOARD_DIR = Path(__file__).parent / "dashboard"
 
 STR_SCHEMA = {"type": "string"}
+#: the most seconds ``GET /apps/{app}/deploys/{id}?wait=`` holds its answer for a change
+DEPLOY_WAIT_MAX = 10
 _ROOT = {"components": {"schemas": SCHEMAS}}
 
-async def authorize_app(platform: Any, request: Any, name: str) -> Any:
+async def authorize_app(platform: Any, request: IRequest, name: str) -> Any:
     """Auth + access check of ``platform`` for code mounted beside the API (the log
     tail): the app, or 404 when it is not the caller's; 503 ``starting`` without one."""
     if platform is None:
@@ -74,8 +80,10 @@ class Api(AddonRoutes, CronRoutes, RunRoutes):
 
     def __init__(self, platform: Any, *, max_json_bytes: int = 1 << 20,
                  max_upload_bytes: int = 200 << 20, log_tail: Any = None,
-                 addons: Any = None, certs: Any = None, run: Any = None) -> None:
+                 addons: Any = None, certs: Any = None, run: Any = None,
+                 api_url: str | None = None) -> None:
         self.platform = platform  # None: the api is starting (503 ``starting``)
+        self.api_url = api_url  # the routed URL (ApiSettings.platform_url), or None
         self.log_tail = log_tail  # epio.api.logtail.LogTail, None without a logger
         self.addons = addons  # epio.api.addons.Addons (add-on and backup routes)
         self.certs = certs  # epio.certs.api.Certs (certificate routes)
@@ -100,7 +108,7 @@ class Api(AddonRoutes, CronRoutes, RunRoutes):
     def _route(self, op: Operation, f: Handler) -> Callable[..., Awaitable[Any]]:
         """The Klein endpoint of ``op``: the handler ``f`` behind :meth:`_dispatch`."""
 
-        async def route(request: Any, **kw: str) -> Any:
+        async def route(request: IRequest, **kw: str) -> Any:
             return await self._dispatch(op, f, request, kw)
 
         route.__name__ = route.__qualname__ = op.operation_id
@@ -111,7 +119,7 @@ class Api(AddonRoutes, CronRoutes, RunRoutes):
 
     # --- plumbing -------------------------------------------------------------
 
-    async def _dispatch(self, op: Operation, f: Handler, request: Any,
+    async def _dispatch(self, op: Operation, f: Handler, request: IRequest,
                         kw: dict[str, str]) -> Any:
         request.setHeader(b"Content-Type", b"application/json")
         request.setHeader(b"Cache-Control", b"no-store")
@@ -139,11 +147,11 @@ class Api(AddonRoutes, CronRoutes, RunRoutes):
             return b""
         return _encode(result)
 
-    def _content_type(self, request: Any) -> str:
+    def _content_type(self, request: IRequest) -> str:
         raw = request.getHeader(b"content-type") or b""
         return raw.decode("latin-1").split(";")[0].strip().lower()
 
-    def _read_limited(self, request: Any, limit: int, upload: bool = False) -> bytes:
+    def _read_limited(self, request: IRequest, limit: int, upload: bool = False) -> bytes:
         content = request.content
         if getattr(request, "epio_oversize", False):
             raise errors.PayloadTooLarge(errors.too_large_message(None, limit, upload))
@@ -155,7 +163,7 @@ class Api(AddonRoutes, CronRoutes, RunRoutes):
         data: bytes = content.read()
         return data
 
-    def _json_body(self, request: Any, op: Operation) -> Any:
+    def _json_body(self, request: IRequest, op: Operation) -> Any:
         if self._content_type(request) != JSON:
             raise errors.UnsupportedMediaType("the request body must be application/json")
         raw = self._read_limited(request, self.max_json_bytes)
@@ -170,7 +178,7 @@ class Api(AddonRoutes, CronRoutes, RunRoutes):
             raise errors.ValidationFailed(e.sentence(), code=e.code) from None
         return body
 
-    def _upload_body(self, request: Any) -> bytes:
+    def _upload_body(self, request: IRequest) -> bytes:
         if self._content_type(request) not in TARBALL_TYPES:
             raise errors.UnsupportedMediaType(
                 "the upload must be a gzipped tarball (Content-Type: application/gzip)")
@@ -179,7 +187,7 @@ class Api(AddonRoutes, CronRoutes, RunRoutes):
             raise errors.BadRequest("the upload is empty")
         return data
 
-    def _error(self, request: Any, failure: Failure) -> bytes:
+    def _error(self, request: IRequest, failure: Failure) -> bytes:
         exc = failure.value
         api_error: errors.ApiError | None
         if isinstance(exc, WzNotFound):
@@ -210,43 +218,46 @@ class Api(AddonRoutes, CronRoutes, RunRoutes):
 
     @operation("GET", "/openapi.json", "getOpenApi", "This OpenAPI document",
                response={"type": "object"}, auth=False, tag="meta")
-    async def openapi(self, request: Any, user: Any) -> Any:
+    async def openapi(self, request: IRequest, user: User) -> Any:
         return openapi_document(OPERATIONS)
 
     @operation("GET", "/status", "getStatus", "Liveness of this api process",
                response=ref("Status"), auth=False, tag="meta")
-    async def status(self, request: Any, user: Any) -> Any:
+    async def status(self, request: IRequest, user: User) -> Any:
         from epio import __version__
+        from epio.domain import ROUTER_VIA
 
-        return {"status": "ok", "version": __version__}
+        via = request.getHeader("via") or ""
+        return {"status": "ok", "version": __version__, "api_url": self.api_url,
+                "routed": via.strip() == ROUTER_VIA}
 
     # --- users and tokens -------------------------------------------------------
 
     @operation("GET", "/user", "getCurrentUser", "The user owning the token",
                response=ref("User"), tag="users")
-    async def whoami(self, request: Any, user: Any) -> Any:
+    async def whoami(self, request: IRequest, user: User) -> Any:
         return serialize.user(user)
 
     @operation("GET", "/users", "listUsers", "Every user (admins only)",
                response=array(ref("User")), tag="users")
-    async def list_users(self, request: Any, user: Any) -> Any:
+    async def list_users(self, request: IRequest, user: User) -> Any:
         return [serialize.user(u) for u in await self.platform.list_users(user)]
 
     @operation("POST", "/users", "createUser", "Create a user and a first token (admins only)",
                request=ref("NewUser"), response=ref("UserWithToken"), status=201, tag="users")
-    async def create_user(self, request: Any, user: Any, body: dict[str, Any]) -> Any:
+    async def create_user(self, request: IRequest, user: User, body: dict[str, Any]) -> Any:
         new, token = await self.platform.create_user(
             user, body["name"], body.get("email"), bool(body.get("is_admin", False)))
         return {"user": serialize.user(new), "token": token}
 
     @operation("GET", "/tokens", "listTokens", "The caller's API tokens (never the secrets)",
                response=array(ref("Token")), tag="users")
-    async def list_tokens(self, request: Any, user: Any) -> Any:
+    async def list_tokens(self, request: IRequest, user: User) -> Any:
         return [serialize.token(t) for t in await self.platform.list_tokens(user)]
 
     @operation("POST", "/tokens", "createToken", "Create an API token for the caller",
                request=ref("NewToken"), response=ref("CreatedToken"), status=201, tag="users")
-    async def create_token(self, request: Any, user: Any, body: dict[str, Any]) -> Any:
+    async def create_token(self, request: IRequest, user: User, body: dict[str, Any]) -> Any:
         new = await self.platform.create_token(user, body.get("description", ""))
         return {"token": new.token, "info": serialize.token(new.info)}
 
@@ -254,7 +265,7 @@ class Api(AddonRoutes, CronRoutes, RunRoutes):
                "A one-time code that signs the dashboard in as the caller (`epio login "
                "--web` puts it in a link's fragment); valid once, for 2 minutes",
                response=ref("LoginCode"), status=201, tag="users")
-    async def create_login_code(self, request: Any, user: Any) -> Any:
+    async def create_login_code(self, request: IRequest, user: User) -> Any:
         code, expires = await self.platform.create_login_code(user)
         return {"code": code, "expires": expires}
 
@@ -262,7 +273,7 @@ class Api(AddonRoutes, CronRoutes, RunRoutes):
                "Exchange a one-time code for a new API token of its user (the dashboard's "
                "sign-in; the code is used up, valid or not)", request=ref("LoginExchange"),
                response=ref("SignedIn"), auth=False, tag="users")
-    async def exchange_login_code(self, request: Any, user: Any, body: dict[str, Any]) -> Any:
+    async def exchange_login_code(self, request: IRequest, user: User, body: dict[str, Any]) -> Any:
         if self.platform is None:
             raise errors.Unavailable("the api is starting; try again in a moment",
                                      code="starting")
@@ -271,7 +282,7 @@ class Api(AddonRoutes, CronRoutes, RunRoutes):
 
     @operation("DELETE", "/tokens/{token_id}", "deleteToken", "Revoke one of the caller's tokens",
                response=ref("Deleted"), tag="users")
-    async def delete_token(self, request: Any, user: Any, token_id: str) -> Any:
+    async def delete_token(self, request: IRequest, user: User, token_id: str) -> Any:
         await self.platform.delete_token(user, token_id)
         return {"deleted": token_id}
 
@@ -279,24 +290,24 @@ class Api(AddonRoutes, CronRoutes, RunRoutes):
 
     @operation("GET", "/apps", "listApps", "Apps the caller owns or collaborates on",
                response=array(ref("App")), tag="apps")
-    async def list_apps(self, request: Any, user: Any) -> Any:
+    async def list_apps(self, request: IRequest, user: User) -> Any:
         return await self.platform.describe_apps(await self.platform.list_apps(user))
 
     @operation("POST", "/apps", "createApp", "Create an app owned by the caller",
                request=ref("NewApp"), response=ref("App"), status=201, tag="apps")
-    async def create_app(self, request: Any, user: Any, body: dict[str, Any]) -> Any:
+    async def create_app(self, request: IRequest, user: User, body: dict[str, Any]) -> Any:
         app = await self.platform.create_app(user, body["name"])
         return await self.platform.describe_app(app)
 
     @operation("GET", "/apps/{app}", "getApp", "One app", response=ref("App"), tag="apps")
-    async def get_app(self, request: Any, user: Any, app: Any) -> Any:
+    async def get_app(self, request: IRequest, user: User, app: App) -> Any:
         return await self.platform.describe_app(app)
 
     @operation("DELETE", "/apps/{app}", "deleteApp",
                "Destroy an app (owner only): final add-on backups, instances and routes "
                "stopped; everything else kept for api.destroyed_grace seconds, restorable",
                response=ref("AppDestroyed"), tag="apps")
-    async def delete_app(self, request: Any, user: Any, app: Any) -> Any:
+    async def delete_app(self, request: IRequest, user: User, app: App) -> Any:
         destroyed = await self.platform.delete_app(user, app)
         return {"deleted": app.name, "destroyed": destroyed.destroyed,
                 "purge_after": destroyed.purge_after}
@@ -304,39 +315,39 @@ class Api(AddonRoutes, CronRoutes, RunRoutes):
     @operation("GET", "/destroyed-apps", "listDestroyedApps",
                "The caller's destroyed apps not purged yet (every one for admins)",
                response=array(ref("DestroyedApp")), tag="apps")
-    async def list_destroyed(self, request: Any, user: Any) -> Any:
+    async def list_destroyed(self, request: IRequest, user: User) -> Any:
         return await self.platform.describe_destroyed(await self.platform.list_destroyed(user))
 
     @operation("POST", "/destroyed-apps/{name}/restore", "restoreApp",
                "Bring a destroyed app back as it was (owner or admin)", response=ref("App"),
                tag="apps")
-    async def restore_app(self, request: Any, user: Any, name: str) -> Any:
+    async def restore_app(self, request: IRequest, user: User, name: str) -> Any:
         return await self.platform.describe_app(await self.platform.restore_app(user, name))
 
     @operation("DELETE", "/destroyed-apps/{name}", "purgeApp",
                "Purge a destroyed app now (owner or admin): add-ons, data and UID are gone",
                response=ref("Deleted"), tag="apps")
-    async def purge_app(self, request: Any, user: Any, name: str) -> Any:
+    async def purge_app(self, request: IRequest, user: User, name: str) -> Any:
         await self.platform.purge_app(user, await self.platform.get_destroyed(user, name))
         return {"deleted": name}
 
     @operation("GET", "/apps/{app}/collaborators", "listCollaborators",
                "Users who may manage the app besides its owner", response=array(STR_SCHEMA),
                tag="apps")
-    async def list_collaborators(self, request: Any, user: Any, app: Any) -> Any:
+    async def list_collaborators(self, request: IRequest, user: User, app: App) -> Any:
         return await self.platform.list_collaborators(app)
 
     @operation("POST", "/apps/{app}/collaborators", "addCollaborator",
                "Let another user manage the app (owner only)", request=ref("Collaborator"),
                response=array(STR_SCHEMA), status=201, tag="apps")
-    async def add_collaborator(self, request: Any, user: Any, app: Any,
+    async def add_collaborator(self, request: IRequest, user: User, app: App,
                                body: dict[str, Any]) -> Any:
         await self.platform.add_collaborator(user, app, body["user"])
         return await self.platform.list_collaborators(app)
 
     @operation("DELETE", "/apps/{app}/collaborators/{name}", "removeCollaborator",
                "Remove a collaborator (owner only)", response=array(STR_SCHEMA), tag="apps")
-    async def remove_collaborator(self, request: Any, user: Any, app: Any, name: str) -> Any:
+    async def remove_collaborator(self, request: IRequest, user: User, app: App, name: str) -> Any:
         await self.platform.remove_collaborator(user, app, name)
         return await self.platform.list_collaborators(app)
 
@@ -346,44 +357,49 @@ class Api(AddonRoutes, CronRoutes, RunRoutes):
                "Upload a gzipped tarball of the app directory: build, release and roll out",
                request={"type": "string"}, request_type="application/gzip",
                response=ref("Deploy"), status=202, tag="deploys")
-    async def create_deploy(self, request: Any, user: Any, app: Any, body: bytes) -> Any:
+    async def create_deploy(self, request: IRequest, user: User, app: App, body: bytes) -> Any:
         deploy = await self.platform.start_deploy(user, app, body)
         return self.platform.describe_deploy(app, deploy, 0)
 
     @operation("GET", "/apps/{app}/deploys", "listDeploys", "Recent deploys, newest first",
                response=array(ref("Deploy")), tag="deploys",
                query={"limit": {"type": "integer", "minimum": 1, "maximum": 200}})
-    async def list_deploys(self, request: Any, user: Any, app: Any) -> Any:
+    async def list_deploys(self, request: IRequest, user: User, app: App) -> Any:
         limit = query_int(request, "limit", 20, 1, 200)
         return [self.platform.describe_deploy(app, d, None)
                 for d in await self.platform.list_deploys(app, limit)]
 
     @operation("GET", "/apps/{app}/deploys/{deploy_id}", "getDeploy",
-               "A deploy's status and its log from character `log_offset` (poll to follow)",
+               "A deploy's status and its log from character `log_offset` (poll to follow); "
+               "with `wait`, the answer waits up to that many seconds for a longer log or "
+               "the deploy's end",
                response=ref("Deploy"), tag="deploys",
-               query={"log_offset": {"type": "integer", "minimum": 0}})
-    async def get_deploy(self, request: Any, user: Any, app: Any, deploy_id: str) -> Any:
+               query={"log_offset": {"type": "integer", "minimum": 0},
+                      "wait": {"type": "integer", "minimum": 0,
+                               "maximum": DEPLOY_WAIT_MAX}})
+    async def get_deploy(self, request: IRequest, user: User, app: App, deploy_id: str) -> Any:
         offset = query_int(request, "log_offset", 0)
-        deploy = await self.platform.get_deploy(app, deploy_id)
+        wait = query_int(request, "wait", 0, 0, DEPLOY_WAIT_MAX)
+        deploy = await self.platform.watch_deploy(app, deploy_id, offset, wait)
         return self.platform.describe_deploy(app, deploy, offset)
 
     # --- releases ---------------------------------------------------------------
 
     @operation("GET", "/apps/{app}/releases", "listReleases", "Releases, newest first",
                response=array(ref("Release")), tag="releases")
-    async def list_releases(self, request: Any, user: Any, app: Any) -> Any:
+    async def list_releases(self, request: IRequest, user: User, app: App) -> Any:
         return await self.platform.describe_releases(app)
 
     @operation("GET", "/apps/{app}/releases/{version}", "getRelease", "One release",
                response=ref("Release"), tag="releases")
-    async def get_release(self, request: Any, user: Any, app: Any, version: str) -> Any:
+    async def get_release(self, request: IRequest, user: User, app: App, version: str) -> Any:
         return await self.platform.describe_release(app, _version(version))
 
     @operation("POST", "/apps/{app}/rollback", "rollback",
                "New release on an earlier release's image and config (default: the one "
                "before the current)", request=ref("Rollback"), response=ref("Release"),
                status=201, tag="releases")
-    async def rollback(self, request: Any, user: Any, app: Any, body: dict[str, Any]) -> Any:
+    async def rollback(self, request: IRequest, user: User, app: App, body: dict[str, Any]) -> Any:
         release = await self.platform.rollback(user, app, body.get("version"))
         return await self.platform.describe_release(app, release.version)
 
@@ -394,7 +410,7 @@ class Api(AddonRoutes, CronRoutes, RunRoutes):
                "stop-first type stops first); poll its `deploy` to follow",
                request=ref("Restart"), response=ref("Release"), status=201,
                tag="processes")
-    async def restart(self, request: Any, user: Any, app: Any, body: dict[str, Any]) -> Any:
+    async def restart(self, request: IRequest, user: User, app: App, body: dict[str, Any]) -> Any:
         release = await self.platform.restart(user, app, body.get("type"))
         return await self.platform.describe_release(app, release.version)
 
@@ -402,14 +418,14 @@ class Api(AddonRoutes, CronRoutes, RunRoutes):
 
     @operation("GET", "/apps/{app}/config", "getConfig", "The app's config vars",
                response=ref("ConfigVars"), tag="config")
-    async def get_config(self, request: Any, user: Any, app: Any) -> Any:
+    async def get_config(self, request: IRequest, user: User, app: App) -> Any:
         return {"vars": await self.platform.get_config(app)}
 
     @operation("PATCH", "/apps/{app}/config", "updateConfig",
                "Set (KEY: value) and unset (KEY: null) config vars; makes a new release "
                "whose rollout starts (its `status` is `deploying` until it serves)",
                request=ref("ConfigChange"), response=ref("ConfigUpdate"), tag="config")
-    async def update_config(self, request: Any, user: Any, app: Any,
+    async def update_config(self, request: IRequest, user: User, app: App,
                             body: dict[str, Any]) -> Any:
         config, release = await self.platform.update_config(user, app, body)
         return {"vars": config, "release": await self.platform.describe_release(
@@ -420,20 +436,20 @@ class Api(AddonRoutes, CronRoutes, RunRoutes):
     @operation("GET", "/apps/{app}/formation", "getFormation",
                "Desired quantity and size per process type", response=ref("Formation"),
                tag="processes")
-    async def get_formation(self, request: Any, user: Any, app: Any) -> Any:
+    async def get_formation(self, request: IRequest, user: User, app: App) -> Any:
         return await self.platform.describe_formation(app)
 
     @operation("PATCH", "/apps/{app}/formation", "scale",
                "Scale process types and set their size", request=ref("FormationChange"),
                response=ref("Formation"), tag="processes")
-    async def scale(self, request: Any, user: Any, app: Any, body: dict[str, Any]) -> Any:
+    async def scale(self, request: IRequest, user: User, app: App, body: dict[str, Any]) -> Any:
         await self.platform.scale(user, app, body["processes"])
         return await self.platform.describe_formation(app)
 
     @operation("GET", "/apps/{app}/ps", "listProcesses",
                "Instances with their node, state, since and restarts",
                response=array(ref("Instance")), tag="processes")
-    async def ps(self, request: Any, user: Any, app: Any) -> Any:
+    async def ps(self, request: IRequest, user: User, app: App) -> Any:
         return [serialize.instance(i) for i in await self.platform.list_instances(app)]
 
     # --- domains ------------------------------------------------------------------
@@ -441,22 +457,26 @@ class Api(AddonRoutes, CronRoutes, RunRoutes):
     @operation("GET", "/apps/{app}/domains", "listDomains",
                "Hostnames routed to the app (the built-in APP.DOMAIN first)",
                response=array(ref("Domain")), tag="domains")
-    async def list_domains(self, request: Any, user: Any, app: Any) -> Any:
+    async def list_domains(self, request: IRequest, user: User, app: App) -> Any:
         return await self.platform.describe_domains(app)
 
     @operation("POST", "/apps/{app}/domains", "addDomain",
                "Route a custom hostname or a wildcard (*.example.com) to the app; a name "
                "that is malformed, an IP, localhost, the platform's or another account's "
                "claim is refused with one answer (400)", request=ref("NewDomain"),
-               response=ref("Domain"), status=201, tag="domains")
-    async def add_domain(self, request: Any, user: Any, app: Any,
+               response=ref("AddedDomain"), status=201, tag="domains")
+    async def add_domain(self, request: IRequest, user: User, app: App,
                          body: dict[str, Any]) -> Any:
         domain = await self.platform.add_domain(user, app, body["hostname"])
-        return serialize.domain(domain)
+        # never fatal: the domain is saved; `dns` says which record is missing
+        dns = (await self.certs.check_domain(app.name, domain.hostname, domain.wildcard)
+               if self.certs is not None else
+               {"state": "unknown", "message": "DNS not checked", "records": []})
+        return {**serialize.domain(domain), "dns": dns}
 
     @operation("DELETE", "/apps/{app}/domains/{hostname}", "removeDomain",
                "Stop routing a hostname to the app", response=ref("Deleted"), tag="domains")
-    async def remove_domain(self, request: Any, user: Any, app: Any, hostname: str) -> Any:
+    async def remove_domain(self, request: IRequest, user: User, app: App, hostname: str) -> Any:
         await self.platform.remove_domain(user, app, hostname)
         return {"deleted": hostname}
 
@@ -465,14 +485,14 @@ class Api(AddonRoutes, CronRoutes, RunRoutes):
     @operation("GET", "/apps/{app}/certs", "listCertificates",
                "TLS certificate of each custom domain: source (acme/owner), state, expiry, "
                "last error", response=array(ref("Certificate")), tag="domains")
-    async def list_certs(self, request: Any, user: Any, app: Any) -> Any:
+    async def list_certs(self, request: IRequest, user: User, app: App) -> Any:
         return await self._certs().describe(app)
 
     @operation("POST", "/apps/{app}/certs", "addCertificate",
                "Serve the owner's own certificate (PEM chain, leaf first, and its unencrypted "
                "key) for one of the app's domains", request=ref("NewCertificate"),
                response=ref("Certificate"), status=201, tag="domains")
-    async def add_cert(self, request: Any, user: Any, app: Any, body: dict[str, Any]) -> Any:
+    async def add_cert(self, request: IRequest, user: User, app: App, body: dict[str, Any]) -> Any:
         await self.platform._require_owner(user, app)
         return await self._certs().add(app, body["hostname"], body["certificate"], body["key"])
 
@@ -489,14 +509,14 @@ class Api(AddonRoutes, CronRoutes, RunRoutes):
                query={"n": {"type": "integer", "minimum": 0},
                       "source": {"type": "string", "pattern": SOURCE_LIST},
                       "grep": STR_SCHEMA, "since": STR_SCHEMA, "until": STR_SCHEMA}, raw=True)
-    async def logs(self, request: Any, user: Any, app: Any) -> Any:
+    async def logs(self, request: IRequest, user: User, app: App) -> Any:
         if self.log_tail is None:
             raise errors.Unavailable("no logger is configured for this api",
                                      code="logs_unavailable")
         await self._check_sources(request, app)
         return await self.log_tail.handle(request, app.name)
 
-    async def _check_sources(self, request: Any, app: Any) -> None:
+    async def _check_sources(self, request: IRequest, app: App) -> None:
         """Refuse a well-formed source the app cannot have (``web.1`` and ``run.3``
         are checked by their type); a malformed one is the log tail's to refuse."""
         raw = (request.args or {}).get(b"source", [])
@@ -519,13 +539,13 @@ class Api(AddonRoutes, CronRoutes, RunRoutes):
                query={"metric": {"type": "string", "pattern": METRIC_NAME},
                       "since": STR_SCHEMA, "until": STR_SCHEMA,
                       "resolution": {"type": "integer", "enum": [10, 60]}}, raw=True)
-    async def stats(self, request: Any, user: Any, app: Any) -> Any:
+    async def stats(self, request: IRequest, user: User, app: App) -> Any:
         if self.log_tail is None:
             raise errors.Unavailable("no logger is configured for this api",
                                      code="logs_unavailable")
         return await self.log_tail.handle_stats(request, app.name)
 
-    async def authorize_app(self, request: Any, name: str) -> Any:
+    async def authorize_app(self, request: IRequest, name: str) -> Any:
         """Auth + access check for code mounted beside the API (404 if not theirs)."""
         return await authorize_app(self.platform, request, name)
 
@@ -534,16 +554,16 @@ class Api(AddonRoutes, CronRoutes, RunRoutes):
     @operation("GET", "/nodes", "listNodes",
                "Every node of the cluster, its roles and isolation facts (admins only)",
                response=array(ref("Node")), tag="nodes")
-    async def list_nodes(self, request: Any, user: Any) -> Any:
+    async def list_nodes(self, request: IRequest, user: User) -> Any:
         return await self.platform.describe_nodes(user)
 
     # --- dashboard ----------------------------------------------------------------
 
-    def root(self, request: Any) -> Any:
+    def root(self, request: IRequest) -> Any:
         request.redirect(b"/dashboard/")
         return b""
 
-    def dashboard(self, request: Any) -> Any:
+    def dashboard(self, request: IRequest) -> Any:
         request.setHeader(b"X-Frame-Options", b"DENY")
         request.setHeader(b"X-Content-Type-Options", b"nosniff")
         request.setHeader(
@@ -563,7 +583,7 @@ STATIC_TYPES = {".js": b"text/javascript; charset=utf-8", ".css": b"text/css; ch
                 ".svg": b"image/svg+xml", ".png": b"image/png", ".ico": b"image/x-icon"}
 
 
-def _static(request: Any, name: str) -> bytes:
+def _static(request: IRequest, name: str) -> bytes:
     """A file of the dashboard's static directory (flat; no traversal possible)."""
     path = DASHBOARD_DIR / "static" / name
     ctype = STATIC_TYPES.get(path.suffix)
@@ -590,7 +610,7 @@ def _version(text: str) -> int:
 WS_BEARER = "epio.bearer."
 
 
-def _bearer(request: Any) -> str:
+def _bearer(request: IRequest) -> str:
     raw = request.getHeader(b"authorization")
     if not raw:
         # Browsers cannot set headers on a websocket: the dashboard offers the

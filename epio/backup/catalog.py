@@ -51,6 +51,10 @@ class BackupRecord:
     archive_tries: int = 0
     archived: float | None = None
     local: bool = True  # False: pruned here, kept in the archive (its record stays)
+    # each archive target's copy: target ("command": backup.archive_command, "s3":
+    # backup.archive_s3_*) -> {"state": "archived"|"failed", "where", "error", "tries",
+    # "sha256" (of the encrypted object it holds), "at"}
+    copies: dict[str, dict[str, Any]] = field(factory=dict)
 
     @property
     def good(self) -> bool:
@@ -61,6 +65,18 @@ class BackupRecord:
     def counts_in_history(self) -> bool:
         """Verified and not flagged: counts towards the retention history."""
         return self.good and not self.suspicious
+
+    def held_by(self) -> list[str]:
+        """The archive targets that hold a copy; a record from before copies were kept
+        per target was archived by the command."""
+        if self.copies:
+            return [t for t, c in self.copies.items() if c.get("state") == "archived"]
+        return ["command"] if self.archive == "archived" else []
+
+    @property
+    def offsite(self) -> bool:
+        """At least one archive target holds a copy (restorable from it)."""
+        return bool(self.held_by())
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

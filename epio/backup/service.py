@@ -27,7 +27,14 @@ from twisted.logger import Logger
 
 from epio.addons.postgres import SharedPostgres
 from epio.backup import checks
-from epio.backup.archive import ArchiveFailed, ArchiveNotFetched, Archiver, load_key, object_name
+from epio.backup.archive import (
+    ArchiveFailed,
+    ArchiveNotFetched,
+    Archiver,
+    load_key,
+    object_name,
+    s3_client,
+)
 from epio.backup.catalog import BackupNotFound, BackupRecord, Catalog, sha256_file
 from epio.backup.postgres import BackupFailed, NotReady, PostgresBackups
 from epio.backup.redis import RedisBackups
@@ -182,8 +189,8 @@ class BackupManager:
         return record
 
     async def _archive(self, record: BackupRecord) -> None:
-        """Copy a verified backup offsite (when ``backup.archive_command`` is set) and
-        record how that went; a failed archive leaves the backup verified."""
+        """Copy a verified backup offsite (to each archive target configured) and record
+        how that went; a failed archive leaves the backup verified."""
         if self.archiver is None or not record.good:
             return
         await self.archiver.archive(record, self.catalog.data_path(record),
@@ -191,15 +198,16 @@ class BackupManager:
         self.catalog.save(record)
 
     async def archive_history(self, app: str, kind: str) -> int:
-        """Archive the verified backups of ``app``/``kind`` still here that have no
-        offsite copy -- taken before ``backup.archive_command`` was set (the history is
-        archived too), or whose archive failed -- oldest first.  Stops at the first that
-        fails (the offsite store is still down: the next round tries again).  Returns
-        how many were archived."""
+        """Archive the verified backups of ``app``/``kind`` still here that a configured
+        archive target does not hold -- taken before the target was configured (the
+        history is archived too), or whose archive failed -- oldest first.  Stops at the
+        first that fails (the offsite store is still down: the next round tries again).
+        Returns how many were archived."""
         if self.archiver is None:
             return 0
+        targets = set(self.archiver.targets)
         waiting = [r for r in self.catalog.list(app, kind)
-                   if r.good and r.local and r.archive in ("", "failed")]
+                   if r.good and r.local and not targets <= set(r.held_by())]
         done = 0
         for record in reversed(waiting):
             await self._archive(record)
@@ -217,7 +225,7 @@ class BackupManager:
             if self.archiver is None:
                 raise
             return await self._from_archive(app, backup_id, None)
-        if (record.good and record.archive == "archived" and self.archiver is not None
+        if (record.good and record.offsite and self.archiver is not None
                 and not self.catalog.data_path(record).exists()):
             return await self._from_archive(app, backup_id, record)
         return record
@@ -232,9 +240,8 @@ class BackupManager:
         spool.mkdir(mode=0o700, exist_ok=True)
         tmp = spool / f"{app}-{backup_id}-{secrets.token_hex(4)}"  # fetches may overlap
         try:
-            meta = await self._timed(self.archiver.fetch(
-                app, backup_id, tmp, known.archive_sha256 if known is not None else "",
-                retry=known is not None))
+            fetched = await self._timed(self.archiver.fetch(app, backup_id, tmp, known,
+                                                            retry=known is not None))
         except ArchiveNotFetched as e:
             if known is None:
                 raise BackupNotFound(f"no backup {backup_id} here nor in the archive "
@@ -246,8 +253,13 @@ class BackupManager:
             record = known
         else:
             names = {f.name for f in attrs_fields(BackupRecord)}
-            record = BackupRecord(**{k: v for k, v in meta.items() if k in names})
-            record.archive, record.archive_name = "archived", object_name(app, backup_id)
+            record = BackupRecord(**{k: v for k, v in fetched.record.items() if k in names})
+            name = object_name(app, backup_id)
+            record.archive, record.archive_name = "archived", name
+            record.archive_sha256 = fetched.sha256
+            record.copies = {fetched.target: {
+                "state": "archived", "where": self.archiver.where(fetched.target, name),
+                "error": "", "tries": 0, "sha256": fetched.sha256, "at": record.archived}}
         record.local = True
         path = self.catalog.adopt(record)
         os.replace(tmp, path)
@@ -345,7 +357,7 @@ class BackupManager:
         gone = 0
         for r in records:
             if r.status != "running" and r.id not in keep:
-                if r.archive == "archived":
+                if r.offsite:
                     self.catalog.drop_data(r)
                 else:
                     self.catalog.delete(r)
@@ -355,11 +367,11 @@ class BackupManager:
 
     async def prune_archives(self, app: str, kind: str) -> int:
         """Apply the archive retention (``backup.archive_*``) to archived backups whose
-        local copy is gone: each one it drops is deleted offsite
-        (``backup.archive_delete_command``), then forgotten here."""
+        local copy is gone: each one it drops is deleted from every target holding it
+        (``backup.archive_delete_command``; the S3 object), then forgotten here."""
         if self.archiver is None:
             return 0
-        archived = [r for r in self.catalog.list(app, kind) if r.archive == "archived"]
+        archived = [r for r in self.catalog.list(app, kind) if r.offsite]
         keep = to_keep(
             [Candidate(r.id, r.created, r.counts_in_history, r.good, bool(r.pinned))
              for r in archived],
@@ -367,7 +379,8 @@ class BackupManager:
         )
         gone = 0
         for r in archived:
-            if not r.local and r.id not in keep and await self.archiver.delete(r.app, r.id):
+            if (not r.local and r.id not in keep
+                    and await self.archiver.delete(r.app, r.id, r)):
                 self.catalog.delete(r)
                 gone += 1
         return gone
@@ -545,6 +558,10 @@ class BackupService(MultiService):
         if self._round is not None:
             self._round.cancel()
         stopped: Deferred[None] = super().stopService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
+        archiver = self.manager.archiver
+        if archiver is not None and archiver.s3 is not None:
+            s3 = archiver.s3
+            stopped.addBoth(lambda result: s3.close().addCallback(lambda _: result))
         return stopped
 
     async def run_round(self) -> list[BackupRecord]:
@@ -563,7 +580,7 @@ class BackupService(MultiService):
             for target in targets:
                 made = await self.manager.backup(target)
                 done.append(made)
-                if made.archive == "archived":  # the offsite store answers: catch up
+                if made.offsite:  # an offsite store answers: catch up
                     await self.manager.archive_history(app.name, target.kind)
                 pruned += self.manager.prune(app.name, target.kind)
                 pruned += await self.manager.prune_archives(app.name, target.kind)
@@ -625,18 +642,18 @@ def make_service(node: Node) -> BackupService:
 
     settings = node.settings.backup
     archiver = None
-    if settings.archive_command:
+    if settings.archive_command or settings.archive_s3_endpoint:
         try:
             key = load_key(Path(settings.archive_key_file))
+            s3 = s3_client(node.reactor, settings) if settings.archive_s3_endpoint else None
         except OSError as e:
-            raise SystemExit(f"epio: cannot read backup.archive_key_file "
-                             f"{settings.archive_key_file}: {e.strerror}") from None
+            raise SystemExit(f"epio: cannot read {e.filename}: {e.strerror}") from None
         except ArchiveFailed as e:
             raise SystemExit(f"epio: {e}") from None
         archiver = Archiver(node.reactor, key,
                             settings.archive_command, settings.fetch_command,
                             settings.archive_delete_command, settings.archive_retries,
                             settings.archive_retry_initial, settings.archive_retry_max,
-                            settings.step_timeout)
+                            settings.step_timeout, s3=s3)
     return BackupService(node.reactor, settings, node.settings.addons, node.data_dir,
                          node.bus, get_store, archiver)

@@ -23,6 +23,7 @@ import hmac
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from epio.bus.counters import BusCounters, RateLimitedLog
@@ -89,7 +90,7 @@ class Bus:
 
     log = Logger()
 
-    def __init__(self, reactor: Any, secret: bytes, sender: str,
+    def __init__(self, reactor: IReactorTime, secret: bytes, sender: str,
                  settings: BusSettings | None = None, registry: Registry = REGISTRY) -> None:
         if not isinstance(secret, bytes) or len(secret) < 16:
             raise ValueError("the bus secret must be at least 16 bytes")

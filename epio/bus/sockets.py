@@ -36,6 +36,7 @@ from epio.bus import counters as C
 from epio.bus.counters import BusCounters
 from epio.bus.envelope import Envelope, ReplayGuard, triage_request
 from epio.bus.errors import NotRunning, Reason, Rejected, RemoteError, RequestTimeout
+from epio.listen import ListenFailed, zmq_endpoint
 
 if TYPE_CHECKING:
     from epio.bus import Bus, SocketOption
@@ -229,7 +230,7 @@ class _Monitor:
             except Exception:
                 self.log.failure("bus: error handling a socket monitor event")
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure) -> None:
         self._reactor.removeReader(self)
 
     def close(self, main: zmq.Socket[bytes] | None) -> None:
@@ -244,8 +245,9 @@ class _Monitor:
             self.sock = None
 
 
-class BindFailed(SystemExit):
-    """A bus socket cannot bind its endpoint: the node must not run without it."""
+class BindFailed(ListenFailed):
+    """A bus socket cannot bind its endpoint: the node must not run without it (the
+    node stops: :class:`epio.tap.NodeService`)."""
 
 
 class BusService(Service):
@@ -383,11 +385,14 @@ class BusService(Service):
             self.bus._services.discard(self)
             self.log.error("bus {kind}: cannot bind {binds}: {error}", kind=self.kind,
                            binds=" ".join(self.binds), error=e.strerror)
+            reason = os.strerror(e.errno) if e.errno else e.strerror
+            failed = self.binds[0] if self.binds else ""  # a bus socket binds one
+            target = zmq_endpoint(failed)
             raise BindFailed(
-                f"epio: bus {self.kind} cannot bind {' '.join(self.binds)}: "
-                f"{os.strerror(e.errno) if e.errno else e.strerror}"
+                f"epio: bus {self.kind} cannot bind {' '.join(self.binds)}: {reason}"
                 + (" (another node on this host uses that port? give this node its own "
-                   "ports in the config)" if e.errno == zmq.EADDRINUSE else "")) from None
+                   "ports in the config)" if e.errno == zmq.EADDRINUSE else ""),
+                failed, target.port if target is not None else None, reason) from None
         if self.binds:
             last = self._conn.socket.getsockopt(zmq.LAST_ENDPOINT).decode()
             self.endpoint = _public_endpoint(self.binds[-1], last)

@@ -16,6 +16,8 @@ from acme import challenges, client, crypto_util, errors, messages
 from cryptography.hazmat.primitives import serialization
 
 USER_AGENT = "epio-acme"
+HTTP01 = "http-01"
+DNS01 = "dns-01"
 
 
 class AcmeFailure(Exception):
@@ -79,24 +81,28 @@ class AcmeClient:
         self.account_uri = regr.uri
         return regr.uri
 
-    def begin(self, hostname: str, key_pem: bytes) -> tuple[Any, list[tuple[str, str, Any]]]:
-        """A new order for ``hostname``; returns it and its HTTP-01 challenges as
-        ``(token, key authorization, challenge body)`` to publish before :meth:`finish`."""
+    def begin(self, hostname: str, key_pem: bytes, challenge: str = HTTP01
+              ) -> tuple[Any, list[tuple[str, str, Any]]]:
+        """A new order for ``hostname``; returns it and its challenges of the type
+        ``challenge`` (:data:`HTTP01` or :data:`DNS01`) to publish before :meth:`finish`:
+        ``(token, answer, challenge body)`` where the answer is the key authorization
+        (HTTP-01) or the TXT value of ``_acme-challenge.NAME`` (DNS-01)."""
         acme = self._acme()
         csr = crypto_util.make_csr(key_pem, [hostname])
         try:
             order = acme.new_order(csr)
         except messages.Error as e:
             raise AcmeFailure("new order: " + _describe(e)) from None
+        kind = challenges.DNS01 if challenge == DNS01 else challenges.HTTP01
         out = []
         for authz in order.authorizations:
             if authz.body.status == messages.STATUS_VALID:
                 continue
-            http = [c for c in authz.body.challenges if isinstance(c.chall, challenges.HTTP01)]
-            if not http:
-                raise AcmeFailure(f"the CA offers no http-01 challenge for "
+            offered = [c for c in authz.body.challenges if isinstance(c.chall, kind)]
+            if not offered:
+                raise AcmeFailure(f"the CA offers no {challenge} challenge for "
                                   f"{authz.body.identifier.value}")
-            ch = http[0]
+            ch = offered[0]
             out.append((ch.chall.encode("token"), ch.chall.validation(self.key), ch))
         return order, out
 

@@ -4,24 +4,108 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 
 from epio.api import errors
 from epio.certs import records
 from epio.certs.crypto import CertificateError, check_pair, seal
+from epio.certs.dns01 import Dns01, Record, base_name
+from epio.certs.resolve import PROBE_LABEL, NameCheck
 from epio.store import App, Store
 
 MAX_PEM = 64 * 1024
+CHECK_TIMEOUT = 5.0  # seconds `epio domains add` waits for its DNS check (docs/https.md)
+
+
+class DomainCheck:
+    """The DNS check of ``epio domains add``: does the new domain point at the routers
+    (a wildcard: does a name under it), and has a wildcard the DNS-01 CNAME?  Never
+    fatal: the answer says what record to create; the issuer checks again."""
+
+    log = Logger()
+
+    def __init__(self, clock: IReactorTime, name_check: NameCheck | None, dns01: Dns01 | None,
+                 acme_on: bool, timeout: float = CHECK_TIMEOUT) -> None:
+        self.clock = clock
+        self.name_check = name_check
+        self.dns01 = dns01
+        self.acme_on = acme_on
+        self.timeout = timeout
+
+    async def check(self, app: str, host: str, wildcard: bool) -> dict[str, Any]:
+        """``{"state": "ok" | "pending_dns" | "unknown", "message", "records"}`` within
+        ``timeout`` seconds."""
+        d = defer.Deferred.fromCoroutine(self._check(app, host, wildcard))
+        d.addTimeout(self.timeout, self.clock)
+        try:
+            return await d
+        except defer.TimeoutError:
+            return {"state": "unknown", "records": [],
+                    "message": f"DNS not checked: no answer within {self.timeout:g} s "
+                               "(the certificate issuer checks again)"}
+        except Exception:  # a bug or the store: the domain is saved all the same
+            self.log.failure("DNS check of {host} ({app})", host=host, app=app)
+            return {"state": "unknown", "records": [],
+                    "message": "DNS not checked (the certificate issuer checks again)"}
+
+    async def _check(self, app: str, host: str, wildcard: bool) -> dict[str, Any]:
+        wanted: list[Record] = []
+        notes: list[str] = []
+        routing_known = False
+        if self.name_check is not None:
+            cluster = await self.name_check.cluster_addresses()
+            if cluster:
+                routing_known = True
+                # a wildcard's traffic: any name one label under it
+                probe = f"{PROBE_LABEL}.{base_name(host)}" if wildcard else host
+                problem = await self.name_check.problem(probe)
+                if problem is not None:
+                    notes.append(problem.replace(probe, host))
+                    wanted += [Record(host, "AAAA" if ":" in a else "A", a)
+                               for a in sorted(cluster)]
+        cname_ok = False
+        if wildcard and self.dns01 is not None:
+            problem = await self.dns01.problem(app, host)
+            if problem is None:
+                cname_ok = True
+            else:
+                notes.append(f"its certificate needs DNS-01: {problem}")
+                wanted.append(await self.dns01.record(app, host))
+        elif wildcard and self.acme_on:
+            notes.append("wildcard certificates need DNS-01, which this cluster does not "
+                         "offer: add your own with `epio certs add`")
+        if wanted:
+            state = "pending_dns"
+        elif routing_known or cname_ok:
+            state = "ok"
+        else:
+            state = "unknown"
+        if not notes:
+            notes.append({"ok": "DNS is in place",
+                          "unknown": "DNS not checked: the routers' addresses are not known "
+                                     "(acme.router_addresses)"}.get(state, ""))
+        return {"state": state, "message": "; ".join(n for n in notes if n),
+                "records": [r.as_dict() for r in wanted]}
 
 
 class Certs:
     """The api's certificate use cases (``secret``: the cluster secret, to seal keys)."""
 
-    def __init__(self, store: Store, secret: bytes, acme_on: bool, clock: IReactorTime) -> None:
+    def __init__(self, store: Store, secret: bytes, acme_on: bool, clock: IReactorTime,
+                 domain_check: DomainCheck | None = None) -> None:
         self.store = store
         self.secret = secret
         self.acme_on = acme_on
         self.clock = clock
+        self.domain_check = domain_check  # None: `epio domains add` checks nothing
+
+    async def check_domain(self, app: str, hostname: str, wildcard: bool) -> dict[str, Any]:
+        if self.domain_check is None:
+            return {"state": "unknown", "records": [],
+                    "message": "DNS not checked (acme.name_check = false)"}
+        return await self.domain_check.check(app, hostname, wildcard)
 
     async def describe(self, app: App) -> list[dict[str, Any]]:
         return await describe_certs(self.store, app, self.acme_on)
@@ -46,7 +130,8 @@ async def describe_certs(store: Store, app: App, acme_on: bool) -> list[dict[str
             continue
         out.append({"hostname": r.hostname, "source": r.source, "state": r.state,
                     "not_after": r.not_after, "last_error": r.last_error,
-                    "next_attempt": r.next_attempt if r.state == "failed" else None,
+                    "next_attempt": (r.next_attempt if r.state in ("failed", "pending_dns")
+                                     else None),
                     "serving": bool(r.cert_pem)})
     return out
 

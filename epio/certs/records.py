@@ -2,9 +2,11 @@
 
 ``certificates``: one row per hostname (an app's custom domain): ``source`` is
 ``acme`` (issued by the platform) or ``owner`` (uploaded with ``epio certs add``);
-``state`` is ``pending`` (no certificate yet), ``issued`` or ``failed`` (the last
+``state`` is ``pending`` (no certificate yet), ``issued``, ``failed`` (the last
 attempt failed: ``last_error``, retried at ``next_attempt``; a failed renewal keeps
-serving the certificate it has).  Keys are sealed (:mod:`epio.certs.crypto`).
+serving the certificate it has) or ``pending_dns`` (not ordered: the domain's DNS is
+not in place; ``last_error`` says what record to create; looked at again at
+``next_attempt``).  Keys are sealed (:mod:`epio.certs.crypto`).
 Every change announces ``Change("certificate")`` so routers reload at once
 (PostgreSQL; SQLite routers in other processes poll).
 """
@@ -15,11 +17,12 @@ from typing import Any
 
 from attrs import field, frozen
 
+from epio.domain import PLATFORM_APP
 from epio.store import Change, Store
 from epio.store.backend import Transaction
 
 SOURCES = ("acme", "owner")
-STATES = ("pending", "issued", "failed")
+STATES = ("pending", "issued", "failed", "pending_dns")
 
 
 @frozen
@@ -46,22 +49,29 @@ def _cert(row: dict[str, Any]) -> CertRecord:
         next_attempt=float(row["next_attempt"]))
 
 
+def _table(app: str) -> str:
+    """The platform hostname's certificate (app ``epio``, no row in ``apps``) has a table
+    of its own; every app's is in ``certificates``."""
+    return "platform_certificates" if app == PLATFORM_APP else "certificates"
+
+
 async def put_cert(store: Store, rec: CertRecord, keep_owner: bool = False) -> CertRecord:
     """Insert or replace the row of ``rec.hostname``.  ``keep_owner``: if the row is an
     owner's certificate, leave it (the issuer never overwrites one that arrived while
     its order ran) and return it."""
     if rec.source not in SOURCES or rec.state not in STATES:
         raise ValueError(f"bad certificate record {rec.source}/{rec.state}")
+    table = _table(rec.app)
 
     async def q(tx: Transaction) -> CertRecord:
         if keep_owner:
-            row = (await tx.execute("SELECT * FROM certificates WHERE hostname = ?",
+            row = (await tx.execute(f"SELECT * FROM {table} WHERE hostname = ?",
                                     (rec.hostname,))).one()
             if row is not None and row["source"] == "owner" and row["app"] == rec.app:
                 return _cert(row)
-        await tx.execute("DELETE FROM certificates WHERE hostname = ?", (rec.hostname,))
+        await tx.execute(f"DELETE FROM {table} WHERE hostname = ?", (rec.hostname,))
         await tx.execute(
-            "INSERT INTO certificates (hostname, app, source, state, cert_pem, key_sealed,"
+            f"INSERT INTO {table} (hostname, app, source, state, cert_pem, key_sealed,"
             " not_after, last_error, failures, next_attempt, updated)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (rec.hostname, rec.app, rec.source, rec.state, rec.cert_pem, rec.key_sealed,
@@ -82,11 +92,29 @@ async def list_certs(store: Store, app: str | None = None) -> list[CertRecord]:
 
 async def list_served_certs(store: Store) -> list[CertRecord]:
     """The certificates the routers serve: only those whose hostname is still a domain
-    of the same app (a stale row of an earlier holder is never served to the next)."""
+    of the same app (a stale row of an earlier holder is never served to the next), and
+    the platform hostname's."""
     rows = await store.fetch_all(
         "SELECT c.* FROM certificates c JOIN domains d "
         "ON d.hostname = c.hostname AND d.app = c.app ORDER BY c.hostname")
-    return [_cert(r) for r in rows]
+    return [_cert(r) for r in rows] + await list_platform_certs(store)
+
+
+async def list_platform_certs(store: Store) -> list[CertRecord]:
+    return [_cert(r) for r in await store.fetch_all(
+        "SELECT * FROM platform_certificates ORDER BY hostname")]
+
+
+async def delete_platform_certs_except(store: Store, keep: str) -> None:
+    """Forget the platform certificates of hostnames other than ``keep`` (an earlier
+    ``api.hostname``; ``""``: every one)."""
+    if not [r for r in await list_platform_certs(store) if r.hostname != keep]:
+        return
+
+    async def q(tx: Transaction) -> None:
+        await tx.execute("DELETE FROM platform_certificates WHERE hostname <> ?", (keep,))
+
+    await store.transaction(q, change=[Change("certificate")])
 
 
 async def delete_certs_except(store: Store, keep: set[str]) -> list[str]:
@@ -146,3 +174,74 @@ async def put_account(store: Store, directory: str, key_sealed: str, uri: str | 
                          " VALUES (?, ?, ?, ?)", (directory, key_sealed, uri, store.now()))
 
     await store.transaction(q)
+
+
+# --- DNS-01 (epio.certs.dns01) ------------------------------------------------------
+
+
+async def dns_label(store: Store, app: str, base: str, new_label: str) -> str:
+    """The label under ``acme.dns01_zone`` for ``app``'s names under ``base`` (the
+    domain without its ``*.``): the existing one, else ``new_label`` (random), kept."""
+
+    async def q(tx: Transaction) -> str:
+        await tx.execute("INSERT INTO acme_dns_labels (app, base, label, created)"
+                         " VALUES (?, ?, ?, ?) ON CONFLICT (app, base) DO NOTHING",
+                         (app, base, new_label, store.now()))
+        found = (await tx.execute("SELECT label FROM acme_dns_labels WHERE app = ? AND base = ?",
+                                  (app, base))).scalar()
+        return str(found)
+
+    return await store.transaction(q)
+
+
+async def delete_dns_labels_except(store: Store, keep: set[tuple[str, str]]) -> None:
+    """Forget the labels of (app, base) pairs no longer among the apps' domains: a CNAME
+    left pointing at one answers nothing any more."""
+    rows = await store.fetch_all("SELECT app, base FROM acme_dns_labels")
+    gone = [(r["app"], r["base"]) for r in rows if (r["app"], r["base"]) not in keep]
+    if not gone:
+        return
+
+    async def q(tx: Transaction) -> None:
+        for app, base in gone:
+            await tx.execute("DELETE FROM acme_dns_labels WHERE app = ? AND base = ?",
+                             (app, base))
+
+    await store.transaction(q, change=[Change("certificate")])
+
+
+async def put_dns_txt(store: Store, items: list[tuple[str, str]], expires: float) -> None:
+    """Publish DNS-01 answers: ``(label, TXT value)``."""
+
+    async def q(tx: Transaction) -> None:
+        for label, value in items:
+            await tx.execute("DELETE FROM acme_dns_txt WHERE label = ? AND value = ?",
+                             (label, value))
+            await tx.execute("INSERT INTO acme_dns_txt (label, value, expires) VALUES (?, ?, ?)",
+                             (label, value, expires))
+
+    await store.transaction(q, change=[Change("certificate")])
+
+
+async def delete_dns_txt(store: Store, items: list[tuple[str, str]], now: float) -> None:
+    """Withdraw DNS-01 answers (and any expired ones)."""
+
+    async def q(tx: Transaction) -> None:
+        for label, value in items:
+            await tx.execute("DELETE FROM acme_dns_txt WHERE label = ? AND value = ?",
+                             (label, value))
+        await tx.execute("DELETE FROM acme_dns_txt WHERE expires < ?", (now,))
+
+    await store.transaction(q, change=[Change("certificate")])
+
+
+async def dns_zone_data(store: Store, now: float) -> dict[str, list[str]]:
+    """label -> its unexpired TXT values, for every label (known labels without a
+    pending order map to ``[]``: the DNS server answers them with no data, not NXDOMAIN)."""
+    out: dict[str, list[str]] = {r["label"]: [] for r in await store.fetch_all(
+        "SELECT label FROM acme_dns_labels")}
+    for r in await store.fetch_all(
+            "SELECT label, value FROM acme_dns_txt WHERE expires >= ? ORDER BY label, value",
+            (now,)):
+        out.setdefault(r["label"], []).append(r["value"])
+    return out

@@ -15,7 +15,8 @@ and the CA's challenge decides as before.
 from __future__ import annotations
 
 import ipaddress
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 from twisted.internet import defer
 from twisted.internet.error import DNSLookupError, TimeoutError
@@ -106,18 +107,40 @@ class NameCheck:
         return None
 
 
+class _FirstUse:
+    """A resolver made at its first lookup.  ``twisted.names.client.Resolver`` reads
+    ``/etc/resolv.conf`` and schedules its re-reading when it is made: reactor work
+    that a composition root never does at construction (docs/architecture.md)."""
+
+    def __init__(self, make: Callable[[], IResolver]) -> None:
+        self._make = make
+        self._made: IResolver | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._made is None:
+            self._made = self._make()
+        return getattr(self._made, name)
+
+
+def make_resolver(reactor: Any, dns_server: str) -> IResolver:
+    """``acme.dns_server`` (``HOST:PORT``) or the system's resolver (``/etc/resolv.conf``
+    and ``/etc/hosts``), made at its first lookup.  ``reactor``: UDP, TCP and time, as
+    ``twisted.names.client.Resolver`` takes it."""
+
+    def make() -> IResolver:
+        from twisted.names import client, hosts, resolve
+
+        if dns_server:
+            host, _, port = dns_server.rpartition(":")
+            return client.Resolver(servers=[(host.strip("[]"), int(port))],
+                                   reactor=reactor)
+        return resolve.ResolverChain([
+            hosts.Resolver(), client.Resolver(resolv="/etc/resolv.conf", reactor=reactor)])
+
+    return cast(IResolver, _FirstUse(make))
+
+
 def make_name_check(reactor: Any, router_addresses: list[str], dns_server: str,
                     domain: str) -> NameCheck:
-    """The issuer's :class:`NameCheck`: ``acme.dns_server`` (``HOST:PORT``) or the
-    system's resolver (``/etc/resolv.conf`` and ``/etc/hosts``).  ``reactor``: UDP, TCP
-    and time, as ``twisted.names.client.Resolver`` takes it."""
-    from twisted.names import client, hosts, resolve
-
-    resolver: IResolver
-    if dns_server:
-        host, _, port = dns_server.rpartition(":")
-        resolver = client.Resolver(servers=[(host.strip("[]"), int(port))], reactor=reactor)
-    else:
-        resolver = resolve.ResolverChain([
-            hosts.Resolver(), client.Resolver(resolv="/etc/resolv.conf", reactor=reactor)])
-    return NameCheck(resolver, router_addresses, domain)
+    """The issuer's :class:`NameCheck`, over :func:`make_resolver`'s resolver."""
+    return NameCheck(make_resolver(reactor, dns_server), router_addresses, domain)

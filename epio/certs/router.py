@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from OpenSSL import SSL
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -55,7 +56,7 @@ class RouterCerts:
 
     log = Logger()
 
-    def __init__(self, reactor: Any, store_ready: Callable[[], defer.Deferred[Any]],
+    def __init__(self, reactor: IReactorTime, store_ready: Callable[[], defer.Deferred[Any]],
                  secret: bytes, interval: float, stapler: Stapler | None = None) -> None:
         self.reactor = reactor
         self.stapler = stapler  # OCSP for the store's certificates (epio.certs.ocsp)

@@ -6,7 +6,8 @@
 set in a new release.  ``destroy`` takes a final backup first.  ``epio psql`` and
 ``epio redis-cli`` are ``epio run`` sessions running the client (the host's binaries,
 visible in the sandbox) with the app's own ``DATABASE_URL``/``REDIS_URL``.
-``epio addons snapshots KIND`` lists the btrfs snapshots of a dedicated server's data
+``--standby`` gives a dedicated server a standby on another runner; ``epio addons
+failover KIND`` promotes it (the old primary is fenced).  ``epio addons snapshots KIND`` lists the btrfs snapshots of a dedicated server's data
 and ``epio addons snapshot-restore KIND ID`` makes its data the snapshot's (the server
 is stopped and started again; the previous data is kept on the runner).
 """
@@ -29,6 +30,29 @@ def _where(a: dict[str, Any]) -> str:
     return f"{a['database']} on {where}" if a.get("database") else where
 
 
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n} {unit}"
+        n //= 1024
+    return f"{n} GiB"
+
+
+def _standby(a: dict[str, Any]) -> str:
+    """The STANDBY column: where, its state, and its lag behind the primary."""
+    s = a.get("standby")
+    if not s:
+        return "-"
+    if s["state"] != "ready":
+        return f"{s['state']}" + (f" on {s['node']}" if s.get("node") else "")
+    lag = ""
+    if s.get("lag_bytes") is not None:
+        lag = f", lag {_size(int(s['lag_bytes']))}"
+        if s.get("lag_seconds") is not None:
+            lag += f"/{float(s['lag_seconds']):.1f}s"
+    return f"{s['node']} {s['replication']}{lag}"
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     name = app_of(args)
     addons = Client.from_config().get(f"apps/{name}/addons")
@@ -38,8 +62,8 @@ def cmd_list(args: argparse.Namespace) -> int:
             print(f"{name} has no add-ons: epio addons create postgres|redis")
             return
         table([[a["kind"], a["plan"], a["state"], a["config_var"], _where(a),
-                ago(a["created"])] for a in addons],
-              ["KIND", "PLAN", "STATE", "CONFIG VAR", "WHERE", "CREATED"])
+                _standby(a), ago(a["created"])] for a in addons],
+              ["KIND", "PLAN", "STATE", "CONFIG VAR", "WHERE", "STANDBY", "CREATED"])
 
     return out(args, addons, human)
 
@@ -51,7 +75,13 @@ def cmd_create(args: argparse.Namespace) -> int:
         body["plan"] = "dedicated"
     if args.memory is not None:
         body["memory_mb"] = args.memory
-    a = Client.from_config().post(f"apps/{name}/addons", body)
+    if args.standby:
+        body["standby"] = True
+        if args.kind == "postgres":
+            body["plan"] = "dedicated"
+    client = Client.from_config()
+    client.timeout = max(client.timeout, 300.0)
+    a = client.post(f"apps/{name}/addons", body)
     return out(args, a, f"Created {a['plan']} {a['kind']} for {name} ({_where(a)}); "
                         f"{a['config_var']} is set in a new release")
 
@@ -68,6 +98,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         if a.get("memory_mb"):
             print(f"Memory:     {a['memory_mb']} MB")
         print(f"Config var: {a['config_var']} (epio config get {a['config_var']})")
+        if a.get("standby"):
+            print(f"Standby:    {_standby(a)} (epoch {a['epoch']})")
         print(f"Created:    {ago(a['created'])}")
 
     return out(args, a, human)
@@ -94,6 +126,22 @@ def cmd_destroy(args: argparse.Namespace) -> int:
         print(f"Destroyed {name}'s {args.kind} add-on")
 
     return out(args, result, human)
+
+
+def cmd_failover(args: argparse.Namespace) -> int:
+    name = app_of(args)
+    confirm_name(args, name, f"This fences {name}'s {args.kind} primary (it is stopped and "
+                 "never started again) and promotes its standby; writes not yet replicated "
+                 "are lost. Type the app's name to confirm: ", "no failover")
+    client = Client.from_config()
+    client.timeout = max(client.timeout, 600.0)
+    r = client.post(f"apps/{name}/addons/{args.kind}/failover", {})
+    standby = r.get("standby") or {}
+    return out(args, r, f"{name}'s {args.kind} fails over from {r['from_node']} to "
+                        f"{r['to_node']} ({r['host']}:{r['port']}, epoch {r['epoch']}); its "
+                        f"config var is set in a new release; new standby: "
+                        f"{standby.get('state', 'none')}"
+                        + (f" on {standby['node']}" if standby.get("node") else ""))
 
 
 def cmd_snapshots(args: argparse.Namespace) -> int:
@@ -190,7 +238,15 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     q.add_argument("--dedicated", action="store_true",
                    help="postgres: a server of its own on a runner (redis always is)")
     q.add_argument("--memory", type=int, metavar="MB", help="redis: maxmemory in MB (16)")
+    q.add_argument("--standby", action="store_true",
+                   help="a dedicated server with a standby on another runner (postgres: "
+                        "implies --dedicated)")
     q.set_defaults(func=cmd_create)
+    q = asub.add_parser("failover", parents=[common],
+                        help="fence the primary, promote the standby")
+    q.add_argument("kind", choices=KINDS)
+    q.add_argument("--confirm", metavar="APP", help="the app's name, to confirm")
+    q.set_defaults(func=cmd_failover)
     q = asub.add_parser("info", parents=[common], help="show one add-on")
     q.add_argument("kind", choices=KINDS)
     q.set_defaults(func=cmd_info)

@@ -7,8 +7,8 @@ wrong next to the last good one (empty, or a size collapse) is FLAGGED, with the
 reason, in its own column.  Without an ID, ``restore`` and ``download`` use the
 newest verified backup that is not flagged (else the newest flagged one).
 The COPIES column says where each backup is: ``local`` (on the backup node),
-``archive`` (its offsite copy, ``backup.archive_command``), both, or ``ARCHIVE
-FAILED`` with the reason.  ``restore`` of a backup kept only in the archive (pruned
+``archive`` (its offsite copy by ``backup.archive_command``), ``s3://BUCKET/KEY``
+(its copy in the S3 archive target), or ``ARCHIVE FAILED`` with the reason.  ``restore`` of a backup kept only in the archive (pruned
 locally, or the backup node's disk wiped: give its ID) fetches and checks it first.
 """
 
@@ -39,15 +39,24 @@ def status_text(b: dict[str, Any]) -> str:
 
 
 def copies_text(b: dict[str, Any]) -> str:
-    """Where the backup's copies are: on the backup node, in the offsite archive."""
+    """Where the backup's copies are: on the backup node (``local``), offsite by
+    archive_command (``archive``), in S3 (``s3://BUCKET/KEY``)."""
     if b.get("status") != "verified":
         return "-"
     where = ["local"] if b.get("local", True) else []
-    if b.get("archive") == "archived":
+    copies = b.get("copies") or []
+    if not copies and b.get("archive") == "archived":  # an api from before copies
         where.append("archive")
+    for c in copies:
+        if c.get("state") == "archived":
+            where.append("archive" if c.get("target") == "command" else str(c.get("where")))
     text = ", ".join(where) or "-"
-    if b.get("archive") == "failed":
-        text += f" (ARCHIVE FAILED: {b.get('archive_error') or 'no reason'})"
+    failed = [c for c in copies if c.get("state") != "archived"]
+    if failed or (not copies and b.get("archive") == "failed"):
+        # each reason names its target (backup.archive_command ..., S3 PUT ...)
+        why = ("; ".join(str(c.get("error") or "no reason") for c in failed) if failed
+               else b.get("archive_error") or "no reason")
+        text += f" (ARCHIVE FAILED: {why})"
     return text
 
 

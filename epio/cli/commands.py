@@ -86,9 +86,38 @@ def confirm_name(args: argparse.Namespace, name: str, prompt: str, refused: str)
 # --- login ---------------------------------------------------------------------------
 
 
+#: seconds ``login`` waits for the routed URL an api node names before it keeps the URL
+#: it was given (docs/cli.md)
+ROUTED_PROBE_TIMEOUT = 5.0
+
+
+def routed_default(api: str, token: str) -> tuple[str, str]:
+    """The URL to keep for a login at ``api``, and why, when it is not ``api``: given an
+    api node's own listener (the request did not come through a router) that names the
+    platform's routed URL (``api.hostname``), the routed one -- once it answers, through
+    a router, with this token, within :data:`ROUTED_PROBE_TIMEOUT` seconds."""
+    status = Client(api, token).get("status") or {}
+    routed = str(status.get("api_url") or "").rstrip("/")
+    if status.get("routed") or not routed or routed == api:
+        return api, ""
+    try:
+        probe = Client(routed, token, timeout=ROUTED_PROBE_TIMEOUT)
+        through = probe.get("status") or {}
+        if not through.get("routed"):
+            raise CliError(f"{routed} is not served through a router")
+        probe.get("user")
+    except CliError as e:
+        return api, (f"the platform's routed URL {routed} did not answer ({e}); kept {api}, "
+                     "an api node's own listener")
+    return routed, (f"the platform's routed URL (you gave {api}, an api node's own "
+                    "listener; --direct keeps it)")
+
+
 def cmd_login(args: argparse.Namespace) -> int:
     if args.web:
         return login_web(args)
+    if not args.api:
+        args.api = os.environ.get("EPIO_API") or load_config().get("api")
     if not args.api:
         raise CliError("login needs --api URL (or --web, once logged in, to sign the "
                        "dashboard in)", USAGE)
@@ -106,11 +135,15 @@ def cmd_login(args: argparse.Namespace) -> int:
         raise CliError(f"--api must be a URL such as https://epio.example.com or "
                        f"http://127.0.0.1:8000, not {api!r}")
     user = Client(api, token).get("user")
+    note = ""
+    if not args.direct:
+        api, note = routed_default(api, token)
     cfg = load_config()
     cfg.update({"api": api, "token": token})
     path = save_config(cfg)
-    return out(args, {"api": api, "user": user["name"], "config": str(path)},
-               f"Logged in to {api} as {user['name']} (token saved in {path})")
+    return out(args, {"api": api, "user": user["name"], "config": str(path), "note": note},
+               f"Logged in to {api} as {user['name']} (token saved in {path})"
+               + (f"\n  {note}" if note else ""))
 
 
 def login_web(args: argparse.Namespace) -> int:
@@ -321,6 +354,13 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 #: request a second
 POLL_FIRST = 0.1
 POLL_GROWTH = 1.5
+#: once the build is over (or no build log is followed), each look asks the API to hold
+#: its answer up to this many seconds for the deploy's next line (``?wait=``): "live"
+#: shows the moment the deploy ends, with no request a second meanwhile
+DEPLOY_WAIT = 5
+#: an answer that came back sooner than this with nothing new is from an API that
+#: does not wait (an older one): the CLI sleeps PollPace's waits between looks then
+WAITED_AT_LEAST = 0.5
 
 
 class PollPace:
@@ -349,7 +389,14 @@ def follow_deploy(client: Client, name: str, deploy_id: str, args: argparse.Name
     log = ""
     pace, status = PollPace(args.poll), None
     while True:
-        d: dict[str, Any] = client.get(f"apps/{name}/deploys/{deploy_id}", log_offset=offset)
+        # while its build log is printed, look every PollPace wait; then let the API
+        # answer at the deploy's next change
+        building = build_log is not None and not quiet and status in (None, "pending",
+                                                                     "building", "built")
+        wait = 0 if building else max(1, min(DEPLOY_WAIT, int(deadline - time.monotonic())))
+        asked = time.monotonic()
+        d: dict[str, Any] = client.get(f"apps/{name}/deploys/{deploy_id}", log_offset=offset,
+                                       **({"wait": wait} if wait else {}))
         log += d["log"]
         if build_log is not None and not quiet and d["status"] == "failed" \
                 and d["image"] is None:
@@ -369,8 +416,11 @@ def follow_deploy(client: Client, name: str, deploy_id: str, args: argparse.Name
         if time.monotonic() > deadline:
             raise CliError(f"gave up following deploy {d['id'][:12]} after {args.timeout:g}s "
                            f"(it is {d['status']}); see `epio releases`")
-        time.sleep(pace.next(bool(d["log"]) or d["status"] != status))
+        changed = bool(d["log"]) or d["status"] != status
         status = d["status"]
+        if wait and (changed or time.monotonic() - asked >= WAITED_AT_LEAST):
+            continue  # the API waited for this answer: ask again at once
+        time.sleep(pace.next(changed))
     d["log"] = log
     if d["status"] != "succeeded":
         if quiet:
@@ -699,7 +749,20 @@ def cmd_domains_list(args: argparse.Namespace) -> int:
 def cmd_domains_add(args: argparse.Namespace) -> int:
     name = app_of(args)
     d = Client.from_config().post(f"apps/{name}/domains", {"hostname": args.hostname})
-    return out(args, d, f"Added {d['hostname']} to {name}; point its DNS at the routers")
+
+    def human() -> None:
+        dns = d.get("dns") or {}
+        print(f"Added {d['hostname']} to {name}")
+        if dns.get("state") == "pending_dns":
+            print(f"DNS is not in place yet: {dns['message']}")
+            print("Create these records (the certificate is issued once they resolve):")
+            for r in dns["records"]:
+                value = r["value"] + ("." if r["type"] == "CNAME" else "")
+                print(f"    {r['name']}.  {r['type']}  {value}")
+        elif dns.get("message"):
+            print(dns["message"])
+
+    return out(args, d, human)
 
 
 def cmd_domains_remove(args: argparse.Namespace) -> int:
@@ -729,6 +792,8 @@ def cmd_certs_list(args: argparse.Namespace) -> int:
                     f"expires={_when(c['not_after'])}")
             if c["state"] == "failed":
                 line += f"  retry={_when(c['next_attempt'])}"
+            elif c["state"] == "pending_dns":
+                line += f"  next check={_when(c['next_attempt'])}"
             print(line)
             if c["last_error"]:
                 print(f"    last error: {c['last_error']}")
@@ -782,7 +847,11 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--api",
                    help="the API URL: the routed one, e.g. https://epio.example.com "
                         "(api.hostname, through the routers), or an api node's own "
-                        "listener, e.g. http://127.0.0.1:8000")
+                        "listener, e.g. http://127.0.0.1:8000 -- then the routed URL it "
+                        "names is kept, once it answers (default: $EPIO_API, or the URL "
+                        "of the last login)")
+    p.add_argument("--direct", action="store_true",
+                   help="keep the --api URL as given, even an api node's own listener")
     p.add_argument("--token", help="API token (default: read from stdin)")
     p.add_argument("--web", action="store_true",
                    help="print a one-time link that signs the dashboard in as you "

@@ -93,6 +93,16 @@ def _host_port(value: Any) -> str | None:
     return None
 
 
+def _dns_name(value: Any) -> str | None:
+    if not value:
+        return None
+    labels = str(value).rstrip(".").lower().split(".")
+    if len(labels) < 2 or len(str(value)) > 200 or not all(
+            re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", label) for label in labels):
+        return f"must be a DNS name of at least two labels (like acme.example.net), not {value!r}"
+    return None
+
+
 def fence_mode(value: Any) -> str | None:
     if value == "auto":
         return ("'auto' is no longer accepted: the fence is always on unless set to \"off\" "
@@ -116,6 +126,18 @@ def hostname_or_off(value: Any) -> str | None:
                                             value):
         return None
     return f"must be a hostname (no scheme, port or path), empty or off, not {value!r}"
+
+
+def s3_endpoint(value: Any) -> str | None:
+    if value == "" or re.match(r"^https?://[^/?#\s]+/?$", value):
+        return None
+    return "must be empty or http(s)://HOST[:PORT] (no path, no query)"
+
+
+def s3_prefix(value: Any) -> str | None:
+    if re.match(r"^[A-Za-z0-9/_.-]*$", value) and not value.startswith("/"):
+        return None
+    return "letters, digits, / _ . - only, and not starting with /"
 
 
 def store_url(value: Any) -> str | None:
@@ -499,8 +521,13 @@ SCHEMA: dict[str, dict[str, Key]] = {
                              "backoff starts again at backoff_initial.", positive),
         "health_interval": Key(float, 5.0, "Seconds between health checks of a healthy web "
                                "instance.", positive),
-        "health_boot_interval": Key(float, 0.5, "Seconds between health checks while a web "
-                                    "instance boots.", positive),
+        "health_boot_interval": Key(float, 0.5, "Most seconds between health checks while "
+                                    "a web instance boots.", positive),
+        "health_boot_first": Key(float, 0.05, "Seconds from a web instance's launch to its "
+                                 "first health check; each next check while it boots waits "
+                                 "1.5 times longer, up to health_boot_interval (a fast boot "
+                                 "is seen at once, a slow one is not probed more often).",
+                                 positive),
         "health_timeout": Key(float, 2.0, "Seconds one health check may take.", positive),
         "idle_sleep": Key(float, 0.0, "Default of an app's [http] idle_sleep: seconds a web "
                           "instance may go without a connection before it is stopped and "
@@ -702,6 +729,31 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "archive_daily": Key(int, 30, "Daily archives kept offsite.", non_negative),
         "archive_weekly": Key(int, 12, "Weekly archives kept offsite.", non_negative),
         "archive_monthly": Key(int, 24, "Monthly archives kept offsite.", non_negative),
+        "archive_s3_endpoint": Key(
+            str, "", "URL of an S3-compatible object store (http://HOST:PORT or "
+            "https://HOST) that every verified backup's encrypted archive is also uploaded "
+            "to (path-style: ENDPOINT/BUCKET/KEY), signed with AWS SigV4; empty: no S3 "
+            "target. Works beside archive_command (each copy is recorded). See "
+            "docs/databases.md.", s3_endpoint),
+        "archive_s3_bucket": Key(str, "", "Bucket of the S3 archive target (it must exist)."),
+        "archive_s3_region": Key(str, "us-east-1", "Region the S3 requests are signed for.",
+                                 lambda v: None if v else "must not be empty"),
+        "archive_s3_access_key_id": Key(str, "", "Access key id of the S3 archive target."),
+        "archive_s3_secret_key_file": Key(
+            str, "", "File (mode 0600) holding the S3 secret access key; the secret is never "
+            "written in the config nor logged."),
+        "archive_s3_prefix": Key(
+            str, "", "Prefix of the archive objects' keys (KEY = PREFIX<app>/<id>.epioarc), "
+            "e.g. epio/ ; letters, digits, / _ . - only.", s3_prefix),
+        "archive_s3_part_mb": Key(
+            int, 16, "Part size of S3 uploads and ranged downloads (MiB, 5 to 5120): a larger "
+            "archive is uploaded in parts of this size (multipart upload) and read back in "
+            "ranges of it; the backup node holds one part in memory at a time.",
+            lambda v: None if 5 <= v <= 5120 else f"must be 5 to 5120, not {v!r}"),
+        "archive_s3_timeout": Key(
+            float, 300.0, "Seconds one S3 request (one object or part up, one range down, a "
+            "listing page, a deletion) may take before it fails (and is tried again, as "
+            "archive_retries says).", positive),
     },
     "addons": {
         "postgres_admin_url": Key(
@@ -728,6 +780,15 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "keeper_interval": Key(float, 10.0, "Seconds between checks (by the scheduler's "
                                "leader) that every dedicated server runs; a lost one is "
                                "started again on its own runner.", positive),
+        "failover_after": Key(float, 60.0, "Seconds the runner of a dedicated server with a "
+                              "standby may go without refreshing its node row before the "
+                              "scheduler's leader fences it and promotes the standby "
+                              "(docs/databases.md, Standby and failover).",
+                              lambda v: None if 5 <= v <= 86400 else "must be in [5, 86400]"),
+        "standby_same_runner": Key(bool, False, "Testing only: let a dedicated server's "
+                                   "standby run on the primary's own runner (no protection "
+                                   "against that runner's loss); off, a standby needs a "
+                                   "second live runner."),
         "postgres_memory_mb": Key(int, 512, "Memory limit (cgroup) of a dedicated PostgreSQL "
                                   "server, MB.", positive),
         "snapshot_interval": Key(float, 3600.0, "Seconds between the runner's read-only btrfs "
@@ -844,6 +905,18 @@ SCHEMA: dict[str, dict[str, Key]] = {
                                 "resolves to (docs/https.md).", _ip_addresses, item_kind=str),
         "dns_server": Key(str, "", "DNS server (HOST:PORT) for that check; empty = the "
                           "system's resolver (/etc/resolv.conf, /etc/hosts).", _host_port),
+        "platform_certificate": Key(bool, True, "Also issue and renew the certificate of the "
+                                    "platform's own hostname (api.hostname) by HTTP-01; "
+                                    "false = it comes from lb.tls_cert_dir only. Never for "
+                                    "a name under localhost."),
+        "dns01_zone": Key(str, "", "DNS zone this cluster's api nodes serve for the DNS-01 "
+                          "challenge (e.g. acme.example.net, delegated to them with NS "
+                          "records): owners point _acme-challenge.THEIR-DOMAIN at a name "
+                          "under it with a CNAME, and get wildcard certificates; empty = no "
+                          "DNS-01 (docs/https.md).", _dns_name),
+        "dns01_listen": Key(str, "", "HOST:PORT where each api node answers DNS (UDP and TCP) "
+                            "for acme.dns01_zone, e.g. 0.0.0.0:53; needed with it.",
+                            _host_port),
     },
     "run": {
         "max_sessions_per_app": Key(
@@ -940,7 +1013,15 @@ def _acme_timing(values: dict[str, dict[str, Any]]) -> list[str]:
     if acme["retry_min"] > acme["retry_max"]:
         out.append(f"acme.retry_min ({acme['retry_min']:g}) must not be above "
                    f"acme.retry_max ({acme['retry_max']:g})")
+    if bool(acme["dns01_zone"]) != bool(acme["dns01_listen"]):
+        out.append("acme.dns01_zone and acme.dns01_listen go together: the zone's api nodes "
+                   "answer its DNS queries themselves")
+    elif acme["dns01_zone"] and not acme["directory"]:
+        out.append("acme.dns01_zone needs acme.directory (DNS-01 is an ACME challenge)")
     return out
+
+
+_S3_NEEDS = ("archive_s3_bucket", "archive_s3_access_key_id", "archive_s3_secret_key_file")
 
 
 def _archive_keys(values: dict[str, dict[str, Any]]) -> list[str]:
@@ -949,6 +1030,15 @@ def _archive_keys(values: dict[str, dict[str, Any]]) -> list[str]:
     if backup["archive_command"] and not backup["archive_key_file"]:
         out.append("backup.archive_command needs backup.archive_key_file: archives are "
                    "encrypted before they leave the backup node")
+    if backup["archive_s3_endpoint"]:
+        if not backup["archive_key_file"]:
+            out.append("backup.archive_s3_endpoint needs backup.archive_key_file: archives "
+                       "are encrypted before they leave the backup node")
+        out.extend(f"backup.archive_s3_endpoint needs backup.{k}" for k in _S3_NEEDS
+                   if not backup[k])
+    else:
+        out.extend(f"backup.{k} is set but backup.archive_s3_endpoint is not"
+                   for k in (*_S3_NEEDS, "archive_s3_prefix") if backup[k])
     if backup["archive_retry_initial"] > backup["archive_retry_max"]:
         out.append(f"backup.archive_retry_initial ({backup['archive_retry_initial']:g}) must not "
                    f"be above backup.archive_retry_max ({backup['archive_retry_max']:g})")

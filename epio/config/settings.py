@@ -405,7 +405,10 @@ class RunnerSettings:
     """Seconds between health checks of a healthy web instance."""
 
     health_boot_interval: float
-    """Seconds between health checks while a web instance boots."""
+    """Most seconds between health checks while a web instance boots."""
+
+    health_boot_first: float
+    """Seconds from a web instance's launch to its first health check; each next check while it boots waits 1.5 times longer, up to health_boot_interval (a fast boot is seen at once, a slow one is not probed more often)."""
 
     health_timeout: float
     """Seconds one health check may take."""
@@ -656,6 +659,30 @@ class BackupSettings:
     archive_monthly: int
     """Monthly archives kept offsite."""
 
+    archive_s3_endpoint: str
+    """URL of an S3-compatible object store (http://HOST:PORT or https://HOST) that every verified backup's encrypted archive is also uploaded to (path-style: ENDPOINT/BUCKET/KEY), signed with AWS SigV4; empty: no S3 target. Works beside archive_command (each copy is recorded). See docs/databases.md."""
+
+    archive_s3_bucket: str
+    """Bucket of the S3 archive target (it must exist)."""
+
+    archive_s3_region: str
+    """Region the S3 requests are signed for."""
+
+    archive_s3_access_key_id: str
+    """Access key id of the S3 archive target."""
+
+    archive_s3_secret_key_file: str
+    """File (mode 0600) holding the S3 secret access key; the secret is never written in the config nor logged."""
+
+    archive_s3_prefix: str
+    """Prefix of the archive objects' keys (KEY = PREFIX<app>/<id>.epioarc), e.g. epio/ ; letters, digits, / _ . - only."""
+
+    archive_s3_part_mb: int
+    """Part size of S3 uploads and ranged downloads (MiB, 5 to 5120): a larger archive is uploaded in parts of this size (multipart upload) and read back in ranges of it; the backup node holds one part in memory at a time."""
+
+    archive_s3_timeout: float
+    """Seconds one S3 request (one object or part up, one range down, a listing page, a deletion) may take before it fails (and is tried again, as archive_retries says)."""
+
 
 @frozen
 class AddonsSettings:
@@ -684,6 +711,12 @@ class AddonsSettings:
 
     keeper_interval: float
     """Seconds between checks (by the scheduler's leader) that every dedicated server runs; a lost one is started again on its own runner."""
+
+    failover_after: float
+    """Seconds the runner of a dedicated server with a standby may go without refreshing its node row before the scheduler's leader fences it and promotes the standby (docs/databases.md, Standby and failover)."""
+
+    standby_same_runner: bool
+    """Testing only: let a dedicated server's standby run on the primary's own runner (no protection against that runner's loss); off, a standby needs a second live runner."""
 
     postgres_memory_mb: int
     """Memory limit (cgroup) of a dedicated PostgreSQL server, MB."""
@@ -790,6 +823,15 @@ class AcmeSettings:
 
     dns_server: str
     """DNS server (HOST:PORT) for that check; empty = the system's resolver (/etc/resolv.conf, /etc/hosts)."""
+
+    platform_certificate: bool
+    """Also issue and renew the certificate of the platform's own hostname (api.hostname) by HTTP-01; false = it comes from lb.tls_cert_dir only. Never for a name under localhost."""
+
+    dns01_zone: str
+    """DNS zone this cluster's api nodes serve for the DNS-01 challenge (e.g. acme.example.net, delegated to them with NS records): owners point _acme-challenge.THEIR-DOMAIN at a name under it with a CNAME, and get wildcard certificates; empty = no DNS-01 (docs/https.md)."""
+
+    dns01_listen: str
+    """HOST:PORT where each api node answers DNS (UDP and TCP) for acme.dns01_zone, e.g. 0.0.0.0:53; needed with it."""
 
 
 @frozen

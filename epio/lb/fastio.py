@@ -20,6 +20,7 @@ from typing import Any
 from twisted.internet import tcp
 from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 FAST_TYPES = (tcp.Server, tcp.Client)
 
@@ -81,7 +82,7 @@ class ReadMux:
     def logPrefix(self) -> str:
         return "lb-read-mux"
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure) -> None:
         pass
 
     def start(self) -> None:

@@ -58,10 +58,12 @@ from twisted.application.internet import ClientService
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import UNIXClientEndpoint
+from twisted.internet.interfaces import IAddress, IDelayedCall
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols.basic import Int32StringReceiver
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from epio.routefeed import NexusRouteSource, RouteFeed, TableBuild, TableSink
@@ -131,7 +133,7 @@ class _RouterConnection(Int32StringReceiver):
     def connectionMade(self) -> None:
         self.factory.joined(self)
 
-    def connectionLost(self, reason: Any = None) -> None:
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self.factory.left(self)
 
     def stringReceived(self, data: bytes) -> None:
@@ -175,7 +177,7 @@ class FeedPublisher(Factory):
         self.interval = interval if clock is not None else 0.0
         self._pending: dict[str, dict[str, Any] | None] = {}  # app -> route, None: removed
         self._last: float | None = None
-        self._call: Any = None
+        self._call: IDelayedCall | None = None
 
     def stop(self) -> None:
         if self._call is not None and self._call.active():
@@ -273,7 +275,7 @@ class _FeedConnection(Int32StringReceiver):
     def stringReceived(self, data: bytes) -> None:
         self.source._received(self, data)
 
-    def connectionLost(self, reason: Any = None) -> None:
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self.source._lost(self)
 
     def lengthLimitExceeded(self, length: int) -> None:
@@ -286,7 +288,7 @@ class _FeedConnectionFactory(Factory):
     def __init__(self, source: FeedProcessSource) -> None:
         self.source = source
 
-    def buildProtocol(self, addr: Any) -> _FeedConnection:
+    def buildProtocol(self, addr: IAddress | None) -> _FeedConnection:
         return _FeedConnection(self.source)
 
 
@@ -317,7 +319,7 @@ class FeedProcessSource:
         self._items: deque[tuple[str, Any]] = deque()
         self._build: TableBuild | None = None  # a snapshot arriving
         self._fresh = False  # a table has come over the current connection
-        self._call: Any = None
+        self._call: IDelayedCall | None = None
 
     def start(self, table: RouteTable) -> None:
         self.sink = TableSink(table, self.counters, lazy=True)

@@ -10,6 +10,11 @@ compiled regular expression (C speed); then one ``split`` and a short loop pick
 out the few headers that matter.  Bodies are framed by :class:`ChunkedDecoder`
 or a byte count; the backend only ever sees a head we wrote and a body we framed.
 
+:func:`parse_request` and :func:`parse_response` each keep their own header loop,
+on purpose: their shared part is four lines (find the colon, look the name up, keep
+or drop), and every shared form measured costs the proxied request more than it
+saves (docs/architecture.md "Why lb/http.py keeps two header loops").
+
 Nothing here does I/O; the proxy feeds bytes in.
 """
 

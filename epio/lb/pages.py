@@ -28,26 +28,40 @@ TITLES = {
     "too_large": "Request body too large",
 }
 
-_cache: dict[tuple[int, str, str, bool], tuple[bytes, bytes]] = {}
+#: error pages kept by one ErrorPages (a router answers with a few dozen kinds)
+MAX_CACHED_PAGES = 512
 
 
 def render(status: int, code: str, message: str, as_json: bool) -> tuple[bytes, bytes]:
     """(content type, body) for an error answered by the router itself."""
-    key = (status, code, message, as_json)
-    hit = _cache.get(key)
-    if hit is not None:
-        return hit
     if as_json:
         body = json.dumps({"error": {"code": code, "message": message}}).encode() + b"\n"
-        out = (b"application/json", body)
-    else:
-        title = TITLES.get(code, REASONS.get(status, b"Error").decode())
-        body = (
-            f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{status} {escape(title)}</title></head>\n"
-            f"<body style=\"font-family:sans-serif;margin:4em\"><h1>{escape(title)}</h1><p>{escape(message)}</p>"
-            f"<p><small>{status} &middot; {escape(code)} &middot; epio router</small></p></body></html>\n"
-        ).encode()
-        out = (b"text/html; charset=utf-8", body)
-    if len(_cache) < 512:
-        _cache[key] = out
-    return out
+        return b"application/json", body
+    title = TITLES.get(code, REASONS.get(status, b"Error").decode())
+    body = (
+        f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{status} {escape(title)}</title></head>\n"
+        f"<body style=\"font-family:sans-serif;margin:4em\"><h1>{escape(title)}</h1><p>{escape(message)}</p>"
+        f"<p><small>{status} &middot; {escape(code)} &middot; epio router</small></p></body></html>\n"
+    ).encode()
+    return b"text/html; charset=utf-8", body
+
+
+class ErrorPages:
+    """The router's error pages, each rendered once (up to ``MAX_CACHED_PAGES``): one
+    per router process, owned by its :class:`~epio.lb.proxy.LB`."""
+
+    __slots__ = ("_cache",)
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[int, str, str, bool], tuple[bytes, bytes]] = {}
+
+    def render(self, status: int, code: str, message: str, as_json: bool) -> tuple[bytes, bytes]:
+        """(content type, body): :func:`render`'s, from the cache when seen before."""
+        key = (status, code, message, as_json)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        out = render(status, code, message, as_json)
+        if len(self._cache) < MAX_CACHED_PAGES:
+            self._cache[key] = out
+        return out

@@ -24,12 +24,21 @@ from typing import IO, Any
 
 from attrs import define, fields
 from twisted.internet import error as ierror
-from twisted.internet.interfaces import IPullProducer, IPushProducer
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import (
+    IAddress,
+    IConnector,
+    IDelayedCall,
+    IPullProducer,
+    IPushProducer,
+)
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from epio.config.settings import LbSettings
+from epio.domain import ROUTER_VIA
 from epio.lb import pages
 from epio.lb.compress import GzipBody
 from epio.lb.compress import plan as compress_plan
@@ -117,7 +126,7 @@ class Settings:
     spool_max_bytes: int = 1073741824
     trusted_proxies: tuple[str, ...] = ()
     shutdown_timeout: float = 30.0
-    via: bytes = b"1.1 epio"
+    via: bytes = ROUTER_VIA.encode()  # the routers' Via (the api reads it: docs/cli.md)
     https_port: int = 443  # in the Location of an app's https_redirect (docs/https.md)
     # an asleep app's requests: held at most wake_timeout s, at most wake_queue_size
     # of them per app (docs/apps.md "Sleeping apps")
@@ -171,7 +180,7 @@ class LB:
         self.waker = waker
         self.held: dict[str, deque[ClientConn]] = {}
         self._woken: dict[str, float] = {}
-        self._wake_poll: Any = None
+        self._wake_poll: IDelayedCall | None = None
         self._wake_version = -1
         self.wakes = 0  # runner.wake sent (for /metrics and tests)
         # where request bodies larger than body_buffer_size are spooled (the router's
@@ -188,14 +197,14 @@ class LB:
         self.s = settings
         self.observer = observer if observer is not None else Observer(None, None, False)
         self.states: dict[tuple[str, int], BackendState] = {}
-        self.conns: set[Any] = set()  # every client and backend connection (for sweeps)
+        self.conns: set[ClientConn | BackendConn] = set()  # every client and backend connection (for sweeps)
         self.clients = 0
         self.stopping = False
         self.trusted = frozenset(settings.trusted_proxies)
         self._rr = 0
         self._rid_prefix = os.urandom(6).hex().encode()
         self._rid_n = 0
-        self._drained: list[Any] = []
+        self._drained: list[Deferred[None]] = []
         # epio.lb.fastio.ReadMux (epoll reactors), or None; Any: the hot paths use it
         # only where a connection holds a mux slot (mfd), so it is never None there
         self.mux: Any = mux
@@ -203,6 +212,7 @@ class LB:
         # X-Epio-Static token made from it (docs/static.md); empty: no static routing
         self.static_secret = static_secret
         self._static_headers: dict[str, bytes] = {}
+        self.pages = pages.ErrorPages()
 
     def static_header(self, app: str) -> bytes:
         """The ``X-Epio-Static`` header line (with CRLF) for ``app``'s static requests."""
@@ -395,7 +405,7 @@ class LB:
             if c.transport is not None:
                 c.transport.abortConnection()
 
-    def when_drained(self, d: Any) -> None:
+    def when_drained(self, d: Deferred[None]) -> None:
         self._drained.append(d)
         self._check_drained()
 
@@ -455,7 +465,7 @@ class BackendConn(Protocol):
             return
         c.down(data)
 
-    def connectionLost(self, reason: Any = None) -> None:
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self.lb.conns.discard(self)
         if self.mfd >= 0:
             self.lb.mux.drop(self.mfd)
@@ -507,13 +517,13 @@ class BackendConnector(ClientFactory):
         self.client: ClientConn | None = client
         self.conn_for: BackendConn | None = None
 
-    def buildProtocol(self, addr: Any) -> BackendConn:
+    def buildProtocol(self, addr: IAddress | None) -> BackendConn:
         p = BackendConn(self.lb, self.st)
         p.client = self.client
         self.conn_for = p
         return p
 
-    def clientConnectionFailed(self, connector: Any, reason: Any) -> None:
+    def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
         c = self.client
         self.client = None
         timed_out = reason.check(ierror.TimeoutError) is not None
@@ -522,7 +532,7 @@ class BackendConnector(ClientFactory):
         else:
             self.lb.note_failure(self.st, self.lb.reactor.seconds())
 
-    def clientConnectionLost(self, connector: Any, reason: Any) -> None:
+    def clientConnectionLost(self, connector: IConnector, reason: Failure) -> None:
         pass
 
 
@@ -547,9 +557,24 @@ class ClientConn(Protocol):
     log = Logger()
     transport: Any
 
+    # The fields are flat attributes in four bands, not objects of their own: each of
+    # the last three is read or written on every request (docs/architecture.md "The
+    # proxy's ClientConn").  Only the buffered body is grouped (RequestBody): most
+    # requests have none.
     def __init__(self, lb: LB, scheme: bytes = b"http") -> None:
+        # the connection: who it is from, how it is read (set in connectionMade)
         self.lb = lb
         self.scheme = scheme
+        self.peer = ""
+        self.trusted = False
+        self.fwd = b""
+        self.port_b = b""
+        self.fast = False
+        self.mfd = -1
+        # the backend connection is registered as this transport's producer (only once
+        # a response goes on past its first piece: _down_producer)
+        self.down_reg = False
+        # its lifecycle (the state diagram above) and deadlines
         self.state = C_HEAD
         self.buf = b""
         self.deadline = 0.0
@@ -559,18 +584,10 @@ class ClientConn(Protocol):
         self.processing = False
         self.head_started = 0.0
         self._now = 0.0
-        self.mfd = -1
-        self.fast = False
-        self.peer = ""
-        self.trusted = False
-        self.fwd = b""
-        self.port_b = b""
-        # the backend connection is registered as this transport's producer (only once
-        # a response goes on past its first piece: _down_producer)
-        self.down_reg = False
         self._reset_exchange()
 
     def _reset_exchange(self) -> None:
+        # the exchange's request and the backend it goes to
         self.req: Request | None = None
         self.route: Route | None = None
         self.bs: BackendState | None = None
@@ -584,11 +601,16 @@ class ClientConn(Protocol):
         self.t0 = 0.0
         self.t_conn = 0.0
         self.rid = b""
+        self.static_hdr = b""
+        # its body as it streams up (or how much of it came to be buffered)
         self.body_left = 0
         self.decoder: ChunkedDecoder | None = None
         self.body_done = True
         self.body_total = 0
         self.max_body = 0
+        # the request body read whole before a backend is picked; None: none is
+        self.body: RequestBody | None = None
+        # the response as it is read from the backend
         self.rmode = R_HEAD
         self.rbuf = b""
         self.r_left = 0
@@ -601,18 +623,6 @@ class ClientConn(Protocol):
         self.r_reusable = True
         self.r_close_client = False
         self.got_byte = False
-        self.static_hdr = b""
-        # a buffered request body (docs/router.md "Request bodies"): in memory (pieces,
-        # then one bytes object) up to body_buffer_size, else in a spool file
-        self.buffered = False
-        self.bpieces: list[bytes] = []
-        self.bbody = b""
-        self.bsize = 0
-        self.spool: IO[bytes] | None = None
-        self.spool_size = 0  # bytes of this body counted in lb.spool_bytes
-        self.sender: SpoolSender | None = None
-        self.body_t0 = 0.0
-        self.body_last = 0.0
 
     # -- connection ---------------------------------------------------------------------
     def connectionMade(self) -> None:
@@ -639,7 +649,7 @@ class ClientConn(Protocol):
         self.deadline = lb.reactor.seconds() + lb.s.header_timeout
         self.head_started = -1.0  # a fresh connection owes a head within header_timeout
 
-    def connectionLost(self, reason: Any = None) -> None:
+    def connectionLost(self, reason: Failure | None = None) -> None:
         lb = self.lb
         state = self.state
         self.state = C_CLOSED
@@ -648,7 +658,7 @@ class ClientConn(Protocol):
         limit = self.factory.limit
         if limit is not None:
             limit.closed()
-        if self.buffered:
+        if self.body is not None:
             self._drop_body()
         if self.mfd >= 0:
             lb.mux.drop(self.mfd)
@@ -759,7 +769,8 @@ class ClientConn(Protocol):
             return
         if self.active:
             self.active = False
-            if state == C_PROXY and (self.r_started or self.sender is not None):
+            if state == C_PROXY and (self.r_started or (self.body is not None
+                                                        and self.body.sender is not None)):
                 self.deadline = now + self._timeout("idle_timeout")
                 return
             if state == C_PROXY and not self.body_done:
@@ -828,11 +839,13 @@ class ClientConn(Protocol):
         byte, and on average at least ``body_min_rate`` bytes a second after a grace of
         ``body_timeout`` (each byte received buys 1/body_min_rate s more); else 408."""
         s = self.lb.s
+        body = self.body
+        assert body is not None  # C_BODY: a body is being read
         if self.active:
             self.active = False
-            self.body_last = now
-        limit = min(self.body_t0 + s.body_timeout + self.bsize / s.body_min_rate,
-                    self.body_last + s.body_timeout)
+            body.last = now
+        limit = min(body.t0 + s.body_timeout + body.size / s.body_min_rate,
+                    body.last + s.body_timeout)
         if now < limit:
             self.deadline = limit
             return
@@ -1012,13 +1025,12 @@ class ClientConn(Protocol):
             cl = req.content_length
             if cl > 0 and len(rest) >= cl and cl <= lb.s.body_buffer_size:
                 # the common small body, already here with its head: no buffering state
-                self.buffered = True
                 self.body_total = cl
                 if len(rest) == cl:
-                    self.bbody = rest
+                    self.body = RequestBody(rest)
                     self.buf = b""
                 else:
-                    self.bbody = rest[:cl]
+                    self.body = RequestBody(rest[:cl])
                     self.buf = rest[cl:]
                 self._send(st, now)
                 return
@@ -1096,11 +1108,8 @@ class ClientConn(Protocol):
         if not self.state & INTO_BODY:
             self._bad_move(C_BODY)
         self.state = C_BODY
-        self.buffered = True
+        self.body = RequestBody(b"", now)
         self.body_done = False
-        self.bpieces = []
-        self.bsize = 0
-        self.body_t0 = self.body_last = now
         self.deadline = now + self.lb.s.body_timeout
         if req.chunked:
             self.decoder = ChunkedDecoder(self._chunk_keep)
@@ -1150,56 +1159,62 @@ class ClientConn(Protocol):
                          close=True)
 
     def _chunk_keep(self, data: bytes) -> None:
-        if self.bsize + len(data) > self.max_body:
+        body = self.body
+        assert body is not None
+        if body.size + len(data) > self.max_body:
             raise BadMessage(413, "too_large", "The request body is too large.")
         self._store(data)
 
     def _store(self, data: bytes) -> None:
-        sp = self.spool
-        n = self.bsize + len(data)
+        body = self.body
+        assert body is not None
+        sp = body.spool
+        n = body.size + len(data)
         if sp is None:
             if n <= self.lb.s.body_buffer_size:
-                self.bpieces.append(data)
-                self.bsize = n
+                body.pieces.append(data)
+                body.size = n
                 return
-            self._spool_reserve(n)
-            sp = self.spool = self.lb.open_spool()
-            for piece in self.bpieces:
+            self._spool_reserve(body, n)
+            sp = body.spool = self.lb.open_spool()
+            for piece in body.pieces:
                 sp.write(piece)
-            self.bpieces = []
+            body.pieces = []
         else:
-            self._spool_reserve(len(data))
+            self._spool_reserve(body, len(data))
         sp.write(data)
-        self.bsize = n
+        body.size = n
 
-    def _spool_reserve(self, n: int) -> None:
+    def _spool_reserve(self, body: RequestBody, n: int) -> None:
         """Count ``n`` more spooled bytes against lb.spool_max_bytes (SpoolFull past it)."""
         lb = self.lb
         if lb.spool_bytes + n > lb.s.spool_max_bytes:
             raise SpoolFull()
         lb.spool_bytes += n
-        self.spool_size += n
+        body.spool_size += n
 
-    def _close_spool(self) -> None:
+    def _close_spool(self, body: RequestBody) -> None:
         """Close (and so remove) the spool file and give its bytes back to the total."""
-        self.lb.spool_bytes -= self.spool_size
-        self.spool_size = 0
-        sp = self.spool
+        self.lb.spool_bytes -= body.spool_size
+        body.spool_size = 0
+        sp = body.spool
         if sp is not None:
-            self.spool = None
+            body.spool = None
             sp.close()
 
     def _body_complete(self, rest: bytes) -> None:
         """The whole body is here: choose a backend now (the table may have changed)."""
         self.body_done = True
-        self.body_total = self.bsize
-        if self.spool is None:
-            pieces = self.bpieces
-            self.bbody = pieces[0] if len(pieces) == 1 else b"".join(pieces)
-            self.bpieces = []
+        body = self.body
+        assert body is not None
+        self.body_total = body.size
+        if body.spool is None:
+            pieces = body.pieces
+            body.data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+            body.pieces = []
         else:
             try:
-                self.spool.flush()
+                body.spool.flush()
             except OSError as e:
                 self._spool_failed(e)
                 return
@@ -1219,19 +1234,21 @@ class ClientConn(Protocol):
 
     def _drop_body(self) -> None:
         """Forget the buffered body (close and so remove its spool file)."""
-        self.buffered = False
-        self.bpieces = []
-        self.bbody = b""
-        snd = self.sender
+        body = self.body
+        assert body is not None
+        self.body = None
+        snd = body.sender
         if snd is not None:
-            self.sender = None
+            body.sender = None
             snd.client = None
-        self._close_spool()
+        self._close_spool(body)
 
     def _spool_sent(self) -> None:
         """The spooled body went to the backend: now wait for its answer."""
-        self.sender = None
-        self._close_spool()
+        body = self.body
+        assert body is not None  # a SpoolSender is dropped with its body
+        body.sender = None
+        self._close_spool(body)
         if not self.r_started:
             self.deadline = self.lb.reactor.seconds() + self._timeout("first_byte_timeout")
 
@@ -1296,7 +1313,8 @@ class ClientConn(Protocol):
         if lines:
             parts.append(b"\r\n".join(lines))
             parts.append(b"\r\n")
-        if self.buffered:
+        body = self.body
+        if body is not None:
             # a buffered body, chunked or not, goes on with its length
             parts.append(b"Content-Length: %d\r\n" % self.body_total)
         elif req.chunked:
@@ -1319,22 +1337,22 @@ class ClientConn(Protocol):
             r = self.route
             fbt = r.first_byte_timeout if r is not None else None
             self.deadline = self.t_conn + (lb.s.first_byte_timeout if fbt is None else fbt)
-            if not self.buffered:
+            if body is None:
                 bc.write(head)
-            elif self.spool is None:
-                body = self.bbody
-                if len(body) < 16384:
-                    bc.write(head + body)
+            elif body.spool is None:
+                data = body.data
+                if len(data) < 16384:
+                    bc.write(head + data)
                 else:
                     bc.write(head)
-                    bc.write(body)
+                    bc.write(data)
             else:
                 # the body streams from its spool file as the backend takes it
                 bc.write(head)
                 self.deadline = 0.0
                 self.active = True
-                self.spool.seek(0)
-                snd = self.sender = SpoolSender(self, self.spool, t)
+                body.spool.seek(0)
+                snd = body.sender = SpoolSender(self, body.spool, t)
                 t.registerProducer(snd, False)
         else:
             t.registerProducer(self, True)
@@ -1718,8 +1736,8 @@ class ClientConn(Protocol):
         if self.down_reg:
             self.down_reg = False
             self.transport.unregisterProducer()
-        if self.buffered:
-            if self.sender is not None:
+        if self.body is not None:
+            if self.body.sender is not None:
                 # answered before the spooled body was all sent: the connection is not
                 # at a message boundary
                 self.r_reusable = False
@@ -1791,7 +1809,7 @@ class ClientConn(Protocol):
             self.transport.unregisterProducer()
         except RuntimeError:  # none registered (StringTransport says so; sockets do not)
             pass
-        if self.buffered:  # the body (sent or not) is of no more use
+        if self.body is not None:  # the body (sent or not) is of no more use
             self._drop_body()
         if mode == R_GZIP and self.r_gz is not None and self.r_gz.until_close:
             self.r_gz.finish()
@@ -1867,7 +1885,7 @@ class ClientConn(Protocol):
         req = self.req
         if self.bconn is not None or self.connector is not None:
             self._abort_backend()
-        if self.buffered:
+        if self.body is not None:
             self._drop_body()
         self.down_reg = False
         try:
@@ -1875,7 +1893,7 @@ class ClientConn(Protocol):
         except RuntimeError:  # none registered (StringTransport says so; sockets do not)
             pass
         as_json = req is not None and req.accept_json
-        ctype, body = pages.render(status, code, message, as_json)
+        ctype, body = self.lb.pages.render(status, code, message, as_json)
         self.local_reply(status, ctype, body, code, extra, close, default_reason=b"Error")
 
     def _https_location(self, req: Request) -> bytes:
@@ -1928,6 +1946,24 @@ class ClientConn(Protocol):
         )
 
 
+class RequestBody:
+    """A request body read whole at the router before a backend is picked (docs/router.md
+    "Request bodies"): in memory (``pieces``, then one bytes object ``data``) up to
+    body_buffer_size, else in a ``spool`` file.  Made only for a request that has a
+    body, so a request without one resets none of these fields."""
+
+    __slots__ = ("pieces", "data", "size", "spool", "spool_size", "sender", "t0", "last")
+
+    def __init__(self, data: bytes = b"", now: float = 0.0) -> None:
+        self.pieces: list[bytes] = []
+        self.data = data
+        self.size = 0
+        self.spool: IO[bytes] | None = None
+        self.spool_size = 0  # bytes of this body counted in lb.spool_bytes
+        self.sender: SpoolSender | None = None  # sending it from the spool file
+        self.t0 = self.last = now  # when reading it began; when a byte last came
+
+
 @implementer(IPullProducer)
 class SpoolSender:
     """Sends a spooled request body to the backend as its socket drains (a pull
@@ -1973,7 +2009,7 @@ class LBFactory(Factory):
         self.scheme = scheme
         self.limit = limit
 
-    def buildProtocol(self, addr: Any) -> ClientConn | None:
+    def buildProtocol(self, addr: IAddress | None) -> ClientConn | None:
         limit = self.limit
         if limit is not None and not limit.opened():
             return None  # accepted in the batch that reached the limit: closed at once

@@ -20,7 +20,7 @@ import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NotRequired, TypedDict
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
@@ -38,12 +38,13 @@ from epio.lb.feed import FEED_RESTART
 from epio.lb.observe import FileLogSink, Observer
 from epio.lb.proxy import LB, SWEEP_INTERVAL, LBFactory
 from epio.lb.proxy import Settings as ProxySettings
-from epio.listen import ConnectionLimit, log_backlog, with_backlog
+from epio.listen import ConnectionLimit, log_backlog, stop_on_listen_failure, with_backlog
 from epio.node import Node
 from epio.routing import FileRouteSource, RouteTable
 
 if TYPE_CHECKING:
     from epio.certs.ocsp import Stapler
+    from epio.metrics import Family
 
 FLUSH_INTERVAL = 0.5
 GC_THRESHOLDS = (5000, 20, 100)  # CPython's default is (700, 10, 10)
@@ -62,6 +63,24 @@ def die_with_parent() -> None:
         pass
     if parent and os.getppid() != parent:  # it went before the line above
         sys.exit(0)
+
+
+class WorkerSpec(TypedDict):
+    """What a worker process is told (JSON in ``EPIO_LB_WORKER_SPEC``)."""
+
+    config: dict[str, Any]  # the node's validated config, as Config.as_dict() gives it
+    data_dir: str
+    spool_dir: str
+    feed_socket: NotRequired[str]  # the route feed process's socket, when there is one
+    reuseport: NotRequired[list[str | int]]  # [interface, port, family] to bind
+    tls_reuseport: NotRequired[list[str | int]]  # the same for lb.tls_listen
+
+
+class FeedSpec(TypedDict):
+    """What the route feed process is told (JSON in ``EPIO_LB_FEED_SPEC``)."""
+
+    config: dict[str, Any]
+    socket: str  # the UNIX socket it serves the routers on
 
 
 def start_child(variable: str, store_if: Callable[[Settings], bool] | None = None,
@@ -234,13 +253,16 @@ class LBService(MultiService):
 
     def __init__(self, reactor: Any, settings: LbSettings, domain: str,
                  route_source: Any, log_sink: Any = None,
-                 stats_sink: Any = None, *, worker_spec: dict[str, Any] | None = None,
+                 stats_sink: Any = None, *, worker_spec: WorkerSpec | None = None,
                  reuseport: tuple[str, int, int] | None = None,
-                 static_secret: bytes = b"", feed_spec: dict[str, Any] | None = None,
+                 static_secret: bytes = b"", feed_spec: FeedSpec | None = None,
                  spool: Path | None = None, certs: Any = None,
                  tls_reuseport: tuple[str, int, int] | None = None,
-                 stapler: Stapler | None = None, waker: Any = None) -> None:
+                 stapler: Stapler | None = None, waker: Any = None,
+                 cannot_listen: Callable[[Failure], None] | None = None) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
+        # a router of a node that cannot listen stops the node (epio.listen)
+        self._cannot_listen = cannot_listen
         self.reactor = reactor
         self.lb_settings = settings
         self.settings = ProxySettings.from_settings(settings)
@@ -432,11 +454,16 @@ class LBService(MultiService):
         self._fire_waiters(None)
 
     def _listen_failed(self, f: Failure) -> None:
-        self.log.failure("router cannot listen", f)
+        stop = self._cannot_listen if not (self._stopping or f.check(defer.CancelledError)) \
+            else None
+        if stop is None:
+            self.log.failure("router cannot listen", f)
         if not self._ready.called:
             self._ready_result = f
             self._ready.callback(None)
             self._fire_waiters(f)
+        if stop is not None:
+            stop(f)
 
     def _guard(self, fn: Callable[[], object]) -> None:
         try:
@@ -491,7 +518,7 @@ class LBService(MultiService):
         await defer.maybeDeferred(super().stopService)
 
     def _add_workers(self, n: int, addr: tuple[str, int, int]) -> None:
-        spec = dict(self.worker_spec or {})
+        spec: dict[str, object] = dict(self.worker_spec or {})
         spec["reuseport"] = list(addr)
         if self.tls_reuseport is not None:
             spec["tls_reuseport"] = list(self.tls_reuseport)
@@ -625,9 +652,9 @@ def make_service(node: Node) -> LBService:
     cfg = node.config
     lb = node.settings.lb
     spool = spool_dir(node.data_dir)
-    spec: dict[str, Any] = {"config": cfg.as_dict(), "data_dir": str(node.data_dir),
-                            "spool_dir": str(spool)}
-    feed_spec = None
+    spec: WorkerSpec = {"config": cfg.as_dict(), "data_dir": str(node.data_dir),
+                        "spool_dir": str(spool)}
+    feed_spec: FeedSpec | None = None
     feed_socket = None
     if not lb.routes_file and route_feed_mode(lb, node.roles) == "process":
         from epio.lb.feed import feed_socket_path
@@ -644,7 +671,8 @@ def make_service(node: Node) -> LBService:
     svc = LBService(node.reactor, lb, node.settings.node.domain, source, log_sink,
                     stats_sink, worker_spec=spec, static_secret=node.secret,
                     feed_spec=feed_spec, spool=spool, certs=router_certs(node, stapler),
-                    stapler=stapler, waker=waker)
+                    stapler=stapler, waker=waker,
+                    cannot_listen=stop_on_listen_failure(node.settings, "lb", node.exit))
     if sink_service is not None:
         sink_service.setServiceParent(svc)
     if wake_dealer is not None:
@@ -672,7 +700,7 @@ def make_service(node: Node) -> LBService:
     return svc
 
 
-def listener_families(svc: LBService) -> list[Any]:
+def listener_families(svc: LBService) -> list[Family]:
     """This router process's listeners and spooled bodies, for /metrics."""
     from epio.metrics import Family
 
@@ -697,7 +725,7 @@ def listener_families(svc: LBService) -> list[Any]:
     ]
 
 
-def route_feed_families(status: dict[str, Any]) -> list[Any]:
+def route_feed_families(status: dict[str, Any]) -> list[Family]:
     """The router's view of the nexuses, for /metrics: is it serving a stale table?"""
     from epio.metrics import Family
 

@@ -40,6 +40,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from epio.logs.records import LogRecord
@@ -133,7 +134,7 @@ class _SyslogProtocol(Protocol):
         self.transport.registerProducer(self, True)
         self.drain.connected(self)
 
-    def connectionLost(self, reason: Any = None) -> None:
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self.drain.disconnected(self)
 
     def dataReceived(self, data: bytes) -> None:

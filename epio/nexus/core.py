@@ -36,6 +36,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from epio.domain import PLATFORM_APP, PLATFORM_RELEASE
@@ -60,7 +61,7 @@ class Nexus:
 
     def __init__(
         self,
-        clock: Any,
+        clock: IReactorTime,
         nexus_id: str,
         publish: Publish,
         *,

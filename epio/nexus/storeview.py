@@ -38,6 +38,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
+from twisted.internet.interfaces import IReactorTime
+
 from epio.basicauth import BasicAuth
 from epio.domain import LIVE_STATES
 from epio.nexus.table import AppFacts, StoreView
@@ -106,7 +108,7 @@ class ReleaseOptions:
     take that for "no options".
     """
 
-    def __init__(self, clock: Any, budget: float) -> None:
+    def __init__(self, clock: IReactorTime, budget: float) -> None:
         self._clock = clock
         self.budget = budget
         self.cache: dict[tuple[str, int], dict[str, Any]] = {}

@@ -29,8 +29,10 @@ no route.
 A route without backends whose app has ``asleep`` web instances (of a release that
 may serve; ``[http] idle_sleep``, docs/apps.md), or that wake (started again by
 ``runner.wake``, not yet healthy: the heartbeat's ``waking``) is **asleep**: it carries
-``"asleep": {"since": float, "wake": [control endpoint, ...]}`` -- the runners that hold
-them, sorted; a router holds the app's requests and sends ``runner.wake`` there.
+``"asleep": {"since": float, "wake": [control endpoint, ...], "instances": [id, ...]}``
+-- the runners that hold them and the instances, sorted; a router holds the app's
+requests and sends ``runner.wake`` there; the api's rollout waits until every nexus
+names a new release's asleep instances before it retires the old ones.
 """
 
 from __future__ import annotations
@@ -168,7 +170,8 @@ def asleep_route(facts: AppFacts, instances: Iterable[InstanceInfo], web_types: 
     wake = sorted({c for c in (control_of(i.node) for i in sleeping) if c})
     if not wake:
         return None
-    return {"since": min(i.since for i in sleeping), "wake": wake}
+    return {"since": min(i.since for i in sleeping), "wake": wake,
+            "instances": sorted(i.instance_id for i in sleeping)}
 
 
 def set_change(route: dict[str, Any]) -> dict[str, Any]:

@@ -20,7 +20,6 @@ import hashlib
 import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,6 +38,7 @@ from epio.runner.images import FetchingImages, ImageServer
 from epio.runner.ports import NoFreePort, PortAllocator, bindable
 from epio.runner.sandbox import DEFAULT_SHM_BYTES, Isolation, detect_isolation, shm_args
 from epio.runner.supervisor import (
+    InstanceSpec,
     ShuttingDown,
     SpecError,
     State,
@@ -197,7 +197,7 @@ class RunnerService(OrderedMultiService):
         super().__init__()  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
         # this runner's UID and port ranges, checked against the other live runners of
         # this host (``host``: host_identity and this process) at its first
-        # registration; ``refuse`` ends the node when they overlap (exit_node)
+        # registration; ``refuse`` ends the node when they overlap (node.exit)
         self.ranges = ranges
         self.host = dict(host or {})
         self.refuse = refuse
@@ -238,6 +238,7 @@ class RunnerService(OrderedMultiService):
         self._beat: task.LoopingCall | None = None
         self._last_register = -1e18
         self._ready: defer.Deferred[None] = defer.Deferred()
+        self._started = False  # startService went through (its children all started)
         # the children in start order (they stop in reverse, one at a time): the control
         # ROUTER, made here around this runner's handler, between the two groups
         self.router = router(self.handle) if router is not None else None
@@ -275,6 +276,9 @@ class RunnerService(OrderedMultiService):
         self.log.info("runner network: apps share the host network; the network fence "
                       "(its own log line) refuses their connections to the control plane")
         super().startService()  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
+        # started (a child that cannot bind raised above: the node stops, and this
+        # run, which never read the state file, must not overwrite it)
+        self._started = True
         d = defer.Deferred.fromCoroutine(self._recover())
         d.addErrback(lambda f: self.log.failure("runner recovery failed", f))
         d.addBoth(lambda _: self._ready.callback(None))
@@ -289,7 +293,8 @@ class RunnerService(OrderedMultiService):
         if self.image_server is not None:
             self.image_server.close()
         d = self.supervisor.shutdown(self.shutdown_grace)
-        d.addBoth(lambda _: self._save_now())
+        if self._started:
+            d.addBoth(lambda _: self._save_now())
         d.addBoth(lambda _: self._remove_empty_cgroups())
         d.addBoth(lambda _: OrderedMultiService.stopService(self))
         return d
@@ -760,21 +765,6 @@ def detect_isolation_of(settings: RunnerSettings, data_dir: Path) -> tuple[
     return isolation, cgroups, bwrap, setpriv
 
 
-def exit_node(reactor: INodeReactor, why: str) -> None:
-    """End the node with exit status 1 after ``why`` on stderr: its services stop
-    cleanly (the fence table is removed), then the process exits (twistd itself
-    would exit 0 after the reactor stopped)."""
-
-    def failed() -> None:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(1)
-
-    print(why, file=sys.stderr, flush=True)
-    reactor.addSystemEventTrigger("after", "shutdown", failed)
-    reactor.stop()
-
-
 def make_service(node: Node) -> RunnerService:
     """Build the runner role of ``node``: its composition root.
 
@@ -837,6 +827,8 @@ def make_service(node: Node) -> RunnerService:
     ports = PortAllocator(rc.port_min, rc.port_max, bindable(settings.advertise_host))
     supervisor = Supervisor(reactor, launcher, NetworkProbe(reactor), sink, ports, settings,
                             observers=observers, before_spawn=gates)
+    if node.store_service is not None:
+        supervisor.service_gate = service_gate(node.store_service)
     sessions = SessionManager(reactor, launcher, sink, RunSettings.from_config(conf.run),
                               settings, node_id=node.node_id,
                               store_service=node.store_service, observers=gates)
@@ -876,7 +868,7 @@ def make_service(node: Node) -> RunnerService:
         ranges=RangeClaim(node.node_id, (rc.uid_min, rc.uid_max), (rc.port_min, rc.port_max)),
         host={"id": host_identity(), "pid": os.getpid(), "start": proc_start(os.getpid()),
               "pidns": pid_namespace()},
-        refuse=lambda why: exit_node(reactor, why),
+        refuse=node.exit,
     )
     observers.extend([svc.changed, fence.changed])
     if static is not None:
@@ -884,6 +876,20 @@ def make_service(node: Node) -> RunnerService:
     gates.append(fence.ready)  # a process or session starts once its ports are open
     registry_for(node).add_collector(lambda: runner_families(supervisor))
     return svc
+
+
+def service_gate(store_service: Any) -> Callable[[InstanceSpec], Any]:
+    """The supervisor's gate for dedicated servers of add-ons with a standby: the role
+    the add-on record gives the instance now, or a refusal (epio.addons.standby)."""
+    from epio.addons.services import KIND_OF_TYPE
+    from epio.addons.standby import server_role
+
+    async def gate(spec: InstanceSpec) -> dict[str, str]:
+        store = await store_service.whenReady()
+        return await server_role(store, spec.app, KIND_OF_TYPE[spec.process_type],
+                                 spec.instance_id)
+
+    return gate
 
 
 def runner_families(supervisor: Supervisor) -> list[Family]:

@@ -435,7 +435,7 @@ class StaticResource(Resource):
                 s.facts.put(key, result)
                 self._respond(request, served, path, f, st, ctype, result)
 
-            def failed(reason: Any) -> None:
+            def failed(reason: Failure) -> None:
                 f.close()
                 self.log.failure("static file analysis failed", reason)
                 if not request.finished and not request._disconnected:

@@ -41,7 +41,7 @@ from __future__ import annotations
 import re
 import signal
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from attrs import define, field, frozen
@@ -57,7 +57,7 @@ from epio.addons.services import SERVICE_PROCESS_TYPES
 from epio.config.schema import DEFAULT_UIDS
 from epio.config.settings import RunnerSettings
 from epio.runner.cgroups import Limits
-from epio.runner.ports import PortAllocator
+from epio.runner.ports import NoFreePort, PortAllocator
 from epio.runner.sandbox import sandboxed_pid
 from epio.runner.users import UserError, app_user
 
@@ -124,6 +124,7 @@ class Settings:
     backoff_reset: float = 600.0
     health_interval: float = 5.0
     health_boot_interval: float = 0.5
+    health_boot_first: float = 0.05
     health_timeout: float = 2.0
     health_failures: int = 3
     drain_delay: float = 3.0
@@ -141,7 +142,7 @@ class Settings:
             grace=c.grace, boot_timeout=c.boot_timeout,
             backoff_initial=c.backoff_initial, backoff_max=c.backoff_max,
             backoff_reset=c.backoff_reset, health_interval=c.health_interval,
-            health_boot_interval=c.health_boot_interval,
+            health_boot_interval=c.health_boot_interval, health_boot_first=c.health_boot_first,
             health_timeout=c.health_timeout, health_failures=c.health_failures,
             drain_delay=c.drain_delay, worker_settle=c.worker_settle,
             stopped_retention=c.stopped_retention, max_line=c.max_log_line,
@@ -152,6 +153,9 @@ class Settings:
 
 
 TCP_ESTABLISHED = "01"
+#: each health check of a booting web instance waits this many times longer than the
+#: one before (from runner.health_boot_first up to runner.health_boot_interval)
+HEALTH_BOOT_BACKOFF = 1.5
 
 
 def busy_ports(ports: set[int], tables: Sequence[str] = ("/proc/net/tcp", "/proc/net/tcp6")
@@ -391,12 +395,14 @@ class Instance:
     stopping: bool = False
     boot_failed: bool = False
     reason: str | None = None
+    squatted: bool = False  # said once per start: another process holds its port
     health_failures: int = 0
     oom_before: int = 0
     oom_seen: int = 0
     starts: int = 0
     active_at: float = 0.0  # the last time a connection to its port was seen
     waking: bool = False  # launched by a wake: probed every wake_probe_interval
+    boot_probes: int = 0  # health checks since this launch (the boot schedule's step)
     wake_wanted: bool = False  # woken while its sleeping process still exits
     calls: dict[str, Any] = field(factory=dict)  # name -> IDelayedCall
     waiters: list[defer.Deferred[None]] = field(factory=list)
@@ -541,6 +547,10 @@ class Supervisor:
         # awaited (what each returns) before an instance's process is spawned: the
         # network fence opens the instance's ports first (epio.runner.fence)
         self.before_spawn = before_spawn
+        # async (spec) -> extra env, asked before every spawn of a dedicated server of an
+        # add-on with a standby: its role from the add-on record, or an
+        # epio.addons.standby.Fenced refusal (set by epio.runner.service)
+        self.service_gate: Callable[[InstanceSpec], Awaitable[dict[str, str]]] | None = None
 
     # -- queries -----------------------------------------------------------
 
@@ -758,7 +768,40 @@ class Supervisor:
         inst.healthy_since = None
         inst.health_failures = 0
         inst.boot_failed = False
+        inst.squatted = False
         self._to(inst, State.STARTING)
+        if not self._port_still_free(inst):
+            return
+        extra: dict[str, str] = {}
+        if (self.service_gate is not None and inst.spec.process_type in SERVICE_PROCESS_TYPES
+                and "EPIO_ADDON_EPOCH" in inst.spec.env):
+            from epio.addons.standby import Fenced
+
+            try:
+                extra = await self.service_gate(inst.spec)
+            except Fenced as e:
+                # never started again: the add-on record names other servers now
+                self.log.warn("instance {i}: {why}", i=inst.spec.instance_id, why=str(e))
+                self._say(inst, str(e))
+                self._to(inst, State.STOPPED if inst.stopping else State.FAILED, str(e))
+                return
+            except Exception as e:
+                # the store cannot say which role this server has: not started now,
+                # asked again after the crash backoff
+                why = f"its role is unknown ({type(e).__name__}: {e})"
+                self.log.warn("instance {i}: {why}", i=inst.spec.instance_id, why=why)
+                if inst.stopping or self.shutting_down:
+                    self._to(inst, State.STOPPED, why)
+                    return
+                delay = backoff_delay(inst.attempt, self.settings.backoff_initial,
+                                      self.settings.backoff_max)
+                inst.attempt += 1
+                self._say(inst, f"{why}; trying again in {delay:g}s")
+                self._to(inst, State.CRASHED, why)
+                self._call(inst, "restart", delay, self._restart, inst)
+                return
+            if inst.generation != gen:
+                return
         try:
             launch = await self.launcher.prepare(inst.spec, inst.port)
         except Exception as e:
@@ -770,6 +813,7 @@ class Supervisor:
             else:
                 self._to(inst, State.FAILED, why)
             return
+        launch.env.update(extra)
         refused: str | None = None
         try:
             for gate in list(self.before_spawn):
@@ -809,10 +853,34 @@ class Supervisor:
                         + (f" (PORT={inst.port})" if inst.port else ""))
         if inst.spec.is_web:
             self._call(inst, "boot", inst.spec.boot_timeout, self._boot_timeout, inst, gen)
+            inst.boot_probes = 0
             self._call(inst, "health", self._boot_interval(inst), self._probe, inst, gen)
         else:
             self._call(inst, "health", self.settings.worker_settle, self._settled, inst, gen)
         self.changed()
+
+    def _port_still_free(self, inst: Instance) -> bool:
+        """Before a web process starts again (a restart, a wake), its port must still be
+        free: while it was down another process -- another app's, since apps share the
+        host's network namespace -- may have bound it.  A web instance then moves to a
+        free port (its runner's heartbeat and status carry the new one); a dedicated
+        database server keeps its port (the app's URL names it) and its health check
+        refuses the squatter (:meth:`_probed`).  False: no port left, the instance failed."""
+        port = inst.port
+        if port is None or inst.spec.process_type != "web" or self.ports.is_free(port):
+            return True
+        try:
+            new = self.ports.allocate()
+        except NoFreePort as e:
+            self._to(inst, State.FAILED, f"port {port} is taken by another process: {e}")
+            return False
+        self.ports.release(port)
+        inst.port = new
+        self.log.warn("instance {i}: port {port} is taken by another process; it starts on "
+                      "port {new}", i=inst.spec.instance_id, port=port, new=new)
+        self._say(inst, f"port {port} is taken by another process: starting on port {new}")
+        self.changed()
+        return True
 
     def _command(self, inst: Instance) -> str:
         if inst.spec.process_type in SERVICE_PROCESS_TYPES:
@@ -828,8 +896,19 @@ class Supervisor:
             self._healthy(inst)
 
     def _boot_interval(self, inst: Instance) -> float:
-        return self.settings.wake_probe_interval if inst.waking else \
-            self.settings.health_boot_interval
+        """Seconds until the next health check of a booting web instance: every
+        ``wake_probe_interval`` while it wakes; else ``health_boot_first`` after the
+        launch, each next one ``HEALTH_BOOT_BACKOFF`` times longer, at most
+        ``health_boot_interval``.  An app that boots in 0.3 s is seen healthy within
+        ~0.1 s of it instead of at the first 0.5 s tick, and one that boots slowly is
+        probed no more often than before once its boot takes a second."""
+        if inst.waking:
+            return self.settings.wake_probe_interval
+        s = self.settings
+        step = min(inst.boot_probes, 64)
+        inst.boot_probes += 1
+        return min(s.health_boot_interval,
+                   max(s.health_boot_first * HEALTH_BOOT_BACKOFF ** step, 0.0))
 
     def _healthy(self, inst: Instance) -> None:
         self._cancel(inst, "boot")
@@ -858,6 +937,8 @@ class Supervisor:
             return
         s = self.settings
         if inst.state is State.STARTING:
+            if ok and not self._owns_port(inst):
+                ok = False  # another process answered on the instance's port
             if ok:
                 first = not inst.ever_healthy
                 self._healthy(inst)
@@ -883,6 +964,24 @@ class Supervisor:
                     self._terminate(inst, min(inst.spec.grace, 5.0))
                     return
             self._call(inst, "health", s.health_interval, self._probe, inst, gen)
+
+    def _owns_port(self, inst: Instance) -> bool:
+        """Whether the instance's own processes hold the listening socket on its port.
+        A health check that passes is not enough before the first routed request: apps
+        share the host's network namespace, and a process of another app that bound
+        the port while this one was down would answer it -- and get this app's
+        traffic.  Checked once per start, before the instance is first healthy."""
+        if inst.port is None or inst.launch is None:
+            return True
+        if inst.port in self.launcher.listening_ports(inst.launch):
+            return True
+        if not inst.squatted:
+            inst.squatted = True
+            self.log.warn("instance {i}: port {port} answers, but not from the instance's "
+                          "own processes: not healthy", i=inst.spec.instance_id, port=inst.port)
+            self._say(inst, f"port {inst.port} answers, but not from this instance's own "
+                            "processes (another process holds it): not healthy")
+        return False
 
     def _boot_timeout(self, inst: Instance, gen: int) -> None:
         inst.calls.pop("boot", None)

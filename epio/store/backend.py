@@ -23,7 +23,7 @@ import sqlite3
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from attrs import frozen
 from twisted.internet.defer import Deferred, DeferredLock, DeferredSemaphore
@@ -33,6 +33,10 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from epio.store.errors import IntegrityError, InvalidValue, StoreUnavailable
+
+if TYPE_CHECKING:
+    from epio.store.locks import Lock
+    from epio.store.pgconn import PgConnection
 
 T = TypeVar("T")
 
@@ -100,7 +104,7 @@ class Backend(Protocol):
     ) -> T:
         """Run ``fn(tx)`` in a transaction: commit if it returns, roll back if it raises."""
 
-    def lock(self, name: str) -> Any:
+    def lock(self, name: str) -> Lock:
         """A :class:`epio.store.locks.Lock` named ``name``."""
 
     async def listen(self, callback: Callable[[dict[str, Any]], None]) -> Callable[[], None]:
@@ -297,7 +301,7 @@ class SqliteBackend:
             pool, self._pool = self._pool, None
             pool.stop()
 
-    def lock(self, name: str) -> Any:
+    def lock(self, name: str) -> Lock:
         from epio.store.locks import FileLock
 
         lock = FileLock(name, self.lock_dir, self._reactor)
@@ -386,60 +390,72 @@ def pg_hosts(dsn: str) -> list[tuple[str, str]] | None:
     return list(zip(hosts, ports, strict=True))
 
 
-#: dsn -> index of the host that last took a connection.  A store URL listing a
-#: primary and its standbys is tried from the host that answered last, so after a
-#: failover new connections go straight to the new primary instead of waiting on a
-#: dead first host every time.
-_last_good: dict[str, int] = {}
+class PgConnector:
+    """Opens connections to one PostgreSQL store URL, remembering which of its hosts
+    answered last.
 
-
-async def connect_pg(reactor: Any, dsn: str, timeout: float,
-                     on_lost: Callable[[Any], None] | None = None) -> Any:
-    """Open a :class:`~epio.store.pgconn.PgConnection`, failing with StoreUnavailable after ``timeout`` s.
-
-    libpq does not enforce ``connect_timeout`` on non-blocking connects, so a
-    server that accepts but never answers (or a black-holed address) would
-    hang forever: the connection is closed when the timer fires.
-
-    A URL listing several hosts (with ``target_session_attrs=read-write``: the
-    primary of a replicated pair) is tried one host at a time here, each within
-    its share of ``timeout`` (at least 1 s), starting with the host that answered
-    last: libpq would try them in order too, but without a timeout a silent first
-    host would hold every connect forever.  libpq still checks each host's
-    ``target_session_attrs`` (a standby refuses a read-write session).
+    A store URL listing a primary and its standbys is tried from the host that
+    answered last, so after a failover new connections go straight to the new
+    primary instead of waiting on a dead first host every time.  The backend owns
+    one (made with it in the node's composition root) and shares it with its locks
+    and its listener, so all of them follow the same primary.
     """
-    hosts = pg_hosts(dsn)
-    if hosts is None:
-        return await _connect_one(reactor, dsn, {}, timeout, on_lost)
-    first = _last_good.get(dsn, 0) % len(hosts)
-    share = max(timeout / len(hosts), 1.0)
-    errors = []
-    for i in [*range(first, len(hosts)), *range(first)]:
-        host, port = hosts[i]
-        where = {"host": host, "port": port} if port else {"host": host}
-        try:
-            conn = await _connect_one(reactor, dsn, where, share, on_lost)
-        except StoreUnavailable as e:
-            errors.append(f"{host}:{port or 5432}: {str(e).removeprefix(_CANNOT)}")
-            continue
-        _last_good[dsn] = i
-        return conn
-    raise StoreUnavailable(_CANNOT + "; ".join(errors))
+
+    def __init__(self, reactor: Any, dsn: str, timeout: float) -> None:
+        self._reactor = reactor
+        self.dsn = dsn
+        self.timeout = timeout
+        self._hosts = pg_hosts(dsn)
+        #: index in the URL's host list of the host that last took a connection
+        self.last_good = 0
+
+    async def connect(self, on_lost: Callable[[PgConnection], None] | None = None
+                      ) -> PgConnection:
+        """Open a :class:`~epio.store.pgconn.PgConnection`, failing with
+        StoreUnavailable after ``timeout`` s.
+
+        libpq does not enforce ``connect_timeout`` on non-blocking connects, so a
+        server that accepts but never answers (or a black-holed address) would
+        hang forever: the connection is closed when the timer fires.
+
+        A URL listing several hosts (with ``target_session_attrs=read-write``: the
+        primary of a replicated pair) is tried one host at a time here, each within
+        its share of ``timeout`` (at least 1 s), starting with the host that answered
+        last: libpq would try them in order too, but without a timeout a silent first
+        host would hold every connect forever.  libpq still checks each host's
+        ``target_session_attrs`` (a standby refuses a read-write session).
+        """
+        hosts = self._hosts
+        reactor, dsn, timeout = self._reactor, self.dsn, self.timeout
+        if hosts is None:
+            return await _connect_one(reactor, dsn, {}, timeout, on_lost)
+        first = self.last_good % len(hosts)
+        share = max(timeout / len(hosts), 1.0)
+        errors = []
+        for i in [*range(first, len(hosts)), *range(first)]:
+            host, port = hosts[i]
+            where = {"host": host, "port": port} if port else {"host": host}
+            try:
+                conn = await _connect_one(reactor, dsn, where, share, on_lost)
+            except StoreUnavailable as e:
+                errors.append(f"{host}:{port or 5432}: {str(e).removeprefix(_CANNOT)}")
+                continue
+            self.last_good = i
+            return conn
+        raise StoreUnavailable(_CANNOT + "; ".join(errors))
+
+    def forget_host(self) -> None:
+        """The host that last answered is no use any more (read-only): the next
+        connect tries the hosts from the next one."""
+        if self._hosts is not None:
+            self.last_good = (self.last_good + 1) % len(self._hosts)
 
 
 _CANNOT = "cannot connect to PostgreSQL: "
 
 
-def forget_host(dsn: str) -> None:
-    """The host that last answered for ``dsn`` is no use any more (read-only): the
-    next connect tries the hosts from the next one."""
-    hosts = pg_hosts(dsn)
-    if hosts is not None:
-        _last_good[dsn] = (_last_good.get(dsn, 0) + 1) % len(hosts)
-
-
 async def _connect_one(reactor: Any, dsn: str, where: dict[str, str], timeout: float,
-                       on_lost: Callable[[Any], None] | None) -> Any:
+                       on_lost: Callable[[PgConnection], None] | None) -> PgConnection:
     from epio.store.pgconn import PgConnection  # psycopg2: 4.6 MiB, only for PostgreSQL
 
     conn = PgConnection(reactor, on_lost)
@@ -516,26 +532,26 @@ class PostgresBackend:
         self.dsn = dsn
         self._reactor = reactor
         self._pool_size = pool_size
-        self.connect_timeout = connect_timeout
+        self.connector = PgConnector(reactor, dsn, connect_timeout)
         self._sem = DeferredSemaphore(pool_size)
-        self._idle: list[Any] = []
+        self._idle: list[PgConnection] = []
         self._closed = False
         self._listeners = _Listeners()
         self._locks: weakref.WeakSet[Any] = weakref.WeakSet()
-        self._listen_conn: Any = None
+        self._listen_conn: PgConnection | None = None
         self._listen_started = False
         self._listen_up = False
         self._listen_waiters: list[Deferred[None]] = []
         self._retry: IDelayedCall | None = None
 
-    async def _connect(self) -> Any:
-        return await connect_pg(self._reactor, self.dsn, self.connect_timeout)
+    async def _connect(self) -> PgConnection:
+        return await self.connector.connect()
 
     async def open(self) -> None:
         conn = await self._connect()
         self._idle.append(conn)
 
-    async def _checkout(self) -> Any:
+    async def _checkout(self) -> PgConnection:
         if self._closed:
             raise StoreUnavailable("the store is closed")
         await self._sem.acquire()
@@ -552,7 +568,7 @@ class PostgresBackend:
             self._sem.release()
             raise
 
-    def _checkin(self, conn: Any, broken: bool) -> None:
+    def _checkin(self, conn: PgConnection, broken: bool) -> None:
         if broken or self._closed or conn.closed:
             close_quietly(conn)
         else:
@@ -607,7 +623,7 @@ class PostgresBackend:
                     # more on a new connection, which a multi-host store URL with
                     # target_session_attrs=read-write opens on the current primary
                     broken = True
-                    forget_host(self.dsn)
+                    self.connector.forget_host()
                     if stale_retry and not readonly:
                         stale_retry = False
                         self.log.warn("store: the server is read-only; reconnecting")
@@ -651,8 +667,7 @@ class PostgresBackend:
         if self._closed:
             return
         try:
-            conn = await connect_pg(self._reactor, self.dsn, self.connect_timeout,
-                                    on_lost=self._listener_lost)
+            conn = await self.connector.connect(on_lost=self._listener_lost)
             conn.addNotifyObserver(self._notified)
             await conn.runOperation(f"LISTEN {CHANNEL}")
         except Exception as e:
@@ -674,7 +689,7 @@ class PostgresBackend:
             self.log.info("store listener reconnected; subscribers resync")
             self._listeners.deliver({"kind": "resync"})
 
-    def _listener_lost(self, conn: Any) -> None:
+    def _listener_lost(self, conn: PgConnection) -> None:
         if conn is not self._listen_conn:
             return
         self._listen_conn = None
@@ -705,9 +720,9 @@ class PostgresBackend:
         for conn in idle:
             close_quietly(conn)
 
-    def lock(self, name: str) -> Any:
+    def lock(self, name: str) -> Lock:
         from epio.store.locks import PgLock
 
-        lock = PgLock(name, self.dsn, self._reactor, connect_timeout=self.connect_timeout)
+        lock = PgLock(name, self.connector, self._reactor)
         self._locks.add(lock)
         return lock

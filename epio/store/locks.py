@@ -30,10 +30,11 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
-from epio.store.backend import close_quietly, connect_pg, lock_key
+from epio.store.backend import PgConnector, close_quietly, lock_key
 from epio.store.errors import StoreUnavailable
 
 if TYPE_CHECKING:
+    from epio.store.pgconn import PgConnection
     from epio.store.store import Store
 
 
@@ -116,23 +117,22 @@ class PgLock(_LostNotifier):
 
     log = Logger()
 
-    def __init__(self, name: str, dsn: str, reactor: Any, poll_interval: float = 0.25,
-                 connect_timeout: float = 10.0) -> None:
+    def __init__(self, name: str, connector: PgConnector, reactor: IReactorTime,
+                 poll_interval: float = 0.25) -> None:
         super().__init__()
-        self._connect_timeout = connect_timeout
         self.name = name
         self.key = lock_key(name)
-        self._dsn = dsn
+        self._connector = connector
         self._reactor = reactor
         self._poll_interval = poll_interval
-        self._conn: Any = None
+        self._conn: PgConnection | None = None
         self._held = False
 
     @property
     def held(self) -> bool:
         return self._held
 
-    def _on_connection_lost(self, conn: Any) -> None:
+    def _on_connection_lost(self, conn: PgConnection) -> None:
         if conn is not self._conn:
             return
         self._conn = None
@@ -142,12 +142,11 @@ class PgLock(_LostNotifier):
                           name=self.name)
             self._fire_lost()
 
-    async def _connection(self) -> Any:
+    async def _connection(self) -> PgConnection:
         if self._conn is not None and not self._conn.closed:
             return self._conn
         try:
-            conn = await connect_pg(self._reactor, self._dsn, self._connect_timeout,
-                                    on_lost=self._on_connection_lost)
+            conn = await self._connector.connect(on_lost=self._on_connection_lost)
         except StoreUnavailable as e:
             raise StoreUnavailable(f"lock {self.name}: {e}") from None
         self._conn = conn
@@ -217,7 +216,7 @@ _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
 class FileLock(_LostNotifier):
     """An exclusive ``flock`` on ``lock_dir/<name>.lock`` (one box, many processes)."""
 
-    def __init__(self, name: str, lock_dir: Path, reactor: Any, poll_interval: float = 0.1) -> None:
+    def __init__(self, name: str, lock_dir: Path, reactor: IReactorTime, poll_interval: float = 0.1) -> None:
         super().__init__()
         self.name = name
         safe = _SAFE.sub("_", name)[:64]

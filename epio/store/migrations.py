@@ -304,6 +304,41 @@ MIGRATIONS: tuple[Migration, ...] = (
         )""",
         "CREATE INDEX login_codes_expires ON login_codes (expires)",
     )),
+    Migration(10, "DNS-01 labels and TXT answers, the platform hostname's certificate "
+              "(epio.certs.records, epio.certs.dns01)",
+              statements=(
+        # the name under acme.dns01_zone an app's owner points _acme-challenge.BASE at
+        # (a CNAME); random, so a later holder of BASE needs a CNAME of its own
+        """CREATE TABLE acme_dns_labels (
+            app TEXT NOT NULL REFERENCES apps(name) ON DELETE CASCADE,
+            base TEXT NOT NULL,
+            label TEXT NOT NULL UNIQUE,
+            created DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (app, base)
+        )""",
+        # the TXT values every api node's DNS server answers while an order is pending
+        """CREATE TABLE acme_dns_txt (
+            label TEXT NOT NULL,
+            value TEXT NOT NULL,
+            expires DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (label, value)
+        )""",
+        # the platform hostname's certificate (api.hostname, app 'epio', which has no
+        # row in apps): the columns of certificates, without its reference to apps
+        """CREATE TABLE platform_certificates (
+            hostname TEXT PRIMARY KEY,
+            app TEXT NOT NULL,
+            source TEXT NOT NULL,
+            state TEXT NOT NULL,
+            cert_pem TEXT,
+            key_sealed TEXT,
+            not_after DOUBLE PRECISION,
+            last_error TEXT,
+            failures INTEGER NOT NULL DEFAULT 0,
+            next_attempt DOUBLE PRECISION NOT NULL DEFAULT 0,
+            updated DOUBLE PRECISION NOT NULL
+        )""",
+    )),
 )
 
 SCHEMA_VERSION_DDL = """CREATE TABLE IF NOT EXISTS schema_version (

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from txpostgres.txpostgres import Connection as _TxConnection
 from txpostgres.txpostgres import Cursor as _TxCursor
@@ -48,7 +49,7 @@ class PgConnection(_TxConnection):  # type: ignore[misc]
         self._pollingD = None
         close_quietly(self)
 
-    def __init__(self, reactor: Any, on_lost: Callable[[Any], None] | None = None) -> None:
+    def __init__(self, reactor: IReactorTime, on_lost: Callable[[Any], None] | None = None) -> None:
         super().__init__(reactor=reactor)
         self.on_lost = on_lost
         self._lost_reported = False

@@ -7,6 +7,7 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -81,7 +82,7 @@ class StoreService(Service):
 
     log = Logger()
 
-    def __init__(self, url: str, reactor: Any = None, *, pool_size: int = 4,
+    def __init__(self, url: str, reactor: IReactorTime | None = None, *, pool_size: int = 4,
                  connect_timeout: float = 10.0, busy_timeout: float = 10.0) -> None:
         self.url = url
         self._reactor = reactor
@@ -131,7 +132,7 @@ class StoreService(Service):
             d.callback(store)
 
     @classmethod
-    def from_config(cls, config: Config, data_dir: Path, reactor: Any = None) -> StoreService:
+    def from_config(cls, config: Config, data_dir: Path, reactor: IReactorTime | None = None) -> StoreService:
         """The service for a node's validated config (the ``[store]`` section)."""
         section = config.settings.store
         return cls(section.url or default_sqlite_url(data_dir), reactor=reactor,

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import attrs
 from attrs import frozen
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from epio.config.schema import DEFAULT_UIDS
@@ -86,7 +87,7 @@ DOMAINS_LOCK = "epio.store.domains"
 APP_DESTROYED = "app destroyed"
 
 CHANGE_KINDS = ("user", "app", "collaborator", "release", "config", "formation", "instance",
-                "domain", "node", "deploy", "certificate", "resync")
+                "domain", "node", "deploy", "certificate", "reported", "resync")
 
 
 @frozen
@@ -210,7 +211,7 @@ class Store:
 
     log = Logger()
 
-    def __init__(self, backend: Backend, reactor: Any) -> None:
+    def __init__(self, backend: Backend, reactor: IReactorTime) -> None:
         self.backend = backend
         self.reactor = reactor
 
@@ -296,6 +297,18 @@ class Store:
                 callback(Change(kind, payload.get("app"), payload.get("id")))
 
         return await self.backend.listen(deliver)
+
+    async def announce(self, change: Change) -> None:
+        """Notify listeners of ``change`` without writing anything.  Kind ``reported``:
+        a runner reports an app's instances in states the store does not show yet
+        (a deploy saw them through a nexus), so the scheduler leader folds its
+        runners' reports now rather than at its next pass.  A hint, like every
+        notification: the facts still come from the runners' own answers."""
+
+        async def nothing(tx: Transaction) -> None:
+            return None
+
+        await self.transaction(nothing, change=[change])
 
     # ------------------------------------------------------------- users
 

@@ -613,3 +613,60 @@ class AddonApiTests(TestCase):
         key = (await self.addons.get(await self.h.store.get_app("shop"), "redis")).options[
             "data_key"]
         self.assertEqual(asked, {"app": "shop", "addon_dir": f".epio-redis-{key}"})
+
+
+    async def test_standby_needs_a_second_runner(self) -> None:
+        """A standby is refused clearly with one runner alive (nothing provisioned, no
+        server started) and for a shared database."""
+        await self.h.add_runner("r1")
+        status, body, _ = await self.call("POST", "apps/shop/addons",
+                                          {"kind": "redis", "standby": True})
+        self.assertEqual(status, 409, body)
+        self.assertEqual(body["error"]["code"], "no_standby_runner")
+        self.assertIn("addons.standby_same_runner", body["error"]["message"])
+        _, listed, _ = await self.call("GET", "apps/shop/addons")
+        self.assertEqual(listed, [])
+        self.assertEqual([r for r in self.h.runners.requests if r[1] == "runner.start"], [])
+        status, body, _ = await self.call("POST", "apps/shop/addons",
+                                          {"kind": "postgres", "plan": "shared",
+                                           "standby": True})
+        self.assertEqual(status, 400, body)
+        self.assertIn("standby: true to dedicated servers only", body["error"]["message"])
+
+    async def test_fence_rule(self) -> None:
+        """The record's primary starts as the primary, its standby as a standby of that
+        primary's address; any other server of the add-on is fenced."""
+        from epio.addons.standby import Fenced, role_of, server_role
+        from epio.store.addons import Addon, put_addon
+
+        addon = Addon("shop", "redis", "dedicated", "ready", 1.0, 1.0, host="10.0.0.2",
+                      port=20001, password="pw", node="r2", instance="shop-new",
+                      options={"standby": True, "epoch": 3, "standby_instance": "shop-sb"})
+        self.assertEqual(role_of(addon, "shop-new"), {"EPIO_SERVER_ROLE": "primary"})
+        self.assertEqual(role_of(addon, "shop-sb"),
+                         {"EPIO_SERVER_ROLE": "standby", "EPIO_PRIMARY_HOST": "10.0.0.2",
+                          "EPIO_PRIMARY_PORT": "20001"})
+        with self.assertRaises(Fenced) as e:
+            role_of(addon, "shop-old-primary")
+        self.assertIn("epoch 3", str(e.exception))
+        await put_addon(self.h.store, addon)
+        self.assertEqual(await server_role(self.h.store, "shop", "redis", "shop-new"),
+                         {"EPIO_SERVER_ROLE": "primary"})
+        with self.assertRaises(Fenced):
+            await server_role(self.h.store, "shop", "postgres", "shop-new")  # no such add-on
+
+    async def test_standby_same_runner_key(self) -> None:
+        """addons.standby_same_runner = true places a standby on the primary's runner
+        when it is the only one (testing); off, a second runner is needed, and taken
+        when there is one."""
+        import attrs
+
+        from epio.api import errors
+
+        await self.h.add_runner("r1")
+        with self.assertRaises(errors.Conflict):
+            await self.addons._standby_runner("r1")
+        self.addons.settings = attrs.evolve(self.addons.settings, standby_same_runner=True)
+        self.assertEqual((await self.addons._standby_runner("r1")).id, "r1")
+        await self.h.add_runner("r2")
+        self.assertEqual((await self.addons._standby_runner("r1")).id, "r2")

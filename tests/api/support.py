@@ -83,9 +83,12 @@ class FakeRunners:
         self.digests = [DIGEST, DIGEST2]
         self.ports = 20000
         self.load: dict[str, dict[str, float]] = {}
-        # a nexus at endpoint "nexus": which instance ids each app's route lists
+        # a nexus at endpoint "nexus": which instance ids each app's route lists, as
+        # backends and (an asleep app, docs/nexus.md) in its "asleep" entry
         self.routed: dict[str, set[str]] = {}
+        self.routed_asleep: dict[str, set[str]] = {}
         self.clock: Any = reactor  # the harness's scheduler runs on the real reactor
+        self.booting = False  # while set, started instances keep reporting "starting"
 
     def add(self, endpoint: str) -> None:
         self.instances.setdefault(endpoint, {})
@@ -94,16 +97,23 @@ class FakeRunners:
                       timeout: float | None = None) -> dict[str, Any]:
         self.requests.append((endpoint, type, body))
         if type == "nexus.where" and endpoint == "nexus" and endpoint not in self.down:
-            return {"nexus_id": "n1", "age": 0.1, "app": body["app"], "route": {
-                "backends": [{"instance_id": i} for i in sorted(self.routed.get(body["app"],
-                                                                                  ()))]}}
+            # the instances as their runners' heartbeats tell the nexus: what the next
+            # runner.status will report (the store learns it only then)
+            seen = [dict(i, state=self._reported(i)) for i in self.running(body["app"])]
+            route: dict[str, Any] = {"backends": [
+                {"instance_id": i} for i in sorted(self.routed.get(body["app"], ()))]}
+            if self.routed_asleep.get(body["app"]):
+                route["asleep"] = {"since": 1.0, "wake": ["r1"],
+                                   "instances": sorted(self.routed_asleep[body["app"]])}
+            return {"nexus_id": "n1", "age": 0.1, "app": body["app"], "instances": seen,
+                    "route": route}
         if endpoint in self.down or endpoint not in self.instances:
             raise RequestTimeout(type, endpoint, timeout or 1.0)
         mine = self.instances[endpoint]
         if type == "runner.status":
             for inst in mine.values():
                 if inst["state"] == "starting":
-                    inst["state"] = "failed" if inst["release"] in self.fail_health else "healthy"
+                    inst["state"] = self._reported(inst)
                     inst["since"] = self.clock.seconds()  # as a runner reports state changes
                     if inst["state"] == "failed":
                         inst["reason"] = "health check /health failed 3 times"
@@ -120,7 +130,8 @@ class FakeRunners:
                 "release": body["release"], "process_type": body["process_type"],
                 "host": "127.0.0.1", "port": self.ports, "state": "starting", "since": 1.0,
                 "restarts": 0, "env": body["env"],
-                "addon_ports": body.get("addon_ports")}
+                "addon_ports": body.get("addon_ports"),
+                "asleep_after_boot": body.get("asleep_after_boot") is True}
             return {"instance_id": body["instance_id"], "host": "127.0.0.1", "port": self.ports}
         if type == "runner.stop":
             mine.pop(body["instance_id"], None)
@@ -143,6 +154,13 @@ class FakeRunners:
             return {"build_id": body["build_id"], "digest": digest, "manifest": self.manifest,
                     "duration": 1.5}
         raise RemoteError("unknown_type", type)
+
+    def _reported(self, inst: dict[str, Any]) -> str:
+        if inst["state"] != "starting" or self.booting:
+            return str(inst["state"])
+        return "failed" if inst["release"] in self.fail_health else (
+            # a new release of an asleep app: healthy once, asleep at once
+            "asleep" if inst["asleep_after_boot"] else "healthy")
 
     def running(self, app: str | None = None) -> list[dict[str, Any]]:
         return [i for m in self.instances.values() for i in m.values()
@@ -189,7 +207,8 @@ class Harness:
         self.platform = Platform(self.store, self.settings, reactor, deployer=self.deployer,
                                  scheduler=self.scheduler)
         self.api = Api(self.platform, max_json_bytes=self.settings.max_json_bytes,
-                       max_upload_bytes=self.settings.max_upload_bytes)
+                       max_upload_bytes=self.settings.max_upload_bytes,
+                       api_url=self.settings.platform_url())
         self.stub = StubTreq(self.api.resource())
         admin = await self.store.create_user("admin", None, is_admin=True)
         self.admin_token = (await self.store.create_token(admin.id)).token

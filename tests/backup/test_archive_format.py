@@ -109,6 +109,65 @@ class ConfigTests(SynchronousTestCase):
         validate({"backup": {"archive_command": "cp {path} /offsite/{name}",
                              "archive_key_file": "/etc/epio/archive.key"}})
 
+    def test_s3_target_keys(self) -> None:
+        """An S3 endpoint needs the bucket, the access key id, the secret key file and the
+        archive key; an S3 key set without the endpoint, an endpoint with a path, a
+        prefix with other characters and a part below S3's 5 MiB are refused -- all at
+        once; a complete S3 target alone (no archive_command) is valid."""
+        from epio.config import ConfigError, validate
+
+        with self.assertRaises(ConfigError) as cm:
+            validate({"backup": {"archive_s3_endpoint": "http://127.0.0.1:9000"}})
+        for key in ("archive_key_file", "archive_s3_bucket", "archive_s3_access_key_id",
+                    "archive_s3_secret_key_file"):
+            self.assertIn(f"backup.archive_s3_endpoint needs backup.{key}", str(cm.exception))
+        with self.assertRaises(ConfigError) as cm:
+            validate({"backup": {"archive_s3_bucket": "b", "archive_s3_prefix": "a b",
+                                 "archive_s3_part_mb": 4}})
+        text = str(cm.exception)
+        self.assertIn("archive_s3_prefix", text)
+        self.assertIn("must be 5 to 5120, not 4", text)
+        with self.assertRaises(ConfigError) as cm:
+            validate({"backup": {"archive_s3_bucket": "b"}})
+        self.assertIn("backup.archive_s3_bucket is set but backup.archive_s3_endpoint is not",
+                      str(cm.exception))
+        with self.assertRaises(ConfigError) as cm:
+            validate({"backup": {"archive_s3_endpoint": "http://h:9000/bucket"}})
+        self.assertIn("no path", str(cm.exception))
+        validate({"backup": {"archive_s3_endpoint": "https://s3.eu-west-1.amazonaws.com",
+                             "archive_s3_bucket": "b", "archive_s3_access_key_id": "AKIA",
+                             "archive_s3_secret_key_file": "/etc/epio/s3.secret",
+                             "archive_s3_prefix": "epio/", "archive_key_file": "/k"}})
+
+
+class CopiesTests(SynchronousTestCase):
+    def test_listing_says_where_each_copy_is(self) -> None:
+        """``epio backups`` COPIES: each target's copy (archive_command's as ``archive``,
+        S3's as its s3:// address), a failed one with its reason; a record from before
+        copies were kept per target reads as before."""
+        from epio.api.addons import describe_backup
+        from epio.cli.backups import copies_text
+
+        both = describe_backup({
+            "id": "1-a", "app": "a", "kind": "postgres", "status": "verified", "local": True,
+            "archive": "archived", "copies": {
+                "command": {"state": "archived", "where": "archive_command (a/1-a.epioarc)"},
+                "s3": {"state": "archived", "where": "s3://bk/epio/a/1-a.epioarc"}}})
+        self.assertEqual([c["target"] for c in both["copies"]], ["command", "s3"])
+        self.assertEqual(copies_text(both), "local, archive, s3://bk/epio/a/1-a.epioarc")
+        half = describe_backup({
+            "id": "1-a", "app": "a", "kind": "postgres", "status": "verified", "local": False,
+            "archive": "failed", "copies": {
+                "command": {"state": "failed", "error": "backup.archive_command exited 1"},
+                "s3": {"state": "archived", "where": "s3://bk/a/1-a.epioarc"}}})
+        self.assertEqual(copies_text(half), "s3://bk/a/1-a.epioarc (ARCHIVE FAILED: "
+                                            "backup.archive_command exited 1)")
+        old = describe_backup({"id": "1-a", "app": "a", "kind": "postgres",
+                               "status": "verified", "archive": "failed",
+                               "archive_error": "exited 2"})
+        self.assertEqual(old["copies"][0]["target"], "command")
+        self.assertEqual(copies_text(old), "local (ARCHIVE FAILED: exited 2)")
+
 
 class FillTests(SynchronousTestCase):
     def test_placeholders_are_quoted_other_braces_kept(self) -> None:

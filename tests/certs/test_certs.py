@@ -105,6 +105,19 @@ class CryptoTests(SynchronousTestCase):
             validate({"acme": {"challenge_wait": 1.0, "sync_interval": 2.0}})
         with self.assertRaisesRegex(ConfigError, "retry_min"):
             validate({"acme": {"retry_min": 100.0, "retry_max": 10.0}})
+        # DNS-01: the zone and its listener go together, need a directory, and are
+        # well formed
+        d = "https://ca.test/dir"
+        with self.assertRaisesRegex(ConfigError, "dns01_zone and acme.dns01_listen go together"):
+            validate({"acme": {"directory": d, "dns01_zone": "acme.example.net"}})
+        with self.assertRaisesRegex(ConfigError, "dns01_zone needs acme.directory"):
+            validate({"acme": {"dns01_zone": "acme.example.net", "dns01_listen": "0.0.0.0:53"}})
+        with self.assertRaisesRegex(ConfigError, "at least two labels"):
+            validate({"acme": {"directory": d, "dns01_zone": "net", "dns01_listen": ":53"}})
+        with self.assertRaisesRegex(ConfigError, "must be HOST:PORT"):
+            validate({"acme": {"directory": d, "dns01_zone": "a.example", "dns01_listen": "53"}})
+        validate({"acme": {"directory": d, "dns01_zone": "acme.example.net.",
+                           "dns01_listen": "0.0.0.0:53"}})
 
 
 class SniTests(SynchronousTestCase):
@@ -142,6 +155,7 @@ class FakeAcme:
         self.fail: str | None = None
         self.registered = 0
         self.orders: list[str] = []
+        self.challenges: list[str] = []
         self.keys: list[bytes] = []
 
     def make(self, directory: str, key: bytes, uri: str | None, **kw: Any) -> FakeAcme:
@@ -153,8 +167,10 @@ class FakeAcme:
         self.registered += 1
         return self.uri or "https://ca.test/acct/1"
 
-    def begin(self, host: str, key_pem: bytes) -> tuple[Any, list[tuple[str, str, Any]]]:
+    def begin(self, host: str, key_pem: bytes, challenge: str = "http-01"
+              ) -> tuple[Any, list[tuple[str, str, Any]]]:
         self.orders.append(host)
+        self.challenges.append(challenge)
         return (host, key_pem), [(f"tok-{len(self.orders)}", f"tok-{len(self.orders)}.thumb",
                                   None)]
 
@@ -272,9 +288,9 @@ class IssuerTests(TestCase):
         self.assertNotEqual(renewed.cert_pem, rec.cert_pem)
 
     async def test_a_name_elsewhere_is_never_ordered(self) -> None:
-        """With the name check, a domain resolving elsewhere is marked failed with the
-        check's reason and backs off like a failed order, without asking the CA; once
-        its DNS points at the routers it is ordered."""
+        """With the name check, a domain resolving elsewhere is marked pending_dns with
+        the check's reason and looked at again after check_interval, without asking the
+        CA; once its DNS points at the routers it is ordered."""
         from epio.certs.resolve import NameCheck
         from tests.certs.test_resolve import Zone
 
@@ -286,12 +302,18 @@ class IssuerTests(TestCase):
         self.assertEqual(await self.run_round(), ["www.hello.test"])
         rec = await self.cert("www.hello.test")
         self.assertEqual((rec.state, rec.failures, rec.last_error), (
-            "failed", 1, "www.hello.test resolves to 203.0.113.9, not to the cluster's "
+            "pending_dns", 1, "www.hello.test resolves to 203.0.113.9, not to the cluster's "
             "routers (198.51.100.1): point its DNS at them"))
-        self.assertAlmostEqual(rec.next_attempt - rec.updated, 300.0)
+        self.assertAlmostEqual(rec.next_attempt - rec.updated, 60.0)  # check_interval
+        self.assertEqual(await self.run_round(), [])  # not before next_attempt
+        self.clock.advance(60)
+        await self.run_round()  # still elsewhere: the next look is twice as far
+        rec = await self.cert("www.hello.test")
+        self.assertEqual((rec.state, rec.failures), ("pending_dns", 2))
+        self.assertAlmostEqual(rec.next_attempt - rec.updated, 120.0)
         self.assertEqual((self.acme.orders, self.acme.registered), ([], 0))
         zone.names["www.hello.test"] = ["198.51.100.1"]
-        self.clock.advance(300)
+        self.clock.advance(120)
         await self.run_round()
         rec = await self.cert("www.hello.test")
         self.assertEqual((rec.state, rec.failures, rec.last_error), ("issued", 0, None))

@@ -383,6 +383,50 @@ class CliTests(CliBase):
         self.assertIn("which manage.py command? epio django", err)
 
 
+class RoutedDefaultTests(CliBase):
+    """An api whose platform route (api.hostname) names a URL where no router answers
+    (a closed port): the real router path is in tests/integration/e2e/
+    test_platform_route.py."""
+
+    async def _setup(self) -> None:
+        from epio.api.settings import ApiSettings
+        from tests.util import free_port
+
+        self.closed = f"http://127.0.0.1:{free_port()}"
+        self.settings = ApiSettings(drain_seconds=0.0, route_settle=0.0, domain="example.com",
+                                    app_url=self.closed.replace("127.0.0.1", "{app}.{domain}")
+                                    + "/", platform_hostname="127.0.0.1")
+        self.h = Harness(self.settings)
+        await self.h.start()
+        self.port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            make_site(self.h.api, 1 << 20))
+        self.url = f"http://127.0.0.1:{self.port.getHost().port}"
+        self.home = Path(tempfile.mkdtemp(prefix="epio-cli-test-"))
+        self.cwd = self.home / "work"
+        self.cwd.mkdir()
+
+    async def test_login_keeps_the_given_url_when_the_routed_one_does_not_answer(self) -> None:
+        """/status names the routed URL and says the request was not routed; login at an
+        api node's own listener tries the routed URL, and as it does not answer keeps the
+        given one, saying why; --direct does not try; a later login without --api uses
+        the stored URL."""
+        _, status, _ = await self.h.call("GET", "status")
+        self.assertEqual((status["api_url"], status["routed"]), (self.closed, False))
+        code, out, err = await self.epio("login", "--api", self.url,
+                                         "--token", self.h.alice_token)
+        self.assertEqual(code, 0, err)
+        self.assertIn(f"Logged in to {self.url} as alice", out)
+        self.assertIn(f"the platform's routed URL {self.closed} did not answer", out)
+        config = self.home / "config" / "config.json"
+        self.assertEqual(json.loads(config.read_text())["api"], self.url)
+        code, out, err = await self.epio("login", "--api", self.url, "--direct",
+                                         "--token", self.h.alice_token, "--json")
+        self.assertEqual((code, json.loads(out)["note"]), (0, ""), err)
+        code, out, err = await self.epio("login", "--token", self.h.bob_token)
+        self.assertEqual(code, 0, err)
+        self.assertIn(f"Logged in to {self.url} as bob", out)
+
+
 class CliMessageTests(CliBase):
     """Each refusal a user meets is a sentence that says the rule (and what to do)."""
 

@@ -252,6 +252,14 @@ class Host:
         if self.node is not None and self.node.proc is not None:
             self.node.proc.wait(10)
 
+    def revive(self) -> None:
+        """The host comes back after :meth:`kill` (power restored): its link up, its
+        node started again with the same config and data dir (its log goes on in the
+        same file)."""
+        sh("ip", "link", "set", self.veth, "up")
+        if self.node is not None:
+            self.node.start()
+
     def is_up(self) -> bool:
         return "state UP" in sh("ip", "link", "show", self.veth, check=False).stdout
 

@@ -97,12 +97,14 @@ class BufferingTests(SynchronousTestCase):
         self.assertEqual(len(files), 1)
         self.assertTrue(files[0].endswith("(deleted)"), files)
         self.assertEqual(os.listdir(spool), [])
-        sp = c.spool
+        assert c.body is not None
+        sp = c.body.spool
+        assert sp is not None
         self.assertEqual(os.fstat(sp.fileno()).st_mode & 0o777, 0o600)
         c.dataReceived(post(body)[-5000:])
         bp, bt, _ = h.accept()
         # a StringTransport takes everything at once: let it ask for more until done
-        while c.sender is not None:
+        while c.body is not None and c.body.sender is not None:
             bt.producer.resumeProducing()
         raw = bt.value()
         self.assertIn(b"\r\nContent-Length: 10240\r\n", raw)
@@ -211,7 +213,8 @@ class BodyDeadlineTests(SynchronousTestCase):
         for _ in range(25):  # 120 bytes a second for 25 s
             c.dataReceived(b"x" * 60)
             h.sweep(0.5)
-        self.assertEqual((ct.value(), c.bsize), (b"", 1500))
+        assert c.body is not None
+        self.assertEqual((ct.value(), c.body.size), (b"", 1500))
         c.dataReceived(b"x" * 1500)
         bp, bt, _ = h.accept()
         self.assertTrue(bt.value().endswith(b"x" * 3000))
@@ -295,7 +298,7 @@ class SpoolLimitTests(SynchronousTestCase):
         a.dataReceived(post(b"a" * 200)[-50:])
         self.assertEqual(h.lb.spool_bytes, 200)
         _, bet, _ = h.accept()
-        while a.sender is not None:
+        while a.body is not None and a.body.sender is not None:
             bet.producer.resumeProducing()
         self.assertEqual(h.lb.spool_bytes, 0)  # sent: the file is closed, bytes back
         c, ct = h.client()

@@ -32,7 +32,8 @@ class AsleepRouteTests(SynchronousTestCase):
                        inst("w2", "starting", "n1", waking=True, since=15.0),
                        inst("k1", "healthy", "n1", ptype="worker"))
         self.assertEqual(r["backends"], [])
-        self.assertEqual(r["asleep"], {"since": 12.0, "wake": [CONTROL["n1"], CONTROL["n2"]]})
+        self.assertEqual(r["asleep"], {"since": 12.0, "wake": [CONTROL["n1"], CONTROL["n2"]],
+                                       "instances": ["w1", "w2"]})
 
     def test_a_backend_means_awake(self) -> None:
         """With one healthy web instance the route has it as backend and is not asleep."""

@@ -112,7 +112,9 @@ class FakeLauncher:
         self.fail_prepare: Exception | None = None
         self.pending: defer.Deferred[Any] | None = None
         self.hold = False
-        self.listening: list[int] = []  # what listening_ports reports
+        # what listening_ports reports; None: the launch's own $PORT (the app listens
+        # where it was told, as a well-behaved process does)
+        self.listening: list[int] | None = None
 
     def prepare(self, spec: InstanceSpec, port: int | None) -> defer.Deferred[Launch]:
         self.prepared.append((spec.instance_id, port))
@@ -138,6 +140,9 @@ class FakeLauncher:
         return self.ooms
 
     def listening_ports(self, launch: Launch) -> list[int]:
+        if self.listening is None:
+            port = launch.env.get("PORT")
+            return [int(port)] if port and port != "None" else []
         return list(self.listening)
 
     def cleanup(self, launch: Launch) -> defer.Deferred[None]:

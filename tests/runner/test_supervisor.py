@@ -246,6 +246,39 @@ class HealthTests(SynchronousTestCase):
         self.assertEqual(h.state(), "healthy")
         self.assertEqual(h.sup.heartbeat_instances()[0]["state"], "healthy")
 
+    def test_boot_checks_start_early_and_back_off(self) -> None:
+        """A booting web instance is first checked health_boot_first (50 ms) after its
+        launch, each next check 1.5 times later, never more than health_boot_interval
+        apart; once it answers it is healthy at that check and checked every
+        health_interval. A restart starts the schedule again."""
+        h = Harness(health_boot_first=0.05, health_boot_interval=0.5, health_interval=5,
+                    backoff_initial=1)
+        h.sup.start(body(health_check="/health"))
+        times: list[float] = []
+        while h.reactor.seconds() < 3:  # to each next check, and one more check there
+            at = h.sup.get("i1").calls["health"].getTime()
+            h.reactor.advance(at - h.reactor.seconds())
+            self.assertEqual(len(h.probe.checks), len(times) + 1)
+            times.append(at)
+        gaps = [round(b - a, 4) for a, b in zip([0.0, *times], times, strict=False)]
+        self.assertEqual(gaps[:8], [0.05, 0.075, 0.1125, 0.1688, 0.2531, 0.3797, 0.5, 0.5])
+        self.assertEqual(max(gaps), 0.5)
+        self.assertEqual(h.state(), "starting")
+        h.probe.healthy.add(20000)
+        n = len(h.probe.checks)
+        h.reactor.advance(0.5)
+        self.assertEqual((h.state(), len(h.probe.checks)), ("healthy", n + 1))
+        h.reactor.advance(4.9)
+        self.assertEqual(len(h.probe.checks), n + 1)
+        h.reactor.advance(0.1)
+        self.assertEqual(len(h.probe.checks), n + 2)
+        h.probe.healthy.clear()
+        h.proc().exit(1)  # crashed: restarted after the backoff (1 s)
+        h.reactor.advance(1)
+        self.assertEqual(len(h.reactor.spawned), 2)
+        at = h.sup.get("i1").calls["health"].getTime()
+        self.assertAlmostEqual(at - h.proc().spawned_at, 0.05)
+
     def test_boot_timeout_fails_and_kills(self) -> None:
         """Never healthy within boot_timeout: killed (SIGKILL), failed, not restarted."""
         h = Harness()
@@ -278,6 +311,47 @@ class HealthTests(SynchronousTestCase):
             h.reactor.advance(10)
             h.proc().exit(137)
             self.assertEqual(h.sup.get("i1").reason, reason)
+
+    def test_a_port_answered_by_another_process_is_not_healthy(self) -> None:
+        """Apps share the host's network namespace: another app's process may hold the
+        port while this one is down.  A health check that passes there is not this
+        instance's: it stays starting (never routed), says why once, and becomes healthy
+        only once its own processes listen on the port."""
+        h = Harness()
+        h.launcher.listening = []  # the app has not bound $PORT; someone else answers
+        h.probe.healthy.add(20000)
+        h.sup.start(body(boot_timeout=10))
+        for _ in range(6):
+            h.reactor.advance(0.5)
+        self.assertEqual(h.state(), "starting")
+        said = [t for t in h.sink.texts("hello", "platform") if "another process" in t]
+        self.assertEqual(said, ["web.1: port 20000 answers, but not from this instance's own "
+                                "processes (another process holds it): not healthy"])
+        h.launcher.listening = [20000]
+        h.reactor.advance(0.5)
+        self.assertEqual(h.state(), "healthy")
+
+    def test_a_web_port_taken_while_down_moves_the_instance(self) -> None:
+        """A web process restarting (a crash, a wake) whose port another process bound
+        meanwhile starts on a free port, says so, and reports the new port."""
+        h = Harness()
+        taken: set[int] = set()
+        h.ports.is_free = lambda p: p not in taken
+        h.sup.start(body())
+        h.probe.healthy.update({20000, 20001})
+        h.reactor.advance(0.5)
+        self.assertEqual(h.state(), "healthy")
+        taken.add(20000)
+        h.proc().exit(1)
+        h.reactor.advance(1)
+        self.assertEqual(h.launcher.prepared[-1], ("i1", 20001))
+        self.assertEqual(h.sup.get("i1").port, 20001)
+        self.assertNotIn(20000, h.ports.used)
+        self.assertIn("web.1: port 20000 is taken by another process: starting on port 20001",
+                      h.sink.texts("hello", "platform"))
+        h.reactor.advance(0.5)
+        self.assertEqual(h.state(), "healthy")
+        self.assertEqual(h.sup.heartbeat_instances()[0]["port"], 20001)
 
     def test_status_carries_the_last_lines_of_an_unhealthy_instance(self) -> None:
         """runner.status reports the last 20 lines of output (over restarts, each cut to
@@ -712,3 +786,60 @@ class AsleepAfterBootTests(SynchronousTestCase):
         h.probe.healthy.add(20000)
         h.reactor.advance(0.02)
         self.assertNotIn("waking", h.sup.heartbeat_instances()[0])
+
+
+class ServiceGateTests(SynchronousTestCase):
+    """The gate a runner asks before every spawn of a dedicated server of an add-on with
+    a standby (epio.addons.standby): its answer is the server's role; a fenced server
+    is never spawned; an unknown role is asked again after the crash backoff."""
+
+    def setUp(self) -> None:
+        self.h = Harness(backoff_initial=1.0)
+        self.answers: list[Any] = []
+
+        async def gate(spec: Any) -> dict[str, str]:
+            answer = self.answers.pop(0)
+            if isinstance(answer, Exception):
+                raise answer
+            return dict(answer)
+
+        self.h.sup.service_gate = gate
+
+    def start(self) -> None:
+        self.h.sup.start(body(process_type="epio-redis", command=["/bin/sh", "-c", "x"],
+                              release=0, env={"EPIO_ADDON_EPOCH": "2",
+                                              "EPIO_SERVICE_DIR": ".epio-redis-ab"}))
+
+    def test_role_reaches_the_server(self) -> None:
+        self.answers = [{"EPIO_SERVER_ROLE": "standby", "EPIO_PRIMARY_HOST": "10.0.0.1",
+                         "EPIO_PRIMARY_PORT": "20001"}]
+        self.start()
+        self.assertEqual(len(self.h.reactor.spawned), 1)
+        self.assertEqual(self.h.proc().env["EPIO_SERVER_ROLE"], "standby")
+        self.assertEqual(self.h.proc().env["EPIO_PRIMARY_PORT"], "20001")
+
+    def test_fenced_server_never_spawns(self) -> None:
+        from epio.addons.standby import Fenced
+
+        self.answers = [Fenced("fenced: the redis add-on of hello is at epoch 3")]
+        self.start()
+        self.assertEqual(self.h.reactor.spawned, [])
+        self.assertEqual(self.h.state(), "failed")
+        self.h.reactor.advance(600)
+        self.assertEqual(self.h.reactor.spawned, [])
+        self.assertIn("fenced", " ".join(self.h.sink.texts("hello")))
+
+    def test_unknown_role_is_asked_again(self) -> None:
+        self.answers = [ConnectionError("store down"), {"EPIO_SERVER_ROLE": "primary"}]
+        self.start()
+        self.assertEqual(self.h.reactor.spawned, [])
+        self.assertEqual(self.h.state(), "crashed")
+        self.h.reactor.advance(1.0)
+        self.assertEqual(len(self.h.reactor.spawned), 1)
+        self.assertEqual(self.h.proc().env["EPIO_SERVER_ROLE"], "primary")
+
+    def test_servers_without_an_epoch_are_not_asked(self) -> None:
+        self.h.sup.start(body(process_type="epio-redis", command=["/bin/sh", "-c", "x"],
+                              release=0, env={"EPIO_SERVICE_DIR": ".epio-redis-ab"}))
+        self.assertEqual(len(self.h.reactor.spawned), 1)
+        self.assertNotIn("EPIO_SERVER_ROLE", self.h.proc().env)

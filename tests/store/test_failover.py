@@ -16,7 +16,7 @@ from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
 from epio.store import open_store
-from epio.store.backend import PostgresBackend, _last_good, pg_hosts
+from epio.store.backend import PgConnector, PostgresBackend, pg_hosts
 from epio.store.errors import StoreUnavailable
 from tests.store import pg
 
@@ -68,7 +68,7 @@ class MultiHostTests(TestCase):
         url = with_hosts(self.url, f"127.0.0.1:{refusing_port()}", self.real)
         store = await open_store(url, reactor, connect_timeout=5)
         self.addCleanup(store.close)
-        self.assertEqual(_last_good[url], 1)
+        self.assertEqual(store.backend.connector.last_good, 1)  # type: ignore[attr-defined]
         seen: list[dict[str, object]] = []
         await store.backend.listen(seen.append)
         await store.backend.transaction(
@@ -143,11 +143,9 @@ class CancelTests(TestCase):
         reactor when the server's host has vanished."""
         from twisted.internet.defer import CancelledError
 
-        from epio.store.backend import connect_pg
-
         url = pg.pg_url_for_test(self)
         lost: list[object] = []
-        conn = await connect_pg(reactor, url, 5.0, on_lost=lost.append)
+        conn = await PgConnector(reactor, url, 5.0).connect(on_lost=lost.append)
         self.addCleanup(conn.close)
         d = conn.runQuery("SELECT pg_sleep(30)")
         t0 = time.monotonic()

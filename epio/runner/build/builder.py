@@ -9,7 +9,9 @@ Steps (each streamed line by line to the app's log, source ``build``):
 4. requirements: when this exact requirements set was resolved before, installed
    offline (``pip install --no-index --find-links DATA_DIR/cache/wheels``) —
    nothing downloaded or compiled; otherwise ``pip wheel`` fills the node-wide
-   wheel cache first (from the index), then the same offline install runs;
+   wheel cache first (from the index), then the same offline install runs; the
+   same app's next build with the same plain set copies what pip installed then
+   (``cache/installed/<app>``) and runs no pip;
 5. app files moved into ``app/``, ``[symlinks]`` made, app put on ``sys.path``;
 6. Django: platform settings module + ep.io's ``bundle_config``; collectstatic;
 7. bytecode compiled for the image's run-time path, shebangs made relocatable,
@@ -217,6 +219,35 @@ def discover_pythons(configured: Sequence[str], default: Path, need_world: bool,
     return found
 
 
+def compile_piptool(piptool: Path, python: Path) -> bool:
+    """Compile the node's pip copy to bytecode for ``python`` (as the node's user, so
+    the build user can read it but not change it).  Builds run with
+    PYTHONDONTWRITEBYTECODE: without these files every ``pip`` of every build compiled
+    pip's ~900 modules again (about 1 s idle, several under load).  Done once per pip
+    version and interpreter (a marker file records it); False when ``python`` cannot
+    compile it (too old for this pip: its builds would fail at pip anyway)."""
+    try:
+        tag = subprocess.run(
+            [str(python), "-c", "import sys; print(sys.implementation.cache_tag)"],
+            capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return False
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", tag or ""):
+        return False
+    marker = piptool / f".compiled-{tag}"
+    if marker.exists():
+        return True
+    try:
+        done = subprocess.run(
+            [str(python), "-m", "compileall", "-q", "-j", "0", str(piptool / "pip")],
+            capture_output=True, timeout=600, env={"PATH": "/usr/bin:/bin"}).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+    if done:
+        marker.write_text("")
+    return done
+
+
 def requested_python(manifest: Manifest, workdir: Path) -> tuple[str, str] | None:
     """(version, where it was asked) from ``[python] version``, ``runtime.txt``
     (``python-3.12.1``) or ``.python-version`` (``3.12``), first found; raises
@@ -283,6 +314,8 @@ class _Tree:
     static: dict[str, str] = field(factory=dict)  # URL path -> image or data dir
     seed: list[str] = field(factory=list)  # data-directory paths the image seeds
     sp: Path = Path()  # the venv's site-packages (once the venv exists)
+    # the app's kept install was copied in (no pip): its bytecode came with it
+    reused: bool = False
 
     tree: Path = Path()  # the image tree (the working tree's ``root/``)
 
@@ -376,6 +409,8 @@ class Builder:
         self.pip_cache = self.data_dir / "cache" / "pip"
         self.resolved = self.data_dir / "cache" / "resolved"
         self.app_wheels = self.data_dir / "cache" / "wheels-app"
+        # per app: what pip installed for its last plain requirements set (root's)
+        self.installed = self.data_dir / "cache" / "installed"
         self.builds_dir = self.data_dir / "builds"
         self.cache = BuildCache(self.data_dir / "cache" / "builds")
         self._sem = defer.DeferredSemaphore(self.settings.max_concurrent)
@@ -460,6 +495,8 @@ class Builder:
             shutil.copytree(pip_src, tmp / "pip", ignore=shutil.ignore_patterns("__pycache__"))
             shutil.rmtree(piptool, ignore_errors=True)
             os.replace(tmp, piptool)
+        for py in sorted(set(pythons.values()) | {python}):
+            compile_piptool(piptool, py)
         version = subprocess.run(
             [str(python), "-c", "import sys; print('%d.%d.%d' % sys.version_info[:3])"],
             check=True,
@@ -697,7 +734,7 @@ class Builder:
         # 4. requirements
         t.reqs = await self._thread(self._requirements, ctx, manifest, workdir)
         if t.reqs is not None:
-            await self._install(ctx, t.reqs, t.venv, t.env, prep)
+            t.reused = await self._install(ctx, t.reqs, t.venv, t.env, prep)
         else:
             self._emit(ctx, "-----> No requirements to install")
         await self._place_app(ctx, t)  # 5. app on sys.path, symlinks
@@ -990,6 +1027,15 @@ class Builder:
         root, venv, sp, static, seed = ctx.root, t.venv, t.sp, t.static, t.seed
         app_dir = root / "app"
         self._emit(ctx, "-----> Finishing image")
+        tag = _cache_tag(t.prep["python_version"])
+        targets = [str(root / "app"), str(sp)]
+        if t.reused:  # site-packages came with its bytecode: compile only what lacks it
+            lacking = await self._thread(_lacking_bytecode, sp, tag)
+            self._emit(ctx, f"       site-packages kept its bytecode ({len(lacking)} "
+                            "file(s) without it compiled)")
+            listing = ctx.priv / "compile.txt"  # root's, readable by name
+            await self._thread(_write_nofollow, listing, "".join(f"{f}\n" for f in lacking))
+            targets = [str(root / "app"), "-i", str(listing)]
         await self._run(
             ctx,
             "compiling bytecode",
@@ -1006,8 +1052,7 @@ class Builder:
                 str(root),
                 "-p",
                 RUNTIME_ROOT,
-                str(root / "app"),
-                str(sp),
+                *targets,
             ],
             cwd=ctx.work,
             env=dict(t.env, PYTHONDONTWRITEBYTECODE=""),
@@ -1028,6 +1073,8 @@ class Builder:
         }
         manifest_doc = {"manifest": t.manifest.to_dict(), "build": ctx.facts}
         await self._thread(self._reclaim, ctx)
+        if t.reqs is not None and t.reqs[2] == "plain" and not t.reused:
+            await self._thread(self._keep_bytecode, ctx, t.reqs[1], sp, tag)
         # build-user code (collectstatic, .pth files) could have replaced a static
         # directory or an app file with a symlink to the host: the runner's static
         # server (root) starts from these directories, so they must stay in the image
@@ -1210,8 +1257,9 @@ class Builder:
         venv: Path,
         env: dict[str, str],
         prep: dict[str, Any],
-    ) -> None:
+    ) -> bool:
         """Install requirements; offline from the caches when this set was resolved before.
+        True when the app's kept install of this set was copied instead (no pip ran).
 
         Only wheels pip itself *downloaded* for a plain requirement set enter the
         node-wide cache; wheels built from source, or fetched through the app's own pip
@@ -1230,13 +1278,22 @@ class Builder:
         for link in links:
             offline += ["--find-links", link]
         offline += ["--no-compile", "--only-binary", ":all:", "-r", str(path)]
+        if kind == "plain" and await self._thread(self._has_kept_install, ctx, key):
+            self._emit(ctx, "-----> Requirements unchanged: installing what the app's "
+                            "previous build installed")
+            problem = await self._thread(self._reuse_installed, ctx, key, venv)
+            if problem is None:
+                return True
+            self._emit(ctx, f"       could not copy it ({problem}); running pip")
         if kind != "local" and marker.exists():
             self._emit(ctx, "-----> Installing requirements from the wheel cache (offline)")
             try:
                 await self._run(
                     ctx, "pip install (offline)", offline, cwd=ctx.work, env=penv, soft=True
                 )
-                return
+                if kind == "plain":
+                    await self._thread(self._keep_installed, ctx, key, venv)
+                return False
             except _SoftFail:
                 self._emit(
                     ctx, "       the wheel cache is missing something; resolving from the index"
@@ -1291,6 +1348,132 @@ class Builder:
         await self._run(ctx, "pip install", offline, cwd=ctx.work, env=penv)
         if kind != "local":
             marker.write_text(path.read_text())  # (for operators: what was resolved)
+        if kind == "plain":
+            await self._thread(self._keep_installed, ctx, key, venv)
+        return False
+
+    # ------------------------------------------------- the previous build's install
+
+    def _keep_installed(self, ctx: _Ctx, key: str, venv: Path) -> None:
+        """Right after pip installed a plain requirements set (nothing but pip, from the
+        wheel caches, has run in this build yet), keep a root-owned copy of what it
+        installed -- site-packages and the scripts it put in ``venv/bin`` -- under
+        ``cache/installed/<app>/<key>``, replacing the app's previous one.  The app's
+        next build with the same set (same file, same Python: ``key``) copies it
+        instead of running pip (:meth:`_reuse_installed`).  Kept per app: a copy made
+        in one app's build is never installed into another's.  A failure only logs."""
+        app_dir = self.installed / _safe_name(ctx.app)
+        tmp = app_dir / f".{key}.{os.urandom(4).hex()}.tmp"
+        try:
+            sp = plat.site_packages(venv)
+            bin_dir = venv / "bin"
+            for d in (sp, bin_dir):
+                if not stat.S_ISDIR(os.lstat(d).st_mode):
+                    return  # not a real directory: nothing of it is kept
+            self.installed.mkdir(mode=0o700, exist_ok=True)
+            os.chmod(self.installed, 0o700)
+            app_dir.mkdir(mode=0o700, exist_ok=True)
+            shutil.copytree(sp, tmp / "site-packages", symlinks=True)
+            if _links_leaving(tmp / "site-packages") is not None:
+                _rmtree(tmp)
+                return
+            (tmp / "bin").mkdir()
+            for entry in sorted(os.listdir(bin_dir)):
+                src = bin_dir / entry
+                st = os.lstat(src)
+                if stat.S_ISREG(st.st_mode) and not entry.lower().startswith("activate"):
+                    shutil.copyfile(src, tmp / "bin" / entry, follow_symlinks=False)
+            _write_nofollow(tmp / "venv", str(venv))
+            if os.geteuid() == 0:
+                _chown_tree(tmp, 0, 0)
+            for old in os.listdir(app_dir):
+                if old != key and not old.startswith(f".{key}."):
+                    _rmtree(app_dir / old)
+            _rmtree(app_dir / key)
+            os.replace(tmp, app_dir / key)
+        except OSError as e:
+            _rmtree(tmp)
+            self.log.warn("build of {app}: its install is not kept for the next build: "
+                          "{error}", app=ctx.app, error=str(e))
+
+    def _keep_bytecode(self, ctx: _Ctx, key: str, sp: Path, tag: str) -> None:
+        """Once the tree is root's again (after compileall), add to the app's kept
+        install the bytecode of each kept module whose source is unchanged in this
+        tree, once (a ``bytecode`` marker): a build that copies it compiles only the
+        app and what lacks bytecode.  The files are checked-hash ``.pyc`` for the
+        same Python and run-time path: what compileall would write again."""
+        kept = self.installed / _safe_name(ctx.app) / key
+        if not (kept / "site-packages").is_dir() or (kept / "bytecode").exists():
+            return
+        try:
+            base = kept / "site-packages"
+            for dirpath, dirnames, filenames in os.walk(sp):
+                dirnames[:] = [d for d in dirnames if not os.path.islink(os.path.join(dirpath, d))]
+                if os.path.basename(dirpath) != "__pycache__":
+                    continue
+                rel = Path(dirpath).relative_to(sp).parent
+                for name in filenames:
+                    if not name.endswith(f".{tag}.pyc") or name.count(".") != 2:
+                        continue
+                    source = rel / (name.split(".", 1)[0] + ".py")
+                    src, mine = base / source, sp / source
+                    if not src.is_file() or src.is_symlink() or mine.is_symlink() \
+                            or src.read_bytes() != mine.read_bytes():
+                        continue
+                    pyc = Path(dirpath) / name
+                    if not stat.S_ISREG(os.lstat(pyc).st_mode):
+                        continue
+                    (base / rel / "__pycache__").mkdir(mode=0o755, exist_ok=True)
+                    shutil.copyfile(pyc, base / rel / "__pycache__" / name,
+                                    follow_symlinks=False)
+            _write_nofollow(kept / "bytecode", tag)
+        except OSError as e:
+            self.log.warn("build of {app}: bytecode not kept: {error}", app=ctx.app,
+                          error=str(e))
+
+    def _has_kept_install(self, ctx: _Ctx, key: str) -> bool:
+        return (self.installed / _safe_name(ctx.app) / key / "site-packages").is_dir()
+
+    def _reuse_installed(self, ctx: _Ctx, key: str, venv: Path) -> str | None:
+        """Copy the app's kept install of this requirements set (same file, same
+        Python) into the new virtualenv instead of running pip.  None when done; else
+        why not (the venv is then as empty as before, and pip runs)."""
+        kept = self.installed / _safe_name(ctx.app) / key
+        sp = plat.site_packages(venv)
+        bin_dir = venv / "bin"
+        self._real_dir(ctx, sp)  # a fresh venv's: real directories, site-packages empty
+        self._real_dir(ctx, bin_dir)
+        if os.listdir(sp):
+            return "site-packages is not empty"
+        before = set(os.listdir(bin_dir))
+        try:
+            shutil.copytree(kept / "site-packages", sp, symlinks=True, dirs_exist_ok=True)
+            old = (kept / "venv").read_text()
+            for entry in sorted(os.listdir(kept / "bin")):
+                if entry in before:
+                    continue
+                data = (kept / "bin" / entry).read_bytes()
+                if data.startswith(b"#!" + old.encode()):
+                    data = b"#!" + str(venv).encode() + data[2 + len(old.encode()):]
+                fd = os.open(bin_dir / entry, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                             | os.O_NOFOLLOW, 0o755)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+            if ctx.uid is not None and os.geteuid() == 0:
+                _chown_tree(sp, ctx.uid, ctx.gid if ctx.gid is not None else ctx.uid)
+                for entry in set(os.listdir(bin_dir)) - before:
+                    os.lchown(bin_dir / entry, ctx.uid,
+                              ctx.gid if ctx.gid is not None else ctx.uid)
+        except OSError as e:
+            for entry in os.listdir(sp):  # as empty as before: pip installs everything
+                if (sp / entry).is_dir() and not (sp / entry).is_symlink():
+                    _rmtree(sp / entry)
+                else:
+                    os.unlink(sp / entry)
+            for entry in set(os.listdir(bin_dir)) - before:
+                os.unlink(bin_dir / entry)
+            return str(e.strerror or e)
+        return None
 
     # ------------------------------------------------------------------ tree
 
@@ -1319,6 +1502,26 @@ _RUNS_CODE = re.compile(
     r"Getting requirements to build"
 )
 _FETCHED = re.compile(r"(Downloading|Using cached|Processing)\s+(\S+\.whl)\b")
+
+
+def _cache_tag(version: str) -> str:
+    """CPython's bytecode tag of a ``3.11.2`` interpreter: ``cpython-311``."""
+    major, minor = version.split(".")[:2]
+    return f"cpython-{major}{minor}"
+
+
+def _lacking_bytecode(sp: Path, tag: str) -> list[str]:
+    """The ``.py`` files under ``sp`` (symlinks not followed) with no ``tag`` bytecode
+    beside them: what a build that copied a kept install still compiles."""
+    out: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(sp):
+        dirnames[:] = sorted(d for d in dirnames if d != "__pycache__"
+                             and not os.path.islink(os.path.join(dirpath, d)))
+        for name in sorted(filenames):
+            if name.endswith(".py") and not os.path.exists(
+                    os.path.join(dirpath, "__pycache__", f"{name[:-3]}.{tag}.pyc")):
+                out.append(os.path.join(dirpath, name))
+    return out
 
 
 def _safe_name(app: str) -> str:

@@ -84,6 +84,8 @@ class WayBackInMixin:
         new = token_file.read_text().strip()
         self.assertEqual(stat.S_IMODE(os.stat(token_file).st_mode), 0o600)  # type: ignore[attr-defined]
         self.assertIn("epio-admin: audit: admin token", proc.stderr)  # type: ignore[attr-defined]
+        # the hint names the routed URL (api.hostname: epio.localhost by default)
+        self.assertRegex(proc.stdout, r"epio login --api http://epio\.localhost(:\d+)? <")  # type: ignore[attr-defined]
         self.assertNotIn(new, proc.stdout + proc.stderr)  # type: ignore[attr-defined]
         self.assertNotIn(new[5:12], proc.stdout + proc.stderr)  # type: ignore[attr-defined]
 

@@ -233,10 +233,21 @@ class ArchiveNodeTests(TestCase):
     timeout = 180
 
     async def test_backup_node_archives_and_restores_after_wipe(self) -> None:
-        """A real backup node with backup.archive_command: backup.create answers a
-        verified, archived backup whose object is offsite with the recorded sha256;
-        its backup store wiped, backup.adopt and backup.restore bring the data back
-        from the archive; the command's password never reaches the node's log."""
+        """A real backup node with backup.archive_command and the S3 target
+        (backup.archive_s3_*, on moto): backup.create answers a verified backup archived
+        to both, each object with its recorded sha256; its backup store wiped,
+        backup.adopt brings it back from the archive, and with the command's copy gone
+        too backup.restore brings the data back from S3 alone; the command's password
+        and the S3 secret never reach the node's log."""
+        from tests.integration.backup.moto import REGION, moto_server
+
+        moto = moto_server()
+        bucket = "epio-" + secrets.token_hex(6)
+        moto.create_bucket(bucket)
+        s3_secret = Path(self.mktemp()).absolute()
+        s3_secret.parent.mkdir(parents=True, exist_ok=True)
+        s3_secret.write_text(moto.secret_key + "\n")
+        s3_secret.chmod(0o600)
         store_url = fresh_database_for_test(self)
         secret = Path(self.mktemp()).absolute()
         secret.parent.mkdir(parents=True, exist_ok=True)
@@ -255,7 +266,13 @@ class ArchiveNodeTests(TestCase):
                        "archive_command": copy_into(offsite),
                        "fetch_command": fetch_from(offsite),
                        "archive_key_file": str(key), "archive_retries": 1,
-                       "archive_retry_initial": 0.2, "archive_retry_max": 0.2},
+                       "archive_retry_initial": 0.2, "archive_retry_max": 0.2,
+                       "archive_s3_endpoint": moto.endpoint, "archive_s3_bucket": bucket,
+                       "archive_s3_region": REGION,
+                       "archive_s3_access_key_id": moto.access_key_id,
+                       "archive_s3_secret_key_file": str(s3_secret),
+                       "archive_s3_prefix": "epio-", "archive_s3_part_mb": 5,
+                       "archive_s3_timeout": 30.0},
             "addons": {"postgres_admin_url": ADMIN_URL},
         }))
         self.addCleanup(node.cleanup)
@@ -278,7 +295,11 @@ class ArchiveNodeTests(TestCase):
         self.assertEqual((made["status"], made["archive"]), ("verified", "archived"),
                          made["archive_error"])
         obj = offsite / object_name(app, made["id"])
-        self.assertEqual(sha256_file(obj), made["archive_sha256"])
+        self.assertEqual(sha256_file(obj), made["copies"]["command"]["sha256"])
+        s3_key = "epio-" + object_name(app, made["id"])
+        self.assertEqual(made["copies"]["s3"]["where"], f"s3://{bucket}/{s3_key}")
+        in_s3 = moto.boto().get_object(Bucket=bucket, Key=s3_key)["Body"].read()
+        self.assertEqual(hashlib.sha256(in_s3).hexdigest(), made["copies"]["s3"]["sha256"])
 
         shutil.rmtree(node.data_dir / "backups" / app)
         listing = await dealer.request("backup.list", {"app": app})
@@ -287,6 +308,7 @@ class ArchiveNodeTests(TestCase):
                                        timeout=60)
         self.assertEqual(adopted.body["backup"]["sha256"], made["sha256"])
         shutil.rmtree(node.data_dir / "backups" / app)  # restore fetches it itself too
+        obj.unlink()  # and only S3 holds it now
         with psycopg2.connect(**dsn) as conn:
             conn.cursor().execute("DELETE FROM t")
         reply = await dealer.request("backup.restore", {"app": app, "id": made["id"]},
@@ -308,7 +330,9 @@ class ArchiveNodeTests(TestCase):
                                  timeout=60)
         self.assertEqual(cm.exception.code, "backup_not_found")
         self.assertNotIn("Hunter2Secret", node.output())
+        self.assertNotIn(moto.secret_key, node.output())
         self.assertIn("copied offsite", node.output())
+        self.assertIn(f"from s3://{bucket}/{s3_key}", node.output())
 
 
     async def test_scheduled_round_archives_the_history(self) -> None:

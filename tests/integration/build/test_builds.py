@@ -89,17 +89,36 @@ class ExampleBuildTests(_Base):
                 self.assertIn(p, listing)
 
     async def test_flask_example_warm_rebuild_is_offline(self) -> None:
-        """A rebuild with unchanged requirements installs from the wheel cache with
-        --no-index and gives the same digest, even with the package index unreachable."""
+        """A rebuild with unchanged requirements runs no pip at all: it copies what the
+        app's previous build installed (kept per app) and gives the same digest, even
+        with the package index unreachable.  Another app with the same requirements
+        does not get that copy: it installs from the wheel cache with --no-index, to
+        the same digest again."""
         first, _, _ = await self._build_example("flask")
         # the index is now a closed port: any download would fail the build
         second, _, sink = await self._build_example("flask", index_url="http://127.0.0.1:9/simple")
         self.assertEqual(second.digest, first.digest)
-        self.assertIn("from the wheel cache (offline)", sink.text())
+        self.assertIn("Requirements unchanged: installing what the app's previous build "
+                      "installed", sink.text())
+        self.assertNotIn("pip", sink.text().split("Requirements unchanged")[1])
+        # and with it the bytecode of the first build: only the platform's own files
+        # written after pip (bundle_config, ...) are compiled again, not the packages
+        import re
+
+        m = re.search(r"site-packages kept its bytecode \((\d+) file\(s\) without it",
+                      sink.text())
+        self.assertIsNotNone(m, sink.text())
+        assert m is not None
+        self.assertLessEqual(int(m.group(1)), 3)
         self.assertNotIn("Resolving requirements", sink.text())
         self.assertNotIn("Downloading", sink.text())
         self.assertEqual(second.facts["static"], {"/static": "app/static"})
         self.assertLess(second.duration, 10)
+        b, sink = self.builder(index_url="http://127.0.0.1:9/simple")
+        other = await b.build("flask-other", _tarball(self, EXAMPLES / "flask"), {})
+        self.assertIn("from the wheel cache (offline)", sink.text())
+        self.assertNotIn("Requirements unchanged", sink.text())
+        self.assertEqual(other.digest, first.digest)
 
     async def test_worker_example(self) -> None:
         """The Procfile app builds with both its processes."""

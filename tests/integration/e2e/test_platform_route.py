@@ -202,7 +202,8 @@ class PlatformRouteTests(SynchronousTestCase):
         return metric(metrics_port, "epio_api_requests_total")
 
     def test_platform_through_the_router(self) -> None:
-        """Login, deploy and log tail through the router URL; the platform's requests
+        """Login (at an api node's own listener: the routed URL is kept), deploy and log
+        tail through the router URL; the platform's requests
         are in the router's access log and /metrics; both api nodes serve; killing
         one keeps every request working; restarted, it serves again."""
         self.node_a.wait_for_log("api ready", timeout=90)
@@ -239,7 +240,16 @@ class PlatformRouteTests(SynchronousTestCase):
         # the router's code (the api's own would be payload_too_large)
         self.assertEqual((resp.status, refused["error"]["code"]), (413, "too_large"))
 
-        self.epio("login", "--api", self.router_url, stdin=self.token + "\n")
+        # logged in at node A's own listener, the CLI keeps the routed URL the api names
+        # (it answers through the router); given a routed URL, it keeps that one
+        direct = "http://127.0.0.1:" + str(self.doc["api"]["listen"]).split(":")[1]
+        done = json.loads(self.epio("login", "--api", direct, "--json",
+                                    stdin=self.token + "\n").stdout)
+        self.assertEqual(done["api"], f"http://{PLATFORM_HOST}:{self.lb_port}", done)
+        self.assertIn("routed URL", done["note"])
+        done = json.loads(self.epio("login", "--api", self.router_url, "--json",
+                                    stdin=self.token + "\n").stdout)
+        self.assertEqual((done["api"], done["note"]), (self.router_url, ""))
 
         refused = self.epio("apps", "create", "epio", check=False)
         self.assertNotEqual(refused.returncode, 0)

@@ -212,9 +212,10 @@ class SleepTests(SynchronousTestCase):
 
         self.wait_asleep("broken")
         t0 = time.monotonic()
-        status, headers, _, _ = get(self.lb_port, "broken.localhost")
+        status, headers, body, _ = get(self.lb_port, "broken.localhost")
         waited = time.monotonic() - t0
-        self.assertEqual(status, 503)
+        self.assertEqual(status, 503, f"{headers} {body[:300]!r}\n"
+                                      f"{self.node.node.output()[-6000:]}")
         self.assertEqual(headers.get("Retry-After"), "5")
         self.assertLess(waited, WAKE_TIMEOUT + 1.5)
         self.assertGreaterEqual(waited, WAKE_TIMEOUT - 1.0)
@@ -225,9 +226,13 @@ class SleepTests(SynchronousTestCase):
         self.node.epio("config", "set", "ROUND=2", "--app", "sleepy", timeout=120)
         ps = [p for p in self.api("apps/sleepy/ps") if p["name"].startswith("web.")]
         self.assertEqual([(p["release"], p["state"]) for p in ps], [(2, "asleep")], ps)
-        self.assertFalse(_gunicorns("sleepy"))
+        # asleep is said when the stop begins; gunicorn's graceful exit follows
+        wait_until("v2's gunicorn gone", lambda: not _gunicorns("sleepy"), timeout=10,
+                   interval=0.1)
         self.assertIn("a new release of an asleep app", self.node.node.output())
-        self.assertEqual(get(self.lb_port, "sleepy.localhost")[0], 200)
+        status, headers, body, _ = get(self.lb_port, "sleepy.localhost")
+        self.assertEqual(status, 200, f"{headers} {body[:300]!r}\n"
+                                      f"{self.node.node.output()[-6000:]}")
         # idle_sleep = off: never asleep, whatever the node's default, and never woken
         self.assertEqual(self.web_state("awake"), "healthy")
         self.assertNotIn("awake: web.1: going to sleep", log)

@@ -14,7 +14,13 @@ examples/wsgi; ``epio domains add www.hello.test`` -> certificate issued within
 ``far.test`` (127.0.0.3) -> refused before any order by the name check (the issuer
 asks challtestsrv's DNS too; ``acme.router_addresses`` 127.0.0.1 and 127.0.0.2); the
 app's ``[http] https_redirect`` and ``hsts_max_age`` -> 308 with path and query kept,
-HSTS on HTTPS; the 90-second certificate renewed (70 s before expiry)
+HSTS on HTTPS; the platform hostname (``api.hostname``) served with a pebble
+certificate the issuer got by itself; DNS-01: ``epio domains add '*.hello.test'`` names the CNAME to create,
+``epio certs`` shows it pending_dns, the CNAME set in challtestsrv -> a wildcard
+certificate validated through epio's own DNS server (pebble asks a small recursor,
+``dns_recursor.py``, that follows the owner's CNAME into epio's zone) and served for
+``anything.hello.test`` by both routers, and the apex ``hello.test`` by DNS-01 too;
+the 90-second certificate renewed (70 s before expiry)
 and the new one served by both routers.
 """
 
@@ -24,6 +30,7 @@ import datetime
 import http.client
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -171,11 +178,16 @@ class AcmeTests(SynchronousTestCase):
         tmp = self.tmp
         minica, pcert, pkey = _minica(tmp)
         dns_port, cts_mgmt = free_port(), free_port()
+        # pebble and epio's checks ask the recursor, which asks challtestsrv and follows
+        # CNAMEs into epio's DNS-01 zone (served by the node's api role on dns01_port)
+        recursor_port, dns01_port = free_port(), free_port()
         acme_port, acme_mgmt = free_port(), free_port()
         doc, _ = isolated_config({
             # two router processes: the worker must answer challenges and serve TLS too
             "lb": {"tls_listen": f"tcp:{free_port()}:interface=127.0.0.1", "workers": 2},
-            "api": {"reconcile_interval": 0.5, "drain_seconds": 1.0, "stop_grace": 3.0},
+            "api": {"reconcile_interval": 0.5, "drain_seconds": 1.0, "stop_grace": 3.0,
+                    # the platform's own route, whose certificate the issuer gets too
+                    "hostname": "epio.platform.test"},
             "metrics": {"listen": f"tcp:{free_port()}:interface=127.0.0.1"},
             "store": {"url": f"sqlite:///{tmp}/store.db"},
             "cluster": {"secret_file": str(tmp / "cluster-secret")},
@@ -187,7 +199,9 @@ class AcmeTests(SynchronousTestCase):
                      # counts as a router's address though none listens there, so that
                      # bad.test passes the check and fails at the CA
                      "router_addresses": ["127.0.0.1", "127.0.0.2"],
-                     "dns_server": f"127.0.0.1:{dns_port}"},
+                     "dns_server": f"127.0.0.1:{recursor_port}",
+                     "dns01_zone": "acme.epio.test",
+                     "dns01_listen": f"127.0.0.1:{dns01_port}"},
         })
         (tmp / "cluster-secret").write_text(secrets.token_hex(32) + "\n")
         os.chmod(tmp / "cluster-secret", 0o600)
@@ -207,14 +221,22 @@ class AcmeTests(SynchronousTestCase):
             "httpPort": lb_port, "tlsPort": free_port(), "ocspResponderURL": "",
             "externalAccountBindingRequired": False,
             "certificateValidityPeriod": CERT_LIFETIME}}))
+        recursor, recursor_log = self._spawn("recursor", [
+            sys.executable, "-m", "tests.integration.lb.dns_recursor",
+            "--listen", f"127.0.0.1:{recursor_port}", "--upstream", f"127.0.0.1:{dns_port}",
+            "--zone", "acme.epio.test", "--zone-server", f"127.0.0.1:{dns01_port}"],
+            env={"PYTHONPATH": str(CHECKOUT)})
         pebble, pebble_log = self._spawn(
             "pebble", ["pebble", "-config", str(tmp / "pebble.json"),
-                       "-dnsserver", f"127.0.0.1:{dns_port}"],
+                       "-dnsserver", f"127.0.0.1:{recursor_port}"],
             env={"PEBBLE_VA_NOSLEEP": "1", "PEBBLE_WFE_NONCEREJECT": "0",
                  "PEBBLE_AUTHZREUSE": "0"})
         _wait_port(cts_mgmt, cts, cts_log)
         _wait_port(acme_port, pebble, pebble_log)
         _wait_port(acme_mgmt, pebble, pebble_log)
+        wait_until("the recursor", lambda: "listening" in recursor_log.read_text()
+                   or recursor.poll() is not None, timeout=15)
+        self.assertIsNone(recursor.poll(), recursor_log.read_text())
 
         self.node = NodeProcess(["--role=all"], data_dir=tmp / "data", config=to_toml(doc))
         self.addCleanup(self.node.cleanup)
@@ -266,6 +288,16 @@ class AcmeTests(SynchronousTestCase):
             "Host": "www.hello.test"})
         self.assertEqual(conn.getresponse().status, 308)
         conn.close()
+
+        # the platform hostname (api.hostname, the API through the routers) got its
+        # certificate from pebble too (ordered at start, by HTTP-01 on the routers)
+        status, body, der_platform = wait_until(
+            "HTTPS for the platform hostname",
+            lambda: https_get(tls_port, "epio.platform.test", root_path), timeout=30)
+        self.assertEqual(x509.load_der_x509_certificate(der_platform).extensions
+                         .get_extension_for_class(x509.SubjectAlternativeName).value
+                         .get_values_for_type(x509.DNSName), ["epio.platform.test"])
+        self.assertIn('Value:"epio.platform.test"', pebble_log.read_text())
 
         # a second router (its own node, same store and cluster secret) serves it too
         status, body, der2 = wait_until(
@@ -327,11 +359,13 @@ class AcmeTests(SynchronousTestCase):
         urllib.request.urlopen(req, timeout=5).read()
         self.epio("domains", "add", "far.test", "--app", "hello")
         far = wait_until("the name check's reason in epio certs",
-                         lambda: (lambda c: c if c["state"] == "failed" else None)(
+                         lambda: (lambda c: c if c["state"] == "pending_dns" else None)(
                              self.certs()["far.test"]), timeout=30)
-        self.assertEqual(far["last_error"],
-                         "far.test resolves to 127.0.0.3, not to the cluster's routers "
-                         "(127.0.0.1, 127.0.0.2): point its DNS at them")
+        self.assertRegex(far["last_error"], re.escape(
+            "far.test resolves to 127.0.0.3, not to the cluster's routers "
+            "(127.0.0.1, 127.0.0.2): point its DNS at them; or, for a certificate by "
+            "DNS-01: _acme-challenge.far.test has no CNAME record: create "
+            "`_acme-challenge.far.test. CNAME ") + r"[0-9a-f]{16}\.acme\.epio\.test\.`$")
         self.assertNotIn("far.test", pebble_log.read_text())  # no order, no challenge
         # the working domain kept its certificate
         self.assertEqual(https_get(tls_port, "www.hello.test", root_path)[0], 200)
@@ -369,6 +403,58 @@ class AcmeTests(SynchronousTestCase):
                 conn.close()
 
         self.assertEqual(secure(), (200, b"Hello from epio! (hello)\n", "max-age=600"))
+
+        # DNS-01: a wildcard; `epio domains add` names the one record to create
+        added_wild = self.epio("domains", "add", "*.hello.test", "--app", "hello")
+        m = re.search(r"^    _acme-challenge\.hello\.test\.  CNAME  ([0-9a-f]{16}\.acme\.epio"
+                      r"\.test)\.$", added_wild, re.M)
+        self.assertIsNotNone(m, added_wild)
+        assert m is not None
+        target = m.group(1)
+        self.assertIn("DNS is not in place yet", added_wild)
+        self.assertNotIn("  A  ", added_wild)  # its names already reach the routers
+        wild = wait_until("the wildcard pending_dns in epio certs",
+                          lambda: (lambda c: c if c["state"] == "pending_dns" else None)(
+                              self.certs()["*.hello.test"]), timeout=30)
+        self.assertIn(f"create `_acme-challenge.hello.test. CNAME {target}.`",
+                      wild["last_error"])
+        self.assertRegex(self.epio("certs", "--app", "hello"),
+                         r"\*\.hello\.test  pending_dns  source=acme  expires=-  next check=")
+        self.assertNotIn("hello.test", pebble_log.read_text().replace("www.hello.test", "")
+                         .replace("own.hello.test", ""))  # never ordered
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{cts_mgmt}/set-cname",
+            data=json.dumps({"host": "_acme-challenge.hello.test.",
+                             "target": target + "."}).encode(), method="POST")
+        urllib.request.urlopen(req, timeout=5).read()
+        added = time.monotonic()
+        status, body, der_wild = wait_until(
+            "the wildcard certificate served for any name under it",
+            lambda: https_get(tls_port, "anything.hello.test", root_path), timeout=ISSUE_WITHIN)
+        sys.stderr.write(f"[acme] wildcard served {time.monotonic() - added:.1f}s after the "
+                         "CNAME\n")
+        self.assertEqual((status, body), (200, "Hello from epio! (hello)\n"))
+        wild_leaf = x509.load_der_x509_certificate(der_wild)
+        self.assertEqual(wild_leaf.extensions.get_extension_for_class(
+            x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName),
+            ["*.hello.test"])
+        self.assertEqual(self.certs()["*.hello.test"]["state"], "issued")
+        _, _, der_wild2 = wait_until(
+            "the second router serves the wildcard",
+            lambda: https_get(tls2, "other.hello.test", root_path), timeout=30)
+        self.assertEqual(der_wild2, der_wild)
+        # the apex, with the same CNAME in place: DNS-01 as well
+        apex_added = self.epio("domains", "add", "hello.test", "--app", "hello")
+        self.assertIn("DNS is in place", apex_added)
+        status, _, der_apex = wait_until(
+            "the apex's certificate", lambda: https_get(tls_port, "hello.test", root_path),
+            timeout=ISSUE_WITHIN)
+        self.assertEqual(x509.load_der_x509_certificate(der_apex).extensions
+                         .get_extension_for_class(x509.SubjectAlternativeName).value
+                         .get_values_for_type(x509.DNSName), ["hello.test"])
+        # validated by DNS only: pebble never fetched an HTTP-01 answer for it
+        self.assertIn('Value:"hello.test"', pebble_log.read_text())
+        self.assertNotIn("http://hello.test:", pebble_log.read_text())
 
         # renewal: a short-lived certificate is replaced before it expires, on both routers
         first = x509.load_der_x509_certificate(der1)
