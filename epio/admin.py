@@ -7,6 +7,9 @@ node's own configuration (``--config``, ``--data-dir``, ``--store``: the same
 flags and meaning as ``twistd epio``), so they work against the embedded SQLite
 store and a PostgreSQL store alike, with the node running or stopped.
 
+``epio-admin join`` makes the host it runs on a node of a cluster, given the
+store URL and a join token (epio.joining; docs/cluster.md).
+
 ``epio-admin token create`` mints an admin token, writes it to
 ``DATA_DIR/admin-token`` (0600, atomically) and audits it: the token's stored
 description says who made it, where and how, and one line on stderr says the
@@ -138,6 +141,44 @@ async def token_create(reactor: IReactorTime, args: argparse.Namespace) -> int:
     return 0
 
 
+async def join_cluster(reactor: Any, args: argparse.Namespace) -> int:
+    """``epio-admin join``: this host becomes a node of the cluster (epio.joining)."""
+    from twisted.python.usage import UsageError
+
+    from epio.cluster import JoinError
+    from epio.joining import join, parse_sets
+    from epio.tap import ROLES, parse_roles
+
+    try:
+        roles = parse_roles(args.role)
+    except UsageError as e:
+        raise AdminError(str(e)) from None
+    token = args.token
+    if token == "-":
+        token = sys.stdin.readline().strip()
+    data_dir = Path(args.data_dir).absolute()
+    config_path = Path(args.config).absolute() if args.config else data_dir / "epio.toml"
+    try:
+        joined = await join(reactor, store_url=args.store, token=token,
+                            roles=[r for r in ROLES if r in roles], data_dir=data_dir,
+                            config_path=config_path, address=args.address,
+                            sets=parse_sets(args.set or []), used_by=operator_description())
+    except JoinError as e:
+        raise AdminError(str(e)) from None
+    role_list = ",".join(r for r in ROLES if r in roles)
+    lists = joined.lists
+    print(f"epio-admin: audit: joined as node {joined.node_id!r} with join token "
+          f"{joined.token_id} ({operator_description()})", file=sys.stderr)
+    print(f"joined the cluster as node {joined.node_id} at {joined.address}\n"
+          f"  config       {joined.config_path} (0600)\n"
+          f"  data dir     {joined.data_dir} (cluster secret in cluster-secret, 0600)\n"
+          f"  nexus        {' '.join(lists.nexus_endpoints('router')) or 'none yet'}\n"
+          f"  loggers      {' '.join(lists.loggers) or 'none yet'}\n"
+          f"start it with:\n"
+          f"  twistd -n --pidfile= epio --config {joined.config_path} --role={role_list}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="epio-admin",
@@ -158,6 +199,29 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--user", metavar="NAME",
                         help="the admin to mint for (default: admin, created again if gone)")
     create.set_defaults(func=token_create)
+    join = sub.add_parser(
+        "join", help="make this host a node of a cluster: one command, a join token",
+        description="Join the cluster whose store is at --store with a join token from "
+                    "its api (POST /api/v1/cluster/join-tokens, admins only). Writes the "
+                    "node's data dir (with the cluster secret) and its config file; "
+                    "`twistd -n epio --config FILE --role=ROLES` then starts it. The "
+                    "token works once, before it expires. docs/cluster.md")
+    join.add_argument("--store", required=True, metavar="URL",
+                      help="the cluster's store (postgresql://...)")
+    join.add_argument("--token", required=True, metavar="TOKEN",
+                      help="the join token (- reads it from stdin)")
+    join.add_argument("--role", "-r", required=True, metavar="ROLES",
+                      help="comma-separated roles of the new node (as twistd epio --role)")
+    join.add_argument("--data-dir", "-d", default="/var/lib/epio", metavar="DIR",
+                      help="the node's data dir (default /var/lib/epio)")
+    join.add_argument("--config", "-c", metavar="FILE",
+                      help="the config file to write (default DATA_DIR/epio.toml)")
+    join.add_argument("--address", metavar="ADDR",
+                      help="this host's address the other nodes reach it at (default: the "
+                           "one on the route to the store)")
+    join.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                      help="one more config key for this node (TOML value), repeatable")
+    join.set_defaults(func=join_cluster)
     return parser
 
 

@@ -36,6 +36,7 @@ from epio.config import Config, Settings
 
 if TYPE_CHECKING:
     from epio.bus import Bus
+    from epio.cluster import ClusterDirectory
     from epio.metrics import MetricsRegistry
     from epio.store import StoreService
 
@@ -178,6 +179,8 @@ class Node:
     node_id: str
     secret: bytes
     store_service: StoreService | None = None
+    #: follows the store's nexus/logger endpoint lists (PostgreSQL store only; None otherwise)
+    cluster: ClusterDirectory | None = None
     boot_id: str = field(factory=lambda: uuid.uuid4().hex)
     metrics: MetricsRegistry = field(factory=lambda: _metrics_registry())
     #: Call with a one-line reason to end the node with exit status 1 (:class:`NodeExit`).
@@ -212,7 +215,18 @@ class Node:
         secret = read_or_create_secret(secret_path)
         node_id = config.settings.node.id or socket.gethostname()
         store_service = store(config, data_dir) if store is not None else None
-        return cls(reactor, config, data_dir, roles, node_id, secret, store_service)
+        from epio.cluster import ClusterDirectory, follows_store, read_cache
+
+        directory = None
+        if store_service is not None and follows_store(config.settings.store.url):
+            directory = ClusterDirectory(reactor, store_service.whenReady, node_id,
+                                         config.settings, roles, data_dir, read_cache(data_dir))
+            # every role starts with the merged lists (TOML + the last read from the store)
+            # and follows their changes through node.cluster
+            merged = directory.current
+            config = config.replace("cluster", nexus=[dict(n) for n in merged.nexus],
+                                    loggers=list(merged.loggers))
+        return cls(reactor, config, data_dir, roles, node_id, secret, store_service, directory)
 
     @property
     def settings(self) -> Settings:

@@ -238,6 +238,8 @@ def makeService(options: Options, reactor: INodeReactor | None = None) -> NodeSe
     store = node.store_service
     assert store is not None
     children: list[IService] = [named("store", store)]
+    if node.cluster is not None:  # the nexus/logger endpoint lists (epio.cluster)
+        children.append(named("cluster", node.cluster))
     roles = {role: role_service(role, node) for role in ROLES if role in node.roles}
     children.extend(roles.values())
     if "lb" in roles:  # the node's decision: SIGHUP reloads routes, GC tuned

@@ -55,6 +55,8 @@ from epio.store import NotFound as StoreNotFound
 
 if TYPE_CHECKING:
     from epio.api.addons import Addons
+    from epio.cluster import JoinIssuer, NewJoinToken
+    from epio.store.cluster import JoinTokenInfo
 
 ADMIN_NAME = "admin"
 #: seconds a one-time dashboard sign-in code (``epio login --web``) stays valid
@@ -77,9 +79,10 @@ class Platform:
 
     def __init__(self, store: Store, settings: ApiSettings, clock: IReactorTime,
                  deployer: Any = None, scheduler: Any = None, *,
-                 addons: Addons | None = None) -> None:
+                 addons: Addons | None = None, joins: JoinIssuer | None = None) -> None:
         self.store = store
         self.addons = addons
+        self.joins = joins  # makes join tokens (epio.cluster); None: this api makes none
         self.settings = settings
         self.clock = clock
         self.deployer = deployer
@@ -113,6 +116,28 @@ class Platform:
         new = await self.store.create_user(name, email, is_admin)
         token = await self.store.create_token(new.id, f"first token, created by {user.name}")
         return new, token.token
+
+    # --- cluster ----------------------------------------------------------------
+
+    async def create_join_token(self, user: User, node_id: str | None,
+                                ttl: float | None) -> NewJoinToken:
+        """A single-use join token for one new host (admins only; epio.cluster)."""
+        self._require_admin(user)
+        if self.joins is None:
+            raise errors.Conflict("this api makes no join tokens: its store is not "
+                                  "PostgreSQL (a single-box store cannot be joined)",
+                                  code="not_a_cluster")
+        new = await self.joins.issue(self.store, node_id, ttl, f"user {user.name}")
+        self.log.info("{user} made join token {id} for node {node_id}, valid until {expires}",
+                      user=user.name, id=new.info.id, node_id=new.info.node_id,
+                      expires=new.info.expires)
+        return new
+
+    async def list_join_tokens(self, user: User) -> list[JoinTokenInfo]:
+        self._require_admin(user)
+        from epio.store.cluster import list_join_tokens
+
+        return await list_join_tokens(self.store)
 
     async def create_login_code(self, user: User) -> tuple[str, float]:
         """A one-time code that signs the dashboard in as ``user`` (epio.store.logins)."""

@@ -218,11 +218,15 @@ def build_ready(node: Node, settings: ApiSettings, store: Store) -> ReadyApi:
     services.append(named("api-runner-control", dealer))
     sink: BusLogSink | None = None
     loggers = node.settings.cluster.loggers
-    if loggers:
+    if loggers or node.cluster is not None:
         from epio.pipeline import BusLogSink
 
         sink = BusLogSink(node.bus, list(loggers), clock=node.reactor)
         services.append(sink)
+        if node.cluster is not None:  # a logger joins or leaves (epio.cluster)
+            from epio.cluster import follow_endpoints
+
+            follow_endpoints(node.cluster, sink=sink)
     control = BusRunnerControl(dealer)
     scheduler = Scheduler(store, control, node.reactor, settings, log_sink=sink,
                           app_secret=partial(derive_app_secret, node.secret))
@@ -239,7 +243,13 @@ def build_ready(node: Node, settings: ApiSettings, store: Store) -> ReadyApi:
     deployer = Deployer(store, control, node.reactor, settings, scheduler=scheduler,
                         log_sink=sink, owner={"node": node.node_id, "boot": node.boot_id},
                         addons=addons, run_sessions=sessions)
+    joins = None
+    if node.cluster is not None:  # a PostgreSQL store: hosts may join (epio.cluster)
+        from epio.cluster import JoinIssuer, shared_settings
+
+        joins = JoinIssuer(node.secret, shared_settings(node.settings))
     platform = Platform(store, settings, node.reactor, deployer=deployer, scheduler=scheduler,
+                        joins=joins,
                         addons=addons)
     purger = AppPurger(platform, store, node.reactor)
     services.append(named("purge", PurgeService(purger, store, node.reactor,
@@ -417,9 +427,14 @@ def make_beacon(node: Node, endpoint: RecordingEndpoint) -> ApiBeacon | None:
     route is off: ``api.hostname = off``)."""
     s = node.settings
     nexus = [str(n["heartbeat"]) for n in s.cluster.nexus if n.get("heartbeat")]
-    if not nexus or not platform_hostname(s.api.hostname, s.node.domain):
+    if (not nexus and node.cluster is None) or not platform_hostname(s.api.hostname,
+                                                                    s.node.domain):
         return None
-    publisher = node.bus.publisher(connect=nexus)
+    publisher = node.bus.publisher(connect=nexus, may_start_empty=node.cluster is not None)
+    if node.cluster is not None:  # a nexus joins or leaves (epio.cluster)
+        from epio.cluster import follow_endpoints
+
+        follow_endpoints(node.cluster, heartbeats=publisher)
     publisher.setName("api-heartbeat")  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
     explicit = parse_advertise(s.api.advertise)
     beacon = ApiBeacon(node.reactor, publisher, node.node_id, node.boot_id,

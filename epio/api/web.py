@@ -286,6 +286,23 @@ class Api(AddonRoutes, CronRoutes, RunRoutes):
         await self.platform.delete_token(user, token_id)
         return {"deleted": token_id}
 
+    # --- cluster ----------------------------------------------------------------
+
+    @operation("POST", "/cluster/join-tokens", "createJoinToken",
+               "A single-use, expiring token with which one new host joins the cluster "
+               "(`epio-admin join --store URL --token T`; admins only)",
+               request=ref("NewJoinToken"), response=ref("CreatedJoinToken"), status=201,
+               tag="cluster")
+    async def create_join_token(self, request: Any, user: Any, body: dict[str, Any]) -> Any:
+        new = await self.platform.create_join_token(user, body.get("node_id"), body.get("ttl"))
+        return {"token": new.token, "info": serialize.join_token(new.info)}
+
+    @operation("GET", "/cluster/join-tokens", "listJoinTokens",
+               "Join tokens kept (never the tokens; admins only)",
+               response=array(ref("JoinToken")), tag="cluster")
+    async def list_join_tokens(self, request: Any, user: Any) -> Any:
+        return [serialize.join_token(t) for t in await self.platform.list_join_tokens(user)]
+
     # --- apps -------------------------------------------------------------------
 
     @operation("GET", "/apps", "listApps", "Apps the caller owns or collaborates on",

@@ -129,9 +129,11 @@ def hostname_or_off(value: Any) -> str | None:
 
 
 def s3_endpoint(value: Any) -> str | None:
-    if value == "" or re.match(r"^https?://[^/?#\s]+/?$", value):
+    # no user:password@: a credential there would be in every S3 error text (shown in
+    # backup listings); the keys are archive_s3_access_key_id and its secret file
+    if value == "" or re.match(r"^https?://[^/?#\s@]+/?$", value):
         return None
-    return "must be empty or http(s)://HOST[:PORT] (no path, no query)"
+    return "must be empty or http(s)://HOST[:PORT] (no path, no query, no user:password@)"
 
 
 def s3_prefix(value: Any) -> str | None:
@@ -201,6 +203,17 @@ SCHEMA: dict[str, dict[str, Key]] = {
             list, ["tcp://127.0.0.1:7721"],
             "Every logger's PULL endpoint; log lines and stats are pushed to each.",
             item_kind=str,
+        ),
+        "follow_interval": Key(
+            float, 2.0, "Seconds between two reads of the nexus and logger endpoint lists "
+            "in the store (PostgreSQL store only; docs/cluster.md); a nexus or logger node "
+            "refreshes its own entry as often. Every node merges the store's lists with "
+            "cluster.nexus and cluster.loggers.", positive,
+        ),
+        "endpoint_ttl": Key(
+            float, 30.0, "Seconds after its last refresh that a nexus or logger entry in the "
+            "store is left out of the lists (a host that died without unregistering). Must "
+            "exceed cluster.follow_interval.", positive,
         ),
     },
     "bus": {
@@ -1045,5 +1058,15 @@ def _archive_keys(values: dict[str, dict[str, Any]]) -> list[str]:
     return out
 
 
+def _endpoint_ttl(values: dict[str, dict[str, Any]]) -> list[str]:
+    cluster = values["cluster"]
+    if cluster["endpoint_ttl"] <= cluster["follow_interval"]:
+        return [f"cluster.endpoint_ttl ({cluster['endpoint_ttl']:g}) must exceed "
+                f"cluster.follow_interval ({cluster['follow_interval']:g}): a live nexus or "
+                "logger would age out of the lists between two refreshes"]
+    return []
+
+
 CHECKS: list[Callable[[dict[str, dict[str, Any]]], list[str]]] = [_upload_fits_bus, _uid_range,
-                                                                   _acme_timing, _archive_keys]
+                                                                   _acme_timing, _archive_keys,
+                                                                   _endpoint_ttl]

@@ -70,6 +70,12 @@ class ClusterSettings:
     loggers: tuple[str, ...]
     """Every logger's PULL endpoint; log lines and stats are pushed to each."""
 
+    follow_interval: float
+    """Seconds between two reads of the nexus and logger endpoint lists in the store (PostgreSQL store only; docs/cluster.md); a nexus or logger node refreshes its own entry as often. Every node merges the store's lists with cluster.nexus and cluster.loggers."""
+
+    endpoint_ttl: float
+    """Seconds after its last refresh that a nexus or logger entry in the store is left out of the lists (a host that died without unregistering). Must exceed cluster.follow_interval."""
+
 
 @frozen
 class BusSettings:

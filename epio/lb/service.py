@@ -586,10 +586,15 @@ def pipeline_sinks(node: Node, standalone: bool) -> tuple[Any, Any, Any]:
     from epio.pipeline import LocalLogSink
 
     loggers = node.settings.cluster.loggers
-    if loggers and not standalone and node.settings.lb.access_log == "":
+    if ((loggers or node.cluster is not None) and not standalone
+            and node.settings.lb.access_log == ""):
         from epio.pipeline import BusLogSink
 
         sink = BusLogSink(node.bus, list(loggers), clock=node.reactor)
+        if node.cluster is not None:  # a logger joins or leaves (epio.cluster)
+            from epio.cluster import follow_endpoints
+
+            follow_endpoints(node.cluster, sink=sink)
         return sink, sink, sink
     local = LocalLogSink()
     return local, local, None
@@ -650,6 +655,12 @@ def route_feed_mode(lb: LbSettings, roles: frozenset[str]) -> str:
 def make_service(node: Node) -> LBService:
     """The ``lb`` role of ``node``: its composition root (every object built here)."""
     cfg = node.config
+    if node.cluster is not None:
+        # a child process merges its own lists (this data dir's cache, then the store it
+        # follows): it gets the hand-written ones, not this process's merge
+        hand = node.cluster.configured
+        cfg = cfg.replace("cluster", nexus=[dict(n) for n in hand.nexus],
+                          loggers=list(hand.loggers))
     lb = node.settings.lb
     spool = spool_dir(node.data_dir)
     spec: WorkerSpec = {"config": cfg.as_dict(), "data_dir": str(node.data_dir),

@@ -728,9 +728,13 @@ class PeerRunners(MultiService):
             return []
         store = await self.store_service.whenReady()
         nodes = await store.list_nodes("runner")
-        return [n.control_endpoint for n in nodes
-                if n.control_endpoint and n.id != self.node_id
-                and n.control_endpoint != self.own_control]
+        peers = [n for n in nodes if n.control_endpoint and n.id != self.node_id
+                 and n.control_endpoint != self.own_control]
+        # the most recently seen first: a runner whose host died stays registered, and an
+        # image fetch that asked it first would wait out runner.fetch_timeout before the
+        # next peer (a host joined after a runner host died fetched nothing for 30 s)
+        peers.sort(key=lambda n: -n.last_seen)
+        return [str(n.control_endpoint) for n in peers]
 
     async def request(self, endpoint: str, type: str, body: dict[str, Any],
                       timeout: float) -> dict[str, Any]:
@@ -839,7 +843,12 @@ def make_service(node: Node) -> RunnerService:
                          uid_check=isolation.uid_switch)
     snapshots = make_snapshots(reactor, node.data_dir, conf.addons, conf.backup)
     nexus = [str(n["heartbeat"]) for n in conf.cluster.nexus if n.get("heartbeat")]
-    publisher = node.bus.publisher(connect=nexus) if nexus else None
+    publisher = (node.bus.publisher(connect=nexus, may_start_empty=node.cluster is not None)
+                 if nexus or node.cluster is not None else None)
+    if node.cluster is not None:  # a nexus or logger joins or leaves: follow (epio.cluster)
+        from epio.cluster import follow_endpoints
+
+        follow_endpoints(node.cluster, sink, publisher)
     if publisher is not None:
         publisher.setName("runner-heartbeat")  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
     peers.setName("runner-peers")  # type: ignore[no-untyped-call]  # Twisted leaves it untyped

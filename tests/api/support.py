@@ -187,7 +187,8 @@ async def settle(d: Deferred[Any], stub: StubTreq | None = None, timeout: float 
 class Harness:
     """One api over a fresh SQLite store, with fake runners and a scheduler."""
 
-    def __init__(self, settings: ApiSettings | None = None) -> None:
+    def __init__(self, settings: ApiSettings | None = None, joins: Any = None) -> None:
+        self.joins = joins  # an epio.cluster.JoinIssuer: the api makes join tokens
         self.tmp = Path(tempfile.mkdtemp(prefix="epio-api-test-"))
         # no nexus here and no settle time: routing waits are tested on their own
         self.settings = settings or ApiSettings(drain_seconds=0.0, reconcile_interval=0.05,
@@ -205,7 +206,7 @@ class Harness:
                                  scheduler=self.scheduler, owner={"node": "api1",
                                                                   "boot": "boot-1"})
         self.platform = Platform(self.store, self.settings, reactor, deployer=self.deployer,
-                                 scheduler=self.scheduler)
+                                 scheduler=self.scheduler, joins=self.joins)
         self.api = Api(self.platform, max_json_bytes=self.settings.max_json_bytes,
                        max_upload_bytes=self.settings.max_upload_bytes,
                        api_url=self.settings.platform_url())

@@ -16,6 +16,9 @@ docs/cluster.md quotes them):
    through the router keep succeeding, the scheduler leader is re-elected, a scale
    and a config change made after the promotion take effect, with no other step;
 6. kill the host of the scheduler's leader: another api takes over;
+7. a bare host joins as a runner and logger with ``epio-admin join`` and a join token;
+   every node follows the store's lists to its logger; an instance scaled onto it
+   answers through the routers.
 8. partition a runner host from the nexus hosts for 10 s under load (nft in its
    namespace; routers and apis still reach it), then heal: failed requests,
    re-placement (none), seconds to full routed capacity after the heal, no duplicate
@@ -51,6 +54,9 @@ from tests.cluster.harness import (
     sh,
     unavailable,
     wait_until,
+)
+from tests.cluster.harness import (
+    Node as ClusterNode,
 )
 from tests.util import CHECKOUT, epio_env
 
@@ -135,10 +141,10 @@ class Load:
                 f"p99 {lat[int(len(lat) * 0.99)] * 1000:.0f} ms, max {lat[-1] * 1000:.0f} ms")
 
 
-def get(addr: str) -> tuple[int, str]:
+def get(addr: str, path: str = "/") -> tuple[int, str]:
     conn = http.client.HTTPConnection(addr, 8080, timeout=10)
     try:
-        conn.request("GET", "/", headers={"Host": HOST_HEADER})
+        conn.request("GET", path, headers={"Host": HOST_HEADER})
         resp = conn.getresponse()
         return resp.status, resp.read().decode("utf-8", "replace")
     finally:
@@ -650,6 +656,125 @@ class ClusterChaosTests(unittest.TestCase):
         # nodes listen only with TLS certificates) came back on the new primary
         self.assertTrue(reconnected, "no store listener reconnected")
 
+    def test_7_join_runner_host(self) -> None:
+        """A bare host joins as a runner (and a logger) with one command (the store URL
+        and a join token from the api); it gets the nexus and logger lists from the
+        store, every other node's log sinks follow the store's list to its logger, an
+        instance scaled onto it is answered through every live router, and the token is
+        used up.  No secret in the command's output or the node's log."""
+        self.need_deploy()
+        c = self.cluster
+        t0 = time.monotonic()
+        made = c.api("POST", "cluster/join-tokens", {"node_id": "h11", "ttl": 300},
+                     host=self.live_api())
+        token = made["token"]
+        # a runner, and a logger: every node's log sinks must follow the store's list to it
+        host = c.add_host("h11", ["runner", "logger"])
+        out = c.join(host, token, c.runner_sets(host))
+        joined = time.monotonic() - t0
+        secret = (c.root / "cluster-secret").read_text().strip()
+        self.assertEqual((host.dir / "data" / "cluster-secret").read_text().strip(), secret)
+        self.assertNotIn(secret, out)
+        self.assertNotIn(token, out)
+        used = [t for t in c.api("GET", "cluster/join-tokens", host=self.live_api())
+                if t["id"] == made["info"]["id"]]
+        self.assertIsNotNone(used[0]["used"], used)
+        host.node = ClusterNode(host, host.roles, None)  # twistd epio --config --role only
+        host.node.start()
+        wait_until("h11 registered as a runner", lambda: any(
+            n["id"] == "h11" and "runner" in n["roles"]
+            for n in c.api("GET", "nodes", host=self.live_api())), timeout=60)
+        registered = time.monotonic() - t0
+        # its logger listed itself in the store: every live node with a log sink (runners,
+        # apis, routers) connects to it without a word in their configs
+        pull = f"tcp://{host.addr}:7721"
+        sinks = [h for h in c.hosts.values() if h is not host and h.is_up() and h.node
+                 and {"runner", "api", "lb"} & set(h.roles)]
+        wait_until(f"every node's log sink follows to {pull}", lambda: all(
+            f"bus push: connected to {pull}" in h.node.output() for h in sinks),  # type: ignore[union-attr]
+            timeout=30)
+        followed = time.monotonic() - t0
+        # a scheduler pass places with the runners it listed when it began: one under way
+        # at the registration (a pass lasts api.status_timeout while a dead runner is
+        # still registered, after case 4) would place on the others.  The next pass polls
+        # the new runner first: its leader's dealer connects to it.
+        leader = wait_until("a live scheduler leader", c.leader, timeout=30)
+        wait_until(f"the scheduler ({leader.name}) reaches h11", lambda: (
+            f"connected to tcp://{host.addr}:7731" in leader.node.output()), timeout=30)
+        # one more web instance: the scheduler spreads an app's type first, so it goes to
+        # the runner with none of them: the new host
+        n = len([p for p in c.api("GET", f"apps/{APP}/ps", host=self.live_api())
+                 if p["name"].startswith("web.")])
+        c.api("PATCH", f"apps/{APP}/formation", {"processes": {"web": {"quantity": n + 1}}},
+              host=self.live_api())
+        try:
+            mine = wait_until("a healthy instance on h11", lambda: [
+                p for p in c.api("GET", f"apps/{APP}/ps", host=self.live_api())
+                if p["name"].startswith("web.") and p["node"] == "h11"
+                and p["state"] == "healthy"], timeout=60)
+        except AssertionError as e:
+            ps = c.api("GET", f"apps/{APP}/ps", host=self.live_api())
+            leader = c.leader()
+            since = time.strftime("%H:%M:%S", time.gmtime(time.time() - (time.monotonic() - t0)))
+            self.fail(f"{e}\nps: {[(p['name'], p['node'], p['state']) for p in ps]}\n"
+                      f"--- h11 ---\n{host.node.output()[-6000:]}\n--- leader "
+                      f"{leader.name if leader else None} since {since} ---\n"
+                      + "\n".join(ln[11:19] + " " + ln.split("] ", 1)[-1][:300]
+                                  for ln in (leader.node.output() if leader and leader.node
+                                             else "").splitlines()
+                                  if ln[11:19] >= since)[-8000:])
+        healthy = time.monotonic() - t0
+        self.assertEqual(mine[0]["host"], host.addr)
+        backend = f"backend={host.addr}:{mine[0]['port']}"
+        self.router_back("7 join runner host")  # cases 2 and 6 may have killed both
+        routers = [h for h in c.with_role("lb") if h.is_up()]
+        answered: dict[str, int] = {}
+        for r in routers:
+            wait_until(f"{r.name} routes to h11's instance", lambda r=r: self.routed_to(
+                r, backend, f"/join-wait-{r.name}-"), timeout=30, interval=0.5)
+            results = [get(r.addr, f"/join-probe-{r.name}-{i}") for i in range(100)]
+            answered[r.name] = sum(x == (200, BODY) for x in results)
+        reached = {r.name: wait_until(f"access lines of {r.name}'s probes", lambda r=r: (
+            lambda lines: lines if len(lines) >= 100 else None)(
+                self.access_lines(f"/join-probe-{r.name}-")), timeout=20) for r in routers}
+        on_new = {name: sum(backend in ln for ln in lines) for name, lines in reached.items()}
+        report("7 join runner host",
+               f"h11 ({host.addr}) joined in {joined:.1f}s (one command), registered as a "
+               f"runner after {registered:.1f}s, its logger followed by "
+               f"{sorted(h.name for h in sinks)} after {followed:.1f}s, its instance "
+               f"healthy after {healthy:.1f}s "
+               f"(web {n} -> {n + 1}); 100 requests through each router (answered): "
+               f"{answered}; of them at h11's instance ({backend}): {on_new}; join said: "
+               + " | ".join(ln.strip() for ln in out.splitlines()[:5]))
+        self.assertNotIn(secret, host.node.output())
+        # the lists came from the store (the joined config has none by hand): every live
+        # nexus and logger is in them (a dead host's entry stays until cluster.endpoint_ttl)
+        said = {ln.split()[0]: ln.split()[1:] for ln in out.splitlines() if ln.startswith("  ")}
+        live = [h for h in c.hosts.values() if h.is_up() and h is not host]
+        self.assertTrue(said["nexus"], out)
+        for h in live:
+            if "nexus" in h.roles:
+                self.assertIn(f"tcp://{h.addr}:7712", said["nexus"], out)
+            if "logger" in h.roles:
+                self.assertIn(f"tcp://{h.addr}:7721", said["loggers"], out)
+        for name in answered:
+            self.assertEqual(answered[name], 100, answered)
+            self.assertGreater(on_new[name], 0, on_new)
+        if len(c.with_role("lb")) == len(routers):  # run alone (-k): both routers alive
+            self.assertEqual(len(routers), 2)
+        self.assertTrue(routers)
+
+    def access_lines(self, prefix: str) -> list[str]:
+        """The routers' access lines of requests whose path starts with ``prefix``."""
+        body = self.cluster.api("GET", f"apps/{APP}/logs?source=router&n=2000",
+                                host=self.live_api())
+        return [ln["text"] for ln in body["lines"] if f"GET {prefix}" in ln["text"]]
+
+    def routed_to(self, router: Host, backend: str, prefix: str) -> bool:
+        """Whether ``router`` sent one of a few more requests to ``backend``."""
+        for i in range(8):
+            get(router.addr, f"{prefix}{i}")
+        return any(backend in ln for ln in self.access_lines(prefix))
     def test_8_partition_runner_host(self) -> None:
         """One runner host is cut from every nexus host for 10 s under load, then healed.
 
@@ -754,7 +879,7 @@ class ClusterChaosTests(unittest.TestCase):
         self.assertNotIn(canary.encode(), wire)
         self.assertNotIn(b"nexus.where", wire)
 
-    def router_back(self) -> Host:
+    def router_back(self, case: str = "8 partition runner host") -> Host:
         """A live router; when cases 2 and 6 killed both lb hosts (the scheduler's
         leader ran on the second), the first one comes back (revive: link up, its node
         started again) and answers."""
@@ -772,8 +897,8 @@ class ClusterChaosTests(unittest.TestCase):
             wait_until(f"{host.name}: {ln!r} again", lambda ln=ln: host.node is not None
                        and host.node.output().count(ln) > seen[ln], timeout=90)
         self.wait_routed(host.addr)
-        report("8 partition runner host", f"no router was left (cases 2 and 6): {host.name} "
-                                          f"revived, routing after {time.monotonic() - t0:.1f}s")
+        report(case, f"no router was left (cases 2 and 6): {host.name} revived, routing "
+                     f"after {time.monotonic() - t0:.1f}s")
         return host
 
     def live_router(self) -> Host:
