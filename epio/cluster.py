@@ -201,6 +201,12 @@ class EndpointLists:
                 "routers": list(self.routers)}
 
     @classmethod
+    def from_rows(cls, rows: Any) -> EndpointLists:
+        """The lists of the store's rows (a :class:`~epio.store.cluster.StoredEndpoints`)."""
+        return cls(tuple(n for _, n in rows.nexus), tuple(p for _, p in rows.loggers),
+                   tuple(dict.fromkeys(a for _, addrs in rows.routers for a in addrs)))
+
+    @classmethod
     def from_json(cls, doc: Any) -> EndpointLists:
         if not isinstance(doc, dict):
             return cls()
@@ -410,10 +416,7 @@ class ClusterDirectory(Service):
                           count=self._failing)
             self._failing = 0
         self.reads += 1
-        self.update(EndpointLists(tuple(n for _, n in rows.nexus),
-                                  tuple(p for _, p in rows.loggers),
-                                  tuple(dict.fromkeys(a for _, addrs in rows.routers
-                                                      for a in addrs))))
+        self.update(EndpointLists.from_rows(rows))
 
     def update(self, stored: EndpointLists) -> None:
         """Take ``stored`` as the store's lists; tell the observers if the merge changed."""
