@@ -25,13 +25,13 @@ from epio.api.spec import HOSTNAME_RULE
 from epio.api.state import (
     DEFAULT_SIZE,
     KEEP,
+    SERVING_WINDOW,
     SIZES,
     ReleaseState,
     current_release,
     failed_releases,
     kept,
     release_states,
-    serving_release,
 )
 from epio.appenv import reserved_reason
 from epio.domain import PLATFORM_APP, reserved_app_name_problem
@@ -214,20 +214,26 @@ class Platform:
             return []
         users = {u.id: u.name for u in await self.store.list_users()}
         instances = await self.store.list_instances(apps[0].name if len(apps) == 1 else None)
+        # a few queries for the whole list, not three per app (1,000 apps: docs/apps.md
+        # "Density")
+        releases, deploys, collaborators = await self.store.recent_by_app(
+            [a.name for a in apps], SERVING_WINDOW)
+        healthy: dict[str, dict[str, int]] = {}
+        for inst in instances:
+            if inst.state == "healthy":
+                counts = healthy.setdefault(inst.app, {})
+                counts[inst.process_type] = counts.get(inst.process_type, 0) + 1
         out = []
         for app in apps:
-            serving = await serving_release(self.store, app.name)  # "current" in releases
-            collaborators = [u.name for u in await self.store.list_collaborators(app.name)]
-            counts: dict[str, int] = {}
-            for inst in instances:
-                if inst.app == app.name and inst.state == "healthy":
-                    counts[inst.process_type] = counts.get(inst.process_type, 0) + 1
+            states = release_states(releases[app.name], deploys[app.name])
+            serving = next((v for v, s in states.items() if s.status == "current"), None)
             out.append({
                 "name": app.name, "owner": users.get(app.owner_id, app.owner_id),
                 "url": self.settings.url_of(app.name), "created": app.created,
                 "maintenance": app.maintenance,
-                "release": serving,
-                "collaborators": collaborators, "processes": counts,
+                "release": serving,  # "current" in releases
+                "collaborators": [u.name for u in collaborators[app.name]],
+                "processes": healthy.get(app.name, {}),
             })
         return out
 

@@ -60,9 +60,11 @@ from epio.api.control import IRunnerControl
 from epio.api.settings import ApiSettings
 from epio.api.state import (
     DEFAULT_SIZE,
+    SERVING_WINDOW,
     SIZES,
-    current_release,
+    failed_releases,
     kept,
+    pick_current,
     platform_line,
     rollout_verdict,
     routers_have,
@@ -73,6 +75,7 @@ from epio.services import attach
 from epio.store import (
     DEPLOY_FINAL,
     Deploy,
+    Formation,
     Instance,
     InvalidTransition,
     LeaderService,
@@ -271,10 +274,20 @@ class Scheduler:
                     expiry=_wall(v.expiry(dead_after)), dead_after=dead_after,
                     late=now - v.expiry(dead_after))
         instances = await self._fold_reports(now, alive)
-        for app in await self.store.list_apps():
+        apps = await self.store.list_apps()
+        # what each app's turn reads, read for every app at once: a few queries a pass,
+        # not four per app (1,000 apps: docs/apps.md "Density")
+        names = [a.name for a in apps]
+        releases, deploys, _ = await self.store.recent_by_app(names, SERVING_WINDOW + 1)
+        formations = await self.store.formations_by_app(names)
+        by_app: dict[str, list[Instance]] = {}
+        for inst in instances:
+            by_app.setdefault(inst.app, []).append(inst)
+        for app in apps:
             try:
-                await self._reconcile_app(app, [i for i in instances if i.app == app.name],
-                                          instances, now)
+                await self._reconcile_app(app, by_app.get(app.name, []), instances, now,
+                                          deploys[app.name][:SERVING_WINDOW],
+                                          releases[app.name], formations[app.name])
             except NotFound:
                 failure = Failure()
                 if await self._deleted(app.name):
@@ -424,13 +437,14 @@ class Scheduler:
         return list(known.values())
 
     async def _reconcile_app(self, app: App, mine: list[Instance], everyone: list[Instance],
-                             now: float) -> None:
-        deploys = await self.store.list_deploys(app.name, limit=200)
+                             now: float, deploys: list[Deploy], releases: list[Release],
+                             formation: dict[str, Formation]) -> None:
+        """Converge one app: ``deploys`` and ``releases`` are its newest (newest first,
+        deploys without their log), ``formation`` its formation, as the pass read them."""
         # dedicated database servers are run by the add-ons code (epio.api.addons)
         mine = [i for i in mine if i.process_type not in SERVICE_PROCESS_TYPES]
-        release = await current_release(self.store, app.name, deploys)
+        release = pick_current(releases, await failed_releases(self.store, app.name, deploys))
         await self._recover_deploys(app.name, now, deploys, release, mine)
-        formation = await self.store.get_formation(app.name)
         want: dict[str, int] = {}
         if release is not None and release.image:
             for ptype, f in formation.items():

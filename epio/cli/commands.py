@@ -16,7 +16,7 @@ import time
 import webbrowser
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from epio.cli.client import (
     APP_FILE,
@@ -91,6 +91,19 @@ def confirm_name(args: argparse.Namespace, name: str, prompt: str, refused: str)
 ROUTED_PROBE_TIMEOUT = 5.0
 
 
+def routed_refused(api: str, routed: str) -> str:
+    """Why the routed URL an api names is not taken in place of ``api`` ("" if it may
+    be): it must be http(s), and never plain http when ``api`` is https -- the token
+    would then go in clear to whatever answers there, for every later command."""
+    scheme = urlsplit(routed).scheme
+    if scheme not in ("http", "https") or not urlsplit(routed).netloc:
+        return f"the platform's routed URL {routed!r} is not an http(s) URL; kept {api}"
+    if urlsplit(api).scheme == "https" and scheme != "https":
+        return (f"the platform's routed URL {routed} is not https like {api}; kept {api} "
+                "(the token is never moved to plain http)")
+    return ""
+
+
 def routed_default(api: str, token: str) -> tuple[str, str]:
     """The URL to keep for a login at ``api``, and why, when it is not ``api``: given an
     api node's own listener (the request did not come through a router) that names the
@@ -100,6 +113,9 @@ def routed_default(api: str, token: str) -> tuple[str, str]:
     routed = str(status.get("api_url") or "").rstrip("/")
     if status.get("routed") or not routed or routed == api:
         return api, ""
+    refused = routed_refused(api, routed)
+    if refused:
+        return api, refused
     try:
         probe = Client(routed, token, timeout=ROUTED_PROBE_TIMEOUT)
         through = probe.get("status") or {}

@@ -330,11 +330,11 @@ class SandboxLauncher:
     def oom_kills(self, launch: Launch) -> int:
         return launch.cgroup.oom_kills() if launch.cgroup is not None else 0
 
-    def listening_ports(self, launch: Launch) -> list[int]:
+    def listening_ports(self, launch: Launch, host: str | None = None) -> list[int]:
         pids = set(launch.cgroup.pids()) if launch.cgroup is not None else set()
         if launch.pid is not None:
             pids |= process_tree([launch.pid])
-        return listening_ports(pids)
+        return listening_ports(pids, host=host)
 
     def cleanup(self, launch: Launch) -> defer.Deferred[None]:
         return defer.Deferred.fromCoroutine(self._cleanup(launch))

@@ -233,6 +233,7 @@ class RunnerService(OrderedMultiService):
         self.heartbeats_sent = 0
         self.heartbeats_dropped = 0
         self._save_call: IDelayedCall | None = None
+        self._records = statefile.RecordCache()  # the state file's records as JSON text
         self._announce_call: IDelayedCall | None = None
         self._beat: task.LoopingCall | None = None
         self._last_register = -1e18
@@ -385,7 +386,7 @@ class RunnerService(OrderedMultiService):
         records = []
         for inst in self.supervisor.instances.values():
             launch = inst.launch
-            records.append({
+            records.append((inst.spec.instance_id, {
                 "spec": inst.spec.to_message(), "state": inst.state.value, "port": inst.port,
                 "uid": inst.spec.uid, "restarts": inst.restarts,
                 "pid": launch.pid if launch else None,
@@ -395,10 +396,10 @@ class RunnerService(OrderedMultiService):
                             if launch and launch.cgroup else {}),
                 "scratch": launch.scratch if launch else None,
                 "image": launch.image if launch else None,
-            })
+            }))
         try:
-            statefile.save(self.state_path, {"boot_id": self.boot_id, "node_id": self.node_id,
-                                             "instances": records})
+            statefile.save_text(self.state_path, self._records.render(
+                {"boot_id": self.boot_id, "node_id": self.node_id}, records))
         except OSError as e:
             self.log.error("cannot write runner state {path}: {error}",
                            path=str(self.state_path), error=str(e))

@@ -369,9 +369,10 @@ class ILauncher(Interface):
     def oom_kills(launch: Launch) -> int:
         """How many out-of-memory kills the kernel counted for the launch."""
 
-    def listening_ports(launch: Launch) -> list[int]:
+    def listening_ports(launch: Launch, host: str | None = None) -> list[int]:
         """The TCP ports the launch's processes listen on (to say what is wrong when
-        a web process never answers on $PORT)."""
+        a web process never answers on $PORT); with ``host``, only on sockets that take
+        connections to that address (the wildcard or the address itself)."""
 
     def cleanup(launch: Launch) -> defer.Deferred[None]:
         """Remove what prepare made (after the process is gone)."""
@@ -773,10 +774,19 @@ class Supervisor:
         if not self._port_still_free(inst):
             return
         extra: dict[str, str] = {}
-        if (self.service_gate is not None and inst.spec.process_type in SERVICE_PROCESS_TYPES
+        if (inst.spec.process_type in SERVICE_PROCESS_TYPES
                 and "EPIO_ADDON_EPOCH" in inst.spec.env):
             from epio.addons.standby import Fenced
 
+            if self.service_gate is None:
+                # fail closed: without the record's answer a fenced old primary would
+                # start (as a primary: the script's default) and accept writes
+                why = ("its role cannot be asked (this runner has no store): a server of "
+                       "an add-on with a standby is not started")
+                self.log.error("instance {i}: {why}", i=inst.spec.instance_id, why=why)
+                self._say(inst, why)
+                self._to(inst, State.STOPPED if inst.stopping else State.FAILED, why)
+                return
             try:
                 extra = await self.service_gate(inst.spec)
             except Fenced as e:
@@ -973,7 +983,10 @@ class Supervisor:
         traffic.  Checked once per start, before the instance is first healthy."""
         if inst.port is None or inst.launch is None:
             return True
-        if inst.port in self.launcher.listening_ports(inst.launch):
+        # on a socket that takes the health check's (and the routers') connections: one
+        # on 127.0.0.1:P leaves advertise_host:P to whoever binds it
+        if inst.port in self.launcher.listening_ports(inst.launch,
+                                                      self.settings.advertise_host):
             return True
         if not inst.squatted:
             inst.squatted = True

@@ -838,6 +838,16 @@ class ServiceGateTests(SynchronousTestCase):
         self.assertEqual(len(self.h.reactor.spawned), 1)
         self.assertEqual(self.h.proc().env["EPIO_SERVER_ROLE"], "primary")
 
+    def test_no_gate_no_start(self) -> None:
+        """A runner without a gate (no store to ask) never spawns a server of an add-on
+        with a standby: it could be a fenced old primary (fail closed)."""
+        self.h.sup.service_gate = None
+        self.start()
+        self.assertEqual(self.h.reactor.spawned, [])
+        self.assertEqual(self.h.state(), "failed")
+        self.h.reactor.advance(600)
+        self.assertEqual(self.h.reactor.spawned, [])
+
     def test_servers_without_an_epoch_are_not_asked(self) -> None:
         self.h.sup.start(body(process_type="epio-redis", command=["/bin/sh", "-c", "x"],
                               release=0, env={"EPIO_SERVICE_DIR": ".epio-redis-ab"}))

@@ -19,6 +19,12 @@ Steps (each streamed line by line to the app's log, source ``build``):
 8. ``mksquashfs`` (deterministic: no times, no xattrs, all files root's) into
    ``DATA_DIR/images/<sha256>.squashfs``, or a read-only directory image.
 
+Identical work is done once: after step 2, the build's inputs (the unpacked files'
+digest, the config it sees, the node's interpreters and build settings, this
+pipeline's own code) name an entry of ``DATA_DIR/cache/builds``; when an earlier build
+with the same inputs left its image there, that image is the result and steps 3-8 are
+skipped (:class:`BuildCache`).
+
 Untrusted steps (pip, the app's Django code) run as the build user in their
 own process group and memory cgroup, under the build's deadline.
 """
@@ -290,6 +296,8 @@ class _Ctx:
     gid: int | None
     facts: dict[str, Any]
     python_version: str = ""  # the app's interpreter (the requirement set's cache key)
+    source: str = ""  # digest of the unpacked upload (the build cache's key), "" if none
+    node: dict[str, Any] = field(factory=dict)  # the node's part of the build cache's key
 
 
 @define
@@ -321,6 +329,67 @@ class _Tree:
         return self.workdir.relative_to(self.tree).as_posix()
 
 
+def _pipeline_version() -> str:
+    """A digest of the build pipeline's own code: a new epio makes new build keys."""
+    global _PIPELINE
+    if _PIPELINE is None:
+        h = hashlib.sha256()
+        here = Path(__file__).resolve().parent
+        for f in sorted([*here.glob("*.py"), here.parents[1] / "manifest.py"]):
+            h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+        _PIPELINE = h.hexdigest()
+    return _PIPELINE
+
+
+_PIPELINE: str | None = None
+
+
+class BuildCache:
+    """Builds already done: their inputs' digest -> the image and facts they produced.
+
+    The key covers everything a build's output depends on: the unpacked upload (every
+    path, mode, link and content: :func:`~.images.tree_digest`), the config vars the
+    build sees (add-on URLs and secrets included: an app with other config never
+    shares), the node's interpreters, image format and ``[build]`` settings, and the
+    pipeline's code.  It is scoped to the app (its name is part of the key) whenever
+    the app's own wheel cache (``cache/wheels-app/<app>``: wheels built from source or
+    fetched through the app's own pip options) is not empty, and requirements that
+    name paths or URLs (``local``) are never cached — so a hit across apps only ever
+    returns an image made of the same uploaded files and wheels from the node-wide
+    cache, exactly what the app's own build would have made.  Each app still runs
+    under its own UID with its own data dir and route; only the read-only image is
+    shared, as the content-addressed image store already shares equal images.
+
+    Entries are root's own files (0600 in a 0700 directory).  An entry whose image
+    was garbage-collected is ignored (and rebuilt over).
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    @staticmethod
+    def key(source_digest: str, env: Mapping[str, str], node: Mapping[str, Any],
+            scope: str | None) -> str:
+        doc = {"source": source_digest, "env": sorted(env.items()), "node": node,
+               "pipeline": _pipeline_version(), "app": scope}
+        return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        try:
+            doc = json.loads((self.directory / f"{key}.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return doc if isinstance(doc, dict) else None
+
+    def put(self, key: str, digest: str, facts: Mapping[str, Any]) -> None:
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = self.directory / f".{key}.{os.urandom(4).hex()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"digest": digest, "facts": dict(facts)}, f, sort_keys=True)
+        os.replace(tmp, self.directory / f"{key}.json")
+
+
 class Builder:
     """Builds images on this node.  ``await builder.build(app, tarball, env)``.
 
@@ -343,6 +412,7 @@ class Builder:
         # per app: what pip installed for its last plain requirements set (root's)
         self.installed = self.data_dir / "cache" / "installed"
         self.builds_dir = self.data_dir / "builds"
+        self.cache = BuildCache(self.data_dir / "cache" / "builds")
         self._sem = defer.DeferredSemaphore(self.settings.max_concurrent)
         self._prepared: dict[str, Any] | None = None
         self._prepare_lock = threading.Lock()
@@ -650,6 +720,12 @@ class Builder:
                 self._emit(ctx, f"       note: {note}")
         src = await self._unpack(ctx, tarball)  # 1. upload size and unpack
         manifest = await self._read_manifest(ctx, src)  # 2. manifest, before any build work
+        key, hit = await self._thread(self._cached, ctx, src, prep)
+        if hit is not None:
+            duration = self.reactor.seconds() - start
+            self._emit(ctx, f"-----> Image {hit['digest']} reused in {duration:.1f} s: the same "
+                            "files, config and platform as an earlier build")
+            return BuildResult(hit["digest"], manifest, list(ctx.tail), duration, hit["facts"])
         workdir = await self._lay_out(ctx, src, manifest)
         prep = self._choose_python(ctx, manifest, workdir, prep)
         t = _Tree(manifest=manifest, prep=prep, workdir=workdir,
@@ -665,9 +741,53 @@ class Builder:
         await self._django(ctx, t)  # 6. Django
         await self._finish(ctx, t)  # 7. finish the tree
         digest = await self._write_image(ctx, t)  # 8. image
+        if key is not None and (t.reqs is None or t.reqs[2] != "local"):
+            await self._thread(self._remember, ctx, digest)
         duration = self.reactor.seconds() - start
         self._emit(ctx, f"-----> Image {digest} built in {duration:.1f} s")
         return BuildResult(digest, manifest, list(ctx.tail), duration, ctx.facts)
+
+    def _cache_key(self, ctx: _Ctx) -> str:
+        """The build's key (:class:`BuildCache`); scoped to the app when its own wheel
+        cache has anything in it."""
+        try:
+            with os.scandir(self.app_wheels / _safe_name(ctx.app)) as it:
+                scoped = any(True for _ in it)
+        except OSError:
+            scoped = False
+        return self.cache.key(ctx.source, ctx.env, ctx.node, ctx.app if scoped else None)
+
+    def _cached(self, ctx: _Ctx, src: Path,
+                prep: Mapping[str, Any]) -> tuple[str | None, dict[str, Any] | None]:
+        """(in a thread) The build's key, and an earlier build of the same inputs whose
+        image is still here, if any."""
+        from epio.runner.build.images import ImageError, tree_digest
+
+        try:
+            ctx.source = tree_digest(src)
+        except (ImageError, OSError):
+            return None, None
+        ctx.node = {"python": str(prep["python"]), "python_version": prep["python_version"],
+                    "pythons": {v: str(p) for v, p in prep["pythons"].items()},
+                    "format": prep["format"], "settings": repr(self.settings)}
+        key = self._cache_key(ctx)
+        doc = self.cache.get(key)
+        if doc is None or not isinstance(doc.get("facts"), dict):
+            return key, None
+        try:
+            if not self.images.has(str(doc.get("digest"))):
+                return key, None
+        except ImageError:
+            return key, None
+        return key, doc
+
+    def _remember(self, ctx: _Ctx, digest: str) -> None:
+        """(in a thread) Record a finished build under its key — recomputed, since the
+        build may have put wheels in the app's own cache (then the entry is the app's)."""
+        try:
+            self.cache.put(self._cache_key(ctx), digest, ctx.facts)
+        except OSError as e:
+            self.log.warn("build cache: cannot record a build of {app}: {e}", app=ctx.app, e=e)
 
     async def _unpack(self, ctx: _Ctx, tarball: Path) -> Path:
         """Check the upload's size and unpack it (safely) into the work tree."""

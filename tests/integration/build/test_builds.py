@@ -23,6 +23,7 @@ from twisted.web import resource, server
 from epio.appdir import make_tarball
 from epio.manifest import Manifest
 from epio.runner.build import Builder, BuildFailed, BuildResult, ImageStore
+from epio.runner.build.builder import BuildCache
 from tests.util import free_port, wait_for_port
 
 from .helpers import EXAMPLES, PostgresDatabase, Sink, build_cgroups, config, data_dir, write_app
@@ -627,8 +628,9 @@ class WheelCacheTrustTests(_Base):
             list((self.data / "cache" / "wheels-app" / "appa").glob("epio_trust_probe*"))
         )
         self.assertTrue(ImageStore(self.data).has(built.digest))
-        # app A rebuilds offline from its own cache
-        again = await b.build("appa", _tarball(self, a), {})
+        # app A rebuilds offline from its own cache (with a config var, so that this is
+        # not the identical build the build cache would answer at once)
+        again = await b.build("appa", _tarball(self, a), {"REBUILD": "1"})
         self.assertEqual(again.digest, built.digest)
         self.assertIn("from the wheel cache (offline)", sink.text())
         # app B names the same package without bringing it: it must come from the index
@@ -646,6 +648,61 @@ class WheelCacheTrustTests(_Base):
             self.assertIn("pip wheel failed", e.reason)
         else:
             self.fail("app B was given app A's wheel")
+
+
+class BuildCacheTests(_Base):
+    async def test_identical_builds_are_done_once(self) -> None:
+        """A build with the same files, config and platform as an earlier one (any app)
+        reuses its image without running a step; other config, other files, an app with
+        wheels of its own, or a garbage-collected image make a real build."""
+        b, sink = self.builder()
+        src = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, src)
+        shutil.copytree(EXAMPLES / "wsgi", src / "app")
+        tag = os.urandom(4).hex()  # the wheel cache (and its app dirs) is the session's
+
+        def steps(app: str) -> str:
+            return "\n".join(r.text for r in sink.lines if r.app == app)
+
+        first = await b.build(f"one-{tag}", _tarball(self, src / "app"), {"A": "1"})
+        self.assertIn("Creating virtualenv", steps(f"one-{tag}"))
+        (src / "app" / "app.py").touch()  # another mtime: another tarball, the same files
+        second = await b.build(f"two-{tag}", _tarball(self, src / "app"), {"A": "1"})
+        self.assertEqual((second.digest, second.facts), (first.digest, first.facts))
+        self.assertEqual(second.manifest, first.manifest)
+        self.assertIn(f"Image {first.digest} reused", steps(f"two-{tag}"))
+        for step in ("Creating virtualenv", "Installing", "Finishing image", "Writing"):
+            self.assertNotIn(step, steps(f"two-{tag}"))
+        self.assertLess(second.duration, first.duration)
+
+        # other config vars (add-on URLs and secrets among them): another key
+        node = {"python": "/usr/bin/python3"}
+        self.assertNotEqual(BuildCache.key("f" * 64, {"A": "1"}, node, None),
+                            BuildCache.key("f" * 64, {"A": "2"}, node, None))
+        self.assertNotEqual(BuildCache.key("f" * 64, {"A": "1"}, node, None),
+                            BuildCache.key("f" * 64, {"A": "1"}, node, "app"))
+
+        own = self.data / "cache" / "wheels-app" / f"four-{tag}"
+        own.mkdir(parents=True)
+        self.addCleanup(shutil.rmtree, own)
+        (own / "private-1.0-py3-none-any.whl").write_bytes(b"")
+        await b.build(f"four-{tag}", _tarball(self, src / "app"), {"A": "1"})
+        self.assertIn("Creating virtualenv", steps(f"four-{tag}"))
+
+        (src / "app" / "app.py").write_text((src / "app" / "app.py").read_text() + "# v2\n")
+        changed = await b.build(f"five-{tag}", _tarball(self, src / "app"), {"A": "1"})
+        self.assertIn("Creating virtualenv", steps(f"five-{tag}"))
+        self.assertNotEqual(changed.digest, first.digest)
+
+        b.images.path(changed.digest).unlink()  # garbage-collected
+        again = await b.build(f"six-{tag}", _tarball(self, src / "app"), {"A": "1"})
+        self.assertIn("Creating virtualenv", steps(f"six-{tag}"))
+        self.assertEqual(again.digest, changed.digest)
+        self.assertTrue(b.images.has(again.digest))
+        entries = list((self.data / "cache" / "builds").iterdir())
+        self.assertTrue(entries)
+        self.assertTrue(all(e.stat().st_mode & 0o077 == 0 for e in entries))
+        self.assert_nothing_left(b.images.digests())
 
 
 class DiskLimitTests(_Base):
