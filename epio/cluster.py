@@ -19,11 +19,17 @@ The roles' bus links follow them (epio.pipeline.BusLogSink.set_endpoints,
 epio.bus.sockets.BusService.set_connects).  The last lists read are cached in
 ``DATA_DIR/cluster-endpoints.json``, so a node starts with them before the store
 answers (a joined node's TOML lists are empty: it follows the store only).
+
+**Routers.**  A node running the lb role also lists its host's addresses
+(:func:`host_addresses`, re-read at every refresh) as an ``lb`` row; the merged lists
+carry them (``routers``) and each runner's network fence lets only them -- and the
+runner's own host -- open connections to its instance ports (epio.runner.fence).
 """
 
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import os
 import re
@@ -184,13 +190,21 @@ class EndpointLists:
 
     nexus: tuple[Mapping[str, str], ...] = ()
     loggers: tuple[str, ...] = ()
+    routers: tuple[str, ...] = ()  # the router (lb) nodes' host addresses
 
     def nexus_endpoints(self, kind: str) -> list[str]:
         """Every nexus's ``kind`` endpoint (heartbeat, router or publish)."""
         return [str(n[kind]) for n in self.nexus if n.get(kind)]
 
     def to_json(self) -> dict[str, Any]:
-        return {"nexus": [dict(n) for n in self.nexus], "loggers": list(self.loggers)}
+        return {"nexus": [dict(n) for n in self.nexus], "loggers": list(self.loggers),
+                "routers": list(self.routers)}
+
+    @classmethod
+    def from_rows(cls, rows: Any) -> EndpointLists:
+        """The lists of the store's rows (a :class:`~epio.store.cluster.StoredEndpoints`)."""
+        return cls(tuple(n for _, n in rows.nexus), tuple(p for _, p in rows.loggers),
+                   tuple(dict.fromkeys(a for _, addrs in rows.routers for a in addrs)))
 
     @classmethod
     def from_json(cls, doc: Any) -> EndpointLists:
@@ -199,7 +213,8 @@ class EndpointLists:
         nexus = tuple({str(k): str(v) for k, v in n.items()} for n in doc.get("nexus") or []
                       if isinstance(n, dict))
         loggers = tuple(str(x) for x in doc.get("loggers") or [] if isinstance(x, str))
-        return cls(nexus, loggers)
+        routers = tuple(str(x) for x in doc.get("routers") or [] if isinstance(x, str))
+        return cls(nexus, loggers, routers)
 
 
 def _nexus_key(entry: Mapping[str, Any]) -> tuple[str, str, str]:
@@ -217,7 +232,8 @@ def merge(configured: EndpointLists, stored: EndpointLists) -> EndpointLists:
             keys.add(_nexus_key(n))
             nexus.append(n)
     loggers = list(dict.fromkeys([*configured.loggers, *stored.loggers]))
-    return EndpointLists(tuple(nexus), tuple(loggers))
+    routers = list(dict.fromkeys([*configured.routers, *stored.routers]))
+    return EndpointLists(tuple(nexus), tuple(loggers), tuple(routers))
 
 
 def read_cache(data_dir: Path) -> EndpointLists:
@@ -261,6 +277,32 @@ def own_entries(settings: Settings, roles: Iterable[str]) -> dict[str, dict[str,
     return out
 
 
+def host_addresses(proc: Path = Path("/proc")) -> list[str]:
+    """This host's (network namespace's) own addresses other hosts may see as a source:
+    IPv4 from ``/proc/net/fib_trie`` (its ``host LOCAL`` entries), IPv6 of global or
+    site scope from ``/proc/net/if_inet6``; never loopback or link-local ones."""
+    found: set[ipaddress.IPv4Address | ipaddress.IPv6Address] = set()
+    try:
+        last = ""
+        for line in (proc / "net" / "fib_trie").read_text().splitlines():
+            text = line.strip()
+            if text.startswith("|--"):
+                last = text.split()[1]
+            elif text == "/32 host LOCAL" and last:
+                found.add(ipaddress.IPv4Address(last))
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        for line in (proc / "net" / "if_inet6").read_text().splitlines():
+            fields = line.split()
+            if len(fields) >= 4 and len(fields[0]) == 32 and int(fields[3], 16) in (0, 0x40):
+                found.add(ipaddress.IPv6Address(int(fields[0], 16)))
+    except (OSError, ValueError):
+        pass
+    return [str(a) for a in sorted(found, key=lambda a: (a.version, int(a)))
+            if not (a.is_loopback or a.is_link_local or a.is_unspecified)]
+
+
 def configured_lists(settings: Settings) -> EndpointLists:
     c = settings.cluster
     return EndpointLists(tuple({str(k): str(v) for k, v in n.items()} for n in c.nexus),
@@ -287,7 +329,8 @@ class ClusterDirectory(Service):
 
     def __init__(self, clock: IReactorTime, get_store: Callable[[], Deferred[Any]],
                  node_id: str, settings: Settings, roles: Iterable[str], data_dir: Path,
-                 cached: EndpointLists | None = None) -> None:
+                 cached: EndpointLists | None = None,
+                 addresses: Callable[[], list[str]] = host_addresses) -> None:
         self.clock = clock
         self.get_store = get_store
         self.node_id = node_id
@@ -298,6 +341,9 @@ class ClusterDirectory(Service):
         self.stored = cached if cached is not None else EndpointLists()
         self.current = merge(self.configured, self.stored)
         self.own = own_entries(settings, roles)
+        roles = set(roles)
+        self.router = "lb" in roles or "all" in roles  # lists its host's addresses
+        self.addresses = addresses
         self.observers: list[Observer] = []
         self.reads = 0
         self.errors = 0
@@ -345,7 +391,12 @@ class ClusterDirectory(Service):
 
         try:
             store = await self.get_store()
-            for role, entry in self.own.items():
+            own = dict(self.own)
+            if self.router:
+                addresses = self.addresses()
+                if addresses:
+                    own["lb"] = {"addresses": " ".join(addresses)}
+            for role, entry in own.items():
                 await register_endpoints(store, self.node_id, role, entry)
                 if role not in self._registered:
                     self._registered.add(role)
@@ -365,8 +416,7 @@ class ClusterDirectory(Service):
                           count=self._failing)
             self._failing = 0
         self.reads += 1
-        self.update(EndpointLists(tuple(n for _, n in rows.nexus),
-                                  tuple(p for _, p in rows.loggers)))
+        self.update(EndpointLists.from_rows(rows))
 
     def update(self, stored: EndpointLists) -> None:
         """Take ``stored`` as the store's lists; tell the observers if the merge changed."""
@@ -377,11 +427,14 @@ class ClusterDirectory(Service):
         before, self.current = self.current, merged
         self.log.info(
             "cluster: endpoint lists changed: nexus {nexus_before} -> {nexus_after}; "
-            "loggers {loggers_before} -> {loggers_after}",
+            "loggers {loggers_before} -> {loggers_after}; routers {routers_before} -> "
+            "{routers_after}",
             nexus_before=" ".join(before.nexus_endpoints("router")) or "none",
             nexus_after=" ".join(merged.nexus_endpoints("router")) or "none",
             loggers_before=" ".join(before.loggers) or "none",
-            loggers_after=" ".join(merged.loggers) or "none")
+            loggers_after=" ".join(merged.loggers) or "none",
+            routers_before=" ".join(before.routers) or "none",
+            routers_after=" ".join(merged.routers) or "none")
         try:
             write_cache(self.data_dir, stored)
         except OSError as e:

@@ -219,7 +219,7 @@ async def join(reactor: Any, *, store_url: str, token: str, roles: Sequence[str]
                       address=addr, roles=roles, shared=grant.shared, sets=sets,
                       logger_peers=[p for _, p in rows.logger_peers])
     check_config(doc)
-    lists = EndpointLists(tuple(n for _, n in rows.nexus), tuple(p for _, p in rows.loggers))
+    lists = EndpointLists.from_rows(rows)  # the routers too: a runner's fence lets them in
     data_dir.mkdir(parents=True, exist_ok=True)
     data_dir.chmod(0o711)
     write_secret_file(secret_path, grant.secret.hex() + "\n")

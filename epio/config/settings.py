@@ -71,10 +71,10 @@ class ClusterSettings:
     """Every logger's PULL endpoint; log lines and stats are pushed to each."""
 
     follow_interval: float
-    """Seconds between two reads of the nexus and logger endpoint lists in the store (PostgreSQL store only; docs/cluster.md); a nexus or logger node refreshes its own entry as often. Every node merges the store's lists with cluster.nexus and cluster.loggers."""
+    """Seconds between two reads of the nexus, logger and router endpoint lists in the store (PostgreSQL store only; docs/cluster.md); a nexus, logger or lb node refreshes its own entry as often. Every node merges the store's lists with cluster.nexus and cluster.loggers; each runner's network fence lets the routers' addresses reach its instance ports (docs/security.md)."""
 
     endpoint_ttl: float
-    """Seconds after its last refresh that a nexus or logger entry in the store is left out of the lists (a host that died without unregistering). Must exceed cluster.follow_interval."""
+    """Seconds after its last refresh that a nexus, logger or router entry in the store is left out of the lists (a host that died without unregistering). Must exceed cluster.follow_interval."""
 
 
 @frozen

@@ -800,6 +800,7 @@ def make_service(node: Node) -> RunnerService:
     from epio.runner.build.images import ImageStore
     from epio.runner.fence import (
         FencedIsolation,
+        addon_servers,
         app_reach,
         app_uids,
         make_fence,
@@ -837,11 +838,26 @@ def make_service(node: Node) -> RunnerService:
     sessions = SessionManager(reactor, launcher, sink, RunSettings.from_config(conf.run),
                               settings, node_id=node.node_id,
                               store_service=node.store_service, observers=gates)
+    directory = node.cluster
+    static_box: list[Any] = []  # the static server, made below (its port once listening)
+
+    def static_ports() -> list[int]:
+        port = static_box[0].port if static_box else None
+        return [port.getHost().port] if port is not None else []
+
     fence = make_fence(reactor, conf, node.roles, node.data_dir,
-                       app_reach(supervisor, sessions), uids=app_uids(supervisor, sessions))
+                       app_reach(supervisor, sessions), uids=app_uids(supervisor, sessions),
+                       routers=(lambda: directory.current.routers) if directory is not None
+                       else (lambda: ()),
+                       servers=addon_servers(supervisor), inbound=static_ports)
+    if directory is not None:  # a router joins or leaves: the fence follows (epio.cluster)
+        directory.observe(lambda _lists: fence.changed())
     static = make_static(reactor, node.secret, images, node.data_dir,
                          lambda: list(supervisor.instances.values()), rc,
                          uid_check=isolation.uid_switch)
+    if static is not None:
+        static_box.append(static)
+        static.on_listening.append(fence.changed)
     snapshots = make_snapshots(reactor, node.data_dir, conf.addons, conf.backup)
     nexus = [str(n["heartbeat"]) for n in conf.cluster.nexus if n.get("heartbeat")]
     publisher = (node.bus.publisher(connect=nexus, may_start_empty=node.cluster is not None)

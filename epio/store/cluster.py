@@ -34,7 +34,7 @@ from epio.store.store import Store, hash_token
 KEEP_REFUSED = 7 * 86400.0
 
 #: the roles whose endpoints the store lists
-LISTED_ROLES = ("nexus", "logger")
+LISTED_ROLES = ("nexus", "logger", "lb")
 
 
 class JoinRefused(StoreError):
@@ -136,7 +136,8 @@ def new_token_id() -> str:
 async def register_endpoints(store: Store, node_id: str, role: str,
                              endpoints: Mapping[str, str]) -> None:
     """Insert or refresh this node's row for ``role`` (``nexus``: its heartbeat,
-    router and publish endpoints; ``logger``: its pull, router and publish ones)."""
+    router and publish endpoints; ``logger``: its pull, router and publish ones;
+    ``lb``: ``addresses``, its host's addresses separated by spaces)."""
     if role not in LISTED_ROLES:
         raise InvalidValue(f"role {role!r} has no endpoints in the store")
     value = json.dumps(dict(endpoints), sort_keys=True)
@@ -171,6 +172,9 @@ class StoredEndpoints:
     loggers: tuple[tuple[str, str], ...] = ()
     #: each logger's router and publish endpoints (what the api queries: logger.peers)
     logger_peers: tuple[tuple[str, dict[str, str]], ...] = ()
+    #: each router (lb) node's addresses: the sources the runners' fences let reach
+    #: instance ports (epio.runner.fence)
+    routers: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 async def read_endpoints(store: Store, ttl: float) -> StoredEndpoints:
@@ -181,6 +185,7 @@ async def read_endpoints(store: Store, ttl: float) -> StoredEndpoints:
     nexus: list[tuple[str, dict[str, str]]] = []
     loggers: list[tuple[str, str]] = []
     peers: list[tuple[str, dict[str, str]]] = []
+    routers: list[tuple[str, tuple[str, ...]]] = []
     for r in rows:
         try:
             value = json.loads(r["endpoints"])
@@ -193,4 +198,6 @@ async def read_endpoints(store: Store, ttl: float) -> StoredEndpoints:
             if value.get("router") and value.get("publish"):
                 peers.append((str(r["node_id"]), {"router": str(value["router"]),
                                                   "publish": str(value["publish"])}))
-    return StoredEndpoints(tuple(nexus), tuple(loggers), tuple(peers))
+        elif r["role"] == "lb" and isinstance(value, dict):
+            routers.append((str(r["node_id"]), tuple(str(value.get("addresses", "")).split())))
+    return StoredEndpoints(tuple(nexus), tuple(loggers), tuple(peers), tuple(routers))

@@ -329,6 +329,36 @@ class FollowTests(PgStoreCase):
         await late.tick()
         self.assertEqual(late.current, EndpointLists())
 
+    async def test_routers_list_their_addresses(self) -> None:
+        """An lb node (or --role=all) lists its host's addresses as an lb row; a runner
+        follows them (``routers``: deduplicated, in node order), caches them, and loses
+        them when the router stops; a router host with no address lists nothing."""
+        store = await self.store()
+        lb1 = ClusterDirectory(reactor, lambda: defer.succeed(store), "lb-1",
+                               validate({}).settings, ["lb"], self.tmp(),
+                               addresses=lambda: ["10.9.0.2", "fd00::2"])
+        lb2 = ClusterDirectory(reactor, lambda: defer.succeed(store), "lb-2",
+                               validate({}).settings, ["all"], self.tmp(),
+                               addresses=lambda: ["10.9.0.3", "10.9.0.2"])
+        bare = ClusterDirectory(reactor, lambda: defer.succeed(store), "lb-3",
+                                validate({}).settings, ["lb"], self.tmp(), addresses=lambda: [])
+        run_dir = self.tmp()
+        runner = directory(store, "r1", run_dir, ["runner"])
+        seen: list[EndpointLists] = []
+        runner.observe(seen.append)
+        for d in (lb1, lb2, bare):
+            await d.tick()
+        self.assertEqual(bare._registered, set())
+        await runner.tick()
+        self.assertEqual(runner.current.routers, ("10.9.0.2", "fd00::2", "10.9.0.3"))
+        self.assertEqual(read_cache(run_dir).routers, ("10.9.0.2", "fd00::2", "10.9.0.3"))
+        self.assertEqual(len(seen), 1)
+        lb1.startService()
+        await lb1.stopService()
+        await runner.tick()
+        self.assertEqual(runner.current.routers, ("10.9.0.3", "10.9.0.2"))
+        self.assertEqual(len(seen), 2)
+
     def test_a_change_moves_the_bus_links(self) -> None:
         """When the merged lists change, a node's log sink pushes to the new logger list,
         its heartbeat publisher connects to the new nexus list and its route feed follows

@@ -187,6 +187,26 @@ def gone_expiry(cluster: Cluster, node: str, after: float) -> float | None:
 PARTITION_TABLE = "epioc_partition"
 
 
+REACH = r'''
+import errno, socket, sys
+s = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET)
+s.settimeout(5)
+try:
+    s.connect((sys.argv[1], int(sys.argv[2])))
+    print("ok")
+except socket.timeout:
+    print("timeout")
+except OSError as e:
+    print(errno.errorcode.get(e.errno, str(e.errno)))
+'''
+
+
+def reach(host: Host, addr: str, port: int) -> str:
+    """Whether a TCP connection from ``host``'s namespace to ``addr:port`` opens."""
+    return subprocess.run([*in_ns(host.ns), sys.executable, "-c", REACH, addr, str(port)],
+                          capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+
+
 def placement(ps: list[dict[str, Any]]) -> list[str]:
     """Where each instance runs: ``web.N@node`` (a re-placed one changes node)."""
     return sorted(f"{p['name']}@{p['node']}" for p in ps)
@@ -441,6 +461,11 @@ class ClusterChaosTests(unittest.TestCase):
             fence = [t for t in tables if t.startswith("epio_fence_")]
             self.assertEqual(len(fence), 1, tables)
             self.assertNotIn(fence[0], root_tables)
+        # from other hosts only the routers (listed in the store by the lb nodes) open a
+        # connection to an instance port: a nexus host is reset by the runner's fence
+        target = (str(ps[0]["host"]), int(ps[0]["port"]))
+        self.assertEqual(reach(self.cluster.with_role("lb")[0], *target), "ok")
+        self.assertEqual(reach(self.cluster.with_role("nexus")[0], *target), "ECONNREFUSED")
         for name, line in fetched.items():
             self.assertIn(f"from tcp://{NET}.", line)
             self.assertNotIn(f"from tcp://{self.cluster.hosts[name].addr}:", line)
