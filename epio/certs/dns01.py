@@ -23,10 +23,17 @@ the zone, REFUSED for any name outside it.  It is not a resolver.
 :class:`Dns01` is the issuer's and the api's side: the label of a domain, the
 record its owner must create, and whether that record is in place
 (``_acme-challenge.BASE`` resolves, as a CNAME, to the label).
+
+The platform wildcard (``*.<node.domain>``, ``acme.platform_wildcard``) has a label
+of its own that is not stored: :func:`platform_label`, derived from the cluster
+secret and the platform domain (no app row to hang it on; the same on every api
+node; a changed ``node.domain`` gets another one).
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import secrets
 from collections.abc import Callable
 from typing import Any
@@ -41,6 +48,7 @@ from twisted.names import dns, server
 from twisted.protocols import policies
 
 from epio.certs import records
+from epio.domain import PLATFORM_APP
 from epio.store import Store
 
 CHALLENGE_LABEL = "_acme-challenge"
@@ -65,6 +73,13 @@ def new_label() -> str:
     return secrets.token_hex(LABEL_BYTES)
 
 
+def platform_label(secret: bytes, base: str) -> str:
+    """The label of the platform's names under ``base`` (``node.domain``): 16 hex
+    digits of HMAC-SHA256(cluster secret, base), so no one can guess it from outside."""
+    mac = hmac.new(secret, b"acme-dns01-platform:" + base.lower().encode(), hashlib.sha256)
+    return mac.hexdigest()[:2 * LABEL_BYTES]
+
+
 @frozen
 class Record:
     """A DNS record an owner is asked to create (``value`` without a trailing dot)."""
@@ -83,17 +98,25 @@ class Record:
 
 class Dns01:
     """Labels, the CNAME an owner creates, and the check that it is in place.
-    ``resolver``: the name check's (``acme.dns_server`` or the system's)."""
+    ``resolver``: the name check's (``acme.dns_server`` or the system's); ``secret``
+    the cluster's (the platform's label, :func:`platform_label`)."""
 
-    def __init__(self, store: Store, zone: str, resolver: IResolver) -> None:
+    def __init__(self, store: Store, zone: str, resolver: IResolver,
+                 secret: bytes = b"") -> None:
         self.store = store
         self.zone = zone.lower().rstrip(".")
         self.resolver = resolver
+        self.secret = secret
 
     async def record(self, app: str, hostname: str) -> Record:
         """The CNAME ``app``'s owner creates for ``hostname`` (its label made if new)."""
         base = base_name(hostname)
-        label = await records.dns_label(self.store, app, base, new_label())
+        if app == PLATFORM_APP:  # the platform wildcard: no app row, a derived label
+            if not self.secret:
+                raise ValueError("the platform's DNS-01 label needs the cluster secret")
+            label = platform_label(self.secret, base)
+        else:
+            label = await records.dns_label(self.store, app, base, new_label())
         return Record(f"{CHALLENGE_LABEL}.{base}", "CNAME", f"{label}.{self.zone}")
 
     async def problem(self, app: str, hostname: str) -> str | None:
@@ -141,10 +164,11 @@ class ZoneData:
     log = Logger()
 
     def __init__(self, reactor: Any, store_ready: Callable[[], defer.Deferred[Any]],
-                 interval: float) -> None:
+                 interval: float, fixed_labels: tuple[str, ...] = ()) -> None:
         self.reactor = reactor
         self._store_ready = store_ready
         self.interval = interval
+        self.fixed_labels = fixed_labels  # known without a store row (the platform's)
         self.labels: dict[str, list[str]] = {}
         self._loop: LoopingCall | None = None
         self._unsubscribe: Callable[[], None] | None = None
@@ -222,7 +246,10 @@ class ZoneData:
 
     async def _refresh(self) -> None:
         store = await self._store_ready()
-        self.labels = await records.dns_zone_data(store, self.reactor.seconds())
+        data = await records.dns_zone_data(store, self.reactor.seconds())
+        for label in self.fixed_labels:
+            data.setdefault(label, [])
+        self.labels = data
         self.loads += 1
 
 
@@ -383,6 +410,9 @@ def make_dns01(node: Any, store: Store) -> tuple[Dns01, Dns01Service] | None:
     acme = node.settings.acme
     if not (acme.directory and acme.dns01_zone):
         return None
-    dns01 = Dns01(store, acme.dns01_zone, make_resolver(node.reactor, acme.dns_server))
-    data = ZoneData(node.reactor, lambda: defer.succeed(store), acme.sync_interval)
+    dns01 = Dns01(store, acme.dns01_zone, make_resolver(node.reactor, acme.dns_server),
+                  node.secret)
+    fixed = (platform_label(node.secret, node.settings.node.domain.lower().rstrip(".")),) \
+        if acme.platform_wildcard else ()
+    data = ZoneData(node.reactor, lambda: defer.succeed(store), acme.sync_interval, fixed)
     return dns01, Dns01Service(node.reactor, acme.dns01_listen, acme.dns01_zone, data)

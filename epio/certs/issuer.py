@@ -17,6 +17,12 @@ Wildcard domains need DNS-01.  A domain whose DNS is not in place (neither point
 at the routers nor with the CNAME) is ``pending_dns``, with the record to create;
 it is looked at again after ``acme.check_interval``, doubling, at most
 ``acme.retry_min``, and never ordered until its DNS is right.
+
+The platform's own certificates (app ``epio``, ``platform_certificates``): the
+platform hostname (``api.hostname``) by HTTP-01, and, with ``acme.platform_wildcard``,
+the platform wildcard ``*.<node.domain>`` by DNS-01 once the operator's CNAME
+``_acme-challenge.<node.domain>`` points at the platform's label (until then
+``pending_dns``, the record to create in the log line).
 """
 
 from __future__ import annotations
@@ -86,7 +92,7 @@ class Issuer:
                  run_blocking: Callable[..., defer.Deferred[Any]] = deferToThread,
                  make_client: Callable[..., Any] = AcmeClient,
                  name_check: NameCheck | None = None, dns01: Dns01 | None = None,
-                 platform_hostname: str = "") -> None:
+                 platform_hostname: str = "", platform_wildcard: str = "") -> None:
         self.store = store
         self.s = settings
         self.secret = secret
@@ -97,6 +103,8 @@ class Issuer:
         self.dns01 = dns01  # DNS-01 (epio.certs.dns01), or None: HTTP-01 only
         # api.hostname, whose certificate is issued too ("": none, acme.platform_certificate)
         self.platform_hostname = platform_hostname
+        # "*.<node.domain>", issued by DNS-01 ("": none, acme.platform_wildcard)
+        self.platform_wildcard = platform_wildcard if dns01 is not None else ""
         self._client: Any = None
         self.issued = 0
         self.failed = 0
@@ -167,28 +175,45 @@ class Issuer:
                                    "pending_dns")
                 continue
             await self.issue(host, dom.app, rec, challenge)
-        if await self._platform_round():
-            attempted.append(self.platform_hostname)
+        attempted.extend(await self._platform_round())
         return attempted
 
-    async def _platform_round(self) -> bool:
-        """The platform hostname's certificate (app ``epio``), by HTTP-01 like any
-        domain's: the routers serve the platform's route and answer its challenges."""
-        host = self.platform_hostname
-        await records.delete_platform_certs_except(self.store, host)
-        if not host:
-            return False
-        rec = {r.hostname: r for r in await records.list_platform_certs(self.store)}.get(host)
-        if not self.due(rec, self.clock.seconds(), PLATFORM_APP):
-            return False
+    async def _platform_round(self) -> list[str]:
+        """The platform's certificates (app ``epio``): its hostname by HTTP-01 like any
+        domain's (the routers serve the platform's route and answer its challenges), and
+        the platform wildcard by DNS-01."""
+        hosts = [h for h in (self.platform_hostname, self.platform_wildcard) if h]
+        await records.delete_platform_certs_except(self.store, set(hosts))
+        platform = {r.hostname: r for r in await records.list_platform_certs(self.store)}
+        attempted = []
+        for host in hosts:
+            rec = platform.get(host)
+            if not self.due(rec, self.clock.seconds(), PLATFORM_APP):
+                continue
+            attempted.append(host)
+            if host == self.platform_wildcard:
+                await self._platform_wildcard(host, rec)
+            else:
+                await self._platform_hostname(host, rec)
+        return attempted
+
+    async def _platform_wildcard(self, host: str, rec: records.CertRecord | None) -> None:
+        assert self.dns01 is not None
+        problem = await self.dns01.problem(PLATFORM_APP, host)
+        if problem is not None:  # the operator's CNAME: the log line says which
+            await self._failed(host, PLATFORM_APP, rec, problem, self._dns_wait(rec),
+                               "pending_dns")
+            return
+        await self.issue(host, PLATFORM_APP, rec, DNS01)
+
+    async def _platform_hostname(self, host: str, rec: records.CertRecord | None) -> None:
         if self.name_check is not None:
             problem = await self.name_check.problem(host)
             if problem is not None:
                 await self._failed(host, PLATFORM_APP, rec, problem, self._dns_wait(rec),
                                    "pending_dns")
-                return True
+                return
         await self.issue(host, PLATFORM_APP, rec, HTTP01)
-        return True
 
     def _dns_wait(self, rec: records.CertRecord | None) -> float:
         """Seconds until a ``pending_dns`` domain is looked at again: check_interval,
@@ -349,6 +374,16 @@ def platform_certificate_host(settings: Settings) -> str:
     return host
 
 
+def platform_wildcard_host(settings: Settings) -> str:
+    """``*.<node.domain>`` when the issuer gets the platform wildcard by DNS-01
+    (``acme.platform_wildcard`` with ``acme.dns01_zone``; never under localhost), or ""."""
+    domain = settings.node.domain.lower().rstrip(".")
+    if not (settings.acme.platform_wildcard and settings.acme.dns01_zone) or \
+            domain == "localhost" or domain.endswith(".localhost"):
+        return ""
+    return "*." + domain
+
+
 def make_issuer_service(node: Node, store: Store, retry_interval: float,
                         dns01: Dns01 | None = None) -> IssuerService | None:
     """The api role's issuer, when ``acme.directory`` is set; ``dns01`` when
@@ -360,5 +395,6 @@ def make_issuer_service(node: Node, store: Store, retry_interval: float,
                              node.settings.node.domain) if acme.name_check else None)
     issuer = Issuer(store, IssuerSettings.from_settings(acme), node.secret, node.reactor,
                     name_check=check, dns01=dns01,
-                    platform_hostname=platform_certificate_host(node.settings))
+                    platform_hostname=platform_certificate_host(node.settings),
+                    platform_wildcard=platform_wildcard_host(node.settings))
     return IssuerService(issuer, store, node.reactor, retry_interval)

@@ -105,14 +105,16 @@ async def list_platform_certs(store: Store) -> list[CertRecord]:
         "SELECT * FROM platform_certificates ORDER BY hostname")]
 
 
-async def delete_platform_certs_except(store: Store, keep: str) -> None:
-    """Forget the platform certificates of hostnames other than ``keep`` (an earlier
-    ``api.hostname``; ``""``: every one)."""
-    if not [r for r in await list_platform_certs(store) if r.hostname != keep]:
+async def delete_platform_certs_except(store: Store, keep: set[str]) -> None:
+    """Forget the platform certificates of hostnames not in ``keep`` (an earlier
+    ``api.hostname`` or ``node.domain``, a platform wildcard turned off)."""
+    gone = [r.hostname for r in await list_platform_certs(store) if r.hostname not in keep]
+    if not gone:
         return
 
     async def q(tx: Transaction) -> None:
-        await tx.execute("DELETE FROM platform_certificates WHERE hostname <> ?", (keep,))
+        for host in gone:
+            await tx.execute("DELETE FROM platform_certificates WHERE hostname = ?", (host,))
 
     await store.transaction(q, change=[Change("certificate")])
 

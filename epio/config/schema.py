@@ -931,6 +931,11 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "dns01_listen": Key(str, "", "HOST:PORT where each api node answers DNS (UDP and TCP) "
                             "for acme.dns01_zone, e.g. 0.0.0.0:53; needed with it.",
                             _host_port),
+        "platform_wildcard": Key(bool, False, "Also issue and renew the platform wildcard "
+                                 "*.<node.domain> (every app's default hostname) by DNS-01: "
+                                 "needs acme.dns01_zone and the operator's CNAME "
+                                 "_acme-challenge.<node.domain> (the issuer's log names it; "
+                                 "docs/https.md); not for a node.domain under localhost."),
     },
     "run": {
         "max_sessions_per_app": Key(
@@ -1032,6 +1037,14 @@ def _acme_timing(values: dict[str, dict[str, Any]]) -> list[str]:
                    "answer its DNS queries themselves")
     elif acme["dns01_zone"] and not acme["directory"]:
         out.append("acme.dns01_zone needs acme.directory (DNS-01 is an ACME challenge)")
+    if acme["platform_wildcard"]:
+        domain = str(values["node"]["domain"]).lower().rstrip(".")
+        if not acme["dns01_zone"]:
+            out.append("acme.platform_wildcard needs acme.dns01_zone (a wildcard certificate "
+                       "is issued by DNS-01 only)")
+        if domain == "localhost" or domain.endswith(".localhost"):
+            out.append(f"acme.platform_wildcard: no CA issues *.{domain} (node.domain is "
+                       "under localhost)")
     return out
 
 

@@ -839,6 +839,9 @@ class AcmeSettings:
     dns01_listen: str
     """HOST:PORT where each api node answers DNS (UDP and TCP) for acme.dns01_zone, e.g. 0.0.0.0:53; needed with it."""
 
+    platform_wildcard: bool
+    """Also issue and renew the platform wildcard *.<node.domain> (every app's default hostname) by DNS-01: needs acme.dns01_zone and the operator's CNAME _acme-challenge.<node.domain> (the issuer's log names it; docs/https.md); not for a node.domain under localhost."""
+
 
 @frozen
 class RunSettings:

@@ -21,7 +21,14 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from epio.certs import records
 from epio.certs.api import Certs, DomainCheck
-from epio.certs.dns01 import Dns01, Dns01Service, ZoneData, answer, base_name
+from epio.certs.dns01 import (
+    Dns01,
+    Dns01Service,
+    ZoneData,
+    answer,
+    base_name,
+    platform_label,
+)
 from epio.certs.issuer import DAY, Issuer, IssuerSettings
 from epio.certs.resolve import PROBE_LABEL, NameCheck
 from epio.store import open_store
@@ -386,6 +393,85 @@ class IssuerDns01Tests(StoreTestCase):
         await self.store.add_domain("other", "*.hello.test")
         self.assertNotEqual((await self.dns01.record("other", "*.hello.test")).value,
                             record.value)
+
+
+    async def test_platform_wildcard_by_dns01(self) -> None:
+        """acme.platform_wildcard: the issuer orders *.<node.domain> (app epio, in
+        platform_certificates) by DNS-01 once the operator's CNAME points at the
+        platform's label (derived from the cluster secret, the same on every api node);
+        before that pending_dns with the exact record, never ordered; served by the
+        routers; renewed when due; forgotten when turned off.  The key needs
+        acme.dns01_zone and a node.domain not under localhost."""
+        from epio.certs.issuer import platform_wildcard_host
+        from epio.config import ConfigError, validate
+
+        dns01 = Dns01(self.store, ZONE, self.zone, SECRET)
+        issuer = Issuer(self.store, self.settings, SECRET, self.clock, run_blocking=sync,
+                        make_client=self.acme.make, dns01=dns01,
+                        platform_wildcard="*.apps.test")
+        self.issuer = issuer
+        label = platform_label(SECRET, "apps.test")
+        self.assertRegex(label, r"^[0-9a-f]{16}$")
+        self.assertNotEqual(label, platform_label(b"another secret", "apps.test"))
+        record = await dns01.record("epio", "*.apps.test")
+        self.assertEqual(record.zone_line(),
+                         f"_acme-challenge.apps.test. CNAME {label}.{ZONE}.")
+        self.assertEqual(await records.dns_zone_data(self.store, 0), {})  # no store row
+
+        self.assertEqual((await self.run_round())[0], ["*.apps.test"])
+        (rec,) = await records.list_platform_certs(self.store)
+        self.assertEqual((rec.hostname, rec.app, rec.state, rec.last_error), (
+            "*.apps.test", "epio", "pending_dns",
+            f"_acme-challenge.apps.test has no CNAME record: create `{record.zone_line()}`"))
+        self.assertEqual(self.acme.orders, [])
+        self.assertEqual(await records.list_certs(self.store), [])  # not an app's
+
+        self.zone.names["_acme-challenge.apps.test"] = record.value
+        self.zone.names[record.value] = []
+        self.clock.advance(60)
+        attempted, seen = await self.run_round()
+        self.assertEqual(attempted, ["*.apps.test"])
+        self.assertEqual((self.acme.orders, self.acme.challenges),
+                         (["*.apps.test"], ["dns-01"]))
+        self.assertEqual([z[label] for z in seen if z.get(label)][:1], [["tok-1.thumb"]])
+        (rec,) = await records.list_platform_certs(self.store)
+        self.assertEqual((rec.state, rec.failures, rec.last_error), ("issued", 0, None))
+        self.assertEqual([r.hostname for r in await records.list_served_certs(self.store)],
+                         ["*.apps.test"])
+        self.assertEqual(await records.dns_zone_data(self.store, self.clock.seconds()), {})
+        self.assertEqual((await self.run_round())[0], [])  # not due
+        assert rec.not_after is not None
+        self.clock.advance(rec.not_after - self.clock.seconds() - 29 * DAY)
+        self.assertEqual((await self.run_round())[0], ["*.apps.test"])  # renewed
+        self.assertEqual(self.acme.orders, ["*.apps.test", "*.apps.test"])
+        # turned off: the certificate is forgotten
+        self.issuer = Issuer(self.store, self.settings, SECRET, self.clock, run_blocking=sync,
+                             make_client=self.acme.make, dns01=dns01)
+        await self.run_round()
+        self.assertEqual(await records.list_platform_certs(self.store), [])
+
+        # the zone server knows the platform's label with no store row (no data, not
+        # NXDOMAIN, while no order is pending)
+        data = ZoneData(self.clock, lambda: defer.succeed(self.store), 60.0, (label,))
+        await data.refresh()
+        self.assertEqual(data.labels, {label: []})
+
+        # the decision from the configuration
+        d, zone = "https://ca.test/dir", {"dns01_zone": ZONE, "dns01_listen": "127.0.0.1:53"}
+
+        def host(domain: str, **acme_keys: Any) -> str:
+            return platform_wildcard_host(validate(
+                {"node": {"domain": domain}, "acme": {"directory": d, **acme_keys}}).settings)
+
+        self.assertEqual(host("apps.test", platform_wildcard=True, **zone), "*.apps.test")
+        self.assertEqual(host("Apps.Test.", platform_wildcard=True, **zone), "*.apps.test")
+        self.assertEqual(host("apps.test", **zone), "")  # off by default
+        with self.assertRaisesRegex(ConfigError, "platform_wildcard needs acme.dns01_zone"):
+            host("apps.test", platform_wildcard=True)
+        with self.assertRaisesRegex(ConfigError, "node.domain is under localhost"):
+            host("localhost", platform_wildcard=True, **zone)
+        with self.assertRaisesRegex(ConfigError, "node.domain is under localhost"):
+            host("box.localhost", platform_wildcard=True, **zone)
 
 
 class PostgresZoneServerTests(ZoneServerTests):
