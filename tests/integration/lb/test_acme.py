@@ -20,6 +20,9 @@ certificate the issuer got by itself; DNS-01: ``epio domains add '*.hello.test'`
 certificate validated through epio's own DNS server (pebble asks a small recursor,
 ``dns_recursor.py``, that follows the owner's CNAME into epio's zone) and served for
 ``anything.hello.test`` by both routers, and the apex ``hello.test`` by DNS-01 too;
+the platform wildcard (``acme.platform_wildcard``, ``node.domain = "apps.test"``): the
+issuer's log names the operator's CNAME, set in challtestsrv -> ``*.apps.test``
+served for the app's default hostname ``hello.apps.test`` by both routers;
 the 90-second certificate renewed (70 s before expiry)
 and the new one served by both routers.
 """
@@ -188,6 +191,8 @@ class AcmeTests(SynchronousTestCase):
             "api": {"reconcile_interval": 0.5, "drain_seconds": 1.0, "stop_grace": 3.0,
                     # the platform's own route, whose certificate the issuer gets too
                     "hostname": "epio.platform.test"},
+            # the platform domain, whose wildcard the issuer gets by DNS-01
+            "node": {"domain": "apps.test"},
             "metrics": {"listen": f"tcp:{free_port()}:interface=127.0.0.1"},
             "store": {"url": f"sqlite:///{tmp}/store.db"},
             "cluster": {"secret_file": str(tmp / "cluster-secret")},
@@ -201,7 +206,8 @@ class AcmeTests(SynchronousTestCase):
                      "router_addresses": ["127.0.0.1", "127.0.0.2"],
                      "dns_server": f"127.0.0.1:{recursor_port}",
                      "dns01_zone": "acme.epio.test",
-                     "dns01_listen": f"127.0.0.1:{dns01_port}"},
+                     "dns01_listen": f"127.0.0.1:{dns01_port}",
+                     "platform_wildcard": True},
         })
         (tmp / "cluster-secret").write_text(secrets.token_hex(32) + "\n")
         os.chmod(tmp / "cluster-secret", 0o600)
@@ -241,6 +247,20 @@ class AcmeTests(SynchronousTestCase):
         self.node = NodeProcess(["--role=all"], data_dir=tmp / "data", config=to_toml(doc))
         self.addCleanup(self.node.cleanup)
         self.node.wait_for_log("api ready", timeout=60)
+        # the platform wildcard: the issuer's first round logs the operator's CNAME; set
+        # at once (its pending_dns re-check doubles), issued while the app deploys
+        out = self.node.wait_for_log("_acme-challenge.apps.test has no CNAME record",
+                                     timeout=30)
+        platform_cname = re.search(r"certificate for \*\.apps\.test \(epio\) pending_dns .*"
+                                   r"create `_acme-challenge\.apps\.test\. CNAME "
+                                   r"([0-9a-f]{16}\.acme\.epio\.test)\.`", out)
+        self.assertIsNotNone(platform_cname, out)
+        assert platform_cname is not None
+        urllib.request.urlopen(urllib.request.Request(
+            f"http://127.0.0.1:{cts_mgmt}/set-cname",
+            data=json.dumps({"host": "_acme-challenge.apps.test.",
+                             "target": platform_cname.group(1) + "."}).encode(),
+            method="POST"), timeout=5).read()
         self.epio("login", "--api", f"http://127.0.0.1:{api_port}",
                   stdin=(tmp / "data" / "admin-token").read_text())
         self.epio("apps", "create", "hello")
@@ -455,6 +475,21 @@ class AcmeTests(SynchronousTestCase):
         # validated by DNS only: pebble never fetched an HTTP-01 answer for it
         self.assertIn('Value:"hello.test"', pebble_log.read_text())
         self.assertNotIn("http://hello.test:", pebble_log.read_text())
+
+        # the platform wildcard (set up right after start): the app's default hostname
+        # over TLS, by both routers
+        waited = time.monotonic()
+        for port in (tls_port, tls2):
+            status, body, der_platform_wild = wait_until(
+                "the platform wildcard served for the app's default hostname",
+                lambda: https_get(port, "hello.apps.test", root_path),  # noqa: B023
+                timeout=ISSUE_WITHIN)
+            self.assertEqual((status, body), (200, "Hello from epio! (hello)\n"))
+            self.assertEqual(x509.load_der_x509_certificate(der_platform_wild).extensions
+                             .get_extension_for_class(x509.SubjectAlternativeName).value
+                             .get_values_for_type(x509.DNSName), ["*.apps.test"])
+        sys.stderr.write(f"[acme] platform wildcard: waited {time.monotonic() - waited:.1f}s "
+                         "for it at the end\n")
 
         # renewal: a short-lived certificate is replaced before it expires, on both routers
         first = x509.load_der_x509_certificate(der1)
