@@ -14,6 +14,13 @@ connections, and the process's open-files limit (docs/router.md "Resources").
   roles listen on once (:func:`node_listeners`) and refuses to start, naming the key
   to change, when one is taken (another node on this host): fail fast instead of
   half the roles serving while the others cannot bind.
+- :class:`ListenFailed` and :func:`stop_message`: a port that passed that check but
+  cannot be bound when its role starts (taken in between by a racing node, or by a
+  program the check cannot see: an IPv6-only listener on a port a bus socket binds
+  dual-stack) stops the whole node with one line naming the port, the role and the
+  key (:class:`epio.tap.NodeService`, :class:`epio.node.NodeExit`).
+- :func:`required_listener`: a listening service whose failure to listen raises at
+  once (Twisted's would only log it and serve without the port).
 """
 
 from __future__ import annotations
@@ -24,12 +31,14 @@ import resource
 import socket
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from attrs import frozen
+from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 if TYPE_CHECKING:
@@ -311,6 +320,81 @@ def port_conflicts(listeners: Iterable[Listener],
             problems.append(f"cannot listen on port {port} ({ln.key} = {ln.value!r}): {why}; "
                             f"stop that program or set {ln.key} to a free port")
     return problems
+
+
+class ListenFailed(SystemExit):
+    """A port a role needs cannot be bound (the pre-start check passed): the node must
+    not run without it.  ``endpoint`` is the value as configured, ``port`` its port
+    (None when it has none), ``reason`` why (strerror)."""
+
+    def __init__(self, message: str, endpoint: str, port: int | None, reason: str) -> None:
+        super().__init__(message)
+        self.endpoint = endpoint
+        self.port = port
+        self.reason = reason
+
+
+def stop_message(settings: Settings, role: str, endpoint: str, port: int | None,
+                 reason: str, in_use: bool) -> str:
+    """The one line a node stops with when ``role`` cannot bind ``endpoint``: the port,
+    the role and the config key naming it (found among the role's listeners and
+    ``metrics.listen``), and what to change."""
+    why = reason + (" (another node or program on this host listens there)" if in_use else "")
+    where = f"port {port}" if port is not None else endpoint
+    key = None
+    for ln in node_listeners(settings, [role] if role in LISTENERS else []):
+        if ln.value == endpoint or (port is not None and ln.target.port == port):
+            key = ln
+            break
+    if key is None:
+        return (f"epio: the node stops: the {role} role cannot listen on {where} "
+                f"({endpoint!r}): {why}")
+    return (f"epio: the node stops: the {role} role cannot listen on {where} "
+            f"({key.key} = {key.value!r}): {why}; stop that program or set {key.key} to "
+            f"a free port")
+
+
+def listen_error(e: BaseException) -> tuple[str, int | None, str, bool] | None:
+    """(endpoint, port, reason, address in use) of a failure to listen -- a
+    :class:`ListenFailed` or Twisted's ``CannotListenError`` --; None for anything else."""
+    from twisted.internet.error import CannotListenError
+
+    if isinstance(e, ListenFailed):
+        return e.endpoint, e.port, e.reason, "in use" in e.reason
+    if isinstance(e, CannotListenError):
+        err = e.socketError
+        errno_ = err.errno if isinstance(err, OSError) else None
+        reason = os.strerror(errno_) if errno_ else str(err)
+        return f"{e.interface or '*'}:{e.port}", e.port, reason, errno_ == errno.EADDRINUSE
+    return None
+
+
+def stop_on_listen_failure(settings: Settings, role: str,
+                           stop: Callable[[str], None]) -> Callable[[Failure], None]:
+    """An errback for a listen that happens after the node started (the router listens
+    once it has routes): the node stops (``stop``, :class:`epio.node.NodeExit`) with
+    :func:`stop_message`'s line."""
+
+    def failed(f: Failure) -> None:
+        what = listen_error(f.value) if f.value is not None else None
+        if what is None:
+            stop(f"epio: the node stops: the {role} role cannot listen: {f.getErrorMessage()}")
+        else:
+            stop(stop_message(settings, role, *what))
+
+    return failed
+
+
+def required_listener(endpoint: IStreamServerEndpoint | Any,
+                      factory: IProtocolFactory) -> StreamServerEndpointService:
+    """A service listening on ``endpoint`` that raises (``CannotListenError``) from
+    ``privilegedStartService``/``startService`` when it cannot listen, so the node
+    stops (:class:`epio.tap.NodeService`); Twisted's default only logs the failure and
+    carries on without the port.  ``_raiseSynchronously`` is Twisted's own switch for
+    this (``twisted.application.strports.service`` sets it)."""
+    svc = StreamServerEndpointService(endpoint, factory)
+    svc._raiseSynchronously = True
+    return svc
 
 
 def refuse_port_conflicts(settings: Settings, roles: Iterable[str],

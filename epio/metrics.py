@@ -386,10 +386,12 @@ def metrics_site(registry: MetricsRegistry) -> Site:
 
 def metrics_service(reactor: IReactorTime, listen: str, registry: MetricsRegistry) -> IService:
     """A service listening on ``listen`` (endpoint string) serving ``/metrics``."""
-    from twisted.application.internet import StreamServerEndpointService
     from twisted.internet.endpoints import serverFromString
 
-    svc = StreamServerEndpointService(serverFromString(reactor, listen), metrics_site(registry))
+    from epio.listen import required_listener
+
+    # cannot listen: the node stops (epio.tap.NodeService)
+    svc = required_listener(serverFromString(reactor, listen), metrics_site(registry))
     svc.setName("metrics")
     return cast(IService, svc)
 

@@ -12,13 +12,14 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+import sys
 import uuid
 from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
-from attrs import field, frozen
+from attrs import Factory, field, frozen
 from twisted.internet.interfaces import (
     IReactorCore,
     IReactorFDSet,
@@ -35,6 +36,7 @@ from epio.config import Config, Settings
 
 if TYPE_CHECKING:
     from epio.bus import Bus
+    from epio.cluster import ClusterDirectory
     from epio.metrics import MetricsRegistry
     from epio.store import StoreService
 
@@ -124,6 +126,36 @@ def installed_reactor() -> INodeReactor:
     return cast(INodeReactor, reactor)
 
 
+class NodeExit:
+    """Ends the node, once, with exit status 1 after a one-line reason on stderr (and in
+    the log): its services stop cleanly first (the reactor's shutdown: the runner's
+    fence table is removed, apps get their grace), then the process exits -- twistd
+    itself would exit 0 after the reactor stopped.  Called before the reactor runs (a
+    port a role needs cannot be bound as the node starts), the stop happens as soon as
+    it runs, before any request is served."""
+
+    def __init__(self, reactor: INodeReactor) -> None:
+        self.reactor = reactor
+        self.why: str | None = None
+
+    def __call__(self, why: str) -> None:
+        if self.why is not None:
+            return  # already stopping for a first reason
+        self.why = why
+        print(why, file=sys.stderr, flush=True)
+
+        def failed() -> None:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
+
+        self.reactor.addSystemEventTrigger("after", "shutdown", failed)
+        if self.reactor.running:
+            self.reactor.stop()
+        else:
+            self.reactor.callWhenRunning(self.reactor.stop)
+
+
 def _metrics_registry() -> MetricsRegistry:
     from epio.metrics import MetricsRegistry  # twisted.web: not at import time
 
@@ -147,8 +179,12 @@ class Node:
     node_id: str
     secret: bytes
     store_service: StoreService | None = None
+    #: follows the store's nexus/logger endpoint lists (PostgreSQL store only; None otherwise)
+    cluster: ClusterDirectory | None = None
     boot_id: str = field(factory=lambda: uuid.uuid4().hex)
     metrics: MetricsRegistry = field(factory=lambda: _metrics_registry())
+    #: Call with a one-line reason to end the node with exit status 1 (:class:`NodeExit`).
+    exit: NodeExit = field(default=Factory(lambda self: NodeExit(self.reactor), takes_self=True))
 
     @classmethod
     def prepare(cls, reactor: INodeReactor, config: Config, roles: frozenset[str],
@@ -179,7 +215,18 @@ class Node:
         secret = read_or_create_secret(secret_path)
         node_id = config.settings.node.id or socket.gethostname()
         store_service = store(config, data_dir) if store is not None else None
-        return cls(reactor, config, data_dir, roles, node_id, secret, store_service)
+        from epio.cluster import ClusterDirectory, follows_store, read_cache
+
+        directory = None
+        if store_service is not None and follows_store(config.settings.store.url):
+            directory = ClusterDirectory(reactor, store_service.whenReady, node_id,
+                                         config.settings, roles, data_dir, read_cache(data_dir))
+            # every role starts with the merged lists (TOML + the last read from the store)
+            # and follows their changes through node.cluster
+            merged = directory.current
+            config = config.replace("cluster", nexus=[dict(n) for n in merged.nexus],
+                                    loggers=list(merged.loggers))
+        return cls(reactor, config, data_dir, roles, node_id, secret, store_service, directory)
 
     @property
     def settings(self) -> Settings:

@@ -169,14 +169,33 @@ class BusLogSink(MultiService):
         self._batch_bytes = 0
         self._flush_call: IDelayedCall | None = None
         self.pushes: list[Push] = []
+        self._by_endpoint: dict[str, Push] = {}
         # With no logger configured, app logs still go somewhere: the node's log.
         self._local = LocalLogSink() if not endpoints else None
         for ep in dict.fromkeys(endpoints):
-            push = bus.push([ep])
-            push.setName(f"log-push {ep}")  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
-            push.setServiceParent(self)  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
-            self.pushes.append(push)
+            self._add_push(ep)
         self.setName("bus-log-sink")  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
+
+    def _add_push(self, ep: str) -> None:
+        push = self.bus.push([ep])
+        push.setName(f"log-push {ep}")  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
+        push.setServiceParent(self)  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
+        self.pushes.append(push)
+        self._by_endpoint[ep] = push
+
+    def set_endpoints(self, endpoints: Sequence[str]) -> None:
+        """Push to exactly ``endpoints`` from now on (a logger joined or left the
+        cluster: epio.cluster); with none, lines go to the node's log."""
+        wanted = list(dict.fromkeys(endpoints))
+        self.flush()  # what was batched goes to the loggers it was emitted for
+        for ep in [e for e in self._by_endpoint if e not in wanted]:
+            push = self._by_endpoint.pop(ep)
+            self.pushes.remove(push)
+            push.disownServiceParent()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
+        for ep in wanted:
+            if ep not in self._by_endpoint:
+                self._add_push(ep)
+        self._local = LocalLogSink() if not wanted else None
 
     def _next_seq(self, app: str, stream: str) -> int:
         key = (app, stream)

@@ -496,6 +496,35 @@ class RouteFeed:
             if link.snapshot is Snapshot.RETRY:
                 link.to_snapshot(Snapshot.IDLE)
 
+    def add_link(self, link: NexusLink) -> None:
+        """Follow one more nexus (it joined the cluster: epio.cluster); it enters the
+        merge with its first snapshot."""
+        self.links.append(link)
+        if self._running:
+            self._arm_silence(link)
+            self.request_snapshot(link)
+
+    def remove_link(self, link: NexusLink) -> None:
+        """Stop following a nexus (it left the cluster); its routes leave the merge
+        (unless it was the only live one: then the last table is kept, as when every
+        nexus is silent)."""
+        if not self._has(link):
+            return
+        self.links = [x for x in self.links if x is not link]
+        for call in (link.silence, link.retry):
+            if call is not None and call.active():
+                call.cancel()
+        link.silence = link.retry = None
+        was_alive = link.alive
+        link.to_table(Table.NONE)
+        link.routes = {}
+        if was_alive:
+            self._remerge(None)
+            self._state_changed()
+
+    def _has(self, link: NexusLink) -> bool:
+        return any(x is link for x in self.links)
+
     def refresh(self) -> None:
         """Ask every nexus for a fresh snapshot (SIGHUP)."""
         for link in self.links:
@@ -505,7 +534,7 @@ class RouteFeed:
 
     def on_message(self, link: NexusLink, type: str, body: Mapping[str, Any]) -> None:
         """A ``nexus.delta`` or ``nexus.keepalive`` from ``link``'s publisher."""
-        if not self._running:
+        if not self._running or not self._has(link):
             return
         nexus_id = body.get("nexus_id")
         version = body.get("version")
@@ -607,7 +636,7 @@ class RouteFeed:
 
     def _snapshot_failed(self, link: NexusLink, f: Failure) -> None:
         link.buffered = []  # bounded: only deltas of one snapshot wait are kept
-        if not self._running:
+        if not self._running or not self._has(link):
             link.to_snapshot(Snapshot.IDLE)
             return
         link.to_snapshot(Snapshot.RETRY)
@@ -630,7 +659,7 @@ class RouteFeed:
 
     def _snapshot(self, link: NexusLink, body: Mapping[str, Any]) -> None:
         again = link.snapshot is Snapshot.ASKING_AGAIN
-        if not self._running:
+        if not self._running or not self._has(link):  # stopped, or the nexus left
             link.to_snapshot(Snapshot.IDLE)
             return
         nexus_id, version, routes = body.get("nexus_id"), body.get("version"), body.get("routes")
@@ -821,6 +850,7 @@ class NexusRouteSource:
                               feed_timeout=feed_timeout, snapshot_retry=snapshot_retry)
         self._services: MultiService | None = None
         self._dealer: Any = None
+        self._subs: dict[int, Any] = {}  # id(link) -> its subscriber service
 
     def start(self, table: RouteTable) -> None:
         self.follow(TableSink(table, self.feed.counters))
@@ -832,15 +862,49 @@ class NexusRouteSource:
         self._dealer.setName("nexus-snapshots")
         self._dealer.setServiceParent(services)
         for link in self.feed.links:
-            def handler(topic: bytes, env: Any, link: NexusLink = link) -> None:
-                self.feed.on_message(link, env.type, env.body)
-
-            sub = self.bus.subscriber([link.publish], [b"routes"], handler)
-            sub.setName(f"nexus-feed-{link.name}")
-            sub.setServiceParent(services)
+            self._subscribe(link).setServiceParent(services)
         self._services = services
         services.startService()
         self.feed.start(sink)
+
+    def _subscribe(self, link: NexusLink) -> Any:
+        def handler(topic: bytes, env: Any) -> None:
+            self.feed.on_message(link, env.type, env.body)
+
+        sub = self.bus.subscriber([link.publish], [b"routes"], handler)
+        sub.setName(f"nexus-feed-{link.name}")
+        self._subs[id(link)] = sub
+        return sub
+
+    def set_nexuses(self, nexuses: Sequence[Mapping[str, Any]]) -> None:
+        """Follow exactly these nexuses from now on (one joined or left the cluster:
+        epio.cluster); entries without a router and a publish endpoint are skipped."""
+        wanted = [(str(n["router"]), str(n["publish"])) for n in nexuses
+                  if n.get("router") and n.get("publish")]
+        for link in list(self.feed.links):
+            if (link.router, link.publish) not in wanted:
+                self.log.info("{name} ({router}) left the cluster's nexus list: no longer "
+                              "followed", name=link.name, router=link.router)
+                self.feed.remove_link(link)
+                sub = self._subs.pop(id(link), None)
+                if sub is not None and sub.parent is not None:
+                    sub.disownServiceParent()
+                if self._dealer is not None and not any(
+                        x.router == link.router for x in self.feed.links):
+                    self._dealer.remove_endpoint(link.router)
+        have = {(x.router, x.publish) for x in self.feed.links}
+        for router, publish in wanted:
+            if (router, publish) in have:
+                continue
+            link = NexusLink(name=f"nexus[{router}]", router=router, publish=publish)
+            self.log.info("{name} joined the cluster's nexus list: following it",
+                          name=link.name)
+            if self._services is not None:
+                self._dealer.add_endpoint(router)
+                self._subscribe(link).setServiceParent(self._services)
+            self.feed.add_link(link)
+        self.description = (f"nexus feed ({len(self.feed.links)} nexus"
+                            f"{'es' if len(self.feed.links) != 1 else ''})")
 
     def stop(self) -> None:
         self.feed.stop()
@@ -866,10 +930,15 @@ class NexusRouteSource:
 
 
 def make_route_source(node: Node) -> NexusRouteSource:
-    """The nexus feed of a router node, from ``cluster.nexus`` and the ``nexus`` keys."""
+    """The nexus feed of a router node, from ``cluster.nexus`` and the ``nexus`` keys;
+    it follows the cluster's nexus list when the node follows the store's
+    (``node.cluster``: epio.cluster)."""
     nexus = node.settings.nexus
-    return NexusRouteSource(
+    source = NexusRouteSource(
         node.bus, node.settings.cluster.nexus,
         feed_timeout=nexus.feed_timeout, snapshot_timeout=nexus.snapshot_timeout,
         snapshot_retry=nexus.snapshot_retry,
     )
+    if node.cluster is not None:
+        node.cluster.observe(lambda lists: source.set_nexuses(lists.nexus))
+    return source

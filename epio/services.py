@@ -21,7 +21,8 @@ class OrderedMultiService(MultiService):
     Children start in the order they were added (as with MultiService); on stop the
     last one stops first and the first one last, each after the previous finished.
     A child whose stop fails is logged and the next one still stops: the returned
-    Deferred always fires (with None).
+    Deferred always fires (with None).  A child that is not running (never started: an
+    earlier sibling could not bind its port and the node is stopping) is skipped.
     """
 
     log = Logger()
@@ -32,6 +33,8 @@ class OrderedMultiService(MultiService):
 
     async def _stop_children(self, children: list[IService]) -> None:
         for child in children:
+            if not child.running:  # never started (a sibling before it could not bind)
+                continue
             try:
                 await defer.maybeDeferred(child.stopService)
             except Exception:

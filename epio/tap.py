@@ -110,6 +110,9 @@ class NodeService(MultiService):
         # ports the node needs are taken: epio.listen.refuse_port_conflicts)
         self.preflight = preflight
         self._preflown = False
+        # the line the node stops with when a child could not bind a port it needs
+        self.failed: str | None = None
+        self._begun: list[IService] = []  # children whose (privileged) start was called
         for child in children:
             child.setServiceParent(self)
 
@@ -121,7 +124,39 @@ class NodeService(MultiService):
     def privilegedStartService(self) -> None:
         # twistd calls this first: the api's endpoint service listens here already
         self._preflight()
-        MultiService.privilegedStartService(self)
+        Service.privilegedStartService(self)
+        for svc in self:
+            if not self._start_one(svc, svc.privilegedStartService):
+                return
+
+    def _start_one(self, svc: IService, start: Callable[[], None]) -> bool:
+        """``start()`` one child; False (and the node stopping, :meth:`_cannot_listen`)
+        when a port it needs cannot be bound."""
+        from epio.listen import listen_error
+
+        if self.failed is not None:
+            return False
+        if svc not in self._begun:
+            self._begun.append(svc)
+        try:
+            start()
+        except BaseException as e:
+            what = listen_error(e)
+            if what is None:
+                raise
+            self._cannot_listen(svc.name or "node", *what)
+            return False
+        return True
+
+    def _cannot_listen(self, role: str, endpoint: str, port: int | None, reason: str,
+                       in_use: bool) -> None:
+        """A port ``role`` needs cannot be bound: the rest of the node does not start and
+        the node stops, exit status 1, after one line naming the port, role and key."""
+        from epio.listen import stop_message
+
+        why = stop_message(self.node.settings, role, endpoint, port, reason, in_use)
+        self.failed = why
+        self.node.exit(why)  # on stderr: one line
 
     def startService(self) -> None:
         self.log.info(
@@ -141,8 +176,12 @@ class NodeService(MultiService):
             self.log.info("open files limit (RLIMIT_NOFILE) {after} (hard limit {hard})",
                           after=after, hard=hard)
         self._preflight()
-        MultiService.startService(self)
+        Service.startService(self)
+        # each child in turn; a port one cannot bind ends the node (the others never
+        # start): nothing serves half a node while the cluster takes it for gone
         for svc in self:
+            if not self._start_one(svc, svc.startService):
+                return
             self.log.info("service {name} started", name=svc.name)
 
     def stopService(self) -> Deferred[None]:
@@ -153,7 +192,10 @@ class NodeService(MultiService):
         """
         self.log.info("node {node_id} stopping", node_id=self.node.node_id)
         Service.stopService(self)
-        roles = [svc for svc in reversed(list(self)) if svc.name != "store"]
+        # every role; when one could not bind, only those begun (the api listens in
+        # privilegedStartService already), not those after it that never started
+        roles = [svc for svc in reversed(list(self)) if svc.name != "store"
+                 and (self.failed is None or svc in self._begun)]
         stores = [svc for svc in self if svc.name == "store"]
 
         async def stop() -> None:
@@ -196,6 +238,8 @@ def makeService(options: Options, reactor: INodeReactor | None = None) -> NodeSe
     store = node.store_service
     assert store is not None
     children: list[IService] = [named("store", store)]
+    if node.cluster is not None:  # the nexus/logger endpoint lists (epio.cluster)
+        children.append(named("cluster", node.cluster))
     roles = {role: role_service(role, node) for role in ROLES if role in node.roles}
     children.extend(roles.values())
     if "lb" in roles:  # the node's decision: SIGHUP reloads routes, GC tuned

@@ -23,11 +23,13 @@ build's own step lines (source ``build``), the instant the router first answers
     health   "starting" -> "healthy"
     route    "healthy" -> first 200 of the new page through the router
     done     first 200 -> the CLI exits ("is live")
+    (deployed: first 200 -> the api's "Deployed vN" line, part of done)
 
-With ``--ref`` the node and CLI of another checkout (e.g. a git worktree of the
-base commit) are measured the same way right after, and each warm median is printed
-as a ratio against it. The machine's load average is printed: other work on it
-slows every phase.
+With ``--ref`` the node and CLI of another checkout (e.g. ``git archive`` of the
+base commit) run beside this one: both nodes are started, then their deploys
+alternate (this, ref, ref, this, this, ref, ...), so load from other work on the
+shared machine falls on both alike; each warm median is printed as a ratio against
+the reference's. The machine's load average is printed: other work slows every phase.
 """
 
 from __future__ import annotations
@@ -95,9 +97,9 @@ class FirstNew:
 
 
 class Bench:
-    def __init__(self, checkout: Path, work: Path) -> None:
+    def __init__(self, checkout: Path, work: Path, slot: int = 0) -> None:
         self.checkout, self.work = checkout, work
-        base = 21000 + (os.getpid() % 100) * 100
+        base = 21000 + (os.getpid() % 50) * 200 + slot * 100
         doc, _ = isolated_config({"runner": {"port_min": base, "port_max": base + 99}})
         self.api_port = int(str(doc["api"]["listen"]).split(":")[1])
         self.lb_port = int(str(doc["lb"]["listen"]).split(":")[1])
@@ -184,6 +186,7 @@ def phases(t0: float, t_cli: float, routed: float | None,
         "health": m["healthy"] - m["starting"],
         "route": routed - m["healthy"],
         "done": t_cli - routed,
+        "deployed": m["deployed"] - routed,
         "deployed_line": m["deployed"] - t0,
         "first_200": routed - t0,
         "total": t_cli - t0,
@@ -207,24 +210,33 @@ def phases(t0: float, t_cli: float, routed: float | None,
     return out
 
 
-def run(checkout: Path, warm: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    work = Path(tempfile.mkdtemp(prefix="epio-bench-deploy-"))
-    work.chmod(0o711)
-    bench = Bench(checkout, work)
+def run(checkouts: list[Path], warm: int) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """Cold then ``warm`` deploys on a node of each checkout, the nodes side by side and
+    their deploys alternating (ABBA: neither always goes first)."""
+    benches: list[Bench] = []
     try:
-        bench.start()
-        cold = bench.deploy(0)
-        warms = [bench.deploy(i + 1) for i in range(warm)]
-        return cold, warms
+        for slot, checkout in enumerate(checkouts):
+            work = Path(tempfile.mkdtemp(prefix="epio-bench-deploy-"))
+            work.chmod(0o711)
+            benches.append(Bench(checkout, work, slot))
+        for b in benches:
+            b.start()
+        results: list[list[dict[str, Any]]] = [[] for _ in benches]
+        for n in range(warm + 1):
+            order = list(range(len(benches)))
+            for i in order if n % 2 == 0 else reversed(order):
+                results[i].append(benches[i].deploy(n))
+        return [(r[0], r[1:]) for r in results]
     finally:
-        bench.stop()
-        for p in work.rglob("*"):
-            try:
-                if p.is_dir() and not p.is_symlink():
-                    p.chmod(0o755)
-            except OSError:
-                pass
-        shutil.rmtree(work, ignore_errors=True)
+        for b in benches:
+            b.stop()
+            for p in b.work.rglob("*"):
+                try:
+                    if p.is_dir() and not p.is_symlink():
+                        p.chmod(0o755)
+                except OSError:
+                    pass
+            shutil.rmtree(b.work, ignore_errors=True)
 
 
 def show(label: str, cold: dict[str, Any], warms: list[dict[str, Any]]) -> dict[str, float]:
@@ -233,7 +245,7 @@ def show(label: str, cold: dict[str, Any], warms: list[dict[str, Any]]) -> dict[
     print(f"\n== {label}  (seconds; load average {os.getloadavg()[0]:.2f}) ==")
     print(f"{'phase':14}" + "".join(f"{c:>9}" for c in cols) + f"{'warm med':>10}")
     med: dict[str, float] = {}
-    for key in (*PHASES, "first_200", "total"):
+    for key in (*PHASES, "deployed", "first_200", "total"):
         med[key] = statistics.median(r[key] for r in warms) if warms else float("nan")
         print(f"{key:14}" + "".join(f"{r[key]:9.2f}" for r in runs) + f"{med[key]:10.2f}")
     for i, r in enumerate(runs):
@@ -256,13 +268,14 @@ def main() -> None:
     ap.add_argument("--ref", type=Path, help="another checkout to measure the same way")
     a = ap.parse_args()
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    cold, warms = run(CHECKOUT, a.warm)
+    runs = run([CHECKOUT] + ([a.ref.resolve()] if a.ref is not None else []), a.warm)
+    cold, warms = runs[0]
     med = show(f"this checkout {CHECKOUT}", cold, warms)
     if a.ref is not None:
-        rcold, rwarms = run(a.ref.resolve(), a.warm)
+        rcold, rwarms = runs[1]
         rmed = show(f"reference {a.ref}", rcold, rwarms)
         print("\nwarm median, this / reference:")
-        for key in (*PHASES, "first_200", "total"):
+        for key in (*PHASES, "deployed", "first_200", "total"):
             ratio = med[key] / rmed[key] if rmed[key] > 0 else float("nan")
             print(f"  {key:12} {med[key]:6.2f} / {rmed[key]:6.2f} = {ratio:5.2f}")
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")

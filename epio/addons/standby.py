@@ -91,8 +91,13 @@ def pg_prepare_primary(host: str, port: int, user: str, password: str,
         with conn.cursor() as cur:
             cur.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (REPLICATION_USER,))
             verb = "ALTER" if cur.fetchone() else "CREATE"
+            # the SCRAM verifier, made here: the password itself never reaches the server,
+            # so never its log (a failed ALTER ROLE logs the statement)
+            from psycopg2.extensions import encrypt_password
+
+            verifier = encrypt_password(repl_password, REPLICATION_USER, conn, "scram-sha-256")
             cur.execute(f"{verb} ROLE {REPLICATION_USER} WITH LOGIN REPLICATION PASSWORD %s",
-                        (repl_password,))
+                        (verifier,))
             cur.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s",
                         (slot_name(data_key),))
             if cur.fetchone() is None:

@@ -59,6 +59,7 @@ from epio.api.state import (
 from epio.store import (
     DEPLOY_FINAL,
     App,
+    Change,
     Deploy,
     Instance,
     InvalidTransition,
@@ -256,7 +257,8 @@ class Deployer:
         try:
             built = await self.control.request(
                 runner.control_endpoint, "runner.build",
-                {"build_id": deploy.id, "app": app.name, "tarball": tarball, "env": config},
+                {"build_id": deploy.id, "app": app.name, "tarball": tarball, "env": config,
+                 "app_created": app.created},
                 timeout=self.settings.build_timeout)
         except Exception as e:
             message = getattr(e, "message", None) or str(e) or type(e).__name__
@@ -355,6 +357,41 @@ class Deployer:
         return await self._say(deploy, f"  last {len(lines)} lines of {name}'s output:\n"
                                + "\n".join(f"  | {t}" for t in lines))
 
+    async def _hint_reports(self, app: str, version: int, instances: list[Instance],
+                            hinted: set[tuple[str, str]]) -> None:
+        """Wake the scheduler leader (a ``reported`` store notification) when a nexus
+        shows an instance of the release in another state than the store does.
+
+        The store learns instance states at the leader's passes (every
+        ``api.reconcile_interval``, 2 s), so a release healthy on its runner waited up
+        to that long before the deploy saw it; the runner announces a change to the
+        nexuses at once.  One ``nexus.where`` each look (``ROLLOUT_POLL``), one hint
+        per instance and state; the verdict still comes from the store alone."""
+        store_state = {i.id: i.state for i in instances if i.release == version}
+        if not store_state or not self.settings.nexus_endpoints:
+            return
+        for endpoint in self.settings.nexus_endpoints:
+            try:
+                reply = await self.control.request(endpoint, "nexus.where", {"app": app},
+                                                   timeout=self.settings.status_timeout)
+            except Exception:
+                continue
+            new: set[tuple[str, str]] = set()
+            for e in reply.get("instances") or []:
+                iid, state = (e.get("instance_id"), e.get("state")) if isinstance(e, dict) \
+                    else (None, None)
+                if isinstance(iid, str) and isinstance(state, str) \
+                        and store_state.get(iid, state) != state:
+                    new.add((iid, state))
+            if new - hinted:
+                hinted |= new
+                try:
+                    await self.store.announce(Change("reported", app))
+                except Exception as e:  # a hint: the next pass folds them anyway
+                    self.log.info("no hint to the scheduler for {app}: {error}", app=app,
+                                  error=str(e) or type(e).__name__)
+            return  # one answering nexus is enough for a hint
+
     async def _addons(self, work: Any) -> None:
         try:
             await work
@@ -382,6 +419,7 @@ class Deployer:
         the deploy meanwhile; DeployFailed when it fails."""
         deadline = self.clock.seconds() + self.settings.rollout_timeout
         reported: dict[str, str] = {}
+        hinted: set[tuple[str, str]] = set()
         while True:
             if self.stopping:
                 raise DeployInterrupted()
@@ -409,6 +447,7 @@ class Deployer:
             healthy = verdict.healthy
             if verdict.done:
                 return True
+            await self._hint_reports(app.name, version, instances, hinted)
             if self.clock.seconds() >= deadline:
                 for i in [i for i in instances if i.state != "healthy"][:1]:
                     deploy = await self._show_tail(deploy, i)

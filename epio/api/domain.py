@@ -14,6 +14,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -23,20 +25,22 @@ from epio.api.spec import HOSTNAME_RULE
 from epio.api.state import (
     DEFAULT_SIZE,
     KEEP,
+    SERVING_WINDOW,
     SIZES,
     ReleaseState,
     current_release,
     failed_releases,
     kept,
     release_states,
-    serving_release,
 )
 from epio.appenv import reserved_reason
 from epio.domain import PLATFORM_APP, reserved_app_name_problem
 from epio.secretfile import write_secret_file
 from epio.store import (
     APP_DESTROYED,
+    DEPLOY_FINAL,
     App,
+    Change,
     Conflict,
     Deploy,
     Domain,
@@ -51,6 +55,8 @@ from epio.store import NotFound as StoreNotFound
 
 if TYPE_CHECKING:
     from epio.api.addons import Addons
+    from epio.cluster import JoinIssuer, NewJoinToken
+    from epio.store.cluster import JoinTokenInfo
 
 ADMIN_NAME = "admin"
 #: seconds a one-time dashboard sign-in code (``epio login --web``) stays valid
@@ -73,9 +79,10 @@ class Platform:
 
     def __init__(self, store: Store, settings: ApiSettings, clock: IReactorTime,
                  deployer: Any = None, scheduler: Any = None, *,
-                 addons: Addons | None = None) -> None:
+                 addons: Addons | None = None, joins: JoinIssuer | None = None) -> None:
         self.store = store
         self.addons = addons
+        self.joins = joins  # makes join tokens (epio.cluster); None: this api makes none
         self.settings = settings
         self.clock = clock
         self.deployer = deployer
@@ -109,6 +116,28 @@ class Platform:
         new = await self.store.create_user(name, email, is_admin)
         token = await self.store.create_token(new.id, f"first token, created by {user.name}")
         return new, token.token
+
+    # --- cluster ----------------------------------------------------------------
+
+    async def create_join_token(self, user: User, node_id: str | None,
+                                ttl: float | None) -> NewJoinToken:
+        """A single-use join token for one new host (admins only; epio.cluster)."""
+        self._require_admin(user)
+        if self.joins is None:
+            raise errors.Conflict("this api makes no join tokens: its store is not "
+                                  "PostgreSQL (a single-box store cannot be joined)",
+                                  code="not_a_cluster")
+        new = await self.joins.issue(self.store, node_id, ttl, f"user {user.name}")
+        self.log.info("{user} made join token {id} for node {node_id}, valid until {expires}",
+                      user=user.name, id=new.info.id, node_id=new.info.node_id,
+                      expires=new.info.expires)
+        return new
+
+    async def list_join_tokens(self, user: User) -> list[JoinTokenInfo]:
+        self._require_admin(user)
+        from epio.store.cluster import list_join_tokens
+
+        return await list_join_tokens(self.store)
 
     async def create_login_code(self, user: User) -> tuple[str, float]:
         """A one-time code that signs the dashboard in as ``user`` (epio.store.logins)."""
@@ -185,20 +214,26 @@ class Platform:
             return []
         users = {u.id: u.name for u in await self.store.list_users()}
         instances = await self.store.list_instances(apps[0].name if len(apps) == 1 else None)
+        # a few queries for the whole list, not three per app (1,000 apps: docs/apps.md
+        # "Density")
+        releases, deploys, collaborators = await self.store.recent_by_app(
+            [a.name for a in apps], SERVING_WINDOW)
+        healthy: dict[str, dict[str, int]] = {}
+        for inst in instances:
+            if inst.state == "healthy":
+                counts = healthy.setdefault(inst.app, {})
+                counts[inst.process_type] = counts.get(inst.process_type, 0) + 1
         out = []
         for app in apps:
-            serving = await serving_release(self.store, app.name)  # "current" in releases
-            collaborators = [u.name for u in await self.store.list_collaborators(app.name)]
-            counts: dict[str, int] = {}
-            for inst in instances:
-                if inst.app == app.name and inst.state == "healthy":
-                    counts[inst.process_type] = counts.get(inst.process_type, 0) + 1
+            states = release_states(releases[app.name], deploys[app.name])
+            serving = next((v for v, s in states.items() if s.status == "current"), None)
             out.append({
                 "name": app.name, "owner": users.get(app.owner_id, app.owner_id),
                 "url": self.settings.url_of(app.name), "created": app.created,
                 "maintenance": app.maintenance,
-                "release": serving,
-                "collaborators": collaborators, "processes": counts,
+                "release": serving,  # "current" in releases
+                "collaborators": [u.name for u in collaborators[app.name]],
+                "processes": healthy.get(app.name, {}),
             })
         return out
 
@@ -536,6 +571,47 @@ class Platform:
         if deploy is None or deploy.app != app.name:
             raise errors.NotFound(f"{app.name} has no deploy {deploy_id!r}")
         return deploy
+
+    async def watch_deploy(self, app: App, deploy_id: str, log_offset: int,
+                           wait: float) -> Deploy:
+        """The deploy once its log has more than ``log_offset`` characters or it ended,
+        waiting at most ``wait`` seconds for that (the store's ``deploy`` change
+        notifications wake it): ``epio deploy`` sees "Deployed" the moment it is
+        written instead of at its next poll."""
+        deploy = await self.get_deploy(app, deploy_id)
+        if wait <= 0 or len(deploy.log) > log_offset or deploy.status in DEPLOY_FINAL:
+            return deploy
+        woken: Deferred[None] = Deferred()
+
+        def on_change(change: Change) -> None:
+            if not woken.called and (change.kind == "resync" or (
+                    change.kind == "deploy" and change.id in (deploy.id, None))):
+                woken.callback(None)
+
+        def give_up() -> None:
+            if not woken.called:
+                woken.callback(None)
+
+        timer = self.clock.callLater(wait, give_up)
+        listening = ensureDeferred(self.store.subscribe(on_change))
+        # a store whose listener is reconnecting: never wait past ``wait`` for it
+        listening.addTimeout(max(wait - 0.01, 0.01), self.clock)
+        unsubscribe: Any = None
+        try:
+            try:
+                unsubscribe = await listening
+            except DeferredTimeout:
+                return await self.get_deploy(app, deploy_id)
+            deploy = await self.get_deploy(app, deploy_id)  # changed before we listened?
+            if len(deploy.log) > log_offset or deploy.status in DEPLOY_FINAL:
+                return deploy
+            await woken
+        finally:
+            if timer.active():
+                timer.cancel()
+            if unsubscribe is not None:
+                unsubscribe()
+        return await self.get_deploy(app, deploy_id)
 
     def describe_deploy(self, app: App, d: Deploy, log_offset: int | None) -> dict[str, Any]:
         log = "" if log_offset is None else d.log[log_offset:]

@@ -41,6 +41,7 @@ Every pass catches and logs its own errors (STYLE 15).
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -59,9 +60,11 @@ from epio.api.control import IRunnerControl
 from epio.api.settings import ApiSettings
 from epio.api.state import (
     DEFAULT_SIZE,
+    SERVING_WINDOW,
     SIZES,
-    current_release,
+    failed_releases,
     kept,
+    pick_current,
     platform_line,
     rollout_verdict,
     routers_have,
@@ -72,6 +75,7 @@ from epio.services import attach
 from epio.store import (
     DEPLOY_FINAL,
     Deploy,
+    Formation,
     Instance,
     InvalidTransition,
     LeaderService,
@@ -87,8 +91,10 @@ if TYPE_CHECKING:
 
 LOCK_NAME = "epio.scheduler"
 DEFAULT_BOOT_TIMEOUT = 60.0
-# store changes that alter desired state (instance changes are the leader's own writes)
-WAKE_ON = ("release", "formation", "app", "node", "resync")
+# store changes that alter desired state (instance changes are the leader's own writes),
+# and "reported": a deploy saw, through a nexus, instance states its runner reports that
+# the store lacks (Deployer._hint_reports): the pass folds them now
+WAKE_ON = ("release", "formation", "app", "node", "reported", "resync")
 # a deploy's api node whose store row was not refreshed for this many times
 # api.runner_dead_after is gone (a restarted node is recognised at once by its boot id)
 OWNER_LOST_AFTER = 3
@@ -108,6 +114,16 @@ class RunnerView:
     load: dict[str, Any] = field(factory=dict)
     # the app UIDs it accepts (runner.uid_min/uid_max, from its node row); None: unknown
     uids: tuple[int, int] | None = None
+    # its last poll failed: the next passes do not wait for its polls (one at a time,
+    # in flight across passes) and a pass is woken when it expires
+    silent: bool = False
+    expiry_call: Any = None  # the IDelayedCall waking a pass at its expiry
+    polling: Any = None  # its poll in flight (a Deferred), if any
+    gone: bool = False  # declared gone (logged once)
+
+    def expiry(self, dead_after: float) -> float:
+        """When it is (was) dead unless it answers before."""
+        return (self.last_ok if self.last_ok is not None else self.first_seen) + dead_after
 
     def accepts(self, uid: int) -> bool:
         return self.uids is None or self.uids[0] <= uid <= self.uids[1]
@@ -115,8 +131,7 @@ class RunnerView:
     def alive(self, now: float, dead_after: float) -> bool:
         """Answered within ``dead_after`` (a runner never heard from gets that long
         from when this leader first saw it in the store)."""
-        reference = self.last_ok if self.last_ok is not None else self.first_seen
-        return now - reference < dead_after
+        return now < self.expiry(dead_after)
 
 
 def _uid_range(value: Any) -> tuple[int, int] | None:
@@ -125,6 +140,11 @@ def _uid_range(value: Any) -> tuple[int, int] | None:
             and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
         return int(value[0]), int(value[1])
     return None
+
+
+def _wall(t: float) -> str:
+    """``t`` (the clock's seconds: the epoch in production) as HH:MM:SS.mmm UTC."""
+    return time.strftime("%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}"
 
 
 class Scheduler:
@@ -189,6 +209,8 @@ class Scheduler:
         unsubscribe, self._unsubscribe = self._unsubscribe, None
         if unsubscribe is not None:
             unsubscribe()
+        for view in self.views.values():
+            self._cancel_expiry(view)
 
     def wake(self) -> None:
         """Reconcile soon (after a scale, release, ...) instead of at the next tick."""
@@ -228,20 +250,44 @@ class Scheduler:
             view.endpoint = n.control_endpoint
             view.uids = _uid_range(n.status.get("uids"))
         for gone in set(self.views) - {n.id for n in nodes}:
-            del self.views[gone]
-        await DeferredList([ensureDeferred(self._poll(self.views[n.id])) for n in nodes],
-                           consumeErrors=True)
+            self._cancel_expiry(self.views.pop(gone))
+        # The pass waits for the polls of the runners that answered last time (fresh
+        # state).  A runner whose last poll failed does not hold the pass: its poll
+        # (one at a time) stays in flight across passes, and a pass is woken at its
+        # expiry -- so it is declared gone at runner_dead_after, not up to a
+        # status_timeout (a silent poll's whole wait) and a pass later.
+        waits = [self._poll_once(self.views[n.id]) for n in nodes]
+        await DeferredList([d for d in waits if d is not None], consumeErrors=True)
         # liveness is judged after the polls: a silent runner's poll waits its whole
         # status_timeout, and judging with the pass's start time would declare it gone
         # one or two passes (several seconds) after runner_dead_after expired
         now = self.clock.seconds()
-        alive = {v.node_id for v in self.views.values()
-                 if v.alive(now, self.settings.runner_dead_after)}
+        dead_after = self.settings.runner_dead_after
+        alive = {v.node_id for v in self.views.values() if v.alive(now, dead_after)}
+        for v in self.views.values():
+            if v.node_id not in alive and not v.gone:
+                v.gone = True
+                self.log.warn(
+                    "runner {node} is gone: no answer since {last} (expired {expiry}, "
+                    "api.runner_dead_after {dead_after:g}s; declared {late:.2f}s after)",
+                    node=v.node_id, last=_wall(v.expiry(dead_after) - dead_after),
+                    expiry=_wall(v.expiry(dead_after)), dead_after=dead_after,
+                    late=now - v.expiry(dead_after))
         instances = await self._fold_reports(now, alive)
-        for app in await self.store.list_apps():
+        apps = await self.store.list_apps()
+        # what each app's turn reads, read for every app at once: a few queries a pass,
+        # not four per app (1,000 apps: docs/apps.md "Density")
+        names = [a.name for a in apps]
+        releases, deploys, _ = await self.store.recent_by_app(names, SERVING_WINDOW + 1)
+        formations = await self.store.formations_by_app(names)
+        by_app: dict[str, list[Instance]] = {}
+        for inst in instances:
+            by_app.setdefault(inst.app, []).append(inst)
+        for app in apps:
             try:
-                await self._reconcile_app(app, [i for i in instances if i.app == app.name],
-                                          instances, now)
+                await self._reconcile_app(app, by_app.get(app.name, []), instances, now,
+                                          deploys[app.name][:SERVING_WINDOW],
+                                          releases[app.name], formations[app.name])
             except NotFound:
                 failure = Failure()
                 if await self._deleted(app.name):
@@ -261,9 +307,52 @@ class Scheduler:
             return True
         return False
 
+    def _poll_once(self, view: RunnerView) -> Deferred[None] | None:
+        """Start ``view``'s poll unless one is in flight; the Deferred to wait for, or
+        None when the pass does not wait (its last poll failed)."""
+        poll: Deferred[None] | None = view.polling
+        if poll is None:
+            poll = view.polling = ensureDeferred(self._poll(view))
+
+            def done(result: Any) -> Any:
+                view.polling = None
+                return result
+
+            poll.addBoth(done)
+        if view.silent:
+            return None
+        waited: Deferred[None] = Deferred()
+
+        def release(result: Any) -> Any:
+            waited.callback(None)
+            return result
+
+        poll.addBoth(release)
+        return waited
+
+    def _cancel_expiry(self, view: RunnerView) -> None:
+        call, view.expiry_call = view.expiry_call, None
+        if call is not None and call.active():
+            call.cancel()
+
+    def _wake_at_expiry(self, view: RunnerView) -> None:
+        """A silent runner: a pass at its expiry (declared gone then, not at the next
+        tick after it)."""
+        if view.expiry_call is not None or view.gone or not self.leader:
+            return
+        delay = view.expiry(self.settings.runner_dead_after) - self.clock.seconds()
+
+        def fire() -> None:
+            view.expiry_call = None
+            self.wake()
+
+        view.expiry_call = self.clock.callLater(max(0.0, delay) + 0.01, fire)
+
     async def _poll(self, view: RunnerView) -> None:
         if not view.endpoint:
             view.reachable = False
+            view.silent = True
+            self._wake_at_expiry(view)
             return
         try:
             reply = await self.control.request(view.endpoint, "runner.status", {},
@@ -274,8 +363,12 @@ class Scheduler:
                               "{error}", node=view.node_id, endpoint=view.endpoint,
                               error=str(e) or type(e).__name__)
             view.reachable = False
+            view.silent = True
+            self._wake_at_expiry(view)
             return
         view.reachable = True
+        view.silent = view.gone = False
+        self._cancel_expiry(view)
         view.last_ok = self.clock.seconds()
         view.boot_id = reply.get("boot_id")
         load = reply.get("load")
@@ -344,13 +437,14 @@ class Scheduler:
         return list(known.values())
 
     async def _reconcile_app(self, app: App, mine: list[Instance], everyone: list[Instance],
-                             now: float) -> None:
-        deploys = await self.store.list_deploys(app.name, limit=200)
+                             now: float, deploys: list[Deploy], releases: list[Release],
+                             formation: dict[str, Formation]) -> None:
+        """Converge one app: ``deploys`` and ``releases`` are its newest (newest first,
+        deploys without their log), ``formation`` its formation, as the pass read them."""
         # dedicated database servers are run by the add-ons code (epio.api.addons)
         mine = [i for i in mine if i.process_type not in SERVICE_PROCESS_TYPES]
-        release = await current_release(self.store, app.name, deploys)
+        release = pick_current(releases, await failed_releases(self.store, app.name, deploys))
         await self._recover_deploys(app.name, now, deploys, release, mine)
-        formation = await self.store.get_formation(app.name)
         want: dict[str, int] = {}
         if release is not None and release.image:
             for ptype, f in formation.items():

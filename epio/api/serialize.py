@@ -27,3 +27,10 @@ def domain(d: Domain, builtin: bool = False) -> dict[str, Any]:
     hostname = d.hostname
     return {"hostname": hostname, "wildcard": d.wildcard, "created": d.created,
             "builtin": builtin}
+
+
+def join_token(t: Any) -> dict[str, Any]:
+    """A join token's stored facts (epio.store.cluster.JoinTokenInfo): never the token."""
+    return {"id": t.id, "node_id": t.node_id, "created_by": t.created_by,
+            "created": t.created, "expires": t.expires, "used": t.used,
+            "used_by": t.used_by}

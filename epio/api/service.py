@@ -24,7 +24,6 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
 from attrs import frozen
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import serverFromString
@@ -46,7 +45,13 @@ from epio.api.scheduler import Scheduler, SchedulerService
 from epio.api.settings import ApiSettings, derive_app_secret
 from epio.api.web import TARBALL_TYPES, Api, authorize_app
 from epio.domain import platform_hostname
-from epio.listen import ConnectionLimit, LimitedEndpoint, log_backlog, with_backlog
+from epio.listen import (
+    ConnectionLimit,
+    LimitedEndpoint,
+    log_backlog,
+    required_listener,
+    with_backlog,
+)
 from epio.metrics import Family
 from epio.services import named
 
@@ -213,11 +218,15 @@ def build_ready(node: Node, settings: ApiSettings, store: Store) -> ReadyApi:
     services.append(named("api-runner-control", dealer))
     sink: BusLogSink | None = None
     loggers = node.settings.cluster.loggers
-    if loggers:
+    if loggers or node.cluster is not None:
         from epio.pipeline import BusLogSink
 
         sink = BusLogSink(node.bus, list(loggers), clock=node.reactor)
         services.append(sink)
+        if node.cluster is not None:  # a logger joins or leaves (epio.cluster)
+            from epio.cluster import follow_endpoints
+
+            follow_endpoints(node.cluster, sink=sink)
     control = BusRunnerControl(dealer)
     scheduler = Scheduler(store, control, node.reactor, settings, log_sink=sink,
                           app_secret=partial(derive_app_secret, node.secret))
@@ -234,7 +243,13 @@ def build_ready(node: Node, settings: ApiSettings, store: Store) -> ReadyApi:
     deployer = Deployer(store, control, node.reactor, settings, scheduler=scheduler,
                         log_sink=sink, owner={"node": node.node_id, "boot": node.boot_id},
                         addons=addons, run_sessions=sessions)
+    joins = None
+    if node.cluster is not None:  # a PostgreSQL store: hosts may join (epio.cluster)
+        from epio.cluster import JoinIssuer, shared_settings
+
+        joins = JoinIssuer(node.secret, shared_settings(node.settings))
     platform = Platform(store, settings, node.reactor, deployer=deployer, scheduler=scheduler,
+                        joins=joins,
                         addons=addons)
     purger = AppPurger(platform, store, node.reactor)
     services.append(named("purge", PurgeService(purger, store, node.reactor,
@@ -402,7 +417,7 @@ def make_service(node: Node) -> ApiService:
     registry_for(node).add_collector(site.metric_families)
     endpoint = RecordingEndpoint(LimitedEndpoint(
         serverFromString(node.reactor, with_backlog(section.listen, section.backlog)), limit))
-    http = StreamServerEndpointService(endpoint, site)
+    http = required_listener(endpoint, site)  # cannot listen: the node stops
     http.setName("api-http")
     return ApiService(node, settings, gate, http, make_beacon(node, endpoint))
 
@@ -412,9 +427,14 @@ def make_beacon(node: Node, endpoint: RecordingEndpoint) -> ApiBeacon | None:
     route is off: ``api.hostname = off``)."""
     s = node.settings
     nexus = [str(n["heartbeat"]) for n in s.cluster.nexus if n.get("heartbeat")]
-    if not nexus or not platform_hostname(s.api.hostname, s.node.domain):
+    if (not nexus and node.cluster is None) or not platform_hostname(s.api.hostname,
+                                                                    s.node.domain):
         return None
-    publisher = node.bus.publisher(connect=nexus)
+    publisher = node.bus.publisher(connect=nexus, may_start_empty=node.cluster is not None)
+    if node.cluster is not None:  # a nexus joins or leaves (epio.cluster)
+        from epio.cluster import follow_endpoints
+
+        follow_endpoints(node.cluster, heartbeats=publisher)
     publisher.setName("api-heartbeat")  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
     explicit = parse_advertise(s.api.advertise)
     beacon = ApiBeacon(node.reactor, publisher, node.node_id, node.boot_id,

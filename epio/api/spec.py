@@ -94,6 +94,19 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "code": {"type": "string", "description": "one use, within `expires`: the "
                                                   "dashboard exchanges it for a token"},
         "expires": NUM}),
+    "NewJoinToken": obj({
+        "node_id": {"type": "string", "maxLength": 63,
+                    "pattern": "^[A-Za-z0-9][A-Za-z0-9.-]*$",
+                    "description": "the new node's id (default: node-<8 hex digits>)"},
+        "ttl": {"type": "number", "minimum": 1, "maximum": 86400,
+                "description": "seconds the token is valid (default 3600, at most 86400)"},
+    }, required=[]),
+    "JoinToken": obj({"id": STR, "node_id": STR, "created_by": STR, "created": NUM,
+                      "expires": NUM, "used": {"type": ["number", "null"]},
+                      "used_by": {"type": ["string", "null"]}}),
+    "CreatedJoinToken": obj({
+        "token": {"type": "string", "description": "shown once: the store keeps its hash"},
+        "info": ref("JoinToken")}),
     "LoginExchange": obj({"code": {"type": "string", "minLength": 1, "maxLength": 200}}),
     "SignedIn": obj({"user": ref("User"), "token": STR}),
     "App": obj({
@@ -245,7 +258,7 @@ ERROR_RESPONSES = {
     "403": "not allowed for this user (forbidden)",
     "404": "not found, or not yours (not_found)",
     "405": "method not allowed (method_not_allowed); the Allow header lists the methods",
-    "409": "conflict with existing state (conflict, last_admin_token)",
+    "409": "conflict with existing state (conflict, last_admin_token, not_a_cluster)",
     "413": "body too large (payload_too_large)",
     "415": "wrong content type (unsupported_media_type)",
     "422": "the upload did not build (build_failed)",

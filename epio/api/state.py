@@ -53,7 +53,13 @@ async def current_release(store: Store, app: str, deploys: list[Deploy] | None =
     ``deploys``: the app's recent deploys when the caller has them already.
     """
     failed = await failed_releases(store, app, deploys)
-    for release in await store.list_releases(app, limit=len(failed) + 1):
+    return pick_current(await store.list_releases(app, limit=len(failed) + 1), failed)
+
+
+def pick_current(releases: list[Release], failed: set[int]) -> Release | None:
+    """The newest of ``releases`` (newest first) not made by a failed deploy: the rule
+    of :func:`current_release` for a caller that read the releases already."""
+    for release in releases[:len(failed) + 1]:
         if release.version not in failed:
             return release
     return None
@@ -105,10 +111,14 @@ def release_states(releases: list[Release], deploys: list[Deploy]) -> dict[int, 
     return out
 
 
+#: the newest releases and deploys of an app that decide which release serves
+SERVING_WINDOW = 200
+
+
 async def serving_release(store: Store, app: str) -> int | None:
     """The version that serves (``current`` in ``epio releases``), if any."""
-    releases = await store.list_releases(app, limit=200)
-    states = release_states(releases, await store.list_deploys(app, limit=200))
+    releases = await store.list_releases(app, limit=SERVING_WINDOW)
+    states = release_states(releases, await store.list_deploys(app, limit=SERVING_WINDOW))
     return next((v for v, s in states.items() if s.status == "current"), None)
 
 

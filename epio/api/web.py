@@ -50,6 +50,8 @@ TARBALL_TYPES = ("application/gzip", "application/x-gzip", "application/x-tar",
 DASHBOARD_DIR = Path(__file__).parent / "dashboard"
 
 STR_SCHEMA = {"type": "string"}
+#: the most seconds ``GET /apps/{app}/deploys/{id}?wait=`` holds its answer for a change
+DEPLOY_WAIT_MAX = 10
 _ROOT = {"components": {"schemas": SCHEMAS}}
 
 async def authorize_app(platform: Any, request: IRequest, name: str) -> Any:
@@ -284,6 +286,23 @@ class Api(AddonRoutes, CronRoutes, RunRoutes):
         await self.platform.delete_token(user, token_id)
         return {"deleted": token_id}
 
+    # --- cluster ----------------------------------------------------------------
+
+    @operation("POST", "/cluster/join-tokens", "createJoinToken",
+               "A single-use, expiring token with which one new host joins the cluster "
+               "(`epio-admin join --store URL --token T`; admins only)",
+               request=ref("NewJoinToken"), response=ref("CreatedJoinToken"), status=201,
+               tag="cluster")
+    async def create_join_token(self, request: Any, user: Any, body: dict[str, Any]) -> Any:
+        new = await self.platform.create_join_token(user, body.get("node_id"), body.get("ttl"))
+        return {"token": new.token, "info": serialize.join_token(new.info)}
+
+    @operation("GET", "/cluster/join-tokens", "listJoinTokens",
+               "Join tokens kept (never the tokens; admins only)",
+               response=array(ref("JoinToken")), tag="cluster")
+    async def list_join_tokens(self, request: Any, user: Any) -> Any:
+        return [serialize.join_token(t) for t in await self.platform.list_join_tokens(user)]
+
     # --- apps -------------------------------------------------------------------
 
     @operation("GET", "/apps", "listApps", "Apps the caller owns or collaborates on",
@@ -368,12 +387,17 @@ class Api(AddonRoutes, CronRoutes, RunRoutes):
                 for d in await self.platform.list_deploys(app, limit)]
 
     @operation("GET", "/apps/{app}/deploys/{deploy_id}", "getDeploy",
-               "A deploy's status and its log from character `log_offset` (poll to follow)",
+               "A deploy's status and its log from character `log_offset` (poll to follow); "
+               "with `wait`, the answer waits up to that many seconds for a longer log or "
+               "the deploy's end",
                response=ref("Deploy"), tag="deploys",
-               query={"log_offset": {"type": "integer", "minimum": 0}})
+               query={"log_offset": {"type": "integer", "minimum": 0},
+                      "wait": {"type": "integer", "minimum": 0,
+                               "maximum": DEPLOY_WAIT_MAX}})
     async def get_deploy(self, request: IRequest, user: User, app: App, deploy_id: str) -> Any:
         offset = query_int(request, "log_offset", 0)
-        deploy = await self.platform.get_deploy(app, deploy_id)
+        wait = query_int(request, "wait", 0, 0, DEPLOY_WAIT_MAX)
+        deploy = await self.platform.watch_deploy(app, deploy_id, offset, wait)
         return self.platform.describe_deploy(app, deploy, offset)
 
     # --- releases ---------------------------------------------------------------

@@ -9,6 +9,14 @@ cancelled past it.  Memory is bounded by ``part_size``: an object larger than on
 part is uploaded with a multipart upload (aborted if any step fails) and read back in
 ranges of one part.
 
+A hostile or broken endpoint cannot make the client hold more than that: an object or
+range answer is read up to the size asked for, any other answer (a listing page, an
+error, an upload id) up to ``MAX_ANSWER`` bytes, and a listing stops at ``MAX_PAGES``
+pages; past a limit, or at the timeout, the connection is closed (not left streaming
+into memory) and the request fails with :class:`S3Error`.  XML is parsed by the
+standard library's expat, which fetches no external entity and refuses entity
+expansion bombs (expat >= 2.4), only ever on an answer of bounded size.
+
 The secret key is held by this object only: it is never logged, never in an error
 (:class:`S3Error`'s text is the operation, the HTTP status and the store's error code
 and message).
@@ -22,19 +30,21 @@ import time
 from collections.abc import Mapping
 from io import BytesIO
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 from xml.etree import ElementTree
 
-import treq
 from attrs import frozen
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.defer import TimeoutError as DeferredTimeout
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import Cooperator
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool
+from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseDone
+from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
@@ -44,6 +54,8 @@ MIN_PART = 5 << 20  # S3's smallest part but the last
 MAX_PARTS = 10_000
 META_SHA256 = "x-amz-meta-epio-sha256"  # the object's sha256, written at upload
 ERROR_TEXT = 200  # characters of the store's error message kept
+MAX_ANSWER = 8 << 20  # bytes of an answer that is not object data (listing page, error)
+MAX_PAGES = 1000  # listing pages of one list() (1000 keys a page at most on AWS)
 
 
 class S3Error(Exception):
@@ -80,6 +92,58 @@ def _find(node: ElementTree.Element, name: str) -> str:
         if _local(child.tag) == name:
             return child.text or ""
     return ""
+
+
+def _int(value: str | bytes, what: str) -> int:
+    """A non-negative integer the store sent (a size, a length), else :class:`S3Error`."""
+    text = value.decode("ascii", "replace") if isinstance(value, bytes) else value
+    if not text.strip().isdigit():
+        raise S3Error(f"{what}: not a size: {text[:40]!r}")
+    return int(text)
+
+
+class _Body(Protocol):
+    """Reads one response body, at most ``limit`` bytes: past it, or when its Deferred
+    is cancelled (the timeout), the connection is closed and no more is kept."""
+
+    def __init__(self, what: str, limit: int) -> None:
+        self.what = what
+        self.limit = limit
+        self.size = 0
+        self.chunks: list[bytes] = []
+        self.done: Deferred[bytes] = Deferred(lambda _: self._close())
+
+    def _close(self) -> None:
+        self.chunks = []
+        if self.transport is not None:
+            # a body's transport is the connection as a producer (TransportProxyProducer):
+            # stopping it stops reading and closes the TCP connection, TLS or not
+            cast(IPushProducer, self.transport).stopProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.done.called:
+            return
+        self.size += len(data)
+        if self.size > self.limit:
+            self._close()
+            self.done.errback(S3Error(f"{self.what}: the answer is larger than "
+                                      f"{self.limit} bytes; refused"))
+            return
+        self.chunks.append(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self.done.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(b"".join(self.chunks))
+        else:
+            self.done.errback(reason)
+
+
+def _read_body(response: IResponse, what: str, limit: int) -> Deferred[bytes]:
+    body = _Body(what, limit)
+    response.deliverBody(body)
+    return body.done
 
 
 def _read_part(path: Path, offset: int, size: int) -> tuple[bytes, str]:
@@ -136,10 +200,11 @@ class S3Client:
                        query: list[tuple[str, str]] | None = None, body: bytes = b"",
                        payload_sha256: str | None = None,
                        headers: Mapping[str, str] | None = None,
-                       ok: tuple[int, ...] = (200,)) -> tuple[IResponse, bytes]:
+                       ok: tuple[int, ...] = (200,),
+                       limit: int | None = None) -> tuple[IResponse, bytes]:
         """One signed request on the bucket (``key`` None) or an object; its response
-        and body.  :class:`S3Error` for a transport failure, a timeout or a status not
-        in ``ok``."""
+        and body (at most ``limit`` bytes, ``MAX_ANSWER`` if None).  :class:`S3Error` for a transport failure,
+        a timeout, a larger body or a status not in ``ok``."""
         query = query or []
         path = sigv4.encode_path(f"{self.base}/{self.bucket}"
                                  + (f"/{key}" if key is not None else "/"))
@@ -159,7 +224,8 @@ class S3Client:
 
         async def go() -> tuple[IResponse, bytes]:
             response = await self._agent.request(method.encode(), url.encode(), raw, producer)
-            data: bytes = await treq.content(response)
+            data: bytes = await _read_body(response, what,
+                                           MAX_ANSWER if limit is None else limit)
             return response, data
 
         def timed_out(result: Any, timeout: float) -> Failure:
@@ -170,7 +236,7 @@ class S3Client:
         d.addTimeout(self.timeout, self.reactor, onTimeoutCancel=timed_out)
         try:
             response, data = await d
-        except CancelledError:
+        except (CancelledError, S3Error):
             raise
         except (TimeoutError, DeferredTimeout):
             raise S3Error(f"{what}: no answer within {self.timeout:g}s "
@@ -183,8 +249,11 @@ class S3Client:
 
     def _error(self, what: str, status: int, data: bytes) -> S3Error:
         node = _xml(data)
-        code = _find(node, "Code") if node is not None else ""
-        message = (_find(node, "Message") if node is not None else "")[:ERROR_TEXT]
+        # the store's words, on one line (no forged log lines, no terminal controls)
+        code = " ".join((_find(node, "Code") if node is not None else "").split())[:64]
+        message = " ".join((_find(node, "Message") if node is not None else "").split()
+                           )[:ERROR_TEXT]
+        code, message = ("".join(c for c in t if c.isprintable()) for t in (code, message))
         text = f"{what}: HTTP {status}" + (f" {code}" if code else "") + (
             f": {message}" if message else "")
         return (S3NotFound if status == 404 else S3Error)(text)
@@ -243,14 +312,15 @@ class S3Client:
         :class:`S3NotFound` if there is no such object."""
         key = self.key(name)
         head, _ = await self._request("HEAD", key)
-        size = int(head.headers.getRawHeaders(b"content-length", [b"0"])[0])
+        size = _int(head.headers.getRawHeaders(b"content-length", [b"0"])[0],
+                    f"S3 HEAD {key}: Content-Length")
         expected = str(head.headers.getRawHeaders(META_SHA256.encode(), [b""])[0].decode())
         digest = hashlib.sha256()
         try:
             with open(dest, "wb") as out:
                 os.fchmod(out.fileno(), 0o600)
                 if size <= self.part_size:
-                    _, data = await self._request("GET", key)
+                    _, data = await self._request("GET", key, limit=size)
                     out.write(data)
                     digest.update(data)
                 else:
@@ -258,7 +328,7 @@ class S3Client:
                         last = min(size, offset + self.part_size) - 1
                         _, data = await self._request("GET", key,
                                                       headers={"range": f"bytes={offset}-{last}"},
-                                                      ok=(206,))
+                                                      ok=(206,), limit=last + 1 - offset)
                         out.write(data)
                         digest.update(data)
             if dest.stat().st_size != size:
@@ -280,7 +350,7 @@ class S3Client:
         every page of them, with their names (the client's prefix taken off)."""
         found: list[S3Object] = []
         token = ""
-        while True:
+        for _ in range(MAX_PAGES):
             query = [("list-type", "2"), ("prefix", self.key(prefix))]
             if token:
                 query.append(("continuation-token", token))
@@ -292,8 +362,10 @@ class S3Client:
                 if _local(item.tag) == "Contents":
                     key = _find(item, "Key")
                     if key.startswith(self.prefix):
-                        found.append(S3Object(key[len(self.prefix):],
-                                              int(_find(item, "Size") or 0)))
+                        found.append(S3Object(key[len(self.prefix):], _int(
+                            _find(item, "Size") or "0", f"S3 listing of {self.bucket}")))
             token = _find(node, "NextContinuationToken")
             if _find(node, "IsTruncated") != "true" or not token:
                 return found
+        raise S3Error(f"S3 GET {self.bucket}?list-type=2: more than {MAX_PAGES} listing "
+                      "pages; refused")

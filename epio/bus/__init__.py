@@ -167,11 +167,13 @@ class Bus:
         return Dealer(self, endpoints)
 
     def publisher(self, bind: str | None = None,
-                  connect: Sequence[str] | str | None = None) -> Publisher:
-        """PUB, bound at ``bind`` or connected to ``connect``; ``.publish(type, body, topic)``."""
+                  connect: Sequence[str] | str | None = None,
+                  may_start_empty: bool = False) -> Publisher:
+        """PUB, bound at ``bind`` or connected to ``connect``; ``.publish(type, body, topic)``.
+        ``may_start_empty``: no endpoint yet (``set_connects`` adds them later)."""
         from epio.bus.sockets import Publisher
 
-        return Publisher(self, bind=bind, connect=connect)
+        return Publisher(self, bind=bind, connect=connect, may_start_empty=may_start_empty)
 
     def subscriber(self, endpoints: Sequence[str], topics: Sequence[bytes],
                    handler: SubHandler, bind: str | None = None) -> Subscriber:

@@ -234,9 +234,10 @@ _(MessageType(
 _(MessageType(
     "runner.build", 1, "request",
     "Build an uploaded app tarball into an image on this runner (build log goes to the "
-    "app's log stream, source build).",
+    "app's log stream, source build); app_created (the app's creation time) tells this "
+    "app from an earlier one of the same name: what builds of another kept is not used.",
     fields={"build_id": str, "app": str, "tarball": bytes},
-    optional={"env": dict},
+    optional={"env": dict, "app_created": Number},
 ))
 _(MessageType(
     "runner.built", 1, "reply",

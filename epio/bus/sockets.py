@@ -36,6 +36,7 @@ from epio.bus import counters as C
 from epio.bus.counters import BusCounters
 from epio.bus.envelope import Envelope, ReplayGuard, triage_request
 from epio.bus.errors import NotRunning, Reason, Rejected, RemoteError, RequestTimeout
+from epio.listen import ListenFailed, zmq_endpoint
 
 if TYPE_CHECKING:
     from epio.bus import Bus, SocketOption
@@ -244,8 +245,9 @@ class _Monitor:
             self.sock = None
 
 
-class BindFailed(SystemExit):
-    """A bus socket cannot bind its endpoint: the node must not run without it."""
+class BindFailed(ListenFailed):
+    """A bus socket cannot bind its endpoint: the node must not run without it (the
+    node stops: :class:`epio.tap.NodeService`)."""
 
 
 class BusService(Service):
@@ -383,11 +385,14 @@ class BusService(Service):
             self.bus._services.discard(self)
             self.log.error("bus {kind}: cannot bind {binds}: {error}", kind=self.kind,
                            binds=" ".join(self.binds), error=e.strerror)
+            reason = os.strerror(e.errno) if e.errno else e.strerror
+            failed = self.binds[0] if self.binds else ""  # a bus socket binds one
+            target = zmq_endpoint(failed)
             raise BindFailed(
-                f"epio: bus {self.kind} cannot bind {' '.join(self.binds)}: "
-                f"{os.strerror(e.errno) if e.errno else e.strerror}"
+                f"epio: bus {self.kind} cannot bind {' '.join(self.binds)}: {reason}"
                 + (" (another node on this host uses that port? give this node its own "
-                   "ports in the config)" if e.errno == zmq.EADDRINUSE else "")) from None
+                   "ports in the config)" if e.errno == zmq.EADDRINUSE else ""),
+                failed, target.port if target is not None else None, reason) from None
         if self.binds:
             last = self._conn.socket.getsockopt(zmq.LAST_ENDPOINT).decode()
             self.endpoint = _public_endpoint(self.binds[-1], last)
@@ -398,6 +403,30 @@ class BusService(Service):
 
     def _opened(self, conn: _Connection) -> None:
         """Hook: the socket exists."""
+
+    def set_connects(self, endpoints: Sequence[str]) -> None:
+        """Connect to exactly ``endpoints`` from now on (a nexus or logger joined or left
+        the cluster: epio.cluster): the live socket connects to each new one and
+        disconnects from each one gone; queued messages for a gone peer are dropped."""
+        wanted = list(dict.fromkeys(check_endpoint(e, bind=False) for e in endpoints))
+        gone = [e for e in self.connects if e not in wanted]
+        new = [e for e in wanted if e not in self.connects]
+        self.connects = wanted
+        conn = self._conn
+        for ep in gone:
+            self.connected.discard(ep)
+            if conn is not None:
+                try:
+                    conn.socket.disconnect(ep)
+                except zmq.ZMQError as e:  # never connected (ENOENT): nothing to undo
+                    self.log.info("bus {kind}: disconnect {endpoint}: {error}", kind=self.kind,
+                                  endpoint=ep, error=e.strerror)
+        for ep in new:
+            if conn is not None:
+                conn.socket.connect(ep)
+        if gone or new:
+            self.log.info("bus {kind}: now connects to {endpoints}", kind=self.kind,
+                          endpoints=" ".join(wanted) or "nothing")
 
     def _close(self) -> None:
         conn, self._conn = self._conn, None
@@ -659,6 +688,14 @@ class Dealer(BusService):
         if self.running:
             self._connect(ep)
 
+    def set_connects(self, endpoints: Sequence[str]) -> None:
+        """Talk to exactly ``endpoints`` from now on (one socket per peer)."""
+        wanted = list(dict.fromkeys(check_endpoint(e, bind=False) for e in endpoints))
+        for ep in [e for e in self.connects if e not in wanted]:
+            self.remove_endpoint(ep)
+        for ep in wanted:
+            self.add_endpoint(ep)
+
     def remove_endpoint(self, endpoint: str) -> None:
         """Disconnect from a peer; its pending requests fail when they time out."""
         if endpoint not in self.connects:
@@ -828,9 +865,12 @@ class Publisher(BusService):
     kind = "publisher"
 
     def __init__(self, bus: Bus, bind: str | None = None,
-                 connect: Sequence[str] | str | None = None) -> None:
+                 connect: Sequence[str] | str | None = None,
+                 may_start_empty: bool = False) -> None:
         if isinstance(connect, str):
             connect = [connect]
+        # a publisher following the cluster's nexus list may have no peer yet
+        self.may_start_empty = may_start_empty
         super().__init__(bus, binds=[bind] if bind else [], connects=list(connect or ()))
 
     def _frames(self, frames: list[bytes]) -> None:

@@ -105,10 +105,12 @@ class MemoryBus(Bus):
         return MemoryDealer(self, [], [endpoints] if isinstance(endpoints, str) else endpoints)
 
     def publisher(self, bind: str | None = None,  # type: ignore[override]
-                  connect: Sequence[str] | str | None = None) -> MemoryPublisher:
+                  connect: Sequence[str] | str | None = None,
+                  may_start_empty: bool = False) -> MemoryPublisher:
         if isinstance(connect, str):
             connect = [connect]
-        return MemoryPublisher(self, [bind] if bind else [], list(connect or ()))
+        return MemoryPublisher(self, [bind] if bind else [], list(connect or ()),
+                               may_start_empty=may_start_empty)
 
     def subscriber(self, endpoints: Sequence[str], topics: Sequence[bytes],  # type: ignore[override]
                    handler: Any, bind: str | None = None) -> MemorySubscriber:
@@ -130,11 +132,12 @@ class _MemoryService(Service):
     receives: str | None = None
 
     def __init__(self, bus: MemoryBus, binds: Sequence[str], connects: Sequence[str],
-                 handler: Any = None) -> None:
+                 handler: Any = None, may_start_empty: bool = False) -> None:
         self.bus = bus
         self.binds = list(binds)
         self.connects = list(connects)
-        if not self.binds and not self.connects and self.kind != "dealer":
+        if (not self.binds and not self.connects and self.kind != "dealer"
+                and not may_start_empty):
             raise ValueError(f"bus {self.kind}: no endpoint to bind or connect")
         self.handler = handler
         self.counters = BusCounters(bus.counters)
@@ -156,6 +159,10 @@ class _MemoryService(Service):
         super().stopService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         self.bus._services.discard(self)
         self.bus.network.unbind(self)
+
+    def set_connects(self, endpoints: Sequence[str]) -> None:
+        """Connect to exactly ``endpoints`` from now on (as BusService.set_connects)."""
+        self.connects = list(dict.fromkeys(endpoints))
 
     @property
     def connected(self) -> set[str]:

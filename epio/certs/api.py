@@ -17,6 +17,9 @@ from epio.store import App, Store
 
 MAX_PEM = 64 * 1024
 CHECK_TIMEOUT = 5.0  # seconds `epio domains add` waits for its DNS check (docs/https.md)
+# DNS checks running at once on one api process; past it a check is skipped (each
+# lookup holds a UDP socket: parallel `domains add` calls must not exhaust them)
+MAX_CHECKS = 16
 
 
 class DomainCheck:
@@ -27,16 +30,24 @@ class DomainCheck:
     log = Logger()
 
     def __init__(self, clock: IReactorTime, name_check: NameCheck | None, dns01: Dns01 | None,
-                 acme_on: bool, timeout: float = CHECK_TIMEOUT) -> None:
+                 acme_on: bool, timeout: float = CHECK_TIMEOUT,
+                 max_checks: int = MAX_CHECKS) -> None:
         self.clock = clock
         self.name_check = name_check
         self.dns01 = dns01
         self.acme_on = acme_on
         self.timeout = timeout
+        self.max_checks = max_checks
+        self.running = 0
 
     async def check(self, app: str, host: str, wildcard: bool) -> dict[str, Any]:
         """``{"state": "ok" | "pending_dns" | "unknown", "message", "records"}`` within
-        ``timeout`` seconds."""
+        ``timeout`` seconds; "unknown" at once while ``max_checks`` run."""
+        if self.running >= self.max_checks:
+            return {"state": "unknown", "records": [],
+                    "message": "DNS not checked: too many checks running now (the "
+                               "certificate issuer checks again)"}
+        self.running += 1
         d = defer.Deferred.fromCoroutine(self._check(app, host, wildcard))
         d.addTimeout(self.timeout, self.clock)
         try:
@@ -49,6 +60,8 @@ class DomainCheck:
             self.log.failure("DNS check of {host} ({app})", host=host, app=app)
             return {"state": "unknown", "records": [],
                     "message": "DNS not checked (the certificate issuer checks again)"}
+        finally:
+            self.running -= 1
 
     async def _check(self, app: str, host: str, wildcard: bool) -> dict[str, Any]:
         wanted: list[Record] = []

@@ -49,6 +49,9 @@ SOA_TTL = 60
 NEGATIVE_TTL = 1  # the SOA minimum: how long resolvers may cache "no such name / no data"
 LABEL_BYTES = 8  # a label is 16 hex digits
 TCP_IDLE_TIMEOUT = 10.0  # seconds a TCP client may stay connected without sending a query
+TCP_MAX_CONNECTIONS = 256  # TCP connections at once (the api process's file descriptors)
+TCP_MAX_PER_PEER = 8  # TCP connections at once from one address
+TCP_MAX_QUERIES = 64  # queries answered on one TCP connection, then it is closed
 
 
 def base_name(hostname: str) -> str:
@@ -256,9 +259,28 @@ class ZoneServerFactory(server.DNSServerFactory):
         self.zone = zone.lower().rstrip(".")
         self.data = data
         self.queries = 0
+        self.dropped = 0  # messages dropped unanswered: undecodable, or not queries
+
+    def messageReceived(self, message: dns.Message, proto: Any, address: Any = None) -> None:
+        # never answer a response (QR set): a spoofed "response" from another DNS
+        # server (another api node's) would otherwise start a reply ping-pong
+        if message.answer:
+            self.dropped += 1
+            return
+        super().messageReceived(message, proto, address)  # type: ignore[no-untyped-call]  # unannotated
 
     def handleQuery(self, message: dns.Message, protocol: Any, address: Any) -> None:
         self.queries += 1
+        if isinstance(protocol, dns.DNSProtocol):  # TCP
+            # a client that sends queries and never reads the answers would make them
+            # pile up in memory here: a connection answers so many, then is closed
+            asked = getattr(protocol, "epio_queries", 0) + 1
+            protocol.epio_queries = asked  # type: ignore[attr-defined]  # our counter
+            if asked > TCP_MAX_QUERIES:
+                self.dropped += 1
+                if protocol.transport is not None:
+                    protocol.transport.loseConnection()
+                return
         query = message.queries[0]  # one at least: allowQuery refuses a message without
         rcode, answers, authority = answer(
             self.zone, self.data.labels, query.name.name.decode("ascii", "replace"),
@@ -269,13 +291,43 @@ class ZoneServerFactory(server.DNSServerFactory):
         self.sendReply(protocol, response, address)  # type: ignore[no-untyped-call]
 
 
+class _Datagrams(dns.DNSDatagramProtocol):
+    """UDP: a datagram that does not decode is dropped and counted, not logged (a
+    flood of spoofed junk must not become a flood of log lines)."""
+
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        message = dns.Message()
+        try:
+            message.fromStr(data)
+        except Exception:
+            self.controller.dropped += 1
+            return
+        self.controller.messageReceived(message, self, addr)
+
+
 class _IdleTimeout(policies.TimeoutFactory):
     """Closes a TCP connection idle for ``timeout`` seconds (a resolver sends its
-    queries at once; a client holding connections open gets nothing from it)."""
+    queries at once; a client holding connections open gets nothing from it), and
+    refuses a connection past ``max_connections`` at once or ``max_per_peer`` from one
+    address (connections held open must not exhaust the api's file descriptors)."""
 
-    def __init__(self, reactor: Any, factory: Any, timeout: float) -> None:
+    def __init__(self, reactor: Any, factory: Any, timeout: float,
+                 max_connections: int = TCP_MAX_CONNECTIONS,
+                 max_per_peer: int = TCP_MAX_PER_PEER) -> None:
         super().__init__(factory, timeout)  # type: ignore[no-untyped-call]  # unannotated
         self.reactor = reactor
+        self.max_connections = max_connections
+        self.max_per_peer = max_per_peer
+        self.refused = 0
+
+    def buildProtocol(self, addr: Any) -> Any:
+        host = getattr(addr, "host", None)
+        from_peer = sum(1 for p in self.protocols
+                        if getattr(p.transport.getPeer(), "host", None) == host)
+        if len(self.protocols) >= self.max_connections or from_peer >= self.max_per_peer:
+            self.refused += 1
+            return None  # the connection is closed at once
+        return super().buildProtocol(addr)  # type: ignore[no-untyped-call]  # unannotated
 
     def callLater(self, period: float, func: Callable[[], Any]) -> Any:
         return self.reactor.callLater(period, func)
@@ -287,9 +339,14 @@ class Dns01Service(Service):
     log = Logger()
 
     def __init__(self, reactor: Any, listen: str, zone: str, data: ZoneData,
-                 tcp_idle_timeout: float = TCP_IDLE_TIMEOUT) -> None:
+                 tcp_idle_timeout: float = TCP_IDLE_TIMEOUT,
+                 tcp_max_connections: int = TCP_MAX_CONNECTIONS,
+                 tcp_max_per_peer: int = TCP_MAX_PER_PEER) -> None:
         self.reactor = reactor
         self.tcp_idle_timeout = tcp_idle_timeout
+        self.tcp_max_connections = tcp_max_connections
+        self.tcp_max_per_peer = tcp_max_per_peer
+        self.tcp_factory: _IdleTimeout | None = None
         host, _, port = listen.rpartition(":")
         self.host = host.strip("[]")
         self.port = int(port)
@@ -301,11 +358,11 @@ class Dns01Service(Service):
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         self.data.start()
-        udp = self.reactor.listenUDP(self.port, dns.DNSDatagramProtocol(self.factory),
-                                     interface=self.host)
-        tcp = self.reactor.listenTCP(
-            self.port, _IdleTimeout(self.reactor, self.factory, self.tcp_idle_timeout),
-            interface=self.host)
+        datagrams = _Datagrams(self.factory)  # type: ignore[no-untyped-call]  # unannotated
+        udp = self.reactor.listenUDP(self.port, datagrams, interface=self.host)
+        self.tcp_factory = _IdleTimeout(self.reactor, self.factory, self.tcp_idle_timeout,
+                                        self.tcp_max_connections, self.tcp_max_per_peer)
+        tcp = self.reactor.listenTCP(self.port, self.tcp_factory, interface=self.host)
         self._ports = [udp, tcp]
         self.log.info("DNS-01: answering {zone} on {host}:{port} (UDP and TCP)",
                       zone=self.zone, host=self.host, port=self.port)

@@ -16,7 +16,7 @@ import time
 import webbrowser
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from epio.cli.client import (
     APP_FILE,
@@ -91,6 +91,19 @@ def confirm_name(args: argparse.Namespace, name: str, prompt: str, refused: str)
 ROUTED_PROBE_TIMEOUT = 5.0
 
 
+def routed_refused(api: str, routed: str) -> str:
+    """Why the routed URL an api names is not taken in place of ``api`` ("" if it may
+    be): it must be http(s), and never plain http when ``api`` is https -- the token
+    would then go in clear to whatever answers there, for every later command."""
+    scheme = urlsplit(routed).scheme
+    if scheme not in ("http", "https") or not urlsplit(routed).netloc:
+        return f"the platform's routed URL {routed!r} is not an http(s) URL; kept {api}"
+    if urlsplit(api).scheme == "https" and scheme != "https":
+        return (f"the platform's routed URL {routed} is not https like {api}; kept {api} "
+                "(the token is never moved to plain http)")
+    return ""
+
+
 def routed_default(api: str, token: str) -> tuple[str, str]:
     """The URL to keep for a login at ``api``, and why, when it is not ``api``: given an
     api node's own listener (the request did not come through a router) that names the
@@ -100,6 +113,9 @@ def routed_default(api: str, token: str) -> tuple[str, str]:
     routed = str(status.get("api_url") or "").rstrip("/")
     if status.get("routed") or not routed or routed == api:
         return api, ""
+    refused = routed_refused(api, routed)
+    if refused:
+        return api, refused
     try:
         probe = Client(routed, token, timeout=ROUTED_PROBE_TIMEOUT)
         through = probe.get("status") or {}
@@ -354,6 +370,13 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 #: request a second
 POLL_FIRST = 0.1
 POLL_GROWTH = 1.5
+#: once the build is over (or no build log is followed), each look asks the API to hold
+#: its answer up to this many seconds for the deploy's next line (``?wait=``): "live"
+#: shows the moment the deploy ends, with no request a second meanwhile
+DEPLOY_WAIT = 5
+#: an answer that came back sooner than this with nothing new is from an API that
+#: does not wait (an older one): the CLI sleeps PollPace's waits between looks then
+WAITED_AT_LEAST = 0.5
 
 
 class PollPace:
@@ -382,7 +405,14 @@ def follow_deploy(client: Client, name: str, deploy_id: str, args: argparse.Name
     log = ""
     pace, status = PollPace(args.poll), None
     while True:
-        d: dict[str, Any] = client.get(f"apps/{name}/deploys/{deploy_id}", log_offset=offset)
+        # while its build log is printed, look every PollPace wait; then let the API
+        # answer at the deploy's next change
+        building = build_log is not None and not quiet and status in (None, "pending",
+                                                                     "building", "built")
+        wait = 0 if building else max(1, min(DEPLOY_WAIT, int(deadline - time.monotonic())))
+        asked = time.monotonic()
+        d: dict[str, Any] = client.get(f"apps/{name}/deploys/{deploy_id}", log_offset=offset,
+                                       **({"wait": wait} if wait else {}))
         log += d["log"]
         if build_log is not None and not quiet and d["status"] == "failed" \
                 and d["image"] is None:
@@ -402,8 +432,11 @@ def follow_deploy(client: Client, name: str, deploy_id: str, args: argparse.Name
         if time.monotonic() > deadline:
             raise CliError(f"gave up following deploy {d['id'][:12]} after {args.timeout:g}s "
                            f"(it is {d['status']}); see `epio releases`")
-        time.sleep(pace.next(bool(d["log"]) or d["status"] != status))
+        changed = bool(d["log"]) or d["status"] != status
         status = d["status"]
+        if wait and (changed or time.monotonic() - asked >= WAITED_AT_LEAST):
+            continue  # the API waited for this answer: ask again at once
+        time.sleep(pace.next(changed))
     d["log"] = log
     if d["status"] != "succeeded":
         if quiet:

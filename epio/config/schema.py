@@ -129,9 +129,11 @@ def hostname_or_off(value: Any) -> str | None:
 
 
 def s3_endpoint(value: Any) -> str | None:
-    if value == "" or re.match(r"^https?://[^/?#\s]+/?$", value):
+    # no user:password@: a credential there would be in every S3 error text (shown in
+    # backup listings); the keys are archive_s3_access_key_id and its secret file
+    if value == "" or re.match(r"^https?://[^/?#\s@]+/?$", value):
         return None
-    return "must be empty or http(s)://HOST[:PORT] (no path, no query)"
+    return "must be empty or http(s)://HOST[:PORT] (no path, no query, no user:password@)"
 
 
 def s3_prefix(value: Any) -> str | None:
@@ -201,6 +203,18 @@ SCHEMA: dict[str, dict[str, Key]] = {
             list, ["tcp://127.0.0.1:7721"],
             "Every logger's PULL endpoint; log lines and stats are pushed to each.",
             item_kind=str,
+        ),
+        "follow_interval": Key(
+            float, 2.0, "Seconds between two reads of the nexus, logger and router endpoint "
+            "lists in the store (PostgreSQL store only; docs/cluster.md); a nexus, logger or "
+            "lb node refreshes its own entry as often. Every node merges the store's lists "
+            "with cluster.nexus and cluster.loggers; each runner's network fence lets the "
+            "routers' addresses reach its instance ports (docs/security.md).", positive,
+        ),
+        "endpoint_ttl": Key(
+            float, 30.0, "Seconds after its last refresh that a nexus, logger or router entry in the "
+            "store is left out of the lists (a host that died without unregistering). Must "
+            "exceed cluster.follow_interval.", positive,
         ),
     },
     "bus": {
@@ -521,8 +535,13 @@ SCHEMA: dict[str, dict[str, Key]] = {
                              "backoff starts again at backoff_initial.", positive),
         "health_interval": Key(float, 5.0, "Seconds between health checks of a healthy web "
                                "instance.", positive),
-        "health_boot_interval": Key(float, 0.5, "Seconds between health checks while a web "
-                                    "instance boots.", positive),
+        "health_boot_interval": Key(float, 0.5, "Most seconds between health checks while "
+                                    "a web instance boots.", positive),
+        "health_boot_first": Key(float, 0.05, "Seconds from a web instance's launch to its "
+                                 "first health check; each next check while it boots waits "
+                                 "1.5 times longer, up to health_boot_interval (a fast boot "
+                                 "is seen at once, a slow one is not probed more often).",
+                                 positive),
         "health_timeout": Key(float, 2.0, "Seconds one health check may take.", positive),
         "idle_sleep": Key(float, 0.0, "Default of an app's [http] idle_sleep: seconds a web "
                           "instance may go without a connection before it is stopped and "
@@ -1040,5 +1059,15 @@ def _archive_keys(values: dict[str, dict[str, Any]]) -> list[str]:
     return out
 
 
+def _endpoint_ttl(values: dict[str, dict[str, Any]]) -> list[str]:
+    cluster = values["cluster"]
+    if cluster["endpoint_ttl"] <= cluster["follow_interval"]:
+        return [f"cluster.endpoint_ttl ({cluster['endpoint_ttl']:g}) must exceed "
+                f"cluster.follow_interval ({cluster['follow_interval']:g}): a live nexus or "
+                "logger would age out of the lists between two refreshes"]
+    return []
+
+
 CHECKS: list[Callable[[dict[str, dict[str, Any]]], list[str]]] = [_upload_fits_bus, _uid_range,
-                                                                   _acme_timing, _archive_keys]
+                                                                   _acme_timing, _archive_keys,
+                                                                   _endpoint_ttl]

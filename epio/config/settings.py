@@ -70,6 +70,12 @@ class ClusterSettings:
     loggers: tuple[str, ...]
     """Every logger's PULL endpoint; log lines and stats are pushed to each."""
 
+    follow_interval: float
+    """Seconds between two reads of the nexus, logger and router endpoint lists in the store (PostgreSQL store only; docs/cluster.md); a nexus, logger or lb node refreshes its own entry as often. Every node merges the store's lists with cluster.nexus and cluster.loggers; each runner's network fence lets the routers' addresses reach its instance ports (docs/security.md)."""
+
+    endpoint_ttl: float
+    """Seconds after its last refresh that a nexus, logger or router entry in the store is left out of the lists (a host that died without unregistering). Must exceed cluster.follow_interval."""
+
 
 @frozen
 class BusSettings:
@@ -405,7 +411,10 @@ class RunnerSettings:
     """Seconds between health checks of a healthy web instance."""
 
     health_boot_interval: float
-    """Seconds between health checks while a web instance boots."""
+    """Most seconds between health checks while a web instance boots."""
+
+    health_boot_first: float
+    """Seconds from a web instance's launch to its first health check; each next check while it boots waits 1.5 times longer, up to health_boot_interval (a fast boot is seen at once, a slow one is not probed more often)."""
 
     health_timeout: float
     """Seconds one health check may take."""

@@ -551,10 +551,14 @@ class FeedProcessService(Service):
 
 def main() -> None:
     """``python -m epio.lb.feed`` with ``EPIO_LB_FEED_SPEC`` (JSON: config, socket)."""
+    from epio.cluster import follows_store
     from epio.lb.service import run_child, start_child
     from epio.routefeed import make_route_source
 
-    reactor, spec, node = start_child("EPIO_LB_FEED_SPEC")
+    # with a PostgreSQL store the feed follows the cluster's nexus list itself
+    # (epio.cluster): a store of its own, read by its own ClusterDirectory
+    reactor, spec, node = start_child("EPIO_LB_FEED_SPEC",
+                                      lambda s: follows_store(s.store.url))
     path = Path(spec["socket"])
     problem = private_dir_problem(path.parent)
     if problem:  # made by the router's parent, 0700: anything else is not ours to trust
@@ -562,7 +566,8 @@ def main() -> None:
         raise SystemExit(1)
     service = FeedProcessService(reactor, make_route_source(node),
                                  node.settings.lb.feed_interval, path)
-    run_child(reactor, "epio-lb-feed", [service])
+    services: list[Any] = [svc for svc in (node.store_service, node.cluster) if svc is not None]
+    run_child(reactor, "epio-lb-feed", [*services, service])
 
 
 if __name__ == "__main__":

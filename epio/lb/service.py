@@ -38,7 +38,7 @@ from epio.lb.feed import FEED_RESTART
 from epio.lb.observe import FileLogSink, Observer
 from epio.lb.proxy import LB, SWEEP_INTERVAL, LBFactory
 from epio.lb.proxy import Settings as ProxySettings
-from epio.listen import ConnectionLimit, log_backlog, with_backlog
+from epio.listen import ConnectionLimit, log_backlog, stop_on_listen_failure, with_backlog
 from epio.node import Node
 from epio.routing import FileRouteSource, RouteTable
 
@@ -258,8 +258,11 @@ class LBService(MultiService):
                  static_secret: bytes = b"", feed_spec: FeedSpec | None = None,
                  spool: Path | None = None, certs: Any = None,
                  tls_reuseport: tuple[str, int, int] | None = None,
-                 stapler: Stapler | None = None, waker: Any = None) -> None:
+                 stapler: Stapler | None = None, waker: Any = None,
+                 cannot_listen: Callable[[Failure], None] | None = None) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
+        # a router of a node that cannot listen stops the node (epio.listen)
+        self._cannot_listen = cannot_listen
         self.reactor = reactor
         self.lb_settings = settings
         self.settings = ProxySettings.from_settings(settings)
@@ -451,11 +454,16 @@ class LBService(MultiService):
         self._fire_waiters(None)
 
     def _listen_failed(self, f: Failure) -> None:
-        self.log.failure("router cannot listen", f)
+        stop = self._cannot_listen if not (self._stopping or f.check(defer.CancelledError)) \
+            else None
+        if stop is None:
+            self.log.failure("router cannot listen", f)
         if not self._ready.called:
             self._ready_result = f
             self._ready.callback(None)
             self._fire_waiters(f)
+        if stop is not None:
+            stop(f)
 
     def _guard(self, fn: Callable[[], object]) -> None:
         try:
@@ -578,10 +586,15 @@ def pipeline_sinks(node: Node, standalone: bool) -> tuple[Any, Any, Any]:
     from epio.pipeline import LocalLogSink
 
     loggers = node.settings.cluster.loggers
-    if loggers and not standalone and node.settings.lb.access_log == "":
+    if ((loggers or node.cluster is not None) and not standalone
+            and node.settings.lb.access_log == ""):
         from epio.pipeline import BusLogSink
 
         sink = BusLogSink(node.bus, list(loggers), clock=node.reactor)
+        if node.cluster is not None:  # a logger joins or leaves (epio.cluster)
+            from epio.cluster import follow_endpoints
+
+            follow_endpoints(node.cluster, sink=sink)
         return sink, sink, sink
     local = LocalLogSink()
     return local, local, None
@@ -642,6 +655,12 @@ def route_feed_mode(lb: LbSettings, roles: frozenset[str]) -> str:
 def make_service(node: Node) -> LBService:
     """The ``lb`` role of ``node``: its composition root (every object built here)."""
     cfg = node.config
+    if node.cluster is not None:
+        # a child process merges its own lists (this data dir's cache, then the store it
+        # follows): it gets the hand-written ones, not this process's merge
+        hand = node.cluster.configured
+        cfg = cfg.replace("cluster", nexus=[dict(n) for n in hand.nexus],
+                          loggers=list(hand.loggers))
     lb = node.settings.lb
     spool = spool_dir(node.data_dir)
     spec: WorkerSpec = {"config": cfg.as_dict(), "data_dir": str(node.data_dir),
@@ -663,7 +682,8 @@ def make_service(node: Node) -> LBService:
     svc = LBService(node.reactor, lb, node.settings.node.domain, source, log_sink,
                     stats_sink, worker_spec=spec, static_secret=node.secret,
                     feed_spec=feed_spec, spool=spool, certs=router_certs(node, stapler),
-                    stapler=stapler, waker=waker)
+                    stapler=stapler, waker=waker,
+                    cannot_listen=stop_on_listen_failure(node.settings, "lb", node.exit))
     if sink_service is not None:
         sink_service.setServiceParent(svc)
     if wake_dealer is not None:

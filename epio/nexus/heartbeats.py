@@ -106,6 +106,9 @@ class NodeState:
     # the node's static file server (docs/static.md): (host, port) and prefixes by app
     static: tuple[str, int] | None = None
     static_prefixes: dict[str, tuple[str, ...]] = field(factory=dict)
+    # each instance's entry as last parsed, by instance id: an entry equal to it is not
+    # parsed again (a runner with 1,000 asleep apps reports them all every beat)
+    raw_by_id: dict[str, Any] = field(factory=dict)
 
     def as_dict(self, now: float) -> dict[str, Any]:
         return {
@@ -312,6 +315,7 @@ class NodeTracker:
             if advertise != state.advertise_host:
                 state.advertise_host = advertise
                 state.raw_instances = []  # hosts may resolve differently: re-parse
+                state.raw_by_id = {}
         static, static_prefixes = parse_static(body, state.advertise_host)
         if static != state.static or static_prefixes != state.static_prefixes:
             changed |= set(state.static_prefixes) | set(static_prefixes)
@@ -325,8 +329,18 @@ class NodeTracker:
         return outcome
 
     def _replace_instances(self, state: NodeState, raw_instances: list[Any]) -> set[str]:
+        """Take a heartbeat's instance list; the apps whose instances changed.  Only the
+        entries that differ from the last heartbeat's are parsed and compared: the work
+        grows with what changed, not with how many instances the node has."""
         new: dict[str, InstanceInfo] = {}
+        raw_by_id: dict[str, Any] = {}
+        old_raw, old = state.raw_by_id, state.instances
         for raw in raw_instances:
+            iid = raw.get("instance_id") if isinstance(raw, Mapping) else None
+            if isinstance(iid, str) and iid in old and old_raw.get(iid) == raw:
+                new[iid] = old[iid]
+                raw_by_id[iid] = raw
+                continue
             try:
                 info = parse_instance(state.node_id, state.advertise_host, raw)
             except InvalidHeartbeat as e:
@@ -337,14 +351,16 @@ class NodeTracker:
                 )
                 continue
             new[info.instance_id] = info
-        old = state.instances
+            raw_by_id[info.instance_id] = raw
         changed: set[str] = set()
         for iid, info in old.items():
-            if new.get(iid) != info:
+            now = new.get(iid)
+            if now is not info and now != info:
                 changed.add(info.app)
                 self.by_app.get(info.app, {}).pop((state.node_id, iid), None)
         for iid, info in new.items():
-            if old.get(iid) != info:
+            was = old.get(iid)
+            if was is not info and was != info:
                 changed.add(info.app)
                 self.by_app.setdefault(info.app, {})[(state.node_id, iid)] = info
         for app in changed:
@@ -352,6 +368,7 @@ class NodeTracker:
                 del self.by_app[app]
         state.instances = new
         state.raw_instances = raw_instances
+        state.raw_by_id = raw_by_id
         return changed
 
     def _drop_instances(self, state: NodeState) -> set[str]:

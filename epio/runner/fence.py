@@ -24,6 +24,18 @@ fails at once with ``ECONNREFUSED``, when it goes to
 * a control-plane port (:func:`plan_from_config`) of one of the cluster hosts
   named in the config or in ``runner.fence_hosts``.
 
+An ``input`` hook guards the instance ports from other hosts: a TCP connection
+attempt to the instance port range (``runner.port_min``-``port_max``) or to the
+runner's static file server is accepted from this host itself (``fib saddr type
+local``: loopback and every address of the host, so a single box and the runner's
+own health checks pass), from the addresses of the cluster's router (lb) nodes --
+the ``lb`` rows of the store's endpoint lists (:class:`epio.cluster.ClusterDirectory`
+follows them: a router that joins or leaves is in or out after
+``cluster.follow_interval``) -- and, to a dedicated add-on server's port (other
+runners' apps, the api, backups and a standby connect to it, with its password),
+from anywhere; every other one is answered with a TCP reset.  So no host but a
+router reaches an app's web instance around the router's rules.
+
 The whole table is replaced in one ``nft -f`` transaction whenever what it
 should hold changes, so there is never a moment without rules.  A runner whose
 fence cannot be installed refuses to start unless ``runner.fence = "off"``.
@@ -429,9 +441,26 @@ def fenced_uids(owned: Iterable[tuple[int, int]] = (), extra_uids: Iterable[int]
     return frozenset({u for u, _ in owned} | set(extra_uids) | set(app_uids))
 
 
+def router_addresses(addresses: Iterable[str]) -> tuple[list[str], list[str]]:
+    """The valid IPv4 and IPv6 addresses of ``addresses`` (store rows: anything else is
+    left out, never handed to nft), sorted, without duplicates."""
+    v4: set[ipaddress.IPv4Address] = set()
+    v6: set[ipaddress.IPv6Address] = set()
+    for text in addresses:
+        ip = _literal_ip(str(text))
+        if ip is None or ip.is_unspecified:
+            continue
+        if isinstance(ip, ipaddress.IPv4Address):
+            v4.add(ip)
+        else:
+            v6.add(ip)
+    return [str(a) for a in sorted(v4)], [str(a) for a in sorted(v6)]
+
+
 def render(plan: FencePlan, owned: Iterable[tuple[int, int]] = (),
            extra_uids: Iterable[int] = (), owner: str = "",
-           app_uids: Iterable[int] = ()) -> str:
+           app_uids: Iterable[int] = (), routers: Iterable[str] = (),
+           addon_servers: Iterable[int] = (), inbound: Iterable[int] = ()) -> str:
     """The ``nft -f`` text that atomically replaces the fence table.
 
     ``owned`` are (uid, port) of this runner's live instances; ``app_uids`` the
@@ -442,6 +471,11 @@ def render(plan: FencePlan, owned: Iterable[tuple[int, int]] = (),
     whole ``runner.uid_min``-``uid_max`` range, so the apps of another runner of
     this host are left to that runner's own table.  ``owner``
     (:func:`owner_comment`) becomes the table's comment.
+
+    The ``input`` chain guards the instance port range and the ports of ``inbound``
+    (the static file server's): from another host only the addresses of ``routers``
+    may connect, and anyone to the ports of ``addon_servers`` (dedicated add-on
+    servers); the rest is reset.
     """
     owned = sorted(set(owned))
     uids = sorted(fenced_uids(owned, extra_uids, app_uids))
@@ -463,6 +497,29 @@ def render(plan: FencePlan, owned: Iterable[tuple[int, int]] = (),
     lines += _set("app_uids", "uid", [str(u) for u in uids])
     lines += _set("hosts4", "ipv4_addr", list(plan.hosts4), interval=True)
     lines += _set("hosts6", "ipv6_addr", list(plan.hosts6), interval=True)
+    guarded = sorted(set(inbound))
+    guarded_text = [str(p) for p in guarded]
+    if plan.instance_range is not None:
+        lo, hi = plan.instance_range
+        guarded_text.append(f"{lo}-{hi}" if lo < hi else str(lo))
+    routers4, routers6 = router_addresses(routers)
+    lines += _set("inbound_ports", "inet_service", guarded_text, interval=True)
+    lines += _set("addon_servers", "inet_service", [str(p) for p in sorted(set(addon_servers))])
+    lines += _set("routers4", "ipv4_addr", routers4)
+    lines += _set("routers6", "ipv6_addr", routers6)
+    lines += [
+        "\tchain input {",
+        "\t\ttype filter hook input priority filter; policy accept;",
+        "\t\ttcp dport @inbound_ports tcp flags & (syn | ack) == syn jump inbound",
+        "\t}",
+        "\tchain inbound {",
+        "\t\tfib saddr type local accept",
+        "\t\tip saddr @routers4 accept",
+        "\t\tip6 saddr @routers6 accept",
+        "\t\ttcp dport @addon_servers accept",
+        "\t\treject with tcp reset",
+        "\t}",
+    ]
     lines += [
         "\tchain output {",
         "\t\ttype filter hook output priority filter; policy accept;",
@@ -661,6 +718,9 @@ class NetworkFence(Service):
         proc: Path = Path("/proc"),
         in_thread: Callable[..., defer.Deferred[Any]] | None = None,
         app_uids: Callable[[], Iterable[int]] = lambda: (),
+        routers: Callable[[], Iterable[str]] = lambda: (),
+        addon_servers: Callable[[], Iterable[int]] = lambda: (),
+        inbound: Callable[[], Iterable[int]] = lambda: (),
     ) -> None:
         self.reactor = reactor
         self.plan = plan
@@ -668,6 +728,9 @@ class NetworkFence(Service):
         self.owned = owned
         self.extra_uids = extra_uids
         self.app_uids = app_uids
+        self.routers = routers
+        self.addon_servers = addon_servers
+        self.inbound = inbound
         self.enabled = enabled
         self.why_off = why_off
         self.keep_on_stop = keep_on_stop
@@ -697,7 +760,8 @@ class NetworkFence(Service):
     def _desired(self) -> tuple[str, frozenset[int]]:
         """The table's text and the UIDs it fences."""
         owned, extra, uids = list(self.owned()), list(self.extra_uids()), list(self.app_uids())
-        return (render(self.plan, owned, extra, self.owner, uids),
+        return (render(self.plan, owned, extra, self.owner, uids, list(self.routers()),
+                       list(self.addon_servers()), list(self.inbound())),
                 fenced_uids(owned, extra, uids))
 
     def wanted_uids(self) -> frozenset[int]:
@@ -710,6 +774,8 @@ class NetworkFence(Service):
             return {"state": "off", "why": self.why_off}
         out: dict[str, Any] = {"state": self.state, **self.plan.describe()}
         out["fenced_uids"] = len(self.applied_uids)
+        v4, v6 = router_addresses(self.routers())
+        out["routers"] = v4 + v6  # the other hosts that may reach the instance ports
         if self.error:
             out["error"] = self.error
         return out
@@ -740,6 +806,12 @@ class NetworkFence(Service):
             hosts=(f", also on {', '.join(p.hosts4 + p.hosts6)}" if p.hosts4 or p.hosts6
                    else ""),
         )
+        self.log.info("network fence ON: connections from other hosts to the instance ports "
+                      "{range} and the static file server are reset unless they come from a "
+                      "router ({routers}; followed in the store) or go to a dedicated add-on "
+                      "server", range=(f"{p.instance_range[0]}-{p.instance_range[1]}"
+                                       if p.instance_range else "(none)"),
+                      routers=" ".join(sum(router_addresses(self.routers()), [])) or "none yet")
         for note in p.notes:
             self.log.warn("network fence: {note}", note=note)
         self._collect()
@@ -1002,16 +1074,35 @@ def app_uids(supervisor: Supervisor,
     return uids
 
 
+def addon_servers(supervisor: Supervisor) -> Callable[[], list[int]]:
+    """The ports of this runner's live dedicated add-on servers (open to other hosts:
+    the app's instances elsewhere, the api, backups and standbys connect to them)."""
+    from epio.addons.services import KIND_OF_TYPE
+
+    def ports() -> list[int]:
+        return [i.port for i in supervisor.instances.values()
+                if i.port is not None and i.spec.process_type in KIND_OF_TYPE
+                and i.state not in (State.STOPPED, State.FAILED)]
+
+    return ports
+
+
 def make_fence(reactor: INodeReactor, settings: Settings, roles: Iterable[str], data_dir: Path,
                owned: Callable[[], Iterable[tuple[int, int]]], *,
                uids: Callable[[], Iterable[int]],
+               routers: Callable[[], Iterable[str]] = lambda: (),
+               servers: Callable[[], Iterable[int]] = lambda: (),
+               inbound: Callable[[], Iterable[int]] = lambda: (),
                nft_binary: str | None | bool = True, euid: int | None = None,
                nft: INft | None = None, proc: Path = Path("/proc"),
                in_thread: Callable[..., defer.Deferred[Any]] | None = None) -> NetworkFence:
     """The runner's network fence (detection I/O: before the reactor), following
     ``owned`` (:func:`app_reach`) and fencing the UIDs of ``uids`` (:func:`app_uids`)
     and those of them that left it but still own a process on this host
-    (:func:`~epio.runner.users.uids_with_processes`, read from ``proc``): a UID enters
+    (:func:`~epio.runner.users.uids_with_processes`, read from ``proc``), and letting
+    the addresses of ``routers`` (and, to the ports of ``servers``, dedicated add-on
+    servers: :func:`addon_servers`, anyone) reach the instance ports and those of
+    ``inbound`` (the static file server's) from other hosts: a UID enters
     the table before its first process starts and leaves it once its last process is
     gone.  Never a UID this runner did not run: on a host shared with another
     cluster's runner (whose store this one cannot see) with the same UID range, the
@@ -1050,7 +1141,8 @@ def make_fence(reactor: INodeReactor, settings: Settings, roles: Iterable[str], 
         return set(ran)
 
     fence = NetworkFence(reactor, plan, nft, owned, extra, enabled=enabled, why_off=why,
-                         app_uids=fenced, proc=proc, keep_on_stop=rc.fence_keep_on_stop,
+                         app_uids=fenced, routers=routers, addon_servers=servers,
+                         inbound=inbound, proc=proc, keep_on_stop=rc.fence_keep_on_stop,
                          check_interval=rc.fence_check_interval, in_thread=in_thread,
                          owner=owner_comment(os.getpid(), proc_start(os.getpid()),
                                              pid_namespace(), data_dir))

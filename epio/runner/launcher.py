@@ -76,15 +76,25 @@ def signal_group(pgid: int | None, sig: int) -> bool:
 
 def purge_app_data(data_dir: Path, app: str, uid: int, uid_switch: bool) -> bool:
     """Delete a purged app's data on this node for good: ``appdata/<app>`` (its files
-    and its dedicated servers' data dirs, btrfs subvolumes deleted as such) and the
-    read-only snapshots of those in ``snapshots/<app>/`` (epio.runner.snapshots).
+    and its dedicated servers' data dirs, btrfs subvolumes deleted as such), the
+    read-only snapshots of those in ``snapshots/<app>/`` (epio.runner.snapshots) and
+    what its builds kept here (epio.runner.build.builder.app_build_caches: the kept
+    install of its requirements, its own wheels).
 
     Only an ``appdata/<app>`` owned by ``uid`` (when UIDs are switched) is the purged
-    app's: when an app of the same name with another UID owns it, nothing is touched.
-    Returns whether something was deleted.
+    app's: when an app of the same name with another UID owns it, nothing else is
+    touched.  The build caches go in any case: a cache deleted costs the next build
+    one pip run, a cache kept could hand the purged app's install to a later app of
+    the same name.  Returns whether something was deleted.
     """
+    from epio.runner.build.builder import app_build_caches, remove_cache
+
     check_app_name(app)
     deleted = False
+    for cache in app_build_caches(data_dir, app):
+        if cache.exists() or cache.is_symlink():
+            remove_cache(cache)
+            deleted = True
     data = data_dir / "appdata" / app
     try:
         st = data.lstat()
@@ -330,11 +340,11 @@ class SandboxLauncher:
     def oom_kills(self, launch: Launch) -> int:
         return launch.cgroup.oom_kills() if launch.cgroup is not None else 0
 
-    def listening_ports(self, launch: Launch) -> list[int]:
+    def listening_ports(self, launch: Launch, host: str | None = None) -> list[int]:
         pids = set(launch.cgroup.pids()) if launch.cgroup is not None else set()
         if launch.pid is not None:
             pids |= process_tree([launch.pid])
-        return listening_ports(pids)
+        return listening_ports(pids, host=host)
 
     def cleanup(self, launch: Launch) -> defer.Deferred[None]:
         return defer.Deferred.fromCoroutine(self._cleanup(launch))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 from collections.abc import Callable, Iterable
@@ -86,10 +87,37 @@ def process_tree(pids: Iterable[int], proc: Path = Path("/proc")) -> set[int]:
     return tree
 
 
-def listening_ports(pids: Iterable[int], proc: Path = Path("/proc")) -> list[int]:
+def _address(hexaddr: str) -> str:
+    """The address of a ``/proc/net/tcp{,6}`` field: IPv4 as one little-endian 32-bit
+    word, IPv6 as four of them."""
+    raw = bytes.fromhex(hexaddr)
+    if len(raw) == 4:
+        return str(ipaddress.IPv4Address(raw[::-1]))
+    words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+    return str(ipaddress.IPv6Address(words))
+
+
+def covers(address: str, host: str) -> bool:
+    """Whether a socket listening on ``address`` takes connections to ``host``: the
+    wildcard of its family (``::`` takes IPv4 too unless it is v6-only, which /proc does
+    not tell: taken as covering), the host itself, or its IPv4-mapped form."""
+    if address in ("0.0.0.0", "::"):
+        return True
+    try:
+        a, h = ipaddress.ip_address(address), ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(a, ipaddress.IPv6Address) and a.ipv4_mapped is not None:
+        a = a.ipv4_mapped
+    return a == h
+
+
+def listening_ports(pids: Iterable[int], proc: Path = Path("/proc"),
+                    host: str | None = None) -> list[int]:
     """TCP ports (IPv4 and IPv6) on which these processes hold a listening socket:
     their socket inodes (``/proc/PID/fd``) matched against ``/proc/PID/net/tcp{,6}``
-    (the processes' own network namespace)."""
+    (the processes' own network namespace).  With ``host``, only sockets that take
+    connections to that address (:func:`covers`)."""
     inodes: set[str] = set()
     net: Path | None = None
     for pid in pids:
@@ -117,5 +145,7 @@ def listening_ports(pids: Iterable[int], proc: Path = Path("/proc")) -> list[int
         for line in lines:
             f = line.split()
             if len(f) > 9 and f[3] == _LISTEN and f[9] in inodes:
-                ports.add(int(f[1].rsplit(":", 1)[1], 16))
+                addr, port = f[1].rsplit(":", 1)
+                if host is None or covers(_address(addr), host):
+                    ports.add(int(port, 16))
     return sorted(ports)

@@ -20,7 +20,6 @@ import hashlib
 import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -198,7 +197,7 @@ class RunnerService(OrderedMultiService):
         super().__init__()  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
         # this runner's UID and port ranges, checked against the other live runners of
         # this host (``host``: host_identity and this process) at its first
-        # registration; ``refuse`` ends the node when they overlap (exit_node)
+        # registration; ``refuse`` ends the node when they overlap (node.exit)
         self.ranges = ranges
         self.host = dict(host or {})
         self.refuse = refuse
@@ -234,10 +233,12 @@ class RunnerService(OrderedMultiService):
         self.heartbeats_sent = 0
         self.heartbeats_dropped = 0
         self._save_call: IDelayedCall | None = None
+        self._records = statefile.RecordCache()  # the state file's records as JSON text
         self._announce_call: IDelayedCall | None = None
         self._beat: task.LoopingCall | None = None
         self._last_register = -1e18
         self._ready: defer.Deferred[None] = defer.Deferred()
+        self._started = False  # startService went through (its children all started)
         # the children in start order (they stop in reverse, one at a time): the control
         # ROUTER, made here around this runner's handler, between the two groups
         self.router = router(self.handle) if router is not None else None
@@ -275,6 +276,9 @@ class RunnerService(OrderedMultiService):
         self.log.info("runner network: apps share the host network; the network fence "
                       "(its own log line) refuses their connections to the control plane")
         super().startService()  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
+        # started (a child that cannot bind raised above: the node stops, and this
+        # run, which never read the state file, must not overwrite it)
+        self._started = True
         d = defer.Deferred.fromCoroutine(self._recover())
         d.addErrback(lambda f: self.log.failure("runner recovery failed", f))
         d.addBoth(lambda _: self._ready.callback(None))
@@ -289,7 +293,8 @@ class RunnerService(OrderedMultiService):
         if self.image_server is not None:
             self.image_server.close()
         d = self.supervisor.shutdown(self.shutdown_grace)
-        d.addBoth(lambda _: self._save_now())
+        if self._started:
+            d.addBoth(lambda _: self._save_now())
         d.addBoth(lambda _: self._remove_empty_cgroups())
         d.addBoth(lambda _: OrderedMultiService.stopService(self))
         return d
@@ -381,7 +386,7 @@ class RunnerService(OrderedMultiService):
         records = []
         for inst in self.supervisor.instances.values():
             launch = inst.launch
-            records.append({
+            records.append((inst.spec.instance_id, {
                 "spec": inst.spec.to_message(), "state": inst.state.value, "port": inst.port,
                 "uid": inst.spec.uid, "restarts": inst.restarts,
                 "pid": launch.pid if launch else None,
@@ -391,10 +396,10 @@ class RunnerService(OrderedMultiService):
                             if launch and launch.cgroup else {}),
                 "scratch": launch.scratch if launch else None,
                 "image": launch.image if launch else None,
-            })
+            }))
         try:
-            statefile.save(self.state_path, {"boot_id": self.boot_id, "node_id": self.node_id,
-                                             "instances": records})
+            statefile.save_text(self.state_path, self._records.render(
+                {"boot_id": self.boot_id, "node_id": self.node_id}, records))
         except OSError as e:
             self.log.error("cannot write runner state {path}: {error}",
                            path=str(self.state_path), error=str(e))
@@ -672,6 +677,7 @@ class RunnerService(OrderedMultiService):
 
         build_id, app, tarball = body["build_id"], body["app"], body["tarball"]
         env = body.get("env") or {}
+        created = body.get("app_created")  # None from an older api: no check
         try:
             check_app_name(app)
         except UserError as e:
@@ -690,7 +696,7 @@ class RunnerService(OrderedMultiService):
 
         try:
             await threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), write)
-            result = await self.builder.build(app, path, env)
+            result = await self.builder.build(app, path, env, app_created=created)
         except BuildFailed as e:
             raise RemoteError("build_failed", e.reason) from None
         except OSError as e:
@@ -723,9 +729,13 @@ class PeerRunners(MultiService):
             return []
         store = await self.store_service.whenReady()
         nodes = await store.list_nodes("runner")
-        return [n.control_endpoint for n in nodes
-                if n.control_endpoint and n.id != self.node_id
-                and n.control_endpoint != self.own_control]
+        peers = [n for n in nodes if n.control_endpoint and n.id != self.node_id
+                 and n.control_endpoint != self.own_control]
+        # the most recently seen first: a runner whose host died stays registered, and an
+        # image fetch that asked it first would wait out runner.fetch_timeout before the
+        # next peer (a host joined after a runner host died fetched nothing for 30 s)
+        peers.sort(key=lambda n: -n.last_seen)
+        return [str(n.control_endpoint) for n in peers]
 
     async def request(self, endpoint: str, type: str, body: dict[str, Any],
                       timeout: float) -> dict[str, Any]:
@@ -760,21 +770,6 @@ def detect_isolation_of(settings: RunnerSettings, data_dir: Path) -> tuple[
     return isolation, cgroups, bwrap, setpriv
 
 
-def exit_node(reactor: INodeReactor, why: str) -> None:
-    """End the node with exit status 1 after ``why`` on stderr: its services stop
-    cleanly (the fence table is removed), then the process exits (twistd itself
-    would exit 0 after the reactor stopped)."""
-
-    def failed() -> None:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(1)
-
-    print(why, file=sys.stderr, flush=True)
-    reactor.addSystemEventTrigger("after", "shutdown", failed)
-    reactor.stop()
-
-
 def make_service(node: Node) -> RunnerService:
     """Build the runner role of ``node``: its composition root.
 
@@ -805,6 +800,7 @@ def make_service(node: Node) -> RunnerService:
     from epio.runner.build.images import ImageStore
     from epio.runner.fence import (
         FencedIsolation,
+        addon_servers,
         app_reach,
         app_uids,
         make_fence,
@@ -842,14 +838,34 @@ def make_service(node: Node) -> RunnerService:
     sessions = SessionManager(reactor, launcher, sink, RunSettings.from_config(conf.run),
                               settings, node_id=node.node_id,
                               store_service=node.store_service, observers=gates)
+    directory = node.cluster
+    static_box: list[Any] = []  # the static server, made below (its port once listening)
+
+    def static_ports() -> list[int]:
+        port = static_box[0].port if static_box else None
+        return [port.getHost().port] if port is not None else []
+
     fence = make_fence(reactor, conf, node.roles, node.data_dir,
-                       app_reach(supervisor, sessions), uids=app_uids(supervisor, sessions))
+                       app_reach(supervisor, sessions), uids=app_uids(supervisor, sessions),
+                       routers=(lambda: directory.current.routers) if directory is not None
+                       else (lambda: ()),
+                       servers=addon_servers(supervisor), inbound=static_ports)
+    if directory is not None:  # a router joins or leaves: the fence follows (epio.cluster)
+        directory.observe(lambda _lists: fence.changed())
     static = make_static(reactor, node.secret, images, node.data_dir,
                          lambda: list(supervisor.instances.values()), rc,
                          uid_check=isolation.uid_switch)
+    if static is not None:
+        static_box.append(static)
+        static.on_listening.append(fence.changed)
     snapshots = make_snapshots(reactor, node.data_dir, conf.addons, conf.backup)
     nexus = [str(n["heartbeat"]) for n in conf.cluster.nexus if n.get("heartbeat")]
-    publisher = node.bus.publisher(connect=nexus) if nexus else None
+    publisher = (node.bus.publisher(connect=nexus, may_start_empty=node.cluster is not None)
+                 if nexus or node.cluster is not None else None)
+    if node.cluster is not None:  # a nexus or logger joins or leaves: follow (epio.cluster)
+        from epio.cluster import follow_endpoints
+
+        follow_endpoints(node.cluster, sink, publisher)
     if publisher is not None:
         publisher.setName("runner-heartbeat")  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
     peers.setName("runner-peers")  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
@@ -878,7 +894,7 @@ def make_service(node: Node) -> RunnerService:
         ranges=RangeClaim(node.node_id, (rc.uid_min, rc.uid_max), (rc.port_min, rc.port_max)),
         host={"id": host_identity(), "pid": os.getpid(), "start": proc_start(os.getpid()),
               "pidns": pid_namespace()},
-        refuse=lambda why: exit_node(reactor, why),
+        refuse=node.exit,
     )
     observers.extend([svc.changed, fence.changed])
     if static is not None:

@@ -43,6 +43,36 @@ def save(path: Path, body: dict[str, Any]) -> None:
     write_secret_file(path, json.dumps({"version": STATE_VERSION, **body}, sort_keys=True))
 
 
+class RecordCache:
+    """Each instance's state-file record as JSON text, kept between saves: a save
+    serialises only the records that changed since the last one (a runner with 1,000
+    asleep instances rewrote all of them on every change of any one)."""
+
+    def __init__(self) -> None:
+        self._texts: dict[str, tuple[dict[str, Any], str]] = {}
+
+    def render(self, head: dict[str, Any], records: list[tuple[str, dict[str, Any]]]) -> str:
+        """The state file's text for ``head`` (boot and node ids) and ``records``
+        (instance id, record) — what :func:`save` writes for the same body."""
+        texts: dict[str, tuple[dict[str, Any], str]] = {}
+        parts = []
+        for iid, record in records:
+            known = self._texts.get(iid)
+            text = known[1] if known is not None and known[0] == record \
+                else json.dumps(record, sort_keys=True)
+            texts[iid] = (record, text)
+            parts.append(text)
+        self._texts = texts
+        doc = json.dumps({"version": STATE_VERSION, **head, "instances": None}, sort_keys=True)
+        return doc.replace('"instances": null', '"instances": [' + ", ".join(parts) + "]", 1)
+
+
+def save_text(path: Path, text: str) -> None:
+    """Write a state file's text (from :meth:`RecordCache.render`) as :func:`save` does."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_secret_file(path, text)
+
+
 def load(path: Path) -> dict[str, Any] | None:
     """The previous run's state, or None (missing or unreadable: logged)."""
     try:

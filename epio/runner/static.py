@@ -665,6 +665,7 @@ class StaticServer(Service):
         self.port: Any = None  # the IListeningPort (see _listening)
         self.endpoint: str | None = None  # "host:port" once listening
         self._want: dict[tuple[str, int], _Want] = {}
+        self.on_listening: list[Callable[[], None]] = []  # told once it listens (the fence)
 
     # -- life ----------------------------------------------------------------------
     def startService(self) -> None:
@@ -686,6 +687,8 @@ class StaticServer(Service):
             host = self.advertise_host
         self.endpoint = _hostport(host, addr.port)
         self.log.info("static files served on {endpoint}", endpoint=self.endpoint)
+        for hook in list(self.on_listening):
+            hook()
 
     def _listen_failed(self, f: Failure) -> None:
         self.log.error("static file server cannot listen on {listen}: {error}; apps' static "

@@ -339,6 +339,29 @@ MIGRATIONS: tuple[Migration, ...] = (
             updated DOUBLE PRECISION NOT NULL
         )""",
     )),
+    Migration(11, "join tokens and the nexus/logger endpoint lists (epio.store.cluster)",
+              statements=(
+        """CREATE TABLE join_tokens (
+            id TEXT PRIMARY KEY,
+            token_hash TEXT NOT NULL UNIQUE,
+            node_id TEXT NOT NULL,
+            sealed TEXT NOT NULL,
+            shared TEXT NOT NULL,
+            created_by TEXT NOT NULL,
+            created DOUBLE PRECISION NOT NULL,
+            expires DOUBLE PRECISION NOT NULL,
+            used DOUBLE PRECISION,
+            used_by TEXT
+        )""",
+        "CREATE INDEX join_tokens_expires ON join_tokens (expires)",
+        """CREATE TABLE cluster_endpoints (
+            node_id TEXT NOT NULL,
+            role TEXT NOT NULL,
+            endpoints TEXT NOT NULL,
+            updated DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (node_id, role)
+        )""",
+    )),
 )
 
 SCHEMA_VERSION_DDL = """CREATE TABLE IF NOT EXISTS schema_version (

@@ -87,7 +87,7 @@ DOMAINS_LOCK = "epio.store.domains"
 APP_DESTROYED = "app destroyed"
 
 CHANGE_KINDS = ("user", "app", "collaborator", "release", "config", "formation", "instance",
-                "domain", "node", "deploy", "certificate", "resync")
+                "domain", "node", "deploy", "certificate", "reported", "resync")
 
 
 @frozen
@@ -297,6 +297,18 @@ class Store:
                 callback(Change(kind, payload.get("app"), payload.get("id")))
 
         return await self.backend.listen(deliver)
+
+    async def announce(self, change: Change) -> None:
+        """Notify listeners of ``change`` without writing anything.  Kind ``reported``:
+        a runner reports an app's instances in states the store does not show yet
+        (a deploy saw them through a nexus), so the scheduler leader folds its
+        runners' reports now rather than at its next pass.  A hint, like every
+        notification: the facts still come from the runners' own answers."""
+
+        async def nothing(tx: Transaction) -> None:
+            return None
+
+        await self.transaction(nothing, change=[change])
 
     # ------------------------------------------------------------- users
 
@@ -920,6 +932,19 @@ class Store:
 
         return await self.transaction(q, readonly=True)
 
+    async def formations_by_app(self, apps: Iterable[str]) -> dict[str, dict[str, Formation]]:
+        """:meth:`get_formation` of each of ``apps`` at once (one query per 500 apps)."""
+        names = sorted(set(apps))
+        out: dict[str, dict[str, Formation]] = {a: {} for a in names}
+        for i in range(0, len(names), 500):
+            chunk = names[i:i + 500]
+            rows = await self.fetch_all(
+                f"SELECT * FROM formation WHERE app IN ({', '.join('?' * len(chunk))}) "
+                "ORDER BY app, process_type", chunk)
+            for r in rows:
+                out[r["app"]][r["process_type"]] = _formation(r)
+        return out
+
     async def delete_formation(self, app: str, process_type: str) -> None:
         """Forget a process type's formation entry (no-op if absent)."""
 
@@ -1181,6 +1206,48 @@ class Store:
         if row is None:
             raise NotFound(f"no deploy {deploy_id!r}")
         return _deploy(row)
+
+    async def recent_by_app(self, apps: Iterable[str], limit: int
+                            ) -> tuple[dict[str, list[Release]], dict[str, list[Deploy]],
+                                       dict[str, list[User]]]:
+        """For each of ``apps`` at once (a few queries, however many apps): its newest
+        ``limit`` releases and deploys (newest first; deploys without their log) and its
+        collaborators (by name) — what :meth:`list_releases`, :meth:`list_deploys` and
+        :meth:`list_collaborators` give one app, for a listing of many."""
+        names = sorted(set(apps))
+        releases: dict[str, list[Release]] = {a: [] for a in names}
+        deploys: dict[str, list[Deploy]] = {a: [] for a in names}
+        collaborators: dict[str, list[User]] = {a: [] for a in names}
+        for i in range(0, len(names), 500):
+            chunk = names[i:i + 500]
+            marks = ", ".join("?" * len(chunk))
+
+            async def q(tx: Transaction, chunk: list[str] = chunk, marks: str = marks) -> None:
+                rows = (await tx.execute(
+                    "SELECT * FROM (SELECT r.*, ROW_NUMBER() OVER (PARTITION BY app "
+                    "ORDER BY version DESC) AS epio_rank FROM releases r "
+                    f"WHERE app IN ({marks})) t WHERE epio_rank <= ? "
+                    "ORDER BY app, version DESC", (*chunk, int(limit)))).dicts()
+                for r in rows:
+                    releases[r["app"]].append(_release(r))
+                rows = (await tx.execute(
+                    "SELECT * FROM (SELECT d.id, d.app, d.status, d.image, d.release, "
+                    "'' AS log, d.reason, d.created, d.finished, d.created_by, d.meta, "
+                    "ROW_NUMBER() OVER (PARTITION BY app ORDER BY created DESC, id) "
+                    f"AS epio_rank FROM deploys d WHERE app IN ({marks})) t "
+                    "WHERE epio_rank <= ? ORDER BY app, created DESC, id",
+                    (*chunk, int(limit)))).dicts()
+                for r in rows:
+                    deploys[r["app"]].append(_deploy(r))
+                rows = (await tx.execute(
+                    "SELECT c.app AS epio_app, u.* FROM users u JOIN app_collaborators c "
+                    f"ON c.user_id = u.id WHERE c.app IN ({marks}) ORDER BY u.name",
+                    tuple(chunk))).dicts()
+                for r in rows:
+                    collaborators[r["epio_app"]].append(_user(r))
+
+            await self.transaction(q, readonly=True)
+        return releases, deploys, collaborators
 
     async def list_deploys(self, app: str, limit: int | None = 50) -> list[Deploy]:
         """An app's deploys, newest first (at most ``limit``)."""

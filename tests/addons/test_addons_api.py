@@ -670,3 +670,22 @@ class AddonApiTests(TestCase):
         self.assertEqual((await self.addons._standby_runner("r1")).id, "r1")
         await self.h.add_runner("r2")
         self.assertEqual((await self.addons._standby_runner("r1")).id, "r2")
+
+    async def test_another_user_cannot_fail_over_or_read_lag(self) -> None:
+        """Bob (neither owner nor collaborator of shop) gets 404 -- as for a missing app
+        -- from the failover route and from the add-on's description (its replication
+        lag); the record is untouched (same epoch, same primary)."""
+        from epio.store.addons import Addon, find_addon, put_addon
+
+        addon = Addon("shop", "redis", "dedicated", "ready", 1.0, 1.0, host="10.0.0.2",
+                      port=20001, password="pw", node="r2", instance="shop-new",
+                      options={"standby": True, "epoch": 3, "standby_instance": "shop-sb"})
+        await put_addon(self.h.store, addon)
+        for method, path in (("POST", "apps/shop/addons/redis/failover"),
+                             ("GET", "apps/shop/addons/redis"), ("GET", "apps/shop/addons")):
+            status, body, _ = await self.call(method, path, token=self.h.bob_token)
+            self.assertEqual((status, body["error"]["code"]), (404, "not_found"), path)
+            self.assertNotIn("pw", str(body))
+        after = await find_addon(self.h.store, "shop", "redis")
+        assert after is not None
+        self.assertEqual((after.options["epoch"], after.instance), (3, "shop-new"))

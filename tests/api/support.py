@@ -88,6 +88,7 @@ class FakeRunners:
         self.routed: dict[str, set[str]] = {}
         self.routed_asleep: dict[str, set[str]] = {}
         self.clock: Any = reactor  # the harness's scheduler runs on the real reactor
+        self.booting = False  # while set, started instances keep reporting "starting"
 
     def add(self, endpoint: str) -> None:
         self.instances.setdefault(endpoint, {})
@@ -96,21 +97,23 @@ class FakeRunners:
                       timeout: float | None = None) -> dict[str, Any]:
         self.requests.append((endpoint, type, body))
         if type == "nexus.where" and endpoint == "nexus" and endpoint not in self.down:
+            # the instances as their runners' heartbeats tell the nexus: what the next
+            # runner.status will report (the store learns it only then)
+            seen = [dict(i, state=self._reported(i)) for i in self.running(body["app"])]
             route: dict[str, Any] = {"backends": [
                 {"instance_id": i} for i in sorted(self.routed.get(body["app"], ()))]}
             if self.routed_asleep.get(body["app"]):
                 route["asleep"] = {"since": 1.0, "wake": ["r1"],
                                    "instances": sorted(self.routed_asleep[body["app"]])}
-            return {"nexus_id": "n1", "age": 0.1, "app": body["app"], "route": route}
+            return {"nexus_id": "n1", "age": 0.1, "app": body["app"], "instances": seen,
+                    "route": route}
         if endpoint in self.down or endpoint not in self.instances:
             raise RequestTimeout(type, endpoint, timeout or 1.0)
         mine = self.instances[endpoint]
         if type == "runner.status":
             for inst in mine.values():
                 if inst["state"] == "starting":
-                    inst["state"] = "failed" if inst["release"] in self.fail_health else (
-                        # a new release of an asleep app: healthy once, asleep at once
-                        "asleep" if inst["asleep_after_boot"] else "healthy")
+                    inst["state"] = self._reported(inst)
                     inst["since"] = self.clock.seconds()  # as a runner reports state changes
                     if inst["state"] == "failed":
                         inst["reason"] = "health check /health failed 3 times"
@@ -152,6 +155,13 @@ class FakeRunners:
                     "duration": 1.5}
         raise RemoteError("unknown_type", type)
 
+    def _reported(self, inst: dict[str, Any]) -> str:
+        if inst["state"] != "starting" or self.booting:
+            return str(inst["state"])
+        return "failed" if inst["release"] in self.fail_health else (
+            # a new release of an asleep app: healthy once, asleep at once
+            "asleep" if inst["asleep_after_boot"] else "healthy")
+
     def running(self, app: str | None = None) -> list[dict[str, Any]]:
         return [i for m in self.instances.values() for i in m.values()
                 if app is None or i["app"] == app]
@@ -177,7 +187,12 @@ async def settle(d: Deferred[Any], stub: StubTreq | None = None, timeout: float 
 class Harness:
     """One api over a fresh SQLite store, with fake runners and a scheduler."""
 
-    def __init__(self, settings: ApiSettings | None = None) -> None:
+    def __init__(self, settings: ApiSettings | None = None, joins: Any = None,
+                 make_certs: Any = None) -> None:
+        self.joins = joins  # an epio.cluster.JoinIssuer: the api makes join tokens
+        # store -> epio.certs.api.Certs (the certificate routes and the DNS check of
+        # `domains add`); None: the api has none, as without an acme section
+        self.make_certs = make_certs
         self.tmp = Path(tempfile.mkdtemp(prefix="epio-api-test-"))
         # no nexus here and no settle time: routing waits are tested on their own
         self.settings = settings or ApiSettings(drain_seconds=0.0, reconcile_interval=0.05,
@@ -195,10 +210,11 @@ class Harness:
                                  scheduler=self.scheduler, owner={"node": "api1",
                                                                   "boot": "boot-1"})
         self.platform = Platform(self.store, self.settings, reactor, deployer=self.deployer,
-                                 scheduler=self.scheduler)
+                                 scheduler=self.scheduler, joins=self.joins)
         self.api = Api(self.platform, max_json_bytes=self.settings.max_json_bytes,
                        max_upload_bytes=self.settings.max_upload_bytes,
-                       api_url=self.settings.platform_url())
+                       api_url=self.settings.platform_url(),
+                       certs=self.make_certs(self.store) if self.make_certs else None)
         self.stub = StubTreq(self.api.resource())
         admin = await self.store.create_user("admin", None, is_admin=True)
         self.admin_token = (await self.store.create_token(admin.id)).token

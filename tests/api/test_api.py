@@ -166,6 +166,38 @@ class AppTests(ApiTestCase):
         status, _, _ = await self.call("GET", "apps/hello", token=self.h.alice_token)
         self.assertEqual(status, 404)
 
+    async def test_list_matches_each_app(self) -> None:
+        """GET /apps (every app read at once) says of each app what GET /apps/{app}
+        says: its serving release (not a newer failed one), collaborators and healthy
+        processes."""
+        from epio.store import Instance
+
+        store = self.h.store
+        for name in ("one", "two", "three"):
+            status, _, _ = await self.call("POST", "apps", token=self.h.alice_token,
+                                           body={"name": name})
+            self.assertEqual(status, 201)
+        for version, outcome in ((1, "succeeded"), (2, "failed")):
+            await store.create_release("one", "a" * 64, processes={"web": "gunicorn x"})
+            d = await store.create_deploy("one", status="deploying")
+            await store.update_deploy(d.id, status=outcome, release=version)
+        await store.create_release("two", "b" * 64, processes={"web": "gunicorn x"})
+        await store.add_collaborator("two", (await store.get_user_by_name("bob")).id)
+        await store.upsert_instance(Instance("two-w1", "two", 1, "web", 1, "n1", "127.0.0.1",
+                                             5000, "healthy", 1.0))
+        _, apps, _ = await self.call("GET", "apps", token=self.h.alice_token)
+        self.assertEqual([a["name"] for a in apps], ["one", "three", "two"])
+        for listed in apps:
+            _, alone, _ = await self.call("GET", f"apps/{listed['name']}",
+                                          token=self.h.alice_token)
+            self.assertEqual(listed, alone)
+        by_name = {a["name"]: a for a in apps}
+        self.assertEqual(by_name["one"]["release"], 1)
+        self.assertEqual((by_name["two"]["release"], by_name["two"]["collaborators"],
+                          by_name["two"]["processes"]), (1, ["bob"], {"web": 1}))
+        self.assertEqual((by_name["three"]["release"], by_name["three"]["processes"]),
+                         (None, {}))
+
     async def test_bad_name(self) -> None:
         """A malformed app name is a 400 invalid_app_name saying the rule in words."""
         status, body, _ = await self.call("POST", "apps", token=self.h.alice_token,

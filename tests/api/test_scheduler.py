@@ -182,6 +182,65 @@ class SchedulerTests(TestCase):
         self.assertEqual([(i.node, i.state) for i in insts if i.state != "stopped"],
                          [("r2", "starting")])  # placed on r2 in that pass
 
+    async def test_silent_runner_does_not_hold_the_pass_and_is_judged_at_expiry(
+            self) -> None:
+        """Once a runner's poll failed, the next passes do not wait for its polls (one
+        stays in flight; here it never answers) and a pass is woken at its expiry (last
+        answer + runner_dead_after), where it is declared gone, logged with the expiry,
+        and its instance placed on another runner."""
+        from twisted.internet import reactor
+
+        time = SteppedTime()
+        self.h.scheduler.clock = time
+        self.h.settings = self.h.scheduler.settings = self.h.settings.__class__(
+            runner_dead_after=30.0, drain_seconds=0.0)
+        await self.h.add_runner("r1")
+        await self.app_with_release(quantity=1)
+        await self.passes(2)
+        await self.h.add_runner("r2")
+        runners = self.h.runners
+        runners.down.add("tcp://r1:7731")
+        self.h.scheduler.leader = True  # so a pass is woken at the expiry
+        self.addCleanup(self.h.scheduler.lose_leadership)
+        await self.passes(1)  # r1 fails its poll: silent, not dead yet
+        view = self.h.scheduler.views["r1"]
+        self.assertTrue(view.silent)
+        wake = view.expiry_call
+        self.assertIsNotNone(wake)
+        expiry = view.expiry(30.0)
+        self.assertLess(abs((wake.getTime() - float(reactor.seconds()))
+                            - (expiry - time.seconds())), 0.5)
+        answer, never = runners.request, Deferred()  # type: ignore[var-annotated]
+        asked: list[str] = []
+
+        async def hang(endpoint: str, type: str, body: dict[str, Any],
+                       timeout: float | None = None) -> dict[str, Any]:
+            if endpoint == "tcp://r1:7731":
+                asked.append(type)
+                return await never  # type: ignore[no-any-return]
+            return await answer(endpoint, type, body, timeout)
+
+        runners.request = hang  # type: ignore[method-assign]
+        await self.passes(2)  # neither pass waits for r1's poll; one poll in flight
+        self.assertEqual(asked, ["runner.status"])
+        self.assertEqual([i.node for i in await self.h.store.list_instances("web1")], ["r1"])
+        time.offset += 30.0  # the expiry
+        lines: list[str] = []
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        def observe(event: dict[str, Any]) -> None:
+            lines.append(formatEvent(event))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        await self.passes(1)
+        insts = await self.h.store.list_instances("web1")
+        self.assertEqual([(i.node, i.state) for i in insts if i.state != "stopped"],
+                         [("r2", "starting")])
+        gone = [ln for ln in lines if ln.startswith("runner r1 is gone")]
+        self.assertEqual(len(gone), 1, lines)
+        self.assertIn("api.runner_dead_after 30s", gone[0])
+
     async def test_store_change_wakes_the_leader(self) -> None:
         """A formation change reconciles at once, not at the next (here: hourly) tick."""
         from epio.api.settings import ApiSettings
@@ -441,6 +500,13 @@ class DeployTests(TestCase):
         self.assertIn("Deployed v1: http://hello.localhost:8080/", d["log"])
         _, ps, _ = await self.h.call("GET", "apps/hello/ps", token=self.h.alice_token)
         self.assertEqual([(p["name"], p["state"]) for p in ps], [("web.1", "healthy")])
+        # the build request says which app "hello" this is (a runner's build caches of
+        # an earlier, purged app of the same name are not used: docs/builds.md)
+        from epio.bus.messages import REGISTRY
+
+        [build] = [b for _, t, b in self.h.runners.requests if t == "runner.build"]
+        self.assertEqual(build["app_created"], (await self.h.store.get_app("hello")).created)
+        self.assertIsNone(REGISTRY.get("runner.build").check_body(build))
 
     async def test_succeeds_once_routers_route_the_new_instance(self) -> None:
         """Once the new web instance is healthy the deploy succeeds as soon as the nexus
@@ -485,6 +551,90 @@ class DeployTests(TestCase):
         self.assertEqual((await self.h.store.get_deploy(body["id"])).status, "succeeded")
         self.assertGreaterEqual(reactor.seconds() - started, 0.5)
         self.assertGreaterEqual(asked() - before, 2)
+
+    async def test_healthy_on_its_runner_is_folded_at_once(self) -> None:
+        """The store learns instance states at the leader's passes (here every 30 s):
+        a deploy that sees, through the nexus, its new instance healthy on its runner
+        while the store still says starting wakes the leader (a "reported" store
+        notification), whose pass folds it at once: the deploy succeeds in well under
+        a pass interval, and the verdict still comes from the store."""
+        from attrs import evolve
+        from twisted.internet import reactor
+        from twisted.internet.task import deferLater
+
+        from epio.store import Change
+
+        slow = evolve(self.h.settings, reconcile_interval=30.0, nexus_endpoints=("nexus",))
+        self.h.deployer.settings = self.h.scheduler.settings = slow
+        changes: list[Change] = []
+        unsubscribe = await self.h.store.subscribe(changes.append)
+        self.addCleanup(unsubscribe)
+        await self.h.add_runner("r1")
+        await self.h.call("POST", "apps", token=self.h.alice_token, body={"name": "hello"})
+        self.h.scheduler.become_leader()
+        await settle(ensureDeferred(self.h.scheduler.reconcile()))  # the first tick's pass
+        self.h.runners.booting = True
+        _, body, _ = await self.h.call("POST", "apps/hello/deploys", token=self.h.alice_token,
+                                       raw=b"tar", content_type="application/gzip")
+        for _ in range(200):  # placed, the passes the deploy woke are over, still booting
+            if self.h.runners.running("hello") and not self.h.scheduler._busy:
+                break
+            await deferLater(reactor, 0.02, lambda: None)
+        await deferLater(reactor, 0.3, lambda: None)
+        self.assertEqual([i.state for i in await self.h.store.list_instances("hello")],
+                         ["starting"])
+        self.assertEqual(changes and [c.app for c in changes if c.kind == "reported"], [])
+        self.h.runners.booting = False  # healthy on its runner now; the nexus hears it
+        started = reactor.seconds()
+        await settle(ensureDeferred(self.h.deployer.wait(body["id"])), timeout=10)
+        self.h.scheduler.lose_leadership()
+        d = await self.h.store.get_deploy(body["id"])
+        self.assertEqual(d.status, "succeeded", d.log)
+        self.assertLess(reactor.seconds() - started, 5.0)  # not the 30 s tick
+        self.assertEqual([c.app for c in changes if c.kind == "reported"], ["hello"])
+        self.assertEqual([i.state for i in await self.h.store.list_instances("hello")],
+                         ["healthy"])
+
+    async def test_get_deploy_waits_for_its_next_line(self) -> None:
+        """``GET .../deploys/{id}?log_offset=N&wait=S`` (what ``epio deploy`` asks once
+        the build is over) answers as soon as the deploy's log grows past N, neither at
+        once nor after S; a finished deploy answers at once; a wait over 10 s is
+        refused."""
+        from twisted.internet import reactor
+        from twisted.internet.task import deferLater
+
+        await self.h.add_runner("r1")
+        await self.h.call("POST", "apps", token=self.h.alice_token, body={"name": "hello"})
+        gate: Deferred[None] = Deferred()
+        self.h.runners.build_gate = gate
+        _, body, _ = await self.h.call("POST", "apps/hello/deploys", token=self.h.alice_token,
+                                       raw=b"tar", content_type="application/gzip")
+        url = f"apps/hello/deploys/{body['id']}"
+        for _ in range(200):
+            _, d, _ = await self.h.call("GET", url + "?log_offset=0", token=self.h.alice_token)
+            if d["status"] == "building":
+                break
+            await deferLater(reactor, 0.02, lambda: None)
+        self.assertEqual(d["status"], "building")
+        started = reactor.seconds()
+        waiting = ensureDeferred(self.h.call(
+            "GET", url + f"?log_offset={d['log_offset']}&wait=10", token=self.h.alice_token))
+        await deferLater(reactor, 0.3, lambda: None)
+        self.assertFalse(waiting.called)  # nothing new yet: the answer waits
+        gate.callback(None)  # the build ends: "Built image ..." is the deploy's next line
+        _, d, _ = await waiting
+        self.assertLess(reactor.seconds() - started, 5.0)
+        self.assertTrue(d["log"].startswith("Built image "), d["log"])
+        self.h.scheduler.become_leader()
+        await settle(ensureDeferred(self.h.deployer.wait(body["id"])), timeout=20)
+        self.h.scheduler.lose_leadership()
+        started = reactor.seconds()
+        _, d, _ = await self.h.call("GET", url + f"?log_offset={d['log_offset']}&wait=10",
+                                    token=self.h.alice_token)
+        self.assertEqual(d["status"], "succeeded")
+        self.assertLess(reactor.seconds() - started, 2.0)
+        status, err, _ = await self.h.call("GET", url + "?wait=11", token=self.h.alice_token)
+        self.assertEqual((status, err["error"]["code"]), (400, "bad_request"), err)
 
     async def test_asleep_app_keeps_its_old_release_until_the_nexus_wakes_the_new(
             self) -> None:
@@ -540,8 +690,12 @@ class DeployTests(TestCase):
 
         self.h.runners.routed_asleep["hello"] = {v1["instance_id"], v2["instance_id"]}
         await settle(ensureDeferred(self.h.deployer.wait(body["id"])), timeout=10)
-        self.h.scheduler.lose_leadership()
         self.assertEqual((await self.h.store.get_deploy(body["id"])).status, "succeeded")
+        for _ in range(200):  # the scheduler's next pass retires v1
+            if await states() == [(2, "asleep")]:
+                break
+            await deferLater(reactor, 0.05, lambda: None)
+        self.h.scheduler.lose_leadership()
         self.assertEqual(await states(), [(2, "asleep")])
 
     async def test_first_deploy_starts_one_of_every_process_type(self) -> None:

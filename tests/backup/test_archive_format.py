@@ -134,6 +134,9 @@ class ConfigTests(SynchronousTestCase):
         with self.assertRaises(ConfigError) as cm:
             validate({"backup": {"archive_s3_endpoint": "http://h:9000/bucket"}})
         self.assertIn("no path", str(cm.exception))
+        with self.assertRaises(ConfigError) as cm:  # a credential there would be shown
+            validate({"backup": {"archive_s3_endpoint": "https://AKIA:hunter2@s3.example"}})
+        self.assertIn("no user:password@", str(cm.exception))
         validate({"backup": {"archive_s3_endpoint": "https://s3.eu-west-1.amazonaws.com",
                              "archive_s3_bucket": "b", "archive_s3_access_key_id": "AKIA",
                              "archive_s3_secret_key_file": "/etc/epio/s3.secret",

@@ -264,6 +264,42 @@ class ContractMixin:
                 break
         self.assertEqual({"r1", "r2"}, set(got))
 
+    async def test_publisher_follows_a_changing_list(self) -> None:
+        """A publisher made with no peer (a node following the cluster's nexus list)
+        reaches a subscriber once set_connects names it, another one added later, and
+        none it was told to drop (epio.cluster)."""
+        server, client = self.make_bus("server"), self.make_bus("runner")
+        got: dict[str, list[int]] = {"a": [], "b": []}
+        subs = {k: self.start(server.subscriber(
+            [], [b""], lambda t, e, k=k: got[k].append(e.body["n"]), bind="tcp://127.0.0.1:0"))
+            for k in "ab"}
+        pub = self.start(client.publisher(may_start_empty=True))
+        self.assertTrue(pub.publish("test.event", {"n": 0}, topic=b"hb"))  # nobody: dropped
+
+        async def reaches(*keys: str) -> None:
+            for n in range(1, 101):
+                pub.publish("test.event", {"n": n}, topic=b"hb")
+                await self.settle(lambda: all(got[k] for k in keys), limit=0.05)
+                if all(got[k] for k in keys):
+                    return
+
+        pub.set_connects([subs["a"].endpoint])
+        await reaches("a")
+        self.assertTrue(got["a"])
+        pub.set_connects([subs["a"].endpoint, subs["b"].endpoint])
+        await reaches("a", "b")
+        self.assertTrue(got["b"])
+        pub.set_connects([subs["b"].endpoint])
+        await self.settle(limit=0.2)
+        got["a"].clear()
+        got["b"].clear()
+        await reaches("b")
+        for n in range(20):
+            pub.publish("test.event", {"n": 1000 + n}, topic=b"hb")
+        await self.settle(lambda: 1019 in got["b"], limit=2.0)
+        self.assertIn(1019, got["b"])
+        self.assertEqual(got["a"], [])
+
 
 class BusLogSinkContract:
     """BusLogSink against PULL services of the bus under test (two loggers)."""
@@ -327,6 +363,26 @@ class BusLogSinkContract:
             self.assertEqual({b["boot"] for b in lines} | {stats[0].body["boot"]}, {sink.boot})
         self.assertEqual(sink.counters["lines"], 5)
         self.assertEqual(sink.counters["dropped"], 0)
+
+    async def test_sink_follows_a_changing_logger_list(self) -> None:
+        """A sink made with no logger writes to the node's log; set_endpoints makes it
+        push to the loggers named, and no longer to one dropped (epio.cluster)."""
+        bus, got = self.setup_loggers()
+        sink = BusLogSink(bus, [])
+        sink.startService()
+        self.addCleanup(sink.stopService)
+        sink.emit("app1", "web.1", "local only")
+        sink.set_endpoints(["inproc://logger-a", "inproc://logger-b"])
+        self.assertEqual(len(sink.pushes), 2)
+        sink.emit("app1", "web.1", "to both")
+        await self.wait_for(lambda: all(self.lines_of(got[k]) for k in "ab"))
+        sink.set_endpoints(["inproc://logger-b"])
+        self.assertEqual(len(sink.pushes), 1)
+        sink.emit("app1", "web.1", "to b only")
+        await self.wait_for(lambda: len(self.lines_of(got["b"])) == 2)
+        self.assertEqual([b["text"] for b in self.lines_of(got["a"])], ["to both"])
+        self.assertEqual([b["text"] for b in self.lines_of(got["b"])],
+                         ["to both", "to b only"])
 
     async def test_one_turn_is_one_batch(self) -> None:
         """Lines emitted in one reactor turn travel as one log.batch, in order; a new

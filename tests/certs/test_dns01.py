@@ -187,6 +187,117 @@ class ZoneServerTests(StoreTestCase):
         self.assertLess(took, 4.0)
 
 
+class HostilePacketTests(StoreTestCase):
+    async def test_responses_junk_and_connection_floods(self) -> None:
+        """A "response" (QR set, as spoofed from another DNS server) is never answered
+        (no reply ping-pong between two api nodes), a datagram that does not decode is
+        dropped without a log line; both are counted and the server keeps answering.
+        TCP connections past TCP_MAX_PER_PEER from one address, or past
+        TCP_MAX_CONNECTIONS in all, are closed at once; one that pipelines queries
+        without reading is closed after TCP_MAX_QUERIES answers."""
+        import socket
+
+        from twisted.logger import globalLogPublisher
+
+        logged: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        data = ZoneData(reactor, lambda: defer.succeed(self.store), 30.0)
+        port = free_port()
+        service = Dns01Service(reactor, f"127.0.0.1:{port}", ZONE, data, tcp_idle_timeout=5.0,
+                               tcp_max_connections=3, tcp_max_per_peer=2)
+        service.startService()
+        self.addCleanup(service.stopService)
+
+        def udp(wire: bytes, wait: float) -> bytes | None:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.settimeout(wait)
+                s.sendto(wire, ("127.0.0.1", port))
+                try:
+                    return s.recvfrom(4096)[0]
+                except TimeoutError:
+                    return None
+
+        response = dns.Message(id=9, answer=1)
+        response.queries = [dns.Query(ZONE, dns.SOA)]
+        self.assertIsNone(await threads.deferToThread(udp, response.toStr(), 0.3))
+        self.assertIsNone(await threads.deferToThread(udp, b"\x00\x07\x01", 0.3))
+        soa = dns.Message(id=8)
+        soa.queries = [dns.Query(ZONE, dns.SOA)]
+        wire = await threads.deferToThread(udp, soa.toStr(), 5.0)
+        assert wire is not None
+        reply = dns.Message()
+        reply.fromStr(wire)
+        self.assertEqual((reply.id, reply.rCode), (8, dns.OK))
+        self.assertEqual(service.factory.dropped, 2)
+        self.assertFalse([e for e in logged if "packet" in str(e.get("log_format", ""))])
+
+        def flood() -> list[bool]:
+            """Whether each connection (all held open) is closed by the server: it
+            answers a query on it, or closes it."""
+            import struct
+
+            framed = struct.pack("!H", len(soa.toStr())) + soa.toStr()
+            held, closed = [], []
+            try:
+                for source in ("127.0.0.1",) * 3 + ("127.0.0.2",) * 2:
+                    s = socket.create_connection(("127.0.0.1", port), 5, (source, 0))
+                    held.append(s)
+                    s.settimeout(5.0)
+                    try:
+                        s.sendall(framed)
+                        closed.append(s.recv(2) == b"")
+                    except ConnectionError:
+                        closed.append(True)
+            finally:
+                for s in held:
+                    s.close()
+            return closed
+
+        self.assertEqual(await threads.deferToThread(flood), [False, False, True, False, True])
+        assert service.tcp_factory is not None
+        self.assertEqual(service.tcp_factory.refused, 2)
+
+        def one_by_one(n: int) -> int:
+            """Send up to ``n`` queries on one connection, each once the last is
+            answered; how many are answered before the server closes it."""
+            import struct
+
+            framed = struct.pack("!H", len(soa.toStr())) + soa.toStr()
+            answered = 0
+            with socket.create_connection(("127.0.0.1", port), 5) as s:
+                s.settimeout(5.0)
+
+                def exactly(k: int) -> bytes | None:
+                    buf = b""
+                    while len(buf) < k:
+                        try:
+                            chunk = s.recv(k - len(buf))
+                        except ConnectionError:
+                            return None
+                        if not chunk:
+                            return None
+                        buf += chunk
+                    return buf
+
+                for _ in range(n):
+                    s.sendall(framed)
+                    head = exactly(2)
+                    if head is None or exactly(struct.unpack("!H", head)[0]) is None:
+                        break
+                    answered += 1
+            return answered
+
+        from epio.certs import dns01 as dns01_module
+
+        self.patch(dns01_module, "TCP_MAX_QUERIES", 3)
+        for _ in range(100):  # the flood's connections gone on the server's side too
+            if not service.tcp_factory.protocols:
+                break
+            await task.deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(await threads.deferToThread(one_by_one, 10), 3)
+
+
 class IssuerDns01Tests(StoreTestCase):
     async def setUp(self) -> None:  # type: ignore[override]
         await super().setUp()
@@ -400,6 +511,27 @@ class DomainCheckTests(StoreTestCase):
         self.assertEqual(res["state"], "unknown")
         self.assertIn("no answer within 5 s", res["message"])
 
+
+    async def test_checks_at_once_are_capped(self) -> None:
+        """Past MAX_CHECKS checks running at once (DNS that never answers), a further
+        `domains add` check is skipped at once (state unknown); once they end, checks
+        run again."""
+        clock = task.Clock()
+        check = DomainCheck(clock, NameCheck(Silent(), [ROUTER], ""), None, True,
+                            timeout=5.0, max_checks=2)
+        waiting = [defer.ensureDeferred(check.check("hello", f"w{i}.hello.test", False))
+                   for i in range(2)]
+        res = await check.check("hello", "w3.hello.test", False)
+        self.assertEqual(res["state"], "unknown")
+        self.assertIn("too many checks running", res["message"])
+        clock.advance(5.0)
+        for d in waiting:
+            self.assertIn("no answer within", (await d)["message"])
+        self.assertEqual(check.running, 0)
+        later = defer.ensureDeferred(check.check("hello", "w4.hello.test", False))
+        self.assertEqual(check.running, 1)
+        clock.advance(5.0)
+        self.assertIn("no answer within", (await later)["message"])
 
     async def test_unexpected_error(self) -> None:
         """A check that breaks (here: a resolver raising what no DNS failure raises)

@@ -17,7 +17,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.utils import getProcessOutputAndValue
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from epio.api.service import make_site
 from tests.api.support import Harness
@@ -425,6 +425,22 @@ class RoutedDefaultTests(CliBase):
         code, out, err = await self.epio("login", "--token", self.h.bob_token)
         self.assertEqual(code, 0, err)
         self.assertIn(f"Logged in to {self.url} as bob", out)
+
+
+class RoutedRefusedTests(SynchronousTestCase):
+    def test_the_routed_url_never_downgrades_the_token_to_plain_http(self) -> None:
+        """The routed URL an api's /status names (a hostile network can forge it on a
+        plain-http login) is taken only as an http(s) URL, and never http for a login
+        made over https: the token would go in clear to it for every later command."""
+        from epio.cli.commands import routed_refused
+
+        self.assertEqual(routed_refused("http://10.0.0.5:8000", "https://api.example.com"), "")
+        self.assertEqual(routed_refused("http://10.0.0.5:8000", "http://api.example.com"), "")
+        self.assertEqual(routed_refused("https://10.0.0.5", "https://api.example.com"), "")
+        self.assertIn("not https like https://10.0.0.5",
+                      routed_refused("https://10.0.0.5", "http://api.example.com"))
+        for junk in ("file:///etc/passwd", "api.example.com", "https://"):
+            self.assertIn("is not an http(s) URL", routed_refused("http://h:1", junk))
 
 
 class CliMessageTests(CliBase):

@@ -182,17 +182,21 @@ def unavailable() -> str | None:
 class Node:
     """One ``twistd -n epio`` process in a host's namespace."""
 
-    def __init__(self, host: Host, roles: list[str], config: dict[str, dict[str, object]]):
+    def __init__(self, host: Host, roles: list[str],
+                 config: dict[str, dict[str, object]] | None):
+        """``config`` None: the host joined (``epio-admin join`` wrote its config, with
+        its data dir in it), and the node starts with ``--config`` and ``--role`` only."""
         self.host = host
         self.roles = roles
         self.dir = host.dir
         self.data_dir = host.dir / "data"
         self.config_path = host.dir / "epio.toml"
-        self.config_path.write_text(to_toml(config))
+        if config is not None:
+            self.config_path.write_text(to_toml(config))
         self.log_path = host.dir / "node.log"
         self.argv = [*in_ns(host.ns), *TWISTD, "-n", "--pidfile=", "--logfile=-", "epio",
-                     "--data-dir", str(self.data_dir), "--config", str(self.config_path),
-                     "--role=" + ",".join(roles)]
+                     *(["--data-dir", str(self.data_dir)] if config is not None else []),
+                     "--config", str(self.config_path), "--role=" + ",".join(roles)]
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -251,6 +255,14 @@ class Host:
         kill_ns(self.ns)
         if self.node is not None and self.node.proc is not None:
             self.node.proc.wait(10)
+
+    def revive(self) -> None:
+        """The host comes back after :meth:`kill` (power restored): its link up, its
+        node started again with the same config and data dir (its log goes on in the
+        same file)."""
+        sh("ip", "link", "set", self.veth, "up")
+        if self.node is not None:
+            self.node.start()
 
     def is_up(self) -> bool:
         return "state UP" in sh("ip", "link", "show", self.veth, check=False).stdout
@@ -328,6 +340,45 @@ class Cluster:
             time.sleep(0.1)
         self.token = next(p for p in token_files if p.exists()).read_text().strip()
         self.wait_runners(len(self.with_role("runner")))
+
+    def add_host(self, name: str, roles: list[str]) -> Host:
+        """A new bare host on the bridge (the next address), no node yet: a test joins
+        it (``join``).  ``down`` removes it with the others."""
+        index = max(int(h.addr.rsplit(".", 1)[1]) for h in self.hosts.values()) + 1
+        host = Host(self, index, name, roles)
+        self.hosts[name] = host
+        host.create()
+        return host
+
+    def join(self, host: Host, token: str, sets: Sequence[str] = ()) -> str:
+        """``epio-admin join`` in ``host``'s namespace with the store URL and ``token``
+        (given on stdin, as an operator pipes it): the one command; returns its stdout."""
+        argv = [*in_ns(host.ns), sys.executable, "-c", "from epio.admin import main; main()",
+                "join", "--store", self.store_url, "--token", "-",
+                "--role", ",".join(host.roles), "--data-dir", str(host.dir / "data"),
+                "--config", str(host.dir / "epio.toml")]
+        for item in sets:
+            argv += ["--set", item]
+        r = subprocess.run(argv, input=token + "\n", capture_output=True, text=True,
+                           env=epio_env(), timeout=60)
+        if r.returncode != 0:
+            raise AssertionError(f"epio-admin join on {host.name} exited {r.returncode}: "
+                                 f"{r.stdout}{r.stderr}")
+        return r.stdout
+
+    def runner_sets(self, host: Host) -> list[str]:
+        """The ``--set`` items a joined runner host needs here that a real host would not
+        (one kernel for all: its own cgroup parent and app port block; no uplink: the local
+        package index), as ``config`` gives the runners of the layout."""
+        k = len([h for h in self.hosts.values() if "runner" in h.roles
+                 and h is not host and int(h.addr.rsplit(".", 1)[1]) < int(
+                     host.addr.rsplit(".", 1)[1])])
+        base = 21000 + 100 * k
+        fence = "[" + ", ".join(f'"{h.addr}"' for h in self.hosts.values()) + "]"
+        return [f"runner.port_min={base}", f"runner.port_max={base + 99}",
+                f'runner.cgroup_parent="{PREFIX}{host.name}"', f"runner.fence_hosts={fence}",
+                "runner.backoff_initial=0.2", 'build.index_url="file:///opt/pypi/simple"',
+                'build.gunicorn="gunicorn"']
 
     def start_store(self) -> None:
         """The primary on STORE_HOST, then its standby on STANDBY_HOST (a base backup of

@@ -137,6 +137,29 @@ class TrackerTests(SynchronousTestCase):
         self.assertEqual(self.tracker.counters[H.INVALID], 2)
         self.assertEqual(self.tracker.nodes, {})
 
+    def test_only_changed_entries_are_parsed_again(self) -> None:
+        """A heartbeat in which one instance of many changed parses that one entry
+        again (the others keep their parsed form: work per change, not per instance);
+        a changed advertised host re-parses every entry, and a bad entry is counted
+        every time it comes."""
+        many = [instance(f"i{n}", f"app{n}", state="asleep", host="0.0.0.0")
+                for n in range(50)]
+        self.tracker.receive(heartbeat(seq=1, advertise_host="10.0.0.1", instances=many))
+        before = dict(self.tracker.nodes["n1"].instances)
+        changed = [*many[:7], instance("i7", "app7"), *many[8:], {"x": 1}]
+        self.tracker.receive(heartbeat(seq=2, advertise_host="10.0.0.1", instances=changed))
+        after = self.tracker.nodes["n1"].instances
+        self.assertEqual(self.changes[-1], {"app7"})
+        self.assertEqual(after["i7"].state, "healthy")
+        self.assertTrue(all(after[i] is before[i] for i in before if i != "i7"))
+        self.assertEqual(self.tracker.counters[H.BAD_INSTANCES], 1)
+        self.tracker.receive(heartbeat(seq=3, advertise_host="10.0.0.1",
+                                       instances=[*changed, {"y": 2}]))
+        self.assertEqual(self.tracker.counters[H.BAD_INSTANCES], 3)
+        self.assertEqual(after["i1"].host, "10.0.0.1")
+        self.tracker.receive(heartbeat(seq=4, advertise_host="10.0.0.2", instances=changed))
+        self.assertEqual(self.tracker.by_app["app1"][("n1", "i1")].host, "10.0.0.2")
+
     def test_bad_instance_skipped_others_kept(self) -> None:
         """One malformed instance entry is skipped and counted; the rest are used."""
         bad = instance("bad", state="exploded")

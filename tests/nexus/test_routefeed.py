@@ -161,6 +161,40 @@ class FeedTests(SynchronousTestCase):
         self.clock.advance(0)
         self.assertEqual(self.ports(), [1])
 
+    def test_a_nexus_joins_and_leaves_the_list(self) -> None:
+        """A nexus added to the list (it joined the cluster) enters the merge with its
+        first snapshot; one removed leaves it at once, and its backends with it; what a
+        removed nexus sends or answers afterwards is ignored."""
+        a, b = self.nx
+        assert a.link is not None and b.link is not None
+        feed = RouteFeed(self.clock, [a.link], lambda link: (a if link is a.link
+                                                              else b).snapshot(),
+                         feed_timeout=2.0, snapshot_retry=0.5)
+        a.feed = b.feed = feed
+        self.clock.advance(0.5)
+        feed.start(TableSink(self.table, feed.counters))
+        a.beat("n1", instance("i1", port=1))
+        b.beat("n2", instance("i2", port=2))  # not followed yet: ignored
+        self.clock.advance(0)
+        self.assertEqual(self.ports(), [1])
+        feed.add_link(b.link)
+        self.assertEqual(self.ports(), [1, 2])
+        self.assertEqual(b.snapshot_requests, 1)
+        feed.remove_link(a.link)
+        self.assertEqual(self.ports(), [2])
+        self.assertEqual(len(feed.links), 1)
+        a.beat("n1", instance("i1", port=1), instance("i3", port=3))
+        self.clock.advance(0)
+        self.assertEqual(self.ports(), [2])
+        a.link = NexusLink("nexus[again]", "tcp://r0:1", "tcp://p0:1")
+        a.hold = []
+        feed.add_link(a.link)
+        feed.remove_link(a.link)  # left before it answered
+        a.hold[0].callback(None)
+        self.tick(1.0)
+        self.assertEqual(self.ports(), [2])
+        self.assertEqual([link.name for link in feed.links], ["nexus[1]"])
+
     def test_gap_triggers_snapshot(self) -> None:
         """A lost delta is noticed at the next delta and repaired by a snapshot."""
         self.start()

@@ -65,10 +65,10 @@ class PlainLauncher:
     def oom_kills(self, launch: Launch) -> int:
         return 0
 
-    def listening_ports(self, launch: Launch) -> list[int]:
+    def listening_ports(self, launch: Launch, host: str | None = None) -> list[int]:
         from epio.runner.ports import listening_ports, process_tree
 
-        return listening_ports(process_tree([launch.pid])) if launch.pid else []
+        return listening_ports(process_tree([launch.pid]), host=host) if launch.pid else []
 
     def cleanup(self, launch: Launch) -> defer.Deferred[None]:
         self.cleaned.append(launch)

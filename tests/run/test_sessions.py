@@ -113,7 +113,7 @@ class FakeLauncher:
     def oom_kills(self, launch: Launch) -> int:
         return 0
 
-    def listening_ports(self, launch: Launch) -> list[int]:
+    def listening_ports(self, launch: Launch, host: str | None = None) -> list[int]:
         return []
 
     def cleanup(self, launch: Launch) -> defer.Deferred[None]:

@@ -139,7 +139,7 @@ class FakeLauncher:
     def oom_kills(self, launch: Launch) -> int:
         return self.ooms
 
-    def listening_ports(self, launch: Launch) -> list[int]:
+    def listening_ports(self, launch: Launch, host: str | None = None) -> list[int]:
         if self.listening is None:
             port = launch.env.get("PORT")
             return [int(port)] if port and port != "None" else []

@@ -9,7 +9,7 @@ import sys
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from epio.runner.ports import listening_ports, process_tree
+from epio.runner.ports import covers, listening_ports, process_tree
 
 
 class ListeningPortsTests(SynchronousTestCase):
@@ -38,3 +38,29 @@ class ListeningPortsTests(SynchronousTestCase):
         self.assertEqual(listening_ports(tree), sorted([v4, v6]))
         self.assertIn(mine.getsockname()[1], listening_ports([os.getpid()]))
         self.assertEqual(listening_ports([2 ** 22 + 1]), [])
+
+    def test_only_sockets_that_take_the_hosts_connections(self) -> None:
+        """With a host, a port counts only on a socket that takes connections to that
+        address: the wildcard (IPv4 or IPv6) or the address itself.  One on 127.0.0.1
+        leaves the host's other addresses to whoever binds them (a squatter answering
+        the health check there must not make the instance healthy)."""
+        socks = []
+        for family, addr in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET, "0.0.0.0"),
+                             (socket.AF_INET6, "::"), (socket.AF_INET6, "::1")):
+            s = socket.socket(family)
+            s.bind((addr, 0))
+            s.listen()
+            self.addCleanup(s.close)
+            socks.append(s.getsockname()[1])
+        lo4, any4, any6, lo6 = socks
+        mine = listening_ports([os.getpid()], host="10.1.2.3")
+        self.assertNotIn(lo4, mine)
+        self.assertNotIn(lo6, mine)
+        self.assertIn(any4, mine)
+        self.assertIn(any6, mine)
+        local = listening_ports([os.getpid()], host="127.0.0.1")
+        self.assertIn(lo4, local)
+        self.assertIn(any4, local)
+        self.assertTrue(covers("::ffff:10.1.2.3", "10.1.2.3"))
+        self.assertTrue(covers("::1", "::1"))
+        self.assertFalse(covers("10.1.2.4", "10.1.2.3"))

@@ -261,6 +261,30 @@ class RecoveryTests(SynchronousTestCase):
         self.assertEqual(len(reactor2.spawned), 1)
 
 
+class RecordCacheTests(SynchronousTestCase):
+    def test_render_is_save_and_serialises_only_changes(self) -> None:
+        """The state file a save renders parses to what ``save`` writes for the same body
+        (restarts read it back the same), and a record equal to the last save's is not
+        serialised again: its text is reused, a changed one is new."""
+        from epio.runner import state as statefile
+
+        cache = statefile.RecordCache()
+        head = {"boot_id": "b1", "node_id": 'n"1'}
+        a, b = {"state": "asleep", "port": 20000}, {"state": "healthy", "port": 20001}
+        text = cache.render(head, [("a", a), ("b", b)])
+        path = Path(self.mktemp())
+        statefile.save(path, {**head, "instances": [a, b]})
+        self.assertEqual(json.loads(text), json.loads(path.read_text()))
+        statefile.save_text(path, text)
+        self.assertEqual(statefile.load(path), json.loads(text))
+        a_text = cache._texts["a"][1]
+        again = cache.render(head, [("a", dict(a)), ("b", {**b, "state": "asleep"})])
+        self.assertIs(cache._texts["a"][1], a_text)
+        self.assertEqual(json.loads(again)["instances"], [a, {**b, "state": "asleep"}])
+        self.assertEqual(json.loads(cache.render(head, []))["instances"], [])
+        self.assertEqual(cache._texts, {})
+
+
 class StartLogTests(SynchronousTestCase):
     def test_unsized_dev_shm_is_said_at_start(self) -> None:
         """A runner whose bubblewrap has no --size says at start that /dev/shm has no

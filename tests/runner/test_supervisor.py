@@ -246,6 +246,39 @@ class HealthTests(SynchronousTestCase):
         self.assertEqual(h.state(), "healthy")
         self.assertEqual(h.sup.heartbeat_instances()[0]["state"], "healthy")
 
+    def test_boot_checks_start_early_and_back_off(self) -> None:
+        """A booting web instance is first checked health_boot_first (50 ms) after its
+        launch, each next check 1.5 times later, never more than health_boot_interval
+        apart; once it answers it is healthy at that check and checked every
+        health_interval. A restart starts the schedule again."""
+        h = Harness(health_boot_first=0.05, health_boot_interval=0.5, health_interval=5,
+                    backoff_initial=1)
+        h.sup.start(body(health_check="/health"))
+        times: list[float] = []
+        while h.reactor.seconds() < 3:  # to each next check, and one more check there
+            at = h.sup.get("i1").calls["health"].getTime()
+            h.reactor.advance(at - h.reactor.seconds())
+            self.assertEqual(len(h.probe.checks), len(times) + 1)
+            times.append(at)
+        gaps = [round(b - a, 4) for a, b in zip([0.0, *times], times, strict=False)]
+        self.assertEqual(gaps[:8], [0.05, 0.075, 0.1125, 0.1688, 0.2531, 0.3797, 0.5, 0.5])
+        self.assertEqual(max(gaps), 0.5)
+        self.assertEqual(h.state(), "starting")
+        h.probe.healthy.add(20000)
+        n = len(h.probe.checks)
+        h.reactor.advance(0.5)
+        self.assertEqual((h.state(), len(h.probe.checks)), ("healthy", n + 1))
+        h.reactor.advance(4.9)
+        self.assertEqual(len(h.probe.checks), n + 1)
+        h.reactor.advance(0.1)
+        self.assertEqual(len(h.probe.checks), n + 2)
+        h.probe.healthy.clear()
+        h.proc().exit(1)  # crashed: restarted after the backoff (1 s)
+        h.reactor.advance(1)
+        self.assertEqual(len(h.reactor.spawned), 2)
+        at = h.sup.get("i1").calls["health"].getTime()
+        self.assertAlmostEqual(at - h.proc().spawned_at, 0.05)
+
     def test_boot_timeout_fails_and_kills(self) -> None:
         """Never healthy within boot_timeout: killed (SIGKILL), failed, not restarted."""
         h = Harness()
@@ -804,6 +837,16 @@ class ServiceGateTests(SynchronousTestCase):
         self.h.reactor.advance(1.0)
         self.assertEqual(len(self.h.reactor.spawned), 1)
         self.assertEqual(self.h.proc().env["EPIO_SERVER_ROLE"], "primary")
+
+    def test_no_gate_no_start(self) -> None:
+        """A runner without a gate (no store to ask) never spawns a server of an add-on
+        with a standby: it could be a fenced old primary (fail closed)."""
+        self.h.sup.service_gate = None
+        self.start()
+        self.assertEqual(self.h.reactor.spawned, [])
+        self.assertEqual(self.h.state(), "failed")
+        self.h.reactor.advance(600)
+        self.assertEqual(self.h.reactor.spawned, [])
 
     def test_servers_without_an_epoch_are_not_asked(self) -> None:
         self.h.sup.start(body(process_type="epio-redis", command=["/bin/sh", "-c", "x"],

@@ -519,6 +519,34 @@ class StoreTestsMixin:
         with self.assertRaises(InvalidValue):
             await self.store.create_release("rel", "not-a-digest")
 
+    async def test_recent_by_app(self) -> None:
+        """``recent_by_app`` gives each listed app what list_releases, list_deploys and
+        list_collaborators give it alone (newest first, at most ``limit``; deploys
+        without their log), in a few queries however many apps there are."""
+        for name in ("one", "two", "idle"):
+            await self.store.create_app(name, self.alice.id)
+        for _ in range(3):
+            await self.store.create_release("one", DIGEST)
+        await self.store.create_release("two", DIGEST2)
+        d1 = await self.store.create_deploy("one", status="deploying")
+        await self.store.update_deploy(d1.id, status="succeeded", release=3, append_log="x")
+        await self.store.create_deploy("two")
+        await self.store.add_collaborator("two", self.bob.id)
+        releases, deploys, collaborators = await self.store.recent_by_app(
+            ["one", "two", "idle"], 2)
+        self.assertEqual([r.version for r in releases["one"]], [3, 2])
+        self.assertEqual(releases["one"], await self.store.list_releases("one", 2))
+        self.assertEqual(releases["two"], await self.store.list_releases("two"))
+        self.assertEqual(releases["idle"], [])
+        self.assertEqual([(d.id, d.status, d.release, d.log) for d in deploys["one"]],
+                         [(d1.id, "succeeded", 3, "")])
+        self.assertEqual([d.id for d in deploys["two"]],
+                         [d.id for d in await self.store.list_deploys("two")])
+        self.assertEqual([u.name for u in collaborators["two"]], ["bob"])
+        self.assertEqual(collaborators["one"], [])
+        r, d, c = await self.store.recent_by_app(["two"], 200)
+        self.assertEqual((list(r), list(d), list(c)), (["two"], ["two"], ["two"]))
+
     async def test_concurrent_releases_get_distinct_versions(self) -> None:
         """Releases created at the same time get distinct, consecutive versions."""
         from twisted.internet.defer import gatherResults

@@ -9,13 +9,21 @@ Steps (each streamed line by line to the app's log, source ``build``):
 4. requirements: when this exact requirements set was resolved before, installed
    offline (``pip install --no-index --find-links DATA_DIR/cache/wheels``) —
    nothing downloaded or compiled; otherwise ``pip wheel`` fills the node-wide
-   wheel cache first (from the index), then the same offline install runs;
+   wheel cache first (from the index), then the same offline install runs; the
+   same app's next build with the same plain set copies what pip installed then
+   (``cache/installed/<app>``) and runs no pip;
 5. app files moved into ``app/``, ``[symlinks]`` made, app put on ``sys.path``;
 6. Django: platform settings module + ep.io's ``bundle_config``; collectstatic;
 7. bytecode compiled for the image's run-time path, shebangs made relocatable,
    permissions normalised, ``epio/manifest.json`` written;
 8. ``mksquashfs`` (deterministic: no times, no xattrs, all files root's) into
    ``DATA_DIR/images/<sha256>.squashfs``, or a read-only directory image.
+
+Identical work is done once: after step 2, the build's inputs (the unpacked files'
+digest, the config it sees, the node's interpreters and build settings, this
+pipeline's own code) name an entry of ``DATA_DIR/cache/builds``; when an earlier build
+with the same inputs left its image there, that image is the result and steps 3-8 are
+skipped (:class:`BuildCache`).
 
 Untrusted steps (pip, the app's Django code) run as the build user in their
 own process group and memory cgroup, under the build's deadline.
@@ -68,6 +76,12 @@ if TYPE_CHECKING:
 RUNTIME_ROOT = "/app"
 LOG_TAIL = 100
 MB = 1024 * 1024
+#: under the data dir, per app (:func:`app_build_caches`): the kept install of its last
+#: plain requirements set, and the wheels built from source in its builds
+KEPT_INSTALLS = Path("cache") / "installed"
+APP_WHEELS = Path("cache") / "wheels-app"
+#: per app: the creation time of the app whose builds filled the two above
+CACHE_OWNERS = Path("cache") / "app-owners"
 _REQ_NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
 _MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
@@ -211,6 +225,35 @@ def discover_pythons(configured: Sequence[str], default: Path, need_world: bool,
     return found
 
 
+def compile_piptool(piptool: Path, python: Path) -> bool:
+    """Compile the node's pip copy to bytecode for ``python`` (as the node's user, so
+    the build user can read it but not change it).  Builds run with
+    PYTHONDONTWRITEBYTECODE: without these files every ``pip`` of every build compiled
+    pip's ~900 modules again (about 1 s idle, several under load).  Done once per pip
+    version and interpreter (a marker file records it); False when ``python`` cannot
+    compile it (too old for this pip: its builds would fail at pip anyway)."""
+    try:
+        tag = subprocess.run(
+            [str(python), "-c", "import sys; print(sys.implementation.cache_tag)"],
+            capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return False
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", tag or ""):
+        return False
+    marker = piptool / f".compiled-{tag}"
+    if marker.exists():
+        return True
+    try:
+        done = subprocess.run(
+            [str(python), "-m", "compileall", "-q", "-j", "0", str(piptool / "pip")],
+            capture_output=True, timeout=600, env={"PATH": "/usr/bin:/bin"}).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+    if done:
+        marker.write_text("")
+    return done
+
+
 def requested_python(manifest: Manifest, workdir: Path) -> tuple[str, str] | None:
     """(version, where it was asked) from ``[python] version``, ``runtime.txt``
     (``python-3.12.1``) or ``.python-version`` (``3.12``), first found; raises
@@ -259,6 +302,8 @@ class _Ctx:
     gid: int | None
     facts: dict[str, Any]
     python_version: str = ""  # the app's interpreter (the requirement set's cache key)
+    source: str = ""  # digest of the unpacked upload (the build cache's key), "" if none
+    node: dict[str, Any] = field(factory=dict)  # the node's part of the build cache's key
 
 
 @define
@@ -275,6 +320,8 @@ class _Tree:
     static: dict[str, str] = field(factory=dict)  # URL path -> image or data dir
     seed: list[str] = field(factory=list)  # data-directory paths the image seeds
     sp: Path = Path()  # the venv's site-packages (once the venv exists)
+    # the app's kept install was copied in (no pip): its bytecode came with it
+    reused: bool = False
 
     tree: Path = Path()  # the image tree (the working tree's ``root/``)
 
@@ -286,6 +333,67 @@ class _Tree:
     def rel_work(self) -> str:
         """The app's directory, relative to the image's root."""
         return self.workdir.relative_to(self.tree).as_posix()
+
+
+def _pipeline_version() -> str:
+    """A digest of the build pipeline's own code: a new epio makes new build keys."""
+    global _PIPELINE
+    if _PIPELINE is None:
+        h = hashlib.sha256()
+        here = Path(__file__).resolve().parent
+        for f in sorted([*here.glob("*.py"), here.parents[1] / "manifest.py"]):
+            h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+        _PIPELINE = h.hexdigest()
+    return _PIPELINE
+
+
+_PIPELINE: str | None = None
+
+
+class BuildCache:
+    """Builds already done: their inputs' digest -> the image and facts they produced.
+
+    The key covers everything a build's output depends on: the unpacked upload (every
+    path, mode, link and content: :func:`~.images.tree_digest`), the config vars the
+    build sees (add-on URLs and secrets included: an app with other config never
+    shares), the node's interpreters, image format and ``[build]`` settings, and the
+    pipeline's code.  It is scoped to the app (its name is part of the key) whenever
+    the app's own wheel cache (``cache/wheels-app/<app>``: wheels built from source or
+    fetched through the app's own pip options) is not empty, and requirements that
+    name paths or URLs (``local``) are never cached — so a hit across apps only ever
+    returns an image made of the same uploaded files and wheels from the node-wide
+    cache, exactly what the app's own build would have made.  Each app still runs
+    under its own UID with its own data dir and route; only the read-only image is
+    shared, as the content-addressed image store already shares equal images.
+
+    Entries are root's own files (0600 in a 0700 directory).  An entry whose image
+    was garbage-collected is ignored (and rebuilt over).
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    @staticmethod
+    def key(source_digest: str, env: Mapping[str, str], node: Mapping[str, Any],
+            scope: str | None) -> str:
+        doc = {"source": source_digest, "env": sorted(env.items()), "node": node,
+               "pipeline": _pipeline_version(), "app": scope}
+        return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        try:
+            doc = json.loads((self.directory / f"{key}.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return doc if isinstance(doc, dict) else None
+
+    def put(self, key: str, digest: str, facts: Mapping[str, Any]) -> None:
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = self.directory / f".{key}.{os.urandom(4).hex()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"digest": digest, "facts": dict(facts)}, f, sort_keys=True)
+        os.replace(tmp, self.directory / f"{key}.json")
 
 
 class Builder:
@@ -306,8 +414,11 @@ class Builder:
         self.wheels = self.data_dir / "cache" / "wheels"
         self.pip_cache = self.data_dir / "cache" / "pip"
         self.resolved = self.data_dir / "cache" / "resolved"
-        self.app_wheels = self.data_dir / "cache" / "wheels-app"
+        self.app_wheels = self.data_dir / APP_WHEELS
+        # per app: what pip installed for its last plain requirements set (root's)
+        self.installed = self.data_dir / KEPT_INSTALLS
         self.builds_dir = self.data_dir / "builds"
+        self.cache = BuildCache(self.data_dir / "cache" / "builds")
         self._sem = defer.DeferredSemaphore(self.settings.max_concurrent)
         self._prepared: dict[str, Any] | None = None
         self._prepare_lock = threading.Lock()
@@ -390,6 +501,8 @@ class Builder:
             shutil.copytree(pip_src, tmp / "pip", ignore=shutil.ignore_patterns("__pycache__"))
             shutil.rmtree(piptool, ignore_errors=True)
             os.replace(tmp, piptool)
+        for py in sorted(set(pythons.values()) | {python}):
+            compile_piptool(piptool, py)
         version = subprocess.run(
             [str(python), "-c", "import sys; print('%d.%d.%d' % sys.version_info[:3])"],
             check=True,
@@ -441,11 +554,15 @@ class Builder:
     # ------------------------------------------------------------------ api
 
     async def build(
-        self, app: str, tarball: str | Path, env: Mapping[str, str] | None = None
+        self, app: str, tarball: str | Path, env: Mapping[str, str] | None = None,
+        app_created: float | None = None,
     ) -> BuildResult:
-        """Build ``tarball`` for ``app``; ``env`` is the app's config (visible to its build)."""
+        """Build ``tarball`` for ``app``; ``env`` is the app's config (visible to its build).
+        ``app_created``, the app's creation time, tells it from an earlier app of the
+        same name (:meth:`_own_caches`); None skips that check."""
         return await self._sem.run(
-            lambda: defer.Deferred.fromCoroutine(self._build(app, Path(tarball), dict(env or {})))
+            lambda: defer.Deferred.fromCoroutine(
+                self._build(app, Path(tarball), dict(env or {}), app_created))
         )
 
     def _emit(self, ctx: _Ctx, text: str) -> None:
@@ -459,7 +576,8 @@ class Builder:
         self._emit(ctx, f"!!!!!> build failed: {reason}")
         return BuildFailed(reason, list(ctx.tail))
 
-    async def _build(self, app: str, tarball: Path, env: dict[str, str]) -> BuildResult:
+    async def _build(self, app: str, tarball: Path, env: dict[str, str],
+                     app_created: float | None = None) -> BuildResult:
         start = self.reactor.seconds()
         self._counter += 1
         work = (
@@ -480,6 +598,8 @@ class Builder:
             {},
         )
         try:
+            if app_created is not None:
+                await self._thread(self._own_caches, app, app_created)
             return await self._steps(ctx, tarball, start)
         except BuildFailed:
             raise
@@ -613,6 +733,12 @@ class Builder:
                 self._emit(ctx, f"       note: {note}")
         src = await self._unpack(ctx, tarball)  # 1. upload size and unpack
         manifest = await self._read_manifest(ctx, src)  # 2. manifest, before any build work
+        key, hit = await self._thread(self._cached, ctx, src, prep)
+        if hit is not None:
+            duration = self.reactor.seconds() - start
+            self._emit(ctx, f"-----> Image {hit['digest']} reused in {duration:.1f} s: the same "
+                            "files, config and platform as an earlier build")
+            return BuildResult(hit["digest"], manifest, list(ctx.tail), duration, hit["facts"])
         workdir = await self._lay_out(ctx, src, manifest)
         prep = self._choose_python(ctx, manifest, workdir, prep)
         t = _Tree(manifest=manifest, prep=prep, workdir=workdir,
@@ -621,16 +747,60 @@ class Builder:
         # 4. requirements
         t.reqs = await self._thread(self._requirements, ctx, manifest, workdir)
         if t.reqs is not None:
-            await self._install(ctx, t.reqs, t.venv, t.env, prep)
+            t.reused = await self._install(ctx, t.reqs, t.venv, t.env, prep)
         else:
             self._emit(ctx, "-----> No requirements to install")
         await self._place_app(ctx, t)  # 5. app on sys.path, symlinks
         await self._django(ctx, t)  # 6. Django
         await self._finish(ctx, t)  # 7. finish the tree
         digest = await self._write_image(ctx, t)  # 8. image
+        if key is not None and (t.reqs is None or t.reqs[2] != "local"):
+            await self._thread(self._remember, ctx, digest)
         duration = self.reactor.seconds() - start
         self._emit(ctx, f"-----> Image {digest} built in {duration:.1f} s")
         return BuildResult(digest, manifest, list(ctx.tail), duration, ctx.facts)
+
+    def _cache_key(self, ctx: _Ctx) -> str:
+        """The build's key (:class:`BuildCache`); scoped to the app when its own wheel
+        cache has anything in it."""
+        try:
+            with os.scandir(self.app_wheels / _safe_name(ctx.app)) as it:
+                scoped = any(True for _ in it)
+        except OSError:
+            scoped = False
+        return self.cache.key(ctx.source, ctx.env, ctx.node, ctx.app if scoped else None)
+
+    def _cached(self, ctx: _Ctx, src: Path,
+                prep: Mapping[str, Any]) -> tuple[str | None, dict[str, Any] | None]:
+        """(in a thread) The build's key, and an earlier build of the same inputs whose
+        image is still here, if any."""
+        from epio.runner.build.images import ImageError, tree_digest
+
+        try:
+            ctx.source = tree_digest(src)
+        except (ImageError, OSError):
+            return None, None
+        ctx.node = {"python": str(prep["python"]), "python_version": prep["python_version"],
+                    "pythons": {v: str(p) for v, p in prep["pythons"].items()},
+                    "format": prep["format"], "settings": repr(self.settings)}
+        key = self._cache_key(ctx)
+        doc = self.cache.get(key)
+        if doc is None or not isinstance(doc.get("facts"), dict):
+            return key, None
+        try:
+            if not self.images.has(str(doc.get("digest"))):
+                return key, None
+        except ImageError:
+            return key, None
+        return key, doc
+
+    def _remember(self, ctx: _Ctx, digest: str) -> None:
+        """(in a thread) Record a finished build under its key — recomputed, since the
+        build may have put wheels in the app's own cache (then the entry is the app's)."""
+        try:
+            self.cache.put(self._cache_key(ctx), digest, ctx.facts)
+        except OSError as e:
+            self.log.warn("build cache: cannot record a build of {app}: {e}", app=ctx.app, e=e)
 
     async def _unpack(self, ctx: _Ctx, tarball: Path) -> Path:
         """Check the upload's size and unpack it (safely) into the work tree."""
@@ -870,6 +1040,15 @@ class Builder:
         root, venv, sp, static, seed = ctx.root, t.venv, t.sp, t.static, t.seed
         app_dir = root / "app"
         self._emit(ctx, "-----> Finishing image")
+        tag = _cache_tag(t.prep["python_version"])
+        targets = [str(root / "app"), str(sp)]
+        if t.reused:  # site-packages came with its bytecode: compile only what lacks it
+            lacking = await self._thread(_lacking_bytecode, sp, tag)
+            self._emit(ctx, f"       site-packages kept its bytecode ({len(lacking)} "
+                            "file(s) without it compiled)")
+            listing = ctx.priv / "compile.txt"  # root's, readable by name
+            await self._thread(_write_nofollow, listing, "".join(f"{f}\n" for f in lacking))
+            targets = [str(root / "app"), "-i", str(listing)]
         await self._run(
             ctx,
             "compiling bytecode",
@@ -886,8 +1065,7 @@ class Builder:
                 str(root),
                 "-p",
                 RUNTIME_ROOT,
-                str(root / "app"),
-                str(sp),
+                *targets,
             ],
             cwd=ctx.work,
             env=dict(t.env, PYTHONDONTWRITEBYTECODE=""),
@@ -908,6 +1086,8 @@ class Builder:
         }
         manifest_doc = {"manifest": t.manifest.to_dict(), "build": ctx.facts}
         await self._thread(self._reclaim, ctx)
+        if t.reqs is not None and t.reqs[2] == "plain" and not t.reused:
+            await self._thread(self._keep_bytecode, ctx, t.reqs[1], sp, tag)
         # build-user code (collectstatic, .pth files) could have replaced a static
         # directory or an app file with a symlink to the host: the runner's static
         # server (root) starts from these directories, so they must stay in the image
@@ -1090,8 +1270,9 @@ class Builder:
         venv: Path,
         env: dict[str, str],
         prep: dict[str, Any],
-    ) -> None:
+    ) -> bool:
         """Install requirements; offline from the caches when this set was resolved before.
+        True when the app's kept install of this set was copied instead (no pip ran).
 
         Only wheels pip itself *downloaded* for a plain requirement set enter the
         node-wide cache; wheels built from source, or fetched through the app's own pip
@@ -1110,13 +1291,22 @@ class Builder:
         for link in links:
             offline += ["--find-links", link]
         offline += ["--no-compile", "--only-binary", ":all:", "-r", str(path)]
+        if kind == "plain" and await self._thread(self._has_kept_install, ctx, key):
+            self._emit(ctx, "-----> Requirements unchanged: installing what the app's "
+                            "previous build installed")
+            problem = await self._thread(self._reuse_installed, ctx, key, venv)
+            if problem is None:
+                return True
+            self._emit(ctx, f"       could not copy it ({problem}); running pip")
         if kind != "local" and marker.exists():
             self._emit(ctx, "-----> Installing requirements from the wheel cache (offline)")
             try:
                 await self._run(
                     ctx, "pip install (offline)", offline, cwd=ctx.work, env=penv, soft=True
                 )
-                return
+                if kind == "plain":
+                    await self._thread(self._keep_installed, ctx, key, venv)
+                return False
             except _SoftFail:
                 self._emit(
                     ctx, "       the wheel cache is missing something; resolving from the index"
@@ -1171,6 +1361,159 @@ class Builder:
         await self._run(ctx, "pip install", offline, cwd=ctx.work, env=penv)
         if kind != "local":
             marker.write_text(path.read_text())  # (for operators: what was resolved)
+        if kind == "plain":
+            await self._thread(self._keep_installed, ctx, key, venv)
+        return False
+
+    # ------------------------------------------------- the previous build's install
+
+    def _own_caches(self, app: str, created: float) -> None:
+        """Make the app's build caches (:func:`app_build_caches`) this app's: if they
+        were filled for another app of the same name (its creation time, kept in
+        ``cache/app-owners/<app>``, differs or is unknown) -- one purged while this
+        runner did not answer -- delete them first, so nothing the earlier app's builds
+        kept is installed into this one's.  Their loss costs one pip run."""
+        owners = self.data_dir / CACHE_OWNERS
+        mark = owners / _safe_name(app)
+        want = repr(float(created))
+        try:
+            if not mark.is_symlink() and mark.read_text() == want:
+                return
+        except OSError:  # none yet (or not a file): whose the caches are is unknown
+            pass
+        stale = [c for c in app_build_caches(self.data_dir, app)
+                 if c != mark and (c.exists() or c.is_symlink())]
+        if stale:
+            self.log.info("build of {app}: deleting build caches kept for an earlier app "
+                          "of that name (or of unknown owner): {paths}", app=app,
+                          paths=" ".join(str(c) for c in stale))
+        for cache in stale + [mark]:
+            remove_cache(cache)
+        owners.mkdir(parents=True, mode=0o700, exist_ok=True)
+        tmp = owners / f".{mark.name}.{os.urandom(4).hex()}"
+        _write_nofollow(tmp, want)
+        os.replace(tmp, mark)
+
+    def _keep_installed(self, ctx: _Ctx, key: str, venv: Path) -> None:
+        """Right after pip installed a plain requirements set (nothing but pip, from the
+        wheel caches, has run in this build yet), keep a root-owned copy of what it
+        installed -- site-packages and the scripts it put in ``venv/bin`` -- under
+        ``cache/installed/<app>/<key>``, replacing the app's previous one.  The app's
+        next build with the same set (same file, same Python: ``key``) copies it
+        instead of running pip (:meth:`_reuse_installed`).  Kept per app: a copy made
+        in one app's build is never installed into another's.  A failure only logs."""
+        app_dir = self.installed / _safe_name(ctx.app)
+        tmp = app_dir / f".{key}.{os.urandom(4).hex()}.tmp"
+        try:
+            sp = plat.site_packages(venv)
+            bin_dir = venv / "bin"
+            for d in (sp, bin_dir):
+                if not stat.S_ISDIR(os.lstat(d).st_mode):
+                    return  # not a real directory: nothing of it is kept
+            self.installed.mkdir(mode=0o700, exist_ok=True)
+            os.chmod(self.installed, 0o700)
+            app_dir.mkdir(mode=0o700, exist_ok=True)
+            shutil.copytree(sp, tmp / "site-packages", symlinks=True)
+            if _links_leaving(tmp / "site-packages") is not None:
+                _rmtree(tmp)
+                return
+            (tmp / "bin").mkdir()
+            for entry in sorted(os.listdir(bin_dir)):
+                src = bin_dir / entry
+                st = os.lstat(src)
+                if stat.S_ISREG(st.st_mode) and not entry.lower().startswith("activate"):
+                    shutil.copyfile(src, tmp / "bin" / entry, follow_symlinks=False)
+            _write_nofollow(tmp / "venv", str(venv))
+            if os.geteuid() == 0:
+                _chown_tree(tmp, 0, 0)
+            for old in os.listdir(app_dir):
+                if old != key and not old.startswith(f".{key}."):
+                    _rmtree(app_dir / old)
+            _rmtree(app_dir / key)
+            os.replace(tmp, app_dir / key)
+        except OSError as e:
+            _rmtree(tmp)
+            self.log.warn("build of {app}: its install is not kept for the next build: "
+                          "{error}", app=ctx.app, error=str(e))
+
+    def _keep_bytecode(self, ctx: _Ctx, key: str, sp: Path, tag: str) -> None:
+        """Once the tree is root's again (after compileall), add to the app's kept
+        install the bytecode of each kept module whose source is unchanged in this
+        tree, once (a ``bytecode`` marker): a build that copies it compiles only the
+        app and what lacks bytecode.  The files are checked-hash ``.pyc`` for the
+        same Python and run-time path: what compileall would write again."""
+        kept = self.installed / _safe_name(ctx.app) / key
+        if not (kept / "site-packages").is_dir() or (kept / "bytecode").exists():
+            return
+        try:
+            base = kept / "site-packages"
+            for dirpath, dirnames, filenames in os.walk(sp):
+                dirnames[:] = [d for d in dirnames if not os.path.islink(os.path.join(dirpath, d))]
+                if os.path.basename(dirpath) != "__pycache__":
+                    continue
+                rel = Path(dirpath).relative_to(sp).parent
+                for name in filenames:
+                    if not name.endswith(f".{tag}.pyc") or name.count(".") != 2:
+                        continue
+                    source = rel / (name.split(".", 1)[0] + ".py")
+                    src, mine = base / source, sp / source
+                    if not src.is_file() or src.is_symlink() or mine.is_symlink() \
+                            or src.read_bytes() != mine.read_bytes():
+                        continue
+                    pyc = Path(dirpath) / name
+                    if not stat.S_ISREG(os.lstat(pyc).st_mode):
+                        continue
+                    (base / rel / "__pycache__").mkdir(mode=0o755, exist_ok=True)
+                    shutil.copyfile(pyc, base / rel / "__pycache__" / name,
+                                    follow_symlinks=False)
+            _write_nofollow(kept / "bytecode", tag)
+        except OSError as e:
+            self.log.warn("build of {app}: bytecode not kept: {error}", app=ctx.app,
+                          error=str(e))
+
+    def _has_kept_install(self, ctx: _Ctx, key: str) -> bool:
+        return (self.installed / _safe_name(ctx.app) / key / "site-packages").is_dir()
+
+    def _reuse_installed(self, ctx: _Ctx, key: str, venv: Path) -> str | None:
+        """Copy the app's kept install of this requirements set (same file, same
+        Python) into the new virtualenv instead of running pip.  None when done; else
+        why not (the venv is then as empty as before, and pip runs)."""
+        kept = self.installed / _safe_name(ctx.app) / key
+        sp = plat.site_packages(venv)
+        bin_dir = venv / "bin"
+        self._real_dir(ctx, sp)  # a fresh venv's: real directories, site-packages empty
+        self._real_dir(ctx, bin_dir)
+        if os.listdir(sp):
+            return "site-packages is not empty"
+        before = set(os.listdir(bin_dir))
+        try:
+            shutil.copytree(kept / "site-packages", sp, symlinks=True, dirs_exist_ok=True)
+            old = (kept / "venv").read_text()
+            for entry in sorted(os.listdir(kept / "bin")):
+                if entry in before:
+                    continue
+                data = (kept / "bin" / entry).read_bytes()
+                if data.startswith(b"#!" + old.encode()):
+                    data = b"#!" + str(venv).encode() + data[2 + len(old.encode()):]
+                fd = os.open(bin_dir / entry, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                             | os.O_NOFOLLOW, 0o755)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+            if ctx.uid is not None and os.geteuid() == 0:
+                _chown_tree(sp, ctx.uid, ctx.gid if ctx.gid is not None else ctx.uid)
+                for entry in set(os.listdir(bin_dir)) - before:
+                    os.lchown(bin_dir / entry, ctx.uid,
+                              ctx.gid if ctx.gid is not None else ctx.uid)
+        except OSError as e:
+            for entry in os.listdir(sp):  # as empty as before: pip installs everything
+                if (sp / entry).is_dir() and not (sp / entry).is_symlink():
+                    _rmtree(sp / entry)
+                else:
+                    os.unlink(sp / entry)
+            for entry in set(os.listdir(bin_dir)) - before:
+                os.unlink(bin_dir / entry)
+            return str(e.strerror or e)
+        return None
 
     # ------------------------------------------------------------------ tree
 
@@ -1201,8 +1544,50 @@ _RUNS_CODE = re.compile(
 _FETCHED = re.compile(r"(Downloading|Using cached|Processing)\s+(\S+\.whl)\b")
 
 
+def _cache_tag(version: str) -> str:
+    """CPython's bytecode tag of a ``3.11.2`` interpreter: ``cpython-311``."""
+    major, minor = version.split(".")[:2]
+    return f"cpython-{major}{minor}"
+
+
+def _lacking_bytecode(sp: Path, tag: str) -> list[str]:
+    """The ``.py`` files under ``sp`` (symlinks not followed) with no ``tag`` bytecode
+    beside them: what a build that copied a kept install still compiles."""
+    out: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(sp):
+        dirnames[:] = sorted(d for d in dirnames if d != "__pycache__"
+                             and not os.path.islink(os.path.join(dirpath, d)))
+        for name in sorted(filenames):
+            if name.endswith(".py") and not os.path.exists(
+                    os.path.join(dirpath, "__pycache__", f"{name[:-3]}.{tag}.pyc")):
+                out.append(os.path.join(dirpath, name))
+    return out
+
+
 def _safe_name(app: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", app)[:60] or "_"
+
+
+def app_build_caches(data_dir: Path, app: str) -> list[Path]:
+    """What a node's builds keep per app under ``DATA_DIR/cache``: its kept install
+    (``installed/<app>``) and the wheels built from source in its builds
+    (``wheels-app/<app>``); and whose they are (``app-owners/<app>``: the app's
+    creation time, :meth:`Builder._own_caches`).  Deleted when the app is purged
+    (epio.runner.launcher.purge_app_data); a runner that missed the purge deletes them
+    at the next build of a new app of that name: it never gets them."""
+    return [Path(data_dir) / KEPT_INSTALLS / _safe_name(app),
+            Path(data_dir) / APP_WHEELS / _safe_name(app),
+            Path(data_dir) / CACHE_OWNERS / _safe_name(app)]
+
+
+def remove_cache(path: Path) -> None:
+    """Delete one of :func:`app_build_caches` (a directory or the owner file; a
+    symlink, which root's cache never holds, is removed, never followed)."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        unlock_tree(path)
+        shutil.rmtree(path)
 
 
 def _admit_wheels(

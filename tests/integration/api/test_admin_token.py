@@ -1,7 +1,9 @@
 """A way back in: a real api node refuses to revoke the last admin token, and
 ``epio-admin token create`` (a real subprocess on the node's data dir) gives a
 locked-out operator a token the running node accepts -- on the embedded SQLite
-store and on PostgreSQL."""
+store and on PostgreSQL.  On the same node, ``epio-admin join-token create`` makes
+a join token the api lists and a new host's ``epio-admin join`` redeems (PostgreSQL),
+or refuses in one sentence (SQLite: not a cluster)."""
 
 from __future__ import annotations
 
@@ -38,7 +40,10 @@ def call(port: int, method: str, path: str, token: str, body: Any = None) -> tup
 
 class WayBackInMixin:
     """Subclasses say which store the node uses (``store_config``) and how to wipe
-    every admin token behind the API's back (``wipe_admin_tokens``)."""
+    every admin token behind the API's back (``wipe_admin_tokens``), and whether that
+    store can be joined (``cluster``)."""
+
+    cluster = False
 
     def store_config(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -96,7 +101,59 @@ class WayBackInMixin:
         self.assertEqual(status, 200)  # type: ignore[attr-defined]
         status, tokens = call(port, "GET", "tokens", new)
         self.assertIn("minted by epio-admin", tokens[0]["description"])  # type: ignore[attr-defined]
+        self.check_join_token(node, port, new, argv[len(ADMIN) + 2:])
         self.assertNotIn("Traceback", node.output())  # type: ignore[attr-defined]
+
+    def check_join_token(self, node: NodeProcess, port: int, admin: str,
+                         where: list[str]) -> None:
+        """`epio-admin join-token create` on the node (``where``: its --data-dir and
+        --config): on PostgreSQL the token alone on stdout, once (not on stderr: the
+        audit line names its id), listed by the running api with the node id, the ttl
+        and the operator; a bad ttl refused in one sentence; the real `epio-admin join`
+        of a new host redeems it and gets this node's cluster secret.  On SQLite: exit
+        1, one sentence saying the store is not PostgreSQL, no token."""
+        t: Any = self
+        argv = [*ADMIN, "join-token", "create", *where]
+        if not self.cluster:
+            proc = subprocess.run([*argv, "--node-id", "h21"], env=epio_env(),
+                                  capture_output=True, text=True, timeout=60)
+            t.assertEqual((proc.returncode, proc.stdout), (1, ""), proc.stderr)
+            t.assertIn("is not PostgreSQL (a single-box store cannot be joined)",
+                       proc.stderr)
+            t.assertNotIn("Traceback", proc.stderr)
+            return
+        proc = subprocess.run([*argv, "--ttl", "100000"], env=epio_env(),
+                              capture_output=True, text=True, timeout=60)
+        t.assertEqual((proc.returncode, proc.stdout), (1, ""), proc.stderr)
+        t.assertEqual(proc.stderr.strip().splitlines(), [
+            "epio-admin: ttl must be above 0 and at most 86400 seconds, not 100000"])
+        proc = subprocess.run([*argv, "--node-id", "h21", "--ttl", "600"], env=epio_env(),
+                              capture_output=True, text=True, timeout=60)
+        t.assertEqual(proc.returncode, 0, proc.stdout + proc.stderr)
+        lines = proc.stdout.splitlines()
+        t.assertEqual(len(lines), 1, proc.stdout)
+        token = lines[0]
+        t.assertTrue(token.startswith("epiojoin_"), token)
+        t.assertNotIn(token, proc.stderr)
+        t.assertNotIn(token[9:20], proc.stderr)
+        status, listed = call(port, "GET", "cluster/join-tokens", admin)
+        t.assertEqual((status, len(listed)), (200, 1))
+        info = listed[0]
+        t.assertEqual((info["node_id"], info["used"]), ("h21", None))
+        t.assertAlmostEqual(info["expires"] - info["created"], 600, delta=1)
+        t.assertIn("epio-admin", info["created_by"])
+        t.assertIn(f"epio-admin: audit: join token {info['id']} for node 'h21'", proc.stderr)
+        t.assertNotIn(token, json.dumps(listed) + node.output())
+        new_host = node.data_dir.parent / "h21"
+        proc = subprocess.run(
+            [*ADMIN, "join", "--store", self.url, "--token", "-", "--role", "runner",
+             "--data-dir", str(new_host), "--address", "127.0.0.1"], input=token + "\n",
+            env=epio_env(), capture_output=True, text=True, timeout=60)
+        t.assertEqual(proc.returncode, 0, proc.stdout + proc.stderr)
+        t.assertIn("joined the cluster as node h21", proc.stdout)
+        t.assertEqual((new_host / "cluster-secret").read_text().strip(),
+                      (node.data_dir / "cluster-secret").read_text().strip())
+        t.assertIsNotNone(call(port, "GET", "cluster/join-tokens", admin)[1][0]["used"])
 
 
 class SqliteWayBackInTests(WayBackInMixin, SynchronousTestCase):
@@ -112,6 +169,8 @@ class SqliteWayBackInTests(WayBackInMixin, SynchronousTestCase):
 
 
 class PostgresWayBackInTests(WayBackInMixin, SynchronousTestCase):
+    cluster = True
+
     def store_config(self) -> dict[str, Any]:
         self.url = pg.pg_url_for_test(self)
         return {"store": {"url": self.url}}

@@ -15,10 +15,11 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
-from twisted.internet.threads import deferToThread
+from twisted.internet.threads import blockingCallFromThread, deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
 
 from epio.api.service import make_site
+from epio.certs import records
 from tests.api.support import DIGEST, Harness
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -26,6 +27,8 @@ CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run",
          "--disable-dev-shm-usage", "--window-size=1200,900"]
+ROUTERS = ["198.51.100.7", "2001:db8::7"]
+LAST_ERROR = "www.example.com resolves to 203.0.113.9 <b>elsewhere</b>"
 
 
 def _driver() -> Any:
@@ -52,8 +55,12 @@ class DashboardBase(TestCase):
 
     timeout = 90
 
+    def certs(self, store: Any) -> Any:
+        """The api's certificate part (epio.certs.api.Certs); None: it has none."""
+        return None
+
     async def _setup(self) -> None:
-        self.h = Harness()
+        self.h = Harness(make_certs=self.certs)
         await self.h.start()
         self.port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
             make_site(self.h.api, 1 << 20))
@@ -138,7 +145,17 @@ class DashboardBrowserTests(DashboardBase):
 
 class DashboardActionTests(DashboardBase):
     """The dashboard's actions against the same real api: config set/unset, scale,
-    domains add/remove, rollback; refusals show the API's sentence."""
+    domains add/remove, rollback; refusals show the API's sentence.  The api checks a
+    new domain's DNS against a zone where www.example.com points elsewhere."""
+
+    def certs(self, store: Any) -> Any:
+        from epio.certs.api import Certs, DomainCheck
+        from epio.certs.resolve import NameCheck
+        from tests.certs.test_resolve import Zone
+
+        zone = Zone({"www.example.com": ["203.0.113.9"]})
+        return Certs(store, b"s" * 32, True, reactor,
+                     DomainCheck(reactor, NameCheck(zone, ROUTERS, ""), None, True))
 
     def shot(self, driver: Any, name: str) -> None:
         """A screenshot under $EPIO_TEST_ARTIFACTS (when set), for people to look at."""
@@ -218,9 +235,30 @@ class DashboardActionTests(DashboardBase):
             find(By.ID, "domain-host").clear()
             find(By.ID, "domain-host").send_keys("www.example.com")
             find(By.ID, "domain-add").click()
-            notice("Added www.example.com; point its DNS at the routers")
+            notice("Added www.example.com; create the DNS records below")
             seen["domains_after_add"] = [li.get_attribute("data-hostname") for li in
                                          driver.find_elements(By.CSS_SELECTOR, "#domains li")]
+            seen["dns_state"] = find(By.ID, "domain-dns").get_attribute("data-state")
+            seen["dns_message"] = find(By.ID, "domain-dns-message").text
+            seen["dns_records"] = [[c.text for c in r.find_elements(By.TAG_NAME, "td")]
+                                   for r in driver.find_elements(
+                                       By.CSS_SELECTOR, "#domain-records tbody tr")]
+            www = "#domains li[data-hostname='www.example.com']"
+            seen["www_state"] = find(By.CSS_SELECTOR, www + " .domain-state").text
+            driver.execute_script("arguments[0].scrollIntoView()", find(By.ID, "domains"))
+            self.shot(driver, "domain-dns")
+            # the issuer's own check finds the DNS still wrong; its reason (text from
+            # outside, here with markup in it) shows as text in the list
+            blockingCallFromThread(reactor, lambda: ensureDeferred(records.put_cert(
+                self.h.store, records.CertRecord(
+                    "www.example.com", "shop", "acme", "pending_dns", 1.0,
+                    last_error=LAST_ERROR, next_attempt=2.0))))
+            driver.refresh()
+            wait.until(ec.presence_of_element_located(
+                (By.CSS_SELECTOR, www + " .domain-state[data-state='pending_dns']")))
+            seen["www_pending"] = find(By.CSS_SELECTOR, www + " .domain-state").text
+            seen["www_markup"] = len(driver.find_elements(By.CSS_SELECTOR, www + " b"))
+            seen["dns_hidden_after_reload"] = not find(By.ID, "domain-dns").is_displayed()
             twice("#domains li[data-hostname='www.example.com'] button")
             notice("Removed www.example.com")
             seen["domains_after_remove"] = [
@@ -260,6 +298,18 @@ class DashboardActionTests(DashboardBase):
         self.assertTrue(seen["domain_error"].startswith(
             "body.hostname must be a DNS name of two or more labels"), seen["domain_error"])
         self.assertEqual(seen["domains_after_add"], ["shop.localhost", "www.example.com"])
+        # the DNS check's answer: its state, its sentence, the exact records to create
+        self.assertEqual(seen["dns_state"], "pending_dns")
+        self.assertEqual(seen["dns_message"], (
+            "www.example.com: DNS is not in place yet: www.example.com resolves to "
+            "203.0.113.9, not to the cluster's routers (198.51.100.7, 2001:db8::7): "
+            "point its DNS at them"))
+        self.assertEqual(seen["dns_records"], [["www.example.com", "A", "198.51.100.7"],
+                                               ["www.example.com", "AAAA", "2001:db8::7"]])
+        self.assertEqual(seen["www_state"], "certificate pending")
+        self.assertEqual(seen["www_pending"], "DNS not in place yet: " + LAST_ERROR)
+        self.assertEqual(seen["www_markup"], 0)
+        self.assertTrue(seen["dns_hidden_after_reload"])
         self.assertEqual(seen["domains_after_remove"], ["shop.localhost"])
         self.assertEqual(seen["newest_release"][0], "v4")
         self.assertEqual(seen["newest_release"][3], "Rollback to v2")

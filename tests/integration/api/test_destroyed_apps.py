@@ -1,7 +1,7 @@
 """Destroyed apps on a real ``--role=all`` node, with the real ``epio`` CLI and HTTP
 through the real router: destroy -> listed -> restore -> the app serves the data it
-had; destroy -> purge -> its data dir is gone from the runner and nothing is left to
-restore."""
+had; destroy -> purge -> its data dir (and what its builds kept on the node) is gone
+from the runner and nothing is left to restore."""
 
 from __future__ import annotations
 
@@ -104,7 +104,8 @@ class DestroyedAppsTests(SynchronousTestCase):
     def test_destroy_restore_purge(self) -> None:
         """The app's data survives destroy + restore and is served again through the
         router; while destroyed it is not served and `epio apps destroyed` lists it;
-        after `epio apps purge` the runner has no data dir of it and restore fails."""
+        after `epio apps purge` the runner has no data dir of it, nor the kept install
+        of its requirements, and restore fails."""
         self.node.wait_for_log("api ready", timeout=60)
         self.epio("apps", "create", "notes", "--no-remember")
         src = self.tmp / "notes"
@@ -135,9 +136,19 @@ class DestroyedAppsTests(SynchronousTestCase):
 
         self.epio("apps", "destroy", "notes", "--confirm", "notes")
         wait_until("the router stops serving it", lambda: self.router()[0] == 404, timeout=30)
+        # what a build with requirements keeps of the app (docs/builds.md), as the
+        # builder leaves it: the purge deletes it too, so a later app named notes
+        # never installs it
+        kept = self.tmp / "data" / "cache" / "installed" / "notes" / "0123abcd"
+        (kept / "site-packages" / "oldpkg").mkdir(parents=True)
+        (kept / "site-packages" / "oldpkg" / "__init__.py").write_text("OLD = 1\n")
+        other = self.tmp / "data" / "cache" / "installed" / "notes2" / "0123abcd"
+        (other / "site-packages").mkdir(parents=True)
         _, out, _ = self.epio("apps", "purge", "notes", "--confirm", "notes")
         self.assertIn("Purged notes", out)
         self.assertFalse(appdata.exists())
+        self.assertFalse(kept.parent.exists())
+        self.assertTrue((other / "site-packages").is_dir())  # another app's: kept
         self.assertFalse(any((self.tmp / "data" / "appdata").glob(".retired/notes*")))
         self.assertEqual(json.loads(self.epio("apps", "destroyed", "--json")[1]), [])
         code, _, err = self.epio("apps", "restore", "notes", check=False)

@@ -23,6 +23,7 @@ from twisted.web import resource, server
 from epio.appdir import make_tarball
 from epio.manifest import Manifest
 from epio.runner.build import Builder, BuildFailed, BuildResult, ImageStore
+from epio.runner.build.builder import BuildCache
 from tests.util import free_port, wait_for_port
 
 from .helpers import EXAMPLES, PostgresDatabase, Sink, build_cgroups, config, data_dir, write_app
@@ -63,9 +64,11 @@ class _Base(TestCase):
 
 
 class ExampleBuildTests(_Base):
-    async def _build_example(self, name: str, **cfg: object) -> tuple[BuildResult, Builder, Sink]:
+    async def _build_example(self, name: str, app_created: float | None = None,
+                             **cfg: object) -> tuple[BuildResult, Builder, Sink]:
         b, sink = self.builder(**cfg)
-        result = await b.build(name, _tarball(self, EXAMPLES / name), {})
+        result = await b.build(name, _tarball(self, EXAMPLES / name), {},
+                               app_created=app_created)
         self.assertTrue(ImageStore(self.data).has(result.digest))
         self.assertTrue(all(r.source == "build" and r.app == name for r in sink.lines))
         self.assertTrue(all(r.timestamp is not None for r in sink.lines))
@@ -88,17 +91,57 @@ class ExampleBuildTests(_Base):
                 self.assertIn(p, listing)
 
     async def test_flask_example_warm_rebuild_is_offline(self) -> None:
-        """A rebuild with unchanged requirements installs from the wheel cache with
-        --no-index and gives the same digest, even with the package index unreachable."""
-        first, _, _ = await self._build_example("flask")
+        """A rebuild with unchanged requirements runs no pip at all: it copies what the
+        app's previous build installed (kept per app) and gives the same digest, even
+        with the package index unreachable.  Another app with the same requirements
+        does not get that copy: it installs from the wheel cache with --no-index, to
+        the same digest again."""
+        first, _, _ = await self._build_example("flask", app_created=1.0)
         # the index is now a closed port: any download would fail the build
-        second, _, sink = await self._build_example("flask", index_url="http://127.0.0.1:9/simple")
+        second, _, sink = await self._build_example("flask", app_created=1.0,
+                                                    index_url="http://127.0.0.1:9/simple")
         self.assertEqual(second.digest, first.digest)
-        self.assertIn("from the wheel cache (offline)", sink.text())
+        self.assertIn("Requirements unchanged: installing what the app's previous build "
+                      "installed", sink.text())
+        self.assertNotIn("pip", sink.text().split("Requirements unchanged")[1])
+        # and with it the bytecode of the first build: only the platform's own files
+        # written after pip (bundle_config, ...) are compiled again, not the packages
+        import re
+
+        m = re.search(r"site-packages kept its bytecode \((\d+) file\(s\) without it",
+                      sink.text())
+        self.assertIsNotNone(m, sink.text())
+        assert m is not None
+        self.assertLessEqual(int(m.group(1)), 3)
         self.assertNotIn("Resolving requirements", sink.text())
         self.assertNotIn("Downloading", sink.text())
         self.assertEqual(second.facts["static"], {"/static": "app/static"})
         self.assertLess(second.duration, 10)
+        b, sink = self.builder(index_url="http://127.0.0.1:9/simple")
+        other = await b.build("flask-other", _tarball(self, EXAMPLES / "flask"), {},
+                              app_created=5.0)
+        self.assertIn("from the wheel cache (offline)", sink.text())
+        self.assertNotIn("Requirements unchanged", sink.text())
+        self.assertEqual(other.digest, first.digest)
+        # the app is purged: its kept install goes with it (a later app named flask
+        # installs from the wheel cache again); flask-other keeps its own
+        from epio.runner.build.builder import app_build_caches
+        from epio.runner.launcher import purge_app_data
+
+        kept, other_kept = (app_build_caches(self.data, a)[0] for a in ("flask", "flask-other"))
+        self.assertTrue(any(kept.iterdir()))
+        self.assertTrue(purge_app_data(self.data, "flask", 20000, uid_switch=False))
+        self.assertFalse(any(c.exists() for c in app_build_caches(self.data, "flask")))
+        self.assertTrue(any(other_kept.iterdir()))
+        # a runner that missed flask-other's purge: the next build of a new app of that
+        # name (another creation time) deletes the old one's caches before it installs;
+        # a build of the same app keeps them
+        await b._thread(b._own_caches, "flask-other", 5.0)
+        self.assertTrue(any(other_kept.iterdir()))
+        await b._thread(b._own_caches, "flask-other", 6.0)
+        self.assertFalse(other_kept.exists())
+        self.assertEqual((self.data / "cache" / "app-owners" / "flask-other").read_text(),
+                         "6.0")
 
     async def test_worker_example(self) -> None:
         """The Procfile app builds with both its processes."""
@@ -608,8 +651,9 @@ class WheelCacheTrustTests(_Base):
             list((self.data / "cache" / "wheels-app" / "appa").glob("epio_trust_probe*"))
         )
         self.assertTrue(ImageStore(self.data).has(built.digest))
-        # app A rebuilds offline from its own cache
-        again = await b.build("appa", _tarball(self, a), {})
+        # app A rebuilds offline from its own cache (with a config var, so that this is
+        # not the identical build the build cache would answer at once)
+        again = await b.build("appa", _tarball(self, a), {"REBUILD": "1"})
         self.assertEqual(again.digest, built.digest)
         self.assertIn("from the wheel cache (offline)", sink.text())
         # app B names the same package without bringing it: it must come from the index
@@ -627,6 +671,61 @@ class WheelCacheTrustTests(_Base):
             self.assertIn("pip wheel failed", e.reason)
         else:
             self.fail("app B was given app A's wheel")
+
+
+class BuildCacheTests(_Base):
+    async def test_identical_builds_are_done_once(self) -> None:
+        """A build with the same files, config and platform as an earlier one (any app)
+        reuses its image without running a step; other config, other files, an app with
+        wheels of its own, or a garbage-collected image make a real build."""
+        b, sink = self.builder()
+        src = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, src)
+        shutil.copytree(EXAMPLES / "wsgi", src / "app")
+        tag = os.urandom(4).hex()  # the wheel cache (and its app dirs) is the session's
+
+        def steps(app: str) -> str:
+            return "\n".join(r.text for r in sink.lines if r.app == app)
+
+        first = await b.build(f"one-{tag}", _tarball(self, src / "app"), {"A": "1"})
+        self.assertIn("Creating virtualenv", steps(f"one-{tag}"))
+        (src / "app" / "app.py").touch()  # another mtime: another tarball, the same files
+        second = await b.build(f"two-{tag}", _tarball(self, src / "app"), {"A": "1"})
+        self.assertEqual((second.digest, second.facts), (first.digest, first.facts))
+        self.assertEqual(second.manifest, first.manifest)
+        self.assertIn(f"Image {first.digest} reused", steps(f"two-{tag}"))
+        for step in ("Creating virtualenv", "Installing", "Finishing image", "Writing"):
+            self.assertNotIn(step, steps(f"two-{tag}"))
+        self.assertLess(second.duration, first.duration)
+
+        # other config vars (add-on URLs and secrets among them): another key
+        node = {"python": "/usr/bin/python3"}
+        self.assertNotEqual(BuildCache.key("f" * 64, {"A": "1"}, node, None),
+                            BuildCache.key("f" * 64, {"A": "2"}, node, None))
+        self.assertNotEqual(BuildCache.key("f" * 64, {"A": "1"}, node, None),
+                            BuildCache.key("f" * 64, {"A": "1"}, node, "app"))
+
+        own = self.data / "cache" / "wheels-app" / f"four-{tag}"
+        own.mkdir(parents=True)
+        self.addCleanup(shutil.rmtree, own)
+        (own / "private-1.0-py3-none-any.whl").write_bytes(b"")
+        await b.build(f"four-{tag}", _tarball(self, src / "app"), {"A": "1"})
+        self.assertIn("Creating virtualenv", steps(f"four-{tag}"))
+
+        (src / "app" / "app.py").write_text((src / "app" / "app.py").read_text() + "# v2\n")
+        changed = await b.build(f"five-{tag}", _tarball(self, src / "app"), {"A": "1"})
+        self.assertIn("Creating virtualenv", steps(f"five-{tag}"))
+        self.assertNotEqual(changed.digest, first.digest)
+
+        b.images.path(changed.digest).unlink()  # garbage-collected
+        again = await b.build(f"six-{tag}", _tarball(self, src / "app"), {"A": "1"})
+        self.assertIn("Creating virtualenv", steps(f"six-{tag}"))
+        self.assertEqual(again.digest, changed.digest)
+        self.assertTrue(b.images.has(again.digest))
+        entries = list((self.data / "cache" / "builds").iterdir())
+        self.assertTrue(entries)
+        self.assertTrue(all(e.stat().st_mode & 0o077 == 0 for e in entries))
+        self.assert_nothing_left(b.images.digests())
 
 
 class DiskLimitTests(_Base):

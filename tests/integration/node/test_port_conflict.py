@@ -52,6 +52,94 @@ class PortConflictTests(SynchronousTestCase):
         self.assertNotIn("cannot bind", a.output())
 
 
+def ipv6_only_listener() -> socket.socket | None:
+    """A TCP socket listening on [::]:PORT for IPv6 only (None without IPv6): another
+    program's, on a port the node's pre-start check (IPv4, as Twisted listens) passes
+    but a bus socket (dual-stack, ZMQ_IPV6) cannot bind."""
+    if not socket.has_ipv6:
+        return None
+    s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    try:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        s.bind(("::", free_port()))
+        s.listen(1)
+    except OSError:
+        s.close()
+        return None
+    return s
+
+
+class BindFailsAfterCheckTests(SynchronousTestCase):
+    def test_bus_port_taken_after_the_check_stops_the_whole_node(self) -> None:
+        """A --role=all node whose runner.control_bind (tcp://*:PORT) passes the
+        pre-start check but cannot be bound when the runner starts -- another program
+        listens IPv6-only there, which the IPv4 check cannot see and the dual-stack bus
+        socket collides with -- stops: exit status 1, one line naming the port, the
+        role and the key; the roles after it never start, the ones before are stopped
+        (the runner's fence removed) and not one port of the node is left listening."""
+        from epio.config import validate
+        from epio.listen import node_listeners, try_bind
+
+        other = ipv6_only_listener()
+        if other is None:
+            self.skipTest("no IPv6 on this host")
+        self.addCleanup(other.close)
+        port = other.getsockname()[1]
+        bind = f"tcp://*:{port}"
+        doc, _ = isolated_config({"runner": {"control_bind": bind}})
+        t0 = time.monotonic()
+        node = NodeProcess(["--role=all"], config=to_toml(doc))
+        self.addCleanup(node.cleanup)
+        code = node.proc.wait(timeout=90)
+        took = time.monotonic() - t0
+        out = node.output()
+        self.assertEqual(code, 1, out)
+        self.assertIn("starting roles", out)  # the pre-start check passed
+        line = (f"epio: the node stops: the runner role cannot listen on port {port} "
+                f"(runner.control_bind = {bind!r}): Address already in use (another node "
+                f"or program on this host listens there); stop that program or set "
+                f"runner.control_bind to a free port")
+        self.assertIn(line, out)
+        for role in ("nexus", "logger"):  # started before the runner, then stopped
+            self.assertIn(f"service {role} started", out)
+        for role in ("runner", "lb", "api", "backup"):
+            self.assertNotIn(f"service {role} started", out)
+        self.assertNotIn("Traceback", out)
+        if "network fence ON" in out:
+            self.assertIn("network fence removed", out)
+        settings = validate(doc).settings
+        for ln in node_listeners(settings, ["all"]):
+            if ln.target.port != port:  # no role kept a port: each binds again
+                try_bind(ln.target.host, ln.target.port)
+        api = int(str(doc["api"]["listen"]).split(":")[1])
+        try_bind("127.0.0.1", api)
+        print(f"\n[port taken after the check] exit {code} after {took:.1f}s: "
+              f"{line[:90]}...", flush=True)
+
+
+    def test_api_port_taken_after_the_check_stops_the_node(self) -> None:
+        """The api listens as twistd's privileged start begins: an api.listen of
+        tcp6:PORT passes the (IPv4) check but collides with an IPv6-only listener; the
+        node stops there, exit 1, one line naming port, role and key, no role started
+        and no traceback (its /metrics listener, never started, is not stopped)."""
+        other = ipv6_only_listener()
+        if other is None:
+            self.skipTest("no IPv6 on this host")
+        self.addCleanup(other.close)
+        port = other.getsockname()[1]
+        doc, _ = isolated_config({"api": {"listen": f"tcp6:{port}"},
+                                  "metrics": {"listen": f"tcp:{free_port()}:interface=127.0.0.1"}})
+        node = NodeProcess(["--role=api"], config=to_toml(doc))
+        self.addCleanup(node.cleanup)
+        code = node.proc.wait(timeout=60)
+        out = node.output()
+        self.assertEqual(code, 1, out)
+        self.assertIn(f"epio: the node stops: the api role cannot listen on port {port} "
+                      f"(api.listen = 'tcp6:{port}'): Address already in use", out)
+        self.assertNotIn("service api started", out)
+        self.assertNotIn("Traceback", out)
+
+
 class RangeConflictTests(SynchronousTestCase):
     def test_second_runner_of_this_host_with_overlapping_uids_exits(self) -> None:
         """A --role=all node runs with a store; a runner-only node of the same store on

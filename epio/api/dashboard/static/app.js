@@ -237,13 +237,52 @@ function when(ts) {
   return new Date(ts * 1000).toISOString().replace("T", " ").slice(0, 19) + " UTC";
 }
 
+// A custom domain's certificate state (GET /apps/{app}/certs, docs/https.md) in words;
+// pending_dns is the issuer's own DNS check: the name does not reach the routers yet.
+function certState(c) {
+  const why = c.last_error ? ": " + c.last_error : "";
+  if (c.state === "pending_dns") return "DNS not in place yet" + why;
+  if (c.state === "issued") return "certificate issued" +
+    (c.not_after ? ", expires " + when(c.not_after) : "");
+  if (c.state === "failed") return "certificate failed" + why;
+  if (c.state === "pending") return "certificate pending";
+  return "no automatic certificate" + why;
+}
+
+// The DNS check that POST /apps/{app}/domains answers with (`dns`: state ok,
+// pending_dns or unknown, a message, the records to create); null hides it.
+let dnsShown = null;  // {app, hostname} of the answer shown
+function showDns(added) {
+  const box = $("#domain-dns");
+  const table = $("#domain-records");
+  const tbody = $("#domain-records tbody");
+  tbody.replaceChildren();
+  if (!added || !added.dns) { box.hidden = true; dnsShown = null; return; }
+  const dns = added.dns;
+  box.dataset.state = dns.state;
+  box.dataset.hostname = added.hostname;
+  $("#domain-dns-message").className = "state-" + dns.state;
+  $("#domain-dns-message").textContent = added.hostname + ": " + (
+    dns.state === "pending_dns" ? "DNS is not in place yet: " + dns.message : dns.message);
+  for (const r of dns.records || []) {
+    const tr = document.createElement("tr");
+    cell(tr, r.name); cell(tr, r.type); cell(tr, r.value);
+    tbody.appendChild(tr);
+  }
+  table.hidden = !(dns.records && dns.records.length);
+  box.hidden = false;
+  dnsShown = { app: current, hostname: added.hostname };
+}
+
 async function showApp(name) {
   current = name;
   const enc = encodeURIComponent(name);
-  const [app, ps, releases, domains, config, formation] = await Promise.all([
+  const [app, ps, releases, domains, config, formation, certs] = await Promise.all([
     api("/apps/" + enc), api("/apps/" + enc + "/ps"), api("/apps/" + enc + "/releases"),
     api("/apps/" + enc + "/domains"), api("/apps/" + enc + "/config"),
     api("/apps/" + enc + "/formation"),
+    // the certificate states; an api without certificates (503) shows the names only
+    api("/apps/" + enc + "/certs").catch(() => null),
   ]);
   $("#app-name").textContent = app.name;
   $("#app-url").textContent = app.url;
@@ -285,12 +324,24 @@ async function showApp(name) {
           () => api("/apps/" + enc + "/rollback", "POST", { version: r.version }))));
     }
   });
+  if (!dnsShown || dnsShown.app !== name ||
+      !domains.some((d) => d.hostname === dnsShown.hostname)) showDns(null);
   const ul = $("#domains");
   ul.replaceChildren();
   for (const d of domains) {
     const li = document.createElement("li");
     li.dataset.hostname = d.hostname;
     li.textContent = d.hostname + (d.builtin ? " (built in)" : "") + " ";
+    const cert = certs && certs.find((c) => c.hostname === d.hostname);
+    if (cert) {
+      const state = document.createElement("span");
+      state.className = "domain-state state-" + cert.state;
+      state.dataset.state = cert.state;
+      state.textContent = certState(cert);
+      li.appendChild(document.createTextNode("— "));
+      li.appendChild(state);
+      li.appendChild(document.createTextNode(" "));
+    }
     if (!d.builtin) {
       li.appendChild(confirmButton("Remove", "Confirm: remove " + d.hostname,
         () => act("Removed " + d.hostname, () => api("/apps/" + enc + "/domains/" +
@@ -968,9 +1019,15 @@ document.addEventListener("DOMContentLoaded", () => {
   $("#domain-form").addEventListener("submit", (ev) => {
     ev.preventDefault();
     const host = $("#domain-host").value.trim();
-    act("Added " + host + "; point its DNS at the routers", async () => {
-      await api("/apps/" + encodeURIComponent(current) + "/domains", "POST", { hostname: host });
+    showDns(null);
+    act((added) => "Added " + added.hostname + (added.dns.state === "ok" ? "; DNS is in place"
+      : added.dns.state === "pending_dns" ? "; create the DNS records below" : ""),
+    async () => {
+      const added = await api("/apps/" + encodeURIComponent(current) + "/domains", "POST",
+        { hostname: host });
       $("#domain-host").value = "";
+      showDns(added);
+      return added;
     });
   });
   $("#restart-all").addEventListener("click", () => restart(null));
