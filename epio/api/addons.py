@@ -75,6 +75,10 @@ if TYPE_CHECKING:
 CONFIG_VAR = {"postgres": "DATABASE_URL", "redis": "REDIS_URL"}
 KINDS = ("postgres", "redis")
 BACKUP_STATUSES = ("running", "verified", "failed")
+#: seconds a failover's stop of the old primary waits for a runner that is not alive (it
+#: is sent in the background: the fence in the add-on record already keeps that server
+#: from starting again, and the failover does not wait on a dead host)
+DEAD_PRIMARY_STOP_TIMEOUT = 5.0
 
 SCHEMAS.update({
     "Addon": obj({
@@ -721,9 +725,13 @@ class Addons:
         self._app_log(app.name, f"failover ({why}) of the dedicated {kind}: the server on "
                                 f"{old.node} is fenced, the standby on {standby_runner.id} "
                                 f"becomes the primary (epoch {epoch})")
-        await self._stop_instance(old.instance, self.settings.service_stop_timeout,
-                                  self.settings.service_stop_timeout + 10.0 if primary_alive
-                                  else 5.0)
+        if primary_alive:
+            await self._stop_instance(old.instance, self.settings.service_stop_timeout,
+                                      self.settings.service_stop_timeout + 10.0)
+        else:  # asked anyway (a runner cut off from the nexuses only may still answer)
+            ensureDeferred(self._stop_instance(
+                old.instance, self.settings.service_stop_timeout, DEAD_PRIMARY_STOP_TIMEOUT,
+            )).addErrback(lambda f: self.log.failure("stopping the fenced primary failed", f))
         # 2. promote
         try:
             if kind == "postgres":

@@ -29,7 +29,8 @@ class DashboardLiveLogTests(TestCase):
         """Lines logged before the page opened are shown; a line logged after it
         appears without reloading, over the websocket (data-live is set only by the
         tail's "ready" message; polling never sets it)."""
-        doc, _ = isolated_config({"logger": {"stats_flush_delay": 0.5}})
+        doc, _ = isolated_config({"logger": {"stats_flush_delay": 0.5,
+                                               "maintenance_interval": 0.5}})
         node = NodeProcess(["--role=api,logger"], config=to_toml(doc))
         self.addCleanup(node.cleanup)
         node.wait_for_log("api ready", timeout=60)

@@ -101,7 +101,7 @@ class DashboardLiveNodeTests(SynchronousTestCase):
                        "stats_interval": 2.0, "port_min": port_min,
                        "port_max": port_min + 49},
             "lb": {"stats_interval": 1.0},
-            "logger": {"stats_flush_delay": 0.5},
+            "logger": {"stats_flush_delay": 0.5, "maintenance_interval": 0.5},
             "addons": {"postgres_admin_url": ADMIN_URL},
             "backup": {"interval": 3600.0},
         })

@@ -30,7 +30,8 @@ class LogsCliTests(TestCase):
     async def test_logs_filters_and_follow(self) -> None:
         """Lines pushed by a node's pipeline show up in `epio logs`, filtered by source
         and regex, and `epio logs -f` prints the last N then follows new lines."""
-        doc, _ = isolated_config({"logger": {"stats_flush_delay": 0.5}})
+        doc, _ = isolated_config({"logger": {"stats_flush_delay": 0.5,
+                                               "maintenance_interval": 0.5}})
         node = NodeProcess(["--role=api,logger"], config=to_toml(doc))
         self.addCleanup(node.cleanup)
         node.wait_for_log("api ready", timeout=60)

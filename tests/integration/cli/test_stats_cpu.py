@@ -33,7 +33,8 @@ class StatsCpuTests(SynchronousTestCase):
         if not cpuacct_usable():
             self.skipTest("no cgroup v1 cpuacct controller on this host")
         self.node = RunNode(runner={"stats_interval": 1.0},
-                            logger={"stats_flush_delay": 1.0}, app="burn")
+                            logger={"stats_flush_delay": 1.0, "maintenance_interval": 0.5},
+                            app="burn")
         self.addCleanup(self.node.close)
         self.node.start(seed=False)
         self.dir = self.node.tmp / "apps" / "burn"

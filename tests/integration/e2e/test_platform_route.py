@@ -111,6 +111,8 @@ class PlatformRouteTests(SynchronousTestCase):
             "lb": {"stats_interval": 0.5, "tls_cert_dir": str(certs), "header_timeout": 1.0,
                    "tls_listen": f"tcp:{self.tls_port}:interface=127.0.0.1"},
             "nexus": {"node_timeout": 2.0},
+            # stats rows are written on the logger's maintenance ticks (10 s by default)
+            "logger": {"maintenance_interval": 0.5},
             "metrics": {"listen": f"tcp:{free_port()}:interface=127.0.0.1"},
         })
         doc.setdefault("node", {})["id"] = "node-a"
