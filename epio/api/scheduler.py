@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from attrs import define, evolve, field
@@ -62,9 +62,7 @@ from epio.api.state import (
     DEFAULT_SIZE,
     SERVING_WINDOW,
     SIZES,
-    failed_releases,
     kept,
-    pick_current,
     platform_line,
     rollout_verdict,
     routers_have,
@@ -142,6 +140,43 @@ def _uid_range(value: Any) -> tuple[int, int] | None:
     return None
 
 
+class Fleet:
+    """Every instance a pass knows, by id: membership, removal and replacement in
+    O(1) (a list's are a scan comparing every instance with attrs' ``__eq__``: per app,
+    O(apps²) a pass at 1,000 apps -- docs/apps.md "Density").  ``inst in fleet`` is a
+    list's test: an instance equal to ``inst`` is there (ids are unique, so it is the
+    one of its id)."""
+
+    def __init__(self, instances: list[Instance]) -> None:
+        self._by_id: dict[str, Instance] = {i.id: i for i in instances}
+
+    def __contains__(self, inst: object) -> bool:
+        if not isinstance(inst, Instance):
+            return False
+        cur = self._by_id.get(inst.id)
+        return cur is inst or (cur is not None and cur == inst)
+
+    def __iter__(self) -> Iterator[Instance]:
+        return iter(self._by_id.values())
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def add(self, inst: Instance) -> None:
+        self._by_id[inst.id] = inst
+
+    def replace(self, old: Instance, new: Instance) -> None:
+        """``new`` (the same id) in place of ``old``."""
+        if old not in self:
+            raise ValueError(f"{old.id} is not in the fleet")
+        self._by_id[old.id] = new
+
+    def remove(self, inst: Instance) -> None:
+        if inst not in self:
+            raise ValueError(f"{inst.id} is not in the fleet")
+        del self._by_id[inst.id]
+
+
 def _wall(t: float) -> str:
     """``t`` (the clock's seconds: the epoch in production) as HH:MM:SS.mmm UTC."""
     return time.strftime("%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}"
@@ -166,6 +201,8 @@ class Scheduler:
         self.views: dict[str, RunnerView] = {}
         self._uid_refused: set[str] = set()  # apps told no runner accepts their UID
         self._nodes: dict[str, NodeInfo] = {}  # every node, as of this pass
+        # each app's current release, parsed: {app: ((uid, version), release)}
+        self._releases: dict[str, tuple[tuple[int, int], Release]] = {}
         self.leader = False
         self.passes = 0
         self._loop: LoopingCall | None = None
@@ -278,16 +315,18 @@ class Scheduler:
         # what each app's turn reads, read for every app at once: a few queries a pass,
         # not four per app (1,000 apps: docs/apps.md "Density")
         names = [a.name for a in apps]
-        releases, deploys, _ = await self.store.recent_by_app(names, SERVING_WINDOW + 1)
+        versions, deploys = await self.store.pass_inputs_by_app(names, SERVING_WINDOW)
+        current = await self._current_releases(apps, versions, deploys)
         formations = await self.store.formations_by_app(names)
         by_app: dict[str, list[Instance]] = {}
         for inst in instances:
             by_app.setdefault(inst.app, []).append(inst)
+        everyone = Fleet(instances)
         for app in apps:
             try:
-                await self._reconcile_app(app, by_app.get(app.name, []), instances, now,
-                                          deploys[app.name][:SERVING_WINDOW],
-                                          releases[app.name], formations[app.name])
+                await self._reconcile_app(app, by_app.get(app.name, []), everyone, now,
+                                          deploys[app.name], current.get(app.name),
+                                          formations[app.name])
             except NotFound:
                 failure = Failure()
                 if await self._deleted(app.name):
@@ -299,6 +338,29 @@ class Scheduler:
             except Exception:
                 self.log.failure("reconciling app {app} failed", app=app.name)
         self.passes += 1
+
+    async def _current_releases(self, apps: list[App], versions: dict[str, list[int]],
+                                deploys: dict[str, list[Deploy]]) -> dict[str, Release]:
+        """Each app's current release (:func:`pick_current` over its newest versions),
+        parsed once: releases are immutable, so the one of (app, UID, version) -- a
+        new app of a deleted one's name has another UID -- is kept from pass to pass
+        (one per app) and only a new one is read."""
+        chosen: dict[str, tuple[int, int]] = {}
+        for app in apps:
+            failed = {d.release for d in deploys[app.name]
+                      if d.status == "failed" and d.release is not None}
+            version = next((v for v in versions[app.name][:len(failed) + 1]
+                            if v not in failed), None)
+            if version is not None:
+                chosen[app.name] = (app.uid, version)
+        cache = {name: hit for name, hit in self._releases.items()
+                 if chosen.get(name) == hit[0]}
+        missing = [(name, key[1]) for name, key in chosen.items() if name not in cache]
+        if missing:
+            for (name, _), release in (await self.store.releases_by_version(missing)).items():
+                cache[name] = (chosen[name], release)
+        self._releases = cache
+        return {name: hit[1] for name, hit in cache.items()}
 
     async def _deleted(self, app: str) -> bool:
         try:
@@ -436,14 +498,14 @@ class Scheduler:
             del known[iid]
         return list(known.values())
 
-    async def _reconcile_app(self, app: App, mine: list[Instance], everyone: list[Instance],
-                             now: float, deploys: list[Deploy], releases: list[Release],
+    async def _reconcile_app(self, app: App, mine: list[Instance], everyone: Fleet,
+                             now: float, deploys: list[Deploy], release: Release | None,
                              formation: dict[str, Formation]) -> None:
-        """Converge one app: ``deploys`` and ``releases`` are its newest (newest first,
-        deploys without their log), ``formation`` its formation, as the pass read them."""
+        """Converge one app: ``deploys`` are its newest failed and unfinished ones
+        (newest first, without their log), ``release`` its current one
+        (:func:`pick_current`), ``formation`` its formation, as the pass read them."""
         # dedicated database servers are run by the add-ons code (epio.api.addons)
         mine = [i for i in mine if i.process_type not in SERVICE_PROCESS_TYPES]
-        release = pick_current(releases, await failed_releases(self.store, app.name, deploys))
         await self._recover_deploys(app.name, now, deploys, release, mine)
         want: dict[str, int] = {}
         if release is not None and release.image:
@@ -497,7 +559,7 @@ class Scheduler:
                                                asleep_after_boot=asleep_before)
                     if placed is None:
                         break
-                    everyone.append(placed)
+                    everyone.add(placed)
                     current.append(placed)
             elif missing < 0:
                 extras = sorted(current, key=lambda i: (i.state == "healthy", -i.number))
@@ -521,7 +583,7 @@ class Scheduler:
                     if switched:
                         await self._retire(inst, everyone, now)
 
-    async def _stop_all_confirmed(self, insts: list[Instance], everyone: list[Instance]) -> bool:
+    async def _stop_all_confirmed(self, insts: list[Instance], everyone: Fleet) -> bool:
         """Stop these instances and wait for their runners to confirm they exited
         (``runner.stop`` answers once the process is gone, after at most the grace
         period).  An instance whose runner does not confirm stays in the store, so
@@ -621,7 +683,7 @@ class Scheduler:
 
     # --- actions ------------------------------------------------------------------
 
-    def _place(self, app: str, ptype: str, everyone: list[Instance],
+    def _place(self, app: str, ptype: str, everyone: Fleet,
                avoid: set[str], uid: int | None = None) -> RunnerView | None:
         now = self.clock.seconds()
         candidates = [v for v in self.views.values()
@@ -656,7 +718,7 @@ class Scheduler:
         return env
 
     async def _start(self, app: App, release: Any, ptype: str, number: int, formation: Any,
-                     everyone: list[Instance], now: float, asleep_after_boot: bool = False,
+                     everyone: Fleet, now: float, asleep_after_boot: bool = False,
                      ) -> Instance | None:
         avoid: set[str] = set()
         size = formation.size if formation is not None else DEFAULT_SIZE
@@ -721,7 +783,7 @@ class Scheduler:
                                     f"on {view.node_id}")
             return inst
 
-    async def _retire(self, inst: Instance, everyone: list[Instance], now: float) -> None:
+    async def _retire(self, inst: Instance, everyone: Fleet, now: float) -> None:
         """Drain a healthy instance of a routed type (stopped later, once routers
         dropped it); stop any other at once (SIGTERM, then SIGKILL after the grace)."""
         view = self.views.get(inst.node or "")
@@ -737,7 +799,7 @@ class Scheduler:
             else:
                 drained = evolve(inst, state="draining", since=now)
                 await self.store.upsert_instance(drained)
-                everyone[everyone.index(inst)] = drained
+                everyone.replace(inst, drained)
                 self._app_log(inst.app, f"draining {inst.process_type}.{inst.number} "
                                         f"(v{inst.release})")
                 return

@@ -1249,6 +1249,55 @@ class Store:
             await self.transaction(q, readonly=True)
         return releases, deploys, collaborators
 
+    async def pass_inputs_by_app(self, apps: Iterable[str], window: int
+                                 ) -> tuple[dict[str, list[int]], dict[str, list[Deploy]]]:
+        """What a scheduler pass reads of each of ``apps`` (a few queries, however many
+        apps): the versions of its newest ``window + 1`` releases (newest first; no
+        release JSON: :meth:`releases_by_version` reads the ones a caller lacks) and,
+        of its newest ``window`` deploys, the failed and unfinished ones (newest first,
+        without their log) -- a finished deploy that did not fail tells a pass nothing."""
+        names = sorted(set(apps))
+        versions: dict[str, list[int]] = {a: [] for a in names}
+        deploys: dict[str, list[Deploy]] = {a: [] for a in names}
+        final = [s for s in DEPLOY_FINAL if s != "failed"]
+        for i in range(0, len(names), 500):
+            chunk = names[i:i + 500]
+            marks = ", ".join("?" * len(chunk))
+
+            async def q(tx: Transaction, chunk: list[str] = chunk, marks: str = marks) -> None:
+                rows = (await tx.execute(
+                    "SELECT app, version FROM (SELECT app, version, ROW_NUMBER() OVER "
+                    "(PARTITION BY app ORDER BY version DESC) AS epio_rank FROM releases "
+                    f"WHERE app IN ({marks})) t WHERE epio_rank <= ? "
+                    "ORDER BY app, version DESC", (*chunk, int(window) + 1))).dicts()
+                for r in rows:
+                    versions[r["app"]].append(int(r["version"]))
+                rows = (await tx.execute(
+                    "SELECT * FROM (SELECT d.id, d.app, d.status, d.image, d.release, "
+                    "'' AS log, d.reason, d.created, d.finished, d.created_by, d.meta, "
+                    "ROW_NUMBER() OVER (PARTITION BY app ORDER BY created DESC, id) "
+                    f"AS epio_rank FROM deploys d WHERE app IN ({marks})) t "
+                    f"WHERE epio_rank <= ? AND status NOT IN ({', '.join('?' * len(final))}) "
+                    "ORDER BY app, created DESC, id", (*chunk, int(window), *final))).dicts()
+                for r in rows:
+                    deploys[r["app"]].append(_deploy(r))
+
+            await self.transaction(q, readonly=True)
+        return versions, deploys
+
+    async def releases_by_version(self, wanted: Iterable[tuple[str, int]]
+                                  ) -> dict[tuple[str, int], Release]:
+        """The releases ``(app, version)`` of ``wanted`` that exist (a few queries)."""
+        keys = sorted(set(wanted))
+        out: dict[tuple[str, int], Release] = {}
+        for i in range(0, len(keys), 250):
+            chunk = keys[i:i + 250]
+            where = " OR ".join(["(app = ? AND version = ?)"] * len(chunk))
+            for r in await self.fetch_all(f"SELECT * FROM releases WHERE {where}",
+                                          [x for key in chunk for x in key]):
+                out[(r["app"], int(r["version"]))] = _release(r)
+        return out
+
     async def list_deploys(self, app: str, limit: int | None = 50) -> list[Deploy]:
         """An app's deploys, newest first (at most ``limit``)."""
         sql = "SELECT * FROM deploys WHERE app = ? ORDER BY created DESC, id"

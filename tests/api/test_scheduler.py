@@ -368,6 +368,76 @@ class SchedulerTests(TestCase):
         self.assertEqual([i["release"] for i in runners.running("web1")], [5])
         self.assertEqual(at_start, [0, 0, 0, 0, 0])
 
+    async def test_pass_cost_does_not_grow_per_app(self) -> None:
+        """docs/apps.md "Density": a steady pass (every app placed and healthy) issues
+        the same store statements with 10 apps as with 100 (a few per pass, none per
+        app), reads no release's JSON (an app's current release is kept, parsed, from
+        pass to pass), and compares instances a number of times that grows with the
+        apps, not with their square (a list of every instance scanned per app did:
+        ~5,000 ``Instance.__eq__`` calls a pass at 100 apps)."""
+        from epio.store import Instance
+
+        await self.h.add_runner("r1")
+        conn = self.h.store.backend._conn  # type: ignore[attr-defined]
+        statements: list[str] = []
+        compared = [0]
+        real_eq = Instance.__eq__
+
+        def counting_eq(a: Any, b: Any) -> Any:
+            compared[0] += 1
+            return real_eq(a, b)
+
+        async def steady_pass(apps: int) -> tuple[int, int, list[str]]:
+            for n in range(len(await self.h.store.list_apps()), apps):
+                await self.app_with_release(f"app{n}")
+            await self.passes(3)  # placed, then healthy
+            self.assertEqual(len(self.h.runners.running()), apps)
+            del statements[:]
+            compared[0] = 0
+            conn.set_trace_callback(statements.append)
+            Instance.__eq__ = counting_eq  # type: ignore[method-assign,assignment]
+            try:
+                await self.h.scheduler.reconcile()
+            finally:
+                Instance.__eq__ = real_eq  # type: ignore[method-assign]
+                conn.set_trace_callback(None)
+            return len(statements), compared[0], list(statements)
+
+        few, few_eq, _ = await steady_pass(10)
+        many, many_eq, sql = await steady_pass(100)
+        self.assertEqual(many, few, sql)
+        self.assertLessEqual(many_eq, 10 * few_eq + 10)
+        self.assertLessEqual(many_eq, 2 * 100)
+        self.assertEqual([s for s in sql if "FROM releases WHERE" in s and "version =" in s],
+                         [])
+
+    async def test_current_release_cache_follows_a_recreated_app(self) -> None:
+        """The pass keeps each app's current release parsed; a new release, and a new
+        app of a deleted one's name (its v1 again, another UID), are read afresh."""
+        await self.h.add_runner("r1")
+        await self.app_with_release("again")
+        await self.passes()
+
+        def commands() -> list[str]:
+            return [b["command"] for _, t, b in self.h.runners.requests
+                    if t == "runner.start" and b["app"] == "again"]
+
+        self.assertEqual(commands(), ["run web"])
+        await self.h.store.create_release("again", DIGEST, processes={"web": "run v2"})
+        await self.passes()
+        self.assertEqual(commands(), ["run web", "run v2"])
+        await self.h.store.delete_app("again")
+        alice = await self.h.store.get_user_by_name("alice")
+        await self.h.store.create_app("again", alice.id)
+        await self.h.store.create_release("again", DIGEST, processes={"web": "run v1"})
+        # its v2, as the deleted app's current release was: told apart by the UID
+        await self.h.store.create_release("again", DIGEST, processes={"web": "run new app"})
+        await self.h.store.set_formation("again", "web", 1)
+        await self.passes()
+        self.assertEqual(commands(), ["run web", "run v2", "run new app"])
+        self.assertEqual([(i.release, i.state) for i in
+                          await self.h.store.list_instances("again")], [(2, "healthy")])
+
     async def test_app_deleted_during_a_pass(self) -> None:
         """An app deleted while a pass places, starts or reports its instances is not a
         bug: no traceback is logged (trial fails a test that logs one), the pass goes on

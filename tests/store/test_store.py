@@ -547,6 +547,37 @@ class StoreTestsMixin:
         r, d, c = await self.store.recent_by_app(["two"], 200)
         self.assertEqual((list(r), list(d), list(c)), (["two"], ["two"], ["two"]))
 
+    async def test_pass_inputs_by_app(self) -> None:
+        """``pass_inputs_by_app`` gives each listed app the versions of its newest
+        ``window + 1`` releases (no release JSON) and, of its newest ``window`` deploys,
+        the failed and unfinished ones without their log; ``releases_by_version`` reads
+        the releases asked for that exist, whole."""
+        for name in ("one", "two", "idle"):
+            await self.store.create_app(name, self.alice.id)
+        for _ in range(4):
+            await self.store.create_release("one", DIGEST)
+        await self.store.create_release("two", DIGEST2, processes={"web": "run"})
+        ok = await self.store.create_deploy("one", status="deploying")
+        await self.store.update_deploy(ok.id, status="succeeded", release=2)
+        bad = await self.store.create_deploy("one", status="deploying")
+        await self.store.update_deploy(bad.id, status="failed", release=3, append_log="x")
+        running = await self.store.create_deploy("one", status="deploying")
+        await self.store.update_deploy(running.id, release=4)
+        gone = await self.store.create_deploy("two", status="deploying")
+        await self.store.update_deploy(gone.id, status="cancelled")
+        versions, deploys = await self.store.pass_inputs_by_app(["one", "two", "idle"], 2)
+        self.assertEqual(versions, {"one": [4, 3, 2], "two": [1], "idle": []})
+        # of "one"'s newest two deploys (the running one, the failed one): both
+        self.assertEqual([(d.id, d.status, d.release, d.log) for d in deploys["one"]],
+                         [(running.id, "deploying", 4, ""), (bad.id, "failed", 3, "")])
+        self.assertEqual(deploys["two"], [])
+        _, deploys = await self.store.pass_inputs_by_app(["one"], 1)
+        self.assertEqual([d.id for d in deploys["one"]], [running.id])
+        got = await self.store.releases_by_version([("one", 3), ("two", 1), ("two", 9)])
+        self.assertEqual(got, {("one", 3): await self.store.get_release("one", 3),
+                               ("two", 1): await self.store.get_release("two", 1)})
+        self.assertEqual(await self.store.releases_by_version([]), {})
+
     async def test_concurrent_releases_get_distinct_versions(self) -> None:
         """Releases created at the same time get distinct, consecutive versions."""
         from twisted.internet.defer import gatherResults
