@@ -97,6 +97,10 @@ class _Metric:
         self.help = help
         self.labelnames = tuple(labelnames)
         self._children: dict[tuple[str, ...], Any] = {}
+        # the labels its samples keep (None: every one); the others are summed away at
+        # scrape time, so a family's series stay as many as the kept values, not one
+        # per app (see :meth:`export_by`)
+        self._kept: tuple[int, ...] | None = None
 
     def _new_child(self) -> Any:
         raise NotImplementedError
@@ -117,6 +121,32 @@ class _Metric:
 
     def remove(self, *values: str) -> None:
         self._children.pop(values, None)
+
+    def export_by(self, labelnames: Sequence[str] | None) -> None:
+        """Export the samples summed over every label but ``labelnames`` (None: every
+        label, the default): ``export_by(["reason"])`` of a counter labelled
+        ``app, source, reason`` renders one series per reason.  Children are still
+        recorded (and read with ``.value``) per full label set."""
+        if labelnames is None:
+            self._kept = None
+            return
+        unknown = [n for n in labelnames if n not in self.labelnames]
+        if unknown:
+            raise ValueError(f"{self.name} has no labels {unknown}")
+        self._kept = tuple(i for i, n in enumerate(self.labelnames) if n in labelnames)
+
+    def _samples(self, value: Callable[[Any], float]) -> list[tuple[str, dict[str, str], float]]:
+        """``("", labels, value)`` of each child, or of each kept-label group summed."""
+        if self._kept is None:
+            return [("", dict(zip(self.labelnames, vals, strict=True)), value(child))
+                    for vals, child in sorted(self._children.items())]
+        sums: dict[tuple[str, ...], float] = {}
+        for vals, child in self._children.items():
+            key = tuple(vals[i] for i in self._kept)
+            sums[key] = sums.get(key, 0.0) + value(child)
+        names = [self.labelnames[i] for i in self._kept]
+        return [("", dict(zip(names, key, strict=True)), total)
+                for key, total in sorted(sums.items())]
 
     def family(self) -> Family:
         raise NotImplementedError
@@ -155,8 +185,7 @@ class Counter(_Metric):
     def family(self) -> Family:
         # format 0.0.4: the TYPE line and the sample share the full _total name
         fam = Family(self.name, "counter", self.help)
-        for vals, child in sorted(self._children.items()):
-            fam.samples.append(("", dict(zip(self.labelnames, vals, strict=True)), child.value))
+        fam.samples.extend(self._samples(lambda child: float(child.value)))
         return fam
 
 
@@ -203,8 +232,7 @@ class Gauge(_Metric):
 
     def family(self) -> Family:
         fam = Family(self.name, "gauge", self.help)
-        for vals, child in sorted(self._children.items()):
-            fam.samples.append(("", dict(zip(self.labelnames, vals, strict=True)), child.get()))
+        fam.samples.extend(self._samples(lambda child: float(child.get())))
         return fam
 
 
@@ -228,6 +256,10 @@ class _HistogramChild:
 
 class Histogram(_Metric):
     type = "histogram"
+
+    def export_by(self, labelnames: Sequence[str] | None) -> None:
+        if labelnames is not None:
+            raise ValueError(f"{self.name}: a histogram exports every label")
 
     def __init__(self, name: str, help: str, labelnames: Sequence[str] = (),
                  buckets: Sequence[float] = DEFAULT_BUCKETS) -> None:

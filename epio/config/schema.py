@@ -681,6 +681,11 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "drain_tls_ca": Key(str, "",
                             "PEM file of the CA that signs syslog+tls drain servers' certificates; "
                             "empty means the system's trusted CAs."),
+        "metrics_per_app": Key(bool, False,
+                               "Export the logger's line and stats counters and its store size "
+                               "per app and source (labels app, source: a series per app and "
+                               "process, thousands on a dense node); false exports them summed "
+                               "over apps and sources (docs/logs.md)."),
     },
     "metrics": {
         "listen": Key(str, "",

@@ -580,6 +580,9 @@ class LoggerSettings:
     drain_tls_ca: str
     """PEM file of the CA that signs syslog+tls drain servers' certificates; empty means the system's trusted CAs."""
 
+    metrics_per_app: bool
+    """Export the logger's line and stats counters and its store size per app and source (labels app, source: a series per app and process, thousands on a dense node); false exports them summed over apps and sources (docs/logs.md)."""
+
 
 @frozen
 class MetricsSettings:

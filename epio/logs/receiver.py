@@ -43,9 +43,10 @@ INVALID_BODY = "invalid_body"
 
 
 class LogCounters:
-    """The logger's counters, in the node's metrics registry."""
+    """The logger's counters, in the node's metrics registry: exported per app and
+    source with ``per_app`` (``logger.metrics_per_app``), else summed over them."""
 
-    def __init__(self, registry: MetricsRegistry) -> None:
+    def __init__(self, registry: MetricsRegistry, per_app: bool = True) -> None:
         self.received = registry.counter(
             "epio_log_lines_received_total", "Log lines received by this logger.", ["app", "source"])
         self.written = registry.counter(
@@ -66,6 +67,14 @@ class LogCounters:
         self.stats_dropped = registry.counter(
             "epio_stats_samples_dropped_total", "Stats samples not aggregated, by reason.",
             ["reason"])
+        self.store_bytes = registry.gauge(
+            "epio_log_store_bytes", "Disk bytes of stored log.", ["app"])
+        if not per_app:
+            # logger.metrics_per_app off: a few series per node, however many apps
+            for metric, kept in [(self.received, []), (self.written, []),
+                                 (self.dropped, ["reason"]), (self.lost, []), (self.split, []),
+                                 (self.stats_received, ["kind"]), (self.store_bytes, [])]:
+                metric.export_by(kept)
 
 
 class LogReceiver:

@@ -101,7 +101,7 @@ class LoggerService(MultiService):
         self.settings = settings
         self.node_id = node_id
         self.registry = registry
-        self.counters = LogCounters(registry)
+        self.counters = LogCounters(registry, per_app=settings.metrics_per_app)
         self.store = LogStore(data_dir / "logs", reactor, StoreConfig.from_settings(settings),
                               run_blocking=self._in_thread)
         self.drains = DrainManager(reactor, DrainConfig(
@@ -136,8 +136,7 @@ class LoggerService(MultiService):
         self._maint.clock = reactor
         self._maint.setServiceParent(self)
         self._last_expire = 0.0
-        g = self.registry.gauge("epio_log_store_bytes", "Disk bytes of stored log, per app.", ["app"])
-        self._bytes_gauge = g
+        self._bytes_gauge = self.counters.store_bytes
         self.setName("logger")  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
 
     def _in_thread(self, f: Callable[[], Any]) -> Deferred[Any]:

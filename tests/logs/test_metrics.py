@@ -76,6 +76,33 @@ class ExpositionTests(SynchronousTestCase):
         self.assertEqual(vals, {"sent": 3, "rejected.stale": 1})
 
 
+    def test_export_by_sums_the_other_labels(self) -> None:
+        """``export_by`` renders a family summed over the labels it does not keep (one
+        series per kept value), children still counted per full label set; a label the
+        metric lacks, or a histogram, is refused."""
+        reg = MetricsRegistry()
+        c = reg.counter("epio_test_dropped_total", "Dropped.", ["app", "reason"])
+        g = reg.gauge("epio_test_bytes", "Bytes.", ["app"])
+        for n in range(50):
+            c.labels(f"app{n}", "late" if n % 2 else "dup").inc(2)
+            g.labels(f"app{n}").set_function(lambda n=n: float(n))
+        c.export_by(["reason"])
+        g.export_by([])
+        fams = {f.name: f for f in text_string_to_metric_families(reg.render().decode())}
+        self.assertEqual(sorted((s.labels["reason"], s.value) for s in fams["epio_test_dropped"].samples
+                                if s.name == "epio_test_dropped_total"),
+                         [("dup", 50.0), ("late", 50.0)])
+        self.assertEqual([(s.labels, s.value) for s in fams["epio_test_bytes"].samples],
+                         [({}, float(sum(range(50))))])
+        self.assertEqual(c.value("app3", "late"), 2)
+        c.export_by(None)
+        self.assertEqual(len(c.family().samples), 50)
+        with self.assertRaises(ValueError):
+            c.export_by(["source"])
+        with self.assertRaises(ValueError):
+            reg.histogram("epio_test_seconds", "S.", ["app"]).export_by([])
+
+
 class StatusTests(SynchronousTestCase):
     def test_sections_as_json(self) -> None:
         """GET /status answers one JSON object, a section per add_status, computed per request."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -47,6 +48,39 @@ class ReceiverTests(SynchronousTestCase):
         self.assertEqual(self.counters.received.value("app", "web.1"), 5)
         self.assertEqual(self.counters.written.value("app", "web.1"), 5)
         self.assertEqual(len(self.records), 5)
+
+    def test_counters_summed_over_apps_unless_per_app(self) -> None:
+        """docs/logs.md: by default (``logger.metrics_per_app`` off) the logger's
+        counters and store size render a few series however many apps log -- 200
+        apps' lines make the same families as one app's -- and their sums are the
+        per-app counts; with ``per_app`` they carry ``app`` and ``source``."""
+        def scrape(per_app: bool, apps: int) -> tuple[int, dict[str, list]]:
+            reg = MetricsRegistry()
+            rx = LogReceiver(self.store, self.clock, LogCounters(reg, per_app=per_app),
+                             max_line_bytes=100)
+            for n in range(apps):
+                for seq, source in [(1, "web.1"), (1, "platform"), (2, "web.1")]:
+                    rx.line("n1", {"app": f"a{n}", "source": source, "text": "x",
+                                   "timestamp": self.clock.seconds(), "seq": seq,
+                                   "node": f"n{per_app}"})
+            rx.line("n1", {"app": "a0", "source": "web.1", "text": "x", "seq": 2,
+                           "timestamp": self.clock.seconds(), "node": f"n{per_app}"})
+            text = reg.render().decode()
+            fams = {f.name: [(s.labels, s.value) for s in f.samples
+                             if not s.name.endswith("_created")]
+                    for f in text_string_to_metric_families(text)}
+            return len(text.splitlines()), fams
+
+        one, _ = scrape(False, 1)
+        lines, fams = scrape(False, 200)
+        self.assertEqual(lines, one)
+        self.assertEqual(fams["epio_log_lines_received"], [({}, 601.0)])
+        self.assertEqual(fams["epio_log_lines_written"], [({}, 600.0)])
+        self.assertEqual(fams["epio_log_lines_dropped"], [({"reason": "duplicate"}, 1.0)])
+        lines, fams = scrape(True, 200)
+        self.assertGreater(lines, 600)
+        self.assertEqual(len(fams["epio_log_lines_written"]), 400)
+        self.assertIn(({"app": "a7", "source": "web.1"}, 2.0), fams["epio_log_lines_written"])
 
     def test_gap_is_recorded_and_counted(self) -> None:
         """A jump in seq stores one lost marker with the exact number missing."""

@@ -69,8 +69,9 @@ class PipelineTests(TestCase):
     async def test_burst_stored_in_order_and_tailed(self) -> None:
         """10,000 numbered lines pushed in one burst from another process are all
         stored, in order per source, all reach a websocket tail opened before the
-        burst, and the logger's /metrics (parsed by prometheus_client) counts them."""
-        node = self.start_logger()
+        burst, and the logger's /metrics (parsed by prometheus_client) counts them, per
+        app and source with logger.metrics_per_app."""
+        node = self.start_logger({"logger": {"metrics_per_app": True}})
         client = self.client(node)
         port, http_port = serve_tail(client, {"burst"})
         self.addCleanup(port.stopListening)
@@ -168,7 +169,8 @@ class PipelineTests(TestCase):
 
     async def test_sigterm_stops_cleanly_and_keeps_everything(self) -> None:
         """SIGTERM: the logger flushes and exits cleanly (no traceback); after a
-        restart every line is there and the next lines continue the numbering."""
+        restart every line is there and the next lines continue the numbering.  (By
+        default its /metrics counts the lines summed over apps and sources.)"""
         node = self.start_logger()
         client = self.client(node)
         p = self.pusher(node, sources=["web.1"], count=2000, stats=2)
@@ -179,6 +181,10 @@ class PipelineTests(TestCase):
 
         await until(lambda: stored(2000), 20)
         await p.close()
+        text = (await _get(f"http://127.0.0.1:{node.metrics_port}/metrics"))[1].decode()
+        fams = {f.name: f for f in text_string_to_metric_families(text)}
+        self.assertEqual([(s.labels, s.value) for s in fams["epio_log_lines_written"].samples
+                          if s.name == "epio_log_lines_written_total"], [({}, 2000.0)])
         assert node.proc is not None
         code = await _in_thread(node.proc.stop)
         out = node.proc.output()
