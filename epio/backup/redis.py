@@ -171,15 +171,7 @@ class RedisBackups:
             scratch = live = staging = None
             building = switched = False
             try:
-                # the socket file exists a moment before the server accepts on it (and
-                # it answers LOADING while it loads the snapshot): wait for a PONG
-                for _ in range(200):
-                    if sock.exists():
-                        out, _, _ = await self._cli(["-s", str(sock), "PING"], None)
-                        if out.strip() == b"PONG":
-                            break
-                    await deferLater(self.reactor, 0.05, lambda: None)
-                else:
+                if not await self._scratch_answers(sock):
                     raise BackupFailed("restore failed: the scratch redis did not load the "
                                        "snapshot; nothing was changed")
                 scratch = await txredisapi.UnixConnection(str(sock), charset=None, reconnect=False)
@@ -188,36 +180,9 @@ class RedisBackups:
                 staging = await txredisapi.Connection(host, port, password=password,
                                                       charset=None, reconnect=False,
                                                       dbid=STAGING_DB)
-                busy = int(await staging.dbsize())
-                if busy:
-                    raise BackupFailed(
-                        f"database {STAGING_DB} of the app's redis holds {busy} keys; a restore "
-                        f"builds the new data there before switching to it: empty it first. "
-                        f"Nothing was changed")
-                need = (await self._memory(["-s", str(sock)], None)).get("used_memory_dataset", 0)
-                mem = await self._memory(["-h", host, "-p", str(port)], password)
-                limit = mem.get("maxmemory", 0)
-                if limit and mem.get("used_memory", 0) + need > limit * MEMORY_HEADROOM:
-                    raise BackupFailed(
-                        f"the app's redis cannot hold the restored data ({need // 1024} KiB) "
-                        f"next to its live data ({mem.get('used_memory', 0) // 1024} KiB) "
-                        f"within {MEMORY_HEADROOM:.0%} of its maxmemory ({limit // 1024} KiB); "
-                        f"nothing was changed")
-                restored = 0
-                cursor = 0
+                await self._check_room(staging, sock, host, port, password)
                 building = True  # from here on the staging database holds our keys only
-                while True:
-                    cursor, keys = await scratch.scan(cursor, count=500)
-                    for key in keys:
-                        payload = await scratch.execute_command("DUMP", key)
-                        ttl = await scratch.execute_command("PTTL", key)
-                        if payload is None:  # expired meanwhile
-                            continue
-                        await staging.execute_command(
-                            "RESTORE", key, max(int(ttl), 0), payload, "REPLACE")
-                        restored += 1
-                    if int(cursor) == 0:
-                        break
+                restored = await self._copy_keys(scratch, staging)
                 built = int(await staging.dbsize())
                 if built < restored:
                     raise BackupFailed(f"restore incomplete: {built} of {restored} keys "
@@ -240,3 +205,56 @@ class RedisBackups:
                     transport.signalProcess("KILL")
                 except ProcessExitedAlready:
                     pass  # the scratch server is gone already: nothing to kill
+
+    async def _scratch_answers(self, sock: Path) -> bool:
+        """Whether the scratch server at ``sock`` answers PING within its start-up time.
+        The socket file exists a moment before the server accepts on it (and it answers
+        LOADING while it loads the snapshot): wait for a PONG."""
+        for _ in range(200):
+            if sock.exists():
+                out, _, _ = await self._cli(["-s", str(sock), "PING"], None)
+                if out.strip() == b"PONG":
+                    return True
+            await deferLater(self.reactor, 0.05, lambda: None)
+        return False
+
+    async def _check_room(self, staging: Any, sock: Path, host: str, port: int,
+                          password: str | None) -> None:
+        """Refuse the restore, with nothing changed, unless the live server's staging
+        database is empty and its ``maxmemory`` can hold the restored data (loaded in
+        the scratch server at ``sock``) next to its own (:data:`MEMORY_HEADROOM`)."""
+        busy = int(await staging.dbsize())
+        if busy:
+            raise BackupFailed(
+                f"database {STAGING_DB} of the app's redis holds {busy} keys; a restore "
+                f"builds the new data there before switching to it: empty it first. "
+                f"Nothing was changed")
+        need = (await self._memory(["-s", str(sock)], None)).get("used_memory_dataset", 0)
+        mem = await self._memory(["-h", host, "-p", str(port)], password)
+        limit = mem.get("maxmemory", 0)
+        if limit and mem.get("used_memory", 0) + need > limit * MEMORY_HEADROOM:
+            raise BackupFailed(
+                f"the app's redis cannot hold the restored data ({need // 1024} KiB) "
+                f"next to its live data ({mem.get('used_memory', 0) // 1024} KiB) "
+                f"within {MEMORY_HEADROOM:.0%} of its maxmemory ({limit // 1024} KiB); "
+                f"nothing was changed")
+
+    @staticmethod
+    async def _copy_keys(scratch: Any, staging: Any) -> int:
+        """Copy every key of ``scratch`` into ``staging`` with DUMP/RESTORE (TTLs kept;
+        a key expired meanwhile is skipped); return how many were copied."""
+        restored = 0
+        cursor = 0
+        while True:
+            cursor, keys = await scratch.scan(cursor, count=500)
+            for key in keys:
+                payload = await scratch.execute_command("DUMP", key)
+                ttl = await scratch.execute_command("PTTL", key)
+                if payload is None:  # expired meanwhile
+                    continue
+                await staging.execute_command(
+                    "RESTORE", key, max(int(ttl), 0), payload, "REPLACE")
+                restored += 1
+            if int(cursor) == 0:
+                break
+        return restored

@@ -853,8 +853,8 @@ def waiting(p: argparse.ArgumentParser, timeout: float) -> None:
     p.add_argument("--poll", type=float, default=1.0, help=argparse.SUPPRESS)  # longest wait
 
 
-def register(sub: Any, common: argparse.ArgumentParser) -> None:
-    """Add the platform commands to the ``epio`` parser."""
+def _register_login(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Add login, logout, whoami."""
     p = sub.add_parser("login", parents=[common], help="log in to an epio API",
                        description="Store the API URL and token (read from stdin when "
                                    "--token is not given) in the config dir, mode 0600. "
@@ -878,6 +878,9 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("whoami", parents=[common], help="show the logged-in user")
     p.set_defaults(func=cmd_whoami)
 
+
+def _register_apps(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Add apps and its subcommands."""
     apps = sub.add_parser("apps", parents=[common], help="create, list, show, destroy apps",
                           description="Manage apps. Without a subcommand: list them.")
     apps.set_defaults(func=cmd_apps_list)
@@ -909,6 +912,9 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--confirm", metavar="NAME", help="the app's name again (no prompt)")
     p.set_defaults(func=cmd_apps_purge)
 
+
+def _register_deploy(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Add deploy (alias upload)."""
     p = sub.add_parser("deploy", aliases=["upload"], parents=[common],
                        help="deploy an app directory (ep.io's name: upload)",
                        description="Pack DIR (honouring .epioignore), upload it, follow the "
@@ -917,6 +923,9 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     waiting(p, 1200.0)
     p.set_defaults(func=cmd_deploy)
 
+
+def _register_processes(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Add ps and scale."""
     p = sub.add_parser("ps", parents=[common], help="list the app's processes")
     p.set_defaults(func=cmd_ps)
     p = sub.add_parser("scale", parents=[common], help="scale process types (web=2 worker=1)",
@@ -926,6 +935,9 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     waiting(p, ROLLOUT_WAIT)
     p.set_defaults(func=cmd_scale)
 
+
+def _register_config(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Add config and its subcommands."""
     cfg = sub.add_parser("config", parents=[common], help="list, get, set, unset config vars",
                          description="Config vars; each change makes a new release.")
     cfg.set_defaults(func=cmd_config_list)
@@ -944,6 +956,9 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     waiting(p, ROLLOUT_WAIT)
     p.set_defaults(func=cmd_config_unset)
 
+
+def _register_releases(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Add releases, restart, rollback."""
     p = sub.add_parser("releases", parents=[common], help="list releases")
     p.set_defaults(func=cmd_releases)
     p = sub.add_parser("restart", parents=[common],
@@ -962,6 +977,9 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     waiting(p, ROLLOUT_WAIT)
     p.set_defaults(func=cmd_rollback)
 
+
+def _register_domains(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Add domains and its subcommands."""
     dom = sub.add_parser("domains", parents=[common], help="list, add, remove hostnames")
     dom.set_defaults(func=cmd_domains_list)
     dsub = dom.add_subparsers(dest="domains_command", metavar="SUBCOMMAND")
@@ -974,6 +992,9 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("hostname", metavar="HOSTNAME")
     p.set_defaults(func=cmd_domains_remove)
 
+
+def _register_certs(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Add certs and its subcommands."""
     crt = sub.add_parser("certs", parents=[common], help="TLS certificates of custom domains")
     crt.set_defaults(func=cmd_certs_list)
     csub = crt.add_subparsers(dest="certs_command", metavar="SUBCOMMAND")
@@ -987,5 +1008,21 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--key", required=True, metavar="FILE", help="its PEM private key")
     p.set_defaults(func=cmd_certs_add)
 
+
+def _register_open(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Add open."""
     p = sub.add_parser("open", parents=[common], help="open the app in a browser")
     p.set_defaults(func=cmd_open)
+
+
+def register(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Add the platform commands to the ``epio`` parser."""
+    _register_login(sub, common)
+    _register_apps(sub, common)
+    _register_deploy(sub, common)
+    _register_processes(sub, common)
+    _register_config(sub, common)
+    _register_releases(sub, common)
+    _register_domains(sub, common)
+    _register_certs(sub, common)
+    _register_open(sub, common)

@@ -39,6 +39,7 @@ from epio.runner.ports import NoFreePort, PortAllocator, bindable
 from epio.runner.sandbox import DEFAULT_SHM_BYTES, Isolation, detect_isolation, shm_args
 from epio.runner.supervisor import (
     InstanceSpec,
+    Settings,
     ShuttingDown,
     SpecError,
     State,
@@ -58,10 +59,12 @@ if TYPE_CHECKING:
     from epio.config.settings import RunnerSettings
     from epio.metrics import Family
     from epio.node import INodeReactor, Node
-    from epio.pipeline import IStatsSink
+    from epio.pipeline import BusLogSink, IStatsSink
     from epio.runner.build import Builder
+    from epio.runner.build.images import ImageStore
     from epio.runner.fence import NetworkFence
     from epio.runner.sessions import SessionManager
+    from epio.runner.snapshots import SnapshotService
     from epio.runner.static import StaticServer
     from epio.store import Store, StoreService
 
@@ -775,7 +778,11 @@ def make_service(node: Node) -> RunnerService:
 
     Every object is made once, here, in dependency order, and receives its
     collaborators through its constructor; nothing is re-wired afterwards.  Detection
-    I/O (cgroups, bubblewrap, nft) happens here, before the reactor.
+    I/O (cgroups, bubblewrap, nft) happens here, before the reactor.  The building is
+    done in steps, each a helper called once from here in that order:
+    :func:`_build_runtime` (what runs app processes and sessions),
+    :func:`_build_fence_and_static`, :func:`_build_heartbeat_publisher`,
+    :func:`_build_runner`.
 
     The supervisor's observers and the spawn gates are two lists this function owns
     and hands to the supervisor and the session manager; it fills them, once, after
@@ -795,32 +802,60 @@ def make_service(node: Node) -> RunnerService:
     when it goes (docs/security.md).
     """
     from epio.metrics import registry_for
+    from epio.runner.snapshots import make_snapshots
+
+    conf = node.settings
+    settings = Settings.from_config(conf.runner)
+    isolation, cgroups, bwrap, setpriv = detect_isolation_of(conf.runner, node.data_dir)
+    observers: list[Callable[[], None]] = []
+    gates: list[Callable[[], defer.Deferred[None] | None]] = []
+
+    runtime = _build_runtime(node, settings, isolation, cgroups, bwrap, setpriv,
+                             observers=observers, gates=gates)
+    supervisor = runtime.supervisor
+    fence, static = _build_fence_and_static(node, isolation, runtime)
+    snapshots = make_snapshots(node.reactor, node.data_dir, conf.addons, conf.backup)
+    publisher = _build_heartbeat_publisher(node, runtime.sink)
+    runtime.peers.setName("runner-peers")  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
+    svc = _build_runner(node, runtime, isolation, cgroups, fence, static, publisher, snapshots)
+    observers.extend([svc.changed, fence.changed])
+    if static is not None:
+        observers.append(static.instances_changed)
+    gates.append(fence.ready)  # a process or session starts once its ports are open
+    registry_for(node).add_collector(lambda: runner_families(supervisor))
+    return svc
+
+
+@frozen
+class _Runtime:
+    """What runs the app processes and ``epio run`` sessions, as
+    :func:`_build_runtime` makes it, once, for :func:`make_service`."""
+
+    sink: BusLogSink
+    store_images: ImageStore  # shared by the fetcher, the builder and the image server
+    control: str  # the control endpoint this runner advertises
+    peers: PeerRunners
+    images: FetchingImages
+    supervisor: Supervisor
+    sessions: SessionManager
+
+
+def _build_runtime(node: Node, settings: Settings, isolation: Isolation,
+                   cgroups: CgroupSupport, bwrap: str | None, setpriv: str | None, *,
+                   observers: list[Callable[[], None]],
+                   gates: list[Callable[[], defer.Deferred[None] | None]]) -> _Runtime:
+    """The log sink, the image store and fetcher, the peer runners, the launcher, the
+    supervisor and the session manager, each made once; the supervisor gets
+    ``observers`` and ``gates`` (:func:`make_service` fills them later), the session
+    manager the same ``gates``."""
     from epio.pipeline import BusLogSink
-    from epio.runner.build import Builder
     from epio.runner.build.images import ImageStore
-    from epio.runner.fence import (
-        FencedIsolation,
-        addon_servers,
-        app_reach,
-        app_uids,
-        make_fence,
-        pid_namespace,
-        proc_start,
-    )
     from epio.runner.launcher import SandboxLauncher
     from epio.runner.sessions import RunSettings, SessionManager
-    from epio.runner.snapshots import make_snapshots
-    from epio.runner.static import make_static
-    from epio.runner.supervisor import Settings
 
     conf = node.settings
     rc = conf.runner
     reactor = node.reactor
-    settings = Settings.from_config(rc)
-    isolation, cgroups, bwrap, setpriv = detect_isolation_of(rc, node.data_dir)
-    observers: list[Callable[[], None]] = []
-    gates: list[Callable[[], defer.Deferred[None] | None]] = []
-
     sink = BusLogSink(node.bus, list(conf.cluster.loggers), clock=reactor)
     store_images = ImageStore(node.data_dir, reactor=reactor)
     control = control_advertise(rc.control_bind, rc.advertise_host, rc.control_advertise)
@@ -838,6 +873,20 @@ def make_service(node: Node) -> RunnerService:
     sessions = SessionManager(reactor, launcher, sink, RunSettings.from_config(conf.run),
                               settings, node_id=node.node_id,
                               store_service=node.store_service, observers=gates)
+    return _Runtime(sink=sink, store_images=store_images, control=control, peers=peers,
+                    images=images, supervisor=supervisor, sessions=sessions)
+
+
+def _build_fence_and_static(node: Node, isolation: Isolation, runtime: _Runtime,
+                            ) -> tuple[NetworkFence, StaticServer | None]:
+    """The network fence, following the supervisor's and the sessions' instances, the
+    cluster's routers and the static server's port, and the static server (or None
+    when ``runner.static_listen`` is off)."""
+    from epio.runner.fence import addon_servers, app_reach, app_uids, make_fence
+    from epio.runner.static import make_static
+
+    reactor = node.reactor
+    supervisor, sessions = runtime.supervisor, runtime.sessions
     directory = node.cluster
     static_box: list[Any] = []  # the static server, made below (its port once listening)
 
@@ -845,20 +894,27 @@ def make_service(node: Node) -> RunnerService:
         port = static_box[0].port if static_box else None
         return [port.getHost().port] if port is not None else []
 
-    fence = make_fence(reactor, conf, node.roles, node.data_dir,
+    fence = make_fence(reactor, node.settings, node.roles, node.data_dir,
                        app_reach(supervisor, sessions), uids=app_uids(supervisor, sessions),
                        routers=(lambda: directory.current.routers) if directory is not None
                        else (lambda: ()),
                        servers=addon_servers(supervisor), inbound=static_ports)
     if directory is not None:  # a router joins or leaves: the fence follows (epio.cluster)
         directory.observe(lambda _lists: fence.changed())
-    static = make_static(reactor, node.secret, images, node.data_dir,
-                         lambda: list(supervisor.instances.values()), rc,
+    static = make_static(reactor, node.secret, runtime.images, node.data_dir,
+                         lambda: list(supervisor.instances.values()), node.settings.runner,
                          uid_check=isolation.uid_switch)
     if static is not None:
         static_box.append(static)
         static.on_listening.append(fence.changed)
-    snapshots = make_snapshots(reactor, node.data_dir, conf.addons, conf.backup)
+    return fence, static
+
+
+def _build_heartbeat_publisher(node: Node, sink: BusLogSink) -> Publisher | None:
+    """The PUB the heartbeats go out on, connected to every configured nexus (None
+    when there is none and no cluster directory); with a directory, it and the log
+    sink follow the nexus and logger nodes that join or leave."""
+    conf = node.settings
     nexus = [str(n["heartbeat"]) for n in conf.cluster.nexus if n.get("heartbeat")]
     publisher = (node.bus.publisher(connect=nexus, may_start_empty=node.cluster is not None)
                  if nexus or node.cluster is not None else None)
@@ -868,18 +924,33 @@ def make_service(node: Node) -> RunnerService:
         follow_endpoints(node.cluster, sink, publisher)
     if publisher is not None:
         publisher.setName("runner-heartbeat")  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
-    peers.setName("runner-peers")  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
+    return publisher
+
+
+def _build_runner(node: Node, runtime: _Runtime, isolation: Isolation, cgroups: CgroupSupport,
+                  fence: NetworkFence, static: StaticServer | None,
+                  publisher: Publisher | None, snapshots: SnapshotService | None,
+                  ) -> RunnerService:
+    """The :class:`RunnerService` holding what :func:`make_service` built, with its
+    builder and image server, and its children in start order."""
+    from epio.runner.build import Builder
+    from epio.runner.fence import FencedIsolation, pid_namespace, proc_start
+
+    conf = node.settings
+    rc = conf.runner
+    reactor = node.reactor
+    sink, store_images = runtime.sink, runtime.store_images
 
     def router(handler: Handler) -> IService:
         control_router = node.bus.router(rc.control_bind, handler)
         control_router.setName("runner-control")  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
         return control_router
 
-    svc = RunnerService(
-        reactor=reactor, supervisor=supervisor,
+    return RunnerService(
+        reactor=reactor, supervisor=runtime.supervisor,
         isolation=FencedIsolation(**attrs.asdict(isolation, recurse=False), fence=fence),
-        cgroups=cgroups, images=images, data_dir=node.data_dir, node_id=node.node_id,
-        boot_id=node.boot_id, roles=node.roles, control=control,
+        cgroups=cgroups, images=runtime.images, data_dir=node.data_dir, node_id=node.node_id,
+        boot_id=node.boot_id, roles=node.roles, control=runtime.control,
         heartbeat_interval=rc.heartbeat_interval, register_interval=rc.register_interval,
         shutdown_grace=rc.shutdown_grace, publisher=publisher,
         store_service=node.store_service,
@@ -887,21 +958,16 @@ def make_service(node: Node) -> RunnerService:
         image_server=ImageServer(reactor, store_images, rc.fetch_chunk_kb * 1024,
                                  keep_open=rc.fetch_timeout * 2),
         stats=sink, stats_interval=rc.stats_interval,
-        sessions=sessions, static_server=static, fence=fence,
+        sessions=runtime.sessions, static_server=static, fence=fence,
         before_router=[c for c in (fence, sink, publisher) if c is not None],
         router=router,
-        after_router=[c for c in (peers, sessions, static, snapshots) if c is not None],
+        after_router=[c for c in (runtime.peers, runtime.sessions, static, snapshots)
+                      if c is not None],
         ranges=RangeClaim(node.node_id, (rc.uid_min, rc.uid_max), (rc.port_min, rc.port_max)),
         host={"id": host_identity(), "pid": os.getpid(), "start": proc_start(os.getpid()),
               "pidns": pid_namespace()},
         refuse=node.exit,
     )
-    observers.extend([svc.changed, fence.changed])
-    if static is not None:
-        observers.append(static.instances_changed)
-    gates.append(fence.ready)  # a process or session starts once its ports are open
-    registry_for(node).add_collector(lambda: runner_families(supervisor))
-    return svc
 
 
 def service_gate(store_service: Any) -> Callable[[InstanceSpec], Any]:

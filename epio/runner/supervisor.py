@@ -773,47 +773,68 @@ class Supervisor:
         self._to(inst, State.STARTING)
         if not self._port_still_free(inst):
             return
-        extra: dict[str, str] = {}
-        if (inst.spec.process_type in SERVICE_PROCESS_TYPES
-                and "EPIO_ADDON_EPOCH" in inst.spec.env):
-            from epio.addons.standby import Fenced
+        extra = await self._service_role(inst, gen)
+        if extra is None:
+            return
+        launch = await self._prepare_launch(inst)
+        if launch is None:
+            return
+        launch.env.update(extra)
+        if not await self._through_gates(inst, gen, launch):
+            return
+        await self._spawn(inst, gen, launch)
 
-            if self.service_gate is None:
-                # fail closed: without the record's answer a fenced old primary would
-                # start (as a primary: the script's default) and accept writes
-                why = ("its role cannot be asked (this runner has no store): a server of "
-                       "an add-on with a standby is not started")
-                self.log.error("instance {i}: {why}", i=inst.spec.instance_id, why=why)
-                self._say(inst, why)
-                self._to(inst, State.STOPPED if inst.stopping else State.FAILED, why)
-                return
-            try:
-                extra = await self.service_gate(inst.spec)
-            except Fenced as e:
-                # never started again: the add-on record names other servers now
-                self.log.warn("instance {i}: {why}", i=inst.spec.instance_id, why=str(e))
-                self._say(inst, str(e))
-                self._to(inst, State.STOPPED if inst.stopping else State.FAILED, str(e))
-                return
-            except Exception as e:
-                # the store cannot say which role this server has: not started now,
-                # asked again after the crash backoff
-                why = f"its role is unknown ({type(e).__name__}: {e})"
-                self.log.warn("instance {i}: {why}", i=inst.spec.instance_id, why=why)
-                if inst.stopping or self.shutting_down:
-                    self._to(inst, State.STOPPED, why)
-                    return
-                delay = backoff_delay(inst.attempt, self.settings.backoff_initial,
-                                      self.settings.backoff_max)
-                inst.attempt += 1
-                self._say(inst, f"{why}; trying again in {delay:g}s")
-                self._to(inst, State.CRASHED, why)
-                self._call(inst, "restart", delay, self._restart, inst)
-                return
-            if inst.generation != gen:
-                return
+    async def _service_role(self, inst: Instance, gen: int) -> dict[str, str] | None:
+        """The extra environment of a dedicated server of an add-on with a standby: its
+        role, as the add-on record gives it (:attr:`service_gate`); ``{}`` for any other
+        process.  None: it is not started now (failed, stopped, tried again after the
+        crash backoff, or a newer launch of it has begun)."""
+        if not (inst.spec.process_type in SERVICE_PROCESS_TYPES
+                and "EPIO_ADDON_EPOCH" in inst.spec.env):
+            return {}
+        from epio.addons.standby import Fenced
+
+        if self.service_gate is None:
+            # fail closed: without the record's answer a fenced old primary would
+            # start (as a primary: the script's default) and accept writes
+            why = ("its role cannot be asked (this runner has no store): a server of "
+                   "an add-on with a standby is not started")
+            self.log.error("instance {i}: {why}", i=inst.spec.instance_id, why=why)
+            self._say(inst, why)
+            self._to(inst, State.STOPPED if inst.stopping else State.FAILED, why)
+            return None
         try:
-            launch = await self.launcher.prepare(inst.spec, inst.port)
+            extra = await self.service_gate(inst.spec)
+        except Fenced as e:
+            # never started again: the add-on record names other servers now
+            self.log.warn("instance {i}: {why}", i=inst.spec.instance_id, why=str(e))
+            self._say(inst, str(e))
+            self._to(inst, State.STOPPED if inst.stopping else State.FAILED, str(e))
+            return None
+        except Exception as e:
+            # the store cannot say which role this server has: not started now,
+            # asked again after the crash backoff
+            why = f"its role is unknown ({type(e).__name__}: {e})"
+            self.log.warn("instance {i}: {why}", i=inst.spec.instance_id, why=why)
+            if inst.stopping or self.shutting_down:
+                self._to(inst, State.STOPPED, why)
+                return None
+            delay = backoff_delay(inst.attempt, self.settings.backoff_initial,
+                                  self.settings.backoff_max)
+            inst.attempt += 1
+            self._say(inst, f"{why}; trying again in {delay:g}s")
+            self._to(inst, State.CRASHED, why)
+            self._call(inst, "restart", delay, self._restart, inst)
+            return None
+        if inst.generation != gen:
+            return None
+        return extra
+
+    async def _prepare_launch(self, inst: Instance) -> Launch | None:
+        """The launcher's preparation of ``inst``; None: it failed, and the instance is
+        FAILED (or STOPPED, when it was being stopped)."""
+        try:
+            return await self.launcher.prepare(inst.spec, inst.port)
         except Exception as e:
             why = f"cannot prepare: {e}"
             self.log.error("instance {i}: {why}", i=inst.spec.instance_id, why=why)
@@ -822,8 +843,12 @@ class Supervisor:
                 self._to(inst, State.STOPPED, why)
             else:
                 self._to(inst, State.FAILED, why)
-            return
-        launch.env.update(extra)
+            return None
+
+    async def _through_gates(self, inst: Instance, gen: int, launch: Launch) -> bool:
+        """Await every spawn gate (:attr:`before_spawn`): True when ``launch`` may be
+        spawned now; False when it was cleaned up instead (a gate refused it, or the
+        instance was stopped or relaunched meanwhile)."""
         refused: str | None = None
         try:
             for gate in list(self.before_spawn):
@@ -837,13 +862,18 @@ class Supervisor:
             await self.launcher.cleanup(launch)
             if inst.state is State.DRAINING:
                 self._to(inst, State.STOPPED, "stopped before it ran")
-            return
+            return False
         if refused is not None:
             await self.launcher.cleanup(launch)
             self.log.error("instance {i}: {why}", i=inst.spec.instance_id, why=refused)
             self._say(inst, refused)
             self._to(inst, State.FAILED, refused)
-            return
+            return False
+        return True
+
+    async def _spawn(self, inst: Instance, gen: int, launch: Launch) -> None:
+        """Spawn the prepared ``launch`` of ``inst``, then start its boot and health
+        timers (a web process) or its settle timer (any other)."""
         inst.launch = launch
         inst.oom_before = inst.oom_seen = self.launcher.oom_kills(launch)
         proto = InstanceProtocol(self, inst, gen, launch)

@@ -1291,6 +1291,31 @@ class Builder:
         for link in links:
             offline += ["--find-links", link]
         offline += ["--no-compile", "--only-binary", ":all:", "-r", str(path)]
+        done = await self._install_resolved(ctx, kind, key, venv, marker, offline, penv)
+        if done is not None:
+            return done
+        await self._fill_wheel_cache(ctx, path, kind, pip, links[:2], new, app_cache, penv)
+        self._emit(ctx, "-----> Installing requirements from the wheel cache")
+        await self._run(ctx, "pip install", offline, cwd=ctx.work, env=penv)
+        if kind != "local":
+            marker.write_text(path.read_text())  # (for operators: what was resolved)
+        if kind == "plain":
+            await self._thread(self._keep_installed, ctx, key, venv)
+        return False
+
+    async def _install_resolved(
+        self,
+        ctx: _Ctx,
+        kind: str,
+        key: str,
+        venv: Path,
+        marker: Path,
+        offline: list[str],
+        penv: dict[str, str],
+    ) -> bool | None:
+        """Install a requirement set resolved before without resolving it again: copy
+        the app's kept install of it (True), or install it offline from the wheel
+        caches (False).  None: neither worked; it must be resolved."""
         if kind == "plain" and await self._thread(self._has_kept_install, ctx, key):
             self._emit(ctx, "-----> Requirements unchanged: installing what the app's "
                             "previous build installed")
@@ -1311,6 +1336,22 @@ class Builder:
                 self._emit(
                     ctx, "       the wheel cache is missing something; resolving from the index"
                 )
+        return None
+
+    async def _fill_wheel_cache(
+        self,
+        ctx: _Ctx,
+        path: Path,
+        kind: str,
+        pip: list[str],
+        links: list[str],
+        new: Path,
+        app_cache: Path,
+        penv: dict[str, str],
+    ) -> None:
+        """Resolve the requirements at ``path`` with ``pip wheel`` into ``new`` (finding
+        wheels at ``links``: the node's and the app's caches), then admit what it made
+        to the node's cache or the app's own (:func:`_admit_wheels`)."""
         self._emit(ctx, "-----> Resolving requirements and filling the wheel cache")
         # build.index_url may carry credentials: pass it in pip's environment (readable
         # only by the build user and root), never in argv (visible to every user in ps)
@@ -1332,7 +1373,7 @@ class Builder:
             return False
 
         wheel_cmd = [*pip, "wheel", "--wheel-dir", str(new)]
-        for link in links[:2]:
+        for link in links:
             wheel_cmd += ["--find-links", link]
         await self._run(
             ctx,
@@ -1357,13 +1398,6 @@ class Builder:
         else:
             shared = own = 0
         self._emit(ctx, f"       {shared} new wheel(s) in the node's cache, {own} in the app's own")
-        self._emit(ctx, "-----> Installing requirements from the wheel cache")
-        await self._run(ctx, "pip install", offline, cwd=ctx.work, env=penv)
-        if kind != "local":
-            marker.write_text(path.read_text())  # (for operators: what was resolved)
-        if kind == "plain":
-            await self._thread(self._keep_installed, ctx, key, venv)
-        return False
 
     # ------------------------------------------------- the previous build's install
 
