@@ -348,6 +348,7 @@ class ClusterDirectory(Service):
         self.reads = 0
         self.errors = 0
         self._loop: LoopingCall | None = None
+        self._looping: Deferred[Any] | None = None  # fires once the loop has stopped
         self._registered: set[str] = set()
         self._failing = 0  # passes failed in a row
 
@@ -361,15 +362,23 @@ class ClusterDirectory(Service):
             lambda f: self.log.failure("cluster: reading the endpoint lists failed", f)))
         loop.clock = self.clock
         self._loop = loop
-        loop.start(self.interval, now=True).addErrback(
+        self._looping = loop.start(self.interval, now=True).addErrback(
             lambda f: self.log.failure("cluster endpoint loop failed", f))
 
     def stopService(self) -> Deferred[None]:
         super().stopService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         loop, self._loop = self._loop, None
+        looping, self._looping = self._looping, None
         if loop is not None and loop.running:
             loop.stop()
-        return Deferred.fromCoroutine(self._unregister())
+        return Deferred.fromCoroutine(self._stop(looping))
+
+    async def _stop(self, looping: Deferred[Any] | None) -> None:
+        # a pass still in flight (its refresh of this node's rows) ends first: removing
+        # the rows before it would let it list the stopping node again, for endpoint_ttl
+        if looping is not None:
+            await looping
+        await self._unregister()
 
     async def _unregister(self) -> None:
         if not self._registered:
