@@ -40,10 +40,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from attrs import field, frozen
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -83,13 +79,23 @@ class JoinError(Exception):
     """A join that cannot go on: one sentence for the operator (no secret in it)."""
 
 
+# cryptography is imported where a secret is sealed or opened (an api, `epio-admin
+# join`), never at import: the route feed process follows the endpoint lists through this
+# module and loads no TLS library (docs/router.md "Memory")
+
+
 def _key(token: str) -> bytes:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
                 info=_HKDF_INFO).derive(token.encode("utf-8"))
 
 
 def seal_secret(token: str, token_id: str, secret: bytes) -> str:
     """The cluster secret encrypted under a key derived from the join token."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
     nonce = os.urandom(12)
     box = AESGCM(_key(token)).encrypt(nonce, secret, token_id.encode("ascii"))
     return base64.b64encode(nonce + box).decode("ascii")
@@ -97,6 +103,9 @@ def seal_secret(token: str, token_id: str, secret: bytes) -> str:
 
 def unseal_secret(token: str, token_id: str, sealed: str) -> bytes:
     """The cluster secret sealed by :func:`seal_secret` with the same token."""
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
     try:
         raw = base64.b64decode(sealed.encode("ascii"), validate=True)
         return AESGCM(_key(token)).decrypt(raw[:12], raw[12:], token_id.encode("ascii"))
