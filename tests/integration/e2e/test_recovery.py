@@ -69,7 +69,9 @@ class RecoveryTests(SynchronousTestCase):
         for app in ("slow", "fresh"):
             d = self.dirs[app] = self.node.tmp / "apps" / app
             d.mkdir(parents=True)
-            (d / "server.py").write_text(SERVER)
+            # the app's name in its code: two identical uploads would be one build (the
+            # build cache, docs/builds.md) and fresh would never be seen building
+            (d / "server.py").write_text(f"# {app}\n{SERVER}")
             (d / "Procfile").write_text("web: python server.py\n")
             (d / "requirements.txt").write_text("")
 
