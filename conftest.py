@@ -3,8 +3,8 @@
 trial's ``TestCase.mktemp()`` makes directories relative to the working
 directory; under pytest that would litter the checkout.  The session runs in a
 fresh temporary directory instead (removed at the end), with the checkout kept
-importable by its absolute path.  The directory changes when the session
-starts, after pytest has found the test paths from where it was invoked.
+importable by its absolute path.  The directory changes once the tests are
+collected (in each xdist worker too), from where pytest was invoked.
 """
 
 from __future__ import annotations
@@ -41,6 +41,13 @@ def _traversable_mktemp() -> None:
 
 def pytest_sessionstart(session: Any) -> None:
     _traversable_mktemp()
+
+
+def pytest_collection_finish(session: Any) -> None:
+    # after collection, not at the session's start: an xdist worker collects the test
+    # paths it was given, relative to where pytest was invoked, after its session starts
+    if "cwd" in _state:
+        return
     _state["cwd"] = os.getcwd()
     _state["workdir"] = tempfile.mkdtemp(prefix="epio-tests-")
     # searchable (not listable) by others, like any data dir's parent: a root runner

@@ -224,8 +224,14 @@ class SleepTests(SynchronousTestCase):
         # sleeps at once; v1 is gone; the next request wakes v2
         self.wait_asleep("sleepy")
         self.node.epio("config", "set", "ROUND=2", "--app", "sleepy", timeout=120)
-        ps = [p for p in self.api("apps/sleepy/ps") if p["name"].startswith("web.")]
-        self.assertEqual([(p["release"], p["state"]) for p in ps], [(2, "asleep")], ps)
+
+        def web() -> list[tuple[int, str]]:
+            return [(p["release"], p["state"]) for p in self.api("apps/sleepy/ps")
+                    if p["name"].startswith("web.")]
+
+        # "Deployed" once every nexus names v2 asleep; v1 goes at the scheduler's next pass
+        wait_until("v1 retired, v2 asleep", lambda: web() == [(2, "asleep")], timeout=10,
+                   interval=0.2)
         # asleep is said when the stop begins; gunicorn's graceful exit follows
         wait_until("v2's gunicorn gone", lambda: not _gunicorns("sleepy"), timeout=10,
                    interval=0.1)
